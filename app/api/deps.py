@@ -1,0 +1,108 @@
+"""Dependencies every route shares: the session, the caller, the account in the path."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Annotated
+
+from fastapi import Depends, Path, Query, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from app.auth.caller import Caller, load_caller
+from app.auth.roles import Permission, account_scope
+from app.context import ServiceContext
+from app.database import session_scope
+from app.errors import BadRequest, Unauthorized
+from app.orm import Account
+from app.services.accounts import AccountPath, get_account
+
+CURRENT_API_VERSION = "2017-09-01-preview"
+SUPPORTED_API_VERSIONS = (CURRENT_API_VERSION,)
+
+# ARM's naming rules for the parts of a resource path.
+SUBSCRIPTION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+RESOURCE_GROUP_PATTERN = r"^[-\w._()]{1,90}$"
+ACCOUNT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{1,63}$"
+
+
+def get_context(request: Request) -> ServiceContext:
+    return request.app.state.context
+
+
+ContextDep = Annotated[ServiceContext, Depends(get_context)]
+
+
+def get_session(context: ContextDep) -> Iterator[Session]:
+    """A session whose transaction commits when the route returns, before the response is sent."""
+    with session_scope(context.session_factory) as session:
+        yield session
+
+
+# scope="function": commit before the response goes out, so a failed commit is never a 2xx.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+
+_bearer = HTTPBearer(auto_error=False, description="an access token from POST /oauth2/token")
+
+
+def get_caller(
+    context: ContextDep,
+    session: SessionDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    request: Request,
+) -> Caller:
+    """The verified caller, or 401 with a WWW-Authenticate challenge."""
+    if credentials is None:
+        if request.headers.get("authorization"):
+            raise Unauthorized("the Authorization header must be 'Bearer <token>'")
+        raise Unauthorized("this request needs an 'Authorization: Bearer <token>' header", error="missing_token")
+    verified = context.verifier.verify(credentials.credentials)
+    return load_caller(session, verified)
+
+
+CallerDep = Annotated[Caller, Depends(get_caller)]
+
+
+def check_api_version(
+    api_version: Annotated[
+        str | None, Query(alias="api-version", description=f"default {CURRENT_API_VERSION}")
+    ] = None,
+) -> str:
+    """The api-version asked for; omitted means the current one, an unknown one is a 400."""
+    if api_version is None:
+        return CURRENT_API_VERSION
+    if api_version not in SUPPORTED_API_VERSIONS:
+        raise BadRequest(
+            f"api-version '{api_version}' is not supported; "
+            f"supported: {', '.join(SUPPORTED_API_VERSIONS)}",
+            code="UnsupportedApiVersion",
+        )
+    return api_version
+
+
+SubscriptionId = Annotated[str, Path(alias="subscriptionId", pattern=SUBSCRIPTION_PATTERN)]
+ResourceGroup = Annotated[str, Path(alias="resourceGroup", pattern=RESOURCE_GROUP_PATTERN)]
+
+
+def get_account_path(
+    subscription_id: SubscriptionId,
+    resource_group: ResourceGroup,
+    account_name: Annotated[str, Path(alias="accountName", pattern=ACCOUNT_NAME_PATTERN)],
+) -> AccountPath:
+    return AccountPath(subscription_id, resource_group, account_name)
+
+
+AccountPathDep = Annotated[AccountPath, Depends(get_account_path)]
+
+
+def _account_for(permission: Permission) -> Callable[..., Account]:
+    def dependency(path: AccountPathDep, caller: CallerDep, session: SessionDep) -> Account:
+        # Authorise on the path before looking: no answer reveals what another tenant holds.
+        caller.require(permission, account_scope(path.subscription_id, path.resource_group, path.name))
+        return get_account(session, path)
+
+    return dependency
+
+
+ReadableAccount = Annotated[Account, Depends(_account_for(Permission.READ))]
+WritableAccount = Annotated[Account, Depends(_account_for(Permission.WRITE))]

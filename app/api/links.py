@@ -1,0 +1,14 @@
+"""Links the API hands back to clients."""
+
+from __future__ import annotations
+
+from fastapi import Request
+
+
+def next_link(request: Request, skip_token: str | None) -> str | None:
+    """This request's URL with ``$skipToken`` set to the next page, or None on the last page."""
+    if skip_token is None:
+        return None
+    params = {k: v for k, v in request.query_params.items() if k != "$skipToken"}
+    params["$skipToken"] = skip_token
+    return str(request.url.replace_query_params(**params))

@@ -1,0 +1,81 @@
+"""Model Management accounts, addressed as ARM resources."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response, status
+
+from app.api.deps import AccountPathDep, CallerDep, ResourceGroup, SessionDep, SubscriptionId
+from app.api.links import next_link
+from app.auth.roles import Permission, account_scope
+from app.orm import Account
+from app.schemas.accounts import AccountCreate, AccountProperties, AccountRead, Sku
+from app.schemas.common import Page
+from app.services import accounts
+
+router = APIRouter(prefix="/subscriptions/{subscriptionId}/resourceGroups/{resourceGroup}/accounts", tags=["accounts"])
+
+
+def to_read(account: Account) -> AccountRead:
+    return AccountRead(
+        id=account.scope,
+        name=account.name,
+        location=account.location,
+        sku=Sku(name=account.sku_name, capacity=account.sku_capacity),
+        properties=AccountProperties(
+            accountId=str(account.id),
+            subscriptionId=account.subscription_id,
+            resourceGroup=account.resource_group,
+            createdOn=account.created_at,
+        ),
+    )
+
+
+@router.put("/{accountName}", response_model=AccountRead, status_code=status.HTTP_201_CREATED)
+def put_account(
+    path: AccountPathDep, body: AccountCreate, caller: CallerDep, session: SessionDep, response: Response
+) -> AccountRead:
+    """Create an account (201), or update its SKU (200)."""
+    caller.require(Permission.MANAGE, account_scope(path.subscription_id, path.resource_group, path.name))
+    account, created = accounts.put_account(session, path, body)
+    if not created:
+        response.status_code = status.HTTP_200_OK
+    return to_read(account)
+
+
+@router.get("/{accountName}", response_model=AccountRead)
+def get_account(path: AccountPathDep, caller: CallerDep, session: SessionDep) -> AccountRead:
+    caller.require(Permission.READ, account_scope(path.subscription_id, path.resource_group, path.name))
+    return to_read(accounts.get_account(session, path))
+
+
+@router.get("", response_model=Page[AccountRead])
+def list_accounts(
+    request: Request,
+    subscription_id: SubscriptionId,
+    resource_group: ResourceGroup,
+    caller: CallerDep,
+    session: SessionDep,
+    count: int | None = None,
+    skip_token: Annotated[str | None, Query(alias="$skipToken")] = None,
+) -> Page[AccountRead]:
+    """The accounts of a resource group, by name."""
+    caller.require(Permission.READ, account_scope(subscription_id, resource_group))
+    rows, token = accounts.list_accounts(
+        session,
+        subscription_id=subscription_id,
+        resource_group=resource_group,
+        count=count,
+        skip_token=skip_token,
+    )
+    return Page(value=[to_read(a) for a in rows], nextLink=next_link(request, token))
+
+
+@router.delete("/{accountName}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_account(
+    path: AccountPathDep, caller: CallerDep, session: SessionDep, force: bool = False
+) -> None:
+    """Delete an account; refused with 409 while it holds models, unless ``force=true``."""
+    caller.require(Permission.MANAGE, account_scope(path.subscription_id, path.resource_group, path.name))
+    accounts.delete_account(session, path, force=force)

@@ -1,0 +1,88 @@
+"""The model registry: register, get, list and delete models of an account."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request, status
+from fastapi.responses import JSONResponse
+
+from app.api.deps import CallerDep, ContextDep, ReadableAccount, SessionDep, WritableAccount
+from app.api.links import next_link
+from app.orm import ModelVersion
+from app.schemas.common import Page
+from app.schemas.models import ModelCreate, ModelRead
+from app.services import idempotency, models
+
+router = APIRouter(
+    prefix="/subscriptions/{subscriptionId}/resourceGroups/{resourceGroup}/accounts/{accountName}/models",
+    tags=["models"],
+)
+
+
+def to_read(model: ModelVersion) -> ModelRead:
+    return ModelRead(
+        id=str(model.id),
+        name=model.name,
+        version=model.version,
+        description=model.description,
+        url=model.url,
+        tags=model.tags,
+        mimeType=model.mime_type,
+        unpack=model.unpack,
+        sha256=model.sha256,
+        createdAt=model.created_at,
+    )
+
+
+@router.post("", response_model=ModelRead, status_code=status.HTTP_201_CREATED)
+def register_model(
+    request: Request,
+    body: ModelCreate,
+    account: WritableAccount,
+    caller: CallerDep,
+    context: ContextDep,
+    session: SessionDep,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+) -> JSONResponse:
+    """Register a model; each registration under a name gets that name's next version."""
+    stored = idempotency.run_idempotent(
+        session,
+        owner=caller.owner_key,
+        key=idempotency_key,
+        request_fingerprint=idempotency.fingerprint("POST", request.url.path, body.model_dump(mode="json")),
+        ttl_seconds=context.settings.idempotency_ttl_seconds,
+        action=lambda: (
+            status.HTTP_201_CREATED,
+            to_read(models.register_model(session, account, body, created_by=caller.subject)).model_dump(mode="json"),
+        ),
+    )
+    headers = {"Idempotent-Replayed": "true"} if stored.replayed else {}
+    return JSONResponse(stored.body, status_code=stored.status_code, headers=headers)
+
+
+@router.get("/{modelId}", response_model=ModelRead)
+def get_model(modelId: str, account: ReadableAccount, session: SessionDep) -> ModelRead:  # noqa: N803
+    return to_read(models.get_model(session, account, model_id=modelId))
+
+
+@router.get("", response_model=Page[ModelRead])
+def list_models(
+    request: Request,
+    account: ReadableAccount,
+    session: SessionDep,
+    name: str | None = None,
+    tag: str | None = None,
+    count: int | None = None,
+    skip_token: Annotated[str | None, Query(alias="$skipToken")] = None,
+) -> Page[ModelRead]:
+    """Models by name, newest version first; filter by name or tag; page with ``$skipToken``."""
+    rows, token = models.list_models(
+        session, account, name=name, tag=tag, count=count, skip_token=skip_token
+    )
+    return Page(value=[to_read(m) for m in rows], nextLink=next_link(request, token))
+
+
+@router.delete("/{modelId}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_model(modelId: str, account: WritableAccount, session: SessionDep) -> None:  # noqa: N803
+    models.delete_model(session, account, model_id=modelId)

@@ -1,0 +1,64 @@
+"""Service principals, the analogue of `az ad sp create-for-rbac`."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, status
+
+from app.api.deps import CallerDep, ContextDep, SessionDep
+from app.orm import ServicePrincipal
+from app.schemas.common import Page
+from app.schemas.principals import (
+    RoleAssignmentRead,
+    ServicePrincipalCreate,
+    ServicePrincipalCreated,
+    ServicePrincipalRead,
+)
+from app.services import principals
+
+router = APIRouter(prefix="/servicePrincipals", tags=["service principals"])
+
+
+def to_read(principal: ServicePrincipal) -> ServicePrincipalRead:
+    return ServicePrincipalRead(
+        clientId=principal.client_id,
+        displayName=principal.display_name,
+        roleAssignments=[RoleAssignmentRead(role=a.role, scope=a.scope) for a in principal.assignments],
+        createdAt=principal.created_at,
+    )
+
+
+@router.post("", response_model=ServicePrincipalCreated, status_code=status.HTTP_201_CREATED)
+def create_service_principal(
+    body: ServicePrincipalCreate, caller: CallerDep, context: ContextDep, session: SessionDep
+) -> ServicePrincipalCreated:
+    """Create a principal with a role on a scope the caller owns; the secret is shown only here."""
+    principal, secret = principals.create_principal_as(
+        session,
+        caller,
+        issuer=context.settings.issuer,
+        display_name=body.displayName,
+        role=body.role,
+        scope=body.scope,
+    )
+    return ServicePrincipalCreated(
+        **to_read(principal).model_dump(),
+        clientSecret=secret,
+        tokenUrl=f"{context.settings.resolved_public_url}/oauth2/token",
+    )
+
+
+@router.get("", response_model=Page[ServicePrincipalRead])
+def list_service_principals(caller: CallerDep, session: SessionDep) -> Page[ServicePrincipalRead]:
+    """The principals on scopes the caller owns."""
+    return Page(value=[to_read(p) for p in principals.list_principals_as(session, caller)])
+
+
+@router.get("/{clientId}", response_model=ServicePrincipalRead)
+def get_service_principal(clientId: str, caller: CallerDep, session: SessionDep) -> ServicePrincipalRead:  # noqa: N803
+    return to_read(principals.get_principal_as(session, caller, client_id=clientId))
+
+
+@router.delete("/{clientId}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_service_principal(clientId: str, caller: CallerDep, session: SessionDep) -> None:  # noqa: N803
+    """Delete a principal; tokens already issued to it stop working at once."""
+    principals.delete_principal_as(session, caller, client_id=clientId)

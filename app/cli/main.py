@@ -1,0 +1,184 @@
+"""The `mms` command: run the service, migrate its database, administer it."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from enum import Enum
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from app.config import Settings, get_settings
+from app.database import DatabaseNotMigrated, ensure_migrated, make_engine, migrate, session_scope
+from app.errors import ServiceError
+
+cli = typer.Typer(help="Model Management Service", no_args_is_help=True, pretty_exceptions_enable=False)
+db_cli = typer.Typer(help="The service's database.", no_args_is_help=True)
+admin_cli = typer.Typer(help="Administration: the first Owner, role grants.", no_args_is_help=True)
+cli.add_typer(db_cli, name="db")
+cli.add_typer(admin_cli, name="admin")
+
+err = Console(stderr=True, soft_wrap=True)
+
+
+class Output(str, Enum):
+    text = "text"
+    json = "json"
+
+
+def _fail(message: str, code: int = 1) -> None:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _settings() -> Settings:
+    try:
+        return get_settings()
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        _fail(f"bad settings: {exc}")
+        raise  # unreachable
+
+
+def _prepare_database(settings: Settings) -> None:
+    """Migrate when this database migrates itself, else refuse an unmigrated one."""
+    engine = make_engine(settings)
+    try:
+        if settings.should_auto_migrate:
+            migrate(engine)
+        else:
+            ensure_migrated(engine)
+    except DatabaseNotMigrated as exc:
+        _fail(str(exc))
+    finally:
+        engine.dispose()
+
+
+@cli.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="address to listen on [MMS_HOST]")] = None,
+    port: Annotated[int | None, typer.Option(help="port to listen on [MMS_PORT]")] = None,
+    workers: Annotated[int | None, typer.Option(help="API processes [MMS_WORKERS]")] = None,
+) -> None:
+    """Run the API server.
+
+    Example: mms serve --port 8000
+    """
+    import uvicorn
+
+    # Worker processes read their settings from the environment: hand the options down.
+    for name, value in (("MMS_HOST", host), ("MMS_PORT", port), ("MMS_WORKERS", workers)):
+        if value is not None:
+            os.environ[name] = str(value)
+    get_settings.cache_clear()
+    settings = _settings()
+    _prepare_database(settings)
+    url = settings.resolved_public_url
+    err.print(
+        f"Model Management Service listening on [bold]{url}[/bold] "
+        f"({settings.workers} process{'es' if settings.workers > 1 else ''}, "
+        f"database {make_engine(settings).url.render_as_string(hide_password=True)})\n"
+        "Get a token: [bold]mms admin bootstrap[/bold] prints the first Owner's clientId and "
+        "clientSecret (once), then\n"
+        f"  curl -s {url}/oauth2/token -d grant_type=client_credentials "
+        "-d client_id=<clientId> -d client_secret=<clientSecret>\n"
+        f"API docs: {url}/docs",
+        highlight=False,
+    )
+    from app.log_config import configure_logging
+
+    configure_logging(settings.log_level, settings.log_format)
+    uvicorn.run(
+        "app.main:app_factory",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        log_config=None,
+        proxy_headers=True,
+        timeout_graceful_shutdown=30,
+    )
+
+
+@db_cli.command("upgrade")
+def db_upgrade() -> None:
+    """Apply every pending migration to MMS_DATABASE_URL (or the embedded SQLite file)."""
+    settings = _settings()
+    engine = make_engine(settings)
+    migrate(engine)
+    err.print(f"database {engine.url.render_as_string(hide_password=True)} is up to date")
+    engine.dispose()
+
+
+@admin_cli.command("bootstrap")
+def bootstrap(
+    output: Annotated[Output, typer.Option("--output", "-o", help="text or json")] = Output.text,
+) -> None:
+    """Create the first Owner service principal and print its credentials (shown once).
+
+    Example: mms admin bootstrap -o json
+    """
+    from app.services.principals import bootstrap_owner
+
+    settings = _settings()
+    _prepare_database(settings)
+    engine = make_engine(settings)
+    from app.database import make_session_factory
+
+    try:
+        with session_scope(make_session_factory(engine)) as session:
+            principal, secret = bootstrap_owner(session, issuer=settings.issuer)
+    except ServiceError as exc:
+        _fail(exc.message)
+    finally:
+        engine.dispose()
+    result = {
+        "clientId": principal.client_id,
+        "clientSecret": secret,
+        "tokenUrl": f"{settings.resolved_public_url}/oauth2/token",
+    }
+    if output is Output.json:
+        sys.stdout.write(json.dumps(result) + "\n")
+        return
+    Console().print(
+        "Created the first Owner (every scope). Keep the secret: it is not shown again.\n"
+        f"  clientId:     {result['clientId']}\n"
+        f"  clientSecret: {result['clientSecret']}\n"
+        f"  tokenUrl:     {result['tokenUrl']}",
+        highlight=False,
+    )
+
+
+@admin_cli.command("grant")
+def grant(
+    subject: Annotated[str, typer.Option(help="the token's oid or sub claim")],
+    role: Annotated[str, typer.Option(help="Reader, Contributor or Owner")],
+    scope: Annotated[str, typer.Option(help="/subscriptions/{id}[/resourceGroups/{name}[/accounts/{name}]]")],
+    issuer: Annotated[str | None, typer.Option(help="the token's iss (default: this service)")] = None,
+) -> None:
+    """Give a principal of a trusted external issuer a role on a scope.
+
+    Example: mms admin grant --issuer https://login.example/tenant/v2.0 --subject 1234 --role Reader --scope /subscriptions/s1
+    """
+    from app.database import make_session_factory
+    from app.services.principals import grant_role
+
+    settings = _settings()
+    _prepare_database(settings)
+    engine = make_engine(settings)
+    try:
+        with session_scope(make_session_factory(engine)) as session:
+            assignment = grant_role(
+                session, issuer=issuer or settings.issuer, subject=subject, role=role, scope=scope
+            )
+    except ServiceError as exc:
+        _fail(exc.message)
+    finally:
+        engine.dispose()
+    err.print(f"granted {assignment.role} on {assignment.scope} to {subject}")
+
+
+def main() -> None:
+    cli()

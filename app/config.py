@@ -1,0 +1,115 @@
+"""The service's one settings object, read from the environment (prefix ``MMS_``).
+
+Nothing else in the code base reads ``os.environ``: everything comes from here.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Values that mean "nobody set this": refused outside development.
+_PLACEHOLDER_SECRETS = {"", "changeme", "change-me", "secret", "please-change", "xxx", "mms"}
+_MIN_SECRET_LENGTH = 32
+
+
+class TrustedIssuer(BaseModel):
+    """An external OpenID/AAD-style token issuer whose RS256 keys come from a JWKS URL."""
+
+    issuer: str
+    jwks_uri: str
+    audience: str | None = None  # None: the service's own audience
+
+
+class Settings(BaseSettings):
+    """Every setting of the service; README lists them with their defaults."""
+
+    model_config = SettingsConfigDict(env_prefix="MMS_", extra="ignore")
+
+    env: Literal["development", "production"] = "development"
+    data_dir: Path = Path(".mms")
+    database_url: str | None = None
+    auto_migrate: bool | None = None  # None: only the embedded SQLite database migrates itself
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    public_url: str | None = None  # how clients reach the service; default http://host:port
+    log_level: str = "INFO"
+    log_format: Literal["json", "text"] = "json"
+
+    secret_key: str | None = None
+    issuer: str = "mms"
+    audience: str = "mms-api"
+    token_ttl_seconds: int = Field(default=3600, ge=60, le=86400)
+    clock_skew_seconds: int = Field(default=60, ge=0, le=300)
+    trusted_issuers: list[TrustedIssuer] = []
+    jwks_refresh_min_seconds: float = 30.0
+    idempotency_ttl_seconds: int = 86400
+
+    @model_validator(mode="after")
+    def _refuse_placeholder_secrets(self) -> "Settings":
+        if self.env == "production":
+            key = self.secret_key or ""
+            if key.lower() in _PLACEHOLDER_SECRETS or len(key) < _MIN_SECRET_LENGTH:
+                raise ValueError(
+                    "MMS_SECRET_KEY must be set to a random value of at least "
+                    f"{_MIN_SECRET_LENGTH} characters when MMS_ENV=production "
+                    '(e.g. python -c "import secrets; print(secrets.token_urlsafe(48))")'
+                )
+        return self
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The SQLAlchemy URL: MMS_DATABASE_URL, or the embedded SQLite file."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'mms.db').resolve()}"
+
+    @property
+    def is_embedded_database(self) -> bool:
+        return self.database_url is None
+
+    @property
+    def should_auto_migrate(self) -> bool:
+        if self.auto_migrate is not None:
+            return self.auto_migrate
+        return self.is_embedded_database
+
+    @property
+    def resolved_public_url(self) -> str:
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        return f"http://{host}:{self.port}"
+
+    def resolved_secret_key(self) -> str:
+        """The key that seals stored secrets; in development one is made and kept in the data folder."""
+        if self.secret_key:
+            return self.secret_key
+        path = self.data_dir / "secret.key"
+        if not path.exists():
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".secret.key.{secrets.token_hex(8)}")
+            tmp.write_text(secrets.token_urlsafe(48), encoding="ascii")
+            tmp.chmod(0o600)
+            # link() refuses to overwrite: processes starting together agree on the first key.
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink()
+        return path.read_text(encoding="ascii").strip()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()

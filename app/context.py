@@ -1,0 +1,71 @@
+"""What a running service holds: its settings, database, sealer and token machinery."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.auth.keys import OwnKeySource, PrivateKey, RemoteKeySource, create_signing_key, newest_signing_key
+from app.auth.tokens import TokenVerifier, TrustedIssuerKeys
+from app.config import Settings
+from app.database import make_engine, make_session_factory, session_scope
+from app.sealing import Sealer
+
+
+@dataclass
+class ServiceContext:
+    settings: Settings
+    engine: Engine
+    session_factory: sessionmaker[Session]
+    sealer: Sealer
+    verifier: TokenVerifier
+    _signing_key: PrivateKey | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def build(
+        cls,
+        settings: Settings,
+        *,
+        engine: Engine | None = None,
+        session_factory: sessionmaker[Session] | None = None,
+    ) -> "ServiceContext":
+        """Everything the service needs, for these settings (tests hand in their own sessions)."""
+        engine = engine or make_engine(settings)
+        factory = session_factory or make_session_factory(engine)
+        issuers = [
+            TrustedIssuerKeys(
+                issuer=settings.issuer,
+                audience=settings.audience,
+                keys=OwnKeySource(factory, settings.jwks_refresh_min_seconds),
+            )
+        ] + [
+            TrustedIssuerKeys(
+                issuer=trusted.issuer,
+                audience=trusted.audience or settings.audience,
+                keys=RemoteKeySource(trusted.jwks_uri, settings.jwks_refresh_min_seconds),
+            )
+            for trusted in settings.trusted_issuers
+        ]
+        return cls(
+            settings=settings,
+            engine=engine,
+            session_factory=factory,
+            sealer=Sealer(settings.resolved_secret_key()),
+            verifier=TokenVerifier(issuers, settings.clock_skew_seconds),
+        )
+
+    def signing_key(self) -> PrivateKey:
+        """The key new tokens are signed with: the newest stored one, made on first use."""
+        if self._signing_key is None:
+            with self._lock:
+                if self._signing_key is None:
+                    with session_scope(self.session_factory) as session:
+                        key = newest_signing_key(session, sealer=self.sealer)
+                        if key is None:
+                            key = create_signing_key(session, sealer=self.sealer)
+                    self._signing_key = key
+        return self._signing_key

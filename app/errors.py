@@ -1,0 +1,168 @@
+"""Domain errors and the one place that renders every error as HTTP.
+
+Every error response has the shape ``{code, message, statusCode, details: [{code, message}]}``.
+
+    ServiceError                 carries status, code, message, details
+    ├── BadRequest        400    ├── ValidationFailed  400 (names the fields)
+    ├── Unauthorized      401    (adds WWW-Authenticate)
+    ├── Forbidden         403
+    ├── NotFound          404
+    ├── Conflict          409
+    └── PayloadTooLarge   413
+
+Anything else that escapes a route is logged with its traceback and answered as a bare 500.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("mms.errors")
+
+__all__ = [
+    "BadRequest",
+    "Conflict",
+    "Forbidden",
+    "NotFound",
+    "PayloadTooLarge",
+    "ServiceError",
+    "Unauthorized",
+    "ValidationFailed",
+    "install_error_handlers",
+]
+
+
+class ServiceError(Exception):
+    """An expected failure with its HTTP status, a stable code and a message for the user."""
+
+    status_code = 500
+    code = "InternalServerError"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        details: list[dict[str, str]] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if code:
+            self.code = code
+        self.details = details or []
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "code": self.code,
+            "message": self.message,
+            "statusCode": self.status_code,
+            "details": self.details,
+        }
+
+
+class BadRequest(ServiceError):
+    status_code = 400
+    code = "BadRequest"
+
+
+class ValidationFailed(BadRequest):
+    code = "ValidationError"
+
+
+class Unauthorized(ServiceError):
+    status_code = 401
+    code = "Unauthorized"
+
+    def __init__(self, message: str, *, error: str = "invalid_token") -> None:
+        challenge = f'Bearer realm="mms", error="{error}", error_description="{message}"'
+        if error == "missing_token":
+            challenge = 'Bearer realm="mms"'
+        super().__init__(message, headers={"WWW-Authenticate": challenge})
+
+
+class Forbidden(ServiceError):
+    status_code = 403
+    code = "Forbidden"
+
+
+class NotFound(ServiceError):
+    status_code = 404
+    code = "NotFound"
+
+
+class Conflict(ServiceError):
+    status_code = 409
+    code = "Conflict"
+
+
+class PayloadTooLarge(ServiceError):
+    status_code = 413
+    code = "PayloadTooLarge"
+
+
+def error_response(error: ServiceError) -> JSONResponse:
+    """Render a domain error in the service's one error shape."""
+    return JSONResponse(error.body(), status_code=error.status_code, headers=error.headers)
+
+
+def _field_name(loc: tuple[Any, ...]) -> str:
+    # ("body", "tags", 0) -> "tags[0]"; ("query", "count") -> "count"
+    parts = [p for p in loc if p not in ("body", "query", "path", "header")]
+    name = ""
+    for part in parts:
+        name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else str(part))
+    return name or "body"
+
+
+def _validation_message(error: dict[str, Any]) -> str:
+    if error.get("type") == "json_invalid":
+        return "the request body is not valid JSON"
+    message = str(error.get("msg", "is invalid"))
+    return message.removeprefix("Value error, ")
+
+
+def validation_error(exc: RequestValidationError) -> ValidationFailed:
+    """Turn pydantic's error list into a 400 that names each offending field."""
+    details = []
+    for error in exc.errors():
+        field = _field_name(tuple(error.get("loc", ())))
+        details.append({"code": "InvalidField", "message": f"{field}: {_validation_message(error)}"})
+    summary = "; ".join(d["message"] for d in details[:3]) or "the request is invalid"
+    return ValidationFailed(f"Invalid request: {summary}", details=details)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register the handlers that give every error response the same shape."""
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        codes = {404: "NotFound", 405: "MethodNotAllowed", 413: "PayloadTooLarge"}
+        error = ServiceError(str(exc.detail), code=codes.get(exc.status_code, "HttpError"))
+        error.status_code = exc.status_code
+        error.headers = dict(exc.headers or {})
+        return error_response(error)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception(
+            "request.unhandled_error",
+            extra={"method": request.method, "path": request.url.path},
+        )
+        error = ServiceError("The service hit an unexpected error; it has been logged.")
+        return error_response(error)

@@ -1,0 +1,57 @@
+"""The FastAPI application: routers, error handlers, and the start-up checks."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, Depends, FastAPI
+
+from app.api.deps import check_api_version
+from app.api.middleware import RequestIdMiddleware
+from app.api.routes import accounts, health, models, oauth, principals
+from app.config import Settings, get_settings
+from app.context import ServiceContext
+from app.database import ensure_migrated
+from app.errors import install_error_handlers
+
+log = logging.getLogger("mms.app")
+
+
+def create_app(settings: Settings | None = None, context: ServiceContext | None = None) -> FastAPI:
+    """Build the application for the given settings (default: from the environment)."""
+    context = context or ServiceContext.build(settings or get_settings())
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        ensure_migrated(context.engine)
+        context.signing_key()
+        log.info("app.started", extra={"database": context.engine.url.render_as_string(hide_password=True)})
+        yield
+        context.engine.dispose()
+
+    app = FastAPI(
+        title="Model Management Service",
+        version="0.1.0",
+        description="A model registry, manifests and scoring-image builds, "
+        "in the lineage of Azure ML Model Management.",
+        lifespan=lifespan,
+    )
+    app.state.context = context
+    install_error_handlers(app)
+    app.add_middleware(RequestIdMiddleware)
+
+    api = APIRouter(prefix="/api", dependencies=[Depends(check_api_version)])
+    api.include_router(accounts.router)
+    api.include_router(models.router)
+    api.include_router(principals.router)
+    app.include_router(api)
+    app.include_router(oauth.router)
+    app.include_router(health.router)
+    return app
+
+
+def app_factory() -> FastAPI:
+    """Entry point for `uvicorn --factory app.main:app_factory`."""
+    return create_app()

@@ -1,0 +1,36 @@
+"""Sealing secrets at rest (signing keys, registry passwords) with a key from settings."""
+
+from __future__ import annotations
+
+import base64
+
+from cryptography.fernet import Fernet, InvalidToken
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+__all__ = ["Sealer", "UnsealError"]
+
+
+class UnsealError(RuntimeError):
+    """A sealed value could not be opened: the secret key changed or the value was altered."""
+
+
+class Sealer:
+    """Authenticated encryption (Fernet) under a key derived from MMS_SECRET_KEY."""
+
+    def __init__(self, secret_key: str) -> None:
+        derived = HKDF(
+            algorithm=hashes.SHA256(), length=32, salt=None, info=b"mms.sealing.v1"
+        ).derive(secret_key.encode())
+        self._fernet = Fernet(base64.urlsafe_b64encode(derived))
+
+    def seal(self, plaintext: bytes) -> str:
+        return self._fernet.encrypt(plaintext).decode("ascii")
+
+    def unseal(self, sealed: str) -> bytes:
+        try:
+            return self._fernet.decrypt(sealed.encode("ascii"))
+        except InvalidToken as exc:
+            raise UnsealError(
+                "a sealed secret could not be opened; was MMS_SECRET_KEY changed?"
+            ) from exc

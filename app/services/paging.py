@@ -1,0 +1,46 @@
+"""Keyset paging: opaque ``$skipToken`` values that stay stable while rows are added."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Any
+
+from app.errors import BadRequest
+
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+
+
+def page_size(count: int | None) -> int:
+    """The page size asked for, or a 400 when it is out of range."""
+    if count is None:
+        return DEFAULT_PAGE_SIZE
+    if not 1 <= count <= MAX_PAGE_SIZE:
+        raise BadRequest(f"count must be between 1 and {MAX_PAGE_SIZE}", code="InvalidCount")
+    return count
+
+
+def encode_token(position: dict[str, Any]) -> str:
+    raw = json.dumps(position, separators=(",", ":"), sort_keys=True).encode()
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def decode_token(token: str | None, *, fields: dict[str, type]) -> dict[str, Any] | None:
+    """The position a token names, checked against the fields it must hold; 400 if it is bad."""
+    if token is None:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        position = json.loads(raw)
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        position = None
+    if not isinstance(position, dict) or set(position) != set(fields) or not all(
+        isinstance(position[name], kind) for name, kind in fields.items()
+    ):
+        raise BadRequest(
+            "$skipToken is not valid; use the nextLink of the previous page as it is",
+            code="InvalidSkipToken",
+        )
+    return position

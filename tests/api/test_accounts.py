@@ -1,0 +1,98 @@
+"""Accounts: create, update, get, list, delete, as an ARM client sees them."""
+
+from __future__ import annotations
+
+from fastapi.testclient import TestClient
+
+from tests.factories import Callers, account_url, model_body, new_account
+
+BODY = {"location": "eastus2", "sku": {"name": "S1", "capacity": 1}}
+
+
+def test_put_creates_then_updates_the_sku(client: TestClient, callers: Callers) -> None:
+    headers = callers.headers()
+    url = account_url("sub-1", "rg-1", "myaccount")
+    created = client.put(url, json=BODY, headers=headers)
+    assert created.status_code == 201
+    assert created.json()["id"] == "/subscriptions/sub-1/resourceGroups/rg-1/accounts/myaccount"
+    assert created.json()["sku"] == {"name": "S1", "capacity": 1}
+
+    updated = client.put(url, json={**BODY, "sku": {"name": "S2", "capacity": 3}}, headers=headers)
+    assert updated.status_code == 200
+    assert updated.json()["sku"] == {"name": "S2", "capacity": 3}
+    assert updated.json()["properties"]["accountId"] == created.json()["properties"]["accountId"]
+    # ARM names are case-insensitive.
+    fetched = client.get(account_url("SUB-1", "RG-1", "MyAccount"), headers=headers)
+    assert fetched.status_code == 200
+    assert fetched.json()["sku"]["name"] == "S2"
+
+
+def test_location_cannot_change(client: TestClient, callers: Callers) -> None:
+    headers = callers.headers()
+    url = new_account(client, headers)
+    response = client.put(url, json={**BODY, "location": "westus"}, headers=headers)
+    assert response.status_code == 409
+    assert response.json()["code"] == "LocationCannotChange"
+
+
+def test_bad_account_bodies_name_the_field(client: TestClient, callers: Callers) -> None:
+    headers = callers.headers()
+    url = account_url("sub-1", "rg-1", "acct-bad")
+    missing = client.put(url, json={"location": "eastus2"}, headers=headers)
+    assert missing.status_code == 400
+    assert missing.json()["details"][0]["message"].startswith("sku")
+    capacity = client.put(url, json={**BODY, "sku": {"name": "S1", "capacity": 0}}, headers=headers)
+    assert capacity.status_code == 400
+    assert "sku.capacity" in capacity.json()["message"]
+    bad_name = client.put(account_url("sub-1", "rg-1", "bad name!"), json=BODY, headers=headers)
+    assert bad_name.status_code == 400
+    assert "accountName" in bad_name.json()["message"]
+    assert client.get(url, headers=headers).status_code == 404
+
+
+def test_list_pages_through_a_resource_group(client: TestClient, callers: Callers) -> None:
+    headers = callers.headers()
+    names = [f"paged-{i}" for i in range(5)]
+    for name in names:
+        new_account(client, headers, group="rg-list", name=name)
+    new_account(client, headers, group="rg-other", name="elsewhere")
+
+    seen, url = [], account_url("sub-1", "rg-list") + "?count=2"
+    while url:
+        page = client.get(url, headers=headers)
+        assert page.status_code == 200, page.text
+        seen += [a["name"] for a in page.json()["value"]]
+        url = page.json()["nextLink"]
+    assert seen == names
+
+
+def test_delete_refuses_an_account_with_models_unless_forced(client: TestClient, callers: Callers) -> None:
+    headers = callers.headers()
+    url = new_account(client, headers)
+    assert client.post(f"{url}/models", json=model_body(), headers=headers).status_code == 201
+
+    refused = client.delete(url, headers=headers)
+    assert refused.status_code == 409
+    assert refused.json()["code"] == "AccountNotEmpty"
+    assert client.get(url, headers=headers).status_code == 200
+
+    assert client.delete(f"{url}?force=true", headers=headers).status_code == 204
+    assert client.get(url, headers=headers).status_code == 404
+    assert client.delete(url, headers=headers).status_code == 404
+
+
+def test_empty_account_deletes(client: TestClient, callers: Callers) -> None:
+    headers = callers.headers()
+    url = new_account(client, headers)
+    assert client.delete(url, headers=headers).status_code == 204
+
+
+def test_api_version(client: TestClient, callers: Callers) -> None:
+    headers = callers.headers()
+    url = new_account(client, headers)
+    assert client.get(url, headers=headers).status_code == 200
+    assert client.get(f"{url}?api-version=2017-09-01-preview", headers=headers).status_code == 200
+    unknown = client.get(f"{url}?api-version=2099-01-01", headers=headers)
+    assert unknown.status_code == 400
+    assert unknown.json()["code"] == "UnsupportedApiVersion"
+    assert "2017-09-01-preview" in unknown.json()["message"]

@@ -1,0 +1,105 @@
+"""Real concurrency against a live server on PostgreSQL: versions and idempotency hold."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from app.context import ServiceContext
+from app.database import session_scope
+from app.services.principals import create_service_principal
+from tests.factories import SEED_MODEL
+
+pytestmark = pytest.mark.postgres_only
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def live_server(service_context: ServiceContext) -> Iterator[str]:
+    """`mms serve` with two processes on the test database, as in production."""
+    settings = service_context.settings
+    port = _free_port()
+    env = {
+        **os.environ,
+        "MMS_DATABASE_URL": settings.resolved_database_url,
+        "MMS_SECRET_KEY": settings.secret_key or "",
+        "MMS_DATA_DIR": str(settings.data_dir),
+        "MMS_AUTO_MIGRATE": "false",
+        "MMS_LOG_LEVEL": "WARNING",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--workers", "2"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
+            assert time.monotonic() < deadline, "the server did not start in 30 s"
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        if process.stderr:
+            process.stderr.close()
+
+
+@pytest.fixture(scope="module")
+def owner_token(live_server: str, service_context: ServiceContext) -> str:
+    with session_scope(service_context.session_factory) as session:
+        principal, secret = create_service_principal(
+            session, issuer=service_context.settings.issuer, display_name="load",
+            role="Owner", scope="/", created_by=None,
+        )
+        client_id = principal.client_id
+    response = httpx.post(f"{live_server}/oauth2/token", data={
+        "grant_type": "client_credentials", "client_id": client_id, "client_secret": secret})
+    return response.json()["access_token"]
+
+
+def _account(live_server: str, token: str) -> tuple[str, dict[str, str]]:
+    headers = {"Authorization": f"Bearer {token}"}
+    url = f"{live_server}/api/subscriptions/sub-live/resourceGroups/rg-live/accounts/a-{uuid.uuid4().hex[:8]}"
+    assert httpx.put(url, json={"location": "eastus2", "sku": {"name": "S1"}}, headers=headers).status_code == 201
+    return url, headers
+
+
+def test_fifty_concurrent_registrations_get_versions_one_to_fifty(live_server: str, owner_token: str) -> None:
+    url, headers = _account(live_server, owner_token)
+    with httpx.Client(timeout=60, limits=httpx.Limits(max_connections=50)) as client, ThreadPoolExecutor(50) as pool:
+        responses = list(pool.map(lambda _: client.post(f"{url}/models", json=SEED_MODEL, headers=headers), range(50)))
+    assert [r.status_code for r in responses] == [201] * 50
+    assert sorted(r.json()["version"] for r in responses) == list(range(1, 51))
+    listed = httpx.get(f"{url}/models?count=1000", headers=headers).json()["value"]
+    assert sorted(m["version"] for m in listed) == list(range(1, 51))
+
+
+def test_concurrent_retries_with_one_idempotency_key_make_one_model(live_server: str, owner_token: str) -> None:
+    url, headers = _account(live_server, owner_token)
+    keyed = {**headers, "Idempotency-Key": f"retry-{uuid.uuid4()}"}
+    with httpx.Client(timeout=60) as client, ThreadPoolExecutor(10) as pool:
+        responses = list(pool.map(lambda _: client.post(f"{url}/models", json=SEED_MODEL, headers=keyed), range(10)))
+    assert {r.status_code for r in responses} == {201}
+    assert len({r.json()["id"] for r in responses}) == 1
+    assert len(httpx.get(f"{url}/models", headers=headers).json()["value"]) == 1

@@ -1,0 +1,107 @@
+"""Fixtures shared by every test: a migrated database, the app, callers with real tokens.
+
+The database is PostgreSQL when MMS_TEST_DATABASE_URL names one (the test command makes a
+throw-away database), else a SQLite file. Each test runs inside a transaction that is
+rolled back at its end; the app's sessions join it through savepoints.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.config import Settings, TrustedIssuer
+from app.context import ServiceContext
+from app.database import migrate
+from app.main import create_app
+from tests.external_issuer import ExternalIssuer
+from tests.factories import Callers
+
+EXTERNAL_ISSUER = "https://login.example.test/tenant-1/v2.0"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if (os.environ.get("MMS_TEST_DATABASE_URL") or "").startswith("postgresql"):
+        return
+    skip = pytest.mark.skip(reason="needs PostgreSQL (set MMS_TEST_DATABASE_URL)")
+    for item in items:
+        if "postgres_only" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("mms-data")
+
+
+@pytest.fixture(scope="session")
+def external_issuer() -> Iterator[ExternalIssuer]:
+    with ExternalIssuer.serve(EXTERNAL_ISSUER) as issuer:
+        yield issuer
+
+
+@pytest.fixture(scope="session")
+def settings(data_dir: Path, external_issuer: ExternalIssuer) -> Settings:
+    return Settings(
+        env="development",
+        data_dir=data_dir,
+        database_url=os.environ.get("MMS_TEST_DATABASE_URL") or f"sqlite:///{data_dir / 'test.db'}",
+        secret_key="test-secret-key-that-is-long-enough-0123456789",
+        log_format="text",
+        trusted_issuers=[
+            TrustedIssuer(issuer=EXTERNAL_ISSUER, jwks_uri=external_issuer.jwks_uri)
+        ],
+        jwks_refresh_min_seconds=0,
+    )
+
+
+@pytest.fixture(scope="session")
+def service_context(settings: Settings) -> Iterator[ServiceContext]:
+    context = ServiceContext.build(settings)
+    migrate(context.engine)
+    context.signing_key()  # committed once, outside every test's transaction
+    yield context
+    context.engine.dispose()
+
+
+@pytest.fixture()
+def db(service_context: ServiceContext) -> Iterator[Session]:
+    """A session inside a transaction that is rolled back when the test ends."""
+    connection = service_context.engine.connect()
+    outer = connection.begin()
+    factory = sessionmaker(
+        bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=False
+    )
+    session = factory()
+    session.info["factory"] = factory
+    try:
+        yield session
+    finally:
+        session.close()
+        outer.rollback()
+        connection.close()
+
+
+@pytest.fixture()
+def app_context(service_context: ServiceContext, db: Session) -> ServiceContext:
+    """The service context with sessions that join the test's transaction."""
+    return ServiceContext.build(
+        service_context.settings, engine=service_context.engine, session_factory=db.info["factory"]
+    )
+
+
+@pytest.fixture()
+def client(app_context: ServiceContext) -> Iterator[TestClient]:
+    # Not entered as a context manager: the start-up checks run on their own connection,
+    # which SQLite's lock would keep waiting behind the test's open transaction.
+    yield TestClient(create_app(context=app_context), base_url="http://testserver")
+
+
+@pytest.fixture()
+def callers(client: TestClient, db: Session, app_context: ServiceContext) -> Callers:
+    return Callers(client=client, session=db, issuer=app_context.settings.issuer)

@@ -1,0 +1,73 @@
+"""Plain factories: principals with real tokens, accounts, model bodies."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session
+
+from app.services.principals import create_service_principal
+
+SEED_MODEL = {
+    "name": "housing.model",
+    "tags": ["myTag"],
+    "description": "my housing.model",
+    "url": "https://example.blob.core.windows.net/models/housing.zip?sv=2021&sp=r&sig=abc",
+    "mimeType": "application/zip",
+    "unpack": "true",
+}
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def account_url(subscription: str, group: str, account: str | None = None) -> str:
+    url = f"/api/subscriptions/{subscription}/resourceGroups/{group}/accounts"
+    return f"{url}/{account}" if account else url
+
+
+def model_body(**overrides: Any) -> dict[str, Any]:
+    return {**SEED_MODEL, **overrides}
+
+
+@dataclass
+class Callers:
+    """Makes service principals in the test's transaction and signs them in for real."""
+
+    client: TestClient
+    session: Session
+    issuer: str
+
+    def credentials(self, role: str, scope: str) -> tuple[str, str]:
+        principal, secret = create_service_principal(
+            self.session, issuer=self.issuer, display_name=f"test-{role}", role=role,
+            scope=scope, created_by=None,
+        )
+        return principal.client_id, secret
+
+    def token(self, role: str = "Owner", scope: str = "/") -> str:
+        client_id, secret = self.credentials(role, scope)
+        response = self.client.post(
+            "/oauth2/token",
+            data={"grant_type": "client_credentials", "client_id": client_id, "client_secret": secret},
+        )
+        assert response.status_code == 200, response.text
+        return response.json()["access_token"]
+
+    def headers(self, role: str = "Owner", scope: str = "/") -> dict[str, str]:
+        return bearer(self.token(role, scope))
+
+
+def new_account(client: TestClient, headers: dict[str, str], subscription: str = "sub-1",
+                group: str = "rg-1", name: str | None = None, location: str = "eastus2") -> str:
+    """Create an account and return its URL."""
+    name = name or f"acct-{uuid.uuid4().hex[:8]}"
+    url = account_url(subscription, group, name)
+    response = client.put(url, json={"location": location, "sku": {"name": "S1", "capacity": 1}},
+                          headers=headers)
+    assert response.status_code == 201, response.text
+    return url
