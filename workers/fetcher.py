@@ -1,0 +1,367 @@
+"""Safe fetching of user-supplied URLs for the build workers.
+
+SSRF guard: only http(s); the host is resolved once per hop and every address must be
+globally routable (unless the host is allow-listed); the connection is then pinned to
+the checked address (IP literal in the request URL, original name in the Host header
+and for TLS SNI/certificate checks), so a second DNS answer (rebinding) is never used.
+Redirects are followed by hand and re-checked. Query strings (Azure SAS ``sig=``,
+``se=``) never reach a log line or an exception message: see ``redact_url``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import logging
+import os
+import re
+import socket
+import ssl
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+log = logging.getLogger(__name__)
+
+# Same shape as socket.getaddrinfo: called as resolver(host, port, type=SOCK_STREAM).
+Resolver = Callable[..., Sequence[tuple[Any, ...]]]
+
+_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_QUERYISH = re.compile(r"\?[^\s'\"]*")
+
+
+class _RedactQueries(logging.Filter):
+    """Scrub query strings from third-party log records (httpcore's debug traces print
+    response headers, so a redirect's Location would carry a SAS signature)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        scrubbed = _QUERYISH.sub("?<redacted>", message)
+        if scrubbed != message:
+            record.msg, record.args = scrubbed, ()
+        return True
+
+
+# Logger filters are not inherited by child loggers, hence every name that logs.
+_REDACT = _RedactQueries()
+for _name in ("httpx", "httpcore.connection", "httpcore.http11", "httpcore.http2",
+              "httpcore.proxy", "httpcore.socks"):
+    logging.getLogger(_name).addFilter(_REDACT)
+
+
+class FetchError(Exception):
+    """A fetch failed; ``reason`` is a stable code, the message never holds a query string."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class FetchPolicy:
+    """Limits and trust settings for fetching (all times in seconds)."""
+
+    max_bytes: int = 2 * 1024**3
+    connect_timeout: float = 10.0
+    read_timeout: float = 30.0  # per socket read
+    deadline: float = 1800.0  # whole fetch, all hops (DNS lookups use the system's own timeouts)
+    max_redirects: int = 3
+    # "host" (any port) or "host:port" / "[v6]:port"; exact, case-insensitive.
+    # Allowed hosts skip the address check (they are still resolved once and pinned).
+    allow_hosts: frozenset[str] = frozenset()
+    verify: bool = True  # False disables TLS verification (tests / dev only)
+    ca_bundle: str | None = None  # extra CA file, trusted in addition to the defaults
+
+    def __post_init__(self) -> None:
+        # Frozen, so normalise through object.__setattr__; accepts any iterable of str.
+        entries = frozenset(_norm_host(h) for h in self.allow_hosts)
+        object.__setattr__(self, "allow_hosts", entries)
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    """What was written: final path, byte size, hex sha256 and the redacted final URL."""
+
+    path: Path
+    size: int
+    sha256: str
+    final_url: str
+    content_type: str | None
+
+
+def redact_url(url: str | httpx.URL) -> str:
+    """Return ``url`` without userinfo, fragment or query (a query becomes ``?<redacted>``)."""
+    text = str(url)
+    try:
+        parts = urlsplit(text)
+        netloc = parts.netloc.rpartition("@")[2]
+        base = f"{parts.scheme}://{netloc}{parts.path}" if parts.scheme else parts.path
+        has_query = bool(parts.query)
+    except ValueError:  # e.g. broken IPv6 brackets: cut by hand
+        base = re.sub(r"//[^/?#]*@", "//", re.split(r"[?#]", text, maxsplit=1)[0])
+        has_query = "?" in text.split("#", 1)[0]
+    return base + ("?<redacted>" if has_query else "")
+
+
+def is_public_address(address: str) -> bool:
+    """True if ``address`` is globally routable (IPv6 forms embedding IPv4 judged by the IPv4)."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop any "%scope"
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.teredo is not None:  # tunnel endpoints we cannot vet
+            return False
+        embedded = ip.ipv4_mapped or ip.sixtofour
+        if embedded is None and ip in _NAT64:
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if embedded is not None:
+            ip = embedded
+    # is_global alone differs between Python patch releases (e.g. multicast, fec0::/10),
+    # so also refuse every special-purpose flag explicitly.
+    special = (
+        ip.is_private
+        or ip.is_reserved
+        or ip.is_multicast
+        or ip.is_loopback
+        or ip.is_link_local
+        or ip.is_unspecified
+        or getattr(ip, "is_site_local", False)
+    )
+    return ip.is_global and not special
+
+
+def fetch(
+    url: str,
+    dest: str | os.PathLike[str],
+    *,
+    policy: FetchPolicy = FetchPolicy(),
+    expected_sha256: str | None = None,
+    resolver: Resolver = socket.getaddrinfo,
+    transport: httpx.BaseTransport | None = None,
+) -> FetchResult:
+    """Download ``url`` to ``dest`` atomically under ``policy``; raise ``FetchError`` on failure.
+
+    ``transport`` is a test seam; by default a fresh ``httpx.HTTPTransport`` is used per hop.
+    """
+    deadline = time.monotonic() + policy.deadline
+    log.info("fetch.start url=%s", redact_url(url))
+    try:
+        expected = _check_expected(expected_sha256)
+        current = _parse(url)
+        ssl_context = _ssl_context(policy) if transport is None else None
+        for _hop in range(policy.max_redirects + 1):
+            address = _check_target(current, policy, resolver)
+            # A fresh transport per hop: no pooled TLS connection verified for one
+            # name is ever reused for another name on the same address.
+            if transport is None:
+                hop = httpx.HTTPTransport(verify=ssl_context, trust_env=False)
+            else:
+                hop = transport
+            try:
+                # The transport is called directly, not through httpx.Client, whose
+                # request log line would print the full URL, query included.
+                response = hop.handle_request(_request(current, address, policy, deadline))
+                try:
+                    nxt = _next_hop(response, current)
+                    if nxt is None:
+                        result = _save(response, Path(dest), policy, deadline, expected, current)
+                finally:
+                    response.close()
+            except httpx.TimeoutException as exc:
+                raise _transport_error("timeout", exc, current) from None
+            except httpx.HTTPError as exc:
+                raise _transport_error("network_error", exc, current) from None
+            finally:
+                if transport is None:
+                    hop.close()
+            if nxt is None:
+                log.info(
+                    "fetch.done url=%s size=%d sha256=%s",
+                    result.final_url, result.size, result.sha256,
+                )
+                return result
+            log.info(
+                "fetch.redirect status=%d from=%s to=%s",
+                response.status_code, redact_url(current), redact_url(nxt),
+            )
+            current = nxt
+        raise FetchError(
+            "too_many_redirects",
+            f"more than {policy.max_redirects} redirects fetching {redact_url(url)}",
+        )
+    except FetchError as exc:
+        log.warning("fetch.failed reason=%s error=%s", exc.reason, exc)
+        raise
+
+
+def _norm_host(entry: str) -> str:
+    return entry.strip().lower().rstrip(".")
+
+
+def _check_expected(expected: str | None) -> str | None:
+    if expected is None:
+        return None
+    value = expected.strip().lower()
+    if not _SHA256.fullmatch(value):
+        raise FetchError("bad_checksum", "expected sha256 must be 64 hex characters")
+    return value
+
+
+def _parse(url: str | httpx.URL, what: str = "URL") -> httpx.URL:
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError, ValueError):
+        raise FetchError("bad_url", f"invalid {what}: {redact_url(url)}") from None
+    if parsed.scheme not in ("http", "https"):
+        raise FetchError("bad_scheme", f"only http and https are allowed, not {redact_url(url)}")
+    if not parsed.raw_host:
+        raise FetchError("bad_url", f"{what} has no host: {redact_url(url)}")
+    return parsed
+
+
+def _allowed(host: str, port: int, allow_hosts: frozenset[str]) -> bool:
+    name = _norm_host(host)
+    bracketed = f"[{name}]" if ":" in name else name
+    return bool({name, bracketed, f"{bracketed}:{port}"} & allow_hosts)
+
+
+def _check_target(url: httpx.URL, policy: FetchPolicy, resolver: Resolver) -> str:
+    """Resolve the hop's host once, vet every address, and return the one to connect to."""
+    host = url.raw_host.decode("ascii")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        addresses = [str(ipaddress.ip_address(host))]  # literal: nothing to resolve
+    except ValueError:
+        addresses = _resolve(host, port, resolver)
+    if _allowed(host, port, policy.allow_hosts):
+        return addresses[0]
+    bad = [a for a in addresses if not is_public_address(a)]
+    if bad:
+        raise FetchError(
+            "blocked_address",
+            f"refusing {redact_url(url)}: host {host} has non-public address {bad[0]}",
+        )
+    return addresses[0]
+
+
+def _resolve(host: str, port: int, resolver: Resolver) -> list[str]:
+    try:
+        infos = resolver(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        raise FetchError("resolve_failed", f"cannot resolve host {host}: {exc}") from None
+    addresses = list(dict.fromkeys(str(info[4][0]).split("%", 1)[0] for info in infos))
+    if not addresses:
+        raise FetchError("resolve_failed", f"host {host} has no address")
+    return addresses
+
+
+def _ssl_context(policy: FetchPolicy) -> ssl.SSLContext:
+    # trust_env=False: SSL_CERT_FILE & co. must not silently change who we trust.
+    context = httpx.create_ssl_context(verify=policy.verify, trust_env=False)
+    if policy.verify and policy.ca_bundle:
+        try:
+            context.load_verify_locations(cafile=policy.ca_bundle)
+        except OSError as exc:  # ssl.SSLError is an OSError too
+            message = f"cannot load CA bundle {policy.ca_bundle}: {exc}"
+            raise FetchError("tls_config", message) from None
+    return context
+
+
+def _request(url: httpx.URL, address: str, policy: FetchPolicy, deadline: float) -> httpx.Request:
+    """Build a GET to the pinned ``address``, keeping the original name for Host and TLS."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise FetchError("timeout", f"deadline exceeded before fetching {redact_url(url)}")
+    timeout = {
+        "connect": min(policy.connect_timeout, remaining),
+        "read": min(policy.read_timeout, remaining),
+        "write": min(policy.read_timeout, remaining),
+        "pool": min(policy.connect_timeout, remaining),
+    }
+    return httpx.Request(
+        "GET",
+        url.copy_with(host=address, username=None, password=None),
+        headers={"Host": url.netloc.decode("ascii"), "Accept-Encoding": "identity"},
+        # httpcore uses sni_hostname for both SNI and certificate hostname matching.
+        extensions={"timeout": timeout, "sni_hostname": url.raw_host.decode("ascii")},
+    )
+
+
+def _next_hop(response: httpx.Response, url: httpx.URL) -> httpx.URL | None:
+    """Return the redirect target, None for a 2xx, or raise for any other status."""
+    location = response.headers.get("location")
+    if response.status_code in _REDIRECT_STATUSES and location:
+        try:
+            target = url.join(location)
+        except httpx.InvalidURL:
+            raise FetchError("bad_url", f"invalid redirect from {redact_url(url)}") from None
+        return _parse(target, what="redirect location")
+    if 200 <= response.status_code < 300:
+        return None
+    raise FetchError("http_status", f"HTTP {response.status_code} from {redact_url(url)}")
+
+
+def _save(
+    response: httpx.Response,
+    dest: Path,
+    policy: FetchPolicy,
+    deadline: float,
+    expected: str | None,
+    url: httpx.URL,
+) -> FetchResult:
+    """Stream the body to a temp file beside ``dest``, check limits, then rename into place."""
+    safe = redact_url(url)
+    length = response.headers.get("content-length", "")
+    if length.isdigit() and int(length) > policy.max_bytes:
+        raise FetchError("too_large", f"{safe} is {length} bytes, limit {policy.max_bytes}")
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    except OSError as exc:
+        raise FetchError("io_error", f"cannot write beside {dest}: {exc.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for chunk in response.iter_raw():  # raw: store exactly what the server holds
+                size += len(chunk)
+                if size > policy.max_bytes:
+                    raise FetchError(
+                        "too_large", f"{safe} exceeds the limit of {policy.max_bytes} bytes"
+                    )
+                if time.monotonic() > deadline:
+                    raise FetchError("timeout", f"deadline exceeded while fetching {safe}")
+                digest.update(chunk)
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        actual = digest.hexdigest()
+        if expected is not None and actual != expected:
+            raise FetchError(
+                "checksum_mismatch",
+                f"sha256 mismatch for {safe}: expected {expected}, got {actual}",
+            )
+        os.replace(tmp, dest)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        if isinstance(exc, OSError):
+            raise FetchError("io_error", f"cannot write {dest}: {exc.strerror or exc}") from None
+        raise
+    return FetchResult(dest, size, actual, safe, response.headers.get("content-type"))
+
+
+def _transport_error(reason: str, exc: Exception, url: httpx.URL) -> FetchError:
+    # The library's own text is useful (e.g. TLS verify failures) but scrub anything query-like.
+    detail = _QUERYISH.sub("?<redacted>", str(exc)) or type(exc).__name__
+    return FetchError(reason, f"{reason.replace('_', ' ')} fetching {redact_url(url)}: {detail}")
