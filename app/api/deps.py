@@ -20,13 +20,15 @@ from app.services.accounts import AccountPath, get_account
 CURRENT_API_VERSION = "2017-09-01-preview"
 SUPPORTED_API_VERSIONS = (CURRENT_API_VERSION,)
 
+# Trivial dependencies are async: FastAPI runs each sync one on the thread pool, a hop apiece.
+
 # ARM's naming rules for the parts of a resource path.
 SUBSCRIPTION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 RESOURCE_GROUP_PATTERN = r"^[-\w._()]{1,90}$"
 ACCOUNT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{1,63}$"
 
 
-def get_context(request: Request) -> ServiceContext:
+async def get_context(request: Request) -> ServiceContext:
     return request.app.state.context
 
 
@@ -63,7 +65,7 @@ def get_caller(
 CallerDep = Annotated[Caller, Depends(get_caller)]
 
 
-def check_api_version(
+async def check_api_version(
     api_version: Annotated[
         str | None, Query(alias="api-version", description=f"default {CURRENT_API_VERSION}")
     ] = None,
@@ -84,7 +86,7 @@ SubscriptionId = Annotated[str, Path(alias="subscriptionId", pattern=SUBSCRIPTIO
 ResourceGroup = Annotated[str, Path(alias="resourceGroup", pattern=RESOURCE_GROUP_PATTERN)]
 
 
-def get_account_path(
+async def get_account_path(
     subscription_id: SubscriptionId,
     resource_group: ResourceGroup,
     account_name: Annotated[str, Path(alias="accountName", pattern=ACCOUNT_NAME_PATTERN)],

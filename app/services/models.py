@@ -6,7 +6,7 @@ import uuid
 
 from sqlalchemy import and_, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload
 
 from app.errors import NotFound
 from app.orm import Account, ModelTag, ModelVersion, RegisteredModel
@@ -70,7 +70,8 @@ def _parse_id(model_id: str) -> uuid.UUID | None:
 def get_model(session: Session, account: Account, *, model_id: str) -> ModelVersion:
     """One model of the account by id, or 404."""
     parsed = _parse_id(model_id)
-    model = session.get(ModelVersion, parsed) if parsed else None
+    # One round trip for the row and its tags.
+    model = session.get(ModelVersion, parsed, options=[joinedload(ModelVersion.tag_rows)]) if parsed else None
     if model is None or model.account_id != account.id:
         raise NotFound(f"model '{model_id}' was not found in this account", code="ModelNotFound")
     return model

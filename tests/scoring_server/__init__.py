@@ -1,0 +1,1 @@
+"""Tests of the scoring server that goes into every built image."""
