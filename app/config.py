@@ -53,6 +53,17 @@ class Settings(BaseSettings):
     jwks_refresh_min_seconds: float = 30.0
     idempotency_ttl_seconds: int = 86400
 
+    asset_store: Literal["local", "azure"] = "local"
+    asset_max_bytes: int = Field(default=2 * 1024**3, ge=1)
+    asset_url_ttl_days: int = Field(default=30, ge=1, le=365)
+    azure_storage_connection_string: str | None = None
+    azure_storage_container: str = "mms-assets"
+
+    @property
+    def requires_https_urls(self) -> bool:
+        """Outside development, SAS URLs must be https."""
+        return self.env != "development"
+
     @model_validator(mode="after")
     def _refuse_placeholder_secrets(self) -> "Settings":
         if self.env == "production":

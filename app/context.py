@@ -13,6 +13,9 @@ from app.auth.tokens import TokenVerifier, TrustedIssuerKeys
 from app.config import Settings
 from app.database import make_engine, make_session_factory, session_scope
 from app.sealing import Sealer
+from app.services.source_urls import SourceUrlPolicy
+from app.storage.base import AssetStore
+from app.storage.factory import make_asset_store
 
 
 @dataclass
@@ -22,6 +25,7 @@ class ServiceContext:
     session_factory: sessionmaker[Session]
     sealer: Sealer
     verifier: TokenVerifier
+    asset_store: AssetStore
     _signing_key: PrivateKey | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -50,13 +54,19 @@ class ServiceContext:
             )
             for trusted in settings.trusted_issuers
         ]
+        secret_key = settings.resolved_secret_key()
         return cls(
             settings=settings,
             engine=engine,
             session_factory=factory,
-            sealer=Sealer(settings.resolved_secret_key()),
+            sealer=Sealer(secret_key),
             verifier=TokenVerifier(issuers, settings.clock_skew_seconds),
+            asset_store=make_asset_store(settings, secret_key),
         )
+
+    @property
+    def url_policy(self) -> SourceUrlPolicy:
+        return SourceUrlPolicy(store=self.asset_store, require_https=self.settings.requires_https_urls)
 
     def signing_key(self) -> PrivateKey:
         """The key new tokens are signed with: the newest stored one, made on first use."""

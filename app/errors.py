@@ -113,9 +113,14 @@ def error_response(error: ServiceError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status_code, headers=error.headers)
 
 
+# Where a location names the request part or the tag of a body that has several shapes
+# (app.api.routes.manifests), not a field the client wrote.
+_NOT_FIELDS = {"body", "query", "path", "header", "seed", "inference-config"}
+
+
 def _field_name(loc: tuple[Any, ...]) -> str:
     # ("body", "tags", 0) -> "tags[0]"; ("query", "count") -> "count"
-    parts = [p for p in loc if p not in ("body", "query", "path", "header")]
+    parts = [p for p in loc if p not in _NOT_FIELDS and not str(p).startswith("function-after[")]
     name = ""
     for part in parts:
         name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else str(part))

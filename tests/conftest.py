@@ -35,6 +35,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="session")
+def azure_connection_string() -> str:
+    """Azurite's connection string (scripts/test starts Azurite and sets it)."""
+    value = os.environ.get("MMS_TEST_AZURE_CONNECTION_STRING")
+    if not value:
+        pytest.skip("needs Azurite: run scripts/azurite and set MMS_TEST_AZURE_CONNECTION_STRING")
+    return value
+
+
+@pytest.fixture(scope="session")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("mms-data")
 

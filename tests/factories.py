@@ -15,7 +15,7 @@ SEED_MODEL = {
     "name": "housing.model",
     "tags": ["myTag"],
     "description": "my housing.model",
-    "url": "https://example.blob.core.windows.net/models/housing.zip?sv=2021&sp=r&sig=abc",
+    "url": "https://example.blob.core.windows.net/models/housing.zip?sv=2021-08-06&sp=r&se=2099-01-01T00:00:00Z&sig=abc",
     "mimeType": "application/zip",
     "unpack": "true",
 }

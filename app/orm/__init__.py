@@ -1,16 +1,23 @@
 """Every table of the service, imported here so Alembic and the app see one metadata."""
 
 from app.orm.account import Account
+from app.orm.asset import Asset
 from app.orm.base import Base
 from app.orm.idempotency import IdempotencyRecord
+from app.orm.manifest import Manifest, ManifestAsset, ManifestModel, ManifestName
 from app.orm.principal import RoleAssignment, ServicePrincipal
 from app.orm.registered_model import ModelTag, ModelVersion, RegisteredModel
 from app.orm.signing_key import SigningKey
 
 __all__ = [
     "Account",
+    "Asset",
     "Base",
     "IdempotencyRecord",
+    "Manifest",
+    "ManifestAsset",
+    "ManifestModel",
+    "ManifestName",
     "ModelTag",
     "ModelVersion",
     "RegisteredModel",

@@ -19,7 +19,8 @@ ModelName = Annotated[str, StringConstraints(pattern=MODEL_NAME_PATTERN)]
 Tag = Annotated[Text, StringConstraints(min_length=1, max_length=30)]
 
 
-def _mime_type(value: str) -> str:
+def mime_type(value: str) -> str:
+    """A MIME type such as application/zip, or a ValueError saying so."""
     if not re.fullmatch(r"[\w.+-]+/[\w.+-]+", value):
         raise ValueError("must be a MIME type such as application/zip")
     return value
@@ -30,7 +31,7 @@ class ModelCreate(ApiModel):
     tags: list[Tag] = Field(default_factory=list, max_length=MAX_TAGS)
     description: Annotated[Text, StringConstraints(max_length=200)] | None = None
     url: HttpUrlText = Field(description="where the model file is, usually a SAS URL")
-    mimeType: Annotated[Text, StringConstraints(max_length=255), AfterValidator(_mime_type)]
+    mimeType: Annotated[Text, StringConstraints(max_length=255), AfterValidator(mime_type)]
     unpack: bool = False
     sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F]{64}$")] | None = None
 

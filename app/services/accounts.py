@@ -9,7 +9,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.errors import Conflict, NotFound
-from app.orm import Account, ModelVersion
+from app.orm import Account, Manifest, ModelVersion
 from app.schemas.accounts import AccountCreate
 from app.services.paging import decode_token, encode_token, page_size
 
@@ -99,12 +99,14 @@ def list_accounts(
 def delete_account(session: Session, path: AccountPath, *, force: bool) -> None:
     """Delete an account; refused while it holds models unless ``force``, which deletes them too."""
     account = get_account(session, path)
-    models = session.scalar(
-        select(func.count()).select_from(ModelVersion).where(ModelVersion.account_id == account.id)
-    )
-    if models and not force:
+    held = {
+        kind: session.scalar(select(func.count()).select_from(table).where(table.account_id == account.id))
+        for kind, table in (("model", ModelVersion), ("manifest", Manifest))
+    }
+    if any(held.values()) and not force:
+        summary = " and ".join(f"{n} {kind}(s)" for kind, n in held.items() if n)
         raise Conflict(
-            f"account '{path.name}' still holds {models} model(s); delete them first "
+            f"account '{path.name}' still holds {summary}; delete them first "
             "or repeat with ?force=true to delete the account with everything in it",
             code="AccountNotEmpty",
         )

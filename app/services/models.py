@@ -4,44 +4,30 @@ from __future__ import annotations
 
 import uuid
 
-from sqlalchemy import and_, or_, select
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import select
 from sqlalchemy.orm import Session, joinedload
 
-from app.errors import NotFound
-from app.orm import Account, ModelTag, ModelVersion, RegisteredModel
-from app.orm.base import utcnow
+from app.errors import Conflict, NotFound
+from app.orm import Account, Manifest, ManifestModel, ModelTag, ModelVersion, RegisteredModel
 from app.schemas.models import ModelCreate
-from app.services.paging import decode_token, encode_token, page_size
-
-_UPSERTS = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}
-
-
-def _claim_next_version(session: Session, *, account_id: uuid.UUID, name: str) -> tuple[uuid.UUID, int]:
-    """Bump the name's counter row in this transaction: one statement, atomic on both databases.
-
-    On PostgreSQL a concurrent registration of the same name waits on the row lock until
-    this transaction ends, so versions come out 1, 2, 3 ... with no gap and no repeat.
-    """
-    insert = _UPSERTS[session.get_bind().dialect.name]
-    statement = (
-        insert(RegisteredModel)
-        .values(id=uuid.uuid4(), account_id=account_id, name=name, last_version=1, created_at=utcnow())
-        .on_conflict_do_update(
-            index_elements=[RegisteredModel.account_id, RegisteredModel.name],
-            set_={"last_version": RegisteredModel.last_version + 1},
-        )
-        .returning(RegisteredModel.id, RegisteredModel.last_version)
-    )
-    registered_id, version = session.execute(statement).one()
-    return registered_id, version
+from app.services.paging import page_by_name_and_version
+from app.services.source_urls import SourceUrlPolicy
+from app.services.versioning import claim_next_version
 
 
 def register_model(
-    session: Session, account: Account, data: ModelCreate, *, created_by: str | None
+    session: Session,
+    account: Account,
+    data: ModelCreate,
+    *,
+    urls: SourceUrlPolicy,
+    created_by: str | None,
 ) -> ModelVersion:
     """Register a model under its name as that name's next version."""
-    registered_id, version = _claim_next_version(session, account_id=account.id, name=data.name)
+    urls.check(data.url, field="url")
+    registered_id, version = claim_next_version(
+        session, RegisteredModel, account_id=account.id, name=data.name
+    )
     model = ModelVersion(
         account_id=account.id,
         registered_model_id=registered_id,
@@ -86,8 +72,7 @@ def list_models(
     count: int | None,
     skip_token: str | None,
 ) -> tuple[list[ModelVersion], str | None]:
-    """A page of models ordered by name, newest version first, and the next page's token."""
-    limit = page_size(count)
+    """A page of models by name, newest version first, and the next page's token."""
     query = select(ModelVersion).where(ModelVersion.account_id == account.id)
     if name is not None:
         query = query.where(ModelVersion.name == name)
@@ -95,23 +80,23 @@ def list_models(
         query = query.where(
             ModelVersion.id.in_(select(ModelTag.model_version_id).where(ModelTag.tag == tag))
         )
-    position = decode_token(skip_token, fields={"n": str, "v": int})
-    if position is not None:
-        query = query.where(
-            or_(
-                ModelVersion.name > position["n"],
-                and_(ModelVersion.name == position["n"], ModelVersion.version < position["v"]),
-            )
-        )
-    query = query.order_by(ModelVersion.name, ModelVersion.version.desc()).limit(limit + 1)
-    rows = list(session.scalars(query))
-    if len(rows) <= limit:
-        return rows, None
-    last = rows[limit - 1]
-    return rows[:limit], encode_token({"n": last.name, "v": last.version})
+    return page_by_name_and_version(session, query, ModelVersion, count=count, skip_token=skip_token)
 
 
 def delete_model(session: Session, account: Account, *, model_id: str) -> None:
-    """Delete one model version; its version number is never given out again."""
-    session.delete(get_model(session, account, model_id=model_id))
+    """Delete one model version; refused while a manifest bundles it. Its version is never reused."""
+    model = get_model(session, account, model_id=model_id)
+    users = session.execute(
+        select(Manifest.name, Manifest.version)
+        .join(ManifestModel, ManifestModel.manifest_id == Manifest.id)
+        .where(ManifestModel.model_version_id == model.id)
+        .limit(3)
+    ).all()
+    if users:
+        raise Conflict(
+            f"model '{model_id}' is used by manifest {', '.join(f'{n} v{v}' for n, v in users)}; "
+            "delete the manifests that bundle it first",
+            code="ModelInUse",
+        )
+    session.delete(model)
     session.flush()

@@ -5,9 +5,14 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from typing import Any
+from typing import Any, TypeVar
+
+from sqlalchemy import Select, and_, or_
+from sqlalchemy.orm import Session
 
 from app.errors import BadRequest
+
+Row = TypeVar("Row")
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
@@ -44,3 +49,26 @@ def decode_token(token: str | None, *, fields: dict[str, type]) -> dict[str, Any
             code="InvalidSkipToken",
         )
     return position
+
+
+def page_by_name_and_version(
+    session: Session, query: Select[tuple[Row]], entity: Any, *, count: int | None, skip_token: str | None
+) -> tuple[list[Row], str | None]:
+    """One page of a versioned resource by name, newest version first, and the next page's token.
+
+    The token names the last row served, so rows added meanwhile neither repeat nor shift a page.
+    """
+    limit = page_size(count)
+    position = decode_token(skip_token, fields={"n": str, "v": int})
+    if position is not None:
+        query = query.where(
+            or_(
+                entity.name > position["n"],
+                and_(entity.name == position["n"], entity.version < position["v"]),
+            )
+        )
+    rows = list(session.scalars(query.order_by(entity.name, entity.version.desc()).limit(limit + 1)))
+    if len(rows) <= limit:
+        return rows, None
+    last = rows[limit - 1]
+    return rows[:limit], encode_token({"n": last.name, "v": last.version})

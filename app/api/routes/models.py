@@ -54,7 +54,11 @@ def register_model(
         ttl_seconds=context.settings.idempotency_ttl_seconds,
         action=lambda: (
             status.HTTP_201_CREATED,
-            to_read(models.register_model(session, account, body, created_by=caller.subject)).model_dump(mode="json"),
+            to_read(
+                models.register_model(
+                    session, account, body, urls=context.url_policy, created_by=caller.subject
+                )
+            ).model_dump(mode="json"),
         ),
     )
     headers = {"Idempotent-Replayed": "true"} if stored.replayed else {}

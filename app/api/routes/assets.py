@@ -1,0 +1,97 @@
+"""Uploading assets, and reading them back through signed URLs."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse
+
+from app.api.deps import CallerDep, ContextDep, ReadableAccount, SessionDep, WritableAccount
+from app.api.uploads import spool_body
+from app.errors import Forbidden, NotFound
+from app.orm import Asset
+from app.orm.base import utcnow
+from app.schemas.assets import AssetRead
+from app.services import assets
+from app.storage.base import AssetStore
+from app.storage.local import LocalAssetStore, SignatureRefused
+
+router = APIRouter(
+    prefix="/subscriptions/{subscriptionId}/resourceGroups/{resourceGroup}/accounts/{accountName}/assets",
+    tags=["assets"],
+)
+blob_router = APIRouter(tags=["assets"])
+
+
+def to_read(asset: Asset, store: AssetStore, ttl_days: int) -> AssetRead:
+    url, expires_at = assets.read_url(store, asset, ttl_days=ttl_days)
+    return AssetRead(
+        id=str(asset.id),
+        name=asset.name,
+        mimeType=asset.mime_type,
+        size=asset.size,
+        sha256=asset.sha256,
+        url=url,
+        urlExpiresAt=expires_at,
+        createdAt=asset.created_at,
+    )
+
+
+@router.post("", response_model=AssetRead, status_code=status.HTTP_201_CREATED)
+async def upload_asset(
+    request: Request,
+    name: Annotated[str, Query(description="the file name, e.g. score.py or model.zip")],
+    account: WritableAccount,
+    caller: CallerDep,
+    context: ContextDep,
+    session: SessionDep,
+) -> AssetRead:
+    """Upload a file as the raw request body; the answer carries a signed read URL for it."""
+    assets.check_asset_name(name)
+    settings = context.settings
+    body = await spool_body(request, directory=settings.data_dir / "incoming", max_bytes=settings.asset_max_bytes)
+    try:
+        asset = await run_in_threadpool(
+            assets.create_asset,
+            session,
+            account,
+            context.asset_store,
+            name=name,
+            content_type=request.headers.get("content-type") or "application/octet-stream",
+            source=body.path,
+            sha256=body.sha256,
+            created_by=caller.subject,
+        )
+    finally:
+        body.path.unlink(missing_ok=True)
+    return to_read(asset, context.asset_store, settings.asset_url_ttl_days)
+
+
+@router.get("/{assetId}", response_model=AssetRead)
+def get_asset(assetId: str, account: ReadableAccount, context: ContextDep, session: SessionDep) -> AssetRead:  # noqa: N803
+    """The asset, with a fresh read URL."""
+    asset = assets.get_asset(session, account, asset_id=assetId)
+    return to_read(asset, context.asset_store, context.settings.asset_url_ttl_days)
+
+
+@router.delete("/{assetId}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_asset(assetId: str, account: WritableAccount, context: ContextDep, session: SessionDep) -> None:  # noqa: N803
+    assets.delete_asset(session, account, context.asset_store, asset_id=assetId)
+
+
+@blob_router.api_route("/blobs/{key:path}", methods=["GET", "HEAD"], include_in_schema=False)
+def read_blob(key: str, context: ContextDep, sp: str = "", se: str = "", sig: str = "") -> FileResponse:
+    """A local-store file, for whoever holds a valid signed URL (no bearer token: the URL is the key)."""
+    store = context.asset_store
+    if not isinstance(store, LocalAssetStore):
+        raise NotFound("this service keeps assets in another store", code="BlobNotFound")
+    try:
+        store.check_signature(key, permission=sp, expiry=se, signature=sig, now=utcnow())
+        path, content_type = store.open(key)
+    except SignatureRefused as exc:
+        raise Forbidden(f"the signed URL was refused: {exc}", code="AuthenticationFailed") from None
+    except FileNotFoundError:
+        raise NotFound("the blob does not exist (the asset may have been deleted)", code="BlobNotFound") from None
+    return FileResponse(path, media_type=content_type)

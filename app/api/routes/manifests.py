@@ -1,0 +1,114 @@
+"""Manifests: create (in the seed's shape or as an inference configuration), get, list, delete."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Query, Request, status
+from pydantic import Discriminator, Tag
+
+from app.api.deps import CallerDep, ContextDep, ReadableAccount, SessionDep, WritableAccount
+from app.api.links import next_link
+from app.orm import Manifest
+from app.schemas.common import Page
+from app.schemas.manifests import (
+    InferenceConfigCreate,
+    ManifestAssetBody,
+    ManifestCreate,
+    ManifestRead,
+    RegistryRead,
+    RuntimeProperties,
+    TargetRuntime,
+    manifest_shape,
+)
+from app.services import manifests
+
+router = APIRouter(
+    prefix="/subscriptions/{subscriptionId}/resourceGroups/{resourceGroup}/accounts/{accountName}/manifests",
+    tags=["manifests"],
+)
+
+AnyManifestBody = Annotated[
+    Annotated[ManifestCreate, Tag("seed")] | Annotated[InferenceConfigCreate, Tag("inference-config")],
+    Discriminator(manifest_shape),
+]
+
+
+def to_read(manifest: Manifest) -> ManifestRead:
+    registry = (
+        RegistryRead(address=manifest.registry_address, username=manifest.registry_username)
+        if manifest.registry_address
+        else None
+    )
+    return ManifestRead(
+        id=str(manifest.id),
+        version=manifest.version,
+        name=manifest.name,
+        description=manifest.description,
+        driverProgram=manifest.driver_program,
+        modelType=manifest.model_type,
+        CreatedTime=manifest.created_at,
+        modelIds=[str(m.model_version_id) for m in manifest.models],
+        assets=[
+            ManifestAssetBody(id=a.asset_id, url=a.url, mimeType=a.mime_type, unPack=a.unpack)
+            for a in manifest.assets
+        ],
+        targetRuntime=TargetRuntime(
+            runtimeType=manifest.runtime_type,
+            properties=RuntimeProperties(
+                condaEnvFile=manifest.conda_env_url, pipRequirements=manifest.pip_requirements_url
+            ),
+        ),
+        webserviceType=manifest.webservice_type,
+        baseImage=manifest.base_image,
+        baseImageRegistry=registry,
+        extraDockerfileSteps=manifest.extra_dockerfile_steps,
+        enableGpu=manifest.enable_gpu,
+        sourceDirectory=manifest.source_directory,
+    )
+
+
+@router.post("", response_model=ManifestRead, status_code=status.HTTP_201_CREATED)
+def create_manifest(
+    body: Annotated[AnyManifestBody, Body()],
+    account: WritableAccount,
+    caller: CallerDep,
+    context: ContextDep,
+    session: SessionDep,
+) -> ManifestRead:
+    """Create a manifest; each one under a name gets that name's next version.
+
+    Send either the seed's shape (driverProgram, targetRuntime) or an inference configuration
+    (entryScript, runtime, condaFile, baseImage, baseImageRegistry …) with name, modelIds and assets.
+    """
+    manifest = manifests.create_manifest(
+        session, account, body, sealer=context.sealer, urls=context.url_policy, created_by=caller.subject
+    )
+    return to_read(manifest)
+
+
+@router.get("/{manifestId}", response_model=ManifestRead)
+def get_manifest(manifestId: str, account: ReadableAccount, session: SessionDep) -> ManifestRead:  # noqa: N803
+    return to_read(manifests.get_manifest(session, account, manifest_id=manifestId))
+
+
+@router.get("", response_model=Page[ManifestRead])
+def list_manifests(
+    request: Request,
+    account: ReadableAccount,
+    session: SessionDep,
+    model_id: Annotated[str | None, Query(alias="modelId")] = None,
+    manifest_name: Annotated[str | None, Query(alias="manifestName")] = None,
+    count: int | None = None,
+    skip_token: Annotated[str | None, Query(alias="$skipToken")] = None,
+) -> Page[ManifestRead]:
+    """Manifests by name, newest version first; filter by a bundled model or by name."""
+    rows, token = manifests.list_manifests(
+        session, account, model_id=model_id, name=manifest_name, count=count, skip_token=skip_token
+    )
+    return Page(value=[to_read(m) for m in rows], nextLink=next_link(request, token))
+
+
+@router.delete("/{manifestId}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_manifest(manifestId: str, account: WritableAccount, session: SessionDep) -> None:  # noqa: N803
+    manifests.delete_manifest(session, account, manifest_id=manifestId)

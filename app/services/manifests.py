@@ -1,0 +1,155 @@
+"""Manifests: what an image is built from, versioned per name like models."""
+
+from __future__ import annotations
+
+import uuid
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.errors import NotFound, ValidationFailed
+from app.orm import Account, Manifest, ManifestAsset, ManifestModel, ManifestName, ModelVersion
+from app.sealing import Sealer
+from app.schemas.manifests import InferenceConfigCreate, ManifestCreate
+from app.services.paging import page_by_name_and_version
+from app.services.source_urls import SourceUrlPolicy
+from app.services.versioning import claim_next_version
+
+
+def _invalid(field: str, message: str, code: str = "InvalidField") -> ValidationFailed:
+    text = f"{field}: {message}"
+    return ValidationFailed(f"Invalid request: {text}", details=[{"code": code, "message": text}])
+
+
+def _resolve_models(session: Session, account: Account, model_ids: list[str]) -> list[ModelVersion]:
+    """The account's models with these ids, in order; a 400 naming every id that is not one."""
+    parsed: dict[str, uuid.UUID | None] = {}
+    for model_id in model_ids:
+        try:
+            parsed[model_id] = uuid.UUID(model_id)
+        except ValueError:
+            parsed[model_id] = None
+    wanted = [p for p in parsed.values() if p is not None]
+    found = {
+        m.id: m
+        for m in session.scalars(
+            select(ModelVersion).where(ModelVersion.id.in_(wanted), ModelVersion.account_id == account.id)
+        )
+    } if wanted else {}
+    missing = [i for i, p in parsed.items() if p not in found]
+    if missing:
+        raise ValidationFailed(
+            f"Invalid request: modelIds: no model with id {', '.join(missing)} in this account",
+            details=[{"code": "ModelNotFound", "message": f"modelIds: model '{i}' was not found"} for i in missing],
+        )
+    return [found[parsed[i]] for i in dict.fromkeys(model_ids)]  # type: ignore[index]
+
+
+def create_manifest(
+    session: Session,
+    account: Account,
+    body: ManifestCreate | InferenceConfigCreate,
+    *,
+    sealer: Sealer,
+    urls: SourceUrlPolicy,
+    created_by: str | None,
+) -> Manifest:
+    """Validate a manifest in either shape against the account and store it as its name's next version."""
+    assets = {asset.id: asset for asset in body.assets}
+    for index, asset in enumerate(body.assets):
+        urls.check(asset.url, field=f"assets[{index}].url")
+    registry_password = registry = None
+    if isinstance(body, ManifestCreate):
+        driver, driver_field = body.driverProgram, "driverProgram"
+        runtime, model_type = body.targetRuntime.runtimeType, body.modelType
+        conda_url = body.targetRuntime.properties.condaEnvFile
+        pip_url = body.targetRuntime.properties.pipRequirements
+        for field, url in (("condaEnvFile", conda_url), ("pipRequirements", pip_url)):
+            if url:
+                urls.check(url, field=f"targetRuntime.properties.{field}")
+        extra_steps, enable_gpu, source_directory, base_image = None, False, None, None
+    else:
+        driver, driver_field = body.entryScript, "entryScript"
+        runtime, model_type, pip_url = body.runtime, "Registered", None
+        if body.condaFile is not None and body.condaFile not in assets:
+            raise _invalid("condaFile", f"'{body.condaFile}' is not the id of one of the assets")
+        conda_url = assets[body.condaFile].url if body.condaFile else None
+        extra_steps, enable_gpu = body.extraDockerfileSteps, body.enableGpu
+        source_directory, base_image = body.sourceDirectory, body.baseImage
+        registry = body.baseImageRegistry
+        if registry is not None and registry.password:
+            registry_password = sealer.seal(registry.password.encode())
+    if driver not in assets:
+        raise _invalid(driver_field, f"'{driver}' is not the id of one of the assets")
+    models = _resolve_models(session, account, body.modelIds)
+
+    _, version = claim_next_version(session, ManifestName, account_id=account.id, name=body.name)
+    manifest = Manifest(
+        account_id=account.id,
+        name=body.name,
+        version=version,
+        description=body.description,
+        driver_program=driver,
+        model_type=model_type,
+        runtime_type=runtime,
+        conda_env_url=conda_url,
+        pip_requirements_url=pip_url,
+        webservice_type=body.webserviceType,
+        base_image=base_image,
+        registry_address=registry.address if registry else None,
+        registry_username=registry.username if registry else None,
+        sealed_registry_password=registry_password,
+        extra_dockerfile_steps=extra_steps,
+        enable_gpu=enable_gpu,
+        source_directory=source_directory,
+        created_by=created_by,
+        assets=[
+            ManifestAsset(position=i, asset_id=a.id, url=a.url, mime_type=a.mimeType, unpack=a.unPack)
+            for i, a in enumerate(body.assets)
+        ],
+        models=[ManifestModel(position=i, model_version_id=m.id) for i, m in enumerate(models)],
+    )
+    session.add(manifest)
+    session.flush()
+    return manifest
+
+
+def get_manifest(session: Session, account: Account, *, manifest_id: str) -> Manifest:
+    """One manifest of the account, or 404."""
+    try:
+        manifest = session.get(Manifest, uuid.UUID(manifest_id))
+    except ValueError:
+        manifest = None
+    if manifest is None or manifest.account_id != account.id:
+        raise NotFound(f"manifest '{manifest_id}' was not found in this account", code="ManifestNotFound")
+    return manifest
+
+
+def list_manifests(
+    session: Session,
+    account: Account,
+    *,
+    model_id: str | None,
+    name: str | None,
+    count: int | None,
+    skip_token: str | None,
+) -> tuple[list[Manifest], str | None]:
+    """A page of manifests by name, newest version first; filter by a model they bundle or by name."""
+    query = select(Manifest).where(Manifest.account_id == account.id)
+    if name is not None:
+        query = query.where(Manifest.name == name)
+    if model_id is not None:
+        try:
+            model_uuid = uuid.UUID(model_id)
+        except ValueError:
+            return [], None
+        query = query.where(
+            Manifest.id.in_(select(ManifestModel.manifest_id).where(ManifestModel.model_version_id == model_uuid))
+        )
+    return page_by_name_and_version(session, query, Manifest, count=count, skip_token=skip_token)
+
+
+def delete_manifest(session: Session, account: Account, *, manifest_id: str) -> None:
+    """Delete one manifest version; its version number is never given out again."""
+    session.delete(get_manifest(session, account, manifest_id=manifest_id))
+    session.flush()

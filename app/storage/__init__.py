@@ -1,0 +1,1 @@
+"""Asset storage backends behind one small interface, chosen by MMS_ASSET_STORE."""

@@ -1,0 +1,36 @@
+"""The asset store contract every backend fulfils."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Protocol
+
+
+class StorageError(RuntimeError):
+    """The backend failed (unreachable, refused, out of space); the message is safe to log."""
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    key: str  # backend-relative name, e.g. "<account id>/<asset id>/<file name>"
+    size: int
+
+
+class AssetStore(Protocol):
+    """Keeps uploaded files and hands out time-limited read URLs for them."""
+
+    name: str  # "local" or "azure"
+
+    def put_file(self, key: str, source: Path, *, content_type: str) -> StoredObject:
+        """Store the file at ``source`` under ``key``, replacing nothing: keys are unique."""
+
+    def read_url(self, key: str, *, expires_at: datetime) -> str:
+        """A URL that lets anyone holding it read ``key`` until ``expires_at`` (a SAS URL)."""
+
+    def delete(self, key: str) -> None:
+        """Remove ``key``; no error when it is already gone."""
+
+    def owns_url(self, url: str) -> bool:
+        """Whether ``url`` points into this store (so it can be checked as one of ours)."""

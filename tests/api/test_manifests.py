@@ -1,0 +1,177 @@
+"""Manifests in both shapes: versions, validation against the account, secrets kept secret."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.factories import Callers, model_body, new_account
+
+SCORE_URL = "https://example.blob.core.windows.net/app/score.py?sv=2021-08-06&sp=r&se=2099-01-01T00:00:00Z&sig=abc"
+CONDA_URL = "https://example.blob.core.windows.net/app/myconda.yml?sv=2021-08-06&sp=r&se=2099-01-01T00:00:00Z&sig=def"
+
+
+@pytest.fixture()
+def owner(callers: Callers) -> dict[str, str]:
+    return callers.headers()
+
+
+@pytest.fixture()
+def account(client: TestClient, owner: dict[str, str]) -> str:
+    return new_account(client, owner)
+
+
+@pytest.fixture()
+def model_id(client: TestClient, owner: dict[str, str], account: str) -> str:
+    return client.post(f"{account}/models", json=model_body(), headers=owner).json()["id"]
+
+
+def seed_manifest(model_id: str, **overrides: Any) -> dict[str, Any]:
+    body = {
+        "driverProgram": "scoringFileId",
+        "description": "housing manifest",
+        "modelType": "Registered",
+        "name": "housingmodel-manifest",
+        "modelIds": [model_id],
+        "assets": [{"id": "scoringFileId", "url": SCORE_URL, "mimeType": "application/x-python", "unPack": "False"}],
+        "targetRuntime": {"runtimeType": "SparkPython", "properties": {"condaEnvFile": CONDA_URL}},
+    }
+    body.update(overrides)
+    return body
+
+
+def inference_config(model_id: str, **overrides: Any) -> dict[str, Any]:
+    body = {
+        "name": "custom-base",
+        "modelIds": [model_id],
+        "assets": [{"id": "score.py", "url": SCORE_URL}, {"id": "infenv.yml", "url": CONDA_URL}],
+        "entryScript": "score.py",
+        "runtime": "python",
+        "condaFile": "infenv.yml",
+        "extraDockerfileSteps": "RUN apt-get update && \\\n    apt-get install -y libgomp1\nENV A=1\nEXPOSE 8080",
+        "enableGpu": False,
+        "baseImage": "myregistry.azurecr.io/mycustomimage:1.0",
+        "baseImageRegistry": {"address": "myregistry.azurecr.io", "username": "pull", "password": "hunter2-registry-secret"},
+    }
+    body.update(overrides)
+    return body
+
+
+def test_seed_manifest_round_trip_and_versions(client: TestClient, owner: dict[str, str], account: str, model_id: str) -> None:
+    first = client.post(f"{account}/manifests", json=seed_manifest(model_id), headers=owner)
+    assert first.status_code == 201, first.text
+    body = first.json()
+    assert body["version"] == 1
+    assert body["driverProgram"] == "scoringFileId"
+    assert body["modelIds"] == [model_id]
+    assert body["targetRuntime"] == {"runtimeType": "SparkPython", "properties": {"condaEnvFile": CONDA_URL, "pipRequirements": None}}
+    assert body["assets"][0]["unPack"] is False
+    assert "CreatedTime" in body
+    assert client.get(f"{account}/manifests/{body['id']}", headers=owner).json() == body
+
+    second = client.post(f"{account}/manifests", json=seed_manifest(model_id, targetRuntime={"runtimeType": "spark-py"}), headers=owner)
+    assert second.json()["version"] == 2
+    assert second.json()["targetRuntime"]["runtimeType"] == "SparkPython"
+
+
+def test_inference_config_shape_keeps_the_registry_password_secret(
+    client: TestClient, owner: dict[str, str], account: str, model_id: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    created = client.post(f"{account}/manifests", json=inference_config(model_id), headers=owner)
+    assert created.status_code == 201, created.text
+    body = created.json()
+    assert body["driverProgram"] == "score.py"
+    assert body["targetRuntime"]["runtimeType"] == "Python"
+    assert body["targetRuntime"]["properties"]["condaEnvFile"] == CONDA_URL
+    assert body["baseImage"] == "myregistry.azurecr.io/mycustomimage:1.0"
+    assert body["baseImageRegistry"] == {"address": "myregistry.azurecr.io", "username": "pull"}
+    fetched = client.get(f"{account}/manifests/{body['id']}", headers=owner)
+    listed = client.get(f"{account}/manifests", headers=owner)
+    for text in (created.text, fetched.text, listed.text, caplog.text):
+        assert "hunter2-registry-secret" not in text
+
+    string_registry = inference_config(model_id, baseImageRegistry="mcr.microsoft.com",
+                                       baseImage="mcr.microsoft.com/azureml/o16n-sample-user-base/ubuntu-miniconda")
+    assert client.post(f"{account}/manifests", json=string_registry, headers=owner).status_code == 201
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        ({"driverProgram": "nope"}, "driverProgram: 'nope' is not the id of one of the assets"),
+        ({"modelIds": ["00000000-0000-0000-0000-000000000000"]}, "00000000-0000-0000-0000-000000000000"),
+        ({"modelIds": ["not-a-uuid"]}, "not-a-uuid"),
+        ({"description": "d" * 513}, "description"),
+        ({"targetRuntime": {"runtimeType": "R"}}, "targetRuntime.runtimeType"),
+        ({"name": "bad name"}, "name"),
+        ({"assets": [{"id": "a", "url": SCORE_URL}, {"id": "a", "url": SCORE_URL}]}, "unique"),
+        ({"assets": [{"id": "scoringFileId", "url": "ftp://x/score.py"}]}, "assets[0].url"),
+    ],
+)
+def test_seed_shape_validation(client: TestClient, owner: dict[str, str], account: str, model_id: str,
+                               change: dict[str, Any], fragment: str) -> None:
+    response = client.post(f"{account}/manifests", json=seed_manifest(model_id, **change), headers=owner)
+    assert response.status_code == 400, response.text
+    assert fragment in response.text
+    assert client.get(f"{account}/manifests", headers=owner).json()["value"] == []
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        ({"extraDockerfileSteps": "COPY / /host"}, "COPY is not allowed"),
+        ({"extraDockerfileSteps": "RUN true\nFROM evil"}, "line 2: FROM is not allowed"),
+        ({"entryScript": "missing.py"}, "entryScript"),
+        ({"condaFile": "missing.yml"}, "condaFile"),
+        ({"baseImage": "Not A Reference!"}, "baseImage"),
+        ({"baseImageRegistry": {"address": "bad address/x"}}, "baseImageRegistry.address"),
+    ],
+)
+def test_inference_config_validation(client: TestClient, owner: dict[str, str], account: str, model_id: str,
+                                     change: dict[str, Any], fragment: str) -> None:
+    response = client.post(f"{account}/manifests", json=inference_config(model_id, **change), headers=owner)
+    assert response.status_code == 400, response.text
+    assert fragment in response.json()["message"] or fragment in str(response.json()["details"])
+    assert "hunter2-registry-secret" not in response.text
+
+
+def test_models_of_another_account_are_refused(client: TestClient, owner: dict[str, str], account: str) -> None:
+    other = new_account(client, owner)
+    foreign = client.post(f"{other}/models", json=model_body(), headers=owner).json()["id"]
+    response = client.post(f"{account}/manifests", json=seed_manifest(foreign), headers=owner)
+    assert response.status_code == 400
+    assert foreign in response.text
+
+
+def test_list_filters_delete_and_model_in_use(client: TestClient, owner: dict[str, str], account: str, model_id: str) -> None:
+    other_model = client.post(f"{account}/models", json=model_body(name="other"), headers=owner).json()["id"]
+    a1 = client.post(f"{account}/manifests", json=seed_manifest(model_id, name="m-a"), headers=owner).json()
+    client.post(f"{account}/manifests", json=seed_manifest(model_id, name="m-a"), headers=owner)
+    b1 = client.post(f"{account}/manifests", json=seed_manifest(other_model, name="m-b"), headers=owner).json()
+
+    def names(query: str) -> list[tuple[str, int]]:
+        return [(m["name"], m["version"]) for m in client.get(f"{account}/manifests?{query}", headers=owner).json()["value"]]
+
+    assert names("") == [("m-a", 2), ("m-a", 1), ("m-b", 1)]
+    assert names(f"modelId={other_model}") == [("m-b", 1)]
+    assert names("manifestName=m-a") == [("m-a", 2), ("m-a", 1)]
+    assert names(f"modelId={uuid.uuid4()}") == []
+    page = client.get(f"{account}/manifests?count=1", headers=owner).json()
+    assert page["nextLink"] and len(page["value"]) == 1
+
+    in_use = client.delete(f"{account}/models/{other_model}", headers=owner)
+    assert in_use.status_code == 409
+    assert in_use.json()["code"] == "ModelInUse"
+    assert client.delete(f"{account}/manifests/{b1['id']}", headers=owner).status_code == 204
+    assert client.delete(f"{account}/models/{other_model}", headers=owner).status_code == 204
+    assert client.get(f"{account}/manifests/{b1['id']}", headers=owner).status_code == 404
+
+    refused = client.delete(account, headers=owner)
+    assert refused.status_code == 409 and "manifest" in refused.json()["message"]
+    assert client.delete(f"{account}?force=true", headers=owner).status_code == 204
+    assert client.get(f"{account}/manifests/{a1['id']}", headers=owner).status_code == 404
