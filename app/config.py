@@ -10,6 +10,7 @@ import secrets
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -58,6 +59,24 @@ class Settings(BaseSettings):
     asset_url_ttl_days: int = Field(default=30, ge=1, le=365)
     azure_storage_connection_string: str | None = None
     azure_storage_container: str = "mms-assets"
+
+    fetch_allow_hosts: list[str] = []  # host or host:port that may be private (e.g. an internal store)
+    fetch_max_bytes: int = Field(default=8 * 1024**3, ge=1)
+    fetch_timeout_seconds: float = Field(default=1800.0, gt=0)
+    extra_ca_bundle: Path | None = None  # PEM file of extra CAs trusted for fetches and builds
+
+    @property
+    def effective_fetch_allow_hosts(self) -> frozenset[str]:
+        """Hosts the fetcher may reach on private addresses: the configured ones and, in
+        development, this service's own asset URLs and a local Azurite."""
+        hosts = {h.lower() for h in self.fetch_allow_hosts}
+        if self.env == "development":
+            hosts.add(urlsplit(self.resolved_public_url).netloc.lower())
+            for part in (self.azure_storage_connection_string or "").split(";"):
+                name, _, value = part.partition("=")
+                if name.strip().lower() == "blobendpoint" and value:
+                    hosts.add(urlsplit(value.strip()).netloc.lower())
+        return frozenset(hosts)
 
     @property
     def requires_https_urls(self) -> bool:

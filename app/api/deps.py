@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from typing import Annotated
 
 from fastapi import Depends, Path, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import AfterValidator
 from sqlalchemy.orm import Session
 
 from app.auth.caller import Caller, load_caller
@@ -82,14 +84,36 @@ async def check_api_version(
     return api_version
 
 
-SubscriptionId = Annotated[str, Path(alias="subscriptionId", pattern=SUBSCRIPTION_PATTERN)]
-ResourceGroup = Annotated[str, Path(alias="resourceGroup", pattern=RESOURCE_GROUP_PATTERN)]
+def _name_rule(pattern: str, rule: str) -> AfterValidator:
+    """A validator whose message says in words what a name may hold."""
+
+    def check(value: str) -> str:
+        if not re.fullmatch(pattern, value):
+            raise ValueError(f"must be {rule}")
+        return value
+
+    return AfterValidator(check)
+
+
+SubscriptionId = Annotated[
+    str,
+    Path(alias="subscriptionId"),
+    _name_rule(SUBSCRIPTION_PATTERN, "1-64 letters, digits, '-', '_' or '.', starting with a letter or digit"),
+]
+ResourceGroup = Annotated[
+    str, Path(alias="resourceGroup"), _name_rule(RESOURCE_GROUP_PATTERN, "1-90 letters, digits, '-', '_', '.', '(' or ')'")
+]
+AccountName = Annotated[
+    str,
+    Path(alias="accountName"),
+    _name_rule(ACCOUNT_NAME_PATTERN, "2-64 letters, digits, '-' or '_', starting with a letter or digit"),
+]
 
 
 async def get_account_path(
     subscription_id: SubscriptionId,
     resource_group: ResourceGroup,
-    account_name: Annotated[str, Path(alias="accountName", pattern=ACCOUNT_NAME_PATTERN)],
+    account_name: AccountName,
 ) -> AccountPath:
     return AccountPath(subscription_id, resource_group, account_name)
 

@@ -46,7 +46,7 @@ def test_bad_account_bodies_name_the_field(client: TestClient, callers: Callers)
     assert "sku.capacity" in capacity.json()["message"]
     bad_name = client.put(account_url("sub-1", "rg-1", "bad name!"), json=BODY, headers=headers)
     assert bad_name.status_code == 400
-    assert "accountName" in bad_name.json()["message"]
+    assert "accountName: must be 2-64 letters" in bad_name.json()["message"]
     assert client.get(url, headers=headers).status_code == 404
 
 
