@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import AliasChoices, BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Values that mean "nobody set this": refused outside development.
@@ -64,6 +64,22 @@ class Settings(BaseSettings):
     fetch_max_bytes: int = Field(default=8 * 1024**3, ge=1)
     fetch_timeout_seconds: float = Field(default=1800.0, gt=0)
     extra_ca_bundle: Path | None = None  # PEM file of extra CAs trusted for fetches and builds
+
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    build_queue: str = "mms-builds"
+    registry: str = "127.0.0.1:5000"  # where images are pushed: host[:port][/prefix]
+    registry_username: str | None = None
+    registry_password: str | None = None
+    builder: Literal["docker", "oci"] = "docker"
+    # The engine the docker builder uses; DOCKER_HOST as the Docker tools read it.
+    docker_host: str | None = Field(default=None, validation_alias=AliasChoices("MMS_DOCKER_HOST", "DOCKER_HOST"))
+    default_base_image: str | None = None  # default FROM; None: the newest published base image
+    build_lease_seconds: int = Field(default=60, ge=5)
+    build_max_attempts: int = Field(default=3, ge=1)
+    build_queue_deadline_seconds: int = Field(default=3600, ge=10)  # NotStarted longer: Failed
+    build_run_deadline_seconds: int = Field(default=3600, ge=10)  # Running longer: Failed
+    build_republish_seconds: int = Field(default=60, ge=1)  # NotStarted this long: ring again
+    smoke_test_timeout_seconds: int = Field(default=120, ge=5)
 
     @property
     def effective_fetch_allow_hosts(self) -> frozenset[str]:

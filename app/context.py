@@ -12,6 +12,7 @@ from app.auth.keys import OwnKeySource, PrivateKey, RemoteKeySource, create_sign
 from app.auth.tokens import TokenVerifier, TrustedIssuerKeys
 from app.config import Settings
 from app.database import make_engine, make_session_factory, session_scope
+from app.queue import BuildQueue
 from app.sealing import Sealer
 from app.services.source_urls import SourceUrlPolicy
 from app.storage.base import AssetStore
@@ -26,6 +27,7 @@ class ServiceContext:
     sealer: Sealer
     verifier: TokenVerifier
     asset_store: AssetStore
+    build_queue: BuildQueue
     _signing_key: PrivateKey | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -62,6 +64,7 @@ class ServiceContext:
             sealer=Sealer(secret_key),
             verifier=TokenVerifier(issuers, settings.clock_skew_seconds),
             asset_store=make_asset_store(settings, secret_key),
+            build_queue=BuildQueue(settings.broker_url, settings.build_queue),
         )
 
     @property

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, FastAPI
 
 from app.api.deps import check_api_version
 from app.api.middleware import RequestIdMiddleware
-from app.api.routes import accounts, assets, health, manifests, models, oauth, principals
+from app.api.routes import accounts, assets, health, images, manifests, models, oauth, principals
 from app.config import Settings, get_settings
 from app.context import ServiceContext
 from app.database import ensure_migrated
@@ -47,6 +47,7 @@ def create_app(settings: Settings | None = None, context: ServiceContext | None 
     api.include_router(models.router)
     api.include_router(assets.router)
     api.include_router(manifests.router)
+    api.include_router(images.router)
     api.include_router(principals.router)
     app.include_router(api)
     app.include_router(assets.blob_router)

@@ -102,6 +102,29 @@ def serve(
     )
 
 
+@cli.command()
+def worker(
+    concurrency: Annotated[int, typer.Option(help="builds run at once in this worker")] = 1,
+    beat: Annotated[bool, typer.Option(help="also run the reaper's schedule (safe on every worker)")] = True,
+) -> None:
+    """Run a build worker (Celery on MMS_BROKER_URL).
+
+    Example: DOCKER_HOST=unix:///var/run/docker.sock mms worker --concurrency 2
+    """
+    settings = _settings()
+    _prepare_database(settings)
+    from app.log_config import configure_logging
+
+    configure_logging(settings.log_level, settings.log_format)
+    from workers.celery_app import celery_app
+
+    argv = ["worker", f"--concurrency={concurrency}", f"--queues={settings.build_queue}", "--loglevel=INFO"]
+    if beat:
+        # Every worker may run the schedule: each reaper pass is idempotent.
+        argv += ["--beat", f"--schedule={settings.data_dir / 'celerybeat-schedule'}"]
+    celery_app.worker_main(argv)
+
+
 @db_cli.command("upgrade")
 def db_upgrade() -> None:
     """Apply every pending migration to MMS_DATABASE_URL (or the embedded SQLite file)."""

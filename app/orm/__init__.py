@@ -4,6 +4,7 @@ from app.orm.account import Account
 from app.orm.asset import Asset
 from app.orm.base import Base
 from app.orm.idempotency import IdempotencyRecord
+from app.orm.image import BuildLogChunk, CreationState, Image, ImageName
 from app.orm.manifest import Manifest, ManifestAsset, ManifestModel, ManifestName
 from app.orm.principal import RoleAssignment, ServicePrincipal
 from app.orm.registered_model import ModelTag, ModelVersion, RegisteredModel
@@ -13,7 +14,11 @@ __all__ = [
     "Account",
     "Asset",
     "Base",
+    "BuildLogChunk",
+    "CreationState",
     "IdempotencyRecord",
+    "Image",
+    "ImageName",
     "Manifest",
     "ManifestAsset",
     "ManifestModel",

@@ -51,6 +51,9 @@ def dockerfile_steps(value: str) -> str:
                     f"use only {', '.join(ALLOWED_DOCKERFILE_STEPS)}"
                 )
         continued = stripped.endswith("\\")
+    if continued:
+        # A dangling continuation would swallow the instruction the builder adds next.
+        raise ValueError("the last line ends with '\\'; finish the instruction")
     return value
 
 

@@ -9,7 +9,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.errors import Conflict, NotFound
-from app.orm import Account, Manifest, ModelVersion
+from app.orm import Account, Image, Manifest, ModelVersion
 from app.schemas.accounts import AccountCreate
 from app.services.paging import decode_token, encode_token, page_size
 
@@ -101,7 +101,7 @@ def delete_account(session: Session, path: AccountPath, *, force: bool) -> None:
     account = get_account(session, path)
     held = {
         kind: session.scalar(select(func.count()).select_from(table).where(table.account_id == account.id))
-        for kind, table in (("model", ModelVersion), ("manifest", Manifest))
+        for kind, table in (("model", ModelVersion), ("manifest", Manifest), ("image", Image))
     }
     if any(held.values()) and not force:
         summary = " and ".join(f"{n} {kind}(s)" for kind, n in held.items() if n)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import uuid
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.errors import NotFound, ValidationFailed
-from app.orm import Account, Manifest, ManifestAsset, ManifestModel, ManifestName, ModelVersion
+from app.errors import Conflict, NotFound, ValidationFailed
+from app.orm import Account, Image, Manifest, ManifestAsset, ManifestModel, ManifestName, ModelVersion
 from app.sealing import Sealer
 from app.schemas.manifests import InferenceConfigCreate, ManifestCreate
 from app.services.paging import page_by_name_and_version
@@ -150,6 +150,13 @@ def list_manifests(
 
 
 def delete_manifest(session: Session, account: Account, *, manifest_id: str) -> None:
-    """Delete one manifest version; its version number is never given out again."""
-    session.delete(get_manifest(session, account, manifest_id=manifest_id))
+    """Delete one manifest version; refused while an image was built from it."""
+    manifest = get_manifest(session, account, manifest_id=manifest_id)
+    images = session.scalar(select(func.count()).select_from(Image).where(Image.manifest_id == manifest.id))
+    if images:
+        raise Conflict(
+            f"manifest '{manifest_id}' is used by {images} image(s); delete those images first",
+            code="ManifestInUse",
+        )
+    session.delete(manifest)
     session.flush()

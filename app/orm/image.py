@@ -1,0 +1,97 @@
+"""Image builds: the row is the truth about a build; the queue only rings the bell."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import datetime
+
+from sqlalchemy import BigInteger, Boolean, ForeignKey, Index, Integer, String, Text, UniqueConstraint, Uuid
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from app.orm.base import Base, CreatedAt, UtcDateTime, UuidPrimaryKey
+from app.orm.manifest import Manifest
+
+
+class CreationState(enum.StrEnum):
+    """NotStarted → Running → Succeeded | Failed | Cancelled."""
+
+    NOT_STARTED = "NotStarted"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    CANCELLED = "Cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (CreationState.SUCCEEDED, CreationState.FAILED, CreationState.CANCELLED)
+
+
+class ImageName(UuidPrimaryKey, CreatedAt, Base):
+    """An image name in an account, with its version counter (never reused)."""
+
+    __tablename__ = "image_names"
+    __table_args__ = (UniqueConstraint("account_id", "name"),)
+
+    account_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("accounts.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(32))
+    last_version: Mapped[int] = mapped_column(Integer)
+
+
+class Image(UuidPrimaryKey, CreatedAt, Base):
+    __tablename__ = "images"
+    __table_args__ = (
+        UniqueConstraint("account_id", "name", "version"),
+        Index("ix_images_state", "state"),
+    )
+
+    account_id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, ForeignKey("accounts.id", ondelete="CASCADE"), index=True
+    )
+    # CASCADE only so that deleting a whole account succeeds; deleting a manifest an image
+    # was built from is refused by the service with a 409.
+    manifest_id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, ForeignKey("manifests.id", ondelete="CASCADE"), index=True
+    )
+    manifest: Mapped["Manifest"] = relationship(lazy="joined")
+    operation_id: Mapped[uuid.UUID] = mapped_column(Uuid, unique=True, default=uuid.uuid4)
+    name: Mapped[str] = mapped_column(String(32))
+    version: Mapped[int] = mapped_column(Integer)
+    description: Mapped[str | None] = mapped_column(String(512))
+    image_type: Mapped[str] = mapped_column(String(16))
+    compute_resource_id: Mapped[str | None] = mapped_column(String(1024))
+    builder: Mapped[str] = mapped_column(String(16))
+    created_by: Mapped[str | None] = mapped_column(String(255))
+
+    state: Mapped[str] = mapped_column(String(16), default=CreationState.NOT_STARTED.value)
+    error: Mapped[str | None] = mapped_column(Text)  # one line: the failing step and why
+    image_location: Mapped[str | None] = mapped_column(String(1024))
+    digest: Mapped[str | None] = mapped_column(String(128))
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    started_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    ended_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+    # The lease: which worker holds the build, until when, and which attempt it is. A worker
+    # whose attempt is no longer current has been fenced off and must not write.
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(255))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    published_at: Mapped[datetime | None] = mapped_column(UtcDateTime)  # last sent to the queue
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    @property
+    def creation_state(self) -> CreationState:
+        return CreationState(self.state)
+
+
+class BuildLogChunk(Base):
+    """The build log, appended in chunks as the build runs."""
+
+    __tablename__ = "build_log_chunks"
+
+    image_id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, ForeignKey("images.id", ondelete="CASCADE"), primary_key=True
+    )
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    text: Mapped[str] = mapped_column(Text)

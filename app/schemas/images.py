@@ -1,0 +1,55 @@
+"""Image bodies: the seed's request and its PascalCase response, and operations."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import Field, StringConstraints
+
+from app.schemas.common import ApiModel, Text
+from app.schemas.manifests import ManifestRead
+from app.schemas.models import ModelName
+
+
+class ImageCreate(ApiModel):
+    name: ModelName = Field(description="1-32 letters, digits, '-', '.' or '_'")
+    description: Annotated[Text, StringConstraints(max_length=512)] | None = None
+    imageType: Literal["Docker"] = "Docker"
+    manifestId: Annotated[str, StringConstraints(max_length=64)]
+    computeResourceId: Annotated[Text, StringConstraints(max_length=1024)] | None = None
+    builder: Literal["docker", "oci"] | None = Field(default=None, description="default: MMS_BUILDER")
+
+
+class ImageError(ApiModel):
+    code: str
+    message: str
+
+
+class ImageRead(ApiModel):
+    Id: str
+    Name: str
+    Version: int
+    Description: str | None
+    CreatedTime: datetime
+    CreationState: str
+    ImageBuildLogUri: str
+    ImageLocation: str | None
+    ImageType: str
+    Manifest: ManifestRead
+    WebserviceType: str
+    ComputeResourceId: str | None
+    Digest: str | None = None
+    Builder: str
+    Error: ImageError | None = None
+    OperationId: str
+
+
+class OperationRead(ApiModel):
+    id: str
+    operationType: Literal["Image"] = "Image"
+    resourceLocation: str
+    createdTime: datetime
+    endTime: datetime | None
+    state: str
+    error: ImageError | None = None

@@ -1,0 +1,136 @@
+"""Image builds as the API sees them: create (and ring the queue), read, list, cancel, log."""
+
+from __future__ import annotations
+
+import uuid
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from app.errors import Conflict, NotFound
+from app.orm import Account, BuildLogChunk, CreationState, Image, ImageName, Manifest
+from app.orm.base import utcnow
+from app.queue import BuildQueue, after_commit
+from app.schemas.images import ImageCreate
+from app.services.manifests import get_manifest
+from app.services.paging import page_by_name_and_version
+from app.services.versioning import claim_next_version
+
+
+def image_location(registry: str, image: Image) -> str:
+    """``<registry>/<name>:<version>``, where the image is pushed."""
+    return f"{registry.rstrip('/')}/{image.name.lower()}:{image.version}"
+
+
+def create_image(
+    session: Session,
+    account: Account,
+    body: ImageCreate,
+    *,
+    queue: BuildQueue,
+    default_builder: str,
+    created_by: str | None,
+) -> Image:
+    """Record a build as NotStarted and ring the queue once the transaction commits."""
+    manifest = get_manifest(session, account, manifest_id=body.manifestId)
+    _, version = claim_next_version(session, ImageName, account_id=account.id, name=body.name)
+    image = Image(
+        account_id=account.id,
+        manifest_id=manifest.id,
+        name=body.name,
+        version=version,
+        description=body.description,
+        image_type=body.imageType,
+        compute_resource_id=body.computeResourceId,
+        builder=body.builder or default_builder,
+        created_by=created_by,
+        state=CreationState.NOT_STARTED.value,
+        published_at=utcnow(),
+    )
+    session.add(image)
+    session.flush()
+    image_id = str(image.id)
+    after_commit(session, lambda: queue.publish_build(image_id))
+    return image
+
+
+def _parse(value: str) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        return None
+
+
+def get_image(session: Session, account: Account, *, image_id: str) -> Image:
+    """One image of the account, or 404."""
+    parsed = _parse(image_id)
+    image = session.get(Image, parsed) if parsed else None
+    if image is None or image.account_id != account.id:
+        raise NotFound(f"image '{image_id}' was not found in this account", code="ImageNotFound")
+    return image
+
+
+def get_operation(session: Session, account: Account, *, operation_id: str) -> Image:
+    """The build an operation id stands for, or 404."""
+    parsed = _parse(operation_id)
+    image = (
+        session.scalars(select(Image).where(Image.operation_id == parsed)).first() if parsed else None
+    )
+    if image is None or image.account_id != account.id:
+        raise NotFound(f"operation '{operation_id}' was not found", code="OperationNotFound")
+    return image
+
+
+def list_images(
+    session: Session,
+    account: Account,
+    *,
+    manifest_id: str | None,
+    manifest_name: str | None,
+    count: int | None,
+    skip_token: str | None,
+) -> tuple[list[Image], str | None]:
+    """A page of images by name, newest version first; filter by manifest id or name."""
+    query = select(Image).where(Image.account_id == account.id)
+    if manifest_id is not None:
+        query = query.where(Image.manifest_id == _parse(manifest_id))
+    if manifest_name is not None:
+        query = query.where(
+            Image.manifest_id.in_(select(Manifest.id).where(Manifest.account_id == account.id, Manifest.name == manifest_name))
+        )
+    return page_by_name_and_version(session, query, Image, count=count, skip_token=skip_token)
+
+
+def cancel_image(session: Session, account: Account, *, image_id: str) -> Image:
+    """Cancel a queued build at once, or ask the worker running it to stop; 409 once it is final."""
+    image = get_image(session, account, image_id=image_id)
+    if image.creation_state.is_final:
+        raise Conflict(f"the build already ended: {image.state}", code="ImageBuildFinished")
+    cancelled_now = session.execute(
+        update(Image)
+        .where(Image.id == image.id, Image.state == CreationState.NOT_STARTED.value)
+        .values(state=CreationState.CANCELLED.value, ended_at=utcnow(), error="cancelled before it started")
+    ).rowcount
+    if not cancelled_now:
+        # Running: the worker's heartbeat sees the flag and stops the build.
+        image.cancel_requested = True
+    session.flush()
+    session.refresh(image)
+    return image
+
+
+def read_log(session: Session, image: Image) -> str:
+    """The build log so far (every attempt, in order)."""
+    chunks = session.scalars(
+        select(BuildLogChunk.text).where(BuildLogChunk.image_id == image.id).order_by(BuildLogChunk.seq)
+    )
+    return "".join(chunks)
+
+
+def delete_image(session: Session, account: Account, *, image_id: str) -> None:
+    """Forget an image that is not being built (cancel a running build first)."""
+    image = get_image(session, account, image_id=image_id)
+    if image.creation_state is CreationState.RUNNING:
+        raise Conflict("the image is being built; cancel it first", code="ImageBuildRunning")
+    session.delete(image)
+    session.flush()

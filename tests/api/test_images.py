@@ -1,0 +1,112 @@
+"""Image builds through the API, without a worker: states, operations, cancel, log, in-use rules."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session
+
+from app.orm import BuildLogChunk, Image
+from tests.api.test_manifests import seed_manifest
+from tests.factories import Callers, model_body, new_account
+
+
+@pytest.fixture()
+def owner(callers: Callers) -> dict[str, str]:
+    return callers.headers()
+
+
+@pytest.fixture()
+def account(client: TestClient, owner: dict[str, str]) -> str:
+    return new_account(client, owner)
+
+
+@pytest.fixture()
+def manifest_id(client: TestClient, owner: dict[str, str], account: str) -> str:
+    model_id = client.post(f"{account}/models", json=model_body(), headers=owner).json()["id"]
+    return client.post(f"{account}/manifests", json=seed_manifest(model_id), headers=owner).json()["id"]
+
+
+def _create(client: TestClient, account: str, owner: dict[str, str], manifest_id: str, name: str = "housingmodel-image"):
+    body = {"manifestId": manifest_id, "imageType": "Docker", "computeResourceId": "/subscriptions/s/compute/c", "name": name}
+    return client.post(f"{account}/images", json=body, headers=owner)
+
+
+def test_create_answers_202_with_the_seed_shape_and_an_operation(
+    client: TestClient, owner: dict[str, str], account: str, manifest_id: str
+) -> None:
+    created = _create(client, account, owner, manifest_id)
+    assert created.status_code == 202, created.text
+    image = created.json()
+    for field in ("Id", "Name", "Version", "Description", "CreatedTime", "CreationState", "ImageBuildLogUri",
+                  "ImageLocation", "ImageType", "Manifest", "WebserviceType", "ComputeResourceId"):
+        assert field in image
+    assert image["CreationState"] == "NotStarted"
+    assert image["Version"] == 1
+    assert image["Manifest"]["id"] == manifest_id
+    assert image["ImageBuildLogUri"].endswith(f"/images/{image['Id']}/log")
+
+    operation_url = created.headers["Operation-Location"]
+    operation = client.get(operation_url, headers=owner).json()
+    assert operation["state"] == "NotStarted"
+    assert operation["resourceLocation"].endswith(f"/images/{image['Id']}")
+    assert _create(client, account, owner, manifest_id).json()["Version"] == 2
+    assert client.get(f"{account}/images/{image['Id']}", headers=owner).json()["Id"] == image["Id"]
+
+
+def test_bad_image_requests(client: TestClient, owner: dict[str, str], account: str, manifest_id: str) -> None:
+    missing = _create(client, account, owner, str(uuid.uuid4()))
+    assert missing.status_code == 404 and missing.json()["code"] == "ManifestNotFound"
+    bad_type = client.post(f"{account}/images", json={"name": "x", "manifestId": manifest_id, "imageType": "Zip"}, headers=owner)
+    assert bad_type.status_code == 400 and "imageType" in bad_type.text
+    assert client.get(f"{account}/images/{uuid.uuid4()}", headers=owner).status_code == 404
+    assert client.get(f"{account}/operations/not-an-id", headers=owner).status_code == 404
+
+
+def test_cancel_a_queued_build_and_cancel_twice(client: TestClient, owner: dict[str, str], account: str, manifest_id: str) -> None:
+    image = _create(client, account, owner, manifest_id).json()
+    cancelled = client.post(f"{account}/images/{image['Id']}/cancel", headers=owner)
+    assert cancelled.status_code == 200
+    assert cancelled.json()["CreationState"] == "Cancelled"
+    again = client.post(f"{account}/images/{image['Id']}/cancel", headers=owner)
+    assert again.status_code == 409
+
+
+def test_cancel_a_running_build_asks_the_worker(client: TestClient, owner: dict[str, str], account: str,
+                                               manifest_id: str, db: Session) -> None:
+    image = _create(client, account, owner, manifest_id).json()
+    row = db.get(Image, uuid.UUID(image["Id"]))
+    row.state = "Running"
+    db.flush()
+    response = client.post(f"{account}/images/{image['Id']}/cancel", headers=owner)
+    assert response.json()["CreationState"] == "Running"
+    db.refresh(row)
+    assert row.cancel_requested is True
+    assert client.delete(f"{account}/images/{image['Id']}", headers=owner).status_code == 409
+
+
+def test_log_list_and_the_manifest_in_use(client: TestClient, owner: dict[str, str], account: str,
+                                          manifest_id: str, db: Session) -> None:
+    image = _create(client, account, owner, manifest_id).json()
+    db.add_all([BuildLogChunk(image_id=uuid.UUID(image["Id"]), seq=s, attempt=1, text=t)
+                for s, t in ((2, "second\n"), (1, "first\n"))])
+    db.flush()
+    log = client.get(image["ImageBuildLogUri"].replace("http://testserver", ""), headers=owner)
+    assert log.text == "first\nsecond\n"
+    assert log.headers["content-type"].startswith("text/plain")
+
+    listed = client.get(f"{account}/images?manifestId={manifest_id}", headers=owner).json()["value"]
+    assert [i["Id"] for i in listed] == [image["Id"]]
+    assert client.get(f"{account}/images?manifestName=nothing", headers=owner).json()["value"] == []
+
+    in_use = client.delete(f"{account}/manifests/{manifest_id}", headers=owner)
+    assert in_use.status_code == 409 and in_use.json()["code"] == "ManifestInUse"
+    assert client.delete(f"{account}/images/{image['Id']}", headers=owner).status_code == 204
+    assert client.delete(f"{account}/manifests/{manifest_id}", headers=owner).status_code == 204
+
+
+def test_a_reader_cannot_build(client: TestClient, callers: Callers, owner: dict[str, str], account: str, manifest_id: str) -> None:
+    reader = callers.headers("Reader", account.removeprefix("/api"))
+    assert _create(client, account, reader, manifest_id).status_code == 403

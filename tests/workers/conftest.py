@@ -1,0 +1,100 @@
+"""Fixtures for the worker tests: the real Docker engine and registries from scripts/infra.
+
+The session fixture runs the idempotent infra scripts (engine, open registry on :5000,
+password registry on :5002, base image); it skips only where docker cannot be installed.
+Everything a test creates (images, registry manifests, containers) is removed at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import docker
+import httpx
+import pytest
+
+from workers.builders.docker import engine_client
+
+INFRA = Path(__file__).resolve().parents[2] / "scripts" / "infra"
+HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+TEST_LABEL = "org.mms.test"  # on every container the tests start themselves
+
+
+@dataclass
+class Infra:
+    """Where the engine, the registries and the base image are, and what to clean up."""
+
+    docker_host: str
+    registry: str  # open
+    auth_registry: str  # htpasswd
+    username: str
+    password: str
+    base_image: str
+    rootfs_tar: Path
+    prefix: str = field(default_factory=lambda: f"mms-test-{uuid.uuid4().hex[:8]}")
+    pushed: list[tuple[str, str, str]] = field(default_factory=list)  # registry, repo, digest
+    local_images: list[str] = field(default_factory=list)
+
+    def api(self) -> docker.APIClient:
+        """A fresh engine client (close it: use ``with``)."""
+        return engine_client(self.docker_host, timeout=300)
+
+    def basic_auth(self) -> dict[str, str]:
+        return {"username": self.username, "password": self.password}
+
+
+def _run_script(name: str, *args: str) -> tuple[dict[str, str], str]:
+    proc = subprocess.run([str(INFRA / name), *args], capture_output=True, text=True,
+                          timeout=900, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    lines = proc.stdout.splitlines()
+    return dict(line.split("=", 1) for line in lines if "=" in line), (lines or [""])[-1]
+
+
+@pytest.fixture(scope="session")
+def infra() -> Iterator[Infra]:
+    if os.geteuid() != 0 and not Path("/var/run/docker.sock").exists():
+        pytest.skip("docker cannot be installed: scripts/infra needs root (apt-get, dockerd)")
+    try:
+        engine, _ = _run_script("docker-engine.sh")
+    except RuntimeError as exc:
+        if shutil.which("dockerd") is None:
+            pytest.skip(f"docker cannot be installed here: {exc}")
+        raise
+    registries, _ = _run_script("registry.sh", "--auth")
+    base, _ = _run_script("base-image.sh")
+    _, tar = _run_script("base-rootfs.sh")
+    infra = Infra(
+        docker_host=engine["DOCKER_HOST"],
+        registry=registries["MMS_REGISTRY"],
+        auth_registry=registries["MMS_REGISTRY_AUTH"],
+        username=registries["MMS_REGISTRY_USER"],
+        password=registries["MMS_REGISTRY_PASSWORD"],
+        base_image=base["MMS_BASE_IMAGE"],
+        rootfs_tar=Path(tar),
+    )
+    yield infra
+    _clean_up(infra)
+
+
+def _clean_up(infra: Infra) -> None:
+    with infra.api() as api:
+        for container in api.containers(all=True, filters={"label": TEST_LABEL}):
+            api.remove_container(container["Id"], force=True, v=True)
+        for image in infra.local_images:
+            with contextlib.suppress(docker.errors.NotFound):
+                api.remove_image(image, force=True)
+    with httpx.Client(timeout=10) as client:
+        for registry, repo, digest in infra.pushed:
+            auth = (infra.username, infra.password) if registry == infra.auth_registry else None
+            client.delete(f"http://{registry}/v2/{repo}/manifests/{digest}", auth=auth)
+
+

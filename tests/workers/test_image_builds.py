@@ -1,0 +1,287 @@
+"""Image builds end to end: the HTTP API, a real Celery worker on Redis, the Docker engine and a registry.
+
+A scikit-learn model trained here is zipped, uploaded, registered and built into an image
+that is pulled back, run, and must predict exactly what the model predicts.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from app.context import ServiceContext
+from app.database import session_scope
+from app.services.principals import create_service_principal
+from tests.workers.conftest import HOST_CA_BUNDLE, TEST_LABEL, Infra
+
+pytestmark = pytest.mark.postgres_only
+
+BUILD_TIMEOUT = 600
+SCORE_PY = '''
+import json, os, pickle
+
+def init():
+    global model
+    with open(os.path.join(os.environ["AZUREML_MODEL_DIR"], "model.pkl"), "rb") as f:
+        model = pickle.load(f)
+
+def run(raw_data):
+    return model.predict(json.loads(raw_data)["data"]).tolist()
+'''
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Stack:
+    api: str
+    headers: dict[str, str]
+    env: dict[str, str]
+    workers: list[subprocess.Popen]
+    log_dir: Path
+
+    def start_worker(self) -> subprocess.Popen:
+        log = open(self.log_dir / f"worker-{len(self.workers)}.log", "wb")  # noqa: SIM115
+        worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--concurrency", "1"],
+                                  env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        self.workers.append(worker)
+        return worker
+
+
+def _wait_for(url: str, process: subprocess.Popen, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the server exited"
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{url} did not answer in {seconds} s")
+
+
+@pytest.fixture(scope="module")
+def stack(infra: Infra, service_context: ServiceContext, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """`mms serve` and `mms worker` against the test database, Redis, the engine and the registry."""
+    settings = service_context.settings
+    port = _free_port()
+    broker = "redis://127.0.0.1:6379/14"
+    redis.Redis.from_url(broker).flushdb()
+    log_dir = tmp_path_factory.mktemp("stack-logs")
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("MMS_")},
+        "MMS_DATABASE_URL": settings.resolved_database_url,
+        "MMS_SECRET_KEY": settings.secret_key or "",
+        "MMS_DATA_DIR": str(tmp_path_factory.mktemp("stack-data")),
+        "MMS_AUTO_MIGRATE": "false",
+        "MMS_PORT": str(port),
+        "MMS_BROKER_URL": broker,
+        "MMS_BUILD_QUEUE": f"mms-test-{uuid.uuid4().hex[:8]}",
+        "MMS_REGISTRY": infra.registry,
+        "MMS_DEFAULT_BASE_IMAGE": infra.base_image,
+        "MMS_BUILD_LEASE_SECONDS": "6",
+        "MMS_LOG_FORMAT": "text",
+        "DOCKER_HOST": infra.docker_host,
+    }
+    if HOST_CA_BUNDLE.is_file():  # this machine reaches PyPI through a TLS-inspecting proxy
+        env["MMS_EXTRA_CA_BUNDLE"] = str(HOST_CA_BUNDLE)
+    server_log = open(log_dir / "server.log", "wb")  # noqa: SIM115
+    server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], env=env,
+                              stdout=server_log, stderr=subprocess.STDOUT)
+    server_log.close()
+    api = f"http://127.0.0.1:{port}"
+    stack = Stack(api=api, headers={}, env=env, workers=[], log_dir=log_dir)
+    try:
+        _wait_for(f"{api}/health", server)
+        with session_scope(service_context.session_factory) as session:
+            principal, secret = create_service_principal(
+                session, issuer=settings.issuer, display_name="e2e", role="Owner", scope="/", created_by=None)
+            client_id = principal.client_id
+        token = httpx.post(f"{api}/oauth2/token", data={"grant_type": "client_credentials",
+                           "client_id": client_id, "client_secret": secret}).json()["access_token"]
+        stack.headers = {"Authorization": f"Bearer {token}"}
+        stack.start_worker()
+        yield stack
+    finally:
+        for process in [*stack.workers, server]:
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+
+
+@pytest.fixture(scope="module")
+def model() -> tuple[object, list[list[float]], bytes]:
+    from sklearn.linear_model import LinearRegression
+
+    rows = [[float(i), float(i % 3), float(i * i % 7)] for i in range(40)]
+    target = [2.0 * a - 0.5 * b + 0.25 * c + 1 for a, b, c in rows]
+    trained = LinearRegression().fit(rows, target)
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("model.pkl", pickle.dumps(trained))
+    return trained, rows[:5], archive.getvalue()
+
+
+class Account:
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.url = f"{stack.api}/api/subscriptions/e2e/resourceGroups/rg/accounts/a-{uuid.uuid4().hex[:8]}"
+        self.call("PUT", self.url, json={"location": "eastus2", "sku": {"name": "S1"}})
+
+    def call(self, method: str, url: str, **kwargs) -> httpx.Response:
+        response = httpx.request(method, url, headers={**self.stack.headers, **kwargs.pop("headers", {})},
+                                 timeout=60, **kwargs)
+        assert response.status_code < 400, f"{method} {url}: {response.status_code} {response.text}"
+        return response
+
+    def upload(self, name: str, data: bytes) -> str:
+        return self.call("POST", f"{self.url}/assets", params={"name": name}, content=data).json()["url"]
+
+    def manifest(self, model_id: str, score: str, requirements: str, name: str = "e2e-manifest") -> str:
+        body = {
+            "name": name, "driverProgram": "score", "modelIds": [model_id],
+            "assets": [{"id": "score", "url": self.upload("score.py", score.encode()), "mimeType": "application/x-python"}],
+            "targetRuntime": {"runtimeType": "Python",
+                              "properties": {"pipRequirements": self.upload("requirements.txt", requirements.encode())}},
+        }
+        return self.call("POST", f"{self.url}/manifests", json=body).json()["id"]
+
+    def build(self, manifest_id: str, name: str) -> dict:
+        created = self.call("POST", f"{self.url}/images", json={"name": name, "manifestId": manifest_id, "imageType": "Docker"})
+        assert created.status_code == 202
+        assert created.json()["CreationState"] == "NotStarted"
+        operation = created.headers["Operation-Location"]
+        assert self.call("GET", operation).json()["state"] in ("NotStarted", "Running", "Succeeded")
+        return created.json()
+
+    def wait(self, image_id: str, seconds: float = BUILD_TIMEOUT) -> dict:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            image = self.call("GET", f"{self.url}/images/{image_id}").json()
+            if image["CreationState"] in ("Succeeded", "Failed", "Cancelled"):
+                return image
+            time.sleep(1)
+        raise AssertionError(f"image {image_id} did not finish in {seconds} s: {image}")
+
+    def log(self, image: dict) -> str:
+        return self.call("GET", image["ImageBuildLogUri"]).text
+
+
+def _register(account: Account, archive: bytes) -> str:
+    url = account.upload("housing.zip", archive)
+    body = {"name": "housing.model", "tags": ["e2e"], "url": url, "mimeType": "application/zip", "unpack": True}
+    return account.call("POST", f"{account.url}/models", json=body).json()["id"]
+
+
+def _requirements() -> str:
+    import sklearn
+
+    return f"scikit-learn=={sklearn.__version__}\n"
+
+
+def test_a_trained_model_is_built_pulled_run_and_scores_exactly(stack: Stack, infra: Infra, model) -> None:
+    trained, rows, archive = model
+    account = Account(stack)
+    model_id = _register(account, archive)
+    manifest_id = account.manifest(model_id, SCORE_PY, _requirements())
+    created = account.build(manifest_id, "housing-image")
+
+    image = account.wait(created["Id"])
+    log = account.log(image)
+    assert image["CreationState"] == "Succeeded", log[-3000:]
+    assert image["ImageLocation"] == f"{infra.registry}/housing-image:1"
+    assert image["Digest"].startswith("sha256:")
+    assert image["Manifest"]["id"] == manifest_id
+    assert "Succeeded" in log and "sig=" not in log
+
+    with infra.api() as api:
+        for _ in api.pull(f"{infra.registry}/housing-image", tag="1", stream=True, decode=True):
+            pass
+        port = _free_port()
+        container = api.create_container(
+            image["ImageLocation"], environment={"PORT": str(port)}, labels={TEST_LABEL: "1"},
+            host_config=api.create_host_config(network_mode="host"))
+        api.start(container)
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    scored = httpx.post(f"http://127.0.0.1:{port}/score", json={"data": rows}, timeout=5)
+                    break
+                except httpx.TransportError:
+                    assert time.monotonic() < deadline, api.logs(container).decode()[-2000:]
+                    time.sleep(0.5)
+        finally:
+            api.remove_container(container, force=True)
+    assert scored.status_code == 200, scored.text
+    assert scored.json() == trained.predict(rows).tolist()
+
+
+def test_a_broken_init_fails_the_build_with_its_traceback(stack: Stack, model) -> None:
+    _, _, archive = model
+    account = Account(stack)
+    model_id = _register(account, archive)
+    broken = "def init():\n    raise RuntimeError('the model file is corrupt')\n\ndef run(data):\n    return data\n"
+    manifest_id = account.manifest(model_id, broken, "")
+    image = account.wait(account.build(manifest_id, "broken-init")["Id"])
+    log = account.log(image)
+    assert image["CreationState"] == "Failed"
+    assert "smoke test" in image["Error"]["message"]
+    assert "RuntimeError: the model file is corrupt" in image["Error"]["message"]
+    assert "Traceback" in log and "RuntimeError: the model file is corrupt" in log
+
+
+def test_a_requirement_that_does_not_exist_fails_naming_it(stack: Stack, model) -> None:
+    _, _, archive = model
+    account = Account(stack)
+    model_id = _register(account, archive)
+    manifest_id = account.manifest(model_id, SCORE_PY, "this-package-does-not-exist-mms==1.0\n")
+    image = account.wait(account.build(manifest_id, "missing-req")["Id"])
+    assert image["CreationState"] == "Failed"
+    assert "this-package-does-not-exist-mms" in image["Error"]["message"]
+    assert account.log(image).rstrip().splitlines()[-1].startswith("mms: Failed")
+
+
+def test_a_worker_killed_mid_build_does_not_leave_the_image_running(stack: Stack, model) -> None:
+    _, _, archive = model
+    account = Account(stack)
+    model_id = _register(account, archive)
+    manifest_id = account.manifest(model_id, SCORE_PY, _requirements() + "six==1.16.0\n", name="kill-manifest")
+    created = account.build(manifest_id, "killed-build")
+    deadline = time.monotonic() + 120
+    while account.call("GET", f"{account.url}/images/{created['Id']}").json()["CreationState"] != "Running":
+        assert time.monotonic() < deadline, "the build never started"
+        time.sleep(0.2)
+    victim = stack.workers[-1]
+    os.killpg(victim.pid, signal.SIGKILL)  # the worker and its pool process, mid-build
+    victim.wait(timeout=30)
+    stack.start_worker()
+    image = account.wait(created["Id"])
+    log = account.log(image)
+    assert image["CreationState"] in ("Succeeded", "Failed"), log[-2000:]
+    assert "build attempt 2" in log, log[-2000:]

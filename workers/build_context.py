@@ -1,0 +1,375 @@
+"""Generate a scoring image's Docker build context: a tar holding a Dockerfile and its inputs.
+
+The Dockerfile is ordered for the layer cache, slowest-changing first: base, CA certificates,
+environment, scoring server, driver and assets, then the model files alone in the last
+layer, so a new model version reuses every layer above it. The tar is deterministic (sorted,
+fixed owners, modes and mtimes): the same inputs give the same bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import shlex
+import tarfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import yaml
+
+import scoring_server
+
+__all__ = [
+    "APP_ROOT",
+    "MODEL_ROOT",
+    "SERVER_REQUIREMENTS",
+    "BuildSpec",
+    "ContextInfo",
+    "InvalidBuildSpec",
+    "RegistryCredentials",
+    "parse_extra_steps",
+    "write_context",
+]
+
+APP_ROOT = "/var/azureml-app"
+MODEL_ROOT = f"{APP_ROOT}/azureml-models"
+VENV = "/opt/mms/venv"
+PORT = 5001
+# The scoring server's own dependencies, pinned so every image gets the tested versions.
+SERVER_REQUIREMENTS = ("uvicorn==0.54.0", "h11==0.16.0", "click==8.5.1")
+EXTRA_STEP_INSTRUCTIONS = frozenset({"RUN", "ENV", "ARG", "LABEL", "EXPOSE"})
+FIXED_MTIME = 946684800  # 2000-01-01: deterministic, and zip-safe (zip refuses pre-1980)
+PIP = f"{VENV}/bin/pip install --no-cache-dir --disable-pip-version-check --progress-bar off"
+CA_BUNDLE = "/opt/mms/ca/bundle.pem"
+_REFERENCE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]*")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_SPEC_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
+
+
+class InvalidBuildSpec(ValueError):
+    """The build inputs cannot make a valid build context; the message says why."""
+
+
+@dataclass(frozen=True)
+class RegistryCredentials:
+    """A registry login used for one job's pulls or pushes only."""
+
+    address: str
+    username: str
+    password: str = field(repr=False)
+
+    def auth_config(self) -> dict[str, str]:
+        """The ``auth_config`` the Docker API expects."""
+        return {"username": self.username, "password": self.password,
+                "serveraddress": self.address}
+
+
+@dataclass(frozen=True)
+class BuildSpec:
+    """Everything one image build needs, already fetched onto local disk."""
+
+    base_image: str
+    driver_program: str
+    app_dir: Path
+    model_dir: Path | None = None  # one folder per model: <name>/<version>/...
+    base_registry: RegistryCredentials | None = None
+    runtime: str = "python"
+    pip_requirements: str | None = None
+    conda_file: str | None = None
+    extra_dockerfile_steps: str | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+    ca_bundles: tuple[Path, ...] = ()  # PEM files trusted while installing packages
+
+
+@dataclass(frozen=True)
+class ContextInfo:
+    """The generated Dockerfile and, per instruction, the pipeline step it belongs to."""
+
+    dockerfile: str
+    steps: tuple[str, ...]
+
+
+class _Dockerfile:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.steps: list[str] = []
+
+    def add(self, step: str, instruction: str) -> None:
+        self.lines.append(instruction)
+        self.steps.append(step)
+
+    def comment(self, text: str) -> None:
+        self.lines.append(f"# {text}")
+
+
+def write_context(spec: BuildSpec, dest_tar_path: str | os.PathLike[str]) -> ContextInfo:
+    """Write the build context for ``spec`` as an uncompressed tar at ``dest_tar_path``."""
+    files: dict[str, bytes] = {}  # generated files, context path -> content
+    info = _dockerfile(spec, files)
+    with tarfile.open(dest_tar_path, "w", format=tarfile.PAX_FORMAT) as tar:
+        _add_bytes(tar, "Dockerfile", info.dockerfile.encode())
+        for name in sorted(files):
+            _add_bytes(tar, name, files[name], executable=name.startswith("mms/runtime/bin/"))
+        _add_tree(tar, _server_dir(), "mms/runtime/lib/scoring_server")
+        _add_tree(tar, spec.app_dir, "app")
+        if _has_models(spec):
+            _add_tree(tar, spec.model_dir, "models")
+    return info
+
+
+def _dockerfile(spec: BuildSpec, files: dict[str, bytes]) -> ContextInfo:
+    _check_spec(spec)
+    df = _Dockerfile()
+    df.add("base", f"FROM {spec.base_image}")
+    if spec.ca_bundles:
+        df.comment("Extra CAs (e.g. a TLS-inspecting proxy), trusted while installing only.")
+        files["mms/ca/extra.pem"] = b"".join(_read_pem(p) for p in spec.ca_bundles)
+        df.add("ca-certs", "COPY mms/ca/ /opt/mms/ca/")
+        df.add("ca-certs", "RUN { cat /etc/ssl/certs/ca-certificates.crt 2>/dev/null || true; "
+                           f"cat /opt/mms/ca/extra.pem; }} > {CA_BUNDLE}")
+        # ARG, not ENV: set for every later RUN, absent from the final image's config.
+        for name in ("PIP_CERT", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE", "CONDA_SSL_VERIFY"):
+            df.add("ca-certs", f"ARG {name}={CA_BUNDLE}")
+    if spec.conda_file is not None:
+        files.update(_conda_files(spec.conda_file))
+        df.add("environment", "COPY mms/env/ /opt/mms/env/")
+        df.add("environment", "RUN sh /opt/mms/env/setup.sh")
+    else:
+        df.add("environment", f"RUN python3 -m venv {VENV}")
+    df.add("environment", f"ENV PATH={VENV}/bin:$PATH VIRTUAL_ENV={VENV}")
+    df.add("scoring-server-deps", f"RUN {PIP} {' '.join(SERVER_REQUIREMENTS)}")
+    if spec.pip_requirements and spec.pip_requirements.strip():
+        files["mms/requirements/requirements.txt"] = spec.pip_requirements.encode()
+        df.add("requirements", "COPY mms/requirements/ /opt/mms/requirements/")
+        df.add("requirements", f"RUN {PIP} -r /opt/mms/requirements/requirements.txt")
+    files["mms/runtime/bin/start"] = _START_SCRIPT.encode()
+    df.add("scoring-server", "COPY mms/runtime/ /opt/mms/")
+    df.add("driver", f"COPY app/ {APP_ROOT}/")
+    if _has_models(spec):
+        df.comment("Models last, alone: a new model version reuses every layer above.")
+        df.add("models", f"COPY models/ {MODEL_ROOT}/")
+    for instruction in parse_extra_steps(spec.extra_dockerfile_steps or ""):
+        df.add("extra-steps", instruction)
+    if spec.labels:
+        pairs = " ".join(f"{_quote(k)}={_quote(v)}" for k, v in sorted(spec.labels.items()))
+        df.add("metadata", f"LABEL {pairs}")
+    env = {"AML_APP_ROOT": APP_ROOT, "AZUREML_ENTRY_SCRIPT": spec.driver_program,
+           "AZUREML_MODEL_DIR": _model_dir_env(spec), "PORT": str(PORT),
+           "PYTHONPATH": "/opt/mms/lib"}
+    df.add("metadata", "ENV " + " ".join(f"{k}={_quote(v)}" for k, v in env.items()))
+    df.add("metadata", f"WORKDIR {APP_ROOT}")
+    df.add("metadata", f"EXPOSE {PORT}")
+    df.add("metadata", 'CMD ["/opt/mms/bin/start"]')
+    return ContextInfo("\n".join(df.lines) + "\n", tuple(df.steps))
+
+
+def parse_extra_steps(text: str) -> list[str]:
+    """Split ``extraDockerfileSteps`` into instructions; raise unless all are allowed."""
+    instructions: list[str] = []
+    current: list[str] | None = None
+    for number, raw in enumerate(text.replace("\r\n", "\n").split("\n"), start=1):
+        line = raw.strip()
+        if current is not None:
+            if not line or line.startswith("#"):  # Docker drops these inside a continuation
+                continue
+            current.append(raw.rstrip())
+        elif not line or line.startswith("#"):
+            continue
+        else:
+            keyword = line.split(None, 1)[0].upper()
+            if keyword not in EXTRA_STEP_INSTRUCTIONS:
+                allowed = ", ".join(sorted(EXTRA_STEP_INSTRUCTIONS))
+                raise InvalidBuildSpec(
+                    f"extraDockerfileSteps line {number}: {keyword} is not allowed "
+                    f"(only {allowed})")
+            current = [line]
+        if _CONTROL.search(raw.replace("\t", " ")):
+            raise InvalidBuildSpec(f"extraDockerfileSteps line {number}: control character")
+        if not line.endswith("\\"):
+            instructions.append("\n".join(current))
+            current = None
+    if current is not None:
+        # A dangling "\" would swallow the generated instructions that follow.
+        raise InvalidBuildSpec("extraDockerfileSteps ends with a line continuation")
+    return instructions
+
+
+def _check_spec(spec: BuildSpec) -> None:
+    if spec.runtime != "python":
+        raise InvalidBuildSpec(f"runtime {spec.runtime!r} is not supported (only 'python')")
+    if not _REFERENCE.fullmatch(spec.base_image):
+        raise InvalidBuildSpec(f"invalid base image reference {spec.base_image!r}")
+    driver = PurePosixPath(spec.driver_program)
+    if driver.is_absolute() or ".." in driver.parts or not driver.parts:
+        raise InvalidBuildSpec(f"driver program must be a relative path: {driver}")
+    if not (Path(spec.app_dir) / driver).is_file():
+        raise InvalidBuildSpec(f"driver program {driver} is not among the app files")
+
+
+def _conda_files(text: str) -> dict[str, bytes]:
+    """The conda file, its pip entries, and a setup script that uses conda if present."""
+    python_spec, conda_only, pip_entries = _split_conda(text)
+    fail = ":"
+    if conda_only:
+        message = ("mms: the base image has no conda, so the conda-only packages in the "
+                   f"conda file cannot be installed: {', '.join(conda_only)} "
+                   "(use a base image with conda, or list them under pip:)")
+        fail = f"echo {shlex.quote(message)} >&2; exit 1"
+    script = _SETUP_SCRIPT.format(
+        venv=VENV, pip=PIP, fail_conda_only=fail,
+        check_python=shlex.quote(_PYTHON_CHECK.format(spec=repr(python_spec))))
+    return {"mms/env/conda.yml": text.encode(), "mms/env/setup.sh": script.encode(),
+            "mms/env/conda-pip.txt": "".join(f"{e}\n" for e in pip_entries).encode()}
+
+
+def _split_conda(text: str) -> tuple[str | None, list[str], list[str]]:
+    """Return (python spec, conda-only specs, pip entries) of a conda environment file."""
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise InvalidBuildSpec(f"conda file is not valid YAML: {exc}") from None
+    deps = doc.get("dependencies") if isinstance(doc, dict) else None
+    if not isinstance(deps, list):
+        raise InvalidBuildSpec("conda file needs a 'dependencies' list")
+    python_spec, conda_only, pip_entries = None, [], []
+    for dep in deps:
+        if isinstance(dep, dict) and set(dep) == {"pip"} and isinstance(dep["pip"], list):
+            pip_entries.extend(_plain(str(e), "pip entry") for e in dep["pip"])
+        elif isinstance(dep, (str, int, float)):
+            item = _plain(str(dep).strip(), "dependency")
+            bare = item.split("::", 1)[-1]  # drop a channel prefix: conda-forge::numpy
+            match = _SPEC_NAME.match(bare)
+            name = match.group(0).lower() if match else bare
+            if name == "python":
+                python_spec = bare[len(name):].strip() or None
+            elif name != "pip":
+                conda_only.append(item)
+        else:
+            raise InvalidBuildSpec(f"conda file: unsupported dependency entry {dep!r}")
+    return python_spec, conda_only, pip_entries
+
+
+def _plain(value: str, what: str) -> str:
+    if _CONTROL.search(value):
+        raise InvalidBuildSpec(f"conda file: {what} {value!r} contains a control character")
+    return value
+
+
+def _model_dir_env(spec: BuildSpec) -> str:
+    # As Azure: a single model's own <name>/<version> folder, else the root of all models.
+    if not _has_models(spec):
+        return MODEL_ROOT
+    versions = [v for m in Path(spec.model_dir).iterdir() if m.is_dir()
+                for v in m.iterdir() if v.is_dir()]
+    if len(versions) == 1:
+        return f"{MODEL_ROOT}/{versions[0].parent.name}/{versions[0].name}"
+    return MODEL_ROOT
+
+
+def _has_models(spec: BuildSpec) -> bool:
+    return spec.model_dir is not None and any(Path(spec.model_dir).iterdir())
+
+
+def _quote(value: str) -> str:
+    """A Dockerfile double-quoted word: no variable expansion, no line breaks."""
+    if _CONTROL.search(value):
+        raise InvalidBuildSpec(f"control character in label or setting {value!r}")
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$")
+    return f'"{escaped}"'
+
+
+def _read_pem(path: Path) -> bytes:
+    data = Path(path).read_bytes()
+    if b"-----BEGIN CERTIFICATE-----" not in data:
+        raise InvalidBuildSpec(f"CA bundle {path} holds no PEM certificate")
+    return data if data.endswith(b"\n") else data + b"\n"
+
+
+def _server_dir() -> Path:
+    return Path(scoring_server.__file__).parent
+
+
+def _tarinfo(name: str, kind: bytes, mode: int, size: int = 0) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.mode, info.size, info.mtime = kind, mode, size, FIXED_MTIME
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes, executable: bool = False) -> None:
+    info = _tarinfo(name, tarfile.REGTYPE, 0o755 if executable else 0o644, len(data))
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _add_tree(tar: tarfile.TarFile, root: Path, arcroot: str) -> None:
+    tar.addfile(_tarinfo(arcroot, tarfile.DIRTYPE, 0o755))
+    for path, rel in _walk(Path(root)):
+        name = f"{arcroot}/{rel}"
+        if path.is_dir():
+            tar.addfile(_tarinfo(name, tarfile.DIRTYPE, 0o755))
+            continue
+        mode = 0o755 if path.stat().st_mode & 0o111 else 0o644
+        with path.open("rb") as f:
+            tar.addfile(_tarinfo(name, tarfile.REGTYPE, mode, os.fstat(f.fileno()).st_size), f)
+
+
+def _walk(root: Path, prefix: str = "") -> Iterator[tuple[Path, str]]:
+    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        if entry.name == "__pycache__" or entry.name.endswith(".pyc"):
+            continue
+        rel = f"{prefix}{entry.name}"
+        if entry.is_symlink() or not (entry.is_file() or entry.is_dir()):
+            raise InvalidBuildSpec(f"{rel}: only regular files and folders can be built in")
+        yield Path(entry.path), rel
+        if entry.is_dir():
+            yield from _walk(Path(entry.path), f"{rel}/")
+
+
+_START_SCRIPT = f"""\
+#!/bin/sh
+# tini, when the base has it, reaps score.py's child processes and forwards signals.
+if command -v tini >/dev/null 2>&1; then
+    exec tini -- {VENV}/bin/python -m scoring_server "$@"
+fi
+exec {VENV}/bin/python -m scoring_server "$@"
+"""
+
+_SETUP_SCRIPT = """\
+#!/bin/sh
+# Create the environment from the conda file: with conda if the base has it, else with pip.
+set -eu
+if command -v conda >/dev/null 2>&1; then
+    conda env update -n base -f /opt/mms/env/conda.yml
+    conda clean -afy
+    "$(conda info --base)/bin/python" -m venv --system-site-packages {venv}
+    exit 0
+fi
+{fail_conda_only}
+python3 -c {check_python}
+python3 -m venv {venv}
+{pip} -r /opt/mms/env/conda-pip.txt
+"""
+
+# Run by the base's python3: is it what the conda file's `python` entry asks for?
+_PYTHON_CHECK = """\
+import platform, re, sys
+spec = {spec}
+have = platform.python_version()
+def key(v): return tuple(int(p) for p in re.findall(r"\\d+", v)[:3])
+ok = True
+for part in (spec or "").replace(" ", "").split(","):
+    op, want = re.match(r"(==|>=|<=|!=|=|>|<)?(.*)", part).groups()
+    want = want.rstrip(".*")
+    if not want:
+        continue
+    same = key(have)[:len(key(want))] == key(want)  # conda's "=3.11" means 3.11.*
+    ok &= {{None: same, "=": same, "==": same, "!=": not same,
+            ">=": key(have) >= key(want), "<=": key(have) <= key(want),
+            ">": key(have) > key(want), "<": key(have) < key(want)}}[op]
+if not ok:
+    sys.exit(f"mms: the conda file asks for python{{spec}} but the base image has Python "
+             f"{{have}} and no conda")
+"""

@@ -1,0 +1,313 @@
+"""Build scoring images with the Docker engine and push them to a registry.
+
+Uses the low-level streaming API so every engine line reaches the build log as it comes.
+The engine reports a failed build, pull or push inside an HTTP 200 stream (``error`` /
+``errorDetail``), so every chunk is checked. Credentials are per job: each pull and push
+carries its own ``auth_config``, and builds never carry the host's saved docker logins.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import tempfile
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import docker
+import requests
+
+from workers.build_context import BuildSpec, ContextInfo, InvalidBuildSpec, write_context
+from workers.builders import BuildFailed, BuildResult, Log
+
+__all__ = [
+    "BASE_DIGEST_LABEL",
+    "DockerBuilder",
+    "check_stream",
+    "engine_client",
+    "explain_build_failure",
+    "explain_registry_error",
+    "registry_host",
+]
+
+logger = logging.getLogger(__name__)
+
+BASE_DIGEST_LABEL = "org.mms.base-image.digest"
+SERVICE_NAMESPACE = "mms/"  # the project's prebuilt base images, in the service's registry
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # the engine colours a RUN's stderr
+_STEP = re.compile(r"^Step (\d+)/\d+ : ")
+_PIP_MISSING = re.compile(r"No matching distribution found for (\S+)")
+_NONZERO = re.compile(r"The command '.*' returned a non-zero code: (\d+)", re.S)
+_UNREACHABLE_HINTS = ("Could not fetch URL", "Failed to establish a new connection",
+                      "Temporary failure in name resolution")
+_TAIL_LINES = 60  # engine output kept to explain a failure
+_MAX_REASON = 400
+# Progress chatter that would flood the log (one chunk per few KB pushed).
+_QUIET_STATUSES = frozenset({"Pushing", "Downloading", "Extracting", "Waiting", "Preparing",
+                             "Verifying Checksum", "Download complete", "Pulling fs layer"})
+_AUTH_HINTS = ("no basic auth credentials", "unauthorized", "authentication required")
+
+
+class _JobClient(docker.APIClient):
+    """An API client that never forwards the host's saved docker logins to a build."""
+
+    def _set_auth_headers(self, headers: dict[str, str]) -> None:
+        # docker-py sends every login in ~/.docker/config.json with each build
+        # (X-Registry-Config); builds here pull nothing, the base is pulled per job first.
+        return None
+
+
+def engine_client(docker_host: str | None, timeout: int = 600) -> docker.APIClient:
+    """A client for the engine at ``docker_host`` (None: the default local socket)."""
+    return _JobClient(base_url=docker_host, version="auto", timeout=timeout)
+
+
+def registry_host(reference: str) -> str:
+    """The registry host of an image reference (``docker.io`` when it names none)."""
+    first, sep, _ = reference.partition("/")
+    if sep and ("." in first or ":" in first or first == "localhost"):
+        return first.lower()
+    return "docker.io"
+
+
+class DockerBuilder:
+    """Builds with the engine at ``docker_host`` and pushes to ``registry``."""
+
+    def __init__(self, docker_host: str | None, registry: str,
+                 registry_auth: Mapping[str, str] | None = None, *, timeout: int = 600) -> None:
+        self.docker_host = docker_host
+        self.registry = registry.rstrip("/")  # host[:port][/prefix]
+        self._registry_auth = dict(registry_auth) if registry_auth else None
+        self.timeout = timeout  # longest silence tolerated from the engine, in seconds
+
+    def build_and_push(self, spec: BuildSpec, image_repo: str, tag: str, log: Log) -> BuildResult:
+        """Build ``spec``, push it as ``<registry>/<image_repo>:<tag>``, return the result."""
+        secrets = [s for s in (spec.base_registry and spec.base_registry.password,
+                               self._registry_auth and self._registry_auth.get("password")) if s]
+        emit = _redacting(log, secrets)
+        image = f"{self.registry}/{image_repo}"
+        started = time.monotonic()
+        try:
+            with _engine_errors("engine"):
+                api = engine_client(self.docker_host, self.timeout)
+            with api, tempfile.TemporaryDirectory(prefix="mms-build-") as tmp:
+                with _engine_errors("context"):
+                    info = write_context(spec, Path(tmp) / "context.tar")
+                base_digest = self._pull_base(api, spec, emit)
+                image_id = self._build(api, Path(tmp) / "context.tar", info, f"{image}:{tag}",
+                                       {BASE_DIGEST_LABEL: base_digest} if base_digest else {},
+                                       emit)
+                digest = self._push(api, image, tag, emit)
+                with _engine_errors("push"):
+                    size = int(api.inspect_image(image_id)["Size"])
+        except BuildFailed as exc:
+            message = _scrub(exc.message, secrets)
+            emit(f"mms: build failed at step {exc.step}: {message}")
+            logger.warning("build.failed", extra={"image": f"{image}:{tag}", "step": exc.step})
+            raise BuildFailed(exc.step, message) from None
+        elapsed = time.monotonic() - started
+        emit(f"mms: done in {elapsed:.1f} s: {image}:{tag} {digest} ({size} bytes)")
+        logger.info("build.succeeded", extra={"image": f"{image}:{tag}", "digest": digest,
+                                              "seconds": round(elapsed, 1)})
+        return BuildResult(f"{image}:{tag}", digest, size, base_digest)
+
+    def _pull_base(self, api: docker.APIClient, spec: BuildSpec, emit: Log) -> str | None:
+        # Pulled on every build, anonymously if no credentials are given: the registry
+        # re-authorises each job, so one tenant's privately pulled base cached in the
+        # engine never serves another tenant's build (a plain FROM would use the cache).
+        ref, host = spec.base_image, registry_host(spec.base_image)
+        auth: dict[str, str] = {}  # empty, not None: docker-py would use saved logins
+        if spec.base_registry is not None:
+            given = _address_host(spec.base_registry.address)
+            if given != host:
+                raise BuildFailed("pull-base", f"the base image registry credentials are for "
+                                               f"{given}, but the base image is on {host}")
+            auth = spec.base_registry.auth_config()
+        elif self._registry_auth and ref.startswith(f"{self.registry}/{SERVICE_NAMESPACE}"):
+            # The service's own prebuilt bases only: its login must not let a build read
+            # other images in its registry (other tenants' builds live there too).
+            auth = self._auth_config()
+        emit(f"mms: pulling base image {ref}" + (" with credentials" if auth else ""))
+        with _engine_errors("pull-base", host, bool(auth)):
+            chunks = api.pull(ref, stream=True, decode=True, auth_config=auth)
+            check_stream("pull-base", chunks, emit, host, bool(auth))
+            details = api.inspect_image(ref)
+        repo = docker.utils.parse_repository_tag(ref)[0]
+        digests = [d.split("@", 1)[1] for d in details.get("RepoDigests") or []
+                   if d.split("@", 1)[0] == repo] or [None]
+        return digests[0]
+
+    def _build(self, api: docker.APIClient, context: Path, info: ContextInfo, target: str,
+               labels: dict[str, str], emit: Log) -> str:
+        emit(f"mms: building {target} from this Dockerfile:")
+        for line in info.dockerfile.splitlines():
+            emit(f"    {line}")
+        step, image_id, failure = info.steps[0], None, None
+        tail: deque[str] = deque(maxlen=_TAIL_LINES)
+        started = time.monotonic()
+        with _engine_errors("build"), context.open("rb") as fileobj:
+            stream = api.build(fileobj=fileobj, custom_context=True, tag=target, decode=True,
+                               network_mode="host", pull=False, rm=True, forcerm=True,
+                               labels=labels or None, timeout=self.timeout)
+            for line, chunk in _lines(stream):
+                if line is not None:
+                    emit(line)
+                    tail.append(line)
+                    match = _STEP.match(line)
+                    if match:  # labels= adds one instruction past the generated ones
+                        step = info.steps[min(int(match[1]), len(info.steps)) - 1]
+                    continue
+                aux = chunk.get("aux")
+                if isinstance(aux, dict) and aux.get("ID"):
+                    image_id = aux["ID"]
+                # Keep reading after an error: the stream ends right after, and an
+                # abandoned response would leak its connection.
+                failure = failure or _chunk_error(chunk)
+        if failure:
+            raise BuildFailed(step, explain_build_failure(failure, tail))
+        if not image_id:
+            raise BuildFailed(step, "the engine finished without reporting an image")
+        emit(f"mms: built {image_id} in {time.monotonic() - started:.1f} s")
+        return image_id
+
+    def _push(self, api: docker.APIClient, image: str, tag: str, emit: Log) -> str:
+        host, auth = registry_host(f"{image}:{tag}"), self._auth_config()
+        emit(f"mms: pushing {image}:{tag}")
+        started = time.monotonic()
+        with _engine_errors("push", host, bool(auth)):
+            chunks = api.push(image, tag=tag, stream=True, decode=True, auth_config=auth)
+            digest = check_stream("push", chunks, emit, host, bool(auth)).get("Digest")
+        if not digest:
+            raise BuildFailed("push", f"registry {host} reported no digest for the pushed image")
+        emit(f"mms: pushed {image}:{tag} {digest} in {time.monotonic() - started:.1f} s")
+        return digest
+
+    def _auth_config(self) -> dict[str, str]:
+        if not self._registry_auth:
+            return {}
+        return {"username": self._registry_auth["username"],
+                "password": self._registry_auth["password"],
+                "serveraddress": registry_host(f"{self.registry}/x")}
+
+
+def explain_build_failure(error: str, tail: Iterable[str]) -> str:
+    """A one-line reason for a failed build from the engine's error and its last lines."""
+    lines = [line.strip() for line in tail if line.strip()]
+    for line in reversed(lines):
+        if line.startswith("mms: "):  # our own checks (conda, python version) say it best
+            return _one_line(line[5:])
+    missing = next((m[1] for m in map(_PIP_MISSING.search, reversed(lines)) if m), None)
+    wanted = f" (looking for {missing})" if missing else ""
+    # pip says "no matching distribution" when it could not ask the index at all.
+    if any("CERTIFICATE_VERIFY_FAILED" in line for line in lines):
+        return ("pip could not verify the package index's TLS certificate; configure the "
+                f"proxy's CA bundle for builds{wanted}")
+    if any(hint in line for line in lines for hint in _UNREACHABLE_HINTS):
+        return f"pip could not reach the package index{wanted}"
+    if missing:
+        return f"pip found no distribution for {missing} (check its name and version)"
+    for line in reversed(lines):
+        if line.startswith("ERROR: "):
+            return _one_line(line[7:])
+    match = _NONZERO.search(error)
+    if match:
+        output = [x for x in lines if not x.startswith(("Step ", "--->", "Removing "))]
+        last = f": {output[-1]}" if output else ""
+        return _one_line(f"a command exited with code {match[1]}{last}")
+    return _one_line(error)
+
+
+def explain_registry_error(error: str, host: str, had_auth: bool) -> str:
+    """A one-line reason for a failed pull or push, saying when authentication is the cause."""
+    if any(hint in error.lower() for hint in _AUTH_HINTS):
+        if had_auth:
+            return f"registry {host} refused the credentials (authentication required)"
+        return f"registry {host} requires authentication, and no credentials were given for it"
+    return _one_line(error)
+
+
+def check_stream(step: str, chunks: Iterator[dict[str, Any]], emit: Log, host: str,
+             had_auth: bool) -> dict[str, Any]:
+    """Log a pull or push stream; raise on an error chunk; return the last ``aux``."""
+    aux: dict[str, Any] = {}
+    failure = None
+    for chunk in chunks:
+        failure = failure or _chunk_error(chunk)
+        if isinstance(chunk.get("aux"), dict):
+            aux = chunk["aux"]
+        status = chunk.get("status")
+        if status and status not in _QUIET_STATUSES:
+            emit(f"{chunk['id']}: {status}" if chunk.get("id") else status)
+    if failure:
+        raise BuildFailed(step, explain_registry_error(failure, host, had_auth))
+    return aux
+
+
+def _lines(chunks: Iterable[dict[str, Any]]) -> Iterator[tuple[str | None, dict[str, Any]]]:
+    """Split ``stream`` texts into whole lines; yield (line, chunk) or (None, chunk)."""
+    pending = ""
+    for chunk in chunks:
+        text = chunk.get("stream")
+        if not isinstance(text, str):
+            yield None, chunk
+            continue
+        pending += text
+        *complete, pending = pending.split("\n")
+        for line in complete:
+            line = _ANSI.sub("", line.rstrip("\r").rsplit("\r", 1)[-1])  # as a terminal shows
+            if line.strip():
+                yield line, chunk
+    if pending.strip():
+        yield pending, {}
+
+
+def _chunk_error(chunk: dict[str, Any]) -> str | None:
+    if "error" not in chunk and "errorDetail" not in chunk:
+        return None
+    detail = chunk.get("errorDetail")
+    message = chunk.get("error") or (detail.get("message") if isinstance(detail, dict) else None)
+    return str(message or detail or "unknown error")
+
+
+@contextmanager
+def _engine_errors(step: str, host: str = "", had_auth: bool = False) -> Iterator[None]:
+    """Turn engine, connection and spec errors into ``BuildFailed(step, ...)``."""
+    try:
+        yield
+    except InvalidBuildSpec as exc:
+        raise BuildFailed(step, str(exc)) from None
+    except docker.errors.APIError as exc:
+        text = str(exc.explanation or exc)
+        reason = explain_registry_error(text, host, had_auth) if host else _one_line(text)
+        raise BuildFailed(step, reason) from None
+    except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+        raise BuildFailed(step, _one_line(f"Docker engine error: {exc}")) from None
+    except OSError as exc:  # after RequestException, which is an OSError too
+        raise BuildFailed(step, _one_line(f"cannot read the build inputs: {exc}")) from None
+
+
+def _address_host(address: str) -> str:
+    host = re.sub(r"^[a-z]+://", "", address.strip().lower()).split("/", 1)[0]
+    return "docker.io" if host in ("index.docker.io", "registry-1.docker.io") else host
+
+
+def _one_line(text: str) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= _MAX_REASON else line[: _MAX_REASON - 1] + "…"
+
+
+def _scrub(text: str, secrets: list[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "****")
+    return text
+
+
+def _redacting(log: Log, secrets: list[str]) -> Log:
+    """Wrap ``log`` so that no secret can reach it, whatever the engine prints."""
+    if not secrets:
+        return log
+    return lambda line: log(_scrub(line, secrets))

@@ -1,0 +1,37 @@
+"""The Celery application of the build workers: Redis as the broker, the database as the truth."""
+
+from __future__ import annotations
+
+from celery import Celery
+from celery.signals import worker_process_init
+
+from app.config import get_settings
+from app.queue import BUILD_TASK
+
+REAP_TASK = "mms.reap_builds"
+
+settings = get_settings()
+celery_app = Celery("mms", broker=settings.broker_url, include=["workers.tasks"])
+celery_app.conf.update(
+    task_default_queue=settings.build_queue,
+    # A build is acknowledged only when it ends, and a worker takes one at a time, so a
+    # worker that dies mid-build leaves the message to be delivered again.
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    # Redis re-delivers an unacknowledged task after this long even while it still runs;
+    # the lease makes that duplicate a no-op.
+    broker_transport_options={"visibility_timeout": settings.build_run_deadline_seconds + 600},
+    broker_connection_retry_on_startup=True,
+    task_routes={BUILD_TASK: {"queue": settings.build_queue}, REAP_TASK: {"queue": settings.build_queue}},
+    beat_schedule={"reap-builds": {"task": REAP_TASK, "schedule": max(5.0, settings.build_lease_seconds / 2)}},
+    worker_hijack_root_logger=False,
+)
+
+
+@worker_process_init.connect
+def _fresh_connections(**_: object) -> None:
+    # Forked pool processes must not share the parent's database connections.
+    from workers.tasks import worker_context
+
+    worker_context.cache_clear()

@@ -1,0 +1,196 @@
+"""One image build as named steps: fetch → environment → build and push → smoke test.
+
+Every step writes to the build log; a failure ends the log with the step and its reason,
+and the image with a one-line error.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from urllib.parse import unquote, urlsplit
+
+from sqlalchemy import select
+
+from app.context import ServiceContext
+from app.database import session_scope
+from app.orm import Image, ModelVersion
+from workers.build_context import BuildSpec, InvalidBuildSpec, RegistryCredentials
+from workers.builders import BuildFailed, BuildResult
+from workers.builders.docker import DockerBuilder
+from workers.fetch_policy import fetch_policy
+from workers.fetcher import FetchError, fetch, redact_url
+from workers.smoke_test import SmokeTestFailed, smoke_test
+from workers.unpack import UnpackError, unpack_archive
+
+log = logging.getLogger("mms.pipeline")
+Log = Callable[[str], None]
+
+
+class StepFailed(Exception):
+    """A pipeline step failed; str() is the one-line reason recorded on the image."""
+
+    def __init__(self, step: str, reason: str) -> None:
+        super().__init__(f"{step}: {reason}")
+        self.step, self.reason = step, reason
+
+
+@dataclass(frozen=True)
+class Source:
+    url: str
+    sha256: str | None
+    unpack: bool
+
+
+@dataclass(frozen=True)
+class BuildInputs:
+    """What the build needs from the database, read once at its start."""
+
+    image_name: str
+    image_version: int
+    driver_program: str
+    assets: dict[str, Source]  # asset id → where it is
+    models: dict[str, Source]  # "<name>/<version>" → where it is
+    conda_url: str | None
+    pip_url: str | None
+    base_image: str | None
+    base_registry: RegistryCredentials | None
+    extra_steps: str | None
+    labels: dict[str, str]
+
+
+def load_inputs(context: ServiceContext, image_id: uuid.UUID) -> BuildInputs:
+    """Read the image, its manifest and models; unseal the base registry password."""
+    with session_scope(context.session_factory) as session:
+        image = session.get(Image, image_id)
+        manifest = image.manifest
+        model_ids = [m.model_version_id for m in manifest.models]
+        models = list(session.scalars(select(ModelVersion).where(ModelVersion.id.in_(model_ids))))
+        registry = None
+        if manifest.registry_address and manifest.registry_username:
+            password = context.sealer.unseal(manifest.sealed_registry_password).decode() if manifest.sealed_registry_password else ""
+            registry = RegistryCredentials(manifest.registry_address, manifest.registry_username, password)
+        return BuildInputs(
+            image_name=image.name,
+            image_version=image.version,
+            driver_program=manifest.driver_program,
+            assets={a.asset_id: Source(a.url, None, a.unpack) for a in manifest.assets},
+            models={f"{m.name}/{m.version}": Source(m.url, m.sha256, m.unpack) for m in models},
+            conda_url=manifest.conda_env_url,
+            pip_url=manifest.pip_requirements_url,
+            base_image=manifest.base_image,
+            base_registry=registry,
+            extra_steps=manifest.extra_dockerfile_steps,
+            labels={
+                "org.mms.manifest.id": str(manifest.id),
+                "org.mms.manifest.version": str(manifest.version),
+                "org.mms.models": ",".join(f"{m.id}:{m.name}:{m.version}" for m in models),
+                "org.mms.image.id": str(image.id),
+            },
+        )
+
+
+def _file_name(url: str, fallback: str) -> str:
+    name = PurePosixPath(unquote(urlsplit(url).path)).name
+    return name if name and name not in (".", "..") else fallback
+
+
+def fetch_step(context: ServiceContext, inputs: BuildInputs, work: Path, emit: Log) -> tuple[Path, Path, str | None, str | None]:
+    """Download every asset and model (unpacking archives), and the environment files."""
+    policy = fetch_policy(context.settings)
+    app_dir, model_dir = work / "app", work / "models"
+
+    def get(source: Source, dest: Path, what: str) -> Path:
+        emit(f"mms: fetching {what} from {redact_url(source.url)}")
+        try:
+            result = fetch(source.url, dest, policy=policy, expected_sha256=source.sha256)
+        except FetchError as exc:
+            raise StepFailed("fetch", f"{what}: {exc}") from None
+        emit(f"mms: fetched {what}: {result.size} bytes, sha256 {result.sha256}")
+        return result.path
+
+    def place(source: Source, target: Path, file_name: str, what: str) -> None:
+        if not source.unpack:
+            target.mkdir(parents=True, exist_ok=True)
+            get(source, target / file_name, what)
+            return
+        archive = get(source, work / f"download-{uuid.uuid4().hex}", what)
+        try:
+            unpack_archive(archive, target)
+        except UnpackError as exc:
+            raise StepFailed("fetch", f"{what}: {exc}") from None
+        finally:
+            archive.unlink(missing_ok=True)
+
+    for asset_id, source in inputs.assets.items():
+        # The driver becomes <id>.py so the scoring server can import it by path.
+        name = asset_id if asset_id != inputs.driver_program or asset_id.endswith(".py") else f"{asset_id}.py"
+        place(source, app_dir if not source.unpack else app_dir / asset_id, name, f"asset '{asset_id}'")
+    for key, source in inputs.models.items():
+        place(source, model_dir / key, _file_name(source.url, "model"), f"model {key}")
+
+    texts = []
+    for url, what in ((inputs.conda_url, "conda file"), (inputs.pip_url, "pip requirements")):
+        if url is None:
+            texts.append(None)
+            continue
+        path = get(Source(url, None, False), work / f"env-{uuid.uuid4().hex}", what)
+        try:
+            texts.append(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise StepFailed("fetch", f"the {what} is not UTF-8 text") from None
+    return app_dir, model_dir, texts[0], texts[1]
+
+
+def driver_file(inputs: BuildInputs) -> str:
+    name = inputs.driver_program
+    return name if name.endswith(".py") else f"{name}.py"
+
+
+def run_pipeline(context: ServiceContext, image_id: uuid.UUID, emit: Log) -> BuildResult:
+    """Build and push one image; StepFailed (or BuildFailed) names the step that failed."""
+    settings = context.settings
+    inputs = load_inputs(context, image_id)
+    with tempfile.TemporaryDirectory(prefix="mms-work-") as tmp:
+        work = Path(tmp)
+        app_dir, model_dir, conda, pip = fetch_step(context, inputs, work, emit)
+        base = inputs.base_image or settings.default_base_image or f"{settings.registry}/mms/inference-base:py3.11"
+        spec = BuildSpec(
+            base_image=base,
+            driver_program=driver_file(inputs),
+            app_dir=app_dir,
+            model_dir=model_dir if model_dir.exists() else None,
+            base_registry=inputs.base_registry,
+            pip_requirements=pip,
+            conda_file=conda,
+            extra_dockerfile_steps=inputs.extra_steps,
+            labels=inputs.labels,
+            ca_bundles=(settings.extra_ca_bundle,) if settings.extra_ca_bundle else (),
+        )
+        auth = (
+            {"username": settings.registry_username, "password": settings.registry_password or ""}
+            if settings.registry_username
+            else None
+        )
+        builder = DockerBuilder(settings.docker_host, settings.registry, auth)
+        try:
+            result = builder.build_and_push(spec, inputs.image_name.lower(), str(inputs.image_version), emit)
+        except InvalidBuildSpec as exc:
+            raise StepFailed("environment", str(exc)) from None
+    emit("mms: smoke test: starting the image once and waiting for GET / to answer")
+    try:
+        smoke_test(settings.docker_host, result.image_location, emit, timeout=settings.smoke_test_timeout_seconds)
+    except SmokeTestFailed as exc:
+        for line in exc.logs.splitlines():
+            emit(f"container: {line}")
+        last = [line for line in exc.logs.splitlines() if line.strip()]
+        reason = f"{exc.message}: {last[-1].strip()}" if last else exc.message
+        raise StepFailed("smoke test", reason) from None
+    return result
+
+
+__all__ = ["BuildFailed", "StepFailed", "run_pipeline"]

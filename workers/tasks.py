@@ -1,0 +1,33 @@
+"""Celery tasks: thin, addressed by name, carrying ids only; the work lives in runner and reaper."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from app.context import ServiceContext
+from app.database import session_scope
+from app.queue import BUILD_TASK
+from workers.celery_app import REAP_TASK, celery_app, settings
+from workers.reaper import reap
+from workers.runner import run_build
+
+
+@lru_cache
+def worker_context() -> ServiceContext:
+    return ServiceContext.build(settings)
+
+
+@celery_app.task(name=BUILD_TASK)
+def build_image(image_id: str) -> None:
+    """Build one image, if this worker can claim it."""
+    run_build(worker_context(), image_id)
+
+
+@celery_app.task(name=REAP_TASK)
+def reap_builds() -> None:
+    """Re-queue, fail or re-announce builds that stopped moving."""
+    context = worker_context()
+    with session_scope(context.session_factory) as session:
+        to_publish = reap(session, context.settings)
+    for image_id in to_publish:
+        context.build_queue.publish_build(image_id)
