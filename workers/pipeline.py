@@ -19,6 +19,7 @@ from sqlalchemy import select
 from app.context import ServiceContext
 from app.database import session_scope
 from app.orm import Image, ModelVersion
+from app.services.base_images import BASE_REPOSITORY, default_base_image
 from workers.build_context import BuildSpec, InvalidBuildSpec, RegistryCredentials
 from workers.builders import BuildFailed, BuildResult
 from workers.builders.docker import DockerBuilder
@@ -61,6 +62,7 @@ class BuildInputs:
     base_registry: RegistryCredentials | None
     extra_steps: str | None
     labels: dict[str, str]
+    published_base: str | None  # the newest base image `mms base-image publish` recorded
 
 
 def load_inputs(context: ServiceContext, image_id: uuid.UUID) -> BuildInputs:
@@ -85,6 +87,7 @@ def load_inputs(context: ServiceContext, image_id: uuid.UUID) -> BuildInputs:
             base_image=manifest.base_image,
             base_registry=registry,
             extra_steps=manifest.extra_dockerfile_steps,
+            published_base=default_base_image(session),
             labels={
                 "org.mms.manifest.id": str(manifest.id),
                 "org.mms.manifest.version": str(manifest.version),
@@ -158,7 +161,9 @@ def run_pipeline(context: ServiceContext, image_id: uuid.UUID, emit: Log) -> Bui
     with tempfile.TemporaryDirectory(prefix="mms-work-") as tmp:
         work = Path(tmp)
         app_dir, model_dir, conda, pip = fetch_step(context, inputs, work, emit)
-        base = inputs.base_image or settings.default_base_image or f"{settings.registry}/mms/inference-base:py3.11"
+        base = inputs.base_image or settings.default_base_image or inputs.published_base or (
+            f"{settings.registry}/{BASE_REPOSITORY}:py3.11"
+        )
         spec = BuildSpec(
             base_image=base,
             driver_program=driver_file(inputs),

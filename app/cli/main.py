@@ -6,6 +6,7 @@ import json
 import os
 import sys
 from enum import Enum
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -20,6 +21,8 @@ db_cli = typer.Typer(help="The service's database.", no_args_is_help=True)
 admin_cli = typer.Typer(help="Administration: the first Owner, role grants.", no_args_is_help=True)
 cli.add_typer(db_cli, name="db")
 cli.add_typer(admin_cli, name="admin")
+base_image_cli = typer.Typer(help="The prebuilt inference base images.", no_args_is_help=True)
+cli.add_typer(base_image_cli, name="base-image")
 
 err = Console(stderr=True, soft_wrap=True)
 
@@ -123,6 +126,44 @@ def worker(
         # Every worker may run the schedule: each reaper pass is idempotent.
         argv += ["--beat", f"--schedule={settings.data_dir / 'celerybeat-schedule'}"]
     celery_app.worker_main(argv)
+
+
+@base_image_cli.command("publish")
+def publish_base_image(
+    rootfs_tar: Annotated[Path | None, typer.Option(help="a root file system tarball; default: build one with debootstrap")] = None,
+    python_version: Annotated[str, typer.Option(help="the Python the root file system carries")] = "3.11",
+) -> None:
+    """Build the minimal CPU inference base image (Debian, python3, pip, CA certificates) and push it.
+
+    Example: DOCKER_HOST=unix:///var/run/docker.sock mms base-image publish
+    """
+    import subprocess
+
+    from workers.base_image import publish_base_image as publish
+
+    settings = _settings()
+    _prepare_database(settings)
+    if rootfs_tar is None:
+        # debootstrap, cached under /var/cache/mms so it runs once per machine.
+        script = Path(__file__).resolve().parents[2] / "scripts" / "infra" / "base-rootfs.sh"
+        done = subprocess.run([str(script)], capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            _fail(f"building the root file system failed: {done.stderr.strip()[-500:]}")
+        rootfs_tar = Path(done.stdout.strip().splitlines()[-1])
+    auth = (
+        {"username": settings.registry_username, "password": settings.registry_password or ""}
+        if settings.registry_username else None
+    )
+    reference = publish(settings.registry, rootfs_tar, python_version, lambda line: err.print(line, highlight=False),
+                        auth, docker_host=settings.docker_host)
+    from app.database import make_session_factory
+    from app.services.base_images import record_base_image
+
+    engine = make_engine(settings)
+    with session_scope(make_session_factory(engine)) as session:
+        record_base_image(session, reference=reference, python_version=python_version)
+    engine.dispose()
+    err.print(f"published {reference}; it is now the default base image")
 
 
 @db_cli.command("upgrade")

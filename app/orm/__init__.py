@@ -3,6 +3,7 @@
 from app.orm.account import Account
 from app.orm.asset import Asset
 from app.orm.base import Base
+from app.orm.base_image import BaseImage
 from app.orm.idempotency import IdempotencyRecord
 from app.orm.image import BuildLogChunk, CreationState, Image, ImageName
 from app.orm.manifest import Manifest, ManifestAsset, ManifestModel, ManifestName
@@ -14,6 +15,7 @@ __all__ = [
     "Account",
     "Asset",
     "Base",
+    "BaseImage",
     "BuildLogChunk",
     "CreationState",
     "IdempotencyRecord",

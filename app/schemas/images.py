@@ -53,3 +53,12 @@ class OperationRead(ApiModel):
     endTime: datetime | None
     state: str
     error: ImageError | None = None
+
+
+class BaseImageRead(ApiModel):
+    name: str
+    reference: str | None  # None: listed but not built here
+    pythonVersion: str
+    variant: str
+    publishedAt: datetime | None
+    available: bool

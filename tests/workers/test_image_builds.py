@@ -285,3 +285,49 @@ def test_a_worker_killed_mid_build_does_not_leave_the_image_running(stack: Stack
     log = account.log(image)
     assert image["CreationState"] in ("Succeeded", "Failed"), log[-2000:]
     assert "build attempt 2" in log, log[-2000:]
+
+
+ECHO_SCORE = "def init():\n    pass\n\ndef run(raw_data):\n    return {'echo': raw_data}\n"
+
+
+@pytest.fixture(scope="module")
+def private_base(infra: Infra) -> str:
+    """A copy of the base image in the password registry only."""
+    image = f"{infra.auth_registry}/{infra.prefix}/e2e-base"
+    with infra.api() as api:
+        api.tag(infra.base_image, image, "py3.11")
+        chunks = list(api.push(image, tag="py3.11", stream=True, decode=True, auth_config=infra.basic_auth()))
+        assert not [c for c in chunks if "error" in c], chunks
+        digest = next(c["aux"]["Digest"] for c in chunks if "aux" in c)
+        api.remove_image(f"{image}:py3.11")
+    infra.pushed.append((infra.auth_registry, f"{infra.prefix}/e2e-base", digest))
+    return f"{image}:py3.11"
+
+
+def test_a_private_base_image_needs_its_credentials_which_never_show(
+    stack: Stack, infra: Infra, private_base: str
+) -> None:
+    account = Account(stack)
+    score_url = account.upload("score.py", ECHO_SCORE.encode())
+
+    def manifest(registry: dict | None) -> str:
+        body = {"name": "private-base", "modelIds": [], "assets": [{"id": "score.py", "url": score_url}],
+                "entryScript": "score.py", "runtime": "python", "baseImage": private_base}
+        if registry:
+            body["baseImageRegistry"] = registry
+        return account.call("POST", f"{account.url}/manifests", json=body).json()["id"]
+
+    anonymous = account.wait(account.build(manifest(None), "no-creds")["Id"])
+    assert anonymous["CreationState"] == "Failed"
+    assert "authentication" in anonymous["Error"]["message"] and infra.auth_registry in anonymous["Error"]["message"]
+
+    creds = {"address": infra.auth_registry, "username": infra.username, "password": infra.password}
+    manifest_id = manifest(creds)
+    image = account.wait(account.build(manifest_id, "with-creds")["Id"])
+    log = account.log(image)
+    assert image["CreationState"] == "Succeeded", log[-2000:]
+    seen = [log, account.log(anonymous), json.dumps(image),
+            account.call("GET", f"{account.url}/manifests/{manifest_id}").text,
+            account.call("GET", f"{account.url}/images").text]
+    seen += [path.read_text(errors="replace") for path in stack.log_dir.glob("*.log")]
+    assert not [text for text in seen if infra.password in text]

@@ -12,8 +12,8 @@ from app.api.links import next_link
 from app.api.routes.manifests import to_read as manifest_to_read
 from app.orm import Image
 from app.schemas.common import Page
-from app.schemas.images import ImageCreate, ImageError, ImageRead, OperationRead
-from app.services import images
+from app.schemas.images import BaseImageRead, ImageCreate, ImageError, ImageRead, OperationRead
+from app.services import base_images, images
 
 PREFIX = "/subscriptions/{subscriptionId}/resourceGroups/{resourceGroup}/accounts/{accountName}"
 router = APIRouter(prefix=PREFIX, tags=["images"])
@@ -131,3 +131,13 @@ def build_log(imageId: str, account: ReadableAccount, session: SessionDep) -> Pl
 @router.get("/operations/{operationId}", response_model=OperationRead)
 def get_operation(operationId: str, request: Request, account: ReadableAccount, session: SessionDep) -> OperationRead:  # noqa: N803
     return to_operation(images.get_operation(session, account, operation_id=operationId), request)
+
+
+@router.get("/baseImages", response_model=Page[BaseImageRead])
+def list_base_images(account: ReadableAccount, session: SessionDep) -> Page[BaseImageRead]:
+    """The prebuilt inference base images, newest first; the newest CPU one is the default FROM."""
+    return Page(value=[
+        BaseImageRead(name=e.name, reference=e.reference, pythonVersion=e.python_version, variant=e.variant,
+                      publishedAt=e.published_at, available=e.available)
+        for e in base_images.list_base_images(session)
+    ])
