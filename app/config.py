@@ -70,7 +70,7 @@ class Settings(BaseSettings):
     registry: str = "127.0.0.1:5000"  # where images are pushed: host[:port][/prefix]
     registry_username: str | None = None
     registry_password: str | None = None
-    builder: Literal["docker", "oci"] = "docker"
+    builder: Literal["docker"] = "docker"
     # The engine the docker builder uses; DOCKER_HOST as the Docker tools read it.
     docker_host: str | None = Field(default=None, validation_alias=AliasChoices("MMS_DOCKER_HOST", "DOCKER_HOST"))
     default_base_image: str | None = None  # default FROM; None: the newest published base image

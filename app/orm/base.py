@@ -5,9 +5,9 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 
-from sqlalchemy import DateTime, MetaData, Uuid
+from sqlalchemy import DateTime, ForeignKey, Integer, MetaData, String, UniqueConstraint, Uuid
 from sqlalchemy.types import TypeDecorator
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, declared_attr, mapped_column
 
 # Stable constraint names make migrations portable between PostgreSQL and SQLite.
 NAMING_CONVENTION = {
@@ -45,3 +45,19 @@ class UuidPrimaryKey:
 
 class CreatedAt:
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class VersionCounter(UuidPrimaryKey, CreatedAt):
+    """A name in an account with its version counter: ``last_version`` only grows, so a
+    version number is never given out twice (see app.services.versioning)."""
+
+    name: Mapped[str] = mapped_column(String(32))
+    last_version: Mapped[int] = mapped_column(Integer)
+
+    @declared_attr
+    def account_id(cls) -> Mapped[uuid.UUID]:  # noqa: N805 - SQLAlchemy passes the class
+        return mapped_column(Uuid, ForeignKey("accounts.id", ondelete="CASCADE"))
+
+    @declared_attr.directive
+    def __table_args__(cls) -> tuple[UniqueConstraint]:  # noqa: N805
+        return (UniqueConstraint("account_id", "name"),)

@@ -9,7 +9,7 @@ from datetime import datetime
 from sqlalchemy import BigInteger, Boolean, ForeignKey, Index, Integer, String, Text, UniqueConstraint, Uuid
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from app.orm.base import Base, CreatedAt, UtcDateTime, UuidPrimaryKey
+from app.orm.base import Base, CreatedAt, UtcDateTime, UuidPrimaryKey, VersionCounter
 from app.orm.manifest import Manifest
 
 
@@ -27,15 +27,10 @@ class CreationState(enum.StrEnum):
         return self in (CreationState.SUCCEEDED, CreationState.FAILED, CreationState.CANCELLED)
 
 
-class ImageName(UuidPrimaryKey, CreatedAt, Base):
-    """An image name in an account, with its version counter (never reused)."""
+class ImageName(VersionCounter, Base):
+    """An image name in an account, with its version counter."""
 
     __tablename__ = "image_names"
-    __table_args__ = (UniqueConstraint("account_id", "name"),)
-
-    account_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("accounts.id", ondelete="CASCADE"))
-    name: Mapped[str] = mapped_column(String(32))
-    last_version: Mapped[int] = mapped_column(Integer)
 
 
 class Image(UuidPrimaryKey, CreatedAt, Base):

@@ -7,18 +7,13 @@ import uuid
 from sqlalchemy import Boolean, ForeignKey, Integer, String, Text, UniqueConstraint, Uuid
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from app.orm.base import Base, CreatedAt, UuidPrimaryKey
+from app.orm.base import Base, CreatedAt, UuidPrimaryKey, VersionCounter
 
 
-class ManifestName(UuidPrimaryKey, CreatedAt, Base):
-    """A manifest name in an account, with its version counter (never reused)."""
+class ManifestName(VersionCounter, Base):
+    """A manifest name in an account, with its version counter."""
 
     __tablename__ = "manifest_names"
-    __table_args__ = (UniqueConstraint("account_id", "name"),)
-
-    account_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("accounts.id", ondelete="CASCADE"))
-    name: Mapped[str] = mapped_column(String(32))
-    last_version: Mapped[int] = mapped_column(Integer)
 
 
 class Manifest(UuidPrimaryKey, CreatedAt, Base):

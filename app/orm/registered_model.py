@@ -7,20 +7,13 @@ import uuid
 from sqlalchemy import Boolean, ForeignKey, Integer, String, Text, UniqueConstraint, Uuid
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from app.orm.base import Base, CreatedAt, UuidPrimaryKey
+from app.orm.base import Base, CreatedAt, UuidPrimaryKey, VersionCounter
 
 
-class RegisteredModel(UuidPrimaryKey, CreatedAt, Base):
-    """A model name in an account; ``last_version`` only grows, so versions are never reused."""
+class RegisteredModel(VersionCounter, Base):
+    """A model name in an account, with its version counter."""
 
     __tablename__ = "registered_models"
-    __table_args__ = (UniqueConstraint("account_id", "name"),)
-
-    account_id: Mapped[uuid.UUID] = mapped_column(
-        Uuid, ForeignKey("accounts.id", ondelete="CASCADE")
-    )
-    name: Mapped[str] = mapped_column(String(32))
-    last_version: Mapped[int] = mapped_column(Integer)
 
 
 class ModelVersion(UuidPrimaryKey, CreatedAt, Base):

@@ -9,9 +9,10 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
-from app.errors import BadRequest, NotFound, ServiceError
+from app.errors import BadRequest, ServiceError
 from app.orm import Account, Asset
 from app.orm.base import utcnow
+from app.services.lookup import get_in_account
 from app.storage.base import AssetStore, StorageError
 
 _NAME = re.compile(r"^[^/\\\x00-\x1f]{1,255}$")
@@ -74,13 +75,7 @@ def read_url(store: AssetStore, asset: Asset, *, ttl_days: int) -> tuple[str, da
 
 def get_asset(session: Session, account: Account, *, asset_id: str) -> Asset:
     """One asset of the account, or 404."""
-    try:
-        asset = session.get(Asset, uuid.UUID(asset_id))
-    except ValueError:
-        asset = None
-    if asset is None or asset.account_id != account.id:
-        raise NotFound(f"asset '{asset_id}' was not found in this account", code="AssetNotFound")
-    return asset
+    return get_in_account(session, Asset, account, asset_id, kind="asset")
 
 
 def delete_asset(session: Session, account: Account, store: AssetStore, *, asset_id: str) -> None:

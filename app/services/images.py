@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -12,14 +11,10 @@ from app.orm import Account, BuildLogChunk, CreationState, Image, ImageName, Man
 from app.orm.base import utcnow
 from app.queue import BuildQueue, after_commit
 from app.schemas.images import ImageCreate
+from app.services.lookup import get_in_account, parse_uuid
 from app.services.manifests import get_manifest
 from app.services.paging import page_by_name_and_version
 from app.services.versioning import claim_next_version
-
-
-def image_location(registry: str, image: Image) -> str:
-    """``<registry>/<name>:<version>``, where the image is pushed."""
-    return f"{registry.rstrip('/')}/{image.name.lower()}:{image.version}"
 
 
 def create_image(
@@ -54,25 +49,14 @@ def create_image(
     return image
 
 
-def _parse(value: str) -> uuid.UUID | None:
-    try:
-        return uuid.UUID(value)
-    except ValueError:
-        return None
-
-
 def get_image(session: Session, account: Account, *, image_id: str) -> Image:
     """One image of the account, or 404."""
-    parsed = _parse(image_id)
-    image = session.get(Image, parsed) if parsed else None
-    if image is None or image.account_id != account.id:
-        raise NotFound(f"image '{image_id}' was not found in this account", code="ImageNotFound")
-    return image
+    return get_in_account(session, Image, account, image_id, kind="image")
 
 
 def get_operation(session: Session, account: Account, *, operation_id: str) -> Image:
     """The build an operation id stands for, or 404."""
-    parsed = _parse(operation_id)
+    parsed = parse_uuid(operation_id)
     image = (
         session.scalars(select(Image).where(Image.operation_id == parsed)).first() if parsed else None
     )
@@ -93,7 +77,7 @@ def list_images(
     """A page of images by name, newest version first; filter by manifest id or name."""
     query = select(Image).where(Image.account_id == account.id)
     if manifest_id is not None:
-        query = query.where(Image.manifest_id == _parse(manifest_id))
+        query = query.where(Image.manifest_id == parse_uuid(manifest_id))
     if manifest_name is not None:
         query = query.where(
             Image.manifest_id.in_(select(Manifest.id).where(Manifest.account_id == account.id, Manifest.name == manifest_name))

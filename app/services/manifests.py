@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import uuid
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.errors import Conflict, NotFound, ValidationFailed
+from app.errors import Conflict, ValidationFailed
 from app.orm import Account, Image, Manifest, ManifestAsset, ManifestModel, ManifestName, ModelVersion
 from app.sealing import Sealer
 from app.schemas.manifests import InferenceConfigCreate, ManifestCreate
+from app.services.lookup import get_in_account, parse_uuid
 from app.services.paging import page_by_name_and_version
 from app.services.source_urls import SourceUrlPolicy
 from app.services.versioning import claim_next_version
@@ -23,12 +23,7 @@ def _invalid(field: str, message: str, code: str = "InvalidField") -> Validation
 
 def _resolve_models(session: Session, account: Account, model_ids: list[str]) -> list[ModelVersion]:
     """The account's models with these ids, in order; a 400 naming every id that is not one."""
-    parsed: dict[str, uuid.UUID | None] = {}
-    for model_id in model_ids:
-        try:
-            parsed[model_id] = uuid.UUID(model_id)
-        except ValueError:
-            parsed[model_id] = None
+    parsed = {model_id: parse_uuid(model_id) for model_id in model_ids}
     wanted = [p for p in parsed.values() if p is not None]
     found = {
         m.id: m
@@ -116,13 +111,7 @@ def create_manifest(
 
 def get_manifest(session: Session, account: Account, *, manifest_id: str) -> Manifest:
     """One manifest of the account, or 404."""
-    try:
-        manifest = session.get(Manifest, uuid.UUID(manifest_id))
-    except ValueError:
-        manifest = None
-    if manifest is None or manifest.account_id != account.id:
-        raise NotFound(f"manifest '{manifest_id}' was not found in this account", code="ManifestNotFound")
-    return manifest
+    return get_in_account(session, Manifest, account, manifest_id, kind="manifest")
 
 
 def list_manifests(
@@ -139,9 +128,8 @@ def list_manifests(
     if name is not None:
         query = query.where(Manifest.name == name)
     if model_id is not None:
-        try:
-            model_uuid = uuid.UUID(model_id)
-        except ValueError:
+        model_uuid = parse_uuid(model_id)
+        if model_uuid is None:
             return [], None
         query = query.where(
             Manifest.id.in_(select(ManifestModel.manifest_id).where(ManifestModel.model_version_id == model_uuid))

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import uuid
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, joinedload
 
-from app.errors import Conflict, NotFound
+from app.errors import Conflict
 from app.orm import Account, Manifest, ManifestModel, ModelTag, ModelVersion, RegisteredModel
 from app.schemas.models import ModelCreate
+from app.services.lookup import get_in_account
 from app.services.paging import page_by_name_and_version
 from app.services.source_urls import SourceUrlPolicy
 from app.services.versioning import claim_next_version
@@ -46,21 +46,12 @@ def register_model(
     return model
 
 
-def _parse_id(model_id: str) -> uuid.UUID | None:
-    try:
-        return uuid.UUID(model_id)
-    except ValueError:
-        return None
-
-
 def get_model(session: Session, account: Account, *, model_id: str) -> ModelVersion:
     """One model of the account by id, or 404."""
-    parsed = _parse_id(model_id)
     # One round trip for the row and its tags.
-    model = session.get(ModelVersion, parsed, options=[joinedload(ModelVersion.tag_rows)]) if parsed else None
-    if model is None or model.account_id != account.id:
-        raise NotFound(f"model '{model_id}' was not found in this account", code="ModelNotFound")
-    return model
+    return get_in_account(
+        session, ModelVersion, account, model_id, kind="model", options=[joinedload(ModelVersion.tag_rows)]
+    )
 
 
 def list_models(

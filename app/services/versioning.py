@@ -7,17 +7,12 @@ import uuid
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from app.orm import ManifestName, RegisteredModel
-from app.orm.base import utcnow
+from app.orm.base import VersionCounter, utcnow
 
 _UPSERTS = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}
 
-# Counter tables: (account_id, name) unique, last_version only grows.
-Counter = type[RegisteredModel] | type[ManifestName]
-
-
 def claim_next_version(
-    session: Session, counter: Counter, *, account_id: uuid.UUID, name: str
+    session: Session, counter: type[VersionCounter], *, account_id: uuid.UUID, name: str
 ) -> tuple[uuid.UUID, int]:
     """Bump the name's counter row in this transaction; returns the row's id and the new version.
 

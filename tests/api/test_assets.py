@@ -13,16 +13,6 @@ from app.context import ServiceContext
 from tests.factories import Callers, model_body, new_account
 
 
-@pytest.fixture()
-def owner(callers: Callers) -> dict[str, str]:
-    return callers.headers()
-
-
-@pytest.fixture()
-def account(client: TestClient, owner: dict[str, str]) -> str:
-    return new_account(client, owner)
-
-
 def _upload(client: TestClient, account: str, owner: dict[str, str], name: str, data: bytes,
             content_type: str = "application/zip"):
     return client.post(f"{account}/assets?name={name}", content=data,

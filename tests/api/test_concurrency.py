@@ -103,3 +103,26 @@ def test_concurrent_retries_with_one_idempotency_key_make_one_model(live_server:
     assert {r.status_code for r in responses} == {201}
     assert len({r.json()["id"] for r in responses}) == 1
     assert len(httpx.get(f"{url}/models", headers=headers).json()["value"]) == 1
+
+
+def test_an_upload_cut_off_half_way_leaves_nothing_behind(live_server: str, owner_token: str,
+                                                          service_context: ServiceContext) -> None:
+    url, headers = _account(live_server, owner_token)
+    path = httpx.URL(f"{url}/assets?name=cut.zip")
+    with socket.create_connection(("127.0.0.1", path.port), timeout=10) as sock:
+        sock.sendall(
+            f"POST {path.raw_path.decode()} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Authorization: {headers['Authorization']}\r\nContent-Type: application/zip\r\n"
+            f"Content-Length: {10 * 1024 * 1024}\r\n\r\n".encode() + b"x" * 300_000
+        )
+        incoming = service_context.settings.data_dir / "incoming"
+        deadline = time.monotonic() + 10
+        while not list(incoming.glob(".upload-*")):  # the server is streaming to a temporary file
+            assert time.monotonic() < deadline, "the upload never started"
+            time.sleep(0.05)
+    deadline = time.monotonic() + 10
+    while list(incoming.glob(".upload-*")):
+        assert time.monotonic() < deadline, "the cut-off upload's temporary file stayed"
+        time.sleep(0.1)
+    assets = service_context.settings.data_dir / "assets" / "objects"
+    assert not list(assets.rglob("cut.zip"))

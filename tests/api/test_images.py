@@ -10,17 +10,7 @@ from sqlalchemy.orm import Session
 
 from app.orm import BuildLogChunk, Image
 from tests.api.test_manifests import seed_manifest
-from tests.factories import Callers, model_body, new_account
-
-
-@pytest.fixture()
-def owner(callers: Callers) -> dict[str, str]:
-    return callers.headers()
-
-
-@pytest.fixture()
-def account(client: TestClient, owner: dict[str, str]) -> str:
-    return new_account(client, owner)
+from tests.factories import Callers, model_body
 
 
 @pytest.fixture()
@@ -110,3 +100,9 @@ def test_log_list_and_the_manifest_in_use(client: TestClient, owner: dict[str, s
 def test_a_reader_cannot_build(client: TestClient, callers: Callers, owner: dict[str, str], account: str, manifest_id: str) -> None:
     reader = callers.headers("Reader", account.removeprefix("/api"))
     assert _create(client, account, reader, manifest_id).status_code == 403
+
+
+def test_a_builder_that_does_not_exist_is_refused(client: TestClient, owner: dict[str, str], account: str, manifest_id: str) -> None:
+    body = {"name": "x", "manifestId": manifest_id, "builder": "kaniko"}
+    response = client.post(f"{account}/images", json=body, headers=owner)
+    assert response.status_code == 400 and "builder" in response.json()["message"]

@@ -9,20 +9,10 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.factories import Callers, model_body, new_account
+from tests.factories import model_body, new_account
 
 SCORE_URL = "https://example.blob.core.windows.net/app/score.py?sv=2021-08-06&sp=r&se=2099-01-01T00:00:00Z&sig=abc"
 CONDA_URL = "https://example.blob.core.windows.net/app/myconda.yml?sv=2021-08-06&sp=r&se=2099-01-01T00:00:00Z&sig=def"
-
-
-@pytest.fixture()
-def owner(callers: Callers) -> dict[str, str]:
-    return callers.headers()
-
-
-@pytest.fixture()
-def account(client: TestClient, owner: dict[str, str]) -> str:
-    return new_account(client, owner)
 
 
 @pytest.fixture()

@@ -7,17 +7,7 @@ import uuid
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.factories import Callers, model_body, new_account
-
-
-@pytest.fixture()
-def owner(callers: Callers) -> dict[str, str]:
-    return callers.headers()
-
-
-@pytest.fixture()
-def account(client: TestClient, owner: dict[str, str]) -> str:
-    return new_account(client, owner)
+from tests.factories import model_body, new_account
 
 
 def test_seed_registration_returns_the_seed_shape(client: TestClient, owner: dict[str, str], account: str) -> None:

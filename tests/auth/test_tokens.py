@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from app.context import ServiceContext
 from app.services.principals import grant_role
 from tests.external_issuer import ExternalIssuer
-from tests.factories import Callers, account_url, bearer, new_account
+from tests.factories import Callers, bearer, new_account
 
 
 def _b64(data: bytes) -> str:

@@ -331,3 +331,23 @@ def test_a_private_base_image_needs_its_credentials_which_never_show(
             account.call("GET", f"{account.url}/images").text]
     seen += [path.read_text(errors="replace") for path in stack.log_dir.glob("*.log")]
     assert not [text for text in seen if infra.password in text]
+
+
+def test_cancelling_a_running_build_stops_it(stack: Stack) -> None:
+    account = Account(stack)
+    score_url = account.upload("score.py", ECHO_SCORE.encode())
+    body = {"name": "slow", "modelIds": [], "assets": [{"id": "score.py", "url": score_url}],
+            "entryScript": "score.py", "runtime": "python",
+            "extraDockerfileSteps": f"RUN echo {uuid.uuid4().hex} && for i in $(seq 120); do echo tick $i; sleep 1; done"}
+    manifest_id = account.call("POST", f"{account.url}/manifests", json=body).json()["id"]
+    created = account.build(manifest_id, "cancel-me")
+    deadline = time.monotonic() + 120
+    while "tick 2" not in account.call("GET", created["ImageBuildLogUri"]).text:
+        assert time.monotonic() < deadline, "the slow step never ran"
+        time.sleep(0.5)
+    cancelled_at = time.monotonic()
+    assert account.call("POST", f"{account.url}/images/{created['Id']}/cancel").json()["CreationState"] == "Running"
+    image = account.wait(created["Id"], seconds=60)
+    assert image["CreationState"] == "Cancelled"
+    assert time.monotonic() - cancelled_at < 30  # long before the step's two minutes
+    assert "cancelled" in account.log(image)
