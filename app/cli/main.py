@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from sqlalchemy.engine import make_url
 from rich.console import Console
 
 from app.config import Settings, get_settings
@@ -82,7 +83,7 @@ def serve(
     err.print(
         f"Model Management Service listening on [bold]{url}[/bold] "
         f"({settings.workers} process{'es' if settings.workers > 1 else ''}, "
-        f"database {make_engine(settings).url.render_as_string(hide_password=True)})\n"
+        f"database {make_url(settings.resolved_database_url).render_as_string(hide_password=True)})\n"
         "Get a token: [bold]mms admin bootstrap[/bold] prints the first Owner's clientId and "
         "clientSecret (once), then\n"
         f"  curl -s {url}/oauth2/token -d grant_type=client_credentials "
