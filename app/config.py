@@ -70,7 +70,9 @@ class Settings(BaseSettings):
     registry: str = "127.0.0.1:5000"  # where images are pushed: host[:port][/prefix]
     registry_username: str | None = None
     registry_password: str | None = None
-    builder: Literal["docker"] = "docker"
+    # oci: daemonless, layers pushed over the registry API; docker: RUN steps, conda packages.
+    builder: Literal["oci", "docker"] = "oci"
+    build_cache_dir: Path | None = None  # the workers' wheel cache; default <data_dir>/build-cache
     # The engine the docker builder uses; DOCKER_HOST as the Docker tools read it.
     docker_host: str | None = Field(default=None, validation_alias=AliasChoices("MMS_DOCKER_HOST", "DOCKER_HOST"))
     default_base_image: str | None = None  # default FROM; None: the newest published base image
@@ -93,6 +95,10 @@ class Settings(BaseSettings):
                 if name.strip().lower() == "blobendpoint" and value:
                     hosts.add(urlsplit(value.strip()).netloc.lower())
         return frozenset(hosts)
+
+    @property
+    def resolved_build_cache_dir(self) -> Path:
+        return self.build_cache_dir or self.data_dir / "build-cache"
 
     @property
     def requires_https_urls(self) -> bool:

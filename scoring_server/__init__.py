@@ -29,3 +29,12 @@ a long ``run()`` is busy.
 Not supported (Azure features beyond plain scripts): ``@rawhttp``, ``@input_schema`` argument
 binding, ``WORKER_COUNT`` > 1 and ``GET /score`` with query parameters (answered with 405).
 """
+
+import os as _os
+import site as _site
+
+# The oci builder installs packages into a plain folder named by MMS_SITE_PACKAGES and put
+# on PYTHONPATH (so they win over the base image's); Python processes the .pth files only
+# of site folders, so register it as one (it is already on sys.path and keeps its place).
+if _os.environ.get("MMS_SITE_PACKAGES"):
+    _site.addsitedir(_os.environ["MMS_SITE_PACKAGES"])

@@ -30,6 +30,7 @@ __all__ = [
     "InvalidBuildSpec",
     "RegistryCredentials",
     "parse_extra_steps",
+    "walk_tree",
     "write_context",
 ]
 
@@ -112,20 +113,20 @@ def write_context(spec: BuildSpec, dest_tar_path: str | os.PathLike[str]) -> Con
         _add_bytes(tar, "Dockerfile", info.dockerfile.encode())
         for name in sorted(files):
             _add_bytes(tar, name, files[name], executable=name.startswith("mms/runtime/bin/"))
-        _add_tree(tar, _server_dir(), "mms/runtime/lib/scoring_server")
+        _add_tree(tar, server_dir(), "mms/runtime/lib/scoring_server")
         _add_tree(tar, spec.app_dir, "app")
-        if _has_models(spec):
+        if has_models(spec):
             _add_tree(tar, spec.model_dir, "models")
     return info
 
 
 def _dockerfile(spec: BuildSpec, files: dict[str, bytes]) -> ContextInfo:
-    _check_spec(spec)
+    check_spec(spec)
     df = _Dockerfile()
     df.add("base", f"FROM {spec.base_image}")
     if spec.ca_bundles:
         df.comment("Extra CAs (e.g. a TLS-inspecting proxy), trusted while installing only.")
-        files["mms/ca/extra.pem"] = b"".join(_read_pem(p) for p in spec.ca_bundles)
+        files["mms/ca/extra.pem"] = b"".join(read_pem(p) for p in spec.ca_bundles)
         df.add("ca-certs", "COPY mms/ca/ /opt/mms/ca/")
         df.add("ca-certs", "RUN { cat /etc/ssl/certs/ca-certificates.crt 2>/dev/null || true; "
                            f"cat /opt/mms/ca/extra.pem; }} > {CA_BUNDLE}")
@@ -144,10 +145,10 @@ def _dockerfile(spec: BuildSpec, files: dict[str, bytes]) -> ContextInfo:
         files["mms/requirements/requirements.txt"] = spec.pip_requirements.encode()
         df.add("requirements", "COPY mms/requirements/ /opt/mms/requirements/")
         df.add("requirements", f"RUN {PIP} -r /opt/mms/requirements/requirements.txt")
-    files["mms/runtime/bin/start"] = _START_SCRIPT.encode()
+    files["mms/runtime/bin/start"] = start_script(f"{VENV}/bin/python").encode()
     df.add("scoring-server", "COPY mms/runtime/ /opt/mms/")
     df.add("driver", f"COPY app/ {APP_ROOT}/")
-    if _has_models(spec):
+    if has_models(spec):
         df.comment("Models last, alone: a new model version reuses every layer above.")
         df.add("models", f"COPY models/ {MODEL_ROOT}/")
     for instruction in parse_extra_steps(spec.extra_dockerfile_steps or ""):
@@ -155,9 +156,7 @@ def _dockerfile(spec: BuildSpec, files: dict[str, bytes]) -> ContextInfo:
     if spec.labels:
         pairs = " ".join(f"{_quote(k)}={_quote(v)}" for k, v in sorted(spec.labels.items()))
         df.add("metadata", f"LABEL {pairs}")
-    env = {"AML_APP_ROOT": APP_ROOT, "AZUREML_ENTRY_SCRIPT": spec.driver_program,
-           "AZUREML_MODEL_DIR": _model_dir_env(spec), "PORT": str(PORT),
-           "PYTHONPATH": "/opt/mms/lib"}
+    env = runtime_env(spec, "/opt/mms/lib")
     df.add("metadata", "ENV " + " ".join(f"{k}={_quote(v)}" for k, v in env.items()))
     df.add("metadata", f"WORKDIR {APP_ROOT}")
     df.add("metadata", f"EXPOSE {PORT}")
@@ -196,7 +195,7 @@ def parse_extra_steps(text: str) -> list[str]:
     return instructions
 
 
-def _check_spec(spec: BuildSpec) -> None:
+def check_spec(spec: BuildSpec) -> None:
     if spec.runtime != "python":
         raise InvalidBuildSpec(f"runtime {spec.runtime!r} is not supported (only 'python')")
     if not _REFERENCE.fullmatch(spec.base_image):
@@ -210,7 +209,7 @@ def _check_spec(spec: BuildSpec) -> None:
 
 def _conda_files(text: str) -> dict[str, bytes]:
     """The conda file, its pip entries, and a setup script that uses conda if present."""
-    python_spec, conda_only, pip_entries = _split_conda(text)
+    python_spec, conda_only, pip_entries = split_conda(text)
     fail = ":"
     if conda_only:
         message = ("mms: the base image has no conda, so the conda-only packages in the "
@@ -224,7 +223,7 @@ def _conda_files(text: str) -> dict[str, bytes]:
             "mms/env/conda-pip.txt": "".join(f"{e}\n" for e in pip_entries).encode()}
 
 
-def _split_conda(text: str) -> tuple[str | None, list[str], list[str]]:
+def split_conda(text: str) -> tuple[str | None, list[str], list[str]]:
     """Return (python spec, conda-only specs, pip entries) of a conda environment file."""
     try:
         doc = yaml.safe_load(text)
@@ -251,15 +250,35 @@ def _split_conda(text: str) -> tuple[str | None, list[str], list[str]]:
     return python_spec, conda_only, pip_entries
 
 
+def conda_python_allows(spec: str, version: str) -> bool:
+    """Does conda's ``python`` spec (``3.11``, ``=3.11``, ``>=3.8,<3.12``) admit ``version``?"""
+
+    def key(text: str) -> tuple[int, ...]:
+        return tuple(int(p) for p in re.findall(r"\d+", text)[:3])
+
+    have = key(version)
+    for part in spec.replace(" ", "").split(","):
+        match = re.match(r"(==|>=|<=|!=|=|>|<)?(.*)", part)
+        op, want = match[1], match[2].rstrip(".*")  # type: ignore[index]
+        if not want:
+            continue
+        same = have[:len(key(want))] == key(want)  # conda's "=3.11" means 3.11.*
+        ok = {None: same, "=": same, "==": same, "!=": not same, ">=": have >= key(want),
+              "<=": have <= key(want), ">": have > key(want), "<": have < key(want)}[op]
+        if not ok:
+            return False
+    return True
+
+
 def _plain(value: str, what: str) -> str:
     if _CONTROL.search(value):
         raise InvalidBuildSpec(f"conda file: {what} {value!r} contains a control character")
     return value
 
 
-def _model_dir_env(spec: BuildSpec) -> str:
+def model_dir_env(spec: BuildSpec) -> str:
     # As Azure: a single model's own <name>/<version> folder, else the root of all models.
-    if not _has_models(spec):
+    if not has_models(spec):
         return MODEL_ROOT
     versions = [v for m in Path(spec.model_dir).iterdir() if m.is_dir()
                 for v in m.iterdir() if v.is_dir()]
@@ -268,7 +287,7 @@ def _model_dir_env(spec: BuildSpec) -> str:
     return MODEL_ROOT
 
 
-def _has_models(spec: BuildSpec) -> bool:
+def has_models(spec: BuildSpec) -> bool:
     return spec.model_dir is not None and any(Path(spec.model_dir).iterdir())
 
 
@@ -280,14 +299,14 @@ def _quote(value: str) -> str:
     return f'"{escaped}"'
 
 
-def _read_pem(path: Path) -> bytes:
+def read_pem(path: Path) -> bytes:
     data = Path(path).read_bytes()
     if b"-----BEGIN CERTIFICATE-----" not in data:
         raise InvalidBuildSpec(f"CA bundle {path} holds no PEM certificate")
     return data if data.endswith(b"\n") else data + b"\n"
 
 
-def _server_dir() -> Path:
+def server_dir() -> Path:
     return Path(scoring_server.__file__).parent
 
 
@@ -306,7 +325,7 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes, executable: bool = 
 
 def _add_tree(tar: tarfile.TarFile, root: Path, arcroot: str) -> None:
     tar.addfile(_tarinfo(arcroot, tarfile.DIRTYPE, 0o755))
-    for path, rel in _walk(Path(root)):
+    for path, rel in walk_tree(Path(root)):
         name = f"{arcroot}/{rel}"
         if path.is_dir():
             tar.addfile(_tarinfo(name, tarfile.DIRTYPE, 0o755))
@@ -316,7 +335,9 @@ def _add_tree(tar: tarfile.TarFile, root: Path, arcroot: str) -> None:
             tar.addfile(_tarinfo(name, tarfile.REGTYPE, mode, os.fstat(f.fileno()).st_size), f)
 
 
-def _walk(root: Path, prefix: str = "") -> Iterator[tuple[Path, str]]:
+def walk_tree(root: Path, prefix: str = "") -> Iterator[tuple[Path, str]]:
+    """(path, relative name) of every file and folder under root, sorted, parents first;
+    refuses links and special files (they could point outside the build)."""
     for entry in sorted(os.scandir(root), key=lambda e: e.name):
         if entry.name == "__pycache__" or entry.name.endswith(".pyc"):
             continue
@@ -325,17 +346,26 @@ def _walk(root: Path, prefix: str = "") -> Iterator[tuple[Path, str]]:
             raise InvalidBuildSpec(f"{rel}: only regular files and folders can be built in")
         yield Path(entry.path), rel
         if entry.is_dir():
-            yield from _walk(Path(entry.path), f"{rel}/")
+            yield from walk_tree(Path(entry.path), f"{rel}/")
 
 
-_START_SCRIPT = f"""\
+def start_script(python: str) -> str:
+    """The image's CMD: the scoring server under ``python``, behind tini when the base has it."""
+    return f"""\
 #!/bin/sh
 # tini, when the base has it, reaps score.py's child processes and forwards signals.
 if command -v tini >/dev/null 2>&1; then
-    exec tini -- {VENV}/bin/python -m scoring_server "$@"
+    exec tini -- {python} -m scoring_server "$@"
 fi
-exec {VENV}/bin/python -m scoring_server "$@"
+exec {python} -m scoring_server "$@"
 """
+
+
+def runtime_env(spec: BuildSpec, pythonpath: str) -> dict[str, str]:
+    """The environment the scoring server reads, as Azure ML's images set it."""
+    return {"AML_APP_ROOT": APP_ROOT, "AZUREML_ENTRY_SCRIPT": spec.driver_program,
+            "AZUREML_MODEL_DIR": model_dir_env(spec), "PORT": str(PORT),
+            "PYTHONPATH": pythonpath}
 
 _SETUP_SCRIPT = """\
 #!/bin/sh

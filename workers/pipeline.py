@@ -16,13 +16,15 @@ from urllib.parse import unquote, urlsplit
 
 from sqlalchemy import select
 
+from app.config import Settings
 from app.context import ServiceContext
 from app.database import session_scope
 from app.orm import Image, ModelVersion
 from app.services.base_images import BASE_REPOSITORY, default_base_image
 from workers.build_context import BuildSpec, InvalidBuildSpec, RegistryCredentials
-from workers.builders import BuildFailed, BuildResult
+from workers.builders import BuildFailed, Builder, BuildResult
 from workers.builders.docker import DockerBuilder
+from workers.builders.oci import OciBuilder, check_extra_steps
 from workers.fetch_policy import fetch_policy
 from workers.fetcher import FetchError, fetch, redact_url
 from workers.smoke_test import SmokeTestFailed, smoke_test
@@ -53,6 +55,8 @@ class BuildInputs:
 
     image_name: str
     image_version: int
+    account_id: uuid.UUID
+    builder: str
     driver_program: str
     assets: dict[str, Source]  # asset id → where it is
     models: dict[str, Source]  # "<name>/<version>" → where it is
@@ -79,6 +83,8 @@ def load_inputs(context: ServiceContext, image_id: uuid.UUID) -> BuildInputs:
         return BuildInputs(
             image_name=image.name,
             image_version=image.version,
+            account_id=image.account_id,
+            builder=image.builder,
             driver_program=manifest.driver_program,
             assets={a.asset_id: Source(a.url, None, a.unpack) for a in manifest.assets},
             models={f"{m.name}/{m.version}": Source(m.url, m.sha256, m.unpack) for m in models},
@@ -91,8 +97,8 @@ def load_inputs(context: ServiceContext, image_id: uuid.UUID) -> BuildInputs:
             labels={
                 "org.mms.manifest.id": str(manifest.id),
                 "org.mms.manifest.version": str(manifest.version),
+                # No image id or version: they are the tag, so one manifest gives one digest.
                 "org.mms.models": ",".join(f"{m.id}:{m.name}:{m.version}" for m in models),
-                "org.mms.image.id": str(image.id),
             },
         )
 
@@ -154,10 +160,32 @@ def driver_file(inputs: BuildInputs) -> str:
     return name if name.endswith(".py") else f"{name}.py"
 
 
+def image_repository(inputs: BuildInputs) -> str:
+    """``<account id>/<image name>``: one registry serves every account without collisions."""
+    return f"{inputs.account_id}/{inputs.image_name.lower()}"
+
+
+def registry_login(settings: Settings) -> dict[str, str] | None:
+    """The service's own registry login, or None for an open registry."""
+    if not settings.registry_username:
+        return None
+    return {"username": settings.registry_username, "password": settings.registry_password or ""}
+
+
+def make_builder(settings: Settings, name: str) -> Builder:
+    auth = registry_login(settings)
+    if name == "oci":
+        return OciBuilder(settings.registry, auth, cache_dir=settings.resolved_build_cache_dir)
+    return DockerBuilder(settings.docker_host, settings.registry, auth)
+
+
 def run_pipeline(context: ServiceContext, image_id: uuid.UUID, emit: Log) -> BuildResult:
     """Build and push one image; StepFailed (or BuildFailed) names the step that failed."""
     settings = context.settings
     inputs = load_inputs(context, image_id)
+    builder = make_builder(settings, inputs.builder)
+    if isinstance(builder, OciBuilder):
+        check_extra_steps(inputs.extra_steps or "")  # a RUN step fails now, before any fetch
     with tempfile.TemporaryDirectory(prefix="mms-work-") as tmp:
         work = Path(tmp)
         app_dir, model_dir, conda, pip = fetch_step(context, inputs, work, emit)
@@ -176,19 +204,22 @@ def run_pipeline(context: ServiceContext, image_id: uuid.UUID, emit: Log) -> Bui
             labels=inputs.labels,
             ca_bundles=(settings.extra_ca_bundle,) if settings.extra_ca_bundle else (),
         )
-        auth = (
-            {"username": settings.registry_username, "password": settings.registry_password or ""}
-            if settings.registry_username
-            else None
-        )
-        builder = DockerBuilder(settings.docker_host, settings.registry, auth)
+        emit(f"mms: building with the {inputs.builder} builder")
         try:
-            result = builder.build_and_push(spec, inputs.image_name.lower(), str(inputs.image_version), emit)
+            result = builder.build_and_push(spec, image_repository(inputs),
+                                            str(inputs.image_version), emit)
         except InvalidBuildSpec as exc:
             raise StepFailed("environment", str(exc)) from None
+    pulled = isinstance(builder, OciBuilder)
+    if pulled and not settings.docker_host:
+        emit("mms: smoke test skipped: the oci builder runs no containers and no Docker "
+             "engine is configured (set DOCKER_HOST to smoke-test oci images too)")
+        return result
     emit("mms: smoke test: starting the image once and waiting for GET / to answer")
     try:
-        smoke_test(settings.docker_host, result.image_location, emit, timeout=settings.smoke_test_timeout_seconds)
+        smoke_test(settings.docker_host, result.image_location, emit,
+                   timeout=settings.smoke_test_timeout_seconds,
+                   pull=pulled, pull_auth=registry_login(settings))
     except SmokeTestFailed as exc:
         for line in exc.logs.splitlines():
             emit(f"container: {line}")

@@ -11,12 +11,14 @@ import logging
 import re
 import socket
 import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, suppress
 
 import docker
 import requests
 
-from workers.builders import Log
-from workers.builders.docker import engine_client
+from workers.builders import BuildFailed, Log
+from workers.builders.docker import check_stream, engine_client, registry_host
 
 __all__ = ["SmokeTestFailed", "smoke_test"]
 
@@ -35,13 +37,18 @@ class SmokeTestFailed(Exception):
         self.logs = logs
 
 
-def smoke_test(docker_host: str | None, image: str, log: Log, timeout: float = 60) -> None:
-    """Run ``image`` (present in the engine) until ``GET /`` answers 200; raise if it never does."""
+def smoke_test(docker_host: str | None, image: str, log: Log, timeout: float = 60, *,
+               pull: bool = False, pull_auth: Mapping[str, str] | None = None) -> None:
+    """Run ``image`` until ``GET /`` answers 200; raise if it never does.
+
+    The image is in the engine already (the docker builder), or ``pull`` fetches it first
+    (the oci builder pushed it without an engine) and removes it afterwards.
+    """
     port = _free_port()
     started = time.monotonic()
     try:
         api = engine_client(docker_host, timeout=30)
-        with api:
+        with api, _pulled(api, image, pull, pull_auth, log):
             container = api.create_container(
                 image,
                 # Host networking is all the engine has; keep the server on loopback.
@@ -72,6 +79,27 @@ def smoke_test(docker_host: str | None, image: str, log: Log, timeout: float = 6
     elapsed = time.monotonic() - started
     log(f"mms: smoke test passed: GET / answered 200 after {elapsed:.1f} s")
     logger.info("smoke_test.passed", extra={"image": image, "seconds": round(elapsed, 1)})
+
+
+@contextmanager
+def _pulled(api: docker.APIClient, image: str, pull: bool, auth: Mapping[str, str] | None,
+            log: Log) -> Iterator[None]:
+    if not pull:
+        yield
+        return
+    host = registry_host(image)
+    config = {**auth, "serveraddress": host} if auth else {}
+    log(f"mms: smoke test: pulling {image}")
+    try:
+        check_stream("smoke-test", api.pull(image, stream=True, decode=True, auth_config=config),
+                     log, host, bool(config))
+    except BuildFailed as exc:
+        raise SmokeTestFailed(f"could not pull the image: {exc.message}") from None
+    try:
+        yield
+    finally:
+        with suppress(docker.errors.DockerException):
+            api.remove_image(image, force=True)
 
 
 def _wait_until_serving(api: docker.APIClient, cid: str, port: int, deadline: float,

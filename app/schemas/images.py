@@ -18,8 +18,8 @@ class ImageCreate(ApiModel):
     imageType: Literal["Docker"] = "Docker"
     manifestId: Annotated[str, StringConstraints(max_length=64)]
     computeResourceId: Annotated[Text, StringConstraints(max_length=1024)] | None = None
-    # "oci", the daemonless builder, joins when it exists; until then asking for it is a 400.
-    builder: Literal["docker"] | None = Field(default=None, description="default: MMS_BUILDER")
+    builder: Literal["oci", "docker"] | None = Field(
+        default=None, description="oci (daemonless) or docker (RUN steps, conda); default: MMS_BUILDER")
 
 
 class ImageError(ApiModel):

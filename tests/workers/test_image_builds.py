@@ -171,12 +171,15 @@ class Account:
         }
         return self.call("POST", f"{self.url}/manifests", json=body).json()["id"]
 
-    def build(self, manifest_id: str, name: str) -> dict:
-        created = self.call("POST", f"{self.url}/images", json={"name": name, "manifestId": manifest_id, "imageType": "Docker"})
+    def build(self, manifest_id: str, name: str, builder: str | None = None) -> dict:
+        body = {"name": name, "manifestId": manifest_id, "imageType": "Docker"}
+        if builder:
+            body["builder"] = builder
+        created = self.call("POST", f"{self.url}/images", json=body)
         assert created.status_code == 202
         assert created.json()["CreationState"] == "NotStarted"
         operation = created.headers["Operation-Location"]
-        assert self.call("GET", operation).json()["state"] in ("NotStarted", "Running", "Succeeded")
+        assert self.call("GET", operation).json()["state"] in ("NotStarted", "Running", "Succeeded", "Failed")
         return created.json()
 
     def wait(self, image_id: str, seconds: float = BUILD_TIMEOUT) -> dict:
@@ -204,23 +207,29 @@ def _requirements() -> str:
     return f"scikit-learn=={sklearn.__version__}\n"
 
 
-def test_a_trained_model_is_built_pulled_run_and_scores_exactly(stack: Stack, infra: Infra, model) -> None:
+@pytest.mark.parametrize("builder", ["oci", "docker"])
+def test_a_trained_model_is_built_pulled_run_and_scores_exactly(stack: Stack, infra: Infra, model, builder: str) -> None:
     trained, rows, archive = model
     account = Account(stack)
     model_id = _register(account, archive)
     manifest_id = account.manifest(model_id, SCORE_PY, _requirements())
-    created = account.build(manifest_id, "housing-image")
+    created = account.build(manifest_id, "housing-image", builder=builder)
 
     image = account.wait(created["Id"])
     log = account.log(image)
     assert image["CreationState"] == "Succeeded", log[-3000:]
-    assert image["ImageLocation"] == f"{infra.registry}/housing-image:1"
+    assert image["Builder"] == builder and f"with the {builder} builder" in log
+    # Repositories are per account: two accounts may both have an image "housing-image".
+    account_id = account.call("GET", account.url).json()["properties"]["accountId"]
+    repository = f"{infra.registry}/{account_id}/housing-image"
+    assert image["ImageLocation"] == f"{repository}:1"
     assert image["Digest"].startswith("sha256:")
     assert image["Manifest"]["id"] == manifest_id
     assert "Succeeded" in log and "sig=" not in log
+    assert "smoke test passed" in log
 
     with infra.api() as api:
-        for _ in api.pull(f"{infra.registry}/housing-image", tag="1", stream=True, decode=True):
+        for _ in api.pull(repository, tag="1", stream=True, decode=True):
             pass
         port = _free_port()
         container = api.create_container(
@@ -272,7 +281,7 @@ def test_a_worker_killed_mid_build_does_not_leave_the_image_running(stack: Stack
     account = Account(stack)
     model_id = _register(account, archive)
     manifest_id = account.manifest(model_id, SCORE_PY, _requirements() + "six==1.16.0\n", name="kill-manifest")
-    created = account.build(manifest_id, "killed-build")
+    created = account.build(manifest_id, "killed-build", builder="docker")  # the slower one
     deadline = time.monotonic() + 120
     while account.call("GET", f"{account.url}/images/{created['Id']}").json()["CreationState"] != "Running":
         assert time.monotonic() < deadline, "the build never started"
@@ -304,8 +313,9 @@ def private_base(infra: Infra) -> str:
     return f"{image}:py3.11"
 
 
+@pytest.mark.parametrize("builder", ["oci", "docker"])
 def test_a_private_base_image_needs_its_credentials_which_never_show(
-    stack: Stack, infra: Infra, private_base: str
+    stack: Stack, infra: Infra, private_base: str, builder: str
 ) -> None:
     account = Account(stack)
     score_url = account.upload("score.py", ECHO_SCORE.encode())
@@ -317,13 +327,13 @@ def test_a_private_base_image_needs_its_credentials_which_never_show(
             body["baseImageRegistry"] = registry
         return account.call("POST", f"{account.url}/manifests", json=body).json()["id"]
 
-    anonymous = account.wait(account.build(manifest(None), "no-creds")["Id"])
+    anonymous = account.wait(account.build(manifest(None), "no-creds", builder)["Id"])
     assert anonymous["CreationState"] == "Failed"
     assert "authentication" in anonymous["Error"]["message"] and infra.auth_registry in anonymous["Error"]["message"]
 
     creds = {"address": infra.auth_registry, "username": infra.username, "password": infra.password}
     manifest_id = manifest(creds)
-    image = account.wait(account.build(manifest_id, "with-creds")["Id"])
+    image = account.wait(account.build(manifest_id, "with-creds", builder)["Id"])
     log = account.log(image)
     assert image["CreationState"] == "Succeeded", log[-2000:]
     seen = [log, account.log(anonymous), json.dumps(image),
@@ -340,7 +350,7 @@ def test_cancelling_a_running_build_stops_it(stack: Stack) -> None:
             "entryScript": "score.py", "runtime": "python",
             "extraDockerfileSteps": f"RUN echo {uuid.uuid4().hex} && for i in $(seq 120); do echo tick $i; sleep 1; done"}
     manifest_id = account.call("POST", f"{account.url}/manifests", json=body).json()["id"]
-    created = account.build(manifest_id, "cancel-me")
+    created = account.build(manifest_id, "cancel-me", builder="docker")
     deadline = time.monotonic() + 120
     while "tick 2" not in account.call("GET", created["ImageBuildLogUri"]).text:
         assert time.monotonic() < deadline, "the slow step never ran"
@@ -351,3 +361,17 @@ def test_cancelling_a_running_build_stops_it(stack: Stack) -> None:
     assert image["CreationState"] == "Cancelled"
     assert time.monotonic() - cancelled_at < 30  # long before the step's two minutes
     assert "cancelled" in account.log(image)
+
+
+def test_the_oci_builder_refuses_a_run_step_at_once_naming_it(stack: Stack) -> None:
+    account = Account(stack)
+    score_url = account.upload("score.py", ECHO_SCORE.encode())
+    body = {"name": "needs-run", "modelIds": [], "assets": [{"id": "score.py", "url": score_url}],
+            "entryScript": "score.py", "runtime": "python",
+            "extraDockerfileSteps": "ENV A=1\nRUN apt-get install -y libgomp1"}
+    manifest_id = account.call("POST", f"{account.url}/manifests", json=body).json()["id"]
+    image = account.wait(account.build(manifest_id, "needs-run", builder="oci")["Id"], seconds=60)
+    assert image["CreationState"] == "Failed"
+    message = image["Error"]["message"]
+    assert "RUN apt-get install -y libgomp1" in message and "docker builder" in message
+    assert "fetching" not in account.log(image)  # refused before any download

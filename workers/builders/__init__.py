@@ -7,13 +7,14 @@ Exceptions::
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 from workers.build_context import BuildSpec
 
-__all__ = ["BuildFailed", "BuildResult", "Builder", "Log"]
+__all__ = ["BuildFailed", "BuildResult", "Builder", "Log", "address_host", "redacting", "scrub"]
 
 Log = Callable[[str], None]  # receives one line of build log at a time, as it happens
 
@@ -43,3 +44,22 @@ class Builder(Protocol):
     def build_and_push(self, spec: BuildSpec, image_repo: str, tag: str, log: Log) -> BuildResult:
         """Build ``spec``, push it as ``<registry>/<image_repo>:<tag>``, return the result."""
         ...
+
+
+def address_host(address: str) -> str:
+    """The registry host a login's ``address`` names (Docker Hub's aliases as docker.io)."""
+    host = re.sub(r"^[a-z]+://", "", address.strip().lower()).split("/", 1)[0]
+    return "docker.io" if host in ("index.docker.io", "registry-1.docker.io") else host
+
+
+def scrub(text: str, secrets: list[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "****")
+    return text
+
+
+def redacting(log: Log, secrets: list[str]) -> Log:
+    """Wrap ``log`` so that no secret can reach it, whatever a tool prints."""
+    if not secrets:
+        return log
+    return lambda line: log(scrub(line, secrets))

@@ -22,7 +22,7 @@ import docker
 import requests
 
 from workers.build_context import BuildSpec, ContextInfo, InvalidBuildSpec, write_context
-from workers.builders import BuildFailed, BuildResult, Log
+from workers.builders import BuildFailed, BuildResult, Log, address_host, redacting, scrub
 
 __all__ = [
     "BASE_DIGEST_LABEL",
@@ -88,7 +88,7 @@ class DockerBuilder:
         """Build ``spec``, push it as ``<registry>/<image_repo>:<tag>``, return the result."""
         secrets = [s for s in (spec.base_registry and spec.base_registry.password,
                                self._registry_auth and self._registry_auth.get("password")) if s]
-        emit = _redacting(log, secrets)
+        emit = redacting(log, secrets)
         image = f"{self.registry}/{image_repo}"
         started = time.monotonic()
         try:
@@ -105,7 +105,7 @@ class DockerBuilder:
                 with _engine_errors("push"):
                     size = int(api.inspect_image(image_id)["Size"])
         except BuildFailed as exc:
-            message = _scrub(exc.message, secrets)
+            message = scrub(exc.message, secrets)
             emit(f"mms: build failed at step {exc.step}: {message}")
             logger.warning("build.failed", extra={"image": f"{image}:{tag}", "step": exc.step})
             raise BuildFailed(exc.step, message) from None
@@ -122,7 +122,7 @@ class DockerBuilder:
         ref, host = spec.base_image, registry_host(spec.base_image)
         auth: dict[str, str] = {}  # empty, not None: docker-py would use saved logins
         if spec.base_registry is not None:
-            given = _address_host(spec.base_registry.address)
+            given = address_host(spec.base_registry.address)
             if given != host:
                 raise BuildFailed("pull-base", f"the base image registry credentials are for "
                                                f"{given}, but the base image is on {host}")
@@ -290,24 +290,6 @@ def _engine_errors(step: str, host: str = "", had_auth: bool = False) -> Iterato
         raise BuildFailed(step, _one_line(f"cannot read the build inputs: {exc}")) from None
 
 
-def _address_host(address: str) -> str:
-    host = re.sub(r"^[a-z]+://", "", address.strip().lower()).split("/", 1)[0]
-    return "docker.io" if host in ("index.docker.io", "registry-1.docker.io") else host
-
-
 def _one_line(text: str) -> str:
     line = " ".join(text.split())
     return line if len(line) <= _MAX_REASON else line[: _MAX_REASON - 1] + "…"
-
-
-def _scrub(text: str, secrets: list[str]) -> str:
-    for secret in secrets:
-        text = text.replace(secret, "****")
-    return text
-
-
-def _redacting(log: Log, secrets: list[str]) -> Log:
-    """Wrap ``log`` so that no secret can reach it, whatever the engine prints."""
-    if not secrets:
-        return log
-    return lambda line: log(_scrub(line, secrets))

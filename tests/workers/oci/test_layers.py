@@ -1,0 +1,77 @@
+"""Reproducible layers: same files, same bytes; fixed owners, modes and times; no escapes."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from workers.build_context import FIXED_MTIME, InvalidBuildSpec
+from workers.oci.layers import LayerBuilder
+
+
+def _tree(root: Path, *, mtime: int) -> Path:
+    (root / "pkg" / "sub").mkdir(parents=True)
+    (root / "pkg" / "b.txt").write_text("b")
+    (root / "pkg" / "a.py").write_text("print('a')")
+    (root / "pkg" / "sub" / "run.sh").write_text("#!/bin/sh\n")
+    (root / "pkg" / "sub" / "run.sh").chmod(0o700)
+    (root / "pkg" / "__pycache__").mkdir()
+    (root / "pkg" / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"worker-bytecode")
+    for path in root.rglob("*"):
+        os.utime(path, (mtime, mtime))
+    return root
+
+
+def _layer(root: Path, dest: Path):
+    builder = LayerBuilder()
+    builder.add_tree(root / "pkg", "/opt/app")
+    builder.add_bytes("/opt/mms/bin/start", b"#!/bin/sh\n", executable=True)
+    return builder.write(dest, "test layer")
+
+
+def test_the_same_files_give_the_same_bytes_whatever_their_times_and_place(tmp_path: Path) -> None:
+    first = _layer(_tree(tmp_path / "one", mtime=1_600_000_000), tmp_path / "one.tar.gz")
+    second = _layer(_tree(tmp_path / "two", mtime=1_700_000_000), tmp_path / "two.tar.gz")
+    assert first.digest == second.digest and first.diff_id == second.diff_id
+    assert first.path.read_bytes() == second.path.read_bytes()
+    data = first.path.read_bytes()
+    assert first.digest == f"sha256:{hashlib.sha256(data).hexdigest()}"
+    assert first.diff_id == f"sha256:{hashlib.sha256(gzip.decompress(data)).hexdigest()}"
+    assert first.size == len(data)
+
+
+def test_entries_are_sorted_owned_by_root_with_fixed_modes_and_times(tmp_path: Path) -> None:
+    layer = _layer(_tree(tmp_path / "t", mtime=1_650_000_000), tmp_path / "l.tar.gz")
+    data = layer.path.read_bytes()
+    assert data[4:8] == b"\0\0\0\0" and data[3] & 0x08 == 0  # gzip: no time, no file name
+    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(data))) as tar:
+        members = tar.getmembers()
+    names = [m.name for m in members]
+    assert names == sorted(names)
+    assert names[:2] == ["opt", "opt/app"]  # parents come first, and exist
+    assert "opt/app/__pycache__" not in names and not [n for n in names if n.endswith(".pyc")]
+    for member in members:
+        assert (member.uid, member.gid, member.uname, member.gname) == (0, 0, "", "")
+        assert member.mtime == FIXED_MTIME
+        assert not member.name.startswith("/") and str(tmp_path) not in member.name
+    modes = {m.name: m.mode for m in members}
+    assert modes["opt/app"] == 0o755 and modes["opt/app/b.txt"] == 0o644
+    assert modes["opt/app/sub/run.sh"] == 0o755 and modes["opt/mms/bin/start"] == 0o755
+
+
+def test_a_link_in_the_tree_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "secret").symlink_to("/etc/shadow")
+    with pytest.raises(InvalidBuildSpec, match="secret"):
+        LayerBuilder().add_tree(tmp_path / "pkg", "/opt/app")
+
+
+def test_a_path_that_climbs_out_is_refused() -> None:
+    with pytest.raises(InvalidBuildSpec, match=r"\.\."):
+        LayerBuilder().add_bytes("/opt/../../etc/passwd", b"x")

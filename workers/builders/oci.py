@@ -1,0 +1,468 @@
+"""Build scoring images without a daemon: layers written as files, pushed over the OCI API.
+
+The base image is never pulled whole: its manifest and config are read, its layers are
+mounted (same registry) or copied blob by blob (another registry) into the target
+repository, and four new layers go on top, slowest-changing first:
+
+1. Python dependencies (the manifest's requirements and the scoring server's), installed as
+   wheels for the base image's own Python and platform; cached in the registry under a key
+   of (requirements, Python version, platform), so an unchanged environment never runs the
+   installer again, on any worker;
+2. the scoring server;
+3. the driver program and assets;
+4. the model files.
+
+Every layer is reproducible and the image's own name and version are only its tag, so the
+same inputs give the same digest: a new model version uploads one layer, a config and a
+manifest. What needs a container run (``RUN`` steps, conda packages) needs the docker
+builder, and the build says so at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shlex
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import certifi
+
+from workers.build_context import (
+    APP_ROOT,
+    FIXED_MTIME,
+    MODEL_ROOT,
+    PORT,
+    SERVER_REQUIREMENTS,
+    BuildSpec,
+    InvalidBuildSpec,
+    check_spec,
+    conda_python_allows,
+    has_models,
+    parse_extra_steps,
+    read_pem,
+    runtime_env,
+    server_dir,
+    split_conda,
+    start_script,
+)
+from workers.builders import BuildFailed, BuildResult, Log, address_host, redacting, scrub
+from workers.oci.layers import Layer, LayerBuilder
+from workers.oci.media import OCI, Family
+from workers.oci.python_env import (
+    SITE_PACKAGES,
+    TargetPython,
+    dependency_cache_key,
+    detect_target,
+    install_dependencies,
+    normalise_requirements,
+)
+from workers.oci.registry import ImageReference, Manifest, RegistryClient, RegistryError, file_chunks
+
+__all__ = ["BASE_DIGEST_LABEL", "CACHE_REPOSITORY", "OciBuilder", "check_extra_steps"]
+
+logger = logging.getLogger(__name__)
+
+BASE_DIGEST_LABEL = "org.mms.base-image.digest"
+CACHE_REPOSITORY = "mms/cache/python-deps"  # under the registry's prefix
+SERVICE_NAMESPACE = "mms/"
+LIB = "/opt/mms/lib"
+CREATED = datetime.fromtimestamp(FIXED_MTIME, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+MODEL_LAYER_LEVEL = 1  # models barely compress; level 1 keeps a warm rebuild near upload speed
+
+
+@dataclass(frozen=True)
+class _Blob:
+    """A layer to place in the target repository, and where it can come from."""
+
+    digest: str
+    size: int
+    media_type: str
+    body: Callable[[], Iterator[bytes]]
+    mount_from: str | None = None  # a repository in the target registry that holds it
+
+
+class OciBuilder:
+    """Builds on ``registry`` (``host[:port][/prefix]``) with its login, no Docker needed."""
+
+    def __init__(self, registry: str, registry_auth: Mapping[str, str] | None = None, *,
+                 cache_dir: Path | None = None, timeout: float = 300.0) -> None:
+        self.registry = registry.rstrip("/")
+        self.host, _, self.prefix = self.registry.partition("/")
+        self._auth = dict(registry_auth) if registry_auth else None
+        self.cache_dir = Path(cache_dir) if cache_dir else None  # uv's wheel cache, base facts
+        self.timeout = timeout
+
+    def repository(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def build_and_push(self, spec: BuildSpec, image_repo: str, tag: str, log: Log) -> BuildResult:
+        """Build ``spec``, push it as ``<registry>/<image_repo>:<tag>``, return the result."""
+        secrets = [s for s in (spec.base_registry and spec.base_registry.password,
+                               self._auth and self._auth.get("password")) if s]
+        emit = redacting(log, secrets)
+        started = time.monotonic()
+        location = f"{self.registry}/{image_repo}:{tag}"
+        try:
+            result = self._build(spec, self.repository(image_repo), tag, location, emit)
+        except BuildFailed as exc:
+            message = scrub(exc.message, secrets)
+            emit(f"mms: build failed at step {exc.step}: {message}")
+            logger.warning("build.failed", extra={"image": location, "step": exc.step})
+            raise BuildFailed(exc.step, message) from None
+        elapsed = time.monotonic() - started
+        emit(f"mms: done in {elapsed:.1f} s: {location} {result.digest} "
+             f"({result.size_bytes} bytes compressed)")
+        logger.info("build.succeeded", extra={"image": location, "digest": result.digest,
+                                              "seconds": round(elapsed, 1)})
+        return result
+
+    def _build(self, spec: BuildSpec, repo: str, tag: str, location: str, emit: Log) -> BuildResult:
+        check_spec(spec)
+        config_changes = check_extra_steps(spec.extra_dockerfile_steps or "")
+        requirements = _requirements(spec)
+        base_ref = _parse_base(spec.base_image)
+        with ExitStack() as stack:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mms-oci-")))
+            target = stack.enter_context(self._client(self.host, self._auth))
+            source = target
+            if not self._is_service_base(spec, base_ref):
+                source = stack.enter_context(
+                    self._client(base_ref.host, self._base_login(spec, base_ref)))
+
+            step = "pull-base"
+            try:
+                emit(f"mms: reading base image {base_ref}")
+                base = source.get_manifest(base_ref.repository, base_ref.reference)
+                family = Family.of(base.media_type)
+                base_config = json.loads(source.get_blob(base_ref.repository,
+                                                         base.body["config"]["digest"]))
+                emit(f"mms: base {base.digest}: {len(base.body['layers'])} layer(s), "
+                     f"{family.manifest.split('/')[-1]}")
+                python = self._target_python(base, base_config, source, base_ref, emit)
+                _check_conda_python(spec, python)
+
+                step = "environment"
+                deps = self._dependency_layer(requirements, python, spec, target, family,
+                                              work, emit)
+                step = "scoring-server"
+                layers = [self._server_layer(spec, work)]
+                step = "driver"
+                layers.append(_tree_layer(spec.app_dir, APP_ROOT, work / "app.tar.gz",
+                                          "mms oci builder: driver program and assets"))
+                if has_models(spec):
+                    step = "models"
+                    started = time.monotonic()
+                    layers.append(_tree_layer(spec.model_dir, MODEL_ROOT, work / "models.tar.gz",
+                                              "mms oci builder: model files",
+                                              level=MODEL_LAYER_LEVEL))
+                    emit(f"mms: model layer {layers[-1].size} bytes in "
+                         f"{time.monotonic() - started:.2f} s")
+
+                step = "push"
+                blobs = [_Blob(d["digest"], d["size"], d["mediaType"],
+                               self._base_blob_body(source, base_ref, d["digest"], work),
+                               base_ref.repository if source is target else None)
+                         for d in base.body["layers"]]
+                blobs.append(deps)
+                blobs += [_Blob(layer.digest, layer.size, family.layer, file_chunks(layer.path))
+                          for layer in layers]
+                diff_ids = [deps.diff_id] + [layer.diff_id for layer in layers]
+                history = [deps.created_by] + [layer.created_by for layer in layers]
+                config = _image_config(base_config, diff_ids, history,
+                                       env=runtime_env(spec, f"{LIB}:{SITE_PACKAGES}")
+                                       | {"MMS_SITE_PACKAGES": SITE_PACKAGES},
+                                       labels={**spec.labels, BASE_DIGEST_LABEL: base.digest},
+                                       changes=config_changes)
+                digest, size = self._push(target, repo, tag, family, blobs, config, emit)
+            except RegistryError as exc:
+                raise BuildFailed(step, str(exc)) from None
+            except InvalidBuildSpec as exc:
+                raise BuildFailed(step, str(exc)) from None
+        return BuildResult(location, digest, size, base.digest)
+
+    # -- inputs ------------------------------------------------------------------------
+
+    def _client(self, host: str, login: Mapping[str, str] | None) -> RegistryClient:
+        login = login or {}
+        return RegistryClient(host, login.get("username"), login.get("password"),
+                              timeout=self.timeout)
+
+    def _is_service_base(self, spec: BuildSpec, ref: ImageReference) -> bool:
+        # The service's login reads (and mounts from) only its own prebuilt bases: other
+        # tenants' images live in the same registry, and a manifest's baseImage must not
+        # reach them through it. Any other base is read with the manifest's own login.
+        return (spec.base_registry is None and address_host(ref.host) == self.host
+                and ref.repository.startswith(self.repository(SERVICE_NAMESPACE)))
+
+    def _base_login(self, spec: BuildSpec, ref: ImageReference) -> dict[str, str] | None:
+        creds = spec.base_registry
+        if creds is None:
+            return None
+        given = address_host(creds.address)
+        if given != address_host(ref.host):
+            raise BuildFailed("pull-base", f"the base image registry credentials are for "
+                                           f"{given}, but the base image is on {address_host(ref.host)}")
+        return {"username": creds.username, "password": creds.password}
+
+    def _target_python(self, base: Manifest, config: dict, source: RegistryClient,
+                       ref: ImageReference, emit: Log) -> TargetPython:
+        cached = self.cache_dir / "targets" / f"{base.body['config']['digest'][7:]}.json" \
+            if self.cache_dir else None
+        if cached is not None and cached.exists():
+            return TargetPython(**json.loads(cached.read_text()))
+
+        def openers() -> Iterator[Any]:
+            emit("mms: reading the base image's layers to find its Python and C library")
+            for layer in base.body["layers"]:
+                yield source.open_blob(ref.repository, layer["digest"])
+
+        python = detect_target(config, openers)
+        emit(f"mms: base image runs {python.describe()}")
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_suffix(f".{time.monotonic_ns()}")
+            tmp.write_text(json.dumps({"version": python.version, "platform": python.platform}))
+            tmp.replace(cached)
+        return python
+
+    def _base_blob_body(self, source: RegistryClient, ref: ImageReference, digest: str,
+                        work: Path) -> Callable[[], Iterator[bytes]]:
+        def body() -> Iterator[bytes]:
+            # Copied through a file: the digest is checked before a byte is uploaded.
+            path = work / f"base-{digest[7:]}"
+            if not path.exists():
+                source.download_blob(ref.repository, digest, path)
+            yield from file_chunks(path)()
+
+        return body
+
+    # -- layers ------------------------------------------------------------------------
+
+    def _dependency_layer(self, requirements: list[str], python: TargetPython, spec: BuildSpec,
+                          target: RegistryClient, family: Family, work: Path, emit: Log) -> "_Deps":
+        key = dependency_cache_key(requirements, python)
+        cache_repo = self.repository(CACHE_REPOSITORY)
+        entry = target.find_manifest(cache_repo, key)
+        if entry is not None:
+            layer = entry.body["layers"][0]
+            cache_config = json.loads(target.get_blob(cache_repo, entry.body["config"]["digest"]))
+            emit(f"mms: dependency layer cached ({key[:12]}): {layer['size']} bytes, "
+                 "no install needed")
+            return _Deps(layer["digest"], layer["size"], family.layer, _no_body, cache_repo,
+                         cache_config["rootfs"]["diff_ids"][0], _deps_history(key))
+        started = time.monotonic()
+        site = work / "deps" / "site-packages"
+        install_dependencies(requirements, python, site, emit,
+                             cache_dir=self.cache_dir / "uv" if self.cache_dir else None,
+                             ca_bundle=self._ca_bundle(spec, work),
+                             timeout=max(self.timeout, 1800))
+        builder = LayerBuilder()
+        builder.add_tree(site, SITE_PACKAGES)
+        layer = builder.write(work / "deps.tar.gz", _deps_history(key))
+        emit(f"mms: dependency layer {layer.size} bytes in {time.monotonic() - started:.1f} s; "
+             f"caching it as {key[:12]}")
+        target.push_blob(cache_repo, layer.digest, layer.size, file_chunks(layer.path))
+        cache_config = _json({"architecture": "amd64", "os": "linux",
+                              "rootfs": {"type": "layers", "diff_ids": [layer.diff_id]},
+                              "config": {"Labels": {"org.mms.cache.python": python.describe()}}})
+        config_digest = _sha(cache_config)
+        target.push_blob(cache_repo, config_digest, len(cache_config), lambda: iter([cache_config]))
+        manifest = _json({"schemaVersion": 2, "mediaType": OCI.manifest,
+                          "config": {"mediaType": OCI.config, "digest": config_digest,
+                                     "size": len(cache_config)},
+                          "layers": [{"mediaType": OCI.layer, "digest": layer.digest,
+                                      "size": layer.size}]})
+        target.put_manifest(cache_repo, key, manifest, OCI.manifest)
+        return _Deps(layer.digest, layer.size, family.layer, file_chunks(layer.path), cache_repo,
+                     layer.diff_id, layer.created_by)
+
+    @staticmethod
+    def _ca_bundle(spec: BuildSpec, work: Path) -> Path | None:
+        if not spec.ca_bundles:
+            return None
+        # uv's SSL_CERT_FILE replaces its roots: keep the public ones and add the extra CAs.
+        bundle = work / "ca-bundle.pem"
+        bundle.write_bytes(Path(certifi.where()).read_bytes() + b"\n" +
+                           b"".join(read_pem(p) for p in spec.ca_bundles))
+        return bundle
+
+    @staticmethod
+    def _server_layer(spec: BuildSpec, work: Path) -> Layer:
+        builder = LayerBuilder()
+        builder.add_tree(server_dir(), f"{LIB}/scoring_server")
+        builder.add_bytes("/opt/mms/bin/start", start_script("python3").encode(), executable=True)
+        return builder.write(work / "server.tar.gz", "mms oci builder: scoring server")
+
+    # -- push --------------------------------------------------------------------------
+
+    def _push(self, target: RegistryClient, repo: str, tag: str, family: Family,
+              blobs: list[_Blob], config: bytes, emit: Log) -> tuple[str, int]:
+        started = time.monotonic()
+        counts: dict[str, int] = {}
+        uploaded = 0
+        for blob in blobs:
+            how = target.push_blob(repo, blob.digest, blob.size, blob.body,
+                                   mount_from=blob.mount_from)
+            counts[how] = counts.get(how, 0) + 1
+            if how == "uploaded":
+                uploaded += blob.size
+                emit(f"mms: uploaded {blob.digest[:19]} ({blob.size} bytes)")
+        config_digest = _sha(config)
+        target.push_blob(repo, config_digest, len(config), lambda: iter([config]))
+        manifest = _json({"schemaVersion": 2, "mediaType": family.manifest,
+                          "config": {"mediaType": family.config, "digest": config_digest,
+                                     "size": len(config)},
+                          "layers": [{"mediaType": b.media_type, "digest": b.digest,
+                                      "size": b.size} for b in blobs]})
+        digest = target.put_manifest(repo, tag, manifest, family.manifest)
+        summary = ", ".join(f"{n} {how}" for how, n in sorted(counts.items()))
+        emit(f"mms: pushed {self.host}/{repo}:{tag} {digest} in "
+             f"{time.monotonic() - started:.2f} s (layers: {summary}; {uploaded} bytes uploaded)")
+        return digest, sum(b.size for b in blobs)
+
+
+@dataclass(frozen=True)
+class _Deps(_Blob):
+    diff_id: str = ""
+    created_by: str = ""
+
+
+def _no_body() -> Iterator[bytes]:
+    raise RegistryError("the cached dependency layer vanished from the registry; build again")
+
+
+def _deps_history(key: str) -> str:
+    return f"mms oci builder: python dependencies (environment {key[:12]})"
+
+
+def _tree_layer(root: Path | None, image_path: str, dest: Path, created_by: str,
+                *, level: int = 6) -> Layer:
+    builder = LayerBuilder()
+    if root is not None:
+        builder.add_tree(root, image_path)
+    return builder.write(dest, created_by, level=level)
+
+
+def _parse_base(reference: str) -> ImageReference:
+    try:
+        return ImageReference.parse(reference)
+    except ValueError as exc:
+        raise BuildFailed("pull-base", str(exc)) from None
+
+
+def _requirements(spec: BuildSpec) -> list[str]:
+    """The scoring server's pins and the manifest's pip entries, or BuildFailed."""
+    lines = list(SERVER_REQUIREMENTS)
+    if spec.conda_file is not None:
+        python_spec, conda_only, pip_entries = split_conda(spec.conda_file)
+        if conda_only:
+            raise BuildFailed("environment", "the conda file lists conda packages "
+                              f"({', '.join(conda_only)}), which need conda in a container "
+                              "run: use the docker builder (builder: docker), or list them "
+                              "under pip:")
+        lines += pip_entries
+    if spec.pip_requirements:
+        lines += spec.pip_requirements.splitlines()
+    kept = []
+    for line in normalise_requirements(lines):
+        if line.startswith("-") and not line.startswith(("--index-url", "--extra-index-url")):
+            raise BuildFailed("environment", f"requirements option {line.split()[0]} is not "
+                              "supported by the oci builder: use the docker builder")
+        kept.append(line)
+    return kept
+
+
+def _check_conda_python(spec: BuildSpec, python: TargetPython) -> None:
+    if spec.conda_file is None:
+        return
+    wanted = split_conda(spec.conda_file)[0]
+    if wanted and not conda_python_allows(wanted, python.version):
+        raise BuildFailed("environment", f"the conda file asks for python{wanted} but the base "
+                          f"image has Python {python.version} (choose a matching base image)")
+
+
+def check_extra_steps(text: str) -> dict[str, Any]:
+    """ENV, LABEL and EXPOSE steps become config; a RUN needs a container, so it fails now."""
+    changes: dict[str, Any] = {"env": {}, "labels": {}, "ports": []}
+    try:
+        instructions = parse_extra_steps(text)
+    except InvalidBuildSpec as exc:
+        raise BuildFailed("extra-steps", str(exc)) from None
+    for instruction in instructions:
+        keyword, _, rest = instruction.partition(" ")
+        keyword = keyword.upper()
+        rest = rest.replace("\\\n", " ").strip()
+        if keyword == "RUN":
+            raise BuildFailed("extra-steps", f"extraDockerfileSteps has a RUN step "
+                              f"({_short(instruction)}), which needs a container: use the "
+                              "docker builder (builder: docker)")
+        if keyword == "ARG":
+            continue  # build-time only: nothing runs at build time here
+        if keyword == "EXPOSE":
+            changes["ports"] += [p if "/" in p else f"{p}/tcp" for p in rest.split()]
+            continue
+        pairs = _pairs(rest, keyword)
+        changes["env" if keyword == "ENV" else "labels"].update(pairs)
+    return changes
+
+
+def _pairs(text: str, keyword: str) -> dict[str, str]:
+    try:
+        words = shlex.split(text)
+    except ValueError as exc:
+        raise BuildFailed("extra-steps", f"{keyword} {_short(text)}: {exc}") from None
+    if keyword == "ENV" and words and "=" not in words[0]:
+        return {words[0]: " ".join(words[1:])}  # the legacy form: ENV NAME value
+    pairs = {}
+    for word in words:
+        name, sep, value = word.partition("=")
+        if not sep or not name:
+            raise BuildFailed("extra-steps", f"{keyword} {_short(text)}: expected NAME=value")
+        pairs[name] = value
+    return pairs
+
+
+def _short(text: str) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= 80 else line[:79] + "…"
+
+
+def _image_config(base: dict, diff_ids: list[str], history: list[str], *, env: dict[str, str],
+                  labels: Mapping[str, str], changes: dict[str, Any]) -> bytes:
+    config = {k: v for k, v in base.items()
+              if k not in ("container", "container_config", "docker_version", "id", "parent")}
+    config["created"] = CREATED
+    run = dict(base.get("config") or {})
+    merged_env = dict(e.split("=", 1) for e in run.get("Env") or [] if "=" in e)
+    merged_env.update(env)
+    merged_env.update(changes["env"])
+    run["Env"] = [f"{k}={v}" for k, v in merged_env.items()]
+    run["Cmd"] = ["/opt/mms/bin/start"]
+    run["WorkingDir"] = APP_ROOT
+    ports = dict(run.get("ExposedPorts") or {})
+    for port in [f"{PORT}/tcp", *changes["ports"]]:
+        ports[port] = {}
+    run["ExposedPorts"] = ports
+    run["Labels"] = {**(run.get("Labels") or {}), **labels, **changes["labels"]}
+    config["config"] = run
+    rootfs = base.get("rootfs") or {"type": "layers", "diff_ids": []}
+    config["rootfs"] = {"type": "layers", "diff_ids": [*rootfs.get("diff_ids", []), *diff_ids]}
+    config["history"] = [*(base.get("history") or []),
+                         *({"created": CREATED, "created_by": line} for line in history)]
+    return _json(config)
+
+
+def _json(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _sha(data: bytes) -> str:
+    return f"sha256:{hashlib.sha256(data).hexdigest()}"

@@ -1,0 +1,122 @@
+"""Reproducible image layers: the same files give the same bytes, on any worker.
+
+Entries are sorted, every parent folder is present, owners are 0:0 with no names, modes
+are 0755 (folders and executables) or 0644, every timestamp is fixed, and the gzip header
+carries no time and no file name. The layer's two digests (of the gzip blob, and of the
+tar inside it, the config's ``diff_id``) are computed in the one pass that writes it.
+Reproducible across workers as long as zlib's output for a level is, which holds for the
+same zlib release (a different zlib can change the blob digest, never the diff_id).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
+
+from workers.build_context import FIXED_MTIME, InvalidBuildSpec, walk_tree
+
+__all__ = ["Layer", "LayerBuilder"]
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A finished layer blob on disk."""
+
+    path: Path
+    digest: str  # sha256 of the gzip blob: the manifest's layer digest
+    diff_id: str  # sha256 of the uncompressed tar: the config's rootfs.diff_ids entry
+    size: int  # bytes of the gzip blob
+    created_by: str  # its line in the image history
+
+
+@dataclass(frozen=True)
+class _Entry:
+    source: Path | bytes | None  # None: a folder
+    executable: bool = False
+
+
+class _HashingWriter(io.RawIOBase):
+    """Hashes and counts what passes through on its way to ``sink``."""
+
+    def __init__(self, sink: BinaryIO) -> None:
+        self.sink, self.hash, self.size = sink, hashlib.sha256(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: bytes) -> int:  # type: ignore[override]
+        self.hash.update(data)
+        self.sink.write(data)
+        self.size += len(data)
+        return len(data)
+
+
+class LayerBuilder:
+    """Collect files under absolute image paths, then ``write`` them as one layer."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, _Entry] = {}
+
+    def add_bytes(self, image_path: str, data: bytes, *, executable: bool = False) -> None:
+        self._put(image_path, _Entry(data, executable))
+
+    def add_file(self, image_path: str, source: Path) -> None:
+        self._put(image_path, _Entry(Path(source), bool(Path(source).stat().st_mode & 0o111)))
+
+    def add_tree(self, root: Path, image_path: str) -> None:
+        """A folder's regular files and folders (no links, no ``__pycache__``)."""
+        self._put(image_path, _Entry(None))
+        for path, rel in walk_tree(Path(root)):
+            target = f"{image_path.rstrip('/')}/{rel}"
+            if path.is_dir():
+                self._put(target, _Entry(None))
+            else:
+                self.add_file(target, path)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _put(self, image_path: str, entry: _Entry) -> None:
+        path = PurePosixPath("/", image_path)
+        if ".." in path.parts:
+            raise InvalidBuildSpec(f"{image_path}: a layer path may not contain '..'")
+        name = str(path)[1:]
+        for parent in list(PurePosixPath(name).parents)[:-1]:
+            self._entries.setdefault(str(parent), _Entry(None))
+        self._entries[name] = entry
+
+    def write(self, dest: Path, created_by: str, *, level: int = 6) -> Layer:
+        """Write the layer to ``dest`` as a gzip tar at compression ``level``."""
+        with dest.open("wb") as out:
+            compressed = _HashingWriter(out)
+            with gzip.GzipFile(filename="", mode="wb", fileobj=compressed, compresslevel=level,
+                               mtime=0) as gz:
+                tar_bytes = _HashingWriter(gz)  # type: ignore[arg-type]
+                with tarfile.open(fileobj=tar_bytes, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                    for name in sorted(self._entries):
+                        _add(tar, name, self._entries[name])
+        return Layer(dest, f"sha256:{compressed.hash.hexdigest()}",
+                     f"sha256:{tar_bytes.hash.hexdigest()}", compressed.size, created_by)
+
+
+def _add(tar: tarfile.TarFile, name: str, entry: _Entry) -> None:
+    info = tarfile.TarInfo(name)
+    info.mtime, info.uid, info.gid, info.uname, info.gname = FIXED_MTIME, 0, 0, "", ""
+    if entry.source is None:
+        info.type, info.mode = tarfile.DIRTYPE, 0o755
+        tar.addfile(info)
+        return
+    info.mode = 0o755 if entry.executable else 0o644
+    if isinstance(entry.source, bytes):
+        info.size = len(entry.source)
+        tar.addfile(info, io.BytesIO(entry.source))
+        return
+    with entry.source.open("rb") as f:
+        info.size = os.fstat(f.fileno()).st_size
+        tar.addfile(info, f)

@@ -1,0 +1,414 @@
+"""A client for the OCI Distribution API: the calls a daemonless builder needs, no more.
+
+Why not a library: python-dxf refuses credentials over plain http even on loopback and
+forces the token realm to https, so it cannot talk to a registry on 127.0.0.1 with a
+password; oras-py targets artifacts, not image configs, and brings requests and
+jsonschema. The protocol surface used here is small (HEAD/GET/POST/PUT on four paths), so
+it is written on httpx, which the service already uses, and tested against the CNCF
+Distribution registry, with and without a password, and against this service's own
+``/v2/`` token flow.
+
+Authentication follows the registry's challenge: on a 401 with ``WWW-Authenticate: Basic``
+the request is retried with the given login; with ``Bearer realm=..,service=..,scope=..``
+a token is fetched from the realm (with the login as Basic credentials, or anonymously)
+and cached per scope. Credentials are only ever sent over https, or over http to a
+loopback registry (as Docker treats 127.0.0.0/8 as an insecure registry by default).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import ipaddress
+import logging
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
+
+import httpx
+
+from workers.oci.media import INDEX_TYPES, MANIFEST_TYPES
+
+__all__ = ["ImageReference", "Manifest", "RegistryClient", "RegistryError"]
+
+logger = logging.getLogger(__name__)
+
+DOCKER_HUB = "registry-1.docker.io"
+_ACCEPT = ", ".join((*MANIFEST_TYPES, *INDEX_TYPES))
+_CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
+_DIGEST = re.compile(r"sha256:[a-f0-9]{64}")
+_REPOSITORY = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*")
+_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+_CHUNK = 1 << 20
+
+
+class RegistryError(Exception):
+    """A registry call failed; ``status`` is the HTTP status (0: no answer), str() says why."""
+
+    def __init__(self, message: str, status: int = 0, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+@dataclass(frozen=True)
+class ImageReference:
+    """``host[:port]/repository[:tag][@digest]``, with Docker Hub's defaults applied."""
+
+    host: str
+    repository: str
+    tag: str | None = None
+    digest: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "ImageReference":
+        rest, _, digest = text.partition("@")
+        first, sep, remainder = rest.partition("/")
+        if sep and ("." in first or ":" in first or first == "localhost"):
+            host, path = first.lower(), remainder
+        else:
+            host, path = DOCKER_HUB, rest
+        name, tag = path, None
+        colon = path.rfind(":")
+        if colon > path.rfind("/"):
+            name, tag = path[:colon], path[colon + 1:]
+        if host == DOCKER_HUB and "/" not in name:
+            name = f"library/{name}"
+        if not _REPOSITORY.fullmatch(name):
+            raise ValueError(f"invalid repository name {name!r} in image reference {text!r}")
+        if tag is not None and not _TAG.fullmatch(tag):
+            raise ValueError(f"invalid tag {tag!r} in image reference {text!r}")
+        if digest and not _DIGEST.fullmatch(digest):
+            raise ValueError(f"invalid digest {digest!r} in image reference {text!r}")
+        if tag is None and not digest:
+            tag = "latest"
+        return cls(host, name, tag, digest or None)
+
+    @property
+    def reference(self) -> str:
+        """What the manifest is asked for by: the digest when pinned, else the tag."""
+        return self.digest or self.tag or "latest"
+
+    def __str__(self) -> str:
+        text = f"{self.host}/{self.repository}"
+        if self.tag:
+            text += f":{self.tag}"
+        return f"{text}@{self.digest}" if self.digest else text
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A fetched manifest: its exact bytes (what the digest is of), media type and digest."""
+
+    raw: bytes
+    media_type: str
+    digest: str
+    body: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
+
+
+def is_loopback_host(host: str) -> bool:
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    name = name.strip("[]")
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+class RegistryClient:
+    """One registry host, one login (or none), one connection pool. Use as a context manager."""
+
+    def __init__(self, host: str, username: str | None = None, password: str | None = None,
+                 *, insecure: bool | None = None, timeout: float = 300.0,
+                 verify: str | bool = True) -> None:
+        self.host = host
+        plain_http = is_loopback_host(host) if insecure is None else insecure
+        self.base_url = f"{'http' if plain_http else 'https'}://{host}"
+        self._login = (username, password or "") if username else None
+        self._tokens: dict[str, str] = {}  # scope → bearer token
+        self._basic = False  # the registry asked for Basic credentials
+        self._http = httpx.Client(timeout=httpx.Timeout(timeout, connect=30.0), verify=verify,
+                                  follow_redirects=False, trust_env=False)
+
+    def __enter__(self) -> "RegistryClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    # -- manifests ---------------------------------------------------------------------
+
+    def get_manifest(self, repository: str, reference: str, *, platform: tuple[str, str] = ("linux", "amd64")) -> Manifest:
+        """The image manifest of ``repository:reference``, choosing ``platform`` from an index."""
+        manifest = self._get_manifest(repository, reference)
+        if manifest.media_type in INDEX_TYPES:
+            wanted_os, wanted_arch = platform
+            for entry in manifest.body.get("manifests", []):
+                plat = entry.get("platform") or {}
+                if plat.get("os") == wanted_os and plat.get("architecture") == wanted_arch:
+                    return self._get_manifest(repository, entry["digest"])
+            raise RegistryError(f"{self.host}/{repository}:{reference} has no image for "
+                                f"{wanted_os}/{wanted_arch}", 404, "MANIFEST_UNKNOWN")
+        return manifest
+
+    def find_manifest(self, repository: str, reference: str) -> Manifest | None:
+        """Like ``get_manifest`` without an index, but None when it does not exist."""
+        try:
+            return self._get_manifest(repository, reference)
+        except RegistryError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def _get_manifest(self, repository: str, reference: str) -> Manifest:
+        response = self._request("GET", f"/v2/{repository}/manifests/{reference}",
+                                 scope=f"repository:{repository}:pull",
+                                 headers={"Accept": _ACCEPT})
+        raw = response.content
+        digest = f"sha256:{hashlib.sha256(raw).hexdigest()}"
+        if reference.startswith("sha256:") and digest != reference:
+            raise RegistryError(f"{self.host}/{repository}@{reference}: the registry sent a "
+                                f"manifest whose digest is {digest}")
+        try:
+            body = response.json()
+        except ValueError:
+            raise RegistryError(f"{self.host}/{repository}:{reference}: manifest is not JSON") from None
+        media_type = body.get("mediaType") or response.headers.get("content-type", "").split(";")[0]
+        if media_type not in (*MANIFEST_TYPES, *INDEX_TYPES):
+            raise RegistryError(f"{self.host}/{repository}:{reference}: unsupported manifest "
+                                f"type {media_type or 'unknown'} (schema 1 images are not supported)")
+        return Manifest(raw, media_type, digest, body)
+
+    def put_manifest(self, repository: str, tag: str, raw: bytes, media_type: str) -> str:
+        """Push a manifest under ``tag``; return its digest."""
+        digest = f"sha256:{hashlib.sha256(raw).hexdigest()}"
+        self._request("PUT", f"/v2/{repository}/manifests/{tag}",
+                      scope=f"repository:{repository}:pull,push",
+                      headers={"Content-Type": media_type}, content=raw, ok=(201,))
+        return digest
+
+    # -- blobs -------------------------------------------------------------------------
+
+    def blob_size(self, repository: str, digest: str) -> int | None:
+        """The blob's size when ``repository`` has it, else None."""
+        try:
+            response = self._request("HEAD", f"/v2/{repository}/blobs/{digest}",
+                                     scope=f"repository:{repository}:pull", ok=(200,))
+        except RegistryError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return int(response.headers.get("content-length", 0))
+
+    def get_blob(self, repository: str, digest: str, max_bytes: int = 64 << 20) -> bytes:
+        """A small blob (a config) read whole, its digest checked."""
+        with self.open_blob(repository, digest) as chunks:
+            data = bytearray()
+            for chunk in chunks:
+                data += chunk
+                if len(data) > max_bytes:
+                    raise RegistryError(f"blob {digest} is larger than {max_bytes} bytes")
+        if f"sha256:{hashlib.sha256(data).hexdigest()}" != digest:
+            raise RegistryError(f"{self.host}/{repository}: blob {digest} arrived corrupted")
+        return bytes(data)
+
+    def download_blob(self, repository: str, digest: str, dest: Path) -> int:
+        """Stream a blob to ``dest``, checking its digest; return its size."""
+        hasher, size = hashlib.sha256(), 0
+        with self.open_blob(repository, digest) as chunks, dest.open("wb") as out:
+            for chunk in chunks:
+                hasher.update(chunk)
+                out.write(chunk)
+                size += len(chunk)
+        if f"sha256:{hasher.hexdigest()}" != digest:
+            dest.unlink(missing_ok=True)
+            raise RegistryError(f"{self.host}/{repository}: blob {digest} arrived corrupted")
+        return size
+
+    def open_blob(self, repository: str, digest: str) -> "_BlobStream":
+        """The blob's bytes as a stream of chunks (the registry may redirect to storage)."""
+        return _BlobStream(self, repository, digest)
+
+    def push_blob(self, repository: str, digest: str, size: int,
+                  body: Callable[[], Iterable[bytes]], *, mount_from: str | None = None) -> str:
+        """Make ``repository`` hold the blob; return how: present, mounted or uploaded.
+
+        ``body`` opens the content afresh each time it is called, so an upload can be
+        retried after the registry asks for credentials.
+        """
+        if self.blob_size(repository, digest) is not None:
+            return "present"
+        scope = f"repository:{repository}:pull,push"
+        params = {}
+        if mount_from and mount_from != repository:
+            scope += f" repository:{mount_from}:pull"
+            params = {"mount": digest, "from": mount_from}
+        start = self._request("POST", f"/v2/{repository}/blobs/uploads/", scope=scope,
+                              params=params, ok=(201, 202))
+        if start.status_code == 201:
+            return "mounted"
+        location = start.headers.get("location")
+        if not location:
+            raise RegistryError(f"{self.host}: the registry started an upload without a Location")
+        self._request("PUT", _with_digest(urljoin(self.base_url + "/", location), digest),
+                      scope=scope, content=body, ok=(201,),
+                      headers={"Content-Type": "application/octet-stream",
+                               "Content-Length": str(size)})
+        return "uploaded"
+
+    # -- the HTTP exchange with authentication -----------------------------------------
+
+    def _request(self, method: str, path_or_url: str, *, scope: str, ok: tuple[int, ...] = (200,),
+                 content: bytes | Callable[[], Iterable[bytes]] | None = None,
+                 stream: bool = False, **kwargs: Any) -> httpx.Response:
+        url = path_or_url if "://" in path_or_url else self.base_url + path_or_url
+        for attempt in range(2):
+            headers = {**kwargs.pop("headers", {}), **self._auth_header(scope)}
+            body = content() if callable(content) else content
+            request = self._http.build_request(method, url, headers=headers, content=body, **kwargs)
+            kwargs["headers"] = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+            try:
+                response = self._http.send(request, stream=stream)
+            except httpx.HTTPError as exc:
+                raise RegistryError(f"registry {self.host} did not answer {method} "
+                                    f"{urlsplit(url).path}: {type(exc).__name__}: {exc}") from None
+            if response.status_code == 401 and attempt == 0:
+                challenge = response.headers.get("www-authenticate", "")
+                response.close()
+                self._authenticate(challenge, scope)
+                continue
+            if response.status_code in ok:
+                return response
+            if stream:
+                response.read()
+            response.close()
+            raise _error_from(self.host, method, url, response)
+        raise AssertionError("unreachable")
+
+    def _auth_header(self, scope: str) -> dict[str, str]:
+        token = self._tokens.get(scope)
+        if token:
+            return {"Authorization": f"Bearer {token}"}
+        if self._basic and self._login:
+            user, password = self._login
+            raw = base64.b64encode(f"{user}:{password}".encode()).decode()
+            return {"Authorization": f"Basic {raw}"}
+        return {}
+
+    def _authenticate(self, challenge: str, scope: str) -> None:
+        scheme = challenge.split(" ", 1)[0].lower()
+        if scheme == "basic":
+            if not self._login:
+                raise RegistryError(f"registry {self.host} requires authentication and no login was given",
+                                    401, "UNAUTHORIZED")
+            self._check_channel()
+            self._basic = True
+            return
+        if scheme != "bearer":
+            raise RegistryError(f"registry {self.host} asks for unsupported authentication "
+                                f"{scheme or '(none)'}", 401, "UNAUTHORIZED")
+        params = dict(_CHALLENGE_PARAM.findall(challenge))
+        realm = params.get("realm")
+        if not realm or urlsplit(realm).scheme not in ("http", "https"):
+            raise RegistryError(f"registry {self.host} sent a Bearer challenge without a realm", 401)
+        query = [("service", params["service"])] if "service" in params else []
+        # Our scope names every repository the call touches (a mount reads another one).
+        query += [("scope", s) for s in scope.split()]
+        auth = None
+        if self._login:
+            if urlsplit(realm).scheme != "https" and not is_loopback_host(urlsplit(realm).netloc):
+                raise RegistryError(f"registry {self.host}'s token service {urlsplit(realm).netloc} "
+                                    "is not https: the login is not sent there", 401)
+            auth = httpx.BasicAuth(*self._login)
+        try:
+            answer = self._http.get(realm, params=query, auth=auth)
+        except httpx.HTTPError as exc:
+            raise RegistryError(f"token service of {self.host} did not answer: {exc}") from None
+        if answer.status_code != 200:
+            who = "the login was refused" if self._login else "a login is required"
+            raise RegistryError(f"registry {self.host}: {who} (token service answered "
+                                f"{answer.status_code})", 401, "UNAUTHORIZED")
+        try:
+            data = answer.json()
+            token = data.get("token") or data["access_token"]
+        except (ValueError, KeyError, AttributeError):
+            raise RegistryError(f"token service of {self.host} sent no token") from None
+        self._tokens[scope] = token
+
+    def _check_channel(self) -> None:
+        if self.base_url.startswith("http://") and not is_loopback_host(self.host):
+            raise RegistryError(f"registry {self.host} is plain http: the login is not sent "
+                                "over an unencrypted connection", 401)
+
+
+class _BlobStream:
+    """``with client.open_blob(..) as chunks:`` — follows a redirect to blob storage."""
+
+    def __init__(self, client: RegistryClient, repository: str, digest: str) -> None:
+        self._client, self._repository, self._digest = client, repository, digest
+        self._response: httpx.Response | None = None
+
+    def __enter__(self) -> Iterator[bytes]:
+        client = self._client
+        response = client._request("GET", f"/v2/{self._repository}/blobs/{self._digest}",
+                                   scope=f"repository:{self._repository}:pull",
+                                   ok=(200, 307, 302), stream=True)
+        if response.status_code in (302, 307):
+            # Storage redirects (S3, Azure) are pre-signed: no registry credentials there.
+            target = urljoin(str(response.url), response.headers["location"])
+            response.close()
+            response = client._http.send(client._http.build_request("GET", target), stream=True)
+            if response.status_code != 200:
+                response.close()
+                raise RegistryError(f"blob {self._digest}: storage answered {response.status_code}",
+                                    response.status_code)
+        self._response = response
+        return response.iter_bytes(_CHUNK)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._response is not None:
+            self._response.close()
+
+
+def _with_digest(url: str, digest: str) -> str:
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "digest"]
+    query.append(("digest", digest))
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def _error_from(host: str, method: str, url: str, response: httpx.Response) -> RegistryError:
+    code, detail = None, ""
+    try:
+        errors = response.json().get("errors") or []
+        if errors:
+            code = errors[0].get("code")
+            detail = errors[0].get("message") or ""
+    except (ValueError, AttributeError):
+        pass
+    path = urlsplit(url).path  # never the query: an upload URL's state stays out of messages
+    what = {401: "the login was refused", 403: "access denied",
+            404: "not found"}.get(response.status_code, f"answered {response.status_code}")
+    message = f"registry {host}: {method} {path}: {what}"
+    if code or detail:
+        message += f" ({code or ''}{': ' if code and detail else ''}{detail})"
+    return RegistryError(message, response.status_code, code)
+
+
+def file_chunks(path: Path) -> Callable[[], Iterator[bytes]]:
+    """A body for ``push_blob`` that reads ``path`` afresh on every call."""
+
+    def chunks() -> Iterator[bytes]:
+        with path.open("rb") as f:
+            while block := f.read(_CHUNK):
+                yield block
+
+    return chunks
