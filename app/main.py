@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, FastAPI
 
 from app.api.deps import check_api_version
 from app.api.middleware import RequestIdMiddleware
-from app.api.routes import accounts, assets, health, images, manifests, models, oauth, principals
+from app.api.routes import accounts, assets, health, images, manifests, models, oauth, principals, registry
 from app.config import Settings, get_settings
 from app.context import ServiceContext
 from app.database import ensure_migrated
@@ -52,6 +52,7 @@ def create_app(settings: Settings | None = None, context: ServiceContext | None 
     app.include_router(api)
     app.include_router(assets.blob_router)
     app.include_router(oauth.router)
+    app.include_router(registry.router)
     app.include_router(health.router)
     return app
 
