@@ -34,7 +34,7 @@ import http.server
 import re
 import threading
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, Self
 from urllib.parse import parse_qs, urlsplit
 
 __all__ = ["CountingProxy", "ProxyStats", "Request"]
@@ -110,12 +110,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     server: _Server
     timeout = 300  # an idle client connection is closed after this long
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_GET(self) -> None:
         self._forward()
 
     do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_GET
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: object) -> None:
         pass  # quiet: the counters are the record
 
     def _forward(self) -> None:
@@ -276,7 +276,7 @@ class CountingProxy:
             raise RuntimeError("the proxy is not running")
         return self._server.address
 
-    def start(self) -> CountingProxy:
+    def start(self) -> Self:
         self._server = _Server(self.upstream, self._upstream_timeout)
         self._thread = threading.Thread(target=self._server.serve_forever,
                                         kwargs={"poll_interval": 0.1},
@@ -303,7 +303,7 @@ class CountingProxy:
             with self._server.counters.lock:
                 self._server.counters.clear()
 
-    def __enter__(self) -> CountingProxy:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
