@@ -10,11 +10,14 @@ same zlib release (a different zlib can change the blob digest, never the diff_i
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import os
+import struct
 import tarfile
+import zlib
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
@@ -95,14 +98,81 @@ class LayerBuilder:
         """Write the layer to ``dest`` as a gzip tar at compression ``level``."""
         with dest.open("wb") as out:
             compressed = _HashingWriter(out)
-            with gzip.GzipFile(filename="", mode="wb", fileobj=compressed, compresslevel=level,
-                               mtime=0) as gz:
+            with ParallelGzip(compressed, level) as gz:
                 tar_bytes = _HashingWriter(gz)  # type: ignore[arg-type]
                 with tarfile.open(fileobj=tar_bytes, mode="w|", format=tarfile.PAX_FORMAT) as tar:
                     for name in sorted(self._entries):
                         _add(tar, name, self._entries[name])
         return Layer(dest, f"sha256:{compressed.hash.hexdigest()}",
                      f"sha256:{tar_bytes.hash.hexdigest()}", compressed.size, created_by)
+
+
+class ParallelGzip:
+    """A gzip writer that deflates 1 MiB blocks on several threads, as pigz does.
+
+    Each block is deflated with the previous 32 KiB as its dictionary and ends on a sync
+    flush, so the pieces join into one ordinary deflate stream; zlib releases the GIL, so a
+    large model layer compresses on every core. The output depends only on the input and the
+    level (and the zlib release), never on the thread count or timing: reproducible.
+    """
+
+    BLOCK = 1 << 20
+    WINDOW = 32 << 10
+
+    def __init__(self, sink: BinaryIO, level: int) -> None:
+        self._sink, self._level = sink, level
+        self._buffer = bytearray()
+        self._previous_tail = b""
+        self._crc, self._size = 0, 0
+        workers = max(1, min(4, os.cpu_count() or 1))
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gzip")
+        self._pending: deque[Future[bytes]] = deque()
+        self._max_pending = 2 * workers
+        # The gzip header: no mtime, no file name, "unknown" OS: the same bytes anywhere.
+        sink.write(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff")
+
+    def write(self, data: bytes) -> int:
+        self._buffer += data
+        while len(self._buffer) >= self.BLOCK:
+            block = bytes(self._buffer[:self.BLOCK])
+            del self._buffer[:self.BLOCK]
+            self._submit(block, final=False)
+        return len(data)
+
+    def _submit(self, block: bytes, *, final: bool) -> None:
+        self._crc = zlib.crc32(block, self._crc)
+        self._size += len(block)
+        self._pending.append(self._pool.submit(_deflate, block, self._previous_tail,
+                                               self._level, final))
+        self._previous_tail = block[-self.WINDOW:]
+        while len(self._pending) > self._max_pending:
+            self._sink.write(self._pending.popleft().result())
+
+    def close(self) -> None:
+        try:
+            self._submit(bytes(self._buffer), final=True)
+            while self._pending:
+                self._sink.write(self._pending.popleft().result())
+            self._sink.write(struct.pack("<II", self._crc, self._size & 0xFFFFFFFF))
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> "ParallelGzip":
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _deflate(block: bytes, dictionary: bytes, level: int, final: bool) -> bytes:
+    if dictionary:
+        compressor = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS, zdict=dictionary)
+    else:
+        compressor = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return compressor.compress(block) + compressor.flush(zlib.Z_FINISH if final else zlib.Z_SYNC_FLUSH)
 
 
 def _add(tar: tarfile.TarFile, name: str, entry: _Entry) -> None:
