@@ -273,14 +273,8 @@ class OciBuilder:
         cache_config = _json({"architecture": "amd64", "os": "linux",
                               "rootfs": {"type": "layers", "diff_ids": [layer.diff_id]},
                               "config": {"Labels": {"org.mms.cache.python": python.describe()}}})
-        config_digest = _sha(cache_config)
-        target.push_blob(cache_repo, config_digest, len(cache_config), lambda: iter([cache_config]))
-        manifest = _json({"schemaVersion": 2, "mediaType": OCI.manifest,
-                          "config": {"mediaType": OCI.config, "digest": config_digest,
-                                     "size": len(cache_config)},
-                          "layers": [{"mediaType": OCI.layer, "digest": layer.digest,
-                                      "size": layer.size}]})
-        target.put_manifest(cache_repo, key, manifest, OCI.manifest)
+        _put_image(target, cache_repo, key, OCI, cache_config,
+                   [{"mediaType": OCI.layer, "digest": layer.digest, "size": layer.size}])
         return _Deps(layer.digest, layer.size, family.layer, file_chunks(layer.path), cache_repo,
                      layer.diff_id, layer.created_by)
 
@@ -315,18 +309,25 @@ class OciBuilder:
             if how == "uploaded":
                 uploaded += blob.size
                 emit(f"mms: uploaded {blob.digest[:19]} ({blob.size} bytes)")
-        config_digest = _sha(config)
-        target.push_blob(repo, config_digest, len(config), lambda: iter([config]))
-        manifest = _json({"schemaVersion": 2, "mediaType": family.manifest,
-                          "config": {"mediaType": family.config, "digest": config_digest,
-                                     "size": len(config)},
-                          "layers": [{"mediaType": b.media_type, "digest": b.digest,
-                                      "size": b.size} for b in blobs]})
-        digest = target.put_manifest(repo, tag, manifest, family.manifest)
+        digest = _put_image(target, repo, tag, family, config,
+                            [{"mediaType": b.media_type, "digest": b.digest, "size": b.size}
+                             for b in blobs])
         summary = ", ".join(f"{n} {how}" for how, n in sorted(counts.items()))
         emit(f"mms: pushed {self.host}/{repo}:{tag} {digest} in "
              f"{time.monotonic() - started:.2f} s (layers: {summary}; {uploaded} bytes uploaded)")
         return digest, sum(b.size for b in blobs)
+
+
+def _put_image(target: RegistryClient, repo: str, tag: str, family: Family, config: bytes,
+               layers: list[dict[str, Any]]) -> str:
+    """Push the config blob, then the manifest naming it and ``layers``; return its digest."""
+    config_digest = _sha(config)
+    target.push_blob(repo, config_digest, len(config), lambda: iter([config]))
+    manifest = _json({"schemaVersion": 2, "mediaType": family.manifest,
+                      "config": {"mediaType": family.config, "digest": config_digest,
+                                 "size": len(config)},
+                      "layers": layers})
+    return target.put_manifest(repo, tag, manifest, family.manifest)
 
 
 @dataclass(frozen=True)
