@@ -65,9 +65,13 @@ class Settings(BaseSettings):
     fetch_timeout_seconds: float = Field(default=1800.0, gt=0)
     extra_ca_bundle: Path | None = None  # PEM file of extra CAs trusted for fetches and builds
 
-    broker_url: str = "redis://127.0.0.1:6379/0"
+    # None: the embedded broker, a SQLite file under data_dir that `mms serve` and its own
+    # worker share (one machine). Production: redis://host:6379/0.
+    broker_url: str | None = None
     build_queue: str = "mms-builds"
-    registry: str = "127.0.0.1:5000"  # where images are pushed: host[:port][/prefix]
+    # Where images are pushed: host[:port][/prefix]. None: the embedded image store, an OCI
+    # image layout under data_dir that the service itself serves at /v2/.
+    registry: str | None = None
     registry_username: str | None = None
     registry_password: str | None = None
     # oci: daemonless, layers pushed over the registry API; docker: RUN steps, conda packages.
@@ -97,6 +101,35 @@ class Settings(BaseSettings):
         return frozenset(hosts)
 
     @property
+    def resolved_broker_url(self) -> str:
+        if self.broker_url:
+            return self.broker_url
+        return f"sqla+sqlite:///{(self.data_dir / 'broker.sqlite').resolve()}"
+
+    @property
+    def is_embedded_broker(self) -> bool:
+        return not self.broker_url
+
+    @property
+    def is_embedded_registry(self) -> bool:
+        return not self.registry
+
+    @property
+    def image_registry(self) -> str:
+        """The address images are named by and pulled from: the registry, or this service."""
+        return (self.registry or urlsplit(self.resolved_public_url).netloc).rstrip("/")
+
+    @property
+    def available_builders(self) -> tuple[str, ...]:
+        # The docker builder pushes through an engine, which needs a registry to push to.
+        return ("oci",) if self.is_embedded_registry else ("oci", "docker")
+
+    @property
+    def image_store_dir(self) -> Path:
+        """The embedded image store (an OCI image layout)."""
+        return self.data_dir / "images"
+
+    @property
     def resolved_build_cache_dir(self) -> Path:
         return self.build_cache_dir or self.data_dir / "build-cache"
 
@@ -104,6 +137,13 @@ class Settings(BaseSettings):
     def requires_https_urls(self) -> bool:
         """Outside development, SAS URLs must be https."""
         return self.env != "development"
+
+    @model_validator(mode="after")
+    def _docker_builder_needs_a_registry(self) -> "Settings":
+        if self.builder not in self.available_builders:
+            raise ValueError("MMS_BUILDER=docker needs MMS_REGISTRY: the Docker engine pushes "
+                             "images to a registry (the embedded image store takes oci builds)")
+        return self
 
     @model_validator(mode="after")
     def _refuse_placeholder_secrets(self) -> "Settings":

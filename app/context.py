@@ -64,7 +64,7 @@ class ServiceContext:
             sealer=Sealer(secret_key),
             verifier=TokenVerifier(issuers, settings.clock_skew_seconds),
             asset_store=make_asset_store(settings, secret_key),
-            build_queue=BuildQueue(settings.broker_url, settings.build_queue),
+            build_queue=BuildQueue(settings.resolved_broker_url, settings.build_queue),
         )
 
     @property

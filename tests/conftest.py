@@ -69,6 +69,7 @@ def settings(data_dir: Path, external_issuer: ExternalIssuer) -> Settings:
         # API tests ring a queue of their own that no worker listens to.
         broker_url="redis://127.0.0.1:6379/15",
         build_queue=f"mms-api-tests-{os.getpid()}",
+        registry="127.0.0.1:5000",
     )
 
 

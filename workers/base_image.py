@@ -1,84 +1,96 @@
-"""Publish the project's own inference base image from a debootstrap rootfs tarball.
+"""Publish the project's own inference base image from a root file system tarball, daemonless.
 
-The tarball comes from ``scripts/infra/base-rootfs.sh`` (python3, pip, venv, CA
-certificates, tini). An imported tarball has no image config, so PATH, LANG and CMD are
-set at import, as ``scripts/infra/base-image.sh`` does.
+The tarball comes from ``scripts/infra/base-rootfs.sh`` (debootstrap: python3, pip, venv,
+CA certificates, tini). It becomes one gzip layer as it is, with an image config written
+here (PATH, LANG, CMD, and labels naming its Python and C library, so builds on it never
+scan its layers), pushed to a registry or into the embedded image store with the same
+calls the oci builder uses. No Docker engine is involved.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, date, datetime
 from pathlib import Path
 
-from workers.builders import BuildFailed, Log
-from workers.builders.docker import check_stream, engine_client, registry_host
+from app.services.base_images import BASE_REPOSITORY
+from workers.builders import Log
+from workers.builders.oci import Store, put_image
+from workers.oci.layers import compress_tar
+from workers.oci.media import OCI
+from workers.oci.python_env import detect_target
+from workers.oci.registry import file_chunks
 
 __all__ = ["BASE_REPOSITORY", "publish_base_image"]
 
 logger = logging.getLogger(__name__)
 
-BASE_REPOSITORY = "mms/inference-base"
 _VERSION = re.compile(r"(\d+)\.(\d+)(\.\d+)?")
+_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-def publish_base_image(registry: str, rootfs_tar: str | Path, python_version: str, log: Log,
-                       auth: Mapping[str, str] | None = None, *, docker_host: str | None = None,
-                       today: date | None = None) -> str:
-    """Import ``rootfs_tar``, push it as ``py<ver>-<yyyymmdd>`` and ``py<ver>``; return the 1st."""
+def publish_base_image(store: Store, registry: str, rootfs_tar: str | Path, python_version: str,
+                       log: Log, *, today: date | None = None) -> str:
+    """Push ``rootfs_tar`` as ``py<ver>-<yyyymmdd>`` and ``py<ver>``; return the first reference.
+
+    ``registry`` is ``host[:port][/prefix]``, the address ``store`` is reached by.
+    """
     match = _VERSION.fullmatch(python_version)
     if not match:
         raise ValueError(f"python_version must look like 3.11 or 3.11.2, not {python_version!r}")
     short = f"{match[1]}.{match[2]}"
     day = today or datetime.now(UTC).date()
-    repo = f"{registry.rstrip('/')}/{BASE_REPOSITORY}"
+    host, _, prefix = registry.rstrip("/").partition("/")
+    repo = f"{prefix}/{BASE_REPOSITORY}" if prefix else BASE_REPOSITORY
     tags = (f"py{short}-{day:%Y%m%d}", f"py{short}")
     tar = Path(rootfs_tar)
-    sha = _sha256(tar)
-    changes = [
-        f"LABEL org.mms.rootfs.sha256={sha} org.mms.python={python_version} "
-        f"org.mms.build-date={day.isoformat()}",
-        "ENV LANG=C.UTF-8 PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1",
-        "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        'CMD ["python3"]',
-    ]
-    host = registry_host(f"{repo}:x")
-    auth_config = ({"username": auth["username"], "password": auth["password"],
-                    "serveraddress": host} if auth else {})
-    log(f"mms: importing {tar.name} (sha256 {sha[:12]}) as {repo}:{tags[0]}")
-    with engine_client(docker_host) as api, tar.open("rb") as fileobj:
-        # A file object, not a path: docker-py retries a str it cannot open as a URL.
-        answer = api.import_image(src=fileobj, repository=repo, tag=tags[0], changes=changes)
-        _check_import(answer)
-        api.tag(f"{repo}:{tags[0]}", repo, tags[1])
+    with tempfile.TemporaryDirectory(prefix="mms-base-") as tmp:
+        log(f"mms: compressing {tar.name} into a layer")
+        layer = compress_tar(tar, Path(tmp) / "rootfs.tar.gz",
+                             f"mms base-image publish: {tar.name}")
+        created = datetime(day.year, day.month, day.day, tzinfo=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        config = {
+            "architecture": "amd64",
+            "os": "linux",
+            "created": created,
+            "config": {
+                "Env": [f"PATH={_PATH}", "LANG=C.UTF-8", "PYTHONUNBUFFERED=1",
+                        "PYTHONDONTWRITEBYTECODE=1"],
+                "Cmd": ["python3"],
+                "Labels": {"org.mms.rootfs.sha256": layer.diff_id.removeprefix("sha256:"),
+                           "org.mms.build-date": day.isoformat()},
+            },
+            "rootfs": {"type": "layers", "diff_ids": [layer.diff_id]},
+            "history": [{"created": created, "created_by": layer.created_by}],
+        }
+        target = detect_target(config, lambda: [_opened(layer.path)])
+        if target.version != short:
+            raise ValueError(f"{tar.name} has Python {target.version}, not {short}")
+        libc = target.platform.split("-", 1)[1]  # manylinux_2_36 or unknown-linux-musl
+        config["config"]["Labels"] |= {
+            "org.mms.python": python_version,
+            "org.mms.libc": "musl" if "musl" in libc else
+                            "glibc-" + ".".join(libc.removeprefix("manylinux_").split("_")),
+        }
+        log(f"mms: layer {layer.digest} ({layer.size} bytes); {target.describe()}")
+        how = store.push_blob(repo, layer.digest, layer.size, file_chunks(layer.path))
+        log(f"mms: layer {how}")
+        raw = json.dumps(config, separators=(",", ":")).encode()
+        layers = [{"mediaType": OCI.layer, "digest": layer.digest, "size": layer.size}]
         for tag in tags:
-            log(f"mms: pushing {repo}:{tag}")
-            chunks = api.push(repo, tag=tag, stream=True, decode=True, auth_config=auth_config)
-            digest = check_stream("push", chunks, log, host, bool(auth_config)).get("Digest")
-            log(f"mms: pushed {repo}:{tag} {digest}")
-    logger.info("base_image.published", extra={"image": f"{repo}:{tags[0]}", "digest": digest})
-    return f"{repo}:{tags[0]}"
+            digest = put_image(store, repo, tag, OCI, raw, layers)
+            log(f"mms: pushed {host}/{repo}:{tag} {digest}")
+    reference = f"{registry.rstrip('/')}/{BASE_REPOSITORY}:{tags[0]}"
+    logger.info("base_image.published", extra={"image": reference, "digest": digest})
+    return reference
 
 
-def _check_import(answer: str | bytes) -> None:
-    """The import answers JSON lines; an ``error`` among them means it failed."""
-    text = answer.decode() if isinstance(answer, bytes) else str(answer)
-    for line in text.splitlines():
-        try:
-            chunk = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(chunk, dict) and (chunk.get("error") or chunk.get("errorDetail")):
-            raise BuildFailed("import", str(chunk.get("error") or chunk["errorDetail"]))
+@contextmanager
+def _opened(path: Path) -> Iterator[Iterator[bytes]]:
+    yield file_chunks(path)()
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

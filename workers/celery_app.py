@@ -1,4 +1,5 @@
-"""The Celery application of the build workers: Redis as the broker, the database as the truth."""
+"""The Celery application of the build workers: Redis (or the embedded SQLite broker) rings, the
+database is the truth."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from app.queue import BUILD_TASK
 REAP_TASK = "mms.reap_builds"
 
 settings = get_settings()
-celery_app = Celery("mms", broker=settings.broker_url, include=["workers.tasks"])
+celery_app = Celery("mms", broker=settings.resolved_broker_url, include=["workers.tasks"])
 celery_app.conf.update(
     task_default_queue=settings.build_queue,
     # A build is acknowledged only when it ends, and a worker takes one at a time, so a
@@ -20,8 +21,10 @@ celery_app.conf.update(
     task_reject_on_worker_lost=True,
     worker_prefetch_multiplier=1,
     # Redis re-delivers an unacknowledged task after this long even while it still runs;
-    # the lease makes that duplicate a no-op.
-    broker_transport_options={"visibility_timeout": settings.build_run_deadline_seconds + 600},
+    # the lease makes that duplicate a no-op. (The embedded SQLite broker takes no options.)
+    broker_transport_options=(
+        {} if settings.is_embedded_broker
+        else {"visibility_timeout": settings.build_run_deadline_seconds + 600}),
     broker_connection_retry_on_startup=True,
     task_routes={BUILD_TASK: {"queue": settings.build_queue}, REAP_TASK: {"queue": settings.build_queue}},
     beat_schedule={"reap-builds": {"task": REAP_TASK, "schedule": max(5.0, settings.build_lease_seconds / 2)}},

@@ -21,12 +21,15 @@ from app.context import ServiceContext
 from app.database import session_scope
 from app.orm import Image, ModelVersion
 from app.services.base_images import BASE_REPOSITORY, default_base_image
+from app.services.registry import image_layout
 from workers.build_context import BuildSpec, InvalidBuildSpec, RegistryCredentials
-from workers.builders import BuildFailed, Builder, BuildResult
+from workers.builders import Builder, BuildFailed, BuildResult
 from workers.builders.docker import DockerBuilder
-from workers.builders.oci import OciBuilder, check_extra_steps
+from workers.builders.oci import OciBuilder, Store, check_extra_steps
 from workers.fetch_policy import fetch_policy
 from workers.fetcher import FetchError, fetch, redact_url
+from workers.oci.layout_registry import LayoutRegistry
+from workers.oci.registry import ImageReference, RegistryClient
 from workers.smoke_test import SmokeTestFailed, smoke_test
 from workers.unpack import UnpackError, unpack_archive
 
@@ -173,10 +176,40 @@ def registry_login(settings: Settings) -> dict[str, str] | None:
 
 
 def make_builder(settings: Settings, name: str) -> Builder:
+    """The named builder, pushing to the registry, or into the embedded image store."""
     auth = registry_login(settings)
     if name == "oci":
-        return OciBuilder(settings.registry, auth, cache_dir=settings.resolved_build_cache_dir)
-    return DockerBuilder(settings.docker_host, settings.registry, auth)
+        layout = image_layout(settings) if settings.is_embedded_registry else None
+        return OciBuilder(settings.image_registry, auth, cache_dir=settings.resolved_build_cache_dir,
+                          layout=layout)
+    if settings.is_embedded_registry:
+        raise StepFailed("environment", "the docker builder pushes to a registry and the service "
+                         "has none configured: set MMS_REGISTRY (and DOCKER_HOST), or use the "
+                         "oci builder")
+    return DockerBuilder(settings.docker_host, settings.image_registry, auth)
+
+
+def image_store(settings: Settings) -> Store:
+    """Where images go: the registry with the service's login, or the embedded store."""
+    if settings.is_embedded_registry:
+        return LayoutRegistry(image_layout(settings), settings.image_registry)
+    login = registry_login(settings) or {}
+    return RegistryClient(settings.image_registry.partition("/")[0], login.get("username"),
+                          login.get("password"))
+
+
+def default_base(settings: Settings, published: str | None) -> str:
+    """The base image a manifest that names none builds on."""
+    if settings.default_base_image:
+        return settings.default_base_image
+    if not published:
+        return f"{settings.image_registry}/{BASE_REPOSITORY}:py3.11"
+    ref = ImageReference.parse(published)
+    if settings.is_embedded_registry and ref.repository == BASE_REPOSITORY:
+        # Published into the embedded store: address it as the service is reached now,
+        # which may be another port than when it was published.
+        return f"{settings.image_registry}/{ref.repository}:{ref.tag}"
+    return published
 
 
 def run_pipeline(context: ServiceContext, image_id: uuid.UUID, emit: Log) -> BuildResult:
@@ -189,9 +222,7 @@ def run_pipeline(context: ServiceContext, image_id: uuid.UUID, emit: Log) -> Bui
     with tempfile.TemporaryDirectory(prefix="mms-work-") as tmp:
         work = Path(tmp)
         app_dir, model_dir, conda, pip = fetch_step(context, inputs, work, emit)
-        base = inputs.base_image or settings.default_base_image or inputs.published_base or (
-            f"{settings.registry}/{BASE_REPOSITORY}:py3.11"
-        )
+        base = inputs.base_image or default_base(settings, inputs.published_base)
         spec = BuildSpec(
             base_image=base,
             driver_program=driver_file(inputs),
@@ -211,9 +242,9 @@ def run_pipeline(context: ServiceContext, image_id: uuid.UUID, emit: Log) -> Bui
         except InvalidBuildSpec as exc:
             raise StepFailed("environment", str(exc)) from None
     pulled = isinstance(builder, OciBuilder)
-    if pulled and not settings.docker_host:
-        emit("mms: smoke test skipped: the oci builder runs no containers and no Docker "
-             "engine is configured (set DOCKER_HOST to smoke-test oci images too)")
+    if pulled and (not settings.docker_host or settings.is_embedded_registry):
+        emit("mms: smoke test skipped: the oci builder runs no containers, and a smoke test "
+             "needs a Docker engine (DOCKER_HOST) pulling from a registry (MMS_REGISTRY)")
         return result
     emit("mms: smoke test: starting the image once and waiting for GET / to answer")
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from enum import Enum
 from pathlib import Path
@@ -65,8 +66,11 @@ def serve(
     host: Annotated[str | None, typer.Option(help="address to listen on [MMS_HOST]")] = None,
     port: Annotated[int | None, typer.Option(help="port to listen on [MMS_PORT]")] = None,
     workers: Annotated[int | None, typer.Option(help="API processes [MMS_WORKERS]")] = None,
+    build_worker: Annotated[bool | None, typer.Option(
+        "--build-worker/--no-build-worker",
+        help="also run a build worker (default: only with the embedded broker, no MMS_BROKER_URL)")] = None,
 ) -> None:
-    """Run the API server.
+    """Run the API server (and, in the embedded default, its build worker).
 
     Example: mms serve --port 8000
     """
@@ -94,16 +98,39 @@ def serve(
     from app.log_config import configure_logging
 
     configure_logging(settings.log_level, settings.log_format)
-    uvicorn.run(
-        "app.main:app_factory",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=settings.workers,
-        log_config=None,
-        proxy_headers=True,
-        timeout_graceful_shutdown=30,
-    )
+    worker = None
+    if settings.is_embedded_broker if build_worker is None else build_worker:
+        from app.cli.supervisor import ChildProcess
+
+        err.print(f"Build worker: started by this command (broker {_broker_name(settings)}, "
+                  f"images stored at {settings.image_registry if settings.registry else settings.image_store_dir})",
+                  highlight=False)
+        worker = ChildProcess("build-worker", [sys.executable, "-m", "app.cli", "worker"])
+        worker.start()
+        # uvicorn re-raises the SIGTERM it stopped on once it is done; exit through Python
+        # then, so the worker is stopped below rather than left to the kernel.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        uvicorn.run(
+            "app.main:app_factory",
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            workers=settings.workers,
+            log_config=None,
+            proxy_headers=True,
+            timeout_graceful_shutdown=30,
+        )
+    finally:
+        if worker is not None:
+            worker.stop()
+
+
+def _broker_name(settings: Settings) -> str:
+    if settings.is_embedded_broker:
+        return f"embedded, {settings.data_dir / 'broker.sqlite'}"
+    return make_url(settings.resolved_broker_url).render_as_string(hide_password=True) \
+        if "://" in settings.resolved_broker_url else "configured"
 
 
 @cli.command()
@@ -133,38 +160,50 @@ def worker(
 def publish_base_image(
     rootfs_tar: Annotated[Path | None, typer.Option(help="a root file system tarball; default: build one with debootstrap")] = None,
     python_version: Annotated[str, typer.Option(help="the Python the root file system carries")] = "3.11",
+    if_missing: Annotated[bool, typer.Option("--if-missing", help="do nothing when a base image is already published")] = False,
 ) -> None:
-    """Build the minimal CPU inference base image (Debian, python3, pip, CA certificates) and push it.
+    """Build the minimal CPU inference base image (Debian, python3, pip, CA certificates) and push
+    it to MMS_REGISTRY, or into the service's own image store. No Docker engine is needed.
 
-    Example: DOCKER_HOST=unix:///var/run/docker.sock mms base-image publish
+    Example: mms base-image publish --if-missing
     """
     import subprocess
 
+    from app.database import make_session_factory
+    from app.services.base_images import default_base_image, record_base_image
     from workers.base_image import publish_base_image as publish
+    from workers.oci.registry import RegistryError
+    from workers.pipeline import image_store
 
     settings = _settings()
     _prepare_database(settings)
+    engine = make_engine(settings)
+    factory = make_session_factory(engine)
+    if if_missing:
+        with session_scope(factory) as session:
+            existing = default_base_image(session)
+        if existing:
+            err.print(f"base image {existing} is already published", highlight=False)
+            engine.dispose()
+            return
     if rootfs_tar is None:
         # debootstrap, cached under /var/cache/mms so it runs once per machine.
+        err.print("building a Debian root file system with debootstrap (once per machine, about a minute)")
         script = Path(__file__).resolve().parents[2] / "scripts" / "infra" / "base-rootfs.sh"
         done = subprocess.run([str(script)], capture_output=True, text=True, check=False)
         if done.returncode != 0:
             _fail(f"building the root file system failed: {done.stderr.strip()[-500:]}")
         rootfs_tar = Path(done.stdout.strip().splitlines()[-1])
-    auth = (
-        {"username": settings.registry_username, "password": settings.registry_password or ""}
-        if settings.registry_username else None
-    )
-    reference = publish(settings.registry, rootfs_tar, python_version, lambda line: err.print(line, highlight=False),
-                        auth, docker_host=settings.docker_host)
-    from app.database import make_session_factory
-    from app.services.base_images import record_base_image
-
-    engine = make_engine(settings)
-    with session_scope(make_session_factory(engine)) as session:
+    try:
+        with image_store(settings) as store:
+            reference = publish(store, settings.image_registry, rootfs_tar, python_version,
+                                lambda line: err.print(line, highlight=False))
+    except (RegistryError, ValueError, OSError) as exc:
+        _fail(f"publishing the base image failed: {exc}")
+    with session_scope(factory) as session:
         record_base_image(session, reference=reference, python_version=python_version)
     engine.dispose()
-    err.print(f"published {reference}; it is now the default base image")
+    err.print(f"published {reference}; it is now the default base image", highlight=False)
 
 
 @db_cli.command("upgrade")

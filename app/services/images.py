@@ -6,7 +6,7 @@ from __future__ import annotations
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from app.errors import Conflict, NotFound
+from app.errors import BadRequest, Conflict, NotFound
 from app.orm import Account, BuildLogChunk, CreationState, Image, ImageName, Manifest
 from app.orm.base import utcnow
 from app.queue import BuildQueue, after_commit
@@ -24,9 +24,17 @@ def create_image(
     *,
     queue: BuildQueue,
     default_builder: str,
+    available_builders: tuple[str, ...] = ("oci", "docker"),
     created_by: str | None,
 ) -> Image:
     """Record a build as NotStarted and ring the queue once the transaction commits."""
+    builder = body.builder or default_builder
+    if builder not in available_builders:
+        raise BadRequest(
+            f"the {builder} builder is not available on this service: it pushes to a registry "
+            "and this service stores images itself (no MMS_REGISTRY); use builder: oci",
+            code="BuilderUnavailable",
+        )
     manifest = get_manifest(session, account, manifest_id=body.manifestId)
     _, version = claim_next_version(session, ImageName, account_id=account.id, name=body.name)
     image = Image(
@@ -37,7 +45,7 @@ def create_image(
         description=body.description,
         image_type=body.imageType,
         compute_resource_id=body.computeResourceId,
-        builder=body.builder or default_builder,
+        builder=builder,
         created_by=created_by,
         state=CreationState.NOT_STARTED.value,
         published_at=utcnow(),

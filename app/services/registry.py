@@ -100,7 +100,7 @@ class RegistryError(ServiceError):
 
 def image_layout(settings: Settings) -> OciLayout:
     """The layout under ``<data dir>/images`` (nothing is created until something is written)."""
-    return _layout_at((settings.data_dir / "images").absolute())
+    return _layout_at(settings.image_store_dir.absolute())
 
 
 @lru_cache(maxsize=16)

@@ -55,3 +55,10 @@ def test_production_refuses_a_placeholder_secret(tmp_path: Path) -> None:
     result = _mms(["db", "upgrade"], tmp_path, MMS_ENV="production", MMS_SECRET_KEY="changeme")
     assert result.returncode == 1
     assert "MMS_SECRET_KEY" in result.stderr
+
+
+def test_the_docker_builder_without_a_registry_is_a_settings_error(tmp_path: Path) -> None:
+    result = _mms(["db", "upgrade"], tmp_path, MMS_BUILDER="docker")
+    assert result.returncode == 1
+    assert "MMS_BUILDER=docker needs MMS_REGISTRY" in result.stderr
+    assert _mms(["db", "upgrade"], tmp_path, MMS_BUILDER="docker", MMS_REGISTRY="127.0.0.1:5000").returncode == 0

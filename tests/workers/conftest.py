@@ -8,6 +8,9 @@ Everything a test creates (images, registry manifests, containers) is removed at
 from __future__ import annotations
 
 import contextlib
+import io
+import pickle
+import zipfile
 import os
 import shutil
 import subprocess
@@ -98,3 +101,14 @@ def _clean_up(infra: Infra) -> None:
             client.delete(f"http://{registry}/v2/{repo}/manifests/{digest}", auth=auth)
 
 
+@pytest.fixture(scope="module")
+def model() -> tuple[object, list[list[float]], bytes]:
+    from sklearn.linear_model import LinearRegression
+
+    rows = [[float(i), float(i % 3), float(i * i % 7)] for i in range(40)]
+    target = [2.0 * a - 0.5 * b + 0.25 * c + 1 for a, b, c in rows]
+    trained = LinearRegression().fit(rows, target)
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("model.pkl", pickle.dumps(trained))
+    return trained, rows[:5], archive.getvalue()

@@ -9,14 +9,12 @@ from __future__ import annotations
 import io
 import json
 import os
-import pickle
 import signal
 import socket
 import subprocess
 import sys
 import time
 import uuid
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,19 +130,6 @@ def stack(infra: Infra, service_context: ServiceContext, tmp_path_factory: pytes
                     process.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     process.kill()
-
-
-@pytest.fixture(scope="module")
-def model() -> tuple[object, list[list[float]], bytes]:
-    from sklearn.linear_model import LinearRegression
-
-    rows = [[float(i), float(i % 3), float(i * i % 7)] for i in range(40)]
-    target = [2.0 * a - 0.5 * b + 0.25 * c + 1 for a, b, c in rows]
-    trained = LinearRegression().fit(rows, target)
-    archive = io.BytesIO()
-    with zipfile.ZipFile(archive, "w") as zf:
-        zf.writestr("model.pkl", pickle.dumps(trained))
-    return trained, rows[:5], archive.getvalue()
 
 
 class Account:

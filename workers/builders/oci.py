@@ -35,6 +35,8 @@ from typing import Any
 
 import certifi
 
+from app.storage.oci_layout import OciLayout
+
 from workers.build_context import (
     APP_ROOT,
     FIXED_MTIME,
@@ -64,9 +66,10 @@ from workers.oci.python_env import (
     install_dependencies,
     normalise_requirements,
 )
+from workers.oci.layout_registry import LayoutRegistry
 from workers.oci.registry import ImageReference, Manifest, RegistryClient, RegistryError, file_chunks
 
-__all__ = ["BASE_DIGEST_LABEL", "CACHE_REPOSITORY", "OciBuilder", "check_extra_steps"]
+__all__ = ["BASE_DIGEST_LABEL", "CACHE_REPOSITORY", "OciBuilder", "Store", "check_extra_steps", "put_image"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +79,10 @@ SERVICE_NAMESPACE = "mms/"
 LIB = "/opt/mms/lib"
 CREATED = datetime.fromtimestamp(FIXED_MTIME, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 MODEL_LAYER_LEVEL = 1  # models barely compress; level 1 keeps a warm rebuild near upload speed
+
+
+# Where images go: a registry, or the service's own layout (the embedded default).
+Store = RegistryClient | LayoutRegistry
 
 
 @dataclass(frozen=True)
@@ -93,12 +100,16 @@ class OciBuilder:
     """Builds on ``registry`` (``host[:port][/prefix]``) with its login, no Docker needed."""
 
     def __init__(self, registry: str, registry_auth: Mapping[str, str] | None = None, *,
-                 cache_dir: Path | None = None, timeout: float = 300.0) -> None:
+                 cache_dir: Path | None = None, timeout: float = 300.0,
+                 layout: OciLayout | None = None) -> None:
         self.registry = registry.rstrip("/")
         self.host, _, self.prefix = self.registry.partition("/")
         self._auth = dict(registry_auth) if registry_auth else None
         self.cache_dir = Path(cache_dir) if cache_dir else None  # uv's wheel cache, base facts
         self.timeout = timeout
+        # The embedded store: images go into this layout, which the service serves as
+        # ``registry`` (its own address); no registry process is involved.
+        self.layout = layout
 
     def repository(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name
@@ -131,7 +142,7 @@ class OciBuilder:
         base_ref = _parse_base(spec.base_image)
         with ExitStack() as stack:
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mms-oci-")))
-            target = stack.enter_context(self._client(self.host, self._auth))
+            target = stack.enter_context(self._target())
             source = target
             if not self._is_service_base(spec, base_ref):
                 source = stack.enter_context(
@@ -190,6 +201,11 @@ class OciBuilder:
 
     # -- inputs ------------------------------------------------------------------------
 
+    def _target(self) -> Store:
+        if self.layout is not None:
+            return LayoutRegistry(self.layout, self.host)
+        return self._client(self.host, self._auth)
+
     def _client(self, host: str, login: Mapping[str, str] | None) -> RegistryClient:
         login = login or {}
         return RegistryClient(host, login.get("username"), login.get("password"),
@@ -212,7 +228,7 @@ class OciBuilder:
                                            f"{given}, but the base image is on {address_host(ref.host)}")
         return {"username": creds.username, "password": creds.password}
 
-    def _target_python(self, base: Manifest, config: dict, source: RegistryClient,
+    def _target_python(self, base: Manifest, config: dict, source: Store,
                        ref: ImageReference, emit: Log) -> TargetPython:
         cached = self.cache_dir / "targets" / f"{base.body['config']['digest'][7:]}.json" \
             if self.cache_dir else None
@@ -233,7 +249,7 @@ class OciBuilder:
             tmp.replace(cached)
         return python
 
-    def _base_blob_body(self, source: RegistryClient, ref: ImageReference, digest: str,
+    def _base_blob_body(self, source: Store, ref: ImageReference, digest: str,
                         work: Path) -> Callable[[], Iterator[bytes]]:
         def body() -> Iterator[bytes]:
             # Copied through a file: the digest is checked before a byte is uploaded.
@@ -247,7 +263,7 @@ class OciBuilder:
     # -- layers ------------------------------------------------------------------------
 
     def _dependency_layer(self, requirements: list[str], python: TargetPython, spec: BuildSpec,
-                          target: RegistryClient, family: Family, work: Path, emit: Log) -> "_Deps":
+                          target: Store, family: Family, work: Path, emit: Log) -> "_Deps":
         key = dependency_cache_key(requirements, python)
         cache_repo = self.repository(CACHE_REPOSITORY)
         entry = target.find_manifest(cache_repo, key)
@@ -273,7 +289,7 @@ class OciBuilder:
         cache_config = _json({"architecture": "amd64", "os": "linux",
                               "rootfs": {"type": "layers", "diff_ids": [layer.diff_id]},
                               "config": {"Labels": {"org.mms.cache.python": python.describe()}}})
-        _put_image(target, cache_repo, key, OCI, cache_config,
+        put_image(target, cache_repo, key, OCI, cache_config,
                    [{"mediaType": OCI.layer, "digest": layer.digest, "size": layer.size}])
         return _Deps(layer.digest, layer.size, family.layer, file_chunks(layer.path), cache_repo,
                      layer.diff_id, layer.created_by)
@@ -297,7 +313,7 @@ class OciBuilder:
 
     # -- push --------------------------------------------------------------------------
 
-    def _push(self, target: RegistryClient, repo: str, tag: str, family: Family,
+    def _push(self, target: Store, repo: str, tag: str, family: Family,
               blobs: list[_Blob], config: bytes, emit: Log) -> tuple[str, int]:
         started = time.monotonic()
         counts: dict[str, int] = {}
@@ -309,7 +325,7 @@ class OciBuilder:
             if how == "uploaded":
                 uploaded += blob.size
                 emit(f"mms: uploaded {blob.digest[:19]} ({blob.size} bytes)")
-        digest = _put_image(target, repo, tag, family, config,
+        digest = put_image(target, repo, tag, family, config,
                             [{"mediaType": b.media_type, "digest": b.digest, "size": b.size}
                              for b in blobs])
         summary = ", ".join(f"{n} {how}" for how, n in sorted(counts.items()))
@@ -318,7 +334,7 @@ class OciBuilder:
         return digest, sum(b.size for b in blobs)
 
 
-def _put_image(target: RegistryClient, repo: str, tag: str, family: Family, config: bytes,
+def put_image(target: Store, repo: str, tag: str, family: Family, config: bytes,
                layers: list[dict[str, Any]]) -> str:
     """Push the config blob, then the manifest naming it and ``layers``; return its digest."""
     config_digest = _sha(config)

@@ -24,7 +24,7 @@ from typing import BinaryIO
 
 from workers.build_context import FIXED_MTIME, InvalidBuildSpec, walk_tree
 
-__all__ = ["Layer", "LayerBuilder"]
+__all__ = ["Layer", "LayerBuilder", "compress_tar"]
 
 
 @dataclass(frozen=True)
@@ -105,6 +105,18 @@ class LayerBuilder:
                         _add(tar, name, self._entries[name])
         return Layer(dest, f"sha256:{compressed.hash.hexdigest()}",
                      f"sha256:{tar_bytes.hash.hexdigest()}", compressed.size, created_by)
+
+
+def compress_tar(src: Path, dest: Path, created_by: str, *, level: int = 6) -> Layer:
+    """An existing tar file (a root file system) as a layer blob, its bytes kept as they are."""
+    with src.open("rb") as tar_file, dest.open("wb") as out:
+        compressed = _HashingWriter(out)
+        with ParallelGzip(compressed, level) as gz:
+            tar_bytes = _HashingWriter(gz)  # type: ignore[arg-type]
+            while block := tar_file.read(ParallelGzip.BLOCK):
+                tar_bytes.write(block)
+    return Layer(dest, f"sha256:{compressed.hash.hexdigest()}",
+                 f"sha256:{tar_bytes.hash.hexdigest()}", compressed.size, created_by)
 
 
 class ParallelGzip:

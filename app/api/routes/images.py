@@ -83,6 +83,7 @@ def create_image(
         body,
         queue=context.build_queue,
         default_builder=context.settings.builder,
+        available_builders=context.settings.available_builders,
         created_by=caller.subject,
     )
     response.headers["Operation-Location"] = f"{_account_url(request)}/operations/{image.operation_id}"
