@@ -6,7 +6,6 @@ that is pulled back, run, and must predict exactly what the model predicts.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
