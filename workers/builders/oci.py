@@ -23,9 +23,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shlex
 import tempfile
 import time
+import zlib
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -56,7 +58,7 @@ from workers.build_context import (
     start_script,
 )
 from workers.builders import BuildFailed, BuildResult, Log, address_host, redacting, scrub
-from workers.oci.layers import Layer, LayerBuilder
+from workers.oci.layers import LayerBuilder
 from workers.oci.media import OCI, Family
 from workers.oci.python_env import (
     SITE_PACKAGES,
@@ -94,6 +96,9 @@ class _Blob:
     media_type: str
     body: Callable[[], Iterator[bytes]]
     mount_from: str | None = None  # a repository in the target registry that holds it
+    diff_id: str = ""  # a new layer's: the digest of its tar
+    created_by: str = ""  # a new layer's line in the history
+    placed: str | None = None  # already in the target repository (how it got there)
 
 
 class OciBuilder:
@@ -163,30 +168,29 @@ class OciBuilder:
                 step = "environment"
                 deps = self._dependency_layer(requirements, python, spec, target, family,
                                               work, emit)
+                # Each new layer is uploaded while it compresses, unless this worker made the
+                # same one before (known by its tar's digest): then the registry has it.
                 step = "scoring-server"
-                layers = [self._server_layer(spec, work)]
+                layers = [self._new_layer(_server_layer(), "mms oci builder: scoring server",
+                                          target, repo, family, emit)]
                 step = "driver"
-                layers.append(_tree_layer(spec.app_dir, APP_ROOT, work / "app.tar.gz",
-                                          "mms oci builder: driver program and assets"))
+                layers.append(self._new_layer(_tree(spec.app_dir, APP_ROOT),
+                                              "mms oci builder: driver program and assets",
+                                              target, repo, family, emit))
                 if has_models(spec):
                     step = "models"
-                    started = time.monotonic()
-                    layers.append(_tree_layer(spec.model_dir, MODEL_ROOT, work / "models.tar.gz",
-                                              "mms oci builder: model files",
-                                              level=MODEL_LAYER_LEVEL))
-                    emit(f"mms: model layer {layers[-1].size} bytes in "
-                         f"{time.monotonic() - started:.2f} s")
+                    layers.append(self._new_layer(_tree(spec.model_dir, MODEL_ROOT),
+                                                  "mms oci builder: model files", target, repo,
+                                                  family, emit, level=MODEL_LAYER_LEVEL))
 
                 step = "push"
                 blobs = [_Blob(d["digest"], d["size"], d["mediaType"],
                                self._base_blob_body(source, base_ref, d["digest"], work),
                                base_ref.repository if source is target else None)
                          for d in base.body["layers"]]
-                blobs.append(deps)
-                blobs += [_Blob(layer.digest, layer.size, family.layer, file_chunks(layer.path))
-                          for layer in layers]
-                diff_ids = [deps.diff_id] + [layer.diff_id for layer in layers]
-                history = [deps.created_by] + [layer.created_by for layer in layers]
+                blobs += [deps, *layers]
+                diff_ids = [blob.diff_id for blob in (deps, *layers)]
+                history = [blob.created_by for blob in (deps, *layers)]
                 config = _image_config(base_config, diff_ids, history,
                                        env=runtime_env(spec, f"{LIB}:{SITE_PACKAGES}")
                                        | {"MMS_SITE_PACKAGES": SITE_PACKAGES},
@@ -232,8 +236,9 @@ class OciBuilder:
                        ref: ImageReference, emit: Log) -> TargetPython:
         cached = self.cache_dir / "targets" / f"{base.body['config']['digest'][7:]}.json" \
             if self.cache_dir else None
-        if cached is not None and cached.exists():
-            return TargetPython(**json.loads(cached.read_text()))
+        known = _read_json(cached) if cached is not None else None
+        if known is not None:
+            return TargetPython(**known)
 
         def openers() -> Iterator[Any]:
             emit("mms: reading the base image's layers to find its Python and C library")
@@ -243,10 +248,7 @@ class OciBuilder:
         python = detect_target(config, openers)
         emit(f"mms: base image runs {python.describe()}")
         if cached is not None:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_suffix(f".{time.monotonic_ns()}")
-            tmp.write_text(json.dumps({"version": python.version, "platform": python.platform}))
-            tmp.replace(cached)
+            _write_json(cached, {"version": python.version, "platform": python.platform})
         return python
 
     def _base_blob_body(self, source: Store, ref: ImageReference, digest: str,
@@ -263,7 +265,7 @@ class OciBuilder:
     # -- layers ------------------------------------------------------------------------
 
     def _dependency_layer(self, requirements: list[str], python: TargetPython, spec: BuildSpec,
-                          target: Store, family: Family, work: Path, emit: Log) -> "_Deps":
+                          target: Store, family: Family, work: Path, emit: Log) -> "_Blob":
         key = dependency_cache_key(requirements, python)
         cache_repo = self.repository(CACHE_REPOSITORY)
         entry = target.find_manifest(cache_repo, key)
@@ -272,7 +274,7 @@ class OciBuilder:
             cache_config = json.loads(target.get_blob(cache_repo, entry.body["config"]["digest"]))
             emit(f"mms: dependency layer cached ({key[:12]}): {layer['size']} bytes, "
                  "no install needed")
-            return _Deps(layer["digest"], layer["size"], family.layer, _no_body, cache_repo,
+            return _Blob(layer["digest"], layer["size"], family.layer, _no_body, cache_repo,
                          cache_config["rootfs"]["diff_ids"][0], _deps_history(key))
         started = time.monotonic()
         site = work / "deps" / "site-packages"
@@ -291,7 +293,7 @@ class OciBuilder:
                               "config": {"Labels": {"org.mms.cache.python": python.describe()}}})
         put_image(target, cache_repo, key, OCI, cache_config,
                    [{"mediaType": OCI.layer, "digest": layer.digest, "size": layer.size}])
-        return _Deps(layer.digest, layer.size, family.layer, file_chunks(layer.path), cache_repo,
+        return _Blob(layer.digest, layer.size, family.layer, file_chunks(layer.path), cache_repo,
                      layer.diff_id, layer.created_by)
 
     @staticmethod
@@ -304,12 +306,37 @@ class OciBuilder:
                            b"".join(read_pem(p) for p in spec.ca_bundles))
         return bundle
 
-    @staticmethod
-    def _server_layer(spec: BuildSpec, work: Path) -> Layer:
-        builder = LayerBuilder()
-        builder.add_tree(server_dir(), f"{LIB}/scoring_server")
-        builder.add_bytes("/opt/mms/bin/start", start_script("python3").encode(), executable=True)
-        return builder.write(work / "server.tar.gz", "mms oci builder: scoring server")
+    def _new_layer(self, builder: LayerBuilder, created_by: str, target: Store, repo: str,
+                   family: Family, emit: Log, *, level: int = 6) -> "_Blob":
+        """Put a new layer in ``repo``: streamed up while it compresses, or, when this worker
+        made the same tar before, named by its recorded digest and pushed (HEAD, mount, or
+        compressed again) with the other blobs."""
+        started = time.monotonic()
+        diff_id = builder.diff_id()
+        cache = self._layer_cache_path(diff_id, level)
+        entry = _read_json(cache) if cache else None
+        if entry is not None:
+            return _Blob(entry["digest"], entry["size"], family.layer,
+                         lambda: iter(builder.stream(created_by, level=level)),
+                         entry["repository"], diff_id, created_by)
+        stream = builder.stream(created_by, level=level)
+        digest, size = target.upload_stream(repo, stream)
+        if stream.layer.diff_id != diff_id:
+            raise BuildFailed("push", f"{created_by}: the files changed while the layer was made")
+        emit(f"mms: uploaded {created_by.split(': ', 1)[-1]} {digest[:19]} ({size} bytes) "
+             f"in {time.monotonic() - started:.2f} s")
+        if cache is not None:
+            _write_json(cache, {"digest": digest, "size": size, "repository": repo})
+        return _Blob(digest, size, family.layer, _no_body, None, diff_id, created_by,
+                     placed="uploaded")
+
+    def _layer_cache_path(self, diff_id: str, level: int) -> Path | None:
+        # The blob's bytes follow from the tar, the level and zlib's release: all in the key.
+        if self.cache_dir is None:
+            return None
+        key = hashlib.sha256(f"{diff_id} {level} {zlib.ZLIB_RUNTIME_VERSION} "
+                             f"{self.registry}".encode()).hexdigest()
+        return self.cache_dir / "layers" / f"{key}.json"
 
     # -- push --------------------------------------------------------------------------
 
@@ -319,12 +346,13 @@ class OciBuilder:
         counts: dict[str, int] = {}
         uploaded = 0
         for blob in blobs:
-            how = target.push_blob(repo, blob.digest, blob.size, blob.body,
-                                   mount_from=blob.mount_from)
+            how = blob.placed or target.push_blob(repo, blob.digest, blob.size, blob.body,
+                                                  mount_from=blob.mount_from)
             counts[how] = counts.get(how, 0) + 1
             if how == "uploaded":
                 uploaded += blob.size
-                emit(f"mms: uploaded {blob.digest[:19]} ({blob.size} bytes)")
+                if not blob.placed:
+                    emit(f"mms: uploaded {blob.digest[:19]} ({blob.size} bytes)")
         digest = put_image(target, repo, tag, family, config,
                             [{"mediaType": b.media_type, "digest": b.digest, "size": b.size}
                              for b in blobs])
@@ -346,12 +374,6 @@ def put_image(target: Store, repo: str, tag: str, family: Family, config: bytes,
     return target.put_manifest(repo, tag, manifest, family.manifest)
 
 
-@dataclass(frozen=True)
-class _Deps(_Blob):
-    diff_id: str = ""
-    created_by: str = ""
-
-
 def _no_body() -> Iterator[bytes]:
     raise RegistryError("the cached dependency layer vanished from the registry; build again")
 
@@ -360,12 +382,32 @@ def _deps_history(key: str) -> str:
     return f"mms oci builder: python dependencies (environment {key[:12]})"
 
 
-def _tree_layer(root: Path | None, image_path: str, dest: Path, created_by: str,
-                *, level: int = 6) -> Layer:
+def _tree(root: Path | None, image_path: str) -> LayerBuilder:
     builder = LayerBuilder()
     if root is not None:
         builder.add_tree(root, image_path)
-    return builder.write(dest, created_by, level=level)
+    return builder
+
+
+def _server_layer() -> LayerBuilder:
+    builder = LayerBuilder()
+    builder.add_tree(server_dir(), f"{LIB}/scoring_server")
+    builder.add_bytes("/opt/mms/bin/start", start_script("python3").encode(), executable=True)
+    return builder
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.{time.monotonic_ns()}")
+    tmp.write_text(json.dumps(value))
+    tmp.replace(path)
 
 
 def _parse_base(reference: str) -> ImageReference:

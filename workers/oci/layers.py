@@ -13,10 +13,13 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import queue
 import struct
+import threading
 import tarfile
 import zlib
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -24,14 +27,14 @@ from typing import BinaryIO
 
 from workers.build_context import FIXED_MTIME, InvalidBuildSpec, walk_tree
 
-__all__ = ["Layer", "LayerBuilder", "compress_tar"]
+__all__ = ["Layer", "LayerBuilder", "LayerStream", "compress_tar"]
 
 
 @dataclass(frozen=True)
 class Layer:
     """A finished layer blob on disk."""
 
-    path: Path
+    path: Path | None  # None: it was streamed, not kept
     digest: str  # sha256 of the gzip blob: the manifest's layer digest
     diff_id: str  # sha256 of the uncompressed tar: the config's rootfs.diff_ids entry
     size: int  # bytes of the gzip blob
@@ -97,14 +100,109 @@ class LayerBuilder:
     def write(self, dest: Path, created_by: str, *, level: int = 6) -> Layer:
         """Write the layer to ``dest`` as a gzip tar at compression ``level``."""
         with dest.open("wb") as out:
-            compressed = _HashingWriter(out)
-            with ParallelGzip(compressed, level) as gz:
-                tar_bytes = _HashingWriter(gz)  # type: ignore[arg-type]
-                with tarfile.open(fileobj=tar_bytes, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-                    for name in sorted(self._entries):
-                        _add(tar, name, self._entries[name])
-        return Layer(dest, f"sha256:{compressed.hash.hexdigest()}",
-                     f"sha256:{tar_bytes.hash.hexdigest()}", compressed.size, created_by)
+            digest, diff_id, size = self._write_to(out, level)
+        return Layer(dest, digest, diff_id, size, created_by)
+
+    def diff_id(self) -> str:
+        """The digest of the layer's tar, without compressing it (a cache key; cheap)."""
+        tar_bytes = _HashingWriter(_Discard())
+        self._write_tar(tar_bytes)
+        return f"sha256:{tar_bytes.hash.hexdigest()}"
+
+    def stream(self, created_by: str, *, level: int = 6) -> "LayerStream":
+        """The gzip blob as chunks while it is made, to upload as it compresses."""
+        return LayerStream(self, created_by, level)
+
+    def _write_to(self, out: BinaryIO, level: int) -> tuple[str, str, int]:
+        compressed = _HashingWriter(out)
+        with ParallelGzip(compressed, level) as gz:
+            tar_bytes = _HashingWriter(gz)  # type: ignore[arg-type]
+            self._write_tar(tar_bytes)
+        return (f"sha256:{compressed.hash.hexdigest()}", f"sha256:{tar_bytes.hash.hexdigest()}",
+                compressed.size)
+
+    def _write_tar(self, sink: "_HashingWriter") -> None:
+        with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+            for name in sorted(self._entries):
+                _add(tar, name, self._entries[name])
+
+
+class _Discard(io.RawIOBase):
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: bytes) -> int:  # type: ignore[override]
+        return len(data)
+
+
+class _QueueSink(io.RawIOBase):
+    """Hands what is written to a bounded queue (the producer waits when the reader lags)."""
+
+    def __init__(self, chunks: "queue.Queue[bytes | BaseException | None]", stop: threading.Event) -> None:
+        self.chunks, self.stop = chunks, stop
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: bytes) -> int:  # type: ignore[override]
+        if self.stop.is_set():
+            raise _ReaderGone()  # nobody reads on: stop compressing
+        self.chunks.put(bytes(data))
+        return len(data)
+
+
+class _ReaderGone(Exception):
+    pass
+
+
+class LayerStream:
+    """Iterate once for the gzip blob's chunks, made on a thread while they are consumed (so
+    compressing overlaps uploading); then ``layer`` has its digests and size (no path)."""
+
+    def __init__(self, builder: LayerBuilder, created_by: str, level: int) -> None:
+        self._builder, self._created_by, self._level = builder, created_by, level
+        self._layer: Layer | None = None
+        self._started = False
+
+    @property
+    def layer(self) -> Layer:
+        if self._layer is None:
+            raise RuntimeError("the layer stream has not been read to its end")
+        return self._layer
+
+    def __iter__(self) -> Iterator[bytes]:
+        if self._started:
+            raise RuntimeError("a layer stream can be read once")
+        self._started = True
+        chunks: queue.Queue[bytes | BaseException | None] = queue.Queue(maxsize=16)
+        stop = threading.Event()
+        result: list[tuple[str, str, int]] = []
+
+        def produce() -> None:
+            try:
+                result.append(self._builder._write_to(_QueueSink(chunks, stop), self._level))  # type: ignore[arg-type]
+                chunks.put(None)
+            except BaseException as exc:  # handed to the reader, which raises it
+                if not stop.is_set():
+                    chunks.put(exc)
+
+        producer = threading.Thread(target=produce, name="layer-stream", daemon=True)
+        producer.start()
+        try:
+            while (item := chunks.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            while producer.is_alive():  # a reader that gave up: let the producer finish
+                try:
+                    chunks.get(timeout=0.1)
+                except queue.Empty:
+                    pass
+            producer.join()
+        digest, diff_id, size = result[0]
+        self._layer = Layer(None, digest, diff_id, size, self._created_by)  # type: ignore[arg-type]
 
 
 def compress_tar(src: Path, dest: Path, created_by: str, *, level: int = 6) -> Layer:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import secrets
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -113,6 +115,27 @@ class LayoutRegistry:
         with self.layout.open_blob(digest) as handle:
             yield handle
 
+    def upload_stream(self, repository: str, chunks: Iterable[bytes]) -> tuple[str, int]:
+        """Store a blob whose digest is known only at its end; returns (digest, size)."""
+        staging = self._staging()
+        hasher, size = hashlib.sha256(), 0
+        try:
+            with staging.open("wb") as out:
+                for chunk in chunks:
+                    hasher.update(chunk)
+                    out.write(chunk)
+                    size += len(chunk)
+            digest = f"sha256:{hasher.hexdigest()}"
+            self.layout.put_blob_file(staging, digest)
+        finally:
+            staging.unlink(missing_ok=True)
+        return digest, size
+
+    def _staging(self) -> Path:
+        incoming = self.layout.root / ".incoming"
+        incoming.mkdir(parents=True, exist_ok=True)
+        return incoming / f"push-{os.getpid()}-{secrets.token_hex(8)}"
+
     def push_blob(self, repository: str, digest: str, size: int,
                   body: Callable[[], Iterable[bytes]], *, mount_from: str | None = None) -> str:
         """Store the blob; ``present`` when the repository has it, ``mounted`` when another
@@ -121,9 +144,7 @@ class LayoutRegistry:
             return "present"
         if self.layout.has_blob(digest) is not None:
             return "mounted"
-        incoming = self.layout.root / ".incoming"
-        incoming.mkdir(parents=True, exist_ok=True)
-        staging = incoming / f"push-{digest[7:19]}-{id(self):x}"
+        staging = self._staging()
         hasher, written = hashlib.sha256(), 0
         try:
             with staging.open("wb") as out:

@@ -264,6 +264,35 @@ class RegistryClient:
                                "Content-Length": str(size)})
         return "uploaded"
 
+    def upload_stream(self, repository: str, chunks: Iterable[bytes]) -> tuple[str, int]:
+        """Upload a blob whose digest is known only at its end (a layer compressed while it
+        is sent): POST, one streamed PATCH, PUT with the digest. Returns (digest, size)."""
+        scope = f"repository:{repository}:pull,push"
+        start = self._request("POST", f"/v2/{repository}/blobs/uploads/", scope=scope, ok=(202,))
+        location = start.headers.get("location")
+        if not location:
+            raise RegistryError(f"{self.host}: the registry started an upload without a Location")
+        hasher, size, sent = hashlib.sha256(), 0, False
+
+        def body() -> Iterator[bytes]:
+            nonlocal size, sent
+            if sent:  # a stream cannot be replayed after an authentication retry
+                raise RegistryError(f"registry {self.host} asked for credentials mid-upload")
+            sent = True
+            for chunk in chunks:
+                hasher.update(chunk)
+                size += len(chunk)
+                yield chunk
+
+        patch = self._request("PATCH", urljoin(self.base_url + "/", location), scope=scope,
+                              content=body, ok=(202, 204),
+                              headers={"Content-Type": "application/octet-stream"})
+        digest = f"sha256:{hasher.hexdigest()}"
+        location = patch.headers.get("location") or location
+        self._request("PUT", _with_digest(urljoin(self.base_url + "/", location), digest),
+                      scope=scope, ok=(201,), headers={"Content-Length": "0"})
+        return digest, size
+
     # -- the HTTP exchange with authentication -----------------------------------------
 
     def _request(self, method: str, path_or_url: str, *, scope: str, ok: tuple[int, ...] = (200,),

@@ -92,3 +92,34 @@ def test_parallel_gzip_is_one_valid_stream_whatever_the_write_sizes(tmp_path: Pa
     (tmp_path / "x.gz").write_bytes(outputs[0])
     assert gzip.decompress(outputs[0]) == data
     assert os.system(f"gzip -t {tmp_path / 'x.gz'}") == 0  # the reference implementation agrees
+
+
+def test_a_streamed_layer_is_byte_for_byte_the_written_one(tmp_path: Path) -> None:
+    builder = LayerBuilder()
+    builder.add_bytes("/opt/models/m/1/model.bin", os.urandom(5_000_000))
+    builder.add_bytes("/opt/app/score.py", b"def init(): pass\n")
+    written = builder.write(tmp_path / "layer.tar.gz", "history", level=1)
+    stream = builder.stream("history", level=1)
+    chunks = list(stream)
+    assert len(chunks) > 1  # it arrives in pieces, while it is made
+    data = b"".join(chunks)
+    assert data == written.path.read_bytes()
+    assert (stream.layer.digest, stream.layer.diff_id, stream.layer.size) == \
+        (written.digest, written.diff_id, written.size)
+    assert builder.diff_id() == written.diff_id  # the cheap key: the tar's digest, no gzip
+    with pytest.raises(RuntimeError, match="once"):
+        list(stream)
+
+
+def test_a_reader_that_stops_early_does_not_leave_the_producer_running() -> None:
+    import threading
+
+    builder = LayerBuilder()
+    builder.add_bytes("/big.bin", os.urandom(40_000_000))
+    stream = iter(builder.stream("history", level=1))
+    next(stream)
+    stream.close()  # the upload failed: the generator is closed
+    for thread in threading.enumerate():
+        if thread.name == "layer-stream":
+            thread.join(timeout=10)
+            assert not thread.is_alive()
