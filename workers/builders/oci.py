@@ -30,7 +30,8 @@ import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -148,6 +149,14 @@ class OciBuilder:
         with ExitStack() as stack:
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mms-oci-")))
             target = stack.enter_context(self._target())
+            models = None
+            if has_models(spec):
+                # The model layer depends on nothing else: it hashes, compresses and uploads
+                # while the base image and the environment are read.
+                pool = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="model-layer"))
+                models = pool.submit(self._new_layer, _tree(spec.model_dir, MODEL_ROOT),
+                                     "mms oci builder: model files", target, repo, emit,
+                                     level=MODEL_LAYER_LEVEL)
             source = target
             if not self._is_service_base(spec, base_ref):
                 source = stack.enter_context(
@@ -172,16 +181,16 @@ class OciBuilder:
                 # same one before (known by its tar's digest): then the registry has it.
                 step = "scoring-server"
                 layers = [self._new_layer(_server_layer(), "mms oci builder: scoring server",
-                                          target, repo, family, emit)]
+                                          target, repo, emit)]
                 step = "driver"
                 layers.append(self._new_layer(_tree(spec.app_dir, APP_ROOT),
                                               "mms oci builder: driver program and assets",
-                                              target, repo, family, emit))
-                if has_models(spec):
+                                              target, repo, emit))
+                if models is not None:
                     step = "models"
-                    layers.append(self._new_layer(_tree(spec.model_dir, MODEL_ROOT),
-                                                  "mms oci builder: model files", target, repo,
-                                                  family, emit, level=MODEL_LAYER_LEVEL))
+                    layers.append(models.result())
+                # New layers take the base image's media types (Docker v2 or OCI).
+                layers = [replace(layer, media_type=family.layer) for layer in layers]
 
                 step = "push"
                 blobs = [_Blob(d["digest"], d["size"], d["mediaType"],
@@ -307,7 +316,7 @@ class OciBuilder:
         return bundle
 
     def _new_layer(self, builder: LayerBuilder, created_by: str, target: Store, repo: str,
-                   family: Family, emit: Log, *, level: int = 6) -> "_Blob":
+                   emit: Log, *, level: int = 6) -> "_Blob":
         """Put a new layer in ``repo``: streamed up while it compresses, or, when this worker
         made the same tar before, named by its recorded digest and pushed (HEAD, mount, or
         compressed again) with the other blobs."""
@@ -316,7 +325,7 @@ class OciBuilder:
         cache = self._layer_cache_path(diff_id, level)
         entry = _read_json(cache) if cache else None
         if entry is not None:
-            return _Blob(entry["digest"], entry["size"], family.layer,
+            return _Blob(entry["digest"], entry["size"], "",
                          lambda: iter(builder.stream(created_by, level=level)),
                          entry["repository"], diff_id, created_by)
         stream = builder.stream(created_by, level=level)
@@ -327,8 +336,7 @@ class OciBuilder:
              f"in {time.monotonic() - started:.2f} s")
         if cache is not None:
             _write_json(cache, {"digest": digest, "size": size, "repository": repo})
-        return _Blob(digest, size, family.layer, _no_body, None, diff_id, created_by,
-                     placed="uploaded")
+        return _Blob(digest, size, "", _no_body, None, diff_id, created_by, placed="uploaded")
 
     def _layer_cache_path(self, diff_id: str, level: int) -> Path | None:
         # The blob's bytes follow from the tar, the level and zlib's release: all in the key.
