@@ -284,5 +284,48 @@ def grant(
     err.print(f"granted {assignment.role} on {assignment.scope} to {subject}")
 
 
+def _add_client_commands() -> None:
+    """The client side: what a user runs against a service, as `az ml` does."""
+    from app.cli.client.accounts import account_cli
+    from app.cli.client.images import image_cli, list_base_images
+    from app.cli.client.manifests import manifest_cli
+    from app.cli.client.models import model_cli
+    from app.cli.client.session import env_cli, login, logout
+
+    cli.command("login")(login)
+    cli.command("logout")(logout)
+    cli.add_typer(env_cli, name="env")
+    cli.add_typer(account_cli, name="account")
+    cli.add_typer(model_cli, name="model")
+    cli.add_typer(manifest_cli, name="manifest")
+    cli.add_typer(image_cli, name="image")
+    base_image_cli.command("list")(list_base_images)
+
+
+_add_client_commands()
+
+
 def main() -> None:
-    cli()
+    """Run the command; a failure is one line and a non-zero exit, a traceback only with --debug.
+
+    Usage errors, --help and exit codes are click's own (standalone mode); what escapes it is ours.
+    """
+    from app.cli.client.api import CliError
+    from app.cli.client.profile import ProfileError
+
+    debug = "--debug" in sys.argv[1:]
+    if debug:
+        sys.argv.remove("--debug")
+    try:
+        cli()
+    except (CliError, ProfileError) as exc:
+        if debug:
+            raise
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        sys.exit(getattr(exc, "exit_code", 1))
+    except Exception as exc:  # noqa: BLE001
+        if debug:
+            raise
+        err.print(f"[red]error:[/red] unexpected {type(exc).__name__}: {exc} (run again with "
+                  "--debug for the details)", highlight=False)
+        sys.exit(1)

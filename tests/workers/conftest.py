@@ -26,7 +26,6 @@ import pytest
 from workers.builders.docker import engine_client
 
 INFRA = Path(__file__).resolve().parents[2] / "scripts" / "infra"
-HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 TEST_LABEL = "org.mms.test"  # on every container the tests start themselves
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,7 +24,8 @@ import redis
 from app.context import ServiceContext
 from app.database import session_scope
 from app.services.principals import create_service_principal
-from tests.workers.conftest import HOST_CA_BUNDLE, TEST_LABEL, Infra
+from tests.embedded_service import HOST_CA_BUNDLE, free_port, wait_for
+from tests.workers.conftest import TEST_LABEL, Infra
 
 pytestmark = pytest.mark.postgres_only
 
@@ -41,12 +41,6 @@ def init():
 def run(raw_data):
     return model.predict(json.loads(raw_data)["data"]).tolist()
 '''
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -66,24 +60,11 @@ class Stack:
         return worker
 
 
-def _wait_for(url: str, process: subprocess.Popen, seconds: float = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        assert process.poll() is None, "the server exited"
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"{url} did not answer in {seconds} s")
-
-
 @pytest.fixture(scope="module")
 def stack(infra: Infra, service_context: ServiceContext, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """`mms serve` and `mms worker` against the test database, Redis, the engine and the registry."""
     settings = service_context.settings
-    port = _free_port()
+    port = free_port()
     broker = "redis://127.0.0.1:6379/14"
     redis.Redis.from_url(broker).flushdb()
     log_dir = tmp_path_factory.mktemp("stack-logs")
@@ -111,7 +92,7 @@ def stack(infra: Infra, service_context: ServiceContext, tmp_path_factory: pytes
     api = f"http://127.0.0.1:{port}"
     stack = Stack(api=api, headers={}, env=env, workers=[], log_dir=log_dir)
     try:
-        _wait_for(f"{api}/health", server)
+        wait_for(f"{api}/health", server)
         with session_scope(service_context.session_factory) as session:
             principal, secret = create_service_principal(
                 session, issuer=settings.issuer, display_name="e2e", role="Owner", scope="/", created_by=None)
@@ -215,7 +196,7 @@ def test_a_trained_model_is_built_pulled_run_and_scores_exactly(stack: Stack, in
     with infra.api() as api:
         for _ in api.pull(repository, tag="1", stream=True, decode=True):
             pass
-        port = _free_port()
+        port = free_port()
         container = api.create_container(
             image["ImageLocation"], environment={"PORT": str(port)}, labels={TEST_LABEL: "1"},
             host_config=api.create_host_config(network_mode="host"))

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.workers.conftest import HOST_CA_BUNDLE, Infra
+from tests.embedded_service import HOST_CA_BUNDLE
+from tests.workers.conftest import Infra
 from workers.build_context import BuildSpec
 
 

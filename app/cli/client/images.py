@@ -1,0 +1,158 @@
+"""`mms image create|show|list|logs|cancel|delete` and `mms base-image list`."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from app.cli.client.accounts import all_pages
+from app.cli.client.api import ServiceClient
+from app.cli.client.output import Output, OutputOption, err, field, out, show
+from app.cli.client.profile import ConfigStore
+
+image_cli = typer.Typer(help="Scoring images built from manifests.", no_args_is_help=True)
+
+COLUMNS = [("id", field("Id")), ("name", field("Name")), ("version", field("Version")),
+           ("state", field("CreationState")), ("builder", field("Builder")),
+           ("location", field("ImageLocation")), ("created", field("CreatedTime"))]
+DONE = {"Succeeded": 0, "Failed": 2, "Cancelled": 3}  # exit codes of `image create --wait`
+TIMED_OUT = 4
+ImageId = Annotated[str, typer.Option("--id", "-i", help="the image's id")]
+
+
+@image_cli.command("create")
+def create(
+    name: Annotated[str, typer.Option("--name", "-n", help="the image's name")],
+    manifest_id: Annotated[str, typer.Option("--manifest-id", help="the manifest to build")],
+    builder: Annotated[str | None, typer.Option(help="oci (daemonless) or docker; default: the service's")] = None,
+    description: Annotated[str | None, typer.Option("--description", "-d")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="follow the build: its log as it grows, then exit 0 if it Succeeded")] = False,
+    timeout: Annotated[int, typer.Option(help="with --wait: give up after this many seconds (exit 4)")] = 3600,
+    output: OutputOption = Output.table,
+) -> None:
+    """Start building an image from a manifest.
+
+    With --wait the exit code says how it ended: 0 Succeeded, 2 Failed, 3 Cancelled, 4 still
+    building after --timeout.
+
+    Example: mms image create -n housingmodel-image --manifest-id 9b1c... --wait
+    """
+    body: dict[str, Any] = {"name": name, "manifestId": manifest_id, "imageType": "Docker"}
+    if builder:
+        body["builder"] = builder
+    if description:
+        body["description"] = description
+    with ServiceClient(ConfigStore()) as client:
+        image = client.json("POST", client.account_url("images"), json=body)
+        if not wait:
+            show(image, output, COLUMNS)
+            return
+        image = follow(client, image["Id"], timeout, err)  # stdout keeps the result alone
+    show(image, output, COLUMNS)
+    state = image["CreationState"]
+    if state != "Succeeded":
+        reason = (image.get("Error") or {}).get("message") or ""
+        err.print(f"[red]error:[/red] image {image['Name']} version {image['Version']} "
+                  f"{'is still ' + state if state not in DONE else state}{': ' + reason if reason else ''}",
+                  highlight=False)
+    raise typer.Exit(DONE.get(state, TIMED_OUT))
+
+
+def follow(client: ServiceClient, image_id: str, timeout: float, console: Console) -> dict[str, Any]:
+    """Print the build log to ``console`` as it grows, under a live state line, until it ends."""
+    printed = 0
+    deadline = time.monotonic() + timeout
+    with err.status("NotStarted: waiting for a build worker") as status:
+        while True:
+            image = client.json("GET", client.account_url("images", image_id))
+            log = client.call("GET", client.account_url("images", image_id, "log")).text
+            if len(log) > printed:
+                console.print(log[printed:], end="", markup=False, highlight=False)
+                printed = len(log)
+            state = image["CreationState"]
+            if state in DONE or time.monotonic() > deadline:
+                return image
+            last = log.rstrip().rsplit("\n", 1)[-1][:100] if log.strip() else ""
+            status.update(f"{state}" + (f": {last}" if last else ""))
+            time.sleep(1.0)
+
+
+@image_cli.command("show")
+def show_image(image_id: ImageId, output: OutputOption = Output.table) -> None:
+    """One image: its state, where to pull it from, and why it failed.
+
+    Example: mms image show -i 7d2e...
+    """
+    with ServiceClient(ConfigStore()) as client:
+        image = client.json("GET", client.account_url("images", image_id))
+    show(image, output, [*COLUMNS, ("digest", field("Digest")), ("error", field("Error.message"))])
+
+
+@image_cli.command("list")
+def list_images(
+    manifest_id: Annotated[str | None, typer.Option("--manifest-id", help="only images of this manifest")] = None,
+    manifest_name: Annotated[str | None, typer.Option("--manifest-name", help="only images of manifests of this name")] = None,
+    output: OutputOption = Output.table,
+) -> None:
+    """The account's images.
+
+    Example: mms image list --manifest-name housingmodel-manifest
+    """
+    params = {k: v for k, v in (("manifestId", manifest_id), ("manifestName", manifest_name)) if v}
+    with ServiceClient(ConfigStore()) as client:
+        images = all_pages(client, client.account_url("images"), params)
+    show(images, output, COLUMNS)
+
+
+@image_cli.command("logs")
+def logs(
+    image_id: ImageId,
+    follow_log: Annotated[bool, typer.Option("--follow", "-f", help="keep printing until the build ends")] = False,
+) -> None:
+    """The build log (kept after a failure: its last lines name the failing step).
+
+    Example: mms image logs -i 7d2e... --follow
+    """
+    with ServiceClient(ConfigStore()) as client:
+        if follow_log:
+            follow(client, image_id, 24 * 3600, out)
+            return
+        sys.stdout.write(client.call("GET", client.account_url("images", image_id, "log")).text)
+
+
+@image_cli.command("cancel")
+def cancel(image_id: ImageId, output: OutputOption = Output.table) -> None:
+    """Cancel a build: a queued one at once, a running one within seconds.
+
+    Example: mms image cancel -i 7d2e...
+    """
+    with ServiceClient(ConfigStore()) as client:
+        image = client.json("POST", client.account_url("images", image_id, "cancel"))
+    show(image, output, COLUMNS)
+
+
+@image_cli.command("delete")
+def delete(image_id: ImageId) -> None:
+    """Forget an image that is not being built.
+
+    Example: mms image delete -i 7d2e...
+    """
+    with ServiceClient(ConfigStore()) as client:
+        client.call("DELETE", client.account_url("images", image_id))
+    err.print(f"Deleted image {image_id}.", highlight=False)
+
+
+def list_base_images(output: OutputOption = Output.table) -> None:
+    """The prebuilt inference base images, newest first (the newest CPU one is the default).
+
+    Example: mms base-image list
+    """
+    with ServiceClient(ConfigStore()) as client:
+        bases = all_pages(client, client.account_url("baseImages"))
+    show(bases, output, [("name", field("name")), ("reference", field("reference")),
+                         ("python", field("pythonVersion")), ("variant", field("variant")),
+                         ("published", field("publishedAt"))])

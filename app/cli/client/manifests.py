@@ -1,0 +1,163 @@
+"""`mms manifest create|list|show|delete`."""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from app.cli.client.accounts import all_pages
+from app.cli.client.api import CliError, ServiceClient
+from app.cli.client.models import register_model, upload_with_progress, zip_folder
+from app.cli.client.output import Output, OutputOption, err, field, show
+from app.cli.client.profile import ConfigStore
+
+manifest_cli = typer.Typer(help="Manifests: a scoring script, its assets, models and environment.",
+                           no_args_is_help=True)
+
+COLUMNS = [("id", field("id")), ("name", field("name")), ("version", field("version")),
+           ("driver", field("driverProgram")), ("runtime", field("targetRuntime.runtimeType")),
+           ("models", field("modelIds")), ("created", field("CreatedTime"))]
+_RUNTIMES = {"python": "Python", "spark-py": "SparkPython"}
+
+
+@manifest_cli.command("create")
+def create(
+    name: Annotated[str, typer.Option("--name", "-n", help="the manifest's name")],
+    driver: Annotated[Path | None, typer.Option("--driver", "-f", help="the scoring script (init() and run())")] = None,
+    runtime: Annotated[str, typer.Option("--runtime", "-r", help="python or spark-py")] = "python",
+    conda_file: Annotated[Path | None, typer.Option("--conda-file", "-c", help="a conda environment file")] = None,
+    pip_file: Annotated[Path | None, typer.Option("--pip-file", "-p", help="a pip requirements file")] = None,
+    dependency: Annotated[list[Path] | None, typer.Option("--dependency", "-d", help="another file or folder the script needs; repeat for more")] = None,
+    model_id: Annotated[list[str] | None, typer.Option("--model-id", "-i", help="a registered model's id; repeat for more")] = None,
+    model_file: Annotated[list[Path] | None, typer.Option("--model-file", "-m", help="a model file or folder to register first; repeat for more")] = None,
+    inference_config: Annotated[Path | None, typer.Option("--inference-config", "--ic", help="an inference configuration JSON (entryScript, runtime, condaFile, ...)")] = None,
+    description: Annotated[str | None, typer.Option("--description")] = None,
+    output: OutputOption = Output.table,
+) -> None:
+    """Bundle a scoring script, its files, models and environment; every local file is uploaded.
+
+    Example: mms manifest create -n housingmodel-manifest -f score.py -c myconda.yml -r python -i <model id>
+    """
+    if runtime.lower() not in _RUNTIMES:
+        raise CliError(f"--runtime must be python or spark-py, not {runtime!r}")
+    if (driver is None) == (inference_config is None):
+        raise CliError("give the scoring script with -f score.py, or an inference configuration with --ic (one of them)")
+    for path in [p for p in (driver, conda_file, pip_file, inference_config, *(dependency or [])) if p]:
+        if not path.exists():
+            raise CliError(f"{path} does not exist")
+    with ServiceClient(ConfigStore()) as client:
+        model_ids = list(model_id or [])
+        for path in model_file or []:
+            registered = register_model(client, path, _model_name(path), [], None)
+            err.print(f"Registered {path} as model {registered['name']} version {registered['version']} "
+                      f"({registered['id']}).", highlight=False)
+            model_ids.append(registered["id"])
+        if inference_config is not None:
+            body = _from_inference_config(client, inference_config, name, model_ids, dependency or [])
+        else:
+            assets = [_asset(client, driver)] + [_asset(client, d) for d in dependency or []]  # type: ignore[arg-type]
+            properties: dict[str, Any] = {}
+            if conda_file:
+                properties["condaEnvFile"] = upload_with_progress(client, conda_file, conda_file.name)["url"]
+            if pip_file:
+                properties["pipRequirements"] = upload_with_progress(client, pip_file, pip_file.name)["url"]
+            body = {"name": name, "description": description, "driverProgram": assets[0]["id"],
+                    "modelType": "Registered", "modelIds": model_ids, "assets": assets,
+                    "targetRuntime": {"runtimeType": _RUNTIMES[runtime.lower()], "properties": properties}}
+        manifest = client.json("POST", client.account_url("manifests"), json=body)
+    show(manifest, output, COLUMNS)
+
+
+def _asset(client: ServiceClient, path: Path) -> dict[str, Any]:
+    """Upload a file (or a folder, zipped and unpacked in the image) as a manifest asset."""
+    if path.is_dir():
+        with tempfile.TemporaryDirectory(prefix="mms-asset-") as tmp:
+            uploaded = upload_with_progress(client, zip_folder(path, Path(tmp) / f"{path.name}.zip"),
+                                            f"{path.name}.zip")
+        return {"id": path.name, "url": uploaded["url"], "mimeType": "application/zip", "unPack": True}
+    uploaded = upload_with_progress(client, path, path.name)
+    return {"id": path.name, "url": uploaded["url"], "mimeType": uploaded.get("mimeType") or "application/octet-stream"}
+
+
+def _from_inference_config(client: ServiceClient, config_path: Path, name: str, model_ids: list[str],
+                           dependencies: list[Path]) -> dict[str, Any]:
+    """The custom-image doc's inference configuration, its local files uploaded."""
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CliError(f"{config_path} is not a JSON file: {exc}") from None
+    if not isinstance(config, dict) or not config.get("entryScript"):
+        raise CliError(f"{config_path} needs an entryScript (the scoring script's path)")
+    folder = config_path.parent / (config.get("sourceDirectory") or "")
+
+    def local(key: str) -> Path:
+        path = folder / config[key]
+        if not path.is_file():
+            raise CliError(f"{config_path}: {key} {config[key]!r} is not a file (paths are relative to "
+                           f"{folder})")
+        return path
+
+    assets = [_asset(client, local("entryScript"))]
+    body: dict[str, Any] = {"name": name, "modelIds": model_ids, "entryScript": assets[0]["id"],
+                            "runtime": config.get("runtime", "python")}
+    if config.get("condaFile"):
+        conda = _asset(client, local("condaFile"))
+        assets.append(conda)
+        body["condaFile"] = conda["id"]
+    assets += [_asset(client, d) for d in dependencies]
+    body["assets"] = assets
+    for key in ("extraDockerfileSteps", "enableGpu", "baseImage", "baseImageRegistry", "description"):
+        if key in config:
+            value = config[key]
+            if key == "extraDockerfileSteps" and isinstance(value, str) and (folder / value).is_file():
+                value = (folder / value).read_text(encoding="utf-8")  # the doc names a file
+            body[key] = value
+    return body
+
+
+def _model_name(path: Path) -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", path.name)[:32]
+    return name or "model"
+
+
+@manifest_cli.command("list")
+def list_manifests(
+    name: Annotated[str | None, typer.Option("--name", "-n", help="only this name")] = None,
+    model_id: Annotated[str | None, typer.Option("--model-id", "-i", help="only manifests bundling this model")] = None,
+    output: OutputOption = Output.table,
+) -> None:
+    """The account's manifests.
+
+    Example: mms manifest list -n housingmodel-manifest
+    """
+    params = {k: v for k, v in (("manifestName", name), ("modelId", model_id)) if v}
+    with ServiceClient(ConfigStore()) as client:
+        manifests = all_pages(client, client.account_url("manifests"), params)
+    show(manifests, output, COLUMNS)
+
+
+@manifest_cli.command("show")
+def show_manifest(manifest_id: Annotated[str, typer.Option("--id", "-i")], output: OutputOption = Output.table) -> None:
+    """One manifest.
+
+    Example: mms manifest show -i 9b1c...
+    """
+    with ServiceClient(ConfigStore()) as client:
+        manifest = client.json("GET", client.account_url("manifests", manifest_id))
+    show(manifest, output, [*COLUMNS, ("assets", lambda m: [a.get("id") for a in m.get("assets") or []])])
+
+
+@manifest_cli.command("delete")
+def delete_manifest(manifest_id: Annotated[str, typer.Option("--id", "-i")]) -> None:
+    """Delete a manifest that no image uses.
+
+    Example: mms manifest delete -i 9b1c...
+    """
+    with ServiceClient(ConfigStore()) as client:
+        client.call("DELETE", client.account_url("manifests", manifest_id))
+    err.print(f"Deleted manifest {manifest_id}.", highlight=False)

@@ -1,0 +1,134 @@
+"""`mms model register|list|show|delete`."""
+
+from __future__ import annotations
+
+import hashlib
+import mimetypes
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+from app.cli.client.accounts import all_pages
+from app.cli.client.api import CliError, ServiceClient
+from app.cli.client.output import Output, OutputOption, err, field, show
+from app.cli.client.profile import ConfigStore
+
+model_cli = typer.Typer(help="Registered models.", no_args_is_help=True)
+
+COLUMNS = [("id", field("id")), ("name", field("name")), ("version", field("version")),
+           ("tags", field("tags")), ("description", field("description")),
+           ("created", field("createdAt"))]
+ModelId = Annotated[str, typer.Option("--id", "-i", help="the model's id")]
+
+
+@model_cli.command("register")
+def register(
+    model: Annotated[Path, typer.Option("--model", "-m", help="a model file, or a folder (zipped and unpacked in the image)")],
+    name: Annotated[str, typer.Option("--name", "-n", help="1-32 letters, digits, '-', '.' or '_'")],
+    tag: Annotated[list[str] | None, typer.Option("--tag", "-t", help="a tag; repeat for more")] = None,
+    description: Annotated[str | None, typer.Option("--description", "-d")] = None,
+    output: OutputOption = Output.table,
+) -> None:
+    """Upload a model and register it under NAME: each registration gets the next version.
+
+    Example: mms model register -m housing.model -n housing.model -t myTag -d "my housing.model"
+    """
+    with ServiceClient(ConfigStore()) as client:
+        registered = register_model(client, model, name, tag or [], description)
+    show(registered, output, COLUMNS)
+
+
+def register_model(client: ServiceClient, path: Path, name: str, tags: list[str],
+                   description: str | None) -> dict[str, Any]:
+    """Upload ``path`` (a folder as a zip) and register it; the new model version."""
+    if not path.exists():
+        raise CliError(f"{path} does not exist: give -m a model file or folder")
+    with tempfile.TemporaryDirectory(prefix="mms-model-") as tmp:
+        if path.is_dir():
+            upload, mime_type, unpack = zip_folder(path, Path(tmp) / f"{path.name}.zip"), "application/zip", True
+        else:
+            upload, unpack = path, False
+            mime_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        asset = upload_with_progress(client, upload, upload.name)
+    body = {"name": name, "tags": tags, "description": description, "url": asset["url"],
+            "mimeType": mime_type, "unpack": unpack, "sha256": asset["sha256"]}
+    return client.json("POST", client.account_url("models"), json=body)
+
+
+def upload_with_progress(client: ServiceClient, path: Path, name: str) -> dict[str, Any]:
+    """Upload one file as an asset with a progress bar; checks the service got the same bytes."""
+    size = path.stat().st_size
+    local = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            local.update(block)
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                  TransferSpeedColumn(), console=err, transient=True,
+                  disable=not err.is_terminal) as progress:
+        task = progress.add_task(f"uploading {name}", total=size)
+        asset = client.upload(path, name, lambda n: progress.advance(task, n))
+    if asset.get("sha256") != local.hexdigest():
+        raise CliError(f"{name} arrived changed (sha256 {asset.get('sha256')}, sent "
+                       f"{local.hexdigest()}): try again")
+    return asset
+
+
+def zip_folder(folder: Path, dest: Path) -> Path:
+    """The folder's files, in name order, as a zip (links are refused, not followed)."""
+    files = []
+    for root, dirs, names in os.walk(folder):
+        dirs.sort()
+        for entry in sorted(names):
+            path = Path(root) / entry
+            if path.is_symlink():
+                raise CliError(f"{path} is a symbolic link: copy the file it points to into the folder")
+            files.append(path)
+    if not files:
+        raise CliError(f"{folder} is empty: nothing to register")
+    with zipfile.ZipFile(dest, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
+        for path in files:
+            archive.write(path, path.relative_to(folder).as_posix())
+    return dest
+
+
+@model_cli.command("list")
+def list_models(
+    name: Annotated[str | None, typer.Option("--name", "-n", help="only this name, newest version first")] = None,
+    tag: Annotated[str | None, typer.Option("--tag", "-t", help="only models with this tag")] = None,
+    output: OutputOption = Output.table,
+) -> None:
+    """The account's models.
+
+    Example: mms model list -n housing.model
+    """
+    params = {k: v for k, v in (("name", name), ("tag", tag)) if v}
+    with ServiceClient(ConfigStore()) as client:
+        models = all_pages(client, client.account_url("models"), params)
+    show(models, output, COLUMNS)
+
+
+@model_cli.command("show")
+def show_model(model_id: ModelId, output: OutputOption = Output.table) -> None:
+    """One model version.
+
+    Example: mms model show -i 3f2a...
+    """
+    with ServiceClient(ConfigStore()) as client:
+        model = client.json("GET", client.account_url("models", model_id))
+    show(model, output, [*COLUMNS, ("url", field("url"))])
+
+
+@model_cli.command("delete")
+def delete_model(model_id: ModelId) -> None:
+    """Delete a model version (its version number is never reused).
+
+    Example: mms model delete -i 3f2a...
+    """
+    with ServiceClient(ConfigStore()) as client:
+        client.call("DELETE", client.account_url("models", model_id))
+    err.print(f"Deleted model {model_id}.", highlight=False)

@@ -1,0 +1,123 @@
+"""What the command-line client remembers between runs: where the service is, who signs in,
+the current account, and a cached access token.
+
+Everything lives in one folder (``MMS_CONFIG_DIR``, else ``$XDG_CONFIG_HOME/mms``, else
+``~/.config/mms``): ``profile.json`` (service URL, subscription, resource group, account,
+sign-in method; no secrets) and ``credentials.json`` (the service principal's secret and the
+cached token). Both are written owner-only (0600, the folder 0700) by an atomic rename, so
+another user never reads a secret and a crash never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_SUBSCRIPTION = "default"
+
+
+class ProfileError(Exception):
+    """The profile cannot be used as it is; str() says what to run."""
+
+
+def config_dir() -> Path:
+    explicit = os.environ.get("MMS_CONFIG_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "mms"
+
+
+@dataclass
+class Profile:
+    """The current context, as ``mms login``, ``account set`` and ``env set`` leave it."""
+
+    server: str | None = None
+    subscription: str = DEFAULT_SUBSCRIPTION
+    resource_group: str | None = None
+    account: str | None = None
+    client_id: str | None = None
+    # The token endpoint: None means the service's own /oauth2/token; else an external
+    # authority's (an OAuth 2.0 client-credentials endpoint), with the scope to ask for.
+    authority: str | None = None
+    scope: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def account_path(self) -> str:
+        """``/api/subscriptions/{s}/resourceGroups/{g}/accounts/{a}`` of the current account."""
+        if not self.resource_group or not self.account:
+            raise ProfileError("no account is set: run `mms account modelmanagement set -n <account> "
+                               "-g <resource group>` (or create one with `... create`)")
+        return f"{self.group_path()}/accounts/{self.account}"
+
+    def group_path(self, resource_group: str | None = None) -> str:
+        group = resource_group or self.resource_group
+        if not group:
+            raise ProfileError("no resource group is set: pass -g <resource group> or run "
+                               "`mms env set -g <resource group>`")
+        return f"/api/subscriptions/{self.subscription}/resourceGroups/{group}"
+
+
+@dataclass
+class Credentials:
+    client_secret: str | None = None
+    access_token: str | None = None
+    expires_at: float | None = None  # epoch seconds
+
+
+class ConfigStore:
+    """Reads and writes the profile and the credentials in ``root``."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = root or config_dir()
+
+    @property
+    def profile_path(self) -> Path:
+        return self.root / "profile.json"
+
+    @property
+    def credentials_path(self) -> Path:
+        return self.root / "credentials.json"
+
+    def load_profile(self) -> Profile:
+        data = self._read(self.profile_path)
+        known = {k: v for k, v in data.items() if k in Profile.__dataclass_fields__}
+        return Profile(**known)
+
+    def save_profile(self, profile: Profile) -> None:
+        self._write(self.profile_path, asdict(profile))
+
+    def load_credentials(self) -> Credentials:
+        data = self._read(self.credentials_path)
+        return Credentials(**{k: v for k, v in data.items() if k in Credentials.__dataclass_fields__})
+
+    def save_credentials(self, credentials: Credentials) -> None:
+        self._write(self.credentials_path, asdict(credentials))
+
+    def clear(self) -> None:
+        for path in (self.credentials_path, self.profile_path):
+            path.unlink(missing_ok=True)
+
+    def _read(self, path: Path) -> dict[str, Any]:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            raise ProfileError(f"{path} cannot be read ({exc}); remove it and run `mms login` again") from None
+        return data if isinstance(data, dict) else {}
+
+    def _write(self, path: Path, data: dict[str, Any]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump(data, handle, indent=2)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
