@@ -49,12 +49,14 @@ class EmbeddedService:
     client_secret: str = ""
 
     @classmethod
-    def prepare(cls, data_dir: Path, log_dir: Path, rootfs_tar: Path) -> "EmbeddedService":
-        """A data folder with the base image published into the service's store and an Owner."""
+    def prepare(cls, data_dir: Path, log_dir: Path, rootfs_tar: Path,
+                **settings: str) -> "EmbeddedService":
+        """A data folder with the base image published into the service's store and an Owner;
+        ``settings`` are more MMS_ variables."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("MMS_") and k != "DOCKER_HOST"}
         port = free_port()
         env.update({"MMS_DATA_DIR": str(data_dir), "MMS_PORT": str(port), "MMS_LOG_FORMAT": "text",
-                    "MMS_BUILD_LEASE_SECONDS": "6"})
+                    "MMS_BUILD_LEASE_SECONDS": "6", **settings})
         if HOST_CA_BUNDLE.is_file():  # this machine reaches PyPI through a TLS-inspecting proxy
             env["MMS_EXTRA_CA_BUNDLE"] = str(HOST_CA_BUNDLE)
         service = cls(env, port, data_dir, log_dir)

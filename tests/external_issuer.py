@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import parse_qsl
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -24,6 +25,8 @@ class ExternalIssuer:
     def __init__(self, issuer: str) -> None:
         self.issuer = issuer
         self.jwks_uri = ""
+        self.token_url = ""  # an OAuth 2.0 client-credentials endpoint, as AAD's
+        self.clients: dict[str, tuple[str, str]] = {}  # client id → (secret, the token's oid)
         self.jwks_requests = 0
         self._keys: list[tuple[str, str, dict[str, Any]]] = []
         self.rotate()
@@ -66,11 +69,31 @@ class ExternalIssuer:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def do_POST(self) -> None:  # noqa: N802
+                form = dict(parse_qsl(self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode()))
+                client = external.clients.get(form.get("client_id", ""))
+                if form.get("grant_type") != "client_credentials" or client is None \
+                        or client[0] != form.get("client_secret"):
+                    status, answer = 401, {"error": "invalid_client",
+                                           "error_description": "AADSTS7000215: Invalid client secret provided."}
+                else:
+                    # AAD's v2 endpoint: scope "<audience>/.default" gives a token for that audience.
+                    audience = form.get("scope", "mms-api").removesuffix("/.default")
+                    status, answer = 200, {"token_type": "Bearer", "expires_in": 600,
+                                           "access_token": external.token(subject=client[1], audience=audience)}
+                body = json.dumps(answer).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
             def log_message(self, *args: Any) -> None:
                 pass
 
         server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         external.jwks_uri = f"http://127.0.0.1:{server.server_port}/discovery/keys"
+        external.token_url = f"http://127.0.0.1:{server.server_port}/oauth2/v2.0/token"
         thread = threading.Thread(target=server.serve_forever, daemon=True)
         thread.start()
         try:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.embedded_service import EmbeddedService, free_port, stop
+from tests.external_issuer import ExternalIssuer
 from tests.workers.conftest import Infra, infra  # noqa: F401  (the fixture)
 
 MMS = Path(sys.executable).with_name("mms")  # the console script the project installs
@@ -57,10 +58,22 @@ class Client:
         return json.loads(done.stdout)
 
 
+AUTHORITY = "https://login.example.test/cli-tenant/v2.0"
+
+
 @pytest.fixture(scope="module")
-def service(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedService]:  # noqa: F811
-    embedded = EmbeddedService.prepare(tmp_path_factory.mktemp("cli-data"),
-                                       tmp_path_factory.mktemp("cli-logs"), infra.rootfs_tar)
+def authority() -> Iterator[ExternalIssuer]:
+    """An AAD-style external authority with a client-credentials token endpoint."""
+    with ExternalIssuer.serve(AUTHORITY) as issuer:
+        yield issuer
+
+
+@pytest.fixture(scope="module")
+def service(infra: Infra, authority: ExternalIssuer,  # noqa: F811
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedService]:
+    trusted = json.dumps([{"issuer": AUTHORITY, "jwks_uri": authority.jwks_uri}])
+    embedded = EmbeddedService.prepare(tmp_path_factory.mktemp("cli-data"), tmp_path_factory.mktemp("cli-logs"),
+                                       infra.rootfs_tar, MMS_TRUSTED_ISSUERS=trusted)
     server = embedded.serve()
     try:
         yield embedded
@@ -198,6 +211,26 @@ def test_an_unknown_model_id_and_an_unreachable_server_are_one_clear_line(client
     assert f"cannot reach the service at {closed}" in unreachable.stderr
     debug = client.run("model", "list", "--debug", env={"MMS_SERVER": closed}, traceback=True)
     assert debug.returncode == 1 and "Traceback" in debug.stderr  # --debug shows where it failed
+
+
+def test_a_principal_of_an_external_authority_signs_in_there(
+        client: Client, service: EmbeddedService, authority: ExternalIssuer) -> None:
+    authority.clients["aad-app"] = ("aad-secret", "aad-object-1")
+    granted = service.mms("admin", "grant", "--issuer", AUTHORITY, "--subject", "aad-object-1",
+                          "--role", "Owner", "--scope", "/subscriptions/aad-sub")
+    assert granted.returncode == 0, granted.stderr
+    wrong = client.run("login", "--service-principal", "-u", "aad-app", "-p", "nope", "--server", service.url,
+                       "--subscription", "aad-sub", "--authority", authority.token_url, "--scope", "mms-api/.default")
+    assert wrong.returncode == 1 and "AADSTS7000215" in wrong.stderr
+    done = client.run("login", "--service-principal", "-u", "aad-app", "-p", "aad-secret", "--server", service.url,
+                      "--subscription", "aad-sub", "--authority", authority.token_url, "--scope", "mms-api/.default")
+    assert done.returncode == 0, done.stderr
+    created = client.json("account", "modelmanagement", "create", "-l", "eastus2", "-n", "aad-acct", "-g", "rg1")
+    assert created["properties"]["subscriptionId"] == "aad-sub"
+    # Owner of that subscription only: another one is refused, in one line.
+    assert client.run("env", "set", "-s", "someone-elses").returncode == 0
+    refused = client.run("account", "modelmanagement", "list", "-g", "rg1")
+    assert refused.returncode == 1 and "[AuthorizationFailed]" in refused.stderr
 
 
 def test_without_a_sign_in_or_an_account_the_message_names_the_command(tmp_path: Path) -> None:
