@@ -11,12 +11,19 @@ import re
 import time
 
 import docker
-import httpx
 import pytest
 
-from tests.embedded_service import EmbeddedService, alive, children, free_port, stop
-from tests.workers.conftest import TEST_LABEL, Infra
-from tests.workers.test_image_builds import ECHO_SCORE, SCORE_PY, Account, Stack, _register, _requirements
+from tests.embedded_service import EmbeddedService, alive, children, stop
+from tests.workers.conftest import Infra
+from tests.workers.test_image_builds import (
+    ECHO_SCORE,
+    SCORE_PY,
+    Account,
+    Stack,
+    _register,
+    _requirements,
+    run_and_score,
+)
 
 
 @pytest.fixture(scope="module")
@@ -70,22 +77,7 @@ def test_the_run_command_alone_builds_serves_images_and_resumes_queued_builds(
             chunks = list(api.pull(repository, tag="1", stream=True, decode=True, auth_config=login))
             assert not [c for c in chunks if "error" in c], chunks[-3:]
             infra.local_images.append(image["ImageLocation"])
-            port = free_port()
-            container = api.create_container(
-                image["ImageLocation"], environment={"PORT": str(port)}, labels={TEST_LABEL: "1"},
-                host_config=api.create_host_config(network_mode="host"))
-            api.start(container)
-            try:
-                deadline = time.monotonic() + 60
-                while True:
-                    try:
-                        scored = httpx.post(f"http://127.0.0.1:{port}/score", json={"data": rows}, timeout=5)
-                        break
-                    except httpx.TransportError:
-                        assert time.monotonic() < deadline, api.logs(container).decode()[-2000:]
-                        time.sleep(0.5)
-            finally:
-                api.remove_container(container, force=True)
+            scored = run_and_score(api, image["ImageLocation"], rows)
         assert scored.status_code == 200, scored.text
         assert scored.json() == trained.predict(rows).tolist()
 

@@ -196,24 +196,28 @@ def test_a_trained_model_is_built_pulled_run_and_scores_exactly(stack: Stack, in
     with infra.api() as api:
         for _ in api.pull(repository, tag="1", stream=True, decode=True):
             pass
-        port = free_port()
-        container = api.create_container(
-            image["ImageLocation"], environment={"PORT": str(port)}, labels={TEST_LABEL: "1"},
-            host_config=api.create_host_config(network_mode="host"))
-        api.start(container)
-        try:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    scored = httpx.post(f"http://127.0.0.1:{port}/score", json={"data": rows}, timeout=5)
-                    break
-                except httpx.TransportError:
-                    assert time.monotonic() < deadline, api.logs(container).decode()[-2000:]
-                    time.sleep(0.5)
-        finally:
-            api.remove_container(container, force=True)
+        scored = run_and_score(api, image["ImageLocation"], rows)
     assert scored.status_code == 200, scored.text
     assert scored.json() == trained.predict(rows).tolist()
+
+
+def run_and_score(api, image_location: str, rows: list) -> httpx.Response:  # noqa: ANN001
+    """Start the image on the host network, POST ``rows`` to /score once it answers, remove it."""
+    port = free_port()
+    container = api.create_container(
+        image_location, environment={"PORT": str(port)}, labels={TEST_LABEL: "1"},
+        host_config=api.create_host_config(network_mode="host"))
+    api.start(container)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                return httpx.post(f"http://127.0.0.1:{port}/score", json={"data": rows}, timeout=5)
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, api.logs(container).decode()[-2000:]
+                time.sleep(0.5)
+    finally:
+        api.remove_container(container, force=True)
 
 
 def test_a_broken_init_fails_the_build_with_its_traceback(stack: Stack, model) -> None:
