@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import APIRouter, Depends, FastAPI
 
 from app.api.deps import check_api_version
-from app.api.middleware import RequestIdMiddleware
+from app.api.middleware import ConditionalGetMiddleware, RequestIdMiddleware
 from app.api.routes import accounts, assets, health, images, manifests, models, oauth, principals, registry
 from app.config import Settings, get_settings
 from app.context import ServiceContext
@@ -40,6 +40,7 @@ def create_app(settings: Settings | None = None, context: ServiceContext | None 
     )
     app.state.context = context
     install_error_handlers(app)
+    app.add_middleware(ConditionalGetMiddleware)
     app.add_middleware(RequestIdMiddleware)
 
     api = APIRouter(prefix="/api", dependencies=[Depends(check_api_version)])

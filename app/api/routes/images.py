@@ -10,7 +10,7 @@ from fastapi.responses import PlainTextResponse
 from app.api.deps import CallerDep, ContextDep, ReadableAccount, SessionDep, WritableAccount
 from app.api.links import next_link
 from app.api.routes.manifests import to_read as manifest_to_read
-from app.orm import Image
+from app.orm import CreationState, Image
 from app.schemas.common import Page
 from app.schemas.images import BaseImageRead, ImageCreate, ImageError, ImageRead, OperationRead
 from app.services import base_images, images
@@ -90,9 +90,21 @@ def create_image(
     return to_read(image, request)
 
 
+# How long a poller of an unfinished build is asked to wait (Retry-After), in seconds.
+POLL_AFTER_SECONDS = 2
+
+
+def _retry_after(response: Response, image: Image) -> None:
+    if image.creation_state in (CreationState.NOT_STARTED, CreationState.RUNNING):
+        response.headers["Retry-After"] = str(POLL_AFTER_SECONDS)
+
+
 @router.get("/images/{imageId}", response_model=ImageRead)
-def get_image(imageId: str, request: Request, account: ReadableAccount, session: SessionDep) -> ImageRead:  # noqa: N803
-    return to_read(images.get_image(session, account, image_id=imageId), request)
+def get_image(imageId: str, request: Request, response: Response, account: ReadableAccount,  # noqa: N803
+              session: SessionDep) -> ImageRead:
+    image = images.get_image(session, account, image_id=imageId)
+    _retry_after(response, image)
+    return to_read(image, request)
 
 
 @router.get("/images", response_model=Page[ImageRead])
@@ -130,8 +142,11 @@ def build_log(imageId: str, account: ReadableAccount, session: SessionDep) -> Pl
 
 
 @router.get("/operations/{operationId}", response_model=OperationRead)
-def get_operation(operationId: str, request: Request, account: ReadableAccount, session: SessionDep) -> OperationRead:  # noqa: N803
-    return to_operation(images.get_operation(session, account, operation_id=operationId), request)
+def get_operation(operationId: str, request: Request, response: Response, account: ReadableAccount,  # noqa: N803
+                  session: SessionDep) -> OperationRead:
+    image = images.get_operation(session, account, operation_id=operationId)
+    _retry_after(response, image)
+    return to_operation(image, request)
 
 
 @router.get("/baseImages", response_model=Page[BaseImageRead])
