@@ -28,6 +28,11 @@ class BuildQueue:
     def _client(self) -> Celery:
         return Celery("mms-api", broker=self._broker_url, set_as_current=False)
 
+    def ping(self, timeout: float = 2.0) -> None:
+        """Raise unless the broker accepts a connection within ``timeout`` seconds."""
+        with self._client.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=0, timeout=timeout)
+
     def publish_build(self, image_id: str) -> None:
         """Ring the bell for one build; a broker that is down is logged, not raised (the reaper re-sends)."""
         try:

@@ -1,0 +1,32 @@
+"""Liveness and readiness, with the real database and Redis, and with each one unreachable."""
+
+from __future__ import annotations
+
+from fastapi.testclient import TestClient
+
+from app.context import ServiceContext
+from app.main import create_app
+
+
+def test_ready_when_the_database_and_the_broker_answer(service_context: ServiceContext) -> None:
+    # Not the transactional test client: on SQLite its open write transaction would hold
+    # the probe's BEGIN waiting.
+    client = TestClient(create_app(context=service_context), base_url="http://testserver")
+    assert client.get("/health").json() == {"status": "ok"}
+    ready = client.get("/ready")  # no token needed, as for /health
+    assert ready.status_code == 200, ready.text
+    assert ready.json() == {"status": "ready", "checks": {"database": "ok", "broker": "ok"}}
+
+
+def test_not_ready_names_what_is_unreachable_and_nothing_more(app_context: ServiceContext, tmp_path) -> None:
+    settings = app_context.settings.model_copy(update={
+        "broker_url": "redis://:hunter2-secret@127.0.0.1:1/0",
+        "database_url": f"sqlite:///{tmp_path}/no-such-folder/mms.db",
+    })
+    client = TestClient(create_app(context=ServiceContext.build(settings)), base_url="http://testserver")
+    answer = client.get("/ready")
+    assert answer.status_code == 503
+    checks = answer.json()["checks"]
+    assert checks["database"].startswith("unreachable") and checks["broker"].startswith("unreachable")
+    assert "hunter2" not in answer.text and "127.0.0.1" not in answer.text
+    assert client.get("/health").status_code == 200  # alive, only not ready
