@@ -16,6 +16,7 @@ from rich.console import Console
 
 from app.config import Settings, get_settings
 from app.database import DatabaseNotMigrated, ensure_migrated, make_engine, migrate, session_scope
+from app.cli.client.output import err
 from app.errors import ServiceError
 
 cli = typer.Typer(help="Model Management Service", no_args_is_help=True, pretty_exceptions_enable=False)
@@ -26,7 +27,6 @@ cli.add_typer(admin_cli, name="admin")
 base_image_cli = typer.Typer(help="The prebuilt inference base images.", no_args_is_help=True)
 cli.add_typer(base_image_cli, name="base-image")
 
-err = Console(stderr=True, soft_wrap=True)
 
 
 class Output(str, Enum):

@@ -8,7 +8,6 @@ import typer
 
 from app.cli.client.api import CliError, ServiceClient
 from app.cli.client.output import Output, OutputOption, err, field, show
-from app.cli.client.profile import ConfigStore
 
 account_cli = typer.Typer(help="Model management accounts.", no_args_is_help=True)
 modelmanagement_cli = typer.Typer(help="Model management accounts (as `az ml account modelmanagement`).",
@@ -43,7 +42,7 @@ def create(
 
     Example: mms account modelmanagement create -l eastus2 -n acct1 -g rg1 --sku-instances 1 --sku-name S1
     """
-    with ServiceClient(ConfigStore()) as client:
+    with ServiceClient() as client:
         body = {"location": location, "sku": {"name": sku_name, "capacity": sku_instances}}
         account = client.json("PUT", f"{client.profile.group_path(resource_group)}/accounts/{name}", json=body)
         _make_current(client, resource_group, name)
@@ -59,7 +58,7 @@ def set_current(
 
     Example: mms account modelmanagement set -n acct1 -g rg1
     """
-    with ServiceClient(ConfigStore()) as client:
+    with ServiceClient() as client:
         client.json("GET", f"{client.profile.group_path(resource_group)}/accounts/{name}")
         _make_current(client, resource_group, name)
     err.print(f"Current account: {name} in {resource_group}.", highlight=False)
@@ -71,7 +70,7 @@ def show_account(name: Name = None, resource_group: Group = None, output: Output
 
     Example: mms account modelmanagement show -o json
     """
-    with ServiceClient(ConfigStore()) as client:
+    with ServiceClient() as client:
         account = client.json("GET", _path(client, name, resource_group))
     show(account, output, COLUMNS)
 
@@ -82,7 +81,7 @@ def list_accounts(resource_group: Group = None, output: OutputOption = Output.ta
 
     Example: mms account modelmanagement list -g rg1
     """
-    with ServiceClient(ConfigStore()) as client:
+    with ServiceClient() as client:
         accounts = all_pages(client, f"{client.profile.group_path(resource_group)}/accounts")
     show(accounts, output, COLUMNS)
 
@@ -97,17 +96,14 @@ def delete(
 
     Example: mms account modelmanagement delete -n acct1 -g rg1
     """
-    with ServiceClient(ConfigStore()) as client:
+    with ServiceClient() as client:
         client.call("DELETE", _path(client, name, resource_group), params={"force": "true"} if force else None)
     err.print(f"Deleted account {name}.", highlight=False)
 
 
 def _make_current(client: ServiceClient, resource_group: str, name: str) -> None:
-    store = ConfigStore()
-    profile = store.load_profile()
-    profile.resource_group, profile.account = resource_group, name
-    store.save_profile(profile)
-    client.profile = profile
+    client.profile.resource_group, client.profile.account = resource_group, name
+    client.store.save_profile(client.profile)
 
 
 def all_pages(client: ServiceClient, path: str, params: dict[str, Any] | None = None,

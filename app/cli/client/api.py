@@ -62,8 +62,8 @@ def fetch_token(token_url: str, client_id: str, client_secret: str, scope: str |
 class ServiceClient:
     """Calls the service on behalf of the profile's principal."""
 
-    def __init__(self, store: ConfigStore, *, timeout: float = 60.0) -> None:
-        self.store = store
+    def __init__(self, store: ConfigStore | None = None, *, timeout: float = 60.0) -> None:
+        self.store = store = store or ConfigStore()
         try:
             self.profile: Profile = store.load_profile()
         except ProfileError as exc:

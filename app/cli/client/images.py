@@ -12,7 +12,6 @@ from rich.console import Console
 from app.cli.client.accounts import all_pages
 from app.cli.client.api import ServiceClient
 from app.cli.client.output import Output, OutputOption, err, field, out, show
-from app.cli.client.profile import ConfigStore
 
 image_cli = typer.Typer(help="Scoring images built from manifests.", no_args_is_help=True)
 
@@ -46,7 +45,7 @@ def create(
         body["builder"] = builder
     if description:
         body["description"] = description
-    with ServiceClient(ConfigStore()) as client:
+    with ServiceClient() as client:
         image = client.json("POST", client.account_url("images"), json=body)
         if not wait:
             show(image, output, COLUMNS)
@@ -87,7 +86,7 @@ def show_image(image_id: ImageId, output: OutputOption = Output.table) -> None:
 
     Example: mms image show -i 7d2e...
     """
-    with ServiceClient(ConfigStore()) as client:
+    with ServiceClient() as client:
         image = client.json("GET", client.account_url("images", image_id))
     show(image, output, [*COLUMNS, ("digest", field("Digest")), ("error", field("Error.message"))])
 
@@ -103,7 +102,7 @@ def list_images(
     Example: mms image list --manifest-name housingmodel-manifest
     """
     params = {k: v for k, v in (("manifestId", manifest_id), ("manifestName", manifest_name)) if v}
-    with ServiceClient(ConfigStore()) as client:
+    with ServiceClient() as client:
         images = all_pages(client, client.account_url("images"), params)
     show(images, output, COLUMNS)
 
@@ -117,7 +116,7 @@ def logs(
 
     Example: mms image logs -i 7d2e... --follow
     """
-    with ServiceClient(ConfigStore()) as client:
+    with ServiceClient() as client:
         if follow_log:
             follow(client, image_id, 24 * 3600, out)
             return
@@ -130,7 +129,7 @@ def cancel(image_id: ImageId, output: OutputOption = Output.table) -> None:
 
     Example: mms image cancel -i 7d2e...
     """
-    with ServiceClient(ConfigStore()) as client:
+    with ServiceClient() as client:
         image = client.json("POST", client.account_url("images", image_id, "cancel"))
     show(image, output, COLUMNS)
 
@@ -141,7 +140,7 @@ def delete(image_id: ImageId) -> None:
 
     Example: mms image delete -i 7d2e...
     """
-    with ServiceClient(ConfigStore()) as client:
+    with ServiceClient() as client:
         client.call("DELETE", client.account_url("images", image_id))
     err.print(f"Deleted image {image_id}.", highlight=False)
 
@@ -151,7 +150,7 @@ def list_base_images(output: OutputOption = Output.table) -> None:
 
     Example: mms base-image list
     """
-    with ServiceClient(ConfigStore()) as client:
+    with ServiceClient() as client:
         bases = all_pages(client, client.account_url("baseImages"))
     show(bases, output, [("name", field("name")), ("reference", field("reference")),
                          ("python", field("pythonVersion")), ("variant", field("variant")),

@@ -14,7 +14,6 @@ from app.cli.client.accounts import all_pages
 from app.cli.client.api import CliError, ServiceClient
 from app.cli.client.models import register_model, upload_with_progress, zip_folder
 from app.cli.client.output import Output, OutputOption, err, field, show
-from app.cli.client.profile import ConfigStore
 
 manifest_cli = typer.Typer(help="Manifests: a scoring script, its assets, models and environment.",
                            no_args_is_help=True)
@@ -50,7 +49,7 @@ def create(
     for path in [p for p in (driver, conda_file, pip_file, inference_config, *(dependency or [])) if p]:
         if not path.exists():
             raise CliError(f"{path} does not exist")
-    with ServiceClient(ConfigStore()) as client:
+    with ServiceClient() as client:
         model_ids = list(model_id or [])
         for path in model_file or []:
             registered = register_model(client, path, _model_name(path), [], None)
@@ -136,7 +135,7 @@ def list_manifests(
     Example: mms manifest list -n housingmodel-manifest
     """
     params = {k: v for k, v in (("manifestName", name), ("modelId", model_id)) if v}
-    with ServiceClient(ConfigStore()) as client:
+    with ServiceClient() as client:
         manifests = all_pages(client, client.account_url("manifests"), params)
     show(manifests, output, COLUMNS)
 
@@ -147,7 +146,7 @@ def show_manifest(manifest_id: Annotated[str, typer.Option("--id", "-i")], outpu
 
     Example: mms manifest show -i 9b1c...
     """
-    with ServiceClient(ConfigStore()) as client:
+    with ServiceClient() as client:
         manifest = client.json("GET", client.account_url("manifests", manifest_id))
     show(manifest, output, [*COLUMNS, ("assets", lambda m: [a.get("id") for a in m.get("assets") or []])])
 
@@ -158,6 +157,6 @@ def delete_manifest(manifest_id: Annotated[str, typer.Option("--id", "-i")]) -> 
 
     Example: mms manifest delete -i 9b1c...
     """
-    with ServiceClient(ConfigStore()) as client:
+    with ServiceClient() as client:
         client.call("DELETE", client.account_url("manifests", manifest_id))
     err.print(f"Deleted manifest {manifest_id}.", highlight=False)

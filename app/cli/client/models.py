@@ -16,7 +16,6 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColu
 from app.cli.client.accounts import all_pages
 from app.cli.client.api import CliError, ServiceClient
 from app.cli.client.output import Output, OutputOption, err, field, show
-from app.cli.client.profile import ConfigStore
 
 model_cli = typer.Typer(help="Registered models.", no_args_is_help=True)
 
@@ -38,7 +37,7 @@ def register(
 
     Example: mms model register -m housing.model -n housing.model -t myTag -d "my housing.model"
     """
-    with ServiceClient(ConfigStore()) as client:
+    with ServiceClient() as client:
         registered = register_model(client, model, name, tag or [], description)
     show(registered, output, COLUMNS)
 
@@ -107,7 +106,7 @@ def list_models(
     Example: mms model list -n housing.model
     """
     params = {k: v for k, v in (("name", name), ("tag", tag)) if v}
-    with ServiceClient(ConfigStore()) as client:
+    with ServiceClient() as client:
         models = all_pages(client, client.account_url("models"), params)
     show(models, output, COLUMNS)
 
@@ -118,7 +117,7 @@ def show_model(model_id: ModelId, output: OutputOption = Output.table) -> None:
 
     Example: mms model show -i 3f2a...
     """
-    with ServiceClient(ConfigStore()) as client:
+    with ServiceClient() as client:
         model = client.json("GET", client.account_url("models", model_id))
     show(model, output, [*COLUMNS, ("url", field("url"))])
 
@@ -129,6 +128,6 @@ def delete_model(model_id: ModelId) -> None:
 
     Example: mms model delete -i 3f2a...
     """
-    with ServiceClient(ConfigStore()) as client:
+    with ServiceClient() as client:
         client.call("DELETE", client.account_url("models", model_id))
     err.print(f"Deleted model {model_id}.", highlight=False)
