@@ -86,6 +86,15 @@ class Settings(BaseSettings):
     build_run_deadline_seconds: int = Field(default=3600, ge=10)  # Running longer: Failed
     build_republish_seconds: int = Field(default=60, ge=1)  # NotStarted this long: ring again
     smoke_test_timeout_seconds: int = Field(default=120, ge=5)
+    # A worker asked to stop (SIGTERM) lets a running build finish for this long, then hands
+    # it back to the queue for another worker.
+    build_shutdown_grace_seconds: float = Field(default=20.0, ge=0)
+
+    events_poll_seconds: float = Field(default=0.25, gt=0, le=10)  # how often an API process looks for new events
+    events_retention_days: int = Field(default=7, ge=1)
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
+    webhook_max_attempts: int = Field(default=8, ge=1, le=20)
+    webhook_retry_base_seconds: float = Field(default=10.0, gt=0)  # doubled per attempt, at most an hour
 
     @property
     def effective_fetch_allow_hosts(self) -> frozenset[str]:

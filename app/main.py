@@ -9,8 +9,11 @@ from contextlib import asynccontextmanager
 from fastapi import APIRouter, Depends, FastAPI
 
 from app.api.deps import check_api_version
+from app.api.event_stream import EventHub
 from app.api.middleware import ConditionalGetMiddleware, RequestIdMiddleware
-from app.api.routes import accounts, assets, health, images, manifests, models, oauth, principals, registry
+from app.api.routes import (
+    accounts, assets, health, images, manifests, models, oauth, principals, registry, webhooks,
+)
 from app.config import Settings, get_settings
 from app.context import ServiceContext
 from app.database import ensure_migrated
@@ -24,11 +27,13 @@ def create_app(settings: Settings | None = None, context: ServiceContext | None 
     context = context or ServiceContext.build(settings or get_settings())
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         ensure_migrated(context.engine)
         context.signing_key()
+        await app.state.event_hub.start()
         log.info("app.started", extra={"database": context.engine.url.render_as_string(hide_password=True)})
         yield
+        await app.state.event_hub.stop()
         context.engine.dispose()
 
     app = FastAPI(
@@ -39,6 +44,7 @@ def create_app(settings: Settings | None = None, context: ServiceContext | None 
         lifespan=lifespan,
     )
     app.state.context = context
+    app.state.event_hub = EventHub(context.session_factory, interval=context.settings.events_poll_seconds)
     install_error_handlers(app)
     app.add_middleware(ConditionalGetMiddleware)
     app.add_middleware(RequestIdMiddleware)
@@ -49,6 +55,7 @@ def create_app(settings: Settings | None = None, context: ServiceContext | None 
     api.include_router(assets.router)
     api.include_router(manifests.router)
     api.include_router(images.router)
+    api.include_router(webhooks.router)
     api.include_router(principals.router)
     app.include_router(api)
     app.include_router(assets.blob_router)

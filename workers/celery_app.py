@@ -4,7 +4,9 @@ database is the truth."""
 from __future__ import annotations
 
 from celery import Celery
-from celery.signals import worker_process_init
+import signal
+
+from celery.signals import worker_process_init, worker_ready, worker_shutdown, worker_shutting_down
 
 from app.config import get_settings
 from app.queue import BUILD_TASK
@@ -35,6 +37,37 @@ celery_app.conf.update(
 @worker_process_init.connect
 def _fresh_connections(**_: object) -> None:
     # Forked pool processes must not share the parent's database connections.
+    from workers.runner import SHUTDOWN
     from workers.tasks import worker_context
 
     worker_context.cache_clear()
+    # A SIGTERM sent to the whole process group reaches the pool too: start draining,
+    # as the main process does, rather than die mid-build.
+    signal.signal(signal.SIGTERM, lambda *_: SHUTDOWN.set())
+
+
+_dispatcher = None
+
+
+@worker_ready.connect
+def _start_webhook_dispatcher(**_: object) -> None:
+    global _dispatcher
+    from workers.tasks import worker_context
+    from workers.webhooks import WebhookDispatcher
+
+    _dispatcher = WebhookDispatcher(worker_context())
+    _dispatcher.start()
+
+
+@worker_shutting_down.connect
+def _drain_builds(**_: object) -> None:
+    # Running builds get build_shutdown_grace_seconds to finish, then go back to the queue.
+    from workers.runner import SHUTDOWN
+
+    SHUTDOWN.set()
+
+
+@worker_shutdown.connect
+def _stop_webhook_dispatcher(**_: object) -> None:
+    if _dispatcher is not None:
+        _dispatcher.stop()

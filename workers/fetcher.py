@@ -203,6 +203,38 @@ def fetch(
         raise
 
 
+def post(
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    *,
+    policy: FetchPolicy = FetchPolicy(),
+    resolver: Resolver = socket.getaddrinfo,
+    transport: httpx.BaseTransport | None = None,
+) -> int:
+    """POST ``body`` to ``url`` under the same address rules as ``fetch``; the response status.
+
+    Redirects are not followed (a 3xx is returned as it is): a receiver that moved must be
+    registered again, rather than have its deliveries sent somewhere nobody vetted.
+    """
+    deadline = time.monotonic() + policy.deadline
+    target = _parse(url)
+    address = _check_target(target, policy, resolver)
+    hop = transport or httpx.HTTPTransport(verify=_ssl_context(policy), trust_env=False)
+    try:
+        response = hop.handle_request(_request(target, address, policy, deadline, method="POST",
+                                               content=body, headers=headers))
+        response.close()  # the status is the answer; the body is not read (nor trusted to be small)
+    except httpx.TimeoutException as exc:
+        raise _transport_error("timeout", exc, target) from None
+    except httpx.HTTPError as exc:
+        raise _transport_error("network_error", exc, target) from None
+    finally:
+        if transport is None:
+            hop.close()
+    return response.status_code
+
+
 def _norm_host(entry: str) -> str:
     return entry.strip().lower().rstrip(".")
 
@@ -276,8 +308,9 @@ def _ssl_context(policy: FetchPolicy) -> ssl.SSLContext:
     return context
 
 
-def _request(url: httpx.URL, address: str, policy: FetchPolicy, deadline: float) -> httpx.Request:
-    """Build a GET to the pinned ``address``, keeping the original name for Host and TLS."""
+def _request(url: httpx.URL, address: str, policy: FetchPolicy, deadline: float, *, method: str = "GET",
+             content: bytes | None = None, headers: dict[str, str] | None = None) -> httpx.Request:
+    """Build a request to the pinned ``address``, keeping the original name for Host and TLS."""
     remaining = deadline - time.monotonic()
     if remaining <= 0:
         raise FetchError("timeout", f"deadline exceeded before fetching {redact_url(url)}")
@@ -288,9 +321,10 @@ def _request(url: httpx.URL, address: str, policy: FetchPolicy, deadline: float)
         "pool": min(policy.connect_timeout, remaining),
     }
     return httpx.Request(
-        "GET",
+        method,
         url.copy_with(host=address, username=None, password=None),
-        headers={"Host": url.netloc.decode("ascii"), "Accept-Encoding": "identity"},
+        headers={**(headers or {}), "Host": url.netloc.decode("ascii"), "Accept-Encoding": "identity"},
+        content=content,
         # httpcore uses sni_hostname for both SNI and certificate hostname matching.
         extensions={"timeout": timeout, "sni_hostname": url.raw_host.decode("ascii")},
     )

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from app.orm import CreationState, Image
 from app.orm.base import utcnow
+from app.services.events import record_state_changes
 
 RUNNING = CreationState.RUNNING.value
 
@@ -36,7 +37,7 @@ def claim_build(session: Session, image_id: uuid.UUID, *, owner: str, lease_seco
         .where(
             Image.id == image_id,
             Image.cancel_requested.is_(False),
-            Image.attempt < max_attempts,
+            Image.attempt - Image.releases < max_attempts,  # a re-queue on shutdown is no failure
             or_(
                 Image.state == CreationState.NOT_STARTED.value,
                 and_(Image.state == RUNNING, Image.lease_expires_at < now),
@@ -51,7 +52,10 @@ def claim_build(session: Session, image_id: uuid.UUID, *, owner: str, lease_seco
         )
         .returning(Image.attempt)
     ).scalar()
-    return Lease(image_id, attempt, owner) if attempt is not None else None
+    if attempt is None:
+        return None
+    record_state_changes(session, [image_id])
+    return Lease(image_id, attempt, owner)
 
 
 class LeaseLost(Exception):
@@ -71,12 +75,30 @@ def renew_lease(session: Session, lease: Lease, *, lease_seconds: int) -> bool:
     return bool(cancel)
 
 
+def release_build(session: Session, lease: Lease) -> bool:
+    """Give a build back to the queue (the worker is shutting down); False when fenced off.
+
+    The attempt number stays, so the released worker stays fenced off; ``releases`` keeps
+    the hand-back from counting as a failed attempt.
+    """
+    released = session.execute(
+        update(Image)
+        .where(Image.id == lease.image_id, Image.attempt == lease.attempt, Image.state == RUNNING)
+        .values(state=CreationState.NOT_STARTED.value, releases=Image.releases + 1, lease_owner=None,
+                lease_expires_at=None, published_at=None)
+        .returning(Image.id)
+    ).scalars().all()
+    record_state_changes(session, released)
+    return bool(released)
+
+
 def finish_build(session: Session, lease: Lease, *, state: CreationState, **fields: object) -> bool:
     """Record the outcome if the lease is still ours; False when fenced off (nothing written)."""
-    return bool(
-        session.execute(
-            update(Image)
-            .where(Image.id == lease.image_id, Image.attempt == lease.attempt, Image.state == RUNNING)
-            .values(state=state.value, ended_at=utcnow(), lease_owner=None, lease_expires_at=None, **fields)
-        ).rowcount
-    )
+    finished = session.execute(
+        update(Image)
+        .where(Image.id == lease.image_id, Image.attempt == lease.attempt, Image.state == RUNNING)
+        .values(state=state.value, ended_at=utcnow(), lease_owner=None, lease_expires_at=None, **fields)
+        .returning(Image.id)
+    ).scalars().all()
+    record_state_changes(session, finished)
+    return bool(finished)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import socket
 import threading
+import time
 import traceback
 import uuid
 
@@ -14,7 +16,7 @@ from app.database import session_scope
 from app.orm import CreationState
 from workers.build_log import BuildLogWriter
 from workers.builders import BuildFailed
-from workers.leases import Lease, LeaseLost, claim_build, finish_build, renew_lease
+from workers.leases import Lease, LeaseLost, claim_build, finish_build, release_build, renew_lease
 from workers.pipeline import StepFailed, run_pipeline
 
 log = logging.getLogger("mms.worker")
@@ -25,8 +27,16 @@ class BuildStopped(Exception):
     """The build was cancelled, or its lease was lost: stop at the next log line."""
 
 
+# Set when the worker is asked to stop (SIGTERM). A multiprocessing event, made before the
+# pool forks, so the main process that receives the signal reaches the builds in its pool.
+SHUTDOWN = multiprocessing.Event()
+
+
 class Heartbeat(threading.Thread):
-    """Renews the lease every third of its length; notices cancels and lost leases."""
+    """Renews the lease every third of its length; notices cancels, lost leases, and a
+    shutdown whose grace period the build outlasted."""
+
+    TICK = 0.5
 
     def __init__(self, context: ServiceContext, lease: Lease) -> None:
         super().__init__(daemon=True, name=f"heartbeat-{lease.image_id}")
@@ -35,8 +45,19 @@ class Heartbeat(threading.Thread):
         self.stop_reason: str | None = None
 
     def run(self) -> None:
-        seconds = self._context.settings.build_lease_seconds
-        while not self._done.wait(seconds / 3):
+        settings = self._context.settings
+        seconds = settings.build_lease_seconds
+        next_renewal = time.monotonic() + seconds / 3
+        draining_since: float | None = None
+        while not self._done.wait(self.TICK):
+            if SHUTDOWN.is_set():
+                draining_since = draining_since or time.monotonic()
+                if time.monotonic() - draining_since >= settings.build_shutdown_grace_seconds:
+                    self.stop_reason = "shutdown"
+                    return
+            if time.monotonic() < next_renewal:
+                continue
+            next_renewal = time.monotonic() + seconds / 3
             try:
                 with session_scope(self._context.session_factory) as session:
                     if renew_lease(session, self._lease, lease_seconds=seconds):
@@ -60,6 +81,9 @@ def run_build(context: ServiceContext, image_id: str) -> None:
         parsed = uuid.UUID(image_id)
     except ValueError:
         log.warning("worker.bad_message")
+        return
+    if SHUTDOWN.is_set():  # stopping: leave it to another worker
+        context.build_queue.publish_build(image_id)
         return
     with session_scope(context.session_factory) as session:
         lease = claim_build(
@@ -89,6 +113,9 @@ def run_build(context: ServiceContext, image_id: str) -> None:
                    "size_bytes": result.size_bytes, "error": None}
         writer(f"mms: Succeeded: {result.image_location}@{result.digest}")
     except BuildStopped as stopped:
+        if str(stopped) == "shutdown":
+            _hand_back(context, lease, writer, heartbeat)
+            return
         state = CreationState.CANCELLED if str(stopped) == "cancelled" else CreationState.FAILED
         outcome = {"error": "cancelled while building" if state is CreationState.CANCELLED else "the build lost its lease"}
         writer(f"mms: {outcome['error']}")
@@ -108,3 +135,18 @@ def run_build(context: ServiceContext, image_id: str) -> None:
             log.warning("worker.fenced_off", extra={"imageId": image_id, "attempt": lease.attempt})
             return
     log.info("worker.finished", extra={"imageId": image_id, "state": state.value})
+
+
+def _hand_back(context: ServiceContext, lease: Lease, writer: BuildLogWriter, heartbeat: Heartbeat) -> None:
+    """The worker is stopping and the build outlasted the grace period: queue it again."""
+    heartbeat.stop()
+    grace = context.settings.build_shutdown_grace_seconds
+    writer(f"mms: worker {WORKER_ID} is stopping; the build did not finish within {grace:g} s "
+           "and goes back to the queue")
+    writer.flush()
+    with session_scope(context.session_factory) as session:
+        released = release_build(session, lease)
+    if released:
+        context.build_queue.publish_build(str(lease.image_id))
+    log.info("worker.build_requeued", extra={"imageId": str(lease.image_id), "released": released})
+

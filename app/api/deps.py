@@ -11,6 +11,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import AfterValidator
 from sqlalchemy.orm import Session
 
+from app.api.event_stream import EventHub
 from app.auth.caller import Caller, load_caller
 from app.auth.roles import Permission, account_scope
 from app.context import ServiceContext
@@ -35,6 +36,13 @@ async def get_context(request: Request) -> ServiceContext:
 
 
 ContextDep = Annotated[ServiceContext, Depends(get_context)]
+
+
+async def get_event_hub(request: Request) -> EventHub:
+    return request.app.state.event_hub
+
+
+EventHubDep = Annotated[EventHub, Depends(get_event_hub)]
 
 
 def get_session(context: ContextDep) -> Iterator[Session]:

@@ -24,6 +24,7 @@ class Caller:
     issuer: str
     subject: str
     grants: tuple[Grant, ...]
+    expires_at: float | None = None  # the token's exp (seconds since the epoch)
 
     @property
     def owner_key(self) -> str:
@@ -53,4 +54,6 @@ def load_caller(session: Session, token: VerifiedToken) -> Caller:
         )
     ).all()
     grants = tuple(Grant(role=Role(role), scope=scope) for role, scope in rows)
-    return Caller(issuer=token.issuer, subject=token.subject, grants=grants)
+    exp = token.claims.get("exp")
+    return Caller(issuer=token.issuer, subject=token.subject, grants=grants,
+                  expires_at=float(exp) if isinstance(exp, int | float) else None)

@@ -4,12 +4,14 @@ from app.orm.account import Account
 from app.orm.asset import Asset
 from app.orm.base import Base
 from app.orm.base_image import BaseImage
+from app.orm.event import ImageEvent
 from app.orm.idempotency import IdempotencyRecord
 from app.orm.image import BuildLogChunk, CreationState, Image, ImageName
 from app.orm.manifest import Manifest, ManifestAsset, ManifestModel, ManifestName
 from app.orm.principal import RoleAssignment, ServicePrincipal
 from app.orm.registered_model import ModelTag, ModelVersion, RegisteredModel
 from app.orm.signing_key import SigningKey
+from app.orm.webhook import DeliveryState, Webhook, WebhookDelivery
 
 __all__ = [
     "Account",
@@ -18,8 +20,10 @@ __all__ = [
     "BaseImage",
     "BuildLogChunk",
     "CreationState",
+    "DeliveryState",
     "IdempotencyRecord",
     "Image",
+    "ImageEvent",
     "ImageName",
     "Manifest",
     "ManifestAsset",
@@ -31,4 +35,6 @@ __all__ = [
     "RoleAssignment",
     "ServicePrincipal",
     "SigningKey",
+    "Webhook",
+    "WebhookDelivery",
 ]

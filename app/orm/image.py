@@ -69,6 +69,7 @@ class Image(UuidPrimaryKey, CreatedAt, Base):
     # The lease: which worker holds the build, until when, and which attempt it is. A worker
     # whose attempt is no longer current has been fenced off and must not write.
     attempt: Mapped[int] = mapped_column(Integer, default=0)
+    releases: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # attempts handed back
     lease_owner: Mapped[str | None] = mapped_column(String(255))
     lease_expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     published_at: Mapped[datetime | None] = mapped_column(UtcDateTime)  # last sent to the queue

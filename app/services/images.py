@@ -11,6 +11,7 @@ from app.orm import Account, BuildLogChunk, CreationState, Image, ImageName, Man
 from app.orm.base import utcnow
 from app.queue import BuildQueue, after_commit
 from app.schemas.images import ImageCreate
+from app.services.events import record_state_changes
 from app.services.lookup import get_in_account, parse_uuid
 from app.services.manifests import get_manifest
 from app.services.paging import page_by_name_and_version
@@ -52,6 +53,7 @@ def create_image(
     )
     session.add(image)
     session.flush()
+    record_state_changes(session, [image.id])
     image_id = str(image.id)
     after_commit(session, lambda: queue.publish_build(image_id))
     return image
@@ -102,7 +104,9 @@ def cancel_image(session: Session, account: Account, *, image_id: str) -> Image:
         update(Image)
         .where(Image.id == image.id, Image.state == CreationState.NOT_STARTED.value)
         .values(state=CreationState.CANCELLED.value, ended_at=utcnow(), error="cancelled before it started")
-    ).rowcount
+        .returning(Image.id)
+    ).scalars().all()
+    record_state_changes(session, cancelled_now)
     if not cancelled_now:
         # Running: the worker's heartbeat sees the flag and stops the build.
         image.cancel_requested = True

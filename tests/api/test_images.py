@@ -86,6 +86,16 @@ def test_log_list_and_the_manifest_in_use(client: TestClient, owner: dict[str, s
     log = client.get(image["ImageBuildLogUri"].replace("http://testserver", ""), headers=owner)
     assert log.text == "first\nsecond\n"
     assert log.headers["content-type"].startswith("text/plain")
+    assert log.headers["accept-ranges"] == "bytes" and log.headers["retry-after"] == "2"
+
+    # A follower asks only for what it has not seen.
+    url = image["ImageBuildLogUri"].replace("http://testserver", "")
+    rest = client.get(url, headers={**owner, "Range": "bytes=6-"})
+    assert rest.status_code == 206 and rest.text == "second\n"
+    assert rest.headers["content-range"] == "bytes 6-12/13"
+    nothing_new = client.get(url, headers={**owner, "Range": "bytes=13-"})
+    assert nothing_new.status_code == 416 and nothing_new.headers["content-range"] == "bytes */13"
+    assert client.get(url, headers={**owner, "Range": "bytes=-5"}).text == "first\nsecond\n"
 
     listed = client.get(f"{account}/images?manifestId={manifest_id}", headers=owner).json()["value"]
     assert [i["Id"] for i in listed] == [image["Id"]]

@@ -3,54 +3,34 @@
 from __future__ import annotations
 
 import hashlib
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
-import uvicorn
 
 from app.config import Settings
 from app.context import ServiceContext
 from app.main import create_app
 from app.orm.base import utcnow
 from app.storage.azure import AzureBlobStore
+from tests.live_server import free_port, serve
 from workers.fetch_policy import fetch_policy
 from workers.fetcher import FetchError, fetch
 
 DATA = b"a model archive " * 4096
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture()
 def live_local_store(service_context: ServiceContext, tmp_path: Path) -> Iterator[ServiceContext]:
     """The app serving its local store's signed URLs on a real port."""
-    port = _free_port()
+    port = free_port()
     settings = service_context.settings.model_copy(
         update={"public_url": f"http://127.0.0.1:{port}", "data_dir": tmp_path}
     )
     context = ServiceContext.build(settings, engine=service_context.engine)
-    server = uvicorn.Server(uvicorn.Config(create_app(context=context), host="127.0.0.1", port=port,
-                                           log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    try:
+    with serve(create_app(context=context), port, lifespan="off"):
         yield context
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def _stored(store, tmp_path: Path) -> str:

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response, status
+from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import PlainTextResponse
+from sse_starlette import EventSourceResponse
 
-from app.api.deps import CallerDep, ContextDep, ReadableAccount, SessionDep, WritableAccount
+from app.api.event_stream import image_events
+
+from app.api.deps import CallerDep, ContextDep, EventHubDep, ReadableAccount, SessionDep, WritableAccount
 from app.api.links import next_link
 from app.api.routes.manifests import to_read as manifest_to_read
+from app.errors import BadRequest
 from app.orm import CreationState, Image
 from app.schemas.common import Page
 from app.schemas.images import BaseImageRead, ImageCreate, ImageError, ImageRead, OperationRead
@@ -94,16 +99,42 @@ def create_image(
 POLL_AFTER_SECONDS = 2
 
 
-def _retry_after(response: Response, image: Image) -> None:
+def _retry_after(headers, image: Image) -> None:  # type: ignore[no-untyped-def]
+    """Ask a poller of an unfinished build to come back in a moment (``headers``: a mapping)."""
     if image.creation_state in (CreationState.NOT_STARTED, CreationState.RUNNING):
-        response.headers["Retry-After"] = str(POLL_AFTER_SECONDS)
+        headers["Retry-After"] = str(POLL_AFTER_SECONDS)
+
+
+# Declared before /images/{imageId}, which would otherwise take "events" for an id.
+@router.get("/images/events", response_class=EventSourceResponse,
+            responses={200: {"content": {"text/event-stream": {}},
+                             "description": "`ready`, then one `image` event per state change"}})
+async def stream_image_events(
+    account: ReadableAccount,
+    caller: CallerDep,
+    context: ContextDep,
+    hub: EventHubDep,
+    last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+    last_event_id_query: Annotated[str | None, Query(alias="lastEventId")] = None,
+) -> EventSourceResponse:
+    """The account's image state changes as Server-Sent Events; resume with Last-Event-ID."""
+    raw = last_event_id_header if last_event_id_header is not None else last_event_id_query
+    last_event_id = None
+    if raw is not None and raw.strip():
+        if not raw.strip().isdigit():
+            raise BadRequest(f"Last-Event-ID must be an event id (a whole number), not {raw[:40]!r}")
+        last_event_id = int(raw)
+    events = image_events(hub, context.session_factory, account.id, last_event_id=last_event_id,
+                          ends_at=caller.expires_at)
+    # X-Accel-Buffering: a proxy in front must pass events on as they come.
+    return EventSourceResponse(events, ping=15, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 @router.get("/images/{imageId}", response_model=ImageRead)
 def get_image(imageId: str, request: Request, response: Response, account: ReadableAccount,  # noqa: N803
               session: SessionDep) -> ImageRead:
     image = images.get_image(session, account, image_id=imageId)
-    _retry_after(response, image)
+    _retry_after(response.headers, image)
     return to_read(image, request)
 
 
@@ -134,18 +165,36 @@ def delete_image(imageId: str, account: WritableAccount, session: SessionDep) ->
     images.delete_image(session, account, image_id=imageId)
 
 
+_OPEN_RANGE = re.compile(r"bytes=(\d+)-")
+
+
 @router.get("/images/{imageId}/log", response_class=PlainTextResponse)
-def build_log(imageId: str, account: ReadableAccount, session: SessionDep) -> PlainTextResponse:  # noqa: N803
-    """The build log so far; it stays after a failure, whose step and error end it."""
+def build_log(imageId: str, account: ReadableAccount, session: SessionDep,  # noqa: N803
+              range_header: Annotated[str | None, Header(alias="Range")] = None) -> Response:
+    """The build log so far; it stays after a failure, whose step and error end it.
+
+    A follower asks for what it has not seen with ``Range: bytes=<size so far>-``: 206 with
+    the new part, or 416 when there is nothing new yet.
+    """
     image = images.get_image(session, account, image_id=imageId)
-    return PlainTextResponse(images.read_log(session, image))
+    body = images.read_log(session, image).encode()
+    headers = {"Accept-Ranges": "bytes"}
+    _retry_after(headers, image)
+    wanted = _OPEN_RANGE.fullmatch(range_header.strip()) if range_header else None
+    if wanted is None:  # no Range, or a form a log follower does not need: the whole log
+        return PlainTextResponse(body, headers=headers)
+    start = int(wanted[1])
+    if start >= len(body):
+        return Response(status_code=416, headers={**headers, "Content-Range": f"bytes */{len(body)}"})
+    return PlainTextResponse(body[start:], status_code=206,
+                             headers={**headers, "Content-Range": f"bytes {start}-{len(body) - 1}/{len(body)}"})
 
 
 @router.get("/operations/{operationId}", response_model=OperationRead)
 def get_operation(operationId: str, request: Request, response: Response, account: ReadableAccount,  # noqa: N803
                   session: SessionDep) -> OperationRead:
     image = images.get_operation(session, account, operation_id=operationId)
-    _retry_after(response, image)
+    _retry_after(response.headers, image)
     return to_operation(image, request)
 
 

@@ -1,0 +1,196 @@
+"""The image event stream: one database poller per API process fanning new events out to
+that process's subscribers, and the Server-Sent Events each subscriber receives.
+
+Events are rows (``app.services.events``), so any API process serves any subscriber and a
+client that reconnects with ``Last-Event-ID`` gets what it missed from the table. However
+many dashboards are connected, a process asks the database one cheap question per interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
+
+from anyio import to_thread
+from sqlalchemy.orm import Session
+from sse_starlette import ServerSentEvent
+
+from app.database import session_scope
+from app.services.events import Event, events_after, latest_event_id
+
+log = logging.getLogger("mms.events")
+
+BATCH = 500
+RETRY_MS = 2000  # how soon a browser's EventSource reconnects
+
+
+class Subscription:
+    """One connected client's queue; ``overflowed`` when it fell too far behind to keep up."""
+
+    MAX_QUEUED = 1000
+
+    def __init__(self, account_id: uuid.UUID) -> None:
+        self.account_id = account_id
+        self.queue: asyncio.Queue[Event | None] = asyncio.Queue(self.MAX_QUEUED)
+        self.overflowed = False
+
+    def offer(self, event: Event | None) -> None:
+        try:
+            self.queue.put_nowait(event)
+        except asyncio.QueueFull:
+            # It resumes from the table with Last-Event-ID; nobody else waits for it.
+            self.overflowed = True
+
+
+class EventHub:
+    """Polls the event table and hands each new event to the subscribers of its account.
+
+    Ids are handed out when rows are inserted but become visible when their transactions
+    commit, which on PostgreSQL need not be in id order. So the hub keeps the highest id
+    below which it has seen everything (``cursor``), remembers what it saw above it, and
+    waits ``gap_seconds`` for a missing id before deciding it was rolled back.
+    """
+
+    def __init__(self, session_factory: Callable[[], Session], *, interval: float,
+                 gap_seconds: float = 10.0) -> None:
+        self._session_factory = session_factory
+        self._interval = interval
+        self._gap_seconds = gap_seconds
+        self._subscribers: dict[uuid.UUID, set[Subscription]] = defaultdict(set)
+        self._cursor: int | None = None
+        self._seen: set[int] = set()
+        self._gap_since: float | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def subscriber_count(self) -> int:
+        return sum(len(subs) for subs in self._subscribers.values())
+
+    def _read(self, query):  # type: ignore[no-untyped-def]
+        with session_scope(self._session_factory) as session:
+            return query(session)
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="mms-event-hub")
+
+    async def stop(self) -> None:
+        """Stop polling and end every stream (their clients reconnect elsewhere)."""
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        for subs in self._subscribers.values():
+            for sub in subs:
+                sub.offer(None)
+
+    async def subscribe(self, account_id: uuid.UUID) -> Subscription:
+        await self.start()  # started by the app's lifespan; lazily where there is none
+        sub = Subscription(account_id)
+        self._subscribers[account_id].add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        subs = self._subscribers.get(sub.account_id)
+        if subs is not None:
+            subs.discard(sub)
+            if not subs:
+                del self._subscribers[sub.account_id]
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self._poll()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a database blip: the next poll catches up from the cursor
+                log.warning("events.poll_failed", exc_info=True)
+            await asyncio.sleep(self._interval)
+
+    async def _poll(self) -> None:
+        if not self._subscribers or self._cursor is None:
+            # Nobody listens: keep up with the table without reading it.
+            self._cursor = await to_thread.run_sync(self._read, latest_event_id)
+            self._seen.clear()
+            self._gap_since = None
+            return
+        while True:
+            batch = await to_thread.run_sync(
+                self._read, lambda s: events_after(s, after_id=self._cursor, limit=BATCH))
+            fresh = [event for event in batch if event.id not in self._seen]
+            for event in fresh:
+                self._seen.add(event.id)
+                for sub in tuple(self._subscribers.get(event.account_id, ())):
+                    sub.offer(event)
+            self._advance(stuck=len(batch) == BATCH and not fresh)
+            if len(batch) < BATCH:
+                return
+
+    def _advance(self, *, stuck: bool) -> None:
+        assert self._cursor is not None
+        while self._cursor + 1 in self._seen:
+            self._cursor += 1
+            self._seen.discard(self._cursor)
+        if not self._seen:
+            self._gap_since = None
+            return
+        now = time.monotonic()
+        if self._gap_since is None:
+            self._gap_since = now
+        if stuck or now - self._gap_since > self._gap_seconds:
+            # The missing ids were rolled back (or pruned): stop waiting for them.
+            self._cursor = min(self._seen) - 1
+            self._gap_since = None
+            self._advance(stuck=False)
+
+
+async def image_events(hub: EventHub, session_factory: Callable[[], Session], account_id: uuid.UUID, *,
+                       last_event_id: int | None, ends_at: float | None) -> AsyncIterator[ServerSentEvent]:
+    """An account's events: what came after ``last_event_id`` (or a ``ready`` mark), then live.
+
+    The stream ends when the caller's token expires (``ends_at``, a ``time.time()``), so a
+    revoked principal does not keep listening; the client reconnects with a fresh token.
+    """
+    def read(query):  # type: ignore[no-untyped-def]
+        with session_scope(session_factory) as session:
+            return query(session)
+
+    sub = await hub.subscribe(account_id)  # before reading the table: nothing falls between
+    try:
+        replayed: set[int] = set()
+        if last_event_id is None:
+            start = await to_thread.run_sync(read, latest_event_id)
+            yield ServerSentEvent(id=str(start), event="ready", data=json.dumps({"lastEventId": start}),
+                                  retry=RETRY_MS)
+        else:
+            yield ServerSentEvent(comment="resuming", retry=RETRY_MS)
+            after = last_event_id
+            while True:
+                batch = await to_thread.run_sync(
+                    read, lambda s: events_after(s, after_id=after, account_id=account_id, limit=BATCH))
+                for event in batch:
+                    replayed.add(event.id)
+                    yield ServerSentEvent(id=str(event.id), event="image", data=event.data)
+                if len(batch) < BATCH:
+                    break
+                after = batch[-1].id
+        while True:
+            timeout = None if ends_at is None else ends_at - time.time()
+            if timeout is not None and timeout <= 0:
+                return
+            try:
+                event = await asyncio.wait_for(sub.queue.get(), timeout)
+            except TimeoutError:
+                return
+            if event is None or sub.overflowed:
+                return
+            if event.id in replayed:
+                replayed.discard(event.id)
+                continue
+            yield ServerSentEvent(id=str(event.id), event="image", data=event.data)
+    finally:
+        hub.unsubscribe(sub)

@@ -1,0 +1,80 @@
+"""Webhooks: URLs that receive the account's image state changes, signed, with a delivery log."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, status
+
+from app.api.deps import CallerDep, ContextDep, ReadableAccount, SessionDep, WritableAccount
+from app.api.links import next_link
+from app.orm import DeliveryState, Webhook, WebhookDelivery
+from app.schemas.common import Page
+from app.schemas.webhooks import DeliveryRead, WebhookCreate, WebhookCreated, WebhookRead, WebhookUpdate
+from app.services import webhooks
+
+PREFIX = "/subscriptions/{subscriptionId}/resourceGroups/{resourceGroup}/accounts/{accountName}"
+router = APIRouter(prefix=PREFIX, tags=["webhooks"])
+
+
+def to_read(webhook: Webhook) -> WebhookRead:
+    return WebhookRead(id=str(webhook.id), url=webhook.url, description=webhook.description,
+                       active=webhook.active, createdTime=webhook.created_at, createdBy=webhook.created_by)
+
+
+def to_delivery(delivery: WebhookDelivery) -> DeliveryRead:
+    pending = delivery.state == DeliveryState.PENDING.value
+    return DeliveryRead(
+        id=str(delivery.id), eventId=str(delivery.event_id), state=delivery.state, attempts=delivery.attempts,
+        responseStatus=delivery.last_status, error=delivery.last_error, durationMs=delivery.last_duration_ms,
+        createdTime=delivery.created_at, lastAttemptTime=delivery.last_attempt_at,
+        nextAttemptTime=delivery.next_attempt_at if pending else None, deliveredTime=delivery.delivered_at,
+    )
+
+
+@router.post("/webhooks", response_model=WebhookCreated, status_code=status.HTTP_201_CREATED)
+def create_webhook(body: WebhookCreate, account: WritableAccount, caller: CallerDep, context: ContextDep,
+                   session: SessionDep) -> WebhookCreated:
+    """Register a URL for every image state change; the signing secret is shown only here."""
+    webhook, secret = webhooks.create_webhook(
+        session, account, body, sealer=context.sealer, require_https=context.settings.requires_https_urls,
+        created_by=caller.subject)
+    return WebhookCreated(**to_read(webhook).model_dump(), secret=secret)
+
+
+@router.get("/webhooks", response_model=Page[WebhookRead])
+def list_webhooks(account: ReadableAccount, session: SessionDep) -> Page[WebhookRead]:
+    return Page(value=[to_read(w) for w in webhooks.list_webhooks(session, account)])
+
+
+@router.get("/webhooks/{webhookId}", response_model=WebhookRead)
+def get_webhook(webhookId: str, account: ReadableAccount, session: SessionDep) -> WebhookRead:  # noqa: N803
+    return to_read(webhooks.get_webhook(session, account, webhook_id=webhookId))
+
+
+@router.patch("/webhooks/{webhookId}", response_model=WebhookRead)
+def update_webhook(webhookId: str, body: WebhookUpdate, account: WritableAccount,  # noqa: N803
+                   session: SessionDep) -> WebhookRead:
+    """Pause (``active: false``) or resume a webhook; a paused one is sent nothing new."""
+    return to_read(webhooks.update_webhook(session, account, webhook_id=webhookId, body=body))
+
+
+@router.delete("/webhooks/{webhookId}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_webhook(webhookId: str, account: WritableAccount, session: SessionDep) -> None:  # noqa: N803
+    webhooks.delete_webhook(session, account, webhook_id=webhookId)
+
+
+@router.get("/webhooks/{webhookId}/deliveries", response_model=Page[DeliveryRead])
+def list_deliveries(
+    webhookId: str,  # noqa: N803
+    request: Request,
+    account: ReadableAccount,
+    session: SessionDep,
+    state: str | None = None,
+    count: int | None = None,
+    skip_token: Annotated[str | None, Query(alias="$skipToken")] = None,
+) -> Page[DeliveryRead]:
+    """The delivery log, newest event first: each delivery's state, attempts and last answer."""
+    rows, token = webhooks.list_deliveries(session, account, webhook_id=webhookId, state=state, count=count,
+                                           skip_token=skip_token)
+    return Page(value=[to_delivery(d) for d in rows], nextLink=next_link(request, token))

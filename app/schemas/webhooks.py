@@ -1,0 +1,50 @@
+"""Request and response bodies of webhooks and their delivery log."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from pydantic import Field, StringConstraints
+
+from app.schemas.common import ApiModel, HttpUrlText, Text
+
+
+class WebhookCreate(ApiModel):
+    url: Annotated[HttpUrlText, StringConstraints(max_length=2048)] = Field(
+        description="where each image state change is POSTed (https outside development)")
+    description: Annotated[Text, StringConstraints(max_length=256)] | None = None
+    secret: Annotated[Text, StringConstraints(min_length=16, max_length=256)] | None = Field(
+        default=None, description="the HMAC key signing every delivery; made for you when omitted")
+
+
+class WebhookUpdate(ApiModel):
+    active: bool | None = None
+    description: Annotated[Text, StringConstraints(max_length=256)] | None = None
+
+
+class WebhookRead(ApiModel):
+    id: str
+    url: str
+    description: str | None
+    active: bool
+    createdTime: datetime
+    createdBy: str | None
+
+
+class WebhookCreated(WebhookRead):
+    secret: str = Field(description="shown only in this response: verify X-MMS-Signature with it")
+
+
+class DeliveryRead(ApiModel):
+    id: str
+    eventId: str
+    state: str = Field(description="Pending, Delivered or Failed")
+    attempts: int
+    responseStatus: int | None
+    error: str | None
+    durationMs: int | None
+    createdTime: datetime
+    lastAttemptTime: datetime | None
+    nextAttemptTime: datetime | None
+    deliveredTime: datetime | None

@@ -1,0 +1,168 @@
+"""The image event stream against a real server: every state change once, in order, per
+account, resumable with Last-Event-ID, and closed when the caller's token expires."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from app.auth.tokens import issue_token
+from app.context import ServiceContext
+from app.database import session_scope
+from app.orm import CreationState
+from app.services.events import record_state_changes
+from app.services.principals import create_service_principal
+from tests.factories import bearer
+from tests.live_server import Live, live_service
+from tests.sse import Listener
+from workers.leases import claim_build, finish_build
+
+
+@pytest.fixture()
+def live(service_context: ServiceContext, tmp_path) -> Iterator[Live]:  # noqa: ANN001
+    with live_service(service_context, tmp_path, events_poll_seconds=0.05) as live:
+        yield live
+
+
+def _image_event(listener: Listener) -> dict:
+    frame = listener.next()
+    assert frame is not None, "the stream ended"
+    assert frame.event == "image", frame
+    event = json.loads(frame.data)
+    assert event["id"] == frame.id
+    return event
+
+
+def _build(context: ServiceContext, image_id: str, state: CreationState) -> None:
+    """What a worker does: claim the build, then finish it."""
+    with session_scope(context.session_factory) as session:
+        lease = claim_build(session, uuid.UUID(image_id), owner="test-worker", lease_seconds=60, max_attempts=3)
+    assert lease is not None
+    with session_scope(context.session_factory) as session:
+        assert finish_build(session, lease, state=state, image_location="127.0.0.1:5000/x/events-image:1",
+                            digest="sha256:" + "a" * 64)
+
+
+def test_a_dashboard_sees_every_state_change_of_its_account_in_order(live: Live) -> None:
+    account, other = live.account(), live.account()
+    listener = live.listen(account)
+    try:
+        assert listener.status == 200
+        ready = listener.next()
+        assert ready is not None and ready.event == "ready"
+        assert json.loads(ready.data) == {"lastEventId": int(ready.id)}
+
+        live.image(other)  # another account's build: not on this stream
+        image = live.image(account)
+        _build(live.context, image["Id"], CreationState.SUCCEEDED)
+
+        states = [_image_event(listener) for _ in range(3)]
+        assert [e["image"]["CreationState"] for e in states] == ["NotStarted", "Running", "Succeeded"]
+        ids = [int(e["id"]) for e in states]
+        assert ids == sorted(ids) and ids[0] > int(ready.id)
+        done = states[-1]
+        assert done["type"] == "ImageStateChanged"
+        assert done["account"] == account.split("/api", 1)[1]
+        assert done["image"] | {"Error": None} == {
+            "Id": image["Id"], "Name": "events-image", "Version": 1, "CreationState": "Succeeded",
+            "ImageLocation": "127.0.0.1:5000/x/events-image:1", "Digest": "sha256:" + "a" * 64, "Error": None}
+
+        cancelled = live.image(account, name="to-cancel")
+        assert httpx.post(f"{account}/images/{cancelled['Id']}/cancel", headers=live.headers).status_code == 200
+        queued, stopped = _image_event(listener), _image_event(listener)
+        assert (queued["image"]["CreationState"], stopped["image"]["CreationState"]) == ("NotStarted", "Cancelled")
+        assert stopped["image"]["Error"] == {"code": "BuildCancelled", "message": "cancelled before it started"}
+        assert listener.frames.empty()
+    finally:
+        listener.close()
+
+
+def test_a_client_that_reconnects_with_last_event_id_gets_what_it_missed(live: Live) -> None:
+    account = live.account()
+    image = live.image(account)
+    _build(live.context, image["Id"], CreationState.FAILED)
+    everything = live.listen(account, {**live.headers, "Last-Event-ID": "0"})
+    try:
+        history = [_image_event(everything) for _ in range(3)]
+        assert [e["image"]["CreationState"] for e in history] == ["NotStarted", "Running", "Failed"]
+    finally:
+        everything.close()
+
+    resumed = live.listen(account, {**live.headers, "Last-Event-ID": history[0]["id"]})
+    try:
+        replay = [_image_event(resumed) for _ in range(2)]
+        assert [e["id"] for e in replay] == [e["id"] for e in history[1:]]
+        later = live.image(account, name="later")  # and then live, on the same connection
+        assert _image_event(resumed)["image"]["Id"] == later["Id"]
+    finally:
+        resumed.close()
+
+    # EventSource-less clients may resume with a query parameter instead.
+    by_query = Listener(f"{account}/images/events?lastEventId={history[1]['id']}", live.headers)
+    try:
+        assert _image_event(by_query)["id"] == history[2]["id"]
+    finally:
+        by_query.close()
+
+
+def test_who_may_listen_and_what_a_bad_resume_point_says(live: Live) -> None:
+    account, other = live.account(), live.account()
+    reader = live.token("Reader", account.split("/api", 1)[1])
+    assert httpx.get(f"{other}/images/events", headers=reader).status_code == 403
+    assert httpx.get(f"{account}/images/events").status_code == 401
+    bad = httpx.get(f"{account}/images/events", headers={**reader, "Last-Event-ID": "yesterday"})
+    assert bad.status_code == 400 and "Last-Event-ID" in bad.json()["message"]
+    listener = live.listen(account, reader)
+    try:
+        assert listener.next().event == "ready"
+    finally:
+        listener.close()
+
+
+def test_the_stream_ends_when_the_token_expires(live: Live) -> None:
+    account = live.account()
+    settings = live.context.settings
+    with session_scope(live.context.session_factory) as session:
+        principal, _ = create_service_principal(session, issuer=settings.issuer, display_name="short",
+                                                role="Reader", scope="/", created_by=None)
+        subject = principal.client_id
+    live.principals.append(subject)
+    short = issue_token(live.context.signing_key(), issuer=settings.issuer, audience=settings.audience,
+                        subject=subject, ttl_seconds=2)
+    started = time.monotonic()
+    listener = live.listen(account, bearer(short))
+    try:
+        assert listener.next().event == "ready"
+        assert listener.next(timeout=10) is None  # ended by the server, not by the client
+        assert time.monotonic() - started < 6
+    finally:
+        listener.close()
+
+
+@pytest.mark.postgres_only
+def test_an_event_committed_after_a_later_one_is_still_delivered(live: Live) -> None:
+    account = live.account()
+    first, second = live.image(account, name="slow"), live.image(account, name="fast")
+    listener = live.listen(account)
+    try:
+        assert listener.next().event == "ready"
+        slow = live.context.session_factory()
+        try:
+            # A transaction takes an event id and commits only after a later one did.
+            record_state_changes(slow, [uuid.UUID(first["Id"])])
+            with session_scope(live.context.session_factory) as fast:
+                record_state_changes(fast, [uuid.UUID(second["Id"])])
+            early = _image_event(listener)
+            assert early["image"]["Id"] == second["Id"]
+            slow.commit()
+        finally:
+            slow.close()
+        late = _image_event(listener)
+        assert late["image"]["Id"] == first["Id"] and int(late["id"]) < int(early["id"])
+    finally:
+        listener.close()

@@ -1,0 +1,176 @@
+"""Webhooks against a real receiver: every state change POSTed, signed, retried with backoff
+until it lands or the attempts run out, under the fetcher's address rules, with a log."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.context import ServiceContext
+from tests.live_server import Live, free_port, live_service
+from workers.webhooks import WebhookDispatcher, backoff_seconds, signature
+
+SECRET = "a-receiver-secret-of-some-length"
+
+
+@dataclass
+class Receiver:
+    """An HTTP endpoint that answers with the statuses it is given, then 200, and keeps what came."""
+
+    port: int
+    statuses: list[int] = field(default_factory=list)
+    received: list[tuple[float, dict[str, str], bytes]] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hooks/mms"
+
+
+@pytest.fixture()
+def receiver() -> Iterator[Receiver]:
+    state = Receiver(free_port())
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            state.received.append((time.monotonic(), dict(self.headers), body))
+            self.send_response(state.statuses.pop(0) if state.statuses else 200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", state.port), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield state
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture()
+def live(service_context: ServiceContext, receiver: Receiver, tmp_path: Path) -> Iterator[Live]:
+    # The receiver is on loopback: allowed by name, as an internal receiver would be.
+    with live_service(service_context, tmp_path, fetch_allow_hosts=[f"127.0.0.1:{receiver.port}"],
+                      webhook_retry_base_seconds=0.3, webhook_max_attempts=3) as live:
+        dispatcher = WebhookDispatcher(live.context, interval=0.05)
+        dispatcher.start()
+        yield live
+        dispatcher.stop()
+
+
+def _register(live: Live, account: str, url: str, **body: object) -> dict:
+    created = httpx.post(f"{account}/webhooks", json={"url": url, "secret": SECRET, **body}, headers=live.headers)
+    assert created.status_code == 201, created.text
+    return created.json()
+
+
+def _deliveries(live: Live, account: str, hook: dict, until, seconds: float = 15) -> list[dict]:  # noqa: ANN001
+    deadline = time.monotonic() + seconds
+    while True:
+        log = httpx.get(f"{account}/webhooks/{hook['id']}/deliveries", headers=live.headers).json()["value"]
+        if until(log) or time.monotonic() > deadline:
+            return log
+        time.sleep(0.1)
+
+
+def test_a_state_change_is_posted_signed_and_retried_with_backoff_until_it_lands(
+    live: Live, receiver: Receiver
+) -> None:
+    account = live.account()
+    hook = _register(live, account, receiver.url, description="ci dashboard")
+    assert hook["secret"] == SECRET
+    assert "secret" not in httpx.get(f"{account}/webhooks/{hook['id']}", headers=live.headers).json()
+    receiver.statuses = [500, 503]  # the receiver is down twice, then up
+
+    image = live.image(account)
+    log = _deliveries(live, account, hook, lambda log: log and log[0]["state"] != "Pending")
+    assert len(log) == 1
+    assert log[0] | {"id": None, "createdTime": None, "lastAttemptTime": None, "deliveredTime": None,
+                     "durationMs": None, "eventId": None} == {
+        "id": None, "eventId": None, "state": "Delivered", "attempts": 3, "responseStatus": 200,
+        "error": None, "durationMs": None, "createdTime": None, "lastAttemptTime": None,
+        "nextAttemptTime": None, "deliveredTime": None}
+
+    assert len(receiver.received) == 3
+    (t1, _, _), (t2, _, _), (t3, headers, body) = receiver.received
+    assert t2 - t1 >= 0.25 and t3 - t2 >= 0.5  # base 0.3 s, doubled (±10 %)
+    assert {h["X-MMS-Delivery"] for _, h, _ in receiver.received} == {log[0]["id"]}
+    expected = hmac.new(SECRET.encode(), headers["X-MMS-Timestamp"].encode() + b"." + body, hashlib.sha256)
+    assert headers["X-MMS-Signature"] == "sha256=" + expected.hexdigest()
+    assert abs(int(headers["X-MMS-Timestamp"]) - time.time()) < 30
+    event = json.loads(body)
+    assert event["id"] == headers["X-MMS-Event-Id"] == log[0]["eventId"]
+    assert headers["X-MMS-Event"] == event["type"] == "ImageStateChanged"
+    assert event["image"]["Id"] == image["Id"] and event["image"]["CreationState"] == "NotStarted"
+    assert SECRET.encode() not in body and SECRET not in str(headers)
+
+
+def test_a_receiver_that_never_answers_well_is_given_up_on(live: Live, receiver: Receiver) -> None:
+    account = live.account()
+    hook = _register(live, account, receiver.url)
+    receiver.statuses = [500] * 10
+    live.image(account)
+    log = _deliveries(live, account, hook, lambda log: log and log[0]["state"] == "Failed")
+    assert log[0]["state"] == "Failed" and log[0]["attempts"] == 3
+    assert log[0]["responseStatus"] == 500 and "HTTP 500" in log[0]["error"]
+    assert len(receiver.received) == 3
+
+
+def test_a_private_address_is_refused_once_and_never_contacted(live: Live, receiver: Receiver) -> None:
+    account = live.account()
+    other = Receiver(free_port())  # loopback, but not on the allow list
+    hook = _register(live, account, other.url)
+    live.image(account)
+    log = _deliveries(live, account, hook, lambda log: log and log[0]["state"] != "Pending")
+    assert log[0]["state"] == "Failed" and log[0]["attempts"] == 1
+    assert "non-public address" in log[0]["error"]
+    assert receiver.received == []
+
+
+def test_a_paused_webhook_is_sent_nothing_new_and_a_deleted_one_keeps_no_log(live: Live, receiver: Receiver) -> None:
+    account = live.account()
+    hook = _register(live, account, receiver.url)
+    paused = httpx.patch(f"{account}/webhooks/{hook['id']}", json={"active": False}, headers=live.headers)
+    assert paused.status_code == 200 and paused.json()["active"] is False
+    live.image(account)
+    time.sleep(0.5)
+    assert httpx.get(f"{account}/webhooks/{hook['id']}/deliveries", headers=live.headers).json()["value"] == []
+    assert receiver.received == []
+    assert httpx.delete(f"{account}/webhooks/{hook['id']}", headers=live.headers).status_code == 204
+    assert httpx.get(f"{account}/webhooks/{hook['id']}", headers=live.headers).status_code == 404
+
+
+def test_what_a_webhook_registration_refuses(live: Live) -> None:
+    account = live.account()
+    for url, word in (("ftp://example.com/x", "http"), ("https://user:pw@example.com/x", "credentials")):
+        bad = httpx.post(f"{account}/webhooks", json={"url": url}, headers=live.headers)
+        assert bad.status_code == 400 and word in bad.json()["message"], bad.text
+    short = httpx.post(f"{account}/webhooks", json={"url": "https://example.com/x", "secret": "short"},
+                       headers=live.headers)
+    assert short.status_code == 400 and "secret" in short.json()["message"]
+    made = httpx.post(f"{account}/webhooks", json={"url": "https://example.com/x"}, headers=live.headers).json()
+    assert len(made["secret"]) >= 32  # made for the caller, shown once
+    reader = live.token("Reader", account.split("/api", 1)[1])
+    assert httpx.post(f"{account}/webhooks", json={"url": "https://example.com/y"}, headers=reader).status_code == 403
+    assert [w["id"] for w in httpx.get(f"{account}/webhooks", headers=reader).json()["value"]] == [made["id"]]
+    bad_state = httpx.get(f"{account}/webhooks/{made['id']}/deliveries?state=Lost", headers=reader)
+    assert bad_state.status_code == 400
+
+
+def test_signature_and_backoff_are_what_receivers_are_told() -> None:
+    assert signature(b"k", "1700000000", b"{}") == "sha256=" + hmac.new(
+        b"k", b"1700000000.{}", hashlib.sha256).hexdigest()
+    assert [round(backoff_seconds(n, 10) / (10 * 2 ** (n - 1)), 1) in (0.9, 1.0, 1.1) for n in (1, 2, 3)] == [True] * 3
+    assert backoff_seconds(20, 10) <= 3600 * 1.1
