@@ -18,6 +18,7 @@ from app.config import Settings, get_settings
 from app.context import ServiceContext
 from app.database import ensure_migrated
 from app.errors import install_error_handlers
+from app.metrics import DatabaseCollector
 
 log = logging.getLogger("mms.app")
 
@@ -45,6 +46,7 @@ def create_app(settings: Settings | None = None, context: ServiceContext | None 
     )
     app.state.context = context
     app.state.event_hub = EventHub(context.session_factory, interval=context.settings.events_poll_seconds)
+    app.state.metrics = DatabaseCollector(context.session_factory)
     install_error_handlers(app)
     app.add_middleware(ConditionalGetMiddleware)
     app.add_middleware(RequestIdMiddleware)

@@ -3,7 +3,6 @@ and a small client for tests that need committed data and a real connection (str
 
 from __future__ import annotations
 
-import socket
 import threading
 import uuid
 import time
@@ -23,14 +22,9 @@ from app.main import create_app
 from app.orm import RoleAssignment, ServicePrincipal
 from app.services.principals import create_service_principal
 from tests.api.test_manifests import seed_manifest
+from tests.embedded_service import free_port
 from tests.factories import account_url, bearer, model_body
 from tests.sse import Listener
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextmanager

@@ -11,6 +11,7 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.log_config import request_id_var
+from app.metrics import observe_request
 
 log = logging.getLogger("mms.access")
 _MAX_INCOMING_ID = 128
@@ -44,6 +45,7 @@ class RequestIdMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            seconds = time.perf_counter() - started
             # The path only: query strings can carry SAS signatures and skip tokens.
             log.info(
                 "http.request",
@@ -51,10 +53,23 @@ class RequestIdMiddleware:
                     "method": scope["method"],
                     "path": scope["path"],
                     "status": status,
-                    "durationMs": round((time.perf_counter() - started) * 1000, 2),
+                    "durationMs": round(seconds * 1000, 2),
                 },
             )
+            observe_request(scope["method"], route_template(scope), status, seconds)
             request_id_var.reset(token)
+
+
+def route_template(scope: Scope) -> str:
+    """The matched route's template with its router's prefix, e.g. ``/api/.../images/{imageId}``:
+    one metrics series per endpoint, however many ids there are."""
+    template = getattr(scope.get("route"), "path", None)
+    if not template:
+        return "<unmatched>"
+    # The route knows its path below the router that holds it; the prefix is what precedes it.
+    concrete = scope["path"].strip("/").split("/")
+    prefix = concrete[: max(len(concrete) - len(template.strip("/").split("/")), 0)]
+    return "/" + "/".join(prefix) + template if prefix else template
 
 
 class ConditionalGetMiddleware:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
 from enum import Enum
@@ -110,6 +111,12 @@ def serve(
         # uvicorn re-raises the SIGTERM it stopped on once it is done; exit through Python
         # then, so the worker is stopped below rather than left to the kernel.
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    if settings.workers > 1:
+        # Each API process writes its request metrics here; /metrics in any of them adds all up.
+        metrics_dir = settings.data_dir / "metrics"
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        metrics_dir.mkdir(parents=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir.resolve())
     try:
         uvicorn.run(
             "app.main:app_factory",

@@ -4,19 +4,11 @@ from __future__ import annotations
 
 import uuid
 
-import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
 from app.orm import BuildLogChunk, Image
-from tests.api.test_manifests import seed_manifest
-from tests.factories import Callers, model_body
-
-
-@pytest.fixture()
-def manifest_id(client: TestClient, owner: dict[str, str], account: str) -> str:
-    model_id = client.post(f"{account}/models", json=model_body(), headers=owner).json()["id"]
-    return client.post(f"{account}/manifests", json=seed_manifest(model_id), headers=owner).json()["id"]
+from tests.factories import Callers
 
 
 def _create(client: TestClient, account: str, owner: dict[str, str], manifest_id: str, name: str = "housingmodel-image"):

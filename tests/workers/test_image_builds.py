@@ -25,6 +25,7 @@ from app.context import ServiceContext
 from app.database import session_scope
 from app.services.principals import create_service_principal
 from tests.embedded_service import HOST_CA_BUNDLE, free_port, wait_for
+from tests.webhook_receiver import receiving
 from tests.workers.conftest import TEST_LABEL, Infra
 
 pytestmark = pytest.mark.postgres_only
@@ -50,6 +51,7 @@ class Stack:
     env: dict[str, str]
     workers: list[subprocess.Popen]
     log_dir: Path
+    hook_port: int  # the workers may send webhooks to 127.0.0.1 on this port
 
     def start_worker(self) -> subprocess.Popen:
         log = open(self.log_dir / f"worker-{len(self.workers)}.log", "wb")  # noqa: SIM115
@@ -64,7 +66,7 @@ class Stack:
 def stack(infra: Infra, service_context: ServiceContext, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """`mms serve` and `mms worker` against the test database, Redis, the engine and the registry."""
     settings = service_context.settings
-    port = free_port()
+    port, hook_port = free_port(), free_port()
     broker = "redis://127.0.0.1:6379/14"
     redis.Redis.from_url(broker).flushdb()
     log_dir = tmp_path_factory.mktemp("stack-logs")
@@ -80,6 +82,8 @@ def stack(infra: Infra, service_context: ServiceContext, tmp_path_factory: pytes
         "MMS_REGISTRY": infra.registry,
         "MMS_DEFAULT_BASE_IMAGE": infra.base_image,
         "MMS_BUILD_LEASE_SECONDS": "6",
+        "MMS_BUILD_SHUTDOWN_GRACE_SECONDS": "1",
+        "MMS_FETCH_ALLOW_HOSTS": json.dumps([f"127.0.0.1:{hook_port}"]),
         "MMS_LOG_FORMAT": "text",
         "DOCKER_HOST": infra.docker_host,
     }
@@ -90,7 +94,7 @@ def stack(infra: Infra, service_context: ServiceContext, tmp_path_factory: pytes
                               stdout=server_log, stderr=subprocess.STDOUT)
     server_log.close()
     api = f"http://127.0.0.1:{port}"
-    stack = Stack(api=api, headers={}, env=env, workers=[], log_dir=log_dir)
+    stack = Stack(api=api, headers={}, env=env, workers=[], log_dir=log_dir, hook_port=hook_port)
     try:
         wait_for(f"{api}/health", server)
         with session_scope(service_context.session_factory) as session:
@@ -263,6 +267,35 @@ def test_a_worker_killed_mid_build_does_not_leave_the_image_running(stack: Stack
     log = account.log(image)
     assert image["CreationState"] in ("Succeeded", "Failed"), log[-2000:]
     assert "build attempt 2" in log, log[-2000:]
+
+
+def test_a_worker_asked_to_stop_hands_its_build_back_and_webhooks_tell_every_step(stack: Stack, model) -> None:
+    _, _, archive = model
+    account = Account(stack)
+    with receiving(stack.hook_port) as receiver:
+        account.call("POST", f"{account.url}/webhooks", json={"url": receiver.url})
+        model_id = _register(account, archive)
+        manifest_id = account.manifest(model_id, SCORE_PY, _requirements() + "six==1.16.0\n", name="stop-manifest")
+        created = account.build(manifest_id, "stopped-build", builder="docker")  # the slower one
+        deadline = time.monotonic() + 120
+        while account.call("GET", f"{account.url}/images/{created['Id']}").json()["CreationState"] != "Running":
+            assert time.monotonic() < deadline, "the build never started"
+            time.sleep(0.2)
+        victim = stack.workers[-1]
+        victim.terminate()  # SIGTERM to the worker's main process only, as `docker stop` sends it
+        assert victim.wait(timeout=60) == 0  # a warm shutdown, within the 1 s grace and a log line
+        queued = account.call("GET", f"{account.url}/images/{created['Id']}").json()
+        assert queued["CreationState"] == "NotStarted", queued
+        stack.start_worker()
+        image = account.wait(created["Id"])
+        log = account.log(image)
+        assert image["CreationState"] == "Succeeded", log[-2000:]
+        assert "did not finish within 1 s and goes back to the queue" in log
+        assert "build attempt 2" in log
+        deadline = time.monotonic() + 15
+        while receiver.states(created["Id"])[-1:] != ["Succeeded"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+    assert receiver.states(created["Id"]) == ["NotStarted", "Running", "NotStarted", "Running", "Succeeded"]
 
 
 ECHO_SCORE = "def init():\n    pass\n\ndef run(raw_data):\n    return {'echo': raw_data}\n"

@@ -6,11 +6,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -18,45 +15,16 @@ import pytest
 
 from app.context import ServiceContext
 from tests.live_server import Live, free_port, live_service
+from tests.webhook_receiver import Receiver, receiving
 from workers.webhooks import WebhookDispatcher, backoff_seconds, signature
 
 SECRET = "a-receiver-secret-of-some-length"
 
 
-@dataclass
-class Receiver:
-    """An HTTP endpoint that answers with the statuses it is given, then 200, and keeps what came."""
-
-    port: int
-    statuses: list[int] = field(default_factory=list)
-    received: list[tuple[float, dict[str, str], bytes]] = field(default_factory=list)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hooks/mms"
-
-
 @pytest.fixture()
 def receiver() -> Iterator[Receiver]:
-    state = Receiver(free_port())
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            state.received.append((time.monotonic(), dict(self.headers), body))
-            self.send_response(state.statuses.pop(0) if state.statuses else 200)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *_: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", state.port), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield state
-    server.shutdown()
-    server.server_close()
+    with receiving(free_port()) as state:
+        yield state
 
 
 @pytest.fixture()

@@ -1,16 +1,17 @@
-"""Liveness (`/health`: the process serves requests) and readiness (`/ready`: it can do its
-work, because the database and the broker answer). Neither needs a token; neither says more
-than which dependency failed."""
+"""Liveness (`/health`: the process serves requests), readiness (`/ready`: it can do its
+work, because the database and the broker answer) and `/metrics` for Prometheus. None needs a
+token; none says more than which dependency failed."""
 
 from __future__ import annotations
 
 import logging
 
-from fastapi import APIRouter
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
 
 from app.api.deps import ContextDep
+from app.metrics import render
 
 router = APIRouter(tags=["health"])
 log = logging.getLogger("mms.health")
@@ -44,3 +45,11 @@ def _check(probe, *args) -> str:  # type: ignore[no-untyped-def]
                                                  "error": type(exc).__name__})
         return f"unreachable ({type(exc).__name__})"
     return "ok"
+
+
+@router.get("/metrics", response_class=Response)
+def metrics(request: Request) -> Response:
+    """Prometheus metrics (text format); keep this path on the internal network."""
+    body, content_type = render(request.app.state.metrics)
+    return Response(body, media_type=content_type)
+
