@@ -14,6 +14,8 @@ Start it with ``python -m scoring_server``. Settings come from the environment:
 ``SCORING_LOG_LEVEL``      ``INFO`` by default; tracebacks of failed run() calls are ERROR
 ``SCORING_HTTP``           ``auto`` (httptools if installed, else h11) / ``h11`` / ``httptools``
 ``SCORING_LOOP``           ``auto`` (uvloop if installed, else asyncio) / ``asyncio`` / ``uvloop``
+``SCORING_RUNTIME``        ``python`` (default) or ``spark-py``: a local SparkSession starts
+                           before the script loads (see ``scoring_server.spark``)
 =========================  ===============================================================
 
 Why uvicorn and a bare ASGI callable rather than a framework or ``http.server``: uvicorn and

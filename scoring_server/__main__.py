@@ -26,6 +26,11 @@ def main() -> int:
     # Scripts read this at import or in init(), so it must be set before either.
     os.environ["AZUREML_MODEL_DIR"] = settings.model_dir
     try:
+        if settings.runtime == "spark-py":
+            # Before the script is imported: it may take the session at import time.
+            from . import spark
+
+            spark.start_session()
         script = UserScript(settings.entry_script)
         script.init()
     except BaseException:  # anything, even SystemExit: the image must not look healthy

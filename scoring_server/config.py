@@ -11,6 +11,7 @@ DEFAULT_APP_ROOT = Path("/var/azureml-app")
 DEFAULT_MODEL_DIR = str(DEFAULT_APP_ROOT / "azureml-models")
 DEFAULT_PORT = 5001  # Azure's inference server port, so existing probes keep working
 DEFAULT_MAX_BODY_BYTES = 100 * 1024 * 1024
+RUNTIMES = ("python", "spark-py")
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class Settings:
     log_level: str
     http: str
     loop: str
+    runtime: str = "python"  # spark-py: a SparkSession is started before init()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
@@ -38,7 +40,15 @@ class Settings:
             log_level=(env.get("SCORING_LOG_LEVEL") or "INFO").upper(),
             http=env.get("SCORING_HTTP") or "auto",
             loop=env.get("SCORING_LOOP") or "auto",
+            runtime=_runtime(env),
         )
+
+
+def _runtime(env: Mapping[str, str]) -> str:
+    runtime = (env.get("SCORING_RUNTIME") or "python").lower()
+    if runtime not in RUNTIMES:
+        raise ValueError(f"SCORING_RUNTIME must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    return runtime
 
 
 def resolve_entry_script(env: Mapping[str, str]) -> Path:

@@ -1,9 +1,10 @@
 """Publish the project's own inference base image from a root file system tarball, daemonless.
 
 The tarball comes from ``scripts/infra/base-rootfs.sh`` (debootstrap: python3, pip, venv,
-CA certificates, tini). It becomes one gzip layer as it is, with an image config written
-here (PATH, LANG, CMD, and labels naming its Python and C library, so builds on it never
-scan its layers), pushed to a registry or into the embedded image store with the same
+CA certificates, tini), or ``spark-rootfs.sh`` for the ``spark`` variant (the same plus
+Debian's headless Java 17). It becomes one gzip layer as it is, with an image config written
+here (PATH, LANG, CMD, and labels naming its Python, C library and Java, so builds on it
+never scan its layers), pushed to a registry or into the embedded image store with the same
 calls the oci builder uses. No Docker engine is involved.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import tarfile
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,29 +28,40 @@ from workers.oci.media import OCI
 from workers.oci.python_env import detect_target
 from workers.oci.registry import file_chunks
 
-__all__ = ["BASE_REPOSITORY", "publish_base_image"]
+__all__ = ["BASE_REPOSITORY", "VARIANTS", "java_version", "publish_base_image"]
 
 logger = logging.getLogger(__name__)
 
 _VERSION = re.compile(r"(\d+)\.(\d+)(\.\d+)?")
 _PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+VARIANTS = ("cpu", "spark")
+_JAVA_RELEASE = re.compile(r"^(?:\./)?usr/lib/jvm/[^/]+/release$")
+_JAVA_VERSION = re.compile(r'^JAVA_VERSION="([^"]+)"', re.MULTILINE)
 
 
 def publish_base_image(store: Store, registry: str, rootfs_tar: str | Path, python_version: str,
-                       log: Log, *, today: date | None = None) -> str:
-    """Push ``rootfs_tar`` as ``py<ver>-<yyyymmdd>`` and ``py<ver>``; return the first reference.
+                       log: Log, *, today: date | None = None, variant: str = "cpu") -> str:
+    """Push ``rootfs_tar`` as ``py<ver>[-spark]-<yyyymmdd>`` and ``py<ver>[-spark]``; return
+    the first reference.
 
     ``registry`` is ``host[:port][/prefix]``, the address ``store`` is reached by.
     """
     match = _VERSION.fullmatch(python_version)
     if not match:
         raise ValueError(f"python_version must look like 3.11 or 3.11.2, not {python_version!r}")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, not {variant!r}")
     short = f"{match[1]}.{match[2]}"
     day = today or datetime.now(UTC).date()
     host, _, prefix = registry.rstrip("/").partition("/")
     repo = f"{prefix}/{BASE_REPOSITORY}" if prefix else BASE_REPOSITORY
-    tags = (f"py{short}-{day:%Y%m%d}", f"py{short}")
+    moving = f"py{short}" if variant == "cpu" else f"py{short}-{variant}"
+    tags = (f"{moving}-{day:%Y%m%d}", moving)
     tar = Path(rootfs_tar)
+    java = java_version(tar)
+    if variant == "spark" and java is None:
+        raise ValueError(f"{tar.name} has no Java runtime (usr/lib/jvm/*/release), which the "
+                         "spark variant needs: make it with scripts/infra/spark-rootfs.sh")
     with tempfile.TemporaryDirectory(prefix="mms-base-") as tmp:
         log(f"mms: compressing {tar.name} into a layer")
         layer = compress_tar(tar, Path(tmp) / "rootfs.tar.gz",
@@ -77,7 +90,10 @@ def publish_base_image(store: Store, registry: str, rootfs_tar: str | Path, pyth
             "org.mms.libc": "musl" if "musl" in libc else
                             "glibc-" + ".".join(libc.removeprefix("manylinux_").split("_")),
         }
-        log(f"mms: layer {layer.digest} ({layer.size} bytes); {target.describe()}")
+        if java is not None:  # SparkPython builds check for Java by this label
+            config["config"]["Labels"]["org.mms.java"] = java
+        log(f"mms: layer {layer.digest} ({layer.size} bytes); {target.describe()}"
+            + (f", Java {java}" if java else ""))
         how = store.push_blob(repo, layer.digest, layer.size, file_chunks(layer.path))
         log(f"mms: layer {how}")
         raw = json.dumps(config, separators=(",", ":")).encode()
@@ -88,6 +104,21 @@ def publish_base_image(store: Store, registry: str, rootfs_tar: str | Path, pyth
     reference = f"{registry.rstrip('/')}/{BASE_REPOSITORY}:{tags[0]}"
     logger.info("base_image.published", extra={"image": reference, "digest": digest})
     return reference
+
+
+def java_version(rootfs_tar: Path) -> str | None:
+    """The Java a root file system tarball carries (its JDK's ``release`` file), or None."""
+    try:
+        with tarfile.open(rootfs_tar, "r:") as tar:
+            for member in tar:
+                if member.isfile() and _JAVA_RELEASE.match(member.name):
+                    release = tar.extractfile(member).read().decode(errors="replace")
+                    found = _JAVA_VERSION.search(release)
+                    if found:
+                        return found[1]
+    except tarfile.TarError as exc:
+        raise ValueError(f"{rootfs_tar.name} is not a readable tar: {exc}") from None
+    return None
 
 
 @contextmanager

@@ -25,11 +25,13 @@ __all__ = [
     "APP_ROOT",
     "MODEL_ROOT",
     "SERVER_REQUIREMENTS",
+    "SPARK_REQUIREMENT",
     "BuildSpec",
     "ContextInfo",
     "InvalidBuildSpec",
     "RegistryCredentials",
     "parse_extra_steps",
+    "runtime_requirements",
     "walk_tree",
     "write_context",
 ]
@@ -40,6 +42,13 @@ VENV = "/opt/mms/venv"
 PORT = 5001
 # The scoring server's own dependencies, pinned so every image gets the tested versions.
 SERVER_REQUIREMENTS = ("uvicorn==0.54.0", "h11==0.16.0", "click==8.5.1")
+RUNTIMES = ("python", "spark-py")
+# What a SparkPython manifest that names no pyspark gets: the version the tests train with
+# (pyproject's test extra pins the same), which runs on the spark base image's Java 17.
+SPARK_REQUIREMENT = "pyspark==3.5.9"
+NO_JAVA = ("the base image has no Java runtime, and the SparkPython runtime needs one for "
+           "Spark: build on the spark base image "
+           "(mms base-image publish --variant spark) or a base image with Java 17")
 EXTRA_STEP_INSTRUCTIONS = frozenset({"RUN", "ENV", "ARG", "LABEL", "EXPOSE"})
 FIXED_MTIME = 946684800  # 2000-01-01: deterministic, and zip-safe (zip refuses pre-1980)
 PIP = f"{VENV}/bin/pip install --no-cache-dir --disable-pip-version-check --progress-bar off"
@@ -47,6 +56,7 @@ CA_BUNDLE = "/opt/mms/ca/bundle.pem"
 _REFERENCE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]*")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _SPEC_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
+_REQUIREMENT_NAME = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[|[=<>!~;@#\s]|$)")
 
 
 class InvalidBuildSpec(ValueError):
@@ -124,6 +134,10 @@ def _dockerfile(spec: BuildSpec, files: dict[str, bytes]) -> ContextInfo:
     check_spec(spec)
     df = _Dockerfile()
     df.add("base", f"FROM {spec.base_image}")
+    if spec.runtime == "spark-py":
+        # First, so a base without Java fails in a second, before any package download.
+        java = '[ -x "${JAVA_HOME:-/nonexistent}/bin/java" ] || command -v java >/dev/null'
+        df.add("java", f"RUN {java} || {{ echo {shlex.quote('mms: ' + NO_JAVA)} >&2; exit 1; }}")
     if spec.ca_bundles:
         df.comment("Extra CAs (e.g. a TLS-inspecting proxy), trusted while installing only.")
         files["mms/ca/extra.pem"] = b"".join(read_pem(p) for p in spec.ca_bundles)
@@ -141,6 +155,10 @@ def _dockerfile(spec: BuildSpec, files: dict[str, bytes]) -> ContextInfo:
         df.add("environment", f"RUN python3 -m venv {VENV}")
     df.add("environment", f"ENV PATH={VENV}/bin:$PATH VIRTUAL_ENV={VENV}")
     df.add("scoring-server-deps", f"RUN {PIP} {' '.join(SERVER_REQUIREMENTS)}")
+    runtime_deps = runtime_requirements(spec)
+    if runtime_deps:
+        # Its own layer, above the manifest's: every Spark image on this base shares it.
+        df.add("runtime-deps", f"RUN {PIP} {' '.join(runtime_deps)}")
     if spec.pip_requirements and spec.pip_requirements.strip():
         files["mms/requirements/requirements.txt"] = spec.pip_requirements.encode()
         df.add("requirements", "COPY mms/requirements/ /opt/mms/requirements/")
@@ -196,8 +214,9 @@ def parse_extra_steps(text: str) -> list[str]:
 
 
 def check_spec(spec: BuildSpec) -> None:
-    if spec.runtime != "python":
-        raise InvalidBuildSpec(f"runtime {spec.runtime!r} is not supported (only 'python')")
+    if spec.runtime not in RUNTIMES:
+        raise InvalidBuildSpec(f"runtime {spec.runtime!r} is not supported "
+                               f"(only {', '.join(map(repr, RUNTIMES))})")
     if not _REFERENCE.fullmatch(spec.base_image):
         raise InvalidBuildSpec(f"invalid base image reference {spec.base_image!r}")
     driver = PurePosixPath(spec.driver_program)
@@ -268,6 +287,25 @@ def conda_python_allows(spec: str, version: str) -> bool:
         if not ok:
             return False
     return True
+
+
+def runtime_requirements(spec: BuildSpec) -> list[str]:
+    """What the runtime adds to the manifest's environment: pyspark for SparkPython, unless
+    the manifest's requirements or conda file name it (then theirs is used)."""
+    if spec.runtime != "spark-py":
+        return []
+    named = (spec.pip_requirements or "").splitlines()
+    if spec.conda_file is not None:
+        named += split_conda(spec.conda_file)[2]
+    if any(requirement_name(line) == "pyspark" for line in named):
+        return []
+    return [SPARK_REQUIREMENT]
+
+
+def requirement_name(line: str) -> str | None:
+    """The normalised project name a requirement line installs (None for options, comments)."""
+    match = _REQUIREMENT_NAME.match(line.strip())
+    return re.sub(r"[-_.]+", "-", match[1]).lower() if match else None
 
 
 def _plain(value: str, what: str) -> str:
@@ -363,9 +401,12 @@ exec {python} -m scoring_server "$@"
 
 def runtime_env(spec: BuildSpec, pythonpath: str) -> dict[str, str]:
     """The environment the scoring server reads, as Azure ML's images set it."""
-    return {"AML_APP_ROOT": APP_ROOT, "AZUREML_ENTRY_SCRIPT": spec.driver_program,
-            "AZUREML_MODEL_DIR": model_dir_env(spec), "PORT": str(PORT),
-            "PYTHONPATH": pythonpath}
+    env = {"AML_APP_ROOT": APP_ROOT, "AZUREML_ENTRY_SCRIPT": spec.driver_program,
+           "AZUREML_MODEL_DIR": model_dir_env(spec), "PORT": str(PORT),
+           "PYTHONPATH": pythonpath}
+    if spec.runtime != "python":
+        env["SCORING_RUNTIME"] = spec.runtime  # the server starts Spark before init()
+    return env
 
 _SETUP_SCRIPT = """\
 #!/bin/sh

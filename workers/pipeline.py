@@ -70,6 +70,7 @@ class BuildInputs:
     extra_steps: str | None
     labels: dict[str, str]
     published_base: str | None  # the newest base image `mms base-image publish` recorded
+    runtime: str = "python"  # the build's name for the manifest's runtimeType
 
 
 def load_inputs(context: ServiceContext, image_id: uuid.UUID) -> BuildInputs:
@@ -96,7 +97,8 @@ def load_inputs(context: ServiceContext, image_id: uuid.UUID) -> BuildInputs:
             base_image=manifest.base_image,
             base_registry=registry,
             extra_steps=manifest.extra_dockerfile_steps,
-            published_base=default_base_image(session),
+            published_base=default_base_image(session, variant=_BASE_VARIANTS[manifest.runtime_type]),
+            runtime=_RUNTIMES[manifest.runtime_type],
             labels={
                 "org.mms.manifest.id": str(manifest.id),
                 "org.mms.manifest.version": str(manifest.version),
@@ -104,6 +106,10 @@ def load_inputs(context: ServiceContext, image_id: uuid.UUID) -> BuildInputs:
                 "org.mms.models": ",".join(f"{m.id}:{m.name}:{m.version}" for m in models),
             },
         )
+
+
+_RUNTIMES = {"Python": "python", "SparkPython": "spark-py"}
+_BASE_VARIANTS = {"Python": "cpu", "SparkPython": "spark"}
 
 
 def _file_name(url: str, fallback: str) -> str:
@@ -198,12 +204,14 @@ def image_store(settings: Settings) -> Store:
                           login.get("password"))
 
 
-def default_base(settings: Settings, published: str | None) -> str:
-    """The base image a manifest that names none builds on."""
-    if settings.default_base_image:
+def default_base(settings: Settings, published: str | None, runtime: str = "python") -> str:
+    """The base image a manifest that names none builds on: for SparkPython the newest
+    published spark variant (MMS_DEFAULT_BASE_IMAGE, a plain Python base, is not used)."""
+    spark = runtime == "spark-py"
+    if settings.default_base_image and not spark:
         return settings.default_base_image
     if not published:
-        return f"{settings.image_registry}/{BASE_REPOSITORY}:py3.11"
+        return f"{settings.image_registry}/{BASE_REPOSITORY}:py3.11{'-spark' if spark else ''}"
     ref = ImageReference.parse(published)
     if settings.is_embedded_registry and ref.repository == BASE_REPOSITORY:
         # Published into the embedded store: address it as the service is reached now,
@@ -222,11 +230,12 @@ def run_pipeline(context: ServiceContext, image_id: uuid.UUID, emit: Log) -> Bui
     with tempfile.TemporaryDirectory(prefix="mms-work-") as tmp:
         work = Path(tmp)
         app_dir, model_dir, conda, pip = fetch_step(context, inputs, work, emit)
-        base = inputs.base_image or default_base(settings, inputs.published_base)
+        base = inputs.base_image or default_base(settings, inputs.published_base, inputs.runtime)
         spec = BuildSpec(
             base_image=base,
             driver_program=driver_file(inputs),
             app_dir=app_dir,
+            runtime=inputs.runtime,
             model_dir=model_dir if model_dir.exists() else None,
             base_registry=inputs.base_registry,
             pip_requirements=pip,

@@ -167,12 +167,14 @@ def worker(
 def publish_base_image(
     rootfs_tar: Annotated[Path | None, typer.Option(help="a root file system tarball; default: build one with debootstrap")] = None,
     python_version: Annotated[str, typer.Option(help="the Python the root file system carries")] = "3.11",
-    if_missing: Annotated[bool, typer.Option("--if-missing", help="do nothing when a base image is already published")] = False,
+    if_missing: Annotated[bool, typer.Option("--if-missing", help="do nothing when a base image of this variant is already published")] = False,
+    variant: Annotated[str, typer.Option(help="cpu (the default FROM), or spark (plus a headless Java 17, the SparkPython runtime's default FROM)")] = "cpu",
 ) -> None:
-    """Build the minimal CPU inference base image (Debian, python3, pip, CA certificates) and push
-    it to MMS_REGISTRY, or into the service's own image store. No Docker engine is needed.
+    """Build the minimal CPU inference base image (Debian, python3, pip, CA certificates), or
+    its Spark variant, and push it to MMS_REGISTRY, or into the service's own image store. No
+    Docker engine is needed.
 
-    Example: mms base-image publish --if-missing
+    Example: mms base-image publish --if-missing; mms base-image publish --variant spark
     """
     import subprocess
 
@@ -182,13 +184,15 @@ def publish_base_image(
     from workers.oci.registry import RegistryError
     from workers.pipeline import image_store
 
+    if variant not in ("cpu", "spark"):
+        _fail(f"--variant must be cpu or spark, not {variant!r}")
     settings = _settings()
     _prepare_database(settings)
     engine = make_engine(settings)
     factory = make_session_factory(engine)
     if if_missing:
         with session_scope(factory) as session:
-            existing = default_base_image(session)
+            existing = default_base_image(session, variant=variant)
         if existing:
             err.print(f"base image {existing} is already published", highlight=False)
             engine.dispose()
@@ -196,7 +200,8 @@ def publish_base_image(
     if rootfs_tar is None:
         # debootstrap, cached under /var/cache/mms so it runs once per machine.
         err.print("building a Debian root file system with debootstrap (once per machine, about a minute)")
-        script = Path(__file__).resolve().parents[2] / "scripts" / "infra" / "base-rootfs.sh"
+        name = "spark-rootfs.sh" if variant == "spark" else "base-rootfs.sh"
+        script = Path(__file__).resolve().parents[2] / "scripts" / "infra" / name
         done = subprocess.run([str(script)], capture_output=True, text=True, check=False)
         if done.returncode != 0:
             _fail(f"building the root file system failed: {done.stderr.strip()[-500:]}")
@@ -204,13 +209,14 @@ def publish_base_image(
     try:
         with image_store(settings) as store:
             reference = publish(store, settings.image_registry, rootfs_tar, python_version,
-                                lambda line: err.print(line, highlight=False))
+                                lambda line: err.print(line, highlight=False), variant=variant)
     except (RegistryError, ValueError, OSError) as exc:
         _fail(f"publishing the base image failed: {exc}")
     with session_scope(factory) as session:
-        record_base_image(session, reference=reference, python_version=python_version)
+        record_base_image(session, reference=reference, python_version=python_version, variant=variant)
     engine.dispose()
-    err.print(f"published {reference}; it is now the default base image", highlight=False)
+    runtime = "of SparkPython manifests" if variant == "spark" else ""
+    err.print(f"published {reference}; it is now the default base image {runtime}".rstrip(), highlight=False)
 
 
 @db_cli.command("upgrade")

@@ -15,5 +15,5 @@ class BaseImage(UuidPrimaryKey, Base):
 
     reference: Mapped[str] = mapped_column(String(512), unique=True)  # registry/repo:tag
     python_version: Mapped[str] = mapped_column(String(16))
-    variant: Mapped[str] = mapped_column(String(16))  # cpu | gpu
+    variant: Mapped[str] = mapped_column(String(16))  # cpu | gpu | spark
     published_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, index=True)

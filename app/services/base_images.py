@@ -45,14 +45,17 @@ def list_base_images(session: Session) -> list[BaseImageEntry]:
         BaseImageEntry(f"{BASE_REPOSITORY}-{r.variant}", r.reference, r.python_version, r.variant, r.published_at)
         for r in rows
     ]
-    if not any(e.variant == "gpu" for e in entries):
-        # The GPU variant needs CUDA, which this project does not build yet: named, not offered.
-        entries.append(BaseImageEntry(f"{BASE_REPOSITORY}-gpu", None, "3.11", "gpu", None))
+    # Named though not published: the GPU variant needs CUDA, which this project does not
+    # build yet; the Spark one is made by `mms base-image publish --variant spark`.
+    for variant in ("spark", "gpu"):
+        if not any(e.variant == variant for e in entries):
+            entries.append(BaseImageEntry(f"{BASE_REPOSITORY}-{variant}", None, "3.11", variant, None))
     return entries
 
 
-def default_base_image(session: Session) -> str | None:
-    """The newest published CPU base image, the FROM of manifests that name none."""
+def default_base_image(session: Session, *, variant: str = "cpu") -> str | None:
+    """The newest published base image of ``variant``: the FROM of manifests that name none
+    (``spark`` for the SparkPython runtime, ``cpu`` for the others)."""
     return session.scalars(
-        select(BaseImage.reference).where(BaseImage.variant == "cpu").order_by(BaseImage.published_at.desc()).limit(1)
+        select(BaseImage.reference).where(BaseImage.variant == variant).order_by(BaseImage.published_at.desc()).limit(1)
     ).first()

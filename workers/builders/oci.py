@@ -44,6 +44,7 @@ from workers.build_context import (
     APP_ROOT,
     FIXED_MTIME,
     MODEL_ROOT,
+    NO_JAVA,
     PORT,
     SERVER_REQUIREMENTS,
     BuildSpec,
@@ -54,6 +55,7 @@ from workers.build_context import (
     parse_extra_steps,
     read_pem,
     runtime_env,
+    runtime_requirements,
     server_dir,
     split_conda,
     start_script,
@@ -64,7 +66,9 @@ from workers.oci.media import OCI, Family
 from workers.oci.python_env import (
     SITE_PACKAGES,
     TargetPython,
+    build_source_wheels,
     dependency_cache_key,
+    detect_java,
     detect_target,
     install_dependencies,
     normalise_requirements,
@@ -173,6 +177,8 @@ class OciBuilder:
                      f"{family.manifest.split('/')[-1]}")
                 python = self._target_python(base, base_config, source, base_ref, emit)
                 _check_conda_python(spec, python)
+                if spec.runtime == "spark-py":
+                    self._check_java(base, base_config, source, base_ref, emit)
 
                 step = "environment"
                 deps = self._dependency_layer(requirements, python, spec, target, family,
@@ -260,6 +266,27 @@ class OciBuilder:
             _write_json(cached, {"version": python.version, "platform": python.platform})
         return python
 
+    def _check_java(self, base: Manifest, config: dict, source: Store, ref: ImageReference,
+                    emit: Log) -> None:
+        """SparkPython needs a JVM in the base: its label says, else its layers (cached)."""
+        cached = self.cache_dir / "java" / f"{base.body['config']['digest'][7:]}.json" \
+            if self.cache_dir else None
+        known = _read_json(cached) if cached is not None else None
+        if known is not None:
+            java = known["java"]
+        else:
+            def openers() -> Iterator[Any]:
+                emit("mms: reading the base image's layers to find its Java runtime")
+                for layer in base.body["layers"]:
+                    yield source.open_blob(ref.repository, layer["digest"])
+
+            java = detect_java(config, openers)
+            if cached is not None:
+                _write_json(cached, {"java": java})
+        if java is None:
+            raise BuildFailed("environment", NO_JAVA)
+        emit(f"mms: base image has Java ({java}) for the SparkPython runtime")
+
     def _base_blob_body(self, source: Store, ref: ImageReference, digest: str,
                         work: Path) -> Callable[[], Iterator[bytes]]:
         def body() -> Iterator[bytes]:
@@ -287,10 +314,14 @@ class OciBuilder:
                          cache_config["rootfs"]["diff_ids"][0], _deps_history(key))
         started = time.monotonic()
         site = work / "deps" / "site-packages"
+        ca_bundle = self._ca_bundle(spec, work)
+        wheelhouse = (self.cache_dir or work) / "source-wheels"
+        build_source_wheels(requirements, wheelhouse, emit, ca_bundle=ca_bundle,
+                            timeout=max(self.timeout, 1800))
         install_dependencies(requirements, python, site, emit,
                              cache_dir=self.cache_dir / "uv" if self.cache_dir else None,
-                             ca_bundle=self._ca_bundle(spec, work),
-                             timeout=max(self.timeout, 1800))
+                             ca_bundle=ca_bundle, timeout=max(self.timeout, 1800),
+                             wheelhouse=wheelhouse)
         builder = LayerBuilder()
         builder.add_tree(site, SITE_PACKAGES)
         layer = builder.write(work / "deps.tar.gz", _deps_history(key))
@@ -427,7 +458,7 @@ def _parse_base(reference: str) -> ImageReference:
 
 def _requirements(spec: BuildSpec) -> list[str]:
     """The scoring server's pins and the manifest's pip entries, or BuildFailed."""
-    lines = list(SERVER_REQUIREMENTS)
+    lines = [*SERVER_REQUIREMENTS, *runtime_requirements(spec)]
     if spec.conda_file is not None:
         python_spec, conda_only, pip_entries = split_conda(spec.conda_file)
         if conda_only:

@@ -7,6 +7,10 @@ version string inside ``libc.so.6``, or musl's loader). Packages are installed w
 ``uv pip install --target --python-version --python-platform --only-binary :all:``, which
 evaluates environment markers for the target (plain pip evaluates them for the host, pip
 issue 11664), then console-script shebangs are rewritten so no worker path ships.
+
+A few pure-Python projects publish source distributions only (pyspark): their wheels are
+built once per worker with pip (a pure-Python wheel fits every target) and offered to uv
+with ``--find-links``, so the whole environment still resolves together, from wheels.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
@@ -32,8 +37,10 @@ __all__ = [
     "LAYOUT_VERSION",
     "TargetPython",
     "dependency_cache_key",
+    "detect_java",
     "detect_target",
     "install_dependencies",
+    "source_only",
 ]
 
 LAYOUT_VERSION = "1"  # bump when the dependency layer's layout changes: old cache entries retire
@@ -49,6 +56,12 @@ _NO_WHEEL = (re.compile(r"Wheels are required for `([^`]+)`"),
              re.compile(r"Because (\S+?)(?:[=<>!~][^ ]*)? has no wheels with a matching"))
 _NOT_FOUND = re.compile(r"Because (\S+) was not found in the package registry")
 _MAX_LIBC_READ = 16 << 20
+# Where Debian, the Temurin and the former official openjdk images put a java launcher.
+_JAVA_BIN = re.compile(r"^(?:\./)?(?:usr/bin/java|usr/lib/jvm/[^/]+/(?:jre/)?bin/java|"
+                       r"opt/java/[^/]+/bin/java|usr/local/openjdk-[^/]+/bin/java)$")
+# Pure-Python projects published as source distributions only (their wheel is built here).
+SOURCE_ONLY = frozenset({"pyspark"})
+_NAME = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]*)")
 
 
 @dataclass(frozen=True)
@@ -151,6 +164,70 @@ class _ChunkReader:
         return data
 
 
+def detect_java(config: dict, layers: Callable[[], Iterable[AbstractContextManager[Iterator[bytes]]]]) -> str | None:
+    """The base image's Java: its ``org.mms.java`` label, else the path of a ``java`` launcher
+    found in its layers (a later layer's whiteout removes it), else None."""
+    labels = (config.get("config") or {}).get("Labels") or {}
+    if labels.get("org.mms.java"):
+        return labels["org.mms.java"]
+    found: set[str] = set()
+    for opener in layers():
+        with opener as chunks, gzip.GzipFile(fileobj=_ChunkReader(chunks)) as gz, \
+                tarfile.open(fileobj=gz, mode="r|") as tar:
+            for member in tar:
+                folder, _, base = member.name.rpartition("/")
+                if base.startswith(".wh."):
+                    gone = f"{folder}/{base[4:]}".lstrip("./")
+                    found = {f for f in found if f != gone and not f.startswith(f"{gone}/")}
+                elif _JAVA_BIN.match(member.name) and (member.isfile() or member.issym()):
+                    found.add(member.name.lstrip("./"))
+    return f"/{min(found)}" if found else None
+
+
+def source_only(requirements: Iterable[str]) -> list[str]:
+    """The requirement lines naming a project in ``SOURCE_ONLY``."""
+    picked = []
+    for line in requirements:
+        match = _NAME.match(line)
+        if match and re.sub(r"[-_.]+", "-", match[1]).lower() in SOURCE_ONLY:
+            picked.append(line)
+    return picked
+
+
+def build_source_wheels(requirements: list[str], wheelhouse: Path, log: Log, *,
+                        ca_bundle: Path | None = None, timeout: float = 1800) -> None:
+    """Build wheels of the ``SOURCE_ONLY`` requirements into ``wheelhouse`` (kept across
+    builds: a wheel already there is reused by pip, not built again)."""
+    wanted = source_only(requirements)
+    if not wanted:
+        return
+    wheelhouse.mkdir(parents=True, exist_ok=True)
+    index = [part for line in requirements if line.startswith(("--index-url", "--extra-index-url"))
+             for part in line.split(None, 1)]
+    env = dict(os.environ)
+    if ca_bundle is not None:
+        env["PIP_CERT"] = str(ca_bundle)
+    if os.environ.get("UV_INDEX_URL") and not index:
+        index = ["--index-url", os.environ["UV_INDEX_URL"]]
+    for requirement in wanted:
+        log(f"mms: {requirement} is published as source only: building its pure-Python wheel")
+        command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--disable-pip-version-check",
+                   "--progress-bar", "off", "--find-links", str(wheelhouse), "-w", str(wheelhouse),
+                   *index, requirement]
+        try:
+            done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True, env=env, timeout=timeout, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise BuildFailed("environment", f"cannot build a wheel of {requirement}: {exc}") from None
+        for line in done.stdout.splitlines()[-5:]:
+            log(f"    {line}")
+        if done.returncode != 0:
+            errors = [x.strip() for x in done.stdout.splitlines() if x.startswith("ERROR")]
+            raise BuildFailed("environment", f"building a wheel of {requirement} failed: "
+                              + ("; ".join(errors) or "pip wheel exited with "
+                                 f"{done.returncode}"))
+
+
 def normalise_requirements(lines: Iterable[str]) -> list[str]:
     """Requirement lines without blanks, comments or trailing spaces, order kept."""
     kept = []
@@ -170,14 +247,19 @@ def dependency_cache_key(requirements: list[str], target: TargetPython) -> str:
 
 def install_dependencies(requirements: list[str], target: TargetPython, dest: Path, log: Log,
                          *, cache_dir: Path | None = None, ca_bundle: Path | None = None,
-                         timeout: float = 1800) -> None:
-    """Install wheels for ``requirements`` into ``dest`` for ``target``; BuildFailed if not."""
+                         timeout: float = 1800, wheelhouse: Path | None = None) -> None:
+    """Install wheels for ``requirements`` into ``dest`` for ``target``; BuildFailed if not.
+
+    ``wheelhouse`` holds the wheels ``build_source_wheels`` made for source-only projects.
+    """
     dest.mkdir(parents=True, exist_ok=True)
     req_file = dest.parent / "requirements.txt"
     req_file.write_text("".join(f"{r}\n" for r in requirements), encoding="utf-8")
     command = [uv.find_uv_bin(), "pip", "install", "--no-config", "--target", str(dest),
                "--python-version", target.version, "--python-platform", target.platform,
                "--only-binary", ":all:", "--no-progress", "-r", str(req_file)]
+    if wheelhouse is not None and source_only(requirements):
+        command += ["--find-links", str(wheelhouse)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("UV_") or k in _UV_PASSTHROUGH}
     if cache_dir is not None:
         env["UV_CACHE_DIR"] = str(cache_dir)

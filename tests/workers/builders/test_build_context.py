@@ -118,7 +118,7 @@ def test_conda_only_packages_are_named_in_the_setup_script(spec, tmp_path):
 @pytest.mark.parametrize("change, match", [
     ({"driver_program": "missing.py"}, "not among the app files"),
     ({"driver_program": "../score.py"}, "relative path"),
-    ({"runtime": "spark-py"}, "not supported"),
+    ({"runtime": "r"}, "not supported"),
     ({"base_image": "base\nCOPY / /x"}, "invalid base image"),
     ({"labels": {"a": "line\nbreak"}}, "control character"),
 ])
