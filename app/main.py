@@ -14,6 +14,7 @@ from app.api.middleware import ConditionalGetMiddleware, RequestIdMiddleware
 from app.api.routes import (
     accounts, assets, health, images, manifests, models, oauth, principals, registry, webhooks,
 )
+from app.api.routes import ui as dashboard
 from app.config import Settings, get_settings
 from app.context import ServiceContext
 from app.database import ensure_migrated
@@ -64,6 +65,7 @@ def create_app(settings: Settings | None = None, context: ServiceContext | None 
     app.include_router(oauth.router)
     app.include_router(registry.router)
     app.include_router(health.router)
+    app.include_router(dashboard.router)
     return app
 
 
