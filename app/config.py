@@ -36,6 +36,11 @@ class Settings(BaseSettings):
     env: Literal["development", "production"] = "development"
     data_dir: Path = Path(".mms")
     database_url: str | None = None
+    # Per process: keep (API processes + workers) x (size + overflow) below the database's
+    # max_connections. A request that finds them all busy waits, then gets a 503.
+    db_pool_size: int = Field(default=5, ge=1)
+    db_max_overflow: int = Field(default=15, ge=0)
+    db_pool_timeout_seconds: float = Field(default=10.0, gt=0)
     auto_migrate: bool | None = None  # None: only the embedded SQLite database migrates itself
 
     host: str = "127.0.0.1"
@@ -52,6 +57,9 @@ class Settings(BaseSettings):
     clock_skew_seconds: int = Field(default=60, ge=0, le=300)
     trusted_issuers: list[TrustedIssuer] = []
     jwks_refresh_min_seconds: float = 30.0
+    # A caller's roles are re-read at most this often (0: on every request); revoking a role
+    # takes effect within it.
+    auth_cache_seconds: float = Field(default=5.0, ge=0, le=300)
     idempotency_ttl_seconds: int = 86400
 
     asset_store: Literal["local", "azure"] = "local"

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.auth.caller import GrantsCache
 from app.auth.keys import OwnKeySource, PrivateKey, RemoteKeySource, create_signing_key, newest_signing_key
 from app.auth.tokens import TokenVerifier, TrustedIssuerKeys
 from app.config import Settings
@@ -28,6 +29,7 @@ class ServiceContext:
     verifier: TokenVerifier
     asset_store: AssetStore
     build_queue: BuildQueue
+    grants_cache: GrantsCache = field(default_factory=lambda: GrantsCache(0))
     _signing_key: PrivateKey | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -65,6 +67,7 @@ class ServiceContext:
             verifier=TokenVerifier(issuers, settings.clock_skew_seconds),
             asset_store=make_asset_store(settings, secret_key),
             build_queue=BuildQueue(settings.resolved_broker_url, settings.build_queue),
+            grants_cache=GrantsCache(settings.auth_cache_seconds),
         )
 
     @property

@@ -8,7 +8,8 @@ Every error response has the shape ``{code, message, statusCode, details: [{code
     ├── Forbidden         403
     ├── NotFound          404
     ├── Conflict          409
-    └── PayloadTooLarge   413
+    ├── PayloadTooLarge   413
+    └── ServiceUnavailable 503   (every database connection busy: Retry-After)
 
 Anything else that escapes a route is logged with its traceback and answered as a bare 500.
 """
@@ -21,6 +22,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import TimeoutError as DatabaseTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("mms.errors")
@@ -32,6 +34,7 @@ __all__ = [
     "NotFound",
     "PayloadTooLarge",
     "ServiceError",
+    "ServiceUnavailable",
     "Unauthorized",
     "ValidationFailed",
     "install_error_handlers",
@@ -108,6 +111,11 @@ class PayloadTooLarge(ServiceError):
     code = "PayloadTooLarge"
 
 
+class ServiceUnavailable(ServiceError):
+    status_code = 503
+    code = "ServiceUnavailable"
+
+
 def error_response(error: ServiceError) -> JSONResponse:
     """Render a domain error in the service's one error shape."""
     return JSONResponse(error.body(), status_code=error.status_code, headers=error.headers)
@@ -162,6 +170,13 @@ def install_error_handlers(app: FastAPI) -> None:
         error.status_code = exc.status_code
         error.headers = dict(exc.headers or {})
         return error_response(error)
+
+    @app.exception_handler(DatabaseTimeout)
+    async def _overloaded(request: Request, exc: DatabaseTimeout) -> JSONResponse:
+        # Every database connection is busy: a moment's overload, not a bug. Say when to retry.
+        log.warning("request.database_busy", extra={"method": request.method, "path": request.url.path})
+        return error_response(ServiceUnavailable("the service is busy; retry in a moment",
+                                                 headers={"Retry-After": "1"}))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -6,11 +6,13 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from anyio import to_thread
 from fastapi import APIRouter, Depends, FastAPI
 
 from app.api.deps import check_api_version
 from app.api.event_stream import EventHub
-from app.api.middleware import ConditionalGetMiddleware, RequestIdMiddleware
+from app.api.image_polls import ImagePollShortcut
+from app.api.middleware import ConditionalGetMiddleware, DatabaseRequestLimit, RequestIdMiddleware
 from app.api.routes import (
     accounts, assets, health, images, manifests, models, oauth, principals, registry, webhooks,
 )
@@ -19,6 +21,7 @@ from app.config import Settings, get_settings
 from app.context import ServiceContext
 from app.database import ensure_migrated
 from app.errors import install_error_handlers
+from app.log_config import configure_logging
 from app.metrics import DatabaseCollector
 
 log = logging.getLogger("mms.app")
@@ -32,6 +35,10 @@ def create_app(settings: Settings | None = None, context: ServiceContext | None 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         ensure_migrated(context.engine)
         context.signing_key()
+        # No more request threads than database connections: a burst queues on the event
+        # loop, rather than in threads that hold the GIL while they wait for a connection.
+        to_thread.current_default_thread_limiter().total_tokens = max(
+            4, context.settings.db_pool_size + context.settings.db_max_overflow)
         await app.state.event_hub.start()
         log.info("app.started", extra={"database": context.engine.url.render_as_string(hide_password=True)})
         yield
@@ -50,6 +57,10 @@ def create_app(settings: Settings | None = None, context: ServiceContext | None 
     app.state.metrics = DatabaseCollector(context.session_factory)
     install_error_handlers(app)
     app.add_middleware(ConditionalGetMiddleware)
+    # One connection stays free for the event poller and /metrics.
+    app.add_middleware(DatabaseRequestLimit, limit=max(1, context.settings.db_pool_size
+                                                          + context.settings.db_max_overflow - 1))
+    app.add_middleware(ImagePollShortcut)
     app.add_middleware(RequestIdMiddleware)
 
     api = APIRouter(prefix="/api", dependencies=[Depends(check_api_version)])
@@ -70,5 +81,8 @@ def create_app(settings: Settings | None = None, context: ServiceContext | None 
 
 
 def app_factory() -> FastAPI:
-    """Entry point for `uvicorn --factory app.main:app_factory`."""
-    return create_app()
+    """Entry point for `uvicorn --factory app.main:app_factory`, in each API process."""
+    settings = get_settings()
+    # With --workers, each process is a fresh interpreter: it sets up its own logging.
+    configure_logging(settings.log_level, settings.log_format)
+    return create_app(settings)

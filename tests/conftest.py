@@ -66,6 +66,7 @@ def settings(data_dir: Path, external_issuer: ExternalIssuer) -> Settings:
             TrustedIssuer(issuer=EXTERNAL_ISSUER, jwks_uri=external_issuer.jwks_uri)
         ],
         jwks_refresh_min_seconds=0,
+        auth_cache_seconds=0,  # tests change roles and expect the next request to see it
         # API tests ring a queue of their own that no worker listens to.
         broker_url="redis://127.0.0.1:6379/15",
         build_queue=f"mms-api-tests-{os.getpid()}",

@@ -69,7 +69,7 @@ def get_caller(
             raise Unauthorized("the Authorization header must be 'Bearer <token>'")
         raise Unauthorized("this request needs an 'Authorization: Bearer <token>' header", error="missing_token")
     verified = context.verifier.verify(credentials.credentials)
-    return load_caller(session, verified)
+    return load_caller(session, verified, context.grants_cache)
 
 
 CallerDep = Annotated[Caller, Depends(get_caller)]

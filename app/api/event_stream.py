@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 import uuid
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
-from anyio import to_thread
+from anyio import CapacityLimiter, to_thread
 from sqlalchemy.orm import Session
 from sse_starlette import ServerSentEvent
 
@@ -47,6 +49,48 @@ class Subscription:
             self.overflowed = True
 
 
+@dataclass
+class ImageVersion:
+    account_id: uuid.UUID
+    version: int  # the id of the image's newest event
+    state: str
+
+
+class ImageVersions:
+    """What this process knows of each image's newest event, fed by the hub's poller and by
+    the image GETs that read it from the table; bounded, least recently changed out first."""
+
+    MAX_IMAGES = 200_000
+
+    def __init__(self) -> None:
+        self._images: OrderedDict[uuid.UUID, ImageVersion] = OrderedDict()
+        self._accounts: dict[tuple[str, str, str], uuid.UUID] = {}  # lower-cased path → id
+        self._lock = threading.Lock()
+
+    def note(self, image_id: uuid.UUID, account_id: uuid.UUID, version: int, state: str) -> None:
+        """An event (or a read of the table) says the image is at ``version``; never goes back."""
+        with self._lock:
+            known = self._images.get(image_id)
+            if known is not None and known.version >= version:
+                return
+            self._images[image_id] = ImageVersion(account_id, version, state)
+            self._images.move_to_end(image_id)
+            if len(self._images) > self.MAX_IMAGES:
+                self._images.popitem(last=False)
+
+    def note_account(self, path: tuple[str, str, str], account_id: uuid.UUID) -> None:
+        with self._lock:
+            if len(self._accounts) >= self.MAX_IMAGES:
+                self._accounts.clear()
+            self._accounts[tuple(part.lower() for part in path)] = account_id  # type: ignore[assignment]
+
+    def get(self, image_id: uuid.UUID) -> ImageVersion | None:
+        return self._images.get(image_id)
+
+    def account(self, path: tuple[str, str, str]) -> uuid.UUID | None:
+        return self._accounts.get(tuple(part.lower() for part in path))  # type: ignore[arg-type]
+
+
 class EventHub:
     """Polls the event table and hands each new event to the subscribers of its account.
 
@@ -66,6 +110,15 @@ class EventHub:
         self._seen: set[int] = set()
         self._gap_since: float | None = None
         self._task: asyncio.Task[None] | None = None
+        self.versions = ImageVersions()
+        # Its own thread, so a burst of requests holding the shared pool never delays a poll.
+        self._thread = CapacityLimiter(1)
+        self._polled_at = float("-inf")  # monotonic time of the last poll that succeeded
+
+    @property
+    def is_current(self) -> bool:
+        """Whether the poller has read the table lately (so ``versions`` can be trusted)."""
+        return time.monotonic() - self._polled_at < max(5.0, 10 * self._interval)
 
     @property
     def subscriber_count(self) -> int:
@@ -112,22 +165,23 @@ class EventHub:
             await asyncio.sleep(self._interval)
 
     async def _poll(self) -> None:
-        if not self._subscribers or self._cursor is None:
-            # Nobody listens: keep up with the table without reading it.
-            self._cursor = await to_thread.run_sync(self._read, latest_event_id)
-            self._seen.clear()
-            self._gap_since = None
+        started = time.monotonic()
+        if self._cursor is None:
+            self._cursor = await to_thread.run_sync(self._read, latest_event_id, limiter=self._thread)
+            self._polled_at = started
             return
         while True:
             batch = await to_thread.run_sync(
-                self._read, lambda s: events_after(s, after_id=self._cursor, limit=BATCH))
+                self._read, lambda s: events_after(s, after_id=self._cursor, limit=BATCH), limiter=self._thread)
             fresh = [event for event in batch if event.id not in self._seen]
             for event in fresh:
                 self._seen.add(event.id)
+                self.versions.note(event.image_id, event.account_id, event.id, event.state)
                 for sub in tuple(self._subscribers.get(event.account_id, ())):
                     sub.offer(event)
             self._advance(stuck=len(batch) == BATCH and not fresh)
             if len(batch) < BATCH:
+                self._polled_at = started
                 return
 
     def _advance(self, *, stuck: bool) -> None:

@@ -3,6 +3,7 @@ with 304s for the API's GETs."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
@@ -58,6 +59,31 @@ class RequestIdMiddleware:
             )
             observe_request(scope["method"], route_template(scope), status, seconds)
             request_id_var.reset(token)
+
+
+class DatabaseRequestLimit:
+    """At most ``limit`` API requests at a time past this point; the rest wait their turn.
+
+    A request holds its database connection from its first query to its end, across the
+    thread hops of its dependencies, so without a bound a burst takes every connection and
+    the requests still in the pool's queue time out. The event stream is exempt (it holds no
+    connection while it waits), and so is what never queries the database.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+        self._slots: asyncio.Semaphore | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not path.startswith("/api/") or path.endswith("/images/events"):
+            await self.app(scope, receive, send)
+            return
+        if self._slots is None:  # made on the server's event loop
+            self._slots = asyncio.Semaphore(self.limit)
+        async with self._slots:
+            await self.app(scope, receive, send)
 
 
 def route_template(scope: Scope) -> str:
@@ -124,7 +150,7 @@ class ConditionalGetMiddleware:
             etag = f'"{hashlib.sha256(body).hexdigest()[:32]}"'
             headers = [(k, v) for k, v in start["headers"] if k != b"content-length"]  # type: ignore[index]
             headers += [(b"etag", etag.encode()), (b"cache-control", b"no-cache")]
-            if _matches(wanted, etag):
+            if etag_matches(wanted, etag):
                 kept = [(k, v) for k, v in headers if k != b"content-type"]
                 await send({"type": "http.response.start", "status": 304, "headers": kept})
                 await send({"type": "http.response.body", "body": b""})
@@ -136,7 +162,7 @@ class ConditionalGetMiddleware:
         await self.app(scope, receive, buffered)
 
 
-def _matches(if_none_match: str, etag: str) -> bool:
+def etag_matches(if_none_match: str | None, etag: str) -> bool:
     """RFC 9110 weak comparison: ``*``, or any listed tag equal to ours with or without W/."""
     if not if_none_match:
         return False

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -46,14 +48,48 @@ class Caller:
             )
 
 
-def load_caller(session: Session, token: VerifiedToken) -> Caller:
+class GrantsCache:
+    """Each subject's role grants, kept ``ttl`` seconds: a dashboard polling every second costs
+    one role query per ``ttl``, and a revoked role stops working within ``ttl``."""
+
+    MAX_ENTRIES = 10_000
+
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self._entries: dict[tuple[str, str], tuple[float, tuple[Grant, ...]]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, issuer: str, subject: str) -> tuple[Grant, ...] | None:
+        entry = self._entries.get((issuer, subject))
+        if entry is None or time.monotonic() - entry[0] > self.ttl:
+            return None
+        return entry[1]
+
+    def put(self, issuer: str, subject: str, grants: tuple[Grant, ...]) -> None:
+        if self.ttl <= 0:
+            return
+        with self._lock:
+            if len(self._entries) >= self.MAX_ENTRIES:
+                self._entries.clear()  # rare: start over rather than track ages
+            self._entries[(issuer, subject)] = (time.monotonic(), grants)
+
+
+def caller_for(token: VerifiedToken, grants: tuple[Grant, ...]) -> Caller:
+    exp = token.claims.get("exp")
+    return Caller(issuer=token.issuer, subject=token.subject, grants=grants,
+                  expires_at=float(exp) if isinstance(exp, int | float) else None)
+
+
+def load_caller(session: Session, token: VerifiedToken, cache: GrantsCache | None = None) -> Caller:
     """The caller behind a verified token, with the role assignments stored for them."""
+    if cache is not None and (grants := cache.get(token.issuer, token.subject)) is not None:
+        return caller_for(token, grants)
     rows = session.execute(
         select(RoleAssignment.role, RoleAssignment.scope).where(
             RoleAssignment.issuer == token.issuer, RoleAssignment.subject == token.subject
         )
     ).all()
     grants = tuple(Grant(role=Role(role), scope=scope) for role, scope in rows)
-    exp = token.claims.get("exp")
-    return Caller(issuer=token.issuer, subject=token.subject, grants=grants,
-                  expires_at=float(exp) if isinstance(exp, int | float) else None)
+    if cache is not None:
+        cache.put(token.issuer, token.subject, grants)
+    return caller_for(token, grants)

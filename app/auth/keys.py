@@ -38,8 +38,8 @@ class PrivateKey:
 
 
 class KeySource(Protocol):
-    def public_key(self, kid: str) -> dict[str, Any] | None:
-        """The JWK with this ``kid``, or None."""
+    def public_key(self, kid: str, *, refresh: bool = True) -> dict[str, Any] | None:
+        """The JWK with this ``kid``, or None; ``refresh=False``: only if already at hand."""
 
 
 def _b64url_uint(value: int) -> str:
@@ -103,9 +103,9 @@ class _RefreshingKeySet:
         self._loaded_at = float("-inf")
         self._lock = threading.Lock()
 
-    def public_key(self, kid: str) -> dict[str, Any] | None:
+    def public_key(self, kid: str, *, refresh: bool = True) -> dict[str, Any] | None:
         key = self._keys.get(kid)
-        if key is not None:
+        if key is not None or not refresh:
             return key
         with self._lock:
             if kid not in self._keys and time.monotonic() - self._loaded_at >= self._refresh_min:

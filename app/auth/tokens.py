@@ -61,8 +61,11 @@ class TokenVerifier:
         self._issuers = {trusted.issuer: trusted for trusted in issuers}
         self._leeway = leeway_seconds
 
-    def verify(self, token: str) -> VerifiedToken:
-        """The token's issuer, subject and claims, or Unauthorized saying what is wrong."""
+    def verify(self, token: str, *, keys_at_hand: bool = False) -> VerifiedToken:
+        """The token's issuer, subject and claims, or Unauthorized saying what is wrong.
+
+        ``keys_at_hand``: never load keys (no database or network), for callers on the event loop.
+        """
         try:
             header = jwt.get_unverified_header(token)
             unverified = jwt.get_unverified_claims(token)
@@ -76,7 +79,7 @@ class TokenVerifier:
         trusted = self._issuers.get(unverified.get("iss")) if isinstance(unverified, dict) else None
         if trusted is None:
             raise Unauthorized("the token's issuer is not trusted")
-        jwk_dict = trusted.keys.public_key(kid)
+        jwk_dict = trusted.keys.public_key(kid, refresh=not keys_at_hand)
         if jwk_dict is None:
             raise Unauthorized("the token is signed with an unknown key")
         try:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import BigInteger, ForeignKey, Index, Integer, Text, Uuid
+from sqlalchemy import BigInteger, Index, Integer, Text, Uuid
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.orm.base import Base, UtcDateTime, utcnow
@@ -18,11 +18,13 @@ EventId = BigInteger().with_variant(Integer(), "sqlite")
 class ImageEvent(Base):
     __tablename__ = "image_events"
     # AUTOINCREMENT: SQLite never hands out an id again, so a resumed stream cannot skip one.
-    __table_args__ = (Index("ix_image_events_account_id_id", "account_id", "id"), {"sqlite_autoincrement": True})
+    __table_args__ = (Index("ix_image_events_account_id_id", "account_id", "id"),
+                      Index("ix_image_events_image_id_id", "image_id", "id"), {"sqlite_autoincrement": True})
 
     id: Mapped[int] = mapped_column(EventId, primary_key=True, autoincrement=True)
-    account_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("accounts.id", ondelete="CASCADE"))
-    # Not a foreign key: the event outlives a deleted image, as a record of what happened.
+    # Not foreign keys: an event outlives the image and the account it tells of (the deletion
+    # is itself an event), until the retention period ends.
+    account_id: Mapped[uuid.UUID] = mapped_column(Uuid)
     image_id: Mapped[uuid.UUID] = mapped_column(Uuid)
     state: Mapped[str] = mapped_column(Text)
     payload: Mapped[str] = mapped_column(Text)  # the JSON the stream and the webhooks send

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 from app.errors import Conflict, NotFound
 from app.orm import Account, Image, Manifest, ModelVersion
 from app.schemas.accounts import AccountCreate
+from app.services.events import record_state_changes
 from app.services.paging import decode_token, encode_token, page_size
 
 
@@ -110,5 +111,8 @@ def delete_account(session: Session, path: AccountPath, *, force: bool) -> None:
             "or repeat with ?force=true to delete the account with everything in it",
             code="AccountNotEmpty",
         )
+    # Dashboards and webhooks hear of every image that goes with the account.
+    record_state_changes(session, session.scalars(select(Image.id).where(Image.account_id == account.id)).all(),
+                         deleted=True)
     session.delete(account)
     session.flush()

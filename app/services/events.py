@@ -20,6 +20,8 @@ from app.orm import Account, Image, ImageEvent, Webhook, WebhookDelivery
 from app.orm.base import utcnow
 
 EVENT_TYPE = "ImageStateChanged"
+DELETED_TYPE = "ImageDeleted"
+DELETED_STATE = "Deleted"  # the state column of a deletion event
 
 
 @dataclass(frozen=True)
@@ -28,11 +30,14 @@ class Event:
 
     id: int
     account_id: uuid.UUID
+    image_id: uuid.UUID
+    state: str  # the CreationState it moved to, or Deleted
     data: str
 
 
-def record_state_changes(session: Session, image_ids: Iterable[uuid.UUID]) -> list[int]:
-    """Append an event for each image's current state, and queue it for the account's webhooks."""
+def record_state_changes(session: Session, image_ids: Iterable[uuid.UUID], *, deleted: bool = False) -> list[int]:
+    """Append an event for each image's current state (or its deletion, called just before it),
+    and queue it for the account's webhooks."""
     ids = list(dict.fromkeys(image_ids))
     if not ids:
         return []
@@ -46,8 +51,8 @@ def record_state_changes(session: Session, image_ids: Iterable[uuid.UUID]) -> li
     ).all()
     now = utcnow()
     events = [
-        ImageEvent(account_id=row.account_id, image_id=row.id, state=row.state, created_at=now,
-                   payload=json.dumps(_payload(row, now), separators=(",", ":")))
+        ImageEvent(account_id=row.account_id, image_id=row.id, state=DELETED_STATE if deleted else row.state,
+                   created_at=now, payload=json.dumps(_payload(row, now, deleted), separators=(",", ":")))
         for row in rows
     ]
     session.add_all(events)
@@ -56,12 +61,12 @@ def record_state_changes(session: Session, image_ids: Iterable[uuid.UUID]) -> li
     return [event.id for event in events]
 
 
-def _payload(row, now: datetime) -> dict[str, object]:  # type: ignore[no-untyped-def]
+def _payload(row, now: datetime, deleted: bool) -> dict[str, object]:  # type: ignore[no-untyped-def]
     error = None
     if row.state in ("Failed", "Cancelled") and row.error:
         error = {"code": f"Build{row.state}", "message": row.error}
     return {
-        "type": EVENT_TYPE,
+        "type": DELETED_TYPE if deleted else EVENT_TYPE,
         "time": now.isoformat(),
         "account": f"/subscriptions/{row.subscription_id}/resourceGroups/{row.resource_group}"
                    f"/accounts/{row.account_name}",
@@ -95,11 +100,17 @@ def latest_event_id(session: Session) -> int:
 def events_after(session: Session, *, after_id: int, account_id: uuid.UUID | None = None,
                  limit: int = 500) -> list[Event]:
     """Events with an id above ``after_id``, oldest first (one account's, or every account's)."""
-    query = select(ImageEvent.id, ImageEvent.account_id, ImageEvent.payload).where(ImageEvent.id > after_id)
+    query = select(ImageEvent.id, ImageEvent.account_id, ImageEvent.image_id, ImageEvent.state,
+                   ImageEvent.payload).where(ImageEvent.id > after_id)
     if account_id is not None:
         query = query.where(ImageEvent.account_id == account_id)
     rows = session.execute(query.order_by(ImageEvent.id).limit(limit)).all()
-    return [Event(row.id, row.account_id, render(row.id, row.payload)) for row in rows]
+    return [Event(row.id, row.account_id, row.image_id, row.state, render(row.id, row.payload)) for row in rows]
+
+
+def image_version(session: Session, image_id: uuid.UUID) -> int:
+    """The id of the image's newest event: it changes exactly when the image's representation does."""
+    return session.scalar(select(func.max(ImageEvent.id)).where(ImageEvent.image_id == image_id)) or 0
 
 
 def prune_events(session: Session, *, older_than: datetime) -> int:

@@ -128,5 +128,6 @@ def delete_image(session: Session, account: Account, *, image_id: str) -> None:
     image = get_image(session, account, image_id=image_id)
     if image.creation_state is CreationState.RUNNING:
         raise Conflict("the image is being built; cancel it first", code="ImageBuildRunning")
+    record_state_changes(session, [image.id], deleted=True)
     session.delete(image)
     session.flush()

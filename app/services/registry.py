@@ -202,13 +202,13 @@ class _OwnPublicKeys:
     def __init__(self, session: Session) -> None:
         self._session = session
 
-    def public_key(self, kid: str) -> dict[str, Any] | None:
-        if kid not in self._known:
+    def public_key(self, kid: str, *, refresh: bool = True) -> dict[str, Any] | None:
+        if kid not in self._known and refresh:
             row = self._session.scalar(select(SigningKey.public_jwk).where(SigningKey.kid == kid))
             if row is None:
                 return None
             self._known[kid] = json.loads(row)
-        return self._known[kid]
+        return self._known.get(kid)
 
 
 @dataclass(frozen=True)

@@ -24,13 +24,13 @@ def upgrade() -> None:
     sa.Column('state', sa.Text(), nullable=False),
     sa.Column('payload', sa.Text(), nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
-    sa.ForeignKeyConstraint(['account_id'], ['accounts.id'], name=op.f('fk_image_events_account_id_accounts'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_image_events')),
     sqlite_autoincrement=True
     )
     with op.batch_alter_table('image_events', schema=None) as batch_op:
         batch_op.create_index('ix_image_events_account_id_id', ['account_id', 'id'], unique=False)
         batch_op.create_index(batch_op.f('ix_image_events_created_at'), ['created_at'], unique=False)
+        batch_op.create_index('ix_image_events_image_id_id', ['image_id', 'id'], unique=False)
 
     op.create_table('webhooks',
     sa.Column('account_id', sa.Uuid(), nullable=False),
@@ -87,6 +87,7 @@ def downgrade() -> None:
 
     op.drop_table('webhooks')
     with op.batch_alter_table('image_events', schema=None) as batch_op:
+        batch_op.drop_index('ix_image_events_image_id_id')
         batch_op.drop_index(batch_op.f('ix_image_events_created_at'))
         batch_op.drop_index('ix_image_events_account_id_id')
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 from fastapi.testclient import TestClient
 
+from app.auth.tokens import issue_token
 from app.context import ServiceContext
 from app.main import create_app
 
@@ -30,3 +32,23 @@ def test_not_ready_names_what_is_unreachable_and_nothing_more(app_context: Servi
     assert checks["database"].startswith("unreachable") and checks["broker"].startswith("unreachable")
     assert "hunter2" not in answer.text and "127.0.0.1" not in answer.text
     assert client.get("/health").status_code == 200  # alive, only not ready
+
+
+@pytest.mark.postgres_only
+def test_a_request_that_finds_every_connection_busy_is_told_to_retry(service_context: ServiceContext) -> None:
+    settings = service_context.settings.model_copy(
+        update={"db_pool_size": 1, "db_max_overflow": 0, "db_pool_timeout_seconds": 0.5})
+    context = ServiceContext.build(settings)
+    try:
+        client = TestClient(create_app(context=context))
+        token = issue_token(context.signing_key(), issuer=settings.issuer, audience=settings.audience,
+                            subject="someone", ttl_seconds=60)
+        url, headers = "/api/subscriptions/s/resourceGroups/rg/accounts", {"Authorization": f"Bearer {token}"}
+        assert client.get(url, headers=headers).status_code == 403  # the keys are loaded; no role
+        with context.engine.connect():  # the only connection, held
+            busy = client.get(url, headers=headers)
+        assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+        assert busy.json()["code"] == "ServiceUnavailable"
+        assert client.get("/health").status_code == 200
+    finally:
+        context.engine.dispose()

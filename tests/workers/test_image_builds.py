@@ -160,6 +160,12 @@ class Account:
             time.sleep(1)
         raise AssertionError(f"image {image_id} did not finish in {seconds} s: {image}")
 
+    def wait_running(self, image_id: str, seconds: float = 120) -> None:
+        deadline = time.monotonic() + seconds
+        while self.call("GET", f"{self.url}/images/{image_id}").json()["CreationState"] != "Running":
+            assert time.monotonic() < deadline, "the build never started"
+            time.sleep(0.2)
+
     def log(self, image: dict) -> str:
         return self.call("GET", image["ImageBuildLogUri"]).text
 
@@ -255,10 +261,7 @@ def test_a_worker_killed_mid_build_does_not_leave_the_image_running(stack: Stack
     model_id = _register(account, archive)
     manifest_id = account.manifest(model_id, SCORE_PY, _requirements() + "six==1.16.0\n", name="kill-manifest")
     created = account.build(manifest_id, "killed-build", builder="docker")  # the slower one
-    deadline = time.monotonic() + 120
-    while account.call("GET", f"{account.url}/images/{created['Id']}").json()["CreationState"] != "Running":
-        assert time.monotonic() < deadline, "the build never started"
-        time.sleep(0.2)
+    account.wait_running(created["Id"])
     victim = stack.workers[-1]
     os.killpg(victim.pid, signal.SIGKILL)  # the worker and its pool process, mid-build
     victim.wait(timeout=30)
@@ -277,10 +280,7 @@ def test_a_worker_asked_to_stop_hands_its_build_back_and_webhooks_tell_every_ste
         model_id = _register(account, archive)
         manifest_id = account.manifest(model_id, SCORE_PY, _requirements() + "six==1.16.0\n", name="stop-manifest")
         created = account.build(manifest_id, "stopped-build", builder="docker")  # the slower one
-        deadline = time.monotonic() + 120
-        while account.call("GET", f"{account.url}/images/{created['Id']}").json()["CreationState"] != "Running":
-            assert time.monotonic() < deadline, "the build never started"
-            time.sleep(0.2)
+        account.wait_running(created["Id"])
         victim = stack.workers[-1]
         victim.terminate()  # SIGTERM to the worker's main process only, as `docker stop` sends it
         assert victim.wait(timeout=60) == 0  # a warm shutdown, within the 1 s grace and a log line

@@ -10,6 +10,8 @@ from fastapi.responses import PlainTextResponse
 from sse_starlette import EventSourceResponse
 
 from app.api.event_stream import image_events
+from app.api.image_polls import RETRY_AFTER_SECONDS, image_etag, not_modified_headers
+from app.api.middleware import etag_matches
 
 from app.api.deps import CallerDep, ContextDep, EventHubDep, ReadableAccount, SessionDep, WritableAccount
 from app.api.links import next_link
@@ -19,6 +21,7 @@ from app.orm import CreationState, Image
 from app.schemas.common import Page
 from app.schemas.images import BaseImageRead, ImageCreate, ImageError, ImageRead, OperationRead
 from app.services import base_images, images
+from app.services.events import image_version
 
 PREFIX = "/subscriptions/{subscriptionId}/resourceGroups/{resourceGroup}/accounts/{accountName}"
 router = APIRouter(prefix=PREFIX, tags=["images"])
@@ -95,14 +98,10 @@ def create_image(
     return to_read(image, request)
 
 
-# How long a poller of an unfinished build is asked to wait (Retry-After), in seconds.
-POLL_AFTER_SECONDS = 2
-
-
 def _retry_after(headers, image: Image) -> None:  # type: ignore[no-untyped-def]
     """Ask a poller of an unfinished build to come back in a moment (``headers``: a mapping)."""
     if image.creation_state in (CreationState.NOT_STARTED, CreationState.RUNNING):
-        headers["Retry-After"] = str(POLL_AFTER_SECONDS)
+        headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
 
 
 # Declared before /images/{imageId}, which would otherwise take "events" for an id.
@@ -130,10 +129,22 @@ async def stream_image_events(
     return EventSourceResponse(events, ping=15, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-@router.get("/images/{imageId}", response_model=ImageRead)
+@router.get("/images/{imageId}", response_model=ImageRead,
+            responses={304: {"description": "unchanged since the ETag sent in If-None-Match"}})
 def get_image(imageId: str, request: Request, response: Response, account: ReadableAccount,  # noqa: N803
-              session: SessionDep) -> ImageRead:
+              session: SessionDep, hub: EventHubDep) -> ImageRead | Response:
+    """One image; poll it with If-None-Match (its ETag changes exactly when it does)."""
     image = images.get_image(session, account, image_id=imageId)
+    version = image_version(session, image.id)
+    # Teach this process's poll shortcut the image, so the next poll needs no database.
+    hub.versions.note(image.id, account.id, version, image.state)
+    params = request.path_params
+    hub.versions.note_account((params["subscriptionId"], params["resourceGroup"], params["accountName"]), account.id)
+    etag = image_etag(version, str(request.base_url))
+    if etag_matches(request.headers.get("if-none-match"), etag):
+        return Response(status_code=304, headers=dict((k.decode(), v.decode()) for k, v in
+                                                      not_modified_headers(etag, image.state)))
+    response.headers["ETag"], response.headers["Cache-Control"] = etag, "no-cache"
     _retry_after(response.headers, image)
     return to_read(image, request)
 

@@ -1,0 +1,108 @@
+"""The service as production runs it, for the benches: `mms serve` with MMS_ENV=production,
+JSON access logs and several API processes, on a throw-away PostgreSQL database, with an
+Owner signed in and an account made. Everything it starts is stopped and dropped after."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psycopg
+
+PG = "postgresql+psycopg://postgres@127.0.0.1:5432"
+MODEL = {"name": "housing.model", "tags": ["bench"], "description": "bench",
+         "url": "https://example.com/housing.zip", "mimeType": "application/zip", "unpack": False}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cpu_seconds(pid: int, *, descendants: bool = True) -> float:
+    """User+system CPU of a process (and all its descendants), from /proc."""
+    total, ticks = 0.0, os.sysconf("SC_CLK_TCK")
+    pids = [pid]
+    while pids:
+        current = pids.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks
+            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
+            pids += [int(c) for c in children] if descendants else []
+        except FileNotFoundError:
+            continue
+    return total
+
+
+@dataclass
+class Service:
+    base: str
+    port: int
+    token: str
+    account: str  # the account's URL
+    server: subprocess.Popen
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+
+@contextmanager
+def production_service(workers: int, **settings: str) -> Iterator[Service]:
+    """``mms serve`` with ``workers`` API processes; ``settings`` are more MMS_ variables."""
+    database = f"mms_bench_{int(time.time())}_{os.getpid()}"
+    with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {database}")
+    data_dir = Path(tempfile.mkdtemp(prefix="mms-bench-"))
+    port = free_port()
+    env = {**os.environ, "MMS_ENV": "production", "MMS_SECRET_KEY": secrets.token_urlsafe(48),
+           "MMS_DATABASE_URL": f"{PG}/{database}", "MMS_DATA_DIR": str(data_dir),
+           "MMS_BROKER_URL": "redis://127.0.0.1:6379/13", "MMS_REGISTRY": "127.0.0.1:5000",
+           "MMS_WORKERS": str(workers), "MMS_PORT": str(port), **settings}
+    mms = [sys.executable, "-m", "app.cli"]
+    server = None
+    try:
+        subprocess.run([*mms, "db", "upgrade"], env=env, check=True, capture_output=True)
+        creds = json.loads(subprocess.run([*mms, "admin", "bootstrap", "-o", "json"], env=env,
+                                          check=True, capture_output=True, text=True).stdout)
+        server_log = open(os.environ.get("MMS_BENCH_SERVER_LOG", os.devnull), "wb")  # noqa: SIM115
+        server = subprocess.Popen([*mms, "serve", "--no-build-worker"], env=env, stdout=server_log,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+        server_log.close()
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(150):
+            try:
+                httpx.get(f"{base}/health", timeout=1)
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        token = httpx.post(f"{base}/oauth2/token", data={"grant_type": "client_credentials",
+                           "client_id": creds["clientId"], "client_secret": creds["clientSecret"]}).json()["access_token"]
+        account = f"{base}/api/subscriptions/bench/resourceGroups/rg/accounts/bench"
+        httpx.put(account, json={"location": "eastus2", "sku": {"name": "S1"}},
+                  headers={"Authorization": f"Bearer {token}"}).raise_for_status()
+        yield Service(base, port, token, account, server)
+    finally:
+        if server is not None:
+            server.terminate()
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, 9)
+        with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+        shutil.rmtree(data_dir, ignore_errors=True)
