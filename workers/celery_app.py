@@ -41,9 +41,13 @@ def _fresh_connections(**_: object) -> None:
     from workers.tasks import worker_context
 
     worker_context.cache_clear()
-    # A SIGTERM sent to the whole process group reaches the pool too: start draining,
-    # as the main process does, rather than die mid-build.
-    signal.signal(signal.SIGTERM, lambda *_: SHUTDOWN.set())
+    # A SIGTERM sent to the whole process group reaches the pool too: start draining, as the
+    # main process does, rather than die mid-build. A second SIGTERM stops it at once.
+    def drain(*_: object) -> None:
+        SHUTDOWN.set()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    signal.signal(signal.SIGTERM, drain)
 
 
 _dispatcher = None

@@ -51,7 +51,7 @@ class Stack:
     env: dict[str, str]
     workers: list[subprocess.Popen]
     log_dir: Path
-    hook_port: int  # the workers may send webhooks to 127.0.0.1 on this port
+    hook_port: int = 0  # the workers may send webhooks to 127.0.0.1 on this port
 
     def start_worker(self) -> subprocess.Popen:
         log = open(self.log_dir / f"worker-{len(self.workers)}.log", "wb")  # noqa: SIM115
