@@ -31,6 +31,12 @@ BATCH = 500
 RETRY_MS = 2000  # how soon a browser's EventSource reconnects
 
 
+def _read(session_factory: Callable[[], Session], query):  # type: ignore[no-untyped-def]
+    """``query(session)`` in a transaction of its own (called on a worker thread)."""
+    with session_scope(session_factory) as session:
+        return query(session)
+
+
 class Subscription:
     """One connected client's queue; ``overflowed`` when it fell too far behind to keep up."""
 
@@ -120,13 +126,8 @@ class EventHub:
         """Whether the poller has read the table lately (so ``versions`` can be trusted)."""
         return time.monotonic() - self._polled_at < max(5.0, 10 * self._interval)
 
-    @property
-    def subscriber_count(self) -> int:
-        return sum(len(subs) for subs in self._subscribers.values())
-
     def _read(self, query):  # type: ignore[no-untyped-def]
-        with session_scope(self._session_factory) as session:
-            return query(session)
+        return _read(self._session_factory, query)
 
     async def start(self) -> None:
         if self._task is None:
@@ -210,8 +211,7 @@ async def image_events(hub: EventHub, session_factory: Callable[[], Session], ac
     revoked principal does not keep listening; the client reconnects with a fresh token.
     """
     def read(query):  # type: ignore[no-untyped-def]
-        with session_scope(session_factory) as session:
-            return query(session)
+        return _read(session_factory, query)
 
     sub = await hub.subscribe(account_id)  # before reading the table: nothing falls between
     try:

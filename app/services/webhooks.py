@@ -9,7 +9,7 @@ from __future__ import annotations
 import secrets
 from urllib.parse import urlsplit
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.errors import BadRequest
@@ -31,7 +31,7 @@ def create_webhook(session: Session, account: Account, body: WebhookCreate, *, s
     if parts.username or parts.password:
         raise BadRequest("a webhook URL must not carry credentials; verify the signature instead",
                          code="InvalidWebhookUrl")
-    count = len(session.scalars(select(Webhook.id).where(Webhook.account_id == account.id)).all())
+    count = session.scalar(select(func.count()).select_from(Webhook).where(Webhook.account_id == account.id))
     if count >= MAX_WEBHOOKS_PER_ACCOUNT:
         raise BadRequest(f"an account has at most {MAX_WEBHOOKS_PER_ACCOUNT} webhooks; delete one first",
                          code="TooManyWebhooks")
