@@ -91,7 +91,8 @@ def live_service(service_context: ServiceContext, data_dir: Path, **settings: ob
     port = free_port()
     changed = service_context.settings.model_copy(
         update={"public_url": f"http://127.0.0.1:{port}", "data_dir": data_dir, **settings})
-    context = ServiceContext.build(changed, engine=service_context.engine)
+    # An engine of its own: the app disposes its engine when it stops, and the session's must live on.
+    context = ServiceContext.build(changed)
     with serve(create_app(context=context), port) as base:
         live = Live(base, context, {})
         live.headers = live.token("Owner", "/subscriptions/sub-live")

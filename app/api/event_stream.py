@@ -9,6 +9,7 @@ many dashboards are connected, a process asks the database one cheap question pe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import threading
@@ -137,6 +138,9 @@ class EventHub:
         """Stop polling and end every stream (their clients reconnect elsewhere)."""
         if self._task is not None:
             self._task.cancel()
+            # Wait for it: a poll in flight holds a connection the engine's disposal must not orphan.
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
             self._task = None
         for subs in self._subscribers.values():
             for sub in subs:
