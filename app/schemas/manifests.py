@@ -8,12 +8,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field, StringConstraints, model_validator
 
+from app.dockerfile_steps import StepError, parse_steps
 from app.schemas.common import ApiModel, HttpUrlText, Text
 from app.schemas.models import ModelName, mime_type
 
 MAX_ASSETS = 100
 MAX_MODELS = 50
-ALLOWED_DOCKERFILE_STEPS = ("RUN", "ENV", "ARG", "LABEL", "EXPOSE")
 
 _RUNTIMES = {"python": "Python", "sparkpython": "SparkPython", "spark-py": "SparkPython"}
 # [registry[:port]/]repository[:tag][@digest], as `docker pull` takes it.
@@ -37,23 +37,11 @@ def _image_reference(value: str) -> str:
 
 
 def dockerfile_steps(value: str) -> str:
-    """Extra Dockerfile steps, one instruction a line (continuations allowed), of the allowed kinds."""
-    continued = False
-    for number, line in enumerate(value.splitlines(), start=1):
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        if not continued:
-            instruction = stripped.split(None, 1)[0].upper()
-            if instruction not in ALLOWED_DOCKERFILE_STEPS:
-                raise ValueError(
-                    f"line {number}: {instruction} is not allowed; "
-                    f"use only {', '.join(ALLOWED_DOCKERFILE_STEPS)}"
-                )
-        continued = stripped.endswith("\\")
-    if continued:
-        # A dangling continuation would swallow the instruction the builder adds next.
-        raise ValueError("the last line ends with '\\'; finish the instruction")
+    """Extra Dockerfile steps that the builders' grammar accepts (app.dockerfile_steps)."""
+    try:
+        parse_steps(value)
+    except StepError as exc:
+        raise ValueError(str(exc)) from None
     return value
 
 
@@ -62,7 +50,7 @@ ImageReference = Annotated[str, AfterValidator(_image_reference)]
 AssetId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
 Description = Annotated[Text, StringConstraints(max_length=512)]
 ModelIds = Annotated[list[Annotated[str, StringConstraints(max_length=64)]], Field(max_length=MAX_MODELS)]
-DockerfileSteps = Annotated[Text, StringConstraints(max_length=16384), AfterValidator(dockerfile_steps)]
+DockerfileSteps = Annotated[str, StringConstraints(max_length=16384), AfterValidator(dockerfile_steps)]
 MimeType = Annotated[Text, StringConstraints(max_length=255), AfterValidator(mime_type)]
 
 

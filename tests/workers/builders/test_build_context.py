@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tarfile
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from tests.dockerfile_smuggling import SMUGGLING
 from workers.build_context import (
     BuildSpec,
     InvalidBuildSpec,
@@ -17,7 +19,9 @@ from workers.build_context import (
     parse_extra_steps,
     write_context,
 )
+from workers.builders import BuildFailed
 from workers.builders.docker import explain_build_failure, explain_registry_error
+from workers.builders.oci import check_extra_steps
 
 CERT = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
 
@@ -84,7 +88,8 @@ def test_model_dir_points_at_the_root_when_there_are_several_models(spec, tmp_pa
 def test_extra_steps_keep_continuations_and_drop_comments():
     steps = parse_extra_steps(
         "# set up\nrun apt-get update \\\n  # why\n  && echo ok\n\nENV A=1\r\n")
-    assert steps == ["run apt-get update \\\n  && echo ok", "ENV A=1"]
+    assert [step.render() for step in steps] == [
+        'RUN ["/bin/sh", "-c", "apt-get update   && echo ok"]', "ENV A=1"]
 
 
 @pytest.mark.parametrize("text", [
@@ -95,6 +100,15 @@ def test_extra_steps_keep_continuations_and_drop_comments():
 def test_extra_steps_outside_the_allowed_instructions_are_refused(text):
     with pytest.raises(InvalidBuildSpec):
         parse_extra_steps(text)
+
+
+def test_the_dockerfile_holds_the_steps_as_written_anew_never_the_tenants_text(spec, tmp_path):
+    steps = "run echo one \\\n    two\nENV GREETING=\"hello world\"\nEXPOSE 9000"
+    info = write_context(replace(spec, extra_dockerfile_steps=steps), tmp_path / "c.tar")
+    extra = [line for line, step in zip(instructions(info.dockerfile), info.steps, strict=True)
+             if step == "extra-steps"]
+    assert extra == ['RUN ["/bin/sh", "-c", "echo one     two"]', 'ENV GREETING="hello world"',
+                     "EXPOSE 9000"]
 
 
 def test_conda_file_needs_dependencies(spec, tmp_path):
@@ -149,3 +163,15 @@ def test_build_failures_are_explained_in_one_line():
     assert generic == "a command exited with code 2: boom here"
     assert "requires authentication" in explain_registry_error(
         "Head http://r/v2/x/manifests/1: no basic auth credentials", "r", False)
+
+
+@pytest.mark.parametrize("name", SMUGGLING)
+def test_both_builders_refuse_every_smuggling_attempt(spec, tmp_path, name):
+    # A manifest stored before a rule existed reaches the builders unchecked by the API.
+    text, fragment = SMUGGLING[name]
+    with pytest.raises(InvalidBuildSpec, match=re.escape(fragment)):
+        write_context(replace(spec, extra_dockerfile_steps=text), tmp_path / "c.tar")
+    assert not (tmp_path / "c.tar").exists()
+    with pytest.raises(BuildFailed, match=re.escape(fragment)) as failed:
+        check_extra_steps(text)
+    assert failed.value.step == "extra-steps"
