@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from urllib.parse import urlsplit
+
 from app.config import Settings
 from workers.fetcher import FetchPolicy
 
@@ -14,3 +17,18 @@ def fetch_policy(settings: Settings) -> FetchPolicy:
         allow_hosts=settings.effective_fetch_allow_hosts,
         ca_bundle=str(settings.extra_ca_bundle) if settings.extra_ca_bundle else None,
     )
+
+
+def allowing_registry(policy: FetchPolicy, registry: str) -> FetchPolicy:
+    """``policy`` that also lets a build read from ``registry`` (``host[:port][/prefix]``).
+
+    A builder's own registry (MMS_REGISTRY, or the service's own address in the embedded
+    default) is where the service's base images live, so it needs no allow-listing. Only
+    its port is allowed: another port of the same host is another service.
+    """
+    parts = urlsplit(f"//{registry.partition('/')[0]}")
+    host = parts.hostname or ""
+    name = f"[{host}]" if ":" in host else host
+    # No port given: the registry client uses https (443), or plain http (80) on loopback.
+    ports = [parts.port] if parts.port else [443, 80]
+    return replace(policy, allow_hosts=policy.allow_hosts | {f"{name}:{p}" for p in ports})

@@ -6,6 +6,8 @@ the checked address (IP literal in the request URL, original name in the Host he
 and for TLS SNI/certificate checks), so a second DNS answer (rebinding) is never used.
 Redirects are followed by hand and re-checked. Query strings (Azure SAS ``sig=``,
 ``se=``) never reach a log line or an exception message: see ``redact_url``.
+``PinnedTransport`` applies the same address rules to a client that makes its own
+requests (the registry client reading base images).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import re
 import socket
 import ssl
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -233,6 +236,67 @@ def post(
         if transport is None:
             hop.close()
     return response.status_code
+
+
+def check_url(url: str | httpx.URL, *, policy: FetchPolicy = FetchPolicy(),
+              resolver: Resolver = socket.getaddrinfo) -> str:
+    """Vet ``url``'s host as ``fetch`` would, without connecting; the address to connect to.
+
+    For a connection something else makes (the Docker engine pulling an image), which
+    resolves the name again itself: the check cannot pin that connection.
+    """
+    return _check_target(_parse(url), policy, resolver)
+
+
+class PinnedTransport(httpx.BaseTransport):
+    """An httpx transport that sends every request under ``fetch``'s address rules.
+
+    Each origin (scheme, host, port) is resolved and vetted once, on its first request,
+    and every request to it is then sent to that address, with the original name in the
+    Host header and for TLS (SNI and the certificate check). A refused origin raises
+    ``FetchError`` and is never connected to. Redirects are the client's to follow: each
+    hop is a request of its own, so it is vetted too. Only the address rules apply here
+    (no size or deadline limits: the client sets its own timeouts).
+    """
+
+    def __init__(self, policy: FetchPolicy = FetchPolicy(), *,
+                 verify: ssl.SSLContext | str | bool | None = None,
+                 resolver: Resolver = socket.getaddrinfo) -> None:
+        self._policy = policy
+        self._resolver = resolver
+        self._verify = _ssl_context(policy) if verify is None else verify
+        self._lock = threading.Lock()
+        # One connection pool per origin: a TLS connection verified for one name is
+        # never reused for another name on the same address.
+        self._origins: dict[tuple[str, str, int | None], tuple[str, httpx.HTTPTransport]] = {}
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        url = request.url
+        address, pool = self._origin(url)
+        pinned = httpx.Request(
+            request.method,
+            url.copy_with(host=address, username=None, password=None),
+            headers=request.headers,  # Host: the original name, as the client set it
+            stream=request.stream,
+            extensions={**request.extensions, "sni_hostname": url.raw_host.decode("ascii")},
+        )
+        return pool.handle_request(pinned)
+
+    def _origin(self, url: httpx.URL) -> tuple[str, httpx.HTTPTransport]:
+        key = (url.scheme, url.raw_host.decode("ascii").lower(), url.port)
+        with self._lock:
+            known = self._origins.get(key)
+            if known is None:
+                address = _check_target(_parse(url), self._policy, self._resolver)
+                known = (address, httpx.HTTPTransport(verify=self._verify, trust_env=False))
+                self._origins[key] = known
+            return known
+
+    def close(self) -> None:
+        with self._lock:
+            origins, self._origins = list(self._origins.values()), {}
+        for _, pool in origins:
+            pool.close()
 
 
 def _norm_host(entry: str) -> str:

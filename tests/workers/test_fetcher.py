@@ -19,7 +19,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from workers.fetcher import FetchError, FetchPolicy, fetch, is_public_address, redact_url
+from workers.fetcher import (
+    FetchError,
+    FetchPolicy,
+    PinnedTransport,
+    check_url,
+    fetch,
+    is_public_address,
+    redact_url,
+)
 
 PUBLIC_IP = "93.184.216.34"  # never connected to: LoopbackOnly rewrites it to 127.0.0.1
 PAYLOAD = b"model-bytes " * 100
@@ -551,3 +559,65 @@ def test_https_untrusted_certificate_refused(tmp_path, tls_server):
     assert "CERTIFICATE_VERIFY_FAILED" in str(err.value)
     assert tls_server.seen == []
     assert leftovers(tmp_path) == []
+
+
+# --- PinnedTransport: the same rules for a client's own requests -------------------
+
+
+def test_check_url_vets_without_connecting():
+    resolve = resolver_for({"registry.test": [PUBLIC_IP], "inside.test": ["10.0.0.7"]})
+    assert check_url("https://registry.test/v2/", policy=policy(), resolver=resolve) == PUBLIC_IP
+    with pytest.raises(FetchError) as err:
+        check_url("https://inside.test/v2/", policy=policy(), resolver=resolve)
+    assert err.value.reason == "blocked_address"
+    allowed = policy(allow_hosts={"inside.test"})
+    assert check_url("https://inside.test/v2/", policy=allowed, resolver=resolve) == "10.0.0.7"
+
+
+def test_pinned_transport_refuses_a_private_origin_before_connecting(serve):
+    srv = serve({"/v2/": body(b"{}")})
+    with httpx.Client(transport=PinnedTransport(policy()), trust_env=False) as client:
+        with pytest.raises(FetchError) as err:
+            client.get(f"http://127.0.0.1:{srv.port}/v2/")
+    assert err.value.reason == "blocked_address"
+    assert srv.seen == []
+
+
+def test_pinned_transport_resolves_each_origin_once_and_keeps_its_name(serve):
+    srv = serve({"/a": body(b"a"), "/b": body(b"b")})
+    calls: list[str] = []
+    # A second lookup would answer a private address: it must never be asked for.
+    resolve = resolver_for({"registry.test": [["127.0.0.1"], ["10.0.0.1"]]}, calls)
+    transport = PinnedTransport(policy(allow_hosts={f"registry.test:{srv.port}"}),
+                                resolver=resolve)
+    with httpx.Client(transport=transport, trust_env=False) as client:
+        first = client.get(f"http://registry.test:{srv.port}/a")
+        second = client.get(f"http://registry.test:{srv.port}/b")
+    assert (first.text, second.text) == ("a", "b")
+    assert str(second.url) == f"http://registry.test:{srv.port}/b"  # the caller's URL, not the IP
+    assert calls == ["registry.test"]
+    assert srv.seen == [("/a", f"registry.test:{srv.port}"), ("/b", f"registry.test:{srv.port}")]
+
+
+def test_pinned_transport_vets_a_redirect_target_the_client_follows(serve):
+    other = serve({"/admin": body(b"secret")})
+    srv = serve({"/start": redirect(f"http://127.0.0.1:{other.port}/admin")})
+    transport = PinnedTransport(policy(allow_hosts={f"127.0.0.1:{srv.port}"}))
+    with httpx.Client(transport=transport, trust_env=False, follow_redirects=True) as client:
+        with pytest.raises(FetchError) as err:
+            client.get(f"http://127.0.0.1:{srv.port}/start")
+    assert err.value.reason == "blocked_address"
+    assert [path for path, _ in srv.seen] == ["/start"] and other.seen == []
+
+
+def test_pinned_transport_checks_tls_against_the_original_name(tls_server, tls_files):
+    resolve = resolver_for({"files.example.test": ["127.0.0.1"]})
+    pol = policy(allow_hosts={"files.example.test"}, ca_bundle=str(tls_files / "ca.pem"))
+    url = f"https://files.example.test:{tls_server.port}/file"
+    with httpx.Client(transport=PinnedTransport(pol, resolver=resolve), trust_env=False) as client:
+        assert client.get(url).content == PAYLOAD
+    assert tls_server.sni == ["files.example.test"]
+    untrusted = PinnedTransport(policy(allow_hosts={"files.example.test"}), resolver=resolve)
+    with httpx.Client(transport=untrusted, trust_env=False) as client:
+        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+            client.get(url)

@@ -13,6 +13,10 @@ the request is retried with the given login; with ``Bearer realm=..,service=..,s
 a token is fetched from the realm (with the login as Basic credentials, or anonymously)
 and cached per scope. Credentials are only ever sent over https, or over http to a
 loopback registry (as Docker treats 127.0.0.0/8 as an insecure registry by default).
+
+Given a ``FetchPolicy`` (a base image named by a tenant), every request, the token realm's
+and a blob's redirect to storage included, goes through the fetcher's address rules:
+refused at a non-public address unless allow-listed, and pinned to the checked address.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import hashlib
 import ipaddress
 import logging
 import re
+import socket
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +35,7 @@ from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 
 import httpx
 
+from workers.fetcher import FetchError, FetchPolicy, PinnedTransport, Resolver
 from workers.oci.media import INDEX_TYPES, MANIFEST_TYPES
 
 __all__ = ["ImageReference", "Manifest", "RegistryClient", "RegistryError"]
@@ -121,19 +127,26 @@ def is_loopback_host(host: str) -> bool:
 
 
 class RegistryClient:
-    """One registry host, one login (or none), one connection pool. Use as a context manager."""
+    """One registry host, one login (or none), one connection pool. Use as a context manager.
+
+    ``policy``: the address rules every request obeys (None: the caller trusts the host, and
+    whatever it redirects to, e.g. the service's own registry).
+    """
 
     def __init__(self, host: str, username: str | None = None, password: str | None = None,
                  *, insecure: bool | None = None, timeout: float = 300.0,
-                 verify: str | bool = True) -> None:
+                 verify: str | bool = True, policy: FetchPolicy | None = None,
+                 resolver: Resolver = socket.getaddrinfo) -> None:
         self.host = host
         plain_http = is_loopback_host(host) if insecure is None else insecure
         self.base_url = f"{'http' if plain_http else 'https'}://{host}"
         self._login = (username, password or "") if username else None
         self._tokens: dict[str, str] = {}  # scope → bearer token
         self._basic = False  # the registry asked for Basic credentials
+        transport = None if policy is None else PinnedTransport(policy, verify=verify,
+                                                                resolver=resolver)
         self._http = httpx.Client(timeout=httpx.Timeout(timeout, connect=30.0), verify=verify,
-                                  follow_redirects=False, trust_env=False)
+                                  follow_redirects=False, trust_env=False, transport=transport)
 
     def __enter__(self) -> "RegistryClient":
         return self
@@ -309,6 +322,8 @@ class RegistryClient:
             except httpx.HTTPError as exc:
                 raise RegistryError(f"registry {self.host} did not answer {method} "
                                     f"{urlsplit(url).path}: {type(exc).__name__}: {exc}") from None
+            except FetchError as exc:
+                raise self._refused(exc, url) from None
             if response.status_code == 401 and attempt == 0:
                 challenge = response.headers.get("www-authenticate", "")
                 response.close()
@@ -361,6 +376,8 @@ class RegistryClient:
             answer = self._http.get(realm, params=query, auth=auth)
         except httpx.HTTPError as exc:
             raise RegistryError(f"token service of {self.host} did not answer: {exc}") from None
+        except FetchError as exc:
+            raise self._refused(exc, realm, "the token service") from None
         if answer.status_code != 200:
             who = "the login was refused" if self._login else "a login is required"
             raise RegistryError(f"registry {self.host}: {who} (token service answered "
@@ -371,6 +388,16 @@ class RegistryClient:
         except (ValueError, KeyError, AttributeError):
             raise RegistryError(f"token service of {self.host} sent no token") from None
         self._tokens[scope] = token
+
+    def _refused(self, exc: FetchError, url: str, what: str = "the address") -> RegistryError:
+        """The policy's refusal, naming the host but never the address it resolved to."""
+        where = urlsplit(url).netloc.rpartition("@")[2]
+        if exc.reason != "blocked_address":  # e.g. a name that does not resolve
+            return RegistryError(f"registry {self.host}: {exc}")
+        subject = f"registry {self.host}" if where == self.host else \
+            f"{what} {where} of registry {self.host}"
+        return RegistryError(f"{subject} is at a private address; ask the operator to allow it "
+                             "(MMS_FETCH_ALLOW_HOSTS)", 0, "BLOCKED_ADDRESS")
 
     def _check_channel(self) -> None:
         if self.base_url.startswith("http://") and not is_loopback_host(self.host):
@@ -392,9 +419,17 @@ class _BlobStream:
                                    ok=(200, 307, 302), stream=True)
         if response.status_code in (302, 307):
             # Storage redirects (S3, Azure) are pre-signed: no registry credentials there.
+            # Sent through the same client, so a policy vets the new host too.
             target = urljoin(str(response.url), response.headers["location"])
             response.close()
-            response = client._http.send(client._http.build_request("GET", target), stream=True)
+            try:
+                response = client._http.send(client._http.build_request("GET", target),
+                                             stream=True)
+            except httpx.HTTPError as exc:
+                raise RegistryError(f"blob {self._digest}: storage did not answer: "
+                                    f"{type(exc).__name__}: {exc}") from None
+            except FetchError as exc:
+                raise client._refused(exc, target, "the blob storage") from None
             if response.status_code != 200:
                 response.close()
                 raise RegistryError(f"blob {self._digest}: storage answered {response.status_code}",
