@@ -2,21 +2,26 @@
 
 A score.py whose ``init()`` raises makes the scoring server exit before it opens its port,
 so the build fails here, with the traceback, instead of at deploy time.
+
+That ``init()`` is a tenant's code, so the container is contained: no network but its own
+loopback (``GET /`` is asked from inside, by the image's own python3 through the engine's
+exec API), no capabilities and no way to gain any, and limits on memory, processes and
+threads, CPU and wall time. A failure caused by a limit names the limit.
 """
 
 from __future__ import annotations
 
-import http.client
 import logging
 import re
-import socket
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 
 import docker
 import requests
+from docker.types import CancellableStream
 
+from workers.build_context import PORT
 from workers.builders import BuildFailed, Log
 from workers.builders.docker import check_stream, engine_client, registry_host
 
@@ -26,6 +31,24 @@ logger = logging.getLogger(__name__)
 
 _TAIL_LINES = 80
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b")
+# What a process or thread refused by the pids limit prints (Python, glibc, shells, the JVM).
+_PROCESS_LIMIT_HINTS = ("Resource temporarily unavailable", "can't start new thread",
+                        "BlockingIOError", "unable to create native thread",
+                        "fork: retry", "Cannot fork")
+# Run by the image's own python3 inside the container: one GET / on its loopback. -I -S: the
+# image's PYTHONPATH and site-packages play no part. Prints a marker the worker looks for.
+_PROBE = ("import urllib.request as r\n"
+          "get = r.build_opener(r.ProxyHandler({{}})).open  # no proxy the image may name\n"
+          "try: s = get('http://127.0.0.1:{port}/', timeout=2).status\n"
+          "except Exception as e: s = getattr(e, 'code', None) or 0\n"
+          "print('mms-probe', s)\n")
+_PROBE_ANSWER = re.compile(rb"^mms-probe (\d+)\s*$", re.M)
+# The probe's own processes (runc's exec helpers, then python3) take slots under the pids
+# limit while they run, so a fork bomb that filled it settles this far below it.
+_PROBE_PIDS = 3
+_PROBE_OUTPUT_BYTES = 64 * 1024
+# The container's logs are the tenant's to fill: cap what the engine keeps of them.
+_LOG_CONFIG = {"type": "json-file", "config": {"max-size": "10m", "max-file": "1"}}
 
 
 class SmokeTestFailed(Exception):
@@ -38,30 +61,35 @@ class SmokeTestFailed(Exception):
 
 
 def smoke_test(docker_host: str | None, image: str, log: Log, timeout: float = 60, *,
-               pull: bool = False, pull_auth: Mapping[str, str] | None = None) -> None:
+               pull: bool = False, pull_auth: Mapping[str, str] | None = None,
+               memory_mb: int = 2048, pids: int = 512, cpus: float = 2.0) -> None:
     """Run ``image`` until ``GET /`` answers 200; raise if it never does.
 
     The image is in the engine already (the docker builder), or ``pull`` fetches it first
-    (the oci builder pushed it without an engine) and removes it afterwards.
+    (the oci builder pushed it without an engine) and removes it afterwards. ``memory_mb``,
+    ``pids`` (processes and threads) and ``cpus`` limit the container; ``timeout`` its time.
     """
-    port = _free_port()
     started = time.monotonic()
     try:
         api = engine_client(docker_host, timeout=30)
         with api, _pulled(api, image, pull, pull_auth, log):
+            cpus = min(cpus, api.info().get("NCPU") or cpus)  # the engine refuses more
             container = api.create_container(
                 image,
-                # Host networking is all the engine has; keep the server on loopback.
-                environment={"PORT": str(port), "HOST": "127.0.0.1"},
-                host_config=api.create_host_config(network_mode="host"),
+                # Its own network namespace holds only a loopback, so any port is free.
+                environment={"PORT": str(PORT), "HOST": "127.0.0.1"},
+                # Unresolvable otherwise (no network, no /etc/hosts entry): the JVM asks.
+                hostname="localhost",
+                host_config=_contained(api, memory_mb, pids, cpus),
                 labels={"org.mms.smoke-test": "true"},
             )
             cid = container["Id"]
             try:
                 api.start(cid)
-                log(f"mms: smoke test: started {image} ({cid[:12]}), waiting for GET / "
-                    f"on port {port}")
-                _wait_until_serving(api, cid, port, started + timeout, timeout)
+                log(f"mms: smoke test: started {image} ({cid[:12]}) without network, limited "
+                    f"to {memory_mb} MB, {pids} processes and {cpus:g} CPUs; waiting for "
+                    f"GET / on its port {PORT}")
+                _wait_until_serving(api, cid, started + timeout, timeout, memory_mb, pids)
                 logs = _tail(api, cid)
             finally:
                 api.remove_container(cid, force=True, v=True)  # kills it if still running
@@ -79,6 +107,27 @@ def smoke_test(docker_host: str | None, image: str, log: Log, timeout: float = 6
     elapsed = time.monotonic() - started
     log(f"mms: smoke test passed: GET / answered 200 after {elapsed:.1f} s")
     logger.info("smoke_test.passed", extra={"image": image, "seconds": round(elapsed, 1)})
+
+
+def _contained(api: docker.APIClient, memory_mb: int, pids: int, cpus: float) -> dict:
+    """The host config of a container that runs a tenant's code.
+
+    The image's own user is kept: forcing a non-root uid breaks images whose scripts write
+    into their own (root-owned) folders at start. Root in here holds no capability, cannot
+    gain one (no setuid, no file capabilities), and has no network, engine socket or host
+    folder to use it on; mapping it to an unprivileged host uid is the engine's job
+    (dockerd --userns-remap), an operator's setting.
+    """
+    return api.create_host_config(
+        network_mode="none",
+        cap_drop=["ALL"],
+        security_opt=["no-new-privileges"],
+        pids_limit=pids,
+        mem_limit=f"{memory_mb}m",
+        memswap_limit=f"{memory_mb}m",  # the same: no swap beyond the memory limit
+        nano_cpus=int(cpus * 1e9),
+        log_config=_LOG_CONFIG,
+    )
 
 
 @contextmanager
@@ -102,32 +151,116 @@ def _pulled(api: docker.APIClient, image: str, pull: bool, auth: Mapping[str, st
             api.remove_image(image, force=True)
 
 
-def _wait_until_serving(api: docker.APIClient, cid: str, port: int, deadline: float,
-                        timeout: float) -> None:
+def _wait_until_serving(api: docker.APIClient, cid: str, deadline: float, timeout: float,
+                        memory_mb: int, pids: int) -> None:
+    waited = 0.0
     while True:
-        if _answers_200(port):
+        answer = _probe(api, cid, memory_mb)
+        if answer is True:
             return
-        state = api.inspect_container(cid)["State"]
+        state = _state(api, cid, settle=isinstance(answer, str))
         if not state.get("Running"):
-            logs = _tail(api, cid)
+            raise _exited(api, cid, state, memory_mb, pids)
+        if _at_process_limit(api, cid):
             raise SmokeTestFailed(
-                f"the container exited with code {state.get('ExitCode')} before answering "
-                f"GET /{_last_error(logs)}", logs)
+                f"the container reached its process limit ({pids} processes and threads) "
+                "before answering GET /", _tail(api, cid))
+        if isinstance(answer, str):
+            raise SmokeTestFailed(f"could not ask GET / inside the container: {answer}",
+                                  _tail(api, cid))
         if time.monotonic() > deadline:
             logs = _tail(api, cid)
-            raise SmokeTestFailed(f"GET / did not answer 200 within {timeout:g} s", logs)
-        time.sleep(0.25)
+            raise SmokeTestFailed(f"GET / did not answer 200 within {timeout:g} s"
+                                  f"{_process_limit_hint(logs, pids)}", logs)
+        # Each probe starts a python3 in the container: ask less often as the wait grows.
+        pause = min(1.0, 0.25 + waited / 20)
+        waited += pause
+        time.sleep(pause)
 
 
-def _answers_200(port: int) -> bool:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+def _state(api: docker.APIClient, cid: str, settle: bool) -> Mapping:
+    """The container's state; with ``settle``, once it stopped or two seconds passed.
+
+    A probe that failed may have been killed with its container (init() killed by the memory
+    limit, say) before the engine reports the container stopped: the exit explains more.
+    """
+    deadline = time.monotonic() + (2 if settle else 0)
+    while True:
+        state = api.inspect_container(cid)["State"]
+        if not state.get("Running") or time.monotonic() >= deadline:
+            return state
+        time.sleep(0.2)
+
+
+def _probe(api: docker.APIClient, cid: str, memory_mb: int) -> bool | str:
+    """True if GET / answered 200, False if not (yet), or why the probe itself could not run."""
+    command = ["python3", "-I", "-S", "-c", _PROBE.format(port=PORT)]
     try:
-        conn.request("GET", "/")
-        return conn.getresponse().status == 200
-    except (OSError, http.client.HTTPException):
-        return False
+        exec_id = api.exec_create(cid, command, stdout=True, stderr=True)["Id"]
+        output = _read_capped(api.exec_start(exec_id, stream=True))
+        info = api.exec_inspect(exec_id)
+    except docker.errors.APIError as exc:  # the container stopped meanwhile, most likely
+        return f"the engine refused to run python3 in it: {exc.explanation or exc}"
+    if info.get("Running"):  # it printed too much, or the engine stopped waiting for it
+        return "the probe (python3 on the image's PATH) did not finish, or printed too much"
+    code = info.get("ExitCode")
+    answer = _PROBE_ANSWER.findall(output)
+    if code == 0 and answer:
+        return answer[-1] == b"200"
+    lines = output.decode("utf-8", errors="replace").strip().splitlines()
+    why = f": {lines[-1].strip()[:300]}" if lines else ""
+    if code == 137:  # SIGKILL: in a container, the memory limit's OOM killer most likely
+        why += f" (killed: the container may have run out of memory, limit {memory_mb} MB)"
+    return f"the probe (python3 on the image's PATH) failed with code {code}{why}"
+
+
+def _read_capped(stream: CancellableStream) -> bytes:
+    """What a probe printed, at most ``_PROBE_OUTPUT_BYTES``: the image's python3 is the
+    tenant's, and the worker must not hold whatever it prints."""
+    output = b""
+    try:
+        for chunk in stream:
+            output += chunk
+            if len(output) > _PROBE_OUTPUT_BYTES:
+                break
     finally:
-        conn.close()
+        with suppress(OSError, docker.errors.DockerException):
+            stream.close()  # shuts the socket: the engine stops sending
+        stream._response.close()  # and lets it go, which close() alone leaves to the GC
+    return output[:_PROBE_OUTPUT_BYTES]
+
+
+def _exited(api: docker.APIClient, cid: str, state: Mapping, memory_mb: int,
+            pids: int) -> SmokeTestFailed:
+    logs = _tail(api, cid)
+    code = state.get("ExitCode")
+    if state.get("OOMKilled"):
+        return SmokeTestFailed(
+            f"the container ran out of memory (limit {memory_mb} MB) and was killed (exit "
+            f"code {code}) before answering GET /", logs)
+    return SmokeTestFailed(
+        f"the container exited with code {code} before answering GET /{_last_error(logs)}"
+        f"{_process_limit_hint(logs, pids)}", logs)
+
+
+def _at_process_limit(api: docker.APIClient, cid: str) -> bool:
+    """Whether the engine counts as many processes and threads as the limit allows
+    (less the probe's own)."""
+    with suppress(docker.errors.APIError, requests.exceptions.RequestException):
+        # one_shot (API 1.41): the counts now, without waiting for a second CPU sample.
+        one_shot = True if docker.utils.version_gte(api.api_version, "1.41") else None
+        stats = api.stats(cid, stream=False, one_shot=one_shot).get("pids_stats") or {}
+        limit = stats.get("limit") or 0
+        return limit > 0 and stats.get("current", 0) >= limit - _PROBE_PIDS
+    return False
+
+
+def _process_limit_hint(logs: str, pids: int) -> str:
+    """A note naming the process limit when the output shows a fork or thread refused."""
+    if any(hint in logs for hint in _PROCESS_LIMIT_HINTS):
+        return (f" (a process or thread could not start: the container may have reached its "
+                f"process limit of {pids} processes and threads)")
+    return ""
 
 
 def _tail(api: docker.APIClient, cid: str) -> str:
@@ -142,10 +275,3 @@ def _last_error(logs: str) -> str:
         if _EXCEPTION_LINE.match(line):
             return f": {line[:300]}"
     return f": {lines[-1][:300]}" if lines else ""
-
-
-def _free_port() -> int:
-    # The container shares the host's network, so it needs a port nobody holds.
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
