@@ -6,9 +6,12 @@
 #   scripts/infra/docker-engine.sh --stop    # stop the dockerd this script started
 #   scripts/infra/docker-engine.sh --status
 #
-# The daemon has no bridge, no iptables rules and no masquerading: containers
-# and builds MUST use host networking (`docker run --network host`,
-# `docker build --network host`, docker-py `network_mode="host"`).
+# The daemon has no default bridge, no iptables rules of its own and no masquerading.
+# Image builds run their RUN steps in the build network that build-network.sh sets up
+# beside it (an internal bridge whose only reachable destination is an egress proxy for
+# the package indexes); this script runs build-network.sh every time, also when dockerd
+# is already running (it never restarts dockerd), so an engine always comes with it.
+# Other containers (tests, smoke checks) use host networking (`docker run --network host`).
 #
 # Env overrides:
 #   MMS_DOCKER_DIR             state dir (data root, pid, log)  default /var/lib/mms-ci/docker
@@ -55,6 +58,7 @@ case "${1:-}" in
         else
             log "no dockerd started by this script is running"
         fi
+        "$HERE/build-network.sh" --stop
         exit 0 ;;
     --status)
         if answering; then echo "running: $(DOCKER_HOST=$HOST docker info --format '{{.ServerVersion}} {{.Driver}} {{.DockerRootDir}}')"; exit 0
@@ -65,8 +69,15 @@ esac
 
 need_root
 
+# The build network, its firewall rules and its egress proxy (stdout: only DOCKER_HOST).
+build_network() {
+    MMS_DOCKER_SOCK="$SOCK" "$HERE/build-network.sh" >/dev/null 9>&- \
+        || die "the build network could not be set up (scripts/infra/build-network.sh)"
+}
+
 if answering; then
     log "dockerd already answering on $HOST"
+    build_network
     echo "DOCKER_HOST=$HOST"
     exit 0
 fi
@@ -94,6 +105,9 @@ if ! pid_alive "$PIDFILE" dockerd; then
         fi
         rm -rf "$probe"
     fi
+    # The build network's firewall first: its bridge comes back with dockerd (after a reboot
+    # the rules are gone), and no build may run on it before the rules are in place.
+    "$HERE/build-network.sh" --firewall 9>&- || die "the build network's firewall failed"
     log "starting dockerd (storage driver $driver, data root $DATA, log $LOGFILE)"
     rm -f "$PIDFILE"
     # setsid + nohup: survive the calling shell / CI step; stdin closed.
@@ -126,4 +140,6 @@ if ! wait_until "$WAIT" up_or_dead || ! answering; then
     die "dockerd is not answering on $HOST (waited up to ${WAIT}s; log: $LOGFILE)"
 fi
 log "dockerd up: $(DOCKER_HOST=$HOST docker info --format 'server {{.ServerVersion}}, driver {{.Driver}}, cgroup v{{.CgroupVersion}}, root {{.DockerRootDir}}')"
+exec 9>&-
+build_network
 echo "DOCKER_HOST=$HOST"

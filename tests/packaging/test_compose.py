@@ -8,6 +8,8 @@ tests/packaging/test_image.py runs the service image itself.
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
 import re
 import secrets
@@ -18,6 +20,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -70,6 +73,55 @@ def test_compose_accepts_the_file_with_every_service_and_the_docker_builder_prof
     assert SERVICES | {"docker"} <= set(with_engine)
     assert with_engine["docker"]["profiles"] == ["docker-builder"]
     assert with_engine["docker"]["privileged"] is True
+
+
+def _volume(entry: str | dict) -> tuple[str, str, bool]:
+    """(source, target, read-only) of a service volume in either compose's output."""
+    if isinstance(entry, dict):
+        return entry.get("source", ""), entry["target"], bool(entry.get("read_only"))
+    source, _, rest = entry.partition(":")
+    target, _, mode = rest.partition(":")
+    return source, target, "ro" in mode.split(",")
+
+
+def test_no_engine_listens_on_tcp_and_only_the_workers_hold_its_socket(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    services = _config("--profile", "docker-builder")["services"]
+    # Docker's API ports appear nowhere: not published, not in a command, a healthcheck or a
+    # variable (a DOCKER_HOST=tcp://… default included).
+    text = json.dumps(services)
+    assert not re.search(r"\b237[56]\b", text), "a Docker API port in the compose file"
+    entrypoint = (ROOT / "docker" / "dind-entrypoint.sh").read_text()
+    assert '--host="unix://$socket"' in entrypoint and "tcp://" not in entrypoint
+    assert not re.search(r"\b237[56]\b", entrypoint)
+
+    engine = services["docker"]
+    # Its own network namespace, on a network with the registry only: not the namespace the
+    # workers and the registry share, and not the database's or the broker's network.
+    assert "network_mode" not in engine
+    assert set(engine["networks"]) == {"engine"}
+    assert {name for name, service in services.items()
+            if "engine" in (service.get("networks") or {})} == {"docker", "registry"}
+    # The socket's volume: the engine writes it, the workers read it, nobody else mounts it.
+    mounts = {name: [_volume(v) for v in service.get("volumes") or []
+                     if _volume(v)[0] == "dind-socket"]
+              for name, service in services.items()}
+    assert {name for name, found in mounts.items() if found} == {"docker", "worker"}
+    assert mounts["worker"] == [("dind-socket", "/var/run/dind", True)]
+
+    # The workers build in the engine's build network, through the proxy at its gateway.
+    worker = {k: str(v) for k, v in services["worker"]["environment"].items()}
+    subnet = ipaddress.ip_network(engine["environment"]["MMS_BUILD_SUBNET"])
+    proxy = urlsplit(worker["MMS_BUILD_PROXY"])
+    assert proxy.hostname and ipaddress.ip_address(proxy.hostname) == next(subnet.hosts())
+    for name in list(os.environ):
+        if name.startswith("MMS_") or name == "DOCKER_HOST":
+            monkeypatch.delenv(name)
+    for name, value in worker.items():
+        monkeypatch.setenv(name, value.replace("$$", "$"))
+    monkeypatch.setenv("DOCKER_HOST", "unix:///var/run/dind/docker.sock")  # as README says
+    settings = Settings()
+    assert (settings.build_network, settings.build_proxy) == ("mms-build", worker["MMS_BUILD_PROXY"])
 
 
 @pytest.mark.parametrize("name", sorted(SECRETS))

@@ -40,6 +40,9 @@ class Infra:
     password: str
     base_image: str
     rootfs_tar: Path
+    # The docker builder's network for RUN steps and its egress proxy (build-network.sh).
+    build_network: str = "none"
+    build_proxy: str | None = None
     prefix: str = field(default_factory=lambda: f"mms-test-{uuid.uuid4().hex[:8]}")
     pushed: list[tuple[str, str, str]] = field(default_factory=list)  # registry, repo, digest
     local_images: list[str] = field(default_factory=list)
@@ -50,6 +53,11 @@ class Infra:
 
     def basic_auth(self) -> dict[str, str]:
         return {"username": self.username, "password": self.password}
+
+    @property
+    def build_networking(self) -> dict[str, str | None]:
+        """DockerBuilder's ``network`` and ``proxy``, as the workers get them."""
+        return {"network": self.build_network, "proxy": self.build_proxy}
 
 
 def _run_script(name: str, *args: str) -> tuple[dict[str, str], str]:
@@ -71,6 +79,7 @@ def infra() -> Iterator[Infra]:
         if shutil.which("dockerd") is None:
             pytest.skip(f"docker cannot be installed here: {exc}")
         raise
+    network, _ = _run_script("build-network.sh")  # docker-engine.sh made it: the values
     registries, _ = _run_script("registry.sh", "--auth")
     base, _ = _run_script("base-image.sh")
     _, tar = _run_script("base-rootfs.sh")
@@ -82,6 +91,8 @@ def infra() -> Iterator[Infra]:
         password=registries["MMS_REGISTRY_PASSWORD"],
         base_image=base["MMS_BASE_IMAGE"],
         rootfs_tar=Path(tar),
+        build_network=network["MMS_BUILD_NETWORK"],
+        build_proxy=network["MMS_BUILD_PROXY"],
     )
     yield infra
     _clean_up(infra)

@@ -94,7 +94,8 @@ def cached_steps(log: list[str]) -> dict[str, bool]:
 def test_built_image_pulled_back_from_the_registry_scores(infra, make_spec, log_lines):
     spec = make_spec(SUM_SCORE, models={"sum/1/weights.txt": b"w1"}, pip_requirements="six\n",
                      labels={"org.mms.model.sum": "1"})
-    builder = DockerBuilder(infra.docker_host, infra.registry, None, timeout=300)
+    builder = DockerBuilder(infra.docker_host, infra.registry, None, timeout=300,
+                            **infra.build_networking)
 
     result = build(infra, builder, spec, "sum", "1", log_lines.append)
 
@@ -121,7 +122,8 @@ def test_built_image_pulled_back_from_the_registry_scores(infra, make_spec, log_
 
 
 def test_init_that_raises_fails_the_smoke_test_with_its_traceback(infra, make_spec, log_lines):
-    builder = DockerBuilder(infra.docker_host, infra.registry, None, timeout=300)
+    builder = DockerBuilder(infra.docker_host, infra.registry, None, timeout=300,
+                            **infra.build_networking)
     result = build(infra, builder, make_spec(BROKEN_INIT), "broken", "1", log_lines.append)
 
     with pytest.raises(SmokeTestFailed) as failed:
@@ -138,7 +140,8 @@ def test_init_that_raises_fails_the_smoke_test_with_its_traceback(infra, make_sp
 
 def test_requirement_that_does_not_exist_fails_naming_it(infra, make_spec, log_lines):
     spec = make_spec(SUM_SCORE, pip_requirements="six\nthis-package-does-not-exist-mms==1.0\n")
-    builder = DockerBuilder(infra.docker_host, infra.registry, None, timeout=300)
+    builder = DockerBuilder(infra.docker_host, infra.registry, None, timeout=300,
+                            **infra.build_networking)
 
     with pytest.raises(BuildFailed) as failed:
         build(infra, builder, spec, "missing", "1", log_lines.append)
@@ -154,7 +157,8 @@ def test_conda_only_package_without_conda_in_the_base_fails_naming_it(
     conda = ("name: env\ndependencies:\n  - python=3.11\n  - pip\n  - numpy=1.26\n"
              "  - pip:\n    - six\n")
     spec = make_spec(SUM_SCORE, conda_file=conda)
-    builder = DockerBuilder(infra.docker_host, infra.registry, None, timeout=300)
+    builder = DockerBuilder(infra.docker_host, infra.registry, None, timeout=300,
+                            **infra.build_networking)
 
     with pytest.raises(BuildFailed) as failed:
         build(infra, builder, spec, "conda", "1", log_lines.append)
@@ -183,7 +187,7 @@ def private_base(infra: Infra) -> str:
 
 def test_private_base_image_needs_its_credentials(infra, make_spec, private_base, log_lines):
     builder = DockerBuilder(infra.docker_host, infra.auth_registry, infra.basic_auth(),
-                            timeout=300)
+                            timeout=300, **infra.build_networking)
     wrong = RegistryCredentials(infra.auth_registry, infra.username, "not-the-password")
 
     with pytest.raises(BuildFailed) as anonymous:
@@ -208,7 +212,8 @@ def test_private_base_image_needs_its_credentials(infra, make_spec, private_base
 
 
 def test_push_without_credentials_is_refused_in_the_stream(infra, make_spec, log_lines):
-    builder = DockerBuilder(infra.docker_host, infra.auth_registry, None, timeout=300)
+    builder = DockerBuilder(infra.docker_host, infra.auth_registry, None, timeout=300,
+                            **infra.build_networking)
 
     with pytest.raises(BuildFailed) as failed:
         build(infra, builder, make_spec(BROKEN_INIT), "nocreds", "1", log_lines.append)
@@ -219,7 +224,8 @@ def test_push_without_credentials_is_refused_in_the_stream(infra, make_spec, log
 
 def test_credentials_for_another_registry_are_not_sent(infra, make_spec, log_lines):
     other = RegistryCredentials("elsewhere.example:5000", infra.username, infra.password)
-    builder = DockerBuilder(infra.docker_host, infra.registry, None, timeout=300)
+    builder = DockerBuilder(infra.docker_host, infra.registry, None, timeout=300,
+                            **infra.build_networking)
 
     with pytest.raises(BuildFailed) as failed:
         build(infra, builder, make_spec(BROKEN_INIT, base_registry=other), "x", "1",
@@ -230,7 +236,8 @@ def test_credentials_for_another_registry_are_not_sent(infra, make_spec, log_lin
 
 
 def test_new_model_version_reuses_every_layer_above_the_models(infra, make_spec, log_lines):
-    builder = DockerBuilder(infra.docker_host, infra.registry, None, timeout=300)
+    builder = DockerBuilder(infra.docker_host, infra.registry, None, timeout=300,
+                            **infra.build_networking)
     first = make_spec(SUM_SCORE, models={"sum/1/weights.txt": b"w1"}, pip_requirements="six\n")
     second_log: list[str] = []
     second = make_spec(SUM_SCORE, models={"sum/1/weights.txt": b"w2"}, pip_requirements="six\n")
