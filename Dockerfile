@@ -49,11 +49,12 @@ RUN set -eu; \
         --root /opt/project /tmp/wheels/*.whl
 
 FROM ${BASE_IMAGE}
-# tini as PID 1 forwards SIGTERM to the service and reaps the builders' child processes.
+# tini as PID 1 forwards SIGTERM to the service and reaps the builders' child processes;
+# bubblewrap contains the build steps that run a package's own code (SECURITY.md).
 RUN set -eu; \
-    if ! command -v tini > /dev/null; then \
+    if ! command -v tini > /dev/null || ! command -v bwrap > /dev/null; then \
         apt-get update; \
-        apt-get install --yes --no-install-recommends tini; \
+        apt-get install --yes --no-install-recommends tini bubblewrap; \
         rm -rf /var/lib/apt/lists/*; \
     fi; \
     groupadd --system --gid 10001 mms; \

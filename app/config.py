@@ -85,8 +85,35 @@ class Settings(BaseSettings):
     # oci: daemonless, layers pushed over the registry API; docker: RUN steps, conda packages.
     builder: Literal["oci", "docker"] = "oci"
     build_cache_dir: Path | None = None  # the workers' wheel cache; default <data_dir>/build-cache
+    # Where builds get Python packages (the operator's choice: tenants' requirement lines may
+    # not name an index, a URL or a path).
+    pip_index_url: str = "https://pypi.org/simple"
+    # Limits of a contained step (a source-only package's build backend, run in bubblewrap).
+    sandbox_cpu_seconds: int = Field(default=900, ge=1)
+    sandbox_memory_mb: int = Field(default=4096, ge=64)
+    sandbox_processes: int = Field(default=256, ge=8)
+    sandbox_disk_mb: int = Field(default=2048, ge=16)
+    sandbox_wall_seconds: float = Field(default=1800.0, gt=0)
     # The engine the docker builder uses; DOCKER_HOST as the Docker tools read it.
     docker_host: str | None = Field(default=None, validation_alias=AliasChoices("MMS_DOCKER_HOST", "DOCKER_HOST"))
+    # The engine network a docker build's RUN steps (tenants' code) run in, and the egress
+    # proxy (http://host:port) through which they reach the package indexes, and nothing else:
+    # scripts/infra/build-network.sh makes both. None: RUN steps get no network at all.
+    build_network: str | None = None
+    build_proxy: str | None = Field(default=None, pattern=r"^(http://[^/?#@\s]+/?)?$")
+
+    @model_validator(mode="after")
+    def _builds_never_share_a_network(self) -> "Settings":
+        network = self.build_network or ""
+        if network in ("host", "bridge", "default") or network.startswith("container:"):
+            raise ValueError(f"MMS_BUILD_NETWORK={network} would let a build's RUN steps reach "
+                             "the engine's host or other containers: name a contained network "
+                             "(scripts/infra/build-network.sh), or leave it unset for none")
+        if self.build_proxy and not self.build_network:
+            raise ValueError("MMS_BUILD_PROXY needs MMS_BUILD_NETWORK, the network it is "
+                             "reachable from")
+        return self
+
     default_base_image: str | None = None  # default FROM; None: the newest published base image
     build_lease_seconds: int = Field(default=60, ge=5)
     build_max_attempts: int = Field(default=3, ge=1)
@@ -94,6 +121,12 @@ class Settings(BaseSettings):
     build_run_deadline_seconds: int = Field(default=3600, ge=10)  # Running longer: Failed
     build_republish_seconds: int = Field(default=60, ge=1)  # NotStarted this long: ring again
     smoke_test_timeout_seconds: int = Field(default=120, ge=5)
+    # The smoke test's container runs a tenant's init(): its limits. Memory (swap included)
+    # leaves room for a SparkPython image's JVM (512 MB heap plus its overhead) and a model;
+    # pids counts processes and threads (a JVM starts a hundred or more).
+    smoke_test_memory_mb: int = Field(default=2048, ge=64)
+    smoke_test_pids: int = Field(default=512, ge=32)
+    smoke_test_cpus: float = Field(default=2.0, gt=0)
     # A worker asked to stop (SIGTERM) lets a running build finish for this long, then hands
     # it back to the queue for another worker.
     build_shutdown_grace_seconds: float = Field(default=20.0, ge=0)

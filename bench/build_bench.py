@@ -218,6 +218,9 @@ def builder_class(name: str) -> tuple[type | None, str]:
     return cls, ""
 
 
+BUILD_NETWORKING: dict[str, str] = {}  # the docker builder's network and proxy (main sets them)
+
+
 def make_builder(name: str, cls: type, *, registry: str, docker_host: str | None,
                  cache_dir: Path, timeout: int) -> Any:
     """A builder pushing to ``registry`` with empty caches (``cache_dir`` is fresh).
@@ -226,7 +229,7 @@ def make_builder(name: str, cls: type, *, registry: str, docker_host: str | None
     workers/builders/oci.py has it (its cache_dir holds uv's wheel cache and the base facts).
     """
     if name == "docker":
-        return cls(docker_host, registry, None, timeout=timeout)
+        return cls(docker_host, registry, None, timeout=timeout, **BUILD_NETWORKING)
     return cls(registry, None, cache_dir=cache_dir, timeout=timeout)
 
 
@@ -607,6 +610,10 @@ def main() -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
 
     docker_host = run_script("docker-engine.sh")["DOCKER_HOST"]
+    # RUN steps run in the contained build network, reaching PyPI through its egress proxy.
+    networking = run_script("build-network.sh")
+    BUILD_NETWORKING.update(network=networking["MMS_BUILD_NETWORK"],
+                            proxy=networking["MMS_BUILD_PROXY"])
     upstream = run_script("registry.sh")["MMS_REGISTRY"]
     base_image = run_script("base-image.sh")["MMS_BASE_IMAGE"]
     import sklearn

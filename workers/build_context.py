@@ -13,23 +13,29 @@ import os
 import re
 import shlex
 import tarfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import yaml
 
 import scoring_server
+from app import package_sources
+from app.dockerfile_steps import Step, StepError, parse_steps
+from app.package_sources import DirectReference
 
 __all__ = [
     "APP_ROOT",
     "MODEL_ROOT",
+    "REQUIREMENT_FILES",
     "SERVER_REQUIREMENTS",
     "SPARK_REQUIREMENT",
     "BuildSpec",
     "ContextInfo",
+    "DirectReference",
     "InvalidBuildSpec",
     "RegistryCredentials",
+    "check_requirements",
     "parse_extra_steps",
     "runtime_requirements",
     "walk_tree",
@@ -49,10 +55,10 @@ SPARK_REQUIREMENT = "pyspark==3.5.9"
 NO_JAVA = ("the base image has no Java runtime, and the SparkPython runtime needs one for "
            "Spark: build on the spark base image "
            "(mms base-image publish --variant spark) or a base image with Java 17")
-EXTRA_STEP_INSTRUCTIONS = frozenset({"RUN", "ENV", "ARG", "LABEL", "EXPOSE"})
 FIXED_MTIME = 946684800  # 2000-01-01: deterministic, and zip-safe (zip refuses pre-1980)
 PIP = f"{VENV}/bin/pip install --no-cache-dir --disable-pip-version-check --progress-bar off"
 CA_BUNDLE = "/opt/mms/ca/bundle.pem"
+REQUIREMENT_FILES = "/opt/mms/requirements/files"
 _REFERENCE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]*")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _SPEC_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
@@ -92,6 +98,9 @@ class BuildSpec:
     extra_dockerfile_steps: str | None = None
     labels: Mapping[str, str] = field(default_factory=dict)
     ca_bundles: tuple[Path, ...] = ()  # PEM files trusted while installing packages
+    # Package files the requirements name (the account's own assets, fetched by the worker),
+    # by file name; requirement lines point at them under REQUIREMENT_FILES.
+    requirement_files: Mapping[str, Path] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -123,6 +132,11 @@ def write_context(spec: BuildSpec, dest_tar_path: str | os.PathLike[str]) -> Con
         _add_bytes(tar, "Dockerfile", info.dockerfile.encode())
         for name in sorted(files):
             _add_bytes(tar, name, files[name], executable=name.startswith("mms/runtime/bin/"))
+        for name, path in sorted(spec.requirement_files.items()):
+            with Path(path).open("rb") as f:
+                member = _tarinfo(f"mms/requirement-files/{name}", tarfile.REGTYPE, 0o644,
+                                  os.fstat(f.fileno()).st_size)
+                tar.addfile(member, f)
         _add_tree(tar, server_dir(), "mms/runtime/lib/scoring_server")
         _add_tree(tar, spec.app_dir, "app")
         if has_models(spec):
@@ -147,6 +161,8 @@ def _dockerfile(spec: BuildSpec, files: dict[str, bytes]) -> ContextInfo:
         # ARG, not ENV: set for every later RUN, absent from the final image's config.
         for name in ("PIP_CERT", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE", "CONDA_SSL_VERIFY"):
             df.add("ca-certs", f"ARG {name}={CA_BUNDLE}")
+    if spec.requirement_files:
+        df.add("environment", f"COPY mms/requirement-files/ {REQUIREMENT_FILES}/")
     if spec.conda_file is not None:
         files.update(_conda_files(spec.conda_file))
         df.add("environment", "COPY mms/env/ /opt/mms/env/")
@@ -169,8 +185,9 @@ def _dockerfile(spec: BuildSpec, files: dict[str, bytes]) -> ContextInfo:
     if has_models(spec):
         df.comment("Models last, alone: a new model version reuses every layer above.")
         df.add("models", f"COPY models/ {MODEL_ROOT}/")
-    for instruction in parse_extra_steps(spec.extra_dockerfile_steps or ""):
-        df.add("extra-steps", instruction)
+    # Written anew, one line each: the tenant's text itself never reaches the engine.
+    for step in parse_extra_steps(spec.extra_dockerfile_steps or ""):
+        df.add("extra-steps", step.render())
     if spec.labels:
         pairs = " ".join(f"{_quote(k)}={_quote(v)}" for k, v in sorted(spec.labels.items()))
         df.add("metadata", f"LABEL {pairs}")
@@ -182,35 +199,21 @@ def _dockerfile(spec: BuildSpec, files: dict[str, bytes]) -> ContextInfo:
     return ContextInfo("\n".join(df.lines) + "\n", tuple(df.steps))
 
 
-def parse_extra_steps(text: str) -> list[str]:
-    """Split ``extraDockerfileSteps`` into instructions; raise unless all are allowed."""
-    instructions: list[str] = []
-    current: list[str] | None = None
-    for number, raw in enumerate(text.replace("\r\n", "\n").split("\n"), start=1):
-        line = raw.strip()
-        if current is not None:
-            if not line or line.startswith("#"):  # Docker drops these inside a continuation
-                continue
-            current.append(raw.rstrip())
-        elif not line or line.startswith("#"):
-            continue
-        else:
-            keyword = line.split(None, 1)[0].upper()
-            if keyword not in EXTRA_STEP_INSTRUCTIONS:
-                allowed = ", ".join(sorted(EXTRA_STEP_INSTRUCTIONS))
-                raise InvalidBuildSpec(
-                    f"extraDockerfileSteps line {number}: {keyword} is not allowed "
-                    f"(only {allowed})")
-            current = [line]
-        if _CONTROL.search(raw.replace("\t", " ")):
-            raise InvalidBuildSpec(f"extraDockerfileSteps line {number}: control character")
-        if not line.endswith("\\"):
-            instructions.append("\n".join(current))
-            current = None
-    if current is not None:
-        # A dangling "\" would swallow the generated instructions that follow.
-        raise InvalidBuildSpec("extraDockerfileSteps ends with a line continuation")
-    return instructions
+def parse_extra_steps(text: str) -> list[Step]:
+    """The manifest's ``extraDockerfileSteps``, parsed (InvalidBuildSpec when they do not)."""
+    try:
+        return parse_steps(text)
+    except StepError as exc:
+        raise InvalidBuildSpec(f"extraDockerfileSteps {exc}") from None
+
+
+def check_requirements(text: str, what: str, *,
+                       own_url: Callable[[str], bool] = lambda _: False) -> list[DirectReference]:
+    """``app.package_sources.check_requirements``, failing as InvalidBuildSpec."""
+    try:
+        return package_sources.check_requirements(text, what, own_url=own_url)
+    except package_sources.PackageSourceRefused as exc:
+        raise InvalidBuildSpec(str(exc)) from None
 
 
 def check_spec(spec: BuildSpec) -> None:

@@ -7,6 +7,7 @@ and the image with a one-line error.
 from __future__ import annotations
 
 import logging
+import re
 import tempfile
 import uuid
 from collections.abc import Callable
@@ -22,7 +23,14 @@ from app.database import session_scope
 from app.orm import Image, ModelVersion
 from app.services.base_images import BASE_REPOSITORY, default_base_image
 from app.services.registry import image_layout
-from workers.build_context import BuildSpec, InvalidBuildSpec, RegistryCredentials
+from workers.build_context import (
+    REQUIREMENT_FILES,
+    BuildSpec,
+    InvalidBuildSpec,
+    RegistryCredentials,
+    check_requirements,
+    split_conda,
+)
 from workers.builders import Builder, BuildFailed, BuildResult
 from workers.builders.docker import DockerBuilder
 from workers.builders.oci import OciBuilder, Store, check_extra_steps
@@ -30,6 +38,7 @@ from workers.fetch_policy import fetch_policy
 from workers.fetcher import FetchError, fetch, redact_url
 from workers.oci.layout_registry import LayoutRegistry
 from workers.oci.registry import ImageReference, RegistryClient
+from workers.sandbox import Limits
 from workers.smoke_test import SmokeTestFailed, smoke_test
 from workers.unpack import UnpackError, unpack_archive
 
@@ -181,18 +190,33 @@ def registry_login(settings: Settings) -> dict[str, str] | None:
     return {"username": settings.registry_username, "password": settings.registry_password or ""}
 
 
+def sandbox_limits(settings: Settings) -> Limits:
+    return Limits(cpu_seconds=settings.sandbox_cpu_seconds,
+                  memory_bytes=settings.sandbox_memory_mb << 20,
+                  processes=settings.sandbox_processes, file_bytes=settings.sandbox_disk_mb << 20,
+                  disk_bytes=settings.sandbox_disk_mb << 20,
+                  wall_seconds=settings.sandbox_wall_seconds)
+
+
 def make_builder(settings: Settings, name: str) -> Builder:
-    """The named builder, pushing to the registry, or into the embedded image store."""
+    """The named builder, pushing to the registry, or into the embedded image store.
+
+    Base images come from its own registry or where the fetch policy allows (a manifest's
+    baseImage is a tenant's choice of host).
+    """
     auth = registry_login(settings)
+    policy = fetch_policy(settings)
     if name == "oci":
         layout = image_layout(settings) if settings.is_embedded_registry else None
         return OciBuilder(settings.image_registry, auth, cache_dir=settings.resolved_build_cache_dir,
-                          layout=layout)
+                          layout=layout, policy=policy, index_url=settings.pip_index_url,
+                          sandbox=sandbox_limits(settings))
     if settings.is_embedded_registry:
         raise StepFailed("environment", "the docker builder pushes to a registry and the service "
                          "has none configured: set MMS_REGISTRY (and DOCKER_HOST), or use the "
                          "oci builder")
-    return DockerBuilder(settings.docker_host, settings.image_registry, auth)
+    return DockerBuilder(settings.docker_host, settings.image_registry, auth, policy=policy,
+                         network=settings.build_network, proxy=settings.build_proxy)
 
 
 def image_store(settings: Settings) -> Store:
@@ -220,6 +244,50 @@ def default_base(settings: Settings, published: str | None, runtime: str = "pyth
     return published
 
 
+_PACKAGE_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*\.(whl|tar\.gz|zip)")
+
+
+def package_files(context: ServiceContext, inputs: BuildInputs, pip: str | None,
+                  conda: str | None, work: Path, emit: Log) -> tuple[str | None, str | None, dict[str, Path]]:
+    """Check where the requirements take packages from (StepFailed naming the line), fetch
+    the account's own package files they name, and point the lines at those copies (with
+    their sha256), so no package is fetched from a URL a tenant chose."""
+    store = context.asset_store
+
+    def own(url: str) -> bool:
+        key = store.key_of(url)
+        return key is not None and key.split("/", 1)[0] == str(inputs.account_id)
+
+    try:
+        references = check_requirements(pip or "", "pip requirements", own_url=own)
+        if conda is not None:
+            references += check_requirements("\n".join(split_conda(conda)[2]),
+                                             "conda file pip:", own_url=own)
+    except InvalidBuildSpec as exc:
+        raise StepFailed("environment", str(exc)) from None
+    files: dict[str, Path] = {}
+    policy = fetch_policy(context.settings)
+    for reference in references:
+        name = _file_name(reference.url, "")
+        if not _PACKAGE_FILE.fullmatch(name):
+            raise StepFailed("environment", f"requirement {reference.name} @ …: {name!r} is not a "
+                             "wheel (.whl) or a source distribution (.tar.gz, .zip)")
+        path = work / "requirement-files" / name
+        if name in files:
+            continue  # named twice (pip and conda): one copy
+        path.parent.mkdir(parents=True, exist_ok=True)
+        emit(f"mms: fetching {name} for requirement {reference.name}")
+        try:
+            fetched = fetch(reference.url, path, policy=policy)
+        except FetchError as exc:
+            raise StepFailed("fetch", f"requirement {reference.name}: {exc}") from None
+        files[name] = path
+        local = f"file://{REQUIREMENT_FILES}/{name}#sha256={fetched.sha256}"
+        pip = pip.replace(reference.url, local) if pip else pip
+        conda = conda.replace(reference.url, local) if conda else conda
+    return pip, conda, files
+
+
 def run_pipeline(context: ServiceContext, image_id: uuid.UUID, emit: Log) -> BuildResult:
     """Build and push one image; StepFailed (or BuildFailed) names the step that failed."""
     settings = context.settings
@@ -230,6 +298,7 @@ def run_pipeline(context: ServiceContext, image_id: uuid.UUID, emit: Log) -> Bui
     with tempfile.TemporaryDirectory(prefix="mms-work-") as tmp:
         work = Path(tmp)
         app_dir, model_dir, conda, pip = fetch_step(context, inputs, work, emit)
+        pip, conda, requirement_files = package_files(context, inputs, pip, conda, work, emit)
         base = inputs.base_image or default_base(settings, inputs.published_base, inputs.runtime)
         spec = BuildSpec(
             base_image=base,
@@ -243,6 +312,7 @@ def run_pipeline(context: ServiceContext, image_id: uuid.UUID, emit: Log) -> Bui
             extra_dockerfile_steps=inputs.extra_steps,
             labels=inputs.labels,
             ca_bundles=(settings.extra_ca_bundle,) if settings.extra_ca_bundle else (),
+            requirement_files=requirement_files,
         )
         emit(f"mms: building with the {inputs.builder} builder")
         try:
@@ -259,7 +329,9 @@ def run_pipeline(context: ServiceContext, image_id: uuid.UUID, emit: Log) -> Bui
     try:
         smoke_test(settings.docker_host, result.image_location, emit,
                    timeout=settings.smoke_test_timeout_seconds,
-                   pull=pulled, pull_auth=registry_login(settings))
+                   pull=pulled, pull_auth=registry_login(settings),
+                   memory_mb=settings.smoke_test_memory_mb, pids=settings.smoke_test_pids,
+                   cpus=settings.smoke_test_cpus)
     except SmokeTestFailed as exc:
         for line in exc.logs.splitlines():
             emit(f"container: {line}")

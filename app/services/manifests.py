@@ -7,6 +7,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.errors import Conflict, ValidationFailed
+from app.package_sources import PackageSourceRefused, check_requirements, conda_pip_entries
 from app.orm import Account, Image, Manifest, ManifestAsset, ManifestModel, ManifestName, ModelVersion
 from app.sealing import Sealer
 from app.schemas.manifests import InferenceConfigCreate, ManifestCreate
@@ -14,6 +15,7 @@ from app.services.lookup import get_in_account, parse_uuid
 from app.services.paging import page_by_name_and_version
 from app.services.source_urls import SourceUrlPolicy
 from app.services.versioning import claim_next_version
+from app.storage.base import AssetStore, StorageError
 
 
 def _invalid(field: str, message: str, code: str = "InvalidField") -> ValidationFailed:
@@ -38,6 +40,37 @@ def _resolve_models(session: Session, account: Account, model_ids: list[str]) ->
             details=[{"code": "ModelNotFound", "message": f"modelIds: model '{i}' was not found"} for i in missing],
         )
     return [found[parsed[i]] for i in dict.fromkeys(model_ids)]  # type: ignore[index]
+
+
+_MAX_REQUIREMENTS_BYTES = 1 << 20
+
+
+def _check_package_sources(store: AssetStore, account: Account, url: str, field: str, *,
+                           conda: bool = False) -> None:
+    """A 400 naming the line when requirements held in the account's own store choose their
+    package source. Files elsewhere (or too large to read here) are checked by the worker."""
+
+    def own(candidate: str) -> bool:
+        key = store.key_of(candidate)
+        return key is not None and key.split("/", 1)[0] == str(account.id)
+
+    key = store.key_of(url)
+    if key is None or not own(url):
+        return
+    try:
+        data = store.read_small(key, max_bytes=_MAX_REQUIREMENTS_BYTES)
+    except StorageError:
+        return
+    if data is None:
+        return
+    text = data.decode("utf-8", errors="replace")
+    try:
+        if conda:
+            check_requirements("\n".join(conda_pip_entries(text)), "conda file pip:", own_url=own)
+        else:
+            check_requirements(text, "pip requirements", own_url=own)
+    except PackageSourceRefused as exc:
+        raise _invalid(field, str(exc), code="PackageSourceRefused") from None
 
 
 def create_manifest(
@@ -76,6 +109,11 @@ def create_manifest(
             registry_password = sealer.seal(registry.password.encode())
     if driver not in assets:
         raise _invalid(driver_field, f"'{driver}' is not the id of one of the assets")
+    if pip_url:
+        _check_package_sources(urls.store, account, pip_url, "targetRuntime.properties.pipRequirements")
+    if conda_url:
+        field = "condaFile" if isinstance(body, InferenceConfigCreate) else "targetRuntime.properties.condaEnvFile"
+        _check_package_sources(urls.store, account, conda_url, field, conda=True)
     models = _resolve_models(session, account, body.modelIds)
 
     _, version = claim_next_version(session, ManifestName, account_id=account.id, name=body.name)

@@ -121,3 +121,18 @@ class AzureBlobStore:
         # "/container/../other" would leave the container once a client normalises it.
         segments = unquote(path[len(prefix):]).split("/")
         return bool(segments[0]) and not any(s in (".", "..") for s in segments)
+
+    def read_small(self, key: str, *, max_bytes: int) -> bytes | None:
+        blob = self._container.get_blob_client(key)
+        try:
+            if blob.get_blob_properties().size > max_bytes:
+                return None
+            return blob.download_blob(max_concurrency=1).readall()
+        except AzureError as exc:
+            raise StorageError(f"could not read the asset in Azure: {_describe(exc)}") from None
+
+    def key_of(self, url: str) -> str | None:
+        if not self.owns_url(url):
+            return None
+        own_path = _origin_and_path(self._container.url)[3]
+        return unquote(_origin_and_path(url)[3][len(own_path.rstrip("/")) + 1:])

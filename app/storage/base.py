@@ -34,3 +34,11 @@ class AssetStore(Protocol):
 
     def owns_url(self, url: str) -> bool:
         """Whether ``url`` points into this store (so it can be checked as one of ours)."""
+
+    def read_small(self, key: str, *, max_bytes: int) -> bytes | None:
+        """The content of ``key`` when it holds at most ``max_bytes``, else None; StorageError
+        when it cannot be read."""
+
+    def key_of(self, url: str) -> str | None:
+        """The key ``url`` reads (its first segment is the account's id), or None when the
+        URL is not this store's. The URL's signature is not checked here."""

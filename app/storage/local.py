@@ -76,6 +76,22 @@ class LocalAssetStore:
     def owns_url(self, url: str) -> bool:
         return url.startswith(f"{self._base_url}/blobs/")
 
+    def read_small(self, key: str, *, max_bytes: int) -> bytes | None:
+        try:
+            path = self._path(key, self._objects)
+            with path.open("rb") as f:
+                data = f.read(max_bytes + 1)
+        except (OSError, SignatureRefused) as exc:
+            raise StorageError(f"could not read the asset: {exc}") from None
+        return data if len(data) <= max_bytes else None
+
+    def key_of(self, url: str) -> str | None:
+        if not self.owns_url(url):
+            return None
+        key = unquote(urlsplit(url).path.split("/blobs/", 1)[1])
+        parts = PurePosixPath(key).parts
+        return key if parts and not any(p in (".", "..") for p in parts) else None
+
     def check_signature(self, key: str, *, permission: str, expiry: str, signature: str, now: datetime) -> None:
         """Refuse unless ``signature`` is ours for this key, grants ``permission`` and is not expired."""
         expected = self._signature(key, permission, expiry)

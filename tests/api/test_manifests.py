@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from tests.dockerfile_smuggling import SMUGGLING
 from tests.factories import model_body, new_account
 
 SCORE_URL = "https://example.blob.core.windows.net/app/score.py?sv=2021-08-06&sp=r&se=2099-01-01T00:00:00Z&sig=abc"
@@ -165,3 +166,56 @@ def test_list_filters_delete_and_model_in_use(client: TestClient, owner: dict[st
     assert refused.status_code == 409 and "manifest" in refused.json()["message"]
     assert client.delete(f"{account}?force=true", headers=owner).status_code == 204
     assert client.get(f"{account}/manifests/{a1['id']}", headers=owner).status_code == 404
+
+
+@pytest.mark.parametrize("name", SMUGGLING)
+def test_extra_steps_that_smuggle_an_instruction_are_refused(client: TestClient, owner: dict[str, str], account: str,
+                                                            model_id: str, name: str) -> None:
+    text, fragment = SMUGGLING[name]
+    response = client.post(f"{account}/manifests", json=inference_config(model_id, extraDockerfileSteps=text),
+                           headers=owner)
+    assert response.status_code == 400, response.text
+    assert fragment in str(response.json()["details"]) or fragment in response.json()["message"]
+    assert client.get(f"{account}/manifests", headers=owner).json()["value"] == []
+
+
+def _upload(client: TestClient, owner: dict[str, str], account: str, name: str, text: str) -> str:
+    response = client.post(f"{account}/assets?name={name}", content=text.encode(), headers=owner)
+    assert response.status_code == 201, response.text
+    return response.json()["url"]
+
+
+@pytest.mark.parametrize(
+    ("requirements", "fragment"),
+    [
+        ("six\n--index-url https://evil.example/simple\n", "line 2 (--index-url): options are not accepted"),
+        ("-e git+https://example.com/pkg.git\n", "line 1 (-e): options"),
+        ("pkg @ https://example.com/pkg-1.0-py3-none-any.whl?sig=secret\n", "line 1 (pkg @ …): direct references"),
+        ("git+https://example.com/pkg.git?sig=secret\n", "line 1 (git+https://example.com/pkg.git?…): not a requirement"),
+    ],
+)
+def test_requirements_that_choose_their_package_source_are_refused_at_creation(
+        client: TestClient, owner: dict[str, str], account: str, model_id: str, requirements: str,
+        fragment: str) -> None:
+    pip_url = _upload(client, owner, account, "requirements.txt", requirements)
+    body = seed_manifest(model_id, targetRuntime={"runtimeType": "Python", "properties": {"pipRequirements": pip_url}})
+    response = client.post(f"{account}/manifests", json=body, headers=owner)
+    assert response.status_code == 400, response.text
+    assert fragment in response.json()["message"] and "pipRequirements" in response.json()["message"]
+    assert "secret" not in response.text
+    conda = "dependencies:\n  - python=3.11\n  - pip:\n" + "".join(f"    - {line}\n" for line in requirements.splitlines())
+    conda_body = inference_config(model_id, assets=[{"id": "score.py", "url": SCORE_URL},
+                                                    {"id": "env.yml", "url": _upload(client, owner, account, "env.yml", conda)}],
+                                  condaFile="env.yml")
+    response = client.post(f"{account}/manifests", json=conda_body, headers=owner)
+    assert response.status_code == 400, response.text
+    assert "condaFile: conda file pip:" in response.json()["message"]
+    assert client.get(f"{account}/manifests", headers=owner).json()["value"] == []
+
+
+def test_requirements_may_name_the_accounts_own_package_files(
+        client: TestClient, owner: dict[str, str], account: str, model_id: str) -> None:
+    wheel_url = _upload(client, owner, account, "own-1.0-py3-none-any.whl", "not checked here")
+    pip_url = _upload(client, owner, account, "requirements.txt", f"six==1.16.0\nown @ {wheel_url}\n")
+    body = seed_manifest(model_id, targetRuntime={"runtimeType": "Python", "properties": {"pipRequirements": pip_url}})
+    assert client.post(f"{account}/manifests", json=body, headers=owner).status_code == 201

@@ -139,6 +139,10 @@ def test_owns_its_own_urls_only(backend: Backend, tmp_path: Path) -> None:
     assert not backend.store.owns_url(urlunsplit(parts._replace(path="/elsewhere/model.zip")))
     assert not backend.store.owns_url("https://example.com/housing.zip")
     assert not backend.store.owns_url("not a url")
+    # The key, whose first segment names the account, is read back from the URL alone.
+    assert backend.store.key_of(url) == stored.key
+    assert backend.store.key_of(urlunsplit(parts._replace(netloc="other.example"))) is None
+    assert backend.store.key_of("https://example.com/housing.zip") is None
 
 
 def test_a_5_mb_file_round_trips(backend: Backend, tmp_path: Path) -> None:

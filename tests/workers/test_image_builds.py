@@ -11,10 +11,12 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -83,9 +85,14 @@ def stack(infra: Infra, service_context: ServiceContext, tmp_path_factory: pytes
         "MMS_DEFAULT_BASE_IMAGE": infra.base_image,
         "MMS_BUILD_LEASE_SECONDS": "6",
         "MMS_BUILD_SHUTDOWN_GRACE_SECONDS": "1",
-        "MMS_FETCH_ALLOW_HOSTS": json.dumps([f"127.0.0.1:{hook_port}"]),
+        # The webhook receiver, and the password registry as a tenant's private registry
+        # (the open one is the service's own: allowed without listing it).
+        "MMS_FETCH_ALLOW_HOSTS": json.dumps([f"127.0.0.1:{hook_port}", infra.auth_registry]),
         "MMS_LOG_FORMAT": "text",
         "DOCKER_HOST": infra.docker_host,
+        # docker builds' RUN steps: the contained network and its egress proxy to PyPI.
+        "MMS_BUILD_NETWORK": infra.build_network,
+        "MMS_BUILD_PROXY": infra.build_proxy or "",
     }
     if HOST_CA_BUNDLE.is_file():  # this machine reaches PyPI through a TLS-inspecting proxy
         env["MMS_EXTRA_CA_BUNDLE"] = str(HOST_CA_BUNDLE)
@@ -343,6 +350,50 @@ def test_a_private_base_image_needs_its_credentials_which_never_show(
             account.call("GET", f"{account.url}/images").text]
     seen += [path.read_text(errors="replace") for path in stack.log_dir.glob("*.log")]
     assert not [text for text in seen if infra.password in text]
+
+
+@pytest.mark.parametrize("builder", ["oci", "docker"])
+def test_a_base_image_at_a_private_address_fails_the_build_and_is_never_contacted(
+    stack: Stack, builder: str
+) -> None:
+    seen: list[str] = []
+
+    class Recorder(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            seen.append(self.path)
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    listener = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    thread = threading.Thread(target=listener.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        base = f"127.0.0.1:{listener.server_address[1]}/x/y:1"
+        account = Account(stack)
+        score_url = account.upload("score.py", ECHO_SCORE.encode())
+        body = {"name": "loopback-base", "modelIds": [], "baseImage": base,
+                "assets": [{"id": "score.py", "url": score_url}],
+                "entryScript": "score.py", "runtime": "python"}
+        manifest_id = account.call("POST", f"{account.url}/manifests", json=body).json()["id"]
+        created = account.build(manifest_id, "loopback-base", builder)
+        image = account.wait(created["Id"], seconds=120)
+    finally:
+        listener.shutdown()
+        listener.server_close()
+        thread.join(5)
+    log = account.log(image)
+    assert image["CreationState"] == "Failed", log[-2000:]
+    message = image["Error"]["message"]
+    assert "pull-base" in message and "private address" in message, message
+    assert f"registry 127.0.0.1:{listener.server_address[1]}" in message
+    assert "MMS_FETCH_ALLOW_HOSTS" in message
+    assert seen == []
 
 
 def test_cancelling_a_running_build_stops_it(stack: Stack) -> None:

@@ -10,19 +10,30 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
 import tempfile
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import docker
 import requests
 
-from workers.build_context import BuildSpec, ContextInfo, InvalidBuildSpec, write_context
+from workers.build_context import (
+    BuildSpec,
+    ContextInfo,
+    InvalidBuildSpec,
+    check_spec,
+    parse_extra_steps,
+    write_context,
+)
 from workers.builders import BuildFailed, BuildResult, Log, address_host, redacting, scrub
+from workers.fetch_policy import allowing_registry
+from workers.fetcher import FetchError, FetchPolicy, Resolver, check_url
 
 __all__ = [
     "BASE_DIGEST_LABEL",
@@ -78,11 +89,34 @@ class DockerBuilder:
     """Builds with the engine at ``docker_host`` and pushes to ``registry``."""
 
     def __init__(self, docker_host: str | None, registry: str,
-                 registry_auth: Mapping[str, str] | None = None, *, timeout: int = 600) -> None:
+                 registry_auth: Mapping[str, str] | None = None, *, timeout: int = 600,
+                 policy: FetchPolicy | None = None,
+                 resolver: Resolver = socket.getaddrinfo,
+                 network: str | None = None, proxy: str | None = None) -> None:
         self.docker_host = docker_host
         self.registry = registry.rstrip("/")  # host[:port][/prefix]
         self._registry_auth = dict(registry_auth) if registry_auth else None
         self.timeout = timeout  # longest silence tolerated from the engine, in seconds
+        # Which registries a base image may come from (its own registry always); None: no
+        # address rules (a caller that picks the bases).
+        self.policy = allowing_registry(policy, self.registry) if policy is not None else None
+        self._resolver = resolver
+        # RUN steps are tenants' code: they run in ``network`` (MMS_BUILD_NETWORK), where the
+        # only destination is the egress proxy for the package indexes (``proxy``), or with
+        # no network at all. Never the host's: it reaches the engine's API and every
+        # loopback service (scripts/infra/build-network.sh and its README, "Build network").
+        if network in ("host", "bridge", "default") or (network or "").startswith("container:"):
+            raise ValueError(f"a build's RUN steps may not run in the {network!r} network")
+        self.network = network or "none"
+        if self.network == "none":
+            logger.warning("build.no_network", extra={"detail": "MMS_BUILD_NETWORK is not set: "
+                                                      "RUN steps (pip installs included) have "
+                                                      "no network"})
+        # Docker's predefined proxy build arguments: every RUN sees them, and the engine keeps
+        # them out of the image's history and config. An empty NO_PROXY: nothing bypasses it.
+        self.build_args = {**{name: proxy for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy",
+                                                       "https_proxy")},
+                           "NO_PROXY": "", "no_proxy": ""} if proxy else {}
 
     def build_and_push(self, spec: BuildSpec, image_repo: str, tag: str, log: Log) -> BuildResult:
         """Build ``spec``, push it as ``<registry>/<image_repo>:<tag>``, return the result."""
@@ -95,9 +129,17 @@ class DockerBuilder:
             with _engine_errors("engine"):
                 api = engine_client(self.docker_host, self.timeout)
             with api, tempfile.TemporaryDirectory(prefix="mms-build-") as tmp:
+                with _engine_errors("context"):  # refuse bad inputs before pulling anything
+                    check_spec(spec)
+                    parse_extra_steps(spec.extra_dockerfile_steps or "")
+                base_digest = self._pull_base(api, spec, emit)
+                if base_digest:
+                    # FROM the digest just pulled with this job's credentials, never a tag
+                    # that another build could make the engine's cache answer for.
+                    repo = docker.utils.parse_repository_tag(spec.base_image)[0]
+                    spec = replace(spec, base_image=f"{repo}@{base_digest}")
                 with _engine_errors("context"):
                     info = write_context(spec, Path(tmp) / "context.tar")
-                base_digest = self._pull_base(api, spec, emit)
                 image_id = self._build(api, Path(tmp) / "context.tar", info, f"{image}:{tag}",
                                        {BASE_DIGEST_LABEL: base_digest} if base_digest else {},
                                        emit)
@@ -116,10 +158,33 @@ class DockerBuilder:
         return BuildResult(f"{image}:{tag}", digest, size, base_digest)
 
     def _pull_base(self, api: docker.APIClient, spec: BuildSpec, emit: Log) -> str | None:
+        """Pull the base image; its registry must be one the policy lets a build reach.
+
+        Only the registry's name is checked: the engine connects itself, on the host
+        network, and resolves the name again, so a DNS answer that changes between this
+        check and the engine's lookup (rebinding) gets through, and so do the token realm
+        and blob redirects the registry sends the engine. The oci builder pins and checks
+        every connection.
+        """
         # Pulled on every build, anonymously if no credentials are given: the registry
         # re-authorises each job, so one tenant's privately pulled base cached in the
         # engine never serves another tenant's build (a plain FROM would use the cache).
         ref, host = spec.base_image, registry_host(spec.base_image)
+        if self.policy is not None:
+            # The engine also takes a first part with a capital letter as a registry
+            # ("Localhost/x"), which registry_host() reads as Docker Hub.
+            first, sep, _ = ref.partition("/")
+            pulled_from = first if sep and first != first.lower() else host
+            name = "registry-1.docker.io" if pulled_from == "docker.io" else pulled_from.lower()
+            try:
+                check_url(f"https://{name}/v2/", policy=self.policy, resolver=self._resolver)
+            except FetchError as exc:
+                if exc.reason == "blocked_address":  # never the private address itself
+                    raise BuildFailed("pull-base", f"base image registry {pulled_from} is at a "
+                                      "private address; ask the operator to allow it "
+                                      "(MMS_FETCH_ALLOW_HOSTS)") from None
+                raise BuildFailed("pull-base",
+                                  f"base image registry {pulled_from}: {exc}") from None
         auth: dict[str, str] = {}  # empty, not None: docker-py would use saved logins
         if spec.base_registry is not None:
             given = address_host(spec.base_registry.address)
@@ -136,6 +201,12 @@ class DockerBuilder:
             chunks = api.pull(ref, stream=True, decode=True, auth_config=auth)
             check_stream("pull-base", chunks, emit, host, bool(auth))
             details = api.inspect_image(ref)
+        triggers = (details.get("Config") or {}).get("OnBuild") or []
+        if triggers:
+            # They would run in this build, where a COPY --from reads any image in the engine.
+            raise BuildFailed("pull-base", f"the base image has ONBUILD instructions "
+                              f"({_one_line('; '.join(triggers))[:200]}), which would run in "
+                              "this build: build on an image without them")
         repo = docker.utils.parse_repository_tag(ref)[0]
         digests = [d.split("@", 1)[1] for d in details.get("RepoDigests") or []
                    if d.split("@", 1)[0] == repo] or [None]
@@ -151,7 +222,8 @@ class DockerBuilder:
         started = time.monotonic()
         with _engine_errors("build"), context.open("rb") as fileobj:
             stream = api.build(fileobj=fileobj, custom_context=True, tag=target, decode=True,
-                               network_mode="host", pull=False, rm=True, forcerm=True,
+                               network_mode=self.network, buildargs=self.build_args or None,
+                               pull=False, rm=True, forcerm=True,
                                labels=labels or None, timeout=self.timeout)
             for line, chunk in _lines(stream):
                 if line is not None:

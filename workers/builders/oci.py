@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import os
-import shlex
 import tempfile
 import time
 import zlib
@@ -61,9 +60,12 @@ from workers.build_context import (
     start_script,
 )
 from workers.builders import BuildFailed, BuildResult, Log, address_host, redacting, scrub
+from workers.fetch_policy import allowing_registry
+from workers.fetcher import FetchPolicy
 from workers.oci.layers import LayerBuilder
 from workers.oci.media import OCI, Family
 from workers.oci.python_env import (
+    DEFAULT_INDEX_URL,
     SITE_PACKAGES,
     TargetPython,
     build_source_wheels,
@@ -71,10 +73,12 @@ from workers.oci.python_env import (
     detect_java,
     detect_target,
     install_dependencies,
+    localise_requirements,
     normalise_requirements,
 )
 from workers.oci.layout_registry import LayoutRegistry
 from workers.oci.registry import ImageReference, Manifest, RegistryClient, RegistryError, file_chunks
+from workers.sandbox import Limits
 
 __all__ = ["BASE_DIGEST_LABEL", "CACHE_REPOSITORY", "OciBuilder", "Store", "check_extra_steps", "put_image"]
 
@@ -111,7 +115,8 @@ class OciBuilder:
 
     def __init__(self, registry: str, registry_auth: Mapping[str, str] | None = None, *,
                  cache_dir: Path | None = None, timeout: float = 300.0,
-                 layout: OciLayout | None = None) -> None:
+                 layout: OciLayout | None = None, policy: FetchPolicy | None = None,
+                 index_url: str = DEFAULT_INDEX_URL, sandbox: Limits = Limits()) -> None:
         self.registry = registry.rstrip("/")
         self.host, _, self.prefix = self.registry.partition("/")
         self._auth = dict(registry_auth) if registry_auth else None
@@ -120,6 +125,11 @@ class OciBuilder:
         # The embedded store: images go into this layout, which the service serves as
         # ``registry`` (its own address); no registry process is involved.
         self.layout = layout
+        self.index_url = index_url  # the operator's package index: tenants cannot change it
+        self.sandbox = sandbox  # limits of a contained sdist build
+        # What a base image's registry may be (its own registry always): every request for
+        # a base goes through it. None: no address rules (a caller that picks the bases).
+        self.policy = allowing_registry(policy, self.registry) if policy is not None else None
 
     def repository(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name
@@ -164,7 +174,8 @@ class OciBuilder:
             source = target
             if not self._is_service_base(spec, base_ref):
                 source = stack.enter_context(
-                    self._client(base_ref.host, self._base_login(spec, base_ref)))
+                    self._client(base_ref.host, self._base_login(spec, base_ref),
+                                 policy=self.policy))
 
             step = "pull-base"
             try:
@@ -225,10 +236,11 @@ class OciBuilder:
             return LayoutRegistry(self.layout, self.host)
         return self._client(self.host, self._auth)
 
-    def _client(self, host: str, login: Mapping[str, str] | None) -> RegistryClient:
+    def _client(self, host: str, login: Mapping[str, str] | None, *,
+                policy: FetchPolicy | None = None) -> RegistryClient:
         login = login or {}
         return RegistryClient(host, login.get("username"), login.get("password"),
-                              timeout=self.timeout)
+                              timeout=self.timeout, policy=policy)
 
     def _is_service_base(self, spec: BuildSpec, ref: ImageReference) -> bool:
         # The service's login reads (and mounts from) only its own prebuilt bases: other
@@ -302,7 +314,7 @@ class OciBuilder:
 
     def _dependency_layer(self, requirements: list[str], python: TargetPython, spec: BuildSpec,
                           target: Store, family: Family, work: Path, emit: Log) -> "_Blob":
-        key = dependency_cache_key(requirements, python)
+        key = dependency_cache_key(requirements, python, self.index_url)
         cache_repo = self.repository(CACHE_REPOSITORY)
         entry = target.find_manifest(cache_repo, key)
         if entry is not None:
@@ -315,13 +327,17 @@ class OciBuilder:
         started = time.monotonic()
         site = work / "deps" / "site-packages"
         ca_bundle = self._ca_bundle(spec, work)
-        wheelhouse = (self.cache_dir or work) / "source-wheels"
-        build_source_wheels(requirements, wheelhouse, emit, ca_bundle=ca_bundle,
-                            timeout=max(self.timeout, 1800))
+        wheelhouse = work / "wheels"  # this build's own: no other build's wheel is offered
+        requirements = localise_requirements(requirements, spec.requirement_files, wheelhouse,
+                                             emit, cache=(self.cache_dir or work) / "source-wheels",
+                                             limits=self.sandbox)
+        build_source_wheels(requirements, wheelhouse, emit,
+                            cache=(self.cache_dir or work) / "source-wheels",
+                            index_url=self.index_url, ca_bundle=ca_bundle, limits=self.sandbox)
         install_dependencies(requirements, python, site, emit,
                              cache_dir=self.cache_dir / "uv" if self.cache_dir else None,
                              ca_bundle=ca_bundle, timeout=max(self.timeout, 1800),
-                             wheelhouse=wheelhouse)
+                             wheelhouse=wheelhouse, index_url=self.index_url)
         builder = LayerBuilder()
         builder.add_tree(site, SITE_PACKAGES)
         layer = builder.write(work / "deps.tar.gz", _deps_history(key))
@@ -471,9 +487,9 @@ def _requirements(spec: BuildSpec) -> list[str]:
         lines += spec.pip_requirements.splitlines()
     kept = []
     for line in normalise_requirements(lines):
-        if line.startswith("-") and not line.startswith(("--index-url", "--extra-index-url")):
+        if line.startswith("-"):  # the pipeline refuses these first; a spec is checked again
             raise BuildFailed("environment", f"requirements option {line.split()[0]} is not "
-                              "supported by the oci builder: use the docker builder")
+                              "accepted: package sources are the operator's (MMS_PIP_INDEX_URL)")
         kept.append(line)
     return kept
 
@@ -491,46 +507,19 @@ def check_extra_steps(text: str) -> dict[str, Any]:
     """ENV, LABEL and EXPOSE steps become config; a RUN needs a container, so it fails now."""
     changes: dict[str, Any] = {"env": {}, "labels": {}, "ports": []}
     try:
-        instructions = parse_extra_steps(text)
+        steps = parse_extra_steps(text)
     except InvalidBuildSpec as exc:
         raise BuildFailed("extra-steps", str(exc)) from None
-    for instruction in instructions:
-        keyword, _, rest = instruction.partition(" ")
-        keyword = keyword.upper()
-        rest = rest.replace("\\\n", " ").strip()
-        if keyword == "RUN":
+    for step in steps:
+        if step.keyword == "RUN":
             raise BuildFailed("extra-steps", f"extraDockerfileSteps has a RUN step "
-                              f"({_short(instruction)}), which needs a container: use the "
+                              f"({step.summary()}), which needs a container: use the "
                               "docker builder (builder: docker)")
-        if keyword == "ARG":
-            continue  # build-time only: nothing runs at build time here
-        if keyword == "EXPOSE":
-            changes["ports"] += [p if "/" in p else f"{p}/tcp" for p in rest.split()]
-            continue
-        pairs = _pairs(rest, keyword)
-        changes["env" if keyword == "ENV" else "labels"].update(pairs)
+        if step.keyword == "EXPOSE":
+            changes["ports"] += [p if "/" in p else f"{p}/tcp" for p in step.words]
+        elif step.keyword in ("ENV", "LABEL"):  # ARG is build-time only: nothing runs here
+            changes["env" if step.keyword == "ENV" else "labels"].update(step.pairs)
     return changes
-
-
-def _pairs(text: str, keyword: str) -> dict[str, str]:
-    try:
-        words = shlex.split(text)
-    except ValueError as exc:
-        raise BuildFailed("extra-steps", f"{keyword} {_short(text)}: {exc}") from None
-    if keyword == "ENV" and words and "=" not in words[0]:
-        return {words[0]: " ".join(words[1:])}  # the legacy form: ENV NAME value
-    pairs = {}
-    for word in words:
-        name, sep, value = word.partition("=")
-        if not sep or not name:
-            raise BuildFailed("extra-steps", f"{keyword} {_short(text)}: expected NAME=value")
-        pairs[name] = value
-    return pairs
-
-
-def _short(text: str) -> str:
-    line = " ".join(text.split())
-    return line if len(line) <= 80 else line[:79] + "…"
 
 
 def _image_config(base: dict, diff_ids: list[str], history: list[str], *, env: dict[str, str],

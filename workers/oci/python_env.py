@@ -21,17 +21,25 @@ import hashlib
 import json
 import os
 import re
+import secrets
+import shutil
 import subprocess
 import sys
 import tarfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import requests
 import uv
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.version import InvalidVersion, Version
+from pypi_simple import DigestMismatchError, NoSuchProjectError, PyPISimple
 
+from workers.build_context import REQUIREMENT_FILES
 from workers.builders import BuildFailed, Log
+from workers.sandbox import Limits, SandboxFailed, run_contained
 
 __all__ = [
     "LAYOUT_VERSION",
@@ -43,6 +51,7 @@ __all__ = [
     "source_only",
 ]
 
+DEFAULT_INDEX_URL = "https://pypi.org/simple"
 LAYOUT_VERSION = "1"  # bump when the dependency layer's layout changes: old cache entries retire
 SITE_PACKAGES = "/opt/mms/site-packages"
 _ARCH = {"amd64": "x86_64", "arm64": "aarch64"}
@@ -62,6 +71,7 @@ _JAVA_BIN = re.compile(r"^(?:\./)?(?:usr/bin/java|usr/lib/jvm/[^/]+/(?:jre/)?bin
 # Pure-Python projects published as source distributions only (their wheel is built here).
 SOURCE_ONLY = frozenset({"pyspark"})
 _NAME = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]*)")
+_LOCAL_FILE = re.compile(r"file://" + re.escape(REQUIREMENT_FILES) + r"/(?P<name>[^#\s]+)(?:#\S*)?")
 
 
 @dataclass(frozen=True)
@@ -188,44 +198,162 @@ def source_only(requirements: Iterable[str]) -> list[str]:
     """The requirement lines naming a project in ``SOURCE_ONLY``."""
     picked = []
     for line in requirements:
+        if "@" in line:  # a direct reference: a file of the account's own, not the index's
+            continue
         match = _NAME.match(line)
         if match and re.sub(r"[-_.]+", "-", match[1]).lower() in SOURCE_ONLY:
             picked.append(line)
     return picked
 
 
-def build_source_wheels(requirements: list[str], wheelhouse: Path, log: Log, *,
-                        ca_bundle: Path | None = None, timeout: float = 1800) -> None:
-    """Build wheels of the ``SOURCE_ONLY`` requirements into ``wheelhouse`` (kept across
-    builds: a wheel already there is reused by pip, not built again)."""
+def build_source_wheels(requirements: list[str], dest: Path, log: Log, *, cache: Path,
+                        index_url: str, ca_bundle: Path | None = None,
+                        limits: Limits = Limits()) -> None:
+    """Put a wheel of each ``SOURCE_ONLY`` requirement into ``dest`` (this build's own
+    find-links folder).
+
+    The sdist comes from the operator's index, its sha256 checked against the index's; its
+    build backend runs contained (``workers.sandbox``: no network, no worker files, limits).
+    Wheels are cached under the sdist's digest and the worker's setuptools, exactly the
+    build's inputs, so an account can only ever be served what the same bytes build into.
+    """
     wanted = source_only(requirements)
     if not wanted:
         return
-    wheelhouse.mkdir(parents=True, exist_ok=True)
-    index = [part for line in requirements if line.startswith(("--index-url", "--extra-index-url"))
-             for part in line.split(None, 1)]
-    env = dict(os.environ)
-    if ca_bundle is not None:
-        env["PIP_CERT"] = str(ca_bundle)
-    if os.environ.get("UV_INDEX_URL") and not index:
-        index = ["--index-url", os.environ["UV_INDEX_URL"]]
-    for requirement in wanted:
-        log(f"mms: {requirement} is published as source only: building its pure-Python wheel")
-        command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--disable-pip-version-check",
-                   "--progress-bar", "off", "--find-links", str(wheelhouse), "-w", str(wheelhouse),
-                   *index, requirement]
-        try:
-            done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  text=True, env=env, timeout=timeout, check=False)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise BuildFailed("environment", f"cannot build a wheel of {requirement}: {exc}") from None
-        for line in done.stdout.splitlines()[-5:]:
-            log(f"    {line}")
-        if done.returncode != 0:
-            errors = [x.strip() for x in done.stdout.splitlines() if x.startswith("ERROR")]
-            raise BuildFailed("environment", f"building a wheel of {requirement} failed: "
-                              + ("; ".join(errors) or "pip wheel exited with "
-                                 f"{done.returncode}"))
+    dest.mkdir(parents=True, exist_ok=True)
+    for line in wanted:
+        sdist = _download_sdist(line, dest.parent / "sdists", index_url, ca_bundle, log)
+        wheel = build_wheel_contained(sdist, log, cache=cache, limits=limits, what=line)
+        shutil.copy2(wheel, dest / wheel.name)
+
+
+def build_wheel_contained(sdist: Path, log: Log, *, cache: Path, limits: Limits,
+                          what: str) -> Path:
+    """The wheel of ``sdist``: cached under its digest, else built contained and cached."""
+    digest = _sha256(sdist)
+    cached = cache / f"{digest}-setuptools-{metadata.version('setuptools')}"
+    wheel = _cached_wheel(cached)
+    if wheel is not None:
+        log(f"mms: {what}: wheel built before from the same sdist ({digest[:12]})")
+        return wheel
+    shutil.rmtree(cached, ignore_errors=True)  # absent, or no longer what was recorded
+    log(f"mms: {what} is published as source only: building its wheel contained")
+    out = sdist.parent / f"built-{digest[:12]}"
+    # A copy the sandbox's own uid may read (a fetched file is private to the worker).
+    staged = sdist.parent / f"in-{digest[:12]}" / sdist.name
+    staged.parent.mkdir(mode=0o755, exist_ok=True)
+    shutil.copyfile(sdist, staged)
+    staged.chmod(0o644)
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-index",
+               "--no-build-isolation", "--disable-pip-version-check", "--no-cache-dir",
+               "--progress-bar", "off", "-w", "/out", f"/in/{sdist.name}"]
+    try:
+        run_contained(command, inputs={staged: f"/in/{sdist.name}"}, output=out,
+                      limits=limits, log=log, what=f"building a wheel of {what}")
+    except SandboxFailed as exc:
+        raise BuildFailed("environment", str(exc)) from None
+    return _store_wheel(out, cached)
+
+
+def localise_requirements(requirements: list[str], files: Mapping[str, Path], dest: Path,
+                          log: Log, *, cache: Path, limits: Limits) -> list[str]:
+    """Point lines naming a package file under ``REQUIREMENT_FILES`` at the worker's copy;
+    a source distribution is built into a wheel first, contained."""
+    out = []
+    for line in requirements:
+        match = _LOCAL_FILE.search(line)
+        if match is None:
+            out.append(line)
+            continue
+        name = match["name"]
+        if name not in files:
+            raise BuildFailed("environment", f"requirement file {name} was not fetched")
+        path = files[name]
+        if not name.endswith(".whl"):
+            dest.mkdir(parents=True, exist_ok=True)
+            wheel = build_wheel_contained(path, log, cache=cache, limits=limits, what=name)
+            path = dest / wheel.name
+            shutil.copy2(wheel, path)
+            line = line[:match.start()] + f"file://{path}"  # the wheel is not the sdist named
+        else:
+            line = line[:match.start()] + f"file://{path}" + line[match.end("name"):]
+        out.append(line)
+    return out
+
+
+def _download_sdist(line: str, folder: Path, index_url: str, ca_bundle: Path | None,
+                    log: Log) -> Path:
+    """The newest sdist on the index that ``line`` admits, its digest verified."""
+    try:
+        requirement = Requirement(line)
+    except InvalidRequirement as exc:
+        raise BuildFailed("environment", f"requirement {line!r}: {exc}") from None
+    if requirement.url:
+        raise BuildFailed("environment", f"requirement {line!r}: a direct reference; name a "
+                                         "version from the package index")
+    session = requests.Session()
+    session.trust_env = False
+    session.verify = str(ca_bundle) if ca_bundle else True
+    try:
+        with PyPISimple(endpoint=index_url, session=session) as client:
+            page = client.get_project_page(requirement.name)
+            candidates = [p for p in page.packages if p.package_type == "sdist" and p.version
+                          and p.digests.get("sha256") and requirement.specifier.contains(
+                              p.version, prereleases=False)]
+            if not candidates:
+                raise BuildFailed("environment", f"the package index has no source "
+                                                 f"distribution for {line}")
+            best = max(candidates, key=lambda p: Version(p.version))
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / Path(best.filename).name
+            log(f"mms: downloading {best.filename} from the package index")
+            client.download_package(best, path, verify=True)
+    except (requests.RequestException, NoSuchProjectError, DigestMismatchError,
+            InvalidVersion, OSError) as exc:
+        raise BuildFailed("environment", f"cannot download the source of {line}: "
+                                         f"{_one_line(str(exc))}") from None
+    return path
+
+
+def _cached_wheel(folder: Path) -> Path | None:
+    """The wheel cached in ``folder``, if its recorded digest still matches."""
+    try:
+        record = json.loads((folder / "wheel.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    wheel = folder / record.get("file", "")
+    if not wheel.is_file() or _sha256(wheel) != record.get("sha256"):
+        return None
+    return wheel
+
+
+def _store_wheel(out: Path, cached: Path) -> Path:
+    wheels = [p for p in out.iterdir() if p.suffix == ".whl" and p.is_file() and not p.is_symlink()]
+    if len(wheels) != 1:
+        raise BuildFailed("environment", f"the contained build made {len(wheels)} wheels, not one")
+    staging = cached.with_name(f".{cached.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    staging.mkdir(parents=True)
+    wheel = staging / wheels[0].name
+    shutil.copyfile(wheels[0], wheel)  # a copy the worker owns, not the sandbox's file
+    (staging / "wheel.json").write_text(json.dumps({"file": wheel.name, "sha256": _sha256(wheel)}))
+    try:
+        staging.rename(cached)
+    except OSError:  # another worker cached it first: theirs is as good, once checked
+        shutil.rmtree(staging, ignore_errors=True)
+    return _cached_wheel(cached) or wheels[0]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _one_line(text: str) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= 300 else line[:299] + "…"
 
 
 def normalise_requirements(lines: Iterable[str]) -> list[str]:
@@ -238,16 +366,18 @@ def normalise_requirements(lines: Iterable[str]) -> list[str]:
     return kept
 
 
-def dependency_cache_key(requirements: list[str], target: TargetPython) -> str:
+def dependency_cache_key(requirements: list[str], target: TargetPython,
+                         index_url: str = DEFAULT_INDEX_URL) -> str:
     """What the dependency layer is a function of; equal keys reuse one layer."""
-    material = {"requirements": requirements, "target": asdict(target),
+    material = {"requirements": requirements, "target": asdict(target), "index": index_url,
                 "uv": metadata.version("uv"), "layout": LAYOUT_VERSION}
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
 
 
 def install_dependencies(requirements: list[str], target: TargetPython, dest: Path, log: Log,
                          *, cache_dir: Path | None = None, ca_bundle: Path | None = None,
-                         timeout: float = 1800, wheelhouse: Path | None = None) -> None:
+                         timeout: float = 1800, wheelhouse: Path | None = None,
+                         index_url: str = DEFAULT_INDEX_URL) -> None:
     """Install wheels for ``requirements`` into ``dest`` for ``target``; BuildFailed if not.
 
     ``wheelhouse`` holds the wheels ``build_source_wheels`` made for source-only projects.
@@ -257,7 +387,8 @@ def install_dependencies(requirements: list[str], target: TargetPython, dest: Pa
     req_file.write_text("".join(f"{r}\n" for r in requirements), encoding="utf-8")
     command = [uv.find_uv_bin(), "pip", "install", "--no-config", "--target", str(dest),
                "--python-version", target.version, "--python-platform", target.platform,
-               "--only-binary", ":all:", "--no-progress", "-r", str(req_file)]
+               "--only-binary", ":all:", "--no-progress", "--index-url", index_url,
+               "-r", str(req_file)]
     if wheelhouse is not None and source_only(requirements):
         command += ["--find-links", str(wheelhouse)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("UV_") or k in _UV_PASSTHROUGH}
@@ -288,8 +419,7 @@ def install_dependencies(requirements: list[str], target: TargetPython, dest: Pa
     _rewrite_shebangs(dest / "bin")
 
 
-_UV_PASSTHROUGH = {"UV_INDEX_URL", "UV_EXTRA_INDEX_URL", "UV_DEFAULT_INDEX", "UV_INDEX",
-                   "UV_NATIVE_TLS", "UV_HTTP_TIMEOUT"}
+_UV_PASSTHROUGH = {"UV_NATIVE_TLS", "UV_HTTP_TIMEOUT"}  # never an index: the operator's setting is
 
 
 def _explain(output: list[str], target: TargetPython) -> str:

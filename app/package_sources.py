@@ -1,0 +1,76 @@
+"""Where a build's Python packages may come from: the operator's index, or the account's
+own package files. Checked when a manifest is created (when its requirements are one of the
+account's assets) and again by the worker when it builds (whatever the manifest names)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import yaml
+from packaging.requirements import InvalidRequirement, Requirement
+
+__all__ = ["DirectReference", "PackageSourceRefused", "check_requirements", "conda_pip_entries"]
+
+
+class PackageSourceRefused(ValueError):
+    """A requirement line chooses its own package source; the message names the line."""
+
+
+@dataclass(frozen=True)
+class DirectReference:
+    """A requirement on a file by URL (``name @ url``), to one of the account's own assets."""
+
+    line: int
+    name: str
+    url: str
+
+
+def check_requirements(text: str, what: str, *,
+                       own_url: Callable[[str], bool] = lambda _: False) -> list[DirectReference]:
+    """Refuse requirement lines that choose where packages come from: options (an index,
+    find-links, a nested file), and direct references (a URL, a VCS or a path) other than
+    to the account's own assets (``own_url``), which are returned. Package sources are the
+    operator's (MMS_PIP_INDEX_URL); a tenant's own line would send the build, and whatever a
+    package's build runs, wherever the tenant likes."""
+    references = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.split(" #", 1)[0].strip()
+        if not line or line.startswith("#"):
+            continue
+        shown = line if len(line) <= 80 else line[:79] + "…"
+        if line.startswith("-"):
+            raise PackageSourceRefused(
+                f"{what} line {number} ({shown.split()[0]}): options are not accepted; package "
+                "sources are the operator's choice (MMS_PIP_INDEX_URL)")
+        try:
+            requirement = Requirement(line.split(" --hash", 1)[0])
+        except InvalidRequirement:
+            raise PackageSourceRefused(
+                f"{what} line {number} ({_no_query(shown)}): not a requirement such as name==1.0 "
+                "(URLs, paths and options are not accepted)") from None
+        if requirement.url:
+            if not own_url(requirement.url):
+                raise PackageSourceRefused(
+                    f"{what} line {number} ({requirement.name} @ …): direct references are "
+                    "accepted only to this account's own assets; upload the file as an asset, "
+                    "or name a version from the package index")
+            references.append(DirectReference(number, requirement.name, requirement.url))
+    return references
+
+
+def conda_pip_entries(text: str) -> list[str]:
+    """The ``pip:`` entries of a conda environment file ([] when it is not one: the builder
+    says what is wrong with it)."""
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return []
+    deps = doc.get("dependencies") if isinstance(doc, dict) else None
+    return [str(entry) for dep in deps or [] if isinstance(dep, dict) and isinstance(dep.get("pip"), list)
+            for entry in dep["pip"]] if isinstance(deps, list) else []
+
+
+def _no_query(text: str) -> str:
+    return re.sub(r"\?\S*", "?…", text)

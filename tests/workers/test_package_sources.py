@@ -1,0 +1,107 @@
+"""Package sources are the operator's: requirement lines that pick an index, a URL or a path
+fail the build naming the line, with both builders, through the API and a real worker."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import tarfile
+import zipfile
+
+import pytest
+
+from tests.workers.test_image_builds import ECHO_SCORE, Account, Stack, stack  # noqa: F401
+
+pytestmark = pytest.mark.postgres_only
+
+
+@pytest.mark.parametrize("builder", ["oci", "docker"])
+def test_requirement_lines_that_choose_where_packages_come_from_fail_naming_the_line(
+        stack: Stack, builder: str) -> None:  # noqa: F811
+    account = Account(stack)
+    score_url = account.upload("score.py", ECHO_SCORE.encode())
+    # Another account's file, and one on the internet: never the account's own.
+    foreign_url = Account(stack).upload("pyspark-3.5.9.tar.gz", b"a hostile build backend")
+    cases = [
+        (f"six==1.16.0\npyspark @ {foreign_url}\n", "pip requirements line 2 (pyspark @ …): direct references"),
+        ("pyspark @ https://example.com/pyspark-3.5.9.tar.gz?sig=x\n", "line 1 (pyspark @ …): direct references"),
+        ("--index-url http://127.0.0.1:9/simple\nsix\n", "pip requirements line 1 (--index-url)"),
+        ("six\n--extra-index-url=https://evil.example/simple\n", "line 2 (--extra-index-url=https://evil.example/simple)"),
+        ("-f /tmp/wheels\nsix\n", "line 1 (-f)"),
+        ("git+https://example.com/pkg.git\n", "line 1 (git+https://example.com/pkg.git): not a requirement"),
+    ]
+    for number, (requirements, fragment) in enumerate(cases):
+        manifest = {"name": f"sources-{number}", "driverProgram": "score.py", "modelIds": [],
+                    "assets": [{"id": "score.py", "url": score_url}],
+                    "targetRuntime": {"runtimeType": "Python", "properties": {
+                        "pipRequirements": account.upload("requirements.txt", requirements.encode())}}}
+        manifest_id = account.call("POST", f"{account.url}/manifests", json=manifest).json()["id"]
+        image = account.wait(account.build(manifest_id, f"sources-{number}", builder)["Id"], seconds=120)
+        message = image["Error"]["message"] if image.get("Error") else ""
+        assert image["CreationState"] == "Failed", (requirements, account.log(image)[-2000:])
+        assert fragment in message, message
+        assert "sig=" not in message and "sig=" not in account.log(image)
+        assert "installing" not in account.log(image)  # refused before any package was fetched
+
+
+def _wheel(name: str, module: str) -> bytes:
+    """A minimal pure-Python wheel whose module says ``module``."""
+    files = {f"{name}/__init__.py": module.encode(),
+             f"{name}-1.0.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n".encode(),
+             f"{name}-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = []
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as whl:
+        for path, data in files.items():
+            whl.writestr(path, data)
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+            record.append(f"{path},sha256={digest},{len(data)}")
+        record.append(f"{name}-1.0.dist-info/RECORD,,")
+        whl.writestr(f"{name}-1.0.dist-info/RECORD", "\n".join(record) + "\n")
+    return buffer.getvalue()
+
+
+def _sdist(name: str, module: str) -> bytes:
+    files = {"pyproject.toml": '[build-system]\nrequires = ["setuptools>=70.1"]\nbuild-backend = "setuptools.build_meta"\n'
+                               f'[project]\nname = "{name}"\nversion = "1.0"\n',
+             f"{name}/__init__.py": module}
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for path, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(f"{name}-1.0/{path}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+USES_PACKAGE = "import ownpkg\n\ndef init():\n    pass\n\ndef run(raw_data):\n    return {'origin': ownpkg.ORIGIN}\n"
+
+
+@pytest.mark.parametrize(("builder", "kind"), [("oci", "wheel"), ("docker", "wheel"), ("oci", "sdist")])
+def test_an_accounts_own_package_file_is_installed_and_another_accounts_is_refused(
+        stack: Stack, builder: str, kind: str) -> None:  # noqa: F811
+    owner, other = Account(stack), Account(stack)
+    if kind == "wheel":
+        package_url = owner.upload("ownpkg-1.0-py3-none-any.whl", _wheel("ownpkg", "ORIGIN = 'own wheel'\n"))
+    else:
+        package_url = owner.upload("ownpkg-1.0.tar.gz", _sdist("ownpkg", "ORIGIN = 'own sdist'\n"))
+
+    def manifest(account: Account) -> str:
+        body = {"name": "own-package", "driverProgram": "score.py", "modelIds": [],
+                "assets": [{"id": "score.py", "url": account.upload("score.py", USES_PACKAGE.encode())}],
+                "targetRuntime": {"runtimeType": "Python", "properties": {
+                    "pipRequirements": account.upload("requirements.txt", f"ownpkg @ {package_url}\n".encode())}}}
+        return account.call("POST", f"{account.url}/manifests", json=body).json()["id"]
+
+    image = owner.wait(owner.build(manifest(owner), "own-package", builder)["Id"])
+    log = owner.log(image)
+    assert image["CreationState"] == "Succeeded", log[-3000:]
+    assert "smoke test passed" in log and "sig=" not in log
+    if kind == "sdist":
+        assert "building its wheel contained" in log
+
+    refused = other.wait(other.build(manifest(other), "not-own-package", builder)["Id"], seconds=120)
+    assert refused["CreationState"] == "Failed"
+    assert "only to this account's own assets" in refused["Error"]["message"]

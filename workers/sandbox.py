@@ -1,0 +1,164 @@
+"""Run a command that executes a build's inputs (a package's build backend) contained.
+
+Built on bubblewrap, Debian's unprivileged sandbox (the one Flatpak runs on): the command
+gets new PID, network, IPC and UTS namespaces, so it sees no other process, has no network
+interface but its own loopback, and cannot reach the host's services, the Docker engine or
+a metadata address. Its file system is a fresh tmpfs holding only the system's programs
+and libraries and the worker's Python (read-only), the inputs it is given (read-only) and
+one output folder: never the worker's data folder, settings or caches. It runs under an
+unprivileged uid with no capabilities and ``no_new_privs``, under resource limits
+(``prlimit``: CPU time, address space, processes, file size; tmpfs sizes; wall time).
+Why not a container: the oci builder exists to need no Docker engine, and a build backend
+needs no image, only the worker's Python.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["Limits", "SandboxFailed", "run_contained"]
+
+Log = Callable[[str], None]
+# Unprivileged uids for contained commands when the worker runs as root: one per command,
+# so concurrent commands never share a process budget or files.
+_UID_RANGE = (300000, 365535)
+_SYSTEM = ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/etc/ld.so.cache", "/etc/alternatives")
+_TAIL = 20
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one contained command may use."""
+
+    cpu_seconds: int = 900
+    memory_bytes: int = 4 << 30  # address space
+    processes: int = 256
+    file_bytes: int = 1 << 30  # the largest file it may write
+    disk_bytes: int = 2 << 30  # each tmpfs (/tmp)
+    wall_seconds: float = 1800.0
+
+
+class SandboxFailed(Exception):
+    """The contained command failed or hit a limit; the message says which."""
+
+
+def run_contained(command: list[str], *, inputs: Mapping[Path, str], output: Path,
+                  limits: Limits, log: Log, what: str) -> None:
+    """Run ``command`` contained, ``inputs`` (host path → sandbox path) read-only and
+    ``output`` writable at ``/out``; stream its output to ``log``; raise ``SandboxFailed``."""
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        raise SandboxFailed(f"{what} needs bubblewrap to run contained, and this worker has "
+                            "none (apt-get install bubblewrap)")
+    output.mkdir(parents=True, exist_ok=True)
+    args = [bwrap, "--die-with-parent", "--new-session", "--unshare-pid", "--unshare-net",
+            "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try", "--hostname", "sandbox",
+            "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp",
+            "--setenv", "TMPDIR", "/tmp", "--setenv", "LANG", "C.UTF-8",
+            "--setenv", "PYTHONDONTWRITEBYTECODE", "1",
+            "--proc", "/proc", "--dev", "/dev",
+            "--perms", "1777", "--size", str(limits.disk_bytes), "--tmpfs", "/tmp"]
+    binds = [(path, path) for path in dict.fromkeys((sys.prefix, sys.base_prefix))]  # its Python
+    binds += [(str(source), target) for source, target in inputs.items()]
+    # bwrap makes missing parent folders 0700: open them, or the uid below cannot pass.
+    targets = [*_SYSTEM, *(target for _, target in binds)]
+    parents = {str(p) for target in targets for p in Path(target).parents if str(p) != "/"}
+    for folder in sorted(parents, key=lambda p: p.count("/")):
+        args += ["--perms", "0755", "--dir", folder]
+    for path in _SYSTEM:
+        args += ["--ro-bind-try", path, path]
+    for source, target in binds:
+        args += ["--ro-bind", source, target]
+    args += ["--bind", str(output), "/out", "--chdir", "/tmp"]
+    rlimits = ["prlimit", f"--cpu={limits.cpu_seconds}:{limits.cpu_seconds + 5}", f"--as={limits.memory_bytes}",
+               f"--nproc={limits.processes}", f"--fsize={limits.file_bytes}", "--core=0", "--"]
+    if os.geteuid() == 0:
+        # bwrap runs as root to set up the mounts, then the command drops to a uid of its
+        # own, every capability gone and no way back (no_new_privs).
+        uid = secrets.randbelow(_UID_RANGE[1] - _UID_RANGE[0]) + _UID_RANGE[0]
+        os.chown(output, uid, uid)
+        drop = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+                "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
+        args += ["--", *drop, *rlimits, *command]
+    else:
+        # Unprivileged: a user namespace maps the worker's own uid; no capability reaches out.
+        args += ["--unshare-user", "--cap-drop", "ALL", "--", *rlimits, *command]
+    _run(args, limits, log, what)
+
+
+def _run(args: list[str], limits: Limits, log: Log, what: str) -> None:
+    tail: list[str] = []
+    try:
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, text=True, errors="replace",
+                                start_new_session=True, env={})
+    except OSError as exc:
+        raise SandboxFailed(f"cannot start the sandbox for {what}: {exc}") from None
+    timer = _Deadline(proc, limits.wall_seconds)
+    with proc:
+        try:
+            for line in proc.stdout:  # type: ignore[union-attr]
+                line = line.rstrip()
+                tail = [*tail[-_TAIL + 1:], line]
+                log(f"    {line}")
+            code = proc.wait()
+        finally:
+            timer.cancel()
+            if proc.poll() is None:  # the log raised: a cancelled build
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    if timer.fired:
+        raise SandboxFailed(f"{what} ran longer than its wall-time limit of "
+                            f"{limits.wall_seconds:g} s and was stopped")
+    if code != 0:
+        raise SandboxFailed(f"{what} failed: {_reason(code, tail, limits)}")
+
+
+def _reason(code: int, tail: list[str], limits: Limits) -> str:
+    text = "\n".join(tail)
+    signalled = code - 128 if code > 128 else -code if code < 0 else 0
+    if signalled == signal.SIGXCPU:  # the soft limit; the hard one, 5 s later, kills
+        return f"it used up its CPU time limit of {limits.cpu_seconds} s"
+    if signalled == signal.SIGKILL:
+        return f"it was killed at its CPU time limit of {limits.cpu_seconds} s"
+    if signalled == signal.SIGXFSZ or "File too large" in text:
+        return f"it wrote a file beyond the file size limit of {limits.file_bytes >> 20} MiB"
+    if "MemoryError" in text or "Cannot allocate memory" in text:
+        return f"it ran out of memory (limit {limits.memory_bytes >> 20} MiB of address space)"
+    if "Resource temporarily unavailable" in text or "can't start new thread" in text:
+        return f"it hit the process limit ({limits.processes} processes)"
+    if "No space left on device" in text:
+        return f"it filled its disk (limit {limits.disk_bytes >> 20} MiB)"
+    errors = [line.strip() for line in tail if line.strip().startswith(("ERROR", "error"))]
+    last = errors[-1] if errors else (tail[-1].strip() if tail else "")
+    return f"exit code {code}" + (f": {last[:300]}" if last else "")
+
+
+class _Deadline:
+    """Kill the sandbox's whole session when the wall-time limit passes."""
+
+    def __init__(self, proc: subprocess.Popen, seconds: float) -> None:
+        self.fired = False
+        self._proc = proc
+        self._timer = threading.Timer(seconds, self._kill)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _kill(self) -> None:
+        self.fired = True
+        try:
+            os.killpg(self._proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def cancel(self) -> None:
+        self._timer.cancel()
