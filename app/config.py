@@ -88,6 +88,8 @@ class Settings(BaseSettings):
     # Where builds get Python packages (the operator's choice: tenants' requirement lines may
     # not name an index, a URL or a path).
     pip_index_url: str = "https://pypi.org/simple"
+    # The conda channels a conda file may name (docker builder).
+    conda_channels: list[str] = ["conda-forge", "defaults"]
     # Limits of a contained step (a source-only package's build backend, run in bubblewrap).
     sandbox_cpu_seconds: int = Field(default=900, ge=1)
     sandbox_memory_mb: int = Field(default=4096, ge=64)

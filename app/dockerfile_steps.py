@@ -29,8 +29,8 @@ ALLOWED_INSTRUCTIONS = ("RUN", "ENV", "ARG", "LABEL", "EXPOSE")
 
 # Characters no line of a Dockerfile we write may hold: C0 controls (tab aside), DEL, C1
 # controls (U+0085 is a line break to Python), the Unicode line and paragraph separators,
-# and a byte order mark.
-_FORBIDDEN = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\ufeff]")
+# a byte order mark, and lone surrogates (no UTF-8 can carry them).
+_FORBIDDEN = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\ufeff\ud800-\udfff]")
 # The engine's rule (buildkit's lineContinuationRegex for the escape token "\").
 _CONTINUATION = re.compile(r"([^\\])\\[ \t]*$")
 _DIRECTIVE = re.compile(r"^#\s*(syntax|escape|check)\s*=", re.IGNORECASE)

@@ -11,7 +11,15 @@ from dataclasses import dataclass
 import yaml
 from packaging.requirements import InvalidRequirement, Requirement
 
-__all__ = ["DirectReference", "PackageSourceRefused", "check_requirements", "conda_pip_entries"]
+__all__ = [
+    "DirectReference",
+    "PackageSourceRefused",
+    "canonical_requirement",
+    "check_conda_channels",
+    "check_requirements",
+    "conda_pip_entries",
+    "parse_requirement",
+]
 
 
 class PackageSourceRefused(ValueError):
@@ -45,11 +53,12 @@ def check_requirements(text: str, what: str, *,
                 f"{what} line {number} ({shown.split()[0]}): options are not accepted; package "
                 "sources are the operator's choice (MMS_PIP_INDEX_URL)")
         try:
-            requirement = Requirement(line.split(" --hash", 1)[0])
-        except InvalidRequirement:
+            requirement = parse_requirement(line)
+        except PackageSourceRefused:
             raise PackageSourceRefused(
                 f"{what} line {number} ({_no_query(shown)}): not a requirement such as name==1.0 "
-                "(URLs, paths and options are not accepted)") from None
+                "(URLs, paths and options, other than --hash=sha256:… after it, are not "
+                "accepted)") from None
         if requirement.url:
             if not own_url(requirement.url):
                 raise PackageSourceRefused(
@@ -58,6 +67,46 @@ def check_requirements(text: str, what: str, *,
                     "or name a version from the package index")
             references.append(DirectReference(number, requirement.name, requirement.url))
     return references
+
+
+def parse_requirement(line: str) -> Requirement:
+    """A requirement line: a PEP 508 requirement, then nothing but ``--hash=sha256:<hex>``
+    options (pip and uv honour any option after a requirement, an index among them)."""
+    hashes = _HASHES.search(line)
+    try:
+        return Requirement(line[: hashes.start()] if hashes else line)
+    except InvalidRequirement:
+        raise PackageSourceRefused(f"not a requirement: {_no_query(line)[:80]}") from None
+
+
+def canonical_requirement(line: str) -> str:
+    """The line as the service writes it for an installer: the parsed requirement and its
+    hashes, nothing the tenant wrote beyond them."""
+    hashes = _HASHES.search(line)
+    kept = re.findall(r"sha256:[0-9a-fA-F]{64}", hashes.group()) if hashes else []
+    return " ".join([str(parse_requirement(line)), *(f"--hash=sha256:{h[7:].lower()}" for h in kept)])
+
+
+def check_conda_channels(text: str, allowed: list[str]) -> None:
+    """Refuse a conda file whose channels (``channels:``, ``channel::package``) are not the
+    operator's (MMS_CONDA_CHANNELS)."""
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return  # the builder says what is wrong with it
+    if not isinstance(doc, dict):
+        return
+    channels = doc.get("channels") or []
+    if not isinstance(channels, list):
+        raise PackageSourceRefused("conda file: 'channels' must be a list")
+    named = [str(c) for c in channels]
+    deps = doc.get("dependencies") if isinstance(doc.get("dependencies"), list) else []
+    named += [str(d).split("::", 1)[0].strip() for d in deps if isinstance(d, str) and "::" in d]
+    for channel in named:
+        if channel not in allowed:
+            raise PackageSourceRefused(
+                f"conda file: channel {_no_query(channel)[:80]!r} is not one of the operator's "
+                f"({', '.join(allowed) or 'none'}; MMS_CONDA_CHANNELS)")
 
 
 def conda_pip_entries(text: str) -> list[str]:
@@ -70,6 +119,9 @@ def conda_pip_entries(text: str) -> list[str]:
     deps = doc.get("dependencies") if isinstance(doc, dict) else None
     return [str(entry) for dep in deps or [] if isinstance(dep, dict) and isinstance(dep.get("pip"), list)
             for entry in dep["pip"]] if isinstance(deps, list) else []
+
+
+_HASHES = re.compile(r"(?:[ \t]+--hash[=\s]sha256:[0-9a-fA-F]{64})+[ \t]*$")
 
 
 def _no_query(text: str) -> str:

@@ -25,6 +25,7 @@ SMUGGLING = {
     "lone carriage return": (f"RUN echo hi\r{STOLEN}", "carriage return"),
     "NUL": (f"RUN echo hi\x00{STOLEN}", "U+0000"),
     "byte order mark": (f"\ufeff{STOLEN}", "U+FEFF"),
+    "lone surrogate": ("LABEL a=\ud800", "U+D800"),
     # A parser directive, were the steps ever placed first, would change the escape character.
     "escape directive": (f"# escape=`\nRUN echo `\n{STOLEN}", "parser directives"),
     "syntax directive": ("# syntax=docker/dockerfile:1.4\nRUN echo hi", "parser directives"),

@@ -21,7 +21,8 @@ from app.config import Settings
 from app.context import ServiceContext
 from app.database import session_scope
 from app.orm import Image, ModelVersion
-from app.services.base_images import BASE_REPOSITORY, default_base_image
+from app.package_sources import PackageSourceRefused, check_conda_channels
+from app.services.base_images import BASE_REPOSITORY, default_base_image, foreign_base_image
 from app.services.registry import image_layout
 from workers.build_context import (
     REQUIREMENT_FILES,
@@ -261,9 +262,10 @@ def package_files(context: ServiceContext, inputs: BuildInputs, pip: str | None,
     try:
         references = check_requirements(pip or "", "pip requirements", own_url=own)
         if conda is not None:
+            check_conda_channels(conda, context.settings.conda_channels)
             references += check_requirements("\n".join(split_conda(conda)[2]),
                                              "conda file pip:", own_url=own)
-    except InvalidBuildSpec as exc:
+    except (InvalidBuildSpec, PackageSourceRefused) as exc:
         raise StepFailed("environment", str(exc)) from None
     files: dict[str, Path] = {}
     policy = fetch_policy(context.settings)
@@ -300,6 +302,10 @@ def run_pipeline(context: ServiceContext, image_id: uuid.UUID, emit: Log) -> Bui
         app_dir, model_dir, conda, pip = fetch_step(context, inputs, work, emit)
         pip, conda, requirement_files = package_files(context, inputs, pip, conda, work, emit)
         base = inputs.base_image or default_base(settings, inputs.published_base, inputs.runtime)
+        foreign = foreign_base_image(base, registry=settings.image_registry,
+                                     account_id=inputs.account_id)
+        if foreign:  # the API refuses it too; a manifest stored before that rule is held here
+            raise StepFailed("pull-base", foreign)
         spec = BuildSpec(
             base_image=base,
             driver_program=driver_file(inputs),

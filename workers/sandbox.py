@@ -21,13 +21,16 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 __all__ = ["Limits", "SandboxFailed", "run_contained"]
 
 Log = Callable[[str], None]
+T = TypeVar("T")
 # Unprivileged uids for contained commands when the worker runs as root: one per command,
 # so concurrent commands never share a process budget or files.
 _UID_RANGE = (300000, 365535)
@@ -52,9 +55,15 @@ class SandboxFailed(Exception):
 
 
 def run_contained(command: list[str], *, inputs: Mapping[Path, str], output: Path,
-                  limits: Limits, log: Log, what: str) -> None:
+                  limits: Limits, log: Log, what: str,
+                  collect: Callable[[Path], T] | None = None) -> T | None:
     """Run ``command`` contained, ``inputs`` (host path → sandbox path) read-only and
-    ``output`` writable at ``/out``; stream its output to ``log``; raise ``SandboxFailed``."""
+    ``output`` writable at ``/out``; stream its output to ``log``; raise ``SandboxFailed``.
+
+    ``collect(output)`` takes what the command made, while ``output`` still holds it: as
+    root, ``output`` is a tmpfs of ``limits.disk_bytes`` for the command's run only, so it
+    cannot fill the worker's disk.
+    """
     bwrap = shutil.which("bwrap")
     if bwrap is None:
         raise SandboxFailed(f"{what} needs bubblewrap to run contained, and this worker has "
@@ -81,18 +90,40 @@ def run_contained(command: list[str], *, inputs: Mapping[Path, str], output: Pat
     args += ["--bind", str(output), "/out", "--chdir", "/tmp"]
     rlimits = ["prlimit", f"--cpu={limits.cpu_seconds}:{limits.cpu_seconds + 5}", f"--as={limits.memory_bytes}",
                f"--nproc={limits.processes}", f"--fsize={limits.file_bytes}", "--core=0", "--"]
+    uid = None
     if os.geteuid() == 0:
         # bwrap runs as root to set up the mounts, then the command drops to a uid of its
         # own, every capability gone and no way back (no_new_privs).
         uid = secrets.randbelow(_UID_RANGE[1] - _UID_RANGE[0]) + _UID_RANGE[0]
-        os.chown(output, uid, uid)
         drop = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
                 "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
         args += ["--", *drop, *rlimits, *command]
     else:
         # Unprivileged: a user namespace maps the worker's own uid; no capability reaches out.
+        # The output folder is then bounded per file only (no mount without privilege).
         args += ["--unshare-user", "--cap-drop", "ALL", "--", *rlimits, *command]
-    _run(args, limits, log, what)
+    with _bounded(output, limits.disk_bytes, uid):
+        _run(args, limits, log, what)
+        return collect(output) if collect is not None else None
+
+
+@contextmanager
+def _bounded(folder: Path, size: int, uid: int | None) -> Iterator[None]:
+    """As root: a tmpfs of ``size`` bytes on ``folder``, owned by ``uid``, for the block."""
+    if uid is None:
+        yield
+        return
+    options = f"size={size},mode=0700,uid={uid},gid={uid},nosuid,nodev,noexec"
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", options, "mms-sandbox-out", str(folder)],
+                       check=True, capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise SandboxFailed(f"cannot mount the sandbox's output folder: {exc}") from None
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "--lazy", str(folder)], check=False, capture_output=True,
+                       timeout=30)
 
 
 def _run(args: list[str], limits: Limits, log: Log, what: str) -> None:

@@ -107,7 +107,8 @@ def serve(
                   f"images stored at {settings.image_registry if settings.registry else settings.image_store_dir})",
                   highlight=False)
         worker = ChildProcess("build-worker", [sys.executable, "-m", "app.cli", "worker"])
-        worker.start()
+        # Once the API listens: a build fetches its assets from this service's own store.
+        worker.start(ready=lambda: _listening(settings.host, settings.port))
         # uvicorn re-raises the SIGTERM it stopped on once it is done; exit through Python
         # then, so the worker is stopped below rather than left to the kernel.
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -131,6 +132,17 @@ def serve(
     finally:
         if worker is not None:
             worker.stop()
+
+
+def _listening(host: str, port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1" if host in ("0.0.0.0", "::") else host, port),
+                                      timeout=0.5):
+            return True
+    except OSError:
+        return False
 
 
 def _broker_name(settings: Settings) -> str:

@@ -14,7 +14,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 log = logging.getLogger("mms.supervisor")
 
@@ -45,13 +45,20 @@ class ChildProcess:
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._watch, name=f"supervise-{name}", daemon=True)
+        self._ready: Callable[[], bool] | None = None
+        self._ready_wait = 0.0
 
     @property
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
 
-    def start(self) -> None:
-        self._spawn()
+    def start(self, *, ready: Callable[[], bool] | None = None, wait: float = 120.0) -> None:
+        """Start the child now, or once ``ready()`` is true (polled, for ``wait`` seconds at
+        most: then it starts anyway)."""
+        if ready is None:
+            self._spawn()
+        else:
+            self._ready, self._ready_wait = ready, wait
         self._thread.start()
 
     def _spawn(self) -> None:
@@ -64,6 +71,14 @@ class ChildProcess:
             log.info("child.started", extra={"child": self.name, "pid": self._process.pid})
 
     def _watch(self) -> None:
+        # Spawned from this thread, which lives as long as the child: the kernel's
+        # parent-death signal fires when the spawning thread ends, not the process.
+        if self._process is None and self._ready is not None:
+            deadline = time.monotonic() + self._ready_wait
+            while not self._ready() and time.monotonic() < deadline:
+                if self._stopping.wait(0.2):
+                    return
+            self._spawn()
         backoff = 1.0
         while not self._stopping.is_set():
             process = self._process

@@ -59,3 +59,28 @@ def default_base_image(session: Session, *, variant: str = "cpu") -> str | None:
     return session.scalars(
         select(BaseImage.reference).where(BaseImage.variant == variant).order_by(BaseImage.published_at.desc()).limit(1)
     ).first()
+
+
+def foreign_base_image(reference: str, *, registry: str, account_id: object) -> str | None:
+    """Why ``reference`` may not be a build's base, or None.
+
+    On the service's own registry (``registry``: ``host[:port][/prefix]``) a build may start
+    from the published bases (``mms/``) and its own account's images only: the registry
+    holds every account's images, and an open one (or the engine's cache) would hand any of
+    them to whoever names them.
+    """
+    first, sep, rest = reference.partition("/")
+    # As the engine reads a reference: a first part with a dot, a colon or "localhost"
+    # (in any case) names a registry.
+    if not sep or not ("." in first or ":" in first or first.lower() == "localhost"):
+        return None
+    host, _, prefix = registry.rstrip("/").partition("/")
+    if first.lower() != host.lower():
+        return None
+    path = rest.split("@", 1)[0]
+    path = path.rsplit(":", 1)[0] if ":" in path.rsplit("/", 1)[-1] else path
+    own = [f"{prefix}/{p}" if prefix else p for p in ("mms/", f"{account_id}/")]
+    if any(path.startswith(p) for p in own):
+        return None
+    return (f"{reference.split('@', 1)[0]} is in this service's registry but is neither a "
+            "published base image (mms/) nor one of this account's images")

@@ -7,10 +7,16 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.errors import Conflict, ValidationFailed
-from app.package_sources import PackageSourceRefused, check_requirements, conda_pip_entries
+from app.package_sources import (
+    PackageSourceRefused,
+    check_conda_channels,
+    check_requirements,
+    conda_pip_entries,
+)
 from app.orm import Account, Image, Manifest, ManifestAsset, ManifestModel, ManifestName, ModelVersion
 from app.sealing import Sealer
 from app.schemas.manifests import InferenceConfigCreate, ManifestCreate
+from app.services.base_images import foreign_base_image
 from app.services.lookup import get_in_account, parse_uuid
 from app.services.paging import page_by_name_and_version
 from app.services.source_urls import SourceUrlPolicy
@@ -46,7 +52,7 @@ _MAX_REQUIREMENTS_BYTES = 1 << 20
 
 
 def _check_package_sources(store: AssetStore, account: Account, url: str, field: str, *,
-                           conda: bool = False) -> None:
+                           conda: bool = False, channels: list[str] = ()) -> None:
     """A 400 naming the line when requirements held in the account's own store choose their
     package source. Files elsewhere (or too large to read here) are checked by the worker."""
 
@@ -66,6 +72,7 @@ def _check_package_sources(store: AssetStore, account: Account, url: str, field:
     text = data.decode("utf-8", errors="replace")
     try:
         if conda:
+            check_conda_channels(text, list(channels))
             check_requirements("\n".join(conda_pip_entries(text)), "conda file pip:", own_url=own)
         else:
             check_requirements(text, "pip requirements", own_url=own)
@@ -80,6 +87,8 @@ def create_manifest(
     *,
     sealer: Sealer,
     urls: SourceUrlPolicy,
+    own_registry: str,
+    conda_channels: list[str],
     created_by: str | None,
 ) -> Manifest:
     """Validate a manifest in either shape against the account and store it as its name's next version."""
@@ -104,6 +113,10 @@ def create_manifest(
         conda_url = assets[body.condaFile].url if body.condaFile else None
         extra_steps, enable_gpu = body.extraDockerfileSteps, body.enableGpu
         source_directory, base_image = body.sourceDirectory, body.baseImage
+        foreign = base_image and foreign_base_image(base_image, registry=own_registry,
+                                                    account_id=account.id)
+        if foreign:
+            raise _invalid("baseImage", foreign, code="ForeignBaseImage")
         registry = body.baseImageRegistry
         if registry is not None and registry.password:
             registry_password = sealer.seal(registry.password.encode())
@@ -113,7 +126,8 @@ def create_manifest(
         _check_package_sources(urls.store, account, pip_url, "targetRuntime.properties.pipRequirements")
     if conda_url:
         field = "condaFile" if isinstance(body, InferenceConfigCreate) else "targetRuntime.properties.condaEnvFile"
-        _check_package_sources(urls.store, account, conda_url, field, conda=True)
+        _check_package_sources(urls.store, account, conda_url, field, conda=True,
+                               channels=conda_channels)
     models = _resolve_models(session, account, body.modelIds)
 
     _, version = claim_next_version(session, ManifestName, account_id=account.id, name=body.name)

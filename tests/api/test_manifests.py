@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from typing import Any
@@ -172,9 +173,13 @@ def test_list_filters_delete_and_model_in_use(client: TestClient, owner: dict[st
 def test_extra_steps_that_smuggle_an_instruction_are_refused(client: TestClient, owner: dict[str, str], account: str,
                                                             model_id: str, name: str) -> None:
     text, fragment = SMUGGLING[name]
-    response = client.post(f"{account}/manifests", json=inference_config(model_id, extraDockerfileSteps=text),
-                           headers=owner)
+    # json.dumps escapes every character, a lone surrogate too, as a client would send it.
+    body = json.dumps(inference_config(model_id, extraDockerfileSteps=text))
+    response = client.post(f"{account}/manifests", content=body,
+                           headers={**owner, "Content-Type": "application/json"})
     assert response.status_code == 400, response.text
+    if name == "lone surrogate":  # the JSON decoder refuses it first, naming the field
+        fragment = "extraDockerfileSteps"
     assert fragment in str(response.json()["details"]) or fragment in response.json()["message"]
     assert client.get(f"{account}/manifests", headers=owner).json()["value"] == []
 
@@ -192,6 +197,10 @@ def _upload(client: TestClient, owner: dict[str, str], account: str, name: str, 
         ("-e git+https://example.com/pkg.git\n", "line 1 (-e): options"),
         ("pkg @ https://example.com/pkg-1.0-py3-none-any.whl?sig=secret\n", "line 1 (pkg @ …): direct references"),
         ("git+https://example.com/pkg.git?sig=secret\n", "line 1 (git+https://example.com/pkg.git?…): not a requirement"),
+        # pip and uv honour options after a requirement: only --hash may follow one.
+        (f"six==1.16.0 --hash=sha256:{'a' * 64} --extra-index-url http://evil.example/simple\n",
+         "line 1 (six==1.16.0 --hash=sha256:"),
+        ("six==1.16.0 -f http://evil.example/links\n", "line 1 (six==1.16.0 -f http://evil.example/links): not a requirement"),
     ],
 )
 def test_requirements_that_choose_their_package_source_are_refused_at_creation(
@@ -219,3 +228,43 @@ def test_requirements_may_name_the_accounts_own_package_files(
     pip_url = _upload(client, owner, account, "requirements.txt", f"six==1.16.0\nown @ {wheel_url}\n")
     body = seed_manifest(model_id, targetRuntime={"runtimeType": "Python", "properties": {"pipRequirements": pip_url}})
     assert client.post(f"{account}/manifests", json=body, headers=owner).status_code == 201
+
+
+def test_hashes_may_follow_a_requirement(client: TestClient, owner: dict[str, str], account: str, model_id: str) -> None:
+    pip_url = _upload(client, owner, account, "requirements.txt",
+                      f"six==1.16.0 --hash=sha256:{'a' * 64} --hash=sha256:{'b' * 64}\n")
+    body = seed_manifest(model_id, targetRuntime={"runtimeType": "Python", "properties": {"pipRequirements": pip_url}})
+    assert client.post(f"{account}/manifests", json=body, headers=owner).status_code == 201
+
+
+@pytest.mark.parametrize(("conda", "fragment"), [
+    ("channels:\n  - https://evil.example/channel\ndependencies:\n  - numpy\n", "channel 'https://evil.example/channel'"),
+    ("channels:\n  - attacker\ndependencies:\n  - numpy\n", "channel 'attacker' is not one of the operator's"),
+    ("dependencies:\n  - attacker::numpy\n", "channel 'attacker'"),
+])
+def test_conda_channels_are_the_operators(client: TestClient, owner: dict[str, str], account: str, model_id: str,
+                                          conda: str, fragment: str) -> None:
+    body = inference_config(model_id, assets=[{"id": "score.py", "url": SCORE_URL},
+                                              {"id": "env.yml", "url": _upload(client, owner, account, "env.yml", conda)}],
+                            condaFile="env.yml")
+    response = client.post(f"{account}/manifests", json=body, headers=owner)
+    assert response.status_code == 400, response.text
+    assert fragment in response.json()["message"]
+    allowed = "channels:\n  - conda-forge\ndependencies:\n  - conda-forge::numpy\n"
+    body["assets"][1]["url"] = _upload(client, owner, account, "env.yml", allowed)
+    assert client.post(f"{account}/manifests", json=body, headers=owner).status_code == 201
+
+
+def test_a_base_image_may_be_another_accounts_image_on_no_account(
+        client: TestClient, owner: dict[str, str], account: str, model_id: str, app_context) -> None:  # noqa: ANN001
+    registry = app_context.settings.image_registry
+    own_id = client.get(account, headers=owner).json()["properties"]["accountId"]
+    other_id = "00000000-0000-0000-0000-000000000001"
+    for base in (f"{registry}/{other_id}/housing-image:1", f"{registry}/{other_id}/housing-image@sha256:{'a' * 64}"):
+        response = client.post(f"{account}/manifests", json=inference_config(model_id, baseImage=base), headers=owner)
+        assert response.status_code == 400, response.text
+        assert "neither a published base image (mms/) nor one of this account's images" in response.json()["message"]
+    for base in (f"{registry}/{own_id}/housing-image:1", f"{registry}/mms/inference-base:py3.11",
+                 "myregistry.azurecr.io/other/image:v1"):
+        response = client.post(f"{account}/manifests", json=inference_config(model_id, baseImage=base), headers=owner)
+        assert response.status_code == 201, response.text

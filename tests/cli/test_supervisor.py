@@ -52,3 +52,26 @@ def test_stop_kills_a_child_that_ignores_sigterm_with_its_own_children(tmp_path)
     while _alive(grandchild):
         assert time.monotonic() < deadline, "the worker's own children outlived it"
         time.sleep(0.05)
+
+
+def test_a_child_waits_until_it_is_ready_to_start_and_not_at_all_once_stopped() -> None:
+    # mms serve starts its build worker once the API listens: a build fetches from it.
+    ready = False
+    child = ChildProcess("waiting", [sys.executable, "-c", "import time; time.sleep(30)"])
+    child.start(ready=lambda: ready)
+    try:
+        time.sleep(0.6)
+        assert child.pid is None
+        ready = True
+        deadline = time.monotonic() + 10
+        while child.pid is None:
+            assert time.monotonic() < deadline, "the child never started"
+            time.sleep(0.05)
+        assert _alive(child.pid)
+    finally:
+        child.stop()
+    never = ChildProcess("never", [sys.executable, "-c", "pass"])
+    never.start(ready=lambda: False)
+    never.stop()
+    time.sleep(0.5)
+    assert never.pid is None

@@ -137,9 +137,25 @@ def test_tenant_code_reaches_no_file_process_network_or_secret_of_the_worker(
      Limits(disk_bytes=32 << 20, file_bytes=1 << 30, wall_seconds=60), "filled its disk"),
     ("open('/out/big', 'wb').write(b'x' * (64 << 20))",
      Limits(file_bytes=16 << 20, wall_seconds=60), "file size limit"),
+    # Many files, each under the file size limit: the output folder is bounded as a whole.
+    ("""
+     for i in range(16):
+         open(f'/out/part{i}', 'wb').write(b'x' * (8 << 20))
+     """, Limits(disk_bytes=32 << 20, file_bytes=16 << 20, wall_seconds=60), "filled its disk"),
 ])
 def test_each_limit_stops_the_code_and_is_named(tmp_path: Path, code: str, limits: Limits,
                                                 fragment: str) -> None:
     with pytest.raises(SandboxFailed) as failed:
         _run(tmp_path, code, limits=limits)
     assert fragment in str(failed.value)
+
+
+def test_the_output_folder_is_collected_then_leaves_nothing_on_the_workers_disk(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    script = _script(tmp_path, "open('/out/made.txt', 'w').write('made inside')\n")
+    seen = run_contained([sys.executable, "/in/tenant.py"], inputs={script: "/in/tenant.py"}, output=out,
+                         limits=Limits(wall_seconds=60), log=lambda _: None, what="the tenant's code",
+                         collect=lambda folder: (folder / "made.txt").read_text())
+    assert seen == "made inside"
+    if os.geteuid() == 0:  # a tmpfs for the run only
+        assert not (out / "made.txt").exists()

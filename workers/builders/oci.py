@@ -37,6 +37,7 @@ from typing import Any
 
 import certifi
 
+from app.package_sources import PackageSourceRefused, canonical_requirement
 from app.storage.oci_layout import OciLayout
 
 from workers.build_context import (
@@ -487,11 +488,20 @@ def _requirements(spec: BuildSpec) -> list[str]:
         lines += spec.pip_requirements.splitlines()
     kept = []
     for line in normalise_requirements(lines):
-        if line.startswith("-"):  # the pipeline refuses these first; a spec is checked again
-            raise BuildFailed("environment", f"requirements option {line.split()[0]} is not "
-                              "accepted: package sources are the operator's (MMS_PIP_INDEX_URL)")
-        kept.append(line)
+        # The installer reads only what the service writes: the parsed requirement and its
+        # hashes, never an option a tenant put after it (an index, find-links).
+        try:
+            kept.append(canonical_requirement(line))
+        except PackageSourceRefused:
+            raise BuildFailed("environment", f"requirement line {_shown(line)!r} is not a "
+                              "requirement such as name==1.0: package sources are the "
+                              "operator's (MMS_PIP_INDEX_URL)") from None
     return kept
+
+
+def _shown(line: str) -> str:
+    text = line.split("?", 1)[0]
+    return text if len(text) <= 80 else text[:79] + "…"
 
 
 def _check_conda_python(spec: BuildSpec, python: TargetPython) -> None:

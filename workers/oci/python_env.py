@@ -34,6 +34,7 @@ from pathlib import Path
 import requests
 import uv
 from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 from packaging.version import InvalidVersion, Version
 from pypi_simple import DigestMismatchError, NoSuchProjectError, PyPISimple
 
@@ -71,6 +72,8 @@ _JAVA_BIN = re.compile(r"^(?:\./)?(?:usr/bin/java|usr/lib/jvm/[^/]+/(?:jre/)?bin
 # Pure-Python projects published as source distributions only (their wheel is built here).
 SOURCE_ONLY = frozenset({"pyspark"})
 _NAME = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]*)")
+_WHEEL_NAME = re.compile(r"[A-Za-z0-9_.+!-]+\.whl")
+_SDIST_NAME = re.compile(r"[A-Za-z0-9_.+!-]+\.(?:tar\.gz|zip)")
 _LOCAL_FILE = re.compile(r"file://" + re.escape(REQUIREMENT_FILES) + r"/(?P<name>[^#\s]+)(?:#\S*)?")
 
 
@@ -222,8 +225,8 @@ def build_source_wheels(requirements: list[str], dest: Path, log: Log, *, cache:
         return
     dest.mkdir(parents=True, exist_ok=True)
     for line in wanted:
-        sdist = _download_sdist(line, dest.parent / "sdists", index_url, ca_bundle, log)
-        wheel = build_wheel_contained(sdist, log, cache=cache, limits=limits, what=line)
+        wheel = _index_wheel(line, dest.parent / "sdists", log, cache=cache, index_url=index_url,
+                             ca_bundle=ca_bundle, limits=limits)
         shutil.copy2(wheel, dest / wheel.name)
 
 
@@ -231,7 +234,7 @@ def build_wheel_contained(sdist: Path, log: Log, *, cache: Path, limits: Limits,
                           what: str) -> Path:
     """The wheel of ``sdist``: cached under its digest, else built contained and cached."""
     digest = _sha256(sdist)
-    cached = cache / f"{digest}-setuptools-{metadata.version('setuptools')}"
+    cached = _cache_entry(cache, digest)
     wheel = _cached_wheel(cached)
     if wheel is not None:
         log(f"mms: {what}: wheel built before from the same sdist ({digest[:12]})")
@@ -248,11 +251,13 @@ def build_wheel_contained(sdist: Path, log: Log, *, cache: Path, limits: Limits,
                "--no-build-isolation", "--disable-pip-version-check", "--no-cache-dir",
                "--progress-bar", "off", "-w", "/out", f"/in/{sdist.name}"]
     try:
-        run_contained(command, inputs={staged: f"/in/{sdist.name}"}, output=out,
-                      limits=limits, log=log, what=f"building a wheel of {what}")
+        wheel = run_contained(command, inputs={staged: f"/in/{sdist.name}"}, output=out,
+                              limits=limits, log=log, what=f"building a wheel of {what}",
+                              collect=lambda made: _store_wheel(made, cached, limits.file_bytes))
     except SandboxFailed as exc:
         raise BuildFailed("environment", str(exc)) from None
-    return _store_wheel(out, cached)
+    assert wheel is not None
+    return wheel
 
 
 def localise_requirements(requirements: list[str], files: Mapping[str, Path], dest: Path,
@@ -281,9 +286,11 @@ def localise_requirements(requirements: list[str], files: Mapping[str, Path], de
     return out
 
 
-def _download_sdist(line: str, folder: Path, index_url: str, ca_bundle: Path | None,
-                    log: Log) -> Path:
-    """The newest sdist on the index that ``line`` admits, its digest verified."""
+def _index_wheel(line: str, folder: Path, log: Log, *, cache: Path, index_url: str,
+                 ca_bundle: Path | None, limits: Limits) -> Path:
+    """The wheel of the newest sdist on the index that ``line`` admits: the one cached under
+    the digest the index gives for it, else the sdist downloaded (and checked against that
+    digest) and built contained."""
     try:
         requirement = Requirement(line)
     except InvalidRequirement as exc:
@@ -298,21 +305,31 @@ def _download_sdist(line: str, folder: Path, index_url: str, ca_bundle: Path | N
         with PyPISimple(endpoint=index_url, session=session) as client:
             page = client.get_project_page(requirement.name)
             candidates = [p for p in page.packages if p.package_type == "sdist" and p.version
-                          and p.digests.get("sha256") and requirement.specifier.contains(
-                              p.version, prereleases=False)]
+                          and p.digests.get("sha256") and _SDIST_NAME.fullmatch(p.filename)
+                          and requirement.specifier.contains(p.version, prereleases=False)]
             if not candidates:
                 raise BuildFailed("environment", f"the package index has no source "
                                                  f"distribution for {line}")
             best = max(candidates, key=lambda p: Version(p.version))
+            digest = best.digests["sha256"].lower()
+            wheel = _cached_wheel(_cache_entry(cache, digest))
+            if wheel is not None:
+                log(f"mms: {line}: wheel built before from {best.filename} ({digest[:12]})")
+                return wheel
             folder.mkdir(parents=True, exist_ok=True)
-            path = folder / Path(best.filename).name
+            path = folder / best.filename
             log(f"mms: downloading {best.filename} from the package index")
             client.download_package(best, path, verify=True)
     except (requests.RequestException, NoSuchProjectError, DigestMismatchError,
             InvalidVersion, OSError) as exc:
         raise BuildFailed("environment", f"cannot download the source of {line}: "
                                          f"{_one_line(str(exc))}") from None
-    return path
+    return build_wheel_contained(path, log, cache=cache, limits=limits, what=line)
+
+
+def _cache_entry(cache: Path, sdist_digest: str) -> Path:
+    # The wheel follows from the sdist's bytes and the setuptools that builds it: both in the key.
+    return cache / f"{sdist_digest}-setuptools-{metadata.version('setuptools')}"
 
 
 def _cached_wheel(folder: Path) -> Path | None:
@@ -327,20 +344,38 @@ def _cached_wheel(folder: Path) -> Path | None:
     return wheel
 
 
-def _store_wheel(out: Path, cached: Path) -> Path:
-    wheels = [p for p in out.iterdir() if p.suffix == ".whl" and p.is_file() and not p.is_symlink()]
-    if len(wheels) != 1:
-        raise BuildFailed("environment", f"the contained build made {len(wheels)} wheels, not one")
+def _store_wheel(out: Path, cached: Path, max_bytes: int) -> Path:
+    """Copy the one wheel the contained build made into the cache; its name and size are
+    the tenant's choice, so both are checked before either is used."""
+    made = list(out.iterdir())
+    wheels = [p for p in made if p.suffix == ".whl" and p.is_file() and not p.is_symlink()]
+    if len(wheels) != 1 or len(made) != 1:
+        raise BuildFailed("environment", f"the contained build made {len(wheels)} wheel(s) "
+                                         f"and {len(made) - len(wheels)} other file(s), not one wheel")
+    name = wheels[0].name
+    try:
+        if not _WHEEL_NAME.fullmatch(name):
+            raise InvalidWheelFilename(name)
+        parse_wheel_filename(name)
+    except (InvalidWheelFilename, InvalidVersion):
+        raise BuildFailed("environment", f"the contained build made a wheel with an invalid "
+                                         f"name ({name[:80]!r})") from None
+    if wheels[0].stat().st_size > max_bytes:
+        raise BuildFailed("environment", f"the contained build made a wheel larger than "
+                                         f"{max_bytes >> 20} MiB")
     staging = cached.with_name(f".{cached.name}.{os.getpid()}.{secrets.token_hex(4)}")
     staging.mkdir(parents=True)
-    wheel = staging / wheels[0].name
+    wheel = staging / name
     shutil.copyfile(wheels[0], wheel)  # a copy the worker owns, not the sandbox's file
-    (staging / "wheel.json").write_text(json.dumps({"file": wheel.name, "sha256": _sha256(wheel)}))
+    (staging / "wheel.json").write_text(json.dumps({"file": name, "sha256": _sha256(wheel)}))
     try:
         staging.rename(cached)
     except OSError:  # another worker cached it first: theirs is as good, once checked
         shutil.rmtree(staging, ignore_errors=True)
-    return _cached_wheel(cached) or wheels[0]
+    found = _cached_wheel(cached)
+    if found is None:
+        raise BuildFailed("environment", "the built wheel could not be cached")
+    return found
 
 
 def _sha256(path: Path) -> str:

@@ -82,7 +82,9 @@ def create_manifest(
     (entryScript, runtime, condaFile, baseImage, baseImageRegistry …) with name, modelIds and assets.
     """
     manifest = manifests.create_manifest(
-        session, account, body, sealer=context.sealer, urls=context.url_policy, created_by=caller.subject
+        session, account, body, sealer=context.sealer, urls=context.url_policy,
+        own_registry=context.settings.image_registry, conda_channels=context.settings.conda_channels,
+        created_by=caller.subject,
     )
     return to_read(manifest)
 

