@@ -13,16 +13,14 @@ import os
 import re
 import shlex
 import tarfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import yaml
 
 import scoring_server
-from app import package_sources
 from app.dockerfile_steps import Step, StepError, parse_steps
-from app.package_sources import DirectReference
 
 __all__ = [
     "APP_ROOT",
@@ -32,10 +30,8 @@ __all__ = [
     "SPARK_REQUIREMENT",
     "BuildSpec",
     "ContextInfo",
-    "DirectReference",
     "InvalidBuildSpec",
     "RegistryCredentials",
-    "check_requirements",
     "parse_extra_steps",
     "runtime_requirements",
     "walk_tree",
@@ -205,15 +201,6 @@ def parse_extra_steps(text: str) -> list[Step]:
         return parse_steps(text)
     except StepError as exc:
         raise InvalidBuildSpec(f"extraDockerfileSteps {exc}") from None
-
-
-def check_requirements(text: str, what: str, *,
-                       own_url: Callable[[str], bool] = lambda _: False) -> list[DirectReference]:
-    """``app.package_sources.check_requirements``, failing as InvalidBuildSpec."""
-    try:
-        return package_sources.check_requirements(text, what, own_url=own_url)
-    except package_sources.PackageSourceRefused as exc:
-        raise InvalidBuildSpec(str(exc)) from None
 
 
 def check_spec(spec: BuildSpec) -> None:

@@ -21,7 +21,7 @@ from app.config import Settings
 from app.context import ServiceContext
 from app.database import session_scope
 from app.orm import Image, ModelVersion
-from app.package_sources import PackageSourceRefused, check_conda_channels
+from app.package_sources import PackageSourceRefused, check_conda_channels, check_requirements
 from app.services.base_images import BASE_REPOSITORY, default_base_image, foreign_base_image
 from app.services.registry import image_layout
 from workers.build_context import (
@@ -29,7 +29,6 @@ from workers.build_context import (
     BuildSpec,
     InvalidBuildSpec,
     RegistryCredentials,
-    check_requirements,
     split_conda,
 )
 from workers.builders import Builder, BuildFailed, BuildResult
@@ -265,7 +264,7 @@ def package_files(context: ServiceContext, inputs: BuildInputs, pip: str | None,
             check_conda_channels(conda, context.settings.conda_channels)
             references += check_requirements("\n".join(split_conda(conda)[2]),
                                              "conda file pip:", own_url=own)
-    except (InvalidBuildSpec, PackageSourceRefused) as exc:
+    except (InvalidBuildSpec, PackageSourceRefused) as exc:  # split_conda: not a conda file
         raise StepFailed("environment", str(exc)) from None
     files: dict[str, Path] = {}
     policy = fetch_policy(context.settings)

@@ -61,7 +61,7 @@ def _check_package_sources(store: AssetStore, account: Account, url: str, field:
         return key is not None and key.split("/", 1)[0] == str(account.id)
 
     key = store.key_of(url)
-    if key is None or not own(url):
+    if key is None or key.split("/", 1)[0] != str(account.id):
         return
     try:
         data = store.read_small(key, max_bytes=_MAX_REQUIREMENTS_BYTES)

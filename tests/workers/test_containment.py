@@ -4,14 +4,11 @@ account's package cannot reach another account's image through a cache."""
 
 from __future__ import annotations
 
-import socket
-import threading
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 
+from tests.listeners import tcp_listener
 from tests.workers.conftest import Infra
 from tests.workers.test_image_builds import ECHO_SCORE, Account, Stack, run_and_score, stack  # noqa: F401
 from tests.workers.test_package_sources import USES_PACKAGE, _sdist
@@ -30,36 +27,10 @@ s.connect(t if t.startswith('/') else (t.split(':')[0], int(t.split(':')[1]))); 
 """
 
 
-@contextmanager
-def listening() -> Iterator[tuple[int, list[str]]]:
-    server = socket.create_server(("0.0.0.0", 0))
-    server.settimeout(0.2)
-    seen: list[str] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        while not stop.is_set():
-            try:
-                conn, peer = server.accept()
-            except OSError:
-                continue
-            seen.append(peer[0])
-            conn.close()
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    try:
-        yield server.getsockname()[1], seen
-    finally:
-        stop.set()
-        thread.join(5)
-        server.close()
-
-
 def test_a_run_step_reaches_neither_the_engine_nor_the_hosts_services(stack: Stack) -> None:  # noqa: F811
     account = Account(stack)
     api_port = int(stack.api.rsplit(":", 1)[1])
-    with listening() as (port, seen):
+    with tcp_listener() as (port, seen):
         body = {"name": "probe", "modelIds": [], "entryScript": "score.py", "runtime": "python",
                 "assets": [{"id": "score.py", "url": account.upload("score.py", ECHO_SCORE.encode())}],
                 "extraDockerfileSteps": PROBE.format(api=api_port, port=port, nonce=uuid.uuid4().hex)}

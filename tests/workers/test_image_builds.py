@@ -11,12 +11,10 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -27,6 +25,7 @@ from app.context import ServiceContext
 from app.database import session_scope
 from app.services.principals import create_service_principal
 from tests.embedded_service import HOST_CA_BUNDLE, free_port, wait_for
+from tests.listeners import recording_http_server
 from tests.webhook_receiver import receiving
 from tests.workers.conftest import TEST_LABEL, Infra
 
@@ -356,25 +355,8 @@ def test_a_private_base_image_needs_its_credentials_which_never_show(
 def test_a_base_image_at_a_private_address_fails_the_build_and_is_never_contacted(
     stack: Stack, builder: str
 ) -> None:
-    seen: list[str] = []
-
-    class Recorder(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
-            seen.append(self.path)
-            self.send_response(404)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        do_HEAD = do_GET
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    listener = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
-    thread = threading.Thread(target=listener.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        base = f"127.0.0.1:{listener.server_address[1]}/x/y:1"
+    with recording_http_server() as listener:
+        base = f"{listener.address}/x/y:1"
         account = Account(stack)
         score_url = account.upload("score.py", ECHO_SCORE.encode())
         body = {"name": "loopback-base", "modelIds": [], "baseImage": base,
@@ -383,17 +365,13 @@ def test_a_base_image_at_a_private_address_fails_the_build_and_is_never_contacte
         manifest_id = account.call("POST", f"{account.url}/manifests", json=body).json()["id"]
         created = account.build(manifest_id, "loopback-base", builder)
         image = account.wait(created["Id"], seconds=120)
-    finally:
-        listener.shutdown()
-        listener.server_close()
-        thread.join(5)
     log = account.log(image)
     assert image["CreationState"] == "Failed", log[-2000:]
     message = image["Error"]["message"]
     assert "pull-base" in message and "private address" in message, message
-    assert f"registry 127.0.0.1:{listener.server_address[1]}" in message
+    assert f"registry {listener.address}" in message
     assert "MMS_FETCH_ALLOW_HOSTS" in message
-    assert seen == []
+    assert listener.seen == []
 
 
 def test_cancelling_a_running_build_stops_it(stack: Stack) -> None:

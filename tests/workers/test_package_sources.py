@@ -3,15 +3,10 @@ fail the build naming the line, with both builders, through the API and a real w
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import io
-import tarfile
-import zipfile
-
 import httpx
 import pytest
 
+from tests import packages
 from tests.workers.test_image_builds import ECHO_SCORE, Account, Stack, stack  # noqa: F401
 
 pytestmark = pytest.mark.postgres_only
@@ -52,34 +47,16 @@ def test_requirement_lines_that_choose_where_packages_come_from_fail_naming_the_
 
 
 def _wheel(name: str, module: str) -> bytes:
-    """A minimal pure-Python wheel whose module says ``module``."""
-    files = {f"{name}/__init__.py": module.encode(),
-             f"{name}-1.0.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n".encode(),
-             f"{name}-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
-    record = []
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as whl:
-        for path, data in files.items():
-            whl.writestr(path, data)
-            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-            record.append(f"{path},sha256={digest},{len(data)}")
-        record.append(f"{name}-1.0.dist-info/RECORD,,")
-        whl.writestr(f"{name}-1.0.dist-info/RECORD", "\n".join(record) + "\n")
-    return buffer.getvalue()
+    """A pure-Python wheel whose module says ``module``."""
+    return packages.wheel(name, {f"{name}/__init__.py": module})
 
 
 def _sdist(name: str, module: str) -> bytes:
-    files = {"pyproject.toml": '[build-system]\nrequires = ["setuptools>=70.1"]\nbuild-backend = "setuptools.build_meta"\n'
-                               f'[project]\nname = "{name}"\nversion = "1.0"\n',
-             f"{name}/__init__.py": module}
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for path, text in files.items():
-            data = text.encode()
-            info = tarfile.TarInfo(f"{name}-1.0/{path}")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
+    """A setuptools sdist whose module says ``module``."""
+    return packages.sdist(f"{name}-1.0", {
+        "pyproject.toml": '[build-system]\nrequires = ["setuptools>=70.1"]\nbuild-backend = "setuptools.build_meta"\n'
+                          f'[project]\nname = "{name}"\nversion = "1.0"\n',
+        f"{name}/__init__.py": module})
 
 
 USES_PACKAGE = "import ownpkg\n\ndef init():\n    pass\n\ndef run(raw_data):\n    return {'origin': ownpkg.ORIGIN}\n"

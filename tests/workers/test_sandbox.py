@@ -5,16 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import sys
 import textwrap
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+from tests.listeners import tcp_listener
 from workers.sandbox import Limits, SandboxFailed, run_contained
 
 pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None,
@@ -59,33 +56,6 @@ print("RESULTS " + json.dumps(results))
 """
 
 
-@contextmanager
-def listening() -> Iterator[tuple[int, list[str]]]:
-    """A TCP server on every host address; yields its port and who connected."""
-    server = socket.create_server(("0.0.0.0", 0))
-    server.settimeout(0.2)
-    seen: list[str] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        while not stop.is_set():
-            try:
-                conn, peer = server.accept()
-            except OSError:
-                continue
-            seen.append(peer[0])
-            conn.close()
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    try:
-        yield server.getsockname()[1], seen
-    finally:
-        stop.set()
-        thread.join(5)
-        server.close()
-
-
 def _script(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "inputs" / "tenant.py"
     path.parent.mkdir(exist_ok=True)
@@ -107,7 +77,7 @@ def test_tenant_code_reaches_no_file_process_network_or_secret_of_the_worker(
     data_dir.mkdir()
     (data_dir / "secret.key").write_text("worker-secret-key-material")
     monkeypatch.setenv("MMS_SECRET_KEY", "worker-secret-from-the-environment")
-    with listening() as (port, seen):
+    with tcp_listener() as (port, seen):
         lines = _run(tmp_path, ATTACKS, str(data_dir), str(port))
     output = "\n".join(lines)
     results = json.loads(output.split("RESULTS ", 1)[1])

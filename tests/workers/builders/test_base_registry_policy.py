@@ -5,13 +5,13 @@ tests/workers/test_image_builds.py."""
 from __future__ import annotations
 
 import socket
-import threading
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
+from tests.listeners import recording_http_server
 from tests.workers.conftest import Infra
 from workers.build_context import BuildSpec
 from workers.builders import BuildFailed
@@ -24,31 +24,11 @@ SCORE = "def init():\n    pass\n\ndef run(raw):\n    return raw\n"
 ALLOW_HINT = "ask the operator to allow it (MMS_FETCH_ALLOW_HOSTS)"
 
 
-class _Recorder(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802
-        self.server.seen.append(self.path)
-        self.send_response(404)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    do_HEAD = do_GET
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 @pytest.fixture
 def listening() -> Iterator[ThreadingHTTPServer]:
     """An HTTP server on a loopback port that records every request."""
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
-    srv.seen = []
-    srv.address = f"127.0.0.1:{srv.server_address[1]}"
-    thread = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    thread.join(5)
+    with recording_http_server() as server:
+        yield server
 
 
 def _spec(tmp_path: Path, base_image: str) -> BuildSpec:

@@ -11,14 +11,10 @@ indexes still work.
 
 from __future__ import annotations
 
-import contextlib
 import re
-import socket
 import subprocess
-import threading
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -27,6 +23,7 @@ import pytest
 
 from app.config import Settings
 from tests.embedded_service import HOST_CA_BUNDLE
+from tests.listeners import tcp_listener
 from tests.workers.conftest import Infra
 from workers.build_context import BuildSpec
 from workers.builders import BuildResult
@@ -127,36 +124,6 @@ class Probed:
     seconds: float
 
 
-@contextlib.contextmanager
-def listening() -> Iterator[tuple[int, list[tuple[str, int]]]]:
-    """A TCP server on 0.0.0.0 (every address of the host); yields its port and its peers."""
-    peers: list[tuple[str, int]] = []
-    server = socket.create_server(("0.0.0.0", 0))
-    server.settimeout(0.2)
-    stop = threading.Event()
-
-    def accept() -> None:
-        while not stop.is_set():
-            try:
-                connection, peer = server.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            peers.append(peer)
-            with connection:
-                connection.sendall(b"host server says hello\r\n")
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    try:
-        yield server.getsockname()[1], peers
-    finally:
-        stop.set()
-        thread.join(5)
-        server.close()
-
-
 def host_addresses() -> list[str]:
     """The host's IPv4 addresses, loopback and the build bridge's gateway left out."""
     out = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True,
@@ -179,7 +146,7 @@ def probed(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> Probed:
     engine_socket = urlsplit(infra.docker_host).path or "/var/run/docker.sock"
     registry_port = infra.registry.rpartition(":")[2]
     nonce = uuid.uuid4().hex[:12]  # never from the cache: the steps must run
-    with listening() as (server_port, peers):
+    with tcp_listener(greeting=b"host server says hello\r\n") as (server_port, peers):
         args = " ".join([gateway, str(proxy_port), str(server_port), registry_port,
                          engine_socket, *addresses])
         steps = (f"RUN python3 /var/azureml-app/probe.py {args} # {nonce}\n"

@@ -4,9 +4,7 @@ its wheel cached under the sdist's digest (real bubblewrap, a real HTTP index on
 from __future__ import annotations
 
 import hashlib
-import io
 import shutil
-import tarfile
 import textwrap
 import threading
 import zipfile
@@ -17,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import packages
 from workers.builders import BuildFailed
 from workers.oci.python_env import build_source_wheels
 from workers.sandbox import Limits
@@ -74,14 +73,7 @@ def _sdist(mark: str, index_port: int, cache: Path) -> bytes:
                                   .replace("CACHE", repr(str(cache))),
         "PKG-INFO": "Metadata-Version: 2.1\nName: pyspark\nVersion: 3.5.9\n",
     }
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for name, text in files.items():
-            data = text.encode()
-            info = tarfile.TarInfo(f"pyspark-3.5.9/{name}")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
+    return packages.sdist("pyspark-3.5.9", files)
 
 
 @contextmanager
