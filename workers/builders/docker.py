@@ -14,7 +14,7 @@ import socket
 import tempfile
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -34,6 +34,7 @@ from workers.build_context import (
 from workers.builders import BuildFailed, BuildResult, Log, address_host, redacting, scrub
 from workers.fetch_policy import allowing_registry
 from workers.fetcher import FetchError, FetchPolicy, Resolver, check_url
+from workers.oci.registry import ImageReference, RegistryClient, RegistryError
 
 __all__ = [
     "BASE_DIGEST_LABEL",
@@ -132,7 +133,7 @@ class DockerBuilder:
                 with _engine_errors("context"):  # refuse bad inputs before pulling anything
                     check_spec(spec)
                     parse_extra_steps(spec.extra_dockerfile_steps or "")
-                base_digest = self._pull_base(api, spec, emit)
+                base_digest = self._pull_base(api, spec, image_repo, emit)
                 if base_digest:
                     # FROM the digest just pulled with this job's credentials, never a tag
                     # that another build could make the engine's cache answer for.
@@ -157,14 +158,15 @@ class DockerBuilder:
                                               "seconds": round(elapsed, 1)})
         return BuildResult(f"{image}:{tag}", digest, size, base_digest)
 
-    def _pull_base(self, api: docker.APIClient, spec: BuildSpec, emit: Log) -> str | None:
+    def _pull_base(self, api: docker.APIClient, spec: BuildSpec, image_repo: str,
+                   emit: Log) -> str | None:
         """Pull the base image; its registry must be one the policy lets a build reach.
 
-        Only the registry's name is checked: the engine connects itself, on the host
-        network, and resolves the name again, so a DNS answer that changes between this
-        check and the engine's lookup (rebinding) gets through, and so do the token realm
-        and blob redirects the registry sends the engine. The oci builder pins and checks
-        every connection.
+        The engine only ever pulls from the service's own registry. A base anywhere else is
+        first copied there by the worker (``_mirror_base``), through a registry client that
+        pins and checks every connection (token realm and blob redirects included), since
+        the engine would resolve the name again on the host network and follow whatever
+        the registry sends it.
         """
         # Pulled on every build, anonymously if no credentials are given: the registry
         # re-authorises each job, so one tenant's privately pulled base cached in the
@@ -186,7 +188,10 @@ class DockerBuilder:
                 raise BuildFailed("pull-base",
                                   f"base image registry {pulled_from}: {exc}") from None
         auth: dict[str, str] = {}  # empty, not None: docker-py would use saved logins
-        if spec.base_registry is not None:
+        if host != registry_host(f"{self.registry}/x"):
+            ref = self._mirror_base(spec, image_repo, emit)
+            auth = self._auth_config()  # a repository of this build's own, picked here
+        elif spec.base_registry is not None:
             given = address_host(spec.base_registry.address)
             if given != host:
                 raise BuildFailed("pull-base", f"the base image registry credentials are for "
@@ -211,6 +216,56 @@ class DockerBuilder:
         digests = [d.split("@", 1)[1] for d in details.get("RepoDigests") or []
                    if d.split("@", 1)[0] == repo] or [None]
         return digests[0]
+
+    def _mirror_base(self, spec: BuildSpec, image_repo: str, emit: Log) -> str:
+        """Copy the base image into this build's repository of the service's registry, by
+        digest (no tag), and return the reference the engine pulls it by.
+
+        The copy is the same manifest bytes, so the digest (and the base digest label) is
+        the source's; the build's push then finds the base's layers already there.
+        """
+        try:
+            ref = ImageReference.parse(spec.base_image)
+        except ValueError as exc:
+            raise BuildFailed("pull-base", str(exc)) from None
+        login: dict[str, str] = {}
+        if spec.base_registry is not None:
+            given = address_host(spec.base_registry.address)
+            if given != address_host(ref.host):
+                raise BuildFailed("pull-base", f"the base image registry credentials are for "
+                                               f"{given}, but the base image is on {ref.host}")
+            login = {"username": spec.base_registry.username,
+                     "password": spec.base_registry.password}
+        own_host, _, prefix = self.registry.partition("/")
+        own_repo = f"{prefix}/{image_repo}" if prefix else image_repo
+        service = self._registry_auth or {}
+        emit(f"mms: copying base image {spec.base_image} into the service's registry"
+             + (" with credentials" if login else ""))
+        started, copied = time.monotonic(), 0
+        try:
+            with RegistryClient(ref.host, login.get("username"), login.get("password"),
+                                timeout=self.timeout, policy=self.policy,
+                                resolver=self._resolver) as source, \
+                    RegistryClient(own_host, service.get("username"), service.get("password"),
+                                   timeout=self.timeout) as own:
+                manifest = source.get_manifest(ref.repository, ref.reference)
+                for blob in [manifest.body["config"], *manifest.body.get("layers", [])]:
+                    if blob.get("urls"):
+                        raise BuildFailed("pull-base", "the base image has layers stored "
+                                          "outside its registry (foreign layers): build on "
+                                          "a Linux image without them")
+                    how = own.push_blob(own_repo, blob["digest"], int(blob["size"]),
+                                        _blob_copier(source, ref.repository, blob["digest"]))
+                    copied += int(blob["size"]) if how == "uploaded" else 0
+                own.put_manifest(own_repo, manifest.digest, manifest.raw, manifest.media_type)
+        except RegistryError as exc:
+            raise BuildFailed("pull-base", str(exc)) from None
+        except (KeyError, TypeError, ValueError):
+            raise BuildFailed("pull-base", f"the base image {spec.base_image} has a manifest "
+                              "without a config or layers") from None
+        emit(f"mms: base image {manifest.digest} copied ({copied} bytes new) in "
+             f"{time.monotonic() - started:.1f} s")
+        return f"{self.registry}/{image_repo}@{manifest.digest}"
 
     def _build(self, api: docker.APIClient, context: Path, info: ContextInfo, target: str,
                labels: dict[str, str], emit: Log) -> str:
@@ -264,6 +319,18 @@ class DockerBuilder:
         return {"username": self._registry_auth["username"],
                 "password": self._registry_auth["password"],
                 "serveraddress": registry_host(f"{self.registry}/x")}
+
+
+def _blob_copier(source: RegistryClient, repository: str,
+                 digest: str) -> Callable[[], Iterator[bytes]]:
+    """The blob's bytes streamed from ``source``, opened afresh on each call (an upload is
+    retried after the registry asks for credentials); the receiving registry checks the
+    digest."""
+    def body() -> Iterator[bytes]:
+        with source.open_blob(repository, digest) as chunks:
+            yield from chunks
+
+    return body
 
 
 def explain_build_failure(error: str, tail: Iterable[str]) -> str:

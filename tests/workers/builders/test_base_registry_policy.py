@@ -4,9 +4,12 @@ tests/workers/test_image_builds.py."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import socket
+import threading
 from collections.abc import Callable, Iterator
-from http.server import ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -121,6 +124,65 @@ def test_the_docker_builder_pulls_from_its_own_registry_without_listing_it(
                             **infra.build_networking)
     log: list[str] = []
     with infra.api() as api:
-        digest = builder._pull_base(api, _spec(tmp_path, infra.base_image), log.append)
+        digest = builder._pull_base(api, _spec(tmp_path, infra.base_image), f"{infra.prefix}/own",
+                                    log.append)
     assert digest and digest.startswith("sha256:")
     assert log[0] == f"mms: pulling base image {infra.base_image}"
+
+
+class _RedirectingRegistry(BaseHTTPRequestHandler):
+    """A registry that has the image's manifest and sends every blob to ``blob_url``."""
+
+    def do_GET(self) -> None:  # noqa: N802
+        self.server.seen.append(self.path)  # type: ignore[attr-defined]
+        config = b'{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}'
+        manifest = json.dumps({
+            "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                       "digest": f"sha256:{hashlib.sha256(config).hexdigest()}",
+                       "size": len(config)},
+            "layers": []}).encode()
+        if "/manifests/" in self.path:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/vnd.oci.image.manifest.v1+json")
+            self.send_header("Content-Length", str(len(manifest)))
+            self.end_headers()
+            self.wfile.write(manifest)
+            return
+        self.send_response(307)
+        self.send_header("Location", self.server.blob_url)  # type: ignore[attr-defined]
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_HEAD = do_GET
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_the_docker_builder_does_not_follow_a_base_registry_to_a_private_address(
+        infra: Infra, tmp_path: Path, listening: ThreadingHTTPServer) -> None:
+    # The registry is allow-listed; the blob storage it redirects to is not. The engine
+    # followed such a redirect on the host network; the worker's copy refuses it.
+    registry = ThreadingHTTPServer(("127.0.0.1", 0), _RedirectingRegistry)
+    registry.seen, registry.blob_url = [], f"http://{listening.address}/stolen"
+    thread = threading.Thread(target=registry.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    address = f"127.0.0.1:{registry.server_address[1]}"
+    try:
+        builder = DockerBuilder(infra.docker_host, infra.registry, timeout=300,
+                                policy=FetchPolicy(allow_hosts={address}),
+                                **infra.build_networking)
+        log: list[str] = []
+        with pytest.raises(BuildFailed) as failed:
+            builder.build_and_push(_spec(tmp_path, f"{address}/x/y:1"),
+                                   f"{infra.prefix}/redirected", "1", log.append)
+    finally:
+        registry.shutdown()
+        registry.server_close()
+        thread.join(5)
+    assert failed.value.step == "pull-base"
+    assert "private address" in failed.value.message, failed.value.message
+    assert "/v2/x/y/manifests/1" in registry.seen  # the copy asked the allowed registry
+    assert listening.seen == []  # and went nowhere else
+    assert not [line for line in log if line.startswith("mms: pulling base image")]

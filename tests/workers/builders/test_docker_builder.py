@@ -213,12 +213,16 @@ def test_private_base_image_needs_its_credentials(infra, make_spec, private_base
     assert infra.password not in str(anonymous.value) + str(refused.value) + repr(good)
 
 
-def test_push_without_credentials_is_refused_in_the_stream(infra, make_spec, log_lines):
+def test_push_without_credentials_is_refused_in_the_stream(infra, make_spec, private_base,
+                                                           log_lines):
+    # The base is in the same registry, read with the tenant's login; only the push lacks one.
     builder = DockerBuilder(infra.docker_host, infra.auth_registry, None, timeout=300,
                             **infra.build_networking)
+    good = RegistryCredentials(infra.auth_registry, infra.username, infra.password)
 
     with pytest.raises(BuildFailed) as failed:
-        build(infra, builder, make_spec(BROKEN_INIT), "nocreds", "1", log_lines.append)
+        build(infra, builder, make_spec(BROKEN_INIT, base_image=private_base, base_registry=good),
+              "nocreds", "1", log_lines.append)
 
     assert failed.value.step == "push"
     assert "requires authentication" in failed.value.message
@@ -259,3 +263,36 @@ def test_new_model_version_reuses_every_layer_above_the_models(infra, make_spec,
     assert not steps[models][1]
     assert one.digest != two.digest
     assert warm_seconds < 60
+
+
+def test_a_base_from_another_registry_is_copied_in_and_the_engine_pulls_only_the_copy(
+        infra, make_spec, private_base, log_lines):
+    # The engine would resolve the base's registry again and follow its redirects unchecked:
+    # the worker copies the base into the build's own repository and the engine pulls that.
+    builder = DockerBuilder(infra.docker_host, infra.registry, None, timeout=300,
+                            **infra.build_networking)
+    good = RegistryCredentials(infra.auth_registry, infra.username, infra.password)
+    wrong = RegistryCredentials(infra.auth_registry, infra.username, "not-the-password")
+
+    with pytest.raises(BuildFailed) as refused:
+        build(infra, builder, make_spec(BROKEN_INIT, base_image=private_base,
+                                        base_registry=wrong), "mirrored", "1", log_lines.append)
+    result = build(infra, builder, make_spec(BROKEN_INIT, base_image=private_base,
+                                             base_registry=good), "mirrored", "1",
+                   log_lines.append)
+
+    assert refused.value.step == "pull-base"
+    assert infra.auth_registry in refused.value.message
+    assert infra.password not in refused.value.message
+    pulls = [line for line in log_lines if line.startswith("mms: pulling base image")]
+    assert pulls and all(line.startswith(f"mms: pulling base image {infra.registry}/"
+                                         f"{infra.prefix}/mirrored@sha256:") for line in pulls)
+    base = result.base_image_digest
+    infra.pushed.append((infra.registry, f"{infra.prefix}/mirrored", base))
+    infra.local_images.append(f"{infra.registry}/{infra.prefix}/mirrored@{base}")
+    assert base and pulls[-1].endswith(f"@{base}")
+    assert any(line.startswith(f"mms: copying base image {private_base} into the service's "
+                               "registry with credentials") for line in log_lines)
+    with httpx.Client() as http:  # copied by digest: no tag for the base in the build's repo
+        tags = http.get(f"http://{infra.registry}/v2/{infra.prefix}/mirrored/tags/list").json()
+    assert tags["tags"] == ["1"]
