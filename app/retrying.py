@@ -11,9 +11,11 @@ import time
 from collections.abc import Callable, Iterator
 from email.utils import parsedate_to_datetime
 
+import httpx
 import stamina
 
-__all__ = ["IDEMPOTENT_METHODS", "TRANSIENT_STATUSES", "Transient", "attempts", "retry_after"]
+__all__ = ["IDEMPOTENT_METHODS", "TRANSIENT_STATUSES", "Transient", "attempts", "retry_after",
+           "transient_http"]
 
 # 408 and 429 say "later"; 500, 502, 503, 504 are a proxy's or a restarting server's.
 TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
@@ -26,6 +28,11 @@ class Transient(Exception):
     def __init__(self, message: str, wait: float | None = None) -> None:
         super().__init__(message)
         self.wait = wait
+
+
+def transient_http(exc: Exception) -> bool:
+    """No answer (connection refused or dropped, a timeout), or a ``Transient`` status."""
+    return isinstance(exc, (httpx.TransportError, Transient))
 
 
 def retry_after(value: str | None, *, cap: float = 60.0) -> float | None:
