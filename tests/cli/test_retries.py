@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from app.cli.client.api import CliError, ServiceClient
+from app.cli.client.api import CliError, ServiceClient, fetch_token
 from app.cli.client.profile import ConfigStore
 from tests.listeners import flaky_http_server
 
@@ -50,3 +50,11 @@ def test_a_service_that_stays_down_fails_after_a_bounded_few_tries(env, monkeypa
         with pytest.raises(CliError, match="503"):
             client.json("GET", "/api/things")
     assert len(server.seen) == 3
+
+
+def test_the_token_request_is_retried_after_a_503(env, monkeypatch) -> None:
+    body = b'{"access_token": "fresh", "expires_in": 600}'
+    with flaky_http_server(body, [(503, [("Retry-After", "0")])]) as server:
+        token, expires_at = fetch_token(f"{server.url}/oauth2/token", "id", "secret", None)
+    assert token == "fresh" and expires_at > 0
+    assert server.seen == [("POST", "/oauth2/token")] * 2

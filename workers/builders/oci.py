@@ -38,6 +38,7 @@ from typing import Any, BinaryIO
 import certifi
 
 from app.package_sources import PackageSourceRefused, canonical_requirement
+from app.retrying import attempts
 from app.storage.oci_layout import OciLayout
 
 from workers.build_context import (
@@ -80,7 +81,14 @@ from workers.oci.python_env import (
     tar_reader,
 )
 from workers.oci.layout_registry import LayoutRegistry
-from workers.oci.registry import ImageReference, Manifest, RegistryClient, RegistryError, file_chunks
+from workers.oci.registry import (
+    ImageReference,
+    Manifest,
+    RegistryClient,
+    RegistryError,
+    file_chunks,
+    retryable,
+)
 from workers.sandbox import Limits
 
 __all__ = ["BASE_DIGEST_LABEL", "CACHE_REPOSITORY", "OciBuilder", "Store", "check_extra_steps", "put_image"]
@@ -379,8 +387,12 @@ class OciBuilder:
             return _Blob(entry["digest"], entry["size"], "",
                          lambda: iter(builder.stream(created_by, level=level)),
                          entry["repository"], diff_id, created_by)
-        stream = builder.stream(created_by, level=level)
-        digest, size = target.upload_stream(repo, stream)
+        # A streamed upload cannot be replayed: after a transient failure the layer is
+        # compressed and sent again from its beginning.
+        for attempt in attempts(retryable, tries=3, timeout=self.timeout):
+            with attempt:
+                stream = builder.stream(created_by, level=level)
+                digest, size = target.upload_stream(repo, stream)
         if stream.layer.diff_id != diff_id:
             raise BuildFailed("push", f"{created_by}: the files changed while the layer was made")
         emit(f"mms: uploaded {created_by.split(': ', 1)[-1]} {digest[:19]} ({size} bytes) "

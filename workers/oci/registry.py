@@ -50,7 +50,7 @@ from app.retrying import IDEMPOTENT_METHODS, TRANSIENT_STATUSES, attempts, retry
 from workers.fetcher import FetchError, FetchPolicy, PinnedTransport, Resolver
 from workers.oci.media import INDEX_TYPES, MANIFEST_TYPES
 
-__all__ = ["ImageReference", "Manifest", "RegistryClient", "RegistryError"]
+__all__ = ["ImageReference", "Manifest", "RegistryClient", "RegistryError", "retryable"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,8 @@ class RegistryError(Exception):
         self.wait = wait
 
 
-def _retryable(exc: Exception) -> bool | float:
+def retryable(exc: Exception) -> bool | float:
+    """Whether another attempt may succeed: False, True, or the seconds the registry asked for."""
     if isinstance(exc, RegistryError) and exc.transient:
         return True if exc.wait is None else exc.wait
     return False
@@ -348,7 +349,7 @@ class RegistryClient:
     # -- the HTTP exchange with authentication -----------------------------------------
 
     def _attempts(self, retry: bool = True) -> Iterator[Any]:
-        return attempts(_retryable if retry else (lambda exc: False), tries=self._tries,
+        return attempts(retryable if retry else (lambda exc: False), tries=self._tries,
                         timeout=self._retry_seconds, wait=self._retry_wait)
 
     def _request(self, method: str, path_or_url: str, *, scope: str, ok: tuple[int, ...] = (200,),

@@ -3,10 +3,10 @@
 A call gets a bearer token from, in order: ``MMS_TOKEN`` (used as given, never renewed);
 the cached token while it has a minute left; a fresh one from the token endpoint with the
 service principal's id and secret (then cached). A 401 on a cached token renews it once.
-A call that is safe to repeat (GET, PUT, DELETE, or a POST with an ``Idempotency-Key``) is
-tried again when the service does not answer or answers 429 or 5xx (after its
-``Retry-After``), a few times within a minute. Any failure becomes a ``CliError`` whose
-message says what went wrong and what to do.
+A call that is safe to repeat (GET, PUT, DELETE, a POST with an ``Idempotency-Key``, or
+the token request) is tried again when the service does not answer or answers 429 or 5xx
+(after its ``Retry-After``), a few times within a minute. Any failure becomes a
+``CliError`` whose message says what went wrong and what to do.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ def fetch_token(token_url: str, client_id: str, client_secret: str, scope: str |
     if scope:
         data["scope"] = scope
     try:
-        answer = httpx.post(token_url, data=data, timeout=timeout)
+        # A client-credentials grant is safe to repeat: each try only issues a token.
+        answer = _post_token(token_url, data, timeout)
     except httpx.HTTPError as exc:
         raise CliError(f"cannot reach the token endpoint {token_url}: {_reason(exc)}") from None
     if answer.status_code in (400, 401):
@@ -61,6 +62,19 @@ def fetch_token(token_url: str, client_id: str, client_secret: str, scope: str |
     except (ValueError, KeyError, TypeError):
         raise CliError(f"the token endpoint {token_url} sent no access token") from None
     return token, time.time() + lifetime
+
+
+def _post_token(token_url: str, data: dict[str, str], timeout: float) -> httpx.Response:
+    try:
+        for attempt in attempts(transient_http, tries=4, timeout=60.0, wait=0.5):
+            with attempt:
+                answer = httpx.post(token_url, data=data, timeout=timeout)
+                if answer.status_code in TRANSIENT_STATUSES:
+                    raise _Busy(answer)
+                return answer
+    except _Busy as busy:
+        return busy.response
+    raise AssertionError("unreachable")
 
 
 class ServiceClient:

@@ -16,6 +16,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from workers.builders.oci import OciBuilder
+from workers.oci.layers import LayerBuilder
 from workers.oci.media import OCI_MANIFEST
 from workers.oci.registry import RegistryClient, RegistryError
 
@@ -226,3 +228,19 @@ def test_a_token_is_fetched_again_before_it_expires_so_a_slow_upload_keeps_going
         assert client.upload_stream("acct/img", iter([BLOB])) == (BLOB_DIGEST, len(BLOB))
     patches = [auth for key, auth in registry.seen if key.startswith("PATCH")]
     assert patches == ["Bearer t2"]
+
+
+def test_a_new_layer_whose_streamed_upload_fails_is_made_and_sent_again(registry: FlakyRegistry) -> None:
+    upload = ("Location", "/v2/acct/img/blobs/uploads/u1")
+    registry.routes["POST /v2/acct/img/blobs/uploads/"] = [answer(202, b"", upload)]
+    registry.routes["PATCH /v2/acct/img/blobs/uploads/u1"] = [answer(503), answer(202, b"", upload)]
+    registry.routes["PUT /v2/acct/img/blobs/uploads/u1"] = [answer(201)]
+    layer = LayerBuilder()
+    layer.add_bytes("/var/azureml-app/score.py", b"def run(data):\n    return data\n")
+    lines: list[str] = []
+    with _client(registry) as client:
+        blob = OciBuilder(registry.address)._new_layer(layer, "mms oci builder: driver", client,
+                                                       "acct/img", lines.append)
+    assert blob.placed == "uploaded" and blob.diff_id == layer.diff_id()
+    assert registry.count("PATCH /v2/acct/img/blobs/uploads/u1") == 2
+    assert registry.count("POST /v2/acct/img/blobs/uploads/") == 2
