@@ -82,6 +82,11 @@ class Settings(BaseSettings):
     registry: str | None = None
     registry_username: str | None = None
     registry_password: str | None = None
+    # The embedded store's garbage collection (mms images gc, and the workers' beat every
+    # interval): blobs no tag reaches go once untouched this long. Keep it longer than any
+    # build (MMS_BUILD_RUN_DEADLINE_SECONDS): a build's blobs wait there for its manifest.
+    image_gc_grace_seconds: int = Field(default=86400, ge=60)
+    image_gc_interval_seconds: float = Field(default=3600.0, gt=0)
     # oci: daemonless, layers pushed over the registry API; docker: RUN steps, conda packages.
     builder: Literal["oci", "docker"] = "oci"
     build_cache_dir: Path | None = None  # the workers' wheel cache; default <data_dir>/build-cache

@@ -1,4 +1,5 @@
-"""Servers a test runs to see whether anything reached it: a TCP one and an HTTP one."""
+"""Servers a test runs to see whether anything reached it: a TCP one and an HTTP one; and an
+HTTP server that fails a few times before it answers."""
 
 from __future__ import annotations
 
@@ -61,6 +62,58 @@ def recording_http_server() -> Iterator[ThreadingHTTPServer]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
     server.seen = []  # type: ignore[attr-defined]
     server.address = f"127.0.0.1:{server.server_address[1]}"  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class _Flaky(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def _any(self) -> None:
+        server = self.server
+        server.seen.append((self.command, self.path))  # type: ignore[attr-defined]
+        if self.headers.get("Content-Length"):
+            self.rfile.read(int(self.headers["Content-Length"]))
+        failures = server.failures  # type: ignore[attr-defined]
+        if failures:
+            failure = failures.pop(0)
+            if failure == "drop":  # hang up without an answer
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            status, headers = failure
+            self.send_response(status)
+            for key, value in headers:
+                self.send_header(key, value)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(server.body)))  # type: ignore[attr-defined]
+        self.end_headers()
+        self.wfile.write(server.body)  # type: ignore[attr-defined]
+
+    do_GET = do_POST = do_PUT = do_DELETE = _any
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextmanager
+def flaky_http_server(body: bytes, failures: list) -> Iterator[ThreadingHTTPServer]:
+    """An HTTP server on a loopback port that answers with ``failures`` first, one per
+    request ("drop", or (status, headers)), then 200 with ``body``; ``.seen`` records
+    (method, path), ``.url`` is its base URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Flaky)
+    server.daemon_threads = True
+    server.seen, server.failures, server.body = [], list(failures), body  # type: ignore[attr-defined]
+    server.url = f"http://127.0.0.1:{server.server_address[1]}"  # type: ignore[attr-defined]
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:

@@ -19,13 +19,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, date, datetime
 from pathlib import Path
+from typing import BinaryIO
 
 from app.services.base_images import BASE_REPOSITORY
 from workers.builders import Log
 from workers.builders.oci import Store, put_image
 from workers.oci.layers import compress_tar
 from workers.oci.media import OCI
-from workers.oci.python_env import detect_target
+from workers.oci.python_env import detect_target, tar_reader
 from workers.oci.registry import file_chunks
 
 __all__ = ["BASE_REPOSITORY", "VARIANTS", "java_version", "publish_base_image"]
@@ -122,6 +123,6 @@ def java_version(rootfs_tar: Path) -> str | None:
 
 
 @contextmanager
-def _opened(path: Path) -> Iterator[Iterator[bytes]]:
-    yield file_chunks(path)()
+def _opened(path: Path) -> Iterator[BinaryIO]:
+    yield tar_reader(file_chunks(path)(), OCI.layer)
 

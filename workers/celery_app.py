@@ -12,6 +12,7 @@ from app.config import get_settings
 from app.queue import BUILD_TASK
 
 REAP_TASK = "mms.reap_builds"
+COLLECT_TASK = "mms.collect_image_garbage"
 
 settings = get_settings()
 celery_app = Celery("mms", broker=settings.resolved_broker_url, include=["workers.tasks"])
@@ -28,8 +29,10 @@ celery_app.conf.update(
         {} if settings.is_embedded_broker
         else {"visibility_timeout": settings.build_run_deadline_seconds + 600}),
     broker_connection_retry_on_startup=True,
-    task_routes={BUILD_TASK: {"queue": settings.build_queue}, REAP_TASK: {"queue": settings.build_queue}},
-    beat_schedule={"reap-builds": {"task": REAP_TASK, "schedule": max(5.0, settings.build_lease_seconds / 2)}},
+    task_routes={task: {"queue": settings.build_queue} for task in (BUILD_TASK, REAP_TASK, COLLECT_TASK)},
+    beat_schedule={"reap-builds": {"task": REAP_TASK, "schedule": max(5.0, settings.build_lease_seconds / 2)},
+                   "collect-image-garbage": {"task": COLLECT_TASK,
+                                             "schedule": settings.image_gc_interval_seconds}},
     worker_hijack_root_logger=False,
 )
 

@@ -8,6 +8,11 @@ Redirects are followed by hand and re-checked. Query strings (Azure SAS ``sig=``
 ``se=``) never reach a log line or an exception message: see ``redact_url``.
 ``PinnedTransport`` applies the same address rules to a client that makes its own
 requests (the registry client reading base images).
+
+A dropped connection, a read timeout, a 5xx or a 429 is tried again (``policy.attempts``
+in all, within the deadline, after the server's ``Retry-After`` if it sent one); a download
+cut off part way resumes where it stopped with a ``Range`` request, guarded by ``If-Range``
+with the first answer's ETag or Last-Modified (without one it starts again).
 """
 
 from __future__ import annotations
@@ -25,10 +30,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
 import httpx
+
+from app.retrying import TRANSIENT_STATUSES, attempts, retry_after
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +70,12 @@ for _name in ("httpx", "httpcore.connection", "httpcore.http11", "httpcore.http2
 class FetchError(Exception):
     """A fetch failed; ``reason`` is a stable code, the message never holds a query string."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: str, message: str, *, status: int | None = None,
+                 wait: float | None = None) -> None:
         super().__init__(message)
         self.reason = reason
+        self.status = status  # the HTTP status of an "http_status" failure
+        self.wait = wait  # its Retry-After, in seconds
 
 
 @dataclass(frozen=True)
@@ -82,6 +92,8 @@ class FetchPolicy:
     allow_hosts: frozenset[str] = frozenset()
     verify: bool = True  # False disables TLS verification (tests / dev only)
     ca_bundle: str | None = None  # extra CA file, trusted in addition to the defaults
+    attempts: int = 4  # a fetch tried this often in all after transient failures (GET only)
+    retry_wait: float = 1.0  # the first backoff (doubled each time, with as much jitter)
 
     def __post_init__(self) -> None:
         # Frozen, so normalise through object.__setattr__; accepts any iterable of str.
@@ -157,53 +169,80 @@ def fetch(
     """
     deadline = time.monotonic() + policy.deadline
     log.info("fetch.start url=%s", redact_url(url))
+    partial = _Partial(Path(dest))
+
+    def retryable(exc: Exception) -> bool | float:
+        if not isinstance(exc, FetchError) or time.monotonic() >= deadline:
+            return False
+        if exc.reason == "http_status" and exc.status in TRANSIENT_STATUSES:
+            return True if exc.wait is None else exc.wait
+        return exc.reason in ("network_error", "timeout")
+
     try:
         expected = _check_expected(expected_sha256)
-        current = _parse(url)
+        start = _parse(url)
         ssl_context = _ssl_context(policy) if transport is None else None
-        for _hop in range(policy.max_redirects + 1):
-            address = _check_target(current, policy, resolver)
-            # A fresh transport per hop: no pooled TLS connection verified for one
-            # name is ever reused for another name on the same address.
-            if transport is None:
-                hop = httpx.HTTPTransport(verify=ssl_context, trust_env=False)
-            else:
-                hop = transport
-            try:
-                # The transport is called directly, not through httpx.Client, whose
-                # request log line would print the full URL, query included.
-                response = hop.handle_request(_request(current, address, policy, deadline))
-                try:
-                    nxt = _next_hop(response, current)
-                    if nxt is None:
-                        result = _save(response, Path(dest), policy, deadline, expected, current)
-                finally:
-                    response.close()
-            except httpx.TimeoutException as exc:
-                raise _transport_error("timeout", exc, current) from None
-            except httpx.HTTPError as exc:
-                raise _transport_error("network_error", exc, current) from None
-            finally:
-                if transport is None:
-                    hop.close()
-            if nxt is None:
-                log.info(
-                    "fetch.done url=%s size=%d sha256=%s",
-                    result.final_url, result.size, result.sha256,
-                )
-                return result
-            log.info(
-                "fetch.redirect status=%d from=%s to=%s",
-                response.status_code, redact_url(current), redact_url(nxt),
-            )
-            current = nxt
-        raise FetchError(
-            "too_many_redirects",
-            f"more than {policy.max_redirects} redirects fetching {redact_url(url)}",
+        for attempt in attempts(retryable, tries=policy.attempts, timeout=policy.deadline,
+                                wait=policy.retry_wait):
+            with attempt:
+                result = _fetch_once(start, partial, policy, deadline, expected, resolver,
+                                     transport, ssl_context)
+        log.info(
+            "fetch.done url=%s size=%d sha256=%s",
+            result.final_url, result.size, result.sha256,
         )
+        return result
     except FetchError as exc:
         log.warning("fetch.failed reason=%s error=%s", exc.reason, exc)
         raise
+    finally:
+        partial.discard()
+
+
+def _fetch_once(url: httpx.URL, partial: "_Partial", policy: FetchPolicy, deadline: float,
+                expected: str | None, resolver: Resolver, transport: httpx.BaseTransport | None,
+                ssl_context: ssl.SSLContext | None) -> FetchResult:
+    """One attempt: follow the redirects from ``url`` and save (or resume) the body."""
+    current = url
+    for _hop in range(policy.max_redirects + 1):
+        address = _check_target(current, policy, resolver)
+        # A fresh transport per hop: no pooled TLS connection verified for one
+        # name is ever reused for another name on the same address.
+        if transport is None:
+            hop = httpx.HTTPTransport(verify=ssl_context, trust_env=False)
+        else:
+            hop = transport
+        try:
+            # The transport is called directly, not through httpx.Client, whose
+            # request log line would print the full URL, query included.
+            response = hop.handle_request(_request(current, address, policy, deadline,
+                                                   headers=partial.range_headers()))
+            try:
+                if response.status_code == 416 and partial.size:  # it was all there: again
+                    partial.reset()
+                    raise FetchError("network_error", f"resuming {redact_url(current)} failed",
+                                     status=416)
+                nxt = _next_hop(response, current)
+                if nxt is None:
+                    return _save(response, partial, policy, deadline, expected, current)
+            finally:
+                response.close()
+        except httpx.TimeoutException as exc:
+            raise _transport_error("timeout", exc, current) from None
+        except httpx.HTTPError as exc:
+            raise _transport_error("network_error", exc, current) from None
+        finally:
+            if transport is None:
+                hop.close()
+        log.info(
+            "fetch.redirect status=%d from=%s to=%s",
+            response.status_code, redact_url(current), redact_url(nxt),
+        )
+        current = nxt
+    raise FetchError(
+        "too_many_redirects",
+        f"more than {policy.max_redirects} redirects fetching {redact_url(url)}",
+    )
 
 
 def post(
@@ -405,58 +444,114 @@ def _next_hop(response: httpx.Response, url: httpx.URL) -> httpx.URL | None:
         return _parse(target, what="redirect location")
     if 200 <= response.status_code < 300:
         return None
-    raise FetchError("http_status", f"HTTP {response.status_code} from {redact_url(url)}")
+    raise FetchError("http_status", f"HTTP {response.status_code} from {redact_url(url)}",
+                     status=response.status_code,
+                     wait=retry_after(response.headers.get("retry-after")))
+
+
+class _Partial:
+    """The temp file beside ``dest`` a download is written to, kept across attempts so a
+    broken one can resume: its size, running digest and the answer's validator."""
+
+    def __init__(self, dest: Path) -> None:
+        self.dest = dest
+        self.tmp: str | None = None
+        self.size = 0
+        self.digest = hashlib.sha256()
+        self.validator: str | None = None  # ETag or Last-Modified of the answer being saved
+
+    def range_headers(self) -> dict[str, str]:
+        if not (self.size and self.validator):
+            return {}
+        return {"Range": f"bytes={self.size}-", "If-Range": self.validator}
+
+    def open(self, response: httpx.Response) -> BinaryIO:
+        """The file to write ``response`` into: appended to when it continues what is there."""
+        continues = response.status_code == 206 and self.size > 0 and \
+            _range_start(response.headers.get("content-range")) == self.size
+        if not continues:
+            self.reset()
+        headers = response.headers
+        if not continues:
+            etag = headers.get("etag")
+            # A weak ETag does not promise the same bytes: only a strong one guards a range.
+            self.validator = etag if etag and not etag.startswith("W/") else \
+                headers.get("last-modified")
+        if self.tmp is None:
+            fd, self.tmp = tempfile.mkstemp(dir=self.dest.parent, prefix=f".{self.dest.name}.",
+                                            suffix=".part")
+            return os.fdopen(fd, "wb")
+        return open(self.tmp, "ab")
+
+    def reset(self) -> None:
+        if self.tmp is not None:
+            with open(self.tmp, "wb"):
+                pass
+        self.size, self.digest, self.validator = 0, hashlib.sha256(), None
+
+    def discard(self) -> None:
+        if self.tmp is not None:
+            try:
+                os.unlink(self.tmp)
+            except FileNotFoundError:
+                pass
+            self.tmp = None
+
+
+def _range_start(content_range: str | None) -> int | None:
+    match = re.fullmatch(r"bytes (\d+)-\d+/(?:\d+|\*)", (content_range or "").strip())
+    return int(match[1]) if match else None
 
 
 def _save(
     response: httpx.Response,
-    dest: Path,
+    partial: _Partial,
     policy: FetchPolicy,
     deadline: float,
     expected: str | None,
     url: httpx.URL,
 ) -> FetchResult:
-    """Stream the body to a temp file beside ``dest``, check limits, then rename into place."""
+    """Stream the body to a temp file beside the destination (appending when it resumes a
+    broken download), check limits, then rename into place."""
     safe = redact_url(url)
+    dest = partial.dest
     length = response.headers.get("content-length", "")
     if length.isdigit() and int(length) > policy.max_bytes:
         raise FetchError("too_large", f"{safe} is {length} bytes, limit {policy.max_bytes}")
-    digest = hashlib.sha256()
-    size = 0
     try:
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+        out = partial.open(response)
     except OSError as exc:
         raise FetchError("io_error", f"cannot write beside {dest}: {exc.strerror}") from None
     try:
-        with os.fdopen(fd, "wb") as out:
+        with out:
             for chunk in response.iter_raw():  # raw: store exactly what the server holds
-                size += len(chunk)
-                if size > policy.max_bytes:
+                if partial.size + len(chunk) > policy.max_bytes:
                     raise FetchError(
                         "too_large", f"{safe} exceeds the limit of {policy.max_bytes} bytes"
                     )
                 if time.monotonic() > deadline:
                     raise FetchError("timeout", f"deadline exceeded while fetching {safe}")
-                digest.update(chunk)
                 out.write(chunk)
+                partial.digest.update(chunk)
+                partial.size += len(chunk)
             out.flush()
             os.fsync(out.fileno())
-        actual = digest.hexdigest()
+        actual = partial.digest.hexdigest()
         if expected is not None and actual != expected:
             raise FetchError(
                 "checksum_mismatch",
                 f"sha256 mismatch for {safe}: expected {expected}, got {actual}",
             )
-        os.replace(tmp, dest)
+        os.replace(partial.tmp, dest)  # type: ignore[arg-type]
+        partial.tmp = None
+    except httpx.HTTPError:
+        raise  # the connection broke: what arrived is kept for a resumed attempt
     except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        partial.discard()
         if isinstance(exc, OSError):
             raise FetchError("io_error", f"cannot write {dest}: {exc.strerror or exc}") from None
         raise
-    return FetchResult(dest, size, actual, safe, response.headers.get("content-type"))
+    return FetchResult(dest, partial.size, actual, safe, response.headers.get("content-type"))
 
 
 def _transport_error(reason: str, exc: Exception, url: httpx.URL) -> FetchError:

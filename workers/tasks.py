@@ -7,7 +7,8 @@ from functools import lru_cache
 from app.context import ServiceContext
 from app.database import session_scope
 from app.queue import BUILD_TASK
-from workers.celery_app import REAP_TASK, celery_app, settings
+from app.services.registry import collect_garbage
+from workers.celery_app import COLLECT_TASK, REAP_TASK, celery_app, settings
 from workers.reaper import reap
 from workers.runner import run_build
 
@@ -31,3 +32,9 @@ def reap_builds() -> None:
         to_publish = reap(session, context.settings)
     for image_id in to_publish:
         context.build_queue.publish_build(image_id)
+
+
+@celery_app.task(name=COLLECT_TASK)
+def collect_image_garbage() -> None:
+    """Remove the embedded store's blobs that no tag reaches, past the grace period."""
+    collect_garbage(settings)

@@ -26,6 +26,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.orm import SigningKey
+from app.retrying import TRANSIENT_STATUSES, Transient, attempts, retry_after, transient_http
 from app.sealing import Sealer
 
 log = logging.getLogger("mms.auth.keys")
@@ -138,9 +139,17 @@ class RemoteKeySource(_RefreshingKeySet):
 
     def __init__(self, jwks_uri: str, refresh_min_seconds: float, timeout: float = 5.0) -> None:
         def load() -> dict[str, Any]:
-            response = httpx.get(jwks_uri, timeout=timeout)
-            response.raise_for_status()
-            return response.json()
+            # A request waits on this (under the lock): a few quick tries, a short budget.
+            for attempt in attempts(transient_http, tries=3, timeout=2 * timeout, wait=0.2,
+                                    wait_max=1.0):
+                with attempt:
+                    response = httpx.get(jwks_uri, timeout=timeout)
+                    if response.status_code in TRANSIENT_STATUSES:
+                        raise Transient(f"the JWKS URL answered {response.status_code}",
+                                        retry_after(response.headers.get("retry-after")))
+                    response.raise_for_status()
+                    return response.json()
+            raise AssertionError("unreachable")
 
         super().__init__(load, refresh_min_seconds)
 

@@ -27,6 +27,8 @@ cli.add_typer(db_cli, name="db")
 cli.add_typer(admin_cli, name="admin")
 base_image_cli = typer.Typer(help="The prebuilt inference base images.", no_args_is_help=True)
 cli.add_typer(base_image_cli, name="base-image")
+images_cli = typer.Typer(help="Administration of the embedded image store.", no_args_is_help=True)
+cli.add_typer(images_cli, name="images")
 
 
 
@@ -155,7 +157,7 @@ def _broker_name(settings: Settings) -> str:
 @cli.command()
 def worker(
     concurrency: Annotated[int, typer.Option(help="builds run at once in this worker")] = 1,
-    beat: Annotated[bool, typer.Option(help="also run the reaper's schedule (safe on every worker)")] = True,
+    beat: Annotated[bool, typer.Option(help="also run the reaper's and the image store's garbage collection schedules (safe on every worker)")] = True,
 ) -> None:
     """Run a build worker (Celery on MMS_BROKER_URL).
 
@@ -229,6 +231,25 @@ def publish_base_image(
     engine.dispose()
     runtime = "of SparkPython manifests" if variant == "spark" else ""
     err.print(f"published {reference}; it is now the default base image {runtime}".rstrip(), highlight=False)
+
+
+@images_cli.command("gc")
+def images_gc(
+    grace_seconds: Annotated[int | None, typer.Option(min=0, help="spare what was touched this recently [MMS_IMAGE_GC_GRACE_SECONDS]")] = None,
+) -> None:
+    """Remove the embedded store's blobs that no tag reaches (deleted images' layers).
+
+    Example: mms images gc --grace-seconds 3600
+    """
+    from app.services.registry import collect_garbage
+
+    settings = _settings()
+    done = collect_garbage(settings, grace_seconds=grace_seconds)
+    if done is None:
+        _fail(f"images are in the registry {settings.registry}, not the embedded store: "
+              "collect its garbage with the registry's own tool")
+    err.print(f"removed {done.blobs} blob(s) ({done.bytes} bytes), {done.links} link(s) and "
+              f"{done.staging_files} unfinished upload(s) from {settings.image_store_dir}")
 
 
 @db_cli.command("upgrade")

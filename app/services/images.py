@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 
-from sqlalchemy import select, update
+import logging
+
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from app.errors import BadRequest, Conflict, NotFound
@@ -16,6 +18,9 @@ from app.services.lookup import get_in_account, parse_uuid
 from app.services.manifests import get_manifest
 from app.services.paging import page_by_name_and_version
 from app.services.versioning import claim_next_version
+from app.storage.oci_layout import OciLayout
+
+log = logging.getLogger("mms.images")
 
 
 def create_image(
@@ -123,11 +128,30 @@ def read_log(session: Session, image: Image) -> str:
     return "".join(chunks)
 
 
-def delete_image(session: Session, account: Account, *, image_id: str) -> None:
-    """Forget an image that is not being built (cancel a running build first)."""
+def delete_image(session: Session, account: Account, *, image_id: str,
+                 layout: OciLayout | None = None) -> None:
+    """Forget an image that is not being built (cancel a running build first); in the
+    embedded store (``layout``) its tag goes too, once the deletion commits, so it can no
+    longer be pulled (its blobs go at the next garbage collection)."""
     image = get_image(session, account, image_id=image_id)
     if image.creation_state is CreationState.RUNNING:
         raise Conflict("the image is being built; cancel it first", code="ImageBuildRunning")
     record_state_changes(session, [image.id], deleted=True)
+    # The builders tag <account id>/<lower-cased name>:<version> (workers.pipeline): an image
+    # whose name differs only in case shares that tag, and keeps it.
+    repository, tag = f"{image.account_id}/{image.name.lower()}", str(image.version)
+    shared = session.scalars(select(Image.id).where(
+        Image.account_id == account.id, Image.id != image.id, Image.version == image.version,
+        func.lower(Image.name) == image.name.lower())).first()
     session.delete(image)
     session.flush()
+    if layout is not None and shared is None:
+        after_commit(session, lambda: _untag(layout, repository, tag))
+
+
+def _untag(layout: OciLayout, repository: str, tag: str) -> None:
+    try:
+        layout.delete_tag(repository, tag)
+    except ValueError:  # a name the builders never tagged (e.g. one with odd characters)
+        return
+    log.info("image.untagged", extra={"repository": repository, "tag": tag})

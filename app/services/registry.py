@@ -39,7 +39,14 @@ from app.context import ServiceContext
 from app.errors import ServiceError, Unauthorized
 from app.orm import Account, SigningKey
 from app.services.principals import authenticate_client
-from app.storage.oci_layout import Descriptor, OciLayout, check_digest, check_repository, check_tag
+from app.storage.oci_layout import (
+    CollectedGarbage,
+    Descriptor,
+    OciLayout,
+    check_digest,
+    check_repository,
+    check_tag,
+)
 
 log = logging.getLogger("mms.registry")
 
@@ -101,6 +108,25 @@ class RegistryError(ServiceError):
 def image_layout(settings: Settings) -> OciLayout:
     """The layout under ``<data dir>/images`` (nothing is created until something is written)."""
     return _layout_at(settings.image_store_dir.absolute())
+
+
+def collect_garbage(settings: Settings, *, grace_seconds: float | None = None) -> CollectedGarbage | None:
+    """Remove what no tag of the embedded store reaches and nothing touched for the grace
+    period (MMS_IMAGE_GC_GRACE_SECONDS); None when images live in a registry."""
+    layout = embedded_layout(settings)
+    if layout is None:
+        return None
+    grace = settings.image_gc_grace_seconds if grace_seconds is None else grace_seconds
+    done = layout.collect_garbage(grace_seconds=grace)
+    log.info("registry.garbage_collected", extra={"blobs": done.blobs, "bytes": done.bytes,
+                                                  "links": done.links,
+                                                  "staging_files": done.staging_files})
+    return done
+
+
+def embedded_layout(settings: Settings) -> OciLayout | None:
+    """The embedded store, or None when images live in a registry (MMS_REGISTRY)."""
+    return image_layout(settings) if settings.is_embedded_registry else None
 
 
 @lru_cache(maxsize=16)

@@ -17,6 +17,12 @@ one, so readers (who never lock) see the old index or the new one, never half of
 The per-repository links mirror Distribution's: a blob is served under a repository only
 if one of its manifests references it, so a digest learnt from one tenant's image cannot
 be read through another repository.
+
+Untagging leaves blobs and links behind; ``collect_garbage`` removes what no tag reaches.
+A writer touches (mtime) every blob and link it relies on, and the collector spares what
+was touched within a grace period, so a build pushing meanwhile keeps its blobs: the
+collector holds the index lock while it sweeps, and ``put_manifest`` checks again under
+that lock that everything it references is still there before the tag appears.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 __all__ = [
+    "CollectedGarbage",
     "DOCKER_MANIFEST",
     "DOCKER_MANIFEST_LIST",
     "MANIFEST_MEDIA_TYPES",
@@ -171,6 +178,25 @@ def _split_ref_name(ref_name: str) -> tuple[str, str] | None:
     return None
 
 
+@dataclass
+class CollectedGarbage:
+    """What ``collect_garbage`` removed."""
+
+    blobs: int = 0
+    bytes: int = 0
+    links: int = 0
+    staging_files: int = 0
+
+
+def _touch(path: Path) -> bool:
+    """Mark ``path`` as in use now (the collector spares it); whether it exists."""
+    try:
+        os.utime(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
 def _sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as source:
@@ -216,7 +242,7 @@ class OciLayout:
         changed afterwards (replace or delete it instead); elsewhere it is copied.
         """
         target = self.blob_path(digest)
-        if target.exists():
+        if _touch(target):
             return
         self._ensure_layout()
         staging = self._staging_path()
@@ -237,7 +263,7 @@ class OciLayout:
     def put_blob_bytes(self, data: bytes) -> str:
         """Store ``data`` as a blob and return its digest."""
         digest = f"sha256:{hashlib.sha256(data).hexdigest()}"
-        if not self.blob_path(digest).exists():
+        if not _touch(self.blob_path(digest)):
             self._ensure_layout()
             self._write_atomic(self.blob_path(digest), data)
         return digest
@@ -247,10 +273,10 @@ class OciLayout:
     def link_blob(self, repository: str, digest: str) -> None:
         """Let ``repository`` serve the blob ``digest`` (ValueError if the layout lacks it)."""
         path = self._link_path(repository, "_layers", digest)
-        if path.exists():
-            return
-        if self.has_blob(digest) is None:
+        if not _touch(self.blob_path(digest)):
             raise ValueError(f"blob {digest} is not in the layout")
+        if _touch(path):
+            return
         self._ensure_layout()
         self._write_atomic(path, b"")
 
@@ -271,7 +297,13 @@ class OciLayout:
         self._link_manifest(repository, digest, media_type)
         ref_name = f"{repository}:{tag}"
         entry = Descriptor(media_type, digest, len(manifest), {REF_NAME_ANNOTATION: ref_name}).to_json()
-        self._update_index(lambda entries: [e for e in entries if _ref_name(e) != ref_name] + [entry])
+
+        def retag(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            # Under the lock the collector sweeps with: what it took is gone for good.
+            self._check_still_there(repository, digest, media_type)
+            return [e for e in entries if _ref_name(e) != ref_name] + [entry]
+
+        self._update_index(retag)
         return digest
 
     def resolve(self, repository: str, reference: str) -> Descriptor | None:
@@ -316,7 +348,80 @@ class OciLayout:
         self._update_index(without)
         return removed
 
+    def touch_blob(self, repository: str, digest: str) -> None:
+        """Mark a blob a writer relies on, and its link in ``repository`` if any, as in use."""
+        _touch(self.blob_path(digest))
+        _touch(self._link_path(repository, "_layers", digest))
+
+    def collect_garbage(self, *, grace_seconds: float, now: float | None = None) -> CollectedGarbage:
+        """Remove blobs, repository links and staging files that no tag reaches and that
+        nothing touched for ``grace_seconds`` (a build pushing now keeps its blobs)."""
+        done = CollectedGarbage()
+        if not self._index_path.exists():
+            return done
+        cutoff = (time.time() if now is None else now) - grace_seconds
+
+        def old(path: Path) -> bool:
+            try:
+                return path.stat().st_mtime < cutoff
+            except FileNotFoundError:
+                return False
+
+        with self._index_lock():
+            self._tag_cache = None
+            reached: dict[str, set[str]] = {}  # repository → digests its tags reach
+            for repository, tags in self._tag_map().items():
+                for descriptor in tags.values():
+                    self._reach(descriptor.digest, descriptor.media_type,
+                                reached.setdefault(repository, set()), depth=0)
+            live = set().union(*reached.values()) if reached else set()
+            if self._repositories.is_dir():
+                for kind in ("_layers", "_manifests"):
+                    for folder in self._repositories.rglob(kind):
+                        repository = folder.parent.relative_to(self._repositories).as_posix()
+                        for link in (folder / "sha256").glob("*"):
+                            if f"sha256:{link.name}" not in reached.get(repository, ()) and old(link):
+                                link.unlink(missing_ok=True)
+                                done.links += 1
+            if self._blobs.is_dir():
+                for blob in self._blobs.iterdir():
+                    if f"sha256:{blob.name}" not in live and old(blob):
+                        size = blob.stat().st_size
+                        blob.unlink(missing_ok=True)
+                        done.blobs, done.bytes = done.blobs + 1, done.bytes + size
+            if self._incoming.is_dir():
+                for staging in self._incoming.iterdir():
+                    if old(staging):
+                        staging.unlink(missing_ok=True)
+                        done.staging_files += 1
+        return done
+
     # -- internals ----------------------------------------------------------------------
+
+    def _reach(self, digest: str, media_type: str, found: set[str], *, depth: int) -> None:
+        """Add ``digest`` and everything it references (an index's children too) to ``found``."""
+        found.add(digest)
+        if media_type not in MANIFEST_MEDIA_TYPES:
+            return
+        try:
+            references = _references(self.blob_path(digest).read_bytes(), media_type)
+        except (FileNotFoundError, ValueError):
+            return  # a broken manifest reaches nothing more; the collector removes nothing it names
+        for reference in references:
+            if reference.media_type in MANIFEST_MEDIA_TYPES and depth < _MAX_INDEX_DEPTH:
+                self._reach(reference.digest, reference.media_type, found, depth=depth + 1)
+            else:
+                found.add(reference.digest)
+
+    def _check_still_there(self, repository: str, digest: str, media_type: str) -> None:
+        needed: set[str] = set()
+        self._reach(digest, media_type, needed, depth=0)
+        for blob in sorted(needed):
+            linked = self._link_path(repository, "_layers", blob).exists() or \
+                self._link_path(repository, "_manifests", blob).exists()
+            if self.has_blob(blob) is None or not linked:
+                raise ValueError(f"blob {blob} was removed while the manifest was stored "
+                                 "(garbage collection); push the image again")
 
     def _link_path(self, repository: str, kind: str, digest: str) -> Path:
         hex_digest = check_digest(digest).removeprefix("sha256:")
@@ -324,7 +429,7 @@ class OciLayout:
 
     def _link_manifest(self, repository: str, digest: str, media_type: str) -> None:
         path = self._link_path(repository, "_manifests", digest)
-        if not path.exists():
+        if not _touch(path):
             self._write_atomic(path, media_type.encode())
 
     def _manifest_media_type(self, repository: str, digest: str) -> str | None:

@@ -355,3 +355,36 @@ def test_unknown_routes_and_push_methods(v2: TestClient, tenant: Tenant, callers
 def test_the_openapi_document_lists_the_pull_routes(v2: TestClient) -> None:
     paths = v2.get("/openapi.json").json()["paths"]  # warnings are errors: no duplicate operation ids
     assert {"/v2/", "/v2/token", "/v2/{path}"} <= set(paths)
+
+
+# -- deleting an image --------------------------------------------------------------------
+
+
+def test_a_deleted_image_can_no_longer_be_pulled(registry_context: ServiceContext, callers: Callers,
+                                                 account: str, owner: dict[str, str],
+                                                 manifest_id: str) -> None:
+    # The embedded store (no MMS_REGISTRY), where the service untags what it deletes.
+    settings = registry_context.settings.model_copy(update={"registry": None})
+    context = ServiceContext.build(settings, engine=registry_context.engine,
+                                   session_factory=registry_context.session_factory)
+    v2 = TestClient(create_app(context=context), base_url="http://testserver")
+    layout = image_layout(settings)
+    body = {"manifestId": manifest_id, "imageType": "Docker", "name": "Housing-Image"}
+    image = v2.post(f"{account}/images", json=body, headers=owner).json()
+    account_id = v2.get(account, headers=owner).json()["properties"]["accountId"]
+    repository = f"{account_id}/housing-image"  # as the builders name it
+    built = build_image(layout, repository, "1")  # what a worker would have pushed
+    build_image(layout, repository, "2")  # another version stays
+    reader = callers.headers("Reader", account.removeprefix("/api"))
+    assert v2.get(f"/v2/{repository}/manifests/1", headers=reader).status_code == 200
+
+    assert v2.delete(f"{account}/images/{image['Id']}", headers=owner).status_code == 204
+
+    _error(v2.get(f"/v2/{repository}/manifests/1", headers=reader), 404, "MANIFEST_UNKNOWN")
+    assert layout.tags(repository) == ["2"]
+    # Its blobs go at the next garbage collection; then not even its digest is served.
+    layout.collect_garbage(grace_seconds=0)
+    _error(v2.get(f"/v2/{repository}/manifests/{built.manifest_digest}", headers=reader),
+           404, "MANIFEST_UNKNOWN")
+    _error(v2.get(f"/v2/{repository}/blobs/{built.layer_digest}", headers=reader), 404, "BLOB_UNKNOWN")
+    assert v2.get(f"/v2/{repository}/manifests/2", headers=reader).status_code == 200

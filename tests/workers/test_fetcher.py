@@ -113,7 +113,7 @@ def serve():
 
 
 def policy(**kw) -> FetchPolicy:
-    kw = {"connect_timeout": 2, "read_timeout": 2, "deadline": 10, **kw}
+    kw = {"connect_timeout": 2, "read_timeout": 2, "deadline": 10, "retry_wait": 0.01, **kw}
     return FetchPolicy(**kw)
 
 
@@ -621,3 +621,121 @@ def test_pinned_transport_checks_tls_against_the_original_name(tls_server, tls_f
     with httpx.Client(transport=untrusted, trust_env=False) as client:
         with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
             client.get(url)
+
+
+# --- transient failures: retried, and a broken download resumed ---------------------
+
+
+LARGE = bytes(range(256)) * 2048  # 512 KiB
+LARGE_SHA = hashlib.sha256(LARGE).hexdigest()
+
+
+def flaky(*steps):
+    """A route answering with each step once, the last one for good; records Range headers."""
+    ranges: list[tuple[str | None, str | None]] = []
+
+    def route(h: BaseHTTPRequestHandler) -> None:
+        ranges.append((h.headers.get("Range"), h.headers.get("If-Range")))
+        (steps[len(ranges) - 1] if len(ranges) <= len(steps) else steps[-1])(h)
+
+    route.ranges = ranges
+    return route
+
+
+def cut_off(data: bytes, headers=()):
+    """Promise all of ``data``, send a third of it, hang up."""
+    def route(h: BaseHTTPRequestHandler) -> None:
+        h.send_response(200)
+        h.send_header("Content-Length", str(len(data)))
+        for key, value in headers:
+            h.send_header(key, value)
+        h.end_headers()
+        h.wfile.write(data[:len(data) // 3])
+        h.wfile.flush()
+        h.close_connection = True
+        h.connection.shutdown(socket.SHUT_RDWR)
+
+    return route
+
+
+def ranged(data: bytes, etag: str):
+    """Serve ``data``, or the asked-for tail of it (206) when If-Range matches."""
+    def route(h: BaseHTTPRequestHandler) -> None:
+        asked = h.headers.get("Range")
+        if asked and h.headers.get("If-Range") == etag:
+            start = int(asked.removeprefix("bytes=").rstrip("-"))
+            part = data[start:]
+            h.send_response(206)
+            h.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            part = data
+            h.send_response(200)
+        h.send_header("ETag", etag)
+        h.send_header("Content-Length", str(len(part)))
+        h.end_headers()
+        h.wfile.write(part)
+
+    return route
+
+
+def test_5xx_and_a_dropped_connection_are_retried(tmp_path, serve):
+    def hang_up(h: BaseHTTPRequestHandler) -> None:
+        h.close_connection = True
+        h.connection.shutdown(socket.SHUT_RDWR)
+
+    route = flaky(body(b"busy", status=503), hang_up, body(b"bad gateway", status=502), body(PAYLOAD))
+    srv = serve({"/file": route})
+    result = fetch(f"http://127.0.0.1:{srv.port}/file", tmp_path / "m",
+                   policy=policy(allow_hosts={"127.0.0.1"}), expected_sha256=PAYLOAD_SHA)
+    assert result.size == len(PAYLOAD)
+    assert (tmp_path / "m").read_bytes() == PAYLOAD
+    assert len(route.ranges) == 4
+    assert leftovers(tmp_path) == ["m"]
+
+
+def test_a_429_waits_for_its_retry_after(tmp_path, serve):
+    route = flaky(body(b"slow down", status=429, headers=[("Retry-After", "1")]), body(PAYLOAD))
+    srv = serve({"/file": route})
+    started = time.monotonic()
+    fetch(f"http://127.0.0.1:{srv.port}/file", tmp_path / "m", policy=policy(allow_hosts={"127.0.0.1"}))
+    assert time.monotonic() - started >= 1.0
+    assert len(route.ranges) == 2
+
+
+def test_attempts_are_bounded_and_a_404_is_not_retried(tmp_path, serve):
+    busy, missing = flaky(body(b"busy", status=503)), flaky(body(b"no", status=404))
+    srv = serve({"/busy": busy, "/missing": missing})
+    for path in ("/busy", "/missing"):
+        with pytest.raises(FetchError) as err:
+            fetch(f"http://127.0.0.1:{srv.port}{path}", tmp_path / "m",
+                  policy=policy(allow_hosts={"127.0.0.1"}, attempts=3))
+        assert err.value.reason == "http_status"
+    assert len(busy.ranges) == 3 and len(missing.ranges) == 1
+    assert leftovers(tmp_path) == []
+
+
+def test_a_broken_download_resumes_with_range_where_it_stopped(tmp_path, serve):
+    etag = '"v1"'
+    route = flaky(cut_off(LARGE, headers=[("ETag", etag)]), ranged(LARGE, etag))
+    srv = serve({"/model": route})
+    result = fetch(f"http://127.0.0.1:{srv.port}/model", tmp_path / "m",
+                   policy=policy(allow_hosts={"127.0.0.1"}), expected_sha256=LARGE_SHA)
+    assert (tmp_path / "m").read_bytes() == LARGE and result.sha256 == LARGE_SHA
+    first, second = route.ranges
+    assert first == (None, None)
+    assert second == (f"bytes={len(LARGE) // 3}-", etag)  # only the rest was asked for
+    assert leftovers(tmp_path) == ["m"]
+
+
+def test_a_changed_file_or_one_without_a_validator_is_downloaded_again_whole(tmp_path, serve):
+    changed = LARGE[::-1]
+    # The first answer's ETag no longer matches: the server sends the whole new file.
+    moved_on = flaky(cut_off(LARGE, headers=[("ETag", '"v1"')]), ranged(changed, '"v2"'))
+    no_validator = flaky(cut_off(LARGE), body(LARGE))
+    srv = serve({"/moved-on": moved_on, "/plain": no_validator})
+    fetch(f"http://127.0.0.1:{srv.port}/moved-on", tmp_path / "a", policy=policy(allow_hosts={"127.0.0.1"}))
+    assert (tmp_path / "a").read_bytes() == changed
+    fetch(f"http://127.0.0.1:{srv.port}/plain", tmp_path / "b", policy=policy(allow_hosts={"127.0.0.1"}))
+    assert (tmp_path / "b").read_bytes() == LARGE
+    assert no_validator.ranges == [(None, None), (None, None)]
+    assert leftovers(tmp_path) == ["a", "b"]

@@ -28,16 +28,17 @@ import tempfile
 import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import certifi
 
 from app.package_sources import PackageSourceRefused, canonical_requirement
+from app.retrying import attempts
 from app.storage.oci_layout import OciLayout
 
 from workers.build_context import (
@@ -64,10 +65,11 @@ from workers.builders import BuildFailed, BuildResult, Log, address_host, redact
 from workers.fetch_policy import allowing_registry
 from workers.fetcher import FetchPolicy
 from workers.oci.layers import LayerBuilder
-from workers.oci.media import OCI, Family
+from workers.oci.media import LAYER_COMPRESSION, OCI, Family
 from workers.oci.python_env import (
     DEFAULT_INDEX_URL,
     SITE_PACKAGES,
+    UNREADABLE_LAYER,
     TargetPython,
     build_source_wheels,
     dependency_cache_key,
@@ -76,9 +78,17 @@ from workers.oci.python_env import (
     install_dependencies,
     localise_requirements,
     normalise_requirements,
+    tar_reader,
 )
 from workers.oci.layout_registry import LayoutRegistry
-from workers.oci.registry import ImageReference, Manifest, RegistryClient, RegistryError, file_chunks
+from workers.oci.registry import (
+    ImageReference,
+    Manifest,
+    RegistryClient,
+    RegistryError,
+    file_chunks,
+    retryable,
+)
 from workers.sandbox import Limits
 
 __all__ = ["BASE_DIGEST_LABEL", "CACHE_REPOSITORY", "OciBuilder", "Store", "check_extra_steps", "put_image"]
@@ -187,6 +197,7 @@ class OciBuilder:
                                                          base.body["config"]["digest"]))
                 emit(f"mms: base {base.digest}: {len(base.body['layers'])} layer(s), "
                      f"{family.manifest.split('/')[-1]}")
+                _check_layer_types(base)
                 python = self._target_python(base, base_config, source, base_ref, emit)
                 _check_conda_python(spec, python)
                 if spec.runtime == "spark-py":
@@ -271,7 +282,7 @@ class OciBuilder:
         def openers() -> Iterator[Any]:
             emit("mms: reading the base image's layers to find its Python and C library")
             for layer in base.body["layers"]:
-                yield source.open_blob(ref.repository, layer["digest"])
+                yield _base_layer(source, ref, layer)
 
         python = detect_target(config, openers)
         emit(f"mms: base image runs {python.describe()}")
@@ -291,7 +302,7 @@ class OciBuilder:
             def openers() -> Iterator[Any]:
                 emit("mms: reading the base image's layers to find its Java runtime")
                 for layer in base.body["layers"]:
-                    yield source.open_blob(ref.repository, layer["digest"])
+                    yield _base_layer(source, ref, layer)
 
             java = detect_java(config, openers)
             if cached is not None:
@@ -376,8 +387,12 @@ class OciBuilder:
             return _Blob(entry["digest"], entry["size"], "",
                          lambda: iter(builder.stream(created_by, level=level)),
                          entry["repository"], diff_id, created_by)
-        stream = builder.stream(created_by, level=level)
-        digest, size = target.upload_stream(repo, stream)
+        # A streamed upload cannot be replayed: after a transient failure the layer is
+        # compressed and sent again from its beginning.
+        for attempt in attempts(retryable, tries=3, timeout=self.timeout):
+            with attempt:
+                stream = builder.stream(created_by, level=level)
+                digest, size = target.upload_stream(repo, stream)
         if stream.layer.diff_id != diff_id:
             raise BuildFailed("push", f"{created_by}: the files changed while the layer was made")
         emit(f"mms: uploaded {created_by.split(': ', 1)[-1]} {digest[:19]} ({size} bytes) "
@@ -428,6 +443,29 @@ def put_image(target: Store, repo: str, tag: str, family: Family, config: bytes,
                                  "size": len(config)},
                       "layers": layers})
     return target.put_manifest(repo, tag, manifest, family.manifest)
+
+
+def _check_layer_types(base: Manifest) -> None:
+    for layer in base.body["layers"]:
+        if layer.get("mediaType") not in LAYER_COMPRESSION:
+            raise BuildFailed("pull-base", f"base layer {layer.get('digest', '?')[:19]} has media "
+                              f"type {layer.get('mediaType')!r}, which the oci builder cannot "
+                              "read (it reads tar layers: uncompressed, gzip or zstd); use "
+                              "another base image or the docker builder (builder: docker)")
+
+
+@contextmanager
+def _base_layer(source: Store, ref: ImageReference, layer: dict[str, Any]) -> Iterator[BinaryIO]:
+    """A base layer's tar, read as it downloads; bytes that are not what its media type
+    says fail the build naming the layer."""
+    with source.open_blob(ref.repository, layer["digest"]) as chunks:
+        try:
+            yield tar_reader(chunks, layer["mediaType"])
+        except UNREADABLE_LAYER as exc:
+            kind = LAYER_COMPRESSION[layer["mediaType"]] or "uncompressed"
+            raise BuildFailed("pull-base", f"base layer {layer['digest'][:19]} is not a readable "
+                              f"{kind} tar as its media type {layer['mediaType']} says: "
+                              f"{type(exc).__name__}: {exc}") from None
 
 
 def _no_body() -> Iterator[bytes]:

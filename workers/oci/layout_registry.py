@@ -140,9 +140,12 @@ class LayoutRegistry:
                   body: Callable[[], Iterable[bytes]], *, mount_from: str | None = None) -> str:
         """Store the blob; ``present`` when the repository has it, ``mounted`` when another
         one does (the manifest links it), else ``uploaded``."""
+        # A blob found is marked in use: garbage collection spares it until the manifest is in.
         if self.layout.is_linked(repository, digest):
+            self.layout.touch_blob(repository, digest)
             return "present"
         if self.layout.has_blob(digest) is not None:
+            self.layout.touch_blob(repository, digest)
             return "mounted"
         staging = self._staging()
         hasher, written = hashlib.sha256(), 0

@@ -12,6 +12,14 @@ OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
+OCI_LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
+OCI_LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
+
+# How a base image's layer of each media type is compressed (None: a plain tar); a layer of
+# any other type cannot be read, so a build on it fails naming the type.
+LAYER_COMPRESSION: dict[str, str | None] = {
+    OCI_LAYER: "gzip", DOCKER_LAYER: "gzip", OCI_LAYER_TAR: None, OCI_LAYER_ZSTD: "zstd",
+}
 
 MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
 INDEX_TYPES = (OCI_INDEX, DOCKER_MANIFEST_LIST)

@@ -26,13 +26,16 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import requests
 import uv
+import zstandard
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 from packaging.version import InvalidVersion, Version
@@ -40,6 +43,7 @@ from pypi_simple import DigestMismatchError, NoSuchProjectError, PyPISimple
 
 from workers.build_context import REQUIREMENT_FILES
 from workers.builders import BuildFailed, Log
+from workers.oci.media import LAYER_COMPRESSION
 from workers.sandbox import Limits, SandboxFailed, run_contained
 
 __all__ = [
@@ -50,6 +54,7 @@ __all__ = [
     "detect_target",
     "install_dependencies",
     "source_only",
+    "tar_reader",
 ]
 
 DEFAULT_INDEX_URL = "https://pypi.org/simple"
@@ -88,10 +93,13 @@ class TargetPython:
         return f"Python {self.version} on {self.platform}"
 
 
-def detect_target(config: dict, layers: Callable[[], Iterable[AbstractContextManager[Iterator[bytes]]]]) -> TargetPython:
+Opener = AbstractContextManager[BinaryIO]  # opens one layer as its tar (see ``tar_reader``)
+
+
+def detect_target(config: dict, layers: Callable[[], Iterable[Opener]]) -> TargetPython:
     """Read the target from the image ``config``, scanning ``layers`` only when it must.
 
-    ``layers()`` yields one opener per layer, base first; each opens the gzip blob as chunks.
+    ``layers()`` yields one opener per layer, base first; each opens the layer's tar.
     """
     arch = _ARCH.get(config.get("architecture", "amd64"), config.get("architecture", "amd64"))
     labels = (config.get("config") or {}).get("Labels") or {}
@@ -119,14 +127,13 @@ def _short(text: str | None) -> str | None:
     return f"{match[1]}.{match[2]}" if match else None
 
 
-def _scan(openers: Iterable[AbstractContextManager[Iterator[bytes]]]) -> tuple[str | None, str | None]:
+def _scan(openers: Iterable[Opener]) -> tuple[str | None, str | None]:
     """(Python major.minor, libc) from the layers; later layers override earlier ones."""
     versions: dict[str, set[str]] = {}  # bin dir → python3.N present
     links: dict[str, str] = {}  # bin dir → what python3 links to
     libc = None
     for opener in openers:
-        with opener as chunks, gzip.GzipFile(fileobj=_ChunkReader(chunks)) as gz, \
-                tarfile.open(fileobj=gz, mode="r|") as tar:
+        with opener as layer, tarfile.open(fileobj=layer, mode="r|") as tar:
             for member in tar:
                 name = member.name
                 match = _PYTHON_BIN.match(name)
@@ -158,8 +165,26 @@ def _scan(openers: Iterable[AbstractContextManager[Iterator[bytes]]]) -> tuple[s
     return None, libc
 
 
+def tar_reader(chunks: Iterator[bytes], media_type: str) -> BinaryIO:
+    """The tar inside a layer blob of ``media_type`` (gzip, zstd or none), read as it streams;
+    ValueError for a media type whose compression is unknown."""
+    if media_type not in LAYER_COMPRESSION:
+        raise ValueError(f"layer media type {media_type!r} is not a tar, a gzip tar or a zstd tar")
+    raw = _ChunkReader(chunks)
+    compression = LAYER_COMPRESSION[media_type]
+    if compression == "gzip":
+        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
+    if compression == "zstd":
+        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)  # type: ignore[return-value]
+    return raw  # type: ignore[return-value]
+
+
+# What a layer whose bytes are not what its media type says raises while it is read.
+UNREADABLE_LAYER = (gzip.BadGzipFile, zlib.error, EOFError, zstandard.ZstdError, tarfile.TarError)
+
+
 class _ChunkReader:
-    """A file-like ``read`` over an iterator of byte chunks (for gzip's streaming reader)."""
+    """A file-like ``read`` over an iterator of byte chunks (for the streaming readers)."""
 
     def __init__(self, chunks: Iterator[bytes]) -> None:
         self._chunks, self._buffer = iter(chunks), b""
@@ -177,7 +202,7 @@ class _ChunkReader:
         return data
 
 
-def detect_java(config: dict, layers: Callable[[], Iterable[AbstractContextManager[Iterator[bytes]]]]) -> str | None:
+def detect_java(config: dict, layers: Callable[[], Iterable[Opener]]) -> str | None:
     """The base image's Java: its ``org.mms.java`` label, else the path of a ``java`` launcher
     found in its layers (a later layer's whiteout removes it), else None."""
     labels = (config.get("config") or {}).get("Labels") or {}
@@ -185,8 +210,7 @@ def detect_java(config: dict, layers: Callable[[], Iterable[AbstractContextManag
         return labels["org.mms.java"]
     found: set[str] = set()
     for opener in layers():
-        with opener as chunks, gzip.GzipFile(fileobj=_ChunkReader(chunks)) as gz, \
-                tarfile.open(fileobj=gz, mode="r|") as tar:
+        with opener as layer, tarfile.open(fileobj=layer, mode="r|") as tar:
             for member in tar:
                 folder, _, base = member.name.rpartition("/")
                 if base.startswith(".wh."):

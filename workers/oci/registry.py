@@ -11,8 +11,16 @@ Distribution registry, with and without a password, and against this service's o
 Authentication follows the registry's challenge: on a 401 with ``WWW-Authenticate: Basic``
 the request is retried with the given login; with ``Bearer realm=..,service=..,scope=..``
 a token is fetched from the realm (with the login as Basic credentials, or anonymously)
-and cached per scope. Credentials are only ever sent over https, or over http to a
-loopback registry (as Docker treats 127.0.0.0/8 as an insecure registry by default).
+and cached per scope until a quarter of its lifetime before it expires (``expires_in``,
+60 s when the token service does not say, counted from ``issued_at``), then fetched again
+before the next request: a long build never sends a stale token mid-upload. Credentials are
+only ever sent over https, or over http to a loopback registry (as Docker treats
+127.0.0.0/8 as an insecure registry by default).
+
+A request that is safe to repeat (GET, HEAD, PUT; a POST that starts an upload) is tried
+again after a dropped connection, a 5xx or a 429 (after its ``Retry-After``), a few times
+within a time budget; a blob upload that fails is started again from its beginning, and a
+blob download that breaks is downloaded again.
 
 Given a ``FetchPolicy`` (a base image named by a tenant), every request, the token realm's
 and a blob's redirect to storage included, goes through the fetcher's address rules:
@@ -27,18 +35,22 @@ import ipaddress
 import logging
 import re
 import socket
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from datetime import datetime
 from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 
 import httpx
 
+from app.retrying import IDEMPOTENT_METHODS, TRANSIENT_STATUSES, attempts, retry_after
+
 from workers.fetcher import FetchError, FetchPolicy, PinnedTransport, Resolver
 from workers.oci.media import INDEX_TYPES, MANIFEST_TYPES
 
-__all__ = ["ImageReference", "Manifest", "RegistryClient", "RegistryError"]
+__all__ = ["ImageReference", "Manifest", "RegistryClient", "RegistryError", "retryable"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,15 +61,29 @@ _DIGEST = re.compile(r"sha256:[a-f0-9]{64}")
 _REPOSITORY = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*")
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 _CHUNK = 1 << 20
+_TOKEN_LIFETIME = 60.0  # the distribution token spec's default when expires_in is absent
 
 
 class RegistryError(Exception):
-    """A registry call failed; ``status`` is the HTTP status (0: no answer), str() says why."""
+    """A registry call failed; ``status`` is the HTTP status (0: no answer), str() says why.
 
-    def __init__(self, message: str, status: int = 0, code: str | None = None) -> None:
+    ``transient``: another attempt may succeed (no answer, a 5xx, a 429), after ``wait``
+    seconds when the registry said how long (``Retry-After``)."""
+
+    def __init__(self, message: str, status: int = 0, code: str | None = None, *,
+                 transient: bool = False, wait: float | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
+        self.transient = transient
+        self.wait = wait
+
+
+def retryable(exc: Exception) -> bool | float:
+    """Whether another attempt may succeed: False, True, or the seconds the registry asked for."""
+    if isinstance(exc, RegistryError) and exc.transient:
+        return True if exc.wait is None else exc.wait
+    return False
 
 
 @dataclass(frozen=True)
@@ -136,12 +162,15 @@ class RegistryClient:
     def __init__(self, host: str, username: str | None = None, password: str | None = None,
                  *, insecure: bool | None = None, timeout: float = 300.0,
                  verify: str | bool = True, policy: FetchPolicy | None = None,
-                 resolver: Resolver = socket.getaddrinfo) -> None:
+                 resolver: Resolver = socket.getaddrinfo, tries: int = 4,
+                 retry_seconds: float = 120.0, retry_wait: float = 1.0) -> None:
         self.host = host
         plain_http = is_loopback_host(host) if insecure is None else insecure
         self.base_url = f"{'http' if plain_http else 'https'}://{host}"
         self._login = (username, password or "") if username else None
-        self._tokens: dict[str, str] = {}  # scope → bearer token
+        self._tokens: dict[str, tuple[str, float]] = {}  # scope → (bearer token, stale at)
+        self._challenges: dict[str, str] = {}  # scope → the Bearer challenge that asked for it
+        self._tries, self._retry_seconds, self._retry_wait = tries, retry_seconds, retry_wait
         self._basic = False  # the registry asked for Basic credentials
         transport = None if policy is None else PinnedTransport(policy, verify=verify,
                                                                 resolver=resolver)
@@ -223,24 +252,26 @@ class RegistryClient:
 
     def get_blob(self, repository: str, digest: str, max_bytes: int = 64 << 20) -> bytes:
         """A small blob (a config) read whole, its digest checked."""
-        with self.open_blob(repository, digest) as chunks:
-            data = bytearray()
-            for chunk in chunks:
-                data += chunk
-                if len(data) > max_bytes:
-                    raise RegistryError(f"blob {digest} is larger than {max_bytes} bytes")
+        for attempt in self._attempts():
+            with attempt, self.open_blob(repository, digest) as chunks:
+                data = bytearray()
+                for chunk in chunks:
+                    data += chunk
+                    if len(data) > max_bytes:
+                        raise RegistryError(f"blob {digest} is larger than {max_bytes} bytes")
         if f"sha256:{hashlib.sha256(data).hexdigest()}" != digest:
             raise RegistryError(f"{self.host}/{repository}: blob {digest} arrived corrupted")
         return bytes(data)
 
     def download_blob(self, repository: str, digest: str, dest: Path) -> int:
         """Stream a blob to ``dest``, checking its digest; return its size."""
-        hasher, size = hashlib.sha256(), 0
-        with self.open_blob(repository, digest) as chunks, dest.open("wb") as out:
-            for chunk in chunks:
-                hasher.update(chunk)
-                out.write(chunk)
-                size += len(chunk)
+        for attempt in self._attempts():
+            with attempt, self.open_blob(repository, digest) as chunks, dest.open("wb") as out:
+                hasher, size = hashlib.sha256(), 0
+                for chunk in chunks:
+                    hasher.update(chunk)
+                    out.write(chunk)
+                    size += len(chunk)
         if f"sha256:{hasher.hexdigest()}" != digest:
             dest.unlink(missing_ok=True)
             raise RegistryError(f"{self.host}/{repository}: blob {digest} arrived corrupted")
@@ -255,24 +286,32 @@ class RegistryClient:
         """Make ``repository`` hold the blob; return how: present, mounted or uploaded.
 
         ``body`` opens the content afresh each time it is called, so an upload can be
-        retried after the registry asks for credentials.
+        retried after the registry asks for credentials, or started again after a failure.
         """
         if self.blob_size(repository, digest) is not None:
             return "present"
+        for attempt in self._attempts():
+            with attempt:
+                return self._push_blob_once(repository, digest, size, body, mount_from)
+        raise AssertionError("unreachable")
+
+    def _push_blob_once(self, repository: str, digest: str, size: int,
+                        body: Callable[[], Iterable[bytes]], mount_from: str | None) -> str:
         scope = f"repository:{repository}:pull,push"
         params = {}
         if mount_from and mount_from != repository:
             scope += f" repository:{mount_from}:pull"
             params = {"mount": digest, "from": mount_from}
         start = self._request("POST", f"/v2/{repository}/blobs/uploads/", scope=scope,
-                              params=params, ok=(201, 202))
+                              params=params, ok=(201, 202), retry=True)
         if start.status_code == 201:
             return "mounted"
         location = start.headers.get("location")
         if not location:
             raise RegistryError(f"{self.host}: the registry started an upload without a Location")
+        # Not retried alone: a failed PUT may have ended the upload; push_blob starts anew.
         self._request("PUT", _with_digest(urljoin(self.base_url + "/", location), digest),
-                      scope=scope, content=body, ok=(201,),
+                      scope=scope, content=body, ok=(201,), retry=False,
                       headers={"Content-Type": "application/octet-stream",
                                "Content-Length": str(size)})
         return "uploaded"
@@ -281,7 +320,8 @@ class RegistryClient:
         """Upload a blob whose digest is known only at its end (a layer compressed while it
         is sent): POST, one streamed PATCH, PUT with the digest. Returns (digest, size)."""
         scope = f"repository:{repository}:pull,push"
-        start = self._request("POST", f"/v2/{repository}/blobs/uploads/", scope=scope, ok=(202,))
+        start = self._request("POST", f"/v2/{repository}/blobs/uploads/", scope=scope, ok=(202,),
+                              retry=True)
         location = start.headers.get("location")
         if not location:
             raise RegistryError(f"{self.host}: the registry started an upload without a Location")
@@ -298,19 +338,34 @@ class RegistryClient:
                 yield chunk
 
         patch = self._request("PATCH", urljoin(self.base_url + "/", location), scope=scope,
-                              content=body, ok=(202, 204),
+                              content=body, ok=(202, 204), retry=False,
                               headers={"Content-Type": "application/octet-stream"})
         digest = f"sha256:{hasher.hexdigest()}"
         location = patch.headers.get("location") or location
         self._request("PUT", _with_digest(urljoin(self.base_url + "/", location), digest),
-                      scope=scope, ok=(201,), headers={"Content-Length": "0"})
+                      scope=scope, ok=(201,), retry=False, headers={"Content-Length": "0"})
         return digest, size
 
     # -- the HTTP exchange with authentication -----------------------------------------
 
+    def _attempts(self, retry: bool = True) -> Iterator[Any]:
+        return attempts(retryable if retry else (lambda exc: False), tries=self._tries,
+                        timeout=self._retry_seconds, wait=self._retry_wait)
+
     def _request(self, method: str, path_or_url: str, *, scope: str, ok: tuple[int, ...] = (200,),
                  content: bytes | Callable[[], Iterable[bytes]] | None = None,
-                 stream: bool = False, **kwargs: Any) -> httpx.Response:
+                 stream: bool = False, retry: bool | None = None, **kwargs: Any) -> httpx.Response:
+        """One exchange (with authentication); repeated on a transient failure when ``retry``
+        (by default: for an idempotent method)."""
+        for attempt in self._attempts(method in IDEMPOTENT_METHODS if retry is None else retry):
+            with attempt:
+                return self._exchange(method, path_or_url, scope=scope, ok=ok, content=content,
+                                      stream=stream, **dict(kwargs))
+        raise AssertionError("unreachable")
+
+    def _exchange(self, method: str, path_or_url: str, *, scope: str, ok: tuple[int, ...],
+                  content: bytes | Callable[[], Iterable[bytes]] | None, stream: bool,
+                  **kwargs: Any) -> httpx.Response:
         url = path_or_url if "://" in path_or_url else self.base_url + path_or_url
         for attempt in range(2):
             headers = {**kwargs.pop("headers", {}), **self._auth_header(scope)}
@@ -321,7 +376,8 @@ class RegistryClient:
                 response = self._http.send(request, stream=stream)
             except httpx.HTTPError as exc:
                 raise RegistryError(f"registry {self.host} did not answer {method} "
-                                    f"{urlsplit(url).path}: {type(exc).__name__}: {exc}") from None
+                                    f"{urlsplit(url).path}: {type(exc).__name__}: {exc}",
+                                    transient=True) from None
             except FetchError as exc:
                 raise self._refused(exc, url) from None
             if response.status_code == 401 and attempt == 0:
@@ -338,9 +394,12 @@ class RegistryClient:
         raise AssertionError("unreachable")
 
     def _auth_header(self, scope: str) -> dict[str, str]:
-        token = self._tokens.get(scope)
-        if token:
-            return {"Authorization": f"Bearer {token}"}
+        cached = self._tokens.get(scope)
+        if cached and time.monotonic() >= cached[1] and scope in self._challenges:
+            self._authenticate(self._challenges[scope], scope)  # about to expire: a new one
+            cached = self._tokens.get(scope)
+        if cached:
+            return {"Authorization": f"Bearer {cached[0]}"}
         if self._basic and self._login:
             user, password = self._login
             raw = base64.b64encode(f"{user}:{password}".encode()).decode()
@@ -375,9 +434,14 @@ class RegistryClient:
         try:
             answer = self._http.get(realm, params=query, auth=auth)
         except httpx.HTTPError as exc:
-            raise RegistryError(f"token service of {self.host} did not answer: {exc}") from None
+            raise RegistryError(f"token service of {self.host} did not answer: {exc}",
+                                transient=True) from None
         except FetchError as exc:
             raise self._refused(exc, realm, "the token service") from None
+        if answer.status_code in TRANSIENT_STATUSES:
+            raise RegistryError(f"registry {self.host}: token service answered {answer.status_code}",
+                                answer.status_code, transient=True,
+                                wait=retry_after(answer.headers.get("retry-after")))
         if answer.status_code != 200:
             who = "the login was refused" if self._login else "a login is required"
             raise RegistryError(f"registry {self.host}: {who} (token service answered "
@@ -387,7 +451,8 @@ class RegistryClient:
             token = data.get("token") or data["access_token"]
         except (ValueError, KeyError, AttributeError):
             raise RegistryError(f"token service of {self.host} sent no token") from None
-        self._tokens[scope] = token
+        self._tokens[scope] = (token, time.monotonic() + _fresh_for(data))
+        self._challenges[scope] = challenge
 
     def _refused(self, exc: FetchError, url: str, what: str = "the address") -> RegistryError:
         """The policy's refusal, naming the host but never the address it resolved to."""
@@ -427,19 +492,46 @@ class _BlobStream:
                                              stream=True)
             except httpx.HTTPError as exc:
                 raise RegistryError(f"blob {self._digest}: storage did not answer: "
-                                    f"{type(exc).__name__}: {exc}") from None
+                                    f"{type(exc).__name__}: {exc}", transient=True) from None
             except FetchError as exc:
                 raise client._refused(exc, target, "the blob storage") from None
             if response.status_code != 200:
                 response.close()
                 raise RegistryError(f"blob {self._digest}: storage answered {response.status_code}",
-                                    response.status_code)
+                                    response.status_code,
+                                    transient=response.status_code in TRANSIENT_STATUSES,
+                                    wait=retry_after(response.headers.get("retry-after")))
         self._response = response
-        return response.iter_bytes(_CHUNK)
+        return self._chunks(response)
+
+    def _chunks(self, response: httpx.Response) -> Iterator[bytes]:
+        try:
+            yield from response.iter_bytes(_CHUNK)
+        except httpx.HTTPError as exc:  # the connection broke mid-blob
+            raise RegistryError(f"blob {self._digest}: the download broke off: "
+                                f"{type(exc).__name__}: {exc}", transient=True) from None
 
     def __exit__(self, *exc: object) -> None:
         if self._response is not None:
             self._response.close()
+
+
+def _fresh_for(token: dict[str, Any]) -> float:
+    """Seconds a token is used for: its lifetime (``expires_in``, 60 s by default) less its
+    age (``issued_at``) and a quarter of the lifetime (at most 30 s) as a margin."""
+    try:
+        lifetime = float(token.get("expires_in") or _TOKEN_LIFETIME)
+    except (TypeError, ValueError):
+        lifetime = _TOKEN_LIFETIME
+    age = 0.0
+    issued = token.get("issued_at")
+    if isinstance(issued, str):
+        try:
+            age = time.time() - datetime.fromisoformat(issued.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            pass
+    age = min(max(age, 0.0), lifetime)  # a clock ahead of ours counts as just issued
+    return lifetime - age - min(lifetime / 4, 30.0)
 
 
 def _with_digest(url: str, digest: str) -> str:
@@ -464,7 +556,9 @@ def _error_from(host: str, method: str, url: str, response: httpx.Response) -> R
     message = f"registry {host}: {method} {path}: {what}"
     if code or detail:
         message += f" ({code or ''}{': ' if code and detail else ''}{detail})"
-    return RegistryError(message, response.status_code, code)
+    return RegistryError(message, response.status_code, code,
+                         transient=response.status_code in TRANSIENT_STATUSES,
+                         wait=retry_after(response.headers.get("retry-after")))
 
 
 def file_chunks(path: Path) -> Callable[[], Iterator[bytes]]:

@@ -22,6 +22,7 @@ from app.schemas.common import Page
 from app.schemas.images import BaseImageRead, ImageCreate, ImageError, ImageRead, OperationRead
 from app.services import base_images, images
 from app.services.events import image_version
+from app.services.registry import embedded_layout
 
 PREFIX = "/subscriptions/{subscriptionId}/resourceGroups/{resourceGroup}/accounts/{accountName}"
 router = APIRouter(prefix=PREFIX, tags=["images"])
@@ -172,8 +173,9 @@ def cancel_image(imageId: str, request: Request, account: WritableAccount, sessi
 
 
 @router.delete("/images/{imageId}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_image(imageId: str, account: WritableAccount, session: SessionDep) -> None:  # noqa: N803
-    images.delete_image(session, account, image_id=imageId)
+def delete_image(imageId: str, account: WritableAccount, session: SessionDep,  # noqa: N803
+                 context: ContextDep) -> None:
+    images.delete_image(session, account, image_id=imageId, layout=embedded_layout(context.settings))
 
 
 _OPEN_RANGE = re.compile(r"bytes=(\d+)-")

@@ -3,7 +3,10 @@
 A call gets a bearer token from, in order: ``MMS_TOKEN`` (used as given, never renewed);
 the cached token while it has a minute left; a fresh one from the token endpoint with the
 service principal's id and secret (then cached). A 401 on a cached token renews it once.
-Any failure becomes a ``CliError`` whose message says what went wrong and what to do.
+A call that is safe to repeat (GET, PUT, DELETE, a POST with an ``Idempotency-Key``, or
+the token request) is tried again when the service does not answer or answers 429 or 5xx
+(after its ``Retry-After``), a few times within a minute. Any failure becomes a
+``CliError`` whose message says what went wrong and what to do.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from urllib.parse import quote
 import httpx
 
 from app.cli.client.profile import ConfigStore, Credentials, Profile, ProfileError
+from app.retrying import IDEMPOTENT_METHODS, TRANSIENT_STATUSES, Transient, attempts, retry_after, transient_http
 
 TOKEN_ENV = "MMS_TOKEN"
 SERVER_ENV = "MMS_SERVER"
@@ -41,7 +45,8 @@ def fetch_token(token_url: str, client_id: str, client_secret: str, scope: str |
     if scope:
         data["scope"] = scope
     try:
-        answer = httpx.post(token_url, data=data, timeout=timeout)
+        # A client-credentials grant is safe to repeat: each try only issues a token.
+        answer = _post_token(token_url, data, timeout)
     except httpx.HTTPError as exc:
         raise CliError(f"cannot reach the token endpoint {token_url}: {_reason(exc)}") from None
     if answer.status_code in (400, 401):
@@ -59,6 +64,19 @@ def fetch_token(token_url: str, client_id: str, client_secret: str, scope: str |
     return token, time.time() + lifetime
 
 
+def _post_token(token_url: str, data: dict[str, str], timeout: float) -> httpx.Response:
+    try:
+        for attempt in attempts(transient_http, tries=4, timeout=60.0, wait=0.5):
+            with attempt:
+                answer = httpx.post(token_url, data=data, timeout=timeout)
+                if answer.status_code in TRANSIENT_STATUSES:
+                    raise _Busy(answer)
+                return answer
+    except _Busy as busy:
+        return busy.response
+    raise AssertionError("unreachable")
+
+
 class ServiceClient:
     """Calls the service on behalf of the profile's principal."""
 
@@ -73,6 +91,7 @@ class ServiceClient:
             raise CliError("no service is set: run `mms login --service-principal -u <client id> "
                            "-p <secret> --server <URL>`")
         self.server = server.rstrip("/")
+        self.tries, self.retry_seconds, self.retry_wait = 4, 60.0, 0.5
         self._http = httpx.Client(base_url=self.server, timeout=httpx.Timeout(timeout, connect=10.0))
 
     def close(self) -> None:
@@ -117,8 +136,7 @@ class ServiceClient:
             headers = {**kwargs.pop("headers", {}), "Authorization": f"Bearer {token}"}
             kwargs["headers"] = headers
             try:
-                response = self._http.request(method, path, content=content() if content else None,
-                                              **kwargs)
+                response = self._send(method, path, content, kwargs)
             except httpx.HTTPError as exc:
                 raise CliError(f"cannot reach the service at {self.server}: {_reason(exc)} "
                                "(is it running? `mms env show` shows the URL in use)") from None
@@ -132,6 +150,26 @@ class ServiceClient:
             if response.status_code not in ok:
                 raise CliError(_service_error(response))
             return response
+        raise AssertionError("unreachable")
+
+    def _send(self, method: str, path: str, content: Callable[[], Iterator[bytes]] | None,
+              kwargs: dict[str, Any]) -> httpx.Response:
+        """The request, sent again after a transient failure when it is safe to repeat; the
+        last answer (or the last error) when the tries or the time run out."""
+        repeatable = method in IDEMPOTENT_METHODS or any(
+            k.lower() == "idempotency-key" for k in kwargs.get("headers", {}))
+        try:
+            for attempt in attempts(transient_http if repeatable else (lambda exc: False),
+                                    tries=self.tries, timeout=self.retry_seconds,
+                                    wait=self.retry_wait):
+                with attempt:
+                    response = self._http.request(method, path,
+                                                  content=content() if content else None, **kwargs)
+                    if repeatable and response.status_code in TRANSIENT_STATUSES:
+                        raise _Busy(response)
+                    return response
+        except _Busy as busy:
+            return busy.response
         raise AssertionError("unreachable")
 
     def json(self, method: str, path: str, **kwargs: Any) -> Any:
@@ -161,6 +199,15 @@ class ServiceClient:
         return self.json("POST", self.account_url("assets"), params={"name": name}, content=chunks,
                          headers={"Content-Type": "application/octet-stream",
                                   "Content-Length": str(size)})
+
+
+class _Busy(Transient):
+    """A 429 or 5xx answer to a call that may be sent again."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        super().__init__(f"the service answered {response.status_code}",
+                         retry_after(response.headers.get("retry-after")))
+        self.response = response
 
 
 def _reason(exc: httpx.HTTPError) -> str:

@@ -18,7 +18,9 @@ from workers.oci.python_env import (
     detect_target,
     install_dependencies,
     normalise_requirements,
+    tar_reader,
 )
+from workers.oci.media import OCI_LAYER
 
 CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 
@@ -41,7 +43,7 @@ def _layer(entries: dict[str, bytes | str]) -> bytes:
 def _openers(*layers: bytes):
     @contextmanager
     def opener(data: bytes):
-        yield iter([data[i:i + 1000] for i in range(0, len(data), 1000)])
+        yield tar_reader(iter([data[i:i + 1000] for i in range(0, len(data), 1000)]), OCI_LAYER)
 
     return lambda: (opener(layer) for layer in layers)
 

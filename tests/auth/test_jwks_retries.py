@@ -1,0 +1,28 @@
+"""An external issuer's JWKS URL that fails for a moment does not turn valid tokens away."""
+
+from __future__ import annotations
+
+import json
+
+from app.auth.keys import RemoteKeySource
+from tests.external_issuer import ExternalIssuer
+from tests.listeners import flaky_http_server
+
+
+def test_a_jwks_load_survives_a_503_and_a_dropped_connection() -> None:
+    issuer = ExternalIssuer("https://login.example.test/tenant/v2.0")
+    kid = issuer.jwks["keys"][0]["kid"]
+    with flaky_http_server(json.dumps(issuer.jwks).encode(),
+                           [(503, [("Retry-After", "0")]), "drop"]) as server:
+        keys = RemoteKeySource(f"{server.url}/keys", refresh_min_seconds=0)
+        assert keys.public_key(kid) is not None
+    assert len(server.seen) == 3
+
+
+def test_a_jwks_url_that_stays_down_gives_no_key_after_a_bounded_few_tries() -> None:
+    issuer = ExternalIssuer("https://login.example.test/tenant/v2.0")
+    kid = issuer.jwks["keys"][0]["kid"]
+    with flaky_http_server(json.dumps(issuer.jwks).encode(), [(502, [])] * 10) as server:
+        keys = RemoteKeySource(f"{server.url}/keys", refresh_min_seconds=0)
+        assert keys.public_key(kid) is None  # a 401 for the caller, never a 500
+    assert len(server.seen) == 3

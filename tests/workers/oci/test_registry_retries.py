@@ -1,0 +1,246 @@
+"""The registry client against a registry that fails for a while: dropped connections, 5xx,
+429 with Retry-After, a blob cut off mid-download, and bearer tokens that expire.
+
+A real HTTP server on 127.0.0.1 plays the registry (and its token service); each route
+answers from a script of failures, then succeeds, and records every request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from workers.builders.oci import OciBuilder
+from workers.oci.layers import LayerBuilder
+from workers.oci.media import OCI_MANIFEST
+from workers.oci.registry import RegistryClient, RegistryError
+
+CONFIG = b'{"architecture":"amd64","os":"linux"}'
+CONFIG_DIGEST = f"sha256:{hashlib.sha256(CONFIG).hexdigest()}"
+MANIFEST = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                       "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                                  "digest": CONFIG_DIGEST, "size": len(CONFIG)},
+                       "layers": []}).encode()
+BLOB = bytes(range(256)) * 4096  # 1 MiB
+BLOB_DIGEST = f"sha256:{hashlib.sha256(BLOB).hexdigest()}"
+
+Step = Callable[[BaseHTTPRequestHandler], None]
+
+
+def answer(status: int, data: bytes = b"", *headers: tuple[str, str]) -> Step:
+    def step(h: BaseHTTPRequestHandler) -> None:
+        h.send_response(status)
+        for key, value in headers:
+            h.send_header(key, value)
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        if h.command != "HEAD":
+            h.wfile.write(data)
+
+    return step
+
+
+def drop(h: BaseHTTPRequestHandler) -> None:
+    """Close the connection without an answer."""
+    h.close_connection = True
+    h.connection.close()
+
+
+def cut_off(data: bytes) -> Step:
+    """Promise the whole blob, send half of it, close."""
+    def step(h: BaseHTTPRequestHandler) -> None:
+        h.send_response(200)
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        h.wfile.write(data[:len(data) // 2])
+        h.wfile.flush()
+        h.close_connection = True
+        h.connection.close()
+
+    return step
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def _any(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length:
+            self.rfile.read(length)
+        elif self.headers.get("Transfer-Encoding") == "chunked":
+            while (size := int(self.rfile.readline().strip() or b"0", 16)):
+                self.rfile.read(size + 2)
+            self.rfile.readline()
+        srv: FlakyRegistry = self.server  # type: ignore[assignment]
+        key = f"{self.command} {self.path.split('?', 1)[0]}"
+        srv.seen.append((key, self.headers.get("Authorization")))
+        if srv.token_check is not None and not key.startswith("GET /token"):
+            refusal = srv.token_check(self)
+            if refusal is not None:
+                return refusal(self)
+        steps = srv.routes.get(key)
+        if not steps:
+            return answer(404, b'{"errors":[{"code":"NAME_UNKNOWN"}]}')(self)
+        (steps.pop(0) if len(steps) > 1 else steps[0])(self)
+
+    do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = _any
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+class FlakyRegistry(ThreadingHTTPServer):
+    """``routes``: "METHOD /path" → steps, each used once, the last one for good."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.routes: dict[str, list[Step]] = {}
+        self.seen: list[tuple[str, str | None]] = []
+        self.token_check: Callable[[BaseHTTPRequestHandler], Step | None] | None = None
+        self.address = f"127.0.0.1:{self.server_address[1]}"
+
+    def count(self, key: str) -> int:
+        return sum(1 for seen, _ in self.seen if seen == key)
+
+
+@pytest.fixture
+def registry() -> Iterator[FlakyRegistry]:
+    server = FlakyRegistry()
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+def _client(registry: FlakyRegistry, **kwargs: object) -> RegistryClient:
+    return RegistryClient(registry.address, retry_wait=0.01, **kwargs)  # type: ignore[arg-type]
+
+
+MANIFEST_OK = answer(200, MANIFEST, ("Content-Type", OCI_MANIFEST))
+
+
+def test_a_manifest_read_survives_503s_and_a_dropped_connection(registry: FlakyRegistry) -> None:
+    registry.routes["GET /v2/mms/base/manifests/1"] = [answer(503), drop, answer(502), MANIFEST_OK]
+    with _client(registry) as client:
+        manifest = client.get_manifest("mms/base", "1")
+    assert manifest.body["config"]["digest"] == CONFIG_DIGEST
+    assert registry.count("GET /v2/mms/base/manifests/1") == 4
+
+
+def test_a_429_is_retried_after_its_retry_after(registry: FlakyRegistry) -> None:
+    registry.routes["HEAD /v2/mms/base/blobs/" + BLOB_DIGEST] = [
+        answer(429, b"", ("Retry-After", "1")), answer(200, BLOB)]
+    started = time.monotonic()
+    with _client(registry) as client:
+        assert client.blob_size("mms/base", BLOB_DIGEST) == len(BLOB)
+    assert time.monotonic() - started >= 1.0
+
+
+def test_attempts_are_bounded_and_a_client_error_is_not_retried(registry: FlakyRegistry) -> None:
+    registry.routes["GET /v2/mms/base/manifests/1"] = [answer(500)]
+    registry.routes["GET /v2/mms/base/manifests/2"] = [answer(403), MANIFEST_OK]
+    with _client(registry, tries=3) as client:
+        with pytest.raises(RegistryError) as failed:
+            client.get_manifest("mms/base", "1")
+        assert failed.value.status == 500
+        assert registry.count("GET /v2/mms/base/manifests/1") == 3
+        with pytest.raises(RegistryError) as denied:
+            client.get_manifest("mms/base", "2")
+        assert denied.value.status == 403
+        assert registry.count("GET /v2/mms/base/manifests/2") == 1
+
+
+def test_a_retry_after_longer_than_the_time_budget_fails_at_once(registry: FlakyRegistry) -> None:
+    registry.routes["GET /v2/mms/base/manifests/1"] = [answer(503, b"", ("Retry-After", "30")),
+                                                       MANIFEST_OK]
+    started = time.monotonic()
+    with _client(registry, retry_seconds=5) as client, pytest.raises(RegistryError):
+        client.get_manifest("mms/base", "1")
+    assert time.monotonic() - started < 5
+
+
+def test_a_blob_cut_off_mid_download_is_downloaded_again(registry: FlakyRegistry, tmp_path) -> None:
+    registry.routes["GET /v2/mms/base/blobs/" + BLOB_DIGEST] = [cut_off(BLOB), answer(200, BLOB)]
+    with _client(registry) as client:
+        assert client.download_blob("mms/base", BLOB_DIGEST, tmp_path / "blob") == len(BLOB)
+    assert (tmp_path / "blob").read_bytes() == BLOB
+
+
+def test_a_failed_upload_starts_again_and_a_streamed_patch_is_not_replayed(
+        registry: FlakyRegistry) -> None:
+    upload = ("Location", "/v2/acct/img/blobs/uploads/u1")
+    registry.routes["POST /v2/acct/img/blobs/uploads/"] = [answer(202, b"", upload)]
+    registry.routes["PUT /v2/acct/img/blobs/uploads/u1"] = [answer(500), answer(201)]
+    with _client(registry) as client:
+        how = client.push_blob("acct/img", BLOB_DIGEST, len(BLOB), lambda: iter([BLOB]))
+        assert how == "uploaded"
+        assert registry.count("POST /v2/acct/img/blobs/uploads/") == 2  # a new upload each time
+        assert registry.count("PUT /v2/acct/img/blobs/uploads/u1") == 2
+
+        registry.routes["PATCH /v2/acct/img/blobs/uploads/u1"] = [answer(503), answer(202, b"", upload)]
+        with pytest.raises(RegistryError) as failed:
+            client.upload_stream("acct/img", iter([BLOB]))
+        assert failed.value.status == 503
+        assert registry.count("PATCH /v2/acct/img/blobs/uploads/u1") == 1
+
+
+def test_a_token_is_fetched_again_before_it_expires_so_a_slow_upload_keeps_going(
+        registry: FlakyRegistry) -> None:
+    """The token service gives 2-second tokens; the registry takes 2.1 s to start an upload.
+    The PATCH that follows must carry a new token, not the one that has just expired."""
+    lifetime = 2.0
+    issued: dict[str, float] = {}
+
+    def token(h: BaseHTTPRequestHandler) -> None:
+        name = f"t{len(issued) + 1}"
+        issued[name] = time.monotonic()
+        answer(200, json.dumps({"token": name, "expires_in": int(lifetime)}).encode())(h)
+
+    def check(h: BaseHTTPRequestHandler) -> Step | None:
+        name = (h.headers.get("Authorization") or "").removeprefix("Bearer ")
+        if name in issued and time.monotonic() - issued[name] < lifetime:
+            return None
+        challenge = (f'Bearer realm="http://{registry.address}/token",service="test",'
+                     'scope="repository:acct/img:pull,push"')
+        return answer(401, b'{"errors":[{"code":"UNAUTHORIZED"}]}', ("WWW-Authenticate", challenge))
+
+    def slow_start(h: BaseHTTPRequestHandler) -> None:
+        time.sleep(2.1)
+        answer(202, b"", ("Location", "/v2/acct/img/blobs/uploads/u1"))(h)
+
+    registry.token_check = check
+    registry.routes["GET /token"] = [token]
+    registry.routes["POST /v2/acct/img/blobs/uploads/"] = [slow_start]
+    registry.routes["PATCH /v2/acct/img/blobs/uploads/u1"] = [
+        answer(202, b"", ("Location", "/v2/acct/img/blobs/uploads/u1"))]
+    registry.routes["PUT /v2/acct/img/blobs/uploads/u1"] = [answer(201)]
+    with _client(registry) as client:
+        assert client.upload_stream("acct/img", iter([BLOB])) == (BLOB_DIGEST, len(BLOB))
+    patches = [auth for key, auth in registry.seen if key.startswith("PATCH")]
+    assert patches == ["Bearer t2"]
+
+
+def test_a_new_layer_whose_streamed_upload_fails_is_made_and_sent_again(registry: FlakyRegistry) -> None:
+    upload = ("Location", "/v2/acct/img/blobs/uploads/u1")
+    registry.routes["POST /v2/acct/img/blobs/uploads/"] = [answer(202, b"", upload)]
+    registry.routes["PATCH /v2/acct/img/blobs/uploads/u1"] = [answer(503), answer(202, b"", upload)]
+    registry.routes["PUT /v2/acct/img/blobs/uploads/u1"] = [answer(201)]
+    layer = LayerBuilder()
+    layer.add_bytes("/var/azureml-app/score.py", b"def run(data):\n    return data\n")
+    lines: list[str] = []
+    with _client(registry) as client:
+        blob = OciBuilder(registry.address)._new_layer(layer, "mms oci builder: driver", client,
+                                                       "acct/img", lines.append)
+    assert blob.placed == "uploaded" and blob.diff_id == layer.diff_id()
+    assert registry.count("PATCH /v2/acct/img/blobs/uploads/u1") == 2
+    assert registry.count("POST /v2/acct/img/blobs/uploads/") == 2
