@@ -272,3 +272,40 @@ def test_a_base_image_may_be_another_accounts_image_on_no_account(
                  "myregistry.azurecr.io/other/image:v1"):
         response = client.post(f"{account}/manifests", json=inference_config(model_id, baseImage=base), headers=owner)
         assert response.status_code == 200, response.text
+
+
+# The seed's own manifest body, as its page shows it: a trailing comma after the asset.
+SEED_TEXT = """{
+   "driverProgram": "scoringFileId",
+   "description": "<description content>",
+   "modelType": "Registered",
+   "name": "housingmodel-manifest",
+   "modelIds": [
+      "07b56951-3ce6-481a-bcb7-e76ee669e990"
+   ],
+   "assets": [
+      {
+         "id": "scoringFileId",
+         "url": "<Sas Url of the scoring file>",
+         "mimeType": "application/x-python",
+         "unPack": "False"
+      },
+   ],
+   "targetRuntime": {
+      "runtimeType": "SparkPython",
+      "properties": {
+         "condaEnvFile": "<Sas Url of th condat file>"
+      }
+   }
+}"""
+
+
+def test_the_seeds_trailing_comma_is_pointed_at(client: TestClient, owner: dict[str, str], account: str) -> None:
+    response = client.post(f"{account}/manifests", content=SEED_TEXT.encode(),
+                           headers={**owner, "Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    position = SEED_TEXT.index("},\n   ],") + len("},\n   ")  # the "]" after the comma
+    line = SEED_TEXT.count("\n", 0, position) + 1
+    message = response.json()["message"]
+    assert f"not valid JSON at character {position} (line {line}, column 4)" in message, message
+    assert "[" not in message.split("JSON")[0]  # no "[405]:" dressed as a field
