@@ -238,6 +238,31 @@ class Settings(BaseSettings):
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
         return f"http://{host}:{self.port}"
 
+    @property
+    def served_url_file(self) -> Path:
+        """Where `mms serve` records the URL it serves at, for the commands and workers beside it."""
+        return self.data_dir / "served-url"
+
+    def record_served_url(self) -> None:
+        """Record resolved_public_url in the data folder (atomically: readers never see half)."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.served_url_file.with_name(f".served-url.{secrets.token_hex(8)}")
+        tmp.write_text(self.resolved_public_url + "\n", encoding="utf-8")
+        os.replace(tmp, self.served_url_file)
+
+    @property
+    def service_url(self) -> str:
+        """How another process (a worker, `mms admin bootstrap`) reaches the service:
+        MMS_PUBLIC_URL, else MMS_HOST/MMS_PORT when set, else the URL `mms serve` recorded
+        in the data folder, else http://127.0.0.1:8000."""
+        if self.public_url or {"host", "port"} & self.model_fields_set:
+            return self.resolved_public_url
+        try:
+            recorded = self.served_url_file.read_text(encoding="utf-8").strip()
+        except OSError:
+            recorded = ""
+        return recorded.rstrip("/") if recorded.startswith(("http://", "https://")) else self.resolved_public_url
+
     def resolved_secret_key(self) -> str:
         """The key that seals stored secrets; in development one is made and kept in the data folder."""
         if self.secret_key:

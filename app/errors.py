@@ -136,16 +136,34 @@ def _field_name(loc: tuple[Any, ...]) -> str:
 
 
 def _validation_message(error: dict[str, Any]) -> str:
-    if error.get("type") == "json_invalid":
-        return "the request body is not valid JSON"
     message = str(error.get("msg", "is invalid"))
     return message.removeprefix("Value error, ")
+
+
+def _json_error(error: dict[str, Any], document: Any) -> str:
+    """Where the body stops being JSON: the character (as Python's json counts it), its line
+    and column, and why."""
+    loc = tuple(error.get("loc", ()))
+    position = loc[-1] if loc and isinstance(loc[-1], int) else None
+    reason = str((error.get("ctx") or {}).get("error") or "").strip()
+    where = ""
+    if position is not None:
+        where = f" at character {position}"
+        if isinstance(document, str) and position <= len(document):
+            line = document.count("\n", 0, position) + 1
+            column = position - document.rfind("\n", 0, position)
+            where += f" (line {line}, column {column})"
+    return f"the request body is not valid JSON{where}" + (f": {reason}" if reason else "")
 
 
 def validation_error(exc: RequestValidationError) -> ValidationFailed:
     """Turn pydantic's error list into a 400 that names each offending field."""
     details = []
     for error in exc.errors():
+        if error.get("type") == "json_invalid":
+            # Its location is a character offset, not a field.
+            details.append({"code": "InvalidJson", "message": _json_error(error, exc.body)})
+            continue
         field = _field_name(tuple(error.get("loc", ())))
         details.append({"code": "InvalidField", "message": f"{field}: {_validation_message(error)}"})
     summary = "; ".join(d["message"] for d in details[:3]) or "the request is invalid"

@@ -126,6 +126,19 @@ def _file_name(url: str, fallback: str) -> str:
     return name if name and name not in (".", "..") else fallback
 
 
+def fetch_failure(settings: Settings, url: str, exc: FetchError) -> str:
+    """The fetcher's reason; for a URL of the service's own store that it refused as a private
+    address, also the setting that fixes it (a worker run apart from `mms serve` takes the
+    service's address from MMS_PUBLIC_URL, else from its own MMS_HOST/MMS_PORT)."""
+    parts = urlsplit(url)
+    own = urlsplit(settings.resolved_public_url).netloc
+    if exc.reason != "blocked_address" or not parts.path.startswith("/blobs/") or parts.netloc == own:
+        return str(exc)
+    return (f"{exc}: this worker takes the service's own address to be {settings.resolved_public_url}; "
+            f"set MMS_PUBLIC_URL={parts.scheme}://{parts.netloc} in the worker's environment (or run "
+            "it with the data folder of `mms serve`, which records where it serves)")
+
+
 def fetch_step(context: ServiceContext, inputs: BuildInputs, work: Path, emit: Log) -> tuple[Path, Path, str | None, str | None]:
     """Download every asset and model (unpacking archives), and the environment files."""
     policy = fetch_policy(context.settings)
@@ -136,7 +149,7 @@ def fetch_step(context: ServiceContext, inputs: BuildInputs, work: Path, emit: L
         try:
             result = fetch(source.url, dest, policy=policy, expected_sha256=source.sha256)
         except FetchError as exc:
-            raise StepFailed("fetch", f"{what}: {exc}") from None
+            raise StepFailed("fetch", f"{what}: {fetch_failure(context.settings, source.url, exc)}") from None
         emit(f"mms: fetched {what}: {result.size} bytes, sha256 {result.sha256}")
         return result.path
 
@@ -244,6 +257,20 @@ def default_base(settings: Settings, published: str | None, runtime: str = "pyth
     return published
 
 
+def unpublished_base(settings: Settings, inputs: BuildInputs, failure: BuildFailed) -> BuildFailed:
+    """``failure``, saying how to publish a base image when the default one it could not pull
+    was never published."""
+    spark = inputs.runtime == "spark-py"
+    guessed = not inputs.base_image and not inputs.published_base and not (
+        settings.default_base_image and not spark)
+    if failure.step != "pull-base" or not guessed:
+        return failure
+    command = "mms base-image publish" + (" --variant spark" if spark else "")
+    other = "the manifest's baseImage" if spark else "MMS_DEFAULT_BASE_IMAGE or the manifest's baseImage"
+    return BuildFailed("pull-base", f"{failure.message}: no base image is published yet; publish "
+                       f"one with `{command}` (or name one with {other}), then create the image again")
+
+
 _PACKAGE_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*\.(whl|tar\.gz|zip)")
 
 
@@ -281,7 +308,8 @@ def package_files(context: ServiceContext, inputs: BuildInputs, pip: str | None,
         try:
             fetched = fetch(reference.url, path, policy=policy)
         except FetchError as exc:
-            raise StepFailed("fetch", f"requirement {reference.name}: {exc}") from None
+            reason = fetch_failure(context.settings, reference.url, exc)
+            raise StepFailed("fetch", f"requirement {reference.name}: {reason}") from None
         files[name] = path
         local = f"file://{REQUIREMENT_FILES}/{name}#sha256={fetched.sha256}"
         pip = pip.replace(reference.url, local) if pip else pip
@@ -325,6 +353,8 @@ def run_pipeline(context: ServiceContext, image_id: uuid.UUID, emit: Log) -> Bui
                                             str(inputs.image_version), emit)
         except InvalidBuildSpec as exc:
             raise StepFailed("environment", str(exc)) from None
+        except BuildFailed as exc:
+            raise unpublished_base(settings, inputs, exc) from None
     pulled = isinstance(builder, OciBuilder)
     if pulled and (not settings.docker_host or settings.is_embedded_registry):
         emit("mms: smoke test skipped: the oci builder runs no containers, and a smoke test "

@@ -15,7 +15,9 @@ from app.errors import BadRequest
 class Permission(enum.Enum):
     READ = "read"
     WRITE = "write"
-    MANAGE = "manage"  # service principals and accounts
+    # Role assignments (service principals) only: as in Azure, a Contributor creates and
+    # deletes resources, accounts included, but cannot grant access.
+    MANAGE = "manage"
 
 
 class Role(enum.StrEnum):

@@ -87,6 +87,8 @@ def serve(
     settings = _settings()
     _prepare_database(settings)
     url = settings.resolved_public_url
+    # `mms admin bootstrap` and a separately run `mms worker` read it (Settings.service_url).
+    settings.record_served_url()
     err.print(
         f"Model Management Service listening on [bold]{url}[/bold] "
         f"({settings.workers} process{'es' if settings.workers > 1 else ''}, "
@@ -164,6 +166,14 @@ def worker(
     Example: DOCKER_HOST=unix:///var/run/docker.sock mms worker --concurrency 2
     """
     settings = _settings()
+    if not settings.public_url and settings.service_url != settings.resolved_public_url:
+        # The service's own asset URLs, its image store's address: where `mms serve` said it
+        # serves. Celery's processes read their settings from the environment.
+        os.environ["MMS_PUBLIC_URL"] = settings.service_url
+        get_settings.cache_clear()
+        settings = _settings()
+        err.print(f"Build worker: the service is at {settings.resolved_public_url} "
+                  f"(recorded by `mms serve` in {settings.served_url_file})", highlight=False)
     _prepare_database(settings)
     from app.log_config import configure_logging
 
@@ -287,7 +297,8 @@ def bootstrap(
     result = {
         "clientId": principal.client_id,
         "clientSecret": secret,
-        "tokenUrl": f"{settings.resolved_public_url}/oauth2/token",
+        # Where the service runs now (`mms serve` records it), not this command's default port.
+        "tokenUrl": f"{settings.service_url}/oauth2/token",
     }
     if output is Output.json:
         sys.stdout.write(json.dumps(result) + "\n")

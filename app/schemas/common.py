@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Generic, TypeVar
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, StringConstraints
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Strict, StringConstraints
 
 T = TypeVar("T")
 
@@ -30,7 +30,18 @@ def _http_url(value: str) -> str:
     return value
 
 
+def _seed_bool(value: object) -> object:
+    # The seed writes "unPack": "False" and "unpack": "true"; any other string is a mistake.
+    if isinstance(value, str):
+        if value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        raise ValueError('must be true or false (a JSON boolean, or the string "true" or "false")')
+    return value
+
+
 Text = Annotated[str, AfterValidator(_printable)]
+# A boolean that also takes the seed's "true"/"false" strings (any case), and nothing else.
+SeedBool = Annotated[bool, Strict(), BeforeValidator(_seed_bool)]
 HttpUrlText = Annotated[
     str, StringConstraints(min_length=1, max_length=4096), AfterValidator(_http_url)
 ]

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BeforeValidator, Field, StringConstraints, model_validator
 
 from app.dockerfile_steps import StepError, parse_steps
-from app.schemas.common import ApiModel, HttpUrlText, Text
+from app.schemas.common import ApiModel, HttpUrlText, SeedBool, Text
 from app.schemas.models import ModelName, mime_type
 
 MAX_ASSETS = 100
@@ -58,7 +58,7 @@ class ManifestAssetBody(ApiModel):
     id: AssetId
     url: HttpUrlText
     mimeType: MimeType = "application/octet-stream"
-    unPack: bool = False
+    unPack: SeedBool = False
 
 
 class RuntimeProperties(ApiModel):

@@ -8,7 +8,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, Field, StringConstraints, field_validator
 
-from app.schemas.common import ApiModel, HttpUrlText, Text
+from app.schemas.common import ApiModel, HttpUrlText, SeedBool, Text
 
 # The original service allowed letters, digits and '-'; '.' and '_' are accepted too so
 # that the seed's own `housing.model` registers.
@@ -32,7 +32,7 @@ class ModelCreate(ApiModel):
     description: Annotated[Text, StringConstraints(max_length=200)] | None = None
     url: HttpUrlText = Field(description="where the model file is, usually a SAS URL")
     mimeType: Annotated[Text, StringConstraints(max_length=255), AfterValidator(mime_type)]
-    unpack: bool = False
+    unpack: SeedBool = False
     sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F]{64}$")] | None = None
 
     @field_validator("name", mode="before")

@@ -55,13 +55,16 @@ def inference_config(model_id: str, **overrides: Any) -> dict[str, Any]:
 
 def test_seed_manifest_round_trip_and_versions(client: TestClient, owner: dict[str, str], account: str, model_id: str) -> None:
     first = client.post(f"{account}/manifests", json=seed_manifest(model_id), headers=owner)
-    assert first.status_code == 201, first.text
+    assert first.status_code == 200, first.text
     body = first.json()
     assert body["version"] == 1
     assert body["driverProgram"] == "scoringFileId"
     assert body["modelIds"] == [model_id]
     assert body["targetRuntime"] == {"runtimeType": "SparkPython", "properties": {"condaEnvFile": CONDA_URL, "pipRequirements": None}}
     assert body["assets"][0]["unPack"] is False
+    unpacked = seed_manifest(model_id, name="unpacked")
+    unpacked["assets"][0]["unPack"] = "TRUE"
+    assert client.post(f"{account}/manifests", json=unpacked, headers=owner).json()["assets"][0]["unPack"] is True
     assert "CreatedTime" in body
     assert client.get(f"{account}/manifests/{body['id']}", headers=owner).json() == body
 
@@ -75,7 +78,7 @@ def test_inference_config_shape_keeps_the_registry_password_secret(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     created = client.post(f"{account}/manifests", json=inference_config(model_id), headers=owner)
-    assert created.status_code == 201, created.text
+    assert created.status_code == 200, created.text
     body = created.json()
     assert body["driverProgram"] == "score.py"
     assert body["targetRuntime"]["runtimeType"] == "Python"
@@ -89,7 +92,7 @@ def test_inference_config_shape_keeps_the_registry_password_secret(
 
     string_registry = inference_config(model_id, baseImageRegistry="mcr.microsoft.com",
                                        baseImage="mcr.microsoft.com/azureml/o16n-sample-user-base/ubuntu-miniconda")
-    assert client.post(f"{account}/manifests", json=string_registry, headers=owner).status_code == 201
+    assert client.post(f"{account}/manifests", json=string_registry, headers=owner).status_code == 200
 
 
 @pytest.mark.parametrize(
@@ -103,6 +106,7 @@ def test_inference_config_shape_keeps_the_registry_password_secret(
         ({"name": "bad name"}, "name"),
         ({"assets": [{"id": "a", "url": SCORE_URL}, {"id": "a", "url": SCORE_URL}]}, "unique"),
         ({"assets": [{"id": "scoringFileId", "url": "ftp://x/score.py"}]}, "assets[0].url"),
+        ({"assets": [{"id": "scoringFileId", "url": SCORE_URL, "unPack": "yes"}]}, "assets[0].unPack: must be true or false"),
     ],
 )
 def test_seed_shape_validation(client: TestClient, owner: dict[str, str], account: str, model_id: str,
@@ -227,14 +231,14 @@ def test_requirements_may_name_the_accounts_own_package_files(
     wheel_url = _upload(client, owner, account, "own-1.0-py3-none-any.whl", "not checked here")
     pip_url = _upload(client, owner, account, "requirements.txt", f"six==1.16.0\nown @ {wheel_url}\n")
     body = seed_manifest(model_id, targetRuntime={"runtimeType": "Python", "properties": {"pipRequirements": pip_url}})
-    assert client.post(f"{account}/manifests", json=body, headers=owner).status_code == 201
+    assert client.post(f"{account}/manifests", json=body, headers=owner).status_code == 200
 
 
 def test_hashes_may_follow_a_requirement(client: TestClient, owner: dict[str, str], account: str, model_id: str) -> None:
     pip_url = _upload(client, owner, account, "requirements.txt",
                       f"six==1.16.0 --hash=sha256:{'a' * 64} --hash=sha256:{'b' * 64}\n")
     body = seed_manifest(model_id, targetRuntime={"runtimeType": "Python", "properties": {"pipRequirements": pip_url}})
-    assert client.post(f"{account}/manifests", json=body, headers=owner).status_code == 201
+    assert client.post(f"{account}/manifests", json=body, headers=owner).status_code == 200
 
 
 @pytest.mark.parametrize(("conda", "fragment"), [
@@ -252,7 +256,7 @@ def test_conda_channels_are_the_operators(client: TestClient, owner: dict[str, s
     assert fragment in response.json()["message"]
     allowed = "channels:\n  - conda-forge\ndependencies:\n  - conda-forge::numpy\n"
     body["assets"][1]["url"] = _upload(client, owner, account, "env.yml", allowed)
-    assert client.post(f"{account}/manifests", json=body, headers=owner).status_code == 201
+    assert client.post(f"{account}/manifests", json=body, headers=owner).status_code == 200
 
 
 def test_a_base_image_may_be_another_accounts_image_on_no_account(
@@ -267,4 +271,41 @@ def test_a_base_image_may_be_another_accounts_image_on_no_account(
     for base in (f"{registry}/{own_id}/housing-image:1", f"{registry}/mms/inference-base:py3.11",
                  "myregistry.azurecr.io/other/image:v1"):
         response = client.post(f"{account}/manifests", json=inference_config(model_id, baseImage=base), headers=owner)
-        assert response.status_code == 201, response.text
+        assert response.status_code == 200, response.text
+
+
+# The seed's own manifest body, as its page shows it: a trailing comma after the asset.
+SEED_TEXT = """{
+   "driverProgram": "scoringFileId",
+   "description": "<description content>",
+   "modelType": "Registered",
+   "name": "housingmodel-manifest",
+   "modelIds": [
+      "07b56951-3ce6-481a-bcb7-e76ee669e990"
+   ],
+   "assets": [
+      {
+         "id": "scoringFileId",
+         "url": "<Sas Url of the scoring file>",
+         "mimeType": "application/x-python",
+         "unPack": "False"
+      },
+   ],
+   "targetRuntime": {
+      "runtimeType": "SparkPython",
+      "properties": {
+         "condaEnvFile": "<Sas Url of th condat file>"
+      }
+   }
+}"""
+
+
+def test_the_seeds_trailing_comma_is_pointed_at(client: TestClient, owner: dict[str, str], account: str) -> None:
+    response = client.post(f"{account}/manifests", content=SEED_TEXT.encode(),
+                           headers={**owner, "Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    position = SEED_TEXT.index("},\n   ],") + len("},\n   ")  # the "]" after the comma
+    line = SEED_TEXT.count("\n", 0, position) + 1
+    message = response.json()["message"]
+    assert f"not valid JSON at character {position} (line {line}, column 4)" in message, message
+    assert "[" not in message.split("JSON")[0]  # no "[405]:" dressed as a field

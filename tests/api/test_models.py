@@ -12,7 +12,7 @@ from tests.factories import model_body, new_account
 
 def test_seed_registration_returns_the_seed_shape(client: TestClient, owner: dict[str, str], account: str) -> None:
     response = client.post(f"{account}/models", json=model_body(), headers=owner)
-    assert response.status_code == 201, response.text
+    assert response.status_code == 200, response.text
     body = response.json()
     assert {"id", "name", "version", "description", "url", "tags", "mimeType", "createdAt"} <= set(body)
     assert body["name"] == "housing.model"
@@ -59,6 +59,8 @@ def test_each_registration_takes_the_next_version_and_deleted_versions_stay_used
         ("mimeType", "zip", "mimeType: must be a MIME type"),
         ("mimeType", None, "mimeType"),
         ("unpack", "perhaps", "unpack"),
+        ("unpack", "yes", "unpack: must be true or false"),
+        ("unpack", "1", "unpack: must be true or false"),
         ("description", "nul\x00byte", "description: must not contain control characters"),
         ("sha256", "abc", "sha256"),
     ],
@@ -98,7 +100,7 @@ def test_unknown_and_foreign_ids_are_404(client: TestClient, owner: dict[str, st
 
 def test_list_filters_and_pages_stably(client: TestClient, owner: dict[str, str], account: str) -> None:
     for name, tags in [("a", ["x"]), ("b", ["y"]), ("a", ["y"]), ("c", []), ("b", ["x", "y"])]:
-        assert client.post(f"{account}/models", json=model_body(name=name, tags=tags), headers=owner).status_code == 201
+        assert client.post(f"{account}/models", json=model_body(name=name, tags=tags), headers=owner).status_code == 200
 
     def collect(query: str) -> list[tuple[str, int]]:
         seen, url = [], f"{account}/models?{query}"
@@ -124,6 +126,15 @@ def test_list_filters_and_pages_stably(client: TestClient, owner: dict[str, str]
     assert last["nextLink"] is None
 
 
+@pytest.mark.parametrize(("value", "expected"), [("true", True), ("False", False), ("TRUE", True), (False, False)])
+def test_unpack_takes_the_seeds_strings(
+    client: TestClient, owner: dict[str, str], account: str, value: object, expected: bool
+) -> None:
+    response = client.post(f"{account}/models", json=model_body(unpack=value), headers=owner)
+    assert response.status_code == 200, response.text
+    assert response.json()["unpack"] is expected
+
+
 @pytest.mark.parametrize("query", ["count=0", "count=5000", "count=abc", "$skipToken=garbage", "$skipToken=e30"])
 def test_bad_paging_parameters_get_a_400(client: TestClient, owner: dict[str, str], account: str, query: str) -> None:
     response = client.get(f"{account}/models?{query}", headers=owner)
@@ -134,7 +145,7 @@ def test_idempotency_key_replays_the_first_registration(client: TestClient, owne
     headers = {**owner, "Idempotency-Key": "register-housing-1"}
     first = client.post(f"{account}/models", json=model_body(), headers=headers)
     retry = client.post(f"{account}/models", json=model_body(), headers=headers)
-    assert first.status_code == retry.status_code == 201
+    assert first.status_code == retry.status_code == 200
     assert retry.json() == first.json()
     assert retry.headers["Idempotent-Replayed"] == "true"
     assert len(client.get(f"{account}/models", headers=owner).json()["value"]) == 1

@@ -1,4 +1,4 @@
-"""Roles on scopes: Reader reads, Contributor writes, Owner manages; scopes do not leak."""
+"""Roles on scopes: Reader reads, Contributor writes (accounts too), Owner also grants roles; scopes do not leak."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def test_a_resource_groups_token_cannot_touch_another_group(client: TestClient, 
     contributor = callers.headers("Contributor", "/subscriptions/sub-1/resourceGroups/rg-mine")
 
     assert client.get(mine, headers=contributor).status_code == 200
-    assert client.post(f"{mine}/models", json=model_body(), headers=contributor).status_code == 201
+    assert client.post(f"{mine}/models", json=model_body(), headers=contributor).status_code == 200
 
     for response in (
         client.get(theirs, headers=contributor),
@@ -40,14 +40,19 @@ def test_reader_reads_but_cannot_write(client: TestClient, callers: Callers) -> 
     assert client.delete(f"{url}/models/{model['id']}", headers=reader).status_code == 403
 
 
-def test_only_owners_manage_accounts(client: TestClient, callers: Callers) -> None:
+def test_contributors_create_and_delete_accounts_in_their_scope(client: TestClient, callers: Callers) -> None:
     contributor = callers.headers("Contributor", "/subscriptions/sub-1")
     url = account_url("sub-1", "rg-1", "made-by-contributor")
     body = {"location": "eastus2", "sku": {"name": "S1"}}
-    assert client.put(url, json=body, headers=contributor).status_code == 403
+    # As in Azure: a Contributor creates and deletes resources; only role assignments need Owner.
+    assert client.put(url, json=body, headers=contributor).status_code == 201
+    assert client.delete(url, headers=contributor).status_code == 204
+    assert client.put(account_url("sub-2", "rg-1", "x1"), json=body, headers=contributor).status_code == 403
+    reader = callers.headers("Reader", "/subscriptions/sub-1")
+    assert client.put(url, json=body, headers=reader).status_code == 403
     group_owner = callers.headers("Owner", "/subscriptions/sub-1/resourceGroups/rg-1")
     assert client.put(url, json=body, headers=group_owner).status_code == 201
-    assert client.delete(url, headers=contributor).status_code == 403
+    assert client.delete(url, headers=reader).status_code == 403
     assert client.put(account_url("sub-2", "rg-1", "x1"), json=body, headers=group_owner).status_code == 403
 
 

@@ -36,8 +36,8 @@ def to_read(account: Account) -> AccountRead:
 def put_account(
     path: AccountPathDep, body: AccountCreate, caller: CallerDep, session: SessionDep, response: Response
 ) -> AccountRead:
-    """Create an account (201), or update its SKU (200)."""
-    caller.require(Permission.MANAGE, account_scope(path.subscription_id, path.resource_group, path.name))
+    """Create an account (201), or update its SKU (200); a Contributor of the scope may, as in Azure."""
+    caller.require(Permission.WRITE, account_scope(path.subscription_id, path.resource_group, path.name))
     account, created = accounts.put_account(session, path, body)
     if not created:
         response.status_code = status.HTTP_200_OK
@@ -77,5 +77,5 @@ def delete_account(
     path: AccountPathDep, caller: CallerDep, session: SessionDep, force: bool = False
 ) -> None:
     """Delete an account; refused with 409 while it holds models, unless ``force=true``."""
-    caller.require(Permission.MANAGE, account_scope(path.subscription_id, path.resource_group, path.name))
+    caller.require(Permission.WRITE, account_scope(path.subscription_id, path.resource_group, path.name))
     accounts.delete_account(session, path, force=force)

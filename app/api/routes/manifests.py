@@ -68,7 +68,8 @@ def to_read(manifest: Manifest) -> ManifestRead:
     )
 
 
-@router.post("", response_model=ManifestRead, status_code=status.HTTP_201_CREATED)
+# The seed: "Http Status Code 200 means Successfully Registered".
+@router.post("", response_model=ManifestRead, status_code=status.HTTP_200_OK)
 def create_manifest(
     body: Annotated[AnyManifestBody, Body()],
     account: WritableAccount,

@@ -35,7 +35,8 @@ def to_read(model: ModelVersion) -> ModelRead:
     )
 
 
-@router.post("", response_model=ModelRead, status_code=status.HTTP_201_CREATED)
+# The seed: "Http Status Code 200 means Successfully Registered".
+@router.post("", response_model=ModelRead, status_code=status.HTTP_200_OK)
 def register_model(
     request: Request,
     body: ModelCreate,
@@ -53,7 +54,7 @@ def register_model(
         request_fingerprint=idempotency.fingerprint("POST", request.url.path, body.model_dump(mode="json")),
         ttl_seconds=context.settings.idempotency_ttl_seconds,
         action=lambda: (
-            status.HTTP_201_CREATED,
+            status.HTTP_200_OK,
             to_read(
                 models.register_model(
                     session, account, body, urls=context.url_policy, created_by=caller.subject

@@ -11,7 +11,6 @@ the token request) is tried again when the service does not answer or answers 42
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,11 +19,17 @@ from urllib.parse import quote
 
 import httpx
 
-from app.cli.client.profile import ConfigStore, Credentials, Profile, ProfileError
+from app.cli.client.profile import (
+    TOKEN_ENV,
+    ConfigStore,
+    Credentials,
+    Profile,
+    ProfileError,
+    env_server,
+    env_token,
+)
 from app.retrying import IDEMPOTENT_METHODS, TRANSIENT_STATUSES, Transient, attempts, retry_after, transient_http
 
-TOKEN_ENV = "MMS_TOKEN"
-SERVER_ENV = "MMS_SERVER"
 _RENEW_BEFORE_SECONDS = 60
 _UPLOAD_CHUNK = 1 << 20
 
@@ -84,9 +89,9 @@ class ServiceClient:
         self.store = store = store or ConfigStore()
         try:
             self.profile: Profile = store.load_profile()
+            server = env_server() or self.profile.server
         except ProfileError as exc:
             raise CliError(str(exc)) from None
-        server = os.environ.get(SERVER_ENV) or self.profile.server
         if not server:
             raise CliError("no service is set: run `mms login --service-principal -u <client id> "
                            "-p <secret> --server <URL>`")
@@ -107,7 +112,7 @@ class ServiceClient:
 
     def _token(self, *, renew: bool = False) -> tuple[str, bool]:
         """(token, renewable): renewable when a fresh one can be fetched on a 401."""
-        given = os.environ.get(TOKEN_ENV)
+        given = env_token()
         if given:
             return given, False
         credentials = self.store.load_credentials()
@@ -144,7 +149,7 @@ class ServiceClient:
                 token, renewable = self._token(renew=True)
                 continue
             if response.status_code == 401:
-                where = f"the token in {TOKEN_ENV}" if os.environ.get(TOKEN_ENV) else "your sign-in"
+                where = f"the token in {TOKEN_ENV}" if env_token() else "your sign-in"
                 raise CliError(f"the service refused {where} ({_service_error(response)}): "
                                "sign in again with `mms login`")
             if response.status_code not in ok:

@@ -12,7 +12,7 @@ import typer
 
 from app.cli.client.accounts import all_pages
 from app.cli.client.api import CliError, ServiceClient
-from app.cli.client.models import register_model, upload_with_progress, zip_folder
+from app.cli.client.models import Uploads, register_model, upload_with_progress, zip_folder
 from app.cli.client.output import Output, OutputOption, err, field, show
 
 manifest_cli = typer.Typer(help="Manifests: a scoring script, its assets, models and environment.",
@@ -51,40 +51,61 @@ def create(
             raise CliError(f"{path} does not exist")
     with ServiceClient() as client:
         model_ids = list(model_id or [])
-        for path in model_file or []:
-            registered = register_model(client, path, _model_name(path), [], None)
-            err.print(f"Registered {path} as model {registered['name']} version {registered['version']} "
-                      f"({registered['id']}).", highlight=False)
-            model_ids.append(registered["id"])
-        if inference_config is not None:
-            body = _from_inference_config(client, inference_config, name, model_ids, dependency or [])
-        else:
-            assets = [_asset(client, driver)] + [_asset(client, d) for d in dependency or []]  # type: ignore[arg-type]
-            properties: dict[str, Any] = {}
-            if conda_file:
-                properties["condaEnvFile"] = upload_with_progress(client, conda_file, conda_file.name)["url"]
-            if pip_file:
-                properties["pipRequirements"] = upload_with_progress(client, pip_file, pip_file.name)["url"]
-            body = {"name": name, "description": description, "driverProgram": assets[0]["id"],
-                    "modelType": "Registered", "modelIds": model_ids, "assets": assets,
-                    "targetRuntime": {"runtimeType": _RUNTIMES[runtime.lower()], "properties": properties}}
-        manifest = client.json("POST", client.account_url("manifests"), json=body)
+        check_models_exist(client, model_ids)  # before anything is uploaded
+        with Uploads(client) as uploads:
+            manifest = _create(client, uploads, name, driver, runtime, conda_file, pip_file,
+                               dependency or [], model_ids, model_file or [], inference_config,
+                               description)
     show(manifest, output, COLUMNS)
 
 
-def _asset(client: ServiceClient, path: Path) -> dict[str, Any]:
+def check_models_exist(client: ServiceClient, model_ids: list[str]) -> None:
+    """CliError naming every ``--model-id`` the account does not have."""
+    missing = [m for m in model_ids
+               if client.call("GET", client.account_url("models", m), ok=(200, 404)).status_code == 404]
+    if missing:
+        raise CliError(f"no model with id {', '.join(missing)} in this account (`mms model list` "
+                       "shows them); nothing was uploaded")
+
+
+def _create(client: ServiceClient, uploads: Uploads, name: str, driver: Path | None, runtime: str,
+            conda_file: Path | None, pip_file: Path | None, dependency: list[Path],
+            model_ids: list[str], model_file: list[Path], inference_config: Path | None,
+            description: str | None) -> dict[str, Any]:
+    """Register the model files, upload the files and create the manifest; what was made."""
+    for path in model_file:
+        registered = register_model(client, path, _model_name(path), [], None, uploads)
+        err.print(f"Registered {path} as model {registered['name']} version {registered['version']} "
+                  f"({registered['id']}).", highlight=False)
+        model_ids.append(registered["id"])
+    if inference_config is not None:
+        body = _from_inference_config(client, uploads, inference_config, name, model_ids, dependency)
+    else:
+        assets = [_asset(client, uploads, driver)] + [_asset(client, uploads, d) for d in dependency]  # type: ignore[arg-type]
+        properties: dict[str, Any] = {}
+        if conda_file:
+            properties["condaEnvFile"] = upload_with_progress(client, conda_file, conda_file.name, uploads)["url"]
+        if pip_file:
+            properties["pipRequirements"] = upload_with_progress(client, pip_file, pip_file.name, uploads)["url"]
+        body = {"name": name, "description": description, "driverProgram": assets[0]["id"],
+                "modelType": "Registered", "modelIds": model_ids, "assets": assets,
+                "targetRuntime": {"runtimeType": _RUNTIMES[runtime.lower()], "properties": properties}}
+    return client.json("POST", client.account_url("manifests"), json=body)
+
+
+def _asset(client: ServiceClient, uploads: Uploads, path: Path) -> dict[str, Any]:
     """Upload a file (or a folder, zipped and unpacked in the image) as a manifest asset."""
     if path.is_dir():
         with tempfile.TemporaryDirectory(prefix="mms-asset-") as tmp:
             uploaded = upload_with_progress(client, zip_folder(path, Path(tmp) / f"{path.name}.zip"),
-                                            f"{path.name}.zip")
+                                            f"{path.name}.zip", uploads)
         return {"id": path.name, "url": uploaded["url"], "mimeType": "application/zip", "unPack": True}
-    uploaded = upload_with_progress(client, path, path.name)
+    uploaded = upload_with_progress(client, path, path.name, uploads)
     return {"id": path.name, "url": uploaded["url"], "mimeType": uploaded.get("mimeType") or "application/octet-stream"}
 
 
-def _from_inference_config(client: ServiceClient, config_path: Path, name: str, model_ids: list[str],
-                           dependencies: list[Path]) -> dict[str, Any]:
+def _from_inference_config(client: ServiceClient, uploads: Uploads, config_path: Path, name: str,
+                           model_ids: list[str], dependencies: list[Path]) -> dict[str, Any]:
     """The custom-image doc's inference configuration, its local files uploaded."""
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
@@ -101,14 +122,14 @@ def _from_inference_config(client: ServiceClient, config_path: Path, name: str, 
                            f"{folder})")
         return path
 
-    assets = [_asset(client, local("entryScript"))]
+    assets = [_asset(client, uploads, local("entryScript"))]
     body: dict[str, Any] = {"name": name, "modelIds": model_ids, "entryScript": assets[0]["id"],
                             "runtime": config.get("runtime", "python")}
     if config.get("condaFile"):
-        conda = _asset(client, local("condaFile"))
+        conda = _asset(client, uploads, local("condaFile"))
         assets.append(conda)
         body["condaFile"] = conda["id"]
-    assets += [_asset(client, d) for d in dependencies]
+    assets += [_asset(client, uploads, d) for d in dependencies]
     body["assets"] = assets
     for key in ("extraDockerfileSteps", "enableGpu", "baseImage", "baseImageRegistry", "description"):
         if key in config:

@@ -37,13 +37,44 @@ def register(
 
     Example: mms model register -m housing.model -n housing.model -t myTag -d "my housing.model"
     """
-    with ServiceClient() as client:
-        registered = register_model(client, model, name, tag or [], description)
+    with ServiceClient() as client, Uploads(client) as uploads:
+        registered = register_model(client, model, name, tag or [], description, uploads)
     show(registered, output, COLUMNS)
 
 
+class Uploads:
+    """What a command uploaded or registered, deleted again if the command then fails, so a
+    failed command leaves nothing behind in the account."""
+
+    def __init__(self, client: ServiceClient) -> None:
+        self.client = client
+        self.assets: list[str] = []
+        self.models: list[str] = []
+
+    def __enter__(self) -> "Uploads":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if exc_type is None or not (self.assets or self.models):
+            return
+        left = []
+        # Models first: an asset is what a model's URL points at.
+        for kind, ids in (("models", self.models), ("assets", self.assets)):
+            for resource_id in reversed(ids):
+                try:
+                    self.client.call("DELETE", self.client.account_url(kind, resource_id), ok=(204, 404))
+                except CliError:
+                    left.append(f"{kind[:-1]} {resource_id}")
+        if left:
+            err.print(f"[yellow]warning:[/yellow] could not delete what this command made: "
+                      f"{', '.join(left)}", highlight=False)
+        else:
+            err.print(f"Deleted the {len(self.assets)} upload(s) and {len(self.models)} model(s) "
+                      "this command made.", highlight=False)
+
+
 def register_model(client: ServiceClient, path: Path, name: str, tags: list[str],
-                   description: str | None) -> dict[str, Any]:
+                   description: str | None, uploads: Uploads) -> dict[str, Any]:
     """Upload ``path`` (a folder as a zip) and register it; the new model version."""
     if not path.exists():
         raise CliError(f"{path} does not exist: give -m a model file or folder")
@@ -53,13 +84,15 @@ def register_model(client: ServiceClient, path: Path, name: str, tags: list[str]
         else:
             upload, unpack = path, False
             mime_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        asset = upload_with_progress(client, upload, upload.name)
+        asset = upload_with_progress(client, upload, upload.name, uploads)
     body = {"name": name, "tags": tags, "description": description, "url": asset["url"],
             "mimeType": mime_type, "unpack": unpack, "sha256": asset["sha256"]}
-    return client.json("POST", client.account_url("models"), json=body)
+    registered = client.json("POST", client.account_url("models"), json=body)
+    uploads.models.append(registered["id"])
+    return registered
 
 
-def upload_with_progress(client: ServiceClient, path: Path, name: str) -> dict[str, Any]:
+def upload_with_progress(client: ServiceClient, path: Path, name: str, uploads: Uploads) -> dict[str, Any]:
     """Upload one file as an asset with a progress bar; checks the service got the same bytes."""
     size = path.stat().st_size
     local = hashlib.sha256()
@@ -71,6 +104,7 @@ def upload_with_progress(client: ServiceClient, path: Path, name: str) -> dict[s
                   disable=not err.is_terminal) as progress:
         task = progress.add_task(f"uploading {name}", total=size)
         asset = client.upload(path, name, lambda n: progress.advance(task, n))
+    uploads.assets.append(asset["id"])
     if asset.get("sha256") != local.hexdigest():
         raise CliError(f"{name} arrived changed (sha256 {asset.get('sha256')}, sent "
                        f"{local.hexdigest()}): try again")

@@ -1,6 +1,9 @@
 """What the command-line client remembers between runs: where the service is, who signs in,
 the current account, and a cached access token.
 
+The environment can override it: ``MMS_SERVER`` (the service) and ``MMS_TOKEN`` (a token used
+as given); this module is the one place the client reads them.
+
 Everything lives in one folder (``MMS_CONFIG_DIR``, else ``$XDG_CONFIG_HOME/mms``, else
 ``~/.config/mms``): ``profile.json`` (service URL, subscription, resource group, account,
 sign-in method; no secrets) and ``credentials.json`` (the service principal's secret and the
@@ -10,18 +13,66 @@ another user never reads a secret and a crash never leaves half a file.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import secrets
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 DEFAULT_SUBSCRIPTION = "default"
+TOKEN_ENV = "MMS_TOKEN"
+SERVER_ENV = "MMS_SERVER"
 
 
 class ProfileError(Exception):
     """The profile cannot be used as it is; str() says what to run."""
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def server_url(value: str) -> str:
+    """The service's URL from what the user gave: a URL, or a bare ``host[:port]`` (http on
+    loopback, where `mms serve` runs without TLS; https elsewhere); ValueError if neither."""
+    text = value.strip().rstrip("/")
+    if text and "://" not in text:
+        host = urlsplit(f"//{text}").hostname or ""
+        text = f"{'http' if _loopback(host) else 'https'}://{text}"
+    parts = urlsplit(text)
+    try:
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError:
+        parts = parts._replace(netloc="")
+    if (parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment
+            or any(ch.isspace() for ch in text)):
+        raise ValueError(f"{value!r} is not a service URL: give one such as http://127.0.0.1:8000, "
+                         "or a host:port")
+    return text
+
+
+def env_server() -> str | None:
+    """The service named by ``MMS_SERVER``, if set."""
+    value = os.environ.get(SERVER_ENV)
+    if not value:
+        return None
+    try:
+        return server_url(value)
+    except ValueError as exc:
+        raise ProfileError(f"{SERVER_ENV}: {exc}") from None
+
+
+def env_token() -> str | None:
+    """The token given in ``MMS_TOKEN``, if set."""
+    return os.environ.get(TOKEN_ENV) or None
 
 
 def config_dir() -> Path:

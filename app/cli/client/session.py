@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Annotated
 
 import typer
 
-from app.cli.client.api import SERVER_ENV, TOKEN_ENV, CliError, fetch_token
+from app.cli.client.api import CliError, fetch_token
 from app.cli.client.output import Output, OutputOption, err, field, show
-from app.cli.client.profile import DEFAULT_SUBSCRIPTION, ConfigStore, Credentials
+from app.cli.client.profile import (
+    DEFAULT_SUBSCRIPTION,
+    SERVER_ENV,
+    TOKEN_ENV,
+    ConfigStore,
+    Credentials,
+    env_server,
+    env_token,
+    server_url,
+)
 
 env_cli = typer.Typer(help="The current service, subscription, resource group and account.",
                       no_args_is_help=True)
@@ -18,7 +26,7 @@ env_cli = typer.Typer(help="The current service, subscription, resource group an
 
 def login(
     username: Annotated[str, typer.Option("--username", "-u", help="the service principal's client id")],
-    server: Annotated[str, typer.Option("--server", help="the service's URL, e.g. http://127.0.0.1:8000")],
+    server: Annotated[str | None, typer.Option("--server", help=f"the service's URL (or host:port), e.g. http://127.0.0.1:8000 [{SERVER_ENV}]")] = None,
     service_principal: Annotated[bool, typer.Option("--service-principal", help="sign in as a service principal (the only kind)")] = False,
     password: Annotated[str | None, typer.Option("--password", "-p", help="its secret (asked for when left out)")] = None,
     subscription: Annotated[str, typer.Option("--subscription", "-s", help="the subscription id to work in")] = DEFAULT_SUBSCRIPTION,
@@ -31,13 +39,18 @@ def login(
     """
     if not service_principal:
         raise CliError("only service principals can sign in: add --service-principal")
-    if password is None:
-        password = typer.prompt("Secret", hide_input=True)
-    server = server.rstrip("/")
-    if not server.startswith(("http://", "https://")):
-        raise CliError(f"--server must be an http(s) URL such as http://127.0.0.1:8000, not {server!r}")
     store = ConfigStore()
     profile = store.load_profile()
+    if server is not None:
+        try:
+            server = server_url(server)
+        except ValueError as exc:
+            raise CliError(f"--server: {exc}") from None
+    server = server or env_server() or profile.server
+    if not server:
+        raise CliError(f"no service given: pass --server <URL> (or host:port), or set {SERVER_ENV}")
+    if password is None:
+        password = typer.prompt("Secret", hide_input=True)
     token_url = authority or f"{server}/oauth2/token"
     token, expires_at = fetch_token(token_url, username, password, scope)
     if profile.server != server or profile.subscription != subscription:
@@ -61,7 +74,7 @@ def logout() -> None:
 
 @env_cli.command("set")
 def env_set(
-    server: Annotated[str | None, typer.Option(help="the service's URL")] = None,
+    server: Annotated[str | None, typer.Option(help="the service's URL, or host:port")] = None,
     subscription: Annotated[str | None, typer.Option("--subscription", "-s")] = None,
     resource_group: Annotated[str | None, typer.Option("--resource-group", "-g")] = None,
     account: Annotated[str | None, typer.Option("--account", "-n", help="the model management account")] = None,
@@ -73,7 +86,10 @@ def env_set(
     store = ConfigStore()
     profile = store.load_profile()
     if server is not None:
-        profile.server = server.rstrip("/")
+        try:
+            profile.server = server_url(server)
+        except ValueError as exc:
+            raise CliError(f"--server: {exc}") from None
     if subscription is not None:
         profile.subscription = subscription
     if resource_group is not None:
@@ -97,14 +113,14 @@ def _show_profile(output: Output) -> None:
     store = ConfigStore()
     profile = store.load_profile()
     credentials = store.load_credentials()
-    if os.environ.get(TOKEN_ENV):
+    if env_token():
         signed_in = f"token from {TOKEN_ENV}"
     elif credentials.client_secret:
         left = (credentials.expires_at or 0) - time.time()
         signed_in = f"yes (token valid {int(left // 60)} more minutes)" if left > 0 else "yes (token renews on next use)"
     else:
         signed_in = "no"
-    record = {"server": os.environ.get(SERVER_ENV) or profile.server, "subscription": profile.subscription,
+    record = {"server": env_server() or profile.server, "subscription": profile.subscription,
               "resourceGroup": profile.resource_group, "account": profile.account,
               "clientId": profile.client_id, "authority": profile.authority, "signedIn": signed_in,
               "configDir": str(store.root)}
