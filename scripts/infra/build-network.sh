@@ -39,7 +39,8 @@
 #
 # The filter (tinyproxy 1.11 src/reqs.c, process_request): with `FilterURLs` the pattern is
 # matched against a different string per kind of request, so each kind gets its own pattern:
-#   * CONNECT: the request's target as sent, "host:port" -> ^pypi\.org:443$ ;
+#   * CONNECT: the request's target as sent, "host:port" -> ^pypi\.org:(443)$ (the ports of
+#     MMS_BUILD_CONNECT_PORTS);
 #   * plain http with an absolute URL: that URL as sent; tinyproxy connects to the text
 #     between "//" and the next "/", less any "user@" and ":port" (80 when none)
 #     -> ^http://pypi\.org(:80)?(/[^:]*)?$ ;
