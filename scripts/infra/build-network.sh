@@ -27,16 +27,39 @@
 #     for other addresses (169.254.169.254, the LAN) are dropped by the kernel, which does
 #     not forward: a connect() there times out. IPv6 is off on the bridge and dropped;
 #   * the proxy is Debian's tinyproxy (1.11): listens on the gateway address only, `Allow`s
-#     the build subnet only, `FilterDefaultDeny Yes` with an fnmatch filter of exact host
-#     names, CONNECT to port 443 only (`ConnectPort`), no upstream. It resolves names itself,
-#     so a deny-list of addresses is not needed (and could not work: pypi.org resolves to a
-#     documentation-range address on these machines), and builds need no DNS (the engine's
-#     resolver does not answer external names on an internal network).
+#     the build subnet only, no upstream, and `FilterDefaultDeny Yes` with `FilterURLs On`:
+#     a request goes through only if its URL matches a pattern made from an exact host name
+#     (below, "the filter"): CONNECT (https) to port 443 (`ConnectPort` as well), plain http
+#     to port 80. It resolves names itself, so a deny-list of addresses is not needed (and
+#     could not work: pypi.org resolves to a documentation-range address on these
+#     machines), and builds need no DNS (the engine's resolver does not answer external
+#     names on an internal network).
 # The builder passes HTTP(S)_PROXY as build arguments (Docker's predefined ones: not kept in
 # the image's history or config).
 #
+# The filter (tinyproxy 1.11 src/reqs.c, process_request): with `FilterURLs` the pattern is
+# matched against a different string per kind of request, so each kind gets its own pattern:
+#   * CONNECT: the request's target as sent, "host:port" -> ^pypi\.org:(443)$ (the ports of
+#     MMS_BUILD_CONNECT_PORTS);
+#   * plain http with an absolute URL: that URL as sent; tinyproxy connects to the text
+#     between "//" and the next "/", less any "user@" and ":port" (80 when none)
+#     -> ^http://pypi\.org(:80)?(/[^:]*)?$ ;
+#   * any other request (a path, "*", a lower-case "connect"): tinyproxy's transparent-proxy
+#     code, which Debian compiles in, takes host and port from the Host header (the host is
+#     its text up to a colon) and filters "http://<host>:<port><target>". A Host of
+#     "pypi.org/.evil.example:22" then reads "http://pypi.org/.evil.example:22/" and would
+#     pass a pattern that only looks at what follows "http://pypi.org"; the colon tinyproxy
+#     always writes before the port gives it away, hence no colon after the authority in
+#     the pattern above (a plain-http URL with a colon in its path or query is refused).
+# Plain http stays on port 80, not off: pip and uv need only https (PyPI serves nothing else),
+# but apt's Debian mirrors are http:// in the base image (deb.debian.org is a documented
+# entry for MMS_BUILD_ALLOW_HOSTS; apt checks the signed Release files). Port 80 of a listed
+# name carries nothing its port 443 does not; other ports of it (ssh, a second service on
+# the same host) stay out of reach.
+#
 # Env overrides:
 #   MMS_BUILD_ALLOW_HOSTS   host names builds may reach, space or comma separated
+#                           (https on port 443, plain http on port 80)
 #                           default "pypi.org files.pythonhosted.org" (add a private index,
 #                           deb.debian.org, conda.anaconda.org … as needed; exact names only)
 #   MMS_BUILD_CONNECT_PORTS ports CONNECT (https) may use          default 443
@@ -63,7 +86,8 @@ export DOCKER_HOST="unix://${MMS_DOCKER_SOCK:-/var/run/docker.sock}"
 PIDFILE="$DIR/tinyproxy.pid"
 LOGFILE="$DIR/tinyproxy.log"
 CONF="$DIR/tinyproxy.conf"
-FILTER="$DIR/allow-hosts"
+HOSTS="$DIR/allow-hosts"    # the names, for --status and people
+FILTER="$DIR/allow-urls"    # the proxy's filter: one pattern per name and kind of request
 IN_CHAIN="MMS-IN-$BRIDGE"    # per bridge: another instance (other name, subnet) has its own
 FWD_CHAIN="MMS-FWD-$BRIDGE"
 
@@ -150,7 +174,7 @@ case "${1:-}" in
         if docker network inspect "$NETWORK" >/dev/null 2>&1; then echo "network: $NETWORK ($SUBNET, bridge $BRIDGE)"
         else echo "network: $NETWORK missing"; ok=1; fi
         if pid_alive "$PIDFILE" tinyproxy && proxy_answers; then
-            echo "proxy: $PROXY (pid $(cat "$PIDFILE")), allows: $(tr '\n' ' ' <"$FILTER" 2>/dev/null)"
+            echo "proxy: $PROXY (pid $(cat "$PIDFILE")), allows: $(tr '\n' ' ' <"$HOSTS" 2>/dev/null)"
         else echo "proxy: not running"; ok=1; fi
         if iptables -C INPUT -i "$BRIDGE" -j "$IN_CHAIN" 2>/dev/null; then echo "firewall: in place"
         else echo "firewall: missing"; ok=1; fi
@@ -216,7 +240,20 @@ for host in ${ALLOW//,/ }; do
     hosts+=("$host")
 done
 [ "${#hosts[@]}" -gt 0 ] || log "WARNING: MMS_BUILD_ALLOW_HOSTS is empty: builds reach nothing"
-printf '%s\n' "${hosts[@]}" >"$FILTER.new"
+ports=()
+for p in ${CONNECT_PORTS//,/ }; do
+    [[ "$p" =~ ^[1-9][0-9]{0,4}$ ]] && (( p <= 65535 )) || die "MMS_BUILD_CONNECT_PORTS: not a port: $p"
+    ports+=("$p")
+done
+[ "${#ports[@]}" -gt 0 ] || die "MMS_BUILD_CONNECT_PORTS: no port (https would reach nothing)"
+connect_ports="$(IFS='|'; echo "${ports[*]}")"
+# POSIX extended regexes (tinyproxy adds REG_ICASE), one line each; see "The filter" above.
+: >"$FILTER.new"
+for host in "${hosts[@]}"; do
+    re="${host//./\\.}"
+    printf '^%s:(%s)$\n^http://%s(:80)?(/[^:]*)?$\n' "$re" "$connect_ports" "$re" >>"$FILTER.new"
+done
+printf '%s\n' "${hosts[@]}" >"$HOSTS.new"
 user=nobody
 group="$(id -gn "$user")"
 {
@@ -230,17 +267,17 @@ group="$(id -gn "$user")"
     echo "MaxClients 200"
     echo "LogLevel Notice"
     echo "DisableViaHeader Yes"
-    for p in ${CONNECT_PORTS//,/ }; do
-        [[ "$p" =~ ^[0-9]+$ ]] || die "MMS_BUILD_CONNECT_PORTS: not a port: $p"
-        echo "ConnectPort $p"
-    done
-    # Default deny: only the exact names in the filter file; an empty file allows nothing.
+    for p in "${ports[@]}"; do echo "ConnectPort $p"; done
+    # Default deny, over whole URLs: only what a pattern of the filter file matches; an
+    # empty file allows nothing.
     echo "FilterDefaultDeny Yes"
-    echo "FilterType fnmatch"
+    echo "FilterURLs On"
+    echo "FilterType ere"
     echo "Filter \"$FILTER\""
 } >"$CONF.new"
-chmod 644 "$CONF.new" "$FILTER.new"
+chmod 644 "$CONF.new" "$FILTER.new" "$HOSTS.new"
 mv -f "$FILTER.new" "$FILTER"
+mv -f "$HOSTS.new" "$HOSTS"
 mv -f "$CONF.new" "$CONF"
 cat "$CONF" "$FILTER" >"$DIR/wanted.conf"
 

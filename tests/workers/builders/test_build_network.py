@@ -4,7 +4,7 @@ One build (real engine, the build network and proxy of scripts/infra/build-netwo
 tenant-like RUN step that tries every destination a tenant would want: the engine's socket
 and port, a server this test listens on at 0.0.0.0 (on the bridge's gateway and on every
 address of the host), the registry, 169.254.169.254, names through the proxy that are not
-listed, DNS. Each attempt is echoed into the build log as ``mms-probe <name>: <outcome>``,
+listed, other ports of a listed name, DNS. Each attempt is echoed into the build log as ``mms-probe <name>: <outcome>``,
 and each test asserts on the lines it is about. ``pip download`` in another RUN step shows the
 indexes still work.
 """
@@ -62,15 +62,26 @@ def tcp(name, host, port, send=b""):
 
 
 def proxy(name, request):
-    # What the egress proxy answers: its status line.
+    # What the egress proxy answers: its status line, then "(forwarded)" when the answer is
+    # not the proxy's own (tinyproxy names itself in Server: or Proxy-agent:).
+    head = b""
     with socket.socket() as s:
         s.settimeout(20)
         try:
             s.connect((gateway, int(proxy_port)))
             s.sendall(request.encode() + b"\r\n\r\n")
-            say(name, "proxy answered " + s.recv(200).decode(errors="replace").splitlines()[0])
+            while b"\r\n\r\n" not in head and len(head) < 8192:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                head += chunk
         except OSError as exc:
-            say(name, f"failed ({exc.__class__.__name__}: {exc})")
+            if not head:
+                return say(name, f"failed ({exc.__class__.__name__}: {exc})")
+    lines = head.split(b"\r\n\r\n")[0].decode(errors="replace").splitlines() or ["(nothing)"]
+    own = any(line.lower().startswith(("server: tinyproxy", "proxy-agent: tinyproxy"))
+              for line in lines[1:])
+    say(name, "proxy answered " + lines[0] + ("" if own else " (forwarded)"))
 
 
 if os.path.exists(engine_socket):
@@ -100,6 +111,21 @@ proxy("proxy-get-registry", f"GET http://127.0.0.1:{registry_port}/v2/ HTTP/1.0"
 proxy("proxy-get-server", f"GET http://{gateway}:{server_port}/ HTTP/1.0")
 proxy("proxy-get-metadata", "GET http://169.254.169.254/latest/meta-data/ HTTP/1.0")
 proxy("proxy-connect-pypi.org", "CONNECT pypi.org:443 HTTP/1.1\r\nHost: pypi.org:443")
+# Plain http to a listed name: port 80 only, however the request names host and port.
+proxy("proxy-get-pypi.org-8080", "GET http://pypi.org:8080/ HTTP/1.0")
+proxy("proxy-get-pypi.org-22", "GET http://pypi.org:22/ HTTP/1.0")
+proxy("proxy-get-userinfo", "GET http://pypi.org:80@example.org/ HTTP/1.0")
+# No absolute URL: tinyproxy takes host and port from the Host header.
+proxy("proxy-host-pypi.org-22", "GET / HTTP/1.0\r\nHost: pypi.org:22")
+proxy("proxy-lowercase-connect-pypi.org-22", "connect pypi.org:22 HTTP/1.0\r\nHost: pypi.org:22")
+# The host is the Host header's text up to a colon: "pypi.org/.example.org", filtered as
+# http://pypi.org/.example.org:22/, which must not pass for a path on pypi.org.
+proxy("proxy-host-pypi.org-slash-example.org-22",
+      "GET / HTTP/1.0\r\nHost: pypi.org/.example.org:22")
+proxy("proxy-host-pypi.org-slash-example.org", "GET / HTTP/1.0\r\nHost: pypi.org/.example.org")
+proxy("proxy-get-pypi.org", "GET http://pypi.org/simple/six/ HTTP/1.0")
+proxy("proxy-get-pypi.org-80", "GET http://pypi.org:80/simple/six/ HTTP/1.0")
+proxy("proxy-host-pypi.org", "GET /simple/six/ HTTP/1.0\r\nHost: pypi.org")
 try:
     say("dns-pypi.org", "resolved " + socket.getaddrinfo("pypi.org", 443)[0][4][0])
 except OSError as exc:
@@ -218,6 +244,19 @@ def test_the_metadata_address_is_out_of_reach(probed: Probed) -> None:
 def test_the_proxy_lets_through_only_the_listed_names_and_https_port(probed: Probed) -> None:
     for name in ("proxy-connect-example.org", "proxy-get-server", "proxy-connect-pypi.org-22"):
         assert " 403 " in probed.seen[name], (name, probed.seen[name])
+
+
+def test_plain_http_reaches_a_listed_name_on_port_80_only(probed: Probed) -> None:
+    # Another port of a listed name (ssh, a second service on that host) is refused by the
+    # proxy itself, whichever way the request names it; before, these were forwarded.
+    for name in ("proxy-get-pypi.org-8080", "proxy-get-pypi.org-22", "proxy-get-userinfo",
+                 "proxy-host-pypi.org-22", "proxy-lowercase-connect-pypi.org-22",
+                 "proxy-host-pypi.org-slash-example.org-22",
+                 "proxy-host-pypi.org-slash-example.org"):
+        assert probed.seen[name].endswith(" 403 Filtered"), (name, probed.seen[name])
+    # Port 80 goes through (apt's http:// mirrors): whatever pypi.org answers, not the proxy.
+    for name in ("proxy-get-pypi.org", "proxy-get-pypi.org-80", "proxy-host-pypi.org"):
+        assert probed.seen[name].endswith(" (forwarded)"), (name, probed.seen[name])
 
 
 def test_a_build_resolves_no_names_itself(probed: Probed) -> None:
