@@ -15,6 +15,8 @@ from urllib.parse import urlsplit
 from pydantic import AliasChoices, BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.private_files import private_dir, write_new_private_file
+
 # Values that mean "nobody set this": refused outside development.
 _PLACEHOLDER_SECRETS = {"", "changeme", "change-me", "secret", "please-change", "xxx", "mms"}
 _MIN_SECRET_LENGTH = 32
@@ -239,10 +241,9 @@ class Settings(BaseSettings):
             return self.secret_key
         path = self.data_dir / "secret.key"
         if not path.exists():
-            self.data_dir.mkdir(parents=True, exist_ok=True)
+            private_dir(self.data_dir)
             tmp = path.with_name(f".secret.key.{secrets.token_hex(8)}")
-            tmp.write_text(secrets.token_urlsafe(48), encoding="ascii")
-            tmp.chmod(0o600)
+            write_new_private_file(tmp, secrets.token_urlsafe(48).encode("ascii"))
             # link() refuses to overwrite: processes starting together agree on the first key.
             try:
                 os.link(tmp, path)

@@ -23,6 +23,7 @@ from app.database import ensure_migrated
 from app.errors import install_error_handlers
 from app.log_config import configure_logging
 from app.metrics import DatabaseCollector
+from app.private_files import restrict_new_files
 
 log = logging.getLogger("mms.app")
 
@@ -82,6 +83,7 @@ def create_app(settings: Settings | None = None, context: ServiceContext | None 
 
 def app_factory() -> FastAPI:
     """Entry point for `uvicorn --factory app.main:app_factory`, in each API process."""
+    restrict_new_files()  # the data folder's files are the service's alone
     settings = get_settings()
     # With --workers, each process is a fresh interpreter: it sets up its own logging.
     configure_logging(settings.log_level, settings.log_format)
