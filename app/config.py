@@ -67,6 +67,8 @@ class Settings(BaseSettings):
     asset_store: Literal["local", "azure"] = "local"
     asset_max_bytes: int = Field(default=2 * 1024**3, ge=1)
     asset_url_ttl_days: int = Field(default=30, ge=1, le=365)
+    # An upload file nobody has written to for this long is a dead process's: removed at start.
+    upload_stale_seconds: int = Field(default=3600, ge=60)
     azure_storage_connection_string: str | None = None
     azure_storage_container: str = "mms-assets"
 
@@ -177,6 +179,11 @@ class Settings(BaseSettings):
     def available_builders(self) -> tuple[str, ...]:
         # The docker builder pushes through an engine, which needs a registry to push to.
         return ("oci",) if self.is_embedded_registry else ("oci", "docker")
+
+    @property
+    def uploads_dir(self) -> Path:
+        """Where uploads are received before they are stored."""
+        return self.data_dir / "incoming"
 
     @property
     def image_store_dir(self) -> Path:

@@ -17,6 +17,7 @@ from app.api.routes import (
     accounts, assets, health, images, manifests, models, oauth, principals, registry, webhooks,
 )
 from app.api.routes import ui as dashboard
+from app.api.uploads import remove_stale_uploads
 from app.config import Settings, get_settings
 from app.context import ServiceContext
 from app.database import ensure_migrated
@@ -35,6 +36,9 @@ def create_app(settings: Settings | None = None, context: ServiceContext | None 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         ensure_migrated(context.engine)
+        settings = context.settings
+        await to_thread.run_sync(lambda: remove_stale_uploads(
+            settings.uploads_dir, older_than_seconds=settings.upload_stale_seconds))
         context.signing_key()
         # No more request threads than database connections: a burst queues on the event
         # loop, rather than in threads that hold the GIL while they wait for a connection.

@@ -52,7 +52,7 @@ async def upload_asset(
     """Upload a file as the raw request body; the answer carries a signed read URL for it."""
     assets.check_asset_name(name)
     settings = context.settings
-    body = await spool_body(request, directory=settings.data_dir / "incoming", max_bytes=settings.asset_max_bytes)
+    body = await spool_body(request, directory=settings.uploads_dir, max_bytes=settings.asset_max_bytes)
     try:
         asset = await run_in_threadpool(
             assets.create_asset,
