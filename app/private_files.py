@@ -45,9 +45,8 @@ def prepare_data_dir(settings: Settings) -> None:
         if not url.startswith(_SQLITE_PREFIXES):
             continue
         name = url.split(":///", 1)[1].split("?", 1)[0]
-        if name and name != ":memory:":
-            path = Path(name)
-            private_dir(path.parent)
+        path = Path(name)
+        if name and name != ":memory:" and path.parent.is_dir():  # a missing folder stays an error
             try:
                 write_new_private_file(path, b"")
             except FileExistsError:
