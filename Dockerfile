@@ -63,9 +63,12 @@ RUN set -eu; \
     install -d -o mms -g mms -m 0750 /var/lib/mms
 COPY --from=deps /opt/mms /opt/mms
 COPY --from=build /opt/project/ /
+# Production: the service refuses to start without MMS_SECRET_KEY (32+ random characters),
+# wants https asset URLs and reaches no private address it is not told to (README).
 ENV PATH=/opt/mms/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
+    MMS_ENV=production \
     MMS_HOST=0.0.0.0 \
     MMS_PORT=8000 \
     MMS_DATA_DIR=/var/lib/mms

@@ -15,6 +15,8 @@ from urllib.parse import urlsplit
 from pydantic import AliasChoices, BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.private_files import private_dir, write_new_private_file
+
 # Values that mean "nobody set this": refused outside development.
 _PLACEHOLDER_SECRETS = {"", "changeme", "change-me", "secret", "please-change", "xxx", "mms"}
 _MIN_SECRET_LENGTH = 32
@@ -65,6 +67,8 @@ class Settings(BaseSettings):
     asset_store: Literal["local", "azure"] = "local"
     asset_max_bytes: int = Field(default=2 * 1024**3, ge=1)
     asset_url_ttl_days: int = Field(default=30, ge=1, le=365)
+    # An upload file nobody has written to for this long is a dead process's: removed at start.
+    upload_stale_seconds: int = Field(default=3600, ge=60)
     azure_storage_connection_string: str | None = None
     azure_storage_container: str = "mms-assets"
 
@@ -182,6 +186,11 @@ class Settings(BaseSettings):
         return ("oci",) if self.is_embedded_registry else ("oci", "docker")
 
     @property
+    def uploads_dir(self) -> Path:
+        """Where uploads are received before they are stored."""
+        return self.data_dir / "incoming"
+
+    @property
     def image_store_dir(self) -> Path:
         """The embedded image store (an OCI image layout)."""
         return self.data_dir / "images"
@@ -269,10 +278,9 @@ class Settings(BaseSettings):
             return self.secret_key
         path = self.data_dir / "secret.key"
         if not path.exists():
-            self.data_dir.mkdir(parents=True, exist_ok=True)
+            private_dir(self.data_dir)
             tmp = path.with_name(f".secret.key.{secrets.token_hex(8)}")
-            tmp.write_text(secrets.token_urlsafe(48), encoding="ascii")
-            tmp.chmod(0o600)
+            write_new_private_file(tmp, secrets.token_urlsafe(48).encode("ascii"))
             # link() refuses to overwrite: processes starting together agree on the first key.
             try:
                 os.link(tmp, path)

@@ -13,6 +13,7 @@ from app.auth.keys import OwnKeySource, PrivateKey, RemoteKeySource, create_sign
 from app.auth.tokens import TokenVerifier, TrustedIssuerKeys
 from app.config import Settings
 from app.database import make_engine, make_session_factory, session_scope
+from app.private_files import prepare_data_dir
 from app.queue import BuildQueue
 from app.sealing import Sealer
 from app.services.source_urls import SourceUrlPolicy
@@ -42,6 +43,7 @@ class ServiceContext:
         session_factory: sessionmaker[Session] | None = None,
     ) -> "ServiceContext":
         """Everything the service needs, for these settings (tests hand in their own sessions)."""
+        prepare_data_dir(settings)
         engine = engine or make_engine(settings)
         factory = session_factory or make_session_factory(engine)
         issuers = [

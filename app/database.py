@@ -17,6 +17,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
+from app.private_files import prepare_data_dir
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
@@ -29,7 +30,7 @@ def make_engine(settings: Settings) -> Engine:
     """An engine for the configured database, tuned for its dialect."""
     url = settings.resolved_database_url
     if url.startswith("sqlite"):
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        prepare_data_dir(settings)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
                                pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow,
                                pool_timeout=settings.db_pool_timeout_seconds)

@@ -17,12 +17,14 @@ from app.api.routes import (
     accounts, assets, health, images, manifests, models, oauth, principals, registry, webhooks,
 )
 from app.api.routes import ui as dashboard
+from app.api.uploads import remove_stale_uploads
 from app.config import Settings, get_settings
 from app.context import ServiceContext
 from app.database import ensure_migrated
 from app.errors import install_error_handlers
 from app.log_config import configure_logging
 from app.metrics import DatabaseCollector
+from app.private_files import restrict_new_files
 
 log = logging.getLogger("mms.app")
 
@@ -34,6 +36,9 @@ def create_app(settings: Settings | None = None, context: ServiceContext | None 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         ensure_migrated(context.engine)
+        settings = context.settings
+        await to_thread.run_sync(lambda: remove_stale_uploads(
+            settings.uploads_dir, older_than_seconds=settings.upload_stale_seconds))
         context.signing_key()
         # No more request threads than database connections: a burst queues on the event
         # loop, rather than in threads that hold the GIL while they wait for a connection.
@@ -82,6 +87,7 @@ def create_app(settings: Settings | None = None, context: ServiceContext | None 
 
 def app_factory() -> FastAPI:
     """Entry point for `uvicorn --factory app.main:app_factory`, in each API process."""
+    restrict_new_files()  # the data folder's files are the service's alone
     settings = get_settings()
     # With --workers, each process is a fresh interpreter: it sets up its own logging.
     configure_logging(settings.log_level, settings.log_format)

@@ -6,9 +6,10 @@ from __future__ import annotations
 from celery import Celery
 import signal
 
-from celery.signals import worker_process_init, worker_ready, worker_shutdown, worker_shutting_down
+from celery.signals import worker_init, worker_process_init, worker_ready, worker_shutdown, worker_shutting_down
 
 from app.config import get_settings
+from app.private_files import restrict_new_files
 from app.queue import BUILD_TASK
 
 REAP_TASK = "mms.reap_builds"
@@ -35,6 +36,12 @@ celery_app.conf.update(
                                              "schedule": settings.image_gc_interval_seconds}},
     worker_hijack_root_logger=False,
 )
+
+
+@worker_init.connect
+def _private_files(**_: object) -> None:
+    # Before the worker opens its broker or writes a file: the data folder's files are its alone.
+    restrict_new_files()
 
 
 @worker_process_init.connect

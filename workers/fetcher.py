@@ -383,9 +383,27 @@ def _check_target(url: httpx.URL, policy: FetchPolicy, resolver: Resolver) -> st
     if bad:
         raise FetchError(
             "blocked_address",
-            f"refusing {redact_url(url)}: host {host} has non-public address {bad[0]}",
+            f"refusing {redact_url(url)}: host {host} is at {_kind_of(bad[0])} (the operator "
+            "may allow a host with MMS_FETCH_ALLOW_HOSTS)",
         )
     return addresses[0]
+
+
+def _kind_of(address: str) -> str:
+    """The kind of a refused address, for errors tenants read: never the address it resolved
+    to (it maps the operator's network)."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return "a non-public address"
+    if isinstance(ip, ipaddress.IPv6Address) and (ip.ipv4_mapped or ip.sixtofour):
+        ip = ip.ipv4_mapped or ip.sixtofour
+    for flag, kind in (("is_loopback", "a loopback address"), ("is_link_local", "a link-local address"),
+                       ("is_unspecified", "an unspecified address"), ("is_multicast", "a multicast address"),
+                       ("is_private", "a private address")):
+        if getattr(ip, flag):
+            return kind
+    return "a non-public address"
 
 
 def _resolve(host: str, port: int, resolver: Resolver) -> list[str]:

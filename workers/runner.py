@@ -8,7 +8,6 @@ import os
 import socket
 import threading
 import time
-import traceback
 import uuid
 
 from app.context import ServiceContext
@@ -122,11 +121,13 @@ def run_build(context: ServiceContext, image_id: str) -> None:
     except (StepFailed, BuildFailed) as failure:
         outcome = {"error": str(failure)[:1000]}
         writer(f"mms: Failed at step {failure.step}: {outcome['error']}")
-    except Exception as unexpected:  # a bug or an outage: keep the traceback in the log
-        writer("".join(traceback.format_exception(unexpected)))
-        outcome = {"error": f"internal error: {type(unexpected).__name__}"}
+    except Exception as unexpected:  # a bug or an outage: the traceback is ours, the tenant gets its id
+        error_id = uuid.uuid4().hex[:16]
+        unexpected.add_note(f"error id {error_id}")  # in the traceback, so text logs show it too
+        log.exception("worker.build_crashed", extra={"imageId": image_id, "errorId": error_id})
+        outcome = {"error": f"the service hit an internal error (error id {error_id}); "
+                            "its operators can look it up in the worker's log"}
         writer(f"mms: Failed: {outcome['error']}")
-        log.exception("worker.build_crashed", extra={"imageId": image_id})
     finally:
         heartbeat.stop()
         writer.flush()

@@ -18,6 +18,7 @@ import os
 import secrets
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -95,6 +96,8 @@ def run_contained(command: list[str], *, inputs: Mapping[Path, str], output: Pat
         # bwrap runs as root to set up the mounts, then the command drops to a uid of its
         # own, every capability gone and no way back (no_new_privs).
         uid = secrets.randbelow(_UID_RANGE[1] - _UID_RANGE[0]) + _UID_RANGE[0]
+        for source in inputs:
+            _readable_by_others(Path(source))
         drop = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
                 "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
         args += ["--", *drop, *rlimits, *command]
@@ -105,6 +108,15 @@ def run_contained(command: list[str], *, inputs: Mapping[Path, str], output: Pat
     with _bounded(output, limits.disk_bytes, uid):
         _run(args, limits, log, what)
         return collect(output) if collect is not None else None
+
+
+def _readable_by_others(path: Path) -> None:
+    """Let the command's own uid read ``path`` (bound read-only), which the worker's private
+    umask made 0600: its folders stay 0700, so nothing else on the host can reach it."""
+    for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        mode = item.lstat().st_mode
+        if not stat.S_ISLNK(mode):
+            os.chmod(item, stat.S_IMODE(mode) | (0o555 if stat.S_ISDIR(mode) else 0o444))
 
 
 @contextmanager

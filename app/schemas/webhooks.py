@@ -25,7 +25,7 @@ class WebhookUpdate(ApiModel):
 
 class WebhookRead(ApiModel):
     id: str
-    url: str
+    url: str = Field(description="whole for Contributors and Owners; a Reader's has its query redacted")
     description: str | None
     active: bool
     createdTime: datetime

@@ -7,7 +7,7 @@ Deliveries are queued with each event (``app.services.events``) and sent by the 
 from __future__ import annotations
 
 import secrets
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -41,6 +41,16 @@ def create_webhook(session: Session, account: Account, body: WebhookCreate, *, s
     session.add(webhook)
     session.flush()
     return webhook, secret
+
+
+def shown_url(url: str, *, full: bool) -> str:
+    """The webhook URL as a caller may see it: whole, or with its query and fragment (where
+    receivers' tokens usually are) replaced by ``redacted``."""
+    if full:
+        return url
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(query="redacted" if parts.query else "",
+                                     fragment="redacted" if parts.fragment else ""))
 
 
 def get_webhook(session: Session, account: Account, *, webhook_id: str) -> Webhook:

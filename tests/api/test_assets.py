@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from datetime import UTC, datetime
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
 
 import pytest
 from fastapi.testclient import TestClient
@@ -40,6 +40,32 @@ def test_upload_then_read_through_the_signed_url(client: TestClient, owner: dict
 
     again = client.get(f"{account}/assets/{asset['id']}", headers=owner)
     assert again.status_code == 200 and again.json()["sha256"] == asset["sha256"]
+
+
+HOSTILE_PAGES = (
+    ("page.html", "text/html", b"<script>parent.postMessage(localStorage.length, '*')</script>"),
+    ("image.svg", "image/svg+xml", b'<svg xmlns="http://www.w3.org/2000/svg"><script>alert(1)</script></svg>'),
+    ("notes.txt", "text/plain", b"<html><script>alert(1)</script></html>"),
+)
+
+
+@pytest.mark.parametrize(("name", "content_type", "data"), HOSTILE_PAGES)
+def test_an_uploaded_page_is_served_as_a_download_never_inline(
+        client: TestClient, owner: dict[str, str], account: str, name: str, content_type: str, data: bytes) -> None:
+    url = _path_and_query(_upload(client, account, owner, name, data, content_type).json()["url"])
+    for blob in (client.get(url), client.head(url)):
+        assert blob.status_code == 200
+        assert blob.headers["content-disposition"] == f'attachment; filename="{name}"'
+        assert blob.headers["x-content-type-options"] == "nosniff"
+        assert blob.headers["content-security-policy"] == "default-src 'none'; sandbox"
+    assert client.get(url).content == data
+
+
+def test_a_download_name_is_quoted_safely(client: TestClient, owner: dict[str, str], account: str) -> None:
+    name = 'a"b;c\u00e9 d.html'
+    url = _path_and_query(_upload(client, account, owner, quote(name), b"<p>x</p>", "text/html").json()["url"])
+    disposition = client.get(url).headers["content-disposition"]
+    assert disposition == "attachment; filename=\"a_b_c__d.html\"; filename*=UTF-8''a%22b%3Bc%C3%A9%20d.html"
 
 
 def test_a_tampered_expired_or_wrong_permission_url_is_403(

@@ -79,6 +79,9 @@ def test_log_list_and_the_manifest_in_use(client: TestClient, owner: dict[str, s
     assert log.text == "first\nsecond\n"
     assert log.headers["content-type"].startswith("text/plain")
     assert log.headers["accept-ranges"] == "bytes" and log.headers["retry-after"] == "2"
+    # What the build printed is the tenant's text: never a page of the API's origin.
+    assert log.headers["x-content-type-options"] == "nosniff"
+    assert log.headers["content-security-policy"] == "default-src 'none'; sandbox"
 
     # A follower asks only for what it has not seen.
     url = image["ImageBuildLogUri"].replace("http://testserver", "")

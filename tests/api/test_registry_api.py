@@ -228,6 +228,10 @@ def test_manifests_by_tag_and_digest_get_and_head(v2: TestClient, tenant: Tenant
         assert head.headers["Content-Length"] == str(len(image.manifest))
         assert head.headers["Docker-Content-Digest"] == image.manifest_digest
         assert head.headers["Content-Type"] == OCI_MANIFEST
+        for answer in (got, head):  # a tenant's bytes: never a page of the API's origin
+            assert answer.headers["X-Content-Type-Options"] == "nosniff"
+            assert answer.headers["Content-Security-Policy"] == "default-src 'none'; sandbox"
+            assert answer.headers["Content-Disposition"].startswith("attachment;")
 
 
 def test_manifest_errors(v2: TestClient, tenant: Tenant, callers: Callers, layout: OciLayout) -> None:
@@ -274,6 +278,11 @@ def test_blobs_get_head_and_range(v2: TestClient, tenant: Tenant, callers: Calle
     assert head.status_code == 200 and head.content == b""
     assert head.headers["Content-Length"] == str(len(image.layer))
     assert head.headers["Docker-Content-Digest"] == image.layer_digest
+    for answer in (got, head):  # a tenant's bytes: never a page of the API's origin
+        assert answer.headers["X-Content-Type-Options"] == "nosniff"
+        assert answer.headers["Content-Security-Policy"] == "default-src 'none'; sandbox"
+        assert answer.headers["Content-Disposition"] == (
+            f'attachment; filename="{image.layer_digest.replace(":", "-")}"')
     ranged = v2.get(url, headers={**headers, "Range": "bytes=0-9"})
     assert ranged.status_code == 206 and ranged.content == image.layer[:10]
     assert ranged.headers["Content-Range"] == f"bytes 0-9/{len(image.layer)}"

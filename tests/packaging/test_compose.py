@@ -229,3 +229,13 @@ def test_the_certs_service_makes_a_certificate_its_bundle_trusts(tmp_path: Path)
             assert tls.version() in ("TLSv1.2", "TLSv1.3")
             tls.sendall(b"x")
         thread.join(timeout=5)
+
+
+def test_the_service_image_runs_in_production_without_compose_saying_so() -> None:
+    """A container started from the image alone (docker run) is production too: it refuses to
+    start without MMS_SECRET_KEY (tests/packaging/test_image.py starts it)."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    last_stage = text.rsplit("\nFROM ", 1)[1]
+    environment = dict(pair.partition("=")[::2] for line in last_stage.splitlines()
+                       if line.startswith("ENV ") for pair in line[4:].split())
+    assert environment["MMS_ENV"] == "production"

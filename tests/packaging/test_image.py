@@ -12,6 +12,7 @@ import contextlib
 import io
 import os
 import re
+import secrets
 import socket
 import tarfile
 import time
@@ -31,6 +32,7 @@ from tests.workers.conftest import TEST_LABEL, Infra
 ROOT = Path(__file__).resolve().parents[2]
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 MAX_IMAGE_BYTES = 450 * 1024**2  # the base image is ~146 MB of it
+SECRET_KEY = secrets.token_urlsafe(48)  # the image runs in production: it needs one
 
 
 @dataclass
@@ -138,6 +140,7 @@ def test_image_is_small_and_configured(service_image: ServiceImage, infra: Infra
     assert config["User"] == "10001:10001"
     assert config["Entrypoint"] == ["tini", "--"]
     assert config["Cmd"] == ["mms", "serve"]
+    assert "MMS_ENV=production" in config["Env"]
     assert "8000/tcp" in config["ExposedPorts"]
     assert service_image.size < MAX_IMAGE_BYTES, f"{service_image.size / 1e6:.0f} MB"
 
@@ -151,7 +154,7 @@ def test_api_answers_health_as_a_non_root_user_and_stops_on_sigterm(
     healthcheck = {"test": service_image.healthcheck, "interval": 1_000_000_000,
                    "timeout": 5_000_000_000, "retries": 3}
     with _container(infra, service_image.tag, {"MMS_HOST": "127.0.0.1", "MMS_PORT": str(port),
-                                               "MMS_LOG_FORMAT": "text"},
+                                               "MMS_LOG_FORMAT": "text", "MMS_SECRET_KEY": SECRET_KEY},
                     healthcheck=healthcheck) as container:
         _wait_for("/health answering 200", lambda: _get(f"{base}/health") == 200, container, infra)
         assert _get(f"{base}/ready") == 200  # the migrated database and the broker answer
@@ -172,6 +175,16 @@ def test_api_answers_health_as_a_non_root_user_and_stops_on_sigterm(
             state = api.inspect_container(container)["State"]
         # SIGTERM reached the service through tini: it stopped by itself, not by SIGKILL.
         assert stopped_in < 20 and state["ExitCode"] != 137, (stopped_in, state)
+
+
+def test_the_image_runs_in_production_and_refuses_to_start_without_a_secret_key(
+        service_image: ServiceImage, infra: Infra) -> None:
+    with _container(infra, service_image.tag, {"MMS_PORT": str(_free_port())}) as container:
+        with infra.api() as api:
+            exited = api.wait(container, timeout=60)
+            logs = api.logs(container).decode(errors="replace")
+    assert exited["StatusCode"] == 1, logs[-2000:]
+    assert "MMS_SECRET_KEY" in logs and "MMS_ENV=production" in logs
 
 
 def _worker_healthcheck() -> str:
@@ -195,6 +208,7 @@ def test_the_image_runs_a_build_worker(service_image: ServiceImage, infra: Infra
         "MMS_DATABASE_URL": "sqlite:////var/lib/mms/worker.db",
         "MMS_AUTO_MIGRATE": "true",
         "MMS_LOG_FORMAT": "text",
+        "MMS_SECRET_KEY": SECRET_KEY,
     }
     with _container(infra, service_image.tag, environment, command=["mms", "worker"]) as container:
         ping = ["sh", "-c", _worker_healthcheck()]

@@ -241,7 +241,25 @@ def test_every_resolved_address_is_checked(tmp_path):
         fetch("https://mixed.test/m", tmp_path / "m", policy=policy(), resolver=resolve,
               transport=NoConnect())
     assert err.value.reason == "blocked_address"
-    assert "10.0.0.1" in str(err.value)
+    assert str(err.value).startswith("refusing https://mixed.test/m: host mixed.test is at a private address")
+    assert "10.0.0.1" not in str(err.value)
+
+
+@pytest.mark.parametrize(("address", "kind"), [
+    ("10.1.2.3", "a private address"), ("192.168.7.7", "a private address"), ("fd00::1", "a private address"),
+    ("127.0.0.1", "a loopback address"), ("::1", "a loopback address"), ("::ffff:127.0.0.1", "a loopback address"),
+    ("169.254.169.254", "a link-local address"), ("fe80::1", "a link-local address"),
+    ("0.0.0.0", "an unspecified address"), ("224.0.0.1", "a multicast address"),
+    ("100.64.0.1", "a non-public address"),
+])
+def test_a_refusal_names_the_host_and_the_kind_of_address_never_the_address(tmp_path, address, kind):
+    resolve = resolver_for({"internal.corp.test": [address]})
+    with pytest.raises(FetchError) as err:
+        fetch("https://internal.corp.test/m?sig=x", tmp_path / "m", policy=policy(), resolver=resolve,
+              transport=NoConnect())
+    message = str(err.value)
+    assert f"host internal.corp.test is at {kind} " in message and "MMS_FETCH_ALLOW_HOSTS" in message
+    assert address not in message and "sig=x" not in message
 
 
 @pytest.mark.parametrize("url", [

@@ -129,3 +129,13 @@ def test_the_output_folder_is_collected_then_leaves_nothing_on_the_workers_disk(
     assert seen == "made inside"
     if os.geteuid() == 0:  # a tmpfs for the run only
         assert not (out / "made.txt").exists()
+
+
+def test_inputs_the_workers_private_umask_made_are_readable_inside(tmp_path: Path) -> None:
+    old = os.umask(0o077)  # as a worker runs (app/private_files.py)
+    try:
+        lines = _run(tmp_path, "print(len(open(__file__).read()))\n")
+    finally:
+        os.umask(old)
+    assert lines[-1].strip() == "34", lines
+    assert os.stat(tmp_path).st_mode & 0o077 == 0  # its folder still keeps everyone else out

@@ -9,6 +9,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 
 from app.api.deps import CallerDep, ContextDep, ReadableAccount, SessionDep, WritableAccount
+from app.api.untrusted import download_headers
 from app.api.uploads import spool_body
 from app.errors import Forbidden, NotFound
 from app.orm import Asset
@@ -51,7 +52,7 @@ async def upload_asset(
     """Upload a file as the raw request body; the answer carries a signed read URL for it."""
     assets.check_asset_name(name)
     settings = context.settings
-    body = await spool_body(request, directory=settings.data_dir / "incoming", max_bytes=settings.asset_max_bytes)
+    body = await spool_body(request, directory=settings.uploads_dir, max_bytes=settings.asset_max_bytes)
     try:
         asset = await run_in_threadpool(
             assets.create_asset,
@@ -83,7 +84,10 @@ def delete_asset(assetId: str, account: WritableAccount, context: ContextDep, se
 
 @blob_router.api_route("/blobs/{key:path}", methods=["GET", "HEAD"], include_in_schema=False)
 def read_blob(key: str, context: ContextDep, sp: str = "", se: str = "", sig: str = "") -> FileResponse:
-    """A local-store file, for whoever holds a valid signed URL (no bearer token: the URL is the key)."""
+    """A local-store file, for whoever holds a valid signed URL (no bearer token: the URL is the key).
+
+    Always a download, never a page of this origin (SECURITY.md): the uploader chose its type.
+    """
     store = context.asset_store
     if not isinstance(store, LocalAssetStore):
         raise NotFound("this service keeps assets in another store", code="BlobNotFound")
@@ -94,4 +98,4 @@ def read_blob(key: str, context: ContextDep, sp: str = "", se: str = "", sig: st
         raise Forbidden(f"the signed URL was refused: {exc}", code="AuthenticationFailed") from None
     except FileNotFoundError:
         raise NotFound("the blob does not exist (the asset may have been deleted)", code="BlobNotFound") from None
-    return FileResponse(path, media_type=content_type)
+    return FileResponse(path, media_type=content_type, headers=download_headers(key.rsplit("/", 1)[-1]))

@@ -15,6 +15,7 @@ from app.api.middleware import etag_matches
 
 from app.api.deps import CallerDep, ContextDep, EventHubDep, ReadableAccount, SessionDep, WritableAccount
 from app.api.links import next_link
+from app.api.untrusted import NOT_A_PAGE
 from app.api.routes.manifests import to_read as manifest_to_read
 from app.errors import BadRequest
 from app.orm import CreationState, Image
@@ -191,7 +192,8 @@ def build_log(imageId: str, account: ReadableAccount, session: SessionDep,  # no
     """
     image = images.get_image(session, account, image_id=imageId)
     body = images.read_log(session, image).encode()
-    headers = {"Accept-Ranges": "bytes"}
+    # Text the tenant's build printed: plain text, never a page of this origin.
+    headers = {"Accept-Ranges": "bytes", **NOT_A_PAGE}
     _retry_after(headers, image)
     wanted = _OPEN_RANGE.fullmatch(range_header.strip()) if range_header else None
     if wanted is None:  # no Range, or a form a log follower does not need: the whole log

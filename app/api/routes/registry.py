@@ -20,6 +20,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.routing import APIRoute
 
 from app.api.deps import ContextDep, SessionDep
+from app.api.untrusted import download_headers
 from app.config import Settings
 from app.errors import ServiceError, error_response
 from app.services import registry
@@ -134,7 +135,8 @@ def pull(
         else:
             found, content = registry.get_manifest(layout, repository=repository, reference=reference)
             headers = {}
-        headers.update({"Docker-Content-Digest": found.digest, "ETag": f'"{found.digest}"'})
+        headers.update({"Docker-Content-Digest": found.digest, "ETag": f'"{found.digest}"',
+                        **download_headers(found.digest.replace(":", "-"))})
         # Served as stored, with its real media type whatever Accept said: clients check it.
         return Response(content, media_type=found.media_type, headers=headers)
     if target.kind == "blobs":
@@ -144,6 +146,7 @@ def pull(
             "Docker-Content-Digest": reference,
             "ETag": f'"{reference}"',
             "Cache-Control": "max-age=31536000, immutable",
+            **download_headers(reference.replace(":", "-")),
         })
     tags, limit, next_last = registry.list_tags(layout, repository=repository, n=n, last=last)
     links = {}

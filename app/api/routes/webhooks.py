@@ -8,7 +8,9 @@ from fastapi import APIRouter, Query, Request, status
 
 from app.api.deps import CallerDep, ContextDep, ReadableAccount, SessionDep, WritableAccount
 from app.api.links import next_link
-from app.orm import DeliveryState, Webhook, WebhookDelivery
+from app.auth.caller import Caller
+from app.auth.roles import Permission, account_scope
+from app.orm import Account, DeliveryState, Webhook, WebhookDelivery
 from app.schemas.common import Page
 from app.schemas.webhooks import DeliveryRead, WebhookCreate, WebhookCreated, WebhookRead, WebhookUpdate
 from app.services import webhooks
@@ -17,9 +19,15 @@ PREFIX = "/subscriptions/{subscriptionId}/resourceGroups/{resourceGroup}/account
 router = APIRouter(prefix=PREFIX, tags=["webhooks"])
 
 
-def to_read(webhook: Webhook) -> WebhookRead:
-    return WebhookRead(id=str(webhook.id), url=webhook.url, description=webhook.description,
-                       active=webhook.active, createdTime=webhook.created_at, createdBy=webhook.created_by)
+def to_read(webhook: Webhook, *, full_url: bool = True) -> WebhookRead:
+    return WebhookRead(id=str(webhook.id), url=webhooks.shown_url(webhook.url, full=full_url),
+                       description=webhook.description, active=webhook.active,
+                       createdTime=webhook.created_at, createdBy=webhook.created_by)
+
+
+def _sees_full_urls(caller: Caller, account: Account) -> bool:
+    # A URL's query often holds the receiver's token: whole only for those who may change webhooks.
+    return caller.can(Permission.WRITE, account_scope(account.subscription_id, account.resource_group, account.name))
 
 
 def to_delivery(delivery: WebhookDelivery) -> DeliveryRead:
@@ -43,13 +51,18 @@ def create_webhook(body: WebhookCreate, account: WritableAccount, caller: Caller
 
 
 @router.get("/webhooks", response_model=Page[WebhookRead])
-def list_webhooks(account: ReadableAccount, session: SessionDep) -> Page[WebhookRead]:
-    return Page(value=[to_read(w) for w in webhooks.list_webhooks(session, account)])
+def list_webhooks(account: ReadableAccount, caller: CallerDep, session: SessionDep) -> Page[WebhookRead]:
+    """The account's webhooks; a Reader sees each URL with its query redacted."""
+    full = _sees_full_urls(caller, account)
+    return Page(value=[to_read(w, full_url=full) for w in webhooks.list_webhooks(session, account)])
 
 
 @router.get("/webhooks/{webhookId}", response_model=WebhookRead)
-def get_webhook(webhookId: str, account: ReadableAccount, session: SessionDep) -> WebhookRead:  # noqa: N803
-    return to_read(webhooks.get_webhook(session, account, webhook_id=webhookId))
+def get_webhook(webhookId: str, account: ReadableAccount, caller: CallerDep,  # noqa: N803
+                session: SessionDep) -> WebhookRead:
+    """One webhook; a Reader sees its URL with the query redacted."""
+    return to_read(webhooks.get_webhook(session, account, webhook_id=webhookId),
+                   full_url=_sees_full_urls(caller, account))
 
 
 @router.patch("/webhooks/{webhookId}", response_model=WebhookRead)

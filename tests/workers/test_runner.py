@@ -1,0 +1,81 @@
+"""What a failed build tells the tenant: an unexpected error gets a short message and an error id
+(the traceback goes to the service's own log under the same id); a refused fetch names the host
+the tenant gave and the kind of address, never the address."""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.context import ServiceContext
+from app.orm import Account, BuildLogChunk, Image, Manifest, ManifestAsset
+from app.orm.base import utcnow
+from workers import runner
+
+INTERNAL = "connection to postgresql://mms:hunter2@10.0.0.7/mms refused in /opt/mms/lib/pipeline.py"
+
+
+@pytest.fixture()
+def image(db: Session) -> Image:
+    account = Account(subscription_id="s", resource_group="rg", name=f"a{uuid.uuid4().hex[:8]}",
+                      location="x", sku_name="S1", sku_capacity=1)
+    db.add(account)
+    db.flush()
+    manifest = Manifest(account_id=account.id, name="m", version=1, driver_program="score",
+                        model_type="Registered", runtime_type="Python", webservice_type="Realtime")
+    db.add(manifest)
+    db.flush()
+    # Resolves to this machine's loopback, which no allow list of the tests names.
+    db.add(ManifestAsset(manifest_id=manifest.id, position=0, asset_id="score", mime_type="text/x-python",
+                         url="http://localhost:9/score.py?sig=tenant-sas", unpack=False))
+    row = Image(account_id=account.id, manifest_id=manifest.id, name="i", version=1, image_type="Docker",
+                builder="oci", state="NotStarted", published_at=utcnow())
+    db.add(row)
+    db.flush()
+    return row
+
+
+def _log(db: Session, image: Image) -> str:
+    return "".join(db.scalars(select(BuildLogChunk.text).where(BuildLogChunk.image_id == image.id)
+                              .order_by(BuildLogChunk.seq)))
+
+
+def test_an_unexpected_error_shows_the_tenant_an_error_id_and_logs_the_traceback_under_it(
+        app_context: ServiceContext, db: Session, image: Image, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    def crash(*_: object) -> None:  # a bug deep in the pipeline, with internals in its message
+        raise ConnectionError(INTERNAL)
+
+    monkeypatch.setattr(runner, "run_pipeline", crash)
+    with caplog.at_level(logging.ERROR, logger="mms.worker"):
+        runner.run_build(app_context, str(image.id))
+
+    db.refresh(image)
+    log = _log(db, image)
+    assert image.state == "Failed"
+    error_id = re.search(r"error id ([0-9a-f]{16})", image.error)[1]  # type: ignore[index]
+    assert f"error id {error_id}" in log
+    for tenant_sees in (log, image.error):
+        assert "Traceback" not in tenant_sees and "hunter2" not in tenant_sees
+        assert "ConnectionError" not in tenant_sees and "pipeline.py" not in tenant_sees
+
+    [record] = [r for r in caplog.records if r.getMessage() == "worker.build_crashed"]
+    assert record.errorId == error_id and record.imageId == str(image.id)  # type: ignore[attr-defined]
+    text = logging.Formatter().format(record)
+    assert "Traceback" in text and INTERNAL in text and f"error id {error_id}" in text
+
+
+def test_a_fetch_refused_at_a_private_address_names_the_host_never_the_address(
+        app_context: ServiceContext, db: Session, image: Image) -> None:
+    runner.run_build(app_context, str(image.id))
+    db.refresh(image)
+    log = _log(db, image)
+    assert image.state == "Failed"
+    for tenant_sees in (log, image.error):
+        assert "host localhost is at a loopback address" in tenant_sees, tenant_sees
+        assert "127.0.0.1" not in tenant_sees and "::1" not in tenant_sees and "tenant-sas" not in tenant_sees
