@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from anyio import to_thread
 from fastapi import APIRouter, Depends, FastAPI
 
-from app.api.deps import check_api_version
+from app.api.deps import check_api_version, check_parameters
 from app.api.event_stream import EventHub
 from app.api.image_polls import ImagePollShortcut
 from app.api.middleware import ConditionalGetMiddleware, DatabaseRequestLimit, RequestIdMiddleware
@@ -63,7 +63,7 @@ def create_app(settings: Settings | None = None, context: ServiceContext | None 
     app.add_middleware(ImagePollShortcut)
     app.add_middleware(RequestIdMiddleware)
 
-    api = APIRouter(prefix="/api", dependencies=[Depends(check_api_version)])
+    api = APIRouter(prefix="/api", dependencies=[Depends(check_parameters), Depends(check_api_version)])
     api.include_router(accounts.router)
     api.include_router(models.router)
     api.include_router(assets.router)

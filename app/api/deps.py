@@ -18,6 +18,7 @@ from app.context import ServiceContext
 from app.database import session_scope
 from app.errors import BadRequest, Unauthorized
 from app.orm import Account
+from app.schemas.common import unstorable
 from app.services.accounts import AccountPath, get_account
 
 CURRENT_API_VERSION = "2017-09-01-preview"
@@ -90,6 +91,16 @@ async def check_api_version(
             code="UnsupportedApiVersion",
         )
     return api_version
+
+
+async def check_parameters(request: Request) -> None:
+    """A 400 naming the query or path parameter that holds a NUL (``%00``), which the database refuses."""
+    for kind, params in (("query", request.query_params.multi_items()), ("path", request.path_params.items())):
+        for name, value in params:
+            reason = unstorable(name + value)
+            if reason:
+                shown = name.replace("\x00", "%00")
+                raise BadRequest(f"{kind} parameter '{shown}' {reason}", code="InvalidParameter")
 
 
 def _name_rule(pattern: str, rule: str) -> AfterValidator:

@@ -59,7 +59,8 @@ def test_each_registration_takes_the_next_version_and_deleted_versions_stay_used
         ("mimeType", "zip", "mimeType: must be a MIME type"),
         ("mimeType", None, "mimeType"),
         ("unpack", "perhaps", "unpack"),
-        ("description", "nul\x00byte", "description: must not contain control characters"),
+        ("description", "nul\x00byte", "description: must not contain NUL"),
+        ("description", "bell\x07", "description: must not contain control characters"),
         ("sha256", "abc", "sha256"),
     ],
 )
