@@ -31,6 +31,13 @@ def _printable(value: str) -> str:
     return value
 
 
+def not_a_dot_segment(value: str) -> str:
+    """A name that becomes a file or directory of an image: '.' and '..' would name another one."""
+    if value in (".", ".."):
+        raise ValueError(f"must not be '{value}': it becomes a directory name in the image")
+    return value
+
+
 def _storable(value: Any, where: str = "") -> None:
     """Raise a ValueError naming the item of ``value`` (a JSON value) that holds an unstorable string."""
     if isinstance(value, str):

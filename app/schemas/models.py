@@ -8,14 +8,15 @@ from typing import Annotated
 
 from pydantic import AfterValidator, Field, StringConstraints, field_validator
 
-from app.schemas.common import ApiModel, HttpUrlText, Text
+from app.schemas.common import ApiModel, HttpUrlText, Text, not_a_dot_segment
 
 # The original service allowed letters, digits and '-'; '.' and '_' are accepted too so
 # that the seed's own `housing.model` registers.
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9._-]{1,32}$"
 MAX_TAGS = 50
 
-ModelName = Annotated[str, StringConstraints(pattern=MODEL_NAME_PATTERN)]
+# A model's files land at models/<name>/<version> in the image; manifests and images share the rule.
+ModelName = Annotated[str, StringConstraints(pattern=MODEL_NAME_PATTERN), AfterValidator(not_a_dot_segment)]
 Tag = Annotated[Text, StringConstraints(min_length=1, max_length=30)]
 
 

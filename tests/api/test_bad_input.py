@@ -98,3 +98,29 @@ def test_a_huge_log_range_is_past_the_log(client: TestClient, owner: dict[str, s
     image = client.post(f"{account}/images", json={"name": "img", "manifestId": manifest_id}, headers=owner).json()
     response = client.get(f"{account}/images/{image['Id']}/log", headers={**owner, "Range": f"bytes={'9' * 5000}-"})
     assert response.status_code == 416, response.text
+
+
+@pytest.mark.parametrize("name", ["..", ".", "a/b", "a\\b", "../1", "/etc"])
+def test_a_name_that_is_not_one_path_segment_is_refused(client: TestClient, owner: dict[str, str], account: str,
+                                                        name: str) -> None:
+    # It would land at models/<name>/<version> in the image: models/../1 is outside models/.
+    response = client.post(f"{account}/models", json=model_body(name=name), headers=owner)
+    assert response.status_code == 400, response.text
+    assert response.json()["details"][0]["message"].startswith("name: must "), response.text
+    model_id = client.post(f"{account}/models", json=model_body(), headers=owner).json()["id"]
+    manifest = seed_manifest(model_id)
+    for body, field in [({**manifest, "name": name}, "name"),
+                        ({**manifest, "assets": [{**manifest["assets"][0], "id": name}]}, "assets[0].id"),
+                        ({**manifest, "driverProgram": name}, "driverProgram")]:
+        response = client.post(f"{account}/manifests", json=body, headers=owner)
+        assert response.status_code == 400, response.text
+        assert any(d["message"].startswith(f"{field}: ") for d in response.json()["details"]), response.text
+    response = client.post(f"{account}/images", json={"name": name, "manifestId": "x"}, headers=owner)
+    assert response.status_code == 400 and response.json()["details"][0]["message"].startswith("name: ")
+    assert [m["name"] for m in client.get(f"{account}/models", headers=owner).json()["value"]] == ["housing.model"]
+
+
+def test_the_seeds_names_are_still_names(client: TestClient, owner: dict[str, str], account: str) -> None:
+    for name in ("sklearn_regression_model.pkl", "mymodel", "housing.model", "...", ".hidden", "a..b"):
+        response = client.post(f"{account}/models", json=model_body(name=name), headers=owner)
+        assert response.status_code == 201, response.text
