@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from app.api.event_stream import EventHub
 from app.auth.caller import Caller, load_caller
 from app.auth.roles import Permission, account_scope
+from app.auth.tokens import TokenVerifier, VerifiedToken
 from app.context import ServiceContext
 from app.database import session_scope
 from app.errors import BadRequest, Unauthorized
@@ -58,18 +59,24 @@ SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 _bearer = HTTPBearer(auto_error=False, description="an access token from POST /oauth2/token")
 
 
+def verify_authorization(verifier: TokenVerifier, authorization: str | None) -> VerifiedToken:
+    """The verified token of an ``Authorization: Bearer`` header, or the 401 that says what is wrong."""
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        if authorization:
+            raise Unauthorized("the Authorization header must be 'Bearer <token>'")
+        raise Unauthorized("this request needs an 'Authorization: Bearer <token>' header", error="missing_token")
+    return verifier.verify(token)
+
+
 def get_caller(
     context: ContextDep,
     session: SessionDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],  # for the OpenAPI document
     request: Request,
 ) -> Caller:
     """The verified caller, or 401 with a WWW-Authenticate challenge."""
-    if credentials is None:
-        if request.headers.get("authorization"):
-            raise Unauthorized("the Authorization header must be 'Bearer <token>'")
-        raise Unauthorized("this request needs an 'Authorization: Bearer <token>' header", error="missing_token")
-    verified = context.verifier.verify(credentials.credentials)
+    verified = verify_authorization(context.verifier, request.headers.get("authorization"))
     return load_caller(session, verified, context.grants_cache)
 
 
