@@ -85,7 +85,8 @@ CallerDep = Annotated[Caller, Depends(get_caller)]
 
 async def check_api_version(
     api_version: Annotated[
-        str | None, Query(alias="api-version", description=f"default {CURRENT_API_VERSION}")
+        str | None, Query(alias="api-version", description=f"default {CURRENT_API_VERSION}",
+                          json_schema_extra={"enum": list(SUPPORTED_API_VERSIONS)})
     ] = None,
 ) -> str:
     """The api-version asked for; omitted means the current one, an unknown one is a 400."""

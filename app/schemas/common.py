@@ -6,7 +6,7 @@ import re
 from typing import Annotated, Any, Generic, TypeVar
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, StringConstraints, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 T = TypeVar("T")
 
@@ -68,7 +68,8 @@ def _http_url(value: str) -> str:
 
 Text = Annotated[str, AfterValidator(_printable)]
 HttpUrlText = Annotated[
-    str, StringConstraints(min_length=1, max_length=4096), AfterValidator(_http_url)
+    str, StringConstraints(min_length=1, max_length=4096), AfterValidator(_http_url),
+    Field(json_schema_extra={"format": "uri"}),
 ]
 
 

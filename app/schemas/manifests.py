@@ -10,7 +10,7 @@ from pydantic import AfterValidator, BeforeValidator, Field, StringConstraints, 
 
 from app.dockerfile_steps import StepError, parse_steps
 from app.schemas.common import ApiModel, HttpUrlText, Text, not_a_dot_segment
-from app.schemas.models import ModelName, mime_type
+from app.schemas.models import MimeType, ModelName
 
 MAX_ASSETS = 100
 MAX_MODELS = 50
@@ -51,7 +51,6 @@ AssetId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,64}$"), A
 Description = Annotated[Text, StringConstraints(max_length=512)]
 ModelIds = Annotated[list[Annotated[str, StringConstraints(max_length=64)]], Field(max_length=MAX_MODELS)]
 DockerfileSteps = Annotated[str, StringConstraints(max_length=16384), AfterValidator(dockerfile_steps)]
-MimeType = Annotated[Text, StringConstraints(max_length=255), AfterValidator(mime_type)]
 
 
 class ManifestAssetBody(ApiModel):

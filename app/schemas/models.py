@@ -27,12 +27,17 @@ def mime_type(value: str) -> str:
     return value
 
 
+# The rule in the OpenAPI document, so that clients and generated requests can follow it.
+MimeType = Annotated[Text, StringConstraints(max_length=255), AfterValidator(mime_type),
+                     Field(json_schema_extra={"pattern": r"^[\w.+-]+/[\w.+-]+$"})]
+
+
 class ModelCreate(ApiModel):
     name: ModelName = Field(description="1-32 letters, digits, '-', '.' or '_'")
     tags: list[Tag] = Field(default_factory=list, max_length=MAX_TAGS)
     description: Annotated[Text, StringConstraints(max_length=200)] | None = None
     url: HttpUrlText = Field(description="where the model file is, usually a SAS URL")
-    mimeType: Annotated[Text, StringConstraints(max_length=255), AfterValidator(mime_type)]
+    mimeType: MimeType
     unpack: bool = False
     sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F]{64}$")] | None = None
 

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from app.errors import BadRequest, error_response
 from tests.api.test_manifests import seed_manifest
 from tests.factories import model_body
 
@@ -124,3 +125,9 @@ def test_the_seeds_names_are_still_names(client: TestClient, owner: dict[str, st
     for name in ("sklearn_regression_model.pkl", "mymodel", "housing.model", "...", ".hidden", "a..b"):
         response = client.post(f"{account}/models", json=model_body(name=name), headers=owner)
         assert response.status_code == 201, response.text
+
+
+def test_an_error_that_quotes_unencodable_input_still_renders() -> None:
+    response = error_response(BadRequest("scope 'x\udfffy' is not valid"))
+    assert response.status_code == 400
+    assert json.loads(response.body)["message"] == "scope 'x\udfffy' is not valid"
