@@ -66,6 +66,9 @@ class Settings(BaseSettings):
 
     asset_store: Literal["local", "azure"] = "local"
     asset_max_bytes: int = Field(default=2 * 1024**3, ge=1)
+    # Every other request body (JSON, the token form): the largest legitimate one, a manifest
+    # with 100 inline assets of 4 KiB URLs, is under half of the default.
+    max_json_body_bytes: int = Field(default=1024**2, ge=1024)
     asset_url_ttl_days: int = Field(default=30, ge=1, le=365)
     # An upload file nobody has written to for this long is a dead process's: removed at start.
     upload_stale_seconds: int = Field(default=3600, ge=60)

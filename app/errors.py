@@ -16,6 +16,7 @@ Anything else that escapes a route is logged with its traceback and answered as 
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -116,9 +117,16 @@ class ServiceUnavailable(ServiceError):
     code = "ServiceUnavailable"
 
 
+class _AsciiJSONResponse(JSONResponse):
+    def render(self, content: Any) -> bytes:
+        # \u escapes: a message that quotes the client's input renders even when that input
+        # holds a lone surrogate, which no UTF-8 can carry.
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
 def error_response(error: ServiceError) -> JSONResponse:
     """Render a domain error in the service's one error shape."""
-    return JSONResponse(error.body(), status_code=error.status_code, headers=error.headers)
+    return _AsciiJSONResponse(error.body(), status_code=error.status_code, headers=error.headers)
 
 
 # Where a location names the request part or the tag of a body that has several shapes

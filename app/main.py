@@ -9,10 +9,10 @@ from contextlib import asynccontextmanager
 from anyio import to_thread
 from fastapi import APIRouter, Depends, FastAPI
 
-from app.api.deps import check_api_version
+from app.api.deps import check_api_version, check_parameters, verify_authorization
 from app.api.event_stream import EventHub
 from app.api.image_polls import ImagePollShortcut
-from app.api.middleware import ConditionalGetMiddleware, DatabaseRequestLimit, RequestIdMiddleware
+from app.api.middleware import ConditionalGetMiddleware, DatabaseRequestLimit, RequestBodyGate, RequestIdMiddleware
 from app.api.routes import (
     accounts, assets, health, images, manifests, models, oauth, principals, registry, webhooks,
 )
@@ -61,6 +61,9 @@ def create_app(settings: Settings | None = None, context: ServiceContext | None 
     app.state.event_hub = EventHub(context.session_factory, interval=context.settings.events_poll_seconds)
     app.state.metrics = DatabaseCollector(context.session_factory)
     install_error_handlers(app)
+    # Innermost of the middleware: its token check holds a database slot like any request.
+    app.add_middleware(RequestBodyGate, max_bytes=context.settings.max_json_body_bytes,
+                       verify=lambda authorization: verify_authorization(context.verifier, authorization))
     app.add_middleware(ConditionalGetMiddleware)
     # One connection stays free for the event poller and /metrics.
     app.add_middleware(DatabaseRequestLimit, limit=max(1, context.settings.db_pool_size
@@ -68,7 +71,7 @@ def create_app(settings: Settings | None = None, context: ServiceContext | None 
     app.add_middleware(ImagePollShortcut)
     app.add_middleware(RequestIdMiddleware)
 
-    api = APIRouter(prefix="/api", dependencies=[Depends(check_api_version)])
+    api = APIRouter(prefix="/api", dependencies=[Depends(check_parameters), Depends(check_api_version)])
     api.include_router(accounts.router)
     api.include_router(models.router)
     api.include_router(assets.router)

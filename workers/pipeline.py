@@ -139,8 +139,17 @@ def fetch_failure(settings: Settings, url: str, exc: FetchError) -> str:
             "it with the data folder of `mms serve`, which records where it serves)")
 
 
+def _plain_path(relative: str) -> bool:
+    """Whether ``relative`` stays below the directory it is joined to: no '', '.' or '..' part, no '\\'."""
+    return "\\" not in relative and all(part not in ("", ".", "..") for part in relative.split("/"))
+
+
 def fetch_step(context: ServiceContext, inputs: BuildInputs, work: Path, emit: Log) -> tuple[Path, Path, str | None, str | None]:
     """Download every asset and model (unpacking archives), and the environment files."""
+    # The API refuses such names; a row from before it did must not write outside the image's tree.
+    for what, name in [*(("asset", a) for a in inputs.assets), *(("model", m) for m in inputs.models)]:
+        if not _plain_path(name):
+            raise StepFailed("fetch", f"{what} '{name}' is not a plain name; register it under another name")
     policy = fetch_policy(context.settings)
     app_dir, model_dir = work / "app", work / "models"
 

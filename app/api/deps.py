@@ -14,10 +14,12 @@ from sqlalchemy.orm import Session
 from app.api.event_stream import EventHub
 from app.auth.caller import Caller, load_caller
 from app.auth.roles import Permission, account_scope
+from app.auth.tokens import TokenVerifier, VerifiedToken
 from app.context import ServiceContext
 from app.database import session_scope
 from app.errors import BadRequest, Unauthorized
 from app.orm import Account
+from app.schemas.common import unstorable
 from app.services.accounts import AccountPath, get_account
 
 CURRENT_API_VERSION = "2017-09-01-preview"
@@ -57,18 +59,24 @@ SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 _bearer = HTTPBearer(auto_error=False, description="an access token from POST /oauth2/token")
 
 
+def verify_authorization(verifier: TokenVerifier, authorization: str | None) -> VerifiedToken:
+    """The verified token of an ``Authorization: Bearer`` header, or the 401 that says what is wrong."""
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        if authorization:
+            raise Unauthorized("the Authorization header must be 'Bearer <token>'")
+        raise Unauthorized("this request needs an 'Authorization: Bearer <token>' header", error="missing_token")
+    return verifier.verify(token)
+
+
 def get_caller(
     context: ContextDep,
     session: SessionDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],  # for the OpenAPI document
     request: Request,
 ) -> Caller:
     """The verified caller, or 401 with a WWW-Authenticate challenge."""
-    if credentials is None:
-        if request.headers.get("authorization"):
-            raise Unauthorized("the Authorization header must be 'Bearer <token>'")
-        raise Unauthorized("this request needs an 'Authorization: Bearer <token>' header", error="missing_token")
-    verified = context.verifier.verify(credentials.credentials)
+    verified = verify_authorization(context.verifier, request.headers.get("authorization"))
     return load_caller(session, verified, context.grants_cache)
 
 
@@ -77,7 +85,8 @@ CallerDep = Annotated[Caller, Depends(get_caller)]
 
 async def check_api_version(
     api_version: Annotated[
-        str | None, Query(alias="api-version", description=f"default {CURRENT_API_VERSION}")
+        str | None, Query(alias="api-version", description=f"default {CURRENT_API_VERSION}",
+                          json_schema_extra={"enum": list(SUPPORTED_API_VERSIONS)})
     ] = None,
 ) -> str:
     """The api-version asked for; omitted means the current one, an unknown one is a 400."""
@@ -90,6 +99,16 @@ async def check_api_version(
             code="UnsupportedApiVersion",
         )
     return api_version
+
+
+async def check_parameters(request: Request) -> None:
+    """A 400 naming the query or path parameter that holds a NUL (``%00``), which the database refuses."""
+    for kind, params in (("query", request.query_params.multi_items()), ("path", request.path_params.items())):
+        for name, value in params:
+            reason = unstorable(name + value)
+            if reason:
+                shown = name.replace("\x00", "%00")
+                raise BadRequest(f"{kind} parameter '{shown}' {reason}", code="InvalidParameter")
 
 
 def _name_rule(pattern: str, rule: str) -> AfterValidator:

@@ -1,16 +1,22 @@
-"""A request id on every request and response, one access-log line per request, and ETags
-with 304s for the API's GETs."""
+"""A request id on every request and response, one access-log line per request, ETags
+with 304s for the API's GETs, and the limits on request bodies."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import logging
+import re
 import time
 import uuid
+from collections.abc import Callable
 
+from anyio import to_thread
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.errors import PayloadTooLarge, ServiceError, error_response
 from app.log_config import request_id_var
 from app.metrics import observe_request
 
@@ -169,3 +175,61 @@ def etag_matches(if_none_match: str | None, etag: str) -> bool:
     if if_none_match.strip() == "*":
         return True
     return any(tag.strip().removeprefix("W/") == etag for tag in if_none_match.split(","))
+
+
+# Asset uploads stream to a file under their own limit (MMS_ASSET_MAX_BYTES, app.api.uploads).
+_UPLOAD = re.compile(r"/api/subscriptions/[^/]+/resourceGroups/[^/]+/accounts/[^/]+/assets/?")
+
+
+class BodyTooLarge(HTTPException):
+    """Raised by ``receive`` past the limit; FastAPI passes HTTPExceptions from a body read on
+    to the error handlers, which answer 413 in the service's error shape."""
+
+
+class RequestBodyGate:
+    """Decides on a request body before anything reads it.
+
+    Under /api/ a body is read only for a caller whose token verifies (else the route's 401,
+    at once); and a body other than an asset upload may hold at most ``max_bytes``: 413 up
+    front for a larger Content-Length, and from the read that passes the limit for a
+    chunked body, so neither a stranger nor a caller can make the process hold a huge body.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, verify: Callable[[str | None], object]) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.verify = verify  # the Authorization header → the verified token, or Unauthorized
+
+    def too_large(self) -> str:
+        return f"the request body is larger than the limit of {self.max_bytes} bytes (MMS_MAX_JSON_BODY_BYTES)"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = Headers(scope=scope) if scope["type"] == "http" else None
+        if headers is None or headers.get("content-length", "0") == "0" and "transfer-encoding" not in headers:
+            await self.app(scope, receive, send)  # no body
+            return
+        path = scope["path"]
+        try:
+            if path.startswith("/api/"):
+                # On a thread: verifying may load an issuer's keys.
+                await to_thread.run_sync(self.verify, headers.get("authorization"))
+            if scope["method"] == "POST" and _UPLOAD.fullmatch(path):
+                await self.app(scope, receive, send)
+                return
+            declared = headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > self.max_bytes:
+                raise PayloadTooLarge(self.too_large())
+        except ServiceError as error:
+            await error_response(error)(scope, receive, send)
+            return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise BodyTooLarge(413, self.too_large())
+            return message
+
+        await self.app(scope, limited, send)

@@ -2,19 +2,55 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Generic, TypeVar
+import re
+from typing import Annotated, Any, Generic, TypeVar
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Strict, StringConstraints
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, StringConstraints, field_validator
 
 T = TypeVar("T")
 
+# NUL (PostgreSQL refuses it) and lone surrogates (a JSON "\ud800" escape: no UTF-8 can carry one).
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def unstorable(value: str) -> str | None:
+    """Why no column can hold ``value`` (a NUL or a lone surrogate), or None when it can."""
+    found = _UNSTORABLE.search(value)
+    if found is None:
+        return None
+    char = found.group()
+    what = "NUL" if char == "\x00" else "a lone surrogate"
+    return f"must not contain {what} (U+{ord(char):04X})"
+
 
 def _printable(value: str) -> str:
-    # Control characters (NUL above all, which PostgreSQL refuses) have no place in names or text.
+    # Control characters have no place in names or text.
     if any(ord(ch) < 32 and ch not in "\t\n\r" for ch in value):
         raise ValueError("must not contain control characters")
     return value
+
+
+def not_a_dot_segment(value: str) -> str:
+    """A name that becomes a file or directory of an image: '.' and '..' would name another one."""
+    if value in (".", ".."):
+        raise ValueError(f"must not be '{value}': it becomes a directory name in the image")
+    return value
+
+
+def _storable(value: Any, where: str = "") -> None:
+    """Raise a ValueError naming the item of ``value`` (a JSON value) that holds an unstorable string."""
+    if isinstance(value, str):
+        reason = unstorable(value)
+        if reason:
+            raise ValueError(f"{where} {reason}".lstrip())
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            _storable(item, f"{where} item {index}".lstrip())
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _storable(key, f"{where} key".lstrip())
+            _storable(item, f"{where} {key!r}".lstrip())
 
 
 def _http_url(value: str) -> str:
@@ -43,7 +79,8 @@ Text = Annotated[str, AfterValidator(_printable)]
 # A boolean that also takes the seed's "true"/"false" strings (any case), and nothing else.
 SeedBool = Annotated[bool, Strict(), BeforeValidator(_seed_bool)]
 HttpUrlText = Annotated[
-    str, StringConstraints(min_length=1, max_length=4096), AfterValidator(_http_url)
+    str, StringConstraints(min_length=1, max_length=4096), AfterValidator(_http_url),
+    Field(json_schema_extra={"format": "uri"}),
 ]
 
 
@@ -51,6 +88,14 @@ class ApiModel(BaseModel):
     """Base of request and response bodies: unknown request fields are ignored, as ARM does."""
 
     model_config = ConfigDict(populate_by_name=True, extra="ignore")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _storable_text(cls, value: Any) -> Any:
+        # Every string field of every body, whatever its own type says: one of these would
+        # otherwise fail in the database driver or an encoder as a 500.
+        _storable(value)
+        return value
 
 
 class Page(ApiModel, Generic[T]):

@@ -9,8 +9,8 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BeforeValidator, Field, StringConstraints, model_validator
 
 from app.dockerfile_steps import StepError, parse_steps
-from app.schemas.common import ApiModel, HttpUrlText, SeedBool, Text
-from app.schemas.models import ModelName, mime_type
+from app.schemas.common import ApiModel, HttpUrlText, SeedBool, Text, not_a_dot_segment
+from app.schemas.models import MimeType, ModelName
 
 MAX_ASSETS = 100
 MAX_MODELS = 50
@@ -47,11 +47,10 @@ def dockerfile_steps(value: str) -> str:
 
 RuntimeType = Annotated[Literal["Python", "SparkPython"], BeforeValidator(_runtime)]
 ImageReference = Annotated[str, AfterValidator(_image_reference)]
-AssetId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
+AssetId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,64}$"), AfterValidator(not_a_dot_segment)]
 Description = Annotated[Text, StringConstraints(max_length=512)]
 ModelIds = Annotated[list[Annotated[str, StringConstraints(max_length=64)]], Field(max_length=MAX_MODELS)]
 DockerfileSteps = Annotated[str, StringConstraints(max_length=16384), AfterValidator(dockerfile_steps)]
-MimeType = Annotated[Text, StringConstraints(max_length=255), AfterValidator(mime_type)]
 
 
 class ManifestAssetBody(ApiModel):

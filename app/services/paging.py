@@ -11,11 +11,14 @@ from sqlalchemy import Select, and_, or_
 from sqlalchemy.orm import Session
 
 from app.errors import BadRequest
+from app.schemas.common import unstorable
 
 Row = TypeVar("Row")
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
+MAX_VERSION = 2**31 - 1  # an INTEGER column
+MAX_ID = 2**63 - 1  # a BIGINT column
 
 
 def page_size(count: int | None) -> int:
@@ -32,17 +35,24 @@ def encode_token(position: dict[str, Any]) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 
 
-def decode_token(token: str | None, *, fields: dict[str, type]) -> dict[str, Any] | None:
+def _fits(value: Any, kind: type, max_int: int) -> bool:
+    # A forged token must not carry what the database cannot compare (a 30-digit number, a NUL).
+    if kind is int:
+        return type(value) is int and 0 <= value <= max_int
+    return isinstance(value, str) and len(value) <= 1024 and unstorable(value) is None
+
+
+def decode_token(token: str | None, *, fields: dict[str, type], max_int: int = MAX_ID) -> dict[str, Any] | None:
     """The position a token names, checked against the fields it must hold; 400 if it is bad."""
     if token is None:
         return None
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         position = json.loads(raw)
-    except (binascii.Error, ValueError, UnicodeDecodeError):
+    except (binascii.Error, ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         position = None
     if not isinstance(position, dict) or set(position) != set(fields) or not all(
-        isinstance(position[name], kind) for name, kind in fields.items()
+        _fits(position[name], kind, max_int) for name, kind in fields.items()
     ):
         raise BadRequest(
             "$skipToken is not valid; use the nextLink of the previous page as it is",
@@ -59,7 +69,7 @@ def page_by_name_and_version(
     The token names the last row served, so rows added meanwhile neither repeat nor shift a page.
     """
     limit = page_size(count)
-    position = decode_token(skip_token, fields={"n": str, "v": int})
+    position = decode_token(skip_token, fields={"n": str, "v": int}, max_int=MAX_VERSION)
     if position is not None:
         query = query.where(
             or_(

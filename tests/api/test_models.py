@@ -61,7 +61,8 @@ def test_each_registration_takes_the_next_version_and_deleted_versions_stay_used
         ("unpack", "perhaps", "unpack"),
         ("unpack", "yes", "unpack: must be true or false"),
         ("unpack", "1", "unpack: must be true or false"),
-        ("description", "nul\x00byte", "description: must not contain control characters"),
+        ("description", "nul\x00byte", "description: must not contain NUL"),
+        ("description", "bell\x07", "description: must not contain control characters"),
         ("sha256", "abc", "sha256"),
     ],
 )

@@ -24,6 +24,7 @@ from app.schemas.images import BaseImageRead, ImageCreate, ImageError, ImageRead
 from app.services import base_images, images
 from app.services.events import image_version
 from app.services.registry import embedded_layout
+from app.services.paging import MAX_ID
 
 PREFIX = "/subscriptions/{subscriptionId}/resourceGroups/{resourceGroup}/accounts/{accountName}"
 router = APIRouter(prefix=PREFIX, tags=["images"])
@@ -106,6 +107,9 @@ def _retry_after(headers, image: Image) -> None:  # type: ignore[no-untyped-def]
         headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
 
 
+_EVENT_ID = re.compile(r"[0-9]{1,19}")
+
+
 # Declared before /images/{imageId}, which would otherwise take "events" for an id.
 @router.get("/images/events", response_class=EventSourceResponse,
             responses={200: {"content": {"text/event-stream": {}},
@@ -119,11 +123,14 @@ async def stream_image_events(
     last_event_id_query: Annotated[str | None, Query(alias="lastEventId")] = None,
 ) -> EventSourceResponse:
     """The account's image state changes as Server-Sent Events; resume with Last-Event-ID."""
-    raw = last_event_id_header if last_event_id_header is not None else last_event_id_query
+    field = "Last-Event-ID" if last_event_id_header is not None else "lastEventId"
+    raw = (last_event_id_header if last_event_id_header is not None else last_event_id_query or "").strip()
     last_event_id = None
-    if raw is not None and raw.strip():
-        if not raw.strip().isdigit():
-            raise BadRequest(f"Last-Event-ID must be an event id (a whole number), not {raw[:40]!r}")
+    if raw:
+        # ASCII digits only (str.isdigit takes '²'), and no more than an event id column holds.
+        if not _EVENT_ID.fullmatch(raw) or int(raw) > MAX_ID:
+            raise BadRequest(f"{field} must be an event id (a whole number up to {MAX_ID}), not {raw[:40]!r}",
+                             code="InvalidLastEventId")
         last_event_id = int(raw)
     events = image_events(hub, context.session_factory, account.id, last_event_id=last_event_id,
                           ends_at=caller.expires_at)
@@ -179,7 +186,7 @@ def delete_image(imageId: str, account: WritableAccount, session: SessionDep,  #
     images.delete_image(session, account, image_id=imageId, layout=embedded_layout(context.settings))
 
 
-_OPEN_RANGE = re.compile(r"bytes=(\d+)-")
+_OPEN_RANGE = re.compile(r"bytes=([0-9]+)-")
 
 
 @router.get("/images/{imageId}/log", response_class=PlainTextResponse)
@@ -198,7 +205,7 @@ def build_log(imageId: str, account: ReadableAccount, session: SessionDep,  # no
     wanted = _OPEN_RANGE.fullmatch(range_header.strip()) if range_header else None
     if wanted is None:  # no Range, or a form a log follower does not need: the whole log
         return PlainTextResponse(body, headers=headers)
-    start = int(wanted[1])
+    start = int(wanted[1]) if len(wanted[1]) < 19 else len(body)  # a huge start is past any log
     if start >= len(body):
         return Response(status_code=416, headers={**headers, "Content-Range": f"bytes */{len(body)}"})
     return PlainTextResponse(body[start:], status_code=206,
