@@ -30,6 +30,7 @@ log = logging.getLogger("mms.events")
 
 BATCH = 500
 RETRY_MS = 2000  # how soon a browser's EventSource reconnects
+STOP_SECONDS = 10.0  # how long stopping waits for a poll in flight
 
 
 def _read(session_factory: Callable[[], Session], query):  # type: ignore[no-untyped-def]
@@ -117,6 +118,7 @@ class EventHub:
         self._seen: set[int] = set()
         self._gap_since: float | None = None
         self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
         self.versions = ImageVersions()
         # Its own thread, so a burst of requests holding the shared pool never delays a poll.
         self._thread = CapacityLimiter(1)
@@ -132,15 +134,21 @@ class EventHub:
 
     async def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="mms-event-hub")
+            self._stopping = asyncio.Event()
+            self._task = asyncio.create_task(self._run(self._stopping), name="mms-event-hub")
 
     async def stop(self) -> None:
         """Stop polling and end every stream (their clients reconnect elsewhere)."""
         if self._task is not None:
-            self._task.cancel()
-            # Wait for it: a poll in flight holds a connection the engine's disposal must not orphan.
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # Asked, not cancelled: Task.cancel() abandons a poll's thread mid-query, and the
+            # thread then hands its connection back to a pool the engine has disposed of.
+            self._stopping.set()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), STOP_SECONDS)
+            except TimeoutError:  # a database that does not answer: give up on the poll
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
             self._task = None
         for subs in self._subscribers.values():
             for sub in subs:
@@ -159,15 +167,16 @@ class EventHub:
             if not subs:
                 del self._subscribers[sub.account_id]
 
-    async def _run(self) -> None:
-        while True:
+    async def _run(self, stopping: asyncio.Event) -> None:
+        while not stopping.is_set():
             try:
                 await self._poll()
             except asyncio.CancelledError:
                 raise
             except Exception:  # a database blip: the next poll catches up from the cursor
                 log.warning("events.poll_failed", exc_info=True)
-            await asyncio.sleep(self._interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), self._interval)
 
     async def _poll(self) -> None:
         started = time.monotonic()
