@@ -257,9 +257,9 @@ class Settings(BaseSettings):
 
     def record_served_url(self) -> None:
         """Record resolved_public_url in the data folder (atomically: readers never see half)."""
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.data_dir)
         tmp = self.served_url_file.with_name(f".served-url.{secrets.token_hex(8)}")
-        tmp.write_text(self.resolved_public_url + "\n", encoding="utf-8")
+        write_new_private_file(tmp, (self.resolved_public_url + "\n").encode())
         os.replace(tmp, self.served_url_file)
 
     @property
