@@ -133,11 +133,11 @@ class DockerBuilder:
                 with _engine_errors("context"):  # refuse bad inputs before pulling anything
                     check_spec(spec)
                     parse_extra_steps(spec.extra_dockerfile_steps or "")
-                base_digest = self._pull_base(api, spec, image_repo, emit)
+                pulled, base_digest = self._pull_base(api, spec, image_repo, emit)
                 if base_digest:
                     # FROM the digest just pulled with this job's credentials, never a tag
                     # that another build could make the engine's cache answer for.
-                    repo = docker.utils.parse_repository_tag(spec.base_image)[0]
+                    repo = docker.utils.parse_repository_tag(pulled)[0]
                     spec = replace(spec, base_image=f"{repo}@{base_digest}")
                 with _engine_errors("context"):
                     info = write_context(spec, Path(tmp) / "context.tar")
@@ -159,8 +159,9 @@ class DockerBuilder:
         return BuildResult(f"{image}:{tag}", digest, size, base_digest)
 
     def _pull_base(self, api: docker.APIClient, spec: BuildSpec, image_repo: str,
-                   emit: Log) -> str | None:
-        """Pull the base image; its registry must be one the policy lets a build reach.
+                   emit: Log) -> tuple[str, str | None]:
+        """Pull the base image; return what the engine pulled and its digest. Its registry
+        must be one the policy lets a build reach.
 
         The engine only ever pulls from the service's own registry. A base anywhere else is
         first copied there by the worker (``_mirror_base``), through a registry client that
@@ -215,7 +216,7 @@ class DockerBuilder:
         repo = docker.utils.parse_repository_tag(ref)[0]
         digests = [d.split("@", 1)[1] for d in details.get("RepoDigests") or []
                    if d.split("@", 1)[0] == repo] or [None]
-        return digests[0]
+        return ref, digests[0]
 
     def _mirror_base(self, spec: BuildSpec, image_repo: str, emit: Log) -> str:
         """Copy the base image into this build's repository of the service's registry, by

@@ -124,8 +124,9 @@ def test_the_docker_builder_pulls_from_its_own_registry_without_listing_it(
                             **infra.build_networking)
     log: list[str] = []
     with infra.api() as api:
-        digest = builder._pull_base(api, _spec(tmp_path, infra.base_image), f"{infra.prefix}/own",
-                                    log.append)
+        pulled, digest = builder._pull_base(api, _spec(tmp_path, infra.base_image),
+                                            f"{infra.prefix}/own", log.append)
+    assert pulled == infra.base_image
     assert digest and digest.startswith("sha256:")
     assert log[0] == f"mms: pulling base image {infra.base_image}"
 

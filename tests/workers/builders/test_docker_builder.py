@@ -291,6 +291,8 @@ def test_a_base_from_another_registry_is_copied_in_and_the_engine_pulls_only_the
     infra.pushed.append((infra.registry, f"{infra.prefix}/mirrored", base))
     infra.local_images.append(f"{infra.registry}/{infra.prefix}/mirrored@{base}")
     assert base and pulls[-1].endswith(f"@{base}")
+    built_from = [line for line in log_lines if line.lstrip().startswith("FROM ")]
+    assert built_from[-1].strip() == f"FROM {infra.registry}/{infra.prefix}/mirrored@{base}"
     assert any(line.startswith(f"mms: copying base image {private_base} into the service's "
                                "registry with credentials") for line in log_lines)
     with httpx.Client() as http:  # copied by digest: no tag for the base in the build's repo
