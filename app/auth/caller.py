@@ -76,17 +76,18 @@ class GrantsCache:
 
 
 def grants_of(session: Session, callers: Iterable[Caller]) -> dict[tuple[str, str], tuple[Grant, ...]]:
-    """The role grants stored now for each caller's (issuer, subject), read in one query per 500."""
-    keys = {(caller.issuer, caller.subject) for caller in callers}
-    found: dict[tuple[str, str], list[Grant]] = {key: [] for key in keys}
-    subjects = sorted({subject for _, subject in keys})
-    for start in range(0, len(subjects), 500):
-        rows = session.execute(
-            select(RoleAssignment.issuer, RoleAssignment.subject, RoleAssignment.role, RoleAssignment.scope)
-            .where(RoleAssignment.subject.in_(subjects[start:start + 500]))
-        ).all()
-        for issuer, subject, role, scope in rows:
-            if (issuer, subject) in found:
+    """The role grants stored now for each caller's (issuer, subject): a query per issuer and 500 subjects."""
+    found: dict[tuple[str, str], list[Grant]] = {(caller.issuer, caller.subject): [] for caller in callers}
+    by_issuer: dict[str, list[str]] = {}
+    for issuer, subject in sorted(found):
+        by_issuer.setdefault(issuer, []).append(subject)
+    for issuer, subjects in by_issuer.items():
+        for start in range(0, len(subjects), 500):
+            rows = session.execute(  # (issuer, subject) is the index's order
+                select(RoleAssignment.subject, RoleAssignment.role, RoleAssignment.scope).where(
+                    RoleAssignment.issuer == issuer, RoleAssignment.subject.in_(subjects[start:start + 500]))
+            ).all()
+            for subject, role, scope in rows:
                 found[(issuer, subject)].append(Grant(role=Role(role), scope=scope))
     return {key: tuple(grants) for key, grants in found.items()}
 

@@ -188,24 +188,28 @@ def _revoked_stream_ends(live: Live, revoke, *, idle: bool) -> None:  # noqa: AN
     account = live.account()
     reader = live.token("Reader", account.split("/api", 1)[1])
     client_id = live.principals[-1]
-    listener = live.listen(account, reader)
+    listener, owners = live.listen(account, reader), live.listen(account)
     try:
-        assert listener.next().event == "ready"
+        assert listener.next().event == "ready" and owners.next().event == "ready"
         before = live.image(account, name="before")
         assert _image_event(listener)["image"]["Id"] == before["Id"]
+        assert _image_event(owners)["image"]["Id"] == before["Id"]
 
         revoke(client_id)
         revoked = time.monotonic()
         if not idle:
-            live.image(account, name="after")  # committed after the revocation
+            after = live.image(account, name="after")  # committed after the revocation
         try:
             frame = listener.next(timeout=RECHECK_SECONDS + 5)
         except queue.Empty:
             pytest.fail("the revoked caller's stream stayed open")
         assert frame is None, f"a revoked caller still got {frame}"
         assert time.monotonic() - revoked < RECHECK_SECONDS + 3
+        if not idle:  # the Owner's stream on the same account goes on
+            assert _image_event(owners)["image"]["Id"] == after["Id"]
     finally:
         listener.close()
+        owners.close()
     # Its REST calls stop within MMS_AUTH_CACHE_SECONDS (1 here), and a new stream ends at once.
     time.sleep(1.2)
     assert httpx.get(f"{account}/images/events", headers=reader).status_code == 403
