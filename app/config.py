@@ -146,6 +146,9 @@ class Settings(BaseSettings):
     build_shutdown_grace_seconds: float = Field(default=20.0, ge=0)
 
     events_poll_seconds: float = Field(default=0.25, gt=0, le=10)  # how often an API process looks for new events
+    # How often an API process re-reads the roles of its event streams' callers (one query for
+    # all of them): a deleted principal's or removed role's stream ends within it.
+    stream_recheck_seconds: float = Field(default=5.0, gt=0, le=60)
     events_retention_days: int = Field(default=7, ge=1)
     webhook_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
     webhook_max_attempts: int = Field(default=8, ge=1, le=20)

@@ -58,7 +58,8 @@ def create_app(settings: Settings | None = None, context: ServiceContext | None 
         lifespan=lifespan,
     )
     app.state.context = context
-    app.state.event_hub = EventHub(context.session_factory, interval=context.settings.events_poll_seconds)
+    app.state.event_hub = EventHub(context.session_factory, interval=context.settings.events_poll_seconds,
+                                   recheck_seconds=context.settings.stream_recheck_seconds)
     app.state.metrics = DatabaseCollector(context.session_factory)
     install_error_handlers(app)
     # Innermost of the middleware: its token check holds a database slot like any request.

@@ -4,6 +4,11 @@ that process's subscribers, and the Server-Sent Events each subscriber receives.
 Events are rows (``app.services.events``), so any API process serves any subscriber and a
 client that reconnects with ``Last-Event-ID`` gets what it missed from the table. However
 many dashboards are connected, a process asks the database one cheap question per interval.
+
+A stream lasts only as long as its caller may read the account: the hub re-reads the roles
+of its subscribers (one query for all of them) every ``recheck_seconds``, and again after
+reading new events and before handing them out, so a principal deleted (or a role removed)
+in any process gets no event committed after that, and its stream ends.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from anyio import CapacityLimiter, to_thread
 from sqlalchemy.orm import Session
 from sse_starlette import ServerSentEvent
 
+from app.auth.caller import Caller, grants_of, with_grants
+from app.auth.roles import Permission
 from app.database import session_scope
 from app.services.events import Event, events_after, latest_event_id
 
@@ -39,15 +46,23 @@ def _read(session_factory: Callable[[], Session], query):  # type: ignore[no-unt
         return query(session)
 
 
+def may_read(session: Session, caller: Caller, scope: str) -> bool:
+    """Whether the roles stored now (not the cached ones) still let ``caller`` read ``scope``."""
+    return with_grants(caller, grants_of(session, [caller])).can(Permission.READ, scope)
+
+
 class Subscription:
     """One connected client's queue; ``overflowed`` when it fell too far behind to keep up."""
 
     MAX_QUEUED = 1000
 
-    def __init__(self, account_id: uuid.UUID) -> None:
+    def __init__(self, account_id: uuid.UUID, caller: Caller, scope: str) -> None:
         self.account_id = account_id
+        self.caller = caller
+        self.scope = scope  # the account's, which the caller must keep the right to read
         self.queue: asyncio.Queue[Event | None] = asyncio.Queue(self.MAX_QUEUED)
         self.overflowed = False
+        self.revoked = False
 
     def offer(self, event: Event | None) -> None:
         try:
@@ -109,9 +124,11 @@ class EventHub:
     """
 
     def __init__(self, session_factory: Callable[[], Session], *, interval: float,
-                 gap_seconds: float = 10.0) -> None:
+                 gap_seconds: float = 10.0, recheck_seconds: float = 5.0) -> None:
         self._session_factory = session_factory
         self._interval = interval
+        self._recheck_seconds = recheck_seconds
+        self._rechecked_at = time.monotonic()
         self._gap_seconds = gap_seconds
         self._subscribers: dict[uuid.UUID, set[Subscription]] = defaultdict(set)
         self._cursor: int | None = None
@@ -154,9 +171,9 @@ class EventHub:
             for sub in subs:
                 sub.offer(None)
 
-    async def subscribe(self, account_id: uuid.UUID) -> Subscription:
+    async def subscribe(self, account_id: uuid.UUID, caller: Caller, scope: str) -> Subscription:
         await self.start()  # started by the app's lifespan; lazily where there is none
-        sub = Subscription(account_id)
+        sub = Subscription(account_id, caller, scope)
         self._subscribers[account_id].add(sub)
         return sub
 
@@ -166,6 +183,21 @@ class EventHub:
             subs.discard(sub)
             if not subs:
                 del self._subscribers[sub.account_id]
+
+    async def _recheck(self, subs: set[Subscription]) -> None:
+        """End the streams whose callers may no longer read their account; raises if it cannot tell."""
+        subs = {sub for sub in subs if not sub.revoked}
+        if not subs:
+            return
+        grants = await to_thread.run_sync(
+            self._read, lambda s: grants_of(s, [sub.caller for sub in subs]), limiter=self._thread)
+        for sub in subs:
+            if not with_grants(sub.caller, grants).can(Permission.READ, sub.scope):
+                log.info("events.stream_revoked", extra={"subject": sub.caller.subject})
+                sub.revoked = True
+                self.unsubscribe(sub)
+                with contextlib.suppress(asyncio.QueueFull):
+                    sub.queue.put_nowait(None)  # wakes it; a full queue's stream sees ``revoked`` first
 
     async def _run(self, stopping: asyncio.Event) -> None:
         while not stopping.is_set():
@@ -180,6 +212,9 @@ class EventHub:
 
     async def _poll(self) -> None:
         started = time.monotonic()
+        if started - self._rechecked_at >= self._recheck_seconds:
+            await self._recheck({sub for subs in self._subscribers.values() for sub in subs})
+            self._rechecked_at = started
         if self._cursor is None:
             self._cursor = await to_thread.run_sync(self._read, latest_event_id, limiter=self._thread)
             self._polled_at = started
@@ -188,6 +223,10 @@ class EventHub:
             batch = await to_thread.run_sync(
                 self._read, lambda s: events_after(s, after_id=self._cursor, limit=BATCH), limiter=self._thread)
             fresh = [event for event in batch if event.id not in self._seen]
+            # Roles read after the events: a principal deleted before one of them was committed
+            # shows up here, and its stream ends before that event reaches it. A failed read
+            # raises before anything is marked seen, so the next poll tries these events again.
+            await self._recheck({sub for event in fresh for sub in self._subscribers.get(event.account_id, ())})
             for event in fresh:
                 self._seen.add(event.id)
                 self.versions.note(event.image_id, event.account_id, event.id, event.state)
@@ -217,20 +256,27 @@ class EventHub:
 
 
 async def image_events(hub: EventHub, session_factory: Callable[[], Session], account_id: uuid.UUID, *,
-                       last_event_id: int | None, ends_at: float | None) -> AsyncIterator[ServerSentEvent]:
+                       caller: Caller, scope: str, last_event_id: int | None) -> AsyncIterator[ServerSentEvent]:
     """An account's events: what came after ``last_event_id`` (or a ``ready`` mark), then live.
 
-    The stream ends when the caller's token expires (``ends_at``, a ``time.time()``), so a
-    revoked principal does not keep listening; the client reconnects with a fresh token.
+    The stream ends when the caller's token expires (the client reconnects with a fresh one),
+    and within the hub's recheck period once the caller may no longer read ``scope``.
     """
+    ends_at = caller.expires_at
+
     def read(query):  # type: ignore[no-untyped-def]
         return _read(session_factory, query)
 
-    sub = await hub.subscribe(account_id)  # before reading the table: nothing falls between
+    sub = await hub.subscribe(account_id, caller, scope)  # before reading the table: nothing falls between
     try:
         replayed: set[int] = set()
         if last_event_id is None:
-            start = await to_thread.run_sync(read, latest_event_id)
+            # Roles read afresh (the route's may be cached) after subscribing: events the hub read
+            # before then, while it rechecked others, reach this stream only if it may still read.
+            start, allowed = await to_thread.run_sync(
+                read, lambda s: (latest_event_id(s), may_read(s, caller, scope)))
+            if not allowed:
+                return
             yield ServerSentEvent(id=str(start), event="ready", data=json.dumps({"lastEventId": start}),
                                   retry=RETRY_MS)
         else:
@@ -239,6 +285,9 @@ async def image_events(hub: EventHub, session_factory: Callable[[], Session], ac
             while True:
                 batch = await to_thread.run_sync(
                     read, lambda s: events_after(s, after_id=after, account_id=account_id, limit=BATCH))
+                # Roles read afresh after the events (the route's may be cached), as the hub does.
+                if not await to_thread.run_sync(read, lambda s: may_read(s, caller, scope)):
+                    return
                 for event in batch:
                     replayed.add(event.id)
                     yield ServerSentEvent(id=str(event.id), event="image", data=event.data)
@@ -253,7 +302,7 @@ async def image_events(hub: EventHub, session_factory: Callable[[], Session], ac
                 event = await asyncio.wait_for(sub.queue.get(), timeout)
             except TimeoutError:
                 return
-            if event is None or sub.overflowed:
+            if event is None or sub.overflowed or sub.revoked:
                 return
             if event.id in replayed:
                 replayed.discard(event.id)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -72,6 +73,28 @@ class GrantsCache:
             if len(self._entries) >= self.MAX_ENTRIES:
                 self._entries.clear()  # rare: start over rather than track ages
             self._entries[(issuer, subject)] = (time.monotonic(), grants)
+
+
+def grants_of(session: Session, callers: Iterable[Caller]) -> dict[tuple[str, str], tuple[Grant, ...]]:
+    """The role grants stored now for each caller's (issuer, subject): a query per issuer and 500 subjects."""
+    found: dict[tuple[str, str], list[Grant]] = {(caller.issuer, caller.subject): [] for caller in callers}
+    by_issuer: dict[str, list[str]] = {}
+    for issuer, subject in sorted(found):
+        by_issuer.setdefault(issuer, []).append(subject)
+    for issuer, subjects in by_issuer.items():
+        for start in range(0, len(subjects), 500):
+            rows = session.execute(  # (issuer, subject) is the index's order
+                select(RoleAssignment.subject, RoleAssignment.role, RoleAssignment.scope).where(
+                    RoleAssignment.issuer == issuer, RoleAssignment.subject.in_(subjects[start:start + 500]))
+            ).all()
+            for subject, role, scope in rows:
+                found[(issuer, subject)].append(Grant(role=Role(role), scope=scope))
+    return {key: tuple(grants) for key, grants in found.items()}
+
+
+def with_grants(caller: Caller, grants: dict[tuple[str, str], tuple[Grant, ...]]) -> Caller:
+    """The same caller holding the grants just read (none when all were removed)."""
+    return replace(caller, grants=grants.get((caller.issuer, caller.subject), ()))
 
 
 def caller_for(token: VerifiedToken, grants: tuple[Grant, ...]) -> Caller:

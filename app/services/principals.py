@@ -88,7 +88,7 @@ def get_principal_as(session: Session, caller: Caller, *, client_id: str) -> Ser
 
 
 def delete_principal_as(session: Session, caller: Caller, *, client_id: str) -> None:
-    """Delete a principal; its tokens stop working at once since roles are read per request."""
+    """Delete a principal: its tokens lose their roles within the grants cache's ttl, its streams within a recheck."""
     session.delete(get_principal_as(session, caller, client_id=client_id))
     session.flush()
 

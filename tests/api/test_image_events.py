@@ -1,20 +1,23 @@
 """The image event stream against a real server: every state change once, in order, per
-account, resumable with Last-Event-ID, and closed when the caller's token expires."""
+account, resumable with Last-Event-ID, and closed when the caller's token expires or the caller
+loses the right to read the account."""
 
 from __future__ import annotations
 
 import json
+import queue
 import time
 import uuid
 from collections.abc import Iterator
 
 import httpx
 import pytest
+from sqlalchemy import delete
 
 from app.auth.tokens import issue_token
 from app.context import ServiceContext
 from app.database import session_scope
-from app.orm import CreationState
+from app.orm import CreationState, RoleAssignment
 from app.services.events import record_state_changes
 from app.services.principals import create_service_principal
 from tests.factories import bearer
@@ -166,3 +169,82 @@ def test_an_event_committed_after_a_later_one_is_still_delivered(live: Live) -> 
         assert late["image"]["Id"] == first["Id"] and int(late["id"]) < int(early["id"])
     finally:
         listener.close()
+
+
+RECHECK_SECONDS = 1.0
+
+
+@pytest.fixture()
+def guarded(service_context: ServiceContext, tmp_path) -> Iterator[Live]:  # noqa: ANN001
+    # Roles cached as in production, so the stream's own recheck is what ends it.
+    with live_service(service_context, tmp_path, events_poll_seconds=0.05, auth_cache_seconds=1,
+                      stream_recheck_seconds=RECHECK_SECONDS) as live:
+        yield live
+
+
+def _revoked_stream_ends(live: Live, revoke, *, idle: bool) -> None:  # noqa: ANN001
+    """A Reader's stream is open and delivering; ``revoke(client_id)``; then (unless ``idle``)
+    an image is made: the stream ends within the recheck period and never carries that image."""
+    account = live.account()
+    reader = live.token("Reader", account.split("/api", 1)[1])
+    client_id = live.principals[-1]
+    listener, owners = live.listen(account, reader), live.listen(account)
+    try:
+        assert listener.next().event == "ready" and owners.next().event == "ready"
+        before = live.image(account, name="before")
+        assert _image_event(listener)["image"]["Id"] == before["Id"]
+        assert _image_event(owners)["image"]["Id"] == before["Id"]
+
+        revoke(client_id)
+        revoked = time.monotonic()
+        if not idle:
+            after = live.image(account, name="after")  # committed after the revocation
+        try:
+            frame = listener.next(timeout=RECHECK_SECONDS + 5)
+        except queue.Empty:
+            pytest.fail("the revoked caller's stream stayed open")
+        assert frame is None, f"a revoked caller still got {frame}"
+        assert time.monotonic() - revoked < RECHECK_SECONDS + 3
+        if not idle:  # the Owner's stream on the same account goes on
+            assert _image_event(owners)["image"]["Id"] == after["Id"]
+    finally:
+        listener.close()
+        owners.close()
+    # Its REST calls stop within MMS_AUTH_CACHE_SECONDS (1 here), and a new stream ends at once.
+    time.sleep(1.2)
+    assert httpx.get(f"{account}/images/events", headers=reader).status_code == 403
+
+
+def test_a_deleted_principals_stream_ends_and_gets_nothing_after_the_delete(guarded: Live) -> None:
+    def delete_principal(client_id: str) -> None:
+        answer = httpx.delete(f"{guarded.base}/api/servicePrincipals/{client_id}", headers=guarded.headers)
+        assert answer.status_code == 204, answer.text
+
+    _revoked_stream_ends(guarded, delete_principal, idle=False)
+
+
+def test_a_stream_ends_when_its_role_assignment_is_removed_elsewhere(guarded: Live) -> None:
+    def remove_role(client_id: str) -> None:
+        # Straight in the database, as another API process (or `mms admin`) would: no signal in this one.
+        with session_scope(guarded.context.session_factory) as session:
+            assert session.execute(delete(RoleAssignment).where(RoleAssignment.subject == client_id)).rowcount == 1
+
+    _revoked_stream_ends(guarded, remove_role, idle=True)  # no event: the periodic recheck ends it
+
+
+def test_a_new_stream_of_a_revoked_caller_ends_at_once_despite_cached_roles(service_context: ServiceContext,
+                                                                              tmp_path) -> None:  # noqa: ANN001
+    with live_service(service_context, tmp_path, events_poll_seconds=0.05, auth_cache_seconds=300,
+                      stream_recheck_seconds=60) as live:
+        account = live.account()
+        reader = live.token("Reader", account.split("/api", 1)[1])
+        client_id = live.principals[-1]
+        assert httpx.get(account, headers=reader).status_code == 200  # its roles are now cached
+        with session_scope(live.context.session_factory) as session:
+            session.execute(delete(RoleAssignment).where(RoleAssignment.subject == client_id))
+        for headers in (reader, {**reader, "Last-Event-ID": "0"}):
+            listener = live.listen(account, headers)
+            try:
+                assert listener.next(timeout=5) is None  # ended before its first frame
+            finally:
+                listener.close()

@@ -17,6 +17,7 @@ from app.api.deps import CallerDep, ContextDep, EventHubDep, ReadableAccount, Se
 from app.api.links import next_link
 from app.api.untrusted import NOT_A_PAGE
 from app.api.routes.manifests import to_read as manifest_to_read
+from app.auth.roles import account_scope
 from app.errors import BadRequest
 from app.orm import CreationState, Image
 from app.schemas.common import Page
@@ -132,8 +133,9 @@ async def stream_image_events(
             raise BadRequest(f"{field} must be an event id (a whole number up to {MAX_ID}), not {raw[:40]!r}",
                              code="InvalidLastEventId")
         last_event_id = int(raw)
-    events = image_events(hub, context.session_factory, account.id, last_event_id=last_event_id,
-                          ends_at=caller.expires_at)
+    scope = account_scope(account.subscription_id, account.resource_group, account.name)
+    events = image_events(hub, context.session_factory, account.id, caller=caller, scope=scope,
+                          last_event_id=last_event_id)
     # X-Accel-Buffering: a proxy in front must pass events on as they come.
     return EventSourceResponse(events, ping=15, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 

@@ -60,5 +60,5 @@ def get_service_principal(clientId: str, caller: CallerDep, session: SessionDep)
 
 @router.delete("/{clientId}", status_code=status.HTTP_204_NO_CONTENT)
 def delete_service_principal(clientId: str, caller: CallerDep, session: SessionDep) -> None:  # noqa: N803
-    """Delete a principal; tokens already issued to it stop working at once."""
+    """Delete a principal; its tokens lose their roles within MMS_AUTH_CACHE_SECONDS, its event streams end."""
     principals.delete_principal_as(session, caller, client_id=clientId)
