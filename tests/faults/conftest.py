@@ -120,12 +120,17 @@ class RedisServer:
         while True:
             assert self.process.poll() is None, self.log.read_text()[-2000:]
             try:
-                if redis.Redis(port=self.port, socket_timeout=1).ping():
-                    return
+                with redis.Redis(port=self.port, socket_timeout=1) as client:
+                    if client.ping():
+                        return
             except redis.ConnectionError:
                 pass
             assert time.monotonic() < deadline, "redis-server did not answer in 30 s"
             time.sleep(0.1)
+
+    def queue_length(self, name: str) -> int:
+        with redis.Redis(port=self.port, socket_timeout=1) as client:
+            return client.llen(name)
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

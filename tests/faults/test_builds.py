@@ -26,7 +26,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import redis
 
 from tests.embedded_service import HOST_CA_BUNDLE, wait_for
 from tests.faults.conftest import PostgresCluster, RedisServer, mms, service_env
@@ -190,10 +189,10 @@ def test_builds_queued_when_redis_restarts_all_finish_once_and_the_events_say_so
     try:
         ids = [account.build(manifest) for _ in range(3)]
         account.wait_for_state(ids, lambda images: any(i["CreationState"] == "Running" for i in images), 120)
-        waiting = redis.Redis(port=redis_server.port).llen(QUEUE)
+        waiting = redis_server.queue_length(QUEUE)
         redis_server.restart()  # the queue and the running build's unacknowledged message are gone
         assert waiting >= 1, "the other builds' messages should have been waiting in Redis"
-        assert redis.Redis(port=redis_server.port).llen(QUEUE) == 0
+        assert redis_server.queue_length(QUEUE) == 0
 
         finished = account.wait_for_state(
             ids, lambda images: {i["CreationState"] for i in images} <= TERMINAL, DEADLINE)
