@@ -4,6 +4,8 @@ own image store), the suite's own PostgreSQL and Redis.
 - Redis restarted (killed, started empty: `--save ''`) with builds queued and one running:
   the queued messages are gone, so is the running build's unacknowledged one.
 - The worker kill -9'd while its build fetches the model: its lease lapses.
+- PostgreSQL restarted while a build fetches the model: the worker's heartbeat and writes meet
+  a dropped connection.
 
 The database is the truth: every build must still end Succeeded within a bounded time, each
 under its own version, none left NotStarted or Running, and the events must tell exactly
@@ -87,6 +89,14 @@ class Service:
                                        stderr=subprocess.STDOUT, start_new_session=True)
         self.processes.append(process)
         return process
+
+    def stop_workers(self) -> None:
+        """SIGTERM the workers still running (no build runs by then), as `docker stop` would."""
+        workers = [p for p in self.processes if "worker" in p.args and p.poll() is None]
+        for worker in workers:
+            worker.terminate()
+        for worker in workers:
+            worker.wait(timeout=60)
 
     def logs(self) -> str:
         return "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted(self.log_dir.glob("*.log")))
@@ -185,7 +195,7 @@ def test_builds_queued_when_redis_restarts_all_finish_once_and_the_events_say_so
     account = Account(service, "redis-restart")
     manifest = account.manifest([])
     events = account.events()
-    worker = service.start("worker", "--concurrency", "1")
+    service.start("worker", "--concurrency", "1")
     try:
         ids = [account.build(manifest) for _ in range(3)]
         account.wait_for_state(ids, lambda images: any(i["CreationState"] == "Running" for i in images), 120)
@@ -205,8 +215,7 @@ def test_builds_queued_when_redis_restarts_all_finish_once_and_the_events_say_so
         assert states_told(events, ids) == {i: ["NotStarted", "Running", "Succeeded"] for i in ids}
     finally:
         events.close()
-        worker.terminate()
-        worker.wait(timeout=60)
+        service.stop_workers()
 
 
 def test_a_worker_killed_mid_build_loses_its_lease_and_the_build_is_retried(service: Service) -> None:
@@ -239,3 +248,39 @@ def test_a_worker_killed_mid_build_loses_its_lease_and_the_build_is_retried(serv
     finally:
         events.close()
         service.files.held.set()
+        service.stop_workers()
+
+
+def test_a_postgres_restart_mid_build_leaves_it_to_finish_and_the_events_tell_it(
+    service: Service, postgres_cluster: PostgresCluster,
+) -> None:
+    account = Account(service, "pg-mid-build")
+    model = account.call("POST", f"{account.url}/models", json={
+        "name": "held", "url": f"http://{service.files.address}/weights.bin",
+        "mimeType": "application/octet-stream"}).json()["id"]
+    manifest = account.manifest([model])
+    events = account.events()
+    service.start("worker", "--concurrency", "1")
+    try:
+        service.files.asked.clear()
+        service.files.held.clear()
+        image_id = account.build(manifest)
+        assert service.files.asked.wait(120), f"the build never fetched its model:\n{service.logs()}"
+        postgres_cluster.restart()
+        service.files.held.set()
+
+        [image] = account.wait_for_state([image_id], lambda i: i[0]["CreationState"] in TERMINAL, DEADLINE)
+        log = account.call("GET", f"{account.url}/images/{image_id}/log").text
+        assert image["CreationState"] == "Succeeded", log[-3000:]
+        assert "request.unhandled_error" not in service.logs()
+        told = states_told(events, [image_id])[image_id]
+        # Whether the restart outlasted the lease or not, the story ends as the image does,
+        # and every Running follows a NotStarted.
+        assert told[0] == "NotStarted" and told[-1] == "Succeeded", told
+        assert told in (["NotStarted", "Running", "Succeeded"],
+                        ["NotStarted", "Running", "NotStarted", "Running", "Succeeded"]), told
+        assert ("build attempt 2" in log) == (len(told) == 5), log[-3000:]
+    finally:
+        events.close()
+        service.files.held.set()
+        service.stop_workers()
