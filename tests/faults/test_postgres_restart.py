@@ -66,12 +66,11 @@ def test_registrations_across_a_postgres_restart_get_versions_1_to_n_and_no_500(
         return httpx.post(f"{account}/models", headers={**headers, "Idempotency-Key": key}, json=body, timeout=30)
 
     def client() -> None:
-        with httpx.Client(timeout=30):
-            while not stopping.is_set():
-                key = uuid.uuid4().hex
-                answer = register(key)
-                with lock:
-                    first[key] = answer
+        while not stopping.is_set():
+            key = uuid.uuid4().hex
+            answer = register(key)
+            with lock:
+                first[key] = answer
 
     clients = [threading.Thread(target=client) for _ in range(CLIENTS)]
     for thread in clients:
