@@ -9,7 +9,7 @@ Every error response has the shape ``{code, message, statusCode, details: [{code
     ├── NotFound          404
     ├── Conflict          409
     ├── PayloadTooLarge   413
-    └── ServiceUnavailable 503   (every database connection busy: Retry-After)
+    └── ServiceUnavailable 503   (every database connection busy, or the database unreachable: Retry-After)
 
 Anything else that escapes a route is logged with its traceback and answered as a bare 500.
 """
@@ -23,6 +23,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as DatabaseTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -203,6 +204,19 @@ def install_error_handlers(app: FastAPI) -> None:
         log.warning("request.database_busy", extra={"method": request.method, "path": request.url.path})
         return error_response(ServiceUnavailable("the service is busy; retry in a moment",
                                                  headers={"Retry-After": "1"}))
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+        # The database went away (a restart, a failover, a dropped connection): the request's
+        # transaction rolled back, and the pool reconnects on the next request. The message
+        # names the kind only: the driver's can carry the statement and its parameters.
+        log.warning("request.database_unavailable", extra={
+            "method": request.method, "path": request.url.path,
+            "error": type(getattr(exc, "orig", None) or exc).__name__})
+        return error_response(ServiceUnavailable(
+            "the database is unavailable; retry in a moment", code="DatabaseUnavailable",
+            headers={"Retry-After": "2"}))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
