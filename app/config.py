@@ -259,24 +259,39 @@ class Settings(BaseSettings):
         return self.data_dir / "served-url"
 
     def record_served_url(self) -> None:
-        """Record resolved_public_url in the data folder (atomically: readers never see half)."""
+        """Record resolved_public_url, and this process's id, in the data folder (atomically:
+        readers never see half)."""
         private_dir(self.data_dir)
         tmp = self.served_url_file.with_name(f".served-url.{secrets.token_hex(8)}")
-        write_new_private_file(tmp, (self.resolved_public_url + "\n").encode())
+        write_new_private_file(tmp, f"{self.resolved_public_url}\n{os.getpid()}\n".encode())
         os.replace(tmp, self.served_url_file)
+
+    def recorded_served_url(self) -> str | None:
+        """The URL a running `mms serve` recorded; None when there is none, or its process is
+        gone (a stale address would make a worker trust whatever listens there next)."""
+        try:
+            url, _, pid = self.served_url_file.read_text(encoding="utf-8").partition("\n")
+        except OSError:
+            return None
+        url, pid = url.strip(), pid.strip()
+        if not url.startswith(("http://", "https://")) or not pid.isascii() or not pid.isdigit():
+            return None
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return None
+        except (OSError, OverflowError):  # alive but not ours to signal; or nonsense
+            pass
+        return url.rstrip("/")
 
     @property
     def service_url(self) -> str:
         """How another process (a worker, `mms admin bootstrap`) reaches the service:
-        MMS_PUBLIC_URL, else MMS_HOST/MMS_PORT when set, else the URL `mms serve` recorded
-        in the data folder, else http://127.0.0.1:8000."""
+        MMS_PUBLIC_URL, else MMS_HOST/MMS_PORT when set, else the URL a running `mms serve`
+        recorded in the data folder, else http://127.0.0.1:8000."""
         if self.public_url or {"host", "port"} & self.model_fields_set:
             return self.resolved_public_url
-        try:
-            recorded = self.served_url_file.read_text(encoding="utf-8").strip()
-        except OSError:
-            recorded = ""
-        return recorded.rstrip("/") if recorded.startswith(("http://", "https://")) else self.resolved_public_url
+        return self.recorded_served_url() or self.resolved_public_url
 
     def resolved_secret_key(self) -> str:
         """The key that seals stored secrets; in development one is made and kept in the data folder."""

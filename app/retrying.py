@@ -7,6 +7,7 @@ requests that are safe to repeat are retried; each caller says which those are.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterator
 from email.utils import parsedate_to_datetime
@@ -40,7 +41,7 @@ def retry_after(value: str | None, *, cap: float = 60.0) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if re.fullmatch(r"[0-9]{1,10}", value):  # not str.isdigit(): it takes '²', which float() refuses
         return min(float(value), cap)
     try:
         when = parsedate_to_datetime(value).timestamp()

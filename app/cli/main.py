@@ -245,7 +245,7 @@ def publish_base_image(
 
 @images_cli.command("gc")
 def images_gc(
-    grace_seconds: Annotated[int | None, typer.Option(min=0, help="spare what was touched this recently [MMS_IMAGE_GC_GRACE_SECONDS]")] = None,
+    grace_seconds: Annotated[int | None, typer.Option(min=60, help="spare what was touched this recently, at least 60 s: a build pushing now keeps its blobs [MMS_IMAGE_GC_GRACE_SECONDS]")] = None,
 ) -> None:
     """Remove the embedded store's blobs that no tag reaches (deleted images' layers).
 

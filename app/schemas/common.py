@@ -38,19 +38,25 @@ def not_a_dot_segment(value: str) -> str:
     return value
 
 
-def _storable(value: Any, where: str = "") -> None:
-    """Raise a ValueError naming the item of ``value`` (a JSON value) that holds an unstorable string."""
+_MAX_DEPTH = 32  # no body of this API nests deeper; a deeper one would exhaust the stack
+
+
+def _storable(value: Any, where: str = "", depth: int = 0) -> None:
+    """Raise a ValueError naming the item of ``value`` (a JSON value) that holds an unstorable
+    string, or that nests too deeply."""
+    if depth > _MAX_DEPTH:
+        raise ValueError(f"{where} nests deeper than {_MAX_DEPTH} levels".lstrip())
     if isinstance(value, str):
         reason = unstorable(value)
         if reason:
             raise ValueError(f"{where} {reason}".lstrip())
     elif isinstance(value, list | tuple):
         for index, item in enumerate(value):
-            _storable(item, f"{where} item {index}".lstrip())
+            _storable(item, f"{where} item {index}".lstrip(), depth + 1)
     elif isinstance(value, dict):
         for key, item in value.items():
-            _storable(key, f"{where} key".lstrip())
-            _storable(item, f"{where} {key!r}".lstrip())
+            _storable(key, f"{where} key".lstrip(), depth + 1)
+            _storable(item, f"{where} {key!r}".lstrip(), depth + 1)
 
 
 def _http_url(value: str) -> str:

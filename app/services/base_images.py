@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from app.orm import BaseImage
 from app.orm.base import utcnow
+from app.registry_address import registry_endpoint
 
 BASE_REPOSITORY = "mms/inference-base"
 
@@ -75,7 +76,7 @@ def foreign_base_image(reference: str, *, registry: str, account_id: object) -> 
     if not sep or not ("." in first or ":" in first or first.lower() == "localhost"):
         return None
     host, _, prefix = registry.rstrip("/").partition("/")
-    if first.lower() != host.lower():
+    if registry_endpoint(first) != registry_endpoint(host):  # ":443", "05000", a trailing dot
         return None
     path = rest.split("@", 1)[0]
     path = path.rsplit(":", 1)[0] if ":" in path.rsplit("/", 1)[-1] else path

@@ -131,3 +131,13 @@ def test_an_error_that_quotes_unencodable_input_still_renders() -> None:
     response = error_response(BadRequest("scope 'x\udfffy' is not valid"))
     assert response.status_code == 400
     assert json.loads(response.body)["message"] == "scope 'x\udfffy' is not valid"
+
+
+def test_a_body_that_nests_too_deeply_is_a_400_not_a_500(client: TestClient, owner: dict[str, str],
+                                                       account: str) -> None:
+    nested: object = "x"
+    for _ in range(900):
+        nested = [nested]
+    response = client.post(f"{account}/models", json=model_body(tags=nested), headers=owner)
+    assert response.status_code == 400, response.text
+    assert "nests deeper than" in response.text

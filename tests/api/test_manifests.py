@@ -264,7 +264,10 @@ def test_a_base_image_may_be_another_accounts_image_on_no_account(
     registry = app_context.settings.image_registry
     own_id = client.get(account, headers=owner).json()["properties"]["accountId"]
     other_id = "00000000-0000-0000-0000-000000000001"
-    for base in (f"{registry}/{other_id}/housing-image:1", f"{registry}/{other_id}/housing-image@sha256:{'a' * 64}"):
+    host, _, port = registry.partition("/")[0].partition(":")
+    for base in (f"{registry}/{other_id}/housing-image:1", f"{registry}/{other_id}/housing-image@sha256:{'a' * 64}",
+                 # The same registry spelled another way: a leading zero in its port.
+                 f"{host}:0{port}/{other_id}/housing-image:1"):
         response = client.post(f"{account}/manifests", json=inference_config(model_id, baseImage=base), headers=owner)
         assert response.status_code == 400, response.text
         assert "neither a published base image (mms/) nor one of this account's images" in response.json()["message"]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from app.config import Settings
 from tests.cli.test_client import Client
 from tests.embedded_service import EmbeddedService, free_port, stop
 
@@ -171,3 +172,19 @@ def test_a_separate_worker_finds_the_service_and_says_what_to_publish(
     assert "refusing" not in done.stderr
     assert "pull-base:" in done.stderr and "not found" in done.stderr
     assert "publish one with `mms base-image publish`" in done.stderr
+
+
+def test_the_served_url_goes_with_the_server(tmp_path: Path) -> None:
+    # A stale record would make a later worker take whatever listens at that address next
+    # for the service's own.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MMS_") and k != "DOCKER_HOST"}
+    port, data_dir = free_port(), tmp_path / "data"
+    env.update({"MMS_DATA_DIR": str(data_dir), "MMS_PORT": str(port), "MMS_LOG_FORMAT": "text"})
+    embedded = EmbeddedService(env, port, data_dir, tmp_path)
+    server = embedded.serve("--no-build-worker")
+    settings = Settings(data_dir=data_dir)
+    try:
+        assert settings.recorded_served_url() == embedded.url
+    finally:
+        stop(server)
+    assert settings.recorded_served_url() is None

@@ -23,6 +23,7 @@ from typing import Any
 import docker
 import requests
 
+from app.registry_address import registry_endpoint
 from workers.build_context import (
     BuildSpec,
     ContextInfo,
@@ -34,7 +35,7 @@ from workers.build_context import (
 from workers.builders import BuildFailed, BuildResult, Log, address_host, redacting, scrub
 from workers.fetch_policy import allowing_registry
 from workers.fetcher import FetchError, FetchPolicy, Resolver, check_url
-from workers.oci.registry import ImageReference, RegistryClient, RegistryError
+from workers.oci.registry import DIGEST, ImageReference, RegistryClient, RegistryError
 
 __all__ = [
     "BASE_DIGEST_LABEL",
@@ -189,8 +190,10 @@ class DockerBuilder:
                 raise BuildFailed("pull-base",
                                   f"base image registry {pulled_from}: {exc}") from None
         auth: dict[str, str] = {}  # empty, not None: docker-py would use saved logins
-        if host != registry_host(f"{self.registry}/x"):
-            ref = self._mirror_base(spec, image_repo, emit)
+        if registry_endpoint(host) != registry_endpoint(self.registry.partition("/")[0]):
+            engine = api.version()  # the engine's own platform, as its pull would choose
+            ref = self._mirror_base(spec, image_repo, (engine.get("Os") or "linux",
+                                                       engine.get("Arch") or "amd64"), emit)
             auth = self._auth_config()  # a repository of this build's own, picked here
         elif spec.base_registry is not None:
             given = address_host(spec.base_registry.address)
@@ -218,7 +221,8 @@ class DockerBuilder:
                    if d.split("@", 1)[0] == repo] or [None]
         return ref, digests[0]
 
-    def _mirror_base(self, spec: BuildSpec, image_repo: str, emit: Log) -> str:
+    def _mirror_base(self, spec: BuildSpec, image_repo: str, platform: tuple[str, str],
+                     emit: Log) -> str:
         """Copy the base image into this build's repository of the service's registry, by
         digest (no tag), and return the reference the engine pulls it by.
 
@@ -249,15 +253,23 @@ class DockerBuilder:
                                 resolver=self._resolver) as source, \
                     RegistryClient(own_host, service.get("username"), service.get("password"),
                                    timeout=self.timeout) as own:
-                manifest = source.get_manifest(ref.repository, ref.reference)
+                manifest = source.get_manifest(ref.repository, ref.reference,
+                                               platform=platform)
                 for blob in [manifest.body["config"], *manifest.body.get("layers", [])]:
                     if blob.get("urls"):
                         raise BuildFailed("pull-base", "the base image has layers stored "
                                           "outside its registry (foreign layers): build on "
                                           "a Linux image without them")
-                    how = own.push_blob(own_repo, blob["digest"], int(blob["size"]),
-                                        _blob_copier(source, ref.repository, blob["digest"]))
-                    copied += int(blob["size"]) if how == "uploaded" else 0
+                    # The tenant's registry wrote these: a digest goes into URLs sent to our
+                    # registry with the service's login, so it must be exactly a digest.
+                    digest, size = blob["digest"], blob["size"]
+                    if not (isinstance(digest, str) and DIGEST.fullmatch(digest)
+                            and isinstance(size, int) and 0 <= size):
+                        raise BuildFailed("pull-base", f"the base image {spec.base_image} has a "
+                                          "layer whose digest or size is not valid")
+                    how = own.push_blob(own_repo, digest, size,
+                                        _blob_copier(source, ref.repository, digest))
+                    copied += size if how == "uploaded" else 0
                 own.put_manifest(own_repo, manifest.digest, manifest.raw, manifest.media_type)
         except RegistryError as exc:
             raise BuildFailed("pull-base", str(exc)) from None

@@ -138,13 +138,16 @@ class LayoutRegistry:
 
     def push_blob(self, repository: str, digest: str, size: int,
                   body: Callable[[], Iterable[bytes]], *, mount_from: str | None = None) -> str:
-        """Store the blob; ``present`` when the repository has it, ``mounted`` when another
-        one does (the manifest links it), else ``uploaded``."""
+        """Store the blob; ``present`` when the repository has it, ``mounted`` when
+        ``mount_from`` (a repository the builder chose) does (the manifest links it), else
+        ``uploaded``: its bytes are read and checked even when the store holds them for
+        another repository, since a digest alone (which any manifest can name) is no proof
+        of having the content."""
         # A blob found is marked in use: garbage collection spares it until the manifest is in.
         if self.layout.is_linked(repository, digest):
             self.layout.touch_blob(repository, digest)
             return "present"
-        if self.layout.has_blob(digest) is not None:
+        if mount_from and self.layout.is_linked(mount_from, digest):
             self.layout.touch_blob(repository, digest)
             return "mounted"
         staging = self._staging()

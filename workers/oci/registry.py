@@ -50,14 +50,14 @@ from app.retrying import IDEMPOTENT_METHODS, TRANSIENT_STATUSES, attempts, retry
 from workers.fetcher import FetchError, FetchPolicy, PinnedTransport, Resolver
 from workers.oci.media import INDEX_TYPES, MANIFEST_TYPES
 
-__all__ = ["ImageReference", "Manifest", "RegistryClient", "RegistryError", "retryable"]
+__all__ = ["DIGEST", "ImageReference", "Manifest", "RegistryClient", "RegistryError", "retryable"]
 
 logger = logging.getLogger(__name__)
 
 DOCKER_HUB = "registry-1.docker.io"
 _ACCEPT = ", ".join((*MANIFEST_TYPES, *INDEX_TYPES))
 _CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
-_DIGEST = re.compile(r"sha256:[a-f0-9]{64}")
+DIGEST = re.compile(r"sha256:[a-f0-9]{64}")  # a blob or manifest digest, exactly
 _REPOSITORY = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*")
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 _CHUNK = 1 << 20
@@ -103,6 +103,8 @@ class ImageReference:
             host, path = first.lower(), remainder
         else:
             host, path = DOCKER_HUB, rest
+        if host in ("docker.io", "index.docker.io"):  # Docker Hub's names for its registry
+            host = DOCKER_HUB
         name, tag = path, None
         colon = path.rfind(":")
         if colon > path.rfind("/"):
@@ -113,7 +115,7 @@ class ImageReference:
             raise ValueError(f"invalid repository name {name!r} in image reference {text!r}")
         if tag is not None and not _TAG.fullmatch(tag):
             raise ValueError(f"invalid tag {tag!r} in image reference {text!r}")
-        if digest and not _DIGEST.fullmatch(digest):
+        if digest and not DIGEST.fullmatch(digest):
             raise ValueError(f"invalid digest {digest!r} in image reference {text!r}")
         if tag is None and not digest:
             tag = "latest"

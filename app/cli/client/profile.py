@@ -32,7 +32,7 @@ class ProfileError(Exception):
 
 
 def _loopback(host: str) -> bool:
-    if host == "localhost" or host.endswith(".localhost"):
+    if host == "localhost":  # not "*.localhost": such a name may be resolved by DNS
         return True
     try:
         return ipaddress.ip_address(host).is_loopback

@@ -53,8 +53,17 @@ def test_a_blob_of_another_repository_is_not_readable_through_this_one(store: La
     with pytest.raises(RegistryError) as refused:
         store.get_blob("tenant-b/probe", layer)
     assert refused.value.status == 404
-    # Pushing the same bytes (which proves having them) links them without a copy.
-    assert store.push_blob("tenant-b/probe", layer, 11, lambda: iter([b"a's weights"])) == "mounted"
+    # Naming the digest is no proof of having the content (a tenant's base image manifest can
+    # list any digest): the bytes are read and checked, and only then linked.
+    with pytest.raises(RegistryError, match="does not match"):
+        store.push_blob("tenant-b/probe", layer, 11, lambda: iter([b"guessed only"]))
+    assert store.push_blob("tenant-b/probe", layer, 11, lambda: iter([b"a's weights"])) == "uploaded"
+    # A mount is the builder's choice of a repository that holds it, never a tenant's.
+    assert store.push_blob("tenant-c/base", layer, 11, lambda: iter([b"never read"]),
+                           mount_from="tenant-a/secret") == "mounted"
+    with pytest.raises(RegistryError, match="does not match"):
+        store.push_blob("tenant-c/other", layer, 11, lambda: iter([b"guessed only"]),
+                        mount_from="tenant-d/does-not-hold-it")
 
 
 def test_content_that_does_not_match_its_digest_is_refused_and_not_kept(store: LayoutRegistry) -> None:
