@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 from urllib.parse import urlsplit
 
-__all__ = ["registry_endpoint"]
+__all__ = ["is_loopback_name", "registry_endpoint"]
 
 
 def registry_endpoint(host: str) -> tuple[str, int]:
@@ -18,11 +18,12 @@ def registry_endpoint(host: str) -> tuple[str, int]:
     except ValueError:  # a port that is not a number: compare the text as it is
         return host.strip().lower(), 0
     if port is None:
-        port = 80 if _is_loopback(name) else 443
+        port = 80 if is_loopback_name(name) else 443
     return name, port
 
 
-def _is_loopback(name: str) -> bool:
+def is_loopback_name(name: str) -> bool:
+    """``localhost`` or a loopback IP address (a registry there is spoken to over plain HTTP)."""
     if name == "localhost":
         return True
     try:

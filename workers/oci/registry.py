@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import ipaddress
 import logging
 import re
 import socket
@@ -45,6 +44,7 @@ from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 
 import httpx
 
+from app.registry_address import is_loopback_name
 from app.retrying import IDEMPOTENT_METHODS, TRANSIENT_STATUSES, attempts, retry_after
 
 from workers.fetcher import FetchError, FetchPolicy, PinnedTransport, Resolver
@@ -145,13 +145,7 @@ class Manifest:
 
 def is_loopback_host(host: str) -> bool:
     name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-    name = name.strip("[]")
-    if name == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
+    return is_loopback_name(name.strip("[]"))
 
 
 class RegistryClient:
