@@ -141,6 +141,13 @@ class Settings(BaseSettings):
     smoke_test_memory_mb: int = Field(default=2048, ge=64)
     smoke_test_pids: int = Field(default=512, ge=32)
     smoke_test_cpus: float = Field(default=2.0, gt=0)
+    smoke_test_disk_mb: int = Field(default=1024, ge=16)  # what init() may write
+    # The docker builder's RUN steps run a tenant's code in the engine: memory and processes
+    # of each step, and disk and time of all of them (workers/builders/run_limits.py).
+    build_run_memory_mb: int = Field(default=4096, ge=64)
+    build_run_pids: int = Field(default=1024, ge=32)
+    build_run_disk_mb: int = Field(default=10240, ge=16)
+    build_run_seconds: int = Field(default=1800, ge=5)
     # A worker asked to stop (SIGTERM) lets a running build finish for this long, then hands
     # it back to the queue for another worker.
     build_shutdown_grace_seconds: float = Field(default=20.0, ge=0)

@@ -34,6 +34,7 @@ from workers.build_context import (
 from workers.builders import Builder, BuildFailed, BuildResult
 from workers.builders.docker import DockerBuilder
 from workers.builders.oci import OciBuilder, Store, check_extra_steps
+from workers.builders.run_limits import RunLimits
 from workers.fetch_policy import fetch_policy
 from workers.fetcher import FetchError, fetch, redact_url
 from workers.oci.layout_registry import LayoutRegistry
@@ -237,8 +238,11 @@ def make_builder(settings: Settings, name: str) -> Builder:
         raise StepFailed("environment", "the docker builder pushes to a registry and the service "
                          "has none configured: set MMS_REGISTRY (and DOCKER_HOST), or use the "
                          "oci builder")
+    limits = RunLimits(memory_mb=settings.build_run_memory_mb, pids=settings.build_run_pids,
+                       disk_mb=settings.build_run_disk_mb, seconds=settings.build_run_seconds)
     return DockerBuilder(settings.docker_host, settings.image_registry, auth, policy=policy,
-                         network=settings.build_network, proxy=settings.build_proxy)
+                         network=settings.build_network, proxy=settings.build_proxy,
+                         run_limits=limits)
 
 
 def image_store(settings: Settings) -> Store:
@@ -375,7 +379,7 @@ def run_pipeline(context: ServiceContext, image_id: uuid.UUID, emit: Log) -> Bui
                    timeout=settings.smoke_test_timeout_seconds,
                    pull=pulled, pull_auth=registry_login(settings),
                    memory_mb=settings.smoke_test_memory_mb, pids=settings.smoke_test_pids,
-                   cpus=settings.smoke_test_cpus)
+                   cpus=settings.smoke_test_cpus, disk_mb=settings.smoke_test_disk_mb)
     except SmokeTestFailed as exc:
         for line in exc.logs.splitlines():
             emit(f"container: {line}")

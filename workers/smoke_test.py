@@ -48,6 +48,7 @@ _PROBE_ANSWER = re.compile(rb"^mms-probe (\d+)\s*$", re.M)
 _PROBE_PIDS = 3
 _PROBE_OUTPUT_BYTES = 64 * 1024
 # The container's logs are the tenant's to fill: cap what the engine keeps of them.
+_MB = 1024 * 1024
 _LOG_CONFIG = {"type": "json-file", "config": {"max-size": "10m", "max-file": "1"}}
 
 
@@ -62,12 +63,14 @@ class SmokeTestFailed(Exception):
 
 def smoke_test(docker_host: str | None, image: str, log: Log, timeout: float = 60, *,
                pull: bool = False, pull_auth: Mapping[str, str] | None = None,
-               memory_mb: int = 2048, pids: int = 512, cpus: float = 2.0) -> None:
+               memory_mb: int = 2048, pids: int = 512, cpus: float = 2.0,
+               disk_mb: int = 1024) -> None:
     """Run ``image`` until ``GET /`` answers 200; raise if it never does.
 
     The image is in the engine already (the docker builder), or ``pull`` fetches it first
     (the oci builder pushed it without an engine) and removes it afterwards. ``memory_mb``,
-    ``pids`` (processes and threads) and ``cpus`` limit the container; ``timeout`` its time.
+    ``pids`` (processes and threads), ``cpus`` and ``disk_mb`` (what it writes, each file
+    and all together) limit the container; ``timeout`` its time.
     """
     started = time.monotonic()
     try:
@@ -80,16 +83,17 @@ def smoke_test(docker_host: str | None, image: str, log: Log, timeout: float = 6
                 environment={"PORT": str(PORT), "HOST": "127.0.0.1"},
                 # Unresolvable otherwise (no network, no /etc/hosts entry): the JVM asks.
                 hostname="localhost",
-                host_config=_contained(api, memory_mb, pids, cpus),
+                host_config=_contained(api, memory_mb, pids, cpus, disk_mb),
                 labels={"org.mms.smoke-test": "true"},
             )
             cid = container["Id"]
             try:
                 api.start(cid)
                 log(f"mms: smoke test: started {image} ({cid[:12]}) without network, limited "
-                    f"to {memory_mb} MB, {pids} processes and {cpus:g} CPUs; waiting for "
-                    f"GET / on its port {PORT}")
-                _wait_until_serving(api, cid, started + timeout, timeout, memory_mb, pids)
+                    f"to {memory_mb} MB, {pids} processes, {cpus:g} CPUs and {disk_mb} MB "
+                    f"of disk; waiting for GET / on its port {PORT}")
+                _wait_until_serving(api, cid, started + timeout, timeout, memory_mb, pids,
+                                    disk_mb)
                 logs = _tail(api, cid)
             finally:
                 api.remove_container(cid, force=True, v=True)  # kills it if still running
@@ -109,7 +113,8 @@ def smoke_test(docker_host: str | None, image: str, log: Log, timeout: float = 6
     logger.info("smoke_test.passed", extra={"image": image, "seconds": round(elapsed, 1)})
 
 
-def _contained(api: docker.APIClient, memory_mb: int, pids: int, cpus: float) -> dict:
+def _contained(api: docker.APIClient, memory_mb: int, pids: int, cpus: float,
+               disk_mb: int) -> dict:
     """The host config of a container that runs a tenant's code.
 
     The image's own user is kept: forcing a non-root uid breaks images whose scripts write
@@ -126,6 +131,9 @@ def _contained(api: docker.APIClient, memory_mb: int, pids: int, cpus: float) ->
         mem_limit=f"{memory_mb}m",
         memswap_limit=f"{memory_mb}m",  # the same: no swap beyond the memory limit
         nano_cpus=int(cpus * 1e9),
+        # No file may pass the disk limit (the kernel's, at once); all files together are
+        # measured while it runs (_over_disk_limit).
+        ulimits=[docker.types.Ulimit(name="fsize", soft=disk_mb * _MB, hard=disk_mb * _MB)],
         log_config=_LOG_CONFIG,
     )
 
@@ -152,7 +160,7 @@ def _pulled(api: docker.APIClient, image: str, pull: bool, auth: Mapping[str, st
 
 
 def _wait_until_serving(api: docker.APIClient, cid: str, deadline: float, timeout: float,
-                        memory_mb: int, pids: int) -> None:
+                        memory_mb: int, pids: int, disk_mb: int) -> None:
     waited = 0.0
     while True:
         answer = _probe(api, cid, memory_mb)
@@ -161,6 +169,10 @@ def _wait_until_serving(api: docker.APIClient, cid: str, deadline: float, timeou
         state = _state(api, cid, settle=isinstance(answer, str))
         if not state.get("Running"):
             raise _exited(api, cid, state, memory_mb, pids)
+        if _over_disk_limit(api, cid, disk_mb):
+            raise SmokeTestFailed(
+                f"the container wrote more than its disk limit of {disk_mb} MB "
+                "(MMS_SMOKE_TEST_DISK_MB) before answering GET /", _tail(api, cid))
         if _at_process_limit(api, cid):
             raise SmokeTestFailed(
                 f"the container reached its process limit ({pids} processes and threads) "
@@ -252,6 +264,14 @@ def _at_process_limit(api: docker.APIClient, cid: str) -> bool:
         stats = api.stats(cid, stream=False, one_shot=one_shot).get("pids_stats") or {}
         limit = stats.get("limit") or 0
         return limit > 0 and stats.get("current", 0) >= limit - _PROBE_PIDS
+    return False
+
+
+def _over_disk_limit(api: docker.APIClient, cid: str, disk_mb: int) -> bool:
+    """Whether the container's own writes (its ``SizeRw``) passed ``disk_mb``."""
+    with suppress(docker.errors.APIError, requests.exceptions.RequestException):
+        found = api.containers(all=True, size=True, filters={"id": cid})
+        return bool(found) and int(found[0].get("SizeRw") or 0) > disk_mb * _MB
     return False
 
 

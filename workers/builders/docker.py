@@ -15,7 +15,7 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from workers.build_context import (
     write_context,
 )
 from workers.builders import BuildFailed, BuildResult, Log, address_host, redacting, scrub
+from workers.builders.run_limits import RunLimits, RunStepWatch
 from workers.fetch_policy import allowing_registry
 from workers.fetcher import FetchError, FetchPolicy, Resolver, check_url
 from workers.oci.registry import DIGEST, ImageReference, RegistryClient, RegistryError
@@ -94,11 +95,13 @@ class DockerBuilder:
                  registry_auth: Mapping[str, str] | None = None, *, timeout: int = 600,
                  policy: FetchPolicy | None = None,
                  resolver: Resolver = socket.getaddrinfo,
-                 network: str | None = None, proxy: str | None = None) -> None:
+                 network: str | None = None, proxy: str | None = None,
+                 run_limits: RunLimits | None = None) -> None:
         self.docker_host = docker_host
         self.registry = registry.rstrip("/")  # host[:port][/prefix]
         self._registry_auth = dict(registry_auth) if registry_auth else None
         self.timeout = timeout  # longest silence tolerated from the engine, in seconds
+        self.run_limits = run_limits or RunLimits()  # RUN steps' memory, processes, disk, time
         # Which registries a base image may come from (its own registry always); None: no
         # address rules (a caller that picks the bases).
         self.policy = allowing_registry(policy, self.registry) if policy is not None else None
@@ -143,6 +146,7 @@ class DockerBuilder:
                 with _engine_errors("context"):
                     info = write_context(spec, Path(tmp) / "context.tar")
                 image_id = self._build(api, Path(tmp) / "context.tar", info, f"{image}:{tag}",
+                                       spec.base_image if base_digest else pulled,
                                        {BASE_DIGEST_LABEL: base_digest} if base_digest else {},
                                        emit)
                 digest = self._push(api, image, tag, emit)
@@ -281,22 +285,25 @@ class DockerBuilder:
         return f"{self.registry}/{image_repo}@{manifest.digest}"
 
     def _build(self, api: docker.APIClient, context: Path, info: ContextInfo, target: str,
-               labels: dict[str, str], emit: Log) -> str:
+               base: str, labels: dict[str, str], emit: Log) -> str:
         emit(f"mms: building {target} from this Dockerfile:")
         for line in info.dockerfile.splitlines():
             emit(f"    {line}")
         step, image_id, failure = info.steps[0], None, None
         tail: deque[str] = deque(maxlen=_TAIL_LINES)
         started = time.monotonic()
-        with _engine_errors("build"), context.open("rb") as fileobj:
+        watch = RunStepWatch(lambda: engine_client(self.docker_host, 30), self.run_limits)
+        with _engine_errors("build"), context.open("rb") as fileobj, watch:
             stream = api.build(fileobj=fileobj, custom_context=True, tag=target, decode=True,
                                network_mode=self.network, buildargs=self.build_args or None,
+                               container_limits=self.run_limits.build_api_limits(),
                                pull=False, rm=True, forcerm=True,
                                labels=labels or None, timeout=self.timeout)
             for line, chunk in _lines(stream):
                 if line is not None:
                     emit(line)
                     tail.append(line)
+                    watch.saw(line)
                     match = _STEP.match(line)
                     if match:  # labels= adds one instruction past the generated ones
                         step = info.steps[min(int(match[1]), len(info.steps)) - 1]
@@ -308,9 +315,16 @@ class DockerBuilder:
                 # abandoned response would leak its connection.
                 failure = failure or _chunk_error(chunk)
         if failure:
-            raise BuildFailed(step, explain_build_failure(failure, tail))
+            raise BuildFailed(step, watch.failure_reason() or explain_build_failure(failure, tail))
         if not image_id:
             raise BuildFailed(step, "the engine finished without reporting an image")
+        with _engine_errors("build"):
+            watch.check_layers(api, image_id, base)
+        if watch.breach:
+            with suppress(docker.errors.APIError):
+                api.remove_image(image_id, force=True)
+            raise BuildFailed(next((name for name in reversed(info.steps)
+                                    if name.startswith("extra-steps")), step), watch.breach)
         emit(f"mms: built {image_id} in {time.monotonic() - started:.1f} s")
         return image_id
 

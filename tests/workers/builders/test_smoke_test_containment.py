@@ -101,6 +101,33 @@ def run(data):
     return data
 """
 
+# 1 MB a file, with pauses, until it has written 400 MB: measured while it runs.
+DISK_FILLER = """\
+import time
+
+def init():
+    for i in range(400):
+        with open(f"/tmp/fill{i}", "wb") as f:
+            f.write(b"x" * (1 << 20))
+        time.sleep(0.02)
+    print("wrote-all", flush=True)
+
+def run(data):
+    return data
+"""
+
+# One file past the limit: the kernel refuses the write at once (RLIMIT_FSIZE).
+BIG_FILE = """\
+def init():
+    with open("/tmp/big", "wb") as f:
+        for _ in range(80):
+            f.write(b"x" * (1 << 20))
+    print("wrote-all", flush=True)
+
+def run(data):
+    return data
+"""
+
 
 @pytest.fixture
 def builder(infra: Infra) -> DockerBuilder:
@@ -188,6 +215,24 @@ def test_a_fork_bomb_is_stopped_by_the_process_limit_which_the_failure_names(
     assert "process limit (64 processes and threads)" in failed.value.message
     assert seconds < 30  # stopped by the limit, not by the time limit
     assert_removed(infra, container_id(log_lines))
+
+
+def test_what_init_writes_is_bounded_in_all_and_for_each_file(
+        infra, make_spec, builder, log_lines):
+    filler = build(infra, builder, make_spec(DISK_FILLER), "filler", "1", log_lines.append)
+    with pytest.raises(SmokeTestFailed) as failed:
+        smoke_test(infra.docker_host, filler.image_location, log_lines.append, timeout=60,
+                   disk_mb=50)
+    assert failed.value.message == ("the container wrote more than its disk limit of 50 MB "
+                                    "(MMS_SMOKE_TEST_DISK_MB) before answering GET /")
+    assert_removed(infra, container_id(log_lines))
+
+    big = build(infra, builder, make_spec(BIG_FILE), "bigfile", "1", log_lines.append)
+    with pytest.raises(SmokeTestFailed) as failed:
+        smoke_test(infra.docker_host, big.image_location, log_lines.append, timeout=60,
+                   disk_mb=50)
+    assert "File too large" in failed.value.message
+    assert "wrote-all" not in "\n".join(log_lines)
 
 
 def tiny_image(infra: Infra, name: str, dockerfile: str, files: dict[str, bytes]) -> str:

@@ -1,0 +1,100 @@
+"""The docker builder's RUN steps are a tenant's code in the engine: each limit stops a step
+that passes it, and the build error names the limit (workers/builders/run_limits.py)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+
+import pytest
+
+from tests.workers.builders.test_docker_builder import build
+from tests.workers.conftest import Infra
+from workers.build_context import BuildSpec
+from workers.builders import BuildFailed
+from workers.builders.docker import DockerBuilder
+from workers.builders.run_limits import RunLimits
+
+SCORE = "def init():\n    pass\n\ndef run(data):\n    return data\n"
+
+MEMORY_HOG = ("RUN python3 -c \"exec('x = []\\\\nwhile True: x.append(bytearray(16 << 20))')\"")
+# Each process forks, children too (2**12 at most): the forks past the limit fail and the
+# processes then wait, so only the limit ends the step, well before its own sleep would.
+FORK_BOMB = ("RUN python3 -c \"exec('import os, time\\\\nfor _ in range(12):\\\\n    try: os.fork()\\\\n"
+             "    except OSError: break\\\\ntime.sleep(120)')\"")
+# 1 MB a file, with pauses: a writer the watch sees while it writes.
+SLOW_WRITER = ("RUN i=0; while [ $i -lt 400 ]; do dd if=/dev/zero of=/fill$i bs=1M count=1 "
+               "2>/dev/null; i=$((i+1)); sleep 0.02; done; echo wrote-all")
+# Faster than any look at it: caught from the layers it left, before the push.
+FAST_WRITERS = ("RUN dd if=/dev/zero of=/fill-a bs=1M count=40 2>/dev/null\n"
+                "RUN dd if=/dev/zero of=/fill-b bs=1M count=40 2>/dev/null")
+SLEEPER = "RUN sleep 300"
+
+
+def builder_with(infra: Infra, **limits: int) -> DockerBuilder:
+    return DockerBuilder(infra.docker_host, infra.registry, timeout=300,
+                         run_limits=RunLimits(**limits), **infra.build_networking)
+
+
+def failed_build(infra: Infra, builder: DockerBuilder, spec: BuildSpec, repo: str,
+                 log: list[str]) -> tuple[str, float]:
+    started = time.monotonic()
+    with pytest.raises(BuildFailed) as failed:
+        build(infra, builder, spec, repo, "1", log.append)
+    assert failed.value.step.startswith("extra-steps"), failed.value.step
+    return failed.value.message, time.monotonic() - started
+
+
+def assert_no_step_container_left(infra: Infra) -> None:
+    with infra.api() as api:
+        left = [c for c in api.containers(all=True) if c.get("Command", "").startswith("/bin/sh -c")]
+        assert not left, left
+
+
+@pytest.mark.parametrize(("steps", "limits", "reason"), [
+    (MEMORY_HOG, {"memory_mb": 128},
+     "a RUN step ran out of its memory limit of 128 MB (MMS_BUILD_RUN_MEMORY_MB)"),
+    (FORK_BOMB, {"pids": 64},
+     "a RUN step reached its process limit of 64 processes and threads (MMS_BUILD_RUN_PIDS)"),
+    (SLOW_WRITER, {"disk_mb": 100},
+     "the RUN steps wrote more than their disk limit of 100 MB (MMS_BUILD_RUN_DISK_MB)"),
+    (SLEEPER, {"seconds": 5},
+     "the RUN steps ran longer than their time limit of 5 s (MMS_BUILD_RUN_SECONDS)"),
+], ids=["memory", "processes", "disk", "time"])
+def test_a_run_step_past_a_limit_is_stopped_and_the_error_names_the_limit(
+        infra: Infra, make_spec: Callable[..., BuildSpec], log_lines: list[str],
+        steps: str, limits: dict[str, int], reason: str) -> None:
+    builder = builder_with(infra, **limits)
+    spec = make_spec(SCORE, extra_dockerfile_steps=steps)
+
+    message, seconds = failed_build(infra, builder, spec, f"limit-{next(iter(limits))}", log_lines)
+
+    assert message == reason
+    assert seconds < 90  # the limit stopped it, not the step's own end (sleep 120 / 300)
+    assert "wrote-all" not in log_lines
+    assert_no_step_container_left(infra)
+
+
+def test_writes_too_fast_to_watch_are_counted_from_the_layers_and_nothing_is_pushed(
+        infra: Infra, make_spec: Callable[..., BuildSpec], log_lines: list[str]) -> None:
+    builder = builder_with(infra, disk_mb=60)
+    spec = make_spec(SCORE, extra_dockerfile_steps=FAST_WRITERS)
+
+    message, _ = failed_build(infra, builder, spec, "limit-layers", log_lines)
+
+    # Seen while the second step wrote, or only from the layers: either way, named.
+    assert message.endswith("more than their disk limit of 60 MB (MMS_BUILD_RUN_DISK_MB)")
+    assert not any(line.startswith("mms: pushing") for line in log_lines)
+
+
+def test_steps_within_the_limits_build_and_carry_no_limit_into_the_image(
+        infra: Infra, make_spec: Callable[..., BuildSpec], log_lines: list[str]) -> None:
+    builder = builder_with(infra, memory_mb=256, pids=64, disk_mb=60, seconds=120)
+    steps = (f"RUN echo {uuid.uuid4().hex} && dd if=/dev/zero of=/fill bs=1M count=20 2>/dev/null && "
+             "cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/memory/memory.limit_in_bytes 2>/dev/null; true")
+    result = build(infra, builder, make_spec(SCORE, extra_dockerfile_steps=steps),
+                   "limit-within", "1", log_lines.append)
+
+    assert result.digest.startswith("sha256:")
+    assert str(256 << 20) in log_lines  # the step ran under the memory limit

@@ -1,0 +1,192 @@
+"""Limits on the docker builder's RUN steps, which run a tenant's code in the engine.
+
+The engine's build API takes a memory limit (enforced by the kernel from a step's first
+instruction) but no limit on processes, disk or time. Those are held here, by a thread
+that follows the build: the engine names each step's container in its output ("Running in
+<id>"); the thread sets that container's process limit at once (``docker update``), then
+every ``interval`` seconds looks at what it has written (its ``SizeRw``: each step's
+writes stay in the image, so they add up over the build) and how long the steps have run,
+and kills it when it passes a limit. The step then fails, and ``breach`` says which limit,
+for the build error. The engine's ``oom`` events name a memory limit that was hit.
+
+A process limit set a moment after the container started leaves a window of a few
+milliseconds: the memory limit bounds what a fork bomb can start in it, and the watch
+kills a container found above its process limit.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import dataclass
+
+import docker
+import requests
+
+__all__ = ["RUNNING_IN", "RunLimits", "RunStepWatch"]
+
+logger = logging.getLogger(__name__)
+
+# The legacy builder's line for each RUN step's container.
+RUNNING_IN = re.compile(r"^ ---> Running in ([0-9a-f]{12,64})\s*$")
+_MB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RunLimits:
+    """What the RUN steps of one build may use (``MMS_BUILD_RUN_*``)."""
+
+    memory_mb: int = 4096  # each step, swap included
+    pids: int = 1024  # processes and threads of each step
+    disk_mb: int = 10240  # written by all steps together
+    seconds: int = 1800  # all steps together
+
+    def build_api_limits(self) -> dict[str, int]:
+        """The engine's own limits for the build API's ``container_limits``."""
+        return {"memory": self.memory_mb * _MB, "memswap": self.memory_mb * _MB}
+
+
+class RunStepWatch:
+    """Follows one build's RUN step containers; kills one that passes a limit.
+
+    Use as a context manager around reading the build's stream, and call ``saw(line)`` with
+    each line of it. ``breach`` is the limit a step passed (a sentence), or None; a memory
+    limit hit shows there too once the engine reports it.
+    """
+
+    def __init__(self, client: Callable[[], docker.APIClient], limits: RunLimits,
+                 interval: float = 0.5) -> None:
+        self._client = client  # its own client: the build's is busy streaming
+        self.limits = limits
+        self.interval = interval
+        self.breach: str | None = None
+        self._lock = threading.Lock()
+        self._current: str | None = None
+        self._pids_set: str | None = None
+        self._seen: list[str] = []  # the steps' containers (short ids, as the engine prints)
+        self._written_before = 0  # bytes the finished steps wrote (their layers)
+        self._written_now = 0  # bytes the current step has written, as last seen
+        self._peak_pids = 0
+        self._step_started: float | None = None
+        self._run_seconds = 0.0  # the finished steps' time
+        self._events_since = int(time.time())
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="run-step-watch", daemon=True)
+
+    def __enter__(self) -> RunStepWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def saw(self, line: str) -> None:
+        """A line of the build's output: a new step's container starts being watched."""
+        match = RUNNING_IN.match(line)
+        if not match:
+            return
+        now = time.monotonic()
+        with self._lock:
+            self._written_before += self._written_now
+            self._written_now = 0
+            self._current = match[1]
+            self._seen.append(match[1])
+            if self._step_started is not None:
+                self._run_seconds += now - self._step_started
+            self._step_started = now
+
+    @property
+    def reached_process_limit(self) -> bool:
+        return self._peak_pids >= self.limits.pids
+
+    def _run(self) -> None:
+        try:
+            api = self._client()
+        except docker.errors.DockerException as exc:
+            logger.warning("build.run_watch_failed", extra={"detail": str(exc)})
+            return
+        with api:
+            while not self._stop.is_set():
+                cid = self._current
+                if cid is not None:
+                    with suppress(docker.errors.APIError, requests.exceptions.RequestException):
+                        self._check(api, cid)
+                self._stop.wait(self.interval)
+            with suppress(docker.errors.APIError, requests.exceptions.RequestException):
+                self._note_oom(api)
+
+    def _check(self, api: docker.APIClient, cid: str) -> None:
+        if self._pids_set != cid:
+            # PidsLimit through the update API: docker-py's update_container lacks it.
+            api._raise_for_status(api._post_json(api._url("/containers/{0}/update", cid),
+                                                 data={"PidsLimit": self.limits.pids}))
+            self._pids_set = cid
+        found = api.containers(all=True, size=True, filters={"id": cid})
+        if not found:
+            return  # the step ended and the engine removed its container
+        with self._lock:
+            if cid == self._current:
+                self._written_now = int(found[0].get("SizeRw") or 0)
+            written = self._written_before + self._written_now
+        self._note_pids(api, cid)
+        elapsed = self._run_seconds + time.monotonic() - (self._step_started or time.monotonic())
+        if written > self.limits.disk_mb * _MB:
+            self._kill(api, cid, f"the RUN steps wrote more than their disk limit of "
+                                 f"{self.limits.disk_mb} MB (MMS_BUILD_RUN_DISK_MB)")
+        elif elapsed > self.limits.seconds:
+            self._kill(api, cid, f"the RUN steps ran longer than their time limit of "
+                                 f"{self.limits.seconds} s (MMS_BUILD_RUN_SECONDS)")
+        elif self._peak_pids > self.limits.pids:  # above it: started before the limit was set
+            self._kill(api, cid, self._process_limit_reason())
+        self._note_oom(api)
+
+    def _note_pids(self, api: docker.APIClient, cid: str) -> None:
+        one_shot = True if docker.utils.version_gte(api.api_version, "1.41") else None
+        stats = api.stats(cid, stream=False, one_shot=one_shot).get("pids_stats") or {}
+        self._peak_pids = max(self._peak_pids, int(stats.get("current") or 0))
+
+    def _note_oom(self, api: docker.APIClient) -> None:
+        if self.breach:
+            return
+        now = int(time.time()) + 1
+        for event in api.events(since=self._events_since, until=now, decode=True,
+                                filters={"type": "container", "event": "oom"}):
+            if any(str(event.get("id", "")).startswith(cid) for cid in self._seen):
+                self.breach = (f"a RUN step ran out of its memory limit of "
+                               f"{self.limits.memory_mb} MB (MMS_BUILD_RUN_MEMORY_MB)")
+
+    def _process_limit_reason(self) -> str:
+        return (f"a RUN step reached its process limit of {self.limits.pids} processes and "
+                "threads (MMS_BUILD_RUN_PIDS)")
+
+    def _kill(self, api: docker.APIClient, cid: str, reason: str) -> None:
+        if self.breach is None:
+            self.breach = reason
+        logger.warning("build.run_limit", extra={"container": cid[:12], "detail": reason})
+        with suppress(docker.errors.APIError):
+            api.kill(cid)
+
+    def check_layers(self, api: docker.APIClient, image_id: str, base: str) -> None:
+        """Fail a build whose RUN steps wrote more than the disk limit in all, counted from
+        the layers they left: a step can write that much between two looks at it."""
+        ours = api.history(image_id)[:-len(api.history(base)) or None]  # newest first
+        # COPY, ENV, LABEL … show as "#(nop)"; every other layer is a RUN step's.
+        written = sum(int(layer.get("Size") or 0) for layer in ours
+                      if "#(nop)" not in (layer.get("CreatedBy") or ""))
+        if written > self.limits.disk_mb * _MB:
+            self.breach = self.breach or (
+                f"the RUN steps wrote {written // _MB} MB, more than their disk limit of "
+                f"{self.limits.disk_mb} MB (MMS_BUILD_RUN_DISK_MB)")
+
+    def failure_reason(self) -> str | None:
+        """Why a failed step failed, when a limit explains it."""
+        if self.breach:
+            return self.breach
+        if self.reached_process_limit:
+            return self._process_limit_reason()
+        return None
