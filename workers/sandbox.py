@@ -25,6 +25,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import TypeVar
 
@@ -75,7 +76,7 @@ def run_contained(command: list[str], *, inputs: Mapping[Path, str], output: Pat
             "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp",
             "--setenv", "TMPDIR", "/tmp", "--setenv", "LANG", "C.UTF-8",
             "--setenv", "PYTHONDONTWRITEBYTECODE", "1",
-            "--proc", "/proc", "--dev", "/dev",
+            *(["--proc", "/proc"] if _proc_mountable(bwrap) else []), "--dev", "/dev",
             "--perms", "1777", "--size", str(limits.disk_bytes), "--tmpfs", "/tmp"]
     binds = [(path, path) for path in dict.fromkeys((sys.prefix, sys.base_prefix))]  # its Python
     binds += [(str(source), target) for source, target in inputs.items()]
@@ -136,6 +137,24 @@ def _bounded(folder: Path, size: int, uid: int | None) -> Iterator[None]:
     finally:
         subprocess.run(["umount", "--lazy", str(folder)], check=False, capture_output=True,
                        timeout=30)
+
+
+@cache
+def _proc_mountable(bwrap: str) -> bool:
+    """Whether a sandbox may have a /proc of its own.
+
+    The kernel mounts a new proc only where no part of the existing one is covered, and a
+    container engine covers parts of its containers' (Docker's masked paths): a non-root
+    worker in such a container gets a sandbox without /proc, which hides even more.
+    """
+    if os.geteuid() == 0:
+        return True
+    probe = [bwrap, "--unshare-user", "--unshare-pid", "--ro-bind", "/", "/", "--proc", "/proc",
+             "--", "true"]
+    try:
+        return subprocess.run(probe, capture_output=True, timeout=30, check=False).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
 
 
 def _run(args: list[str], limits: Limits, log: Log, what: str) -> None:

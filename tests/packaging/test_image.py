@@ -222,3 +222,67 @@ def test_the_image_runs_a_build_worker(service_image: ServiceImage, infra: Infra
             stopped_in = time.monotonic() - started
             state = api.inspect_container(container)["State"]
         assert stopped_in < 20 and state["ExitCode"] != 137, (stopped_in, state)
+
+
+# Run as the image's user (10001): contained steps as the oci builder runs a package's build
+# backend: one prints its uid, its network interfaces and the processes it sees; one builds a
+# wheel of a small sdist with the worker's pip, as for pyspark.
+SANDBOX_PROBE = """\
+import io, sys, tarfile, tempfile
+from pathlib import Path
+from workers.sandbox import Limits, SandboxFailed, run_contained
+
+probe = ("import os, socket; print('inside uid', os.getuid(), 'interfaces', "
+         "sorted(n for _, n in socket.if_nameindex()), 'processes', "
+         "sorted(p for p in os.listdir('/proc') if p.isdigit()) if os.path.isdir('/proc') else 'no /proc')")
+sdist = Path(tempfile.mkdtemp()) / "tiny-1.0.tar.gz"
+with tarfile.open(sdist, "w:gz") as tar:
+    for name, text in {"pyproject.toml": '[build-system]\\nrequires = ["setuptools"]\\n'
+                                         'build-backend = "setuptools.build_meta"\\n'
+                                         '[project]\\nname = "tiny"\\nversion = "1.0"\\n',
+                       "tiny.py": "VALUE = 1\\n"}.items():
+        data = text.encode()
+        info = tarfile.TarInfo(f"tiny-1.0/{name}")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+sdist.chmod(0o644)
+wheel = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-index", "--no-build-isolation",
+         "--disable-pip-version-check", "--no-cache-dir", "-w", "/out", f"/in/{sdist.name}"]
+for command, inputs in (([sys.executable, "-I", "-c", probe], {}),
+                        (wheel, {sdist: f"/in/{sdist.name}"})):
+    out = Path(tempfile.mkdtemp())
+    try:
+        run_contained(command, inputs=inputs, output=out, limits=Limits(wall_seconds=120),
+                      log=print, what="the probe", collect=lambda made: print("made", sorted(p.name for p in made.iterdir())))
+    except SandboxFailed as exc:
+        print("sandbox failed:", exc)
+"""
+
+
+@pytest.mark.parametrize("profile", ["docker-default", "worker-seccomp"])
+def test_the_workers_seccomp_profile_lets_the_non_root_worker_start_the_sandbox(
+        service_image: ServiceImage, infra: Infra, profile: str) -> None:
+    options = []
+    if profile == "worker-seccomp":  # what docker-compose.yml gives the worker
+        compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+        assert compose["services"]["worker"]["security_opt"] == ["seccomp=./docker/worker-seccomp.json"]
+        options = [f"seccomp={(ROOT / 'docker' / 'worker-seccomp.json').read_text()}"]
+    with infra.api() as api:
+        container = api.create_container(
+            service_image.tag, command=["python", "-c", SANDBOX_PROBE], labels={TEST_LABEL: "packaging"},
+            environment={"MMS_SECRET_KEY": SECRET_KEY},
+            host_config=api.create_host_config(network_mode="none", security_opt=options))["Id"]
+        try:
+            api.start(container)
+            code = api.wait(container, timeout=120)["StatusCode"]
+            output = api.logs(container).decode(errors="replace")
+        finally:
+            api.remove_container(container, force=True)
+    assert code == 0, output
+    if profile == "docker-default":  # the reason the profile exists
+        assert "sandbox failed: cannot start" in output or "sandbox failed: the probe failed" in output, output
+        assert "inside uid" not in output, output
+    else:  # its own uid, only a loopback, and no process of the worker's in sight
+        assert re.search(r"inside uid 10001 interfaces \['lo'\] processes (\['1', '2'\]|\['2'\]|no /proc)",
+                         output), output
+        assert "made ['tiny-1.0-py3-none-any.whl']" in output, output
