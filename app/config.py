@@ -148,6 +148,7 @@ class Settings(BaseSettings):
     build_run_pids: int = Field(default=1024, ge=32)
     build_run_disk_mb: int = Field(default=10240, ge=16)
     build_run_seconds: int = Field(default=1800, ge=5)
+    build_run_cpu_seconds: int = Field(default=3600, ge=1)
     # A worker asked to stop (SIGTERM) lets a running build finish for this long, then hands
     # it back to the queue for another worker.
     build_shutdown_grace_seconds: float = Field(default=20.0, ge=0)

@@ -239,7 +239,8 @@ def make_builder(settings: Settings, name: str) -> Builder:
                          "has none configured: set MMS_REGISTRY (and DOCKER_HOST), or use the "
                          "oci builder")
     limits = RunLimits(memory_mb=settings.build_run_memory_mb, pids=settings.build_run_pids,
-                       disk_mb=settings.build_run_disk_mb, seconds=settings.build_run_seconds)
+                       disk_mb=settings.build_run_disk_mb, seconds=settings.build_run_seconds,
+                       cpu_seconds=settings.build_run_cpu_seconds)
     return DockerBuilder(settings.docker_host, settings.image_registry, auth, policy=policy,
                          network=settings.build_network, proxy=settings.build_proxy,
                          run_limits=limits)

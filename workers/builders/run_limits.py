@@ -5,7 +5,8 @@ instruction) but no limit on processes, disk or time. Those are held here, by a 
 that follows the build: the engine names each step's container in its output ("Running in
 <id>"); the thread sets that container's process limit at once (``docker update``), then
 every ``interval`` seconds looks at what it has written (its ``SizeRw``: each step's
-writes stay in the image, so they add up over the build) and how long the steps have run,
+writes stay in the image, so they add up over the build), the CPU time it used and how long
+the steps have run,
 and kills it when it passes a limit. The step then fails, and ``breach`` says which limit,
 for the build error. The engine's ``oom`` events name a memory limit that was hit.
 
@@ -43,7 +44,8 @@ class RunLimits:
     memory_mb: int = 4096  # each step, swap included
     pids: int = 1024  # processes and threads of each step
     disk_mb: int = 10240  # written by all steps together
-    seconds: int = 1800  # all steps together
+    seconds: int = 1800  # all steps together, wall time
+    cpu_seconds: int = 3600  # all steps together, CPU time
 
     def build_api_limits(self) -> dict[str, int]:
         """The engine's own limits for the build API's ``container_limits``."""
@@ -71,6 +73,8 @@ class RunStepWatch:
         self._written_before = 0  # bytes the finished steps wrote (their layers)
         self._written_now = 0  # bytes the current step has written, as last seen
         self._peak_pids = 0
+        self._cpu_before = 0.0  # CPU seconds the finished steps used
+        self._cpu_now = 0.0  # the current step's, as last seen
         self._step_started: float | None = None
         self._run_seconds = 0.0  # the finished steps' time
         self._events_since = int(time.time())
@@ -94,6 +98,8 @@ class RunStepWatch:
         with self._lock:
             self._written_before += self._written_now
             self._written_now = 0
+            self._cpu_before += self._cpu_now
+            self._cpu_now = 0.0
             self._current = match[1]
             self._seen.append(match[1])
             if self._step_started is not None:
@@ -133,7 +139,8 @@ class RunStepWatch:
             if cid == self._current:
                 self._written_now = int(found[0].get("SizeRw") or 0)
             written = self._written_before + self._written_now
-        self._note_pids(api, cid)
+        self._note_stats(api, cid)
+        cpu = self._cpu_before + self._cpu_now
         elapsed = self._run_seconds + time.monotonic() - (self._step_started or time.monotonic())
         if written > self.limits.disk_mb * _MB:
             self._kill(api, cid, f"the RUN steps wrote more than their disk limit of "
@@ -141,14 +148,21 @@ class RunStepWatch:
         elif elapsed > self.limits.seconds:
             self._kill(api, cid, f"the RUN steps ran longer than their time limit of "
                                  f"{self.limits.seconds} s (MMS_BUILD_RUN_SECONDS)")
+        elif cpu > self.limits.cpu_seconds:
+            self._kill(api, cid, f"the RUN steps used more than their CPU time limit of "
+                                 f"{self.limits.cpu_seconds} s (MMS_BUILD_RUN_CPU_SECONDS)")
         elif self._peak_pids > self.limits.pids:  # above it: started before the limit was set
             self._kill(api, cid, self._process_limit_reason())
         self._note_oom(api)
 
-    def _note_pids(self, api: docker.APIClient, cid: str) -> None:
+    def _note_stats(self, api: docker.APIClient, cid: str) -> None:
         one_shot = True if docker.utils.version_gte(api.api_version, "1.41") else None
-        stats = api.stats(cid, stream=False, one_shot=one_shot).get("pids_stats") or {}
-        self._peak_pids = max(self._peak_pids, int(stats.get("current") or 0))
+        stats = api.stats(cid, stream=False, one_shot=one_shot)
+        self._peak_pids = max(self._peak_pids, int((stats.get("pids_stats") or {}).get("current") or 0))
+        used = ((stats.get("cpu_stats") or {}).get("cpu_usage") or {}).get("total_usage") or 0
+        with self._lock:
+            if cid == self._current:
+                self._cpu_now = used / 1e9  # nanoseconds
 
     def _note_oom(self, api: docker.APIClient) -> None:
         if self.breach:

@@ -30,6 +30,7 @@ SLOW_WRITER = ("RUN i=0; while [ $i -lt 400 ]; do dd if=/dev/zero of=/fill$i bs=
 FAST_WRITERS = ("RUN dd if=/dev/zero of=/fill-a bs=1M count=40 2>/dev/null\n"
                 "RUN dd if=/dev/zero of=/fill-b bs=1M count=40 2>/dev/null")
 SLEEPER = "RUN sleep 300"
+SPINNER = "RUN python3 -c 'while True: pass'"
 
 
 def builder_with(infra: Infra, **limits: int) -> DockerBuilder:
@@ -61,7 +62,9 @@ def assert_no_step_container_left(infra: Infra) -> None:
      "the RUN steps wrote more than their disk limit of 100 MB (MMS_BUILD_RUN_DISK_MB)"),
     (SLEEPER, {"seconds": 5},
      "the RUN steps ran longer than their time limit of 5 s (MMS_BUILD_RUN_SECONDS)"),
-], ids=["memory", "processes", "disk", "time"])
+    (SPINNER, {"cpu_seconds": 3},
+     "the RUN steps used more than their CPU time limit of 3 s (MMS_BUILD_RUN_CPU_SECONDS)"),
+], ids=["memory", "processes", "disk", "time", "cpu"])
 def test_a_run_step_past_a_limit_is_stopped_and_the_error_names_the_limit(
         infra: Infra, make_spec: Callable[..., BuildSpec], log_lines: list[str],
         steps: str, limits: dict[str, int], reason: str) -> None:
