@@ -297,6 +297,7 @@ class DockerBuilder:
             stream = api.build(fileobj=fileobj, custom_context=True, tag=target, decode=True,
                                network_mode=self.network, buildargs=self.build_args or None,
                                container_limits=self.run_limits.build_api_limits(),
+                               shmsize=watch.shm_marker,
                                pull=False, rm=True, forcerm=True,
                                labels=labels or None, timeout=self.timeout)
             for line, chunk in _lines(stream):

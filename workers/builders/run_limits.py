@@ -3,12 +3,12 @@
 The engine's build API takes a memory limit (enforced by the kernel from a step's first
 instruction) but no limit on processes, disk or time. Those are held here, by a thread
 that follows the build: the engine names each step's container in its output ("Running in
-<id>"); the thread sets that container's process limit at once (``docker update``), then
-every ``interval`` seconds looks at what it has written (its ``SizeRw``: each step's
-writes stay in the image, so they add up over the build), the CPU time it used and how long
-the steps have run,
-and kills it when it passes a limit. The step then fails, and ``breach`` says which limit,
-for the build error. The engine's ``oom`` events name a memory limit that was hit.
+<id>"), and once the container is known to be this build's (its host config carries the
+build's marker), the thread sets its process limit (``docker update``), then every
+``interval`` seconds looks at what it has written (its ``SizeRw``: each step's writes stay
+in the image, so they add up over the build), the CPU time it used and how long the steps
+have run, and kills it when it passes a limit. The step then fails, and ``breach`` says
+which limit, for the build error. The engine's ``oom`` events name a memory limit hit.
 
 A process limit set a moment after the container started leaves a window of a few
 milliseconds: the memory limit bounds what a fork bomb can start in it, and the watch
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import re
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -35,6 +36,10 @@ logger = logging.getLogger(__name__)
 # The legacy builder's line for each RUN step's container.
 RUNNING_IN = re.compile(r"^ ---> Running in ([0-9a-f]{12,64})\s*$")
 _MB = 1024 * 1024
+# /dev/shm's size, 64 MB (the engine's default) plus a random part per build: the engine puts
+# it in the host config of each of the build's step containers, and no other container's.
+_SHM_BYTES = 64 * _MB
+_SHM_MARKER_RANGE = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -66,10 +71,15 @@ class RunStepWatch:
         self.limits = limits
         self.interval = interval
         self.breach: str | None = None
+        # The tenant's steps print into the same output as the engine, so a "Running in"
+        # line only names a candidate: it is watched once its host config carries this
+        # build's marker, which the tenant cannot know (it is never printed).
+        self.shm_marker = _SHM_BYTES + secrets.randbelow(_SHM_MARKER_RANGE)
         self._lock = threading.Lock()
-        self._current: str | None = None
+        self._candidates: list[str] = []
+        self._current: str | None = None  # full id of the step container being watched
         self._pids_set: str | None = None
-        self._seen: list[str] = []  # the steps' containers (short ids, as the engine prints)
+        self._seen: list[str] = []  # every step container of this build (full ids)
         self._written_before = 0  # bytes the finished steps wrote (their layers)
         self._written_now = 0  # bytes the current step has written, as last seen
         self._peak_pids = 0
@@ -79,6 +89,7 @@ class RunStepWatch:
         self._run_seconds = 0.0  # the finished steps' time
         self._events_since = int(time.time())
         self._stop = threading.Event()
+        self._wake = threading.Event()  # a candidate to look at now
         self._thread = threading.Thread(target=self._run, name="run-step-watch", daemon=True)
 
     def __enter__(self) -> RunStepWatch:
@@ -87,24 +98,39 @@ class RunStepWatch:
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
+        self._wake.set()
         self._thread.join(timeout=30)
 
     def saw(self, line: str) -> None:
-        """A line of the build's output: a new step's container starts being watched."""
+        """A line of the build's output: one naming a step's container makes it a candidate."""
         match = RUNNING_IN.match(line)
-        if not match:
-            return
-        now = time.monotonic()
+        if match:
+            with self._lock:
+                self._candidates.append(match[1])
+            self._wake.set()
+
+    def _take_candidates(self, api: docker.APIClient) -> None:
         with self._lock:
-            self._written_before += self._written_now
-            self._written_now = 0
-            self._cpu_before += self._cpu_now
-            self._cpu_now = 0.0
-            self._current = match[1]
-            self._seen.append(match[1])
-            if self._step_started is not None:
-                self._run_seconds += now - self._step_started
-            self._step_started = now
+            candidates, self._candidates = self._candidates, []
+        for candidate in candidates:
+            try:
+                found = api.inspect_container(candidate)
+            except docker.errors.NotFound:
+                continue  # a step that ended before this look, or no container at all
+            if (found.get("HostConfig") or {}).get("ShmSize") != self.shm_marker:
+                logger.warning("build.run_watch_foreign", extra={"container": candidate[:12]})
+                continue  # a line the tenant printed, naming another container
+            now = time.monotonic()
+            with self._lock:
+                self._written_before += self._written_now
+                self._written_now = 0
+                self._cpu_before += self._cpu_now
+                self._cpu_now = 0.0
+                self._current = found["Id"]
+                self._seen.append(found["Id"])
+                if self._step_started is not None:
+                    self._run_seconds += now - self._step_started
+                self._step_started = now
 
     @property
     def reached_process_limit(self) -> bool:
@@ -118,11 +144,12 @@ class RunStepWatch:
             return
         with api:
             while not self._stop.is_set():
-                cid = self._current
-                if cid is not None:
-                    with suppress(docker.errors.APIError, requests.exceptions.RequestException):
-                        self._check(api, cid)
-                self._stop.wait(self.interval)
+                with suppress(docker.errors.APIError, requests.exceptions.RequestException):
+                    self._take_candidates(api)
+                    if self._current is not None:
+                        self._check(api, self._current)
+                self._wake.wait(self.interval)
+                self._wake.clear()
             with suppress(docker.errors.APIError, requests.exceptions.RequestException):
                 self._note_oom(api)
 
@@ -151,7 +178,7 @@ class RunStepWatch:
         elif cpu > self.limits.cpu_seconds:
             self._kill(api, cid, f"the RUN steps used more than their CPU time limit of "
                                  f"{self.limits.cpu_seconds} s (MMS_BUILD_RUN_CPU_SECONDS)")
-        elif self._peak_pids > self.limits.pids:  # above it: started before the limit was set
+        elif self._peak_pids >= self.limits.pids:  # a fork bomb waits there for ever
             self._kill(api, cid, self._process_limit_reason())
         self._note_oom(api)
 
@@ -170,7 +197,7 @@ class RunStepWatch:
         now = int(time.time()) + 1
         for event in api.events(since=self._events_since, until=now, decode=True,
                                 filters={"type": "container", "event": "oom"}):
-            if any(str(event.get("id", "")).startswith(cid) for cid in self._seen):
+            if event.get("id") in self._seen:
                 self.breach = (f"a RUN step ran out of its memory limit of "
                                f"{self.limits.memory_mb} MB (MMS_BUILD_RUN_MEMORY_MB)")
 

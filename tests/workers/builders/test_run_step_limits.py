@@ -101,3 +101,27 @@ def test_steps_within_the_limits_build_and_carry_no_limit_into_the_image(
 
     assert result.digest.startswith("sha256:")
     assert str(256 << 20) in log_lines  # the step ran under the memory limit
+
+
+def test_a_step_that_prints_another_containers_id_neither_touches_it_nor_escapes_the_watch(
+        infra: Infra, make_spec: Callable[..., BuildSpec], log_lines: list[str]) -> None:
+    # Another build's step container, as a tenant could guess one running in the engine.
+    with infra.api() as api:
+        victim = api.create_container(infra.base_image, command=["sleep", "120"],
+                                      labels={"org.mms.test": "victim"})["Id"]
+        api.start(victim)
+        try:
+            steps = (f"RUN echo ' ---> Running in {victim[:12]}'; "
+                     f"echo ' ---> Running in {victim}'; sleep 300")
+            builder = builder_with(infra, seconds=5, pids=64)
+            message, seconds = failed_build(infra, builder,
+                                            make_spec(SCORE, extra_dockerfile_steps=steps),
+                                            "limit-spoof", log_lines)
+            state = api.inspect_container(victim)
+        finally:
+            api.remove_container(victim, force=True)
+
+    assert message == "the RUN steps ran longer than their time limit of 5 s (MMS_BUILD_RUN_SECONDS)"
+    assert seconds < 90
+    assert state["State"]["Running"]  # not killed
+    assert not state["HostConfig"].get("PidsLimit")  # and not limited
