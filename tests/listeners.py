@@ -1,11 +1,13 @@
-"""Servers a test runs to see whether anything reached it: a TCP one and an HTTP one; and an
-HTTP server that fails a few times before it answers."""
+"""Servers a test runs to see whether anything reached it: a TCP one and an HTTP one; an
+HTTP server that fails a few times before it answers; one whose answers never end."""
 
 from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Iterator
+import time
+import tracemalloc
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -121,3 +123,68 @@ def flaky_http_server(body: bytes, failures: list) -> Iterator[ThreadingHTTPServ
     finally:
         server.shutdown()
         server.server_close()
+
+
+class _Endless(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:  # noqa: N802
+        server = self.server
+        server.seen.append(self.path)  # type: ignore[attr-defined]
+        if server.answer_first is not None and server.answer_first(self):  # type: ignore[attr-defined]
+            return
+        self.send_response(server.status)  # type: ignore[attr-defined]
+        self.send_header("Content-Type", server.content_type)  # type: ignore[attr-defined]
+        self.send_header("Transfer-Encoding", "chunked")  # no length to refuse up front
+        self.end_headers()
+        chunk = b"{" * (64 << 10)
+        try:
+            while server.sent < server.gives_up_after:  # type: ignore[attr-defined]
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                server.sent += len(chunk)  # type: ignore[attr-defined]
+            self.wfile.write(b"0\r\n\r\n")
+        except OSError:  # the client hung up
+            server.hung_up.set()  # type: ignore[attr-defined]
+        self.close_connection = True
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextmanager
+def endless_http_server(*, status: int = 200, content_type: str = "application/json",
+                        answer_first=None,  # type: ignore[no-untyped-def]
+                        gives_up_after: int = 512 << 20) -> Iterator[ThreadingHTTPServer]:
+    """An HTTP server on a loopback port whose GETs answer ``status`` with a chunked body of
+    ``{`` that goes on until the client hangs up (``.hung_up`` is set then) or, so that a test
+    of a reader without a cap ends, ``gives_up_after`` bytes. ``.sent`` counts the bytes
+    sent, ``.seen`` the paths asked, ``.url`` and ``.address`` say where it is.
+    ``answer_first(handler)``: answers a request itself when it returns True."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Endless)
+    server.daemon_threads = True
+    server.status, server.content_type = status, content_type  # type: ignore[attr-defined]
+    server.answer_first, server.gives_up_after = answer_first, gives_up_after  # type: ignore[attr-defined]
+    server.sent, server.seen, server.hung_up = 0, [], threading.Event()  # type: ignore[attr-defined]
+    server.address = f"127.0.0.1:{server.server_address[1]}"  # type: ignore[attr-defined]
+    server.url = f"http://{server.address}"  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def bounded_read(call: Callable[[], object]) -> tuple[Exception, float, int]:
+    """Run ``call``, which must fail; the error, the seconds it took and its peak memory."""
+    tracemalloc.start()
+    started = time.monotonic()
+    try:
+        call()
+    except Exception as exc:  # noqa: BLE001 - the error is what is measured
+        return exc, time.monotonic() - started, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    raise AssertionError("the call did not fail")

@@ -31,6 +31,8 @@ from app.sealing import Sealer
 
 log = logging.getLogger("mms.auth.keys")
 
+JWKS_MAX_BYTES = 1 << 20  # an issuer's few keys take a few KiB
+
 
 @dataclass(frozen=True)
 class PrivateKey:
@@ -142,16 +144,25 @@ class RemoteKeySource(_RefreshingKeySet):
             # A request waits on this (under the lock): a few quick tries, a short budget.
             for attempt in attempts(transient_http, tries=3, timeout=2 * timeout, wait=0.2,
                                     wait_max=1.0):
-                with attempt:
-                    response = httpx.get(jwks_uri, timeout=timeout)
+                with attempt, httpx.stream("GET", jwks_uri, timeout=timeout) as response:
                     if response.status_code in TRANSIENT_STATUSES:
                         raise Transient(f"the JWKS URL answered {response.status_code}",
                                         retry_after(response.headers.get("retry-after")))
                     response.raise_for_status()
-                    return response.json()
+                    return json.loads(_read_at_most(response, JWKS_MAX_BYTES))
             raise AssertionError("unreachable")
 
         super().__init__(load, refresh_min_seconds)
+
+
+def _read_at_most(response: httpx.Response, max_bytes: int) -> bytes:
+    """The body, or ValueError once it passes ``max_bytes``: a JWKS URL may stream without end."""
+    data = bytearray()
+    for chunk in response.iter_bytes():
+        data += chunk
+        if len(data) > max_bytes:
+            raise ValueError(f"the JWKS document exceeds the limit of {max_bytes >> 20} MiB")
+    return bytes(data)
 
 
 def construct_rs256_key(jwk_dict: dict[str, Any]) -> jwk.Key:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import logging
 import re
 import socket
@@ -61,6 +62,13 @@ DIGEST = re.compile(r"sha256:[a-f0-9]{64}")  # a blob or manifest digest, exactl
 _REPOSITORY = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*")
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 _CHUNK = 1 << 20
+# What a registry may send us in one answer we hold in memory: a hostile one (a tenant
+# names its base image) could otherwise stream without end. 4 MiB for manifests and
+# indexes is the OCI distribution spec's suggested limit.
+MANIFEST_MAX_BYTES = 4 << 20
+TOKEN_MAX_BYTES = 1 << 20
+CONFIG_MAX_BYTES = 8 << 20
+_OTHER_BODY_MAX_BYTES = 64 << 10  # an error's JSON, or the body of a PUT's answer, read for no more
 _TOKEN_LIFETIME = 60.0  # the distribution token spec's default when expires_in is absent
 
 
@@ -207,18 +215,20 @@ class RegistryClient:
             raise
 
     def _get_manifest(self, repository: str, reference: str) -> Manifest:
-        response = self._request("GET", f"/v2/{repository}/manifests/{reference}",
-                                 scope=f"repository:{repository}:pull",
-                                 headers={"Accept": _ACCEPT})
-        raw = response.content
+        response, raw = self._request_body(
+            "GET", f"/v2/{repository}/manifests/{reference}", scope=f"repository:{repository}:pull",
+            headers={"Accept": _ACCEPT}, max_bytes=MANIFEST_MAX_BYTES,
+            what=f"{self.host}/{repository}:{reference}: the manifest")
         digest = f"sha256:{hashlib.sha256(raw).hexdigest()}"
         if reference.startswith("sha256:") and digest != reference:
             raise RegistryError(f"{self.host}/{repository}@{reference}: the registry sent a "
                                 f"manifest whose digest is {digest}")
         try:
-            body = response.json()
+            body = json.loads(raw)
         except ValueError:
             raise RegistryError(f"{self.host}/{repository}:{reference}: manifest is not JSON") from None
+        if not isinstance(body, dict):
+            raise RegistryError(f"{self.host}/{repository}:{reference}: manifest is not a JSON object")
         media_type = body.get("mediaType") or response.headers.get("content-type", "").split(";")[0]
         if media_type not in (*MANIFEST_TYPES, *INDEX_TYPES):
             raise RegistryError(f"{self.host}/{repository}:{reference}: unsupported manifest "
@@ -246,7 +256,7 @@ class RegistryClient:
             raise
         return int(response.headers.get("content-length", 0))
 
-    def get_blob(self, repository: str, digest: str, max_bytes: int = 64 << 20) -> bytes:
+    def get_blob(self, repository: str, digest: str, max_bytes: int = CONFIG_MAX_BYTES) -> bytes:
         """A small blob (a config) read whole, its digest checked."""
         for attempt in self._attempts():
             with attempt, self.open_blob(repository, digest) as chunks:
@@ -254,7 +264,7 @@ class RegistryClient:
                 for chunk in chunks:
                     data += chunk
                     if len(data) > max_bytes:
-                        raise RegistryError(f"blob {digest} is larger than {max_bytes} bytes")
+                        raise _too_large(f"{self.host}/{repository}: blob {digest}", max_bytes)
         if f"sha256:{hashlib.sha256(data).hexdigest()}" != digest:
             raise RegistryError(f"{self.host}/{repository}: blob {digest} arrived corrupted")
         return bytes(data)
@@ -359,6 +369,23 @@ class RegistryClient:
                                       stream=stream, **dict(kwargs))
         raise AssertionError("unreachable")
 
+    def _request_body(self, method: str, path: str, *, scope: str, max_bytes: int, what: str,
+                      **kwargs: Any) -> tuple[httpx.Response, bytes]:
+        """``_request`` with the answer's body read, at most ``max_bytes`` of it (``what`` names
+        it in the error); a read that breaks off is repeated like a request without answer."""
+        for attempt in self._attempts():
+            with attempt:
+                response = self._exchange(method, path, scope=scope, ok=(200,), content=None,
+                                          stream=True, **dict(kwargs))
+                try:
+                    return response, _read_at_most(response, max_bytes, what)
+                except httpx.HTTPError as exc:
+                    raise RegistryError(f"{what}: the answer broke off: {type(exc).__name__}: {exc}",
+                                        transient=True) from None
+                finally:
+                    response.close()
+        raise AssertionError("unreachable")
+
     def _exchange(self, method: str, path_or_url: str, *, scope: str, ok: tuple[int, ...],
                   content: bytes | Callable[[], Iterable[bytes]] | None, stream: bool,
                   **kwargs: Any) -> httpx.Response:
@@ -369,7 +396,8 @@ class RegistryClient:
             request = self._http.build_request(method, url, headers=headers, content=body, **kwargs)
             kwargs["headers"] = {k: v for k, v in headers.items() if k.lower() != "authorization"}
             try:
-                response = self._http.send(request, stream=stream)
+                # Always streamed, so no answer is read whole: see _read_at_most.
+                response = self._http.send(request, stream=True)
             except httpx.HTTPError as exc:
                 raise RegistryError(f"registry {self.host} did not answer {method} "
                                     f"{urlsplit(url).path}: {type(exc).__name__}: {exc}",
@@ -378,15 +406,14 @@ class RegistryClient:
                 raise self._refused(exc, url) from None
             if response.status_code == 401 and attempt == 0:
                 challenge = response.headers.get("www-authenticate", "")
-                response.close()
+                _discard(response)
                 self._authenticate(challenge, scope)
                 continue
             if response.status_code in ok:
+                if not stream:
+                    _discard(response)
                 return response
-            if stream:
-                response.read()
-            response.close()
-            raise _error_from(self.host, method, url, response)
+            raise _error_from(self.host, method, url, response, _discard(response))
         raise AssertionError("unreachable")
 
     def _auth_header(self, scope: str) -> dict[str, str]:
@@ -428,7 +455,16 @@ class RegistryClient:
                                     "is not https: the login is not sent there", 401)
             auth = httpx.BasicAuth(*self._login)
         try:
-            answer = self._http.get(realm, params=query, auth=auth)
+            answer = self._http.send(self._http.build_request("GET", realm, params=query),
+                                     auth=auth, stream=True)
+            try:
+                if answer.status_code != 200:
+                    _discard(answer)
+                else:
+                    raw = _read_at_most(answer, TOKEN_MAX_BYTES,
+                                        f"token service of {self.host}: the token")
+            finally:
+                answer.close()
         except httpx.HTTPError as exc:
             raise RegistryError(f"token service of {self.host} did not answer: {exc}",
                                 transient=True) from None
@@ -443,7 +479,7 @@ class RegistryClient:
             raise RegistryError(f"registry {self.host}: {who} (token service answered "
                                 f"{answer.status_code})", 401, "UNAUTHORIZED")
         try:
-            data = answer.json()
+            data = json.loads(raw)
             token = data.get("token") or data["access_token"]
         except (ValueError, KeyError, AttributeError):
             raise RegistryError(f"token service of {self.host} sent no token") from None
@@ -537,10 +573,46 @@ def _with_digest(url: str, digest: str) -> str:
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 
-def _error_from(host: str, method: str, url: str, response: httpx.Response) -> RegistryError:
+def _read_at_most(response: httpx.Response, max_bytes: int, what: str) -> bytes:
+    """A streamed answer's body, or RegistryError as soon as it passes ``max_bytes`` (counted
+    decoded, so a compressed answer cannot expand past it either)."""
+    length = response.headers.get("content-length", "")
+    if length.isdigit() and int(length) > max_bytes:
+        raise _too_large(what, max_bytes)
+    data = bytearray()
+    for chunk in response.iter_bytes():
+        data += chunk
+        if len(data) > max_bytes:
+            raise _too_large(what, max_bytes)
+    return bytes(data)
+
+
+def _too_large(what: str, max_bytes: int) -> RegistryError:
+    size = f"{max_bytes >> 20} MiB" if max_bytes % (1 << 20) == 0 else f"{max_bytes} bytes"
+    return RegistryError(f"{what} exceeds the limit of {size}", 0, "TOO_LARGE")
+
+
+def _discard(response: httpx.Response) -> bytes:
+    """Read and close an answer whose body matters little: up to 64 KiB of it (an error's
+    JSON), so the connection can be reused; a longer body is cut off with the connection."""
+    data = bytearray()
+    try:
+        for chunk in response.iter_bytes():
+            data += chunk
+            if len(data) > _OTHER_BODY_MAX_BYTES:
+                break
+    except httpx.HTTPError:
+        pass  # the status is the answer
+    finally:
+        response.close()
+    return bytes(data[:_OTHER_BODY_MAX_BYTES])
+
+
+def _error_from(host: str, method: str, url: str, response: httpx.Response,
+                body: bytes) -> RegistryError:
     code, detail = None, ""
     try:
-        errors = response.json().get("errors") or []
+        errors = json.loads(body).get("errors") or []
         if errors:
             code = errors[0].get("code")
             detail = errors[0].get("message") or ""
