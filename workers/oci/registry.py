@@ -22,6 +22,11 @@ again after a dropped connection, a 5xx or a 429 (after its ``Retry-After``), a 
 within a time budget; a blob upload that fails is started again from its beginning, and a
 blob download that breaks is downloaded again.
 
+No answer is read whole without a cap, as a hostile registry could stream without end: a
+manifest or index at most 4 MiB (the OCI distribution spec's suggestion), a token 1 MiB, a
+config blob 8 MiB, an error's body 64 KiB (the rest is not read); more fails the call
+naming the cap. Layer blobs are streamed to disk and checked against their digest.
+
 Given a ``FetchPolicy`` (a base image named by a tenant), every request, the token realm's
 and a blob's redirect to storage included, goes through the fetcher's address rules:
 refused at a non-public address unless allow-listed, and pinned to the checked address.
