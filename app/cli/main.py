@@ -113,9 +113,10 @@ def serve(
         worker = ChildProcess("build-worker", [sys.executable, "-m", "app.cli", "worker"])
         # Once the API listens: a build fetches its assets from this service's own store.
         worker.start(ready=lambda: _listening(settings.host, settings.port))
-        # uvicorn re-raises the SIGTERM it stopped on once it is done; exit through Python
-        # then, so the worker is stopped below rather than left to the kernel.
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # uvicorn re-raises the SIGTERM it stopped on once it is done; exit through Python then
+    # (status 0: a requested stop that went well), so a build worker is stopped below rather
+    # than left to the kernel.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     if settings.workers > 1:
         # Each API process writes its request metrics here; /metrics in any of them adds all up.
         metrics_dir = settings.data_dir / "metrics"
