@@ -81,6 +81,7 @@ class _Flaky(BaseHTTPRequestHandler):
         server.seen.append((self.command, self.path))  # type: ignore[attr-defined]
         if self.headers.get("Content-Length"):
             self.rfile.read(int(self.headers["Content-Length"]))
+        time.sleep(server.delay)  # type: ignore[attr-defined]
         failures = server.failures  # type: ignore[attr-defined]
         if failures:
             failure = failures.pop(0)
@@ -108,13 +109,14 @@ class _Flaky(BaseHTTPRequestHandler):
 
 
 @contextmanager
-def flaky_http_server(body: bytes, failures: list) -> Iterator[ThreadingHTTPServer]:
+def flaky_http_server(body: bytes, failures: list, *, delay: float = 0.0) -> Iterator[ThreadingHTTPServer]:
     """An HTTP server on a loopback port that answers with ``failures`` first, one per
-    request ("drop", or (status, headers)), then 200 with ``body``; ``.seen`` records
-    (method, path), ``.url`` is its base URL."""
+    request ("drop", or (status, headers)), then 200 with ``body``, each after ``delay``
+    seconds; ``.seen`` records (method, path), ``.url`` is its base URL."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Flaky)
     server.daemon_threads = True
     server.seen, server.failures, server.body = [], list(failures), body  # type: ignore[attr-defined]
+    server.delay = delay  # type: ignore[attr-defined]
     server.url = f"http://127.0.0.1:{server.server_address[1]}"  # type: ignore[attr-defined]
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
