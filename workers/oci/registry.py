@@ -12,8 +12,8 @@ Authentication follows the registry's challenge: on a 401 with ``WWW-Authenticat
 the request is retried with the given login; with ``Bearer realm=..,service=..,scope=..``
 a token is fetched from the realm (with the login as Basic credentials, or anonymously)
 and cached per scope until a quarter of its lifetime before it expires (``expires_in``,
-60 s when the token service does not say, counted from ``issued_at``), then fetched again
-before the next request: a long build never sends a stale token mid-upload. Credentials are
+60 s when the token service does not say, counted from when it arrived: ``issued_at`` is
+the registry's clock, which may be off), then fetched again before the next request: a long build never sends a stale token mid-upload. Credentials are
 only ever sent over https, or over http to a loopback registry (as Docker treats
 127.0.0.0/8 as an insecure registry by default).
 
@@ -45,7 +45,6 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from datetime import datetime
 from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 
 import httpx
@@ -459,6 +458,7 @@ class RegistryClient:
                 raise RegistryError(f"registry {self.host}'s token service {urlsplit(realm).netloc} "
                                     "is not https: the login is not sent there", 401)
             auth = httpx.BasicAuth(*self._login)
+        asked_at = time.monotonic()  # the token is no older than this, whatever it says
         try:
             answer = self._http.send(self._http.build_request("GET", realm, params=query),
                                      auth=auth, stream=True)
@@ -488,7 +488,7 @@ class RegistryClient:
             token = data.get("token") or data["access_token"]
         except (ValueError, KeyError, AttributeError):
             raise RegistryError(f"token service of {self.host} sent no token") from None
-        self._tokens[scope] = (token, time.monotonic() + _fresh_for(data))
+        self._tokens[scope] = (token, asked_at + _fresh_for(data))
         self._challenges[scope] = challenge
 
     def _refused(self, exc: FetchError, url: str, what: str = "the address") -> RegistryError:
@@ -554,21 +554,16 @@ class _BlobStream:
 
 
 def _fresh_for(token: dict[str, Any]) -> float:
-    """Seconds a token is used for: its lifetime (``expires_in``, 60 s by default) less its
-    age (``issued_at``) and a quarter of the lifetime (at most 30 s) as a margin."""
+    """Seconds a token is used for, counted from its receipt: its lifetime (``expires_in``,
+    60 s by default) less a quarter of it (at most 30 s) as a margin. ``issued_at`` is the
+    registry's clock, not ours: a skewed one must not make every request fetch a token."""
     try:
         lifetime = float(token.get("expires_in") or _TOKEN_LIFETIME)
     except (TypeError, ValueError):
         lifetime = _TOKEN_LIFETIME
-    age = 0.0
-    issued = token.get("issued_at")
-    if isinstance(issued, str):
-        try:
-            age = time.time() - datetime.fromisoformat(issued.replace("Z", "+00:00")).timestamp()
-        except ValueError:
-            pass
-    age = min(max(age, 0.0), lifetime)  # a clock ahead of ours counts as just issued
-    return lifetime - age - min(lifetime / 4, 30.0)
+    if not lifetime > 0:  # also NaN
+        lifetime = _TOKEN_LIFETIME
+    return lifetime - min(lifetime / 4, 30.0)
 
 
 def _with_digest(url: str, digest: str) -> str:

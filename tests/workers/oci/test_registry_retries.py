@@ -12,6 +12,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -244,3 +245,33 @@ def test_a_new_layer_whose_streamed_upload_fails_is_made_and_sent_again(registry
     assert blob.placed == "uploaded" and blob.diff_id == layer.diff_id()
     assert registry.count("PATCH /v2/acct/img/blobs/uploads/u1") == 2
     assert registry.count("POST /v2/acct/img/blobs/uploads/") == 2
+
+
+@pytest.mark.parametrize("registry_clock", [-3600.0, 3600.0])
+def test_a_token_lasts_its_lifetime_by_our_clock_whatever_the_registrys_says(
+        registry: FlakyRegistry, registry_clock: float) -> None:
+    """The token service's clock is an hour behind (or ahead of) ours: its ``issued_at``
+    must not make the token look expired (a new one for every request) or younger."""
+    issued = datetime.fromtimestamp(time.time() + registry_clock, UTC).isoformat()
+    tokens: list[str] = []
+
+    def token(h: BaseHTTPRequestHandler) -> None:
+        tokens.append(f"t{len(tokens) + 1}")
+        answer(200, json.dumps({"token": tokens[-1], "expires_in": 300,
+                                "issued_at": issued}).encode())(h)
+
+    def check(h: BaseHTTPRequestHandler) -> Step | None:
+        if (h.headers.get("Authorization") or "").removeprefix("Bearer ") in tokens:
+            return None
+        challenge = (f'Bearer realm="http://{registry.address}/token",service="test",'
+                     'scope="repository:mms/base:pull"')
+        return answer(401, b'{"errors":[{"code":"UNAUTHORIZED"}]}', ("WWW-Authenticate", challenge))
+
+    registry.token_check = check
+    registry.routes["GET /token"] = [token]
+    registry.routes["GET /v2/mms/base/manifests/1"] = [MANIFEST_OK]
+    with _client(registry) as client:
+        for _ in range(5):
+            client.get_manifest("mms/base", "1")
+    assert tokens == ["t1"]
+    assert registry.count("GET /v2/mms/base/manifests/1") == 6  # the first one challenged
