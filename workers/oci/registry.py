@@ -17,10 +17,13 @@ the registry's clock, which may be off), then fetched again before the next requ
 only ever sent over https, or over http to a loopback registry (as Docker treats
 127.0.0.0/8 as an insecure registry by default).
 
-A request that is safe to repeat (GET, HEAD, PUT; a POST that starts an upload) is tried
-again after a dropped connection, a 5xx or a 429 (after its ``Retry-After``), a few times
-within a time budget; a blob upload that fails is started again from its beginning, and a
-blob download that breaks is downloaded again.
+A request that is safe to repeat (GET, HEAD, PUT) is tried again after a dropped
+connection, a 5xx or a 429 (after its ``Retry-After``): at most ``tries`` attempts (4) within
+``retry_seconds`` (120 s). A blob upload that fails is started again from its beginning, and
+a blob download that breaks is downloaded again, within that same bound: at one layer only,
+the requests inside such an attempt are sent once each, so attempts never multiply (a
+registry that always fails gets ``tries`` requests, not ``tries`` squared). A streamed upload
+(``upload_stream``) is retried whole by its caller, which alone can make the stream again.
 
 No answer is read whole without a cap, as a hostile registry could stream without end: a
 manifest or index at most 4 MiB (the OCI distribution spec's suggestion), a token 1 MiB, a
@@ -263,7 +266,7 @@ class RegistryClient:
     def get_blob(self, repository: str, digest: str, max_bytes: int = CONFIG_MAX_BYTES) -> bytes:
         """A small blob (a config) read whole, its digest checked."""
         for attempt in self._attempts():
-            with attempt, self.open_blob(repository, digest) as chunks:
+            with attempt, self.open_blob(repository, digest, retry=False) as chunks:
                 data = bytearray()
                 for chunk in chunks:
                     data += chunk
@@ -276,7 +279,8 @@ class RegistryClient:
     def download_blob(self, repository: str, digest: str, dest: Path) -> int:
         """Stream a blob to ``dest``, checking its digest; return its size."""
         for attempt in self._attempts():
-            with attempt, self.open_blob(repository, digest) as chunks, dest.open("wb") as out:
+            with attempt, self.open_blob(repository, digest, retry=False) as chunks, \
+                    dest.open("wb") as out:
                 hasher, size = hashlib.sha256(), 0
                 for chunk in chunks:
                     hasher.update(chunk)
@@ -287,9 +291,12 @@ class RegistryClient:
             raise RegistryError(f"{self.host}/{repository}: blob {digest} arrived corrupted")
         return size
 
-    def open_blob(self, repository: str, digest: str) -> "_BlobStream":
-        """The blob's bytes as a stream of chunks (the registry may redirect to storage)."""
-        return _BlobStream(self, repository, digest)
+    def open_blob(self, repository: str, digest: str, *, retry: bool = True) -> "_BlobStream":
+        """The blob's bytes as a stream of chunks (the registry may redirect to storage).
+
+        ``retry``: open it again after a transient failure; False where the caller retries
+        the whole read itself, so that attempts do not multiply."""
+        return _BlobStream(self, repository, digest, retry)
 
     def push_blob(self, repository: str, digest: str, size: int,
                   body: Callable[[], Iterable[bytes]], *, mount_from: str | None = None) -> str:
@@ -312,8 +319,9 @@ class RegistryClient:
         if mount_from and mount_from != repository:
             scope += f" repository:{mount_from}:pull"
             params = {"mount": digest, "from": mount_from}
+        # Tried once: push_blob tries the whole upload again.
         start = self._request("POST", f"/v2/{repository}/blobs/uploads/", scope=scope,
-                              params=params, ok=(201, 202), retry=True)
+                              params=params, ok=(201, 202), retry=False)
         if start.status_code == 201:
             return "mounted"
         location = start.headers.get("location")
@@ -328,10 +336,13 @@ class RegistryClient:
 
     def upload_stream(self, repository: str, chunks: Iterable[bytes]) -> tuple[str, int]:
         """Upload a blob whose digest is known only at its end (a layer compressed while it
-        is sent): POST, one streamed PATCH, PUT with the digest. Returns (digest, size)."""
+        is sent): POST, one streamed PATCH, PUT with the digest. Returns (digest, size).
+
+        Each request is sent once: only the caller can make the stream again, so it retries
+        the whole upload (and attempts do not multiply)."""
         scope = f"repository:{repository}:pull,push"
         start = self._request("POST", f"/v2/{repository}/blobs/uploads/", scope=scope, ok=(202,),
-                              retry=True)
+                              retry=False)
         location = start.headers.get("location")
         if not location:
             raise RegistryError(f"{self.host}: the registry started an upload without a Location")
@@ -510,15 +521,16 @@ class RegistryClient:
 class _BlobStream:
     """``with client.open_blob(..) as chunks:`` — follows a redirect to blob storage."""
 
-    def __init__(self, client: RegistryClient, repository: str, digest: str) -> None:
+    def __init__(self, client: RegistryClient, repository: str, digest: str, retry: bool) -> None:
         self._client, self._repository, self._digest = client, repository, digest
+        self._retry = retry
         self._response: httpx.Response | None = None
 
     def __enter__(self) -> Iterator[bytes]:
         client = self._client
         response = client._request("GET", f"/v2/{self._repository}/blobs/{self._digest}",
                                    scope=f"repository:{self._repository}:pull",
-                                   ok=(200, 307, 302), stream=True)
+                                   ok=(200, 307, 302), stream=True, retry=self._retry)
         if response.status_code in (302, 307):
             # Storage redirects (S3, Azure) are pre-signed: no registry credentials there.
             # Sent through the same client, so a policy vets the new host too.
