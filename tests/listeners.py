@@ -139,9 +139,10 @@ class _Endless(BaseHTTPRequestHandler):
         self.send_header("Content-Type", server.content_type)  # type: ignore[attr-defined]
         self.send_header("Transfer-Encoding", "chunked")  # no length to refuse up front
         self.end_headers()
-        chunk = b"{" * (64 << 10)
+        chunk = b"{" * server.chunk_size  # type: ignore[attr-defined]
         try:
             while server.sent < server.gives_up_after:  # type: ignore[attr-defined]
+                time.sleep(server.chunk_delay)  # type: ignore[attr-defined]
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
                 server.sent += len(chunk)  # type: ignore[attr-defined]
             self.wfile.write(b"0\r\n\r\n")
@@ -156,16 +157,19 @@ class _Endless(BaseHTTPRequestHandler):
 @contextmanager
 def endless_http_server(*, status: int = 200, content_type: str = "application/json",
                         answer_first=None,  # type: ignore[no-untyped-def]
-                        gives_up_after: int = 512 << 20) -> Iterator[ThreadingHTTPServer]:
+                        gives_up_after: int = 512 << 20, chunk_size: int = 64 << 10,
+                        chunk_delay: float = 0.0) -> Iterator[ThreadingHTTPServer]:
     """An HTTP server on a loopback port whose GETs answer ``status`` with a chunked body of
     ``{`` that goes on until the client hangs up (``.hung_up`` is set then) or, so that a test
     of a reader without a cap ends, ``gives_up_after`` bytes. ``.sent`` counts the bytes
     sent, ``.seen`` the paths asked, ``.url`` and ``.address`` say where it is.
-    ``answer_first(handler)``: answers a request itself when it returns True."""
+    ``answer_first(handler)``: answers a request itself when it returns True. Chunks of
+    ``chunk_size`` bytes, each after ``chunk_delay`` seconds (a trickle)."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Endless)
     server.daemon_threads = True
     server.status, server.content_type = status, content_type  # type: ignore[attr-defined]
     server.answer_first, server.gives_up_after = answer_first, gives_up_after  # type: ignore[attr-defined]
+    server.chunk_size, server.chunk_delay = chunk_size, chunk_delay  # type: ignore[attr-defined]
     server.sent, server.seen, server.hung_up = 0, [], threading.Event()  # type: ignore[attr-defined]
     server.address = f"127.0.0.1:{server.server_address[1]}"  # type: ignore[attr-defined]
     server.url = f"http://{server.address}"  # type: ignore[attr-defined]

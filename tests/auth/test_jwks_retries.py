@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 from app.auth.keys import JWKS_MAX_BYTES, RemoteKeySource
 from tests.external_issuer import ExternalIssuer
@@ -42,3 +43,12 @@ def test_a_jwks_url_that_streams_without_end_is_cut_off_at_1_mib(caplog) -> None
 
 def _none() -> None:
     raise LookupError("no key")
+
+
+def test_a_jwks_document_that_trickles_in_is_given_up_on_at_the_loads_deadline(caplog) -> None:  # type: ignore[no-untyped-def]
+    with endless_http_server(chunk_size=16, chunk_delay=0.1) as server:
+        keys = RemoteKeySource(f"{server.url}/keys", refresh_min_seconds=0, timeout=0.5)
+        started = time.monotonic()
+        assert keys.public_key("some-kid") is None
+        assert time.monotonic() - started < 2.5  # the load's deadline: twice its timeout
+    assert "the JWKS document took too long to arrive" in caplog.text

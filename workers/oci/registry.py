@@ -182,6 +182,7 @@ class RegistryClient:
         self._tokens: dict[str, tuple[str, float]] = {}  # scope → (bearer token, stale at)
         self._challenges: dict[str, str] = {}  # scope → the Bearer challenge that asked for it
         self._tries, self._retry_seconds, self._retry_wait = tries, retry_seconds, retry_wait
+        self._timeout = timeout  # also what reading a small answer whole may take, however it trickles
         self._basic = False  # the registry asked for Basic credentials
         transport = None if policy is None else PinnedTransport(policy, verify=verify,
                                                                 resolver=resolver)
@@ -393,7 +394,8 @@ class RegistryClient:
                 response = self._exchange(method, path, scope=scope, ok=(200,), content=None,
                                           stream=True, **dict(kwargs))
                 try:
-                    return response, _read_at_most(response, max_bytes, what)
+                    return response, _read_at_most(response, max_bytes, what,
+                                                   deadline=time.monotonic() + self._timeout)
                 except httpx.HTTPError as exc:
                     raise RegistryError(f"{what}: the answer broke off: {type(exc).__name__}: {exc}",
                                         transient=True) from None
@@ -478,7 +480,8 @@ class RegistryClient:
                     _discard(answer)
                 else:
                     raw = _read_at_most(answer, TOKEN_MAX_BYTES,
-                                        f"token service of {self.host}: the token")
+                                        f"token service of {self.host}: the token",
+                                        deadline=time.monotonic() + self._timeout)
             finally:
                 answer.close()
         except httpx.HTTPError as exc:
@@ -585,9 +588,10 @@ def _with_digest(url: str, digest: str) -> str:
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 
-def _read_at_most(response: httpx.Response, max_bytes: int, what: str) -> bytes:
+def _read_at_most(response: httpx.Response, max_bytes: int, what: str, *, deadline: float) -> bytes:
     """A streamed answer's body, or RegistryError as soon as it passes ``max_bytes`` (counted
-    decoded, so a compressed answer cannot expand past it either)."""
+    decoded, so a compressed answer cannot expand past it either) or ``deadline`` (monotonic:
+    the read timeout bounds each read, not an answer that trickles in)."""
     length = response.headers.get("content-length", "")
     if length.isdigit() and int(length) > max_bytes:
         raise _too_large(what, max_bytes)
@@ -596,6 +600,8 @@ def _read_at_most(response: httpx.Response, max_bytes: int, what: str) -> bytes:
         data += chunk
         if len(data) > max_bytes:
             raise _too_large(what, max_bytes)
+        if time.monotonic() > deadline:
+            raise RegistryError(f"{what} took too long to arrive", 0, "TOO_SLOW")
     return bytes(data)
 
 

@@ -78,3 +78,13 @@ def test_an_endless_error_answer_is_read_no_further_than_its_first_bytes() -> No
     assert seconds < 5
     assert peak < 4 << 20
     assert registry.sent < 8 * MANIFEST_MAX_BYTES
+
+
+def test_a_manifest_that_trickles_in_fails_at_the_clients_timeout() -> None:
+    # 16 bytes every 0.1 s: each read is quick, the whole would take days.
+    with endless_http_server(content_type=MANIFEST_TYPE, chunk_size=16, chunk_delay=0.1) as registry, \
+            RegistryClient(registry.address, retry_wait=0.01, timeout=1.0) as client:
+        error, seconds, _ = bounded_read(lambda: client.get_manifest("mms/base", "1"))
+    assert isinstance(error, RegistryError)
+    assert "the manifest took too long to arrive" in str(error)
+    assert 1.0 <= seconds < 3
