@@ -12,9 +12,10 @@ Authentication follows the registry's challenge: on a 401 with ``WWW-Authenticat
 the request is retried with the given login; with ``Bearer realm=..,service=..,scope=..``
 a token is fetched from the realm (with the login as Basic credentials, or anonymously)
 and cached per scope until a quarter of its lifetime before it expires (``expires_in``,
-60 s when the token service does not say, counted from when it arrived: ``issued_at`` is
-the registry's clock, which may be off), then fetched again before the next request: a long build never sends a stale token mid-upload. Credentials are
-only ever sent over https, or over http to a loopback registry (as Docker treats
+60 s when the token service does not say, counted from when it was asked for by our clock:
+``issued_at`` is the registry's, which may be off), then fetched again before the next
+request: a long build never sends a stale token mid-upload. Credentials are only ever sent
+over https, or over http to a loopback registry (as Docker treats
 127.0.0.0/8 as an insecure registry by default).
 
 A request that is safe to repeat (GET, HEAD, PUT) is tried again after a dropped
@@ -76,6 +77,7 @@ MANIFEST_MAX_BYTES = 4 << 20
 TOKEN_MAX_BYTES = 1 << 20
 CONFIG_MAX_BYTES = 8 << 20
 _OTHER_BODY_MAX_BYTES = 64 << 10  # an error's JSON, or the body of a PUT's answer, read for no more
+_OTHER_BODY_SECONDS = 10.0  # ... nor longer
 _TOKEN_LIFETIME = 60.0  # the distribution token spec's default when expires_in is absent
 
 
@@ -612,12 +614,14 @@ def _too_large(what: str, max_bytes: int) -> RegistryError:
 
 def _discard(response: httpx.Response) -> bytes:
     """Read and close an answer whose body matters little: up to 64 KiB of it (an error's
-    JSON), so the connection can be reused; a longer body is cut off with the connection."""
+    JSON) for up to 10 s, so the connection can be reused; the rest of a longer or slower
+    body is cut off with the connection."""
     data = bytearray()
+    deadline = time.monotonic() + _OTHER_BODY_SECONDS
     try:
         for chunk in response.iter_bytes():
             data += chunk
-            if len(data) > _OTHER_BODY_MAX_BYTES:
+            if len(data) > _OTHER_BODY_MAX_BYTES or time.monotonic() > deadline:
                 break
     except httpx.HTTPError:
         pass  # the status is the answer
