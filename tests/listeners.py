@@ -1,11 +1,13 @@
-"""Servers a test runs to see whether anything reached it: a TCP one and an HTTP one; and an
-HTTP server that fails a few times before it answers."""
+"""Servers a test runs to see whether anything reached it: a TCP one and an HTTP one; an
+HTTP server that fails a few times before it answers; one whose answers never end."""
 
 from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Iterator
+import time
+import tracemalloc
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -79,6 +81,7 @@ class _Flaky(BaseHTTPRequestHandler):
         server.seen.append((self.command, self.path))  # type: ignore[attr-defined]
         if self.headers.get("Content-Length"):
             self.rfile.read(int(self.headers["Content-Length"]))
+        time.sleep(server.delay)  # type: ignore[attr-defined]
         failures = server.failures  # type: ignore[attr-defined]
         if failures:
             failure = failures.pop(0)
@@ -106,13 +109,14 @@ class _Flaky(BaseHTTPRequestHandler):
 
 
 @contextmanager
-def flaky_http_server(body: bytes, failures: list) -> Iterator[ThreadingHTTPServer]:
+def flaky_http_server(body: bytes, failures: list, *, delay: float = 0.0) -> Iterator[ThreadingHTTPServer]:
     """An HTTP server on a loopback port that answers with ``failures`` first, one per
-    request ("drop", or (status, headers)), then 200 with ``body``; ``.seen`` records
-    (method, path), ``.url`` is its base URL."""
+    request ("drop", or (status, headers)), then 200 with ``body``, each after ``delay``
+    seconds; ``.seen`` records (method, path), ``.url`` is its base URL."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Flaky)
     server.daemon_threads = True
     server.seen, server.failures, server.body = [], list(failures), body  # type: ignore[attr-defined]
+    server.delay = delay  # type: ignore[attr-defined]
     server.url = f"http://127.0.0.1:{server.server_address[1]}"  # type: ignore[attr-defined]
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
@@ -121,3 +125,72 @@ def flaky_http_server(body: bytes, failures: list) -> Iterator[ThreadingHTTPServ
     finally:
         server.shutdown()
         server.server_close()
+
+
+class _Endless(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:  # noqa: N802
+        server = self.server
+        server.seen.append(self.path)  # type: ignore[attr-defined]
+        if server.answer_first is not None and server.answer_first(self):  # type: ignore[attr-defined]
+            return
+        self.send_response(server.status)  # type: ignore[attr-defined]
+        self.send_header("Content-Type", server.content_type)  # type: ignore[attr-defined]
+        self.send_header("Transfer-Encoding", "chunked")  # no length to refuse up front
+        self.end_headers()
+        chunk = b"{" * server.chunk_size  # type: ignore[attr-defined]
+        try:
+            while server.sent < server.gives_up_after:  # type: ignore[attr-defined]
+                time.sleep(server.chunk_delay)  # type: ignore[attr-defined]
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                server.sent += len(chunk)  # type: ignore[attr-defined]
+            self.wfile.write(b"0\r\n\r\n")
+        except OSError:  # the client hung up
+            server.hung_up.set()  # type: ignore[attr-defined]
+        self.close_connection = True
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextmanager
+def endless_http_server(*, status: int = 200, content_type: str = "application/json",
+                        answer_first=None,  # type: ignore[no-untyped-def]
+                        gives_up_after: int = 512 << 20, chunk_size: int = 64 << 10,
+                        chunk_delay: float = 0.0) -> Iterator[ThreadingHTTPServer]:
+    """An HTTP server on a loopback port whose GETs answer ``status`` with a chunked body of
+    ``{`` that goes on until the client hangs up (``.hung_up`` is set then) or, so that a test
+    of a reader without a cap ends, ``gives_up_after`` bytes. ``.sent`` counts the bytes
+    sent, ``.seen`` the paths asked, ``.url`` and ``.address`` say where it is.
+    ``answer_first(handler)``: answers a request itself when it returns True. Chunks of
+    ``chunk_size`` bytes, each after ``chunk_delay`` seconds (a trickle)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Endless)
+    server.daemon_threads = True
+    server.status, server.content_type = status, content_type  # type: ignore[attr-defined]
+    server.answer_first, server.gives_up_after = answer_first, gives_up_after  # type: ignore[attr-defined]
+    server.chunk_size, server.chunk_delay = chunk_size, chunk_delay  # type: ignore[attr-defined]
+    server.sent, server.seen, server.hung_up = 0, [], threading.Event()  # type: ignore[attr-defined]
+    server.address = f"127.0.0.1:{server.server_address[1]}"  # type: ignore[attr-defined]
+    server.url = f"http://{server.address}"  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def bounded_read(call: Callable[[], object]) -> tuple[Exception, float, int]:
+    """Run ``call``, which must fail; the error, the seconds it took and its peak memory."""
+    tracemalloc.start()
+    started = time.monotonic()
+    try:
+        call()
+    except Exception as exc:  # noqa: BLE001 - the error is what is measured
+        return exc, time.monotonic() - started, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    raise AssertionError("the call did not fail")

@@ -46,6 +46,7 @@ class Listener:
     def __init__(self, url: str, headers: dict[str, str]) -> None:
         self.frames: queue.Queue[Frame | None] = queue.Queue()
         self.status: int | None = None
+        self.broken: httpx.HTTPError | None = None  # how the stream broke, if it did not end
         self._response: httpx.Response | None = None
         self._client = httpx.Client(timeout=httpx.Timeout(10, read=None))
         self._started = threading.Event()
@@ -62,8 +63,8 @@ class Listener:
                 if response.status_code == 200:
                     for frame in frames(response):
                         self.frames.put(frame)
-        except httpx.HTTPError:
-            pass
+        except httpx.HTTPError as exc:
+            self.broken = exc  # e.g. the body cut off mid-chunk, rather than ended
         finally:
             self._started.set()
             self.frames.put(None)  # the stream ended

@@ -36,5 +36,7 @@ def reap_builds() -> None:
 
 @celery_app.task(name=COLLECT_TASK)
 def collect_image_garbage() -> None:
-    """Remove the embedded store's blobs that no tag reaches, past the grace period."""
-    collect_garbage(settings)
+    """Untag deleted images and remove the embedded store's blobs that no tag reaches, past
+    the grace period."""
+    with session_scope(worker_context().session_factory) as session:
+        collect_garbage(session, settings)

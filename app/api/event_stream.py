@@ -24,6 +24,7 @@ from collections import OrderedDict, defaultdict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+import anyio
 from anyio import CapacityLimiter, to_thread
 from sqlalchemy.orm import Session
 from sse_starlette import ServerSentEvent
@@ -38,6 +39,9 @@ log = logging.getLogger("mms.events")
 BATCH = 500
 RETRY_MS = 2000  # how soon a browser's EventSource reconnects
 STOP_SECONDS = 10.0  # how long stopping waits for a poll in flight
+# How long a stream may take to end once the server stops (a replay's database read in
+# flight) before it is cancelled; well under uvicorn's graceful shutdown timeout.
+STREAM_SHUTDOWN_GRACE_SECONDS = 3.0
 
 
 def _read(session_factory: Callable[[], Session], query):  # type: ignore[no-untyped-def]
@@ -63,6 +67,13 @@ class Subscription:
         self.queue: asyncio.Queue[Event | None] = asyncio.Queue(self.MAX_QUEUED)
         self.overflowed = False
         self.revoked = False
+        self.ended = False  # the server is stopping
+
+    def end(self) -> None:
+        """End the stream (the server is stopping); it returns at its next step."""
+        self.ended = True
+        with contextlib.suppress(asyncio.QueueFull):
+            self.queue.put_nowait(None)  # wakes it; a full queue's stream sees ``ended`` first
 
     def offer(self, event: Event | None) -> None:
         try:
@@ -167,9 +178,9 @@ class EventHub:
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._task
             self._task = None
-        for subs in self._subscribers.values():
-            for sub in subs:
-                sub.offer(None)
+        for subs in list(self._subscribers.values()):
+            for sub in list(subs):
+                sub.end()
 
     async def subscribe(self, account_id: uuid.UUID, caller: Caller, scope: str) -> Subscription:
         await self.start()  # started by the app's lifespan; lazily where there is none
@@ -256,11 +267,13 @@ class EventHub:
 
 
 async def image_events(hub: EventHub, session_factory: Callable[[], Session], account_id: uuid.UUID, *,
-                       caller: Caller, scope: str, last_event_id: int | None) -> AsyncIterator[ServerSentEvent]:
+                       caller: Caller, scope: str, last_event_id: int | None,
+                       shutdown: anyio.Event | None = None) -> AsyncIterator[ServerSentEvent]:
     """An account's events: what came after ``last_event_id`` (or a ``ready`` mark), then live.
 
     The stream ends when the caller's token expires (the client reconnects with a fresh one),
-    and within the hub's recheck period once the caller may no longer read ``scope``.
+    within the hub's recheck period once the caller may no longer read ``scope``, and at once
+    when ``shutdown`` is set (the server is stopping: the client reconnects elsewhere).
     """
     ends_at = caller.expires_at
 
@@ -268,6 +281,9 @@ async def image_events(hub: EventHub, session_factory: Callable[[], Session], ac
         return _read(session_factory, query)
 
     sub = await hub.subscribe(account_id, caller, scope)  # before reading the table: nothing falls between
+    # Ended, not cancelled: the response then finishes its body, and uvicorn's graceful
+    # shutdown need not wait for the stream or cut it off mid-frame.
+    watcher = asyncio.create_task(_end_on(shutdown, sub)) if shutdown is not None else None
     try:
         replayed: set[int] = set()
         if last_event_id is None:
@@ -291,7 +307,7 @@ async def image_events(hub: EventHub, session_factory: Callable[[], Session], ac
                 for event in batch:
                     replayed.add(event.id)
                     yield ServerSentEvent(id=str(event.id), event="image", data=event.data)
-                if len(batch) < BATCH:
+                if len(batch) < BATCH or sub.ended:
                     break
                 after = batch[-1].id
         while True:
@@ -302,11 +318,18 @@ async def image_events(hub: EventHub, session_factory: Callable[[], Session], ac
                 event = await asyncio.wait_for(sub.queue.get(), timeout)
             except TimeoutError:
                 return
-            if event is None or sub.overflowed or sub.revoked:
+            if event is None or sub.overflowed or sub.revoked or sub.ended:
                 return
             if event.id in replayed:
                 replayed.discard(event.id)
                 continue
             yield ServerSentEvent(id=str(event.id), event="image", data=event.data)
     finally:
+        if watcher is not None:
+            watcher.cancel()
         hub.unsubscribe(sub)
+
+
+async def _end_on(shutdown: anyio.Event, sub: Subscription) -> None:
+    await shutdown.wait()
+    sub.end()

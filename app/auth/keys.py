@@ -31,6 +31,8 @@ from app.sealing import Sealer
 
 log = logging.getLogger("mms.auth.keys")
 
+JWKS_MAX_BYTES = 1 << 20  # an issuer's few keys take a few KiB
+
 
 @dataclass(frozen=True)
 class PrivateKey:
@@ -95,30 +97,43 @@ def public_jwks(session: Session) -> dict[str, list[dict[str, Any]]]:
 
 
 class _RefreshingKeySet:
-    """A kid → JWK cache refreshed from ``load`` on a miss, no more often than allowed."""
+    """A kid → JWK cache refreshed from ``load`` on a miss, no more often than allowed.
+
+    One load at a time: callers that meet an unknown kid while a load is in flight wait for
+    it and use its result rather than load again, and a kid still unknown after it is
+    answered None at once until ``refresh_min_seconds`` have passed since the last load (a
+    flood of made-up kids costs the issuer one request per period). Known kids never wait.
+    """
 
     def __init__(self, load: Callable[[], dict[str, Any]], refresh_min_seconds: float) -> None:
         self._load = load
         self._refresh_min = refresh_min_seconds
         self._keys: dict[str, dict[str, Any]] = {}
         self._loaded_at = float("-inf")
+        self._loads = 0  # loads finished (or failed): a waiter whose wait saw one uses it
         self._lock = threading.Lock()
 
     def public_key(self, kid: str, *, refresh: bool = True) -> dict[str, Any] | None:
         key = self._keys.get(kid)
         if key is not None or not refresh:
             return key
+        loads_before = self._loads
         with self._lock:
-            if kid not in self._keys and time.monotonic() - self._loaded_at >= self._refresh_min:
-                self._loaded_at = time.monotonic()
-                try:
-                    document = self._load()
-                except Exception:  # a key server that is down must not turn a 401 into a 500
-                    log.warning("auth.jwks_refresh_failed", exc_info=True)
-                else:
-                    self._keys = {
-                        k["kid"]: k for k in document.get("keys", []) if isinstance(k, dict) and "kid" in k
-                    }
+            if kid in self._keys or self._loads != loads_before:
+                return self._keys.get(kid)  # a load finished while this one waited: its answer
+            if time.monotonic() - self._loaded_at < self._refresh_min:
+                return None
+            self._loaded_at = time.monotonic()
+            try:
+                document = self._load()
+            except Exception:  # a key server that is down must not turn a 401 into a 500
+                log.warning("auth.jwks_refresh_failed", exc_info=True)
+            else:
+                self._keys = {
+                    k["kid"]: k for k in document.get("keys", []) if isinstance(k, dict) and "kid" in k
+                }
+            finally:
+                self._loads += 1
         return self._keys.get(kid)
 
 
@@ -139,19 +154,34 @@ class RemoteKeySource(_RefreshingKeySet):
 
     def __init__(self, jwks_uri: str, refresh_min_seconds: float, timeout: float = 5.0) -> None:
         def load() -> dict[str, Any]:
-            # A request waits on this (under the lock): a few quick tries, a short budget.
+            # Requests wait on this (under the lock): a few quick tries, and a deadline for
+            # the whole load, as a slow answer is not bounded by the per-read timeout.
+            deadline = time.monotonic() + 2 * timeout
             for attempt in attempts(transient_http, tries=3, timeout=2 * timeout, wait=0.2,
                                     wait_max=1.0):
-                with attempt:
-                    response = httpx.get(jwks_uri, timeout=timeout)
+                left = max(deadline - time.monotonic(), 0.1)
+                with attempt, httpx.stream("GET", jwks_uri, timeout=min(timeout, left)) as response:
                     if response.status_code in TRANSIENT_STATUSES:
                         raise Transient(f"the JWKS URL answered {response.status_code}",
                                         retry_after(response.headers.get("retry-after")))
                     response.raise_for_status()
-                    return response.json()
+                    return json.loads(_read_at_most(response, JWKS_MAX_BYTES, deadline=deadline))
             raise AssertionError("unreachable")
 
         super().__init__(load, refresh_min_seconds)
+
+
+def _read_at_most(response: httpx.Response, max_bytes: int, *, deadline: float) -> bytes:
+    """The body, or ValueError once it passes ``max_bytes`` or ``deadline`` (monotonic): a
+    JWKS URL may stream without end, or slowly."""
+    data = bytearray()
+    for chunk in response.iter_bytes():
+        data += chunk
+        if len(data) > max_bytes:
+            raise ValueError(f"the JWKS document exceeds the limit of {max_bytes >> 20} MiB")
+        if time.monotonic() > deadline:
+            raise ValueError("the JWKS document took too long to arrive")
+    return bytes(data)
 
 
 def construct_rs256_key(jwk_dict: dict[str, Any]) -> jwk.Key:

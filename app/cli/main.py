@@ -113,9 +113,10 @@ def serve(
         worker = ChildProcess("build-worker", [sys.executable, "-m", "app.cli", "worker"])
         # Once the API listens: a build fetches its assets from this service's own store.
         worker.start(ready=lambda: _listening(settings.host, settings.port))
-        # uvicorn re-raises the SIGTERM it stopped on once it is done; exit through Python
-        # then, so the worker is stopped below rather than left to the kernel.
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # uvicorn re-raises the SIGTERM it stopped on once it is done; exit through Python then
+    # (status 0: a requested stop that went well), so a build worker is stopped below rather
+    # than left to the kernel.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     if settings.workers > 1:
         # Each API process writes its request metrics here; /metrics in any of them adds all up.
         metrics_dir = settings.data_dir / "metrics"
@@ -247,19 +248,29 @@ def publish_base_image(
 def images_gc(
     grace_seconds: Annotated[int | None, typer.Option(min=60, help="spare what was touched this recently, at least 60 s: a build pushing now keeps its blobs [MMS_IMAGE_GC_GRACE_SECONDS]")] = None,
 ) -> None:
-    """Remove the embedded store's blobs that no tag reaches (deleted images' layers).
+    """Remove the embedded store's blobs that no tag reaches (deleted images' layers), and
+    tags whose image was deleted but not untagged.
 
     Example: mms images gc --grace-seconds 3600
     """
+    from app.database import make_session_factory
     from app.services.registry import collect_garbage
 
     settings = _settings()
-    done = collect_garbage(settings, grace_seconds=grace_seconds)
-    if done is None:
+    if not settings.is_embedded_registry:
         _fail(f"images are in the registry {settings.registry}, not the embedded store: "
               "collect its garbage with the registry's own tool")
-    err.print(f"removed {done.blobs} blob(s) ({done.bytes} bytes), {done.links} link(s) and "
-              f"{done.staging_files} unfinished upload(s) from {settings.image_store_dir}")
+    _prepare_database(settings)  # which images still exist decides which tags stay
+    engine = make_engine(settings)
+    try:
+        with session_scope(make_session_factory(engine)) as session:
+            done = collect_garbage(session, settings, grace_seconds=grace_seconds)
+    finally:
+        engine.dispose()
+    assert done is not None
+    err.print(f"removed {done.tags} tag(s) of deleted images, {done.blobs} blob(s) "
+              f"({done.bytes} bytes), {done.links} link(s) and {done.staging_files} unfinished "
+              f"upload(s) from {settings.image_store_dir}")
 
 
 @db_cli.command("upgrade")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 
 import logging
+import time
+import uuid
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
@@ -155,3 +157,34 @@ def _untag(layout: OciLayout, repository: str, tag: str) -> None:
     except ValueError:  # a name the builders never tagged (e.g. one with odd characters)
         return
     log.info("image.untagged", extra={"repository": repository, "tag": tag})
+
+
+def drop_orphan_tags(session: Session, layout: OciLayout, *, grace_seconds: float) -> list[str]:
+    """Untag the embedded store's images whose record is gone (a crash between a deletion's
+    commit and its untag; an account deleted whole) once their tag is ``grace_seconds`` old,
+    so a build that has just pushed keeps its tag; the ``repository:tag`` names removed.
+
+    Only tags the builders make are considered, ``<account id>/<lower-cased name>:<version>``
+    (workers.pipeline); the published bases and caches under ``mms/`` are not images.
+    """
+    tagged: dict[tuple[uuid.UUID, str, int], tuple[str, str]] = {}
+    for repository in layout.repositories():
+        account, _, name = repository.partition("/")
+        try:
+            account_id = uuid.UUID(account)
+        except ValueError:
+            continue
+        for tag in layout.tags(repository):
+            if tag.isdigit():
+                tagged[(account_id, name, int(tag))] = (repository, tag)
+    if not tagged:
+        return []
+    accounts = {account_id for account_id, _, _ in tagged}
+    recorded = {tuple(row) for row in session.execute(
+        select(Image.account_id, func.lower(Image.name), Image.version)
+        .where(Image.account_id.in_(accounts)))}
+    orphans = [ref for key, ref in tagged.items() if key not in recorded]
+    removed = layout.delete_stale_tags(orphans, untouched_since=time.time() - grace_seconds)
+    for ref_name in removed:
+        log.info("image.orphan_tag_removed", extra={"tag": ref_name})
+    return removed

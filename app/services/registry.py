@@ -38,6 +38,7 @@ from app.config import Settings
 from app.context import ServiceContext
 from app.errors import ServiceError, Unauthorized
 from app.orm import Account, SigningKey
+from app.services.images import drop_orphan_tags
 from app.services.principals import authenticate_client
 from app.storage.oci_layout import (
     CollectedGarbage,
@@ -110,16 +111,20 @@ def image_layout(settings: Settings) -> OciLayout:
     return _layout_at(settings.image_store_dir.absolute())
 
 
-def collect_garbage(settings: Settings, *, grace_seconds: float | None = None) -> CollectedGarbage | None:
-    """Remove what no tag of the embedded store reaches and nothing touched for the grace
-    period (MMS_IMAGE_GC_GRACE_SECONDS); None when images live in a registry."""
+def collect_garbage(session: Session, settings: Settings, *,
+                    grace_seconds: float | None = None) -> CollectedGarbage | None:
+    """Untag images whose record is gone, then remove what no tag of the embedded store
+    reaches, each only once nothing touched it for the grace period
+    (MMS_IMAGE_GC_GRACE_SECONDS); None when images live in a registry."""
     layout = embedded_layout(settings)
     if layout is None:
         return None
     grace = settings.image_gc_grace_seconds if grace_seconds is None else grace_seconds
+    orphans = drop_orphan_tags(session, layout, grace_seconds=grace)
     done = layout.collect_garbage(grace_seconds=grace)
+    done.tags = len(orphans)
     log.info("registry.garbage_collected", extra={"blobs": done.blobs, "bytes": done.bytes,
-                                                  "links": done.links,
+                                                  "links": done.links, "tags": done.tags,
                                                   "staging_files": done.staging_files})
     return done
 

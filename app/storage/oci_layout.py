@@ -34,7 +34,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,6 +186,7 @@ class CollectedGarbage:
     bytes: int = 0
     links: int = 0
     staging_files: int = 0
+    tags: int = 0  # tags of images whose record is gone (counted by the caller that removed them)
 
 
 def _touch(path: Path) -> bool:
@@ -343,6 +344,41 @@ class OciLayout:
             nonlocal removed
             kept = [e for e in entries if _ref_name(e) != ref_name]
             removed = len(kept) != len(entries)
+            return kept
+
+        self._update_index(without)
+        return removed
+
+    def delete_stale_tags(self, refs: Iterable[tuple[str, str]], *, untouched_since: float) -> list[str]:
+        """Remove the tags ``refs`` ((repository, tag) pairs) whose manifest nobody put since
+        ``untouched_since`` (a ``time.time()``); the ``repository:tag`` names removed.
+
+        Decided under the index lock, by the manifest link's mtime (``put_manifest`` touches
+        it before the tag goes in), so a tag put again meanwhile stays. A tag whose manifest
+        is not linked serves nothing and goes.
+        """
+        wanted = {f"{check_repository(repository)}:{check_tag(tag)}" for repository, tag in refs}
+        removed: list[str] = []
+        if not wanted or not self._index_path.exists():
+            return removed
+
+        def stale(entry: dict[str, Any], ref_name: str) -> bool:
+            try:
+                link = self._link_path(ref_name.rpartition(":")[0], "_manifests", entry.get("digest"))
+                return link.stat().st_mtime < untouched_since
+            except ValueError:  # an entry someone else wrote badly: not ours to judge
+                return False
+            except FileNotFoundError:
+                return True
+
+        def without(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            kept = []
+            for entry in entries:
+                ref_name = _ref_name(entry)
+                if ref_name in wanted and stale(entry, ref_name):
+                    removed.append(ref_name)
+                else:
+                    kept.append(entry)
             return kept
 
         self._update_index(without)

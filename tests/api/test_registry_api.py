@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -12,10 +13,11 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from jose import jwt
+from sqlalchemy.orm import Session
 
 from app.context import ServiceContext
 from app.main import create_app
-from app.services.registry import image_layout
+from app.services.registry import collect_garbage, image_layout
 from app.storage.oci_layout import OCI_MANIFEST, OciLayout
 from tests.factories import Callers, bearer, new_account
 from tests.storage.test_oci_layout import BuiltImage, build_image
@@ -397,3 +399,37 @@ def test_a_deleted_image_can_no_longer_be_pulled(registry_context: ServiceContex
            404, "MANIFEST_UNKNOWN")
     _error(v2.get(f"/v2/{repository}/blobs/{built.layer_digest}", headers=reader), 404, "BLOB_UNKNOWN")
     assert v2.get(f"/v2/{repository}/manifests/2", headers=reader).status_code == 200
+
+
+def test_gc_untags_an_image_whose_row_is_gone_once_its_tag_is_old(
+        registry_context: ServiceContext, account: str, owner: dict[str, str], manifest_id: str,
+        db: Session) -> None:
+    """A crash between a deletion's commit and its untag leaves a tag with no image: the
+    next collection removes it (and then its blobs), but not a tag young enough to belong to
+    a build that has just pushed, nor a published base's, nor one whose image still exists."""
+    settings = registry_context.settings.model_copy(update={"registry": None,
+                                                            "image_gc_grace_seconds": 3600})
+    context = ServiceContext.build(settings, engine=registry_context.engine,
+                                   session_factory=registry_context.session_factory)
+    v2 = TestClient(create_app(context=context), base_url="http://testserver")
+    layout = image_layout(settings)
+    body = {"manifestId": manifest_id, "imageType": "Docker", "name": "Housing-Image"}
+    kept = v2.post(f"{account}/images", json=body, headers=owner).json()
+    account_id = v2.get(account, headers=owner).json()["properties"]["accountId"]
+    repository = f"{account_id}/housing-image"
+    build_image(layout, repository, str(kept["Version"]))
+    orphan = build_image(layout, repository, "7")  # its row deleted, the untag never ran
+    build_image(layout, f"{uuid.uuid4()}/gone-account", "1")  # an account deleted whole
+    build_image(layout, "mms/inference-base", "1")  # a published base: no image row
+    then = time.time() - 7200
+    for path in layout.root.rglob("*"):
+        os.utime(path, (then, then))
+    young = build_image(layout, repository, "8")  # pushed just now, its row not seen yet
+
+    done = collect_garbage(db, settings)
+
+    assert done is not None and done.tags == 2
+    assert layout.tags(repository) == sorted([str(kept["Version"]), "8"])
+    assert layout.repositories() == sorted(["mms/inference-base", repository])
+    assert layout.has_blob(orphan.layer_digest) is None  # collected in the same run
+    assert layout.has_blob(young.layer_digest) is not None

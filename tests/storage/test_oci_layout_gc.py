@@ -122,14 +122,14 @@ def test_mms_images_gc_collects_the_embedded_store(tmp_path: Path) -> None:
 
     spared = gc()  # the default grace period: a day
     assert spared.returncode == 0, spared.stderr
-    assert "removed 0 blob(s)" in spared.stderr and image.layer_digest in _blobs(layout)
+    assert "removed 0 tag(s) of deleted images, 0 blob(s)" in spared.stderr and image.layer_digest in _blobs(layout)
     assert gc("--grace-seconds", "0").returncode == 2  # a build pushing now would lose its blobs
     old = time.time() - 7200
     for path in layout.root.rglob("*"):
         os.utime(path, (old, old))
     done = gc("--grace-seconds", "60")
     assert done.returncode == 0, done.stderr
-    assert "removed 3 blob(s)" in done.stderr and _blobs(layout) == set()
+    assert "0 tag(s) of deleted images, 3 blob(s)" in done.stderr and _blobs(layout) == set()
     registry = subprocess.run([sys.executable, "-m", "app.cli", "images", "gc"],
                               env={**environment, "MMS_REGISTRY": "registry.example.test"},
                               capture_output=True, text=True, timeout=60)

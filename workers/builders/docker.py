@@ -355,7 +355,8 @@ def _blob_copier(source: RegistryClient, repository: str,
     retried after the registry asks for credentials); the receiving registry checks the
     digest."""
     def body() -> Iterator[bytes]:
-        with source.open_blob(repository, digest) as chunks:
+        # Opened once per attempt: the push that reads it retries (attempts do not multiply).
+        with source.open_blob(repository, digest, retry=False) as chunks:
             yield from chunks
 
     return body

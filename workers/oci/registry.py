@@ -12,15 +12,24 @@ Authentication follows the registry's challenge: on a 401 with ``WWW-Authenticat
 the request is retried with the given login; with ``Bearer realm=..,service=..,scope=..``
 a token is fetched from the realm (with the login as Basic credentials, or anonymously)
 and cached per scope until a quarter of its lifetime before it expires (``expires_in``,
-60 s when the token service does not say, counted from ``issued_at``), then fetched again
-before the next request: a long build never sends a stale token mid-upload. Credentials are
-only ever sent over https, or over http to a loopback registry (as Docker treats
+60 s when the token service does not say, counted from when it was asked for by our clock:
+``issued_at`` is the registry's, which may be off), then fetched again before the next
+request: a long build never sends a stale token mid-upload. Credentials are only ever sent
+over https, or over http to a loopback registry (as Docker treats
 127.0.0.0/8 as an insecure registry by default).
 
-A request that is safe to repeat (GET, HEAD, PUT; a POST that starts an upload) is tried
-again after a dropped connection, a 5xx or a 429 (after its ``Retry-After``), a few times
-within a time budget; a blob upload that fails is started again from its beginning, and a
-blob download that breaks is downloaded again.
+A request that is safe to repeat (GET, HEAD, PUT) is tried again after a dropped
+connection, a 5xx or a 429 (after its ``Retry-After``): at most ``tries`` attempts (4) within
+``retry_seconds`` (120 s). A blob upload that fails is started again from its beginning, and
+a blob download that breaks is downloaded again, within that same bound: at one layer only,
+the requests inside such an attempt are sent once each, so attempts never multiply (a
+registry that always fails gets ``tries`` requests, not ``tries`` squared). A streamed upload
+(``upload_stream``) is retried whole by its caller, which alone can make the stream again.
+
+No answer is read whole without a cap, as a hostile registry could stream without end: a
+manifest or index at most 4 MiB (the OCI distribution spec's suggestion), a token 1 MiB, a
+config blob 8 MiB, an error's body 64 KiB (the rest is not read); more fails the call
+naming the cap. Layer blobs are streamed to disk and checked against their digest.
 
 Given a ``FetchPolicy`` (a base image named by a tenant), every request, the token realm's
 and a blob's redirect to storage included, goes through the fetcher's address rules:
@@ -31,6 +40,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import logging
 import re
 import socket
@@ -39,7 +49,6 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from datetime import datetime
 from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 
 import httpx
@@ -61,6 +70,14 @@ DIGEST = re.compile(r"sha256:[a-f0-9]{64}")  # a blob or manifest digest, exactl
 _REPOSITORY = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*")
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 _CHUNK = 1 << 20
+# What a registry may send us in one answer we hold in memory: a hostile one (a tenant
+# names its base image) could otherwise stream without end. 4 MiB for manifests and
+# indexes is the OCI distribution spec's suggested limit.
+MANIFEST_MAX_BYTES = 4 << 20
+TOKEN_MAX_BYTES = 1 << 20
+CONFIG_MAX_BYTES = 8 << 20
+_OTHER_BODY_MAX_BYTES = 64 << 10  # an error's JSON, or the body of a PUT's answer, read for no more
+_OTHER_BODY_SECONDS = 10.0  # ... nor longer
 _TOKEN_LIFETIME = 60.0  # the distribution token spec's default when expires_in is absent
 
 
@@ -167,6 +184,7 @@ class RegistryClient:
         self._tokens: dict[str, tuple[str, float]] = {}  # scope → (bearer token, stale at)
         self._challenges: dict[str, str] = {}  # scope → the Bearer challenge that asked for it
         self._tries, self._retry_seconds, self._retry_wait = tries, retry_seconds, retry_wait
+        self._timeout = timeout  # also what reading a small answer whole may take, however it trickles
         self._basic = False  # the registry asked for Basic credentials
         transport = None if policy is None else PinnedTransport(policy, verify=verify,
                                                                 resolver=resolver)
@@ -207,18 +225,20 @@ class RegistryClient:
             raise
 
     def _get_manifest(self, repository: str, reference: str) -> Manifest:
-        response = self._request("GET", f"/v2/{repository}/manifests/{reference}",
-                                 scope=f"repository:{repository}:pull",
-                                 headers={"Accept": _ACCEPT})
-        raw = response.content
+        response, raw = self._request_body(
+            "GET", f"/v2/{repository}/manifests/{reference}", scope=f"repository:{repository}:pull",
+            headers={"Accept": _ACCEPT}, max_bytes=MANIFEST_MAX_BYTES,
+            what=f"{self.host}/{repository}:{reference}: the manifest")
         digest = f"sha256:{hashlib.sha256(raw).hexdigest()}"
         if reference.startswith("sha256:") and digest != reference:
             raise RegistryError(f"{self.host}/{repository}@{reference}: the registry sent a "
                                 f"manifest whose digest is {digest}")
         try:
-            body = response.json()
+            body = json.loads(raw)
         except ValueError:
             raise RegistryError(f"{self.host}/{repository}:{reference}: manifest is not JSON") from None
+        if not isinstance(body, dict):
+            raise RegistryError(f"{self.host}/{repository}:{reference}: manifest is not a JSON object")
         media_type = body.get("mediaType") or response.headers.get("content-type", "").split(";")[0]
         if media_type not in (*MANIFEST_TYPES, *INDEX_TYPES):
             raise RegistryError(f"{self.host}/{repository}:{reference}: unsupported manifest "
@@ -246,15 +266,15 @@ class RegistryClient:
             raise
         return int(response.headers.get("content-length", 0))
 
-    def get_blob(self, repository: str, digest: str, max_bytes: int = 64 << 20) -> bytes:
+    def get_blob(self, repository: str, digest: str, max_bytes: int = CONFIG_MAX_BYTES) -> bytes:
         """A small blob (a config) read whole, its digest checked."""
         for attempt in self._attempts():
-            with attempt, self.open_blob(repository, digest) as chunks:
+            with attempt, self.open_blob(repository, digest, retry=False) as chunks:
                 data = bytearray()
                 for chunk in chunks:
                     data += chunk
                     if len(data) > max_bytes:
-                        raise RegistryError(f"blob {digest} is larger than {max_bytes} bytes")
+                        raise _too_large(f"{self.host}/{repository}: blob {digest}", max_bytes)
         if f"sha256:{hashlib.sha256(data).hexdigest()}" != digest:
             raise RegistryError(f"{self.host}/{repository}: blob {digest} arrived corrupted")
         return bytes(data)
@@ -262,7 +282,8 @@ class RegistryClient:
     def download_blob(self, repository: str, digest: str, dest: Path) -> int:
         """Stream a blob to ``dest``, checking its digest; return its size."""
         for attempt in self._attempts():
-            with attempt, self.open_blob(repository, digest) as chunks, dest.open("wb") as out:
+            with attempt, self.open_blob(repository, digest, retry=False) as chunks, \
+                    dest.open("wb") as out:
                 hasher, size = hashlib.sha256(), 0
                 for chunk in chunks:
                     hasher.update(chunk)
@@ -273,9 +294,12 @@ class RegistryClient:
             raise RegistryError(f"{self.host}/{repository}: blob {digest} arrived corrupted")
         return size
 
-    def open_blob(self, repository: str, digest: str) -> "_BlobStream":
-        """The blob's bytes as a stream of chunks (the registry may redirect to storage)."""
-        return _BlobStream(self, repository, digest)
+    def open_blob(self, repository: str, digest: str, *, retry: bool = True) -> "_BlobStream":
+        """The blob's bytes as a stream of chunks (the registry may redirect to storage).
+
+        ``retry``: open it again after a transient failure; False where the caller retries
+        the whole read itself, so that attempts do not multiply."""
+        return _BlobStream(self, repository, digest, retry)
 
     def push_blob(self, repository: str, digest: str, size: int,
                   body: Callable[[], Iterable[bytes]], *, mount_from: str | None = None) -> str:
@@ -298,8 +322,9 @@ class RegistryClient:
         if mount_from and mount_from != repository:
             scope += f" repository:{mount_from}:pull"
             params = {"mount": digest, "from": mount_from}
+        # Tried once: push_blob tries the whole upload again.
         start = self._request("POST", f"/v2/{repository}/blobs/uploads/", scope=scope,
-                              params=params, ok=(201, 202), retry=True)
+                              params=params, ok=(201, 202), retry=False)
         if start.status_code == 201:
             return "mounted"
         location = start.headers.get("location")
@@ -314,10 +339,13 @@ class RegistryClient:
 
     def upload_stream(self, repository: str, chunks: Iterable[bytes]) -> tuple[str, int]:
         """Upload a blob whose digest is known only at its end (a layer compressed while it
-        is sent): POST, one streamed PATCH, PUT with the digest. Returns (digest, size)."""
+        is sent): POST, one streamed PATCH, PUT with the digest. Returns (digest, size).
+
+        Each request is sent once: only the caller can make the stream again, so it retries
+        the whole upload (and attempts do not multiply)."""
         scope = f"repository:{repository}:pull,push"
         start = self._request("POST", f"/v2/{repository}/blobs/uploads/", scope=scope, ok=(202,),
-                              retry=True)
+                              retry=False)
         location = start.headers.get("location")
         if not location:
             raise RegistryError(f"{self.host}: the registry started an upload without a Location")
@@ -359,6 +387,24 @@ class RegistryClient:
                                       stream=stream, **dict(kwargs))
         raise AssertionError("unreachable")
 
+    def _request_body(self, method: str, path: str, *, scope: str, max_bytes: int, what: str,
+                      **kwargs: Any) -> tuple[httpx.Response, bytes]:
+        """``_request`` with the answer's body read, at most ``max_bytes`` of it (``what`` names
+        it in the error); a read that breaks off is repeated like a request without answer."""
+        for attempt in self._attempts():
+            with attempt:
+                response = self._exchange(method, path, scope=scope, ok=(200,), content=None,
+                                          stream=True, **dict(kwargs))
+                try:
+                    return response, _read_at_most(response, max_bytes, what,
+                                                   deadline=time.monotonic() + self._timeout)
+                except httpx.HTTPError as exc:
+                    raise RegistryError(f"{what}: the answer broke off: {type(exc).__name__}: {exc}",
+                                        transient=True) from None
+                finally:
+                    response.close()
+        raise AssertionError("unreachable")
+
     def _exchange(self, method: str, path_or_url: str, *, scope: str, ok: tuple[int, ...],
                   content: bytes | Callable[[], Iterable[bytes]] | None, stream: bool,
                   **kwargs: Any) -> httpx.Response:
@@ -369,7 +415,8 @@ class RegistryClient:
             request = self._http.build_request(method, url, headers=headers, content=body, **kwargs)
             kwargs["headers"] = {k: v for k, v in headers.items() if k.lower() != "authorization"}
             try:
-                response = self._http.send(request, stream=stream)
+                # Always streamed, so no answer is read whole: see _read_at_most.
+                response = self._http.send(request, stream=True)
             except httpx.HTTPError as exc:
                 raise RegistryError(f"registry {self.host} did not answer {method} "
                                     f"{urlsplit(url).path}: {type(exc).__name__}: {exc}",
@@ -378,15 +425,14 @@ class RegistryClient:
                 raise self._refused(exc, url) from None
             if response.status_code == 401 and attempt == 0:
                 challenge = response.headers.get("www-authenticate", "")
-                response.close()
+                _discard(response)
                 self._authenticate(challenge, scope)
                 continue
             if response.status_code in ok:
+                if not stream:
+                    _discard(response)
                 return response
-            if stream:
-                response.read()
-            response.close()
-            raise _error_from(self.host, method, url, response)
+            raise _error_from(self.host, method, url, response, _discard(response))
         raise AssertionError("unreachable")
 
     def _auth_header(self, scope: str) -> dict[str, str]:
@@ -427,8 +473,19 @@ class RegistryClient:
                 raise RegistryError(f"registry {self.host}'s token service {urlsplit(realm).netloc} "
                                     "is not https: the login is not sent there", 401)
             auth = httpx.BasicAuth(*self._login)
+        asked_at = time.monotonic()  # the token is no older than this, whatever it says
         try:
-            answer = self._http.get(realm, params=query, auth=auth)
+            answer = self._http.send(self._http.build_request("GET", realm, params=query),
+                                     auth=auth, stream=True)
+            try:
+                if answer.status_code != 200:
+                    _discard(answer)
+                else:
+                    raw = _read_at_most(answer, TOKEN_MAX_BYTES,
+                                        f"token service of {self.host}: the token",
+                                        deadline=time.monotonic() + self._timeout)
+            finally:
+                answer.close()
         except httpx.HTTPError as exc:
             raise RegistryError(f"token service of {self.host} did not answer: {exc}",
                                 transient=True) from None
@@ -443,11 +500,11 @@ class RegistryClient:
             raise RegistryError(f"registry {self.host}: {who} (token service answered "
                                 f"{answer.status_code})", 401, "UNAUTHORIZED")
         try:
-            data = answer.json()
+            data = json.loads(raw)
             token = data.get("token") or data["access_token"]
         except (ValueError, KeyError, AttributeError):
             raise RegistryError(f"token service of {self.host} sent no token") from None
-        self._tokens[scope] = (token, time.monotonic() + _fresh_for(data))
+        self._tokens[scope] = (token, asked_at + _fresh_for(data))
         self._challenges[scope] = challenge
 
     def _refused(self, exc: FetchError, url: str, what: str = "the address") -> RegistryError:
@@ -469,15 +526,16 @@ class RegistryClient:
 class _BlobStream:
     """``with client.open_blob(..) as chunks:`` — follows a redirect to blob storage."""
 
-    def __init__(self, client: RegistryClient, repository: str, digest: str) -> None:
+    def __init__(self, client: RegistryClient, repository: str, digest: str, retry: bool) -> None:
         self._client, self._repository, self._digest = client, repository, digest
+        self._retry = retry
         self._response: httpx.Response | None = None
 
     def __enter__(self) -> Iterator[bytes]:
         client = self._client
         response = client._request("GET", f"/v2/{self._repository}/blobs/{self._digest}",
                                    scope=f"repository:{self._repository}:pull",
-                                   ok=(200, 307, 302), stream=True)
+                                   ok=(200, 307, 302), stream=True, retry=self._retry)
         if response.status_code in (302, 307):
             # Storage redirects (S3, Azure) are pre-signed: no registry credentials there.
             # Sent through the same client, so a policy vets the new host too.
@@ -513,21 +571,16 @@ class _BlobStream:
 
 
 def _fresh_for(token: dict[str, Any]) -> float:
-    """Seconds a token is used for: its lifetime (``expires_in``, 60 s by default) less its
-    age (``issued_at``) and a quarter of the lifetime (at most 30 s) as a margin."""
+    """Seconds a token is used for, counted from its receipt: its lifetime (``expires_in``,
+    60 s by default) less a quarter of it (at most 30 s) as a margin. ``issued_at`` is the
+    registry's clock, not ours: a skewed one must not make every request fetch a token."""
     try:
         lifetime = float(token.get("expires_in") or _TOKEN_LIFETIME)
     except (TypeError, ValueError):
         lifetime = _TOKEN_LIFETIME
-    age = 0.0
-    issued = token.get("issued_at")
-    if isinstance(issued, str):
-        try:
-            age = time.time() - datetime.fromisoformat(issued.replace("Z", "+00:00")).timestamp()
-        except ValueError:
-            pass
-    age = min(max(age, 0.0), lifetime)  # a clock ahead of ours counts as just issued
-    return lifetime - age - min(lifetime / 4, 30.0)
+    if not lifetime > 0:  # also NaN
+        lifetime = _TOKEN_LIFETIME
+    return lifetime - min(lifetime / 4, 30.0)
 
 
 def _with_digest(url: str, digest: str) -> str:
@@ -537,10 +590,51 @@ def _with_digest(url: str, digest: str) -> str:
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 
-def _error_from(host: str, method: str, url: str, response: httpx.Response) -> RegistryError:
+def _read_at_most(response: httpx.Response, max_bytes: int, what: str, *, deadline: float) -> bytes:
+    """A streamed answer's body, or RegistryError as soon as it passes ``max_bytes`` (counted
+    decoded, so a compressed answer cannot expand past it either) or ``deadline`` (monotonic:
+    the read timeout bounds each read, not an answer that trickles in)."""
+    length = response.headers.get("content-length", "")
+    if length.isdigit() and int(length) > max_bytes:
+        raise _too_large(what, max_bytes)
+    data = bytearray()
+    for chunk in response.iter_bytes():
+        data += chunk
+        if len(data) > max_bytes:
+            raise _too_large(what, max_bytes)
+        if time.monotonic() > deadline:
+            raise RegistryError(f"{what} took too long to arrive", 0, "TOO_SLOW")
+    return bytes(data)
+
+
+def _too_large(what: str, max_bytes: int) -> RegistryError:
+    size = f"{max_bytes >> 20} MiB" if max_bytes % (1 << 20) == 0 else f"{max_bytes} bytes"
+    return RegistryError(f"{what} exceeds the limit of {size}", 0, "TOO_LARGE")
+
+
+def _discard(response: httpx.Response) -> bytes:
+    """Read and close an answer whose body matters little: up to 64 KiB of it (an error's
+    JSON) for up to 10 s, so the connection can be reused; the rest of a longer or slower
+    body is cut off with the connection."""
+    data = bytearray()
+    deadline = time.monotonic() + _OTHER_BODY_SECONDS
+    try:
+        for chunk in response.iter_bytes():
+            data += chunk
+            if len(data) > _OTHER_BODY_MAX_BYTES or time.monotonic() > deadline:
+                break
+    except httpx.HTTPError:
+        pass  # the status is the answer
+    finally:
+        response.close()
+    return bytes(data[:_OTHER_BODY_MAX_BYTES])
+
+
+def _error_from(host: str, method: str, url: str, response: httpx.Response,
+                body: bytes) -> RegistryError:
     code, detail = None, ""
     try:
-        errors = response.json().get("errors") or []
+        errors = json.loads(body).get("errors") or []
         if errors:
             code = errors[0].get("code")
             detail = errors[0].get("message") or ""

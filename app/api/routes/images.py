@@ -5,11 +5,13 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
+import anyio
+
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import PlainTextResponse
 from sse_starlette import EventSourceResponse
 
-from app.api.event_stream import image_events
+from app.api.event_stream import STREAM_SHUTDOWN_GRACE_SECONDS, image_events
 from app.api.image_polls import RETRY_AFTER_SECONDS, image_etag, not_modified_headers
 from app.api.middleware import etag_matches
 
@@ -134,10 +136,14 @@ async def stream_image_events(
                              code="InvalidLastEventId")
         last_event_id = int(raw)
     scope = account_scope(account.subscription_id, account.resource_group, account.name)
+    # Set by sse-starlette when the server starts to stop: the stream then ends cleanly
+    # (a finished body) within the grace period, rather than holding the shutdown up.
+    shutdown = anyio.Event()
     events = image_events(hub, context.session_factory, account.id, caller=caller, scope=scope,
-                          last_event_id=last_event_id)
+                          last_event_id=last_event_id, shutdown=shutdown)
     # X-Accel-Buffering: a proxy in front must pass events on as they come.
-    return EventSourceResponse(events, ping=15, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return EventSourceResponse(events, ping=15, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                               shutdown_event=shutdown, shutdown_grace_period=STREAM_SHUTDOWN_GRACE_SECONDS)
 
 
 @router.get("/images/{imageId}", response_model=ImageRead,

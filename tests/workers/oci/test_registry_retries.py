@@ -12,10 +12,12 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from workers.builders.docker import _blob_copier
 from workers.builders.oci import OciBuilder
 from workers.oci.layers import LayerBuilder
 from workers.oci.media import OCI_MANIFEST
@@ -244,3 +246,73 @@ def test_a_new_layer_whose_streamed_upload_fails_is_made_and_sent_again(registry
     assert blob.placed == "uploaded" and blob.diff_id == layer.diff_id()
     assert registry.count("PATCH /v2/acct/img/blobs/uploads/u1") == 2
     assert registry.count("POST /v2/acct/img/blobs/uploads/") == 2
+
+
+@pytest.mark.parametrize("registry_clock", [-3600.0, 3600.0])
+def test_a_token_lasts_its_lifetime_by_our_clock_whatever_the_registrys_says(
+        registry: FlakyRegistry, registry_clock: float) -> None:
+    """The token service's clock is an hour behind (or ahead of) ours: its ``issued_at``
+    must not make the token look expired (a new one for every request) or younger."""
+    issued = datetime.fromtimestamp(time.time() + registry_clock, UTC).isoformat()
+    tokens: list[str] = []
+
+    def token(h: BaseHTTPRequestHandler) -> None:
+        tokens.append(f"t{len(tokens) + 1}")
+        answer(200, json.dumps({"token": tokens[-1], "expires_in": 300,
+                                "issued_at": issued}).encode())(h)
+
+    def check(h: BaseHTTPRequestHandler) -> Step | None:
+        if (h.headers.get("Authorization") or "").removeprefix("Bearer ") in tokens:
+            return None
+        challenge = (f'Bearer realm="http://{registry.address}/token",service="test",'
+                     'scope="repository:mms/base:pull"')
+        return answer(401, b'{"errors":[{"code":"UNAUTHORIZED"}]}', ("WWW-Authenticate", challenge))
+
+    registry.token_check = check
+    registry.routes["GET /token"] = [token]
+    registry.routes["GET /v2/mms/base/manifests/1"] = [MANIFEST_OK]
+    with _client(registry) as client:
+        for _ in range(5):
+            client.get_manifest("mms/base", "1")
+    assert tokens == ["t1"]
+    assert registry.count("GET /v2/mms/base/manifests/1") == 6  # the first one challenged
+
+
+def test_a_registry_that_always_fails_gets_tries_requests_not_tries_squared(
+        registry: FlakyRegistry, tmp_path) -> None:
+    """Each operation retries at one layer: a blob read, a download, an upload, a copy from
+    another registry and a streamed layer each give up after their documented few attempts."""
+    blob = "GET /v2/mms/base/blobs/" + BLOB_DIGEST
+    registry.routes[blob] = [answer(503)]
+    registry.routes["POST /v2/acct/img/blobs/uploads/"] = [answer(503)]
+    started = time.monotonic()
+    with _client(registry, tries=4) as client:
+        with pytest.raises(RegistryError):
+            client.get_blob("mms/base", BLOB_DIGEST)
+        assert registry.count(blob) == 4
+        with pytest.raises(RegistryError):
+            client.download_blob("mms/base", BLOB_DIGEST, tmp_path / "blob")
+        assert registry.count(blob) == 8
+        with pytest.raises(RegistryError):
+            client.push_blob("acct/img", BLOB_DIGEST, len(BLOB), lambda: iter([BLOB]))
+        assert registry.count("POST /v2/acct/img/blobs/uploads/") == 4
+
+        # The docker builder's base copy: a push whose body is read from another registry.
+        registry.routes["POST /v2/acct/img/blobs/uploads/"] = [
+            answer(202, b"", ("Location", "/v2/acct/img/blobs/uploads/u1"))]
+        registry.routes["PUT /v2/acct/img/blobs/uploads/u1"] = [answer(201)]
+        with pytest.raises(RegistryError), _client(registry, tries=4) as source:
+            client.push_blob("acct/img", BLOB_DIGEST, len(BLOB),
+                             _blob_copier(source, "mms/base", BLOB_DIGEST))
+        assert registry.count(blob) == 12
+
+        # The oci builder's streamed layer: it makes the layer again, 3 times at most.
+        registry.routes["POST /v2/acct/img/blobs/uploads/"] = [answer(503)]
+        before = registry.count("POST /v2/acct/img/blobs/uploads/")
+        layer = LayerBuilder()
+        layer.add_bytes("/var/azureml-app/score.py", b"def run(data):\n    return data\n")
+        with pytest.raises(RegistryError):
+            OciBuilder(registry.address)._new_layer(layer, "mms oci builder: driver", client,
+                                                    "acct/img", lambda line: None)
+        assert registry.count("POST /v2/acct/img/blobs/uploads/") - before == 3
+    assert time.monotonic() - started < 30
