@@ -220,6 +220,13 @@ class DockerBuilder:
             raise BuildFailed("pull-base", f"the base image has ONBUILD instructions "
                               f"({_one_line('; '.join(triggers))[:200]}), which would run in "
                               "this build: build on an image without them")
+        volumes = sorted((details.get("Config") or {}).get("Volumes") or {})
+        if volumes:
+            # Each step's container and the smoke test's would get a volume there, which
+            # neither the image nor the disk limit counts.
+            raise BuildFailed("pull-base", f"the base image declares volumes "
+                              f"({_one_line(', '.join(volumes))[:200]}), whose writes would "
+                              "escape the build's disk limit: build on an image without VOLUME")
         repo = docker.utils.parse_repository_tag(ref)[0]
         digests = [d.split("@", 1)[1] for d in details.get("RepoDigests") or []
                    if d.split("@", 1)[0] == repo] or [None]
@@ -316,11 +323,13 @@ class DockerBuilder:
                 # abandoned response would leak its connection.
                 failure = failure or _chunk_error(chunk)
         if failure:
-            raise BuildFailed(step, watch.failure_reason() or explain_build_failure(failure, tail))
+            code = _NONZERO.search(failure)
+            raise BuildFailed(step, watch.failure_reason(int(code[1]) if code else None)
+                              or explain_build_failure(failure, tail))
         if not image_id:
             raise BuildFailed(step, "the engine finished without reporting an image")
         with _engine_errors("build"):
-            watch.check_layers(api, image_id, base)
+            watch.check_image(api, image_id, base, context.stat().st_size)
         if watch.breach:
             with suppress(docker.errors.APIError):
                 api.remove_image(image_id, force=True)

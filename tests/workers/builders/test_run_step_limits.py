@@ -3,6 +3,8 @@ that passes it, and the build error names the limit (workers/builders/run_limits
 
 from __future__ import annotations
 
+import io
+import tarfile
 import time
 import uuid
 from collections.abc import Callable
@@ -19,6 +21,9 @@ from workers.builders.run_limits import RunLimits
 SCORE = "def init():\n    pass\n\ndef run(data):\n    return data\n"
 
 MEMORY_HOG = ("RUN python3 -c \"exec('x = []\\\\nwhile True: x.append(bytearray(16 << 20))')\"")
+# The same, slow enough for the watch to know its container when the limit is hit.
+SLOW_MEMORY_HOG = ("RUN python3 -c \"exec('import time\\\\nx = []\\\\n"
+                   "while True: x.append(bytearray(16 << 20)); time.sleep(0.15)')\"")
 # Each process forks, children too (2**12 at most): the forks past the limit fail and the
 # processes then wait, so only the limit ends the step, well before its own sleep would.
 FORK_BOMB = ("RUN python3 -c \"exec('import os, time\\\\nfor _ in range(12):\\\\n    try: os.fork()\\\\n"
@@ -54,8 +59,11 @@ def assert_no_step_container_left(infra: Infra) -> None:
 
 
 @pytest.mark.parametrize(("steps", "limits", "reason"), [
-    (MEMORY_HOG, {"memory_mb": 128},
+    (SLOW_MEMORY_HOG, {"memory_mb": 128},
      "a RUN step ran out of its memory limit of 128 MB (MMS_BUILD_RUN_MEMORY_MB)"),
+    (MEMORY_HOG, {"memory_mb": 128},
+     "a RUN step was killed (exit code 137), most likely by its memory limit of 128 MB "
+     "(MMS_BUILD_RUN_MEMORY_MB)"),
     (FORK_BOMB, {"pids": 64},
      "a RUN step reached its process limit of 64 processes and threads (MMS_BUILD_RUN_PIDS)"),
     (SLOW_WRITER, {"disk_mb": 100},
@@ -64,7 +72,7 @@ def assert_no_step_container_left(infra: Infra) -> None:
      "the RUN steps ran longer than their time limit of 5 s (MMS_BUILD_RUN_SECONDS)"),
     (SPINNER, {"cpu_seconds": 3},
      "the RUN steps used more than their CPU time limit of 3 s (MMS_BUILD_RUN_CPU_SECONDS)"),
-], ids=["memory", "processes", "disk", "time", "cpu"])
+], ids=["memory", "memory-fast", "processes", "disk", "time", "cpu"])
 def test_a_run_step_past_a_limit_is_stopped_and_the_error_names_the_limit(
         infra: Infra, make_spec: Callable[..., BuildSpec], log_lines: list[str],
         steps: str, limits: dict[str, int], reason: str) -> None:
@@ -125,3 +133,44 @@ def test_a_step_that_prints_another_containers_id_neither_touches_it_nor_escapes
     assert seconds < 90
     assert state["State"]["Running"]  # not killed
     assert not state["HostConfig"].get("PidsLimit")  # and not limited
+
+
+def test_a_base_with_a_volume_is_refused_since_its_writes_escape_the_disk_limit(
+        infra: Infra, make_spec: Callable[..., BuildSpec], log_lines: list[str]) -> None:
+    base = f"{infra.registry}/{infra.prefix}/volume-base"
+    dockerfile = f"FROM {infra.base_image}\nVOLUME /data\n"
+    context = io.BytesIO()
+    with tarfile.open(fileobj=context, mode="w") as tar:
+        info = tarfile.TarInfo("Dockerfile")
+        info.size = len(dockerfile)
+        tar.addfile(info, io.BytesIO(dockerfile.encode()))
+    context.seek(0)
+    with infra.api() as api:
+        chunks = list(api.build(fileobj=context, custom_context=True, tag=f"{base}:1", decode=True,
+                                network_mode="none", rm=True))
+        assert not [c for c in chunks if "error" in c], chunks
+        infra.local_images.append(f"{base}:1")
+        pushed = list(api.push(base, tag="1", stream=True, decode=True))
+        assert not [c for c in pushed if "error" in c], pushed
+
+    with pytest.raises(BuildFailed) as failed:
+        build(infra, builder_with(infra), make_spec(SCORE, base_image=f"{base}:1"), "volume", "1",
+              log_lines.append)
+
+    assert failed.value.step == "pull-base"
+    assert failed.value.message == ("the base image declares volumes (/data), whose writes would "
+                                    "escape the build's disk limit: build on an image without VOLUME")
+
+
+def test_a_flood_of_running_in_lines_does_not_slow_the_watch(
+        infra: Infra, make_spec: Callable[..., BuildSpec], log_lines: list[str]) -> None:
+    # 200,000 lines that look like the engine's, then a step that writes past the limit.
+    steps = ("RUN i=0; while [ $i -lt 200000 ]; do echo ' ---> Running in 0123456789ab'; "
+             "i=$((i+1)); done; dd if=/dev/zero of=/fill bs=1M count=200 2>/dev/null; sleep 300")
+    builder = builder_with(infra, disk_mb=100)
+
+    message, seconds = failed_build(infra, builder, make_spec(SCORE, extra_dockerfile_steps=steps),
+                                    "limit-flood", log_lines)
+
+    assert message == "the RUN steps wrote more than their disk limit of 100 MB (MMS_BUILD_RUN_DISK_MB)"
+    assert seconds < 90
