@@ -7,13 +7,17 @@ a metadata address. Its file system is a fresh tmpfs holding only the system's p
 and libraries and the worker's Python (read-only), the inputs it is given (read-only) and
 one output folder: never the worker's data folder, settings or caches. It runs under an
 unprivileged uid with no capabilities and ``no_new_privs``, under resource limits
-(``prlimit``: CPU time, address space, processes, file size; tmpfs sizes; wall time).
+(``prlimit``: CPU time, address space, processes, file size; tmpfs sizes; wall time), and
+under a seccomp filter that refuses what only a namespace owner may do (new namespaces,
+mounts, keyrings, BPF): an unprivileged process reaches that kernel code only through a
+user namespace of its own, and bugs there have led to root before.
 Why not a container: the oci builder exists to need no Docker engine, and a build backend
 needs no image, only the worker's Python.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import shutil
@@ -21,6 +25,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -28,6 +33,8 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import TypeVar
+
+import pyseccomp
 
 __all__ = ["Limits", "SandboxFailed", "run_contained"]
 
@@ -38,6 +45,15 @@ T = TypeVar("T")
 _UID_RANGE = (300000, 365535)
 _SYSTEM = ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/etc/ld.so.cache", "/etc/alternatives")
 _TAIL = 20
+# Calls a build backend never needs, each a way into kernel code that an unprivileged process
+# reaches only as the owner of a namespace (Flatpak refuses much the same).
+_REFUSED_CALLS = ("unshare", "setns", "mount", "umount2", "pivot_root", "chroot", "keyctl",
+                  "add_key", "request_key", "bpf", "userfaultfd", "perf_event_open",
+                  "fsopen", "fsmount", "fsconfig", "fspick", "open_tree", "move_mount",
+                  "mount_setattr")
+# clone's flags that make a namespace (NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET).
+_NAMESPACE_FLAGS = (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000,
+                    0x40000000)
 
 
 @dataclass(frozen=True)
@@ -90,6 +106,8 @@ def run_contained(command: list[str], *, inputs: Mapping[Path, str], output: Pat
     for source, target in binds:
         args += ["--ro-bind", source, target]
     args += ["--bind", str(output), "/out", "--chdir", "/tmp"]
+    filter_fd = _seccomp_filter()
+    args += ["--add-seccomp-fd", str(filter_fd)]
     rlimits = ["prlimit", f"--cpu={limits.cpu_seconds}:{limits.cpu_seconds + 5}", f"--as={limits.memory_bytes}",
                f"--nproc={limits.processes}", f"--fsize={limits.file_bytes}", "--core=0", "--"]
     uid = None
@@ -106,9 +124,12 @@ def run_contained(command: list[str], *, inputs: Mapping[Path, str], output: Pat
         # Unprivileged: a user namespace maps the worker's own uid; no capability reaches out.
         # The output folder is then bounded per file only (no mount without privilege).
         args += ["--unshare-user", "--cap-drop", "ALL", "--", *rlimits, *command]
-    with _bounded(output, limits.disk_bytes, uid):
-        _run(args, limits, log, what)
-        return collect(output) if collect is not None else None
+    try:
+        with _bounded(output, limits.disk_bytes, uid):
+            _run(args, limits, log, what, filter_fd)
+            return collect(output) if collect is not None else None
+    finally:
+        os.close(filter_fd)
 
 
 def _readable_by_others(path: Path) -> None:
@@ -157,12 +178,38 @@ def _proc_mountable(bwrap: str) -> bool:
         return False
 
 
-def _run(args: list[str], limits: Limits, log: Log, what: str) -> None:
+def _seccomp_filter() -> int:
+    """A file descriptor holding the contained command's seccomp program (BPF), for bwrap."""
+    fd = os.memfd_create("mms-sandbox-seccomp")
+    with os.fdopen(os.dup(fd), "wb") as out:
+        out.write(_seccomp_program())
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+@cache
+def _seccomp_program() -> bytes:
+    refuse = pyseccomp.ERRNO(errno.EPERM)
+    rules = pyseccomp.SyscallFilter(defaction=pyseccomp.ALLOW)
+    for name in _REFUSED_CALLS:
+        rules.add_rule(refuse, name)
+    for flag in _NAMESPACE_FLAGS:
+        rules.add_rule(refuse, "clone", pyseccomp.Arg(0, pyseccomp.MASKED_EQ, flag, flag))
+    # clone3 passes its flags in memory, out of the filter's sight: as if the kernel had no
+    # clone3, which makes the C library fall back to clone.
+    rules.add_rule(pyseccomp.ERRNO(errno.ENOSYS), "clone3")
+    with tempfile.TemporaryFile() as program:
+        rules.export_bpf(program)
+        program.seek(0)
+        return program.read()
+
+
+def _run(args: list[str], limits: Limits, log: Log, what: str, filter_fd: int) -> None:
     tail: list[str] = []
     try:
         proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, text=True, errors="replace",
-                                start_new_session=True, env={})
+                                start_new_session=True, env={}, pass_fds=(filter_fd,))
     except OSError as exc:
         raise SandboxFailed(f"cannot start the sandbox for {what}: {exc}") from None
     timer = _Deadline(proc, limits.wall_seconds)

@@ -139,3 +139,43 @@ def test_inputs_the_workers_private_umask_made_are_readable_inside(tmp_path: Pat
         os.umask(old)
     assert lines[-1].strip() == "34", lines
     assert os.stat(tmp_path).st_mode & 0o077 == 0  # its folder still keeps everyone else out
+
+
+NAMESPACES = """
+import ctypes, json, os, subprocess, threading
+libc = ctypes.CDLL(None, use_errno=True)
+results = {}
+def call(name, *args):
+    code = getattr(libc, name)(*args)
+    results[name] = "allowed" if code != -1 else os.strerror(ctypes.get_errno())
+call("unshare", 0x10000000)  # CLONE_NEWUSER
+call("unshare", 0x40000000)  # CLONE_NEWNET, for a fresh firewall to play with
+results["unshare"] = results["unshare"]
+results["unshare -Ur"] = subprocess.run(["unshare", "-Ur", "true"], capture_output=True, text=True).stderr.strip()
+results["syscall clone NEWUSER"] = (lambda code: "allowed" if code != -1 else os.strerror(ctypes.get_errno()))(
+    libc.syscall(56, 0x10000000 | 17, 0, 0, 0, 0))  # SYS_clone on x86_64 (exit signal SIGCHLD)
+results["mount"] = (lambda code: "allowed" if code != -1 else os.strerror(ctypes.get_errno()))(
+    libc.mount(b"none", b"/tmp", b"tmpfs", 0, None))
+results["keyctl"] = (lambda code: "allowed" if code != -1 else os.strerror(ctypes.get_errno()))(
+    libc.syscall(250, 0, 0, 0, 0, 0))  # SYS_keyctl on x86_64
+# What a build backend does need still works: processes and threads.
+pid = os.fork()
+if pid == 0:
+    os._exit(7)
+results["fork"] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+thread = threading.Thread(target=lambda: results.__setitem__("thread", "ran"))
+thread.start(); thread.join()
+print("RESULTS " + json.dumps(results))
+"""
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="the probe names x86_64 system calls")
+def test_tenant_code_can_make_no_namespace_mount_or_key_of_its_own(tmp_path: Path) -> None:
+    lines = _run(tmp_path, NAMESPACES)
+    results = json.loads(next(line for line in lines if "RESULTS " in line).split("RESULTS ", 1)[1])
+    assert results["unshare"] == "Operation not permitted"
+    assert "Operation not permitted" in results["unshare -Ur"]
+    assert results["syscall clone NEWUSER"] == "Operation not permitted"
+    assert results["mount"] == "Operation not permitted"
+    assert results["keyctl"] == "Operation not permitted"
+    assert results["fork"] == 7 and results["thread"] == "ran"
