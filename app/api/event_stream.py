@@ -32,7 +32,7 @@ from sse_starlette import ServerSentEvent
 from app.auth.caller import Caller, grants_of, with_grants
 from app.auth.roles import Permission
 from app.database import session_scope
-from app.services.events import Event, events_after, latest_event_id
+from app.services.events import Event, events_after, latest_event_id, stream_start
 
 log = logging.getLogger("mms.events")
 
@@ -60,10 +60,13 @@ class Subscription:
 
     MAX_QUEUED = 1000
 
-    def __init__(self, account_id: uuid.UUID, caller: Caller, scope: str) -> None:
+    def __init__(self, account_id: uuid.UUID, caller: Caller, scope: str, *, offers_after: int) -> None:
         self.account_id = account_id
         self.caller = caller
         self.scope = scope  # the account's, which the caller must keep the right to read
+        # The hub's cursor when it subscribed: every event it offers this queue has a higher
+        # id (though not every such event: it may have offered some before).
+        self.offers_after = offers_after
         self.queue: asyncio.Queue[Event | None] = asyncio.Queue(self.MAX_QUEUED)
         self.overflowed = False
         self.revoked = False
@@ -184,8 +187,14 @@ class EventHub:
 
     async def subscribe(self, account_id: uuid.UUID, caller: Caller, scope: str) -> Subscription:
         await self.start()  # started by the app's lifespan; lazily where there is none
-        sub = Subscription(account_id, caller, scope)
+        # Its first poll reads where the table ends: a subscription needs that cursor.
+        while self._cursor is None and not self._stopping.is_set():
+            await asyncio.sleep(min(self._interval, 0.05))
+        # No await from reading the cursor to joining: what the hub offers from here is above it.
+        sub = Subscription(account_id, caller, scope, offers_after=self._cursor or 0)
         self._subscribers[account_id].add(sub)
+        if self._cursor is None:  # the server stopped before the hub ever read the table
+            sub.end()
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
@@ -285,14 +294,20 @@ async def image_events(hub: EventHub, session_factory: Callable[[], Session], ac
     # shutdown need not wait for the stream or cut it off mid-frame.
     watcher = asyncio.create_task(_end_on(shutdown, sub)) if shutdown is not None else None
     try:
-        replayed: set[int] = set()
+        # The stream starts at this snapshot, read after subscribing. The hub may yet offer
+        # events the snapshot holds (committed before it, not yet polled or handed out): they
+        # are ``shown``, which the client has (up to ``start`` or its Last-Event-ID) or gets
+        # from the replay below, so the queue skips them. Anything else the hub offers was
+        # committed after the start, even with an id below ``start`` (ids are taken before
+        # the commit), and is sent.
+        # Roles read afresh (the route's may be cached) after subscribing: events the hub read
+        # before then, while it rechecked others, reach this stream only if it may still read.
+        start, shown, allowed = await to_thread.run_sync(
+            read, lambda s: (*stream_start(s, account_id=account_id, after_id=sub.offers_after),
+                             may_read(s, caller, scope)))
+        if not allowed:
+            return
         if last_event_id is None:
-            # Roles read afresh (the route's may be cached) after subscribing: events the hub read
-            # before then, while it rechecked others, reach this stream only if it may still read.
-            start, allowed = await to_thread.run_sync(
-                read, lambda s: (latest_event_id(s), may_read(s, caller, scope)))
-            if not allowed:
-                return
             yield ServerSentEvent(id=str(start), event="ready", data=json.dumps({"lastEventId": start}),
                                   retry=RETRY_MS)
         else:
@@ -305,7 +320,7 @@ async def image_events(hub: EventHub, session_factory: Callable[[], Session], ac
                 if not await to_thread.run_sync(read, lambda s: may_read(s, caller, scope)):
                     return
                 for event in batch:
-                    replayed.add(event.id)
+                    shown.add(event.id)  # read after the start snapshot: it may be in the queue too
                     yield ServerSentEvent(id=str(event.id), event="image", data=event.data)
                 if len(batch) < BATCH or sub.ended:
                     break
@@ -320,8 +335,8 @@ async def image_events(hub: EventHub, session_factory: Callable[[], Session], ac
                 return
             if event is None or sub.overflowed or sub.revoked or sub.ended:
                 return
-            if event.id in replayed:
-                replayed.discard(event.id)
+            if event.id in shown:
+                shown.discard(event.id)
                 continue
             yield ServerSentEvent(id=str(event.id), event="image", data=event.data)
     finally:

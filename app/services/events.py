@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import and_, delete, func, select
 from sqlalchemy.orm import Session
 
 from app.orm import Account, Image, ImageEvent, Webhook, WebhookDelivery
@@ -95,6 +95,17 @@ def render(event_id: int, payload: str) -> str:
 def latest_event_id(session: Session) -> int:
     """The newest event's id (0 when there is none): where a fresh subscriber starts."""
     return session.scalar(select(func.max(ImageEvent.id))) or 0
+
+
+def stream_start(session: Session, *, account_id: uuid.UUID, after_id: int) -> tuple[int, set[int]]:
+    """The newest event's id, and the ids above ``after_id`` of the account's events, as one
+    snapshot sees them (one statement: on PostgreSQL each has its own snapshot)."""
+    newest = select(func.coalesce(func.max(ImageEvent.id), 0).label("newest")).subquery()
+    rows = session.execute(
+        select(newest.c.newest, ImageEvent.id.label("visible")).select_from(newest.outerjoin(
+            ImageEvent, and_(ImageEvent.account_id == account_id, ImageEvent.id > after_id)))
+    ).all()
+    return rows[0].newest, {row.visible for row in rows if row.visible is not None}
 
 
 def events_after(session: Session, *, after_id: int, account_id: uuid.UUID | None = None,

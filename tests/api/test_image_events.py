@@ -171,6 +171,30 @@ def test_an_event_committed_after_a_later_one_is_still_delivered(live: Live) -> 
         listener.close()
 
 
+def test_a_stream_gets_no_event_committed_before_it_started(service_context: ServiceContext, tmp_path) -> None:
+    # A slow poller: an event committed just before the streams subscribe is read by the hub
+    # only after they did, and offered to them then; they must not pass it on, it is older
+    # than their start (or than the Last-Event-ID the client already has).
+    with live_service(service_context, tmp_path, events_poll_seconds=2) as live:
+        account = live.account()
+        live.image(account, name="before")
+        fresh = live.listen(account)
+        try:
+            ready = fresh.next()
+            assert ready is not None and ready.event == "ready"
+            resumed = live.listen(account, {**live.headers, "Last-Event-ID": ready.id})
+            try:
+                after = live.image(account, name="after")
+                for listener in (fresh, resumed):
+                    event = _image_event(listener)
+                    assert event["image"]["Id"] == after["Id"] and int(event["id"]) > int(ready.id)
+                    assert listener.frames.empty()
+            finally:
+                resumed.close()
+        finally:
+            fresh.close()
+
+
 RECHECK_SECONDS = 1.0
 
 
