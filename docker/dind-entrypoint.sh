@@ -40,6 +40,7 @@ forward_registry
 # The image's own entrypoint prepares cgroups for a nested engine; no TLS: there is no TCP.
 DOCKER_TLS_CERTDIR='' dockerd-entrypoint.sh dockerd \
     --host="unix://$socket" --group="${MMS_DIND_SOCKET_GID:-10001}" \
+    --seccomp-profile=/usr/local/share/mms/engine-seccomp.json \
     --bridge=none --iptables=false --ip6tables=false --ip-masq=false --ip-forward=false &
 dockerd_pid=$!
 stopping=

@@ -19,6 +19,9 @@
 #   MMS_DOCKER_STORAGE_DRIVER  overlay2 | vfs | ...              default: overlay2 if an overlay
 #                              mount works on the data root's filesystem, else vfs
 #   MMS_DOCKER_WAIT            seconds to wait for the API       default 60
+#   MMS_DOCKER_SECCOMP_PROFILE every container's seccomp profile  default docker/engine-seccomp.json
+#                              (Docker's default, but fallocate only without KEEP_SIZE:
+#                              docker/seccomp-profiles.py says why)
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source-path=SCRIPTDIR source=lib.sh
@@ -30,6 +33,7 @@ WAIT="${MMS_DOCKER_WAIT:-60}"
 DATA="$DIR/data"
 EXEC="$DIR/exec"            # dockerd --exec-root (its containerd lives in here too)
 PIDFILE="$DIR/dockerd.pid"
+SECCOMP_PROFILE="${MMS_DOCKER_SECCOMP_PROFILE:-$(cd "$HERE/../.." && pwd)/docker/engine-seccomp.json}"
 LOGFILE="$DIR/dockerd.log"
 HOST="unix://$SOCK"
 
@@ -117,6 +121,7 @@ if ! pid_alive "$PIDFILE" dockerd; then
         --exec-root "$EXEC" \
         --pidfile "$PIDFILE" \
         --storage-driver "$driver" \
+        --seccomp-profile "$SECCOMP_PROFILE" \
         --bridge=none \
         --iptables=false \
         --ip6tables=false \

@@ -174,3 +174,17 @@ def test_a_flood_of_running_in_lines_does_not_slow_the_watch(
 
     assert message == "the RUN steps wrote more than their disk limit of 100 MB (MMS_BUILD_RUN_DISK_MB)"
     assert seconds < 90
+
+
+def test_disk_reserved_out_of_a_containers_sight_is_refused_by_the_engine(
+        infra: Infra, make_spec: Callable[..., BuildSpec], log_lines: list[str]) -> None:
+    # fallocate --keep-size reserves blocks for a file that stays empty: no size the watch
+    # reads shows them. The engine's seccomp profile (docker/engine-seccomp.json) refuses it.
+    steps = (f"RUN echo {uuid.uuid4().hex} && fallocate -l 10M /counted && "
+             "if fallocate -n -l 200M /reserved; then echo keep-size-allowed; "
+             "else echo keep-size-refused; fi")
+    build(infra, builder_with(infra), make_spec(SCORE, extra_dockerfile_steps=steps),
+          "limit-fallocate", "1", log_lines.append)
+
+    assert "keep-size-refused" in log_lines and "keep-size-allowed" not in log_lines
+    assert any("fallocate" in line and "Operation not permitted" in line for line in log_lines)
