@@ -11,6 +11,7 @@ from celery.signals import worker_init, worker_process_init, worker_ready, worke
 from app.config import get_settings
 from app.private_files import restrict_new_files
 from app.queue import BUILD_TASK
+from workers.scratch import remove_orphaned_scratch
 
 REAP_TASK = "mms.reap_builds"
 COLLECT_TASK = "mms.collect_image_garbage"
@@ -42,6 +43,7 @@ celery_app.conf.update(
 def _private_files(**_: object) -> None:
     # Before the worker opens its broker or writes a file: the data folder's files are its alone.
     restrict_new_files()
+    remove_orphaned_scratch()
 
 
 @worker_process_init.connect
@@ -51,6 +53,7 @@ def _fresh_connections(**_: object) -> None:
     from workers.tasks import worker_context
 
     worker_context.cache_clear()
+    remove_orphaned_scratch()  # a pool process replaces one that died, maybe mid-build
     # A SIGTERM sent to the whole process group reaches the pool too: start draining, as the
     # main process does, rather than die mid-build. A second SIGTERM stops it at once.
     def drain(*_: object) -> None:

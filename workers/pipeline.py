@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import re
-import tempfile
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from workers.fetcher import FetchError, fetch, redact_url
 from workers.oci.layout_registry import LayoutRegistry
 from workers.oci.registry import ImageReference, RegistryClient
 from workers.sandbox import Limits
+from workers.scratch import scratch_dir
 from workers.smoke_test import SmokeTestFailed, smoke_test
 from workers.unpack import UnpackError, unpack_archive
 
@@ -338,7 +338,7 @@ def run_pipeline(context: ServiceContext, image_id: uuid.UUID, emit: Log) -> Bui
     builder = make_builder(settings, inputs.builder)
     if isinstance(builder, OciBuilder):
         check_extra_steps(inputs.extra_steps or "")  # a RUN step fails now, before any fetch
-    with tempfile.TemporaryDirectory(prefix="mms-work-") as tmp:
+    with scratch_dir("work") as tmp:
         work = Path(tmp)
         app_dir, model_dir, conda, pip = fetch_step(context, inputs, work, emit)
         pip, conda, requirement_files = package_files(context, inputs, pip, conda, work, emit)

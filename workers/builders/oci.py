@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping
@@ -90,6 +89,7 @@ from workers.oci.registry import (
     retryable,
 )
 from workers.sandbox import Limits
+from workers.scratch import scratch_dir
 
 __all__ = ["BASE_DIGEST_LABEL", "CACHE_REPOSITORY", "OciBuilder", "Store", "check_extra_steps", "put_image"]
 
@@ -172,7 +172,7 @@ class OciBuilder:
         requirements = _requirements(spec)
         base_ref = _parse_base(spec.base_image)
         with ExitStack() as stack:
-            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mms-oci-")))
+            work = Path(stack.enter_context(scratch_dir("oci")))
             target = stack.enter_context(self._target())
             models = None
             if has_models(spec):
