@@ -233,7 +233,8 @@ def make_builder(settings: Settings, name: str) -> Builder:
         layout = image_layout(settings) if settings.is_embedded_registry else None
         return OciBuilder(settings.image_registry, auth, cache_dir=settings.resolved_build_cache_dir,
                           layout=layout, policy=policy, index_url=settings.pip_index_url,
-                          sandbox=sandbox_limits(settings))
+                          sandbox=sandbox_limits(settings),
+                          registry_retry_seconds=settings.registry_retry_seconds)
     if settings.is_embedded_registry:
         raise StepFailed("environment", "the docker builder pushes to a registry and the service "
                          "has none configured: set MMS_REGISTRY (and DOCKER_HOST), or use the "

@@ -162,6 +162,27 @@ def test_attempts_are_bounded_and_a_client_error_is_not_retried(registry: FlakyR
         assert registry.count("GET /v2/mms/base/manifests/2") == 1
 
 
+def test_each_retry_is_told_and_the_listener_can_stop_the_retries(registry: FlakyRegistry) -> None:
+    registry.routes["GET /v2/mms/base/manifests/1"] = [answer(503), drop, MANIFEST_OK]
+    told: list[str] = []
+    with _client(registry, on_retry=told.append) as client:
+        client.get_manifest("mms/base", "1")
+    assert len(told) == 2, told
+    assert "answered 503" in told[0] and "attempt 2" in told[0], told
+    assert "did not answer" in told[1] and "attempt 3" in told[1], told
+
+    class Cancelled(Exception):
+        pass
+
+    def cancelled(text: str) -> None:  # a build's log writer, once the build was cancelled
+        raise Cancelled(text)
+
+    registry.routes["GET /v2/mms/base/manifests/2"] = [answer(502)]
+    with _client(registry, tries=10, on_retry=cancelled) as client, pytest.raises(Cancelled):
+        client.get_manifest("mms/base", "2")
+    assert registry.count("GET /v2/mms/base/manifests/2") == 1
+
+
 def test_a_retry_after_longer_than_the_time_budget_fails_at_once(registry: FlakyRegistry) -> None:
     registry.routes["GET /v2/mms/base/manifests/1"] = [answer(503, b"", ("Retry-After", "30")),
                                                        MANIFEST_OK]
