@@ -16,7 +16,9 @@ from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from pydantic import ValidationError
 
+from app.config import Settings
 from workers.builders.docker import _blob_copier
 from workers.builders.oci import OciBuilder
 from workers.oci.layers import LayerBuilder
@@ -337,3 +339,10 @@ def test_a_registry_that_always_fails_gets_tries_requests_not_tries_squared(
                                                     "acct/img", lambda line: None)
         assert registry.count("POST /v2/acct/img/blobs/uploads/") - before == 3
     assert time.monotonic() - started < 30
+
+
+def test_registry_retries_must_end_before_the_build_deadline() -> None:
+    with pytest.raises(ValidationError, match="MMS_REGISTRY_RETRY_SECONDS"):
+        Settings(registry_retry_seconds=600, build_run_deadline_seconds=600)
+    assert Settings(registry_retry_seconds=599, build_run_deadline_seconds=600).registry_retry_seconds == 599
+    assert Settings(build_run_deadline_seconds=120).registry_retry_seconds == 60  # the default, halved
