@@ -168,11 +168,16 @@ class Account:
             "name": "held", "url": f"http://{self.service.files.address}/weights.bin",
             "mimeType": "application/octet-stream"}).json()["id"]
 
-    def manifest(self, model_ids: list[str]) -> str:
-        score = self.call("POST", f"{self.url}/assets", params={"name": "score.py"}, content=SCORE.encode())
+    def manifest(self, model_ids: list[str], conda: str | None = None) -> str:
+        """A manifest of the echo driver and ``model_ids``; a ``conda`` file's pip entries
+        give the build an environment of its own (a dependency cache miss: an install)."""
+        assets = {"score.py": SCORE, **({"env.yml": conda} if conda is not None else {})}
+        urls = {name: self.call("POST", f"{self.url}/assets", params={"name": name},
+                                content=text.encode()).json()["url"] for name, text in assets.items()}
         return self.call("POST", f"{self.url}/manifests", json={
-            "name": "echo", "modelIds": model_ids, "assets": [{"id": "score.py", "url": score.json()["url"]}],
-            "entryScript": "score.py", "runtime": "python"}).json()["id"]
+            "name": "echo", "modelIds": model_ids, "assets": [{"id": n, "url": u} for n, u in urls.items()],
+            "entryScript": "score.py", "runtime": "python",
+            **({"condaFile": "env.yml"} if conda is not None else {})}).json()["id"]
 
     def build(self, manifest_id: str, name: str = "echo-image") -> str:
         return self.call("POST", f"{self.url}/images", json={

@@ -9,6 +9,8 @@ only that step makes:
     fetch        the model file's download
     pull-base    GET of the base image's manifest (mms/inference-base)
     environment  GET of the dependency cache's manifest (mms/cache/python-deps)
+    install      the first POST .../blobs/uploads/ to the dependency cache: a new environment
+                 (a pip entry no other build has) installed, its layer about to be cached
     layers       the first POST .../blobs/uploads/ to the image's repository (a new layer)
     push         PUT of the image's manifest, before the registry has it
     finish       PUT of the image's manifest once the registry stored it: pushed, not recorded
@@ -34,10 +36,12 @@ from tests.faults.build_service import (
 )
 
 DEADLINE = 150
+OWN_ENVIRONMENT = "dependencies:\n  - python=3.11\n  - pip:\n    - six==1.16.0\n"
 IMAGE_REPOSITORY = r"/v2/[0-9a-f-]{{36}}/{name}"
 CAUGHT_BY = {  # step → (method, path regex, held after the registry answered)
     "pull-base": ("GET", r"/v2/mms/inference-base/manifests/.+", False),
     "environment": ("GET", r"/v2/mms/cache/python-deps/manifests/.+", False),
+    "install": ("POST", r"/v2/mms/cache/python-deps/blobs/uploads/", False),
     "layers": ("POST", IMAGE_REPOSITORY + "/blobs/uploads/", False),
     "push": ("PUT", IMAGE_REPOSITORY + "/manifests/.+", False),
     "finish": ("PUT", IMAGE_REPOSITORY + "/manifests/.+", True),
@@ -50,7 +54,7 @@ def test_a_worker_killed_in_a_build_step_loses_its_lease_and_the_build_is_finish
 ) -> None:
     name = f"kill-{step}"
     account = Account(service, name)
-    manifest = account.manifest([account.held_model()])
+    manifest = account.manifest([account.held_model()], conda=OWN_ENVIRONMENT if step == "install" else None)
     events = account.events()
     victim = service.start("worker", "--concurrency", "1")
     try:
