@@ -37,7 +37,6 @@ from typing import Any, BinaryIO
 import certifi
 
 from app.package_sources import PackageSourceRefused, canonical_requirement
-from app.retrying import attempts
 from app.storage.oci_layout import OciLayout
 
 from workers.build_context import (
@@ -86,7 +85,6 @@ from workers.oci.registry import (
     RegistryClient,
     RegistryError,
     file_chunks,
-    retryable,
 )
 from workers.sandbox import Limits
 from workers.scratch import scratch_dir
@@ -397,9 +395,8 @@ class OciBuilder:
                          lambda: iter(builder.stream(created_by, level=level)),
                          entry["repository"], diff_id, created_by)
         # A streamed upload cannot be replayed: after a transient failure the layer is
-        # compressed and sent again from its beginning.
-        for attempt in attempts(retryable, tries=3,
-                                timeout=max(self.timeout, self.registry_retry_seconds)):
+        # compressed and sent again from its beginning, under the registry's retry budget.
+        for attempt in target.retries():
             with attempt:
                 stream = builder.stream(created_by, level=level)
                 digest, size = target.upload_stream(repo, stream)

@@ -376,6 +376,12 @@ class RegistryClient:
 
     # -- the HTTP exchange with authentication -----------------------------------------
 
+    def retries(self) -> Iterator[Any]:
+        """Attempts at an operation its caller repeats whole (a streamed upload, which only
+        the caller can make again), under this client's tries, time budget and ``on_retry``:
+        ``for attempt in client.retries(): with attempt: ...``."""
+        return self._attempts()
+
     def _attempts(self, retry: bool = True) -> Iterator[Any]:
         """Attempts at one call; each retry is told to ``on_retry`` first (a build's log, whose
         writer also stops a build cancelled or past its deadline while the registry is away)."""
