@@ -43,7 +43,7 @@ celery_app.conf.update(
 def _private_files(**_: object) -> None:
     # Before the worker opens its broker or writes a file: the data folder's files are its alone.
     restrict_new_files()
-    remove_orphaned_scratch()
+    remove_orphaned_scratch()  # and again at each build: a worker may die while this one runs
 
 
 @worker_process_init.connect
@@ -53,7 +53,6 @@ def _fresh_connections(**_: object) -> None:
     from workers.tasks import worker_context
 
     worker_context.cache_clear()
-    remove_orphaned_scratch()  # a pool process replaces one that died, maybe mid-build
     # A SIGTERM sent to the whole process group reaches the pool too: start draining, as the
     # main process does, rather than die mid-build. A second SIGTERM stops it at once.
     def drain(*_: object) -> None:

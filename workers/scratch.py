@@ -1,7 +1,7 @@
 """Scratch folders of builds (downloads, layers, wheels), named after the process that made
-them, so that a worker starting removes those whose process is gone: a build's own clean-up
-never runs when its worker is killed (kill -9, the OOM killer), and what it fetched (models,
-dependency layers) can be gigabytes.
+them, so that a worker starting, and every build as it starts, removes those whose process
+is gone: a build's own clean-up never runs when its worker is killed (kill -9, the OOM
+killer), and what it fetched (models, dependency layers) can be gigabytes.
 
 A folder is judged by its owner alone, never by age, since a build may run for an hour: the
 owner's host name must be this host's and its process id must no longer exist.
