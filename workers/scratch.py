@@ -30,7 +30,8 @@ def _host() -> str:
 
 def scratch_dir(kind: str) -> tempfile.TemporaryDirectory[str]:
     """A temporary folder for one build's files (``with scratch_dir("work") as path:``),
-    removed when the block ends, and by the next worker to start if this process dies first."""
+    removed when the block ends, or by a worker or build starting later if this process dies
+    first."""
     return tempfile.TemporaryDirectory(prefix=f"{_PREFIX}{_host()}-{os.getpid()}-{kind}-")
 
 

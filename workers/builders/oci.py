@@ -126,7 +126,7 @@ class OciBuilder:
                  cache_dir: Path | None = None, timeout: float = 300.0,
                  layout: OciLayout | None = None, policy: FetchPolicy | None = None,
                  index_url: str = DEFAULT_INDEX_URL, sandbox: Limits = Limits(),
-                 registry_retry_seconds: float = 120.0) -> None:
+                 registry_retry_seconds: float | None = None) -> None:
         self.registry = registry.rstrip("/")
         self.host, _, self.prefix = self.registry.partition("/")
         self._auth = dict(registry_auth) if registry_auth else None
@@ -138,7 +138,8 @@ class OciBuilder:
         self.index_url = index_url  # the operator's package index: tenants cannot change it
         self.sandbox = sandbox  # limits of a contained sdist build
         # How long a call to the build's own registry is retried while it is unreachable or
-        # failing (a restart, a failover); the build's run deadline bounds the whole build.
+        # failing (a restart, a failover; None: the client's few tries); the build's run
+        # deadline bounds the whole build.
         self.registry_retry_seconds = registry_retry_seconds
         # What a base image's registry may be (its own registry always): every request for
         # a base goes through it. None: no address rules (a caller that picks the bases).
@@ -249,11 +250,14 @@ class OciBuilder:
         if self.layout is not None:
             return LayoutRegistry(self.layout, self.host)
         login = self._auth or {}
-        # Backoff tops out at 10 s a wait: enough tries that the time budget is what ends them.
+        budget: dict[str, Any] = {}  # None: the client's own few tries
+        if self.registry_retry_seconds is not None:
+            # Backoff tops out at 10 s a wait: enough tries that the time budget ends them.
+            budget = {"retry_seconds": self.registry_retry_seconds,
+                      "tries": 4 + int(self.registry_retry_seconds // 5)}
         return RegistryClient(self.host, login.get("username"), login.get("password"),
-                              timeout=self.timeout, retry_seconds=self.registry_retry_seconds,
-                              tries=4 + int(self.registry_retry_seconds // 5),
-                              on_retry=lambda text: emit(f"mms: {text}"))
+                              timeout=self.timeout, on_retry=lambda text: emit(f"mms: {text}"),
+                              **budget)
 
     def _client(self, host: str, login: Mapping[str, str] | None, *,
                 policy: FetchPolicy | None = None) -> RegistryClient:
