@@ -89,6 +89,11 @@ class Settings(BaseSettings):
     registry: str | None = None
     registry_username: str | None = None
     registry_password: str | None = None
+    # A build retries a call to the registry that is unreachable or failing (5xx, 429) for
+    # this long, saying so in its log, before the build fails: a registry restart or failover
+    # is ridden out. Less than the run deadline, which bounds the build as a whole (by
+    # default half of a run deadline shorter than this).
+    registry_retry_seconds: float = Field(default=300.0, ge=0)
     # The embedded store's garbage collection (mms images gc, and the workers' beat every
     # interval): blobs no tag reaches go once untouched this long. Keep it longer than any
     # build (MMS_BUILD_RUN_DEADLINE_SECONDS): a build's blobs wait there for its manifest.
@@ -217,6 +222,18 @@ class Settings(BaseSettings):
     def requires_https_urls(self) -> bool:
         """Outside development, SAS URLs must be https."""
         return self.env != "development"
+
+    @model_validator(mode="after")
+    def _registry_retries_end_before_the_build_deadline(self) -> "Settings":
+        if self.registry_retry_seconds < self.build_run_deadline_seconds:
+            return self
+        if "registry_retry_seconds" not in self.model_fields_set:  # the default, a short deadline
+            self.registry_retry_seconds = self.build_run_deadline_seconds / 2
+        else:
+            raise ValueError(f"MMS_REGISTRY_RETRY_SECONDS ({self.registry_retry_seconds:g}) must be less "
+                             f"than MMS_BUILD_RUN_DEADLINE_SECONDS ({self.build_run_deadline_seconds}): "
+                             "a build waiting for the registry would outlive its deadline")
+        return self
 
     @model_validator(mode="after")
     def _docker_builder_needs_a_registry(self) -> "Settings":

@@ -33,6 +33,7 @@ import http.client
 import http.server
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple, Self
 from urllib.parse import parse_qs, urlsplit
@@ -128,6 +129,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         upstream = http.client.HTTPConnection(server.upstream_host, server.upstream_port,
                                               timeout=server.upstream_timeout)
         sent = 0
+        if server.before is not None:
+            server.before(method, target)
         try:
             upstream.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
             for name, value in self.headers.items():
@@ -153,6 +156,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         try:
             server.counters.record(method, target, response.status, sent)
+            if server.after is not None:
+                server.after(method, target, response.status)
             self._relay_response(response, method)
         finally:
             upstream.close()
@@ -255,17 +260,25 @@ class _Server(http.server.ThreadingHTTPServer):
         self.upstream_timeout = upstream_timeout
         self.address = f"127.0.0.1:{self.server_address[1]}"
         self.counters = _Counters()
+        self.before: Callable[[str, str], None] | None = None
+        self.after: Callable[[str, str, int], None] | None = None
 
 
 class CountingProxy:
     """A reverse proxy to the registry at ``upstream`` ("host:port", plain HTTP) that counts.
 
     ``upstream_timeout`` bounds every read from and write to the upstream registry.
+    ``before(method, target)`` is called in the request's thread before it goes upstream, and
+    ``after(method, target, status)`` once the upstream answered, before the client has the
+    answer: either may block, to hold a client at a chosen request (fault tests).
     """
 
-    def __init__(self, upstream: str, *, upstream_timeout: float = 300) -> None:
+    def __init__(self, upstream: str, *, upstream_timeout: float = 300,
+                 before: Callable[[str, str], None] | None = None,
+                 after: Callable[[str, str, int], None] | None = None) -> None:
         self.upstream = upstream.removeprefix("http://").rstrip("/")
         self._upstream_timeout = upstream_timeout
+        self._before, self._after = before, after
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -278,6 +291,7 @@ class CountingProxy:
 
     def start(self) -> Self:
         self._server = _Server(self.upstream, self._upstream_timeout)
+        self._server.before, self._server.after = self._before, self._after
         self._thread = threading.Thread(target=self._server.serve_forever,
                                         kwargs={"poll_interval": 0.1},
                                         name=f"registry-proxy-{self.address}", daemon=True)

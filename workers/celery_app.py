@@ -11,6 +11,7 @@ from celery.signals import worker_init, worker_process_init, worker_ready, worke
 from app.config import get_settings
 from app.private_files import restrict_new_files
 from app.queue import BUILD_TASK
+from workers.scratch import remove_orphaned_scratch
 
 REAP_TASK = "mms.reap_builds"
 COLLECT_TASK = "mms.collect_image_garbage"
@@ -42,6 +43,7 @@ celery_app.conf.update(
 def _private_files(**_: object) -> None:
     # Before the worker opens its broker or writes a file: the data folder's files are its alone.
     restrict_new_files()
+    remove_orphaned_scratch()  # and again at each build: a worker may die while this one runs
 
 
 @worker_process_init.connect

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import re
-import tempfile
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from workers.fetcher import FetchError, fetch, redact_url
 from workers.oci.layout_registry import LayoutRegistry
 from workers.oci.registry import ImageReference, RegistryClient
 from workers.sandbox import Limits
+from workers.scratch import scratch_dir
 from workers.smoke_test import SmokeTestFailed, smoke_test
 from workers.unpack import UnpackError, unpack_archive
 
@@ -233,7 +233,8 @@ def make_builder(settings: Settings, name: str) -> Builder:
         layout = image_layout(settings) if settings.is_embedded_registry else None
         return OciBuilder(settings.image_registry, auth, cache_dir=settings.resolved_build_cache_dir,
                           layout=layout, policy=policy, index_url=settings.pip_index_url,
-                          sandbox=sandbox_limits(settings))
+                          sandbox=sandbox_limits(settings),
+                          registry_retry_seconds=settings.registry_retry_seconds)
     if settings.is_embedded_registry:
         raise StepFailed("environment", "the docker builder pushes to a registry and the service "
                          "has none configured: set MMS_REGISTRY (and DOCKER_HOST), or use the "
@@ -338,7 +339,7 @@ def run_pipeline(context: ServiceContext, image_id: uuid.UUID, emit: Log) -> Bui
     builder = make_builder(settings, inputs.builder)
     if isinstance(builder, OciBuilder):
         check_extra_steps(inputs.extra_steps or "")  # a RUN step fails now, before any fetch
-    with tempfile.TemporaryDirectory(prefix="mms-work-") as tmp:
+    with scratch_dir("work") as tmp:
         work = Path(tmp)
         app_dir, model_dir, conda, pip = fetch_step(context, inputs, work, emit)
         pip, conda, requirement_files = package_files(context, inputs, pip, conda, work, emit)

@@ -17,6 +17,7 @@ from workers.build_log import BuildLogWriter
 from workers.builders import BuildFailed
 from workers.leases import Lease, LeaseLost, claim_build, finish_build, release_build, renew_lease
 from workers.pipeline import StepFailed, run_pipeline
+from workers.scratch import remove_orphaned_scratch
 
 log = logging.getLogger("mms.worker")
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
@@ -93,6 +94,7 @@ def run_build(context: ServiceContext, image_id: str) -> None:
         log.info("worker.not_claimed", extra={"imageId": image_id})
         return
     log.info("worker.claimed", extra={"imageId": image_id, "attempt": lease.attempt})
+    remove_orphaned_scratch()  # a worker killed mid-build (maybe this one's earlier attempt) left it
     writer = BuildLogWriter(context.session_factory, parsed, lease.attempt)
     heartbeat = Heartbeat(context, lease)
 

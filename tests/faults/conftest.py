@@ -1,28 +1,35 @@
-"""Fixtures for the fault-injection tests: a PostgreSQL cluster and a Redis server of their own.
+"""Fixtures for the fault-injection tests: a PostgreSQL cluster, a Redis server and an OCI
+registry (CNCF Distribution) of their own.
 
-The machine's shared PostgreSQL (5432) and Redis (6379) serve other tests and CI, so they are
-never restarted here: each fault test restarts only these, which it started itself on free
-loopback ports and stops at teardown within bounded timeouts.
+The machine's shared PostgreSQL (5432), Redis (6379) and registries serve other tests and CI,
+so they are never restarted here: each fault test restarts only these, which it started itself
+on free loopback ports and stops at teardown within bounded timeouts.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import psycopg
 import pytest
 import redis
 
-from tests.embedded_service import free_port
+from tests.embedded_service import HOST_CA_BUNDLE, free_port, wait_for
+from tests.faults.build_service import Gate, ModelFiles, Service
+from tests.registry_proxy import CountingProxy
 
 PG_ROOT = Path("/usr/lib/postgresql")
 BASE_ROOTFS = Path(__file__).resolve().parents[2] / "scripts" / "infra" / "base-rootfs.sh"
@@ -142,12 +149,80 @@ class RedisServer:
         self.start()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """Its own redis-server on a free loopback port, killed at teardown."""
     if shutil.which("redis-server") is None:
         pytest.skip("needs redis-server (apt-get install redis-server)")
     server = RedisServer(port=free_port(), log=tmp_path_factory.mktemp("redis") / "redis.log")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+REGISTRY_CONFIG = """\
+version: 0.1
+log:
+  level: warn
+storage:
+  filesystem:
+    rootdirectory: {storage}
+  delete:
+    enabled: true
+http:
+  addr: 127.0.0.1:{port}
+  secret: fault-tests-registry-secret
+"""
+
+
+@dataclass
+class Registry:
+    """A CNCF Distribution registry (Debian's docker-registry), its blobs in a folder of its own."""
+
+    port: int
+    root: Path
+    process: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        config = self.root / "config.yml"
+        config.write_text(REGISTRY_CONFIG.format(storage=self.root / "storage", port=self.port))
+        with open(self.root / "registry.log", "ab") as log:
+            self.process = subprocess.Popen(["docker-registry", "serve", str(config)],
+                                            stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while True:
+            assert self.process.poll() is None, (self.root / "registry.log").read_text()[-2000:]
+            try:
+                if httpx.get(f"http://{self.address}/v2/", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the registry did not answer in 30 s"
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        """As a crash: killed, what it had not finished is lost; what it stored stays."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=30)
+
+    def upload_sessions(self) -> list[Path]:
+        """Blob uploads begun and never finished (a client that died, or the registry)."""
+        return sorted(self.root.glob("storage/docker/registry/v2/repositories/**/_uploads/*/data"))
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """Its own registry on a free loopback port, killed at teardown."""
+    if shutil.which("docker-registry") is None:
+        pytest.skip("needs the CNCF Distribution registry (apt-get install docker-registry)")
+    server = Registry(port=free_port(), root=tmp_path_factory.mktemp("registry"))
     server.start()
     try:
         yield server
@@ -179,3 +254,60 @@ def mms(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.Com
                           text=True, timeout=timeout, check=False)
     assert done.returncode == 0, f"mms {' '.join(args)}: {done.stderr[-3000:]}"
     return done
+
+
+BUILD_QUEUE = "mms-fault-builds"
+
+
+@pytest.fixture(scope="session")
+def service(postgres_cluster: PostgresCluster, redis_server: RedisServer, registry: Registry,
+            rootfs_tar: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """`mms serve` (no worker of its own) on the suite's PostgreSQL, Redis and registry, the
+    registry reached through a proxy with a gate; tests start and kill the workers.
+
+    The reaper runs every 5 s: it re-sends a build still NotStarted after
+    MMS_BUILD_REPUBLISH_SECONDS (5 here) and re-queues one whose lease (6 s) lapsed; a build
+    takes seconds once the first has cached its Python dependencies.
+    """
+    files = ModelFiles()
+    threading.Thread(target=files.serve_forever, args=(0.05,), daemon=True).start()
+    gate = Gate()
+    proxy = CountingProxy(registry.address, upstream_timeout=60, before=gate.before, after=gate.after).start()
+    root = tmp_path_factory.mktemp("fault-builds")
+    worker_tmp = root / "tmp"
+    worker_tmp.mkdir()
+    env = service_env(root / "data", postgres_cluster.create_database(),
+                      MMS_BROKER_URL=redis_server.url, MMS_BUILD_QUEUE=BUILD_QUEUE,
+                      MMS_REGISTRY=proxy.address, MMS_BUILD_LEASE_SECONDS="6",
+                      MMS_BUILD_REPUBLISH_SECONDS="5", MMS_FETCH_ALLOW_HOSTS=json.dumps([files.address]),
+                      TMPDIR=str(worker_tmp))
+    if HOST_CA_BUNDLE.is_file():  # this machine reaches PyPI through a TLS-inspecting proxy
+        env["MMS_EXTRA_CA_BUNDLE"] = str(HOST_CA_BUNDLE)
+    mms(env, "db", "upgrade")
+    mms(env, "base-image", "publish", "--rootfs-tar", str(rootfs_tar))
+    owner = json.loads(mms(env, "admin", "bootstrap", "-o", "json").stdout)
+    service = Service(api=f"http://127.0.0.1:{env['MMS_PORT']}", headers={}, env=env,
+                      log_dir=root / "logs", files=files, proxy=proxy, gate=gate, worker_tmp=worker_tmp)
+    service.log_dir.mkdir()
+    try:
+        wait_for(f"{service.api}/health", service.start("serve", "--no-build-worker"))
+        token = httpx.post(f"{service.api}/oauth2/token", data={
+            "grant_type": "client_credentials", "client_id": owner["clientId"],
+            "client_secret": owner["clientSecret"]}).json()["access_token"]
+        service.headers = {"Authorization": f"Bearer {token}"}
+        yield service
+    finally:
+        gate.release()
+        for process in service.processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in service.processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)
+        files.held.set()
+        files.shutdown()
+        files.server_close()
+        proxy.stop()

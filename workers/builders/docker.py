@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import re
 import socket
-import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -37,6 +36,7 @@ from workers.builders.run_limits import RunLimits, RunStepWatch
 from workers.fetch_policy import allowing_registry
 from workers.fetcher import FetchError, FetchPolicy, Resolver, check_url
 from workers.oci.registry import DIGEST, ImageReference, RegistryClient, RegistryError
+from workers.scratch import scratch_dir
 
 __all__ = [
     "BASE_DIGEST_LABEL",
@@ -133,7 +133,7 @@ class DockerBuilder:
         try:
             with _engine_errors("engine"):
                 api = engine_client(self.docker_host, self.timeout)
-            with api, tempfile.TemporaryDirectory(prefix="mms-build-") as tmp:
+            with api, scratch_dir("docker") as tmp:
                 with _engine_errors("context"):  # refuse bad inputs before pulling anything
                     check_spec(spec)
                     parse_extra_steps(spec.extra_dockerfile_steps or "")

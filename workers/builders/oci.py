@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping
@@ -38,7 +37,6 @@ from typing import Any, BinaryIO
 import certifi
 
 from app.package_sources import PackageSourceRefused, canonical_requirement
-from app.retrying import attempts
 from app.storage.oci_layout import OciLayout
 
 from workers.build_context import (
@@ -87,9 +85,9 @@ from workers.oci.registry import (
     RegistryClient,
     RegistryError,
     file_chunks,
-    retryable,
 )
 from workers.sandbox import Limits
+from workers.scratch import scratch_dir
 
 __all__ = ["BASE_DIGEST_LABEL", "CACHE_REPOSITORY", "OciBuilder", "Store", "check_extra_steps", "put_image"]
 
@@ -127,7 +125,8 @@ class OciBuilder:
     def __init__(self, registry: str, registry_auth: Mapping[str, str] | None = None, *,
                  cache_dir: Path | None = None, timeout: float = 300.0,
                  layout: OciLayout | None = None, policy: FetchPolicy | None = None,
-                 index_url: str = DEFAULT_INDEX_URL, sandbox: Limits = Limits()) -> None:
+                 index_url: str = DEFAULT_INDEX_URL, sandbox: Limits = Limits(),
+                 registry_retry_seconds: float | None = None) -> None:
         self.registry = registry.rstrip("/")
         self.host, _, self.prefix = self.registry.partition("/")
         self._auth = dict(registry_auth) if registry_auth else None
@@ -138,6 +137,10 @@ class OciBuilder:
         self.layout = layout
         self.index_url = index_url  # the operator's package index: tenants cannot change it
         self.sandbox = sandbox  # limits of a contained sdist build
+        # How long a call to the build's own registry is retried while it is unreachable or
+        # failing (a restart, a failover; None: the client's few tries); the build's run
+        # deadline bounds the whole build.
+        self.registry_retry_seconds = registry_retry_seconds
         # What a base image's registry may be (its own registry always): every request for
         # a base goes through it. None: no address rules (a caller that picks the bases).
         self.policy = allowing_registry(policy, self.registry) if policy is not None else None
@@ -172,8 +175,8 @@ class OciBuilder:
         requirements = _requirements(spec)
         base_ref = _parse_base(spec.base_image)
         with ExitStack() as stack:
-            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mms-oci-")))
-            target = stack.enter_context(self._target())
+            work = Path(stack.enter_context(scratch_dir("oci")))
+            target = stack.enter_context(self._target(emit))
             models = None
             if has_models(spec):
                 # The model layer depends on nothing else: it hashes, compresses and uploads
@@ -243,10 +246,18 @@ class OciBuilder:
 
     # -- inputs ------------------------------------------------------------------------
 
-    def _target(self) -> Store:
+    def _target(self, emit: Log) -> Store:
         if self.layout is not None:
             return LayoutRegistry(self.layout, self.host)
-        return self._client(self.host, self._auth)
+        login = self._auth or {}
+        budget: dict[str, Any] = {}  # None: the client's own few tries
+        if self.registry_retry_seconds is not None:
+            # Backoff tops out at 10 s a wait: enough tries that the time budget ends them.
+            budget = {"retry_seconds": self.registry_retry_seconds,
+                      "tries": 4 + int(self.registry_retry_seconds // 5)}
+        return RegistryClient(self.host, login.get("username"), login.get("password"),
+                              timeout=self.timeout, on_retry=lambda text: emit(f"mms: {text}"),
+                              **budget)
 
     def _client(self, host: str, login: Mapping[str, str] | None, *,
                 policy: FetchPolicy | None = None) -> RegistryClient:
@@ -388,8 +399,8 @@ class OciBuilder:
                          lambda: iter(builder.stream(created_by, level=level)),
                          entry["repository"], diff_id, created_by)
         # A streamed upload cannot be replayed: after a transient failure the layer is
-        # compressed and sent again from its beginning.
-        for attempt in attempts(retryable, tries=3, timeout=self.timeout):
+        # compressed and sent again from its beginning, under the registry's retry budget.
+        for attempt in target.retries():
             with attempt:
                 stream = builder.stream(created_by, level=level)
                 digest, size = target.upload_stream(repo, stream)

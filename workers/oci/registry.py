@@ -25,6 +25,8 @@ a blob download that breaks is downloaded again, within that same bound: at one 
 the requests inside such an attempt are sent once each, so attempts never multiply (a
 registry that always fails gets ``tries`` requests, not ``tries`` squared). A streamed upload
 (``upload_stream``) is retried whole by its caller, which alone can make the stream again.
+Each retry is told to ``on_retry``, if given (a build's log): a build's own registry is given
+a budget long enough to ride out a restart.
 
 No answer is read whole without a cap, as a hostile registry could stream without end: a
 manifest or index at most 4 MiB (the OCI distribution spec's suggestion), a token 1 MiB, a
@@ -176,7 +178,8 @@ class RegistryClient:
                  *, insecure: bool | None = None, timeout: float = 300.0,
                  verify: str | bool = True, policy: FetchPolicy | None = None,
                  resolver: Resolver = socket.getaddrinfo, tries: int = 4,
-                 retry_seconds: float = 120.0, retry_wait: float = 1.0) -> None:
+                 retry_seconds: float = 120.0, retry_wait: float = 1.0,
+                 on_retry: Callable[[str], None] | None = None) -> None:
         self.host = host
         plain_http = is_loopback_host(host) if insecure is None else insecure
         self.base_url = f"{'http' if plain_http else 'https'}://{host}"
@@ -185,6 +188,7 @@ class RegistryClient:
         self._challenges: dict[str, str] = {}  # scope → the Bearer challenge that asked for it
         self._tries, self._retry_seconds, self._retry_wait = tries, retry_seconds, retry_wait
         self._timeout = timeout  # also what reading a small answer whole may take, however it trickles
+        self._on_retry = on_retry
         self._basic = False  # the registry asked for Basic credentials
         transport = None if policy is None else PinnedTransport(policy, verify=verify,
                                                                 resolver=resolver)
@@ -372,9 +376,27 @@ class RegistryClient:
 
     # -- the HTTP exchange with authentication -----------------------------------------
 
+    def retries(self) -> Iterator[Any]:
+        """Attempts at an operation its caller repeats whole (a streamed upload, which only
+        the caller can make again), under this client's tries, time budget and ``on_retry``:
+        ``for attempt in client.retries(): with attempt: ...``."""
+        return self._attempts()
+
     def _attempts(self, retry: bool = True) -> Iterator[Any]:
-        return attempts(retryable if retry else (lambda exc: False), tries=self._tries,
-                        timeout=self._retry_seconds, wait=self._retry_wait)
+        """Attempts at one call; each retry is told to ``on_retry`` first (a build's log, whose
+        writer also stops a build cancelled or past its deadline while the registry is away)."""
+        failures: list[Exception] = []
+
+        def on(exc: Exception) -> bool | float:
+            failures.append(exc)
+            return retryable(exc) if retry else False
+
+        for attempt in attempts(on, tries=self._tries, timeout=self._retry_seconds,
+                                wait=self._retry_wait):
+            if attempt.num > 1 and self._on_retry is not None:
+                self._on_retry(f"registry unreachable or failing: {failures[-1]}; retrying "
+                               f"(attempt {attempt.num}, for up to {self._retry_seconds:g} s)")
+            yield attempt
 
     def _request(self, method: str, path_or_url: str, *, scope: str, ok: tuple[int, ...] = (200,),
                  content: bytes | Callable[[], Iterable[bytes]] | None = None,

@@ -16,7 +16,9 @@ from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from pydantic import ValidationError
 
+from app.config import Settings
 from workers.builders.docker import _blob_copier
 from workers.builders.oci import OciBuilder
 from workers.oci.layers import LayerBuilder
@@ -160,6 +162,27 @@ def test_attempts_are_bounded_and_a_client_error_is_not_retried(registry: FlakyR
             client.get_manifest("mms/base", "2")
         assert denied.value.status == 403
         assert registry.count("GET /v2/mms/base/manifests/2") == 1
+
+
+def test_each_retry_is_told_and_the_listener_can_stop_the_retries(registry: FlakyRegistry) -> None:
+    registry.routes["GET /v2/mms/base/manifests/1"] = [answer(503), drop, MANIFEST_OK]
+    told: list[str] = []
+    with _client(registry, on_retry=told.append) as client:
+        client.get_manifest("mms/base", "1")
+    assert len(told) == 2, told
+    assert "answered 503" in told[0] and "attempt 2" in told[0], told
+    assert "did not answer" in told[1] and "attempt 3" in told[1], told
+
+    class Cancelled(Exception):
+        pass
+
+    def cancelled(text: str) -> None:  # a build's log writer, once the build was cancelled
+        raise Cancelled(text)
+
+    registry.routes["GET /v2/mms/base/manifests/2"] = [answer(502)]
+    with _client(registry, tries=10, on_retry=cancelled) as client, pytest.raises(Cancelled):
+        client.get_manifest("mms/base", "2")
+    assert registry.count("GET /v2/mms/base/manifests/2") == 1
 
 
 def test_a_retry_after_longer_than_the_time_budget_fails_at_once(registry: FlakyRegistry) -> None:
@@ -306,7 +329,7 @@ def test_a_registry_that_always_fails_gets_tries_requests_not_tries_squared(
                              _blob_copier(source, "mms/base", BLOB_DIGEST))
         assert registry.count(blob) == 12
 
-        # The oci builder's streamed layer: it makes the layer again, 3 times at most.
+        # The oci builder's streamed layer: it makes the layer again, within the client's tries.
         registry.routes["POST /v2/acct/img/blobs/uploads/"] = [answer(503)]
         before = registry.count("POST /v2/acct/img/blobs/uploads/")
         layer = LayerBuilder()
@@ -314,5 +337,12 @@ def test_a_registry_that_always_fails_gets_tries_requests_not_tries_squared(
         with pytest.raises(RegistryError):
             OciBuilder(registry.address)._new_layer(layer, "mms oci builder: driver", client,
                                                     "acct/img", lambda line: None)
-        assert registry.count("POST /v2/acct/img/blobs/uploads/") - before == 3
+        assert registry.count("POST /v2/acct/img/blobs/uploads/") - before == 4
     assert time.monotonic() - started < 30
+
+
+def test_registry_retries_must_end_before_the_build_deadline() -> None:
+    with pytest.raises(ValidationError, match="MMS_REGISTRY_RETRY_SECONDS"):
+        Settings(registry_retry_seconds=600, build_run_deadline_seconds=600)
+    assert Settings(registry_retry_seconds=599, build_run_deadline_seconds=600).registry_retry_seconds == 599
+    assert Settings(build_run_deadline_seconds=120).registry_retry_seconds == 60  # the default, halved
