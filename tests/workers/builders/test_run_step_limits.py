@@ -181,7 +181,7 @@ def test_disk_reserved_out_of_a_containers_sight_is_refused_by_the_engine(
     # fallocate --keep-size reserves blocks for a file that stays empty: no size the watch
     # reads shows them. The engine's seccomp profile (docker/engine-seccomp.json) refuses it.
     steps = (f"RUN echo {uuid.uuid4().hex} && fallocate -l 10M /counted && "
-             "if fallocate -n -l 200M /reserved; then echo keep-size-allowed; "
+             "touch /reserved && if fallocate -n -l 200M /reserved; then echo keep-size-allowed; "
              "else echo keep-size-refused; fi")
     build(infra, builder_with(infra), make_spec(SCORE, extra_dockerfile_steps=steps),
           "limit-fallocate", "1", log_lines.append)
