@@ -170,29 +170,36 @@ class RunStepWatch:
         # PidsLimit through the update API: docker-py's update_container lacks it.
         api._raise_for_status(api._post_json(api._url("/containers/{0}/update", cid),
                                              data={"PidsLimit": self.limits.pids}))
-        now = time.monotonic()
+        self._end_step()
+        self._current = cid
+        self._seen.add(cid)
+        self._step_started = time.monotonic()
+        self._size_read_at = 0.0  # read its size at the first look
+
+    def _end_step(self) -> None:
+        """The current step is over: what it wrote and used joins the finished steps'."""
         self._written_before += self._written_now
         self._written_now = 0
         self._cpu_before += self._cpu_now
         self._cpu_now = 0.0
-        self._current = cid
-        self._seen.add(cid)
         if self._step_started is not None:
-            self._run_seconds += now - self._step_started
-        self._step_started = now
-        self._size_read_at = 0.0  # read its size at the first look
+            self._run_seconds += time.monotonic() - self._step_started
+        self._step_started = None
+        self._current = None
 
     def _check(self, api: docker.APIClient, cid: str) -> None:
         try:
             one_shot = True if docker.utils.version_gte(api.api_version, "1.41") else None
             stats = api.stats(cid, stream=False, one_shot=one_shot)
-        except docker.errors.NotFound:
-            return  # the step ended and the engine removed its container
+        except docker.errors.NotFound:  # the step ended and the engine removed its container:
+            self._end_step()  # its time stops counting (a COPY of the models may follow)
+            return
         pids = int((stats.get("pids_stats") or {}).get("current") or 0)
         self._peak_pids = max(self._peak_pids, pids)
         used = ((stats.get("cpu_stats") or {}).get("cpu_usage") or {}).get("total_usage") or 0
         self._cpu_now = max(self._cpu_now, used / 1e9)  # nanoseconds
-        elapsed = self._run_seconds + time.monotonic() - (self._step_started or time.monotonic())
+        elapsed = self._run_seconds + (time.monotonic() - self._step_started
+                                       if self._step_started is not None else 0.0)
         reason = None
         if elapsed > self.limits.seconds:
             reason = (f"the RUN steps ran longer than their time limit of {self.limits.seconds} s "
