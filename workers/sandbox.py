@@ -34,8 +34,6 @@ from functools import cache
 from pathlib import Path
 from typing import TypeVar
 
-import pyseccomp
-
 __all__ = ["Limits", "SandboxFailed", "run_contained"]
 
 Log = Callable[[str], None]
@@ -180,15 +178,26 @@ def _proc_mountable(bwrap: str) -> bool:
 
 def _seccomp_filter() -> int:
     """A file descriptor holding the contained command's seccomp program (BPF), for bwrap."""
+    program = _seccomp_program()
     fd = os.memfd_create("mms-sandbox-seccomp")
     with os.fdopen(os.dup(fd), "wb") as out:
-        out.write(_seccomp_program())
+        out.write(program)
     os.lseek(fd, 0, os.SEEK_SET)
     return fd
 
 
-@cache
 def _seccomp_program() -> bytes:
+    try:
+        return _compiled_seccomp_program()
+    except (ImportError, OSError, RuntimeError) as exc:  # no libseccomp on this worker
+        raise SandboxFailed(f"cannot build the sandbox's seccomp filter ({exc}): the worker "
+                            "needs libseccomp (apt-get install libseccomp2)") from None
+
+
+@cache
+def _compiled_seccomp_program() -> bytes:
+    import pyseccomp  # loads the system's libseccomp: only where a step is contained
+
     refuse = pyseccomp.ERRNO(errno.EPERM)
     rules = pyseccomp.SyscallFilter(defaction=pyseccomp.ALLOW)
     for name in _REFUSED_CALLS:
