@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import re
 import socket
+import tarfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -51,6 +53,24 @@ def build(infra: Infra, builder: DockerBuilder, spec, repo: str, tag: str, log) 
         infra.local_images.append(f"{builder.registry}/{infra.prefix}/{repo}:{tag}")
     infra.pushed.append((builder.registry, f"{infra.prefix}/{repo}", result.digest))
     return result
+
+
+def push_base(infra: Infra, reference: str, dockerfile: str) -> None:
+    """Build ``dockerfile`` (no context files, no network) as ``reference`` and push it."""
+    context = io.BytesIO()
+    with tarfile.open(fileobj=context, mode="w") as tar:
+        info = tarfile.TarInfo("Dockerfile")
+        info.size = len(dockerfile)
+        tar.addfile(info, io.BytesIO(dockerfile.encode()))
+    context.seek(0)
+    repository, _, tag = reference.rpartition(":")
+    with infra.api() as api:
+        chunks = list(api.build(fileobj=context, custom_context=True, tag=reference, decode=True,
+                                network_mode="none", rm=True))
+        assert not [c for c in chunks if "error" in c], chunks
+        infra.local_images.append(reference)
+        pushed = list(api.push(repository, tag=tag, stream=True, decode=True))
+        assert not [c for c in pushed if "error" in c], pushed
 
 
 @contextlib.contextmanager

@@ -4,14 +4,12 @@ the build is FROM the digest it pulled, and a base with ONBUILD triggers is refu
 
 from __future__ import annotations
 
-import io
 import uuid
-import tarfile
 from collections.abc import Callable
 
 import pytest
 
-from tests.workers.builders.test_docker_builder import build
+from tests.workers.builders.test_docker_builder import build, push_base
 from tests.workers.conftest import Infra
 from workers.build_context import BuildSpec
 from workers.builders import BuildFailed
@@ -64,20 +62,8 @@ def test_the_build_is_from_the_digest_pulled_and_a_base_with_onbuild_triggers_is
 
     # A base whose ONBUILD would run a COPY --from (any image in the engine) in our build.
     trigger = f"{infra.registry}/{infra.prefix}/onbuild-base"
-    dockerfile = f"FROM {infra.base_image}\nONBUILD COPY --from={infra.base_image} /etc/hostname /stolen\n"
-    context = io.BytesIO()
-    with tarfile.open(fileobj=context, mode="w") as tar:
-        info = tarfile.TarInfo("Dockerfile")
-        info.size = len(dockerfile)
-        tar.addfile(info, io.BytesIO(dockerfile.encode()))
-    context.seek(0)
-    with infra.api() as api:
-        chunks = list(api.build(fileobj=context, custom_context=True, tag=f"{trigger}:1", decode=True,
-                                network_mode="none", rm=True))
-        assert not [c for c in chunks if "error" in c], chunks
-        infra.local_images.append(f"{trigger}:1")
-        pushed = list(api.push(trigger, tag="1", stream=True, decode=True))
-        assert not [c for c in pushed if "error" in c], pushed
+    push_base(infra, f"{trigger}:1", f"FROM {infra.base_image}\n"
+                                     f"ONBUILD COPY --from={infra.base_image} /etc/hostname /stolen\n")
     log_lines.clear()
     with pytest.raises(BuildFailed) as failed:
         build(infra, builder, make_spec(SCORE, base_image=f"{trigger}:1"), "onbuild", "1", log_lines.append)

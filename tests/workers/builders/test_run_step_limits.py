@@ -3,15 +3,13 @@ that passes it, and the build error names the limit (workers/builders/run_limits
 
 from __future__ import annotations
 
-import io
-import tarfile
 import time
 import uuid
 from collections.abc import Callable
 
 import pytest
 
-from tests.workers.builders.test_docker_builder import build
+from tests.workers.builders.test_docker_builder import build, push_base
 from tests.workers.conftest import Infra
 from workers.build_context import BuildSpec
 from workers.builders import BuildFailed
@@ -138,20 +136,7 @@ def test_a_step_that_prints_another_containers_id_neither_touches_it_nor_escapes
 def test_a_base_with_a_volume_is_refused_since_its_writes_escape_the_disk_limit(
         infra: Infra, make_spec: Callable[..., BuildSpec], log_lines: list[str]) -> None:
     base = f"{infra.registry}/{infra.prefix}/volume-base"
-    dockerfile = f"FROM {infra.base_image}\nVOLUME /data\n"
-    context = io.BytesIO()
-    with tarfile.open(fileobj=context, mode="w") as tar:
-        info = tarfile.TarInfo("Dockerfile")
-        info.size = len(dockerfile)
-        tar.addfile(info, io.BytesIO(dockerfile.encode()))
-    context.seek(0)
-    with infra.api() as api:
-        chunks = list(api.build(fileobj=context, custom_context=True, tag=f"{base}:1", decode=True,
-                                network_mode="none", rm=True))
-        assert not [c for c in chunks if "error" in c], chunks
-        infra.local_images.append(f"{base}:1")
-        pushed = list(api.push(base, tag="1", stream=True, decode=True))
-        assert not [c for c in pushed if "error" in c], pushed
+    push_base(infra, f"{base}:1", f"FROM {infra.base_image}\nVOLUME /data\n")
 
     with pytest.raises(BuildFailed) as failed:
         build(infra, builder_with(infra), make_spec(SCORE, base_image=f"{base}:1"), "volume", "1",
