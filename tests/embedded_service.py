@@ -105,6 +105,15 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def wait_for_children(pid: int, count: int, timeout: float = 30.0) -> list[int]:
+    """The ``count`` children of ``pid``, once it has that many (within ``timeout`` seconds)."""
+    deadline = time.monotonic() + timeout
+    while len(found := children(pid)) < count:
+        assert time.monotonic() < deadline, f"{pid} has {len(found)} children, not {count}"
+        time.sleep(0.1)
+    return found
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -13,7 +13,7 @@ import time
 import docker
 import pytest
 
-from tests.embedded_service import EmbeddedService, alive, children, stop
+from tests.embedded_service import EmbeddedService, alive, stop, wait_for_children
 from tests.workers.conftest import Infra
 from tests.workers.test_image_builds import (
     ECHO_SCORE,
@@ -54,7 +54,8 @@ def test_the_run_command_alone_builds_serves_images_and_resumes_queued_builds(
 
     server = embedded.serve()  # the README's run command: starts its own build worker
     try:
-        [worker_pid] = children(server.pid)
+        # The worker is started once the API listens: a moment after /health first answers.
+        [worker_pid] = wait_for_children(server.pid, 1)
         account.stack = _stack(embedded)
         image = account.wait(created["Id"])
         log = account.log(image)
