@@ -122,15 +122,16 @@ class Settings(BaseSettings):
     build_proxy: str | None = Field(default=None, pattern=r"^(http://[^/?#@\s]+/?)?$")
 
     @model_validator(mode="after")
-    def _builds_never_share_a_network(self) -> "Settings":
+    def _builds_never_share_a_network(self) -> Settings:
         network = self.build_network or ""
         if network in ("host", "bridge", "default") or network.startswith("container:"):
-            raise ValueError(f"MMS_BUILD_NETWORK={network} would let a build's RUN steps reach "
-                             "the engine's host or other containers: name a contained network "
-                             "(scripts/infra/build-network.sh), or leave it unset for none")
+            raise ValueError(
+                f"MMS_BUILD_NETWORK={network} would let a build's RUN steps reach "
+                "the engine's host or other containers: name a contained network "
+                "(scripts/infra/build-network.sh), or leave it unset for none"
+            )
         if self.build_proxy and not self.build_network:
-            raise ValueError("MMS_BUILD_PROXY needs MMS_BUILD_NETWORK, the network it is "
-                             "reachable from")
+            raise ValueError("MMS_BUILD_PROXY needs MMS_BUILD_NETWORK, the network it is reachable from")
         return self
 
     default_base_image: str | None = None  # default FROM; None: the newest published base image
@@ -224,26 +225,30 @@ class Settings(BaseSettings):
         return self.env != "development"
 
     @model_validator(mode="after")
-    def _registry_retries_end_before_the_build_deadline(self) -> "Settings":
+    def _registry_retries_end_before_the_build_deadline(self) -> Settings:
         if self.registry_retry_seconds < self.build_run_deadline_seconds:
             return self
         if "registry_retry_seconds" not in self.model_fields_set:  # the default, a short deadline
             self.registry_retry_seconds = self.build_run_deadline_seconds / 2
         else:
-            raise ValueError(f"MMS_REGISTRY_RETRY_SECONDS ({self.registry_retry_seconds:g}) must be less "
-                             f"than MMS_BUILD_RUN_DEADLINE_SECONDS ({self.build_run_deadline_seconds}): "
-                             "a build waiting for the registry would outlive its deadline")
+            raise ValueError(
+                f"MMS_REGISTRY_RETRY_SECONDS ({self.registry_retry_seconds:g}) must be less "
+                f"than MMS_BUILD_RUN_DEADLINE_SECONDS ({self.build_run_deadline_seconds}): "
+                "a build waiting for the registry would outlive its deadline"
+            )
         return self
 
     @model_validator(mode="after")
-    def _docker_builder_needs_a_registry(self) -> "Settings":
+    def _docker_builder_needs_a_registry(self) -> Settings:
         if self.builder not in self.available_builders:
-            raise ValueError("MMS_BUILDER=docker needs MMS_REGISTRY: the Docker engine pushes "
-                             "images to a registry (the embedded image store takes oci builds)")
+            raise ValueError(
+                "MMS_BUILDER=docker needs MMS_REGISTRY: the Docker engine pushes "
+                "images to a registry (the embedded image store takes oci builds)"
+            )
         return self
 
     @model_validator(mode="after")
-    def _refuse_placeholder_secrets(self) -> "Settings":
+    def _refuse_placeholder_secrets(self) -> Settings:
         if self.env == "production":
             key = self.secret_key or ""
             if key.lower() in _PLACEHOLDER_SECRETS or len(key) < _MIN_SECRET_LENGTH:

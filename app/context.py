@@ -41,7 +41,7 @@ class ServiceContext:
         *,
         engine: Engine | None = None,
         session_factory: sessionmaker[Session] | None = None,
-    ) -> "ServiceContext":
+    ) -> ServiceContext:
         """Everything the service needs, for these settings (tests hand in their own sessions)."""
         prepare_data_dir(settings)
         engine = engine or make_engine(settings)

@@ -78,20 +78,22 @@ def parse_steps(text: str) -> list[Step]:
             raise StepError(f"line {number}: a carriage return that does not end the line")
         bad = _FORBIDDEN.search(line)
         if bad:
-            raise StepError(f"line {number}: control or line-separator character "
-                            f"U+{ord(bad.group()):04X} is not allowed")
+            raise StepError(
+                f"line {number}: control or line-separator character U+{ord(bad.group()):04X} is not allowed"
+            )
         stripped = line.strip()
         if not stripped or stripped.startswith("#"):
             if not parts and _DIRECTIVE.match(stripped):
-                raise StepError(f"line {number}: parser directives ({stripped}) are not "
-                                "allowed in extra steps")
+                raise StepError(f"line {number}: parser directives ({stripped}) are not allowed in extra steps")
             continue  # the engine drops these, inside a continuation too
         continued = _CONTINUATION.search(line)
         if continued is None and stripped.endswith("\\"):
-            raise StepError(f"line {number}: ends with a backslash that is not a line "
-                            "continuation to Docker (an escaped backslash, or a backslash "
-                            "followed by a character other than a space or tab); end the line "
-                            "with a single backslash, or remove it")
+            raise StepError(
+                f"line {number}: ends with a backslash that is not a line "
+                "continuation to Docker (an escaped backslash, or a backslash "
+                "followed by a character other than a space or tab); end the line "
+                "with a single backslash, or remove it"
+            )
         piece = line[: continued.start() + 1] if continued else line
         if not parts:
             start = number
@@ -101,8 +103,7 @@ def parse_steps(text: str) -> list[Step]:
             parts = []
     if parts:
         # A dangling continuation would swallow the instruction the builder writes next.
-        raise StepError(f"line {start}: the instruction ends with a line continuation; "
-                        "finish it")
+        raise StepError(f"line {start}: the instruction ends with a line continuation; finish it")
     return steps
 
 
@@ -113,8 +114,7 @@ def _instruction(joined: str, number: int) -> Step:
         rest = f"{more} {rest}"
     keyword, rest = keyword.upper(), rest.strip(" \t")
     if keyword not in ALLOWED_INSTRUCTIONS:
-        raise StepError(f"line {number}: {keyword} is not allowed; use only "
-                        f"{', '.join(ALLOWED_INSTRUCTIONS)}")
+        raise StepError(f"line {number}: {keyword} is not allowed; use only {', '.join(ALLOWED_INSTRUCTIONS)}")
     if not rest:
         raise StepError(f"line {number}: {keyword} needs arguments")
     if keyword == "RUN":
@@ -123,8 +123,7 @@ def _instruction(joined: str, number: int) -> Step:
     if keyword == "EXPOSE":
         for word in words:
             if not _PORT.fullmatch(word):
-                raise StepError(f"line {number}: EXPOSE {word}: expected a port such as "
-                                "8080 or 8080/udp")
+                raise StepError(f"line {number}: EXPOSE {word}: expected a port such as 8080 or 8080/udp")
         return Step(keyword, number, rest, words=tuple(words))
     pairs = _pairs(keyword, rest, words, number)
     return Step(keyword, number, rest, pairs=tuple(pairs), words=tuple(words))
@@ -143,8 +142,10 @@ def _run_argv(rest: str, number: int) -> tuple[str, ...]:
     if rest.startswith("--"):
         raise StepError(f"line {number}: RUN options ({rest.split()[0]}) are not allowed")
     if _HEREDOC.search(rest):
-        raise StepError(f"line {number}: heredocs (<<) are not supported in extra steps; "
-                        "write the file with printf, or ship it as an asset")
+        raise StepError(
+            f"line {number}: heredocs (<<) are not supported in extra steps; "
+            "write the file with printf, or ship it as an asset"
+        )
     return ("/bin/sh", "-c", rest)
 
 
@@ -162,7 +163,7 @@ def _pairs(keyword: str, rest: str, words: list[str], number: int) -> list[tuple
             raise StepError(f"line {number}: {keyword} {words[0]}: expected NAME=value")
         name = logical[0]
         _check_name(name, _ENV_NAME if keyword == "ENV" else _LABEL_KEY, keyword, number)
-        value = rest[len(words[0]):].strip(" \t")
+        value = rest[len(words[0]) :].strip(" \t")
         return [(name, _unquote(value))]
     pairs = []
     for word, plain in zip(words, logical, strict=True):

@@ -202,8 +202,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _overloaded(request: Request, exc: DatabaseTimeout) -> JSONResponse:
         # Every database connection is busy: a moment's overload, not a bug. Say when to retry.
         log.warning("request.database_busy", extra={"method": request.method, "path": request.url.path})
-        return error_response(ServiceUnavailable("the service is busy; retry in a moment",
-                                                 headers={"Retry-After": "1"}))
+        return error_response(
+            ServiceUnavailable("the service is busy; retry in a moment", headers={"Retry-After": "1"})
+        )
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(InterfaceError)
@@ -211,12 +212,21 @@ def install_error_handlers(app: FastAPI) -> None:
         # The database went away (a restart, a failover, a dropped connection): the request's
         # transaction rolled back, and the pool reconnects on the next request. The message
         # names the kind only: the driver's can carry the statement and its parameters.
-        log.warning("request.database_unavailable", extra={
-            "method": request.method, "path": request.url.path,
-            "error": type(getattr(exc, "orig", None) or exc).__name__})
-        return error_response(ServiceUnavailable(
-            "the database is unavailable; retry in a moment", code="DatabaseUnavailable",
-            headers={"Retry-After": "2"}))
+        log.warning(
+            "request.database_unavailable",
+            extra={
+                "method": request.method,
+                "path": request.url.path,
+                "error": type(getattr(exc, "orig", None) or exc).__name__,
+            },
+        )
+        return error_response(
+            ServiceUnavailable(
+                "the database is unavailable; retry in a moment",
+                code="DatabaseUnavailable",
+                headers={"Retry-After": "2"},
+            )
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -14,7 +14,16 @@ from app.api.event_stream import EventHub
 from app.api.image_polls import ImagePollShortcut
 from app.api.middleware import ConditionalGetMiddleware, DatabaseRequestLimit, RequestBodyGate, RequestIdMiddleware
 from app.api.routes import (
-    accounts, assets, health, images, manifests, models, oauth, principals, registry, webhooks,
+    accounts,
+    assets,
+    health,
+    images,
+    manifests,
+    models,
+    oauth,
+    principals,
+    registry,
+    webhooks,
 )
 from app.api.routes import ui as dashboard
 from app.api.uploads import remove_stale_uploads
@@ -37,13 +46,15 @@ def create_app(settings: Settings | None = None, context: ServiceContext | None 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         ensure_migrated(context.engine)
         settings = context.settings
-        await to_thread.run_sync(lambda: remove_stale_uploads(
-            settings.uploads_dir, older_than_seconds=settings.upload_stale_seconds))
+        await to_thread.run_sync(
+            lambda: remove_stale_uploads(settings.uploads_dir, older_than_seconds=settings.upload_stale_seconds)
+        )
         context.signing_key()
         # No more request threads than database connections: a burst queues on the event
         # loop, rather than in threads that hold the GIL while they wait for a connection.
         to_thread.current_default_thread_limiter().total_tokens = max(
-            4, context.settings.db_pool_size + context.settings.db_max_overflow)
+            4, context.settings.db_pool_size + context.settings.db_max_overflow
+        )
         await app.state.event_hub.start()
         log.info("app.started", extra={"database": context.engine.url.render_as_string(hide_password=True)})
         yield
@@ -58,17 +69,24 @@ def create_app(settings: Settings | None = None, context: ServiceContext | None 
         lifespan=lifespan,
     )
     app.state.context = context
-    app.state.event_hub = EventHub(context.session_factory, interval=context.settings.events_poll_seconds,
-                                   recheck_seconds=context.settings.stream_recheck_seconds)
+    app.state.event_hub = EventHub(
+        context.session_factory,
+        interval=context.settings.events_poll_seconds,
+        recheck_seconds=context.settings.stream_recheck_seconds,
+    )
     app.state.metrics = DatabaseCollector(context.session_factory)
     install_error_handlers(app)
     # Innermost of the middleware: its token check holds a database slot like any request.
-    app.add_middleware(RequestBodyGate, max_bytes=context.settings.max_json_body_bytes,
-                       verify=lambda authorization: verify_authorization(context.verifier, authorization))
+    app.add_middleware(
+        RequestBodyGate,
+        max_bytes=context.settings.max_json_body_bytes,
+        verify=lambda authorization: verify_authorization(context.verifier, authorization),
+    )
     app.add_middleware(ConditionalGetMiddleware)
     # One connection stays free for the event poller and /metrics.
-    app.add_middleware(DatabaseRequestLimit, limit=max(1, context.settings.db_pool_size
-                                                          + context.settings.db_max_overflow - 1))
+    app.add_middleware(
+        DatabaseRequestLimit, limit=max(1, context.settings.db_pool_size + context.settings.db_max_overflow - 1)
+    )
     app.add_middleware(ImagePollShortcut)
     app.add_middleware(RequestIdMiddleware)
 

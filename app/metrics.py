@@ -27,7 +27,8 @@ MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"  # read by prometheus_client itsel
 BUILD_BUCKETS = (10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0)
 
 REQUEST_SECONDS = Histogram(
-    "mms_http_request_duration_seconds", "HTTP requests by method, route template and status",
+    "mms_http_request_duration_seconds",
+    "HTTP requests by method, route template and status",
     ["method", "route", "status"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
@@ -62,15 +63,18 @@ class DatabaseCollector(Collector):
     def _read(self) -> list[Metric]:
         with session_scope(self._session_factory) as session:
             by_state = dict(session.execute(select(Image.state, func.count()).group_by(Image.state)).all())
-            deliveries = dict(session.execute(
-                select(WebhookDelivery.state, func.count()).group_by(WebhookDelivery.state)).all())
+            deliveries = dict(
+                session.execute(select(WebhookDelivery.state, func.count()).group_by(WebhookDelivery.state)).all()
+            )
             durations = self._durations(session)
-        builds = GaugeMetricFamily("mms_builds", "Image builds the database holds, by CreationState",
-                                   labels=["state"])
+        builds = GaugeMetricFamily("mms_builds", "Image builds the database holds, by CreationState", labels=["state"])
         for state in CreationState:
             builds.add_metric([state.value], by_state.get(state.value, 0))
-        queue = GaugeMetricFamily("mms_build_queue_depth", "Builds waiting for a worker (NotStarted)",
-                                  value=by_state.get(CreationState.NOT_STARTED.value, 0))
+        queue = GaugeMetricFamily(
+            "mms_build_queue_depth",
+            "Builds waiting for a worker (NotStarted)",
+            value=by_state.get(CreationState.NOT_STARTED.value, 0),
+        )
         hooks = GaugeMetricFamily("mms_webhook_deliveries", "Webhook deliveries by state", labels=["state"])
         for state in ("Pending", "Delivered", "Failed"):
             hooks.add_metric([state], deliveries.get(state, 0))
@@ -84,9 +88,11 @@ class DatabaseCollector(Collector):
             .where(Image.started_at.is_not(None), Image.ended_at.is_not(None))
             .group_by(Image.builder, Image.state)
         ).all()
-        family = HistogramMetricFamily("mms_build_duration_seconds",
-                                       "Finished builds from start to end, by builder and final state",
-                                       labels=["builder", "state"])
+        family = HistogramMetricFamily(
+            "mms_build_duration_seconds",
+            "Finished builds from start to end, by builder and final state",
+            labels=["builder", "state"],
+        )
         for builder, state, count, total, *within in rows:
             buckets = [(str(bound), int(n or 0)) for bound, n in zip(BUILD_BUCKETS, within, strict=True)]
             family.add_metric([builder, state], buckets + [("+Inf", int(count))], float(total))

@@ -35,8 +35,9 @@ class DirectReference:
     url: str
 
 
-def check_requirements(text: str, what: str, *,
-                       own_url: Callable[[str], bool] = lambda _: False) -> list[DirectReference]:
+def check_requirements(
+    text: str, what: str, *, own_url: Callable[[str], bool] = lambda _: False
+) -> list[DirectReference]:
     """Refuse requirement lines that choose where packages come from: options (an index,
     find-links, a nested file), and direct references (a URL, a VCS or a path) other than
     to the account's own assets (``own_url``), which are returned. Package sources are the
@@ -51,20 +52,23 @@ def check_requirements(text: str, what: str, *,
         if line.startswith("-"):
             raise PackageSourceRefused(
                 f"{what} line {number} ({shown.split()[0]}): options are not accepted; package "
-                "sources are the operator's choice (MMS_PIP_INDEX_URL)")
+                "sources are the operator's choice (MMS_PIP_INDEX_URL)"
+            )
         try:
             requirement = parse_requirement(line)
         except PackageSourceRefused:
             raise PackageSourceRefused(
                 f"{what} line {number} ({_no_query(shown)}): not a requirement such as name==1.0 "
                 "(URLs, paths and options, other than --hash=sha256:… after it, are not "
-                "accepted)") from None
+                "accepted)"
+            ) from None
         if requirement.url:
             if not own_url(requirement.url):
                 raise PackageSourceRefused(
                     f"{what} line {number} ({requirement.name} @ …): direct references are "
                     "accepted only to this account's own assets; upload the file as an asset, "
-                    "or name a version from the package index")
+                    "or name a version from the package index"
+                )
             references.append(DirectReference(number, requirement.name, requirement.url))
     return references
 
@@ -106,7 +110,8 @@ def check_conda_channels(text: str, allowed: list[str]) -> None:
         if channel not in allowed:
             raise PackageSourceRefused(
                 f"conda file: channel {_no_query(channel)[:80]!r} is not one of the operator's "
-                f"({', '.join(allowed) or 'none'}; MMS_CONDA_CHANNELS)")
+                f"({', '.join(allowed) or 'none'}; MMS_CONDA_CHANNELS)"
+            )
 
 
 def conda_pip_entries(text: str) -> list[str]:
@@ -117,8 +122,16 @@ def conda_pip_entries(text: str) -> list[str]:
     except yaml.YAMLError:
         return []
     deps = doc.get("dependencies") if isinstance(doc, dict) else None
-    return [str(entry) for dep in deps or [] if isinstance(dep, dict) and isinstance(dep.get("pip"), list)
-            for entry in dep["pip"]] if isinstance(deps, list) else []
+    return (
+        [
+            str(entry)
+            for dep in deps or []
+            if isinstance(dep, dict) and isinstance(dep.get("pip"), list)
+            for entry in dep["pip"]
+        ]
+        if isinstance(deps, list)
+        else []
+    )
 
 
 _HASHES = re.compile(r"(?:[ \t]+--hash[=\s]sha256:[0-9a-fA-F]{64})+[ \t]*$")

@@ -15,8 +15,7 @@ from email.utils import parsedate_to_datetime
 import httpx
 import stamina
 
-__all__ = ["IDEMPOTENT_METHODS", "TRANSIENT_STATUSES", "Transient", "attempts", "retry_after",
-           "transient_http"]
+__all__ = ["IDEMPOTENT_METHODS", "TRANSIENT_STATUSES", "Transient", "attempts", "retry_after", "transient_http"]
 
 # 408 and 429 say "later"; 500, 502, 503, 504 are a proxy's or a restarting server's.
 TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
@@ -50,8 +49,14 @@ def retry_after(value: str | None, *, cap: float = 60.0) -> float | None:
     return min(max(when - time.time(), 0.0), cap)
 
 
-def attempts(on: Callable[[Exception], bool | float], *, tries: int = 4, timeout: float = 60.0,
-             wait: float = 0.5, wait_max: float = 10.0) -> Iterator[stamina.Attempt]:
+def attempts(
+    on: Callable[[Exception], bool | float],
+    *,
+    tries: int = 4,
+    timeout: float = 60.0,
+    wait: float = 0.5,
+    wait_max: float = 10.0,
+) -> Iterator[stamina.Attempt]:
     """``for attempt in attempts(on): with attempt: ...`` — ``on(exc)`` says whether to try
     again: False, True (after the backoff) or the seconds to wait."""
 
@@ -66,5 +71,13 @@ def attempts(on: Callable[[Exception], bool | float], *, tries: int = 4, timeout
             return verdict if time.monotonic() - started + verdict < timeout else False
         return verdict
 
-    return iter(stamina.retry_context(on=decide, attempts=max(1, tries), timeout=max(timeout, 0.001),
-                                      wait_initial=wait, wait_max=wait_max, wait_jitter=wait))
+    return iter(
+        stamina.retry_context(
+            on=decide,
+            attempts=max(1, tries),
+            timeout=max(timeout, 0.001),
+            wait_initial=wait,
+            wait_max=wait_max,
+            wait_jitter=wait,
+        )
+    )

@@ -19,9 +19,9 @@ class Sealer:
     """Authenticated encryption (Fernet) under a key derived from MMS_SECRET_KEY."""
 
     def __init__(self, secret_key: str) -> None:
-        derived = HKDF(
-            algorithm=hashes.SHA256(), length=32, salt=None, info=b"mms.sealing.v1"
-        ).derive(secret_key.encode())
+        derived = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"mms.sealing.v1").derive(
+            secret_key.encode()
+        )
         self._fernet = Fernet(base64.urlsafe_b64encode(derived))
 
     def seal(self, plaintext: bytes) -> str:
@@ -31,6 +31,4 @@ class Sealer:
         try:
             return self._fernet.decrypt(sealed.encode("ascii"))
         except InvalidToken as exc:
-            raise UnsealError(
-                "a sealed secret could not be opened; was MMS_SECRET_KEY changed?"
-            ) from exc
+            raise UnsealError("a sealed secret could not be opened; was MMS_SECRET_KEY changed?") from exc

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from production import MODEL, cpu_seconds, production_service  # noqa: E402
+from production import MODEL, cpu_seconds, production_service
 
 
 def wrk(url: str, token: str, *, duration: int, connections: int, post_body: str | None) -> dict:
@@ -40,10 +40,13 @@ def wrk(url: str, token: str, *, duration: int, connections: int, post_body: str
         )
     out = subprocess.run(
         ["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "-s", script.name, url],
-        capture_output=True, text=True, timeout=duration + 60, check=True,
+        capture_output=True,
+        text=True,
+        timeout=duration + 60,
+        check=True,
     ).stdout
     os.unlink(script.name)
-    stats = json.loads(re.search(r"^JSON (.*)$", out, re.M).group(1))
+    stats = json.loads(re.search(r"^JSON (.*)$", out, re.MULTILINE).group(1))
     stats["rps"] = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     return stats
 
@@ -61,8 +64,10 @@ def main() -> None:
         account, token = service.account, service.token
         model = httpx.post(f"{account}/models", json=MODEL, headers=service.headers).json()
 
-        print(f"{args.workers} API processes, PostgreSQL, wrk -t2 -c{args.connections} -d{args.duration}s, "
-              f"{os.cpu_count()} cores")
+        print(
+            f"{args.workers} API processes, PostgreSQL, wrk -t2 -c{args.connections} -d{args.duration}s, "
+            f"{os.cpu_count()} cores"
+        )
         print(f"{'request':<28}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'non-2xx':>9}{'server CPU %':>14}")
         for label, url, body in (
             ("GET .../models/{id}", f"{account}/models/{model['id']}", None),
@@ -71,8 +76,11 @@ def main() -> None:
             cpu_before, started = cpu_seconds(service.server.pid), time.monotonic()
             stats = wrk(url, token, duration=args.duration, connections=args.connections, post_body=body)
             cpu = (cpu_seconds(service.server.pid) - cpu_before) / (time.monotonic() - started) * 100
-            print(f"{label:<28}{stats['rps']:>9.0f}{stats['p50'] / 1000:>9.1f}{stats['p99'] / 1000:>9.1f}"
-                  f"{stats['non2xx']:>9}{cpu:>14.0f}")
+            print(
+                f"{label:<28}{stats['rps']:>9.0f}{stats['p50'] / 1000:>9.1f}{stats['p99'] / 1000:>9.1f}"
+                f"{stats['non2xx']:>9}{cpu:>14.0f}"
+            )
+
 
 if __name__ == "__main__":
     main()

@@ -83,17 +83,21 @@ from workers.builders import BuildResult
 
 INFRA = ROOT / "scripts" / "infra"
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
-BUILDER_MODULES = {"docker": ("workers.builders.docker", "DockerBuilder"),
-                   "oci": ("workers.builders.oci", "OciBuilder")}
+BUILDER_MODULES = {
+    "docker": ("workers.builders.docker", "DockerBuilder"),
+    "oci": ("workers.builders.oci", "OciBuilder"),
+}
 SCENARIOS = ("cold", "warm", "no-change")
 MODEL_NAME = "housing"
 MODEL_MIN, MODEL_MAX, MODEL_TARGET = 45e6, 60e6, 52e6
 REPO_PREFIX = "bench/"
 _BENCH_TAG = re.compile(r"^127\.0\.0\.1:\d+/bench/[^:]+:[^:]+$")
-MANIFEST_ACCEPT = ("application/vnd.docker.distribution.manifest.v2+json, "
-                   "application/vnd.oci.image.manifest.v1+json, "
-                   "application/vnd.docker.distribution.manifest.list.v2+json, "
-                   "application/vnd.oci.image.index.v1+json")
+MANIFEST_ACCEPT = (
+    "application/vnd.docker.distribution.manifest.v2+json, "
+    "application/vnd.oci.image.manifest.v1+json, "
+    "application/vnd.docker.distribution.manifest.list.v2+json, "
+    "application/vnd.oci.image.index.v1+json"
+)
 MB = 1e6
 
 SCORE_PY = """\
@@ -123,6 +127,7 @@ class BenchTimeout(Exception):
 
 # ---------------------------------------------------------------- inputs
 
+
 def train_model(path: Path, seed: int, trees: int | None = None) -> int:
     """Pickle a RandomForestRegressor of about 52 MB at ``path``; return its tree count.
 
@@ -135,8 +140,7 @@ def train_model(path: Path, seed: int, trees: int | None = None) -> int:
 
     rng = np.random.default_rng(seed)
     x, y = rng.random((20_000, 8)), rng.random(20_000)
-    forest = RandomForestRegressor(n_estimators=trees or 6, random_state=seed, n_jobs=-1,
-                                   warm_start=True)
+    forest = RandomForestRegressor(n_estimators=trees or 6, random_state=seed, n_jobs=-1, warm_start=True)
     forest.fit(x, y)
     if trees is None:
         per_tree = _pickled_size(forest) / forest.n_estimators
@@ -147,8 +151,9 @@ def train_model(path: Path, seed: int, trees: int | None = None) -> int:
     joblib.dump(forest, path)
     size = path.stat().st_size
     if not MODEL_MIN <= size <= MODEL_MAX:
-        raise SystemExit(f"{path}: {size / MB:.1f} MB, outside {MODEL_MIN / MB:.0f}-"
-                         f"{MODEL_MAX / MB:.0f} MB; adjust train_model")
+        raise SystemExit(
+            f"{path}: {size / MB:.1f} MB, outside {MODEL_MIN / MB:.0f}-{MODEL_MAX / MB:.0f} MB; adjust train_model"
+        )
     return trees
 
 
@@ -190,14 +195,26 @@ def make_inputs(workdir: Path, base_image: str, salt: str) -> Inputs:
     bundle = workdir / "ca-bundle.pem"
     bundle.write_bytes(HOST_CA_BUNDLE.read_bytes().rstrip(b"\n") + f"\n# bench {salt}\n".encode())
     spec = BuildSpec(
-        base_image=base_image, driver_program="score.py", app_dir=app, model_dir=v1_dir,
+        base_image=base_image,
+        driver_program="score.py",
+        app_dir=app,
+        model_dir=v1_dir,
         pip_requirements=f"scikit-learn=={sklearn.__version__}\njoblib\n",
-        ca_bundles=(bundle,), labels={"org.mms.bench": salt})
-    return Inputs(spec, replace(spec, model_dir=v2_dir), model_v2,
-                  (model_v1.stat().st_size, model_v2.stat().st_size), trees, (seed, seed + 1))
+        ca_bundles=(bundle,),
+        labels={"org.mms.bench": salt},
+    )
+    return Inputs(
+        spec,
+        replace(spec, model_dir=v2_dir),
+        model_v2,
+        (model_v1.stat().st_size, model_v2.stat().st_size),
+        trees,
+        (seed, seed + 1),
+    )
 
 
 # ---------------------------------------------------------------- builders
+
 
 def builder_class(name: str) -> tuple[type | None, str]:
     """The builder's class, or None and why it is skipped."""
@@ -221,8 +238,7 @@ def builder_class(name: str) -> tuple[type | None, str]:
 BUILD_NETWORKING: dict[str, str] = {}  # the docker builder's network and proxy (main sets them)
 
 
-def make_builder(name: str, cls: type, *, registry: str, docker_host: str | None,
-                 cache_dir: Path, timeout: int) -> Any:
+def make_builder(name: str, cls: type, *, registry: str, docker_host: str | None, cache_dir: Path, timeout: int) -> Any:
     """A builder pushing to ``registry`` with empty caches (``cache_dir`` is fresh).
 
     oci: ``OciBuilder(registry, registry_auth=None, *, cache_dir=None, timeout=300.0)`` as
@@ -254,6 +270,7 @@ def bounded(fn: Callable[[], Any], seconds: float, what: str) -> Any:
 
 
 # ---------------------------------------------------------------- measurements
+
 
 @dataclass
 class Row:
@@ -292,8 +309,7 @@ def compressed_size(upstream: str, repo: str, digest: str) -> tuple[int, int]:
         manifest = manifest.raise_for_status().json()
         if "manifests" in manifest:  # an index: the linux/amd64 (or first) image
             entries = manifest["manifests"]
-            entry = next((m for m in entries if m.get("platform", {}).get("architecture")
-                          == "amd64"), entries[0])
+            entry = next((m for m in entries if m.get("platform", {}).get("architecture") == "amd64"), entries[0])
             manifest = client.get(f"http://{upstream}/v2/{repo}/manifests/{entry['digest']}")
             manifest = manifest.raise_for_status().json()
     layers = manifest.get("layers", [])
@@ -322,9 +338,11 @@ def measure_floor(proxy: CountingProxy, model: Path, repo: str, timeout: float) 
             raise RuntimeError(f"floor: POST answered {start.status_code}: {start.text[:200]}")
         location = start.headers["Location"]
         sep = "&" if "?" in location else "?"
-        put = client.put(f"{location}{sep}digest=sha256:{digest.hexdigest()}", content=body(),
-                         headers={"Content-Length": str(size),
-                                  "Content-Type": "application/octet-stream"})
+        put = client.put(
+            f"{location}{sep}digest=sha256:{digest.hexdigest()}",
+            content=body(),
+            headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"},
+        )
         if put.status_code != 201:
             raise RuntimeError(f"floor: PUT answered {put.status_code}: {put.text[:200]}")
     row.seconds = time.monotonic() - started
@@ -333,10 +351,22 @@ def measure_floor(proxy: CountingProxy, model: Path, repo: str, timeout: float) 
     return row
 
 
-def run_builder(name: str, cls: type, inputs: Inputs, *, round_no: int, run_id: str,
-                proxy: CountingProxy, upstream: str, docker_host: str | None, workdir: Path,
-                log_dir: Path, build_timeout: int, rows: list[Row],
-                prime: bool) -> None:
+def run_builder(
+    name: str,
+    cls: type,
+    inputs: Inputs,
+    *,
+    round_no: int,
+    run_id: str,
+    proxy: CountingProxy,
+    upstream: str,
+    docker_host: str | None,
+    workdir: Path,
+    log_dir: Path,
+    build_timeout: int,
+    rows: list[Row],
+    prime: bool,
+) -> None:
     """Cold, warm and no-change builds with one builder, appended to ``rows`` as they go;
     stops at the first failure, raises BenchTimeout after recording a build that hung."""
     # A fresh registry prefix per builder and round: the image is <prefix>/housing, and the oci
@@ -353,10 +383,15 @@ def run_builder(name: str, cls: type, inputs: Inputs, *, round_no: int, run_id: 
     specs = [replace(spec, base_image=base_via_proxy) for spec in (inputs.v1, inputs.v2)]
     cache_dir = workdir / f"{name}-cache"
     cache_dir.mkdir()
-    builder = make_builder(name, cls, registry=f"{proxy.address}/{prefix}", docker_host=docker_host,
-                           cache_dir=cache_dir, timeout=min(build_timeout, 600))
-    for tag, (scenario, spec) in enumerate(zip(SCENARIOS, (specs[0], specs[1], specs[1])),
-                                           start=1):
+    builder = make_builder(
+        name,
+        cls,
+        registry=f"{proxy.address}/{prefix}",
+        docker_host=docker_host,
+        cache_dir=cache_dir,
+        timeout=min(build_timeout, 600),
+    )
+    for tag, (scenario, spec) in enumerate(zip(SCENARIOS, (specs[0], specs[1], specs[1])), start=1):
         row = Row(round_no, name, scenario)
         rows.append(row)
         lines: list[str] = []
@@ -366,8 +401,11 @@ def run_builder(name: str, cls: type, inputs: Inputs, *, round_no: int, run_id: 
         try:
             result: BuildResult = bounded(
                 lambda spec=spec, tag=tag, lines=lines: builder.build_and_push(
-                    spec, MODEL_NAME, str(tag), lines.append),
-                build_timeout, f"{name} {scenario} build")
+                    spec, MODEL_NAME, str(tag), lines.append
+                ),
+                build_timeout,
+                f"{name} {scenario} build",
+            )
         except Exception as exc:  # recorded; a BuildFailed says which step
             row.ok, row.error = False, f"{type(exc).__name__}: {exc}"
             if isinstance(exc, BenchTimeout):  # still running: stop the bench, do not overlap
@@ -386,11 +424,11 @@ def run_builder(name: str, cls: type, inputs: Inputs, *, round_no: int, run_id: 
         row.image, row.digest = result.image_location, result.digest
         row.unpacked_bytes = result.size_bytes if name == "docker" else None
         row.compressed_bytes, row.layers = compressed_size(upstream, repo, result.digest)
-        print(json.dumps({k: v for k, v in row.__dict__.items() if k not in ("requests", "log")}),
-              flush=True)
+        print(json.dumps({k: v for k, v in row.__dict__.items() if k not in ("requests", "log")}), flush=True)
 
 
 # ---------------------------------------------------------------- engine housekeeping
+
 
 def engine(docker_host: str | None):
     from workers.builders.docker import engine_client
@@ -399,8 +437,7 @@ def engine(docker_host: str | None):
 
 
 def bench_tags(api) -> list[str]:
-    return [tag for image in api.images() for tag in image.get("RepoTags") or []
-            if _BENCH_TAG.match(tag)]
+    return [tag for image in api.images() for tag in image.get("RepoTags") or [] if _BENCH_TAG.match(tag)]
 
 
 def remove_tags(api, tags: list[str]) -> None:
@@ -431,17 +468,22 @@ def publish_base(upstream: str, base_image: str, repo: str) -> str:
         if "layers" not in manifest:
             raise SystemExit(f"{base_image} is an index: copying one is not written yet")
         for blob in (manifest["config"], *manifest["layers"]):
-            mount = client.post(f"http://{upstream}/v2/{repo}/blobs/uploads/",
-                                params={"mount": blob["digest"], "from": source})
+            mount = client.post(
+                f"http://{upstream}/v2/{repo}/blobs/uploads/", params={"mount": blob["digest"], "from": source}
+            )
             if mount.status_code != 201:
                 raise RuntimeError(f"mounting {blob['digest']} into {repo}: {mount.status_code}")
-        client.put(f"http://{upstream}/v2/{repo}/manifests/{tag}", content=answer.content,
-                   headers={"Content-Type": answer.headers["Content-Type"]}).raise_for_status()
+        client.put(
+            f"http://{upstream}/v2/{repo}/manifests/{tag}",
+            content=answer.content,
+            headers={"Content-Type": answer.headers["Content-Type"]},
+        ).raise_for_status()
     return f"{repo}:{tag}"
 
 
-def prime_docker_base(docker_host: str | None, proxy: CountingProxy, local_base: str,
-                      base_via_proxy: str) -> dict[str, int]:
+def prime_docker_base(
+    docker_host: str | None, proxy: CountingProxy, local_base: str, base_via_proxy: str
+) -> dict[str, int]:
     """Push the engine's base image as ``base_via_proxy`` (already in the registry): the
     engine uploads nothing and notes where the layers are, to mount them from later."""
     import docker
@@ -461,15 +503,19 @@ def prime_docker_base(docker_host: str | None, proxy: CountingProxy, local_base:
                 raise RuntimeError(f"priming push of {base_via_proxy}: {chunk['error']}")
     stats = proxy.stats()
     proxy.reset()
-    return {"upload_bytes": stats.upload_bytes, "blob_uploads": stats.blob_uploads,
-            "mounts": stats.mounts, "manifest_puts": stats.manifest_puts}
+    return {
+        "upload_bytes": stats.upload_bytes,
+        "blob_uploads": stats.blob_uploads,
+        "mounts": stats.mounts,
+        "manifest_puts": stats.manifest_puts,
+    }
 
 
 # ---------------------------------------------------------------- infra
 
+
 def run_script(name: str) -> dict[str, str]:
-    proc = subprocess.run([str(INFRA / name)], capture_output=True, text=True, timeout=900,
-                          check=False)
+    proc = subprocess.run([str(INFRA / name)], capture_output=True, text=True, timeout=900, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed ({proc.returncode}): {proc.stderr[-2000:]}")
     return dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
@@ -477,9 +523,18 @@ def run_script(name: str) -> dict[str, str]:
 
 # ---------------------------------------------------------------- report
 
+
 def median_rows(rows: list[Row]) -> dict[tuple[str, str], dict[str, float]]:
-    keys = ("seconds", "upload_bytes", "blob_uploads", "mounts", "manifest_puts",
-            "compressed_bytes", "unpacked_bytes", "cached_steps")
+    keys = (
+        "seconds",
+        "upload_bytes",
+        "blob_uploads",
+        "mounts",
+        "manifest_puts",
+        "compressed_bytes",
+        "unpacked_bytes",
+        "cached_steps",
+    )
     groups: dict[tuple[str, str], list[Row]] = {}
     for row in rows:
         if row.ok:
@@ -495,16 +550,19 @@ def median_rows(rows: list[Row]) -> dict[tuple[str, str], dict[str, float]]:
 
 def print_table(medians: dict[tuple[str, str], dict[str, float]], repeat: int) -> None:
     print(f"\nmedian of {repeat} round(s)")
-    print(f"| {'builder':<7} | {'scenario':<11} | {'s':>6} | {'MB up':>7} | {'uploads':>7} "
-          f"| {'mounts':>6} | {'manif.':>6} | {'image MB gz':>11} | {'unpacked MB':>11} |")
-    print(f"|{'-' * 9}|{'-' * 13}|{'-' * 8}|{'-' * 9}|{'-' * 9}|{'-' * 8}|{'-' * 8}"
-          f"|{'-' * 13}|{'-' * 13}|")
+    print(
+        f"| {'builder':<7} | {'scenario':<11} | {'s':>6} | {'MB up':>7} | {'uploads':>7} "
+        f"| {'mounts':>6} | {'manif.':>6} | {'image MB gz':>11} | {'unpacked MB':>11} |"
+    )
+    print(f"|{'-' * 9}|{'-' * 13}|{'-' * 8}|{'-' * 9}|{'-' * 9}|{'-' * 8}|{'-' * 8}|{'-' * 13}|{'-' * 13}|")
     for (builder, scenario), m in medians.items():
         unpacked = f"{m['unpacked_bytes'] / MB:.1f}" if m["unpacked_bytes"] is not None else "-"
-        print(f"| {builder:<7} | {scenario:<11} | {m['seconds']:>6.1f} "
-              f"| {m['upload_bytes'] / MB:>7.1f} | {m['blob_uploads']:>7.0f} "
-              f"| {m['mounts']:>6.0f} | {m['manifest_puts']:>6.0f} "
-              f"| {m['compressed_bytes'] / MB:>11.1f} | {unpacked:>11} |")
+        print(
+            f"| {builder:<7} | {scenario:<11} | {m['seconds']:>6.1f} "
+            f"| {m['upload_bytes'] / MB:>7.1f} | {m['blob_uploads']:>7.0f} "
+            f"| {m['mounts']:>6.0f} | {m['manifest_puts']:>6.0f} "
+            f"| {m['compressed_bytes'] / MB:>11.1f} | {unpacked:>11} |"
+        )
 
 
 def ratios(medians: dict[tuple[str, str], dict[str, float]]) -> dict[str, float | None]:
@@ -532,65 +590,97 @@ def print_ratios(values: dict[str, float | None]) -> None:
 
 # ---------------------------------------------------------------- main
 
-def run_round(round_no: int, classes: dict[str, type], proxy: CountingProxy, *,
-              base_image: str, rows: list[Row], run_id: str, upstream: str, docker_host: str | None,
-              workdir: Path, log_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+
+def run_round(
+    round_no: int,
+    classes: dict[str, type],
+    proxy: CountingProxy,
+    *,
+    base_image: str,
+    rows: list[Row],
+    run_id: str,
+    upstream: str,
+    docker_host: str | None,
+    workdir: Path,
+    log_dir: Path,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
     """Fresh inputs, the floor, then every builder's three builds; rows appended to ``rows``."""
     salt = f"{run_id}-r{round_no}"
     started = time.monotonic()
     inputs = make_inputs(workdir, base_image, salt)
-    print(f"round {round_no}: models {inputs.model_bytes[0] / MB:.1f} / "
-          f"{inputs.model_bytes[1] / MB:.1f} MB ({inputs.trees} trees), trained in "
-          f"{time.monotonic() - started:.0f} s", flush=True)
-    floor = measure_floor(proxy, inputs.model_v2, f"{REPO_PREFIX}floor-{run_id}-r{round_no}",
-                          300)
+    print(
+        f"round {round_no}: models {inputs.model_bytes[0] / MB:.1f} / "
+        f"{inputs.model_bytes[1] / MB:.1f} MB ({inputs.trees} trees), trained in "
+        f"{time.monotonic() - started:.0f} s",
+        flush=True,
+    )
+    floor = measure_floor(proxy, inputs.model_v2, f"{REPO_PREFIX}floor-{run_id}-r{round_no}", 300)
     floor.round = round_no
     rows.append(floor)
-    print(json.dumps({"round": round_no, "floor_seconds": round(floor.seconds, 2),
-                      "upload_bytes": floor.upload_bytes}), flush=True)
+    print(
+        json.dumps({"round": round_no, "floor_seconds": round(floor.seconds, 2), "upload_bytes": floor.upload_bytes}),
+        flush=True,
+    )
     for name, cls in classes.items():
         first = len(rows)
         try:
-            run_builder(name, cls, inputs, round_no=round_no, run_id=run_id, proxy=proxy,
-                        upstream=upstream, docker_host=docker_host, workdir=workdir,
-                        log_dir=log_dir, build_timeout=args.build_timeout, rows=rows,
-                        prime=not args.no_prime)
+            run_builder(
+                name,
+                cls,
+                inputs,
+                round_no=round_no,
+                run_id=run_id,
+                proxy=proxy,
+                upstream=upstream,
+                docker_host=docker_host,
+                workdir=workdir,
+                log_dir=log_dir,
+                build_timeout=args.build_timeout,
+                rows=rows,
+                prime=not args.no_prime,
+            )
         except BenchTimeout:
             raise
         except Exception as exc:  # noqa: BLE001 (e.g. a constructor that changed: go on)
-            print(f"{name}: round {round_no} not run: {type(exc).__name__}: {exc}",
-                  file=sys.stderr)
-            rows.append(Row(round_no, name, "cold", ok=False,
-                            error=f"{type(exc).__name__}: {exc}"))
+            print(f"{name}: round {round_no} not run: {type(exc).__name__}: {exc}", file=sys.stderr)
+            rows.append(Row(round_no, name, "cold", ok=False, error=f"{type(exc).__name__}: {exc}"))
             continue
         last = rows[-1] if len(rows) > first else None
         if args.smoke and last is not None and last.ok and last.image:
             smoke(docker_host, last.image, log_dir / f"{name}-r{round_no}-smoke.log")
-    return {"round": round_no, "salt": salt, "seeds": inputs.seeds, "trees": inputs.trees,
-            "model_bytes": inputs.model_bytes}
+    return {
+        "round": round_no,
+        "salt": salt,
+        "seeds": inputs.seeds,
+        "trees": inputs.trees,
+        "model_bytes": inputs.model_bytes,
+    }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--builders", help="comma-separated (docker,oci); default: those that "
-                                           "import")
+    parser.add_argument("--builders", help="comma-separated (docker,oci); default: those that import")
     parser.add_argument("--repeat", type=int, default=1, help="rounds; the table shows medians")
-    parser.add_argument("--json", type=Path, help="write the results here (default: "
-                                                  "/tmp/mms-build-bench/<run>.json)")
-    parser.add_argument("--build-timeout", type=int, default=1800,
-                        help="seconds one build may take before the bench gives up")
-    parser.add_argument("--no-prime", action="store_true",
-                        help="do not push the base through the proxy before docker's cold "
-                             "build (its cold push then uploads the base layer again)")
-    parser.add_argument("--smoke", action="store_true",
-                        help="also start each builder's last image once (docker engine)")
+    parser.add_argument("--json", type=Path, help="write the results here (default: /tmp/mms-build-bench/<run>.json)")
+    parser.add_argument(
+        "--build-timeout", type=int, default=1800, help="seconds one build may take before the bench gives up"
+    )
+    parser.add_argument(
+        "--no-prime",
+        action="store_true",
+        help="do not push the base through the proxy before docker's cold "
+        "build (its cold push then uploads the base layer again)",
+    )
+    parser.add_argument(
+        "--smoke", action="store_true", help="also start each builder's last image once (docker engine)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the engine images")
     args = parser.parse_args()
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
 
-    names = ([n.strip() for n in args.builders.split(",") if n.strip()] if args.builders
-             else list(BUILDER_MODULES))
+    names = [n.strip() for n in args.builders.split(",") if n.strip()] if args.builders else list(BUILDER_MODULES)
     classes: dict[str, type] = {}
     skipped: dict[str, str] = {}
     for name in names:
@@ -612,14 +702,16 @@ def main() -> int:
     docker_host = run_script("docker-engine.sh")["DOCKER_HOST"]
     # RUN steps run in the contained build network, reaching PyPI through its egress proxy.
     networking = run_script("build-network.sh")
-    BUILD_NETWORKING.update(network=networking["MMS_BUILD_NETWORK"],
-                            proxy=networking["MMS_BUILD_PROXY"])
+    BUILD_NETWORKING.update(network=networking["MMS_BUILD_NETWORK"], proxy=networking["MMS_BUILD_PROXY"])
     upstream = run_script("registry.sh")["MMS_REGISTRY"]
     base_image = run_script("base-image.sh")["MMS_BASE_IMAGE"]
     import sklearn
 
-    print(f"run {run_id}: builders {', '.join(classes)}; registry {upstream}; base {base_image}; "
-          f"scikit-learn {sklearn.__version__}; {os.cpu_count()} cores", flush=True)
+    print(
+        f"run {run_id}: builders {', '.join(classes)}; registry {upstream}; base {base_image}; "
+        f"scikit-learn {sklearn.__version__}; {os.cpu_count()} cores",
+        flush=True,
+    )
 
     rows: list[Row] = []
     rounds: list[dict[str, Any]] = []
@@ -627,10 +719,21 @@ def main() -> int:
     try:
         with CountingProxy(upstream, upstream_timeout=300) as proxy:
             for round_no in range(1, args.repeat + 1):
-                rounds.append(run_round(
-                    round_no, classes, proxy, base_image=base_image, rows=rows,
-                    run_id=run_id, upstream=upstream, docker_host=docker_host,
-                    workdir=workroot / f"r{round_no}", log_dir=log_dir, args=args))
+                rounds.append(
+                    run_round(
+                        round_no,
+                        classes,
+                        proxy,
+                        base_image=base_image,
+                        rows=rows,
+                        run_id=run_id,
+                        upstream=upstream,
+                        docker_host=docker_host,
+                        workdir=workroot / f"r{round_no}",
+                        log_dir=log_dir,
+                        args=args,
+                    )
+                )
     except BenchTimeout as exc:
         print(f"stopped: {exc}", file=sys.stderr)
     finally:
@@ -645,16 +748,29 @@ def main() -> int:
     print_ratios(values)
     failed = [r for r in rows if not r.ok]
     for row in failed:
-        print(f"FAILED: round {row.round} {row.builder} {row.scenario}: {row.error} "
-              f"(log: {row.log or '-'})", file=sys.stderr)
-    out.write_text(json.dumps({
-        "run": run_id, "cores": os.cpu_count(), "registry": upstream, "base_image": base_image,
-        "docker_base_primed": not args.no_prime,
-        "builders": list(classes),
-        "skipped": skipped, "repeat": args.repeat, "rounds": rounds,
-        "rows": [row.__dict__ for row in rows],
-        "medians": [{"builder": b, "scenario": s, **m} for (b, s), m in medians.items()],
-        "ratios": values}, indent=2))
+        print(
+            f"FAILED: round {row.round} {row.builder} {row.scenario}: {row.error} (log: {row.log or '-'})",
+            file=sys.stderr,
+        )
+    out.write_text(
+        json.dumps(
+            {
+                "run": run_id,
+                "cores": os.cpu_count(),
+                "registry": upstream,
+                "base_image": base_image,
+                "docker_base_primed": not args.no_prime,
+                "builders": list(classes),
+                "skipped": skipped,
+                "repeat": args.repeat,
+                "rounds": rounds,
+                "rows": [row.__dict__ for row in rows],
+                "medians": [{"builder": b, "scenario": s, **m} for (b, s), m in medians.items()],
+                "ratios": values,
+            },
+            indent=2,
+        )
+    )
     print(f"\nresults: {out}\nbuild logs: {log_dir}/")
     return 1 if failed else 0
 

@@ -33,12 +33,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from workers.sandbox import Limits, run_contained  # noqa: E402
+from workers.sandbox import Limits, run_contained
 
 SDIST_FILES = {
     "pyproject.toml": '[build-system]\nrequires = ["setuptools>=70.1"]\n'
-                      'build-backend = "setuptools.build_meta"\n'
-                      '[project]\nname = "benchpkg"\nversion = "1.0"\n',
+    'build-backend = "setuptools.build_meta"\n'
+    '[project]\nname = "benchpkg"\nversion = "1.0"\n',
     "benchpkg/__init__.py": "VALUE = 1\n",
 }
 
@@ -70,12 +70,20 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    env = dict(line.split("=", 1) for line in subprocess.run(
-        [str(ROOT / "scripts/infra/docker-engine.sh")], capture_output=True, text=True, check=True
-    ).stdout.splitlines() if "=" in line)
-    base = dict(line.split("=", 1) for line in subprocess.run(
-        [str(ROOT / "scripts/infra/base-image.sh")], capture_output=True, text=True, check=True
-    ).stdout.splitlines() if "=" in line)["MMS_BASE_IMAGE"]
+    env = dict(
+        line.split("=", 1)
+        for line in subprocess.run(
+            [str(ROOT / "scripts/infra/docker-engine.sh")], capture_output=True, text=True, check=True
+        ).stdout.splitlines()
+        if "=" in line
+    )
+    base = dict(
+        line.split("=", 1)
+        for line in subprocess.run(
+            [str(ROOT / "scripts/infra/base-image.sh")], capture_output=True, text=True, check=True
+        ).stdout.splitlines()
+        if "=" in line
+    )["MMS_BASE_IMAGE"]
     docker = ["docker", "--host", env["DOCKER_HOST"]]
     limits = Limits(wall_seconds=300)
     results: dict[str, dict[str, float]] = {}
@@ -83,8 +91,17 @@ def main() -> None:
         work = Path(tmp)
         work.chmod(0o755)
         sdist = _sdist(work)
-        wheel_args = ["-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-                      "--disable-pip-version-check", "--no-cache-dir", "-q"]
+        wheel_args = [
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--disable-pip-version-check",
+            "--no-cache-dir",
+            "-q",
+        ]
 
         def fresh(name: str) -> Path:
             out = work / name
@@ -94,31 +111,64 @@ def main() -> None:
             return out
 
         results["empty: plain process"] = _time(
-            lambda: subprocess.run([sys.executable, "-c", "pass"], check=True), args.repeat)
+            lambda: subprocess.run([sys.executable, "-c", "pass"], check=True), args.repeat
+        )
         results["empty: contained (bubblewrap)"] = _time(
-            lambda: run_contained([sys.executable, "-c", "pass"], inputs={}, output=fresh("o"),
-                                  limits=limits, log=lambda _: None, what="bench"), args.repeat)
+            lambda: run_contained(
+                [sys.executable, "-c", "pass"],
+                inputs={},
+                output=fresh("o"),
+                limits=limits,
+                log=lambda _: None,
+                what="bench",
+            ),
+            args.repeat,
+        )
         # The same Python, pip and setuptools in a container: only the containment differs.
         same_python = [f"--volume={p}:{p}:ro" for p in dict.fromkeys((sys.prefix, sys.base_prefix))]
-        container = [*docker, "run", "--rm", "--network", "none", *same_python,
-                     f"--volume={work}:/in:ro", base, sys.executable]
+        container = [
+            *docker,
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            *same_python,
+            f"--volume={work}:/in:ro",
+            base,
+            sys.executable,
+        ]
         results["empty: engine container"] = _time(
-            lambda: subprocess.run([*container, "-c", "pass"], check=True, capture_output=True),
-            args.repeat)
+            lambda: subprocess.run([*container, "-c", "pass"], check=True, capture_output=True), args.repeat
+        )
         results["wheel: plain process"] = _time(
-            lambda: subprocess.run([sys.executable, *wheel_args, "-w", str(fresh("w")), str(sdist)],
-                                   check=True, capture_output=True), args.repeat)
+            lambda: subprocess.run(
+                [sys.executable, *wheel_args, "-w", str(fresh("w")), str(sdist)], check=True, capture_output=True
+            ),
+            args.repeat,
+        )
         results["wheel: contained (bubblewrap)"] = _time(
-            lambda: run_contained([sys.executable, *wheel_args, "-w", "/out", f"/in/{sdist.name}"],
-                                  inputs={sdist: f"/in/{sdist.name}"}, output=fresh("c"),
-                                  limits=limits, log=lambda _: None, what="bench"), args.repeat)
+            lambda: run_contained(
+                [sys.executable, *wheel_args, "-w", "/out", f"/in/{sdist.name}"],
+                inputs={sdist: f"/in/{sdist.name}"},
+                output=fresh("c"),
+                limits=limits,
+                log=lambda _: None,
+                what="bench",
+            ),
+            args.repeat,
+        )
         results["wheel: engine container"] = _time(
-            lambda: subprocess.run([*container, *wheel_args, "-w", "/tmp/w", f"/in/{sdist.name}"],
-                                   check=True, capture_output=True), args.repeat)
+            lambda: subprocess.run(
+                [*container, *wheel_args, "-w", "/tmp/w", f"/in/{sdist.name}"], check=True, capture_output=True
+            ),
+            args.repeat,
+        )
     width = max(map(len, results))
     for name, figures in results.items():
-        print(f"{name:<{width}}  median {figures['median_s'] * 1000:8.1f} ms  "
-              f"(min {figures['min_s'] * 1000:.1f}, max {figures['max_s'] * 1000:.1f}, n={args.repeat})")
+        print(
+            f"{name:<{width}}  median {figures['median_s'] * 1000:8.1f} ms  "
+            f"(min {figures['min_s'] * 1000:.1f}, max {figures['max_s'] * 1000:.1f}, n={args.repeat})"
+        )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -36,18 +36,24 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from production import MODEL, cpu_seconds, production_service  # noqa: E402
+from production import MODEL, cpu_seconds, production_service
 
 REQUEST_TIMEOUT = 10.0  # a poll not answered by then counts as failed
 COLD_START_LIMIT = 60.0  # the longest the bench waits for every dashboard's first answer
 SETTLE_SECONDS = 5.0
 
-MANIFEST = {"name": "bench-manifest", "driverProgram": "score", "modelIds": [],
-            "assets": [{"id": "score", "url": "https://example.com/score.py", "mimeType": "application/x-python"}],
-            "targetRuntime": {"runtimeType": "Python", "properties": {}}}
+MANIFEST = {
+    "name": "bench-manifest",
+    "driverProgram": "score",
+    "modelIds": [],
+    "assets": [{"id": "score", "url": "https://example.com/score.py", "mimeType": "application/x-python"}],
+    "targetRuntime": {"runtimeType": "Python", "properties": {}},
+}
 
 
-async def _request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> tuple[int, dict[str, str]]:
+async def _request(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes
+) -> tuple[int, dict[str, str]]:
     writer.write(request)
     status = int((await reader.readline()).split()[1])
     headers: dict[str, str] = {}
@@ -77,8 +83,9 @@ async def _poller(index: int, port: int, path: str, token: str, start: float, po
         while due < polling.end:
             await asyncio.sleep(max(0.0, due - loop.time()))
             conditional = f"If-None-Match: {etag}\r\n" if etag else ""
-            request = (f"GET {path} HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {token}\r\n"
-                       f"{conditional}\r\n").encode()
+            request = (
+                f"GET {path} HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {token}\r\n{conditional}\r\n"
+            ).encode()
             try:
                 status, headers = await asyncio.wait_for(_request(reader, writer, request), REQUEST_TIMEOUT)
             except (TimeoutError, ConnectionError, IndexError, asyncio.IncompleteReadError):
@@ -97,11 +104,14 @@ async def _poller(index: int, port: int, path: str, token: str, start: float, po
         writer.close()
 
 
-async def _subscriber(port: int, path: str, token: str, ready: asyncio.Event, delays: list[float],
-                      stop: asyncio.Event) -> None:
+async def _subscriber(
+    port: int, path: str, token: str, ready: asyncio.Event, delays: list[float], stop: asyncio.Event
+) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {token}\r\n"
-                 "Accept: text/event-stream\r\n\r\n".encode())
+    writer.write(
+        f"GET {path} HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {token}\r\n"
+        "Accept: text/event-stream\r\n\r\n".encode()
+    )
     try:
         while (await reader.readline()) not in (b"\r\n", b""):
             pass  # the response headers
@@ -114,7 +124,7 @@ async def _subscriber(port: int, path: str, token: str, ready: asyncio.Event, de
                 return
             if line.startswith(b"event: ready"):
                 ready.set()
-            elif line.startswith(b"data: {\"id\""):
+            elif line.startswith(b'data: {"id"'):
                 sent = datetime.fromisoformat(json.loads(line[6:])["time"]).timestamp()
                 delays.append(time.time() - sent)
     finally:
@@ -125,15 +135,17 @@ def _percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=1000)[int(q * 10) - 1] if len(values) > 1 else float("nan")
 
 
-async def poll_phase(service, images: list[str], dashboards: int, duration: float) -> None:  # noqa: ANN001
+async def poll_phase(service, images: list[str], dashboards: int, duration: float) -> None:
     """Start every dashboard within one second (as after a restart), wait until each has had
     its first answer (the cold start), then measure ``duration`` seconds of steady polling."""
     loop = asyncio.get_running_loop()
     path_of = [f"/api{service.account.split('/api', 1)[1]}/images/{image}" for image in images]
     start = loop.time() + 1.0
     polling = Polling(end=start + COLD_START_LIMIT + duration)
-    tasks = [asyncio.create_task(_poller(i, service.port, path_of[i % len(images)], service.token, start, polling))
-             for i in range(dashboards)]
+    tasks = [
+        asyncio.create_task(_poller(i, service.port, path_of[i % len(images)], service.token, start, polling))
+        for i in range(dashboards)
+    ]
     while len(polling.answered) < dashboards and loop.time() < start + COLD_START_LIMIT:
         await asyncio.sleep(0.05)
     cold_start = loop.time() - start
@@ -142,29 +154,40 @@ async def poll_phase(service, images: list[str], dashboards: int, duration: floa
     polling.end = loop.time() + duration
     polling.latencies.clear()
     polling.statuses.clear()
-    cpu_server, cpu_client, wall = (cpu_seconds(service.server.pid), cpu_seconds(os.getpid(), descendants=False),
-                                    time.monotonic())
+    cpu_server, cpu_client, wall = (
+        cpu_seconds(service.server.pid),
+        cpu_seconds(os.getpid(), descendants=False),
+        time.monotonic(),
+    )
     await asyncio.gather(*tasks)
     wall = time.monotonic() - wall
     server_cpu = (cpu_seconds(service.server.pid) - cpu_server) / wall
     client_cpu = (cpu_seconds(os.getpid(), descendants=False) - cpu_client) / wall
     latencies = polling.latencies
     print(f"polling: {dashboards} dashboards x 1/s, {len(images)} images, ETag/304")
-    print(f"  cold start: {len(polling.answered)} of {dashboards} had their first answer within {cold_start:.1f} s "
-          f"(statuses {dict(sorted(cold.items()))})")
-    print(f"  steady, {duration:.0f} s: {len(latencies) / wall:.0f} requests/s, statuses {dict(sorted(polling.statuses.items()))}")
-    print(f"  latency p50 {_percentile(latencies, 50) * 1000:.1f} ms, p99 {_percentile(latencies, 99) * 1000:.1f} ms, "
-          f"max {max(latencies) * 1000:.1f} ms")
+    print(
+        f"  cold start: {len(polling.answered)} of {dashboards} had their first answer within {cold_start:.1f} s "
+        f"(statuses {dict(sorted(cold.items()))})"
+    )
+    print(
+        f"  steady, {duration:.0f} s: {len(latencies) / wall:.0f} requests/s, statuses {dict(sorted(polling.statuses.items()))}"
+    )
+    print(
+        f"  latency p50 {_percentile(latencies, 50) * 1000:.1f} ms, p99 {_percentile(latencies, 99) * 1000:.1f} ms, "
+        f"max {max(latencies) * 1000:.1f} ms"
+    )
     print(f"  server CPU {server_cpu:.2f} cores, load generator CPU {client_cpu:.2f} cores")
 
 
-async def stream_phase(service, dashboards: int, events: int, manifest_id: str) -> None:  # noqa: ANN001
+async def stream_phase(service, dashboards: int, events: int, manifest_id: str) -> None:
     path = f"/api{service.account.split('/api', 1)[1]}/images/events"
     stop = asyncio.Event()
     delays: list[float] = []
     readies = [asyncio.Event() for _ in range(dashboards)]
-    tasks = [asyncio.create_task(_subscriber(service.port, path, service.token, readies[i], delays, stop))
-             for i in range(dashboards)]
+    tasks = [
+        asyncio.create_task(_subscriber(service.port, path, service.token, readies[i], delays, stop))
+        for i in range(dashboards)
+    ]
     await asyncio.wait_for(asyncio.gather(*(r.wait() for r in readies)), 60)
     cpu_server, wall = cpu_seconds(service.server.pid), time.monotonic()
     await asyncio.sleep(5)
@@ -172,8 +195,9 @@ async def stream_phase(service, dashboards: int, events: int, manifest_id: str) 
     cpu_server, wall = cpu_seconds(service.server.pid), time.monotonic()
     async with httpx.AsyncClient(headers=service.headers, timeout=30) as client:
         for _ in range(events):
-            created = await client.post(f"{service.account}/images", json={
-                "name": "streamed", "manifestId": manifest_id, "imageType": "Docker"})
+            created = await client.post(
+                f"{service.account}/images", json={"name": "streamed", "manifestId": manifest_id, "imageType": "Docker"}
+            )
             created.raise_for_status()
             await asyncio.sleep(1.0)
     deadline = time.monotonic() + 15
@@ -183,8 +207,10 @@ async def stream_phase(service, dashboards: int, events: int, manifest_id: str) 
     stop.set()
     await asyncio.gather(*tasks, return_exceptions=True)
     print(f"streaming: {dashboards} subscribers, {events} state changes (1/s)")
-    print(f"  delivered {len(delays)} of {dashboards * events} events; delay p50 {_percentile(delays, 50) * 1000:.0f} ms, "
-          f"p99 {_percentile(delays, 99) * 1000:.0f} ms, max {max(delays) * 1000:.0f} ms")
+    print(
+        f"  delivered {len(delays)} of {dashboards * events} events; delay p50 {_percentile(delays, 50) * 1000:.0f} ms, "
+        f"p99 {_percentile(delays, 99) * 1000:.0f} ms, max {max(delays) * 1000:.0f} ms"
+    )
     print(f"  server CPU {idle_cpu:.2f} cores with every subscriber idle, {busy_cpu:.2f} cores while events flow")
 
 
@@ -199,13 +225,19 @@ def main() -> None:
     with production_service(args.workers) as service:
         headers = service.headers
         model = httpx.post(f"{service.account}/models", json=MODEL, headers=headers).json()
-        manifest = httpx.post(f"{service.account}/manifests", json={**MANIFEST, "modelIds": [model["id"]]},
-                              headers=headers)
+        manifest = httpx.post(
+            f"{service.account}/manifests", json={**MANIFEST, "modelIds": [model["id"]]}, headers=headers
+        )
         manifest.raise_for_status()
         manifest_id = manifest.json()["id"]
-        images = [httpx.post(f"{service.account}/images", headers=headers, json={
-            "name": f"polled-{i}", "manifestId": manifest_id, "imageType": "Docker"}).json()["Id"]
-            for i in range(args.images)]
+        images = [
+            httpx.post(
+                f"{service.account}/images",
+                headers=headers,
+                json={"name": f"polled-{i}", "manifestId": manifest_id, "imageType": "Docker"},
+            ).json()["Id"]
+            for i in range(args.images)
+        ]
         print(f"{args.workers} API processes (MMS_ENV=production, JSON logs), PostgreSQL, {os.cpu_count()} cores")
         asyncio.run(poll_phase(service, images, args.dashboards, args.duration))
         asyncio.run(stream_phase(service, args.dashboards, args.events, manifest_id))

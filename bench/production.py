@@ -22,8 +22,14 @@ import httpx
 import psycopg
 
 PG = "postgresql+psycopg://postgres@127.0.0.1:5432"
-MODEL = {"name": "housing.model", "tags": ["bench"], "description": "bench",
-         "url": "https://example.com/housing.zip", "mimeType": "application/zip", "unpack": False}
+MODEL = {
+    "name": "housing.model",
+    "tags": ["bench"],
+    "description": "bench",
+    "url": "https://example.com/housing.zip",
+    "mimeType": "application/zip",
+    "unpack": False,
+}
 
 
 def free_port() -> int:
@@ -69,19 +75,35 @@ def production_service(workers: int, **settings: str) -> Iterator[Service]:
         conn.execute(f"CREATE DATABASE {database}")
     data_dir = Path(tempfile.mkdtemp(prefix="mms-bench-"))
     port = free_port()
-    env = {**os.environ, "MMS_ENV": "production", "MMS_SECRET_KEY": secrets.token_urlsafe(48),
-           "MMS_DATABASE_URL": f"{PG}/{database}", "MMS_DATA_DIR": str(data_dir),
-           "MMS_BROKER_URL": "redis://127.0.0.1:6379/13", "MMS_REGISTRY": "127.0.0.1:5000",
-           "MMS_WORKERS": str(workers), "MMS_PORT": str(port), **settings}
+    env = {
+        **os.environ,
+        "MMS_ENV": "production",
+        "MMS_SECRET_KEY": secrets.token_urlsafe(48),
+        "MMS_DATABASE_URL": f"{PG}/{database}",
+        "MMS_DATA_DIR": str(data_dir),
+        "MMS_BROKER_URL": "redis://127.0.0.1:6379/13",
+        "MMS_REGISTRY": "127.0.0.1:5000",
+        "MMS_WORKERS": str(workers),
+        "MMS_PORT": str(port),
+        **settings,
+    }
     mms = [sys.executable, "-m", "app.cli"]
     server = None
     try:
         subprocess.run([*mms, "db", "upgrade"], env=env, check=True, capture_output=True)
-        creds = json.loads(subprocess.run([*mms, "admin", "bootstrap", "-o", "json"], env=env,
-                                          check=True, capture_output=True, text=True).stdout)
+        creds = json.loads(
+            subprocess.run(
+                [*mms, "admin", "bootstrap", "-o", "json"], env=env, check=True, capture_output=True, text=True
+            ).stdout
+        )
         server_log = open(os.environ.get("MMS_BENCH_SERVER_LOG", os.devnull), "wb")  # noqa: SIM115
-        server = subprocess.Popen([*mms, "serve", "--no-build-worker"], env=env, stdout=server_log,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
+        server = subprocess.Popen(
+            [*mms, "serve", "--no-build-worker"],
+            env=env,
+            stdout=server_log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         server_log.close()
         base = f"http://127.0.0.1:{port}"
         for _ in range(150):
@@ -90,11 +112,18 @@ def production_service(workers: int, **settings: str) -> Iterator[Service]:
                 break
             except httpx.TransportError:
                 time.sleep(0.2)
-        token = httpx.post(f"{base}/oauth2/token", data={"grant_type": "client_credentials",
-                           "client_id": creds["clientId"], "client_secret": creds["clientSecret"]}).json()["access_token"]
+        token = httpx.post(
+            f"{base}/oauth2/token",
+            data={
+                "grant_type": "client_credentials",
+                "client_id": creds["clientId"],
+                "client_secret": creds["clientSecret"],
+            },
+        ).json()["access_token"]
         account = f"{base}/api/subscriptions/bench/resourceGroups/rg/accounts/bench"
-        httpx.put(account, json={"location": "eastus2", "sku": {"name": "S1"}},
-                  headers={"Authorization": f"Bearer {token}"}).raise_for_status()
+        httpx.put(
+            account, json={"location": "eastus2", "sku": {"name": "S1"}}, headers={"Authorization": f"Bearer {token}"}
+        ).raise_for_status()
         yield Service(base, port, token, account, server)
     finally:
         if server is not None:

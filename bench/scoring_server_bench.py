@@ -94,9 +94,7 @@ def servers(workdir: Path, azml_python: Path | None) -> dict[str, tuple[list[str
     return found
 
 
-def start(
-    cmd: list[str], env_extra: dict, workdir: Path, log: Path
-) -> tuple[subprocess.Popen, int]:
+def start(cmd: list[str], env_extra: dict, workdir: Path, log: Path) -> tuple[subprocess.Popen, int]:
     """Start a server on a free port and wait (bounded) until GET / answers 200."""
     port = free_port()
     env = dict(
@@ -164,9 +162,7 @@ def wrk(port: int, lua: Path, connections: int, seconds: int) -> dict:
         str(lua),
         f"http://127.0.0.1:{port}/score",
     ]
-    out = subprocess.run(
-        pinned(1, cmd), capture_output=True, text=True, timeout=seconds + 60, check=True
-    ).stdout
+    out = subprocess.run(pinned(1, cmd), capture_output=True, text=True, timeout=seconds + 60, check=True).stdout
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     sock = re.search(r"Socket errors: (.*)", out)
     return {

@@ -45,13 +45,17 @@ def _get(url: str) -> int:
         return answer.status
 
 
-def one_run(api: docker.APIClient, image: str, payload: bytes, env: dict[str, str],
-            timeout: float) -> dict[str, float | None]:
+def one_run(
+    api: docker.APIClient, image: str, payload: bytes, env: dict[str, str], timeout: float
+) -> dict[str, float | None]:
     """Start ``image`` once; seconds to health, to the first 200 from /score, Spark's own."""
     port = free_port()
-    container = api.create_container(image, environment={**env, "PORT": str(port)},
-                                     host_config=api.create_host_config(network_mode="host"),
-                                     labels={"org.mms.bench": "spark-startup"})
+    container = api.create_container(
+        image,
+        environment={**env, "PORT": str(port)},
+        host_config=api.create_host_config(network_mode="host"),
+        labels={"org.mms.bench": "spark-startup"},
+    )
     started = time.monotonic()
     api.start(container)
     healthy = None
@@ -63,8 +67,7 @@ def one_run(api: docker.APIClient, image: str, payload: bytes, env: dict[str, st
                 if healthy is not None and _post(f"http://127.0.0.1:{port}/score", payload) == 200:
                     scored = time.monotonic() - started
                     found = STARTED.search(api.logs(container).decode(errors="replace"))
-                    return {"score": scored, "health": healthy,
-                            "spark": float(found[2]) if found else None}
+                    return {"score": scored, "health": healthy, "spark": float(found[2]) if found else None}
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 if not api.inspect_container(container)["State"]["Running"]:
                     raise SystemExit(f"{image} exited:\n{api.logs(container).decode()[-3000:]}")
@@ -97,10 +100,12 @@ def main() -> int:
         runs = [one_run(api, image, payload, env, args.timeout) for _ in range(args.runs)]
         scores = [r["score"] for r in runs]
         spark = [r["spark"] for r in runs if r["spark"] is not None]
-        print(f"{image[-60:]:60} {len(runs):>4} {statistics.median(scores):>10.1f} s "
-              f"({min(scores):.1f}-{max(scores):.1f} s)      "
-              f"{statistics.median(r['health'] for r in runs):>7.1f} s "
-              f"{statistics.median(spark) if spark else float('nan'):>4.1f} s")
+        print(
+            f"{image[-60:]:60} {len(runs):>4} {statistics.median(scores):>10.1f} s "
+            f"({min(scores):.1f}-{max(scores):.1f} s)      "
+            f"{statistics.median(r['health'] for r in runs):>7.1f} s "
+            f"{statistics.median(spark) if spark else float('nan'):>4.1f} s"
+        )
     return 0
 
 

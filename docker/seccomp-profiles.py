@@ -29,11 +29,13 @@ FALLOC_FL_KEEP_SIZE = 0x01
 
 def worker_profile(default: dict) -> dict:
     profile = copy.deepcopy(default)
-    profile["syscalls"].append({
-        "names": SANDBOX_CALLS,
-        "action": "SCMP_ACT_ALLOW",
-        "comment": "bubblewrap: a sandbox in an unprivileged user namespace (workers/sandbox.py)",
-    })
+    profile["syscalls"].append(
+        {
+            "names": SANDBOX_CALLS,
+            "action": "SCMP_ACT_ALLOW",
+            "comment": "bubblewrap: a sandbox in an unprivileged user namespace (workers/sandbox.py)",
+        }
+    )
     return profile
 
 
@@ -45,20 +47,20 @@ def engine_profile(default: dict) -> dict:
             rule["names"] = [name for name in rule["names"] if name != "fallocate"]
             found += 1
     assert found == 1, "the default profile no longer allows fallocate in one rule"
-    profile["syscalls"].append({
-        "names": ["fallocate"],
-        "action": "SCMP_ACT_ALLOW",
-        "args": [{"index": 1, "value": FALLOC_FL_KEEP_SIZE, "valueTwo": 0,
-                  "op": "SCMP_CMP_MASKED_EQ"}],
-        "comment": "fallocate only without FALLOC_FL_KEEP_SIZE: disk a container's size shows",
-    })
+    profile["syscalls"].append(
+        {
+            "names": ["fallocate"],
+            "action": "SCMP_ACT_ALLOW",
+            "args": [{"index": 1, "value": FALLOC_FL_KEEP_SIZE, "valueTwo": 0, "op": "SCMP_CMP_MASKED_EQ"}],
+            "comment": "fallocate only without FALLOC_FL_KEEP_SIZE: disk a container's size shows",
+        }
+    )
     return profile
 
 
 def main(default_path: str) -> None:
     default = json.loads(Path(default_path).read_text(encoding="utf-8"))
-    for name, make in (("worker-seccomp.json", worker_profile),
-                       ("engine-seccomp.json", engine_profile)):
+    for name, make in (("worker-seccomp.json", worker_profile), ("engine-seccomp.json", engine_profile)):
         (HERE / name).write_text(json.dumps(make(default), indent=1) + "\n", encoding="utf-8")
 
 

@@ -188,9 +188,7 @@ async def _respond(
     await send({"type": "http.response.body", "body": body})
 
 
-async def _error(
-    send: Send, status: int, message: str, rid: str, extra: list | None = None
-) -> None:
+async def _error(send: Send, status: int, message: str, rid: str, extra: list | None = None) -> None:
     body = json.dumps({"error": message, "requestId": rid}).encode()
     await _respond(send, status, body, rid, JSON, extra)
 

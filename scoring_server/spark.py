@@ -75,8 +75,7 @@ def session_config(env: Mapping[str, str], log4j_file: str) -> dict[str, str]:
         # resolve (host networking), which would cost a DNS timeout at start.
         "spark.driver.host": "127.0.0.1",
         "spark.driver.bindAddress": "127.0.0.1",
-        "spark.driver.extraJavaOptions": f"-Dlog4j2.configurationFile=file:{log4j_file} "
-                                         f"{java_options}".strip(),
+        "spark.driver.extraJavaOptions": f"-Dlog4j2.configurationFile=file:{log4j_file} {java_options}".strip(),
         # A scoring request holds a few rows: one partition after a shuffle, not 200.
         "spark.sql.shuffle.partitions": "1",
     }
@@ -112,6 +111,11 @@ def start_session(env: Mapping[str, str] = os.environ) -> Any:
     session = builder.getOrCreate()
     session.sparkContext.setLogLevel(level)
     spark = session
-    log.info("Spark %s started in %.1f s (master %s, driver memory %s)", session.version,
-             time.monotonic() - started, conf["spark.master"], conf["spark.driver.memory"])
+    log.info(
+        "Spark %s started in %.1f s (master %s, driver memory %s)",
+        session.version,
+        time.monotonic() - started,
+        conf["spark.master"],
+        conf["spark.driver.memory"],
+    )
     return session

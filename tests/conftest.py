@@ -62,9 +62,7 @@ def settings(data_dir: Path, external_issuer: ExternalIssuer) -> Settings:
         database_url=os.environ.get("MMS_TEST_DATABASE_URL") or f"sqlite:///{data_dir / 'test.db'}",
         secret_key="test-secret-key-that-is-long-enough-0123456789",
         log_format="text",
-        trusted_issuers=[
-            TrustedIssuer(issuer=EXTERNAL_ISSUER, jwks_uri=external_issuer.jwks_uri)
-        ],
+        trusted_issuers=[TrustedIssuer(issuer=EXTERNAL_ISSUER, jwks_uri=external_issuer.jwks_uri)],
         jwks_refresh_min_seconds=0,
         auth_cache_seconds=0,  # tests change roles and expect the next request to see it
         # API tests ring a queue of their own that no worker listens to.
@@ -88,9 +86,7 @@ def db(service_context: ServiceContext) -> Iterator[Session]:
     """A session inside a transaction that is rolled back when the test ends."""
     connection = service_context.engine.connect()
     outer = connection.begin()
-    factory = sessionmaker(
-        bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=False
-    )
+    factory = sessionmaker(bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=False)
     session = factory()
     session.info["factory"] = factory
     try:

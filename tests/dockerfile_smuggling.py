@@ -30,8 +30,10 @@ SMUGGLING = {
     "escape directive": (f"# escape=`\nRUN echo `\n{STOLEN}", "parser directives"),
     "syntax directive": ("# syntax=docker/dockerfile:1.4\nRUN echo hi", "parser directives"),
     # BuildKit's RUN flags mount another image, or reach the host's network.
-    "RUN --mount": ("RUN --mount=type=bind,from=127.0.0.1:5000/other/victim:1,target=/v cat /v/secret",
-                    "RUN options (--mount"),
+    "RUN --mount": (
+        "RUN --mount=type=bind,from=127.0.0.1:5000/other/victim:1,target=/v cat /v/secret",
+        "RUN options (--mount",
+    ),
     "RUN --network": ("RUN --network=host echo hi", "RUN options (--network"),
     # A heredoc body is more instructions to a parser that does not know heredocs.
     "heredoc": (f"RUN <<EOF\n{STOLEN}\nEOF", "heredocs"),
@@ -48,14 +50,19 @@ SMUGGLING = {
 ACCEPTED = {
     "continuation, comment and blank line": (
         "run apt-get update \\\n\n  # why\n  && echo ok",
-        ['RUN ["/bin/sh", "-c", "apt-get update   && echo ok"]']),
+        ['RUN ["/bin/sh", "-c", "apt-get update   && echo ok"]'],
+    ),
     "backslash then tab": ("RUN echo a \\\t\n  b", ['RUN ["/bin/sh", "-c", "echo a   b"]']),
     "CRLF": ("RUN echo a\r\nENV A=1\r\n", ['RUN ["/bin/sh", "-c", "echo a"]', "ENV A=1"]),
     "exec form": ('RUN ["python3", "-c", "print(\'é\')"]', ['RUN ["python3", "-c", "print(\'\\u00e9\')"]']),
     "not JSON runs as shell": ("RUN [ -f /x ] || echo none", ['RUN ["/bin/sh", "-c", "[ -f /x ] || echo none"]']),
     "escaped backslash inside": ('RUN printf "a\\\\b"', ['RUN ["/bin/sh", "-c", "printf \\"a\\\\\\\\b\\""]']),
-    "env forms": ('ENV A=1 B="two words" PATH=/opt/x:$PATH\nENV LEGACY some value',
-                  ['ENV A=1 B="two words" PATH=/opt/x:$PATH', "ENV LEGACY some value"]),
-    "label, arg, expose": ("LABEL team=ml org.example/x=1\nARG VERSION=1\nexpose 9000 53/udp",
-                           ["LABEL team=ml org.example/x=1", "ARG VERSION=1", "EXPOSE 9000 53/udp"]),
+    "env forms": (
+        'ENV A=1 B="two words" PATH=/opt/x:$PATH\nENV LEGACY some value',
+        ['ENV A=1 B="two words" PATH=/opt/x:$PATH', "ENV LEGACY some value"],
+    ),
+    "label, arg, expose": (
+        "LABEL team=ml org.example/x=1\nARG VERSION=1\nexpose 9000 53/udp",
+        ["LABEL team=ml org.example/x=1", "ARG VERSION=1", "EXPOSE 9000 53/udp"],
+    ),
 }

@@ -49,14 +49,20 @@ class EmbeddedService:
     client_secret: str = ""
 
     @classmethod
-    def prepare(cls, data_dir: Path, log_dir: Path, rootfs_tar: Path,
-                **settings: str) -> "EmbeddedService":
+    def prepare(cls, data_dir: Path, log_dir: Path, rootfs_tar: Path, **settings: str) -> EmbeddedService:
         """A data folder with the base image published into the service's store and an Owner;
         ``settings`` are more MMS_ variables."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("MMS_") and k != "DOCKER_HOST"}
         port = free_port()
-        env.update({"MMS_DATA_DIR": str(data_dir), "MMS_PORT": str(port), "MMS_LOG_FORMAT": "text",
-                    "MMS_BUILD_LEASE_SECONDS": "6", **settings})
+        env.update(
+            {
+                "MMS_DATA_DIR": str(data_dir),
+                "MMS_PORT": str(port),
+                "MMS_LOG_FORMAT": "text",
+                "MMS_BUILD_LEASE_SECONDS": "6",
+                **settings,
+            }
+        )
         if HOST_CA_BUNDLE.is_file():  # this machine reaches PyPI through a TLS-inspecting proxy
             env["MMS_EXTRA_CA_BUNDLE"] = str(HOST_CA_BUNDLE)
         service = cls(env, port, data_dir, log_dir)
@@ -76,21 +82,24 @@ class EmbeddedService:
         return f"http://127.0.0.1:{self.port}"
 
     def mms(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "app.cli", *args], env=self.env,
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [sys.executable, "-m", "app.cli", *args], env=self.env, capture_output=True, text=True, timeout=timeout
+        )
 
     def serve(self, *args: str) -> subprocess.Popen:
         log = open(self.log_dir / f"serve-{time.monotonic_ns()}.log", "wb")  # noqa: SIM115
-        server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", *args], env=self.env,
-                                  stdout=log, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve", *args], env=self.env, stdout=log, stderr=subprocess.STDOUT
+        )
         log.close()
         wait_for(f"{self.url}/health", server)
         return server
 
     def token(self) -> str:
-        return httpx.post(f"{self.url}/oauth2/token", data={
-            "grant_type": "client_credentials", "client_id": self.client_id,
-            "client_secret": self.client_secret}).json()["access_token"]
+        return httpx.post(
+            f"{self.url}/oauth2/token",
+            data={"grant_type": "client_credentials", "client_id": self.client_id, "client_secret": self.client_secret},
+        ).json()["access_token"]
 
 
 def stop(server: subprocess.Popen) -> None:

@@ -48,19 +48,27 @@ class ExternalIssuer:
     def token(self, *, subject: str, audience: str = "mms-api", ttl: int = 600, **overrides: Any) -> str:
         kid, pem, _ = self._keys[-1]
         now = int(time.time())
-        claims = {"iss": self.issuer, "aud": audience, "oid": subject, "sub": f"pairwise-{subject}",
-                  "iat": now, "nbf": now, "exp": now + ttl, "jti": uuid.uuid4().hex}
+        claims = {
+            "iss": self.issuer,
+            "aud": audience,
+            "oid": subject,
+            "sub": f"pairwise-{subject}",
+            "iat": now,
+            "nbf": now,
+            "exp": now + ttl,
+            "jti": uuid.uuid4().hex,
+        }
         claims.update(overrides)
         claims = {k: v for k, v in claims.items() if v is not None}
         return jwt.encode(claims, pem, algorithm="RS256", headers={"kid": kid})
 
     @classmethod
     @contextmanager
-    def serve(cls, issuer: str) -> Iterator["ExternalIssuer"]:
+    def serve(cls, issuer: str) -> Iterator[ExternalIssuer]:
         external = cls(issuer)
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 external.jwks_requests += 1
                 body = json.dumps(external.jwks).encode()
                 self.send_response(200)
@@ -69,18 +77,32 @@ class ExternalIssuer:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 form = dict(parse_qsl(self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode()))
                 client = external.clients.get(form.get("client_id", ""))
-                if form.get("grant_type") != "client_credentials" or client is None \
-                        or client[0] != form.get("client_secret"):
-                    status, answer = 401, {"error": "invalid_client",
-                                           "error_description": "AADSTS7000215: Invalid client secret provided."}
+                if (
+                    form.get("grant_type") != "client_credentials"
+                    or client is None
+                    or client[0] != form.get("client_secret")
+                ):
+                    status, answer = (
+                        401,
+                        {
+                            "error": "invalid_client",
+                            "error_description": "AADSTS7000215: Invalid client secret provided.",
+                        },
+                    )
                 else:
                     # AAD's v2 endpoint: scope "<audience>/.default" gives a token for that audience.
                     audience = form.get("scope", "mms-api").removesuffix("/.default")
-                    status, answer = 200, {"token_type": "Bearer", "expires_in": 600,
-                                           "access_token": external.token(subject=client[1], audience=audience)}
+                    status, answer = (
+                        200,
+                        {
+                            "token_type": "Bearer",
+                            "expires_in": 600,
+                            "access_token": external.token(subject=client[1], audience=audience),
+                        },
+                    )
                 body = json.dumps(answer).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")

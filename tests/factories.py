@@ -44,8 +44,12 @@ class Callers:
 
     def credentials(self, role: str, scope: str) -> tuple[str, str]:
         principal, secret = create_service_principal(
-            self.session, issuer=self.issuer, display_name=f"test-{role}", role=role,
-            scope=scope, created_by=None,
+            self.session,
+            issuer=self.issuer,
+            display_name=f"test-{role}",
+            role=role,
+            scope=scope,
+            created_by=None,
         )
         return principal.client_id, secret
 
@@ -62,12 +66,17 @@ class Callers:
         return bearer(self.token(role, scope))
 
 
-def new_account(client: TestClient, headers: dict[str, str], subscription: str = "sub-1",
-                group: str = "rg-1", name: str | None = None, location: str = "eastus2") -> str:
+def new_account(
+    client: TestClient,
+    headers: dict[str, str],
+    subscription: str = "sub-1",
+    group: str = "rg-1",
+    name: str | None = None,
+    location: str = "eastus2",
+) -> str:
     """Create an account and return its URL."""
     name = name or f"acct-{uuid.uuid4().hex[:8]}"
     url = account_url(subscription, group, name)
-    response = client.put(url, json={"location": location, "sku": {"name": "S1", "capacity": 1}},
-                          headers=headers)
+    response = client.put(url, json={"location": location, "sku": {"name": "S1", "capacity": 1}}, headers=headers)
     assert response.status_code == 201, response.text
     return url

@@ -45,7 +45,7 @@ def tcp_listener(greeting: bytes = b"") -> Iterator[tuple[int, list[tuple[str, i
 
 
 class _Recorder(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         self.server.seen.append(self.path)  # type: ignore[attr-defined]
         self.send_response(404)
         self.send_header("Content-Length", "0")
@@ -130,7 +130,7 @@ def flaky_http_server(body: bytes, failures: list, *, delay: float = 0.0) -> Ite
 class _Endless(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         server = self.server
         server.seen.append(self.path)  # type: ignore[attr-defined]
         if server.answer_first is not None and server.answer_first(self):  # type: ignore[attr-defined]
@@ -155,10 +155,15 @@ class _Endless(BaseHTTPRequestHandler):
 
 
 @contextmanager
-def endless_http_server(*, status: int = 200, content_type: str = "application/json",
-                        answer_first=None,  # type: ignore[no-untyped-def]
-                        gives_up_after: int = 512 << 20, chunk_size: int = 64 << 10,
-                        chunk_delay: float = 0.0) -> Iterator[ThreadingHTTPServer]:
+def endless_http_server(
+    *,
+    status: int = 200,
+    content_type: str = "application/json",
+    answer_first=None,  # type: ignore[no-untyped-def]
+    gives_up_after: int = 512 << 20,
+    chunk_size: int = 64 << 10,
+    chunk_delay: float = 0.0,
+) -> Iterator[ThreadingHTTPServer]:
     """An HTTP server on a loopback port whose GETs answer ``status`` with a chunked body of
     ``{`` that goes on until the client hangs up (``.hung_up`` is set then) or, so that a test
     of a reader without a cap ends, ``gives_up_after`` bytes. ``.sent`` counts the bytes

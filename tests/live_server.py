@@ -4,8 +4,8 @@ and a small client for tests that need committed data and a real connection (str
 from __future__ import annotations
 
 import threading
-import uuid
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,8 +30,11 @@ from tests.sse import Listener
 @contextmanager
 def serve(app: FastAPI, port: int, *, lifespan: str = "on") -> Iterator[str]:
     """Serve ``app`` on 127.0.0.1:``port`` until the block ends; yields its base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           lifespan=lifespan, timeout_graceful_shutdown=5))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host="127.0.0.1", port=port, log_level="warning", lifespan=lifespan, timeout_graceful_shutdown=5
+        )
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
@@ -56,28 +59,42 @@ class Live:
     def token(self, role: str, scope: str) -> dict[str, str]:
         with session_scope(self.context.session_factory) as session:
             principal, secret = create_service_principal(
-                session, issuer=self.context.settings.issuer, display_name=f"live-{role}", role=role,
-                scope=scope, created_by=None)
+                session,
+                issuer=self.context.settings.issuer,
+                display_name=f"live-{role}",
+                role=role,
+                scope=scope,
+                created_by=None,
+            )
             client_id = principal.client_id
         self.principals.append(client_id)
-        answer = httpx.post(f"{self.base}/oauth2/token", data={
-            "grant_type": "client_credentials", "client_id": client_id, "client_secret": secret})
+        answer = httpx.post(
+            f"{self.base}/oauth2/token",
+            data={"grant_type": "client_credentials", "client_id": client_id, "client_secret": secret},
+        )
         assert answer.status_code == 200, answer.text
         return bearer(answer.json()["access_token"])
 
     def account(self) -> str:
         """A new account with a manifest; returns its URL."""
         url = self.base + account_url("sub-live", "rg-live", f"acct-{uuid.uuid4().hex[:8]}")
-        assert httpx.put(url, json={"location": "eastus2", "sku": {"name": "S1", "capacity": 1}},
-                         headers=self.headers).status_code == 201
+        assert (
+            httpx.put(
+                url, json={"location": "eastus2", "sku": {"name": "S1", "capacity": 1}}, headers=self.headers
+            ).status_code
+            == 201
+        )
         self.accounts.append(url)
         return url
 
     def image(self, account: str, name: str = "events-image") -> dict:
         model = httpx.post(f"{account}/models", json=model_body(), headers=self.headers).json()
         manifest = httpx.post(f"{account}/manifests", json=seed_manifest(model["id"]), headers=self.headers).json()
-        created = httpx.post(f"{account}/images", headers=self.headers, json={
-            "name": name, "manifestId": manifest["id"], "imageType": "Docker"})
+        created = httpx.post(
+            f"{account}/images",
+            headers=self.headers,
+            json={"name": name, "manifestId": manifest["id"], "imageType": "Docker"},
+        )
         assert created.status_code == 202, created.text
         return created.json()
 
@@ -90,7 +107,8 @@ def live_service(service_context: ServiceContext, data_dir: Path, **settings: ob
     """The app on the test database (committed, not rolled back) with an Owner signed in."""
     port = free_port()
     changed = service_context.settings.model_copy(
-        update={"public_url": f"http://127.0.0.1:{port}", "data_dir": data_dir, **settings})
+        update={"public_url": f"http://127.0.0.1:{port}", "data_dir": data_dir, **settings}
+    )
     # An engine of its own: the app disposes its engine when it stops, and the session's must live on.
     context = ServiceContext.build(changed)
     with serve(create_app(context=context), port) as base:

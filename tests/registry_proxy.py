@@ -41,9 +41,21 @@ from urllib.parse import parse_qs, urlsplit
 __all__ = ["CountingProxy", "ProxyStats", "Request"]
 
 PIECE = 1 << 20  # bytes read and forwarded at a time
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
-                        "proxy-connection", "te", "trailer", "trailers", "transfer-encoding",
-                        "upgrade", "expect"})
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "expect",
+    }
+)
 _UPLOAD = re.compile(r"^/v2/.+/blobs/uploads/[^/]*$")
 _MANIFEST = re.compile(r"^/v2/.+/manifests/[^/]+$")
 
@@ -98,8 +110,14 @@ class _Counters:
 
     def snapshot(self) -> ProxyStats:
         with self.lock:
-            return ProxyStats(self.blob_uploads, self.upload_bytes, self.mounts,
-                              self.manifest_puts, self.downloaded_bytes, tuple(self.requests))
+            return ProxyStats(
+                self.blob_uploads,
+                self.upload_bytes,
+                self.mounts,
+                self.manifest_puts,
+                self.downloaded_bytes,
+                tuple(self.requests),
+            )
 
 
 class _BadRequest(Exception):
@@ -126,8 +144,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         method, target = self.command, self.path
         chunked = "chunked" in self.headers.get("Transfer-Encoding", "").lower()
         length = None if chunked else int(self.headers.get("Content-Length") or 0)
-        upstream = http.client.HTTPConnection(server.upstream_host, server.upstream_port,
-                                              timeout=server.upstream_timeout)
+        upstream = http.client.HTTPConnection(
+            server.upstream_host, server.upstream_port, timeout=server.upstream_timeout
+        )
         sent = 0
         if server.before is not None:
             server.before(method, target)
@@ -233,7 +252,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         server = self.server
         for prefix in (f"http://{server.upstream}", f"https://{server.upstream}"):
             if value.startswith(prefix):
-                return f"http://{server.address}{value[len(prefix):]}"
+                return f"http://{server.address}{value[len(prefix) :]}"
         return value  # relative, or elsewhere: left alone
 
     def _answer_bad_gateway(self, exc: BaseException) -> None:
@@ -273,9 +292,14 @@ class CountingProxy:
     answer: either may block, to hold a client at a chosen request (fault tests).
     """
 
-    def __init__(self, upstream: str, *, upstream_timeout: float = 300,
-                 before: Callable[[str, str], None] | None = None,
-                 after: Callable[[str, str, int], None] | None = None) -> None:
+    def __init__(
+        self,
+        upstream: str,
+        *,
+        upstream_timeout: float = 300,
+        before: Callable[[str, str], None] | None = None,
+        after: Callable[[str, str, int], None] | None = None,
+    ) -> None:
         self.upstream = upstream.removeprefix("http://").rstrip("/")
         self._upstream_timeout = upstream_timeout
         self._before, self._after = before, after
@@ -292,9 +316,12 @@ class CountingProxy:
     def start(self) -> Self:
         self._server = _Server(self.upstream, self._upstream_timeout)
         self._server.before, self._server.after = self._before, self._after
-        self._thread = threading.Thread(target=self._server.serve_forever,
-                                        kwargs={"poll_interval": 0.1},
-                                        name=f"registry-proxy-{self.address}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.1},
+            name=f"registry-proxy-{self.address}",
+            daemon=True,
+        )
         self._thread.start()
         return self
 

@@ -82,4 +82,3 @@ class Listener:
                     sock.shutdown(socket.SHUT_RDWR)
         self._thread.join(timeout=5)
         self._client.close()
-

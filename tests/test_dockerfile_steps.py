@@ -34,7 +34,7 @@ def test_accepted_steps_render_as_one_engine_line_each(name: str) -> None:
 
 
 def test_pairs_are_read_as_the_engine_reads_them() -> None:
-    env, label, arg = parse_steps('ENV A=1 "B=two words" C=\'x y\' D=a\\ b\nLABEL team=ml\nARG V')
+    env, label, arg = parse_steps("ENV A=1 \"B=two words\" C='x y' D=a\\ b\nLABEL team=ml\nARG V")
     assert env.pairs == (("A", "1"), ("B", "two words"), ("C", "x y"), ("D", "a b"))
     assert label.pairs == (("team", "ml"),) and arg.pairs == (("V", ""),)
     # Words split on any Unicode space, as the engine's word splitter does: no hidden pair.
@@ -42,17 +42,20 @@ def test_pairs_are_read_as_the_engine_reads_them() -> None:
     assert split.pairs == (("A", "b"), ("C", "d"))
 
 
-@pytest.mark.parametrize(("text", "fragment"), [
-    ("ENV 1A=x", "not a valid name"),
-    ("ENV A", "expected NAME=value"),
-    ("ENV A=1 B", "expected NAME=value"),
-    ('ENV A="open', "unterminated quote"),
-    ("ARG A=1 B=2", "ARG takes one"),
-    ("EXPOSE $PORT", "expected a port"),
-    ("EXPOSE 80/icmp", "expected a port"),
-    ("RUN", "RUN needs arguments"),
-    ("RUN [\"sh\", \"-c\", \"a\\nb\"]", "control characters"),
-])
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("ENV 1A=x", "not a valid name"),
+        ("ENV A", "expected NAME=value"),
+        ("ENV A=1 B", "expected NAME=value"),
+        ('ENV A="open', "unterminated quote"),
+        ("ARG A=1 B=2", "ARG takes one"),
+        ("EXPOSE $PORT", "expected a port"),
+        ("EXPOSE 80/icmp", "expected a port"),
+        ("RUN", "RUN needs arguments"),
+        ('RUN ["sh", "-c", "a\\nb"]', "control characters"),
+    ],
+)
 def test_malformed_steps_are_refused_naming_the_line(text: str, fragment: str) -> None:
     with pytest.raises(StepError, match=re.escape(fragment)) as refused:
         parse_steps(f"RUN true\n{text}")

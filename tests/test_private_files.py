@@ -13,7 +13,7 @@ from app.private_files import write_new_private_file
 
 
 @pytest.fixture()
-def open_umask():  # noqa: ANN201
+def open_umask():
     old = os.umask(0)  # the loosest a caller could have
     yield
     os.umask(old)

@@ -33,7 +33,7 @@ def receiving(port: int) -> Iterator[Receiver]:
     state = Receiver(port)
 
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers["Content-Length"]))
             state.received.append((time.monotonic(), dict(self.headers), body))
             self.send_response(state.statuses.pop(0) if state.statuses else 200)

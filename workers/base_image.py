@@ -40,8 +40,16 @@ _JAVA_RELEASE = re.compile(r"^(?:\./)?usr/lib/jvm/[^/]+/release$")
 _JAVA_VERSION = re.compile(r'^JAVA_VERSION="([^"]+)"', re.MULTILINE)
 
 
-def publish_base_image(store: Store, registry: str, rootfs_tar: str | Path, python_version: str,
-                       log: Log, *, today: date | None = None, variant: str = "cpu") -> str:
+def publish_base_image(
+    store: Store,
+    registry: str,
+    rootfs_tar: str | Path,
+    python_version: str,
+    log: Log,
+    *,
+    today: date | None = None,
+    variant: str = "cpu",
+) -> str:
     """Push ``rootfs_tar`` as ``py<ver>[-spark]-<yyyymmdd>`` and ``py<ver>[-spark]``; return
     the first reference.
 
@@ -61,23 +69,25 @@ def publish_base_image(store: Store, registry: str, rootfs_tar: str | Path, pyth
     tar = Path(rootfs_tar)
     java = java_version(tar)
     if variant == "spark" and java is None:
-        raise ValueError(f"{tar.name} has no Java runtime (usr/lib/jvm/*/release), which the "
-                         "spark variant needs: make it with scripts/infra/spark-rootfs.sh")
+        raise ValueError(
+            f"{tar.name} has no Java runtime (usr/lib/jvm/*/release), which the "
+            "spark variant needs: make it with scripts/infra/spark-rootfs.sh"
+        )
     with tempfile.TemporaryDirectory(prefix="mms-base-") as tmp:
         log(f"mms: compressing {tar.name} into a layer")
-        layer = compress_tar(tar, Path(tmp) / "rootfs.tar.gz",
-                             f"mms base-image publish: {tar.name}")
+        layer = compress_tar(tar, Path(tmp) / "rootfs.tar.gz", f"mms base-image publish: {tar.name}")
         created = datetime(day.year, day.month, day.day, tzinfo=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         config = {
             "architecture": "amd64",
             "os": "linux",
             "created": created,
             "config": {
-                "Env": [f"PATH={_PATH}", "LANG=C.UTF-8", "PYTHONUNBUFFERED=1",
-                        "PYTHONDONTWRITEBYTECODE=1"],
+                "Env": [f"PATH={_PATH}", "LANG=C.UTF-8", "PYTHONUNBUFFERED=1", "PYTHONDONTWRITEBYTECODE=1"],
                 "Cmd": ["python3"],
-                "Labels": {"org.mms.rootfs.sha256": layer.diff_id.removeprefix("sha256:"),
-                           "org.mms.build-date": day.isoformat()},
+                "Labels": {
+                    "org.mms.rootfs.sha256": layer.diff_id.removeprefix("sha256:"),
+                    "org.mms.build-date": day.isoformat(),
+                },
             },
             "rootfs": {"type": "layers", "diff_ids": [layer.diff_id]},
             "history": [{"created": created, "created_by": layer.created_by}],
@@ -88,13 +98,13 @@ def publish_base_image(store: Store, registry: str, rootfs_tar: str | Path, pyth
         libc = target.platform.split("-", 1)[1]  # manylinux_2_36 or unknown-linux-musl
         config["config"]["Labels"] |= {
             "org.mms.python": python_version,
-            "org.mms.libc": "musl" if "musl" in libc else
-                            "glibc-" + ".".join(libc.removeprefix("manylinux_").split("_")),
+            "org.mms.libc": "musl"
+            if "musl" in libc
+            else "glibc-" + ".".join(libc.removeprefix("manylinux_").split("_")),
         }
         if java is not None:  # SparkPython builds check for Java by this label
             config["config"]["Labels"]["org.mms.java"] = java
-        log(f"mms: layer {layer.digest} ({layer.size} bytes); {target.describe()}"
-            + (f", Java {java}" if java else ""))
+        log(f"mms: layer {layer.digest} ({layer.size} bytes); {target.describe()}" + (f", Java {java}" if java else ""))
         how = store.push_blob(repo, layer.digest, layer.size, file_chunks(layer.path))
         log(f"mms: layer {how}")
         raw = json.dumps(config, separators=(",", ":")).encode()
@@ -125,4 +135,3 @@ def java_version(rootfs_tar: Path) -> str | None:
 @contextmanager
 def _opened(path: Path) -> Iterator[BinaryIO]:
     yield tar_reader(file_chunks(path)(), OCI.layer)
-

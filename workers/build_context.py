@@ -48,9 +48,11 @@ RUNTIMES = ("python", "spark-py")
 # What a SparkPython manifest that names no pyspark gets: the version the tests train with
 # (pyproject's test extra pins the same), which runs on the spark base image's Java 17.
 SPARK_REQUIREMENT = "pyspark==3.5.9"
-NO_JAVA = ("the base image has no Java runtime, and the SparkPython runtime needs one for "
-           "Spark: build on the spark base image "
-           "(mms base-image publish --variant spark) or a base image with Java 17")
+NO_JAVA = (
+    "the base image has no Java runtime, and the SparkPython runtime needs one for "
+    "Spark: build on the spark base image "
+    "(mms base-image publish --variant spark) or a base image with Java 17"
+)
 FIXED_MTIME = 946684800  # 2000-01-01: deterministic, and zip-safe (zip refuses pre-1980)
 PIP = f"{VENV}/bin/pip install --no-cache-dir --disable-pip-version-check --progress-bar off"
 CA_BUNDLE = "/opt/mms/ca/bundle.pem"
@@ -75,8 +77,7 @@ class RegistryCredentials:
 
     def auth_config(self) -> dict[str, str]:
         """The ``auth_config`` the Docker API expects."""
-        return {"username": self.username, "password": self.password,
-                "serveraddress": self.address}
+        return {"username": self.username, "password": self.password, "serveraddress": self.address}
 
 
 @dataclass(frozen=True)
@@ -130,8 +131,7 @@ def write_context(spec: BuildSpec, dest_tar_path: str | os.PathLike[str]) -> Con
             _add_bytes(tar, name, files[name], executable=name.startswith("mms/runtime/bin/"))
         for name, path in sorted(spec.requirement_files.items()):
             with Path(path).open("rb") as f:
-                member = _tarinfo(f"mms/requirement-files/{name}", tarfile.REGTYPE, 0o644,
-                                  os.fstat(f.fileno()).st_size)
+                member = _tarinfo(f"mms/requirement-files/{name}", tarfile.REGTYPE, 0o644, os.fstat(f.fileno()).st_size)
                 tar.addfile(member, f)
         _add_tree(tar, server_dir(), "mms/runtime/lib/scoring_server")
         _add_tree(tar, spec.app_dir, "app")
@@ -152,8 +152,11 @@ def _dockerfile(spec: BuildSpec, files: dict[str, bytes]) -> ContextInfo:
         df.comment("Extra CAs (e.g. a TLS-inspecting proxy), trusted while installing only.")
         files["mms/ca/extra.pem"] = b"".join(read_pem(p) for p in spec.ca_bundles)
         df.add("ca-certs", "COPY mms/ca/ /opt/mms/ca/")
-        df.add("ca-certs", "RUN { cat /etc/ssl/certs/ca-certificates.crt 2>/dev/null || true; "
-                           f"cat /opt/mms/ca/extra.pem; }} > {CA_BUNDLE}")
+        df.add(
+            "ca-certs",
+            "RUN { cat /etc/ssl/certs/ca-certificates.crt 2>/dev/null || true; "
+            f"cat /opt/mms/ca/extra.pem; }} > {CA_BUNDLE}",
+        )
         # ARG, not ENV: set for every later RUN, absent from the final image's config.
         for name in ("PIP_CERT", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE", "CONDA_SSL_VERIFY"):
             df.add("ca-certs", f"ARG {name}={CA_BUNDLE}")
@@ -205,8 +208,7 @@ def parse_extra_steps(text: str) -> list[Step]:
 
 def check_spec(spec: BuildSpec) -> None:
     if spec.runtime not in RUNTIMES:
-        raise InvalidBuildSpec(f"runtime {spec.runtime!r} is not supported "
-                               f"(only {', '.join(map(repr, RUNTIMES))})")
+        raise InvalidBuildSpec(f"runtime {spec.runtime!r} is not supported (only {', '.join(map(repr, RUNTIMES))})")
     if not _REFERENCE.fullmatch(spec.base_image):
         raise InvalidBuildSpec(f"invalid base image reference {spec.base_image!r}")
     driver = PurePosixPath(spec.driver_program)
@@ -221,15 +223,20 @@ def _conda_files(text: str) -> dict[str, bytes]:
     python_spec, conda_only, pip_entries = split_conda(text)
     fail = ":"
     if conda_only:
-        message = ("mms: the base image has no conda, so the conda-only packages in the "
-                   f"conda file cannot be installed: {', '.join(conda_only)} "
-                   "(use a base image with conda, or list them under pip:)")
+        message = (
+            "mms: the base image has no conda, so the conda-only packages in the "
+            f"conda file cannot be installed: {', '.join(conda_only)} "
+            "(use a base image with conda, or list them under pip:)"
+        )
         fail = f"echo {shlex.quote(message)} >&2; exit 1"
     script = _SETUP_SCRIPT.format(
-        venv=VENV, pip=PIP, fail_conda_only=fail,
-        check_python=shlex.quote(_PYTHON_CHECK.format(spec=repr(python_spec))))
-    return {"mms/env/conda.yml": text.encode(), "mms/env/setup.sh": script.encode(),
-            "mms/env/conda-pip.txt": "".join(f"{e}\n" for e in pip_entries).encode()}
+        venv=VENV, pip=PIP, fail_conda_only=fail, check_python=shlex.quote(_PYTHON_CHECK.format(spec=repr(python_spec)))
+    )
+    return {
+        "mms/env/conda.yml": text.encode(),
+        "mms/env/setup.sh": script.encode(),
+        "mms/env/conda-pip.txt": "".join(f"{e}\n" for e in pip_entries).encode(),
+    }
 
 
 def split_conda(text: str) -> tuple[str | None, list[str], list[str]]:
@@ -251,7 +258,7 @@ def split_conda(text: str) -> tuple[str | None, list[str], list[str]]:
             match = _SPEC_NAME.match(bare)
             name = match.group(0).lower() if match else bare
             if name == "python":
-                python_spec = bare[len(name):].strip() or None
+                python_spec = bare[len(name) :].strip() or None
             elif name != "pip":
                 conda_only.append(item)
         else:
@@ -271,9 +278,17 @@ def conda_python_allows(spec: str, version: str) -> bool:
         op, want = match[1], match[2].rstrip(".*")  # type: ignore[index]
         if not want:
             continue
-        same = have[:len(key(want))] == key(want)  # conda's "=3.11" means 3.11.*
-        ok = {None: same, "=": same, "==": same, "!=": not same, ">=": have >= key(want),
-              "<=": have <= key(want), ">": have > key(want), "<": have < key(want)}[op]
+        same = have[: len(key(want))] == key(want)  # conda's "=3.11" means 3.11.*
+        ok = {
+            None: same,
+            "=": same,
+            "==": same,
+            "!=": not same,
+            ">=": have >= key(want),
+            "<=": have <= key(want),
+            ">": have > key(want),
+            "<": have < key(want),
+        }[op]
         if not ok:
             return False
     return True
@@ -308,8 +323,7 @@ def model_dir_env(spec: BuildSpec) -> str:
     # As Azure: a single model's own <name>/<version> folder, else the root of all models.
     if not has_models(spec):
         return MODEL_ROOT
-    versions = [v for m in Path(spec.model_dir).iterdir() if m.is_dir()
-                for v in m.iterdir() if v.is_dir()]
+    versions = [v for m in Path(spec.model_dir).iterdir() if m.is_dir() for v in m.iterdir() if v.is_dir()]
     if len(versions) == 1:
         return f"{MODEL_ROOT}/{versions[0].parent.name}/{versions[0].name}"
     return MODEL_ROOT
@@ -391,12 +405,17 @@ exec {python} -m scoring_server "$@"
 
 def runtime_env(spec: BuildSpec, pythonpath: str) -> dict[str, str]:
     """The environment the scoring server reads, as Azure ML's images set it."""
-    env = {"AML_APP_ROOT": APP_ROOT, "AZUREML_ENTRY_SCRIPT": spec.driver_program,
-           "AZUREML_MODEL_DIR": model_dir_env(spec), "PORT": str(PORT),
-           "PYTHONPATH": pythonpath}
+    env = {
+        "AML_APP_ROOT": APP_ROOT,
+        "AZUREML_ENTRY_SCRIPT": spec.driver_program,
+        "AZUREML_MODEL_DIR": model_dir_env(spec),
+        "PORT": str(PORT),
+        "PYTHONPATH": pythonpath,
+    }
     if spec.runtime != "python":
         env["SCORING_RUNTIME"] = spec.runtime  # the server starts Spark before init()
     return env
+
 
 _SETUP_SCRIPT = """\
 #!/bin/sh

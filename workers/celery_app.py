@@ -3,9 +3,9 @@ database is the truth."""
 
 from __future__ import annotations
 
-from celery import Celery
 import signal
 
+from celery import Celery
 from celery.signals import worker_init, worker_process_init, worker_ready, worker_shutdown, worker_shutting_down
 
 from app.config import get_settings
@@ -28,13 +28,14 @@ celery_app.conf.update(
     # Redis re-delivers an unacknowledged task after this long even while it still runs;
     # the lease makes that duplicate a no-op. (The embedded SQLite broker takes no options.)
     broker_transport_options=(
-        {} if settings.is_embedded_broker
-        else {"visibility_timeout": settings.build_run_deadline_seconds + 600}),
+        {} if settings.is_embedded_broker else {"visibility_timeout": settings.build_run_deadline_seconds + 600}
+    ),
     broker_connection_retry_on_startup=True,
     task_routes={task: {"queue": settings.build_queue} for task in (BUILD_TASK, REAP_TASK, COLLECT_TASK)},
-    beat_schedule={"reap-builds": {"task": REAP_TASK, "schedule": max(5.0, settings.build_lease_seconds / 2)},
-                   "collect-image-garbage": {"task": COLLECT_TASK,
-                                             "schedule": settings.image_gc_interval_seconds}},
+    beat_schedule={
+        "reap-builds": {"task": REAP_TASK, "schedule": max(5.0, settings.build_lease_seconds / 2)},
+        "collect-image-garbage": {"task": COLLECT_TASK, "schedule": settings.image_gc_interval_seconds},
+    },
     worker_hijack_root_logger=False,
 )
 
@@ -53,6 +54,7 @@ def _fresh_connections(**_: object) -> None:
     from workers.tasks import worker_context
 
     worker_context.cache_clear()
+
     # A SIGTERM sent to the whole process group reaches the pool too: start draining, as the
     # main process does, rather than die mid-build. A second SIGTERM stops it at once.
     def drain(*_: object) -> None:

@@ -62,16 +62,14 @@ class _RedactQueries(logging.Filter):
 
 # Logger filters are not inherited by child loggers, hence every name that logs.
 _REDACT = _RedactQueries()
-for _name in ("httpx", "httpcore.connection", "httpcore.http11", "httpcore.http2",
-              "httpcore.proxy", "httpcore.socks"):
+for _name in ("httpx", "httpcore.connection", "httpcore.http11", "httpcore.http2", "httpcore.proxy", "httpcore.socks"):
     logging.getLogger(_name).addFilter(_REDACT)
 
 
 class FetchError(Exception):
     """A fetch failed; ``reason`` is a stable code, the message never holds a query string."""
 
-    def __init__(self, reason: str, message: str, *, status: int | None = None,
-                 wait: float | None = None) -> None:
+    def __init__(self, reason: str, message: str, *, status: int | None = None, wait: float | None = None) -> None:
         super().__init__(message)
         self.reason = reason
         self.status = status  # the HTTP status of an "http_status" failure
@@ -182,14 +180,14 @@ def fetch(
         expected = _check_expected(expected_sha256)
         start = _parse(url)
         ssl_context = _ssl_context(policy) if transport is None else None
-        for attempt in attempts(retryable, tries=policy.attempts, timeout=policy.deadline,
-                                wait=policy.retry_wait):
+        for attempt in attempts(retryable, tries=policy.attempts, timeout=policy.deadline, wait=policy.retry_wait):
             with attempt:
-                result = _fetch_once(start, partial, policy, deadline, expected, resolver,
-                                     transport, ssl_context)
+                result = _fetch_once(start, partial, policy, deadline, expected, resolver, transport, ssl_context)
         log.info(
             "fetch.done url=%s size=%d sha256=%s",
-            result.final_url, result.size, result.sha256,
+            result.final_url,
+            result.size,
+            result.sha256,
         )
         return result
     except FetchError as exc:
@@ -199,9 +197,16 @@ def fetch(
         partial.discard()
 
 
-def _fetch_once(url: httpx.URL, partial: "_Partial", policy: FetchPolicy, deadline: float,
-                expected: str | None, resolver: Resolver, transport: httpx.BaseTransport | None,
-                ssl_context: ssl.SSLContext | None) -> FetchResult:
+def _fetch_once(
+    url: httpx.URL,
+    partial: _Partial,
+    policy: FetchPolicy,
+    deadline: float,
+    expected: str | None,
+    resolver: Resolver,
+    transport: httpx.BaseTransport | None,
+    ssl_context: ssl.SSLContext | None,
+) -> FetchResult:
     """One attempt: follow the redirects from ``url`` and save (or resume) the body."""
     current = url
     for _hop in range(policy.max_redirects + 1):
@@ -215,13 +220,11 @@ def _fetch_once(url: httpx.URL, partial: "_Partial", policy: FetchPolicy, deadli
         try:
             # The transport is called directly, not through httpx.Client, whose
             # request log line would print the full URL, query included.
-            response = hop.handle_request(_request(current, address, policy, deadline,
-                                                   headers=partial.range_headers()))
+            response = hop.handle_request(_request(current, address, policy, deadline, headers=partial.range_headers()))
             try:
                 if response.status_code == 416 and partial.size:  # it was all there: again
                     partial.reset()
-                    raise FetchError("network_error", f"resuming {redact_url(current)} failed",
-                                     status=416)
+                    raise FetchError("network_error", f"resuming {redact_url(current)} failed", status=416)
                 nxt = _next_hop(response, current)
                 if nxt is None:
                     return _save(response, partial, policy, deadline, expected, current)
@@ -236,7 +239,9 @@ def _fetch_once(url: httpx.URL, partial: "_Partial", policy: FetchPolicy, deadli
                 hop.close()
         log.info(
             "fetch.redirect status=%d from=%s to=%s",
-            response.status_code, redact_url(current), redact_url(nxt),
+            response.status_code,
+            redact_url(current),
+            redact_url(nxt),
         )
         current = nxt
     raise FetchError(
@@ -264,8 +269,9 @@ def post(
     address = _check_target(target, policy, resolver)
     hop = transport or httpx.HTTPTransport(verify=_ssl_context(policy), trust_env=False)
     try:
-        response = hop.handle_request(_request(target, address, policy, deadline, method="POST",
-                                               content=body, headers=headers))
+        response = hop.handle_request(
+            _request(target, address, policy, deadline, method="POST", content=body, headers=headers)
+        )
         response.close()  # the status is the answer; the body is not read (nor trusted to be small)
     except httpx.TimeoutException as exc:
         raise _transport_error("timeout", exc, target) from None
@@ -277,8 +283,9 @@ def post(
     return response.status_code
 
 
-def check_url(url: str | httpx.URL, *, policy: FetchPolicy = FetchPolicy(),
-              resolver: Resolver = socket.getaddrinfo) -> str:
+def check_url(
+    url: str | httpx.URL, *, policy: FetchPolicy = FetchPolicy(), resolver: Resolver = socket.getaddrinfo
+) -> str:
     """Vet ``url``'s host as ``fetch`` would, without connecting; the address to connect to.
 
     For a connection something else makes (the Docker engine pulling an image), which
@@ -298,9 +305,13 @@ class PinnedTransport(httpx.BaseTransport):
     (no size or deadline limits: the client sets its own timeouts).
     """
 
-    def __init__(self, policy: FetchPolicy = FetchPolicy(), *,
-                 verify: ssl.SSLContext | str | bool | None = None,
-                 resolver: Resolver = socket.getaddrinfo) -> None:
+    def __init__(
+        self,
+        policy: FetchPolicy = FetchPolicy(),
+        *,
+        verify: ssl.SSLContext | str | bool | None = None,
+        resolver: Resolver = socket.getaddrinfo,
+    ) -> None:
         self._policy = policy
         self._resolver = resolver
         self._verify = _ssl_context(policy) if verify is None else verify
@@ -398,9 +409,13 @@ def _kind_of(address: str) -> str:
         return "a non-public address"
     if isinstance(ip, ipaddress.IPv6Address) and (ip.ipv4_mapped or ip.sixtofour):
         ip = ip.ipv4_mapped or ip.sixtofour
-    for flag, kind in (("is_loopback", "a loopback address"), ("is_link_local", "a link-local address"),
-                       ("is_unspecified", "an unspecified address"), ("is_multicast", "a multicast address"),
-                       ("is_private", "a private address")):
+    for flag, kind in (
+        ("is_loopback", "a loopback address"),
+        ("is_link_local", "a link-local address"),
+        ("is_unspecified", "an unspecified address"),
+        ("is_multicast", "a multicast address"),
+        ("is_private", "a private address"),
+    ):
         if getattr(ip, flag):
             return kind
     return "a non-public address"
@@ -429,8 +444,16 @@ def _ssl_context(policy: FetchPolicy) -> ssl.SSLContext:
     return context
 
 
-def _request(url: httpx.URL, address: str, policy: FetchPolicy, deadline: float, *, method: str = "GET",
-             content: bytes | None = None, headers: dict[str, str] | None = None) -> httpx.Request:
+def _request(
+    url: httpx.URL,
+    address: str,
+    policy: FetchPolicy,
+    deadline: float,
+    *,
+    method: str = "GET",
+    content: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> httpx.Request:
     """Build a request to the pinned ``address``, keeping the original name for Host and TLS."""
     remaining = deadline - time.monotonic()
     if remaining <= 0:
@@ -462,9 +485,12 @@ def _next_hop(response: httpx.Response, url: httpx.URL) -> httpx.URL | None:
         return _parse(target, what="redirect location")
     if 200 <= response.status_code < 300:
         return None
-    raise FetchError("http_status", f"HTTP {response.status_code} from {redact_url(url)}",
-                     status=response.status_code,
-                     wait=retry_after(response.headers.get("retry-after")))
+    raise FetchError(
+        "http_status",
+        f"HTTP {response.status_code} from {redact_url(url)}",
+        status=response.status_code,
+        wait=retry_after(response.headers.get("retry-after")),
+    )
 
 
 class _Partial:
@@ -485,19 +511,20 @@ class _Partial:
 
     def open(self, response: httpx.Response) -> BinaryIO:
         """The file to write ``response`` into: appended to when it continues what is there."""
-        continues = response.status_code == 206 and self.size > 0 and \
-            _range_start(response.headers.get("content-range")) == self.size
+        continues = (
+            response.status_code == 206
+            and self.size > 0
+            and _range_start(response.headers.get("content-range")) == self.size
+        )
         if not continues:
             self.reset()
         headers = response.headers
         if not continues:
             etag = headers.get("etag")
             # A weak ETag does not promise the same bytes: only a strong one guards a range.
-            self.validator = etag if etag and not etag.startswith("W/") else \
-                headers.get("last-modified")
+            self.validator = etag if etag and not etag.startswith("W/") else headers.get("last-modified")
         if self.tmp is None:
-            fd, self.tmp = tempfile.mkstemp(dir=self.dest.parent, prefix=f".{self.dest.name}.",
-                                            suffix=".part")
+            fd, self.tmp = tempfile.mkstemp(dir=self.dest.parent, prefix=f".{self.dest.name}.", suffix=".part")
             return os.fdopen(fd, "wb")
         return open(self.tmp, "ab")
 
@@ -544,9 +571,7 @@ def _save(
         with out:
             for chunk in response.iter_raw():  # raw: store exactly what the server holds
                 if partial.size + len(chunk) > policy.max_bytes:
-                    raise FetchError(
-                        "too_large", f"{safe} exceeds the limit of {policy.max_bytes} bytes"
-                    )
+                    raise FetchError("too_large", f"{safe} exceeds the limit of {policy.max_bytes} bytes")
                 if time.monotonic() > deadline:
                     raise FetchError("timeout", f"deadline exceeded while fetching {safe}")
                 out.write(chunk)

@@ -29,7 +29,9 @@ class Lease:
     owner: str
 
 
-def claim_build(session: Session, image_id: uuid.UUID, *, owner: str, lease_seconds: int, max_attempts: int) -> Lease | None:
+def claim_build(
+    session: Session, image_id: uuid.UUID, *, owner: str, lease_seconds: int, max_attempts: int
+) -> Lease | None:
     """Take the build if it is waiting (or its lease lapsed); None when another worker holds it."""
     now = utcnow()
     attempt = session.execute(
@@ -81,24 +83,37 @@ def release_build(session: Session, lease: Lease) -> bool:
     The attempt number stays, so the released worker stays fenced off; ``releases`` keeps
     the hand-back from counting as a failed attempt.
     """
-    released = session.execute(
-        update(Image)
-        .where(Image.id == lease.image_id, Image.attempt == lease.attempt, Image.state == RUNNING)
-        .values(state=CreationState.NOT_STARTED.value, releases=Image.releases + 1, lease_owner=None,
-                lease_expires_at=None, published_at=None)
-        .returning(Image.id)
-    ).scalars().all()
+    released = (
+        session.execute(
+            update(Image)
+            .where(Image.id == lease.image_id, Image.attempt == lease.attempt, Image.state == RUNNING)
+            .values(
+                state=CreationState.NOT_STARTED.value,
+                releases=Image.releases + 1,
+                lease_owner=None,
+                lease_expires_at=None,
+                published_at=None,
+            )
+            .returning(Image.id)
+        )
+        .scalars()
+        .all()
+    )
     record_state_changes(session, released)
     return bool(released)
 
 
 def finish_build(session: Session, lease: Lease, *, state: CreationState, **fields: object) -> bool:
     """Record the outcome if the lease is still ours; False when fenced off (nothing written)."""
-    finished = session.execute(
-        update(Image)
-        .where(Image.id == lease.image_id, Image.attempt == lease.attempt, Image.state == RUNNING)
-        .values(state=state.value, ended_at=utcnow(), lease_owner=None, lease_expires_at=None, **fields)
-        .returning(Image.id)
-    ).scalars().all()
+    finished = (
+        session.execute(
+            update(Image)
+            .where(Image.id == lease.image_id, Image.attempt == lease.attempt, Image.state == RUNNING)
+            .values(state=state.value, ended_at=utcnow(), lease_owner=None, lease_expires_at=None, **fields)
+            .returning(Image.id)
+        )
+        .scalars()
+        .all()
+    )
     record_state_changes(session, finished)
     return bool(finished)

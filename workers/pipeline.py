@@ -92,7 +92,11 @@ def load_inputs(context: ServiceContext, image_id: uuid.UUID) -> BuildInputs:
         models = list(session.scalars(select(ModelVersion).where(ModelVersion.id.in_(model_ids))))
         registry = None
         if manifest.registry_address and manifest.registry_username:
-            password = context.sealer.unseal(manifest.sealed_registry_password).decode() if manifest.sealed_registry_password else ""
+            password = (
+                context.sealer.unseal(manifest.sealed_registry_password).decode()
+                if manifest.sealed_registry_password
+                else ""
+            )
             registry = RegistryCredentials(manifest.registry_address, manifest.registry_username, password)
         return BuildInputs(
             image_name=image.name,
@@ -135,9 +139,11 @@ def fetch_failure(settings: Settings, url: str, exc: FetchError) -> str:
     own = urlsplit(settings.resolved_public_url).netloc
     if exc.reason != "blocked_address" or not parts.path.startswith("/blobs/") or parts.netloc == own:
         return str(exc)
-    return (f"{exc}: this worker takes the service's own address to be {settings.resolved_public_url}; "
-            f"set MMS_PUBLIC_URL={parts.scheme}://{parts.netloc} in the worker's environment (or run "
-            "it with the data folder of `mms serve`, which records where it serves)")
+    return (
+        f"{exc}: this worker takes the service's own address to be {settings.resolved_public_url}; "
+        f"set MMS_PUBLIC_URL={parts.scheme}://{parts.netloc} in the worker's environment (or run "
+        "it with the data folder of `mms serve`, which records where it serves)"
+    )
 
 
 def _plain_path(relative: str) -> bool:
@@ -145,7 +151,9 @@ def _plain_path(relative: str) -> bool:
     return "\\" not in relative and all(part not in ("", ".", "..") for part in relative.split("/"))
 
 
-def fetch_step(context: ServiceContext, inputs: BuildInputs, work: Path, emit: Log) -> tuple[Path, Path, str | None, str | None]:
+def fetch_step(
+    context: ServiceContext, inputs: BuildInputs, work: Path, emit: Log
+) -> tuple[Path, Path, str | None, str | None]:
     """Download every asset and model (unpacking archives), and the environment files."""
     # The API refuses such names; a row from before it did must not write outside the image's tree.
     for what, name in [*(("asset", a) for a in inputs.assets), *(("model", m) for m in inputs.models)]:
@@ -214,11 +222,14 @@ def registry_login(settings: Settings) -> dict[str, str] | None:
 
 
 def sandbox_limits(settings: Settings) -> Limits:
-    return Limits(cpu_seconds=settings.sandbox_cpu_seconds,
-                  memory_bytes=settings.sandbox_memory_mb << 20,
-                  processes=settings.sandbox_processes, file_bytes=settings.sandbox_disk_mb << 20,
-                  disk_bytes=settings.sandbox_disk_mb << 20,
-                  wall_seconds=settings.sandbox_wall_seconds)
+    return Limits(
+        cpu_seconds=settings.sandbox_cpu_seconds,
+        memory_bytes=settings.sandbox_memory_mb << 20,
+        processes=settings.sandbox_processes,
+        file_bytes=settings.sandbox_disk_mb << 20,
+        disk_bytes=settings.sandbox_disk_mb << 20,
+        wall_seconds=settings.sandbox_wall_seconds,
+    )
 
 
 def make_builder(settings: Settings, name: str) -> Builder:
@@ -231,20 +242,39 @@ def make_builder(settings: Settings, name: str) -> Builder:
     policy = fetch_policy(settings)
     if name == "oci":
         layout = image_layout(settings) if settings.is_embedded_registry else None
-        return OciBuilder(settings.image_registry, auth, cache_dir=settings.resolved_build_cache_dir,
-                          layout=layout, policy=policy, index_url=settings.pip_index_url,
-                          sandbox=sandbox_limits(settings),
-                          registry_retry_seconds=settings.registry_retry_seconds)
+        return OciBuilder(
+            settings.image_registry,
+            auth,
+            cache_dir=settings.resolved_build_cache_dir,
+            layout=layout,
+            policy=policy,
+            index_url=settings.pip_index_url,
+            sandbox=sandbox_limits(settings),
+            registry_retry_seconds=settings.registry_retry_seconds,
+        )
     if settings.is_embedded_registry:
-        raise StepFailed("environment", "the docker builder pushes to a registry and the service "
-                         "has none configured: set MMS_REGISTRY (and DOCKER_HOST), or use the "
-                         "oci builder")
-    limits = RunLimits(memory_mb=settings.build_run_memory_mb, pids=settings.build_run_pids,
-                       disk_mb=settings.build_run_disk_mb, seconds=settings.build_run_seconds,
-                       cpu_seconds=settings.build_run_cpu_seconds)
-    return DockerBuilder(settings.docker_host, settings.image_registry, auth, policy=policy,
-                         network=settings.build_network, proxy=settings.build_proxy,
-                         run_limits=limits)
+        raise StepFailed(
+            "environment",
+            "the docker builder pushes to a registry and the service "
+            "has none configured: set MMS_REGISTRY (and DOCKER_HOST), or use the "
+            "oci builder",
+        )
+    limits = RunLimits(
+        memory_mb=settings.build_run_memory_mb,
+        pids=settings.build_run_pids,
+        disk_mb=settings.build_run_disk_mb,
+        seconds=settings.build_run_seconds,
+        cpu_seconds=settings.build_run_cpu_seconds,
+    )
+    return DockerBuilder(
+        settings.docker_host,
+        settings.image_registry,
+        auth,
+        policy=policy,
+        network=settings.build_network,
+        proxy=settings.build_proxy,
+        run_limits=limits,
+    )
 
 
 def image_store(settings: Settings) -> Store:
@@ -252,8 +282,7 @@ def image_store(settings: Settings) -> Store:
     if settings.is_embedded_registry:
         return LayoutRegistry(image_layout(settings), settings.image_registry)
     login = registry_login(settings) or {}
-    return RegistryClient(settings.image_registry.partition("/")[0], login.get("username"),
-                          login.get("password"))
+    return RegistryClient(settings.image_registry.partition("/")[0], login.get("username"), login.get("password"))
 
 
 def default_base(settings: Settings, published: str | None, runtime: str = "python") -> str:
@@ -276,21 +305,24 @@ def unpublished_base(settings: Settings, inputs: BuildInputs, failure: BuildFail
     """``failure``, saying how to publish a base image when the default one it could not pull
     was never published."""
     spark = inputs.runtime == "spark-py"
-    guessed = not inputs.base_image and not inputs.published_base and not (
-        settings.default_base_image and not spark)
+    guessed = not inputs.base_image and not inputs.published_base and not (settings.default_base_image and not spark)
     if failure.step != "pull-base" or not guessed:
         return failure
     command = "mms base-image publish" + (" --variant spark" if spark else "")
     other = "the manifest's baseImage" if spark else "MMS_DEFAULT_BASE_IMAGE or the manifest's baseImage"
-    return BuildFailed("pull-base", f"{failure.message}: no base image is published yet; publish "
-                       f"one with `{command}` (or name one with {other}), then create the image again")
+    return BuildFailed(
+        "pull-base",
+        f"{failure.message}: no base image is published yet; publish "
+        f"one with `{command}` (or name one with {other}), then create the image again",
+    )
 
 
 _PACKAGE_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*\.(whl|tar\.gz|zip)")
 
 
-def package_files(context: ServiceContext, inputs: BuildInputs, pip: str | None,
-                  conda: str | None, work: Path, emit: Log) -> tuple[str | None, str | None, dict[str, Path]]:
+def package_files(
+    context: ServiceContext, inputs: BuildInputs, pip: str | None, conda: str | None, work: Path, emit: Log
+) -> tuple[str | None, str | None, dict[str, Path]]:
     """Check where the requirements take packages from (StepFailed naming the line), fetch
     the account's own package files they name, and point the lines at those copies (with
     their sha256), so no package is fetched from a URL a tenant chose."""
@@ -304,8 +336,7 @@ def package_files(context: ServiceContext, inputs: BuildInputs, pip: str | None,
         references = check_requirements(pip or "", "pip requirements", own_url=own)
         if conda is not None:
             check_conda_channels(conda, context.settings.conda_channels)
-            references += check_requirements("\n".join(split_conda(conda)[2]),
-                                             "conda file pip:", own_url=own)
+            references += check_requirements("\n".join(split_conda(conda)[2]), "conda file pip:", own_url=own)
     except (InvalidBuildSpec, PackageSourceRefused) as exc:  # split_conda: not a conda file
         raise StepFailed("environment", str(exc)) from None
     files: dict[str, Path] = {}
@@ -313,8 +344,11 @@ def package_files(context: ServiceContext, inputs: BuildInputs, pip: str | None,
     for reference in references:
         name = _file_name(reference.url, "")
         if not _PACKAGE_FILE.fullmatch(name):
-            raise StepFailed("environment", f"requirement {reference.name} @ …: {name!r} is not a "
-                             "wheel (.whl) or a source distribution (.tar.gz, .zip)")
+            raise StepFailed(
+                "environment",
+                f"requirement {reference.name} @ …: {name!r} is not a "
+                "wheel (.whl) or a source distribution (.tar.gz, .zip)",
+            )
         path = work / "requirement-files" / name
         if name in files:
             continue  # named twice (pip and conda): one copy
@@ -344,8 +378,7 @@ def run_pipeline(context: ServiceContext, image_id: uuid.UUID, emit: Log) -> Bui
         app_dir, model_dir, conda, pip = fetch_step(context, inputs, work, emit)
         pip, conda, requirement_files = package_files(context, inputs, pip, conda, work, emit)
         base = inputs.base_image or default_base(settings, inputs.published_base, inputs.runtime)
-        foreign = foreign_base_image(base, registry=settings.image_registry,
-                                     account_id=inputs.account_id)
+        foreign = foreign_base_image(base, registry=settings.image_registry, account_id=inputs.account_id)
         if foreign:  # the API refuses it too; a manifest stored before that rule is held here
             raise StepFailed("pull-base", foreign)
         spec = BuildSpec(
@@ -364,24 +397,32 @@ def run_pipeline(context: ServiceContext, image_id: uuid.UUID, emit: Log) -> Bui
         )
         emit(f"mms: building with the {inputs.builder} builder")
         try:
-            result = builder.build_and_push(spec, image_repository(inputs),
-                                            str(inputs.image_version), emit)
+            result = builder.build_and_push(spec, image_repository(inputs), str(inputs.image_version), emit)
         except InvalidBuildSpec as exc:
             raise StepFailed("environment", str(exc)) from None
         except BuildFailed as exc:
             raise unpublished_base(settings, inputs, exc) from None
     pulled = isinstance(builder, OciBuilder)
     if pulled and (not settings.docker_host or settings.is_embedded_registry):
-        emit("mms: smoke test skipped: the oci builder runs no containers, and a smoke test "
-             "needs a Docker engine (DOCKER_HOST) pulling from a registry (MMS_REGISTRY)")
+        emit(
+            "mms: smoke test skipped: the oci builder runs no containers, and a smoke test "
+            "needs a Docker engine (DOCKER_HOST) pulling from a registry (MMS_REGISTRY)"
+        )
         return result
     emit("mms: smoke test: starting the image once and waiting for GET / to answer")
     try:
-        smoke_test(settings.docker_host, result.image_location, emit,
-                   timeout=settings.smoke_test_timeout_seconds,
-                   pull=pulled, pull_auth=registry_login(settings),
-                   memory_mb=settings.smoke_test_memory_mb, pids=settings.smoke_test_pids,
-                   cpus=settings.smoke_test_cpus, disk_mb=settings.smoke_test_disk_mb)
+        smoke_test(
+            settings.docker_host,
+            result.image_location,
+            emit,
+            timeout=settings.smoke_test_timeout_seconds,
+            pull=pulled,
+            pull_auth=registry_login(settings),
+            memory_mb=settings.smoke_test_memory_mb,
+            pids=settings.smoke_test_pids,
+            cpus=settings.smoke_test_cpus,
+            disk_mb=settings.smoke_test_disk_mb,
+        )
     except SmokeTestFailed as exc:
         for line in exc.logs.splitlines():
             emit(f"container: {line}")

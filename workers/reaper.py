@@ -25,8 +25,15 @@ def _transition(session: Session, condition, **values: object) -> int:  # type: 
 
 
 def _fail(session: Session, condition, error: str) -> int:  # type: ignore[no-untyped-def]
-    return _transition(session, condition, state=CreationState.FAILED.value, ended_at=utcnow(), error=error,
-                       lease_owner=None, lease_expires_at=None)
+    return _transition(
+        session,
+        condition,
+        state=CreationState.FAILED.value,
+        ended_at=utcnow(),
+        error=error,
+        lease_owner=None,
+        lease_expires_at=None,
+    )
 
 
 def reap(session: Session, settings: Settings) -> list[str]:
@@ -34,37 +41,61 @@ def reap(session: Session, settings: Settings) -> list[str]:
     now = utcnow()
     lapsed = and_(Image.state == RUNNING, Image.lease_expires_at < now)
     cancelled = _transition(
-        session, and_(lapsed, Image.cancel_requested.is_(True)),
-        state=CreationState.CANCELLED.value, ended_at=now, error="cancelled while building", lease_owner=None,
+        session,
+        and_(lapsed, Image.cancel_requested.is_(True)),
+        state=CreationState.CANCELLED.value,
+        ended_at=now,
+        error="cancelled while building",
+        lease_owner=None,
     )
     gave_up = _fail(
-        session, and_(lapsed, Image.attempt - Image.releases >= settings.build_max_attempts),
+        session,
+        and_(lapsed, Image.attempt - Image.releases >= settings.build_max_attempts),
         f"the build's worker stopped answering {settings.build_max_attempts} times; giving up",
     )
-    requeued = _transition(session, lapsed, state=NOT_STARTED, lease_owner=None, lease_expires_at=None,
-                           published_at=None)
+    requeued = _transition(
+        session, lapsed, state=NOT_STARTED, lease_owner=None, lease_expires_at=None, published_at=None
+    )
     overdue = _fail(
-        session, and_(Image.state == RUNNING, Image.started_at < now - timedelta(seconds=settings.build_run_deadline_seconds)),
+        session,
+        and_(Image.state == RUNNING, Image.started_at < now - timedelta(seconds=settings.build_run_deadline_seconds)),
         f"the build ran longer than {settings.build_run_deadline_seconds} s",
     )
     stale = _fail(
-        session, and_(Image.state == NOT_STARTED, Image.created_at < now - timedelta(seconds=settings.build_queue_deadline_seconds)),
+        session,
+        and_(
+            Image.state == NOT_STARTED,
+            Image.created_at < now - timedelta(seconds=settings.build_queue_deadline_seconds),
+        ),
         f"the build waited longer than {settings.build_queue_deadline_seconds} s for a worker",
     )
     # Committed but never (or long ago) sent: ring again; a duplicate finds the lease held.
-    waiting = session.execute(
-        update(Image)
-        .where(
-            Image.state == NOT_STARTED,
-            (Image.published_at.is_(None)) | (Image.published_at < now - timedelta(seconds=settings.build_republish_seconds)),
+    waiting = (
+        session.execute(
+            update(Image)
+            .where(
+                Image.state == NOT_STARTED,
+                (Image.published_at.is_(None))
+                | (Image.published_at < now - timedelta(seconds=settings.build_republish_seconds)),
+            )
+            .values(published_at=now)
+            .returning(Image.id)
         )
-        .values(published_at=now)
-        .returning(Image.id)
-    ).scalars().all()
+        .scalars()
+        .all()
+    )
     pruned = prune_events(session, older_than=now - timedelta(days=settings.events_retention_days))
     if any((cancelled, gave_up, requeued, overdue, stale, waiting, pruned)):
-        log.info("reaper.pass", extra={"cancelled": cancelled, "failed": gave_up + overdue + stale,
-                                       "requeued": requeued, "republished": len(waiting), "eventsPruned": pruned})
+        log.info(
+            "reaper.pass",
+            extra={
+                "cancelled": cancelled,
+                "failed": gave_up + overdue + stale,
+                "requeued": requeued,
+                "republished": len(waiting),
+                "eventsPruned": pruned,
+            },
+        )
     return [str(i) for i in waiting]
 
 

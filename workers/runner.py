@@ -87,8 +87,11 @@ def run_build(context: ServiceContext, image_id: str) -> None:
         return
     with session_scope(context.session_factory) as session:
         lease = claim_build(
-            session, parsed, owner=WORKER_ID,
-            lease_seconds=settings.build_lease_seconds, max_attempts=settings.build_max_attempts,
+            session,
+            parsed,
+            owner=WORKER_ID,
+            lease_seconds=settings.build_lease_seconds,
+            max_attempts=settings.build_max_attempts,
         )
     if lease is None:
         log.info("worker.not_claimed", extra={"imageId": image_id})
@@ -110,15 +113,21 @@ def run_build(context: ServiceContext, image_id: str) -> None:
     try:
         result = run_pipeline(context, parsed, emit)
         state = CreationState.SUCCEEDED
-        outcome = {"image_location": result.image_location, "digest": result.digest,
-                   "size_bytes": result.size_bytes, "error": None}
+        outcome = {
+            "image_location": result.image_location,
+            "digest": result.digest,
+            "size_bytes": result.size_bytes,
+            "error": None,
+        }
         writer(f"mms: Succeeded: {result.image_location}@{result.digest}")
     except BuildStopped as stopped:
         if str(stopped) == "shutdown":
             _hand_back(context, lease, writer, heartbeat)
             return
         state = CreationState.CANCELLED if str(stopped) == "cancelled" else CreationState.FAILED
-        outcome = {"error": "cancelled while building" if state is CreationState.CANCELLED else "the build lost its lease"}
+        outcome = {
+            "error": "cancelled while building" if state is CreationState.CANCELLED else "the build lost its lease"
+        }
         writer(f"mms: {outcome['error']}")
     except (StepFailed, BuildFailed) as failure:
         outcome = {"error": str(failure)[:1000]}
@@ -127,8 +136,10 @@ def run_build(context: ServiceContext, image_id: str) -> None:
         error_id = uuid.uuid4().hex[:16]
         unexpected.add_note(f"error id {error_id}")  # in the traceback, so text logs show it too
         log.exception("worker.build_crashed", extra={"imageId": image_id, "errorId": error_id})
-        outcome = {"error": f"the service hit an internal error (error id {error_id}); "
-                            "its operators can look it up in the worker's log"}
+        outcome = {
+            "error": f"the service hit an internal error (error id {error_id}); "
+            "its operators can look it up in the worker's log"
+        }
         writer(f"mms: Failed: {outcome['error']}")
     finally:
         heartbeat.stop()
@@ -144,12 +155,12 @@ def _hand_back(context: ServiceContext, lease: Lease, writer: BuildLogWriter, he
     """The worker is stopping and the build outlasted the grace period: queue it again."""
     heartbeat.stop()
     grace = context.settings.build_shutdown_grace_seconds
-    writer(f"mms: worker {WORKER_ID} is stopping; the build did not finish within {grace:g} s "
-           "and goes back to the queue")
+    writer(
+        f"mms: worker {WORKER_ID} is stopping; the build did not finish within {grace:g} s and goes back to the queue"
+    )
     writer.flush()
     with session_scope(context.session_factory) as session:
         released = release_build(session, lease)
     if released:
         context.build_queue.publish_build(str(lease.image_id))
     log.info("worker.build_requeued", extra={"imageId": str(lease.image_id), "released": released})
-

@@ -45,13 +45,29 @@ _SYSTEM = ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/etc/ld.so.cache", "/etc/
 _TAIL = 20
 # Calls a build backend never needs, each a way into kernel code that an unprivileged process
 # reaches only as the owner of a namespace (Flatpak refuses much the same).
-_REFUSED_CALLS = ("unshare", "setns", "mount", "umount2", "pivot_root", "chroot", "keyctl",
-                  "add_key", "request_key", "bpf", "userfaultfd", "perf_event_open",
-                  "fsopen", "fsmount", "fsconfig", "fspick", "open_tree", "move_mount",
-                  "mount_setattr")
+_REFUSED_CALLS = (
+    "unshare",
+    "setns",
+    "mount",
+    "umount2",
+    "pivot_root",
+    "chroot",
+    "keyctl",
+    "add_key",
+    "request_key",
+    "bpf",
+    "userfaultfd",
+    "perf_event_open",
+    "fsopen",
+    "fsmount",
+    "fsconfig",
+    "fspick",
+    "open_tree",
+    "move_mount",
+    "mount_setattr",
+)
 # clone's flags that make a namespace (NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET).
-_NAMESPACE_FLAGS = (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000,
-                    0x40000000)
+_NAMESPACE_FLAGS = (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000, 0x40000000)
 
 
 @dataclass(frozen=True)
@@ -70,9 +86,16 @@ class SandboxFailed(Exception):
     """The contained command failed or hit a limit; the message says which."""
 
 
-def run_contained(command: list[str], *, inputs: Mapping[Path, str], output: Path,
-                  limits: Limits, log: Log, what: str,
-                  collect: Callable[[Path], T] | None = None) -> T | None:
+def run_contained(
+    command: list[str],
+    *,
+    inputs: Mapping[Path, str],
+    output: Path,
+    limits: Limits,
+    log: Log,
+    what: str,
+    collect: Callable[[Path], T] | None = None,
+) -> T | None:
     """Run ``command`` contained, ``inputs`` (host path → sandbox path) read-only and
     ``output`` writable at ``/out``; stream its output to ``log``; raise ``SandboxFailed``.
 
@@ -82,16 +105,47 @@ def run_contained(command: list[str], *, inputs: Mapping[Path, str], output: Pat
     """
     bwrap = shutil.which("bwrap")
     if bwrap is None:
-        raise SandboxFailed(f"{what} needs bubblewrap to run contained, and this worker has "
-                            "none (apt-get install bubblewrap)")
+        raise SandboxFailed(
+            f"{what} needs bubblewrap to run contained, and this worker has none (apt-get install bubblewrap)"
+        )
     output.mkdir(parents=True, exist_ok=True)
-    args = [bwrap, "--die-with-parent", "--new-session", "--unshare-pid", "--unshare-net",
-            "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try", "--hostname", "sandbox",
-            "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp",
-            "--setenv", "TMPDIR", "/tmp", "--setenv", "LANG", "C.UTF-8",
-            "--setenv", "PYTHONDONTWRITEBYTECODE", "1",
-            *(["--proc", "/proc"] if _proc_mountable(bwrap) else []), "--dev", "/dev",
-            "--perms", "1777", "--size", str(limits.disk_bytes), "--tmpfs", "/tmp"]
+    args = [
+        bwrap,
+        "--die-with-parent",
+        "--new-session",
+        "--unshare-pid",
+        "--unshare-net",
+        "--unshare-ipc",
+        "--unshare-uts",
+        "--unshare-cgroup-try",
+        "--hostname",
+        "sandbox",
+        "--clearenv",
+        "--setenv",
+        "PATH",
+        "/usr/bin:/bin",
+        "--setenv",
+        "HOME",
+        "/tmp",
+        "--setenv",
+        "TMPDIR",
+        "/tmp",
+        "--setenv",
+        "LANG",
+        "C.UTF-8",
+        "--setenv",
+        "PYTHONDONTWRITEBYTECODE",
+        "1",
+        *(["--proc", "/proc"] if _proc_mountable(bwrap) else []),
+        "--dev",
+        "/dev",
+        "--perms",
+        "1777",
+        "--size",
+        str(limits.disk_bytes),
+        "--tmpfs",
+        "/tmp",
+    ]
     binds = [(path, path) for path in dict.fromkeys((sys.prefix, sys.base_prefix))]  # its Python
     binds += [(str(source), target) for source, target in inputs.items()]
     # bwrap makes missing parent folders 0700: open them, or the uid below cannot pass.
@@ -106,8 +160,15 @@ def run_contained(command: list[str], *, inputs: Mapping[Path, str], output: Pat
     args += ["--bind", str(output), "/out", "--chdir", "/tmp"]
     filter_fd = _seccomp_filter()
     args += ["--add-seccomp-fd", str(filter_fd)]
-    rlimits = ["prlimit", f"--cpu={limits.cpu_seconds}:{limits.cpu_seconds + 5}", f"--as={limits.memory_bytes}",
-               f"--nproc={limits.processes}", f"--fsize={limits.file_bytes}", "--core=0", "--"]
+    rlimits = [
+        "prlimit",
+        f"--cpu={limits.cpu_seconds}:{limits.cpu_seconds + 5}",
+        f"--as={limits.memory_bytes}",
+        f"--nproc={limits.processes}",
+        f"--fsize={limits.file_bytes}",
+        "--core=0",
+        "--",
+    ]
     uid = None
     if os.geteuid() == 0:
         # bwrap runs as root to set up the mounts, then the command drops to a uid of its
@@ -115,8 +176,16 @@ def run_contained(command: list[str], *, inputs: Mapping[Path, str], output: Pat
         uid = secrets.randbelow(_UID_RANGE[1] - _UID_RANGE[0]) + _UID_RANGE[0]
         for source in inputs:
             _readable_by_others(Path(source))
-        drop = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
-                "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
+        drop = [
+            "setpriv",
+            f"--reuid={uid}",
+            f"--regid={uid}",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            "--no-new-privs",
+            "--",
+        ]
         args += ["--", *drop, *rlimits, *command]
     else:
         # Unprivileged: a user namespace maps the worker's own uid; no capability reaches out.
@@ -147,15 +216,18 @@ def _bounded(folder: Path, size: int, uid: int | None) -> Iterator[None]:
         return
     options = f"size={size},mode=0700,uid={uid},gid={uid},nosuid,nodev,noexec"
     try:
-        subprocess.run(["mount", "-t", "tmpfs", "-o", options, "mms-sandbox-out", str(folder)],
-                       check=True, capture_output=True, timeout=30)
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "mms-sandbox-out", str(folder)],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
     except (OSError, subprocess.SubprocessError) as exc:
         raise SandboxFailed(f"cannot mount the sandbox's output folder: {exc}") from None
     try:
         yield
     finally:
-        subprocess.run(["umount", "--lazy", str(folder)], check=False, capture_output=True,
-                       timeout=30)
+        subprocess.run(["umount", "--lazy", str(folder)], check=False, capture_output=True, timeout=30)
 
 
 @cache
@@ -168,8 +240,7 @@ def _proc_mountable(bwrap: str) -> bool:
     """
     if os.geteuid() == 0:
         return True
-    probe = [bwrap, "--unshare-user", "--unshare-pid", "--ro-bind", "/", "/", "--proc", "/proc",
-             "--", "true"]
+    probe = [bwrap, "--unshare-user", "--unshare-pid", "--ro-bind", "/", "/", "--proc", "/proc", "--", "true"]
     try:
         return subprocess.run(probe, capture_output=True, timeout=30, check=False).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
@@ -190,8 +261,10 @@ def _seccomp_program() -> bytes:
     try:
         return _compiled_seccomp_program()
     except (ImportError, OSError, RuntimeError) as exc:  # no libseccomp on this worker
-        raise SandboxFailed(f"cannot build the sandbox's seccomp filter ({exc}): the worker "
-                            "needs libseccomp (apt-get install libseccomp2)") from None
+        raise SandboxFailed(
+            f"cannot build the sandbox's seccomp filter ({exc}): the worker "
+            "needs libseccomp (apt-get install libseccomp2)"
+        ) from None
 
 
 @cache
@@ -216,9 +289,17 @@ def _compiled_seccomp_program() -> bytes:
 def _run(args: list[str], limits: Limits, log: Log, what: str, filter_fd: int) -> None:
     tail: list[str] = []
     try:
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, text=True, errors="replace",
-                                start_new_session=True, env={}, pass_fds=(filter_fd,))
+        proc = subprocess.Popen(
+            args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            errors="replace",
+            start_new_session=True,
+            env={},
+            pass_fds=(filter_fd,),
+        )
     except OSError as exc:
         raise SandboxFailed(f"cannot start the sandbox for {what}: {exc}") from None
     timer = _Deadline(proc, limits.wall_seconds)
@@ -226,7 +307,7 @@ def _run(args: list[str], limits: Limits, log: Log, what: str, filter_fd: int) -
         try:
             for line in proc.stdout:  # type: ignore[union-attr]
                 line = line.rstrip()
-                tail = [*tail[-_TAIL + 1:], line]
+                tail = [*tail[-_TAIL + 1 :], line]
                 log(f"    {line}")
             code = proc.wait()
         finally:
@@ -235,8 +316,7 @@ def _run(args: list[str], limits: Limits, log: Log, what: str, filter_fd: int) -
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
     if timer.fired:
-        raise SandboxFailed(f"{what} ran longer than its wall-time limit of "
-                            f"{limits.wall_seconds:g} s and was stopped")
+        raise SandboxFailed(f"{what} ran longer than its wall-time limit of {limits.wall_seconds:g} s and was stopped")
     if code != 0:
         raise SandboxFailed(f"{what} failed: {_reason(code, tail, limits)}")
 

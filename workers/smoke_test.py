@@ -32,17 +32,24 @@ logger = logging.getLogger(__name__)
 _TAIL_LINES = 80
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b")
 # What a process or thread refused by the pids limit prints (Python, glibc, shells, the JVM).
-_PROCESS_LIMIT_HINTS = ("Resource temporarily unavailable", "can't start new thread",
-                        "BlockingIOError", "unable to create native thread",
-                        "fork: retry", "Cannot fork")
+_PROCESS_LIMIT_HINTS = (
+    "Resource temporarily unavailable",
+    "can't start new thread",
+    "BlockingIOError",
+    "unable to create native thread",
+    "fork: retry",
+    "Cannot fork",
+)
 # Run by the image's own python3 inside the container: one GET / on its loopback. -I -S: the
 # image's PYTHONPATH and site-packages play no part. Prints a marker the worker looks for.
-_PROBE = ("import urllib.request as r\n"
-          "get = r.build_opener(r.ProxyHandler({{}})).open  # no proxy the image may name\n"
-          "try: s = get('http://127.0.0.1:{port}/', timeout=2).status\n"
-          "except Exception as e: s = getattr(e, 'code', None) or 0\n"
-          "print('mms-probe', s)\n")
-_PROBE_ANSWER = re.compile(rb"^mms-probe (\d+)\s*$", re.M)
+_PROBE = (
+    "import urllib.request as r\n"
+    "get = r.build_opener(r.ProxyHandler({{}})).open  # no proxy the image may name\n"
+    "try: s = get('http://127.0.0.1:{port}/', timeout=2).status\n"
+    "except Exception as e: s = getattr(e, 'code', None) or 0\n"
+    "print('mms-probe', s)\n"
+)
+_PROBE_ANSWER = re.compile(rb"^mms-probe (\d+)\s*$", re.MULTILINE)
 # The probe's own processes (runc's exec helpers, then python3) take slots under the pids
 # limit while they run, so a fork bomb that filled it settles this far below it.
 _PROBE_PIDS = 3
@@ -61,10 +68,19 @@ class SmokeTestFailed(Exception):
         self.logs = logs
 
 
-def smoke_test(docker_host: str | None, image: str, log: Log, timeout: float = 60, *,
-               pull: bool = False, pull_auth: Mapping[str, str] | None = None,
-               memory_mb: int = 2048, pids: int = 512, cpus: float = 2.0,
-               disk_mb: int = 1024) -> None:
+def smoke_test(
+    docker_host: str | None,
+    image: str,
+    log: Log,
+    timeout: float = 60,
+    *,
+    pull: bool = False,
+    pull_auth: Mapping[str, str] | None = None,
+    memory_mb: int = 2048,
+    pids: int = 512,
+    cpus: float = 2.0,
+    disk_mb: int = 1024,
+) -> None:
     """Run ``image`` until ``GET /`` answers 200; raise if it never does.
 
     The image is in the engine already (the docker builder), or ``pull`` fetches it first
@@ -89,11 +105,12 @@ def smoke_test(docker_host: str | None, image: str, log: Log, timeout: float = 6
             cid = container["Id"]
             try:
                 api.start(cid)
-                log(f"mms: smoke test: started {image} ({cid[:12]}) without network, limited "
+                log(
+                    f"mms: smoke test: started {image} ({cid[:12]}) without network, limited "
                     f"to {memory_mb} MB, {pids} processes, {cpus:g} CPUs and {disk_mb} MB "
-                    f"of disk; waiting for GET / on its port {PORT}")
-                _wait_until_serving(api, cid, started + timeout, timeout, memory_mb, pids,
-                                    disk_mb)
+                    f"of disk; waiting for GET / on its port {PORT}"
+                )
+                _wait_until_serving(api, cid, started + timeout, timeout, memory_mb, pids, disk_mb)
                 logs = _tail(api, cid)
             finally:
                 api.remove_container(cid, force=True, v=True)  # kills it if still running
@@ -113,8 +130,7 @@ def smoke_test(docker_host: str | None, image: str, log: Log, timeout: float = 6
     logger.info("smoke_test.passed", extra={"image": image, "seconds": round(elapsed, 1)})
 
 
-def _contained(api: docker.APIClient, memory_mb: int, pids: int, cpus: float,
-               disk_mb: int) -> dict:
+def _contained(api: docker.APIClient, memory_mb: int, pids: int, cpus: float, disk_mb: int) -> dict:
     """The host config of a container that runs a tenant's code.
 
     The image's own user is kept: forcing a non-root uid breaks images whose scripts write
@@ -139,8 +155,7 @@ def _contained(api: docker.APIClient, memory_mb: int, pids: int, cpus: float,
 
 
 @contextmanager
-def _pulled(api: docker.APIClient, image: str, pull: bool, auth: Mapping[str, str] | None,
-            log: Log) -> Iterator[None]:
+def _pulled(api: docker.APIClient, image: str, pull: bool, auth: Mapping[str, str] | None, log: Log) -> Iterator[None]:
     if not pull:
         yield
         return
@@ -148,8 +163,9 @@ def _pulled(api: docker.APIClient, image: str, pull: bool, auth: Mapping[str, st
     config = {**auth, "serveraddress": host} if auth else {}
     log(f"mms: smoke test: pulling {image}")
     try:
-        check_stream("smoke-test", api.pull(image, stream=True, decode=True, auth_config=config),
-                     log, host, bool(config))
+        check_stream(
+            "smoke-test", api.pull(image, stream=True, decode=True, auth_config=config), log, host, bool(config)
+        )
     except BuildFailed as exc:
         raise SmokeTestFailed(f"could not pull the image: {exc.message}") from None
     try:
@@ -159,8 +175,9 @@ def _pulled(api: docker.APIClient, image: str, pull: bool, auth: Mapping[str, st
             api.remove_image(image, force=True)
 
 
-def _wait_until_serving(api: docker.APIClient, cid: str, deadline: float, timeout: float,
-                        memory_mb: int, pids: int, disk_mb: int) -> None:
+def _wait_until_serving(
+    api: docker.APIClient, cid: str, deadline: float, timeout: float, memory_mb: int, pids: int, disk_mb: int
+) -> None:
     waited = 0.0
     while True:
         answer = _probe(api, cid, memory_mb)
@@ -172,18 +189,21 @@ def _wait_until_serving(api: docker.APIClient, cid: str, deadline: float, timeou
         if _over_disk_limit(api, cid, disk_mb):
             raise SmokeTestFailed(
                 f"the container wrote more than its disk limit of {disk_mb} MB "
-                "(MMS_SMOKE_TEST_DISK_MB) before answering GET /", _tail(api, cid))
+                "(MMS_SMOKE_TEST_DISK_MB) before answering GET /",
+                _tail(api, cid),
+            )
         if _at_process_limit(api, cid):
             raise SmokeTestFailed(
-                f"the container reached its process limit ({pids} processes and threads) "
-                "before answering GET /", _tail(api, cid))
+                f"the container reached its process limit ({pids} processes and threads) before answering GET /",
+                _tail(api, cid),
+            )
         if isinstance(answer, str):
-            raise SmokeTestFailed(f"could not ask GET / inside the container: {answer}",
-                                  _tail(api, cid))
+            raise SmokeTestFailed(f"could not ask GET / inside the container: {answer}", _tail(api, cid))
         if time.monotonic() > deadline:
             logs = _tail(api, cid)
-            raise SmokeTestFailed(f"GET / did not answer 200 within {timeout:g} s"
-                                  f"{_process_limit_hint(logs, pids)}", logs)
+            raise SmokeTestFailed(
+                f"GET / did not answer 200 within {timeout:g} s{_process_limit_hint(logs, pids)}", logs
+            )
         # Each probe starts a python3 in the container: ask less often as the wait grows.
         pause = min(1.0, 0.25 + waited / 20)
         waited += pause
@@ -242,17 +262,20 @@ def _read_capped(stream: CancellableStream) -> bytes:
     return output[:_PROBE_OUTPUT_BYTES]
 
 
-def _exited(api: docker.APIClient, cid: str, state: Mapping, memory_mb: int,
-            pids: int) -> SmokeTestFailed:
+def _exited(api: docker.APIClient, cid: str, state: Mapping, memory_mb: int, pids: int) -> SmokeTestFailed:
     logs = _tail(api, cid)
     code = state.get("ExitCode")
     if state.get("OOMKilled"):
         return SmokeTestFailed(
             f"the container ran out of memory (limit {memory_mb} MB) and was killed (exit "
-            f"code {code}) before answering GET /", logs)
+            f"code {code}) before answering GET /",
+            logs,
+        )
     return SmokeTestFailed(
         f"the container exited with code {code} before answering GET /{_last_error(logs)}"
-        f"{_process_limit_hint(logs, pids)}", logs)
+        f"{_process_limit_hint(logs, pids)}",
+        logs,
+    )
 
 
 def _at_process_limit(api: docker.APIClient, cid: str) -> bool:
@@ -278,8 +301,10 @@ def _over_disk_limit(api: docker.APIClient, cid: str, disk_mb: int) -> bool:
 def _process_limit_hint(logs: str, pids: int) -> str:
     """A note naming the process limit when the output shows a fork or thread refused."""
     if any(hint in logs for hint in _PROCESS_LIMIT_HINTS):
-        return (f" (a process or thread could not start: the container may have reached its "
-                f"process limit of {pids} processes and threads)")
+        return (
+            f" (a process or thread could not start: the container may have reached its "
+            f"process limit of {pids} processes and threads)"
+        )
     return ""
 
 

@@ -103,8 +103,7 @@ def unpack_archive(
                 _extract_zip(archive, writer)
             else:
                 _extract_tar(archive, writer, compressed=kind == "tar.gz")
-        except (tarfile.TarError, zipfile.BadZipFile, gzip.BadGzipFile, EOFError,
-                zlib.error) as exc:
+        except (tarfile.TarError, zipfile.BadZipFile, gzip.BadGzipFile, EOFError, zlib.error) as exc:
             raise UnpackError("corrupt", f"{archive.name}: corrupt archive ({exc})") from None
         except OSError as exc:
             raise UnpackError("io_error", f"{archive.name}: {exc}") from None
@@ -150,9 +149,7 @@ class _Writer:
     def _target(self, name: str) -> Path | None:
         self.files += 1
         if self.files > self.limits.max_files:
-            raise UnpackError(
-                "too_many_files", f"more than {self.limits.max_files} entries (at {name!r})", name
-            )
+            raise UnpackError("too_many_files", f"more than {self.limits.max_files} entries (at {name!r})", name)
         parts = _safe_parts(name)
         return self.root.joinpath(*parts) if parts else None
 
@@ -175,8 +172,7 @@ class _Writer:
                     if self.total > self.limits.max_total_bytes:
                         raise UnpackError(
                             "too_large",
-                            f"entry {name!r}: archive expands beyond "
-                            f"{self.limits.max_total_bytes} bytes",
+                            f"entry {name!r}: archive expands beyond {self.limits.max_total_bytes} bytes",
                             name,
                         )
                     out.write(chunk)
@@ -222,7 +218,7 @@ def _extract_tar(archive: Path, writer: _Writer, compressed: bool) -> None:
             if member.isdir():
                 writer.directory(name)
             elif member.isreg():
-                opener = lambda m=member: tf.extractfile(m)  # noqa: E731
+                opener = lambda m=member: tf.extractfile(m)
                 writer.file(name, opener, bool(member.mode & 0o111))  # type: ignore[arg-type]
             elif member.ischr() or member.isblk() or member.isfifo():
                 raise UnpackError("special_file", f"entry {name!r}: device or fifo", name)

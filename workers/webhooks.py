@@ -51,8 +51,9 @@ def _claim(session: Session, delivery_id: uuid.UUID, seen: datetime, until: date
     """Take one due delivery for this worker; its attempt number, or None if another took it."""
     return session.execute(
         update(WebhookDelivery)
-        .where(WebhookDelivery.id == delivery_id, WebhookDelivery.state == PENDING,
-               WebhookDelivery.next_attempt_at == seen)
+        .where(
+            WebhookDelivery.id == delivery_id, WebhookDelivery.state == PENDING, WebhookDelivery.next_attempt_at == seen
+        )
         .values(next_attempt_at=until, attempts=WebhookDelivery.attempts + 1, last_attempt_at=utcnow())
         .returning(WebhookDelivery.attempts)
     ).scalar()
@@ -62,15 +63,21 @@ def deliver_due(context: ServiceContext, *, limit: int = 20) -> int:
     """Send up to ``limit`` deliveries that are due; returns how many were attempted."""
     settings = context.settings
     policy = fetch_policy(settings)
-    policy = FetchPolicy(max_bytes=policy.max_bytes, connect_timeout=settings.webhook_timeout_seconds,
-                         read_timeout=settings.webhook_timeout_seconds, deadline=settings.webhook_timeout_seconds,
-                         allow_hosts=policy.allow_hosts, ca_bundle=policy.ca_bundle)
+    policy = FetchPolicy(
+        max_bytes=policy.max_bytes,
+        connect_timeout=settings.webhook_timeout_seconds,
+        read_timeout=settings.webhook_timeout_seconds,
+        deadline=settings.webhook_timeout_seconds,
+        allow_hosts=policy.allow_hosts,
+        ca_bundle=policy.ca_bundle,
+    )
     now = utcnow()
     with session_scope(context.session_factory) as session:
         due = session.execute(
             select(WebhookDelivery.id, WebhookDelivery.next_attempt_at)
             .where(WebhookDelivery.state == PENDING, WebhookDelivery.next_attempt_at <= now)
-            .order_by(WebhookDelivery.next_attempt_at).limit(limit)
+            .order_by(WebhookDelivery.next_attempt_at)
+            .limit(limit)
         ).all()
     attempted = 0
     for delivery_id, seen in due:
@@ -118,21 +125,37 @@ def _send(context: ServiceContext, delivery_id: uuid.UUID, attempt: int, row, po
             error, permanent = str(exc), exc.reason in PERMANENT
     duration_ms = round((time.monotonic() - started) * 1000)
     now = utcnow()
-    values: dict[str, object] = {"last_status": status, "last_error": error and error[:512],
-                                 "last_duration_ms": duration_ms}
+    values: dict[str, object] = {
+        "last_status": status,
+        "last_error": error and error[:512],
+        "last_duration_ms": duration_ms,
+    }
     if error is None:
         values |= {"state": DeliveryState.DELIVERED.value, "delivered_at": now}
     elif permanent or attempt >= settings.webhook_max_attempts:
         values |= {"state": DeliveryState.FAILED.value}
     else:
-        values |= {"next_attempt_at": now + timedelta(seconds=backoff_seconds(attempt, settings.webhook_retry_base_seconds))}
+        values |= {
+            "next_attempt_at": now + timedelta(seconds=backoff_seconds(attempt, settings.webhook_retry_base_seconds))
+        }
     with session_scope(context.session_factory) as session:
-        session.execute(update(WebhookDelivery)
-                        .where(WebhookDelivery.id == delivery_id, WebhookDelivery.attempts == attempt)
-                        .values(**values))
-    log.info("webhook.attempt", extra={"delivery": str(delivery_id), "eventId": row.id, "attempt": attempt,
-                                       "status": status, "outcome": values.get("state", "Retry"),
-                                       "durationMs": duration_ms, "error": error})
+        session.execute(
+            update(WebhookDelivery)
+            .where(WebhookDelivery.id == delivery_id, WebhookDelivery.attempts == attempt)
+            .values(**values)
+        )
+    log.info(
+        "webhook.attempt",
+        extra={
+            "delivery": str(delivery_id),
+            "eventId": row.id,
+            "attempt": attempt,
+            "status": status,
+            "outcome": values.get("state", "Retry"),
+            "durationMs": duration_ms,
+            "error": error,
+        },
+    )
 
 
 class WebhookDispatcher(threading.Thread):

@@ -85,8 +85,12 @@ CallerDep = Annotated[Caller, Depends(get_caller)]
 
 async def check_api_version(
     api_version: Annotated[
-        str | None, Query(alias="api-version", description=f"default {CURRENT_API_VERSION}",
-                          json_schema_extra={"enum": list(SUPPORTED_API_VERSIONS)})
+        str | None,
+        Query(
+            alias="api-version",
+            description=f"default {CURRENT_API_VERSION}",
+            json_schema_extra={"enum": list(SUPPORTED_API_VERSIONS)},
+        ),
     ] = None,
 ) -> str:
     """The api-version asked for; omitted means the current one, an unknown one is a 400."""
@@ -94,8 +98,7 @@ async def check_api_version(
         return CURRENT_API_VERSION
     if api_version not in SUPPORTED_API_VERSIONS:
         raise BadRequest(
-            f"api-version '{api_version}' is not supported; "
-            f"supported: {', '.join(SUPPORTED_API_VERSIONS)}",
+            f"api-version '{api_version}' is not supported; supported: {', '.join(SUPPORTED_API_VERSIONS)}",
             code="UnsupportedApiVersion",
         )
     return api_version
@@ -128,7 +131,9 @@ SubscriptionId = Annotated[
     _name_rule(SUBSCRIPTION_PATTERN, "1-64 letters, digits, '-', '_' or '.', starting with a letter or digit"),
 ]
 ResourceGroup = Annotated[
-    str, Path(alias="resourceGroup"), _name_rule(RESOURCE_GROUP_PATTERN, "1-90 letters, digits, '-', '_', '.', '(' or ')'")
+    str,
+    Path(alias="resourceGroup"),
+    _name_rule(RESOURCE_GROUP_PATTERN, "1-90 letters, digits, '-', '_', '.', '(' or ')'"),
 ]
 AccountName = Annotated[
     str,

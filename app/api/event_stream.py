@@ -137,8 +137,14 @@ class EventHub:
     waits ``gap_seconds`` for a missing id before deciding it was rolled back.
     """
 
-    def __init__(self, session_factory: Callable[[], Session], *, interval: float,
-                 gap_seconds: float = 10.0, recheck_seconds: float = 5.0) -> None:
+    def __init__(
+        self,
+        session_factory: Callable[[], Session],
+        *,
+        interval: float,
+        gap_seconds: float = 10.0,
+        recheck_seconds: float = 5.0,
+    ) -> None:
         self._session_factory = session_factory
         self._interval = interval
         self._recheck_seconds = recheck_seconds
@@ -210,7 +216,8 @@ class EventHub:
         if not subs:
             return
         grants = await to_thread.run_sync(
-            self._read, lambda s: grants_of(s, [sub.caller for sub in subs]), limiter=self._thread)
+            self._read, lambda s: grants_of(s, [sub.caller for sub in subs]), limiter=self._thread
+        )
         for sub in subs:
             if not with_grants(sub.caller, grants).can(Permission.READ, sub.scope):
                 log.info("events.stream_revoked", extra={"subject": sub.caller.subject})
@@ -241,7 +248,8 @@ class EventHub:
             return
         while True:
             batch = await to_thread.run_sync(
-                self._read, lambda s: events_after(s, after_id=self._cursor, limit=BATCH), limiter=self._thread)
+                self._read, lambda s: events_after(s, after_id=self._cursor, limit=BATCH), limiter=self._thread
+            )
             fresh = [event for event in batch if event.id not in self._seen]
             # Roles read after the events: a principal deleted before one of them was committed
             # shows up here, and its stream ends before that event reaches it. A failed read
@@ -275,9 +283,16 @@ class EventHub:
             self._advance(stuck=False)
 
 
-async def image_events(hub: EventHub, session_factory: Callable[[], Session], account_id: uuid.UUID, *,
-                       caller: Caller, scope: str, last_event_id: int | None,
-                       shutdown: anyio.Event | None = None) -> AsyncIterator[ServerSentEvent]:
+async def image_events(
+    hub: EventHub,
+    session_factory: Callable[[], Session],
+    account_id: uuid.UUID,
+    *,
+    caller: Caller,
+    scope: str,
+    last_event_id: int | None,
+    shutdown: anyio.Event | None = None,
+) -> AsyncIterator[ServerSentEvent]:
     """An account's events: what came after ``last_event_id`` (or a ``ready`` mark), then live.
 
     The stream ends when the caller's token expires (the client reconnects with a fresh one),
@@ -303,19 +318,20 @@ async def image_events(hub: EventHub, session_factory: Callable[[], Session], ac
         # Roles read afresh (the route's may be cached) after subscribing: events the hub read
         # before then, while it rechecked others, reach this stream only if it may still read.
         start, shown, allowed = await to_thread.run_sync(
-            read, lambda s: (*stream_start(s, account_id=account_id, after_id=sub.offers_after),
-                             may_read(s, caller, scope)))
+            read,
+            lambda s: (*stream_start(s, account_id=account_id, after_id=sub.offers_after), may_read(s, caller, scope)),
+        )
         if not allowed:
             return
         if last_event_id is None:
-            yield ServerSentEvent(id=str(start), event="ready", data=json.dumps({"lastEventId": start}),
-                                  retry=RETRY_MS)
+            yield ServerSentEvent(id=str(start), event="ready", data=json.dumps({"lastEventId": start}), retry=RETRY_MS)
         else:
             yield ServerSentEvent(comment="resuming", retry=RETRY_MS)
             after = last_event_id
             while True:
                 batch = await to_thread.run_sync(
-                    read, lambda s: events_after(s, after_id=after, account_id=account_id, limit=BATCH))
+                    read, lambda s: events_after(s, after_id=after, account_id=account_id, limit=BATCH)
+                )
                 # Roles read afresh after the events (the route's may be cached), as the hub does.
                 if not await to_thread.run_sync(read, lambda s: may_read(s, caller, scope)):
                     return

@@ -27,7 +27,8 @@ from app.auth.roles import Permission, account_scope
 from app.errors import ServiceError
 
 _IMAGE_PATH = re.compile(
-    r"/api/subscriptions/([^/]+)/resourceGroups/([^/]+)/accounts/([^/]+)/images/([0-9a-fA-F-]{36})")
+    r"/api/subscriptions/([^/]+)/resourceGroups/([^/]+)/accounts/([^/]+)/images/([0-9a-fA-F-]{36})"
+)
 _PLAIN_QUERIES = (b"", b"api-version=2017-09-01-preview")
 UNFINISHED = ("NotStarted", "Running")
 RETRY_AFTER_SECONDS = 2  # how long a poller of an unfinished build is asked to wait
@@ -71,7 +72,11 @@ class ImagePollShortcut:
             return None
         subscription, group, account, image_id = match.groups()
         known = hub.versions.get(uuid.UUID(image_id))
-        if known is None or known.state == "Deleted" or hub.versions.account((subscription, group, account)) != known.account_id:
+        if (
+            known is None
+            or known.state == "Deleted"
+            or hub.versions.account((subscription, group, account)) != known.account_id
+        ):
             return None
         etag = image_etag(known.version, str(request.base_url))
         if not etag_matches(if_none_match, etag):
@@ -82,6 +87,8 @@ class ImagePollShortcut:
         except ServiceError:
             return None
         grants = context.grants_cache.get(token.issuer, token.subject)
-        if grants is None or not caller_for(token, grants).can(Permission.READ, account_scope(subscription, group, account)):
+        if grants is None or not caller_for(token, grants).can(
+            Permission.READ, account_scope(subscription, group, account)
+        ):
             return None
         return not_modified_headers(etag, known.state)

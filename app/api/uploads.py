@@ -67,8 +67,11 @@ def remove_stale_uploads(directory: Path, *, older_than_seconds: float) -> int:
         return 0
     for entry in entries:
         try:
-            if (entry.name.startswith(_PREFIX) and entry.is_file(follow_symlinks=False)
-                    and entry.stat(follow_symlinks=False).st_mtime < cutoff):
+            if (
+                entry.name.startswith(_PREFIX)
+                and entry.is_file(follow_symlinks=False)
+                and entry.stat(follow_symlinks=False).st_mtime < cutoff
+            ):
                 os.unlink(entry.path)
                 removed += 1
         except FileNotFoundError:  # another process starting removed it first

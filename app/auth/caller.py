@@ -35,10 +35,7 @@ class Caller:
         return f"{self.issuer} {self.subject}"
 
     def can(self, permission: Permission, scope: str) -> bool:
-        return any(
-            permission in grant.role.permissions and scope_contains(grant.scope, scope)
-            for grant in self.grants
-        )
+        return any(permission in grant.role.permissions and scope_contains(grant.scope, scope) for grant in self.grants)
 
     def require(self, permission: Permission, scope: str) -> None:
         """Forbidden unless one of the caller's roles grants ``permission`` on ``scope``."""
@@ -85,7 +82,8 @@ def grants_of(session: Session, callers: Iterable[Caller]) -> dict[tuple[str, st
         for start in range(0, len(subjects), 500):
             rows = session.execute(  # (issuer, subject) is the index's order
                 select(RoleAssignment.subject, RoleAssignment.role, RoleAssignment.scope).where(
-                    RoleAssignment.issuer == issuer, RoleAssignment.subject.in_(subjects[start:start + 500]))
+                    RoleAssignment.issuer == issuer, RoleAssignment.subject.in_(subjects[start : start + 500])
+                )
             ).all()
             for subject, role, scope in rows:
                 found[(issuer, subject)].append(Grant(role=Role(role), scope=scope))
@@ -99,8 +97,12 @@ def with_grants(caller: Caller, grants: dict[tuple[str, str], tuple[Grant, ...]]
 
 def caller_for(token: VerifiedToken, grants: tuple[Grant, ...]) -> Caller:
     exp = token.claims.get("exp")
-    return Caller(issuer=token.issuer, subject=token.subject, grants=grants,
-                  expires_at=float(exp) if isinstance(exp, int | float) else None)
+    return Caller(
+        issuer=token.issuer,
+        subject=token.subject,
+        grants=grants,
+        expires_at=float(exp) if isinstance(exp, int | float) else None,
+    )
 
 
 def load_caller(session: Session, token: VerifiedToken, cache: GrantsCache | None = None) -> Caller:

@@ -82,9 +82,7 @@ def create_signing_key(session: Session, *, sealer: Sealer) -> PrivateKey:
 
 def newest_signing_key(session: Session, *, sealer: Sealer) -> PrivateKey | None:
     """The newest stored signing key, unsealed, or None when there is none yet."""
-    row = session.scalars(
-        select(SigningKey).order_by(SigningKey.created_at.desc(), SigningKey.kid).limit(1)
-    ).first()
+    row = session.scalars(select(SigningKey).order_by(SigningKey.created_at.desc(), SigningKey.kid).limit(1)).first()
     if row is None:
         return None
     return PrivateKey(kid=row.kid, pem=sealer.unseal(row.sealed_private_key).decode("ascii"))
@@ -129,9 +127,7 @@ class _RefreshingKeySet:
             except Exception:  # a key server that is down must not turn a 401 into a 500
                 log.warning("auth.jwks_refresh_failed", exc_info=True)
             else:
-                self._keys = {
-                    k["kid"]: k for k in document.get("keys", []) if isinstance(k, dict) and "kid" in k
-                }
+                self._keys = {k["kid"]: k for k in document.get("keys", []) if isinstance(k, dict) and "kid" in k}
             finally:
                 self._loads += 1
         return self._keys.get(kid)
@@ -157,13 +153,14 @@ class RemoteKeySource(_RefreshingKeySet):
             # Requests wait on this (under the lock): a few quick tries, and a deadline for
             # the whole load, as a slow answer is not bounded by the per-read timeout.
             deadline = time.monotonic() + 2 * timeout
-            for attempt in attempts(transient_http, tries=3, timeout=2 * timeout, wait=0.2,
-                                    wait_max=1.0):
+            for attempt in attempts(transient_http, tries=3, timeout=2 * timeout, wait=0.2, wait_max=1.0):
                 left = max(deadline - time.monotonic(), 0.1)
                 with attempt, httpx.stream("GET", jwks_uri, timeout=min(timeout, left)) as response:
                     if response.status_code in TRANSIENT_STATUSES:
-                        raise Transient(f"the JWKS URL answered {response.status_code}",
-                                        retry_after(response.headers.get("retry-after")))
+                        raise Transient(
+                            f"the JWKS URL answered {response.status_code}",
+                            retry_after(response.headers.get("retry-after")),
+                        )
                     response.raise_for_status()
                     return json.loads(_read_at_most(response, JWKS_MAX_BYTES, deadline=deadline))
             raise AssertionError("unreachable")

@@ -36,9 +36,7 @@ class VerifiedToken:
     claims: dict[str, Any]
 
 
-def issue_token(
-    key: PrivateKey, *, issuer: str, audience: str, subject: str, ttl_seconds: int
-) -> str:
+def issue_token(key: PrivateKey, *, issuer: str, audience: str, subject: str, ttl_seconds: int) -> str:
     """A signed access token for ``subject``."""
     now = int(time.time())
     claims = {

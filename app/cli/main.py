@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from sqlalchemy.engine import make_url
 from rich.console import Console
+from sqlalchemy.engine import make_url
 
+from app.cli.client.output import err
 from app.config import Settings, get_settings
 from app.database import DatabaseNotMigrated, ensure_migrated, make_engine, migrate, session_scope
-from app.cli.client.output import err
 from app.errors import ServiceError
 
 cli = typer.Typer(help="Model Management Service", no_args_is_help=True, pretty_exceptions_enable=False)
@@ -29,7 +29,6 @@ base_image_cli = typer.Typer(help="The prebuilt inference base images.", no_args
 cli.add_typer(base_image_cli, name="base-image")
 images_cli = typer.Typer(help="Administration of the embedded image store.", no_args_is_help=True)
 cli.add_typer(images_cli, name="images")
-
 
 
 class Output(str, Enum):
@@ -69,9 +68,13 @@ def serve(
     host: Annotated[str | None, typer.Option(help="address to listen on [MMS_HOST]")] = None,
     port: Annotated[int | None, typer.Option(help="port to listen on [MMS_PORT]")] = None,
     workers: Annotated[int | None, typer.Option(help="API processes [MMS_WORKERS]")] = None,
-    build_worker: Annotated[bool | None, typer.Option(
-        "--build-worker/--no-build-worker",
-        help="also run a build worker (default: only with the embedded broker, no MMS_BROKER_URL)")] = None,
+    build_worker: Annotated[
+        bool | None,
+        typer.Option(
+            "--build-worker/--no-build-worker",
+            help="also run a build worker (default: only with the embedded broker, no MMS_BROKER_URL)",
+        ),
+    ] = None,
 ) -> None:
     """Run the API server (and, in the embedded default, its build worker).
 
@@ -107,9 +110,11 @@ def serve(
     if settings.is_embedded_broker if build_worker is None else build_worker:
         from app.cli.supervisor import ChildProcess
 
-        err.print(f"Build worker: started by this command (broker {_broker_name(settings)}, "
-                  f"images stored at {settings.image_registry if settings.registry else settings.image_store_dir})",
-                  highlight=False)
+        err.print(
+            f"Build worker: started by this command (broker {_broker_name(settings)}, "
+            f"images stored at {settings.image_registry if settings.registry else settings.image_store_dir})",
+            highlight=False,
+        )
         worker = ChildProcess("build-worker", [sys.executable, "-m", "app.cli", "worker"])
         # Once the API listens: a build fetches its assets from this service's own store.
         worker.start(ready=lambda: _listening(settings.host, settings.port))
@@ -143,8 +148,7 @@ def _listening(host: str, port: int) -> bool:
     import socket
 
     try:
-        with socket.create_connection(("127.0.0.1" if host in ("0.0.0.0", "::") else host, port),
-                                      timeout=0.5):
+        with socket.create_connection(("127.0.0.1" if host in ("0.0.0.0", "::") else host, port), timeout=0.5):
             return True
     except OSError:
         return False
@@ -153,14 +157,22 @@ def _listening(host: str, port: int) -> bool:
 def _broker_name(settings: Settings) -> str:
     if settings.is_embedded_broker:
         return f"embedded, {settings.data_dir / 'broker.sqlite'}"
-    return make_url(settings.resolved_broker_url).render_as_string(hide_password=True) \
-        if "://" in settings.resolved_broker_url else "configured"
+    return (
+        make_url(settings.resolved_broker_url).render_as_string(hide_password=True)
+        if "://" in settings.resolved_broker_url
+        else "configured"
+    )
 
 
 @cli.command()
 def worker(
     concurrency: Annotated[int, typer.Option(help="builds run at once in this worker")] = 1,
-    beat: Annotated[bool, typer.Option(help="also run the reaper's and the image store's garbage collection schedules (safe on every worker)")] = True,
+    beat: Annotated[
+        bool,
+        typer.Option(
+            help="also run the reaper's and the image store's garbage collection schedules (safe on every worker)"
+        ),
+    ] = True,
 ) -> None:
     """Run a build worker (Celery on MMS_BROKER_URL).
 
@@ -173,8 +185,11 @@ def worker(
         os.environ["MMS_PUBLIC_URL"] = settings.service_url
         get_settings.cache_clear()
         settings = _settings()
-        err.print(f"Build worker: the service is at {settings.resolved_public_url} "
-                  f"(recorded by `mms serve` in {settings.served_url_file})", highlight=False)
+        err.print(
+            f"Build worker: the service is at {settings.resolved_public_url} "
+            f"(recorded by `mms serve` in {settings.served_url_file})",
+            highlight=False,
+        )
     _prepare_database(settings)
     from app.log_config import configure_logging
 
@@ -190,10 +205,19 @@ def worker(
 
 @base_image_cli.command("publish")
 def publish_base_image(
-    rootfs_tar: Annotated[Path | None, typer.Option(help="a root file system tarball; default: build one with debootstrap")] = None,
+    rootfs_tar: Annotated[
+        Path | None, typer.Option(help="a root file system tarball; default: build one with debootstrap")
+    ] = None,
     python_version: Annotated[str, typer.Option(help="the Python the root file system carries")] = "3.11",
-    if_missing: Annotated[bool, typer.Option("--if-missing", help="do nothing when a base image of this variant is already published")] = False,
-    variant: Annotated[str, typer.Option(help="cpu (the default FROM), or spark (plus a headless Java 17, the SparkPython runtime's default FROM)")] = "cpu",
+    if_missing: Annotated[
+        bool, typer.Option("--if-missing", help="do nothing when a base image of this variant is already published")
+    ] = False,
+    variant: Annotated[
+        str,
+        typer.Option(
+            help="cpu (the default FROM), or spark (plus a headless Java 17, the SparkPython runtime's default FROM)"
+        ),
+    ] = "cpu",
 ) -> None:
     """Build the minimal CPU inference base image (Debian, python3, pip, CA certificates), or
     its Spark variant, and push it to MMS_REGISTRY, or into the service's own image store. No
@@ -233,8 +257,14 @@ def publish_base_image(
         rootfs_tar = Path(done.stdout.strip().splitlines()[-1])
     try:
         with image_store(settings) as store:
-            reference = publish(store, settings.image_registry, rootfs_tar, python_version,
-                                lambda line: err.print(line, highlight=False), variant=variant)
+            reference = publish(
+                store,
+                settings.image_registry,
+                rootfs_tar,
+                python_version,
+                lambda line: err.print(line, highlight=False),
+                variant=variant,
+            )
     except (RegistryError, ValueError, OSError) as exc:
         _fail(f"publishing the base image failed: {exc}")
     with session_scope(factory) as session:
@@ -246,7 +276,13 @@ def publish_base_image(
 
 @images_cli.command("gc")
 def images_gc(
-    grace_seconds: Annotated[int | None, typer.Option(min=60, help="spare what was touched this recently, at least 60 s: a build pushing now keeps its blobs [MMS_IMAGE_GC_GRACE_SECONDS]")] = None,
+    grace_seconds: Annotated[
+        int | None,
+        typer.Option(
+            min=60,
+            help="spare what was touched this recently, at least 60 s: a build pushing now keeps its blobs [MMS_IMAGE_GC_GRACE_SECONDS]",
+        ),
+    ] = None,
 ) -> None:
     """Remove the embedded store's blobs that no tag reaches (deleted images' layers), and
     tags whose image was deleted but not untagged.
@@ -258,8 +294,10 @@ def images_gc(
 
     settings = _settings()
     if not settings.is_embedded_registry:
-        _fail(f"images are in the registry {settings.registry}, not the embedded store: "
-              "collect its garbage with the registry's own tool")
+        _fail(
+            f"images are in the registry {settings.registry}, not the embedded store: "
+            "collect its garbage with the registry's own tool"
+        )
     _prepare_database(settings)  # which images still exist decides which tags stay
     engine = make_engine(settings)
     try:
@@ -268,9 +306,11 @@ def images_gc(
     finally:
         engine.dispose()
     assert done is not None
-    err.print(f"removed {done.tags} tag(s) of deleted images, {done.blobs} blob(s) "
-              f"({done.bytes} bytes), {done.links} link(s) and {done.staging_files} unfinished "
-              f"upload(s) from {settings.image_store_dir}")
+    err.print(
+        f"removed {done.tags} tag(s) of deleted images, {done.blobs} blob(s) "
+        f"({done.bytes} bytes), {done.links} link(s) and {done.staging_files} unfinished "
+        f"upload(s) from {settings.image_store_dir}"
+    )
 
 
 @db_cli.command("upgrade")
@@ -342,9 +382,7 @@ def grant(
     engine = make_engine(settings)
     try:
         with session_scope(make_session_factory(engine)) as session:
-            assignment = grant_role(
-                session, issuer=issuer or settings.issuer, subject=subject, role=role, scope=scope
-            )
+            assignment = grant_role(session, issuer=issuer or settings.issuer, subject=subject, role=role, scope=scope)
     except ServiceError as exc:
         _fail(exc.message)
     finally:
@@ -391,9 +429,11 @@ def main() -> None:
             raise
         err.print(f"[red]error:[/red] {exc}", highlight=False)
         sys.exit(getattr(exc, "exit_code", 1))
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         if debug:
             raise
-        err.print(f"[red]error:[/red] unexpected {type(exc).__name__}: {exc} (run again with "
-                  "--debug for the details)", highlight=False)
+        err.print(
+            f"[red]error:[/red] unexpected {type(exc).__name__}: {exc} (run again with --debug for the details)",
+            highlight=False,
+        )
         sys.exit(1)

@@ -66,8 +66,11 @@ class ChildProcess:
             if self._stopping.is_set():
                 return
             # Its own process group, so a kill reaches its pool processes too.
-            self._process = subprocess.Popen(self.argv, preexec_fn=_die_with_parent,  # noqa: PLW1509
-                                             start_new_session=True)
+            self._process = subprocess.Popen(
+                self.argv,
+                preexec_fn=_die_with_parent,  # noqa: PLW1509
+                start_new_session=True,
+            )
             log.info("child.started", extra={"child": self.name, "pid": self._process.pid})
 
     def _watch(self) -> None:
@@ -89,8 +92,7 @@ class ChildProcess:
             lived = time.monotonic() - started
             backoff = backoff * 2 if lived < _QUICK_EXIT_SECONDS else 1.0
             delay = min(backoff, _MAX_BACKOFF_SECONDS)
-            log.warning("child.exited", extra={"child": self.name, "exitCode": code,
-                                               "restartInSeconds": delay})
+            log.warning("child.exited", extra={"child": self.name, "exitCode": code, "restartInSeconds": delay})
             if self._stopping.wait(delay):
                 return
             self.restarts += 1

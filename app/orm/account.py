@@ -32,7 +32,4 @@ class Account(UuidPrimaryKey, CreatedAt, Base):
     @property
     def scope(self) -> str:
         """The account's ARM-style path, which is also its authorisation scope."""
-        return (
-            f"/subscriptions/{self.subscription_id}/resourceGroups/{self.resource_group}"
-            f"/accounts/{self.name}"
-        )
+        return f"/subscriptions/{self.subscription_id}/resourceGroups/{self.resource_group}/accounts/{self.name}"

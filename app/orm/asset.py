@@ -13,9 +13,7 @@ from app.orm.base import Base, CreatedAt, UuidPrimaryKey
 class Asset(UuidPrimaryKey, CreatedAt, Base):
     __tablename__ = "assets"
 
-    account_id: Mapped[uuid.UUID] = mapped_column(
-        Uuid, ForeignKey("accounts.id", ondelete="CASCADE"), index=True
-    )
+    account_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("accounts.id", ondelete="CASCADE"), index=True)
     name: Mapped[str] = mapped_column(String(255))
     mime_type: Mapped[str] = mapped_column(String(255))
     size: Mapped[int] = mapped_column(BigInteger)

@@ -6,8 +6,8 @@ import uuid
 from datetime import UTC, datetime
 
 from sqlalchemy import DateTime, ForeignKey, Integer, MetaData, String, UniqueConstraint, Uuid
-from sqlalchemy.types import TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Mapped, declared_attr, mapped_column
+from sqlalchemy.types import TypeDecorator
 
 # Stable constraint names make migrations portable between PostgreSQL and SQLite.
 NAMING_CONVENTION = {
@@ -55,9 +55,9 @@ class VersionCounter(UuidPrimaryKey, CreatedAt):
     last_version: Mapped[int] = mapped_column(Integer)
 
     @declared_attr
-    def account_id(cls) -> Mapped[uuid.UUID]:  # noqa: N805 - SQLAlchemy passes the class
+    def account_id(cls) -> Mapped[uuid.UUID]:
         return mapped_column(Uuid, ForeignKey("accounts.id", ondelete="CASCADE"))
 
     @declared_attr.directive
-    def __table_args__(cls) -> tuple[UniqueConstraint]:  # noqa: N805
+    def __table_args__(cls) -> tuple[UniqueConstraint]:
         return (UniqueConstraint("account_id", "name"),)

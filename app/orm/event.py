@@ -18,8 +18,11 @@ EventId = BigInteger().with_variant(Integer(), "sqlite")
 class ImageEvent(Base):
     __tablename__ = "image_events"
     # AUTOINCREMENT: SQLite never hands out an id again, so a resumed stream cannot skip one.
-    __table_args__ = (Index("ix_image_events_account_id_id", "account_id", "id"),
-                      Index("ix_image_events_image_id_id", "image_id", "id"), {"sqlite_autoincrement": True})
+    __table_args__ = (
+        Index("ix_image_events_account_id_id", "account_id", "id"),
+        Index("ix_image_events_image_id_id", "image_id", "id"),
+        {"sqlite_autoincrement": True},
+    )
 
     id: Mapped[int] = mapped_column(EventId, primary_key=True, autoincrement=True)
     # Not foreign keys: an event outlives the image and the account it tells of (the deletion

@@ -40,15 +40,11 @@ class Image(UuidPrimaryKey, CreatedAt, Base):
         Index("ix_images_state", "state"),
     )
 
-    account_id: Mapped[uuid.UUID] = mapped_column(
-        Uuid, ForeignKey("accounts.id", ondelete="CASCADE"), index=True
-    )
+    account_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("accounts.id", ondelete="CASCADE"), index=True)
     # CASCADE only so that deleting a whole account succeeds; deleting a manifest an image
     # was built from is refused by the service with a 409.
-    manifest_id: Mapped[uuid.UUID] = mapped_column(
-        Uuid, ForeignKey("manifests.id", ondelete="CASCADE"), index=True
-    )
-    manifest: Mapped["Manifest"] = relationship(lazy="joined")
+    manifest_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("manifests.id", ondelete="CASCADE"), index=True)
+    manifest: Mapped[Manifest] = relationship(lazy="joined")
     operation_id: Mapped[uuid.UUID] = mapped_column(Uuid, unique=True, default=uuid.uuid4)
     name: Mapped[str] = mapped_column(String(32))
     version: Mapped[int] = mapped_column(Integer)
@@ -85,9 +81,7 @@ class BuildLogChunk(Base):
 
     __tablename__ = "build_log_chunks"
 
-    image_id: Mapped[uuid.UUID] = mapped_column(
-        Uuid, ForeignKey("images.id", ondelete="CASCADE"), primary_key=True
-    )
+    image_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
     seq: Mapped[int] = mapped_column(Integer, primary_key=True)
     attempt: Mapped[int] = mapped_column(Integer)
     text: Mapped[str] = mapped_column(Text)

@@ -20,9 +20,7 @@ class Manifest(UuidPrimaryKey, CreatedAt, Base):
     __tablename__ = "manifests"
     __table_args__ = (UniqueConstraint("account_id", "name", "version"),)
 
-    account_id: Mapped[uuid.UUID] = mapped_column(
-        Uuid, ForeignKey("accounts.id", ondelete="CASCADE"), index=True
-    )
+    account_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("accounts.id", ondelete="CASCADE"), index=True)
     name: Mapped[str] = mapped_column(String(32))
     version: Mapped[int] = mapped_column(Integer)
     description: Mapped[str | None] = mapped_column(String(512))
@@ -41,10 +39,10 @@ class Manifest(UuidPrimaryKey, CreatedAt, Base):
     source_directory: Mapped[str | None] = mapped_column(String(512))
     created_by: Mapped[str | None] = mapped_column(String(255))
 
-    assets: Mapped[list["ManifestAsset"]] = relationship(
+    assets: Mapped[list[ManifestAsset]] = relationship(
         order_by="ManifestAsset.position", cascade="all, delete-orphan", passive_deletes=True, lazy="selectin"
     )
-    models: Mapped[list["ManifestModel"]] = relationship(
+    models: Mapped[list[ManifestModel]] = relationship(
         order_by="ManifestModel.position", cascade="all, delete-orphan", passive_deletes=True, lazy="selectin"
     )
 

@@ -20,7 +20,7 @@ class ServicePrincipal(UuidPrimaryKey, CreatedAt, Base):
     secret_hash: Mapped[str] = mapped_column(String(128))
     created_by: Mapped[str | None] = mapped_column(String(255))
 
-    assignments: Mapped[list["RoleAssignment"]] = relationship(
+    assignments: Mapped[list[RoleAssignment]] = relationship(
         cascade="all, delete-orphan", passive_deletes=True, lazy="selectin"
     )
 

@@ -22,12 +22,8 @@ class ModelVersion(UuidPrimaryKey, CreatedAt, Base):
     __tablename__ = "model_versions"
     __table_args__ = (UniqueConstraint("account_id", "name", "version"),)
 
-    account_id: Mapped[uuid.UUID] = mapped_column(
-        Uuid, ForeignKey("accounts.id", ondelete="CASCADE"), index=True
-    )
-    registered_model_id: Mapped[uuid.UUID] = mapped_column(
-        Uuid, ForeignKey("registered_models.id", ondelete="CASCADE")
-    )
+    account_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("accounts.id", ondelete="CASCADE"), index=True)
+    registered_model_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("registered_models.id", ondelete="CASCADE"))
     name: Mapped[str] = mapped_column(String(32))
     version: Mapped[int] = mapped_column(Integer)
     description: Mapped[str | None] = mapped_column(String(200))
@@ -37,7 +33,7 @@ class ModelVersion(UuidPrimaryKey, CreatedAt, Base):
     sha256: Mapped[str | None] = mapped_column(String(64))
     created_by: Mapped[str | None] = mapped_column(String(255))
 
-    tag_rows: Mapped[list["ModelTag"]] = relationship(
+    tag_rows: Mapped[list[ModelTag]] = relationship(
         order_by="ModelTag.position",
         cascade="all, delete-orphan",
         passive_deletes=True,

@@ -6,7 +6,16 @@ import re
 from typing import Annotated, Any, Generic, TypeVar
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, StringConstraints, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    StringConstraints,
+    field_validator,
+)
 
 T = TypeVar("T")
 
@@ -85,7 +94,9 @@ Text = Annotated[str, AfterValidator(_printable)]
 # A boolean that also takes the seed's "true"/"false" strings (any case), and nothing else.
 SeedBool = Annotated[bool, Strict(), BeforeValidator(_seed_bool)]
 HttpUrlText = Annotated[
-    str, StringConstraints(min_length=1, max_length=4096), AfterValidator(_http_url),
+    str,
+    StringConstraints(min_length=1, max_length=4096),
+    AfterValidator(_http_url),
     Field(json_schema_extra={"format": "uri"}),
 ]
 

@@ -19,7 +19,8 @@ class ImageCreate(ApiModel):
     manifestId: Annotated[str, StringConstraints(max_length=64)]
     computeResourceId: Annotated[Text, StringConstraints(max_length=1024)] | None = None
     builder: Literal["oci", "docker"] | None = Field(
-        default=None, description="oci (daemonless) or docker (RUN steps, conda); default: MMS_BUILDER")
+        default=None, description="oci (daemonless) or docker (RUN steps, conda); default: MMS_BUILDER"
+    )
 
 
 class ImageError(ApiModel):

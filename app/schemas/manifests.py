@@ -95,7 +95,7 @@ class _ManifestCommon(ApiModel):
     webserviceType: Literal["Realtime"] = "Realtime"
 
     @model_validator(mode="after")
-    def _unique_asset_ids(self) -> "_ManifestCommon":
+    def _unique_asset_ids(self) -> _ManifestCommon:
         ids = [asset.id for asset in self.assets]
         duplicates = sorted({i for i in ids if ids.count(i) > 1})
         if duplicates:

@@ -28,8 +28,12 @@ def mime_type(value: str) -> str:
 
 
 # The rule in the OpenAPI document, so that clients and generated requests can follow it.
-MimeType = Annotated[Text, StringConstraints(max_length=255), AfterValidator(mime_type),
-                     Field(json_schema_extra={"pattern": r"^[\w.+-]+/[\w.+-]+$"})]
+MimeType = Annotated[
+    Text,
+    StringConstraints(max_length=255),
+    AfterValidator(mime_type),
+    Field(json_schema_extra={"pattern": r"^[\w.+-]+/[\w.+-]+$"}),
+]
 
 
 class ModelCreate(ApiModel):

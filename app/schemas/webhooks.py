@@ -12,10 +12,12 @@ from app.schemas.common import ApiModel, HttpUrlText, Text
 
 class WebhookCreate(ApiModel):
     url: Annotated[HttpUrlText, StringConstraints(max_length=2048)] = Field(
-        description="where each image state change is POSTed (https outside development)")
+        description="where each image state change is POSTed (https outside development)"
+    )
     description: Annotated[Text, StringConstraints(max_length=256)] | None = None
     secret: Annotated[Text, StringConstraints(min_length=16, max_length=256)] | None = Field(
-        default=None, description="the HMAC key signing every delivery; made for you when omitted")
+        default=None, description="the HMAC key signing every delivery; made for you when omitted"
+    )
 
 
 class WebhookUpdate(ApiModel):

@@ -65,8 +65,7 @@ def put_account(session: Session, path: AccountPath, data: AccountCreate) -> tup
             account = get_account(session, path)
     if account.location.lower() != data.location.lower():
         raise Conflict(
-            f"account '{path.name}' is in location '{account.location}'; "
-            "the location of an account cannot change",
+            f"account '{path.name}' is in location '{account.location}'; the location of an account cannot change",
             code="LocationCannotChange",
         )
     account.sku_name, account.sku_capacity = data.sku.name, data.sku.capacity
@@ -112,7 +111,8 @@ def delete_account(session: Session, path: AccountPath, *, force: bool) -> None:
             code="AccountNotEmpty",
         )
     # Dashboards and webhooks hear of every image that goes with the account.
-    record_state_changes(session, session.scalars(select(Image.id).where(Image.account_id == account.id)).all(),
-                         deleted=True)
+    record_state_changes(
+        session, session.scalars(select(Image.id).where(Image.account_id == account.id)).all(), deleted=True
+    )
     session.delete(account)
     session.flush()

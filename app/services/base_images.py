@@ -83,5 +83,7 @@ def foreign_base_image(reference: str, *, registry: str, account_id: object) -> 
     own = [f"{prefix}/{p}" if prefix else p for p in ("mms/", f"{account_id}/")]
     if any(path.startswith(p) for p in own):
         return None
-    return (f"{reference.split('@', 1)[0]} is in this service's registry but is neither a "
-            "published base image (mms/) nor one of this account's images")
+    return (
+        f"{reference.split('@', 1)[0]} is in this service's registry but is neither a "
+        "published base image (mms/) nor one of this account's images"
+    )

@@ -43,16 +43,31 @@ def record_state_changes(session: Session, image_ids: Iterable[uuid.UUID], *, de
         return []
     # Columns, not entities: a bulk UPDATE just changed these rows under the identity map.
     rows = session.execute(
-        select(Image.id, Image.account_id, Image.name, Image.version, Image.state, Image.error,
-               Image.image_location, Image.digest, Account.subscription_id, Account.resource_group,
-               Account.name.label("account_name"))
+        select(
+            Image.id,
+            Image.account_id,
+            Image.name,
+            Image.version,
+            Image.state,
+            Image.error,
+            Image.image_location,
+            Image.digest,
+            Account.subscription_id,
+            Account.resource_group,
+            Account.name.label("account_name"),
+        )
         .join(Account, Account.id == Image.account_id)
         .where(Image.id.in_(ids))
     ).all()
     now = utcnow()
     events = [
-        ImageEvent(account_id=row.account_id, image_id=row.id, state=DELETED_STATE if deleted else row.state,
-                   created_at=now, payload=json.dumps(_payload(row, now, deleted), separators=(",", ":")))
+        ImageEvent(
+            account_id=row.account_id,
+            image_id=row.id,
+            state=DELETED_STATE if deleted else row.state,
+            created_at=now,
+            payload=json.dumps(_payload(row, now, deleted), separators=(",", ":")),
+        )
         for row in rows
     ]
     session.add_all(events)
@@ -69,9 +84,16 @@ def _payload(row, now: datetime, deleted: bool) -> dict[str, object]:  # type: i
         "type": DELETED_TYPE if deleted else EVENT_TYPE,
         "time": now.isoformat(),
         "account": f"/subscriptions/{row.subscription_id}/resourceGroups/{row.resource_group}"
-                   f"/accounts/{row.account_name}",
-        "image": {"Id": str(row.id), "Name": row.name, "Version": row.version, "CreationState": row.state,
-                  "ImageLocation": row.image_location, "Digest": row.digest, "Error": error},
+        f"/accounts/{row.account_name}",
+        "image": {
+            "Id": str(row.id),
+            "Name": row.name,
+            "Version": row.version,
+            "CreationState": row.state,
+            "ImageLocation": row.image_location,
+            "Digest": row.digest,
+            "Error": error,
+        },
     }
 
 
@@ -82,7 +104,9 @@ def _queue_deliveries(session: Session, events: list[ImageEvent], now: datetime)
     ).all()
     session.add_all(
         WebhookDelivery(webhook_id=hook.id, event_id=event.id, next_attempt_at=now)
-        for event in events for hook in hooks if hook.account_id == event.account_id
+        for event in events
+        for hook in hooks
+        if hook.account_id == event.account_id
     )
     session.flush()
 
@@ -102,17 +126,20 @@ def stream_start(session: Session, *, account_id: uuid.UUID, after_id: int) -> t
     snapshot sees them (one statement: on PostgreSQL each has its own snapshot)."""
     newest = select(func.coalesce(func.max(ImageEvent.id), 0).label("newest")).subquery()
     rows = session.execute(
-        select(newest.c.newest, ImageEvent.id.label("visible")).select_from(newest.outerjoin(
-            ImageEvent, and_(ImageEvent.account_id == account_id, ImageEvent.id > after_id)))
+        select(newest.c.newest, ImageEvent.id.label("visible")).select_from(
+            newest.outerjoin(ImageEvent, and_(ImageEvent.account_id == account_id, ImageEvent.id > after_id))
+        )
     ).all()
     return rows[0].newest, {row.visible for row in rows if row.visible is not None}
 
 
-def events_after(session: Session, *, after_id: int, account_id: uuid.UUID | None = None,
-                 limit: int = 500) -> list[Event]:
+def events_after(
+    session: Session, *, after_id: int, account_id: uuid.UUID | None = None, limit: int = 500
+) -> list[Event]:
     """Events with an id above ``after_id``, oldest first (one account's, or every account's)."""
-    query = select(ImageEvent.id, ImageEvent.account_id, ImageEvent.image_id, ImageEvent.state,
-                   ImageEvent.payload).where(ImageEvent.id > after_id)
+    query = select(
+        ImageEvent.id, ImageEvent.account_id, ImageEvent.image_id, ImageEvent.state, ImageEvent.payload
+    ).where(ImageEvent.id > after_id)
     if account_id is not None:
         query = query.where(ImageEvent.account_id == account_id)
     rows = session.execute(query.order_by(ImageEvent.id).limit(limit)).all()

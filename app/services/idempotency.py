@@ -67,9 +67,7 @@ def run_idempotent(
             IdempotencyRecord.created_at < utcnow() - timedelta(seconds=ttl_seconds),
         )
     )
-    record = IdempotencyRecord(
-        owner=owner, key=key, fingerprint=request_fingerprint, status_code=0, response_body={}
-    )
+    record = IdempotencyRecord(owner=owner, key=key, fingerprint=request_fingerprint, status_code=0, response_body={})
     try:
         with session.begin_nested():
             session.add(record)
@@ -84,12 +82,8 @@ def run_idempotent(
 
 def _replay(session: Session, *, owner: str, key: str, request_fingerprint: str) -> StoredResponse:
     stored = session.scalars(
-        select(IdempotencyRecord).where(
-            IdempotencyRecord.owner == owner, IdempotencyRecord.key == key
-        )
+        select(IdempotencyRecord).where(IdempotencyRecord.owner == owner, IdempotencyRecord.key == key)
     ).one()
     if stored.fingerprint != request_fingerprint:
-        raise IdempotencyKeyReused(
-            "this Idempotency-Key was already used for a different request; use a new key"
-        )
+        raise IdempotencyKeyReused("this Idempotency-Key was already used for a different request; use a new key")
     return StoredResponse(stored.status_code, stored.response_body, replayed=True)

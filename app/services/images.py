@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import logging
 import time
 import uuid
@@ -74,9 +73,7 @@ def get_image(session: Session, account: Account, *, image_id: str) -> Image:
 def get_operation(session: Session, account: Account, *, operation_id: str) -> Image:
     """The build an operation id stands for, or 404."""
     parsed = parse_uuid(operation_id)
-    image = (
-        session.scalars(select(Image).where(Image.operation_id == parsed)).first() if parsed else None
-    )
+    image = session.scalars(select(Image).where(Image.operation_id == parsed)).first() if parsed else None
     if image is None or image.account_id != account.id:
         raise NotFound(f"operation '{operation_id}' was not found", code="OperationNotFound")
     return image
@@ -97,7 +94,9 @@ def list_images(
         query = query.where(Image.manifest_id == parse_uuid(manifest_id))
     if manifest_name is not None:
         query = query.where(
-            Image.manifest_id.in_(select(Manifest.id).where(Manifest.account_id == account.id, Manifest.name == manifest_name))
+            Image.manifest_id.in_(
+                select(Manifest.id).where(Manifest.account_id == account.id, Manifest.name == manifest_name)
+            )
         )
     return page_by_name_and_version(session, query, Image, count=count, skip_token=skip_token)
 
@@ -107,12 +106,16 @@ def cancel_image(session: Session, account: Account, *, image_id: str) -> Image:
     image = get_image(session, account, image_id=image_id)
     if image.creation_state.is_final:
         raise Conflict(f"the build already ended: {image.state}", code="ImageBuildFinished")
-    cancelled_now = session.execute(
-        update(Image)
-        .where(Image.id == image.id, Image.state == CreationState.NOT_STARTED.value)
-        .values(state=CreationState.CANCELLED.value, ended_at=utcnow(), error="cancelled before it started")
-        .returning(Image.id)
-    ).scalars().all()
+    cancelled_now = (
+        session.execute(
+            update(Image)
+            .where(Image.id == image.id, Image.state == CreationState.NOT_STARTED.value)
+            .values(state=CreationState.CANCELLED.value, ended_at=utcnow(), error="cancelled before it started")
+            .returning(Image.id)
+        )
+        .scalars()
+        .all()
+    )
     record_state_changes(session, cancelled_now)
     if not cancelled_now:
         # Running: the worker's heartbeat sees the flag and stops the build.
@@ -130,8 +133,7 @@ def read_log(session: Session, image: Image) -> str:
     return "".join(chunks)
 
 
-def delete_image(session: Session, account: Account, *, image_id: str,
-                 layout: OciLayout | None = None) -> None:
+def delete_image(session: Session, account: Account, *, image_id: str, layout: OciLayout | None = None) -> None:
     """Forget an image that is not being built (cancel a running build first); in the
     embedded store (``layout``) its tag goes too, once the deletion commits, so it can no
     longer be pulled (its blobs go at the next garbage collection)."""
@@ -142,9 +144,14 @@ def delete_image(session: Session, account: Account, *, image_id: str,
     # The builders tag <account id>/<lower-cased name>:<version> (workers.pipeline): an image
     # whose name differs only in case shares that tag, and keeps it.
     repository, tag = f"{image.account_id}/{image.name.lower()}", str(image.version)
-    shared = session.scalars(select(Image.id).where(
-        Image.account_id == account.id, Image.id != image.id, Image.version == image.version,
-        func.lower(Image.name) == image.name.lower())).first()
+    shared = session.scalars(
+        select(Image.id).where(
+            Image.account_id == account.id,
+            Image.id != image.id,
+            Image.version == image.version,
+            func.lower(Image.name) == image.name.lower(),
+        )
+    ).first()
     session.delete(image)
     session.flush()
     if layout is not None and shared is None:
@@ -180,9 +187,12 @@ def drop_orphan_tags(session: Session, layout: OciLayout, *, grace_seconds: floa
     if not tagged:
         return []
     accounts = {account_id for account_id, _, _ in tagged}
-    recorded = {tuple(row) for row in session.execute(
-        select(Image.account_id, func.lower(Image.name), Image.version)
-        .where(Image.account_id.in_(accounts)))}
+    recorded = {
+        tuple(row)
+        for row in session.execute(
+            select(Image.account_id, func.lower(Image.name), Image.version).where(Image.account_id.in_(accounts))
+        )
+    }
     orphans = [ref for key, ref in tagged.items() if key not in recorded]
     removed = layout.delete_stale_tags(orphans, untouched_since=time.time() - grace_seconds)
     for ref_name in removed:

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.errors import Conflict, ValidationFailed
+from app.orm import Account, Image, Manifest, ManifestAsset, ManifestModel, ManifestName, ModelVersion
 from app.package_sources import (
     PackageSourceRefused,
     check_conda_channels,
     check_requirements,
     conda_pip_entries,
 )
-from app.orm import Account, Image, Manifest, ManifestAsset, ManifestModel, ManifestName, ModelVersion
-from app.sealing import Sealer
 from app.schemas.manifests import InferenceConfigCreate, ManifestCreate
+from app.sealing import Sealer
 from app.services.base_images import foreign_base_image
 from app.services.lookup import get_in_account, parse_uuid
 from app.services.paging import page_by_name_and_version
@@ -33,12 +32,16 @@ def _resolve_models(session: Session, account: Account, model_ids: list[str]) ->
     """The account's models with these ids, in order; a 400 naming every id that is not one."""
     parsed = {model_id: parse_uuid(model_id) for model_id in model_ids}
     wanted = [p for p in parsed.values() if p is not None]
-    found = {
-        m.id: m
-        for m in session.scalars(
-            select(ModelVersion).where(ModelVersion.id.in_(wanted), ModelVersion.account_id == account.id)
-        )
-    } if wanted else {}
+    found = (
+        {
+            m.id: m
+            for m in session.scalars(
+                select(ModelVersion).where(ModelVersion.id.in_(wanted), ModelVersion.account_id == account.id)
+            )
+        }
+        if wanted
+        else {}
+    )
     missing = [i for i, p in parsed.items() if p not in found]
     if missing:
         raise ValidationFailed(
@@ -51,8 +54,9 @@ def _resolve_models(session: Session, account: Account, model_ids: list[str]) ->
 _MAX_REQUIREMENTS_BYTES = 1 << 20
 
 
-def _check_package_sources(store: AssetStore, account: Account, url: str, field: str, *,
-                           conda: bool = False, channels: list[str] = ()) -> None:
+def _check_package_sources(
+    store: AssetStore, account: Account, url: str, field: str, *, conda: bool = False, channels: list[str] = ()
+) -> None:
     """A 400 naming the line when requirements held in the account's own store choose their
     package source. Files elsewhere (or too large to read here) are checked by the worker."""
 
@@ -113,8 +117,7 @@ def create_manifest(
         conda_url = assets[body.condaFile].url if body.condaFile else None
         extra_steps, enable_gpu = body.extraDockerfileSteps, body.enableGpu
         source_directory, base_image = body.sourceDirectory, body.baseImage
-        foreign = base_image and foreign_base_image(base_image, registry=own_registry,
-                                                    account_id=account.id)
+        foreign = base_image and foreign_base_image(base_image, registry=own_registry, account_id=account.id)
         if foreign:
             raise _invalid("baseImage", foreign, code="ForeignBaseImage")
         registry = body.baseImageRegistry
@@ -126,8 +129,7 @@ def create_manifest(
         _check_package_sources(urls.store, account, pip_url, "targetRuntime.properties.pipRequirements")
     if conda_url:
         field = "condaFile" if isinstance(body, InferenceConfigCreate) else "targetRuntime.properties.condaEnvFile"
-        _check_package_sources(urls.store, account, conda_url, field, conda=True,
-                               channels=conda_channels)
+        _check_package_sources(urls.store, account, conda_url, field, conda=True, channels=conda_channels)
     models = _resolve_models(session, account, body.modelIds)
 
     _, version = claim_next_version(session, ManifestName, account_id=account.id, name=body.name)

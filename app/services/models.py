@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from sqlalchemy import select
 from sqlalchemy.orm import Session, joinedload
 
@@ -25,9 +24,7 @@ def register_model(
 ) -> ModelVersion:
     """Register a model under its name as that name's next version."""
     urls.check(data.url, field="url")
-    registered_id, version = claim_next_version(
-        session, RegisteredModel, account_id=account.id, name=data.name
-    )
+    registered_id, version = claim_next_version(session, RegisteredModel, account_id=account.id, name=data.name)
     model = ModelVersion(
         account_id=account.id,
         registered_model_id=registered_id,
@@ -68,9 +65,7 @@ def list_models(
     if name is not None:
         query = query.where(ModelVersion.name == name)
     if tag is not None:
-        query = query.where(
-            ModelVersion.id.in_(select(ModelTag.model_version_id).where(ModelTag.tag == tag))
-        )
+        query = query.where(ModelVersion.id.in_(select(ModelTag.model_version_id).where(ModelTag.tag == tag)))
     return page_by_name_and_version(session, query, ModelVersion, count=count, skip_token=skip_token)
 
 

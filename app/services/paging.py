@@ -51,8 +51,10 @@ def decode_token(token: str | None, *, fields: dict[str, type], max_int: int = M
         position = json.loads(raw)
     except (binascii.Error, ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         position = None
-    if not isinstance(position, dict) or set(position) != set(fields) or not all(
-        _fits(position[name], kind, max_int) for name, kind in fields.items()
+    if (
+        not isinstance(position, dict)
+        or set(position) != set(fields)
+        or not all(_fits(position[name], kind, max_int) for name, kind in fields.items())
     ):
         raise BadRequest(
             "$skipToken is not valid; use the nextLink of the previous page as it is",

@@ -79,9 +79,7 @@ def list_principals_as(session: Session, caller: Caller) -> list[ServicePrincipa
 
 def get_principal_as(session: Session, caller: Caller, *, client_id: str) -> ServicePrincipal:
     """One principal the caller owns the scope of; 404 otherwise, so ids do not leak."""
-    principal = session.scalars(
-        select(ServicePrincipal).where(ServicePrincipal.client_id == client_id)
-    ).first()
+    principal = session.scalars(select(ServicePrincipal).where(ServicePrincipal.client_id == client_id)).first()
     if principal is None or not _manageable(caller, principal):
         raise NotFound(f"service principal '{client_id}' was not found", code="PrincipalNotFound")
     return principal
@@ -95,18 +93,17 @@ def delete_principal_as(session: Session, caller: Caller, *, client_id: str) -> 
 
 def authenticate_client(session: Session, *, client_id: str, client_secret: str) -> ServicePrincipal | None:
     """The principal if the id and secret match, else None (constant time on the secret)."""
-    principal = session.scalars(
-        select(ServicePrincipal).where(ServicePrincipal.client_id == client_id)
-    ).first()
+    principal = session.scalars(select(ServicePrincipal).where(ServicePrincipal.client_id == client_id)).first()
     expected = principal.secret_hash if principal else _hash_secret("no such principal")
     matches = hmac.compare_digest(expected, _hash_secret(client_secret))
     return principal if principal is not None and matches else None
 
 
 def owner_exists(session: Session) -> bool:
-    return session.scalars(
-        select(RoleAssignment.id).where(RoleAssignment.role == Role.OWNER.value).limit(1)
-    ).first() is not None
+    return (
+        session.scalars(select(RoleAssignment.id).where(RoleAssignment.role == Role.OWNER.value).limit(1)).first()
+        is not None
+    )
 
 
 def bootstrap_owner(session: Session, *, issuer: str) -> tuple[ServicePrincipal, str]:

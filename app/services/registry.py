@@ -81,9 +81,7 @@ _STATUS = {
     "UNSUPPORTED": 405,
     "UNKNOWN": 500,
 }
-_TARGET = re.compile(
-    r"(?P<name>.*)/(?:manifests/(?P<reference>[^/]+)|blobs/(?P<digest>[^/]+)|tags/list)"
-)
+_TARGET = re.compile(r"(?P<name>.*)/(?:manifests/(?P<reference>[^/]+)|blobs/(?P<digest>[^/]+)|tags/list)")
 
 
 class RegistryError(ServiceError):
@@ -111,8 +109,9 @@ def image_layout(settings: Settings) -> OciLayout:
     return _layout_at(settings.image_store_dir.absolute())
 
 
-def collect_garbage(session: Session, settings: Settings, *,
-                    grace_seconds: float | None = None) -> CollectedGarbage | None:
+def collect_garbage(
+    session: Session, settings: Settings, *, grace_seconds: float | None = None
+) -> CollectedGarbage | None:
     """Untag images whose record is gone, then remove what no tag of the embedded store
     reaches, each only once nothing touched it for the grace period
     (MMS_IMAGE_GC_GRACE_SECONDS); None when images live in a registry."""
@@ -123,9 +122,16 @@ def collect_garbage(session: Session, settings: Settings, *,
     orphans = drop_orphan_tags(session, layout, grace_seconds=grace)
     done = layout.collect_garbage(grace_seconds=grace)
     done.tags = len(orphans)
-    log.info("registry.garbage_collected", extra={"blobs": done.blobs, "bytes": done.bytes,
-                                                  "links": done.links, "tags": done.tags,
-                                                  "staging_files": done.staging_files})
+    log.info(
+        "registry.garbage_collected",
+        extra={
+            "blobs": done.blobs,
+            "bytes": done.bytes,
+            "links": done.links,
+            "tags": done.tags,
+            "staging_files": done.staging_files,
+        },
+    )
     return done
 
 
@@ -257,9 +263,7 @@ def _authenticate(
     scheme, _, token = authorization.partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
-        raise _unauthorized(
-            settings, repository, "send 'Authorization: Bearer <token>' with a token from /v2/token"
-        )
+        raise _unauthorized(settings, repository, "send 'Authorization: Bearer <token>' with a token from /v2/token")
     try:
         audience = jwt.get_unverified_claims(token).get("aud")
     except (JWTError, AttributeError):
@@ -298,9 +302,7 @@ def require_login(session: Session, *, context: ServiceContext, authorization: s
     _authenticate(session, context=context, authorization=authorization, repository=None)
 
 
-def require_pull(
-    session: Session, *, context: ServiceContext, authorization: str | None, repository: str
-) -> None:
+def require_pull(session: Session, *, context: ServiceContext, authorization: str | None, repository: str) -> None:
     """Pass if the caller may pull ``repository``: 401, 400 NAME_INVALID or 403 otherwise.
 
     Authorised before anything is looked up, so no answer says what another tenant holds.
@@ -312,15 +314,13 @@ def require_pull(
     if not valid:
         raise RegistryError(
             "NAME_INVALID",
-            "invalid repository name: lower-case letters and digits separated by "
-            "'.', '_', '__', '-' or '/'",
+            "invalid repository name: lower-case letters and digits separated by '.', '_', '__', '-' or '/'",
             detail={"name": repository[:300]},
         )
     if not _may_read(session, puller.caller, repository):
         raise RegistryError(
             "DENIED",
-            f"the caller may not pull {repository}: "
-            "it needs a role that reads the account it belongs to",
+            f"the caller may not pull {repository}: it needs a role that reads the account it belongs to",
             detail={"name": repository},
         )
     if puller.granted is not None and repository not in puller.granted:
@@ -419,9 +419,7 @@ def get_manifest(layout: OciLayout, *, repository: str, reference: str) -> tuple
         with layout.open_blob(descriptor.digest) as handle:
             return descriptor, handle.read()
     except FileNotFoundError:
-        raise RegistryError(
-            "MANIFEST_UNKNOWN", f"manifest {reference} is not in repository {repository}"
-        ) from None
+        raise RegistryError("MANIFEST_UNKNOWN", f"manifest {reference} is not in repository {repository}") from None
 
 
 def get_blob(layout: OciLayout, *, repository: str, digest: str) -> tuple[Path, int]:

@@ -11,6 +11,7 @@ from app.orm.base import VersionCounter, utcnow
 
 _UPSERTS = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}
 
+
 def claim_next_version(
     session: Session, counter: type[VersionCounter], *, account_id: uuid.UUID, name: str
 ) -> tuple[uuid.UUID, int]:

@@ -14,30 +14,44 @@ from sqlalchemy.orm import Session
 
 from app.errors import BadRequest
 from app.orm import Account, DeliveryState, Webhook, WebhookDelivery
-from app.sealing import Sealer
 from app.schemas.webhooks import WebhookCreate, WebhookUpdate
+from app.sealing import Sealer
 from app.services.lookup import get_in_account
 from app.services.paging import decode_token, encode_token, page_size
 
 MAX_WEBHOOKS_PER_ACCOUNT = 20
 
 
-def create_webhook(session: Session, account: Account, body: WebhookCreate, *, sealer: Sealer,
-                   require_https: bool, created_by: str | None) -> tuple[Webhook, str]:
+def create_webhook(
+    session: Session,
+    account: Account,
+    body: WebhookCreate,
+    *,
+    sealer: Sealer,
+    require_https: bool,
+    created_by: str | None,
+) -> tuple[Webhook, str]:
     """Register a URL for the account's image events; returns it with its signing secret."""
     parts = urlsplit(body.url)
     if require_https and parts.scheme != "https":
         raise BadRequest("a webhook URL must be https:// on this service", code="InvalidWebhookUrl")
     if parts.username or parts.password:
-        raise BadRequest("a webhook URL must not carry credentials; verify the signature instead",
-                         code="InvalidWebhookUrl")
+        raise BadRequest(
+            "a webhook URL must not carry credentials; verify the signature instead", code="InvalidWebhookUrl"
+        )
     count = session.scalar(select(func.count()).select_from(Webhook).where(Webhook.account_id == account.id))
     if count >= MAX_WEBHOOKS_PER_ACCOUNT:
-        raise BadRequest(f"an account has at most {MAX_WEBHOOKS_PER_ACCOUNT} webhooks; delete one first",
-                         code="TooManyWebhooks")
+        raise BadRequest(
+            f"an account has at most {MAX_WEBHOOKS_PER_ACCOUNT} webhooks; delete one first", code="TooManyWebhooks"
+        )
     secret = body.secret or secrets.token_urlsafe(32)
-    webhook = Webhook(account_id=account.id, url=body.url, description=body.description,
-                      sealed_secret=sealer.seal(secret.encode()), created_by=created_by)
+    webhook = Webhook(
+        account_id=account.id,
+        url=body.url,
+        description=body.description,
+        sealed_secret=sealer.seal(secret.encode()),
+        created_by=created_by,
+    )
     session.add(webhook)
     session.flush()
     return webhook, secret
@@ -49,8 +63,9 @@ def shown_url(url: str, *, full: bool) -> str:
     if full:
         return url
     parts = urlsplit(url)
-    return urlunsplit(parts._replace(query="redacted" if parts.query else "",
-                                     fragment="redacted" if parts.fragment else ""))
+    return urlunsplit(
+        parts._replace(query="redacted" if parts.query else "", fragment="redacted" if parts.fragment else "")
+    )
 
 
 def get_webhook(session: Session, account: Account, *, webhook_id: str) -> Webhook:
@@ -60,8 +75,11 @@ def get_webhook(session: Session, account: Account, *, webhook_id: str) -> Webho
 
 def list_webhooks(session: Session, account: Account) -> list[Webhook]:
     """The account's webhooks, oldest first."""
-    return list(session.scalars(select(Webhook).where(Webhook.account_id == account.id)
-                                .order_by(Webhook.created_at, Webhook.id)))
+    return list(
+        session.scalars(
+            select(Webhook).where(Webhook.account_id == account.id).order_by(Webhook.created_at, Webhook.id)
+        )
+    )
 
 
 def update_webhook(session: Session, account: Account, *, webhook_id: str, body: WebhookUpdate) -> Webhook:
@@ -81,8 +99,9 @@ def delete_webhook(session: Session, account: Account, *, webhook_id: str) -> No
     session.flush()
 
 
-def list_deliveries(session: Session, account: Account, *, webhook_id: str, state: str | None,
-                    count: int | None, skip_token: str | None) -> tuple[list[WebhookDelivery], str | None]:
+def list_deliveries(
+    session: Session, account: Account, *, webhook_id: str, state: str | None, count: int | None, skip_token: str | None
+) -> tuple[list[WebhookDelivery], str | None]:
     """A page of the webhook's delivery log, newest event first."""
     webhook = get_webhook(session, account, webhook_id=webhook_id)
     limit = page_size(count)

@@ -54,9 +54,7 @@ class AzureBlobStore:
             raise StorageError("the Azure Storage connection string is not valid") from None
         account_key = getattr(service.credential, "account_key", None)
         if not account_key:
-            raise StorageError(
-                "the Azure Storage connection string needs an AccountKey to sign read URLs"
-            )
+            raise StorageError("the Azure Storage connection string needs an AccountKey to sign read URLs")
         self._account_name: str = service.account_name
         self._account_key: str = account_key
         self._container = service.get_container_client(container)
@@ -119,7 +117,7 @@ class AzureBlobStore:
         if (scheme, host, port) != (own_scheme, own_host, own_port) or not path.startswith(prefix):
             return False
         # "/container/../other" would leave the container once a client normalises it.
-        segments = unquote(path[len(prefix):]).split("/")
+        segments = unquote(path[len(prefix) :]).split("/")
         return bool(segments[0]) and not any(s in (".", "..") for s in segments)
 
     def read_small(self, key: str, *, max_bytes: int) -> bytes | None:
@@ -135,4 +133,4 @@ class AzureBlobStore:
         if not self.owns_url(url):
             return None
         own_path = _origin_and_path(self._container.url)[3]
-        return unquote(_origin_and_path(url)[3][len(own_path.rstrip("/")) + 1:])
+        return unquote(_origin_and_path(url)[3][len(own_path.rstrip("/")) + 1 :])

@@ -23,9 +23,7 @@ def make_asset_store(settings: Settings, secret_key: str) -> AssetStore:
     from app.storage.local import LocalAssetStore
 
     # A key of its own, so a leaked URL signature says nothing about other uses of the secret.
-    signing_key = HKDF(
-        algorithm=hashes.SHA256(), length=32, salt=None, info=b"mms.asset-urls.v1"
-    ).derive(secret_key.encode())
-    return LocalAssetStore(
-        settings.data_dir / "assets", base_url=settings.resolved_public_url, signing_key=signing_key
+    signing_key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"mms.asset-urls.v1").derive(
+        secret_key.encode()
     )
+    return LocalAssetStore(settings.data_dir / "assets", base_url=settings.resolved_public_url, signing_key=signing_key)

@@ -41,13 +41,13 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 __all__ = [
-    "CollectedGarbage",
     "DOCKER_MANIFEST",
     "DOCKER_MANIFEST_LIST",
     "MANIFEST_MEDIA_TYPES",
     "OCI_INDEX",
     "OCI_MANIFEST",
     "REF_NAME_ANNOTATION",
+    "CollectedGarbage",
     "Descriptor",
     "OciLayout",
     "check_digest",
@@ -91,9 +91,7 @@ def check_repository(name: str) -> str:
 def check_tag(tag: str) -> str:
     """``tag`` if it is a valid tag, else ValueError."""
     if not isinstance(tag, str) or not _TAG.fullmatch(tag):
-        raise ValueError(
-            f"invalid tag {tag!r}: 1-128 letters, digits, '_', '.' or '-', not starting with '.' or '-'"
-        )
+        raise ValueError(f"invalid tag {tag!r}: 1-128 letters, digits, '_', '.' or '-', not starting with '.' or '-'")
     return tag
 
 
@@ -138,9 +136,7 @@ def _descriptor(value: Any, where: str) -> Descriptor:
 def _references(content: bytes, media_type: str) -> list[Descriptor]:
     """The descriptors a manifest or index points at; ValueError when it is not one."""
     if media_type not in MANIFEST_MEDIA_TYPES:
-        raise ValueError(
-            f"unsupported manifest media type {media_type!r}; use one of {sorted(MANIFEST_MEDIA_TYPES)}"
-        )
+        raise ValueError(f"unsupported manifest media type {media_type!r}; use one of {sorted(MANIFEST_MEDIA_TYPES)}")
     if len(content) > MAX_MANIFEST_BYTES:
         raise ValueError(f"the manifest is larger than {MAX_MANIFEST_BYTES} bytes")
     try:
@@ -408,8 +404,9 @@ class OciLayout:
             reached: dict[str, set[str]] = {}  # repository → digests its tags reach
             for repository, tags in self._tag_map().items():
                 for descriptor in tags.values():
-                    self._reach(descriptor.digest, descriptor.media_type,
-                                reached.setdefault(repository, set()), depth=0)
+                    self._reach(
+                        descriptor.digest, descriptor.media_type, reached.setdefault(repository, set()), depth=0
+                    )
             live = set().union(*reached.values()) if reached else set()
             if self._repositories.is_dir():
                 for kind in ("_layers", "_manifests"):
@@ -453,11 +450,14 @@ class OciLayout:
         needed: set[str] = set()
         self._reach(digest, media_type, needed, depth=0)
         for blob in sorted(needed):
-            linked = self._link_path(repository, "_layers", blob).exists() or \
-                self._link_path(repository, "_manifests", blob).exists()
+            linked = (
+                self._link_path(repository, "_layers", blob).exists()
+                or self._link_path(repository, "_manifests", blob).exists()
+            )
             if self.has_blob(blob) is None or not linked:
-                raise ValueError(f"blob {blob} was removed while the manifest was stored "
-                                 "(garbage collection); push the image again")
+                raise ValueError(
+                    f"blob {blob} was removed while the manifest was stored (garbage collection); push the image again"
+                )
 
     def _link_path(self, repository: str, kind: str, digest: str) -> Path:
         hex_digest = check_digest(digest).removeprefix("sha256:")
@@ -482,13 +482,9 @@ class OciLayout:
         for reference in references:
             size = self.has_blob(reference.digest)
             if size is None:
-                raise ValueError(
-                    f"the manifest references blob {reference.digest}, which is not in the layout"
-                )
+                raise ValueError(f"the manifest references blob {reference.digest}, which is not in the layout")
             if size != reference.size:
-                raise ValueError(
-                    f"blob {reference.digest} is {size} bytes, the manifest says {reference.size}"
-                )
+                raise ValueError(f"blob {reference.digest} is {size} bytes, the manifest says {reference.size}")
         self._ensure_layout()
         for reference in references:
             if media_type in _INDEX_TYPES and reference.media_type in MANIFEST_MEDIA_TYPES:

@@ -24,4 +24,3 @@ def manifest_id(client: TestClient, owner: dict[str, str], account: str) -> str:
     """A manifest of the seed's shape, with a registered model, in ``account``."""
     model_id = client.post(f"{account}/models", json=model_body(), headers=owner).json()["id"]
     return client.post(f"{account}/manifests", json=seed_manifest(model_id), headers=owner).json()["id"]
-

@@ -13,10 +13,15 @@ from app.context import ServiceContext
 from tests.factories import Callers, model_body, new_account
 
 
-def _upload(client: TestClient, account: str, owner: dict[str, str], name: str, data: bytes,
-            content_type: str = "application/zip"):
-    return client.post(f"{account}/assets?name={name}", content=data,
-                       headers={**owner, "Content-Type": content_type})
+def _upload(
+    client: TestClient,
+    account: str,
+    owner: dict[str, str],
+    name: str,
+    data: bytes,
+    content_type: str = "application/zip",
+):
+    return client.post(f"{account}/assets?name={name}", content=data, headers={**owner, "Content-Type": content_type})
 
 
 def _path_and_query(url: str) -> str:
@@ -51,7 +56,8 @@ HOSTILE_PAGES = (
 
 @pytest.mark.parametrize(("name", "content_type", "data"), HOSTILE_PAGES)
 def test_an_uploaded_page_is_served_as_a_download_never_inline(
-        client: TestClient, owner: dict[str, str], account: str, name: str, content_type: str, data: bytes) -> None:
+    client: TestClient, owner: dict[str, str], account: str, name: str, content_type: str, data: bytes
+) -> None:
     url = _path_and_query(_upload(client, account, owner, name, data, content_type).json()["url"])
     for blob in (client.get(url), client.head(url)):
         assert blob.status_code == 200
@@ -94,8 +100,13 @@ def test_a_tampered_expired_or_wrong_permission_url_is_403(
     assert "expired" in refused.json()["message"]
 
 
-def test_upload_limits_and_names(client: TestClient, owner: dict[str, str], account: str,
-                                 app_context: ServiceContext, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_upload_limits_and_names(
+    client: TestClient,
+    owner: dict[str, str],
+    account: str,
+    app_context: ServiceContext,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setattr(app_context.settings, "asset_max_bytes", 1000)
     too_big = _upload(client, account, owner, "big.bin", b"x" * 1001)
     assert too_big.status_code == 413
@@ -133,8 +144,10 @@ def test_models_register_with_asset_urls_and_bad_ones_are_refused(
     assert refused.json()["details"][0]["message"].startswith("url:")
     assert "sig=" not in refused.text
 
-    expired_sas = ("https://acct.blob.core.windows.net/models/m.zip?sv=2021-08-06&sp=r"
-                   "&se=2020-01-01T00:00:00Z&sr=b&sig=c2lnbmF0dXJl")
+    expired_sas = (
+        "https://acct.blob.core.windows.net/models/m.zip?sv=2021-08-06&sp=r"
+        "&se=2020-01-01T00:00:00Z&sr=b&sig=c2lnbmF0dXJl"
+    )
     expired = client.post(f"{account}/models", json=model_body(url=expired_sas), headers=owner)
     assert expired.status_code == 400
     assert "expired" in expired.json()["message"]
@@ -152,8 +165,11 @@ def test_azure_store_end_to_end(
     from app.main import create_app
 
     settings = service_context.settings.model_copy(
-        update={"asset_store": "azure", "azure_storage_connection_string": azure_connection_string,
-                "azure_storage_container": "api-test"}
+        update={
+            "asset_store": "azure",
+            "azure_storage_connection_string": azure_connection_string,
+            "azure_storage_container": "api-test",
+        }
     )
     context = ServiceContext.build(settings, engine=service_context.engine, session_factory=db.info["factory"])
     client = TestClient(create_app(context=context))

@@ -18,7 +18,7 @@ def _token(position: dict[str, Any]) -> str:
     return base64.urlsafe_b64encode(json.dumps(position).encode()).decode().rstrip("=")
 
 
-def _post(client: TestClient, url: str, body: dict[str, Any], owner: dict[str, str]):  # noqa: ANN202
+def _post(client: TestClient, url: str, body: dict[str, Any], owner: dict[str, str]):
     # json.dumps writes a lone surrogate as the escape "\ud800", as a client's encoder would.
     return client.post(url, content=json.dumps(body), headers={**owner, "Content-Type": "application/json"})
 
@@ -35,10 +35,15 @@ FORGED_POSITIONS = [
 
 def test_a_forged_skip_token_is_a_400_naming_it(client: TestClient, owner: dict[str, str], account: str) -> None:
     accounts = "/api/subscriptions/sub-1/resourceGroups/rg-1/accounts"
-    cases = [(f"{account}/{path}", _token(position))
-             for path in ("models", "manifests", "images") for position in FORGED_POSITIONS]
-    cases += [(accounts, token) for token in (_token({"n": "a" * 2000}), _token({"n": ["a"]}),
-                                              base64.urlsafe_b64encode(b"[" * 5000).decode())]
+    cases = [
+        (f"{account}/{path}", _token(position))
+        for path in ("models", "manifests", "images")
+        for position in FORGED_POSITIONS
+    ]
+    cases += [
+        (accounts, token)
+        for token in (_token({"n": "a" * 2000}), _token({"n": ["a"]}), base64.urlsafe_b64encode(b"[" * 5000).decode())
+    ]
     webhook = client.post(f"{account}/webhooks", json={"url": "https://hooks.example.com/x"}, headers=owner)
     assert webhook.status_code == 201, webhook.text
     cases.append((f"{account}/webhooks/{webhook.json()['id']}/deliveries", _token({"e": 2**63})))  # past BIGINT
@@ -48,8 +53,9 @@ def test_a_forged_skip_token_is_a_400_naming_it(client: TestClient, owner: dict[
         assert "$skipToken" in response.json()["message"], response.text
 
 
-def test_an_event_id_that_is_not_one_is_a_400_naming_it(client: TestClient, owner: dict[str, str],
-                                                        account: str) -> None:
+def test_an_event_id_that_is_not_one_is_a_400_naming_it(
+    client: TestClient, owner: dict[str, str], account: str
+) -> None:
     for value in ("99999999999999999999999", "9" * 5000, "²", "-1", "1e3"):
         response = client.get(f"{account}/images/events", headers={**owner, "Last-Event-ID": value.encode("latin-1")})
         assert response.status_code == 400, response.text
@@ -60,8 +66,9 @@ def test_an_event_id_that_is_not_one_is_a_400_naming_it(client: TestClient, owne
 
 
 @pytest.mark.parametrize("text", ["\ud800", "a\udfffb", "a\u0000b"])
-def test_text_no_column_can_hold_is_a_400_naming_the_field(client: TestClient, owner: dict[str, str],
-                                                           account: str, text: str) -> None:
+def test_text_no_column_can_hold_is_a_400_naming_the_field(
+    client: TestClient, owner: dict[str, str], account: str, text: str
+) -> None:
     model_id = client.post(f"{account}/models", json=model_body(), headers=owner).json()["id"]
     cases = [
         ("models", model_body(description=text), "description"),
@@ -77,42 +84,54 @@ def test_text_no_column_can_hold_is_a_400_naming_the_field(client: TestClient, o
         response = _post(client, f"{account}/{path}", body, owner)
         assert response.status_code == 400, (path, field, response.text)
         assert any(d["message"].startswith(f"{field}: ") for d in response.json()["details"]), response.text
-    refused = client.put("/api/subscriptions/sub-1/resourceGroups/rg-1/accounts/acct-bad-text",
-                         content=json.dumps({"location": text, "sku": {"name": "S1"}}),
-                         headers={**owner, "Content-Type": "application/json"})
+    refused = client.put(
+        "/api/subscriptions/sub-1/resourceGroups/rg-1/accounts/acct-bad-text",
+        content=json.dumps({"location": text, "sku": {"name": "S1"}}),
+        headers={**owner, "Content-Type": "application/json"},
+    )
     assert refused.status_code == 400 and "location: " in refused.text
     assert [m["id"] for m in client.get(f"{account}/models", headers=owner).json()["value"]] == [model_id]
 
 
-def test_a_nul_in_a_query_or_path_parameter_is_a_400_naming_it(client: TestClient, owner: dict[str, str],
-                                                               account: str) -> None:
-    for path, param in [("models?name=a%00b", "name"), ("models?tag=%00", "tag"),
-                        ("manifests?manifestName=%00", "manifestName"), ("images?manifestName=x%00", "manifestName"),
-                        ("models/%00", "modelId"), ("images/a%00b/log", "imageId")]:
+def test_a_nul_in_a_query_or_path_parameter_is_a_400_naming_it(
+    client: TestClient, owner: dict[str, str], account: str
+) -> None:
+    for path, param in [
+        ("models?name=a%00b", "name"),
+        ("models?tag=%00", "tag"),
+        ("manifests?manifestName=%00", "manifestName"),
+        ("images?manifestName=x%00", "manifestName"),
+        ("models/%00", "modelId"),
+        ("images/a%00b/log", "imageId"),
+    ]:
         response = client.get(f"{account}/{path}", headers=owner)
         assert response.status_code == 400, response.text
         assert f"parameter '{param}' must not contain NUL" in response.json()["message"]
 
 
-def test_a_huge_log_range_is_past_the_log(client: TestClient, owner: dict[str, str], account: str,
-                                          manifest_id: str) -> None:
+def test_a_huge_log_range_is_past_the_log(
+    client: TestClient, owner: dict[str, str], account: str, manifest_id: str
+) -> None:
     image = client.post(f"{account}/images", json={"name": "img", "manifestId": manifest_id}, headers=owner).json()
     response = client.get(f"{account}/images/{image['Id']}/log", headers={**owner, "Range": f"bytes={'9' * 5000}-"})
     assert response.status_code == 416, response.text
 
 
 @pytest.mark.parametrize("name", ["..", ".", "a/b", "a\\b", "../1", "/etc"])
-def test_a_name_that_is_not_one_path_segment_is_refused(client: TestClient, owner: dict[str, str], account: str,
-                                                        name: str) -> None:
+def test_a_name_that_is_not_one_path_segment_is_refused(
+    client: TestClient, owner: dict[str, str], account: str, name: str
+) -> None:
     # It would land at models/<name>/<version> in the image: models/../1 is outside models/.
     response = client.post(f"{account}/models", json=model_body(name=name), headers=owner)
     assert response.status_code == 400, response.text
     assert response.json()["details"][0]["message"].startswith("name: must "), response.text
     model_id = client.post(f"{account}/models", json=model_body(), headers=owner).json()["id"]
     manifest = seed_manifest(model_id)
-    for body, field in [({**manifest, "name": name}, "name"),
-                        ({**manifest, "assets": [{**manifest["assets"][0], "id": name}]}, "assets[0].id"),
-                        ({**manifest, "driverProgram": name}, "driverProgram")]:
+    for body, field in [
+        ({**manifest, "name": name}, "name"),
+        ({**manifest, "assets": [{**manifest["assets"][0], "id": name}]}, "assets[0].id"),
+        ({**manifest, "driverProgram": name}, "driverProgram"),
+    ]:
         response = client.post(f"{account}/manifests", json=body, headers=owner)
         assert response.status_code == 400, response.text
         assert any(d["message"].startswith(f"{field}: ") for d in response.json()["details"]), response.text
@@ -133,8 +152,9 @@ def test_an_error_that_quotes_unencodable_input_still_renders() -> None:
     assert json.loads(response.body)["message"] == "scope 'x\udfffy' is not valid"
 
 
-def test_a_body_that_nests_too_deeply_is_a_400_not_a_500(client: TestClient, owner: dict[str, str],
-                                                       account: str) -> None:
+def test_a_body_that_nests_too_deeply_is_a_400_not_a_500(
+    client: TestClient, owner: dict[str, str], account: str
+) -> None:
     nested: object = "x"
     for _ in range(900):
         nested = [nested]

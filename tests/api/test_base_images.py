@@ -15,6 +15,8 @@ def test_base_images_are_listed_newest_first(client: TestClient, callers: Caller
     owner = callers.headers()
     listed = client.get(f"{new_account(client, owner)}/baseImages", headers=owner).json()["value"]
     available = [b["reference"] for b in listed if b["available"]]
-    assert available[:2] == ["127.0.0.1:5000/mms/inference-base:py3.11-20261101",
-                             "127.0.0.1:5000/mms/inference-base:py3.11-20260101"]
+    assert available[:2] == [
+        "127.0.0.1:5000/mms/inference-base:py3.11-20261101",
+        "127.0.0.1:5000/mms/inference-base:py3.11-20260101",
+    ]
     assert any(b["variant"] == "gpu" and not b["available"] for b in listed)

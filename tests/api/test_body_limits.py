@@ -24,7 +24,7 @@ CHUNK = b"x" * 65536
 
 
 @pytest.fixture()
-def live(service_context: ServiceContext, tmp_path) -> Iterator[Live]:  # noqa: ANN001
+def live(service_context: ServiceContext, tmp_path) -> Iterator[Live]:
     with live_service(service_context, tmp_path) as live:
         yield live
 
@@ -33,8 +33,12 @@ def _open(live: Live, path: str, headers: dict[str, str]) -> socket.socket:
     """A connection that has sent a POST's head (and no body yet)."""
     url = urlsplit(live.base + path if path.startswith("/") else path)
     sock = socket.create_connection((url.hostname, url.port), timeout=10)
-    lines = [f"POST {url.path} HTTP/1.1", f"Host: {url.netloc}", "Content-Type: application/json",
-             *(f"{k}: {v}" for k, v in headers.items())]
+    lines = [
+        f"POST {url.path} HTTP/1.1",
+        f"Host: {url.netloc}",
+        "Content-Type: application/json",
+        *(f"{k}: {v}" for k, v in headers.items()),
+    ]
     sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
     return sock
 
@@ -48,7 +52,9 @@ def _answer(sock: socket.socket, timeout: float) -> tuple[int, dict]:
         assert chunk, f"the server closed the connection without answering: {data!r}"
         data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
-    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    length = int(
+        next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+    )
     while len(body) < length:
         body += sock.recv(65536)
     return int(head.split()[1]), json.loads(body)
@@ -60,8 +66,11 @@ def _models(live: Live) -> str:
 
 def test_a_strangers_body_is_answered_401_without_being_read(live: Live) -> None:
     path = _models(live)
-    for headers in ({"Content-Length": "300000000"}, {"Transfer-Encoding": "chunked"},
-                    {"Content-Length": "300000000", "Authorization": "Bearer not-a-token"}):
+    for headers in (
+        {"Content-Length": "300000000"},
+        {"Transfer-Encoding": "chunked"},
+        {"Content-Length": "300000000", "Authorization": "Bearer not-a-token"},
+    ):
         sock = _open(live, path, headers)
         with sock:
             started = time.monotonic()
@@ -114,8 +123,11 @@ def test_an_unread_body_is_never_consumed(client: TestClient, owner: dict[str, s
 
     response = client.post(f"{account}/models", content=body(), headers={"Content-Type": "application/json"})
     assert response.status_code == 401 and taken == []
-    response = client.post(f"{account}/models", content=body(),
-                           headers={"Content-Type": "application/json", "Authorization": "Bearer x.y.z"})
+    response = client.post(
+        f"{account}/models",
+        content=body(),
+        headers={"Content-Type": "application/json", "Authorization": "Bearer x.y.z"},
+    )
     assert response.status_code == 401 and taken == []
 
 
@@ -135,7 +147,10 @@ def test_legitimate_bodies_and_uploads_pass(client: TestClient, owner: dict[str,
 
 
 def test_a_token_form_past_the_limit_is_a_413(client: TestClient) -> None:
-    response = client.post("/oauth2/token", content=b"grant_type=client_credentials&x=" + b"a" * LIMIT,
-                           headers={"Content-Type": "application/x-www-form-urlencoded"})
+    response = client.post(
+        "/oauth2/token",
+        content=b"grant_type=client_credentials&x=" + b"a" * LIMIT,
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
     assert response.status_code == 413, response.text
     assert response.json()["code"] == "PayloadTooLarge"

@@ -43,7 +43,9 @@ def live_server(service_context: ServiceContext) -> Iterator[str]:
     }
     process = subprocess.Popen(
         [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--workers", "2"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -69,12 +71,18 @@ def live_server(service_context: ServiceContext) -> Iterator[str]:
 def owner_token(live_server: str, service_context: ServiceContext) -> str:
     with session_scope(service_context.session_factory) as session:
         principal, secret = create_service_principal(
-            session, issuer=service_context.settings.issuer, display_name="load",
-            role="Owner", scope="/", created_by=None,
+            session,
+            issuer=service_context.settings.issuer,
+            display_name="load",
+            role="Owner",
+            scope="/",
+            created_by=None,
         )
         client_id = principal.client_id
-    response = httpx.post(f"{live_server}/oauth2/token", data={
-        "grant_type": "client_credentials", "client_id": client_id, "client_secret": secret})
+    response = httpx.post(
+        f"{live_server}/oauth2/token",
+        data={"grant_type": "client_credentials", "client_id": client_id, "client_secret": secret},
+    )
     return response.json()["access_token"]
 
 
@@ -105,15 +113,17 @@ def test_concurrent_retries_with_one_idempotency_key_make_one_model(live_server:
     assert len(httpx.get(f"{url}/models", headers=headers).json()["value"]) == 1
 
 
-def test_an_upload_cut_off_half_way_leaves_nothing_behind(live_server: str, owner_token: str,
-                                                          service_context: ServiceContext) -> None:
+def test_an_upload_cut_off_half_way_leaves_nothing_behind(
+    live_server: str, owner_token: str, service_context: ServiceContext
+) -> None:
     url, headers = _account(live_server, owner_token)
     path = httpx.URL(f"{url}/assets?name=cut.zip")
     with socket.create_connection(("127.0.0.1", path.port), timeout=10) as sock:
         sock.sendall(
             f"POST {path.raw_path.decode()} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
             f"Authorization: {headers['Authorization']}\r\nContent-Type: application/zip\r\n"
-            f"Content-Length: {10 * 1024 * 1024}\r\n\r\n".encode() + b"x" * 300_000
+            f"Content-Length: {10 * 1024 * 1024}\r\n\r\n".encode()
+            + b"x" * 300_000
         )
         incoming = service_context.settings.data_dir / "incoming"
         deadline = time.monotonic() + 10

@@ -13,7 +13,7 @@ from tests.api.test_images import _create
 
 
 def test_an_unchanged_image_answers_304_until_its_state_changes(
-    client: TestClient, owner: dict[str, str], account: str, manifest_id: str, db: Session  # noqa: F811
+    client: TestClient, owner: dict[str, str], account: str, manifest_id: str, db: Session
 ) -> None:
     created = _create(client, account, owner, manifest_id).json()
     url = f"{account}/images/{created['Id']}"
@@ -39,11 +39,13 @@ def test_an_unchanged_image_answers_304_until_its_state_changes(
 
 
 def test_lists_and_operations_are_tagged_and_errors_are_not(
-    client: TestClient, owner: dict[str, str], account: str, manifest_id: str  # noqa: F811
+    client: TestClient, owner: dict[str, str], account: str, manifest_id: str
 ) -> None:
     created = _create(client, account, owner, manifest_id)
     listed = client.get(f"{account}/images", headers=owner)
-    assert client.get(f"{account}/images", headers={**owner, "If-None-Match": listed.headers["ETag"]}).status_code == 304
+    assert (
+        client.get(f"{account}/images", headers={**owner, "If-None-Match": listed.headers["ETag"]}).status_code == 304
+    )
     operation = client.get(created.headers["Operation-Location"], headers=owner)
     assert operation.headers["Retry-After"] == "2" and "ETag" in operation.headers
     missing = client.get(f"{account}/images/00000000-0000-0000-0000-000000000000", headers=owner)

@@ -21,10 +21,12 @@ def test_ready_when_the_database_and_the_broker_answer(service_context: ServiceC
 
 
 def test_not_ready_names_what_is_unreachable_and_nothing_more(app_context: ServiceContext, tmp_path) -> None:
-    settings = app_context.settings.model_copy(update={
-        "broker_url": "redis://:hunter2-secret@127.0.0.1:1/0",
-        "database_url": f"sqlite:///{tmp_path}/no-such-folder/mms.db",
-    })
+    settings = app_context.settings.model_copy(
+        update={
+            "broker_url": "redis://:hunter2-secret@127.0.0.1:1/0",
+            "database_url": f"sqlite:///{tmp_path}/no-such-folder/mms.db",
+        }
+    )
     client = TestClient(create_app(context=ServiceContext.build(settings)), base_url="http://testserver")
     answer = client.get("/ready")
     assert answer.status_code == 503
@@ -37,12 +39,14 @@ def test_not_ready_names_what_is_unreachable_and_nothing_more(app_context: Servi
 @pytest.mark.postgres_only
 def test_a_request_that_finds_every_connection_busy_is_told_to_retry(service_context: ServiceContext) -> None:
     settings = service_context.settings.model_copy(
-        update={"db_pool_size": 1, "db_max_overflow": 0, "db_pool_timeout_seconds": 0.5})
+        update={"db_pool_size": 1, "db_max_overflow": 0, "db_pool_timeout_seconds": 0.5}
+    )
     context = ServiceContext.build(settings)
     try:
         client = TestClient(create_app(context=context))
-        token = issue_token(context.signing_key(), issuer=settings.issuer, audience=settings.audience,
-                            subject="someone", ttl_seconds=60)
+        token = issue_token(
+            context.signing_key(), issuer=settings.issuer, audience=settings.audience, subject="someone", ttl_seconds=60
+        )
         url, headers = "/api/subscriptions/s/resourceGroups/rg/accounts", {"Authorization": f"Bearer {token}"}
         assert client.get(url, headers=headers).status_code == 403  # the keys are loaded; no role
         with context.engine.connect():  # the only connection, held

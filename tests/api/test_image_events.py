@@ -27,7 +27,7 @@ from workers.leases import claim_build, finish_build
 
 
 @pytest.fixture()
-def live(service_context: ServiceContext, tmp_path) -> Iterator[Live]:  # noqa: ANN001
+def live(service_context: ServiceContext, tmp_path) -> Iterator[Live]:
     with live_service(service_context, tmp_path, events_poll_seconds=0.05) as live:
         yield live
 
@@ -47,8 +47,9 @@ def _build(context: ServiceContext, image_id: str, state: CreationState) -> None
         lease = claim_build(session, uuid.UUID(image_id), owner="test-worker", lease_seconds=60, max_attempts=3)
     assert lease is not None
     with session_scope(context.session_factory) as session:
-        assert finish_build(session, lease, state=state, image_location="127.0.0.1:5000/x/events-image:1",
-                            digest="sha256:" + "a" * 64)
+        assert finish_build(
+            session, lease, state=state, image_location="127.0.0.1:5000/x/events-image:1", digest="sha256:" + "a" * 64
+        )
 
 
 def test_a_dashboard_sees_every_state_change_of_its_account_in_order(live: Live) -> None:
@@ -72,8 +73,14 @@ def test_a_dashboard_sees_every_state_change_of_its_account_in_order(live: Live)
         assert done["type"] == "ImageStateChanged"
         assert done["account"] == account.split("/api", 1)[1]
         assert done["image"] | {"Error": None} == {
-            "Id": image["Id"], "Name": "events-image", "Version": 1, "CreationState": "Succeeded",
-            "ImageLocation": "127.0.0.1:5000/x/events-image:1", "Digest": "sha256:" + "a" * 64, "Error": None}
+            "Id": image["Id"],
+            "Name": "events-image",
+            "Version": 1,
+            "CreationState": "Succeeded",
+            "ImageLocation": "127.0.0.1:5000/x/events-image:1",
+            "Digest": "sha256:" + "a" * 64,
+            "Error": None,
+        }
 
         cancelled = live.image(account, name="to-cancel")
         assert httpx.post(f"{account}/images/{cancelled['Id']}/cancel", headers=live.headers).status_code == 200
@@ -131,12 +138,14 @@ def test_the_stream_ends_when_the_token_expires(live: Live) -> None:
     account = live.account()
     settings = live.context.settings
     with session_scope(live.context.session_factory) as session:
-        principal, _ = create_service_principal(session, issuer=settings.issuer, display_name="short",
-                                                role="Reader", scope="/", created_by=None)
+        principal, _ = create_service_principal(
+            session, issuer=settings.issuer, display_name="short", role="Reader", scope="/", created_by=None
+        )
         subject = principal.client_id
     live.principals.append(subject)
-    short = issue_token(live.context.signing_key(), issuer=settings.issuer, audience=settings.audience,
-                        subject=subject, ttl_seconds=2)
+    short = issue_token(
+        live.context.signing_key(), issuer=settings.issuer, audience=settings.audience, subject=subject, ttl_seconds=2
+    )
     started = time.monotonic()
     listener = live.listen(account, bearer(short))
     try:
@@ -199,14 +208,19 @@ RECHECK_SECONDS = 1.0
 
 
 @pytest.fixture()
-def guarded(service_context: ServiceContext, tmp_path) -> Iterator[Live]:  # noqa: ANN001
+def guarded(service_context: ServiceContext, tmp_path) -> Iterator[Live]:
     # Roles cached as in production, so the stream's own recheck is what ends it.
-    with live_service(service_context, tmp_path, events_poll_seconds=0.05, auth_cache_seconds=1,
-                      stream_recheck_seconds=RECHECK_SECONDS) as live:
+    with live_service(
+        service_context,
+        tmp_path,
+        events_poll_seconds=0.05,
+        auth_cache_seconds=1,
+        stream_recheck_seconds=RECHECK_SECONDS,
+    ) as live:
         yield live
 
 
-def _revoked_stream_ends(live: Live, revoke, *, idle: bool) -> None:  # noqa: ANN001
+def _revoked_stream_ends(live: Live, revoke, *, idle: bool) -> None:
     """A Reader's stream is open and delivering; ``revoke(client_id)``; then (unless ``idle``)
     an image is made: the stream ends within the recheck period and never carries that image."""
     account = live.account()
@@ -256,10 +270,12 @@ def test_a_stream_ends_when_its_role_assignment_is_removed_elsewhere(guarded: Li
     _revoked_stream_ends(guarded, remove_role, idle=True)  # no event: the periodic recheck ends it
 
 
-def test_a_new_stream_of_a_revoked_caller_ends_at_once_despite_cached_roles(service_context: ServiceContext,
-                                                                              tmp_path) -> None:  # noqa: ANN001
-    with live_service(service_context, tmp_path, events_poll_seconds=0.05, auth_cache_seconds=300,
-                      stream_recheck_seconds=60) as live:
+def test_a_new_stream_of_a_revoked_caller_ends_at_once_despite_cached_roles(
+    service_context: ServiceContext, tmp_path
+) -> None:
+    with live_service(
+        service_context, tmp_path, events_poll_seconds=0.05, auth_cache_seconds=300, stream_recheck_seconds=60
+    ) as live:
         account = live.account()
         reader = live.token("Reader", account.split("/api", 1)[1])
         client_id = live.principals[-1]

@@ -31,9 +31,12 @@ def _queries(live: Live) -> Iterator[list[str]]:
     """Statements the app sends meanwhile, but for the event poller's own."""
     seen: list[str] = []
 
-    def record(_conn, _cursor, statement: str, *_: object) -> None:  # noqa: ANN001
-        if not statement.startswith("BEGIN") and "image_events.id >" not in statement \
-                and "max(image_events.id)" not in statement:
+    def record(_conn, _cursor, statement: str, *_: object) -> None:
+        if (
+            not statement.startswith("BEGIN")
+            and "image_events.id >" not in statement
+            and "max(image_events.id)" not in statement
+        ):
             seen.append(statement)
 
     event.listen(live.context.engine, "before_cursor_execute", record)
@@ -43,7 +46,7 @@ def _queries(live: Live) -> Iterator[list[str]]:
         event.remove(live.context.engine, "before_cursor_execute", record)
 
 
-def _until(condition, seconds: float = 5):  # noqa: ANN001, ANN202
+def _until(condition, seconds: float = 5):
     deadline = time.monotonic() + seconds
     while not (result := condition()) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -68,7 +71,9 @@ def test_an_unchanged_image_is_answered_from_memory_and_a_change_is_seen_at_once
 
     with session_scope(live.context.session_factory) as session:  # a worker takes the build
         assert claim_build(session, uuid.UUID(image["Id"]), owner="poll-test", lease_seconds=60, max_attempts=3)
-    changed = _until(lambda: (r := httpx.get(url, headers={**live.headers, "If-None-Match": etag})).status_code == 200 and r)
+    changed = _until(
+        lambda: (r := httpx.get(url, headers={**live.headers, "If-None-Match": etag})).status_code == 200 and r
+    )
     assert changed and changed.json()["CreationState"] == "Running" and changed.headers["etag"] != etag
 
 
@@ -85,7 +90,9 @@ def test_the_shortcut_never_answers_for_a_caller_the_route_would_refuse(live: Li
     assert httpx.get(url, headers={**bearer("not.a.token"), "If-None-Match": etag}).status_code == 401
     assert httpx.get(url, headers={"If-None-Match": etag}).status_code == 401
     # The same image under another account's path is not that account's.
-    assert httpx.get(f"{other}/images/{image['Id']}", headers={**live.headers, "If-None-Match": etag}).status_code == 404
+    assert (
+        httpx.get(f"{other}/images/{image['Id']}", headers={**live.headers, "If-None-Match": etag}).status_code == 404
+    )
 
 
 def test_a_deleted_image_or_account_is_a_404_not_a_304(live: Live) -> None:

@@ -11,8 +11,15 @@ from app.orm import BuildLogChunk, Image
 from tests.factories import Callers
 
 
-def _create(client: TestClient, account: str, owner: dict[str, str], manifest_id: str, name: str = "housingmodel-image"):
-    body = {"manifestId": manifest_id, "imageType": "Docker", "computeResourceId": "/subscriptions/s/compute/c", "name": name}
+def _create(
+    client: TestClient, account: str, owner: dict[str, str], manifest_id: str, name: str = "housingmodel-image"
+):
+    body = {
+        "manifestId": manifest_id,
+        "imageType": "Docker",
+        "computeResourceId": "/subscriptions/s/compute/c",
+        "name": name,
+    }
     return client.post(f"{account}/images", json=body, headers=owner)
 
 
@@ -22,8 +29,20 @@ def test_create_answers_202_with_the_seed_shape_and_an_operation(
     created = _create(client, account, owner, manifest_id)
     assert created.status_code == 202, created.text
     image = created.json()
-    for field in ("Id", "Name", "Version", "Description", "CreatedTime", "CreationState", "ImageBuildLogUri",
-                  "ImageLocation", "ImageType", "Manifest", "WebserviceType", "ComputeResourceId"):
+    for field in (
+        "Id",
+        "Name",
+        "Version",
+        "Description",
+        "CreatedTime",
+        "CreationState",
+        "ImageBuildLogUri",
+        "ImageLocation",
+        "ImageType",
+        "Manifest",
+        "WebserviceType",
+        "ComputeResourceId",
+    ):
         assert field in image
     assert image["CreationState"] == "NotStarted"
     assert image["Version"] == 1
@@ -41,13 +60,17 @@ def test_create_answers_202_with_the_seed_shape_and_an_operation(
 def test_bad_image_requests(client: TestClient, owner: dict[str, str], account: str, manifest_id: str) -> None:
     missing = _create(client, account, owner, str(uuid.uuid4()))
     assert missing.status_code == 404 and missing.json()["code"] == "ManifestNotFound"
-    bad_type = client.post(f"{account}/images", json={"name": "x", "manifestId": manifest_id, "imageType": "Zip"}, headers=owner)
+    bad_type = client.post(
+        f"{account}/images", json={"name": "x", "manifestId": manifest_id, "imageType": "Zip"}, headers=owner
+    )
     assert bad_type.status_code == 400 and "imageType" in bad_type.text
     assert client.get(f"{account}/images/{uuid.uuid4()}", headers=owner).status_code == 404
     assert client.get(f"{account}/operations/not-an-id", headers=owner).status_code == 404
 
 
-def test_cancel_a_queued_build_and_cancel_twice(client: TestClient, owner: dict[str, str], account: str, manifest_id: str) -> None:
+def test_cancel_a_queued_build_and_cancel_twice(
+    client: TestClient, owner: dict[str, str], account: str, manifest_id: str
+) -> None:
     image = _create(client, account, owner, manifest_id).json()
     cancelled = client.post(f"{account}/images/{image['Id']}/cancel", headers=owner)
     assert cancelled.status_code == 200
@@ -56,8 +79,9 @@ def test_cancel_a_queued_build_and_cancel_twice(client: TestClient, owner: dict[
     assert again.status_code == 409
 
 
-def test_cancel_a_running_build_asks_the_worker(client: TestClient, owner: dict[str, str], account: str,
-                                               manifest_id: str, db: Session) -> None:
+def test_cancel_a_running_build_asks_the_worker(
+    client: TestClient, owner: dict[str, str], account: str, manifest_id: str, db: Session
+) -> None:
     image = _create(client, account, owner, manifest_id).json()
     row = db.get(Image, uuid.UUID(image["Id"]))
     row.state = "Running"
@@ -69,11 +93,16 @@ def test_cancel_a_running_build_asks_the_worker(client: TestClient, owner: dict[
     assert client.delete(f"{account}/images/{image['Id']}", headers=owner).status_code == 409
 
 
-def test_log_list_and_the_manifest_in_use(client: TestClient, owner: dict[str, str], account: str,
-                                          manifest_id: str, db: Session) -> None:
+def test_log_list_and_the_manifest_in_use(
+    client: TestClient, owner: dict[str, str], account: str, manifest_id: str, db: Session
+) -> None:
     image = _create(client, account, owner, manifest_id).json()
-    db.add_all([BuildLogChunk(image_id=uuid.UUID(image["Id"]), seq=s, attempt=1, text=t)
-                for s, t in ((2, "second\n"), (1, "first\n"))])
+    db.add_all(
+        [
+            BuildLogChunk(image_id=uuid.UUID(image["Id"]), seq=s, attempt=1, text=t)
+            for s, t in ((2, "second\n"), (1, "first\n"))
+        ]
+    )
     db.flush()
     log = client.get(image["ImageBuildLogUri"].replace("http://testserver", ""), headers=owner)
     assert log.text == "first\nsecond\n"
@@ -102,12 +131,16 @@ def test_log_list_and_the_manifest_in_use(client: TestClient, owner: dict[str, s
     assert client.delete(f"{account}/manifests/{manifest_id}", headers=owner).status_code == 204
 
 
-def test_a_reader_cannot_build(client: TestClient, callers: Callers, owner: dict[str, str], account: str, manifest_id: str) -> None:
+def test_a_reader_cannot_build(
+    client: TestClient, callers: Callers, owner: dict[str, str], account: str, manifest_id: str
+) -> None:
     reader = callers.headers("Reader", account.removeprefix("/api"))
     assert _create(client, account, reader, manifest_id).status_code == 403
 
 
-def test_a_builder_that_does_not_exist_is_refused(client: TestClient, owner: dict[str, str], account: str, manifest_id: str) -> None:
+def test_a_builder_that_does_not_exist_is_refused(
+    client: TestClient, owner: dict[str, str], account: str, manifest_id: str
+) -> None:
     body = {"name": "x", "manifestId": manifest_id, "builder": "kaniko"}
     response = client.post(f"{account}/images", json=body, headers=owner)
     assert response.status_code == 400 and "builder" in response.json()["message"]
@@ -119,8 +152,11 @@ def test_the_docker_builder_is_refused_where_images_are_stored_by_the_service(
     from app.context import ServiceContext
     from app.main import create_app
 
-    embedded = ServiceContext.build(app_context.settings.model_copy(update={"registry": None}),
-                                    engine=app_context.engine, session_factory=app_context.session_factory)
+    embedded = ServiceContext.build(
+        app_context.settings.model_copy(update={"registry": None}),
+        engine=app_context.engine,
+        session_factory=app_context.session_factory,
+    )
     client = TestClient(create_app(context=embedded), base_url="http://testserver")
     body = {"name": "dockerbuilt", "manifestId": manifest_id, "builder": "docker"}
     refused = client.post(f"{account}/images", json=body, headers=owner)

@@ -47,20 +47,29 @@ def inference_config(model_id: str, **overrides: Any) -> dict[str, Any]:
         "extraDockerfileSteps": "RUN apt-get update && \\\n    apt-get install -y libgomp1\nENV A=1\nEXPOSE 8080",
         "enableGpu": False,
         "baseImage": "myregistry.azurecr.io/mycustomimage:1.0",
-        "baseImageRegistry": {"address": "myregistry.azurecr.io", "username": "pull", "password": "hunter2-registry-secret"},
+        "baseImageRegistry": {
+            "address": "myregistry.azurecr.io",
+            "username": "pull",
+            "password": "hunter2-registry-secret",
+        },
     }
     body.update(overrides)
     return body
 
 
-def test_seed_manifest_round_trip_and_versions(client: TestClient, owner: dict[str, str], account: str, model_id: str) -> None:
+def test_seed_manifest_round_trip_and_versions(
+    client: TestClient, owner: dict[str, str], account: str, model_id: str
+) -> None:
     first = client.post(f"{account}/manifests", json=seed_manifest(model_id), headers=owner)
     assert first.status_code == 200, first.text
     body = first.json()
     assert body["version"] == 1
     assert body["driverProgram"] == "scoringFileId"
     assert body["modelIds"] == [model_id]
-    assert body["targetRuntime"] == {"runtimeType": "SparkPython", "properties": {"condaEnvFile": CONDA_URL, "pipRequirements": None}}
+    assert body["targetRuntime"] == {
+        "runtimeType": "SparkPython",
+        "properties": {"condaEnvFile": CONDA_URL, "pipRequirements": None},
+    }
     assert body["assets"][0]["unPack"] is False
     unpacked = seed_manifest(model_id, name="unpacked")
     unpacked["assets"][0]["unPack"] = "TRUE"
@@ -68,7 +77,9 @@ def test_seed_manifest_round_trip_and_versions(client: TestClient, owner: dict[s
     assert "CreatedTime" in body
     assert client.get(f"{account}/manifests/{body['id']}", headers=owner).json() == body
 
-    second = client.post(f"{account}/manifests", json=seed_manifest(model_id, targetRuntime={"runtimeType": "spark-py"}), headers=owner)
+    second = client.post(
+        f"{account}/manifests", json=seed_manifest(model_id, targetRuntime={"runtimeType": "spark-py"}), headers=owner
+    )
     assert second.json()["version"] == 2
     assert second.json()["targetRuntime"]["runtimeType"] == "SparkPython"
 
@@ -90,8 +101,11 @@ def test_inference_config_shape_keeps_the_registry_password_secret(
     for text in (created.text, fetched.text, listed.text, caplog.text):
         assert "hunter2-registry-secret" not in text
 
-    string_registry = inference_config(model_id, baseImageRegistry="mcr.microsoft.com",
-                                       baseImage="mcr.microsoft.com/azureml/o16n-sample-user-base/ubuntu-miniconda")
+    string_registry = inference_config(
+        model_id,
+        baseImageRegistry="mcr.microsoft.com",
+        baseImage="mcr.microsoft.com/azureml/o16n-sample-user-base/ubuntu-miniconda",
+    )
     assert client.post(f"{account}/manifests", json=string_registry, headers=owner).status_code == 200
 
 
@@ -106,11 +120,15 @@ def test_inference_config_shape_keeps_the_registry_password_secret(
         ({"name": "bad name"}, "name"),
         ({"assets": [{"id": "a", "url": SCORE_URL}, {"id": "a", "url": SCORE_URL}]}, "unique"),
         ({"assets": [{"id": "scoringFileId", "url": "ftp://x/score.py"}]}, "assets[0].url"),
-        ({"assets": [{"id": "scoringFileId", "url": SCORE_URL, "unPack": "yes"}]}, "assets[0].unPack: must be true or false"),
+        (
+            {"assets": [{"id": "scoringFileId", "url": SCORE_URL, "unPack": "yes"}]},
+            "assets[0].unPack: must be true or false",
+        ),
     ],
 )
-def test_seed_shape_validation(client: TestClient, owner: dict[str, str], account: str, model_id: str,
-                               change: dict[str, Any], fragment: str) -> None:
+def test_seed_shape_validation(
+    client: TestClient, owner: dict[str, str], account: str, model_id: str, change: dict[str, Any], fragment: str
+) -> None:
     response = client.post(f"{account}/manifests", json=seed_manifest(model_id, **change), headers=owner)
     assert response.status_code == 400, response.text
     assert fragment in response.text
@@ -128,8 +146,9 @@ def test_seed_shape_validation(client: TestClient, owner: dict[str, str], accoun
         ({"baseImageRegistry": {"address": "bad address/x"}}, "baseImageRegistry.address"),
     ],
 )
-def test_inference_config_validation(client: TestClient, owner: dict[str, str], account: str, model_id: str,
-                                     change: dict[str, Any], fragment: str) -> None:
+def test_inference_config_validation(
+    client: TestClient, owner: dict[str, str], account: str, model_id: str, change: dict[str, Any], fragment: str
+) -> None:
     response = client.post(f"{account}/manifests", json=inference_config(model_id, **change), headers=owner)
     assert response.status_code == 400, response.text
     assert fragment in response.json()["message"] or fragment in str(response.json()["details"])
@@ -144,14 +163,18 @@ def test_models_of_another_account_are_refused(client: TestClient, owner: dict[s
     assert foreign in response.text
 
 
-def test_list_filters_delete_and_model_in_use(client: TestClient, owner: dict[str, str], account: str, model_id: str) -> None:
+def test_list_filters_delete_and_model_in_use(
+    client: TestClient, owner: dict[str, str], account: str, model_id: str
+) -> None:
     other_model = client.post(f"{account}/models", json=model_body(name="other"), headers=owner).json()["id"]
     a1 = client.post(f"{account}/manifests", json=seed_manifest(model_id, name="m-a"), headers=owner).json()
     client.post(f"{account}/manifests", json=seed_manifest(model_id, name="m-a"), headers=owner)
     b1 = client.post(f"{account}/manifests", json=seed_manifest(other_model, name="m-b"), headers=owner).json()
 
     def names(query: str) -> list[tuple[str, int]]:
-        return [(m["name"], m["version"]) for m in client.get(f"{account}/manifests?{query}", headers=owner).json()["value"]]
+        return [
+            (m["name"], m["version"]) for m in client.get(f"{account}/manifests?{query}", headers=owner).json()["value"]
+        ]
 
     assert names("") == [("m-a", 2), ("m-a", 1), ("m-b", 1)]
     assert names(f"modelId={other_model}") == [("m-b", 1)]
@@ -174,13 +197,13 @@ def test_list_filters_delete_and_model_in_use(client: TestClient, owner: dict[st
 
 
 @pytest.mark.parametrize("name", SMUGGLING)
-def test_extra_steps_that_smuggle_an_instruction_are_refused(client: TestClient, owner: dict[str, str], account: str,
-                                                            model_id: str, name: str) -> None:
+def test_extra_steps_that_smuggle_an_instruction_are_refused(
+    client: TestClient, owner: dict[str, str], account: str, model_id: str, name: str
+) -> None:
     text, fragment = SMUGGLING[name]
     # json.dumps escapes every character, a lone surrogate too, as a client would send it.
     body = json.dumps(inference_config(model_id, extraDockerfileSteps=text))
-    response = client.post(f"{account}/manifests", content=body,
-                           headers={**owner, "Content-Type": "application/json"})
+    response = client.post(f"{account}/manifests", content=body, headers={**owner, "Content-Type": "application/json"})
     assert response.status_code == 400, response.text
     if name == "lone surrogate":  # the JSON decoder refuses it first, naming the field
         fragment = "extraDockerfileSteps"
@@ -200,26 +223,41 @@ def _upload(client: TestClient, owner: dict[str, str], account: str, name: str, 
         ("six\n--index-url https://evil.example/simple\n", "line 2 (--index-url): options are not accepted"),
         ("-e git+https://example.com/pkg.git\n", "line 1 (-e): options"),
         ("pkg @ https://example.com/pkg-1.0-py3-none-any.whl?sig=secret\n", "line 1 (pkg @ …): direct references"),
-        ("git+https://example.com/pkg.git?sig=secret\n", "line 1 (git+https://example.com/pkg.git?…): not a requirement"),
+        (
+            "git+https://example.com/pkg.git?sig=secret\n",
+            "line 1 (git+https://example.com/pkg.git?…): not a requirement",
+        ),
         # pip and uv honour options after a requirement: only --hash may follow one.
-        (f"six==1.16.0 --hash=sha256:{'a' * 64} --extra-index-url http://evil.example/simple\n",
-         "line 1 (six==1.16.0 --hash=sha256:"),
-        ("six==1.16.0 -f http://evil.example/links\n", "line 1 (six==1.16.0 -f http://evil.example/links): not a requirement"),
+        (
+            f"six==1.16.0 --hash=sha256:{'a' * 64} --extra-index-url http://evil.example/simple\n",
+            "line 1 (six==1.16.0 --hash=sha256:",
+        ),
+        (
+            "six==1.16.0 -f http://evil.example/links\n",
+            "line 1 (six==1.16.0 -f http://evil.example/links): not a requirement",
+        ),
     ],
 )
 def test_requirements_that_choose_their_package_source_are_refused_at_creation(
-        client: TestClient, owner: dict[str, str], account: str, model_id: str, requirements: str,
-        fragment: str) -> None:
+    client: TestClient, owner: dict[str, str], account: str, model_id: str, requirements: str, fragment: str
+) -> None:
     pip_url = _upload(client, owner, account, "requirements.txt", requirements)
     body = seed_manifest(model_id, targetRuntime={"runtimeType": "Python", "properties": {"pipRequirements": pip_url}})
     response = client.post(f"{account}/manifests", json=body, headers=owner)
     assert response.status_code == 400, response.text
     assert fragment in response.json()["message"] and "pipRequirements" in response.json()["message"]
     assert "secret" not in response.text
-    conda = "dependencies:\n  - python=3.11\n  - pip:\n" + "".join(f"    - {line}\n" for line in requirements.splitlines())
-    conda_body = inference_config(model_id, assets=[{"id": "score.py", "url": SCORE_URL},
-                                                    {"id": "env.yml", "url": _upload(client, owner, account, "env.yml", conda)}],
-                                  condaFile="env.yml")
+    conda = "dependencies:\n  - python=3.11\n  - pip:\n" + "".join(
+        f"    - {line}\n" for line in requirements.splitlines()
+    )
+    conda_body = inference_config(
+        model_id,
+        assets=[
+            {"id": "score.py", "url": SCORE_URL},
+            {"id": "env.yml", "url": _upload(client, owner, account, "env.yml", conda)},
+        ],
+        condaFile="env.yml",
+    )
     response = client.post(f"{account}/manifests", json=conda_body, headers=owner)
     assert response.status_code == 400, response.text
     assert "condaFile: conda file pip:" in response.json()["message"]
@@ -227,30 +265,46 @@ def test_requirements_that_choose_their_package_source_are_refused_at_creation(
 
 
 def test_requirements_may_name_the_accounts_own_package_files(
-        client: TestClient, owner: dict[str, str], account: str, model_id: str) -> None:
+    client: TestClient, owner: dict[str, str], account: str, model_id: str
+) -> None:
     wheel_url = _upload(client, owner, account, "own-1.0-py3-none-any.whl", "not checked here")
     pip_url = _upload(client, owner, account, "requirements.txt", f"six==1.16.0\nown @ {wheel_url}\n")
     body = seed_manifest(model_id, targetRuntime={"runtimeType": "Python", "properties": {"pipRequirements": pip_url}})
     assert client.post(f"{account}/manifests", json=body, headers=owner).status_code == 200
 
 
-def test_hashes_may_follow_a_requirement(client: TestClient, owner: dict[str, str], account: str, model_id: str) -> None:
-    pip_url = _upload(client, owner, account, "requirements.txt",
-                      f"six==1.16.0 --hash=sha256:{'a' * 64} --hash=sha256:{'b' * 64}\n")
+def test_hashes_may_follow_a_requirement(
+    client: TestClient, owner: dict[str, str], account: str, model_id: str
+) -> None:
+    pip_url = _upload(
+        client, owner, account, "requirements.txt", f"six==1.16.0 --hash=sha256:{'a' * 64} --hash=sha256:{'b' * 64}\n"
+    )
     body = seed_manifest(model_id, targetRuntime={"runtimeType": "Python", "properties": {"pipRequirements": pip_url}})
     assert client.post(f"{account}/manifests", json=body, headers=owner).status_code == 200
 
 
-@pytest.mark.parametrize(("conda", "fragment"), [
-    ("channels:\n  - https://evil.example/channel\ndependencies:\n  - numpy\n", "channel 'https://evil.example/channel'"),
-    ("channels:\n  - attacker\ndependencies:\n  - numpy\n", "channel 'attacker' is not one of the operator's"),
-    ("dependencies:\n  - attacker::numpy\n", "channel 'attacker'"),
-])
-def test_conda_channels_are_the_operators(client: TestClient, owner: dict[str, str], account: str, model_id: str,
-                                          conda: str, fragment: str) -> None:
-    body = inference_config(model_id, assets=[{"id": "score.py", "url": SCORE_URL},
-                                              {"id": "env.yml", "url": _upload(client, owner, account, "env.yml", conda)}],
-                            condaFile="env.yml")
+@pytest.mark.parametrize(
+    ("conda", "fragment"),
+    [
+        (
+            "channels:\n  - https://evil.example/channel\ndependencies:\n  - numpy\n",
+            "channel 'https://evil.example/channel'",
+        ),
+        ("channels:\n  - attacker\ndependencies:\n  - numpy\n", "channel 'attacker' is not one of the operator's"),
+        ("dependencies:\n  - attacker::numpy\n", "channel 'attacker'"),
+    ],
+)
+def test_conda_channels_are_the_operators(
+    client: TestClient, owner: dict[str, str], account: str, model_id: str, conda: str, fragment: str
+) -> None:
+    body = inference_config(
+        model_id,
+        assets=[
+            {"id": "score.py", "url": SCORE_URL},
+            {"id": "env.yml", "url": _upload(client, owner, account, "env.yml", conda)},
+        ],
+        condaFile="env.yml",
+    )
     response = client.post(f"{account}/manifests", json=body, headers=owner)
     assert response.status_code == 400, response.text
     assert fragment in response.json()["message"]
@@ -260,19 +314,26 @@ def test_conda_channels_are_the_operators(client: TestClient, owner: dict[str, s
 
 
 def test_a_base_image_may_be_another_accounts_image_on_no_account(
-        client: TestClient, owner: dict[str, str], account: str, model_id: str, app_context) -> None:  # noqa: ANN001
+    client: TestClient, owner: dict[str, str], account: str, model_id: str, app_context
+) -> None:
     registry = app_context.settings.image_registry
     own_id = client.get(account, headers=owner).json()["properties"]["accountId"]
     other_id = "00000000-0000-0000-0000-000000000001"
     host, _, port = registry.partition("/")[0].partition(":")
-    for base in (f"{registry}/{other_id}/housing-image:1", f"{registry}/{other_id}/housing-image@sha256:{'a' * 64}",
-                 # The same registry spelled another way: a leading zero in its port.
-                 f"{host}:0{port}/{other_id}/housing-image:1"):
+    for base in (
+        f"{registry}/{other_id}/housing-image:1",
+        f"{registry}/{other_id}/housing-image@sha256:{'a' * 64}",
+        # The same registry spelled another way: a leading zero in its port.
+        f"{host}:0{port}/{other_id}/housing-image:1",
+    ):
         response = client.post(f"{account}/manifests", json=inference_config(model_id, baseImage=base), headers=owner)
         assert response.status_code == 400, response.text
         assert "neither a published base image (mms/) nor one of this account's images" in response.json()["message"]
-    for base in (f"{registry}/{own_id}/housing-image:1", f"{registry}/mms/inference-base:py3.11",
-                 "myregistry.azurecr.io/other/image:v1"):
+    for base in (
+        f"{registry}/{own_id}/housing-image:1",
+        f"{registry}/mms/inference-base:py3.11",
+        "myregistry.azurecr.io/other/image:v1",
+    ):
         response = client.post(f"{account}/manifests", json=inference_config(model_id, baseImage=base), headers=owner)
         assert response.status_code == 200, response.text
 
@@ -304,8 +365,9 @@ SEED_TEXT = """{
 
 
 def test_the_seeds_trailing_comma_is_pointed_at(client: TestClient, owner: dict[str, str], account: str) -> None:
-    response = client.post(f"{account}/manifests", content=SEED_TEXT.encode(),
-                           headers={**owner, "Content-Type": "application/json"})
+    response = client.post(
+        f"{account}/manifests", content=SEED_TEXT.encode(), headers={**owner, "Content-Type": "application/json"}
+    )
     assert response.status_code == 400, response.text
     position = SEED_TEXT.index("},\n   ],") + len("},\n   ")  # the "]" after the comma
     line = SEED_TEXT.count("\n", 0, position) + 1

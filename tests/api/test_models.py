@@ -142,7 +142,9 @@ def test_bad_paging_parameters_get_a_400(client: TestClient, owner: dict[str, st
     assert response.status_code == 400, response.text
 
 
-def test_idempotency_key_replays_the_first_registration(client: TestClient, owner: dict[str, str], account: str) -> None:
+def test_idempotency_key_replays_the_first_registration(
+    client: TestClient, owner: dict[str, str], account: str
+) -> None:
     headers = {**owner, "Idempotency-Key": "register-housing-1"}
     first = client.post(f"{account}/models", json=model_body(), headers=headers)
     retry = client.post(f"{account}/models", json=model_body(), headers=headers)
@@ -158,7 +160,9 @@ def test_idempotency_key_replays_the_first_registration(client: TestClient, owne
     assert fresh.json()["version"] == 2
 
 
-def test_unknown_routes_and_methods_keep_the_error_shape(client: TestClient, owner: dict[str, str], account: str) -> None:
+def test_unknown_routes_and_methods_keep_the_error_shape(
+    client: TestClient, owner: dict[str, str], account: str
+) -> None:
     missing = client.get("/api/nothing-here", headers=owner)
     assert missing.status_code == 404
     assert set(missing.json()) == {"code", "message", "statusCode", "details"}

@@ -38,21 +38,43 @@ def _token(position: dict) -> str:
 STRINGS = ["\x00", "a\x00b", ".", "..", "../x", "a/b", "9" * 25, "9" * 5000, "-1", "²", " ", "W10"]
 INTEGERS = [2**31, 2**63, 10**30, -1, -(2**63) - 1, 0]
 # Drawn often for the parameters whose text the service parses itself.
-SKIP_TOKENS = [_token({"n": "a", "v": 99999999999999999999999999999}), _token({"n": "a\x00", "v": 1}),
-               _token({"n": "\ud800", "v": 1}), _token({"n": "a", "v": -1}), _token({"n": "a"}),
-               _token({"e": 2**64}), _token({"n": 1, "v": True}), "W1tbWw", "e30", "!!", "9" * 5000]
+SKIP_TOKENS = [
+    _token({"n": "a", "v": 99999999999999999999999999999}),
+    _token({"n": "a\x00", "v": 1}),
+    _token({"n": "\ud800", "v": 1}),
+    _token({"n": "a", "v": -1}),
+    _token({"n": "a"}),
+    _token({"e": 2**64}),
+    _token({"n": 1, "v": True}),
+    "W1tbWw",
+    "e30",
+    "!!",
+    "9" * 5000,
+]
 EVENT_IDS = ["1", "99999999999999999999999", "9" * 5000, "²", "-1", "1e3", " 7 "]
 
-CONFIG = SchemathesisConfig.from_dict({
-    "dictionaries": {"strings": {"values": STRINGS}, "integers": {"values": INTEGERS},
-                     "skip-tokens": {"values": SKIP_TOKENS}, "event-ids": {"values": EVENT_IDS}},
-    "generation": {"dictionaries": {"string": {"dictionary": "strings", "probability": 0.1},
-                                    "integer": {"dictionary": "integers", "probability": 0.2}}},
-    "parameters": {"query.$skipToken": {"dictionary": "skip-tokens", "probability": 0.5},
-                   "query.lastEventId": {"dictionary": "event-ids", "probability": 0.5},
-                   "header.Last-Event-ID": {"dictionary": "event-ids", "probability": 0.5}},
-    "max-stream-events": 1,  # the `ready` event; an event stream never ends by itself
-})
+CONFIG = SchemathesisConfig.from_dict(
+    {
+        "dictionaries": {
+            "strings": {"values": STRINGS},
+            "integers": {"values": INTEGERS},
+            "skip-tokens": {"values": SKIP_TOKENS},
+            "event-ids": {"values": EVENT_IDS},
+        },
+        "generation": {
+            "dictionaries": {
+                "string": {"dictionary": "strings", "probability": 0.1},
+                "integer": {"dictionary": "integers", "probability": 0.2},
+            }
+        },
+        "parameters": {
+            "query.$skipToken": {"dictionary": "skip-tokens", "probability": 0.5},
+            "query.lastEventId": {"dictionary": "event-ids", "probability": 0.5},
+            "header.Last-Event-ID": {"dictionary": "event-ids", "probability": 0.5},
+        },
+        "max-stream-events": 1,  # the `ready` event; an event stream never ends by itself
+    }
+)
 
 # Only a JSON body can carry these (as "\ud800" escapes), and the generator's schema checks cannot
 # hold them, so they are put into bodies after generation.
@@ -74,7 +96,7 @@ def _string_slots(value: object) -> list[tuple[object, object]]:
     return slots
 
 
-def _unencodable(case, data: st.DataObject) -> None:  # noqa: ANN001
+def _unencodable(case, data: st.DataObject) -> None:
     """In most cases, one string of the case's JSON body becomes one no UTF-8 can carry."""
     slots = _string_slots(case.body) if (case.media_type or "").endswith("json") else []
     if slots and data.draw(st.integers(0, 3), label="replace a body string") > 0:
@@ -82,13 +104,15 @@ def _unencodable(case, data: st.DataObject) -> None:  # noqa: ANN001
         container[key] = data.draw(st.sampled_from(UNENCODABLE), label="with")
 
 
-def _takes_json(operation) -> bool:  # noqa: ANN001
+def _takes_json(operation) -> bool:
     return any(body.media_type.endswith("json") for body in operation.body)
 
 
-def _takes_input(operation) -> bool:  # noqa: ANN001
-    return any(any(True for _ in part) for part in (operation.path_parameters, operation.query,
-                                                    operation.headers, operation.body))
+def _takes_input(operation) -> bool:
+    return any(
+        any(True for _ in part)
+        for part in (operation.path_parameters, operation.query, operation.headers, operation.body)
+    )
 
 
 class QuietEventHub(EventHub):
@@ -105,8 +129,9 @@ def test_no_operation_answers_a_server_error(client: TestClient, owner: dict[str
     schema = schemathesis.openapi.from_dict(client.get("/openapi.json").json(), config=CONFIG)
     _, _, subscription, _, group, _, name = account.strip("/").split("/")[:7]
     failures: dict[str, str] = {}
-    operations = sorted((result.ok() for result in schema.get_all_operations()),
-                        key=lambda op: (op.method.upper() == "DELETE", op.path))
+    operations = sorted(
+        (result.ok() for result in schema.get_all_operations()), key=lambda op: (op.method.upper() == "DELETE", op.path)
+    )
     for operation in operations:
         pinned = {"subscriptionId": subscription, "resourceGroup": group}
         if "{accountName}/" in operation.path:  # the account's own PUT, GET and DELETE take any name
@@ -118,10 +143,16 @@ def test_no_operation_answers_a_server_error(client: TestClient, owner: dict[str
         examples = BODY_EXAMPLES if _takes_json(operation) else EXAMPLES if _takes_input(operation) else 1
         timeout = 1.0 if operation.path.endswith("/events") else 30.0  # a resumed stream waits for news
 
-        @settings(max_examples=examples, derandomize=True, database=None, deadline=None,
-                  phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=examples,
+            derandomize=True,
+            database=None,
+            deadline=None,
+            phases=[Phase.explicit, Phase.generate],
+            suppress_health_check=list(HealthCheck),
+        )
         @given(generated=strategy, data=st.data())
-        def check(generated, data: st.DataObject) -> None:  # noqa: ANN001
+        def check(generated, data: st.DataObject) -> None:
             case, valid = generated
             if valid:  # an invalid body is refused for what makes it invalid
                 _unencodable(case, data)

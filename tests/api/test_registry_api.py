@@ -29,8 +29,7 @@ VERSION_HEADER = "Docker-Distribution-API-Version"
 def registry_context(app_context: ServiceContext, tmp_path) -> ServiceContext:  # type: ignore[no-untyped-def]
     """The test's service context with a data folder of its own, so the layout is the test's."""
     settings = app_context.settings.model_copy(update={"data_dir": tmp_path / "data"})
-    return ServiceContext.build(settings, engine=app_context.engine,
-                                session_factory=app_context.session_factory)
+    return ServiceContext.build(settings, engine=app_context.engine, session_factory=app_context.session_factory)
 
 
 @pytest.fixture()
@@ -113,13 +112,15 @@ def test_base_route_challenges_then_answers(v2: TestClient, tenant: Tenant, call
 
 
 def test_repository_routes_challenge_with_their_scope(v2: TestClient, tenant: Tenant) -> None:
-    for path in (f"/v2/{tenant.repository}/manifests/1", f"/v2/{tenant.repository}/tags/list",
-                 f"/v2/{tenant.repository}/blobs/{tenant.image.layer_digest}"):
+    for path in (
+        f"/v2/{tenant.repository}/manifests/1",
+        f"/v2/{tenant.repository}/tags/list",
+        f"/v2/{tenant.repository}/blobs/{tenant.image.layer_digest}",
+    ):
         response = v2.get(path)
         _error(response, 401, "UNAUTHORIZED")
         assert response.headers["WWW-Authenticate"] == (
-            'Bearer realm="http://127.0.0.1:8000/v2/token",service="mms",'
-            f'scope="repository:{tenant.repository}:pull"'
+            f'Bearer realm="http://127.0.0.1:8000/v2/token",service="mms",scope="repository:{tenant.repository}:pull"'
         )
     assert v2.head(f"/v2/{tenant.repository}/manifests/1").status_code == 401
 
@@ -130,11 +131,19 @@ def test_repository_routes_challenge_with_their_scope(v2: TestClient, tenant: Te
 def test_token_grants_pull_on_what_the_principal_may_read(
     v2: TestClient, tenant: Tenant, other: Tenant, registry_context: ServiceContext
 ) -> None:
-    response = v2.get("/v2/token", params=[
-        ("service", "mms"), ("scope", f"repository:{tenant.repository}:pull,push"),
-        ("scope", f"repository:{other.repository}:pull"), ("scope", "registry:catalog:*"),
-        ("scope", "repository:../../etc:pull"), ("scope", "repository::pull"), ("scope", "nonsense"),
-    ], auth=tenant.basic())
+    response = v2.get(
+        "/v2/token",
+        params=[
+            ("service", "mms"),
+            ("scope", f"repository:{tenant.repository}:pull,push"),
+            ("scope", f"repository:{other.repository}:pull"),
+            ("scope", "registry:catalog:*"),
+            ("scope", "repository:../../etc:pull"),
+            ("scope", "repository::pull"),
+            ("scope", "nonsense"),
+        ],
+        auth=tenant.basic(),
+    )
     assert response.status_code == 200, response.text
     body = response.json()
     assert set(body) == {"token", "access_token", "expires_in", "issued_at"}
@@ -177,13 +186,18 @@ def test_a_token_for_other_repositories_asks_for_a_better_one(v2: TestClient, te
     assert f'scope="repository:{tenant.repository}:pull"' in response.headers["WWW-Authenticate"]
 
 
-def test_bad_registry_tokens_are_refused(v2: TestClient, tenant: Tenant,
-                                        registry_context: ServiceContext) -> None:
+def test_bad_registry_tokens_are_refused(v2: TestClient, tenant: Tenant, registry_context: ServiceContext) -> None:
     key = registry_context.signing_key()
     now = int(time.time())
-    claims = {"iss": "mms", "aud": f"{registry_context.settings.audience}/v2", "sub": tenant.client_id,
-              "iat": now - 7200, "nbf": now - 7200, "exp": now - 3600,
-              "access": [{"type": "repository", "name": tenant.repository, "actions": ["pull"]}]}
+    claims = {
+        "iss": "mms",
+        "aud": f"{registry_context.settings.audience}/v2",
+        "sub": tenant.client_id,
+        "iat": now - 7200,
+        "nbf": now - 7200,
+        "exp": now - 3600,
+        "access": [{"type": "repository", "name": tenant.repository, "actions": ["pull"]}],
+    }
     expired = jwt.encode(claims, key.pem, algorithm="RS256", headers={"kid": key.kid})
     response = v2.get(f"/v2/{tenant.repository}/manifests/1", headers=bearer(expired))
     _error(response, 401, "UNAUTHORIZED")
@@ -192,16 +206,18 @@ def test_bad_registry_tokens_are_refused(v2: TestClient, tenant: Tenant,
     _error(v2.get(f"/v2/{tenant.repository}/manifests/1", headers=bearer(forged)), 401, "UNAUTHORIZED")
 
 
-def test_roles_are_checked_again_on_every_pull(v2: TestClient, tenant: Tenant, client: TestClient,
-                                               owner: dict[str, str]) -> None:
+def test_roles_are_checked_again_on_every_pull(
+    v2: TestClient, tenant: Tenant, client: TestClient, owner: dict[str, str]
+) -> None:
     token = _pull_token(v2, tenant, tenant.repository)
     assert v2.get(f"/v2/{tenant.repository}/manifests/1", headers=bearer(token)).status_code == 200
     assert client.delete(f"/api/servicePrincipals/{tenant.client_id}", headers=owner).status_code == 204
     _error(v2.get(f"/v2/{tenant.repository}/manifests/1", headers=bearer(token)), 403, "DENIED")
 
 
-def test_the_services_own_access_tokens_pull_too(v2: TestClient, tenant: Tenant, other: Tenant,
-                                                 callers: Callers) -> None:
+def test_the_services_own_access_tokens_pull_too(
+    v2: TestClient, tenant: Tenant, other: Tenant, callers: Callers
+) -> None:
     reader = callers.headers("Reader", tenant.scope)
     assert v2.get(f"/v2/{tenant.repository}/manifests/1", headers=reader).status_code == 200
     _error(v2.get(f"/v2/{other.repository}/manifests/1", headers=reader), 403, "DENIED")
@@ -217,8 +233,10 @@ def test_manifests_by_tag_and_digest_get_and_head(v2: TestClient, tenant: Tenant
     headers = callers.headers("Reader", tenant.scope)
     image = tenant.image
     for reference in ("1", image.manifest_digest):
-        got = v2.get(f"/v2/{tenant.repository}/manifests/{reference}", headers={
-            **headers, "Accept": f"{OCI_MANIFEST}, application/vnd.docker.distribution.manifest.v2+json"})
+        got = v2.get(
+            f"/v2/{tenant.repository}/manifests/{reference}",
+            headers={**headers, "Accept": f"{OCI_MANIFEST}, application/vnd.docker.distribution.manifest.v2+json"},
+        )
         assert got.status_code == 200
         assert got.content == image.manifest
         assert got.headers["Content-Type"] == OCI_MANIFEST
@@ -252,8 +270,9 @@ def test_manifest_errors(v2: TestClient, tenant: Tenant, callers: Callers, layou
     _error(v2.get(f"/v2/{tenant.account_id}/never-built/manifests/1", headers=headers), 404, "MANIFEST_UNKNOWN")
 
 
-def test_an_empty_layout_answers_404_not_500(v2: TestClient, callers: Callers, client: TestClient,
-                                              owner: dict[str, str], layout: OciLayout) -> None:
+def test_an_empty_layout_answers_404_not_500(
+    v2: TestClient, callers: Callers, client: TestClient, owner: dict[str, str], layout: OciLayout
+) -> None:
     url = new_account(client, owner)
     account_id = client.get(url, headers=owner).json()["properties"]["accountId"]
     assert not layout.root.exists()
@@ -284,7 +303,8 @@ def test_blobs_get_head_and_range(v2: TestClient, tenant: Tenant, callers: Calle
         assert answer.headers["X-Content-Type-Options"] == "nosniff"
         assert answer.headers["Content-Security-Policy"] == "default-src 'none'; sandbox"
         assert answer.headers["Content-Disposition"] == (
-            f'attachment; filename="{image.layer_digest.replace(":", "-")}"')
+            f'attachment; filename="{image.layer_digest.replace(":", "-")}"'
+        )
     ranged = v2.get(url, headers={**headers, "Range": "bytes=0-9"})
     assert ranged.status_code == 206 and ranged.content == image.layer[:10]
     assert ranged.headers["Content-Range"] == f"bytes 0-9/{len(image.layer)}"
@@ -310,8 +330,7 @@ def test_blob_errors(v2: TestClient, tenant: Tenant, callers: Callers, layout: O
 # -- tags ---------------------------------------------------------------------------------
 
 
-def test_tags_list_pages_with_a_link(v2: TestClient, tenant: Tenant, callers: Callers,
-                                     layout: OciLayout) -> None:
+def test_tags_list_pages_with_a_link(v2: TestClient, tenant: Tenant, callers: Callers, layout: OciLayout) -> None:
     headers = callers.headers("Reader", tenant.scope)
     for tag in ("2", "3"):
         build_image(layout, tenant.repository, tag)
@@ -336,15 +355,18 @@ def test_tags_list_pages_with_a_link(v2: TestClient, tenant: Tenant, callers: Ca
 # -- names, routes and methods ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", [
-    "/v2/%2e%2e/%2e%2e/etc/manifests/1",
-    "/v2/..%2F..%2Fetc/tags/list",
-    "/v2/Upper/Case/tags/list",
-    "/v2/a//b/tags/list",
-    "/v2/%00/tags/list",
-    f"/v2/{'a' * 300}/tags/list",
-    "/v2//manifests/1",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v2/%2e%2e/%2e%2e/etc/manifests/1",
+        "/v2/..%2F..%2Fetc/tags/list",
+        "/v2/Upper/Case/tags/list",
+        "/v2/a//b/tags/list",
+        "/v2/%00/tags/list",
+        f"/v2/{'a' * 300}/tags/list",
+        "/v2//manifests/1",
+    ],
+)
 def test_hostile_names_are_400(v2: TestClient, callers: Callers, path: str) -> None:
     _error(v2.get(path, headers=callers.headers()), 400, "NAME_INVALID")
 
@@ -353,8 +375,13 @@ def test_unknown_routes_and_push_methods(v2: TestClient, tenant: Tenant, callers
     headers = callers.headers()
     _error(v2.get("/v2/_catalog", headers=headers), 404, "UNSUPPORTED")
     _error(v2.get(f"/v2/{tenant.repository}/blobs/uploads/{uuid.uuid4()}", headers=headers), 404, "UNSUPPORTED")
-    for method, path in (("PUT", "manifests/2"), ("POST", "blobs/uploads/"), ("PATCH", "blobs/uploads/x"),
-                         ("DELETE", "manifests/1"), ("DELETE", f"blobs/{tenant.image.layer_digest}")):
+    for method, path in (
+        ("PUT", "manifests/2"),
+        ("POST", "blobs/uploads/"),
+        ("PATCH", "blobs/uploads/x"),
+        ("DELETE", "manifests/1"),
+        ("DELETE", f"blobs/{tenant.image.layer_digest}"),
+    ):
         response = v2.request(method, f"/v2/{tenant.repository}/{path}", headers=headers, content=b"{}")
         _error(response, 405, "UNSUPPORTED")
         assert response.headers["Allow"] == "GET, HEAD"
@@ -371,13 +398,14 @@ def test_the_openapi_document_lists_the_pull_routes(v2: TestClient) -> None:
 # -- deleting an image --------------------------------------------------------------------
 
 
-def test_a_deleted_image_can_no_longer_be_pulled(registry_context: ServiceContext, callers: Callers,
-                                                 account: str, owner: dict[str, str],
-                                                 manifest_id: str) -> None:
+def test_a_deleted_image_can_no_longer_be_pulled(
+    registry_context: ServiceContext, callers: Callers, account: str, owner: dict[str, str], manifest_id: str
+) -> None:
     # The embedded store (no MMS_REGISTRY), where the service untags what it deletes.
     settings = registry_context.settings.model_copy(update={"registry": None})
-    context = ServiceContext.build(settings, engine=registry_context.engine,
-                                   session_factory=registry_context.session_factory)
+    context = ServiceContext.build(
+        settings, engine=registry_context.engine, session_factory=registry_context.session_factory
+    )
     v2 = TestClient(create_app(context=context), base_url="http://testserver")
     layout = image_layout(settings)
     body = {"manifestId": manifest_id, "imageType": "Docker", "name": "Housing-Image"}
@@ -395,22 +423,21 @@ def test_a_deleted_image_can_no_longer_be_pulled(registry_context: ServiceContex
     assert layout.tags(repository) == ["2"]
     # Its blobs go at the next garbage collection; then not even its digest is served.
     layout.collect_garbage(grace_seconds=0)
-    _error(v2.get(f"/v2/{repository}/manifests/{built.manifest_digest}", headers=reader),
-           404, "MANIFEST_UNKNOWN")
+    _error(v2.get(f"/v2/{repository}/manifests/{built.manifest_digest}", headers=reader), 404, "MANIFEST_UNKNOWN")
     _error(v2.get(f"/v2/{repository}/blobs/{built.layer_digest}", headers=reader), 404, "BLOB_UNKNOWN")
     assert v2.get(f"/v2/{repository}/manifests/2", headers=reader).status_code == 200
 
 
 def test_gc_untags_an_image_whose_row_is_gone_once_its_tag_is_old(
-        registry_context: ServiceContext, account: str, owner: dict[str, str], manifest_id: str,
-        db: Session) -> None:
+    registry_context: ServiceContext, account: str, owner: dict[str, str], manifest_id: str, db: Session
+) -> None:
     """A crash between a deletion's commit and its untag leaves a tag with no image: the
     next collection removes it (and then its blobs), but not a tag young enough to belong to
     a build that has just pushed, nor a published base's, nor one whose image still exists."""
-    settings = registry_context.settings.model_copy(update={"registry": None,
-                                                            "image_gc_grace_seconds": 3600})
-    context = ServiceContext.build(settings, engine=registry_context.engine,
-                                   session_factory=registry_context.session_factory)
+    settings = registry_context.settings.model_copy(update={"registry": None, "image_gc_grace_seconds": 3600})
+    context = ServiceContext.build(
+        settings, engine=registry_context.engine, session_factory=registry_context.session_factory
+    )
     v2 = TestClient(create_app(context=context), base_url="http://testserver")
     layout = image_layout(settings)
     body = {"manifestId": manifest_id, "imageType": "Docker", "name": "Housing-Image"}

@@ -57,8 +57,14 @@ class LiveRegistry:
 
 
 def _account(session: Session, name: str) -> Account:
-    account = Account(subscription_id="sub-registry", resource_group="rg-registry", name=name,
-                      location="eastus2", sku_name="S1", sku_capacity=1)
+    account = Account(
+        subscription_id="sub-registry",
+        resource_group="rg-registry",
+        name=name,
+        location="eastus2",
+        sku_name="S1",
+        sku_capacity=1,
+    )
     session.add(account)
     session.flush()
     return account
@@ -73,8 +79,12 @@ def live(service_context: ServiceContext, tmp_path_factory: pytest.TempPathFacto
     with session_scope(service_context.session_factory) as session:
         mine, theirs = _account(session, f"reg-mine-{suffix}"), _account(session, f"reg-theirs-{suffix}")
         principal, secret = create_service_principal(
-            session, issuer=settings.issuer, display_name="registry-client", role="Reader",
-            scope=mine.scope, created_by=None,
+            session,
+            issuer=settings.issuer,
+            display_name="registry-client",
+            role="Reader",
+            scope=mine.scope,
+            created_by=None,
         )
         ids = (mine.id, theirs.id, principal.id)
         repository, other_repository = f"{mine.id}/housing", f"{theirs.id}/housing"
@@ -85,13 +95,15 @@ def live(service_context: ServiceContext, tmp_path_factory: pytest.TempPathFacto
 
     port = _free_port()
     env = {key: value for key, value in os.environ.items() if not key.startswith("MMS_")}
-    env.update({
-        "MMS_DATABASE_URL": settings.resolved_database_url,
-        "MMS_SECRET_KEY": settings.secret_key or "",
-        "MMS_DATA_DIR": str(data_dir),
-        "MMS_AUTO_MIGRATE": "false",
-        "MMS_LOG_LEVEL": "WARNING",
-    })
+    env.update(
+        {
+            "MMS_DATABASE_URL": settings.resolved_database_url,
+            "MMS_SECRET_KEY": settings.secret_key or "",
+            "MMS_DATA_DIR": str(data_dir),
+            "MMS_AUTO_MIGRATE": "false",
+            "MMS_LOG_LEVEL": "WARNING",
+        }
+    )
     log_path = data_dir / "server.log"
     with log_path.open("wb") as log:
         command = [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
@@ -133,20 +145,42 @@ def _run(command: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, capture_output=True, text=True, timeout=180, check=False)
 
 
-def test_skopeo_inspects_and_copies_with_credentials(live: LiveRegistry, skopeo: tuple[list[str], str],
-                                                     tmp_path: Path) -> None:
+def test_skopeo_inspects_and_copies_with_credentials(
+    live: LiveRegistry, skopeo: tuple[list[str], str], tmp_path: Path
+) -> None:
     command, auth_file = skopeo
     creds = f"{live.client_id}:{live.secret}"
-    inspected = _run([*command, "inspect", "--authfile", auth_file, "--tls-verify=false", "--creds", creds,
-                      f"docker://{live.reference()}"])
+    inspected = _run(
+        [
+            *command,
+            "inspect",
+            "--authfile",
+            auth_file,
+            "--tls-verify=false",
+            "--creds",
+            creds,
+            f"docker://{live.reference()}",
+        ]
+    )
     assert inspected.returncode == 0, inspected.stderr
     details = json.loads(inspected.stdout)
     assert details["Digest"] == live.image.manifest_digest
     assert details["Layers"] == [live.image.layer_digest]
 
     target = tmp_path / "copied"
-    copied = _run([*command, "copy", "--authfile", auth_file, "--src-tls-verify=false", "--src-creds", creds,
-                   f"docker://{live.reference()}", f"dir:{target}"])
+    copied = _run(
+        [
+            *command,
+            "copy",
+            "--authfile",
+            auth_file,
+            "--src-tls-verify=false",
+            "--src-creds",
+            creds,
+            f"docker://{live.reference()}",
+            f"dir:{target}",
+        ]
+    )
     assert copied.returncode == 0, copied.stderr
     layer = (target / live.image.layer_digest.removeprefix("sha256:")).read_bytes()
     with tarfile.open(fileobj=io.BytesIO(gzip.decompress(layer))) as tar:
@@ -156,17 +190,38 @@ def test_skopeo_inspects_and_copies_with_credentials(live: LiveRegistry, skopeo:
 
 def test_skopeo_without_credentials_or_rights_fails(live: LiveRegistry, skopeo: tuple[list[str], str]) -> None:
     command, auth_file = skopeo
-    anonymous = _run([*command, "inspect", "--authfile", auth_file, "--tls-verify=false",
-                      f"docker://{live.reference()}"])
+    anonymous = _run(
+        [*command, "inspect", "--authfile", auth_file, "--tls-verify=false", f"docker://{live.reference()}"]
+    )
     assert anonymous.returncode != 0
     assert "unauthorized" in anonymous.stderr.lower() or "401" in anonymous.stderr, anonymous.stderr
 
-    wrong = _run([*command, "inspect", "--authfile", auth_file, "--tls-verify=false",
-                  "--creds", f"{live.client_id}:wrong-secret", f"docker://{live.reference()}"])
+    wrong = _run(
+        [
+            *command,
+            "inspect",
+            "--authfile",
+            auth_file,
+            "--tls-verify=false",
+            "--creds",
+            f"{live.client_id}:wrong-secret",
+            f"docker://{live.reference()}",
+        ]
+    )
     assert wrong.returncode != 0
 
-    theirs = _run([*command, "inspect", "--authfile", auth_file, "--tls-verify=false",
-                   "--creds", f"{live.client_id}:{live.secret}", f"docker://{live.reference(live.other_repository)}"])
+    theirs = _run(
+        [
+            *command,
+            "inspect",
+            "--authfile",
+            auth_file,
+            "--tls-verify=false",
+            "--creds",
+            f"{live.client_id}:{live.secret}",
+            f"docker://{live.reference(live.other_repository)}",
+        ]
+    )
     assert theirs.returncode != 0
     assert "denied" in theirs.stderr.lower(), theirs.stderr
 
@@ -181,8 +236,7 @@ def docker_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         pytest.skip("no docker CLI on PATH")
     if os.geteuid() != 0 and not Path("/var/run/docker.sock").exists():
         pytest.skip("no Docker engine, and starting one needs root (scripts/infra/docker-engine.sh)")
-    proc = subprocess.run([str(INFRA / "docker-engine.sh")], capture_output=True, text=True, timeout=900,
-                          check=False)
+    proc = subprocess.run([str(INFRA / "docker-engine.sh")], capture_output=True, text=True, timeout=900, check=False)
     if proc.returncode != 0:
         if shutil.which("dockerd") is None:
             pytest.skip(f"the Docker engine cannot be installed here: {proc.stderr[-500:]}")
@@ -193,8 +247,9 @@ def docker_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 def _docker(env: dict[str, str], *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["docker", *args], input=stdin, capture_output=True, text=True, env=env,
-                          timeout=300, check=False)
+    return subprocess.run(
+        ["docker", *args], input=stdin, capture_output=True, text=True, env=env, timeout=300, check=False
+    )
 
 
 def test_docker_login_pull_and_inspect(live: LiveRegistry, docker_env: dict[str, str]) -> None:

@@ -25,9 +25,13 @@ class Service:
     def __init__(self, env: dict[str, str]) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--no-build-worker"],
-                                        env={**env, "MMS_PORT": str(self.port)}, start_new_session=True,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve", "--no-build-worker"],
+            env={**env, "MMS_PORT": str(self.port)},
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         wait_for(f"{self.base}/health", self.process)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
@@ -49,8 +53,11 @@ def _upload_in_background(url: str, headers: dict[str, str], chunks: int, go_on:
 
     def run() -> None:
         try:
-            result.append(httpx.post(url, params={"name": "big.bin"}, headers=headers, timeout=120,
-                                     content=_held_body(chunks, go_on)))
+            result.append(
+                httpx.post(
+                    url, params={"name": "big.bin"}, headers=headers, timeout=120, content=_held_body(chunks, go_on)
+                )
+            )
         except httpx.HTTPError as exc:
             result.append(exc)
 
@@ -68,22 +75,42 @@ def _wait_for_uploads(incoming: Path, count: int) -> list[Path]:
 
 def test_a_kill_9_mid_upload_leaves_a_file_the_next_start_removes_once_stale(tmp_path: Path) -> None:
     data, incoming = tmp_path / "data", tmp_path / "data" / "incoming"
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MMS_")},
-           "MMS_DATA_DIR": str(data), "MMS_LOG_FORMAT": "text", "MMS_UPLOAD_STALE_SECONDS": "60"}
-    bootstrap = subprocess.run([sys.executable, "-m", "app.cli", "admin", "bootstrap", "-o", "json"],
-                               env=env, capture_output=True, text=True, timeout=120)
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("MMS_")},
+        "MMS_DATA_DIR": str(data),
+        "MMS_LOG_FORMAT": "text",
+        "MMS_UPLOAD_STALE_SECONDS": "60",
+    }
+    bootstrap = subprocess.run(
+        [sys.executable, "-m", "app.cli", "admin", "bootstrap", "-o", "json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bootstrap.returncode == 0, bootstrap.stderr
     credentials = json.loads(bootstrap.stdout)
 
     killed = Service(env)
     try:
-        token = httpx.post(f"{killed.base}/oauth2/token", data={
-            "grant_type": "client_credentials", "client_id": credentials["clientId"],
-            "client_secret": credentials["clientSecret"]}).json()["access_token"]
+        token = httpx.post(
+            f"{killed.base}/oauth2/token",
+            data={
+                "grant_type": "client_credentials",
+                "client_id": credentials["clientId"],
+                "client_secret": credentials["clientSecret"],
+            },
+        ).json()["access_token"]
         headers = {"Authorization": f"Bearer {token}"}
         path = account_url("sub-uploads", "rg", "uploads")
-        assert httpx.put(f"{killed.base}{path}", headers=headers, json={
-            "location": "eastus2", "sku": {"name": "S1", "capacity": 1}}).status_code == 201
+        assert (
+            httpx.put(
+                f"{killed.base}{path}",
+                headers=headers,
+                json={"location": "eastus2", "sku": {"name": "S1", "capacity": 1}},
+            ).status_code
+            == 201
+        )
 
         # The process dies mid-upload: its file stays behind.
         _upload_in_background(f"{killed.base}{path}/assets", headers, chunks=10, go_on=threading.Event())
@@ -101,6 +128,7 @@ def test_a_kill_9_mid_upload_leaves_a_file_the_next_start_removes_once_stale(tmp
     # Another API process sharing the folder is receiving an upload while this one starts.
     done = threading.Event()
     with (incoming / ".upload-in-progress").open("wb") as writing:
+
         def write() -> None:
             while not done.is_set():
                 writing.write(b"x" * 4096)

@@ -11,7 +11,8 @@ URL = "https://hooks.example.com/mms/events?token=receiver-secret-123&team=ml#fr
 
 
 def test_a_reader_sees_webhook_urls_with_their_query_redacted(
-        client: TestClient, callers: Callers, owner: dict[str, str], account: str) -> None:
+    client: TestClient, callers: Callers, owner: dict[str, str], account: str
+) -> None:
     made = client.post(f"{account}/webhooks", json={"url": URL}, headers=owner)
     assert made.status_code == 201, made.text
     hook = made.json()
@@ -21,8 +22,11 @@ def test_a_reader_sees_webhook_urls_with_their_query_redacted(
     scope = account.removeprefix("/api")
     reader = callers.headers("Reader", scope)
     contributor = callers.headers("Contributor", scope)
-    for headers, shown in ((reader, "https://hooks.example.com/mms/events?redacted#redacted"),
-                           (contributor, URL), (owner, URL)):
+    for headers, shown in (
+        (reader, "https://hooks.example.com/mms/events?redacted#redacted"),
+        (contributor, URL),
+        (owner, URL),
+    ):
         listed = client.get(f"{account}/webhooks", headers=headers)
         assert listed.status_code == 200
         assert [w["url"] for w in listed.json()["value"]] == [shown, plain["url"]]
@@ -33,4 +37,8 @@ def test_a_reader_sees_webhook_urls_with_their_query_redacted(
         assert "receiver-secret-123" not in answer.text and "frag-secret" not in answer.text
     # A reader of another scope above the account (the resource group) is still a reader.
     group_reader = callers.headers("Reader", scope.rsplit("/accounts/", 1)[0])
-    assert client.get(f"{account}/webhooks/{hook['id']}", headers=group_reader).json()["url"].endswith("?redacted#redacted")
+    assert (
+        client.get(f"{account}/webhooks/{hook['id']}", headers=group_reader)
+        .json()["url"]
+        .endswith("?redacted#redacted")
+    )

@@ -68,7 +68,10 @@ def test_owner_creates_principals_only_within_its_scope(client: TestClient, call
     assert body["clientSecret"] and body["tokenUrl"].endswith("/oauth2/token")
     assert body["roleAssignments"] == [{"role": "Contributor", "scope": "/subscriptions/sub-1/resourcegroups/rg-1"}]
 
-    token = client.post("/oauth2/token", data={"grant_type": "client_credentials", "client_id": body["clientId"], "client_secret": body["clientSecret"]})
+    token = client.post(
+        "/oauth2/token",
+        data={"grant_type": "client_credentials", "client_id": body["clientId"], "client_secret": body["clientSecret"]},
+    )
     new_token = token.json()["access_token"]
     outside = client.post(
         "/api/servicePrincipals",
@@ -95,7 +98,11 @@ def test_owner_creates_principals_only_within_its_scope(client: TestClient, call
 
 def test_bad_principal_requests(client: TestClient, callers: Callers) -> None:
     owner = callers.headers()
-    bad_role = client.post("/api/servicePrincipals", json={"displayName": "x", "role": "Admin", "scope": "/subscriptions/s"}, headers=owner)
+    bad_role = client.post(
+        "/api/servicePrincipals", json={"displayName": "x", "role": "Admin", "scope": "/subscriptions/s"}, headers=owner
+    )
     assert bad_role.status_code == 400 and bad_role.json()["code"] == "InvalidRole"
-    bad_scope = client.post("/api/servicePrincipals", json={"displayName": "x", "role": "Reader", "scope": "/foo/bar"}, headers=owner)
+    bad_scope = client.post(
+        "/api/servicePrincipals", json={"displayName": "x", "role": "Reader", "scope": "/foo/bar"}, headers=owner
+    )
     assert bad_scope.status_code == 400 and bad_scope.json()["code"] == "InvalidScope"

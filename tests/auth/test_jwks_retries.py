@@ -13,8 +13,7 @@ from tests.listeners import bounded_read, endless_http_server, flaky_http_server
 def test_a_jwks_load_survives_a_503_and_a_dropped_connection() -> None:
     issuer = ExternalIssuer("https://login.example.test/tenant/v2.0")
     kid = issuer.jwks["keys"][0]["kid"]
-    with flaky_http_server(json.dumps(issuer.jwks).encode(),
-                           [(503, [("Retry-After", "0")]), "drop"]) as server:
+    with flaky_http_server(json.dumps(issuer.jwks).encode(), [(503, [("Retry-After", "0")]), "drop"]) as server:
         keys = RemoteKeySource(f"{server.url}/keys", refresh_min_seconds=0)
         assert keys.public_key(kid) is not None
     assert len(server.seen) == 3

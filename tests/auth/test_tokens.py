@@ -32,8 +32,14 @@ def _forge_hs256(header: dict, claims: dict, secret: bytes) -> str:
 
 def _own_claims(context: ServiceContext, **overrides: object) -> dict:
     now = int(time.time())
-    claims = {"iss": context.settings.issuer, "aud": context.settings.audience, "sub": "someone",
-              "iat": now, "nbf": now, "exp": now + 600}
+    claims = {
+        "iss": context.settings.issuer,
+        "aud": context.settings.audience,
+        "sub": "someone",
+        "iat": now,
+        "nbf": now,
+        "exp": now + 600,
+    }
     claims.update(overrides)
     return {k: v for k, v in claims.items() if v is not None}
 
@@ -108,9 +114,7 @@ def test_untrusted_issuer_is_refused(client: TestClient, app_context: ServiceCon
     _assert_401(client, protected, token, "issuer")
 
 
-def test_tampered_signature_and_payload_are_refused(
-    client: TestClient, callers: Callers, protected: str
-) -> None:
+def test_tampered_signature_and_payload_are_refused(client: TestClient, callers: Callers, protected: str) -> None:
     token = callers.token()
     header, payload, signature = token.split(".")
     flipped = signature[:-4] + ("AAAA" if signature[-4:] != "AAAA" else "BBBB")
@@ -163,18 +167,26 @@ def test_jwks_publishes_the_signing_key(client: TestClient, app_context: Service
 
 def test_token_endpoint(client: TestClient, callers: Callers) -> None:
     client_id, secret = callers.credentials("Reader", "/subscriptions/sub-1")
-    ok = client.post("/oauth2/token", data={"grant_type": "client_credentials", "client_id": client_id, "client_secret": secret})
+    ok = client.post(
+        "/oauth2/token", data={"grant_type": "client_credentials", "client_id": client_id, "client_secret": secret}
+    )
     assert ok.status_code == 200
     assert ok.json()["token_type"] == "Bearer"
     assert ok.json()["expires_in"] == 3600
     basic = base64.b64encode(f"{client_id}:{secret}".encode()).decode()
-    via_basic = client.post("/oauth2/token", data={"grant_type": "client_credentials"}, headers={"Authorization": f"Basic {basic}"})
+    via_basic = client.post(
+        "/oauth2/token", data={"grant_type": "client_credentials"}, headers={"Authorization": f"Basic {basic}"}
+    )
     assert via_basic.status_code == 200
 
-    wrong = client.post("/oauth2/token", data={"grant_type": "client_credentials", "client_id": client_id, "client_secret": "wrong"})
+    wrong = client.post(
+        "/oauth2/token", data={"grant_type": "client_credentials", "client_id": client_id, "client_secret": "wrong"}
+    )
     assert wrong.status_code == 401
     assert wrong.json()["error"] == "invalid_client"
     assert "wrong" not in wrong.text.replace("is wrong", "")
-    grant = client.post("/oauth2/token", data={"grant_type": "password", "client_id": client_id, "client_secret": secret})
+    grant = client.post(
+        "/oauth2/token", data={"grant_type": "password", "client_id": client_id, "client_secret": secret}
+    )
     assert grant.status_code == 400
     assert grant.json()["error"] == "unsupported_grant_type"

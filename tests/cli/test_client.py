@@ -22,7 +22,7 @@ from tests.external_issuer import ExternalIssuer
 from tests.workers.conftest import Infra, infra  # noqa: F401  (the fixture)
 
 MMS = Path(sys.executable).with_name("mms")  # the console script the project installs
-SCORE_PY = '''
+SCORE_PY = """
 import json, os, pickle
 
 def init():
@@ -32,7 +32,7 @@ def init():
 
 def run(raw_data):
     return model.predict(json.loads(raw_data)["data"]).tolist()
-'''
+"""
 
 
 @dataclass
@@ -42,12 +42,12 @@ class Client:
     config_dir: Path
     server: str
 
-    def run(self, *args: str, env: dict[str, str] | None = None, timeout: float = 120,
-            traceback: bool = False) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, *args: str, env: dict[str, str] | None = None, timeout: float = 120, traceback: bool = False
+    ) -> subprocess.CompletedProcess[str]:
         environment = {k: v for k, v in os.environ.items() if not k.startswith("MMS_")}
         environment.update({"MMS_CONFIG_DIR": str(self.config_dir), "COLUMNS": "200", **(env or {})})
-        done = subprocess.run([str(MMS), *args], env=environment, capture_output=True, text=True,
-                              timeout=timeout)
+        done = subprocess.run([str(MMS), *args], env=environment, capture_output=True, text=True, timeout=timeout)
         if not traceback:
             assert "Traceback" not in done.stderr, done.stderr  # failures are one line, never a trace
         return done
@@ -69,11 +69,18 @@ def authority() -> Iterator[ExternalIssuer]:
 
 
 @pytest.fixture(scope="module")
-def service(infra: Infra, authority: ExternalIssuer,  # noqa: F811
-            tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedService]:
+def service(
+    infra: Infra,
+    authority: ExternalIssuer,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[EmbeddedService]:
     trusted = json.dumps([{"issuer": AUTHORITY, "jwks_uri": authority.jwks_uri}])
-    embedded = EmbeddedService.prepare(tmp_path_factory.mktemp("cli-data"), tmp_path_factory.mktemp("cli-logs"),
-                                       infra.rootfs_tar, MMS_TRUSTED_ISSUERS=trusted)
+    embedded = EmbeddedService.prepare(
+        tmp_path_factory.mktemp("cli-data"),
+        tmp_path_factory.mktemp("cli-logs"),
+        infra.rootfs_tar,
+        MMS_TRUSTED_ISSUERS=trusted,
+    )
     server = embedded.serve()
     try:
         yield embedded
@@ -87,13 +94,18 @@ def client(service: EmbeddedService, tmp_path: Path) -> Client:
 
 
 def _login(client: Client, service: EmbeddedService) -> None:
-    done = client.run("login", "--service-principal", "-u", service.client_id, "-p", service.client_secret,
-                      "--server", service.url)
+    done = client.run(
+        "login", "--service-principal", "-u", service.client_id, "-p", service.client_secret, "--server", service.url
+    )
     assert done.returncode == 0, done.stderr
 
 
-def test_the_seed_housing_flow_end_to_end(client: Client, service: EmbeddedService, infra: Infra,  # noqa: F811
-                                          tmp_path: Path) -> None:
+def test_the_seed_housing_flow_end_to_end(
+    client: Client,
+    service: EmbeddedService,
+    infra: Infra,  # noqa: F811
+    tmp_path: Path,
+) -> None:
     from sklearn.linear_model import LinearRegression
 
     _login(client, service)
@@ -105,8 +117,21 @@ def test_the_seed_housing_flow_end_to_end(client: Client, service: EmbeddedServi
     assert service.client_secret not in (config / "profile.json").read_text()
 
     account = f"acct-{uuid.uuid4().hex[:6]}"
-    created = client.json("account", "modelmanagement", "create", "-l", "eastus2", "-n", account, "-g", "rg1",
-                          "--sku-instances", "1", "--sku-name", "S1")
+    created = client.json(
+        "account",
+        "modelmanagement",
+        "create",
+        "-l",
+        "eastus2",
+        "-n",
+        account,
+        "-g",
+        "rg1",
+        "--sku-instances",
+        "1",
+        "--sku-name",
+        "S1",
+    )
     assert created["name"] == account and created["sku"] == {"name": "S1", "capacity": 1}
     assert client.json("env", "show")["account"] == account
 
@@ -116,8 +141,9 @@ def test_the_seed_housing_flow_end_to_end(client: Client, service: EmbeddedServi
     folder = tmp_path / "housing.model"
     folder.mkdir()
     (folder / "model.pkl").write_bytes(pickle.dumps(trained))
-    model = client.json("model", "register", "-m", str(folder), "-n", "housing.model", "-t", "myTag",
-                        "-d", "my housing.model")
+    model = client.json(
+        "model", "register", "-m", str(folder), "-n", "housing.model", "-t", "myTag", "-d", "my housing.model"
+    )
     assert (model["name"], model["version"], model["tags"]) == ("housing.model", 1, ["myTag"])
     assert client.json("model", "register", "-m", str(folder), "-n", "housing.model")["version"] == 2
     listed = client.json("model", "list", "-n", "housing.model")
@@ -129,14 +155,36 @@ def test_the_seed_housing_flow_end_to_end(client: Client, service: EmbeddedServi
 
     (tmp_path / "score.py").write_text(SCORE_PY)
     (tmp_path / "myconda.yml").write_text(
-        "name: housing\ndependencies:\n  - python=3.11\n  - pip\n  - pip:\n"
-        f"    - scikit-learn=={sklearn.__version__}\n")
-    manifest = client.json("manifest", "create", "-n", "housingmodel-manifest", "-f", str(tmp_path / "score.py"),
-                           "-c", str(tmp_path / "myconda.yml"), "-r", "python", "-i", model["id"])
+        f"name: housing\ndependencies:\n  - python=3.11\n  - pip\n  - pip:\n    - scikit-learn=={sklearn.__version__}\n"
+    )
+    manifest = client.json(
+        "manifest",
+        "create",
+        "-n",
+        "housingmodel-manifest",
+        "-f",
+        str(tmp_path / "score.py"),
+        "-c",
+        str(tmp_path / "myconda.yml"),
+        "-r",
+        "python",
+        "-i",
+        model["id"],
+    )
     assert manifest["modelIds"] == [model["id"]] and manifest["driverProgram"] == "score.py"
 
-    built = client.run("image", "create", "-n", "housingmodel-image", "--manifest-id", manifest["id"], "--wait",
-                       "-o", "json", timeout=900)
+    built = client.run(
+        "image",
+        "create",
+        "-n",
+        "housingmodel-image",
+        "--manifest-id",
+        manifest["id"],
+        "--wait",
+        "-o",
+        "json",
+        timeout=900,
+    )
     assert built.returncode == 0, built.stderr[-3000:]
     image = json.loads(built.stdout)  # stdout holds the result alone; the log went to stderr
     assert image["CreationState"] == "Succeeded"
@@ -156,14 +204,16 @@ def test_the_seed_housing_flow_end_to_end(client: Client, service: EmbeddedServi
         api.remove_image(image["ImageLocation"])
 
 
-def test_a_failed_build_exits_non_zero_with_its_reason(client: Client, service: EmbeddedService, tmp_path: Path) -> None:
+def test_a_failed_build_exits_non_zero_with_its_reason(
+    client: Client, service: EmbeddedService, tmp_path: Path
+) -> None:
     _login(client, service)
-    client.json("account", "modelmanagement", "create", "-l", "eastus2", "-n", f"f-{uuid.uuid4().hex[:6]}",
-                "-g", "rg1")
+    client.json("account", "modelmanagement", "create", "-l", "eastus2", "-n", f"f-{uuid.uuid4().hex[:6]}", "-g", "rg1")
     (tmp_path / "score.py").write_text("def init():\n    pass\n\ndef run(data):\n    return data\n")
     (tmp_path / "requirements.txt").write_text("this-package-does-not-exist-mms==1.0\n")
-    manifest = client.json("manifest", "create", "-n", "broken", "-f", str(tmp_path / "score.py"),
-                           "-p", str(tmp_path / "requirements.txt"))
+    manifest = client.json(
+        "manifest", "create", "-n", "broken", "-f", str(tmp_path / "score.py"), "-p", str(tmp_path / "requirements.txt")
+    )
     failed = client.run("image", "create", "-n", "broken", "--manifest-id", manifest["id"], "--wait", timeout=600)
     assert failed.returncode == 2
     assert "Failed" in failed.stderr and "this-package-does-not-exist-mms" in failed.stderr
@@ -197,7 +247,9 @@ def test_an_expired_token_is_renewed_and_a_bad_one_is_explained(client: Client, 
     assert "refused the token in MMS_TOKEN" in refused.stderr and "mms login" in refused.stderr
 
 
-def test_an_unknown_model_id_and_an_unreachable_server_are_one_clear_line(client: Client, service: EmbeddedService) -> None:
+def test_an_unknown_model_id_and_an_unreachable_server_are_one_clear_line(
+    client: Client, service: EmbeddedService
+) -> None:
     _login(client, service)
     client.json("account", "modelmanagement", "create", "-l", "eastus2", "-n", f"u-{uuid.uuid4().hex[:6]}", "-g", "rg1")
     unknown = client.run("model", "show", "-i", str(uuid.uuid4()))
@@ -214,16 +266,55 @@ def test_an_unknown_model_id_and_an_unreachable_server_are_one_clear_line(client
 
 
 def test_a_principal_of_an_external_authority_signs_in_there(
-        client: Client, service: EmbeddedService, authority: ExternalIssuer) -> None:
+    client: Client, service: EmbeddedService, authority: ExternalIssuer
+) -> None:
     authority.clients["aad-app"] = ("aad-secret", "aad-object-1")
-    granted = service.mms("admin", "grant", "--issuer", AUTHORITY, "--subject", "aad-object-1",
-                          "--role", "Owner", "--scope", "/subscriptions/aad-sub")
+    granted = service.mms(
+        "admin",
+        "grant",
+        "--issuer",
+        AUTHORITY,
+        "--subject",
+        "aad-object-1",
+        "--role",
+        "Owner",
+        "--scope",
+        "/subscriptions/aad-sub",
+    )
     assert granted.returncode == 0, granted.stderr
-    wrong = client.run("login", "--service-principal", "-u", "aad-app", "-p", "nope", "--server", service.url,
-                       "--subscription", "aad-sub", "--authority", authority.token_url, "--scope", "mms-api/.default")
+    wrong = client.run(
+        "login",
+        "--service-principal",
+        "-u",
+        "aad-app",
+        "-p",
+        "nope",
+        "--server",
+        service.url,
+        "--subscription",
+        "aad-sub",
+        "--authority",
+        authority.token_url,
+        "--scope",
+        "mms-api/.default",
+    )
     assert wrong.returncode == 1 and "AADSTS7000215" in wrong.stderr
-    done = client.run("login", "--service-principal", "-u", "aad-app", "-p", "aad-secret", "--server", service.url,
-                      "--subscription", "aad-sub", "--authority", authority.token_url, "--scope", "mms-api/.default")
+    done = client.run(
+        "login",
+        "--service-principal",
+        "-u",
+        "aad-app",
+        "-p",
+        "aad-secret",
+        "--server",
+        service.url,
+        "--subscription",
+        "aad-sub",
+        "--authority",
+        authority.token_url,
+        "--scope",
+        "mms-api/.default",
+    )
     assert done.returncode == 0, done.stderr
     created = client.json("account", "modelmanagement", "create", "-l", "eastus2", "-n", "aad-acct", "-g", "rg1")
     assert created["properties"]["subscriptionId"] == "aad-sub"
@@ -240,14 +331,30 @@ def test_without_a_sign_in_or_an_account_the_message_names_the_command(tmp_path:
 
 
 COMMANDS = [
-    ["login"], ["logout"], ["env", "set"], ["env", "show"],
-    ["account", "modelmanagement", "create"], ["account", "modelmanagement", "set"],
-    ["account", "modelmanagement", "show"], ["account", "modelmanagement", "list"],
+    ["login"],
+    ["logout"],
+    ["env", "set"],
+    ["env", "show"],
+    ["account", "modelmanagement", "create"],
+    ["account", "modelmanagement", "set"],
+    ["account", "modelmanagement", "show"],
+    ["account", "modelmanagement", "list"],
     ["account", "modelmanagement", "delete"],
-    ["model", "register"], ["model", "list"], ["model", "show"], ["model", "delete"],
-    ["manifest", "create"], ["manifest", "list"], ["manifest", "show"], ["manifest", "delete"],
-    ["image", "create"], ["image", "show"], ["image", "list"], ["image", "logs"], ["image", "cancel"],
-    ["image", "delete"], ["base-image", "list"],
+    ["model", "register"],
+    ["model", "list"],
+    ["model", "show"],
+    ["model", "delete"],
+    ["manifest", "create"],
+    ["manifest", "list"],
+    ["manifest", "show"],
+    ["manifest", "delete"],
+    ["image", "create"],
+    ["image", "show"],
+    ["image", "list"],
+    ["image", "logs"],
+    ["image", "cancel"],
+    ["image", "delete"],
+    ["base-image", "list"],
 ]
 
 

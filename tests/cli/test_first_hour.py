@@ -28,8 +28,9 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServic
     env = {k: v for k, v in os.environ.items() if not k.startswith("MMS_") and k != "DOCKER_HOST"}
     port = free_port()
     data_dir = tmp_path_factory.mktemp("first-hour-data")
-    env.update({"MMS_DATA_DIR": str(data_dir), "MMS_PORT": str(port), "MMS_LOG_FORMAT": "text",
-                "MMS_BUILD_LEASE_SECONDS": "6"})
+    env.update(
+        {"MMS_DATA_DIR": str(data_dir), "MMS_PORT": str(port), "MMS_LOG_FORMAT": "text", "MMS_BUILD_LEASE_SECONDS": "6"}
+    )
     embedded = EmbeddedService(env, port, data_dir, tmp_path_factory.mktemp("first-hour-logs"))
     server = embedded.serve("--no-build-worker")
     try:
@@ -41,8 +42,13 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServic
 def beside(service: EmbeddedService, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     """A server-side `mms` command run beside the service: its data folder, not its port."""
     environment = {k: v for k, v in service.env.items() if k != "MMS_PORT"}
-    return subprocess.run([sys.executable, "-m", "app.cli", *args], env={**environment, **env},
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        env={**environment, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -56,32 +62,49 @@ def owner(service: EmbeddedService) -> dict[str, str]:
 def client(service: EmbeddedService, owner: dict[str, str], tmp_path: Path) -> Client:
     """A signed-in client with an account of its own."""
     client = Client(tmp_path / "config", service.url)
-    done = client.run("login", "--service-principal", "-u", owner["clientId"], "-p", owner["clientSecret"],
-                      "--server", service.url)
+    done = client.run(
+        "login", "--service-principal", "-u", owner["clientId"], "-p", owner["clientSecret"], "--server", service.url
+    )
     assert done.returncode == 0, done.stderr
-    created = client.run("account", "modelmanagement", "create", "-l", "eastus2", "-g", "rg1",
-                         "-n", f"acct-{uuid.uuid4().hex[:6]}")
+    created = client.run(
+        "account", "modelmanagement", "create", "-l", "eastus2", "-g", "rg1", "-n", f"acct-{uuid.uuid4().hex[:6]}"
+    )
     assert created.returncode == 0, created.stderr
     return client
 
 
-def test_bootstrap_prints_the_token_url_the_service_serves(service: EmbeddedService,
-                                                           owner: dict[str, str]) -> None:
+def test_bootstrap_prints_the_token_url_the_service_serves(service: EmbeddedService, owner: dict[str, str]) -> None:
     # Run without MMS_PORT: the port is the one `mms serve` recorded, not 8000.
     assert owner["tokenUrl"] == f"{service.url}/oauth2/token"
 
 
-def test_login_reads_mms_server_and_takes_a_bare_host_and_port(service: EmbeddedService,
-                                                               owner: dict[str, str], tmp_path: Path) -> None:
+def test_login_reads_mms_server_and_takes_a_bare_host_and_port(
+    service: EmbeddedService, owner: dict[str, str], tmp_path: Path
+) -> None:
     from_env = Client(tmp_path / "env", service.url)
-    done = from_env.run("login", "--service-principal", "-u", owner["clientId"], "-p", owner["clientSecret"],
-                        env={"MMS_SERVER": f"127.0.0.1:{service.port}"})
+    done = from_env.run(
+        "login",
+        "--service-principal",
+        "-u",
+        owner["clientId"],
+        "-p",
+        owner["clientSecret"],
+        env={"MMS_SERVER": f"127.0.0.1:{service.port}"},
+    )
     assert done.returncode == 0, done.stderr
     assert from_env.json("env", "show")["server"] == service.url
 
     bare = Client(tmp_path / "bare", service.url)
-    done = bare.run("login", "--service-principal", "-u", owner["clientId"], "-p", owner["clientSecret"],
-                    "--server", f"localhost:{service.port}")
+    done = bare.run(
+        "login",
+        "--service-principal",
+        "-u",
+        owner["clientId"],
+        "-p",
+        owner["clientSecret"],
+        "--server",
+        f"localhost:{service.port}",
+    )
     assert done.returncode == 0, done.stderr
     assert bare.json("env", "show")["server"] == f"http://localhost:{service.port}"
 
@@ -97,7 +120,8 @@ def _stored_files(service: EmbeddedService) -> list[Path]:
 
 
 def test_a_failed_manifest_create_uploads_nothing_and_leaves_nothing(
-        service: EmbeddedService, client: Client, tmp_path: Path) -> None:
+    service: EmbeddedService, client: Client, tmp_path: Path
+) -> None:
     score = tmp_path / "score.py"
     score.write_text(SCORE_PY)
     before = _stored_files(service)
@@ -126,8 +150,9 @@ def test_a_failed_manifest_create_uploads_nothing_and_leaves_nothing(
 def _worker(service: EmbeddedService, **env: str) -> subprocess.Popen:
     environment = {k: v for k, v in service.env.items() if k != "MMS_PORT"}
     log = open(service.log_dir / f"worker-{uuid.uuid4().hex[:6]}.log", "wb")  # noqa: SIM115
-    worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env={**environment, **env},
-                              stdout=log, stderr=subprocess.STDOUT)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "worker"], env={**environment, **env}, stdout=log, stderr=subprocess.STDOUT
+    )
     log.close()
     return worker
 
@@ -145,12 +170,14 @@ def _build(client: Client, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     score = tmp_path / "score.py"
     score.write_text(SCORE_PY)
     manifest = client.json("manifest", "create", "-n", f"m-{uuid.uuid4().hex[:6]}", "-f", str(score))
-    return client.run("image", "create", "-n", "img", "--manifest-id", manifest["id"], "--wait",
-                      "--timeout", "180", timeout=240)
+    return client.run(
+        "image", "create", "-n", "img", "--manifest-id", manifest["id"], "--wait", "--timeout", "180", timeout=240
+    )
 
 
 def test_a_separate_worker_finds_the_service_and_says_what_to_publish(
-        service: EmbeddedService, client: Client, tmp_path: Path) -> None:
+    service: EmbeddedService, client: Client, tmp_path: Path
+) -> None:
     # A worker run apart, told a wrong address: the failure names the setting that fixes it.
     worker = _worker(service, MMS_PUBLIC_URL=f"http://127.0.0.1:{free_port()}")
     try:

@@ -53,35 +53,64 @@ def _worker_pids(server: subprocess.Popen) -> list[int]:
 
 def test_the_data_folder_and_every_file_in_it_are_private(tmp_path: Path) -> None:
     data, port = tmp_path / "data", free_port()
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MMS_")},
-           "MMS_DATA_DIR": str(data), "MMS_PORT": str(port), "MMS_LOG_FORMAT": "text"}
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("MMS_")},
+        "MMS_DATA_DIR": str(data),
+        "MMS_PORT": str(port),
+        "MMS_LOG_FORMAT": "text",
+    }
 
     def as_a_user() -> None:
         os.umask(0o022)
 
-    bootstrap = subprocess.run([sys.executable, "-m", "app.cli", "admin", "bootstrap", "-o", "json"], env=env,
-                               capture_output=True, text=True, timeout=120, preexec_fn=as_a_user)
+    bootstrap = subprocess.run(
+        [sys.executable, "-m", "app.cli", "admin", "bootstrap", "-o", "json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=as_a_user,
+    )
     assert bootstrap.returncode == 0, bootstrap.stderr
     credentials = json.loads(bootstrap.stdout)
-    server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], env=env, preexec_fn=as_a_user,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "serve"],
+        env=env,
+        preexec_fn=as_a_user,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         base = f"http://127.0.0.1:{port}"
         wait_for(f"{base}/health", server)
-        token = httpx.post(f"{base}/oauth2/token", data={
-            "grant_type": "client_credentials", "client_id": credentials["clientId"],
-            "client_secret": credentials["clientSecret"]}).json()["access_token"]
+        token = httpx.post(
+            f"{base}/oauth2/token",
+            data={
+                "grant_type": "client_credentials",
+                "client_id": credentials["clientId"],
+                "client_secret": credentials["clientSecret"],
+            },
+        ).json()["access_token"]
         headers = {"Authorization": f"Bearer {token}"}
         account = base + account_url("sub-files", "rg", "files")
-        assert httpx.put(account, headers=headers,
-                         json={"location": "eastus2", "sku": {"name": "S1", "capacity": 1}}).status_code == 201
-        uploaded = httpx.post(f"{account}/assets", params={"name": "model.pkl"}, content=b"weights" * 1000,
-                              headers=headers)
+        assert (
+            httpx.put(
+                account, headers=headers, json={"location": "eastus2", "sku": {"name": "S1", "capacity": 1}}
+            ).status_code
+            == 201
+        )
+        uploaded = httpx.post(
+            f"{account}/assets", params={"name": "model.pkl"}, content=b"weights" * 1000, headers=headers
+        )
         assert uploaded.status_code == 201, uploaded.text
 
         deadline = time.monotonic() + 90
-        while not (workers := _worker_pids(server)) or any(_umask_of(p) != 0o077 for p in workers) \
-                or not (data / "broker.sqlite").exists():
+        while (
+            not (workers := _worker_pids(server))
+            or any(_umask_of(p) != 0o077 for p in workers)
+            or not (data / "broker.sqlite").exists()
+        ):
             assert time.monotonic() < deadline, ("the build worker's umask", [(p, oct(_umask_of(p))) for p in workers])
             time.sleep(0.5)
         assert _umask_of(server.pid) == 0o077
@@ -90,8 +119,7 @@ def test_the_data_folder_and_every_file_in_it_are_private(tmp_path: Path) -> Non
         server.wait(timeout=60)
 
     assert stat.S_IMODE(data.stat().st_mode) == 0o700
-    files = {p.relative_to(data).as_posix(): stat.S_IMODE(p.stat().st_mode)
-             for p in data.rglob("*") if p.is_file()}
+    files = {p.relative_to(data).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in data.rglob("*") if p.is_file()}
     for name in ("secret.key", "mms.db", "broker.sqlite"):
         assert files.pop(name) == 0o600, name
     assert any(name.startswith("assets/objects/") for name in files), files

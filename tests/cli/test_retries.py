@@ -26,15 +26,16 @@ def _client(store: ConfigStore, url: str, monkeypatch: pytest.MonkeyPatch) -> Se
 
 
 def test_a_get_is_retried_after_a_drop_and_a_503(env, monkeypatch) -> None:
-    with flaky_http_server(b'{"ok": true}', ["drop", (503, [("Retry-After", "0")])]) as server, \
-            _client(env, server.url, monkeypatch) as client:
+    with (
+        flaky_http_server(b'{"ok": true}', ["drop", (503, [("Retry-After", "0")])]) as server,
+        _client(env, server.url, monkeypatch) as client,
+    ):
         assert client.json("GET", "/api/things") == {"ok": True}
     assert server.seen == [("GET", "/api/things")] * 3
 
 
 def test_a_post_is_sent_once_unless_it_has_an_idempotency_key(env, monkeypatch) -> None:
-    with flaky_http_server(b'{"id": 1}', [(503, [])]) as server, \
-            _client(env, server.url, monkeypatch) as client:
+    with flaky_http_server(b'{"id": 1}', [(503, [])]) as server, _client(env, server.url, monkeypatch) as client:
         with pytest.raises(CliError, match="503"):
             client.json("POST", "/api/things", json={})
         assert len(server.seen) == 1
@@ -44,8 +45,7 @@ def test_a_post_is_sent_once_unless_it_has_an_idempotency_key(env, monkeypatch) 
 
 
 def test_a_service_that_stays_down_fails_after_a_bounded_few_tries(env, monkeypatch) -> None:
-    with flaky_http_server(b"{}", [(503, [])] * 10) as server, \
-            _client(env, server.url, monkeypatch) as client:
+    with flaky_http_server(b"{}", [(503, [])] * 10) as server, _client(env, server.url, monkeypatch) as client:
         client.tries = 3
         with pytest.raises(CliError, match="503"):
             client.json("GET", "/api/things")

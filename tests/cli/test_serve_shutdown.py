@@ -19,8 +19,7 @@ from tests.sse import Listener
 
 
 @pytest.mark.parametrize("worker", ["--build-worker", "--no-build-worker"])
-def test_sigterm_ends_open_streams_and_the_server_exits_promptly_with_0(
-        worker: str, tmp_path: Path) -> None:
+def test_sigterm_ends_open_streams_and_the_server_exits_promptly_with_0(worker: str, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MMS_") and k != "DOCKER_HOST"}
     port, data_dir = free_port(), tmp_path / "data"
     env.update({"MMS_DATA_DIR": str(data_dir), "MMS_PORT": str(port), "MMS_LOG_FORMAT": "text"})
@@ -34,8 +33,12 @@ def test_sigterm_ends_open_streams_and_the_server_exits_promptly_with_0(
     try:
         headers = {"Authorization": f"Bearer {service.token()}"}
         account = service.url + account_url("sub1", "rg1", "acct1")
-        assert httpx.put(account, headers=headers, timeout=10, json={
-            "location": "eastus2", "sku": {"name": "S1", "capacity": 1}}).status_code == 201
+        assert (
+            httpx.put(
+                account, headers=headers, timeout=10, json={"location": "eastus2", "sku": {"name": "S1", "capacity": 1}}
+            ).status_code
+            == 201
+        )
         listeners = [Listener(f"{account}/images/events", headers) for _ in range(3)]
         for listener in listeners:
             assert listener.status == 200

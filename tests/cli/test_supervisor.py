@@ -32,11 +32,13 @@ def test_a_child_that_dies_is_started_again() -> None:
 
 def test_stop_kills_a_child_that_ignores_sigterm_with_its_own_children(tmp_path) -> None:
     pid_file = tmp_path / "grandchild.pid"
-    script = ("import signal, subprocess, sys, time\n"
-              "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-              "grandchild = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
-              f"open({str(pid_file)!r}, 'w').write(str(grandchild.pid))\n"
-              "time.sleep(60)\n")
+    script = (
+        "import signal, subprocess, sys, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "grandchild = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(grandchild.pid))\n"
+        "time.sleep(60)\n"
+    )
     child = ChildProcess("stubborn", [sys.executable, "-c", script], stop_timeout=1.0)
     child.start()
     deadline = time.monotonic() + 10

@@ -95,8 +95,13 @@ class Gate:
     def _pass(self, method: str, target: str, *, answered: bool) -> None:
         with self._lock:
             rule = self._rule
-            caught = (rule is not None and not self.reached.is_set() and rule[0] == method
-                      and rule[2] == answered and rule[1].fullmatch(target.split("?", 1)[0]))
+            caught = (
+                rule is not None
+                and not self.reached.is_set()
+                and rule[0] == method
+                and rule[2] == answered
+                and rule[1].fullmatch(target.split("?", 1)[0])
+            )
             if caught:
                 self.reached.set()
         if caught:
@@ -117,8 +122,13 @@ class Service:
 
     def start(self, *args: str) -> subprocess.Popen:
         with open(self.log_dir / f"{args[0]}-{len(self.processes)}.log", "wb") as log:
-            process = subprocess.Popen([sys.executable, "-m", "app.cli", *args], env=self.env, stdout=log,
-                                       stderr=subprocess.STDOUT, start_new_session=True)
+            process = subprocess.Popen(
+                [sys.executable, "-m", "app.cli", *args],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.processes.append(process)
         return process
 
@@ -137,8 +147,9 @@ class Service:
         """The digest the registry serves for the image's tag, or None when it has no such tag."""
         reference = image["ImageLocation"].split("/", 1)[1]
         repository, _, tag = reference.rpartition(":")
-        answer = httpx.get(f"http://{self.proxy.address}/v2/{repository}/manifests/{tag}",
-                           headers={"Accept": OCI_MANIFEST}, timeout=30)
+        answer = httpx.get(
+            f"http://{self.proxy.address}/v2/{repository}/manifests/{tag}", headers={"Accept": OCI_MANIFEST}, timeout=30
+        )
         if answer.status_code == 404:
             return None
         assert answer.status_code == 200, answer.text
@@ -164,24 +175,41 @@ class Account:
 
     def held_model(self) -> str:
         """A model the service downloads from the test's file server (held or not)."""
-        return self.call("POST", f"{self.url}/models", json={
-            "name": "held", "url": f"http://{self.service.files.address}/weights.bin",
-            "mimeType": "application/octet-stream"}).json()["id"]
+        return self.call(
+            "POST",
+            f"{self.url}/models",
+            json={
+                "name": "held",
+                "url": f"http://{self.service.files.address}/weights.bin",
+                "mimeType": "application/octet-stream",
+            },
+        ).json()["id"]
 
     def manifest(self, model_ids: list[str], conda: str | None = None) -> str:
         """A manifest of the echo driver and ``model_ids``; a ``conda`` file's pip entries
         give the build an environment of its own (a dependency cache miss: an install)."""
         assets = {"score.py": SCORE, **({"env.yml": conda} if conda is not None else {})}
-        urls = {name: self.call("POST", f"{self.url}/assets", params={"name": name},
-                                content=text.encode()).json()["url"] for name, text in assets.items()}
-        return self.call("POST", f"{self.url}/manifests", json={
-            "name": "echo", "modelIds": model_ids, "assets": [{"id": n, "url": u} for n, u in urls.items()],
-            "entryScript": "score.py", "runtime": "python",
-            **({"condaFile": "env.yml"} if conda is not None else {})}).json()["id"]
+        urls = {
+            name: self.call("POST", f"{self.url}/assets", params={"name": name}, content=text.encode()).json()["url"]
+            for name, text in assets.items()
+        }
+        return self.call(
+            "POST",
+            f"{self.url}/manifests",
+            json={
+                "name": "echo",
+                "modelIds": model_ids,
+                "assets": [{"id": n, "url": u} for n, u in urls.items()],
+                "entryScript": "score.py",
+                "runtime": "python",
+                **({"condaFile": "env.yml"} if conda is not None else {}),
+            },
+        ).json()["id"]
 
     def build(self, manifest_id: str, name: str = "echo-image") -> str:
-        return self.call("POST", f"{self.url}/images", json={
-            "name": name, "manifestId": manifest_id, "imageType": "Docker"}).json()["Id"]
+        return self.call(
+            "POST", f"{self.url}/images", json={"name": name, "manifestId": manifest_id, "imageType": "Docker"}
+        ).json()["Id"]
 
     def image(self, image_id: str) -> dict:
         return self.call("GET", f"{self.url}/images/{image_id}").json()
@@ -195,8 +223,9 @@ class Account:
     def wait_for_state(self, ids: list[str], done, seconds: float) -> list[dict]:  # type: ignore[no-untyped-def]
         deadline = time.monotonic() + seconds
         while not done(images := [self.image(i) for i in ids]):
-            assert time.monotonic() < deadline, \
+            assert time.monotonic() < deadline, (
                 f"{[i['CreationState'] for i in images]} after {seconds} s:\n{self.service.logs()}"
+            )
             time.sleep(0.3)
         return images
 

@@ -36,8 +36,10 @@ BASE_ROOTFS = Path(__file__).resolve().parents[2] / "scripts" / "infra" / "base-
 
 
 def _pg_bin() -> Path | None:
-    versions = sorted((p for p in PG_ROOT.glob("*/bin") if (p / "pg_ctl").is_file()),
-                      key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0)
+    versions = sorted(
+        (p for p in PG_ROOT.glob("*/bin") if (p / "pg_ctl").is_file()),
+        key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
+    )
     return versions[-1] if versions else None
 
 
@@ -51,13 +53,20 @@ class PostgresCluster:
     as_user: list[str]
 
     def pg_ctl(self, *args: str, timeout: float = 60) -> None:
-        done = subprocess.run([*self.as_user, str(self.bin / "pg_ctl"), "-D", str(self.data), *args],
-                              capture_output=True, text=True, timeout=timeout, check=False)
+        done = subprocess.run(
+            [*self.as_user, str(self.bin / "pg_ctl"), "-D", str(self.data), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
         assert done.returncode == 0, f"pg_ctl {args[0]}: {done.stdout[-1000:]} {done.stderr[-1000:]}"
 
     def start(self) -> None:
-        options = (f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.data} "
-                   "-c fsync=off -c max_connections=100")
+        options = (
+            f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.data} "
+            "-c fsync=off -c max_connections=100"
+        )
         self.pg_ctl("start", "-w", "-t", "60", "-l", str(self.data / "server.log"), "-o", options)
 
     def restart(self) -> None:
@@ -70,8 +79,9 @@ class PostgresCluster:
     def create_database(self) -> str:
         """A fresh database's SQLAlchemy URL."""
         name = f"faults_{uuid.uuid4().hex[:10]}"
-        with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres",
-                             autocommit=True, connect_timeout=10) as connection:
+        with psycopg.connect(
+            f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres", autocommit=True, connect_timeout=10
+        ) as connection:
             connection.execute(f"CREATE DATABASE {name}")
         return self.url(name)
 
@@ -91,17 +101,36 @@ def postgres_cluster() -> Iterator[PostgresCluster]:
     data = root / "data"
     if as_user:
         shutil.chown(root, "postgres")
-    made = subprocess.run([*as_user, str(pg_bin / "initdb"), "-D", str(data), "-U", "postgres",
-                           "--auth=trust", "-E", "UTF8", "--no-sync"],
-                          capture_output=True, text=True, timeout=120, check=False)
+    made = subprocess.run(
+        [
+            *as_user,
+            str(pg_bin / "initdb"),
+            "-D",
+            str(data),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert made.returncode == 0, made.stderr[-2000:]
     cluster = PostgresCluster(bin=pg_bin, data=data, port=free_port(), as_user=as_user)
     cluster.start()
     try:
         yield cluster
     finally:
-        subprocess.run([*as_user, str(pg_bin / "pg_ctl"), "-D", str(data), "stop", "-m", "immediate",
-                        "-w", "-t", "30"], capture_output=True, timeout=60, check=False)
+        subprocess.run(
+            [*as_user, str(pg_bin / "pg_ctl"), "-D", str(data), "stop", "-m", "immediate", "-w", "-t", "30"],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -120,9 +149,22 @@ class RedisServer:
     def start(self) -> None:
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                 "--appendonly", "no", "--dir", str(self.log.parent)],
-                stdout=log, stderr=subprocess.STDOUT)
+                [
+                    "redis-server",
+                    "--port",
+                    str(self.port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(self.log.parent),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         deadline = time.monotonic() + 30
         while True:
             assert self.process.poll() is None, self.log.read_text()[-2000:]
@@ -193,8 +235,9 @@ class Registry:
         config = self.root / "config.yml"
         config.write_text(REGISTRY_CONFIG.format(storage=self.root / "storage", port=self.port))
         with open(self.root / "registry.log", "ab") as log:
-            self.process = subprocess.Popen(["docker-registry", "serve", str(config)],
-                                            stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                ["docker-registry", "serve", str(config)], stdout=log, stderr=subprocess.STDOUT
+            )
         deadline = time.monotonic() + 30
         while True:
             assert self.process.poll() is None, (self.root / "registry.log").read_text()[-2000:]
@@ -243,15 +286,23 @@ def rootfs_tar() -> Path:
 def service_env(data_dir: Path, database_url: str, **settings: str) -> dict[str, str]:
     """The environment of an `mms` process of a fault test: its own data folder and database."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MMS_") and k != "DOCKER_HOST"}
-    env.update({"MMS_DATA_DIR": str(data_dir), "MMS_DATABASE_URL": database_url, "MMS_LOG_FORMAT": "text",
-                "MMS_SECRET_KEY": "fault-tests-secret-key-0123456789abcdef", "MMS_PORT": str(free_port()),
-                **settings})
+    env.update(
+        {
+            "MMS_DATA_DIR": str(data_dir),
+            "MMS_DATABASE_URL": database_url,
+            "MMS_LOG_FORMAT": "text",
+            "MMS_SECRET_KEY": "fault-tests-secret-key-0123456789abcdef",
+            "MMS_PORT": str(free_port()),
+            **settings,
+        }
+    )
     return env
 
 
 def mms(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run([sys.executable, "-m", "app.cli", *args], env=env, capture_output=True,
-                          text=True, timeout=timeout, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "app.cli", *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
     assert done.returncode == 0, f"mms {' '.join(args)}: {done.stderr[-3000:]}"
     return done
 
@@ -260,8 +311,13 @@ BUILD_QUEUE = "mms-fault-builds"
 
 
 @pytest.fixture(scope="session")
-def service(postgres_cluster: PostgresCluster, redis_server: RedisServer, registry: Registry,
-            rootfs_tar: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+def service(
+    postgres_cluster: PostgresCluster,
+    redis_server: RedisServer,
+    registry: Registry,
+    rootfs_tar: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Service]:
     """`mms serve` (no worker of its own) on the suite's PostgreSQL, Redis and registry, the
     registry reached through a proxy with a gate; tests start and kill the workers.
 
@@ -276,24 +332,43 @@ def service(postgres_cluster: PostgresCluster, redis_server: RedisServer, regist
     root = tmp_path_factory.mktemp("fault-builds")
     worker_tmp = root / "tmp"
     worker_tmp.mkdir()
-    env = service_env(root / "data", postgres_cluster.create_database(),
-                      MMS_BROKER_URL=redis_server.url, MMS_BUILD_QUEUE=BUILD_QUEUE,
-                      MMS_REGISTRY=proxy.address, MMS_BUILD_LEASE_SECONDS="6",
-                      MMS_BUILD_REPUBLISH_SECONDS="5", MMS_FETCH_ALLOW_HOSTS=json.dumps([files.address]),
-                      TMPDIR=str(worker_tmp))
+    env = service_env(
+        root / "data",
+        postgres_cluster.create_database(),
+        MMS_BROKER_URL=redis_server.url,
+        MMS_BUILD_QUEUE=BUILD_QUEUE,
+        MMS_REGISTRY=proxy.address,
+        MMS_BUILD_LEASE_SECONDS="6",
+        MMS_BUILD_REPUBLISH_SECONDS="5",
+        MMS_FETCH_ALLOW_HOSTS=json.dumps([files.address]),
+        TMPDIR=str(worker_tmp),
+    )
     if HOST_CA_BUNDLE.is_file():  # this machine reaches PyPI through a TLS-inspecting proxy
         env["MMS_EXTRA_CA_BUNDLE"] = str(HOST_CA_BUNDLE)
     mms(env, "db", "upgrade")
     mms(env, "base-image", "publish", "--rootfs-tar", str(rootfs_tar))
     owner = json.loads(mms(env, "admin", "bootstrap", "-o", "json").stdout)
-    service = Service(api=f"http://127.0.0.1:{env['MMS_PORT']}", headers={}, env=env,
-                      log_dir=root / "logs", files=files, proxy=proxy, gate=gate, worker_tmp=worker_tmp)
+    service = Service(
+        api=f"http://127.0.0.1:{env['MMS_PORT']}",
+        headers={},
+        env=env,
+        log_dir=root / "logs",
+        files=files,
+        proxy=proxy,
+        gate=gate,
+        worker_tmp=worker_tmp,
+    )
     service.log_dir.mkdir()
     try:
         wait_for(f"{service.api}/health", service.start("serve", "--no-build-worker"))
-        token = httpx.post(f"{service.api}/oauth2/token", data={
-            "grant_type": "client_credentials", "client_id": owner["clientId"],
-            "client_secret": owner["clientSecret"]}).json()["access_token"]
+        token = httpx.post(
+            f"{service.api}/oauth2/token",
+            data={
+                "grant_type": "client_credentials",
+                "client_id": owner["clientId"],
+                "client_secret": owner["clientSecret"],
+            },
+        ).json()["access_token"]
         service.headers = {"Authorization": f"Bearer {token}"}
         yield service
     finally:

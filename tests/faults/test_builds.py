@@ -20,7 +20,8 @@ DEADLINE = 150
 
 
 def test_builds_queued_when_redis_restarts_all_finish_once_and_the_events_say_so(
-    service: Service, redis_server: RedisServer,
+    service: Service,
+    redis_server: RedisServer,
 ) -> None:
     account = Account(service, "redis-restart")
     manifest = account.manifest([])
@@ -35,7 +36,8 @@ def test_builds_queued_when_redis_restarts_all_finish_once_and_the_events_say_so
         assert redis_server.queue_length(BUILD_QUEUE) == 0
 
         finished = account.wait_for_state(
-            ids, lambda images: {i["CreationState"] for i in images} <= TERMINAL, DEADLINE)
+            ids, lambda images: {i["CreationState"] for i in images} <= TERMINAL, DEADLINE
+        )
         assert [i["CreationState"] for i in finished] == ["Succeeded"] * 3, [i.get("Error") for i in finished]
         assert sorted(i["Version"] for i in finished) == [1, 2, 3]
         for image in finished:  # each tag pullable, as recorded
@@ -48,7 +50,8 @@ def test_builds_queued_when_redis_restarts_all_finish_once_and_the_events_say_so
 
 
 def test_a_postgres_restart_mid_build_leaves_it_to_finish_and_the_events_tell_it(
-    service: Service, postgres_cluster: PostgresCluster,
+    service: Service,
+    postgres_cluster: PostgresCluster,
 ) -> None:
     account = Account(service, "pg-mid-build")
     manifest = account.manifest([account.held_model()])
@@ -70,8 +73,10 @@ def test_a_postgres_restart_mid_build_leaves_it_to_finish_and_the_events_tell_it
         # Whether the restart outlasted the lease or not, the story ends as the image does,
         # and every Running follows a NotStarted.
         assert told[0] == "NotStarted" and told[-1] == "Succeeded", told
-        assert told in (["NotStarted", "Running", "Succeeded"],
-                        ["NotStarted", "Running", "NotStarted", "Running", "Succeeded"]), told
+        assert told in (
+            ["NotStarted", "Running", "Succeeded"],
+            ["NotStarted", "Running", "NotStarted", "Running", "Succeeded"],
+        ), told
         assert ("build attempt 2" in log) == (len(told) == 5), log[-3000:]
     finally:
         events.close()

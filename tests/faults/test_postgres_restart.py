@@ -28,19 +28,27 @@ CLIENTS = 6
 
 @pytest.fixture()
 def served(postgres_cluster: PostgresCluster, tmp_path: Path):  # type: ignore[no-untyped-def]
-    env = service_env(tmp_path / "data", postgres_cluster.create_database(),
-                      MMS_DB_POOL_TIMEOUT_SECONDS="5")
+    env = service_env(tmp_path / "data", postgres_cluster.create_database(), MMS_DB_POOL_TIMEOUT_SECONDS="5")
     mms(env, "db", "upgrade")
     owner = json.loads(mms(env, "admin", "bootstrap", "-o", "json").stdout)
     with open(tmp_path / "serve.log", "wb") as log:
-        server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--no-build-worker"], env=env,
-                                  stdout=log, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve", "--no-build-worker"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     api = f"http://127.0.0.1:{env['MMS_PORT']}"
     try:
         wait_for(f"{api}/health", server)
-        token = httpx.post(f"{api}/oauth2/token", data={
-            "grant_type": "client_credentials", "client_id": owner["clientId"],
-            "client_secret": owner["clientSecret"]}).json()["access_token"]
+        token = httpx.post(
+            f"{api}/oauth2/token",
+            data={
+                "grant_type": "client_credentials",
+                "client_id": owner["clientId"],
+                "client_secret": owner["clientSecret"],
+            },
+        ).json()["access_token"]
         yield api, {"Authorization": f"Bearer {token}"}, server, tmp_path / "serve.log"
     finally:
         server.terminate()
@@ -52,7 +60,8 @@ def served(postgres_cluster: PostgresCluster, tmp_path: Path):  # type: ignore[n
 
 
 def test_registrations_across_a_postgres_restart_get_versions_1_to_n_and_no_500(
-    served, postgres_cluster: PostgresCluster,  # type: ignore[no-untyped-def]
+    served,
+    postgres_cluster: PostgresCluster,  # type: ignore[no-untyped-def]
 ) -> None:
     api, headers, server, server_log = served
     account = f"{api}/api/subscriptions/faults/resourceGroups/rg/accounts/pg-restart"

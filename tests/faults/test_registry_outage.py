@@ -19,7 +19,8 @@ DEADLINE = 150
 
 
 def test_a_registry_down_for_30_s_mid_push_is_waited_for_and_the_build_succeeds(
-    service: Service, registry: Registry,
+    service: Service,
+    registry: Registry,
 ) -> None:
     name = "registry-down"
     account = Account(service, name)

@@ -32,8 +32,13 @@ PIECES = 64  # a 64 MiB model file
 
 def _serve(env: dict[str, str], log: Path) -> subprocess.Popen:
     with open(log, "ab") as out:
-        server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--no-build-worker"], env=env,
-                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve", "--no-build-worker"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     wait_for(f"http://127.0.0.1:{env['MMS_PORT']}/health", server)
     return server
 
@@ -64,7 +69,8 @@ def _asset_rows(database_url: str) -> int:
 
 
 def test_an_api_killed_mid_upload_leaves_no_asset_and_the_retried_upload_succeeds_once(
-    postgres_cluster: PostgresCluster, tmp_path: Path,
+    postgres_cluster: PostgresCluster,
+    tmp_path: Path,
 ) -> None:
     database_url = postgres_cluster.create_database()
     data = tmp_path / "data"
@@ -76,17 +82,25 @@ def test_an_api_killed_mid_upload_leaves_no_asset_and_the_retried_upload_succeed
     held = threading.Event()
     server = _serve(env, tmp_path / "serve.log")
     try:
-        token = httpx.post(f"{api}/oauth2/token", data={
-            "grant_type": "client_credentials", "client_id": owner["clientId"],
-            "client_secret": owner["clientSecret"]}).json()["access_token"]
+        token = httpx.post(
+            f"{api}/oauth2/token",
+            data={
+                "grant_type": "client_credentials",
+                "client_id": owner["clientId"],
+                "client_secret": owner["clientSecret"],
+            },
+        ).json()["access_token"]
         headers = {"Authorization": f"Bearer {token}"}
         account = f"{api}/api/subscriptions/faults/resourceGroups/rg/accounts/upload-kill"
-        assert httpx.put(account, headers=headers, json={"location": "eastus2", "sku": {"name": "S1"}}).status_code == 201
+        assert (
+            httpx.put(account, headers=headers, json={"location": "eastus2", "sku": {"name": "S1"}}).status_code == 201
+        )
 
         def upload() -> None:
             try:
-                httpx.post(f"{account}/assets", params={"name": "model.bin"}, headers=headers,
-                           content=_body(held), timeout=60)
+                httpx.post(
+                    f"{account}/assets", params={"name": "model.bin"}, headers=headers, content=_body(held), timeout=60
+                )
             except httpx.HTTPError:
                 pass  # the server died under it
 
@@ -110,8 +124,9 @@ def test_an_api_killed_mid_upload_leaves_no_asset_and_the_retried_upload_succeed
         server = _serve(env, tmp_path / "serve.log")
         assert not partial.exists(), "the next start left the killed upload's file"
 
-        again = httpx.post(f"{account}/assets", params={"name": "model.bin"}, headers=headers,
-                           content=_body(), timeout=120)
+        again = httpx.post(
+            f"{account}/assets", params={"name": "model.bin"}, headers=headers, content=_body(), timeout=120
+        )
         assert again.status_code == 201, again.text
         asset = again.json()
         whole = hashlib.sha256(PIECE * PIECES).hexdigest()

@@ -50,7 +50,8 @@ CAUGHT_BY = {  # step → (method, path regex, held after the registry answered)
 
 @pytest.mark.parametrize("step", ["fetch", *CAUGHT_BY])
 def test_a_worker_killed_in_a_build_step_loses_its_lease_and_the_build_is_finished_once(
-    service: Service, step: str,
+    service: Service,
+    step: str,
 ) -> None:
     name = f"kill-{step}"
     account = Account(service, name)
@@ -81,7 +82,8 @@ def test_a_worker_killed_in_a_build_step_loses_its_lease_and_the_build_is_finish
         assert "build attempt 2" in log, log[-3000:]
         assert time.monotonic() - killed < DEADLINE
         assert states_told(events, [image_id]) == {
-            image_id: ["NotStarted", "Running", "NotStarted", "Running", "Succeeded"]}
+            image_id: ["NotStarted", "Running", "NotStarted", "Running", "Succeeded"]
+        }
         assert [(i["Name"], i["Version"]) for i in account.images()] == [(name, 1)]
         assert service.tags(image) == ["1"]
         assert service.pulled_digest(image) == image["Digest"]

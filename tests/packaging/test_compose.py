@@ -39,8 +39,10 @@ SERVICES = {"postgres", "redis", "registry", "azurite"} | MMS_SERVICES
 
 
 def _compose_command() -> list[str]:
-    if shutil.which("docker") and subprocess.run(
-            ["docker", "compose", "version"], capture_output=True, check=False).returncode == 0:
+    if (
+        shutil.which("docker")
+        and subprocess.run(["docker", "compose", "version"], capture_output=True, check=False).returncode == 0
+    ):
         return ["docker", "compose"]
     if shutil.which("docker-compose"):
         return ["docker-compose"]
@@ -50,9 +52,14 @@ def _compose_command() -> list[str]:
 def compose(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run compose on the repository's file with only ``env`` (and PATH, HOME) set."""
     environment = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"), **(env or {})}
-    return subprocess.run([*_compose_command(), "--project-directory", str(ROOT),
-                           "-f", str(COMPOSE_FILE), *args],
-                          capture_output=True, text=True, env=environment, timeout=120, check=False)
+    return subprocess.run(
+        [*_compose_command(), "--project-directory", str(ROOT), "-f", str(COMPOSE_FILE), *args],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=120,
+        check=False,
+    )
 
 
 def _config(*args: str) -> dict:
@@ -84,8 +91,7 @@ def _volume(entry: str | dict) -> tuple[str, str, bool]:
     return source, target, "ro" in mode.split(",")
 
 
-def test_no_engine_listens_on_tcp_and_only_the_workers_hold_its_socket(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_engine_listens_on_tcp_and_only_the_workers_hold_its_socket(monkeypatch: pytest.MonkeyPatch) -> None:
     services = _config("--profile", "docker-builder")["services"]
     # Docker's API ports appear nowhere: not published, not in a command, a healthcheck or a
     # variable (a DOCKER_HOST=tcp://… default included).
@@ -100,12 +106,15 @@ def test_no_engine_listens_on_tcp_and_only_the_workers_hold_its_socket(
     # workers and the registry share, and not the database's or the broker's network.
     assert "network_mode" not in engine
     assert set(engine["networks"]) == {"engine"}
-    assert {name for name, service in services.items()
-            if "engine" in (service.get("networks") or {})} == {"docker", "registry"}
+    assert {name for name, service in services.items() if "engine" in (service.get("networks") or {})} == {
+        "docker",
+        "registry",
+    }
     # The socket's volume: the engine writes it, the workers read it, nobody else mounts it.
-    mounts = {name: [_volume(v) for v in service.get("volumes") or []
-                     if _volume(v)[0] == "dind-socket"]
-              for name, service in services.items()}
+    mounts = {
+        name: [_volume(v) for v in service.get("volumes") or [] if _volume(v)[0] == "dind-socket"]
+        for name, service in services.items()
+    }
     assert {name for name, found in mounts.items() if found} == {"docker", "worker"}
     assert mounts["worker"] == [("dind-socket", "/var/run/dind", True)]
 
@@ -180,7 +189,8 @@ def test_the_stack_is_ordered_by_health_and_the_workers_scale() -> None:
 
 @pytest.mark.parametrize("service", ["api", "worker", "migrate"])
 def test_the_service_environment_is_a_valid_production_configuration(
-        service: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    service: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     environment = _config()["services"][service]["environment"]
     for name in list(os.environ):
         if name.startswith("MMS_") or name == "DOCKER_HOST":
@@ -203,8 +213,12 @@ def test_the_service_environment_is_a_valid_production_configuration(
 
 def test_the_certs_service_makes_a_certificate_its_bundle_trusts(tmp_path: Path) -> None:
     def make() -> None:
-        subprocess.run([sys.executable, str(ROOT / "docker" / "dev-certs.py"), str(tmp_path),
-                        "azurite", "localhost"], check=True, capture_output=True, timeout=60)
+        subprocess.run(
+            [sys.executable, str(ROOT / "docker" / "dev-certs.py"), str(tmp_path), "azurite", "localhost"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
 
     make()
     first = (tmp_path / "azurite.crt").read_bytes()
@@ -215,6 +229,7 @@ def test_the_certs_service_makes_a_certificate_its_bundle_trusts(tmp_path: Path)
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_context.load_cert_chain(tmp_path / "azurite.crt", tmp_path / "azurite.key")
     with socket.create_server(("127.0.0.1", 0)) as listener:
+
         def serve() -> None:
             connection, _ = listener.accept()
             with server_context.wrap_socket(connection, server_side=True) as tls:
@@ -224,8 +239,10 @@ def test_the_certs_service_makes_a_certificate_its_bundle_trusts(tmp_path: Path)
         thread.start()
         # The bundle the Azure SDK is given: the public CAs plus the stack's own.
         client_context = ssl.create_default_context(cafile=str(tmp_path / "ca-bundle.crt"))
-        with socket.create_connection(listener.getsockname()) as raw, \
-                client_context.wrap_socket(raw, server_hostname="azurite") as tls:
+        with (
+            socket.create_connection(listener.getsockname()) as raw,
+            client_context.wrap_socket(raw, server_hostname="azurite") as tls,
+        ):
             assert tls.version() in ("TLSv1.2", "TLSv1.3")
             tls.sendall(b"x")
         thread.join(timeout=5)
@@ -236,6 +253,10 @@ def test_the_service_image_runs_in_production_without_compose_saying_so() -> Non
     start without MMS_SECRET_KEY (tests/packaging/test_image.py starts it)."""
     text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
     last_stage = text.rsplit("\nFROM ", 1)[1]
-    environment = dict(pair.partition("=")[::2] for line in last_stage.splitlines()
-                       if line.startswith("ENV ") for pair in line[4:].split())
+    environment = dict(
+        pair.partition("=")[::2]
+        for line in last_stage.splitlines()
+        if line.startswith("ENV ")
+        for pair in line[4:].split()
+    )
     assert environment["MMS_ENV"] == "production"

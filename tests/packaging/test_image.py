@@ -74,9 +74,17 @@ def service_image(infra: Infra) -> Iterator[ServiceImage]:
     started = time.monotonic()
     log: list[str] = []
     with infra.api() as api:
-        for chunk in api.build(fileobj=build_context(), custom_context=True, tag=tag,
-                               buildargs={"BASE_IMAGE": infra.base_image},
-                               network_mode="host", pull=False, rm=True, forcerm=True, decode=True):
+        for chunk in api.build(
+            fileobj=build_context(),
+            custom_context=True,
+            tag=tag,
+            buildargs={"BASE_IMAGE": infra.base_image},
+            network_mode="host",
+            pull=False,
+            rm=True,
+            forcerm=True,
+            decode=True,
+        ):
             log.append(chunk.get("stream", ""))
             if "error" in chunk:
                 pytest.fail(f"the image did not build: {chunk['error']}\n{''.join(log)[-4000:]}")
@@ -84,8 +92,7 @@ def service_image(infra: Infra) -> Iterator[ServiceImage]:
         inspected = api.inspect_image(tag)
     print(f"\nservice image built in {seconds:.1f} s: {inspected['Size'] / 1e6:.0f} MB")
     try:
-        yield ServiceImage(tag, inspected["Size"], seconds,
-                           inspected["Config"]["Healthcheck"]["Test"])
+        yield ServiceImage(tag, inspected["Size"], seconds, inspected["Config"]["Healthcheck"]["Test"])
     finally:
         with infra.api() as api, contextlib.suppress(docker.errors.NotFound):
             for container in api.containers(all=True, filters={"ancestor": tag}):
@@ -98,8 +105,12 @@ def service_image(infra: Infra) -> Iterator[ServiceImage]:
 def _container(infra: Infra, image: str, environment: dict[str, str], **options) -> Iterator[str]:
     with infra.api() as api:
         container = api.create_container(
-            image, environment=environment, labels={TEST_LABEL: "packaging"},
-            host_config=api.create_host_config(network_mode="host"), **options)["Id"]
+            image,
+            environment=environment,
+            labels={TEST_LABEL: "packaging"},
+            host_config=api.create_host_config(network_mode="host"),
+            **options,
+        )["Id"]
         api.start(container)
         try:
             yield container
@@ -145,17 +156,18 @@ def test_image_is_small_and_configured(service_image: ServiceImage, infra: Infra
     assert service_image.size < MAX_IMAGE_BYTES, f"{service_image.size / 1e6:.0f} MB"
 
 
-def test_api_answers_health_as_a_non_root_user_and_stops_on_sigterm(
-        service_image: ServiceImage, infra: Infra) -> None:
+def test_api_answers_health_as_a_non_root_user_and_stops_on_sigterm(service_image: ServiceImage, infra: Infra) -> None:
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     # The embedded default: SQLite, the embedded broker and its build worker, local files.
     # The image's own healthcheck command, run every second instead of every 30.
-    healthcheck = {"test": service_image.healthcheck, "interval": 1_000_000_000,
-                   "timeout": 5_000_000_000, "retries": 3}
-    with _container(infra, service_image.tag, {"MMS_HOST": "127.0.0.1", "MMS_PORT": str(port),
-                                               "MMS_LOG_FORMAT": "text", "MMS_SECRET_KEY": SECRET_KEY},
-                    healthcheck=healthcheck) as container:
+    healthcheck = {"test": service_image.healthcheck, "interval": 1_000_000_000, "timeout": 5_000_000_000, "retries": 3}
+    with _container(
+        infra,
+        service_image.tag,
+        {"MMS_HOST": "127.0.0.1", "MMS_PORT": str(port), "MMS_LOG_FORMAT": "text", "MMS_SECRET_KEY": SECRET_KEY},
+        healthcheck=healthcheck,
+    ) as container:
         _wait_for("/health answering 200", lambda: _get(f"{base}/health") == 200, container, infra)
         assert _get(f"{base}/ready") == 200  # the migrated database and the broker answer
 
@@ -166,9 +178,13 @@ def test_api_answers_health_as_a_non_root_user_and_stops_on_sigterm(
         assert processes and all(row[1] == "10001" for row in processes), processes
 
         with infra.api() as api:
-            _wait_for("the healthcheck reporting healthy",
-                      lambda: api.inspect_container(container)["State"]["Health"]["Status"] == "healthy",
-                      container, infra, timeout=30)
+            _wait_for(
+                "the healthcheck reporting healthy",
+                lambda: api.inspect_container(container)["State"]["Health"]["Status"] == "healthy",
+                container,
+                infra,
+                timeout=30,
+            )
             started = time.monotonic()
             api.stop(container, timeout=25)
             stopped_in = time.monotonic() - started
@@ -178,11 +194,11 @@ def test_api_answers_health_as_a_non_root_user_and_stops_on_sigterm(
 
 
 def test_the_image_runs_in_production_and_refuses_to_start_without_a_secret_key(
-        service_image: ServiceImage, infra: Infra) -> None:
-    with _container(infra, service_image.tag, {"MMS_PORT": str(_free_port())}) as container:
-        with infra.api() as api:
-            exited = api.wait(container, timeout=60)
-            logs = api.logs(container).decode(errors="replace")
+    service_image: ServiceImage, infra: Infra
+) -> None:
+    with _container(infra, service_image.tag, {"MMS_PORT": str(_free_port())}) as container, infra.api() as api:
+        exited = api.wait(container, timeout=60)
+        logs = api.logs(container).decode(errors="replace")
     assert exited["StatusCode"] == 1, logs[-2000:]
     assert "MMS_SECRET_KEY" in logs and "MMS_ENV=production" in logs
 
@@ -212,8 +228,12 @@ def test_the_image_runs_a_build_worker(service_image: ServiceImage, infra: Infra
     }
     with _container(infra, service_image.tag, environment, command=["mms", "worker"]) as container:
         ping = ["sh", "-c", _worker_healthcheck()]
-        _wait_for("the worker answering the compose healthcheck's ping",
-                  lambda: _exec(infra, container, ping)[0] == 0, container, infra)
+        _wait_for(
+            "the worker answering the compose healthcheck's ping",
+            lambda: _exec(infra, container, ping)[0] == 0,
+            container,
+            infra,
+        )
         # The oci builder turns sdist-only requirements (pyspark) into wheels with the worker's pip.
         assert _exec(infra, container, ["python", "-m", "pip", "--version"])[0] == 0
         with infra.api() as api:
@@ -261,7 +281,8 @@ for command, inputs in (([sys.executable, "-I", "-c", probe], {}),
 
 @pytest.mark.parametrize("profile", ["docker-default", "worker-seccomp"])
 def test_the_workers_seccomp_profile_lets_the_non_root_worker_start_the_sandbox(
-        service_image: ServiceImage, infra: Infra, profile: str) -> None:
+    service_image: ServiceImage, infra: Infra, profile: str
+) -> None:
     options = []
     if profile == "worker-seccomp":  # what docker-compose.yml gives the worker
         compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -269,9 +290,12 @@ def test_the_workers_seccomp_profile_lets_the_non_root_worker_start_the_sandbox(
         options = [f"seccomp={(ROOT / 'docker' / 'worker-seccomp.json').read_text()}"]
     with infra.api() as api:
         container = api.create_container(
-            service_image.tag, command=["python", "-c", SANDBOX_PROBE], labels={TEST_LABEL: "packaging"},
+            service_image.tag,
+            command=["python", "-c", SANDBOX_PROBE],
+            labels={TEST_LABEL: "packaging"},
             environment={"MMS_SECRET_KEY": SECRET_KEY},
-            host_config=api.create_host_config(network_mode="none", security_opt=options))["Id"]
+            host_config=api.create_host_config(network_mode="none", security_opt=options),
+        )["Id"]
         try:
             api.start(container)
             code = api.wait(container, timeout=120)["StatusCode"]
@@ -283,6 +307,7 @@ def test_the_workers_seccomp_profile_lets_the_non_root_worker_start_the_sandbox(
         assert "sandbox failed: cannot start" in output or "sandbox failed: the probe failed" in output, output
         assert "inside uid" not in output, output
     else:  # its own uid, only a loopback, and no process of the worker's in sight
-        assert re.search(r"inside uid 10001 interfaces \['lo'\] processes (\['1', '2'\]|\['2'\]|no /proc)",
-                         output), output
+        assert re.search(r"inside uid 10001 interfaces \['lo'\] processes (\['1', '2'\]|\['2'\]|no /proc)", output), (
+            output
+        )
         assert "made ['tiny-1.0-py3-none-any.whl']" in output, output

@@ -12,7 +12,9 @@ from tests.workers.spark_housing import SPARK_SCORE_PY, HousingModel, train_hous
 
 from . import scoring_server_harness as harness
 
-SAME_SESSION_PY = SPARK_SCORE_PY + '''
+SAME_SESSION_PY = (
+    SPARK_SCORE_PY
+    + """
 from pyspark.sql import SparkSession
 
 def run(raw_data):  # noqa: F811 (replaces the plain run above)
@@ -22,7 +24,8 @@ def run(raw_data):  # noqa: F811 (replaces the plain run above)
             "ui": spark.sparkContext.uiWebUrl,
             "master": spark.sparkContext.master,
             "memory": spark.conf.get("spark.driver.memory")}
-'''
+"""
+)
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +39,14 @@ def test_the_session_starts_before_init_and_scores_as_the_model_predicts(
     monkeypatch.setattr(harness, "STARTUP_TIMEOUT", 180.0)  # a JVM, on 2 shared cores
     # The model sits where the image puts it: $AZUREML_MODEL_DIR/housing.model.
     shutil.copytree(housing.folder, tmp_path / "models" / "housing.model")
-    server = start_server(SAME_SESSION_PY, env={"SCORING_RUNTIME": "spark-py",
-                                                "AZUREML_MODEL_DIR": str(tmp_path / "models"),
-                                                "SPARK_DRIVER_MEMORY": "640m"})
+    server = start_server(
+        SAME_SESSION_PY,
+        env={
+            "SCORING_RUNTIME": "spark-py",
+            "AZUREML_MODEL_DIR": str(tmp_path / "models"),
+            "SPARK_DRIVER_MEMORY": "640m",
+        },
+    )
     answer = server.score({"data": housing.rows})
     assert answer.status == 200, answer.body
     body = answer.json()
@@ -57,8 +65,7 @@ def test_the_session_starts_before_init_and_scores_as_the_model_predicts(
 def test_an_unknown_runtime_fails_at_start_naming_the_known_ones(start_server, monkeypatch) -> None:
     monkeypatch.setattr(harness, "STARTUP_TIMEOUT", 60.0)
     with pytest.raises(AssertionError, match="SCORING_RUNTIME must be one of python, spark-py"):
-        start_server("def init():\n    pass\n\ndef run(d):\n    return d\n",
-                     env={"SCORING_RUNTIME": "spark"})
+        start_server("def init():\n    pass\n\ndef run(d):\n    return d\n", env={"SCORING_RUNTIME": "spark"})
 
 
 def test_session_settings_default_to_a_quick_small_local_session(tmp_path: Path) -> None:
@@ -67,14 +74,21 @@ def test_session_settings_default_to_a_quick_small_local_session(tmp_path: Path)
     assert conf["spark.ui.enabled"] == "false"
     assert conf["spark.driver.memory"] == "512m"
     assert conf["spark.driver.extraJavaOptions"] == (
-        f"-Dlog4j2.configurationFile=file:/tmp/l.properties {DEFAULT_JAVA_OPTIONS}")
+        f"-Dlog4j2.configurationFile=file:/tmp/l.properties {DEFAULT_JAVA_OPTIONS}"
+    )
 
 
 def test_session_settings_are_overridden_by_the_environment() -> None:
-    conf = session_config({"SPARK_MASTER": "local[2]", "SPARK_DRIVER_MEMORY": "2g",
-                           "SPARK_UI_ENABLED": "true", "SPARK_DRIVER_JAVA_OPTIONS": "",
-                           "SCORING_SPARK_CONF": "spark.sql.shuffle.partitions=8 "
-                                                 "spark.executor.cores=1"}, "/l")
+    conf = session_config(
+        {
+            "SPARK_MASTER": "local[2]",
+            "SPARK_DRIVER_MEMORY": "2g",
+            "SPARK_UI_ENABLED": "true",
+            "SPARK_DRIVER_JAVA_OPTIONS": "",
+            "SCORING_SPARK_CONF": "spark.sql.shuffle.partitions=8 spark.executor.cores=1",
+        },
+        "/l",
+    )
     assert conf["spark.master"] == "local[2]" and conf["spark.driver.memory"] == "2g"
     assert conf["spark.ui.enabled"] == "true"
     assert conf["spark.driver.extraJavaOptions"] == "-Dlog4j2.configurationFile=file:/l"

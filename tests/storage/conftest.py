@@ -7,6 +7,7 @@ from uuid import uuid4
 
 import pytest
 
+
 @pytest.fixture(scope="session")
 def azure_container(azure_connection_string: str) -> Iterator[str]:
     """A container of this test run's own, removed at its end."""

@@ -17,7 +17,6 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.main import create_app
-
 from app.storage.base import AssetStore, StoredObject
 
 
@@ -99,9 +98,7 @@ def test_an_expired_url_is_refused(backend: Backend, tmp_path: Path) -> None:
     ],
     ids=["signature", "expiry", "permission"],
 )
-def test_a_tampered_url_is_refused(
-    backend: Backend, tmp_path: Path, param: str, change: Callable[[str], str]
-) -> None:
+def test_a_tampered_url_is_refused(backend: Backend, tmp_path: Path, param: str, change: Callable[[str], str]) -> None:
     stored = _put(backend, tmp_path, b"data", "application/octet-stream")
     url = backend.store.read_url(stored.key, expires_at=_in(10))
 

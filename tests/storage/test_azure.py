@@ -75,9 +75,7 @@ def test_owns_no_url_outside_its_container(store: AzureBlobStore) -> None:
     assert not store.owns_url(container_url.replace("http:", "https:") + "/a/b.zip")
 
 
-def test_a_wrong_account_key_fails_without_telling_the_key(
-    azure_connection_string: str, azure_container: str
-) -> None:
+def test_a_wrong_account_key_fails_without_telling_the_key(azure_connection_string: str, azure_container: str) -> None:
     key = next(p for p in azure_connection_string.split(";") if p.startswith("AccountKey="))
     wrong = azure_connection_string.replace(key, f"AccountKey={OTHER_KEY}")
 

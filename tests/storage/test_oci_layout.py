@@ -64,26 +64,33 @@ def layer_bytes(files: dict[str, bytes]) -> tuple[bytes, bytes]:
     return raw, gzip.compress(raw, mtime=0)
 
 
-def build_image(layout: OciLayout, repository: str, tag: str = "1",
-                files: dict[str, bytes] | None = None) -> BuiltImage:
+def build_image(
+    layout: OciLayout, repository: str, tag: str = "1", files: dict[str, bytes] | None = None
+) -> BuiltImage:
     """Write a one-layer image for this platform into ``layout`` as ``repository:tag``."""
     files = files or {"hello.txt": f"hello from {repository}:{tag}\n".encode()}
     raw, layer = layer_bytes(files)
     layer_digest = layout.put_blob_bytes(layer)
-    config = json.dumps({
-        "architecture": _architecture(),
-        "os": "linux",
-        "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]},
-        "rootfs": {"type": "layers", "diff_ids": [_sha256(raw)]},
-        "history": [{"created_by": "tests/storage/test_oci_layout.py"}],
-    }, sort_keys=True).encode()
+    config = json.dumps(
+        {
+            "architecture": _architecture(),
+            "os": "linux",
+            "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]},
+            "rootfs": {"type": "layers", "diff_ids": [_sha256(raw)]},
+            "history": [{"created_by": "tests/storage/test_oci_layout.py"}],
+        },
+        sort_keys=True,
+    ).encode()
     config_digest = layout.put_blob_bytes(config)
-    manifest = json.dumps({
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": CONFIG_TYPE, "digest": config_digest, "size": len(config)},
-        "layers": [{"mediaType": LAYER_TAR_GZIP, "digest": layer_digest, "size": len(layer)}],
-    }, sort_keys=True).encode()
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": CONFIG_TYPE, "digest": config_digest, "size": len(config)},
+            "layers": [{"mediaType": LAYER_TAR_GZIP, "digest": layer_digest, "size": len(layer)}],
+        },
+        sort_keys=True,
+    ).encode()
     digest = layout.put_manifest(repository, tag, manifest, OCI_MANIFEST)
     return BuiltImage(repository, tag, manifest, digest, config_digest, layer, layer_digest, files)
 
@@ -111,10 +118,14 @@ def test_round_trip_is_a_spec_valid_layout(layout: OciLayout) -> None:
     assert json.loads((layout.root / "oci-layout").read_text()) == {"imageLayoutVersion": "1.0.0"}
     index = json.loads((layout.root / "index.json").read_text())
     assert index["schemaVersion"] == 2 and index["mediaType"] == OCI_INDEX
-    assert index["manifests"] == [{
-        "mediaType": OCI_MANIFEST, "digest": image.manifest_digest, "size": len(image.manifest),
-        "annotations": {REF_NAME_ANNOTATION: f"{repository}:1"},
-    }]
+    assert index["manifests"] == [
+        {
+            "mediaType": OCI_MANIFEST,
+            "digest": image.manifest_digest,
+            "size": len(image.manifest),
+            "annotations": {REF_NAME_ANNOTATION: f"{repository}:1"},
+        }
+    ]
     for digest in (image.manifest_digest, image.config_digest, image.layer_digest):
         path = layout.blob_path(digest)
         assert path == layout.root / "blobs" / "sha256" / digest.removeprefix("sha256:")
@@ -152,8 +163,9 @@ def test_tags_sort_replace_and_delete(layout: OciLayout) -> None:
     assert layout.resolve(repository, newer.manifest_digest) is not None  # blobs and links stay
 
 
-def test_put_blob_file_copies_or_links_and_verifies(layout: OciLayout, tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_put_blob_file_copies_or_links_and_verifies(
+    layout: OciLayout, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     source = tmp_path / "layer.tar.gz"
     source.write_bytes(b"layer bytes")
     digest = _sha256(b"layer bytes")
@@ -176,8 +188,9 @@ def test_put_blob_file_copies_or_links_and_verifies(layout: OciLayout, tmp_path:
 
 
 @pytest.mark.parametrize("hard_link", [True, False])
-def test_a_digest_mismatch_is_refused_and_leaves_nothing(layout: OciLayout, tmp_path: Path,
-                                                        monkeypatch: pytest.MonkeyPatch, hard_link: bool) -> None:
+def test_a_digest_mismatch_is_refused_and_leaves_nothing(
+    layout: OciLayout, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hard_link: bool
+) -> None:
     if not hard_link:
         monkeypatch.setattr(os, "link", lambda *_: (_ for _ in ()).throw(OSError(errno.EXDEV, "cross-device")))
     source = tmp_path / "layer.tar.gz"
@@ -194,34 +207,43 @@ def test_a_manifest_with_a_missing_blob_is_refused(layout: OciLayout) -> None:
     repository = new_repository()
     config = layout.put_blob_bytes(b"{}")
     missing = _sha256(b"a layer nobody stored")
-    manifest = json.dumps({
-        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": CONFIG_TYPE, "digest": config, "size": 2},
-        "layers": [{"mediaType": LAYER_TAR_GZIP, "digest": missing, "size": 21}],
-    }).encode()
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": CONFIG_TYPE, "digest": config, "size": 2},
+            "layers": [{"mediaType": LAYER_TAR_GZIP, "digest": missing, "size": 21}],
+        }
+    ).encode()
     with pytest.raises(ValueError, match=missing):
         layout.put_manifest(repository, "1", manifest, OCI_MANIFEST)
     assert layout.tags(repository) == [] and not layout.is_linked(repository, config)
 
 
-@pytest.mark.parametrize(("manifest", "media_type", "message"), [
-    (b"not json", OCI_MANIFEST, "not valid JSON"),
-    (b'{"schemaVersion": 1}', OCI_MANIFEST, "schemaVersion 2"),
-    (b'{"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": []}',
-     OCI_MANIFEST, "says mediaType"),
-    (b'{"schemaVersion": 2, "layers": []}', OCI_MANIFEST, "config"),
-    (b'{"schemaVersion": 2}', "text/plain", "unsupported manifest media type"),
-])
-def test_malformed_manifests_are_refused(layout: OciLayout, manifest: bytes, media_type: str,
-                                         message: str) -> None:
+@pytest.mark.parametrize(
+    ("manifest", "media_type", "message"),
+    [
+        (b"not json", OCI_MANIFEST, "not valid JSON"),
+        (b'{"schemaVersion": 1}', OCI_MANIFEST, "schemaVersion 2"),
+        (
+            b'{"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": []}',
+            OCI_MANIFEST,
+            "says mediaType",
+        ),
+        (b'{"schemaVersion": 2, "layers": []}', OCI_MANIFEST, "config"),
+        (b'{"schemaVersion": 2}', "text/plain", "unsupported manifest media type"),
+    ],
+)
+def test_malformed_manifests_are_refused(layout: OciLayout, manifest: bytes, media_type: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         layout.put_manifest(new_repository(), "1", manifest, media_type)
 
 
 def test_a_size_that_does_not_match_the_blob_is_refused(layout: OciLayout) -> None:
     config = layout.put_blob_bytes(b"{}")
-    manifest = json.dumps({"schemaVersion": 2, "config": {"mediaType": CONFIG_TYPE, "digest": config, "size": 3},
-                           "layers": []}).encode()
+    manifest = json.dumps(
+        {"schemaVersion": 2, "config": {"mediaType": CONFIG_TYPE, "digest": config, "size": 3}, "layers": []}
+    ).encode()
     with pytest.raises(ValueError, match="2 bytes, the manifest says 3"):
         layout.put_manifest(new_repository(), "1", manifest, OCI_MANIFEST)
 
@@ -239,9 +261,20 @@ def test_blobs_and_manifests_do_not_cross_repositories(layout: OciLayout) -> Non
 def test_an_index_links_its_child_manifests_and_their_blobs(layout: OciLayout) -> None:
     staging, repository = new_repository(), new_repository()
     child = build_image(layout, staging)
-    index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [{
-        "mediaType": OCI_MANIFEST, "digest": child.manifest_digest, "size": len(child.manifest),
-        "platform": {"architecture": _architecture(), "os": "linux"}}]}).encode()
+    index = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_INDEX,
+            "manifests": [
+                {
+                    "mediaType": OCI_MANIFEST,
+                    "digest": child.manifest_digest,
+                    "size": len(child.manifest),
+                    "platform": {"architecture": _architecture(), "os": "linux"},
+                }
+            ],
+        }
+    ).encode()
     digest = layout.put_manifest(repository, "multi", index, OCI_INDEX)
     resolved = layout.resolve(repository, "multi")
     assert resolved is not None and (resolved.digest, resolved.media_type) == (digest, OCI_INDEX)
@@ -250,14 +283,32 @@ def test_an_index_links_its_child_manifests_and_their_blobs(layout: OciLayout) -
     assert layout.is_linked(repository, child.layer_digest)
 
 
-@pytest.mark.parametrize("repository", [
-    "../../etc", "a/../../b", "/abs", "Upper/case", "a//b", "a/", "", "-a", "a_", "a/.hidden", "a" * 256, "a\nb",
-])
+@pytest.mark.parametrize(
+    "repository",
+    [
+        "../../etc",
+        "a/../../b",
+        "/abs",
+        "Upper/case",
+        "a//b",
+        "a/",
+        "",
+        "-a",
+        "a_",
+        "a/.hidden",
+        "a" * 256,
+        "a\nb",
+    ],
+)
 def test_bad_repository_names_are_refused(layout: OciLayout, repository: str) -> None:
     digest = layout.put_blob_bytes(b"{}")
-    for call in (lambda: layout.resolve(repository, "1"), lambda: layout.tags(repository),
-                 lambda: layout.link_blob(repository, digest), lambda: layout.is_linked(repository, digest),
-                 lambda: layout.put_manifest(repository, "1", b"{}", OCI_MANIFEST)):
+    for call in (
+        lambda: layout.resolve(repository, "1"),
+        lambda: layout.tags(repository),
+        lambda: layout.link_blob(repository, digest),
+        lambda: layout.is_linked(repository, digest),
+        lambda: layout.put_manifest(repository, "1", b"{}", OCI_MANIFEST),
+    ):
         with pytest.raises(ValueError, match="invalid repository name"):
             call()
     assert not (layout.root / "repositories").exists()
@@ -271,13 +322,23 @@ def test_bad_tags_are_refused(layout: OciLayout, tag: str) -> None:
         layout.delete_tag("a/b", tag)
 
 
-@pytest.mark.parametrize("digest", [
-    "sha256:abc", "sha512:" + "a" * 128, "sha256:" + "A" * 64, "sha256:../../../../etc/passwd",
-    "sha256:" + "0" * 63,
-])
+@pytest.mark.parametrize(
+    "digest",
+    [
+        "sha256:abc",
+        "sha512:" + "a" * 128,
+        "sha256:" + "A" * 64,
+        "sha256:../../../../etc/passwd",
+        "sha256:" + "0" * 63,
+    ],
+)
 def test_bad_digests_are_refused(layout: OciLayout, digest: str) -> None:
-    for call in (lambda: layout.blob_path(digest), lambda: layout.has_blob(digest),
-                 lambda: layout.resolve("a/b", digest), lambda: layout.put_blob_file(Path("/etc/hostname"), digest)):
+    for call in (
+        lambda: layout.blob_path(digest),
+        lambda: layout.has_blob(digest),
+        lambda: layout.resolve("a/b", digest),
+        lambda: layout.put_blob_file(Path("/etc/hostname"), digest),
+    ):
         with pytest.raises(ValueError, match="invalid digest"):
             call()
 
@@ -293,8 +354,9 @@ def _write_tags(root: str, worker: int, count: int) -> None:
 def test_concurrent_writers_keep_every_tag(layout: OciLayout) -> None:
     writers, per_writer = 4, 6
     context = multiprocessing.get_context("spawn")  # no fork of a process with threads
-    processes = [context.Process(target=_write_tags, args=(str(layout.root), w, per_writer), daemon=True)
-                 for w in range(writers)]
+    processes = [
+        context.Process(target=_write_tags, args=(str(layout.root), w, per_writer), daemon=True) for w in range(writers)
+    ]
     try:
         for process in processes:
             process.start()
@@ -325,8 +387,7 @@ def install_skopeo() -> str:
     """skopeo's path, installed by scripts/infra/skopeo.sh when missing; skips without root."""
     if shutil.which("skopeo") is None and os.geteuid() != 0:
         pytest.skip("skopeo is not installed and installing it needs root (scripts/infra/skopeo.sh)")
-    proc = subprocess.run([str(SCRIPTS / "skopeo.sh")], capture_output=True, text=True, timeout=600,
-                          check=False)
+    proc = subprocess.run([str(SCRIPTS / "skopeo.sh")], capture_output=True, text=True, timeout=600, check=False)
     if proc.returncode != 0:
         pytest.fail(f"scripts/infra/skopeo.sh failed: {proc.stderr[-2000:]}")
     return proc.stdout.strip().rpartition("=")[2]
@@ -343,15 +404,19 @@ def test_skopeo_reads_the_layout(layout: OciLayout, tmp_path: Path, skopeo: str)
     image = build_image(layout, repository, "2")
     reference = f"oci:{layout.root}:{repository}:2"
 
-    inspected = subprocess.run([skopeo, "inspect", reference], capture_output=True, text=True, timeout=120,
-                               check=False)
+    inspected = subprocess.run([skopeo, "inspect", reference], capture_output=True, text=True, timeout=120, check=False)
     assert inspected.returncode == 0, inspected.stderr
     assert json.loads(inspected.stdout)["Digest"] == image.manifest_digest
     assert json.loads(inspected.stdout)["Layers"] == [image.layer_digest]
 
     target = tmp_path / "copied"
-    copied = subprocess.run([skopeo, "--insecure-policy", "copy", reference, f"dir:{target}"],
-                            capture_output=True, text=True, timeout=120, check=False)
+    copied = subprocess.run(
+        [skopeo, "--insecure-policy", "copy", reference, f"dir:{target}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert copied.returncode == 0, copied.stderr
     layer = (target / image.layer_digest.removeprefix("sha256:")).read_bytes()
     with tarfile.open(fileobj=io.BytesIO(gzip.decompress(layer))) as tar:

@@ -77,8 +77,7 @@ def test_a_build_that_finds_an_old_orphan_blob_keeps_it_for_its_manifest(tmp_pat
     layout.delete_tag("acct/model", "1")
     _age(layout, 2 * DAY)
     store = LayoutRegistry(layout, "127.0.0.1:8000")
-    assert store.push_blob("acct/model", old.layer_digest, len(old.layer),
-                           lambda: iter([old.layer])) == "present"
+    assert store.push_blob("acct/model", old.layer_digest, len(old.layer), lambda: iter([old.layer])) == "present"
     config = layout.blob_path(old.config_digest).read_bytes()
     assert store.push_blob("acct/model", old.config_digest, len(config), lambda: iter([config])) == "present"
 
@@ -93,9 +92,14 @@ def test_a_manifest_whose_blob_was_collected_meanwhile_is_refused_not_tagged(tmp
     layout = OciLayout(tmp_path / "images")
     layer = layout.put_blob_bytes(b"layer")
     config = layout.put_blob_bytes(b"{}")
-    manifest = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
-                           "config": {"mediaType": CONFIG_TYPE, "digest": config, "size": 2},
-                           "layers": [{"mediaType": LAYER_TAR_GZIP, "digest": layer, "size": 5}]}).encode()
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": CONFIG_TYPE, "digest": config, "size": 2},
+            "layers": [{"mediaType": LAYER_TAR_GZIP, "digest": layer, "size": 5}],
+        }
+    ).encode()
     real_update = layout._update_index
 
     def collected_first(change):  # the collector takes the lock just before the tag goes in
@@ -117,8 +121,13 @@ def test_mms_images_gc_collects_the_embedded_store(tmp_path: Path) -> None:
     environment["MMS_DATA_DIR"] = str(data_dir)
 
     def gc(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "app.cli", "images", "gc", *args],
-                              env=environment, capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [sys.executable, "-m", "app.cli", "images", "gc", *args],
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     spared = gc()  # the default grace period: a day
     assert spared.returncode == 0, spared.stderr
@@ -130,7 +139,11 @@ def test_mms_images_gc_collects_the_embedded_store(tmp_path: Path) -> None:
     done = gc("--grace-seconds", "60")
     assert done.returncode == 0, done.stderr
     assert "0 tag(s) of deleted images, 3 blob(s)" in done.stderr and _blobs(layout) == set()
-    registry = subprocess.run([sys.executable, "-m", "app.cli", "images", "gc"],
-                              env={**environment, "MMS_REGISTRY": "registry.example.test"},
-                              capture_output=True, text=True, timeout=60)
+    registry = subprocess.run(
+        [sys.executable, "-m", "app.cli", "images", "gc"],
+        env={**environment, "MMS_REGISTRY": "registry.example.test"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert registry.returncode == 1 and "registry's own tool" in registry.stderr

@@ -52,8 +52,9 @@ def rootfs_tar() -> Path:
 
 @pytest.fixture(scope="module")
 def service(rootfs_tar: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedService]:
-    embedded = EmbeddedService.prepare(tmp_path_factory.mktemp("ui-data"), tmp_path_factory.mktemp("ui-logs"),
-                                       rootfs_tar)
+    embedded = EmbeddedService.prepare(
+        tmp_path_factory.mktemp("ui-data"), tmp_path_factory.mktemp("ui-logs"), rootfs_tar
+    )
     server = embedded.serve()
     try:
         yield embedded
@@ -77,7 +78,7 @@ def browser() -> Iterator[object]:
 
 
 @pytest.fixture()
-def page(browser) -> Iterator[object]:  # noqa: ANN001
+def page(browser) -> Iterator[object]:
     """A fresh browser profile with the state recorder, failing the test on a script error or
     a Content-Security-Policy violation."""
     context = browser.new_context()
@@ -86,8 +87,14 @@ def page(browser) -> Iterator[object]:  # noqa: ANN001
     tab.add_init_script(STATE_HISTORY)
     problems: list[str] = []
     tab.on("pageerror", lambda error: problems.append(f"uncaught: {error}"))
-    tab.on("console", lambda message: problems.append(message.text)
-           if message.type == "error" and "Content Security Policy" in message.text else None)
+    tab.on(
+        "console",
+        lambda message: (
+            problems.append(message.text)
+            if message.type == "error" and "Content Security Policy" in message.text
+            else None
+        ),
+    )
     try:
         yield tab
     finally:

@@ -28,8 +28,7 @@ class Api:
     """The HTTP API as a script uses it, for what the test sets up behind the page's back."""
 
     def __init__(self, service: EmbeddedService, account: str) -> None:
-        self.url = (f"{service.url}/api/subscriptions/{SUBSCRIPTION}/resourceGroups/{RESOURCE_GROUP}"
-                    f"/accounts/{account}")
+        self.url = f"{service.url}/api/subscriptions/{SUBSCRIPTION}/resourceGroups/{RESOURCE_GROUP}/accounts/{account}"
         self.headers = {"Authorization": f"Bearer {service.token()}"}
 
     def call(self, method: str, path: str, **kwargs) -> httpx.Response:
@@ -72,20 +71,27 @@ def _secrets_not_exposed(page: Page, *secrets: str) -> None:
 
 
 def test_a_build_started_through_the_api_goes_running_then_succeeded_on_the_page(
-        page: Page, service: EmbeddedService) -> None:
+    page: Page, service: EmbeddedService
+) -> None:
     account, api = _new_account(service)
     archive = io.BytesIO()
     with zipfile.ZipFile(archive, "w") as zf:
         zf.writestr("weights.txt", "1 2 3\n")
     model_url = api.upload("model.zip", archive.getvalue())
-    model = {"name": "ui.model", "tags": ["ui", "e2e"], "url": model_url, "mimeType": "application/zip",
-             "unpack": True}
+    model = {"name": "ui.model", "tags": ["ui", "e2e"], "url": model_url, "mimeType": "application/zip", "unpack": True}
     api.call("POST", "/models", json=model)
     model_id = api.call("POST", "/models", json=model).json()["id"]  # version 2
-    manifest_id = api.call("POST", "/manifests", json={
-        "name": "ui-manifest", "modelIds": [model_id], "entryScript": "score.py", "runtime": "python",
-        "assets": [{"id": "score.py", "url": api.upload("score.py", ECHO_SCORE.encode())}],
-    }).json()["id"]
+    manifest_id = api.call(
+        "POST",
+        "/manifests",
+        json={
+            "name": "ui-manifest",
+            "modelIds": [model_id],
+            "entryScript": "score.py",
+            "runtime": "python",
+            "assets": [{"id": "score.py", "url": api.upload("score.py", ECHO_SCORE.encode())}],
+        },
+    ).json()["id"]
 
     log_answers: list[int] = []
     page.on("response", lambda r: log_answers.append(r.status) if r.url.endswith("/log") else None)
@@ -96,16 +102,16 @@ def test_a_build_started_through_the_api_goes_running_then_succeeded_on_the_page
     expect(page.get_by_text("No images yet.")).to_be_visible()
     page.evaluate("window.__notReloaded = true")
 
-    created = api.call("POST", "/images", json={"name": "ui-image", "manifestId": manifest_id,
-                                                "imageType": "Docker"}).json()
+    created = api.call(
+        "POST", "/images", json={"name": "ui-image", "manifestId": manifest_id, "imageType": "Docker"}
+    ).json()
     image_id = created["Id"]
     row = page.locator(f'tr[data-image-id="{image_id}"]')
     expect(row).to_be_visible()
     row.get_by_role("button", name=re.compile("Open the build log of ui-image")).click()
     expect(page.locator("#log-title")).to_have_text("Build log: ui-image:1")
 
-    expect(row.locator(".state")).to_have_text(re.compile("Succeeded|Failed|Cancelled"),
-                                               timeout=BUILD_SECONDS * 1000)
+    expect(row.locator(".state")).to_have_text(re.compile("Succeeded|Failed|Cancelled"), timeout=BUILD_SECONDS * 1000)
     final = api.call("GET", f"/images/{image_id}").json()
     full_log = api.call("GET", f"/images/{image_id}/log").text
     assert final["CreationState"] == "Succeeded", full_log[-3000:]
@@ -146,8 +152,7 @@ def test_a_build_started_through_the_api_goes_running_then_succeeded_on_the_page
     assert page.get_by_label("Client secret").input_value() == ""
 
 
-def test_a_wrong_secret_shows_the_services_message_and_never_the_secret(
-        page: Page, service: EmbeddedService) -> None:
+def test_a_wrong_secret_shows_the_services_message_and_never_the_secret(page: Page, service: EmbeddedService) -> None:
     wrong = "not-the-secret-" + uuid.uuid4().hex
     _sign_in(page, service, secret=wrong)
     expect(page.get_by_role("alert")).to_have_text(re.compile("Sign-in failed: the client id or secret is wrong"))
@@ -176,8 +181,11 @@ def short_lived(service: EmbeddedService) -> Iterator[EmbeddedService]:
     """A second API process on the same data whose tokens last the shortest time allowed, a
     minute, with no clock leeway."""
     port = free_port()
-    other = dataclasses.replace(service, port=port, env={
-        **service.env, "MMS_PORT": str(port), "MMS_TOKEN_TTL_SECONDS": "60", "MMS_CLOCK_SKEW_SECONDS": "0"})
+    other = dataclasses.replace(
+        service,
+        port=port,
+        env={**service.env, "MMS_PORT": str(port), "MMS_TOKEN_TTL_SECONDS": "60", "MMS_CLOCK_SKEW_SECONDS": "0"},
+    )
     server: subprocess.Popen = other.serve("--no-build-worker")
     try:
         yield other
@@ -208,13 +216,22 @@ def test_a_dropped_stream_resumes_from_the_last_event_it_saw(page: Page, service
     server = other.serve("--no-build-worker")  # the module's service builds (one broker)
     try:
         account, api = _new_account(other)
-        manifest_id = api.call("POST", "/manifests", json={
-            "name": "resume", "modelIds": [], "entryScript": "score.py", "runtime": "python",
-            "assets": [{"id": "score.py", "url": api.upload("score.py", ECHO_SCORE.encode())}],
-        }).json()["id"]
+        manifest_id = api.call(
+            "POST",
+            "/manifests",
+            json={
+                "name": "resume",
+                "modelIds": [],
+                "entryScript": "score.py",
+                "runtime": "python",
+                "assets": [{"id": "score.py", "url": api.upload("score.py", ECHO_SCORE.encode())}],
+            },
+        ).json()["id"]
         resumed_from: list[str | None] = []
-        page.on("request", lambda r: resumed_from.append(r.headers.get("last-event-id"))
-                if r.url.endswith("/images/events") else None)
+        page.on(
+            "request",
+            lambda r: resumed_from.append(r.headers.get("last-event-id")) if r.url.endswith("/images/events") else None,
+        )
         _sign_in(page, other)
         _pick_account(page, account)
         expect(page.locator("#live")).to_have_text("Live")
@@ -223,8 +240,9 @@ def test_a_dropped_stream_resumes_from_the_last_event_it_saw(page: Page, service
         stop(server)
         expect(page.locator("#live")).to_have_text("Reconnecting…")
         server = other.serve("--no-build-worker")
-        created = api.call("POST", "/images", json={"name": "after-the-drop", "manifestId": manifest_id,
-                                                    "imageType": "Docker"}).json()
+        created = api.call(
+            "POST", "/images", json={"name": "after-the-drop", "manifestId": manifest_id, "imageType": "Docker"}
+        ).json()
         # Only the stream brings it: a resumed stream has no `ready`, so the list is not re-read.
         expect(page.locator(f'tr[data-image-id="{created["Id"]}"]')).to_be_visible(timeout=60_000)
         expect(page.locator("#live")).to_have_text("Live")

@@ -17,8 +17,10 @@ from tests.live_server import Live, live_service
 # Each would mark the origin's storage if it ran as a page of the API's origin.
 PAGES = {
     "page.html": ("text/html", b"<html><body><script>localStorage.setItem('ran', 'page.html')</script></body></html>"),
-    "image.svg": ("image/svg+xml", b'<svg xmlns="http://www.w3.org/2000/svg">'
-                                   b"<script>localStorage.setItem('ran', 'image.svg')</script></svg>"),
+    "image.svg": (
+        "image/svg+xml",
+        b"<svg xmlns=\"http://www.w3.org/2000/svg\"><script>localStorage.setItem('ran', 'image.svg')</script></svg>",
+    ),
     "notes.txt": ("text/plain", b"<html><script>localStorage.setItem('ran', 'notes.txt')</script></html>"),
 }
 
@@ -30,12 +32,12 @@ def live(service_context: ServiceContext, tmp_path: Path) -> Iterator[Live]:
 
 
 @pytest.mark.parametrize("name", sorted(PAGES))
-def test_an_uploaded_page_opened_in_a_browser_is_downloaded_and_runs_nothing(
-        live: Live, page: Page, name: str) -> None:
+def test_an_uploaded_page_opened_in_a_browser_is_downloaded_and_runs_nothing(live: Live, page: Page, name: str) -> None:
     content_type, data = PAGES[name]
     account = live.account()
-    uploaded = httpx.post(f"{account}/assets", params={"name": name}, content=data,
-                          headers={**live.headers, "Content-Type": content_type})
+    uploaded = httpx.post(
+        f"{account}/assets", params={"name": name}, content=data, headers={**live.headers, "Content-Type": content_type}
+    )
     assert uploaded.status_code == 201, uploaded.text
     with page.expect_download() as download:
         try:

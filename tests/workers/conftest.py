@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import io
-import pickle
-import zipfile
 import os
+import pickle
 import shutil
 import subprocess
 import uuid
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,8 +61,7 @@ class Infra:
 
 
 def _run_script(name: str, *args: str) -> tuple[dict[str, str], str]:
-    proc = subprocess.run([str(INFRA / name), *args], capture_output=True, text=True,
-                          timeout=900, check=False)
+    proc = subprocess.run([str(INFRA / name), *args], capture_output=True, text=True, timeout=900, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed ({proc.returncode}): {proc.stderr[-2000:]}")
     lines = proc.stdout.splitlines()

@@ -17,7 +17,7 @@ from pathlib import Path
 from workers.build_context import walk_tree
 
 # score.py as a SparkPython manifest ships it: the session comes from the runtime.
-SPARK_SCORE_PY = '''
+SPARK_SCORE_PY = """
 import json, os
 from pyspark.ml import PipelineModel
 from scoring_server.spark import spark
@@ -29,9 +29,9 @@ def init():
 def run(raw_data):
     frame = spark.createDataFrame(json.loads(raw_data)["data"], ["rooms", "age", "distance"])
     return [row.prediction for row in model.transform(frame).select("prediction").collect()]
-'''
+"""
 
-_TRAIN = '''
+_TRAIN = """
 import json, sys
 from pyspark.ml import Pipeline, PipelineModel
 from pyspark.ml.feature import VectorAssembler
@@ -55,7 +55,7 @@ frame = spark.createDataFrame(sample, ["rooms", "age", "distance"])
 predicted = [row.prediction for row in loaded.transform(frame).select("prediction").collect()]
 print(json.dumps({"rows": sample, "predictions": predicted}))
 spark.stop()
-'''
+"""
 
 
 @dataclass(frozen=True)
@@ -77,8 +77,9 @@ class HousingModel:
 def train_housing_model(dest: Path) -> HousingModel:
     """Train a VectorAssembler + LinearRegression ``PipelineModel`` and save it under ``dest``."""
     folder = dest / "housing.model"
-    done = subprocess.run([sys.executable, "-c", _TRAIN, str(folder)], capture_output=True,
-                          text=True, timeout=600, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", _TRAIN, str(folder)], capture_output=True, text=True, timeout=600, check=False
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     return HousingModel(folder, result["rows"], result["predictions"])

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
+
 from tests.workers.conftest import Infra
 
 
@@ -17,7 +18,10 @@ def test_publish_pushes_a_dated_tag_and_records_it(infra: Infra, tmp_path: Path)
     env.update({"MMS_DATA_DIR": str(tmp_path), "MMS_REGISTRY": infra.registry, "DOCKER_HOST": infra.docker_host})
     done = subprocess.run(
         [sys.executable, "-m", "app.cli", "base-image", "publish", "--rootfs-tar", str(infra.rootfs_tar)],
-        env=env, capture_output=True, text=True, timeout=600,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     tag = f"py3.11-{datetime.now(UTC):%Y%m%d}"

@@ -31,16 +31,26 @@ def test_a_run_step_reaches_neither_the_engine_nor_the_hosts_services(stack: Sta
     account = Account(stack)
     api_port = int(stack.api.rsplit(":", 1)[1])
     with tcp_listener() as (port, seen):
-        body = {"name": "probe", "modelIds": [], "entryScript": "score.py", "runtime": "python",
-                "assets": [{"id": "score.py", "url": account.upload("score.py", ECHO_SCORE.encode())}],
-                "extraDockerfileSteps": PROBE.format(api=api_port, port=port, nonce=uuid.uuid4().hex)}
+        body = {
+            "name": "probe",
+            "modelIds": [],
+            "entryScript": "score.py",
+            "runtime": "python",
+            "assets": [{"id": "score.py", "url": account.upload("score.py", ECHO_SCORE.encode())}],
+            "extraDockerfileSteps": PROBE.format(api=api_port, port=port, nonce=uuid.uuid4().hex),
+        }
         manifest_id = account.call("POST", f"{account.url}/manifests", json=body).json()["id"]
         image = account.wait(account.build(manifest_id, "probe", "docker")["Id"])
         log = account.log(image)
     assert image["CreationState"] == "Succeeded", log[-3000:]
     assert not [line for line in log.splitlines() if line.strip().startswith("REACHED")]
-    for target in ("/var/run/docker.sock", "127.0.0.1:2375", f"127.0.0.1:{api_port}", f"127.0.0.1:{port}",
-                   "127.0.0.1:5000"):
+    for target in (
+        "/var/run/docker.sock",
+        "127.0.0.1:2375",
+        f"127.0.0.1:{api_port}",
+        f"127.0.0.1:{port}",
+        "127.0.0.1:5000",
+    ):
         assert f"STOPPED {target}" in log, target
     assert not seen
 
@@ -51,10 +61,18 @@ def test_one_accounts_package_never_reaches_anothers_image(stack: Stack, infra: 
     for name, origin in (("b", "planted by account B"), ("a", "account A's own")):
         account = Account(stack)
         package_url = account.upload("ownpkg-1.0.tar.gz", _sdist("ownpkg", f"ORIGIN = {origin!r}\n"))
-        body = {"name": "own-package", "driverProgram": "score.py", "modelIds": [],
-                "assets": [{"id": "score.py", "url": account.upload("score.py", USES_PACKAGE.encode())}],
-                "targetRuntime": {"runtimeType": "Python", "properties": {
-                    "pipRequirements": account.upload("requirements.txt", f"ownpkg @ {package_url}\n".encode())}}}
+        body = {
+            "name": "own-package",
+            "driverProgram": "score.py",
+            "modelIds": [],
+            "assets": [{"id": "score.py", "url": account.upload("score.py", USES_PACKAGE.encode())}],
+            "targetRuntime": {
+                "runtimeType": "Python",
+                "properties": {
+                    "pipRequirements": account.upload("requirements.txt", f"ownpkg @ {package_url}\n".encode())
+                },
+            },
+        }
         manifest_id = account.call("POST", f"{account.url}/manifests", json=body).json()["id"]
         image = account.wait(account.build(manifest_id, "own-package", "oci")["Id"])
         assert image["CreationState"] == "Succeeded", account.log(image)[-3000:]

@@ -28,13 +28,19 @@ from tests.workers.test_image_builds import (
 
 @pytest.fixture(scope="module")
 def embedded(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> EmbeddedService:
-    return EmbeddedService.prepare(tmp_path_factory.mktemp("embedded-data"),
-                                   tmp_path_factory.mktemp("embedded-logs"), infra.rootfs_tar)
+    return EmbeddedService.prepare(
+        tmp_path_factory.mktemp("embedded-data"), tmp_path_factory.mktemp("embedded-logs"), infra.rootfs_tar
+    )
 
 
 def _stack(embedded: EmbeddedService) -> Stack:
-    return Stack(api=embedded.url, headers={"Authorization": f"Bearer {embedded.token()}"},
-                 env=embedded.env, workers=[], log_dir=embedded.log_dir)
+    return Stack(
+        api=embedded.url,
+        headers={"Authorization": f"Bearer {embedded.token()}"},
+        env=embedded.env,
+        workers=[],
+        log_dir=embedded.log_dir,
+    )
 
 
 def test_the_run_command_alone_builds_serves_images_and_resumes_queued_builds(
@@ -70,8 +76,9 @@ def test_the_run_command_alone_builds_serves_images_and_resumes_queued_builds(
         login = {"username": embedded.client_id, "password": embedded.client_secret}
         with infra.api() as api:
             try:  # the engine refuses at once, or streams the refusal
-                refusal = " ".join(str(c.get("error", "")) for c in
-                                   api.pull(repository, tag="1", stream=True, decode=True))
+                refusal = " ".join(
+                    str(c.get("error", "")) for c in api.pull(repository, tag="1", stream=True, decode=True)
+                )
             except docker.errors.APIError as exc:
                 refusal = str(exc)
             assert re.search("(?i)unauthorized|denied|authentication required", refusal), refusal
@@ -84,10 +91,15 @@ def test_the_run_command_alone_builds_serves_images_and_resumes_queued_builds(
 
         # An image of the service's own store as a base, read back through its /v2/ with the
         # Bearer token flow, by the builder's registry client.
-        body = {"name": "on-own-image", "modelIds": [],
-                "assets": [{"id": "score.py", "url": account.upload("score.py", ECHO_SCORE.encode())}],
-                "entryScript": "score.py", "runtime": "python", "baseImage": image["ImageLocation"],
-                "baseImageRegistry": {"address": f"127.0.0.1:{embedded.port}", **login}}
+        body = {
+            "name": "on-own-image",
+            "modelIds": [],
+            "assets": [{"id": "score.py", "url": account.upload("score.py", ECHO_SCORE.encode())}],
+            "entryScript": "score.py",
+            "runtime": "python",
+            "baseImage": image["ImageLocation"],
+            "baseImageRegistry": {"address": f"127.0.0.1:{embedded.port}", **login},
+        }
         derived_manifest = account.call("POST", f"{account.url}/manifests", json=body).json()["id"]
         derived = account.wait(account.build(derived_manifest, "derived")["Id"])
         derived_log = account.log(derived)

@@ -13,7 +13,7 @@ import socket
 import ssl
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
@@ -40,7 +40,7 @@ SECRETS = ("SUPERSECRETSIG", "2099-01-01")
 
 
 class _Handler(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         self.server.seen.append((self.path, self.headers.get("Host")))
         route = self.server.routes.get(self.path.split("?", 1)[0])
         (route or body(b"not found", status=404))(self)
@@ -126,10 +126,7 @@ def resolver_for(mapping: dict[str, list[str]], calls: list[str] | None = None):
         answer = mapping[host]
         if answer and isinstance(answer[0], list):
             answer = answer.pop(0) if len(answer) > 1 else answer[0]
-        return [
-            (socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port))
-            for a in answer
-        ]
+        return [(socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port)) for a in answer]
 
     return resolve
 
@@ -162,9 +159,7 @@ class LoopbackOnly(httpx.BaseTransport):
             url = request.url
         else:
             raise AssertionError(f"refusing to connect to non-loopback {host}")
-        forwarded = httpx.Request(
-            "GET", url, headers=request.headers, extensions=request.extensions
-        )
+        forwarded = httpx.Request("GET", url, headers=request.headers, extensions=request.extensions)
         return self.inner.handle_request(forwarded)
 
     def close(self) -> None:
@@ -199,15 +194,40 @@ def test_redact_url_drops_query_userinfo_and_fragment():
 
 
 BLOCKED = [
-    "10.0.0.1", "172.16.5.4", "192.168.1.1", "127.0.0.1", "0.0.0.0", "169.254.169.254",
-    "100.64.0.1", "224.0.0.1", "240.0.0.1", "255.255.255.255", "192.0.2.1", "198.18.0.1",
-    "::1", "::", "::ffff:127.0.0.1", "::ffff:10.0.0.1", "::ffff:169.254.169.254",
-    "64:ff9b::a00:1", "64:ff9b::7f00:1", "64:ff9b:1::808:808", "2002:a00:1::", "2002:7f00:1::",
-    "2001:0:4136:e378:8000:63bf:3fff:fdd2", "fe80::1", "fe80::1%eth0", "fc00::1", "fd12::1",
-    "fec0::1", "ff02::1", "2001:db8::1", "::a00:1", "not-an-ip",
+    "10.0.0.1",
+    "172.16.5.4",
+    "192.168.1.1",
+    "127.0.0.1",
+    "0.0.0.0",
+    "169.254.169.254",
+    "100.64.0.1",
+    "224.0.0.1",
+    "240.0.0.1",
+    "255.255.255.255",
+    "192.0.2.1",
+    "198.18.0.1",
+    "::1",
+    "::",
+    "::ffff:127.0.0.1",
+    "::ffff:10.0.0.1",
+    "::ffff:169.254.169.254",
+    "64:ff9b::a00:1",
+    "64:ff9b::7f00:1",
+    "64:ff9b:1::808:808",
+    "2002:a00:1::",
+    "2002:7f00:1::",
+    "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+    "fe80::1",
+    "fe80::1%eth0",
+    "fc00::1",
+    "fd12::1",
+    "fec0::1",
+    "ff02::1",
+    "2001:db8::1",
+    "::a00:1",
+    "not-an-ip",
 ]
-PUBLIC = ["8.8.8.8", PUBLIC_IP, "2606:4700:4700::1111", "::ffff:8.8.8.8", "64:ff9b::808:808",
-          "2002:808:808::"]
+PUBLIC = ["8.8.8.8", PUBLIC_IP, "2606:4700:4700::1111", "::ffff:8.8.8.8", "64:ff9b::808:808", "2002:808:808::"]
 
 
 @pytest.mark.parametrize("address", BLOCKED)
@@ -228,8 +248,7 @@ def test_host_resolving_to_blocked_address_refused_before_connecting(tmp_path, a
     calls: list[str] = []
     resolve = resolver_for({"evil.test": [address]}, calls)
     with pytest.raises(FetchError) as err:
-        fetch("http://evil.test/m.bin", tmp_path / "m", policy=policy(), resolver=resolve,
-              transport=NoConnect())
+        fetch("http://evil.test/m.bin", tmp_path / "m", policy=policy(), resolver=resolve, transport=NoConnect())
     assert err.value.reason == "blocked_address"
     assert calls == ["evil.test"]
     assert leftovers(tmp_path) == []
@@ -238,37 +257,53 @@ def test_host_resolving_to_blocked_address_refused_before_connecting(tmp_path, a
 def test_every_resolved_address_is_checked(tmp_path):
     resolve = resolver_for({"mixed.test": [PUBLIC_IP, "10.0.0.1"]})
     with pytest.raises(FetchError) as err:
-        fetch("https://mixed.test/m", tmp_path / "m", policy=policy(), resolver=resolve,
-              transport=NoConnect())
+        fetch("https://mixed.test/m", tmp_path / "m", policy=policy(), resolver=resolve, transport=NoConnect())
     assert err.value.reason == "blocked_address"
     assert str(err.value).startswith("refusing https://mixed.test/m: host mixed.test is at a private address")
     assert "10.0.0.1" not in str(err.value)
 
 
-@pytest.mark.parametrize(("address", "kind"), [
-    ("10.1.2.3", "a private address"), ("192.168.7.7", "a private address"), ("fd00::1", "a private address"),
-    ("127.0.0.1", "a loopback address"), ("::1", "a loopback address"), ("::ffff:127.0.0.1", "a loopback address"),
-    ("169.254.169.254", "a link-local address"), ("fe80::1", "a link-local address"),
-    ("0.0.0.0", "an unspecified address"), ("224.0.0.1", "a multicast address"),
-    ("100.64.0.1", "a non-public address"),
-])
+@pytest.mark.parametrize(
+    ("address", "kind"),
+    [
+        ("10.1.2.3", "a private address"),
+        ("192.168.7.7", "a private address"),
+        ("fd00::1", "a private address"),
+        ("127.0.0.1", "a loopback address"),
+        ("::1", "a loopback address"),
+        ("::ffff:127.0.0.1", "a loopback address"),
+        ("169.254.169.254", "a link-local address"),
+        ("fe80::1", "a link-local address"),
+        ("0.0.0.0", "an unspecified address"),
+        ("224.0.0.1", "a multicast address"),
+        ("100.64.0.1", "a non-public address"),
+    ],
+)
 def test_a_refusal_names_the_host_and_the_kind_of_address_never_the_address(tmp_path, address, kind):
     resolve = resolver_for({"internal.corp.test": [address]})
     with pytest.raises(FetchError) as err:
-        fetch("https://internal.corp.test/m?sig=x", tmp_path / "m", policy=policy(), resolver=resolve,
-              transport=NoConnect())
+        fetch(
+            "https://internal.corp.test/m?sig=x",
+            tmp_path / "m",
+            policy=policy(),
+            resolver=resolve,
+            transport=NoConnect(),
+        )
     message = str(err.value)
     assert f"host internal.corp.test is at {kind} " in message and "MMS_FETCH_ALLOW_HOSTS" in message
     assert address not in message and "sig=x" not in message
 
 
-@pytest.mark.parametrize("url", [
-    "http://169.254.169.254/latest/meta-data/iam/security-credentials/",
-    "http://[::ffff:169.254.169.254]/latest/meta-data/",
-    "http://[fd00:ec2::254]/latest/meta-data/",
-    "http://127.0.0.1:9/",
-    "http://[::1]:9/",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://169.254.169.254/latest/meta-data/iam/security-credentials/",
+        "http://[::ffff:169.254.169.254]/latest/meta-data/",
+        "http://[fd00:ec2::254]/latest/meta-data/",
+        "http://127.0.0.1:9/",
+        "http://[::1]:9/",
+    ],
+)
 def test_ip_literal_urls_refused_without_resolving(tmp_path, url):
     with pytest.raises(FetchError) as err:
         fetch(url, tmp_path / "m", policy=policy(), resolver=no_resolve, transport=NoConnect())
@@ -290,9 +325,15 @@ def test_loopback_refused_with_real_server_never_contacted(tmp_path, serve):
     assert srv.seen == []
 
 
-@pytest.mark.parametrize("url", [
-    "file:///etc/passwd", "ftp://files.test/m.bin", "gopher://files.test/", "javascript:alert(1)",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "file:///etc/passwd",
+        "ftp://files.test/m.bin",
+        "gopher://files.test/",
+        "javascript:alert(1)",
+    ],
+)
 def test_bad_scheme(tmp_path, url):
     with pytest.raises(FetchError) as err:
         fetch(url, tmp_path / "m", policy=policy(), resolver=no_resolve, transport=NoConnect())
@@ -305,8 +346,9 @@ def test_dns_rebinding_uses_the_single_checked_answer(tmp_path, serve, loopback)
     # First answer public (passes the guard), any later answer loopback (must never be used).
     resolve = resolver_for({"rebind.test": [[PUBLIC_IP], ["127.0.0.1"]]}, calls)
     transport = loopback({PUBLIC_IP: srv.port})
-    result = fetch(f"http://rebind.test:{srv.port}/file", tmp_path / "m", policy=policy(),
-                   resolver=resolve, transport=transport)
+    result = fetch(
+        f"http://rebind.test:{srv.port}/file", tmp_path / "m", policy=policy(), resolver=resolve, transport=transport
+    )
     assert result.sha256 == PAYLOAD_SHA
     assert calls == ["rebind.test"]  # resolved exactly once
     host_header = f"rebind.test:{srv.port}"
@@ -329,22 +371,29 @@ def test_resolver_called_once_per_hop(tmp_path, serve):
 # --- redirects ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("target, reason", [
-    ("http://internal.test/secret", "blocked_address"),
-    ("http://169.254.169.254/latest/meta-data/", "blocked_address"),
-    ("http://[::ffff:10.0.0.1]/", "blocked_address"),
-    ("file:///etc/passwd", "bad_scheme"),
-    ("ftp://internal.test/x", "bad_scheme"),
-])
+@pytest.mark.parametrize(
+    "target, reason",
+    [
+        ("http://internal.test/secret", "blocked_address"),
+        ("http://169.254.169.254/latest/meta-data/", "blocked_address"),
+        ("http://[::ffff:10.0.0.1]/", "blocked_address"),
+        ("file:///etc/passwd", "bad_scheme"),
+        ("ftp://internal.test/x", "bad_scheme"),
+    ],
+)
 def test_redirect_from_allowed_host_to_private_refused(tmp_path, serve, loopback, target, reason):
     srv = serve({"/start": redirect(target)})
     calls: list[str] = []
     resolve = resolver_for({"internal.test": ["10.0.0.1"]}, calls)
     transport = loopback()
     with pytest.raises(FetchError) as err:
-        fetch(f"http://127.0.0.1:{srv.port}/start", tmp_path / "m",
-              policy=policy(allow_hosts={f"127.0.0.1:{srv.port}"}), resolver=resolve,
-              transport=transport)
+        fetch(
+            f"http://127.0.0.1:{srv.port}/start",
+            tmp_path / "m",
+            policy=policy(allow_hosts={f"127.0.0.1:{srv.port}"}),
+            resolver=resolve,
+            transport=transport,
+        )
     assert err.value.reason == reason
     assert [s[0] for s in transport.seen] == ["127.0.0.1"]  # only the first hop connected
     assert calls in ([], ["internal.test"])
@@ -355,8 +404,9 @@ def test_redirect_to_other_local_port_not_on_allow_list(tmp_path, serve):
     other = serve({"/admin": body(b"secret")})
     srv = serve({"/start": redirect(f"http://127.0.0.1:{other.port}/admin")})
     with pytest.raises(FetchError) as err:
-        fetch(f"http://127.0.0.1:{srv.port}/start", tmp_path / "m",
-              policy=policy(allow_hosts={f"127.0.0.1:{srv.port}"}))
+        fetch(
+            f"http://127.0.0.1:{srv.port}/start", tmp_path / "m", policy=policy(allow_hosts={f"127.0.0.1:{srv.port}"})
+        )
     assert err.value.reason == "blocked_address"
     assert other.seen == []
 
@@ -364,15 +414,24 @@ def test_redirect_to_other_local_port_not_on_allow_list(tmp_path, serve):
 def test_redirect_loop_stops(tmp_path, serve):
     srv = serve({"/loop": redirect("/loop", status=301)})
     with pytest.raises(FetchError) as err:
-        fetch(f"http://127.0.0.1:{srv.port}/loop", tmp_path / "m",
-              policy=policy(allow_hosts={"127.0.0.1"}, max_redirects=2))
+        fetch(
+            f"http://127.0.0.1:{srv.port}/loop",
+            tmp_path / "m",
+            policy=policy(allow_hosts={"127.0.0.1"}, max_redirects=2),
+        )
     assert err.value.reason == "too_many_redirects"
     assert len(srv.seen) == 3
 
 
 def test_redirects_up_to_the_limit_are_followed(tmp_path, serve):
-    srv = serve({"/r1": redirect("/r2", 307), "/r2": redirect("/r3", 308),
-                 "/r3": redirect("/file", 303), "/file": body(PAYLOAD)})
+    srv = serve(
+        {
+            "/r1": redirect("/r2", 307),
+            "/r2": redirect("/r3", 308),
+            "/r3": redirect("/file", 303),
+            "/file": body(PAYLOAD),
+        }
+    )
     url = f"http://127.0.0.1:{srv.port}/r1"
     result = fetch(url, tmp_path / "m", policy=policy(allow_hosts={"127.0.0.1"}))
     assert result.sha256 == PAYLOAD_SHA
@@ -388,9 +447,12 @@ def test_redirects_up_to_the_limit_are_followed(tmp_path, serve):
 def test_allow_list_permits_local_host_and_port(tmp_path, serve):
     srv = serve({"/file": body(PAYLOAD, headers=[("Content-Type", "application/x-tar")])})
     dest = tmp_path / "model.bin"
-    result = fetch(f"http://127.0.0.1:{srv.port}/file", dest,
-                   policy=policy(allow_hosts={f"127.0.0.1:{srv.port}"}),
-                   expected_sha256=PAYLOAD_SHA.upper())
+    result = fetch(
+        f"http://127.0.0.1:{srv.port}/file",
+        dest,
+        policy=policy(allow_hosts={f"127.0.0.1:{srv.port}"}),
+        expected_sha256=PAYLOAD_SHA.upper(),
+    )
     assert dest.read_bytes() == PAYLOAD
     assert (result.path, result.size, result.sha256) == (dest, len(PAYLOAD), PAYLOAD_SHA)
     assert result.content_type == "application/x-tar"
@@ -404,8 +466,12 @@ def test_allow_list_is_exact_on_port_and_case_insensitive_on_name(tmp_path, serv
     fetch(url, tmp_path / "a", policy=policy(allow_hosts={"files.EXAMPLE.test"}), resolver=resolve)
     assert srv.seen[-1] == ("/file", f"files.example.test:{srv.port}")
     with pytest.raises(FetchError) as err:
-        fetch(url, tmp_path / "b", resolver=resolve,
-              policy=policy(allow_hosts={f"files.example.test:{srv.port + 1}", "example.test"}))
+        fetch(
+            url,
+            tmp_path / "b",
+            resolver=resolve,
+            policy=policy(allow_hosts={f"files.example.test:{srv.port + 1}", "example.test"}),
+        )
     assert err.value.reason == "blocked_address"
     assert len(srv.seen) == 1
 
@@ -416,8 +482,7 @@ def test_oversize_download_refused(tmp_path, serve, with_length):
     dest = tmp_path / "m"
     dest.write_bytes(b"old")
     with pytest.raises(FetchError) as err:
-        fetch(f"http://127.0.0.1:{srv.port}/big", dest,
-              policy=policy(allow_hosts={"127.0.0.1"}, max_bytes=50_000))
+        fetch(f"http://127.0.0.1:{srv.port}/big", dest, policy=policy(allow_hosts={"127.0.0.1"}, max_bytes=50_000))
     assert err.value.reason == "too_large"
     assert dest.read_bytes() == b"old"  # untouched
     assert leftovers(tmp_path) == ["m"]
@@ -439,8 +504,12 @@ def test_timeouts_are_enforced(tmp_path, serve, route):
 def test_wrong_sha256_fails_and_removes_partial_file(tmp_path, serve):
     srv = serve({"/file": body(PAYLOAD)})
     with pytest.raises(FetchError) as err:
-        fetch(f"http://127.0.0.1:{srv.port}/file", tmp_path / "m",
-              policy=policy(allow_hosts={"127.0.0.1"}), expected_sha256="0" * 64)
+        fetch(
+            f"http://127.0.0.1:{srv.port}/file",
+            tmp_path / "m",
+            policy=policy(allow_hosts={"127.0.0.1"}),
+            expected_sha256="0" * 64,
+        )
     assert err.value.reason == "checksum_mismatch"
     assert "0" * 64 in str(err.value) and PAYLOAD_SHA in str(err.value)
     assert leftovers(tmp_path) == []
@@ -448,8 +517,7 @@ def test_wrong_sha256_fails_and_removes_partial_file(tmp_path, serve):
 
 def test_malformed_expected_sha256(tmp_path):
     with pytest.raises(FetchError) as err:
-        fetch("http://files.test/m", tmp_path / "m", expected_sha256="abc",
-              resolver=no_resolve, transport=NoConnect())
+        fetch("http://files.test/m", tmp_path / "m", expected_sha256="abc", resolver=no_resolve, transport=NoConnect())
     assert err.value.reason == "bad_checksum"
 
 
@@ -457,8 +525,7 @@ def test_malformed_expected_sha256(tmp_path):
 def test_http_error_status(tmp_path, serve, status):
     srv = serve({"/x": body(b"err", status=status)})
     with pytest.raises(FetchError) as err:
-        fetch(f"http://127.0.0.1:{srv.port}/x", tmp_path / "m",
-              policy=policy(allow_hosts={"127.0.0.1"}))
+        fetch(f"http://127.0.0.1:{srv.port}/x", tmp_path / "m", policy=policy(allow_hosts={"127.0.0.1"}))
     assert err.value.reason == "http_status"
     assert str(status) in str(err.value)
 
@@ -466,20 +533,28 @@ def test_http_error_status(tmp_path, serve, status):
 # --- secrets never leak ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path, kwargs, reason", [
-    ("/file", {}, None),
-    ("/missing", {}, "http_status"),
-    ("/big", {"max_bytes": 10}, "too_large"),
-    ("/slow", {"read_timeout": 0.3}, "timeout"),
-    ("/file", {"expected_sha256": "0" * 64}, "checksum_mismatch"),
-    ("/to-private", {}, "blocked_address"),
-    ("/to-signed", {"max_redirects": 0}, "too_many_redirects"),
-])
-def test_query_string_never_in_messages_or_logs(tmp_path, serve, loopback, caplog, path, kwargs,
-                                                reason):
-    srv = serve({"/file": body(PAYLOAD), "/big": body(PAYLOAD), "/slow": stall,
-                 "/to-private": redirect("http://10.0.0.1/x" + SECRET_QUERY),
-                 "/to-signed": redirect("/file" + SECRET_QUERY)})
+@pytest.mark.parametrize(
+    "path, kwargs, reason",
+    [
+        ("/file", {}, None),
+        ("/missing", {}, "http_status"),
+        ("/big", {"max_bytes": 10}, "too_large"),
+        ("/slow", {"read_timeout": 0.3}, "timeout"),
+        ("/file", {"expected_sha256": "0" * 64}, "checksum_mismatch"),
+        ("/to-private", {}, "blocked_address"),
+        ("/to-signed", {"max_redirects": 0}, "too_many_redirects"),
+    ],
+)
+def test_query_string_never_in_messages_or_logs(tmp_path, serve, loopback, caplog, path, kwargs, reason):
+    srv = serve(
+        {
+            "/file": body(PAYLOAD),
+            "/big": body(PAYLOAD),
+            "/slow": stall,
+            "/to-private": redirect("http://10.0.0.1/x" + SECRET_QUERY),
+            "/to-signed": redirect("/file" + SECRET_QUERY),
+        }
+    )
     caplog.set_level(logging.DEBUG)  # everything, httpx/httpcore included
     expected = kwargs.pop("expected_sha256", None)
     pol = policy(allow_hosts={"127.0.0.1"}, **kwargs)
@@ -512,36 +587,42 @@ def tls_files(tmp_path_factory):
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mms test CA")])
 
     def builder(subject, public_key):
-        return (x509.CertificateBuilder().subject_name(subject).issuer_name(ca_name)
-                .public_key(public_key).serial_number(x509.random_serial_number())
-                .not_valid_before(now - timedelta(minutes=5))
-                .not_valid_after(now + timedelta(hours=1)))
+        return (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(ca_name)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5))
+            .not_valid_after(now + timedelta(hours=1))
+        )
 
-    ca = (builder(ca_name, ca_key.public_key())
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False),
-                         critical=True)
-          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
-          .sign(ca_key, hashes.SHA256()))
+    ca = (
+        builder(ca_name, ca_key.public_key())
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
+        .sign(ca_key, hashes.SHA256())
+    )
     leaf_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "files.example.test")])
-    leaf = (builder(leaf_name, key.public_key())
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("files.example.test")]), False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                           False)
-            .sign(ca_key, hashes.SHA256()))
+    leaf = (
+        builder(leaf_name, key.public_key())
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("files.example.test")]), False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False)
+        .sign(ca_key, hashes.SHA256())
+    )
     d = tmp_path_factory.mktemp("tls")
     pem = serialization.Encoding.PEM
     (d / "ca.pem").write_bytes(ca.public_bytes(pem))
     (d / "leaf.pem").write_bytes(leaf.public_bytes(pem))
-    (d / "key.pem").write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
-                                                  serialization.NoEncryption()))
+    (d / "key.pem").write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     return d
 
 
@@ -560,8 +641,7 @@ def test_https_pinned_with_original_name_for_sni_and_cert(tmp_path, tls_server, 
     calls: list[str] = []
     resolve = resolver_for({"files.example.test": ["127.0.0.1"]}, calls)
     pol = policy(allow_hosts={"files.example.test"}, ca_bundle=str(tls_files / "ca.pem"))
-    result = fetch(f"https://files.example.test:{tls_server.port}/file", tmp_path / "m",
-                   policy=pol, resolver=resolve)
+    result = fetch(f"https://files.example.test:{tls_server.port}/file", tmp_path / "m", policy=pol, resolver=resolve)
     assert result.sha256 == PAYLOAD_SHA
     assert calls == ["files.example.test"]
     assert tls_server.sni == ["files.example.test"]
@@ -571,8 +651,12 @@ def test_https_pinned_with_original_name_for_sni_and_cert(tmp_path, tls_server, 
 def test_https_untrusted_certificate_refused(tmp_path, tls_server):
     resolve = resolver_for({"files.example.test": ["127.0.0.1"]})
     with pytest.raises(FetchError) as err:
-        fetch(f"https://files.example.test:{tls_server.port}/file", tmp_path / "m",
-              policy=policy(allow_hosts={"files.example.test"}), resolver=resolve)
+        fetch(
+            f"https://files.example.test:{tls_server.port}/file",
+            tmp_path / "m",
+            policy=policy(allow_hosts={"files.example.test"}),
+            resolver=resolve,
+        )
     assert err.value.reason == "network_error"
     assert "CERTIFICATE_VERIFY_FAILED" in str(err.value)
     assert tls_server.seen == []
@@ -606,8 +690,7 @@ def test_pinned_transport_resolves_each_origin_once_and_keeps_its_name(serve):
     calls: list[str] = []
     # A second lookup would answer a private address: it must never be asked for.
     resolve = resolver_for({"registry.test": [["127.0.0.1"], ["10.0.0.1"]]}, calls)
-    transport = PinnedTransport(policy(allow_hosts={f"registry.test:{srv.port}"}),
-                                resolver=resolve)
+    transport = PinnedTransport(policy(allow_hosts={f"registry.test:{srv.port}"}), resolver=resolve)
     with httpx.Client(transport=transport, trust_env=False) as client:
         first = client.get(f"http://registry.test:{srv.port}/a")
         second = client.get(f"http://registry.test:{srv.port}/b")
@@ -662,13 +745,14 @@ def flaky(*steps):
 
 def cut_off(data: bytes, headers=()):
     """Promise all of ``data``, send a third of it, hang up."""
+
     def route(h: BaseHTTPRequestHandler) -> None:
         h.send_response(200)
         h.send_header("Content-Length", str(len(data)))
         for key, value in headers:
             h.send_header(key, value)
         h.end_headers()
-        h.wfile.write(data[:len(data) // 3])
+        h.wfile.write(data[: len(data) // 3])
         h.wfile.flush()
         h.close_connection = True
         h.connection.shutdown(socket.SHUT_RDWR)
@@ -678,6 +762,7 @@ def cut_off(data: bytes, headers=()):
 
 def ranged(data: bytes, etag: str):
     """Serve ``data``, or the asked-for tail of it (206) when If-Range matches."""
+
     def route(h: BaseHTTPRequestHandler) -> None:
         asked = h.headers.get("Range")
         if asked and h.headers.get("If-Range") == etag:
@@ -703,8 +788,12 @@ def test_5xx_and_a_dropped_connection_are_retried(tmp_path, serve):
 
     route = flaky(body(b"busy", status=503), hang_up, body(b"bad gateway", status=502), body(PAYLOAD))
     srv = serve({"/file": route})
-    result = fetch(f"http://127.0.0.1:{srv.port}/file", tmp_path / "m",
-                   policy=policy(allow_hosts={"127.0.0.1"}), expected_sha256=PAYLOAD_SHA)
+    result = fetch(
+        f"http://127.0.0.1:{srv.port}/file",
+        tmp_path / "m",
+        policy=policy(allow_hosts={"127.0.0.1"}),
+        expected_sha256=PAYLOAD_SHA,
+    )
     assert result.size == len(PAYLOAD)
     assert (tmp_path / "m").read_bytes() == PAYLOAD
     assert len(route.ranges) == 4
@@ -725,8 +814,11 @@ def test_attempts_are_bounded_and_a_404_is_not_retried(tmp_path, serve):
     srv = serve({"/busy": busy, "/missing": missing})
     for path in ("/busy", "/missing"):
         with pytest.raises(FetchError) as err:
-            fetch(f"http://127.0.0.1:{srv.port}{path}", tmp_path / "m",
-                  policy=policy(allow_hosts={"127.0.0.1"}, attempts=3))
+            fetch(
+                f"http://127.0.0.1:{srv.port}{path}",
+                tmp_path / "m",
+                policy=policy(allow_hosts={"127.0.0.1"}, attempts=3),
+            )
         assert err.value.reason == "http_status"
     assert len(busy.ranges) == 3 and len(missing.ranges) == 1
     assert leftovers(tmp_path) == []
@@ -736,8 +828,12 @@ def test_a_broken_download_resumes_with_range_where_it_stopped(tmp_path, serve):
     etag = '"v1"'
     route = flaky(cut_off(LARGE, headers=[("ETag", etag)]), ranged(LARGE, etag))
     srv = serve({"/model": route})
-    result = fetch(f"http://127.0.0.1:{srv.port}/model", tmp_path / "m",
-                   policy=policy(allow_hosts={"127.0.0.1"}), expected_sha256=LARGE_SHA)
+    result = fetch(
+        f"http://127.0.0.1:{srv.port}/model",
+        tmp_path / "m",
+        policy=policy(allow_hosts={"127.0.0.1"}),
+        expected_sha256=LARGE_SHA,
+    )
     assert (tmp_path / "m").read_bytes() == LARGE and result.sha256 == LARGE_SHA
     first, second = route.ranges
     assert first == (None, None)

@@ -32,7 +32,7 @@ from tests.workers.conftest import TEST_LABEL, Infra
 pytestmark = pytest.mark.postgres_only
 
 BUILD_TIMEOUT = 600
-SCORE_PY = '''
+SCORE_PY = """
 import json, os, pickle
 
 def init():
@@ -42,7 +42,7 @@ def init():
 
 def run(raw_data):
     return model.predict(json.loads(raw_data)["data"]).tolist()
-'''
+"""
 
 
 @dataclass
@@ -56,8 +56,13 @@ class Stack:
 
     def start_worker(self) -> subprocess.Popen:
         log = open(self.log_dir / f"worker-{len(self.workers)}.log", "wb")  # noqa: SIM115
-        worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--concurrency", "1"],
-                                  env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "worker", "--concurrency", "1"],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         log.close()
         self.workers.append(worker)
         return worker
@@ -96,8 +101,9 @@ def stack(infra: Infra, service_context: ServiceContext, tmp_path_factory: pytes
     if HOST_CA_BUNDLE.is_file():  # this machine reaches PyPI through a TLS-inspecting proxy
         env["MMS_EXTRA_CA_BUNDLE"] = str(HOST_CA_BUNDLE)
     server_log = open(log_dir / "server.log", "wb")  # noqa: SIM115
-    server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], env=env,
-                              stdout=server_log, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "serve"], env=env, stdout=server_log, stderr=subprocess.STDOUT
+    )
     server_log.close()
     api = f"http://127.0.0.1:{port}"
     stack = Stack(api=api, headers={}, env=env, workers=[], log_dir=log_dir, hook_port=hook_port)
@@ -105,10 +111,13 @@ def stack(infra: Infra, service_context: ServiceContext, tmp_path_factory: pytes
         wait_for(f"{api}/health", server)
         with session_scope(service_context.session_factory) as session:
             principal, secret = create_service_principal(
-                session, issuer=settings.issuer, display_name="e2e", role="Owner", scope="/", created_by=None)
+                session, issuer=settings.issuer, display_name="e2e", role="Owner", scope="/", created_by=None
+            )
             client_id = principal.client_id
-        token = httpx.post(f"{api}/oauth2/token", data={"grant_type": "client_credentials",
-                           "client_id": client_id, "client_secret": secret}).json()["access_token"]
+        token = httpx.post(
+            f"{api}/oauth2/token",
+            data={"grant_type": "client_credentials", "client_id": client_id, "client_secret": secret},
+        ).json()["access_token"]
         stack.headers = {"Authorization": f"Bearer {token}"}
         stack.start_worker()
         yield stack
@@ -129,8 +138,9 @@ class Account:
         self.call("PUT", self.url, json={"location": "eastus2", "sku": {"name": "S1"}})
 
     def call(self, method: str, url: str, **kwargs) -> httpx.Response:
-        response = httpx.request(method, url, headers={**self.stack.headers, **kwargs.pop("headers", {})},
-                                 timeout=60, **kwargs)
+        response = httpx.request(
+            method, url, headers={**self.stack.headers, **kwargs.pop("headers", {})}, timeout=60, **kwargs
+        )
         assert response.status_code < 400, f"{method} {url}: {response.status_code} {response.text}"
         return response
 
@@ -139,10 +149,16 @@ class Account:
 
     def manifest(self, model_id: str, score: str, requirements: str, name: str = "e2e-manifest") -> str:
         body = {
-            "name": name, "driverProgram": "score", "modelIds": [model_id],
-            "assets": [{"id": "score", "url": self.upload("score.py", score.encode()), "mimeType": "application/x-python"}],
-            "targetRuntime": {"runtimeType": "Python",
-                              "properties": {"pipRequirements": self.upload("requirements.txt", requirements.encode())}},
+            "name": name,
+            "driverProgram": "score",
+            "modelIds": [model_id],
+            "assets": [
+                {"id": "score", "url": self.upload("score.py", score.encode()), "mimeType": "application/x-python"}
+            ],
+            "targetRuntime": {
+                "runtimeType": "Python",
+                "properties": {"pipRequirements": self.upload("requirements.txt", requirements.encode())},
+            },
         }
         return self.call("POST", f"{self.url}/manifests", json=body).json()["id"]
 
@@ -189,7 +205,9 @@ def _requirements() -> str:
 
 
 @pytest.mark.parametrize("builder", ["oci", "docker"])
-def test_a_trained_model_is_built_pulled_run_and_scores_exactly(stack: Stack, infra: Infra, model, builder: str) -> None:
+def test_a_trained_model_is_built_pulled_run_and_scores_exactly(
+    stack: Stack, infra: Infra, model, builder: str
+) -> None:
     trained, rows, archive = model
     account = Account(stack)
     model_id = _register(account, archive)
@@ -217,12 +235,15 @@ def test_a_trained_model_is_built_pulled_run_and_scores_exactly(stack: Stack, in
     assert scored.json() == trained.predict(rows).tolist()
 
 
-def run_and_score(api, image_location: str, rows: list) -> httpx.Response:  # noqa: ANN001
+def run_and_score(api, image_location: str, rows: list) -> httpx.Response:
     """Start the image on the host network, POST ``rows`` to /score once it answers, remove it."""
     port = free_port()
     container = api.create_container(
-        image_location, environment={"PORT": str(port)}, labels={TEST_LABEL: "1"},
-        host_config=api.create_host_config(network_mode="host"))
+        image_location,
+        environment={"PORT": str(port)},
+        labels={TEST_LABEL: "1"},
+        host_config=api.create_host_config(network_mode="host"),
+    )
     api.start(container)
     try:
         deadline = time.monotonic() + 60
@@ -329,8 +350,14 @@ def test_a_private_base_image_needs_its_credentials_which_never_show(
     score_url = account.upload("score.py", ECHO_SCORE.encode())
 
     def manifest(registry: dict | None) -> str:
-        body = {"name": "private-base", "modelIds": [], "assets": [{"id": "score.py", "url": score_url}],
-                "entryScript": "score.py", "runtime": "python", "baseImage": private_base}
+        body = {
+            "name": "private-base",
+            "modelIds": [],
+            "assets": [{"id": "score.py", "url": score_url}],
+            "entryScript": "score.py",
+            "runtime": "python",
+            "baseImage": private_base,
+        }
         if registry:
             body["baseImageRegistry"] = registry
         return account.call("POST", f"{account.url}/manifests", json=body).json()["id"]
@@ -344,24 +371,31 @@ def test_a_private_base_image_needs_its_credentials_which_never_show(
     image = account.wait(account.build(manifest_id, "with-creds", builder)["Id"])
     log = account.log(image)
     assert image["CreationState"] == "Succeeded", log[-2000:]
-    seen = [log, account.log(anonymous), json.dumps(image),
-            account.call("GET", f"{account.url}/manifests/{manifest_id}").text,
-            account.call("GET", f"{account.url}/images").text]
+    seen = [
+        log,
+        account.log(anonymous),
+        json.dumps(image),
+        account.call("GET", f"{account.url}/manifests/{manifest_id}").text,
+        account.call("GET", f"{account.url}/images").text,
+    ]
     seen += [path.read_text(errors="replace") for path in stack.log_dir.glob("*.log")]
     assert not [text for text in seen if infra.password in text]
 
 
 @pytest.mark.parametrize("builder", ["oci", "docker"])
-def test_a_base_image_at_a_private_address_fails_the_build_and_is_never_contacted(
-    stack: Stack, builder: str
-) -> None:
+def test_a_base_image_at_a_private_address_fails_the_build_and_is_never_contacted(stack: Stack, builder: str) -> None:
     with recording_http_server() as listener:
         base = f"{listener.address}/x/y:1"
         account = Account(stack)
         score_url = account.upload("score.py", ECHO_SCORE.encode())
-        body = {"name": "loopback-base", "modelIds": [], "baseImage": base,
-                "assets": [{"id": "score.py", "url": score_url}],
-                "entryScript": "score.py", "runtime": "python"}
+        body = {
+            "name": "loopback-base",
+            "modelIds": [],
+            "baseImage": base,
+            "assets": [{"id": "score.py", "url": score_url}],
+            "entryScript": "score.py",
+            "runtime": "python",
+        }
         manifest_id = account.call("POST", f"{account.url}/manifests", json=body).json()["id"]
         created = account.build(manifest_id, "loopback-base", builder)
         image = account.wait(created["Id"], seconds=120)
@@ -377,9 +411,14 @@ def test_a_base_image_at_a_private_address_fails_the_build_and_is_never_contacte
 def test_cancelling_a_running_build_stops_it(stack: Stack) -> None:
     account = Account(stack)
     score_url = account.upload("score.py", ECHO_SCORE.encode())
-    body = {"name": "slow", "modelIds": [], "assets": [{"id": "score.py", "url": score_url}],
-            "entryScript": "score.py", "runtime": "python",
-            "extraDockerfileSteps": f"RUN echo {uuid.uuid4().hex} && for i in $(seq 120); do echo tick $i; sleep 1; done"}
+    body = {
+        "name": "slow",
+        "modelIds": [],
+        "assets": [{"id": "score.py", "url": score_url}],
+        "entryScript": "score.py",
+        "runtime": "python",
+        "extraDockerfileSteps": f"RUN echo {uuid.uuid4().hex} && for i in $(seq 120); do echo tick $i; sleep 1; done",
+    }
     manifest_id = account.call("POST", f"{account.url}/manifests", json=body).json()["id"]
     created = account.build(manifest_id, "cancel-me", builder="docker")
     deadline = time.monotonic() + 120
@@ -397,9 +436,14 @@ def test_cancelling_a_running_build_stops_it(stack: Stack) -> None:
 def test_the_oci_builder_refuses_a_run_step_at_once_naming_it(stack: Stack) -> None:
     account = Account(stack)
     score_url = account.upload("score.py", ECHO_SCORE.encode())
-    body = {"name": "needs-run", "modelIds": [], "assets": [{"id": "score.py", "url": score_url}],
-            "entryScript": "score.py", "runtime": "python",
-            "extraDockerfileSteps": "ENV A=1\nRUN apt-get install -y libgomp1"}
+    body = {
+        "name": "needs-run",
+        "modelIds": [],
+        "assets": [{"id": "score.py", "url": score_url}],
+        "entryScript": "score.py",
+        "runtime": "python",
+        "extraDockerfileSteps": "ENV A=1\nRUN apt-get install -y libgomp1",
+    }
     manifest_id = account.call("POST", f"{account.url}/manifests", json=body).json()["id"]
     image = account.wait(account.build(manifest_id, "needs-run", builder="oci")["Id"], seconds=60)
     assert image["CreationState"] == "Failed"

@@ -14,7 +14,8 @@ from tests.storage.test_oci_layout import build_image
 
 
 def test_the_beat_schedules_the_collection_and_the_task_collects(
-        settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import workers.tasks
     from workers.celery_app import COLLECT_TASK, celery_app
 
@@ -22,8 +23,7 @@ def test_the_beat_schedules_the_collection_and_the_task_collects(
     assert entry["task"] == COLLECT_TASK and entry["schedule"] == settings.image_gc_interval_seconds
     assert COLLECT_TASK in celery_app.tasks
 
-    embedded = settings.model_copy(update={"data_dir": tmp_path, "registry": None,
-                                           "image_gc_grace_seconds": 3600})
+    embedded = settings.model_copy(update={"data_dir": tmp_path, "registry": None, "image_gc_grace_seconds": 3600})
     layout = image_layout(embedded)
     gone = build_image(layout, "acct/gone", "1", {"a": b"deleted"})
     young = layout.put_blob_bytes(b"a build's layer, its manifest not yet in")

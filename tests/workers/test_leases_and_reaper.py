@@ -17,16 +17,37 @@ from workers.reaper import reap
 
 @pytest.fixture()
 def image(db: Session) -> Image:
-    account = Account(subscription_id="s", resource_group="rg", name=f"a{uuid.uuid4().hex[:8]}",
-                      location="x", sku_name="S1", sku_capacity=1)
+    account = Account(
+        subscription_id="s",
+        resource_group="rg",
+        name=f"a{uuid.uuid4().hex[:8]}",
+        location="x",
+        sku_name="S1",
+        sku_capacity=1,
+    )
     db.add(account)
     db.flush()
-    manifest = Manifest(account_id=account.id, name="m", version=1, driver_program="score",
-                        model_type="Registered", runtime_type="Python", webservice_type="Realtime")
+    manifest = Manifest(
+        account_id=account.id,
+        name="m",
+        version=1,
+        driver_program="score",
+        model_type="Registered",
+        runtime_type="Python",
+        webservice_type="Realtime",
+    )
     db.add(manifest)
     db.flush()
-    row = Image(account_id=account.id, manifest_id=manifest.id, name="i", version=1, image_type="Docker",
-                builder="docker", state="NotStarted", published_at=utcnow())
+    row = Image(
+        account_id=account.id,
+        manifest_id=manifest.id,
+        name="i",
+        version=1,
+        image_type="Docker",
+        builder="docker",
+        state="NotStarted",
+        published_at=utcnow(),
+    )
     db.add(row)
     db.flush()
     return row
@@ -58,7 +79,11 @@ def test_reaper_requeues_lapsed_leases_then_gives_up(db: Session, image: Image, 
     db.refresh(image)
     assert image.state == "NotStarted"
 
-    image.state, image.attempt, image.lease_expires_at = "Running", settings.build_max_attempts, utcnow() - timedelta(seconds=1)
+    image.state, image.attempt, image.lease_expires_at = (
+        "Running",
+        settings.build_max_attempts,
+        utcnow() - timedelta(seconds=1),
+    )
     db.flush()
     reap(db, settings)
     db.refresh(image)

@@ -14,7 +14,8 @@ pytestmark = pytest.mark.postgres_only
 
 @pytest.mark.parametrize("builder", ["oci", "docker"])
 def test_requirement_lines_that_choose_where_packages_come_from_fail_naming_the_line(
-        stack: Stack, builder: str) -> None:  # noqa: F811
+    stack: Stack, builder: str
+) -> None:
     account, elsewhere = Account(stack), Account(stack)
     score_url = account.upload("score.py", ECHO_SCORE.encode())
     # Another account's file, and one on the internet: never the account's own.
@@ -23,20 +24,31 @@ def test_requirement_lines_that_choose_where_packages_come_from_fail_naming_the_
         (f"six==1.16.0\npyspark @ {foreign_url}\n", "pip requirements line 2 (pyspark @ …): direct references"),
         ("pyspark @ https://example.com/pyspark-3.5.9.tar.gz?sig=x\n", "line 1 (pyspark @ …): direct references"),
         ("--index-url http://127.0.0.1:9/simple\nsix\n", "pip requirements line 1 (--index-url)"),
-        ("six\n--extra-index-url=https://evil.example/simple\n", "line 2 (--extra-index-url=https://evil.example/simple)"),
+        (
+            "six\n--extra-index-url=https://evil.example/simple\n",
+            "line 2 (--extra-index-url=https://evil.example/simple)",
+        ),
         ("-f /tmp/wheels\nsix\n", "line 1 (-f)"),
         ("git+https://example.com/pkg.git\n", "line 1 (git+https://example.com/pkg.git): not a requirement"),
         # An option after a requirement (uv honours it): only --hash may follow one.
-        (f"six==1.16.0 --hash=sha256:{'a' * 64} --extra-index-url http://127.0.0.1:9/simple\n",
-         "line 1 (six==1.16.0 --hash=sha256:"),
+        (
+            f"six==1.16.0 --hash=sha256:{'a' * 64} --extra-index-url http://127.0.0.1:9/simple\n",
+            "line 1 (six==1.16.0 --hash=sha256:",
+        ),
     ]
     for number, (requirements, fragment) in enumerate(cases):
-        manifest = {"name": f"sources-{number}", "driverProgram": "score.py", "modelIds": [],
-                    "assets": [{"id": "score.py", "url": score_url}],
-                    # Not one of the account's assets, so the API cannot read it at creation
-                    # (it refuses those there): the worker must refuse it.
-                    "targetRuntime": {"runtimeType": "Python", "properties": {
-                        "pipRequirements": elsewhere.upload("requirements.txt", requirements.encode())}}}
+        manifest = {
+            "name": f"sources-{number}",
+            "driverProgram": "score.py",
+            "modelIds": [],
+            "assets": [{"id": "score.py", "url": score_url}],
+            # Not one of the account's assets, so the API cannot read it at creation
+            # (it refuses those there): the worker must refuse it.
+            "targetRuntime": {
+                "runtimeType": "Python",
+                "properties": {"pipRequirements": elsewhere.upload("requirements.txt", requirements.encode())},
+            },
+        }
         manifest_id = account.call("POST", f"{account.url}/manifests", json=manifest).json()["id"]
         image = account.wait(account.build(manifest_id, f"sources-{number}", builder)["Id"], seconds=120)
         message = image["Error"]["message"] if image.get("Error") else ""
@@ -53,10 +65,14 @@ def _wheel(name: str, module: str) -> bytes:
 
 def _sdist(name: str, module: str) -> bytes:
     """A setuptools sdist whose module says ``module``."""
-    return packages.sdist(f"{name}-1.0", {
-        "pyproject.toml": '[build-system]\nrequires = ["setuptools>=70.1"]\nbuild-backend = "setuptools.build_meta"\n'
-                          f'[project]\nname = "{name}"\nversion = "1.0"\n',
-        f"{name}/__init__.py": module})
+    return packages.sdist(
+        f"{name}-1.0",
+        {
+            "pyproject.toml": '[build-system]\nrequires = ["setuptools>=70.1"]\nbuild-backend = "setuptools.build_meta"\n'
+            f'[project]\nname = "{name}"\nversion = "1.0"\n',
+            f"{name}/__init__.py": module,
+        },
+    )
 
 
 USES_PACKAGE = "import ownpkg\n\ndef init():\n    pass\n\ndef run(raw_data):\n    return {'origin': ownpkg.ORIGIN}\n"
@@ -64,7 +80,8 @@ USES_PACKAGE = "import ownpkg\n\ndef init():\n    pass\n\ndef run(raw_data):\n  
 
 @pytest.mark.parametrize(("builder", "kind"), [("oci", "wheel"), ("docker", "wheel"), ("oci", "sdist")])
 def test_an_accounts_own_package_file_is_installed_and_another_accounts_is_refused(
-        stack: Stack, builder: str, kind: str) -> None:  # noqa: F811
+    stack: Stack, builder: str, kind: str
+) -> None:
     owner, other = Account(stack), Account(stack)
     if kind == "wheel":
         package_url = owner.upload("ownpkg-1.0-py3-none-any.whl", _wheel("ownpkg", "ORIGIN = 'own wheel'\n"))
@@ -72,10 +89,18 @@ def test_an_accounts_own_package_file_is_installed_and_another_accounts_is_refus
         package_url = owner.upload("ownpkg-1.0.tar.gz", _sdist("ownpkg", "ORIGIN = 'own sdist'\n"))
 
     def manifest_body(account: Account) -> dict:
-        return {"name": "own-package", "driverProgram": "score.py", "modelIds": [],
-                "assets": [{"id": "score.py", "url": account.upload("score.py", USES_PACKAGE.encode())}],
-                "targetRuntime": {"runtimeType": "Python", "properties": {
-                    "pipRequirements": account.upload("requirements.txt", f"ownpkg @ {package_url}\n".encode())}}}
+        return {
+            "name": "own-package",
+            "driverProgram": "score.py",
+            "modelIds": [],
+            "assets": [{"id": "score.py", "url": account.upload("score.py", USES_PACKAGE.encode())}],
+            "targetRuntime": {
+                "runtimeType": "Python",
+                "properties": {
+                    "pipRequirements": account.upload("requirements.txt", f"ownpkg @ {package_url}\n".encode())
+                },
+            },
+        }
 
     def manifest(account: Account) -> str:
         return account.call("POST", f"{account.url}/manifests", json=manifest_body(account)).json()["id"]

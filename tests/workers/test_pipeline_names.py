@@ -14,16 +14,30 @@ from workers.pipeline import BuildInputs, Source, StepFailed, fetch_step
 
 def _inputs(**kinds: dict[str, Source]) -> BuildInputs:
     return BuildInputs(
-        image_name="img", image_version=1, account_id=uuid.uuid4(), builder="oci", driver_program="score.py",
-        assets=kinds.get("assets", {}), models=kinds.get("models", {}), conda_url=None, pip_url=None,
-        base_image=None, base_registry=None, extra_steps=None, labels={}, published_base=None,
+        image_name="img",
+        image_version=1,
+        account_id=uuid.uuid4(),
+        builder="oci",
+        driver_program="score.py",
+        assets=kinds.get("assets", {}),
+        models=kinds.get("models", {}),
+        conda_url=None,
+        pip_url=None,
+        base_image=None,
+        base_registry=None,
+        extra_steps=None,
+        labels={},
+        published_base=None,
     )
 
 
-@pytest.mark.parametrize(("kind", "key"), [("models", "../1"), ("models", "./1"), ("models", "a\\b/1"),
-                                           ("assets", ".."), ("assets", "/etc/passwd")])
-def test_a_name_that_leaves_the_tree_fails_the_fetch_step(service_context: ServiceContext, tmp_path: Path,
-                                                          kind: str, key: str) -> None:
+@pytest.mark.parametrize(
+    ("kind", "key"),
+    [("models", "../1"), ("models", "./1"), ("models", "a\\b/1"), ("assets", ".."), ("assets", "/etc/passwd")],
+)
+def test_a_name_that_leaves_the_tree_fails_the_fetch_step(
+    service_context: ServiceContext, tmp_path: Path, kind: str, key: str
+) -> None:
     work = tmp_path / "build"
     work.mkdir()
     # Nothing listens there: the step must fail before it fetches anything.

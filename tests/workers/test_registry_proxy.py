@@ -46,17 +46,19 @@ def test_a_monolithic_upload_is_counted_with_its_bytes(infra, proxy, client):
     repo, data = f"{infra.prefix}/proxy-mono", os.urandom(3_000_000)
 
     location = start_upload(client, proxy, repo)
-    put = client.put(with_digest(location, digest_of(data)), content=data,
-                     headers={"Content-Type": "application/octet-stream"})
+    put = client.put(
+        with_digest(location, digest_of(data)), content=data, headers={"Content-Type": "application/octet-stream"}
+    )
 
     assert location.startswith(f"http://{proxy.address}/v2/{repo}/blobs/uploads/")
     assert put.status_code == 201, put.text
     assert put.headers["Docker-Content-Digest"] == digest_of(data)
     stats = proxy.stats()
-    assert (stats.blob_uploads, stats.upload_bytes, stats.mounts, stats.manifest_puts) == (
-        1, len(data), 0, 0)
+    assert (stats.blob_uploads, stats.upload_bytes, stats.mounts, stats.manifest_puts) == (1, len(data), 0, 0)
     assert [(r.method, r.status, r.request_bytes) for r in stats.requests] == [
-        ("POST", 202, 0), ("PUT", 201, len(data))]
+        ("POST", 202, 0),
+        ("PUT", 201, len(data)),
+    ]
     assert stats.requests[0].path == f"/v2/{repo}/blobs/uploads/"
     # The blob really is in the registry behind the proxy.
     direct = client.get(f"http://{infra.registry}/v2/{repo}/blobs/{digest_of(data)}")
@@ -80,8 +82,7 @@ def test_head_and_get_are_not_uploads(infra, proxy, client):
     assert missing.status_code == 404
     stats = proxy.stats()
     assert (stats.blob_uploads, stats.upload_bytes, stats.downloaded_bytes) == (0, 0, len(data))
-    assert [(r.method, r.status) for r in stats.requests] == [
-        ("HEAD", 200), ("GET", 200), ("HEAD", 404)]
+    assert [(r.method, r.status) for r in stats.requests] == [("HEAD", 200), ("GET", 200), ("HEAD", 404)]
 
 
 def test_a_chunked_patch_upload_counts_its_bytes(infra, proxy, client):
@@ -90,8 +91,11 @@ def test_a_chunked_patch_upload_counts_its_bytes(infra, proxy, client):
     data = b"".join(pieces)
 
     location = start_upload(client, proxy, repo)
-    patch = client.patch(location, content=iter(pieces),  # no length: chunked
-                         headers={"Content-Type": "application/octet-stream"})
+    patch = client.patch(
+        location,
+        content=iter(pieces),  # no length: chunked
+        headers={"Content-Type": "application/octet-stream"},
+    )
     assert patch.request.headers["Transfer-Encoding"] == "chunked"
     assert patch.status_code == 202, patch.text
     assert patch.headers["Range"] == f"0-{len(data) - 1}"
@@ -101,7 +105,10 @@ def test_a_chunked_patch_upload_counts_its_bytes(infra, proxy, client):
     stats = proxy.stats()
     assert (stats.blob_uploads, stats.upload_bytes) == (1, len(data))
     assert [(r.method, r.status, r.request_bytes) for r in stats.requests] == [
-        ("POST", 202, 0), ("PATCH", 202, len(data)), ("PUT", 201, 0)]
+        ("POST", 202, 0),
+        ("PATCH", 202, len(data)),
+        ("PUT", 201, 0),
+    ]
     direct = client.get(f"http://{infra.registry}/v2/{repo}/blobs/{digest_of(data)}")
     assert direct.content == data
 
@@ -113,8 +120,9 @@ def test_a_cross_repository_mount_is_counted_as_a_mount(infra, proxy, client):
     client.put(with_digest(location, digest_of(data)), content=data).raise_for_status()
     proxy.reset()
 
-    mount = client.post(f"http://{proxy.address}/v2/{target}/blobs/uploads/",
-                        params={"mount": digest_of(data), "from": source})
+    mount = client.post(
+        f"http://{proxy.address}/v2/{target}/blobs/uploads/", params={"mount": digest_of(data), "from": source}
+    )
 
     assert mount.status_code == 201, mount.text
     assert mount.headers["Location"].startswith(f"http://{proxy.address}/v2/{target}/blobs/")
@@ -130,9 +138,11 @@ def test_a_large_body_is_streamed_through(infra, proxy, client):
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
 
     location = start_upload(client, proxy, repo)
-    put = client.put(with_digest(location, f"sha256:{digest.hexdigest()}"),
-                     content=(piece for _ in range(count)),
-                     headers={"Content-Length": str(count * len(piece))})
+    put = client.put(
+        with_digest(location, f"sha256:{digest.hexdigest()}"),
+        content=(piece for _ in range(count)),
+        headers={"Content-Length": str(count * len(piece))},
+    )
 
     assert put.status_code == 201, put.text
     assert proxy.stats().upload_bytes == count * len(piece)
@@ -161,8 +171,7 @@ def test_docker_push_goes_through_the_proxy(infra, proxy):
     repo, other = f"{infra.prefix}/proxy-push", f"{infra.prefix}/proxy-push-again"
     image, copy = f"{proxy.address}/{repo}:1", f"{proxy.address}/{other}:1"
     with infra.api() as api:
-        image_id = api.import_image_from_data(
-            tiny_image_tar(), repository=f"{proxy.address}/{repo}", tag="1")
+        image_id = api.import_image_from_data(tiny_image_tar(), repository=f"{proxy.address}/{repo}", tag="1")
         infra.local_images.append(image)
         assert image_id
 

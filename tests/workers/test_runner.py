@@ -22,32 +22,66 @@ INTERNAL = "connection to postgresql://mms:hunter2@10.0.0.7/mms refused in /opt/
 
 @pytest.fixture()
 def image(db: Session) -> Image:
-    account = Account(subscription_id="s", resource_group="rg", name=f"a{uuid.uuid4().hex[:8]}",
-                      location="x", sku_name="S1", sku_capacity=1)
+    account = Account(
+        subscription_id="s",
+        resource_group="rg",
+        name=f"a{uuid.uuid4().hex[:8]}",
+        location="x",
+        sku_name="S1",
+        sku_capacity=1,
+    )
     db.add(account)
     db.flush()
-    manifest = Manifest(account_id=account.id, name="m", version=1, driver_program="score",
-                        model_type="Registered", runtime_type="Python", webservice_type="Realtime")
+    manifest = Manifest(
+        account_id=account.id,
+        name="m",
+        version=1,
+        driver_program="score",
+        model_type="Registered",
+        runtime_type="Python",
+        webservice_type="Realtime",
+    )
     db.add(manifest)
     db.flush()
     # Resolves to this machine's loopback, which no allow list of the tests names.
-    db.add(ManifestAsset(manifest_id=manifest.id, position=0, asset_id="score", mime_type="text/x-python",
-                         url="http://localhost:9/score.py?sig=tenant-sas", unpack=False))
-    row = Image(account_id=account.id, manifest_id=manifest.id, name="i", version=1, image_type="Docker",
-                builder="oci", state="NotStarted", published_at=utcnow())
+    db.add(
+        ManifestAsset(
+            manifest_id=manifest.id,
+            position=0,
+            asset_id="score",
+            mime_type="text/x-python",
+            url="http://localhost:9/score.py?sig=tenant-sas",
+            unpack=False,
+        )
+    )
+    row = Image(
+        account_id=account.id,
+        manifest_id=manifest.id,
+        name="i",
+        version=1,
+        image_type="Docker",
+        builder="oci",
+        state="NotStarted",
+        published_at=utcnow(),
+    )
     db.add(row)
     db.flush()
     return row
 
 
 def _log(db: Session, image: Image) -> str:
-    return "".join(db.scalars(select(BuildLogChunk.text).where(BuildLogChunk.image_id == image.id)
-                              .order_by(BuildLogChunk.seq)))
+    return "".join(
+        db.scalars(select(BuildLogChunk.text).where(BuildLogChunk.image_id == image.id).order_by(BuildLogChunk.seq))
+    )
 
 
 def test_an_unexpected_error_shows_the_tenant_an_error_id_and_logs_the_traceback_under_it(
-        app_context: ServiceContext, db: Session, image: Image, monkeypatch: pytest.MonkeyPatch,
-        caplog: pytest.LogCaptureFixture) -> None:
+    app_context: ServiceContext,
+    db: Session,
+    image: Image,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     def crash(*_: object) -> None:  # a bug deep in the pipeline, with internals in its message
         raise ConnectionError(INTERNAL)
 
@@ -71,7 +105,8 @@ def test_an_unexpected_error_shows_the_tenant_an_error_id_and_logs_the_traceback
 
 
 def test_a_fetch_refused_at_a_private_address_names_the_host_never_the_address(
-        app_context: ServiceContext, db: Session, image: Image) -> None:
+    app_context: ServiceContext, db: Session, image: Image
+) -> None:
     runner.run_build(app_context, str(image.id))
     db.refresh(image)
     log = _log(db, image)

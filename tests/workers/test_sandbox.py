@@ -14,8 +14,9 @@ import pytest
 from tests.listeners import tcp_listener
 from workers.sandbox import Limits, SandboxFailed, run_contained
 
-pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None,
-                                reason="needs bubblewrap (scripts/bootstrap installs it)")
+pytestmark = pytest.mark.skipif(
+    shutil.which("bwrap") is None, reason="needs bubblewrap (scripts/bootstrap installs it)"
+)
 
 ATTACKS = """
 import json, os, socket, sys
@@ -66,13 +67,20 @@ def _script(tmp_path: Path, text: str) -> Path:
 def _run(tmp_path: Path, text: str, *args: str, limits: Limits = Limits(wall_seconds=60)) -> list[str]:
     script = _script(tmp_path, text)
     lines: list[str] = []
-    run_contained([sys.executable, "/in/tenant.py", *args], inputs={script: "/in/tenant.py"},
-                  output=tmp_path / "out", limits=limits, log=lines.append, what="the tenant's code")
+    run_contained(
+        [sys.executable, "/in/tenant.py", *args],
+        inputs={script: "/in/tenant.py"},
+        output=tmp_path / "out",
+        limits=limits,
+        log=lines.append,
+        what="the tenant's code",
+    )
     return lines
 
 
 def test_tenant_code_reaches_no_file_process_network_or_secret_of_the_worker(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     data_dir = tmp_path / "worker-data"
     data_dir.mkdir()
     (data_dir / "secret.key").write_text("worker-secret-key-material")
@@ -82,8 +90,11 @@ def test_tenant_code_reaches_no_file_process_network_or_secret_of_the_worker(
     output = "\n".join(lines)
     results = json.loads(output.split("RESULTS ", 1)[1])
     assert not seen  # no connection ever arrived, on loopback or the host's address
-    reached = {name: result for name, result in results.items()
-               if result.startswith("reached") and name not in ("own environment", "other processes", "uid")}
+    reached = {
+        name: result
+        for name, result in results.items()
+        if result.startswith("reached") and name not in ("own environment", "other processes", "uid")
+    }
     assert not reached, reached
     assert results["own environment"] == "reached: {}"
     assert results["other processes"] == "reached: []"  # its own PID namespace
@@ -92,29 +103,45 @@ def test_tenant_code_reaches_no_file_process_network_or_secret_of_the_worker(
     assert not (data_dir / "evil").exists()
 
 
-@pytest.mark.parametrize(("code", "limits", "fragment"), [
-    ("x = bytearray(1 << 30)", Limits(memory_bytes=256 << 20, wall_seconds=60), "ran out of memory"),
-    ("""
+@pytest.mark.parametrize(
+    ("code", "limits", "fragment"),
+    [
+        ("x = bytearray(1 << 30)", Limits(memory_bytes=256 << 20, wall_seconds=60), "ran out of memory"),
+        (
+            """
      import os, time
      while True:
          if os.fork() == 0:
              time.sleep(30)
              os._exit(0)
-     """, Limits(processes=32, wall_seconds=60), "process limit (32 processes)"),
-    ("while True: pass", Limits(cpu_seconds=2, wall_seconds=60), "CPU time limit of 2 s"),
-    ("import time; time.sleep(60)", Limits(wall_seconds=2), "wall-time limit of 2 s"),
-    ("open('/tmp/big', 'wb').write(b'x' * (96 << 20))",
-     Limits(disk_bytes=32 << 20, file_bytes=1 << 30, wall_seconds=60), "filled its disk"),
-    ("open('/out/big', 'wb').write(b'x' * (64 << 20))",
-     Limits(file_bytes=16 << 20, wall_seconds=60), "file size limit"),
-    # Many files, each under the file size limit: the output folder is bounded as a whole.
-    ("""
+     """,
+            Limits(processes=32, wall_seconds=60),
+            "process limit (32 processes)",
+        ),
+        ("while True: pass", Limits(cpu_seconds=2, wall_seconds=60), "CPU time limit of 2 s"),
+        ("import time; time.sleep(60)", Limits(wall_seconds=2), "wall-time limit of 2 s"),
+        (
+            "open('/tmp/big', 'wb').write(b'x' * (96 << 20))",
+            Limits(disk_bytes=32 << 20, file_bytes=1 << 30, wall_seconds=60),
+            "filled its disk",
+        ),
+        (
+            "open('/out/big', 'wb').write(b'x' * (64 << 20))",
+            Limits(file_bytes=16 << 20, wall_seconds=60),
+            "file size limit",
+        ),
+        # Many files, each under the file size limit: the output folder is bounded as a whole.
+        (
+            """
      for i in range(16):
          open(f'/out/part{i}', 'wb').write(b'x' * (8 << 20))
-     """, Limits(disk_bytes=32 << 20, file_bytes=16 << 20, wall_seconds=60), "filled its disk"),
-])
-def test_each_limit_stops_the_code_and_is_named(tmp_path: Path, code: str, limits: Limits,
-                                                fragment: str) -> None:
+     """,
+            Limits(disk_bytes=32 << 20, file_bytes=16 << 20, wall_seconds=60),
+            "filled its disk",
+        ),
+    ],
+)
+def test_each_limit_stops_the_code_and_is_named(tmp_path: Path, code: str, limits: Limits, fragment: str) -> None:
     with pytest.raises(SandboxFailed) as failed:
         _run(tmp_path, code, limits=limits)
     assert fragment in str(failed.value)
@@ -123,9 +150,15 @@ def test_each_limit_stops_the_code_and_is_named(tmp_path: Path, code: str, limit
 def test_the_output_folder_is_collected_then_leaves_nothing_on_the_workers_disk(tmp_path: Path) -> None:
     out = tmp_path / "out"
     script = _script(tmp_path, "open('/out/made.txt', 'w').write('made inside')\n")
-    seen = run_contained([sys.executable, "/in/tenant.py"], inputs={script: "/in/tenant.py"}, output=out,
-                         limits=Limits(wall_seconds=60), log=lambda _: None, what="the tenant's code",
-                         collect=lambda folder: (folder / "made.txt").read_text())
+    seen = run_contained(
+        [sys.executable, "/in/tenant.py"],
+        inputs={script: "/in/tenant.py"},
+        output=out,
+        limits=Limits(wall_seconds=60),
+        log=lambda _: None,
+        what="the tenant's code",
+        collect=lambda folder: (folder / "made.txt").read_text(),
+    )
     assert seen == "made inside"
     if os.geteuid() == 0:  # a tmpfs for the run only
         assert not (out / "made.txt").exists()

@@ -20,7 +20,8 @@ def _dead_pid() -> int:
 
 
 def test_only_the_scratch_of_dead_processes_on_this_host_is_removed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(scratch.tempfile, "tempdir", str(tmp_path))
     with scratch_dir("work") as live:
@@ -38,4 +39,3 @@ def test_only_the_scratch_of_dead_processes_on_this_host_is_removed(
         assert not dead.exists()
         assert Path(live, "model.bin").exists() and elsewhere.exists() and unrelated.exists()
     assert not Path(live).exists()
-

@@ -50,9 +50,14 @@ def spark_base(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> tuple[
     data_dir = tmp_path_factory.mktemp("spark-publish")
     env = {k: v for k, v in os.environ.items() if not k.startswith("MMS_")}
     env.update({"MMS_DATA_DIR": str(data_dir), "MMS_REGISTRY": infra.registry})
-    done = subprocess.run([sys.executable, "-m", "app.cli", "base-image", "publish", "--variant",
-                           "spark", "--rootfs-tar", tar], env=env, capture_output=True,
-                          text=True, timeout=900, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "app.cli", "base-image", "publish", "--variant", "spark", "--rootfs-tar", tar],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stderr, data_dir
 
@@ -67,10 +72,12 @@ def test_the_spark_base_is_published_beside_the_plain_one_labelled_with_its_java
     tags = httpx.get(f"http://{infra.registry}/v2/mms/inference-base/tags/list", timeout=10).json()["tags"]
     assert {tag, "py3.11-spark"} <= set(tags)
     accept = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
-    manifest = httpx.get(f"http://{infra.registry}/v2/mms/inference-base/manifests/py3.11-spark",
-                         headers=accept, timeout=10).json()
-    config = httpx.get(f"http://{infra.registry}/v2/mms/inference-base/blobs/"
-                       f"{manifest['config']['digest']}", timeout=10).json()
+    manifest = httpx.get(
+        f"http://{infra.registry}/v2/mms/inference-base/manifests/py3.11-spark", headers=accept, timeout=10
+    ).json()
+    config = httpx.get(
+        f"http://{infra.registry}/v2/mms/inference-base/blobs/{manifest['config']['digest']}", timeout=10
+    ).json()
     assert config["config"]["Labels"]["org.mms.java"].startswith("17.")
     # Recorded as the spark variant: listed, and the SparkPython default, not the CPU one.
     engine = make_engine(Settings(data_dir=data_dir, secret_key="x" * 40))
@@ -87,43 +94,69 @@ def test_base_images_list_the_spark_variant(client: TestClient, callers: Callers
     url = f"{new_account(client, owner)}/baseImages"
     unpublished = [b for b in client.get(url, headers=owner).json()["value"] if b["variant"] == "spark"]
     assert [b["available"] for b in unpublished] == [False]  # named, with how to make it
-    record_base_image(db, reference="r.example/mms/inference-base:py3.11-spark-20300101",
-                      python_version="3.11", variant="spark")
+    record_base_image(
+        db, reference="r.example/mms/inference-base:py3.11-spark-20300101", python_version="3.11", variant="spark"
+    )
     spark = [b for b in client.get(url, headers=owner).json()["value"] if b["variant"] == "spark"]
     assert [(b["reference"], b["available"]) for b in spark] == [
-        ("r.example/mms/inference-base:py3.11-spark-20300101", True)]
+        ("r.example/mms/inference-base:py3.11-spark-20300101", True)
+    ]
 
 
 def _spark_manifest(account: Account, model_id: str, *, base_image: str | None = None) -> str:
     """The seed's manifest body: runtime spark-py, a conda file whose pip section names numpy."""
     conda = f"name: housing\ndependencies:\n  - python=3.11\n  - pip:\n    - numpy=={numpy.__version__}\n"
     body = {
-        "name": "housingmodel-manifest", "driverProgram": "score", "modelType": "Registered",
+        "name": "housingmodel-manifest",
+        "driverProgram": "score",
+        "modelType": "Registered",
         "modelIds": [model_id],
-        "assets": [{"id": "score", "url": account.upload("score.py", SPARK_SCORE_PY.encode()),
-                    "mimeType": "application/x-python", "unPack": False}],
-        "targetRuntime": {"runtimeType": "spark-py",
-                          "properties": {"condaEnvFile": account.upload("myconda.yml", conda.encode())}},
+        "assets": [
+            {
+                "id": "score",
+                "url": account.upload("score.py", SPARK_SCORE_PY.encode()),
+                "mimeType": "application/x-python",
+                "unPack": False,
+            }
+        ],
+        "targetRuntime": {
+            "runtimeType": "spark-py",
+            "properties": {"condaEnvFile": account.upload("myconda.yml", conda.encode())},
+        },
     }
     if base_image:  # only the inference-configuration body names a base image
-        body = {"name": "no-java", "modelIds": [model_id], "runtime": "spark-py",
-                "assets": [{"id": "score.py", "url": body["assets"][0]["url"]}],
-                "entryScript": "score.py", "baseImage": base_image}
+        body = {
+            "name": "no-java",
+            "modelIds": [model_id],
+            "runtime": "spark-py",
+            "assets": [{"id": "score.py", "url": body["assets"][0]["url"]}],
+            "entryScript": "score.py",
+            "baseImage": base_image,
+        }
     return account.call("POST", f"{account.url}/manifests", json=body).json()["id"]
 
 
 def _register(account: Account, housing: HousingModel) -> str:
-    body = {"name": "housing.model", "tags": ["myTag"], "description": "my housing.model",
-            "url": account.upload("housing.model.zip", housing.zipped()),
-            "mimeType": "application/zip", "unpack": True}
+    body = {
+        "name": "housing.model",
+        "tags": ["myTag"],
+        "description": "my housing.model",
+        "url": account.upload("housing.model.zip", housing.zipped()),
+        "mimeType": "application/zip",
+        "unpack": True,
+    }
     return account.call("POST", f"{account.url}/models", json=body).json()["id"]
 
 
 def time_first_score(api, image: str, rows: list) -> tuple[httpx.Response, float, str]:
     """Start ``image``; POST ``rows`` until /score answers; (answer, seconds since start, logs)."""
     port = free_port()
-    container = api.create_container(image, environment={"PORT": str(port)}, labels={CONTAINER_LABEL: "1"},
-                                     host_config=api.create_host_config(network_mode="host"))
+    container = api.create_container(
+        image,
+        environment={"PORT": str(port)},
+        labels={CONTAINER_LABEL: "1"},
+        host_config=api.create_host_config(network_mode="host"),
+    )
     started = time.monotonic()
     api.start(container)
     try:
@@ -143,15 +176,20 @@ def time_first_score(api, image: str, rows: list) -> tuple[httpx.Response, float
 @pytest.mark.postgres_only
 @pytest.mark.parametrize("builder", ["oci", "docker"])
 def test_the_seed_pyspark_model_is_built_on_the_spark_base_and_scores_exactly(
-    stack: Stack, infra: Infra, spark_base, housing: HousingModel, builder: str,  # noqa: F811
+    stack: Stack,
+    infra: Infra,
+    spark_base,
+    housing: HousingModel,
+    builder: str,
     record_property,
 ) -> None:
     account = Account(stack)
     manifest_id = _spark_manifest(account, _register(account, housing))
     manifest = account.call("GET", f"{account.url}/manifests/{manifest_id}").json()
     assert manifest["targetRuntime"]["runtimeType"] == "SparkPython"
-    image = account.wait(account.build(manifest_id, "housingmodel-image", builder=builder)["Id"],
-                         seconds=SPARK_BUILD_TIMEOUT)
+    image = account.wait(
+        account.build(manifest_id, "housingmodel-image", builder=builder)["Id"], seconds=SPARK_BUILD_TIMEOUT
+    )
     log = account.log(image)
     assert image["CreationState"] == "Succeeded", log[-4000:]
     # Built on the published Spark base by default.
@@ -175,7 +213,10 @@ def test_the_seed_pyspark_model_is_built_on_the_spark_base_and_scores_exactly(
 @pytest.mark.postgres_only
 @pytest.mark.parametrize("builder", ["oci", "docker"])
 def test_a_spark_manifest_on_a_base_without_java_fails_saying_so(
-    stack: Stack, infra: Infra, housing: HousingModel, builder: str  # noqa: F811
+    stack: Stack,
+    infra: Infra,
+    housing: HousingModel,
+    builder: str,
 ) -> None:
     account = Account(stack)
     manifest_id = _spark_manifest(account, _register(account, housing), base_image=infra.base_image)

@@ -31,8 +31,7 @@ def make_zip(path: Path, entries, compression=zipfile.ZIP_DEFLATED) -> Path:
     return path
 
 
-def tar_entry(name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE, link: str = "",
-              mode: int = 0o644):
+def tar_entry(name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE, link: str = "", mode: int = 0o644):
     info = tarfile.TarInfo(name)
     info.type, info.linkname, info.mode = kind, link, mode
     info.size = len(data) if kind == tarfile.REGTYPE else 0
@@ -47,14 +46,12 @@ def make_tar(path: Path, entries, compress: bool = True) -> Path:
 
 
 def tree(root: Path) -> dict[str, bytes | None]:
-    return {
-        p.relative_to(root).as_posix(): (p.read_bytes() if p.is_file() else None)
-        for p in sorted(root.rglob("*"))
-    }
+    return {p.relative_to(root).as_posix(): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
 
 
-def refused(archive: Path, dest: Path, reason: str, entry: str | None = None,
-            limits: UnpackLimits = SMALL) -> UnpackError:
+def refused(
+    archive: Path, dest: Path, reason: str, entry: str | None = None, limits: UnpackLimits = SMALL
+) -> UnpackError:
     with pytest.raises(UnpackError) as err:
         unpack_archive(archive, dest, limits=limits)
     assert err.value.reason == reason, err.value
@@ -74,32 +71,49 @@ def dest(tmp_path) -> Path:
 
 
 def test_valid_zip_extracts(tmp_path, dest):
-    archive = make_zip(tmp_path / "m.zip", [
-        ("model/", None), ("model/weights.bin", b"\x00" * 1000),
-        ("model/score.py", b"print('hi')\n", 0o100755), ("README", b"readme"),
-    ])
+    archive = make_zip(
+        tmp_path / "m.zip",
+        [
+            ("model/", None),
+            ("model/weights.bin", b"\x00" * 1000),
+            ("model/score.py", b"print('hi')\n", 0o100755),
+            ("README", b"readme"),
+        ],
+    )
     result = unpack_archive(archive, dest, limits=SMALL)
-    assert tree(dest) == {"README": b"readme", "model": None,
-                          "model/score.py": b"print('hi')\n", "model/weights.bin": b"\x00" * 1000}
+    assert tree(dest) == {
+        "README": b"readme",
+        "model": None,
+        "model/score.py": b"print('hi')\n",
+        "model/weights.bin": b"\x00" * 1000,
+    }
     assert (result.format, result.files, result.total_bytes) == ("zip", 4, 1018)
     assert (dest / "model/score.py").stat().st_mode & 0o777 == 0o755
     assert (dest / "README").stat().st_mode & 0o777 == 0o644
 
 
-@pytest.mark.parametrize("compress, suffix, fmt", [
-    (True, "model.tar.gz", "tar.gz"), (True, "model.tgz", "tar.gz"), (False, "model.tar", "tar"),
-    (True, "misnamed.zip", "tar.gz"),  # detected by content, not by name
-])
+@pytest.mark.parametrize(
+    "compress, suffix, fmt",
+    [
+        (True, "model.tar.gz", "tar.gz"),
+        (True, "model.tgz", "tar.gz"),
+        (False, "model.tar", "tar"),
+        (True, "misnamed.zip", "tar.gz"),  # detected by content, not by name
+    ],
+)
 def test_valid_tar_extracts(tmp_path, dest, compress, suffix, fmt):
-    archive = make_tar(tmp_path / suffix, [
-        tar_entry("./", kind=tarfile.DIRTYPE, mode=0o755),
-        tar_entry("./model", kind=tarfile.DIRTYPE, mode=0o755),
-        tar_entry("./model/weights.bin", b"w" * 5000),
-        tar_entry("./conda.yml", b"deps: []\n", mode=0o4755),
-    ], compress=compress)
+    archive = make_tar(
+        tmp_path / suffix,
+        [
+            tar_entry("./", kind=tarfile.DIRTYPE, mode=0o755),
+            tar_entry("./model", kind=tarfile.DIRTYPE, mode=0o755),
+            tar_entry("./model/weights.bin", b"w" * 5000),
+            tar_entry("./conda.yml", b"deps: []\n", mode=0o4755),
+        ],
+        compress=compress,
+    )
     result = unpack_archive(archive, dest, limits=SMALL)
-    assert tree(dest) == {"conda.yml": b"deps: []\n", "model": None,
-                          "model/weights.bin": b"w" * 5000}
+    assert tree(dest) == {"conda.yml": b"deps: []\n", "model": None, "model/weights.bin": b"w" * 5000}
     assert (result.format, result.total_bytes) == (fmt, 5009)
     assert (dest / "conda.yml").stat().st_mode & 0o7777 == 0o755  # no setuid from the archive
 
@@ -111,8 +125,7 @@ def test_extracts_into_existing_directory_without_clobbering(tmp_path, dest):
     unpack_archive(archive, dest, limits=SMALL)
     assert tree(dest) == {"a.txt": b"a", "keep.txt": b"mine"}
     with pytest.raises(UnpackError) as err:  # a second run would clobber a.txt
-        unpack_archive(make_zip(tmp_path / "n.zip", [("a.txt", b"new"), ("b.txt", b"b")]), dest,
-                       limits=SMALL)
+        unpack_archive(make_zip(tmp_path / "n.zip", [("a.txt", b"new"), ("b.txt", b"b")]), dest, limits=SMALL)
     assert err.value.reason == "conflict"
     assert tree(dest) == {"a.txt": b"a", "keep.txt": b"mine"}
 
@@ -120,10 +133,21 @@ def test_extracts_into_existing_directory_without_clobbering(tmp_path, dest):
 # --- unsafe paths --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", [
-    "../evil", "a/../../evil", "a/b/../../../evil", "..", "/etc/evil", "//evil",
-    "C:/evil", "c:evil", "..\\evil", "a\\..\\..\\evil",
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../evil",
+        "a/../../evil",
+        "a/b/../../../evil",
+        "..",
+        "/etc/evil",
+        "//evil",
+        "C:/evil",
+        "c:evil",
+        "..\\evil",
+        "a\\..\\..\\evil",
+    ],
+)
 def test_zip_unsafe_paths(tmp_path, dest, name):
     archive = make_zip(tmp_path / "m.zip", [("ok.txt", b"fine"), (name, b"pwned")])
     refused(archive, dest, "unsafe_path", name)
@@ -140,22 +164,29 @@ def test_tar_unsafe_paths(tmp_path, dest, name):
 # --- links and special files -------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind, link", [
-    (tarfile.SYMTYPE, "/etc/passwd"), (tarfile.SYMTYPE, "inside.txt"),
-    (tarfile.LNKTYPE, "/etc/passwd"), (tarfile.LNKTYPE, "inside.txt"),
-])
+@pytest.mark.parametrize(
+    "kind, link",
+    [
+        (tarfile.SYMTYPE, "/etc/passwd"),
+        (tarfile.SYMTYPE, "inside.txt"),
+        (tarfile.LNKTYPE, "/etc/passwd"),
+        (tarfile.LNKTYPE, "inside.txt"),
+    ],
+)
 def test_tar_links_refused(tmp_path, dest, kind, link):
-    archive = make_tar(tmp_path / "m.tgz", [tar_entry("inside.txt", b"x"),
-                                            tar_entry("link", kind=kind, link=link)])
+    archive = make_tar(tmp_path / "m.tgz", [tar_entry("inside.txt", b"x"), tar_entry("link", kind=kind, link=link)])
     refused(archive, dest, "link", "link")
 
 
 def test_tar_symlink_then_write_through_it_refused(tmp_path, dest):
     # The classic two-step escape: a dir symlink, then a file "through" it.
-    archive = make_tar(tmp_path / "m.tgz", [
-        tar_entry("sub", kind=tarfile.SYMTYPE, link=str(tmp_path)),
-        tar_entry("sub/evil", b"pwned"),
-    ])
+    archive = make_tar(
+        tmp_path / "m.tgz",
+        [
+            tar_entry("sub", kind=tarfile.SYMTYPE, link=str(tmp_path)),
+            tar_entry("sub/evil", b"pwned"),
+        ],
+    )
     refused(archive, dest, "link", "sub")
     assert not (tmp_path / "evil").exists()
 
@@ -167,8 +198,7 @@ def test_tar_devices_and_fifos_refused(tmp_path, dest, kind):
 
 
 def test_zip_symlink_refused(tmp_path, dest):
-    archive = make_zip(tmp_path / "m.zip", [("ok.txt", b"x"),
-                                            ("link", b"/etc/passwd", stat.S_IFLNK | 0o777)])
+    archive = make_zip(tmp_path / "m.zip", [("ok.txt", b"x"), ("link", b"/etc/passwd", stat.S_IFLNK | 0o777)])
     refused(archive, dest, "link", "link")
 
 
@@ -215,10 +245,15 @@ def test_file_then_directory_of_same_name_refused(tmp_path, dest):
 # --- formats and failure cleanup --------------------------------------------------
 
 
-@pytest.mark.parametrize("content", [
-    b"just some text, not an archive\n" * 20, b"", gzip.compress(b"not a tar" * 100),
-    b"BZh91AY&SY" + b"\x00" * 600,
-])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"just some text, not an archive\n" * 20,
+        b"",
+        gzip.compress(b"not a tar" * 100),
+        b"BZh91AY&SY" + b"\x00" * 600,
+    ],
+)
 def test_unknown_format_refused(tmp_path, dest, content):
     archive = tmp_path / "model.tar.gz"
     archive.write_bytes(content)
@@ -237,11 +272,15 @@ def test_truncated_archive_is_corrupt(tmp_path, dest):
 def test_failure_after_good_entries_leaves_existing_dest_untouched(tmp_path, dest):
     dest.mkdir()
     (dest / "keep.txt").write_text("mine")
-    archive = make_tar(tmp_path / "m.tgz", [
-        tar_entry("model", kind=tarfile.DIRTYPE, mode=0o755),
-        tar_entry("model/a.bin", b"a" * 1000), tar_entry("model/b.bin", b"b" * 1000),
-        tar_entry("../evil", b"pwned"),
-    ])
+    archive = make_tar(
+        tmp_path / "m.tgz",
+        [
+            tar_entry("model", kind=tarfile.DIRTYPE, mode=0o755),
+            tar_entry("model/a.bin", b"a" * 1000),
+            tar_entry("model/b.bin", b"b" * 1000),
+            tar_entry("../evil", b"pwned"),
+        ],
+    )
     with pytest.raises(UnpackError) as err:
         unpack_archive(archive, dest, limits=SMALL)
     assert err.value.entry == "../evil"

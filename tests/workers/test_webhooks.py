@@ -30,8 +30,13 @@ def receiver() -> Iterator[Receiver]:
 @pytest.fixture()
 def live(service_context: ServiceContext, receiver: Receiver, tmp_path: Path) -> Iterator[Live]:
     # The receiver is on loopback: allowed by name, as an internal receiver would be.
-    with live_service(service_context, tmp_path, fetch_allow_hosts=[f"127.0.0.1:{receiver.port}"],
-                      webhook_retry_base_seconds=0.3, webhook_max_attempts=3) as live:
+    with live_service(
+        service_context,
+        tmp_path,
+        fetch_allow_hosts=[f"127.0.0.1:{receiver.port}"],
+        webhook_retry_base_seconds=0.3,
+        webhook_max_attempts=3,
+    ) as live:
         dispatcher = WebhookDispatcher(live.context, interval=0.05)
         dispatcher.start()
         yield live
@@ -44,7 +49,7 @@ def _register(live: Live, account: str, url: str, **body: object) -> dict:
     return created.json()
 
 
-def _deliveries(live: Live, account: str, hook: dict, until, seconds: float = 15) -> list[dict]:  # noqa: ANN001
+def _deliveries(live: Live, account: str, hook: dict, until, seconds: float = 15) -> list[dict]:
     deadline = time.monotonic() + seconds
     while True:
         log = httpx.get(f"{account}/webhooks/{hook['id']}/deliveries", headers=live.headers).json()["value"]
@@ -65,11 +70,26 @@ def test_a_state_change_is_posted_signed_and_retried_with_backoff_until_it_lands
     image = live.image(account)
     log = _deliveries(live, account, hook, lambda log: log and log[0]["state"] != "Pending")
     assert len(log) == 1
-    assert log[0] | {"id": None, "createdTime": None, "lastAttemptTime": None, "deliveredTime": None,
-                     "durationMs": None, "eventId": None} == {
-        "id": None, "eventId": None, "state": "Delivered", "attempts": 3, "responseStatus": 200,
-        "error": None, "durationMs": None, "createdTime": None, "lastAttemptTime": None,
-        "nextAttemptTime": None, "deliveredTime": None}
+    assert log[0] | {
+        "id": None,
+        "createdTime": None,
+        "lastAttemptTime": None,
+        "deliveredTime": None,
+        "durationMs": None,
+        "eventId": None,
+    } == {
+        "id": None,
+        "eventId": None,
+        "state": "Delivered",
+        "attempts": 3,
+        "responseStatus": 200,
+        "error": None,
+        "durationMs": None,
+        "createdTime": None,
+        "lastAttemptTime": None,
+        "nextAttemptTime": None,
+        "deliveredTime": None,
+    }
 
     assert len(receiver.received) == 3
     (t1, _, _), (t2, _, _), (t3, headers, body) = receiver.received
@@ -127,8 +147,9 @@ def test_what_a_webhook_registration_refuses(live: Live) -> None:
     for url, word in (("ftp://example.com/x", "http"), ("https://user:pw@example.com/x", "credentials")):
         bad = httpx.post(f"{account}/webhooks", json={"url": url}, headers=live.headers)
         assert bad.status_code == 400 and word in bad.json()["message"], bad.text
-    short = httpx.post(f"{account}/webhooks", json={"url": "https://example.com/x", "secret": "short"},
-                       headers=live.headers)
+    short = httpx.post(
+        f"{account}/webhooks", json={"url": "https://example.com/x", "secret": "short"}, headers=live.headers
+    )
     assert short.status_code == 400 and "secret" in short.json()["message"]
     made = httpx.post(f"{account}/webhooks", json={"url": "https://example.com/x"}, headers=live.headers).json()
     assert len(made["secret"]) >= 32  # made for the caller, shown once
@@ -140,7 +161,8 @@ def test_what_a_webhook_registration_refuses(live: Live) -> None:
 
 
 def test_signature_and_backoff_are_what_receivers_are_told() -> None:
-    assert signature(b"k", "1700000000", b"{}") == "sha256=" + hmac.new(
-        b"k", b"1700000000.{}", hashlib.sha256).hexdigest()
+    assert (
+        signature(b"k", "1700000000", b"{}") == "sha256=" + hmac.new(b"k", b"1700000000.{}", hashlib.sha256).hexdigest()
+    )
     assert [round(backoff_seconds(n, 10) / (10 * 2 ** (n - 1)), 1) in (0.9, 1.0, 1.1) for n in (1, 2, 3)] == [True] * 3
     assert backoff_seconds(20, 10) <= 3600 * 1.1

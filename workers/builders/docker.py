@@ -55,14 +55,27 @@ SERVICE_NAMESPACE = "mms/"  # the project's prebuilt base images, in the service
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # the engine colours a RUN's stderr
 _STEP = re.compile(r"^Step (\d+)/\d+ : ")
 _PIP_MISSING = re.compile(r"No matching distribution found for (\S+)")
-_NONZERO = re.compile(r"The command '.*' returned a non-zero code: (\d+)", re.S)
-_UNREACHABLE_HINTS = ("Could not fetch URL", "Failed to establish a new connection",
-                      "Temporary failure in name resolution")
+_NONZERO = re.compile(r"The command '.*' returned a non-zero code: (\d+)", re.DOTALL)
+_UNREACHABLE_HINTS = (
+    "Could not fetch URL",
+    "Failed to establish a new connection",
+    "Temporary failure in name resolution",
+)
 _TAIL_LINES = 60  # engine output kept to explain a failure
 _MAX_REASON = 400
 # Progress chatter that would flood the log (one chunk per few KB pushed).
-_QUIET_STATUSES = frozenset({"Pushing", "Downloading", "Extracting", "Waiting", "Preparing",
-                             "Verifying Checksum", "Download complete", "Pulling fs layer"})
+_QUIET_STATUSES = frozenset(
+    {
+        "Pushing",
+        "Downloading",
+        "Extracting",
+        "Waiting",
+        "Preparing",
+        "Verifying Checksum",
+        "Download complete",
+        "Pulling fs layer",
+    }
+)
 _AUTH_HINTS = ("no basic auth credentials", "unauthorized", "authentication required")
 
 
@@ -91,12 +104,19 @@ def registry_host(reference: str) -> str:
 class DockerBuilder:
     """Builds with the engine at ``docker_host`` and pushes to ``registry``."""
 
-    def __init__(self, docker_host: str | None, registry: str,
-                 registry_auth: Mapping[str, str] | None = None, *, timeout: int = 600,
-                 policy: FetchPolicy | None = None,
-                 resolver: Resolver = socket.getaddrinfo,
-                 network: str | None = None, proxy: str | None = None,
-                 run_limits: RunLimits | None = None) -> None:
+    def __init__(
+        self,
+        docker_host: str | None,
+        registry: str,
+        registry_auth: Mapping[str, str] | None = None,
+        *,
+        timeout: int = 600,
+        policy: FetchPolicy | None = None,
+        resolver: Resolver = socket.getaddrinfo,
+        network: str | None = None,
+        proxy: str | None = None,
+        run_limits: RunLimits | None = None,
+    ) -> None:
         self.docker_host = docker_host
         self.registry = registry.rstrip("/")  # host[:port][/prefix]
         self._registry_auth = dict(registry_auth) if registry_auth else None
@@ -114,19 +134,32 @@ class DockerBuilder:
             raise ValueError(f"a build's RUN steps may not run in the {network!r} network")
         self.network = network or "none"
         if self.network == "none":
-            logger.warning("build.no_network", extra={"detail": "MMS_BUILD_NETWORK is not set: "
-                                                      "RUN steps (pip installs included) have "
-                                                      "no network"})
+            logger.warning(
+                "build.no_network",
+                extra={"detail": "MMS_BUILD_NETWORK is not set: RUN steps (pip installs included) have no network"},
+            )
         # Docker's predefined proxy build arguments: every RUN sees them, and the engine keeps
         # them out of the image's history and config. An empty NO_PROXY: nothing bypasses it.
-        self.build_args = {**{name: proxy for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy",
-                                                       "https_proxy")},
-                           "NO_PROXY": "", "no_proxy": ""} if proxy else {}
+        self.build_args = (
+            {
+                **{name: proxy for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")},
+                "NO_PROXY": "",
+                "no_proxy": "",
+            }
+            if proxy
+            else {}
+        )
 
     def build_and_push(self, spec: BuildSpec, image_repo: str, tag: str, log: Log) -> BuildResult:
         """Build ``spec``, push it as ``<registry>/<image_repo>:<tag>``, return the result."""
-        secrets = [s for s in (spec.base_registry and spec.base_registry.password,
-                               self._registry_auth and self._registry_auth.get("password")) if s]
+        secrets = [
+            s
+            for s in (
+                spec.base_registry and spec.base_registry.password,
+                self._registry_auth and self._registry_auth.get("password"),
+            )
+            if s
+        ]
         emit = redacting(log, secrets)
         image = f"{self.registry}/{image_repo}"
         started = time.monotonic()
@@ -145,10 +178,15 @@ class DockerBuilder:
                     spec = replace(spec, base_image=f"{repo}@{base_digest}")
                 with _engine_errors("context"):
                     info = write_context(spec, Path(tmp) / "context.tar")
-                image_id = self._build(api, Path(tmp) / "context.tar", info, f"{image}:{tag}",
-                                       spec.base_image if base_digest else pulled,
-                                       {BASE_DIGEST_LABEL: base_digest} if base_digest else {},
-                                       emit)
+                image_id = self._build(
+                    api,
+                    Path(tmp) / "context.tar",
+                    info,
+                    f"{image}:{tag}",
+                    spec.base_image if base_digest else pulled,
+                    {BASE_DIGEST_LABEL: base_digest} if base_digest else {},
+                    emit,
+                )
                 digest = self._push(api, image, tag, emit)
                 with _engine_errors("push"):
                     size = int(api.inspect_image(image_id)["Size"])
@@ -159,12 +197,12 @@ class DockerBuilder:
             raise BuildFailed(exc.step, message) from None
         elapsed = time.monotonic() - started
         emit(f"mms: done in {elapsed:.1f} s: {image}:{tag} {digest} ({size} bytes)")
-        logger.info("build.succeeded", extra={"image": f"{image}:{tag}", "digest": digest,
-                                              "seconds": round(elapsed, 1)})
+        logger.info(
+            "build.succeeded", extra={"image": f"{image}:{tag}", "digest": digest, "seconds": round(elapsed, 1)}
+        )
         return BuildResult(f"{image}:{tag}", digest, size, base_digest)
 
-    def _pull_base(self, api: docker.APIClient, spec: BuildSpec, image_repo: str,
-                   emit: Log) -> tuple[str, str | None]:
+    def _pull_base(self, api: docker.APIClient, spec: BuildSpec, image_repo: str, emit: Log) -> tuple[str, str | None]:
         """Pull the base image; return what the engine pulled and its digest. Its registry
         must be one the policy lets a build reach.
 
@@ -188,22 +226,26 @@ class DockerBuilder:
                 check_url(f"https://{name}/v2/", policy=self.policy, resolver=self._resolver)
             except FetchError as exc:
                 if exc.reason == "blocked_address":  # never the private address itself
-                    raise BuildFailed("pull-base", f"base image registry {pulled_from} is at a "
-                                      "private address; ask the operator to allow it "
-                                      "(MMS_FETCH_ALLOW_HOSTS)") from None
-                raise BuildFailed("pull-base",
-                                  f"base image registry {pulled_from}: {exc}") from None
+                    raise BuildFailed(
+                        "pull-base",
+                        f"base image registry {pulled_from} is at a "
+                        "private address; ask the operator to allow it "
+                        "(MMS_FETCH_ALLOW_HOSTS)",
+                    ) from None
+                raise BuildFailed("pull-base", f"base image registry {pulled_from}: {exc}") from None
         auth: dict[str, str] = {}  # empty, not None: docker-py would use saved logins
         if registry_endpoint(host) != registry_endpoint(self.registry.partition("/")[0]):
             engine = api.version()  # the engine's own platform, as its pull would choose
-            ref = self._mirror_base(spec, image_repo, (engine.get("Os") or "linux",
-                                                       engine.get("Arch") or "amd64"), emit)
+            ref = self._mirror_base(
+                spec, image_repo, (engine.get("Os") or "linux", engine.get("Arch") or "amd64"), emit
+            )
             auth = self._auth_config()  # a repository of this build's own, picked here
         elif spec.base_registry is not None:
             given = address_host(spec.base_registry.address)
             if given != host:
-                raise BuildFailed("pull-base", f"the base image registry credentials are for "
-                                               f"{given}, but the base image is on {host}")
+                raise BuildFailed(
+                    "pull-base", f"the base image registry credentials are for {given}, but the base image is on {host}"
+                )
             auth = spec.base_registry.auth_config()
         elif self._registry_auth and ref.startswith(f"{self.registry}/{SERVICE_NAMESPACE}"):
             # The service's own prebuilt bases only: its login must not let a build read
@@ -217,23 +259,27 @@ class DockerBuilder:
         triggers = (details.get("Config") or {}).get("OnBuild") or []
         if triggers:
             # They would run in this build, where a COPY --from reads any image in the engine.
-            raise BuildFailed("pull-base", f"the base image has ONBUILD instructions "
-                              f"({_one_line('; '.join(triggers))[:200]}), which would run in "
-                              "this build: build on an image without them")
+            raise BuildFailed(
+                "pull-base",
+                f"the base image has ONBUILD instructions "
+                f"({_one_line('; '.join(triggers))[:200]}), which would run in "
+                "this build: build on an image without them",
+            )
         volumes = sorted((details.get("Config") or {}).get("Volumes") or {})
         if volumes:
             # Each step's container and the smoke test's would get a volume there, which
             # neither the image nor the disk limit counts.
-            raise BuildFailed("pull-base", f"the base image declares volumes "
-                              f"({_one_line(', '.join(volumes))[:200]}), whose writes would "
-                              "escape the build's disk limit: build on an image without VOLUME")
+            raise BuildFailed(
+                "pull-base",
+                f"the base image declares volumes "
+                f"({_one_line(', '.join(volumes))[:200]}), whose writes would "
+                "escape the build's disk limit: build on an image without VOLUME",
+            )
         repo = docker.utils.parse_repository_tag(ref)[0]
-        digests = [d.split("@", 1)[1] for d in details.get("RepoDigests") or []
-                   if d.split("@", 1)[0] == repo] or [None]
+        digests = [d.split("@", 1)[1] for d in details.get("RepoDigests") or [] if d.split("@", 1)[0] == repo] or [None]
         return ref, digests[0]
 
-    def _mirror_base(self, spec: BuildSpec, image_repo: str, platform: tuple[str, str],
-                     emit: Log) -> str:
+    def _mirror_base(self, spec: BuildSpec, image_repo: str, platform: tuple[str, str], emit: Log) -> str:
         """Copy the base image into this build's repository of the service's registry, by
         digest (no tag), and return the reference the engine pulls it by.
 
@@ -248,51 +294,72 @@ class DockerBuilder:
         if spec.base_registry is not None:
             given = address_host(spec.base_registry.address)
             if given != address_host(ref.host):
-                raise BuildFailed("pull-base", f"the base image registry credentials are for "
-                                               f"{given}, but the base image is on {ref.host}")
-            login = {"username": spec.base_registry.username,
-                     "password": spec.base_registry.password}
+                raise BuildFailed(
+                    "pull-base",
+                    f"the base image registry credentials are for {given}, but the base image is on {ref.host}",
+                )
+            login = {"username": spec.base_registry.username, "password": spec.base_registry.password}
         own_host, _, prefix = self.registry.partition("/")
         own_repo = f"{prefix}/{image_repo}" if prefix else image_repo
         service = self._registry_auth or {}
-        emit(f"mms: copying base image {spec.base_image} into the service's registry"
-             + (" with credentials" if login else ""))
+        emit(
+            f"mms: copying base image {spec.base_image} into the service's registry"
+            + (" with credentials" if login else "")
+        )
         started, copied = time.monotonic(), 0
         try:
-            with RegistryClient(ref.host, login.get("username"), login.get("password"),
-                                timeout=self.timeout, policy=self.policy,
-                                resolver=self._resolver) as source, \
-                    RegistryClient(own_host, service.get("username"), service.get("password"),
-                                   timeout=self.timeout) as own:
-                manifest = source.get_manifest(ref.repository, ref.reference,
-                                               platform=platform)
+            with (
+                RegistryClient(
+                    ref.host,
+                    login.get("username"),
+                    login.get("password"),
+                    timeout=self.timeout,
+                    policy=self.policy,
+                    resolver=self._resolver,
+                ) as source,
+                RegistryClient(own_host, service.get("username"), service.get("password"), timeout=self.timeout) as own,
+            ):
+                manifest = source.get_manifest(ref.repository, ref.reference, platform=platform)
                 for blob in [manifest.body["config"], *manifest.body.get("layers", [])]:
                     if blob.get("urls"):
-                        raise BuildFailed("pull-base", "the base image has layers stored "
-                                          "outside its registry (foreign layers): build on "
-                                          "a Linux image without them")
+                        raise BuildFailed(
+                            "pull-base",
+                            "the base image has layers stored "
+                            "outside its registry (foreign layers): build on "
+                            "a Linux image without them",
+                        )
                     # The tenant's registry wrote these: a digest goes into URLs sent to our
                     # registry with the service's login, so it must be exactly a digest.
                     digest, size = blob["digest"], blob["size"]
-                    if not (isinstance(digest, str) and DIGEST.fullmatch(digest)
-                            and isinstance(size, int) and 0 <= size):
-                        raise BuildFailed("pull-base", f"the base image {spec.base_image} has a "
-                                          "layer whose digest or size is not valid")
-                    how = own.push_blob(own_repo, digest, size,
-                                        _blob_copier(source, ref.repository, digest))
+                    if not (
+                        isinstance(digest, str) and DIGEST.fullmatch(digest) and isinstance(size, int) and 0 <= size
+                    ):
+                        raise BuildFailed(
+                            "pull-base",
+                            f"the base image {spec.base_image} has a layer whose digest or size is not valid",
+                        )
+                    how = own.push_blob(own_repo, digest, size, _blob_copier(source, ref.repository, digest))
                     copied += size if how == "uploaded" else 0
                 own.put_manifest(own_repo, manifest.digest, manifest.raw, manifest.media_type)
         except RegistryError as exc:
             raise BuildFailed("pull-base", str(exc)) from None
         except (KeyError, TypeError, ValueError):
-            raise BuildFailed("pull-base", f"the base image {spec.base_image} has a manifest "
-                              "without a config or layers") from None
-        emit(f"mms: base image {manifest.digest} copied ({copied} bytes new) in "
-             f"{time.monotonic() - started:.1f} s")
+            raise BuildFailed(
+                "pull-base", f"the base image {spec.base_image} has a manifest without a config or layers"
+            ) from None
+        emit(f"mms: base image {manifest.digest} copied ({copied} bytes new) in {time.monotonic() - started:.1f} s")
         return f"{self.registry}/{image_repo}@{manifest.digest}"
 
-    def _build(self, api: docker.APIClient, context: Path, info: ContextInfo, target: str,
-               base: str, labels: dict[str, str], emit: Log) -> str:
+    def _build(
+        self,
+        api: docker.APIClient,
+        context: Path,
+        info: ContextInfo,
+        target: str,
+        base: str,
+        labels: dict[str, str],
+        emit: Log,
+    ) -> str:
         emit(f"mms: building {target} from this Dockerfile:")
         for line in info.dockerfile.splitlines():
             emit(f"    {line}")
@@ -301,12 +368,21 @@ class DockerBuilder:
         started = time.monotonic()
         watch = RunStepWatch(lambda: engine_client(self.docker_host, 30), self.run_limits)
         with _engine_errors("build"), context.open("rb") as fileobj, watch:
-            stream = api.build(fileobj=fileobj, custom_context=True, tag=target, decode=True,
-                               network_mode=self.network, buildargs=self.build_args or None,
-                               container_limits=self.run_limits.build_api_limits(),
-                               shmsize=watch.shm_marker,
-                               pull=False, rm=True, forcerm=True,
-                               labels=labels or None, timeout=self.timeout)
+            stream = api.build(
+                fileobj=fileobj,
+                custom_context=True,
+                tag=target,
+                decode=True,
+                network_mode=self.network,
+                buildargs=self.build_args or None,
+                container_limits=self.run_limits.build_api_limits(),
+                shmsize=watch.shm_marker,
+                pull=False,
+                rm=True,
+                forcerm=True,
+                labels=labels or None,
+                timeout=self.timeout,
+            )
             for line, chunk in _lines(stream):
                 if line is not None:
                     emit(line)
@@ -324,8 +400,9 @@ class DockerBuilder:
                 failure = failure or _chunk_error(chunk)
         if failure:
             code = _NONZERO.search(failure)
-            raise BuildFailed(step, watch.failure_reason(int(code[1]) if code else None)
-                              or explain_build_failure(failure, tail))
+            raise BuildFailed(
+                step, watch.failure_reason(int(code[1]) if code else None) or explain_build_failure(failure, tail)
+            )
         if not image_id:
             raise BuildFailed(step, "the engine finished without reporting an image")
         with _engine_errors("build"):
@@ -333,8 +410,9 @@ class DockerBuilder:
         if watch.breach:
             with suppress(docker.errors.APIError):
                 api.remove_image(image_id, force=True)
-            raise BuildFailed(next((name for name in reversed(info.steps)
-                                    if name.startswith("extra-steps")), step), watch.breach)
+            raise BuildFailed(
+                next((name for name in reversed(info.steps) if name.startswith("extra-steps")), step), watch.breach
+            )
         emit(f"mms: built {image_id} in {time.monotonic() - started:.1f} s")
         return image_id
 
@@ -353,16 +431,18 @@ class DockerBuilder:
     def _auth_config(self) -> dict[str, str]:
         if not self._registry_auth:
             return {}
-        return {"username": self._registry_auth["username"],
-                "password": self._registry_auth["password"],
-                "serveraddress": registry_host(f"{self.registry}/x")}
+        return {
+            "username": self._registry_auth["username"],
+            "password": self._registry_auth["password"],
+            "serveraddress": registry_host(f"{self.registry}/x"),
+        }
 
 
-def _blob_copier(source: RegistryClient, repository: str,
-                 digest: str) -> Callable[[], Iterator[bytes]]:
+def _blob_copier(source: RegistryClient, repository: str, digest: str) -> Callable[[], Iterator[bytes]]:
     """The blob's bytes streamed from ``source``, opened afresh on each call (an upload is
     retried after the registry asks for credentials); the receiving registry checks the
     digest."""
+
     def body() -> Iterator[bytes]:
         # Opened once per attempt: the push that reads it retries (attempts do not multiply).
         with source.open_blob(repository, digest, retry=False) as chunks:
@@ -381,8 +461,10 @@ def explain_build_failure(error: str, tail: Iterable[str]) -> str:
     wanted = f" (looking for {missing})" if missing else ""
     # pip says "no matching distribution" when it could not ask the index at all.
     if any("CERTIFICATE_VERIFY_FAILED" in line for line in lines):
-        return ("pip could not verify the package index's TLS certificate; configure the "
-                f"proxy's CA bundle for builds{wanted}")
+        return (
+            "pip could not verify the package index's TLS certificate; configure the "
+            f"proxy's CA bundle for builds{wanted}"
+        )
     if any(hint in line for line in lines for hint in _UNREACHABLE_HINTS):
         return f"pip could not reach the package index{wanted}"
     if missing:
@@ -407,8 +489,7 @@ def explain_registry_error(error: str, host: str, had_auth: bool) -> str:
     return _one_line(error)
 
 
-def check_stream(step: str, chunks: Iterator[dict[str, Any]], emit: Log, host: str,
-             had_auth: bool) -> dict[str, Any]:
+def check_stream(step: str, chunks: Iterator[dict[str, Any]], emit: Log, host: str, had_auth: bool) -> dict[str, Any]:
     """Log a pull or push stream; raise on an error chunk; return the last ``aux``."""
     aux: dict[str, Any] = {}
     failure = None

@@ -27,8 +27,8 @@ import os
 import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import ExitStack, contextmanager
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,7 +38,6 @@ import certifi
 
 from app.package_sources import PackageSourceRefused, canonical_requirement
 from app.storage.oci_layout import OciLayout
-
 from workers.build_context import (
     APP_ROOT,
     FIXED_MTIME,
@@ -63,6 +62,7 @@ from workers.builders import BuildFailed, BuildResult, Log, address_host, redact
 from workers.fetch_policy import allowing_registry
 from workers.fetcher import FetchPolicy
 from workers.oci.layers import LayerBuilder
+from workers.oci.layout_registry import LayoutRegistry
 from workers.oci.media import LAYER_COMPRESSION, OCI, Family
 from workers.oci.python_env import (
     DEFAULT_INDEX_URL,
@@ -78,7 +78,6 @@ from workers.oci.python_env import (
     normalise_requirements,
     tar_reader,
 )
-from workers.oci.layout_registry import LayoutRegistry
 from workers.oci.registry import (
     ImageReference,
     Manifest,
@@ -122,11 +121,19 @@ class _Blob:
 class OciBuilder:
     """Builds on ``registry`` (``host[:port][/prefix]``) with its login, no Docker needed."""
 
-    def __init__(self, registry: str, registry_auth: Mapping[str, str] | None = None, *,
-                 cache_dir: Path | None = None, timeout: float = 300.0,
-                 layout: OciLayout | None = None, policy: FetchPolicy | None = None,
-                 index_url: str = DEFAULT_INDEX_URL, sandbox: Limits = Limits(),
-                 registry_retry_seconds: float | None = None) -> None:
+    def __init__(
+        self,
+        registry: str,
+        registry_auth: Mapping[str, str] | None = None,
+        *,
+        cache_dir: Path | None = None,
+        timeout: float = 300.0,
+        layout: OciLayout | None = None,
+        policy: FetchPolicy | None = None,
+        index_url: str = DEFAULT_INDEX_URL,
+        sandbox: Limits = Limits(),
+        registry_retry_seconds: float | None = None,
+    ) -> None:
         self.registry = registry.rstrip("/")
         self.host, _, self.prefix = self.registry.partition("/")
         self._auth = dict(registry_auth) if registry_auth else None
@@ -150,8 +157,11 @@ class OciBuilder:
 
     def build_and_push(self, spec: BuildSpec, image_repo: str, tag: str, log: Log) -> BuildResult:
         """Build ``spec``, push it as ``<registry>/<image_repo>:<tag>``, return the result."""
-        secrets = [s for s in (spec.base_registry and spec.base_registry.password,
-                               self._auth and self._auth.get("password")) if s]
+        secrets = [
+            s
+            for s in (spec.base_registry and spec.base_registry.password, self._auth and self._auth.get("password"))
+            if s
+        ]
         emit = redacting(log, secrets)
         started = time.monotonic()
         location = f"{self.registry}/{image_repo}:{tag}"
@@ -163,10 +173,8 @@ class OciBuilder:
             logger.warning("build.failed", extra={"image": location, "step": exc.step})
             raise BuildFailed(exc.step, message) from None
         elapsed = time.monotonic() - started
-        emit(f"mms: done in {elapsed:.1f} s: {location} {result.digest} "
-             f"({result.size_bytes} bytes compressed)")
-        logger.info("build.succeeded", extra={"image": location, "digest": result.digest,
-                                              "seconds": round(elapsed, 1)})
+        emit(f"mms: done in {elapsed:.1f} s: {location} {result.digest} ({result.size_bytes} bytes compressed)")
+        logger.info("build.succeeded", extra={"image": location, "digest": result.digest, "seconds": round(elapsed, 1)})
         return result
 
     def _build(self, spec: BuildSpec, repo: str, tag: str, location: str, emit: Log) -> BuildResult:
@@ -182,24 +190,28 @@ class OciBuilder:
                 # The model layer depends on nothing else: it hashes, compresses and uploads
                 # while the base image and the environment are read.
                 pool = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="model-layer"))
-                models = pool.submit(self._new_layer, _tree(spec.model_dir, MODEL_ROOT),
-                                     "mms oci builder: model files", target, repo, emit,
-                                     level=MODEL_LAYER_LEVEL)
+                models = pool.submit(
+                    self._new_layer,
+                    _tree(spec.model_dir, MODEL_ROOT),
+                    "mms oci builder: model files",
+                    target,
+                    repo,
+                    emit,
+                    level=MODEL_LAYER_LEVEL,
+                )
             source = target
             if not self._is_service_base(spec, base_ref):
                 source = stack.enter_context(
-                    self._client(base_ref.host, self._base_login(spec, base_ref),
-                                 policy=self.policy))
+                    self._client(base_ref.host, self._base_login(spec, base_ref), policy=self.policy)
+                )
 
             step = "pull-base"
             try:
                 emit(f"mms: reading base image {base_ref}")
                 base = source.get_manifest(base_ref.repository, base_ref.reference)
                 family = Family.of(base.media_type)
-                base_config = json.loads(source.get_blob(base_ref.repository,
-                                                         base.body["config"]["digest"]))
-                emit(f"mms: base {base.digest}: {len(base.body['layers'])} layer(s), "
-                     f"{family.manifest.split('/')[-1]}")
+                base_config = json.loads(source.get_blob(base_ref.repository, base.body["config"]["digest"]))
+                emit(f"mms: base {base.digest}: {len(base.body['layers'])} layer(s), {family.manifest.split('/')[-1]}")
                 _check_layer_types(base)
                 python = self._target_python(base, base_config, source, base_ref, emit)
                 _check_conda_python(spec, python)
@@ -207,17 +219,17 @@ class OciBuilder:
                     self._check_java(base, base_config, source, base_ref, emit)
 
                 step = "environment"
-                deps = self._dependency_layer(requirements, python, spec, target, family,
-                                              work, emit)
+                deps = self._dependency_layer(requirements, python, spec, target, family, work, emit)
                 # Each new layer is uploaded while it compresses, unless this worker made the
                 # same one before (known by its tar's digest): then the registry has it.
                 step = "scoring-server"
-                layers = [self._new_layer(_server_layer(), "mms oci builder: scoring server",
-                                          target, repo, emit)]
+                layers = [self._new_layer(_server_layer(), "mms oci builder: scoring server", target, repo, emit)]
                 step = "driver"
-                layers.append(self._new_layer(_tree(spec.app_dir, APP_ROOT),
-                                              "mms oci builder: driver program and assets",
-                                              target, repo, emit))
+                layers.append(
+                    self._new_layer(
+                        _tree(spec.app_dir, APP_ROOT), "mms oci builder: driver program and assets", target, repo, emit
+                    )
+                )
                 if models is not None:
                     step = "models"
                     layers.append(models.result())
@@ -225,18 +237,27 @@ class OciBuilder:
                 layers = [replace(layer, media_type=family.layer) for layer in layers]
 
                 step = "push"
-                blobs = [_Blob(d["digest"], d["size"], d["mediaType"],
-                               self._base_blob_body(source, base_ref, d["digest"], work),
-                               base_ref.repository if source is target else None)
-                         for d in base.body["layers"]]
+                blobs = [
+                    _Blob(
+                        d["digest"],
+                        d["size"],
+                        d["mediaType"],
+                        self._base_blob_body(source, base_ref, d["digest"], work),
+                        base_ref.repository if source is target else None,
+                    )
+                    for d in base.body["layers"]
+                ]
                 blobs += [deps, *layers]
                 diff_ids = [blob.diff_id for blob in (deps, *layers)]
                 history = [blob.created_by for blob in (deps, *layers)]
-                config = _image_config(base_config, diff_ids, history,
-                                       env=runtime_env(spec, f"{LIB}:{SITE_PACKAGES}")
-                                       | {"MMS_SITE_PACKAGES": SITE_PACKAGES},
-                                       labels={**spec.labels, BASE_DIGEST_LABEL: base.digest},
-                                       changes=config_changes)
+                config = _image_config(
+                    base_config,
+                    diff_ids,
+                    history,
+                    env=runtime_env(spec, f"{LIB}:{SITE_PACKAGES}") | {"MMS_SITE_PACKAGES": SITE_PACKAGES},
+                    labels={**spec.labels, BASE_DIGEST_LABEL: base.digest},
+                    changes=config_changes,
+                )
                 digest, size = self._push(target, repo, tag, family, blobs, config, emit)
             except RegistryError as exc:
                 raise BuildFailed(step, str(exc)) from None
@@ -253,24 +274,31 @@ class OciBuilder:
         budget: dict[str, Any] = {}  # None: the client's own few tries
         if self.registry_retry_seconds is not None:
             # Backoff tops out at 10 s a wait: enough tries that the time budget ends them.
-            budget = {"retry_seconds": self.registry_retry_seconds,
-                      "tries": 4 + int(self.registry_retry_seconds // 5)}
-        return RegistryClient(self.host, login.get("username"), login.get("password"),
-                              timeout=self.timeout, on_retry=lambda text: emit(f"mms: {text}"),
-                              **budget)
+            budget = {"retry_seconds": self.registry_retry_seconds, "tries": 4 + int(self.registry_retry_seconds // 5)}
+        return RegistryClient(
+            self.host,
+            login.get("username"),
+            login.get("password"),
+            timeout=self.timeout,
+            on_retry=lambda text: emit(f"mms: {text}"),
+            **budget,
+        )
 
-    def _client(self, host: str, login: Mapping[str, str] | None, *,
-                policy: FetchPolicy | None = None) -> RegistryClient:
+    def _client(
+        self, host: str, login: Mapping[str, str] | None, *, policy: FetchPolicy | None = None
+    ) -> RegistryClient:
         login = login or {}
-        return RegistryClient(host, login.get("username"), login.get("password"),
-                              timeout=self.timeout, policy=policy)
+        return RegistryClient(host, login.get("username"), login.get("password"), timeout=self.timeout, policy=policy)
 
     def _is_service_base(self, spec: BuildSpec, ref: ImageReference) -> bool:
         # The service's login reads (and mounts from) only its own prebuilt bases: other
         # tenants' images live in the same registry, and a manifest's baseImage must not
         # reach them through it. Any other base is read with the manifest's own login.
-        return (spec.base_registry is None and address_host(ref.host) == self.host
-                and ref.repository.startswith(self.repository(SERVICE_NAMESPACE)))
+        return (
+            spec.base_registry is None
+            and address_host(ref.host) == self.host
+            and ref.repository.startswith(self.repository(SERVICE_NAMESPACE))
+        )
 
     def _base_login(self, spec: BuildSpec, ref: ImageReference) -> dict[str, str] | None:
         creds = spec.base_registry
@@ -278,14 +306,17 @@ class OciBuilder:
             return None
         given = address_host(creds.address)
         if given != address_host(ref.host):
-            raise BuildFailed("pull-base", f"the base image registry credentials are for "
-                                           f"{given}, but the base image is on {address_host(ref.host)}")
+            raise BuildFailed(
+                "pull-base",
+                f"the base image registry credentials are for "
+                f"{given}, but the base image is on {address_host(ref.host)}",
+            )
         return {"username": creds.username, "password": creds.password}
 
-    def _target_python(self, base: Manifest, config: dict, source: Store,
-                       ref: ImageReference, emit: Log) -> TargetPython:
-        cached = self.cache_dir / "targets" / f"{base.body['config']['digest'][7:]}.json" \
-            if self.cache_dir else None
+    def _target_python(
+        self, base: Manifest, config: dict, source: Store, ref: ImageReference, emit: Log
+    ) -> TargetPython:
+        cached = self.cache_dir / "targets" / f"{base.body['config']['digest'][7:]}.json" if self.cache_dir else None
         known = _read_json(cached) if cached is not None else None
         if known is not None:
             return TargetPython(**known)
@@ -301,15 +332,14 @@ class OciBuilder:
             _write_json(cached, {"version": python.version, "platform": python.platform})
         return python
 
-    def _check_java(self, base: Manifest, config: dict, source: Store, ref: ImageReference,
-                    emit: Log) -> None:
+    def _check_java(self, base: Manifest, config: dict, source: Store, ref: ImageReference, emit: Log) -> None:
         """SparkPython needs a JVM in the base: its label says, else its layers (cached)."""
-        cached = self.cache_dir / "java" / f"{base.body['config']['digest'][7:]}.json" \
-            if self.cache_dir else None
+        cached = self.cache_dir / "java" / f"{base.body['config']['digest'][7:]}.json" if self.cache_dir else None
         known = _read_json(cached) if cached is not None else None
         if known is not None:
             java = known["java"]
         else:
+
             def openers() -> Iterator[Any]:
                 emit("mms: reading the base image's layers to find its Java runtime")
                 for layer in base.body["layers"]:
@@ -322,8 +352,9 @@ class OciBuilder:
             raise BuildFailed("environment", NO_JAVA)
         emit(f"mms: base image has Java ({java}) for the SparkPython runtime")
 
-    def _base_blob_body(self, source: Store, ref: ImageReference, digest: str,
-                        work: Path) -> Callable[[], Iterator[bytes]]:
+    def _base_blob_body(
+        self, source: Store, ref: ImageReference, digest: str, work: Path
+    ) -> Callable[[], Iterator[bytes]]:
         def body() -> Iterator[bytes]:
             # Copied through a file: the digest is checked before a byte is uploaded.
             path = work / f"base-{digest[7:]}"
@@ -335,45 +366,90 @@ class OciBuilder:
 
     # -- layers ------------------------------------------------------------------------
 
-    def _dependency_layer(self, requirements: list[str], python: TargetPython, spec: BuildSpec,
-                          target: Store, family: Family, work: Path, emit: Log) -> "_Blob":
+    def _dependency_layer(
+        self,
+        requirements: list[str],
+        python: TargetPython,
+        spec: BuildSpec,
+        target: Store,
+        family: Family,
+        work: Path,
+        emit: Log,
+    ) -> _Blob:
         key = dependency_cache_key(requirements, python, self.index_url)
         cache_repo = self.repository(CACHE_REPOSITORY)
         entry = target.find_manifest(cache_repo, key)
         if entry is not None:
             layer = entry.body["layers"][0]
             cache_config = json.loads(target.get_blob(cache_repo, entry.body["config"]["digest"]))
-            emit(f"mms: dependency layer cached ({key[:12]}): {layer['size']} bytes, "
-                 "no install needed")
-            return _Blob(layer["digest"], layer["size"], family.layer, _no_body, cache_repo,
-                         cache_config["rootfs"]["diff_ids"][0], _deps_history(key))
+            emit(f"mms: dependency layer cached ({key[:12]}): {layer['size']} bytes, no install needed")
+            return _Blob(
+                layer["digest"],
+                layer["size"],
+                family.layer,
+                _no_body,
+                cache_repo,
+                cache_config["rootfs"]["diff_ids"][0],
+                _deps_history(key),
+            )
         started = time.monotonic()
         site = work / "deps" / "site-packages"
         ca_bundle = self._ca_bundle(spec, work)
         wheelhouse = work / "wheels"  # this build's own: no other build's wheel is offered
-        requirements = localise_requirements(requirements, spec.requirement_files, wheelhouse,
-                                             emit, cache=(self.cache_dir or work) / "source-wheels",
-                                             limits=self.sandbox)
-        build_source_wheels(requirements, wheelhouse, emit,
-                            cache=(self.cache_dir or work) / "source-wheels",
-                            index_url=self.index_url, ca_bundle=ca_bundle, limits=self.sandbox)
-        install_dependencies(requirements, python, site, emit,
-                             cache_dir=self.cache_dir / "uv" if self.cache_dir else None,
-                             ca_bundle=ca_bundle, timeout=max(self.timeout, 1800),
-                             wheelhouse=wheelhouse, index_url=self.index_url)
+        requirements = localise_requirements(
+            requirements,
+            spec.requirement_files,
+            wheelhouse,
+            emit,
+            cache=(self.cache_dir or work) / "source-wheels",
+            limits=self.sandbox,
+        )
+        build_source_wheels(
+            requirements,
+            wheelhouse,
+            emit,
+            cache=(self.cache_dir or work) / "source-wheels",
+            index_url=self.index_url,
+            ca_bundle=ca_bundle,
+            limits=self.sandbox,
+        )
+        install_dependencies(
+            requirements,
+            python,
+            site,
+            emit,
+            cache_dir=self.cache_dir / "uv" if self.cache_dir else None,
+            ca_bundle=ca_bundle,
+            timeout=max(self.timeout, 1800),
+            wheelhouse=wheelhouse,
+            index_url=self.index_url,
+        )
         builder = LayerBuilder()
         builder.add_tree(site, SITE_PACKAGES)
         layer = builder.write(work / "deps.tar.gz", _deps_history(key))
-        emit(f"mms: dependency layer {layer.size} bytes in {time.monotonic() - started:.1f} s; "
-             f"caching it as {key[:12]}")
+        emit(
+            f"mms: dependency layer {layer.size} bytes in {time.monotonic() - started:.1f} s; caching it as {key[:12]}"
+        )
         target.push_blob(cache_repo, layer.digest, layer.size, file_chunks(layer.path))
-        cache_config = _json({"architecture": "amd64", "os": "linux",
-                              "rootfs": {"type": "layers", "diff_ids": [layer.diff_id]},
-                              "config": {"Labels": {"org.mms.cache.python": python.describe()}}})
-        put_image(target, cache_repo, key, OCI, cache_config,
-                   [{"mediaType": OCI.layer, "digest": layer.digest, "size": layer.size}])
-        return _Blob(layer.digest, layer.size, family.layer, file_chunks(layer.path), cache_repo,
-                     layer.diff_id, layer.created_by)
+        cache_config = _json(
+            {
+                "architecture": "amd64",
+                "os": "linux",
+                "rootfs": {"type": "layers", "diff_ids": [layer.diff_id]},
+                "config": {"Labels": {"org.mms.cache.python": python.describe()}},
+            }
+        )
+        put_image(
+            target,
+            cache_repo,
+            key,
+            OCI,
+            cache_config,
+            [{"mediaType": OCI.layer, "digest": layer.digest, "size": layer.size}],
+        )
+        return _Blob(
+            layer.digest, layer.size, family.layer, file_chunks(layer.path), cache_repo, layer.diff_id, layer.created_by
+        )
 
     @staticmethod
     def _ca_bundle(spec: BuildSpec, work: Path) -> Path | None:
@@ -381,12 +457,12 @@ class OciBuilder:
             return None
         # uv's SSL_CERT_FILE replaces its roots: keep the public ones and add the extra CAs.
         bundle = work / "ca-bundle.pem"
-        bundle.write_bytes(Path(certifi.where()).read_bytes() + b"\n" +
-                           b"".join(read_pem(p) for p in spec.ca_bundles))
+        bundle.write_bytes(Path(certifi.where()).read_bytes() + b"\n" + b"".join(read_pem(p) for p in spec.ca_bundles))
         return bundle
 
-    def _new_layer(self, builder: LayerBuilder, created_by: str, target: Store, repo: str,
-                   emit: Log, *, level: int = 6) -> "_Blob":
+    def _new_layer(
+        self, builder: LayerBuilder, created_by: str, target: Store, repo: str, emit: Log, *, level: int = 6
+    ) -> _Blob:
         """Put a new layer in ``repo``: streamed up while it compresses, or, when this worker
         made the same tar before, named by its recorded digest and pushed (HEAD, mount, or
         compressed again) with the other blobs."""
@@ -395,9 +471,15 @@ class OciBuilder:
         cache = self._layer_cache_path(diff_id, level)
         entry = _read_json(cache) if cache else None
         if entry is not None:
-            return _Blob(entry["digest"], entry["size"], "",
-                         lambda: iter(builder.stream(created_by, level=level)),
-                         entry["repository"], diff_id, created_by)
+            return _Blob(
+                entry["digest"],
+                entry["size"],
+                "",
+                lambda: iter(builder.stream(created_by, level=level)),
+                entry["repository"],
+                diff_id,
+                created_by,
+            )
         # A streamed upload cannot be replayed: after a transient failure the layer is
         # compressed and sent again from its beginning, under the registry's retry budget.
         for attempt in target.retries():
@@ -406,8 +488,10 @@ class OciBuilder:
                 digest, size = target.upload_stream(repo, stream)
         if stream.layer.diff_id != diff_id:
             raise BuildFailed("push", f"{created_by}: the files changed while the layer was made")
-        emit(f"mms: uploaded {created_by.split(': ', 1)[-1]} {digest[:19]} ({size} bytes) "
-             f"in {time.monotonic() - started:.2f} s")
+        emit(
+            f"mms: uploaded {created_by.split(': ', 1)[-1]} {digest[:19]} ({size} bytes) "
+            f"in {time.monotonic() - started:.2f} s"
+        )
         if cache is not None:
             _write_json(cache, {"digest": digest, "size": size, "repository": repo})
         return _Blob(digest, size, "", _no_body, None, diff_id, created_by, placed="uploaded")
@@ -416,53 +500,65 @@ class OciBuilder:
         # The blob's bytes follow from the tar, the level and zlib's release: all in the key.
         if self.cache_dir is None:
             return None
-        key = hashlib.sha256(f"{diff_id} {level} {zlib.ZLIB_RUNTIME_VERSION} "
-                             f"{self.registry}".encode()).hexdigest()
+        key = hashlib.sha256(f"{diff_id} {level} {zlib.ZLIB_RUNTIME_VERSION} {self.registry}".encode()).hexdigest()
         return self.cache_dir / "layers" / f"{key}.json"
 
     # -- push --------------------------------------------------------------------------
 
-    def _push(self, target: Store, repo: str, tag: str, family: Family,
-              blobs: list[_Blob], config: bytes, emit: Log) -> tuple[str, int]:
+    def _push(
+        self, target: Store, repo: str, tag: str, family: Family, blobs: list[_Blob], config: bytes, emit: Log
+    ) -> tuple[str, int]:
         started = time.monotonic()
         counts: dict[str, int] = {}
         uploaded = 0
         for blob in blobs:
-            how = blob.placed or target.push_blob(repo, blob.digest, blob.size, blob.body,
-                                                  mount_from=blob.mount_from)
+            how = blob.placed or target.push_blob(repo, blob.digest, blob.size, blob.body, mount_from=blob.mount_from)
             counts[how] = counts.get(how, 0) + 1
             if how == "uploaded":
                 uploaded += blob.size
                 if not blob.placed:
                     emit(f"mms: uploaded {blob.digest[:19]} ({blob.size} bytes)")
-        digest = put_image(target, repo, tag, family, config,
-                            [{"mediaType": b.media_type, "digest": b.digest, "size": b.size}
-                             for b in blobs])
+        digest = put_image(
+            target,
+            repo,
+            tag,
+            family,
+            config,
+            [{"mediaType": b.media_type, "digest": b.digest, "size": b.size} for b in blobs],
+        )
         summary = ", ".join(f"{n} {how}" for how, n in sorted(counts.items()))
-        emit(f"mms: pushed {self.host}/{repo}:{tag} {digest} in "
-             f"{time.monotonic() - started:.2f} s (layers: {summary}; {uploaded} bytes uploaded)")
+        emit(
+            f"mms: pushed {self.host}/{repo}:{tag} {digest} in "
+            f"{time.monotonic() - started:.2f} s (layers: {summary}; {uploaded} bytes uploaded)"
+        )
         return digest, sum(b.size for b in blobs)
 
 
-def put_image(target: Store, repo: str, tag: str, family: Family, config: bytes,
-               layers: list[dict[str, Any]]) -> str:
+def put_image(target: Store, repo: str, tag: str, family: Family, config: bytes, layers: list[dict[str, Any]]) -> str:
     """Push the config blob, then the manifest naming it and ``layers``; return its digest."""
     config_digest = _sha(config)
     target.push_blob(repo, config_digest, len(config), lambda: iter([config]))
-    manifest = _json({"schemaVersion": 2, "mediaType": family.manifest,
-                      "config": {"mediaType": family.config, "digest": config_digest,
-                                 "size": len(config)},
-                      "layers": layers})
+    manifest = _json(
+        {
+            "schemaVersion": 2,
+            "mediaType": family.manifest,
+            "config": {"mediaType": family.config, "digest": config_digest, "size": len(config)},
+            "layers": layers,
+        }
+    )
     return target.put_manifest(repo, tag, manifest, family.manifest)
 
 
 def _check_layer_types(base: Manifest) -> None:
     for layer in base.body["layers"]:
         if layer.get("mediaType") not in LAYER_COMPRESSION:
-            raise BuildFailed("pull-base", f"base layer {layer.get('digest', '?')[:19]} has media "
-                              f"type {layer.get('mediaType')!r}, which the oci builder cannot "
-                              "read (it reads tar layers: uncompressed, gzip or zstd); use "
-                              "another base image or the docker builder (builder: docker)")
+            raise BuildFailed(
+                "pull-base",
+                f"base layer {layer.get('digest', '?')[:19]} has media "
+                f"type {layer.get('mediaType')!r}, which the oci builder cannot "
+                "read (it reads tar layers: uncompressed, gzip or zstd); use "
+                "another base image or the docker builder (builder: docker)",
+            )
 
 
 @contextmanager
@@ -474,9 +570,12 @@ def _base_layer(source: Store, ref: ImageReference, layer: dict[str, Any]) -> It
             yield tar_reader(chunks, layer["mediaType"])
         except UNREADABLE_LAYER as exc:
             kind = LAYER_COMPRESSION[layer["mediaType"]] or "uncompressed"
-            raise BuildFailed("pull-base", f"base layer {layer['digest'][:19]} is not a readable "
-                              f"{kind} tar as its media type {layer['mediaType']} says: "
-                              f"{type(exc).__name__}: {exc}") from None
+            raise BuildFailed(
+                "pull-base",
+                f"base layer {layer['digest'][:19]} is not a readable "
+                f"{kind} tar as its media type {layer['mediaType']} says: "
+                f"{type(exc).__name__}: {exc}",
+            ) from None
 
 
 def _no_body() -> Iterator[bytes]:
@@ -528,10 +627,13 @@ def _requirements(spec: BuildSpec) -> list[str]:
     if spec.conda_file is not None:
         python_spec, conda_only, pip_entries = split_conda(spec.conda_file)
         if conda_only:
-            raise BuildFailed("environment", "the conda file lists conda packages "
-                              f"({', '.join(conda_only)}), which need conda in a container "
-                              "run: use the docker builder (builder: docker), or list them "
-                              "under pip:")
+            raise BuildFailed(
+                "environment",
+                "the conda file lists conda packages "
+                f"({', '.join(conda_only)}), which need conda in a container "
+                "run: use the docker builder (builder: docker), or list them "
+                "under pip:",
+            )
         lines += pip_entries
     if spec.pip_requirements:
         lines += spec.pip_requirements.splitlines()
@@ -542,9 +644,12 @@ def _requirements(spec: BuildSpec) -> list[str]:
         try:
             kept.append(canonical_requirement(line))
         except PackageSourceRefused:
-            raise BuildFailed("environment", f"requirement line {_shown(line)!r} is not a "
-                              "requirement such as name==1.0: package sources are the "
-                              "operator's (MMS_PIP_INDEX_URL)") from None
+            raise BuildFailed(
+                "environment",
+                f"requirement line {_shown(line)!r} is not a "
+                "requirement such as name==1.0: package sources are the "
+                "operator's (MMS_PIP_INDEX_URL)",
+            ) from None
     return kept
 
 
@@ -558,8 +663,11 @@ def _check_conda_python(spec: BuildSpec, python: TargetPython) -> None:
         return
     wanted = split_conda(spec.conda_file)[0]
     if wanted and not conda_python_allows(wanted, python.version):
-        raise BuildFailed("environment", f"the conda file asks for python{wanted} but the base "
-                          f"image has Python {python.version} (choose a matching base image)")
+        raise BuildFailed(
+            "environment",
+            f"the conda file asks for python{wanted} but the base "
+            f"image has Python {python.version} (choose a matching base image)",
+        )
 
 
 def check_extra_steps(text: str) -> dict[str, Any]:
@@ -571,9 +679,12 @@ def check_extra_steps(text: str) -> dict[str, Any]:
         raise BuildFailed("extra-steps", str(exc)) from None
     for step in steps:
         if step.keyword == "RUN":
-            raise BuildFailed("extra-steps", f"extraDockerfileSteps has a RUN step "
-                              f"({step.summary()}), which needs a container: use the "
-                              "docker builder (builder: docker)")
+            raise BuildFailed(
+                "extra-steps",
+                f"extraDockerfileSteps has a RUN step "
+                f"({step.summary()}), which needs a container: use the "
+                "docker builder (builder: docker)",
+            )
         if step.keyword == "EXPOSE":
             changes["ports"] += [p if "/" in p else f"{p}/tcp" for p in step.words]
         elif step.keyword in ("ENV", "LABEL"):  # ARG is build-time only: nothing runs here
@@ -581,10 +692,18 @@ def check_extra_steps(text: str) -> dict[str, Any]:
     return changes
 
 
-def _image_config(base: dict, diff_ids: list[str], history: list[str], *, env: dict[str, str],
-                  labels: Mapping[str, str], changes: dict[str, Any]) -> bytes:
-    config = {k: v for k, v in base.items()
-              if k not in ("container", "container_config", "docker_version", "id", "parent")}
+def _image_config(
+    base: dict,
+    diff_ids: list[str],
+    history: list[str],
+    *,
+    env: dict[str, str],
+    labels: Mapping[str, str],
+    changes: dict[str, Any],
+) -> bytes:
+    config = {
+        k: v for k, v in base.items() if k not in ("container", "container_config", "docker_version", "id", "parent")
+    }
     config["created"] = CREATED
     run = dict(base.get("config") or {})
     merged_env = dict(e.split("=", 1) for e in run.get("Env") or [] if "=" in e)
@@ -601,8 +720,7 @@ def _image_config(base: dict, diff_ids: list[str], history: list[str], *, env: d
     config["config"] = run
     rootfs = base.get("rootfs") or {"type": "layers", "diff_ids": []}
     config["rootfs"] = {"type": "layers", "diff_ids": [*rootfs.get("diff_ids", []), *diff_ids]}
-    config["history"] = [*(base.get("history") or []),
-                         *({"created": CREATED, "created_by": line} for line in history)]
+    config["history"] = [*(base.get("history") or []), *({"created": CREATED, "created_by": line} for line in history)]
     return _json(config)
 
 

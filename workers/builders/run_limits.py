@@ -71,8 +71,7 @@ class RunStepWatch:
     watch look at once). ``breach`` is the limit a step passed (a sentence), or None.
     """
 
-    def __init__(self, client: Callable[[], docker.APIClient], limits: RunLimits,
-                 interval: float = 0.5) -> None:
+    def __init__(self, client: Callable[[], docker.APIClient], limits: RunLimits, interval: float = 0.5) -> None:
         self._client = client  # its own client: the build's is busy streaming
         self.limits = limits
         self.interval = interval
@@ -127,8 +126,7 @@ class RunStepWatch:
                     self._new_containers(api)  # the last oom events
         except Exception as exc:  # a watch that died must not let the build go unwatched
             logger.exception("build.run_watch_failed")
-            self.breach = self.breach or (f"the RUN steps' limits could not be watched "
-                                          f"({type(exc).__name__})")
+            self.breach = self.breach or (f"the RUN steps' limits could not be watched ({type(exc).__name__})")
             self._kill_current()
 
     def _look(self, api: docker.APIClient) -> None:
@@ -147,15 +145,22 @@ class RunStepWatch:
         """Take up a step container of this build the engine created since the last look,
         and note the memory limit hit by one (an ``oom`` event)."""
         until = int(time.time()) + 1
-        events = list(api.events(since=self._events_since, until=until, decode=True,
-                                 filters={"type": "container", "event": ["create", "oom"]}))
+        events = list(
+            api.events(
+                since=self._events_since,
+                until=until,
+                decode=True,
+                filters={"type": "container", "event": ["create", "oom"]},
+            )
+        )
         self._events_since = until - 2  # overlap: an event of the last second may come late
         for event in events:
             cid = str(event.get("id") or event.get("Actor", {}).get("ID") or "")
             action = event.get("Action") or event.get("status")
             if action == "oom" and cid in self._seen:
-                self.breach = self.breach or (f"a RUN step ran out of its memory limit of "
-                                              f"{self.limits.memory_mb} MB (MMS_BUILD_RUN_MEMORY_MB)")
+                self.breach = self.breach or (
+                    f"a RUN step ran out of its memory limit of {self.limits.memory_mb} MB (MMS_BUILD_RUN_MEMORY_MB)"
+                )
             if action != "create" or cid in self._looked_at:
                 continue
             self._looked_at.add(cid)
@@ -168,8 +173,9 @@ class RunStepWatch:
 
     def _take(self, api: docker.APIClient, cid: str) -> None:
         # PidsLimit through the update API: docker-py's update_container lacks it.
-        api._raise_for_status(api._post_json(api._url("/containers/{0}/update", cid),
-                                             data={"PidsLimit": self.limits.pids}))
+        api._raise_for_status(
+            api._post_json(api._url("/containers/{0}/update", cid), data={"PidsLimit": self.limits.pids})
+        )
         self._end_step()
         self._current = cid
         self._seen.add(cid)
@@ -198,15 +204,17 @@ class RunStepWatch:
         self._peak_pids = max(self._peak_pids, pids)
         used = ((stats.get("cpu_stats") or {}).get("cpu_usage") or {}).get("total_usage") or 0
         self._cpu_now = max(self._cpu_now, used / 1e9)  # nanoseconds
-        elapsed = self._run_seconds + (time.monotonic() - self._step_started
-                                       if self._step_started is not None else 0.0)
+        elapsed = self._run_seconds + (time.monotonic() - self._step_started if self._step_started is not None else 0.0)
         reason = None
         if elapsed > self.limits.seconds:
-            reason = (f"the RUN steps ran longer than their time limit of {self.limits.seconds} s "
-                      "(MMS_BUILD_RUN_SECONDS)")
+            reason = (
+                f"the RUN steps ran longer than their time limit of {self.limits.seconds} s (MMS_BUILD_RUN_SECONDS)"
+            )
         elif self._cpu_before + self._cpu_now > self.limits.cpu_seconds:
-            reason = (f"the RUN steps used more than their CPU time limit of "
-                      f"{self.limits.cpu_seconds} s (MMS_BUILD_RUN_CPU_SECONDS)")
+            reason = (
+                f"the RUN steps used more than their CPU time limit of "
+                f"{self.limits.cpu_seconds} s (MMS_BUILD_RUN_CPU_SECONDS)"
+            )
         elif pids and pids >= self.limits.pids:  # a fork bomb waits there for ever
             reason = self._process_limit_reason()
         elif time.monotonic() - self._size_read_at >= _SIZE_EVERY:
@@ -215,14 +223,15 @@ class RunStepWatch:
             if found:
                 self._written_now = int(found[0].get("SizeRw") or 0)
             if self._written_before + self._written_now > self.limits.disk_mb * _MB:
-                reason = (f"the RUN steps wrote more than their disk limit of "
-                          f"{self.limits.disk_mb} MB (MMS_BUILD_RUN_DISK_MB)")
+                reason = (
+                    f"the RUN steps wrote more than their disk limit of "
+                    f"{self.limits.disk_mb} MB (MMS_BUILD_RUN_DISK_MB)"
+                )
         if reason:
             self._kill(api, cid, reason)
 
     def _process_limit_reason(self) -> str:
-        return (f"a RUN step reached its process limit of {self.limits.pids} processes and "
-                "threads (MMS_BUILD_RUN_PIDS)")
+        return f"a RUN step reached its process limit of {self.limits.pids} processes and threads (MMS_BUILD_RUN_PIDS)"
 
     def _kill(self, api: docker.APIClient, cid: str, reason: str) -> None:
         if self.breach is None:
@@ -237,17 +246,16 @@ class RunStepWatch:
         with suppress(*_ENGINE_ERRORS), self._client() as api:
             api.kill(self._current)
 
-    def check_image(self, api: docker.APIClient, image_id: str, base: str,
-                    context_bytes: int) -> None:
+    def check_image(self, api: docker.APIClient, image_id: str, base: str, context_bytes: int) -> None:
         """Fail a build whose RUN steps wrote more than the disk limit in all, counted from
         the image they made (a step can write that much between two looks at it): its size
         less its base's and less the build context the worker wrote."""
-        written = (int(api.inspect_image(image_id)["Size"]) - int(api.inspect_image(base)["Size"])
-                   - context_bytes)
+        written = int(api.inspect_image(image_id)["Size"]) - int(api.inspect_image(base)["Size"]) - context_bytes
         if written > self.limits.disk_mb * _MB:
             self.breach = self.breach or (
                 f"the RUN steps wrote {written // _MB} MB, more than their disk limit of "
-                f"{self.limits.disk_mb} MB (MMS_BUILD_RUN_DISK_MB)")
+                f"{self.limits.disk_mb} MB (MMS_BUILD_RUN_DISK_MB)"
+            )
 
     def failure_reason(self, exit_code: int | None = None) -> str | None:
         """Why a failed step failed, when a limit explains it."""
@@ -256,6 +264,8 @@ class RunStepWatch:
         if self.reached_process_limit:
             return self._process_limit_reason()
         if exit_code == 137:  # SIGKILL, and not by the watch: the kernel's OOM killer, surely
-            return (f"a RUN step was killed (exit code 137), most likely by its memory limit "
-                    f"of {self.limits.memory_mb} MB (MMS_BUILD_RUN_MEMORY_MB)")
+            return (
+                f"a RUN step was killed (exit code 137), most likely by its memory limit "
+                f"of {self.limits.memory_mb} MB (MMS_BUILD_RUN_MEMORY_MB)"
+            )
         return None

@@ -15,8 +15,8 @@ import io
 import os
 import queue
 import struct
-import threading
 import tarfile
+import threading
 import zlib
 from collections import deque
 from collections.abc import Iterator
@@ -109,7 +109,7 @@ class LayerBuilder:
         self._write_tar(tar_bytes)
         return f"sha256:{tar_bytes.hash.hexdigest()}"
 
-    def stream(self, created_by: str, *, level: int = 6) -> "LayerStream":
+    def stream(self, created_by: str, *, level: int = 6) -> LayerStream:
         """The gzip blob as chunks while it is made, to upload as it compresses."""
         return LayerStream(self, created_by, level)
 
@@ -118,10 +118,9 @@ class LayerBuilder:
         with ParallelGzip(compressed, level) as gz:
             tar_bytes = _HashingWriter(gz)  # type: ignore[arg-type]
             self._write_tar(tar_bytes)
-        return (f"sha256:{compressed.hash.hexdigest()}", f"sha256:{tar_bytes.hash.hexdigest()}",
-                compressed.size)
+        return (f"sha256:{compressed.hash.hexdigest()}", f"sha256:{tar_bytes.hash.hexdigest()}", compressed.size)
 
-    def _write_tar(self, sink: "_HashingWriter") -> None:
+    def _write_tar(self, sink: _HashingWriter) -> None:
         with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as tar:
             for name in sorted(self._entries):
                 _add(tar, name, self._entries[name])
@@ -138,7 +137,7 @@ class _Discard(io.RawIOBase):
 class _QueueSink(io.RawIOBase):
     """Hands what is written to a bounded queue (the producer waits when the reader lags)."""
 
-    def __init__(self, chunks: "queue.Queue[bytes | BaseException | None]", stop: threading.Event) -> None:
+    def __init__(self, chunks: queue.Queue[bytes | BaseException | None], stop: threading.Event) -> None:
         self.chunks, self.stop = chunks, stop
 
     def writable(self) -> bool:
@@ -213,8 +212,13 @@ def compress_tar(src: Path, dest: Path, created_by: str, *, level: int = 6) -> L
             tar_bytes = _HashingWriter(gz)  # type: ignore[arg-type]
             while block := tar_file.read(ParallelGzip.BLOCK):
                 tar_bytes.write(block)
-    return Layer(dest, f"sha256:{compressed.hash.hexdigest()}",
-                 f"sha256:{tar_bytes.hash.hexdigest()}", compressed.size, created_by)
+    return Layer(
+        dest,
+        f"sha256:{compressed.hash.hexdigest()}",
+        f"sha256:{tar_bytes.hash.hexdigest()}",
+        compressed.size,
+        created_by,
+    )
 
 
 class ParallelGzip:
@@ -244,17 +248,16 @@ class ParallelGzip:
     def write(self, data: bytes) -> int:
         self._buffer += data
         while len(self._buffer) >= self.BLOCK:
-            block = bytes(self._buffer[:self.BLOCK])
-            del self._buffer[:self.BLOCK]
+            block = bytes(self._buffer[: self.BLOCK])
+            del self._buffer[: self.BLOCK]
             self._submit(block, final=False)
         return len(data)
 
     def _submit(self, block: bytes, *, final: bool) -> None:
         self._crc = zlib.crc32(block, self._crc)
         self._size += len(block)
-        self._pending.append(self._pool.submit(_deflate, block, self._previous_tail,
-                                               self._level, final))
-        self._previous_tail = block[-self.WINDOW:]
+        self._pending.append(self._pool.submit(_deflate, block, self._previous_tail, self._level, final))
+        self._previous_tail = block[-self.WINDOW :]
         while len(self._pending) > self._max_pending:
             self._sink.write(self._pending.popleft().result())
 
@@ -267,7 +270,7 @@ class ParallelGzip:
         finally:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def __enter__(self) -> "ParallelGzip":
+    def __enter__(self) -> ParallelGzip:
         return self
 
     def __exit__(self, exc_type: object, *rest: object) -> None:

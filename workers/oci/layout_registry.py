@@ -37,7 +37,7 @@ class LayoutRegistry:
         self.layout = layout
         self.host = host
 
-    def __enter__(self) -> "LayoutRegistry":
+    def __enter__(self) -> LayoutRegistry:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -48,19 +48,22 @@ class LayoutRegistry:
 
     # -- manifests ---------------------------------------------------------------------
 
-    def get_manifest(self, repository: str, reference: str, *,
-                     platform: tuple[str, str] = ("linux", "amd64")) -> Manifest:
+    def get_manifest(
+        self, repository: str, reference: str, *, platform: tuple[str, str] = ("linux", "amd64")
+    ) -> Manifest:
         manifest = self._manifest(repository, reference)
         if manifest is None:
-            raise RegistryError(f"{self.host}/{repository}:{reference}: not found", 404,
-                                "MANIFEST_UNKNOWN")
+            raise RegistryError(f"{self.host}/{repository}:{reference}: not found", 404, "MANIFEST_UNKNOWN")
         if manifest.media_type in INDEX_TYPES:
             for entry in manifest.body.get("manifests", []):
                 plat = entry.get("platform") or {}
                 if (plat.get("os"), plat.get("architecture")) == platform:
                     return self.get_manifest(repository, entry["digest"], platform=platform)
-            raise RegistryError(f"{self.host}/{repository}:{reference} has no image for "
-                                f"{platform[0]}/{platform[1]}", 404, "MANIFEST_UNKNOWN")
+            raise RegistryError(
+                f"{self.host}/{repository}:{reference} has no image for {platform[0]}/{platform[1]}",
+                404,
+                "MANIFEST_UNKNOWN",
+            )
         return manifest
 
     def find_manifest(self, repository: str, reference: str) -> Manifest | None:
@@ -80,8 +83,7 @@ class LayoutRegistry:
         try:
             return self.layout.put_manifest(repository, tag, raw, media_type)
         except ValueError as exc:
-            raise RegistryError(f"{self.host}/{repository}:{tag}: {exc}", 400,
-                                "MANIFEST_INVALID") from None
+            raise RegistryError(f"{self.host}/{repository}:{tag}: {exc}", 400, "MANIFEST_INVALID") from None
 
     # -- blobs -------------------------------------------------------------------------
 
@@ -113,8 +115,7 @@ class LayoutRegistry:
     @contextmanager
     def _open(self, repository: str, digest: str) -> Iterator[BinaryIO]:
         if not self.layout.is_linked(repository, digest):
-            raise RegistryError(f"{self.host}/{repository}: blob {digest} not found", 404,
-                                "BLOB_UNKNOWN")
+            raise RegistryError(f"{self.host}/{repository}: blob {digest} not found", 404, "BLOB_UNKNOWN")
         with self.layout.open_blob(digest) as handle:
             yield handle
 
@@ -143,8 +144,15 @@ class LayoutRegistry:
         incoming.mkdir(parents=True, exist_ok=True)
         return incoming / f"push-{os.getpid()}-{secrets.token_hex(8)}"
 
-    def push_blob(self, repository: str, digest: str, size: int,
-                  body: Callable[[], Iterable[bytes]], *, mount_from: str | None = None) -> str:
+    def push_blob(
+        self,
+        repository: str,
+        digest: str,
+        size: int,
+        body: Callable[[], Iterable[bytes]],
+        *,
+        mount_from: str | None = None,
+    ) -> str:
         """Store the blob; ``present`` when the repository has it, ``mounted`` when
         ``mount_from`` (a repository the builder chose) does (the manifest links it), else
         ``uploaded``: its bytes are read and checked even when the store holds them for
@@ -166,8 +174,11 @@ class LayoutRegistry:
                     out.write(chunk)
                     written += len(chunk)
             if f"sha256:{hasher.hexdigest()}" != digest or written != size:
-                raise RegistryError(f"blob {digest}: the content does not match its digest "
-                                    f"and size ({written} bytes)", 400, "DIGEST_INVALID")
+                raise RegistryError(
+                    f"blob {digest}: the content does not match its digest and size ({written} bytes)",
+                    400,
+                    "DIGEST_INVALID",
+                )
             self.layout.put_blob_file(staging, digest)
         finally:
             staging.unlink(missing_ok=True)

@@ -18,7 +18,10 @@ OCI_LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
 # How a base image's layer of each media type is compressed (None: a plain tar); a layer of
 # any other type cannot be read, so a build on it fails naming the type.
 LAYER_COMPRESSION: dict[str, str | None] = {
-    OCI_LAYER: "gzip", DOCKER_LAYER: "gzip", OCI_LAYER_TAR: None, OCI_LAYER_ZSTD: "zstd",
+    OCI_LAYER: "gzip",
+    DOCKER_LAYER: "gzip",
+    OCI_LAYER_TAR: None,
+    OCI_LAYER_ZSTD: "zstd",
 }
 
 MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
@@ -34,7 +37,7 @@ class Family:
     layer: str
 
     @classmethod
-    def of(cls, manifest_media_type: str) -> "Family":
+    def of(cls, manifest_media_type: str) -> Family:
         if manifest_media_type == DOCKER_MANIFEST:
             return DOCKER
         if manifest_media_type == OCI_MANIFEST:

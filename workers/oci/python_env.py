@@ -16,7 +16,6 @@ with ``--find-links``, so the whole environment still resolves together, from wh
 from __future__ import annotations
 
 import gzip
-from importlib import metadata
 import hashlib
 import json
 import os
@@ -30,6 +29,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import BinaryIO
 
@@ -66,14 +66,18 @@ _PYTHON_BIN = re.compile(r"^(?:\./)?(usr/local/bin|usr/bin)/python3(?:\.(\d+))?$
 _LIBC = re.compile(r"^(?:\./)?(?:usr/)?lib(?:64)?/(?:[a-z0-9_]+-linux-gnu/)?(libc\.so\.6|libc-(\d+)\.(\d+)\.so)$")
 _MUSL = re.compile(r"^(?:\./)?lib/ld-musl-[a-z0-9_]+\.so\.1$")
 _GLIBC_BANNER = re.compile(rb"GNU C Library[^\n]*?version (\d+)\.(\d+)")
-_NO_WHEEL = (re.compile(r"Wheels are required for `([^`]+)`"),
-             re.compile(r"Because (\S+?)(?:[=<>!~][^ ]*)? has no (?:usable )?wheels"),
-             re.compile(r"Because (\S+?)(?:[=<>!~][^ ]*)? has no wheels with a matching"))
+_NO_WHEEL = (
+    re.compile(r"Wheels are required for `([^`]+)`"),
+    re.compile(r"Because (\S+?)(?:[=<>!~][^ ]*)? has no (?:usable )?wheels"),
+    re.compile(r"Because (\S+?)(?:[=<>!~][^ ]*)? has no wheels with a matching"),
+)
 _NOT_FOUND = re.compile(r"Because (\S+) was not found in the package registry")
 _MAX_LIBC_READ = 16 << 20
 # Where Debian, the Temurin and the former official openjdk images put a java launcher.
-_JAVA_BIN = re.compile(r"^(?:\./)?(?:usr/bin/java|usr/lib/jvm/[^/]+/(?:jre/)?bin/java|"
-                       r"opt/java/[^/]+/bin/java|usr/local/openjdk-[^/]+/bin/java)$")
+_JAVA_BIN = re.compile(
+    r"^(?:\./)?(?:usr/bin/java|usr/lib/jvm/[^/]+/(?:jre/)?bin/java|"
+    r"opt/java/[^/]+/bin/java|usr/local/openjdk-[^/]+/bin/java)$"
+)
 # Pure-Python projects published as source distributions only (their wheel is built here).
 SOURCE_ONLY = frozenset({"pyspark"})
 _NAME = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]*)")
@@ -111,11 +115,14 @@ def detect_target(config: dict, layers: Callable[[], Iterable[Opener]]) -> Targe
         version = version or found_version
         libc = libc or found_libc
     if version is None:
-        raise BuildFailed("environment", "the base image has no python3 (looked in /usr/bin "
-                                         "and /usr/local/bin); use a base image with Python")
+        raise BuildFailed(
+            "environment",
+            "the base image has no python3 (looked in /usr/bin and /usr/local/bin); use a base image with Python",
+        )
     if libc is None:
-        raise BuildFailed("environment", "cannot tell the base image's C library (no glibc "
-                                         "libc.so.6, no musl loader found)")
+        raise BuildFailed(
+            "environment", "cannot tell the base image's C library (no glibc libc.so.6, no musl loader found)"
+        )
     if libc == "musl":
         return TargetPython(version, f"{arch}-unknown-linux-musl")
     major, minor = libc.removeprefix("glibc-").split(".")[:2]
@@ -233,9 +240,16 @@ def source_only(requirements: Iterable[str]) -> list[str]:
     return picked
 
 
-def build_source_wheels(requirements: list[str], dest: Path, log: Log, *, cache: Path,
-                        index_url: str, ca_bundle: Path | None = None,
-                        limits: Limits = Limits()) -> None:
+def build_source_wheels(
+    requirements: list[str],
+    dest: Path,
+    log: Log,
+    *,
+    cache: Path,
+    index_url: str,
+    ca_bundle: Path | None = None,
+    limits: Limits = Limits(),
+) -> None:
     """Put a wheel of each ``SOURCE_ONLY`` requirement into ``dest`` (this build's own
     find-links folder).
 
@@ -249,13 +263,13 @@ def build_source_wheels(requirements: list[str], dest: Path, log: Log, *, cache:
         return
     dest.mkdir(parents=True, exist_ok=True)
     for line in wanted:
-        wheel = _index_wheel(line, dest.parent / "sdists", log, cache=cache, index_url=index_url,
-                             ca_bundle=ca_bundle, limits=limits)
+        wheel = _index_wheel(
+            line, dest.parent / "sdists", log, cache=cache, index_url=index_url, ca_bundle=ca_bundle, limits=limits
+        )
         shutil.copy2(wheel, dest / wheel.name)
 
 
-def build_wheel_contained(sdist: Path, log: Log, *, cache: Path, limits: Limits,
-                          what: str) -> Path:
+def build_wheel_contained(sdist: Path, log: Log, *, cache: Path, limits: Limits, what: str) -> Path:
     """The wheel of ``sdist``: cached under its digest, else built contained and cached."""
     digest = _sha256(sdist)
     cached = _cache_entry(cache, digest)
@@ -271,21 +285,41 @@ def build_wheel_contained(sdist: Path, log: Log, *, cache: Path, limits: Limits,
     staged.parent.mkdir(mode=0o755, exist_ok=True)
     shutil.copyfile(sdist, staged)
     staged.chmod(0o644)
-    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-index",
-               "--no-build-isolation", "--disable-pip-version-check", "--no-cache-dir",
-               "--progress-bar", "off", "-w", "/out", f"/in/{sdist.name}"]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-index",
+        "--no-build-isolation",
+        "--disable-pip-version-check",
+        "--no-cache-dir",
+        "--progress-bar",
+        "off",
+        "-w",
+        "/out",
+        f"/in/{sdist.name}",
+    ]
     try:
-        wheel = run_contained(command, inputs={staged: f"/in/{sdist.name}"}, output=out,
-                              limits=limits, log=log, what=f"building a wheel of {what}",
-                              collect=lambda made: _store_wheel(made, cached, limits.file_bytes))
+        wheel = run_contained(
+            command,
+            inputs={staged: f"/in/{sdist.name}"},
+            output=out,
+            limits=limits,
+            log=log,
+            what=f"building a wheel of {what}",
+            collect=lambda made: _store_wheel(made, cached, limits.file_bytes),
+        )
     except SandboxFailed as exc:
         raise BuildFailed("environment", str(exc)) from None
     assert wheel is not None
     return wheel
 
 
-def localise_requirements(requirements: list[str], files: Mapping[str, Path], dest: Path,
-                          log: Log, *, cache: Path, limits: Limits) -> list[str]:
+def localise_requirements(
+    requirements: list[str], files: Mapping[str, Path], dest: Path, log: Log, *, cache: Path, limits: Limits
+) -> list[str]:
     """Point lines naming a package file under ``REQUIREMENT_FILES`` at the worker's copy;
     a source distribution is built into a wheel first, contained."""
     out = []
@@ -303,15 +337,16 @@ def localise_requirements(requirements: list[str], files: Mapping[str, Path], de
             wheel = build_wheel_contained(path, log, cache=cache, limits=limits, what=name)
             path = dest / wheel.name
             shutil.copy2(wheel, path)
-            line = line[:match.start()] + f"file://{path}"  # the wheel is not the sdist named
+            line = line[: match.start()] + f"file://{path}"  # the wheel is not the sdist named
         else:
-            line = line[:match.start()] + f"file://{path}" + line[match.end("name"):]
+            line = line[: match.start()] + f"file://{path}" + line[match.end("name") :]
         out.append(line)
     return out
 
 
-def _index_wheel(line: str, folder: Path, log: Log, *, cache: Path, index_url: str,
-                 ca_bundle: Path | None, limits: Limits) -> Path:
+def _index_wheel(
+    line: str, folder: Path, log: Log, *, cache: Path, index_url: str, ca_bundle: Path | None, limits: Limits
+) -> Path:
     """The wheel of the newest sdist on the index that ``line`` admits: the one cached under
     the digest the index gives for it, else the sdist downloaded (and checked against that
     digest) and built contained."""
@@ -320,20 +355,26 @@ def _index_wheel(line: str, folder: Path, log: Log, *, cache: Path, index_url: s
     except InvalidRequirement as exc:
         raise BuildFailed("environment", f"requirement {line!r}: {exc}") from None
     if requirement.url:
-        raise BuildFailed("environment", f"requirement {line!r}: a direct reference; name a "
-                                         "version from the package index")
+        raise BuildFailed(
+            "environment", f"requirement {line!r}: a direct reference; name a version from the package index"
+        )
     session = requests.Session()
     session.trust_env = False
     session.verify = str(ca_bundle) if ca_bundle else True
     try:
         with PyPISimple(endpoint=index_url, session=session) as client:
             page = client.get_project_page(requirement.name)
-            candidates = [p for p in page.packages if p.package_type == "sdist" and p.version
-                          and p.digests.get("sha256") and _SDIST_NAME.fullmatch(p.filename)
-                          and requirement.specifier.contains(p.version, prereleases=False)]
+            candidates = [
+                p
+                for p in page.packages
+                if p.package_type == "sdist"
+                and p.version
+                and p.digests.get("sha256")
+                and _SDIST_NAME.fullmatch(p.filename)
+                and requirement.specifier.contains(p.version, prereleases=False)
+            ]
             if not candidates:
-                raise BuildFailed("environment", f"the package index has no source "
-                                                 f"distribution for {line}")
+                raise BuildFailed("environment", f"the package index has no source distribution for {line}")
             best = max(candidates, key=lambda p: Version(p.version))
             digest = best.digests["sha256"].lower()
             wheel = _cached_wheel(_cache_entry(cache, digest))
@@ -344,10 +385,8 @@ def _index_wheel(line: str, folder: Path, log: Log, *, cache: Path, index_url: s
             path = folder / best.filename
             log(f"mms: downloading {best.filename} from the package index")
             client.download_package(best, path, verify=True)
-    except (requests.RequestException, NoSuchProjectError, DigestMismatchError,
-            InvalidVersion, OSError) as exc:
-        raise BuildFailed("environment", f"cannot download the source of {line}: "
-                                         f"{_one_line(str(exc))}") from None
+    except (requests.RequestException, NoSuchProjectError, DigestMismatchError, InvalidVersion, OSError) as exc:
+        raise BuildFailed("environment", f"cannot download the source of {line}: {_one_line(str(exc))}") from None
     return build_wheel_contained(path, log, cache=cache, limits=limits, what=line)
 
 
@@ -374,19 +413,22 @@ def _store_wheel(out: Path, cached: Path, max_bytes: int) -> Path:
     made = list(out.iterdir())
     wheels = [p for p in made if p.suffix == ".whl" and p.is_file() and not p.is_symlink()]
     if len(wheels) != 1 or len(made) != 1:
-        raise BuildFailed("environment", f"the contained build made {len(wheels)} wheel(s) "
-                                         f"and {len(made) - len(wheels)} other file(s), not one wheel")
+        raise BuildFailed(
+            "environment",
+            f"the contained build made {len(wheels)} wheel(s) "
+            f"and {len(made) - len(wheels)} other file(s), not one wheel",
+        )
     name = wheels[0].name
     try:
         if not _WHEEL_NAME.fullmatch(name):
             raise InvalidWheelFilename(name)
         parse_wheel_filename(name)
     except (InvalidWheelFilename, InvalidVersion):
-        raise BuildFailed("environment", f"the contained build made a wheel with an invalid "
-                                         f"name ({name[:80]!r})") from None
+        raise BuildFailed(
+            "environment", f"the contained build made a wheel with an invalid name ({name[:80]!r})"
+        ) from None
     if wheels[0].stat().st_size > max_bytes:
-        raise BuildFailed("environment", f"the contained build made a wheel larger than "
-                                         f"{max_bytes >> 20} MiB")
+        raise BuildFailed("environment", f"the contained build made a wheel larger than {max_bytes >> 20} MiB")
     staging = cached.with_name(f".{cached.name}.{os.getpid()}.{secrets.token_hex(4)}")
     staging.mkdir(parents=True)
     wheel = staging / name
@@ -425,18 +467,30 @@ def normalise_requirements(lines: Iterable[str]) -> list[str]:
     return kept
 
 
-def dependency_cache_key(requirements: list[str], target: TargetPython,
-                         index_url: str = DEFAULT_INDEX_URL) -> str:
+def dependency_cache_key(requirements: list[str], target: TargetPython, index_url: str = DEFAULT_INDEX_URL) -> str:
     """What the dependency layer is a function of; equal keys reuse one layer."""
-    material = {"requirements": requirements, "target": asdict(target), "index": index_url,
-                "uv": metadata.version("uv"), "layout": LAYOUT_VERSION}
+    material = {
+        "requirements": requirements,
+        "target": asdict(target),
+        "index": index_url,
+        "uv": metadata.version("uv"),
+        "layout": LAYOUT_VERSION,
+    }
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
 
 
-def install_dependencies(requirements: list[str], target: TargetPython, dest: Path, log: Log,
-                         *, cache_dir: Path | None = None, ca_bundle: Path | None = None,
-                         timeout: float = 1800, wheelhouse: Path | None = None,
-                         index_url: str = DEFAULT_INDEX_URL) -> None:
+def install_dependencies(
+    requirements: list[str],
+    target: TargetPython,
+    dest: Path,
+    log: Log,
+    *,
+    cache_dir: Path | None = None,
+    ca_bundle: Path | None = None,
+    timeout: float = 1800,
+    wheelhouse: Path | None = None,
+    index_url: str = DEFAULT_INDEX_URL,
+) -> None:
     """Install wheels for ``requirements`` into ``dest`` for ``target``; BuildFailed if not.
 
     ``wheelhouse`` holds the wheels ``build_source_wheels`` made for source-only projects.
@@ -444,10 +498,25 @@ def install_dependencies(requirements: list[str], target: TargetPython, dest: Pa
     dest.mkdir(parents=True, exist_ok=True)
     req_file = dest.parent / "requirements.txt"
     req_file.write_text("".join(f"{r}\n" for r in requirements), encoding="utf-8")
-    command = [uv.find_uv_bin(), "pip", "install", "--no-config", "--target", str(dest),
-               "--python-version", target.version, "--python-platform", target.platform,
-               "--only-binary", ":all:", "--no-progress", "--index-url", index_url,
-               "-r", str(req_file)]
+    command = [
+        uv.find_uv_bin(),
+        "pip",
+        "install",
+        "--no-config",
+        "--target",
+        str(dest),
+        "--python-version",
+        target.version,
+        "--python-platform",
+        target.platform,
+        "--only-binary",
+        ":all:",
+        "--no-progress",
+        "--index-url",
+        index_url,
+        "-r",
+        str(req_file),
+    ]
     if wheelhouse is not None and source_only(requirements):
         command += ["--find-links", str(wheelhouse)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("UV_") or k in _UV_PASSTHROUGH}
@@ -460,8 +529,7 @@ def install_dependencies(requirements: list[str], target: TargetPython, dest: Pa
     log(f"mms: installing {len(requirements)} requirement(s) as wheels for {target.describe()}")
     output: list[str] = []
     try:
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, env=env)
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     except OSError as exc:
         raise BuildFailed("environment", f"cannot run uv: {exc}") from None
     with proc:
@@ -486,8 +554,10 @@ def _explain(output: list[str], target: TargetPython) -> str:
     for pattern in _NO_WHEEL:
         match = pattern.search(text)
         if match:
-            return (f"{match[1]} has no wheel for {target.describe()}; the oci builder installs "
-                    "wheels only: use the docker builder (builder: docker) to build it from source")
+            return (
+                f"{match[1]} has no wheel for {target.describe()}; the oci builder installs "
+                "wheels only: use the docker builder (builder: docker) to build it from source"
+            )
     match = _NOT_FOUND.search(text)
     if match:
         return f"no package named {match[1]} was found in the package index"

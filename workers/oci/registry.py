@@ -57,7 +57,6 @@ import httpx
 
 from app.registry_address import is_loopback_name
 from app.retrying import IDEMPOTENT_METHODS, TRANSIENT_STATUSES, attempts, retry_after
-
 from workers.fetcher import FetchError, FetchPolicy, PinnedTransport, Resolver
 from workers.oci.media import INDEX_TYPES, MANIFEST_TYPES
 
@@ -89,8 +88,15 @@ class RegistryError(Exception):
     ``transient``: another attempt may succeed (no answer, a 5xx, a 429), after ``wait``
     seconds when the registry said how long (``Retry-After``)."""
 
-    def __init__(self, message: str, status: int = 0, code: str | None = None, *,
-                 transient: bool = False, wait: float | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        status: int = 0,
+        code: str | None = None,
+        *,
+        transient: bool = False,
+        wait: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
@@ -115,7 +121,7 @@ class ImageReference:
     digest: str | None = None
 
     @classmethod
-    def parse(cls, text: str) -> "ImageReference":
+    def parse(cls, text: str) -> ImageReference:
         rest, _, digest = text.partition("@")
         first, sep, remainder = rest.partition("/")
         if sep and ("." in first or ":" in first or first == "localhost"):
@@ -127,7 +133,7 @@ class ImageReference:
         name, tag = path, None
         colon = path.rfind(":")
         if colon > path.rfind("/"):
-            name, tag = path[:colon], path[colon + 1:]
+            name, tag = path[:colon], path[colon + 1 :]
         if host == DOCKER_HUB and "/" not in name:
             name = f"library/{name}"
         if not _REPOSITORY.fullmatch(name):
@@ -174,12 +180,22 @@ class RegistryClient:
     whatever it redirects to, e.g. the service's own registry).
     """
 
-    def __init__(self, host: str, username: str | None = None, password: str | None = None,
-                 *, insecure: bool | None = None, timeout: float = 300.0,
-                 verify: str | bool = True, policy: FetchPolicy | None = None,
-                 resolver: Resolver = socket.getaddrinfo, tries: int = 4,
-                 retry_seconds: float = 120.0, retry_wait: float = 1.0,
-                 on_retry: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        host: str,
+        username: str | None = None,
+        password: str | None = None,
+        *,
+        insecure: bool | None = None,
+        timeout: float = 300.0,
+        verify: str | bool = True,
+        policy: FetchPolicy | None = None,
+        resolver: Resolver = socket.getaddrinfo,
+        tries: int = 4,
+        retry_seconds: float = 120.0,
+        retry_wait: float = 1.0,
+        on_retry: Callable[[str], None] | None = None,
+    ) -> None:
         self.host = host
         plain_http = is_loopback_host(host) if insecure is None else insecure
         self.base_url = f"{'http' if plain_http else 'https'}://{host}"
@@ -190,12 +206,16 @@ class RegistryClient:
         self._timeout = timeout  # also what reading a small answer whole may take, however it trickles
         self._on_retry = on_retry
         self._basic = False  # the registry asked for Basic credentials
-        transport = None if policy is None else PinnedTransport(policy, verify=verify,
-                                                                resolver=resolver)
-        self._http = httpx.Client(timeout=httpx.Timeout(timeout, connect=30.0), verify=verify,
-                                  follow_redirects=False, trust_env=False, transport=transport)
+        transport = None if policy is None else PinnedTransport(policy, verify=verify, resolver=resolver)
+        self._http = httpx.Client(
+            timeout=httpx.Timeout(timeout, connect=30.0),
+            verify=verify,
+            follow_redirects=False,
+            trust_env=False,
+            transport=transport,
+        )
 
-    def __enter__(self) -> "RegistryClient":
+    def __enter__(self) -> RegistryClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -206,7 +226,9 @@ class RegistryClient:
 
     # -- manifests ---------------------------------------------------------------------
 
-    def get_manifest(self, repository: str, reference: str, *, platform: tuple[str, str] = ("linux", "amd64")) -> Manifest:
+    def get_manifest(
+        self, repository: str, reference: str, *, platform: tuple[str, str] = ("linux", "amd64")
+    ) -> Manifest:
         """The image manifest of ``repository:reference``, choosing ``platform`` from an index."""
         manifest = self._get_manifest(repository, reference)
         if manifest.media_type in INDEX_TYPES:
@@ -215,8 +237,11 @@ class RegistryClient:
                 plat = entry.get("platform") or {}
                 if plat.get("os") == wanted_os and plat.get("architecture") == wanted_arch:
                     return self._get_manifest(repository, entry["digest"])
-            raise RegistryError(f"{self.host}/{repository}:{reference} has no image for "
-                                f"{wanted_os}/{wanted_arch}", 404, "MANIFEST_UNKNOWN")
+            raise RegistryError(
+                f"{self.host}/{repository}:{reference} has no image for {wanted_os}/{wanted_arch}",
+                404,
+                "MANIFEST_UNKNOWN",
+            )
         return manifest
 
     def find_manifest(self, repository: str, reference: str) -> Manifest | None:
@@ -230,13 +255,18 @@ class RegistryClient:
 
     def _get_manifest(self, repository: str, reference: str) -> Manifest:
         response, raw = self._request_body(
-            "GET", f"/v2/{repository}/manifests/{reference}", scope=f"repository:{repository}:pull",
-            headers={"Accept": _ACCEPT}, max_bytes=MANIFEST_MAX_BYTES,
-            what=f"{self.host}/{repository}:{reference}: the manifest")
+            "GET",
+            f"/v2/{repository}/manifests/{reference}",
+            scope=f"repository:{repository}:pull",
+            headers={"Accept": _ACCEPT},
+            max_bytes=MANIFEST_MAX_BYTES,
+            what=f"{self.host}/{repository}:{reference}: the manifest",
+        )
         digest = f"sha256:{hashlib.sha256(raw).hexdigest()}"
         if reference.startswith("sha256:") and digest != reference:
-            raise RegistryError(f"{self.host}/{repository}@{reference}: the registry sent a "
-                                f"manifest whose digest is {digest}")
+            raise RegistryError(
+                f"{self.host}/{repository}@{reference}: the registry sent a manifest whose digest is {digest}"
+            )
         try:
             body = json.loads(raw)
         except ValueError:
@@ -245,16 +275,23 @@ class RegistryClient:
             raise RegistryError(f"{self.host}/{repository}:{reference}: manifest is not a JSON object")
         media_type = body.get("mediaType") or response.headers.get("content-type", "").split(";")[0]
         if media_type not in (*MANIFEST_TYPES, *INDEX_TYPES):
-            raise RegistryError(f"{self.host}/{repository}:{reference}: unsupported manifest "
-                                f"type {media_type or 'unknown'} (schema 1 images are not supported)")
+            raise RegistryError(
+                f"{self.host}/{repository}:{reference}: unsupported manifest "
+                f"type {media_type or 'unknown'} (schema 1 images are not supported)"
+            )
         return Manifest(raw, media_type, digest, body)
 
     def put_manifest(self, repository: str, tag: str, raw: bytes, media_type: str) -> str:
         """Push a manifest under ``tag``; return its digest."""
         digest = f"sha256:{hashlib.sha256(raw).hexdigest()}"
-        self._request("PUT", f"/v2/{repository}/manifests/{tag}",
-                      scope=f"repository:{repository}:pull,push",
-                      headers={"Content-Type": media_type}, content=raw, ok=(201,))
+        self._request(
+            "PUT",
+            f"/v2/{repository}/manifests/{tag}",
+            scope=f"repository:{repository}:pull,push",
+            headers={"Content-Type": media_type},
+            content=raw,
+            ok=(201,),
+        )
         return digest
 
     # -- blobs -------------------------------------------------------------------------
@@ -262,8 +299,9 @@ class RegistryClient:
     def blob_size(self, repository: str, digest: str) -> int | None:
         """The blob's size when ``repository`` has it, else None."""
         try:
-            response = self._request("HEAD", f"/v2/{repository}/blobs/{digest}",
-                                     scope=f"repository:{repository}:pull", ok=(200,))
+            response = self._request(
+                "HEAD", f"/v2/{repository}/blobs/{digest}", scope=f"repository:{repository}:pull", ok=(200,)
+            )
         except RegistryError as exc:
             if exc.status == 404:
                 return None
@@ -286,8 +324,7 @@ class RegistryClient:
     def download_blob(self, repository: str, digest: str, dest: Path) -> int:
         """Stream a blob to ``dest``, checking its digest; return its size."""
         for attempt in self._attempts():
-            with attempt, self.open_blob(repository, digest, retry=False) as chunks, \
-                    dest.open("wb") as out:
+            with attempt, self.open_blob(repository, digest, retry=False) as chunks, dest.open("wb") as out:
                 hasher, size = hashlib.sha256(), 0
                 for chunk in chunks:
                     hasher.update(chunk)
@@ -298,15 +335,22 @@ class RegistryClient:
             raise RegistryError(f"{self.host}/{repository}: blob {digest} arrived corrupted")
         return size
 
-    def open_blob(self, repository: str, digest: str, *, retry: bool = True) -> "_BlobStream":
+    def open_blob(self, repository: str, digest: str, *, retry: bool = True) -> _BlobStream:
         """The blob's bytes as a stream of chunks (the registry may redirect to storage).
 
         ``retry``: open it again after a transient failure; False where the caller retries
         the whole read itself, so that attempts do not multiply."""
         return _BlobStream(self, repository, digest, retry)
 
-    def push_blob(self, repository: str, digest: str, size: int,
-                  body: Callable[[], Iterable[bytes]], *, mount_from: str | None = None) -> str:
+    def push_blob(
+        self,
+        repository: str,
+        digest: str,
+        size: int,
+        body: Callable[[], Iterable[bytes]],
+        *,
+        mount_from: str | None = None,
+    ) -> str:
         """Make ``repository`` hold the blob; return how: present, mounted or uploaded.
 
         ``body`` opens the content afresh each time it is called, so an upload can be
@@ -319,26 +363,33 @@ class RegistryClient:
                 return self._push_blob_once(repository, digest, size, body, mount_from)
         raise AssertionError("unreachable")
 
-    def _push_blob_once(self, repository: str, digest: str, size: int,
-                        body: Callable[[], Iterable[bytes]], mount_from: str | None) -> str:
+    def _push_blob_once(
+        self, repository: str, digest: str, size: int, body: Callable[[], Iterable[bytes]], mount_from: str | None
+    ) -> str:
         scope = f"repository:{repository}:pull,push"
         params = {}
         if mount_from and mount_from != repository:
             scope += f" repository:{mount_from}:pull"
             params = {"mount": digest, "from": mount_from}
         # Tried once: push_blob tries the whole upload again.
-        start = self._request("POST", f"/v2/{repository}/blobs/uploads/", scope=scope,
-                              params=params, ok=(201, 202), retry=False)
+        start = self._request(
+            "POST", f"/v2/{repository}/blobs/uploads/", scope=scope, params=params, ok=(201, 202), retry=False
+        )
         if start.status_code == 201:
             return "mounted"
         location = start.headers.get("location")
         if not location:
             raise RegistryError(f"{self.host}: the registry started an upload without a Location")
         # Not retried alone: a failed PUT may have ended the upload; push_blob starts anew.
-        self._request("PUT", _with_digest(urljoin(self.base_url + "/", location), digest),
-                      scope=scope, content=body, ok=(201,), retry=False,
-                      headers={"Content-Type": "application/octet-stream",
-                               "Content-Length": str(size)})
+        self._request(
+            "PUT",
+            _with_digest(urljoin(self.base_url + "/", location), digest),
+            scope=scope,
+            content=body,
+            ok=(201,),
+            retry=False,
+            headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+        )
         return "uploaded"
 
     def upload_stream(self, repository: str, chunks: Iterable[bytes]) -> tuple[str, int]:
@@ -348,8 +399,7 @@ class RegistryClient:
         Each request is sent once: only the caller can make the stream again, so it retries
         the whole upload (and attempts do not multiply)."""
         scope = f"repository:{repository}:pull,push"
-        start = self._request("POST", f"/v2/{repository}/blobs/uploads/", scope=scope, ok=(202,),
-                              retry=False)
+        start = self._request("POST", f"/v2/{repository}/blobs/uploads/", scope=scope, ok=(202,), retry=False)
         location = start.headers.get("location")
         if not location:
             raise RegistryError(f"{self.host}: the registry started an upload without a Location")
@@ -365,13 +415,25 @@ class RegistryClient:
                 size += len(chunk)
                 yield chunk
 
-        patch = self._request("PATCH", urljoin(self.base_url + "/", location), scope=scope,
-                              content=body, ok=(202, 204), retry=False,
-                              headers={"Content-Type": "application/octet-stream"})
+        patch = self._request(
+            "PATCH",
+            urljoin(self.base_url + "/", location),
+            scope=scope,
+            content=body,
+            ok=(202, 204),
+            retry=False,
+            headers={"Content-Type": "application/octet-stream"},
+        )
         digest = f"sha256:{hasher.hexdigest()}"
         location = patch.headers.get("location") or location
-        self._request("PUT", _with_digest(urljoin(self.base_url + "/", location), digest),
-                      scope=scope, ok=(201,), retry=False, headers={"Content-Length": "0"})
+        self._request(
+            "PUT",
+            _with_digest(urljoin(self.base_url + "/", location), digest),
+            scope=scope,
+            ok=(201,),
+            retry=False,
+            headers={"Content-Length": "0"},
+        )
         return digest, size
 
     # -- the HTTP exchange with authentication -----------------------------------------
@@ -391,45 +453,66 @@ class RegistryClient:
             failures.append(exc)
             return retryable(exc) if retry else False
 
-        for attempt in attempts(on, tries=self._tries, timeout=self._retry_seconds,
-                                wait=self._retry_wait):
+        for attempt in attempts(on, tries=self._tries, timeout=self._retry_seconds, wait=self._retry_wait):
             if attempt.num > 1 and self._on_retry is not None:
-                self._on_retry(f"registry unreachable or failing: {failures[-1]}; retrying "
-                               f"(attempt {attempt.num}, for up to {self._retry_seconds:g} s)")
+                self._on_retry(
+                    f"registry unreachable or failing: {failures[-1]}; retrying "
+                    f"(attempt {attempt.num}, for up to {self._retry_seconds:g} s)"
+                )
             yield attempt
 
-    def _request(self, method: str, path_or_url: str, *, scope: str, ok: tuple[int, ...] = (200,),
-                 content: bytes | Callable[[], Iterable[bytes]] | None = None,
-                 stream: bool = False, retry: bool | None = None, **kwargs: Any) -> httpx.Response:
+    def _request(
+        self,
+        method: str,
+        path_or_url: str,
+        *,
+        scope: str,
+        ok: tuple[int, ...] = (200,),
+        content: bytes | Callable[[], Iterable[bytes]] | None = None,
+        stream: bool = False,
+        retry: bool | None = None,
+        **kwargs: Any,
+    ) -> httpx.Response:
         """One exchange (with authentication); repeated on a transient failure when ``retry``
         (by default: for an idempotent method)."""
         for attempt in self._attempts(method in IDEMPOTENT_METHODS if retry is None else retry):
             with attempt:
-                return self._exchange(method, path_or_url, scope=scope, ok=ok, content=content,
-                                      stream=stream, **dict(kwargs))
+                return self._exchange(
+                    method, path_or_url, scope=scope, ok=ok, content=content, stream=stream, **dict(kwargs)
+                )
         raise AssertionError("unreachable")
 
-    def _request_body(self, method: str, path: str, *, scope: str, max_bytes: int, what: str,
-                      **kwargs: Any) -> tuple[httpx.Response, bytes]:
+    def _request_body(
+        self, method: str, path: str, *, scope: str, max_bytes: int, what: str, **kwargs: Any
+    ) -> tuple[httpx.Response, bytes]:
         """``_request`` with the answer's body read, at most ``max_bytes`` of it (``what`` names
         it in the error); a read that breaks off is repeated like a request without answer."""
         for attempt in self._attempts():
             with attempt:
-                response = self._exchange(method, path, scope=scope, ok=(200,), content=None,
-                                          stream=True, **dict(kwargs))
+                response = self._exchange(
+                    method, path, scope=scope, ok=(200,), content=None, stream=True, **dict(kwargs)
+                )
                 try:
-                    return response, _read_at_most(response, max_bytes, what,
-                                                   deadline=time.monotonic() + self._timeout)
+                    return response, _read_at_most(response, max_bytes, what, deadline=time.monotonic() + self._timeout)
                 except httpx.HTTPError as exc:
-                    raise RegistryError(f"{what}: the answer broke off: {type(exc).__name__}: {exc}",
-                                        transient=True) from None
+                    raise RegistryError(
+                        f"{what}: the answer broke off: {type(exc).__name__}: {exc}", transient=True
+                    ) from None
                 finally:
                     response.close()
         raise AssertionError("unreachable")
 
-    def _exchange(self, method: str, path_or_url: str, *, scope: str, ok: tuple[int, ...],
-                  content: bytes | Callable[[], Iterable[bytes]] | None, stream: bool,
-                  **kwargs: Any) -> httpx.Response:
+    def _exchange(
+        self,
+        method: str,
+        path_or_url: str,
+        *,
+        scope: str,
+        ok: tuple[int, ...],
+        content: bytes | Callable[[], Iterable[bytes]] | None,
+        stream: bool,
+        **kwargs: Any,
+    ) -> httpx.Response:
         url = path_or_url if "://" in path_or_url else self.base_url + path_or_url
         for attempt in range(2):
             headers = {**kwargs.pop("headers", {}), **self._auth_header(scope)}
@@ -440,9 +523,10 @@ class RegistryClient:
                 # Always streamed, so no answer is read whole: see _read_at_most.
                 response = self._http.send(request, stream=True)
             except httpx.HTTPError as exc:
-                raise RegistryError(f"registry {self.host} did not answer {method} "
-                                    f"{urlsplit(url).path}: {type(exc).__name__}: {exc}",
-                                    transient=True) from None
+                raise RegistryError(
+                    f"registry {self.host} did not answer {method} {urlsplit(url).path}: {type(exc).__name__}: {exc}",
+                    transient=True,
+                ) from None
             except FetchError as exc:
                 raise self._refused(exc, url) from None
             if response.status_code == 401 and attempt == 0:
@@ -474,14 +558,16 @@ class RegistryClient:
         scheme = challenge.split(" ", 1)[0].lower()
         if scheme == "basic":
             if not self._login:
-                raise RegistryError(f"registry {self.host} requires authentication and no login was given",
-                                    401, "UNAUTHORIZED")
+                raise RegistryError(
+                    f"registry {self.host} requires authentication and no login was given", 401, "UNAUTHORIZED"
+                )
             self._check_channel()
             self._basic = True
             return
         if scheme != "bearer":
-            raise RegistryError(f"registry {self.host} asks for unsupported authentication "
-                                f"{scheme or '(none)'}", 401, "UNAUTHORIZED")
+            raise RegistryError(
+                f"registry {self.host} asks for unsupported authentication {scheme or '(none)'}", 401, "UNAUTHORIZED"
+            )
         params = dict(_CHALLENGE_PARAM.findall(challenge))
         realm = params.get("realm")
         if not realm or urlsplit(realm).scheme not in ("http", "https"):
@@ -492,35 +578,43 @@ class RegistryClient:
         auth = None
         if self._login:
             if urlsplit(realm).scheme != "https" and not is_loopback_host(urlsplit(realm).netloc):
-                raise RegistryError(f"registry {self.host}'s token service {urlsplit(realm).netloc} "
-                                    "is not https: the login is not sent there", 401)
+                raise RegistryError(
+                    f"registry {self.host}'s token service {urlsplit(realm).netloc} "
+                    "is not https: the login is not sent there",
+                    401,
+                )
             auth = httpx.BasicAuth(*self._login)
         asked_at = time.monotonic()  # the token is no older than this, whatever it says
         try:
-            answer = self._http.send(self._http.build_request("GET", realm, params=query),
-                                     auth=auth, stream=True)
+            answer = self._http.send(self._http.build_request("GET", realm, params=query), auth=auth, stream=True)
             try:
                 if answer.status_code != 200:
                     _discard(answer)
                 else:
-                    raw = _read_at_most(answer, TOKEN_MAX_BYTES,
-                                        f"token service of {self.host}: the token",
-                                        deadline=time.monotonic() + self._timeout)
+                    raw = _read_at_most(
+                        answer,
+                        TOKEN_MAX_BYTES,
+                        f"token service of {self.host}: the token",
+                        deadline=time.monotonic() + self._timeout,
+                    )
             finally:
                 answer.close()
         except httpx.HTTPError as exc:
-            raise RegistryError(f"token service of {self.host} did not answer: {exc}",
-                                transient=True) from None
+            raise RegistryError(f"token service of {self.host} did not answer: {exc}", transient=True) from None
         except FetchError as exc:
             raise self._refused(exc, realm, "the token service") from None
         if answer.status_code in TRANSIENT_STATUSES:
-            raise RegistryError(f"registry {self.host}: token service answered {answer.status_code}",
-                                answer.status_code, transient=True,
-                                wait=retry_after(answer.headers.get("retry-after")))
+            raise RegistryError(
+                f"registry {self.host}: token service answered {answer.status_code}",
+                answer.status_code,
+                transient=True,
+                wait=retry_after(answer.headers.get("retry-after")),
+            )
         if answer.status_code != 200:
             who = "the login was refused" if self._login else "a login is required"
-            raise RegistryError(f"registry {self.host}: {who} (token service answered "
-                                f"{answer.status_code})", 401, "UNAUTHORIZED")
+            raise RegistryError(
+                f"registry {self.host}: {who} (token service answered {answer.status_code})", 401, "UNAUTHORIZED"
+            )
         try:
             data = json.loads(raw)
             token = data.get("token") or data["access_token"]
@@ -534,15 +628,18 @@ class RegistryClient:
         where = urlsplit(url).netloc.rpartition("@")[2]
         if exc.reason != "blocked_address":  # e.g. a name that does not resolve
             return RegistryError(f"registry {self.host}: {exc}")
-        subject = f"registry {self.host}" if where == self.host else \
-            f"{what} {where} of registry {self.host}"
-        return RegistryError(f"{subject} is at a private address; ask the operator to allow it "
-                             "(MMS_FETCH_ALLOW_HOSTS)", 0, "BLOCKED_ADDRESS")
+        subject = f"registry {self.host}" if where == self.host else f"{what} {where} of registry {self.host}"
+        return RegistryError(
+            f"{subject} is at a private address; ask the operator to allow it (MMS_FETCH_ALLOW_HOSTS)",
+            0,
+            "BLOCKED_ADDRESS",
+        )
 
     def _check_channel(self) -> None:
         if self.base_url.startswith("http://") and not is_loopback_host(self.host):
-            raise RegistryError(f"registry {self.host} is plain http: the login is not sent "
-                                "over an unencrypted connection", 401)
+            raise RegistryError(
+                f"registry {self.host} is plain http: the login is not sent over an unencrypted connection", 401
+            )
 
 
 class _BlobStream:
@@ -555,28 +652,35 @@ class _BlobStream:
 
     def __enter__(self) -> Iterator[bytes]:
         client = self._client
-        response = client._request("GET", f"/v2/{self._repository}/blobs/{self._digest}",
-                                   scope=f"repository:{self._repository}:pull",
-                                   ok=(200, 307, 302), stream=True, retry=self._retry)
+        response = client._request(
+            "GET",
+            f"/v2/{self._repository}/blobs/{self._digest}",
+            scope=f"repository:{self._repository}:pull",
+            ok=(200, 307, 302),
+            stream=True,
+            retry=self._retry,
+        )
         if response.status_code in (302, 307):
             # Storage redirects (S3, Azure) are pre-signed: no registry credentials there.
             # Sent through the same client, so a policy vets the new host too.
             target = urljoin(str(response.url), response.headers["location"])
             response.close()
             try:
-                response = client._http.send(client._http.build_request("GET", target),
-                                             stream=True)
+                response = client._http.send(client._http.build_request("GET", target), stream=True)
             except httpx.HTTPError as exc:
-                raise RegistryError(f"blob {self._digest}: storage did not answer: "
-                                    f"{type(exc).__name__}: {exc}", transient=True) from None
+                raise RegistryError(
+                    f"blob {self._digest}: storage did not answer: {type(exc).__name__}: {exc}", transient=True
+                ) from None
             except FetchError as exc:
                 raise client._refused(exc, target, "the blob storage") from None
             if response.status_code != 200:
                 response.close()
-                raise RegistryError(f"blob {self._digest}: storage answered {response.status_code}",
-                                    response.status_code,
-                                    transient=response.status_code in TRANSIENT_STATUSES,
-                                    wait=retry_after(response.headers.get("retry-after")))
+                raise RegistryError(
+                    f"blob {self._digest}: storage answered {response.status_code}",
+                    response.status_code,
+                    transient=response.status_code in TRANSIENT_STATUSES,
+                    wait=retry_after(response.headers.get("retry-after")),
+                )
         self._response = response
         return self._chunks(response)
 
@@ -584,8 +688,9 @@ class _BlobStream:
         try:
             yield from response.iter_bytes(_CHUNK)
         except httpx.HTTPError as exc:  # the connection broke mid-blob
-            raise RegistryError(f"blob {self._digest}: the download broke off: "
-                                f"{type(exc).__name__}: {exc}", transient=True) from None
+            raise RegistryError(
+                f"blob {self._digest}: the download broke off: {type(exc).__name__}: {exc}", transient=True
+            ) from None
 
     def __exit__(self, *exc: object) -> None:
         if self._response is not None:
@@ -652,8 +757,7 @@ def _discard(response: httpx.Response) -> bytes:
     return bytes(data[:_OTHER_BODY_MAX_BYTES])
 
 
-def _error_from(host: str, method: str, url: str, response: httpx.Response,
-                body: bytes) -> RegistryError:
+def _error_from(host: str, method: str, url: str, response: httpx.Response, body: bytes) -> RegistryError:
     code, detail = None, ""
     try:
         errors = json.loads(body).get("errors") or []
@@ -663,14 +767,19 @@ def _error_from(host: str, method: str, url: str, response: httpx.Response,
     except (ValueError, AttributeError):
         pass
     path = urlsplit(url).path  # never the query: an upload URL's state stays out of messages
-    what = {401: "the login was refused", 403: "access denied",
-            404: "not found"}.get(response.status_code, f"answered {response.status_code}")
+    what = {401: "the login was refused", 403: "access denied", 404: "not found"}.get(
+        response.status_code, f"answered {response.status_code}"
+    )
     message = f"registry {host}: {method} {path}: {what}"
     if code or detail:
         message += f" ({code or ''}{': ' if code and detail else ''}{detail})"
-    return RegistryError(message, response.status_code, code,
-                         transient=response.status_code in TRANSIENT_STATUSES,
-                         wait=retry_after(response.headers.get("retry-after")))
+    return RegistryError(
+        message,
+        response.status_code,
+        code,
+        transient=response.status_code in TRANSIENT_STATUSES,
+        wait=retry_after(response.headers.get("retry-after")),
+    )
 
 
 def file_chunks(path: Path) -> Callable[[], Iterator[bytes]]:

@@ -73,9 +73,7 @@ def list_accounts(
 
 
 @router.delete("/{accountName}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_account(
-    path: AccountPathDep, caller: CallerDep, session: SessionDep, force: bool = False
-) -> None:
+def delete_account(path: AccountPathDep, caller: CallerDep, session: SessionDep, force: bool = False) -> None:
     """Delete an account; refused with 409 while it holds models, unless ``force=true``."""
     caller.require(Permission.WRITE, account_scope(path.subscription_id, path.resource_group, path.name))
     accounts.delete_account(session, path, force=force)

@@ -71,14 +71,14 @@ async def upload_asset(
 
 
 @router.get("/{assetId}", response_model=AssetRead)
-def get_asset(assetId: str, account: ReadableAccount, context: ContextDep, session: SessionDep) -> AssetRead:  # noqa: N803
+def get_asset(assetId: str, account: ReadableAccount, context: ContextDep, session: SessionDep) -> AssetRead:
     """The asset, with a fresh read URL."""
     asset = assets.get_asset(session, account, asset_id=assetId)
     return to_read(asset, context.asset_store, context.settings.asset_url_ttl_days)
 
 
 @router.delete("/{assetId}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_asset(assetId: str, account: WritableAccount, context: ContextDep, session: SessionDep) -> None:  # noqa: N803
+def delete_asset(assetId: str, account: WritableAccount, context: ContextDep, session: SessionDep) -> None:
     assets.delete_asset(session, account, context.asset_store, asset_id=assetId)
 
 

@@ -27,8 +27,7 @@ def ready(context: ContextDep) -> JSONResponse:
     """200 when the database and the broker answer, else 503 naming what does not."""
     checks = {"database": _check(_database, context), "broker": _check(context.build_queue.ping)}
     ok = all(value == "ok" for value in checks.values())
-    return JSONResponse({"status": "ready" if ok else "not ready", "checks": checks},
-                        status_code=200 if ok else 503)
+    return JSONResponse({"status": "ready" if ok else "not ready", "checks": checks}, status_code=200 if ok else 503)
 
 
 def _database(context) -> None:  # type: ignore[no-untyped-def]
@@ -41,8 +40,7 @@ def _check(probe, *args) -> str:  # type: ignore[no-untyped-def]
         probe(*args)
     except Exception as exc:  # noqa: BLE001 (any failure means not ready)
         # The kind of failure only: messages can carry connection strings.
-        log.warning("ready.check_failed", extra={"check": getattr(probe, "__name__", "?"),
-                                                 "error": type(exc).__name__})
+        log.warning("ready.check_failed", extra={"check": getattr(probe, "__name__", "?"), "error": type(exc).__name__})
         return f"unreachable ({type(exc).__name__})"
     return "ok"
 
@@ -52,4 +50,3 @@ def metrics(request: Request) -> Response:
     """Prometheus metrics (text format); keep this path on the internal network."""
     body, content_type = render(request.app.state.metrics)
     return Response(body, media_type=content_type)
-

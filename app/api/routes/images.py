@@ -6,19 +6,17 @@ import re
 from typing import Annotated
 
 import anyio
-
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import PlainTextResponse
 from sse_starlette import EventSourceResponse
 
+from app.api.deps import CallerDep, ContextDep, EventHubDep, ReadableAccount, SessionDep, WritableAccount
 from app.api.event_stream import STREAM_SHUTDOWN_GRACE_SECONDS, image_events
 from app.api.image_polls import RETRY_AFTER_SECONDS, image_etag, not_modified_headers
-from app.api.middleware import etag_matches
-
-from app.api.deps import CallerDep, ContextDep, EventHubDep, ReadableAccount, SessionDep, WritableAccount
 from app.api.links import next_link
-from app.api.untrusted import NOT_A_PAGE
+from app.api.middleware import etag_matches
 from app.api.routes.manifests import to_read as manifest_to_read
+from app.api.untrusted import NOT_A_PAGE
 from app.auth.roles import account_scope
 from app.errors import BadRequest
 from app.orm import CreationState, Image
@@ -26,8 +24,8 @@ from app.schemas.common import Page
 from app.schemas.images import BaseImageRead, ImageCreate, ImageError, ImageRead, OperationRead
 from app.services import base_images, images
 from app.services.events import image_version
-from app.services.registry import embedded_layout
 from app.services.paging import MAX_ID
+from app.services.registry import embedded_layout
 
 PREFIX = "/subscriptions/{subscriptionId}/resourceGroups/{resourceGroup}/accounts/{accountName}"
 router = APIRouter(prefix=PREFIX, tags=["images"])
@@ -114,9 +112,13 @@ _EVENT_ID = re.compile(r"[0-9]{1,19}")
 
 
 # Declared before /images/{imageId}, which would otherwise take "events" for an id.
-@router.get("/images/events", response_class=EventSourceResponse,
-            responses={200: {"content": {"text/event-stream": {}},
-                             "description": "`ready`, then one `image` event per state change"}})
+@router.get(
+    "/images/events",
+    response_class=EventSourceResponse,
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "`ready`, then one `image` event per state change"}
+    },
+)
 async def stream_image_events(
     account: ReadableAccount,
     caller: CallerDep,
@@ -132,24 +134,42 @@ async def stream_image_events(
     if raw:
         # ASCII digits only (str.isdigit takes '²'), and no more than an event id column holds.
         if not _EVENT_ID.fullmatch(raw) or int(raw) > MAX_ID:
-            raise BadRequest(f"{field} must be an event id (a whole number up to {MAX_ID}), not {raw[:40]!r}",
-                             code="InvalidLastEventId")
+            raise BadRequest(
+                f"{field} must be an event id (a whole number up to {MAX_ID}), not {raw[:40]!r}",
+                code="InvalidLastEventId",
+            )
         last_event_id = int(raw)
     scope = account_scope(account.subscription_id, account.resource_group, account.name)
     # Set by sse-starlette when the server starts to stop: the stream then ends cleanly
     # (a finished body) within the grace period, rather than holding the shutdown up.
     shutdown = anyio.Event()
-    events = image_events(hub, context.session_factory, account.id, caller=caller, scope=scope,
-                          last_event_id=last_event_id, shutdown=shutdown)
+    events = image_events(
+        hub,
+        context.session_factory,
+        account.id,
+        caller=caller,
+        scope=scope,
+        last_event_id=last_event_id,
+        shutdown=shutdown,
+    )
     # X-Accel-Buffering: a proxy in front must pass events on as they come.
-    return EventSourceResponse(events, ping=15, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-                               shutdown_event=shutdown, shutdown_grace_period=STREAM_SHUTDOWN_GRACE_SECONDS)
+    return EventSourceResponse(
+        events,
+        ping=15,
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        shutdown_event=shutdown,
+        shutdown_grace_period=STREAM_SHUTDOWN_GRACE_SECONDS,
+    )
 
 
-@router.get("/images/{imageId}", response_model=ImageRead,
-            responses={304: {"description": "unchanged since the ETag sent in If-None-Match"}})
-def get_image(imageId: str, request: Request, response: Response, account: ReadableAccount,  # noqa: N803
-              session: SessionDep, hub: EventHubDep) -> ImageRead | Response:
+@router.get(
+    "/images/{imageId}",
+    response_model=ImageRead,
+    responses={304: {"description": "unchanged since the ETag sent in If-None-Match"}},
+)
+def get_image(
+    imageId: str, request: Request, response: Response, account: ReadableAccount, session: SessionDep, hub: EventHubDep
+) -> ImageRead | Response:
     """One image; poll it with If-None-Match (its ETag changes exactly when it does)."""
     image = images.get_image(session, account, image_id=imageId)
     version = image_version(session, image.id)
@@ -159,8 +179,9 @@ def get_image(imageId: str, request: Request, response: Response, account: Reada
     hub.versions.note_account((params["subscriptionId"], params["resourceGroup"], params["accountName"]), account.id)
     etag = image_etag(version, str(request.base_url))
     if etag_matches(request.headers.get("if-none-match"), etag):
-        return Response(status_code=304, headers=dict((k.decode(), v.decode()) for k, v in
-                                                      not_modified_headers(etag, image.state)))
+        return Response(
+            status_code=304, headers=dict((k.decode(), v.decode()) for k, v in not_modified_headers(etag, image.state))
+        )
     response.headers["ETag"], response.headers["Cache-Control"] = etag, "no-cache"
     _retry_after(response.headers, image)
     return to_read(image, request)
@@ -183,14 +204,13 @@ def list_images(
 
 
 @router.post("/images/{imageId}/cancel", response_model=ImageRead)
-def cancel_image(imageId: str, request: Request, account: WritableAccount, session: SessionDep) -> ImageRead:  # noqa: N803
+def cancel_image(imageId: str, request: Request, account: WritableAccount, session: SessionDep) -> ImageRead:
     """Cancel a queued build at once; a running one stops within a heartbeat."""
     return to_read(images.cancel_image(session, account, image_id=imageId), request)
 
 
 @router.delete("/images/{imageId}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_image(imageId: str, account: WritableAccount, session: SessionDep,  # noqa: N803
-                 context: ContextDep) -> None:
+def delete_image(imageId: str, account: WritableAccount, session: SessionDep, context: ContextDep) -> None:
     images.delete_image(session, account, image_id=imageId, layout=embedded_layout(context.settings))
 
 
@@ -198,8 +218,12 @@ _OPEN_RANGE = re.compile(r"bytes=([0-9]+)-")
 
 
 @router.get("/images/{imageId}/log", response_class=PlainTextResponse)
-def build_log(imageId: str, account: ReadableAccount, session: SessionDep,  # noqa: N803
-              range_header: Annotated[str | None, Header(alias="Range")] = None) -> Response:
+def build_log(
+    imageId: str,
+    account: ReadableAccount,
+    session: SessionDep,
+    range_header: Annotated[str | None, Header(alias="Range")] = None,
+) -> Response:
     """The build log so far; it stays after a failure, whose step and error end it.
 
     A follower asks for what it has not seen with ``Range: bytes=<size so far>-``: 206 with
@@ -216,13 +240,17 @@ def build_log(imageId: str, account: ReadableAccount, session: SessionDep,  # no
     start = int(wanted[1]) if len(wanted[1]) < 19 else len(body)  # a huge start is past any log
     if start >= len(body):
         return Response(status_code=416, headers={**headers, "Content-Range": f"bytes */{len(body)}"})
-    return PlainTextResponse(body[start:], status_code=206,
-                             headers={**headers, "Content-Range": f"bytes {start}-{len(body) - 1}/{len(body)}"})
+    return PlainTextResponse(
+        body[start:],
+        status_code=206,
+        headers={**headers, "Content-Range": f"bytes {start}-{len(body) - 1}/{len(body)}"},
+    )
 
 
 @router.get("/operations/{operationId}", response_model=OperationRead)
-def get_operation(operationId: str, request: Request, response: Response, account: ReadableAccount,  # noqa: N803
-                  session: SessionDep) -> OperationRead:
+def get_operation(
+    operationId: str, request: Request, response: Response, account: ReadableAccount, session: SessionDep
+) -> OperationRead:
     image = images.get_operation(session, account, operation_id=operationId)
     _retry_after(response.headers, image)
     return to_operation(image, request)
@@ -231,8 +259,16 @@ def get_operation(operationId: str, request: Request, response: Response, accoun
 @router.get("/baseImages", response_model=Page[BaseImageRead])
 def list_base_images(account: ReadableAccount, session: SessionDep) -> Page[BaseImageRead]:
     """The prebuilt inference base images, newest first; the newest CPU one is the default FROM."""
-    return Page(value=[
-        BaseImageRead(name=e.name, reference=e.reference, pythonVersion=e.python_version, variant=e.variant,
-                      publishedAt=e.published_at, available=e.available)
-        for e in base_images.list_base_images(session)
-    ])
+    return Page(
+        value=[
+            BaseImageRead(
+                name=e.name,
+                reference=e.reference,
+                pythonVersion=e.python_version,
+                variant=e.variant,
+                publishedAt=e.published_at,
+                available=e.available,
+            )
+            for e in base_images.list_base_images(session)
+        ]
+    )

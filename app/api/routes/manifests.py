@@ -50,8 +50,7 @@ def to_read(manifest: Manifest) -> ManifestRead:
         CreatedTime=manifest.created_at,
         modelIds=[str(m.model_version_id) for m in manifest.models],
         assets=[
-            ManifestAssetBody(id=a.asset_id, url=a.url, mimeType=a.mime_type, unPack=a.unpack)
-            for a in manifest.assets
+            ManifestAssetBody(id=a.asset_id, url=a.url, mimeType=a.mime_type, unPack=a.unpack) for a in manifest.assets
         ],
         targetRuntime=TargetRuntime(
             runtimeType=manifest.runtime_type,
@@ -83,15 +82,20 @@ def create_manifest(
     (entryScript, runtime, condaFile, baseImage, baseImageRegistry …) with name, modelIds and assets.
     """
     manifest = manifests.create_manifest(
-        session, account, body, sealer=context.sealer, urls=context.url_policy,
-        own_registry=context.settings.image_registry, conda_channels=context.settings.conda_channels,
+        session,
+        account,
+        body,
+        sealer=context.sealer,
+        urls=context.url_policy,
+        own_registry=context.settings.image_registry,
+        conda_channels=context.settings.conda_channels,
         created_by=caller.subject,
     )
     return to_read(manifest)
 
 
 @router.get("/{manifestId}", response_model=ManifestRead)
-def get_manifest(manifestId: str, account: ReadableAccount, session: SessionDep) -> ManifestRead:  # noqa: N803
+def get_manifest(manifestId: str, account: ReadableAccount, session: SessionDep) -> ManifestRead:
     return to_read(manifests.get_manifest(session, account, manifest_id=manifestId))
 
 
@@ -113,5 +117,5 @@ def list_manifests(
 
 
 @router.delete("/{manifestId}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_manifest(manifestId: str, account: WritableAccount, session: SessionDep) -> None:  # noqa: N803
+def delete_manifest(manifestId: str, account: WritableAccount, session: SessionDep) -> None:
     manifests.delete_manifest(session, account, manifest_id=manifestId)

@@ -56,9 +56,7 @@ def register_model(
         action=lambda: (
             status.HTTP_200_OK,
             to_read(
-                models.register_model(
-                    session, account, body, urls=context.url_policy, created_by=caller.subject
-                )
+                models.register_model(session, account, body, urls=context.url_policy, created_by=caller.subject)
             ).model_dump(mode="json"),
         ),
     )
@@ -67,7 +65,7 @@ def register_model(
 
 
 @router.get("/{modelId}", response_model=ModelRead)
-def get_model(modelId: str, account: ReadableAccount, session: SessionDep) -> ModelRead:  # noqa: N803
+def get_model(modelId: str, account: ReadableAccount, session: SessionDep) -> ModelRead:
     return to_read(models.get_model(session, account, model_id=modelId))
 
 
@@ -82,12 +80,10 @@ def list_models(
     skip_token: Annotated[str | None, Query(alias="$skipToken")] = None,
 ) -> Page[ModelRead]:
     """Models by name, newest version first; filter by name or tag; page with ``$skipToken``."""
-    rows, token = models.list_models(
-        session, account, name=name, tag=tag, count=count, skip_token=skip_token
-    )
+    rows, token = models.list_models(session, account, name=name, tag=tag, count=count, skip_token=skip_token)
     return Page(value=[to_read(m) for m in rows], nextLink=next_link(request, token))
 
 
 @router.delete("/{modelId}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_model(modelId: str, account: WritableAccount, session: SessionDep) -> None:  # noqa: N803
+def delete_model(modelId: str, account: WritableAccount, session: SessionDep) -> None:
     models.delete_model(session, account, model_id=modelId)

@@ -54,11 +54,11 @@ def list_service_principals(caller: CallerDep, session: SessionDep) -> Page[Serv
 
 
 @router.get("/{clientId}", response_model=ServicePrincipalRead)
-def get_service_principal(clientId: str, caller: CallerDep, session: SessionDep) -> ServicePrincipalRead:  # noqa: N803
+def get_service_principal(clientId: str, caller: CallerDep, session: SessionDep) -> ServicePrincipalRead:
     return to_read(principals.get_principal_as(session, caller, client_id=clientId))
 
 
 @router.delete("/{clientId}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_service_principal(clientId: str, caller: CallerDep, session: SessionDep) -> None:  # noqa: N803
+def delete_service_principal(clientId: str, caller: CallerDep, session: SessionDep) -> None:
     """Delete a principal; its tokens lose their roles within MMS_AUTH_CACHE_SECONDS, its event streams end."""
     principals.delete_principal_as(session, caller, client_id=clientId)

@@ -95,8 +95,12 @@ def token(
     requested repositories it may read."""
     client_id, secret = _basic_credentials(request, context.settings)
     body = registry.issue_pull_token(
-        session, context=context, client_id=client_id, client_secret=secret,
-        scopes=scope or [], service=service,
+        session,
+        context=context,
+        client_id=client_id,
+        client_secret=secret,
+        scopes=scope or [],
+        service=service,
     )
     return JSONResponse(body, headers={"Cache-Control": "no-store"})
 
@@ -135,19 +139,28 @@ def pull(
         else:
             found, content = registry.get_manifest(layout, repository=repository, reference=reference)
             headers = {}
-        headers.update({"Docker-Content-Digest": found.digest, "ETag": f'"{found.digest}"',
-                        **download_headers(found.digest.replace(":", "-"))})
+        headers.update(
+            {
+                "Docker-Content-Digest": found.digest,
+                "ETag": f'"{found.digest}"',
+                **download_headers(found.digest.replace(":", "-")),
+            }
+        )
         # Served as stored, with its real media type whatever Accept said: clients check it.
         return Response(content, media_type=found.media_type, headers=headers)
     if target.kind == "blobs":
         blob, _ = registry.get_blob(layout, repository=repository, digest=reference)
         # FileResponse streams, answers HEAD without a body and honours Range.
-        return FileResponse(blob, media_type="application/octet-stream", headers={
-            "Docker-Content-Digest": reference,
-            "ETag": f'"{reference}"',
-            "Cache-Control": "max-age=31536000, immutable",
-            **download_headers(reference.replace(":", "-")),
-        })
+        return FileResponse(
+            blob,
+            media_type="application/octet-stream",
+            headers={
+                "Docker-Content-Digest": reference,
+                "ETag": f'"{reference}"',
+                "Cache-Control": "max-age=31536000, immutable",
+                **download_headers(reference.replace(":", "-")),
+            },
+        )
     tags, limit, next_last = registry.list_tags(layout, repository=repository, n=n, last=last)
     links = {}
     if next_last is not None:

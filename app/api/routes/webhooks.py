@@ -20,9 +20,14 @@ router = APIRouter(prefix=PREFIX, tags=["webhooks"])
 
 
 def to_read(webhook: Webhook, *, full_url: bool = True) -> WebhookRead:
-    return WebhookRead(id=str(webhook.id), url=webhooks.shown_url(webhook.url, full=full_url),
-                       description=webhook.description, active=webhook.active,
-                       createdTime=webhook.created_at, createdBy=webhook.created_by)
+    return WebhookRead(
+        id=str(webhook.id),
+        url=webhooks.shown_url(webhook.url, full=full_url),
+        description=webhook.description,
+        active=webhook.active,
+        createdTime=webhook.created_at,
+        createdBy=webhook.created_by,
+    )
 
 
 def _sees_full_urls(caller: Caller, account: Account) -> bool:
@@ -33,20 +38,33 @@ def _sees_full_urls(caller: Caller, account: Account) -> bool:
 def to_delivery(delivery: WebhookDelivery) -> DeliveryRead:
     pending = delivery.state == DeliveryState.PENDING.value
     return DeliveryRead(
-        id=str(delivery.id), eventId=str(delivery.event_id), state=delivery.state, attempts=delivery.attempts,
-        responseStatus=delivery.last_status, error=delivery.last_error, durationMs=delivery.last_duration_ms,
-        createdTime=delivery.created_at, lastAttemptTime=delivery.last_attempt_at,
-        nextAttemptTime=delivery.next_attempt_at if pending else None, deliveredTime=delivery.delivered_at,
+        id=str(delivery.id),
+        eventId=str(delivery.event_id),
+        state=delivery.state,
+        attempts=delivery.attempts,
+        responseStatus=delivery.last_status,
+        error=delivery.last_error,
+        durationMs=delivery.last_duration_ms,
+        createdTime=delivery.created_at,
+        lastAttemptTime=delivery.last_attempt_at,
+        nextAttemptTime=delivery.next_attempt_at if pending else None,
+        deliveredTime=delivery.delivered_at,
     )
 
 
 @router.post("/webhooks", response_model=WebhookCreated, status_code=status.HTTP_201_CREATED)
-def create_webhook(body: WebhookCreate, account: WritableAccount, caller: CallerDep, context: ContextDep,
-                   session: SessionDep) -> WebhookCreated:
+def create_webhook(
+    body: WebhookCreate, account: WritableAccount, caller: CallerDep, context: ContextDep, session: SessionDep
+) -> WebhookCreated:
     """Register a URL for every image state change; the signing secret is shown only here."""
     webhook, secret = webhooks.create_webhook(
-        session, account, body, sealer=context.sealer, require_https=context.settings.requires_https_urls,
-        created_by=caller.subject)
+        session,
+        account,
+        body,
+        sealer=context.sealer,
+        require_https=context.settings.requires_https_urls,
+        created_by=caller.subject,
+    )
     return WebhookCreated(**to_read(webhook).model_dump(), secret=secret)
 
 
@@ -58,28 +76,27 @@ def list_webhooks(account: ReadableAccount, caller: CallerDep, session: SessionD
 
 
 @router.get("/webhooks/{webhookId}", response_model=WebhookRead)
-def get_webhook(webhookId: str, account: ReadableAccount, caller: CallerDep,  # noqa: N803
-                session: SessionDep) -> WebhookRead:
+def get_webhook(webhookId: str, account: ReadableAccount, caller: CallerDep, session: SessionDep) -> WebhookRead:
     """One webhook; a Reader sees its URL with the query redacted."""
-    return to_read(webhooks.get_webhook(session, account, webhook_id=webhookId),
-                   full_url=_sees_full_urls(caller, account))
+    return to_read(
+        webhooks.get_webhook(session, account, webhook_id=webhookId), full_url=_sees_full_urls(caller, account)
+    )
 
 
 @router.patch("/webhooks/{webhookId}", response_model=WebhookRead)
-def update_webhook(webhookId: str, body: WebhookUpdate, account: WritableAccount,  # noqa: N803
-                   session: SessionDep) -> WebhookRead:
+def update_webhook(webhookId: str, body: WebhookUpdate, account: WritableAccount, session: SessionDep) -> WebhookRead:
     """Pause (``active: false``) or resume a webhook; a paused one is sent nothing new."""
     return to_read(webhooks.update_webhook(session, account, webhook_id=webhookId, body=body))
 
 
 @router.delete("/webhooks/{webhookId}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_webhook(webhookId: str, account: WritableAccount, session: SessionDep) -> None:  # noqa: N803
+def delete_webhook(webhookId: str, account: WritableAccount, session: SessionDep) -> None:
     webhooks.delete_webhook(session, account, webhook_id=webhookId)
 
 
 @router.get("/webhooks/{webhookId}/deliveries", response_model=Page[DeliveryRead])
 def list_deliveries(
-    webhookId: str,  # noqa: N803
+    webhookId: str,
     request: Request,
     account: ReadableAccount,
     session: SessionDep,
@@ -88,6 +105,7 @@ def list_deliveries(
     skip_token: Annotated[str | None, Query(alias="$skipToken")] = None,
 ) -> Page[DeliveryRead]:
     """The delivery log, newest event first: each delivery's state, attempts and last answer."""
-    rows, token = webhooks.list_deliveries(session, account, webhook_id=webhookId, state=state, count=count,
-                                           skip_token=skip_token)
+    rows, token = webhooks.list_deliveries(
+        session, account, webhook_id=webhookId, state=state, count=count, skip_token=skip_token
+    )
     return Page(value=[to_delivery(d) for d in rows], nextLink=next_link(request, token))

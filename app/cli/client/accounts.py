@@ -10,16 +10,24 @@ from app.cli.client.api import CliError, ServiceClient
 from app.cli.client.output import Output, OutputOption, err, field, show
 
 account_cli = typer.Typer(help="Model management accounts.", no_args_is_help=True)
-modelmanagement_cli = typer.Typer(help="Model management accounts (as `az ml account modelmanagement`).",
-                                  no_args_is_help=True)
+modelmanagement_cli = typer.Typer(
+    help="Model management accounts (as `az ml account modelmanagement`).", no_args_is_help=True
+)
 account_cli.add_typer(modelmanagement_cli, name="modelmanagement")
 
-COLUMNS = [("name", field("name")), ("resource group", field("properties.resourceGroup")),
-           ("location", field("location")), ("sku", field("sku.name")),
-           ("instances", field("sku.capacity")), ("account id", field("properties.accountId"))]
+COLUMNS = [
+    ("name", field("name")),
+    ("resource group", field("properties.resourceGroup")),
+    ("location", field("location")),
+    ("sku", field("sku.name")),
+    ("instances", field("sku.capacity")),
+    ("account id", field("properties.accountId")),
+]
 
 Name = Annotated[str | None, typer.Option("--name", "-n", help="the account (default: the current one)")]
-Group = Annotated[str | None, typer.Option("--resource-group", "-g", help="its resource group (default: the current one)")]
+Group = Annotated[
+    str | None, typer.Option("--resource-group", "-g", help="its resource group (default: the current one)")
+]
 
 
 def _path(client: ServiceClient, name: str | None, group: str | None) -> str:
@@ -106,8 +114,9 @@ def _make_current(client: ServiceClient, resource_group: str, name: str) -> None
     client.store.save_profile(client.profile)
 
 
-def all_pages(client: ServiceClient, path: str, params: dict[str, Any] | None = None,
-              limit: int = 10_000) -> list[dict[str, Any]]:
+def all_pages(
+    client: ServiceClient, path: str, params: dict[str, Any] | None = None, limit: int = 10_000
+) -> list[dict[str, Any]]:
     """Every record of a paged list, following nextLink (at most ``limit``)."""
     records: list[dict[str, Any]] = []
     page = client.json("GET", path, params=params)
@@ -117,4 +126,3 @@ def all_pages(client: ServiceClient, path: str, params: dict[str, Any] | None = 
         if not link or len(records) >= limit:
             return records[:limit]
         page = client.json("GET", link)
-

@@ -43,8 +43,9 @@ class CliError(Exception):
         self.exit_code = exit_code
 
 
-def fetch_token(token_url: str, client_id: str, client_secret: str, scope: str | None,
-                timeout: float = 30.0) -> tuple[str, float]:
+def fetch_token(
+    token_url: str, client_id: str, client_secret: str, scope: str | None, timeout: float = 30.0
+) -> tuple[str, float]:
     """Client-credentials grant at ``token_url``: (access token, expiry in epoch seconds)."""
     data = {"grant_type": "client_credentials", "client_id": client_id, "client_secret": client_secret}
     if scope:
@@ -56,8 +57,7 @@ def fetch_token(token_url: str, client_id: str, client_secret: str, scope: str |
         raise CliError(f"cannot reach the token endpoint {token_url}: {_reason(exc)}") from None
     if answer.status_code in (400, 401):
         detail = _oauth_error(answer)
-        raise CliError(f"sign-in refused: {detail} (check the client id and secret given to "
-                       "`mms login`)")
+        raise CliError(f"sign-in refused: {detail} (check the client id and secret given to `mms login`)")
     if answer.status_code != 200:
         raise CliError(f"the token endpoint {token_url} answered {answer.status_code}")
     try:
@@ -93,8 +93,9 @@ class ServiceClient:
         except ProfileError as exc:
             raise CliError(str(exc)) from None
         if not server:
-            raise CliError("no service is set: run `mms login --service-principal -u <client id> "
-                           "-p <secret> --server <URL>`")
+            raise CliError(
+                "no service is set: run `mms login --service-principal -u <client id> -p <secret> --server <URL>`"
+            )
         self.server = server.rstrip("/")
         self.tries, self.retry_seconds, self.retry_wait = 4, 60.0, 0.5
         self._http = httpx.Client(base_url=self.server, timeout=httpx.Timeout(timeout, connect=10.0))
@@ -102,7 +103,7 @@ class ServiceClient:
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> "ServiceClient":
+    def __enter__(self) -> ServiceClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -116,15 +117,21 @@ class ServiceClient:
         if given:
             return given, False
         credentials = self.store.load_credentials()
-        fresh = (credentials.access_token and credentials.expires_at
-                 and credentials.expires_at - time.time() > _RENEW_BEFORE_SECONDS)
+        fresh = (
+            credentials.access_token
+            and credentials.expires_at
+            and credentials.expires_at - time.time() > _RENEW_BEFORE_SECONDS
+        )
         if fresh and not renew:
             return credentials.access_token, bool(credentials.client_secret)  # type: ignore[return-value]
         if not (self.profile.client_id and credentials.client_secret):
-            raise CliError("not signed in, or the sign-in has expired: run `mms login "
-                           "--service-principal -u <client id> -p <secret> --server <URL>`")
-        token, expires_at = fetch_token(self.token_url(), self.profile.client_id,
-                                        credentials.client_secret, self.profile.scope)
+            raise CliError(
+                "not signed in, or the sign-in has expired: run `mms login "
+                "--service-principal -u <client id> -p <secret> --server <URL>`"
+            )
+        token, expires_at = fetch_token(
+            self.token_url(), self.profile.client_id, credentials.client_secret, self.profile.scope
+        )
         self.store.save_credentials(Credentials(credentials.client_secret, token, expires_at))
         return token, True
 
@@ -133,8 +140,15 @@ class ServiceClient:
 
     # -- requests ----------------------------------------------------------------------
 
-    def call(self, method: str, path: str, *, ok: tuple[int, ...] = (200, 201, 202, 204),
-             content: Callable[[], Iterator[bytes]] | None = None, **kwargs: Any) -> httpx.Response:
+    def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        ok: tuple[int, ...] = (200, 201, 202, 204),
+        content: Callable[[], Iterator[bytes]] | None = None,
+        **kwargs: Any,
+    ) -> httpx.Response:
         """One request; a 401 on a cached token renews it and tries once more."""
         token, renewable = self._token()
         for attempt in range(2):
@@ -143,33 +157,40 @@ class ServiceClient:
             try:
                 response = self._send(method, path, content, kwargs)
             except httpx.HTTPError as exc:
-                raise CliError(f"cannot reach the service at {self.server}: {_reason(exc)} "
-                               "(is it running? `mms env show` shows the URL in use)") from None
+                raise CliError(
+                    f"cannot reach the service at {self.server}: {_reason(exc)} "
+                    "(is it running? `mms env show` shows the URL in use)"
+                ) from None
             if response.status_code == 401 and renewable and attempt == 0:
                 token, renewable = self._token(renew=True)
                 continue
             if response.status_code == 401:
                 where = f"the token in {TOKEN_ENV}" if env_token() else "your sign-in"
-                raise CliError(f"the service refused {where} ({_service_error(response)}): "
-                               "sign in again with `mms login`")
+                raise CliError(
+                    f"the service refused {where} ({_service_error(response)}): sign in again with `mms login`"
+                )
             if response.status_code not in ok:
                 raise CliError(_service_error(response))
             return response
         raise AssertionError("unreachable")
 
-    def _send(self, method: str, path: str, content: Callable[[], Iterator[bytes]] | None,
-              kwargs: dict[str, Any]) -> httpx.Response:
+    def _send(
+        self, method: str, path: str, content: Callable[[], Iterator[bytes]] | None, kwargs: dict[str, Any]
+    ) -> httpx.Response:
         """The request, sent again after a transient failure when it is safe to repeat; the
         last answer (or the last error) when the tries or the time run out."""
         repeatable = method in IDEMPOTENT_METHODS or any(
-            k.lower() == "idempotency-key" for k in kwargs.get("headers", {}))
+            k.lower() == "idempotency-key" for k in kwargs.get("headers", {})
+        )
         try:
-            for attempt in attempts(transient_http if repeatable else (lambda exc: False),
-                                    tries=self.tries, timeout=self.retry_seconds,
-                                    wait=self.retry_wait):
+            for attempt in attempts(
+                transient_http if repeatable else (lambda exc: False),
+                tries=self.tries,
+                timeout=self.retry_seconds,
+                wait=self.retry_wait,
+            ):
                 with attempt:
-                    response = self._http.request(method, path,
-                                                  content=content() if content else None, **kwargs)
+                    response = self._http.request(method, path, content=content() if content else None, **kwargs)
                     if repeatable and response.status_code in TRANSIENT_STATUSES:
                         raise _Busy(response)
                     return response
@@ -201,17 +222,22 @@ class ServiceClient:
                     if progress:
                         progress(len(block))
 
-        return self.json("POST", self.account_url("assets"), params={"name": name}, content=chunks,
-                         headers={"Content-Type": "application/octet-stream",
-                                  "Content-Length": str(size)})
+        return self.json(
+            "POST",
+            self.account_url("assets"),
+            params={"name": name},
+            content=chunks,
+            headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+        )
 
 
 class _Busy(Transient):
     """A 429 or 5xx answer to a call that may be sent again."""
 
     def __init__(self, response: httpx.Response) -> None:
-        super().__init__(f"the service answered {response.status_code}",
-                         retry_after(response.headers.get("retry-after")))
+        super().__init__(
+            f"the service answered {response.status_code}", retry_after(response.headers.get("retry-after"))
+        )
         self.response = response
 
 

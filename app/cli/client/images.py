@@ -15,9 +15,15 @@ from app.cli.client.output import Output, OutputOption, err, field, out, show
 
 image_cli = typer.Typer(help="Scoring images built from manifests.", no_args_is_help=True)
 
-COLUMNS = [("id", field("Id")), ("name", field("Name")), ("version", field("Version")),
-           ("state", field("CreationState")), ("builder", field("Builder")),
-           ("location", field("ImageLocation")), ("created", field("CreatedTime"))]
+COLUMNS = [
+    ("id", field("Id")),
+    ("name", field("Name")),
+    ("version", field("Version")),
+    ("state", field("CreationState")),
+    ("builder", field("Builder")),
+    ("location", field("ImageLocation")),
+    ("created", field("CreatedTime")),
+]
 DONE = {"Succeeded": 0, "Failed": 2, "Cancelled": 3}  # exit codes of `image create --wait`
 TIMED_OUT = 4
 ImageId = Annotated[str, typer.Option("--id", "-i", help="the image's id")]
@@ -29,7 +35,9 @@ def create(
     manifest_id: Annotated[str, typer.Option("--manifest-id", help="the manifest to build")],
     builder: Annotated[str | None, typer.Option(help="oci (daemonless) or docker; default: the service's")] = None,
     description: Annotated[str | None, typer.Option("--description", "-d")] = None,
-    wait: Annotated[bool, typer.Option("--wait", help="follow the build: its log as it grows, then exit 0 if it Succeeded")] = False,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="follow the build: its log as it grows, then exit 0 if it Succeeded")
+    ] = False,
     timeout: Annotated[int, typer.Option(help="with --wait: give up after this many seconds (exit 4)")] = 3600,
     output: OutputOption = Output.table,
 ) -> None:
@@ -55,9 +63,11 @@ def create(
     state = image["CreationState"]
     if state != "Succeeded":
         reason = (image.get("Error") or {}).get("message") or ""
-        err.print(f"[red]error:[/red] image {image['Name']} version {image['Version']} "
-                  f"{'is still ' + state if state not in DONE else state}{': ' + reason if reason else ''}",
-                  highlight=False)
+        err.print(
+            f"[red]error:[/red] image {image['Name']} version {image['Version']} "
+            f"{'is still ' + state if state not in DONE else state}{': ' + reason if reason else ''}",
+            highlight=False,
+        )
     raise typer.Exit(DONE.get(state, TIMED_OUT))
 
 
@@ -94,7 +104,9 @@ def show_image(image_id: ImageId, output: OutputOption = Output.table) -> None:
 @image_cli.command("list")
 def list_images(
     manifest_id: Annotated[str | None, typer.Option("--manifest-id", help="only images of this manifest")] = None,
-    manifest_name: Annotated[str | None, typer.Option("--manifest-name", help="only images of manifests of this name")] = None,
+    manifest_name: Annotated[
+        str | None, typer.Option("--manifest-name", help="only images of manifests of this name")
+    ] = None,
     output: OutputOption = Output.table,
 ) -> None:
     """The account's images.
@@ -152,6 +164,14 @@ def list_base_images(output: OutputOption = Output.table) -> None:
     """
     with ServiceClient() as client:
         bases = all_pages(client, client.account_url("baseImages"))
-    show(bases, output, [("name", field("name")), ("reference", field("reference")),
-                         ("python", field("pythonVersion")), ("variant", field("variant")),
-                         ("published", field("publishedAt"))])
+    show(
+        bases,
+        output,
+        [
+            ("name", field("name")),
+            ("reference", field("reference")),
+            ("python", field("pythonVersion")),
+            ("variant", field("variant")),
+            ("published", field("publishedAt")),
+        ],
+    )

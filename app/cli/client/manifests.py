@@ -15,12 +15,19 @@ from app.cli.client.api import CliError, ServiceClient
 from app.cli.client.models import Uploads, register_model, upload_with_progress, zip_folder
 from app.cli.client.output import Output, OutputOption, err, field, show
 
-manifest_cli = typer.Typer(help="Manifests: a scoring script, its assets, models and environment.",
-                           no_args_is_help=True)
+manifest_cli = typer.Typer(
+    help="Manifests: a scoring script, its assets, models and environment.", no_args_is_help=True
+)
 
-COLUMNS = [("id", field("id")), ("name", field("name")), ("version", field("version")),
-           ("driver", field("driverProgram")), ("runtime", field("targetRuntime.runtimeType")),
-           ("models", field("modelIds")), ("created", field("CreatedTime"))]
+COLUMNS = [
+    ("id", field("id")),
+    ("name", field("name")),
+    ("version", field("version")),
+    ("driver", field("driverProgram")),
+    ("runtime", field("targetRuntime.runtimeType")),
+    ("models", field("modelIds")),
+    ("created", field("CreatedTime")),
+]
 _RUNTIMES = {"python": "Python", "spark-py": "SparkPython"}
 
 
@@ -31,10 +38,23 @@ def create(
     runtime: Annotated[str, typer.Option("--runtime", "-r", help="python or spark-py")] = "python",
     conda_file: Annotated[Path | None, typer.Option("--conda-file", "-c", help="a conda environment file")] = None,
     pip_file: Annotated[Path | None, typer.Option("--pip-file", "-p", help="a pip requirements file")] = None,
-    dependency: Annotated[list[Path] | None, typer.Option("--dependency", "-d", help="another file or folder the script needs; repeat for more")] = None,
-    model_id: Annotated[list[str] | None, typer.Option("--model-id", "-i", help="a registered model's id; repeat for more")] = None,
-    model_file: Annotated[list[Path] | None, typer.Option("--model-file", "-m", help="a model file or folder to register first; repeat for more")] = None,
-    inference_config: Annotated[Path | None, typer.Option("--inference-config", "--ic", help="an inference configuration JSON (entryScript, runtime, condaFile, ...)")] = None,
+    dependency: Annotated[
+        list[Path] | None,
+        typer.Option("--dependency", "-d", help="another file or folder the script needs; repeat for more"),
+    ] = None,
+    model_id: Annotated[
+        list[str] | None, typer.Option("--model-id", "-i", help="a registered model's id; repeat for more")
+    ] = None,
+    model_file: Annotated[
+        list[Path] | None,
+        typer.Option("--model-file", "-m", help="a model file or folder to register first; repeat for more"),
+    ] = None,
+    inference_config: Annotated[
+        Path | None,
+        typer.Option(
+            "--inference-config", "--ic", help="an inference configuration JSON (entryScript, runtime, condaFile, ...)"
+        ),
+    ] = None,
     description: Annotated[str | None, typer.Option("--description")] = None,
     output: OutputOption = Output.table,
 ) -> None:
@@ -45,7 +65,9 @@ def create(
     if runtime.lower() not in _RUNTIMES:
         raise CliError(f"--runtime must be python or spark-py, not {runtime!r}")
     if (driver is None) == (inference_config is None):
-        raise CliError("give the scoring script with -f score.py, or an inference configuration with --ic (one of them)")
+        raise CliError(
+            "give the scoring script with -f score.py, or an inference configuration with --ic (one of them)"
+        )
     for path in [p for p in (driver, conda_file, pip_file, inference_config, *(dependency or [])) if p]:
         if not path.exists():
             raise CliError(f"{path} does not exist")
@@ -53,30 +75,55 @@ def create(
         model_ids = list(model_id or [])
         check_models_exist(client, model_ids)  # before anything is uploaded
         with Uploads(client) as uploads:
-            manifest = _create(client, uploads, name, driver, runtime, conda_file, pip_file,
-                               dependency or [], model_ids, model_file or [], inference_config,
-                               description)
+            manifest = _create(
+                client,
+                uploads,
+                name,
+                driver,
+                runtime,
+                conda_file,
+                pip_file,
+                dependency or [],
+                model_ids,
+                model_file or [],
+                inference_config,
+                description,
+            )
     show(manifest, output, COLUMNS)
 
 
 def check_models_exist(client: ServiceClient, model_ids: list[str]) -> None:
     """CliError naming every ``--model-id`` the account does not have."""
-    missing = [m for m in model_ids
-               if client.call("GET", client.account_url("models", m), ok=(200, 404)).status_code == 404]
+    missing = [
+        m for m in model_ids if client.call("GET", client.account_url("models", m), ok=(200, 404)).status_code == 404
+    ]
     if missing:
-        raise CliError(f"no model with id {', '.join(missing)} in this account (`mms model list` "
-                       "shows them); nothing was uploaded")
+        raise CliError(
+            f"no model with id {', '.join(missing)} in this account (`mms model list` shows them); nothing was uploaded"
+        )
 
 
-def _create(client: ServiceClient, uploads: Uploads, name: str, driver: Path | None, runtime: str,
-            conda_file: Path | None, pip_file: Path | None, dependency: list[Path],
-            model_ids: list[str], model_file: list[Path], inference_config: Path | None,
-            description: str | None) -> dict[str, Any]:
+def _create(
+    client: ServiceClient,
+    uploads: Uploads,
+    name: str,
+    driver: Path | None,
+    runtime: str,
+    conda_file: Path | None,
+    pip_file: Path | None,
+    dependency: list[Path],
+    model_ids: list[str],
+    model_file: list[Path],
+    inference_config: Path | None,
+    description: str | None,
+) -> dict[str, Any]:
     """Register the model files, upload the files and create the manifest; what was made."""
     for path in model_file:
         registered = register_model(client, path, _model_name(path), [], None, uploads)
-        err.print(f"Registered {path} as model {registered['name']} version {registered['version']} "
-                  f"({registered['id']}).", highlight=False)
+        err.print(
+            f"Registered {path} as model {registered['name']} version {registered['version']} ({registered['id']}).",
+            highlight=False,
+        )
         model_ids.append(registered["id"])
     if inference_config is not None:
         body = _from_inference_config(client, uploads, inference_config, name, model_ids, dependency)
@@ -87,9 +134,15 @@ def _create(client: ServiceClient, uploads: Uploads, name: str, driver: Path | N
             properties["condaEnvFile"] = upload_with_progress(client, conda_file, conda_file.name, uploads)["url"]
         if pip_file:
             properties["pipRequirements"] = upload_with_progress(client, pip_file, pip_file.name, uploads)["url"]
-        body = {"name": name, "description": description, "driverProgram": assets[0]["id"],
-                "modelType": "Registered", "modelIds": model_ids, "assets": assets,
-                "targetRuntime": {"runtimeType": _RUNTIMES[runtime.lower()], "properties": properties}}
+        body = {
+            "name": name,
+            "description": description,
+            "driverProgram": assets[0]["id"],
+            "modelType": "Registered",
+            "modelIds": model_ids,
+            "assets": assets,
+            "targetRuntime": {"runtimeType": _RUNTIMES[runtime.lower()], "properties": properties},
+        }
     return client.json("POST", client.account_url("manifests"), json=body)
 
 
@@ -97,15 +150,22 @@ def _asset(client: ServiceClient, uploads: Uploads, path: Path) -> dict[str, Any
     """Upload a file (or a folder, zipped and unpacked in the image) as a manifest asset."""
     if path.is_dir():
         with tempfile.TemporaryDirectory(prefix="mms-asset-") as tmp:
-            uploaded = upload_with_progress(client, zip_folder(path, Path(tmp) / f"{path.name}.zip"),
-                                            f"{path.name}.zip", uploads)
+            uploaded = upload_with_progress(
+                client, zip_folder(path, Path(tmp) / f"{path.name}.zip"), f"{path.name}.zip", uploads
+            )
         return {"id": path.name, "url": uploaded["url"], "mimeType": "application/zip", "unPack": True}
     uploaded = upload_with_progress(client, path, path.name, uploads)
     return {"id": path.name, "url": uploaded["url"], "mimeType": uploaded.get("mimeType") or "application/octet-stream"}
 
 
-def _from_inference_config(client: ServiceClient, uploads: Uploads, config_path: Path, name: str,
-                           model_ids: list[str], dependencies: list[Path]) -> dict[str, Any]:
+def _from_inference_config(
+    client: ServiceClient,
+    uploads: Uploads,
+    config_path: Path,
+    name: str,
+    model_ids: list[str],
+    dependencies: list[Path],
+) -> dict[str, Any]:
     """The custom-image doc's inference configuration, its local files uploaded."""
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
@@ -118,13 +178,16 @@ def _from_inference_config(client: ServiceClient, uploads: Uploads, config_path:
     def local(key: str) -> Path:
         path = folder / config[key]
         if not path.is_file():
-            raise CliError(f"{config_path}: {key} {config[key]!r} is not a file (paths are relative to "
-                           f"{folder})")
+            raise CliError(f"{config_path}: {key} {config[key]!r} is not a file (paths are relative to {folder})")
         return path
 
     assets = [_asset(client, uploads, local("entryScript"))]
-    body: dict[str, Any] = {"name": name, "modelIds": model_ids, "entryScript": assets[0]["id"],
-                            "runtime": config.get("runtime", "python")}
+    body: dict[str, Any] = {
+        "name": name,
+        "modelIds": model_ids,
+        "entryScript": assets[0]["id"],
+        "runtime": config.get("runtime", "python"),
+    }
     if config.get("condaFile"):
         conda = _asset(client, uploads, local("condaFile"))
         assets.append(conda)

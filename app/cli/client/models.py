@@ -19,15 +19,22 @@ from app.cli.client.output import Output, OutputOption, err, field, show
 
 model_cli = typer.Typer(help="Registered models.", no_args_is_help=True)
 
-COLUMNS = [("id", field("id")), ("name", field("name")), ("version", field("version")),
-           ("tags", field("tags")), ("description", field("description")),
-           ("created", field("createdAt"))]
+COLUMNS = [
+    ("id", field("id")),
+    ("name", field("name")),
+    ("version", field("version")),
+    ("tags", field("tags")),
+    ("description", field("description")),
+    ("created", field("createdAt")),
+]
 ModelId = Annotated[str, typer.Option("--id", "-i", help="the model's id")]
 
 
 @model_cli.command("register")
 def register(
-    model: Annotated[Path, typer.Option("--model", "-m", help="a model file, or a folder (zipped and unpacked in the image)")],
+    model: Annotated[
+        Path, typer.Option("--model", "-m", help="a model file, or a folder (zipped and unpacked in the image)")
+    ],
     name: Annotated[str, typer.Option("--name", "-n", help="1-32 letters, digits, '-', '.' or '_'")],
     tag: Annotated[list[str] | None, typer.Option("--tag", "-t", help="a tag; repeat for more")] = None,
     description: Annotated[str | None, typer.Option("--description", "-d")] = None,
@@ -51,7 +58,7 @@ class Uploads:
         self.assets: list[str] = []
         self.models: list[str] = []
 
-    def __enter__(self) -> "Uploads":
+    def __enter__(self) -> Uploads:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
@@ -66,15 +73,19 @@ class Uploads:
                 except CliError:
                     left.append(f"{kind[:-1]} {resource_id}")
         if left:
-            err.print(f"[yellow]warning:[/yellow] could not delete what this command made: "
-                      f"{', '.join(left)}", highlight=False)
+            err.print(
+                f"[yellow]warning:[/yellow] could not delete what this command made: {', '.join(left)}", highlight=False
+            )
         else:
-            err.print(f"Deleted the {len(self.assets)} upload(s) and {len(self.models)} model(s) "
-                      "this command made.", highlight=False)
+            err.print(
+                f"Deleted the {len(self.assets)} upload(s) and {len(self.models)} model(s) this command made.",
+                highlight=False,
+            )
 
 
-def register_model(client: ServiceClient, path: Path, name: str, tags: list[str],
-                   description: str | None, uploads: Uploads) -> dict[str, Any]:
+def register_model(
+    client: ServiceClient, path: Path, name: str, tags: list[str], description: str | None, uploads: Uploads
+) -> dict[str, Any]:
     """Upload ``path`` (a folder as a zip) and register it; the new model version."""
     if not path.exists():
         raise CliError(f"{path} does not exist: give -m a model file or folder")
@@ -85,8 +96,15 @@ def register_model(client: ServiceClient, path: Path, name: str, tags: list[str]
             upload, unpack = path, False
             mime_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         asset = upload_with_progress(client, upload, upload.name, uploads)
-    body = {"name": name, "tags": tags, "description": description, "url": asset["url"],
-            "mimeType": mime_type, "unpack": unpack, "sha256": asset["sha256"]}
+    body = {
+        "name": name,
+        "tags": tags,
+        "description": description,
+        "url": asset["url"],
+        "mimeType": mime_type,
+        "unpack": unpack,
+        "sha256": asset["sha256"],
+    }
     registered = client.json("POST", client.account_url("models"), json=body)
     uploads.models.append(registered["id"])
     return registered
@@ -99,15 +117,20 @@ def upload_with_progress(client: ServiceClient, path: Path, name: str, uploads: 
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             local.update(block)
-    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                  TransferSpeedColumn(), console=err, transient=True,
-                  disable=not err.is_terminal) as progress:
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=err,
+        transient=True,
+        disable=not err.is_terminal,
+    ) as progress:
         task = progress.add_task(f"uploading {name}", total=size)
         asset = client.upload(path, name, lambda n: progress.advance(task, n))
     uploads.assets.append(asset["id"])
     if asset.get("sha256") != local.hexdigest():
-        raise CliError(f"{name} arrived changed (sha256 {asset.get('sha256')}, sent "
-                       f"{local.hexdigest()}): try again")
+        raise CliError(f"{name} arrived changed (sha256 {asset.get('sha256')}, sent {local.hexdigest()}): try again")
     return asset
 
 

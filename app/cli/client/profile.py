@@ -52,10 +52,14 @@ def server_url(value: str) -> str:
         parts.port  # noqa: B018 - raises on a malformed port
     except ValueError:
         parts = parts._replace(netloc="")
-    if (parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment
-            or any(ch.isspace() for ch in text)):
-        raise ValueError(f"{value!r} is not a service URL: give one such as http://127.0.0.1:8000, "
-                         "or a host:port")
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or parts.query
+        or parts.fragment
+        or any(ch.isspace() for ch in text)
+    ):
+        raise ValueError(f"{value!r} is not a service URL: give one such as http://127.0.0.1:8000, or a host:port")
     return text
 
 
@@ -101,15 +105,18 @@ class Profile:
     def account_path(self) -> str:
         """``/api/subscriptions/{s}/resourceGroups/{g}/accounts/{a}`` of the current account."""
         if not self.resource_group or not self.account:
-            raise ProfileError("no account is set: run `mms account modelmanagement set -n <account> "
-                               "-g <resource group>` (or create one with `... create`)")
+            raise ProfileError(
+                "no account is set: run `mms account modelmanagement set -n <account> "
+                "-g <resource group>` (or create one with `... create`)"
+            )
         return f"{self.group_path()}/accounts/{self.account}"
 
     def group_path(self, resource_group: str | None = None) -> str:
         group = resource_group or self.resource_group
         if not group:
-            raise ProfileError("no resource group is set: pass -g <resource group> or run "
-                               "`mms env set -g <resource group>`")
+            raise ProfileError(
+                "no resource group is set: pass -g <resource group> or run `mms env set -g <resource group>`"
+            )
         return f"/api/subscriptions/{self.subscription}/resourceGroups/{group}"
 
 

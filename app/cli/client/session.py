@@ -20,18 +20,31 @@ from app.cli.client.profile import (
     server_url,
 )
 
-env_cli = typer.Typer(help="The current service, subscription, resource group and account.",
-                      no_args_is_help=True)
+env_cli = typer.Typer(help="The current service, subscription, resource group and account.", no_args_is_help=True)
 
 
 def login(
     username: Annotated[str, typer.Option("--username", "-u", help="the service principal's client id")],
-    server: Annotated[str | None, typer.Option("--server", help=f"the service's URL (or host:port), e.g. http://127.0.0.1:8000 [{SERVER_ENV}]")] = None,
-    service_principal: Annotated[bool, typer.Option("--service-principal", help="sign in as a service principal (the only kind)")] = False,
-    password: Annotated[str | None, typer.Option("--password", "-p", help="its secret (asked for when left out)")] = None,
-    subscription: Annotated[str, typer.Option("--subscription", "-s", help="the subscription id to work in")] = DEFAULT_SUBSCRIPTION,
-    authority: Annotated[str | None, typer.Option(help="an external OAuth 2.0 token endpoint (client credentials); default: the service's own")] = None,
-    scope: Annotated[str | None, typer.Option(help="the scope to ask the external authority for, e.g. api://mms/.default")] = None,
+    server: Annotated[
+        str | None,
+        typer.Option("--server", help=f"the service's URL (or host:port), e.g. http://127.0.0.1:8000 [{SERVER_ENV}]"),
+    ] = None,
+    service_principal: Annotated[
+        bool, typer.Option("--service-principal", help="sign in as a service principal (the only kind)")
+    ] = False,
+    password: Annotated[
+        str | None, typer.Option("--password", "-p", help="its secret (asked for when left out)")
+    ] = None,
+    subscription: Annotated[
+        str, typer.Option("--subscription", "-s", help="the subscription id to work in")
+    ] = DEFAULT_SUBSCRIPTION,
+    authority: Annotated[
+        str | None,
+        typer.Option(help="an external OAuth 2.0 token endpoint (client credentials); default: the service's own"),
+    ] = None,
+    scope: Annotated[
+        str | None, typer.Option(help="the scope to ask the external authority for, e.g. api://mms/.default")
+    ] = None,
 ) -> None:
     """Sign in with a service principal; the token is cached (owner-only) and renewed when it expires.
 
@@ -117,11 +130,19 @@ def _show_profile(output: Output) -> None:
         signed_in = f"token from {TOKEN_ENV}"
     elif credentials.client_secret:
         left = (credentials.expires_at or 0) - time.time()
-        signed_in = f"yes (token valid {int(left // 60)} more minutes)" if left > 0 else "yes (token renews on next use)"
+        signed_in = (
+            f"yes (token valid {int(left // 60)} more minutes)" if left > 0 else "yes (token renews on next use)"
+        )
     else:
         signed_in = "no"
-    record = {"server": env_server() or profile.server, "subscription": profile.subscription,
-              "resourceGroup": profile.resource_group, "account": profile.account,
-              "clientId": profile.client_id, "authority": profile.authority, "signedIn": signed_in,
-              "configDir": str(store.root)}
+    record = {
+        "server": env_server() or profile.server,
+        "subscription": profile.subscription,
+        "resourceGroup": profile.resource_group,
+        "account": profile.account,
+        "clientId": profile.client_id,
+        "authority": profile.authority,
+        "signedIn": signed_in,
+        "configDir": str(store.root),
+    }
     show(record, output, [(k, field(k)) for k in record])

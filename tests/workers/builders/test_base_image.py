@@ -19,8 +19,9 @@ OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 def test_publish_pushes_dated_and_moving_tags_that_the_engine_runs(infra, log_lines):
     registry = f"{infra.registry}/{infra.prefix}"
     with RegistryClient(infra.registry) as store:
-        reference = publish_base_image(store, registry, infra.rootfs_tar, "3.11.2", log_lines.append,
-                                       today=date(2030, 1, 2))
+        reference = publish_base_image(
+            store, registry, infra.rootfs_tar, "3.11.2", log_lines.append, today=date(2030, 1, 2)
+        )
 
     repo = f"{infra.prefix}/mms/inference-base"
     assert reference == f"{infra.registry}/{repo}:py3.11-20300102"
@@ -28,8 +29,7 @@ def test_publish_pushes_dated_and_moving_tags_that_the_engine_runs(infra, log_li
     digests = []
     with httpx.Client(timeout=10) as client:
         for tag in ("py3.11-20300102", "py3.11"):
-            answer = client.head(f"http://{infra.registry}/v2/{repo}/manifests/{tag}",
-                                 headers={"Accept": OCI_MANIFEST})
+            answer = client.head(f"http://{infra.registry}/v2/{repo}/manifests/{tag}", headers={"Accept": OCI_MANIFEST})
             assert answer.status_code == 200
             digests.append(answer.headers["Docker-Content-Digest"])
     assert digests[0] == digests[1]
@@ -38,9 +38,12 @@ def test_publish_pushes_dated_and_moving_tags_that_the_engine_runs(infra, log_li
         for _ in api.pull(reference, stream=True, decode=True):
             pass
         config = api.inspect_image(reference)["Config"]
-        container = api.create_container(reference, command=["python3", "-c", "import ssl, sys; print(sys.version_info[:2])"],
-                                         labels={"org.mms.test": "1"},
-                                         host_config=api.create_host_config(network_mode="host"))
+        container = api.create_container(
+            reference,
+            command=["python3", "-c", "import ssl, sys; print(sys.version_info[:2])"],
+            labels={"org.mms.test": "1"},
+            host_config=api.create_host_config(network_mode="host"),
+        )
         api.start(container)
         assert api.wait(container, timeout=60)["StatusCode"] == 0
         printed = api.logs(container).decode()
@@ -56,12 +59,14 @@ def test_publish_pushes_dated_and_moving_tags_that_the_engine_runs(infra, log_li
 def test_publish_into_the_service_store_twice_uploads_nothing_the_second_time(infra, tmp_path, log_lines):
     layout = OciLayout(tmp_path / "images")
     with LayoutRegistry(layout, "127.0.0.1:8000") as store:
-        first = publish_base_image(store, "127.0.0.1:8000", infra.rootfs_tar, "3.11", log_lines.append,
-                                   today=date(2030, 1, 2))
+        first = publish_base_image(
+            store, "127.0.0.1:8000", infra.rootfs_tar, "3.11", log_lines.append, today=date(2030, 1, 2)
+        )
         assert "mms: layer uploaded" in log_lines
         log_lines.clear()
-        again = publish_base_image(store, "127.0.0.1:8000", infra.rootfs_tar, "3.11", log_lines.append,
-                                   today=date(2030, 1, 2))
+        again = publish_base_image(
+            store, "127.0.0.1:8000", infra.rootfs_tar, "3.11", log_lines.append, today=date(2030, 1, 2)
+        )
     assert first == again == "127.0.0.1:8000/mms/inference-base:py3.11-20300102"
     assert "mms: layer present" in log_lines
     assert layout.tags("mms/inference-base") == ["py3.11", "py3.11-20300102"]

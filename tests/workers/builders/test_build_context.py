@@ -35,10 +35,15 @@ def spec(tmp_path: Path) -> BuildSpec:
     (models / "m" / "2").mkdir(parents=True)
     (models / "m" / "2" / "w.bin").write_bytes(b"\0" * 10)
     (tmp_path / "ca.pem").write_text(CERT)
-    return BuildSpec(base_image="127.0.0.1:5000/mms/base:py3.11", driver_program="score.py",
-                     app_dir=app, model_dir=models, pip_requirements="six\n",
-                     labels={"org.mms.manifest": "m1", "price": "$5"},
-                     ca_bundles=(tmp_path / "ca.pem",))
+    return BuildSpec(
+        base_image="127.0.0.1:5000/mms/base:py3.11",
+        driver_program="score.py",
+        app_dir=app,
+        model_dir=models,
+        pip_requirements="six\n",
+        labels={"org.mms.manifest": "m1", "price": "$5"},
+        ca_bundles=(tmp_path / "ca.pem",),
+    )
 
 
 def instructions(dockerfile: str) -> list[str]:
@@ -51,8 +56,7 @@ def test_context_is_byte_for_byte_deterministic(spec, tmp_path):
     os.utime(spec.app_dir / "score.py", (1, 1))  # a touched file changes nothing
     write_context(spec, second)
 
-    assert hashlib.sha256(first.read_bytes()).digest() == \
-        hashlib.sha256(second.read_bytes()).digest()
+    assert hashlib.sha256(first.read_bytes()).digest() == hashlib.sha256(second.read_bytes()).digest()
     with tarfile.open(first) as tar:
         members = tar.getmembers()
     assert {(m.mtime, m.uid, m.gid, m.uname) for m in members} == {(946684800, 0, 0, "")}
@@ -68,9 +72,20 @@ def test_dockerfile_puts_models_after_environment_and_code(spec, tmp_path):
     lines = instructions(info.dockerfile)
 
     assert len(lines) == len(info.steps)
-    order = [info.steps.index(s) for s in ("base", "ca-certs", "environment",
-                                           "scoring-server-deps", "requirements",
-                                           "scoring-server", "driver", "models", "metadata")]
+    order = [
+        info.steps.index(s)
+        for s in (
+            "base",
+            "ca-certs",
+            "environment",
+            "scoring-server-deps",
+            "requirements",
+            "scoring-server",
+            "driver",
+            "models",
+            "metadata",
+        )
+    ]
     assert order == sorted(order)
     assert lines[info.steps.index("models")] == "COPY models/ /var/azureml-app/azureml-models/"
     assert 'LABEL "org.mms.manifest"="m1" "price"="\\$5"' in lines
@@ -86,29 +101,34 @@ def test_model_dir_points_at_the_root_when_there_are_several_models(spec, tmp_pa
 
 
 def test_extra_steps_keep_continuations_and_drop_comments():
-    steps = parse_extra_steps(
-        "# set up\nrun apt-get update \\\n  # why\n  && echo ok\n\nENV A=1\r\n")
-    assert [step.render() for step in steps] == [
-        'RUN ["/bin/sh", "-c", "apt-get update   && echo ok"]', "ENV A=1"]
+    steps = parse_extra_steps("# set up\nrun apt-get update \\\n  # why\n  && echo ok\n\nENV A=1\r\n")
+    assert [step.render() for step in steps] == ['RUN ["/bin/sh", "-c", "apt-get update   && echo ok"]', "ENV A=1"]
 
 
-@pytest.mark.parametrize("text", [
-    "COPY / /x", "FROM scratch", "ONBUILD RUN x", "ENTRYPOINT [\"sh\"]", "USER root",
-    "RUN echo \\",  # would swallow the generated instructions after it
-    "RUN echo a\x00b",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "COPY / /x",
+        "FROM scratch",
+        "ONBUILD RUN x",
+        'ENTRYPOINT ["sh"]',
+        "USER root",
+        "RUN echo \\",  # would swallow the generated instructions after it
+        "RUN echo a\x00b",
+    ],
+)
 def test_extra_steps_outside_the_allowed_instructions_are_refused(text):
     with pytest.raises(InvalidBuildSpec):
         parse_extra_steps(text)
 
 
 def test_the_dockerfile_holds_the_steps_as_written_anew_never_the_tenants_text(spec, tmp_path):
-    steps = "run echo one \\\n    two\nENV GREETING=\"hello world\"\nEXPOSE 9000"
+    steps = 'run echo one \\\n    two\nENV GREETING="hello world"\nEXPOSE 9000'
     info = write_context(replace(spec, extra_dockerfile_steps=steps), tmp_path / "c.tar")
-    extra = [line for line, step in zip(instructions(info.dockerfile), info.steps, strict=True)
-             if step == "extra-steps"]
-    assert extra == ['RUN ["/bin/sh", "-c", "echo one     two"]', 'ENV GREETING="hello world"',
-                     "EXPOSE 9000"]
+    extra = [
+        line for line, step in zip(instructions(info.dockerfile), info.steps, strict=True) if step == "extra-steps"
+    ]
+    assert extra == ['RUN ["/bin/sh", "-c", "echo one     two"]', 'ENV GREETING="hello world"', "EXPOSE 9000"]
 
 
 def test_conda_file_needs_dependencies(spec, tmp_path):
@@ -118,8 +138,7 @@ def test_conda_file_needs_dependencies(spec, tmp_path):
 
 
 def test_conda_only_packages_are_named_in_the_setup_script(spec, tmp_path):
-    conda = ("dependencies:\n  - python=3.11\n  - pip\n  - conda-forge::numpy\n"
-             "  - pip:\n    - six==1.16\n")
+    conda = "dependencies:\n  - python=3.11\n  - pip\n  - conda-forge::numpy\n  - pip:\n    - six==1.16\n"
     write_context(replace(spec, conda_file=conda), tmp_path / "c.tar")
     with tarfile.open(tmp_path / "c.tar") as tar:
         setup = tar.extractfile("mms/env/setup.sh").read().decode()
@@ -129,13 +148,16 @@ def test_conda_only_packages_are_named_in_the_setup_script(spec, tmp_path):
     assert pip == "six==1.16\n"
 
 
-@pytest.mark.parametrize("change, match", [
-    ({"driver_program": "missing.py"}, "not among the app files"),
-    ({"driver_program": "../score.py"}, "relative path"),
-    ({"runtime": "r"}, "not supported"),
-    ({"base_image": "base\nCOPY / /x"}, "invalid base image"),
-    ({"labels": {"a": "line\nbreak"}}, "control character"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"driver_program": "missing.py"}, "not among the app files"),
+        ({"driver_program": "../score.py"}, "relative path"),
+        ({"runtime": "r"}, "not supported"),
+        ({"base_image": "base\nCOPY / /x"}, "invalid base image"),
+        ({"labels": {"a": "line\nbreak"}}, "control character"),
+    ],
+)
 def test_invalid_specs_are_refused(spec, tmp_path, change, match):
     with pytest.raises(InvalidBuildSpec, match=match):
         write_context(replace(spec, **change), tmp_path / "c.tar")
@@ -153,16 +175,19 @@ def test_registry_password_is_not_in_repr():
 
 def test_build_failures_are_explained_in_one_line():
     pip = ["Collecting nope==1", "ERROR: No matching distribution found for nope==1"]
-    assert "nope==1" in explain_build_failure("The command '/bin/sh -c pip' returned a "
-                                              "non-zero code: 1", pip)
-    tls = ["Could not fetch URL https://pypi.org/simple/x/: [SSL: CERTIFICATE_VERIFY_FAILED]",
-           "ERROR: No matching distribution found for x"]
+    assert "nope==1" in explain_build_failure("The command '/bin/sh -c pip' returned a non-zero code: 1", pip)
+    tls = [
+        "Could not fetch URL https://pypi.org/simple/x/: [SSL: CERTIFICATE_VERIFY_FAILED]",
+        "ERROR: No matching distribution found for x",
+    ]
     assert "TLS certificate" in explain_build_failure("...", tls)
-    generic = explain_build_failure("The command '/bin/sh -c false\nx' returned a non-zero "
-                                    "code: 2", ["Step 3/9 : RUN false", "boom here"])
+    generic = explain_build_failure(
+        "The command '/bin/sh -c false\nx' returned a non-zero code: 2", ["Step 3/9 : RUN false", "boom here"]
+    )
     assert generic == "a command exited with code 2: boom here"
     assert "requires authentication" in explain_registry_error(
-        "Head http://r/v2/x/manifests/1: no basic auth credentials", "r", False)
+        "Head http://r/v2/x/manifests/1: no basic auth credentials", "r", False
+    )
 
 
 @pytest.mark.parametrize("name", SMUGGLING)

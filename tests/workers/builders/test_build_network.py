@@ -33,7 +33,7 @@ SCORE = "def init():\n    pass\n\ndef run(data):\n    return data\n"
 
 # Runs inside the build (the base image's python3). argv: gateway, proxy port, the test's
 # server port, the registry port, the engine socket, then the host's own addresses.
-PROBE = r'''
+PROBE = r"""
 import os, socket, sys
 
 gateway, proxy_port, server_port, registry_port, engine_socket = sys.argv[1:6]
@@ -131,7 +131,7 @@ try:
 except OSError as exc:
     say("dns-pypi.org", f"failed ({exc})")
 say("env-https-proxy", os.environ.get("HTTPS_PROXY", "(unset)"))
-'''
+"""
 PROBE_LINE = re.compile(r"^mms-probe ([\w.:-]+): (.*)$")
 
 
@@ -152,10 +152,8 @@ class Probed:
 
 def host_addresses() -> list[str]:
     """The host's IPv4 addresses, loopback and the build bridge's gateway left out."""
-    out = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True,
-                         check=True).stdout
-    return [m[1] for m in re.finditer(r"\binet (\d+\.\d+\.\d+\.\d+)/", out)
-            if not m[1].startswith("127.")]
+    out = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True, check=True).stdout
+    return [m[1] for m in re.finditer(r"\binet (\d+\.\d+\.\d+\.\d+)/", out) if not m[1].startswith("127.")]
 
 
 @pytest.fixture(scope="module")
@@ -173,16 +171,20 @@ def probed(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> Probed:
     registry_port = infra.registry.rpartition(":")[2]
     nonce = uuid.uuid4().hex[:12]  # never from the cache: the steps must run
     with tcp_listener(greeting=b"host server says hello\r\n") as (server_port, peers):
-        args = " ".join([gateway, str(proxy_port), str(server_port), registry_port,
-                         engine_socket, *addresses])
-        steps = (f"RUN python3 /var/azureml-app/probe.py {args} # {nonce}\n"
-                 f"RUN pip download --no-deps --disable-pip-version-check -d /tmp/six "
-                 f"six==1.16.0 && echo mms-probe pip-download: ok {nonce}\n")
-        spec = BuildSpec(base_image=infra.base_image, driver_program="score.py", app_dir=app,
-                         extra_dockerfile_steps=steps,
-                         ca_bundles=(HOST_CA_BUNDLE,) if HOST_CA_BUNDLE.is_file() else ())
-        builder = DockerBuilder(infra.docker_host, infra.registry, None, timeout=300,
-                                **infra.build_networking)
+        args = " ".join([gateway, str(proxy_port), str(server_port), registry_port, engine_socket, *addresses])
+        steps = (
+            f"RUN python3 /var/azureml-app/probe.py {args} # {nonce}\n"
+            f"RUN pip download --no-deps --disable-pip-version-check -d /tmp/six "
+            f"six==1.16.0 && echo mms-probe pip-download: ok {nonce}\n"
+        )
+        spec = BuildSpec(
+            base_image=infra.base_image,
+            driver_program="score.py",
+            app_dir=app,
+            extra_dockerfile_steps=steps,
+            ca_bundles=(HOST_CA_BUNDLE,) if HOST_CA_BUNDLE.is_file() else (),
+        )
+        builder = DockerBuilder(infra.docker_host, infra.registry, None, timeout=300, **infra.build_networking)
         log: list[str] = []
         repo = f"{infra.prefix}/build-network"
         started = time.monotonic()
@@ -222,8 +224,7 @@ def test_the_docker_engine_is_out_of_reach(probed: Probed) -> None:
 
 def test_a_host_server_on_every_address_receives_no_connection(probed: Probed) -> None:
     assert probed.host_addresses, "the host has no address but loopback?"
-    names = ["server-gateway", "server-loopback",
-             *(f"server-host-{address}" for address in probed.host_addresses)]
+    names = ["server-gateway", "server-loopback", *(f"server-host-{address}" for address in probed.host_addresses)]
     for name in names:
         assert _refused(probed.seen[name]), (name, probed.seen[name])
     assert probed.server_connections == []
@@ -249,10 +250,15 @@ def test_the_proxy_lets_through_only_the_listed_names_and_https_port(probed: Pro
 def test_plain_http_reaches_a_listed_name_on_port_80_only(probed: Probed) -> None:
     # Another port of a listed name (ssh, a second service on that host) is refused by the
     # proxy itself, whichever way the request names it; before, these were forwarded.
-    for name in ("proxy-get-pypi.org-8080", "proxy-get-pypi.org-22", "proxy-get-userinfo",
-                 "proxy-host-pypi.org-22", "proxy-lowercase-connect-pypi.org-22",
-                 "proxy-host-pypi.org-slash-example.org-22",
-                 "proxy-host-pypi.org-slash-example.org"):
+    for name in (
+        "proxy-get-pypi.org-8080",
+        "proxy-get-pypi.org-22",
+        "proxy-get-userinfo",
+        "proxy-host-pypi.org-22",
+        "proxy-lowercase-connect-pypi.org-22",
+        "proxy-host-pypi.org-slash-example.org-22",
+        "proxy-host-pypi.org-slash-example.org",
+    ):
         assert probed.seen[name].endswith(" 403 Filtered"), (name, probed.seen[name])
     # Port 80 goes through (apt's http:// mirrors): whatever pypi.org answers, not the proxy.
     for name in ("proxy-get-pypi.org", "proxy-get-pypi.org-80", "proxy-host-pypi.org"):
@@ -273,8 +279,7 @@ def test_the_proxy_settings_stay_out_of_the_image(probed: Probed, infra: Infra) 
     assert not [line for line in created_by if infra.build_proxy in line or "PROXY=" in line]
 
 
-def test_host_networking_is_refused_and_no_network_is_the_default(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_host_networking_is_refused_and_no_network_is_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
     for network in ("host", "bridge", "container:abc"):
         with pytest.raises(ValueError, match="may not run in"):
             DockerBuilder(None, "127.0.0.1:5000", network=network)
@@ -314,8 +319,7 @@ def test_the_infra_script_is_idempotent_and_leaves_the_engine_alone(infra: Infra
     assert f"MMS_BUILD_PROXY={infra.build_proxy}" in done.stdout
     assert "already running" in done.stderr
     assert time.monotonic() - started < 10
-    status = subprocess.run([str(script), "--status"], capture_output=True, text=True,
-                            timeout=60, check=False)
+    status = subprocess.run([str(script), "--status"], capture_output=True, text=True, timeout=60, check=False)
     assert status.returncode == 0, status.stdout + status.stderr
     assert "firewall: in place" in status.stdout
     if pid:

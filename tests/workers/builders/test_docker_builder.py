@@ -15,12 +15,11 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from tests.workers.conftest import TEST_LABEL, Infra
 from workers.build_context import RegistryCredentials
 from workers.builders import BuildFailed, BuildResult
 from workers.builders.docker import BASE_DIGEST_LABEL, DockerBuilder
 from workers.smoke_test import SmokeTestFailed, smoke_test
-
-from tests.workers.conftest import TEST_LABEL, Infra
 
 SUM_SCORE = """\
 import json, os
@@ -65,8 +64,9 @@ def push_base(infra: Infra, reference: str, dockerfile: str) -> None:
     context.seek(0)
     repository, _, tag = reference.rpartition(":")
     with infra.api() as api:
-        chunks = list(api.build(fileobj=context, custom_context=True, tag=reference, decode=True,
-                                network_mode="none", rm=True))
+        chunks = list(
+            api.build(fileobj=context, custom_context=True, tag=reference, decode=True, network_mode="none", rm=True)
+        )
         assert not [c for c in chunks if "error" in c], chunks
         infra.local_images.append(reference)
         pushed = list(api.push(repository, tag=tag, stream=True, decode=True))
@@ -81,8 +81,11 @@ def serving(infra: Infra, image: str) -> Iterator[str]:
         port = sock.getsockname()[1]
     with infra.api() as api:
         cid = api.create_container(
-            image, environment={"PORT": str(port), "HOST": "127.0.0.1"}, labels={TEST_LABEL: "1"},
-            host_config=api.create_host_config(network_mode="host"))["Id"]
+            image,
+            environment={"PORT": str(port), "HOST": "127.0.0.1"},
+            labels={TEST_LABEL: "1"},
+            host_config=api.create_host_config(network_mode="host"),
+        )["Id"]
         try:
             api.start(cid)
             url = f"http://127.0.0.1:{port}"
@@ -113,10 +116,10 @@ def cached_steps(log: list[str]) -> dict[str, bool]:
 
 
 def test_built_image_pulled_back_from_the_registry_scores(infra, make_spec, log_lines):
-    spec = make_spec(SUM_SCORE, models={"sum/1/weights.txt": b"w1"}, pip_requirements="six\n",
-                     labels={"org.mms.model.sum": "1"})
-    builder = DockerBuilder(infra.docker_host, infra.registry, None, timeout=300,
-                            **infra.build_networking)
+    spec = make_spec(
+        SUM_SCORE, models={"sum/1/weights.txt": b"w1"}, pip_requirements="six\n", labels={"org.mms.model.sum": "1"}
+    )
+    builder = DockerBuilder(infra.docker_host, infra.registry, None, timeout=300, **infra.build_networking)
 
     result = build(infra, builder, spec, "sum", "1", log_lines.append)
 
@@ -143,8 +146,7 @@ def test_built_image_pulled_back_from_the_registry_scores(infra, make_spec, log_
 
 
 def test_init_that_raises_fails_the_smoke_test_with_its_traceback(infra, make_spec, log_lines):
-    builder = DockerBuilder(infra.docker_host, infra.registry, None, timeout=300,
-                            **infra.build_networking)
+    builder = DockerBuilder(infra.docker_host, infra.registry, None, timeout=300, **infra.build_networking)
     result = build(infra, builder, make_spec(BROKEN_INIT), "broken", "1", log_lines.append)
 
     with pytest.raises(SmokeTestFailed) as failed:
@@ -156,14 +158,12 @@ def test_init_that_raises_fails_the_smoke_test_with_its_traceback(infra, make_sp
     assert any("RuntimeError: model file is corrupt" in line for line in log_lines)
     assert log_lines[-1].startswith("mms: smoke test failed")
     with infra.api() as api:  # the smoke test's container is gone (another run's may not be)
-        assert not api.containers(all=True, filters={"label": "org.mms.smoke-test",
-                                                     "ancestor": result.image_location})
+        assert not api.containers(all=True, filters={"label": "org.mms.smoke-test", "ancestor": result.image_location})
 
 
 def test_requirement_that_does_not_exist_fails_naming_it(infra, make_spec, log_lines):
     spec = make_spec(SUM_SCORE, pip_requirements="six\nthis-package-does-not-exist-mms==1.0\n")
-    builder = DockerBuilder(infra.docker_host, infra.registry, None, timeout=300,
-                            **infra.build_networking)
+    builder = DockerBuilder(infra.docker_host, infra.registry, None, timeout=300, **infra.build_networking)
 
     with pytest.raises(BuildFailed) as failed:
         build(infra, builder, spec, "missing", "1", log_lines.append)
@@ -174,13 +174,10 @@ def test_requirement_that_does_not_exist_fails_naming_it(infra, make_spec, log_l
     assert "this-package-does-not-exist-mms==1.0" in log_lines[-1]  # the log ends with why
 
 
-def test_conda_only_package_without_conda_in_the_base_fails_naming_it(
-        infra, make_spec, log_lines):
-    conda = ("name: env\ndependencies:\n  - python=3.11\n  - pip\n  - numpy=1.26\n"
-             "  - pip:\n    - six\n")
+def test_conda_only_package_without_conda_in_the_base_fails_naming_it(infra, make_spec, log_lines):
+    conda = "name: env\ndependencies:\n  - python=3.11\n  - pip\n  - numpy=1.26\n  - pip:\n    - six\n"
     spec = make_spec(SUM_SCORE, conda_file=conda)
-    builder = DockerBuilder(infra.docker_host, infra.registry, None, timeout=300,
-                            **infra.build_networking)
+    builder = DockerBuilder(infra.docker_host, infra.registry, None, timeout=300, **infra.build_networking)
 
     with pytest.raises(BuildFailed) as failed:
         build(infra, builder, spec, "conda", "1", log_lines.append)
@@ -196,8 +193,7 @@ def private_base(infra: Infra) -> str:
     image = f"{infra.auth_registry}/{infra.prefix}/base"
     with infra.api() as api:
         api.tag(infra.base_image, image, "py3.11")
-        chunks = api.push(image, tag="py3.11", stream=True, decode=True,
-                          auth_config=infra.basic_auth())
+        chunks = api.push(image, tag="py3.11", stream=True, decode=True, auth_config=infra.basic_auth())
         chunks = list(chunks)  # read to the end: the engine reports errors in the stream
         assert not [c for c in chunks if "error" in c], chunks
         digest = next(c["aux"]["Digest"] for c in chunks if "aux" in c)
@@ -208,19 +204,26 @@ def private_base(infra: Infra) -> str:
 
 
 def test_private_base_image_needs_its_credentials(infra, make_spec, private_base, log_lines):
-    builder = DockerBuilder(infra.docker_host, infra.auth_registry, infra.basic_auth(),
-                            timeout=300, **infra.build_networking)
+    builder = DockerBuilder(
+        infra.docker_host, infra.auth_registry, infra.basic_auth(), timeout=300, **infra.build_networking
+    )
     wrong = RegistryCredentials(infra.auth_registry, infra.username, "not-the-password")
 
     with pytest.raises(BuildFailed) as anonymous:
-        build(infra, builder, make_spec(SUM_SCORE, base_image=private_base), "p", "1",
-              log_lines.append)
+        build(infra, builder, make_spec(SUM_SCORE, base_image=private_base), "p", "1", log_lines.append)
     with pytest.raises(BuildFailed) as refused:
-        build(infra, builder, make_spec(SUM_SCORE, base_image=private_base, base_registry=wrong),
-              "p", "1", log_lines.append)
+        build(
+            infra,
+            builder,
+            make_spec(SUM_SCORE, base_image=private_base, base_registry=wrong),
+            "p",
+            "1",
+            log_lines.append,
+        )
     good = RegistryCredentials(infra.auth_registry, infra.username, infra.password)
-    result = build(infra, builder, make_spec(BROKEN_INIT, base_image=private_base,
-                                             base_registry=good), "p", "1", log_lines.append)
+    result = build(
+        infra, builder, make_spec(BROKEN_INIT, base_image=private_base, base_registry=good), "p", "1", log_lines.append
+    )
 
     assert anonymous.value.step == "pull-base"
     assert "requires authentication" in anonymous.value.message
@@ -233,16 +236,20 @@ def test_private_base_image_needs_its_credentials(infra, make_spec, private_base
     assert infra.password not in str(anonymous.value) + str(refused.value) + repr(good)
 
 
-def test_push_without_credentials_is_refused_in_the_stream(infra, make_spec, private_base,
-                                                           log_lines):
+def test_push_without_credentials_is_refused_in_the_stream(infra, make_spec, private_base, log_lines):
     # The base is in the same registry, read with the tenant's login; only the push lacks one.
-    builder = DockerBuilder(infra.docker_host, infra.auth_registry, None, timeout=300,
-                            **infra.build_networking)
+    builder = DockerBuilder(infra.docker_host, infra.auth_registry, None, timeout=300, **infra.build_networking)
     good = RegistryCredentials(infra.auth_registry, infra.username, infra.password)
 
     with pytest.raises(BuildFailed) as failed:
-        build(infra, builder, make_spec(BROKEN_INIT, base_image=private_base, base_registry=good),
-              "nocreds", "1", log_lines.append)
+        build(
+            infra,
+            builder,
+            make_spec(BROKEN_INIT, base_image=private_base, base_registry=good),
+            "nocreds",
+            "1",
+            log_lines.append,
+        )
 
     assert failed.value.step == "push"
     assert "requires authentication" in failed.value.message
@@ -250,20 +257,17 @@ def test_push_without_credentials_is_refused_in_the_stream(infra, make_spec, pri
 
 def test_credentials_for_another_registry_are_not_sent(infra, make_spec, log_lines):
     other = RegistryCredentials("elsewhere.example:5000", infra.username, infra.password)
-    builder = DockerBuilder(infra.docker_host, infra.registry, None, timeout=300,
-                            **infra.build_networking)
+    builder = DockerBuilder(infra.docker_host, infra.registry, None, timeout=300, **infra.build_networking)
 
     with pytest.raises(BuildFailed) as failed:
-        build(infra, builder, make_spec(BROKEN_INIT, base_registry=other), "x", "1",
-              log_lines.append)
+        build(infra, builder, make_spec(BROKEN_INIT, base_registry=other), "x", "1", log_lines.append)
 
     assert failed.value.step == "pull-base"
     assert "elsewhere.example:5000" in failed.value.message
 
 
 def test_new_model_version_reuses_every_layer_above_the_models(infra, make_spec, log_lines):
-    builder = DockerBuilder(infra.docker_host, infra.registry, None, timeout=300,
-                            **infra.build_networking)
+    builder = DockerBuilder(infra.docker_host, infra.registry, None, timeout=300, **infra.build_networking)
     # Weights of this run's own: the engine's cache must not hold a models layer for them.
     run = uuid.uuid4().hex.encode()
     first = make_spec(SUM_SCORE, models={"sum/1/weights.txt": b"w1-" + run}, pip_requirements="six\n")
@@ -286,35 +290,49 @@ def test_new_model_version_reuses_every_layer_above_the_models(infra, make_spec,
 
 
 def test_a_base_from_another_registry_is_copied_in_and_the_engine_pulls_only_the_copy(
-        infra, make_spec, private_base, log_lines):
+    infra, make_spec, private_base, log_lines
+):
     # The engine would resolve the base's registry again and follow its redirects unchecked:
     # the worker copies the base into the build's own repository and the engine pulls that.
-    builder = DockerBuilder(infra.docker_host, infra.registry, None, timeout=300,
-                            **infra.build_networking)
+    builder = DockerBuilder(infra.docker_host, infra.registry, None, timeout=300, **infra.build_networking)
     good = RegistryCredentials(infra.auth_registry, infra.username, infra.password)
     wrong = RegistryCredentials(infra.auth_registry, infra.username, "not-the-password")
 
     with pytest.raises(BuildFailed) as refused:
-        build(infra, builder, make_spec(BROKEN_INIT, base_image=private_base,
-                                        base_registry=wrong), "mirrored", "1", log_lines.append)
-    result = build(infra, builder, make_spec(BROKEN_INIT, base_image=private_base,
-                                             base_registry=good), "mirrored", "1",
-                   log_lines.append)
+        build(
+            infra,
+            builder,
+            make_spec(BROKEN_INIT, base_image=private_base, base_registry=wrong),
+            "mirrored",
+            "1",
+            log_lines.append,
+        )
+    result = build(
+        infra,
+        builder,
+        make_spec(BROKEN_INIT, base_image=private_base, base_registry=good),
+        "mirrored",
+        "1",
+        log_lines.append,
+    )
 
     assert refused.value.step == "pull-base"
     assert infra.auth_registry in refused.value.message
     assert infra.password not in refused.value.message
     pulls = [line for line in log_lines if line.startswith("mms: pulling base image")]
-    assert pulls and all(line.startswith(f"mms: pulling base image {infra.registry}/"
-                                         f"{infra.prefix}/mirrored@sha256:") for line in pulls)
+    assert pulls and all(
+        line.startswith(f"mms: pulling base image {infra.registry}/{infra.prefix}/mirrored@sha256:") for line in pulls
+    )
     base = result.base_image_digest
     infra.pushed.append((infra.registry, f"{infra.prefix}/mirrored", base))
     infra.local_images.append(f"{infra.registry}/{infra.prefix}/mirrored@{base}")
     assert base and pulls[-1].endswith(f"@{base}")
     built_from = [line for line in log_lines if line.lstrip().startswith("FROM ")]
     assert built_from[-1].strip() == f"FROM {infra.registry}/{infra.prefix}/mirrored@{base}"
-    assert any(line.startswith(f"mms: copying base image {private_base} into the service's "
-                               "registry with credentials") for line in log_lines)
+    assert any(
+        line.startswith(f"mms: copying base image {private_base} into the service's registry with credentials")
+        for line in log_lines
+    )
     with httpx.Client() as http:  # copied by digest: no tag for the base in the build's repo
         tags = http.get(f"http://{infra.registry}/v2/{infra.prefix}/mirrored/tags/list").json()
     assert tags["tags"] == ["1"]

@@ -32,12 +32,12 @@ EXPOSE 9000 53/udp
 
 
 def test_accepted_steps_mean_in_the_engine_what_they_say(
-        infra: Infra, make_spec: Callable[..., BuildSpec], log_lines: list[str]) -> None:
+    infra: Infra, make_spec: Callable[..., BuildSpec], log_lines: list[str]
+) -> None:
     builder = DockerBuilder(infra.docker_host, infra.registry, **infra.build_networking)
     # A step of its own first: the engine's cache from an earlier run must not skip the others.
     steps = f"RUN echo run-{uuid.uuid4().hex}\n{STEPS}"
-    result = build(infra, builder, make_spec(SCORE, extra_dockerfile_steps=steps), "steps", "1",
-                   log_lines.append)
+    result = build(infra, builder, make_spec(SCORE, extra_dockerfile_steps=steps), "steps", "1", log_lines.append)
     log = "\n".join(log_lines)
     assert "joined: one two" in log  # the continuation joined, the comment inside it dropped
     assert "greeting=" in [line.strip() for line in log_lines]  # GREETING is set only after
@@ -54,7 +54,8 @@ def test_accepted_steps_mean_in_the_engine_what_they_say(
 
 
 def test_the_build_is_from_the_digest_pulled_and_a_base_with_onbuild_triggers_is_refused(
-        infra: Infra, make_spec: Callable[..., BuildSpec], log_lines: list[str]) -> None:
+    infra: Infra, make_spec: Callable[..., BuildSpec], log_lines: list[str]
+) -> None:
     builder = DockerBuilder(infra.docker_host, infra.registry, **infra.build_networking)
     build(infra, builder, make_spec(SCORE), "pinned", "1", log_lines.append)
     repository = infra.base_image.rpartition(":")[0]
@@ -62,8 +63,11 @@ def test_the_build_is_from_the_digest_pulled_and_a_base_with_onbuild_triggers_is
 
     # A base whose ONBUILD would run a COPY --from (any image in the engine) in our build.
     trigger = f"{infra.registry}/{infra.prefix}/onbuild-base"
-    push_base(infra, f"{trigger}:1", f"FROM {infra.base_image}\n"
-                                     f"ONBUILD COPY --from={infra.base_image} /etc/hostname /stolen\n")
+    push_base(
+        infra,
+        f"{trigger}:1",
+        f"FROM {infra.base_image}\nONBUILD COPY --from={infra.base_image} /etc/hostname /stolen\n",
+    )
     log_lines.clear()
     with pytest.raises(BuildFailed) as failed:
         build(infra, builder, make_spec(SCORE, base_image=f"{trigger}:1"), "onbuild", "1", log_lines.append)

@@ -44,9 +44,14 @@ def _image(builder: OciBuilder, spec: BuildSpec, repo: str, tag: str, log: list[
 
 
 def test_the_same_inputs_give_the_same_digest_on_two_fresh_workers(
-        infra: Infra, make_spec: Callable[..., BuildSpec], tmp_path: Path, log_lines: list[str]) -> None:
-    spec = make_spec(SCORE, models={"m/1/model.bin": b"weights" * 1000},
-                     pip_requirements=REQUIREMENTS, labels={"org.mms.manifest.id": "m-1"})
+    infra: Infra, make_spec: Callable[..., BuildSpec], tmp_path: Path, log_lines: list[str]
+) -> None:
+    spec = make_spec(
+        SCORE,
+        models={"m/1/model.bin": b"weights" * 1000},
+        pip_requirements=REQUIREMENTS,
+        labels={"org.mms.manifest.id": "m-1"},
+    )
     first = _image(_builder(infra, tmp_path, name="a"), spec, "repro/img", "1", log_lines)
     second = _image(_builder(infra, tmp_path, name="b"), spec, "repro/img", "7", log_lines)
     assert first.digest == second.digest  # another tag, another worker, another prefix
@@ -64,7 +69,8 @@ def test_the_same_inputs_give_the_same_digest_on_two_fresh_workers(
 
 
 def test_a_new_model_version_uploads_only_its_layer_a_config_and_a_manifest(
-        infra: Infra, make_spec: Callable[..., BuildSpec], tmp_path: Path, log_lines: list[str]) -> None:
+    infra: Infra, make_spec: Callable[..., BuildSpec], tmp_path: Path, log_lines: list[str]
+) -> None:
     with CountingProxy(infra.registry) as proxy:
         builder = _builder(infra, tmp_path, registry=f"{proxy.address}/{infra.prefix}-{uuid.uuid4().hex[:6]}")
         first = make_spec(SCORE, models={"m/1/model.bin": b"one" * 50_000}, pip_requirements=REQUIREMENTS)
@@ -72,8 +78,9 @@ def test_a_new_model_version_uploads_only_its_layer_a_config_and_a_manifest(
         assert any("installing" in line for line in log_lines)
         proxy.reset()
         log_lines.clear()
-        second = make_spec(SCORE, models={"m/2/model.bin": b"two" * 50_000}, pip_requirements=REQUIREMENTS,
-                           app_dir=first.app_dir)
+        second = make_spec(
+            SCORE, models={"m/2/model.bin": b"two" * 50_000}, pip_requirements=REQUIREMENTS, app_dir=first.app_dir
+        )
         _image(builder, second, "incr/img", "2", log_lines)
         stats = proxy.stats()
     assert not any("installing" in line for line in log_lines)  # the environment came from the registry
@@ -87,7 +94,8 @@ def test_a_new_model_version_uploads_only_its_layer_a_config_and_a_manifest(
 
 
 def test_a_no_change_rebuild_compresses_and_uploads_nothing_and_another_image_mounts(
-        infra: Infra, make_spec: Callable[..., BuildSpec], tmp_path: Path, log_lines: list[str]) -> None:
+    infra: Infra, make_spec: Callable[..., BuildSpec], tmp_path: Path, log_lines: list[str]
+) -> None:
     with CountingProxy(infra.registry) as proxy:
         builder = _builder(infra, tmp_path, registry=f"{proxy.address}/{infra.prefix}-{uuid.uuid4().hex[:6]}")
         spec = make_spec(SCORE, models={"m/1/model.bin": b"same" * 100_000}, pip_requirements=REQUIREMENTS)
@@ -111,7 +119,8 @@ def test_a_no_change_rebuild_compresses_and_uploads_nothing_and_another_image_mo
 
 
 def test_an_oci_base_gives_an_oci_image_and_an_index_is_resolved_to_linux_amd64(
-        infra: Infra, make_spec: Callable[..., BuildSpec], tmp_path: Path, log_lines: list[str]) -> None:
+    infra: Infra, make_spec: Callable[..., BuildSpec], tmp_path: Path, log_lines: list[str]
+) -> None:
     prefix = f"{infra.prefix}-oci"
     host, _, base_path = infra.base_image.partition("/")
     base_repo, _, base_tag = base_path.rpartition(":")
@@ -119,17 +128,29 @@ def test_an_oci_base_gives_an_oci_image_and_an_index_is_resolved_to_linux_amd64(
         docker_manifest = client.get_manifest(base_repo, base_tag)
         body = docker_manifest.body
         # The same blobs under OCI media types, then an index that points at it.
-        oci = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
-               "config": {**body["config"], "mediaType": OCI_CONFIG},
-               "layers": [{**layer, "mediaType": OCI_LAYER} for layer in body["layers"]]}
+        oci = {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {**body["config"], "mediaType": OCI_CONFIG},
+            "layers": [{**layer, "mediaType": OCI_LAYER} for layer in body["layers"]],
+        }
         repo = f"{prefix}/mms/base-oci"
         for blob in [body["config"], *body["layers"]]:
             client.push_blob(repo, blob["digest"], blob["size"], lambda: iter(()), mount_from=base_repo)
         raw = json.dumps(oci).encode()
         digest = client.put_manifest(repo, "amd64", raw, OCI_MANIFEST)
-        index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
-            {"mediaType": OCI_MANIFEST, "digest": digest, "size": len(raw),
-             "platform": {"os": "linux", "architecture": "amd64"}}]}
+        index = {
+            "schemaVersion": 2,
+            "mediaType": OCI_INDEX,
+            "manifests": [
+                {
+                    "mediaType": OCI_MANIFEST,
+                    "digest": digest,
+                    "size": len(raw),
+                    "platform": {"os": "linux", "architecture": "amd64"},
+                }
+            ],
+        }
         client.put_manifest(repo, "multi", json.dumps(index).encode(), OCI_INDEX)
     builder = OciBuilder(f"{host}/{prefix}", cache_dir=tmp_path / "cache")
     spec = make_spec(SCORE, base_image=f"{host}/{repo}:multi", pip_requirements=REQUIREMENTS)
@@ -147,7 +168,8 @@ def test_an_oci_base_gives_an_oci_image_and_an_index_is_resolved_to_linux_amd64(
 
 
 def test_a_run_step_or_a_conda_package_needs_the_docker_builder(
-        infra: Infra, make_spec: Callable[..., BuildSpec], tmp_path: Path, log_lines: list[str]) -> None:
+    infra: Infra, make_spec: Callable[..., BuildSpec], tmp_path: Path, log_lines: list[str]
+) -> None:
     builder = _builder(infra, tmp_path)
     run = make_spec(SCORE, extra_dockerfile_steps="ENV A=1\nRUN apt-get install -y libgomp1")
     with pytest.raises(BuildFailed) as failed:
@@ -161,10 +183,14 @@ def test_a_run_step_or_a_conda_package_needs_the_docker_builder(
 
 
 def test_env_label_and_expose_steps_become_config_and_a_conda_pip_list_installs(
-        infra: Infra, make_spec: Callable[..., BuildSpec], tmp_path: Path, log_lines: list[str]) -> None:
+    infra: Infra, make_spec: Callable[..., BuildSpec], tmp_path: Path, log_lines: list[str]
+) -> None:
     builder = _builder(infra, tmp_path)
-    spec = make_spec(SCORE, conda_file="dependencies:\n  - python=3.11\n  - pip\n  - pip:\n    - six==1.17.0\n",
-                     extra_dockerfile_steps='ENV MODE=fast "GREETING=hello world"\nLABEL team=ml\nEXPOSE 9000')
+    spec = make_spec(
+        SCORE,
+        conda_file="dependencies:\n  - python=3.11\n  - pip\n  - pip:\n    - six==1.17.0\n",
+        extra_dockerfile_steps='ENV MODE=fast "GREETING=hello world"\nLABEL team=ml\nEXPOSE 9000',
+    )
     result = _image(builder, spec, "steps/img", "1", log_lines)
     registry, _, repo = result.image_location.rpartition(":")[0].partition("/")
     with RegistryClient(registry) as client:
@@ -183,7 +209,8 @@ def test_env_label_and_expose_steps_become_config_and_a_conda_pip_list_installs(
 
 
 def test_a_private_base_needs_its_login_which_never_shows(
-        infra: Infra, make_spec: Callable[..., BuildSpec], tmp_path: Path, log_lines: list[str]) -> None:
+    infra: Infra, make_spec: Callable[..., BuildSpec], tmp_path: Path, log_lines: list[str]
+) -> None:
     # The open registry's base, copied into the password registry through the client itself.
     host, _, base_path = infra.base_image.partition("/")
     base_repo, _, base_tag = base_path.rpartition(":")
@@ -191,9 +218,11 @@ def test_a_private_base_needs_its_login_which_never_shows(
     with RegistryClient(host) as source, RegistryClient(infra.auth_registry, infra.username, infra.password) as dest:
         manifest = source.get_manifest(base_repo, base_tag)
         for blob in [manifest.body["config"], *manifest.body["layers"]]:
+
             def body(digest=blob["digest"]):
                 with source.open_blob(base_repo, digest) as chunks:
                     yield from chunks
+
             dest.push_blob(private_repo, blob["digest"], blob["size"], body)
         digest = dest.put_manifest(private_repo, "py3.11", manifest.raw, manifest.media_type)
     infra.pushed.append((infra.auth_registry, private_repo, digest))
@@ -207,8 +236,13 @@ def test_a_private_base_needs_its_login_which_never_shows(
         _image(builder, make_spec(SCORE, base_image=base, base_registry=wrong), "private/img", "1", log_lines)
     assert "refused" in failed.value.message and "not-the-password-123" not in failed.value.message
     right = RegistryCredentials(infra.auth_registry, infra.username, infra.password)
-    result = _image(builder, make_spec(SCORE, base_image=base, base_registry=right,
-                                       pip_requirements=REQUIREMENTS), "private/img", "1", log_lines)
+    result = _image(
+        builder,
+        make_spec(SCORE, base_image=base, base_registry=right, pip_requirements=REQUIREMENTS),
+        "private/img",
+        "1",
+        log_lines,
+    )
     assert result.base_image_digest == digest
     assert not [line for line in log_lines if infra.password in line or "not-the-password-123" in line]
     # The base layers were copied across registries into the image's repository.
@@ -219,7 +253,8 @@ def test_a_private_base_needs_its_login_which_never_shows(
 
 
 def test_the_dependency_cache_lives_in_the_registry(
-        infra: Infra, make_spec: Callable[..., BuildSpec], tmp_path: Path, log_lines: list[str]) -> None:
+    infra: Infra, make_spec: Callable[..., BuildSpec], tmp_path: Path, log_lines: list[str]
+) -> None:
     registry = f"{infra.registry}/{infra.prefix}-{uuid.uuid4().hex[:6]}"
     spec = make_spec(SCORE, pip_requirements=REQUIREMENTS)
     _image(OciBuilder(registry, cache_dir=tmp_path / "one"), spec, "cache/img", "1", log_lines)

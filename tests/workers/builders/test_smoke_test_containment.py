@@ -155,15 +155,17 @@ def assert_removed(infra: Infra, short_id: str) -> None:
 
 
 def test_init_reaches_neither_the_host_nor_the_engine_nor_metadata_and_sees_no_secret(
-        infra, make_spec, builder, listener, log_lines, monkeypatch):
+    infra, make_spec, builder, listener, log_lines, monkeypatch
+):
     secret = f"worker-secret-{uuid.uuid4().hex}"
     monkeypatch.setenv("MMS_SECRET_KEY", secret)  # as a worker's environment holds it
     engine_socket = (infra.docker_host or "unix:///var/run/docker.sock").removeprefix("unix://")
     score = ATTACKS.format(port=listener.getsockname()[1], engine_socket=engine_socket)
     result = build(infra, builder, make_spec(score), "attacks", "1", log_lines.append)
 
-    smoke_test(infra.docker_host, result.image_location, log_lines.append, timeout=60,
-               memory_mb=1024, pids=200, cpus=0.5)
+    smoke_test(
+        infra.docker_host, result.image_location, log_lines.append, timeout=60, memory_mb=1024, pids=200, cpus=0.5
+    )
 
     log = "\n".join(log_lines)
     assert "smoke test passed" in log
@@ -173,8 +175,11 @@ def test_init_reaches_neither_the_host_nor_the_engine_nor_metadata_and_sees_no_s
     assert re.search(r"attack host-listener failed: ConnectionRefusedError", log)
     assert re.search(r"attack engine-tcp failed: ConnectionRefusedError", log)
     assert re.search(r"attack metadata failed: OSError\(101, 'Network is unreachable'\)", log)
-    assert re.search(rf"attack engine-socket {re.escape(engine_socket)} failed: "
-                     r"FileNotFoundError", log)
+    assert re.search(
+        rf"attack engine-socket {re.escape(engine_socket)} failed: "
+        r"FileNotFoundError",
+        log,
+    )
     listener.setblocking(False)
     with pytest.raises(BlockingIOError):  # nobody knocked
         listener.accept()
@@ -188,13 +193,11 @@ def test_init_reaches_neither_the_host_nor_the_engine_nor_metadata_and_sees_no_s
     assert_removed(infra, container_id(log_lines))
 
 
-def test_a_memory_hog_is_stopped_by_the_memory_limit_which_the_failure_names(
-        infra, make_spec, builder, log_lines):
+def test_a_memory_hog_is_stopped_by_the_memory_limit_which_the_failure_names(infra, make_spec, builder, log_lines):
     result = build(infra, builder, make_spec(MEMORY_HOG), "hog", "1", log_lines.append)
 
     with pytest.raises(SmokeTestFailed) as failed:
-        smoke_test(infra.docker_host, result.image_location, log_lines.append, timeout=60,
-                   memory_mb=256)
+        smoke_test(infra.docker_host, result.image_location, log_lines.append, timeout=60, memory_mb=256)
 
     assert "the container ran out of memory (limit 256 MB)" in failed.value.message
     assert "allocated" not in "\n".join(log_lines)
@@ -202,14 +205,12 @@ def test_a_memory_hog_is_stopped_by_the_memory_limit_which_the_failure_names(
     assert_removed(infra, container_id(log_lines))
 
 
-def test_a_fork_bomb_is_stopped_by_the_process_limit_which_the_failure_names(
-        infra, make_spec, builder, log_lines):
+def test_a_fork_bomb_is_stopped_by_the_process_limit_which_the_failure_names(infra, make_spec, builder, log_lines):
     result = build(infra, builder, make_spec(FORK_BOMB), "forkbomb", "1", log_lines.append)
 
     started = time.monotonic()
     with pytest.raises(SmokeTestFailed) as failed:
-        smoke_test(infra.docker_host, result.image_location, log_lines.append, timeout=30,
-                   pids=64)
+        smoke_test(infra.docker_host, result.image_location, log_lines.append, timeout=30, pids=64)
     seconds = time.monotonic() - started
 
     assert "process limit (64 processes and threads)" in failed.value.message
@@ -217,20 +218,18 @@ def test_a_fork_bomb_is_stopped_by_the_process_limit_which_the_failure_names(
     assert_removed(infra, container_id(log_lines))
 
 
-def test_what_init_writes_is_bounded_in_all_and_for_each_file(
-        infra, make_spec, builder, log_lines):
+def test_what_init_writes_is_bounded_in_all_and_for_each_file(infra, make_spec, builder, log_lines):
     filler = build(infra, builder, make_spec(DISK_FILLER), "filler", "1", log_lines.append)
     with pytest.raises(SmokeTestFailed) as failed:
-        smoke_test(infra.docker_host, filler.image_location, log_lines.append, timeout=60,
-                   disk_mb=50)
-    assert failed.value.message == ("the container wrote more than its disk limit of 50 MB "
-                                    "(MMS_SMOKE_TEST_DISK_MB) before answering GET /")
+        smoke_test(infra.docker_host, filler.image_location, log_lines.append, timeout=60, disk_mb=50)
+    assert failed.value.message == (
+        "the container wrote more than its disk limit of 50 MB (MMS_SMOKE_TEST_DISK_MB) before answering GET /"
+    )
     assert_removed(infra, container_id(log_lines))
 
     big = build(infra, builder, make_spec(BIG_FILE), "bigfile", "1", log_lines.append)
     with pytest.raises(SmokeTestFailed) as failed:
-        smoke_test(infra.docker_host, big.image_location, log_lines.append, timeout=60,
-                   disk_mb=50)
+        smoke_test(infra.docker_host, big.image_location, log_lines.append, timeout=60, disk_mb=50)
     assert "File too large" in failed.value.message
     assert "wrote-all" not in "\n".join(log_lines)
 
@@ -246,15 +245,13 @@ def tiny_image(infra: Infra, name: str, dockerfile: str, files: dict[str, bytes]
             tar.addfile(info, io.BytesIO(data))
     context.seek(0)
     with infra.api() as api:
-        for chunk in api.build(fileobj=context, custom_context=True, tag=image, rm=True,
-                               decode=True):
+        for chunk in api.build(fileobj=context, custom_context=True, tag=image, rm=True, decode=True):
             assert "error" not in chunk, chunk
     infra.local_images.append(image)
     return image
 
 
-def test_an_image_without_python3_on_its_path_fails_saying_the_probe_could_not_run(
-        infra, log_lines):
+def test_an_image_without_python3_on_its_path_fails_saying_the_probe_could_not_run(infra, log_lines):
     dockerfile = f'FROM {infra.base_image}\nENV PATH=/nowhere\nCMD ["/bin/sleep", "60"]\n'
     image = tiny_image(infra, "nopython", dockerfile, {})
 
@@ -263,16 +260,15 @@ def test_an_image_without_python3_on_its_path_fails_saying_the_probe_could_not_r
         smoke_test(infra.docker_host, image, log_lines.append, timeout=30, cpus=512)
 
     message = failed.value.message
-    assert message.startswith("could not ask GET / inside the container: the probe (python3 "
-                              "on the image's PATH) failed with code 126")
+    assert message.startswith(
+        "could not ask GET / inside the container: the probe (python3 on the image's PATH) failed with code 126"
+    )
     assert "executable file not found" in message
     assert_removed(infra, container_id(log_lines))
 
 
-def test_a_python3_that_prints_without_end_fails_the_probe_and_the_worker_keeps_little(
-        infra, log_lines):
-    dockerfile = (f"FROM {infra.base_image}\nCOPY python3 /usr/local/bin/python3\n"
-                  'CMD ["/bin/sleep", "60"]\n')
+def test_a_python3_that_prints_without_end_fails_the_probe_and_the_worker_keeps_little(infra, log_lines):
+    dockerfile = f'FROM {infra.base_image}\nCOPY python3 /usr/local/bin/python3\nCMD ["/bin/sleep", "60"]\n'
     flood = b"#!/bin/sh\nexec yes mms-probe-0123456789abcdef0123456789abcdef\n"
     image = tiny_image(infra, "flood", dockerfile, {"python3": flood})
 
@@ -280,8 +276,9 @@ def test_a_python3_that_prints_without_end_fails_the_probe_and_the_worker_keeps_
     with pytest.raises(SmokeTestFailed) as failed:
         smoke_test(infra.docker_host, image, log_lines.append, timeout=30)
 
-    assert failed.value.message.startswith("could not ask GET / inside the container: the "
-                                           "probe (python3 on the image's PATH)")
+    assert failed.value.message.startswith(
+        "could not ask GET / inside the container: the probe (python3 on the image's PATH)"
+    )
     assert len(failed.value.message) < 1000
     assert time.monotonic() - started < 30
     assert_removed(infra, container_id(log_lines))

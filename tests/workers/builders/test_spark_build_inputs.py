@@ -25,9 +25,13 @@ def spark_spec(tmp_path: Path) -> BuildSpec:
     app = tmp_path / "app"
     app.mkdir()
     (app / "score.py").write_text("def init(): pass\ndef run(d): return d\n")
-    return BuildSpec(base_image="127.0.0.1:5000/mms/inference-base:py3.11-spark",
-                     driver_program="score.py", app_dir=app, runtime="spark-py",
-                     pip_requirements="numpy==2.4.6\n")
+    return BuildSpec(
+        base_image="127.0.0.1:5000/mms/inference-base:py3.11-spark",
+        driver_program="score.py",
+        app_dir=app,
+        runtime="spark-py",
+        pip_requirements="numpy==2.4.6\n",
+    )
 
 
 def _dockerfile(spec: BuildSpec, tmp_path: Path) -> tuple[list[str], str]:
@@ -53,11 +57,13 @@ def test_a_python_manifest_gets_neither_java_check_nor_pyspark(spark_spec, tmp_p
     assert "java" not in text and "pyspark" not in text and "SCORING_RUNTIME" not in text
 
 
-@pytest.mark.parametrize("change", [
-    {"pip_requirements": "PySpark[ml]==3.5.8  # theirs\n"},
-    {"pip_requirements": None,
-     "conda_file": "dependencies:\n  - python=3.11\n  - pip:\n    - pyspark>=3.5,<3.6\n"},
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"pip_requirements": "PySpark[ml]==3.5.8  # theirs\n"},
+        {"pip_requirements": None, "conda_file": "dependencies:\n  - python=3.11\n  - pip:\n    - pyspark>=3.5,<3.6\n"},
+    ],
+)
 def test_a_pyspark_the_manifest_names_is_used_instead_of_the_pin(spark_spec, tmp_path, change) -> None:
     spec = replace(spark_spec, **change)
     assert runtime_requirements(spec) == []
@@ -83,8 +89,7 @@ def test_java_is_found_by_label_or_in_the_layers_unless_a_later_layer_removes_it
         raise AssertionError("the layers were read although the label says it")
 
     assert detect_java({"config": {"Labels": {"org.mms.java": "17.0.19"}}}, no_scan) == "17.0.19"
-    jre = _layer({"usr/lib/jvm/java-17-openjdk-amd64/bin/java": b"elf",
-                  "usr/bin/java": "/etc/alternatives/java"})
+    jre = _layer({"usr/lib/jvm/java-17-openjdk-amd64/bin/java": b"elf", "usr/bin/java": "/etc/alternatives/java"})
     plain = _layer({"usr/bin/python3.11": b"elf"})
     assert detect_java({"config": {}}, _openers(plain, jre)) == "/usr/bin/java"
     assert detect_java({"config": {}}, _openers(plain)) is None
@@ -95,8 +100,12 @@ def test_java_is_found_by_label_or_in_the_layers_unless_a_later_layer_removes_it
 
 
 def test_spark_manifests_default_to_the_spark_base_not_the_plain_default(tmp_path) -> None:
-    settings = Settings(data_dir=tmp_path, registry="r.example:5000", secret_key="k" * 40,
-                        default_base_image="r.example:5000/mms/base:py3.11")
+    settings = Settings(
+        data_dir=tmp_path,
+        registry="r.example:5000",
+        secret_key="k" * 40,
+        default_base_image="r.example:5000/mms/base:py3.11",
+    )
     assert default_base(settings, None) == "r.example:5000/mms/base:py3.11"
     assert default_base(settings, None, "spark-py") == "r.example:5000/mms/inference-base:py3.11-spark"
     published = "r.example:5000/mms/inference-base:py3.11-spark-20300101"

@@ -65,19 +65,27 @@ def _digest(data: bytes) -> str:
 def _base(store: LayoutRegistry, tag: str, layers: list[tuple[str, bytes]], family: Family) -> str:
     """Push a base image (no labels: the builder must read its layers) under mms/base:tag."""
     tars = [tar for _, tar in layers]
-    config = json.dumps({"architecture": "amd64", "os": "linux",
-                         "config": {"Env": ["PATH=/usr/local/bin:/usr/bin:/bin"]},
-                         "rootfs": {"type": "layers",
-                                    "diff_ids": [_digest(t) for t in tars]}}).encode()
+    config = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {"Env": ["PATH=/usr/local/bin:/usr/bin:/bin"]},
+            "rootfs": {"type": "layers", "diff_ids": [_digest(t) for t in tars]},
+        }
+    ).encode()
     descriptors = []
     for media_type, blob in layers:
         store.push_blob("mms/base", _digest(blob), len(blob), lambda b=blob: iter([b]))
         descriptors.append({"mediaType": media_type, "digest": _digest(blob), "size": len(blob)})
     store.push_blob("mms/base", _digest(config), len(config), lambda: iter([config]))
-    manifest = json.dumps({"schemaVersion": 2, "mediaType": family.manifest,
-                           "config": {"mediaType": family.config, "digest": _digest(config),
-                                      "size": len(config)},
-                           "layers": descriptors}).encode()
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": family.manifest,
+            "config": {"mediaType": family.config, "digest": _digest(config), "size": len(config)},
+            "layers": descriptors,
+        }
+    ).encode()
     store.put_manifest("mms/base", tag, manifest, family.manifest)
     return f"{HOST}/mms/base:{tag}"
 
@@ -100,10 +108,12 @@ def _spec(tmp_path: Path, base_image: str) -> BuildSpec:
     return BuildSpec(base_image=base_image, driver_program="score.py", app_dir=app)
 
 
-@pytest.mark.parametrize("media_type", [OCI_LAYER_TAR, OCI_LAYER_ZSTD, DOCKER_LAYER],
-                         ids=["oci-tar", "oci-zstd", "docker-gzip"])
-def test_a_base_with_plain_zstd_or_docker_layers_builds(layout: OciLayout, cache: Path,
-                                                        tmp_path: Path, media_type: str) -> None:
+@pytest.mark.parametrize(
+    "media_type", [OCI_LAYER_TAR, OCI_LAYER_ZSTD, DOCKER_LAYER], ids=["oci-tar", "oci-zstd", "docker-gzip"]
+)
+def test_a_base_with_plain_zstd_or_docker_layers_builds(
+    layout: OciLayout, cache: Path, tmp_path: Path, media_type: str
+) -> None:
     store = LayoutRegistry(layout, HOST)
     family = DOCKER if media_type == DOCKER_LAYER else OCI
     # The C library in one layer, Python in the next: both layers must be read.
@@ -113,7 +123,8 @@ def test_a_base_with_plain_zstd_or_docker_layers_builds(layout: OciLayout, cache
     base = _base(store, tag, [(media_type, libc), (media_type, python)], family)
     lines: list[str] = []
     result = OciBuilder(HOST, layout=layout, cache_dir=cache).build_and_push(
-        _spec(tmp_path, base), "acct/img", tag, lines.append)
+        _spec(tmp_path, base), "acct/img", tag, lines.append
+    )
 
     log = "\n".join(lines)
     assert "base image runs Python 3.11 on x86_64-manylinux_2_36" in log, log
@@ -121,32 +132,38 @@ def test_a_base_with_plain_zstd_or_docker_layers_builds(layout: OciLayout, cache
     assert built.digest == result.digest
     layers = built.body["layers"]
     # The base's layers are copied as they are; the builder's own are gzip, of the base's family.
-    assert [(d["mediaType"], d["digest"]) for d in layers[:2]] == \
-        [(media_type, _digest(libc)), (media_type, _digest(python))]
+    assert [(d["mediaType"], d["digest"]) for d in layers[:2]] == [
+        (media_type, _digest(libc)),
+        (media_type, _digest(python)),
+    ]
     assert {d["mediaType"] for d in layers[2:]} == {family.layer}
     assert store.get_blob("acct/img", layers[1]["digest"]) == python
 
 
-def test_a_layer_of_an_unknown_media_type_fails_the_build_naming_it(layout: OciLayout, cache: Path,
-                                                                  tmp_path: Path) -> None:
+def test_a_layer_of_an_unknown_media_type_fails_the_build_naming_it(
+    layout: OciLayout, cache: Path, tmp_path: Path
+) -> None:
     store = LayoutRegistry(layout, HOST)
     odd = "application/vnd.oci.image.layer.v1.tar+bzip2"
     base = _base(store, "bzip2", [(odd, b"BZh91AY&SY")], OCI)
     lines: list[str] = []
     with pytest.raises(BuildFailed) as failed:
         OciBuilder(HOST, layout=layout, cache_dir=cache).build_and_push(
-            _spec(tmp_path, base), "acct/img", "bzip2", lines.append)
+            _spec(tmp_path, base), "acct/img", "bzip2", lines.append
+        )
     assert failed.value.step == "pull-base"
     assert odd in failed.value.message and "uncompressed, gzip or zstd" in failed.value.message
 
 
 def test_a_layer_whose_bytes_are_not_its_media_type_fails_naming_the_layer(
-        layout: OciLayout, cache: Path, tmp_path: Path) -> None:
+    layout: OciLayout, cache: Path, tmp_path: Path
+) -> None:
     store = LayoutRegistry(layout, HOST)
     plain = _tar({"usr/bin/python3.12": b"elf"})  # a plain tar that claims to be zstd
     base = _base(store, "mislabelled", [(OCI_LAYER_ZSTD, plain)], OCI)
     with pytest.raises(BuildFailed) as failed:
         OciBuilder(HOST, layout=layout, cache_dir=cache).build_and_push(
-            _spec(tmp_path, base), "acct/img", "mislabelled", lambda line: None)
+            _spec(tmp_path, base), "acct/img", "mislabelled", lambda line: None
+        )
     assert failed.value.step == "pull-base"
     assert f"base layer {_digest(plain)[:19]} is not a readable zstd tar" in failed.value.message

@@ -86,7 +86,7 @@ def test_parallel_gzip_is_one_valid_stream_whatever_the_write_sizes(tmp_path: Pa
         out = io.BytesIO()
         with ParallelGzip(out, 1) as gz:
             for start in range(0, len(data), piece if piece > 7 else 1 << 16):
-                gz.write(data[start:start + (piece if piece > 7 else 1 << 16)])
+                gz.write(data[start : start + (piece if piece > 7 else 1 << 16)])
         outputs.append(out.getvalue())
     assert outputs[0] == outputs[1] == outputs[2]  # blocks, not writes, decide the bytes
     (tmp_path / "x.gz").write_bytes(outputs[0])
@@ -104,8 +104,11 @@ def test_a_streamed_layer_is_byte_for_byte_the_written_one(tmp_path: Path) -> No
     assert len(chunks) > 1  # it arrives in pieces, while it is made
     data = b"".join(chunks)
     assert data == written.path.read_bytes()
-    assert (stream.layer.digest, stream.layer.diff_id, stream.layer.size) == \
-        (written.digest, written.diff_id, written.size)
+    assert (stream.layer.digest, stream.layer.diff_id, stream.layer.size) == (
+        written.digest,
+        written.diff_id,
+        written.size,
+    )
     assert builder.diff_id() == written.diff_id  # the cheap key: the tar's digest, no gzip
     with pytest.raises(RuntimeError, match="once"):
         list(stream)

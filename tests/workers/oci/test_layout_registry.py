@@ -20,10 +20,19 @@ def _digest(data: bytes) -> str:
 def _push_image(store: LayoutRegistry, repo: str, tag: str, layer: bytes) -> str:
     config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}).encode()
     for blob in (layer, config):
-        assert store.push_blob(repo, _digest(blob), len(blob), lambda b=blob: iter([b])) in ("uploaded", "mounted", "present")
-    manifest = json.dumps({"schemaVersion": 2, "mediaType": OCI.manifest,
-                           "config": {"mediaType": OCI.config, "digest": _digest(config), "size": len(config)},
-                           "layers": [{"mediaType": OCI.layer, "digest": _digest(layer), "size": len(layer)}]}).encode()
+        assert store.push_blob(repo, _digest(blob), len(blob), lambda b=blob: iter([b])) in (
+            "uploaded",
+            "mounted",
+            "present",
+        )
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI.manifest,
+            "config": {"mediaType": OCI.config, "digest": _digest(config), "size": len(config)},
+            "layers": [{"mediaType": OCI.layer, "digest": _digest(layer), "size": len(layer)}],
+        }
+    ).encode()
     return store.put_manifest(repo, tag, manifest, OCI.manifest)
 
 
@@ -59,11 +68,14 @@ def test_a_blob_of_another_repository_is_not_readable_through_this_one(store: La
         store.push_blob("tenant-b/probe", layer, 11, lambda: iter([b"guessed only"]))
     assert store.push_blob("tenant-b/probe", layer, 11, lambda: iter([b"a's weights"])) == "uploaded"
     # A mount is the builder's choice of a repository that holds it, never a tenant's.
-    assert store.push_blob("tenant-c/base", layer, 11, lambda: iter([b"never read"]),
-                           mount_from="tenant-a/secret") == "mounted"
+    assert (
+        store.push_blob("tenant-c/base", layer, 11, lambda: iter([b"never read"]), mount_from="tenant-a/secret")
+        == "mounted"
+    )
     with pytest.raises(RegistryError, match="does not match"):
-        store.push_blob("tenant-c/other", layer, 11, lambda: iter([b"guessed only"]),
-                        mount_from="tenant-d/does-not-hold-it")
+        store.push_blob(
+            "tenant-c/other", layer, 11, lambda: iter([b"guessed only"]), mount_from="tenant-d/does-not-hold-it"
+        )
 
 
 def test_content_that_does_not_match_its_digest_is_refused_and_not_kept(store: LayoutRegistry) -> None:
@@ -77,9 +89,20 @@ def test_content_that_does_not_match_its_digest_is_refused_and_not_kept(store: L
 def test_an_index_resolves_to_the_linux_amd64_image(store: LayoutRegistry) -> None:
     child = _push_image(store, "mms/base", "amd64-only", b"rootfs")
     size = store.layout.has_blob(child)
-    index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
-        {"mediaType": OCI.manifest, "digest": child, "size": size,
-         "platform": {"os": "linux", "architecture": "amd64"}}]}).encode()
+    index = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_INDEX,
+            "manifests": [
+                {
+                    "mediaType": OCI.manifest,
+                    "digest": child,
+                    "size": size,
+                    "platform": {"os": "linux", "architecture": "amd64"},
+                }
+            ],
+        }
+    ).encode()
     store.put_manifest("mms/base", "multi", index, OCI_INDEX)
     assert store.get_manifest("mms/base", "multi").digest == child
     with pytest.raises(RegistryError, match="no image for linux/arm64"):

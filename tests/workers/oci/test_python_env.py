@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from workers.builders import BuildFailed
+from workers.oci.media import OCI_LAYER
 from workers.oci.python_env import (
     TargetPython,
     dependency_cache_key,
@@ -20,7 +21,6 @@ from workers.oci.python_env import (
     normalise_requirements,
     tar_reader,
 )
-from workers.oci.media import OCI_LAYER
 
 CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 
@@ -43,7 +43,7 @@ def _layer(entries: dict[str, bytes | str]) -> bytes:
 def _openers(*layers: bytes):
     @contextmanager
     def opener(data: bytes):
-        yield tar_reader(iter([data[i:i + 1000] for i in range(0, len(data), 1000)]), OCI_LAYER)
+        yield tar_reader(iter([data[i : i + 1000] for i in range(0, len(data), 1000)]), OCI_LAYER)
 
     return lambda: (opener(layer) for layer in layers)
 
@@ -52,8 +52,9 @@ GLIBC = b"\x00junk GNU C Library (Debian GLIBC 2.36-9+deb12u4) stable release ve
 
 
 def test_python_and_glibc_are_read_from_the_layers_the_last_layer_winning() -> None:
-    base = _layer({"usr/bin/python3.11": b"elf", "usr/bin/python3": "python3.11",
-                   "usr/lib/x86_64-linux-gnu/libc.so.6": GLIBC})
+    base = _layer(
+        {"usr/bin/python3.11": b"elf", "usr/bin/python3": "python3.11", "usr/lib/x86_64-linux-gnu/libc.so.6": GLIBC}
+    )
     upgrade = _layer({"usr/local/bin/python3.12": b"elf", "usr/local/bin/python3": "python3.12"})
     target = detect_target({"architecture": "amd64", "config": {}}, _openers(base, upgrade))
     assert target == TargetPython("3.12", "x86_64-manylinux_2_36")
@@ -63,8 +64,7 @@ def test_labels_and_env_spare_the_scan_and_musl_is_recognised() -> None:
     def no_scan():
         raise AssertionError("the layers were read although the config says it all")
 
-    config = {"architecture": "arm64",
-              "config": {"Labels": {"org.mms.python": "3.10.4", "org.mms.libc": "glibc-2.31"}}}
+    config = {"architecture": "arm64", "config": {"Labels": {"org.mms.python": "3.10.4", "org.mms.libc": "glibc-2.31"}}}
     assert detect_target(config, no_scan) == TargetPython("3.10", "aarch64-manylinux_2_31")
     alpine = _layer({"lib/ld-musl-x86_64.so.1": b"elf"})
     official = {"architecture": "amd64", "config": {"Env": ["PYTHON_VERSION=3.12.7"]}}
@@ -89,8 +89,13 @@ def test_the_cache_key_follows_requirements_and_target_only() -> None:
 
 def _install(requirements: list[str], version: str, dest: Path) -> list[str]:
     lines: list[str] = []
-    install_dependencies(requirements, TargetPython(version, "x86_64-manylinux_2_36"), dest,
-                         lines.append, ca_bundle=CA_BUNDLE if CA_BUNDLE.is_file() else None)
+    install_dependencies(
+        requirements,
+        TargetPython(version, "x86_64-manylinux_2_36"),
+        dest,
+        lines.append,
+        ca_bundle=CA_BUNDLE if CA_BUNDLE.is_file() else None,
+    )
     return lines
 
 

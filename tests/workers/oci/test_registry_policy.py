@@ -22,19 +22,26 @@ from workers.oci.registry import RegistryClient, RegistryError
 
 CONFIG = b'{"architecture":"amd64","os":"linux"}'
 CONFIG_DIGEST = f"sha256:{hashlib.sha256(CONFIG).hexdigest()}"
-MANIFEST = json.dumps({"schemaVersion": 2, "mediaType": DOCKER_MANIFEST,
-                       "config": {"mediaType": "application/vnd.docker.container.image.v1+json",
-                                  "digest": CONFIG_DIGEST, "size": len(CONFIG)},
-                       "layers": []}).encode()
+MANIFEST = json.dumps(
+    {
+        "schemaVersion": 2,
+        "mediaType": DOCKER_MANIFEST,
+        "config": {
+            "mediaType": "application/vnd.docker.container.image.v1+json",
+            "digest": CONFIG_DIGEST,
+            "size": len(CONFIG),
+        },
+        "layers": [],
+    }
+).encode()
 PASSWORD = "base-registry-secret-1234"
 
 Route = Callable[[BaseHTTPRequestHandler], None]
 
 
 class _Handler(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802
-        self.server.seen.append((self.command, self.path, self.headers.get("Host"),
-                                 self.headers.get("Authorization")))
+    def do_GET(self) -> None:
+        self.server.seen.append((self.command, self.path, self.headers.get("Host"), self.headers.get("Authorization")))
         route = self.server.routes.get(self.path.split("?", 1)[0])
         (route or answer(404, b'{"errors":[{"code":"NAME_UNKNOWN"}]}'))(self)
 
@@ -96,8 +103,7 @@ def no_resolve(*args, **kwargs):
 
 def manifest_routes(repository: str = "x/y") -> dict[str, Route]:
     manifest = answer(200, MANIFEST, (("Content-Type", DOCKER_MANIFEST),))
-    return {f"/v2/{repository}/manifests/1": manifest,
-            f"/v2/{repository}/blobs/{CONFIG_DIGEST}": answer(200, CONFIG)}
+    return {f"/v2/{repository}/manifests/1": manifest, f"/v2/{repository}/blobs/{CONFIG_DIGEST}": answer(200, CONFIG)}
 
 
 def test_a_base_on_a_loopback_port_is_refused_and_the_port_gets_nothing(serve) -> None:
@@ -105,8 +111,9 @@ def test_a_base_on_a_loopback_port_is_refused_and_the_port_gets_nothing(serve) -
     with RegistryClient(registry.address, policy=FetchPolicy(), resolver=no_resolve) as client:
         with pytest.raises(RegistryError) as refused:
             client.get_manifest("x/y", "1")
-    assert str(refused.value) == (f"registry {registry.address} is at a private address; ask the "
-                                  "operator to allow it (MMS_FETCH_ALLOW_HOSTS)")
+    assert str(refused.value) == (
+        f"registry {registry.address} is at a private address; ask the operator to allow it (MMS_FETCH_ALLOW_HOSTS)"
+    )
     assert refused.value.code == "BLOCKED_ADDRESS"
     assert registry.seen == []
 
@@ -114,10 +121,11 @@ def test_a_base_on_a_loopback_port_is_refused_and_the_port_gets_nothing(serve) -
 def test_a_name_that_resolves_privately_is_refused_without_showing_the_address() -> None:
     calls: list[str] = []
     resolve = resolver_for({"registry.corp.test": [["10.20.30.40"]]}, calls)
-    with RegistryClient("registry.corp.test:5000", "user", PASSWORD, policy=FetchPolicy(),
-                        resolver=resolve) as client:
-        with pytest.raises(RegistryError) as refused:
-            client.get_manifest("x/y", "1")
+    with (
+        RegistryClient("registry.corp.test:5000", "user", PASSWORD, policy=FetchPolicy(), resolver=resolve) as client,
+        pytest.raises(RegistryError) as refused,
+    ):
+        client.get_manifest("x/y", "1")
     message = str(refused.value)
     assert "registry.corp.test:5000 is at a private address" in message
     assert "10.20.30.40" not in message and PASSWORD not in message
@@ -133,7 +141,10 @@ def test_the_policy_allow_list_and_no_policy_reach_a_loopback_registry(serve) ->
     with RegistryClient(registry.address) as client:  # a caller that trusts the host
         assert client.get_manifest("x/y", "1").raw == MANIFEST
     assert [path for _, path, _, _ in registry.seen] == [
-        "/v2/x/y/manifests/1", f"/v2/x/y/blobs/{CONFIG_DIGEST}", "/v2/x/y/manifests/1"]
+        "/v2/x/y/manifests/1",
+        f"/v2/x/y/blobs/{CONFIG_DIGEST}",
+        "/v2/x/y/manifests/1",
+    ]
 
 
 @pytest.mark.parametrize("login", [None, ("user", PASSWORD)], ids=["anonymous", "login"])
@@ -145,9 +156,11 @@ def test_a_token_realm_on_another_loopback_port_is_refused(serve, login) -> None
     with RegistryClient(registry.address, *(login or ()), policy=policy) as client:
         with pytest.raises(RegistryError) as refused:
             client.get_manifest("x/y", "1")
-    assert str(refused.value) == (f"the token service {token_service.address} of registry "
-                                  f"{registry.address} is at a private address; ask the operator "
-                                  "to allow it (MMS_FETCH_ALLOW_HOSTS)")
+    assert str(refused.value) == (
+        f"the token service {token_service.address} of registry "
+        f"{registry.address} is at a private address; ask the operator "
+        "to allow it (MMS_FETCH_ALLOW_HOSTS)"
+    )
     assert token_service.seen == []
     assert [path for _, path, _, _ in registry.seen] == ["/v2/x/y/manifests/1"]
 
@@ -182,20 +195,22 @@ def test_a_blob_redirect_to_another_loopback_port_is_refused(serve) -> None:
     signed = f"http://{storage.address}/blob?sig=SIGNATURE-SECRET"
     registry = serve({f"/v2/x/y/blobs/{CONFIG_DIGEST}": answer(307, b"", (("Location", signed),))})
     policy = FetchPolicy(allow_hosts={registry.address})
-    with RegistryClient(registry.address, policy=policy) as client:
-        with pytest.raises(RegistryError) as refused:
-            client.get_blob("x/y", CONFIG_DIGEST)
+    with RegistryClient(registry.address, policy=policy) as client, pytest.raises(RegistryError) as refused:
+        client.get_blob("x/y", CONFIG_DIGEST)
     message = str(refused.value)
-    assert message == (f"the blob storage {storage.address} of registry {registry.address} is at "
-                       "a private address; ask the operator to allow it (MMS_FETCH_ALLOW_HOSTS)")
+    assert message == (
+        f"the blob storage {storage.address} of registry {registry.address} is at "
+        "a private address; ask the operator to allow it (MMS_FETCH_ALLOW_HOSTS)"
+    )
     assert storage.seen == []
     assert len(registry.seen) == 1
 
 
 def test_a_blob_redirect_to_allowed_storage_is_followed_without_registry_credentials(serve) -> None:
     storage = serve({"/blob": answer(200, CONFIG)})
-    registry = serve({f"/v2/x/y/blobs/{CONFIG_DIGEST}": answer(
-        307, b"", (("Location", f"http://{storage.address}/blob?sig=s"),))})
+    registry = serve(
+        {f"/v2/x/y/blobs/{CONFIG_DIGEST}": answer(307, b"", (("Location", f"http://{storage.address}/blob?sig=s"),))}
+    )
     policy = FetchPolicy(allow_hosts={registry.address, storage.address})
     with RegistryClient(registry.address, policy=policy) as client:
         assert client.get_blob("x/y", CONFIG_DIGEST) == CONFIG
@@ -209,8 +224,7 @@ def test_a_registry_name_is_resolved_once_and_every_request_pinned(serve) -> Non
     # Rebinding: any later lookup would answer a private address that is not allowed.
     resolve = resolver_for({"registry.example.test": [["127.0.0.1"], ["10.0.0.1"]]}, calls)
     policy = FetchPolicy(allow_hosts={f"registry.example.test:{port}"})
-    with RegistryClient(f"registry.example.test:{port}", insecure=True, policy=policy,
-                        resolver=resolve) as client:
+    with RegistryClient(f"registry.example.test:{port}", insecure=True, policy=policy, resolver=resolve) as client:
         client.get_manifest("x/y", "1")
         client.get_blob("x/y", CONFIG_DIGEST)
         assert client.blob_size("x/y", CONFIG_DIGEST) == len(CONFIG)

@@ -27,10 +27,18 @@ from workers.oci.registry import RegistryClient, RegistryError
 
 CONFIG = b'{"architecture":"amd64","os":"linux"}'
 CONFIG_DIGEST = f"sha256:{hashlib.sha256(CONFIG).hexdigest()}"
-MANIFEST = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
-                       "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                                  "digest": CONFIG_DIGEST, "size": len(CONFIG)},
-                       "layers": []}).encode()
+MANIFEST = json.dumps(
+    {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": CONFIG_DIGEST,
+            "size": len(CONFIG),
+        },
+        "layers": [],
+    }
+).encode()
 BLOB = bytes(range(256)) * 4096  # 1 MiB
 BLOB_DIGEST = f"sha256:{hashlib.sha256(BLOB).hexdigest()}"
 
@@ -58,11 +66,12 @@ def drop(h: BaseHTTPRequestHandler) -> None:
 
 def cut_off(data: bytes) -> Step:
     """Promise the whole blob, send half of it, close."""
+
     def step(h: BaseHTTPRequestHandler) -> None:
         h.send_response(200)
         h.send_header("Content-Length", str(len(data)))
         h.end_headers()
-        h.wfile.write(data[:len(data) // 2])
+        h.wfile.write(data[: len(data) // 2])
         h.wfile.flush()
         h.close_connection = True
         h.connection.close()
@@ -78,7 +87,7 @@ class _Handler(BaseHTTPRequestHandler):
         if length:
             self.rfile.read(length)
         elif self.headers.get("Transfer-Encoding") == "chunked":
-            while (size := int(self.rfile.readline().strip() or b"0", 16)):
+            while size := int(self.rfile.readline().strip() or b"0", 16):
                 self.rfile.read(size + 2)
             self.rfile.readline()
         srv: FlakyRegistry = self.server  # type: ignore[assignment]
@@ -143,7 +152,9 @@ def test_a_manifest_read_survives_503s_and_a_dropped_connection(registry: FlakyR
 
 def test_a_429_is_retried_after_its_retry_after(registry: FlakyRegistry) -> None:
     registry.routes["HEAD /v2/mms/base/blobs/" + BLOB_DIGEST] = [
-        answer(429, b"", ("Retry-After", "1")), answer(200, BLOB)]
+        answer(429, b"", ("Retry-After", "1")),
+        answer(200, BLOB),
+    ]
     started = time.monotonic()
     with _client(registry) as client:
         assert client.blob_size("mms/base", BLOB_DIGEST) == len(BLOB)
@@ -186,8 +197,7 @@ def test_each_retry_is_told_and_the_listener_can_stop_the_retries(registry: Flak
 
 
 def test_a_retry_after_longer_than_the_time_budget_fails_at_once(registry: FlakyRegistry) -> None:
-    registry.routes["GET /v2/mms/base/manifests/1"] = [answer(503, b"", ("Retry-After", "30")),
-                                                       MANIFEST_OK]
+    registry.routes["GET /v2/mms/base/manifests/1"] = [answer(503, b"", ("Retry-After", "30")), MANIFEST_OK]
     started = time.monotonic()
     with _client(registry, retry_seconds=5) as client, pytest.raises(RegistryError):
         client.get_manifest("mms/base", "1")
@@ -201,8 +211,7 @@ def test_a_blob_cut_off_mid_download_is_downloaded_again(registry: FlakyRegistry
     assert (tmp_path / "blob").read_bytes() == BLOB
 
 
-def test_a_failed_upload_starts_again_and_a_streamed_patch_is_not_replayed(
-        registry: FlakyRegistry) -> None:
+def test_a_failed_upload_starts_again_and_a_streamed_patch_is_not_replayed(registry: FlakyRegistry) -> None:
     upload = ("Location", "/v2/acct/img/blobs/uploads/u1")
     registry.routes["POST /v2/acct/img/blobs/uploads/"] = [answer(202, b"", upload)]
     registry.routes["PUT /v2/acct/img/blobs/uploads/u1"] = [answer(500), answer(201)]
@@ -219,8 +228,7 @@ def test_a_failed_upload_starts_again_and_a_streamed_patch_is_not_replayed(
         assert registry.count("PATCH /v2/acct/img/blobs/uploads/u1") == 1
 
 
-def test_a_token_is_fetched_again_before_it_expires_so_a_slow_upload_keeps_going(
-        registry: FlakyRegistry) -> None:
+def test_a_token_is_fetched_again_before_it_expires_so_a_slow_upload_keeps_going(registry: FlakyRegistry) -> None:
     """The token service gives 2-second tokens; the registry takes 2.1 s to start an upload.
     The PATCH that follows must carry a new token, not the one that has just expired."""
     lifetime = 2.0
@@ -235,8 +243,9 @@ def test_a_token_is_fetched_again_before_it_expires_so_a_slow_upload_keeps_going
         name = (h.headers.get("Authorization") or "").removeprefix("Bearer ")
         if name in issued and time.monotonic() - issued[name] < lifetime:
             return None
-        challenge = (f'Bearer realm="http://{registry.address}/token",service="test",'
-                     'scope="repository:acct/img:pull,push"')
+        challenge = (
+            f'Bearer realm="http://{registry.address}/token",service="test",scope="repository:acct/img:pull,push"'
+        )
         return answer(401, b'{"errors":[{"code":"UNAUTHORIZED"}]}', ("WWW-Authenticate", challenge))
 
     def slow_start(h: BaseHTTPRequestHandler) -> None:
@@ -247,7 +256,8 @@ def test_a_token_is_fetched_again_before_it_expires_so_a_slow_upload_keeps_going
     registry.routes["GET /token"] = [token]
     registry.routes["POST /v2/acct/img/blobs/uploads/"] = [slow_start]
     registry.routes["PATCH /v2/acct/img/blobs/uploads/u1"] = [
-        answer(202, b"", ("Location", "/v2/acct/img/blobs/uploads/u1"))]
+        answer(202, b"", ("Location", "/v2/acct/img/blobs/uploads/u1"))
+    ]
     registry.routes["PUT /v2/acct/img/blobs/uploads/u1"] = [answer(201)]
     with _client(registry) as client:
         assert client.upload_stream("acct/img", iter([BLOB])) == (BLOB_DIGEST, len(BLOB))
@@ -264,8 +274,9 @@ def test_a_new_layer_whose_streamed_upload_fails_is_made_and_sent_again(registry
     layer.add_bytes("/var/azureml-app/score.py", b"def run(data):\n    return data\n")
     lines: list[str] = []
     with _client(registry) as client:
-        blob = OciBuilder(registry.address)._new_layer(layer, "mms oci builder: driver", client,
-                                                       "acct/img", lines.append)
+        blob = OciBuilder(registry.address)._new_layer(
+            layer, "mms oci builder: driver", client, "acct/img", lines.append
+        )
     assert blob.placed == "uploaded" and blob.diff_id == layer.diff_id()
     assert registry.count("PATCH /v2/acct/img/blobs/uploads/u1") == 2
     assert registry.count("POST /v2/acct/img/blobs/uploads/") == 2
@@ -273,7 +284,8 @@ def test_a_new_layer_whose_streamed_upload_fails_is_made_and_sent_again(registry
 
 @pytest.mark.parametrize("registry_clock", [-3600.0, 3600.0])
 def test_a_token_lasts_its_lifetime_by_our_clock_whatever_the_registrys_says(
-        registry: FlakyRegistry, registry_clock: float) -> None:
+    registry: FlakyRegistry, registry_clock: float
+) -> None:
     """The token service's clock is an hour behind (or ahead of) ours: its ``issued_at``
     must not make the token look expired (a new one for every request) or younger."""
     issued = datetime.fromtimestamp(time.time() + registry_clock, UTC).isoformat()
@@ -281,14 +293,12 @@ def test_a_token_lasts_its_lifetime_by_our_clock_whatever_the_registrys_says(
 
     def token(h: BaseHTTPRequestHandler) -> None:
         tokens.append(f"t{len(tokens) + 1}")
-        answer(200, json.dumps({"token": tokens[-1], "expires_in": 300,
-                                "issued_at": issued}).encode())(h)
+        answer(200, json.dumps({"token": tokens[-1], "expires_in": 300, "issued_at": issued}).encode())(h)
 
     def check(h: BaseHTTPRequestHandler) -> Step | None:
         if (h.headers.get("Authorization") or "").removeprefix("Bearer ") in tokens:
             return None
-        challenge = (f'Bearer realm="http://{registry.address}/token",service="test",'
-                     'scope="repository:mms/base:pull"')
+        challenge = f'Bearer realm="http://{registry.address}/token",service="test",scope="repository:mms/base:pull"'
         return answer(401, b'{"errors":[{"code":"UNAUTHORIZED"}]}', ("WWW-Authenticate", challenge))
 
     registry.token_check = check
@@ -301,8 +311,7 @@ def test_a_token_lasts_its_lifetime_by_our_clock_whatever_the_registrys_says(
     assert registry.count("GET /v2/mms/base/manifests/1") == 6  # the first one challenged
 
 
-def test_a_registry_that_always_fails_gets_tries_requests_not_tries_squared(
-        registry: FlakyRegistry, tmp_path) -> None:
+def test_a_registry_that_always_fails_gets_tries_requests_not_tries_squared(registry: FlakyRegistry, tmp_path) -> None:
     """Each operation retries at one layer: a blob read, a download, an upload, a copy from
     another registry and a streamed layer each give up after their documented few attempts."""
     blob = "GET /v2/mms/base/blobs/" + BLOB_DIGEST
@@ -322,11 +331,11 @@ def test_a_registry_that_always_fails_gets_tries_requests_not_tries_squared(
 
         # The docker builder's base copy: a push whose body is read from another registry.
         registry.routes["POST /v2/acct/img/blobs/uploads/"] = [
-            answer(202, b"", ("Location", "/v2/acct/img/blobs/uploads/u1"))]
+            answer(202, b"", ("Location", "/v2/acct/img/blobs/uploads/u1"))
+        ]
         registry.routes["PUT /v2/acct/img/blobs/uploads/u1"] = [answer(201)]
         with pytest.raises(RegistryError), _client(registry, tries=4) as source:
-            client.push_blob("acct/img", BLOB_DIGEST, len(BLOB),
-                             _blob_copier(source, "mms/base", BLOB_DIGEST))
+            client.push_blob("acct/img", BLOB_DIGEST, len(BLOB), _blob_copier(source, "mms/base", BLOB_DIGEST))
         assert registry.count(blob) == 12
 
         # The oci builder's streamed layer: it makes the layer again, within the client's tries.
@@ -335,8 +344,9 @@ def test_a_registry_that_always_fails_gets_tries_requests_not_tries_squared(
         layer = LayerBuilder()
         layer.add_bytes("/var/azureml-app/score.py", b"def run(data):\n    return data\n")
         with pytest.raises(RegistryError):
-            OciBuilder(registry.address)._new_layer(layer, "mms oci builder: driver", client,
-                                                    "acct/img", lambda line: None)
+            OciBuilder(registry.address)._new_layer(
+                layer, "mms oci builder: driver", client, "acct/img", lambda line: None
+            )
         assert registry.count("POST /v2/acct/img/blobs/uploads/") - before == 4
     assert time.monotonic() - started < 30
 

@@ -20,12 +20,13 @@ from workers.builders import BuildFailed
 from workers.oci.python_env import build_source_wheels
 from workers.sandbox import Limits
 
-pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None,
-                                reason="needs bubblewrap (scripts/bootstrap installs it)")
+pytestmark = pytest.mark.skipif(
+    shutil.which("bwrap") is None, reason="needs bubblewrap (scripts/bootstrap installs it)"
+)
 
 # A build backend as an attacker writes it: it reads what it can, and makes a wheel that
 # carries what it found and says which sdist it came from.
-BACKEND = '''
+BACKEND = """
 import base64, hashlib, os, socket, zipfile
 
 FOUND = []
@@ -58,7 +59,7 @@ def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
         record.append("pyspark-3.5.9.dist-info/RECORD,,")
         whl.writestr("pyspark-3.5.9.dist-info/RECORD", "\\n".join(record) + "\\n")
     return name
-'''
+"""
 
 
 def _sdist(mark: str, index_port: int, cache: Path) -> bytes:
@@ -69,8 +70,9 @@ def _sdist(mark: str, index_port: int, cache: Path) -> bytes:
             build-backend = "evil_backend"
             backend-path = ["."]
             """),
-        "evil_backend.py": BACKEND.replace("MARK", mark).replace("INDEX_PORT", str(index_port))
-                                  .replace("CACHE", repr(str(cache))),
+        "evil_backend.py": BACKEND.replace("MARK", mark)
+        .replace("INDEX_PORT", str(index_port))
+        .replace("CACHE", repr(str(cache))),
         "PKG-INFO": "Metadata-Version: 2.1\nName: pyspark\nVersion: 3.5.9\n",
     }
     return packages.sdist("pyspark-3.5.9", files)
@@ -82,10 +84,12 @@ def index() -> Iterator[tuple[ThreadingHTTPServer, dict[str, bytes]]]:
     files: dict[str, bytes] = {}
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             if self.path.rstrip("/") == "/simple/pyspark":
-                links = "".join(f'<a href="/files/{name}#sha256={hashlib.sha256(data).hexdigest()}">{name}</a>'
-                                for name, data in files.items())
+                links = "".join(
+                    f'<a href="/files/{name}#sha256={hashlib.sha256(data).hexdigest()}">{name}</a>'
+                    for name, data in files.items()
+                )
                 body, kind = f"<html><body>{links}</body></html>".encode(), "text/html"
             elif self.path.startswith("/files/") and self.path[7:] in files:
                 body, kind = files[self.path[7:]], "application/octet-stream"
@@ -118,7 +122,8 @@ def _origin(dest: Path, member: str = "pyspark/__init__.py") -> str:
 
 
 def test_a_hostile_build_backend_runs_contained_and_cannot_poison_another_build(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     (data_dir / "secret.key").write_text("the-workers-secret")
@@ -129,8 +134,14 @@ def test_a_hostile_build_backend_runs_contained_and_cannot_poison_another_build(
         url = f"http://127.0.0.1:{port}/simple"
         files["pyspark-3.5.9.tar.gz"] = _sdist("planted by account B", port, cache)
         log_b: list[str] = []
-        build_source_wheels(["pyspark==3.5.9"], tmp_path / "b" / "wheels", log_b.append,
-                            cache=cache, index_url=url, limits=Limits(wall_seconds=120))
+        build_source_wheels(
+            ["pyspark==3.5.9"],
+            tmp_path / "b" / "wheels",
+            log_b.append,
+            cache=cache,
+            index_url=url,
+            limits=Limits(wall_seconds=120),
+        )
         text = "\n".join(log_b)
         assert "building its wheel contained" in text
         attacks = _origin(tmp_path / "b" / "wheels", "pyspark/attacks.txt").splitlines()
@@ -141,15 +152,22 @@ def test_a_hostile_build_backend_runs_contained_and_cannot_poison_another_build(
         # The same name and version with other bytes: a build of its own, never B's wheel.
         files["pyspark-3.5.9.tar.gz"] = _sdist("honest", port, cache)
         log_a: list[str] = []
-        build_source_wheels(["pyspark==3.5.9"], tmp_path / "a" / "wheels", log_a.append,
-                            cache=cache, index_url=url, limits=Limits(wall_seconds=120))
+        build_source_wheels(
+            ["pyspark==3.5.9"],
+            tmp_path / "a" / "wheels",
+            log_a.append,
+            cache=cache,
+            index_url=url,
+            limits=Limits(wall_seconds=120),
+        )
         assert _origin(tmp_path / "a" / "wheels") == "ORIGIN = 'honest'\n"
         assert len(list(cache.iterdir())) == 2  # one entry per sdist digest
 
         # The same bytes again: the cached wheel, checked against its recorded digest.
         log_again: list[str] = []
-        build_source_wheels(["pyspark==3.5.9"], tmp_path / "again" / "wheels", log_again.append,
-                            cache=cache, index_url=url)
+        build_source_wheels(
+            ["pyspark==3.5.9"], tmp_path / "again" / "wheels", log_again.append, cache=cache, index_url=url
+        )
         assert any("wheel built before from pyspark-3.5.9.tar.gz" in line for line in log_again)
         assert not any("downloading" in line for line in log_again)  # known by the index's digest
         assert _origin(tmp_path / "again" / "wheels") == "ORIGIN = 'honest'\n"
@@ -157,8 +175,14 @@ def test_a_hostile_build_backend_runs_contained_and_cannot_poison_another_build(
         for wheel in cache.glob("*/*.whl"):
             wheel.write_bytes(b"tampered")
         log_tampered: list[str] = []
-        build_source_wheels(["pyspark==3.5.9"], tmp_path / "t" / "wheels", log_tampered.append,
-                            cache=cache, index_url=url, limits=Limits(wall_seconds=120))
+        build_source_wheels(
+            ["pyspark==3.5.9"],
+            tmp_path / "t" / "wheels",
+            log_tampered.append,
+            cache=cache,
+            index_url=url,
+            limits=Limits(wall_seconds=120),
+        )
         assert any("building its wheel contained" in line for line in log_tampered)
 
 
@@ -171,7 +195,7 @@ def test_an_sdist_whose_digest_differs_from_the_index_is_refused(tmp_path: Path)
         handler = server.RequestHandlerClass
         get = handler.do_GET
 
-        def swap(self) -> None:  # noqa: ANN001
+        def swap(self) -> None:
             if self.path.startswith("/files/"):
                 files["pyspark-3.5.9.tar.gz"] = original + b"tail"
             get(self)
@@ -179,15 +203,23 @@ def test_an_sdist_whose_digest_differs_from_the_index_is_refused(tmp_path: Path)
 
         handler.do_GET = swap  # the file served is not the one the index page names
         with pytest.raises(BuildFailed, match="cannot download the source of pyspark==3.5.9"):
-            build_source_wheels(["pyspark==3.5.9"], tmp_path / "w", lambda _: None,
-                                cache=tmp_path / "cache", index_url=f"http://127.0.0.1:{port}/simple")
+            build_source_wheels(
+                ["pyspark==3.5.9"],
+                tmp_path / "w",
+                lambda _: None,
+                cache=tmp_path / "cache",
+                index_url=f"http://127.0.0.1:{port}/simple",
+            )
 
 
-@pytest.mark.parametrize("name", [
-    'x-1.0-py3-none-any.whl ; python_version<"0"\n-f https:evil.example\n# .whl',
-    "x-1.0-py3-none-any.whl#sha256=0",
-    "not-a-wheel-name.whl",
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        'x-1.0-py3-none-any.whl ; python_version<"0"\n-f https:evil.example\n# .whl',
+        "x-1.0-py3-none-any.whl#sha256=0",
+        "not-a-wheel-name.whl",
+    ],
+)
 def test_a_wheel_name_the_sandbox_chose_is_checked_before_use(tmp_path: Path, name: str) -> None:
     from workers.oci.python_env import _store_wheel
 
