@@ -27,8 +27,7 @@ from production import MODEL, cpu_seconds, production_service
 
 
 def wrk(url: str, token: str, *, duration: int, connections: int, post_body: str | None) -> dict:
-    script = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)
-    with script:
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(f'wrk.headers["Authorization"] = "Bearer {token}"\n')
         if post_body is not None:
             script.write('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n')

@@ -170,7 +170,8 @@ async def poll_phase(service, images: list[str], dashboards: int, duration: floa
         f"(statuses {dict(sorted(cold.items()))})"
     )
     print(
-        f"  steady, {duration:.0f} s: {len(latencies) / wall:.0f} requests/s, statuses {dict(sorted(polling.statuses.items()))}"
+        f"  steady, {duration:.0f} s: {len(latencies) / wall:.0f} requests/s, "
+        f"statuses {dict(sorted(polling.statuses.items()))}"
     )
     print(
         f"  latency p50 {_percentile(latencies, 50) * 1000:.1f} ms, p99 {_percentile(latencies, 99) * 1000:.1f} ms, "
@@ -208,7 +209,8 @@ async def stream_phase(service, dashboards: int, events: int, manifest_id: str) 
     await asyncio.gather(*tasks, return_exceptions=True)
     print(f"streaming: {dashboards} subscribers, {events} state changes (1/s)")
     print(
-        f"  delivered {len(delays)} of {dashboards * events} events; delay p50 {_percentile(delays, 50) * 1000:.0f} ms, "
+        f"  delivered {len(delays)} of {dashboards * events} events; "
+        f"delay p50 {_percentile(delays, 50) * 1000:.0f} ms, "
         f"p99 {_percentile(delays, 99) * 1000:.0f} ms, max {max(delays) * 1000:.0f} ms"
     )
     print(f"  server CPU {idle_cpu:.2f} cores with every subscriber idle, {busy_cpu:.2f} cores while events flow")

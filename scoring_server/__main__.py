@@ -33,7 +33,7 @@ def main() -> int:
             spark.start_session()
         script = UserScript(settings.entry_script)
         script.init()
-    except BaseException:  # anything, even SystemExit: the image must not look healthy
+    except BaseException:  # noqa: BLE001 - anything, even SystemExit: the image must not look healthy
         traceback.print_exc()
         print(f"scoring_server: init of {settings.entry_script} failed", file=sys.stderr)
         return 1

@@ -36,7 +36,7 @@ class ScoringThread:
             loop, future, fn, args = self._queue.get()
             try:
                 result, error = fn(*args), None
-            except BaseException as exc:  # delivered to the awaiting request, never kills us
+            except BaseException as exc:  # noqa: BLE001 - delivered to the awaiting request, never kills us
                 result, error = None, exc
             try:
                 loop.call_soon_threadsafe(_settle, future, result, error)

@@ -27,7 +27,7 @@ def frames(response: httpx.Response) -> Iterator[Frame]:
             if data or event != "message":
                 yield Frame(event, event_id, "\n".join(data))
             event, event_id, data = "message", None, []
-        elif line.startswith(":") or line.startswith("retry:"):
+        elif line.startswith((":", "retry:")):
             continue
         else:
             name, _, value = line.partition(":")

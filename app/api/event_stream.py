@@ -23,6 +23,7 @@ import uuid
 from collections import OrderedDict, defaultdict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from functools import partial
 
 import anyio
 from anyio import CapacityLimiter, to_thread
@@ -330,7 +331,7 @@ async def image_events(
             after = last_event_id
             while True:
                 batch = await to_thread.run_sync(
-                    read, lambda s: events_after(s, after_id=after, account_id=account_id, limit=BATCH)
+                    read, partial(events_after, after_id=after, account_id=account_id, limit=BATCH)
                 )
                 # Roles read afresh after the events (the route's may be cached), as the hub does.
                 if not await to_thread.run_sync(read, lambda s: may_read(s, caller, scope)):

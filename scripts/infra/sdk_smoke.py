@@ -23,6 +23,7 @@ import io
 import sys
 import tarfile
 import time
+from pathlib import Path
 
 import docker
 
@@ -42,8 +43,9 @@ ENV PATH=/opt/venv/bin:$PATH
 CMD ["python", "-c", "import six, ssl; print('sdk-image-ok', six.__version__)"]
 """
     buf = io.BytesIO()
+    ca = Path(CA_BUNDLE).read_bytes()
     with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in (("Dockerfile", dockerfile.encode()), ("host-ca.crt", open(CA_BUNDLE, "rb").read())):
+        for name, data in (("Dockerfile", dockerfile.encode()), ("host-ca.crt", ca)):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             info.mtime = int(time.time())

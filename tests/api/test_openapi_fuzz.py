@@ -152,12 +152,13 @@ def test_no_operation_answers_a_server_error(client: TestClient, owner: dict[str
             suppress_health_check=list(HealthCheck),
         )
         @given(generated=strategy, data=st.data())
+        # Called in this iteration only: the loop's variables are the ones it means.
         def check(generated, data: st.DataObject) -> None:
             case, valid = generated
             if valid:  # an invalid body is refused for what makes it invalid
                 _unencodable(case, data)
-            response = case.call(session=session, headers=owner, timeout=timeout)
-            if operation.path == "/ready" and response.status_code == 503:
+            response = case.call(session=session, headers=owner, timeout=timeout)  # noqa: B023
+            if operation.path == "/ready" and response.status_code == 503:  # noqa: B023
                 return  # its answer when a dependency is down (SQLite: locked by the test's transaction)
             case.validate_response(response, checks=[not_a_server_error])
 

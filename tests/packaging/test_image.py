@@ -272,8 +272,8 @@ for command, inputs in (([sys.executable, "-I", "-c", probe], {}),
                         (wheel, {sdist: f"/in/{sdist.name}"})):
     out = Path(tempfile.mkdtemp())
     try:
-        run_contained(command, inputs=inputs, output=out, limits=Limits(wall_seconds=120),
-                      log=print, what="the probe", collect=lambda made: print("made", sorted(p.name for p in made.iterdir())))
+        run_contained(command, inputs=inputs, output=out, limits=Limits(wall_seconds=120), log=print,
+                      what="the probe", collect=lambda made: print("made", sorted(p.name for p in made.iterdir())))
     except SandboxFailed as exc:
         print("sandbox failed:", exc)
 """

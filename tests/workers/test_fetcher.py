@@ -678,9 +678,8 @@ def test_check_url_vets_without_connecting():
 
 def test_pinned_transport_refuses_a_private_origin_before_connecting(serve):
     srv = serve({"/v2/": body(b"{}")})
-    with httpx.Client(transport=PinnedTransport(policy()), trust_env=False) as client:
-        with pytest.raises(FetchError) as err:
-            client.get(f"http://127.0.0.1:{srv.port}/v2/")
+    with httpx.Client(transport=PinnedTransport(policy()), trust_env=False) as client, pytest.raises(FetchError) as err:
+        client.get(f"http://127.0.0.1:{srv.port}/v2/")
     assert err.value.reason == "blocked_address"
     assert srv.seen == []
 
@@ -704,9 +703,11 @@ def test_pinned_transport_vets_a_redirect_target_the_client_follows(serve):
     other = serve({"/admin": body(b"secret")})
     srv = serve({"/start": redirect(f"http://127.0.0.1:{other.port}/admin")})
     transport = PinnedTransport(policy(allow_hosts={f"127.0.0.1:{srv.port}"}))
-    with httpx.Client(transport=transport, trust_env=False, follow_redirects=True) as client:
-        with pytest.raises(FetchError) as err:
-            client.get(f"http://127.0.0.1:{srv.port}/start")
+    with (
+        httpx.Client(transport=transport, trust_env=False, follow_redirects=True) as client,
+        pytest.raises(FetchError) as err,
+    ):
+        client.get(f"http://127.0.0.1:{srv.port}/start")
     assert err.value.reason == "blocked_address"
     assert [path for path, _ in srv.seen] == ["/start"] and other.seen == []
 
@@ -719,9 +720,11 @@ def test_pinned_transport_checks_tls_against_the_original_name(tls_server, tls_f
         assert client.get(url).content == PAYLOAD
     assert tls_server.sni == ["files.example.test"]
     untrusted = PinnedTransport(policy(allow_hosts={"files.example.test"}), resolver=resolve)
-    with httpx.Client(transport=untrusted, trust_env=False) as client:
-        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
-            client.get(url)
+    with (
+        httpx.Client(transport=untrusted, trust_env=False) as client,
+        pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"),
+    ):
+        client.get(url)
 
 
 # --- transient failures: retried, and a broken download resumed ---------------------

@@ -68,7 +68,8 @@ def _sdist(name: str, module: str) -> bytes:
     return packages.sdist(
         f"{name}-1.0",
         {
-            "pyproject.toml": '[build-system]\nrequires = ["setuptools>=70.1"]\nbuild-backend = "setuptools.build_meta"\n'
+            "pyproject.toml": '[build-system]\nrequires = ["setuptools>=70.1"]\n'
+            'build-backend = "setuptools.build_meta"\n'
             f'[project]\nname = "{name}"\nversion = "1.0"\n',
             f"{name}/__init__.py": module,
         },

@@ -625,7 +625,7 @@ def _requirements(spec: BuildSpec) -> list[str]:
     """The scoring server's pins and the manifest's pip entries, or BuildFailed."""
     lines = [*SERVER_REQUIREMENTS, *runtime_requirements(spec)]
     if spec.conda_file is not None:
-        python_spec, conda_only, pip_entries = split_conda(spec.conda_file)
+        _python_spec, conda_only, pip_entries = split_conda(spec.conda_file)
         if conda_only:
             raise BuildFailed(
                 "environment",

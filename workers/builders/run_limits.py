@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
+from typing import Self
 
 import docker
 import requests
@@ -94,7 +95,7 @@ class RunStepWatch:
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="run-step-watch", daemon=True)
 
-    def __enter__(self) -> RunStepWatch:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import BinaryIO, Self
 
 from workers.build_context import FIXED_MTIME, InvalidBuildSpec, walk_tree
 
@@ -181,7 +181,7 @@ class LayerStream:
             try:
                 result.append(self._builder._write_to(_QueueSink(chunks, stop), self._level))  # type: ignore[arg-type]
                 chunks.put(None)
-            except BaseException as exc:  # handed to the reader, which raises it
+            except BaseException as exc:  # noqa: BLE001 - handed to the reader, which raises it
                 if not stop.is_set():
                     chunks.put(exc)
 
@@ -270,7 +270,7 @@ class ParallelGzip:
         finally:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def __enter__(self) -> ParallelGzip:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type: object, *rest: object) -> None:

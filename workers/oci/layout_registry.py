@@ -16,7 +16,7 @@ import secrets
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Self
 
 import stamina
 
@@ -37,7 +37,7 @@ class LayoutRegistry:
         self.layout = layout
         self.host = host
 
-    def __enter__(self) -> LayoutRegistry:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

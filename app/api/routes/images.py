@@ -180,7 +180,7 @@ def get_image(
     etag = image_etag(version, str(request.base_url))
     if etag_matches(request.headers.get("if-none-match"), etag):
         return Response(
-            status_code=304, headers=dict((k.decode(), v.decode()) for k, v in not_modified_headers(etag, image.state))
+            status_code=304, headers={k.decode(): v.decode() for k, v in not_modified_headers(etag, image.state)}
         )
     response.headers["ETag"], response.headers["Cache-Control"] = etag, "no-cache"
     _retry_after(response.headers, image)

@@ -26,13 +26,13 @@ def make_spec(infra: Infra, tmp_path: Path) -> Callable[..., BuildSpec]:
         for relative, data in (models or {}).items():
             (model_dir / relative).parent.mkdir(parents=True, exist_ok=True)
             (model_dir / relative).write_bytes(data)
-        values = dict(
-            base_image=infra.base_image,
-            driver_program="score.py",
-            app_dir=app,
-            model_dir=model_dir if models else None,
-            ca_bundles=(HOST_CA_BUNDLE,) if HOST_CA_BUNDLE.is_file() else (),
-        )
+        values = {
+            "base_image": infra.base_image,
+            "driver_program": "score.py",
+            "app_dir": app,
+            "model_dir": model_dir if models else None,
+            "ca_bundles": (HOST_CA_BUNDLE,) if HOST_CA_BUNDLE.is_file() else (),
+        }
         values.update(overrides)
         return BuildSpec(**values)
 

@@ -74,8 +74,10 @@ def assert_no_step_container_left(infra: Infra) -> None:
         (
             MEMORY_HOG,
             {"memory_mb": 128},
-            "a RUN step was killed (exit code 137), most likely by its memory limit of 128 MB "
-            "(MMS_BUILD_RUN_MEMORY_MB)",
+            (
+                "a RUN step was killed (exit code 137), most likely by its memory limit of 128 MB "
+                "(MMS_BUILD_RUN_MEMORY_MB)"
+            ),
         ),
         (
             FORK_BOMB,

@@ -108,9 +108,11 @@ def manifest_routes(repository: str = "x/y") -> dict[str, Route]:
 
 def test_a_base_on_a_loopback_port_is_refused_and_the_port_gets_nothing(serve) -> None:
     registry = serve(manifest_routes())
-    with RegistryClient(registry.address, policy=FetchPolicy(), resolver=no_resolve) as client:
-        with pytest.raises(RegistryError) as refused:
-            client.get_manifest("x/y", "1")
+    with (
+        RegistryClient(registry.address, policy=FetchPolicy(), resolver=no_resolve) as client,
+        pytest.raises(RegistryError) as refused,
+    ):
+        client.get_manifest("x/y", "1")
     assert str(refused.value) == (
         f"registry {registry.address} is at a private address; ask the operator to allow it (MMS_FETCH_ALLOW_HOSTS)"
     )
@@ -153,9 +155,11 @@ def test_a_token_realm_on_another_loopback_port_is_refused(serve, login) -> None
     challenge = f'Bearer realm="http://{token_service.address}/token",service="registry"'
     registry = serve({"/v2/x/y/manifests/1": answer(401, b"", (("WWW-Authenticate", challenge),))})
     policy = FetchPolicy(allow_hosts={registry.address})
-    with RegistryClient(registry.address, *(login or ()), policy=policy) as client:
-        with pytest.raises(RegistryError) as refused:
-            client.get_manifest("x/y", "1")
+    with (
+        RegistryClient(registry.address, *(login or ()), policy=policy) as client,
+        pytest.raises(RegistryError) as refused,
+    ):
+        client.get_manifest("x/y", "1")
     assert str(refused.value) == (
         f"the token service {token_service.address} of registry "
         f"{registry.address} is at a private address; ask the operator "

@@ -49,7 +49,8 @@ def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
     files = {"pyspark/__init__.py": b"ORIGIN = 'MARK'\\n",
              "pyspark/attacks.txt": "\\n".join(FOUND).encode(),
              "pyspark-3.5.9.dist-info/METADATA": b"Metadata-Version: 2.1\\nName: pyspark\\nVersion: 3.5.9\\n",
-             "pyspark-3.5.9.dist-info/WHEEL": b"Wheel-Version: 1.0\\nGenerator: evil\\nRoot-Is-Purelib: true\\nTag: py3-none-any\\n"}
+             "pyspark-3.5.9.dist-info/WHEEL":
+                 b"Wheel-Version: 1.0\\nGenerator: evil\\nRoot-Is-Purelib: true\\nTag: py3-none-any\\n"}
     record = []
     with zipfile.ZipFile(os.path.join(wheel_directory, name), "w") as whl:
         for path, data in files.items():
