@@ -26,6 +26,8 @@ class ServiceContext:
     settings: Settings
     engine: Engine
     session_factory: sessionmaker[Session]
+    # For what only reads (GET requests, event streams, metrics): never waits for a writer.
+    read_session_factory: sessionmaker[Session]
     sealer: Sealer
     verifier: TokenVerifier
     asset_store: AssetStore
@@ -41,11 +43,14 @@ class ServiceContext:
         *,
         engine: Engine | None = None,
         session_factory: sessionmaker[Session] | None = None,
+        read_session_factory: sessionmaker[Session] | None = None,
     ) -> ServiceContext:
         """Everything the service needs, for these settings (tests hand in their own sessions)."""
         prepare_data_dir(settings)
         engine = engine or make_engine(settings)
         factory = session_factory or make_session_factory(engine)
+        # Tests hand in factories whose sessions join the test's transaction.
+        read_factory = read_session_factory or session_factory or make_session_factory(engine, read_only=True)
         issuers = [
             TrustedIssuerKeys(
                 issuer=settings.issuer,
@@ -65,6 +70,7 @@ class ServiceContext:
             settings=settings,
             engine=engine,
             session_factory=factory,
+            read_session_factory=read_factory,
             sealer=Sealer(secret_key),
             verifier=TokenVerifier(issuers, settings.clock_skew_seconds),
             asset_store=make_asset_store(settings, secret_key),

@@ -62,14 +62,53 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyp
     cursor.close()
 
 
+_READ_ONLY = "mms_read_only"
+
+
 def _sqlite_begin(connection) -> None:  # type: ignore[no-untyped-def]
-    # IMMEDIATE takes the write lock up front: a deferred transaction that reads and then
-    # writes fails at once with SQLITE_BUSY when another writer got in between.
-    connection.exec_driver_sql("BEGIN IMMEDIATE")
+    read_only = bool(connection.get_execution_options().get(_READ_ONLY))
+    # query_only makes a write in a read session fail loudly instead of taking the lock;
+    # set only when it changes, as the pooled connection keeps it.
+    info = connection.connection.info
+    if info.get(_READ_ONLY) != read_only:
+        connection.exec_driver_sql(f"PRAGMA query_only={int(read_only)}")
+        info[_READ_ONLY] = read_only
+    # A read runs on a WAL snapshot and takes no lock. A writer takes the write lock up front
+    # (IMMEDIATE): a deferred transaction that reads and then writes fails at once with
+    # SQLITE_BUSY when another writer got in between, where IMMEDIATE waits its turn.
+    connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
-def make_session_factory(engine: Engine) -> sessionmaker[Session]:
-    return sessionmaker(bind=engine, expire_on_commit=False)
+def make_session_factory(engine: Engine, *, read_only: bool = False) -> sessionmaker[Session]:
+    """Sessions on ``engine``; ``read_only`` ones refuse writes and, on SQLite, never wait for
+    or hold the write lock (reads see the snapshot their transaction started on)."""
+    if not read_only:
+        return sessionmaker(bind=engine, expire_on_commit=False)
+    options: dict[str, object] = {_READ_ONLY: True}
+    if engine.dialect.name == "postgresql":
+        options["postgresql_readonly"] = True  # BEGIN READ ONLY: no extra round trip
+    return refuse_writes(sessionmaker(bind=engine.execution_options(**options), expire_on_commit=False))
+
+
+class WriteInReadOnlySession(RuntimeError):
+    """Code that serves a read (a GET) tried to write: a bug, caught before the database sees it."""
+
+
+def refuse_writes(factory: sessionmaker[Session]) -> sessionmaker[Session]:
+    """Make ``factory``'s sessions raise on any ORM write (the database refuses them too)."""
+
+    def no_flush(session: Session, _context, _instances) -> None:  # type: ignore[no-untyped-def]
+        changed = [*session.new, *session.deleted, *(o for o in session.dirty if session.is_modified(o))]
+        if changed:
+            raise WriteInReadOnlySession(f"a read-only session would write {changed[:3]}")
+
+    def no_dml(state) -> None:  # type: ignore[no-untyped-def]
+        if state.is_insert or state.is_update or state.is_delete:
+            raise WriteInReadOnlySession(f"a read-only session would run {state.statement}")
+
+    event.listen(factory, "before_flush", no_flush)
+    event.listen(factory, "do_orm_execute", no_dml)
+    return factory
 
 
 @contextmanager

@@ -70,11 +70,11 @@ def create_app(settings: Settings | None = None, context: ServiceContext | None 
     )
     app.state.context = context
     app.state.event_hub = EventHub(
-        context.session_factory,
+        context.read_session_factory,
         interval=context.settings.events_poll_seconds,
         recheck_seconds=context.settings.stream_recheck_seconds,
     )
-    app.state.metrics = DatabaseCollector(context.session_factory)
+    app.state.metrics = DatabaseCollector(context.read_session_factory)
     install_error_handlers(app)
     # Innermost of the middleware: its token check holds a database slot like any request.
     app.add_middleware(

@@ -12,42 +12,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from production import MODEL, cpu_seconds, production_service
-
-
-def wrk(url: str, token: str, *, duration: int, connections: int, post_body: str | None) -> dict:
-    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        script.write(f'wrk.headers["Authorization"] = "Bearer {token}"\n')
-        if post_body is not None:
-            script.write('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n')
-            script.write(f"wrk.body = {json.dumps(post_body)}\n")
-        script.write(
-            "done = function(summary, latency, requests)\n"
-            '  io.write(string.format("JSON {\\"requests\\": %d, \\"non2xx\\": %d, \\"p50\\": %d, \\"p99\\": %d}\\n",'
-            " summary.requests, summary.errors.status, latency:percentile(50), latency:percentile(99)))\nend\n"
-        )
-    out = subprocess.run(
-        ["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "-s", script.name, url],
-        capture_output=True,
-        text=True,
-        timeout=duration + 60,
-        check=True,
-    ).stdout
-    os.unlink(script.name)
-    stats = json.loads(re.search(r"^JSON (.*)$", out, re.MULTILINE).group(1))
-    stats["rps"] = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    return stats
+from production import MODEL, cpu_seconds, production_service, wrk
 
 
 def main() -> None:

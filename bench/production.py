@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -68,18 +69,20 @@ class Service:
 
 
 @contextmanager
-def production_service(workers: int, **settings: str) -> Iterator[Service]:
-    """``mms serve`` with ``workers`` API processes; ``settings`` are more MMS_ variables."""
+def production_service(workers: int, *, sqlite: bool = False, **settings: str) -> Iterator[Service]:
+    """``mms serve`` with ``workers`` API processes; ``settings`` are more MMS_ variables.
+    ``sqlite``: the embedded database under the data folder instead of PostgreSQL."""
     database = f"mms_bench_{int(time.time())}_{os.getpid()}"
-    with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {database}")
+    if not sqlite:
+        with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {database}")
     data_dir = Path(tempfile.mkdtemp(prefix="mms-bench-"))
     port = free_port()
     env = {
         **os.environ,
         "MMS_ENV": "production",
         "MMS_SECRET_KEY": secrets.token_urlsafe(48),
-        "MMS_DATABASE_URL": f"{PG}/{database}",
+        "MMS_DATABASE_URL": f"sqlite:///{data_dir / 'mms.db'}" if sqlite else f"{PG}/{database}",
         "MMS_DATA_DIR": str(data_dir),
         "MMS_BROKER_URL": "redis://127.0.0.1:6379/13",
         "MMS_REGISTRY": "127.0.0.1:5000",
@@ -132,6 +135,32 @@ def production_service(workers: int, **settings: str) -> Iterator[Service]:
                 server.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(server.pid, 9)
-        with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+        if not sqlite:
+            with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as conn:
+                conn.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def wrk(url: str, token: str, *, duration: int, connections: int, post_body: str | None = None) -> dict:
+    """wrk's figures for ``url`` (GET, or POST of ``post_body``): requests, rps, non2xx, p50 and p99 in µs."""
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(f'wrk.headers["Authorization"] = "Bearer {token}"\n')
+        if post_body is not None:
+            script.write('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n')
+            script.write(f"wrk.body = {json.dumps(post_body)}\n")
+        script.write(
+            "done = function(summary, latency, requests)\n"
+            '  io.write(string.format("JSON {\\"requests\\": %d, \\"non2xx\\": %d, \\"p50\\": %d, \\"p99\\": %d}\\n",'
+            " summary.requests, summary.errors.status, latency:percentile(50), latency:percentile(99)))\nend\n"
+        )
+    out = subprocess.run(
+        ["wrk", f"-t{min(2, connections)}", f"-c{connections}", f"-d{duration}s", "-s", script.name, url],
+        capture_output=True,
+        text=True,
+        timeout=duration + 60,
+        check=True,
+    ).stdout
+    os.unlink(script.name)
+    stats = json.loads(re.search(r"^JSON (.*)$", out, re.MULTILINE).group(1))
+    stats["rps"] = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    return stats

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings, TrustedIssuer
 from app.context import ServiceContext
-from app.database import migrate
+from app.database import migrate, refuse_writes
 from app.main import create_app
 from tests.external_issuer import ExternalIssuer
 from tests.factories import Callers
@@ -89,6 +89,10 @@ def db(service_context: ServiceContext) -> Iterator[Session]:
     factory = sessionmaker(bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=False)
     session = factory()
     session.info["factory"] = factory
+    # What the service reads with: the same transaction, but any write through it is a bug.
+    session.info["read_factory"] = refuse_writes(
+        sessionmaker(bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=False)
+    )
     try:
         yield session
     finally:
@@ -101,7 +105,10 @@ def db(service_context: ServiceContext) -> Iterator[Session]:
 def app_context(service_context: ServiceContext, db: Session) -> ServiceContext:
     """The service context with sessions that join the test's transaction."""
     return ServiceContext.build(
-        service_context.settings, engine=service_context.engine, session_factory=db.info["factory"]
+        service_context.settings,
+        engine=service_context.engine,
+        session_factory=db.info["factory"],
+        read_session_factory=db.info["read_factory"],
     )
 
 

@@ -47,9 +47,16 @@ async def get_event_hub(request: Request) -> EventHub:
 EventHubDep = Annotated[EventHub, Depends(get_event_hub)]
 
 
-def get_session(context: ContextDep) -> Iterator[Session]:
-    """A session whose transaction commits when the route returns, before the response is sent."""
-    with session_scope(context.session_factory) as session:
+_READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def get_session(context: ContextDep, request: Request) -> Iterator[Session]:
+    """A session whose transaction commits when the route returns, before the response is sent.
+
+    A GET only reads: its session is read-only (on SQLite it neither waits for nor blocks a writer).
+    """
+    factory = context.read_session_factory if request.method in _READ_METHODS else context.session_factory
+    with session_scope(factory) as session:
         yield session
 
 

@@ -1,4 +1,4 @@
-"""Real concurrency against a live server on PostgreSQL: versions and idempotency hold."""
+"""Real concurrency against a live server (two processes), on PostgreSQL and SQLite: versions and idempotency hold."""
 
 from __future__ import annotations
 
@@ -18,8 +18,6 @@ from app.context import ServiceContext
 from app.database import session_scope
 from app.services.principals import create_service_principal
 from tests.factories import SEED_MODEL
-
-pytestmark = pytest.mark.postgres_only
 
 
 def _free_port() -> int:

@@ -145,7 +145,7 @@ async def stream_image_events(
     shutdown = anyio.Event()
     events = image_events(
         hub,
-        context.session_factory,
+        context.read_session_factory,
         account.id,
         caller=caller,
         scope=scope,

@@ -1,0 +1,73 @@
+"""What a request costs next to an empty one: GET and POST .../models against GET /health.
+
+One API process, one connection (wrk -c1), production settings, on PostgreSQL and on the
+embedded SQLite database. Each run measures /health, an authenticated GET of a model and a
+POST of a model in turn, in the same process; the ratio of their p50 latencies to /health's
+is the figure (issue 20: GET at most 2x, POST at most 4x). Prints each run and the medians.
+
+    .venv/bin/python bench/request_cost_bench.py [--runs 3] [--duration 5] [--database both]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from production import MODEL, production_service, wrk
+
+
+def one_run(sqlite: bool, duration: int) -> dict[str, dict]:
+    with production_service(1, sqlite=sqlite) as service:
+        model = httpx.post(f"{service.account}/models", json=MODEL, headers=service.headers).json()
+        urls = {
+            "GET /health": (f"{service.base}/health", None),
+            "GET .../models/{id}": (f"{service.account}/models/{model['id']}", None),
+            "POST .../models": (f"{service.account}/models", json.dumps(MODEL)),
+        }
+        for url, body in urls.values():  # warm: imports, pools, caches
+            wrk(url, service.token, duration=1, connections=1, post_body=body)
+        return {
+            label: wrk(url, service.token, duration=duration, connections=1, post_body=body)
+            for label, (url, body) in urls.items()
+        }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--duration", type=int, default=5)
+    parser.add_argument("--database", choices=["postgresql", "sqlite", "both"], default="both")
+    args = parser.parse_args()
+    if not shutil.which("wrk"):
+        sys.exit("wrk is needed: apt-get install -y wrk")
+    databases = ["postgresql", "sqlite"] if args.database == "both" else [args.database]
+    print("1 API process, 1 connection (wrk -c1), production settings; p50 in ms, ratio to /health's p50")
+    for database in databases:
+        runs = [one_run(database == "sqlite", args.duration) for _ in range(args.runs)]
+        print(f"\n{database}")
+        print(f"{'request':<24}" + "".join(f"{f'run {i + 1}':>18}" for i in range(len(runs))) + f"{'median':>18}")
+        for label in runs[0]:
+            cells, ratios = [], []
+            for run in runs:
+                ratio = run[label]["p50"] / run["GET /health"]["p50"]
+                ratios.append(ratio)
+                cells.append(f"{run[label]['p50'] / 1000:.2f} ms {ratio:.1f}x")
+            p50 = statistics.median(run[label]["p50"] for run in runs) / 1000
+            print(
+                f"{label:<24}"
+                + "".join(f"{c:>18}" for c in cells)
+                + f"{f'{p50:.2f} ms {statistics.median(ratios):.1f}x':>18}"
+            )
+        rps = {label: statistics.median(run[label]["rps"] for run in runs) for label in runs[0]}
+        print("req/s (median): " + ", ".join(f"{label} {value:.0f}" for label, value in rps.items()))
+
+
+if __name__ == "__main__":
+    main()
