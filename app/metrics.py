@@ -20,8 +20,9 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Float, case, cast, func, select
 from sqlalchemy.orm import Session
 
+from app.builds.states import CreationState
 from app.database import session_scope
-from app.orm import CreationState, Image, WebhookDelivery
+from app.orm import DeliveryState, Image, WebhookDelivery
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"  # read by prometheus_client itself
 BUILD_BUCKETS = (10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0)
@@ -76,8 +77,8 @@ class DatabaseCollector(Collector):
             value=by_state.get(CreationState.NOT_STARTED.value, 0),
         )
         hooks = GaugeMetricFamily("mms_webhook_deliveries", "Webhook deliveries by state", labels=["state"])
-        for state in ("Pending", "Delivered", "Failed"):
-            hooks.add_metric([state], deliveries.get(state, 0))
+        for state in DeliveryState:
+            hooks.add_metric([state.value], deliveries.get(state.value, 0))
         return [builds, queue, durations, hooks]
 
     def _durations(self, session: Session) -> HistogramMetricFamily:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import logging
 import multiprocessing
 import os
@@ -10,12 +11,12 @@ import threading
 import time
 import uuid
 
+from app.builds import CreationState
+from app.builds.leases import Lease, LeaseLost, claim_build, finish_build, release_build, renew_lease
 from app.context import ServiceContext
 from app.database import session_scope
-from app.orm import CreationState
 from workers.build_log import BuildLogWriter
 from workers.builders import BuildFailed
-from workers.leases import Lease, LeaseLost, claim_build, finish_build, release_build, renew_lease
 from workers.pipeline import StepFailed, run_pipeline
 from workers.scratch import remove_orphaned_scratch
 
@@ -23,8 +24,20 @@ log = logging.getLogger("mms.worker")
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 
 
+class StopReason(enum.StrEnum):
+    """Why the heartbeat stops a build, and so what the worker records."""
+
+    CANCELLED = "cancelled"  # finish as Cancelled
+    LEASE_LOST = "lease lost"  # finish as Failed (fenced off: another attempt has it, or it ended)
+    SHUTDOWN = "shutdown"  # hand it back to the queue
+
+
 class BuildStopped(Exception):
     """The build was cancelled, or its lease was lost: stop at the next log line."""
+
+    def __init__(self, reason: StopReason) -> None:
+        super().__init__(reason)
+        self.reason = StopReason(reason)  # also when unpickled, from its args
 
 
 # Set when the worker is asked to stop (SIGTERM). A multiprocessing event, made before the
@@ -42,7 +55,7 @@ class Heartbeat(threading.Thread):
         super().__init__(daemon=True, name=f"heartbeat-{lease.image_id}")
         self._context, self._lease = context, lease
         self._done = threading.Event()
-        self.stop_reason: str | None = None
+        self.stop_reason: StopReason | None = None
 
     def run(self) -> None:
         settings = self._context.settings
@@ -53,7 +66,7 @@ class Heartbeat(threading.Thread):
             if SHUTDOWN.is_set():
                 draining_since = draining_since or time.monotonic()
                 if time.monotonic() - draining_since >= settings.build_shutdown_grace_seconds:
-                    self.stop_reason = "shutdown"
+                    self.stop_reason = StopReason.SHUTDOWN
                     return
             if time.monotonic() < next_renewal:
                 continue
@@ -61,9 +74,9 @@ class Heartbeat(threading.Thread):
             try:
                 with session_scope(self._context.session_factory) as session:
                     if renew_lease(session, self._lease, lease_seconds=seconds):
-                        self.stop_reason = "cancelled"
+                        self.stop_reason = StopReason.CANCELLED
             except LeaseLost:
-                self.stop_reason = "lease lost"
+                self.stop_reason = StopReason.LEASE_LOST
             except Exception:  # a database blip: try again at the next beat
                 log.warning("worker.heartbeat_failed", exc_info=True)
             if self.stop_reason:
@@ -121,13 +134,13 @@ def run_build(context: ServiceContext, image_id: str) -> None:
         }
         writer(f"mms: Succeeded: {result.image_location}@{result.digest}")
     except BuildStopped as stopped:
-        if str(stopped) == "shutdown":
+        if stopped.reason is StopReason.SHUTDOWN:
             _hand_back(context, lease, writer, heartbeat)
             return
-        state = CreationState.CANCELLED if str(stopped) == "cancelled" else CreationState.FAILED
-        outcome = {
-            "error": "cancelled while building" if state is CreationState.CANCELLED else "the build lost its lease"
-        }
+        if stopped.reason is StopReason.CANCELLED:
+            state, outcome = CreationState.CANCELLED, {"error": "cancelled while building"}
+        else:
+            outcome = {"error": "the build lost its lease"}
         writer(f"mms: {outcome['error']}")
     except (StepFailed, BuildFailed) as failure:
         outcome = {"error": str(failure)[:1000]}

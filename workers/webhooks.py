@@ -21,11 +21,12 @@ from datetime import datetime, timedelta
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from app.builds.events import EVENT_TYPE
 from app.context import ServiceContext
 from app.database import session_scope
 from app.orm import DeliveryState, ImageEvent, Webhook, WebhookDelivery
 from app.orm.base import utcnow
-from app.services.events import EVENT_TYPE, render
+from app.services.events import render
 from workers.fetch_policy import fetch_policy
 from workers.fetcher import FetchError, FetchPolicy, post
 

@@ -24,13 +24,13 @@ from app.api.event_stream import EventHub
 from app.api.middleware import etag_matches
 from app.auth.caller import caller_for
 from app.auth.roles import Permission, account_scope
+from app.builds.states import DELETED_STATE, is_unfinished
 from app.errors import ServiceError
 
 _IMAGE_PATH = re.compile(
     r"/api/subscriptions/([^/]+)/resourceGroups/([^/]+)/accounts/([^/]+)/images/([0-9a-fA-F-]{36})"
 )
 _PLAIN_QUERIES = (b"", b"api-version=2017-09-01-preview")
-UNFINISHED = ("NotStarted", "Running")
 RETRY_AFTER_SECONDS = 2  # how long a poller of an unfinished build is asked to wait
 
 
@@ -41,7 +41,7 @@ def image_etag(version: int, base_url: str) -> str:
 
 def not_modified_headers(etag: str, state: str) -> list[tuple[bytes, bytes]]:
     headers = [(b"etag", etag.encode()), (b"cache-control", b"no-cache")]
-    if state in UNFINISHED:
+    if is_unfinished(state):
         headers.append((b"retry-after", str(RETRY_AFTER_SECONDS).encode()))
     return headers
 
@@ -74,7 +74,7 @@ class ImagePollShortcut:
         known = hub.versions.get(uuid.UUID(image_id))
         if (
             known is None
-            or known.state == "Deleted"
+            or known.state == DELETED_STATE
             or hub.versions.account((subscription, group, account)) != known.account_id
         ):
             return None

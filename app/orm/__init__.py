@@ -6,7 +6,7 @@ from app.orm.base import Base
 from app.orm.base_image import BaseImage
 from app.orm.event import ImageEvent
 from app.orm.idempotency import IdempotencyRecord
-from app.orm.image import BuildLogChunk, CreationState, Image, ImageName
+from app.orm.image import BuildLogChunk, Image, ImageName
 from app.orm.manifest import Manifest, ManifestAsset, ManifestModel, ManifestName
 from app.orm.principal import RoleAssignment, ServicePrincipal
 from app.orm.registered_model import ModelTag, ModelVersion, RegisteredModel
@@ -19,7 +19,6 @@ __all__ = [
     "Base",
     "BaseImage",
     "BuildLogChunk",
-    "CreationState",
     "DeliveryState",
     "IdempotencyRecord",
     "Image",

@@ -2,29 +2,27 @@
 
 from __future__ import annotations
 
-import enum
 import uuid
 from datetime import datetime
 
-from sqlalchemy import BigInteger, Boolean, ForeignKey, Index, Integer, String, Text, UniqueConstraint, Uuid
+from sqlalchemy import BigInteger, Boolean, Enum, ForeignKey, Index, Integer, String, Text, UniqueConstraint, Uuid
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
+from app.builds.states import CreationState
 from app.orm.base import Base, CreatedAt, UtcDateTime, UuidPrimaryKey, VersionCounter
 from app.orm.manifest import Manifest
 
-
-class CreationState(enum.StrEnum):
-    """NotStarted → Running → Succeeded | Failed | Cancelled."""
-
-    NOT_STARTED = "NotStarted"
-    RUNNING = "Running"
-    SUCCEEDED = "Succeeded"
-    FAILED = "Failed"
-    CANCELLED = "Cancelled"
-
-    @property
-    def is_final(self) -> bool:
-        return self in (CreationState.SUCCEEDED, CreationState.FAILED, CreationState.CANCELLED)
+# Stored as its value ("NotStarted") in a VARCHAR(16) with a CHECK (ck_images_state) on
+# every database, so that a new state is a migration of a constraint, not of a type.
+BuildState = Enum(
+    CreationState,
+    name="state",
+    native_enum=False,
+    create_constraint=True,
+    length=16,
+    validate_strings=True,
+    values_callable=lambda states: [state.value for state in states],
+)
 
 
 class ImageName(VersionCounter, Base):
@@ -54,7 +52,8 @@ class Image(UuidPrimaryKey, CreatedAt, Base):
     builder: Mapped[str] = mapped_column(String(16))
     created_by: Mapped[str | None] = mapped_column(String(255))
 
-    state: Mapped[str] = mapped_column(String(16), default=CreationState.NOT_STARTED.value)
+    # Written only by app.builds, through its transition table.
+    state: Mapped[CreationState] = mapped_column(BuildState, default=CreationState.NOT_STARTED)
     error: Mapped[str | None] = mapped_column(Text)  # one line: the failing step and why
     image_location: Mapped[str | None] = mapped_column(String(1024))
     digest: Mapped[str | None] = mapped_column(String(128))
@@ -70,10 +69,6 @@ class Image(UuidPrimaryKey, CreatedAt, Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     published_at: Mapped[datetime | None] = mapped_column(UtcDateTime)  # last sent to the queue
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
-
-    @property
-    def creation_state(self) -> CreationState:
-        return CreationState(self.state)
 
 
 class BuildLogChunk(Base):

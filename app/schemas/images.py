@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, StringConstraints
 
+from app.builds.states import CreationState as BuildState
 from app.schemas.common import ApiModel, Text
 from app.schemas.manifests import ManifestRead
 from app.schemas.models import ModelName
@@ -34,7 +35,7 @@ class ImageRead(ApiModel):
     Version: int
     Description: str | None
     CreatedTime: datetime
-    CreationState: str
+    CreationState: BuildState
     ImageBuildLogUri: str
     ImageLocation: str | None
     ImageType: str
@@ -53,7 +54,7 @@ class OperationRead(ApiModel):
     resourceLocation: str
     createdTime: datetime
     endTime: datetime | None
-    state: str
+    state: BuildState
     error: ImageError | None = None
 
 

@@ -8,10 +8,10 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app.builds.lifecycle import delete_account_builds
 from app.errors import Conflict, NotFound
 from app.orm import Account, Image, Manifest, ModelVersion
 from app.schemas.accounts import AccountCreate
-from app.services.events import record_state_changes
 from app.services.paging import decode_token, encode_token, page_size
 
 
@@ -111,8 +111,6 @@ def delete_account(session: Session, path: AccountPath, *, force: bool) -> None:
             code="AccountNotEmpty",
         )
     # Dashboards and webhooks hear of every image that goes with the account.
-    record_state_changes(
-        session, session.scalars(select(Image.id).where(Image.account_id == account.id)).all(), deleted=True
-    )
+    delete_account_builds(session, account.id)
     session.delete(account)
     session.flush()

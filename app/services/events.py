@@ -1,27 +1,19 @@
-"""Image state changes as events: written in the transaction that changes the state, read
-by the event stream and sent by the webhooks.
+"""Image state changes as events, read by the event stream, the ETags and the webhooks.
 
-Every code path that moves a build's ``CreationState`` calls ``record_state_changes`` with
-the ids its UPDATE touched, so the stream and the webhooks see every transition once.
+They are written by ``app.builds`` (``app.builds.events``), in the transaction of the move of
+the build's ``CreationState`` they tell of, so every transition is seen once.
 """
 
 from __future__ import annotations
 
-import json
 import uuid
-from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import and_, delete, func, select
 from sqlalchemy.orm import Session
 
-from app.orm import Account, Image, ImageEvent, Webhook, WebhookDelivery
-from app.orm.base import utcnow
-
-EVENT_TYPE = "ImageStateChanged"
-DELETED_TYPE = "ImageDeleted"
-DELETED_STATE = "Deleted"  # the state column of a deletion event
+from app.orm import ImageEvent
 
 
 @dataclass(frozen=True)
@@ -31,84 +23,8 @@ class Event:
     id: int
     account_id: uuid.UUID
     image_id: uuid.UUID
-    state: str  # the CreationState it moved to, or Deleted
+    state: str  # the CreationState it moved to, or DELETED_STATE
     data: str
-
-
-def record_state_changes(session: Session, image_ids: Iterable[uuid.UUID], *, deleted: bool = False) -> list[int]:
-    """Append an event for each image's current state (or its deletion, called just before it),
-    and queue it for the account's webhooks."""
-    ids = list(dict.fromkeys(image_ids))
-    if not ids:
-        return []
-    # Columns, not entities: a bulk UPDATE just changed these rows under the identity map.
-    rows = session.execute(
-        select(
-            Image.id,
-            Image.account_id,
-            Image.name,
-            Image.version,
-            Image.state,
-            Image.error,
-            Image.image_location,
-            Image.digest,
-            Account.subscription_id,
-            Account.resource_group,
-            Account.name.label("account_name"),
-        )
-        .join(Account, Account.id == Image.account_id)
-        .where(Image.id.in_(ids))
-    ).all()
-    now = utcnow()
-    events = [
-        ImageEvent(
-            account_id=row.account_id,
-            image_id=row.id,
-            state=DELETED_STATE if deleted else row.state,
-            created_at=now,
-            payload=json.dumps(_payload(row, now, deleted), separators=(",", ":")),
-        )
-        for row in rows
-    ]
-    session.add_all(events)
-    session.flush()
-    _queue_deliveries(session, events, now)
-    return [event.id for event in events]
-
-
-def _payload(row, now: datetime, deleted: bool) -> dict[str, object]:  # type: ignore[no-untyped-def]
-    error = None
-    if row.state in ("Failed", "Cancelled") and row.error:
-        error = {"code": f"Build{row.state}", "message": row.error}
-    return {
-        "type": DELETED_TYPE if deleted else EVENT_TYPE,
-        "time": now.isoformat(),
-        "account": f"/subscriptions/{row.subscription_id}/resourceGroups/{row.resource_group}"
-        f"/accounts/{row.account_name}",
-        "image": {
-            "Id": str(row.id),
-            "Name": row.name,
-            "Version": row.version,
-            "CreationState": row.state,
-            "ImageLocation": row.image_location,
-            "Digest": row.digest,
-            "Error": error,
-        },
-    }
-
-
-def _queue_deliveries(session: Session, events: list[ImageEvent], now: datetime) -> None:
-    accounts = {event.account_id for event in events}
-    hooks = session.execute(
-        select(Webhook.id, Webhook.account_id).where(Webhook.account_id.in_(accounts), Webhook.active.is_(True))
-    ).all()
-    session.add_all(
-        WebhookDelivery(webhook_id=hook.id, event_id=event.id, next_attempt_at=now)
-        for event in events
-        for hook in hooks
-        if hook.account_id == event.account_id
-    )
-    session.flush()
 
 
 def render(event_id: int, payload: str) -> str:

@@ -6,15 +6,14 @@ import logging
 import time
 import uuid
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.errors import BadRequest, Conflict, NotFound
-from app.orm import Account, BuildLogChunk, CreationState, Image, ImageName, Manifest
-from app.orm.base import utcnow
+from app.builds.lifecycle import cancel_build, create_build, delete_build
+from app.errors import BadRequest, NotFound
+from app.orm import Account, BuildLogChunk, Image, ImageName, Manifest
 from app.queue import BuildQueue, after_commit
 from app.schemas.images import ImageCreate
-from app.services.events import record_state_changes
 from app.services.lookup import get_in_account, parse_uuid
 from app.services.manifests import get_manifest
 from app.services.paging import page_by_name_and_version
@@ -44,7 +43,8 @@ def create_image(
         )
     manifest = get_manifest(session, account, manifest_id=body.manifestId)
     _, version = claim_next_version(session, ImageName, account_id=account.id, name=body.name)
-    image = Image(
+    image = create_build(
+        session,
         account_id=account.id,
         manifest_id=manifest.id,
         name=body.name,
@@ -54,12 +54,7 @@ def create_image(
         compute_resource_id=body.computeResourceId,
         builder=builder,
         created_by=created_by,
-        state=CreationState.NOT_STARTED.value,
-        published_at=utcnow(),
     )
-    session.add(image)
-    session.flush()
-    record_state_changes(session, [image.id])
     image_id = str(image.id)
     after_commit(session, lambda: queue.publish_build(image_id))
     return image
@@ -103,26 +98,7 @@ def list_images(
 
 def cancel_image(session: Session, account: Account, *, image_id: str) -> Image:
     """Cancel a queued build at once, or ask the worker running it to stop; 409 once it is final."""
-    image = get_image(session, account, image_id=image_id)
-    if image.creation_state.is_final:
-        raise Conflict(f"the build already ended: {image.state}", code="ImageBuildFinished")
-    cancelled_now = (
-        session.execute(
-            update(Image)
-            .where(Image.id == image.id, Image.state == CreationState.NOT_STARTED.value)
-            .values(state=CreationState.CANCELLED.value, ended_at=utcnow(), error="cancelled before it started")
-            .returning(Image.id)
-        )
-        .scalars()
-        .all()
-    )
-    record_state_changes(session, cancelled_now)
-    if not cancelled_now:
-        # Running: the worker's heartbeat sees the flag and stops the build.
-        image.cancel_requested = True
-    session.flush()
-    session.refresh(image)
-    return image
+    return cancel_build(session, get_image(session, account, image_id=image_id))
 
 
 def read_log(session: Session, image: Image) -> str:
@@ -138,9 +114,6 @@ def delete_image(session: Session, account: Account, *, image_id: str, layout: O
     embedded store (``layout``) its tag goes too, once the deletion commits, so it can no
     longer be pulled (its blobs go at the next garbage collection)."""
     image = get_image(session, account, image_id=image_id)
-    if image.creation_state is CreationState.RUNNING:
-        raise Conflict("the image is being built; cancel it first", code="ImageBuildRunning")
-    record_state_changes(session, [image.id], deleted=True)
     # The builders tag <account id>/<lower-cased name>:<version> (workers.pipeline): an image
     # whose name differs only in case shares that tag, and keeps it.
     repository, tag = f"{image.account_id}/{image.name.lower()}", str(image.version)
@@ -152,8 +125,7 @@ def delete_image(session: Session, account: Account, *, image_id: str, layout: O
             func.lower(Image.name) == image.name.lower(),
         )
     ).first()
-    session.delete(image)
-    session.flush()
+    delete_build(session, image)  # 409 while it runs
     if layout is not None and shared is None:
         after_commit(session, lambda: _untag(layout, repository, tag))
 

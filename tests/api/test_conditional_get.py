@@ -7,8 +7,9 @@ import uuid
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
-from app.orm import CreationState, Image
-from app.services.events import record_state_changes
+from app.builds import CreationState
+from app.builds.events import record_state_changes
+from app.orm import Image
 from tests.api.test_images import _create
 
 

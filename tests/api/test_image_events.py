@@ -15,15 +15,16 @@ import pytest
 from sqlalchemy import delete
 
 from app.auth.tokens import issue_token
+from app.builds import CreationState
+from app.builds.events import record_state_changes
+from app.builds.leases import claim_build, finish_build
 from app.context import ServiceContext
 from app.database import session_scope
-from app.orm import CreationState, RoleAssignment
-from app.services.events import record_state_changes
+from app.orm import RoleAssignment
 from app.services.principals import create_service_principal
 from tests.factories import bearer
 from tests.live_server import Live, live_service
 from tests.sse import Listener
-from workers.leases import claim_build, finish_build
 
 
 @pytest.fixture()

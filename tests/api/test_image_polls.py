@@ -13,11 +13,11 @@ import httpx
 import pytest
 from sqlalchemy import event
 
+from app.builds.leases import claim_build
 from app.context import ServiceContext
 from app.database import session_scope
 from tests.factories import bearer
 from tests.live_server import Live, live_service
-from workers.leases import claim_build
 
 
 @pytest.fixture()

@@ -165,3 +165,11 @@ def test_the_docker_builder_is_refused_where_images_are_stored_by_the_service(
     assert client.get(f"{account}/images", headers=owner).json()["value"] == []  # nothing recorded
     accepted = client.post(f"{account}/images", json={**body, "builder": "oci"}, headers=owner)
     assert accepted.status_code == 202 and accepted.json()["ImageLocation"] in (None, "")
+
+
+def test_the_openapi_document_names_every_creation_state(client: TestClient) -> None:
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    states = ["NotStarted", "Running", "Succeeded", "Failed", "Cancelled"]
+    assert schemas["CreationState"]["enum"] == states
+    for body, field in (("ImageRead", "CreationState"), ("OperationRead", "state")):
+        assert schemas[body]["properties"][field] == {"$ref": "#/components/schemas/CreationState"}

@@ -18,8 +18,9 @@ from app.api.middleware import etag_matches
 from app.api.routes.manifests import to_read as manifest_to_read
 from app.api.untrusted import NOT_A_PAGE
 from app.auth.roles import account_scope
+from app.builds.states import UNFINISHED, build_error
 from app.errors import BadRequest
-from app.orm import CreationState, Image
+from app.orm import Image
 from app.schemas.common import Page
 from app.schemas.images import BaseImageRead, ImageCreate, ImageError, ImageRead, OperationRead
 from app.services import base_images, images
@@ -40,9 +41,8 @@ def _account_url(request: Request) -> str:
 
 
 def _error(image: Image) -> ImageError | None:
-    if image.state in ("Failed", "Cancelled") and image.error:
-        return ImageError(code=f"Build{image.state}", message=image.error)
-    return None
+    error = build_error(image.state, image.error)
+    return None if error is None else ImageError(code=error[0], message=error[1])
 
 
 def to_read(image: Image, request: Request) -> ImageRead:
@@ -104,7 +104,7 @@ def create_image(
 
 def _retry_after(headers, image: Image) -> None:  # type: ignore[no-untyped-def]
     """Ask a poller of an unfinished build to come back in a moment (``headers``: a mapping)."""
-    if image.creation_state in (CreationState.NOT_STARTED, CreationState.RUNNING):
+    if image.state in UNFINISHED:
         headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
 
 
