@@ -30,8 +30,9 @@ RUN set -eu; \
     /opt/build-tools/bin/pip install "setuptools>=70.1"; \
     python3 -m venv /opt/mms
 COPY pyproject.toml /src/
+# The client's dependencies and the server extra's: what `pip install .[server]` would install.
 RUN set -eu; \
-    /opt/build-tools/bin/python -c 'import tomllib; print("\n".join(tomllib.load(open("/src/pyproject.toml", "rb"))["project"]["dependencies"]))' \
+    /opt/build-tools/bin/python -c 'import tomllib; p = tomllib.load(open("/src/pyproject.toml", "rb"))["project"]; print("\n".join(p["dependencies"] + p["optional-dependencies"]["server"]))' \
         > /tmp/requirements.txt; \
     /opt/build-tools/bin/pip --python /opt/mms/bin/python install --requirement /tmp/requirements.txt
 
@@ -43,6 +44,7 @@ COPY migrations /src/migrations
 COPY scoring_server /src/scoring_server
 COPY workers /src/workers
 COPY app /src/app
+COPY mms_client /src/mms_client
 RUN set -eu; \
     /opt/build-tools/bin/pip wheel --no-deps --no-build-isolation --no-index --wheel-dir /tmp/wheels /src; \
     /opt/build-tools/bin/pip --python /opt/mms/bin/python install --no-deps --no-index \

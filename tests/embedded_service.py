@@ -83,7 +83,7 @@ class EmbeddedService:
 
     def mms(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "app.cli", *args], env=self.env, capture_output=True, text=True, timeout=timeout
+            [sys.executable, "-m", "workers", *args], env=self.env, capture_output=True, text=True, timeout=timeout
         )
 
     def serve(self, *args: str) -> subprocess.Popen:

@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from app.retrying import TRANSIENT_STATUSES, attempts, retry_after
+from mms_client.retrying import TRANSIENT_STATUSES, attempts, retry_after
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.orm import SigningKey
-from app.retrying import TRANSIENT_STATUSES, Transient, attempts, retry_after, transient_http
 from app.sealing import Sealer
+from mms_client.retrying import TRANSIENT_STATUSES, Transient, attempts, retry_after, transient_http
 
 log = logging.getLogger("mms.auth.keys")
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from app.config import Settings
-from tests.cli.test_client import Client
 from tests.embedded_service import EmbeddedService, free_port, stop
+from tests.mms_client.test_client import Client
 
 SCORE_PY = "def init():\n    pass\n\ndef run(raw_data):\n    return raw_data\n"
 
@@ -151,7 +151,7 @@ def _worker(service: EmbeddedService, **env: str) -> subprocess.Popen:
     environment = {k: v for k, v in service.env.items() if k != "MMS_PORT"}
     log = open(service.log_dir / f"worker-{uuid.uuid4().hex[:6]}.log", "wb")  # noqa: SIM115
     worker = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "worker"], env={**environment, **env}, stdout=log, stderr=subprocess.STDOUT
+        [sys.executable, "-m", "workers", "worker"], env={**environment, **env}, stdout=log, stderr=subprocess.STDOUT
     )
     log.close()
     return worker

@@ -123,7 +123,7 @@ class Service:
     def start(self, *args: str) -> subprocess.Popen:
         with open(self.log_dir / f"{args[0]}-{len(self.processes)}.log", "wb") as log:
             process = subprocess.Popen(
-                [sys.executable, "-m", "app.cli", *args],
+                [sys.executable, "-m", "workers", *args],
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

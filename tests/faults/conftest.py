@@ -301,7 +301,7 @@ def service_env(data_dir: Path, database_url: str, **settings: str) -> dict[str,
 
 def mms(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     done = subprocess.run(
-        [sys.executable, "-m", "app.cli", *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
+        [sys.executable, "-m", "workers", *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
     assert done.returncode == 0, f"mms {' '.join(args)}: {done.stderr[-3000:]}"
     return done

@@ -17,7 +17,7 @@ def test_publish_pushes_a_dated_tag_and_records_it(infra: Infra, tmp_path: Path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MMS_")}
     env.update({"MMS_DATA_DIR": str(tmp_path), "MMS_REGISTRY": infra.registry, "DOCKER_HOST": infra.docker_host})
     done = subprocess.run(
-        [sys.executable, "-m", "app.cli", "base-image", "publish", "--rootfs-tar", str(infra.rootfs_tar)],
+        [sys.executable, "-m", "workers", "base-image", "publish", "--rootfs-tar", str(infra.rootfs_tar)],
         env=env,
         capture_output=True,
         text=True,

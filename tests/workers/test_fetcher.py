@@ -859,7 +859,7 @@ def test_a_changed_file_or_one_without_a_validator_is_downloaded_again_whole(tmp
 
 
 def test_a_retry_after_that_is_not_ascii_digits_is_ignored_not_an_error() -> None:
-    from app.retrying import retry_after
+    from mms_client.retrying import retry_after
 
     assert retry_after("\u00b2") is None  # str.isdigit() says yes; float() refuses it
     assert retry_after("3") == 3.0

@@ -57,7 +57,7 @@ class Stack:
     def start_worker(self) -> subprocess.Popen:
         log = open(self.log_dir / f"worker-{len(self.workers)}.log", "wb")  # noqa: SIM115
         worker = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "worker", "--concurrency", "1"],
+            [sys.executable, "-m", "workers", "worker", "--concurrency", "1"],
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,

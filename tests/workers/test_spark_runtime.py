@@ -51,7 +51,7 @@ def spark_base(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> tuple[
     env = {k: v for k, v in os.environ.items() if not k.startswith("MMS_")}
     env.update({"MMS_DATA_DIR": str(data_dir), "MMS_REGISTRY": infra.registry})
     done = subprocess.run(
-        [sys.executable, "-m", "app.cli", "base-image", "publish", "--variant", "spark", "--rootfs-tar", tar],
+        [sys.executable, "-m", "workers", "base-image", "publish", "--variant", "spark", "--rootfs-tar", tar],
         env=env,
         capture_output=True,
         text=True,
@@ -176,7 +176,7 @@ def time_first_score(api, image: str, rows: list) -> tuple[httpx.Response, float
 @pytest.mark.postgres_only
 @pytest.mark.parametrize("builder", ["oci", "docker"])
 def test_the_seed_pyspark_model_is_built_on_the_spark_base_and_scores_exactly(
-    stack: Stack,
+    stack: Stack,  # noqa: F811
     infra: Infra,
     spark_base,
     housing: HousingModel,
@@ -213,7 +213,7 @@ def test_the_seed_pyspark_model_is_built_on_the_spark_base_and_scores_exactly(
 @pytest.mark.postgres_only
 @pytest.mark.parametrize("builder", ["oci", "docker"])
 def test_a_spark_manifest_on_a_base_without_java_fails_saying_so(
-    stack: Stack,
+    stack: Stack,  # noqa: F811
     infra: Infra,
     housing: HousingModel,
     builder: str,

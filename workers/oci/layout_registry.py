@@ -20,8 +20,8 @@ from typing import BinaryIO, Self
 
 import stamina
 
-from app.retrying import attempts
 from app.storage.oci_layout import OciLayout
+from mms_client.retrying import attempts
 from workers.oci.media import INDEX_TYPES
 from workers.oci.registry import Manifest, RegistryError
 

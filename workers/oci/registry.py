@@ -50,13 +50,13 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 
 import httpx
 
 from app.registry_address import is_loopback_name
-from app.retrying import IDEMPOTENT_METHODS, TRANSIENT_STATUSES, attempts, retry_after
+from mms_client.retrying import IDEMPOTENT_METHODS, TRANSIENT_STATUSES, attempts, retry_after
 from workers.fetcher import FetchError, FetchPolicy, PinnedTransport, Resolver
 from workers.oci.media import INDEX_TYPES, MANIFEST_TYPES
 
@@ -215,7 +215,7 @@ class RegistryClient:
             transport=transport,
         )
 
-    def __enter__(self) -> RegistryClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -14,12 +14,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 from urllib.parse import quote
 
 import httpx
 
-from app.cli.client.profile import (
+from mms_client.profile import (
     TOKEN_ENV,
     ConfigStore,
     Credentials,
@@ -28,7 +28,7 @@ from app.cli.client.profile import (
     env_server,
     env_token,
 )
-from app.retrying import IDEMPOTENT_METHODS, TRANSIENT_STATUSES, Transient, attempts, retry_after, transient_http
+from mms_client.retrying import IDEMPOTENT_METHODS, TRANSIENT_STATUSES, Transient, attempts, retry_after, transient_http
 
 _RENEW_BEFORE_SECONDS = 60
 _UPLOAD_CHUNK = 1 << 20
@@ -103,7 +103,7 @@ class ServiceClient:
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> ServiceClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

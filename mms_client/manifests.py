@@ -10,10 +10,10 @@ from typing import Annotated, Any
 
 import typer
 
-from app.cli.client.accounts import all_pages
-from app.cli.client.api import CliError, ServiceClient
-from app.cli.client.models import Uploads, register_model, upload_with_progress, zip_folder
-from app.cli.client.output import Output, OutputOption, err, field, show
+from mms_client.accounts import all_pages
+from mms_client.api import CliError, ServiceClient
+from mms_client.models import Uploads, register_model, upload_with_progress, zip_folder
+from mms_client.output import Output, OutputOption, err, field, show
 
 manifest_cli = typer.Typer(
     help="Manifests: a scoring script, its assets, models and environment.", no_args_is_help=True

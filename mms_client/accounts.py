@@ -6,8 +6,8 @@ from typing import Annotated, Any
 
 import typer
 
-from app.cli.client.api import CliError, ServiceClient
-from app.cli.client.output import Output, OutputOption, err, field, show
+from mms_client.api import CliError, ServiceClient
+from mms_client.output import Output, OutputOption, err, field, show
 
 account_cli = typer.Typer(help="Model management accounts.", no_args_is_help=True)
 modelmanagement_cli = typer.Typer(

@@ -8,14 +8,14 @@ import os
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Self
 
 import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
-from app.cli.client.accounts import all_pages
-from app.cli.client.api import CliError, ServiceClient
-from app.cli.client.output import Output, OutputOption, err, field, show
+from mms_client.accounts import all_pages
+from mms_client.api import CliError, ServiceClient
+from mms_client.output import Output, OutputOption, err, field, show
 
 model_cli = typer.Typer(help="Registered models.", no_args_is_help=True)
 
@@ -58,7 +58,7 @@ class Uploads:
         self.assets: list[str] = []
         self.models: list[str] = []
 
-    def __enter__(self) -> Uploads:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:

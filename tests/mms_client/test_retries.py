@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from app.cli.client.api import CliError, ServiceClient, fetch_token
-from app.cli.client.profile import ConfigStore
+from mms_client.api import CliError, ServiceClient, fetch_token
+from mms_client.profile import ConfigStore
 from tests.listeners import flaky_http_server
 
 

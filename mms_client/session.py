@@ -7,9 +7,9 @@ from typing import Annotated
 
 import typer
 
-from app.cli.client.api import CliError, fetch_token
-from app.cli.client.output import Output, OutputOption, err, field, show
-from app.cli.client.profile import (
+from mms_client.api import CliError, fetch_token
+from mms_client.output import Output, OutputOption, err, field, show
+from mms_client.profile import (
     DEFAULT_SUBSCRIPTION,
     SERVER_ENV,
     TOKEN_ENV,

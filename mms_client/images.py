@@ -9,9 +9,9 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from app.cli.client.accounts import all_pages
-from app.cli.client.api import ServiceClient
-from app.cli.client.output import Output, OutputOption, err, field, out, show
+from mms_client.accounts import all_pages
+from mms_client.api import ServiceClient
+from mms_client.output import Output, OutputOption, err, field, out, show
 
 image_cli = typer.Typer(help="Scoring images built from manifests.", no_args_is_help=True)
 

@@ -1,5 +1,8 @@
-"""The installed `mms` client, run as a user runs it (a process), against a live service with
-its own build worker: the seed's housing flow end to end, and the ways it goes wrong."""
+"""The `mms` client, run as a user runs it (a process), against a live service with its own
+build worker: the seed's housing flow end to end, and the ways it goes wrong.
+
+It runs as `python -m mms_client` (the `mms` console script's own code): the installed console
+script is proven apart, installed alone (tests/packaging/test_client_install.py)."""
 
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from tests.embedded_service import EmbeddedService, free_port, stop
 from tests.external_issuer import ExternalIssuer
 from tests.workers.conftest import Infra, infra  # noqa: F401  (the fixture)
 
-MMS = Path(sys.executable).with_name("mms")  # the console script the project installs
+MMS = [sys.executable, "-m", "mms_client"]  # what the `mms` console script runs
 SCORE_PY = """
 import json, os, pickle
 
@@ -47,7 +50,7 @@ class Client:
     ) -> subprocess.CompletedProcess[str]:
         environment = {k: v for k, v in os.environ.items() if not k.startswith("MMS_")}
         environment.update({"MMS_CONFIG_DIR": str(self.config_dir), "COLUMNS": "200", **(env or {})})
-        done = subprocess.run([str(MMS), *args], env=environment, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run([*MMS, *args], env=environment, capture_output=True, text=True, timeout=timeout)
         if not traceback:
             assert "Traceback" not in done.stderr, done.stderr  # failures are one line, never a trace
         return done
@@ -70,7 +73,7 @@ def authority() -> Iterator[ExternalIssuer]:
 
 @pytest.fixture(scope="module")
 def service(
-    infra: Infra,
+    infra: Infra,  # noqa: F811
     authority: ExternalIssuer,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[EmbeddedService]:

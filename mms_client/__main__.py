@@ -1,0 +1,3 @@
+from mms_client.cli import main
+
+main()

@@ -1,0 +1,135 @@
+"""The build workers' `mms` commands: `mms worker` and `mms base-image publish`.
+
+They run the build pipeline, so they live here rather than in `app/cli/` (`app` never imports
+`workers`); they join the `mms` command through the `mms.commands` entry point ``register``.
+`python -m workers` is the whole `mms` whatever the installed entry points say: `mms serve`
+starts its build worker as `python -m workers worker`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from app.cli.main import fail, load_settings, prepare_database
+from app.config import get_settings
+from app.database import make_engine, session_scope
+from mms_client.cli import BASE_IMAGE_HELP, subgroup
+from mms_client.output import err
+
+
+def worker(
+    concurrency: Annotated[int, typer.Option(help="builds run at once in this worker")] = 1,
+    beat: Annotated[
+        bool,
+        typer.Option(
+            help="also run the reaper's and the image store's garbage collection schedules (safe on every worker)"
+        ),
+    ] = True,
+) -> None:
+    """Run a build worker (Celery on MMS_BROKER_URL).
+
+    Example: DOCKER_HOST=unix:///var/run/docker.sock mms worker --concurrency 2
+    """
+    settings = load_settings()
+    if not settings.public_url and settings.service_url != settings.resolved_public_url:
+        # The service's own asset URLs, its image store's address: where `mms serve` said it
+        # serves. Celery's processes read their settings from the environment.
+        os.environ["MMS_PUBLIC_URL"] = settings.service_url
+        get_settings.cache_clear()
+        settings = load_settings()
+        err.print(
+            f"Build worker: the service is at {settings.resolved_public_url} "
+            f"(recorded by `mms serve` in {settings.served_url_file})",
+            highlight=False,
+        )
+    prepare_database(settings)
+    from app.log_config import configure_logging
+
+    configure_logging(settings.log_level, settings.log_format)
+    from workers.celery_app import celery_app
+
+    argv = ["worker", f"--concurrency={concurrency}", f"--queues={settings.build_queue}", "--loglevel=INFO"]
+    if beat:
+        # Every worker may run the schedule: each reaper pass is idempotent.
+        argv += ["--beat", f"--schedule={settings.data_dir / 'celerybeat-schedule'}"]
+    celery_app.worker_main(argv)
+
+
+def publish_base_image(
+    rootfs_tar: Annotated[
+        Path | None, typer.Option(help="a root file system tarball; default: build one with debootstrap")
+    ] = None,
+    python_version: Annotated[str, typer.Option(help="the Python the root file system carries")] = "3.11",
+    if_missing: Annotated[
+        bool, typer.Option("--if-missing", help="do nothing when a base image of this variant is already published")
+    ] = False,
+    variant: Annotated[
+        str,
+        typer.Option(
+            help="cpu (the default FROM), or spark (plus a headless Java 17, the SparkPython runtime's default FROM)"
+        ),
+    ] = "cpu",
+) -> None:
+    """Build the minimal CPU inference base image (Debian, python3, pip, CA certificates), or
+    its Spark variant, and push it to MMS_REGISTRY, or into the service's own image store. No
+    Docker engine is needed.
+
+    Example: mms base-image publish --if-missing; mms base-image publish --variant spark
+    """
+    import subprocess
+
+    from app.database import make_session_factory
+    from app.services.base_images import default_base_image, record_base_image
+    from workers.base_image import publish_base_image as publish
+    from workers.oci.registry import RegistryError
+    from workers.pipeline import image_store
+
+    if variant not in ("cpu", "spark"):
+        fail(f"--variant must be cpu or spark, not {variant!r}")
+    settings = load_settings()
+    prepare_database(settings)
+    engine = make_engine(settings)
+    factory = make_session_factory(engine)
+    if if_missing:
+        with session_scope(factory) as session:
+            existing = default_base_image(session, variant=variant)
+        if existing:
+            err.print(f"base image {existing} is already published", highlight=False)
+            engine.dispose()
+            return
+    if rootfs_tar is None:
+        # debootstrap, cached under /var/cache/mms so it runs once per machine.
+        err.print("building a Debian root file system with debootstrap (once per machine, about a minute)")
+        name = "spark-rootfs.sh" if variant == "spark" else "base-rootfs.sh"
+        script = Path(__file__).resolve().parents[1] / "scripts" / "infra" / name
+        done = subprocess.run([str(script)], capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            fail(f"building the root file system failed: {done.stderr.strip()[-500:]}")
+        rootfs_tar = Path(done.stdout.strip().splitlines()[-1])
+    try:
+        with image_store(settings) as store:
+            reference = publish(
+                store,
+                settings.image_registry,
+                rootfs_tar,
+                python_version,
+                lambda line: err.print(line, highlight=False),
+                variant=variant,
+            )
+    except (RegistryError, ValueError, OSError) as exc:
+        fail(f"publishing the base image failed: {exc}")
+    with session_scope(factory) as session:
+        record_base_image(session, reference=reference, python_version=python_version, variant=variant)
+    engine.dispose()
+    runtime = "of SparkPython manifests" if variant == "spark" else ""
+    err.print(f"published {reference}; it is now the default base image {runtime}".rstrip(), highlight=False)
+
+
+def register(cli: typer.Typer) -> None:
+    """Add the workers' commands to the `mms` command (the `mms.commands` entry point)."""
+    cli.command()(worker)
+    subgroup(cli, "base-image", BASE_IMAGE_HELP).command("publish")(publish_base_image)
