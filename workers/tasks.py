@@ -7,7 +7,7 @@ from functools import lru_cache
 from app.context import ServiceContext
 from app.database import session_scope
 from app.queue import BUILD_TASK
-from app.services.registry import collect_garbage
+from app.services.image_store import collect_garbage
 from workers.celery_app import COLLECT_TASK, REAP_TASK, celery_app, settings
 from workers.reaper import reap
 from workers.runner import run_build

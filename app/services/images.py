@@ -10,6 +10,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from app.errors import BadRequest, Conflict, NotFound
+from app.image_store.oci_layout import OciLayout
 from app.orm import Account, BuildLogChunk, CreationState, Image, ImageName, Manifest
 from app.orm.base import utcnow
 from app.queue import BuildQueue, after_commit
@@ -19,7 +20,6 @@ from app.services.lookup import get_in_account, parse_uuid
 from app.services.manifests import get_manifest
 from app.services.paging import page_by_name_and_version
 from app.services.versioning import claim_next_version
-from app.storage.oci_layout import OciLayout
 
 log = logging.getLogger("mms.images")
 
