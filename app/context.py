@@ -9,7 +9,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.auth.caller import GrantsCache
-from app.auth.keys import OwnKeySource, PrivateKey, RemoteKeySource, create_signing_key, newest_signing_key
+from app.auth.keys import KeySource, OwnKeySource, PrivateKey, RemoteKeySource, create_signing_key, newest_signing_key
 from app.auth.tokens import TokenVerifier, TrustedIssuerKeys
 from app.config import Settings
 from app.database import make_engine, make_session_factory, session_scope
@@ -30,6 +30,9 @@ class ServiceContext:
     read_session_factory: sessionmaker[Session]
     sealer: Sealer
     verifier: TokenVerifier
+    # The service's own public keys, one cache per process: the API token check above and the
+    # image store's registry tokens (another audience) both read them.
+    own_keys: KeySource
     asset_store: AssetStore
     build_queue: BuildQueue
     grants_cache: GrantsCache = field(default_factory=lambda: GrantsCache(0))
@@ -51,13 +54,8 @@ class ServiceContext:
         factory = session_factory or make_session_factory(engine)
         # Tests hand in factories whose sessions join the test's transaction.
         read_factory = read_session_factory or session_factory or make_session_factory(engine, read_only=True)
-        issuers = [
-            TrustedIssuerKeys(
-                issuer=settings.issuer,
-                audience=settings.audience,
-                keys=OwnKeySource(factory, settings.jwks_refresh_min_seconds),
-            )
-        ] + [
+        own_keys = OwnKeySource(factory, settings.jwks_refresh_min_seconds)
+        issuers = [TrustedIssuerKeys(issuer=settings.issuer, audience=settings.audience, keys=own_keys)] + [
             TrustedIssuerKeys(
                 issuer=trusted.issuer,
                 audience=trusted.audience or settings.audience,
@@ -73,6 +71,7 @@ class ServiceContext:
             read_session_factory=read_factory,
             sealer=Sealer(secret_key),
             verifier=TokenVerifier(issuers, settings.clock_skew_seconds),
+            own_keys=own_keys,
             asset_store=make_asset_store(settings, secret_key),
             build_queue=BuildQueue(settings.resolved_broker_url, settings.build_queue),
             grants_cache=GrantsCache(settings.auth_cache_seconds),

@@ -9,7 +9,9 @@ Every error response has the shape ``{code, message, statusCode, details: [{code
     ├── NotFound          404
     ├── Conflict          409
     ├── PayloadTooLarge   413
-    └── ServiceUnavailable 503   (every database connection busy, or the database unreachable: Retry-After)
+    ├── ServiceUnavailable 503   (every database connection busy, or the database unreachable: Retry-After)
+    └── DistributionError        a /v2 route's failure, in the OCI Distribution spec's shape instead:
+                                 ``{errors: [{code, message, detail}]}`` (``as_distribution_error``)
 
 Anything else that escapes a route is logged with its traceback and answered as a bare 500.
 """
@@ -32,6 +34,7 @@ log = logging.getLogger("mms.errors")
 __all__ = [
     "BadRequest",
     "Conflict",
+    "DistributionError",
     "Forbidden",
     "NotFound",
     "PayloadTooLarge",
@@ -39,6 +42,7 @@ __all__ = [
     "ServiceUnavailable",
     "Unauthorized",
     "ValidationFailed",
+    "as_distribution_error",
     "install_error_handlers",
 ]
 
@@ -116,6 +120,56 @@ class PayloadTooLarge(ServiceError):
 class ServiceUnavailable(ServiceError):
     status_code = 503
     code = "ServiceUnavailable"
+
+
+# The distribution spec's error codes and the status each is answered with.
+_DISTRIBUTION_STATUS = {
+    "BLOB_UNKNOWN": 404,
+    "MANIFEST_UNKNOWN": 404,
+    "NAME_UNKNOWN": 404,
+    "NAME_INVALID": 400,
+    "DIGEST_INVALID": 400,
+    "TAG_INVALID": 400,
+    "PAGINATION_NUMBER_INVALID": 400,
+    "UNAUTHORIZED": 401,
+    "DENIED": 403,
+    "UNSUPPORTED": 405,
+    "UNKNOWN": 500,
+}
+
+
+class DistributionError(ServiceError):
+    """A failure of a /v2 route (the image store's pull API or its token endpoint), in the
+    distribution spec's error shape; ``code`` is one of the spec's, which sets the status
+    unless ``status_code`` says otherwise."""
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        detail: Any = None,
+        status_code: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, code=code, headers=headers)
+        self.status_code = status_code or _DISTRIBUTION_STATUS[code]
+        self.detail = detail
+
+    def body(self) -> dict[str, Any]:
+        return {"errors": [{"code": self.code, "message": self.message, "detail": self.detail}]}
+
+
+def as_distribution_error(exc: Exception, *, method: str, path: str) -> DistributionError:
+    """Any failure of a /v2 route as a DistributionError: a registry client understands no other shape."""
+    if isinstance(exc, DistributionError):
+        return exc
+    if isinstance(exc, RequestValidationError):
+        return DistributionError("UNSUPPORTED", "the request is malformed", status_code=400)
+    if isinstance(exc, ServiceError):  # not raised by these routes today; keep the shape if one is
+        return DistributionError("UNKNOWN", exc.message, status_code=exc.status_code)
+    log.exception("registry.unhandled_error", extra={"method": method, "path": path})
+    return DistributionError("UNKNOWN", "the registry hit an unexpected error; it has been logged")
 
 
 class _AsciiJSONResponse(JSONResponse):

@@ -16,13 +16,13 @@ from app.api.middleware import ConditionalGetMiddleware, DatabaseRequestLimit, R
 from app.api.routes import (
     accounts,
     assets,
+    distribution,
     health,
     images,
     manifests,
     models,
     oauth,
     principals,
-    registry,
     webhooks,
 )
 from app.api.routes import ui as dashboard
@@ -101,7 +101,7 @@ def create_app(settings: Settings | None = None, context: ServiceContext | None 
     app.include_router(api)
     app.include_router(assets.blob_router)
     app.include_router(oauth.router)
-    app.include_router(registry.router)
+    app.include_router(distribution.router)
     app.include_router(health.router)
     app.include_router(dashboard.router)
     return app

@@ -27,7 +27,7 @@ from workers.builders.oci import Store, put_image
 from workers.oci.layers import compress_tar
 from workers.oci.media import OCI
 from workers.oci.python_env import detect_target, tar_reader
-from workers.oci.registry import file_chunks
+from workers.oci.remote_registry import file_chunks
 
 __all__ = ["BASE_REPOSITORY", "VARIANTS", "java_version", "publish_base_image"]
 

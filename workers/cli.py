@@ -85,7 +85,7 @@ def publish_base_image(
     from app.database import make_session_factory
     from app.services.base_images import default_base_image, record_base_image
     from workers.base_image import publish_base_image as publish
-    from workers.oci.registry import RegistryError
+    from workers.oci.remote_registry import RemoteRegistryError
     from workers.pipeline import image_store
 
     if variant not in ("cpu", "spark"):
@@ -120,7 +120,7 @@ def publish_base_image(
                 lambda line: err.print(line, highlight=False),
                 variant=variant,
             )
-    except (RegistryError, ValueError, OSError) as exc:
+    except (RemoteRegistryError, ValueError, OSError) as exc:
         fail(f"publishing the base image failed: {exc}")
     with session_scope(factory) as session:
         record_base_image(session, reference=reference, python_version=python_version, variant=variant)

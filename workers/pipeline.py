@@ -19,10 +19,10 @@ from sqlalchemy import select
 from app.config import Settings
 from app.context import ServiceContext
 from app.database import session_scope
+from app.image_store import image_layout, naming
 from app.orm import Image, ModelVersion
 from app.package_sources import PackageSourceRefused, check_conda_channels, check_requirements
 from app.services.base_images import BASE_REPOSITORY, default_base_image, foreign_base_image
-from app.services.registry import image_layout
 from workers.build_context import (
     REQUIREMENT_FILES,
     BuildSpec,
@@ -36,8 +36,8 @@ from workers.builders.oci import OciBuilder, Store, check_extra_steps
 from workers.builders.run_limits import RunLimits
 from workers.fetch_policy import fetch_policy
 from workers.fetcher import FetchError, fetch, redact_url
-from workers.oci.layout_registry import LayoutRegistry
-from workers.oci.registry import ImageReference, RegistryClient
+from workers.oci.image_store_client import ImageStoreClient
+from workers.oci.remote_registry import ImageReference, RemoteRegistryClient
 from workers.sandbox import Limits
 from workers.scratch import scratch_dir
 from workers.smoke_test import SmokeTestFailed, smoke_test
@@ -211,7 +211,7 @@ def driver_file(inputs: BuildInputs) -> str:
 
 def image_repository(inputs: BuildInputs) -> str:
     """``<account id>/<image name>``: one registry serves every account without collisions."""
-    return f"{inputs.account_id}/{inputs.image_name.lower()}"
+    return naming.image_repository(inputs.account_id, inputs.image_name)
 
 
 def registry_login(settings: Settings) -> dict[str, str] | None:
@@ -280,9 +280,9 @@ def make_builder(settings: Settings, name: str) -> Builder:
 def image_store(settings: Settings) -> Store:
     """Where images go: the registry with the service's login, or the embedded store."""
     if settings.is_embedded_registry:
-        return LayoutRegistry(image_layout(settings), settings.image_registry)
+        return ImageStoreClient(image_layout(settings), settings.image_registry)
     login = registry_login(settings) or {}
-    return RegistryClient(settings.image_registry.partition("/")[0], login.get("username"), login.get("password"))
+    return RemoteRegistryClient(settings.image_registry.partition("/")[0], login.get("username"), login.get("password"))
 
 
 def default_base(settings: Settings, published: str | None, runtime: str = "python") -> str:

@@ -8,7 +8,7 @@ from app.builds.reaper import reap
 from app.context import ServiceContext
 from app.database import session_scope
 from app.queue import BUILD_TASK
-from app.services.registry import collect_garbage
+from app.services.image_store import collect_garbage
 from workers.celery_app import COLLECT_TASK, REAP_TASK, celery_app, settings
 from workers.runner import run_build
 

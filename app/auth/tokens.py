@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,20 +37,36 @@ class VerifiedToken:
     claims: dict[str, Any]
 
 
-def issue_token(key: PrivateKey, *, issuer: str, audience: str, subject: str, ttl_seconds: int) -> str:
-    """A signed access token for ``subject``."""
-    now = int(time.time())
-    claims = {
+def sign_token(
+    key: PrivateKey,
+    *,
+    issuer: str,
+    audience: str,
+    subject: str,
+    ttl_seconds: int,
+    issued_at: int | None = None,
+    claims: Mapping[str, Any] | None = None,
+) -> str:
+    """A token signed with ``key``: the registered claims (``iat`` = ``issued_at``, now by
+    default), then ``claims``. Every token the service issues is made here."""
+    now = int(time.time()) if issued_at is None else issued_at
+    registered = {
         "iss": issuer,
         "aud": audience,
         "sub": subject,
-        "appid": subject,
         "iat": now,
         "nbf": now,
         "exp": now + ttl_seconds,
         "jti": uuid.uuid4().hex,
     }
-    return jwt.encode(claims, key.pem, algorithm=ALGORITHM, headers={"kid": key.kid})
+    return jwt.encode({**registered, **(claims or {})}, key.pem, algorithm=ALGORITHM, headers={"kid": key.kid})
+
+
+def issue_token(key: PrivateKey, *, issuer: str, audience: str, subject: str, ttl_seconds: int) -> str:
+    """A signed access token for ``subject``."""
+    return sign_token(
+        key, issuer=issuer, audience=audience, subject=subject, ttl_seconds=ttl_seconds, claims={"appid": subject}
+    )
 
 
 class TokenVerifier:

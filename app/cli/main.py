@@ -179,7 +179,7 @@ def images_gc(
     Example: mms images gc --grace-seconds 3600
     """
     from app.database import make_session_factory
-    from app.services.registry import collect_garbage
+    from app.services.image_store import collect_garbage
 
     settings = load_settings()
     if not settings.is_embedded_registry:

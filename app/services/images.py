@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from app.builds.lifecycle import cancel_build, create_build, delete_build
 from app.errors import BadRequest, NotFound
+from app.image_store.oci_layout import OciLayout
 from app.orm import Account, BuildLogChunk, Image, ImageName, Manifest
 from app.queue import BuildQueue, after_commit
 from app.schemas.images import ImageCreate
@@ -18,7 +19,6 @@ from app.services.lookup import get_in_account, parse_uuid
 from app.services.manifests import get_manifest
 from app.services.paging import page_by_name_and_version
 from app.services.versioning import claim_next_version
-from app.storage.oci_layout import OciLayout
 
 log = logging.getLogger("mms.images")
 

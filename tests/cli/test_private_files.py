@@ -60,23 +60,20 @@ def test_the_data_folder_and_every_file_in_it_are_private(tmp_path: Path) -> Non
         "MMS_LOG_FORMAT": "text",
     }
 
-    def as_a_user() -> None:
-        os.umask(0o022)
-
     bootstrap = subprocess.run(
         [sys.executable, "-m", "app.cli", "admin", "bootstrap", "-o", "json"],
         env=env,
         capture_output=True,
         text=True,
         timeout=120,
-        preexec_fn=as_a_user,
+        umask=0o022,  # a user's usual umask: the service must not rely on a strict one
     )
     assert bootstrap.returncode == 0, bootstrap.stderr
     credentials = json.loads(bootstrap.stdout)
     server = subprocess.Popen(
         [sys.executable, "-m", "app.cli", "serve"],
         env=env,
-        preexec_fn=as_a_user,
+        umask=0o022,  # a user's usual umask: the service must not rely on a strict one
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,

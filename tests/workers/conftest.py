@@ -121,3 +121,11 @@ def model() -> tuple[object, list[list[float]], bytes]:
     with zipfile.ZipFile(archive, "w") as zf:
         zf.writestr("model.pkl", pickle.dumps(trained))
     return trained, rows[:5], archive.getvalue()
+
+
+@pytest.fixture(scope="module")
+def stack(infra: Infra, service_context, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """`mms serve` and `mms worker` against the test database, Redis, the engine and the registry."""
+    from tests.workers.stack import running_stack  # here, not at the top: it imports this module
+
+    yield from running_stack(infra, service_context, tmp_path_factory)

@@ -10,7 +10,7 @@ import pytest
 
 from tests.listeners import tcp_listener
 from tests.workers.conftest import Infra
-from tests.workers.test_image_builds import ECHO_SCORE, Account, Stack, run_and_score, stack  # noqa: F401
+from tests.workers.stack import ECHO_SCORE, Account, Stack, run_and_score
 from tests.workers.test_package_sources import USES_PACKAGE, _sdist
 
 pytestmark = pytest.mark.postgres_only
@@ -27,7 +27,7 @@ s.connect(t if t.startswith('/') else (t.split(':')[0], int(t.split(':')[1]))); 
 """
 
 
-def test_a_run_step_reaches_neither_the_engine_nor_the_hosts_services(stack: Stack) -> None:  # noqa: F811
+def test_a_run_step_reaches_neither_the_engine_nor_the_hosts_services(stack: Stack) -> None:
     account = Account(stack)
     api_port = int(stack.api.rsplit(":", 1)[1])
     with tcp_listener() as (port, seen):
@@ -55,7 +55,7 @@ def test_a_run_step_reaches_neither_the_engine_nor_the_hosts_services(stack: Sta
     assert not seen
 
 
-def test_one_accounts_package_never_reaches_anothers_image(stack: Stack, infra: Infra) -> None:  # noqa: F811
+def test_one_accounts_package_never_reaches_anothers_image(stack: Stack, infra: Infra) -> None:
     # The same name and version, other bytes: B's is built first, contained, and cached.
     images = {}
     for name, origin in (("b", "planted by account B"), ("a", "account A's own")):

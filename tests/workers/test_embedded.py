@@ -15,14 +15,14 @@ import pytest
 
 from tests.embedded_service import EmbeddedService, alive, stop, wait_for_children
 from tests.workers.conftest import Infra
-from tests.workers.test_image_builds import (
+from tests.workers.stack import (
     ECHO_SCORE,
     SCORE_PY,
     Account,
     Stack,
-    _register,
-    _requirements,
+    register_model,
     run_and_score,
+    sklearn_requirements,
 )
 
 
@@ -51,7 +51,7 @@ def test_the_run_command_alone_builds_serves_images_and_resumes_queued_builds(
     server = embedded.serve("--no-build-worker")
     try:
         account = Account(_stack(embedded))
-        manifest_id = account.manifest(_register(account, archive), SCORE_PY, _requirements())
+        manifest_id = account.manifest(register_model(account, archive), SCORE_PY, sklearn_requirements())
         created = account.build(manifest_id, "housing-image")
         time.sleep(2)
         assert account.call("GET", f"{account.url}/images/{created['Id']}").json()["CreationState"] == "NotStarted"

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from app.config import Settings
-from app.services.registry import image_layout
-from tests.storage.test_oci_layout import build_image
+from app.image_store import image_layout
+from tests.image_store.test_oci_layout import build_image
 
 
 def test_the_beat_schedules_the_collection_and_the_task_collects(

@@ -7,7 +7,7 @@ import httpx
 import pytest
 
 from tests import packages
-from tests.workers.test_image_builds import ECHO_SCORE, Account, Stack, stack  # noqa: F401
+from tests.workers.stack import ECHO_SCORE, Account, Stack
 
 pytestmark = pytest.mark.postgres_only
 

@@ -29,7 +29,7 @@ from tests.embedded_service import free_port
 from tests.factories import Callers, new_account
 from tests.workers.conftest import Infra, _run_script
 from tests.workers.spark_housing import SPARK_SCORE_PY, HousingModel, train_housing_model
-from tests.workers.test_image_builds import Account, Stack, stack  # noqa: F401 (a fixture)
+from tests.workers.stack import Account, Stack
 from workers.build_context import SPARK_REQUIREMENT
 
 SPARK_BUILD_TIMEOUT = 1800  # the docker builder downloads and builds pyspark (318 MB) itself
@@ -176,7 +176,7 @@ def time_first_score(api, image: str, rows: list) -> tuple[httpx.Response, float
 @pytest.mark.postgres_only
 @pytest.mark.parametrize("builder", ["oci", "docker"])
 def test_the_seed_pyspark_model_is_built_on_the_spark_base_and_scores_exactly(
-    stack: Stack,  # noqa: F811
+    stack: Stack,
     infra: Infra,
     spark_base,
     housing: HousingModel,
@@ -213,7 +213,7 @@ def test_the_seed_pyspark_model_is_built_on_the_spark_base_and_scores_exactly(
 @pytest.mark.postgres_only
 @pytest.mark.parametrize("builder", ["oci", "docker"])
 def test_a_spark_manifest_on_a_base_without_java_fails_saying_so(
-    stack: Stack,  # noqa: F811
+    stack: Stack,
     infra: Infra,
     housing: HousingModel,
     builder: str,

@@ -35,7 +35,7 @@ from workers.builders import BuildFailed, BuildResult, Log, address_host, redact
 from workers.builders.run_limits import RunLimits, RunStepWatch
 from workers.fetch_policy import allowing_registry
 from workers.fetcher import FetchError, FetchPolicy, Resolver, check_url
-from workers.oci.registry import DIGEST, ImageReference, RegistryClient, RegistryError
+from workers.oci.remote_registry import DIGEST, ImageReference, RemoteRegistryClient, RemoteRegistryError
 from workers.scratch import scratch_dir
 
 __all__ = [
@@ -309,7 +309,7 @@ class DockerBuilder:
         started, copied = time.monotonic(), 0
         try:
             with (
-                RegistryClient(
+                RemoteRegistryClient(
                     ref.host,
                     login.get("username"),
                     login.get("password"),
@@ -317,7 +317,9 @@ class DockerBuilder:
                     policy=self.policy,
                     resolver=self._resolver,
                 ) as source,
-                RegistryClient(own_host, service.get("username"), service.get("password"), timeout=self.timeout) as own,
+                RemoteRegistryClient(
+                    own_host, service.get("username"), service.get("password"), timeout=self.timeout
+                ) as own,
             ):
                 manifest = source.get_manifest(ref.repository, ref.reference, platform=platform)
                 for blob in [manifest.body["config"], *manifest.body.get("layers", [])]:
@@ -341,7 +343,7 @@ class DockerBuilder:
                     how = own.push_blob(own_repo, digest, size, _blob_copier(source, ref.repository, digest))
                     copied += size if how == "uploaded" else 0
                 own.put_manifest(own_repo, manifest.digest, manifest.raw, manifest.media_type)
-        except RegistryError as exc:
+        except RemoteRegistryError as exc:
             raise BuildFailed("pull-base", str(exc)) from None
         except (KeyError, TypeError, ValueError):
             raise BuildFailed(
@@ -438,7 +440,7 @@ class DockerBuilder:
         }
 
 
-def _blob_copier(source: RegistryClient, repository: str, digest: str) -> Callable[[], Iterator[bytes]]:
+def _blob_copier(source: RemoteRegistryClient, repository: str, digest: str) -> Callable[[], Iterator[bytes]]:
     """The blob's bytes streamed from ``source``, opened afresh on each call (an upload is
     retried after the registry asks for credentials); the receiving registry checks the
     digest."""

@@ -36,8 +36,8 @@ from typing import Any, BinaryIO
 
 import certifi
 
+from app.image_store.oci_layout import OciLayout
 from app.package_sources import PackageSourceRefused, canonical_requirement
-from app.storage.oci_layout import OciLayout
 from workers.build_context import (
     APP_ROOT,
     FIXED_MTIME,
@@ -61,8 +61,8 @@ from workers.build_context import (
 from workers.builders import BuildFailed, BuildResult, Log, address_host, redacting, scrub
 from workers.fetch_policy import allowing_registry
 from workers.fetcher import FetchPolicy
+from workers.oci.image_store_client import ImageStoreClient
 from workers.oci.layers import LayerBuilder
-from workers.oci.layout_registry import LayoutRegistry
 from workers.oci.media import LAYER_COMPRESSION, OCI, Family
 from workers.oci.python_env import (
     DEFAULT_INDEX_URL,
@@ -78,11 +78,11 @@ from workers.oci.python_env import (
     normalise_requirements,
     tar_reader,
 )
-from workers.oci.registry import (
+from workers.oci.remote_registry import (
     ImageReference,
     Manifest,
-    RegistryClient,
-    RegistryError,
+    RemoteRegistryClient,
+    RemoteRegistryError,
     file_chunks,
 )
 from workers.sandbox import Limits
@@ -101,7 +101,7 @@ MODEL_LAYER_LEVEL = 1  # models barely compress; level 1 keeps a warm rebuild ne
 
 
 # Where images go: a registry, or the service's own layout (the embedded default).
-Store = RegistryClient | LayoutRegistry
+Store = RemoteRegistryClient | ImageStoreClient
 
 
 @dataclass(frozen=True)
@@ -259,7 +259,7 @@ class OciBuilder:
                     changes=config_changes,
                 )
                 digest, size = self._push(target, repo, tag, family, blobs, config, emit)
-            except RegistryError as exc:
+            except RemoteRegistryError as exc:
                 raise BuildFailed(step, str(exc)) from None
             except InvalidBuildSpec as exc:
                 raise BuildFailed(step, str(exc)) from None
@@ -269,13 +269,13 @@ class OciBuilder:
 
     def _target(self, emit: Log) -> Store:
         if self.layout is not None:
-            return LayoutRegistry(self.layout, self.host)
+            return ImageStoreClient(self.layout, self.host)
         login = self._auth or {}
         budget: dict[str, Any] = {}  # None: the client's own few tries
         if self.registry_retry_seconds is not None:
             # Backoff tops out at 10 s a wait: enough tries that the time budget ends them.
             budget = {"retry_seconds": self.registry_retry_seconds, "tries": 4 + int(self.registry_retry_seconds // 5)}
-        return RegistryClient(
+        return RemoteRegistryClient(
             self.host,
             login.get("username"),
             login.get("password"),
@@ -286,9 +286,11 @@ class OciBuilder:
 
     def _client(
         self, host: str, login: Mapping[str, str] | None, *, policy: FetchPolicy | None = None
-    ) -> RegistryClient:
+    ) -> RemoteRegistryClient:
         login = login or {}
-        return RegistryClient(host, login.get("username"), login.get("password"), timeout=self.timeout, policy=policy)
+        return RemoteRegistryClient(
+            host, login.get("username"), login.get("password"), timeout=self.timeout, policy=policy
+        )
 
     def _is_service_base(self, spec: BuildSpec, ref: ImageReference) -> bool:
         # The service's login reads (and mounts from) only its own prebuilt bases: other
@@ -579,7 +581,7 @@ def _base_layer(source: Store, ref: ImageReference, layer: dict[str, Any]) -> It
 
 
 def _no_body() -> Iterator[bytes]:
-    raise RegistryError("the cached dependency layer vanished from the registry; build again")
+    raise RemoteRegistryError("the cached dependency layer vanished from the registry; build again")
 
 
 def _deps_history(key: str) -> str:

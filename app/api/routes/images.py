@@ -20,13 +20,13 @@ from app.api.untrusted import NOT_A_PAGE
 from app.auth.roles import account_scope
 from app.builds.states import UNFINISHED, build_error
 from app.errors import BadRequest
+from app.image_store import embedded_layout
 from app.orm import Image
 from app.schemas.common import Page
 from app.schemas.images import BaseImageRead, ImageCreate, ImageError, ImageRead, OperationRead
 from app.services import base_images, images
 from app.services.events import image_version
 from app.services.paging import MAX_ID
-from app.services.registry import embedded_layout
 
 PREFIX = "/subscriptions/{subscriptionId}/resourceGroups/{resourceGroup}/accounts/{accountName}"
 router = APIRouter(prefix=PREFIX, tags=["images"])

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 from typing import Annotated, Any
 from urllib.parse import unquote_plus
 
@@ -11,6 +9,7 @@ from fastapi import APIRouter, Form, Request
 from fastapi.responses import JSONResponse
 
 from app.api.deps import ContextDep, SessionDep
+from app.auth.basic import basic_credentials
 from app.auth.keys import public_jwks
 from app.auth.tokens import issue_token
 from app.errors import ServiceError
@@ -35,14 +34,14 @@ class OAuthError(ServiceError):
 
 
 def _basic_credentials(request: Request) -> tuple[str, str] | None:
-    header = request.headers.get("authorization", "")
-    scheme, _, encoded = header.partition(" ")
-    if scheme.lower() != "basic":
-        return None
     try:
-        client_id, _, secret = base64.b64decode(encoded, validate=True).decode().partition(":")
-    except (binascii.Error, UnicodeDecodeError):
-        raise OAuthError("invalid_request", "the Basic authorization header is malformed") from None
+        basic = basic_credentials(request.headers.get("authorization"))
+    except ValueError as exc:
+        raise OAuthError("invalid_request", str(exc)) from None
+    if basic is None:
+        return None
+    # client_secret_basic form-encodes the id and secret first (RFC 6749 2.3.1).
+    client_id, secret = basic
     return unquote_plus(client_id), unquote_plus(secret)
 
 

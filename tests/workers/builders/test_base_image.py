@@ -8,17 +8,17 @@ from datetime import date
 
 import httpx
 
-from app.storage.oci_layout import OciLayout
+from app.image_store.oci_layout import OciLayout
 from workers.base_image import publish_base_image
-from workers.oci.layout_registry import LayoutRegistry
-from workers.oci.registry import RegistryClient
+from workers.oci.image_store_client import ImageStoreClient
+from workers.oci.remote_registry import RemoteRegistryClient
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
 
 def test_publish_pushes_dated_and_moving_tags_that_the_engine_runs(infra, log_lines):
     registry = f"{infra.registry}/{infra.prefix}"
-    with RegistryClient(infra.registry) as store:
+    with RemoteRegistryClient(infra.registry) as store:
         reference = publish_base_image(
             store, registry, infra.rootfs_tar, "3.11.2", log_lines.append, today=date(2030, 1, 2)
         )
@@ -58,7 +58,7 @@ def test_publish_pushes_dated_and_moving_tags_that_the_engine_runs(infra, log_li
 
 def test_publish_into_the_service_store_twice_uploads_nothing_the_second_time(infra, tmp_path, log_lines):
     layout = OciLayout(tmp_path / "images")
-    with LayoutRegistry(layout, "127.0.0.1:8000") as store:
+    with ImageStoreClient(layout, "127.0.0.1:8000") as store:
         first = publish_base_image(
             store, "127.0.0.1:8000", infra.rootfs_tar, "3.11", log_lines.append, today=date(2030, 1, 2)
         )

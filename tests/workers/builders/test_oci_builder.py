@@ -22,7 +22,7 @@ from workers.build_context import BuildSpec, RegistryCredentials
 from workers.builders import BuildFailed
 from workers.builders.oci import CACHE_REPOSITORY, OciBuilder
 from workers.oci.media import DOCKER_MANIFEST, OCI_CONFIG, OCI_INDEX, OCI_LAYER, OCI_MANIFEST
-from workers.oci.registry import RegistryClient
+from workers.oci.remote_registry import RemoteRegistryClient
 
 SCORE = "import six\n\ndef init():\n    pass\n\ndef run(raw):\n    return raw\n"
 REQUIREMENTS = "six==1.17.0\n"
@@ -35,7 +35,7 @@ def _builder(infra: Infra, tmp_path: Path, registry: str | None = None, name: st
 
 
 def _manifest(registry: str, repository: str, reference: str) -> dict:
-    with RegistryClient(registry) as client:
+    with RemoteRegistryClient(registry) as client:
         return client.get_manifest(repository, reference).body
 
 
@@ -60,7 +60,7 @@ def test_the_same_inputs_give_the_same_digest_on_two_fresh_workers(
     manifest = _manifest(registry, repo, first.digest)
     assert manifest["mediaType"] == DOCKER_MANIFEST  # the base image's family
     assert len(manifest["layers"]) == 1 + 4  # base, then deps, server, driver, models
-    with RegistryClient(registry) as client:
+    with RemoteRegistryClient(registry) as client:
         config = json.loads(client.get_blob(repo, manifest["config"]["digest"]))
     assert len(config["history"]) == len(config["rootfs"]["diff_ids"]) == 5
     assert config["config"]["Cmd"] == ["/opt/mms/bin/start"]
@@ -124,7 +124,7 @@ def test_an_oci_base_gives_an_oci_image_and_an_index_is_resolved_to_linux_amd64(
     prefix = f"{infra.prefix}-oci"
     host, _, base_path = infra.base_image.partition("/")
     base_repo, _, base_tag = base_path.rpartition(":")
-    with RegistryClient(host) as client:
+    with RemoteRegistryClient(host) as client:
         docker_manifest = client.get_manifest(base_repo, base_tag)
         body = docker_manifest.body
         # The same blobs under OCI media types, then an index that points at it.
@@ -193,7 +193,7 @@ def test_env_label_and_expose_steps_become_config_and_a_conda_pip_list_installs(
     )
     result = _image(builder, spec, "steps/img", "1", log_lines)
     registry, _, repo = result.image_location.rpartition(":")[0].partition("/")
-    with RegistryClient(registry) as client:
+    with RemoteRegistryClient(registry) as client:
         manifest = client.get_manifest(repo, result.digest).body
         config = json.loads(client.get_blob(repo, manifest["config"]["digest"]))["config"]
         deps = manifest["layers"][-3]
@@ -215,7 +215,10 @@ def test_a_private_base_needs_its_login_which_never_shows(
     host, _, base_path = infra.base_image.partition("/")
     base_repo, _, base_tag = base_path.rpartition(":")
     private_repo = f"{infra.prefix}/oci-private-base"
-    with RegistryClient(host) as source, RegistryClient(infra.auth_registry, infra.username, infra.password) as dest:
+    with (
+        RemoteRegistryClient(host) as source,
+        RemoteRegistryClient(infra.auth_registry, infra.username, infra.password) as dest,
+    ):
         manifest = source.get_manifest(base_repo, base_tag)
         for blob in [manifest.body["config"], *manifest.body["layers"]]:
 

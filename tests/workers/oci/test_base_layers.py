@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from app.storage.oci_layout import OciLayout
+from app.image_store.oci_layout import OciLayout
 from workers.build_context import BuildSpec
 from workers.builders import BuildFailed
 from workers.builders.oci import OciBuilder
-from workers.oci.layout_registry import LayoutRegistry
+from workers.oci.image_store_client import ImageStoreClient
 from workers.oci.media import (
     DOCKER,
     DOCKER_LAYER,
@@ -62,7 +62,7 @@ def _digest(data: bytes) -> str:
     return f"sha256:{hashlib.sha256(data).hexdigest()}"
 
 
-def _base(store: LayoutRegistry, tag: str, layers: list[tuple[str, bytes]], family: Family) -> str:
+def _base(store: ImageStoreClient, tag: str, layers: list[tuple[str, bytes]], family: Family) -> str:
     """Push a base image (no labels: the builder must read its layers) under mms/base:tag."""
     tars = [tar for _, tar in layers]
     config = json.dumps(
@@ -114,7 +114,7 @@ def _spec(tmp_path: Path, base_image: str) -> BuildSpec:
 def test_a_base_with_plain_zstd_or_docker_layers_builds(
     layout: OciLayout, cache: Path, tmp_path: Path, media_type: str
 ) -> None:
-    store = LayoutRegistry(layout, HOST)
+    store = ImageStoreClient(layout, HOST)
     family = DOCKER if media_type == DOCKER_LAYER else OCI
     # The C library in one layer, Python in the next: both layers must be read.
     libc = COMPRESS[media_type](_tar({"usr/lib/x86_64-linux-gnu/libc.so.6": GLIBC}))
@@ -143,7 +143,7 @@ def test_a_base_with_plain_zstd_or_docker_layers_builds(
 def test_a_layer_of_an_unknown_media_type_fails_the_build_naming_it(
     layout: OciLayout, cache: Path, tmp_path: Path
 ) -> None:
-    store = LayoutRegistry(layout, HOST)
+    store = ImageStoreClient(layout, HOST)
     odd = "application/vnd.oci.image.layer.v1.tar+bzip2"
     base = _base(store, "bzip2", [(odd, b"BZh91AY&SY")], OCI)
     lines: list[str] = []
@@ -158,7 +158,7 @@ def test_a_layer_of_an_unknown_media_type_fails_the_build_naming_it(
 def test_a_layer_whose_bytes_are_not_its_media_type_fails_naming_the_layer(
     layout: OciLayout, cache: Path, tmp_path: Path
 ) -> None:
-    store = LayoutRegistry(layout, HOST)
+    store = ImageStoreClient(layout, HOST)
     plain = _tar({"usr/bin/python3.12": b"elf"})  # a plain tar that claims to be zstd
     base = _base(store, "mislabelled", [(OCI_LAYER_ZSTD, plain)], OCI)
     with pytest.raises(BuildFailed) as failed:

@@ -28,10 +28,10 @@ from sqlalchemy.orm import Session
 
 from app.context import ServiceContext
 from app.database import session_scope
+from app.image_store.oci_layout import OciLayout
 from app.orm import Account, RoleAssignment, ServicePrincipal
 from app.services.principals import create_service_principal
-from app.storage.oci_layout import OciLayout
-from tests.storage.test_oci_layout import BuiltImage, build_image, install_skopeo
+from tests.image_store.test_oci_layout import BuiltImage, build_image, install_skopeo
 
 INFRA = Path(__file__).resolve().parents[2] / "scripts" / "infra"
 CONTENT = b"served by the model management service\n"

@@ -1,4 +1,8 @@
-"""A client for the OCI Distribution API: the calls a daemonless builder needs, no more.
+"""A client for a remote registry's OCI Distribution API: the calls a daemonless builder needs.
+
+Remote: MMS_REGISTRY, a tenant's base image registry, Docker Hub. The service's own image
+store is written directly (``workers.oci.image_store_client``) and served by the API
+(``app.api.routes.distribution``).
 
 Why not a library: python-dxf refuses credentials over plain http even on loopback and
 forces the token realm to https, so it cannot talk to a registry on 127.0.0.1 with a
@@ -60,7 +64,7 @@ from mms_client.retrying import IDEMPOTENT_METHODS, TRANSIENT_STATUSES, attempts
 from workers.fetcher import FetchError, FetchPolicy, PinnedTransport, Resolver
 from workers.oci.media import INDEX_TYPES, MANIFEST_TYPES
 
-__all__ = ["DIGEST", "ImageReference", "Manifest", "RegistryClient", "RegistryError", "retryable"]
+__all__ = ["DIGEST", "ImageReference", "Manifest", "RemoteRegistryClient", "RemoteRegistryError", "retryable"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +86,7 @@ _OTHER_BODY_SECONDS = 10.0  # ... nor longer
 _TOKEN_LIFETIME = 60.0  # the distribution token spec's default when expires_in is absent
 
 
-class RegistryError(Exception):
+class RemoteRegistryError(Exception):
     """A registry call failed; ``status`` is the HTTP status (0: no answer), str() says why.
 
     ``transient``: another attempt may succeed (no answer, a 5xx, a 429), after ``wait``
@@ -106,7 +110,7 @@ class RegistryError(Exception):
 
 def retryable(exc: Exception) -> bool | float:
     """Whether another attempt may succeed: False, True, or the seconds the registry asked for."""
-    if isinstance(exc, RegistryError) and exc.transient:
+    if isinstance(exc, RemoteRegistryError) and exc.transient:
         return True if exc.wait is None else exc.wait
     return False
 
@@ -173,7 +177,7 @@ def is_loopback_host(host: str) -> bool:
     return is_loopback_name(name.strip("[]"))
 
 
-class RegistryClient:
+class RemoteRegistryClient:
     """One registry host, one login (or none), one connection pool. Use as a context manager.
 
     ``policy``: the address rules every request obeys (None: the caller trusts the host, and
@@ -237,7 +241,7 @@ class RegistryClient:
                 plat = entry.get("platform") or {}
                 if plat.get("os") == wanted_os and plat.get("architecture") == wanted_arch:
                     return self._get_manifest(repository, entry["digest"])
-            raise RegistryError(
+            raise RemoteRegistryError(
                 f"{self.host}/{repository}:{reference} has no image for {wanted_os}/{wanted_arch}",
                 404,
                 "MANIFEST_UNKNOWN",
@@ -248,7 +252,7 @@ class RegistryClient:
         """Like ``get_manifest`` without an index, but None when it does not exist."""
         try:
             return self._get_manifest(repository, reference)
-        except RegistryError as exc:
+        except RemoteRegistryError as exc:
             if exc.status == 404:
                 return None
             raise
@@ -264,18 +268,18 @@ class RegistryClient:
         )
         digest = f"sha256:{hashlib.sha256(raw).hexdigest()}"
         if reference.startswith("sha256:") and digest != reference:
-            raise RegistryError(
+            raise RemoteRegistryError(
                 f"{self.host}/{repository}@{reference}: the registry sent a manifest whose digest is {digest}"
             )
         try:
             body = json.loads(raw)
         except ValueError:
-            raise RegistryError(f"{self.host}/{repository}:{reference}: manifest is not JSON") from None
+            raise RemoteRegistryError(f"{self.host}/{repository}:{reference}: manifest is not JSON") from None
         if not isinstance(body, dict):
-            raise RegistryError(f"{self.host}/{repository}:{reference}: manifest is not a JSON object")
+            raise RemoteRegistryError(f"{self.host}/{repository}:{reference}: manifest is not a JSON object")
         media_type = body.get("mediaType") or response.headers.get("content-type", "").split(";")[0]
         if media_type not in (*MANIFEST_TYPES, *INDEX_TYPES):
-            raise RegistryError(
+            raise RemoteRegistryError(
                 f"{self.host}/{repository}:{reference}: unsupported manifest "
                 f"type {media_type or 'unknown'} (schema 1 images are not supported)"
             )
@@ -302,7 +306,7 @@ class RegistryClient:
             response = self._request(
                 "HEAD", f"/v2/{repository}/blobs/{digest}", scope=f"repository:{repository}:pull", ok=(200,)
             )
-        except RegistryError as exc:
+        except RemoteRegistryError as exc:
             if exc.status == 404:
                 return None
             raise
@@ -318,7 +322,7 @@ class RegistryClient:
                     if len(data) > max_bytes:
                         raise _too_large(f"{self.host}/{repository}: blob {digest}", max_bytes)
         if f"sha256:{hashlib.sha256(data).hexdigest()}" != digest:
-            raise RegistryError(f"{self.host}/{repository}: blob {digest} arrived corrupted")
+            raise RemoteRegistryError(f"{self.host}/{repository}: blob {digest} arrived corrupted")
         return bytes(data)
 
     def download_blob(self, repository: str, digest: str, dest: Path) -> int:
@@ -332,7 +336,7 @@ class RegistryClient:
                     size += len(chunk)
         if f"sha256:{hasher.hexdigest()}" != digest:
             dest.unlink(missing_ok=True)
-            raise RegistryError(f"{self.host}/{repository}: blob {digest} arrived corrupted")
+            raise RemoteRegistryError(f"{self.host}/{repository}: blob {digest} arrived corrupted")
         return size
 
     def open_blob(self, repository: str, digest: str, *, retry: bool = True) -> _BlobStream:
@@ -379,7 +383,7 @@ class RegistryClient:
             return "mounted"
         location = start.headers.get("location")
         if not location:
-            raise RegistryError(f"{self.host}: the registry started an upload without a Location")
+            raise RemoteRegistryError(f"{self.host}: the registry started an upload without a Location")
         # Not retried alone: a failed PUT may have ended the upload; push_blob starts anew.
         self._request(
             "PUT",
@@ -402,13 +406,13 @@ class RegistryClient:
         start = self._request("POST", f"/v2/{repository}/blobs/uploads/", scope=scope, ok=(202,), retry=False)
         location = start.headers.get("location")
         if not location:
-            raise RegistryError(f"{self.host}: the registry started an upload without a Location")
+            raise RemoteRegistryError(f"{self.host}: the registry started an upload without a Location")
         hasher, size, sent = hashlib.sha256(), 0, False
 
         def body() -> Iterator[bytes]:
             nonlocal size, sent
             if sent:  # a stream cannot be replayed after an authentication retry
-                raise RegistryError(f"registry {self.host} asked for credentials mid-upload")
+                raise RemoteRegistryError(f"registry {self.host} asked for credentials mid-upload")
             sent = True
             for chunk in chunks:
                 hasher.update(chunk)
@@ -495,7 +499,7 @@ class RegistryClient:
                 try:
                     return response, _read_at_most(response, max_bytes, what, deadline=time.monotonic() + self._timeout)
                 except httpx.HTTPError as exc:
-                    raise RegistryError(
+                    raise RemoteRegistryError(
                         f"{what}: the answer broke off: {type(exc).__name__}: {exc}", transient=True
                     ) from None
                 finally:
@@ -523,7 +527,7 @@ class RegistryClient:
                 # Always streamed, so no answer is read whole: see _read_at_most.
                 response = self._http.send(request, stream=True)
             except httpx.HTTPError as exc:
-                raise RegistryError(
+                raise RemoteRegistryError(
                     f"registry {self.host} did not answer {method} {urlsplit(url).path}: {type(exc).__name__}: {exc}",
                     transient=True,
                 ) from None
@@ -558,27 +562,27 @@ class RegistryClient:
         scheme = challenge.split(" ", 1)[0].lower()
         if scheme == "basic":
             if not self._login:
-                raise RegistryError(
+                raise RemoteRegistryError(
                     f"registry {self.host} requires authentication and no login was given", 401, "UNAUTHORIZED"
                 )
             self._check_channel()
             self._basic = True
             return
         if scheme != "bearer":
-            raise RegistryError(
+            raise RemoteRegistryError(
                 f"registry {self.host} asks for unsupported authentication {scheme or '(none)'}", 401, "UNAUTHORIZED"
             )
         params = dict(_CHALLENGE_PARAM.findall(challenge))
         realm = params.get("realm")
         if not realm or urlsplit(realm).scheme not in ("http", "https"):
-            raise RegistryError(f"registry {self.host} sent a Bearer challenge without a realm", 401)
+            raise RemoteRegistryError(f"registry {self.host} sent a Bearer challenge without a realm", 401)
         query = [("service", params["service"])] if "service" in params else []
         # Our scope names every repository the call touches (a mount reads another one).
         query += [("scope", s) for s in scope.split()]
         auth = None
         if self._login:
             if urlsplit(realm).scheme != "https" and not is_loopback_host(urlsplit(realm).netloc):
-                raise RegistryError(
+                raise RemoteRegistryError(
                     f"registry {self.host}'s token service {urlsplit(realm).netloc} "
                     "is not https: the login is not sent there",
                     401,
@@ -600,11 +604,11 @@ class RegistryClient:
             finally:
                 answer.close()
         except httpx.HTTPError as exc:
-            raise RegistryError(f"token service of {self.host} did not answer: {exc}", transient=True) from None
+            raise RemoteRegistryError(f"token service of {self.host} did not answer: {exc}", transient=True) from None
         except FetchError as exc:
             raise self._refused(exc, realm, "the token service") from None
         if answer.status_code in TRANSIENT_STATUSES:
-            raise RegistryError(
+            raise RemoteRegistryError(
                 f"registry {self.host}: token service answered {answer.status_code}",
                 answer.status_code,
                 transient=True,
@@ -612,24 +616,24 @@ class RegistryClient:
             )
         if answer.status_code != 200:
             who = "the login was refused" if self._login else "a login is required"
-            raise RegistryError(
+            raise RemoteRegistryError(
                 f"registry {self.host}: {who} (token service answered {answer.status_code})", 401, "UNAUTHORIZED"
             )
         try:
             data = json.loads(raw)
             token = data.get("token") or data["access_token"]
         except (ValueError, KeyError, AttributeError):
-            raise RegistryError(f"token service of {self.host} sent no token") from None
+            raise RemoteRegistryError(f"token service of {self.host} sent no token") from None
         self._tokens[scope] = (token, asked_at + _fresh_for(data))
         self._challenges[scope] = challenge
 
-    def _refused(self, exc: FetchError, url: str, what: str = "the address") -> RegistryError:
+    def _refused(self, exc: FetchError, url: str, what: str = "the address") -> RemoteRegistryError:
         """The policy's refusal, naming the host but never the address it resolved to."""
         where = urlsplit(url).netloc.rpartition("@")[2]
         if exc.reason != "blocked_address":  # e.g. a name that does not resolve
-            return RegistryError(f"registry {self.host}: {exc}")
+            return RemoteRegistryError(f"registry {self.host}: {exc}")
         subject = f"registry {self.host}" if where == self.host else f"{what} {where} of registry {self.host}"
-        return RegistryError(
+        return RemoteRegistryError(
             f"{subject} is at a private address; ask the operator to allow it (MMS_FETCH_ALLOW_HOSTS)",
             0,
             "BLOCKED_ADDRESS",
@@ -637,7 +641,7 @@ class RegistryClient:
 
     def _check_channel(self) -> None:
         if self.base_url.startswith("http://") and not is_loopback_host(self.host):
-            raise RegistryError(
+            raise RemoteRegistryError(
                 f"registry {self.host} is plain http: the login is not sent over an unencrypted connection", 401
             )
 
@@ -645,7 +649,7 @@ class RegistryClient:
 class _BlobStream:
     """``with client.open_blob(..) as chunks:`` — follows a redirect to blob storage."""
 
-    def __init__(self, client: RegistryClient, repository: str, digest: str, retry: bool) -> None:
+    def __init__(self, client: RemoteRegistryClient, repository: str, digest: str, retry: bool) -> None:
         self._client, self._repository, self._digest = client, repository, digest
         self._retry = retry
         self._response: httpx.Response | None = None
@@ -668,14 +672,14 @@ class _BlobStream:
             try:
                 response = client._http.send(client._http.build_request("GET", target), stream=True)
             except httpx.HTTPError as exc:
-                raise RegistryError(
+                raise RemoteRegistryError(
                     f"blob {self._digest}: storage did not answer: {type(exc).__name__}: {exc}", transient=True
                 ) from None
             except FetchError as exc:
                 raise client._refused(exc, target, "the blob storage") from None
             if response.status_code != 200:
                 response.close()
-                raise RegistryError(
+                raise RemoteRegistryError(
                     f"blob {self._digest}: storage answered {response.status_code}",
                     response.status_code,
                     transient=response.status_code in TRANSIENT_STATUSES,
@@ -688,7 +692,7 @@ class _BlobStream:
         try:
             yield from response.iter_bytes(_CHUNK)
         except httpx.HTTPError as exc:  # the connection broke mid-blob
-            raise RegistryError(
+            raise RemoteRegistryError(
                 f"blob {self._digest}: the download broke off: {type(exc).__name__}: {exc}", transient=True
             ) from None
 
@@ -718,7 +722,7 @@ def _with_digest(url: str, digest: str) -> str:
 
 
 def _read_at_most(response: httpx.Response, max_bytes: int, what: str, *, deadline: float) -> bytes:
-    """A streamed answer's body, or RegistryError as soon as it passes ``max_bytes`` (counted
+    """A streamed answer's body, or RemoteRegistryError as soon as it passes ``max_bytes`` (counted
     decoded, so a compressed answer cannot expand past it either) or ``deadline`` (monotonic:
     the read timeout bounds each read, not an answer that trickles in)."""
     length = response.headers.get("content-length", "")
@@ -730,13 +734,13 @@ def _read_at_most(response: httpx.Response, max_bytes: int, what: str, *, deadli
         if len(data) > max_bytes:
             raise _too_large(what, max_bytes)
         if time.monotonic() > deadline:
-            raise RegistryError(f"{what} took too long to arrive", 0, "TOO_SLOW")
+            raise RemoteRegistryError(f"{what} took too long to arrive", 0, "TOO_SLOW")
     return bytes(data)
 
 
-def _too_large(what: str, max_bytes: int) -> RegistryError:
+def _too_large(what: str, max_bytes: int) -> RemoteRegistryError:
     size = f"{max_bytes >> 20} MiB" if max_bytes % (1 << 20) == 0 else f"{max_bytes} bytes"
-    return RegistryError(f"{what} exceeds the limit of {size}", 0, "TOO_LARGE")
+    return RemoteRegistryError(f"{what} exceeds the limit of {size}", 0, "TOO_LARGE")
 
 
 def _discard(response: httpx.Response) -> bytes:
@@ -757,7 +761,7 @@ def _discard(response: httpx.Response) -> bytes:
     return bytes(data[:_OTHER_BODY_MAX_BYTES])
 
 
-def _error_from(host: str, method: str, url: str, response: httpx.Response, body: bytes) -> RegistryError:
+def _error_from(host: str, method: str, url: str, response: httpx.Response, body: bytes) -> RemoteRegistryError:
     code, detail = None, ""
     try:
         errors = json.loads(body).get("errors") or []
@@ -773,7 +777,7 @@ def _error_from(host: str, method: str, url: str, response: httpx.Response, body
     message = f"registry {host}: {method} {path}: {what}"
     if code or detail:
         message += f" ({code or ''}{': ' if code and detail else ''}{detail})"
-    return RegistryError(
+    return RemoteRegistryError(
         message,
         response.status_code,
         code,

@@ -18,7 +18,7 @@ import pytest
 
 from workers.fetcher import FetchPolicy
 from workers.oci.media import DOCKER_MANIFEST
-from workers.oci.registry import RegistryClient, RegistryError
+from workers.oci.remote_registry import RemoteRegistryClient, RemoteRegistryError
 
 CONFIG = b'{"architecture":"amd64","os":"linux"}'
 CONFIG_DIGEST = f"sha256:{hashlib.sha256(CONFIG).hexdigest()}"
@@ -109,8 +109,8 @@ def manifest_routes(repository: str = "x/y") -> dict[str, Route]:
 def test_a_base_on_a_loopback_port_is_refused_and_the_port_gets_nothing(serve) -> None:
     registry = serve(manifest_routes())
     with (
-        RegistryClient(registry.address, policy=FetchPolicy(), resolver=no_resolve) as client,
-        pytest.raises(RegistryError) as refused,
+        RemoteRegistryClient(registry.address, policy=FetchPolicy(), resolver=no_resolve) as client,
+        pytest.raises(RemoteRegistryError) as refused,
     ):
         client.get_manifest("x/y", "1")
     assert str(refused.value) == (
@@ -124,8 +124,10 @@ def test_a_name_that_resolves_privately_is_refused_without_showing_the_address()
     calls: list[str] = []
     resolve = resolver_for({"registry.corp.test": [["10.20.30.40"]]}, calls)
     with (
-        RegistryClient("registry.corp.test:5000", "user", PASSWORD, policy=FetchPolicy(), resolver=resolve) as client,
-        pytest.raises(RegistryError) as refused,
+        RemoteRegistryClient(
+            "registry.corp.test:5000", "user", PASSWORD, policy=FetchPolicy(), resolver=resolve
+        ) as client,
+        pytest.raises(RemoteRegistryError) as refused,
     ):
         client.get_manifest("x/y", "1")
     message = str(refused.value)
@@ -137,10 +139,10 @@ def test_a_name_that_resolves_privately_is_refused_without_showing_the_address()
 def test_the_policy_allow_list_and_no_policy_reach_a_loopback_registry(serve) -> None:
     registry = serve(manifest_routes())
     allowed = FetchPolicy(allow_hosts={registry.address})
-    with RegistryClient(registry.address, policy=allowed) as client:
+    with RemoteRegistryClient(registry.address, policy=allowed) as client:
         assert client.get_manifest("x/y", "1").raw == MANIFEST
         assert client.get_blob("x/y", CONFIG_DIGEST) == CONFIG
-    with RegistryClient(registry.address) as client:  # a caller that trusts the host
+    with RemoteRegistryClient(registry.address) as client:  # a caller that trusts the host
         assert client.get_manifest("x/y", "1").raw == MANIFEST
     assert [path for _, path, _, _ in registry.seen] == [
         "/v2/x/y/manifests/1",
@@ -156,8 +158,8 @@ def test_a_token_realm_on_another_loopback_port_is_refused(serve, login) -> None
     registry = serve({"/v2/x/y/manifests/1": answer(401, b"", (("WWW-Authenticate", challenge),))})
     policy = FetchPolicy(allow_hosts={registry.address})
     with (
-        RegistryClient(registry.address, *(login or ()), policy=policy) as client,
-        pytest.raises(RegistryError) as refused,
+        RemoteRegistryClient(registry.address, *(login or ()), policy=policy) as client,
+        pytest.raises(RemoteRegistryError) as refused,
     ):
         client.get_manifest("x/y", "1")
     assert str(refused.value) == (
@@ -187,7 +189,7 @@ def test_an_allowed_token_realm_is_asked_on_the_address_it_was_checked_at(serve)
     calls: list[str] = []
     resolve = resolver_for({"auth.registry.test": [["127.0.0.1"], ["10.0.0.1"]]}, calls)
     policy = FetchPolicy(allow_hosts={registry.address, "auth.registry.test"})
-    with RegistryClient(registry.address, policy=policy, resolver=resolve) as client:
+    with RemoteRegistryClient(registry.address, policy=policy, resolver=resolve) as client:
         assert client.get_manifest("x/y", "1").raw == MANIFEST
     assert calls == ["auth.registry.test"]
     [(_, path, host, _)] = token_service.seen
@@ -199,7 +201,7 @@ def test_a_blob_redirect_to_another_loopback_port_is_refused(serve) -> None:
     signed = f"http://{storage.address}/blob?sig=SIGNATURE-SECRET"
     registry = serve({f"/v2/x/y/blobs/{CONFIG_DIGEST}": answer(307, b"", (("Location", signed),))})
     policy = FetchPolicy(allow_hosts={registry.address})
-    with RegistryClient(registry.address, policy=policy) as client, pytest.raises(RegistryError) as refused:
+    with RemoteRegistryClient(registry.address, policy=policy) as client, pytest.raises(RemoteRegistryError) as refused:
         client.get_blob("x/y", CONFIG_DIGEST)
     message = str(refused.value)
     assert message == (
@@ -216,7 +218,7 @@ def test_a_blob_redirect_to_allowed_storage_is_followed_without_registry_credent
         {f"/v2/x/y/blobs/{CONFIG_DIGEST}": answer(307, b"", (("Location", f"http://{storage.address}/blob?sig=s"),))}
     )
     policy = FetchPolicy(allow_hosts={registry.address, storage.address})
-    with RegistryClient(registry.address, policy=policy) as client:
+    with RemoteRegistryClient(registry.address, policy=policy) as client:
         assert client.get_blob("x/y", CONFIG_DIGEST) == CONFIG
     assert storage.seen == [("GET", "/blob?sig=s", storage.address, None)]
 
@@ -228,7 +230,9 @@ def test_a_registry_name_is_resolved_once_and_every_request_pinned(serve) -> Non
     # Rebinding: any later lookup would answer a private address that is not allowed.
     resolve = resolver_for({"registry.example.test": [["127.0.0.1"], ["10.0.0.1"]]}, calls)
     policy = FetchPolicy(allow_hosts={f"registry.example.test:{port}"})
-    with RegistryClient(f"registry.example.test:{port}", insecure=True, policy=policy, resolver=resolve) as client:
+    with RemoteRegistryClient(
+        f"registry.example.test:{port}", insecure=True, policy=policy, resolver=resolve
+    ) as client:
         client.get_manifest("x/y", "1")
         client.get_blob("x/y", CONFIG_DIGEST)
         assert client.blob_size("x/y", CONFIG_DIGEST) == len(CONFIG)

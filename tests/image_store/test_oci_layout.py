@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from app.storage.oci_layout import OCI_INDEX, OCI_MANIFEST, REF_NAME_ANNOTATION, OciLayout
+from app.image_store.oci_layout import OCI_INDEX, OCI_MANIFEST, REF_NAME_ANNOTATION, OciLayout
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts" / "infra"
 LAYER_TAR_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -77,7 +77,7 @@ def build_image(
             "os": "linux",
             "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]},
             "rootfs": {"type": "layers", "diff_ids": [_sha256(raw)]},
-            "history": [{"created_by": "tests/storage/test_oci_layout.py"}],
+            "history": [{"created_by": "tests/image_store/test_oci_layout.py"}],
         },
         sort_keys=True,
     ).encode()

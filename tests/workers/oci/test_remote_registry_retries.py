@@ -23,7 +23,7 @@ from workers.builders.docker import _blob_copier
 from workers.builders.oci import OciBuilder
 from workers.oci.layers import LayerBuilder
 from workers.oci.media import OCI_MANIFEST
-from workers.oci.registry import RegistryClient, RegistryError
+from workers.oci.remote_registry import RemoteRegistryClient, RemoteRegistryError
 
 CONFIG = b'{"architecture":"amd64","os":"linux"}'
 CONFIG_DIGEST = f"sha256:{hashlib.sha256(CONFIG).hexdigest()}"
@@ -135,8 +135,8 @@ def registry() -> Iterator[FlakyRegistry]:
     thread.join(5)
 
 
-def _client(registry: FlakyRegistry, **kwargs: object) -> RegistryClient:
-    return RegistryClient(registry.address, retry_wait=0.01, **kwargs)  # type: ignore[arg-type]
+def _client(registry: FlakyRegistry, **kwargs: object) -> RemoteRegistryClient:
+    return RemoteRegistryClient(registry.address, retry_wait=0.01, **kwargs)  # type: ignore[arg-type]
 
 
 MANIFEST_OK = answer(200, MANIFEST, ("Content-Type", OCI_MANIFEST))
@@ -165,11 +165,11 @@ def test_attempts_are_bounded_and_a_client_error_is_not_retried(registry: FlakyR
     registry.routes["GET /v2/mms/base/manifests/1"] = [answer(500)]
     registry.routes["GET /v2/mms/base/manifests/2"] = [answer(403), MANIFEST_OK]
     with _client(registry, tries=3) as client:
-        with pytest.raises(RegistryError) as failed:
+        with pytest.raises(RemoteRegistryError) as failed:
             client.get_manifest("mms/base", "1")
         assert failed.value.status == 500
         assert registry.count("GET /v2/mms/base/manifests/1") == 3
-        with pytest.raises(RegistryError) as denied:
+        with pytest.raises(RemoteRegistryError) as denied:
             client.get_manifest("mms/base", "2")
         assert denied.value.status == 403
         assert registry.count("GET /v2/mms/base/manifests/2") == 1
@@ -199,7 +199,7 @@ def test_each_retry_is_told_and_the_listener_can_stop_the_retries(registry: Flak
 def test_a_retry_after_longer_than_the_time_budget_fails_at_once(registry: FlakyRegistry) -> None:
     registry.routes["GET /v2/mms/base/manifests/1"] = [answer(503, b"", ("Retry-After", "30")), MANIFEST_OK]
     started = time.monotonic()
-    with _client(registry, retry_seconds=5) as client, pytest.raises(RegistryError):
+    with _client(registry, retry_seconds=5) as client, pytest.raises(RemoteRegistryError):
         client.get_manifest("mms/base", "1")
     assert time.monotonic() - started < 5
 
@@ -222,7 +222,7 @@ def test_a_failed_upload_starts_again_and_a_streamed_patch_is_not_replayed(regis
         assert registry.count("PUT /v2/acct/img/blobs/uploads/u1") == 2
 
         registry.routes["PATCH /v2/acct/img/blobs/uploads/u1"] = [answer(503), answer(202, b"", upload)]
-        with pytest.raises(RegistryError) as failed:
+        with pytest.raises(RemoteRegistryError) as failed:
             client.upload_stream("acct/img", iter([BLOB]))
         assert failed.value.status == 503
         assert registry.count("PATCH /v2/acct/img/blobs/uploads/u1") == 1
@@ -319,13 +319,13 @@ def test_a_registry_that_always_fails_gets_tries_requests_not_tries_squared(regi
     registry.routes["POST /v2/acct/img/blobs/uploads/"] = [answer(503)]
     started = time.monotonic()
     with _client(registry, tries=4) as client:
-        with pytest.raises(RegistryError):
+        with pytest.raises(RemoteRegistryError):
             client.get_blob("mms/base", BLOB_DIGEST)
         assert registry.count(blob) == 4
-        with pytest.raises(RegistryError):
+        with pytest.raises(RemoteRegistryError):
             client.download_blob("mms/base", BLOB_DIGEST, tmp_path / "blob")
         assert registry.count(blob) == 8
-        with pytest.raises(RegistryError):
+        with pytest.raises(RemoteRegistryError):
             client.push_blob("acct/img", BLOB_DIGEST, len(BLOB), lambda: iter([BLOB]))
         assert registry.count("POST /v2/acct/img/blobs/uploads/") == 4
 
@@ -334,7 +334,7 @@ def test_a_registry_that_always_fails_gets_tries_requests_not_tries_squared(regi
             answer(202, b"", ("Location", "/v2/acct/img/blobs/uploads/u1"))
         ]
         registry.routes["PUT /v2/acct/img/blobs/uploads/u1"] = [answer(201)]
-        with pytest.raises(RegistryError), _client(registry, tries=4) as source:
+        with pytest.raises(RemoteRegistryError), _client(registry, tries=4) as source:
             client.push_blob("acct/img", BLOB_DIGEST, len(BLOB), _blob_copier(source, "mms/base", BLOB_DIGEST))
         assert registry.count(blob) == 12
 
@@ -343,7 +343,7 @@ def test_a_registry_that_always_fails_gets_tries_requests_not_tries_squared(regi
         before = registry.count("POST /v2/acct/img/blobs/uploads/")
         layer = LayerBuilder()
         layer.add_bytes("/var/azureml-app/score.py", b"def run(data):\n    return data\n")
-        with pytest.raises(RegistryError):
+        with pytest.raises(RemoteRegistryError):
             OciBuilder(registry.address)._new_layer(
                 layer, "mms oci builder: driver", client, "acct/img", lambda line: None
             )

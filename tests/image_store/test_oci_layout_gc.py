@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from app.storage.oci_layout import OCI_MANIFEST, OciLayout
-from tests.storage.test_oci_layout import CONFIG_TYPE, LAYER_TAR_GZIP, build_image
-from workers.oci.layout_registry import LayoutRegistry
+from app.image_store.oci_layout import OCI_MANIFEST, OciLayout
+from tests.image_store.test_oci_layout import CONFIG_TYPE, LAYER_TAR_GZIP, build_image
+from workers.oci.image_store_client import ImageStoreClient
 
 DAY = 86400
 
@@ -76,7 +76,7 @@ def test_a_build_that_finds_an_old_orphan_blob_keeps_it_for_its_manifest(tmp_pat
     old = build_image(layout, "acct/model", "1")
     layout.delete_tag("acct/model", "1")
     _age(layout, 2 * DAY)
-    store = LayoutRegistry(layout, "127.0.0.1:8000")
+    store = ImageStoreClient(layout, "127.0.0.1:8000")
     assert store.push_blob("acct/model", old.layer_digest, len(old.layer), lambda: iter([old.layer])) == "present"
     config = layout.blob_path(old.config_digest).read_bytes()
     assert store.push_blob("acct/model", old.config_digest, len(config), lambda: iter([config])) == "present"

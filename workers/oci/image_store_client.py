@@ -1,10 +1,11 @@
-"""The service's own image store (an OCI image layout) behind the registry client's calls.
+"""The service's own image store (``app.image_store``) behind the remote registry client's calls.
 
 In the embedded default there is no registry: the oci builder writes into the layout under
 the data folder, and the service serves it read-only at ``/v2/``. This adapter gives the
-builder the same calls ``RegistryClient`` offers (manifests, blobs, push with mount), so one
-build path serves both modes. A blob is readable through a repository only when linked to
-it, as a registry would, so one tenant's image cannot be read through another's name.
+builder the same calls ``RemoteRegistryClient`` offers (manifests, blobs, push with mount),
+and fails with the same ``RemoteRegistryError``, so one build path serves both modes. A blob
+is readable through a repository only when linked to it, as a registry would, so one
+tenant's image cannot be read through another's name.
 """
 
 from __future__ import annotations
@@ -20,18 +21,18 @@ from typing import BinaryIO, Self
 
 import stamina
 
-from app.storage.oci_layout import OciLayout
+from app.image_store.oci_layout import OciLayout
 from mms_client.retrying import attempts
 from workers.oci.media import INDEX_TYPES
-from workers.oci.registry import Manifest, RegistryError
+from workers.oci.remote_registry import Manifest, RemoteRegistryError
 
-__all__ = ["LayoutRegistry"]
+__all__ = ["ImageStoreClient"]
 
 _CHUNK = 1 << 20
 
 
-class LayoutRegistry:
-    """``RegistryClient``'s calls over an ``OciLayout``; ``host`` is the address clients pull from."""
+class ImageStoreClient:
+    """``RemoteRegistryClient``'s calls over an ``OciLayout``; ``host`` is the address clients pull from."""
 
     def __init__(self, layout: OciLayout, host: str) -> None:
         self.layout = layout
@@ -53,13 +54,13 @@ class LayoutRegistry:
     ) -> Manifest:
         manifest = self._manifest(repository, reference)
         if manifest is None:
-            raise RegistryError(f"{self.host}/{repository}:{reference}: not found", 404, "MANIFEST_UNKNOWN")
+            raise RemoteRegistryError(f"{self.host}/{repository}:{reference}: not found", 404, "MANIFEST_UNKNOWN")
         if manifest.media_type in INDEX_TYPES:
             for entry in manifest.body.get("manifests", []):
                 plat = entry.get("platform") or {}
                 if (plat.get("os"), plat.get("architecture")) == platform:
                     return self.get_manifest(repository, entry["digest"], platform=platform)
-            raise RegistryError(
+            raise RemoteRegistryError(
                 f"{self.host}/{repository}:{reference} has no image for {platform[0]}/{platform[1]}",
                 404,
                 "MANIFEST_UNKNOWN",
@@ -73,7 +74,7 @@ class LayoutRegistry:
         try:
             found = self.layout.resolve(repository, reference)
         except ValueError as exc:
-            raise RegistryError(str(exc), 400, "NAME_INVALID") from None
+            raise RemoteRegistryError(str(exc), 400, "NAME_INVALID") from None
         if found is None:
             return None
         raw = self.layout.blob_path(found.digest).read_bytes()
@@ -83,7 +84,7 @@ class LayoutRegistry:
         try:
             return self.layout.put_manifest(repository, tag, raw, media_type)
         except ValueError as exc:
-            raise RegistryError(f"{self.host}/{repository}:{tag}: {exc}", 400, "MANIFEST_INVALID") from None
+            raise RemoteRegistryError(f"{self.host}/{repository}:{tag}: {exc}", 400, "MANIFEST_INVALID") from None
 
     # -- blobs -------------------------------------------------------------------------
 
@@ -96,7 +97,7 @@ class LayoutRegistry:
         with self._open(repository, digest) as handle:
             data = handle.read(max_bytes + 1)
         if len(data) > max_bytes:
-            raise RegistryError(f"blob {digest} is larger than {max_bytes} bytes")
+            raise RemoteRegistryError(f"blob {digest} is larger than {max_bytes} bytes")
         return data
 
     def download_blob(self, repository: str, digest: str, dest: Path) -> int:
@@ -115,7 +116,7 @@ class LayoutRegistry:
     @contextmanager
     def _open(self, repository: str, digest: str) -> Iterator[BinaryIO]:
         if not self.layout.is_linked(repository, digest):
-            raise RegistryError(f"{self.host}/{repository}: blob {digest} not found", 404, "BLOB_UNKNOWN")
+            raise RemoteRegistryError(f"{self.host}/{repository}: blob {digest} not found", 404, "BLOB_UNKNOWN")
         with self.layout.open_blob(digest) as handle:
             yield handle
 
@@ -174,7 +175,7 @@ class LayoutRegistry:
                     out.write(chunk)
                     written += len(chunk)
             if f"sha256:{hasher.hexdigest()}" != digest or written != size:
-                raise RegistryError(
+                raise RemoteRegistryError(
                     f"blob {digest}: the content does not match its digest and size ({written} bytes)",
                     400,
                     "DIGEST_INVALID",

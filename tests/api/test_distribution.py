@@ -15,12 +15,15 @@ from fastapi.testclient import TestClient
 from jose import jwt
 from sqlalchemy.orm import Session
 
+from app.auth.keys import create_signing_key
+from app.auth.tokens import sign_token
 from app.context import ServiceContext
+from app.image_store import image_layout
+from app.image_store.oci_layout import OCI_MANIFEST, OciLayout
 from app.main import create_app
-from app.services.registry import collect_garbage, image_layout
-from app.storage.oci_layout import OCI_MANIFEST, OciLayout
+from app.services.image_store import collect_garbage
 from tests.factories import Callers, bearer, new_account
-from tests.storage.test_oci_layout import BuiltImage, build_image
+from tests.image_store.test_oci_layout import BuiltImage, build_image
 
 VERSION_HEADER = "Docker-Distribution-API-Version"
 
@@ -204,6 +207,26 @@ def test_bad_registry_tokens_are_refused(v2: TestClient, tenant: Tenant, registr
     assert 'error="invalid_token"' in response.headers["WWW-Authenticate"]
     forged = _pull_token(v2, tenant, tenant.repository)[:-4] + "AAAA"
     _error(v2.get(f"/v2/{tenant.repository}/manifests/1", headers=bearer(forged)), 401, "UNAUTHORIZED")
+
+
+def test_a_registry_token_signed_with_a_key_made_since_is_accepted(
+    v2: TestClient, tenant: Tenant, registry_context: ServiceContext, db: Session
+) -> None:
+    token = _pull_token(v2, tenant, tenant.repository)
+    assert v2.get(f"/v2/{tenant.repository}/manifests/1", headers=bearer(token)).status_code == 200
+    # Another API process rotates in a key this one has not seen, and signs with it.
+    rotated = create_signing_key(db, sealer=registry_context.sealer)
+    claims = jwt.get_unverified_claims(token)
+    fresh = sign_token(
+        rotated,
+        issuer=claims["iss"],
+        audience=claims["aud"],
+        subject=claims["sub"],
+        ttl_seconds=300,
+        claims={"access": claims["access"]},
+    )
+    assert jwt.get_unverified_header(fresh)["kid"] != jwt.get_unverified_header(token)["kid"]
+    assert v2.get(f"/v2/{tenant.repository}/manifests/1", headers=bearer(fresh)).status_code == 200
 
 
 def test_roles_are_checked_again_on_every_pull(

@@ -1,4 +1,4 @@
-"""An OCI image layout holding many repositories: the builder writes it, ``/v2/`` reads it.
+"""The image store's OCI image layout, holding many repositories: the builder writes it, ``/v2/`` reads it.
 
 On disk (https://github.com/opencontainers/image-spec/blob/main/image-layout.md):
 
