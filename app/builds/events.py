@@ -1,7 +1,8 @@
 """What a move of a build records: an event, in the transaction that moves it, for the event
 stream, the ETags and the webhooks (one delivery per active webhook of the account).
 
-Only ``app.builds.transitions`` calls this; ``app.services.events`` reads what it wrote.
+Only ``app.builds.transitions`` records events (the reaper prunes old ones); ``app.services.events``
+reads what it wrote.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from app.builds.states import DELETED_STATE, build_error
@@ -104,3 +105,8 @@ def _queue_deliveries(session: Session, events: list[ImageEvent], now: datetime)
         if hook.account_id == event.account_id
     )
     session.flush()
+
+
+def prune_events(session: Session, *, older_than: datetime) -> int:
+    """Forget events (and their deliveries) recorded before ``older_than``."""
+    return session.execute(delete(ImageEvent).where(ImageEvent.created_at < older_than)).rowcount

@@ -8,11 +8,11 @@ from datetime import timedelta
 from sqlalchemy import ColumnElement
 from sqlalchemy.orm import Session
 
+from app.builds.events import prune_events
 from app.builds.transitions import Transition, move
 from app.config import Settings
 from app.orm import Image
 from app.orm.base import utcnow
-from app.services.events import prune_events
 
 log = logging.getLogger("mms.reaper")
 

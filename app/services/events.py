@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
 
-from sqlalchemy import and_, delete, func, select
+from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
 
 from app.orm import ImageEvent
@@ -65,8 +64,3 @@ def events_after(
 def image_version(session: Session, image_id: uuid.UUID) -> int:
     """The id of the image's newest event: it changes exactly when the image's representation does."""
     return session.scalar(select(func.max(ImageEvent.id)).where(ImageEvent.image_id == image_id)) or 0
-
-
-def prune_events(session: Session, *, older_than: datetime) -> int:
-    """Forget events (and their deliveries) recorded before ``older_than``."""
-    return session.execute(delete(ImageEvent).where(ImageEvent.created_at < older_than)).rowcount
