@@ -171,3 +171,12 @@ def _account_for(permission: Permission) -> Callable[..., Account]:
 
 ReadableAccount = Annotated[Account, Depends(_account_for(Permission.READ))]
 WritableAccount = Annotated[Account, Depends(_account_for(Permission.WRITE))]
+
+# A resource's id in the path, named as the original API names it (the route's {modelId}).
+AssetId = Annotated[str, Path(alias="assetId")]
+ClientId = Annotated[str, Path(alias="clientId")]
+ImageId = Annotated[str, Path(alias="imageId")]
+ManifestId = Annotated[str, Path(alias="manifestId")]
+ModelId = Annotated[str, Path(alias="modelId")]
+OperationId = Annotated[str, Path(alias="operationId")]
+WebhookId = Annotated[str, Path(alias="webhookId")]

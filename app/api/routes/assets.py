@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query, Request, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 
-from app.api.deps import CallerDep, ContextDep, ReadableAccount, SessionDep, WritableAccount
+from app.api.deps import AssetId, CallerDep, ContextDep, ReadableAccount, SessionDep, WritableAccount
 from app.api.untrusted import download_headers
 from app.api.uploads import spool_body
 from app.errors import Forbidden, NotFound
@@ -71,15 +71,15 @@ async def upload_asset(
 
 
 @router.get("/{assetId}", response_model=AssetRead)
-def get_asset(assetId: str, account: ReadableAccount, context: ContextDep, session: SessionDep) -> AssetRead:
+def get_asset(asset_id: AssetId, account: ReadableAccount, context: ContextDep, session: SessionDep) -> AssetRead:
     """The asset, with a fresh read URL."""
-    asset = assets.get_asset(session, account, asset_id=assetId)
+    asset = assets.get_asset(session, account, asset_id=asset_id)
     return to_read(asset, context.asset_store, context.settings.asset_url_ttl_days)
 
 
 @router.delete("/{assetId}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_asset(assetId: str, account: WritableAccount, context: ContextDep, session: SessionDep) -> None:
-    assets.delete_asset(session, account, context.asset_store, asset_id=assetId)
+def delete_asset(asset_id: AssetId, account: WritableAccount, context: ContextDep, session: SessionDep) -> None:
+    assets.delete_asset(session, account, context.asset_store, asset_id=asset_id)
 
 
 @blob_router.api_route("/blobs/{key:path}", methods=["GET", "HEAD"], include_in_schema=False)

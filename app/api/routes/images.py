@@ -10,7 +10,16 @@ from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import PlainTextResponse
 from sse_starlette import EventSourceResponse
 
-from app.api.deps import CallerDep, ContextDep, EventHubDep, ReadableAccount, SessionDep, WritableAccount
+from app.api.deps import (
+    CallerDep,
+    ContextDep,
+    EventHubDep,
+    ImageId,
+    OperationId,
+    ReadableAccount,
+    SessionDep,
+    WritableAccount,
+)
 from app.api.event_stream import STREAM_SHUTDOWN_GRACE_SECONDS, image_events
 from app.api.image_polls import RETRY_AFTER_SECONDS, image_etag, not_modified_headers
 from app.api.links import next_link
@@ -168,10 +177,15 @@ async def stream_image_events(
     responses={304: {"description": "unchanged since the ETag sent in If-None-Match"}},
 )
 def get_image(
-    imageId: str, request: Request, response: Response, account: ReadableAccount, session: SessionDep, hub: EventHubDep
+    image_id: ImageId,
+    request: Request,
+    response: Response,
+    account: ReadableAccount,
+    session: SessionDep,
+    hub: EventHubDep,
 ) -> ImageRead | Response:
     """One image; poll it with If-None-Match (its ETag changes exactly when it does)."""
-    image = images.get_image(session, account, image_id=imageId)
+    image = images.get_image(session, account, image_id=image_id)
     version = image_version(session, image.id)
     # Teach this process's poll shortcut the image, so the next poll needs no database.
     hub.versions.note(image.id, account.id, version, image.state)
@@ -204,14 +218,14 @@ def list_images(
 
 
 @router.post("/images/{imageId}/cancel", response_model=ImageRead)
-def cancel_image(imageId: str, request: Request, account: WritableAccount, session: SessionDep) -> ImageRead:
+def cancel_image(image_id: ImageId, request: Request, account: WritableAccount, session: SessionDep) -> ImageRead:
     """Cancel a queued build at once; a running one stops within a heartbeat."""
-    return to_read(images.cancel_image(session, account, image_id=imageId), request)
+    return to_read(images.cancel_image(session, account, image_id=image_id), request)
 
 
 @router.delete("/images/{imageId}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_image(imageId: str, account: WritableAccount, session: SessionDep, context: ContextDep) -> None:
-    images.delete_image(session, account, image_id=imageId, layout=embedded_layout(context.settings))
+def delete_image(image_id: ImageId, account: WritableAccount, session: SessionDep, context: ContextDep) -> None:
+    images.delete_image(session, account, image_id=image_id, layout=embedded_layout(context.settings))
 
 
 _OPEN_RANGE = re.compile(r"bytes=([0-9]+)-")
@@ -219,7 +233,7 @@ _OPEN_RANGE = re.compile(r"bytes=([0-9]+)-")
 
 @router.get("/images/{imageId}/log", response_class=PlainTextResponse)
 def build_log(
-    imageId: str,
+    image_id: ImageId,
     account: ReadableAccount,
     session: SessionDep,
     range_header: Annotated[str | None, Header(alias="Range")] = None,
@@ -229,7 +243,7 @@ def build_log(
     A follower asks for what it has not seen with ``Range: bytes=<size so far>-``: 206 with
     the new part, or 416 when there is nothing new yet.
     """
-    image = images.get_image(session, account, image_id=imageId)
+    image = images.get_image(session, account, image_id=image_id)
     body = images.read_log(session, image).encode()
     # Text the tenant's build printed: plain text, never a page of this origin.
     headers = {"Accept-Ranges": "bytes", **NOT_A_PAGE}
@@ -249,9 +263,9 @@ def build_log(
 
 @router.get("/operations/{operationId}", response_model=OperationRead)
 def get_operation(
-    operationId: str, request: Request, response: Response, account: ReadableAccount, session: SessionDep
+    operation_id: OperationId, request: Request, response: Response, account: ReadableAccount, session: SessionDep
 ) -> OperationRead:
-    image = images.get_operation(session, account, operation_id=operationId)
+    image = images.get_operation(session, account, operation_id=operation_id)
     _retry_after(response.headers, image)
     return to_operation(image, request)
 

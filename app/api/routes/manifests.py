@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Query, Request, status
 from pydantic import Discriminator, Tag
 
-from app.api.deps import CallerDep, ContextDep, ReadableAccount, SessionDep, WritableAccount
+from app.api.deps import CallerDep, ContextDep, ManifestId, ReadableAccount, SessionDep, WritableAccount
 from app.api.links import next_link
 from app.orm import Manifest
 from app.schemas.common import Page
@@ -95,8 +95,8 @@ def create_manifest(
 
 
 @router.get("/{manifestId}", response_model=ManifestRead)
-def get_manifest(manifestId: str, account: ReadableAccount, session: SessionDep) -> ManifestRead:
-    return to_read(manifests.get_manifest(session, account, manifest_id=manifestId))
+def get_manifest(manifest_id: ManifestId, account: ReadableAccount, session: SessionDep) -> ManifestRead:
+    return to_read(manifests.get_manifest(session, account, manifest_id=manifest_id))
 
 
 @router.get("", response_model=Page[ManifestRead])
@@ -117,5 +117,5 @@ def list_manifests(
 
 
 @router.delete("/{manifestId}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_manifest(manifestId: str, account: WritableAccount, session: SessionDep) -> None:
-    manifests.delete_manifest(session, account, manifest_id=manifestId)
+def delete_manifest(manifest_id: ManifestId, account: WritableAccount, session: SessionDep) -> None:
+    manifests.delete_manifest(session, account, manifest_id=manifest_id)

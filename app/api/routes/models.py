@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request, status
 from fastapi.responses import JSONResponse
 
-from app.api.deps import CallerDep, ContextDep, ReadableAccount, SessionDep, WritableAccount
+from app.api.deps import CallerDep, ContextDep, ModelId, ReadableAccount, SessionDep, WritableAccount
 from app.api.links import next_link
 from app.orm import ModelVersion
 from app.schemas.common import Page
@@ -65,8 +65,8 @@ def register_model(
 
 
 @router.get("/{modelId}", response_model=ModelRead)
-def get_model(modelId: str, account: ReadableAccount, session: SessionDep) -> ModelRead:
-    return to_read(models.get_model(session, account, model_id=modelId))
+def get_model(model_id: ModelId, account: ReadableAccount, session: SessionDep) -> ModelRead:
+    return to_read(models.get_model(session, account, model_id=model_id))
 
 
 @router.get("", response_model=Page[ModelRead])
@@ -85,5 +85,5 @@ def list_models(
 
 
 @router.delete("/{modelId}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_model(modelId: str, account: WritableAccount, session: SessionDep) -> None:
-    models.delete_model(session, account, model_id=modelId)
+def delete_model(model_id: ModelId, account: WritableAccount, session: SessionDep) -> None:
+    models.delete_model(session, account, model_id=model_id)

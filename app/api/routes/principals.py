@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, status
 
-from app.api.deps import CallerDep, ContextDep, SessionDep
+from app.api.deps import CallerDep, ClientId, ContextDep, SessionDep
 from app.orm import ServicePrincipal
 from app.schemas.common import Page
 from app.schemas.principals import (
@@ -20,7 +20,7 @@ router = APIRouter(prefix="/servicePrincipals", tags=["service principals"])
 
 def to_read(principal: ServicePrincipal) -> ServicePrincipalRead:
     return ServicePrincipalRead(
-        clientId=principal.client_id,
+        client_id=principal.client_id,
         displayName=principal.display_name,
         roleAssignments=[RoleAssignmentRead(role=a.role, scope=a.scope) for a in principal.assignments],
         createdAt=principal.created_at,
@@ -54,11 +54,11 @@ def list_service_principals(caller: CallerDep, session: SessionDep) -> Page[Serv
 
 
 @router.get("/{clientId}", response_model=ServicePrincipalRead)
-def get_service_principal(clientId: str, caller: CallerDep, session: SessionDep) -> ServicePrincipalRead:
-    return to_read(principals.get_principal_as(session, caller, client_id=clientId))
+def get_service_principal(client_id: ClientId, caller: CallerDep, session: SessionDep) -> ServicePrincipalRead:
+    return to_read(principals.get_principal_as(session, caller, client_id=client_id))
 
 
 @router.delete("/{clientId}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_service_principal(clientId: str, caller: CallerDep, session: SessionDep) -> None:
+def delete_service_principal(client_id: ClientId, caller: CallerDep, session: SessionDep) -> None:
     """Delete a principal; its tokens lose their roles within MMS_AUTH_CACHE_SECONDS, its event streams end."""
-    principals.delete_principal_as(session, caller, client_id=clientId)
+    principals.delete_principal_as(session, caller, client_id=client_id)

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, status
 
-from app.api.deps import CallerDep, ContextDep, ReadableAccount, SessionDep, WritableAccount
+from app.api.deps import CallerDep, ContextDep, ReadableAccount, SessionDep, WebhookId, WritableAccount
 from app.api.links import next_link
 from app.auth.caller import Caller
 from app.auth.roles import Permission, account_scope
@@ -76,27 +76,29 @@ def list_webhooks(account: ReadableAccount, caller: CallerDep, session: SessionD
 
 
 @router.get("/webhooks/{webhookId}", response_model=WebhookRead)
-def get_webhook(webhookId: str, account: ReadableAccount, caller: CallerDep, session: SessionDep) -> WebhookRead:
+def get_webhook(webhook_id: WebhookId, account: ReadableAccount, caller: CallerDep, session: SessionDep) -> WebhookRead:
     """One webhook; a Reader sees its URL with the query redacted."""
     return to_read(
-        webhooks.get_webhook(session, account, webhook_id=webhookId), full_url=_sees_full_urls(caller, account)
+        webhooks.get_webhook(session, account, webhook_id=webhook_id), full_url=_sees_full_urls(caller, account)
     )
 
 
 @router.patch("/webhooks/{webhookId}", response_model=WebhookRead)
-def update_webhook(webhookId: str, body: WebhookUpdate, account: WritableAccount, session: SessionDep) -> WebhookRead:
+def update_webhook(
+    webhook_id: WebhookId, body: WebhookUpdate, account: WritableAccount, session: SessionDep
+) -> WebhookRead:
     """Pause (``active: false``) or resume a webhook; a paused one is sent nothing new."""
-    return to_read(webhooks.update_webhook(session, account, webhook_id=webhookId, body=body))
+    return to_read(webhooks.update_webhook(session, account, webhook_id=webhook_id, body=body))
 
 
 @router.delete("/webhooks/{webhookId}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_webhook(webhookId: str, account: WritableAccount, session: SessionDep) -> None:
-    webhooks.delete_webhook(session, account, webhook_id=webhookId)
+def delete_webhook(webhook_id: WebhookId, account: WritableAccount, session: SessionDep) -> None:
+    webhooks.delete_webhook(session, account, webhook_id=webhook_id)
 
 
 @router.get("/webhooks/{webhookId}/deliveries", response_model=Page[DeliveryRead])
 def list_deliveries(
-    webhookId: str,
+    webhook_id: WebhookId,
     request: Request,
     account: ReadableAccount,
     session: SessionDep,
@@ -106,6 +108,6 @@ def list_deliveries(
 ) -> Page[DeliveryRead]:
     """The delivery log, newest event first: each delivery's state, attempts and last answer."""
     rows, token = webhooks.list_deliveries(
-        session, account, webhook_id=webhookId, state=state, count=count, skip_token=skip_token
+        session, account, webhook_id=webhook_id, state=state, count=count, skip_token=skip_token
     )
     return Page(value=[to_delivery(d) for d in rows], nextLink=next_link(request, token))
