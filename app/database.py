@@ -6,6 +6,7 @@ task's or command's own scope (``session_scope``). Services only flush.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,6 +15,7 @@ from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
@@ -41,13 +43,39 @@ def make_engine(settings: Settings) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
         return engine
-    return create_engine(
+    engine = create_engine(
         url,
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_max_overflow,
         pool_timeout=settings.db_pool_timeout_seconds,
-        pool_pre_ping=True,
     )
+    event.listen(engine, "checkin", _note_checkin)
+    event.listen(engine, "checkout", _ping_if_idle)
+    return engine
+
+
+# A pooled connection unused this long is pinged before it is handed out (a database restart
+# or an idle-connection timeout may have closed it). One in steady use is not: a ping per
+# checkout was a round trip on every request. A connection that breaks mid-use is still
+# invalidated by SQLAlchemy, with the rest of the pool, at its first error.
+_PING_AFTER_IDLE_SECONDS = 5.0
+
+
+def _note_checkin(_dbapi_connection, record) -> None:  # type: ignore[no-untyped-def]
+    record.info["checked_in_at"] = time.monotonic()
+
+
+def _ping_if_idle(dbapi_connection, record, _proxy) -> None:  # type: ignore[no-untyped-def]
+    checked_in_at = record.info.get("checked_in_at")
+    if checked_in_at is not None and time.monotonic() - checked_in_at < _PING_AFTER_IDLE_SECONDS:
+        return
+    try:
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+        if not dbapi_connection.autocommit:
+            dbapi_connection.rollback()
+    except Exception as exc:  # any failure: the pool replaces the connection and tries again
+        raise DisconnectionError(f"a pooled connection failed its ping: {exc}") from exc
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
@@ -86,7 +114,9 @@ def make_session_factory(engine: Engine, *, read_only: bool = False) -> sessionm
         return sessionmaker(bind=engine, expire_on_commit=False)
     options: dict[str, object] = {_READ_ONLY: True}
     if engine.dialect.name == "postgresql":
-        options["postgresql_readonly"] = True  # BEGIN READ ONLY: no extra round trip
+        # No BEGIN and COMMIT round trips around a read. Under READ COMMITTED each statement
+        # saw the latest commits anyway, so a read loses no consistency it had.
+        options["isolation_level"] = "AUTOCOMMIT"
     return refuse_writes(sessionmaker(bind=engine.execution_options(**options), expire_on_commit=False))
 
 

@@ -7,10 +7,13 @@ import threading
 import time
 import uuid
 
+import psycopg
 import pytest
-from sqlalchemy import select, text, update
+from sqlalchemy import func, select, text, update
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
+from app import database
 from app.config import Settings
 from app.context import ServiceContext
 from app.database import WriteInReadOnlySession, make_session_factory, session_scope
@@ -44,24 +47,26 @@ def test_a_read_only_session_refuses_orm_writes_before_the_database_sees_them(se
         assert session.get(Account, account_id).location == "eastus2"
 
 
-def test_the_database_refuses_a_write_that_bypasses_the_orm_in_a_read_only_session(
-    service_context: ServiceContext,
+def test_on_sqlite_the_database_refuses_a_write_that_bypasses_the_orm_in_a_read_only_session(
+    settings: Settings,
 ) -> None:
-    account_id = _account(service_context)
-    reads = make_session_factory(service_context.engine, read_only=True)
+    # On PostgreSQL reads run in autocommit (no BEGIN or COMMIT round trips): only the ORM guard above holds there.
+    if not settings.resolved_database_url.startswith("sqlite"):
+        pytest.skip("query_only is SQLite's")
+    context = ServiceContext.build(settings)
+    account_id = _account(context)
+    reads = context.read_session_factory
     with (
-        pytest.raises(DBAPIError, match="(?i)read-only|readonly|query_only|attempt to write"),
+        pytest.raises(DBAPIError, match="(?i)readonly|read-only|attempt to write"),
         session_scope(reads) as session,
     ):
-        session.execute(
-            text("UPDATE accounts SET location = 'westus' WHERE id = :id"),
-            {"id": account_id.hex if service_context.engine.dialect.name == "sqlite" else account_id},
-        )
+        session.execute(text("UPDATE accounts SET location = 'westus' WHERE id = :id"), {"id": account_id.hex})
     # The same pooled connection writes again once a writing session takes it.
-    with session_scope(service_context.session_factory) as session:
+    with session_scope(context.session_factory) as session:
         session.execute(update(Account).where(Account.id == account_id).values(location="westus"))
     with session_scope(reads) as session:
         assert session.get(Account, account_id).location == "westus"
+    context.engine.dispose()
 
 
 def test_on_sqlite_a_read_neither_waits_for_nor_blocks_the_writer(settings: Settings) -> None:
@@ -89,4 +94,24 @@ def test_on_sqlite_a_read_neither_waits_for_nor_blocks_the_writer(settings: Sett
         writer.close()
     with session_scope(context.read_session_factory) as session:
         assert session.scalar(select(Account.location).where(Account.id == account_id)) == "westus"
+    context.engine.dispose()
+
+
+def test_a_pooled_connection_idle_long_enough_is_pinged_and_replaced_when_the_database_dropped_it(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if settings.resolved_database_url.startswith("sqlite"):
+        pytest.skip("a server that drops connections")
+    context = ServiceContext.build(settings)
+    with context.engine.connect() as connection:
+        backend = connection.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+    # Dropped from outside the pool, while it sits idle in it.
+    with psycopg.connect(
+        make_url(settings.resolved_database_url).set(drivername="postgresql").render_as_string(hide_password=False),
+        autocommit=True,
+    ) as other:
+        other.execute("SELECT pg_terminate_backend(%s)", (backend,))
+    monkeypatch.setattr(database, "_PING_AFTER_IDLE_SECONDS", 0.0)
+    with session_scope(context.read_session_factory) as session:
+        assert session.scalar(select(func.pg_backend_pid())) != backend
     context.engine.dispose()

@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated
 
 from fastapi import Depends, Path, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import AfterValidator
 from sqlalchemy.orm import Session
 
 from app.api.event_stream import EventHub
-from app.auth.caller import Caller, load_caller
+from app.auth.caller import Caller, caller_for, load_caller
 from app.auth.roles import Permission, account_scope
-from app.auth.tokens import TokenVerifier, VerifiedToken
+from app.auth.tokens import KeyNotAtHand, TokenVerifier, VerifiedToken
 from app.context import ServiceContext
-from app.database import session_scope
 from app.errors import BadRequest, Unauthorized
 from app.orm import Account
 from app.schemas.common import unstorable
@@ -50,14 +50,38 @@ EventHubDep = Annotated[EventHub, Depends(get_event_hub)]
 _READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
-def get_session(context: ContextDep, request: Request) -> Iterator[Session]:
+async def get_session(context: ContextDep, request: Request) -> AsyncIterator[Session]:
     """A session whose transaction commits when the route returns, before the response is sent.
 
     A GET only reads: its session is read-only (on SQLite it neither waits for nor blocks a writer).
+    Making a session does no I/O, so this runs on the event loop; the end of a writing session
+    (COMMIT) goes to the thread pool, a read's (nothing on PostgreSQL, a snapshot let go on
+    SQLite) does not.
     """
-    factory = context.read_session_factory if request.method in _READ_METHODS else context.session_factory
-    with session_scope(factory) as session:
+    read_only = request.method in _READ_METHODS
+    session = (context.read_session_factory if read_only else context.session_factory)()
+    try:
         yield session
+    except BaseException:
+        await _end(session, commit=False, inline=read_only)
+        raise
+    await _end(session, commit=True, inline=read_only)
+
+
+async def _end(session: Session, *, commit: bool, inline: bool) -> None:
+    def end() -> None:
+        try:
+            if commit:
+                session.commit()
+            else:
+                session.rollback()
+        finally:
+            session.close()
+
+    if inline:
+        end()
+    else:
+        await run_in_threadpool(end)
 
 
 # scope="function": commit before the response goes out, so a failed commit is never a 2xx.
@@ -66,25 +90,38 @@ SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 _bearer = HTTPBearer(auto_error=False, description="an access token from POST /oauth2/token")
 
 
-def verify_authorization(verifier: TokenVerifier, authorization: str | None) -> VerifiedToken:
+def verify_authorization(
+    verifier: TokenVerifier, authorization: str | None, *, keys_at_hand: bool = False
+) -> VerifiedToken:
     """The verified token of an ``Authorization: Bearer`` header, or the 401 that says what is wrong."""
     scheme, _, token = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not token:
         if authorization:
             raise Unauthorized("the Authorization header must be 'Bearer <token>'")
         raise Unauthorized("this request needs an 'Authorization: Bearer <token>' header", error="missing_token")
-    return verifier.verify(token)
+    return verifier.verify(token, keys_at_hand=keys_at_hand)
 
 
-def get_caller(
+async def get_caller(
     context: ContextDep,
     session: SessionDep,
     _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],  # for the OpenAPI document
     request: Request,
 ) -> Caller:
-    """The verified caller, or 401 with a WWW-Authenticate challenge."""
-    verified = verify_authorization(context.verifier, request.headers.get("authorization"))
-    return load_caller(session, verified, context.grants_cache)
+    """The verified caller, or 401 with a WWW-Authenticate challenge.
+
+    On the event loop while it needs no I/O (the signing key and the caller's roles at hand, as
+    they are but once per key and per MMS_AUTH_CACHE_SECONDS); what must load goes to the thread pool.
+    """
+    authorization = request.headers.get("authorization")
+    try:
+        verified = verify_authorization(context.verifier, authorization, keys_at_hand=True)
+    except KeyNotAtHand:
+        verified = await run_in_threadpool(verify_authorization, context.verifier, authorization)
+    grants = context.grants_cache.get(verified.issuer, verified.subject)
+    if grants is not None:
+        return caller_for(verified, grants)
+    return await run_in_threadpool(load_caller, session, verified, context.grants_cache)
 
 
 CallerDep = Annotated[Caller, Depends(get_caller)]

@@ -23,6 +23,10 @@ from app.errors import Unauthorized
 ALGORITHM = "RS256"
 
 
+class KeyNotAtHand(Unauthorized):
+    """``verify(keys_at_hand=True)`` met a key it would have to load (from the database or a JWKS URL)."""
+
+
 @dataclass(frozen=True)
 class TrustedIssuerKeys:
     issuer: str
@@ -96,6 +100,8 @@ class TokenVerifier:
             raise Unauthorized("the token's issuer is not trusted")
         jwk_dict = trusted.keys.public_key(kid, refresh=not keys_at_hand)
         if jwk_dict is None:
+            if keys_at_hand:
+                raise KeyNotAtHand("the token is signed with a key not loaded yet")
             raise Unauthorized("the token is signed with an unknown key")
         try:
             claims = jwt.decode(
