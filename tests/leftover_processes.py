@@ -35,6 +35,13 @@ import pytest
 
 MARKER = "TEST_SESSION_MARKER"
 GRACE_SECONDS = 5.0  # a process that was told to stop may still be on its way out
+# pytest's own helpers, not a test's: children of this interpreter that live as long as it does.
+INTERPRETER_HELPERS = {
+    # Started by the first multiprocessing "spawn" (tests/storage/test_oci_layout.py); it exits when
+    # its pipe from this interpreter closes, i.e. when pytest exits.
+    "from multiprocessing.resource_tracker import main": "multiprocessing's resource tracker",
+    "from multiprocessing.forkserver import main": "multiprocessing's fork server",
+}
 _HANDED_OVER = pytest.StashKey[dict[int, str]]()
 _LEFTOVERS = pytest.StashKey[list["Leftover"]]()
 
@@ -105,8 +112,12 @@ def find_leftovers(marker: str, ignore: set[int] = frozenset()) -> list[Leftover
     for pid, parent in parents.items():
         if pid in own or pid in ignore or parent is None:  # gone, or a zombie: nothing to stop
             continue
-        if _carries(pid, marker) or _descends_from(pid, os.getpid(), parents):
-            found.append(Leftover(pid, _cmdline(pid)))
+        if not (_carries(pid, marker) or _descends_from(pid, os.getpid(), parents)):
+            continue
+        cmdline = _cmdline(pid)
+        if parent == os.getpid() and any(helper in cmdline for helper in INTERPRETER_HELPERS):
+            continue
+        found.append(Leftover(pid, cmdline))
     return found
 
 

@@ -80,9 +80,16 @@ def test_a_session_whose_tests_stop_their_processes_passes(session, pytester: py
         def test_it_fails_and_its_fixture_still_stops_the_process(server):
             assert server.poll() is None
             assert False, "the test's own failure"
+
+        def test_multiprocessing_leaves_its_helpers_to_the_interpreter():
+            import multiprocessing
+            child = multiprocessing.get_context("spawn").Process(target=print)
+            child.start()
+            child.join()
+            assert child.exitcode == 0
         """,
     )
-    result.assert_outcomes(failed=1)
+    result.assert_outcomes(passed=1, failed=1)
     assert "processes left running" not in result.stdout.str()
 
 
