@@ -8,10 +8,9 @@ or is still a descendant of pytest, is a leftover: the session lists it, kills i
 The marker's name does not start with ``MMS_``: several tests pass the CLI an environment
 without the ``MMS_`` settings, and the marker must stay in it.
 
-Two kinds of process escape the marker, and only the second escapes the check: a child that
-runs with an environment of its own (the descendant check still sees it while it is pytest's),
-and a daemon forked without an ``exec`` (its ``/proc/<pid>/environ`` is its parent's, from
-before the marker was set).
+Two kinds of process escape the marker: one started with an environment of its own, and one
+forked without an ``exec`` (its ``/proc/<pid>/environ`` is its parent's, from before the marker
+was set). The descendant check sees them while they are pytest's; daemonised, they escape.
 
 Shared infrastructure that is meant to outlive the session (the Docker engine, its build
 network's proxy) is started without the marker: see :func:`shared_infrastructure_env`.
@@ -28,6 +27,7 @@ import os
 import signal
 import time
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +42,7 @@ INTERPRETER_HELPERS = {
     "from multiprocessing.resource_tracker import main": "multiprocessing's resource tracker",
     "from multiprocessing.forkserver import main": "multiprocessing's fork server",
 }
+_MARKER = pytest.StashKey[tuple[str, str | None]]()  # this session's, and the one it replaced
 _HANDED_OVER = pytest.StashKey[dict[int, str]]()
 _LEFTOVERS = pytest.StashKey[list["Leftover"]]()
 
@@ -70,17 +71,30 @@ def pytest_configure(config: pytest.Config) -> None:
     if _is_xdist_worker(config):
         return
     # Always a new one: a session started by a test (pytester) checks its own processes only.
-    os.environ[MARKER] = uuid.uuid4().hex
+    marker = uuid.uuid4().hex
+    config.stash[_MARKER] = (marker, os.environ.get(MARKER))
+    os.environ[MARKER] = marker
 
 
-@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _MARKER not in config.stash:
+        return
+    _, replaced = config.stash[_MARKER]  # an in-process pytester session gives the outer one its marker back
+    if replaced is None:
+        os.environ.pop(MARKER, None)
+    else:
+        os.environ[MARKER] = replaced
+
+
+@pytest.hookimpl(trylast=True)  # after xdist has shut its workers down
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     config = session.config
-    if _is_xdist_worker(config) or MARKER not in os.environ:
+    if _MARKER not in config.stash:  # an xdist worker: its controller checks
         return
+    marker, _ = config.stash[_MARKER]
     handed_over = config.stash.get(_HANDED_OVER, {})
     deadline = time.monotonic() + GRACE_SECONDS
-    while (leftovers := find_leftovers(os.environ[MARKER], set(handed_over))) and time.monotonic() < deadline:
+    while (leftovers := find_leftovers(marker, handed_over)) and time.monotonic() < deadline:
         time.sleep(0.2)
     if not leftovers:
         return
@@ -90,7 +104,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
-def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    for pid, reason in config.stash.get(_HANDED_OVER, {}).items():
+        terminalreporter.line(f"left running: pid {pid} ({reason})")
     leftovers = config.stash.get(_LEFTOVERS, [])
     if not leftovers:
         return
@@ -104,7 +120,7 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
         terminalreporter.line(f"  pid {leftover.pid}: {leftover.cmdline}")
 
 
-def find_leftovers(marker: str, ignore: set[int] = frozenset()) -> list[Leftover]:
+def find_leftovers(marker: str, ignore: Collection[int] = ()) -> list[Leftover]:
     """Live processes carrying ``marker`` or descended from this one, except this one and its ancestors."""
     own = _ancestors(os.getpid())
     parents = {pid: _parent(pid) for pid in _pids()}
@@ -133,6 +149,11 @@ def _parent(pid: int) -> int | None:
         return None
     state, parent = stat.rpartition(")")[2].split()[:2]  # the name in (...) may hold spaces
     return None if state == "Z" else int(parent)
+
+
+def is_running(pid: int) -> bool:
+    """The process is there and not a zombie."""
+    return _parent(pid) is not None
 
 
 def _ancestors(pid: int) -> set[int]:
@@ -177,5 +198,5 @@ def _kill(pids: list[int]) -> None:
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + 3
-        while time.monotonic() < deadline and any(_parent(pid) is not None for pid in pids):
+        while time.monotonic() < deadline and any(is_running(pid) for pid in pids):
             time.sleep(0.1)

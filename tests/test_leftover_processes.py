@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.leftover_processes import _parent
+from tests.leftover_processes import is_running
 
 pytest_plugins = ["pytester"]
 
@@ -26,10 +26,6 @@ def session(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch):
         return pytester.runpytest_subprocess("-p", "tests.leftover_processes", "-p", "no:cacheprovider", timeout=60)
 
     return run
-
-
-def _alive(pid: int) -> bool:
-    return _parent(pid) is not None
 
 
 def _pids(pytester: pytest.Pytester) -> list[int]:
@@ -61,7 +57,7 @@ def test_a_session_that_leaves_processes_running_fails_names_and_kills_them(sess
     result.stdout.fnmatch_lines(
         ["*processes left running*", f"*pid {daemon}: sleep 61", f"*pid {child}: sleep 62"], consecutive=False
     )
-    assert not _alive(daemon) and not _alive(child)
+    assert not is_running(daemon) and not is_running(child)
 
 
 def test_a_session_whose_tests_stop_their_processes_passes(session, pytester: pytest.Pytester) -> None:
@@ -118,7 +114,8 @@ def test_shared_infrastructure_and_handed_over_processes_are_left_running(sessio
     try:
         result.assert_outcomes(passed=1)
         assert result.ret == pytest.ExitCode.OK
-        assert all(_alive(pid) for pid in pids)
+        assert all(is_running(pid) for pid in pids)
+        result.stdout.fnmatch_lines([f"left running: pid {pids[1]} (another session still uses it)"])
     finally:
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
