@@ -37,7 +37,7 @@ MARKER = "TEST_SESSION_MARKER"
 GRACE_SECONDS = 5.0  # a process that was told to stop may still be on its way out
 # pytest's own helpers, not a test's: children of this interpreter that live as long as it does.
 INTERPRETER_HELPERS = {
-    # Started by the first multiprocessing "spawn" (tests/storage/test_oci_layout.py); it exits when
+    # Started by the first multiprocessing "spawn" (tests/image_store/test_oci_layout.py); it exits when
     # its pipe from this interpreter closes, i.e. when pytest exits.
     "from multiprocessing.resource_tracker import main": "multiprocessing's resource tracker",
     "from multiprocessing.forkserver import main": "multiprocessing's fork server",
