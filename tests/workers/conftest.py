@@ -73,35 +73,38 @@ def _run_script(name: str, *args: str, env: dict[str, str] | None = None) -> tup
     return dict(line.split("=", 1) for line in lines if "=" in line), (lines or [""])[-1]
 
 
-REGISTRY_STATE = Path(
-    os.environ.get("MMS_REGISTRY_DIR") or Path(os.environ.get("MMS_CI_STATE", "/var/lib/mms-ci")) / "registry"
-)  # registry.sh's state folder: its pid files
+def registry_state() -> Path:
+    """registry.sh's state folder (its pid files), as the script finds it."""
+    return Path(
+        os.environ.get("MMS_REGISTRY_DIR") or Path(os.environ.get("MMS_CI_STATE", "/var/lib/mms-ci")) / "registry"
+    )
 
 
-def _registry_pids() -> list[int]:
+def registry_pids() -> list[int]:
     """The registries registry.sh started that are running (it checks a pid file's process name too)."""
     pids = []
     for name in ("open", "auth"):
         with contextlib.suppress(OSError, ValueError):
-            pid = int((REGISTRY_STATE / name / "registry.pid").read_text())
+            pid = int((registry_state() / name / "registry.pid").read_text())
             if Path(f"/proc/{pid}/comm").read_text().strip() == "docker-registry":
                 pids.append(pid)
     return pids
 
 
 @contextlib.contextmanager
-def _registries(config: pytest.Config) -> Iterator[dict[str, str]]:
+def shared_registries(config: pytest.Config) -> Iterator[dict[str, str]]:
     """registry.sh --auth for this session; the last test session out stops registries a test session started.
 
     Test sessions on one machine share the registries: each holds a shared lock on a file while it
     uses them, and the one that gets it alone at its end stops them, when a test session started
     them (a flag file says so; registries someone started by hand are left running).
     """
-    REGISTRY_STATE.mkdir(parents=True, exist_ok=True)
-    started_by_tests = REGISTRY_STATE / ".started-by-tests"
-    with open(REGISTRY_STATE / ".test-sessions", "a") as sessions:
+    state = registry_state()
+    state.mkdir(parents=True, exist_ok=True)
+    started_by_tests = state / ".started-by-tests"
+    with open(state / ".test-sessions", "a") as sessions:
         fcntl.flock(sessions, fcntl.LOCK_SH)
-        if len(_registry_pids()) < 2:
+        if len(registry_pids()) < 2:
             started_by_tests.touch()
         try:
             # With this session's marker: a registry left running is a leftover process.
@@ -111,7 +114,7 @@ def _registries(config: pytest.Config) -> Iterator[dict[str, str]]:
             try:
                 fcntl.flock(sessions, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:  # the last session out stops them
-                hand_over(config, _registry_pids(), "another test session still uses the registries")
+                hand_over(config, registry_pids(), "another test session still uses the registries")
             else:
                 if started_by_tests.exists():
                     _run_script("registry.sh", "--stop")
@@ -129,7 +132,7 @@ def infra(request: pytest.FixtureRequest) -> Iterator[Infra]:
             pytest.skip(f"docker cannot be installed here: {exc}")
         raise
     network, _ = _run_script("build-network.sh")  # docker-engine.sh made it: the values
-    with _registries(request.config) as registries:
+    with shared_registries(request.config) as registries:
         base, _ = _run_script("base-image.sh")
         _, tar = _run_script("base-rootfs.sh")
         infra = Infra(
