@@ -97,7 +97,8 @@ def shared_registries(config: pytest.Config) -> Iterator[dict[str, str]]:
 
     Test sessions on one machine share the registries: each holds a shared lock on a file while it
     uses them, and the one that gets it alone at its end stops them, when a test session started
-    them (a flag file says so; registries someone started by hand are left running).
+    them (a flag file says so; registries someone started by hand are left running). A module
+    that re-exports the ``infra`` fixture makes a second instance of it: it counts as a session.
     """
     state = registry_state()
     state.mkdir(parents=True, exist_ok=True)
@@ -114,7 +115,7 @@ def shared_registries(config: pytest.Config) -> Iterator[dict[str, str]]:
             try:
                 fcntl.flock(sessions, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:  # the last session out stops them
-                hand_over(config, registry_pids(), "another test session still uses the registries")
+                hand_over(config, registry_pids(), "another test session, or fixture, still uses the registries")
             else:
                 if started_by_tests.exists():
                     _run_script("registry.sh", "--stop")
