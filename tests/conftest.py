@@ -22,6 +22,9 @@ from app.main import create_app
 from tests.external_issuer import ExternalIssuer
 from tests.factories import Callers
 
+# Fails the session when a process a test started outlives it (see the module).
+pytest_plugins = ["tests.leftover_processes"]
+
 EXTERNAL_ISSUER = "https://login.example.test/tenant-1/v2.0"
 
 

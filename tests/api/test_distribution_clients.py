@@ -32,6 +32,7 @@ from app.image_store.oci_layout import OciLayout
 from app.orm import Account, RoleAssignment, ServicePrincipal
 from app.services.principals import create_service_principal
 from tests.image_store.test_oci_layout import BuiltImage, build_image, install_skopeo
+from tests.leftover_processes import shared_infrastructure_env
 
 INFRA = Path(__file__).resolve().parents[2] / "scripts" / "infra"
 CONTENT = b"served by the model management service\n"
@@ -236,7 +237,14 @@ def docker_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         pytest.skip("no docker CLI on PATH")
     if os.geteuid() != 0 and not Path("/var/run/docker.sock").exists():
         pytest.skip("no Docker engine, and starting one needs root (scripts/infra/docker-engine.sh)")
-    proc = subprocess.run([str(INFRA / "docker-engine.sh")], capture_output=True, text=True, timeout=900, check=False)
+    proc = subprocess.run(
+        [str(INFRA / "docker-engine.sh")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+        env=shared_infrastructure_env(),  # the engine outlives the session
+    )
     if proc.returncode != 0:
         if shutil.which("dockerd") is None:
             pytest.skip(f"the Docker engine cannot be installed here: {proc.stderr[-500:]}")

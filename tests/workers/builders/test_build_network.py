@@ -23,6 +23,7 @@ import pytest
 
 from app.config import Settings
 from tests.embedded_service import HOST_CA_BUNDLE
+from tests.leftover_processes import shared_infrastructure_env
 from tests.listeners import tcp_listener
 from tests.workers.conftest import Infra
 from workers.build_context import BuildSpec
@@ -313,7 +314,10 @@ def test_the_infra_script_is_idempotent_and_leaves_the_engine_alone(infra: Infra
     pidfile = Path("/var/lib/mms-ci/docker/dockerd.pid")  # docker-engine.sh's default
     pid = pidfile.read_text().strip() if pidfile.exists() else None
     started = time.monotonic()
-    done = subprocess.run([str(script)], capture_output=True, text=True, timeout=120, check=False)
+    # Should it (re)start the proxy, the proxy is shared infrastructure: it stays after the session.
+    done = subprocess.run(
+        [str(script)], capture_output=True, text=True, timeout=120, check=False, env=shared_infrastructure_env()
+    )
     assert done.returncode == 0, done.stderr
     assert f"MMS_BUILD_NETWORK={infra.build_network}" in done.stdout
     assert f"MMS_BUILD_PROXY={infra.build_proxy}" in done.stdout
