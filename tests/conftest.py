@@ -125,3 +125,11 @@ def client(app_context: ServiceContext) -> Iterator[TestClient]:
 @pytest.fixture()
 def callers(client: TestClient, db: Session, app_context: ServiceContext) -> Callers:
     return Callers(client=client, session=db, issuer=app_context.settings.issuer)
+
+
+@pytest.fixture(scope="session")
+def infra(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    """The Docker engine, the build network, the two registries and the base image (tests/infra.py)."""
+    from tests.infra import running_infra  # here: pytest loads tests.leftover_processes, which it uses, first
+
+    yield from running_infra(request)

@@ -22,7 +22,7 @@ import pytest
 
 from tests.embedded_service import EmbeddedService, free_port, stop
 from tests.external_issuer import ExternalIssuer
-from tests.workers.conftest import Infra, infra  # noqa: F401  (the fixture)
+from tests.infra import Infra
 
 MMS = [sys.executable, "-m", "mms_client"]  # what the `mms` console script runs
 SCORE_PY = """
@@ -73,7 +73,7 @@ def authority() -> Iterator[ExternalIssuer]:
 
 @pytest.fixture(scope="module")
 def service(
-    infra: Infra,  # noqa: F811
+    infra: Infra,
     authority: ExternalIssuer,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[EmbeddedService]:
@@ -106,7 +106,7 @@ def _login(client: Client, service: EmbeddedService) -> None:
 def test_the_seed_housing_flow_end_to_end(
     client: Client,
     service: EmbeddedService,
-    infra: Infra,  # noqa: F811
+    infra: Infra,
     tmp_path: Path,
 ) -> None:
     from sklearn.linear_model import LinearRegression

@@ -27,7 +27,7 @@ import pytest
 import yaml
 from docker.utils.build import exclude_paths
 
-from tests.workers.conftest import TEST_LABEL, Infra
+from tests.infra import TEST_LABEL, Infra
 
 ROOT = Path(__file__).resolve().parents[2]
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")

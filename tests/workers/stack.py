@@ -24,7 +24,7 @@ from app.context import ServiceContext
 from app.database import session_scope
 from app.services.principals import create_service_principal
 from tests.embedded_service import HOST_CA_BUNDLE, free_port, wait_for
-from tests.workers.conftest import TEST_LABEL, Infra
+from tests.infra import TEST_LABEL, Infra
 
 BUILD_TIMEOUT = 600
 SCORE_PY = """

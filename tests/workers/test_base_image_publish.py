@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.workers.conftest import Infra
+from tests.infra import Infra
 
 
 def test_publish_pushes_a_dated_tag_and_records_it(infra: Infra, tmp_path: Path) -> None:

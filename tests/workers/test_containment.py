@@ -8,8 +8,8 @@ import uuid
 
 import pytest
 
+from tests.infra import Infra
 from tests.listeners import tcp_listener
-from tests.workers.conftest import Infra
 from tests.workers.stack import ECHO_SCORE, Account, Stack, run_and_score
 from tests.workers.test_package_sources import USES_PACKAGE, _sdist
 

@@ -14,7 +14,7 @@ import docker
 import pytest
 
 from tests.embedded_service import EmbeddedService, alive, stop, wait_for_children
-from tests.workers.conftest import Infra
+from tests.infra import Infra
 from tests.workers.stack import (
     ECHO_SCORE,
     SCORE_PY,

@@ -14,9 +14,9 @@ import uuid
 
 import pytest
 
+from tests.infra import Infra
 from tests.listeners import recording_http_server
 from tests.webhook_receiver import receiving
-from tests.workers.conftest import Infra
 from tests.workers.stack import (
     ECHO_SCORE,
     SCORE_PY,

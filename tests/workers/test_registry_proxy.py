@@ -12,8 +12,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from tests.infra import Infra
 from tests.registry_proxy import CountingProxy
-from tests.workers.conftest import Infra
 
 
 @pytest.fixture

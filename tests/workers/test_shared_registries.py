@@ -13,8 +13,8 @@ import httpx
 import pytest
 
 from tests.embedded_service import free_port
+from tests.infra import registry_pids, run_script, shared_registries
 from tests.leftover_processes import is_running
-from tests.workers.conftest import _run_script, registry_pids, shared_registries
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("docker-registry") is None,
@@ -29,7 +29,7 @@ def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.setenv("MMS_REGISTRY_PORT", str(free_port()))
     monkeypatch.setenv("MMS_REGISTRY_AUTH_PORT", str(free_port()))
     yield tmp_path
-    _run_script("registry.sh", "--stop")  # whatever a failed test left
+    run_script("registry.sh", "--stop")  # whatever a failed test left
 
 
 def _session() -> SimpleNamespace:
@@ -59,7 +59,7 @@ def test_registries_another_session_still_uses_are_stopped_by_the_last_one_out(s
 
 
 def test_registries_started_by_hand_are_left_running(state: Path) -> None:
-    _run_script("registry.sh", "--auth")
+    run_script("registry.sh", "--auth")
     pids = registry_pids()
     with shared_registries(_session()):
         assert registry_pids() == pids

@@ -27,7 +27,7 @@ from app.database import make_engine, make_session_factory, session_scope
 from app.services.base_images import default_base_image, list_base_images, record_base_image
 from tests.embedded_service import free_port
 from tests.factories import Callers, new_account
-from tests.workers.conftest import Infra, _run_script
+from tests.infra import Infra, run_script
 from tests.workers.spark_housing import SPARK_SCORE_PY, HousingModel, train_housing_model
 from tests.workers.stack import Account, Stack
 from workers.build_context import SPARK_REQUIREMENT
@@ -46,7 +46,7 @@ def housing(tmp_path_factory: pytest.TempPathFactory) -> HousingModel:
 @pytest.fixture(scope="module")
 def spark_base(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     """`mms base-image publish --variant spark` into the open registry; (stderr, data dir)."""
-    _, tar = _run_script("spark-rootfs.sh")
+    _, tar = run_script("spark-rootfs.sh")
     data_dir = tmp_path_factory.mktemp("spark-publish")
     env = {k: v for k, v in os.environ.items() if not k.startswith("MMS_")}
     env.update({"MMS_DATA_DIR": str(data_dir), "MMS_REGISTRY": infra.registry})

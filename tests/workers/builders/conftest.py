@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.embedded_service import HOST_CA_BUNDLE
-from tests.workers.conftest import Infra
+from tests.infra import Infra
 from workers.build_context import BuildSpec
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.infra import Infra
 from tests.listeners import recording_http_server
-from tests.workers.conftest import Infra
 from workers.build_context import BuildSpec
 from workers.builders import BuildFailed
 from workers.builders.docker import DockerBuilder

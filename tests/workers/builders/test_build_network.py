@@ -23,9 +23,9 @@ import pytest
 
 from app.config import Settings
 from tests.embedded_service import HOST_CA_BUNDLE
+from tests.infra import Infra
 from tests.leftover_processes import shared_infrastructure_env
 from tests.listeners import tcp_listener
-from tests.workers.conftest import Infra
 from workers.build_context import BuildSpec
 from workers.builders import BuildResult
 from workers.builders.docker import DockerBuilder

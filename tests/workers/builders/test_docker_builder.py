@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.workers.conftest import TEST_LABEL, Infra
+from tests.infra import TEST_LABEL, Infra
 from workers.build_context import RegistryCredentials
 from workers.builders import BuildFailed, BuildResult
 from workers.builders.docker import BASE_DIGEST_LABEL, DockerBuilder

@@ -16,8 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.infra import Infra
 from tests.registry_proxy import CountingProxy
-from tests.workers.conftest import Infra
 from workers.build_context import BuildSpec, RegistryCredentials
 from workers.builders import BuildFailed
 from workers.builders.oci import CACHE_REPOSITORY, OciBuilder

@@ -9,8 +9,8 @@ from collections.abc import Callable
 
 import pytest
 
+from tests.infra import Infra
 from tests.workers.builders.test_docker_builder import build, push_base
-from tests.workers.conftest import Infra
 from workers.build_context import BuildSpec
 from workers.builders import BuildFailed
 from workers.builders.docker import DockerBuilder

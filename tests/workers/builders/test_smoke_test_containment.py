@@ -17,8 +17,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.infra import Infra
 from tests.workers.builders.test_docker_builder import build
-from tests.workers.conftest import Infra
 from workers.builders.docker import DockerBuilder
 from workers.smoke_test import SmokeTestFailed, smoke_test
 
