@@ -7,7 +7,7 @@ from typing import Annotated, Any
 import typer
 
 from mms_client.api import CliError, ServiceClient
-from mms_client.output import Output, OutputOption, err, field, show
+from mms_client.output import Output, OutputOption, QueryOption, err, field, show
 
 account_cli = typer.Typer(help="Model management accounts.", no_args_is_help=True)
 modelmanagement_cli = typer.Typer(
@@ -45,6 +45,7 @@ def create(
     sku_instances: Annotated[int, typer.Option("--sku-instances", help="number of instances")] = 1,
     sku_name: Annotated[str, typer.Option("--sku-name", help="e.g. S1")] = "S1",
     output: OutputOption = Output.table,
+    query: QueryOption = None,
 ) -> None:
     """Create a model management account and make it the current one.
 
@@ -54,7 +55,7 @@ def create(
         body = {"location": location, "sku": {"name": sku_name, "capacity": sku_instances}}
         account = client.json("PUT", f"{client.profile.group_path(resource_group)}/accounts/{name}", json=body)
         _make_current(client, resource_group, name)
-    show(account, output, COLUMNS)
+    show(account, output, COLUMNS, query)
 
 
 @modelmanagement_cli.command("set")
@@ -73,25 +74,27 @@ def set_current(
 
 
 @modelmanagement_cli.command("show")
-def show_account(name: Name = None, resource_group: Group = None, output: OutputOption = Output.table) -> None:
+def show_account(
+    name: Name = None, resource_group: Group = None, output: OutputOption = Output.table, query: QueryOption = None
+) -> None:
     """One account (default: the current one).
 
     Example: mms account modelmanagement show -o json
     """
     with ServiceClient() as client:
         account = client.json("GET", _path(client, name, resource_group))
-    show(account, output, COLUMNS)
+    show(account, output, COLUMNS, query)
 
 
 @modelmanagement_cli.command("list")
-def list_accounts(resource_group: Group = None, output: OutputOption = Output.table) -> None:
+def list_accounts(resource_group: Group = None, output: OutputOption = Output.table, query: QueryOption = None) -> None:
     """The accounts of a resource group (default: the current one).
 
     Example: mms account modelmanagement list -g rg1
     """
     with ServiceClient() as client:
         accounts = all_pages(client, f"{client.profile.group_path(resource_group)}/accounts")
-    show(accounts, output, COLUMNS)
+    show(accounts, output, COLUMNS, query)
 
 
 @modelmanagement_cli.command("delete")

@@ -19,6 +19,7 @@ from urllib.parse import quote
 
 import httpx
 
+from mms_client.diagnostics import hooks
 from mms_client.profile import (
     TOKEN_ENV,
     ConfigStore,
@@ -73,7 +74,8 @@ def _post_token(token_url: str, data: dict[str, str], timeout: float) -> httpx.R
     try:
         for attempt in attempts(transient_http, tries=4, timeout=60.0, wait=0.5):
             with attempt:
-                answer = httpx.post(token_url, data=data, timeout=timeout)
+                with httpx.Client(timeout=timeout, event_hooks=hooks()) as http:
+                    answer = http.post(token_url, data=data)
                 if answer.status_code in TRANSIENT_STATUSES:
                     raise _Busy(answer)
                 return answer
@@ -98,7 +100,9 @@ class ServiceClient:
             )
         self.server = server.rstrip("/")
         self.tries, self.retry_seconds, self.retry_wait = 4, 60.0, 0.5
-        self._http = httpx.Client(base_url=self.server, timeout=httpx.Timeout(timeout, connect=10.0))
+        self._http = httpx.Client(
+            base_url=self.server, timeout=httpx.Timeout(timeout, connect=10.0), event_hooks=hooks()
+        )
 
     def close(self) -> None:
         self._http.close()

@@ -9,14 +9,18 @@ add to ``base-image``).
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
 from collections.abc import Callable
 from importlib.metadata import entry_points
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
 
-from mms_client.output import err
+from mms_client.diagnostics import Verbosity
+from mms_client.output import GLOBAL_PANEL, err
 
 COMMANDS_GROUP = "mms.commands"
 # The modules of this project whose absence is a broken install, not a missing extra.
@@ -81,7 +85,53 @@ def build(*registers: Register) -> typer.Typer:
         if register not in done:
             register(cli)
             done.append(register)
+    _give_global_options(cli)
     return cli
+
+
+VerboseOption = Annotated[
+    bool, typer.Option("--verbose", help="a line on stderr per call to the service", rich_help_panel=GLOBAL_PANEL)
+]
+DebugOption = Annotated[
+    bool,
+    typer.Option(
+        "--debug",
+        help="every HTTP request and response on stderr (secrets shown as ***), and a failure's traceback",
+        rich_help_panel=GLOBAL_PANEL,
+    ),
+]
+
+
+def with_global_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    """``function`` as a command that also takes ``--verbose`` and ``--debug`` (listed in its help)."""
+    signature = inspect.signature(function, eval_str=True)
+    if {"verbose", "debug"} & set(signature.parameters):
+        return function
+
+    @functools.wraps(function)
+    def command(*args: Any, verbose: bool = False, debug: bool = False, **kwargs: Any) -> Any:
+        Verbosity.verbose = Verbosity.verbose or verbose
+        Verbosity.debug = Verbosity.debug or debug
+        return function(*args, **kwargs)
+
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    parameters = [
+        *signature.parameters.values(),
+        inspect.Parameter("verbose", keyword, default=False, annotation=VerboseOption),
+        inspect.Parameter("debug", keyword, default=False, annotation=DebugOption),
+    ]
+    command.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in parameters if p.annotation is not inspect.Parameter.empty}
+    return command
+
+
+def _give_global_options(cli: typer.Typer) -> None:
+    for info in cli.registered_commands:
+        if info.callback is not None:
+            info.callback = with_global_options(info.callback)
+    for group in cli.registered_groups:
+        if group.typer_instance is not None:
+            _give_global_options(group.typer_instance)
 
 
 def main(*registers: Register) -> None:
@@ -93,18 +143,20 @@ def main(*registers: Register) -> None:
     from mms_client.api import CliError
     from mms_client.profile import ProfileError
 
-    debug = "--debug" in sys.argv[1:]
-    if debug:
-        sys.argv.remove("--debug")
+    # Taken anywhere on the line, as az takes them (before the command's name too).
+    for flag in ("--debug", "--verbose"):
+        while flag in sys.argv[1:]:
+            sys.argv.remove(flag)
+            setattr(Verbosity, flag[2:], True)
     try:
         build(*registers)()
     except (CliError, ProfileError) as exc:
-        if debug:
+        if Verbosity.debug:
             raise
         err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         sys.exit(getattr(exc, "exit_code", 1))
     except Exception as exc:
-        if debug:
+        if Verbosity.debug:
             raise
         err.print(
             f"[red]error:[/red] unexpected {type(exc).__name__}: {escape(str(exc))} "

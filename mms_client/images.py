@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import sys
 import time
 from typing import Annotated, Any
@@ -11,7 +12,7 @@ from rich.console import Console
 
 from mms_client.accounts import all_pages
 from mms_client.api import ServiceClient
-from mms_client.output import Output, OutputOption, err, field, out, show
+from mms_client.output import Output, OutputOption, QueryOption, err, field, out, show
 
 image_cli = typer.Typer(help="Scoring images built from manifests.", no_args_is_help=True)
 
@@ -24,7 +25,7 @@ COLUMNS = [
     ("location", field("ImageLocation")),
     ("created", field("CreatedTime")),
 ]
-DONE = {"Succeeded": 0, "Failed": 2, "Cancelled": 3}  # exit codes of `image create --wait`
+DONE = {"Succeeded": 0, "Failed": 2, "Cancelled": 3}  # exit codes of `image create`
 TIMED_OUT = 4
 ImageId = Annotated[str, typer.Option("--id", "-i", help="the image's id")]
 
@@ -35,19 +36,23 @@ def create(
     manifest_id: Annotated[str, typer.Option("--manifest-id", help="the manifest to build")],
     builder: Annotated[str | None, typer.Option(help="oci (daemonless) or docker; default: the service's")] = None,
     description: Annotated[str | None, typer.Option("--description", "-d")] = None,
-    wait: Annotated[
-        bool, typer.Option("--wait", help="follow the build: its log as it grows, then exit 0 if it Succeeded")
+    no_wait: Annotated[
+        bool, typer.Option("--no-wait", help="return once the build is queued, without following it")
     ] = False,
-    timeout: Annotated[int, typer.Option(help="with --wait: give up after this many seconds (exit 4)")] = 3600,
+    wait: Annotated[bool, typer.Option("--wait", hidden=True, help="deprecated: waiting is the default")] = False,
+    timeout: Annotated[int, typer.Option(help="give up following after this many seconds (exit 4)")] = 3600,
     output: OutputOption = Output.table,
+    query: QueryOption = None,
 ) -> None:
-    """Start building an image from a manifest.
+    """Build an image from a manifest, following the build's log until it ends.
 
-    With --wait the exit code says how it ended: 0 Succeeded, 2 Failed, 3 Cancelled, 4 still
-    building after --timeout.
+    Exit code: 0 Succeeded, 2 Failed, 3 Cancelled, 4 still building at the timeout.
 
-    Example: mms image create -n housingmodel-image --manifest-id 9b1c... --wait
+    With --no-wait it returns the queued image at once (then: mms image logs -f).
+
+    Example: mms image create -n housingmodel-image --manifest-id 9b1c...
     """
+    del wait  # `--wait` was needed before waiting became the default: still accepted
     body: dict[str, Any] = {"name": name, "manifestId": manifest_id, "imageType": "Docker"}
     if builder:
         body["builder"] = builder
@@ -55,11 +60,11 @@ def create(
         body["description"] = description
     with ServiceClient() as client:
         image = client.json("POST", client.account_url("images"), json=body)
-        if not wait:
-            show(image, output, COLUMNS)
+        if no_wait:
+            show(image, output, COLUMNS, query)
             return
         image = follow(client, image["Id"], timeout, err)  # stdout keeps the result alone
-    show(image, output, COLUMNS)
+    show(image, output, COLUMNS, query)
     state = image["CreationState"]
     if state != "Succeeded":
         reason = (image.get("Error") or {}).get("message") or ""
@@ -72,33 +77,50 @@ def create(
 
 
 def follow(client: ServiceClient, image_id: str, timeout: float, console: Console) -> dict[str, Any]:
-    """Print the build log to ``console`` as it grows, under a live state line, until it ends."""
+    """Print the build log to ``console`` as it grows, under a live state line, until it ends.
+
+    Each second it asks for the part of the log not yet printed (``Range: bytes=<printed>-``).
+    """
     printed = 0
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span two reads
+    last = ""
     deadline = time.monotonic() + timeout
     with err.status("NotStarted: waiting for a build worker") as status:
         while True:
             image = client.json("GET", client.account_url("images", image_id))
-            log = client.call("GET", client.account_url("images", image_id, "log")).text
-            if len(log) > printed:
-                console.print(log[printed:], end="", markup=False, highlight=False)
-                printed = len(log)
+            new = log_since(client, image_id, printed)
+            printed += len(new)
+            text = decoder.decode(new)
+            if text:
+                console.print(text, end="", markup=False, highlight=False)
+                last = (last + text).rstrip().rsplit("\n", 1)[-1][:100]
             state = image["CreationState"]
             if state in DONE or time.monotonic() > deadline:
                 return image
-            last = log.rstrip().rsplit("\n", 1)[-1][:100] if log.strip() else ""
             status.update(f"{state}" + (f": {last}" if last else ""))
             time.sleep(1.0)
 
 
+def log_since(client: ServiceClient, image_id: str, start: int) -> bytes:
+    """The bytes of the build log from ``start`` on (none yet: empty)."""
+    url = client.account_url("images", image_id, "log")
+    answer = client.call("GET", url, headers={"Range": f"bytes={start}-"}, ok=(200, 206, 416))
+    if answer.status_code == 416:  # nothing past ``start`` yet
+        return b""
+    if answer.status_code == 206:
+        return answer.content
+    return answer.content[start:]  # a service that ignores Range sends the whole log
+
+
 @image_cli.command("show")
-def show_image(image_id: ImageId, output: OutputOption = Output.table) -> None:
+def show_image(image_id: ImageId, output: OutputOption = Output.table, query: QueryOption = None) -> None:
     """One image: its state, where to pull it from, and why it failed.
 
     Example: mms image show -i 7d2e...
     """
     with ServiceClient() as client:
         image = client.json("GET", client.account_url("images", image_id))
-    show(image, output, [*COLUMNS, ("digest", field("Digest")), ("error", field("Error.message"))])
+    show(image, output, [*COLUMNS, ("digest", field("Digest")), ("error", field("Error.message"))], query)
 
 
 @image_cli.command("list")
@@ -108,6 +130,7 @@ def list_images(
         str | None, typer.Option("--manifest-name", help="only images of manifests of this name")
     ] = None,
     output: OutputOption = Output.table,
+    query: QueryOption = None,
 ) -> None:
     """The account's images.
 
@@ -116,7 +139,7 @@ def list_images(
     params = {k: v for k, v in (("manifestId", manifest_id), ("manifestName", manifest_name)) if v}
     with ServiceClient() as client:
         images = all_pages(client, client.account_url("images"), params)
-    show(images, output, COLUMNS)
+    show(images, output, COLUMNS, query)
 
 
 @image_cli.command("logs")
@@ -136,14 +159,14 @@ def logs(
 
 
 @image_cli.command("cancel")
-def cancel(image_id: ImageId, output: OutputOption = Output.table) -> None:
+def cancel(image_id: ImageId, output: OutputOption = Output.table, query: QueryOption = None) -> None:
     """Cancel a build: a queued one at once, a running one within seconds.
 
     Example: mms image cancel -i 7d2e...
     """
     with ServiceClient() as client:
         image = client.json("POST", client.account_url("images", image_id, "cancel"))
-    show(image, output, COLUMNS)
+    show(image, output, COLUMNS, query)
 
 
 @image_cli.command("delete")
@@ -157,7 +180,7 @@ def delete(image_id: ImageId) -> None:
     err.print(f"Deleted image {image_id}.", highlight=False)
 
 
-def list_base_images(output: OutputOption = Output.table) -> None:
+def list_base_images(output: OutputOption = Output.table, query: QueryOption = None) -> None:
     """The prebuilt inference base images, newest first (the newest CPU one is the default).
 
     Example: mms base-image list
@@ -174,4 +197,5 @@ def list_base_images(output: OutputOption = Output.table) -> None:
             ("variant", field("variant")),
             ("published", field("publishedAt")),
         ],
+        query,
     )

@@ -13,7 +13,7 @@ import typer
 from mms_client.accounts import all_pages
 from mms_client.api import CliError, ServiceClient
 from mms_client.models import Uploads, register_model, upload_with_progress, zip_folder
-from mms_client.output import Output, OutputOption, err, field, show
+from mms_client.output import Output, OutputOption, QueryOption, err, field, show
 
 manifest_cli = typer.Typer(
     help="Manifests: a scoring script, its assets, models and environment.", no_args_is_help=True
@@ -57,6 +57,7 @@ def create(
     ] = None,
     description: Annotated[str | None, typer.Option("--description")] = None,
     output: OutputOption = Output.table,
+    query: QueryOption = None,
 ) -> None:
     """Bundle a scoring script, its files, models and environment; every local file is uploaded.
 
@@ -89,7 +90,7 @@ def create(
                 inference_config,
                 description,
             )
-    show(manifest, output, COLUMNS)
+    show(manifest, output, COLUMNS, query)
 
 
 def check_models_exist(client: ServiceClient, model_ids: list[str]) -> None:
@@ -213,6 +214,7 @@ def list_manifests(
     name: Annotated[str | None, typer.Option("--name", "-n", help="only this name")] = None,
     model_id: Annotated[str | None, typer.Option("--model-id", "-i", help="only manifests bundling this model")] = None,
     output: OutputOption = Output.table,
+    query: QueryOption = None,
 ) -> None:
     """The account's manifests.
 
@@ -221,18 +223,22 @@ def list_manifests(
     params = {k: v for k, v in (("manifestName", name), ("modelId", model_id)) if v}
     with ServiceClient() as client:
         manifests = all_pages(client, client.account_url("manifests"), params)
-    show(manifests, output, COLUMNS)
+    show(manifests, output, COLUMNS, query)
 
 
 @manifest_cli.command("show")
-def show_manifest(manifest_id: Annotated[str, typer.Option("--id", "-i")], output: OutputOption = Output.table) -> None:
+def show_manifest(
+    manifest_id: Annotated[str, typer.Option("--id", "-i")],
+    output: OutputOption = Output.table,
+    query: QueryOption = None,
+) -> None:
     """One manifest.
 
     Example: mms manifest show -i 9b1c...
     """
     with ServiceClient() as client:
         manifest = client.json("GET", client.account_url("manifests", manifest_id))
-    show(manifest, output, [*COLUMNS, ("assets", lambda m: [a.get("id") for a in m.get("assets") or []])])
+    show(manifest, output, [*COLUMNS, ("assets", lambda m: [a.get("id") for a in m.get("assets") or []])], query)
 
 
 @manifest_cli.command("delete")

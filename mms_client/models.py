@@ -15,7 +15,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColu
 
 from mms_client.accounts import all_pages
 from mms_client.api import CliError, ServiceClient
-from mms_client.output import Output, OutputOption, err, field, show
+from mms_client.output import Output, OutputOption, QueryOption, err, field, show
 
 model_cli = typer.Typer(help="Registered models.", no_args_is_help=True)
 
@@ -39,6 +39,7 @@ def register(
     tag: Annotated[list[str] | None, typer.Option("--tag", "-t", help="a tag; repeat for more")] = None,
     description: Annotated[str | None, typer.Option("--description", "-d")] = None,
     output: OutputOption = Output.table,
+    query: QueryOption = None,
 ) -> None:
     """Upload a model and register it under NAME: each registration gets the next version.
 
@@ -46,7 +47,7 @@ def register(
     """
     with ServiceClient() as client, Uploads(client) as uploads:
         registered = register_model(client, model, name, tag or [], description, uploads)
-    show(registered, output, COLUMNS)
+    show(registered, output, COLUMNS, query)
 
 
 class Uploads:
@@ -157,6 +158,7 @@ def list_models(
     name: Annotated[str | None, typer.Option("--name", "-n", help="only this name, newest version first")] = None,
     tag: Annotated[str | None, typer.Option("--tag", "-t", help="only models with this tag")] = None,
     output: OutputOption = Output.table,
+    query: QueryOption = None,
 ) -> None:
     """The account's models.
 
@@ -165,18 +167,18 @@ def list_models(
     params = {k: v for k, v in (("name", name), ("tag", tag)) if v}
     with ServiceClient() as client:
         models = all_pages(client, client.account_url("models"), params)
-    show(models, output, COLUMNS)
+    show(models, output, COLUMNS, query)
 
 
 @model_cli.command("show")
-def show_model(model_id: ModelId, output: OutputOption = Output.table) -> None:
+def show_model(model_id: ModelId, output: OutputOption = Output.table, query: QueryOption = None) -> None:
     """One model version.
 
     Example: mms model show -i 3f2a...
     """
     with ServiceClient() as client:
         model = client.json("GET", client.account_url("models", model_id))
-    show(model, output, [*COLUMNS, ("url", field("url"))])
+    show(model, output, [*COLUMNS, ("url", field("url"))], query)
 
 
 @model_cli.command("delete")

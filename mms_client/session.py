@@ -6,9 +6,10 @@ import time
 from typing import Annotated
 
 import typer
+from jmespath.parser import ParsedResult
 
 from mms_client.api import CliError, fetch_token
-from mms_client.output import Output, OutputOption, err, field, show
+from mms_client.output import Output, OutputOption, QueryOption, err, field, show
 from mms_client.profile import (
     DEFAULT_SUBSCRIPTION,
     SERVER_ENV,
@@ -91,6 +92,8 @@ def env_set(
     subscription: Annotated[str | None, typer.Option("--subscription", "-s")] = None,
     resource_group: Annotated[str | None, typer.Option("--resource-group", "-g")] = None,
     account: Annotated[str | None, typer.Option("--account", "-n", help="the model management account")] = None,
+    output: OutputOption = Output.table,
+    query: QueryOption = None,
 ) -> None:
     """Change the current context; what is not given stays.
 
@@ -110,19 +113,19 @@ def env_set(
     if account is not None:
         profile.account = account
     store.save_profile(profile)
-    _show_profile(Output.table)
+    _show_profile(output, query)
 
 
 @env_cli.command("show")
-def env_show(output: OutputOption = Output.table) -> None:
+def env_show(output: OutputOption = Output.table, query: QueryOption = None) -> None:
     """The current context (never the secret).
 
     Example: mms env show -o json
     """
-    _show_profile(output)
+    _show_profile(output, query)
 
 
-def _show_profile(output: Output) -> None:
+def _show_profile(output: Output, query: ParsedResult | None) -> None:
     store = ConfigStore()
     profile = store.load_profile()
     credentials = store.load_credentials()
@@ -145,4 +148,4 @@ def _show_profile(output: Output) -> None:
         "signedIn": signed_in,
         "configDir": str(store.root),
     }
-    show(record, output, [(k, field(k)) for k in record])
+    show(record, output, [(k, field(k)) for k in record], query)
