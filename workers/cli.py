@@ -15,8 +15,6 @@ from typing import Annotated
 import typer
 
 from app.cli.main import fail, load_settings, prepare_database
-from app.config import get_settings
-from app.database import make_engine, session_scope
 from mms_client.cli import BASE_IMAGE_HELP, subgroup
 from mms_client.output import err
 
@@ -34,6 +32,8 @@ def worker(
 
     Example: DOCKER_HOST=unix:///var/run/docker.sock mms worker --concurrency 2
     """
+    from app.config import get_settings
+
     settings = load_settings()
     if not settings.public_url and settings.service_url != settings.resolved_public_url:
         # The service's own asset URLs, its image store's address: where `mms serve` said it
@@ -82,7 +82,7 @@ def publish_base_image(
     """
     import subprocess
 
-    from app.database import make_session_factory
+    from app.database import make_engine, make_session_factory, session_scope
     from app.services.base_images import default_base_image, record_base_image
     from workers.base_image import publish_base_image as publish
     from workers.oci.remote_registry import RemoteRegistryError

@@ -13,16 +13,18 @@ import shutil
 import signal
 import sys
 from enum import Enum
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
-from sqlalchemy.engine import make_url
 
-from app.config import Settings, get_settings
-from app.database import DatabaseNotMigrated, ensure_migrated, make_engine, migrate, session_scope
-from app.errors import ServiceError
 from mms_client.output import err
+
+if TYPE_CHECKING:
+    from app.config import Settings
+
+# What a command needs (settings, the database, FastAPI's errors) is imported in the command:
+# `mms --help` and every client command load this module, and must start fast.
 
 db_cli = typer.Typer(help="The service's database.", no_args_is_help=True)
 admin_cli = typer.Typer(help="Administration: the first Owner, role grants.", no_args_is_help=True)
@@ -40,6 +42,8 @@ def fail(message: str, code: int = 1) -> None:
 
 
 def load_settings() -> Settings:
+    from app.config import get_settings
+
     try:
         return get_settings()
     except ValueError as exc:  # pydantic's ValidationError is a ValueError
@@ -49,6 +53,8 @@ def load_settings() -> Settings:
 
 def prepare_database(settings: Settings) -> None:
     """Migrate when this database migrates itself, else refuse an unmigrated one."""
+    from app.database import DatabaseNotMigrated, ensure_migrated, make_engine, migrate
+
     engine = make_engine(settings)
     try:
         if settings.should_auto_migrate:
@@ -78,6 +84,9 @@ def serve(
     Example: mms serve --port 8000
     """
     import uvicorn
+    from sqlalchemy.engine import make_url
+
+    from app.config import get_settings
 
     # Worker processes read their settings from the environment: hand the options down.
     for name, value in (("MMS_HOST", host), ("MMS_PORT", port), ("MMS_WORKERS", workers)):
@@ -153,6 +162,8 @@ def _listening(host: str, port: int) -> bool:
 
 
 def _broker_name(settings: Settings) -> str:
+    from sqlalchemy.engine import make_url
+
     if settings.is_embedded_broker:
         return f"embedded, {settings.data_dir / 'broker.sqlite'}"
     return (
@@ -178,7 +189,7 @@ def images_gc(
 
     Example: mms images gc --grace-seconds 3600
     """
-    from app.database import make_session_factory
+    from app.database import make_engine, make_session_factory, session_scope
     from app.services.image_store import collect_garbage
 
     settings = load_settings()
@@ -205,6 +216,8 @@ def images_gc(
 @db_cli.command("upgrade")
 def db_upgrade() -> None:
     """Apply every pending migration to MMS_DATABASE_URL (or the embedded SQLite file)."""
+    from app.database import make_engine, migrate
+
     settings = load_settings()
     engine = make_engine(settings)
     migrate(engine)
@@ -220,6 +233,8 @@ def bootstrap(
 
     Example: mms admin bootstrap -o json
     """
+    from app.database import make_engine, session_scope
+    from app.errors import ServiceError
     from app.services.principals import bootstrap_owner
 
     settings = load_settings()
@@ -264,7 +279,8 @@ def grant(
     Example: mms admin grant --issuer https://login.example/tenant/v2.0 --subject 1234 --role Reader
     --scope /subscriptions/s1
     """
-    from app.database import make_session_factory
+    from app.database import make_engine, make_session_factory, session_scope
+    from app.errors import ServiceError
     from app.services.principals import grant_role
 
     settings = load_settings()
