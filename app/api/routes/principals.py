@@ -20,7 +20,7 @@ router = APIRouter(prefix="/servicePrincipals", tags=["service principals"])
 
 def to_read(principal: ServicePrincipal) -> ServicePrincipalRead:
     return ServicePrincipalRead(
-        client_id=principal.client_id,
+        clientId=principal.client_id,
         displayName=principal.display_name,
         roleAssignments=[RoleAssignmentRead(role=a.role, scope=a.scope) for a in principal.assignments],
         createdAt=principal.created_at,
