@@ -142,7 +142,7 @@ def _add(document: dict[str, Any], route: RouteContext) -> None:
                 responses.setdefault(str(status), response)
         ok = responses.get("200", {})
         if method == "GET" and route.path.startswith("/api/") and "application/json" in ok.get("content", {}):
-            ok.setdefault("headers", {}).setdefault("ETag", ETAG)
+            ok["headers"] = {"ETag": ETAG, **ok.get("headers", {})}  # a new dict: the route's own stays as declared
             responses.setdefault(
                 "304", {"description": "Unchanged since the ETag sent in If-None-Match.", "headers": {"ETag": ETAG}}
             )
