@@ -13,6 +13,7 @@ from app.api.deps import check_api_version, check_parameters, verify_authorizati
 from app.api.event_stream import EventHub
 from app.api.image_polls import ImagePollShortcut
 from app.api.middleware import ConditionalGetMiddleware, DatabaseRequestLimit, RequestBodyGate, RequestIdMiddleware
+from app.api.openapi import install_openapi, operation_id
 from app.api.routes import (
     accounts,
     assets,
@@ -67,6 +68,7 @@ def create_app(settings: Settings | None = None, context: ServiceContext | None 
         description="A model registry, manifests and scoring-image builds, "
         "in the lineage of Azure ML Model Management.",
         lifespan=lifespan,
+        generate_unique_id_function=operation_id,
     )
     app.state.context = context
     app.state.event_hub = EventHub(
@@ -76,6 +78,7 @@ def create_app(settings: Settings | None = None, context: ServiceContext | None 
     )
     app.state.metrics = DatabaseCollector(context.read_session_factory)
     install_error_handlers(app)
+    install_openapi(app)
     # Innermost of the middleware: its token check holds a database slot like any request.
     app.add_middleware(
         RequestBodyGate,

@@ -8,7 +8,8 @@ from typing import Annotated
 
 from fastapi import Depends, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.openapi.models import OAuthFlowClientCredentials, OAuthFlows
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer, OAuth2
 from pydantic import AfterValidator
 from sqlalchemy.orm import Session
 
@@ -88,6 +89,13 @@ async def _end(session: Session, *, commit: bool, inline: bool) -> None:
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 _bearer = HTTPBearer(auto_error=False, description="an access token from POST /oauth2/token")
+# The same tokens, got by the docs page itself (Swagger UI's Authorize, with a client id and secret).
+_client_credentials = OAuth2(
+    flows=OAuthFlows(clientCredentials=OAuthFlowClientCredentials(tokenUrl="/oauth2/token", scopes={})),
+    scheme_name="OAuth2ClientCredentials",
+    description="a service principal's client id and secret, exchanged at POST /oauth2/token",
+    auto_error=False,
+)
 
 
 def verify_authorization(
@@ -105,7 +113,9 @@ def verify_authorization(
 async def get_caller(
     context: ContextDep,
     session: SessionDep,
-    _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],  # for the OpenAPI document
+    # Both for the OpenAPI document only: either scheme sends the same Authorization header.
+    _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    _client_credentials_token: Annotated[str | None, Depends(_client_credentials)],
     request: Request,
 ) -> Caller:
     """The verified caller, or 401 with a WWW-Authenticate challenge.
@@ -206,8 +216,10 @@ def _account_for(permission: Permission) -> Callable[..., Account]:
     return dependency
 
 
-ReadableAccount = Annotated[Account, Depends(_account_for(Permission.READ))]
-WritableAccount = Annotated[Account, Depends(_account_for(Permission.WRITE))]
+read_account = _account_for(Permission.READ)
+write_account = _account_for(Permission.WRITE)
+ReadableAccount = Annotated[Account, Depends(read_account)]
+WritableAccount = Annotated[Account, Depends(write_account)]
 
 # A resource's id in the path, named as the original API names it (the route's {modelId}).
 AssetId = Annotated[str, Path(alias="assetId")]

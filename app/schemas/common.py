@@ -120,3 +120,37 @@ class Page(ApiModel, Generic[T]):
 
     value: list[T]
     nextLink: str | None = None
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    """Every error of the API (app.errors): a stable code, a message for people, the status again,
+    and one detail per offending field of a refused request."""
+
+    code: str = Field(description="stable, e.g. ValidationError, AccountNotFound, ImageBuildRunning")
+    message: str
+    statusCode: int
+    details: list[ErrorDetail]
+
+
+class OAuthErrorBody(ErrorBody):
+    """The token endpoint's errors also carry RFC 6749's fields."""
+
+    error: str = Field(description="invalid_request, invalid_client or unsupported_grant_type")
+    error_description: str
+
+
+class DistributionErrorItem(BaseModel):
+    code: str = Field(description="the OCI Distribution spec's code, e.g. MANIFEST_UNKNOWN")
+    message: str
+    detail: Any = None
+
+
+class DistributionErrorBody(BaseModel):
+    """A /v2 route's errors, in the OCI Distribution spec's shape."""
+
+    errors: list[DistributionErrorItem]

@@ -7,6 +7,7 @@ from typing import Annotated
 
 from pydantic import Field, StringConstraints
 
+from app.orm.webhook import DeliveryState
 from app.schemas.common import ApiModel, HttpUrlText, Text
 
 
@@ -41,7 +42,7 @@ class WebhookCreated(WebhookRead):
 class DeliveryRead(ApiModel):
     id: str
     eventId: str
-    state: str = Field(description="Pending, Delivered or Failed")
+    state: DeliveryState
     attempts: int
     responseStatus: int | None
     error: str | None

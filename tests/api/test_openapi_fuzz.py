@@ -1,5 +1,5 @@
 """Property-based requests to every operation of the OpenAPI document (schemathesis): none
-may be answered with a server error.
+may be answered with a server error, and every answer is one the document declares.
 
 Cases are generated from the document, valid and invalid, with strings and integers drawn
 now and then from a dictionary of values that break drivers and encoders (NUL, lone
@@ -23,6 +23,12 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.config import SchemathesisConfig
 from schemathesis.generation import GenerationMode
 from schemathesis.python.asgi import ASGIClient
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 from app.api.event_stream import EventHub
 
@@ -123,6 +129,28 @@ class QuietEventHub(EventHub):
 
 
 def test_no_operation_answers_a_server_error(client: TestClient, owner: dict[str, str], account: str) -> None:
+    _fuzz(client, owner, account, checks=[not_a_server_error], examples=EXAMPLES, body_examples=BODY_EXAMPLES)
+
+
+# What the document says of each answer: its status, content type, headers and body.
+CONFORMANCE = [
+    status_code_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+]
+
+
+def test_every_answer_is_the_one_the_document_declares(client: TestClient, owner: dict[str, str], account: str) -> None:
+    """An Owner's requests, valid and invalid, to every operation: each answer's status,
+    content type, headers and body are declared for that operation (fewer examples: the
+    shapes of answers vary less than the inputs that break things)."""
+    _fuzz(client, owner, account, checks=CONFORMANCE, examples=6, body_examples=12)
+
+
+def _fuzz(
+    client: TestClient, owner: dict[str, str], account: str, *, checks: list, examples: int, body_examples: int
+) -> None:
     app = client.app
     app.state.event_hub = QuietEventHub(app.state.context.session_factory, interval=1.0)
     session = ASGIClient(app)  # not entered: the app's lifespan is not this test's
@@ -140,11 +168,11 @@ def test_no_operation_answers_a_server_error(client: TestClient, owner: dict[str
         valid = operation.as_strategy(GenerationMode.POSITIVE, path_parameters=pinned).map(lambda c: (c, True))
         invalid = operation.as_strategy(GenerationMode.NEGATIVE, path_parameters=pinned).map(lambda c: (c, False))
         strategy = st.sampled_from([valid, valid, valid, invalid]).flatmap(lambda s: s)  # 3 valid to 1
-        examples = BODY_EXAMPLES if _takes_json(operation) else EXAMPLES if _takes_input(operation) else 1
+        count = body_examples if _takes_json(operation) else examples if _takes_input(operation) else 1
         timeout = 1.0 if operation.path.endswith("/events") else 30.0  # a resumed stream waits for news
 
         @settings(
-            max_examples=examples,
+            max_examples=count,
             derandomize=True,
             database=None,
             deadline=None,
@@ -160,7 +188,7 @@ def test_no_operation_answers_a_server_error(client: TestClient, owner: dict[str
             response = case.call(session=session, headers=owner, timeout=timeout)  # noqa: B023
             if operation.path == "/ready" and response.status_code == 503:  # noqa: B023
                 return  # its answer when a dependency is down (SQLite: locked by the test's transaction)
-            case.validate_response(response, checks=[not_a_server_error])
+            case.validate_response(response, checks=checks)
 
         try:
             check()

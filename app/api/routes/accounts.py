@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response, status
+from fastapi import APIRouter, Body, Query, Request, Response, status
 
+from app.api import examples
 from app.api.deps import AccountPathDep, CallerDep, ResourceGroup, SessionDep, SubscriptionId
 from app.api.links import next_link
+from app.api.openapi import errors
 from app.auth.roles import Permission, account_scope
 from app.orm import Account
 from app.schemas.accounts import AccountCreate, AccountProperties, AccountRead, Sku
@@ -32,9 +34,19 @@ def to_read(account: Account) -> AccountRead:
     )
 
 
-@router.put("/{accountName}", response_model=AccountRead, status_code=status.HTTP_201_CREATED)
+@router.put(
+    "/{accountName}",
+    response_model=AccountRead,
+    status_code=status.HTTP_201_CREATED,
+    responses={200: {"model": AccountRead, "description": "The account existed: its SKU is updated."}}
+    | errors(403, 409, s409="The account is in another location, which cannot change."),
+)
 def put_account(
-    path: AccountPathDep, body: AccountCreate, caller: CallerDep, session: SessionDep, response: Response
+    path: AccountPathDep,
+    body: Annotated[AccountCreate, Body(openapi_examples=examples.ACCOUNT)],
+    caller: CallerDep,
+    session: SessionDep,
+    response: Response,
 ) -> AccountRead:
     """Create an account (201), or update its SKU (200); a Contributor of the scope may, as in Azure."""
     caller.require(Permission.WRITE, account_scope(path.subscription_id, path.resource_group, path.name))
@@ -44,13 +56,13 @@ def put_account(
     return to_read(account)
 
 
-@router.get("/{accountName}", response_model=AccountRead)
+@router.get("/{accountName}", response_model=AccountRead, responses=errors(403))
 def get_account(path: AccountPathDep, caller: CallerDep, session: SessionDep) -> AccountRead:
     caller.require(Permission.READ, account_scope(path.subscription_id, path.resource_group, path.name))
     return to_read(accounts.get_account(session, path))
 
 
-@router.get("", response_model=Page[AccountRead])
+@router.get("", response_model=Page[AccountRead], responses=errors(403))
 def list_accounts(
     request: Request,
     subscription_id: SubscriptionId,
@@ -72,7 +84,11 @@ def list_accounts(
     return Page(value=[to_read(a) for a in rows], nextLink=next_link(request, token))
 
 
-@router.delete("/{accountName}", status_code=status.HTTP_204_NO_CONTENT)
+@router.delete(
+    "/{accountName}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses=errors(403, 409, s409="The account holds models, manifests or images (and force is not set)."),
+)
 def delete_account(path: AccountPathDep, caller: CallerDep, session: SessionDep, force: bool = False) -> None:
     """Delete an account; refused with 409 while it holds models, unless ``force=true``."""
     caller.require(Permission.WRITE, account_scope(path.subscription_id, path.resource_group, path.name))

@@ -9,6 +9,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 
 from app.api.deps import AssetId, CallerDep, ContextDep, ReadableAccount, SessionDep, WritableAccount
+from app.api.openapi import errors
 from app.api.untrusted import download_headers
 from app.api.uploads import spool_body
 from app.errors import Forbidden, NotFound
@@ -25,6 +26,13 @@ router = APIRouter(
 )
 blob_router = APIRouter(tags=["assets"])
 
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+UPLOAD_BODY = {
+    "required": True,
+    "description": "The file's bytes; its Content-Type (any) is kept as the asset's mimeType.",
+    "content": {"application/octet-stream": _BINARY, "application/zip": _BINARY, "text/plain": _BINARY},
+}
+
 
 def to_read(asset: Asset, store: AssetStore, ttl_days: int) -> AssetRead:
     url, expires_at = assets.read_url(store, asset, ttl_days=ttl_days)
@@ -40,7 +48,14 @@ def to_read(asset: Asset, store: AssetStore, ttl_days: int) -> AssetRead:
     )
 
 
-@router.post("", response_model=AssetRead, status_code=status.HTTP_201_CREATED)
+@router.post(
+    "",
+    response_model=AssetRead,
+    status_code=status.HTTP_201_CREATED,
+    responses=errors(413, 503, s413="The file is larger than MMS_ASSET_MAX_BYTES."),
+    # The route reads the raw body itself (app.api.uploads), so FastAPI cannot see it.
+    openapi_extra={"requestBody": UPLOAD_BODY},
+)
 async def upload_asset(
     request: Request,
     name: Annotated[str, Query(description="the file name, e.g. score.py or model.zip")],
@@ -77,7 +92,7 @@ def get_asset(asset_id: AssetId, account: ReadableAccount, context: ContextDep, 
     return to_read(asset, context.asset_store, context.settings.asset_url_ttl_days)
 
 
-@router.delete("/{assetId}", status_code=status.HTTP_204_NO_CONTENT)
+@router.delete("/{assetId}", status_code=status.HTTP_204_NO_CONTENT, responses=errors(503))
 def delete_asset(asset_id: AssetId, account: WritableAccount, context: ContextDep, session: SessionDep) -> None:
     assets.delete_asset(session, account, context.asset_store, asset_id=asset_id)
 

@@ -9,7 +9,7 @@ registry client. Push methods are 405.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Annotated
+from typing import Annotated, Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Query, Request, Response
@@ -17,9 +17,11 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.routing import APIRoute
 
 from app.api.deps import ContextDep, SessionDep
+from app.api.openapi import errors, header
 from app.api.untrusted import download_headers
 from app.auth import registry_tokens
 from app.errors import DistributionError, as_distribution_error, error_response
+from app.schemas.common import DistributionErrorBody
 from app.services import distribution
 
 API_VERSION_HEADER = "Docker-Distribution-API-Version"
@@ -28,6 +30,8 @@ _PUSH_METHODS = ["PUT", "POST", "PATCH", "DELETE", "OPTIONS"]
 
 class DistributionRoute(APIRoute):
     """Renders every failure of a /v2 route in the spec's error shape, with the version header."""
+
+    declares_its_errors = True  # in that shape (app.api.openapi derives the service's own)
 
     def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
         handler = super().get_route_handler()
@@ -46,8 +50,37 @@ class DistributionRoute(APIRoute):
 
 router = APIRouter(prefix="/v2", tags=["registry"], route_class=DistributionRoute)
 
+_VERSION = {API_VERSION_HEADER: header("registry/2.0", required=True)}
 
-@router.get("/token")
+
+def _errors(*statuses: int) -> dict[int | str, Any]:
+    """The statuses' answers in the distribution spec's shape (a /v2 route's 400 includes bad parameters)."""
+    answers = errors(*statuses, model=DistributionErrorBody)
+    for status, answer in answers.items():
+        answer["headers"] = {**answer.get("headers", {}), **_VERSION}
+        if status == 401:
+            answer["description"] = "No valid token; WWW-Authenticate sends the client to /v2/token."
+        if status == 500:
+            answer["description"] = "An unexpected error, or the database unavailable (the spec's UNKNOWN)."
+    return answers
+
+
+_PULLED = {"schema": {"type": "string", "format": "binary"}}
+PULL_OK = {
+    "description": "A manifest (in its stored media type), a blob, or a repository's tags",
+    "headers": _VERSION,
+    "content": {
+        "application/json": {"schema": {"type": "object", "description": "{name, tags} of tags/list"}},
+        "application/vnd.oci.image.manifest.v1+json": _PULLED,
+        "application/vnd.oci.image.index.v1+json": _PULLED,
+        "application/vnd.docker.distribution.manifest.v2+json": _PULLED,
+        "application/vnd.docker.distribution.manifest.list.v2+json": _PULLED,
+        "application/octet-stream": _PULLED,
+    },
+}
+
+
+@router.get("/token", responses={200: {"headers": _VERSION}} | _errors(400, 401, 500))
 def token(
     request: Request,
     context: ContextDep,
@@ -68,7 +101,7 @@ def token(
 
 
 # HEAD routes stay out of the OpenAPI document: they would repeat the GET's operation id.
-@router.get("/")
+@router.get("/", responses={200: {"headers": _VERSION}} | _errors(401, 500))
 @router.api_route("/", methods=["HEAD"], include_in_schema=False)
 @router.api_route("", methods=["GET", "HEAD"], include_in_schema=False)
 def version_check(request: Request, context: ContextDep, session: SessionDep) -> JSONResponse:
@@ -77,7 +110,7 @@ def version_check(request: Request, context: ContextDep, session: SessionDep) ->
     return JSONResponse({})
 
 
-@router.get("/{path:path}")
+@router.get("/{path:path}", responses={200: PULL_OK} | _errors(400, 401, 403, 404, 500))
 @router.api_route("/{path:path}", methods=["HEAD"], include_in_schema=False)
 def pull(
     path: str,

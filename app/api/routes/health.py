@@ -12,6 +12,7 @@ from sqlalchemy import text
 
 from app.api.deps import ContextDep
 from app.metrics import render
+from app.schemas.health import Readiness
 
 router = APIRouter(tags=["health"])
 log = logging.getLogger("mms.health")
@@ -22,7 +23,11 @@ def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/ready")
+@router.get(
+    "/ready",
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "The database or the broker does not answer."}},
+)
 def ready(context: ContextDep) -> JSONResponse:
     """200 when the database and the broker answer, else 503 naming what does not."""
     checks = {"database": _check(_database, context), "broker": _check(context.build_queue.ping)}
@@ -45,7 +50,13 @@ def _check(probe, *args) -> str:  # type: ignore[no-untyped-def]
     return "ok"
 
 
-@router.get("/metrics", response_class=Response)
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text format"}
+    },
+)
 def metrics(request: Request) -> Response:
     """Prometheus metrics (text format); keep this path on the internal network."""
     body, content_type = render(request.app.state.metrics)

@@ -6,10 +6,11 @@ import re
 from typing import Annotated
 
 import anyio
-from fastapi import APIRouter, Header, Query, Request, Response, status
+from fastapi import APIRouter, Body, Header, Query, Request, Response, status
 from fastapi.responses import PlainTextResponse
 from sse_starlette import EventSourceResponse
 
+from app.api import examples
 from app.api.deps import (
     CallerDep,
     ContextDep,
@@ -24,6 +25,7 @@ from app.api.event_stream import STREAM_SHUTDOWN_GRACE_SECONDS, image_events
 from app.api.image_polls import RETRY_AFTER_SECONDS, image_etag, not_modified_headers
 from app.api.links import next_link
 from app.api.middleware import etag_matches
+from app.api.openapi import RETRY_AFTER, errors, header
 from app.api.routes.manifests import to_read as manifest_to_read
 from app.api.untrusted import NOT_A_PAGE
 from app.auth.roles import account_scope
@@ -39,6 +41,10 @@ from app.services.paging import MAX_ID
 
 PREFIX = "/subscriptions/{subscriptionId}/resourceGroups/{resourceGroup}/accounts/{accountName}"
 router = APIRouter(prefix=PREFIX, tags=["images"])
+
+OPERATION_LOCATION = header("the URL of the build's operation, to poll until it ends", required=True)
+IMAGE_ETAG = header("the image's version: send it as If-None-Match to poll cheaply", required=True)
+LOG_HEADERS = {"Accept-Ranges": header("bytes", required=True), "Retry-After": RETRY_AFTER}
 
 
 def _account_url(request: Request) -> str:
@@ -87,11 +93,16 @@ def to_operation(image: Image, request: Request) -> OperationRead:
     )
 
 
-@router.post("/images", response_model=ImageRead, status_code=status.HTTP_202_ACCEPTED)
+@router.post(
+    "/images",
+    response_model=ImageRead,
+    status_code=status.HTTP_202_ACCEPTED,
+    responses={202: {"headers": {"Operation-Location": OPERATION_LOCATION}}},
+)
 def create_image(
     request: Request,
     response: Response,
-    body: ImageCreate,
+    body: Annotated[ImageCreate, Body(openapi_examples=examples.IMAGE)],
     account: WritableAccount,
     caller: CallerDep,
     context: ContextDep,
@@ -174,7 +185,13 @@ async def stream_image_events(
 @router.get(
     "/images/{imageId}",
     response_model=ImageRead,
-    responses={304: {"description": "unchanged since the ETag sent in If-None-Match"}},
+    responses={
+        200: {"headers": {"ETag": IMAGE_ETAG, "Retry-After": RETRY_AFTER}},
+        304: {
+            "description": "unchanged since the ETag sent in If-None-Match",
+            "headers": {"ETag": IMAGE_ETAG, "Retry-After": RETRY_AFTER},
+        },
+    },
 )
 def get_image(
     image_id: ImageId,
@@ -217,13 +234,19 @@ def list_images(
     return Page(value=[to_read(i, request) for i in rows], nextLink=next_link(request, token))
 
 
-@router.post("/images/{imageId}/cancel", response_model=ImageRead)
+@router.post(
+    "/images/{imageId}/cancel", response_model=ImageRead, responses=errors(409, s409="The build already ended.")
+)
 def cancel_image(image_id: ImageId, request: Request, account: WritableAccount, session: SessionDep) -> ImageRead:
     """Cancel a queued build at once; a running one stops within a heartbeat."""
     return to_read(images.cancel_image(session, account, image_id=image_id), request)
 
 
-@router.delete("/images/{imageId}", status_code=status.HTTP_204_NO_CONTENT)
+@router.delete(
+    "/images/{imageId}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses=errors(409, s409="The image is being built; cancel it first."),
+)
 def delete_image(image_id: ImageId, account: WritableAccount, session: SessionDep, context: ContextDep) -> None:
     images.delete_image(session, account, image_id=image_id, layout=embedded_layout(context.settings))
 
@@ -231,7 +254,22 @@ def delete_image(image_id: ImageId, account: WritableAccount, session: SessionDe
 _OPEN_RANGE = re.compile(r"bytes=([0-9]+)-")
 
 
-@router.get("/images/{imageId}/log", response_class=PlainTextResponse)
+@router.get(
+    "/images/{imageId}/log",
+    response_class=PlainTextResponse,
+    responses={
+        200: {"headers": LOG_HEADERS},
+        206: {
+            "description": "The part of the log after the Range's start.",
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+            "headers": {**LOG_HEADERS, "Content-Range": header("bytes <start>-<end>/<size>", required=True)},
+        },
+        416: {
+            "description": "Nothing past the Range's start yet.",
+            "headers": {**LOG_HEADERS, "Content-Range": header("bytes */<size>", required=True)},
+        },
+    },
+)
 def build_log(
     image_id: ImageId,
     account: ReadableAccount,
@@ -261,7 +299,11 @@ def build_log(
     )
 
 
-@router.get("/operations/{operationId}", response_model=OperationRead)
+@router.get(
+    "/operations/{operationId}",
+    response_model=OperationRead,
+    responses={200: {"headers": {"Retry-After": RETRY_AFTER}}},
+)
 def get_operation(
     operation_id: OperationId, request: Request, response: Response, account: ReadableAccount, session: SessionDep
 ) -> OperationRead:

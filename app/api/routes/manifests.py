@@ -7,8 +7,10 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Query, Request, status
 from pydantic import Discriminator, Tag
 
+from app.api import examples
 from app.api.deps import CallerDep, ContextDep, ManifestId, ReadableAccount, SessionDep, WritableAccount
 from app.api.links import next_link
+from app.api.openapi import errors
 from app.orm import Manifest
 from app.schemas.common import Page
 from app.schemas.manifests import (
@@ -70,7 +72,7 @@ def to_read(manifest: Manifest) -> ManifestRead:
 # The seed: "Http Status Code 200 means Successfully Registered".
 @router.post("", response_model=ManifestRead, status_code=status.HTTP_200_OK)
 def create_manifest(
-    body: Annotated[AnyManifestBody, Body()],
+    body: Annotated[AnyManifestBody, Body(openapi_examples=examples.MANIFEST)],
     account: WritableAccount,
     caller: CallerDep,
     context: ContextDep,
@@ -116,6 +118,10 @@ def list_manifests(
     return Page(value=[to_read(m) for m in rows], nextLink=next_link(request, token))
 
 
-@router.delete("/{manifestId}", status_code=status.HTTP_204_NO_CONTENT)
+@router.delete(
+    "/{manifestId}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses=errors(409, s409="An image uses the manifest."),
+)
 def delete_manifest(manifest_id: ManifestId, account: WritableAccount, session: SessionDep) -> None:
     manifests.delete_manifest(session, account, manifest_id=manifest_id)

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Request, status
+from fastapi import APIRouter, Body, Header, Query, Request, status
 from fastapi.responses import JSONResponse
 
+from app.api import examples
 from app.api.deps import CallerDep, ContextDep, ModelId, ReadableAccount, SessionDep, WritableAccount
 from app.api.links import next_link
+from app.api.openapi import errors, header
 from app.orm import ModelVersion
 from app.schemas.common import Page
 from app.schemas.models import ModelCreate, ModelRead
 from app.services import idempotency, models
+
+IDEMPOTENT_REPLAYED = header("true when the answer is the stored one of an earlier request with the Idempotency-Key")
 
 router = APIRouter(
     prefix="/subscriptions/{subscriptionId}/resourceGroups/{resourceGroup}/accounts/{accountName}/models",
@@ -36,10 +40,15 @@ def to_read(model: ModelVersion) -> ModelRead:
 
 
 # The seed: "Http Status Code 200 means Successfully Registered".
-@router.post("", response_model=ModelRead, status_code=status.HTTP_200_OK)
+@router.post(
+    "",
+    response_model=ModelRead,
+    status_code=status.HTTP_200_OK,
+    responses={200: {"headers": {"Idempotent-Replayed": IDEMPOTENT_REPLAYED}}} | errors(422),
+)
 def register_model(
     request: Request,
-    body: ModelCreate,
+    body: Annotated[ModelCreate, Body(openapi_examples=examples.MODEL)],
     account: WritableAccount,
     caller: CallerDep,
     context: ContextDep,
@@ -84,6 +93,10 @@ def list_models(
     return Page(value=[to_read(m) for m in rows], nextLink=next_link(request, token))
 
 
-@router.delete("/{modelId}", status_code=status.HTTP_204_NO_CONTENT)
+@router.delete(
+    "/{modelId}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses=errors(409, s409="A manifest uses the model."),
+)
 def delete_model(model_id: ModelId, account: WritableAccount, session: SessionDep) -> None:
     models.delete_model(session, account, model_id=model_id)

@@ -8,11 +8,14 @@ from urllib.parse import unquote_plus
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import JSONResponse
 
+from app.api import examples
 from app.api.deps import ContextDep, SessionDep
+from app.api.openapi import errors
 from app.auth.basic import basic_credentials
 from app.auth.keys import public_jwks
 from app.auth.tokens import issue_token
 from app.errors import ServiceError
+from app.schemas.common import OAuthErrorBody
 from app.schemas.principals import TokenResponse
 from app.services.principals import authenticate_client
 
@@ -45,7 +48,13 @@ def _basic_credentials(request: Request) -> tuple[str, str] | None:
     return unquote_plus(client_id), unquote_plus(secret)
 
 
-@router.post("/oauth2/token", response_model=TokenResponse)
+@router.post(
+    "/oauth2/token",
+    response_model=TokenResponse,
+    responses=errors(400, s400="A missing field, or (with RFC 6749's error fields) an unsupported grant type.")
+    | errors(401, model=OAuthErrorBody, s401="The client id or secret is wrong."),
+    openapi_extra={"requestBody": {"content": {"application/x-www-form-urlencoded": {"examples": examples.TOKEN}}}},
+)
 def token(
     request: Request,
     context: ContextDep,

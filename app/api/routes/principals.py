@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, status
+from typing import Annotated
 
+from fastapi import APIRouter, Body, status
+
+from app.api import examples
 from app.api.deps import CallerDep, ClientId, ContextDep, SessionDep
+from app.api.openapi import errors
 from app.orm import ServicePrincipal
 from app.schemas.common import Page
 from app.schemas.principals import (
@@ -27,9 +31,12 @@ def to_read(principal: ServicePrincipal) -> ServicePrincipalRead:
     )
 
 
-@router.post("", response_model=ServicePrincipalCreated, status_code=status.HTTP_201_CREATED)
+@router.post("", response_model=ServicePrincipalCreated, status_code=status.HTTP_201_CREATED, responses=errors(403))
 def create_service_principal(
-    body: ServicePrincipalCreate, caller: CallerDep, context: ContextDep, session: SessionDep
+    body: Annotated[ServicePrincipalCreate, Body(openapi_examples=examples.SERVICE_PRINCIPAL)],
+    caller: CallerDep,
+    context: ContextDep,
+    session: SessionDep,
 ) -> ServicePrincipalCreated:
     """Create a principal with a role on a scope the caller owns; the secret is shown only here."""
     principal, secret = principals.create_principal_as(

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, status
+from fastapi import APIRouter, Body, Query, Request, status
 
+from app.api import examples
 from app.api.deps import CallerDep, ContextDep, ReadableAccount, SessionDep, WebhookId, WritableAccount
 from app.api.links import next_link
 from app.auth.caller import Caller
@@ -54,7 +55,11 @@ def to_delivery(delivery: WebhookDelivery) -> DeliveryRead:
 
 @router.post("/webhooks", response_model=WebhookCreated, status_code=status.HTTP_201_CREATED)
 def create_webhook(
-    body: WebhookCreate, account: WritableAccount, caller: CallerDep, context: ContextDep, session: SessionDep
+    body: Annotated[WebhookCreate, Body(openapi_examples=examples.WEBHOOK)],
+    account: WritableAccount,
+    caller: CallerDep,
+    context: ContextDep,
+    session: SessionDep,
 ) -> WebhookCreated:
     """Register a URL for every image state change; the signing secret is shown only here."""
     webhook, secret = webhooks.create_webhook(
@@ -85,7 +90,10 @@ def get_webhook(webhook_id: WebhookId, account: ReadableAccount, caller: CallerD
 
 @router.patch("/webhooks/{webhookId}", response_model=WebhookRead)
 def update_webhook(
-    webhook_id: WebhookId, body: WebhookUpdate, account: WritableAccount, session: SessionDep
+    webhook_id: WebhookId,
+    body: Annotated[WebhookUpdate, Body(openapi_examples=examples.WEBHOOK_UPDATE)],
+    account: WritableAccount,
+    session: SessionDep,
 ) -> WebhookRead:
     """Pause (``active: false``) or resume a webhook; a paused one is sent nothing new."""
     return to_read(webhooks.update_webhook(session, account, webhook_id=webhook_id, body=body))
@@ -102,7 +110,7 @@ def list_deliveries(
     request: Request,
     account: ReadableAccount,
     session: SessionDep,
-    state: str | None = None,
+    state: Annotated[str | None, Query(json_schema_extra={"enum": [s.value for s in DeliveryState]})] = None,
     count: int | None = None,
     skip_token: Annotated[str | None, Query(alias="$skipToken")] = None,
 ) -> Page[DeliveryRead]:
