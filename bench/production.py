@@ -62,6 +62,7 @@ class Service:
     token: str
     account: str  # the account's URL
     server: subprocess.Popen
+    build_workers: list[subprocess.Popen]
 
     @property
     def headers(self) -> dict[str, str]:
@@ -69,9 +70,12 @@ class Service:
 
 
 @contextmanager
-def production_service(workers: int, *, sqlite: bool = False, **settings: str) -> Iterator[Service]:
+def production_service(
+    workers: int, *, sqlite: bool = False, build_workers: int = 0, **settings: str
+) -> Iterator[Service]:
     """``mms serve`` with ``workers`` API processes; ``settings`` are more MMS_ variables.
-    ``sqlite``: the embedded database under the data folder instead of PostgreSQL."""
+    ``sqlite``: the embedded database under the data folder instead of PostgreSQL.
+    ``build_workers``: that many ``mms worker`` processes (one build at a time each) on a queue of their own."""
     database = f"mms_bench_{int(time.time())}_{os.getpid()}"
     if not sqlite:
         with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as conn:
@@ -88,10 +92,14 @@ def production_service(workers: int, *, sqlite: bool = False, **settings: str) -
         "MMS_REGISTRY": "127.0.0.1:5000",
         "MMS_WORKERS": str(workers),
         "MMS_PORT": str(port),
+        "MMS_PUBLIC_URL": f"http://127.0.0.1:{port}",
+        "MMS_BUILD_QUEUE": f"mms-bench-{os.getpid()}",
+        # In production the operator allows the service's own (here loopback) address to its workers.
+        "MMS_FETCH_ALLOW_HOSTS": json.dumps([f"127.0.0.1:{port}"]),
         **settings,
     }
     mms = [sys.executable, "-m", "app.cli"]
-    server = None
+    server, builders = None, []
     try:
         subprocess.run([*mms, "db", "upgrade"], env=env, check=True, capture_output=True)
         creds = json.loads(
@@ -127,8 +135,26 @@ def production_service(workers: int, *, sqlite: bool = False, **settings: str) -
         httpx.put(
             account, json={"location": "eastus2", "sku": {"name": "S1"}}, headers={"Authorization": f"Bearer {token}"}
         ).raise_for_status()
-        yield Service(base, port, token, account, server)
+        for index in range(build_workers):
+            with open(data_dir / f"worker-{index}.log", "wb") as log:
+                builders.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "workers", "worker", "--concurrency", "1"],
+                        env=env,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                )
+        yield Service(base, port, token, account, server, builders)
     finally:
+        for builder in builders:
+            builder.terminate()
+        for builder in builders:
+            try:
+                builder.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(builder.pid, 9)
         if server is not None:
             server.terminate()
             try:

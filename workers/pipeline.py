@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -375,8 +376,10 @@ def run_pipeline(context: ServiceContext, image_id: uuid.UUID, emit: Log) -> Bui
         check_extra_steps(inputs.extra_steps or "")  # a RUN step fails now, before any fetch
     with scratch_dir("work") as tmp:
         work = Path(tmp)
+        started = time.monotonic()
         app_dir, model_dir, conda, pip = fetch_step(context, inputs, work, emit)
         pip, conda, requirement_files = package_files(context, inputs, pip, conda, work, emit)
+        emit(f"mms: inputs fetched in {time.monotonic() - started:.2f} s")
         base = inputs.base_image or default_base(settings, inputs.published_base, inputs.runtime)
         foreign = foreign_base_image(base, registry=settings.image_registry, account_id=inputs.account_id)
         if foreign:  # the API refuses it too; a manifest stored before that rule is held here
@@ -396,8 +399,10 @@ def run_pipeline(context: ServiceContext, image_id: uuid.UUID, emit: Log) -> Bui
             requirement_files=requirement_files,
         )
         emit(f"mms: building with the {inputs.builder} builder")
+        started = time.monotonic()
         try:
             result = builder.build_and_push(spec, image_repository(inputs), str(inputs.image_version), emit)
+            emit(f"mms: built and pushed in {time.monotonic() - started:.2f} s")
         except InvalidBuildSpec as exc:
             raise StepFailed("environment", str(exc)) from None
         except BuildFailed as exc:
