@@ -59,8 +59,3 @@ def events_after(
         query = query.where(ImageEvent.account_id == account_id)
     rows = session.execute(query.order_by(ImageEvent.id).limit(limit)).all()
     return [Event(row.id, row.account_id, row.image_id, row.state, render(row.id, row.payload)) for row in rows]
-
-
-def image_version(session: Session, image_id: uuid.UUID) -> int:
-    """The id of the image's newest event: it changes exactly when the image's representation does."""
-    return session.scalar(select(func.max(ImageEvent.id)).where(ImageEvent.image_id == image_id)) or 0

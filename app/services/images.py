@@ -7,15 +7,15 @@ import time
 import uuid
 
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, lazyload
 
 from app.builds.lifecycle import cancel_build, create_build, delete_build
 from app.errors import BadRequest, NotFound
 from app.image_store.oci_layout import OciLayout
-from app.orm import Account, BuildLogChunk, Image, ImageName, Manifest
+from app.orm import Account, BuildLogChunk, Image, ImageEvent, ImageName, Manifest
 from app.queue import BuildQueue, after_commit
 from app.schemas.images import ImageCreate
-from app.services.lookup import get_in_account, parse_uuid
+from app.services.lookup import get_in_account, not_found, parse_uuid
 from app.services.manifests import get_manifest
 from app.services.paging import page_by_name_and_version
 from app.services.versioning import claim_next_version
@@ -63,6 +63,25 @@ def create_image(
 def get_image(session: Session, account: Account, *, image_id: str) -> Image:
     """One image of the account, or 404."""
     return get_in_account(session, Image, account, image_id, kind="image")
+
+
+def get_image_and_version(session: Session, account: Account, *, image_id: str) -> tuple[Image, int]:
+    """One image of the account and the id of its newest event (its version), in one query; or 404.
+
+    Its manifest is loaded only if it is read (a poll answered 304 never does).
+    """
+    parsed = parse_uuid(image_id)
+    newest_event = (
+        select(func.coalesce(func.max(ImageEvent.id), 0)).where(ImageEvent.image_id == Image.id).scalar_subquery()
+    )
+    row = (
+        session.execute(select(Image, newest_event).where(Image.id == parsed).options(lazyload(Image.manifest))).first()
+        if parsed
+        else None
+    )
+    if row is None or row[0].account_id != account.id:
+        raise not_found("image", image_id)
+    return row[0], row[1]
 
 
 def get_operation(session: Session, account: Account, *, operation_id: str) -> Image:

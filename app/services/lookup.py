@@ -28,8 +28,12 @@ def get_in_account(
     parsed = parse_uuid(resource_id)
     row = session.get(entity, parsed, options=list(options)) if parsed else None
     if row is None or row.account_id != account.id:  # type: ignore[attr-defined]
-        raise NotFound(
-            f"{kind} '{resource_id}' was not found in this account",
-            code=f"{kind[0].upper()}{kind[1:]}NotFound",
-        )
+        raise not_found(kind, resource_id)
     return row
+
+
+def not_found(kind: str, resource_id: str) -> NotFound:
+    """The 404 for a ``kind`` id that is not in the caller's account (or anywhere)."""
+    return NotFound(
+        f"{kind} '{resource_id}' was not found in this account", code=f"{kind[0].upper()}{kind[1:]}NotFound"
+    )

@@ -5,8 +5,10 @@ from __future__ import annotations
 import uuid
 
 from fastapi.testclient import TestClient
+from sqlalchemy import event
 from sqlalchemy.orm import Session
 
+from app.context import ServiceContext
 from app.orm import BuildLogChunk, Image
 from tests.factories import Callers
 
@@ -173,3 +175,28 @@ def test_the_openapi_document_names_every_creation_state(client: TestClient) -> 
     assert schemas["CreationState"]["enum"] == states
     for body, field in (("ImageRead", "CreationState"), ("OperationRead", "state")):
         assert schemas[body]["properties"][field] == {"$ref": "#/components/schemas/CreationState"}
+
+
+def test_a_poll_of_an_image_reads_the_roles_the_account_and_the_image_only(
+    client: TestClient, owner: dict[str, str], account: str, manifest_id: str, app_context: ServiceContext
+) -> None:
+    created = _create(client, account, owner, manifest_id).json()
+    url = f"{account}/images/{created['Id']}"
+    first = client.get(url, headers=owner)  # renders the manifest, once per process
+    selects: list[str] = []
+
+    def count(_conn, _cursor, statement, *_args) -> None:  # type: ignore[no-untyped-def]
+        if statement.lstrip().upper().startswith("SELECT"):
+            selects.append(statement)
+
+    event.listen(app_context.engine, "before_cursor_execute", count)
+    try:
+        again = client.get(url, headers=owner)
+        unchanged = client.get(url, headers={**owner, "If-None-Match": first.headers["ETag"]})
+    finally:
+        event.remove(app_context.engine, "before_cursor_execute", count)
+    assert again.json() == first.json()  # the embedded manifest as first rendered
+    assert again.json()["Manifest"] == client.get(f"{account}/manifests/{manifest_id}", headers=owner).json()
+    assert unchanged.status_code == 304
+    # Roles (MMS_AUTH_CACHE_SECONDS is 0 in the tests), the account, the image with its version: per request.
+    assert len(selects) == 2 * 3, "\n\n".join(selects)

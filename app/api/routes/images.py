@@ -26,7 +26,7 @@ from app.api.image_polls import RETRY_AFTER_SECONDS, image_etag, not_modified_he
 from app.api.links import next_link
 from app.api.middleware import etag_matches
 from app.api.openapi import RETRY_AFTER, errors, header
-from app.api.routes.manifests import to_read as manifest_to_read
+from app.api.routes.manifests import rendered_manifest
 from app.api.untrusted import NOT_A_PAGE
 from app.auth.roles import account_scope
 from app.builds.states import UNFINISHED, build_error
@@ -36,7 +36,6 @@ from app.orm import Image
 from app.schemas.common import Page
 from app.schemas.images import BaseImageRead, ImageCreate, ImageError, ImageRead, OperationRead
 from app.services import base_images, images
-from app.services.events import image_version
 from app.services.paging import MAX_ID
 
 PREFIX = "/subscriptions/{subscriptionId}/resourceGroups/{resourceGroup}/accounts/{accountName}"
@@ -72,7 +71,7 @@ def to_read(image: Image, request: Request) -> ImageRead:
         ImageBuildLogUri=f"{account_url}/images/{image.id}/log",
         ImageLocation=image.image_location,
         ImageType=image.image_type,
-        Manifest=manifest_to_read(image.manifest),
+        Manifest=rendered_manifest(image),
         WebserviceType="Realtime",
         ComputeResourceId=image.compute_resource_id,
         Digest=image.digest,
@@ -202,8 +201,7 @@ def get_image(
     hub: EventHubDep,
 ) -> ImageRead | Response:
     """One image; poll it with If-None-Match (its ETag changes exactly when it does)."""
-    image = images.get_image(session, account, image_id=image_id)
-    version = image_version(session, image.id)
+    image, version = images.get_image_and_version(session, account, image_id=image_id)
     # Teach this process's poll shortcut the image, so the next poll needs no database.
     hub.versions.note(image.id, account.id, version, image.state)
     params = request.path_params

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import uuid
+from collections import OrderedDict
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Query, Request, status
@@ -11,7 +14,7 @@ from app.api import examples
 from app.api.deps import CallerDep, ContextDep, ManifestId, ReadableAccount, SessionDep, WritableAccount
 from app.api.links import next_link
 from app.api.openapi import errors
-from app.orm import Manifest
+from app.orm import Image, Manifest
 from app.schemas.common import Page
 from app.schemas.manifests import (
     InferenceConfigCreate,
@@ -67,6 +70,28 @@ def to_read(manifest: Manifest) -> ManifestRead:
         enableGpu=manifest.enable_gpu,
         sourceDirectory=manifest.source_directory,
     )
+
+
+# A manifest never changes once made: the one an image embeds is rendered once per process
+# (the most recent RENDERED_MANIFESTS), not loaded with its assets and models on every GET.
+RENDERED_MANIFESTS = 2048
+_rendered: OrderedDict[uuid.UUID, ManifestRead] = OrderedDict()
+_rendered_lock = threading.Lock()
+
+
+def rendered_manifest(image: Image) -> ManifestRead:
+    """The manifest ``image`` was built from, as ManifestRead."""
+    with _rendered_lock:
+        found = _rendered.get(image.manifest_id)
+        if found is not None:
+            _rendered.move_to_end(image.manifest_id)
+            return found
+    found = to_read(image.manifest)  # its row, assets and models: loaded only now
+    with _rendered_lock:
+        _rendered[image.manifest_id] = found
+        while len(_rendered) > RENDERED_MANIFESTS:
+            _rendered.popitem(last=False)
+    return found
 
 
 # The seed: "Http Status Code 200 means Successfully Registered".
