@@ -167,6 +167,9 @@ class Settings(BaseSettings):
     webhook_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
     webhook_max_attempts: int = Field(default=8, ge=1, le=20)
     webhook_retry_base_seconds: float = Field(default=10.0, gt=0)  # doubled per attempt, at most an hour
+    # After rotateSecret, deliveries are signed with the old secret too for this long, so
+    # receivers can switch without dropping a delivery.
+    webhook_secret_overlap_seconds: int = Field(default=86400, ge=0)
 
     @property
     def effective_fetch_allow_hosts(self) -> frozenset[str]:

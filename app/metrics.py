@@ -3,7 +3,9 @@
 Request latency is measured in each API process; with several processes (``mms serve
 --workers N``) prometheus_client's multiprocess mode adds them up, so any process answers
 for all. Build and webhook figures are read from the database at scrape time, so every API
-replica on every machine reports the same numbers for the whole fleet of workers.
+replica on every machine reports the same numbers for the whole fleet of workers. Build
+durations are counted by the move that ends each build, wherever it runs, into a table the
+API reads (``app.builds.durations``): a histogram that only grows, whatever is deleted.
 """
 
 from __future__ import annotations
@@ -17,15 +19,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 from prometheus_client.metrics_core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
-from sqlalchemy import Float, case, cast, func, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from app.builds.durations import BUILD_BUCKETS, INF
 from app.builds.states import CreationState
 from app.database import session_scope
-from app.orm import DeliveryState, Image, WebhookDelivery
+from app.orm import BuildDurationBucket, DeliveryState, Image, WebhookDelivery
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"  # read by prometheus_client itself
-BUILD_BUCKETS = (10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0)
 
 REQUEST_SECONDS = Histogram(
     "mms_http_request_duration_seconds",
@@ -37,12 +39,6 @@ REQUEST_SECONDS = Histogram(
 
 def observe_request(method: str, route: str, status: int, seconds: float) -> None:
     REQUEST_SECONDS.labels(method, route, str(status)).observe(seconds)
-
-
-def _seconds_between(dialect: str, start, end):  # type: ignore[no-untyped-def]
-    if dialect == "sqlite":
-        return (func.julianday(end) - func.julianday(start)) * 86400.0
-    return func.extract("epoch", end - start)
 
 
 class DatabaseCollector(Collector):
@@ -82,21 +78,18 @@ class DatabaseCollector(Collector):
         return [builds, queue, durations, hooks]
 
     def _durations(self, session: Session) -> HistogramMetricFamily:
-        seconds = cast(_seconds_between(session.bind.dialect.name, Image.started_at, Image.ended_at), Float)
-        columns = [func.sum(case((seconds <= bound, 1), else_=0)) for bound in BUILD_BUCKETS]
-        rows = session.execute(
-            select(Image.builder, Image.state, func.count(), func.coalesce(func.sum(seconds), 0.0), *columns)
-            .where(Image.started_at.is_not(None), Image.ended_at.is_not(None))
-            .group_by(Image.builder, Image.state)
-        ).all()
+        counted: dict[tuple[str, str], dict[str, tuple[int, float]]] = {}
+        for row in session.execute(select(BuildDurationBucket)).scalars():
+            counted.setdefault((row.builder, row.state), {})[row.le] = (row.builds, row.seconds)
         family = HistogramMetricFamily(
             "mms_build_duration_seconds",
-            "Finished builds from start to end, by builder and final state",
+            "Finished builds from start to end, by builder and final state, counted as they end",
             labels=["builder", "state"],
         )
-        for builder, state, count, total, *within in rows:
-            buckets = [(str(bound), int(n or 0)) for bound, n in zip(BUILD_BUCKETS, within, strict=True)]
-            family.add_metric([builder, state], buckets + [("+Inf", int(count))], float(total))
+        for (builder, state), by_le in sorted(counted.items()):
+            count, total = by_le.get(INF, (0, 0.0))
+            buckets = [(str(bound), by_le.get(str(bound), (0, 0.0))[0]) for bound in BUILD_BUCKETS]
+            family.add_metric([builder, state], buckets + [(INF, count)], total)
         return family
 
 

@@ -1,5 +1,9 @@
 """A webhook receiver for tests: answers with the statuses it is given, then 200, and keeps
-every request it got (when, headers, body)."""
+every request it got (when, headers, body).
+
+Given ``secrets``, it verifies each request as a Standard Webhooks receiver does
+(``standardwebhooks.Webhook(secret).verify(body, headers)``), answers 401 when no secret
+verifies it, and notes which of its secrets did."""
 
 from __future__ import annotations
 
@@ -11,12 +15,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from standardwebhooks import Webhook, WebhookVerificationError
+
 
 @dataclass
 class Receiver:
     port: int
     statuses: list[int] = field(default_factory=list)
     received: list[tuple[float, dict[str, str], bytes]] = field(default_factory=list)
+    secrets: list[str | bytes] = field(default_factory=list)
+    verified_with: list[list[str | bytes]] = field(default_factory=list)  # per request, when secrets are set
 
     @property
     def url(self) -> str:
@@ -27,6 +35,19 @@ class Receiver:
         events = sorted((json.loads(body) for _, _, body in self.received), key=lambda e: int(e["id"]))
         return [e["image"]["CreationState"] for e in events if e["image"]["Id"] == image_id]
 
+    def verifying(self, headers: dict[str, str], body: bytes) -> list[str | bytes]:
+        """The secrets that verify a request."""
+        return [secret for secret in self.secrets if verifies(secret, headers, body)]
+
+
+def verifies(secret: str | bytes, headers: dict[str, str], body: bytes) -> bool:
+    """Whether a Standard Webhooks receiver holding ``secret`` takes the request."""
+    try:
+        Webhook(secret).verify(body, headers)
+    except WebhookVerificationError:
+        return False
+    return True
+
 
 @contextmanager
 def receiving(port: int) -> Iterator[Receiver]:
@@ -35,8 +56,13 @@ def receiving(port: int) -> Iterator[Receiver]:
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers["Content-Length"]))
-            state.received.append((time.monotonic(), dict(self.headers), body))
-            self.send_response(state.statuses.pop(0) if state.statuses else 200)
+            headers = dict(self.headers)
+            state.received.append((time.monotonic(), headers, body))
+            status = state.statuses.pop(0) if state.statuses else 200
+            if state.secrets:
+                state.verified_with.append(state.verifying(headers, body))
+                status = status if state.verified_with[-1] else 401
+            self.send_response(status)
             self.send_header("Content-Length", "0")
             self.end_headers()
 

@@ -1,6 +1,10 @@
 """Sending webhook deliveries: due ones are claimed, signed, POSTed under the fetcher's
 address rules, and retried with exponential backoff until they succeed or run out of tries.
 
+Each delivery is signed the Standard Webhooks way (``webhook-id``, ``webhook-timestamp``,
+``webhook-signature: v1,<base64>``), with the webhook's previous secret as well while a
+rotation's overlap lasts; the ``X-MMS-*`` headers of before still come along (deprecated).
+
 Every worker runs a ``WebhookDispatcher`` thread beside its builds, so a long build never
 holds deliveries back. Workers share the outbox table: a delivery is claimed by moving its
 ``next_attempt_at`` past the send timeout with a conditional UPDATE, so exactly one worker
@@ -16,10 +20,11 @@ import random
 import threading
 import time
 import uuid
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
+from standardwebhooks import Webhook as StandardWebhook
 
 from app.builds.events import EVENT_TYPE
 from app.context import ServiceContext
@@ -27,6 +32,7 @@ from app.database import session_scope
 from app.orm import DeliveryState, ImageEvent, Webhook, WebhookDelivery
 from app.orm.base import utcnow
 from app.services.events import render
+from app.services.webhooks import signing_key
 from workers.fetch_policy import fetch_policy
 from workers.fetcher import FetchError, FetchPolicy, post
 
@@ -41,6 +47,13 @@ MAX_BACKOFF_SECONDS = 3600.0
 def signature(secret: bytes, timestamp: str, body: bytes) -> str:
     """``sha256=<hex>``: HMAC-SHA256 over ``<timestamp>.<body>`` (what X-MMS-Signature holds)."""
     return "sha256=" + hmac.new(secret, timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+
+
+def standard_signature(secrets: list[str], message_id: str, timestamp: int, body: bytes) -> str:
+    """``v1,<base64>`` for each secret, space-separated: HMAC-SHA256 over ``<id>.<timestamp>.<body>``
+    (what webhook-signature holds)."""
+    sent_at = datetime.fromtimestamp(timestamp, UTC)
+    return " ".join(StandardWebhook(signing_key(secret)).sign(message_id, sent_at, body.decode()) for secret in secrets)
 
 
 def backoff_seconds(attempts: int, base: float) -> float:
@@ -89,7 +102,15 @@ def deliver_due(context: ServiceContext, *, limit: int = 20) -> int:
             if attempt is None:
                 continue
             row = session.execute(
-                select(Webhook.url, Webhook.sealed_secret, Webhook.active, ImageEvent.id, ImageEvent.payload)
+                select(
+                    Webhook.url,
+                    Webhook.sealed_secret,
+                    Webhook.sealed_previous_secret,
+                    Webhook.previous_secret_expires_at,
+                    Webhook.active,
+                    ImageEvent.id,
+                    ImageEvent.payload,
+                )
                 .select_from(WebhookDelivery)
                 .join(Webhook, Webhook.id == WebhookDelivery.webhook_id)
                 .join(ImageEvent, ImageEvent.id == WebhookDelivery.event_id)
@@ -103,15 +124,23 @@ def deliver_due(context: ServiceContext, *, limit: int = 20) -> int:
 def _send(context: ServiceContext, delivery_id: uuid.UUID, attempt: int, row, policy: FetchPolicy) -> None:  # type: ignore[no-untyped-def]
     settings = context.settings
     body = render(row.id, row.payload).encode()
-    timestamp = str(int(time.time()))
+    sent_at = int(time.time())
+    secrets = [context.sealer.unseal(row.sealed_secret).decode()]
+    if row.sealed_previous_secret and row.previous_secret_expires_at and row.previous_secret_expires_at > utcnow():
+        secrets.append(context.sealer.unseal(row.sealed_previous_secret).decode())
     headers = {
         "Content-Type": "application/json",
         "User-Agent": "mms-webhooks/1",
+        # One id per event and webhook, the same on every retry: receivers drop repeats by it.
+        "webhook-id": str(delivery_id),
+        "webhook-timestamp": str(sent_at),
+        "webhook-signature": standard_signature(secrets, str(delivery_id), sent_at, body),
+        # Deprecated: the service's own headers of before, kept for one release.
         "X-MMS-Event": EVENT_TYPE,
         "X-MMS-Event-Id": str(row.id),
         "X-MMS-Delivery": str(delivery_id),
-        "X-MMS-Timestamp": timestamp,
-        "X-MMS-Signature": signature(context.sealer.unseal(row.sealed_secret), timestamp, body),
+        "X-MMS-Timestamp": str(sent_at),
+        "X-MMS-Signature": signature(secrets[0].encode(), str(sent_at), body),
     }
     started = time.monotonic()
     status, error, permanent = None, None, False

@@ -92,16 +92,37 @@ class DatabaseRequestLimit:
             await self.app(scope, receive, send)
 
 
+UNMATCHED = "<unmatched>"  # every path no route knows (404s): one series, not one per path
+# The OCI distribution endpoints that the /v2/ catch-all route serves, named as the spec names them.
+_REGISTRY_ENDPOINTS = (
+    (re.compile(r"/v2/.+/manifests/[^/]+"), "/v2/{name}/manifests/{reference}"),
+    (re.compile(r"/v2/.+/blobs/[^/]+"), "/v2/{name}/blobs/{digest}"),
+    (re.compile(r"/v2/.+/tags/list"), "/v2/{name}/tags/list"),
+)
+_PATH_PARAMETER = re.compile(r"\{(\w+):path\}")
+
+
 def route_template(scope: Scope) -> str:
     """The matched route's template with its router's prefix, e.g. ``/api/.../images/{imageId}``:
-    one metrics series per endpoint, however many ids there are."""
-    template = getattr(scope.get("route"), "path", None)
+    one metrics series per endpoint, however many ids and repositories there are."""
+    route = scope.get("route")
+    template = getattr(route, "path", None)
     if not template:
-        return "<unmatched>"
-    # The route knows its path below the router that holds it; the prefix is what precedes it.
-    concrete = scope["path"].strip("/").split("/")
-    prefix = concrete[: max(len(concrete) - len(template.strip("/").split("/")), 0)]
-    return "/" + "/".join(prefix) + template if prefix else template
+        return UNMATCHED
+    path = scope["path"]
+    # The route knows its path below the routers that hold it (``/api`` …): the prefix is what
+    # precedes the part its pattern matches.
+    pattern = getattr(route, "path_regex", None)
+    if pattern is not None and not pattern.match(path):
+        starts = (i for i, char in enumerate(path) if char == "/" and i > 0)
+        template = next((path[:i] + template for i in starts if pattern.match(path[i:])), template)
+    if not _PATH_PARAMETER.search(template):
+        return template
+    # A {name:path} parameter spans any number of segments: name the endpoint, never the path.
+    for endpoint, name in _REGISTRY_ENDPOINTS:
+        if template == "/v2/{path:path}" and endpoint.fullmatch(path):
+            return name
+    return _PATH_PARAMETER.sub(r"{\1}", template)
 
 
 class ConditionalGetMiddleware:

@@ -6,7 +6,8 @@ writes ``Image.state``: one conditional UPDATE (or DELETE) ``WHERE state IN (<th
 from-states>) AND <the caller's conditions>``, so two API processes or workers racing for the
 same build cannot both win: the database decides, and the loser's statement matches no row.
 A move that changes what the build looks like records its event (and webhook deliveries) in
-the same transaction, through ``app.builds.events``.
+the same transaction, through ``app.builds.events``; a move that ends a build also counts its
+duration there (``app.builds.durations``).
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import ColumnElement, Row, and_, delete, update
+from sqlalchemy import ColumnElement, Row, and_, delete, select, update
 from sqlalchemy.orm import Session
 
+from app.builds.durations import count_finished
 from app.builds.events import IMAGE_COLUMNS, record_events, record_state_changes
 from app.builds.states import CreationState
 from app.orm import Image
@@ -122,6 +124,9 @@ def move(
         rows = session.execute(update(Image).where(condition).values(**values).returning(Image.id, *returning)).all()
         if transition not in SILENT:
             record_state_changes(session, [row.id for row in rows])
+        if rows and target.is_final:
+            ended = select(Image.builder, Image.state, Image.started_at, Image.ended_at)
+            count_finished(session, session.execute(ended.where(Image.id.in_([row.id for row in rows]))).all())
     if rows:
         log.debug("build.moved", extra={"transition": str(transition), "to": target, "builds": len(rows)})
     return rows

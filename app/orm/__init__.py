@@ -4,6 +4,7 @@ from app.orm.account import Account
 from app.orm.asset import Asset
 from app.orm.base import Base
 from app.orm.base_image import BaseImage
+from app.orm.build_duration import BuildDurationBucket
 from app.orm.event import ImageEvent
 from app.orm.idempotency import IdempotencyRecord
 from app.orm.image import BuildLogChunk, Image, ImageName
@@ -18,6 +19,7 @@ __all__ = [
     "Asset",
     "Base",
     "BaseImage",
+    "BuildDurationBucket",
     "BuildLogChunk",
     "DeliveryState",
     "IdempotencyRecord",

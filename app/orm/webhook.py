@@ -21,6 +21,9 @@ class Webhook(UuidPrimaryKey, CreatedAt, Base):
     url: Mapped[str] = mapped_column(String(2048))
     description: Mapped[str | None] = mapped_column(String(256))
     sealed_secret: Mapped[str] = mapped_column(Text)  # the HMAC key, sealed like every stored secret
+    # The secret before the last rotation, still signing deliveries until it expires.
+    sealed_previous_secret: Mapped[str | None] = mapped_column(Text)
+    previous_secret_expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     created_by: Mapped[str | None] = mapped_column(String(255))
 

@@ -17,7 +17,9 @@ class WebhookCreate(ApiModel):
     )
     description: Annotated[Text, StringConstraints(max_length=256)] | None = None
     secret: Annotated[Text, StringConstraints(min_length=16, max_length=256)] | None = Field(
-        default=None, description="the HMAC key signing every delivery; made for you when omitted"
+        default=None,
+        description="the key signing every delivery: whsec_<base64> (Standard Webhooks), or any text "
+        "(its UTF-8 bytes are the key); a whsec_ one is made for you when omitted",
     )
 
 
@@ -33,10 +35,16 @@ class WebhookRead(ApiModel):
     active: bool
     createdTime: datetime
     createdBy: str | None
+    previousSecretExpiresTime: datetime | None = Field(
+        default=None, description="after rotateSecret: until when deliveries are signed with the old secret too"
+    )
 
 
 class WebhookCreated(WebhookRead):
-    secret: str = Field(description="shown only in this response: verify X-MMS-Signature with it")
+    secret: str = Field(
+        description="shown only in this response: verify each delivery's webhook-signature with it "
+        "(a Standard Webhooks library takes it as it is)"
+    )
 
 
 class DeliveryRead(ApiModel):

@@ -1,12 +1,23 @@
 """Webhooks as the API sees them: register, list, pause, delete, and read the delivery log.
 
 Deliveries are queued with each event (``app.services.events``) and sent by the workers
-(``workers.webhooks``), under the same SSRF rules as model downloads.
+(``workers.webhooks``), under the same SSRF rules as model downloads, signed the Standard
+Webhooks way (https://www.standardwebhooks.com).
+
+A secret is text, stored sealed as given. The service makes ``whsec_<base64 of 32 random
+bytes>`` secrets, the form Standard Webhooks libraries take; whose key is the decoded bytes.
+A secret in any other form (a tenant's own, or one from before) keys the HMAC with its UTF-8
+bytes, so ``standardwebhooks.Webhook(secret.encode())`` verifies it. The deprecated
+``X-MMS-Signature`` is keyed with the secret's text, as it always was.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import logging
 import secrets
+from datetime import timedelta
 from urllib.parse import urlsplit, urlunsplit
 
 from sqlalchemy import func, select
@@ -14,12 +25,51 @@ from sqlalchemy.orm import Session
 
 from app.errors import BadRequest
 from app.orm import Account, DeliveryState, Webhook, WebhookDelivery
+from app.orm.base import utcnow
 from app.schemas.webhooks import WebhookCreate, WebhookUpdate
 from app.sealing import Sealer
 from app.services.lookup import get_in_account
 from app.services.paging import decode_token, encode_token, page_size
 
+log = logging.getLogger("mms.webhooks")
+
 MAX_WEBHOOKS_PER_ACCOUNT = 20
+SECRET_PREFIX = "whsec_"  # Standard Webhooks' form: the prefix, then the key in base64
+SECRET_KEY_BYTES = (24, 64)  # the spec's bounds on a key's length
+
+
+def new_secret() -> str:
+    """A signing secret in the Standard Webhooks form: ``whsec_`` and 32 random bytes in base64."""
+    return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode("ascii")
+
+
+def _standard_key(secret: str) -> bytes | None:
+    """A ``whsec_`` secret's key, or None when the secret is not of that form."""
+    if not secret.startswith(SECRET_PREFIX):
+        return None
+    try:
+        return base64.b64decode(secret.removeprefix(SECRET_PREFIX), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def signing_key(secret: str) -> bytes:
+    """The HMAC key of a secret: a ``whsec_`` secret's decoded bytes, any other's UTF-8 bytes
+    (a secret from before this format that merely starts with ``whsec_`` included)."""
+    key = _standard_key(secret)
+    return secret.encode() if key is None else key
+
+
+def _check_secret(secret: str) -> None:
+    if not secret.startswith(SECRET_PREFIX):
+        return
+    key = _standard_key(secret)
+    low, high = SECRET_KEY_BYTES
+    if key is None or not low <= len(key) <= high:
+        raise BadRequest(
+            f"a whsec_ secret is {low} to {high} bytes in standard base64 after the prefix",
+            code="InvalidWebhookSecret",
+        )
 
 
 def create_webhook(
@@ -44,7 +94,9 @@ def create_webhook(
         raise BadRequest(
             f"an account has at most {MAX_WEBHOOKS_PER_ACCOUNT} webhooks; delete one first", code="TooManyWebhooks"
         )
-    secret = body.secret or secrets.token_urlsafe(32)
+    if body.secret:
+        _check_secret(body.secret)
+    secret = body.secret or new_secret()
     webhook = Webhook(
         account_id=account.id,
         url=body.url,
@@ -91,6 +143,28 @@ def update_webhook(session: Session, account: Account, *, webhook_id: str, body:
         webhook.description = body.description
     session.flush()
     return webhook
+
+
+def rotate_secret(
+    session: Session, account: Account, *, webhook_id: str, sealer: Sealer, overlap_seconds: int
+) -> tuple[Webhook, str]:
+    """Give the webhook a new secret and return it (shown only here); the one it replaces keeps
+    signing deliveries beside it for ``overlap_seconds``. Rotating again within the overlap
+    ends the older secret's overlap at once: only the secret just replaced stays."""
+    webhook = get_webhook(session, account, webhook_id=webhook_id)
+    secret = new_secret()
+    if overlap_seconds > 0:
+        webhook.sealed_previous_secret = webhook.sealed_secret
+        webhook.previous_secret_expires_at = utcnow() + timedelta(seconds=overlap_seconds)
+    else:
+        webhook.sealed_previous_secret = webhook.previous_secret_expires_at = None
+    webhook.sealed_secret = sealer.seal(secret.encode())
+    session.flush()
+    log.info(
+        "webhook.secret_rotated",
+        extra={"webhook": str(webhook.id), "overlapSeconds": overlap_seconds},
+    )
+    return webhook, secret
 
 
 def delete_webhook(session: Session, account: Account, *, webhook_id: str) -> None:

@@ -1,11 +1,17 @@
 """Webhook URLs often carry the receiver's token in their query: whole for Contributors and
-Owners, redacted for Readers."""
+Owners, redacted for Readers. Signing secrets are shown once, when made or rotated."""
 
 from __future__ import annotations
 
+import base64
+import logging
+import uuid
+from datetime import UTC, datetime
+
+import pytest
 from fastapi.testclient import TestClient
 
-from tests.factories import Callers
+from tests.factories import Callers, new_account
 
 URL = "https://hooks.example.com/mms/events?token=receiver-secret-123&team=ml#frag-secret"
 
@@ -42,3 +48,50 @@ def test_a_reader_sees_webhook_urls_with_their_query_redacted(
         .json()["url"]
         .endswith("?redacted#redacted")
     )
+
+
+def test_a_secret_is_made_in_the_standard_webhooks_form_and_rotated_by_a_writer_only(
+    client: TestClient, callers: Callers, owner: dict[str, str], account: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    hook = client.post(f"{account}/webhooks", json={"url": "https://hooks.example.com/a"}, headers=owner).json()
+    assert hook["secret"].startswith("whsec_") and len(base64.b64decode(hook["secret"][6:])) == 32
+    assert hook["previousSecretExpiresTime"] is None
+
+    rotated = client.post(f"{account}/webhooks/{hook['id']}/rotateSecret", headers=owner)
+    assert rotated.status_code == 200, rotated.text
+    new = rotated.json()
+    assert new["id"] == hook["id"] and new["secret"].startswith("whsec_") and new["secret"] != hook["secret"]
+    overlap_ends = datetime.fromisoformat(new["previousSecretExpiresTime"])
+    assert abs((overlap_ends - datetime.now(UTC)).total_seconds() - 86400) < 60  # a day, by default
+
+    scope = account.removeprefix("/api")
+    reader, contributor = callers.headers("Reader", scope), callers.headers("Contributor", scope)
+    assert client.post(f"{account}/webhooks/{hook['id']}/rotateSecret", headers=reader).status_code == 403
+    assert client.post(f"{account}/webhooks/{hook['id']}/rotateSecret", headers=contributor).status_code == 200
+    # Another account's webhook is not found from this one, whoever asks.
+    other = new_account(client, owner)
+    assert client.post(f"{other}/webhooks/{hook['id']}/rotateSecret", headers=owner).status_code == 404
+    assert client.post(f"{account}/webhooks/{uuid.uuid4()}/rotateSecret", headers=owner).status_code == 404
+
+    # Neither secret is ever shown again, nor logged.
+    answers = [
+        client.get(f"{account}/webhooks/{hook['id']}", headers=owner),
+        client.get(f"{account}/webhooks", headers=owner),
+    ]
+    for text in [a.text for a in answers] + [caplog.text, *(str(r.__dict__) for r in caplog.records)]:
+        assert hook["secret"] not in text and new["secret"] not in text
+        assert hook["secret"][6:] not in text and new["secret"][6:] not in text
+    assert "secret" not in answers[0].json()
+
+
+def test_a_secret_of_the_standard_form_must_hold_a_key_of_the_standard_size(
+    client: TestClient, owner: dict[str, str], account: str
+) -> None:
+    url = "https://hooks.example.com/b"
+    for bad in ("whsec_" + base64.b64encode(b"k" * 16).decode(), "whsec_not*base64*at*all*!!"):
+        answer = client.post(f"{account}/webhooks", json={"url": url, "secret": bad}, headers=owner)
+        assert answer.status_code == 400 and answer.json()["code"] == "InvalidWebhookSecret", answer.text
+    good = "whsec_" + base64.b64encode(b"k" * 24).decode()
+    made = client.post(f"{account}/webhooks", json={"url": url, "secret": good}, headers=owner)
+    assert made.status_code == 201 and made.json()["secret"] == good

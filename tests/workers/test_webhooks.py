@@ -1,22 +1,31 @@
-"""Webhooks against a real receiver: every state change POSTed, signed, retried with backoff
-until it lands or the attempts run out, under the fetcher's address rules, with a log."""
+"""Webhooks against a real receiver: every state change POSTed, signed (Standard Webhooks,
+and the deprecated X-MMS-Signature), retried with backoff until it lands or the attempts run
+out, under the fetcher's address rules, with a log; secrets rotated with an overlap."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
+import logging
 import time
+import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import update
 
 from app.context import ServiceContext
+from app.database import session_scope
+from app.orm import Webhook
+from app.orm.base import utcnow
 from tests.live_server import Live, free_port, live_service
-from tests.webhook_receiver import Receiver, receiving
-from workers.webhooks import WebhookDispatcher, backoff_seconds, signature
+from tests.webhook_receiver import Receiver, receiving, verifies
+from workers.webhooks import WebhookDispatcher, backoff_seconds, signature, standard_signature
 
 SECRET = "a-receiver-secret-of-some-length"
 
@@ -104,6 +113,63 @@ def test_a_state_change_is_posted_signed_and_retried_with_backoff_until_it_lands
     assert event["image"]["Id"] == image["Id"] and event["image"]["CreationState"] == "NotStarted"
     assert SECRET.encode() not in body and SECRET not in str(headers)
 
+    # The Standard Webhooks headers: a plain secret's key is its UTF-8 bytes.
+    assert headers["webhook-id"] == log[0]["id"] and headers["webhook-timestamp"] == headers["X-MMS-Timestamp"]
+    assert verifies(SECRET.encode(), headers, body)
+    assert verifies("whsec_" + base64.b64encode(SECRET.encode()).decode(), headers, body)
+    by_hand = hmac.new(SECRET.encode(), f"{log[0]['id']}.{headers['webhook-timestamp']}.".encode() + body, "sha256")
+    assert headers["webhook-signature"] == "v1," + base64.b64encode(by_hand.digest()).decode()
+    assert not verifies(SECRET.encode(), headers, body.replace(b"NotStarted", b"Succeeded"))
+    assert not verifies(b"another-secret-of-some-length", headers, body)
+
+
+def test_a_rotated_secret_signs_beside_the_old_one_until_the_overlap_ends(
+    live: Live, receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    account = live.account()
+    hook = _register(live, account, receiver.url, secret=None)
+    old = hook["secret"]
+    new = httpx.post(f"{account}/webhooks/{hook['id']}/rotateSecret", headers=live.headers).json()["secret"]
+    receiver.secrets = [old, new]  # a receiver that answers 401 unless a secret verifies
+
+    live.image(account, name="during")
+    during = _deliveries(live, account, hook, lambda log: log and log[0]["state"] != "Pending")
+    assert [d["state"] for d in during] == ["Delivered"], during
+    assert receiver.verified_with == [[old, new]]
+    assert len(receiver.received[0][1]["webhook-signature"].split(" ")) == 2
+
+    # A day later (the overlap's end moved into the past): only the new secret signs.
+    with session_scope(live.context.session_factory) as session:
+        past = utcnow() - timedelta(seconds=1)
+        session.execute(
+            update(Webhook).where(Webhook.id == uuid.UUID(hook["id"])).values(previous_secret_expires_at=past)
+        )
+    live.image(account, name="after")
+    after = _deliveries(live, account, hook, lambda log: len(log) == 2 and log[0]["state"] != "Pending")
+    assert [d["state"] for d in after] == ["Delivered", "Delivered"], after
+    assert receiver.verified_with == [[old, new], [new]]
+    assert len(receiver.received[1][1]["webhook-signature"].split(" ")) == 1
+
+    for text in [caplog.text, *(str(r.__dict__) for r in caplog.records)]:
+        assert old not in text and new not in text and old[6:] not in text and new[6:] not in text
+    for path in ("", f"/{hook['id']}", f"/{hook['id']}/deliveries"):
+        assert old not in httpx.get(f"{account}/webhooks{path}", headers=live.headers).text
+        assert new not in httpx.get(f"{account}/webhooks{path}", headers=live.headers).text
+
+
+def test_a_replayed_delivery_is_refused_for_its_old_timestamp() -> None:
+    secret = "whsec_" + base64.b64encode(b"k" * 32).decode()
+    body, message = b'{"id":"1"}', "a-delivery-id"
+    now = int(time.time())
+    fresh = {"webhook-id": message, "webhook-timestamp": str(now)}
+    fresh["webhook-signature"] = standard_signature([secret], message, now, body)
+    assert verifies(secret, fresh, body)
+    stale = {"webhook-id": message, "webhook-timestamp": str(now - 600)}
+    stale["webhook-signature"] = standard_signature([secret], message, now - 600, body)  # signed, but old
+    assert not verifies(secret, stale, body)
+    assert not verifies(secret, fresh | {"webhook-id": "another-delivery"}, body)
+
 
 def test_a_receiver_that_never_answers_well_is_given_up_on(live: Live, receiver: Receiver) -> None:
     account = live.account()
@@ -152,7 +218,7 @@ def test_what_a_webhook_registration_refuses(live: Live) -> None:
     )
     assert short.status_code == 400 and "secret" in short.json()["message"]
     made = httpx.post(f"{account}/webhooks", json={"url": "https://example.com/x"}, headers=live.headers).json()
-    assert len(made["secret"]) >= 32  # made for the caller, shown once
+    assert len(made["secret"]) >= 32 and made["secret"].startswith("whsec_")  # made for the caller, shown once
     reader = live.token("Reader", account.split("/api", 1)[1])
     assert httpx.post(f"{account}/webhooks", json={"url": "https://example.com/y"}, headers=reader).status_code == 403
     assert [w["id"] for w in httpx.get(f"{account}/webhooks", headers=reader).json()["value"]] == [made["id"]]

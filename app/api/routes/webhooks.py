@@ -28,6 +28,7 @@ def to_read(webhook: Webhook, *, full_url: bool = True) -> WebhookRead:
         active=webhook.active,
         createdTime=webhook.created_at,
         createdBy=webhook.created_by,
+        previousSecretExpiresTime=webhook.previous_secret_expires_at,
     )
 
 
@@ -97,6 +98,22 @@ def update_webhook(
 ) -> WebhookRead:
     """Pause (``active: false``) or resume a webhook; a paused one is sent nothing new."""
     return to_read(webhooks.update_webhook(session, account, webhook_id=webhook_id, body=body))
+
+
+@router.post("/webhooks/{webhookId}/rotateSecret", response_model=WebhookCreated)
+def rotate_webhook_secret(
+    webhook_id: WebhookId, account: WritableAccount, context: ContextDep, session: SessionDep
+) -> WebhookCreated:
+    """A new signing secret, shown only here; deliveries carry a signature with the old one too
+    for MMS_WEBHOOK_SECRET_OVERLAP_SECONDS (a day by default), so receivers can switch."""
+    webhook, secret = webhooks.rotate_secret(
+        session,
+        account,
+        webhook_id=webhook_id,
+        sealer=context.sealer,
+        overlap_seconds=context.settings.webhook_secret_overlap_seconds,
+    )
+    return WebhookCreated(**to_read(webhook).model_dump(), secret=secret)
 
 
 @router.delete("/webhooks/{webhookId}", status_code=status.HTTP_204_NO_CONTENT)
