@@ -26,6 +26,8 @@ class ServiceContext:
     settings: Settings
     engine: Engine
     session_factory: sessionmaker[Session]
+    # What read-only sessions use: on PostgreSQL a pool of its own (make_engine(read_only=True)).
+    read_engine: Engine
     # For what only reads (GET requests, event streams, metrics): never waits for a writer.
     read_session_factory: sessionmaker[Session]
     sealer: Sealer
@@ -53,8 +55,14 @@ class ServiceContext:
         engine = engine or make_engine(settings)
         factory = session_factory or make_session_factory(engine)
         # Tests hand in factories whose sessions join the test's transaction.
-        read_factory = read_session_factory or session_factory or make_session_factory(engine, read_only=True)
-        own_keys = OwnKeySource(factory, settings.jwks_refresh_min_seconds)
+        read_engine = engine
+        if read_session_factory or session_factory:
+            read_factory = read_session_factory or session_factory
+        else:
+            if engine.dialect.name == "postgresql":
+                read_engine = make_engine(settings, read_only=True)
+            read_factory = make_session_factory(read_engine, read_only=True)
+        own_keys = OwnKeySource(read_factory, settings.jwks_refresh_min_seconds)
         issuers = [TrustedIssuerKeys(issuer=settings.issuer, audience=settings.audience, keys=own_keys)] + [
             TrustedIssuerKeys(
                 issuer=trusted.issuer,
@@ -68,6 +76,7 @@ class ServiceContext:
             settings=settings,
             engine=engine,
             session_factory=factory,
+            read_engine=read_engine,
             read_session_factory=read_factory,
             sealer=Sealer(secret_key),
             verifier=TokenVerifier(issuers, settings.clock_skew_seconds),
@@ -76,6 +85,12 @@ class ServiceContext:
             build_queue=BuildQueue(settings.resolved_broker_url, settings.build_queue),
             grants_cache=GrantsCache(settings.auth_cache_seconds),
         )
+
+    def dispose(self) -> None:
+        """Close every pooled database connection."""
+        self.engine.dispose()
+        if self.read_engine is not self.engine:
+            self.read_engine.dispose()
 
     @property
     def url_policy(self) -> SourceUrlPolicy:

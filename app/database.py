@@ -28,8 +28,15 @@ class DatabaseNotMigrated(RuntimeError):
     """The database's schema is behind the code's migrations."""
 
 
-def make_engine(settings: Settings) -> Engine:
-    """An engine for the configured database, tuned for its dialect."""
+def make_engine(settings: Settings, *, read_only: bool = False) -> Engine:
+    """An engine for the configured database, tuned for its dialect.
+
+    ``read_only`` (PostgreSQL): a pool of its own for read-only sessions, whose connections run
+    in autocommit (no BEGIN and COMMIT round trips around a read; under READ COMMITTED each
+    statement saw the latest commits anyway) and refuse every write
+    (``default_transaction_read_only``, set once per connection). SQLite's read sessions share
+    the one engine: ``make_session_factory(read_only=True)`` makes them read-only there.
+    """
     url = settings.resolved_database_url
     if url.startswith("sqlite"):
         prepare_data_dir(settings)
@@ -48,6 +55,11 @@ def make_engine(settings: Settings) -> Engine:
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_max_overflow,
         pool_timeout=settings.db_pool_timeout_seconds,
+        **(
+            {"isolation_level": "AUTOCOMMIT", "connect_args": {"options": "-c default_transaction_read_only=on"}}
+            if read_only
+            else {}
+        ),
     )
     event.listen(engine, "checkin", _note_checkin)
     event.listen(engine, "checkout", _ping_if_idle)
@@ -108,16 +120,12 @@ def _sqlite_begin(connection) -> None:  # type: ignore[no-untyped-def]
 
 
 def make_session_factory(engine: Engine, *, read_only: bool = False) -> sessionmaker[Session]:
-    """Sessions on ``engine``; ``read_only`` ones refuse writes and, on SQLite, never wait for
-    or hold the write lock (reads see the snapshot their transaction started on)."""
+    """Sessions on ``engine``; ``read_only`` ones refuse writes (the ORM before the database,
+    which refuses them too) and, on SQLite, never wait for or hold the write lock (reads see
+    the snapshot their transaction started on). On PostgreSQL give a ``read_only`` engine."""
     if not read_only:
         return sessionmaker(bind=engine, expire_on_commit=False)
-    options: dict[str, object] = {_READ_ONLY: True}
-    if engine.dialect.name == "postgresql":
-        # No BEGIN and COMMIT round trips around a read. Under READ COMMITTED each statement
-        # saw the latest commits anyway, so a read loses no consistency it had.
-        options["isolation_level"] = "AUTOCOMMIT"
-    return refuse_writes(sessionmaker(bind=engine.execution_options(**options), expire_on_commit=False))
+    return refuse_writes(sessionmaker(bind=engine.execution_options(**{_READ_ONLY: True}), expire_on_commit=False))
 
 
 class WriteInReadOnlySession(RuntimeError):

@@ -60,7 +60,7 @@ def create_app(settings: Settings | None = None, context: ServiceContext | None 
         log.info("app.started", extra={"database": context.engine.url.render_as_string(hide_password=True)})
         yield
         await app.state.event_hub.stop()
-        context.engine.dispose()
+        context.dispose()
 
     app = FastAPI(
         title="Model Management Service",

@@ -16,7 +16,9 @@ import httpx
 
 REDACTED = "***"
 _SECRET_NAME = re.compile(
-    r"secret|password|passwd|token|assertion|signature|credential|authorization|^sig$", re.IGNORECASE
+    r"secret|passw|(?:^|[_-])pass$|^pwd$|token|assertion|signature|credential|authorization|apikey|(?:^|[_-])key$"
+    r"|^sig$|^code$",
+    re.IGNORECASE,
 )
 _SECRET_HEADERS = {"authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key"}
 _SIGNED_URL = re.compile(r"(https?://[^\s\"'?]+)\?[^\s\"']*")
@@ -114,9 +116,12 @@ def redact(value: Any) -> Any:
 
 
 def redact_url(url: str) -> str:
-    """``url`` with the values of its secret-named query parameters replaced."""
+    """``url`` with the password in it and the values of its secret-named query parameters replaced."""
     parts = urlsplit(url)
+    if parts.password:
+        host = parts.netloc.rpartition("@")[2]
+        parts = parts._replace(netloc=f"{parts.username}:{REDACTED}@{host}")
     if not parts.query:
-        return url
+        return urlunsplit(parts)
     query = [(k, REDACTED if _SECRET_NAME.search(k) else v) for k, v in parse_qsl(parts.query, keep_blank_values=True)]
     return urlunsplit(parts._replace(query=urlencode(query, safe="*")))

@@ -81,7 +81,7 @@ def service_context(settings: Settings) -> Iterator[ServiceContext]:
     migrate(context.engine)
     context.signing_key()  # committed once, outside every test's transaction
     yield context
-    context.engine.dispose()
+    context.dispose()
 
 
 @pytest.fixture()

@@ -189,10 +189,23 @@ def _cmdline(pid: int) -> str:
         return "?"
 
 
+def _started(pid: int) -> str | None:
+    """When the process started (clock ticks since boot), or None once it is gone: with the pid it
+    names one process, where a pid alone may have been given to another since."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
 def _kill(pids: list[int]) -> None:
-    """SIGTERM, then SIGKILL whatever is still there after a few seconds."""
+    """SIGTERM, then SIGKILL whatever is still there after a few seconds (the same processes:
+    a pid that exited and was given to another process is left alone)."""
+    started = {pid: _started(pid) for pid in pids}
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:
+            if started[pid] is None or _started(pid) != started[pid]:
+                continue
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:

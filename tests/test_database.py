@@ -16,7 +16,7 @@ from sqlalchemy.exc import DBAPIError
 from app import database
 from app.config import Settings
 from app.context import ServiceContext
-from app.database import WriteInReadOnlySession, make_session_factory, session_scope
+from app.database import WriteInReadOnlySession, session_scope
 from app.orm.account import Account
 
 
@@ -37,7 +37,7 @@ def _account(context: ServiceContext) -> uuid.UUID:
 
 def test_a_read_only_session_refuses_orm_writes_before_the_database_sees_them(service_context: ServiceContext) -> None:
     account_id = _account(service_context)
-    reads = make_session_factory(service_context.engine, read_only=True)
+    reads = service_context.read_session_factory
     with pytest.raises(WriteInReadOnlySession), session_scope(reads) as session:
         session.get(Account, account_id).location = "westus"
         session.flush()
@@ -47,12 +47,7 @@ def test_a_read_only_session_refuses_orm_writes_before_the_database_sees_them(se
         assert session.get(Account, account_id).location == "eastus2"
 
 
-def test_on_sqlite_the_database_refuses_a_write_that_bypasses_the_orm_in_a_read_only_session(
-    settings: Settings,
-) -> None:
-    # On PostgreSQL reads run in autocommit (no BEGIN or COMMIT round trips): only the ORM guard above holds there.
-    if not settings.resolved_database_url.startswith("sqlite"):
-        pytest.skip("query_only is SQLite's")
+def test_the_database_refuses_a_write_that_bypasses_the_orm_in_a_read_only_session(settings: Settings) -> None:
     context = ServiceContext.build(settings)
     account_id = _account(context)
     reads = context.read_session_factory
@@ -60,13 +55,17 @@ def test_on_sqlite_the_database_refuses_a_write_that_bypasses_the_orm_in_a_read_
         pytest.raises(DBAPIError, match="(?i)readonly|read-only|attempt to write"),
         session_scope(reads) as session,
     ):
-        session.execute(text("UPDATE accounts SET location = 'westus' WHERE id = :id"), {"id": account_id.hex})
+        sqlite = context.engine.dialect.name == "sqlite"
+        session.execute(
+            text("UPDATE accounts SET location = 'westus' WHERE id = :id"),
+            {"id": account_id.hex if sqlite else account_id},
+        )
     # The same pooled connection writes again once a writing session takes it.
     with session_scope(context.session_factory) as session:
         session.execute(update(Account).where(Account.id == account_id).values(location="westus"))
     with session_scope(reads) as session:
         assert session.get(Account, account_id).location == "westus"
-    context.engine.dispose()
+    context.dispose()
 
 
 def test_on_sqlite_a_read_neither_waits_for_nor_blocks_the_writer(settings: Settings) -> None:
@@ -94,7 +93,7 @@ def test_on_sqlite_a_read_neither_waits_for_nor_blocks_the_writer(settings: Sett
         writer.close()
     with session_scope(context.read_session_factory) as session:
         assert session.scalar(select(Account.location).where(Account.id == account_id)) == "westus"
-    context.engine.dispose()
+    context.dispose()
 
 
 def test_a_pooled_connection_idle_long_enough_is_pinged_and_replaced_when_the_database_dropped_it(
@@ -114,4 +113,4 @@ def test_a_pooled_connection_idle_long_enough_is_pinged_and_replaced_when_the_da
     monkeypatch.setattr(database, "_PING_AFTER_IDLE_SECONDS", 0.0)
     with session_scope(context.read_session_factory) as session:
         assert session.scalar(select(func.pg_backend_pid())) != backend
-    context.engine.dispose()
+    context.dispose()

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import uuid
 
+from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.orm import Session
 
 from app.builds.states import CreationState
 from app.builds.transitions import Transition, create, move
-from app.errors import Conflict
+from app.errors import Conflict, NotFound
 from app.orm import Image
 from app.orm.base import utcnow
 
@@ -30,16 +31,25 @@ def cancel_build(session: Session, image: Image) -> Image:
         # Running: the worker's heartbeat sees the flag and stops the build.
         if move(session, Transition.REQUEST_CANCEL, where, cancel_requested=True):
             break
-        session.refresh(image)
+        _reread(session, image)
     session.flush()
-    session.refresh(image)
+    _reread(session, image)
     return image
 
 
 def delete_build(session: Session, image: Image) -> None:
     """Forget a build that is not running, with its deletion event; 409 while it runs."""
     if not move(session, Transition.DELETE, Image.id == image.id, to=None):
+        _reread(session, image)  # 404 when a concurrent delete got there first
         raise Conflict("the image is being built; cancel it first", code="ImageBuildRunning")
+
+
+def _reread(session: Session, image: Image) -> None:
+    """``image`` as the database has it now; 404 once another request deleted it."""
+    try:
+        session.refresh(image)
+    except InvalidRequestError:  # the row is gone
+        raise NotFound(f"image '{image.id}' was not found in this account", code="ImageNotFound") from None
 
 
 def delete_account_builds(session: Session, account_id: uuid.UUID) -> None:

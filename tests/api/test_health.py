@@ -49,10 +49,10 @@ def test_a_request_that_finds_every_connection_busy_is_told_to_retry(service_con
         )
         url, headers = "/api/subscriptions/s/resourceGroups/rg/accounts", {"Authorization": f"Bearer {token}"}
         assert client.get(url, headers=headers).status_code == 403  # the keys are loaded; no role
-        with context.engine.connect():  # the only connection, held
+        with context.read_engine.connect():  # the only connection a GET may use, held
             busy = client.get(url, headers=headers)
         assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
         assert busy.json()["code"] == "ServiceUnavailable"
         assert client.get("/health").status_code == 200
     finally:
-        context.engine.dispose()
+        context.dispose()

@@ -15,7 +15,7 @@ from app.builds import CreationState
 from app.builds.lifecycle import cancel_build, delete_build
 from app.builds.states import FINAL
 from app.builds.transitions import GONE, SILENT, TRANSITIONS, IllegalTransition, Transition, allowed_sources, move
-from app.errors import Conflict
+from app.errors import Conflict, NotFound
 from app.orm import Image, ImageEvent
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -116,3 +116,13 @@ def test_only_app_builds_writes_a_builds_state() -> None:
         if _WRITES.search(path.read_text())
     }
     assert writers <= {"app/builds/transitions.py"}, writers
+
+
+def test_a_build_another_request_deleted_meanwhile_is_not_found_by_a_cancel_or_a_delete(
+    db: Session, image: Image
+) -> None:
+    assert move(db, Transition.DELETE, Image.id == image.id, to=None)  # the other request's delete
+    with pytest.raises(NotFound):
+        delete_build(db, image)
+    with pytest.raises(NotFound):
+        cancel_build(db, image)
