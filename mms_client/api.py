@@ -14,10 +14,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 from urllib.parse import quote
-
-import httpx
 
 from mms_client.diagnostics import hooks
 from mms_client.profile import (
@@ -30,6 +28,9 @@ from mms_client.profile import (
     env_token,
 )
 from mms_client.retrying import IDEMPOTENT_METHODS, TRANSIENT_STATUSES, Transient, attempts, retry_after, transient_http
+
+if TYPE_CHECKING:
+    import httpx
 
 _RENEW_BEFORE_SECONDS = 60
 _UPLOAD_CHUNK = 1 << 20
@@ -48,6 +49,8 @@ def fetch_token(
     token_url: str, client_id: str, client_secret: str, scope: str | None, timeout: float = 30.0
 ) -> tuple[str, float]:
     """Client-credentials grant at ``token_url``: (access token, expiry in epoch seconds)."""
+    import httpx
+
     data = {"grant_type": "client_credentials", "client_id": client_id, "client_secret": client_secret}
     if scope:
         data["scope"] = scope
@@ -71,6 +74,8 @@ def fetch_token(
 
 
 def _post_token(token_url: str, data: dict[str, str], timeout: float) -> httpx.Response:
+    import httpx
+
     try:
         for attempt in attempts(transient_http, tries=4, timeout=60.0, wait=0.5):
             with attempt:
@@ -88,6 +93,8 @@ class ServiceClient:
     """Calls the service on behalf of the profile's principal."""
 
     def __init__(self, store: ConfigStore | None = None, *, timeout: float = 60.0) -> None:
+        import httpx
+
         self.store = store = store or ConfigStore()
         try:
             self.profile: Profile = store.load_profile()
@@ -154,6 +161,8 @@ class ServiceClient:
         **kwargs: Any,
     ) -> httpx.Response:
         """One request; a 401 on a cached token renews it and tries once more."""
+        import httpx
+
         token, renewable = self._token()
         for attempt in range(2):
             headers = {**kwargs.pop("headers", {}), "Authorization": f"Bearer {token}"}
@@ -246,6 +255,8 @@ class _Busy(Transient):
 
 
 def _reason(exc: httpx.HTTPError) -> str:
+    import httpx
+
     if isinstance(exc, httpx.ConnectError):
         return "connection refused or host not found"
     if isinstance(exc, httpx.TimeoutException):

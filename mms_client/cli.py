@@ -10,6 +10,7 @@ add to ``base-image``).
 from __future__ import annotations
 
 import functools
+import importlib.util
 import inspect
 import sys
 from collections.abc import Callable
@@ -23,6 +24,20 @@ from mms_client.diagnostics import Verbosity
 from mms_client.output import GLOBAL_PANEL, err
 
 COMMANDS_GROUP = "mms.commands"
+
+
+def require_installed(*modules: str) -> None:
+    """Raise ModuleNotFoundError unless each of ``modules`` is installed, without importing it.
+
+    For a module of commands: called at its top, it makes the module fail to load where its
+    extra is not installed (``mms`` then leaves its commands out) while costing ``mms``'s start
+    nothing where it is.
+    """
+    for name in modules:
+        if importlib.util.find_spec(name) is None:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+
 # The modules of this project whose absence is a broken install, not a missing extra.
 _OWN_PACKAGES = {"mms_client", "app", "workers", "scoring_server", "migrations"}
 

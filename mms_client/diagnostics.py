@@ -9,10 +9,12 @@ import json
 import re
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-import httpx
+if TYPE_CHECKING:
+    import httpx
+
 
 REDACTED = "***"
 _SECRET_NAME = re.compile(
@@ -56,6 +58,8 @@ def _summary(response: httpx.Response) -> None:
 
 
 def _debug_request(request: httpx.Request) -> None:
+    import httpx
+
     _start(request)
     _say("DEBUG", f"Request URL: {redact_url(str(request.url))}")
     _say("DEBUG", f"Request method: {request.method}")

@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable, Iterator
 from email.utils import parsedate_to_datetime
 
-import httpx
 import stamina
 
 __all__ = ["IDEMPOTENT_METHODS", "TRANSIENT_STATUSES", "Transient", "attempts", "retry_after", "transient_http"]
@@ -32,6 +31,8 @@ class Transient(Exception):
 
 def transient_http(exc: Exception) -> bool:
     """No answer (connection refused or dropped, a timeout), or a ``Transient`` status."""
+    import httpx
+
     return isinstance(exc, (httpx.TransportError, Transient))
 
 

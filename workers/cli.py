@@ -15,8 +15,11 @@ from typing import Annotated
 import typer
 
 from app.cli.main import fail, load_settings, prepare_database
-from mms_client.cli import BASE_IMAGE_HELP, subgroup
+from mms_client.cli import BASE_IMAGE_HELP, require_installed, subgroup
 from mms_client.output import err
+
+# Without the `server` extra these commands are not offered.
+require_installed("celery", "docker", "sqlalchemy")
 
 
 def worker(

@@ -18,7 +18,11 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
+from mms_client.cli import require_installed
 from mms_client.output import err
+
+# Without the `server` extra these commands are not offered (imported in the commands, not here).
+require_installed("sqlalchemy", "fastapi", "uvicorn", "alembic", "pydantic_settings")
 
 if TYPE_CHECKING:
     from app.config import Settings
