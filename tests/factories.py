@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
+from app.orm import Account, Image, Manifest, ManifestAsset
+from app.orm.base import utcnow
 from app.services.principals import create_service_principal
 
 SEED_MODEL = {
@@ -80,3 +83,44 @@ def new_account(
     response = client.put(url, json={"location": location, "sku": {"name": "S1", "capacity": 1}}, headers=headers)
     assert response.status_code == 201, response.text
     return url
+
+
+def new_image_row(db: Session, *, builder: str = "docker", assets: Sequence[dict[str, Any]] = ()) -> Image:
+    """A queued build straight in the database (an account, a manifest with ``assets``, an image):
+    for tests of what workers and the build state do with it."""
+    account = Account(
+        subscription_id="s",
+        resource_group="rg",
+        name=f"a{uuid.uuid4().hex[:8]}",
+        location="x",
+        sku_name="S1",
+        sku_capacity=1,
+    )
+    db.add(account)
+    db.flush()
+    manifest = Manifest(
+        account_id=account.id,
+        name="m",
+        version=1,
+        driver_program="score",
+        model_type="Registered",
+        runtime_type="Python",
+        webservice_type="Realtime",
+    )
+    db.add(manifest)
+    db.flush()
+    for position, asset in enumerate(assets):
+        db.add(ManifestAsset(manifest_id=manifest.id, position=position, **asset))
+    image = Image(
+        account_id=account.id,
+        manifest_id=manifest.id,
+        name="i",
+        version=1,
+        image_type="Docker",
+        builder=builder,
+        state="NotStarted",
+        published_at=utcnow(),
+    )
+    db.add(image)
+    db.flush()
+    return image

@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import logging
 import re
-import uuid
 
 import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.context import ServiceContext
-from app.orm import Account, BuildLogChunk, Image, Manifest, ManifestAsset
-from app.orm.base import utcnow
+from app.orm import BuildLogChunk, Image
+from tests.factories import new_image_row
 from workers import runner
 
 INTERNAL = "connection to postgresql://mms:hunter2@10.0.0.7/mms refused in /opt/mms/lib/pipeline.py"
@@ -22,51 +21,14 @@ INTERNAL = "connection to postgresql://mms:hunter2@10.0.0.7/mms refused in /opt/
 
 @pytest.fixture()
 def image(db: Session) -> Image:
-    account = Account(
-        subscription_id="s",
-        resource_group="rg",
-        name=f"a{uuid.uuid4().hex[:8]}",
-        location="x",
-        sku_name="S1",
-        sku_capacity=1,
-    )
-    db.add(account)
-    db.flush()
-    manifest = Manifest(
-        account_id=account.id,
-        name="m",
-        version=1,
-        driver_program="score",
-        model_type="Registered",
-        runtime_type="Python",
-        webservice_type="Realtime",
-    )
-    db.add(manifest)
-    db.flush()
-    # Resolves to this machine's loopback, which no allow list of the tests names.
-    db.add(
-        ManifestAsset(
-            manifest_id=manifest.id,
-            position=0,
-            asset_id="score",
-            mime_type="text/x-python",
-            url="http://localhost:9/score.py?sig=tenant-sas",
-            unpack=False,
-        )
-    )
-    row = Image(
-        account_id=account.id,
-        manifest_id=manifest.id,
-        name="i",
-        version=1,
-        image_type="Docker",
-        builder="oci",
-        state="NotStarted",
-        published_at=utcnow(),
-    )
-    db.add(row)
-    db.flush()
-    return row
+    # Its asset resolves to this machine's loopback, which no allow list of the tests names.
+    score = {
+        "asset_id": "score",
+        "mime_type": "text/x-python",
+        "url": "http://localhost:9/score.py?sig=tenant-sas",
+        "unpack": False,
+    }
+    return new_image_row(db, builder="oci", assets=[score])
 
 
 def _log(db: Session, image: Image) -> str:
