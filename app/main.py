@@ -95,6 +95,7 @@ def create_app(settings: Settings | None = None, context: ServiceContext | None 
 
     api = APIRouter(prefix="/api", dependencies=[Depends(check_parameters), Depends(check_api_version)])
     api.include_router(accounts.router)
+    api.include_router(accounts.discovery)
     api.include_router(models.router)
     api.include_router(assets.router)
     api.include_router(manifests.router)

@@ -87,13 +87,20 @@ def show_account(
 
 
 @modelmanagement_cli.command("list")
-def list_accounts(resource_group: Group = None, output: OutputOption = Output.table, query: QueryOption = None) -> None:
-    """The accounts of a resource group (default: the current one).
+def list_accounts(
+    resource_group: Annotated[
+        str | None, typer.Option("--resource-group", "-g", help="only this resource group's (default: every one)")
+    ] = None,
+    output: OutputOption = Output.table,
+    query: QueryOption = None,
+) -> None:
+    """The accounts you may use: every one your roles reach, or a resource group's with -g.
 
-    Example: mms account modelmanagement list -g rg1
+    Example: mms account modelmanagement list; mms account modelmanagement list -g rg1
     """
     with ServiceClient() as client:
-        accounts = all_pages(client, f"{client.profile.group_path(resource_group)}/accounts")
+        path = f"{client.profile.group_path(resource_group)}/accounts" if resource_group else "/api/accounts"
+        accounts = all_pages(client, path)
     show(accounts, output, COLUMNS, query)
 
 

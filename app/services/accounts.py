@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from sqlalchemy import func, select
+from sqlalchemy import and_, func, or_, select, true, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -94,6 +95,34 @@ def list_accounts(
     if len(rows) <= limit:
         return rows, None
     return rows[:limit], encode_token({"n": rows[limit - 1].name.lower()})
+
+
+def list_accounts_under(
+    session: Session, *, scopes: Iterable[str], count: int | None, skip_token: str | None
+) -> tuple[list[Account], str | None]:
+    """A page of the accounts under any of ``scopes`` (normalised role scopes: ``/``, a
+    subscription, a resource group, an account), by path, and the token of the next page."""
+    path = (func.lower(Account.subscription_id), func.lower(Account.resource_group), func.lower(Account.name))
+    under = []
+    for scope in scopes:
+        if scope == "/":
+            under = [true()]
+            break
+        values = scope.strip("/").split("/")[1::2]  # subscription, resource group, account
+        under.append(and_(*(column == value for column, value in zip(path, values, strict=False))))
+    if not under:
+        return [], None
+    limit = page_size(count)
+    query = select(Account).where(or_(*under))
+    position = decode_token(skip_token, fields={"s": str, "g": str, "n": str})
+    if position is not None:
+        query = query.where(tuple_(*path) > tuple_(position["s"], position["g"], position["n"]))
+    rows = list(session.scalars(query.order_by(*path).limit(limit + 1)))
+    if len(rows) <= limit:
+        return rows, None
+    last = rows[limit - 1]
+    token = {"s": last.subscription_id.lower(), "g": last.resource_group.lower(), "n": last.name.lower()}
+    return rows[:limit], encode_token(token)
 
 
 def delete_account(session: Session, path: AccountPath, *, force: bool) -> None:

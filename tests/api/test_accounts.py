@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session
 
+from app.orm import RoleAssignment
 from tests.factories import Callers, account_url, model_body, new_account
 
 BODY = {"location": "eastus2", "sku": {"name": "S1", "capacity": 1}}
@@ -96,3 +98,50 @@ def test_api_version(client: TestClient, callers: Callers) -> None:
     assert unknown.status_code == 400
     assert unknown.json()["code"] == "UnsupportedApiVersion"
     assert "2017-09-01-preview" in unknown.json()["message"]
+
+
+def test_a_principal_sees_every_account_it_may_read_across_its_scopes_and_nothing_else(
+    client: TestClient, callers: Callers, db: Session
+) -> None:
+    owner = callers.headers()
+    for subscription, group, name in [
+        ("disc-a", "rg-1", "one"),
+        ("disc-a", "rg-2", "two"),  # both under the subscription grant
+        ("disc-b", "RG-X", "three"),  # under the resource group grant (ARM names ignore case)
+        ("disc-b", "rg-y", "four"),  # not granted
+        ("disc-c", "rg-1", "five"),  # the single account grant
+        ("disc-c", "rg-1", "six"),  # not granted
+    ]:
+        new_account(client, owner, subscription, group, name)
+    client_id, secret = callers.credentials("Reader", "/subscriptions/disc-a")
+    for role, scope in [
+        ("Contributor", "/subscriptions/disc-b/resourcegroups/rg-x"),
+        ("Reader", "/subscriptions/disc-c/resourcegroups/rg-1/accounts/five"),
+    ]:
+        db.add(RoleAssignment(issuer=callers.issuer, subject=client_id, role=role, scope=scope))
+    db.flush()
+    token = client.post(
+        "/oauth2/token", data={"grant_type": "client_credentials", "client_id": client_id, "client_secret": secret}
+    ).json()["access_token"]
+    headers = {"Authorization": f"Bearer {token}"}
+
+    listed = client.get("/api/accounts", headers=headers)
+    assert listed.status_code == 200, listed.text
+    assert [a["id"] for a in listed.json()["value"]] == [
+        "/subscriptions/disc-a/resourceGroups/rg-1/accounts/one",
+        "/subscriptions/disc-a/resourceGroups/rg-2/accounts/two",
+        "/subscriptions/disc-b/resourceGroups/RG-X/accounts/three",
+        "/subscriptions/disc-c/resourceGroups/rg-1/accounts/five",
+    ]
+    # Paged one at a time, the same four in the same order.
+    seen, url = [], "/api/accounts?count=1"
+    while url:
+        page = client.get(url, headers=headers).json()
+        seen += [a["name"] for a in page["value"]]
+        url = page.get("nextLink")
+    assert seen == ["one", "two", "three", "five"]
+    # No role, no account; no token, a 401.
+    nobody = callers.headers("Reader", "/subscriptions/disc-none")
+    assert client.get("/api/accounts", headers=nobody).json()["value"] == []
+    assert client.get("/api/accounts").status_code == 401
+    assert client.get("/api/accounts?$skipToken=forged", headers=headers).status_code == 400

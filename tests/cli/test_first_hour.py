@@ -215,3 +215,12 @@ def test_the_served_url_goes_with_the_server(tmp_path: Path) -> None:
     finally:
         stop(server)
     assert settings.recorded_served_url() is None
+
+
+def test_account_list_without_a_resource_group_shows_every_account_the_caller_may_use(client: Client) -> None:
+    current = client.json("account", "modelmanagement", "show")
+    other = client.json("account", "modelmanagement", "create", "-l", "eastus2", "-g", "rg2", "-n", "acct-other")
+    everywhere = {a["id"] for a in client.json("account", "modelmanagement", "list")}
+    assert {current["id"], other["id"]} <= everywhere
+    in_rg2 = {a["id"] for a in client.json("account", "modelmanagement", "list", "-g", "rg2")}
+    assert other["id"] in in_rg2 and current["id"] not in in_rg2

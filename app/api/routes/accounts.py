@@ -93,3 +93,21 @@ def delete_account(path: AccountPathDep, caller: CallerDep, session: SessionDep,
     """Delete an account; refused with 409 while it holds models, unless ``force=true``."""
     caller.require(Permission.WRITE, account_scope(path.subscription_id, path.resource_group, path.name))
     accounts.delete_account(session, path, force=force)
+
+
+# Discovery: what a signed-in principal may use, without naming a resource group.
+discovery = APIRouter(prefix="/accounts", tags=["accounts"])
+
+
+@discovery.get("", response_model=Page[AccountRead])
+def list_readable_accounts(
+    request: Request,
+    caller: CallerDep,
+    session: SessionDep,
+    count: int | None = None,
+    skip_token: Annotated[str | None, Query(alias="$skipToken")] = None,
+) -> Page[AccountRead]:
+    """Every account the caller may read, across all its role scopes, by subscription, resource group and name."""
+    scopes = {grant.scope for grant in caller.grants if Permission.READ in grant.role.permissions}
+    rows, token = accounts.list_accounts_under(session, scopes=scopes, count=count, skip_token=skip_token)
+    return Page(value=[to_read(a) for a in rows], nextLink=next_link(request, token))
