@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from mms_client.api import CliError, ServiceClient
+from mms_client.api import CliError, ServiceClient, all_pages
 from mms_client.output import Output, OutputOption, QueryOption, err, field, show
 
 account_cli = typer.Typer(help="Model management accounts.", no_args_is_help=True)
@@ -122,17 +122,3 @@ def delete(
 def _make_current(client: ServiceClient, resource_group: str, name: str) -> None:
     client.profile.resource_group, client.profile.account = resource_group, name
     client.store.save_profile(client.profile)
-
-
-def all_pages(
-    client: ServiceClient, path: str, params: dict[str, Any] | None = None, limit: int = 10_000
-) -> list[dict[str, Any]]:
-    """Every record of a paged list, following nextLink (at most ``limit``)."""
-    records: list[dict[str, Any]] = []
-    page = client.json("GET", path, params=params)
-    while True:
-        records += page.get("value", [])
-        link = page.get("nextLink")
-        if not link or len(records) >= limit:
-            return records[:limit]
-        page = client.json("GET", link)

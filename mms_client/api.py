@@ -6,7 +6,8 @@ service principal's id and secret (then cached). A 401 on a cached token renews 
 A call that is safe to repeat (GET, PUT, DELETE, a POST with an ``Idempotency-Key``, or
 the token request) is tried again when the service does not answer or answers 429 or 5xx
 (after its ``Retry-After``), a few times within a minute. Any failure becomes a
-``CliError`` whose message says what went wrong and what to do.
+``ServiceError`` (the SDK's exception; ``CliError`` is the CLI's name for it) whose message
+says what went wrong and what to do, and which carries the service's ``code`` and HTTP status.
 """
 
 from __future__ import annotations
@@ -36,13 +37,42 @@ _RENEW_BEFORE_SECONDS = 60
 _UPLOAD_CHUNK = 1 << 20
 
 
-class CliError(Exception):
-    """A failure to show as one line; ``exit_code`` is the process's."""
+class ServiceError(Exception):
+    """A call to the service, or the work around it, failed.
 
-    def __init__(self, message: str, exit_code: int = 1) -> None:
+    ``str()`` of the error is one line saying what went wrong and what to do.
+
+    :ivar message: the service's own message when it answered with an error, else that line.
+    :ivar code: the service's error code (e.g. ``"NotFound"``), None when the service did not answer
+        or the failure is local (a missing file).
+    :ivar status_code: the HTTP status of the service's answer, None when there was none.
+    :ivar details: the service's ``details`` list (field-level messages), empty when none.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        exit_code: int = 1,
+        *,
+        code: str | None = None,
+        status_code: int | None = None,
+        details: list[dict[str, Any]] | None = None,
+        service_message: str | None = None,
+    ) -> None:
         super().__init__(message)
-        self.message = message
+        self.message = service_message if service_message is not None else message
         self.exit_code = exit_code
+        self.code = code
+        self.status_code = status_code
+        self.details = details or []
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(code={self.code!r}, status_code={self.status_code!r}, message={str(self)!r})"
+
+
+class CliError(ServiceError):
+    """A failure to show as one line; ``exit_code`` is the process's. The same as ``ServiceError``
+    for whoever catches it: the command-line client raises it for what it checks itself."""
 
 
 def fetch_token(
@@ -92,13 +122,16 @@ def _post_token(token_url: str, data: dict[str, str], timeout: float) -> httpx.R
 class ServiceClient:
     """Calls the service on behalf of the profile's principal."""
 
-    def __init__(self, store: ConfigStore | None = None, *, timeout: float = 60.0) -> None:
+    def __init__(self, store: ConfigStore | None = None, *, timeout: float = 60.0, environment: bool = True) -> None:
+        """``environment``: whether ``MMS_SERVER`` and ``MMS_TOKEN`` override the store (the CLI's
+        way); the SDK's explicit workspace passes False, so what its caller gave is what is used."""
         import httpx
 
         self.store = store = store or ConfigStore()
+        self.environment = environment
         try:
             self.profile: Profile = store.load_profile()
-            server = env_server() or self.profile.server
+            server = (env_server() if environment else None) or self.profile.server
         except ProfileError as exc:
             raise CliError(str(exc)) from None
         if not server:
@@ -124,7 +157,7 @@ class ServiceClient:
 
     def _token(self, *, renew: bool = False) -> tuple[str, bool]:
         """(token, renewable): renewable when a fresh one can be fetched on a 401."""
-        given = env_token()
+        given = env_token() if self.environment else None
         if given:
             return given, False
         credentials = self.store.load_credentials()
@@ -178,12 +211,12 @@ class ServiceClient:
                 token, renewable = self._token(renew=True)
                 continue
             if response.status_code == 401:
-                where = f"the token in {TOKEN_ENV}" if env_token() else "your sign-in"
-                raise CliError(
-                    f"the service refused {where} ({_service_error(response)}): sign in again with `mms login`"
-                )
+                where = f"the token in {TOKEN_ENV}" if self.environment and env_token() else "your sign-in"
+                refused = service_error(response)
+                refused.args = (f"the service refused {where} ({refused}): sign in again with `mms login`",)
+                raise refused
             if response.status_code not in ok:
-                raise CliError(_service_error(response))
+                raise service_error(response)
             return response
         raise AssertionError("unreachable")
 
@@ -244,6 +277,20 @@ class ServiceClient:
         )
 
 
+def all_pages(
+    client: ServiceClient, path: str, params: dict[str, Any] | None = None, limit: int = 10_000
+) -> list[dict[str, Any]]:
+    """Every record of a paged list, following nextLink (at most ``limit``)."""
+    records: list[dict[str, Any]] = []
+    page = client.json("GET", path, params=params)
+    while True:
+        records += page.get("value", [])
+        link = page.get("nextLink")
+        if not link or len(records) >= limit:
+            return records[:limit]
+        page = client.json("GET", link)
+
+
 class _Busy(Transient):
     """A 429 or 5xx answer to a call that may be sent again."""
 
@@ -264,20 +311,31 @@ def _reason(exc: httpx.HTTPError) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _service_error(response: httpx.Response) -> str:
-    """The service's one error shape as a line: message, the first details, the code."""
+def service_error(response: httpx.Response) -> ServiceError:
+    """The service's one error shape (``{code, message, statusCode, details}``) as a ServiceError
+    whose line is the message, the first details and the code."""
     try:
         body = response.json()
     except ValueError:
         body = None
     if isinstance(body, dict) and body.get("message"):
         message = str(body["message"])
-        details = [d.get("message") for d in body.get("details") or [] if isinstance(d, dict)]
-        details = [d for d in details if d and d not in message]
-        if details:
-            message += ": " + "; ".join(details[:3])
-        return f"{message} [{body.get('code', response.status_code)}]"
-    return f"the service answered {response.status_code} {response.reason_phrase}".rstrip()
+        details = [d for d in body.get("details") or [] if isinstance(d, dict)]
+        extra = [str(d.get("message")) for d in details if d.get("message") and str(d.get("message")) not in message]
+        if extra:
+            message += ": " + "; ".join(extra[:3])
+        code = str(body["code"]) if body.get("code") else None
+        return ServiceError(
+            f"{message} [{code or response.status_code}]",
+            code=code,
+            status_code=response.status_code,
+            details=details,
+            service_message=str(body["message"]),
+        )
+    return ServiceError(
+        f"the service answered {response.status_code} {response.reason_phrase}".rstrip(),
+        status_code=response.status_code,
+    )
 
 
 def _oauth_error(response: httpx.Response) -> str:

@@ -155,7 +155,7 @@ def main(*registers: Register) -> None:
     Usage errors, --help and exit codes are click's own (standalone mode); what escapes it is ours.
     ``registers`` add commands whatever the installed entry points say (``python -m app.cli``).
     """
-    from mms_client.api import CliError
+    from mms_client.api import ServiceError
     from mms_client.profile import ProfileError
 
     # Taken anywhere on the line, as az takes them (before the command's name too).
@@ -165,7 +165,7 @@ def main(*registers: Register) -> None:
             setattr(Verbosity, flag[2:], True)
     try:
         build(*registers)()
-    except (CliError, ProfileError) as exc:
+    except (ServiceError, ProfileError) as exc:
         if Verbosity.debug:
             raise
         err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)

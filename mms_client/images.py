@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import codecs
 import sys
-import time
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import Annotated
 
 import typer
 from rich.console import Console
 
-from mms_client.accounts import all_pages
-from mms_client.api import ServiceClient
+from mms_client.api import ServiceClient, all_pages
+from mms_client.operations import create_image, follow
 from mms_client.output import Output, OutputOption, QueryOption, err, field, out, show
 
 image_cli = typer.Typer(help="Scoring images built from manifests.", no_args_is_help=True)
@@ -53,17 +52,12 @@ def create(
     Example: mms image create -n housingmodel-image --manifest-id 9b1c...
     """
     del wait  # `--wait` was needed before waiting became the default: still accepted
-    body: dict[str, Any] = {"name": name, "manifestId": manifest_id, "imageType": "Docker"}
-    if builder:
-        body["builder"] = builder
-    if description:
-        body["description"] = description
     with ServiceClient() as client:
-        image = client.json("POST", client.account_url("images"), json=body)
+        image = create_image(client, name, manifest_id, builder, description)
         if no_wait:
             show(image, output, COLUMNS, query)
             return
-        image = follow(client, image["Id"], timeout, err)  # stdout keeps the result alone
+        image = follow(client, image["Id"], timeout, _printer(err), err)  # stdout keeps the result alone
     show(image, output, COLUMNS, query)
     state = image["CreationState"]
     if state != "Succeeded":
@@ -74,42 +68,6 @@ def create(
             highlight=False,
         )
     raise typer.Exit(DONE.get(state, TIMED_OUT))
-
-
-def follow(client: ServiceClient, image_id: str, timeout: float, console: Console) -> dict[str, Any]:
-    """Print the build log to ``console`` as it grows, under a live state line, until it ends.
-
-    Each second it asks for the part of the log not yet printed (``Range: bytes=<printed>-``).
-    """
-    printed = 0
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span two reads
-    last = ""
-    deadline = time.monotonic() + timeout
-    with err.status("NotStarted: waiting for a build worker") as status:
-        while True:
-            image = client.json("GET", client.account_url("images", image_id))
-            new = log_since(client, image_id, printed)
-            printed += len(new)
-            text = decoder.decode(new)
-            if text:
-                console.print(text, end="", markup=False, highlight=False)
-                last = (last + text).rstrip().rsplit("\n", 1)[-1][:100]
-            state = image["CreationState"]
-            if state in DONE or time.monotonic() > deadline:
-                return image
-            status.update(f"{state}" + (f": {last}" if last else ""))
-            time.sleep(1.0)
-
-
-def log_since(client: ServiceClient, image_id: str, start: int) -> bytes:
-    """The bytes of the build log from ``start`` on (none yet: empty)."""
-    url = client.account_url("images", image_id, "log")
-    answer = client.call("GET", url, headers={"Range": f"bytes={start}-"}, ok=(200, 206, 416))
-    if answer.status_code == 416:  # nothing past ``start`` yet
-        return b""
-    if answer.status_code == 206:
-        return answer.content
-    return answer.content[start:]  # a service that ignores Range sends the whole log
 
 
 @image_cli.command("show")
@@ -153,9 +111,13 @@ def logs(
     """
     with ServiceClient() as client:
         if follow_log:
-            follow(client, image_id, 24 * 3600, out)
+            follow(client, image_id, 24 * 3600, _printer(out), err)
             return
         sys.stdout.write(client.call("GET", client.account_url("images", image_id, "log")).text)
+
+
+def _printer(console: Console) -> Callable[[str], None]:
+    return lambda text: console.print(text, end="", markup=False, highlight=False)
 
 
 @image_cli.command("cancel")

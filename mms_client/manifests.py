@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import json
 import re
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from mms_client.accounts import all_pages
-from mms_client.api import CliError, ServiceClient
-from mms_client.models import Uploads, register_model, upload_with_progress, zip_folder
+from mms_client.api import CliError, ServiceClient, all_pages
+from mms_client.operations import (
+    RUNTIMES,
+    Uploads,
+    check_models_exist,
+    create_manifest,
+    inference_config_body,
+    register_model,
+    seed_manifest_body,
+)
 from mms_client.output import Output, OutputOption, QueryOption, err, field, show
 
 manifest_cli = typer.Typer(
@@ -28,7 +34,6 @@ COLUMNS = [
     ("models", field("modelIds")),
     ("created", field("CreatedTime")),
 ]
-_RUNTIMES = {"python": "Python", "spark-py": "SparkPython"}
 
 
 @manifest_cli.command("create")
@@ -63,7 +68,7 @@ def create(
 
     Example: mms manifest create -n housingmodel-manifest -f score.py -c myconda.yml -r python -i <model id>
     """
-    if runtime.lower() not in _RUNTIMES:
+    if runtime.lower() not in RUNTIMES:
         raise CliError(f"--runtime must be python or spark-py, not {runtime!r}")
     if (driver is None) == (inference_config is None):
         raise CliError(
@@ -93,17 +98,6 @@ def create(
     show(manifest, output, COLUMNS, query)
 
 
-def check_models_exist(client: ServiceClient, model_ids: list[str]) -> None:
-    """CliError naming every ``--model-id`` the account does not have."""
-    missing = [
-        m for m in model_ids if client.call("GET", client.account_url("models", m), ok=(200, 404)).status_code == 404
-    ]
-    if missing:
-        raise CliError(
-            f"no model with id {', '.join(missing)} in this account (`mms model list` shows them); nothing was uploaded"
-        )
-
-
 def _create(
     client: ServiceClient,
     uploads: Uploads,
@@ -127,81 +121,29 @@ def _create(
         )
         model_ids.append(registered["id"])
     if inference_config is not None:
-        body = _from_inference_config(client, uploads, inference_config, name, model_ids, dependency)
+        try:
+            config = json.loads(inference_config.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise CliError(f"{inference_config} is not a JSON file: {exc}") from None
+        if not isinstance(config, dict):
+            raise CliError(f"{inference_config} needs an entryScript (the scoring script's path)")
+        body = inference_config_body(
+            client, uploads, config, inference_config.parent, name, model_ids, dependency, str(inference_config)
+        )
     else:
-        assets = [_asset(client, uploads, driver)] + [_asset(client, uploads, d) for d in dependency]  # type: ignore[arg-type]
-        properties: dict[str, Any] = {}
-        if conda_file:
-            properties["condaEnvFile"] = upload_with_progress(client, conda_file, conda_file.name, uploads)["url"]
-        if pip_file:
-            properties["pipRequirements"] = upload_with_progress(client, pip_file, pip_file.name, uploads)["url"]
-        body = {
-            "name": name,
-            "description": description,
-            "driverProgram": assets[0]["id"],
-            "modelType": "Registered",
-            "modelIds": model_ids,
-            "assets": assets,
-            "targetRuntime": {"runtimeType": _RUNTIMES[runtime.lower()], "properties": properties},
-        }
-    return client.json("POST", client.account_url("manifests"), json=body)
-
-
-def _asset(client: ServiceClient, uploads: Uploads, path: Path) -> dict[str, Any]:
-    """Upload a file (or a folder, zipped and unpacked in the image) as a manifest asset."""
-    if path.is_dir():
-        with tempfile.TemporaryDirectory(prefix="mms-asset-") as tmp:
-            uploaded = upload_with_progress(
-                client, zip_folder(path, Path(tmp) / f"{path.name}.zip"), f"{path.name}.zip", uploads
-            )
-        return {"id": path.name, "url": uploaded["url"], "mimeType": "application/zip", "unPack": True}
-    uploaded = upload_with_progress(client, path, path.name, uploads)
-    return {"id": path.name, "url": uploaded["url"], "mimeType": uploaded.get("mimeType") or "application/octet-stream"}
-
-
-def _from_inference_config(
-    client: ServiceClient,
-    uploads: Uploads,
-    config_path: Path,
-    name: str,
-    model_ids: list[str],
-    dependencies: list[Path],
-) -> dict[str, Any]:
-    """The custom-image doc's inference configuration, its local files uploaded."""
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CliError(f"{config_path} is not a JSON file: {exc}") from None
-    if not isinstance(config, dict) or not config.get("entryScript"):
-        raise CliError(f"{config_path} needs an entryScript (the scoring script's path)")
-    folder = config_path.parent / (config.get("sourceDirectory") or "")
-
-    def local(key: str) -> Path:
-        path = folder / config[key]
-        if not path.is_file():
-            raise CliError(f"{config_path}: {key} {config[key]!r} is not a file (paths are relative to {folder})")
-        return path
-
-    assets = [_asset(client, uploads, local("entryScript"))]
-    body: dict[str, Any] = {
-        "name": name,
-        "modelIds": model_ids,
-        "entryScript": assets[0]["id"],
-        "runtime": config.get("runtime", "python"),
-    }
-    if config.get("condaFile"):
-        conda = _asset(client, uploads, local("condaFile"))
-        assets.append(conda)
-        body["condaFile"] = conda["id"]
-    assets += [_asset(client, uploads, d) for d in dependencies]
-    body["assets"] = assets
-    for key in ("extraDockerfileSteps", "enableGpu", "baseImage", "baseImageRegistry", "description"):
-        if key in config:
-            value = config[key]
-            if key == "extraDockerfileSteps" and isinstance(value, str) and (folder / value).is_file():
-                value = (folder / value).read_text(encoding="utf-8")  # the doc names a file
-            body[key] = value
-    return body
+        body = seed_manifest_body(
+            client,
+            uploads,
+            name,
+            driver,
+            runtime,
+            conda_file,
+            pip_file,
+            dependency,
+            model_ids,
+            description,  # type: ignore[arg-type]
+        )
+    return create_manifest(client, body)
 
 
 def _model_name(path: Path) -> str:

@@ -22,13 +22,10 @@ from jmespath.exceptions import JMESPathError
 from jmespath.parser import ParsedResult
 from rich import box
 from rich.cells import cell_len
-from rich.console import Console
 from rich.table import Table
 
 from mms_client.api import CliError
-
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
+from mms_client.consoles import err, out  # noqa: F401 - err: the commands import it from here
 
 OUTPUT_ENV = "MMS_OUTPUT"
 GLOBAL_PANEL = "Global Arguments"

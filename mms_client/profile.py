@@ -179,3 +179,27 @@ class ConfigStore:
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+class MemoryStore(ConfigStore):
+    """A profile and credentials held in memory, never written: a program's explicit workspace
+    (the SDK's ``Workspace(...)``), which must neither read nor change the CLI's sign-in."""
+
+    def __init__(self, profile: Profile, credentials: Credentials) -> None:
+        super().__init__(Path("<memory>"))
+        self._profile, self._credentials = profile, credentials
+
+    def load_profile(self) -> Profile:
+        return self._profile
+
+    def save_profile(self, profile: Profile) -> None:
+        self._profile = profile
+
+    def load_credentials(self) -> Credentials:
+        return self._credentials
+
+    def save_credentials(self, credentials: Credentials) -> None:
+        self._credentials = credentials
+
+    def clear(self) -> None:
+        self._credentials = Credentials()

@@ -68,6 +68,7 @@ def test_the_client_installs_alone_without_the_servers_dependencies(tmp_path: Pa
 
     probe = (
         "import importlib.util, json, mms_client, mms_client.api, mms_client.cli; "
+        "from mms_client import Image, InferenceConfig, Model, ServiceError, Workspace; "
         f"print(json.dumps({{m: importlib.util.find_spec(m) is not None for m in {SERVER_MODULES!r}}}))"
     )
     imported = _run([python, "-c", probe], env, tmp_path)

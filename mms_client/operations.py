@@ -1,0 +1,323 @@
+"""What a command and the SDK both do, done once: register a model (a folder zipped), upload a
+manifest's files and create it, create an image and follow its build log.
+
+The CLI's commands (models.py, manifests.py, images.py) and the SDK (sdk.py) call these; no
+typer here, so the SDK does not load the command line.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import mimetypes
+import os
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Self
+
+from mms_client.api import CliError, ServiceClient
+from mms_client.consoles import err
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+RUNTIMES = {"python": "Python", "spark-py": "SparkPython"}
+FINAL_STATES = ("Succeeded", "Failed", "Cancelled")
+# The inference configuration's members (the custom-image document's names) sent as they are.
+_PASSED_THROUGH = ("extraDockerfileSteps", "enableGpu", "baseImage", "baseImageRegistry", "description")
+
+
+class Uploads:
+    """What a command uploaded or registered, deleted again if the command then fails, so a
+    failed command leaves nothing behind in the account."""
+
+    def __init__(self, client: ServiceClient) -> None:
+        self.client = client
+        self.assets: list[str] = []
+        self.models: list[str] = []
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if exc_type is None or not (self.assets or self.models):
+            return
+        left = []
+        # Models first: an asset is what a model's URL points at.
+        for kind, ids in (("models", self.models), ("assets", self.assets)):
+            for resource_id in reversed(ids):
+                try:
+                    self.client.call("DELETE", self.client.account_url(kind, resource_id), ok=(204, 404))
+                except CliError:
+                    left.append(f"{kind[:-1]} {resource_id}")
+        if left:
+            err.print(
+                f"[yellow]warning:[/yellow] could not delete what this command made: {', '.join(left)}", highlight=False
+            )
+        else:
+            err.print(
+                f"Deleted the {len(self.assets)} upload(s) and {len(self.models)} model(s) this command made.",
+                highlight=False,
+            )
+
+
+# -- models -----------------------------------------------------------------------------
+
+
+def register_model(
+    client: ServiceClient, path: Path, name: str, tags: list[str], description: str | None, uploads: Uploads
+) -> dict[str, Any]:
+    """Upload ``path`` (a folder as a zip) and register it; the new model version."""
+    if not path.exists():
+        raise CliError(f"{path} does not exist: give -m a model file or folder")
+    with tempfile.TemporaryDirectory(prefix="mms-model-") as tmp:
+        if path.is_dir():
+            upload, mime_type, unpack = zip_folder(path, Path(tmp) / f"{path.name}.zip"), "application/zip", True
+        else:
+            upload, unpack = path, False
+            mime_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        asset = upload_with_progress(client, upload, upload.name, uploads)
+    body = {
+        "name": name,
+        "tags": tags,
+        "description": description,
+        "url": asset["url"],
+        "mimeType": mime_type,
+        "unpack": unpack,
+        "sha256": asset["sha256"],
+    }
+    registered = client.json("POST", client.account_url("models"), json=body)
+    uploads.models.append(registered["id"])
+    return registered
+
+
+def upload_with_progress(client: ServiceClient, path: Path, name: str, uploads: Uploads) -> dict[str, Any]:
+    """Upload one file as an asset with a progress bar; checks the service got the same bytes."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    size = path.stat().st_size
+    local = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            local.update(block)
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=err,
+        transient=True,
+        disable=not err.is_terminal,
+    ) as progress:
+        task = progress.add_task(f"uploading {name}", total=size)
+        asset = client.upload(path, name, lambda n: progress.advance(task, n))
+    uploads.assets.append(asset["id"])
+    if asset.get("sha256") != local.hexdigest():
+        raise CliError(f"{name} arrived changed (sha256 {asset.get('sha256')}, sent {local.hexdigest()}): try again")
+    return asset
+
+
+def zip_folder(folder: Path, dest: Path) -> Path:
+    """The folder's files, in name order, as a zip (links are refused, not followed)."""
+    files = []
+    for root, dirs, names in os.walk(folder):
+        dirs.sort()
+        for entry in sorted(names):
+            path = Path(root) / entry
+            if path.is_symlink():
+                raise CliError(f"{path} is a symbolic link: copy the file it points to into the folder")
+            files.append(path)
+    if not files:
+        raise CliError(f"{folder} is empty: nothing to register")
+    with zipfile.ZipFile(dest, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
+        for path in files:
+            archive.write(path, path.relative_to(folder).as_posix())
+    return dest
+
+
+# -- manifests --------------------------------------------------------------------------
+
+
+def check_models_exist(client: ServiceClient, model_ids: list[str]) -> None:
+    """CliError naming every model id the account does not have."""
+    missing = [
+        m for m in model_ids if client.call("GET", client.account_url("models", m), ok=(200, 404)).status_code == 404
+    ]
+    if missing:
+        raise CliError(
+            f"no model with id {', '.join(missing)} in this account (`mms model list` shows them); "
+            "nothing was uploaded",
+            code="ModelNotFound",
+            status_code=404,
+        )
+
+
+def upload_asset(client: ServiceClient, uploads: Uploads, path: Path) -> dict[str, Any]:
+    """Upload a file (or a folder, zipped and unpacked in the image) as a manifest asset."""
+    if path.is_dir():
+        with tempfile.TemporaryDirectory(prefix="mms-asset-") as tmp:
+            uploaded = upload_with_progress(
+                client, zip_folder(path, Path(tmp) / f"{path.name}.zip"), f"{path.name}.zip", uploads
+            )
+        return {"id": path.name, "url": uploaded["url"], "mimeType": "application/zip", "unPack": True}
+    uploaded = upload_with_progress(client, path, path.name, uploads)
+    return {"id": path.name, "url": uploaded["url"], "mimeType": uploaded.get("mimeType") or "application/octet-stream"}
+
+
+def seed_manifest_body(
+    client: ServiceClient,
+    uploads: Uploads,
+    name: str,
+    driver: Path,
+    runtime: str,
+    conda_file: Path | None,
+    pip_file: Path | None,
+    dependencies: list[Path],
+    model_ids: list[str],
+    description: str | None,
+) -> dict[str, Any]:
+    """The seed's manifest body (driverProgram, targetRuntime), its files uploaded."""
+    assets = [upload_asset(client, uploads, driver)] + [upload_asset(client, uploads, d) for d in dependencies]
+    properties: dict[str, Any] = {}
+    if conda_file:
+        properties["condaEnvFile"] = upload_with_progress(client, conda_file, conda_file.name, uploads)["url"]
+    if pip_file:
+        properties["pipRequirements"] = upload_with_progress(client, pip_file, pip_file.name, uploads)["url"]
+    return {
+        "name": name,
+        "description": description,
+        "driverProgram": assets[0]["id"],
+        "modelType": "Registered",
+        "modelIds": model_ids,
+        "assets": assets,
+        "targetRuntime": {"runtimeType": RUNTIMES[runtime.lower()], "properties": properties},
+    }
+
+
+def inference_config_body(
+    client: ServiceClient,
+    uploads: Uploads,
+    config: dict[str, Any],
+    base: Path,
+    name: str,
+    model_ids: list[str],
+    dependencies: list[Path],
+    source: str = "the inference configuration",
+) -> dict[str, Any]:
+    """The custom-image document's inference configuration (``config``, its names: entryScript,
+    runtime, condaFile, sourceDirectory, ...) as a manifest body, its local files uploaded.
+
+    Paths are relative to ``base``/sourceDirectory. With a sourceDirectory, its other files and
+    folders go into the image beside the entry script (a folder zipped and unpacked), as the
+    Azure ML SDK packages a source directory. ``source`` names the configuration in errors.
+    """
+    if not config.get("entryScript"):
+        raise CliError(f"{source} needs an entryScript (the scoring script's path)")
+    runtime = config.get("runtime") or "python"  # the service checks it
+    folder = base / (config.get("sourceDirectory") or "")
+    if config.get("sourceDirectory") and not folder.is_dir():
+        raise CliError(f"{source}: sourceDirectory {config['sourceDirectory']!r} is not a folder")
+
+    def local(key: str) -> Path:
+        path = folder / config[key]
+        if not path.is_file():
+            raise CliError(f"{source}: {key} {config[key]!r} is not a file (paths are relative to {folder})")
+        return path
+
+    entry, conda = local("entryScript"), local("condaFile") if config.get("condaFile") else None
+    assets = [upload_asset(client, uploads, entry)]
+    body: dict[str, Any] = {"name": name, "modelIds": model_ids, "entryScript": assets[0]["id"], "runtime": runtime}
+    if conda is not None:
+        assets.append(upload_asset(client, uploads, conda))
+        body["condaFile"] = assets[-1]["id"]
+    if config.get("sourceDirectory"):
+        body["sourceDirectory"] = config["sourceDirectory"]
+        taken = {entry.resolve(), conda.resolve() if conda else None}
+        others = sorted(p for p in folder.iterdir() if p.resolve() not in taken and not p.name.startswith("."))
+        dependencies = [*others, *dependencies]
+    assets += [upload_asset(client, uploads, d) for d in dependencies]
+    body["assets"] = assets
+    for key in _PASSED_THROUGH:
+        if config.get(key) is not None:
+            value = config[key]
+            if key == "extraDockerfileSteps" and isinstance(value, str) and _is_file(folder / value):
+                value = (folder / value).read_text(encoding="utf-8")  # the doc names a file
+            body[key] = value
+    return body
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # Dockerfile steps given inline can be longer than a file name may be
+        return False
+
+
+def create_manifest(client: ServiceClient, body: dict[str, Any]) -> dict[str, Any]:
+    return client.json("POST", client.account_url("manifests"), json=body)
+
+
+# -- images -----------------------------------------------------------------------------
+
+
+def create_image(
+    client: ServiceClient, name: str, manifest_id: str, builder: str | None = None, description: str | None = None
+) -> dict[str, Any]:
+    """Queue an image build of a manifest; the image as queued."""
+    body: dict[str, Any] = {"name": name, "manifestId": manifest_id, "imageType": "Docker"}
+    if builder:
+        body["builder"] = builder
+    if description:
+        body["description"] = description
+    return client.json("POST", client.account_url("images"), json=body)
+
+
+def follow(
+    client: ServiceClient,
+    image_id: str,
+    timeout: float,
+    write: Callable[[str], None] | None,
+    status_console: Console | None = None,
+    poll_seconds: float = 1.0,
+) -> dict[str, Any]:
+    """Pass the build log to ``write`` as it grows, until the build ends or ``timeout``; the image.
+
+    Each poll asks for the part of the log not yet written (``Range: bytes=<printed>-``).
+    ``status_console``: where a live state line shows (the CLI's stderr), if anywhere.
+    """
+    from contextlib import nullcontext
+
+    printed = 0
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span two reads
+    last = ""
+    deadline = time.monotonic() + timeout
+    live = status_console.status("NotStarted: waiting for a build worker") if status_console else nullcontext()
+    with live as status:
+        while True:
+            image = client.json("GET", client.account_url("images", image_id))
+            new = log_since(client, image_id, printed)
+            printed += len(new)
+            text = decoder.decode(new)
+            if text and write is not None:
+                write(text)
+                last = (last + text).rstrip().rsplit("\n", 1)[-1][:100]
+            state = image["CreationState"]
+            if state in FINAL_STATES or time.monotonic() > deadline:
+                return image
+            if status is not None:
+                status.update(f"{state}" + (f": {last}" if last else ""))
+            time.sleep(poll_seconds)
+
+
+def log_since(client: ServiceClient, image_id: str, start: int) -> bytes:
+    """The bytes of the build log from ``start`` on (none yet: empty)."""
+    url = client.account_url("images", image_id, "log")
+    answer = client.call("GET", url, headers={"Range": f"bytes={start}-"}, ok=(200, 206, 416))
+    if answer.status_code == 416:  # nothing past ``start`` yet
+        return b""
+    if answer.status_code == 206:
+        return answer.content
+    return answer.content[start:]  # a service that ignores Range sends the whole log

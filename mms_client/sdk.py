@@ -1,0 +1,546 @@
+"""The Python SDK, in the shape of the Azure ML SDK v1 (``azureml.core``): ``Workspace``,
+``ServicePrincipalAuthentication``, ``Model`` (register, list, package), ``InferenceConfig``
+(with ``base_image`` and ``base_image_registry``) and ``Image`` (``wait_for_creation``).
+
+It is the CLI's own client underneath: the same ``ServiceClient`` (tokens fetched and renewed,
+retries and timeouts) and the same functions the commands call (``mms_client.operations``).
+A failure is a ``ServiceError`` carrying the service's ``code``, ``message`` and HTTP status.
+
+Example::
+
+    from mms_client import InferenceConfig, Model, ServicePrincipalAuthentication, Workspace
+
+    ws = Workspace("http://127.0.0.1:8000", "default", "rg1", "acct1",
+                   auth=ServicePrincipalAuthentication(client_id, client_secret))
+    model = Model.register(workspace=ws, model_path="housing.model", model_name="housing.model")
+    inference_config = InferenceConfig(entry_script="score.py", runtime="python", conda_file="myenv.yml")
+    image = Model.package(ws, [model], inference_config, image_name="housing-image")
+    image.wait_for_creation(show_output=True)
+    print(image.creation_state, image.image_location)
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Self
+
+from mms_client import operations
+from mms_client.api import ServiceClient, ServiceError, all_pages
+from mms_client.profile import ConfigStore, Credentials, MemoryStore, Profile, ProfileError, server_url
+
+__all__ = [
+    "ContainerRegistry",
+    "Image",
+    "InferenceConfig",
+    "Model",
+    "ServiceError",
+    "ServicePrincipalAuthentication",
+    "Workspace",
+]
+
+
+def _hidden(secret: str | None) -> str:
+    return "None" if secret is None else "'***'"
+
+
+class ServicePrincipalAuthentication:
+    """Sign in as a service principal (OAuth 2.0 client credentials).
+
+    :param client_id: the service principal's client id (``mms admin bootstrap`` prints one).
+    :param client_secret: its secret; never shown by ``repr``.
+    :param token_url: an external token endpoint; default: the service's own ``/oauth2/token``.
+    :param scope: the scope to ask an external endpoint for, e.g. ``api://mms/.default``.
+    """
+
+    def __init__(
+        self, client_id: str, client_secret: str, token_url: str | None = None, scope: str | None = None
+    ) -> None:
+        self.client_id = client_id
+        self.client_secret = client_secret
+        self.token_url = token_url
+        self.scope = scope
+
+    def __repr__(self) -> str:
+        return (
+            f"ServicePrincipalAuthentication(client_id={self.client_id!r}, client_secret={_hidden(self.client_secret)})"
+        )
+
+
+class Workspace:
+    """A model management account on a service: what every other object works in.
+
+    :param service_url: the service, e.g. ``http://127.0.0.1:8000`` (or a bare ``host:port``).
+    :param subscription_id: the subscription id (``"default"`` on a service of your own).
+    :param resource_group: the account's resource group.
+    :param account_name: the model management account.
+    :param auth: a ``ServicePrincipalAuthentication``; a token is fetched when first needed and
+        renewed before it expires. To use the ``mms login`` of the command line instead, call
+        ``Workspace.from_login()``.
+    :param timeout: seconds to wait for one answer; calls that are safe to repeat are retried
+        after a dropped connection, a 429 or a 5xx, as the CLI does.
+    """
+
+    def __init__(
+        self,
+        service_url: str,
+        subscription_id: str,
+        resource_group: str,
+        account_name: str,
+        auth: ServicePrincipalAuthentication,
+        *,
+        timeout: float = 60.0,
+    ) -> None:
+        try:
+            server = server_url(service_url)
+        except ValueError as exc:
+            raise ServiceError(str(exc)) from None
+        profile = Profile(
+            server=server,
+            subscription=subscription_id,
+            resource_group=resource_group,
+            account=account_name,
+            client_id=auth.client_id,
+            authority=auth.token_url,
+            scope=auth.scope,
+        )
+        store = MemoryStore(profile, Credentials(client_secret=auth.client_secret))
+        self._client = ServiceClient(store, timeout=timeout, environment=False)
+
+    @classmethod
+    def from_login(cls, config_dir: str | Path | None = None, *, timeout: float = 60.0) -> Workspace:
+        """The workspace of the command line's sign-in and current account (``mms login``, then
+        ``mms account modelmanagement set``), with ``MMS_SERVER`` and ``MMS_TOKEN`` as the CLI
+        reads them. A renewed token is cached where the CLI caches it.
+
+        :param config_dir: the CLI's configuration folder; default: ``MMS_CONFIG_DIR`` or ``~/.config/mms``.
+        """
+        try:
+            client = ServiceClient(ConfigStore(Path(config_dir).expanduser() if config_dir else None), timeout=timeout)
+            client.profile.account_path()
+        except ProfileError as exc:
+            raise ServiceError(str(exc)) from None
+        workspace = cls.__new__(cls)
+        workspace._client = client
+        return workspace
+
+    @classmethod
+    def create(
+        cls,
+        name: str,
+        service_url: str,
+        subscription_id: str,
+        resource_group: str,
+        auth: ServicePrincipalAuthentication,
+        location: str = "eastus2",
+        sku_name: str = "S1",
+        sku_instances: int = 1,
+    ) -> Workspace:
+        """Create the account ``name`` (as ``mms account modelmanagement create``) and return its workspace."""
+        workspace = cls(service_url, subscription_id, resource_group, name, auth)
+        body = {"location": location, "sku": {"name": sku_name, "capacity": sku_instances}}
+        workspace._client.json("PUT", workspace._client.account_url(), json=body)
+        return workspace
+
+    @classmethod
+    def get(
+        cls,
+        name: str,
+        service_url: str,
+        subscription_id: str,
+        resource_group: str,
+        auth: ServicePrincipalAuthentication,
+    ) -> Workspace:
+        """The workspace of the existing account ``name``; a ServiceError (NotFound) if there is none."""
+        workspace = cls(service_url, subscription_id, resource_group, name, auth)
+        workspace.get_details()
+        return workspace
+
+    @property
+    def name(self) -> str:
+        return self._client.profile.account or ""
+
+    @property
+    def subscription_id(self) -> str:
+        return self._client.profile.subscription
+
+    @property
+    def resource_group(self) -> str:
+        return self._client.profile.resource_group or ""
+
+    @property
+    def service_url(self) -> str:
+        return self._client.server
+
+    def get_details(self) -> dict[str, Any]:
+        """The account as the service describes it (location, sku, account id)."""
+        return self._client.json("GET", self._client.account_url())
+
+    def close(self) -> None:
+        """Close the HTTP connections (also done on leaving a ``with`` block)."""
+        self._client.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"Workspace.create(name={self.name!r}, subscription_id={self.subscription_id!r}, "
+            f"resource_group={self.resource_group!r}, service_url={self.service_url!r})"
+        )
+
+
+def _tags(tags: Sequence[str] | Mapping[str, str] | None) -> list[str]:
+    """The service's tags are strings: a mapping's items become ``key=value``."""
+    if tags is None:
+        return []
+    if isinstance(tags, Mapping):
+        return [f"{key}={value}" if value not in (None, "") else str(key) for key, value in tags.items()]
+    if isinstance(tags, str):
+        return [tags]
+    return list(tags)
+
+
+def _not_found(what: str) -> ServiceError:
+    return ServiceError(what, code="ModelNotFound", status_code=404, service_message=what)
+
+
+class Model:
+    """A registered model version.
+
+    ``Model(ws, name="housing.model")`` is the name's latest version, ``Model(ws, name=...,
+    version=2)`` that version, ``Model(ws, id=...)`` the version with that id.
+
+    :ivar id: the version's id (what a manifest names).
+    :ivar name: the model's name.
+    :ivar version: its version number, 1 for the first registration of a name.
+    :ivar tags: its tags (strings).
+    :ivar description: its description.
+    :ivar created_time: when it was registered (ISO 8601).
+    :ivar url: where the service keeps the model's file.
+    """
+
+    def __init__(
+        self, workspace: Workspace, name: str | None = None, id: str | None = None, version: int | None = None
+    ) -> None:
+        client = workspace._client
+        if id is not None:
+            record = client.json("GET", client.account_url("models", id))
+        elif name is not None:
+            versions = all_pages(client, client.account_url("models"), {"name": name})
+            matching = [m for m in versions if m.get("name") == name and (version is None or m["version"] == version)]
+            if not matching:
+                which = f"version {version} of model {name!r}" if version is not None else f"model {name!r}"
+                raise _not_found(f"no {which} in account {workspace.name} (Model.list shows them)")
+            record = max(matching, key=lambda m: m["version"])
+        else:
+            raise ServiceError("Model() needs a name (and optionally a version) or an id")
+        self._set(workspace, record)
+
+    def _set(self, workspace: Workspace, record: dict[str, Any]) -> None:
+        self.workspace = workspace
+        self._record = record
+        self.id: str = record["id"]
+        self.name: str = record["name"]
+        self.version: int = record["version"]
+        self.tags: list[str] = list(record.get("tags") or [])
+        self.description: str | None = record.get("description")
+        self.created_time: str | None = record.get("createdAt")
+        self.url: str | None = record.get("url")
+
+    @classmethod
+    def _of(cls, workspace: Workspace, record: dict[str, Any]) -> Model:
+        model = cls.__new__(cls)
+        model._set(workspace, record)
+        return model
+
+    @staticmethod
+    def register(
+        workspace: Workspace,
+        model_path: str | Path,
+        model_name: str,
+        tags: Sequence[str] | Mapping[str, str] | None = None,
+        description: str | None = None,
+    ) -> Model:
+        """Upload a model and register it under ``model_name``: each registration gets the next version.
+
+        A file is uploaded as it is; a folder is zipped, and unpacked again in the image.
+        What was uploaded is deleted again if the registration fails.
+
+        :param workspace: the workspace to register in.
+        :param model_path: a model file or folder.
+        :param model_name: 1-32 letters, digits, '-', '.' or '_'.
+        :param tags: strings, or a mapping (each item becomes the tag ``key=value``).
+        :param description: a description.
+        :return: the new model version.
+        """
+        client = workspace._client
+        with operations.Uploads(client) as uploads:
+            record = operations.register_model(client, Path(model_path), model_name, _tags(tags), description, uploads)
+        return Model._of(workspace, record)
+
+    @staticmethod
+    def list(
+        workspace: Workspace, name: str | None = None, tag: str | None = None, latest: bool = False
+    ) -> list[Model]:
+        """The account's models, newest version first.
+
+        :param name: only the versions of this name.
+        :param tag: only the models with this tag.
+        :param latest: only the newest version of each name.
+        """
+        params = {k: v for k, v in (("name", name), ("tag", tag)) if v}
+        records = all_pages(workspace._client, workspace._client.account_url("models"), params)
+        if latest:
+            newest: dict[str, dict[str, Any]] = {}
+            for record in records:
+                if record["name"] not in newest or record["version"] > newest[record["name"]]["version"]:
+                    newest[record["name"]] = record
+            records = list(newest.values())
+        return [Model._of(workspace, record) for record in records]
+
+    @staticmethod
+    def package(
+        workspace: Workspace,
+        models: Iterable[Model | str],
+        inference_config: InferenceConfig,
+        image_name: str | None = None,
+        *,
+        builder: str | None = None,
+        description: str | None = None,
+    ) -> Image:
+        """Bundle the models with the inference configuration's files and environment, and
+        build a scoring image of them.
+
+        The entry script, the conda file and the rest of the source directory are uploaded and
+        made a manifest (named as the image); the build is then queued. Follow it with
+        ``image.wait_for_creation(show_output=True)``.
+
+        :param models: ``Model`` objects, or model ids.
+        :param inference_config: the scoring script and its environment.
+        :param image_name: the image's (and its manifest's) name; default: the first model's name.
+        :param builder: ``oci`` (daemonless) or ``docker``; default: the service's.
+        :return: the queued ``Image``.
+        """
+        client = workspace._client
+        given = list(models)
+        model_ids = [m.id if isinstance(m, Model) else str(m) for m in given]
+        name = image_name or _image_name(next((m.name for m in given if isinstance(m, Model)), None))
+        operations.check_models_exist(client, model_ids)  # before anything is uploaded
+        with operations.Uploads(client) as uploads:
+            body = operations.inference_config_body(
+                client, uploads, inference_config._as_config(), Path.cwd(), name, model_ids, [], "InferenceConfig"
+            )
+            manifest = operations.create_manifest(client, body)
+        record = operations.create_image(
+            client, name, manifest["id"], builder, description or inference_config.description
+        )
+        return Image._of(workspace, record)
+
+    def delete(self) -> None:
+        """Delete this model version (its version number is never reused)."""
+        self.workspace._client.call("DELETE", self.workspace._client.account_url("models", self.id))
+
+    def serialize(self) -> dict[str, Any]:
+        """The model as the service describes it."""
+        return dict(self._record)
+
+    def __repr__(self) -> str:
+        return f"Model(workspace={self.workspace!r}, name={self.name!r}, id={self.id!r}, version={self.version!r})"
+
+
+def _image_name(model_name: str | None) -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", model_name or "")[:26]
+    return f"{name}-image" if name else "package"
+
+
+class ContainerRegistry:
+    """A private registry the base image is pulled from; the password is never shown by ``repr``.
+
+    :ivar address: the registry's host[:port], e.g. ``myregistry.azurecr.io``.
+    :ivar username: the user name to pull with.
+    :ivar password: the password (sealed by the service, never returned by it).
+    """
+
+    def __init__(self, address: str | None = None, username: str | None = None, password: str | None = None) -> None:
+        self.address = address
+        self.username = username
+        self.password = password
+
+    def __repr__(self) -> str:
+        shown = f"address={self.address!r}, username={self.username!r}, password={_hidden(self.password)}"
+        return f"ContainerRegistry({shown})"
+
+
+class InferenceConfig:
+    """How a model is served: the scoring script and the environment it runs in.
+
+    :param entry_script: the scoring script (``init()`` and ``run(raw_data)``), relative to
+        ``source_directory`` when one is given.
+    :param runtime: ``"python"`` or ``"spark-py"``.
+    :param conda_file: a conda environment file (relative to ``source_directory`` when given).
+    :param extra_docker_file_steps: Dockerfile steps run after the environment is set up: the
+        steps, or a file holding them.
+    :param source_directory: a folder whose files all go into the image beside the entry script.
+    :param enable_gpu: build on the GPU base image.
+    :param base_image: an image to build on instead of the service's base image, e.g.
+        ``"myregistry.azurecr.io/myimage:v1"``.
+    :param base_image_registry: the private registry of ``base_image`` (or set its
+        ``address``, ``username`` and ``password`` attributes).
+    :param description: the image's description.
+    """
+
+    def __init__(
+        self,
+        entry_script: str | Path,
+        runtime: str = "python",
+        conda_file: str | Path | None = None,
+        extra_docker_file_steps: str | Path | None = None,
+        source_directory: str | Path | None = None,
+        enable_gpu: bool = False,
+        description: str | None = None,
+        base_image: str | None = None,
+        base_image_registry: ContainerRegistry | None = None,
+    ) -> None:
+        self.entry_script = entry_script
+        self.runtime = runtime
+        self.conda_file = conda_file
+        self.extra_docker_file_steps = extra_docker_file_steps
+        self.source_directory = source_directory
+        self.enable_gpu = enable_gpu
+        self.description = description
+        self.base_image = base_image
+        self.base_image_registry = base_image_registry or ContainerRegistry()
+
+    def _as_config(self) -> dict[str, Any]:
+        """The inference configuration document's members (``--ic`` of ``mms manifest create``)."""
+        config: dict[str, Any] = {
+            "entryScript": str(self.entry_script),
+            "runtime": self.runtime,
+            "condaFile": str(self.conda_file) if self.conda_file else None,
+            "sourceDirectory": str(self.source_directory) if self.source_directory else None,
+            "extraDockerfileSteps": str(self.extra_docker_file_steps) if self.extra_docker_file_steps else None,
+            "enableGpu": self.enable_gpu,
+            "baseImage": self.base_image,
+            "description": self.description,
+        }
+        registry = self.base_image_registry
+        if registry.address:
+            config["baseImageRegistry"] = {
+                "address": registry.address,
+                "username": registry.username,
+                "password": registry.password,
+            }
+        return config
+
+    def __repr__(self) -> str:
+        fields = ("entry_script", "runtime", "conda_file", "source_directory", "enable_gpu", "base_image")
+        shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in fields)
+        return f"InferenceConfig({shown}, base_image_registry={self.base_image_registry!r})"
+
+
+class Image:
+    """A scoring image and its build.
+
+    ``Image(ws, id=...)`` is an existing image; ``Model.package`` returns a new one.
+
+    :ivar id: the image's id.
+    :ivar name: its name.
+    :ivar version: its version number.
+    :ivar creation_state: ``NotStarted``, ``Running``, ``Succeeded``, ``Failed`` or ``Cancelled``
+        (as of the last ``update_creation_state``).
+    :ivar image_location: where to pull it from once ``Succeeded``.
+    :ivar error: why it failed (the service's ``{code, message}``), else None.
+    :ivar manifest_id: the manifest it was built from.
+    """
+
+    def __init__(self, workspace: Workspace, id: str) -> None:
+        self._set(workspace, workspace._client.json("GET", workspace._client.account_url("images", id)))
+
+    def _set(self, workspace: Workspace, record: dict[str, Any]) -> None:
+        self.workspace = workspace
+        self._record = record
+        self.id: str = record["Id"]
+        self.name: str = record["Name"]
+        self.version: int = record["Version"]
+        self.creation_state: str = record["CreationState"]
+        self.image_location: str | None = record.get("ImageLocation")
+        self.error: dict[str, Any] | None = record.get("Error")
+        self.manifest_id: str | None = (record.get("Manifest") or {}).get("id")
+        self.image_build_log_uri: str | None = record.get("ImageBuildLogUri")
+        self.description: str | None = record.get("Description")
+        self.created_time: str | None = record.get("CreatedTime")
+
+    @classmethod
+    def _of(cls, workspace: Workspace, record: dict[str, Any]) -> Image:
+        image = cls.__new__(cls)
+        image._set(workspace, record)
+        return image
+
+    @staticmethod
+    def list(workspace: Workspace, manifest_name: str | None = None) -> list[Image]:
+        """The account's images (only those of manifests named ``manifest_name``, when given)."""
+        params = {"manifestName": manifest_name} if manifest_name else None
+        records = all_pages(workspace._client, workspace._client.account_url("images"), params)
+        return [Image._of(workspace, record) for record in records]
+
+    def update_creation_state(self) -> None:
+        """Read the image's state again from the service."""
+        client = self.workspace._client
+        self._set(self.workspace, client.json("GET", client.account_url("images", self.id)))
+
+    def wait_for_creation(self, show_output: bool = False, timeout: float | None = None) -> None:
+        """Wait until the build ends (``Succeeded``, ``Failed`` or ``Cancelled``), or ``timeout`` seconds.
+
+        :param show_output: print the build log to stdout as it grows (only the new bytes are
+            fetched each second), then the outcome.
+        :param timeout: give up waiting after this many seconds (the build goes on).
+        """
+
+        def write(text: str) -> None:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+        record = operations.follow(
+            self.workspace._client,
+            self.id,
+            math.inf if timeout is None else timeout,
+            write if show_output else None,
+        )
+        self._set(self.workspace, record)
+        if show_output:
+            reason = f": {self.error.get('message')}" if self.error and self.error.get("message") else ""
+            print(
+                f"Image creation operation finished for image {self.name}:{self.version}, operation "
+                f'"{self.creation_state}"{reason}'
+            )
+
+    def get_logs(self) -> str:
+        """The build log (kept after a failure: its last lines name the failing step)."""
+        client = self.workspace._client
+        return client.call("GET", client.account_url("images", self.id, "log")).text
+
+    def cancel(self) -> None:
+        """Cancel the build: a queued one at once, a running one within seconds."""
+        client = self.workspace._client
+        self._set(self.workspace, client.json("POST", client.account_url("images", self.id, "cancel")))
+
+    def delete(self) -> None:
+        """Forget the image (not while it is being built)."""
+        self.workspace._client.call("DELETE", self.workspace._client.account_url("images", self.id))
+
+    def serialize(self) -> dict[str, Any]:
+        """The image as the service describes it."""
+        return dict(self._record)
+
+    def __repr__(self) -> str:
+        return (
+            f"Image(workspace={self.workspace!r}, name={self.name!r}, id={self.id!r}, version={self.version!r}, "
+            f"creation_state={self.creation_state!r})"
+        )
