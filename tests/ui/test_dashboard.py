@@ -27,8 +27,9 @@ ECHO_SCORE = "def init():\n    pass\n\ndef run(raw_data):\n    return {'echo': r
 class Api:
     """The HTTP API as a script uses it, for what the test sets up behind the page's back."""
 
-    def __init__(self, service: EmbeddedService, account: str) -> None:
-        self.url = f"{service.url}/api/subscriptions/{SUBSCRIPTION}/resourceGroups/{RESOURCE_GROUP}/accounts/{account}"
+    def __init__(self, service: EmbeddedService, account: str, resource_group: str = RESOURCE_GROUP) -> None:
+        self.name = account
+        self.url = f"{service.url}/api/subscriptions/{SUBSCRIPTION}/resourceGroups/{resource_group}/accounts/{account}"
         self.headers = {"Authorization": f"Bearer {service.token()}"}
 
     def call(self, method: str, path: str, **kwargs) -> httpx.Response:
@@ -55,10 +56,8 @@ def _sign_in(page: Page, service: EmbeddedService, secret: str | None = None) ->
 
 
 def _pick_account(page: Page, account: str) -> None:
+    """Straight after sign-in the picker lists every account the caller may read: no typing."""
     expect(page.get_by_role("heading", name="Pick an account")).to_be_visible()
-    page.get_by_label("Subscription id").fill(SUBSCRIPTION)
-    page.get_by_label("Resource group").fill(RESOURCE_GROUP)
-    page.get_by_role("button", name="List accounts").click()
     page.get_by_role("button", name=re.compile(rf"^{account}\b")).click()
     expect(page.get_by_role("tab", name="Images")).to_have_attribute("aria-selected", "true")
 
@@ -152,6 +151,31 @@ def test_a_build_started_through_the_api_goes_running_then_succeeded_on_the_page
     assert page.get_by_label("Client secret").input_value() == ""
 
 
+def test_the_picker_lists_every_account_at_once_and_a_resource_group_narrows_it(
+    page: Page, service: EmbeddedService
+) -> None:
+    account, _ = _new_account(service)
+    elsewhere = Api(service, f"ui-{uuid.uuid4().hex[:8]}", resource_group="rg-elsewhere")
+    elsewhere.call("PUT", "", json={"location": "eastus2", "sku": {"name": "S1", "capacity": 1}})
+    _sign_in(page, service)
+    expect(page.get_by_role("heading", name="Pick an account")).to_be_visible()
+    accounts = page.get_by_role("list", name="Accounts")
+    expect(accounts.get_by_role("button", name=re.compile(rf"^{account}\b"))).to_contain_text(
+        f"{SUBSCRIPTION} / {RESOURCE_GROUP}"
+    )
+    expect(accounts.get_by_role("button", name=re.compile(rf"^{elsewhere.name}\b"))).to_be_visible()
+    # Half a place is refused; a whole one lists that resource group's only.
+    page.get_by_label("Subscription id").fill(SUBSCRIPTION)
+    page.get_by_role("button", name="List accounts").click()
+    expect(page.get_by_role("alert")).to_contain_text("or neither")
+    page.get_by_label("Resource group").fill(RESOURCE_GROUP)
+    page.get_by_role("button", name="List accounts").click()
+    expect(accounts.get_by_role("button", name=re.compile(rf"^{account}\b"))).to_be_visible()
+    expect(accounts.get_by_role("button", name=re.compile(rf"^{elsewhere.name}\b"))).to_have_count(0)
+    accounts.get_by_role("button", name=re.compile(rf"^{account}\b")).click()
+    expect(page.locator("#who-account")).to_have_text(f"{SUBSCRIPTION} / {RESOURCE_GROUP} / {account}")
+
+
 def test_a_wrong_secret_shows_the_services_message_and_never_the_secret(page: Page, service: EmbeddedService) -> None:
     wrong = "not-the-secret-" + uuid.uuid4().hex
     _sign_in(page, service, secret=wrong)
@@ -167,9 +191,7 @@ def test_an_invalid_token_sends_the_user_back_to_sign_in(page: Page, service: Em
     page.get_by_label("an access token").check()
     page.get_by_label("Access token", exact=True).fill("not.a.token")
     page.get_by_role("button", name="Sign in").click()
-    page.get_by_label("Subscription id").fill(SUBSCRIPTION)
-    page.get_by_label("Resource group").fill(RESOURCE_GROUP)
-    page.get_by_role("button", name="List accounts").click()
+    # The picker lists the accounts at once: the service's 401 sends the user back.
     expect(page.get_by_role("heading", name="Sign in", exact=True)).to_be_visible()
     expect(page.get_by_role("alert")).to_contain_text("no longer accepts your sign-in")
     expect(page.get_by_role("alert")).to_contain_text("Sign in again")

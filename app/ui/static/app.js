@@ -257,25 +257,27 @@ function onMethodChange() {
 
 let moreAccountsLink = null;
 
+// Straight after sign-in: every account the caller's roles reach (GET api/accounts), nothing
+// to type; a subscription id and a resource group narrow the list to that group's.
 function openAccountPicker() {
   generation += 1;
   stopStream();
   closeLog();
   resetAccountData();
   showView("account");
-  $("subscription-id").value = place?.subscription || "";
-  $("resource-group").value = place?.resourceGroup || "";
+  $("subscription-id").value = "";
+  $("resource-group").value = "";
   $("account-list").replaceChildren();
   $("more-accounts").hidden = true;
-  ($("subscription-id").value ? $("list-accounts") : $("subscription-id")).focus();
+  listAccounts();
 }
 
 async function listAccounts({ more = false } = {}) {
   clearMessages();
   const subscription = $("subscription-id").value.trim();
   const resourceGroup = $("resource-group").value.trim();
-  if (!subscription || !resourceGroup) {
-    showError("Enter a subscription id and a resource group.");
+  if (!subscription !== !resourceGroup) {
+    showError("Enter a subscription id and a resource group, or neither to see every account you may use.");
     return;
   }
   const gen = generation;
@@ -284,19 +286,26 @@ async function listAccounts({ more = false } = {}) {
   try {
     const url = more
       ? pageUrl(moreAccountsLink)
-      : serviceUrl(
-          `api/subscriptions/${encodeURIComponent(subscription)}/resourceGroups/${encodeURIComponent(resourceGroup)}/accounts`,
-          { count: PAGE_SIZE },
-        );
+      : subscription
+        ? serviceUrl(
+            `api/subscriptions/${encodeURIComponent(subscription)}/resourceGroups/${encodeURIComponent(resourceGroup)}/accounts`,
+            { count: PAGE_SIZE },
+          )
+        : serviceUrl("api/accounts", { count: PAGE_SIZE });
     const page = await getJson(url);
     if (gen !== generation) return;
-    place = { subscription, resourceGroup, account: null };
-    sessionStorage.setItem(PLACE_KEY, JSON.stringify(place));
     if (!more) $("account-list").replaceChildren();
     for (const account of page.value) $("account-list").append(accountItem(account));
     moreAccountsLink = page.nextLink || null;
     $("more-accounts").hidden = !moreAccountsLink;
-    if (!more && page.value.length === 0) showNotice("This resource group has no accounts.");
+    if (!more && page.value.length === 0) {
+      showNotice(
+        subscription
+          ? "This resource group has no accounts."
+          : "Your roles reach no account yet: create one, or ask an Owner for a role on one.",
+      );
+    }
+    $("account-list").querySelector("button")?.focus();
   } catch (error) {
     reportFailure("Could not list the accounts", error);
   } finally {
@@ -311,11 +320,18 @@ function accountItem(account) {
   button.dataset.account = account.name;
   const name = document.createElement("span");
   name.textContent = account.name;
+  const where = {
+    subscription: account.properties.subscriptionId,
+    resourceGroup: account.properties.resourceGroup,
+    account: account.name,
+  };
   const meta = document.createElement("span");
   meta.className = "meta";
-  meta.textContent = [account.location, account.sku?.name].filter(Boolean).join(" · ");
+  meta.textContent = [`${where.subscription} / ${where.resourceGroup}`, account.location, account.sku?.name]
+    .filter(Boolean)
+    .join(" · ");
   button.append(name, meta);
-  button.addEventListener("click", () => openDashboard({ ...place, account: account.name }));
+  button.addEventListener("click", () => openDashboard(where));
   item.append(button);
   return item;
 }
