@@ -50,26 +50,33 @@ def make_engine(settings: Settings, *, read_only: bool = False) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
         return engine
+    if not read_only:
+        # Writes (requests and the workers' leases, logs and finishes) ping every connection
+        # they take: after a database restart none fails on a connection the restart closed.
+        return create_engine(
+            url,
+            pool_size=settings.db_pool_size,
+            max_overflow=settings.db_max_overflow,
+            pool_timeout=settings.db_pool_timeout_seconds,
+            pool_pre_ping=True,
+        )
     engine = create_engine(
         url,
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_max_overflow,
         pool_timeout=settings.db_pool_timeout_seconds,
-        **(
-            {"isolation_level": "AUTOCOMMIT", "connect_args": {"options": "-c default_transaction_read_only=on"}}
-            if read_only
-            else {}
-        ),
+        isolation_level="AUTOCOMMIT",
+        connect_args={"options": "-c default_transaction_read_only=on"},
     )
     event.listen(engine, "checkin", _note_checkin)
     event.listen(engine, "checkout", _ping_if_idle)
     return engine
 
 
-# A pooled connection unused this long is pinged before it is handed out (a database restart
+# A read connection unused this long is pinged before it is handed out (a database restart
 # or an idle-connection timeout may have closed it). One in steady use is not: a ping per
-# checkout was a round trip on every request. A connection that breaks mid-use is still
-# invalidated by SQLAlchemy, with the rest of the pool, at its first error.
+# checkout was a round trip on every GET. One that breaks while in steady use fails its read
+# (a 503 the client may retry: a GET is safe to repeat), and SQLAlchemy invalidates the pool.
 _PING_AFTER_IDLE_SECONDS = 5.0
 
 

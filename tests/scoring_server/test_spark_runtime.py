@@ -17,7 +17,7 @@ SAME_SESSION_PY = (
     + """
 from pyspark.sql import SparkSession
 
-def run(raw_data): (replaces the plain run above)
+def run(raw_data):  # replaces the plain run above
     frame = spark.createDataFrame(json.loads(raw_data)["data"], ["rooms", "age", "distance"])
     return {"predictions": [r.prediction for r in model.transform(frame).select("prediction").collect()],
             "same_session": SparkSession.builder.getOrCreate() is spark,
