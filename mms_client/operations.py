@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
-from mms_client.api import CliError, ServiceClient
+from mms_client.api import CliError, ServiceClient, ServiceError
 from mms_client.consoles import err
 
 if TYPE_CHECKING:
@@ -51,7 +51,7 @@ class Uploads:
             for resource_id in reversed(ids):
                 try:
                     self.client.call("DELETE", self.client.account_url(kind, resource_id), ok=(204, 404))
-                except CliError:
+                except ServiceError:  # CliError too: the service failed or could not be reached
                     left.append(f"{kind[:-1]} {resource_id}")
         if left:
             err.print(

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mms_client.api import CliError, ServiceClient, fetch_token
+from mms_client.api import ServiceClient, ServiceError, fetch_token
 from mms_client.profile import ConfigStore
 from tests.listeners import flaky_http_server
 
@@ -36,7 +36,7 @@ def test_a_get_is_retried_after_a_drop_and_a_503(env, monkeypatch) -> None:
 
 def test_a_post_is_sent_once_unless_it_has_an_idempotency_key(env, monkeypatch) -> None:
     with flaky_http_server(b'{"id": 1}', [(503, [])]) as server, _client(env, server.url, monkeypatch) as client:
-        with pytest.raises(CliError, match="503"):
+        with pytest.raises(ServiceError, match="503"):
             client.json("POST", "/api/things", json={})
         assert len(server.seen) == 1
         server.failures.append((502, []))
@@ -47,7 +47,7 @@ def test_a_post_is_sent_once_unless_it_has_an_idempotency_key(env, monkeypatch) 
 def test_a_service_that_stays_down_fails_after_a_bounded_few_tries(env, monkeypatch) -> None:
     with flaky_http_server(b"{}", [(503, [])] * 10) as server, _client(env, server.url, monkeypatch) as client:
         client.tries = 3
-        with pytest.raises(CliError, match="503"):
+        with pytest.raises(ServiceError, match="503"):
             client.json("GET", "/api/things")
     assert len(server.seen) == 3
 
