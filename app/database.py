@@ -6,7 +6,6 @@ task's or command's own scope (``session_scope``). Services only flush.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,7 +14,6 @@ from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
@@ -50,51 +48,20 @@ def make_engine(settings: Settings, *, read_only: bool = False) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
         return engine
-    if not read_only:
-        # Writes (requests and the workers' leases, logs and finishes) ping every connection
-        # they take: after a database restart none fails on a connection the restart closed.
-        return create_engine(
-            url,
-            pool_size=settings.db_pool_size,
-            max_overflow=settings.db_max_overflow,
-            pool_timeout=settings.db_pool_timeout_seconds,
-            pool_pre_ping=True,
-        )
-    engine = create_engine(
+    # Every connection is pinged as it is taken from the pool: after a database restart no
+    # request or build fails on a connection the restart closed (the faults suite restarts one).
+    return create_engine(
         url,
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_max_overflow,
         pool_timeout=settings.db_pool_timeout_seconds,
-        isolation_level="AUTOCOMMIT",
-        connect_args={"options": "-c default_transaction_read_only=on"},
+        pool_pre_ping=True,
+        **(
+            {"isolation_level": "AUTOCOMMIT", "connect_args": {"options": "-c default_transaction_read_only=on"}}
+            if read_only
+            else {}
+        ),
     )
-    event.listen(engine, "checkin", _note_checkin)
-    event.listen(engine, "checkout", _ping_if_idle)
-    return engine
-
-
-# A read connection unused this long is pinged before it is handed out (a database restart
-# or an idle-connection timeout may have closed it). One in steady use is not: a ping per
-# checkout was a round trip on every GET. One that breaks while in steady use fails its read
-# (a 503 the client may retry: a GET is safe to repeat), and SQLAlchemy invalidates the pool.
-_PING_AFTER_IDLE_SECONDS = 5.0
-
-
-def _note_checkin(_dbapi_connection, record) -> None:  # type: ignore[no-untyped-def]
-    record.info["checked_in_at"] = time.monotonic()
-
-
-def _ping_if_idle(dbapi_connection, record, _proxy) -> None:  # type: ignore[no-untyped-def]
-    checked_in_at = record.info.get("checked_in_at")
-    if checked_in_at is not None and time.monotonic() - checked_in_at < _PING_AFTER_IDLE_SECONDS:
-        return
-    try:
-        with dbapi_connection.cursor() as cursor:
-            cursor.execute("SELECT 1")
-        if not dbapi_connection.autocommit:
-            dbapi_connection.rollback()
-    except Exception as exc:  # any failure: the pool replaces the connection and tries again
-        raise DisconnectionError(f"a pooled connection failed its ping: {exc}") from exc
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]

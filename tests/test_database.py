@@ -13,7 +13,6 @@ from sqlalchemy import func, select, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
-from app import database
 from app.config import Settings
 from app.context import ServiceContext
 from app.database import WriteInReadOnlySession, session_scope
@@ -96,9 +95,7 @@ def test_on_sqlite_a_read_neither_waits_for_nor_blocks_the_writer(settings: Sett
     context.dispose()
 
 
-def test_a_pooled_connection_idle_long_enough_is_pinged_and_replaced_when_the_database_dropped_it(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_pooled_read_connection_the_database_dropped_is_replaced_before_use(settings: Settings) -> None:
     if settings.resolved_database_url.startswith("sqlite"):
         pytest.skip("a server that drops connections")
     context = ServiceContext.build(settings)
@@ -110,7 +107,6 @@ def test_a_pooled_connection_idle_long_enough_is_pinged_and_replaced_when_the_da
         autocommit=True,
     ) as other:
         other.execute("SELECT pg_terminate_backend(%s)", (backend,))
-    monkeypatch.setattr(database, "_PING_AFTER_IDLE_SECONDS", 0.0)
     with session_scope(context.read_session_factory) as session:
         assert session.scalar(select(func.pg_backend_pid())) != backend
     context.dispose()
