@@ -140,6 +140,10 @@ class Settings(BaseSettings):
     build_queue_deadline_seconds: int = Field(default=3600, ge=10)  # NotStarted longer: Failed
     build_run_deadline_seconds: int = Field(default=3600, ge=10)  # Running longer: Failed
     build_republish_seconds: int = Field(default=60, ge=1)  # NotStarted this long: ring again
+    # auto: start each built image once wherever an engine is reachable (DOCKER_HOST, else
+    # the default socket), else Succeed saying it was skipped; required: no engine fails the
+    # build; off: never (the image says so).
+    smoke_test: Literal["auto", "required", "off"] = "auto"
     smoke_test_timeout_seconds: int = Field(default=120, ge=5)
     # The smoke test's container runs a tenant's init(): its limits. Memory (swap included)
     # leaves room for a SparkPython image's JVM (512 MB heap plus its overhead) and a model;

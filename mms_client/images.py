@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -15,6 +15,14 @@ from mms_client.output import Output, OutputOption, QueryOption, err, field, out
 
 image_cli = typer.Typer(help="Scoring images built from manifests.", no_args_is_help=True)
 
+
+def smoke_test(image: dict[str, Any]) -> str | None:
+    """``Passed``, or ``Skipped, <why>``: whether the image was started once before it was called good."""
+    found = image.get("SmokeTest") or {}
+    result, reason = found.get("result"), found.get("reason")
+    return f"{result}, {reason}" if result and reason else result
+
+
 COLUMNS = [
     ("id", field("Id")),
     ("name", field("Name")),
@@ -23,6 +31,7 @@ COLUMNS = [
     ("builder", field("Builder")),
     ("location", field("ImageLocation")),
     ("created", field("CreatedTime")),
+    ("smoke test", smoke_test),
 ]
 DONE = {"Succeeded": 0, "Failed": 2, "Cancelled": 3}  # exit codes of `image create`
 TIMED_OUT = 4

@@ -75,7 +75,9 @@ def register_model(
         raise CliError(f"{path} does not exist: give -m a model file or folder")
     with tempfile.TemporaryDirectory(prefix="mms-model-") as tmp:
         if path.is_dir():
-            upload, mime_type, unpack = zip_folder(path, Path(tmp) / f"{path.name}.zip"), "application/zip", True
+            # Under its own name, as Azure ML registers a folder: AZUREML_MODEL_DIR/<folder>/<file>.
+            zipped = zip_folder(path, Path(tmp) / f"{path.name}.zip", top=path.resolve().name)
+            upload, mime_type, unpack = zipped, "application/zip", True
         else:
             upload, unpack = path, False
             mime_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
@@ -120,8 +122,9 @@ def upload_with_progress(client: ServiceClient, path: Path, name: str, uploads: 
     return asset
 
 
-def zip_folder(folder: Path, dest: Path) -> Path:
-    """The folder's files, in name order, as a zip (links are refused, not followed)."""
+def zip_folder(folder: Path, dest: Path, top: str | None = None) -> Path:
+    """The folder's files, in name order, as a zip (links are refused, not followed); under a
+    folder named ``top`` in the zip when one is given."""
     files = []
     for root, dirs, names in os.walk(folder):
         dirs.sort()
@@ -134,7 +137,8 @@ def zip_folder(folder: Path, dest: Path) -> Path:
         raise CliError(f"{folder} is empty: nothing to register")
     with zipfile.ZipFile(dest, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
         for path in files:
-            archive.write(path, path.relative_to(folder).as_posix())
+            name = path.relative_to(folder).as_posix()
+            archive.write(path, f"{top}/{name}" if top else name)
     return dest
 
 

@@ -457,6 +457,8 @@ class Image:
         (as of the last ``update_creation_state``).
     :ivar image_location: where to pull it from once ``Succeeded``.
     :ivar error: why it failed (the service's ``{code, message}``), else None.
+    :ivar smoke_test: whether it was started once before it was called good
+        (``{result: Passed | Failed | Skipped, reason}``), None until the build ends.
     :ivar manifest_id: the manifest it was built from.
     """
 
@@ -472,6 +474,7 @@ class Image:
         self.creation_state: str = record["CreationState"]
         self.image_location: str | None = record.get("ImageLocation")
         self.error: dict[str, Any] | None = record.get("Error")
+        self.smoke_test: dict[str, Any] | None = record.get("SmokeTest")
         self.manifest_id: str | None = (record.get("Manifest") or {}).get("id")
         self.image_build_log_uri: str | None = record.get("ImageBuildLogUri")
         self.description: str | None = record.get("Description")

@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlsplit
 
+import docker
+import requests
 from sqlalchemy import select
 
+from app.auth.registry_tokens import engine_pull_token
+from app.builds.states import SmokeTestResult
 from app.config import Settings
 from app.context import ServiceContext
 from app.database import session_scope
@@ -45,6 +50,10 @@ from workers.smoke_test import SmokeTestFailed, smoke_test
 from workers.unpack import UnpackError, unpack_archive
 
 log = logging.getLogger("mms.pipeline")
+
+DEFAULT_DOCKER_SOCKET = "/var/run/docker.sock"
+# The smoke test's pull token outlives its timeout by this much: a large model layer's pull.
+_PULL_TOKEN_SLACK_SECONDS = 600
 Log = Callable[[str], None]
 
 
@@ -407,22 +416,58 @@ def run_pipeline(context: ServiceContext, image_id: uuid.UUID, emit: Log) -> Bui
             raise StepFailed("environment", str(exc)) from None
         except BuildFailed as exc:
             raise unpublished_base(settings, inputs, exc) from None
-    pulled = isinstance(builder, OciBuilder)
-    if pulled and (not settings.docker_host or settings.is_embedded_registry):
-        emit(
-            "mms: smoke test skipped: the oci builder runs no containers, and a smoke test "
-            "needs a Docker engine (DOCKER_HOST) pulling from a registry (MMS_REGISTRY)"
-        )
-        return result
+    return smoke_step(context, inputs, result, pull=isinstance(builder, OciBuilder), emit=emit)
+
+
+def smoke_engine(settings: Settings) -> tuple[str | None, str | None]:
+    """The Docker engine a smoke test runs on and, when there is none, why: DOCKER_HOST, else
+    an engine on the default socket (the embedded default on a machine that has one)."""
+    if settings.smoke_test == "off":
+        return None, "turned off on this service (MMS_SMOKE_TEST=off)"
+    if settings.docker_host:
+        return settings.docker_host, None
+    if not Path(DEFAULT_DOCKER_SOCKET).is_socket():
+        return None, f"no Docker engine: set DOCKER_HOST, or run one at {DEFAULT_DOCKER_SOCKET}"
+    try:
+        # Connected first by hand: docker-py leaks the socket of a refused connection.
+        with socket.socket(socket.AF_UNIX) as probe:
+            probe.settimeout(5)
+            probe.connect(DEFAULT_DOCKER_SOCKET)
+        # A fixed API version: "auto" would ask the engine in the constructor, unguarded.
+        with docker.APIClient(base_url=f"unix://{DEFAULT_DOCKER_SOCKET}", version="1.41", timeout=5) as api:
+            api.ping()
+    except (OSError, docker.errors.DockerException, requests.RequestException) as exc:
+        return None, f"the Docker engine at {DEFAULT_DOCKER_SOCKET} did not answer ({type(exc).__name__})"
+    return f"unix://{DEFAULT_DOCKER_SOCKET}", None
+
+
+def smoke_step(
+    context: ServiceContext, inputs: BuildInputs, result: BuildResult, *, pull: bool, emit: Log
+) -> BuildResult:
+    """Start the built image once (its init() and GET /) where an engine is reachable; the
+    result says whether it ran, and why not when it could not."""
+    settings = context.settings
+    engine, missing = smoke_engine(settings)  # the docker builder's engine is DOCKER_HOST
+    if engine is None and settings.smoke_test == "required":
+        raise StepFailed("smoke test", f"{missing}; this service requires one (MMS_SMOKE_TEST=required)")
+    if engine is None:
+        emit(f"mms: smoke test skipped: {missing}")
+        return replace(result, smoke_test=SmokeTestResult.SKIPPED, smoke_test_reason=missing)
+    if pull and settings.is_embedded_registry:
+        # The engine pulls from the service's own /v2/ with a token for this image only.
+        ttl = settings.smoke_test_timeout_seconds + _PULL_TOKEN_SLACK_SECONDS
+        pull_auth = {"registrytoken": engine_pull_token(context, image_repository(inputs), ttl_seconds=ttl)}
+    else:
+        pull_auth = registry_login(settings)
     emit("mms: smoke test: starting the image once and waiting for GET / to answer")
     try:
         smoke_test(
-            settings.docker_host,
+            engine,
             result.image_location,
             emit,
             timeout=settings.smoke_test_timeout_seconds,
-            pull=pulled,
-            pull_auth=registry_login(settings),
+            pull=pull,
+            pull_auth=pull_auth,
             memory_mb=settings.smoke_test_memory_mb,
             pids=settings.smoke_test_pids,
             cpus=settings.smoke_test_cpus,
@@ -434,7 +479,7 @@ def run_pipeline(context: ServiceContext, image_id: uuid.UUID, emit: Log) -> Bui
         last = [line for line in exc.logs.splitlines() if line.strip()]
         reason = f"{exc.message}: {last[-1].strip()}" if last else exc.message
         raise StepFailed("smoke test", reason) from None
-    return result
+    return replace(result, smoke_test=SmokeTestResult.PASSED)
 
 
 __all__ = ["BuildFailed", "StepFailed", "run_pipeline"]

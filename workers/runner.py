@@ -13,6 +13,7 @@ import uuid
 
 from app.builds import CreationState
 from app.builds.leases import Lease, LeaseLost, claim_build, finish_build, release_build, renew_lease
+from app.builds.states import SMOKE_TEST_REASON_LENGTH, SmokeTestResult
 from app.context import ServiceContext
 from app.database import session_scope
 from workers.build_log import BuildLogWriter
@@ -130,6 +131,8 @@ def run_build(context: ServiceContext, image_id: str) -> None:
             "image_location": result.image_location,
             "digest": result.digest,
             "size_bytes": result.size_bytes,
+            "smoke_test": result.smoke_test,
+            "smoke_test_reason": result.smoke_test_reason,
             "error": None,
         }
         writer(f"mms: Succeeded: {result.image_location}@{result.digest}")
@@ -144,6 +147,9 @@ def run_build(context: ServiceContext, image_id: str) -> None:
         writer(f"mms: {outcome['error']}")
     except (StepFailed, BuildFailed) as failure:
         outcome = {"error": str(failure)[:1000]}
+        if isinstance(failure, StepFailed) and failure.step == "smoke test":
+            reason = failure.reason[:SMOKE_TEST_REASON_LENGTH]
+            outcome |= {"smoke_test": SmokeTestResult.FAILED, "smoke_test_reason": reason}
         writer(f"mms: Failed at step {failure.step}: {outcome['error']}")
     except Exception as unexpected:  # a bug or an outage: the traceback is ours, the tenant gets its id
         error_id = uuid.uuid4().hex[:16]

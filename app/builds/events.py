@@ -32,6 +32,8 @@ IMAGE_COLUMNS = (
     Image.error,
     Image.image_location,
     Image.digest,
+    Image.smoke_test,
+    Image.smoke_test_reason,
 )
 
 
@@ -89,6 +91,7 @@ def _payload(row, account, now: datetime, deleted: bool) -> dict[str, object]:  
             "ImageLocation": row.image_location,
             "Digest": row.digest,
             "Error": None if error is None else {"code": error[0], "message": error[1]},
+            "SmokeTest": row.smoke_test and {"result": row.smoke_test, "reason": row.smoke_test_reason},
         },
     }
 

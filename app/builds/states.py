@@ -23,6 +23,17 @@ FINAL = frozenset({CreationState.SUCCEEDED, CreationState.FAILED, CreationState.
 UNFINISHED = frozenset({CreationState.NOT_STARTED, CreationState.RUNNING})
 WITH_ERROR = frozenset({CreationState.FAILED, CreationState.CANCELLED})  # ended with a reason to show
 
+
+class SmokeTestResult(enum.StrEnum):
+    """Whether a built image was started once (init() ran, GET / answered) before it was called good."""
+
+    PASSED = "Passed"
+    FAILED = "Failed"  # the build failed with it
+    SKIPPED = "Skipped"  # no engine could run it: the image says why
+
+
+SMOKE_TEST_REASON_LENGTH = 500
+
 # Not a state a build is in: what an event of an image's deletion says (never stored on the image).
 DELETED_STATE = "Deleted"
 

@@ -8,7 +8,7 @@ from datetime import datetime
 from sqlalchemy import BigInteger, Boolean, Enum, ForeignKey, Index, Integer, String, Text, UniqueConstraint, Uuid
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from app.builds.states import CreationState
+from app.builds.states import SMOKE_TEST_REASON_LENGTH, CreationState
 from app.orm.base import Base, CreatedAt, UtcDateTime, UuidPrimaryKey, VersionCounter
 from app.orm.manifest import Manifest
 
@@ -58,6 +58,10 @@ class Image(UuidPrimaryKey, CreatedAt, Base):
     image_location: Mapped[str | None] = mapped_column(String(1024))
     digest: Mapped[str | None] = mapped_column(String(128))
     size_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    # Whether the image was started once before it was called good: Passed | Failed |
+    # Skipped (no engine could run it), and why not when it did not pass.
+    smoke_test: Mapped[str | None] = mapped_column(String(16))
+    smoke_test_reason: Mapped[str | None] = mapped_column(String(SMOKE_TEST_REASON_LENGTH))
     started_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     ended_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
 

@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from pydantic import Field, StringConstraints
 
 from app.builds.states import CreationState as BuildState
+from app.builds.states import SmokeTestResult
 from app.schemas.common import ApiModel, Text
 from app.schemas.manifests import ManifestRead
 from app.schemas.models import ModelName
@@ -29,6 +30,13 @@ class ImageError(ApiModel):
     message: str
 
 
+class SmokeTestRead(ApiModel):
+    """Whether the image was started once (init() ran, GET / answered) before it was called good."""
+
+    result: SmokeTestResult
+    reason: str | None = None  # why it was skipped or failed
+
+
 class ImageRead(ApiModel):
     Id: str
     Name: str
@@ -45,6 +53,7 @@ class ImageRead(ApiModel):
     Digest: str | None = None
     Builder: str
     Error: ImageError | None = None
+    SmokeTest: SmokeTestRead | None = None  # None until the build ends, and on images built before it was recorded
     OperationId: str
 
 

@@ -16,6 +16,7 @@ from jose import jwt
 from sqlalchemy.orm import Session
 
 from app.auth.keys import create_signing_key
+from app.auth.registry_tokens import engine_pull_token
 from app.auth.tokens import sign_token
 from app.context import ServiceContext
 from app.image_store import image_layout
@@ -247,6 +248,21 @@ def test_the_services_own_access_tokens_pull_too(
     _error(v2.get("/v2/library/ubuntu/manifests/latest", headers=reader), 403, "DENIED")
     owner = callers.headers()  # Owner of everything
     assert v2.get(f"/v2/{other.repository}/manifests/1", headers=owner).status_code == 200
+
+
+def test_the_engine_token_pulls_its_one_image_and_nothing_else(
+    v2: TestClient, tenant: Tenant, other: Tenant, registry_context: ServiceContext, client: TestClient
+) -> None:
+    """The smoke test's pull token: no principal behind it, pull of one repository, short-lived."""
+    token = engine_pull_token(registry_context, tenant.repository, ttl_seconds=60)
+    assert v2.get("/v2/", headers=bearer(token)).status_code == 200
+    assert v2.get(f"/v2/{tenant.repository}/manifests/1", headers=bearer(token)).status_code == 200
+    blob = tenant.image.layer_digest
+    assert v2.get(f"/v2/{tenant.repository}/blobs/{blob}", headers=bearer(token)).status_code == 200
+    _error(v2.get(f"/v2/{other.repository}/manifests/1", headers=bearer(token)), 403, "DENIED")
+    assert client.get("/api/accounts", headers=bearer(token)).status_code == 401  # no API token
+    expired = engine_pull_token(registry_context, tenant.repository, ttl_seconds=-3600)
+    _error(v2.get(f"/v2/{tenant.repository}/manifests/1", headers=bearer(expired)), 401, "UNAUTHORIZED")
 
 
 # -- manifests ----------------------------------------------------------------------------

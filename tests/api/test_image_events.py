@@ -49,7 +49,12 @@ def _build(context: ServiceContext, image_id: str, state: CreationState) -> None
     assert lease is not None
     with session_scope(context.session_factory) as session:
         assert finish_build(
-            session, lease, state=state, image_location="127.0.0.1:5000/x/events-image:1", digest="sha256:" + "a" * 64
+            session,
+            lease,
+            state=state,
+            image_location="127.0.0.1:5000/x/events-image:1",
+            digest="sha256:" + "a" * 64,
+            smoke_test="Passed",
         )
 
 
@@ -81,6 +86,7 @@ def test_a_dashboard_sees_every_state_change_of_its_account_in_order(live: Live)
             "ImageLocation": "127.0.0.1:5000/x/events-image:1",
             "Digest": "sha256:" + "a" * 64,
             "Error": None,
+            "SmokeTest": {"result": "Passed", "reason": None},
         }
 
         cancelled = live.image(account, name="to-cancel")

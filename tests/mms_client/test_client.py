@@ -191,6 +191,9 @@ def test_the_seed_housing_flow_end_to_end(
     assert built.returncode == 0, built.stderr[-3000:]
     image = json.loads(built.stdout)  # stdout holds the result alone; the log went to stderr
     assert image["CreationState"] == "Succeeded"
+    # Started once by the machine's engine: init() found the model where Azure ML puts a
+    # registered folder ($AZUREML_MODEL_DIR/housing.model/model.pkl).
+    assert image["SmokeTest"] == {"result": "Passed", "reason": None}, built.stderr[-3000:]
     assert "mms: Succeeded" in built.stderr or "done in" in built.stderr
     assert image["ImageLocation"].startswith(f"127.0.0.1:{service.port}/")
     assert client.json("image", "show", "-i", image["Id"])["Digest"] == image["Digest"]

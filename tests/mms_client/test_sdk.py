@@ -116,7 +116,9 @@ def test_workspace_with_a_service_principal_registers_lists_and_gets_models(
         url = f"{service.url}{url}"
     archive = httpx.get(url, headers={"Authorization": f"Bearer {token}"})
     assert archive.status_code == 200, (url, archive.status_code)
-    assert sorted(zipfile.ZipFile(io.BytesIO(archive.content)).namelist()) == ["model.pkl", "sub/vocab.txt"]
+    # Under the folder's own name, as Azure ML keeps a registered folder in AZUREML_MODEL_DIR.
+    names = sorted(zipfile.ZipFile(io.BytesIO(archive.content)).namelist())
+    assert names == ["housing-folder/model.pkl", "housing-folder/sub/vocab.txt"]
 
     listed = Model.list(workspace, name="housing.model")
     assert [m.version for m in listed] == [2, 1]

@@ -120,6 +120,10 @@ def test_a_build_started_through_the_api_goes_running_then_succeeded_on_the_page
     assert set(history) <= {"NotStarted", "Running", "Succeeded"}, history
     expect(row.locator("td").nth(1)).to_have_text("1")
     expect(row.locator("td").nth(4)).to_have_text(final["ImageLocation"])
+    assert final["SmokeTest"] == {"result": "Skipped", "reason": "turned off on this service (MMS_SMOKE_TEST=off)"}
+    expect(row.locator(".smoke-test")).to_have_text(
+        "Smoke test skipped: turned off on this service (MMS_SMOKE_TEST=off)"
+    )
     expect(row.locator("time")).to_have_attribute("datetime", re.compile(r"^\d{4}-"))
 
     # The log was followed while it grew and, once final, holds the whole log exactly once.

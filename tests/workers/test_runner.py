@@ -6,15 +6,19 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
 
 import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.builds.states import SmokeTestResult
 from app.context import ServiceContext
 from app.orm import BuildLogChunk, Image
 from tests.factories import new_image_row
-from workers import runner
+from workers import pipeline, runner
+from workers.builders import BuildResult
+from workers.pipeline import StepFailed, smoke_engine
 
 INTERNAL = "connection to postgresql://mms:hunter2@10.0.0.7/mms refused in /opt/mms/lib/pipeline.py"
 
@@ -76,3 +80,54 @@ def test_a_fetch_refused_at_a_private_address_names_the_host_never_the_address(
     for tenant_sees in (log, image.error):
         assert "host localhost is at a loopback address" in tenant_sees, tenant_sees
         assert "127.0.0.1" not in tenant_sees and "::1" not in tenant_sees and "tenant-sas" not in tenant_sees
+
+
+def test_the_smoke_tests_outcome_is_kept_on_the_image_and_shown_with_it(
+    app_context: ServiceContext, db: Session, image: Image, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    skipped = BuildResult(
+        "127.0.0.1:5000/acct/img:1", "sha256:" + "a" * 64, 10, None, SmokeTestResult.SKIPPED, "no Docker engine: why"
+    )
+    monkeypatch.setattr(runner, "run_pipeline", lambda *_: skipped)
+    runner.run_build(app_context, str(image.id))
+    db.refresh(image)
+    assert (image.state, image.smoke_test, image.smoke_test_reason) == ("Succeeded", "Skipped", "no Docker engine: why")
+
+
+def test_a_failed_smoke_test_says_so_beside_the_error(
+    app_context: ServiceContext, db: Session, image: Image, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fails(*_: object) -> None:
+        raise StepFailed("smoke test", "the scoring server exited with code 1: ValueError: bad model")
+
+    monkeypatch.setattr(runner, "run_pipeline", fails)
+    runner.run_build(app_context, str(image.id))
+    db.refresh(image)
+    assert (image.state, image.smoke_test) == ("Failed", "Failed")
+    assert image.smoke_test_reason == "the scoring server exited with code 1: ValueError: bad model"
+
+
+def test_where_no_engine_can_run_it_the_smoke_test_is_skipped_saying_why(
+    app_context: ServiceContext, monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    settings = app_context.settings.model_copy(update={"docker_host": None, "smoke_test": "auto"})
+    monkeypatch.setattr(pipeline, "DEFAULT_DOCKER_SOCKET", str(tmp_path / "docker.sock"))
+    assert smoke_engine(settings) == (None, f"no Docker engine: set DOCKER_HOST, or run one at {tmp_path}/docker.sock")
+    with socket.socket(socket.AF_UNIX) as listening:  # a socket nobody answers on
+        listening.bind(str(tmp_path / "docker.sock"))
+        engine, why = smoke_engine(settings)
+    assert engine is None and why.startswith(f"the Docker engine at {tmp_path}/docker.sock did not answer")
+    off = settings.model_copy(update={"smoke_test": "off", "docker_host": "unix:///var/run/docker.sock"})
+    assert smoke_engine(off) == (None, "turned off on this service (MMS_SMOKE_TEST=off)")
+    named = settings.model_copy(update={"docker_host": "tcp://10.0.0.9:2376"})
+    assert smoke_engine(named) == ("tcp://10.0.0.9:2376", None)
+
+    # Required: a build with no engine to start its image fails instead.
+    context = ServiceContext.build(
+        settings.model_copy(update={"smoke_test": "required"}),
+        engine=app_context.engine,
+        session_factory=app_context.session_factory,
+    )
+    built = BuildResult("127.0.0.1:5000/acct/img:1", "sha256:" + "a" * 64, 10)
+    with pytest.raises(StepFailed, match=r"did not answer .*; this service requires one \(MMS_SMOKE_TEST=required\)"):
+        pipeline.smoke_step(context, None, built, pull=True, emit=lambda _: None)  # type: ignore[arg-type]

@@ -27,6 +27,9 @@ class BuildResult:
     digest: str  # the pushed manifest's sha256 digest
     size_bytes: int  # the image's unpacked size in the engine
     base_image_digest: str | None = None
+    # Set by the pipeline: Passed, or Skipped with the reason (a failed one fails the build).
+    smoke_test: str | None = None
+    smoke_test_reason: str | None = None
 
 
 class BuildFailed(Exception):

@@ -34,7 +34,7 @@ from app.errors import BadRequest
 from app.image_store import embedded_layout
 from app.orm import Image
 from app.schemas.common import Page
-from app.schemas.images import BaseImageRead, ImageCreate, ImageError, ImageRead, OperationRead
+from app.schemas.images import BaseImageRead, ImageCreate, ImageError, ImageRead, OperationRead, SmokeTestRead
 from app.services import base_images, images
 from app.services.paging import MAX_ID
 
@@ -59,6 +59,12 @@ def _error(image: Image) -> ImageError | None:
     return None if error is None else ImageError(code=error[0], message=error[1])
 
 
+def _smoke_test(image: Image) -> SmokeTestRead | None:
+    if image.smoke_test is None:
+        return None
+    return SmokeTestRead(result=image.smoke_test, reason=image.smoke_test_reason)
+
+
 def to_read(image: Image, request: Request) -> ImageRead:
     account_url = _account_url(request)
     return ImageRead(
@@ -77,6 +83,7 @@ def to_read(image: Image, request: Request) -> ImageRead:
         Digest=image.digest,
         Builder=image.builder,
         Error=_error(image),
+        SmokeTest=_smoke_test(image),
         OperationId=str(image.operation_id),
     )
 

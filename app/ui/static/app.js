@@ -450,7 +450,7 @@ function mergeImage(incoming) {
   const merged = { ...current };
   for (const [key, value] of Object.entries(incoming)) if (value !== undefined) merged[key] = value;
   if (rank(incoming.CreationState) < rank(current.CreationState)) {
-    for (const key of ["CreationState", "ImageLocation", "Digest", "Error"]) merged[key] = current[key];
+    for (const key of ["CreationState", "ImageLocation", "Digest", "Error", "SmokeTest"]) merged[key] = current[key];
   }
   images.set(incoming.Id, merged);
 }
@@ -469,7 +469,11 @@ function imageRow(id) {
   open.className = "open-log";
   const state = document.createElement("span");
   state.className = "state";
-  tr.append(cell(open), cell(""), cell(state), cell(""), cell("", "mono"));
+  const smoke = document.createElement("small");
+  smoke.className = "smoke-test";
+  const stateCell = cell(state);
+  stateCell.append(smoke);
+  tr.append(cell(open), cell(""), stateCell, cell(""), cell("", "mono"));
   return tr;
 }
 
@@ -484,6 +488,11 @@ function updateImageRow(tr, image) {
     state.dataset.state = image.CreationState;
     state.textContent = image.CreationState;
   }
+  // Succeeded without ever being started says so: no engine could run its smoke test.
+  const smoke = state.nextSibling;
+  const skipped = image.SmokeTest?.result === "Skipped";
+  const smokeText = skipped ? `Smoke test skipped: ${image.SmokeTest.reason || "no reason given"}` : "";
+  if (smoke.textContent !== smokeText) smoke.textContent = smokeText;
   if (image.CreatedTime && createdCell.firstChild?.dateTime !== image.CreatedTime) {
     createdCell.replaceChildren(formatTime(image.CreatedTime));
   }
