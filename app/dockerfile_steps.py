@@ -113,6 +113,12 @@ def _instruction(joined: str, number: int) -> Step:
         keyword, _, more = keyword.partition("\t")
         rest = f"{more} {rest}"
     keyword, rest = keyword.upper(), rest.strip(" \t")
+    if keyword == "USER":
+        # Extra steps run as root while building; who the image runs as is not theirs to say.
+        raise StepError(
+            f"line {number}: USER is not allowed: built images run as their own non-root user; "
+            f"use only {', '.join(ALLOWED_INSTRUCTIONS)}"
+        )
     if keyword not in ALLOWED_INSTRUCTIONS:
         raise StepError(f"line {number}: {keyword} is not allowed; use only {', '.join(ALLOWED_INSTRUCTIONS)}")
     if not rest:

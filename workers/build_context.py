@@ -9,6 +9,7 @@ fixed owners, modes and mtimes): the same inputs give the same bytes.
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shlex
@@ -26,6 +27,10 @@ __all__ = [
     "APP_ROOT",
     "MODEL_ROOT",
     "REQUIREMENT_FILES",
+    "RUN_GID",
+    "RUN_HOME",
+    "RUN_UID",
+    "RUN_USER",
     "SERVER_REQUIREMENTS",
     "SPARK_REQUIREMENT",
     "BuildSpec",
@@ -42,6 +47,16 @@ APP_ROOT = "/var/azureml-app"
 MODEL_ROOT = f"{APP_ROOT}/azureml-models"
 VENV = "/opt/mms/venv"
 PORT = 5001
+# Every image runs as this user, never as root, as Azure ML's inference images do: what the
+# image serves (app, models, environment, scoring server) stays root's, readable but not
+# writable, so code that takes over the scoring process cannot rewrite it; HOME and /tmp are
+# its writable places. A fixed number, high enough to miss the users a base image has (its
+# first is often 1000) and not the service's own 10001, so on a host without user
+# namespaces the two never share an identity; numeric in the config, so a runtime can check
+# it is not root without the image's /etc/passwd (Kubernetes' runAsNonRoot).
+RUN_UID = RUN_GID = 10002
+RUN_USER = "scoring"
+RUN_HOME = f"/home/{RUN_USER}"
 # The scoring server's own dependencies, pinned so every image gets the tested versions.
 SERVER_REQUIREMENTS = ("uvicorn==0.54.0", "h11==0.16.0", "click==8.5.1")
 RUNTIMES = ("python", "spark-py")
@@ -148,6 +163,10 @@ def _dockerfile(spec: BuildSpec, files: dict[str, bytes]) -> ContextInfo:
         # First, so a base without Java fails in a second, before any package download.
         java = '[ -x "${JAVA_HOME:-/nonexistent}/bin/java" ] || command -v java >/dev/null'
         df.add("java", f"RUN {java} || {{ echo {shlex.quote('mms: ' + NO_JAVA)} >&2; exit 1; }}")
+    # Root while building, whatever user the base names: the steps below (and a manifest's
+    # RUN steps) install as root; the image's own user comes last, after every extra step.
+    df.add("user", "USER 0:0")
+    df.add("user", f"RUN {json.dumps(['/bin/sh', '-c', _USER_SCRIPT])}")
     if spec.ca_bundles:
         df.comment("Extra CAs (e.g. a TLS-inspecting proxy), trusted while installing only.")
         files["mms/ca/extra.pem"] = b"".join(read_pem(p) for p in spec.ca_bundles)
@@ -194,6 +213,8 @@ def _dockerfile(spec: BuildSpec, files: dict[str, bytes]) -> ContextInfo:
     df.add("metadata", "ENV " + " ".join(f"{k}={_quote(v)}" for k, v in env.items()))
     df.add("metadata", f"WORKDIR {APP_ROOT}")
     df.add("metadata", f"EXPOSE {PORT}")
+    # Last but CMD: no step above (extra steps cannot say USER) decides who the image runs as.
+    df.add("metadata", f"USER {RUN_UID}:{RUN_GID}")
     df.add("metadata", 'CMD ["/opt/mms/bin/start"]')
     return ContextInfo("\n".join(df.lines) + "\n", tuple(df.steps))
 
@@ -409,6 +430,7 @@ def runtime_env(spec: BuildSpec, pythonpath: str) -> dict[str, str]:
         "AML_APP_ROOT": APP_ROOT,
         "AZUREML_ENTRY_SCRIPT": spec.driver_program,
         "AZUREML_MODEL_DIR": model_dir_env(spec),
+        "HOME": RUN_HOME,  # the image's user's own folder: what a library caches goes there
         "PORT": str(PORT),
         "PYTHONPATH": pythonpath,
     }
@@ -416,6 +438,24 @@ def runtime_env(spec: BuildSpec, pythonpath: str) -> dict[str, str]:
         env["SCORING_RUNTIME"] = spec.runtime  # the server starts Spark before init()
     return env
 
+
+# The image's user: a name in /etc/passwd and /etc/group (getpass.getuser(), Spark's Hadoop
+# login and others ask for one) unless the base has that name or number already, a home it
+# owns, and /tmp writable by all (sticky). Only sh, grep and tail: any base with a shell.
+_USER_SCRIPT = f"""\
+set -eu
+add() {{
+    if [ -f "$1" ] && grep -q -e "^{RUN_USER}:" -e "^[^:]*:[^:]*:{RUN_UID}:" "$1"; then return 0; fi
+    if [ -s "$1" ] && [ -n "$(tail -c 1 "$1")" ]; then echo >>"$1"; fi
+    echo "$2" >>"$1"
+}}
+add /etc/group '{RUN_USER}:x:{RUN_GID}:'
+add /etc/passwd '{RUN_USER}:x:{RUN_UID}:{RUN_GID}:scoring server:{RUN_HOME}:/usr/sbin/nologin'
+mkdir -p {RUN_HOME} /tmp
+chown {RUN_UID}:{RUN_GID} {RUN_HOME}
+chmod 0755 {RUN_HOME}
+chmod 1777 /tmp
+"""
 
 _SETUP_SCRIPT = """\
 #!/bin/sh

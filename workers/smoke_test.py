@@ -133,8 +133,9 @@ def smoke_test(
 def _contained(api: docker.APIClient, memory_mb: int, pids: int, cpus: float, disk_mb: int) -> dict:
     """The host config of a container that runs a tenant's code.
 
-    The image's own user is kept: forcing a non-root uid breaks images whose scripts write
-    into their own (root-owned) folders at start. Root in here holds no capability, cannot
+    The image's own user is kept: the builders make it a non-root one (build_context's
+    RUN_UID); forcing one here would break an image that is built otherwise and writes into
+    its own (root-owned) folders at start. Root in here, then, holds no capability, cannot
     gain one (no setuid, no file capabilities), and has no network, engine socket or host
     folder to use it on; mapping it to an unprivileged host uid is the engine's job
     (dockerd --userns-remap), an operator's setting.

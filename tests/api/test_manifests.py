@@ -140,6 +140,10 @@ def test_seed_shape_validation(
     [
         ({"extraDockerfileSteps": "COPY / /host"}, "COPY is not allowed"),
         ({"extraDockerfileSteps": "RUN true\nFROM evil"}, "line 2: FROM is not allowed"),
+        (
+            {"extraDockerfileSteps": "RUN true\nuser 0:0"},
+            "line 2: USER is not allowed: built images run as their own non-root user",
+        ),
         ({"entryScript": "missing.py"}, "entryScript"),
         ({"condaFile": "missing.yml"}, "condaFile"),
         ({"baseImage": "Not A Reference!"}, "baseImage"),
@@ -153,6 +157,18 @@ def test_inference_config_validation(
     assert response.status_code == 400, response.text
     assert fragment in response.json()["message"] or fragment in str(response.json()["details"])
     assert "hunter2-registry-secret" not in response.text
+
+
+def test_an_extra_step_that_names_a_user_is_refused_naming_the_field(
+    client: TestClient, owner: dict[str, str], account: str, model_id: str
+) -> None:
+    # Images run as their own non-root user: a tenant's USER root (or 0) never reaches a build.
+    for steps in ("USER root", "RUN true\n  user 0"):
+        body = inference_config(model_id, extraDockerfileSteps=steps)
+        response = client.post(f"{account}/manifests", json=body, headers=owner)
+        assert response.status_code == 400, response.text
+        assert "extraDockerfileSteps" in response.text and "non-root" in response.json()["message"]
+    assert client.get(f"{account}/manifests", headers=owner).json()["value"] == []
 
 
 def test_models_of_another_account_are_refused(client: TestClient, owner: dict[str, str], account: str) -> None:

@@ -2,8 +2,10 @@
 
 The base image is never pulled whole: its manifest and config are read, its layers are
 mounted (same registry) or copied blob by blob (another registry) into the target
-repository, and four new layers go on top, slowest-changing first:
+repository, and five new layers go on top, slowest-changing first:
 
+0. the image's user (``workers.oci.accounts``): its line in the base's /etc/passwd and
+   /etc/group, its home, a sticky /tmp; the config runs the image as that user, never root;
 1. Python dependencies (the manifest's requirements and the scoring server's), installed as
    wheels for the base image's own Python and platform; cached in the registry under a key
    of (requirements, Python version, platform), so an unchanged environment never runs the
@@ -44,6 +46,9 @@ from workers.build_context import (
     MODEL_ROOT,
     NO_JAVA,
     PORT,
+    RUN_GID,
+    RUN_UID,
+    RUN_USER,
     SERVER_REQUIREMENTS,
     BuildSpec,
     InvalidBuildSpec,
@@ -61,6 +66,7 @@ from workers.build_context import (
 from workers.builders import BuildFailed, BuildResult, Log, address_host, redacting, scrub
 from workers.fetch_policy import allowing_registry
 from workers.fetcher import FetchPolicy
+from workers.oci.accounts import ACCOUNT_FILES, BaseFile, account_layer, read_base_files
 from workers.oci.image_store_client import ImageStoreClient
 from workers.oci.layers import LayerBuilder
 from workers.oci.media import LAYER_COMPRESSION, OCI, Family
@@ -218,10 +224,18 @@ class OciBuilder:
                 if spec.runtime == "spark-py":
                     self._check_java(base, base_config, source, base_ref, emit)
 
-                step = "environment"
-                deps = self._dependency_layer(requirements, python, spec, target, family, work, emit)
                 # Each new layer is uploaded while it compresses, unless this worker made the
                 # same one before (known by its tar's digest): then the registry has it.
+                step = "user"
+                user = self._new_layer(
+                    self._account_layer(base, base_config, source, base_ref, emit),
+                    "mms oci builder: the image's user",
+                    target,
+                    repo,
+                    emit,
+                )
+                step = "environment"
+                deps = self._dependency_layer(requirements, python, spec, target, family, work, emit)
                 step = "scoring-server"
                 layers = [self._new_layer(_server_layer(), "mms oci builder: scoring server", target, repo, emit)]
                 step = "driver"
@@ -234,6 +248,7 @@ class OciBuilder:
                     step = "models"
                     layers.append(models.result())
                 # New layers take the base image's media types (Docker v2 or OCI).
+                user = replace(user, media_type=family.layer)
                 layers = [replace(layer, media_type=family.layer) for layer in layers]
 
                 step = "push"
@@ -247,9 +262,9 @@ class OciBuilder:
                     )
                     for d in base.body["layers"]
                 ]
-                blobs += [deps, *layers]
-                diff_ids = [blob.diff_id for blob in (deps, *layers)]
-                history = [blob.created_by for blob in (deps, *layers)]
+                blobs += [user, deps, *layers]
+                diff_ids = [blob.diff_id for blob in (user, deps, *layers)]
+                history = [blob.created_by for blob in (user, deps, *layers)]
                 config = _image_config(
                     base_config,
                     diff_ids,
@@ -333,6 +348,33 @@ class OciBuilder:
         if cached is not None:
             _write_json(cached, {"version": python.version, "platform": python.platform})
         return python
+
+    def _account_layer(
+        self, base: Manifest, config: dict, source: Store, ref: ImageReference, emit: Log
+    ) -> LayerBuilder:
+        """The image's user, added to the base's /etc/passwd and /etc/group (read once per
+        base and worker: the files are cached by the base config's digest)."""
+        cached = self.cache_dir / "accounts" / f"{base.body['config']['digest'][7:]}.json" if self.cache_dir else None
+        known = _read_json(cached) if cached is not None else None
+        if known is not None:
+            files = {k: BaseFile(None if v is None else v.encode("latin-1")) for k, v in known.items()}
+        else:
+
+            def openers() -> Iterator[Any]:
+                emit("mms: reading the base image's layers for its /etc/passwd and /etc/group")
+                for layer in base.body["layers"]:
+                    yield _base_layer(source, ref, layer)
+
+            files = read_base_files(openers, ACCOUNT_FILES)
+            if cached is not None:
+                _write_json(cached, {k: None if v.data is None else v.data.decode("latin-1") for k, v in files.items()})
+        builder, named = account_layer(files)
+        if not named:
+            emit(
+                f"mms: the base image's /etc/passwd is not a plain file: the image runs as uid "
+                f"{RUN_UID} without the name {RUN_USER!r}"
+            )
+        return builder
 
     def _check_java(self, base: Manifest, config: dict, source: Store, ref: ImageReference, emit: Log) -> None:
         """SparkPython needs a JVM in the base: its label says, else its layers (cached)."""
@@ -713,7 +755,8 @@ def _image_config(
     merged_env.update(changes["env"])
     run["Env"] = [f"{k}={v}" for k, v in merged_env.items()]
     run["Cmd"] = ["/opt/mms/bin/start"]
-    run["WorkingDir"] = APP_ROOT
+    run["WorkingDir"] = APP_ROOT  # root's, read-only: HOME and /tmp are where it writes
+    run["User"] = f"{RUN_UID}:{RUN_GID}"  # whatever the base said (extra steps cannot say USER)
     ports = dict(run.get("ExposedPorts") or {})
     for port in [f"{PORT}/tcp", *changes["ports"]]:
         ports[port] = {}

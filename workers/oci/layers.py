@@ -1,7 +1,8 @@
 """Reproducible image layers: the same files give the same bytes, on any worker.
 
 Entries are sorted, every parent folder is present, owners are 0:0 with no names, modes
-are 0755 (folders and executables) or 0644, every timestamp is fixed, and the gzip header
+are 0755 (folders and executables) or 0644 (but for a folder added with its own owner and
+mode: the image user's home, /tmp), every timestamp is fixed, and the gzip header
 carries no time and no file name. The layer's two digests (of the gzip blob, and of the
 tar inside it, the config's ``diff_id``) are computed in the one pass that writes it.
 Reproducible across workers as long as zlib's output for a level is, which holds for the
@@ -45,6 +46,8 @@ class Layer:
 class _Entry:
     source: Path | bytes | None  # None: a folder
     executable: bool = False
+    mode: int | None = None  # a folder's own mode (None: 0755)
+    owner: int = 0  # uid and gid
 
 
 class _HashingWriter(io.RawIOBase):
@@ -71,6 +74,10 @@ class LayerBuilder:
 
     def add_bytes(self, image_path: str, data: bytes, *, executable: bool = False) -> None:
         self._put(image_path, _Entry(data, executable))
+
+    def add_dir(self, image_path: str, *, mode: int = 0o755, owner: int = 0) -> None:
+        """A folder with its own mode and owner (uid and gid), its parents as usual."""
+        self._put(image_path, _Entry(None, mode=mode, owner=owner))
 
     def add_file(self, image_path: str, source: Path) -> None:
         self._put(image_path, _Entry(Path(source), bool(Path(source).stat().st_mode & 0o111)))
@@ -290,9 +297,9 @@ def _deflate(block: bytes, dictionary: bytes, level: int, final: bool) -> bytes:
 
 def _add(tar: tarfile.TarFile, name: str, entry: _Entry) -> None:
     info = tarfile.TarInfo(name)
-    info.mtime, info.uid, info.gid, info.uname, info.gname = FIXED_MTIME, 0, 0, "", ""
+    info.mtime, info.uid, info.gid, info.uname, info.gname = FIXED_MTIME, entry.owner, entry.owner, "", ""
     if entry.source is None:
-        info.type, info.mode = tarfile.DIRTYPE, 0o755
+        info.type, info.mode = tarfile.DIRTYPE, 0o755 if entry.mode is None else entry.mode
         tar.addfile(info)
         return
     info.mode = 0o755 if entry.executable else 0o644

@@ -131,6 +131,17 @@ def test_the_dockerfile_holds_the_steps_as_written_anew_never_the_tenants_text(s
     assert extra == ['RUN ["/bin/sh", "-c", "echo one     two"]', 'ENV GREETING="hello world"', "EXPOSE 9000"]
 
 
+def test_the_dockerfile_builds_as_root_and_runs_as_its_own_user_after_every_extra_step(spec, tmp_path):
+    info = write_context(replace(spec, extra_dockerfile_steps="RUN id -u\nENV A=1"), tmp_path / "c.tar")
+    lines = instructions(info.dockerfile)
+    users = [(index, line) for index, line in enumerate(lines) if line.startswith("USER ")]
+    # Root from the base on (whatever user the base names), the image's own user last but CMD.
+    assert users == [(1, "USER 0:0"), (len(lines) - 2, "USER 10002:10002")]
+    assert max(i for i, step in enumerate(info.steps) if step == "extra-steps") < len(lines) - 2
+    assert "scoring:x:10002:10002:scoring server:/home/scoring:" in lines[2] and "chmod 1777 /tmp" in lines[2]
+    assert 'HOME="/home/scoring"' in info.dockerfile
+
+
 def test_conda_file_needs_dependencies(spec, tmp_path):
     bad = replace(spec, conda_file="name: x\n")
     with pytest.raises(InvalidBuildSpec, match="dependencies"):

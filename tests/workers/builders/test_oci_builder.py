@@ -59,10 +59,10 @@ def test_the_same_inputs_give_the_same_digest_on_two_fresh_workers(
     registry, _, repo = first.image_location.rpartition(":")[0].partition("/")
     manifest = _manifest(registry, repo, first.digest)
     assert manifest["mediaType"] == DOCKER_MANIFEST  # the base image's family
-    assert len(manifest["layers"]) == 1 + 4  # base, then deps, server, driver, models
+    assert len(manifest["layers"]) == 1 + 5  # base, then user, deps, server, driver, models
     with RemoteRegistryClient(registry) as client:
         config = json.loads(client.get_blob(repo, manifest["config"]["digest"]))
-    assert len(config["history"]) == len(config["rootfs"]["diff_ids"]) == 5
+    assert len(config["history"]) == len(config["rootfs"]["diff_ids"]) == 6
     assert config["config"]["Cmd"] == ["/opt/mms/bin/start"]
     assert config["config"]["Labels"]["org.mms.manifest.id"] == "m-1"
     assert "5001/tcp" in config["config"]["ExposedPorts"]
@@ -112,10 +112,10 @@ def test_a_no_change_rebuild_compresses_and_uploads_nothing_and_another_image_mo
     # The layers' tars hashed to known digests: nothing compressed, nothing sent but a manifest.
     assert not [line for line in rebuild_log if "uploaded" in line and "0 bytes uploaded" not in line]
     assert (unchanged.blob_uploads, unchanged.upload_bytes, unchanged.manifest_puts) == (0, 0, 1)
-    # Another repository gets the known new layers (dependencies, server, driver, models) by
-    # cross-repository mount; only the base, read from another host here, and the config
-    # (a few hundred bytes) are uploaded.
-    assert elsewhere.mounts == 4 and elsewhere.blob_uploads == 2
+    # Another repository gets the known new layers (user, dependencies, server, driver,
+    # models) by cross-repository mount; only the base, read from another host here, and the
+    # config (a few hundred bytes) are uploaded.
+    assert elsewhere.mounts == 5 and elsewhere.blob_uploads == 2
 
 
 def test_an_oci_base_gives_an_oci_image_and_an_index_is_resolved_to_linux_amd64(
