@@ -27,4 +27,4 @@ def test_publish_pushes_a_dated_tag_and_records_it(infra: Infra, tmp_path: Path)
     tag = f"py3.11-{datetime.now(UTC):%Y%m%d}"
     assert f"{infra.registry}/mms/inference-base:{tag}" in done.stderr
     tags = httpx.get(f"http://{infra.registry}/v2/mms/inference-base/tags/list", timeout=10).json()["tags"]
-    assert {tag, "py3.11"} <= set(tags)
+    assert {tag, "py3.11", "latest"} <= set(tags)
