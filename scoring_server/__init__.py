@@ -18,6 +18,10 @@ Start it with ``python -m scoring_server``. Settings come from the environment:
                            before the script loads (see ``scoring_server.spark``)
 =========================  ===============================================================
 
+It runs on the base image's own Python, 3.8 or newer: the modules use nothing newer at run
+time (annotations stay strings), and ``workers.build_context.SERVER_REQUIREMENTS`` picks, by
+environment marker, the uvicorn and click releases that run on the image's Python.
+
 Why uvicorn and a bare ASGI callable rather than a framework or ``http.server``: uvicorn and
 h11 are pure-Python wheels (plus click), so the server installs into any image, while the
 compiled httptools/uvloop speed-ups are picked up automatically when present. A bare ASGI

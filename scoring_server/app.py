@@ -5,16 +5,18 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .runner import ScoringThread
 from .user_script import UserScript
 
-log = logging.getLogger("scoring_server")
+if TYPE_CHECKING:  # subscripted at run time they would fail on Python 3.8, which images may run
+    from collections.abc import Awaitable, Callable
 
-Send = Callable[[dict[str, Any]], Awaitable[None]]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
+    Send = Callable[[dict[str, Any]], Awaitable[None]]
+    Receive = Callable[[], Awaitable[dict[str, Any]]]
+
+log = logging.getLogger("scoring_server")
 
 JSON = b"application/json"
 MAX_REQUEST_ID = 100  # longer incoming ids are replaced, as Azure caps them at 100 chars

@@ -1,11 +1,17 @@
 """Publish the project's own inference base image from a root file system tarball, daemonless.
 
 The tarball comes from ``scripts/infra/base-rootfs.sh`` (debootstrap: python3, pip, venv,
-CA certificates, tini), or ``spark-rootfs.sh`` for the ``spark`` variant (the same plus
+CA certificates, tini) of a Debian release (``RELEASES``: bullseye, Python 3.9; bookworm,
+3.11; trixie, 3.13), or ``spark-rootfs.sh`` for the ``spark`` variant (bookworm plus
 Debian's headless Java 17). It becomes one gzip layer as it is, with an image config written
 here (PATH, LANG, CMD, and labels naming its Python, C library and Java, so builds on it
 never scan its layers), pushed to a registry or into the embedded image store with the same
 calls the oci builder uses. No Docker engine is involved.
+
+Tags: ``py<ver>-<yyyymmdd>`` and the moving ``py<ver>`` (``py<ver>-spark[-<yyyymmdd>]`` for
+the spark variant), ``<ver>`` read from the root file system. ``latest`` moves with the cpu
+variant of ``DEFAULT_RELEASE`` only (the release the tarball's ``etc/mms-base-release``
+names): the base a manifest gets when it names none.
 """
 
 from __future__ import annotations
@@ -22,20 +28,32 @@ from pathlib import Path
 from typing import BinaryIO
 
 from app.services.base_images import BASE_REPOSITORY
-from workers.builders import Log
+from workers.builders import BuildFailed, Log
 from workers.builders.oci import Store, put_image
 from workers.oci.layers import compress_tar
 from workers.oci.media import OCI
 from workers.oci.python_env import detect_target, tar_reader
 from workers.oci.remote_registry import file_chunks
 
-__all__ = ["BASE_REPOSITORY", "VARIANTS", "java_version", "publish_base_image"]
+__all__ = [
+    "BASE_REPOSITORY",
+    "DEFAULT_RELEASE",
+    "RELEASES",
+    "VARIANTS",
+    "debian_release",
+    "java_version",
+    "publish_base_image",
+]
 
 logger = logging.getLogger(__name__)
 
 _VERSION = re.compile(r"(\d+)\.(\d+)(\.\d+)?")
 _PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 VARIANTS = ("cpu", "spark")
+RELEASES = {"bullseye": "3.9", "bookworm": "3.11", "trixie": "3.13"}  # Debian release: its Python
+DEFAULT_RELEASE = "bookworm"
+_RELEASE_FILE = re.compile(r"^(?:\./)?etc/mms-base-release$")
+_SUITE = re.compile(r"^MMS_BASE_SUITE=(\S+)$", re.MULTILINE)
 _JAVA_RELEASE = re.compile(r"^(?:\./)?usr/lib/jvm/[^/]+/release$")
 _JAVA_VERSION = re.compile(r'^JAVA_VERSION="([^"]+)"', re.MULTILINE)
 
@@ -44,29 +62,31 @@ def publish_base_image(
     store: Store,
     registry: str,
     rootfs_tar: str | Path,
-    python_version: str,
+    python_version: str | None,
     log: Log,
     *,
     today: date | None = None,
     variant: str = "cpu",
 ) -> str:
-    """Push ``rootfs_tar`` as ``py<ver>[-spark]-<yyyymmdd>`` and ``py<ver>[-spark]``; return
-    the first reference.
+    """Push ``rootfs_tar`` as ``py<ver>[-spark]-<yyyymmdd>`` and ``py<ver>[-spark]`` (and
+    ``latest``, see the module's doc); return the first reference.
 
     ``registry`` is ``host[:port][/prefix]``, the address ``store`` is reached by.
+    ``python_version``: what the tarball must carry, None for whatever it does.
     """
-    match = _VERSION.fullmatch(python_version)
-    if not match:
-        raise ValueError(f"python_version must look like 3.11 or 3.11.2, not {python_version!r}")
+    wanted = None
+    if python_version is not None:
+        match = _VERSION.fullmatch(python_version)
+        if not match:
+            raise ValueError(f"python_version must look like 3.11 or 3.11.2, not {python_version!r}")
+        wanted = f"{match[1]}.{match[2]}"
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, not {variant!r}")
-    short = f"{match[1]}.{match[2]}"
     day = today or datetime.now(UTC).date()
     host, _, prefix = registry.rstrip("/").partition("/")
     repo = f"{prefix}/{BASE_REPOSITORY}" if prefix else BASE_REPOSITORY
-    moving = f"py{short}" if variant == "cpu" else f"py{short}-{variant}"
-    tags = (f"{moving}-{day:%Y%m%d}", moving)
     tar = Path(rootfs_tar)
+    release = debian_release(tar)
     java = java_version(tar)
     if variant == "spark" and java is None:
         raise ValueError(
@@ -92,16 +112,20 @@ def publish_base_image(
             "rootfs": {"type": "layers", "diff_ids": [layer.diff_id]},
             "history": [{"created": created, "created_by": layer.created_by}],
         }
-        target = detect_target(config, lambda: [_opened(layer.path)])
-        if target.version != short:
-            raise ValueError(f"{tar.name} has Python {target.version}, not {short}")
-        libc = target.platform.split("-", 1)[1]  # manylinux_2_36 or unknown-linux-musl
-        config["config"]["Labels"] |= {
-            "org.mms.python": python_version,
-            "org.mms.libc": "musl"
-            if "musl" in libc
-            else "glibc-" + ".".join(libc.removeprefix("manylinux_").split("_")),
-        }
+        try:
+            target = detect_target(config, lambda: [_opened(layer.path)], base=tar.name)
+        except BuildFailed as exc:  # no Python, musl, too old: not a base builds can use
+            raise ValueError(exc.message) from None
+        short = target.version
+        if wanted is not None and wanted != short:
+            raise ValueError(f"{tar.name} has Python {short}, not {python_version}")
+        moving = f"py{short}" if variant == "cpu" else f"py{short}-{variant}"
+        tags = [f"{moving}-{day:%Y%m%d}", moving]
+        if variant == "cpu" and release == DEFAULT_RELEASE:
+            tags.append("latest")
+        config["config"]["Labels"] |= {"org.mms.python": python_version or short, "org.mms.libc": target.libc}
+        if release is not None:
+            config["config"]["Labels"]["org.mms.debian-release"] = release
         if java is not None:  # SparkPython builds check for Java by this label
             config["config"]["Labels"]["org.mms.java"] = java
         log(f"mms: layer {layer.digest} ({layer.size} bytes); {target.describe()}" + (f", Java {java}" if java else ""))
@@ -115,6 +139,20 @@ def publish_base_image(
     reference = f"{registry.rstrip('/')}/{BASE_REPOSITORY}:{tags[0]}"
     logger.info("base_image.published", extra={"image": reference, "digest": digest})
     return reference
+
+
+def debian_release(rootfs_tar: Path) -> str | None:
+    """The Debian release base-rootfs.sh wrote into the tarball (``etc/mms-base-release``), or
+    None for a root file system made some other way."""
+    try:
+        with tarfile.open(rootfs_tar, "r:") as tar:
+            for member in tar:
+                if member.isfile() and _RELEASE_FILE.match(member.name):
+                    found = _SUITE.search(tar.extractfile(member).read().decode(errors="replace"))
+                    return found[1] if found else None
+    except tarfile.TarError as exc:
+        raise ValueError(f"{rootfs_tar.name} is not a readable tar: {exc}") from None
+    return None
 
 
 def java_version(rootfs_tar: Path) -> str | None:

@@ -57,8 +57,18 @@ PORT = 5001
 RUN_UID = RUN_GID = 10002
 RUN_USER = "scoring"
 RUN_HOME = f"/home/{RUN_USER}"
-# The scoring server's own dependencies, pinned so every image gets the tested versions.
-SERVER_REQUIREMENTS = ("uvicorn==0.54.0", "h11==0.16.0", "click==8.5.1")
+# The scoring server's own dependencies, pinned so every image gets the tested versions, per
+# Python: uvicorn 0.54 and click 8.2+ need 3.10, so older bases get the last releases that run
+# on theirs. Markers pick the line: uv evaluates them for the base's Python (oci builder), pip
+# in the image for its own (docker builder). h11 0.16 (its request-smuggling fix) runs on all.
+SERVER_REQUIREMENTS = (
+    'uvicorn==0.54.0; python_version >= "3.10"',
+    'uvicorn==0.39.0; python_version == "3.9"',
+    'uvicorn==0.33.0; python_version < "3.9"',
+    "h11==0.16.0",
+    'click==8.5.1; python_version >= "3.10"',
+    'click==8.1.8; python_version < "3.10"',
+)
 RUNTIMES = ("python", "spark-py")
 # What a SparkPython manifest that names no pyspark gets: the version the tests train with
 # (pyproject's test extra pins the same), which runs on the spark base image's Java 17.
@@ -188,7 +198,7 @@ def _dockerfile(spec: BuildSpec, files: dict[str, bytes]) -> ContextInfo:
     else:
         df.add("environment", f"RUN python3 -m venv {VENV}")
     df.add("environment", f"ENV PATH={VENV}/bin:$PATH VIRTUAL_ENV={VENV}")
-    df.add("scoring-server-deps", f"RUN {PIP} {' '.join(SERVER_REQUIREMENTS)}")
+    df.add("scoring-server-deps", f"RUN {PIP} {' '.join(shlex.quote(r) for r in SERVER_REQUIREMENTS)}")
     runtime_deps = runtime_requirements(spec)
     if runtime_deps:
         # Its own layer, above the manifest's: every Spark image on this base shares it.
@@ -414,6 +424,7 @@ def walk_tree(root: Path, prefix: str = "") -> Iterator[tuple[Path, str]]:
 
 def start_script(python: str) -> str:
     """The image's CMD: the scoring server under ``python``, behind tini when the base has it."""
+    python = shlex.quote(python)
     return f"""\
 #!/bin/sh
 # tini, when the base has it, reaps score.py's child processes and forwards signals.

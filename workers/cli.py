@@ -66,7 +66,16 @@ def publish_base_image(
     rootfs_tar: Annotated[
         Path | None, typer.Option(help="a root file system tarball; default: build one with debootstrap")
     ] = None,
-    python_version: Annotated[str, typer.Option(help="the Python the root file system carries")] = "3.11",
+    python_version: Annotated[
+        str | None, typer.Option(help="the Python the root file system must carry; default: whatever it does")
+    ] = None,
+    release: Annotated[
+        str | None,
+        typer.Option(
+            help="the Debian release to build: bullseye (Python 3.9), bookworm (3.11, the default) or "
+            "trixie (3.13); with --rootfs-tar, the one it must be"
+        ),
+    ] = None,
     if_missing: Annotated[
         bool, typer.Option("--if-missing", help="do nothing when a base image of this variant is already published")
     ] = False,
@@ -81,25 +90,48 @@ def publish_base_image(
     its Spark variant, and push it to MMS_REGISTRY, or into the service's own image store. No
     Docker engine is needed.
 
-    Example: mms base-image publish --if-missing; mms base-image publish --variant spark
+    Tagged py<ver>-<date> and py<ver>; the bookworm cpu base is also `latest` and the default
+    FROM of manifests that name no base. Bases of the other releases are listed as the
+    cpu-<release> variant and used by naming them (baseImage: <registry>/mms/inference-base:py3.9).
+
+    Example: mms base-image publish --if-missing; mms base-image publish --release bullseye;
+    mms base-image publish --variant spark
     """
+    import re
     import subprocess
 
     from app.database import make_engine, make_session_factory, session_scope
     from app.services.base_images import default_base_image, record_base_image
+    from workers.base_image import DEFAULT_RELEASE, RELEASES, debian_release
     from workers.base_image import publish_base_image as publish
     from workers.oci.remote_registry import RemoteRegistryError
     from workers.pipeline import image_store
 
     if variant not in ("cpu", "spark"):
         fail(f"--variant must be cpu or spark, not {variant!r}")
+    if release is not None and release not in RELEASES:
+        fail(f"--release must be one of {', '.join(RELEASES)}, not {release!r}")
+    if variant == "spark" and release not in (None, DEFAULT_RELEASE):
+        fail(f"--variant spark is built on {DEFAULT_RELEASE} only (its Java 17)")
+    if rootfs_tar is not None:
+        try:
+            found = debian_release(rootfs_tar)
+        except (ValueError, OSError) as exc:
+            fail(f"--rootfs-tar: {exc}")
+        if release is not None and found != release:
+            fail(f"--rootfs-tar {rootfs_tar.name} is of release {found or 'unknown'}, not {release}")
+        release = found
+    else:
+        release = release or DEFAULT_RELEASE
+    # Another release's base is listed, and named by builds, but never the default FROM.
+    recorded_as = variant if release in (None, DEFAULT_RELEASE) else f"{variant}-{release}"
     settings = load_settings()
     prepare_database(settings)
     engine = make_engine(settings)
     factory = make_session_factory(engine)
     if if_missing:
         with session_scope(factory) as session:
-            existing = default_base_image(session, variant=variant)
+            existing = default_base_image(session, variant=recorded_as)
         if existing:
             err.print(f"base image {existing} is already published", highlight=False)
             engine.dispose()
@@ -109,7 +141,8 @@ def publish_base_image(
         err.print("building a Debian root file system with debootstrap (once per machine, about a minute)")
         name = "spark-rootfs.sh" if variant == "spark" else "base-rootfs.sh"
         script = Path(__file__).resolve().parents[1] / "scripts" / "infra" / name
-        done = subprocess.run([str(script)], capture_output=True, text=True, check=False)
+        env = {**os.environ, "MMS_ROOTFS_SUITE": release}
+        done = subprocess.run([str(script)], capture_output=True, text=True, check=False, env=env)
         if done.returncode != 0:
             fail(f"building the root file system failed: {done.stderr.strip()[-500:]}")
         rootfs_tar = Path(done.stdout.strip().splitlines()[-1])
@@ -125,9 +158,18 @@ def publish_base_image(
             )
     except (RemoteRegistryError, ValueError, OSError) as exc:
         fail(f"publishing the base image failed: {exc}")
+    carried = re.search(r":py(\d+\.\d+)", reference)
     with session_scope(factory) as session:
-        record_base_image(session, reference=reference, python_version=python_version, variant=variant)
+        record_base_image(
+            session,
+            reference=reference,
+            python_version=carried[1] if carried else python_version or "",
+            variant=recorded_as,
+        )
     engine.dispose()
+    if recorded_as != variant:
+        err.print(f"published {reference} (variant {recorded_as}); name it as a manifest's baseImage", highlight=False)
+        return
     runtime = "of SparkPython manifests" if variant == "spark" else ""
     err.print(f"published {reference}; it is now the default base image {runtime}".rstrip(), highlight=False)
 

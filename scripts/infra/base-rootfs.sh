@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Build (once, cached outside the clone) a minimal Debian bookworm rootfs with
-# Python 3.11 + pip + venv, and a tarball of it for `docker import`.
+# Build (once, cached outside the clone) a minimal Debian rootfs with Python + pip + venv,
+# and a tarball of it for `docker import`: bookworm (Python 3.11) by default, or bullseye
+# (3.9) or trixie (3.13), each cached under its own name.
 #
 #   scripts/infra/base-rootfs.sh            # build if missing, print tarball path
 #   scripts/infra/base-rootfs.sh --force    # rebuild even if the stamp is valid
 #
 # Env overrides:
 #   MMS_ROOTFS_CACHE   cache dir              (default /var/cache/mms/rootfs)
-#   MMS_ROOTFS_NAME    rootfs name            (default bookworm-py3)
+#   MMS_ROOTFS_SUITE   Debian release         (default bookworm; bullseye, bookworm or trixie)
+#   MMS_ROOTFS_NAME    rootfs name            (default <suite>-py3)
 #   MMS_DEBIAN_MIRROR  Debian mirror URL      (default: the one apt uses here)
 #   MMS_ROOTFS_EXTRA   extra packages, comma-separated, appended to the include list
 #
@@ -28,8 +30,12 @@ FORCE=0
 [ "${1:-}" = "--force" ] && FORCE=1
 
 CACHE="${MMS_ROOTFS_CACHE:-/var/cache/mms/rootfs}"
-NAME="${MMS_ROOTFS_NAME:-bookworm-py3}"
-SUITE=bookworm
+SUITE="${MMS_ROOTFS_SUITE:-bookworm}"
+case "$SUITE" in
+    bullseye|bookworm|trixie) ;;
+    *) die "MMS_ROOTFS_SUITE must be bullseye, bookworm or trixie, not '$SUITE'" ;;
+esac
+NAME="${MMS_ROOTFS_NAME:-$SUITE-py3}"
 # python3/pip/venv + CA store are what the brief asks for; the rest is what a
 # Python inference base commonly needs at run time:
 #   libgomp1  OpenMP runtime (LightGBM, some sklearn/xgboost wheels dlopen it)

@@ -90,8 +90,11 @@ def stop(proc: subprocess.Popen) -> int:
     return proc.returncode
 
 
-def launch(workdir: Path, source: str, env: dict[str, str] | None = None, files=None) -> Server:
-    """Write score.py (and model files) into ``workdir``, start a server, wait until healthy."""
+def launch(
+    workdir: Path, source: str, env: dict[str, str] | None = None, files=None, python: str = sys.executable
+) -> Server:
+    """Write score.py (and model files) into ``workdir``, start a server under ``python``,
+    wait until healthy."""
     (workdir / "model").mkdir(exist_ok=True)
     for name, content in (files or {}).items():
         (workdir / "model" / name).write_text(content)
@@ -100,7 +103,7 @@ def launch(workdir: Path, source: str, env: dict[str, str] | None = None, files=
     log = workdir / f"server-{port}.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "scoring_server"],
+            [python, "-m", "scoring_server"],
             cwd=workdir,
             env=server_env(workdir, PORT=str(port), **(env or {})),
             stdout=out,

@@ -31,7 +31,7 @@ import zlib
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -237,7 +237,8 @@ class OciBuilder:
                 step = "environment"
                 deps = self._dependency_layer(requirements, python, spec, target, family, work, emit)
                 step = "scoring-server"
-                layers = [self._new_layer(_server_layer(), "mms oci builder: scoring server", target, repo, emit)]
+                server = _server_layer(python.executable)
+                layers = [self._new_layer(server, "mms oci builder: scoring server", target, repo, emit)]
                 step = "driver"
                 layers.append(
                     self._new_layer(
@@ -333,7 +334,8 @@ class OciBuilder:
     def _target_python(
         self, base: Manifest, config: dict, source: Store, ref: ImageReference, emit: Log
     ) -> TargetPython:
-        cached = self.cache_dir / "targets" / f"{base.body['config']['digest'][7:]}.json" if self.cache_dir else None
+        # targets-v2: the platform is one uv accepts and the interpreter's path is kept.
+        cached = self.cache_dir / "targets-v2" / f"{base.body['config']['digest'][7:]}.json" if self.cache_dir else None
         known = _read_json(cached) if cached is not None else None
         if known is not None:
             return TargetPython(**known)
@@ -343,10 +345,10 @@ class OciBuilder:
             for layer in base.body["layers"]:
                 yield _base_layer(source, ref, layer)
 
-        python = detect_target(config, openers)
-        emit(f"mms: base image runs {python.describe()}")
+        python = detect_target(config, openers, base=f"base image {ref}")
+        emit(f"mms: base image runs {python.describe()} ({python.executable})")
         if cached is not None:
-            _write_json(cached, {"version": python.version, "platform": python.platform})
+            _write_json(cached, asdict(python))
         return python
 
     def _account_layer(
@@ -637,10 +639,11 @@ def _tree(root: Path | None, image_path: str) -> LayerBuilder:
     return builder
 
 
-def _server_layer() -> LayerBuilder:
+def _server_layer(python: str) -> LayerBuilder:
     builder = LayerBuilder()
     builder.add_tree(server_dir(), f"{LIB}/scoring_server")
-    builder.add_bytes("/opt/mms/bin/start", start_script("python3").encode(), executable=True)
+    # The base's own interpreter, by the path its PATH lookup found (python3 if labels said all).
+    builder.add_bytes("/opt/mms/bin/start", start_script(python).encode(), executable=True)
     return builder
 
 

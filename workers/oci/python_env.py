@@ -2,8 +2,11 @@
 
 The target is read from the base image, never from the worker: its labels or ``Env`` when
 they say (``org.mms.python``, ``PYTHON_VERSION`` as the official images set), else the
-layers themselves (the ``python3`` a ``PATH`` lookup finds, and the C library: glibc's
-version string inside ``libc.so.6``, or musl's loader). Packages are installed with
+layers themselves (the ``python3`` a lookup along the config's own ``PATH`` finds, symlinks
+followed inside the layers, and the C library: glibc's version string inside ``libc.so.6``,
+or musl's loader, which is refused). The glibc version maps to the highest manylinux level
+uv accepts that is not above it (glibc 2.27 installs manylinux_2_17 wheels). Packages are
+installed with
 ``uv pip install --target --python-version --python-platform --only-binary :all:``, which
 evaluates environment markers for the target (plain pip evaluates them for the host, pip
 issue 11664), then console-script shebangs are rewritten so no worker path ships.
@@ -28,7 +31,7 @@ import tarfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import BinaryIO
@@ -62,7 +65,8 @@ LAYOUT_VERSION = "1"  # bump when the dependency layer's layout changes: old cac
 SITE_PACKAGES = "/opt/mms/site-packages"
 _ARCH = {"amd64": "x86_64", "arm64": "aarch64"}
 _VERSION = re.compile(r"(\d+)\.(\d+)")
-_PYTHON_BIN = re.compile(r"^(?:\./)?(usr/local/bin|usr/bin)/python3(?:\.(\d+))?$")
+_PYTHON_NAME = re.compile(r"python3(?:\.(\d+))?")
+_PATH_DIR = re.compile(r"/[A-Za-z0-9._+@/-]*")
 _LIBC = re.compile(r"^(?:\./)?(?:usr/)?lib(?:64)?/(?:[a-z0-9_]+-linux-gnu/)?(libc\.so\.6|libc-(\d+)\.(\d+)\.so)$")
 _MUSL = re.compile(r"^(?:\./)?lib/ld-musl-[a-z0-9_]+\.so\.1$")
 _GLIBC_BANNER = re.compile(rb"GNU C Library[^\n]*?version (\d+)\.(\d+)")
@@ -92,6 +96,10 @@ class TargetPython:
 
     version: str  # "3.11"
     platform: str  # uv's --python-platform, e.g. "x86_64-manylinux_2_36"
+    # The interpreter the image runs: the path a PATH lookup in the base finds, else "python3"
+    # (the base's labels said it all, so its own PATH finds it at run time).
+    executable: str = "python3"
+    libc: str = ""  # what the base has ("glibc-2.41"); the platform may name a lower level
 
     def describe(self) -> str:
         return f"Python {self.version} on {self.platform}"
@@ -99,34 +107,99 @@ class TargetPython:
 
 Opener = AbstractContextManager[BinaryIO]  # opens one layer as its tar (see ``tar_reader``)
 
+# The manylinux levels uv's --python-platform accepts (a test compares them with the uv this
+# worker runs): a base's glibc maps to the highest one not above it, as wheels built for an
+# older glibc run on a newer one.
+MANYLINUX_LEVELS = (
+    (2, 17),
+    (2, 28),
+    (2, 31),
+    (2, 32),
+    (2, 33),
+    (2, 34),
+    (2, 35),
+    (2, 36),
+    (2, 37),
+    (2, 38),
+    (2, 39),
+    (2, 40),
+)
+MIN_PYTHON = (3, 8)  # the oldest Python the scoring server runs on (see SERVER_REQUIREMENTS)
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # Docker's, when the config has none
 
-def detect_target(config: dict, layers: Callable[[], Iterable[Opener]]) -> TargetPython:
+
+def detect_target(
+    config: dict, layers: Callable[[], Iterable[Opener]], *, base: str = "the base image"
+) -> TargetPython:
     """Read the target from the image ``config``, scanning ``layers`` only when it must.
 
-    ``layers()`` yields one opener per layer, base first; each opens the layer's tar.
+    ``layers()`` yields one opener per layer, base first; each opens the layer's tar. Python
+    is the ``python3`` the config's own ``PATH`` finds, symlinks followed inside the layers.
+    ``base`` names the image in error messages.
     """
     arch = _ARCH.get(config.get("architecture", "amd64"), config.get("architecture", "amd64"))
     labels = (config.get("config") or {}).get("Labels") or {}
     env = dict(e.split("=", 1) for e in (config.get("config") or {}).get("Env") or [] if "=" in e)
+    # Absolute folders of plain characters only: the path found goes into a script and shebangs.
+    search = [d for d in (env.get("PATH") or DEFAULT_PATH).split(":") if _PATH_DIR.fullmatch(d)]
     version = _short(labels.get("org.mms.python")) or _short(env.get("PYTHON_VERSION"))
     libc = labels.get("org.mms.libc")
+    executable = "python3"
     if version is None or libc is None:
-        found_version, found_libc = _scan(layers())
-        version = version or found_version
+        found, found_libc = _scan(layers(), search)
+        if found is not None:
+            executable = found[0]
+            version = version or found[1]
         libc = libc or found_libc
+    if version is None and executable != "python3":
+        raise BuildFailed(
+            "environment",
+            f"{base} has {executable} but no single python3.N beside it tells its version: "
+            "label the image org.mms.python=3.N",
+        )
     if version is None:
         raise BuildFailed(
             "environment",
-            "the base image has no python3 (looked in /usr/bin and /usr/local/bin); use a base image with Python",
+            f"{base} has no python3 on its PATH ({':'.join(search)}); use a base image with Python "
+            f"{MIN_PYTHON[0]}.{MIN_PYTHON[1]} or newer",
+        )
+    if tuple(int(n) for n in version.split(".")) < MIN_PYTHON:
+        raise BuildFailed(
+            "environment",
+            f"{base} has Python {version}; the scoring server needs Python {MIN_PYTHON[0]}.{MIN_PYTHON[1]} or newer",
         )
     if libc is None:
         raise BuildFailed(
-            "environment", "cannot tell the base image's C library (no glibc libc.so.6, no musl loader found)"
+            "environment", f"cannot tell the C library of {base} (no glibc libc.so.6, no musl loader found)"
         )
+    return TargetPython(version, platform_for(arch, libc, base), executable, libc)
+
+
+def platform_for(arch: str, libc: str, base: str = "the base image") -> str:
+    """uv's ``--python-platform`` for a base of ``arch`` (x86_64, aarch64) with ``libc``
+    (``glibc-2.27``, ``musl``); BuildFailed, naming ``base``, for one it cannot serve."""
     if libc == "musl":
-        return TargetPython(version, f"{arch}-unknown-linux-musl")
-    major, minor = libc.removeprefix("glibc-").split(".")[:2]
-    return TargetPython(version, f"{arch}-manylinux_{major}_{minor}")
+        raise BuildFailed(
+            "environment",
+            f"{base} uses musl libc (Alpine?): the oci builder installs manylinux wheels, which need "
+            "glibc; use a glibc base image (Debian, Ubuntu, UBI), or the docker builder (builder: docker)",
+        )
+    if arch not in _ARCH.values():
+        raise BuildFailed("environment", f"{base} is for {arch}; the oci builder supports amd64 and arm64 base images")
+    match = re.fullmatch(r"glibc-(\d+)\.(\d+)(?:\.\d+)?", libc)
+    if match is None:
+        raise BuildFailed("environment", f"{base} has an unknown C library {libc!r} (expected glibc-2.N or musl)")
+    have = (int(match[1]), int(match[2]))
+    usable = [level for level in MANYLINUX_LEVELS if level <= have]
+    if not usable:
+        lowest = MANYLINUX_LEVELS[0]
+        raise BuildFailed(
+            "environment",
+            f"{base} has glibc {have[0]}.{have[1]}, older than the oldest wheels uv installs "
+            f"(manylinux glibc {lowest[0]}.{lowest[1]}); use a newer base image",
+        )
+    major, minor = usable[-1]
+    return f"{arch}-manylinux_{major}_{minor}"
 
 
 def _short(text: str | None) -> str | None:
@@ -134,23 +207,33 @@ def _short(text: str | None) -> str | None:
     return f"{match[1]}.{match[2]}" if match else None
 
 
-def _scan(openers: Iterable[Opener]) -> tuple[str | None, str | None]:
-    """(Python major.minor, libc) from the layers; later layers override earlier ones."""
-    versions: dict[str, set[str]] = {}  # bin dir → python3.N present
-    links: dict[str, str] = {}  # bin dir → what python3 links to
+_OTHER = ""  # in a scanned tree: a path that is now neither a symlink nor a python file
+_ABSENT = object()
+
+
+def _scan(openers: Iterable[Opener], search: list[str]) -> tuple[tuple[str, str | None] | None, str | None]:
+    """((python path, major.minor), libc) from the layers, Python found along ``search``;
+    later layers override earlier ones and their whiteouts delete."""
+    # Only what a lookup needs: every symlink (any folder on the way may be one: /bin →
+    # usr/bin) and the files named python3 or python3.N. Value: link target, None for a file.
+    tree: dict[str, str | None] = {}
     libc = None
     for opener in openers:
+        added: dict[str, str | None] = {}
+        deleted: list[str] = []  # whiteouts: a path, or "dir/" for an opaque folder's contents
         with opener as layer, tarfile.open(fileobj=layer, mode="r|") as tar:
             for member in tar:
-                name = member.name
-                match = _PYTHON_BIN.match(name)
-                if match:
-                    folder, minor = match[1], match[2]
-                    if minor:
-                        versions.setdefault(folder, set()).add(f"3.{minor}")
-                    elif member.issym():
-                        links[folder] = member.linkname
+                name = _clean(member.name)
+                folder, _, leaf = name.rpartition("/")
+                if leaf.startswith(".wh."):
+                    deleted.append(f"{folder}/" if leaf == ".wh..wh..opq" else f"{folder}/{leaf[4:]}".lstrip("/"))
                     continue
+                if member.issym():
+                    added[name] = member.linkname
+                elif (member.isfile() or member.islnk()) and _PYTHON_NAME.fullmatch(leaf):
+                    added[name] = None
+                elif name in tree:
+                    added[name] = _OTHER  # a folder or another file now stands there
                 if _MUSL.match(name):
                     libc = "musl"
                     continue
@@ -162,14 +245,77 @@ def _scan(openers: Iterable[Opener]) -> tuple[str | None, str | None]:
                     banner = _GLIBC_BANNER.search(data)
                     if banner:
                         libc = f"glibc-{int(banner[1])}.{int(banner[2])}"
-    for folder in ("usr/local/bin", "usr/bin"):  # PATH order
-        link = links.get(folder, "")
-        match = re.search(r"python(3\.\d+)$", link)
-        if match:
-            return match[1], libc
-        if len(versions.get(folder, ())) == 1:
-            return next(iter(versions[folder])), libc
-    return None, libc
+        for gone in deleted:  # a layer's whiteouts hide the layers below it, not its own files
+            prefix = gone if gone.endswith("/") else f"{gone}/"
+            for path in [p for p in tree if p == gone or p.startswith(prefix)]:
+                del tree[path]
+        tree.update(added)
+        for path in [p for p, v in tree.items() if v == _OTHER]:
+            del tree[path]
+    return _find_python(tree, search), libc
+
+
+def _clean(name: str) -> str:
+    """A member name as a path from the root: no leading ./ or /, no trailing /."""
+    while name.startswith("./"):
+        name = name[2:]
+    return name.strip("/")
+
+
+def _find_python(tree: dict[str, str | None], search: list[str]) -> tuple[str, str | None] | None:
+    """(path, major.minor or None) of the first python3 along ``search``; failing that, the
+    first folder holding exactly one python3.N (a base without the python3 name)."""
+    for folder in search:
+        candidate = f"{folder.rstrip('/')}/python3"
+        real = _resolve(tree, candidate)
+        if tree.get(real, _ABSENT) is None:
+            match = _PYTHON_NAME.fullmatch(real.rpartition("/")[2])
+            if match and match[1]:
+                return candidate, f"3.{match[1]}"
+            # A real file named python3: its version from the one python3.N beside it.
+            versions = _versions_in(tree, real.rpartition("/")[0])
+            return candidate, (versions.pop() if len(versions) == 1 else None)
+    for folder in search:
+        versions = _versions_in(tree, _resolve(tree, folder))
+        if len(versions) == 1:
+            version = versions.pop()
+            return f"{folder.rstrip('/')}/python{version}", version
+    return None
+
+
+def _versions_in(tree: dict[str, str | None], folder: str) -> set[str]:
+    found = set()
+    for path in tree:
+        where, _, leaf = path.rpartition("/")
+        match = _PYTHON_NAME.fullmatch(leaf)
+        if where == folder and match and match[1] and tree.get(_resolve(tree, path), _ABSENT) is None:
+            found.add(f"3.{match[1]}")
+    return found
+
+
+def _resolve(tree: dict[str, str | None], path: str, hops: int = 40) -> str:
+    """``path`` with every symlink in the tree followed (relative to the root; no leading /)."""
+    todo = [p for p in path.split("/") if p]
+    done: list[str] = []
+    while todo:
+        part = todo.pop(0)
+        if part == ".":
+            continue
+        if part == "..":
+            if done:
+                done.pop()
+            continue
+        link = tree.get("/".join([*done, part]))
+        if link:  # a symlink (None: a file, "": never kept)
+            hops -= 1
+            if hops < 0:
+                return ""  # a loop: nothing there
+            if link.startswith("/"):
+                done = []
+            todo = [p for p in link.split("/") if p] + todo
+            continue
+        done.append(part)
+    return "/".join(done)
 
 
 def tar_reader(chunks: Iterator[bytes], media_type: str) -> BinaryIO:
@@ -471,7 +617,8 @@ def dependency_cache_key(requirements: list[str], target: TargetPython, index_ur
     """What the dependency layer is a function of; equal keys reuse one layer."""
     material = {
         "requirements": requirements,
-        "target": asdict(target),
+        # The interpreter's path and the exact libc do not change which wheels install.
+        "target": {"version": target.version, "platform": target.platform},
         "index": index_url,
         "uv": metadata.version("uv"),
         "layout": LAYOUT_VERSION,
@@ -543,7 +690,7 @@ def install_dependencies(
                 proc.kill()
     if code != 0:
         raise BuildFailed("environment", _explain(output, target))
-    _rewrite_shebangs(dest / "bin")
+    _rewrite_shebangs(dest / "bin", target.executable)
 
 
 _UV_PASSTHROUGH = {"UV_NATIVE_TLS", "UV_HTTP_TIMEOUT"}  # never an index: the operator's setting is
@@ -565,10 +712,11 @@ def _explain(output: list[str], target: TargetPython) -> str:
     return "installing the requirements failed: " + ("; ".join(errors) or (output or ["uv failed"])[-1])
 
 
-def _rewrite_shebangs(bin_dir: Path) -> None:
-    # uv writes the worker's own interpreter into console scripts; the image's python3 runs them.
+def _rewrite_shebangs(bin_dir: Path, executable: str = "python3") -> None:
+    # uv writes the worker's own interpreter into console scripts; the image's Python runs them.
     if not bin_dir.is_dir():
         return
+    shebang = f"#!{executable}\n" if executable.startswith("/") else f"#!/usr/bin/env {executable}\n"
     for script in bin_dir.iterdir():
         if not script.is_file():
             continue
@@ -576,4 +724,4 @@ def _rewrite_shebangs(bin_dir: Path) -> None:
         if data.startswith(b"#!"):
             first, _, rest = data.partition(b"\n")
             if b"python" in first:
-                script.write_bytes(b"#!/usr/bin/env python3\n" + rest)
+                script.write_bytes(shebang.encode() + rest)

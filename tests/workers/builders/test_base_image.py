@@ -28,11 +28,11 @@ def test_publish_pushes_dated_and_moving_tags_that_the_engine_runs(infra, log_li
     infra.local_images += [reference]
     digests = []
     with httpx.Client(timeout=10) as client:
-        for tag in ("py3.11-20300102", "py3.11"):
+        for tag in ("py3.11-20300102", "py3.11", "latest"):  # bookworm's cpu base is also latest
             answer = client.head(f"http://{infra.registry}/v2/{repo}/manifests/{tag}", headers={"Accept": OCI_MANIFEST})
             assert answer.status_code == 200
             digests.append(answer.headers["Docker-Content-Digest"])
-    assert digests[0] == digests[1]
+    assert digests[0] == digests[1] == digests[2]
     infra.pushed.append((infra.registry, repo, digests[0]))
     with infra.api() as api:
         for _ in api.pull(reference, stream=True, decode=True):
@@ -52,6 +52,7 @@ def test_publish_pushes_dated_and_moving_tags_that_the_engine_runs(infra, log_li
     # Builds on it read its Python and C library from labels, never by scanning its layers.
     assert config["Labels"]["org.mms.python"] == "3.11.2"
     assert config["Labels"]["org.mms.libc"] == "glibc-2.36"
+    assert config["Labels"]["org.mms.debian-release"] == "bookworm"
     assert config["Cmd"] == ["python3"]
     assert any(line.startswith("mms: pushed") for line in log_lines)
 
@@ -69,6 +70,6 @@ def test_publish_into_the_service_store_twice_uploads_nothing_the_second_time(in
         )
     assert first == again == "127.0.0.1:8000/mms/inference-base:py3.11-20300102"
     assert "mms: layer present" in log_lines
-    assert layout.tags("mms/inference-base") == ["py3.11", "py3.11-20300102"]
+    assert layout.tags("mms/inference-base") == ["latest", "py3.11", "py3.11-20300102"]
     manifest = json.loads(layout.blob_path(layout.resolve("mms/inference-base", "py3.11").digest).read_bytes())
     assert manifest["mediaType"] == OCI_MANIFEST and len(manifest["layers"]) == 1

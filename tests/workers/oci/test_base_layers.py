@@ -62,14 +62,20 @@ def _digest(data: bytes) -> str:
     return f"sha256:{hashlib.sha256(data).hexdigest()}"
 
 
-def _base(store: ImageStoreClient, tag: str, layers: list[tuple[str, bytes]], family: Family) -> str:
+def _base(
+    store: ImageStoreClient,
+    tag: str,
+    layers: list[tuple[str, bytes]],
+    family: Family,
+    path: str = "/usr/local/bin:/usr/bin:/bin",
+) -> str:
     """Push a base image (no labels: the builder must read its layers) under mms/base:tag."""
     tars = [tar for _, tar in layers]
     config = json.dumps(
         {
             "architecture": "amd64",
             "os": "linux",
-            "config": {"Env": ["PATH=/usr/local/bin:/usr/bin:/bin"]},
+            "config": {"Env": [f"PATH={path}"]},
             "rootfs": {"type": "layers", "diff_ids": [_digest(t) for t in tars]},
         }
     ).encode()
@@ -167,3 +173,41 @@ def test_a_layer_whose_bytes_are_not_its_media_type_fails_naming_the_layer(
         )
     assert failed.value.step == "pull-base"
     assert f"base layer {_digest(plain)[:19]} is not a readable zstd tar" in failed.value.message
+
+
+def test_a_miniconda_style_base_builds_on_the_python_its_path_finds(
+    layout: OciLayout, cache: Path, tmp_path: Path
+) -> None:
+    # python3 in /opt/miniconda/bin (a symlink to python3.12 there) comes first on the
+    # config's PATH; the system's /usr/bin/python3 (3.11) must not be the one used.
+    store = ImageStoreClient(layout, HOST)
+    system = gzip.compress(
+        _tar(
+            {
+                "usr/lib/x86_64-linux-gnu/libc.so.6": GLIBC,
+                "usr/bin/python3.11": b"elf",
+                "usr/bin/python3": "python3.11",
+            }
+        )
+    )
+    conda = gzip.compress(_tar({"opt/miniconda/bin/python3.12": b"elf", "opt/miniconda/bin/python3": "python3.12"}))
+    path = "/opt/miniconda/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    base = _base(store, "miniconda", [(OCI_LAYER, system), (OCI_LAYER, conda)], OCI, path=path)
+    lines: list[str] = []
+    OciBuilder(HOST, layout=layout, cache_dir=cache).build_and_push(
+        _spec(tmp_path, base), "acct/img", "miniconda", lines.append
+    )
+
+    log = "\n".join(lines)
+    assert "base image runs Python 3.12 on x86_64-manylinux_2_36 (/opt/miniconda/bin/python3)" in log, log
+    assert "for Python 3.12 on x86_64-manylinux_2_36" in log  # the wheels are chosen for it
+    layers = store.get_manifest("acct/img", "miniconda").body["layers"]
+    server = store.get_blob("acct/img", layers[3]["digest"])  # base, base, dependencies, server
+    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(server))) as tar:
+        start = tar.extractfile("opt/mms/bin/start").read().decode()
+    assert "exec /opt/miniconda/bin/python3 -m scoring_server" in start
+    assert "exec tini -- /opt/miniconda/bin/python3 -m scoring_server" in start
+    config = json.loads(
+        store.get_blob("acct/img", store.get_manifest("acct/img", "miniconda").body["config"]["digest"])
+    )
+    assert f"PATH={path}" in config["config"]["Env"]  # the base's PATH is kept for score.py's children

@@ -4,21 +4,26 @@ from __future__ import annotations
 
 import gzip
 import io
+import re
+import subprocess
 import sys
 import tarfile
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import uv
 
 from workers.builders import BuildFailed
 from workers.oci.media import OCI_LAYER
 from workers.oci.python_env import (
+    MANYLINUX_LEVELS,
     TargetPython,
     dependency_cache_key,
     detect_target,
     install_dependencies,
     normalise_requirements,
+    platform_for,
     tar_reader,
 )
 
@@ -57,24 +62,145 @@ def test_python_and_glibc_are_read_from_the_layers_the_last_layer_winning() -> N
     )
     upgrade = _layer({"usr/local/bin/python3.12": b"elf", "usr/local/bin/python3": "python3.12"})
     target = detect_target({"architecture": "amd64", "config": {}}, _openers(base, upgrade))
-    assert target == TargetPython("3.12", "x86_64-manylinux_2_36")
+    assert target == TargetPython("3.12", "x86_64-manylinux_2_36", "/usr/local/bin/python3", "glibc-2.36")
 
 
-def test_labels_and_env_spare_the_scan_and_musl_is_recognised() -> None:
+def test_labels_and_env_spare_the_scan_and_musl_is_refused_naming_the_base() -> None:
     def no_scan():
         raise AssertionError("the layers were read although the config says it all")
 
     config = {"architecture": "arm64", "config": {"Labels": {"org.mms.python": "3.10.4", "org.mms.libc": "glibc-2.31"}}}
-    assert detect_target(config, no_scan) == TargetPython("3.10", "aarch64-manylinux_2_31")
-    alpine = _layer({"lib/ld-musl-x86_64.so.1": b"elf"})
+    assert detect_target(config, no_scan) == TargetPython("3.10", "aarch64-manylinux_2_31", "python3", "glibc-2.31")
+    alpine = _layer({"lib/ld-musl-x86_64.so.1": b"elf", "usr/local/bin/python3": "python3.12"})
     official = {"architecture": "amd64", "config": {"Env": ["PYTHON_VERSION=3.12.7"]}}
-    assert detect_target(official, _openers(alpine)) == TargetPython("3.12", "x86_64-unknown-linux-musl")
+    with pytest.raises(BuildFailed, match=r"python:3\.12-alpine uses musl libc.*glibc base image") as failed:
+        detect_target(official, _openers(alpine), base="python:3.12-alpine")
+    assert failed.value.step == "environment"
 
 
 def test_a_base_without_python_fails_clearly() -> None:
-    layer = _layer({"usr/lib/x86_64-linux-gnu/libc.so.6": GLIBC})
+    layer = _layer({"usr/lib/x86_64-linux-gnu/libc.so.6": GLIBC, "opt/py/bin/python3": b"elf"})
+    config = {"architecture": "amd64", "config": {"Env": ["PATH=/usr/local/bin:/usr/bin:/bin"]}}
+    with pytest.raises(
+        BuildFailed, match=r"base image x:1 has no python3 on its PATH \(/usr/local/bin:/usr/bin:/bin\)"
+    ):
+        detect_target(config, _openers(layer), base="base image x:1")
+
+
+@pytest.mark.parametrize(
+    ("glibc", "platform"),
+    [
+        ("glibc-2.17", "x86_64-manylinux_2_17"),
+        ("glibc-2.27", "x86_64-manylinux_2_17"),  # Ubuntu 18.04: nothing between 2_17 and 2_28
+        ("glibc-2.28", "x86_64-manylinux_2_28"),
+        ("glibc-2.30", "x86_64-manylinux_2_28"),
+        ("glibc-2.31", "x86_64-manylinux_2_31"),  # Debian bullseye
+        ("glibc-2.36", "x86_64-manylinux_2_36"),  # bookworm
+        ("glibc-2.41", "x86_64-manylinux_2_40"),  # trixie: newer than any level uv names
+    ],
+)
+def test_a_glibc_level_maps_to_the_highest_level_uv_accepts_not_above_it(glibc: str, platform: str) -> None:
+    assert platform_for("x86_64", glibc) == platform
+    assert platform_for("aarch64", glibc) == platform.replace("x86_64", "aarch64")
+
+
+def test_a_glibc_older_than_any_wheel_or_another_architecture_is_refused_naming_the_base() -> None:
+    with pytest.raises(BuildFailed, match=r"centos:6 has glibc 2\.12, older than .*2\.17"):
+        platform_for("x86_64", "glibc-2.12", "centos:6")
+    with pytest.raises(BuildFailed, match="ppc:1 is for ppc64le"):
+        platform_for("ppc64le", "glibc-2.36", "ppc:1")
+
+
+def test_the_manylinux_levels_are_the_ones_this_workers_uv_accepts() -> None:
+    # uv refuses a --python-platform it does not know ("invalid value 'x86_64-manylinux_2_27'").
+    help_text = subprocess.run(
+        [uv.find_uv_bin(), "pip", "install", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for arch in ("x86_64", "aarch64"):
+        accepted = {(int(a), int(b)) for a, b in re.findall(rf"\b{arch}-manylinux_(\d+)_(\d+)", help_text)}
+        assert set(MANYLINUX_LEVELS) == accepted, arch
+
+
+def test_a_python_older_than_the_server_supports_is_refused() -> None:
+    config = {"config": {"Labels": {"org.mms.python": "3.7.3", "org.mms.libc": "glibc-2.28"}}}
+    with pytest.raises(BuildFailed, match=r"img has Python 3\.7; the scoring server needs Python 3\.8"):
+        detect_target(config, _openers(), base="img")
+
+
+def test_python_is_found_along_the_configs_path_following_symlinks_in_the_layers() -> None:
+    # A miniconda-style base: python3 in /opt/miniconda/bin, a symlink to python3.10 there,
+    # ahead of a system python3 (3.11) in /usr/bin; merged /usr (/bin → usr/bin).
+    system = _layer(
+        {
+            "bin": "usr/bin",
+            "usr/bin/python3.11": b"elf",
+            "usr/bin/python3": "python3.11",
+            "usr/lib/x86_64-linux-gnu/libc.so.6": GLIBC,
+        }
+    )
+    conda = _layer({"opt/miniconda/bin/python3.10": b"elf", "opt/miniconda/bin/python3": "python3.10"})
+    path = "PATH=/opt/miniconda/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    config = {"architecture": "amd64", "config": {"Env": [path]}}
+    target = detect_target(config, _openers(system, conda))
+    assert target == TargetPython("3.10", "x86_64-manylinux_2_36", "/opt/miniconda/bin/python3", "glibc-2.36")
+    # Without that folder on PATH the system Python is the one.
+    plain = {"architecture": "amd64", "config": {"Env": ["PATH=/bin:/opt/x"]}}
+    assert detect_target(plain, _openers(system, conda)).executable == "/bin/python3"
+    assert detect_target(plain, _openers(system, conda)).version == "3.11"
+
+
+def test_symlinks_to_absolute_paths_and_linked_folders_are_followed() -> None:
+    layer = _layer(
+        {
+            "opt/conda": "/opt/miniforge",  # a linked folder on PATH
+            "opt/miniforge/bin/python3": "/opt/miniforge/libexec/../bin/python3.12",
+            "opt/miniforge/bin/python3.12": b"elf",
+            "usr/lib/x86_64-linux-gnu/libc-2.31.so": b"elf",
+        }
+    )
+    config = {"config": {"Env": ["PATH=/opt/conda/bin:/usr/bin"]}}
+    target = detect_target(config, _openers(layer))
+    assert (target.version, target.executable, target.platform) == (
+        "3.12",
+        "/opt/conda/bin/python3",
+        "x86_64-manylinux_2_31",
+    )
+
+
+def test_whiteouts_in_a_later_layer_hide_a_python_and_a_dangling_link_is_passed_over() -> None:
+    base = _layer(
+        {
+            "opt/old/bin/python3.9": b"elf",
+            "opt/old/bin/python3": "python3.9",
+            "usr/local/bin/python3": "/nowhere/python3.13",  # dangling: not a Python
+            "usr/bin/python3.11": b"elf",
+            "usr/bin/python3": "python3.11",
+            "usr/lib/x86_64-linux-gnu/libc.so.6": GLIBC,
+        }
+    )
+    removed = _layer({"opt/.wh.old": b""})
+    config = {"config": {"Env": ["PATH=/opt/old/bin:/usr/local/bin:/usr/bin"]}}
+    assert detect_target(config, _openers(base)).executable == "/opt/old/bin/python3"
+    assert detect_target(config, _openers(base, removed)).executable == "/usr/bin/python3"
+    opaque = _layer({"opt/old/bin/.wh..wh..opq": b"", "opt/old/bin/python3.12": b"elf"})
+    # The opaque folder keeps only its own layer's files: python3 is gone, python3.12 alone stays.
+    target = detect_target(config, _openers(base, opaque))
+    assert (target.executable, target.version) == ("/usr/bin/python3", "3.11")
+    only_versioned = {"config": {"Env": ["PATH=/opt/old/bin"]}}
+    target = detect_target(only_versioned, _openers(base, opaque))
+    assert (target.executable, target.version) == ("/opt/old/bin/python3.12", "3.12")
+
+
+def test_a_python3_whose_version_cannot_be_told_asks_for_the_label() -> None:
+    layer = _layer({"usr/bin/python3": b"elf", "usr/bin/python3.10": b"elf", "usr/bin/python3.11": b"elf"})
+    with pytest.raises(BuildFailed, match=r"img has /usr/bin/python3 .*org\.mms\.python=3\.N"):
+        detect_target({"config": {"Env": ["PATH=/usr/bin"]}}, _openers(layer), base="img")
+
+
+def test_a_path_folder_with_shell_characters_is_not_searched() -> None:
+    layer = _layer({"opt/a;b/python3.11": b"elf", "opt/a;b/python3": "python3.11", "lib/libc-2.36.so": b""})
     with pytest.raises(BuildFailed, match="no python3"):
-        detect_target({"architecture": "amd64"}, _openers(layer))
+        detect_target({"config": {"Env": ["PATH=/opt/a;b"]}}, _openers(layer))
 
 
 def test_the_cache_key_follows_requirements_and_target_only() -> None:
