@@ -73,7 +73,8 @@ def publish_base_image(
     variant: Annotated[
         str,
         typer.Option(
-            help="cpu (the default FROM), or spark (plus a headless Java 17, the SparkPython runtime's default FROM)"
+            help="cpu (the default FROM), spark (plus a headless Java 17, the SparkPython runtime's default FROM), "
+            "or gpu (plus Debian's CUDA runtime, the FROM of manifests with enableGpu)"
         ),
     ] = "cpu",
 ) -> None:
@@ -91,8 +92,8 @@ def publish_base_image(
     from workers.oci.remote_registry import RemoteRegistryError
     from workers.pipeline import image_store
 
-    if variant not in ("cpu", "spark"):
-        fail(f"--variant must be cpu or spark, not {variant!r}")
+    if variant not in ("cpu", "spark", "gpu"):
+        fail(f"--variant must be cpu, spark or gpu, not {variant!r}")
     settings = load_settings()
     prepare_database(settings)
     engine = make_engine(settings)
@@ -107,7 +108,7 @@ def publish_base_image(
     if rootfs_tar is None:
         # debootstrap, cached under /var/cache/mms so it runs once per machine.
         err.print("building a Debian root file system with debootstrap (once per machine, about a minute)")
-        name = "spark-rootfs.sh" if variant == "spark" else "base-rootfs.sh"
+        name = {"spark": "spark-rootfs.sh", "gpu": "gpu-rootfs.sh"}.get(variant, "base-rootfs.sh")
         script = Path(__file__).resolve().parents[1] / "scripts" / "infra" / name
         done = subprocess.run([str(script)], capture_output=True, text=True, check=False)
         if done.returncode != 0:
@@ -128,7 +129,7 @@ def publish_base_image(
     with session_scope(factory) as session:
         record_base_image(session, reference=reference, python_version=python_version, variant=variant)
     engine.dispose()
-    runtime = "of SparkPython manifests" if variant == "spark" else ""
+    runtime = {"spark": "of SparkPython manifests", "gpu": "of manifests with enableGpu"}.get(variant, "")
     err.print(f"published {reference}; it is now the default base image {runtime}".rstrip(), highlight=False)
 
 
