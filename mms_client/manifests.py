@@ -60,13 +60,22 @@ def create(
             "--inference-config", "--ic", help="an inference configuration JSON (entryScript, runtime, condaFile, ...)"
         ),
     ] = None,
+    source_directory: Annotated[
+        Path | None,
+        typer.Option(
+            "--source-directory",
+            help="a folder that goes into the image whole, as its app root; the scoring script (-f, or the "
+            "configuration's entryScript) is then a path inside it. Overrides the configuration's sourceDirectory",
+        ),
+    ] = None,
     description: Annotated[str | None, typer.Option("--description")] = None,
     output: OutputOption = Output.table,
     query: QueryOption = None,
 ) -> None:
     """Bundle a scoring script, its files, models and environment; every local file is uploaded.
 
-    Example: mms manifest create -n housingmodel-manifest -f score.py -c myconda.yml -r python -i <model id>
+    Example: mms manifest create -n housingmodel-manifest -f score.py -c myconda.yml -r python -i <model id>;
+    mms manifest create -n housing --source-directory ./src -f score/score.py -c ./src/env.yml -i <model id>
     """
     if runtime.lower() not in RUNTIMES:
         raise CliError(f"--runtime must be python or spark-py, not {runtime!r}")
@@ -74,7 +83,14 @@ def create(
         raise CliError(
             "give the scoring script with -f score.py, or an inference configuration with --ic (one of them)"
         )
-    for path in [p for p in (driver, conda_file, pip_file, inference_config, *(dependency or [])) if p]:
+    if source_directory is not None:
+        if not source_directory.is_dir():
+            raise CliError(f"--source-directory {source_directory} is not a folder")
+        if pip_file is not None:
+            raise CliError("--pip-file does not go with --source-directory: give the environment as a conda file (-c)")
+    # With --source-directory, -f is a path inside it (checked when the body is made).
+    local_driver = driver if source_directory is None else None
+    for path in [p for p in (local_driver, conda_file, pip_file, inference_config, *(dependency or [])) if p]:
         if not path.exists():
             raise CliError(f"{path} does not exist")
     with ServiceClient() as client:
@@ -94,6 +110,7 @@ def create(
                 model_file or [],
                 inference_config,
                 description,
+                source_directory,
             )
     show(manifest, output, COLUMNS, query)
 
@@ -111,6 +128,7 @@ def _create(
     model_file: list[Path],
     inference_config: Path | None,
     description: str | None,
+    source_directory: Path | None = None,
 ) -> dict[str, Any]:
     """Register the model files, upload the files and create the manifest; what was made."""
     for path in model_file:
@@ -127,8 +145,22 @@ def _create(
             raise CliError(f"{inference_config} is not a JSON file: {exc}") from None
         if not isinstance(config, dict):
             raise CliError(f"{inference_config} needs an entryScript (the scoring script's path)")
+        if source_directory is not None:  # from where the command runs, not the configuration's folder
+            config["sourceDirectory"] = str(source_directory.resolve())
         body = inference_config_body(
             client, uploads, config, inference_config.parent, name, model_ids, dependency, str(inference_config)
+        )
+    elif source_directory is not None:
+        # -f, -r and -c as an inference configuration: its entryScript is relative to the folder.
+        config = {
+            "entryScript": str(driver),
+            "runtime": runtime.lower(),
+            "sourceDirectory": str(source_directory.resolve()),
+            "condaFile": str(conda_file.resolve()) if conda_file else None,
+            "description": description,
+        }
+        body = inference_config_body(
+            client, uploads, config, Path.cwd(), name, model_ids, dependency, "--source-directory"
         )
     else:
         body = seed_manifest_body(

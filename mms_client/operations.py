@@ -11,6 +11,7 @@ import codecs
 import hashlib
 import mimetypes
 import os
+import re
 import tempfile
 import time
 import zipfile
@@ -142,6 +143,31 @@ def zip_folder(folder: Path, dest: Path, top: str | None = None) -> Path:
     return dest
 
 
+def zip_source_directory(folder: Path, dest: Path) -> Path:
+    """The whole source directory as a zip, byte for byte the same for the same files (name
+    order, fixed dates and modes). Dot-files and dot-folders (.git, .venv, .env) and Python
+    caches stay out: they are a checkout's or an editor's, not the service's."""
+    entries: list[tuple[Path, str]] = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__pycache__")
+        for entry in sorted(names):
+            path = Path(root) / entry
+            if entry.startswith(".") or entry.endswith(".pyc"):
+                continue
+            if path.is_symlink():
+                raise CliError(f"{path} is a symbolic link: copy the file it points to into the folder")
+            entries.append((path, path.relative_to(folder).as_posix()))
+    if not entries:
+        raise CliError(f"{folder} is empty: nothing to upload")
+    with zipfile.ZipFile(dest, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as archive:
+        for path, name in entries:
+            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            info.external_attr = (0o100755 if os.access(path, os.X_OK) else 0o100644) << 16
+            info.compress_type = zipfile.ZIP_DEFLATED
+            archive.writestr(info, path.read_bytes())
+    return dest
+
+
 # -- manifests --------------------------------------------------------------------------
 
 
@@ -214,9 +240,10 @@ def inference_config_body(
     """The custom-image document's inference configuration (``config``, its names: entryScript,
     runtime, condaFile, sourceDirectory, ...) as a manifest body, its local files uploaded.
 
-    Paths are relative to ``base``/sourceDirectory. With a sourceDirectory, its other files and
-    folders go into the image beside the entry script (a folder zipped and unpacked), as the
-    Azure ML SDK packages a source directory. ``source`` names the configuration in errors.
+    Paths are relative to ``base``/sourceDirectory. With a sourceDirectory, the whole folder is
+    one zip asset (unPack) that becomes the image's app root, as the Azure ML SDK packages a
+    source directory, and entryScript is sent as its path inside it. ``source`` names the
+    configuration in errors.
     """
     if not config.get("entryScript"):
         raise CliError(f"{source} needs an entryScript (the scoring script's path)")
@@ -232,16 +259,17 @@ def inference_config_body(
         return path
 
     entry, conda = local("entryScript"), local("condaFile") if config.get("condaFile") else None
-    assets = [upload_asset(client, uploads, entry)]
-    body: dict[str, Any] = {"name": name, "modelIds": model_ids, "entryScript": assets[0]["id"], "runtime": runtime}
+    if config.get("sourceDirectory"):
+        script = _inside(folder, entry, source)
+        assets = [upload_source_directory(client, uploads, folder)]
+        body: dict[str, Any] = {"name": name, "modelIds": model_ids, "entryScript": script, "runtime": runtime}
+        body["sourceDirectory"] = assets[0]["id"]
+    else:
+        assets = [upload_asset(client, uploads, entry)]
+        body = {"name": name, "modelIds": model_ids, "entryScript": assets[0]["id"], "runtime": runtime}
     if conda is not None:
         assets.append(upload_asset(client, uploads, conda))
         body["condaFile"] = assets[-1]["id"]
-    if config.get("sourceDirectory"):
-        body["sourceDirectory"] = config["sourceDirectory"]
-        taken = {entry.resolve(), conda.resolve() if conda else None}
-        others = sorted(p for p in folder.iterdir() if p.resolve() not in taken and not p.name.startswith("."))
-        dependencies = [*others, *dependencies]
     assets += [upload_asset(client, uploads, d) for d in dependencies]
     body["assets"] = assets
     for key in _PASSED_THROUGH:
@@ -251,6 +279,26 @@ def inference_config_body(
                 value = (folder / value).read_text(encoding="utf-8")  # the doc names a file
             body[key] = value
     return body
+
+
+def _inside(folder: Path, entry: Path, source: str) -> str:
+    """The entry script's path inside the source directory, as the service takes it."""
+    try:
+        relative = entry.resolve().relative_to(folder.resolve())
+    except ValueError:
+        raise CliError(f"{source}: entryScript {entry} is not inside the sourceDirectory {folder}") from None
+    if any(part.startswith(".") or part == "__pycache__" for part in relative.parts):
+        raise CliError(f"{source}: entryScript {relative} is in a dot-folder, which is not uploaded")
+    return relative.as_posix()
+
+
+def upload_source_directory(client: ServiceClient, uploads: Uploads, folder: Path) -> dict[str, Any]:
+    """Upload the source directory as one zip asset, unpacked at the image's app root."""
+    asset_id = re.sub(r"[^A-Za-z0-9._-]", "-", folder.resolve().name).strip(".")[:60] or "source"
+    with tempfile.TemporaryDirectory(prefix="mms-source-") as tmp:
+        archive = zip_source_directory(folder, Path(tmp) / f"{asset_id}.zip")
+        uploaded = upload_with_progress(client, archive, archive.name, uploads)
+    return {"id": asset_id, "url": uploaded["url"], "mimeType": "application/zip", "unPack": True}
 
 
 def _is_file(path: Path) -> bool:

@@ -318,7 +318,7 @@ class Model:
         """Bundle the models with the inference configuration's files and environment, and
         build a scoring image of them.
 
-        The entry script, the conda file and the rest of the source directory are uploaded and
+        The source directory (one zip) or the entry script, and the conda file, are uploaded and
         made a manifest (named as the image); the build is then queued. Follow it with
         ``image.wait_for_creation(show_output=True)``.
 
@@ -387,8 +387,10 @@ class InferenceConfig:
     :param conda_file: a conda environment file (relative to ``source_directory`` when given).
     :param extra_docker_file_steps: Dockerfile steps run after the environment is set up: the
         steps, or a file holding them.
-    :param source_directory: a folder whose files all go into the image beside the entry script.
-    :param enable_gpu: build on the GPU base image.
+    :param source_directory: a folder that goes into the image whole, as its app root (one zip,
+        dot-files left out); ``entry_script`` is its path inside it, and a module beside it or a
+        package at the folder's root imports.
+    :param enable_gpu: build on the newest published GPU base image (or on ``base_image``).
     :param base_image: an image to build on instead of the service's base image, e.g.
         ``"myregistry.azurecr.io/myimage:v1"``.
     :param base_image_registry: the private registry of ``base_image`` (or set its

@@ -31,7 +31,7 @@ def main() -> int:
             from . import spark
 
             spark.start_session()
-        script = UserScript(settings.entry_script)
+        script = UserScript(settings.entry_script, settings.app_root)
         script.init()
     except BaseException:  # noqa: BLE001 - anything, even SystemExit: the image must not look healthy
         traceback.print_exc()

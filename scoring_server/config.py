@@ -27,6 +27,7 @@ class Settings:
     http: str
     loop: str
     runtime: str = "python"  # spark-py: a SparkSession is started before init()
+    app_root: Path | None = None  # AML_APP_ROOT: the source directory's root, importable as Azure's is
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
@@ -41,6 +42,7 @@ class Settings:
             http=env.get("SCORING_HTTP") or "auto",
             loop=env.get("SCORING_LOOP") or "auto",
             runtime=_runtime(env),
+            app_root=Path(env["AML_APP_ROOT"]) if env.get("AML_APP_ROOT") else None,
         )
 
 

@@ -18,9 +18,9 @@ class ScriptError(Exception):
 class UserScript:
     """The loaded driver script: ``init()`` once, ``invoke(raw)`` per request."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, app_root: Path | None = None) -> None:
         self.path = path
-        module = _import(path)
+        module = _import(path, app_root)
         for name in ("init", "run"):
             if not callable(getattr(module, name, None)):
                 raise ScriptError(f"{path} does not define {name}()")
@@ -41,10 +41,13 @@ class UserScript:
         return self._run(raw_data)
 
 
-def _import(path: Path) -> ModuleType:
+def _import(path: Path, app_root: Path | None) -> ModuleType:
     if not path.is_file():
         raise ScriptError(f"entry script not found: {path} (set AZUREML_ENTRY_SCRIPT)")
-    # Sibling modules of score.py must be importable, as with Azure's server.
+    # As with Azure's server: sibling modules of score.py import, and so do the modules and
+    # packages at the source directory's root (score/score.py importing utils.features).
+    if app_root is not None and str(app_root) not in sys.path:
+        sys.path.insert(0, str(app_root))
     sys.path.insert(0, str(path.parent))
     spec = importlib.util.spec_from_file_location(path.stem, path)
     if spec is None or spec.loader is None:

@@ -40,6 +40,7 @@ __all__ = [
     "DEFAULT_RELEASE",
     "RELEASES",
     "VARIANTS",
+    "cuda_version",
     "debian_release",
     "java_version",
     "publish_base_image",
@@ -49,13 +50,16 @@ logger = logging.getLogger(__name__)
 
 _VERSION = re.compile(r"(\d+)\.(\d+)(\.\d+)?")
 _PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-VARIANTS = ("cpu", "spark")
+VARIANTS = ("cpu", "spark", "gpu")
 RELEASES = {"bullseye": "3.9", "bookworm": "3.11", "trixie": "3.13"}  # Debian release: its Python
 DEFAULT_RELEASE = "bookworm"
 _RELEASE_FILE = re.compile(r"^(?:\./)?etc/mms-base-release$")
 _SUITE = re.compile(r"^MMS_BASE_SUITE=(\S+)$", re.MULTILINE)
 _JAVA_RELEASE = re.compile(r"^(?:\./)?usr/lib/jvm/[^/]+/release$")
 _JAVA_VERSION = re.compile(r'^JAVA_VERSION="([^"]+)"', re.MULTILINE)
+# Debian's libcudart11.0 ships libcudart.so.11.8.89 (and the soname link libcudart.so.11.0):
+# the CUDA runtime's version is in the file's name.
+_CUDA_RUNTIME = re.compile(r"^(?:\./)?usr/lib/[^/]+/libcudart\.so\.(\d+\.\d+)\.\d+$")
 
 
 def publish_base_image(
@@ -93,6 +97,12 @@ def publish_base_image(
             f"{tar.name} has no Java runtime (usr/lib/jvm/*/release), which the "
             "spark variant needs: make it with scripts/infra/spark-rootfs.sh"
         )
+    cuda = cuda_version(tar) if variant == "gpu" else None
+    if variant == "gpu" and cuda is None:
+        raise ValueError(
+            f"{tar.name} has no CUDA runtime (usr/lib/*/libcudart.so.*), which the gpu "
+            "variant needs: make it with scripts/infra/gpu-rootfs.sh"
+        )
     with tempfile.TemporaryDirectory(prefix="mms-base-") as tmp:
         log(f"mms: compressing {tar.name} into a layer")
         layer = compress_tar(tar, Path(tmp) / "rootfs.tar.gz", f"mms base-image publish: {tar.name}")
@@ -128,7 +138,10 @@ def publish_base_image(
             config["config"]["Labels"]["org.mms.debian-release"] = release
         if java is not None:  # SparkPython builds check for Java by this label
             config["config"]["Labels"]["org.mms.java"] = java
-        log(f"mms: layer {layer.digest} ({layer.size} bytes); {target.describe()}" + (f", Java {java}" if java else ""))
+        if cuda is not None:
+            config["config"]["Labels"]["org.mms.cuda"] = cuda
+        extras = (f", Java {java}" if java else "") + (f", CUDA {cuda}" if cuda else "")
+        log(f"mms: layer {layer.digest} ({layer.size} bytes); {target.describe()}{extras}")
         how = store.push_blob(repo, layer.digest, layer.size, file_chunks(layer.path))
         log(f"mms: layer {how}")
         raw = json.dumps(config, separators=(",", ":")).encode()
@@ -165,6 +178,19 @@ def java_version(rootfs_tar: Path) -> str | None:
                     found = _JAVA_VERSION.search(release)
                     if found:
                         return found[1]
+    except tarfile.TarError as exc:
+        raise ValueError(f"{rootfs_tar.name} is not a readable tar: {exc}") from None
+    return None
+
+
+def cuda_version(rootfs_tar: Path) -> str | None:
+    """The CUDA runtime (major.minor) a root file system tarball carries, or None."""
+    try:
+        with tarfile.open(rootfs_tar, "r:") as tar:
+            for member in tar:
+                found = _CUDA_RUNTIME.match(member.name)
+                if found and member.isfile():
+                    return found[1]
     except tarfile.TarError as exc:
         raise ValueError(f"{rootfs_tar.name} is not a readable tar: {exc}") from None
     return None

@@ -82,7 +82,8 @@ def publish_base_image(
     variant: Annotated[
         str,
         typer.Option(
-            help="cpu (the default FROM), or spark (plus a headless Java 17, the SparkPython runtime's default FROM)"
+            help="cpu (the default FROM), spark (plus a headless Java 17, the SparkPython runtime's default FROM), "
+            "or gpu (plus Debian's CUDA runtime, the FROM of manifests with enableGpu)"
         ),
     ] = "cpu",
 ) -> None:
@@ -107,12 +108,14 @@ def publish_base_image(
     from workers.oci.remote_registry import RemoteRegistryError
     from workers.pipeline import image_store
 
-    if variant not in ("cpu", "spark"):
-        fail(f"--variant must be cpu or spark, not {variant!r}")
+    if variant not in ("cpu", "spark", "gpu"):
+        fail(f"--variant must be cpu, spark or gpu, not {variant!r}")
     if release is not None and release not in RELEASES:
         fail(f"--release must be one of {', '.join(RELEASES)}, not {release!r}")
     if variant == "spark" and release not in (None, DEFAULT_RELEASE):
         fail(f"--variant spark is built on {DEFAULT_RELEASE} only (its Java 17)")
+    if variant == "gpu" and release not in (None, DEFAULT_RELEASE):
+        fail(f"--variant gpu is built on {DEFAULT_RELEASE} only (its CUDA runtime)")
     if rootfs_tar is not None:
         try:
             found = debian_release(rootfs_tar)
@@ -139,7 +142,7 @@ def publish_base_image(
     if rootfs_tar is None:
         # debootstrap, cached under /var/cache/mms so it runs once per machine.
         err.print("building a Debian root file system with debootstrap (once per machine, about a minute)")
-        name = "spark-rootfs.sh" if variant == "spark" else "base-rootfs.sh"
+        name = {"spark": "spark-rootfs.sh", "gpu": "gpu-rootfs.sh"}.get(variant, "base-rootfs.sh")
         script = Path(__file__).resolve().parents[1] / "scripts" / "infra" / name
         env = {**os.environ, "MMS_ROOTFS_SUITE": release}
         done = subprocess.run([str(script)], capture_output=True, text=True, check=False, env=env)
@@ -170,7 +173,7 @@ def publish_base_image(
     if recorded_as != variant:
         err.print(f"published {reference} (variant {recorded_as}); name it as a manifest's baseImage", highlight=False)
         return
-    runtime = "of SparkPython manifests" if variant == "spark" else ""
+    runtime = {"spark": "of SparkPython manifests", "gpu": "of manifests with enableGpu"}.get(variant, "")
     err.print(f"published {reference}; it is now the default base image {runtime}".rstrip(), highlight=False)
 
 

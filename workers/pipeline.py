@@ -28,7 +28,7 @@ from app.database import session_scope
 from app.image_store import image_layout, naming
 from app.orm import Image, ModelVersion
 from app.package_sources import PackageSourceRefused, check_conda_channels, check_requirements
-from app.services.base_images import BASE_REPOSITORY, default_base_image, foreign_base_image
+from app.services.base_images import BASE_REPOSITORY, NO_GPU_BASE, default_base_image, foreign_base_image
 from workers.build_context import (
     REQUIREMENT_FILES,
     BuildSpec,
@@ -91,6 +91,8 @@ class BuildInputs:
     labels: dict[str, str]
     published_base: str | None  # the newest base image `mms base-image publish` recorded
     runtime: str = "python"  # the build's name for the manifest's runtimeType
+    gpu: bool = False  # enableGpu: the published base is the gpu variant
+    source_directory: str | None = None  # the asset unpacked at the app root; the driver is a path in it
 
 
 def load_inputs(context: ServiceContext, image_id: uuid.UUID) -> BuildInputs:
@@ -108,6 +110,16 @@ def load_inputs(context: ServiceContext, image_id: uuid.UUID) -> BuildInputs:
                 else ""
             )
             registry = RegistryCredentials(manifest.registry_address, manifest.registry_username, password)
+        gpu, asset_ids = manifest.enable_gpu, {a.asset_id for a in manifest.assets}
+        labels = {
+            "org.mms.manifest.id": str(manifest.id),
+            "org.mms.manifest.version": str(manifest.version),
+            # No image id or version: they are the tag, so one manifest gives one digest.
+            "org.mms.models": ",".join(f"{m.id}:{m.name}:{m.version}" for m in models),
+        }
+        if gpu:  # on a tenant's base too: they vouch for its CUDA, the label says it was asked for
+            labels["org.mms.gpu"] = "true"
+        variant = "gpu" if gpu else _BASE_VARIANTS[manifest.runtime_type]
         return BuildInputs(
             image_name=image.name,
             image_version=image.version,
@@ -121,14 +133,12 @@ def load_inputs(context: ServiceContext, image_id: uuid.UUID) -> BuildInputs:
             base_image=manifest.base_image,
             base_registry=registry,
             extra_steps=manifest.extra_dockerfile_steps,
-            published_base=default_base_image(session, variant=_BASE_VARIANTS[manifest.runtime_type]),
+            published_base=default_base_image(session, variant=variant),
             runtime=_RUNTIMES[manifest.runtime_type],
-            labels={
-                "org.mms.manifest.id": str(manifest.id),
-                "org.mms.manifest.version": str(manifest.version),
-                # No image id or version: they are the tag, so one manifest gives one digest.
-                "org.mms.models": ",".join(f"{m.id}:{m.name}:{m.version}" for m in models),
-            },
+            labels=labels,
+            gpu=gpu,
+            # Manifests from before sourceDirectory named an asset hold a client's path: ignored, as then.
+            source_directory=manifest.source_directory if manifest.source_directory in asset_ids else None,
         )
 
 
@@ -194,10 +204,17 @@ def fetch_step(
         finally:
             archive.unlink(missing_ok=True)
 
+    directory = inputs.source_directory
     for asset_id, source in inputs.assets.items():
+        if asset_id == directory:
+            continue  # last: its tree may not overwrite another asset (the unpacker refuses clashes)
+        if directory is not None and source.url == inputs.conda_url:
+            continue  # the environment, read below; the directory holds its own copy
         # The driver becomes <id>.py so the scoring server can import it by path.
         name = asset_id if asset_id != inputs.driver_program or asset_id.endswith(".py") else f"{asset_id}.py"
         place(source, app_dir if not source.unpack else app_dir / asset_id, name, f"asset '{asset_id}'")
+    if directory is not None:
+        _place_source_directory(inputs, app_dir, place)
     for key, source in inputs.models.items():
         place(source, model_dir / key, _file_name(source.url, "model"), f"model {key}")
 
@@ -214,8 +231,25 @@ def fetch_step(
     return app_dir, model_dir, texts[0], texts[1]
 
 
+def _place_source_directory(inputs: BuildInputs, app_dir: Path, place: Callable[..., None]) -> None:
+    """Unpack the sourceDirectory archive at the app root, as its tree, and check the entry
+    script is in it (a row from before the API checked the path is held here too)."""
+    directory, entry = inputs.source_directory, inputs.driver_program
+    source = inputs.assets.get(directory or "")
+    if source is None or not source.unpack:
+        raise StepFailed("fetch", f"sourceDirectory '{directory}' is not an archive asset with unPack")
+    if not _plain_path(entry):
+        raise StepFailed("fetch", f"entryScript '{entry}' is not a plain path inside the sourceDirectory")
+    app_dir.mkdir(parents=True, exist_ok=True)
+    place(source, app_dir, "", f"sourceDirectory '{directory}'")
+    if not (app_dir / entry).is_file():
+        raise StepFailed("fetch", f"entryScript '{entry}' is not a file in the sourceDirectory archive '{directory}'")
+
+
 def driver_file(inputs: BuildInputs) -> str:
     name = inputs.driver_program
+    if inputs.source_directory is not None:
+        return name  # a path inside the source directory, kept as given
     return name if name.endswith(".py") else f"{name}.py"
 
 
@@ -295,11 +329,14 @@ def image_store(settings: Settings) -> Store:
     return RemoteRegistryClient(settings.image_registry.partition("/")[0], login.get("username"), login.get("password"))
 
 
-def default_base(settings: Settings, published: str | None, runtime: str = "python") -> str:
+def default_base(settings: Settings, published: str | None, runtime: str = "python", *, gpu: bool = False) -> str:
     """The base image a manifest that names none builds on: for SparkPython the newest
-    published spark variant (MMS_DEFAULT_BASE_IMAGE, a plain Python base, is not used)."""
+    published spark variant, with enableGpu the newest gpu one (MMS_DEFAULT_BASE_IMAGE, a
+    plain Python base, is used for neither). A gpu build never falls back to a CPU base."""
     spark = runtime == "spark-py"
-    if settings.default_base_image and not spark:
+    if gpu and not published:
+        raise StepFailed("pull-base", f"enableGpu: {NO_GPU_BASE}")
+    if settings.default_base_image and not spark and not gpu:
         return settings.default_base_image
     if not published:
         return f"{settings.image_registry}/{BASE_REPOSITORY}:py3.11{'-spark' if spark else ''}"
@@ -309,6 +346,11 @@ def default_base(settings: Settings, published: str | None, runtime: str = "pyth
         # which may be another port than when it was published.
         return f"{settings.image_registry}/{ref.repository}:{ref.tag}"
     return published
+
+
+def build_base(settings: Settings, inputs: BuildInputs) -> str:
+    """The build's FROM: the manifest's baseImage, else the default of its runtime and enableGpu."""
+    return inputs.base_image or default_base(settings, inputs.published_base, inputs.runtime, gpu=inputs.gpu)
 
 
 def unpublished_base(settings: Settings, inputs: BuildInputs, failure: BuildFailed) -> BuildFailed:
@@ -383,13 +425,13 @@ def run_pipeline(context: ServiceContext, image_id: uuid.UUID, emit: Log) -> Bui
     builder = make_builder(settings, inputs.builder)
     if isinstance(builder, OciBuilder):
         check_extra_steps(inputs.extra_steps or "")  # a RUN step fails now, before any fetch
+    base = build_base(settings, inputs)  # now: a gpu build with no gpu base fails before any fetch
     with scratch_dir("work") as tmp:
         work = Path(tmp)
         started = time.monotonic()
         app_dir, model_dir, conda, pip = fetch_step(context, inputs, work, emit)
         pip, conda, requirement_files = package_files(context, inputs, pip, conda, work, emit)
         emit(f"mms: inputs fetched in {time.monotonic() - started:.2f} s")
-        base = inputs.base_image or default_base(settings, inputs.published_base, inputs.runtime)
         foreign = foreign_base_image(base, registry=settings.image_registry, account_id=inputs.account_id)
         if foreign:  # the API refuses it too; a manifest stored before that rule is held here
             raise StepFailed("pull-base", foreign)

@@ -117,10 +117,12 @@ class ManifestCreate(_ManifestCommon):
 class InferenceConfigCreate(_ManifestCommon):
     """The custom-image document's inference configuration, plus name, models and assets."""
 
-    entryScript: AssetId
+    # An asset id; with a sourceDirectory, a path inside it (checked by the service).
+    entryScript: Annotated[str, StringConstraints(min_length=1, max_length=512)]
     runtime: RuntimeType = "Python"
     condaFile: AssetId | None = None
     extraDockerfileSteps: DockerfileSteps | None = None
+    # The id of the asset (an archive with unPack) holding the whole source directory.
     sourceDirectory: Annotated[Text, StringConstraints(max_length=512)] | None = None
     enableGpu: bool = False
     baseImage: ImageReference | None = None

@@ -13,6 +13,10 @@ from app.orm.base import utcnow
 from app.registry_address import registry_endpoint
 
 BASE_REPOSITORY = "mms/inference-base"
+# Why a manifest with enableGpu and no baseImage cannot be built (the API and the worker say it).
+NO_GPU_BASE = (
+    "no GPU base image is published: publish one with `mms base-image publish --variant gpu` or name a GPU baseImage"
+)
 
 
 @dataclass(frozen=True)
@@ -46,8 +50,7 @@ def list_base_images(session: Session) -> list[BaseImageEntry]:
         BaseImageEntry(f"{BASE_REPOSITORY}-{r.variant}", r.reference, r.python_version, r.variant, r.published_at)
         for r in rows
     ]
-    # Named though not published: the GPU variant needs CUDA, which this project does not
-    # build yet; the Spark one is made by `mms base-image publish --variant spark`.
+    # Named though not published: `mms base-image publish --variant spark` (or gpu) makes them.
     for variant in ("spark", "gpu"):
         if not any(e.variant == variant for e in entries):
             entries.append(BaseImageEntry(f"{BASE_REPOSITORY}-{variant}", None, "3.11", variant, None))
@@ -56,7 +59,7 @@ def list_base_images(session: Session) -> list[BaseImageEntry]:
 
 def default_base_image(session: Session, *, variant: str = "cpu") -> str | None:
     """The newest published base image of ``variant``: the FROM of manifests that name none
-    (``spark`` for the SparkPython runtime, ``cpu`` for the others)."""
+    (``spark`` for the SparkPython runtime, ``gpu`` with enableGpu, ``cpu`` for the others)."""
     return session.scalars(
         select(BaseImage.reference).where(BaseImage.variant == variant).order_by(BaseImage.published_at.desc()).limit(1)
     ).first()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -13,9 +15,9 @@ from app.package_sources import (
     check_requirements,
     conda_pip_entries,
 )
-from app.schemas.manifests import InferenceConfigCreate, ManifestCreate
+from app.schemas.manifests import InferenceConfigCreate, ManifestAssetBody, ManifestCreate
 from app.sealing import Sealer
-from app.services.base_images import foreign_base_image
+from app.services.base_images import NO_GPU_BASE, default_base_image, foreign_base_image
 from app.services.lookup import get_in_account, parse_uuid
 from app.services.paging import page_by_name_and_version
 from app.services.source_urls import SourceUrlPolicy
@@ -26,6 +28,40 @@ from app.storage.base import AssetStore, StorageError
 def _invalid(field: str, message: str, code: str = "InvalidField") -> ValidationFailed:
     text = f"{field}: {message}"
     return ValidationFailed(f"Invalid request: {text}", details=[{"code": code, "message": text}])
+
+
+# Manifest.driver_program's width: an entry script's path inside a sourceDirectory fits in it.
+_MAX_ENTRY_SCRIPT = 64
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _check_source_directory(body: InferenceConfigCreate, assets: dict[str, ManifestAssetBody]) -> None:
+    """A sourceDirectory names an archive asset unpacked at the app root; the entryScript is a
+    plain relative path inside it (the worker fails the build if the archive lacks it)."""
+    directory = assets.get(body.sourceDirectory or "")
+    if directory is None:
+        raise _invalid(
+            "sourceDirectory",
+            f"'{body.sourceDirectory}' is not the id of one of the assets: upload the directory as a zip, tar or "
+            "tar.gz asset with unPack: true and give its id",
+        )
+    if not directory.unPack:
+        raise _invalid("sourceDirectory", f"asset '{directory.id}' must be an archive with unPack: true")
+    path = body.entryScript
+    if path.startswith("/") or "\\" in path or re.match(r"^[A-Za-z]:", path):
+        raise _invalid("entryScript", f"'{path}' must be a path relative to the sourceDirectory, not an absolute one")
+    if any(part in ("", ".", "..") for part in path.split("/")) or _CONTROL.search(path):
+        raise _invalid("entryScript", f"{path!r} must be a plain path inside the sourceDirectory (no '..' or '.' part)")
+    if not path.endswith(".py") or len(path) > _MAX_ENTRY_SCRIPT:
+        raise _invalid("entryScript", f"'{path}' must be a .py file of at most {_MAX_ENTRY_SCRIPT} characters")
+
+
+def _check_gpu_base(session: Session, runtime: str) -> None:
+    """enableGpu without a baseImage builds on the newest published gpu base: there must be one."""
+    if runtime == "SparkPython":
+        raise _invalid("enableGpu", "no GPU base image carries Spark's Java: name a GPU baseImage with Java 17")
+    if default_base_image(session, variant="gpu") is None:
+        raise _invalid("enableGpu", NO_GPU_BASE, code="NoGpuBaseImage")
 
 
 def _resolve_models(session: Session, account: Account, model_ids: list[str]) -> list[ModelVersion]:
@@ -123,7 +159,11 @@ def create_manifest(
         registry = body.baseImageRegistry
         if registry is not None and registry.password:
             registry_password = sealer.seal(registry.password.encode())
-    if driver not in assets:
+        if source_directory is not None:
+            _check_source_directory(body, assets)
+        if enable_gpu and not base_image:
+            _check_gpu_base(session, runtime)
+    if source_directory is None and driver not in assets:
         raise _invalid(driver_field, f"'{driver}' is not the id of one of the assets")
     if pip_url:
         _check_package_sources(urls.store, account, pip_url, "targetRuntime.properties.pipRequirements")

@@ -12,6 +12,8 @@
 #   MMS_ROOTFS_NAME    rootfs name            (default <suite>-py3)
 #   MMS_DEBIAN_MIRROR  Debian mirror URL      (default: the one apt uses here)
 #   MMS_ROOTFS_EXTRA   extra packages, comma-separated, appended to the include list
+#   MMS_ROOTFS_COMPONENTS  archive components debootstrap reads (default main; the image's
+#                      own sources.list names main only)
 #
 # Outputs (in $MMS_ROOTFS_CACHE):
 #   $NAME/            the rootfs directory
@@ -43,6 +45,7 @@ NAME="${MMS_ROOTFS_NAME:-$SUITE-py3}"
 #   tini      PID-1 init that reaps zombies and forwards signals
 INCLUDE="python3,python3-pip,python3-venv,ca-certificates,libgomp1,netbase,tini"
 [ -n "${MMS_ROOTFS_EXTRA:-}" ] && INCLUDE="$INCLUDE,$MMS_ROOTFS_EXTRA"
+COMPONENTS="${MMS_ROOTFS_COMPONENTS:-main}"
 
 detect_mirror() {
     # The first non-security Debian URI apt is configured with (deb822 or one-line).
@@ -61,7 +64,10 @@ STAMP="$CACHE/$NAME.stamp"
 PKGS="$CACHE/$NAME.packages"
 # Bump CONFIG_VERSION when the clean-up steps below change.
 CONFIG_VERSION=3
-CONFIG_HASH="$(printf '%s\n' "$CONFIG_VERSION" "$SUITE" "$INCLUDE" "$MIRROR" "$(dpkg --print-architecture)" | sha256sum | cut -c1-16)"
+# The components join the hash only when not main, so the plain and spark caches stay valid.
+HASHED=("$CONFIG_VERSION" "$SUITE" "$INCLUDE" "$MIRROR" "$(dpkg --print-architecture)")
+[ "$COMPONENTS" = main ] || HASHED+=("$COMPONENTS")
+CONFIG_HASH="$(printf '%s\n' "${HASHED[@]}" | sha256sum | cut -c1-16)"
 
 mkdir -p "$CACHE"
 exec 9>"$CACHE/.$NAME.lock"
@@ -88,8 +94,8 @@ cleanup() {
 trap cleanup EXIT
 chmod 755 "$TMP"
 
-log "debootstrap --variant=minbase --include=$INCLUDE $SUITE <tmp> $MIRROR"
-if ! debootstrap --variant=minbase --components=main --include="$INCLUDE" \
+log "debootstrap --variant=minbase --components=$COMPONENTS --include=$INCLUDE $SUITE <tmp> $MIRROR"
+if ! debootstrap --variant=minbase --components="$COMPONENTS" --include="$INCLUDE" \
         "$SUITE" "$TMP" "$MIRROR" >"$CACHE/$NAME.debootstrap.log" 2>&1; then
     tail -n 30 "$CACHE/$NAME.debootstrap.log" >&2
     [ -f "$TMP/debootstrap/debootstrap.log" ] && tail -n 30 "$TMP/debootstrap/debootstrap.log" >&2

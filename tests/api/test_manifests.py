@@ -390,3 +390,86 @@ def test_the_seeds_trailing_comma_is_pointed_at(client: TestClient, owner: dict[
     message = response.json()["message"]
     assert f"not valid JSON at character {position} (line {line}, column 4)" in message, message
     assert "[" not in message.split("JSON")[0]  # no "[405]:" dressed as a field
+
+
+GPU_BASE = "127.0.0.1:5000/mms/inference-base:py3.11-gpu-20300101"
+
+
+def test_enable_gpu_needs_a_published_gpu_base_or_a_base_image(
+    client: TestClient, owner: dict[str, str], account: str, model_id: str, db
+) -> None:
+    from app.services.base_images import record_base_image
+
+    # A CPU base is published: it is no GPU base, and a gpu manifest must not build on it.
+    record_base_image(db, reference="127.0.0.1:5000/mms/inference-base:py3.11-20300101", python_version="3.11")
+    body = inference_config(model_id, enableGpu=True, baseImage=None, baseImageRegistry=None)
+    refused = client.post(f"{account}/manifests", json=body, headers=owner)
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["message"].startswith("Invalid request: enableGpu: no GPU base image is published")
+    assert "mms base-image publish --variant gpu" in refused.json()["message"]
+    assert refused.json()["details"][0]["code"] == "NoGpuBaseImage"
+    assert client.get(f"{account}/manifests", headers=owner).json()["value"] == []
+    # A custom base: the tenant vouches for its CUDA.
+    custom = client.post(f"{account}/manifests", json=inference_config(model_id, enableGpu=True), headers=owner)
+    assert custom.status_code == 200 and custom.json()["enableGpu"] is True
+    # SparkPython has no GPU base either way.
+    spark = inference_config(model_id, enableGpu=True, baseImage=None, baseImageRegistry=None, runtime="spark-py")
+    record_base_image(db, reference=GPU_BASE, python_version="3.11", variant="gpu")
+    response = client.post(f"{account}/manifests", json=spark, headers=owner)
+    assert response.status_code == 400 and "enableGpu" in response.json()["message"]
+    published = client.post(f"{account}/manifests", json=body, headers=owner)
+    assert published.status_code == 200, published.text
+
+
+SOURCE_DIRECTORY_URL = "https://example.blob.core.windows.net/app/src.zip?sv=2021-08-06&sp=r&se=2099-01-01&sig=ghi"
+
+
+def source_directory_config(model_id: str, **overrides: Any) -> dict[str, Any]:
+    assets = [
+        {"id": "src", "url": SOURCE_DIRECTORY_URL, "mimeType": "application/zip", "unPack": True},
+        {"id": "infenv.yml", "url": CONDA_URL},
+    ]
+    body = inference_config(
+        model_id, assets=assets, sourceDirectory="src", entryScript="score/score.py", baseImageRegistry=None
+    )
+    body.update(overrides)
+    return body
+
+
+def test_a_source_directory_is_an_archive_asset_and_the_entry_script_a_path_in_it(
+    client: TestClient, owner: dict[str, str], account: str, model_id: str
+) -> None:
+    created = client.post(f"{account}/manifests", json=source_directory_config(model_id), headers=owner)
+    assert created.status_code == 200, created.text
+    assert created.json()["sourceDirectory"] == "src" and created.json()["driverProgram"] == "score/score.py"
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "fragment"),
+    [
+        ({"sourceDirectory": "./source"}, "sourceDirectory", "'./source' is not the id of one of the assets"),
+        ({"sourceDirectory": "infenv.yml"}, "sourceDirectory", "must be an archive with unPack: true"),
+        ({"entryScript": "/var/azureml-app/score.py"}, "entryScript", "not an absolute one"),
+        ({"entryScript": "C:/src/score.py"}, "entryScript", "not an absolute one"),
+        ({"entryScript": "score\\score.py"}, "entryScript", "not an absolute one"),
+        ({"entryScript": "../score.py"}, "entryScript", "no '..'"),
+        ({"entryScript": "score/../../etc/x.py"}, "entryScript", "no '..'"),
+        ({"entryScript": "score//score.py"}, "entryScript", "plain path"),
+        ({"entryScript": "score/score\n.py"}, "entryScript", "plain path"),
+        ({"entryScript": "score/score.txt"}, "entryScript", "must be a .py file"),
+        ({"entryScript": "s/" * 40 + "score.py"}, "entryScript", "at most 64 characters"),
+    ],
+)
+def test_source_directory_and_entry_script_are_checked(
+    client: TestClient,
+    owner: dict[str, str],
+    account: str,
+    model_id: str,
+    change: dict[str, Any],
+    field: str,
+    fragment: str,
+) -> None:
+    response = client.post(f"{account}/manifests", json=source_directory_config(model_id, **change), headers=owner)
+    assert response.status_code == 400, response.text
+    message = response.json()["message"]
+    assert message.startswith(f"Invalid request: {field}: ") and fragment in message, message

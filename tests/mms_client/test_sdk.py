@@ -168,8 +168,10 @@ def test_package_queues_a_build_and_wait_for_creation_follows_it_to_the_end(
     assert image.image_location is None and image.error is None
     manifest = client.json("manifest", "show", "-i", image.manifest_id or "")
     assert manifest["modelIds"] == [model.id] and manifest["driverProgram"] == "score.py"
-    assert sorted(a["id"] for a in manifest["assets"]) == ["helpers", "labels.txt", "myenv.yml", "score.py"]
-    assert next(a for a in manifest["assets"] if a["id"] == "helpers")["unPack"] is True
+    # The whole source directory is one archive, the image's app root; the entry script a path in it.
+    assert sorted(a["id"] for a in manifest["assets"]) == ["myenv.yml", "source"]
+    assert manifest["sourceDirectory"] == "source"
+    assert next(a for a in manifest["assets"] if a["id"] == "source")["unPack"] is True
     assert manifest["baseImage"] == "myregistry.azurecr.io/mycustomimage:1.0"
     assert manifest["baseImageRegistry"] == {"address": "myregistry.azurecr.io", "username": "username"}
     assert "registry-password-123" not in str(manifest)
