@@ -202,7 +202,7 @@ def test_a_miniconda_style_base_builds_on_the_python_its_path_finds(
     assert "base image runs Python 3.12 on x86_64-manylinux_2_36 (/opt/miniconda/bin/python3)" in log, log
     assert "for Python 3.12 on x86_64-manylinux_2_36" in log  # the wheels are chosen for it
     layers = store.get_manifest("acct/img", "miniconda").body["layers"]
-    server = store.get_blob("acct/img", layers[3]["digest"])  # base, base, dependencies, server
+    server = store.get_blob("acct/img", layers[4]["digest"])  # base, base, user, dependencies, server
     with tarfile.open(fileobj=io.BytesIO(gzip.decompress(server))) as tar:
         start = tar.extractfile("opt/mms/bin/start").read().decode()
     assert "exec /opt/miniconda/bin/python3 -m scoring_server" in start
