@@ -39,7 +39,9 @@ def run(raw_data):
 def bullseye_base(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, Path]:
     """`mms base-image publish --release bullseye` under this session's registry prefix:
     (registry, its stderr, the data dir)."""
-    registry = f"{infra.registry}/{infra.prefix}"
+    # A prefix of its own: other tests of the session publish bookworm (and its latest) too.
+    prefix = f"{infra.prefix}/older-python"
+    registry = f"{infra.registry}/{prefix}"
     data_dir = tmp_path_factory.mktemp("bullseye-publish")
     env = {k: v for k, v in os.environ.items() if not k.startswith("MMS_")}
     env.update({"MMS_DATA_DIR": str(data_dir), "MMS_REGISTRY": registry})
@@ -62,7 +64,7 @@ def test_bullseye_publishes_as_py39_listed_but_not_the_default_and_not_latest(
     tag = f"py3.9-{datetime.now(UTC):%Y%m%d}"
     reference = f"{registry}/mms/inference-base:{tag}"
     assert f"published {reference} (variant cpu-bullseye)" in printed, printed
-    repo = f"{infra.prefix}/mms/inference-base"
+    repo = f"{registry.partition('/')[2]}/mms/inference-base"
     tags = httpx.get(f"http://{infra.registry}/v2/{repo}/tags/list", timeout=10).json()["tags"]
     assert {tag, "py3.9"} <= set(tags)
     assert "latest" not in tags  # latest is the bookworm cpu base's
@@ -92,7 +94,7 @@ def test_an_image_built_on_bullseye_runs_python_3_9_and_scores(
     log = "\n".join(lines)
     assert "base image runs Python 3.9 on x86_64-manylinux_2_31" in log, log
     repository = result.image_location.rpartition(":")[0]
-    infra.pushed.append((infra.registry, f"{infra.prefix}/py39/img", result.digest))
+    infra.pushed.append((infra.registry, f"{registry.partition('/')[2]}/py39/img", result.digest))
     infra.local_images.append(result.image_location)
     with infra.api() as api:
         for _ in api.pull(repository, tag="1", stream=True, decode=True):
