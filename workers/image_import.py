@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import posixpath
 import re
 import tarfile
 import tempfile
@@ -78,6 +79,9 @@ class ImportLimits:
     max_members: int = 10_000
     max_layers: int = 127  # overlayfs' own limit on the engine
     max_json_bytes: int = 4 << 20
+    # A symlink from one member to another: `docker save` of an older engine writes one for a
+    # layer that appears twice. Allowed only for the service's own engine's export.
+    internal_links: bool = False
 
 
 @dataclass(frozen=True)
@@ -170,6 +174,7 @@ def _open_tar(archive: Path) -> Iterator[tarfile.TarFile]:
 def _checked_members(tar: tarfile.TarFile, archive: str, limits: ImportLimits) -> dict[str, tarfile.TarInfo]:
     """The archive's plain files by name; refused at the first member that is anything else."""
     files: dict[str, tarfile.TarInfo] = {}
+    links: dict[str, str] = {}
     total = count = 0
     try:
         for member in tar:
@@ -187,6 +192,9 @@ def _checked_members(tar: tarfile.TarFile, archive: str, limits: ImportLimits) -
                 raise ImportRefused(
                     f"{archive}: member {shown!r} has an unsafe name (absolute, '..' or odd characters)"
                 )
+            if member.issym() and limits.internal_links:
+                links[name] = posixpath.normpath(posixpath.join(posixpath.dirname(name), member.linkname))
+                continue
             if member.issym() or member.islnk():
                 raise ImportRefused(
                     f"{archive}: member {shown!r} is a link (to {member.linkname[:200]!r}); links are refused"
@@ -203,6 +211,10 @@ def _checked_members(tar: tarfile.TarFile, archive: str, limits: ImportLimits) -
             files[name] = member
     except tarfile.TarError as exc:
         raise ImportRefused(f"{archive} is not a readable tar archive: {exc}") from None
+    for name, target in links.items():  # an alias of a plain file in the archive, nothing else
+        if target not in files:
+            raise ImportRefused(f"{archive}: member {name[:200]!r} links outside the archive's files")
+        files[name] = files[target]
     return files
 
 
