@@ -209,8 +209,10 @@ class Settings(BaseSettings):
 
     @property
     def available_builders(self) -> tuple[str, ...]:
-        # The docker builder pushes through an engine, which needs a registry to push to.
-        return ("oci",) if self.is_embedded_registry else ("oci", "docker")
+        # Both everywhere: on the embedded default the docker builder exports what the engine
+        # built into the service's own store; a worker without an engine fails such a build
+        # saying so (the settings cannot ask an engine).
+        return ("oci", "docker")
 
     @property
     def uploads_dir(self) -> Path:
@@ -242,15 +244,6 @@ class Settings(BaseSettings):
                 f"MMS_REGISTRY_RETRY_SECONDS ({self.registry_retry_seconds:g}) must be less "
                 f"than MMS_BUILD_RUN_DEADLINE_SECONDS ({self.build_run_deadline_seconds}): "
                 "a build waiting for the registry would outlive its deadline"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _docker_builder_needs_a_registry(self) -> Settings:
-        if self.builder not in self.available_builders:
-            raise ValueError(
-                "MMS_BUILDER=docker needs MMS_REGISTRY: the Docker engine pushes "
-                "images to a registry (the embedded image store takes oci builds)"
             )
         return self
 

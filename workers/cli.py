@@ -177,7 +177,103 @@ def publish_base_image(
     err.print(f"published {reference}; it is now the default base image {runtime}".rstrip(), highlight=False)
 
 
+def import_base_image(
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="a docker-archive (docker save), an oci-archive (an OCI layout in a tar), or an image "
+            "reference in a registry the service may reach (its fetch policy); docker-archive:, "
+            "oci-archive: and docker:// prefixes are accepted"
+        ),
+    ],
+    name: Annotated[
+        str, typer.Option("--name", help="NAME[:TAG]: the image lands at <registry>/mms/imported/NAME:TAG (latest)")
+    ],
+    platform: Annotated[
+        str, typer.Option(help="the image to take from a multi-platform index, os/architecture")
+    ] = "linux/amd64",
+    max_size_mb: Annotated[
+        int, typer.Option(help="refuse an archive (or image) larger than this, its layers read and uncompressed")
+    ] = 20480,
+    username: Annotated[str | None, typer.Option(help="a login for the source registry")] = None,
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="read the source registry's password from standard input")
+    ] = False,
+) -> None:
+    """Bring an image (a miniconda base built with your own engine, say) into the service's
+    image store, or MMS_REGISTRY, as a base builds of every account may name.
+
+    The archive is checked before anything is stored: plain files only (no links, no '..'),
+    bounded sizes, every blob's sha256 and every layer's diff_id. Plain tar layers are
+    gzipped; the config is labelled with the image's Python so builds need not scan it.
+
+    Example: docker save my-miniconda:1 -o base.tar; mms base-image import base.tar --name miniconda:1
+    (then baseImage: <registry>/mms/imported/miniconda:1)
+    """
+    import sys
+
+    from app.database import make_engine, make_session_factory, session_scope
+    from app.services.base_images import IMPORTED, record_base_image
+    from workers.image_import import ImportLimits, ImportRefused, import_archive, import_reference, imported_repository
+    from workers.oci.remote_registry import RemoteRegistryError
+    from workers.pipeline import fetch_policy, image_store
+
+    try:
+        repository, tag = imported_repository(name)
+    except ImportRefused as exc:
+        fail(str(exc))
+    wanted = tuple(platform.split("/"))
+    if len(wanted) != 2 or not all(wanted):
+        fail(f"--platform must be os/architecture (linux/amd64), not {platform!r}")
+    if max_size_mb <= 0:
+        fail("--max-size-mb must be positive")
+    if bool(username) != password_stdin:
+        fail("--username and --password-stdin go together (a password is never given on the command line)")
+    login = (username, sys.stdin.readline().rstrip("\n")) if username else None
+    limits = ImportLimits(max_bytes=max_size_mb << 20)
+    kind, _, rest = source.partition(":")
+    archive = Path(rest) if kind in ("docker-archive", "oci-archive") else Path(source)
+    settings = load_settings()
+    prepare_database(settings)
+
+    def show(line: str) -> None:
+        err.print(line, highlight=False)
+
+    try:
+        with image_store(settings) as store:
+            if archive.is_file():
+                done = import_archive(
+                    store, settings.image_registry, archive, repository, tag, show, platform=wanted, limits=limits
+                )
+            elif kind in ("docker-archive", "oci-archive") or archive.exists() or source.startswith(("/", ".")):
+                fail(f"{source}: no such archive file")
+            else:
+                done = import_reference(
+                    store,
+                    settings.image_registry,
+                    source.removeprefix("docker://"),
+                    repository,
+                    tag,
+                    show,
+                    policy=fetch_policy(settings),
+                    login=login,
+                    platform=wanted,
+                    limits=limits,
+                )
+    except ImportRefused as exc:
+        fail(f"import refused: {' '.join(str(exc).split())}")  # one line, whatever a library said
+    except (RemoteRegistryError, OSError) as exc:
+        fail(f"importing the image failed: {' '.join(str(exc).split())}")
+    engine = make_engine(settings)
+    with session_scope(make_session_factory(engine)) as session:
+        record_base_image(session, reference=done.reference, python_version=done.python_version or "", variant=IMPORTED)
+    engine.dispose()
+    err.print(f"imported {done.reference} {done.digest}; name it as a manifest's baseImage", highlight=False)
+
+
 def register(cli: typer.Typer) -> None:
     """Add the workers' commands to the `mms` command (the `mms.commands` entry point)."""
     cli.command()(worker)
-    subgroup(cli, "base-image", BASE_IMAGE_HELP).command("publish")(publish_base_image)
+    group = subgroup(cli, "base-image", BASE_IMAGE_HELP)
+    group.command("publish")(publish_base_image)
+    group.command("import")(import_base_image)

@@ -276,11 +276,12 @@ def sandbox_limits(settings: Settings) -> Limits:
     )
 
 
-def make_builder(settings: Settings, name: str) -> Builder:
+def make_builder(settings: Settings, name: str, *, context: ServiceContext | None = None) -> Builder:
     """The named builder, pushing to the registry, or into the embedded image store.
 
     Base images come from its own registry or where the fetch policy allows (a manifest's
-    baseImage is a tenant's choice of host).
+    baseImage is a tenant's choice of host). The docker builder on the embedded default needs
+    ``context``: its engine pulls the base from the service's own ``/v2/`` with a token.
     """
     auth = registry_login(settings)
     policy = fetch_policy(settings)
@@ -296,13 +297,20 @@ def make_builder(settings: Settings, name: str) -> Builder:
             sandbox=sandbox_limits(settings),
             registry_retry_seconds=settings.registry_retry_seconds,
         )
+    docker_host, store, pull_token = settings.docker_host, None, None
     if settings.is_embedded_registry:
-        raise StepFailed(
-            "environment",
-            "the docker builder pushes to a registry and the service "
-            "has none configured: set MMS_REGISTRY (and DOCKER_HOST), or use the "
-            "oci builder",
-        )
+        # No registry to push to: the engine's image is exported into the service's own store.
+        docker_host, missing = local_engine(settings)
+        if docker_host is None:
+            raise StepFailed("environment", f"the docker builder needs a Docker engine: {missing}; or use builder: oci")
+        if context is None:
+            raise ValueError("the docker builder on the embedded image store needs the service context")
+        store = ImageStoreClient(image_layout(settings), settings.image_registry)
+        ttl = min(settings.build_run_deadline_seconds, 900)  # one base's pull, however large
+
+        def pull_token(repository: str) -> str:
+            return engine_pull_token(context, repository, ttl_seconds=ttl)
+
     limits = RunLimits(
         memory_mb=settings.build_run_memory_mb,
         pids=settings.build_run_pids,
@@ -311,13 +319,15 @@ def make_builder(settings: Settings, name: str) -> Builder:
         cpu_seconds=settings.build_run_cpu_seconds,
     )
     return DockerBuilder(
-        settings.docker_host,
+        docker_host,
         settings.image_registry,
         auth,
         policy=policy,
         network=settings.build_network,
         proxy=settings.build_proxy,
         run_limits=limits,
+        store=store,
+        pull_token=pull_token,
     )
 
 
@@ -422,7 +432,7 @@ def run_pipeline(context: ServiceContext, image_id: uuid.UUID, emit: Log) -> Bui
     """Build and push one image; StepFailed (or BuildFailed) names the step that failed."""
     settings = context.settings
     inputs = load_inputs(context, image_id)
-    builder = make_builder(settings, inputs.builder)
+    builder = make_builder(settings, inputs.builder, context=context)
     if isinstance(builder, OciBuilder):
         check_extra_steps(inputs.extra_steps or "")  # a RUN step fails now, before any fetch
     base = build_base(settings, inputs)  # now: a gpu build with no gpu base fails before any fetch
@@ -458,7 +468,10 @@ def run_pipeline(context: ServiceContext, image_id: uuid.UUID, emit: Log) -> Bui
             raise StepFailed("environment", str(exc)) from None
         except BuildFailed as exc:
             raise unpublished_base(settings, inputs, exc) from None
-    return smoke_step(context, inputs, result, pull=isinstance(builder, OciBuilder), emit=emit)
+    # The oci builder's image, and on the embedded default any image, is pulled from the store:
+    # what is started is what the store serves.
+    pulled = isinstance(builder, OciBuilder) or settings.is_embedded_registry
+    return smoke_step(context, inputs, result, pull=pulled, emit=emit)
 
 
 def smoke_engine(settings: Settings) -> tuple[str | None, str | None]:
@@ -466,6 +479,11 @@ def smoke_engine(settings: Settings) -> tuple[str | None, str | None]:
     an engine on the default socket (the embedded default on a machine that has one)."""
     if settings.smoke_test == "off":
         return None, "turned off on this service (MMS_SMOKE_TEST=off)"
+    return local_engine(settings)
+
+
+def local_engine(settings: Settings) -> tuple[str | None, str | None]:
+    """DOCKER_HOST, else an engine answering on the default socket; (None, why) when neither."""
     if settings.docker_host:
         return settings.docker_host, None
     if not Path(DEFAULT_DOCKER_SOCKET).is_socket():

@@ -46,6 +46,7 @@ MAX_SCOPES = 32  # repositories one token request may ask for; more are dropped
 # the service signs it, so the token itself is the grant, for the repositories it lists.
 _ENGINE_CLAIM = "mms:engine"
 _ENGINE_SUBJECT = "mms-worker"
+_PUBLISHED_BASES = "mms/"  # the published and imported base images: no account owns them
 
 
 def challenge(settings: Settings, *, repository: str | None = None, error: str | None = None) -> str:
@@ -163,7 +164,10 @@ def require_pull(session: Session, *, context: ServiceContext, authorization: st
             detail={"name": repository[:300]},
         )
     if puller.engine:
-        if repository not in puller.granted or not _account_exists(session, repository):
+        # The service's own engine: pull only, the repositories its token lists only, each an
+        # account's or a published base (``mms/``: the docker builder's FROM on the embedded default).
+        published = repository.startswith(_PUBLISHED_BASES)
+        if repository not in puller.granted or not (published or _account_exists(session, repository)):
             raise DistributionError(
                 "DENIED", f"the token does not grant pull on {repository}", detail={"name": repository}
             )

@@ -13,6 +13,7 @@ from app.orm.base import utcnow
 from app.registry_address import registry_endpoint
 
 BASE_REPOSITORY = "mms/inference-base"
+IMPORTED = "imported"  # the variant recorded for `mms base-image import`: never a default FROM
 # Why a manifest with enableGpu and no baseImage cannot be built (the API and the worker say it).
 NO_GPU_BASE = (
     "no GPU base image is published: publish one with `mms base-image publish --variant gpu` or name a GPU baseImage"
@@ -46,15 +47,18 @@ def record_base_image(session: Session, *, reference: str, python_version: str, 
 def list_base_images(session: Session) -> list[BaseImageEntry]:
     """Published base images, newest first, then the variants not built here (listed by name)."""
     rows = session.scalars(select(BaseImage).order_by(BaseImage.published_at.desc(), BaseImage.reference))
-    entries = [
-        BaseImageEntry(f"{BASE_REPOSITORY}-{r.variant}", r.reference, r.python_version, r.variant, r.published_at)
-        for r in rows
-    ]
+    entries = [BaseImageEntry(_listed_name(r), r.reference, r.python_version, r.variant, r.published_at) for r in rows]
     # Named though not published: `mms base-image publish --variant spark` (or gpu) makes them.
     for variant in ("spark", "gpu"):
         if not any(e.variant == variant for e in entries):
             entries.append(BaseImageEntry(f"{BASE_REPOSITORY}-{variant}", None, "3.11", variant, None))
     return entries
+
+
+def _listed_name(row: BaseImage) -> str:
+    if row.variant == IMPORTED:  # `mms base-image import`: its own name, mms/imported/<name>
+        return row.reference.rpartition(":")[0].partition("/")[2]
+    return f"{BASE_REPOSITORY}-{row.variant}"
 
 
 def default_base_image(session: Session, *, variant: str = "cpu") -> str | None:

@@ -37,8 +37,7 @@ def create_image(
     builder = body.builder or default_builder
     if builder not in available_builders:
         raise BadRequest(
-            f"the {builder} builder is not available on this service: it pushes to a registry "
-            "and this service stores images itself (no MMS_REGISTRY); use builder: oci",
+            f"the {builder} builder is not available on this service; use one of: {', '.join(available_builders)}",
             code="BuilderUnavailable",
         )
     manifest = get_manifest(session, account, manifest_id=body.manifestId)

@@ -265,6 +265,23 @@ def test_the_engine_token_pulls_its_one_image_and_nothing_else(
     _error(v2.get(f"/v2/{tenant.repository}/manifests/1", headers=bearer(expired)), 401, "UNAUTHORIZED")
 
 
+def test_the_engine_token_pulls_a_published_base_it_names_and_no_other(
+    v2: TestClient, tenant: Tenant, layout: OciLayout, registry_context: ServiceContext, callers: Callers
+) -> None:
+    """The docker builder's FROM on the embedded default: a base under mms/, which no account
+    owns, pulled by a token naming that one repository; a user's token does not read it."""
+    base = build_image(layout, "mms/imported/conda", "1")
+    build_image(layout, "mms/imported/other", "1")
+    token = engine_pull_token(registry_context, "mms/imported/conda", ttl_seconds=60)
+    assert v2.get("/v2/mms/imported/conda/manifests/1", headers=bearer(token)).status_code == 200
+    blob = v2.get(f"/v2/mms/imported/conda/blobs/{base.layer_digest}", headers=bearer(token))
+    assert blob.status_code == 200
+    _error(v2.get("/v2/mms/imported/other/manifests/1", headers=bearer(token)), 403, "DENIED")
+    _error(v2.get(f"/v2/{tenant.repository}/manifests/1", headers=bearer(token)), 403, "DENIED")
+    reader = callers.headers("Reader", tenant.scope)
+    _error(v2.get("/v2/mms/imported/conda/manifests/1", headers=reader), 403, "DENIED")
+
+
 # -- manifests ----------------------------------------------------------------------------
 
 

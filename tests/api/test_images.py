@@ -148,9 +148,10 @@ def test_a_builder_that_does_not_exist_is_refused(
     assert response.status_code == 400 and "builder" in response.json()["message"]
 
 
-def test_the_docker_builder_is_refused_where_images_are_stored_by_the_service(
+def test_the_docker_builder_is_taken_where_images_are_stored_by_the_service(
     app_context, owner: dict[str, str], account: str, manifest_id: str
 ) -> None:
+    # The embedded default: the docker builder exports its image into the service's own store.
     from app.context import ServiceContext
     from app.main import create_app
 
@@ -161,10 +162,8 @@ def test_the_docker_builder_is_refused_where_images_are_stored_by_the_service(
     )
     client = TestClient(create_app(context=embedded), base_url="http://testserver")
     body = {"name": "dockerbuilt", "manifestId": manifest_id, "builder": "docker"}
-    refused = client.post(f"{account}/images", json=body, headers=owner)
-    assert refused.status_code == 400, refused.text
-    assert refused.json()["code"] == "BuilderUnavailable" and "MMS_REGISTRY" in refused.json()["message"]
-    assert client.get(f"{account}/images", headers=owner).json()["value"] == []  # nothing recorded
+    taken = client.post(f"{account}/images", json=body, headers=owner)
+    assert taken.status_code == 202, taken.text
     accepted = client.post(f"{account}/images", json={**body, "builder": "oci"}, headers=owner)
     assert accepted.status_code == 202 and accepted.json()["ImageLocation"] in (None, "")
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 import time
+import uuid
+from contextlib import suppress
 
 import docker
 import pytest
@@ -28,8 +30,15 @@ from tests.workers.stack import (
 
 @pytest.fixture(scope="module")
 def embedded(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> EmbeddedService:
+    # The docker builder's RUN steps get the build network and its proxy, as on any service.
+    networking = {"MMS_BUILD_NETWORK": infra.build_network}
+    if infra.build_proxy:
+        networking["MMS_BUILD_PROXY"] = infra.build_proxy
     return EmbeddedService.prepare(
-        tmp_path_factory.mktemp("embedded-data"), tmp_path_factory.mktemp("embedded-logs"), infra.rootfs_tar
+        tmp_path_factory.mktemp("embedded-data"),
+        tmp_path_factory.mktemp("embedded-logs"),
+        infra.rootfs_tar,
+        **networking,
     )
 
 
@@ -113,3 +122,62 @@ def test_the_run_command_alone_builds_serves_images_and_resumes_queued_builds(
     finally:
         stop(server)
     assert not alive(worker_pid), "the build worker outlived `mms serve`"
+
+
+def test_the_docker_builder_builds_on_an_imported_base_into_the_services_own_store(
+    embedded: EmbeddedService, infra: Infra, tmp_path
+) -> None:
+    # A base made with the engine and `docker save`d, imported as an operator would.
+    archive = tmp_path / "engine-base.tar"
+    with infra.api() as api, archive.open("wb") as out:
+        for chunk in api.get_image(infra.base_image):
+            out.write(chunk)
+    imported = embedded.mms("base-image", "import", str(archive), "--name", "engine-base:1")
+    assert imported.returncode == 0, imported.stderr[-3000:]
+    base = f"127.0.0.1:{embedded.port}/mms/imported/engine-base:1"
+    assert f"imported {base} sha256:" in imported.stderr
+
+    marker = uuid.uuid4().hex
+    server = embedded.serve()
+    try:
+        wait_for_children(server.pid, 1)
+        account = Account(_stack(embedded))
+        body = {
+            "name": "docker-on-embedded",
+            "modelIds": [],
+            "assets": [{"id": "score.py", "url": account.upload("score.py", ECHO_SCORE.encode())}],
+            "entryScript": "score.py",
+            "runtime": "python",
+            "baseImage": base,
+            "extraDockerfileSteps": f"RUN echo {marker} > /opt/run-marker",
+        }
+        manifest_id = account.call("POST", f"{account.url}/manifests", json=body).json()["id"]
+        image = account.wait(account.build(manifest_id, "docker-built", builder="docker")["Id"])
+        log = account.log(image)
+        assert image["CreationState"] == "Succeeded", log[-4000:]
+        assert "with the docker builder" in log
+        assert f"mms: pulling base image {base}" in log and "eyJ" not in log  # a token, never shown
+        assert "in the service's image store" in log
+        # The smoke test pulled it back from the store and started it.
+        assert image["SmokeTest"] == {"result": "Passed", "reason": None}, log[-3000:]
+        account_id = account.call("GET", account.url).json()["properties"]["accountId"]
+        repository = f"127.0.0.1:{embedded.port}/{account_id}/docker-built"
+        assert image["ImageLocation"] == f"{repository}:1"
+
+        # Pulled by a client with the principal's login, the RUN step's file is in it.
+        login = {"username": embedded.client_id, "password": embedded.client_secret}
+        with infra.api() as api:
+            with suppress(docker.errors.ImageNotFound):  # the smoke test removes what it pulled
+                api.remove_image(image["ImageLocation"], force=True)
+            chunks = list(api.pull(repository, tag="1", stream=True, decode=True, auth_config=login))
+            assert not [c for c in chunks if "error" in c], chunks[-3:]
+            infra.local_images.append(image["ImageLocation"])
+            container = api.create_container(image["ImageLocation"], entrypoint=["cat"], command=["/opt/run-marker"])
+            try:
+                api.start(container)
+                assert api.wait(container, timeout=60)["StatusCode"] == 0
+                assert api.logs(container).decode().strip() == marker
+            finally:
+                api.remove_container(container, force=True)
+    finally:
+        stop(server)

@@ -1,4 +1,5 @@
-"""Build scoring images with the Docker engine and push them to a registry.
+"""Build scoring images with the Docker engine and push them to a registry, or, on the
+embedded default, export them into the service's own image store (``workers.image_import``).
 
 Uses the low-level streaming API so every engine line reaches the build log as it comes.
 The engine reports a failed build, pull or push inside an HTTP 200 stream (``error`` /
@@ -35,6 +36,8 @@ from workers.builders import BuildFailed, BuildResult, Log, address_host, redact
 from workers.builders.run_limits import RunLimits, RunStepWatch
 from workers.fetch_policy import allowing_registry
 from workers.fetcher import FetchError, FetchPolicy, Resolver, check_url
+from workers.image_import import ImportLimits, ImportRefused, import_archive
+from workers.oci.image_store_client import ImageStoreClient
 from workers.oci.remote_registry import DIGEST, ImageReference, RemoteRegistryClient, RemoteRegistryError
 from workers.scratch import scratch_dir
 
@@ -116,8 +119,16 @@ class DockerBuilder:
         network: str | None = None,
         proxy: str | None = None,
         run_limits: RunLimits | None = None,
+        store: ImageStoreClient | None = None,
+        pull_token: Callable[[str], str] | None = None,
     ) -> None:
         self.docker_host = docker_host
+        # The embedded default: no registry; the image is exported from the engine into the
+        # service's own ``store`` (``registry`` is its address), and the engine pulls a base
+        # from its /v2/ with a ``pull_token`` for that one repository.
+        if store is not None and pull_token is None:
+            raise ValueError("a docker builder on the service's own store needs a pull token maker")
+        self.store, self._pull_token = store, pull_token
         self.registry = registry.rstrip("/")  # host[:port][/prefix]
         self._registry_auth = dict(registry_auth) if registry_auth else None
         self.timeout = timeout  # longest silence tolerated from the engine, in seconds
@@ -187,7 +198,10 @@ class DockerBuilder:
                     {BASE_DIGEST_LABEL: base_digest} if base_digest else {},
                     emit,
                 )
-                digest = self._push(api, image, tag, emit)
+                if self.store is not None:
+                    digest = self._store_image(api, image_id, image_repo, tag, emit)
+                else:
+                    digest = self._push(api, image, tag, emit)
                 with _engine_errors("push"):
                     size = int(api.inspect_image(image_id)["Size"])
         except BuildFailed as exc:
@@ -239,7 +253,9 @@ class DockerBuilder:
             ref = self._mirror_base(
                 spec, image_repo, (engine.get("Os") or "linux", engine.get("Arch") or "amd64"), emit
             )
-            auth = self._auth_config()  # a repository of this build's own, picked here
+            auth = self._auth_config(image_repo)  # a repository of this build's own, picked here
+        elif self.store is not None:
+            auth = self._own_store_pull(ref, image_repo)
         elif spec.base_registry is not None:
             given = address_host(spec.base_registry.address)
             if given != host:
@@ -317,7 +333,8 @@ class DockerBuilder:
                     policy=self.policy,
                     resolver=self._resolver,
                 ) as source,
-                RemoteRegistryClient(
+                self.store
+                or RemoteRegistryClient(
                     own_host, service.get("username"), service.get("password"), timeout=self.timeout
                 ) as own,
             ):
@@ -342,7 +359,9 @@ class DockerBuilder:
                         )
                     how = own.push_blob(own_repo, digest, size, _blob_copier(source, ref.repository, digest))
                     copied += size if how == "uploaded" else 0
-                own.put_manifest(own_repo, manifest.digest, manifest.raw, manifest.media_type)
+                # The store tags what it holds; a registry takes the manifest by its digest.
+                held_as = f"base-{manifest.digest[7:23]}" if self.store is not None else manifest.digest
+                own.put_manifest(own_repo, held_as, manifest.raw, manifest.media_type)
         except RemoteRegistryError as exc:
             raise BuildFailed("pull-base", str(exc)) from None
         except (KeyError, TypeError, ValueError):
@@ -430,7 +449,43 @@ class DockerBuilder:
         emit(f"mms: pushed {image}:{tag} {digest} in {time.monotonic() - started:.1f} s")
         return digest
 
-    def _auth_config(self) -> dict[str, str]:
+    def _own_store_pull(self, ref: str, image_repo: str) -> dict[str, str]:
+        """The engine's login for a base in the service's own store: a token for its one
+        repository, which must be a published base (``mms/``) or this build's account's."""
+        try:
+            repository = ImageReference.parse(ref).repository
+        except ValueError as exc:
+            raise BuildFailed("pull-base", str(exc)) from None
+        account = image_repo.split("/", 1)[0]
+        if not repository.startswith((SERVICE_NAMESPACE, f"{account}/")):
+            raise BuildFailed(
+                "pull-base",
+                f"the base image {ref} is neither a published base image (mms/) nor one of this account's images",
+            )
+        return {"registrytoken": self._pull_token(repository)}
+
+    def _store_image(self, api: docker.APIClient, image_id: str, image_repo: str, tag: str, emit: Log) -> str:
+        """Export the built image from the engine (``docker save``) into the service's store."""
+        emit(f"mms: storing {self.registry}/{image_repo}:{tag} in the service's image store")
+        started = time.monotonic()
+        with scratch_dir("docker-export") as tmp:
+            archive = Path(tmp) / "image.tar"
+            with _engine_errors("push"), archive.open("wb") as out:
+                for chunk in api.get_image(image_id, chunk_size=1 << 20):
+                    out.write(chunk)
+            try:
+                # The engine's own export: an older engine links a layer that appears twice.
+                done = import_archive(
+                    self.store, self.registry, archive, image_repo, tag, emit, limits=ImportLimits(internal_links=True)
+                )
+            except (ImportRefused, RemoteRegistryError) as exc:
+                raise BuildFailed("push", str(exc)) from None
+        emit(f"mms: stored {self.registry}/{image_repo}:{tag} {done.digest} in {time.monotonic() - started:.1f} s")
+        return done.digest
+
+    def _auth_config(self, repository: str | None = None) -> dict[str, str]:
+        if self.store is not None and repository is not None:
+            return {"registrytoken": self._pull_token(repository)}
         if not self._registry_auth:
             return {}
         return {
