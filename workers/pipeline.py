@@ -295,6 +295,7 @@ def make_builder(settings: Settings, name: str) -> Builder:
             index_url=settings.pip_index_url,
             sandbox=sandbox_limits(settings),
             registry_retry_seconds=settings.registry_retry_seconds,
+            conda_channels=settings.conda_channels,
         )
     if settings.is_embedded_registry:
         raise StepFailed(
