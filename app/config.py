@@ -99,13 +99,16 @@ class Settings(BaseSettings):
     # build (MMS_BUILD_RUN_DEADLINE_SECONDS): a build's blobs wait there for its manifest.
     image_gc_grace_seconds: int = Field(default=86400, ge=60)
     image_gc_interval_seconds: float = Field(default=3600.0, gt=0)
-    # oci: daemonless, layers pushed over the registry API; docker: RUN steps, conda packages.
+    # oci: daemonless, layers pushed over the registry API, conda packages by py-rattler;
+    # docker: RUN steps, and conda packages by the base's own conda.
     builder: Literal["oci", "docker"] = "oci"
     build_cache_dir: Path | None = None  # the workers' wheel cache; default <data_dir>/build-cache
     # Where builds get Python packages (the operator's choice: tenants' requirement lines may
     # not name an index, a URL or a path).
     pip_index_url: str = "https://pypi.org/simple"
-    # The conda channels a conda file may name (docker builder).
+    # The conda channels a conda file may name, and where the oci builder reads them: a name
+    # (conda-forge: conda.anaconda.org), name=URL (a mirror under that name, for a closed
+    # network), or a URL. A file naming no channel gets them all, in this order.
     conda_channels: list[str] = ["conda-forge", "defaults"]
     # Limits of a contained step (a source-only package's build backend, run in bubblewrap).
     sandbox_cpu_seconds: int = Field(default=900, ge=1)

@@ -17,6 +17,7 @@ __all__ = [
     "canonical_requirement",
     "check_conda_channels",
     "check_requirements",
+    "conda_channel_urls",
     "conda_pip_entries",
     "parse_requirement",
 ]
@@ -91,6 +92,31 @@ def canonical_requirement(line: str) -> str:
     return " ".join([str(parse_requirement(line)), *(f"--hash=sha256:{h[7:].lower()}" for h in kept)])
 
 
+# Where a channel the settings name only by name is read from (the oci builder; conda in a
+# docker build resolves names itself).
+CONDA_CHANNEL_ALIAS = "https://conda.anaconda.org"
+_WELL_KNOWN_CHANNELS = {"defaults": "https://repo.anaconda.com/pkgs/main"}
+# Not a channel: conda's word for "not the default ones", which the service never adds.
+NO_DEFAULTS = "nodefaults"
+
+
+def conda_channel_urls(entries: list[str]) -> dict[str, str]:
+    """The operator's channels (MMS_CONDA_CHANNELS), by the name a conda file uses, with
+    the URL each is read from: ``conda-forge`` (conda.anaconda.org), ``name=URL`` (a
+    mirror under that channel's name, for closed networks), or a URL (named by itself)."""
+    channels: dict[str, str] = {}
+    for entry in entries:
+        entry = entry.strip()
+        name, sep, url = entry.partition("=")
+        if sep and "://" not in name:
+            channels[name.strip()] = url.strip().rstrip("/")
+        elif "://" in entry:
+            channels[entry.rstrip("/")] = entry.rstrip("/")
+        elif entry:
+            channels[entry] = _WELL_KNOWN_CHANNELS.get(entry, f"{CONDA_CHANNEL_ALIAS}/{entry}")
+    return channels
+
+
 def check_conda_channels(text: str, allowed: list[str]) -> None:
     """Refuse a conda file whose channels (``channels:``, ``channel::package``) are not the
     operator's (MMS_CONDA_CHANNELS)."""
@@ -106,11 +132,12 @@ def check_conda_channels(text: str, allowed: list[str]) -> None:
     named = [str(c) for c in channels]
     deps = doc.get("dependencies") if isinstance(doc.get("dependencies"), list) else []
     named += [str(d).split("::", 1)[0].strip() for d in deps if isinstance(d, str) and "::" in d]
+    names = set(conda_channel_urls(allowed))
     for channel in named:
-        if channel not in allowed:
+        if channel != NO_DEFAULTS and channel.rstrip("/") not in names:
             raise PackageSourceRefused(
                 f"conda file: channel {_no_query(channel)[:80]!r} is not one of the operator's "
-                f"({', '.join(allowed) or 'none'}; MMS_CONDA_CHANNELS)"
+                f"({', '.join(sorted(names)) or 'none'}; MMS_CONDA_CHANNELS)"
             )
 
 

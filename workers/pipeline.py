@@ -296,6 +296,7 @@ def make_builder(settings: Settings, name: str, *, context: ServiceContext | Non
             index_url=settings.pip_index_url,
             sandbox=sandbox_limits(settings),
             registry_retry_seconds=settings.registry_retry_seconds,
+            conda_channels=settings.conda_channels,
         )
     docker_host, store, pull_token = settings.docker_host, None, None
     if settings.is_embedded_registry:

@@ -16,8 +16,10 @@ repository, and five new layers go on top, slowest-changing first:
 
 Every layer is reproducible and the image's own name and version are only its tag, so the
 same inputs give the same digest: a new model version uploads one layer, a config and a
-manifest. What needs a container run (``RUN`` steps, conda packages) needs the docker
-builder, and the build says so at once.
+manifest. A conda file's conda packages are solved and installed without a container, by
+py-rattler (``workers.oci.conda_env``), into /opt/mms/conda: one more layer, below the Python
+dependencies; when they bring their own ``python``, the image runs that interpreter. What
+needs a container run (``RUN`` steps) needs the docker builder, and the build says so at once.
 """
 
 from __future__ import annotations
@@ -53,7 +55,6 @@ from workers.build_context import (
     BuildSpec,
     InvalidBuildSpec,
     check_spec,
-    conda_python_allows,
     has_models,
     parse_extra_steps,
     read_pem,
@@ -67,11 +68,15 @@ from workers.builders import BuildFailed, BuildResult, Log, address_host, redact
 from workers.fetch_policy import allowing_registry
 from workers.fetcher import FetchPolicy
 from workers.oci.accounts import ACCOUNT_FILES, BaseFile, account_layer, read_base_files
+from workers.oci.conda_env import PREFIX as CONDA_PREFIX
+from workers.oci.conda_env import CondaEnv, conda_specs, install_conda_env, subdir_for
 from workers.oci.image_store_client import ImageStoreClient
 from workers.oci.layers import LayerBuilder
 from workers.oci.media import LAYER_COMPRESSION, OCI, Family
 from workers.oci.python_env import (
     DEFAULT_INDEX_URL,
+    DEFAULT_PATH,
+    MIN_PYTHON,
     SITE_PACKAGES,
     UNREADABLE_LAYER,
     TargetPython,
@@ -104,6 +109,7 @@ SERVICE_NAMESPACE = "mms/"
 LIB = "/opt/mms/lib"
 CREATED = datetime.fromtimestamp(FIXED_MTIME, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 MODEL_LAYER_LEVEL = 1  # models barely compress; level 1 keeps a warm rebuild near upload speed
+CONDA_LAYER_LEVEL = 1  # conda packages were compressed once already; level 1 keeps a large prefix quick
 
 
 # Where images go: a registry, or the service's own layout (the embedded default).
@@ -139,6 +145,7 @@ class OciBuilder:
         index_url: str = DEFAULT_INDEX_URL,
         sandbox: Limits = Limits(),
         registry_retry_seconds: float | None = None,
+        conda_channels: list[str] | None = None,
     ) -> None:
         self.registry = registry.rstrip("/")
         self.host, _, self.prefix = self.registry.partition("/")
@@ -154,6 +161,8 @@ class OciBuilder:
         # failing (a restart, a failover; None: the client's few tries); the build's run
         # deadline bounds the whole build.
         self.registry_retry_seconds = registry_retry_seconds
+        # The channels a conda file may name and where they are read (MMS_CONDA_CHANNELS).
+        self.conda_channels = list(conda_channels) if conda_channels is not None else ["conda-forge"]
         # What a base image's registry may be (its own registry always): every request for
         # a base goes through it. None: no address rules (a caller that picks the bases).
         self.policy = allowing_registry(policy, self.registry) if policy is not None else None
@@ -220,7 +229,6 @@ class OciBuilder:
                 emit(f"mms: base {base.digest}: {len(base.body['layers'])} layer(s), {family.manifest.split('/')[-1]}")
                 _check_layer_types(base)
                 python = self._target_python(base, base_config, source, base_ref, emit)
-                _check_conda_python(spec, python)
                 if spec.runtime == "spark-py":
                     self._check_java(base, base_config, source, base_ref, emit)
 
@@ -235,6 +243,17 @@ class OciBuilder:
                     emit,
                 )
                 step = "environment"
+                conda = self._conda_env(spec, python, base_config, work, emit)
+                extra: list[_Blob] = []
+                if conda is not None:
+                    extra.append(
+                        self._new_layer(conda.layer, _conda_history(conda), target, repo, emit, level=CONDA_LAYER_LEVEL)
+                    )
+                    if conda.interpreter:
+                        # The scoring server and the pip entries are installed for its Python.
+                        version = ".".join(conda.python.split(".")[:2])  # type: ignore[union-attr]
+                        python = replace(python, version=version, executable=conda.interpreter)
+                        emit(f"mms: the image runs the conda environment's Python {conda.python}")
                 deps = self._dependency_layer(requirements, python, spec, target, family, work, emit)
                 step = "scoring-server"
                 server = _server_layer(python.executable)
@@ -250,6 +269,7 @@ class OciBuilder:
                     layers.append(models.result())
                 # New layers take the base image's media types (Docker v2 or OCI).
                 user = replace(user, media_type=family.layer)
+                extra = [replace(layer, media_type=family.layer) for layer in extra]
                 layers = [replace(layer, media_type=family.layer) for layer in layers]
 
                 step = "push"
@@ -263,14 +283,18 @@ class OciBuilder:
                     )
                     for d in base.body["layers"]
                 ]
-                blobs += [user, deps, *layers]
-                diff_ids = [blob.diff_id for blob in (user, deps, *layers)]
-                history = [blob.created_by for blob in (user, deps, *layers)]
+                new = [user, *extra, deps, *layers]
+                blobs += new
+                diff_ids = [blob.diff_id for blob in new]
+                history = [blob.created_by for blob in new]
+                env = runtime_env(spec, f"{LIB}:{SITE_PACKAGES}") | {"MMS_SITE_PACKAGES": SITE_PACKAGES}
+                if conda is not None:
+                    env |= _conda_env_vars(base_config)
                 config = _image_config(
                     base_config,
                     diff_ids,
                     history,
-                    env=runtime_env(spec, f"{LIB}:{SITE_PACKAGES}") | {"MMS_SITE_PACKAGES": SITE_PACKAGES},
+                    env=env,
                     labels={**spec.labels, BASE_DIGEST_LABEL: base.digest},
                     changes=config_changes,
                 )
@@ -411,6 +435,34 @@ class OciBuilder:
         return body
 
     # -- layers ------------------------------------------------------------------------
+
+    def _conda_env(self, spec: BuildSpec, python: TargetPython, config: dict, work: Path, emit: Log) -> CondaEnv | None:
+        """The conda file's conda packages installed (None when the base's Python and pip
+        serve the whole file)."""
+        if spec.conda_file is None:
+            return None
+        specs = conda_specs(spec.conda_file, python.version)
+        if not specs:
+            return None
+        env = install_conda_env(
+            spec.conda_file,
+            specs,
+            channels=self.conda_channels,
+            subdir=subdir_for(config.get("architecture") or "amd64"),
+            glibc=python.libc.removeprefix("glibc-") if python.libc.startswith("glibc-") else "",
+            work=work,
+            cache_dir=(self.cache_dir or work) / "conda",
+            emit=emit,
+            policy=self.policy,
+            timeout=max(self.timeout, 1800),
+        )
+        if env.python is not None and tuple(int(p) for p in env.python.split(".")[:2]) < MIN_PYTHON:
+            raise BuildFailed(
+                "environment",
+                f"the conda file's python resolves to {env.python}, older than the scoring server runs on "
+                f"({'.'.join(map(str, MIN_PYTHON))} or newer): ask for python>={'.'.join(map(str, MIN_PYTHON))}",
+            )
+        return env
 
     def _dependency_layer(
         self,
@@ -628,6 +680,19 @@ def _no_body() -> Iterator[bytes]:
     raise RemoteRegistryError("the cached dependency layer vanished from the registry; build again")
 
 
+def _conda_history(env: CondaEnv) -> str:
+    digest = hashlib.sha256(" ".join(env.packages).encode()).hexdigest()
+    return f"mms oci builder: conda environment {CONDA_PREFIX} ({len(env.packages)} packages, {digest[:12]})"
+
+
+def _conda_env_vars(base_config: dict) -> dict[str, str]:
+    """The conda environment, activated as far as the image needs: its programs first on
+    PATH. Not LD_LIBRARY_PATH: conda's binaries find their libraries by their own RPATH, and
+    putting conda's libraries before the base's would change what the base's programs load."""
+    base_env = dict(e.split("=", 1) for e in (base_config.get("config") or {}).get("Env") or [] if "=" in e)
+    return {"PATH": f"{CONDA_PREFIX}/bin:{base_env.get('PATH') or DEFAULT_PATH}", "CONDA_PREFIX": CONDA_PREFIX}
+
+
 def _deps_history(key: str) -> str:
     return f"mms oci builder: python dependencies (environment {key[:12]})"
 
@@ -672,16 +737,10 @@ def _requirements(spec: BuildSpec) -> list[str]:
     """The scoring server's pins and the manifest's pip entries, or BuildFailed."""
     lines = [*SERVER_REQUIREMENTS, *runtime_requirements(spec)]
     if spec.conda_file is not None:
-        _python_spec, conda_only, pip_entries = split_conda(spec.conda_file)
-        if conda_only:
-            raise BuildFailed(
-                "environment",
-                "the conda file lists conda packages "
-                f"({', '.join(conda_only)}), which need conda in a container "
-                "run: use the docker builder (builder: docker), or list them "
-                "under pip:",
-            )
-        lines += pip_entries
+        try:
+            lines += split_conda(spec.conda_file)[2]
+        except InvalidBuildSpec as exc:
+            raise BuildFailed("environment", str(exc)) from None
     if spec.pip_requirements:
         lines += spec.pip_requirements.splitlines()
     kept = []
@@ -703,18 +762,6 @@ def _requirements(spec: BuildSpec) -> list[str]:
 def _shown(line: str) -> str:
     text = line.split("?", 1)[0]
     return text if len(text) <= 80 else text[:79] + "…"
-
-
-def _check_conda_python(spec: BuildSpec, python: TargetPython) -> None:
-    if spec.conda_file is None:
-        return
-    wanted = split_conda(spec.conda_file)[0]
-    if wanted and not conda_python_allows(wanted, python.version):
-        raise BuildFailed(
-            "environment",
-            f"the conda file asks for python{wanted} but the base "
-            f"image has Python {python.version} (choose a matching base image)",
-        )
 
 
 def check_extra_steps(text: str) -> dict[str, Any]:

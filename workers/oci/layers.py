@@ -48,6 +48,7 @@ class _Entry:
     executable: bool = False
     mode: int | None = None  # a folder's own mode (None: 0755)
     owner: int = 0  # uid and gid
+    link: str | None = None  # a symbolic link's target (source is None)
 
 
 class _HashingWriter(io.RawIOBase):
@@ -91,6 +92,23 @@ class LayerBuilder:
                 self._put(target, _Entry(None))
             else:
                 self.add_file(target, path)
+
+    def add_symlink(self, image_path: str, target: str) -> None:
+        self._put(image_path, _Entry(None, link=target))
+
+    def add_prefix(self, root: Path, image_path: str) -> None:
+        """An installed environment (a conda prefix): its files, folders and symbolic links,
+        the links kept as links and never followed, so nothing outside ``root`` is read."""
+        self._put(image_path, _Entry(None))
+        base = image_path.rstrip("/")
+        for entry in sorted(_scan_prefix(Path(root)), key=lambda e: e[1]):
+            path, rel, kind = entry
+            if kind == "link":
+                self.add_symlink(f"{base}/{rel}", os.readlink(path))
+            elif kind == "dir":
+                self._put(f"{base}/{rel}", _Entry(None))
+            else:
+                self.add_file(f"{base}/{rel}", path)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -295,9 +313,27 @@ def _deflate(block: bytes, dictionary: bytes, level: int, final: bool) -> bytes:
     return compressor.compress(block) + compressor.flush(zlib.Z_FINISH if final else zlib.Z_SYNC_FLUSH)
 
 
+def _scan_prefix(root: Path, prefix: str = "") -> Iterator[tuple[Path, str, str]]:
+    for entry in os.scandir(root):
+        rel = f"{prefix}{entry.name}"
+        if entry.is_symlink():
+            yield Path(entry.path), rel, "link"
+        elif entry.is_dir(follow_symlinks=False):
+            yield Path(entry.path), rel, "dir"
+            yield from _scan_prefix(Path(entry.path), f"{rel}/")
+        elif entry.is_file(follow_symlinks=False):
+            yield Path(entry.path), rel, "file"
+        else:
+            raise InvalidBuildSpec(f"{rel}: only regular files, folders and links can be built in")
+
+
 def _add(tar: tarfile.TarFile, name: str, entry: _Entry) -> None:
     info = tarfile.TarInfo(name)
     info.mtime, info.uid, info.gid, info.uname, info.gname = FIXED_MTIME, entry.owner, entry.owner, "", ""
+    if entry.link is not None:
+        info.type, info.mode, info.linkname = tarfile.SYMTYPE, 0o777, entry.link
+        tar.addfile(info)
+        return
     if entry.source is None:
         info.type, info.mode = tarfile.DIRTYPE, 0o755 if entry.mode is None else entry.mode
         tar.addfile(info)
