@@ -53,7 +53,8 @@ log = logging.getLogger("mms.pipeline")
 
 DEFAULT_DOCKER_SOCKET = "/var/run/docker.sock"
 # The smoke test's pull token outlives its timeout by this much: a large model layer's pull.
-_PULL_TOKEN_SLACK_SECONDS = 600
+# What an engine pull token lives: one image's pull from the service's own /v2/, however large.
+ENGINE_PULL_TOKEN_SECONDS = 900
 Log = Callable[[str], None]
 
 
@@ -307,10 +308,9 @@ def make_builder(settings: Settings, name: str, *, context: ServiceContext | Non
         if context is None:
             raise ValueError("the docker builder on the embedded image store needs the service context")
         store = ImageStoreClient(image_layout(settings), settings.image_registry)
-        ttl = min(settings.build_run_deadline_seconds, 900)  # one base's pull, however large
 
         def pull_token(repository: str) -> str:
-            return engine_pull_token(context, repository, ttl_seconds=ttl)
+            return engine_pull_token(context, repository, ttl_seconds=ENGINE_PULL_TOKEN_SECONDS)
 
     limits = RunLimits(
         memory_mb=settings.build_run_memory_mb,
@@ -516,8 +516,8 @@ def smoke_step(
         return replace(result, smoke_test=SmokeTestResult.SKIPPED, smoke_test_reason=missing)
     if pull and settings.is_embedded_registry:
         # The engine pulls from the service's own /v2/ with a token for this image only.
-        ttl = settings.smoke_test_timeout_seconds + _PULL_TOKEN_SLACK_SECONDS
-        pull_auth = {"registrytoken": engine_pull_token(context, image_repository(inputs), ttl_seconds=ttl)}
+        token = engine_pull_token(context, image_repository(inputs), ttl_seconds=ENGINE_PULL_TOKEN_SECONDS)
+        pull_auth = {"registrytoken": token}
     else:
         pull_auth = registry_login(settings)
     emit("mms: smoke test: starting the image once and waiting for GET / to answer")

@@ -151,6 +151,7 @@ class OciBuilder:
         self.host, _, self.prefix = self.registry.partition("/")
         self._auth = dict(registry_auth) if registry_auth else None
         self.cache_dir = Path(cache_dir) if cache_dir else None  # uv's wheel cache, base facts
+        self._cache_scope = "unscoped"  # the account of the build under way (build_and_push)
         self.timeout = timeout
         # The embedded store: images go into this layout, which the service serves as
         # ``registry`` (its own address); no registry process is involved.
@@ -180,6 +181,7 @@ class OciBuilder:
         emit = redacting(log, secrets)
         started = time.monotonic()
         location = f"{self.registry}/{image_repo}:{tag}"
+        self._cache_scope = hashlib.sha256(image_repo.rsplit("/", 1)[0].encode()).hexdigest()[:16]
         try:
             result = self._build(spec, self.repository(image_repo), tag, location, emit)
         except BuildFailed as exc:
@@ -228,6 +230,7 @@ class OciBuilder:
                 base_config = json.loads(source.get_blob(base_ref.repository, base.body["config"]["digest"]))
                 emit(f"mms: base {base.digest}: {len(base.body['layers'])} layer(s), {family.manifest.split('/')[-1]}")
                 _check_layer_types(base)
+                _check_no_volumes(base_config)
                 python = self._target_python(base, base_config, source, base_ref, emit)
                 if spec.runtime == "spark-py":
                     self._check_java(base, base_config, source, base_ref, emit)
@@ -359,7 +362,7 @@ class OciBuilder:
         self, base: Manifest, config: dict, source: Store, ref: ImageReference, emit: Log
     ) -> TargetPython:
         # targets-v2: the platform is one uv accepts and the interpreter's path is kept.
-        cached = self.cache_dir / "targets-v2" / f"{base.body['config']['digest'][7:]}.json" if self.cache_dir else None
+        cached = self._base_facts_path("targets", base)
         known = _read_json(cached) if cached is not None else None
         if known is not None:
             return TargetPython(**known)
@@ -380,7 +383,7 @@ class OciBuilder:
     ) -> LayerBuilder:
         """The image's user, added to the base's /etc/passwd and /etc/group (read once per
         base and worker: the files are cached by the base config's digest)."""
-        cached = self.cache_dir / "accounts" / f"{base.body['config']['digest'][7:]}.json" if self.cache_dir else None
+        cached = self._base_facts_path("accounts", base)
         known = _read_json(cached) if cached is not None else None
         if known is not None:
             files = {k: BaseFile(None if v is None else v.encode("latin-1")) for k, v in known.items()}
@@ -404,7 +407,7 @@ class OciBuilder:
 
     def _check_java(self, base: Manifest, config: dict, source: Store, ref: ImageReference, emit: Log) -> None:
         """SparkPython needs a JVM in the base: its label says, else its layers (cached)."""
-        cached = self.cache_dir / "java" / f"{base.body['config']['digest'][7:]}.json" if self.cache_dir else None
+        cached = self._base_facts_path("java", base)
         known = _read_json(cached) if cached is not None else None
         if known is not None:
             java = known["java"]
@@ -593,6 +596,17 @@ class OciBuilder:
         if cache is not None:
             _write_json(cache, {"digest": digest, "size": size, "repository": repo})
         return _Blob(digest, size, "", _no_body, None, diff_id, created_by, placed="uploaded")
+
+    def _base_facts_path(self, kind: str, base: Manifest) -> Path | None:
+        """Where facts read from a base's layers (its Python, its users, its Java) are cached:
+        per account, and by every layer's digest. The layers are read as they stream, before
+        their digests can be checked, so a base of one account's (a public config with layers
+        of its own) must never answer for another account's build."""
+        if self.cache_dir is None:
+            return None
+        digests = [base.body["config"]["digest"], *(layer["digest"] for layer in base.body["layers"])]
+        key = hashlib.sha256(" ".join(digests).encode()).hexdigest()
+        return self.cache_dir / "base-facts" / self._cache_scope / kind / f"{key}.json"
 
     def _layer_cache_path(self, diff_id: str, level: int) -> Path | None:
         # The blob's bytes follow from the tar, the level and zlib's release: all in the key.
@@ -784,6 +798,19 @@ def check_extra_steps(text: str) -> dict[str, Any]:
         elif step.keyword in ("ENV", "LABEL"):  # ARG is build-time only: nothing runs here
             changes["env" if step.keyword == "ENV" else "labels"].update(step.pairs)
     return changes
+
+
+def _check_no_volumes(base_config: dict) -> None:
+    """A base's VOLUME would give the smoke test's container (and every deployment's) a volume
+    the disk limit does not count: refused, as the docker builder refuses it."""
+    volumes = sorted((base_config.get("config") or {}).get("Volumes") or {})
+    if volumes:
+        shown = ", ".join(volumes)[:200].encode("unicode_escape").decode()
+        raise BuildFailed(
+            "pull-base",
+            f"the base image declares volumes ({shown}), whose writes would escape the "
+            "smoke test's disk limit: build on an image without VOLUME",
+        )
 
 
 def _image_config(

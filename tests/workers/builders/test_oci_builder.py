@@ -5,6 +5,7 @@ API, in tests/workers/test_image_builds.py."""
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 import re
@@ -165,6 +166,33 @@ def test_an_oci_base_gives_an_oci_image_and_an_index_is_resolved_to_linux_amd64(
             pass
         infra.local_images.append(location)
         assert api.inspect_image(location)["Config"]["Cmd"] == ["/opt/mms/bin/start"]
+
+
+def test_a_base_that_declares_a_volume_is_refused(
+    infra: Infra, make_spec: Callable[..., BuildSpec], tmp_path: Path
+) -> None:
+    """A VOLUME would give the smoke test's container a volume its disk limit does not count."""
+    prefix = f"{infra.prefix}-volume"
+    host, _, base_path = infra.base_image.partition("/")
+    base_repo, _, base_tag = base_path.rpartition(":")
+    repo = f"{prefix}/mms/base-volume"
+    with RemoteRegistryClient(host) as client:
+        body = client.get_manifest(base_repo, base_tag).body
+        config = json.loads(client.get_blob(base_repo, body["config"]["digest"]))
+        config["config"]["Volumes"] = {"/data": {}}
+        raw_config = json.dumps(config).encode()
+        config_digest = "sha256:" + hashlib.sha256(raw_config).hexdigest()
+        client.push_blob(repo, config_digest, len(raw_config), lambda: iter([raw_config]))
+        for layer in body["layers"]:
+            client.push_blob(repo, layer["digest"], layer["size"], lambda: iter(()), mount_from=base_repo)
+        manifest = {**body, "config": {**body["config"], "digest": config_digest, "size": len(raw_config)}}
+        client.put_manifest(repo, "1", json.dumps(manifest).encode(), body.get("mediaType") or DOCKER_MANIFEST)
+    builder = OciBuilder(f"{host}/{prefix}", cache_dir=tmp_path / "cache")
+    spec = make_spec(SCORE, base_image=f"{host}/{repo}:1")
+    with pytest.raises(BuildFailed) as failed:
+        builder.build_and_push(spec, "volume/img", "1", lambda _: None)
+    assert failed.value.step == "pull-base"
+    assert "declares volumes (/data)" in failed.value.message and "without VOLUME" in failed.value.message
 
 
 def test_a_run_step_needs_the_docker_builder(
