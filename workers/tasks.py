@@ -18,7 +18,10 @@ def worker_context() -> ServiceContext:
     return ServiceContext.build(settings)
 
 
-@celery_app.task(name=BUILD_TASK)
+# The reaper fails a build Running past its deadline; a build stuck in a loop that never logs
+# (a hostile base's layers, say) would still hold the pool slot, so Celery kills its process
+# a minute later (prefork pools) and the slot takes the next build.
+@celery_app.task(name=BUILD_TASK, time_limit=settings.build_run_deadline_seconds + 60)
 def build_image(image_id: str) -> None:
     """Build one image, if this worker can claim it."""
     run_build(worker_context(), image_id)

@@ -9,13 +9,12 @@ the image runs as the bare number.
 
 from __future__ import annotations
 
-import tarfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from workers.build_context import RUN_GID, RUN_HOME, RUN_UID, RUN_USER
 from workers.oci.layers import LayerBuilder
-from workers.oci.python_env import Opener
+from workers.oci.python_env import Opener, scan_layer
 
 __all__ = ["ACCOUNT_FILES", "BaseFile", "account_layer", "read_base_files"]
 
@@ -38,8 +37,8 @@ def read_base_files(layers: Callable[[], Iterable[Opener]], paths: Iterable[str]
         # A layer's whiteouts remove what the layers below it hold, never its own files.
         gone: list[str] = []
         added: dict[str, BaseFile] = {}
-        with opener as layer, tarfile.open(fileobj=layer, mode="r|") as tar:
-            for member in tar:
+        with opener as layer:
+            for tar, member in scan_layer(layer):
                 name = member.name.removeprefix("./").strip("/")
                 folder, _, base = name.rpartition("/")
                 if base == ".wh..wh..opq":

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tarfile
 import zlib
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -69,7 +70,22 @@ _PYTHON_NAME = re.compile(r"python3(?:\.(\d+))?")
 _PATH_DIR = re.compile(r"/[A-Za-z0-9._+@/-]*")
 _LIBC = re.compile(r"^(?:\./)?(?:usr/)?lib(?:64)?/(?:[a-z0-9_]+-linux-gnu/)?(libc\.so\.6|libc-(\d+)\.(\d+)\.so)$")
 _MUSL = re.compile(r"^(?:\./)?lib/ld-musl-[a-z0-9_]+\.so\.1$")
-_GLIBC_BANNER = re.compile(rb"GNU C Library[^\n]*?version (\d+)\.(\d+)")
+_GLIBC_VERSION = re.compile(rb"version (\d+)\.(\d+)")
+
+
+def glibc_banner(data: bytes) -> tuple[int, int] | None:
+    """The version in libc's "GNU C Library ... version 2.36" banner line. Found with find(),
+    one line at a time: a lazy regex over a tenant's 16 MiB file took minutes."""
+    start = data.find(b"GNU C Library")
+    while start != -1:
+        end = data.find(b"\n", start)
+        found = _GLIBC_VERSION.search(data, start, end if end != -1 and end - start < 4096 else start + 4096)
+        if found:
+            return int(found[1]), int(found[2])
+        start = data.find(b"GNU C Library", start + 1)
+    return None
+
+
 _NO_WHEEL = (
     re.compile(r"Wheels are required for `([^`]+)`"),
     re.compile(r"Because (\S+?)(?:[=<>!~][^ ]*)? has no (?:usable )?wheels"),
@@ -221,8 +237,8 @@ def _scan(openers: Iterable[Opener], search: list[str]) -> tuple[tuple[str, str 
     for opener in openers:
         added: dict[str, str | None] = {}
         deleted: list[str] = []  # whiteouts: a path, or "dir/" for an opaque folder's contents
-        with opener as layer, tarfile.open(fileobj=layer, mode="r|") as tar:
-            for member in tar:
+        with opener as layer:
+            for tar, member in scan_layer(layer):
                 name = _clean(member.name)
                 folder, _, leaf = name.rpartition("/")
                 if leaf.startswith(".wh."):
@@ -242,9 +258,9 @@ def _scan(openers: Iterable[Opener], search: list[str]) -> tuple[tuple[str, str 
                     libc = f"glibc-{match[2]}.{match[3]}"
                 elif match and member.isfile() and member.size <= _MAX_LIBC_READ:
                     data = tar.extractfile(member).read()  # type: ignore[union-attr]
-                    banner = _GLIBC_BANNER.search(data)
+                    banner = glibc_banner(data)
                     if banner:
-                        libc = f"glibc-{int(banner[1])}.{int(banner[2])}"
+                        libc = f"glibc-{banner[0]}.{banner[1]}"
         for gone in deleted:  # a layer's whiteouts hide the layers below it, not its own files
             prefix = gone if gone.endswith("/") else f"{gone}/"
             for path in [p for p in tree if p == gone or p.startswith(prefix)]:
@@ -293,12 +309,17 @@ def _versions_in(tree: dict[str, str | None], folder: str) -> set[str]:
     return found
 
 
+_MAX_PATH_PARTS = 256  # PATH_MAX is 4096 bytes: a deeper path is a tenant's trap
+
+
 def _resolve(tree: dict[str, str | None], path: str, hops: int = 40) -> str:
     """``path`` with every symlink in the tree followed (relative to the root; no leading /)."""
-    todo = [p for p in path.split("/") if p]
+    todo = deque(p for p in path.split("/") if p)
     done: list[str] = []
     while todo:
-        part = todo.pop(0)
+        if len(todo) + len(done) > _MAX_PATH_PARTS:
+            return ""  # no real path is this deep: nothing there
+        part = todo.popleft()
         if part == ".":
             continue
         if part == "..":
@@ -312,7 +333,7 @@ def _resolve(tree: dict[str, str | None], path: str, hops: int = 40) -> str:
                 return ""  # a loop: nothing there
             if link.startswith("/"):
                 done = []
-            todo = [p for p in link.split("/") if p] + todo
+            todo.extendleft(reversed([p for p in link.split("/") if p][:_MAX_PATH_PARTS]))
             continue
         done.append(part)
     return "/".join(done)
@@ -330,6 +351,38 @@ def tar_reader(chunks: Iterator[bytes], media_type: str) -> BinaryIO:
     if compression == "zstd":
         return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)  # type: ignore[return-value]
     return raw  # type: ignore[return-value]
+
+
+# A base's layers are a tenant's: what one tar header may hold (a pax or GNU long-name record:
+# tarfile reads it whole, and parses pax with a regex that is quadratic before Python
+# 3.11.10), and how many entries one layer may have (stream mode keeps each one).
+MAX_TAR_HEADER_BYTES = 64 * 1024
+MAX_LAYER_ENTRIES = 1_000_000
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    def _proc_gnulong(self, tarfile: tarfile.TarFile) -> tarfile.TarInfo:  # type: ignore[override]
+        self._check_header_size()
+        return super()._proc_gnulong(tarfile)  # type: ignore[misc]
+
+    def _proc_pax(self, tarfile: tarfile.TarFile) -> tarfile.TarInfo:  # type: ignore[override]
+        self._check_header_size()
+        return super()._proc_pax(tarfile)  # type: ignore[misc]
+
+    def _check_header_size(self) -> None:
+        if self.size > MAX_TAR_HEADER_BYTES:
+            raise tarfile.HeaderError(f"a tar header record of {self.size} bytes (at most {MAX_TAR_HEADER_BYTES})")
+
+
+def scan_layer(layer: BinaryIO) -> Iterator[tuple[tarfile.TarFile, tarfile.TarInfo]]:
+    """Each entry of a layer's tar as it streams, with the tar to read the entry's data from;
+    headers and the number of entries bounded (a hostile layer fails as unreadable)."""
+    with tarfile.open(fileobj=layer, mode="r|", tarinfo=_BoundedTarInfo) as tar:
+        for count, member in enumerate(tar, 1):
+            if count > MAX_LAYER_ENTRIES:
+                raise tarfile.HeaderError(f"more than {MAX_LAYER_ENTRIES} entries in one layer")
+            yield tar, member
+            tar.members.clear()  # read once, in order: nothing needs them kept
 
 
 # What a layer whose bytes are not what its media type says raises while it is read.
@@ -363,8 +416,8 @@ def detect_java(config: dict, layers: Callable[[], Iterable[Opener]]) -> str | N
         return labels["org.mms.java"]
     found: set[str] = set()
     for opener in layers():
-        with opener as layer, tarfile.open(fileobj=layer, mode="r|") as tar:
-            for member in tar:
+        with opener as layer:
+            for _, member in scan_layer(layer):
                 folder, _, base = member.name.rpartition("/")
                 if base.startswith(".wh."):
                     gone = f"{folder}/{base[4:]}".lstrip("./")

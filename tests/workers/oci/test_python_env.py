@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import re
 import subprocess
 import sys
 import tarfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -15,12 +17,15 @@ import pytest
 import uv
 
 from workers.builders import BuildFailed
+from workers.oci.accounts import read_base_files
 from workers.oci.media import OCI_LAYER
 from workers.oci.python_env import (
     MANYLINUX_LEVELS,
     TargetPython,
+    _find_python,
     dependency_cache_key,
     detect_target,
+    glibc_banner,
     install_dependencies,
     normalise_requirements,
     platform_for,
@@ -258,3 +263,41 @@ def test_a_package_without_a_wheel_fails_naming_it_and_the_docker_builder(tmp_pa
 def test_a_package_that_does_not_exist_is_named(tmp_path: Path) -> None:
     with pytest.raises(BuildFailed, match="no-such-package-mms-xyz"):
         _install(["no-such-package-mms-xyz==1.0"], "3.11", tmp_path / "site")
+
+
+# -- a hostile base's layers cost a worker little -------------------------------------------
+
+
+def _pax_bomb(size: int) -> bytes:
+    """A layer whose first record is a pax header of ``size`` bytes (tiny once gzipped)."""
+    out = io.BytesIO()
+    header = tarfile.TarInfo("././@PaxHeader")
+    header.type, header.size = tarfile.XHDTYPE, size
+    out.write(header.tobuf(format=tarfile.USTAR_FORMAT))
+    out.write(b"1" * size + b"\0" * (-size % 512))
+    passwd = tarfile.TarInfo("etc/passwd")
+    passwd.size = 5
+    out.write(passwd.tobuf(format=tarfile.USTAR_FORMAT) + b"root\n" + b"\0" * 507 + b"\0" * 1024)
+    return gzip.compress(out.getvalue(), 9)
+
+
+def test_a_huge_tar_header_fails_the_layer_at_once_instead_of_filling_memory() -> None:
+    blob = _pax_bomb(8 << 20)  # 8 MiB of header in a few kB; an 8 GB one took the worker down
+    assert len(blob) < 64 * 1024
+    started = time.monotonic()
+    with pytest.raises(tarfile.TarError, match="tar header record of 8388608 bytes"):
+        read_base_files(lambda: [contextlib.nullcontext(gzip.GzipFile(fileobj=io.BytesIO(blob)))], ["etc/passwd"])
+    assert time.monotonic() - started < 2
+    # A header of a normal size still reads (a long path, say).
+    ok = _pax_bomb(4000)
+    found = read_base_files(lambda: [contextlib.nullcontext(gzip.GzipFile(fileobj=io.BytesIO(ok)))], ["etc/passwd"])
+    assert found["etc/passwd"].data == b"root\n"
+
+
+def test_a_deep_symlink_and_a_huge_libc_resolve_fast() -> None:
+    started = time.monotonic()
+    assert _find_python({"usr/local/bin": "/" + "a/" * 80_000}, ["/usr/local/bin"]) is None
+    data = b"GNU C Library " + b"x" * (16 << 20) + b"\nGNU C Library (Debian GLIBC) stable release version 2.36.\n"
+    assert glibc_banner(data) == (2, 36)
+    assert glibc_banner(b"GNU C Library" * 100_000) is None
+    assert time.monotonic() - started < 5  # minutes each before
