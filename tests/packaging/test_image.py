@@ -31,7 +31,9 @@ from tests.infra import TEST_LABEL, Infra
 
 ROOT = Path(__file__).resolve().parents[2]
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
-MAX_IMAGE_BYTES = 450 * 1024**2  # the base image is ~146 MB of it
+# The base image is ~146 MB of it; py-rattler (the oci builder's conda solver) ships an
+# 82 MB shared library, which took the image from ~390 MB to 475 MB.
+MAX_IMAGE_BYTES = 500 * 1024**2
 SECRET_KEY = secrets.token_urlsafe(48)  # the image runs in production: it needs one
 
 
