@@ -1,10 +1,11 @@
 """The Python environment layer: which Python the base image has, and its packages as wheels.
 
-The target is read from the base image, never from the worker: its labels or ``Env`` when
-they say (``org.mms.python``, ``PYTHON_VERSION`` as the official images set), else the
-layers themselves (the ``python3`` a lookup along the config's own ``PATH`` finds, symlinks
-followed inside the layers, and the C library: glibc's version string inside ``libc.so.6``,
-or musl's loader, which is refused). The glibc version maps to the highest manylinux level
+The target is read from the base image, never from the worker: from its layers (the
+``python3`` a lookup along the config's own ``PATH`` finds, symlinks followed inside the
+layers, and the C library: glibc's version string inside ``libc.so.6``, or musl's loader,
+which is refused), its labels or ``Env`` (``org.mms.python``, ``PYTHON_VERSION`` as the
+official images set) only filling in what the layers do not tell: an image built FROM a base
+inherits them. The glibc version maps to the highest manylinux level
 uv accepts that is not above it (glibc 2.27 installs manylinux_2_17 wheels). Packages are
 installed with
 ``uv pip install --target --python-version --python-platform --only-binary :all:``, which
@@ -113,7 +114,7 @@ class TargetPython:
     version: str  # "3.11"
     platform: str  # uv's --python-platform, e.g. "x86_64-manylinux_2_36"
     # The interpreter the image runs: the path a PATH lookup in the base finds, else "python3"
-    # (the base's labels said it all, so its own PATH finds it at run time).
+    # (the version came from a label, so the base's own PATH finds it at run time).
     executable: str = "python3"
     libc: str = ""  # what the base has ("glibc-2.41"); the platform may name a lower level
 
@@ -147,7 +148,7 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  #
 def detect_target(
     config: dict, layers: Callable[[], Iterable[Opener]], *, base: str = "the base image"
 ) -> TargetPython:
-    """Read the target from the image ``config``, scanning ``layers`` only when it must.
+    """Read the target from the layers, ``config``'s labels and ENV filling in what they lack.
 
     ``layers()`` yields one opener per layer, base first; each opens the layer's tar. Python
     is the ``python3`` the config's own ``PATH`` finds, symlinks followed inside the layers.
@@ -158,15 +159,13 @@ def detect_target(
     env = dict(e.split("=", 1) for e in (config.get("config") or {}).get("Env") or [] if "=" in e)
     # Absolute folders of plain characters only: the path found goes into a script and shebangs.
     search = [d for d in (env.get("PATH") or DEFAULT_PATH).split(":") if _PATH_DIR.fullmatch(d)]
-    version = _short(labels.get("org.mms.python")) or _short(env.get("PYTHON_VERSION"))
-    libc = labels.get("org.mms.libc")
-    executable = "python3"
-    if version is None or libc is None:
-        found, found_libc = _scan(layers(), search)
-        if found is not None:
-            executable = found[0]
-            version = version or found[1]
-        libc = libc or found_libc
+    # The layers are the truth; the labels and PYTHON_VERSION only fill in what they cannot
+    # tell. An image built FROM a base inherits its labels and ENV, so they may name the
+    # base's Python while the PATH now finds another (a conda Python added on top).
+    found, libc = _scan(layers(), search)
+    executable, version = found if found is not None else ("python3", None)
+    version = version or _short(labels.get("org.mms.python")) or _short(env.get("PYTHON_VERSION"))
+    libc = libc or labels.get("org.mms.libc")
     if version is None and executable != "python3":
         raise BuildFailed(
             "environment",

@@ -49,7 +49,7 @@ def test_publish_pushes_dated_and_moving_tags_that_the_engine_runs(infra, log_li
         printed = api.logs(container).decode()
         api.remove_container(container, force=True)
     assert "(3, 11)" in printed
-    # Builds on it read its Python and C library from labels, never by scanning its layers.
+    # Labelled with what its layers hold (images built FROM it inherit these: builds read the layers).
     assert config["Labels"]["org.mms.python"] == "3.11.2"
     assert config["Labels"]["org.mms.libc"] == "glibc-2.36"
     assert config["Labels"]["org.mms.debian-release"] == "bookworm"

@@ -70,17 +70,31 @@ def test_python_and_glibc_are_read_from_the_layers_the_last_layer_winning() -> N
     assert target == TargetPython("3.12", "x86_64-manylinux_2_36", "/usr/local/bin/python3", "glibc-2.36")
 
 
-def test_labels_and_env_spare_the_scan_and_musl_is_refused_naming_the_base() -> None:
-    def no_scan():
-        raise AssertionError("the layers were read although the config says it all")
-
+def test_labels_and_env_fill_in_what_the_layers_lack_and_musl_is_refused_naming_the_base() -> None:
+    # Nothing in the layers tells: the labels (or the official images' PYTHON_VERSION) do.
     config = {"architecture": "arm64", "config": {"Labels": {"org.mms.python": "3.10.4", "org.mms.libc": "glibc-2.31"}}}
-    assert detect_target(config, no_scan) == TargetPython("3.10", "aarch64-manylinux_2_31", "python3", "glibc-2.31")
-    alpine = _layer({"lib/ld-musl-x86_64.so.1": b"elf", "usr/local/bin/python3": "python3.12"})
+    assert detect_target(config, _openers()) == TargetPython("3.10", "aarch64-manylinux_2_31", "python3", "glibc-2.31")
+    bare = _layer({"usr/local/bin/python3": b"elf", "usr/lib/x86_64-linux-gnu/libc.so.6": GLIBC})
     official = {"architecture": "amd64", "config": {"Env": ["PYTHON_VERSION=3.12.7"]}}
+    assert detect_target(official, _openers(bare)).version == "3.12"
+    alpine = _layer({"lib/ld-musl-x86_64.so.1": b"elf", "usr/local/bin/python3": "python3.12"})
     with pytest.raises(BuildFailed, match=r"python:3\.12-alpine uses musl libc.*glibc base image") as failed:
         detect_target(official, _openers(alpine), base="python:3.12-alpine")
     assert failed.value.step == "environment"
+
+
+def test_labels_inherited_from_a_base_do_not_override_the_python_its_path_now_finds() -> None:
+    # Built FROM a published trixie base (labelled 3.13) with a conda Python 3.11 put first on
+    # PATH: wheels for 3.13 would not import in the Python that runs.
+    system = _layer(
+        {"usr/bin/python3.13": b"elf", "usr/bin/python3": "python3.13", "usr/lib/x86_64-linux-gnu/libc.so.6": GLIBC}
+    )
+    conda = _layer({"opt/miniconda/bin/python3.11": b"elf", "opt/miniconda/bin/python3": "python3.11"})
+    labels = {"org.mms.python": "3.13.5", "org.mms.libc": "glibc-2.41"}
+    env = ["PATH=/opt/miniconda/bin:/usr/bin", "PYTHON_VERSION=3.13.5"]
+    config = {"architecture": "amd64", "config": {"Labels": labels, "Env": env}}
+    target = detect_target(config, _openers(system, conda))
+    assert target == TargetPython("3.11", "x86_64-manylinux_2_36", "/opt/miniconda/bin/python3", "glibc-2.36")
 
 
 def test_a_base_without_python_fails_clearly() -> None:
