@@ -28,12 +28,14 @@ def live(service_context: ServiceContext, tmp_path: Path) -> Iterator[Live]:
 
 @contextmanager
 def _queries(live: Live) -> Iterator[list[str]]:
-    """Statements the app sends meanwhile, but for the event poller's own."""
+    """Statements the app sends meanwhile, but for the event poller's own. A request that
+    queried would send a SELECT, so transaction control and SQLite's per-connection pragmas
+    (the poller sets ``query_only`` when its pooled connection last served a write) are left out."""
     seen: list[str] = []
 
     def record(_conn, _cursor, statement: str, *_: object) -> None:
         if (
-            not statement.startswith("BEGIN")
+            not statement.startswith(("BEGIN", "PRAGMA query_only"))
             and "image_events.id >" not in statement
             and "max(image_events.id)" not in statement
         ):
