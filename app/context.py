@@ -16,6 +16,7 @@ from app.database import make_engine, make_session_factory, session_scope
 from app.private_files import prepare_data_dir
 from app.queue import BuildQueue
 from app.sealing import Sealer
+from app.services.accounts import KnownAccounts
 from app.services.source_urls import SourceUrlPolicy
 from app.storage.base import AssetStore
 from app.storage.factory import make_asset_store
@@ -38,6 +39,7 @@ class ServiceContext:
     asset_store: AssetStore
     build_queue: BuildQueue
     grants_cache: GrantsCache = field(default_factory=lambda: GrantsCache(0))
+    known_accounts: KnownAccounts = field(default_factory=lambda: KnownAccounts(0))
     _signing_key: PrivateKey | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -84,6 +86,7 @@ class ServiceContext:
             asset_store=make_asset_store(settings, secret_key),
             build_queue=BuildQueue(settings.resolved_broker_url, settings.build_queue),
             grants_cache=GrantsCache(settings.auth_cache_seconds),
+            known_accounts=KnownAccounts(settings.auth_cache_seconds),
         )
 
     def dispose(self) -> None:

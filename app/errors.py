@@ -25,7 +25,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as DatabaseTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -233,6 +233,14 @@ def validation_error(exc: RequestValidationError) -> ValidationFailed:
     return ValidationFailed(f"Invalid request: {summary}", details=details)
 
 
+def is_foreign_key_violation(exc: IntegrityError) -> bool:
+    """Whether the database refused a row because a row it points to is gone (not a duplicate)."""
+    orig = exc.orig
+    return getattr(orig, "sqlstate", None) == "23503" or (
+        getattr(orig, "sqlite_errorname", None) == "SQLITE_CONSTRAINT_FOREIGNKEY"
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers that give every error response the same shape."""
 
@@ -279,6 +287,22 @@ def install_error_handlers(app: FastAPI) -> None:
                 "the database is unavailable; retry in a moment",
                 code="DatabaseUnavailable",
                 headers={"Retry-After": "2"},
+            )
+        )
+
+    @app.exception_handler(IntegrityError)
+    async def _integrity(request: Request, exc: IntegrityError) -> JSONResponse:
+        if not is_foreign_key_violation(exc):
+            return await _unexpected(request, exc)
+        # What the request named (its account, a model of a manifest) was deleted while it ran,
+        # or another process still knew a deleted account (KnownAccounts): look again next time.
+        context = getattr(request.app.state, "context", None)
+        if context is not None:
+            context.known_accounts.forget()
+        return error_response(
+            Conflict(
+                "something this request refers to was deleted while it ran; retry to see what is left",
+                code="ReferenceDeleted",
             )
         )
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated
 
 from fastapi import Depends, Path, Query, Request
@@ -19,9 +19,8 @@ from app.auth.roles import Permission, account_scope
 from app.auth.tokens import KeyNotAtHand, TokenVerifier, VerifiedToken
 from app.context import ServiceContext
 from app.errors import BadRequest, Unauthorized
-from app.orm import Account
 from app.schemas.common import unstorable
-from app.services.accounts import AccountPath, get_account
+from app.services.accounts import AccountPath, AccountRef, find_account_ref
 
 CURRENT_API_VERSION = "2017-09-01-preview"
 SUPPORTED_API_VERSIONS = (CURRENT_API_VERSION,)
@@ -207,19 +206,23 @@ async def get_account_path(
 AccountPathDep = Annotated[AccountPath, Depends(get_account_path)]
 
 
-def _account_for(permission: Permission) -> Callable[..., Account]:
-    def dependency(path: AccountPathDep, caller: CallerDep, session: SessionDep) -> Account:
+def _account_for(permission: Permission) -> Callable[..., Awaitable[AccountRef]]:
+    async def dependency(
+        path: AccountPathDep, caller: CallerDep, session: SessionDep, context: ContextDep
+    ) -> AccountRef:
         # Authorise on the path before looking: no answer reveals what another tenant holds.
         caller.require(permission, account_scope(path.subscription_id, path.resource_group, path.name))
-        return get_account(session, path)
+        # On the event loop when the account is known (no I/O), else one hop to look it up.
+        known = context.known_accounts.get(path)
+        return known or await run_in_threadpool(find_account_ref, session, path, context.known_accounts)
 
     return dependency
 
 
 read_account = _account_for(Permission.READ)
 write_account = _account_for(Permission.WRITE)
-ReadableAccount = Annotated[Account, Depends(read_account)]
-WritableAccount = Annotated[Account, Depends(write_account)]
+ReadableAccount = Annotated[AccountRef, Depends(read_account)]
+WritableAccount = Annotated[AccountRef, Depends(write_account)]
 
 # A resource's id in the path, named as the original API names it (the route's {modelId}).
 AssetId = Annotated[str, Path(alias="assetId")]

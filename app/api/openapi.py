@@ -108,6 +108,8 @@ def derived_errors(route: APIRoute | RouteContext) -> list[int]:
         statuses.append(401)
     if calls & {read_account, write_account}:
         statuses += [403, 404]
+    if write_account in calls:
+        statuses.append(409)  # app.errors: the account (or another row named) deleted meanwhile
     if "PUT" not in route.methods and set(re.findall(r"{(\w+)}", route.path)) - _SCOPE_PARAMETERS:
         statuses.append(404)
     if has_body:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -23,6 +26,64 @@ class AccountPath:
     name: str
 
 
+@dataclass(frozen=True, slots=True)
+class AccountRef:
+    """Which account a request is about: what routes and services use of it, none of which an
+    account's later changes (its SKU) touch, so it may be kept across requests."""
+
+    id: uuid.UUID
+    subscription_id: str
+    resource_group: str
+    name: str
+
+    @classmethod
+    def of(cls, account: Account) -> AccountRef:
+        return cls(account.id, account.subscription_id, account.resource_group, account.name)
+
+
+class KnownAccounts:
+    """The accounts this process looked up in the last ``ttl`` seconds, by path: a request for
+    a resource of one costs no account query (issue 20: the lookup was a quarter of a GET).
+
+    Only accounts that exist are kept. A deleted account is forgotten at once by the process
+    that deletes it; another process may, for up to ``ttl`` (MMS_AUTH_CACHE_SECONDS, as for
+    roles), still take it for existing: its reads find nothing (the rows went with it) and its
+    writes are refused by the foreign keys (409, then a retry looks again)."""
+
+    MAX_ENTRIES = 10_000
+
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self._entries: dict[tuple[str, str, str], tuple[float, AccountRef]] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(path: AccountPath) -> tuple[str, str, str]:
+        return path.subscription_id.lower(), path.resource_group.lower(), path.name.lower()
+
+    def get(self, path: AccountPath) -> AccountRef | None:
+        entry = self._entries.get(self._key(path))
+        if entry is None or time.monotonic() - entry[0] > self.ttl:
+            return None
+        return entry[1]
+
+    def put(self, path: AccountPath, account: AccountRef) -> None:
+        if self.ttl <= 0:
+            return
+        with self._lock:
+            if len(self._entries) >= self.MAX_ENTRIES:
+                self._entries.clear()  # rare: start over rather than track ages
+            self._entries[self._key(path)] = (time.monotonic(), account)
+
+    def forget(self, path: AccountPath | None = None) -> None:
+        """Drop ``path``'s entry, or every entry."""
+        with self._lock:
+            if path is None:
+                self._entries.clear()
+            else:
+                self._entries.pop(self._key(path), None)
+
+
 def _find(session: Session, path: AccountPath) -> Account | None:
     return session.scalars(
         select(Account).where(
@@ -41,6 +102,15 @@ def get_account(session: Session, path: AccountPath) -> Account:
             f"account '{path.name}' was not found in resource group '{path.resource_group}'",
             code="AccountNotFound",
         )
+    return account
+
+
+def find_account_ref(session: Session, path: AccountPath, known: KnownAccounts) -> AccountRef:
+    """The account at ``path`` as routes use it, from ``known`` when it is there; or 404."""
+    account = known.get(path)
+    if account is None:
+        account = AccountRef.of(get_account(session, path))
+        known.put(path, account)
     return account
 
 

@@ -10,8 +10,9 @@ from pathlib import Path
 from sqlalchemy.orm import Session
 
 from app.errors import BadRequest, ServiceError
-from app.orm import Account, Asset
+from app.orm import Asset
 from app.orm.base import utcnow
+from app.services.accounts import AccountRef
 from app.services.lookup import get_in_account
 from app.storage.base import AssetStore, StorageError
 
@@ -35,7 +36,7 @@ def check_asset_name(name: str) -> str:
 
 def create_asset(
     session: Session,
-    account: Account,
+    account: AccountRef,
     store: AssetStore,
     *,
     name: str,
@@ -73,12 +74,12 @@ def read_url(store: AssetStore, asset: Asset, *, ttl_days: int) -> tuple[str, da
     return store.read_url(asset.storage_key, expires_at=expires_at), expires_at
 
 
-def get_asset(session: Session, account: Account, *, asset_id: str) -> Asset:
+def get_asset(session: Session, account: AccountRef, *, asset_id: str) -> Asset:
     """One asset of the account, or 404."""
     return get_in_account(session, Asset, account, asset_id, kind="asset")
 
 
-def delete_asset(session: Session, account: Account, store: AssetStore, *, asset_id: str) -> None:
+def delete_asset(session: Session, account: AccountRef, store: AssetStore, *, asset_id: str) -> None:
     """Forget the asset and remove its file; URLs handed out for it stop working."""
     asset = get_asset(session, account, asset_id=asset_id)
     session.delete(asset)

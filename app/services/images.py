@@ -12,9 +12,10 @@ from sqlalchemy.orm import Session, lazyload
 from app.builds.lifecycle import cancel_build, create_build, delete_build
 from app.errors import BadRequest, NotFound
 from app.image_store.oci_layout import OciLayout
-from app.orm import Account, BuildLogChunk, Image, ImageEvent, ImageName, Manifest
+from app.orm import BuildLogChunk, Image, ImageEvent, ImageName, Manifest
 from app.queue import BuildQueue, after_commit
 from app.schemas.images import ImageCreate
+from app.services.accounts import AccountRef
 from app.services.lookup import get_in_account, not_found, parse_uuid
 from app.services.manifests import get_manifest
 from app.services.paging import page_by_name_and_version
@@ -25,7 +26,7 @@ log = logging.getLogger("mms.images")
 
 def create_image(
     session: Session,
-    account: Account,
+    account: AccountRef,
     body: ImageCreate,
     *,
     queue: BuildQueue,
@@ -59,12 +60,12 @@ def create_image(
     return image
 
 
-def get_image(session: Session, account: Account, *, image_id: str) -> Image:
+def get_image(session: Session, account: AccountRef, *, image_id: str) -> Image:
     """One image of the account, or 404."""
     return get_in_account(session, Image, account, image_id, kind="image")
 
 
-def get_image_and_version(session: Session, account: Account, *, image_id: str) -> tuple[Image, int]:
+def get_image_and_version(session: Session, account: AccountRef, *, image_id: str) -> tuple[Image, int]:
     """One image of the account and the id of its newest event (its version), in one query; or 404.
 
     Its manifest is loaded only if it is read (a poll answered 304 never does).
@@ -83,7 +84,7 @@ def get_image_and_version(session: Session, account: Account, *, image_id: str) 
     return row[0], row[1]
 
 
-def get_operation(session: Session, account: Account, *, operation_id: str) -> Image:
+def get_operation(session: Session, account: AccountRef, *, operation_id: str) -> Image:
     """The build an operation id stands for, or 404."""
     parsed = parse_uuid(operation_id)
     image = session.scalars(select(Image).where(Image.operation_id == parsed)).first() if parsed else None
@@ -94,7 +95,7 @@ def get_operation(session: Session, account: Account, *, operation_id: str) -> I
 
 def list_images(
     session: Session,
-    account: Account,
+    account: AccountRef,
     *,
     manifest_id: str | None,
     manifest_name: str | None,
@@ -114,7 +115,7 @@ def list_images(
     return page_by_name_and_version(session, query, Image, count=count, skip_token=skip_token)
 
 
-def cancel_image(session: Session, account: Account, *, image_id: str) -> Image:
+def cancel_image(session: Session, account: AccountRef, *, image_id: str) -> Image:
     """Cancel a queued build at once, or ask the worker running it to stop; 409 once it is final."""
     return cancel_build(session, get_image(session, account, image_id=image_id))
 
@@ -127,7 +128,7 @@ def read_log(session: Session, image: Image) -> str:
     return "".join(chunks)
 
 
-def delete_image(session: Session, account: Account, *, image_id: str, layout: OciLayout | None = None) -> None:
+def delete_image(session: Session, account: AccountRef, *, image_id: str, layout: OciLayout | None = None) -> None:
     """Forget an image that is not being built (cancel a running build first); in the
     embedded store (``layout``) its tag goes too, once the deletion commits, so it can no
     longer be pulled (its blobs go at the next garbage collection)."""

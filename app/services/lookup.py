@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 from sqlalchemy.orm import Session
 
 from app.errors import NotFound
-from app.orm import Account
+from app.services.accounts import AccountRef
 
 Row = TypeVar("Row")
 
@@ -22,7 +22,7 @@ def parse_uuid(value: str) -> uuid.UUID | None:
 
 
 def get_in_account(
-    session: Session, entity: type[Row], account: Account, resource_id: str, *, kind: str, options: Any = ()
+    session: Session, entity: type[Row], account: AccountRef, resource_id: str, *, kind: str, options: Any = ()
 ) -> Row:
     """The ``entity`` row with this id in ``account``, or a 404 naming ``kind``."""
     parsed = parse_uuid(resource_id)

@@ -8,7 +8,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.errors import Conflict, ValidationFailed
-from app.orm import Account, Image, Manifest, ManifestAsset, ManifestModel, ManifestName, ModelVersion
+from app.orm import Image, Manifest, ManifestAsset, ManifestModel, ManifestName, ModelVersion
 from app.package_sources import (
     PackageSourceRefused,
     check_conda_channels,
@@ -17,6 +17,7 @@ from app.package_sources import (
 )
 from app.schemas.manifests import InferenceConfigCreate, ManifestAssetBody, ManifestCreate
 from app.sealing import Sealer
+from app.services.accounts import AccountRef
 from app.services.base_images import NO_GPU_BASE, default_base_image, foreign_base_image
 from app.services.lookup import get_in_account, parse_uuid
 from app.services.paging import page_by_name_and_version
@@ -64,7 +65,7 @@ def _check_gpu_base(session: Session, runtime: str) -> None:
         raise _invalid("enableGpu", NO_GPU_BASE, code="NoGpuBaseImage")
 
 
-def _resolve_models(session: Session, account: Account, model_ids: list[str]) -> list[ModelVersion]:
+def _resolve_models(session: Session, account: AccountRef, model_ids: list[str]) -> list[ModelVersion]:
     """The account's models with these ids, in order; a 400 naming every id that is not one."""
     parsed = {model_id: parse_uuid(model_id) for model_id in model_ids}
     wanted = [p for p in parsed.values() if p is not None]
@@ -91,7 +92,7 @@ _MAX_REQUIREMENTS_BYTES = 1 << 20
 
 
 def _check_package_sources(
-    store: AssetStore, account: Account, url: str, field: str, *, conda: bool = False, channels: list[str] = ()
+    store: AssetStore, account: AccountRef, url: str, field: str, *, conda: bool = False, channels: list[str] = ()
 ) -> None:
     """A 400 naming the line when requirements held in the account's own store choose their
     package source. Files elsewhere (or too large to read here) are checked by the worker."""
@@ -122,7 +123,7 @@ def _check_package_sources(
 
 def create_manifest(
     session: Session,
-    account: Account,
+    account: AccountRef,
     body: ManifestCreate | InferenceConfigCreate,
     *,
     sealer: Sealer,
@@ -203,14 +204,14 @@ def create_manifest(
     return manifest
 
 
-def get_manifest(session: Session, account: Account, *, manifest_id: str) -> Manifest:
+def get_manifest(session: Session, account: AccountRef, *, manifest_id: str) -> Manifest:
     """One manifest of the account, or 404."""
     return get_in_account(session, Manifest, account, manifest_id, kind="manifest")
 
 
 def list_manifests(
     session: Session,
-    account: Account,
+    account: AccountRef,
     *,
     model_id: str | None,
     name: str | None,
@@ -231,7 +232,7 @@ def list_manifests(
     return page_by_name_and_version(session, query, Manifest, count=count, skip_token=skip_token)
 
 
-def delete_manifest(session: Session, account: Account, *, manifest_id: str) -> None:
+def delete_manifest(session: Session, account: AccountRef, *, manifest_id: str) -> None:
     """Delete one manifest version; refused while an image was built from it."""
     manifest = get_manifest(session, account, manifest_id=manifest_id)
     images = session.scalar(select(func.count()).select_from(Image).where(Image.manifest_id == manifest.id))

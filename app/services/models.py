@@ -6,8 +6,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, joinedload
 
 from app.errors import Conflict
-from app.orm import Account, Manifest, ManifestModel, ModelTag, ModelVersion, RegisteredModel
+from app.orm import Manifest, ManifestModel, ModelTag, ModelVersion, RegisteredModel
 from app.schemas.models import ModelCreate
+from app.services.accounts import AccountRef
 from app.services.lookup import get_in_account
 from app.services.paging import page_by_name_and_version
 from app.services.source_urls import SourceUrlPolicy
@@ -16,7 +17,7 @@ from app.services.versioning import claim_next_version
 
 def register_model(
     session: Session,
-    account: Account,
+    account: AccountRef,
     data: ModelCreate,
     *,
     urls: SourceUrlPolicy,
@@ -43,7 +44,7 @@ def register_model(
     return model
 
 
-def get_model(session: Session, account: Account, *, model_id: str) -> ModelVersion:
+def get_model(session: Session, account: AccountRef, *, model_id: str) -> ModelVersion:
     """One model of the account by id, or 404."""
     # One round trip for the row and its tags.
     return get_in_account(
@@ -53,7 +54,7 @@ def get_model(session: Session, account: Account, *, model_id: str) -> ModelVers
 
 def list_models(
     session: Session,
-    account: Account,
+    account: AccountRef,
     *,
     name: str | None,
     tag: str | None,
@@ -69,7 +70,7 @@ def list_models(
     return page_by_name_and_version(session, query, ModelVersion, count=count, skip_token=skip_token)
 
 
-def delete_model(session: Session, account: Account, *, model_id: str) -> None:
+def delete_model(session: Session, account: AccountRef, *, model_id: str) -> None:
     """Delete one model version; refused while a manifest bundles it. Its version is never reused."""
     model = get_model(session, account, model_id=model_id)
     users = session.execute(

@@ -24,10 +24,11 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.errors import BadRequest
-from app.orm import Account, DeliveryState, Webhook, WebhookDelivery
+from app.orm import DeliveryState, Webhook, WebhookDelivery
 from app.orm.base import utcnow
 from app.schemas.webhooks import WebhookCreate, WebhookUpdate
 from app.sealing import Sealer
+from app.services.accounts import AccountRef
 from app.services.lookup import get_in_account
 from app.services.paging import decode_token, encode_token, page_size
 
@@ -74,7 +75,7 @@ def _check_secret(secret: str) -> None:
 
 def create_webhook(
     session: Session,
-    account: Account,
+    account: AccountRef,
     body: WebhookCreate,
     *,
     sealer: Sealer,
@@ -120,12 +121,12 @@ def shown_url(url: str, *, full: bool) -> str:
     )
 
 
-def get_webhook(session: Session, account: Account, *, webhook_id: str) -> Webhook:
+def get_webhook(session: Session, account: AccountRef, *, webhook_id: str) -> Webhook:
     """One webhook of the account, or 404."""
     return get_in_account(session, Webhook, account, webhook_id, kind="webhook")
 
 
-def list_webhooks(session: Session, account: Account) -> list[Webhook]:
+def list_webhooks(session: Session, account: AccountRef) -> list[Webhook]:
     """The account's webhooks, oldest first."""
     return list(
         session.scalars(
@@ -134,7 +135,7 @@ def list_webhooks(session: Session, account: Account) -> list[Webhook]:
     )
 
 
-def update_webhook(session: Session, account: Account, *, webhook_id: str, body: WebhookUpdate) -> Webhook:
+def update_webhook(session: Session, account: AccountRef, *, webhook_id: str, body: WebhookUpdate) -> Webhook:
     """Pause or resume a webhook, or change its description."""
     webhook = get_webhook(session, account, webhook_id=webhook_id)
     if body.active is not None:
@@ -146,7 +147,7 @@ def update_webhook(session: Session, account: Account, *, webhook_id: str, body:
 
 
 def rotate_secret(
-    session: Session, account: Account, *, webhook_id: str, sealer: Sealer, overlap_seconds: int
+    session: Session, account: AccountRef, *, webhook_id: str, sealer: Sealer, overlap_seconds: int
 ) -> tuple[Webhook, str]:
     """Give the webhook a new secret and return it (shown only here); the one it replaces keeps
     signing deliveries beside it for ``overlap_seconds``. Rotating again within the overlap
@@ -167,14 +168,20 @@ def rotate_secret(
     return webhook, secret
 
 
-def delete_webhook(session: Session, account: Account, *, webhook_id: str) -> None:
+def delete_webhook(session: Session, account: AccountRef, *, webhook_id: str) -> None:
     """Forget a webhook and its delivery log; deliveries not yet sent are dropped."""
     session.delete(get_webhook(session, account, webhook_id=webhook_id))
     session.flush()
 
 
 def list_deliveries(
-    session: Session, account: Account, *, webhook_id: str, state: str | None, count: int | None, skip_token: str | None
+    session: Session,
+    account: AccountRef,
+    *,
+    webhook_id: str,
+    state: str | None,
+    count: int | None,
+    skip_token: str | None,
 ) -> tuple[list[WebhookDelivery], str | None]:
     """A page of the webhook's delivery log, newest event first."""
     webhook = get_webhook(session, account, webhook_id=webhook_id)

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Query, Request, Response, status
 
 from app.api import examples
-from app.api.deps import AccountPathDep, CallerDep, ResourceGroup, SessionDep, SubscriptionId
+from app.api.deps import AccountPathDep, CallerDep, ContextDep, ResourceGroup, SessionDep, SubscriptionId
 from app.api.links import next_link
 from app.api.openapi import errors
 from app.auth.roles import Permission, account_scope
@@ -89,10 +89,13 @@ def list_accounts(
     status_code=status.HTTP_204_NO_CONTENT,
     responses=errors(403, 409, s409="The account holds models, manifests or images (and force is not set)."),
 )
-def delete_account(path: AccountPathDep, caller: CallerDep, session: SessionDep, force: bool = False) -> None:
+def delete_account(
+    path: AccountPathDep, caller: CallerDep, session: SessionDep, context: ContextDep, force: bool = False
+) -> None:
     """Delete an account; refused with 409 while it holds models, unless ``force=true``."""
     caller.require(Permission.WRITE, account_scope(path.subscription_id, path.resource_group, path.name))
     accounts.delete_account(session, path, force=force)
+    context.known_accounts.forget(path)
 
 
 # Discovery: what a signed-in principal may use, without naming a resource group.

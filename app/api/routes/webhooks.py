@@ -11,10 +11,11 @@ from app.api.deps import CallerDep, ContextDep, ReadableAccount, SessionDep, Web
 from app.api.links import next_link
 from app.auth.caller import Caller
 from app.auth.roles import Permission, account_scope
-from app.orm import Account, DeliveryState, Webhook, WebhookDelivery
+from app.orm import DeliveryState, Webhook, WebhookDelivery
 from app.schemas.common import Page
 from app.schemas.webhooks import DeliveryRead, WebhookCreate, WebhookCreated, WebhookRead, WebhookUpdate
 from app.services import webhooks
+from app.services.accounts import AccountRef
 
 PREFIX = "/subscriptions/{subscriptionId}/resourceGroups/{resourceGroup}/accounts/{accountName}"
 router = APIRouter(prefix=PREFIX, tags=["webhooks"])
@@ -32,7 +33,7 @@ def to_read(webhook: Webhook, *, full_url: bool = True) -> WebhookRead:
     )
 
 
-def _sees_full_urls(caller: Caller, account: Account) -> bool:
+def _sees_full_urls(caller: Caller, account: AccountRef) -> bool:
     # A URL's query often holds the receiver's token: whole only for those who may change webhooks.
     return caller.can(Permission.WRITE, account_scope(account.subscription_id, account.resource_group, account.name))
 
