@@ -79,6 +79,8 @@ class Settings(BaseSettings):
     fetch_max_bytes: int = Field(default=8 * 1024**3, ge=1)
     fetch_timeout_seconds: float = Field(default=1800.0, gt=0)
     extra_ca_bundle: Path | None = None  # PEM file of extra CAs trusted for fetches and builds
+    # A tenant's kubeconfig may turn off the check of its cluster's certificate (a test cluster).
+    kubernetes_allow_insecure_tls: bool = False
 
     # None: the embedded broker, a SQLite file under data_dir that `mms serve` and its own
     # worker share (one machine). Production: redis://host:6379/0.
