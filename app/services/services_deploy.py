@@ -47,9 +47,16 @@ class ServiceView:
 
 
 def _scale(
-    num_replicas: int | None, autoscaler: AutoScaler | None, *, compute_type: str, limits: Limits, prefix: str
+    num_replicas: int | None,
+    autoscaler: AutoScaler | None,
+    *,
+    compute_type: str,
+    limits: Limits,
+    prefix: str,
+    default_replicas: int = 1,
 ) -> dict[str, Any]:
-    """The scale columns of a spec: a fixed count, or an autoscaler's range; 400s name the field."""
+    """The scale columns of a spec: a fixed count (``default_replicas`` when none is given), or
+    an autoscaler's range; 400s name the field."""
     autoscaled = autoscaler is not None and autoscaler.autoscaleEnabled
     if autoscaled and num_replicas is not None:
         raise invalid(f"{prefix}numReplicas", "cannot be given with autoScaler.autoscaleEnabled: choose one")
@@ -63,7 +70,7 @@ def _scale(
         if autoscaler.minReplicas > autoscaler.maxReplicas:
             raise invalid(f"{prefix}autoScaler.minReplicas", "must not be more than maxReplicas")
         return {"num_replicas": None, "autoscaler": autoscaler.model_dump(), "replicas_desired": autoscaler.minReplicas}
-    replicas = num_replicas or 1
+    replicas = num_replicas or default_replicas
     if compute_type in _FIXED_SCALE and replicas > limits.max_replicas:
         raise invalid(f"{prefix}numReplicas", f"must be at most {limits.max_replicas} on a {compute_type} target")
     return {"num_replicas": replicas, "autoscaler": None, "replicas_desired": replicas}
@@ -186,7 +193,15 @@ def update(session: Session, account: Account, *, service_id: str, body: Service
         )
     values: dict[str, Any] = {}
     if body.numReplicas is not None or body.autoScaler is not None:
-        values |= _scale(body.numReplicas, body.autoScaler, compute_type=service.compute_type, limits=limits, prefix="")
+        # Turning an autoscaler off without a count keeps as many replicas as it last asked for.
+        values |= _scale(
+            body.numReplicas,
+            body.autoScaler,
+            compute_type=service.compute_type,
+            limits=limits,
+            prefix="",
+            default_replicas=service.num_replicas or service.replicas_desired,
+        )
     if body.containerResourceRequirements is not None:
         values |= _resources(body.containerResourceRequirements)
     if body.authEnabled is not None:

@@ -218,6 +218,23 @@ def test_a_kubernetes_target_takes_an_autoscaler_and_checks_its_range(
     deploy(client, account, owner, image_id, name="wide", computeName="aks", deploymentConfig={"numReplicas": 50})
 
 
+def test_switching_between_an_autoscaler_and_a_fixed_count(
+    client: TestClient, owner: dict[str, str], account: str, image_id: str, db: Session
+) -> None:
+    assert client.put(f"{account}/computes/aks", json=kubernetes(), headers=owner).status_code == 201
+    service = deploy(client, account, owner, image_id, computeName="aks", deploymentConfig={"numReplicas": 3})
+    url = f"{account}/services/{service['id']}"
+    settle(db, service["id"], Transition.CONVERGE, ServiceState.HEALTHY)
+    scaler = {"autoscaleEnabled": True, "minReplicas": 2, "maxReplicas": 4}
+    autoscaled = client.patch(url, json={"autoScaler": scaler}, headers=owner).json()
+    assert (autoscaled["numReplicas"], autoscaled["deploymentStatus"]["desiredReplicas"]) == (None, 2)
+    assert autoscaled["autoScaler"]["autoscaleEnabled"] is True
+    settle(db, service["id"], Transition.CONVERGE, ServiceState.HEALTHY)
+    # Off without a count: as many replicas as the autoscaler last asked for.
+    fixed = client.patch(url, json={"autoScaler": {"autoscaleEnabled": False}}, headers=owner).json()
+    assert (fixed["numReplicas"], fixed["autoScaler"], fixed["deploymentStatus"]["desiredReplicas"]) == (2, None, 2)
+
+
 def test_an_unknown_image_or_compute_is_a_404(
     client: TestClient, owner: dict[str, str], account: str, image_id: str
 ) -> None:
