@@ -165,9 +165,7 @@ def delete_service(
 
 
 @router.post("/services/{serviceId}/keys", response_model=ServiceKeys)
-def list_service_keys(
-    service_id: ServiceId, account: WritableAccount, context: ContextDep, session: SessionDep
-) -> ServiceKeys:
+def list_keys(service_id: ServiceId, account: WritableAccount, context: ContextDep, session: SessionDep) -> ServiceKeys:
     """The scoring keys (Contributors and Owners only: a Reader may see a service, not call it)."""
     primary, secondary = services_deploy.list_keys(session, account, service_id=service_id, sealer=context.sealer)
     return ServiceKeys(primaryKey=primary, secondaryKey=secondary)
@@ -178,7 +176,7 @@ def list_service_keys(
     response_model=ServiceKeys,
     responses=errors(409, s409="The service is being deleted (ServiceDeleting)."),
 )
-def regenerate_service_keys(
+def regenerate_keys(
     service_id: ServiceId,
     body: Annotated[RegenerateKeys, Body(openapi_examples=examples.REGENERATE_KEYS)],
     account: WritableAccount,
