@@ -168,6 +168,20 @@ class Settings(BaseSettings):
     # it back to the queue for another worker.
     build_shutdown_grace_seconds: float = Field(default=20.0, ge=0)
 
+    # Web services (issue 16) are being built in slices: today their API records services and
+    # computes, but nothing deploys them (a service stays Transitioning, a delete Deleting).
+    # Until the workers do, the routes are served only when this is on (the tests turn it on).
+    web_services_preview: bool = False
+    # Where scoring requests go (the scoring gateway's own origin):
+    # a service's scoringUri is <this>/api/v1/service/<id>/score.
+    scoring_url: str = Field(default="http://127.0.0.1:8001", pattern=r"^https?://[^/?#@\s]+$")
+    # Whether the workers' engine is a deployment target: the compute named `local`, listed in
+    # every account (the API holds no engine socket and cannot ask; off where workers have none).
+    local_compute: bool = True
+    # Replicas a service may ask for on local and swarm: a generation and its successor share
+    # a /27 of the service subnet pool while a rolling update runs.
+    service_max_replicas: int = Field(default=10, ge=1, le=13)
+
     events_poll_seconds: float = Field(default=0.25, gt=0, le=10)  # how often an API process looks for new events
     # How often an API process re-reads the roles of its event streams' callers (one query for
     # all of them): a deleted principal's or removed role's stream ends within it.

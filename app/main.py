@@ -17,6 +17,7 @@ from app.api.openapi import install_openapi, operation_id
 from app.api.routes import (
     accounts,
     assets,
+    computes,
     distribution,
     health,
     images,
@@ -24,6 +25,7 @@ from app.api.routes import (
     models,
     oauth,
     principals,
+    services,
     webhooks,
 )
 from app.api.routes import ui as dashboard
@@ -100,6 +102,9 @@ def create_app(settings: Settings | None = None, context: ServiceContext | None 
     api.include_router(assets.router)
     api.include_router(manifests.router)
     api.include_router(images.router)
+    if context.settings.web_services_preview:
+        api.include_router(computes.router)
+        api.include_router(services.router)
     api.include_router(webhooks.router)
     api.include_router(principals.router)
     app.include_router(api)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 
 from cryptography.fernet import Fernet, InvalidToken
 from cryptography.hazmat.primitives import hashes
@@ -23,9 +25,17 @@ class Sealer:
             secret_key.encode()
         )
         self._fernet = Fernet(base64.urlsafe_b64encode(derived))
+        # A second key from the same secret, for digests (another info: never the sealing key).
+        self._digest_key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"mms.digest.v1").derive(
+            secret_key.encode()
+        )
 
     def seal(self, plaintext: bytes) -> str:
         return self._fernet.encrypt(plaintext).decode("ascii")
+
+    def digest(self, secret: bytes) -> str:
+        """HMAC-SHA256 of ``secret`` (hex): compared with hmac.compare_digest, never reversed."""
+        return hmac.new(self._digest_key, secret, hashlib.sha256).hexdigest()
 
     def unseal(self, sealed: str) -> bytes:
         try:

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 REDACTED = "***"
 _SECRET_NAME = re.compile(
     r"secret|passw|(?:^|[_-])pass$|^pwd$|token|assertion|signature|credential|authorization|apikey|(?:^|[_-])key$"
-    r"|^sig$|^code$",
+    r"|^sig$|^code$|^(?:primary|secondary)key$|^keyvalue$|^kubeconfig$",
     re.IGNORECASE,
 )
 _SECRET_HEADERS = {"authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key"}

@@ -72,6 +72,7 @@ def settings(data_dir: Path, external_issuer: ExternalIssuer) -> Settings:
         broker_url="redis://127.0.0.1:6379/15",
         build_queue=f"mms-api-tests-{os.getpid()}",
         registry="127.0.0.1:5000",
+        web_services_preview=True,
     )
 
 

@@ -8,9 +8,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi.testclient import TestClient
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from app.orm import Account, Image, Manifest, ManifestAsset
+from app.deployments.transitions import create as create_service
+from app.orm import Account, Image, Manifest, ManifestAsset, Service
 from app.orm.base import utcnow
 from app.services.principals import create_service_principal
 
@@ -124,3 +126,29 @@ def new_image_row(db: Session, *, builder: str = "docker", assets: Sequence[dict
     db.add(image)
     db.flush()
     return image
+
+
+def new_service_row(db: Session, image: Image | None = None, *, name: str = "svc") -> Service:
+    """A service straight in the database, Transitioning, on a built image (a new one unless
+    ``image``): for tests of the service's moves."""
+    if image is None:
+        image = new_image_row(db)
+        db.execute(update(Image).where(Image.id == image.id).values(state="Succeeded"))
+    return create_service(
+        db,
+        account_id=image.account_id,
+        name=name,
+        compute_name="local",
+        compute_type="local",
+        image_id=image.id,
+        num_replicas=1,
+        cpu=0.1,
+        memory_gb=0.5,
+        auth_enabled=True,
+        scoring_timeout_ms=60000,
+        replicas_desired=1,
+        sealed_primary_key="sealed-1",
+        sealed_secondary_key="sealed-2",
+        primary_key_digest="1" * 64,
+        secondary_key_digest="2" * 64,
+    )

@@ -230,5 +230,11 @@ ClientId = Annotated[str, Path(alias="clientId")]
 ImageId = Annotated[str, Path(alias="imageId")]
 ManifestId = Annotated[str, Path(alias="manifestId")]
 ModelId = Annotated[str, Path(alias="modelId")]
+ServiceId = Annotated[str, Path(alias="serviceId")]
+ComputeName = Annotated[
+    str,
+    Path(alias="computeName"),
+    _name_rule(r"^[A-Za-z][A-Za-z0-9-]{1,31}$", "2-32 letters, digits or '-', starting with a letter"),
+]
 OperationId = Annotated[str, Path(alias="operationId")]
 WebhookId = Annotated[str, Path(alias="webhookId")]

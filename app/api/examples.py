@@ -118,3 +118,55 @@ TOKEN = {
         },
     )
 }
+
+COMPUTE = {
+    "swarm": _example(
+        "A Docker Swarm manager reached over TLS (`mms compute attach -n myswarm --type swarm`)",
+        {
+            "type": "swarm",
+            "properties": {
+                "dockerHost": "tcp://swarm.example.com:2376",
+                "tls": {
+                    "ca": "-----BEGIN CERTIFICATE-----\n...\n-----END CERTIFICATE-----\n",
+                    "cert": "-----BEGIN CERTIFICATE-----\n...\n-----END CERTIFICATE-----\n",
+                    "key": "-----BEGIN PRIVATE KEY-----\n...\n-----END PRIVATE KEY-----\n",
+                },
+            },
+        },
+    ),
+    "kubernetes": _example(
+        "A kubernetes cluster, with inline credentials",
+        {
+            "type": "kubernetes",
+            "properties": {
+                "namespace": "scoring",
+                "kubeconfig": "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n"
+                "    server: https://k8s.example.com:6443\n    certificate-authority-data: TFMwdExT\n"
+                "users:\n- name: u\n  user:\n    token: abc\ncontexts:\n- name: x\n  context:\n"
+                "    cluster: c\n    user: u\ncurrent-context: x\n",
+            },
+        },
+    ),
+}
+
+# `az ml service create realtime --image-id <id> -n myservice` with the seed's deployment configuration.
+SERVICE = {
+    "seed": _example(
+        "Deploy a built image on the workers' engine, one replica, key auth",
+        {
+            "name": "myservice",
+            "imageId": MODEL_ID,
+            "computeName": "local",
+            "deploymentConfig": {
+                "containerResourceRequirements": {"cpu": 0.5, "memoryInGB": 1},
+                "numReplicas": 1,
+                "authEnabled": True,
+            },
+        },
+    )
+}
+SERVICE_UPDATE = {
+    "scale": _example("Scale to two replicas", {"numReplicas": 2}),
+    "image": _example("Swap the image (a rolling update)", {"imageId": MODEL_ID}),
+}
+REGENERATE_KEYS = {"primary": _example("A new primary key", {"keyType": "Primary"})}

@@ -12,3 +12,11 @@ def next_link(request: Request, skip_token: str | None) -> str | None:
     params = {k: v for k, v in request.query_params.items() if k != "$skipToken"}
     params["$skipToken"] = skip_token
     return str(request.url.replace_query_params(**params))
+
+
+def account_url(request: Request) -> str:
+    """This request's account URL, e.g. http://host/api/subscriptions/.../accounts/acct."""
+    path = request.url.path
+    marker = "/accounts/"
+    account_end = path.index("/", path.index(marker) + len(marker))
+    return str(request.base_url).rstrip("/") + path[:account_end]

@@ -11,6 +11,7 @@ from app.orm.image import BuildLogChunk, Image, ImageName
 from app.orm.manifest import Manifest, ManifestAsset, ManifestModel, ManifestName
 from app.orm.principal import RoleAssignment, ServicePrincipal
 from app.orm.registered_model import ModelTag, ModelVersion, RegisteredModel
+from app.orm.service import Compute, Service, ServiceOperation
 from app.orm.signing_key import SigningKey
 from app.orm.webhook import DeliveryState, Webhook, WebhookDelivery
 
@@ -21,6 +22,7 @@ __all__ = [
     "BaseImage",
     "BuildDurationBucket",
     "BuildLogChunk",
+    "Compute",
     "DeliveryState",
     "IdempotencyRecord",
     "Image",
@@ -34,6 +36,8 @@ __all__ = [
     "ModelVersion",
     "RegisteredModel",
     "RoleAssignment",
+    "Service",
+    "ServiceOperation",
     "ServicePrincipal",
     "SigningKey",
     "Webhook",

@@ -59,8 +59,8 @@ class ImageRead(ApiModel):
 
 class OperationRead(ApiModel):
     id: str
-    operationType: Literal["Image"] = "Image"
-    resourceLocation: str
+    operationType: Literal["Image", "Service"] = "Image"
+    resourceLocation: str | None = Field(description="what the operation made or changed; null once it is deleted")
     createdTime: datetime
     endTime: datetime | None
     state: BuildState

@@ -13,8 +13,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.builds.lifecycle import delete_account_builds
+from app.deployments.lifecycle import delete_account_services
 from app.errors import Conflict, NotFound
-from app.orm import Account, Image, Manifest, ModelVersion
+from app.orm import Account, Image, Manifest, ModelVersion, Service
 from app.schemas.accounts import AccountCreate
 from app.services.paging import decode_token, encode_token, page_size
 
@@ -200,7 +201,7 @@ def delete_account(session: Session, path: AccountPath, *, force: bool) -> None:
     account = get_account(session, path)
     held = {
         kind: session.scalar(select(func.count()).select_from(table).where(table.account_id == account.id))
-        for kind, table in (("model", ModelVersion), ("manifest", Manifest), ("image", Image))
+        for kind, table in (("model", ModelVersion), ("manifest", Manifest), ("image", Image), ("service", Service))
     }
     if any(held.values()) and not force:
         summary = " and ".join(f"{n} {kind}(s)" for kind, n in held.items() if n)
@@ -209,7 +210,8 @@ def delete_account(session: Session, path: AccountPath, *, force: bool) -> None:
             "or repeat with ?force=true to delete the account with everything in it",
             code="AccountNotEmpty",
         )
-    # Dashboards and webhooks hear of every image that goes with the account.
+    # Services first: they hold their images. Dashboards and webhooks hear of every image that goes.
+    delete_account_services(session, account.id)
     delete_account_builds(session, account.id)
     session.delete(account)
     session.flush()

@@ -7,12 +7,13 @@ import time
 import uuid
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, lazyload
 
 from app.builds.lifecycle import cancel_build, create_build, delete_build
-from app.errors import BadRequest, NotFound
+from app.errors import BadRequest, Conflict, NotFound
 from app.image_store.oci_layout import OciLayout
-from app.orm import BuildLogChunk, Image, ImageEvent, ImageName, Manifest
+from app.orm import BuildLogChunk, Image, ImageEvent, ImageName, Manifest, Service
 from app.queue import BuildQueue, after_commit
 from app.schemas.images import ImageCreate
 from app.services.accounts import AccountRef
@@ -144,9 +145,28 @@ def delete_image(session: Session, account: AccountRef, *, image_id: str, layout
             func.lower(Image.name) == image.name.lower(),
         )
     ).first()
-    delete_build(session, image)  # 409 while it runs
+    _refuse_if_deployed(session, image)
+    try:
+        with session.begin_nested():
+            delete_build(session, image)  # 409 while it runs
+    except IntegrityError:  # a service was created on it meanwhile
+        _refuse_if_deployed(session, image)
+        raise
     if layout is not None and shared is None:
         after_commit(session, lambda: _untag(layout, repository, tag))
+
+
+def _refuse_if_deployed(session: Session, image: Image) -> None:
+    """409 ImageInUse while a service runs ``image``."""
+    names = list(
+        session.scalars(select(Service.name).where(Service.image_id == image.id).order_by(Service.name).limit(3))
+    )
+    if names:
+        raise Conflict(
+            f"image '{image.id}' is deployed as service(s) {', '.join(names)}: "
+            "delete them or move them to another image first",
+            code="ImageInUse",
+        )
 
 
 def _untag(layout: OciLayout, repository: str, tag: str) -> None:

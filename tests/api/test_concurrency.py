@@ -1,4 +1,5 @@
-"""Real concurrency against a live server (two processes), on PostgreSQL and SQLite: versions and idempotency hold."""
+"""Real concurrency against a live server (two processes), on PostgreSQL and SQLite: versions,
+idempotency, service names and service changes hold."""
 
 from __future__ import annotations
 
@@ -13,11 +14,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from sqlalchemy import update
 
 from app.context import ServiceContext
 from app.database import session_scope
+from app.deployments.states import ServiceState
+from app.deployments.transitions import Transition, move
+from app.orm import Account, Image, Service
 from app.services.principals import create_service_principal
-from tests.factories import SEED_MODEL
+from tests.factories import SEED_MODEL, new_image_row
 
 
 def _free_port() -> int:
@@ -38,6 +43,7 @@ def live_server(service_context: ServiceContext) -> Iterator[str]:
         "MMS_DATA_DIR": str(settings.data_dir),
         "MMS_AUTO_MIGRATE": "false",
         "MMS_LOG_LEVEL": "WARNING",
+        "MMS_WEB_SERVICES_PREVIEW": "true",
     }
     process = subprocess.Popen(
         [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--workers", "2"],
@@ -134,3 +140,46 @@ def test_an_upload_cut_off_half_way_leaves_nothing_behind(
         time.sleep(0.1)
     assets = service_context.settings.data_dir / "assets" / "objects"
     assert not list(assets.rglob("cut.zip"))
+
+
+def _deployable_image(service_context: ServiceContext) -> tuple[str, str]:
+    """A Succeeded image committed in an account of its own: the account's API path, the image id."""
+    with session_scope(service_context.session_factory) as session:
+        image = new_image_row(session)
+        session.execute(update(Image).where(Image.id == image.id).values(state="Succeeded"))
+        account = session.get_one(Account, image.account_id)
+        path = f"/api/subscriptions/{account.subscription_id}/resourceGroups/{account.resource_group}"
+        return f"{path}/accounts/{account.name}", str(image.id)
+
+
+def test_concurrent_creates_of_one_service_name_make_one_service(
+    live_server: str, owner_token: str, service_context: ServiceContext
+) -> None:
+    path, image_id = _deployable_image(service_context)
+    headers = {"Authorization": f"Bearer {owner_token}"}
+    body = {"name": "raced", "imageId": image_id}
+    with httpx.Client(base_url=live_server, timeout=60) as client, ThreadPoolExecutor(10) as pool:
+        responses = list(pool.map(lambda _: client.post(f"{path}/services", json=body, headers=headers), range(10)))
+    assert sorted(r.status_code for r in responses) == [202] + [409] * 9, [r.text for r in responses]
+    assert {r.json()["code"] for r in responses if r.status_code == 409} == {"ServiceExists"}
+    assert len(httpx.get(f"{live_server}{path}/services", headers=headers).json()["value"]) == 1
+
+
+def test_concurrent_changes_of_a_settled_service_apply_one(
+    live_server: str, owner_token: str, service_context: ServiceContext
+) -> None:
+    path, image_id = _deployable_image(service_context)
+    headers = {"Authorization": f"Bearer {owner_token}"}
+    created = httpx.post(f"{live_server}{path}/services", json={"name": "scaled", "imageId": image_id}, headers=headers)
+    service_id = created.json()["id"]
+    with session_scope(service_context.session_factory) as session:  # what the reconciler will report
+        assert move(session, Transition.CONVERGE, Service.id == uuid.UUID(service_id), to=ServiceState.HEALTHY)
+    url = f"{path}/services/{service_id}"
+    with httpx.Client(base_url=live_server, timeout=60) as client, ThreadPoolExecutor(8) as pool:
+        responses = list(
+            pool.map(lambda n: client.patch(url, json={"numReplicas": n % 3 + 1}, headers=headers), range(8))
+        )
+    assert sorted(r.status_code for r in responses) == [202] + [409] * 7, [r.text for r in responses]
+    applied = next(r.json() for r in responses if r.status_code == 202)
+    shown = httpx.get(f"{live_server}{url}", headers=headers).json()
+    assert (shown["numReplicas"], shown["operationId"]) == (applied["numReplicas"], applied["operationId"])

@@ -35,6 +35,19 @@ def test_operation_ids_are_short_stable_and_unique(document: dict[str, Any]) -> 
     assert document["paths"][f"{account}/images"]["post"]["operationId"] == "images_create"
     assert document["paths"][f"{account}/manifests"]["get"]["operationId"] == "manifests_list"
     assert document["paths"]["/oauth2/token"]["post"]["operationId"] == "tokens_token"
+    services = {
+        ("post", "/services"): "services_create",
+        ("get", "/services"): "services_list",
+        ("get", "/services/{serviceId}"): "services_get",
+        ("patch", "/services/{serviceId}"): "services_update",
+        ("delete", "/services/{serviceId}"): "services_delete",
+        ("post", "/services/{serviceId}/keys"): "services_list_keys",
+        ("post", "/services/{serviceId}/regenerateKeys"): "services_regenerate_keys",
+        ("put", "/computes/{computeName}"): "computes_put",
+        ("get", "/computes"): "computes_list",
+        ("delete", "/computes/{computeName}"): "computes_delete",
+    }
+    assert {key: document["paths"][account + key[1]][key[0]]["operationId"] for key in services} == services
 
 
 def test_no_validation_422_and_every_4xx_has_the_error_body(document: dict[str, Any]) -> None:
@@ -69,6 +82,15 @@ def test_each_operation_declares_the_errors_it_can_answer(document: dict[str, An
     assert "409" in document["paths"][f"{account}/models/{{modelId}}"]["delete"]["responses"]
     assert "409" in document["paths"][f"{account}/images/{{imageId}}/cancel"]["post"]["responses"]
     assert "413" in document["paths"][f"{account}/assets"]["post"]["responses"]
+    for method, path in (
+        ("post", "/services"),  # ServiceExists
+        ("patch", "/services/{serviceId}"),  # ServiceBusy, ServiceDeleting
+        ("post", "/services/{serviceId}/regenerateKeys"),  # ServiceDeleting
+        ("put", "/computes/{computeName}"),  # BuiltInCompute, ComputeInUse
+        ("delete", "/computes/{computeName}"),
+        ("delete", "/images/{imageId}"),  # ImageInUse
+    ):
+        assert "409" in document["paths"][f"{account}{path}"][method]["responses"], (method, path)
     unauthorized = document["paths"][f"{account}/models"]["get"]["responses"]["401"]
     assert unauthorized["headers"]["WWW-Authenticate"]["required"] is True
 
@@ -77,6 +99,13 @@ def test_response_headers_are_declared_where_they_are_set(document: dict[str, An
     account = "/api/subscriptions/{subscriptionId}/resourceGroups/{resourceGroup}/accounts/{accountName}"
     created = document["paths"][f"{account}/images"]["post"]["responses"]["202"]["headers"]
     assert created["Operation-Location"]["required"] is True
+    for method, path in (
+        ("post", "/services"),
+        ("patch", "/services/{serviceId}"),
+        ("delete", "/services/{serviceId}"),
+    ):
+        accepted = document["paths"][f"{account}{path}"][method]["responses"]["202"]["headers"]
+        assert accepted["Operation-Location"]["required"] is True, (method, path)
     image = document["paths"][f"{account}/images/{{imageId}}"]["get"]["responses"]
     assert {"ETag", "Retry-After"} <= set(image["200"]["headers"]) and "304" in image
     assert (

@@ -24,6 +24,20 @@ def test_members_named_like_a_secret_are_hidden_and_others_shown() -> None:
     assert shown["nested"][0] == {"password": REDACTED, "access_token": REDACTED}
 
 
+def test_a_web_services_keys_and_a_targets_credentials_are_hidden() -> None:
+    shown = redact(
+        {
+            "primaryKey": "k1",
+            "secondaryKey": "k2",
+            "keyValue": "k3",
+            "properties": {"kubeconfig": "k4", "tls": {"ca": "shown", "cert": "shown", "key": "k5"}},
+            "keyType": "Primary",
+        }
+    )
+    assert not {"k1", "k2", "k3", "k4", "k5"} & set(str(shown).replace("'", " ").split())
+    assert shown["keyType"] == "Primary" and shown["properties"]["tls"]["ca"] == "shown"
+
+
 def test_a_urls_password_and_signature_are_hidden() -> None:
     assert redact_url("https://me:p%40ss@mms.example:8000/api?sig=abc&count=2") == (
         f"https://me:{REDACTED}@mms.example:8000/api?sig={REDACTED}&count=2"

@@ -23,19 +23,21 @@ from app.api.deps import (
 )
 from app.api.event_stream import STREAM_SHUTDOWN_GRACE_SECONDS, image_events
 from app.api.image_polls import RETRY_AFTER_SECONDS, image_etag, not_modified_headers
-from app.api.links import next_link
+from app.api.links import account_url, next_link
 from app.api.middleware import etag_matches
 from app.api.openapi import RETRY_AFTER, errors, header
 from app.api.routes.manifests import rendered_manifest
 from app.api.untrusted import NOT_A_PAGE
 from app.auth.roles import account_scope
 from app.builds.states import UNFINISHED, build_error
+from app.builds.states import CreationState as BuildState
+from app.deployments.states import OperationState
 from app.errors import BadRequest
 from app.image_store import embedded_layout
-from app.orm import Image
+from app.orm import Image, ServiceOperation
 from app.schemas.common import Page
 from app.schemas.images import BaseImageRead, ImageCreate, ImageError, ImageRead, OperationRead, SmokeTestRead
-from app.services import base_images, images
+from app.services import base_images, images, operations
 from app.services.paging import MAX_ID
 
 PREFIX = "/subscriptions/{subscriptionId}/resourceGroups/{resourceGroup}/accounts/{accountName}"
@@ -44,14 +46,6 @@ router = APIRouter(prefix=PREFIX, tags=["images"])
 OPERATION_LOCATION = header("the URL of the build's operation, to poll until it ends", required=True)
 IMAGE_ETAG = header("the image's version: send it as If-None-Match to poll cheaply", required=True)
 LOG_HEADERS = {"Accept-Ranges": header("bytes", required=True), "Retry-After": RETRY_AFTER}
-
-
-def _account_url(request: Request) -> str:
-    """This request's account URL, e.g. http://host/api/subscriptions/.../accounts/acct."""
-    path = request.url.path
-    marker = "/accounts/"
-    account_end = path.index("/", path.index(marker) + len(marker))
-    return str(request.base_url).rstrip("/") + path[:account_end]
 
 
 def _error(image: Image) -> ImageError | None:
@@ -66,7 +60,7 @@ def _smoke_test(image: Image) -> SmokeTestRead | None:
 
 
 def to_read(image: Image, request: Request) -> ImageRead:
-    account_url = _account_url(request)
+    base = account_url(request)
     return ImageRead(
         Id=str(image.id),
         Name=image.name,
@@ -74,7 +68,7 @@ def to_read(image: Image, request: Request) -> ImageRead:
         Description=image.description,
         CreatedTime=image.created_at,
         CreationState=image.state,
-        ImageBuildLogUri=f"{account_url}/images/{image.id}/log",
+        ImageBuildLogUri=f"{base}/images/{image.id}/log",
         ImageLocation=image.image_location,
         ImageType=image.image_type,
         Manifest=rendered_manifest(image),
@@ -91,11 +85,26 @@ def to_read(image: Image, request: Request) -> ImageRead:
 def to_operation(image: Image, request: Request) -> OperationRead:
     return OperationRead(
         id=str(image.operation_id),
-        resourceLocation=f"{_account_url(request)}/images/{image.id}",
+        resourceLocation=f"{account_url(request)}/images/{image.id}",
         createdTime=image.created_at,
         endTime=image.ended_at,
         state=image.state,
         error=_error(image),
+    )
+
+
+def to_service_operation(operation: ServiceOperation, request: Request) -> OperationRead:
+    location = None if operation.service_id is None else f"{account_url(request)}/services/{operation.service_id}"
+    return OperationRead(
+        id=str(operation.id),
+        operationType="Service",
+        resourceLocation=location,
+        createdTime=operation.created_at,
+        endTime=operation.ended_at,
+        state=BuildState(operation.state.value),
+        error=None
+        if operation.error is None
+        else ImageError(code=f"Service{operation.kind}Failed", message=operation.error),
     )
 
 
@@ -124,7 +133,7 @@ def create_image(
         available_builders=context.settings.available_builders,
         created_by=caller.subject,
     )
-    response.headers["Operation-Location"] = f"{_account_url(request)}/operations/{image.operation_id}"
+    response.headers["Operation-Location"] = f"{account_url(request)}/operations/{image.operation_id}"
     return to_read(image, request)
 
 
@@ -250,7 +259,7 @@ def cancel_image(image_id: ImageId, request: Request, account: WritableAccount, 
 @router.delete(
     "/images/{imageId}",
     status_code=status.HTTP_204_NO_CONTENT,
-    responses=errors(409, s409="The image is being built; cancel it first."),
+    responses=errors(409, s409="The image is being built (cancel it first), or a service runs it (ImageInUse)."),
 )
 def delete_image(image_id: ImageId, account: WritableAccount, session: SessionDep, context: ContextDep) -> None:
     images.delete_image(session, account, image_id=image_id, layout=embedded_layout(context.settings))
@@ -312,9 +321,14 @@ def build_log(
 def get_operation(
     operation_id: OperationId, request: Request, response: Response, account: ReadableAccount, session: SessionDep
 ) -> OperationRead:
-    image = images.get_operation(session, account, operation_id=operation_id)
-    _retry_after(response.headers, image)
-    return to_operation(image, request)
+    """An image build's operation, or a web service's (create, update, delete)."""
+    found = operations.get_operation(session, account, operation_id=operation_id)
+    if isinstance(found, Image):
+        _retry_after(response.headers, found)
+        return to_operation(found, request)
+    if found.state is OperationState.RUNNING:
+        response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+    return to_service_operation(found, request)
 
 
 @router.get("/baseImages", response_model=Page[BaseImageRead])

@@ -1,0 +1,190 @@
+"""Web services: create (202 + Operation-Location), read, list, change, delete, and their keys.
+
+Nothing deploys yet: a new service stays Transitioning until the reconciler (a later slice)
+reports what the orchestrator did; its scoringUri stays null until then.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Query, Request, Response, status
+
+from app.api import examples
+from app.api.deps import CallerDep, ContextDep, ReadableAccount, ServiceId, SessionDep, WritableAccount
+from app.api.links import account_url
+from app.api.openapi import errors, header
+from app.config import Settings
+from app.deployments.states import ServiceState
+from app.schemas.common import Page
+from app.schemas.services import (
+    AutoScaler,
+    ContainerResourceRequirements,
+    DeploymentStatus,
+    RegenerateKeys,
+    ServiceCreate,
+    ServiceErrorRead,
+    ServiceKeys,
+    ServiceRead,
+    ServiceUpdate,
+)
+from app.services import services_deploy
+from app.services.services_deploy import Limits, ServiceView
+
+PREFIX = "/subscriptions/{subscriptionId}/resourceGroups/{resourceGroup}/accounts/{accountName}"
+router = APIRouter(prefix=PREFIX, tags=["services"])
+
+OPERATION_LOCATION = header("the URL of the service's operation, to poll until it ends", required=True)
+ACCEPTED = {202: {"headers": {"Operation-Location": OPERATION_LOCATION}}}
+BUSY = "A change is being applied (ServiceBusy), or the service is being deleted (ServiceDeleting)."
+_ERROR_CODES = {ServiceState.FAILED: "DeploymentFailed", ServiceState.UNHEALTHY: "ServiceUnhealthy"}
+
+
+def _limits(settings: Settings) -> Limits:
+    return Limits(local_enabled=settings.local_compute, max_replicas=settings.service_max_replicas)
+
+
+def to_read(view: ServiceView, settings: Settings) -> ServiceRead:
+    service, image = view.service, view.image
+    # The gateway's address for the service, once a generation of it has taken requests.
+    base = f"{settings.scoring_url}/api/v1/service/{service.id}"
+    deployed = service.traffic_generation is not None
+    error = None
+    if service.error:
+        error = ServiceErrorRead(code=_ERROR_CODES.get(service.state, "ServiceError"), message=service.error)
+    return ServiceRead(
+        id=str(service.id),
+        name=service.name,
+        description=service.description,
+        computeName=service.compute_name,
+        computeType=service.compute_type,  # type: ignore[arg-type]  # one of ComputeType, as stored
+        state=service.state,
+        error=error,
+        imageId=str(image.id),
+        imageDigest=image.digest,
+        imageLocation=image.image_location,
+        scoringUri=f"{base}/score" if deployed else None,
+        swaggerUri=f"{base}/swagger.json" if deployed else None,
+        authEnabled=service.auth_enabled,
+        numReplicas=service.num_replicas,
+        autoScaler=None if service.autoscaler is None else AutoScaler(**service.autoscaler),
+        containerResourceRequirements=ContainerResourceRequirements(cpu=service.cpu, memoryInGB=service.memory_gb),
+        scoringTimeoutMs=service.scoring_timeout_ms,
+        deploymentStatus=DeploymentStatus(
+            desiredReplicas=service.replicas_desired, readyReplicas=service.replicas_ready
+        ),
+        operationId=None if view.operation is None else str(view.operation.id),
+        createdTime=service.created_at,
+        updatedTime=service.updated_at,
+    )
+
+
+def _accepted(view: ServiceView, request: Request, response: Response, settings: Settings) -> ServiceRead:
+    assert view.operation is not None
+    response.headers["Operation-Location"] = f"{account_url(request)}/operations/{view.operation.id}"
+    return to_read(view, settings)
+
+
+@router.post(
+    "/services",
+    response_model=ServiceRead,
+    status_code=status.HTTP_202_ACCEPTED,
+    responses=ACCEPTED | errors(409, s409="A service of that name exists (ServiceExists)."),
+)
+def create_service(
+    request: Request,
+    response: Response,
+    body: Annotated[ServiceCreate, Body(openapi_examples=examples.SERVICE)],
+    account: WritableAccount,
+    caller: CallerDep,
+    context: ContextDep,
+    session: SessionDep,
+) -> ServiceRead:
+    """Deploy a Succeeded image as a web service; poll the Operation-Location or the service."""
+    view = services_deploy.create(
+        session, account, body, sealer=context.sealer, limits=_limits(context.settings), created_by=caller.subject
+    )
+    return _accepted(view, request, response, context.settings)
+
+
+@router.get("/services", response_model=Page[ServiceRead])
+def list_services(
+    account: ReadableAccount,
+    context: ContextDep,
+    session: SessionDep,
+    name: str | None = None,
+    compute_name: Annotated[str | None, Query(alias="computeName")] = None,
+    image_id: Annotated[str | None, Query(alias="imageId")] = None,
+) -> Page[ServiceRead]:
+    """The account's services by name; filter by name, computeName or imageId."""
+    views = services_deploy.list_services(session, account, name=name, compute_name=compute_name, image_id=image_id)
+    return Page(value=[to_read(v, context.settings) for v in views])
+
+
+@router.get("/services/{serviceId}", response_model=ServiceRead)
+def get_service(
+    service_id: ServiceId, account: ReadableAccount, context: ContextDep, session: SessionDep
+) -> ServiceRead:
+    return to_read(services_deploy.get_service(session, account, service_id=service_id), context.settings)
+
+
+@router.patch(
+    "/services/{serviceId}",
+    response_model=ServiceRead,
+    status_code=status.HTTP_202_ACCEPTED,
+    responses=ACCEPTED | errors(409, s409=BUSY),
+)
+def update_service(
+    service_id: ServiceId,
+    request: Request,
+    response: Response,
+    body: Annotated[ServiceUpdate, Body(openapi_examples=examples.SERVICE_UPDATE)],
+    account: WritableAccount,
+    context: ContextDep,
+    session: SessionDep,
+) -> ServiceRead:
+    """Swap the image (a rolling update), scale, resize or switch key auth."""
+    view = services_deploy.update(session, account, service_id=service_id, body=body, limits=_limits(context.settings))
+    return _accepted(view, request, response, context.settings)
+
+
+@router.delete(
+    "/services/{serviceId}", response_model=ServiceRead, status_code=status.HTTP_202_ACCEPTED, responses=ACCEPTED
+)
+def delete_service(
+    service_id: ServiceId,
+    request: Request,
+    response: Response,
+    account: WritableAccount,
+    context: ContextDep,
+    session: SessionDep,
+) -> ServiceRead:
+    """Remove the service and everything it made: Deleting until the orchestrator holds nothing of it."""
+    view = services_deploy.delete(session, account, service_id=service_id)
+    return _accepted(view, request, response, context.settings)
+
+
+@router.post("/services/{serviceId}/keys", response_model=ServiceKeys)
+def list_keys(service_id: ServiceId, account: WritableAccount, context: ContextDep, session: SessionDep) -> ServiceKeys:
+    """The scoring keys (Contributors and Owners only: a Reader may see a service, not call it)."""
+    primary, secondary = services_deploy.list_keys(session, account, service_id=service_id, sealer=context.sealer)
+    return ServiceKeys(primaryKey=primary, secondaryKey=secondary)
+
+
+@router.post(
+    "/services/{serviceId}/regenerateKeys",
+    response_model=ServiceKeys,
+    responses=errors(409, s409="The service is being deleted (ServiceDeleting)."),
+)
+def regenerate_keys(
+    service_id: ServiceId,
+    body: Annotated[RegenerateKeys, Body(openapi_examples=examples.REGENERATE_KEYS)],
+    account: WritableAccount,
+    context: ContextDep,
+    session: SessionDep,
+) -> ServiceKeys:
+    """Replace the primary or the secondary key; the old one stops working within seconds."""
+    primary, secondary = services_deploy.regenerate_key(
+        session, account, service_id=service_id, key_type=body.keyType, key=body.keyValue, sealer=context.sealer
+    )
+    return ServiceKeys(primaryKey=primary, secondaryKey=secondary)

@@ -1,0 +1,88 @@
+"""The tenant's moves of a service: create it, change it, delete it (alone or with its
+account); each of the first three records the operation a client polls."""
+
+from __future__ import annotations
+
+import uuid
+
+from sqlalchemy import select
+from sqlalchemy.exc import InvalidRequestError
+from sqlalchemy.orm import Session
+
+from app.deployments.states import OperationKind, OperationState, ServiceState
+from app.deployments.transitions import Transition, create, move
+from app.errors import Conflict, NotFound
+from app.orm import Service, ServiceOperation
+
+
+def _start_operation(session: Session, service: Service, kind: OperationKind) -> ServiceOperation:
+    operation = ServiceOperation(
+        account_id=service.account_id, service_id=service.id, kind=kind.value, state=OperationState.RUNNING
+    )
+    session.add(operation)
+    session.flush()
+    return operation
+
+
+def create_service(session: Session, **fields: object) -> tuple[Service, ServiceOperation]:
+    """Record a service as Transitioning (``fields``: its other columns) and its Create operation."""
+    service = create(session, **fields)
+    return service, _start_operation(session, service, OperationKind.CREATE)
+
+
+def update_service(session: Session, service: Service, **values: object) -> ServiceOperation:
+    """Apply a new desired spec to a settled service in one statement; 409 while another
+    change is being applied or the service is being deleted."""
+    if not move(session, Transition.UPDATE, Service.id == service.id, **values):
+        _reread(session, service)
+        if service.state is ServiceState.DELETING:
+            raise Conflict(f"service '{service.name}' is being deleted", code="ServiceDeleting")
+        raise Conflict(
+            f"service '{service.name}' is {service.state}: wait until the change being applied ends",
+            code="ServiceBusy",
+        )
+    _reread(session, service)
+    return _start_operation(session, service, OperationKind.UPDATE)
+
+
+def request_delete(session: Session, service: Service) -> ServiceOperation:
+    """Mark a service Deleting (the reconciler removes what it made, then the row); asked
+    again, the delete already under way."""
+    if move(session, Transition.REQUEST_DELETE, Service.id == service.id):
+        _reread(session, service)
+        return _start_operation(session, service, OperationKind.DELETE)
+    _reread(session, service)  # 404 when it is already gone
+    running = latest_operations(session, [service.id], kind=OperationKind.DELETE).get(service.id)
+    if running is None:  # deleting since before operations were recorded: record one now
+        return _start_operation(session, service, OperationKind.DELETE)
+    return running
+
+
+def delete_account_services(session: Session, account_id: uuid.UUID) -> None:
+    """Forget every service of an account that is going (the reconciler's orphan sweep
+    removes what the orchestrator still runs for them)."""
+    move(session, Transition.DELETE_WITH_ACCOUNT, Service.account_id == account_id, to=None)
+
+
+def latest_operations(
+    session: Session, service_ids: list[uuid.UUID], *, kind: OperationKind | None = None
+) -> dict[uuid.UUID, ServiceOperation]:
+    """The newest operation (of ``kind``, when given) of each service."""
+    if not service_ids:
+        return {}
+    query = select(ServiceOperation).where(ServiceOperation.service_id.in_(service_ids))
+    if kind is not None:
+        query = query.where(ServiceOperation.kind == kind.value)
+    newest: dict[uuid.UUID, ServiceOperation] = {}
+    for operation in session.scalars(query.order_by(ServiceOperation.created_at, ServiceOperation.id)):
+        assert operation.service_id is not None
+        newest[operation.service_id] = operation
+    return newest
+
+
+def _reread(session: Session, service: Service) -> None:
+    """``service`` as the database has it now; 404 once another request deleted it."""
+    try:
+        session.refresh(service)
+    except InvalidRequestError:  # the row is gone
+        raise NotFound(f"service '{service.id}' was not found in this account", code="ServiceNotFound") from None

@@ -1,0 +1,128 @@
+"""Every move of a web service, in one table, applied by one function.
+
+``TRANSITIONS`` names each move and the (from, to) pairs it may make; ``None`` stands for no
+row (before the service is created, after it is deleted). ``move`` is the only code that
+writes ``Service.state``: one conditional UPDATE (or DELETE) ``WHERE state IN (<the allowed
+from-states>) AND <the caller's conditions>``, so two API requests or reconciler passes racing
+for the same service cannot both win: the database decides, and the loser's statement
+matches no row. (Service events join image events in a later slice: moves record none yet.)
+
+One departure from docs/design/web-services.md §3: a delete asked for is a state,
+``Deleting``, not a flag beside the state, so that the table itself refuses a PATCH or a
+reconciler's CONVERGE of a service that is going.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import ColumnElement, Row, and_, delete, update
+from sqlalchemy.orm import Session
+
+from app.deployments.states import ServiceState
+from app.orm import Service
+from app.orm.base import utcnow
+
+log = logging.getLogger("mms.deployments")
+
+TRANSITIONING, HEALTHY, UNHEALTHY = ServiceState.TRANSITIONING, ServiceState.HEALTHY, ServiceState.UNHEALTHY
+FAILED, DELETING = ServiceState.FAILED, ServiceState.DELETING
+GONE = None  # no row: before create, after delete
+
+State = ServiceState | None
+
+
+class Transition(enum.StrEnum):
+    CREATE = "create"  # the API records a service
+    UPDATE = "update"  # the tenant swaps the image, scales, resizes or switches key auth
+    CONVERGE = "converge"  # the reconciler: every desired replica of the traffic generation is ready
+    DEGRADE = "degrade"  # the reconciler: fewer ready, or the orchestrator unreachable
+    FAIL = "fail"  # the reconciler: the build failed, or the generation never became ready
+    ROLL_BACK = "roll back"  # the reconciler: an update's new generation failed; the old one serves on
+    OBSERVE = "observe"  # the reconciler: counts and lease, the state as it was
+    REQUEST_DELETE = "request delete"  # the tenant deletes: the reconciler removes what it made
+    DELETE = "delete"  # the reconciler, once the orchestrator holds nothing of the service
+    DELETE_WITH_ACCOUNT = "delete with account"  # the account goes, and every service in it
+
+
+TRANSITIONS: dict[Transition, frozenset[tuple[State, State]]] = {
+    Transition.CREATE: frozenset({(GONE, TRANSITIONING)}),
+    Transition.UPDATE: frozenset({(HEALTHY, TRANSITIONING), (UNHEALTHY, TRANSITIONING), (FAILED, TRANSITIONING)}),
+    Transition.CONVERGE: frozenset({(TRANSITIONING, HEALTHY), (UNHEALTHY, HEALTHY)}),
+    Transition.DEGRADE: frozenset({(HEALTHY, UNHEALTHY), (TRANSITIONING, UNHEALTHY)}),
+    Transition.FAIL: frozenset({(TRANSITIONING, FAILED)}),
+    Transition.ROLL_BACK: frozenset({(TRANSITIONING, HEALTHY), (TRANSITIONING, UNHEALTHY)}),
+    Transition.OBSERVE: frozenset({(state, state) for state in ServiceState}),
+    Transition.REQUEST_DELETE: frozenset({(state, DELETING) for state in ServiceState if state is not DELETING}),
+    Transition.DELETE: frozenset({(DELETING, GONE)}),
+    Transition.DELETE_WITH_ACCOUNT: frozenset({(state, GONE) for state in ServiceState}),
+}
+
+# Moves that leave the service as it was to anyone looking: updated_at stays.
+SILENT = frozenset({Transition.OBSERVE})
+
+
+class IllegalTransition(Exception):
+    """A bug: code asked for a move the table does not have."""
+
+
+def allowed_sources(transition: Transition, to: State) -> frozenset[State]:
+    """The states ``transition`` may move a service from to reach ``to``."""
+    sources = frozenset(source for source, target in TRANSITIONS[transition] if target == to)
+    if not sources:
+        raise IllegalTransition(f"{transition} never moves a service to {to or 'no row'}")
+    return sources
+
+
+def only_target(transition: Transition) -> State:
+    """Where ``transition`` moves a service, when it has one destination."""
+    targets = {target for _, target in TRANSITIONS[transition]}
+    if len(targets) != 1:
+        raise IllegalTransition(f"{transition} has several outcomes; name the one meant")
+    return targets.pop()
+
+
+_ONLY: Any = object()
+
+
+def move(
+    session: Session,
+    transition: Transition,
+    *where: ColumnElement[bool],
+    to: State = _ONLY,
+    returning: Sequence[Any] = (),
+    **values: object,
+) -> Sequence[Row[Any]]:
+    """Apply ``transition`` to the services matching ``where`` that are in an allowed state;
+    the rows it applied to (``Service.id`` first, then ``returning``), empty when none.
+    ``values``: the other columns to set in the same statement (the new spec of an UPDATE)."""
+    target = only_target(transition) if to is _ONLY else to
+    sources = allowed_sources(transition, target)
+    if GONE in sources:
+        raise IllegalTransition(f"{transition} makes a service: use create()")
+    condition = and_(Service.state.in_(sources), *where)
+    if target is GONE:
+        if values:
+            raise IllegalTransition(f"{transition} deletes the service: there is nothing to set")
+        rows = session.execute(delete(Service).where(condition).returning(Service.id, *returning)).all()
+    else:
+        values["state"] = target  # the same state for a silent move: the WHERE is what counts
+        if transition not in SILENT:
+            values.setdefault("updated_at", utcnow())
+        rows = session.execute(
+            update(Service).where(condition).values(**values).returning(Service.id, *returning)
+        ).all()
+    if rows:
+        log.debug("service.moved", extra={"transition": str(transition), "to": target, "services": len(rows)})
+    return rows
+
+
+def create(session: Session, **fields: object) -> Service:
+    """Record a new service (``fields``: the Service's columns but its state)."""
+    service = Service(state=only_target(Transition.CREATE), **fields)
+    session.add(service)
+    session.flush()
+    return service

@@ -1,0 +1,104 @@
+"""Web services and the compute targets they run on (issue 16; docs/design/web-services.md §3).
+
+``local`` (the workers' own engine) is not a row: it is a setting, shown in every account.
+A service's state is written only by app.deployments, through its transition table; the
+reconciler's bookkeeping (leases, replicas, logs) comes with it in a later revision.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, Enum, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, Uuid
+from sqlalchemy.orm import Mapped, mapped_column
+
+from app.deployments.states import OperationState, ServiceState
+from app.orm.base import Base, CreatedAt, UtcDateTime, UuidPrimaryKey, utcnow
+
+
+def _state_column(states: type[enum.StrEnum], name: str) -> Enum:
+    # Stored as the value in a VARCHAR with a CHECK, as an image's state (app.orm.image).
+    return Enum(
+        states,
+        name=name,
+        native_enum=False,
+        create_constraint=True,
+        length=16,
+        validate_strings=True,
+        values_callable=lambda members: [member.value for member in members],
+    )
+
+
+class Compute(UuidPrimaryKey, CreatedAt, Base):
+    """A target the tenant attached (swarm, kubernetes): where to reach it, and its sealed credentials."""
+
+    __tablename__ = "computes"
+    __table_args__ = (UniqueConstraint("account_id", "name"),)
+
+    account_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("accounts.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(32))
+    compute_type: Mapped[str] = mapped_column(String(16))  # swarm | kubernetes
+    properties: Mapped[dict[str, Any]] = mapped_column(JSON)  # dockerHost, namespace: nothing secret
+    # TLS client certificate, key and CA, or a kubeconfig: JSON, sealed (app.sealing); never shown.
+    sealed_credentials: Mapped[str | None] = mapped_column(Text)
+    created_by: Mapped[str | None] = mapped_column(String(255))
+
+
+class Service(UuidPrimaryKey, CreatedAt, Base):
+    __tablename__ = "services"
+    __table_args__ = (UniqueConstraint("account_id", "name"), Index("ix_services_state", "state"))
+
+    account_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("accounts.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(32))
+    description: Mapped[str | None] = mapped_column(String(512))
+    compute_name: Mapped[str] = mapped_column(String(32))  # local, or a Compute's name
+    compute_type: Mapped[str] = mapped_column(String(16))
+    # An image a service runs cannot be deleted (the API answers 409 ImageInUse first). NO ACTION,
+    # not RESTRICT: checked at the end of the statement, so an account's cascade removes both.
+    image_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("images.id"), index=True)
+
+    # The desired spec, as the tenant last set it.
+    num_replicas: Mapped[int | None] = mapped_column(Integer)  # None when autoscaled
+    autoscaler: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    cpu: Mapped[float] = mapped_column(Float)
+    memory_gb: Mapped[float] = mapped_column(Float)
+    auth_enabled: Mapped[bool] = mapped_column(Boolean)
+    scoring_timeout_ms: Mapped[int] = mapped_column(Integer)
+    generation: Mapped[int] = mapped_column(Integer, default=1)  # +1 for each image swap
+    # The generation that takes scoring requests; None until one ever has (no scoring URI yet).
+    traffic_generation: Mapped[int | None] = mapped_column(Integer)
+
+    # Written only by app.deployments, through its transition table.
+    state: Mapped[ServiceState] = mapped_column(_state_column(ServiceState, "state"))
+    error: Mapped[str | None] = mapped_column(Text)
+    replicas_desired: Mapped[int] = mapped_column(Integer)
+    replicas_ready: Mapped[int] = mapped_column(Integer, default=0)
+
+    # The scoring keys: sealed (POST .../keys shows them) and as HMAC digests (what the gateway compares).
+    sealed_primary_key: Mapped[str] = mapped_column(Text)
+    sealed_secondary_key: Mapped[str] = mapped_column(Text)
+    primary_key_digest: Mapped[str] = mapped_column(String(64))
+    secondary_key_digest: Mapped[str] = mapped_column(String(64))
+    keys_version: Mapped[int] = mapped_column(Integer, default=1)
+
+    created_by: Mapped[str | None] = mapped_column(String(255))
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class ServiceOperation(UuidPrimaryKey, CreatedAt, Base):
+    """The 202 of a service's create, update or delete, polled at .../operations/{id}."""
+
+    __tablename__ = "service_operations"
+
+    account_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("accounts.id", ondelete="CASCADE"), index=True)
+    # SET NULL: a delete's operation outlives the service it removed.
+    service_id: Mapped[uuid.UUID | None] = mapped_column(
+        Uuid, ForeignKey("services.id", ondelete="SET NULL"), index=True
+    )
+    kind: Mapped[str] = mapped_column(String(16))  # OperationKind
+    state: Mapped[OperationState] = mapped_column(_state_column(OperationState, "state"))
+    error: Mapped[str | None] = mapped_column(Text)
+    ended_at: Mapped[datetime | None] = mapped_column(UtcDateTime)

@@ -1,0 +1,259 @@
+"""Web services as the API sees them: create, read, list, change, delete, and their keys.
+
+Nothing here deploys: a service is recorded with its desired spec and stays Transitioning
+until the reconciler (a later slice) reports what the orchestrator did.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.builds.states import CreationState
+from app.deployments.keys import KeyType, key_columns, new_key, new_keys, read_keys
+from app.deployments.lifecycle import create_service, latest_operations, request_delete, update_service
+from app.deployments.states import ServiceState
+from app.errors import BadRequest, Conflict, NotFound
+from app.orm import Image, Service, ServiceOperation
+from app.schemas.services import AutoScaler, ContainerResourceRequirements, ServiceCreate, ServiceUpdate
+from app.sealing import Sealer
+from app.services.accounts import AccountRef
+from app.services.computes import LOCAL, get_target, invalid
+from app.services.lookup import get_in_account, parse_uuid
+
+# Targets with no autoscaler in v1, whose replicas share a subnet slot (docs/design/web-services.md §1).
+_FIXED_SCALE = frozenset({"local", "swarm"})
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The operator's settings a service's spec is checked against."""
+
+    local_enabled: bool
+    max_replicas: int  # on local and swarm
+
+
+@dataclass(frozen=True)
+class ServiceView:
+    """A service with what its answer shows besides its own columns."""
+
+    service: Service
+    image: Image
+    operation: ServiceOperation | None
+
+
+def _scale(
+    num_replicas: int | None,
+    autoscaler: AutoScaler | None,
+    *,
+    compute_type: str,
+    limits: Limits,
+    prefix: str,
+    default_replicas: int = 1,
+) -> dict[str, Any]:
+    """The scale columns of a spec: a fixed count (``default_replicas`` when none is given), or
+    an autoscaler's range; 400s name the field."""
+    autoscaled = autoscaler is not None and autoscaler.autoscaleEnabled
+    if autoscaled and num_replicas is not None:
+        raise invalid(f"{prefix}numReplicas", "cannot be given with autoScaler.autoscaleEnabled: choose one")
+    if autoscaled:
+        assert autoscaler is not None
+        if compute_type in _FIXED_SCALE:
+            raise invalid(
+                f"{prefix}autoScaler.autoscaleEnabled",
+                f"a {compute_type} target has no autoscaler: give numReplicas instead",
+            )
+        if autoscaler.minReplicas > autoscaler.maxReplicas:
+            raise invalid(f"{prefix}autoScaler.minReplicas", "must not be more than maxReplicas")
+        return {"num_replicas": None, "autoscaler": autoscaler.model_dump(), "replicas_desired": autoscaler.minReplicas}
+    replicas = num_replicas or default_replicas
+    if compute_type in _FIXED_SCALE and replicas > limits.max_replicas:
+        raise invalid(f"{prefix}numReplicas", f"must be at most {limits.max_replicas} on a {compute_type} target")
+    return {"num_replicas": replicas, "autoscaler": None, "replicas_desired": replicas}
+
+
+def _resources(resources: ContainerResourceRequirements) -> dict[str, Any]:
+    return {"cpu": resources.cpu, "memory_gb": resources.memoryInGB}
+
+
+def _deployable_image(session: Session, account: AccountRef, image_id: str) -> Image:
+    image = get_in_account(session, Image, account, image_id, kind="image")
+    if image.state is not CreationState.SUCCEEDED:
+        message = f"imageId: image '{image_id}' is {image.state}; only a Succeeded image can be deployed"
+        raise BadRequest(
+            f"Invalid request: {message}", code="ImageNotReady", details=[{"code": "ImageNotReady", "message": message}]
+        )
+    return image
+
+
+def _taken(session: Session, account: AccountRef, name: str) -> bool:
+    return session.scalar(select(Service.id).where(Service.account_id == account.id, Service.name == name)) is not None
+
+
+def _exists(name: str) -> Conflict:
+    return Conflict(f"a service named '{name}' already exists in this account", code="ServiceExists")
+
+
+def create(
+    session: Session,
+    account: AccountRef,
+    body: ServiceCreate,
+    *,
+    sealer: Sealer,
+    limits: Limits,
+    created_by: str | None,
+) -> ServiceView:
+    """Record a service as Transitioning, with its Create operation and new keys."""
+    if body.modelIds is not None or body.inferenceConfig is not None:
+        raise invalid(
+            "modelIds" if body.modelIds is not None else "inferenceConfig",
+            "deploying from models and an inference configuration is not yet supported: "
+            "build an image (POST .../images) and give its imageId",
+        )
+    if body.imageId is None:
+        raise invalid("imageId", "is required")
+    target = get_target(session, account, name=body.computeName, local_enabled=limits.local_enabled)
+    if body.computeType is not None and body.computeType != target.compute_type:
+        raise invalid(
+            "computeType", f"compute '{target.name}' is a {target.compute_type} target, not {body.computeType}"
+        )
+    config = body.deploymentConfig
+    scale = _scale(
+        config.numReplicas,
+        config.autoScaler,
+        compute_type=target.compute_type,
+        limits=limits,
+        prefix="deploymentConfig.",
+    )
+    image = _deployable_image(session, account, body.imageId)
+    if _taken(session, account, body.name):
+        raise _exists(body.name)
+    fields = dict(
+        account_id=account.id,
+        name=body.name,
+        description=body.description,
+        compute_name=LOCAL if target.built_in else target.name,
+        compute_type=target.compute_type,
+        image_id=image.id,
+        **scale,
+        **_resources(config.containerResourceRequirements),
+        auth_enabled=config.authEnabled,
+        scoring_timeout_ms=config.scoringTimeoutMs,
+        **new_keys(sealer),
+        created_by=created_by,
+    )
+    try:
+        with session.begin_nested():
+            service, operation = create_service(session, **fields)
+    except IntegrityError:
+        # A concurrent request took the name, or deleted the image: say which.
+        if _taken(session, account, body.name):
+            raise _exists(body.name) from None
+        raise NotFound(f"image '{body.imageId}' was not found in this account", code="ImageNotFound") from None
+    return ServiceView(service, image, operation)
+
+
+def _get(session: Session, account: AccountRef, service_id: str) -> Service:
+    return get_in_account(session, Service, account, service_id, kind="service")
+
+
+def get_service(session: Session, account: AccountRef, *, service_id: str) -> ServiceView:
+    """One service of the account, or 404."""
+    return _views(session, [_get(session, account, service_id)])[0]
+
+
+def _views(session: Session, services: list[Service]) -> list[ServiceView]:
+    ids = [s.id for s in services]
+    operations = latest_operations(session, ids)
+    images = {i.id: i for i in session.scalars(select(Image).where(Image.id.in_({s.image_id for s in services})))}
+    return [ServiceView(s, images[s.image_id], operations.get(s.id)) for s in services]
+
+
+def list_services(
+    session: Session, account: AccountRef, *, name: str | None, compute_name: str | None, image_id: str | None
+) -> list[ServiceView]:
+    """The account's services by name; filter by name, compute target or image."""
+    query = select(Service).where(Service.account_id == account.id)
+    if name is not None:
+        query = query.where(Service.name == name)
+    if compute_name is not None:
+        query = query.where(Service.compute_name == compute_name)
+    if image_id is not None:
+        query = query.where(Service.image_id == parse_uuid(image_id))
+    return _views(session, list(session.scalars(query.order_by(Service.name))))
+
+
+def update(
+    session: Session, account: AccountRef, *, service_id: str, body: ServiceUpdate, limits: Limits
+) -> ServiceView:
+    """Swap the image (a new generation), scale, resize or switch key auth: the service goes
+    back to Transitioning with an Update operation; 409 while a change is being applied."""
+    service = _get(session, account, service_id)
+    if all(value is None for _, value in body):
+        raise BadRequest(
+            "give at least one of imageId, numReplicas, autoScaler, containerResourceRequirements, "
+            "authEnabled, scoringTimeoutMs",
+            code="EmptyUpdate",
+        )
+    values: dict[str, Any] = {}
+    if body.numReplicas is not None or body.autoScaler is not None:
+        # Turning an autoscaler off without a count keeps as many replicas as it last asked for.
+        values |= _scale(
+            body.numReplicas,
+            body.autoScaler,
+            compute_type=service.compute_type,
+            limits=limits,
+            prefix="",
+            default_replicas=service.num_replicas or service.replicas_desired,
+        )
+    if body.containerResourceRequirements is not None:
+        values |= _resources(body.containerResourceRequirements)
+    if body.authEnabled is not None:
+        values["auth_enabled"] = body.authEnabled
+    if body.scoringTimeoutMs is not None:
+        values["scoring_timeout_ms"] = body.scoringTimeoutMs
+    if body.imageId is not None:
+        image = _deployable_image(session, account, body.imageId)
+        if image.id != service.image_id:
+            values |= {"image_id": image.id, "generation": Service.generation + 1}
+    values["error"] = None
+    operation = update_service(session, service, **values)
+    return ServiceView(service, session.get_one(Image, service.image_id), operation)
+
+
+def delete(session: Session, account: AccountRef, *, service_id: str) -> ServiceView:
+    """Ask for the service to be removed: it is Deleting until the orchestrator holds nothing of it."""
+    service = _get(session, account, service_id)
+    operation = request_delete(session, service)
+    return ServiceView(service, session.get_one(Image, service.image_id), operation)
+
+
+def list_keys(session: Session, account: AccountRef, *, service_id: str, sealer: Sealer) -> tuple[str, str]:
+    """The service's primary and secondary scoring keys."""
+    return read_keys(sealer, _get(session, account, service_id))
+
+
+def regenerate_key(
+    session: Session, account: AccountRef, *, service_id: str, key_type: KeyType, key: str | None, sealer: Sealer
+) -> tuple[str, str]:
+    """Replace one key (with ``key``, or a random one); the gateway refuses the old one within seconds."""
+    service = _get(session, account, service_id)
+    if service.state is ServiceState.DELETING:
+        raise Conflict(f"service '{service.name}' is being deleted", code="ServiceDeleting")
+    for column, value in key_columns(sealer, key_type, key or new_key()).items():
+        setattr(service, column, value)
+    service.keys_version = Service.keys_version + 1  # in the UPDATE: concurrent regenerations both count
+    session.flush()
+    session.refresh(service)
+    return read_keys(sealer, service)
+
+
+def get_operation(session: Session, account: AccountRef, *, operation_id: uuid.UUID) -> ServiceOperation | None:
+    """The service operation with this id in the account, or None."""
+    operation = session.get(ServiceOperation, operation_id)
+    return operation if operation is not None and operation.account_id == account.id else None

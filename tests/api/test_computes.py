@@ -1,0 +1,195 @@
+"""Compute targets through the API: `local` built in, swarm and kubernetes attached with their
+credentials sealed (never answered, never stored in plain form), 400s naming the field, roles."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.context import ServiceContext
+from app.orm import Compute
+from tests.factories import Callers
+
+CERT = "-----BEGIN CERTIFICATE-----\nMIIBfake\n-----END CERTIFICATE-----\n"
+KEY = "-----BEGIN PRIVATE KEY-----\nTOP-SECRET-KEY-MATERIAL\n-----END PRIVATE KEY-----\n"
+KUBECONFIG = """apiVersion: v1
+kind: Config
+clusters:
+- name: c
+  cluster:
+    server: https://k8s.example.com:6443
+    certificate-authority-data: TFMwdExT
+users:
+- name: u
+  user:
+    token: kube-token-never-shown
+contexts:
+- name: x
+  context: {cluster: c, user: u}
+current-context: x
+"""
+
+
+def swarm(host: str = "tcp://swarm.example.com:2376") -> dict:
+    return {"type": "swarm", "properties": {"dockerHost": host, "tls": {"ca": CERT, "cert": CERT, "key": KEY}}}
+
+
+def kubernetes(kubeconfig: str = KUBECONFIG, namespace: str | None = "scoring") -> dict:
+    properties = {"kubeconfig": kubeconfig} | ({"namespace": namespace} if namespace else {})
+    return {"type": "kubernetes", "properties": properties}
+
+
+def test_local_is_listed_in_every_account_and_cannot_be_attached_or_detached(
+    client: TestClient, owner: dict[str, str], account: str
+) -> None:
+    listed = client.get(f"{account}/computes", headers=owner)
+    assert listed.status_code == 200
+    assert listed.json()["value"] == [
+        {
+            "name": "local",
+            "type": "local",
+            "properties": {"dockerHost": None, "namespace": None},
+            "builtIn": True,
+            "hasCredentials": False,
+            "createdTime": None,
+        }
+    ]
+    assert client.get(f"{account}/computes/local", headers=owner).json()["builtIn"] is True
+    for response in (
+        client.put(f"{account}/computes/local", json=swarm(), headers=owner),
+        client.delete(f"{account}/computes/local", headers=owner),
+    ):
+        assert (response.status_code, response.json()["code"]) == (409, "BuiltInCompute")
+
+
+def test_without_an_engine_there_is_no_local_target(
+    app_context: ServiceContext, owner: dict[str, str], account: str
+) -> None:
+    from app.main import create_app
+
+    settings = app_context.settings.model_copy(update={"local_compute": False})
+    context = ServiceContext.build(
+        settings,
+        engine=app_context.engine,
+        session_factory=app_context.session_factory,
+        read_session_factory=app_context.read_session_factory,
+    )
+    client = TestClient(create_app(context=context), base_url="http://testserver")
+    assert client.get(f"{account}/computes", headers=owner).json()["value"] == []
+    missing = client.get(f"{account}/computes/local", headers=owner)
+    assert (missing.status_code, missing.json()["code"]) == (404, "ComputeNotFound")
+
+
+def test_a_swarm_target_is_attached_replaced_and_detached_and_its_tls_key_never_shown(
+    client: TestClient, owner: dict[str, str], account: str, db: Session
+) -> None:
+    created = client.put(f"{account}/computes/myswarm", json=swarm(), headers=owner)
+    assert created.status_code == 201, created.text
+    assert created.json() | {"createdTime": None} == {
+        "name": "myswarm",
+        "type": "swarm",
+        "properties": {"dockerHost": "tcp://swarm.example.com:2376", "namespace": None},
+        "builtIn": False,
+        "hasCredentials": True,
+        "createdTime": None,
+    }
+    replaced = client.put(f"{account}/computes/myswarm", json=swarm("tcp://10.0.0.5:2376"), headers=owner)
+    assert replaced.status_code == 200
+    assert replaced.json()["properties"]["dockerHost"] == "tcp://10.0.0.5:2376"
+    answers = [
+        created.text,
+        replaced.text,
+        client.get(f"{account}/computes", headers=owner).text,
+        client.get(f"{account}/computes/myswarm", headers=owner).text,
+    ]
+    assert not any("SECRET" in a or "BEGIN" in a for a in answers)
+    # Stored sealed: the key material is nowhere in the row.
+    row = db.scalars(select(Compute).where(Compute.name == "myswarm")).one()
+    assert "TOP-SECRET" not in repr((row.properties, row.sealed_credentials))
+    assert [c["name"] for c in client.get(f"{account}/computes", headers=owner).json()["value"]] == [
+        "local",
+        "myswarm",
+    ]
+    assert client.delete(f"{account}/computes/myswarm", headers=owner).status_code == 204
+    gone = client.get(f"{account}/computes/myswarm", headers=owner)
+    assert (gone.status_code, gone.json()["code"]) == (404, "ComputeNotFound")
+    assert client.delete(f"{account}/computes/myswarm", headers=owner).status_code == 404
+
+
+def test_a_kubernetes_target_keeps_its_namespace_and_hides_its_kubeconfig(
+    client: TestClient, owner: dict[str, str], account: str
+) -> None:
+    created = client.put(f"{account}/computes/aks1", json=kubernetes(), headers=owner)
+    assert created.status_code == 201, created.text
+    assert created.json()["properties"] == {"dockerHost": None, "namespace": "scoring"}
+    defaulted = client.put(f"{account}/computes/aks2", json=kubernetes(namespace=None), headers=owner)
+    assert defaulted.json()["properties"]["namespace"] == "default"
+    assert "kube-token" not in client.get(f"{account}/computes", headers=owner).text
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"type": "local"}, "type"),
+        ({"type": "docker"}, "type"),
+        (swarm("unix:///var/run/docker.sock"), "properties.dockerHost"),
+        (swarm("ssh://root@host"), "properties.dockerHost"),
+        (swarm("tcp://host"), "properties.dockerHost"),
+        ({"type": "swarm", "properties": {"dockerHost": "tcp://h:2376"}}, "properties.tls"),
+        (
+            {
+                "type": "swarm",
+                "properties": {"dockerHost": "tcp://h:2376", "tls": {"ca": "x", "cert": CERT, "key": KEY}},
+            },
+            "properties.tls.ca",
+        ),
+        ({"type": "kubernetes", "properties": {}}, "properties.kubeconfig"),
+        (kubernetes("just: [text"), "properties.kubeconfig"),
+        (kubernetes("users: []"), "properties.kubeconfig"),
+        (kubernetes(namespace="Not_A_Label"), "properties.namespace"),
+        ({"type": "kubernetes", "properties": {"kubeconfig": KUBECONFIG, "dockerHost": "tcp://h:1"}}, "properties"),
+    ],
+)
+def test_bad_targets_are_400s_naming_the_field(
+    client: TestClient, owner: dict[str, str], account: str, body: dict, field: str
+) -> None:
+    response = client.put(f"{account}/computes/bad", json=body, headers=owner)
+    assert response.status_code == 400, response.text
+    assert any(d["message"].startswith(f"{field}:") for d in response.json()["details"]), response.json()
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        "    exec:\n      command: /bin/sh\n      apiVersion: client.authentication.k8s.io/v1\n",
+        "    auth-provider:\n      name: gcp\n",
+        "    tokenFile: /var/run/secrets/token\n",
+        "    client-key-file: /etc/mms/secret.key\n",
+    ],
+)
+def test_a_kubeconfig_that_runs_commands_or_reads_files_is_refused(
+    client: TestClient, owner: dict[str, str], account: str, hostile: str
+) -> None:
+    kubeconfig = KUBECONFIG.replace("    token: kube-token-never-shown\n", hostile)
+    response = client.put(f"{account}/computes/evil", json=kubernetes(kubeconfig), headers=owner)
+    assert response.status_code == 400
+    assert "properties.kubeconfig" in response.json()["message"]
+
+
+def test_a_bad_compute_name_is_a_400(client: TestClient, owner: dict[str, str], account: str) -> None:
+    response = client.put(f"{account}/computes/-x", json=swarm(), headers=owner)
+    assert response.status_code == 400 and "computeName" in response.json()["message"]
+
+
+def test_readers_list_targets_but_only_contributors_attach_and_detach(
+    client: TestClient, callers: Callers, owner: dict[str, str], account: str
+) -> None:
+    assert client.put(f"{account}/computes/myswarm", json=swarm(), headers=owner).status_code == 201
+    reader = callers.headers("Reader")
+    assert client.get(f"{account}/computes", headers=reader).status_code == 200
+    assert client.put(f"{account}/computes/other", json=swarm(), headers=reader).status_code == 403
+    assert client.delete(f"{account}/computes/myswarm", headers=reader).status_code == 403
+    contributor = callers.headers("Contributor")
+    assert client.put(f"{account}/computes/other", json=swarm(), headers=contributor).status_code == 201

@@ -1,0 +1,527 @@
+"""Web services through the API (no worker yet: a new service stays Transitioning): shapes,
+operations, 400s naming the field, 404s and 409s, PATCH and DELETE moves, keys only for
+Contributors and never stored in plain form, images in use, on PostgreSQL and SQLite."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.builds.leases import claim_build, finish_build
+from app.builds.states import CreationState
+from app.context import ServiceContext
+from app.deployments.states import ServiceState
+from app.deployments.transitions import Transition, move
+from app.main import create_app
+from app.orm import Service
+from tests.api.test_computes import kubernetes, swarm
+from tests.factories import Callers
+
+DIGEST = "sha256:" + "d" * 64
+
+
+def built_image(client: TestClient, db: Session, account: str, owner: dict[str, str], manifest_id: str) -> str:
+    """An image of ``manifest_id`` built as a worker would: claimed, then Succeeded."""
+    image_id = client.post(f"{account}/images", json={"name": "scorer", "manifestId": manifest_id}, headers=owner)
+    image_id = image_id.json()["Id"]
+    lease = claim_build(db, uuid.UUID(image_id), owner="test-worker", lease_seconds=60, max_attempts=3)
+    assert lease is not None
+    assert finish_build(
+        db, lease, state=CreationState.SUCCEEDED, image_location=f"127.0.0.1:5000/x/scorer@{DIGEST}", digest=DIGEST
+    )
+    return image_id
+
+
+@pytest.fixture()
+def image_id(client: TestClient, db: Session, account: str, owner: dict[str, str], manifest_id: str) -> str:
+    return built_image(client, db, account, owner, manifest_id)
+
+
+def body(image_id: str, name: str = "myservice", **overrides: Any) -> dict[str, Any]:
+    return {"name": name, "imageId": image_id, **overrides}
+
+
+def deploy(client: TestClient, account: str, owner: dict[str, str], image_id: str, **overrides: Any) -> dict:
+    response = client.post(f"{account}/services", json=body(image_id, **overrides), headers=owner)
+    assert response.status_code == 202, response.text
+    return response.json()
+
+
+def settle(db: Session, service_id: str, transition: Transition, to: ServiceState, **values: object) -> None:
+    """What the reconciler (a later slice) will do: report the orchestrator's outcome."""
+    assert move(db, transition, Service.id == uuid.UUID(service_id), to=to, **values)
+
+
+def test_a_new_service_is_accepted_transitioning_with_an_operation_to_poll(
+    client: TestClient, owner: dict[str, str], account: str, image_id: str
+) -> None:
+    response = client.post(f"{account}/services", json=body(image_id), headers=owner)
+    assert response.status_code == 202, response.text
+    service = response.json()
+    assert service["state"] == "Transitioning" and service["error"] is None
+    assert (service["scoringUri"], service["swaggerUri"]) == (None, None)  # nothing deployed yet
+    assert (service["imageId"], service["imageDigest"]) == (image_id, DIGEST)
+    assert service["imageLocation"].endswith(DIGEST)
+    assert service["computeName"] == service["computeType"] == "local"
+    assert service["deploymentStatus"] == {"desiredReplicas": 1, "readyReplicas": 0}
+    assert (service["numReplicas"], service["autoScaler"], service["authEnabled"]) == (1, None, True)
+    assert service["containerResourceRequirements"] == {"cpu": 0.1, "memoryInGB": 0.5}
+    assert service["scoringTimeoutMs"] == 60000
+    assert "primaryKey" not in response.text and "Key" not in "".join(service)
+
+    location = response.headers["Operation-Location"]
+    assert location.endswith(f"/operations/{service['operationId']}")
+    operation = client.get(location.removeprefix("http://testserver"), headers=owner)
+    assert operation.status_code == 200 and operation.headers["Retry-After"]
+    assert operation.json() | {"createdTime": None} == {
+        "id": service["operationId"],
+        "operationType": "Service",
+        "resourceLocation": f"http://testserver{account}/services/{service['id']}",
+        "createdTime": None,
+        "endTime": None,
+        "state": "Running",
+        "error": None,
+    }
+    assert client.get(f"{account}/services/{service['id']}", headers=owner).json() == service
+    assert client.get(f"{account}/services", headers=owner).json() == {"value": [service], "nextLink": None}
+
+
+def test_the_list_filters_by_name_compute_and_image(
+    client: TestClient, owner: dict[str, str], account: str, image_id: str, db: Session, manifest_id: str
+) -> None:
+    other_image = built_image(client, db, account, owner, manifest_id)
+    deploy(client, account, owner, image_id, name="alpha")
+    deploy(client, account, owner, other_image, name="beta")
+
+    def names(query: str) -> list[str]:
+        return [s["name"] for s in client.get(f"{account}/services?{query}", headers=owner).json()["value"]]
+
+    assert names("") == ["alpha", "beta"]
+    assert names("name=beta") == ["beta"]
+    assert names(f"imageId={other_image}") == ["beta"]
+    assert names("computeName=local") == ["alpha", "beta"]
+    assert names("computeName=myswarm") == []
+    assert names("imageId=not-a-uuid") == []
+
+
+def test_the_scoring_uri_appears_once_a_generation_takes_requests(
+    client: TestClient, owner: dict[str, str], account: str, image_id: str, db: Session, app_context: ServiceContext
+) -> None:
+    service = deploy(client, account, owner, image_id)
+    settle(db, service["id"], Transition.CONVERGE, ServiceState.HEALTHY, traffic_generation=1, replicas_ready=1)
+    shown = client.get(f"{account}/services/{service['id']}", headers=owner).json()
+    base = f"{app_context.settings.scoring_url}/api/v1/service/{service['id']}"
+    assert (shown["state"], shown["scoringUri"], shown["swaggerUri"]) == (
+        "Healthy",
+        f"{base}/score",
+        f"{base}/swagger.json",
+    )
+    assert shown["deploymentStatus"] == {"desiredReplicas": 1, "readyReplicas": 1}
+
+
+def test_a_failed_service_shows_why(
+    client: TestClient, owner: dict[str, str], account: str, image_id: str, db: Session
+) -> None:
+    service = deploy(client, account, owner, image_id)
+    settle(db, service["id"], Transition.FAIL, ServiceState.FAILED, error="init() raised ValueError: no model")
+    shown = client.get(f"{account}/services/{service['id']}", headers=owner).json()
+    assert shown["error"] == {"code": "DeploymentFailed", "message": "init() raised ValueError: no model"}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        (
+            {"deploymentConfig": {"containerResourceRequirements": {"cpu": 0}}},
+            "deploymentConfig.containerResourceRequirements.cpu",
+        ),
+        (
+            {"deploymentConfig": {"containerResourceRequirements": {"cpu": -1}}},
+            "deploymentConfig.containerResourceRequirements.cpu",
+        ),
+        (
+            {"deploymentConfig": {"containerResourceRequirements": {"cpu": 65}}},
+            "deploymentConfig.containerResourceRequirements.cpu",
+        ),
+        (
+            {"deploymentConfig": {"containerResourceRequirements": {"memoryInGB": 0.1}}},
+            "deploymentConfig.containerResourceRequirements.memoryInGB",
+        ),
+        (
+            {"deploymentConfig": {"containerResourceRequirements": {"memoryInGB": "lots"}}},
+            "deploymentConfig.containerResourceRequirements.memoryInGB",
+        ),
+        ({"deploymentConfig": {"numReplicas": 0}}, "deploymentConfig.numReplicas"),
+        (
+            {"deploymentConfig": {"numReplicas": 11}},
+            "deploymentConfig.numReplicas",
+        ),  # past MMS_SERVICE_MAX_REPLICAS on local
+        (
+            {"deploymentConfig": {"autoScaler": {"autoscaleEnabled": True}}},
+            "deploymentConfig.autoScaler.autoscaleEnabled",
+        ),
+        (
+            {"deploymentConfig": {"autoScaler": {"targetUtilization": 101}}},
+            "deploymentConfig.autoScaler.targetUtilization",
+        ),
+        ({"deploymentConfig": {"authEnabled": "maybe"}}, "deploymentConfig.authEnabled"),
+        ({"deploymentConfig": {"scoringTimeoutMs": 10}}, "deploymentConfig.scoringTimeoutMs"),
+        ({"name": "My_Service"}, "name"),
+        ({"name": "ab"}, "name"),
+        ({"name": "ends-with-"}, "name"),
+        ({"imageId": None}, "imageId"),
+        ({"modelIds": ["m1"], "inferenceConfig": {"entryScript": "score.py"}}, "modelIds"),
+        ({"computeType": "kubernetes"}, "computeType"),
+        ({"computeName": "-bad"}, "computeName"),
+    ],
+)
+def test_bad_services_are_400s_naming_the_field(
+    client: TestClient, owner: dict[str, str], account: str, image_id: str, overrides: dict, field: str
+) -> None:
+    response = client.post(f"{account}/services", json=body(image_id, **overrides), headers=owner)
+    assert response.status_code == 400, response.text
+    assert any(d["message"].startswith(f"{field}:") for d in response.json()["details"]), response.json()
+    assert client.get(f"{account}/services", headers=owner).json()["value"] == []
+
+
+def test_deploying_from_models_says_it_is_not_yet_supported(
+    client: TestClient, owner: dict[str, str], account: str
+) -> None:
+    response = client.post(f"{account}/services", json={"name": "frommodels", "modelIds": ["m1"]}, headers=owner)
+    assert response.status_code == 400 and "not yet supported" in response.json()["message"]
+
+
+def test_a_kubernetes_target_takes_an_autoscaler_and_checks_its_range(
+    client: TestClient, owner: dict[str, str], account: str, image_id: str
+) -> None:
+    assert client.put(f"{account}/computes/aks", json=kubernetes(), headers=owner).status_code == 201
+    scaler = {"autoscaleEnabled": True, "minReplicas": 2, "maxReplicas": 5, "targetUtilization": 60}
+    service = deploy(client, account, owner, image_id, computeName="aks", deploymentConfig={"autoScaler": scaler})
+    assert service["computeType"] == "kubernetes" and service["numReplicas"] is None
+    assert service["autoScaler"] == scaler | {"refreshPeriodInSeconds": 1}
+    assert service["deploymentStatus"]["desiredReplicas"] == 2
+    for config, field in (
+        ({"autoScaler": scaler | {"minReplicas": 6}}, "deploymentConfig.autoScaler.minReplicas"),
+        ({"autoScaler": scaler, "numReplicas": 2}, "deploymentConfig.numReplicas"),
+    ):
+        response = client.post(
+            f"{account}/services",
+            json=body(image_id, name="other", computeName="aks", deploymentConfig=config),
+            headers=owner,
+        )
+        assert response.status_code == 400 and response.json()["details"][0]["message"].startswith(f"{field}:")
+    # 50 replicas are fine on kubernetes; local and swarm stop at MMS_SERVICE_MAX_REPLICAS.
+    deploy(client, account, owner, image_id, name="wide", computeName="aks", deploymentConfig={"numReplicas": 50})
+
+
+def test_switching_between_an_autoscaler_and_a_fixed_count(
+    client: TestClient, owner: dict[str, str], account: str, image_id: str, db: Session
+) -> None:
+    assert client.put(f"{account}/computes/aks", json=kubernetes(), headers=owner).status_code == 201
+    service = deploy(client, account, owner, image_id, computeName="aks", deploymentConfig={"numReplicas": 3})
+    url = f"{account}/services/{service['id']}"
+    settle(db, service["id"], Transition.CONVERGE, ServiceState.HEALTHY)
+    scaler = {"autoscaleEnabled": True, "minReplicas": 2, "maxReplicas": 4}
+    autoscaled = client.patch(url, json={"autoScaler": scaler}, headers=owner).json()
+    assert (autoscaled["numReplicas"], autoscaled["deploymentStatus"]["desiredReplicas"]) == (None, 2)
+    assert autoscaled["autoScaler"]["autoscaleEnabled"] is True
+    settle(db, service["id"], Transition.CONVERGE, ServiceState.HEALTHY)
+    # Off without a count: as many replicas as the autoscaler last asked for.
+    fixed = client.patch(url, json={"autoScaler": {"autoscaleEnabled": False}}, headers=owner).json()
+    assert (fixed["numReplicas"], fixed["autoScaler"], fixed["deploymentStatus"]["desiredReplicas"]) == (2, None, 2)
+
+
+def test_an_unknown_image_or_compute_is_a_404(
+    client: TestClient, owner: dict[str, str], account: str, image_id: str
+) -> None:
+    for overrides, code in (
+        ({"imageId": str(uuid.uuid4())}, "ImageNotFound"),
+        ({"imageId": "not-an-id"}, "ImageNotFound"),
+        ({"computeName": "nowhere"}, "ComputeNotFound"),
+    ):
+        response = client.post(f"{account}/services", json=body(image_id, **overrides), headers=owner)
+        assert (response.status_code, response.json()["code"]) == (404, code), response.text
+
+
+def test_an_image_that_has_not_succeeded_is_refused_naming_it(
+    client: TestClient, owner: dict[str, str], account: str, manifest_id: str
+) -> None:
+    queued = client.post(f"{account}/images", json={"name": "queued", "manifestId": manifest_id}, headers=owner)
+    response = client.post(f"{account}/services", json=body(queued.json()["Id"]), headers=owner)
+    assert (response.status_code, response.json()["code"]) == (400, "ImageNotReady")
+    assert response.json()["details"][0]["message"].startswith("imageId:")
+    assert "NotStarted" in response.json()["message"]
+
+
+def test_a_duplicate_name_is_a_409_but_another_account_may_use_it(
+    client: TestClient, owner: dict[str, str], account: str, image_id: str, callers: Callers
+) -> None:
+    deploy(client, account, owner, image_id)
+    again = client.post(f"{account}/services", json=body(image_id), headers=owner)
+    assert (again.status_code, again.json()["code"]) == (409, "ServiceExists")
+    from tests.factories import new_account
+
+    other = new_account(client, owner)
+    elsewhere = client.post(f"{other}/services", json=body(image_id), headers=owner)
+    assert (elsewhere.status_code, elsewhere.json()["code"]) == (404, "ImageNotFound")  # images are per account
+    assert client.get(f"{other}/services", headers=owner).json()["value"] == []
+
+
+def test_a_service_of_another_account_is_not_found(
+    client: TestClient, owner: dict[str, str], account: str, image_id: str
+) -> None:
+    from tests.factories import new_account
+
+    service = deploy(client, account, owner, image_id)
+    other = new_account(client, owner)
+    for response in (
+        client.get(f"{other}/services/{service['id']}", headers=owner),
+        client.delete(f"{other}/services/{service['id']}", headers=owner),
+        client.post(f"{other}/services/{service['id']}/keys", headers=owner),
+        client.get(f"{other}/operations/{service['operationId']}", headers=owner),
+    ):
+        assert response.status_code == 404, response.text
+
+
+# ---- keys
+
+
+def test_keys_are_shown_to_contributors_only_and_stored_sealed(
+    client: TestClient,
+    owner: dict[str, str],
+    account: str,
+    image_id: str,
+    callers: Callers,
+    db: Session,
+    app_context: ServiceContext,
+) -> None:
+    service = deploy(client, account, owner, image_id)
+    keys_url = f"{account}/services/{service['id']}/keys"
+    keys = client.post(keys_url, headers=callers.headers("Contributor"))
+    assert keys.status_code == 200
+    primary, secondary = keys.json()["primaryKey"], keys.json()["secondaryKey"]
+    assert len(primary) == len(secondary) == 43 and primary != secondary
+
+    reader = callers.headers("Reader")
+    assert client.get(f"{account}/services/{service['id']}", headers=reader).status_code == 200
+    assert client.post(keys_url, headers=reader).status_code == 403
+    regenerate = client.post(
+        f"{account}/services/{service['id']}/regenerateKeys", json={"keyType": "Primary"}, headers=reader
+    )
+    assert regenerate.status_code == 403
+    for answer in (
+        client.get(f"{account}/services", headers=reader),
+        client.get(f"{account}/services/{service['id']}", headers=owner),
+    ):
+        assert primary not in answer.text and secondary not in answer.text
+
+    row = db.scalars(select(Service).where(Service.id == uuid.UUID(service["id"]))).one()
+    stored = repr([getattr(row, column.key) for column in Service.__table__.columns])
+    assert primary not in stored and secondary not in stored
+    sealer = app_context.sealer
+    assert (row.primary_key_digest, row.secondary_key_digest) == (
+        sealer.digest(primary.encode()),
+        sealer.digest(secondary.encode()),
+    )
+
+
+def test_regenerating_a_key_replaces_that_key_only(
+    client: TestClient, owner: dict[str, str], account: str, image_id: str, db: Session
+) -> None:
+    service = deploy(client, account, owner, image_id)
+    url = f"{account}/services/{service['id']}"
+    before = client.post(f"{url}/keys", headers=owner).json()
+    primary = client.post(f"{url}/regenerateKeys", json={"keyType": "Primary"}, headers=owner)
+    assert primary.status_code == 200
+    assert primary.json()["primaryKey"] != before["primaryKey"]
+    assert primary.json()["secondaryKey"] == before["secondaryKey"]
+    chosen = "my-own-secondary-key-0123456789"
+    secondary = client.post(f"{url}/regenerateKeys", json={"keyType": "Secondary", "keyValue": chosen}, headers=owner)
+    assert secondary.json() == {"primaryKey": primary.json()["primaryKey"], "secondaryKey": chosen}
+    assert client.post(f"{url}/keys", headers=owner).json() == secondary.json()
+    assert db.scalar(select(Service.keys_version).where(Service.id == uuid.UUID(service["id"]))) == 3
+    for bad, field in (({"keyType": "Tertiary"}, "keyType"), ({"keyType": "Primary", "keyValue": "short"}, "keyValue")):
+        response = client.post(f"{url}/regenerateKeys", json=bad, headers=owner)
+        assert response.status_code == 400 and response.json()["details"][0]["message"].startswith(f"{field}:")
+
+
+# ---- PATCH
+
+
+def test_a_change_waits_until_the_service_settles(
+    client: TestClient, owner: dict[str, str], account: str, image_id: str, db: Session
+) -> None:
+    service = deploy(client, account, owner, image_id)
+    url = f"{account}/services/{service['id']}"
+    busy = client.patch(url, json={"numReplicas": 2}, headers=owner)
+    assert (busy.status_code, busy.json()["code"]) == (409, "ServiceBusy")
+
+    settle(db, service["id"], Transition.CONVERGE, ServiceState.HEALTHY, traffic_generation=1, replicas_ready=1)
+    scaled = client.patch(url, json={"numReplicas": 2}, headers=owner)
+    assert scaled.status_code == 202, scaled.text
+    assert scaled.json()["state"] == "Transitioning"
+    assert scaled.json()["deploymentStatus"] == {"desiredReplicas": 2, "readyReplicas": 1}
+    assert scaled.json()["operationId"] != service["operationId"]
+    assert scaled.headers["Operation-Location"].endswith(scaled.json()["operationId"])
+    assert client.get(url, headers=owner).json()["numReplicas"] == 2
+
+
+def test_swapping_the_image_starts_a_new_generation_and_a_failed_service_can_be_fixed(
+    client: TestClient, owner: dict[str, str], account: str, image_id: str, db: Session, manifest_id: str
+) -> None:
+    service = deploy(client, account, owner, image_id)
+    settle(db, service["id"], Transition.FAIL, ServiceState.FAILED, error="init() raised")
+    fixed_image = built_image(client, db, account, owner, manifest_id)
+    swapped = client.patch(
+        f"{account}/services/{service['id']}",
+        json={
+            "imageId": fixed_image,
+            "containerResourceRequirements": {"cpu": 1, "memoryInGB": 2},
+            "authEnabled": False,
+        },
+        headers=owner,
+    )
+    assert swapped.status_code == 202, swapped.text
+    shown = swapped.json()
+    assert (shown["imageId"], shown["state"], shown["error"], shown["authEnabled"]) == (
+        fixed_image,
+        "Transitioning",
+        None,
+        False,
+    )
+    assert shown["containerResourceRequirements"] == {"cpu": 1.0, "memoryInGB": 2.0}
+    assert db.scalar(select(Service.generation).where(Service.id == uuid.UUID(service["id"]))) == 2
+
+
+@pytest.mark.parametrize(
+    ("patch", "status", "field"),
+    [
+        ({}, 400, None),
+        ({"numReplicas": 0}, 400, "numReplicas"),
+        ({"numReplicas": 11}, 400, "numReplicas"),
+        ({"autoScaler": {"autoscaleEnabled": True}}, 400, "autoScaler.autoscaleEnabled"),
+        ({"containerResourceRequirements": {"cpu": 0}}, 400, "containerResourceRequirements.cpu"),
+        ({"imageId": str(uuid.uuid4())}, 404, None),
+    ],
+)
+def test_bad_changes_are_refused_naming_the_field(
+    client: TestClient,
+    owner: dict[str, str],
+    account: str,
+    image_id: str,
+    db: Session,
+    patch: dict,
+    status: int,
+    field: str | None,
+) -> None:
+    service = deploy(client, account, owner, image_id)
+    settle(db, service["id"], Transition.CONVERGE, ServiceState.HEALTHY)
+    response = client.patch(f"{account}/services/{service['id']}", json=patch, headers=owner)
+    assert response.status_code == status, response.text
+    if field:
+        assert response.json()["details"][0]["message"].startswith(f"{field}:")
+    assert client.get(f"{account}/services/{service['id']}", headers=owner).json()["state"] == "Healthy"
+
+
+# ---- DELETE, and what a service holds on to
+
+
+def test_a_delete_is_accepted_and_asked_again_is_the_same_operation(
+    client: TestClient, owner: dict[str, str], account: str, image_id: str, db: Session
+) -> None:
+    service = deploy(client, account, owner, image_id)
+    url = f"{account}/services/{service['id']}"
+    deleting = client.delete(url, headers=owner)
+    assert deleting.status_code == 202 and deleting.json()["state"] == "Deleting"
+    operation = client.get(f"{account}/operations/{deleting.json()['operationId']}", headers=owner).json()
+    assert (operation["operationType"], operation["state"]) == ("Service", "Running")
+    again = client.delete(url, headers=owner)
+    assert again.status_code == 202 and again.json()["operationId"] == deleting.json()["operationId"]
+    for response, code in (
+        (client.patch(url, json={"numReplicas": 2}, headers=owner), "ServiceDeleting"),
+        (client.post(f"{url}/regenerateKeys", json={"keyType": "Primary"}, headers=owner), "ServiceDeleting"),
+    ):
+        assert (response.status_code, response.json()["code"]) == (409, code)
+    # The reconciler removes the row once the orchestrator holds nothing; its operation stays.
+    settle(db, service["id"], Transition.DELETE, None)
+    assert client.get(url, headers=owner).status_code == 404
+    left = client.get(f"{account}/operations/{deleting.json()['operationId']}", headers=owner).json()
+    assert left["resourceLocation"] is None
+
+
+def test_an_image_a_service_runs_cannot_be_deleted(
+    client: TestClient, owner: dict[str, str], account: str, image_id: str, db: Session
+) -> None:
+    service = deploy(client, account, owner, image_id)
+    refused = client.delete(f"{account}/images/{image_id}", headers=owner)
+    assert (refused.status_code, refused.json()["code"]) == (409, "ImageInUse")
+    assert "myservice" in refused.json()["message"]
+    assert client.delete(f"{account}/services/{service['id']}", headers=owner).status_code == 202
+    assert client.delete(f"{account}/images/{image_id}", headers=owner).status_code == 409  # still Deleting
+    settle(db, service["id"], Transition.DELETE, None)
+    assert client.delete(f"{account}/images/{image_id}", headers=owner).status_code == 204
+
+
+def test_a_target_that_runs_services_cannot_be_detached_or_change_type(
+    client: TestClient, owner: dict[str, str], account: str, image_id: str
+) -> None:
+    assert client.put(f"{account}/computes/myswarm", json=swarm(), headers=owner).status_code == 201
+    service = deploy(client, account, owner, image_id, computeName="myswarm", computeType="swarm")
+    assert service["computeType"] == "swarm"
+    for response in (
+        client.delete(f"{account}/computes/myswarm", headers=owner),
+        client.put(f"{account}/computes/myswarm", json=kubernetes(), headers=owner),
+    ):
+        assert (response.status_code, response.json()["code"]) == (409, "ComputeInUse")
+    too_many = client.post(
+        f"{account}/services",
+        json=body(image_id, name="big", computeName="myswarm", deploymentConfig={"numReplicas": 11}),
+        headers=owner,
+    )
+    assert too_many.status_code == 400
+
+
+def test_an_account_with_services_is_deleted_only_with_force_and_takes_them_along(
+    client: TestClient, owner: dict[str, str], account: str, image_id: str, db: Session
+) -> None:
+    service = deploy(client, account, owner, image_id)
+    refused = client.delete(account, headers=owner)
+    assert refused.status_code == 409 and "1 service(s)" in refused.json()["message"]
+    assert client.delete(f"{account}?force=true", headers=owner).status_code in (200, 202, 204)
+    assert db.scalar(select(Service.id).where(Service.id == uuid.UUID(service["id"]))) is None
+
+
+def test_readers_see_services_but_cannot_change_them(
+    client: TestClient, owner: dict[str, str], account: str, image_id: str, callers: Callers
+) -> None:
+    reader = callers.headers("Reader")
+    assert client.post(f"{account}/services", json=body(image_id), headers=reader).status_code == 403
+    service = deploy(client, account, owner, image_id)
+    url = f"{account}/services/{service['id']}"
+    assert client.get(url, headers=reader).status_code == 200
+    assert client.get(f"{account}/operations/{service['operationId']}", headers=reader).status_code == 200
+    assert client.patch(url, json={"numReplicas": 2}, headers=reader).status_code == 403
+    assert client.delete(url, headers=reader).status_code == 403
+    contributor = callers.headers("Contributor")
+    assert client.delete(url, headers=contributor).status_code == 202
+
+
+def test_without_the_preview_setting_the_routes_are_not_served(
+    app_context: ServiceContext, db: Session, account: str, owner: dict[str, str], image_id: str
+) -> None:
+    context = ServiceContext.build(
+        app_context.settings.model_copy(update={"web_services_preview": False}),
+        engine=app_context.engine,
+        session_factory=db.info["factory"],
+        read_session_factory=db.info["read_factory"],
+    )
+    off = TestClient(create_app(context=context), base_url="http://testserver")
+    for method, path in (("GET", "/services"), ("POST", "/services"), ("GET", "/computes")):
+        answer = off.request(method, f"{account}{path}", json={"name": "svc", "imageId": image_id}, headers=owner)
+        assert answer.status_code == 404 and answer.json()["code"] == "NotFound"
+    assert "/services" not in " ".join(off.get("/openapi.json").json()["paths"])
