@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import textwrap
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +26,43 @@ SEED_MODEL = {
     "mimeType": "application/zip",
     "unpack": "true",
 }
+
+
+# A tenant's kubeconfig with inline credentials (app/deployments/kubeconfig.py accepts it); the
+# token must never appear in an error.
+KUBE_SERVER = "https://20.43.0.10:6443"  # a global address: nothing is resolved or connected
+KUBE_TOKEN = "tenant-token-never-in-an-error"
+KUBE_CA = base64.b64encode(b"-----BEGIN CERTIFICATE-----\n...").decode()
+
+
+def kubeconfig_text(cluster: str = "", user: str = "", server: str = KUBE_SERVER) -> str:
+    """One cluster, user and context; ``cluster`` and ``user`` are YAML lines added to their entries."""
+    head = f"""\
+apiVersion: v1
+kind: Config
+clusters:
+- name: prod
+  cluster:
+    server: {server}
+    certificate-authority-data: {KUBE_CA}
+"""
+    users = f"""\
+users:
+- name: deployer
+  user:
+    token: {KUBE_TOKEN}
+"""
+    contexts = """\
+contexts:
+- name: prod
+  context:
+    cluster: prod
+    user: deployer
+    namespace: tenant-a
+current-context: prod
+"""
+    indent = " " * 4
+    return head + textwrap.indent(cluster, indent) + users + textwrap.indent(user, indent) + contexts
 
 
 def bearer(token: str) -> dict[str, str]:

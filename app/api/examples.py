@@ -127,9 +127,9 @@ COMPUTE = {
             "properties": {
                 "dockerHost": "tcp://swarm.example.com:2376",
                 "tls": {
-                    "ca": "-----BEGIN CERTIFICATE-----\n...\n-----END CERTIFICATE-----\n",
-                    "cert": "-----BEGIN CERTIFICATE-----\n...\n-----END CERTIFICATE-----\n",
-                    "key": "-----BEGIN PRIVATE KEY-----\n...\n-----END PRIVATE KEY-----\n",
+                    "ca": "-----BEGIN CERTIFICATE-----\nMIIBexampleOnly\n-----END CERTIFICATE-----\n",
+                    "cert": "-----BEGIN CERTIFICATE-----\nMIIBexampleOnly\n-----END CERTIFICATE-----\n",
+                    "key": "-----BEGIN PRIVATE KEY-----\nMIIEexampleOnly\n-----END PRIVATE KEY-----\n",
                 },
             },
         },

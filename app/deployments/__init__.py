@@ -3,7 +3,8 @@
 Every move of ``Service.state`` goes through ``transitions.TRANSITIONS`` and
 ``transitions.move``, a conditional UPDATE (or DELETE) that is safe across any number of API
 processes and reconciler passes. Submodules: ``states`` (the vocabulary), ``transitions`` (the
-table), ``keys`` (scoring keys: made, sealed, digested), ``lifecycle`` (the API's moves).
+table), ``keys`` (scoring keys: made, sealed, digested), ``lifecycle`` (the API's moves),
+``kubeconfig`` (the policy a tenant's kubeconfig must pass, for the API and the workers).
 
 Only ``states`` is imported here: the ORM imports it, and the rest imports the ORM.
 """

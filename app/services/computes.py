@@ -4,17 +4,17 @@ tenant attaches (swarm, kubernetes), whose credentials are sealed and never show
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-import yaml
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app.deployments.kubeconfig import WHOLE_FILE, KubeconfigRefused, check_kubeconfig
 from app.errors import Conflict, NotFound, ValidationFailed
 from app.orm import Compute, Service
 from app.schemas.services import ComputePut
@@ -92,45 +92,53 @@ def _in_use(session: Session, account: AccountRef, name: str) -> int:
     )
 
 
-# Keys of a kubeconfig that run a command or read the worker's files: refused from tenants.
-_HOSTILE_KUBECONFIG_KEYS = {"exec", "auth-provider", "tokenFile"}
-
-
-def _hostile_keys(value: object) -> Iterator[str]:
-    # Iterative, each object once: YAML aliases share objects, so a small document can stand
-    # for an exponentially large tree.
-    seen: set[int] = set()
-    pending = [value]
-    while pending:
-        item = pending.pop()
-        if id(item) in seen:
-            continue
-        seen.add(id(item))
-        if isinstance(item, dict):
-            for key, child in item.items():
-                if key in _HOSTILE_KUBECONFIG_KEYS or (isinstance(key, str) and key.endswith("-file")):
-                    yield str(key)
-                pending.append(child)
-        elif isinstance(item, list):
-            pending.extend(item)
-
-
-def _check_kubeconfig(text: str) -> None:
+def _check_kubeconfig(text: str, *, allow_insecure_tls: bool) -> None:
+    """The service's kubeconfig policy (app/deployments/kubeconfig.py), all but the servers'
+    addresses: those are judged by the worker's fetch policy when it connects (a name resolved
+    now may lead elsewhere then), so a cluster on a private address is refused at that point."""
     try:
-        config = yaml.safe_load(text)
-    except (yaml.YAMLError, RecursionError):
-        raise invalid("properties.kubeconfig", "is not YAML") from None
-    if not isinstance(config, dict) or not config.get("clusters"):
-        raise invalid("properties.kubeconfig", "must be a kubeconfig with its clusters")
-    hostile = sorted(set(_hostile_keys(config)))
-    if hostile:
-        raise invalid(
-            "properties.kubeconfig",
-            f"must carry its credentials inline (*-data, token); refused: {', '.join(hostile)}",
-        )
+        check_kubeconfig(text, allow_insecure_tls=allow_insecure_tls)
+    except KubeconfigRefused as exc:
+        where = "" if exc.field == WHOLE_FILE else f"{exc.field} "
+        raise invalid("properties.kubeconfig", f"{where}{exc.reason}") from None
 
 
-def _settings_and_credentials(body: ComputePut) -> tuple[dict[str, Any], dict[str, Any]]:
+# One PEM block or more and nothing else (headers such as DEK-Info included): the worker hands
+# these to TLS as they are, so a value that is not wholly inline PEM (a file's path, say) is refused.
+_PEM_BLOCK = re.compile(r"-----BEGIN ([A-Z0-9 ]+)-----\r?\n[A-Za-z0-9+/=:, \t\r\n-]*?-----END \1-----\s*")
+
+
+def _is_inline_pem(text: str) -> bool:
+    position, text = 0, text.lstrip()
+    while position < len(text):
+        block = _PEM_BLOCK.match(text, position)
+        if block is None:
+            return False
+        position = block.end()
+    return position > 0
+
+
+def _check_docker_host(docker_host: str | None) -> None:
+    host = urlsplit(docker_host or "")
+    try:
+        port = host.port
+    except ValueError:
+        port = None
+    # No path, query or userinfo: the manager's TLS port and nothing the client could read as a
+    # socket, a file or a credential.
+    if (
+        host.scheme != "tcp"
+        or not host.hostname
+        or port is None
+        or host.path not in ("", "/")
+        or host.query
+        or host.fragment
+        or "@" in host.netloc
+    ):
+        raise invalid("properties.dockerHost", "must be tcp://host:port (the manager's TLS port)")
+
+
+def _settings_and_credentials(body: ComputePut, *, allow_insecure_tls: bool) -> tuple[dict[str, Any], dict[str, Any]]:
     """What the target shows (properties) and what is sealed (credentials), checked."""
     props = body.properties
     if body.type == "local":
@@ -140,31 +148,36 @@ def _settings_and_credentials(body: ComputePut) -> tuple[dict[str, Any], dict[st
     if body.type == "swarm":
         if props.kubeconfig is not None or props.namespace is not None:
             raise invalid("properties", "a swarm target takes dockerHost and tls, not kubeconfig or namespace")
-        host = urlsplit(props.dockerHost or "")
-        try:
-            port = host.port
-        except ValueError:
-            port = None
-        if host.scheme != "tcp" or not host.hostname or port is None or host.path not in ("", "/"):
-            raise invalid("properties.dockerHost", "must be tcp://host:port (the manager's TLS port)")
+        _check_docker_host(props.dockerHost)
         if props.tls is None:
             raise invalid("properties.tls", "is required: a swarm manager is reached over TLS only")
+        for name, value in props.tls.model_dump().items():
+            if not _is_inline_pem(value):
+                raise invalid(f"properties.tls.{name}", "must be inline PEM (-----BEGIN ...-----), not a file's path")
         return {"dockerHost": props.dockerHost}, {"tls": props.tls.model_dump()}
     if props.dockerHost is not None or props.tls is not None:
         raise invalid("properties", "a kubernetes target takes kubeconfig and namespace, not dockerHost or tls")
     if props.kubeconfig is None:
         raise invalid("properties.kubeconfig", "is required for a kubernetes target")
-    _check_kubeconfig(props.kubeconfig)
+    _check_kubeconfig(props.kubeconfig, allow_insecure_tls=allow_insecure_tls)
     return {"namespace": props.namespace or "default"}, {"kubeconfig": props.kubeconfig}
 
 
 def put_target(
-    session: Session, account: AccountRef, *, name: str, body: ComputePut, sealer: Sealer, created_by: str | None
+    session: Session,
+    account: AccountRef,
+    *,
+    name: str,
+    body: ComputePut,
+    sealer: Sealer,
+    created_by: str | None,
+    allow_insecure_tls: bool = False,
 ) -> tuple[Target, bool]:
-    """Attach a target, or replace its settings; whether it is new. ``local`` is built in (409)."""
+    """Attach a target, or replace its settings; whether it is new. ``local`` is built in (409).
+    ``allow_insecure_tls``: a kubeconfig may turn off the check of its cluster's certificate."""
     if _is_local(name):
         raise Conflict("compute 'local' is built in: it cannot be attached or changed", code="BuiltInCompute")
-    properties, credentials = _settings_and_credentials(body)
+    properties, credentials = _settings_and_credentials(body, allow_insecure_tls=allow_insecure_tls)
     sealed = sealer.seal(json.dumps(credentials).encode())
     compute = _find(session, account, name)
     if compute is None:

@@ -1,7 +1,10 @@
 """Compute targets through the API: `local` built in, swarm and kubernetes attached with their
-credentials sealed (never answered, never stored in plain form), 400s naming the field, roles."""
+credentials sealed (never answered, never stored in plain form), 400s naming the field (the
+kubeconfig policy's own cases: tests/deployments/test_kubeconfig.py), roles."""
 
 from __future__ import annotations
+
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -10,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from app.context import ServiceContext
 from app.orm import Compute
-from tests.factories import Callers
+from tests.factories import KUBE_TOKEN, Callers, kubeconfig_text
 
 CERT = "-----BEGIN CERTIFICATE-----\nMIIBfake\n-----END CERTIFICATE-----\n"
 KEY = "-----BEGIN PRIVATE KEY-----\nTOP-SECRET-KEY-MATERIAL\n-----END PRIVATE KEY-----\n"
@@ -137,6 +140,10 @@ def test_a_kubernetes_target_keeps_its_namespace_and_hides_its_kubeconfig(
         (swarm("unix:///var/run/docker.sock"), "properties.dockerHost"),
         (swarm("ssh://root@host"), "properties.dockerHost"),
         (swarm("tcp://host"), "properties.dockerHost"),
+        (swarm("tcp://host:2376/var/run/docker.sock"), "properties.dockerHost"),
+        (swarm("tcp://host:2376?cert=/etc/mms/client.pem"), "properties.dockerHost"),
+        (swarm("tcp://host:2376#/etc/mms/client.pem"), "properties.dockerHost"),
+        (swarm("tcp://user:secret@host:2376"), "properties.dockerHost"),
         ({"type": "swarm", "properties": {"dockerHost": "tcp://h:2376"}}, "properties.tls"),
         (
             {
@@ -161,21 +168,130 @@ def test_bad_targets_are_400s_naming_the_field(
 
 
 @pytest.mark.parametrize(
-    "hostile",
+    ("cluster", "user", "field", "reason"),
     [
-        "    exec:\n      command: /bin/sh\n      apiVersion: client.authentication.k8s.io/v1\n",
-        "    auth-provider:\n      name: gcp\n",
-        "    tokenFile: /var/run/secrets/token\n",
-        "    client-key-file: /etc/mms/secret.key\n",
+        ("", "exec:\n  command: /bin/sh\n  apiVersion: x\n", "users[0].user.exec", "runs a command on the worker"),
+        ("", "auth-provider:\n  name: gcp\n", "users[0].user.auth-provider", "runs a credential plugin"),
+        ("", "tokenFile: /var/run/secrets/token\n", "users[0].user.tokenFile", "reads a file on the worker"),
+        ("", "client-key: /etc/mms/secret.key\n", "users[0].user.client-key", "reads a file on the worker"),
+        ("certificate-authority: /etc/passwd\n", "", "clusters[0].cluster.certificate-authority", "reads a file"),
+        ("proxy-url: http://10.0.0.1:3128\n", "", "clusters[0].cluster.proxy-url", "through another host"),
+        ("", "client-key-file: /etc/mms/secret.key\n", "users[0].user.client-key-file", "not a field this service"),
+        ("insecure-skip-tls-verify: true\n", "", "clusters[0].cluster.insecure-skip-tls-verify", "MMS_KUBERNETES_"),
+    ],
+    ids=[
+        "exec",
+        "auth-provider",
+        "tokenFile",
+        "client-key-path",
+        "ca-path",
+        "proxy-url",
+        "unknown-key",
+        "insecure-tls",
     ],
 )
-def test_a_kubeconfig_that_runs_commands_or_reads_files_is_refused(
-    client: TestClient, owner: dict[str, str], account: str, hostile: str
+def test_a_hostile_kubeconfig_is_a_400_naming_the_field(
+    client: TestClient, owner: dict[str, str], account: str, cluster: str, user: str, field: str, reason: str
 ) -> None:
-    kubeconfig = KUBECONFIG.replace("    token: kube-token-never-shown\n", hostile)
-    response = client.put(f"{account}/computes/evil", json=kubernetes(kubeconfig), headers=owner)
+    response = client.put(
+        f"{account}/computes/evil", json=kubernetes(kubeconfig_text(cluster=cluster, user=user)), headers=owner
+    )
+    assert response.status_code == 400, response.text
+    [detail] = response.json()["details"]
+    assert detail["code"] == "InvalidField"
+    assert detail["message"].startswith(f"properties.kubeconfig: {field} "), detail
+    assert reason in detail["message"]
+    assert response.json()["message"] == f"Invalid request: {detail['message']}"
+    assert KUBE_TOKEN not in response.text
+    assert client.get(f"{account}/computes/evil", headers=owner).status_code == 404
+
+
+def test_a_plain_http_server_is_a_400_that_does_not_echo_the_url(
+    client: TestClient, owner: dict[str, str], account: str
+) -> None:
+    kubeconfig = kubeconfig_text(server="http://admin:hunter2@20.43.0.10:8080")
+    response = client.put(f"{account}/computes/plain", json=kubernetes(kubeconfig), headers=owner)
     assert response.status_code == 400
-    assert "properties.kubeconfig" in response.json()["message"]
+    [detail] = response.json()["details"]
+    assert detail["message"] == "properties.kubeconfig: clusters[0].cluster.server must be an https:// URL"
+    assert "hunter2" not in response.text
+
+
+def test_a_yaml_alias_bomb_is_answered_at_once(client: TestClient, owner: dict[str, str], account: str) -> None:
+    # Nine levels of nine aliases: 9**9 strings if anything expanded it, under 1 KB as sent.
+    anchors = ", ".join(
+        ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+        + [f"l{n}: &l{n} [{', '.join([f'*l{n - 1}'] * 9)}]" for n in range(1, 9)]
+    )
+    bomb = f"apiVersion: v1\nkind: Config\npreferences: {{{anchors}}}\nclusters: *l8\n"
+    started = time.monotonic()
+    response = client.put(f"{account}/computes/bomb", json=kubernetes(bomb), headers=owner)
+    assert time.monotonic() - started < 2.0
+    assert response.status_code == 400
+    assert response.json()["details"][0]["message"] == "properties.kubeconfig: clusters[0] must be a mapping"
+    nested = "extensions: " + "[" * 5000 + "]" * 5000
+    response = client.put(f"{account}/computes/deep", json=kubernetes(nested), headers=owner)
+    assert response.status_code == 400
+    assert response.json()["details"][0]["message"].startswith("properties.kubeconfig: nests deeper than")
+
+
+def test_the_api_leaves_the_servers_address_to_the_worker_and_insecure_tls_to_the_setting(
+    app_context: ServiceContext, client: TestClient, owner: dict[str, str], account: str
+) -> None:
+    """A private server is judged by the worker's fetch policy when it connects, not here."""
+    private = client.put(
+        f"{account}/computes/onprem", json=kubernetes(kubeconfig_text(server="https://10.0.0.1:6443")), headers=owner
+    )
+    assert private.status_code == 201, private.text
+
+    from app.main import create_app
+
+    settings = app_context.settings.model_copy(update={"kubernetes_allow_insecure_tls": True})
+    context = ServiceContext.build(
+        settings,
+        engine=app_context.engine,
+        session_factory=app_context.session_factory,
+        read_session_factory=app_context.read_session_factory,
+    )
+    allowing = TestClient(create_app(context=context), base_url="http://testserver")
+    insecure = kubernetes(kubeconfig_text(cluster="insecure-skip-tls-verify: true\n"))
+    assert allowing.put(f"{account}/computes/testcluster", json=insecure, headers=owner).status_code == 201
+
+
+PATH = "/etc/mms/worker-client.key"
+
+
+@pytest.mark.parametrize(
+    ("tls", "field"),
+    [
+        ({"ca": CERT, "cert": CERT, "key": PATH}, "properties.tls.key"),
+        ({"ca": CERT, "cert": CERT, "key": f"{PATH}\n-----BEGIN PRIVATE KEY-----"}, "properties.tls.key"),
+        ({"ca": CERT, "cert": f"{PATH}\n{CERT}", "key": KEY}, "properties.tls.cert"),
+        ({"ca": f"{CERT}{PATH}\n", "cert": CERT, "key": KEY}, "properties.tls.ca"),
+        ({"ca": CERT.replace("MIIBfake", "MIIB /etc/ssl/ca.pem"), "cert": CERT, "key": KEY}, "properties.tls.ca"),
+    ],
+    ids=["a-path", "a-path-then-a-header", "a-path-before-the-pem", "a-path-after-the-pem", "a-path-inside"],
+)
+def test_swarm_tls_materials_must_be_inline_pem(
+    client: TestClient, owner: dict[str, str], account: str, tls: dict[str, str], field: str
+) -> None:
+    body = {"type": "swarm", "properties": {"dockerHost": "tcp://swarm.example.com:2376", "tls": tls}}
+    response = client.put(f"{account}/computes/files", json=body, headers=owner)
+    assert response.status_code == 400, response.text
+    assert any(d["message"].startswith(f"{field}:") for d in response.json()["details"]), response.json()
+    assert "SECRET" not in response.text and PATH not in response.text
+
+
+def test_swarm_tls_materials_may_hold_a_chain_and_an_encrypted_key(
+    client: TestClient, owner: dict[str, str], account: str
+) -> None:
+    encrypted = (
+        "-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\nDEK-Info: AES-128-CBC,0A1B\n\n"
+        "TOP-SECRET-KEY-MATERIAL\n-----END RSA PRIVATE KEY-----\n"
+    )
+    tls = {"ca": CERT + CERT, "cert": "\n" + CERT, "key": encrypted.replace("\n", "\r\n")}
+    body = {"type": "swarm", "properties": {"dockerHost": "tcp://swarm.example.com:2376", "tls": tls}}
+    assert client.put(f"{account}/computes/chain", json=body, headers=owner).status_code == 201
 
 
 def test_a_bad_compute_name_is_a_400(client: TestClient, owner: dict[str, str], account: str) -> None:

@@ -1,5 +1,6 @@
 """Web services (issue 16): what the deploy targets run, and the checks on what tenants attach.
 
 ``kubernetes``  the kubernetes target's objects, built with the official client's models
-``kubeconfig``  the policy a tenant's kubeconfig must pass before anything uses it
+``kubeconfig``  a tenant's kubeconfig checked before connecting: the service's policy
+                (app/deployments/kubeconfig.py) plus where each server's address leads
 """

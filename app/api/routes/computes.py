@@ -47,7 +47,13 @@ def put_compute(
 ) -> ComputeRead:
     """Attach a swarm or kubernetes target (201), or replace its settings (200); credentials are sealed."""
     target, created = computes.put_target(
-        session, account, name=name, body=body, sealer=context.sealer, created_by=caller.subject
+        session,
+        account,
+        name=name,
+        body=body,
+        sealer=context.sealer,
+        created_by=caller.subject,
+        allow_insecure_tls=context.settings.kubernetes_allow_insecure_tls,
     )
     if created:
         response.status_code = status.HTTP_201_CREATED

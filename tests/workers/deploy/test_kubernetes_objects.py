@@ -1,13 +1,13 @@
 """The kubernetes target's objects (workers/deploy/kubernetes.py), checked strictly against the
 Kubernetes 1.37 OpenAPI schema (an unknown field fails, as a wrong type does), their containment,
-and the kubeconfig policy (workers/deploy/kubeconfig.py). No cluster: nothing here connects."""
+and the kubeconfig check at connect time (workers/deploy/kubeconfig.py: the service's policy plus
+each server's address). No cluster: nothing here connects."""
 
 from __future__ import annotations
 
 import base64
 import copy
 import json
-import textwrap
 from typing import Any
 
 import kubernetes_validate
@@ -15,6 +15,7 @@ import pytest
 from kubernetes.client import ApiClient
 
 from app.config import Settings
+from tests.factories import KUBE_TOKEN, kubeconfig_text
 from workers.deploy.kubeconfig import (
     KubeconfigPolicy,
     KubeconfigRefused,
@@ -265,115 +266,29 @@ def test_a_description_the_target_cannot_run_is_refused_naming_the_field(changes
     assert str(raised.value).startswith(f"{field}: ")
 
 
-# --- the kubeconfig policy ---------------------------------------------------------------------
-
-PUBLIC_SERVER = "https://20.43.0.10:6443"  # a global address: nothing is resolved or connected
-TOKEN = "tenant-token-never-in-an-error"
-CA = base64.b64encode(b"-----BEGIN CERTIFICATE-----\n...").decode()
-
-
-def _kubeconfig(cluster: str = "", user: str = "", server: str = PUBLIC_SERVER) -> str:
-    return (
-        textwrap.dedent(
-            f"""\
-        apiVersion: v1
-        kind: Config
-        clusters:
-        - name: prod
-          cluster:
-            server: {server}
-            certificate-authority-data: {CA}
-        """
-        )
-        + textwrap.indent(textwrap.dedent(cluster), " " * 4)
-        + textwrap.dedent(
-            f"""\
-        users:
-        - name: deployer
-          user:
-            token: {TOKEN}
-        """
-        )
-        + textwrap.indent(textwrap.dedent(user), " " * 4)
-        + textwrap.dedent(
-            """\
-        contexts:
-        - name: prod
-          context:
-            cluster: prod
-            user: deployer
-            namespace: tenant-a
-        current-context: prod
-        """
-        )
-    )
+# --- the kubeconfig policy at connect time ----------------------------------------------------
+# The policy itself (fields, https, insecure TLS, the document's shape) is app/deployments/kubeconfig.py's,
+# tested in tests/deployments/test_kubeconfig.py; here, what the worker adds: each server's address
+# through the fetch policy, and the settings reaching it.
 
 
 def _refused(text: str, policy: KubeconfigPolicy | None = None) -> KubeconfigRefused:
     with pytest.raises(KubeconfigRefused) as raised:
         check_kubeconfig(text, policy or KubeconfigPolicy())
-    assert TOKEN not in str(raised.value)
+    assert KUBE_TOKEN not in str(raised.value)
     return raised.value
 
 
-def test_a_kubeconfig_with_inline_credentials_is_accepted() -> None:
-    checked = check_kubeconfig(_kubeconfig())
-    assert checked.server == PUBLIC_SERVER
-    assert checked.namespace == "tenant-a"
-    assert checked.token == TOKEN
-    assert checked.certificate_authority_data == CA
-    assert checked.insecure_skip_tls_verify is False
-    assert TOKEN not in repr(checked)
-
-
-def test_exec_is_refused() -> None:
-    error = _refused(_kubeconfig(user="exec:\n  command: /bin/sh\n  args: ['-c', 'id']\n  apiVersion: x\n"))
+def test_the_worker_applies_the_service_policy() -> None:
+    assert check_kubeconfig(kubeconfig_text()).token == KUBE_TOKEN
+    error = _refused(kubeconfig_text(user="exec:\n  command: /bin/sh\n  apiVersion: x\n"))
     assert error.field == "users[0].user.exec"
     assert "runs a command on the worker" in str(error)
 
 
-def test_an_auth_provider_is_refused() -> None:
-    error = _refused(_kubeconfig(user="auth-provider:\n  name: gcp\n  config: {cmd-path: /usr/bin/gcloud}\n"))
-    assert error.field == "users[0].user.auth-provider"
-
-
-def test_a_token_file_is_refused() -> None:
-    error = _refused(_kubeconfig(user="tokenFile: /var/run/secrets/kubernetes.io/serviceaccount/token\n"))
-    assert error.field == "users[0].user.tokenFile"
-    assert "reads a file on the worker" in str(error)
-
-
-def test_a_client_certificate_path_is_refused() -> None:
-    error = _refused(_kubeconfig(user="client-certificate: /etc/ssl/private/worker.pem\n"))
-    assert error.field == "users[0].user.client-certificate"
-
-
-def test_a_client_key_path_is_refused() -> None:
-    error = _refused(_kubeconfig(user="client-key: /var/lib/mms/secret.key\n"))
-    assert error.field == "users[0].user.client-key"
-
-
-def test_a_certificate_authority_path_is_refused() -> None:
-    error = _refused(_kubeconfig(cluster="certificate-authority: /etc/passwd\n"))
-    assert error.field == "clusters[0].cluster.certificate-authority"
-
-
-def test_a_proxy_url_is_refused() -> None:
-    error = _refused(_kubeconfig(cluster="proxy-url: http://10.0.0.1:3128\n"))
-    assert error.field == "clusters[0].cluster.proxy-url"
-
-
-def test_an_unknown_field_is_refused() -> None:
-    error = _refused(_kubeconfig(user="credential-helper: run-me\n"))
-    assert error.field == "users[0].user.credential-helper"
-    assert "not a field this service accepts" in str(error)
-
-
-def test_insecure_skip_tls_verify_is_refused_unless_the_operator_allows_it() -> None:
-    text = _kubeconfig(cluster="insecure-skip-tls-verify: true\n")
-    error = _refused(text)
-    assert error.field == "clusters[0].cluster.insecure-skip-tls-verify"
-    assert "MMS_KUBERNETES_ALLOW_INSECURE_TLS" in str(error)
+def test_insecure_skip_tls_verify_passes_only_with_the_setting() -> None:
+    text = kubeconfig_text(cluster="insecure-skip-tls-verify: true\n")
+    assert _refused(text, kubeconfig_policy(Settings())).field == "clusters[0].cluster.insecure-skip-tls-verify"
     allowing = kubeconfig_policy(Settings(kubernetes_allow_insecure_tls=True))
     assert check_kubeconfig(text, allowing).insecure_skip_tls_verify is True
 
@@ -390,46 +305,25 @@ def test_insecure_skip_tls_verify_is_refused_unless_the_operator_allows_it() -> 
     ],
 )
 def test_a_server_on_a_non_public_address_is_refused(server: str, kind: str) -> None:
-    error = _refused(_kubeconfig(server=server))
+    error = _refused(kubeconfig_text(server=server))
     assert error.field == "clusters[0].cluster.server"
     assert kind in str(error)
     assert "MMS_FETCH_ALLOW_HOSTS" in str(error)
 
 
+def test_a_server_outside_the_current_context_is_judged_too() -> None:
+    text = kubeconfig_text().replace("users:", "- name: other\n  cluster:\n    server: https://10.0.0.1:6443\nusers:")
+    assert _refused(text).field == "clusters[1].cluster.server"
+
+
 def test_a_private_server_the_operator_allows_is_accepted() -> None:
-    text = _kubeconfig(server="https://10.0.0.1:6443")
+    text = kubeconfig_text(server="https://10.0.0.1:6443")
     policy = KubeconfigPolicy(fetch=FetchPolicy(allow_hosts=frozenset({"10.0.0.1:6443"})))
     assert check_kubeconfig(text, policy).server == "https://10.0.0.1:6443"
     # The same host on another port is another service: still refused.
-    assert _refused(_kubeconfig(server="https://10.0.0.1:10250"), policy).field == "clusters[0].cluster.server"
+    assert _refused(kubeconfig_text(server="https://10.0.0.1:10250"), policy).field == "clusters[0].cluster.server"
 
 
 def test_the_settings_allow_list_reaches_the_policy() -> None:
     policy = kubeconfig_policy(Settings(fetch_allow_hosts=["10.0.0.1:6443"]))
-    assert check_kubeconfig(_kubeconfig(server="https://10.0.0.1:6443"), policy).server == "https://10.0.0.1:6443"
-
-
-def test_a_plain_http_server_is_refused() -> None:
-    error = _refused(_kubeconfig(server="http://20.43.0.10:8080"))
-    assert error.field == "clusters[0].cluster.server"
-    assert "https://" in str(error)
-
-
-def test_a_hostile_entry_outside_the_current_context_is_refused_too() -> None:
-    text = _kubeconfig().replace(
-        "contexts:",
-        "- name: other\n  user:\n    exec: {command: /bin/sh, apiVersion: x}\ncontexts:",
-    )
-    error = _refused(text)
-    assert error.field == "users[1].user.exec"
-
-
-def test_a_current_context_that_names_nothing_is_refused() -> None:
-    error = _refused(_kubeconfig().replace("current-context: prod", "current-context: staging"))
-    assert error.field == "current-context"
-
-
-def test_a_document_that_is_not_a_kubeconfig_is_refused() -> None:
-    assert _refused("- just\n- a list\n").field == "(file)"
-    assert _refused("clusters: [\n").field == "(file)"
-    assert _refused("x" * (300 * 1024)).field == "(file)"
+    assert check_kubeconfig(kubeconfig_text(server="https://10.0.0.1:6443"), policy).server == "https://10.0.0.1:6443"
