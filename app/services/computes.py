@@ -183,7 +183,8 @@ def put_target(
             return _target(compute), True
         except IntegrityError:  # another request attached it a moment ago: this PUT replaces it
             compute = _find(session, account, name)
-            assert compute is not None
+            if compute is None:  # not a duplicate: the account went meanwhile (409 ReferenceDeleted)
+                raise
     if compute.compute_type != body.type and _in_use(session, account, name):
         raise Conflict(
             f"compute '{name}' runs services: its type cannot change until they are deleted", code="ComputeInUse"

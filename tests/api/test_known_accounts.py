@@ -140,3 +140,20 @@ def test_without_a_cache_time_every_request_looks_the_account_up(
         for _ in range(2):
             assert client.get(f"{url}/models", headers=headers).status_code == 200
     assert len(queries) == 2
+
+
+def test_attaching_a_compute_to_a_deleted_account_another_process_still_knows_is_a_409(
+    two_processes: tuple[TestClient, TestClient], callers: Callers
+) -> None:
+    from tests.api.test_computes import swarm
+
+    stale, other = two_processes
+    headers = callers.headers()
+    url = new_account(stale, headers)
+    assert stale.get(f"{url}/computes", headers=headers).status_code == 200  # now known
+    assert other.delete(url, headers=headers).status_code == 204
+
+    refused = stale.put(f"{url}/computes/swarm1", json=swarm(), headers=headers)
+    assert refused.status_code == 409 and refused.json()["code"] == "ReferenceDeleted", refused.text
+    retried = stale.put(f"{url}/computes/swarm1", json=swarm(), headers=headers)
+    assert retried.status_code == 404 and retried.json()["code"] == "AccountNotFound"
