@@ -145,8 +145,10 @@ def _settings_and_credentials(body: ComputePut) -> tuple[dict[str, Any], dict[st
             port = host.port
         except ValueError:
             port = None
-        if host.scheme != "tcp" or not host.hostname or port is None or host.path not in ("", "/"):
-            raise invalid("properties.dockerHost", "must be tcp://host:port (the manager's TLS port)")
+        # Nothing but an address: dockerHost is shown to Readers, so no login, token or query in it.
+        extras = host.username is not None or any(c in (props.dockerHost or "") for c in "?#")
+        if host.scheme != "tcp" or not host.hostname or not port or host.path not in ("", "/") or extras:
+            raise invalid("properties.dockerHost", "must be tcp://host:port (the manager's TLS port), nothing more")
         if props.tls is None:
             raise invalid("properties.tls", "is required: a swarm manager is reached over TLS only")
         return {"dockerHost": props.dockerHost}, {"tls": props.tls.model_dump()}

@@ -209,3 +209,23 @@ def test_a_swarm_manager_at_a_non_public_address_is_refused(
     response = client.put(f"{account}/computes/inside", json=swarm(host), headers=owner)
     assert response.status_code == 400, response.text
     assert "properties.dockerHost" in response.json()["message"]
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "tcp://admin:hunter2@swarm.example.com:2376",
+        "tcp://swarm.example.com:2376?token=hunter2",
+        "tcp://h:2376#x",
+        "tcp://h:0",
+    ],
+)
+def test_a_docker_host_is_an_address_only_since_readers_see_it(
+    client: TestClient, owner: dict[str, str], account: str, callers: Callers, host: str
+) -> None:
+    # dockerHost is answered to Readers: a login or token in it would be shown to them.
+    response = client.put(f"{account}/computes/sw", json=swarm(host), headers=owner)
+    assert response.status_code == 400, response.text
+    assert "properties.dockerHost" in response.json()["message"]
+    listed = client.get(f"{account}/computes", headers=callers.headers("Reader")).text
+    assert "hunter2" not in listed
