@@ -6,6 +6,7 @@ truth on the next request."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -157,3 +158,21 @@ def test_attaching_a_compute_to_a_deleted_account_another_process_still_knows_is
     assert refused.status_code == 409 and refused.json()["code"] == "ReferenceDeleted", refused.text
     retried = stale.put(f"{url}/computes/swarm1", json=swarm(), headers=headers)
     assert retried.status_code == 404 and retried.json()["code"] == "AccountNotFound"
+
+
+def test_a_foreign_key_refusal_is_logged_for_the_operator_without_the_statement(
+    two_processes: tuple[TestClient, TestClient], callers: Callers, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 409 ReferenceDeleted is also what a bug that writes a wrong reference would get: the
+    operator needs to see each one (which request), never the statement's values."""
+    stale, other = two_processes
+    headers = callers.headers()
+    url = new_account(stale, headers)
+    assert stale.get(f"{url}/models", headers=headers).status_code == 200
+    assert other.delete(url, headers=headers).status_code == 204
+    caplog.set_level(logging.INFO, logger="mms.errors")
+    refused = stale.post(f"{url}/models", json=model_body(name="never-logged-name"), headers=headers)
+    assert refused.status_code == 409
+    records = [r for r in caplog.records if r.getMessage() == "request.reference_deleted"]
+    assert len(records) == 1 and records[0].__dict__["path"] == f"{url}/models"
+    assert "never-logged-name" not in " ".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)
