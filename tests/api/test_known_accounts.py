@@ -17,6 +17,8 @@ from sqlalchemy.orm import Session
 
 from app.context import ServiceContext
 from app.main import create_app
+from app.orm import Account
+from app.services.accounts import AccountPath
 from tests.factories import Callers, account_url, model_body, new_account
 
 
@@ -176,3 +178,36 @@ def test_a_foreign_key_refusal_is_logged_for_the_operator_without_the_statement(
     records = [r for r in caplog.records if r.getMessage() == "request.reference_deleted"]
     assert len(records) == 1 and records[0].__dict__["path"] == f"{url}/models"
     assert "never-logged-name" not in " ".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)
+
+
+def test_a_lookup_that_races_the_delete_in_the_same_process_is_forgotten_at_commit(
+    two_processes: tuple[TestClient, TestClient], callers: Callers
+) -> None:
+    """A request of the deleting process that looked the account up from a snapshot taken
+    before the delete committed must not leave it known after the commit."""
+    api, _ = two_processes
+    known = api.app.state.context.known_accounts  # type: ignore[attr-defined]
+    headers = callers.headers()
+    url = new_account(api, headers)
+    assert api.get(f"{url}/models", headers=headers).status_code == 200
+    path = AccountPath("sub-1", "rg-1", url.rsplit("/", 1)[1])
+    ref = known.get(path)
+    assert ref is not None
+
+    def deleted(session: Session, _context: object) -> None:
+        if any(isinstance(row, Account) for row in session.deleted):
+            session.info["review.account_deleted"] = True
+
+    def racing_lookup(session: Session) -> None:
+        if session.info.pop("review.account_deleted", False):
+            known.put(path, ref)  # as a concurrent GET that read before this commit would
+
+    event.listen(Session, "after_flush", deleted)
+    event.listen(Session, "before_commit", racing_lookup)
+    try:
+        assert api.delete(url, headers=headers).status_code == 204
+    finally:
+        event.remove(Session, "after_flush", deleted)
+        event.remove(Session, "before_commit", racing_lookup)
+    gone = api.get(f"{url}/models", headers=headers)
+    assert gone.status_code == 404 and gone.json()["code"] == "AccountNotFound"
