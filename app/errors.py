@@ -299,6 +299,17 @@ def install_error_handlers(app: FastAPI) -> None:
         context = getattr(request.app.state, "context", None)
         if context is not None:
             context.known_accounts.forget()
+        # Also what a bug writing a wrong reference would get: each one is logged (the constraint
+        # where the database names it; never the statement or its values, which hold the tenant's).
+        diag = getattr(exc.orig, "diag", None)
+        log.warning(
+            "request.reference_deleted",
+            extra={
+                "method": request.method,
+                "path": request.url.path,
+                "constraint": getattr(diag, "constraint_name", None),
+            },
+        )
         return error_response(
             Conflict(
                 "something this request refers to was deleted while it ran; retry to see what is left",

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from app.builds.lifecycle import delete_account_builds
 from app.deployments.lifecycle import delete_account_services
-from app.errors import Conflict, NotFound
+from app.errors import Conflict, NotFound, ValidationFailed
 from app.orm import Account, Image, Manifest, ModelVersion, Service
 from app.schemas.accounts import AccountCreate
 from app.services.paging import decode_token, encode_token, page_size
@@ -85,14 +85,23 @@ class KnownAccounts:
                 self._entries.pop(self._key(path), None)
 
 
+def _path_key(subscription_id: str, resource_group: str, name: str) -> tuple[str, str, str]:
+    # As roles compare scopes (app.auth.roles): lower-cased by Python.
+    return subscription_id.lower(), resource_group.lower(), name.lower()
+
+
 def _find(session: Session, path: AccountPath) -> Account | None:
-    return session.scalars(
+    key = _path_key(path.subscription_id, path.resource_group, path.name)
+    candidates = session.scalars(
         select(Account).where(
-            func.lower(Account.subscription_id) == path.subscription_id.lower(),
-            func.lower(Account.resource_group) == path.resource_group.lower(),
-            func.lower(Account.name) == path.name.lower(),
+            func.lower(Account.subscription_id) == key[0],
+            func.lower(Account.resource_group) == key[1],
+            func.lower(Account.name) == key[2],
         )
-    ).first()
+    )
+    # The database lower-cases by its own rules (PostgreSQL: 'İ' is 'i', Python: 'i' + U+0307):
+    # only an account whose own scope is the path's, the one the caller's roles were checked on.
+    return next((a for a in candidates if _path_key(a.subscription_id, a.resource_group, a.name) == key), None)
 
 
 def get_account(session: Session, path: AccountPath) -> Account:
@@ -131,6 +140,12 @@ def put_account(session: Session, path: AccountPath, data: AccountCreate) -> tup
             with session.begin_nested():
                 session.add(account)
                 session.flush()
+                if _find(session, path) is not account:  # undone with the savepoint
+                    raise ValidationFailed(
+                        f"Invalid request: resourceGroup: '{path.resource_group}' holds a letter whose lower case "
+                        "the database spells otherwise than the service does; choose another name",
+                        details=[{"code": "InvalidField", "message": "resourceGroup: cannot be compared case-blind"}],
+                    )
             return account, True
         except IntegrityError:
             # Another request created it a moment ago: this PUT becomes an update.

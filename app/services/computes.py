@@ -125,17 +125,15 @@ def _check_docker_host(docker_host: str | None) -> None:
     except ValueError:
         port = None
     # No path, query or userinfo: the manager's TLS port and nothing the client could read as a
-    # socket, a file or a credential.
+    # socket, a file or a credential (and dockerHost is shown to Readers: no login or token in it).
     if (
         host.scheme != "tcp"
         or not host.hostname
-        or port is None
+        or not port
         or host.path not in ("", "/")
-        or host.query
-        or host.fragment
-        or "@" in host.netloc
+        or any(c in (docker_host or "") for c in "?#@")
     ):
-        raise invalid("properties.dockerHost", "must be tcp://host:port (the manager's TLS port)")
+        raise invalid("properties.dockerHost", "must be tcp://host:port (the manager's TLS port), nothing more")
 
 
 def _settings_and_credentials(body: ComputePut, *, allow_insecure_tls: bool) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -196,7 +194,8 @@ def put_target(
             return _target(compute), True
         except IntegrityError:  # another request attached it a moment ago: this PUT replaces it
             compute = _find(session, account, name)
-            assert compute is not None
+            if compute is None:  # not a duplicate: the account went meanwhile (409 ReferenceDeleted)
+                raise
     if compute.compute_type != body.type and _in_use(session, account, name):
         raise Conflict(
             f"compute '{name}' runs services: its type cannot change until they are deleted", code="ComputeInUse"

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from fastapi.testclient import TestClient
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.orm import RoleAssignment
+from app.orm import Account, RoleAssignment
 from tests.factories import Callers, account_url, model_body, new_account
 
 BODY = {"location": "eastus2", "sku": {"name": "S1", "capacity": 1}}
@@ -145,3 +146,40 @@ def test_a_principal_sees_every_account_it_may_read_across_its_scopes_and_nothin
     assert client.get("/api/accounts", headers=nobody).json()["value"] == []
     assert client.get("/api/accounts").status_code == 401
     assert client.get("/api/accounts?$skipToken=forged", headers=headers).status_code == 400
+
+
+def test_an_account_is_reached_only_by_callers_of_its_own_scope_whatever_its_letters(
+    client: TestClient, callers: Callers, db: Session
+) -> None:
+    """Roles compare paths lower-cased by Python; the database lower-cases by its own rules
+    (SQLite: ASCII only; PostgreSQL: 'İ' is 'i', not Python's 'i' + U+0307). A path the two
+    spell differently would make an account its creator cannot reach, and on PostgreSQL one
+    a caller of another resource group ('izmir') reaches: refused at creation, naming it."""
+    body = {"location": "eastus2", "sku": {"name": "S1", "capacity": 1}}
+    for group in ("İzmir", "Éte"):
+        headers = callers.headers("Owner", scope=f"/subscriptions/sub-1/resourceGroups/{group}")
+        url = account_url("sub-1", group, "acct")
+        made = client.put(url, json=body, headers=headers)
+        if made.status_code == 201:  # the database lower-cases it as Python does: reachable
+            assert client.get(url, headers=headers).status_code == 200
+            assert client.get(f"{url}/models", headers=headers).status_code == 200
+            continue
+        assert made.status_code == 400 and "resourceGroup" in made.json()["message"], made.text
+        assert client.get(url, headers=headers).json()["code"] == "AccountNotFound"
+    assert db.scalar(select(func.count()).select_from(Account).where(Account.name == "acct")) <= 1
+
+    # Made before this check: reachable from no other resource group's path.
+    db.add(
+        Account(
+            subscription_id="sub-1",
+            resource_group="İzmir",
+            name="old",
+            location="eastus2",
+            sku_name="S1",
+            sku_capacity=1,
+        )
+    )
+    db.flush()
+    other = callers.headers("Owner", scope="/subscriptions/sub-1/resourceGroups/izmir")
+    assert client.get(account_url("sub-1", "izmir", "old"), headers=other).status_code == 404
+    assert client.get(f"{account_url('sub-1', 'izmir', 'old')}/models", headers=other).status_code == 404

@@ -309,3 +309,39 @@ def test_readers_list_targets_but_only_contributors_attach_and_detach(
     assert client.delete(f"{account}/computes/myswarm", headers=reader).status_code == 403
     contributor = callers.headers("Contributor")
     assert client.put(f"{account}/computes/other", json=swarm(), headers=contributor).status_code == 201
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="review 2026-12-02: dockerHost goes through no address policy (the kubeconfig's server does, in "
+    "workers/deploy/kubeconfig.py); the swarm slice must refuse non-public managers unless allow-listed",
+)
+@pytest.mark.parametrize(
+    "host", ["tcp://127.0.0.1:2375", "tcp://169.254.169.254:2376", "tcp://10.0.0.1:2376", "tcp://[::1]:2376"]
+)
+def test_a_swarm_manager_at_a_non_public_address_is_refused(
+    client: TestClient, owner: dict[str, str], account: str, host: str
+) -> None:
+    response = client.put(f"{account}/computes/inside", json=swarm(host), headers=owner)
+    assert response.status_code == 400, response.text
+    assert "properties.dockerHost" in response.json()["message"]
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "tcp://admin:hunter2@swarm.example.com:2376",
+        "tcp://swarm.example.com:2376?token=hunter2",
+        "tcp://h:2376#x",
+        "tcp://h:0",
+    ],
+)
+def test_a_docker_host_is_an_address_only_since_readers_see_it(
+    client: TestClient, owner: dict[str, str], account: str, callers: Callers, host: str
+) -> None:
+    # dockerHost is answered to Readers: a login or token in it would be shown to them.
+    response = client.put(f"{account}/computes/sw", json=swarm(host), headers=owner)
+    assert response.status_code == 400, response.text
+    assert "properties.dockerHost" in response.json()["message"]
+    listed = client.get(f"{account}/computes", headers=callers.headers("Reader")).text
+    assert "hunter2" not in listed

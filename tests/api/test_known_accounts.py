@@ -6,6 +6,7 @@ truth on the next request."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -16,6 +17,8 @@ from sqlalchemy.orm import Session
 
 from app.context import ServiceContext
 from app.main import create_app
+from app.orm import Account
+from app.services.accounts import AccountPath
 from tests.factories import Callers, account_url, model_body, new_account
 
 
@@ -140,3 +143,71 @@ def test_without_a_cache_time_every_request_looks_the_account_up(
         for _ in range(2):
             assert client.get(f"{url}/models", headers=headers).status_code == 200
     assert len(queries) == 2
+
+
+def test_attaching_a_compute_to_a_deleted_account_another_process_still_knows_is_a_409(
+    two_processes: tuple[TestClient, TestClient], callers: Callers
+) -> None:
+    from tests.api.test_computes import swarm
+
+    stale, other = two_processes
+    headers = callers.headers()
+    url = new_account(stale, headers)
+    assert stale.get(f"{url}/computes", headers=headers).status_code == 200  # now known
+    assert other.delete(url, headers=headers).status_code == 204
+
+    refused = stale.put(f"{url}/computes/swarm1", json=swarm(), headers=headers)
+    assert refused.status_code == 409 and refused.json()["code"] == "ReferenceDeleted", refused.text
+    retried = stale.put(f"{url}/computes/swarm1", json=swarm(), headers=headers)
+    assert retried.status_code == 404 and retried.json()["code"] == "AccountNotFound"
+
+
+def test_a_foreign_key_refusal_is_logged_for_the_operator_without_the_statement(
+    two_processes: tuple[TestClient, TestClient], callers: Callers, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 409 ReferenceDeleted is also what a bug that writes a wrong reference would get: the
+    operator needs to see each one (which request), never the statement's values."""
+    stale, other = two_processes
+    headers = callers.headers()
+    url = new_account(stale, headers)
+    assert stale.get(f"{url}/models", headers=headers).status_code == 200
+    assert other.delete(url, headers=headers).status_code == 204
+    caplog.set_level(logging.INFO, logger="mms.errors")
+    refused = stale.post(f"{url}/models", json=model_body(name="never-logged-name"), headers=headers)
+    assert refused.status_code == 409
+    records = [r for r in caplog.records if r.getMessage() == "request.reference_deleted"]
+    assert len(records) == 1 and records[0].__dict__["path"] == f"{url}/models"
+    assert "never-logged-name" not in " ".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)
+
+
+def test_a_lookup_that_races_the_delete_in_the_same_process_is_forgotten_at_commit(
+    two_processes: tuple[TestClient, TestClient], callers: Callers
+) -> None:
+    """A request of the deleting process that looked the account up from a snapshot taken
+    before the delete committed must not leave it known after the commit."""
+    api, _ = two_processes
+    known = api.app.state.context.known_accounts  # type: ignore[attr-defined]
+    headers = callers.headers()
+    url = new_account(api, headers)
+    assert api.get(f"{url}/models", headers=headers).status_code == 200
+    path = AccountPath("sub-1", "rg-1", url.rsplit("/", 1)[1])
+    ref = known.get(path)
+    assert ref is not None
+
+    def deleted(session: Session, _context: object) -> None:
+        if any(isinstance(row, Account) for row in session.deleted):
+            session.info["review.account_deleted"] = True
+
+    def racing_lookup(session: Session) -> None:
+        if session.info.pop("review.account_deleted", False):
+            known.put(path, ref)  # as a concurrent GET that read before this commit would
+
+    event.listen(Session, "after_flush", deleted)
+    event.listen(Session, "before_commit", racing_lookup)
+    try:
+        assert api.delete(url, headers=headers).status_code == 204
+    finally:
+        event.remove(Session, "after_flush", deleted)
+        event.remove(Session, "before_commit", racing_lookup)
+    gone = api.get(f"{url}/models", headers=headers)
+    assert gone.status_code == 404 and gone.json()["code"] == "AccountNotFound"

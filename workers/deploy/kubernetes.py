@@ -112,7 +112,7 @@ class ServiceDescription:
 class KubernetesObjects:
     """One service's objects; ``autoscaler`` is None for a fixed number of replicas."""
 
-    secret: client.V1Secret
+    secret: client.V1Secret = field(repr=False)  # its repr holds the pull login, barely encoded
     deployment: client.V1Deployment
     service: client.V1Service
     network_policy: client.V1NetworkPolicy

@@ -12,6 +12,7 @@ from app.api.links import next_link
 from app.api.openapi import errors
 from app.auth.roles import Permission, account_scope
 from app.orm import Account
+from app.queue import after_commit
 from app.schemas.accounts import AccountCreate, AccountProperties, AccountRead, Sku
 from app.schemas.common import Page
 from app.services import accounts
@@ -96,6 +97,8 @@ def delete_account(
     caller.require(Permission.WRITE, account_scope(path.subscription_id, path.resource_group, path.name))
     accounts.delete_account(session, path, force=force)
     context.known_accounts.forget(path)
+    # And once it commits: a request that looked it up meanwhile (before the commit) found it.
+    after_commit(session, lambda: context.known_accounts.forget(path))
 
 
 # Discovery: what a signed-in principal may use, without naming a resource group.

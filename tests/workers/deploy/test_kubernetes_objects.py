@@ -243,6 +243,8 @@ def test_the_pull_secret_is_a_login_to_the_registry_only() -> None:
     others = [_body(o) for o in objects.in_apply_order() if o is not objects.secret]
     assert PULL_PASSWORD not in json.dumps(others)
     assert PULL_PASSWORD not in repr(FIXED)
+    # Nor, base64 inside base64, in the repr of the objects a reconciler would log as it applies them.
+    assert secret["data"][".dockerconfigjson"] not in repr(objects)
 
 
 @pytest.mark.parametrize(
