@@ -181,6 +181,11 @@ class Settings(BaseSettings):
     # Replicas a service may ask for on local and swarm: a generation and its successor share
     # a /27 of the service subnet pool while a rolling update runs.
     service_max_replicas: int = Field(default=10, ge=1, le=13)
+    # What one replica may ask for on local and swarm (engines every tenant shares), and how many
+    # services an account may hold (each takes one of an engine's service subnets).
+    service_max_cpu: float = Field(default=2.0, gt=0, le=64)
+    service_max_memory_gb: float = Field(default=4.0, ge=0.125, le=1024)
+    services_per_account: int = Field(default=20, ge=1, le=2048)
 
     events_poll_seconds: float = Field(default=0.25, gt=0, le=10)  # how often an API process looks for new events
     # How often an API process re-reads the roles of its event streams' callers (one query for

@@ -10,7 +10,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -36,6 +36,11 @@ class Limits:
 
     local_enabled: bool
     max_replicas: int  # on local and swarm
+    # What one replica may ask for on local and swarm, whose engines the operator shares among
+    # every tenant (a kubernetes cluster is the tenant's own, and its quotas are its own).
+    max_cpu: float = 2.0
+    max_memory_gb: float = 4.0
+    max_services: int = 20  # per account: each takes one of the engine's service subnets
 
 
 @dataclass(frozen=True)
@@ -77,7 +82,15 @@ def _scale(
     return {"num_replicas": replicas, "autoscaler": None, "replicas_desired": replicas}
 
 
-def _resources(resources: ContainerResourceRequirements) -> dict[str, Any]:
+def _resources(
+    resources: ContainerResourceRequirements, *, compute_type: str, limits: Limits, prefix: str
+) -> dict[str, Any]:
+    if compute_type in _FIXED_SCALE:
+        field = f"{prefix}containerResourceRequirements"
+        if resources.cpu > limits.max_cpu:
+            raise invalid(f"{field}.cpu", f"must be at most {limits.max_cpu:g} on a {compute_type} target")
+        if resources.memoryInGB > limits.max_memory_gb:
+            raise invalid(f"{field}.memoryInGB", f"must be at most {limits.max_memory_gb:g} on a {compute_type} target")
     return {"cpu": resources.cpu, "memory_gb": resources.memoryInGB}
 
 
@@ -130,9 +143,22 @@ def create(
         limits=limits,
         prefix="deploymentConfig.",
     )
+    resources = _resources(
+        config.containerResourceRequirements,
+        compute_type=target.compute_type,
+        limits=limits,
+        prefix="deploymentConfig.",
+    )
     image = _deployable_image(session, account, body.imageId)
     if _taken(session, account, body.name):
         raise _exists(body.name)
+    held = session.scalar(select(func.count()).select_from(Service).where(Service.account_id == account.id))
+    if held >= limits.max_services:
+        raise Conflict(
+            f"this account holds {held} services, the most the service allows (MMS_SERVICES_PER_ACCOUNT); "
+            "delete one first",
+            code="TooManyServices",
+        )
     fields = dict(
         account_id=account.id,
         name=body.name,
@@ -141,7 +167,7 @@ def create(
         compute_type=target.compute_type,
         image_id=image.id,
         **scale,
-        **_resources(config.containerResourceRequirements),
+        **resources,
         auth_enabled=config.authEnabled,
         scoring_timeout_ms=config.scoringTimeoutMs,
         **new_keys(sealer),
@@ -212,7 +238,9 @@ def update(
             default_replicas=service.num_replicas or service.replicas_desired,
         )
     if body.containerResourceRequirements is not None:
-        values |= _resources(body.containerResourceRequirements)
+        values |= _resources(
+            body.containerResourceRequirements, compute_type=service.compute_type, limits=limits, prefix=""
+        )
     if body.authEnabled is not None:
         values["auth_enabled"] = body.authEnabled
     if body.scoringTimeoutMs is not None:

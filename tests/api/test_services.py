@@ -527,15 +527,32 @@ def test_without_the_preview_setting_the_routes_are_not_served(
     assert "/services" not in " ".join(off.get("/openapi.json").json()["paths"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review 2026-12-02: local (the workers' shared engine) takes any cpu <= 64 and memoryInGB <= 1024 "
-    "per replica; the design's 'above the target's limit' 400 has no limit to check against yet",
-)
 def test_a_local_service_cannot_ask_for_more_than_the_shared_engine_gives(
     client: TestClient, owner: dict[str, str], account: str, image_id: str
 ) -> None:
-    hog = {"numReplicas": 10, "containerResourceRequirements": {"cpu": 64, "memoryInGB": 1024}}
-    response = client.post(f"{account}/services", json=body(image_id, deploymentConfig=hog), headers=owner)
-    assert response.status_code == 400, response.text
-    assert "containerResourceRequirements" in response.json()["message"]
+    for resources, field in (
+        ({"cpu": 64, "memoryInGB": 1}, "deploymentConfig.containerResourceRequirements.cpu: must be at most 2 "),
+        (
+            {"cpu": 1, "memoryInGB": 1024},
+            "deploymentConfig.containerResourceRequirements.memoryInGB: must be at most 4 ",
+        ),
+    ):
+        hog = {"numReplicas": 10, "containerResourceRequirements": resources}
+        response = client.post(f"{account}/services", json=body(image_id, deploymentConfig=hog), headers=owner)
+        assert response.status_code == 400, response.text
+        assert field in response.json()["message"]
+    fits = {"containerResourceRequirements": {"cpu": 2, "memoryInGB": 4}}
+    created = client.post(f"{account}/services", json=body(image_id, deploymentConfig=fits), headers=owner)
+    assert created.status_code == 202, created.text
+
+
+def test_an_account_holds_at_most_the_services_the_operator_allows(
+    client: TestClient, owner: dict[str, str], account: str, image_id: str, app_context: ServiceContext
+) -> None:
+    allowed = app_context.settings.services_per_account
+    for i in range(allowed):
+        assert (
+            client.post(f"{account}/services", json=body(image_id, name=f"svc-{i}"), headers=owner).status_code == 202
+        )
+    refused = client.post(f"{account}/services", json=body(image_id, name="one-more"), headers=owner)
+    assert refused.status_code == 409 and refused.json()["code"] == "TooManyServices"

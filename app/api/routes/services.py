@@ -41,7 +41,13 @@ _ERROR_CODES = {ServiceState.FAILED: "DeploymentFailed", ServiceState.UNHEALTHY:
 
 
 def _limits(settings: Settings) -> Limits:
-    return Limits(local_enabled=settings.local_compute, max_replicas=settings.service_max_replicas)
+    return Limits(
+        local_enabled=settings.local_compute,
+        max_replicas=settings.service_max_replicas,
+        max_cpu=settings.service_max_cpu,
+        max_memory_gb=settings.service_max_memory_gb,
+        max_services=settings.services_per_account,
+    )
 
 
 def to_read(view: ServiceView, settings: Settings) -> ServiceRead:
