@@ -206,12 +206,14 @@ async def get_account_path(
 AccountPathDep = Annotated[AccountPath, Depends(get_account_path)]
 
 
-def _account_for(permission: Permission) -> Callable[..., Awaitable[AccountRef]]:
+def _account_for(permission: Permission, *, fresh: bool = False) -> Callable[..., Awaitable[AccountRef]]:
     async def dependency(
         path: AccountPathDep, caller: CallerDep, session: SessionDep, context: ContextDep
     ) -> AccountRef:
         # Authorise on the path before looking: no answer reveals what another tenant holds.
         caller.require(permission, account_scope(path.subscription_id, path.resource_group, path.name))
+        if fresh:
+            context.known_accounts.forget(path)
         # On the event loop when the account is known (no I/O), else one hop to look it up.
         known = context.known_accounts.get(path)
         return known or await run_in_threadpool(find_account_ref, session, path, context.known_accounts)
@@ -221,8 +223,12 @@ def _account_for(permission: Permission) -> Callable[..., Awaitable[AccountRef]]
 
 read_account = _account_for(Permission.READ)
 write_account = _account_for(Permission.WRITE)
+# For what stays bound to the account for long (an event stream): looked up as it opens, so it
+# never follows an account another process deleted (and maybe made again) meanwhile.
+read_account_now = _account_for(Permission.READ, fresh=True)
 ReadableAccount = Annotated[AccountRef, Depends(read_account)]
 WritableAccount = Annotated[AccountRef, Depends(write_account)]
+ReadableAccountNow = Annotated[AccountRef, Depends(read_account_now)]
 
 # A resource's id in the path, named as the original API names it (the route's {modelId}).
 AssetId = Annotated[str, Path(alias="assetId")]

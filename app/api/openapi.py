@@ -26,7 +26,7 @@ from fastapi.routing import APIRoute, RouteContext, iter_route_contexts
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from app.api.deps import get_caller, get_session, read_account, write_account
+from app.api.deps import get_caller, get_session, read_account, read_account_now, write_account
 from app.schemas.common import ErrorBody
 
 DESCRIPTIONS = {
@@ -106,7 +106,7 @@ def derived_errors(route: APIRoute | RouteContext) -> list[int]:
         statuses.append(400)  # app.api.deps.check_parameters, check_api_version, and validation
     if get_caller in calls:
         statuses.append(401)
-    if calls & {read_account, write_account}:
+    if calls & {read_account, read_account_now, write_account}:
         statuses += [403, 404]
     if write_account in calls:
         statuses.append(409)  # app.errors: the account (or another row named) deleted meanwhile

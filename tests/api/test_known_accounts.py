@@ -211,3 +211,19 @@ def test_a_lookup_that_races_the_delete_in_the_same_process_is_forgotten_at_comm
         event.remove(Session, "before_commit", racing_lookup)
     gone = api.get(f"{url}/models", headers=headers)
     assert gone.status_code == 404 and gone.json()["code"] == "AccountNotFound"
+
+
+def test_an_event_stream_looks_its_account_up_as_it_opens(
+    two_processes: tuple[TestClient, TestClient], callers: Callers
+) -> None:
+    """A stream stays bound to an account for long: one opened through a stale entry would
+    follow the deleted account's id (and never the account made again under its name)."""
+    stale, other = two_processes
+    headers = callers.headers()
+    url = new_account(stale, headers)
+    assert stale.get(f"{url}/models", headers=headers).status_code == 200  # now known
+    assert other.delete(url, headers=headers).status_code == 204
+    with stale.stream("GET", f"{url}/images/events", headers=headers) as opened:
+        assert opened.status_code == 404
+        opened.read()
+    assert opened.json()["code"] == "AccountNotFound"

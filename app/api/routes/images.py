@@ -18,6 +18,7 @@ from app.api.deps import (
     ImageId,
     OperationId,
     ReadableAccount,
+    ReadableAccountNow,
     SessionDep,
     WritableAccount,
 )
@@ -155,7 +156,7 @@ _EVENT_ID = re.compile(r"[0-9]{1,19}")
     },
 )
 async def stream_image_events(
-    account: ReadableAccount,
+    account: ReadableAccountNow,
     caller: CallerDep,
     context: ContextDep,
     hub: EventHubDep,
