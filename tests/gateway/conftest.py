@@ -57,13 +57,15 @@ class Gateway:
     url: str
     process: subprocess.Popen
     log: Path
+    started_peak: int = 0  # peak_rss_bytes() once it answered its first request
 
-    def rss_bytes(self) -> int:
-        """The gateway process's resident memory."""
+    def peak_rss_bytes(self) -> int:
+        """The most resident memory the gateway process has had (VmHWM): what a burst cost,
+        even once freed."""
         for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
-        raise AssertionError("no VmRSS")
+        raise AssertionError("no VmHWM")
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +101,9 @@ def gateway(service_context: ServiceContext, tmp_path_factory: pytest.TempPathFa
             assert process.poll() is None, log.read_text()
             assert time.monotonic() < deadline, f"the gateway did not start in 30 s:\n{log.read_text()}"
             time.sleep(0.1)
-        yield Gateway(url, process, log)
+        gateway = Gateway(url, process, log)
+        gateway.started_peak = gateway.peak_rss_bytes()
+        yield gateway
     finally:
         process.terminate()
         process.wait(timeout=30)
