@@ -1,5 +1,5 @@
-"""A replica that answers scoring requests with hostile replies, as a raw asyncio server on
-loopback in a thread of the test process. Every behaviour is bounded: at most
+"""A replica that answers scoring requests with hostile replies (or proper ones, counting its
+connections), as a raw asyncio server on loopback in a thread of the test process. Every behaviour is bounded: at most
 ``MAX_BYTES`` written and ``MAX_SECONDS`` spent on a connection, whatever the gateway does."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ MAX_BYTES = 256 * 1024 * 1024
 MAX_SECONDS = 10.0
 DRIP_SECONDS = 0.1
 
-Behaviour = Callable[["HostileReplica", asyncio.StreamWriter], Awaitable[None]]
+# A behaviour answers one request; it returns True to keep the connection for the next one.
+Behaviour = Callable[["HostileReplica", asyncio.StreamWriter], Awaitable[bool | None]]
 
 
 async def _flood(replica: HostileReplica, writer: asyncio.StreamWriter, head: bytes, piece: bytes) -> None:
@@ -72,10 +73,25 @@ async def silent(replica: HostileReplica, writer: asyncio.StreamWriter) -> None:
     await asyncio.sleep(MAX_SECONDS)
 
 
+async def well_behaved(replica: HostileReplica, writer: asyncio.StreamWriter) -> bool:
+    """A proper reply, saying which connection and request it was; keeps the connection."""
+    body = f'{{"connection": {replica.connections}, "request": {replica.requests}}}'.encode()
+    await replica.write(writer, b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n")
+    await replica.write(writer, b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    return True
+
+
+async def hangs_up_after_replying(replica: HostileReplica, writer: asyncio.StreamWriter) -> bool:
+    """A proper reply that says nothing of closing, then the connection closed."""
+    await well_behaved(replica, writer)
+    return False
+
+
 class HostileReplica:
     def __init__(self, behaviour: Behaviour) -> None:
         self.behaviour = behaviour
         self.connections = 0
+        self.requests = 0
         self.total_sent = 0
         self.sent: dict[asyncio.StreamWriter, int] = {}
         self.port = 0
@@ -94,17 +110,20 @@ class HostileReplica:
         assert task is not None
         self._tasks.add(task)
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), MAX_SECONDS)
-            length = next(
-                (
-                    int(line.split(b":", 1)[1])
-                    for line in head.split(b"\r\n")
-                    if line.lower().startswith(b"content-length:")
-                ),
-                0,
-            )
-            await asyncio.wait_for(reader.readexactly(length), MAX_SECONDS)
-            await asyncio.wait_for(self.behaviour(self, writer), MAX_SECONDS)
+            keep = True
+            while keep:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), MAX_SECONDS)
+                length = next(
+                    (
+                        int(line.split(b":", 1)[1])
+                        for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"content-length:")
+                    ),
+                    0,
+                )
+                await asyncio.wait_for(reader.readexactly(length), MAX_SECONDS)
+                self.requests += 1
+                keep = bool(await asyncio.wait_for(self.behaviour(self, writer), MAX_SECONDS))
         except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass  # the gateway dropped us, as it should
         finally:
