@@ -121,6 +121,9 @@ class Gateway:
         except _ClientGone:
             log.info("gateway.client_gone", extra={**facts, "durationMs": _since(started)})
             return
+        except Exception:  # a bug of ours: still JSON with the safe headers, the details logged
+            log.exception("gateway.failed", extra=facts)
+            reply = Reply(500, [(b"content-type", _JSON)], b'{"error": "the gateway failed; see its log"}')
         headers = [(name, value) for name, value in reply.headers if name.lower() not in _NOT_RETURNED]
         headers += [(b"content-length", str(len(reply.body)).encode()), *SECURITY_HEADERS]
         await send({"type": "http.response.start", "status": reply.status, "headers": headers})
@@ -168,7 +171,7 @@ class Gateway:
             except ReplicaUnreachable as exc:
                 log.warning("gateway.replica_unreachable", extra={**facts, "reason": str(exc)})
             except BadReply as exc:
-                log.warning("gateway.bad_reply", extra={**facts, "reason": str(exc)})
+                log.warning("gateway.bad_reply", extra={**facts, "reason": str(exc), "detail": exc.detail})
                 raise _Refusal(502, f"the service's reply was refused: {exc}") from None
             except NoReplyInTime:
                 raise _Refusal(

@@ -37,7 +37,12 @@ class ReplicaUnreachable(Exception):
 
 
 class BadReply(Exception):
-    """The replica's reply broke HTTP or a cap: the gateway answers 502."""
+    """The replica's reply broke HTTP or a cap: the gateway answers 502. ``detail`` (for the
+    log, never the caller) is what h11 said of it, which may quote the replica's bytes."""
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail
 
 
 class NoReplyInTime(Exception):
@@ -204,7 +209,10 @@ class Forwarder:
             except h11.RemoteProtocolError as exc:
                 if not received:
                     raise _Stale from None
-                raise BadReply(f"the replica's reply is not valid HTTP/1.1 within the caps: {exc}") from None
+                raise BadReply(
+                    f"the replica's reply is not HTTP/1.1, or its head is over {MAX_HEADER_BYTES} bytes",
+                    detail=str(exc)[:200],
+                ) from None
             if event is h11.NEED_DATA:
                 try:
                     chunk = await asyncio.wait_for(connection.reader.read(READ_CHUNK), _left(deadline))

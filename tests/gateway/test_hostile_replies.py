@@ -58,6 +58,7 @@ def test_a_hostile_reply_is_refused_within_the_timeout_and_its_connection_droppe
         status, seconds, body = _score(service)
         assert status == expected, body
         assert set(body) == {"error"}
+        assert len(body["error"]) < 200 and "SSH-2.0" not in body["error"]  # the replica's bytes are not quoted
         assert seconds < TIMEOUT_MS / 1000 + 1.5
     # One connection a request: none was pooled and reused after a bad reply.
     assert replica.connections == connections + 3
