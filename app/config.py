@@ -175,6 +175,16 @@ class Settings(BaseSettings):
     # Where scoring requests go (the scoring gateway's own origin):
     # a service's scoringUri is <this>/api/v1/service/<id>/score.
     scoring_url: str = Field(default="http://127.0.0.1:8001", pattern=r"^https?://[^/?#@\s]+$")
+    # The scoring gateway (`mms gateway`): where it listens (default: loopback, on the port of
+    # MMS_SCORING_URL), how long it trusts what it read of a service (keys, traffic
+    # generation, ready replicas: a regenerated key is refused within it), and the largest
+    # request it forwards and reply it takes from a replica (the tenant's code: a reply beyond
+    # it is a 502, never buffered further).
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int | None = Field(default=None, ge=1, le=65535)
+    gateway_cache_seconds: float = Field(default=2.0, ge=0, le=5)
+    gateway_max_request_bytes: int = Field(default=100 * 1024**2, ge=1024)
+    gateway_max_response_bytes: int = Field(default=16 * 1024**2, ge=1024)
     # Whether the workers' engine is a deployment target: the compute named `local`, listed in
     # every account (the API holds no engine socket and cannot ask; off where workers have none).
     local_compute: bool = True
@@ -211,6 +221,14 @@ class Settings(BaseSettings):
                 if name.strip().lower() == "blobendpoint" and value:
                     hosts.add(urlsplit(value.strip()).netloc.lower())
         return frozenset(hosts)
+
+    @property
+    def resolved_gateway_port(self) -> int:
+        """MMS_GATEWAY_PORT, else the port of MMS_SCORING_URL (its scheme's default when it names none)."""
+        if self.gateway_port is not None:
+            return self.gateway_port
+        url = urlsplit(self.scoring_url)
+        return url.port or (443 if url.scheme == "https" else 80)
 
     @property
     def resolved_broker_url(self) -> str:

@@ -155,6 +155,51 @@ def serve(
             worker.stop()
 
 
+def gateway(
+    host: Annotated[str | None, typer.Option(help="address to listen on [MMS_GATEWAY_HOST]")] = None,
+    port: Annotated[
+        int | None, typer.Option(help="port to listen on [MMS_GATEWAY_PORT; default: MMS_SCORING_URL's]")
+    ] = None,
+    workers: Annotated[int, typer.Option(min=1, help="gateway processes")] = 1,
+) -> None:
+    """Run the scoring gateway: web services' scoring requests, key-checked, forwarded to their replicas.
+
+    Example: mms gateway --port 8001
+    """
+    import uvicorn
+
+    from app.config import get_settings
+
+    # Worker processes read their settings from the environment: hand the options down.
+    for name, value in (("MMS_GATEWAY_HOST", host), ("MMS_GATEWAY_PORT", port)):
+        if value is not None:
+            os.environ[name] = str(value)
+    get_settings.cache_clear()
+    settings = load_settings()
+    prepare_database(settings)
+    from app.log_config import configure_logging
+
+    configure_logging(settings.log_level, settings.log_format)
+    err.print(
+        f"Scoring gateway listening on [bold]http://{settings.gateway_host}:{settings.resolved_gateway_port}"
+        f"[/bold] (scoring URIs name {settings.scoring_url})",
+        highlight=False,
+    )
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    uvicorn.run(
+        "app.gateway.app:gateway_factory",
+        factory=True,
+        host=settings.gateway_host,
+        port=settings.resolved_gateway_port,
+        workers=workers,
+        log_config=None,
+        access_log=False,  # the gateway logs each request itself, without its headers
+        proxy_headers=False,
+        server_header=False,
+        timeout_graceful_shutdown=30,
+    )
+
+
 def _listening(host: str, port: int) -> bool:
     import socket
 
@@ -303,6 +348,7 @@ def grant(
 def register(cli: typer.Typer) -> None:
     """Add the server's commands to the `mms` command (the `mms.commands` entry point)."""
     cli.command()(serve)
+    cli.command()(gateway)
     cli.add_typer(db_cli, name="db")
     cli.add_typer(admin_cli, name="admin")
     cli.add_typer(images_cli, name="images")

@@ -1,8 +1,9 @@
 """Web services and the compute targets they run on (issue 16; docs/design/web-services.md §3).
 
 ``local`` (the workers' own engine) is not a row: it is a setting, shown in every account.
-A service's state is written only by app.deployments, through its transition table; the
-reconciler's bookkeeping (leases, replicas, logs) comes with it in a later revision.
+A service's state is written only by app.deployments, through its transition table; its
+replicas only by the reconciler (the scoring gateway reads them); the rest of the
+reconciler's bookkeeping (leases, logs) comes with it in a later revision.
 """
 
 from __future__ import annotations
@@ -12,7 +13,19 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, Enum, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, Uuid
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    Uuid,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.deployments.states import OperationState, ServiceState
@@ -102,3 +115,17 @@ class ServiceOperation(UuidPrimaryKey, CreatedAt, Base):
     state: Mapped[OperationState] = mapped_column(_state_column(OperationState, "state"))
     error: Mapped[str | None] = mapped_column(Text)
     ended_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class ServiceReplica(Base):
+    """A replica of one generation of a service as the reconciler last saw it in the
+    orchestrator: where the scoring gateway reaches it, and whether it answers ``GET /``."""
+
+    __tablename__ = "service_replicas"
+
+    service_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("services.id", ondelete="CASCADE"), primary_key=True)
+    generation: Mapped[int] = mapped_column(Integer, primary_key=True)
+    replica_id: Mapped[str] = mapped_column(String(128), primary_key=True)  # the container's or task's id
+    address: Mapped[str] = mapped_column(String(64))  # host:port, as the gateway connects to it
+    ready: Mapped[bool] = mapped_column(Boolean, default=False)
+    observed_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)

@@ -35,9 +35,10 @@ def test_bootstrap_prints_credentials_once(tmp_path: Path) -> None:
     assert credentials["clientSecret"] not in again.stdout + again.stderr
 
 
-def test_serve_refuses_an_unmigrated_database(tmp_path: Path) -> None:
+@pytest.mark.parametrize("command", ["serve", "gateway"])
+def test_serve_refuses_an_unmigrated_database(tmp_path: Path, command: str) -> None:
     url = f"sqlite:///{tmp_path / 'empty.db'}"
-    result = _mms(["serve"], tmp_path, MMS_DATABASE_URL=url)
+    result = _mms([command], tmp_path, MMS_DATABASE_URL=url)
     assert result.returncode == 1
     assert "mms db upgrade" in result.stderr
 
