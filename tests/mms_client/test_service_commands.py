@@ -351,3 +351,38 @@ def test_a_service_without_the_preview_says_so(tmp_path_factory: pytest.TempPath
             assert done.returncode == 1 and "MMS_WEB_SERVICES_PREVIEW=true" in done.stderr, (args, done.stderr)
     finally:
         stop(server)  # type: ignore[arg-type]
+
+
+def test_the_sdk_webservice_reads_a_service_and_its_keys(
+    client: Client, service: EmbeddedService, owner: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mms_client import ServiceError, ServicePrincipalAuthentication, Webservice, Workspace
+
+    for name in ("MMS_SERVER", "MMS_TOKEN", "MMS_CONFIG_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    image_id = _built_image(client, service, tmp_path)
+    created = client.json("service", "create", "realtime", "--image-id", image_id, "-n", "sdk-svc", "--no-wait")
+    account = client.json("env", "show")["account"]
+    auth = ServicePrincipalAuthentication(owner["clientId"], owner["clientSecret"])
+    with Workspace(service.url, "default", "rg1", account, auth) as ws:
+        found = Webservice(ws, name="sdk-svc")
+        assert (found.id, found.state, found.compute_type, found.image_id) == (
+            created["id"],
+            "Transitioning",
+            "local",
+            image_id,
+        )
+        assert found.scoring_uri is None and found.auth_enabled is True
+        primary, secondary = found.get_keys()
+        found.regen_key("Primary")
+        assert found.get_keys()[0] != primary and found.get_keys()[1] == secondary
+        assert primary not in repr(found) + json.dumps(found.serialize())
+        assert [s.name for s in Webservice.list(ws)] == ["sdk-svc"] and Webservice.list(ws, compute_type="swarm") == []
+        started = time.monotonic()
+        found.wait_for_deployment(timeout=1)
+        assert found.state == "Transitioning" and time.monotonic() - started < 15
+        found.delete()
+        assert found.state == "Deleting" and Webservice(ws, id=created["id"]).state == "Deleting"
+        with pytest.raises(ServiceError) as missing:
+            Webservice(ws, name="nope")
+        assert (missing.value.code, missing.value.status_code) == ("ServiceNotFound", 404)
