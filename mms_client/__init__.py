@@ -24,6 +24,7 @@ if TYPE_CHECKING:
         InferenceConfig,
         Model,
         ServicePrincipalAuthentication,
+        Webservice,
         Workspace,
     )
 
@@ -34,6 +35,7 @@ __all__ = [
     "Model",
     "ServiceError",
     "ServicePrincipalAuthentication",
+    "Webservice",
     "Workspace",
 ]
 

@@ -59,9 +59,11 @@ def subgroup(cli: typer.Typer, name: str, help: str) -> typer.Typer:
 def _client_commands(cli: typer.Typer) -> None:
     """The client side: what a user runs against a service, as `az ml` does."""
     from mms_client.accounts import account_cli
+    from mms_client.computes import compute_cli
     from mms_client.images import image_cli, list_base_images
     from mms_client.manifests import manifest_cli
     from mms_client.models import model_cli
+    from mms_client.services import service_cli
     from mms_client.session import env_cli, login, logout
 
     cli.command("login")(login)
@@ -71,6 +73,8 @@ def _client_commands(cli: typer.Typer) -> None:
     cli.add_typer(model_cli, name="model")
     cli.add_typer(manifest_cli, name="manifest")
     cli.add_typer(image_cli, name="image")
+    cli.add_typer(compute_cli, name="compute")
+    cli.add_typer(service_cli, name="service")
     subgroup(cli, "base-image", BASE_IMAGE_HELP).command("list")(list_base_images)
 
 

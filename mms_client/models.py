@@ -1,4 +1,4 @@
-"""`mms model register|list|show|delete`."""
+"""`mms model register|list|show|delete` (and `deploy`, which says what to run instead)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from mms_client.api import ServiceClient, all_pages
+from mms_client.api import CliError, ServiceClient, all_pages
 from mms_client.operations import Uploads, register_model
 from mms_client.output import Output, OutputOption, QueryOption, err, field, show
 
@@ -81,3 +81,18 @@ def delete_model(model_id: ModelId) -> None:
     with ServiceClient() as client:
         client.call("DELETE", client.account_url("models", model_id))
     err.print(f"Deleted model {model_id}.", highlight=False)
+
+
+@model_cli.command(
+    "deploy", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False
+)
+def deploy(context: typer.Context) -> None:
+    """Not yet supported: build an image, then `mms service create realtime --image-id ID -n NAME`.
+
+    Example: mms service create realtime --image-id 7d2e... -n housing-svc
+    """
+    del context  # whatever az's flags were given, the answer is the same
+    raise CliError(
+        "mms model deploy is not supported yet (the service cannot deploy from models): build an image "
+        "(mms manifest create, mms image create), then run mms service create realtime --image-id ID -n NAME"
+    )

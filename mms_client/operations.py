@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
-from mms_client.api import CliError, ServiceClient, ServiceError
+from mms_client.api import CliError, ServiceClient, ServiceError, service_error
 from mms_client.consoles import err
 
 if TYPE_CHECKING:
@@ -373,3 +373,93 @@ def log_since(client: ServiceClient, image_id: str, start: int) -> bytes:
     if answer.status_code == 206:
         return answer.content
     return answer.content[start:]  # a service that ignores Range sends the whole log
+
+
+# -- web services (the web-services preview) -----------------------------------------------
+
+SETTLED_SERVICE_STATES = ("Healthy", "Unhealthy", "Failed")
+# deploymentconfig.json's computeType (Azure's names too) as the service's target types.
+_COMPUTE_TYPES = {"local": "local", "swarm": "swarm", "kubernetes": "kubernetes", "aks": "kubernetes"}
+# deploymentconfig.json members the service takes, under deploymentConfig.
+_DEPLOYMENT_MEMBERS = ("containerResourceRequirements", "numReplicas", "autoScaler", "authEnabled", "scoringTimeoutMs")
+
+
+def preview_call(client: ServiceClient, method: str, path: str, **kwargs: Any) -> Any:
+    """A call to a web-services route; a service that does not serve them (the preview is off)
+    answers a route's plain 404, said as such rather than as a missing resource."""
+    try:
+        return client.json(method, path, **kwargs)
+    except ServiceError as exc:
+        if exc.status_code == 404 and exc.code == "NotFound":
+            raise CliError(
+                f"{client.server} does not serve web services: they are a preview its operator turns on "
+                "(MMS_WEB_SERVICES_PREVIEW=true)",
+                code=exc.code,
+                status_code=404,
+            ) from None
+        raise
+
+
+def deployment_config(document: Any, source: str) -> tuple[dict[str, Any], str | None, list[str]]:
+    """A deploymentconfig.json as (the body's deploymentConfig, its computeType as a target
+    type or None, the members this service ignores)."""
+    if not isinstance(document, dict):
+        raise CliError(f'{source} is not a JSON object (deploymentconfig.json: {{"computeType": ..., ...}})')
+    config = {key: document[key] for key in _DEPLOYMENT_MEMBERS if document.get(key) is not None}
+    compute_type = document.get("computeType")
+    if compute_type is not None:
+        known = _COMPUTE_TYPES.get(str(compute_type).lower())
+        if known is None:
+            raise CliError(
+                f"{source}: computeType {compute_type!r} is not a target here (local, swarm, kubernetes or aks)"
+            )
+        compute_type = known
+    ignored = sorted(set(document) - set(_DEPLOYMENT_MEMBERS) - {"computeType"})
+    return config, compute_type, ignored
+
+
+def find_service(client: ServiceClient, name: str | None = None, service_id: str | None = None) -> dict[str, Any]:
+    """A service of the current account by id, or by name (names are unique in an account)."""
+    if service_id:
+        return preview_call(client, "GET", client.account_url("services", service_id))
+    found = preview_call(client, "GET", client.account_url("services"), params={"name": name}).get("value", [])
+    if not found:
+        raise CliError(
+            f"no service named {name!r} in this account (`mms service list` shows them)",
+            code="ServiceNotFound",
+            status_code=404,
+        )
+    return found[0]
+
+
+def wait_for_service(
+    client: ServiceClient,
+    service_id: str,
+    timeout: float,
+    *,
+    gone: bool = False,
+    status_console: Console | None = None,
+    poll_seconds: float = 2.0,
+) -> dict[str, Any] | None:
+    """Poll the service until it settles (Healthy, Unhealthy, Failed) or, with ``gone``, until it
+    no longer exists (None), or until ``timeout``; the service as last seen."""
+    from contextlib import nullcontext
+
+    deadline = time.monotonic() + timeout
+    url = client.account_url("services", service_id)
+    live = status_console.status("waiting for the service") if status_console else nullcontext()
+    with live as status:
+        while True:
+            answer = client.call("GET", url, ok=(200, 404))
+            if answer.status_code == 404:
+                if gone:
+                    return None
+                raise service_error(answer)
+            service = answer.json()
+            if (not gone and service["state"] in SETTLED_SERVICE_STATES) or time.monotonic() > deadline:
+                return service
+            if status is not None:
+                ready = service.get("deploymentStatus") or {}
+                counts = f"{ready.get('readyReplicas', 0)}/{ready.get('desiredReplicas', 0)}"
+                status.update(f"{service['state']}: {counts} replicas ready")
+            time.sleep(min(poll_seconds, max(deadline - time.monotonic(), 0.05)))

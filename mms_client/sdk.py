@@ -39,6 +39,7 @@ __all__ = [
     "Model",
     "ServiceError",
     "ServicePrincipalAuthentication",
+    "Webservice",
     "Workspace",
 ]
 
@@ -549,3 +550,90 @@ class Image:
             f"Image(workspace={self.workspace!r}, name={self.name!r}, id={self.id!r}, version={self.version!r}, "
             f"creation_state={self.creation_state!r})"
         )
+
+
+class Webservice:
+    """A web service (the web-services preview: the service must run with
+    ``MMS_WEB_SERVICES_PREVIEW=true``; nothing deploys yet, so a new one stays ``Transitioning``).
+
+    ``Webservice(ws, name=...)`` (or ``id=...``) is an existing service; deploy one with
+    ``mms service create realtime``.
+
+    :ivar id: the service's id.
+    :ivar name: its name.
+    :ivar state: ``Transitioning``, ``Healthy``, ``Unhealthy``, ``Failed`` or ``Deleting`` (as of
+        the last ``update_deployment_state``).
+    :ivar scoring_uri: where to POST scoring requests, None until it takes requests.
+    :ivar swagger_uri: its swagger document, likewise.
+    :ivar auth_enabled: whether scoring requests need a key (``get_keys``).
+    :ivar compute_type: ``local``, ``swarm`` or ``kubernetes``.
+    :ivar image_id: the image it runs.
+    :ivar error: why it failed (``{code, message}``), else None.
+    """
+
+    def __init__(self, workspace: Workspace, name: str | None = None, id: str | None = None) -> None:
+        if bool(name) == bool(id):
+            raise ServiceError("give the service's name or its id (one of them)")
+        self._set(workspace, operations.find_service(workspace._client, name, id))
+
+    def _set(self, workspace: Workspace, record: dict[str, Any]) -> None:
+        self.workspace = workspace
+        self._record = record
+        self.id: str = record["id"]
+        self.name: str = record["name"]
+        self.state: str = record["state"]
+        self.scoring_uri: str | None = record.get("scoringUri")
+        self.swagger_uri: str | None = record.get("swaggerUri")
+        self.auth_enabled: bool = record["authEnabled"]
+        self.compute_type: str = record["computeType"]
+        self.image_id: str = record["imageId"]
+        self.error: dict[str, Any] | None = record.get("error")
+
+    @staticmethod
+    def list(workspace: Workspace, compute_type: str | None = None) -> list[Webservice]:
+        """The account's web services (only those on targets of ``compute_type``, when given)."""
+        client = workspace._client
+        records = operations.preview_call(client, "GET", client.account_url("services"))["value"]
+        found = []
+        for record in records:
+            if compute_type is None or record["computeType"] == compute_type:
+                service = Webservice.__new__(Webservice)
+                service._set(workspace, record)
+                found.append(service)
+        return found
+
+    def update_deployment_state(self) -> None:
+        """Read the service's state again from the service."""
+        self._set(self.workspace, operations.find_service(self.workspace._client, service_id=self.id))
+
+    def wait_for_deployment(self, timeout: float = 3600) -> None:
+        """Wait until the service settles (``Healthy``, ``Unhealthy``, ``Failed``) or ``timeout`` seconds."""
+        settled = operations.wait_for_service(self.workspace._client, self.id, timeout)
+        assert settled is not None
+        self._set(self.workspace, settled)
+
+    def get_keys(self) -> tuple[str, str]:
+        """The primary and secondary scoring keys (send one as ``Authorization: Bearer <key>``)."""
+        client = self.workspace._client
+        keys = operations.preview_call(client, "POST", client.account_url("services", self.id, "keys"))
+        return keys["primaryKey"], keys["secondaryKey"]
+
+    def regen_key(self, key: str) -> None:
+        """Replace the ``"Primary"`` or the ``"Secondary"`` key; the old one stops working within seconds."""
+        if key.lower() not in ("primary", "secondary"):
+            raise ServiceError(f"key: {key!r} is not a key: give 'Primary' or 'Secondary'")
+        client = self.workspace._client
+        url = client.account_url("services", self.id, "regenerateKeys")
+        operations.preview_call(client, "POST", url, json={"keyType": key.capitalize()})
+
+    def delete(self) -> None:
+        """Ask for the service to be removed (it is ``Deleting`` until nothing of it is left)."""
+        client = self.workspace._client
+        self._set(self.workspace, operations.preview_call(client, "DELETE", client.account_url("services", self.id)))
+
+    def serialize(self) -> dict[str, Any]:
+        """The service as the service describes it (never its keys)."""
+        return dict(self._record)
+
+    def __repr__(self) -> str:
+        return f"Webservice(workspace={self.workspace!r}, name={self.name!r}, id={self.id!r}, state={self.state!r})"

@@ -361,6 +361,17 @@ COMMANDS = [
     ["image", "cancel"],
     ["image", "delete"],
     ["base-image", "list"],
+    ["compute", "list"],
+    ["compute", "show"],
+    ["compute", "attach"],
+    ["compute", "detach"],
+    ["service", "create", "realtime"],
+    ["service", "list"],
+    ["service", "show"],
+    ["service", "keys"],
+    ["service", "regen-key"],
+    ["service", "update"],
+    ["service", "delete"],
 ]
 
 

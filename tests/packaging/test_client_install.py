@@ -19,7 +19,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 # What a wheel of the project is built from (as the Dockerfile's build stage copies it).
 SOURCES = ["pyproject.toml", "README.md", "mms_client", "app", "workers", "scoring_server", "migrations"]
-CLIENT_COMMANDS = ["login", "logout", "env", "account", "model", "manifest", "image", "base-image"]
+CLIENT_COMMANDS = [
+    "login",
+    "logout",
+    "env",
+    "account",
+    "model",
+    "manifest",
+    "image",
+    "compute",
+    "service",
+    "base-image",
+]
 SERVER_COMMANDS = ["serve", "gateway", "worker", "db", "admin", "images"]
 SERVER_MODULES = ["celery", "sqlalchemy", "docker", "fastapi", "uvicorn", "alembic", "pydantic_settings", "uv"]
 
