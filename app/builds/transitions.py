@@ -25,6 +25,7 @@ from app.builds.events import IMAGE_COLUMNS, record_events, record_state_changes
 from app.builds.states import CreationState
 from app.orm import Image
 from app.orm.base import utcnow
+from app.transition_table import IllegalTransition, TransitionTable
 
 log = logging.getLogger("mms.builds")
 
@@ -75,24 +76,9 @@ TRANSITIONS: dict[Transition, frozenset[tuple[State, State]]] = {
 SILENT = frozenset({Transition.RENEW, Transition.REQUEST_CANCEL, Transition.REPUBLISH})
 
 
-class IllegalTransition(Exception):
-    """A bug: code asked for a move the table does not have."""
-
-
-def allowed_sources(transition: Transition, to: State) -> frozenset[State]:
-    """The states ``transition`` may move a build from to reach ``to``."""
-    sources = frozenset(source for source, target in TRANSITIONS[transition] if target == to)
-    if not sources:
-        raise IllegalTransition(f"{transition} never moves a build to {to or 'no row'}")
-    return sources
-
-
-def only_target(transition: Transition) -> State:
-    """Where ``transition`` moves a build, when it has one destination."""
-    targets = {target for _, target in TRANSITIONS[transition]}
-    if len(targets) != 1:
-        raise IllegalTransition(f"{transition} has several outcomes; name the one meant")
-    return targets.pop()
+_TABLE = TransitionTable(TRANSITIONS, "build")
+allowed_sources = _TABLE.allowed_sources
+only_target = _TABLE.only_target
 
 
 _ONLY: Any = object()

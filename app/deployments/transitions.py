@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 from app.deployments.states import ServiceState
 from app.orm import Service
 from app.orm.base import utcnow
+from app.transition_table import IllegalTransition, TransitionTable
 
 log = logging.getLogger("mms.deployments")
 
@@ -65,24 +66,9 @@ TRANSITIONS: dict[Transition, frozenset[tuple[State, State]]] = {
 SILENT = frozenset({Transition.OBSERVE})
 
 
-class IllegalTransition(Exception):
-    """A bug: code asked for a move the table does not have."""
-
-
-def allowed_sources(transition: Transition, to: State) -> frozenset[State]:
-    """The states ``transition`` may move a service from to reach ``to``."""
-    sources = frozenset(source for source, target in TRANSITIONS[transition] if target == to)
-    if not sources:
-        raise IllegalTransition(f"{transition} never moves a service to {to or 'no row'}")
-    return sources
-
-
-def only_target(transition: Transition) -> State:
-    """Where ``transition`` moves a service, when it has one destination."""
-    targets = {target for _, target in TRANSITIONS[transition]}
-    if len(targets) != 1:
-        raise IllegalTransition(f"{transition} has several outcomes; name the one meant")
-    return targets.pop()
+_TABLE = TransitionTable(TRANSITIONS, "service")
+allowed_sources = _TABLE.allowed_sources
+only_target = _TABLE.only_target
 
 
 _ONLY: Any = object()
