@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     # max_connections. A request that finds them all busy waits, then gets a 503.
     db_pool_size: int = Field(default=5, ge=1)
     db_max_overflow: int = Field(default=15, ge=0)
+    # API requests of one process past the database gate at a time (the rest queue on the event
+    # loop): few, as each is a thread contending for the interpreter lock (app.api.middleware).
+    api_concurrency: int = Field(default=4, ge=1, le=256)
     db_pool_timeout_seconds: float = Field(default=10.0, gt=0)
     auto_migrate: bool | None = None  # None: only the embedded SQLite database migrates itself
 

@@ -12,7 +12,13 @@ from fastapi import APIRouter, Depends, FastAPI
 from app.api.deps import check_api_version, check_parameters, verify_authorization
 from app.api.event_stream import EventHub
 from app.api.image_polls import ImagePollShortcut
-from app.api.middleware import ConditionalGetMiddleware, DatabaseRequestLimit, RequestBodyGate, RequestIdMiddleware
+from app.api.middleware import (
+    ConditionalGetMiddleware,
+    DatabaseRequestLimit,
+    RequestBodyGate,
+    RequestIdMiddleware,
+    RequestSlots,
+)
 from app.api.openapi import install_openapi, operation_id
 from app.api.routes import (
     accounts,
@@ -89,9 +95,13 @@ def create_app(settings: Settings | None = None, context: ServiceContext | None 
     )
     app.add_middleware(ConditionalGetMiddleware)
     # One connection stays free for the event poller and /metrics.
-    app.add_middleware(
-        DatabaseRequestLimit, limit=max(1, context.settings.db_pool_size + context.settings.db_max_overflow - 1)
+    app.state.request_slots = RequestSlots(
+        max(
+            1,
+            min(context.settings.api_concurrency, context.settings.db_pool_size + context.settings.db_max_overflow - 1),
+        )
     )
+    app.add_middleware(DatabaseRequestLimit, slots=app.state.request_slots)
     app.add_middleware(ImagePollShortcut)
     app.add_middleware(RequestIdMiddleware)
 

@@ -111,7 +111,6 @@ def verify_authorization(
 
 async def get_caller(
     context: ContextDep,
-    session: SessionDep,
     # Both for the OpenAPI document only: either scheme sends the same Authorization header.
     _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     _client_credentials_token: Annotated[str | None, Depends(_client_credentials)],
@@ -130,7 +129,14 @@ async def get_caller(
     grants = context.grants_cache.get(verified.issuer, verified.subject)
     if grants is not None:
         return caller_for(verified, grants)
-    return await run_in_threadpool(load_caller, session, verified, context.grants_cache)
+    return await run_in_threadpool(_load_caller, context, verified)
+
+
+def _load_caller(context: ServiceContext, verified: VerifiedToken) -> Caller:
+    # A read session of its own, as for the account: the request's session (a write's
+    # transaction, its connection, SQLite's write lock) starts with the route's own work.
+    with context.read_session_factory() as session:
+        return load_caller(session, verified, context.grants_cache)
 
 
 CallerDep = Annotated[Caller, Depends(get_caller)]
@@ -206,17 +212,22 @@ async def get_account_path(
 AccountPathDep = Annotated[AccountPath, Depends(get_account_path)]
 
 
+def _look_up(context: ServiceContext, path: AccountPath) -> AccountRef:
+    with context.read_session_factory() as session:
+        return find_account_ref(session, path, context.known_accounts)
+
+
 def _account_for(permission: Permission, *, fresh: bool = False) -> Callable[..., Awaitable[AccountRef]]:
-    async def dependency(
-        path: AccountPathDep, caller: CallerDep, session: SessionDep, context: ContextDep
-    ) -> AccountRef:
+    async def dependency(path: AccountPathDep, caller: CallerDep, context: ContextDep) -> AccountRef:
         # Authorise on the path before looking: no answer reveals what another tenant holds.
         caller.require(permission, account_scope(path.subscription_id, path.resource_group, path.name))
         if fresh:
             context.known_accounts.forget(path)
-        # On the event loop when the account is known (no I/O), else one hop to look it up.
+        # On the event loop when the account is known (no I/O), else one hop to look it up in a
+        # read session of its own: the request's session (a write's transaction, its
+        # connection) starts only with the route's own work, after an upload's body arrived.
         known = context.known_accounts.get(path)
-        return known or await run_in_threadpool(find_account_ref, session, path, context.known_accounts)
+        return known or await run_in_threadpool(_look_up, context, path)
 
     return dependency
 

@@ -67,28 +67,51 @@ class RequestIdMiddleware:
             request_id_var.reset(token)
 
 
-class DatabaseRequestLimit:
-    """At most ``limit`` API requests at a time past this point; the rest wait their turn.
+class RequestSlots:
+    """How many API requests of this process may be past the database gate at a time.
 
     A request holds its database connection from its first query to its end, across the
     thread hops of its dependencies, so without a bound a burst takes every connection and
-    the requests still in the pool's queue time out. The event stream is exempt (it holds no
-    connection while it waits), and so is what never queries the database.
+    the requests still in the pool's queue time out. And the bound is small (MMS_API_CONCURRENCY):
+    every request in flight is a thread competing for the one interpreter lock, and with 16 of
+    them a request waits its turn at each hop (bench/api_bench.py, 32 connections on 2
+    processes: p99 ~1 s with 19 slots, ~0.1 s with 4, and more requests served).
     """
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app = app
+    def __init__(self, limit: int) -> None:
         self.limit = limit
         self._slots: asyncio.Semaphore | None = None
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
-        if scope["type"] != "http" or not path.startswith("/api/") or path.endswith("/images/events"):
-            await self.app(scope, receive, send)
-            return
+    def slot(self) -> asyncio.Semaphore:
         if self._slots is None:  # made on the server's event loop
             self._slots = asyncio.Semaphore(self.limit)
-        async with self._slots:
+        return self._slots
+
+
+def _takes_its_own_slot(method: str, path: str) -> bool:
+    """An event stream holds no connection while it waits; an upload takes a slot only for its
+    database work, after its body arrived (app.api.routes.assets): a slow client must not hold one."""
+    return path.endswith("/images/events") or (method == "POST" and path.endswith("/assets"))
+
+
+class DatabaseRequestLimit:
+    """At most ``slots.limit`` API requests at a time past this point; the rest wait their turn
+    (FIFO) on the event loop. What never queries the database passes freely."""
+
+    def __init__(self, app: ASGIApp, slots: RequestSlots) -> None:
+        self.app = app
+        self.slots = slots
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if (
+            scope["type"] != "http"
+            or not path.startswith("/api/")
+            or _takes_its_own_slot(scope.get("method", ""), path)
+        ):
+            await self.app(scope, receive, send)
+            return
+        async with self.slots.slot():
             await self.app(scope, receive, send)
 
 

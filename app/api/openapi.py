@@ -114,8 +114,8 @@ def derived_errors(route: APIRoute | RouteContext) -> list[int]:
         statuses.append(404)
     if has_body:
         statuses.append(413)  # app.api.middleware.RequestBodyGate
-    if get_session in calls:
-        statuses.append(503)  # app.errors: the database busy or unavailable
+    if calls & {get_session, get_caller, read_account, read_account_now, write_account}:
+        statuses.append(503)  # app.errors: the database busy or unavailable (all of these read it)
     return sorted(set(statuses))
 
 
