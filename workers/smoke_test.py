@@ -24,6 +24,7 @@ from docker.types import CancellableStream
 from workers.build_context import PORT
 from workers.builders import BuildFailed, Log
 from workers.builders.docker import check_stream, engine_client, registry_host
+from workers.containment import contained_host_config
 
 __all__ = ["SmokeTestFailed", "smoke_test"]
 
@@ -54,9 +55,7 @@ _PROBE_ANSWER = re.compile(rb"^mms-probe (\d+)\s*$", re.MULTILINE)
 # limit while they run, so a fork bomb that filled it settles this far below it.
 _PROBE_PIDS = 3
 _PROBE_OUTPUT_BYTES = 64 * 1024
-# The container's logs are the tenant's to fill: cap what the engine keeps of them.
 _MB = 1024 * 1024
-_LOG_CONFIG = {"type": "json-file", "config": {"max-size": "10m", "max-file": "1"}}
 
 
 class SmokeTestFailed(Exception):
@@ -99,7 +98,8 @@ def smoke_test(
                 environment={"PORT": str(PORT), "HOST": "127.0.0.1"},
                 # Unresolvable otherwise (no network, no /etc/hosts entry): the JVM asks.
                 hostname="localhost",
-                host_config=_contained(api, memory_mb, pids, cpus, disk_mb),
+                # Each file is capped there; all of them together are watched (_over_disk_limit).
+                host_config=contained_host_config(api, memory_mb=memory_mb, pids=pids, cpus=cpus, disk_mb=disk_mb),
                 labels={"org.mms.smoke-test": "true"},
             )
             cid = container["Id"]
@@ -128,31 +128,6 @@ def smoke_test(
     elapsed = time.monotonic() - started
     log(f"mms: smoke test passed: GET / answered 200 after {elapsed:.1f} s")
     logger.info("smoke_test.passed", extra={"image": image, "seconds": round(elapsed, 1)})
-
-
-def _contained(api: docker.APIClient, memory_mb: int, pids: int, cpus: float, disk_mb: int) -> dict:
-    """The host config of a container that runs a tenant's code.
-
-    The image's own user is kept: the builders make it a non-root one (build_context's
-    RUN_UID); forcing one here would break an image that is built otherwise and writes into
-    its own (root-owned) folders at start. Root in here, then, holds no capability, cannot
-    gain one (no setuid, no file capabilities), and has no network, engine socket or host
-    folder to use it on; mapping it to an unprivileged host uid is the engine's job
-    (dockerd --userns-remap), an operator's setting.
-    """
-    return api.create_host_config(
-        network_mode="none",
-        cap_drop=["ALL"],
-        security_opt=["no-new-privileges"],
-        pids_limit=pids,
-        mem_limit=f"{memory_mb}m",
-        memswap_limit=f"{memory_mb}m",  # the same: no swap beyond the memory limit
-        nano_cpus=int(cpus * 1e9),
-        # No file may pass the disk limit (the kernel's, at once); all files together are
-        # measured while it runs (_over_disk_limit).
-        ulimits=[docker.types.Ulimit(name="fsize", soft=disk_mb * _MB, hard=disk_mb * _MB)],
-        log_config=_LOG_CONFIG,
-    )
 
 
 @contextmanager

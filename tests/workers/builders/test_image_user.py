@@ -58,6 +58,7 @@ print(json.dumps({
     "passwd_home": pwd.getpwuid(os.getuid()).pw_dir,
     "home": home,
     "expanduser": os.path.expanduser("~"),
+    "home_entries": sorted(os.listdir(home)),
     "home_writable": writable(home),
     "tmp": tempfile.gettempdir(),
     "tmp_writable": writable(tempfile.gettempdir()),
@@ -96,6 +97,9 @@ def assert_runs_as_its_user(seen: dict) -> None:
     assert seen["name"] == seen["getuser"] == "scoring"  # an /etc/passwd entry, not a bare number
     assert seen["home"] == seen["expanduser"] == seen["passwd_home"] == "/home/scoring"
     assert seen["home_writable"] and seen["tmp_writable"] and seen["tmp"] == "/tmp"
+    # A web service's replica gets a memory-backed $HOME (workers/containment.py), which hides
+    # what the image has there: the builders leave it empty.
+    assert seen["home_entries"] == []
     # What the image serves is readable and nothing of it writable: not the scoring server,
     # not the model, not the app folder it starts in.
     assert seen["model"] == "weights-1"
