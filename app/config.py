@@ -5,6 +5,7 @@ Nothing else in the code base reads ``os.environ``: everything comes from here.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import secrets
 from functools import lru_cache
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, BaseModel, Field, model_validator
+from pydantic import AliasChoices, BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.private_files import private_dir, write_new_private_file
@@ -199,6 +200,25 @@ class Settings(BaseSettings):
     service_max_cpu: float = Field(default=2.0, gt=0, le=64)
     service_max_memory_gb: float = Field(default=4.0, ge=0.125, le=1024)
     services_per_account: int = Field(default=20, ge=1, le=2048)
+    # Where the local engine's service networks get their subnets: a /27 each (one bridge per
+    # service, workers/deploy/local_network.py), so a /16 holds 2048 services. Keep it clear of
+    # every other network the engine's host routes (the build network, the LAN).
+    service_subnet_pool: str = "10.213.0.0/16"
+    # A replica's root filesystem is read-only; /tmp and $HOME are memory-backed, this large
+    # each (counted against its memory), and it may run this many processes and threads.
+    service_tmp_mb: int = Field(default=64, ge=1, le=16384)
+    service_pids: int = Field(default=256, ge=32)
+
+    @field_validator("service_subnet_pool")
+    @classmethod
+    def _service_subnet_pool_is_a_range(cls, value: str) -> str:
+        try:
+            pool = ipaddress.IPv4Network(value.strip())
+        except ValueError as exc:
+            raise ValueError(f"MMS_SERVICE_SUBNET_POOL: not an IPv4 network ({exc})") from None
+        if not 16 <= pool.prefixlen <= 24:
+            raise ValueError(f"MMS_SERVICE_SUBNET_POOL: /{pool.prefixlen} out of range (/16 to /24)")
+        return str(pool)
 
     events_poll_seconds: float = Field(default=0.25, gt=0, le=10)  # how often an API process looks for new events
     # How often an API process re-reads the roles of its event streams' callers (one query for

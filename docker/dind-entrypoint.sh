@@ -11,8 +11,11 @@
 #     pushes and pulls localhost:5000/..., the names the workers and the Docker host use
 #     (a loopback registry is plain HTTP for dockerd without --insecure-registry);
 #   * no IPv4 forwarding in this namespace: nothing from the build bridge is routed on.
-# Every 30 s build-network.sh runs again (idempotent): a proxy that died is restarted and
-# rules that went missing are put back; the healthcheck is build-network.sh --status.
+#   * web-service replicas' bridges (mmss*) are under scripts/infra/service-network.sh's
+#     firewall, applied before dockerd starts.
+# Every 30 s build-network.sh and service-network.sh run again (idempotent): a proxy that died
+# is restarted and rules that went missing are put back; the healthcheck is
+# build-network.sh --status.
 set -euo pipefail
 
 infra=/usr/local/share/mms/infra
@@ -34,8 +37,10 @@ forward_registry() {
 }
 forward_registry
 
-# The build bridge's firewall before the engine exists: no build ever runs unguarded.
+# The build bridge's and the service bridges' firewalls before the engine exists: no build
+# or web-service replica ever runs unguarded.
 "$infra/build-network.sh" --firewall
+"$infra/service-network.sh" --firewall
 
 # The image's own entrypoint prepares cgroups for a nested engine; no TLS: there is no TCP.
 DOCKER_TLS_CERTDIR='' dockerd-entrypoint.sh dockerd \
@@ -66,6 +71,7 @@ while [ -z "$stopping" ] && kill -0 "$dockerd_pid" 2>/dev/null; do
     [ -z "$stopping" ] && kill -0 "$dockerd_pid" 2>/dev/null || break
     kill -0 "$socat_pid" 2>/dev/null || { log "registry forwarder exited; restarting it"; forward_registry; }
     "$infra/build-network.sh" >/dev/null || log "WARNING: build-network.sh failed; retrying in 30 s"
+    "$infra/service-network.sh" >/dev/null || log "WARNING: service-network.sh failed; retrying in 30 s"
 done
 # Until dockerd has stopped its containers and exited (a signal ends one wait early).
 while kill -0 "$dockerd_pid" 2>/dev/null; do wait "$dockerd_pid" || true; done

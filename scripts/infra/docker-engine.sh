@@ -11,6 +11,9 @@
 # beside it (an internal bridge whose only reachable destination is an egress proxy for
 # the package indexes); this script runs build-network.sh every time, also when dockerd
 # is already running (it never restarts dockerd), so an engine always comes with it.
+# Web-service replicas run on bridges `mmss*` of their own (workers/deploy/local_network.py)
+# under the host firewall of service-network.sh: applied before dockerd starts (its bridges
+# come back with it) and again on every run, like the build network's.
 # Other containers (tests, smoke checks) use host networking (`docker run --network host`).
 #
 # Env overrides:
@@ -79,8 +82,15 @@ build_network() {
         || die "the build network could not be set up (scripts/infra/build-network.sh)"
 }
 
+# The service bridges' firewall (stdout discarded; also turns IPv6 off on the bridges there are).
+service_network() {
+    MMS_DOCKER_SOCK="$SOCK" "$HERE/service-network.sh" >/dev/null 9>&- \
+        || die "the service networks' firewall could not be set up (scripts/infra/service-network.sh)"
+}
+
 if answering; then
     log "dockerd already answering on $HOST"
+    service_network
     build_network
     echo "DOCKER_HOST=$HOST"
     exit 0
@@ -112,6 +122,8 @@ if ! pid_alive "$PIDFILE" dockerd; then
     # The build network's firewall first: its bridge comes back with dockerd (after a reboot
     # the rules are gone), and no build may run on it before the rules are in place.
     "$HERE/build-network.sh" --firewall 9>&- || die "the build network's firewall failed"
+    # The same for the web services' bridges, which the engine also brings back.
+    "$HERE/service-network.sh" --firewall 9>&- || die "the service networks' firewall failed"
     log "starting dockerd (storage driver $driver, data root $DATA, log $LOGFILE)"
     rm -f "$PIDFILE"
     # setsid + nohup: survive the calling shell / CI step; stdin closed.
@@ -146,5 +158,6 @@ if ! wait_until "$WAIT" up_or_dead || ! answering; then
 fi
 log "dockerd up: $(DOCKER_HOST=$HOST docker info --format 'server {{.ServerVersion}}, driver {{.Driver}}, cgroup v{{.CgroupVersion}}, root {{.DockerRootDir}}')"
 exec 9>&-
+service_network
 build_network
 echo "DOCKER_HOST=$HOST"
