@@ -87,10 +87,17 @@ EOF
     { echo 1 >/proc/sys/net/bridge/bridge-nf-call-ip6tables; } 2>/dev/null || true
 }
 
+# One writer at a time: two runs' `-C || -I` would each add the jumps.
+lock() {
+    mkdir -p "$MMS_CI_STATE"
+    exec 8>"$MMS_CI_STATE/.service-network.lock"
+    flock -w 60 8 || die "timed out waiting for another service-network.sh run"
+}
+
 case "${1:-}" in
     --firewall)
         need_root; command -v iptables >/dev/null 2>&1 || apt_install iptables
-        firewall; exit 0 ;;
+        lock; firewall; exit 0 ;;
     --status)
         ok=0
         if hooked; then echo "firewall: in place ($IN_CHAIN on INPUT, $FWD_CHAIN on FORWARD, for $BRIDGES)"
@@ -107,6 +114,7 @@ esac
 
 need_root
 command -v iptables >/dev/null 2>&1 || apt_install iptables
+lock
 firewall
 # IPv6 off on the service bridges there are (the workers cannot: the engine's host is
 # root's); ip6tables drops it anyway, this only takes the link-local addresses away.
