@@ -209,6 +209,12 @@ class Settings(BaseSettings):
     service_tmp_mb: int = Field(default=64, ge=1, le=16384)
     service_pids: int = Field(default=256, ge=32)
 
+    # The reconciler: its passes go to a queue of their own (never behind a build), consumed by
+    # `mms worker --deploy`; a new generation that does not answer GET / on every replica
+    # within service_start_seconds of the change fails (a create) or is rolled back (an update).
+    deploy_queue: str = "mms-deploy"
+    service_start_seconds: int = Field(default=300, ge=10)
+
     @field_validator("service_subnet_pool")
     @classmethod
     def _service_subnet_pool_is_a_range(cls, value: str) -> str:

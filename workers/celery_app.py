@@ -15,8 +15,23 @@ from workers.scratch import remove_orphaned_scratch
 
 REAP_TASK = "mms.reap_builds"
 COLLECT_TASK = "mms.collect_image_garbage"
+# The reconciler's (docs/design/web-services.md §3): on the deploy queue, never behind a build.
+SCHEDULE_TASK = "mms.schedule_reconciles"
+RECONCILE_TASK = "mms.reconcile_service"
+SWEEP_TASK = "mms.sweep_services"
 
 settings = get_settings()
+# What a build worker's beat sends, and a deploy worker's (`mms worker --deploy`): each kind
+# rings only its own queue, so a service with no deploy worker leaves no pile of messages.
+BUILD_SCHEDULE = {
+    "reap-builds": {"task": REAP_TASK, "schedule": max(5.0, settings.build_lease_seconds / 2)},
+    "collect-image-garbage": {"task": COLLECT_TASK, "schedule": settings.image_gc_interval_seconds},
+}
+DEPLOY_SCHEDULE = {
+    # Expiring: rings missed while no deploy worker listened are not all played back at once.
+    "reconcile-services": {"task": SCHEDULE_TASK, "schedule": 1.0, "options": {"expires": 5}},
+    "sweep-services": {"task": SWEEP_TASK, "schedule": 60.0, "options": {"expires": 60}},
+}
 celery_app = Celery("mms", broker=settings.resolved_broker_url, include=["workers.tasks"])
 celery_app.conf.update(
     task_default_queue=settings.build_queue,
@@ -31,11 +46,9 @@ celery_app.conf.update(
         {} if settings.is_embedded_broker else {"visibility_timeout": settings.build_run_deadline_seconds + 600}
     ),
     broker_connection_retry_on_startup=True,
-    task_routes={task: {"queue": settings.build_queue} for task in (BUILD_TASK, REAP_TASK, COLLECT_TASK)},
-    beat_schedule={
-        "reap-builds": {"task": REAP_TASK, "schedule": max(5.0, settings.build_lease_seconds / 2)},
-        "collect-image-garbage": {"task": COLLECT_TASK, "schedule": settings.image_gc_interval_seconds},
-    },
+    task_routes={task: {"queue": settings.build_queue} for task in (BUILD_TASK, REAP_TASK, COLLECT_TASK)}
+    | {task: {"queue": settings.deploy_queue} for task in (SCHEDULE_TASK, RECONCILE_TASK, SWEEP_TASK)},
+    beat_schedule=BUILD_SCHEDULE,
     worker_hijack_root_logger=False,
 )
 

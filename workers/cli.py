@@ -30,8 +30,16 @@ def worker(
             help="also run the reaper's and the image store's garbage collection schedules (safe on every worker)"
         ),
     ] = True,
+    deploy: Annotated[
+        bool,
+        typer.Option(
+            "--deploy",
+            help="run the web services' reconciler instead of builds (its own queue and schedule; "
+            "passes are short: --concurrency 2 serves hundreds of services)",
+        ),
+    ] = False,
 ) -> None:
-    """Run a build worker (Celery on MMS_BROKER_URL).
+    """Run a build worker, or with --deploy a web-service reconciler (Celery on MMS_BROKER_URL).
 
     Example: DOCKER_HOST=unix:///var/run/docker.sock mms worker --concurrency 2
     """
@@ -53,12 +61,18 @@ def worker(
     from app.log_config import configure_logging
 
     configure_logging(settings.log_level, settings.log_format)
-    from workers.celery_app import celery_app
+    from workers.celery_app import BUILD_SCHEDULE, DEPLOY_SCHEDULE, celery_app
 
-    argv = ["worker", f"--concurrency={concurrency}", f"--queues={settings.build_queue}", "--loglevel=INFO"]
+    queue, kind = (settings.deploy_queue, "deploy") if deploy else (settings.build_queue, "build")
+    celery_app.conf.beat_schedule = DEPLOY_SCHEDULE if deploy else BUILD_SCHEDULE
+    argv = ["worker", f"--queues={queue}", "--loglevel=INFO", f"--hostname={kind}-{os.getpid()}@%h"]
+    # A pass waits on the engine and the database, never on the CPU: threads, not processes.
+    argv += ["--pool=threads", f"--concurrency={max(concurrency, 4)}"] if deploy else [f"--concurrency={concurrency}"]
     if beat:
-        # Every worker may run the schedule: each reaper pass is idempotent.
-        argv += ["--beat", f"--schedule={settings.data_dir / 'celerybeat-schedule'}"]
+        # Every worker may run the schedule: each reaper pass, each handing out of due
+        # services, is idempotent.
+        schedule = "celerybeat-schedule" if not deploy else "celerybeat-schedule-deploy"
+        argv += ["--beat", f"--schedule={settings.data_dir / schedule}"]
     celery_app.worker_main(argv)
 
 

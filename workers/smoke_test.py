@@ -26,7 +26,7 @@ from workers.builders import BuildFailed, Log
 from workers.builders.docker import check_stream, engine_client, registry_host
 from workers.containment import contained_host_config
 
-__all__ = ["SmokeTestFailed", "smoke_test"]
+__all__ = ["SmokeTestFailed", "last_error_line", "smoke_test"]
 
 logger = logging.getLogger(__name__)
 
@@ -248,7 +248,7 @@ def _exited(api: docker.APIClient, cid: str, state: Mapping, memory_mb: int, pid
             logs,
         )
     return SmokeTestFailed(
-        f"the container exited with code {code} before answering GET /{_last_error(logs)}"
+        f"the container exited with code {code} before answering GET /{last_error_line(logs)}"
         f"{_process_limit_hint(logs, pids)}",
         logs,
     )
@@ -289,7 +289,7 @@ def _tail(api: docker.APIClient, cid: str) -> str:
     return raw.decode("utf-8", errors="replace").rstrip()
 
 
-def _last_error(logs: str) -> str:
+def last_error_line(logs: str) -> str:
     """': <the traceback's exception line>', the reason a user recognises, if there is one."""
     lines = [line.strip() for line in logs.splitlines() if line.strip()]
     for line in reversed(lines):

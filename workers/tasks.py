@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from functools import lru_cache
 
 from app.builds.reaper import reap
@@ -9,7 +10,15 @@ from app.context import ServiceContext
 from app.database import session_scope
 from app.queue import BUILD_TASK
 from app.services.image_store import collect_garbage
-from workers.celery_app import COLLECT_TASK, REAP_TASK, celery_app, settings
+from workers.celery_app import (
+    COLLECT_TASK,
+    REAP_TASK,
+    RECONCILE_TASK,
+    SCHEDULE_TASK,
+    SWEEP_TASK,
+    celery_app,
+    settings,
+)
 from workers.runner import run_build
 
 
@@ -43,3 +52,30 @@ def collect_image_garbage() -> None:
     the grace period."""
     with session_scope(worker_context().session_factory) as session:
         collect_garbage(session, settings)
+
+
+@celery_app.task(name=SCHEDULE_TASK, ignore_result=True)
+def schedule_reconciles() -> None:
+    """Hand each service whose next pass is due to a deploy worker."""
+    from app.deployments.reconciler import HANDED_OUT_SECONDS, due_services
+
+    with session_scope(worker_context().session_factory) as session:
+        due = due_services(session)
+    for service_id in due:
+        reconcile_service.apply_async(args=[str(service_id)], expires=HANDED_OUT_SECONDS)
+
+
+@celery_app.task(name=RECONCILE_TASK, ignore_result=True)
+def reconcile_service(service_id: str) -> None:
+    """One reconciler pass over one service (a no-op when another pass holds it)."""
+    from workers.deploy.reconcile import reconcile_service as run_pass
+
+    run_pass(worker_context(), uuid.UUID(service_id))
+
+
+@celery_app.task(name=SWEEP_TASK, ignore_result=True)
+def sweep_services() -> None:
+    """Remove what the engine holds of services that are gone."""
+    from workers.deploy.reconcile import sweep_orphans
+
+    sweep_orphans(worker_context())

@@ -116,7 +116,7 @@ def serve(
     from app.log_config import configure_logging
 
     configure_logging(settings.log_level, settings.log_format)
-    worker = None
+    children = []
     if settings.is_embedded_broker if build_worker is None else build_worker:
         from app.cli.supervisor import ChildProcess
 
@@ -126,9 +126,17 @@ def serve(
             highlight=False,
         )
         # By module path: `python -m workers` is the whole `mms`, whatever the installed entry points.
-        worker = ChildProcess("build-worker", [sys.executable, "-m", "workers", "worker"])
-        # Once the API listens: a build fetches its assets from this service's own store.
-        worker.start(ready=lambda: _listening(settings.host, settings.port))
+        children.append(ChildProcess("build-worker", [sys.executable, "-m", "workers", "worker"]))
+        if settings.web_services_preview:
+            err.print(
+                f"Web services: a deploy worker and the scoring gateway at {settings.scoring_url} started too",
+                highlight=False,
+            )
+            children.append(ChildProcess("deploy-worker", [sys.executable, "-m", "workers", "worker", "--deploy"]))
+            children.append(ChildProcess("gateway", [sys.executable, "-m", "workers", "gateway"]))
+        for child in children:
+            # Once the API listens: a build fetches its assets from this service's own store.
+            child.start(ready=lambda: _listening(settings.host, settings.port))
     # uvicorn re-raises the SIGTERM it stopped on once it is done; exit through Python then
     # (status 0: a requested stop that went well), so a build worker is stopped below rather
     # than left to the kernel.
@@ -151,8 +159,8 @@ def serve(
             timeout_graceful_shutdown=30,
         )
     finally:
-        if worker is not None:
-            worker.stop()
+        for child in children:
+            child.stop()
 
 
 def gateway(

@@ -13,6 +13,7 @@ from app.deployments.states import OperationKind, OperationState, ServiceState
 from app.deployments.transitions import Transition, create, move
 from app.errors import Conflict, NotFound
 from app.orm import Service, ServiceOperation
+from app.orm.base import utcnow
 
 
 def _start_operation(session: Session, service: Service, kind: OperationKind) -> ServiceOperation:
@@ -33,7 +34,8 @@ def create_service(session: Session, **fields: object) -> tuple[Service, Service
 def update_service(session: Session, service: Service, **values: object) -> ServiceOperation:
     """Apply a new desired spec to a settled service in one statement; 409 while another
     change is being applied or the service is being deleted."""
-    if not move(session, Transition.UPDATE, Service.id == service.id, **values):
+    changed = {"revision": Service.revision + 1, "changed_at": utcnow(), "due_at": utcnow()}
+    if not move(session, Transition.UPDATE, Service.id == service.id, **changed, **values):
         _reread(session, service)
         if service.state is ServiceState.DELETING:
             raise Conflict(f"service '{service.name}' is being deleted", code="ServiceDeleting")
@@ -48,7 +50,8 @@ def update_service(session: Session, service: Service, **values: object) -> Serv
 def request_delete(session: Session, service: Service) -> ServiceOperation:
     """Mark a service Deleting (the reconciler removes what it made, then the row); asked
     again, the delete already under way."""
-    if move(session, Transition.REQUEST_DELETE, Service.id == service.id):
+    changed = {"revision": Service.revision + 1, "changed_at": utcnow(), "due_at": utcnow()}
+    if move(session, Transition.REQUEST_DELETE, Service.id == service.id, **changed):
         _reread(session, service)
         return _start_operation(session, service, OperationKind.DELETE)
     _reread(session, service)  # 404 when it is already gone

@@ -106,6 +106,22 @@ def move(
     return rows
 
 
+def bookkeep(
+    session: Session, *where: ColumnElement[bool], returning: Sequence[Any] = (), **values: object
+) -> Sequence[Row[Any]]:
+    """Set the reconciler's own columns (its lease, the next pass's due time) of the services
+    matching ``where``, never the state: one UPDATE; the rows (``Service.id`` first)."""
+    if "state" in values:
+        raise IllegalTransition("bookkeeping never sets a state: use move()")
+    return session.execute(
+        update(Service)
+        .where(*where)
+        .values(**values)
+        .returning(Service.id, *returning)
+        .execution_options(synchronize_session=False)
+    ).all()
+
+
 def create(session: Session, **fields: object) -> Service:
     """Record a new service (``fields``: the Service's columns but its state)."""
     service = Service(state=only_target(Transition.CREATE), **fields)

@@ -131,6 +131,8 @@ class Gateway:
         log.info("gateway.request", extra={**facts, "status": reply.status, "durationMs": _since(started)})
 
     async def _handle(self, scope: Scope, receive: Receive, facts: dict[str, Any]) -> Reply:
+        if scope["path"] == "/health" and scope["method"] in ("GET", "HEAD"):  # for supervisors and load balancers
+            return Reply(200, [(b"content-type", _JSON)], b'{"status": "ok"}')
         match = _PATH.fullmatch(scope["path"])
         if match is None:
             raise _Refusal(404, "no such route: scoring is at /api/v1/service/<id>/score")

@@ -2,8 +2,8 @@
 
 ``local`` (the workers' own engine) is not a row: it is a setting, shown in every account.
 A service's state is written only by app.deployments, through its transition table; its
-replicas only by the reconciler (the scoring gateway reads them); the rest of the
-reconciler's bookkeeping (leases, logs) comes with it in a later revision.
+replicas only by the reconciler (the scoring gateway reads them), which also keeps its
+lease and due time on the service's row.
 """
 
 from __future__ import annotations
@@ -62,7 +62,11 @@ class Compute(UuidPrimaryKey, CreatedAt, Base):
 
 class Service(UuidPrimaryKey, CreatedAt, Base):
     __tablename__ = "services"
-    __table_args__ = (UniqueConstraint("account_id", "name"), Index("ix_services_state", "state"))
+    __table_args__ = (
+        UniqueConstraint("account_id", "name"),
+        Index("ix_services_state", "state"),
+        Index("ix_services_due_at", "due_at"),
+    )
 
     account_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("accounts.id", ondelete="CASCADE"), index=True)
     name: Mapped[str] = mapped_column(String(32))
@@ -96,6 +100,17 @@ class Service(UuidPrimaryKey, CreatedAt, Base):
     primary_key_digest: Mapped[str] = mapped_column(String(64))
     secondary_key_digest: Mapped[str] = mapped_column(String(64))
     keys_version: Mapped[int] = mapped_column(Integer, default=1)
+
+    # The reconciler's: one pass at a time (a fenced lease, as an image build's), the next one
+    # wanted at due_at, and when traffic last moved to a new generation (the old one drains).
+    attempt: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    lease_owner: Mapped[str | None] = mapped_column(String(255))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    due_at: Mapped[datetime | None] = mapped_column(UtcDateTime, default=utcnow)
+    switched_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    # The tenant's changes (create, update, delete): counted, and the last one dated.
+    revision: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    changed_at: Mapped[datetime | None] = mapped_column(UtcDateTime, default=utcnow)
 
     created_by: Mapped[str | None] = mapped_column(String(255))
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)

@@ -49,19 +49,26 @@ class Stack:
     workers: list[subprocess.Popen]
     log_dir: Path
     hook_port: int = 0  # the workers may send webhooks to 127.0.0.1 on this port
+    scoring_url: str = ""  # the scoring gateway, once start_web_services() ran
 
-    def start_worker(self) -> subprocess.Popen:
-        log = open(self.log_dir / f"worker-{len(self.workers)}.log", "wb")  # noqa: SIM115
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "workers", "worker", "--concurrency", "1"],
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    def start_worker(self, *extra: str) -> subprocess.Popen:
+        return self._start("worker", [sys.executable, "-m", "workers", "worker", "--concurrency", "1", *extra])
+
+    def start_web_services(self) -> None:
+        """A deploy worker (the reconciler) and the scoring gateway, once per stack."""
+        if self.scoring_url:
+            return
+        self.start_worker("--deploy")
+        gateway = self._start("gateway", [sys.executable, "-m", "workers", "gateway"])
+        wait_for(f"{self.env['MMS_SCORING_URL']}/health", gateway)
+        self.scoring_url = self.env["MMS_SCORING_URL"]
+
+    def _start(self, name: str, command: list[str]) -> subprocess.Popen:
+        log = open(self.log_dir / f"{name}-{len(self.workers)}.log", "wb")  # noqa: SIM115
+        process = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
-        self.workers.append(worker)
-        return worker
+        self.workers.append(process)
+        return process
 
 
 def running_stack(
@@ -70,7 +77,7 @@ def running_stack(
     """`mms serve` and `mms worker` against the test database, Redis, the engine and the registry
     (the `stack` fixture of tests/workers/conftest.py)."""
     settings = service_context.settings
-    port, hook_port = free_port(), free_port()
+    port, hook_port, gateway_port = free_port(), free_port(), free_port()
     broker = "redis://127.0.0.1:6379/14"
     redis.Redis.from_url(broker).flushdb()
     log_dir = tmp_path_factory.mktemp("stack-logs")
@@ -83,6 +90,11 @@ def running_stack(
         "MMS_PORT": str(port),
         "MMS_BROKER_URL": broker,
         "MMS_BUILD_QUEUE": f"mms-test-{uuid.uuid4().hex[:8]}",
+        "MMS_DEPLOY_QUEUE": f"mms-test-deploy-{uuid.uuid4().hex[:8]}",
+        # Web services (started by the tests that deploy: Stack.start_web_services).
+        "MMS_WEB_SERVICES_PREVIEW": "true",
+        "MMS_SCORING_URL": f"http://127.0.0.1:{gateway_port}",
+        "MMS_GATEWAY_PORT": str(gateway_port),
         "MMS_REGISTRY": infra.registry,
         "MMS_DEFAULT_BASE_IMAGE": infra.base_image,
         "MMS_BUILD_LEASE_SECONDS": "6",
@@ -142,14 +154,18 @@ class Account:
         assert response.status_code < 400, f"{method} {url}: {response.status_code} {response.text}"
         return response
 
+    def status(self, method: str, url: str) -> int:
+        """The status of a request that may fail (no assertion)."""
+        return httpx.request(method, url, headers=self.stack.headers, timeout=60).status_code
+
     def upload(self, name: str, data: bytes) -> str:
         return self.call("POST", f"{self.url}/assets", params={"name": name}, content=data).json()["url"]
 
-    def manifest(self, model_id: str, score: str, requirements: str, name: str = "e2e-manifest") -> str:
+    def manifest(self, model_id: str | None, score: str, requirements: str, name: str = "e2e-manifest") -> str:
         body = {
             "name": name,
             "driverProgram": "score",
-            "modelIds": [model_id],
+            "modelIds": [model_id] if model_id else [],
             "assets": [
                 {"id": "score", "url": self.upload("score.py", score.encode()), "mimeType": "application/x-python"}
             ],

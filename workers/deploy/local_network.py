@@ -22,6 +22,7 @@ import subprocess
 import threading
 import time
 import uuid
+from collections.abc import Mapping
 from contextlib import suppress
 from dataclasses import dataclass
 
@@ -113,8 +114,11 @@ def require_service_firewall() -> None:
         _firewall_checked_at = time.monotonic()
 
 
-def ensure_service_network(api: docker.APIClient, service_id: uuid.UUID, pool: str) -> ServiceNetwork:
-    """The service's network, made when missing (idempotent), on a free /27 of ``pool``."""
+def ensure_service_network(
+    api: docker.APIClient, service_id: uuid.UUID, pool: str, *, labels: Mapping[str, str] | None = None
+) -> ServiceNetwork:
+    """The service's network, made when missing (idempotent), on a free /27 of ``pool``;
+    ``labels``: more labels for it (the installation that made it)."""
     name = network_name(service_id)
     found = _inspect(api, name)
     if found is not None:
@@ -133,7 +137,7 @@ def ensure_service_network(api: docker.APIClient, service_id: uuid.UUID, pool: s
                 check_duplicate=True,
                 options={"com.docker.network.bridge.name": bridge_name(service_id)},
                 ipam=docker.types.IPAMConfig(pool_configs=[docker.types.IPAMPool(subnet=str(slot), gateway=gateway)]),
-                labels={SERVICE_LABEL: str(service_id)},
+                labels={**(labels or {}), SERVICE_LABEL: str(service_id)},
             )
         except docker.errors.APIError as exc:
             found = _inspect(api, name)
@@ -163,10 +167,11 @@ def remove_service_network(api: docker.APIClient, service_id: uuid.UUID) -> None
             api.remove_network(network["Id"])
 
 
-def service_networks(api: docker.APIClient) -> dict[uuid.UUID, str]:
-    """Every service network on the engine: service id -> network name (the orphan sweep's)."""
+def service_networks(api: docker.APIClient, *, label: str = SERVICE_LABEL) -> dict[uuid.UUID, str]:
+    """Every service network on the engine (with ``label``, ``name=value`` or a name):
+    service id -> network name (the orphan sweep's)."""
     found: dict[uuid.UUID, str] = {}
-    for network in api.networks(filters={"label": SERVICE_LABEL}):
+    for network in api.networks(filters={"label": [SERVICE_LABEL, label]}):
         with suppress(ValueError, TypeError):
             found[uuid.UUID((network.get("Labels") or {})[SERVICE_LABEL])] = network["Name"]
     return found

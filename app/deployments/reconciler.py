@@ -1,0 +1,407 @@
+"""The reconciler's database half: which services are due, one pass's lease, what a pass
+decides from what it saw, and how the outcome is written.
+
+A pass (workers.deploy.reconcile) is bounded and idempotent: it takes the service's lease,
+reads the desired spec here, observes the orchestrator (by the labels on its objects, never
+trusting this database about what runs), asks ``decide`` what to do, does it, and writes the
+outcome through ``record``: the replicas the scoring gateway routes to, the traffic
+generation, the state (through the transition table) and the operation's end. Every write is
+fenced by the pass's attempt, so a worker whose lease lapsed mid-pass writes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlalchemy import delete, or_, select, update
+from sqlalchemy.orm import Session
+
+from app.deployments.states import OperationState, ServiceState
+from app.deployments.transitions import Transition, bookkeep, move
+from app.orm import Image, Service, ServiceOperation, ServiceReplica
+from app.orm.base import utcnow
+
+log = logging.getLogger("mms.reconciler")
+
+# How long a pass's lease lasts: longer than any pass (engine calls time out well before).
+LEASE_SECONDS = 60
+# A due service handed to a worker is not handed out again for this long, unless its pass
+# ends sooner (it sets the next due time itself): a lost message costs this much delay.
+HANDED_OUT_SECONDS = 30
+# The next pass: soon while something moves, rarely once all is well.
+BUSY_SECONDS = 1.0
+STEADY_SECONDS = 10.0
+# The last lines of a failed generation's output kept in the service's error.
+ERROR_LOG_LINES = 40
+
+
+@dataclass(frozen=True)
+class Lease:
+    service_id: uuid.UUID
+    attempt: int
+    owner: str
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What the tenant asked for, as this pass reads it."""
+
+    id: uuid.UUID
+    account_id: uuid.UUID
+    state: ServiceState
+    compute_type: str
+    image_id: uuid.UUID
+    image_location: str
+    image_digest: str | None
+    generation: int
+    traffic_generation: int | None
+    replicas: int
+    cpu: float
+    memory_gb: float
+    scoring_timeout_ms: int
+    revision: int  # the tenant's changes so far: a pass's verdict lands only on the spec it read
+    changed_at: datetime  # when the change being applied was asked for (the start deadline counts from it)
+    switched_at: datetime | None
+
+    @property
+    def deleting(self) -> bool:
+        return self.state is ServiceState.DELETING
+
+
+@dataclass(frozen=True)
+class Replica:
+    """A replica as the orchestrator shows it; ``ready`` when ``GET /`` answered 200 in this pass."""
+
+    id: str
+    generation: int
+    image_id: str | None
+    address: str | None
+    alive: bool  # running, or about to be restarted by the orchestrator
+    ready: bool
+    exit_code: int | None = None
+    oom_killed: bool = False
+    restarts: int = 0
+    created: float = 0.0  # seconds since the epoch: extras go newest first
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why a generation will never serve, and the last lines it printed."""
+
+    reason: str
+    logs: str = ""
+
+
+@dataclass
+class Step:
+    """What one pass does: replicas to start and to remove, and the state to record."""
+
+    start: int = 0
+    remove: list[str] = field(default_factory=list)
+    flip_traffic: bool = False
+    failure: Failure | None = None  # the desired generation failed (FAIL, or ROLL_BACK of an update)
+    roll_back_to_image: str | None = None
+    busy: bool = True
+
+
+def due_services(session: Session, *, limit: int = 50) -> list[uuid.UUID]:
+    """Hand out up to ``limit`` services whose next pass is due and whose lease is free (one
+    statement: two beats racing hand each service to one of them)."""
+    now = utcnow()
+    due = (
+        select(Service.id)
+        .where(Service.due_at <= now, or_(Service.lease_expires_at.is_(None), Service.lease_expires_at < now))
+        .order_by(Service.due_at)
+        .limit(limit)
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        due = due.with_for_update(skip_locked=True)
+    rows = bookkeep(
+        session,
+        Service.id.in_(due.scalar_subquery()),
+        Service.due_at <= now,
+        due_at=now + timedelta(seconds=HANDED_OUT_SECONDS),
+    )
+    return [row.id for row in rows]
+
+
+def mark_due(session: Session, service_id: uuid.UUID) -> None:
+    """Ask for a pass as soon as a worker is free (the tenant changed something)."""
+    bookkeep(session, Service.id == service_id, due_at=utcnow())
+
+
+def claim(session: Session, service_id: uuid.UUID, *, owner: str) -> Lease | None:
+    """Take the service's lease for one pass; None when another pass holds it or it is gone.
+    (Bookkeeping, not a move: the state is left to ``record``.)"""
+    now = utcnow()
+    rows = bookkeep(
+        session,
+        Service.id == service_id,
+        or_(Service.lease_expires_at.is_(None), Service.lease_expires_at < now),
+        returning=(Service.attempt,),
+        attempt=Service.attempt + 1,
+        lease_owner=owner,
+        lease_expires_at=now + timedelta(seconds=LEASE_SECONDS),
+    )
+    return Lease(service_id, rows[0].attempt, owner) if rows else None
+
+
+def _held(lease: Lease):  # type: ignore[no-untyped-def]
+    return (Service.id == lease.service_id) & (Service.attempt == lease.attempt)
+
+
+def _unchanged(lease: Lease, spec: Spec):  # type: ignore[no-untyped-def]
+    """Still this pass's lease, and the tenant changed nothing since the pass read the spec:
+    a verdict on an older spec must not land on a newer one."""
+    return _held(lease) & (Service.revision == spec.revision)
+
+
+def read_spec(session: Session, lease: Lease) -> Spec | None:
+    """The desired spec, if the lease is still this pass's."""
+    row = session.execute(
+        select(Service, Image.image_location, Image.digest)
+        .join(Image, Image.id == Service.image_id)
+        .where(_held(lease))
+    ).first()
+    if row is None:
+        return None
+    service: Service = row[0]
+    if row.image_location is None:
+        raise LookupError(f"image {service.image_id} of service {service.id} has no location")
+    return Spec(
+        id=service.id,
+        account_id=service.account_id,
+        state=service.state,
+        compute_type=service.compute_type,
+        image_id=service.image_id,
+        image_location=row.image_location,
+        image_digest=row.digest,
+        generation=service.generation,
+        traffic_generation=service.traffic_generation,
+        replicas=service.replicas_desired,
+        cpu=service.cpu,
+        memory_gb=service.memory_gb,
+        scoring_timeout_ms=service.scoring_timeout_ms,
+        revision=service.revision,
+        changed_at=service.changed_at or service.updated_at,
+        switched_at=service.switched_at,
+    )
+
+
+def decide(
+    spec: Spec,
+    replicas: Sequence[Replica],
+    *,
+    now: datetime,
+    start_seconds: float,
+    drain_seconds: float,
+    failure: Failure | None = None,
+) -> Step:
+    """What this pass does, from what it saw; pure (tested without an orchestrator).
+
+    ``failure``: the driver's verdict on the desired generation (a replica that exited
+    before it ever served, restarts exhausted), which ends its rollout.
+    """
+    generation, traffic = spec.generation, spec.traffic_generation
+    step = Step()
+    current = [r for r in replicas if r.generation == generation]
+    alive = [r for r in current if r.alive]
+    # Stopped for good (killed from outside, or restarts exhausted): replaced below, or the
+    # generation failed.
+    step.remove += [r.id for r in current if not r.alive]
+    serving = traffic == generation
+
+    if failure is None and not serving and now > spec.changed_at + timedelta(seconds=start_seconds):
+        ready = sum(r.ready for r in alive)
+        failure = Failure(
+            f"{ready} of {spec.replicas} replicas answered GET / within {start_seconds:g} s (MMS_SERVICE_START_SECONDS)"
+        )
+    if failure is not None and not serving:
+        step.failure = failure
+        step.remove += [r.id for r in alive]
+        if traffic is not None:
+            old = next((r.image_id for r in replicas if r.generation == traffic and r.image_id), None)
+            step.roll_back_to_image = old
+        step.remove += _old_generations(
+            replicas, spec, traffic=traffic, switched_at=spec.switched_at, now=now, drain_seconds=drain_seconds
+        )
+        step.busy = traffic is not None  # a rolled-back service goes on being watched
+        return step
+
+    # Too many (scaled down): the ones not ready first, then the newest.
+    extra = len(alive) - spec.replicas
+    if extra > 0:
+        for replica in sorted(alive, key=lambda r: (r.ready, -r.created))[:extra]:
+            step.remove.append(replica.id)
+        alive = [r for r in alive if r.id not in step.remove]
+    step.start = max(0, spec.replicas - len(alive))
+    ready = sum(r.ready for r in alive)
+    if ready >= spec.replicas and not serving:
+        step.flip_traffic = True
+        serving = True
+    step.remove += _old_generations(
+        replicas,
+        spec,
+        traffic=generation if serving else traffic,
+        switched_at=now if step.flip_traffic else spec.switched_at,
+        now=now,
+        drain_seconds=drain_seconds,
+    )
+    settled = serving and ready >= spec.replicas and step.start == 0
+    draining = any(r.generation != generation for r in replicas if r.id not in step.remove)
+    step.busy = not settled or draining or bool(step.remove)
+    return step
+
+
+def _old_generations(
+    replicas: Sequence[Replica],
+    spec: Spec,
+    *,
+    traffic: int | None,
+    switched_at: datetime | None,
+    now: datetime,
+    drain_seconds: float,
+) -> list[str]:
+    """Replicas of generations no longer wanted: the one taking traffic stays until the new
+    one takes it, and after a switch the old ones drain for ``drain_seconds``."""
+    draining = switched_at is not None and now < switched_at + timedelta(seconds=drain_seconds)
+    gone = []
+    for replica in replicas:
+        if replica.generation == spec.generation or replica.generation == traffic:
+            continue
+        if draining and replica.generation < spec.generation:
+            continue
+        gone.append(replica.id)
+    return gone
+
+
+def record(
+    session: Session,
+    lease: Lease,
+    spec: Spec,
+    step: Step,
+    replicas: Sequence[Replica],
+    *,
+    now: datetime,
+) -> bool:
+    """Write what the pass saw and did; False (nothing written) when the lease was lost.
+
+    When the tenant changed the service meanwhile, the replicas are written but no verdict:
+    the next pass, due at once, judges the new spec."""
+    if session.scalar(select(Service.id).where(_held(lease))) is None:
+        return False
+    removed = set(step.remove)
+    _write_replicas(session, spec.id, [r for r in replicas if r.id not in removed and r.alive and r.address], now)
+    released: dict[str, object] = {"lease_owner": None, "lease_expires_at": None}
+    values = released | {"due_at": now + timedelta(seconds=BUSY_SECONDS if step.busy else STEADY_SECONDS)}
+    current_ready = sum(r.ready for r in replicas if r.generation == spec.generation and r.id not in removed)
+    traffic = spec.traffic_generation
+    if step.flip_traffic:
+        traffic = spec.generation
+        values |= {"traffic_generation": spec.generation, "switched_at": now}
+    fence = _unchanged(lease, spec)
+
+    if step.failure is not None:
+        error = _failure_text(step.failure)
+        if spec.traffic_generation is None:
+            moved = move(session, Transition.FAIL, fence, error=error, replicas_ready=0, **values)
+        else:
+            old_ready = sum(r.ready for r in replicas if r.generation == spec.traffic_generation)
+            target = ServiceState.HEALTHY if old_ready >= spec.replicas else ServiceState.UNHEALTHY
+            rollback: dict[str, object] = {"generation": spec.traffic_generation, "replicas_ready": old_ready}
+            if step.roll_back_to_image:
+                rollback["image_id"] = uuid.UUID(step.roll_back_to_image)
+            moved = move(
+                session,
+                Transition.ROLL_BACK,
+                fence,
+                to=target,
+                error=f"the update was rolled back: {error}",
+                **rollback,
+                **values,
+            )
+        if moved:
+            _end_operation(session, spec.id, OperationState.FAILED, error)
+            return True
+    else:
+        values["replicas_ready"] = current_ready if traffic == spec.generation else 0
+        settled = traffic == spec.generation and current_ready >= spec.replicas and step.start == 0
+        if settled and spec.state in (ServiceState.TRANSITIONING, ServiceState.UNHEALTHY):
+            if move(session, Transition.CONVERGE, fence, error=None, **values):
+                _end_operation(session, spec.id, OperationState.SUCCEEDED, None)
+                return True
+        elif not settled and traffic == spec.generation and spec.state is ServiceState.HEALTHY:
+            lost = f"{current_ready} of {spec.replicas} replicas answer GET /: replacing the others"
+            if move(session, Transition.DEGRADE, fence, error=lost, **values):
+                return True
+        elif _bookkeep(session, fence, **values):  # the state stays as it is
+            return True
+    # The tenant changed the service during the pass: look again at once.
+    _bookkeep(session, _held(lease), **released, due_at=now)
+    return True
+
+
+def record_unreachable(session: Session, lease: Lease, spec: Spec, reason: str, *, now: datetime) -> bool:
+    """The orchestrator did not answer: the service is Unhealthy (the replicas the gateway
+    knows keep serving if they can); tried again soon."""
+    values = {"lease_owner": None, "lease_expires_at": None, "due_at": now + timedelta(seconds=STEADY_SECONDS / 2)}
+    degradable = spec.state in (ServiceState.HEALTHY, ServiceState.TRANSITIONING)
+    if degradable and move(session, Transition.DEGRADE, _unchanged(lease, spec), error=reason, **values):
+        return True
+    return _bookkeep(session, _held(lease), **values)
+
+
+def finish_delete(session: Session, lease: Lease) -> bool:
+    """The orchestrator holds nothing of the service: end its Delete operation, then the row."""
+    if session.scalar(select(Service.id).where(_held(lease))) is None:
+        return False
+    _end_operation(session, lease.service_id, OperationState.SUCCEEDED, None)
+    return bool(move(session, Transition.DELETE, _held(lease), to=None))
+
+
+def release(session: Session, lease: Lease, *, due_in: float) -> None:
+    """Give the lease back without a verdict (the pass could not finish); tried again in ``due_in``."""
+    due_at = utcnow() + timedelta(seconds=due_in)
+    _bookkeep(session, _held(lease), lease_owner=None, lease_expires_at=None, due_at=due_at)
+
+
+def _bookkeep(session: Session, where, **values: object) -> bool:  # type: ignore[no-untyped-def]
+    return bool(bookkeep(session, where, **values))
+
+
+def _write_replicas(session: Session, service_id: uuid.UUID, replicas: Sequence[Replica], now: datetime) -> None:
+    """The replicas the gateway may route to: exactly those seen alive in this pass."""
+    session.execute(delete(ServiceReplica).where(ServiceReplica.service_id == service_id))
+    for replica in replicas:
+        assert replica.address is not None
+        session.add(
+            ServiceReplica(
+                service_id=service_id,
+                generation=replica.generation,
+                replica_id=replica.id,
+                address=replica.address,
+                ready=replica.ready,
+                observed_at=now,
+            )
+        )
+    session.flush()
+
+
+def _end_operation(session: Session, service_id: uuid.UUID, state: OperationState, error: str | None) -> None:
+    session.execute(
+        update(ServiceOperation)
+        .where(ServiceOperation.service_id == service_id, ServiceOperation.state == OperationState.RUNNING)
+        .values(state=state, error=error, ended_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+
+
+def _failure_text(failure: Failure) -> str:
+    lines = [line for line in failure.logs.splitlines() if line.strip()][-ERROR_LOG_LINES:]
+    if not lines:
+        return failure.reason
+    return failure.reason + "\nlast lines of its output:\n" + "\n".join(lines)

@@ -1,0 +1,253 @@
+"""The reconciler's database half: handing out due services, the fenced lease, the decision
+from what a pass saw (pure), and how its outcome lands (or does not, on a changed spec)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.deployments import OperationState, ServiceState
+from app.deployments.lifecycle import request_delete, update_service
+from app.deployments.reconciler import (
+    Failure,
+    Replica,
+    Spec,
+    claim,
+    decide,
+    due_services,
+    finish_delete,
+    read_spec,
+    record,
+    record_unreachable,
+)
+from app.orm import Image, Service, ServiceOperation, ServiceReplica
+from app.orm.base import utcnow
+
+NOW = utcnow()
+
+
+def _spec(**changes: object) -> Spec:
+    fields: dict[str, object] = {
+        "id": uuid.uuid4(),
+        "account_id": uuid.uuid4(),
+        "state": ServiceState.TRANSITIONING,
+        "compute_type": "local",
+        "image_id": uuid.uuid4(),
+        "image_location": "127.0.0.1:5000/a/b:1",
+        "image_digest": "sha256:" + "0" * 64,
+        "generation": 1,
+        "traffic_generation": None,
+        "replicas": 2,
+        "cpu": 0.5,
+        "memory_gb": 0.5,
+        "scoring_timeout_ms": 60000,
+        "revision": 0,
+        "changed_at": NOW - timedelta(seconds=5),
+        "switched_at": None,
+    }
+    return Spec(**(fields | changes))  # type: ignore[arg-type]
+
+
+def _replica(generation: int = 1, *, ready: bool = True, alive: bool = True, n: int = 0) -> Replica:
+    return Replica(
+        id=f"c{generation}-{n}-{uuid.uuid4().hex[:6]}",
+        generation=generation,
+        image_id=None,
+        address=f"10.213.0.{n + 2}:5001",
+        alive=alive,
+        ready=ready,
+        created=float(n),
+    )
+
+
+def _decide(spec: Spec, replicas: list[Replica], failure: Failure | None = None):  # type: ignore[no-untyped-def]
+    return decide(spec, replicas, now=NOW, start_seconds=60, drain_seconds=10, failure=failure)
+
+
+# -- the decision -------------------------------------------------------------------------
+
+
+def test_a_new_service_starts_its_replicas() -> None:
+    step = _decide(_spec(), [])
+    assert (step.start, step.remove, step.flip_traffic, step.failure) == (2, [], False, None)
+    assert step.busy
+
+
+def test_traffic_moves_once_every_replica_answers() -> None:
+    assert not _decide(_spec(), [_replica(n=0), _replica(ready=False, n=1)]).flip_traffic
+    step = _decide(_spec(), [_replica(n=0), _replica(n=1)])
+    assert step.flip_traffic and step.start == 0 and step.remove == []
+
+
+def test_a_settled_service_is_looked_at_rarely() -> None:
+    step = _decide(_spec(state=ServiceState.HEALTHY, traffic_generation=1), [_replica(n=0), _replica(n=1)])
+    assert not step.busy and step.start == 0 and not step.flip_traffic
+
+
+def test_a_replica_stopped_for_good_is_removed_and_replaced() -> None:
+    dead = _replica(alive=False, ready=False, n=1)
+    step = _decide(_spec(state=ServiceState.HEALTHY, traffic_generation=1), [_replica(n=0), dead])
+    assert step.remove == [dead.id] and step.start == 1 and step.failure is None
+
+
+def test_scaling_down_removes_the_newest_ready_last() -> None:
+    replicas = [_replica(n=0), _replica(ready=False, n=1), _replica(n=2)]
+    step = _decide(_spec(traffic_generation=1, replicas=1), replicas)
+    assert step.remove == [replicas[1].id, replicas[2].id] and step.start == 0
+
+
+def test_a_generation_that_never_served_fails_with_the_drivers_reason() -> None:
+    replicas = [_replica(ready=False, n=0), _replica(alive=False, ready=False, n=1)]
+    step = _decide(_spec(), replicas, Failure("a replica exited with code 3", "RuntimeError: boom"))
+    assert step.failure is not None and step.failure.logs == "RuntimeError: boom"
+    assert sorted(step.remove) == sorted(r.id for r in replicas) and step.start == 0
+
+
+def test_a_generation_past_its_start_deadline_fails() -> None:
+    late = _spec(changed_at=NOW - timedelta(seconds=61))
+    step = _decide(late, [_replica(n=0), _replica(ready=False, n=1)])
+    assert step.failure is not None and "1 of 2 replicas answered GET / within 60 s" in step.failure.reason
+
+
+def test_an_update_keeps_the_old_generation_serving_until_the_new_one_answers() -> None:
+    old = [_replica(1, n=0), _replica(1, n=1)]
+    update = _spec(state=ServiceState.TRANSITIONING, generation=2, traffic_generation=1)
+    step = _decide(update, old)
+    assert step.start == 2 and step.remove == [] and not step.flip_traffic
+    new = [_replica(2, n=2), _replica(2, n=3)]
+    step = _decide(update, old + new)
+    assert step.flip_traffic and step.remove == []  # the old one drains first
+
+
+def test_the_old_generation_goes_once_drained() -> None:
+    old, new = [_replica(1, n=0)], [_replica(2, n=1)]
+    switched = _spec(generation=2, traffic_generation=2, replicas=1, switched_at=NOW - timedelta(seconds=5))
+    assert _decide(switched, old + new).remove == []
+    drained = _spec(generation=2, traffic_generation=2, replicas=1, switched_at=NOW - timedelta(seconds=11))
+    step = _decide(drained, old + new)
+    assert step.remove == [old[0].id]
+
+
+def test_a_failed_update_is_rolled_back_to_the_image_the_old_generation_runs() -> None:
+    image = str(uuid.uuid4())
+    old = [Replica("o", 1, image, "10.0.0.2:5001", alive=True, ready=True)]
+    new = [_replica(2, alive=False, ready=False, n=1)]
+    step = _decide(_spec(generation=2, traffic_generation=1, replicas=1), old + new, Failure("exited"))
+    assert step.failure is not None and step.roll_back_to_image == image
+    assert step.remove == [new[0].id]
+
+
+# -- the database half ---------------------------------------------------------------------
+
+
+def test_a_due_service_is_handed_out_once_until_its_pass_ends(db: Session, service: Service) -> None:
+    service.due_at = utcnow() - timedelta(seconds=1)
+    db.flush()
+    assert service.id in due_services(db)
+    assert service.id not in due_services(db)  # handed out: not again while its pass may run
+
+
+def test_one_pass_at_a_time_holds_the_lease(db: Session, service: Service) -> None:
+    lease = claim(db, service.id, owner="a")
+    assert lease is not None and lease.attempt == 1
+    assert claim(db, service.id, owner="b") is None
+    service.lease_expires_at = utcnow() - timedelta(seconds=1)  # the first worker died
+    db.flush()
+    taken = claim(db, service.id, owner="b")
+    assert taken is not None and taken.attempt == 2
+    # The first pass, fenced off, writes nothing.
+    spec = _spec(id=service.id, traffic_generation=1, replicas=1)
+    assert not record(db, lease, spec, _decide(spec, [_replica()]), [_replica()], now=utcnow())
+    assert read_spec(db, lease) is None
+
+
+def _operation(db: Session, service: Service) -> ServiceOperation:
+    return db.scalars(
+        select(ServiceOperation).where(ServiceOperation.service_id == service.id, ServiceOperation.kind == "Create")
+    ).one()
+
+
+@pytest.fixture()
+def created(db: Session, service: Service) -> Service:
+    """A service as the API creates it (with its Create operation), on an image with a location."""
+    image = db.get_one(Image, service.image_id)
+    image.image_location, image.digest = "127.0.0.1:5000/acct/housing:1", "sha256:" + "1" * 64
+    db.add(
+        ServiceOperation(
+            account_id=service.account_id, service_id=service.id, kind="Create", state=OperationState.RUNNING
+        )
+    )
+    db.flush()
+    return service
+
+
+def test_a_converged_pass_makes_the_service_healthy_and_ends_its_operation(db: Session, created: Service) -> None:
+    lease = claim(db, created.id, owner="w")
+    assert lease is not None
+    spec = read_spec(db, lease)
+    assert spec is not None
+    replicas = [_replica(n=n) for n in range(spec.replicas)]
+    assert record(db, lease, spec, _decide(spec, replicas), replicas, now=utcnow())
+    db.refresh(created)
+    assert created.state is ServiceState.HEALTHY
+    assert created.traffic_generation == 1 and created.replicas_ready == spec.replicas
+    assert created.lease_owner is None and created.due_at is not None
+    assert _operation(db, created).state is OperationState.SUCCEEDED
+    routed = db.scalars(select(ServiceReplica.address).where(ServiceReplica.service_id == created.id)).all()
+    assert sorted(routed) == sorted(r.address for r in replicas)
+
+
+def test_a_failed_first_generation_fails_the_service_with_its_last_lines(db: Session, created: Service) -> None:
+    lease = claim(db, created.id, owner="w")
+    assert lease is not None
+    spec = read_spec(db, lease)
+    assert spec is not None
+    failure = Failure("a replica exited with code 3 4 times before it answered GET /", "Traceback\nValueError: no")
+    record(db, lease, spec, _decide(spec, [], failure), [], now=utcnow())
+    db.refresh(created)
+    assert created.state is ServiceState.FAILED
+    assert created.error is not None and "ValueError: no" in created.error
+    assert _operation(db, created).state is OperationState.FAILED
+
+
+def test_a_verdict_on_an_older_spec_does_not_land(db: Session, created: Service) -> None:
+    created.state = ServiceState.HEALTHY
+    created.traffic_generation = 1
+    db.flush()
+    lease = claim(db, created.id, owner="w")
+    assert lease is not None
+    spec = read_spec(db, lease)
+    assert spec is not None
+    # The tenant scales up while the pass looks: the pass saw the old count, all ready.
+    update_service(db, created, num_replicas=spec.replicas + 1, replicas_desired=spec.replicas + 1)
+    replicas = [_replica(n=n) for n in range(spec.replicas)]
+    assert record(db, lease, spec, _decide(spec, replicas), replicas, now=utcnow())
+    db.refresh(created)
+    assert created.state is ServiceState.TRANSITIONING  # not made Healthy on the old count
+    assert created.lease_owner is None and created.due_at is not None and created.due_at <= utcnow()
+
+
+def test_an_unreachable_engine_makes_a_healthy_service_unhealthy(db: Session, created: Service) -> None:
+    created.state = ServiceState.HEALTHY
+    db.flush()
+    lease = claim(db, created.id, owner="w")
+    assert lease is not None
+    spec = read_spec(db, lease)
+    assert spec is not None
+    assert record_unreachable(db, lease, spec, "the Docker engine did not answer", now=utcnow())
+    db.refresh(created)
+    assert (created.state, created.error) == (ServiceState.UNHEALTHY, "the Docker engine did not answer")
+
+
+def test_a_delete_ends_its_operation_then_the_row(db: Session, created: Service) -> None:
+    operation = request_delete(db, created)
+    lease = claim(db, created.id, owner="w")
+    assert lease is not None
+    assert finish_delete(db, lease)
+    assert db.scalar(select(Service.id).where(Service.id == created.id)) is None
+    ended = db.scalar(select(ServiceOperation.state).where(ServiceOperation.id == operation.id))
+    assert ended is OperationState.SUCCEEDED

@@ -1,0 +1,247 @@
+"""The ``local`` target: a service's replicas as containers on the workers' own engine.
+
+Each service has its own internal bridge (workers.deploy.local_network) under the host
+firewall of ``mmss+`` bridges; each replica is a contained container
+(workers.containment.replica_host_config) that publishes no port: the scoring gateway, on
+the engine's host, connects to its address on that bridge. What runs is read from the engine
+by labels every pass, never remembered: ``org.mms.service`` (the service's id),
+``org.mms.generation`` and ``org.mms.image`` (the image's id, so an update can be rolled
+back to what the old generation runs).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import uuid
+from collections.abc import Mapping, Sequence
+from contextlib import suppress
+from typing import Self
+
+import docker
+import requests
+
+from app.deployments.reconciler import Failure, Replica, Spec
+from workers.builders import BuildFailed
+from workers.builders.docker import check_stream, engine_client, registry_host
+from workers.containment import REPLICA_PORT, replica_host_config
+from workers.deploy.local_network import ensure_service_network, remove_service_network, service_networks
+from workers.smoke_test import last_error_line
+
+log = logging.getLogger("mms.deploy.local")
+
+SERVICE_LABEL = "org.mms.service"
+GENERATION_LABEL = "org.mms.generation"
+IMAGE_LABEL = "org.mms.image"
+ACCOUNT_LABEL = "org.mms.account"
+# Which installation (database) made an object: engines may be shared (tests, staging beside
+# production), and the orphan sweep removes only its own installation's leftovers.
+INSTALLATION_LABEL = "org.mms.installation"
+# The engine restarts a replica that exits this many times (restart policy on-failure)
+# before the reconciler sees it stopped for good.
+MAX_RESTARTS = 3
+_LOG_TAIL = 80
+_PROBE_TIMEOUT = 1.0
+_STOP_SECONDS = 2
+
+
+class EngineUnreachable(Exception):
+    """The engine did not answer: the service's state says so, nothing is decided."""
+
+
+class LocalDriver:
+    def __init__(self, docker_host: str | None, *, installation: str, subnet_pool: str, tmp_mb: int, pids: int) -> None:
+        self._docker_host = docker_host
+        self._installation = installation
+        self._pool = subnet_pool
+        self._tmp_mb = tmp_mb
+        self._pids = pids
+        try:
+            self._api = engine_client(docker_host, timeout=30)
+            self._api.ping()
+        except (docker.errors.DockerException, requests.RequestException, OSError) as exc:
+            raise EngineUnreachable(f"the Docker engine of the local target did not answer ({type(exc).__name__})")
+
+    def close(self) -> None:
+        self._api.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def observe(self, spec: Spec) -> tuple[list[Replica], Failure | None]:
+        """Every replica of the service the engine holds, probed; and, when the desired
+        generation has a replica that exited for good before it ever served, why."""
+        replicas: list[Replica] = []
+        failure: Failure | None = None
+        for container in self._containers(spec.id):
+            replica, info = self._replica(container, spec)
+            replicas.append(replica)
+            gave_up = not replica.alive and (replica.restarts >= MAX_RESTARTS or replica.oom_killed)
+            if failure is None and replica.generation == spec.generation and gave_up:
+                failure = self._why_it_stopped(replica, info)
+        return replicas, failure
+
+    def start(self, spec: Spec, count: int, pull_auth: Mapping[str, str] | None) -> list[str]:
+        """Start ``count`` replicas of the desired generation; their ids."""
+        if count <= 0:
+            return []
+        network = ensure_service_network(
+            self._api, spec.id, self._pool, labels={INSTALLATION_LABEL: self._installation}
+        )
+        image = self._pulled(spec, pull_auth)
+        memory_mb = max(64, int(spec.memory_gb * 1024))
+        host_config = replica_host_config(
+            self._api,
+            image=image,
+            network=network.name,
+            cpus=spec.cpu,
+            memory_mb=memory_mb,
+            pids=self._pids,
+            tmp_mb=self._tmp_mb,
+        )
+        started = []
+        for _ in range(count):
+            name = f"mms-{spec.id.hex[:12]}-g{spec.generation}-{secrets.token_hex(3)}"
+            container = self._api.create_container(
+                image,
+                name=name,
+                hostname="localhost",
+                environment={"PORT": str(REPLICA_PORT)},
+                host_config=host_config,
+                labels={
+                    SERVICE_LABEL: str(spec.id),
+                    GENERATION_LABEL: str(spec.generation),
+                    IMAGE_LABEL: str(spec.image_id),
+                    ACCOUNT_LABEL: str(spec.account_id),
+                    INSTALLATION_LABEL: self._installation,
+                },
+            )
+            self._api.start(container["Id"])
+            started.append(container["Id"])
+        log.info("deploy.started", extra={"service": str(spec.id), "generation": spec.generation, "count": count})
+        return started
+
+    def remove(self, replica_ids: Sequence[str]) -> None:
+        for replica_id in replica_ids:
+            # SIGTERM first: uvicorn finishes what it is answering (the gateway stopped sending).
+            with suppress(docker.errors.NotFound):
+                with suppress(docker.errors.APIError, requests.RequestException):
+                    self._api.stop(replica_id, timeout=_STOP_SECONDS)
+                self._api.remove_container(replica_id, force=True, v=True)
+
+    def remove_all(self, service_id: uuid.UUID) -> None:
+        """Everything the engine holds of the service: replicas, then its network."""
+        self.remove([c["Id"] for c in self._containers(service_id)])
+        remove_service_network(self._api, service_id)
+
+    def sweep(self, known: set[uuid.UUID]) -> list[uuid.UUID]:
+        """Remove what the engine holds of this installation's services that no longer exist
+        (their account was deleted, or a worker died between the row's delete and the
+        cleanup); their ids."""
+        ours = f"{INSTALLATION_LABEL}={self._installation}"
+        held: set[uuid.UUID] = set(service_networks(self._api, label=ours))
+        for container in self._api.containers(all=True, filters={"label": [SERVICE_LABEL, ours]}):
+            with suppress(ValueError, TypeError):
+                held.add(uuid.UUID(container["Labels"][SERVICE_LABEL]))
+        orphans = sorted(held - known)
+        for service_id in orphans:
+            self.remove_all(service_id)
+        return orphans
+
+    def _containers(self, service_id: uuid.UUID) -> list[dict]:
+        return self._api.containers(all=True, filters={"label": f"{SERVICE_LABEL}={service_id}"})
+
+    def _replica(self, container: Mapping, spec: Spec) -> tuple[Replica, Mapping]:
+        info = self._api.inspect_container(container["Id"])
+        state = info["State"]
+        labels = info["Config"].get("Labels") or {}
+        networks = (info.get("NetworkSettings") or {}).get("Networks") or {}
+        address = next((n.get("IPAddress") for n in networks.values() if n.get("IPAddress")), None)
+        alive = bool(state.get("Running") or state.get("Restarting"))
+        ready = bool(state.get("Running")) and address is not None and _answers(f"{address}:{REPLICA_PORT}")
+        try:
+            generation = int(labels.get(GENERATION_LABEL, "0"))
+        except ValueError:
+            generation = 0
+        return (
+            Replica(
+                id=info["Id"],
+                generation=generation,
+                image_id=labels.get(IMAGE_LABEL),
+                address=f"{address}:{REPLICA_PORT}" if address else None,
+                alive=alive,
+                ready=ready,
+                exit_code=state.get("ExitCode"),
+                oom_killed=bool(state.get("OOMKilled")),
+                restarts=int(info.get("RestartCount") or 0),
+                created=float(container.get("Created") or 0),
+            ),
+            info,
+        )
+
+    def _why_it_stopped(self, replica: Replica, info: Mapping) -> Failure:
+        logs = self._api.logs(replica.id, stdout=True, stderr=True, tail=_LOG_TAIL).decode("utf-8", "replace")
+        if replica.oom_killed:
+            limit = (info.get("HostConfig") or {}).get("Memory") or 0
+            reason = f"a replica ran out of memory (limit {limit // 2**20} MB) before it answered GET /"
+        else:
+            reason = (
+                f"a replica exited with code {replica.exit_code} {replica.restarts + 1} times before it "
+                f"answered GET /{last_error_line(logs)}"
+            )
+        return Failure(reason, logs.rstrip())
+
+    def _pulled(self, spec: Spec, auth: Mapping[str, str] | None) -> str:
+        """The image by digest (what was built, whatever a tag now says), pulled if absent."""
+        reference = pinned_reference(spec.image_location, spec.image_digest)
+        with suppress(docker.errors.ImageNotFound):
+            self._api.inspect_image(reference)
+            return reference
+        host = registry_host(reference)
+        config = {**auth, "serveraddress": host} if auth else {}
+        try:
+            pulling = self._api.pull(reference, stream=True, decode=True, auth_config=config)
+            check_stream("deploy", pulling, _quiet, host, bool(config))
+        except BuildFailed as exc:
+            raise EngineUnreachable(f"could not pull the image {reference}: {exc.message}") from None
+        return reference
+
+
+def pinned_reference(location: str, digest: str | None) -> str:
+    """``host/repo@sha256:…`` from an image's location and digest (the location as is without one)."""
+    if not digest:
+        return location
+    name = location.split("@", 1)[0]
+    slash = name.rfind("/")
+    colon = name.rfind(":")
+    if colon > slash:  # a tag, not a registry's port
+        name = name[:colon]
+    return f"{name}@{digest}"
+
+
+def repository_of(reference: str) -> str:
+    """The repository part of a reference: no registry host, tag or digest."""
+    name = reference.split("@", 1)[0]
+    first, sep, rest = name.partition("/")
+    if sep and ("." in first or ":" in first or first == "localhost"):
+        name = rest
+    slash, colon = name.rfind("/"), name.rfind(":")
+    return name[:colon] if colon > slash else name
+
+
+def _answers(address: str) -> bool:
+    """Whether the replica answers ``GET /`` with 200, asked from the engine's host."""
+    with requests.Session() as session:
+        session.trust_env = False  # straight to the bridge: no proxy from the environment
+        try:
+            with session.get(f"http://{address}/", timeout=_PROBE_TIMEOUT, stream=True) as response:
+                return response.status_code == 200
+        except requests.RequestException:
+            return False
+
+
+def _quiet(_: str) -> None:
+    pass

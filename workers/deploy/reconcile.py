@@ -1,0 +1,142 @@
+"""One reconciler pass over one service: observe the orchestrator, decide, act, record.
+
+Bounded (a few engine calls, each with a timeout) and idempotent: a pass interrupted
+anywhere leaves labelled engine objects that the next pass reads back. The database half
+(lease, spec, the decision, the write) is app.deployments.reconciler.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Mapping
+
+from sqlalchemy import make_url, select
+
+from app.auth.registry_tokens import engine_pull_token
+from app.config import Settings
+from app.context import ServiceContext
+from app.database import session_scope
+from app.deployments import reconciler
+from app.deployments.reconciler import Lease, Spec
+from app.orm import Service
+from app.orm.base import utcnow
+from workers.deploy.local import EngineUnreachable, LocalDriver, repository_of
+from workers.deploy.local_network import ServiceNetworkError, require_service_firewall
+from workers.pipeline import ENGINE_PULL_TOKEN_SECONDS, local_engine, registry_login
+
+log = logging.getLogger("mms.deploy")
+
+_OWNER = f"{socket.gethostname()}:{os.getpid()}"
+
+
+def reconcile_service(context: ServiceContext, service_id: uuid.UUID) -> None:
+    """One pass over the service, if no other pass holds it."""
+    with session_scope(context.session_factory) as session:
+        lease = reconciler.claim(session, service_id, owner=_OWNER)
+    if lease is None:
+        return
+    try:
+        _pass(context, lease)
+    except Exception:
+        log.exception("deploy.pass_failed", extra={"service": str(service_id)})
+        with session_scope(context.session_factory) as session:
+            reconciler.release(session, lease, due_in=reconciler.STEADY_SECONDS)
+
+
+def _pass(context: ServiceContext, lease: Lease) -> None:
+    settings = context.settings
+    with session_scope(context.session_factory) as session:
+        spec = reconciler.read_spec(session, lease)
+    if spec is None:
+        return
+    if spec.compute_type != "local":
+        # swarm and kubernetes passes come with their drivers: leave them be, look rarely.
+        with session_scope(context.session_factory) as session:
+            reconciler.release(session, lease, due_in=60)
+        return
+    engine, missing = local_engine(settings)
+    try:
+        if engine is None:
+            raise EngineUnreachable(f"the local target has no engine: {missing}")
+        require_service_firewall()
+        with _local_driver(context, engine) as driver:
+            if spec.deleting:
+                driver.remove_all(spec.id)
+                with session_scope(context.session_factory) as session:
+                    reconciler.finish_delete(session, lease)
+                log.info("deploy.deleted", extra={"service": str(spec.id)})
+                return
+            replicas, failure = driver.observe(spec)
+            now = utcnow()
+            step = reconciler.decide(
+                spec,
+                replicas,
+                now=now,
+                start_seconds=settings.service_start_seconds,
+                drain_seconds=_drain_seconds(context, spec),
+                failure=failure,
+            )
+            driver.remove(step.remove)
+            if step.start:
+                driver.start(spec, step.start, _pull_auth(context, spec))
+                step.busy = True
+    except (EngineUnreachable, ServiceNetworkError) as exc:
+        with session_scope(context.session_factory) as session:
+            reconciler.record_unreachable(session, lease, spec, str(exc), now=utcnow())
+        log.warning("deploy.unreachable", extra={"service": str(spec.id), "reason": str(exc)})
+        return
+    with session_scope(context.session_factory) as session:
+        reconciler.record(session, lease, spec, step, replicas, now=now)
+
+
+def sweep_orphans(context: ServiceContext) -> list[uuid.UUID]:
+    """Remove engine objects of services that no longer exist; their ids."""
+    engine, _ = local_engine(context.settings)
+    if engine is None:
+        return []
+    with session_scope(context.session_factory) as session:
+        known = set(session.scalars(select(Service.id)))
+    try:
+        with _local_driver(context, engine) as driver:
+            orphans = driver.sweep(known)
+    except EngineUnreachable:
+        return []
+    if orphans:
+        log.info("deploy.swept", extra={"services": [str(o) for o in orphans]})
+    return orphans
+
+
+def _local_driver(context: ServiceContext, engine: str) -> LocalDriver:
+    settings = context.settings
+    return LocalDriver(
+        engine,
+        installation=installation_id(settings),
+        subnet_pool=settings.service_subnet_pool,
+        tmp_mb=settings.service_tmp_mb,
+        pids=settings.service_pids,
+    )
+
+
+def installation_id(settings: Settings) -> str:
+    """Names this installation on a shared engine: its database (every API process and worker
+    of one installation uses the same), without its password."""
+    url = make_url(settings.resolved_database_url).render_as_string(hide_password=True)
+    return hashlib.sha256(url.encode()).hexdigest()[:16]
+
+
+def _drain_seconds(context: ServiceContext, spec: Spec) -> float:
+    """How long an old generation keeps running after traffic left it: every gateway has
+    re-read the route, and a request sent just before has had its scoring timeout."""
+    return 2 * context.settings.gateway_cache_seconds + spec.scoring_timeout_ms / 1000 + 1
+
+
+def _pull_auth(context: ServiceContext, spec: Spec) -> Mapping[str, str] | None:
+    if context.settings.is_embedded_registry:
+        # The engine pulls from the service's own /v2/ with a token for this image only.
+        token = engine_pull_token(context, repository_of(spec.image_location), ttl_seconds=ENGINE_PULL_TOKEN_SECONDS)
+        return {"registrytoken": token}
+    return registry_login(context.settings)
