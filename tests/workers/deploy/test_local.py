@@ -5,7 +5,9 @@ nothing in the engine."""
 
 from __future__ import annotations
 
+import threading
 import time
+from typing import Self
 
 import docker
 import httpx
@@ -179,4 +181,132 @@ def test_a_killed_replica_is_replaced(account: Account, housing_image, engine) -
         time.sleep(0.5)
     assert _wait(account, service["id"], "Healthy", seconds=60)["deploymentStatus"]["readyReplicas"] == 1
     _wait_scores(service, primary, rows)
+    _delete(account, service["id"])
+
+
+# The build's smoke test sets HOST; a replica does not: only the deployed service fails.
+_RAISE_WITHOUT_HOST = "    if 'HOST' not in os.environ:\n        raise ValueError('version 3 needs a setting')\n"
+
+
+def _versioned_image(account: Account, version: int, *, init_raises: bool = False) -> str:
+    """An image whose run() says which version it is and which replica answered."""
+    score = (
+        "import os, secrets\n"
+        "def init():\n"
+        "    global replica\n"
+        "    replica = secrets.token_hex(4)\n" + (_RAISE_WITHOUT_HOST if init_raises else "") + "def run(raw):\n"
+        f"    return {{'version': {version}, 'replica': replica}}\n"
+    )
+    manifest = account.manifest(None, score, "# nothing to install\n", name=f"versioned-{version}")
+    image = account.wait(account.build(manifest, f"versioned-{version}")["Id"])
+    assert image["CreationState"] == "Succeeded", account.log(image)
+    return image["Id"]
+
+
+class Load:
+    """Two client threads scoring in a loop until stopped (at most 60 s or 3000 requests):
+    every answer recorded as (time, status, version or the error)."""
+
+    def __init__(self, service: dict, key: str) -> None:
+        self.service, self.key = service, key
+        self.answers: list[tuple[float, int, object]] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._loop, daemon=True) for _ in range(2)]
+
+    def __enter__(self) -> Self:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=35)
+
+    def _loop(self) -> None:
+        deadline = time.monotonic() + 60
+        with httpx.Client(headers={"Authorization": f"Bearer {self.key}"}, timeout=30) as client:
+            while not self._stop.is_set() and time.monotonic() < deadline and len(self.answers) < 3000:
+                try:
+                    answer = client.post(self.service["scoringUri"], json={"data": 1})
+                    body = answer.json().get("version") if answer.status_code == 200 else answer.text
+                    self.answers.append((time.monotonic(), answer.status_code, body))
+                except httpx.HTTPError as exc:
+                    self.answers.append((time.monotonic(), 0, repr(exc)))
+                time.sleep(0.01)
+
+
+def test_an_update_under_load_fails_no_request_and_a_failed_one_rolls_back(account: Account, engine) -> None:  # type: ignore[no-untyped-def]
+    v1, v2, v3 = (_versioned_image(account, n, init_raises=n == 3) for n in (1, 2, 3))
+    created = account.call(
+        "POST",
+        f"{account.url}/services",
+        json={
+            "name": "rolling",
+            "imageId": v1,
+            # A short scoring timeout: the old generation drains for 2 x cache + it + 1 s.
+            "deploymentConfig": {"numReplicas": 1, "scoringTimeoutMs": 3000},
+        },
+    ).json()
+    service = _wait(account, created["id"], "Healthy", "Failed")
+    assert service["state"] == "Healthy", service
+    primary, _ = _keys(account, service["id"])
+    _wait_scores(service, primary, 1)
+
+    with Load(service, primary) as load:
+        time.sleep(1)
+        update = account.call("PATCH", f"{account.url}/services/{service['id']}", json={"imageId": v2})
+        assert update.status_code == 202
+        operation = update.json()["operationId"]
+        deadline = time.monotonic() + 120
+        while (ended := account.call("GET", f"{account.url}/operations/{operation}").json())["state"] == "Running":
+            assert time.monotonic() < deadline, "the update never ended"
+            time.sleep(0.5)
+        assert ended["state"] == "Succeeded", ended
+        time.sleep(3)  # past every gateway's cache period
+    failed = [a for a in load.answers if a[1] != 200]
+    assert not failed, failed[:5]
+    versions = [version for _, _, version in load.answers]
+    assert versions[0] == 1 and versions[-1] == 2 and len(versions) > 20
+    switched = next(t for t, _, version in load.answers if version == 2)
+    assert all(version == 2 for t, _, version in load.answers if t > switched + 2.5)  # no v1 after the switch
+    # The old generation drains, then goes.
+    deadline = time.monotonic() + 30
+    while len(_held(engine, service["id"])[0]) != 1:
+        assert time.monotonic() < deadline, "the old generation was never removed"
+        time.sleep(0.5)
+
+    # v3's init() raises: the update is rolled back, v2 serves on throughout.
+    with Load(service, primary) as load:
+        update = account.call("PATCH", f"{account.url}/services/{service['id']}", json={"imageId": v3})
+        operation = update.json()["operationId"]
+        deadline = time.monotonic() + 120
+        while (ended := account.call("GET", f"{account.url}/operations/{operation}").json())["state"] == "Running":
+            assert time.monotonic() < deadline, "the update never ended"
+            time.sleep(0.5)
+    assert ended["state"] == "Failed" and "ValueError: version 3 needs a setting" in ended["error"]["message"]
+    assert {status for _, status, _ in load.answers} == {200}
+    assert {version for _, _, version in load.answers} == {2}
+    service = account.call("GET", f"{account.url}/services/{service['id']}").json()
+    assert (service["state"], service["imageId"]) == ("Healthy", v2)
+    assert "rolled back" in service["error"]["message"]
+    _delete(account, service["id"])
+
+
+def test_scaled_to_two_replicas_both_serve(account: Account, engine) -> None:  # type: ignore[no-untyped-def]
+    image = _versioned_image(account, 1)
+    service = _wait(account, _deploy(account, image, "scaled")["id"], "Healthy", "Failed")
+    assert service["state"] == "Healthy", service
+    primary, _ = _keys(account, service["id"])
+    account.call("PATCH", f"{account.url}/services/{service['id']}", json={"numReplicas": 2})
+    service = _wait(account, service["id"], "Healthy", "Failed", "Unhealthy")
+    assert service["deploymentStatus"] == {"desiredReplicas": 2, "readyReplicas": 2}, service
+    assert len(_held(engine, service["id"])[0]) == 2
+    replicas = set()
+    deadline = time.monotonic() + 30
+    while len(replicas) < 2:
+        assert time.monotonic() < deadline, f"only {replicas} answered"
+        answer = _score(service, primary, [])
+        if answer.status_code == 200:
+            replicas.add(answer.json()["replica"])
     _delete(account, service["id"])
