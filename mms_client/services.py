@@ -1,4 +1,4 @@
-"""`mms service create realtime|list|show|keys|regen-key|update|delete` (the web-services preview).
+"""`mms service create realtime|list|show|logs|keys|regen-key|update|delete` (the web-services preview).
 
 create, update and delete wait (``--wait``, the default) until the service settles or is gone,
 at most ``--timeout`` seconds: exit 0 Healthy (or gone), 2 Failed, 3 Unhealthy, 4 timed out.
@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from mms_client.api import CliError, ServiceClient
+from mms_client.api import CliError, ServiceClient, ServiceError
 from mms_client.operations import deployment_config, find_service, preview_call, wait_for_service
 from mms_client.output import Output, OutputOption, QueryOption, err, field, show
 
@@ -229,6 +229,30 @@ def show_service(
     with ServiceClient() as client:
         service = find_service(client, name, service_id)
     show(service, output, DETAIL_COLUMNS, query)
+
+
+@service_cli.command("logs")
+def logs(
+    name: NameOption = None,
+    service_id: IdOption = None,
+    tail: Annotated[int, typer.Option(min=1, max=1000, help="how many of the newest lines")] = 200,
+) -> None:
+    """What the service's replicas printed lately (init(), run(), the scoring server), each line
+    prefixed with its generation and replica; kept after a failed deployment.
+
+    Example: mms service logs -n housing-svc --tail 50
+    """
+    _reference(name, service_id)
+    with ServiceClient() as client:
+        service = find_service(client, name, service_id)
+        path = client.account_url("services", service["id"], "logs")
+        try:
+            text = client.call("GET", path, params={"tail": tail}).text
+        except ServiceError as exc:
+            if exc.status_code == 404 and exc.code == "NotFound":
+                raise CliError(f"{client.server} does not keep web services' logs (an older service)") from None
+            raise
+    typer.echo(text, nl=False)
 
 
 @service_cli.command("keys")

@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, or_, select, update
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.deployments.states import OperationState, ServiceState
 from app.deployments.transitions import Transition, bookkeep, move
-from app.orm import Image, Service, ServiceOperation, ServiceReplica
+from app.orm import Image, Service, ServiceLogLine, ServiceOperation, ServiceReplica
 from app.orm.base import utcnow
 
 log = logging.getLogger("mms.reconciler")
@@ -37,6 +37,8 @@ BUSY_SECONDS = 1.0
 STEADY_SECONDS = 10.0
 # The last lines of a failed generation's output kept in the service's error.
 ERROR_LOG_LINES = 40
+# What the reconciler keeps of what a service's replicas printed: the newest lines.
+KEPT_LOG_LINES = 1000
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,8 @@ class Spec:
     revision: int  # the tenant's changes so far: a pass's verdict lands only on the spec it read
     changed_at: datetime  # when the change being applied was asked for (the start deadline counts from it)
     switched_at: datetime | None
+    # Per replica, when its newest copied log line was printed (ns since the epoch).
+    log_marks: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def deleting(self) -> bool:
@@ -86,6 +90,16 @@ class Replica:
     oom_killed: bool = False
     restarts: int = 0
     created: float = 0.0  # seconds since the epoch: extras go newest first
+
+
+@dataclass(frozen=True)
+class LogLine:
+    """A line a replica printed, stamped by the orchestrator (ns since the epoch)."""
+
+    replica_id: str
+    generation: int
+    logged_ns: int
+    text: str
 
 
 @dataclass(frozen=True)
@@ -189,6 +203,14 @@ def read_spec(session: Session, lease: Lease) -> Spec | None:
         revision=service.revision,
         changed_at=service.changed_at or service.updated_at,
         switched_at=service.switched_at,
+        log_marks={
+            replica_id: mark
+            for replica_id, mark in session.execute(
+                select(ServiceLogLine.replica_id, func.max(ServiceLogLine.logged_ns))
+                .where(ServiceLogLine.service_id == service.id)
+                .group_by(ServiceLogLine.replica_id)
+            )
+        },
     )
 
 
@@ -287,6 +309,7 @@ def record(
     replicas: Sequence[Replica],
     *,
     now: datetime,
+    lines: Sequence[LogLine] = (),
 ) -> bool:
     """Write what the pass saw and did; False (nothing written) when the lease was lost.
 
@@ -296,6 +319,7 @@ def record(
         return False
     removed = set(step.remove)
     _write_replicas(session, spec.id, [r for r in replicas if r.id not in removed and r.alive and r.address], now)
+    _write_logs(session, spec.id, lines)
     released: dict[str, object] = {"lease_owner": None, "lease_expires_at": None}
     values = released | {"due_at": now + timedelta(seconds=BUSY_SECONDS if step.busy else STEADY_SECONDS)}
     current_ready = sum(r.ready for r in replicas if r.generation == spec.generation and r.id not in removed)
@@ -389,6 +413,34 @@ def _write_replicas(session: Session, service_id: uuid.UUID, replicas: Sequence[
             )
         )
     session.flush()
+
+
+def _write_logs(session: Session, service_id: uuid.UUID, lines: Sequence[LogLine]) -> None:
+    """Add the pass's new lines, then forget all but the service's newest KEPT_LOG_LINES."""
+    if not lines:
+        return
+    session.add_all(
+        ServiceLogLine(
+            service_id=service_id,
+            generation=line.generation,
+            replica_id=line.replica_id,
+            logged_ns=line.logged_ns,
+            text=line.text,
+        )
+        for line in sorted(lines, key=lambda line: line.logged_ns)
+    )
+    session.flush()
+    oldest_kept = (
+        select(ServiceLogLine.id)
+        .where(ServiceLogLine.service_id == service_id)
+        .order_by(ServiceLogLine.id.desc())
+        .offset(KEPT_LOG_LINES - 1)
+        .limit(1)
+        .scalar_subquery()
+    )
+    session.execute(
+        delete(ServiceLogLine).where(ServiceLogLine.service_id == service_id, ServiceLogLine.id < oldest_kept)
+    )
 
 
 def _end_operation(session: Session, service_id: uuid.UUID, state: OperationState, error: str | None) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Enum,
     Float,
@@ -144,3 +145,20 @@ class ServiceReplica(Base):
     address: Mapped[str] = mapped_column(String(64))  # host:port, as the gateway connects to it
     ready: Mapped[bool] = mapped_column(Boolean, default=False)
     observed_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class ServiceLogLine(Base):
+    """A line a service's replica printed, copied from the orchestrator by the reconciler (the
+    API holds no engine): ``GET .../services/{id}/logs`` reads them, also after a failed
+    generation's replicas are gone. Only the newest lines of a service are kept."""
+
+    __tablename__ = "service_logs"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    service_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("services.id", ondelete="CASCADE"), index=True)
+    generation: Mapped[int] = mapped_column(Integer)
+    replica_id: Mapped[str] = mapped_column(String(128))
+    # When the orchestrator says it was printed, in nanoseconds since the epoch: the next
+    # pass copies only what is newer.
+    logged_ns: Mapped[int] = mapped_column(BigInteger)
+    text: Mapped[str] = mapped_column(Text)

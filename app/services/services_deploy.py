@@ -19,7 +19,7 @@ from app.deployments.keys import KeyType, key_columns, new_key, new_keys, read_k
 from app.deployments.lifecycle import create_service, latest_operations, request_delete, update_service
 from app.deployments.states import ServiceState
 from app.errors import BadRequest, Conflict, NotFound
-from app.orm import Image, Service, ServiceOperation
+from app.orm import Image, Service, ServiceLogLine, ServiceOperation
 from app.schemas.services import AutoScaler, ContainerResourceRequirements, ServiceCreate, ServiceUpdate
 from app.sealing import Sealer
 from app.services.accounts import AccountRef
@@ -279,6 +279,21 @@ def regenerate_key(
     session.flush()
     session.refresh(service)
     return read_keys(sealer, service)
+
+
+def read_logs(session: Session, account: AccountRef, *, service_id: str, tail: int) -> str:
+    """The last ``tail`` lines the service's replicas printed, oldest first, each prefixed with
+    its generation and replica (``g2 3f2a9c1d0b7e``): what the reconciler last copied."""
+    service = _get(session, account, service_id)
+    newest = list(
+        session.execute(
+            select(ServiceLogLine.generation, ServiceLogLine.replica_id, ServiceLogLine.text)
+            .where(ServiceLogLine.service_id == service.id)
+            .order_by(ServiceLogLine.id.desc())
+            .limit(tail)
+        )
+    )
+    return "".join(f"g{line.generation} {line.replica_id[:12]} {line.text}\n" for line in reversed(newest))
 
 
 def get_operation(session: Session, account: AccountRef, *, operation_id: uuid.UUID) -> ServiceOperation | None:

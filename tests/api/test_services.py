@@ -18,7 +18,7 @@ from app.context import ServiceContext
 from app.deployments.states import ServiceState
 from app.deployments.transitions import Transition, move
 from app.main import create_app
-from app.orm import Service
+from app.orm import Service, ServiceLogLine
 from tests.api.test_computes import kubernetes, swarm
 from tests.factories import Callers
 
@@ -509,6 +509,29 @@ def test_readers_see_services_but_cannot_change_them(
     assert client.delete(url, headers=reader).status_code == 403
     contributor = callers.headers("Contributor")
     assert client.delete(url, headers=contributor).status_code == 202
+
+
+def test_logs_are_the_newest_copied_lines_as_plain_text_never_a_page(
+    client: TestClient, db: Session, owner: dict[str, str], account: str, image_id: str, callers: Callers
+) -> None:
+    service = deploy(client, account, owner, image_id)
+    url = f"{account}/services/{service['id']}/logs"
+    empty = client.get(url, headers=owner)
+    assert (empty.status_code, empty.text) == (200, "")
+    service_id = uuid.UUID(service["id"])
+    db.add_all(
+        ServiceLogLine(service_id=service_id, generation=1, replica_id="ab" * 32, logged_ns=n, text=f"<b>{n}</b>")
+        for n in range(1, 4)
+    )
+    db.flush()
+    shown = client.get(url, params={"tail": 2}, headers=callers.headers("Reader"))  # a Reader may read them
+    assert shown.status_code == 200 and shown.text == f"g1 {'ab' * 6} <b>2</b>\ng1 {'ab' * 6} <b>3</b>\n"
+    assert shown.headers["content-type"].startswith("text/plain")
+    assert shown.headers["x-content-type-options"] == "nosniff"
+    assert "sandbox" in shown.headers["content-security-policy"]
+    assert client.get(url, params={"tail": 0}, headers=owner).status_code == 400  # the service maps validation to 400
+    missing = client.get(f"{account}/services/{uuid.uuid4()}/logs", headers=owner)
+    assert missing.status_code == 404
 
 
 def test_without_the_preview_setting_the_routes_are_not_served(

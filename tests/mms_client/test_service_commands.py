@@ -20,6 +20,8 @@ from sqlalchemy.orm import Session
 
 from app.builds.leases import claim_build, finish_build
 from app.builds.states import CreationState
+from app.deployments.reconciler import LogLine, Replica, claim, decide, read_spec, record
+from app.orm.base import utcnow
 from tests.cli.test_first_hour import beside
 from tests.embedded_service import EmbeddedService, free_port, stop
 from tests.factories import KUBE_TOKEN, kubeconfig_text
@@ -237,6 +239,32 @@ def test_a_service_is_created_listed_shown_keyed_refused_an_update_and_deleted(
     assert client.json("service", "show", "-n", "housing-svc")["state"] == "Deleting"
     refused = client.run("service", "regen-key", "-n", "housing-svc", "--key", "primary")
     assert refused.returncode == 1 and "ServiceDeleting" in refused.stderr
+
+
+def test_service_logs_prints_the_newest_lines_the_reconciler_copied(
+    client: Client, service: EmbeddedService, tmp_path: Path
+) -> None:
+    image_id = _built_image(client, service, tmp_path)
+    created = client.json("service", "create", "realtime", "--image-id", image_id, "-n", "logged", "--no-wait")
+    assert client.run("service", "logs", "-n", "logged").stdout == ""
+    # Lines as a reconciler pass writes them (no deploy worker runs here).
+    engine = create_engine(f"sqlite:///{service.data_dir / 'mms.db'}")
+    try:
+        with Session(engine) as session, session.begin():
+            lease = claim(session, uuid.UUID(created["id"]), owner="test-worker")
+            assert lease is not None
+            spec = read_spec(session, lease)
+            assert spec is not None
+            replica = Replica("c0ffee" * 10, 1, image_id, "10.213.0.2:5001", alive=True, ready=False)
+            lines = [LogLine(replica.id, 1, n, f"line {n} <script>") for n in range(1, 6)]
+            assert record(session, lease, spec, decide(spec, [], now=utcnow(), start_seconds=60, drain_seconds=1),
+                          [], now=utcnow(), lines=lines)  # fmt: skip
+    finally:
+        engine.dispose()
+    shown = client.run("service", "logs", "-n", "logged", "--tail", "2")
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout == "g1 c0ffeec0ffee line 4 <script>\ng1 c0ffeec0ffee line 5 <script>\n"
+    assert client.run("service", "logs", "-i", created["id"]).stdout.count("\n") == 5
 
 
 def test_waiting_is_bounded_by_the_timeout_and_says_the_service_is_still_transitioning(

@@ -16,12 +16,13 @@ import secrets
 import uuid
 from collections.abc import Mapping, Sequence
 from contextlib import suppress
+from datetime import UTC, datetime
 from typing import Self
 
 import docker
 import requests
 
-from app.deployments.reconciler import Failure, Replica, Spec
+from app.deployments.reconciler import Failure, LogLine, Replica, Spec
 from workers.builders import BuildFailed
 from workers.builders.docker import check_stream, engine_client, registry_host
 from workers.containment import REPLICA_PORT, replica_host_config
@@ -41,6 +42,9 @@ INSTALLATION_LABEL = "org.mms.installation"
 # before the reconciler sees it stopped for good.
 MAX_RESTARTS = 3
 _LOG_TAIL = 80
+# What a pass copies of a replica's output, at most, and of each line.
+LOG_LINES_PER_PASS = 200
+LOG_LINE_CHARS = 4096
 _PROBE_TIMEOUT = 1.0
 _STOP_SECONDS = 2
 
@@ -83,6 +87,24 @@ class LocalDriver:
             if failure is None and replica.generation == spec.generation and gave_up:
                 failure = self._why_it_stopped(replica, info)
         return replicas, failure
+
+    def read_logs(self, spec: Spec, replicas: Sequence[Replica]) -> list[LogLine]:
+        """What each replica printed since the newest line already copied (at most
+        ``LOG_LINES_PER_PASS`` a replica: a replica that floods keeps only its latest)."""
+        lines: list[LogLine] = []
+        for replica in replicas:
+            mark = spec.log_marks.get(replica.id, 0)
+            with suppress(docker.errors.NotFound):
+                raw = self._api.logs(
+                    replica.id,
+                    stdout=True,
+                    stderr=True,
+                    timestamps=True,
+                    tail=LOG_LINES_PER_PASS,
+                    since=mark / 1e9 if mark else None,
+                )
+                lines += parse_log_lines(raw, replica, after_ns=mark)
+        return lines
 
     def start(self, spec: Spec, count: int, pull_auth: Mapping[str, str] | None) -> list[str]:
         """Start ``count`` replicas of the desired generation; their ids."""
@@ -208,6 +230,29 @@ class LocalDriver:
         except BuildFailed as exc:
             raise EngineUnreachable(f"could not pull the image {reference}: {exc.message}") from None
         return reference
+
+
+def parse_log_lines(raw: bytes, replica: Replica, *, after_ns: int) -> list[LogLine]:
+    """The engine's ``<RFC 3339 time> <text>`` lines newer than ``after_ns``, each cut at
+    ``LOG_LINE_CHARS``."""
+    lines = []
+    for entry in raw.decode("utf-8", "replace").splitlines():
+        stamp, _, text = entry.partition(" ")
+        logged_ns = _nanoseconds(stamp)
+        if logged_ns is None or logged_ns <= after_ns:
+            continue
+        lines.append(LogLine(replica.id, replica.generation, logged_ns, text[:LOG_LINE_CHARS]))
+    return lines
+
+
+def _nanoseconds(stamp: str) -> int | None:
+    """``2026-12-03T02:10:00.12345Z`` (the engine trims trailing zeros) as ns since the epoch."""
+    whole, _, fraction = stamp.rstrip("Z").partition(".")
+    try:
+        seconds = datetime.strptime(whole, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC).timestamp()
+        return int(seconds) * 1_000_000_000 + int((fraction or "0")[:9].ljust(9, "0"))
+    except ValueError:
+        return None
 
 
 def pinned_reference(location: str, digest: str | None) -> str:

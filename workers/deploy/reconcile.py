@@ -71,6 +71,7 @@ def _pass(context: ServiceContext, lease: Lease) -> None:
                 log.info("deploy.deleted", extra={"service": str(spec.id)})
                 return
             replicas, failure = driver.observe(spec)
+            lines = driver.read_logs(spec, replicas)  # before a failed generation's replicas go
             now = utcnow()
             step = reconciler.decide(
                 spec,
@@ -90,7 +91,7 @@ def _pass(context: ServiceContext, lease: Lease) -> None:
         log.warning("deploy.unreachable", extra={"service": str(spec.id), "reason": str(exc)})
         return
     with session_scope(context.session_factory) as session:
-        reconciler.record(session, lease, spec, step, replicas, now=now)
+        reconciler.record(session, lease, spec, step, replicas, now=now, lines=lines)
 
 
 def sweep_orphans(context: ServiceContext) -> list[uuid.UUID]:

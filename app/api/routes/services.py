@@ -1,7 +1,7 @@
 """Web services: create (202 + Operation-Location), read, list, change, delete, and their keys.
 
-Nothing deploys yet: a new service stays Transitioning until the reconciler (a later slice)
-reports what the orchestrator did; its scoringUri stays null until then.
+A new service is Transitioning until the reconciler (a deploy worker) reports what the
+orchestrator did; its scoringUri is null until a generation of it has taken requests.
 """
 
 from __future__ import annotations
@@ -9,12 +9,15 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Query, Request, Response, status
+from fastapi.responses import PlainTextResponse
 
 from app.api import examples
 from app.api.deps import CallerDep, ContextDep, ReadableAccount, ServiceId, SessionDep, WritableAccount
 from app.api.links import account_url
 from app.api.openapi import errors, header
+from app.api.untrusted import NOT_A_PAGE
 from app.config import Settings
+from app.deployments.reconciler import KEPT_LOG_LINES
 from app.deployments.states import ServiceState
 from app.schemas.common import Page
 from app.schemas.services import (
@@ -168,6 +171,26 @@ def delete_service(
     """Remove the service and everything it made: Deleting until the orchestrator holds nothing of it."""
     view = services_deploy.delete(session, account, service_id=service_id)
     return _accepted(view, request, response, context.settings)
+
+
+@router.get(
+    "/services/{serviceId}/logs",
+    response_class=PlainTextResponse,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+)
+def service_logs(
+    service_id: ServiceId,
+    account: ReadableAccount,
+    session: SessionDep,
+    tail: Annotated[int, Query(ge=1, le=KEPT_LOG_LINES, description="how many of the newest lines")] = 200,
+) -> PlainTextResponse:
+    """What the service's replicas printed lately (their init() and run() output, the scoring
+    server's), prefixed with generation and replica; kept after a failed generation's replicas
+    are gone. Copied from the orchestrator by the reconciler: up to its pass period late (10 s
+    while Healthy)."""
+    text = services_deploy.read_logs(session, account, service_id=service_id, tail=tail)
+    # Text the tenant's code printed: plain text, never a page of this origin.
+    return PlainTextResponse(text, headers=NOT_A_PAGE)
 
 
 @router.post("/services/{serviceId}/keys", response_model=ServiceKeys)

@@ -125,6 +125,11 @@ def test_the_seeds_housing_model_scores_through_its_scoring_uri(account: Account
     refused = _score(service, None, rows)
     assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
     assert _score(service, primary[::-1], rows).status_code == 401
+    # What the replica printed is copied for GET .../logs (within a pass or two).
+    deadline = time.monotonic() + 30
+    while "Uvicorn running" not in (logs := account.call("GET", f"{account.url}/services/{service['id']}/logs").text):
+        assert time.monotonic() < deadline, logs
+        time.sleep(1)
 
     # The replica is contained: no published port, its own network, read-only, no capabilities.
     (container,), (network,) = _held(engine, service["id"])
@@ -160,6 +165,8 @@ def test_an_image_whose_init_raises_fails_the_service_with_its_last_lines(accoun
     operation = account.call("GET", f"{account.url}/operations/{created['operationId']}").json()
     assert operation["state"] == "Failed"
     assert _held(engine, service["id"])[0] == []  # its replicas are gone, the reason kept
+    logs = account.call("GET", f"{account.url}/services/{service['id']}/logs").text
+    assert "RuntimeError: the feature store is unreachable" in logs and logs.startswith("g1 ")
     _delete(account, service["id"])
     assert _held(engine, service["id"]) == ([], [])
 
