@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 
 from mms_client.api import ServiceClient, all_pages
 from mms_client.operations import create_image, follow
-from mms_client.output import Output, OutputOption, QueryOption, err, field, out, show
+from mms_client.output import Output, OutputOption, QueryOption, err, field, out, printer, show
 
 image_cli = typer.Typer(help="Scoring images built from manifests.", no_args_is_help=True)
 
@@ -66,7 +64,7 @@ def create(
         if no_wait:
             show(image, output, COLUMNS, query)
             return
-        image = follow(client, image["Id"], timeout, _printer(err), err)  # stdout keeps the result alone
+        image = follow(client, image["Id"], timeout, printer(err), err)  # stdout keeps the result alone
     show(image, output, COLUMNS, query)
     state = image["CreationState"]
     if state != "Succeeded":
@@ -120,13 +118,9 @@ def logs(
     """
     with ServiceClient() as client:
         if follow_log:
-            follow(client, image_id, 24 * 3600, _printer(out), err)
+            follow(client, image_id, 24 * 3600, printer(out), err)
             return
         sys.stdout.write(client.call("GET", client.account_url("images", image_id, "log")).text)
-
-
-def _printer(console: Console) -> Callable[[str], None]:
-    return lambda text: console.print(text, end="", markup=False, highlight=False)
 
 
 @image_cli.command("cancel")

@@ -1,4 +1,4 @@
-"""`mms model register|list|show|delete` (and `deploy`, which says what to run instead)."""
+"""`mms model register|list|show|delete|deploy`."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ from typing import Annotated
 
 import typer
 
-from mms_client.api import CliError, ServiceClient, all_pages
+from mms_client.api import ServiceClient, all_pages
 from mms_client.operations import Uploads, register_model
 from mms_client.output import Output, OutputOption, QueryOption, err, field, show
+from mms_client.services import deploy_from_models
 
 model_cli = typer.Typer(help="Registered models.", no_args_is_help=True)
 
@@ -83,16 +84,5 @@ def delete_model(model_id: ModelId) -> None:
     err.print(f"Deleted model {model_id}.", highlight=False)
 
 
-@model_cli.command(
-    "deploy", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False
-)
-def deploy(context: typer.Context) -> None:
-    """Not yet supported: build an image, then `mms service create realtime --image-id ID -n NAME`.
-
-    Example: mms service create realtime --image-id 7d2e... -n housing-svc
-    """
-    del context  # whatever az's flags were given, the answer is the same
-    raise CliError(
-        "mms model deploy is not supported yet (the service cannot deploy from models): build an image "
-        "(mms manifest create, mms image create), then run mms service create realtime --image-id ID -n NAME"
-    )
+# `az ml model deploy`: its home is with the other service commands.
+model_cli.command("deploy")(deploy_from_models)

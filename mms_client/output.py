@@ -22,6 +22,7 @@ from jmespath.exceptions import JMESPathError
 from jmespath.parser import ParsedResult
 from rich import box
 from rich.cells import cell_len
+from rich.console import Console
 from rich.table import Table
 
 from mms_client.api import CliError
@@ -227,3 +228,8 @@ def _text(value: Any) -> str:
 
 
 _TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)?")
+
+
+def printer(console: Console) -> Callable[[str], None]:
+    """Writes text to ``console`` as it is (a build log: no markup, no highlighting)."""
+    return lambda text: console.print(text, end="", markup=False, highlight=False)

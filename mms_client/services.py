@@ -7,14 +7,23 @@ at most ``--timeout`` seconds: exit 0 Healthy (or gone), 2 Failed, 3 Unhealthy, 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from mms_client.api import CliError, ServiceClient, ServiceError
-from mms_client.operations import deployment_config, find_service, preview_call, wait_for_service
-from mms_client.output import Output, OutputOption, QueryOption, err, field, show
+from mms_client.api import CliError, ServiceClient, ServiceError, all_pages
+from mms_client.operations import (
+    Uploads,
+    deployment_config,
+    find_service,
+    follow,
+    inference_config_body,
+    preview_call,
+    wait_for_service,
+)
+from mms_client.output import Output, OutputOption, QueryOption, err, field, printer, show
 
 service_cli = typer.Typer(
     help="Web services: images deployed as scoring endpoints (web-services preview).", no_args_is_help=True
@@ -140,6 +149,81 @@ def _finish(
         highlight=False,
     )
     raise typer.Exit(TIMED_OUT)
+
+
+def _model_ids(client: ServiceClient, references: list[str]) -> list[str]:
+    """Model ids from ``name:version`` (as the seeds write them) or ids."""
+    ids = []
+    for reference in references:
+        name, sep, version = reference.rpartition(":")
+        if not sep or not version.isdigit():
+            ids.append(reference)  # an id
+            continue
+        versions = all_pages(client, client.account_url("models"), params={"name": name})
+        found = [m["id"] for m in versions if str(m.get("version")) == version]
+        if not found:
+            raise CliError(
+                f"-m {reference}: no model {name!r} with version {version} in this account "
+                f"(`mms model list -n {name}` shows its versions)",
+                exit_code=2,
+            )
+        ids.append(found[0])
+    return ids
+
+
+def deploy_from_models(
+    name: Annotated[str, typer.Option("--name", "-n", help="the service's name: 3-32 lower-case letters, digits, '-'")],
+    model: Annotated[
+        list[str], typer.Option("--model", "-m", help="a registered model as name:version (or its id); repeatable")
+    ],
+    ic: Annotated[
+        Path,
+        typer.Option("--ic", "--inference-config-file", help="an inferenceconfig.json (entryScript, runtime, ...)"),
+    ],
+    dc: Annotated[Path | None, typer.Option("--dc", "--deploy-config-file", help="a deploymentconfig.json")] = None,
+    compute_target: Annotated[
+        str | None, typer.Option("--compute-target", "--ct", help="the compute target's name (default: local)")
+    ] = None,
+    wait: WaitOption = True,
+    timeout: TimeoutOption = 3600,
+    output: OutputOption = Output.table,
+    query: QueryOption = None,
+) -> None:
+    """Build an image from registered models and an inference configuration, and deploy it as a
+    web service: one operation; waits (the build log, then the service) until it settles.
+
+    Exit code: 0 Healthy, 2 Failed, 3 Unhealthy, 4 still Transitioning at the timeout.
+
+    Example: mms model deploy -n housing-svc -m housing.model:1 --ic inferenceconfig.json
+    --dc deploymentconfig.json --ct local
+    """
+    try:
+        inference = json.loads(ic.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CliError(f"--ic {ic}: not a JSON file: {exc}", exit_code=2) from None
+    if not isinstance(inference, dict):
+        raise CliError(f"--ic {ic}: needs an entryScript (the scoring script's path)", exit_code=2)
+    config, compute_type = _read_deployment_config(dc) if dc else ({}, None)
+    with ServiceClient() as client, Uploads(client) as uploads:
+        model_ids = _model_ids(client, model)
+        manifest = inference_config_body(client, uploads, inference, ic.parent, name, model_ids, [], f"--ic {ic}")
+        manifest.pop("name"), manifest.pop("modelIds")
+        body: dict[str, Any] = {"name": name, "modelIds": model_ids, "inferenceConfig": manifest}
+        body["deploymentConfig"] = config
+        if compute_target:
+            body["computeName"] = compute_target
+        if compute_type:
+            body["computeType"] = compute_type
+        service = preview_call(client, "POST", client.account_url("services"), json=body)
+    with ServiceClient() as client:
+        if wait:
+            err.print(f"Building image {service['imageId']} for service {name}:", highlight=False)
+            started = time.monotonic()
+            image = follow(client, service["imageId"], timeout, printer(err), status_console=err)
+            if image["CreationState"] != "Succeeded":
+                service = find_service(client, None, service["id"])
+            timeout = max(1, int(timeout - (time.monotonic() - started)))
+        _finish(client, service, wait, timeout, output, query)
 
 
 @create_cli.command("realtime")

@@ -63,9 +63,11 @@ def worker(
     configure_logging(settings.log_level, settings.log_format)
     from workers.celery_app import BUILD_SCHEDULE, DEPLOY_SCHEDULE, celery_app
 
-    queue, kind = (settings.deploy_queue, "deploy") if deploy else (settings.build_queue, "build")
+    queue = settings.deploy_queue if deploy else settings.build_queue
     celery_app.conf.beat_schedule = DEPLOY_SCHEDULE if deploy else BUILD_SCHEDULE
-    argv = ["worker", f"--queues={queue}", "--loglevel=INFO", f"--hostname={kind}-{os.getpid()}@%h"]
+    argv = ["worker", f"--queues={queue}", "--loglevel=INFO"]
+    if deploy:  # beside a build worker (celery@<host>, what the compose healthcheck pings)
+        argv.append("--hostname=deploy@%h")
     # A pass waits on the engine and the database, never on the CPU: threads, not processes.
     argv += ["--pool=threads", f"--concurrency={max(concurrency, 4)}"] if deploy else [f"--concurrency={concurrency}"]
     if beat:

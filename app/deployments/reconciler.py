@@ -57,7 +57,7 @@ class Spec:
     state: ServiceState
     compute_type: str
     image_id: uuid.UUID
-    image_location: str
+    image_location: str | None  # None until its build (a deploy from models) succeeded
     image_digest: str | None
     generation: int
     traffic_generation: int | None
@@ -68,12 +68,26 @@ class Spec:
     revision: int  # the tenant's changes so far: a pass's verdict lands only on the spec it read
     changed_at: datetime  # when the change being applied was asked for (the start deadline counts from it)
     switched_at: datetime | None
+    image_state: str = "Succeeded"  # the image's CreationState (app.builds is not ours to import)
+    image_error: str | None = None
     # Per replica, when its newest copied log line was printed (ns since the epoch).
     log_marks: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def deleting(self) -> bool:
         return self.state is ServiceState.DELETING
+
+    @property
+    def building(self) -> bool:
+        """Its image is still being built (deployed from models): nothing to start yet."""
+        return self.image_state in ("NotStarted", "Running")
+
+    @property
+    def build_failure(self) -> Failure | None:
+        if self.building or self.image_state == "Succeeded":
+            return None
+        why = f": {self.image_error}" if self.image_error else ""
+        return Failure(f"building its image {self.image_id} ended {self.image_state}{why} (see the image's build log)")
 
 
 @dataclass(frozen=True)
@@ -177,15 +191,13 @@ def _unchanged(lease: Lease, spec: Spec):  # type: ignore[no-untyped-def]
 def read_spec(session: Session, lease: Lease) -> Spec | None:
     """The desired spec, if the lease is still this pass's."""
     row = session.execute(
-        select(Service, Image.image_location, Image.digest)
+        select(Service, Image.image_location, Image.digest, Image.state, Image.error)
         .join(Image, Image.id == Service.image_id)
         .where(_held(lease))
     ).first()
     if row is None:
         return None
     service: Service = row[0]
-    if row.image_location is None:
-        raise LookupError(f"image {service.image_id} of service {service.id} has no location")
     return Spec(
         id=service.id,
         account_id=service.account_id,
@@ -194,6 +206,8 @@ def read_spec(session: Session, lease: Lease) -> Spec | None:
         image_id=service.image_id,
         image_location=row.image_location,
         image_digest=row.digest,
+        image_state=str(row.state),
+        image_error=row.error,
         generation=service.generation,
         traffic_generation=service.traffic_generation,
         replicas=service.replicas_desired,

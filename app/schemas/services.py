@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, StringConstraints
 
 from app.deployments.states import ServiceState
 from app.schemas.common import ApiModel, Text
+from app.schemas.manifests import InferenceConfigCreate
+from app.schemas.models import ModelName
 
 ComputeType = Literal["local", "swarm", "kubernetes"]
 # Azure's rule for a service name: 3-32 lower-case letters, digits or '-', a letter first, no '-' last.
@@ -84,12 +86,24 @@ class DeploymentConfig(ApiModel):
     scoringTimeoutMs: int = Field(default=60000, ge=100, le=300000)
 
 
+class ServiceInferenceConfig(InferenceConfigCreate):
+    """A manifest's inference configuration (entryScript, runtime, condaFile, assets, ...): the
+    service builds its image from it first; the image and manifest take the service's name
+    and its modelIds."""
+
+    name: ModelName | None = Field(default=None, description="the image's and manifest's name; default: the service's")
+
+
 class ServiceCreate(ApiModel):
     name: ServiceName = Field(description="3-32 lower-case letters, digits or '-', starting with a letter")
     description: Annotated[Text, StringConstraints(max_length=512)] | None = None
     imageId: ResourceId | None = Field(default=None, description="a Succeeded image of the account")
-    modelIds: list[ResourceId] | None = Field(default=None, description="not yet supported: build an image first")
-    inferenceConfig: dict[str, Any] | None = Field(default=None, description="not yet supported, with modelIds")
+    modelIds: list[ResourceId] | None = Field(
+        default=None, description="instead of imageId: the registered models the image is built with"
+    )
+    inferenceConfig: ServiceInferenceConfig | None = Field(
+        default=None, description="instead of imageId: how the image is built (one operation builds, then deploys)"
+    )
     computeType: ComputeType | None = Field(default=None, description="checked against the target's, when given")
     computeName: ComputeName = "local"
     deploymentConfig: DeploymentConfig = DeploymentConfig()

@@ -1,12 +1,14 @@
 """Web services as the API sees them: create, read, list, change, delete, and their keys.
 
-Nothing here deploys: a service is recorded with its desired spec and stays Transitioning
-until the reconciler (a later slice) reports what the orchestrator did.
+Nothing here deploys: a service is recorded with its desired spec (and, deployed from models,
+its image build) and stays Transitioning until the reconciler (a deploy worker) reports what
+the orchestrator did.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,13 +17,17 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.builds.states import CreationState
+from app.context import ServiceContext
 from app.deployments.keys import KeyType, key_columns, new_key, new_keys, read_keys
 from app.deployments.lifecycle import create_service, latest_operations, request_delete, update_service
 from app.deployments.states import ServiceState
 from app.errors import BadRequest, Conflict, NotFound
 from app.orm import Image, Service, ServiceLogLine, ServiceOperation
+from app.schemas.images import ImageCreate
+from app.schemas.manifests import InferenceConfigCreate
 from app.schemas.services import AutoScaler, ContainerResourceRequirements, ServiceCreate, ServiceUpdate
 from app.sealing import Sealer
+from app.services import images, manifests
 from app.services.accounts import AccountRef
 from app.services.computes import LOCAL, get_target, invalid
 from app.services.lookup import get_in_account, parse_uuid
@@ -104,6 +110,36 @@ def _deployable_image(session: Session, account: AccountRef, image_id: str) -> I
     return image
 
 
+def image_builds(
+    context: ServiceContext, account: AccountRef, *, created_by: str | None
+) -> Callable[[Session, InferenceConfigCreate], Image]:
+    """How a service deployed from models gets its image: the inference configuration stored
+    as a manifest, and a build of it queued, in the service's own transaction."""
+
+    def build(session: Session, body: InferenceConfigCreate) -> Image:
+        manifest = manifests.create_manifest(
+            session,
+            account,
+            body,
+            sealer=context.sealer,
+            urls=context.url_policy,
+            own_registry=context.settings.image_registry,
+            conda_channels=context.settings.conda_channels,
+            created_by=created_by,
+        )
+        return images.create_image(
+            session,
+            account,
+            ImageCreate(name=body.name, description=body.description, manifestId=str(manifest.id)),
+            queue=context.build_queue,
+            default_builder=context.settings.builder,
+            available_builders=context.settings.available_builders,
+            created_by=created_by,
+        )
+
+    return build
+
+
 def _taken(session: Session, account: AccountRef, name: str) -> bool:
     return session.scalar(select(Service.id).where(Service.account_id == account.id, Service.name == name)) is not None
 
@@ -120,16 +156,20 @@ def create(
     sealer: Sealer,
     limits: Limits,
     created_by: str | None,
+    build: Callable[[Session, InferenceConfigCreate], Image] | None = None,
 ) -> ServiceView:
-    """Record a service as Transitioning, with its Create operation and new keys."""
-    if body.modelIds is not None or body.inferenceConfig is not None:
-        raise invalid(
-            "modelIds" if body.modelIds is not None else "inferenceConfig",
-            "deploying from models and an inference configuration is not yet supported: "
-            "build an image (POST .../images) and give its imageId",
-        )
-    if body.imageId is None:
-        raise invalid("imageId", "is required")
+    """Record a service as Transitioning, with its Create operation and new keys; from
+    modelIds and an inferenceConfig, its manifest and image build too (``build``: how an image
+    is built from them in this transaction), which the reconciler waits for."""
+    from_models = body.modelIds is not None or body.inferenceConfig is not None
+    if body.imageId is not None and from_models:
+        raise invalid("modelIds", "give either an imageId or modelIds with an inferenceConfig, not both")
+    if body.imageId is None and body.inferenceConfig is None:
+        if body.modelIds is not None:
+            raise invalid("inferenceConfig", "is required with modelIds: how to build the image from them")
+        raise invalid("imageId", "is required (or modelIds with an inferenceConfig, to build the image first)")
+    if from_models and build is None:
+        raise invalid("inferenceConfig", "this service cannot build images")
     target = get_target(session, account, name=body.computeName, local_enabled=limits.local_enabled)
     if body.computeType is not None and body.computeType != target.compute_type:
         raise invalid(
@@ -149,7 +189,6 @@ def create(
         limits=limits,
         prefix="deploymentConfig.",
     )
-    image = _deployable_image(session, account, body.imageId)
     if _taken(session, account, body.name):
         raise _exists(body.name)
     held = session.scalar(select(func.count()).select_from(Service).where(Service.account_id == account.id))
@@ -159,6 +198,16 @@ def create(
             "delete one first",
             code="TooManyServices",
         )
+    if body.imageId is not None:
+        image = _deployable_image(session, account, body.imageId)
+    else:
+        assert body.inferenceConfig is not None and build is not None
+        inference = body.inferenceConfig
+        manifest = InferenceConfigCreate.model_validate(
+            inference.model_dump(exclude_unset=True)
+            | {"name": inference.name or body.name, "modelIds": body.modelIds or []}
+        )
+        image = build(session, manifest)
     fields = dict(
         account_id=account.id,
         name=body.name,

@@ -20,7 +20,8 @@ from app.deployments.transitions import Transition, move
 from app.main import create_app
 from app.orm import Service, ServiceLogLine
 from tests.api.test_computes import kubernetes, swarm
-from tests.factories import Callers
+from tests.api.test_manifests import SCORE_URL
+from tests.factories import Callers, model_body
 
 DIGEST = "sha256:" + "d" * 64
 
@@ -189,11 +190,59 @@ def test_bad_services_are_400s_naming_the_field(
     assert client.get(f"{account}/services", headers=owner).json()["value"] == []
 
 
-def test_deploying_from_models_says_it_is_not_yet_supported(
+def _counts(client: TestClient, account: str, owner: dict[str, str]) -> tuple[int, int, int]:
+    return tuple(  # type: ignore[return-value]
+        len(client.get(f"{account}/{kind}", headers=owner).json()["value"])
+        for kind in ("services", "images", "manifests")
+    )
+
+
+def test_deploying_from_models_builds_the_image_first_in_one_operation(
     client: TestClient, owner: dict[str, str], account: str
 ) -> None:
-    response = client.post(f"{account}/services", json={"name": "frommodels", "modelIds": ["m1"]}, headers=owner)
-    assert response.status_code == 400 and "not yet supported" in response.json()["message"]
+    model_id = client.post(f"{account}/models", json=model_body(), headers=owner).json()["id"]
+    config = {"entryScript": "score.py", "assets": [{"id": "score.py", "url": SCORE_URL}], "runtime": "python"}
+    before = _counts(client, account, owner)
+    created = client.post(
+        f"{account}/services",
+        json={"name": "frommodels", "modelIds": [model_id], "inferenceConfig": config},
+        headers=owner,
+    )
+    assert created.status_code == 202, created.text
+    service = created.json()
+    assert service["state"] == "Transitioning" and service["imageLocation"] is None
+    image = client.get(f"{account}/images/{service['imageId']}", headers=owner).json()
+    assert (image["Name"], image["CreationState"]) == ("frommodels", "NotStarted")
+    manifest = image["Manifest"]
+    assert manifest["modelIds"] == [model_id] and manifest["name"] == "frommodels"
+    operation = client.get(f"{account}/operations/{service['operationId']}", headers=owner).json()
+    assert operation["state"] == "Running"
+    assert _counts(client, account, owner) == (before[0] + 1, before[1] + 1, before[2] + 1)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"modelIds": ["m1"]}, "inferenceConfig"),
+        ({"inferenceConfig": {"entryScript": "score.py", "assets": [], "runtime": "cobol"}}, "inferenceConfig.runtime"),
+        ({"inferenceConfig": {"entryScript": "missing.py", "assets": []}}, "entryScript"),
+        (
+            {
+                "modelIds": ["no-such-model"],
+                "inferenceConfig": {"entryScript": "s", "assets": [{"id": "s", "url": SCORE_URL}]},
+            },
+            "modelIds",
+        ),
+    ],
+)
+def test_a_bad_deploy_from_models_is_a_4xx_and_makes_nothing(
+    client: TestClient, owner: dict[str, str], account: str, overrides: dict, field: str
+) -> None:
+    before = _counts(client, account, owner)
+    response = client.post(f"{account}/services", json={"name": "frommodels", **overrides}, headers=owner)
+    assert response.status_code in (400, 404), response.text
+    assert field in response.text, response.json()
+    assert _counts(client, account, owner) == before
 
 
 def test_a_kubernetes_target_takes_an_autoscaler_and_checks_its_range(

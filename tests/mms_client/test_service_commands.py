@@ -328,6 +328,8 @@ def test_bad_service_input_is_one_clear_line_and_a_non_zero_exit(
     client: Client, service: EmbeddedService, tmp_path: Path
 ) -> None:
     queued = _queued_image(client, tmp_path)
+    ic = tmp_path / "inferenceconfig.json"
+    ic.write_text('{"entryScript": "score.py"}')
     create = ["service", "create", "realtime", "--no-wait"]
     cases = [
         ([*create, "--image-id", queued, "-n", "svc"], 1, "ImageNotReady"),
@@ -340,7 +342,8 @@ def test_bad_service_input_is_one_clear_line_and_a_non_zero_exit(
         (["service", "show"], 2, "-n NAME or -i ID"),
         (["service", "keys", "-n", "a", "-i", "b"], 2, "-n NAME or -i ID"),
         (["service", "regen-key", "-n", "missing", "--key", "tertiary"], 2, "give primary or secondary"),
-        (["model", "deploy", "-n", "svc", "-m", "housing.model:1", "--ic", "ic.json"], 1, "service create realtime"),
+        (["model", "deploy", "-n", "svc", "-m", "housing.model:1", "--ic", "ic.json"], 2, "--ic ic.json: not a JSON"),
+        (["model", "deploy", "-n", "svc", "-m", "housing.model:1", "--ic", str(ic)], 2, "no model 'housing.model'"),
     ]
     for args, code, message in cases:
         done = client.run(*args)

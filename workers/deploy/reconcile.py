@@ -53,6 +53,14 @@ def _pass(context: ServiceContext, lease: Lease) -> None:
         spec = reconciler.read_spec(session, lease)
     if spec is None:
         return
+    if spec.building and not spec.deleting:  # deployed from models: its image first
+        with session_scope(context.session_factory) as session:
+            reconciler.release(session, lease, due_in=2 * reconciler.BUSY_SECONDS)
+        return
+    if (failure := spec.build_failure) is not None and not spec.deleting:
+        with session_scope(context.session_factory) as session:
+            reconciler.record(session, lease, spec, reconciler.Step(failure=failure), [], now=utcnow())
+        return
     if spec.compute_type != "local":
         # swarm and kubernetes passes come with their drivers: leave them be, look rarely.
         with session_scope(context.session_factory) as session:

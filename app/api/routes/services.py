@@ -109,9 +109,17 @@ def create_service(
     context: ContextDep,
     session: SessionDep,
 ) -> ServiceRead:
-    """Deploy a Succeeded image as a web service; poll the Operation-Location or the service."""
+    """Deploy a Succeeded image as a web service, or build one from modelIds and an
+    inferenceConfig first (one operation for both); poll the Operation-Location or the service."""
+
     view = services_deploy.create(
-        session, account, body, sealer=context.sealer, limits=_limits(context.settings), created_by=caller.subject
+        session,
+        account,
+        body,
+        sealer=context.sealer,
+        limits=_limits(context.settings),
+        created_by=caller.subject,
+        build=services_deploy.image_builds(context, account, created_by=caller.subject),
     )
     return _accepted(view, request, response, context.settings)
 

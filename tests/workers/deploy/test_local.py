@@ -5,8 +5,13 @@ nothing in the engine."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import Self
 
 import docker
@@ -316,4 +321,58 @@ def test_scaled_to_two_replicas_both_serve(account: Account, engine) -> None:  #
         answer = _score(service, primary, [])
         if answer.status_code == 200:
             replicas.add(answer.json()["replica"])
+    _delete(account, service["id"])
+
+
+def _cli(web: Stack, config_dir: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("MMS_")},
+        "MMS_CONFIG_DIR": str(config_dir),
+        "MMS_SERVER": web.api,
+        "MMS_TOKEN": web.headers["Authorization"].removeprefix("Bearer "),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "mms_client", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_the_seeds_flow_mms_model_deploy_builds_and_deploys_in_one_command(
+    web: Stack,
+    account: Account,
+    model,
+    tmp_path: Path,
+    engine,  # type: ignore[no-untyped-def]
+) -> None:
+    trained, rows, archive = model
+    register_model(account, archive)  # housing.model, the next version
+    versions = account.call("GET", f"{account.url}/models", params={"name": "housing.model"}).json()["value"]
+    version = max(m["version"] for m in versions)
+    (tmp_path / "score.py").write_text(SCORE_PY)
+    (tmp_path / "myenv.yml").write_text(
+        f"name: housing\ndependencies:\n  - python=3.11\n  - pip:\n    - {sklearn_requirements().strip()}\n"
+    )
+    (tmp_path / "inferenceconfig.json").write_text(
+        json.dumps({"entryScript": "score.py", "runtime": "python", "condaFile": "myenv.yml"})
+    )
+    (tmp_path / "deploymentconfig.json").write_text(
+        json.dumps({"computeType": "local", "containerResourceRequirements": {"cpu": 0.5, "memoryInGB": 0.5}})
+    )
+    config = tmp_path / "config"
+    *_, subscription, _, group, _, name = account.url.split("/")
+    assert _cli(web, config, "env", "set", "-s", subscription, "-g", group, "-n", name).returncode == 0
+    done = _cli(
+        web, config, "model", "deploy", "-n", "seeds-housing", "-m", f"housing.model:{version}",
+        "--ic", str(tmp_path / "inferenceconfig.json"), "--dc", str(tmp_path / "deploymentconfig.json"),
+        "--ct", "local", "-o", "json",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    service = json.loads(done.stdout)
+    assert service["state"] == "Healthy" and service["scoringUri"], service
+    assert "smoke test passed" in done.stderr  # the build log was followed
+    primary, _ = _keys(account, service["id"])
+    assert _wait_scores(service, primary, rows).json() == pytest.approx(trained.predict(rows).tolist())
+
+    missing = _cli(web, config, "model", "deploy", "-n", "nope", "-m", "housing.model:999", "--ic",
+                   str(tmp_path / "inferenceconfig.json"))  # fmt: skip
+    assert missing.returncode == 2 and "no model 'housing.model' with version 999" in missing.stderr
     _delete(account, service["id"])
