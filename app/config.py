@@ -192,6 +192,11 @@ class Settings(BaseSettings):
     # Whether the workers' engine is a deployment target: the compute named `local`, listed in
     # every account (the API holds no engine socket and cannot ask; off where workers have none).
     local_compute: bool = True
+    # The operator's swarm, as the Docker tools name an engine (unix:///var/run/docker.sock,
+    # tcp://…): when set, the compute named `swarm`, listed in every account. v1 runs on one
+    # node, the workers' own engine in swarm mode: the scoring gateway connects to the tasks'
+    # addresses on their service bridge, which only that engine's host can reach.
+    swarm_docker_host: str | None = None
     # Replicas a service may ask for on local and swarm: a generation and its successor share
     # a /27 of the service subnet pool while a rolling update runs.
     service_max_replicas: int = Field(default=10, ge=1, le=13)
@@ -384,6 +389,11 @@ class Settings(BaseSettings):
         except (OSError, OverflowError):  # alive but not ours to signal; or nonsense
             pass
         return url.rstrip("/")
+
+    @property
+    def swarm_compute(self) -> bool:
+        """Whether the operator's swarm is a deployment target (the built-in compute `swarm`)."""
+        return bool(self.swarm_docker_host)
 
     @property
     def service_url(self) -> str:

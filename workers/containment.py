@@ -22,7 +22,7 @@ import docker
 
 from workers.build_context import PORT, RUN_GID, RUN_UID, RUN_USER
 
-__all__ = ["REPLICA_PORT", "contained_host_config", "replica_host_config"]
+__all__ = ["REPLICA_PORT", "contained_host_config", "replica_host_config", "replica_task_template"]
 
 # Where a replica's scoring server listens (the images' PORT); nothing publishes it: the
 # gateway and the readiness probe reach it at the container's address on the service bridge.
@@ -82,9 +82,7 @@ def replica_host_config(
     cpus = min(cpus, api.info().get("NCPU") or cpus)  # the engine refuses more
     inodes = max(_MIN_INODES, tmp_mb * _INODES_PER_MB)
     size = f"size={tmp_mb}m,nr_inodes={inodes}"
-    tmpfs = {"/tmp": f"{size},mode=1777"}
-    for volume in config.get("Volumes") or {}:
-        tmpfs.setdefault(posixpath.normpath(volume), f"{size},mode=1777")
+    tmpfs = {path: f"{size},mode=1777" for path in _writable_folders(config)}
     uid, gid = _image_user(config.get("User") or "")
     home = _image_home(config.get("Env") or [], config.get("User") or "", uid)
     if home is not None and home not in tmpfs:
@@ -105,6 +103,77 @@ def replica_host_config(
         init=True,
         restart_policy=_REPLICA_RESTARTS,
     )
+
+
+def replica_task_template(
+    api: docker.APIClient,
+    *,
+    image: str,
+    network: str,
+    cpus: float,
+    memory_mb: int,
+    pids: int,
+    tmp_mb: int,
+    labels: dict[str, str],
+    restart_delay_seconds: float = 1.0,
+) -> dict:
+    """A swarm task's spec for a web-service replica: the same containment as
+    ``replica_host_config`` as far as a swarm service can say it, on the swarm-scoped bridge
+    ``network`` (workers/deploy/swarm.py). ``labels`` go on the container too.
+
+    What swarm's API (1.41) cannot say: tmpfs inodes and owners (``$HOME`` is mode 1777
+    instead of the image user's 0700), no-new-privileges and the ``fsize`` ulimit. With no
+    capability and no setuid use, and memory-backed folders whose size counts against the
+    memory limit, the kernel still holds the rest. Swarm restarts a task that exits (after
+    ``restart_delay_seconds``); the reconciler judges a generation that never served.
+    ``image`` must be in the engine (its config names the user and ``$HOME``)."""
+    config = api.inspect_image(image).get("Config") or {}
+    cpus = min(cpus, api.info().get("NCPU") or cpus)
+    user = config.get("User") or ""
+    folders = {path: 0o1777 for path in _writable_folders(config)}
+    home = _image_home(config.get("Env") or [], user, _image_user(user)[0])
+    if home is not None:
+        folders.setdefault(home, 0o1777)
+    mounts = [
+        docker.types.Mount(path, None, type="tmpfs", tmpfs_size=tmp_mb * _MB, tmpfs_mode=mode)
+        for path, mode in folders.items()
+    ]
+    container = docker.types.ContainerSpec(
+        image,
+        hostname="localhost",
+        env={"PORT": str(REPLICA_PORT)},
+        user=user or None,
+        labels=labels,
+        mounts=mounts,
+        read_only=True,
+        init=True,
+        cap_drop=["ALL"],
+    )
+    nano_cpus, memory = int(cpus * 1e9), memory_mb * _MB
+    resources = docker.types.Resources(
+        cpu_limit=nano_cpus, mem_limit=memory, cpu_reservation=nano_cpus, mem_reservation=memory
+    )
+    resources["Limits"]["Pids"] = pids  # API 1.41; docker-py has no argument for it
+    return docker.types.TaskTemplate(
+        container,
+        resources=resources,
+        restart_policy=docker.types.RestartPolicy(
+            condition="any", delay=int(restart_delay_seconds * 1e9), max_attempts=0
+        ),
+        log_driver=docker.types.DriverConfig(_REPLICA_LOGS["type"], _REPLICA_LOGS["config"]),
+        networks=[{"Target": network}],
+    )
+
+
+def _writable_folders(config: dict) -> list[str]:
+    """``/tmp`` and every ``VOLUME`` the image declares (memory-backed: else the engine would
+    give each an anonymous volume, host disk without a limit)."""
+    folders = ["/tmp"]
+    for volume in config.get("Volumes") or {}:
+        path = posixpath.normpath(volume)
+        if path not in folders:
+            folders.append(path)
+    return folders
 
 
 def _image_user(user: str) -> tuple[int | None, int]:

@@ -56,6 +56,7 @@ class Spec:
     account_id: uuid.UUID
     state: ServiceState
     compute_type: str
+    compute_name: str  # a built-in target's (local, swarm) or an attached one's
     image_id: uuid.UUID
     image_location: str | None  # None until its build (a deploy from models) succeeded
     image_digest: str | None
@@ -203,6 +204,7 @@ def read_spec(session: Session, lease: Lease) -> Spec | None:
         account_id=service.account_id,
         state=service.state,
         compute_type=service.compute_type,
+        compute_name=service.compute_name,
         image_id=service.image_id,
         image_location=row.image_location,
         image_digest=row.digest,

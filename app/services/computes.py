@@ -1,5 +1,6 @@
-"""Compute targets: ``local`` (a setting: the workers' engine, in every account) and those a
-tenant attaches (swarm, kubernetes), whose credentials are sealed and never shown again."""
+"""Compute targets: the built-in ones (settings, in every account: ``local``, the workers'
+engine, and ``swarm``, the operator's swarm) and those a tenant attaches (swarm, kubernetes),
+whose credentials are sealed and never shown again."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from app.sealing import Sealer
 from app.services.accounts import AccountRef
 
 LOCAL = "local"
+SWARM = "swarm"  # the operator's swarm (MMS_SWARM_DOCKER_HOST), when set
 
 
 @dataclass(frozen=True)
@@ -42,8 +44,12 @@ def invalid(field: str, reason: str) -> ValidationFailed:
     return ValidationFailed(f"Invalid request: {message}", details=[{"code": "InvalidField", "message": message}])
 
 
-def _local() -> Target:
-    return Target(LOCAL, "local", {}, built_in=True, has_credentials=False, created_at=None)
+def _built_in(name: str) -> Target:
+    return Target(name, name, {}, built_in=True, has_credentials=False, created_at=None)
+
+
+def _built_ins(*, local_enabled: bool, swarm_enabled: bool) -> list[str]:
+    return [name for name, on in ((LOCAL, local_enabled), (SWARM, swarm_enabled)) if on]
 
 
 def _target(compute: Compute) -> Target:
@@ -57,25 +63,35 @@ def _target(compute: Compute) -> Target:
     )
 
 
-def _is_local(name: str) -> bool:
-    return name.lower() == LOCAL
+def _built_in_name(name: str, *, swarm_enabled: bool) -> str | None:
+    """The built-in target ``name`` names (any case), if any: ``local`` always (refused as an
+    attached name), ``swarm`` when the operator's swarm is set."""
+    lowered = name.lower()
+    return lowered if lowered == LOCAL or (lowered == SWARM and swarm_enabled) else None
 
 
-def list_targets(session: Session, account: AccountRef, *, local_enabled: bool) -> list[Target]:
-    """``local`` first (when the workers have an engine), then the attached targets by name."""
+def list_targets(
+    session: Session, account: AccountRef, *, local_enabled: bool, swarm_enabled: bool = False
+) -> list[Target]:
+    """The built-in targets first (``local`` when the workers have an engine, ``swarm`` when the
+    operator set one), then the attached targets by name."""
     attached = session.scalars(select(Compute).where(Compute.account_id == account.id).order_by(Compute.name))
-    return ([_local()] if local_enabled else []) + [_target(c) for c in attached]
+    built_in = _built_ins(local_enabled=local_enabled, swarm_enabled=swarm_enabled)
+    return [_built_in(name) for name in built_in] + [_target(c) for c in attached if c.name not in built_in]
 
 
 def _find(session: Session, account: AccountRef, name: str) -> Compute | None:
     return session.scalars(select(Compute).where(Compute.account_id == account.id, Compute.name == name)).first()
 
 
-def get_target(session: Session, account: AccountRef, *, name: str, local_enabled: bool) -> Target:
+def get_target(
+    session: Session, account: AccountRef, *, name: str, local_enabled: bool, swarm_enabled: bool = False
+) -> Target:
     """One target by name, or 404."""
-    if _is_local(name) and local_enabled:
-        return _local()
-    compute = None if _is_local(name) else _find(session, account, name)
+    built_in = _built_in_name(name, swarm_enabled=swarm_enabled)
+    if built_in in _built_ins(local_enabled=local_enabled, swarm_enabled=swarm_enabled):
+        return _built_in(built_in)
+    compute = None if built_in else _find(session, account, name)
     if compute is None:
         raise NotFound(f"compute '{name}' was not found in this account", code="ComputeNotFound")
     return _target(compute)
@@ -170,11 +186,14 @@ def put_target(
     sealer: Sealer,
     created_by: str | None,
     allow_insecure_tls: bool = False,
+    swarm_enabled: bool = False,
 ) -> tuple[Target, bool]:
-    """Attach a target, or replace its settings; whether it is new. ``local`` is built in (409).
-    ``allow_insecure_tls``: a kubeconfig may turn off the check of its cluster's certificate."""
-    if _is_local(name):
-        raise Conflict("compute 'local' is built in: it cannot be attached or changed", code="BuiltInCompute")
+    """Attach a target, or replace its settings; whether it is new. ``local`` (and ``swarm``
+    when the operator set one) is built in (409). ``allow_insecure_tls``: a kubeconfig may turn
+    off the check of its cluster's certificate."""
+    built_in = _built_in_name(name, swarm_enabled=swarm_enabled)
+    if built_in:
+        raise Conflict(f"compute '{built_in}' is built in: it cannot be attached or changed", code="BuiltInCompute")
     properties, credentials = _settings_and_credentials(body, allow_insecure_tls=allow_insecure_tls)
     sealed = sealer.seal(json.dumps(credentials).encode())
     compute = _find(session, account, name)
@@ -205,10 +224,11 @@ def put_target(
     return _target(compute), False
 
 
-def delete_target(session: Session, account: AccountRef, *, name: str) -> None:
-    """Detach a target no service uses; ``local`` is built in (409)."""
-    if _is_local(name):
-        raise Conflict("compute 'local' is built in: it cannot be detached", code="BuiltInCompute")
+def delete_target(session: Session, account: AccountRef, *, name: str, swarm_enabled: bool = False) -> None:
+    """Detach a target no service uses; the built-in ones cannot be (409)."""
+    built_in = _built_in_name(name, swarm_enabled=swarm_enabled)
+    if built_in:
+        raise Conflict(f"compute '{built_in}' is built in: it cannot be detached", code="BuiltInCompute")
     compute = _find(session, account, name)
     if compute is None:
         raise NotFound(f"compute '{name}' was not found in this account", code="ComputeNotFound")

@@ -29,7 +29,7 @@ from app.schemas.services import AutoScaler, ContainerResourceRequirements, Serv
 from app.sealing import Sealer
 from app.services import images, manifests
 from app.services.accounts import AccountRef
-from app.services.computes import LOCAL, get_target, invalid
+from app.services.computes import get_target, invalid
 from app.services.lookup import get_in_account, parse_uuid
 
 # Targets with no autoscaler in v1, whose replicas share a subnet slot (docs/design/web-services.md §1).
@@ -47,6 +47,7 @@ class Limits:
     max_cpu: float = 2.0
     max_memory_gb: float = 4.0
     max_services: int = 20  # per account: each takes one of the engine's service subnets
+    swarm_enabled: bool = False  # the operator's swarm is the built-in target `swarm`
 
 
 @dataclass(frozen=True)
@@ -170,7 +171,13 @@ def create(
         raise invalid("imageId", "is required (or modelIds with an inferenceConfig, to build the image first)")
     if from_models and build is None:
         raise invalid("inferenceConfig", "this service cannot build images")
-    target = get_target(session, account, name=body.computeName, local_enabled=limits.local_enabled)
+    target = get_target(
+        session,
+        account,
+        name=body.computeName,
+        local_enabled=limits.local_enabled,
+        swarm_enabled=limits.swarm_enabled,
+    )
     if body.computeType is not None and body.computeType != target.compute_type:
         raise invalid(
             "computeType", f"compute '{target.name}' is a {target.compute_type} target, not {body.computeType}"
@@ -212,7 +219,7 @@ def create(
         account_id=account.id,
         name=body.name,
         description=body.description,
-        compute_name=LOCAL if target.built_in else target.name,
+        compute_name=target.name,  # a built-in one's canonical name
         compute_type=target.compute_type,
         image_id=image.id,
         **scale,

@@ -345,3 +345,31 @@ def test_a_docker_host_is_an_address_only_since_readers_see_it(
     assert "properties.dockerHost" in response.json()["message"]
     listed = client.get(f"{account}/computes", headers=callers.headers("Reader")).text
     assert "hunter2" not in listed
+
+
+def test_the_operators_swarm_is_a_built_in_target(
+    client: TestClient, app_context: ServiceContext, owner: dict[str, str], account: str
+) -> None:
+    from app.main import create_app
+
+    settings = app_context.settings.model_copy(update={"swarm_docker_host": "unix:///var/run/docker.sock"})
+    context = ServiceContext.build(
+        settings,
+        engine=app_context.engine,
+        session_factory=app_context.session_factory,
+        read_session_factory=app_context.read_session_factory,
+    )
+    with_swarm = TestClient(create_app(context=context), base_url="http://testserver")
+    listed = with_swarm.get(f"{account}/computes", headers=owner).json()["value"]
+    assert [(c["name"], c["type"], c["builtIn"]) for c in listed] == [
+        ("local", "local", True),
+        ("swarm", "swarm", True),
+    ]
+    assert with_swarm.get(f"{account}/computes/SWARM", headers=owner).json()["name"] == "swarm"
+    for response in (
+        with_swarm.put(f"{account}/computes/swarm", json=swarm(), headers=owner),
+        with_swarm.delete(f"{account}/computes/swarm", headers=owner),
+    ):
+        assert (response.status_code, response.json()["code"]) == (409, "BuiltInCompute")
+    # Without the setting, `swarm` is a name like any other.
+    assert client.put(f"{account}/computes/swarm", json=swarm(), headers=owner).status_code == 201

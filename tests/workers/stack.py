@@ -95,6 +95,9 @@ def running_stack(
         "MMS_WEB_SERVICES_PREVIEW": "true",
         "MMS_SCORING_URL": f"http://127.0.0.1:{gateway_port}",
         "MMS_GATEWAY_PORT": str(gateway_port),
+        # The built-in `swarm` target: the same engine, in swarm mode once a test made it one
+        # (tests/workers/deploy/test_swarm.py); until then its passes find no swarm.
+        "MMS_SWARM_DOCKER_HOST": infra.docker_host,
         "MMS_REGISTRY": infra.registry,
         "MMS_DEFAULT_BASE_IMAGE": infra.base_image,
         "MMS_BUILD_LEASE_SECONDS": "6",

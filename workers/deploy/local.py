@@ -38,6 +38,10 @@ ACCOUNT_LABEL = "org.mms.account"
 # Which installation (database) made an object: engines may be shared (tests, staging beside
 # production), and the orphan sweep removes only its own installation's leftovers.
 INSTALLATION_LABEL = "org.mms.installation"
+# On the swarm target's objects (workers.deploy.swarm), which this driver's sweep leaves alone:
+# the config-only networks carry ours, the tasks' containers the engine's.
+SWARM_TARGET_LABEL = "org.mms.target=swarm"
+SWARM_TASK_LABEL = "com.docker.swarm.task.id"
 # The engine restarts a replica that exits this many times (restart policy on-failure)
 # before the reconciler sees it stopped for good.
 MAX_RESTARTS = 3
@@ -91,20 +95,7 @@ class LocalDriver:
     def read_logs(self, spec: Spec, replicas: Sequence[Replica]) -> list[LogLine]:
         """What each replica printed since the newest line already copied (at most
         ``LOG_LINES_PER_PASS`` a replica: a replica that floods keeps only its latest)."""
-        lines: list[LogLine] = []
-        for replica in replicas:
-            mark = spec.log_marks.get(replica.id, 0)
-            with suppress(docker.errors.NotFound):
-                raw = self._api.logs(
-                    replica.id,
-                    stdout=True,
-                    stderr=True,
-                    timestamps=True,
-                    tail=LOG_LINES_PER_PASS,
-                    since=mark / 1e9 if mark else None,
-                )
-                lines += parse_log_lines(raw, replica, after_ns=mark)
-        return lines
+        return [line for r in replicas for line in new_log_lines(self._api, r.id, r, spec.log_marks.get(r.id, 0))]
 
     def start(self, spec: Spec, count: int, pull_auth: Mapping[str, str] | None) -> list[str]:
         """Start ``count`` replicas of the desired generation; their ids."""
@@ -154,18 +145,24 @@ class LocalDriver:
                     self._api.stop(replica_id, timeout=_STOP_SECONDS)
                 self._api.remove_container(replica_id, force=True, v=True)
 
-    def remove_all(self, service_id: uuid.UUID) -> None:
-        """Everything the engine holds of the service: replicas, then its network."""
+    def remove_all(self, service_id: uuid.UUID) -> bool:
+        """Everything the engine holds of the service: replicas, then its network; whether all is gone."""
         self.remove([c["Id"] for c in self._containers(service_id)])
         remove_service_network(self._api, service_id)
+        return True
 
     def sweep(self, known: set[uuid.UUID]) -> list[uuid.UUID]:
         """Remove what the engine holds of this installation's services that no longer exist
         (their account was deleted, or a worker died between the row's delete and the
         cleanup); their ids."""
         ours = f"{INSTALLATION_LABEL}={self._installation}"
-        held: set[uuid.UUID] = set(service_networks(self._api, label=ours))
+        # Not the swarm target's objects on the same engine (workers.deploy.swarm sweeps those).
+        held: set[uuid.UUID] = set(service_networks(self._api, label=ours)) - set(
+            service_networks(self._api, label=SWARM_TARGET_LABEL)
+        )
         for container in self._api.containers(all=True, filters={"label": [SERVICE_LABEL, ours]}):
+            if SWARM_TASK_LABEL in (container.get("Labels") or {}):
+                continue
             with suppress(ValueError, TypeError):
                 held.add(uuid.UUID(container["Labels"][SERVICE_LABEL]))
         orphans = sorted(held - known)
@@ -183,7 +180,7 @@ class LocalDriver:
         networks = (info.get("NetworkSettings") or {}).get("Networks") or {}
         address = next((n.get("IPAddress") for n in networks.values() if n.get("IPAddress")), None)
         alive = bool(state.get("Running") or state.get("Restarting"))
-        ready = bool(state.get("Running")) and address is not None and _answers(f"{address}:{REPLICA_PORT}")
+        ready = bool(state.get("Running")) and address is not None and answers(f"{address}:{REPLICA_PORT}")
         try:
             generation = int(labels.get(GENERATION_LABEL, "0"))
         except ValueError:
@@ -217,19 +214,39 @@ class LocalDriver:
         return Failure(reason, logs.rstrip())
 
     def _pulled(self, spec: Spec, auth: Mapping[str, str] | None) -> str:
-        """The image by digest (what was built, whatever a tag now says), pulled if absent."""
-        reference = pinned_reference(spec.image_location, spec.image_digest)
-        with suppress(docker.errors.ImageNotFound):
-            self._api.inspect_image(reference)
-            return reference
-        host = registry_host(reference)
-        config = {**auth, "serveraddress": host} if auth else {}
-        try:
-            pulling = self._api.pull(reference, stream=True, decode=True, auth_config=config)
-            check_stream("deploy", pulling, _quiet, host, bool(config))
-        except BuildFailed as exc:
-            raise EngineUnreachable(f"could not pull the image {reference}: {exc.message}") from None
+        return pulled_image(self._api, spec, auth)
+
+
+def pulled_image(api: docker.APIClient, spec: Spec, auth: Mapping[str, str] | None) -> str:
+    """The image by digest (what was built, whatever a tag now says), pulled if absent."""
+    reference = pinned_reference(spec.image_location, spec.image_digest)
+    with suppress(docker.errors.ImageNotFound):
+        api.inspect_image(reference)
         return reference
+    host = registry_host(reference)
+    config = {**auth, "serveraddress": host} if auth else {}
+    try:
+        pulling = api.pull(reference, stream=True, decode=True, auth_config=config)
+        check_stream("deploy", pulling, _quiet, host, bool(config))
+    except BuildFailed as exc:
+        raise EngineUnreachable(f"could not pull the image {reference}: {exc.message}") from None
+    return reference
+
+
+def new_log_lines(api: docker.APIClient, container_id: str, replica: Replica, mark: int) -> list[LogLine]:
+    """What the replica's container printed after ``mark`` (ns), at most ``LOG_LINES_PER_PASS``."""
+    try:
+        raw = api.logs(
+            container_id,
+            stdout=True,
+            stderr=True,
+            timestamps=True,
+            tail=LOG_LINES_PER_PASS,
+            since=mark / 1e9 if mark else None,
+        )
+    except docker.errors.NotFound:
+        return []
+    return parse_log_lines(raw, replica, after_ns=mark)
 
 
 def parse_log_lines(raw: bytes, replica: Replica, *, after_ns: int) -> list[LogLine]:
@@ -277,7 +294,7 @@ def repository_of(reference: str) -> str:
     return name[:colon] if colon > slash else name
 
 
-def _answers(address: str) -> bool:
+def answers(address: str) -> bool:
     """Whether the replica answers ``GET /`` with 200, asked from the engine's host."""
     with requests.Session() as session:
         session.trust_env = False  # straight to the bridge: no proxy from the environment

@@ -35,6 +35,7 @@ __all__ = [
     "ServiceNetworkError",
     "bridge_name",
     "ensure_service_network",
+    "free_slots",
     "network_name",
     "remove_service_network",
     "require_service_firewall",
@@ -123,9 +124,7 @@ def ensure_service_network(
     found = _inspect(api, name)
     if found is not None:
         return _described(found, service_id)
-    slots = list(ipaddress.IPv4Network(pool).subnets(new_prefix=SLOT_PREFIX))
-    taken = _subnets_in_use(api)
-    free = [slot for slot in slots if not any(slot.overlaps(used) for used in taken)]
+    slots, free = free_slots(api, pool)
     for slot in free:
         gateway = str(next(slot.hosts()))
         try:
@@ -157,6 +156,13 @@ def ensure_service_network(
         f"{len(slots) - len(free)} taken by the engine's networks): delete unused services, or "
         "set MMS_SERVICE_SUBNET_POOL to a larger range no other network uses"
     )
+
+
+def free_slots(api: docker.APIClient, pool: str) -> tuple[list[ipaddress.IPv4Network], list[ipaddress.IPv4Network]]:
+    """Every /27 slot of ``pool``, and those no network of the engine overlaps."""
+    slots = list(ipaddress.IPv4Network(pool).subnets(new_prefix=SLOT_PREFIX))
+    taken = _subnets_in_use(api)
+    return slots, [slot for slot in slots if not any(slot.overlaps(used) for used in taken)]
 
 
 def remove_service_network(api: docker.APIClient, service_id: uuid.UUID) -> None:

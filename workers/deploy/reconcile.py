@@ -13,6 +13,7 @@ import os
 import socket
 import uuid
 from collections.abc import Mapping
+from contextlib import suppress
 
 from sqlalchemy import make_url, select
 
@@ -21,11 +22,13 @@ from app.config import Settings
 from app.context import ServiceContext
 from app.database import session_scope
 from app.deployments import reconciler
-from app.deployments.reconciler import Lease, Spec
+from app.deployments.reconciler import Failure, Lease, Spec
 from app.orm import Service
 from app.orm.base import utcnow
+from app.services.computes import SWARM
 from workers.deploy.local import EngineUnreachable, LocalDriver, repository_of
 from workers.deploy.local_network import ServiceNetworkError, require_service_firewall
+from workers.deploy.swarm import SwarmDriver
 from workers.pipeline import ENGINE_PULL_TOKEN_SECONDS, local_engine, registry_login
 
 log = logging.getLogger("mms.deploy")
@@ -61,19 +64,37 @@ def _pass(context: ServiceContext, lease: Lease) -> None:
         with session_scope(context.session_factory) as session:
             reconciler.record(session, lease, spec, reconciler.Step(failure=failure), [], now=utcnow())
         return
-    if spec.compute_type != "local":
-        # swarm and kubernetes passes come with their drivers: leave them be, look rarely.
+    if spec.compute_type not in ("local", "swarm"):
+        # kubernetes passes come with its driver: leave them be, look rarely.
         with session_scope(context.session_factory) as session:
             reconciler.release(session, lease, due_in=60)
         return
-    engine, missing = local_engine(settings)
+    now = utcnow()
     try:
-        if engine is None:
-            raise EngineUnreachable(f"the local target has no engine: {missing}")
+        if spec.compute_type == "swarm" and spec.compute_name != SWARM and not spec.deleting:
+            # A tenant's swarm: its tasks' addresses are on its own hosts, out of the gateway's reach.
+            step = reconciler.decide(
+                spec,
+                [],
+                now=now,
+                start_seconds=settings.service_start_seconds,
+                drain_seconds=_drain_seconds(context, spec),
+                failure=Failure(
+                    f"compute '{spec.compute_name}' is a swarm the tenant attached: such targets cannot be "
+                    "deployed to yet (the scoring gateway cannot reach their tasks); deploy to 'local' or, "
+                    "where the operator set one, to the built-in 'swarm'"
+                ),
+            )
+            with session_scope(context.session_factory) as session:
+                reconciler.record(session, lease, spec, step, [], now=now)
+            return
         require_service_firewall()
-        with _local_driver(context, engine) as driver:
+        with _driver(context, spec) as driver:
             if spec.deleting:
-                driver.remove_all(spec.id)
+                if not driver.remove_all(spec.id):  # still going: the next pass goes on
+                    with session_scope(context.session_factory) as session:
+                        reconciler.release(session, lease, due_in=reconciler.BUSY_SECONDS)
+                    return
                 with session_scope(context.session_factory) as session:
                     reconciler.finish_delete(session, lease)
                 log.info("deploy.deleted", extra={"service": str(spec.id)})
@@ -103,26 +124,52 @@ def _pass(context: ServiceContext, lease: Lease) -> None:
 
 
 def sweep_orphans(context: ServiceContext) -> list[uuid.UUID]:
-    """Remove engine objects of services that no longer exist; their ids."""
-    engine, _ = local_engine(context.settings)
-    if engine is None:
-        return []
+    """Remove engine objects of services that no longer exist (on the local engine and the
+    operator's swarm); their ids."""
     with session_scope(context.session_factory) as session:
         known = set(session.scalars(select(Service.id)))
-    try:
-        with _local_driver(context, engine) as driver:
-            orphans = driver.sweep(known)
-    except EngineUnreachable:
-        return []
+    orphans: list[uuid.UUID] = []
+    # The swarm's first: where it is the local engine too, the local sweep leaves its objects alone.
+    if context.settings.swarm_docker_host:
+        with suppress(EngineUnreachable), _swarm_driver(context, context.settings.swarm_docker_host) as driver:
+            orphans += driver.sweep(known)
+    engine, _ = local_engine(context.settings)
+    if engine is not None:
+        with suppress(EngineUnreachable), _local_driver(context, engine) as driver:
+            orphans += driver.sweep(known)
     if orphans:
         log.info("deploy.swept", extra={"services": [str(o) for o in orphans]})
     return orphans
+
+
+def _driver(context: ServiceContext, spec: Spec) -> LocalDriver | SwarmDriver:
+    """The driver of the service's target; EngineUnreachable when it has none."""
+    settings = context.settings
+    if spec.compute_type == "swarm":
+        if not settings.swarm_docker_host:
+            raise EngineUnreachable("the operator's swarm is not set on the workers (MMS_SWARM_DOCKER_HOST)")
+        return _swarm_driver(context, settings.swarm_docker_host)
+    engine, missing = local_engine(settings)
+    if engine is None:
+        raise EngineUnreachable(f"the local target has no engine: {missing}")
+    return _local_driver(context, engine)
 
 
 def _local_driver(context: ServiceContext, engine: str) -> LocalDriver:
     settings = context.settings
     return LocalDriver(
         engine,
+        installation=installation_id(settings),
+        subnet_pool=settings.service_subnet_pool,
+        tmp_mb=settings.service_tmp_mb,
+        pids=settings.service_pids,
+    )
+
+
+def _swarm_driver(context: ServiceContext, docker_host: str) -> SwarmDriver:
+    settings = context.settings
+    return SwarmDriver(
+        docker_host,
         installation=installation_id(settings),
         subnet_pool=settings.service_subnet_pool,
         tmp_mb=settings.service_tmp_mb,

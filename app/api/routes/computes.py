@@ -54,6 +54,7 @@ def put_compute(
         sealer=context.sealer,
         created_by=caller.subject,
         allow_insecure_tls=context.settings.kubernetes_allow_insecure_tls,
+        swarm_enabled=context.settings.swarm_compute,
     )
     if created:
         response.status_code = status.HTTP_201_CREATED
@@ -62,17 +63,30 @@ def put_compute(
 
 @router.get("/computes", response_model=Page[ComputeRead])
 def list_computes(account: ReadableAccount, context: ContextDep, session: SessionDep) -> Page[ComputeRead]:
-    """`local` (when the workers have an engine), then the attached targets; never their credentials."""
-    targets = computes.list_targets(session, account, local_enabled=context.settings.local_compute)
+    """The built-in targets (`local` when the workers have an engine, `swarm` when the operator set
+    one), then the attached targets; never their credentials."""
+    targets = computes.list_targets(
+        session,
+        account,
+        local_enabled=context.settings.local_compute,
+        swarm_enabled=context.settings.swarm_compute,
+    )
     return Page(value=[to_read(t) for t in targets])
 
 
 @router.get("/computes/{computeName}", response_model=ComputeRead)
 def get_compute(name: ComputeName, account: ReadableAccount, context: ContextDep, session: SessionDep) -> ComputeRead:
-    return to_read(computes.get_target(session, account, name=name, local_enabled=context.settings.local_compute))
+    target = computes.get_target(
+        session,
+        account,
+        name=name,
+        local_enabled=context.settings.local_compute,
+        swarm_enabled=context.settings.swarm_compute,
+    )
+    return to_read(target)
 
 
 @router.delete("/computes/{computeName}", status_code=status.HTTP_204_NO_CONTENT, responses=errors(409, s409=BUILT_IN))
-def delete_compute(name: ComputeName, account: WritableAccount, session: SessionDep) -> None:
+def delete_compute(name: ComputeName, account: WritableAccount, context: ContextDep, session: SessionDep) -> None:
     """Detach a target no service runs on; its sealed credentials go with it."""
-    computes.delete_target(session, account, name=name)
+    computes.delete_target(session, account, name=name, swarm_enabled=context.settings.swarm_compute)

@@ -46,6 +46,7 @@ _ERROR_CODES = {ServiceState.FAILED: "DeploymentFailed", ServiceState.UNHEALTHY:
 def _limits(settings: Settings) -> Limits:
     return Limits(
         local_enabled=settings.local_compute,
+        swarm_enabled=settings.swarm_compute,
         max_replicas=settings.service_max_replicas,
         max_cpu=settings.service_max_cpu,
         max_memory_gb=settings.service_max_memory_gb,

@@ -1,0 +1,420 @@
+"""The ``swarm`` target: a service's replicas as the tasks of swarm services on the operator's
+swarm (MMS_SWARM_DOCKER_HOST). v1 runs on one node, the workers' own engine in swarm mode.
+
+docs/design/web-services.md, "Swarm (measured)": the routing mesh, host-mode ports and VIPs do
+not work on an engine without iptables, and a swarm-scoped bridge ignores its own subnet and
+bridge name. So each service gets a config-only network (a /27 of MMS_SERVICE_SUBNET_POOL,
+bridge ``mmss<10 hex>``, labelled: the same host firewall as ``local`` holds it) and a
+swarm-scoped bridge made from it (which takes no labels: found by name); each generation is
+one swarm service ``mms-<id hex12>-g<n>`` with no published port, whose tasks the gateway
+reaches at their container's address. Swarm replaces a task that exits; scaling is the
+service's replica count. What runs is read from the engine every pass, by labels, as for
+``local``.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from contextlib import suppress
+from datetime import datetime
+from typing import Self
+
+import docker
+import requests
+
+from app.deployments.reconciler import Failure, LogLine, Replica, Spec
+from workers.builders.docker import engine_client, registry_host
+from workers.containment import REPLICA_PORT, replica_task_template
+from workers.deploy.local import (
+    ACCOUNT_LABEL,
+    GENERATION_LABEL,
+    IMAGE_LABEL,
+    INSTALLATION_LABEL,
+    SERVICE_LABEL,
+    SWARM_TARGET_LABEL,
+    EngineUnreachable,
+    answers,
+    new_log_lines,
+    pulled_image,
+)
+from workers.deploy.local_network import (
+    ServiceNetworkError,
+    bridge_name,
+    free_slots,
+    network_name,
+    service_networks,
+)
+from workers.smoke_test import last_error_line
+
+log = logging.getLogger("mms.deploy.swarm")
+
+# A generation whose tasks failed this many times before one answered GET / never will.
+MAX_FAILED_TASKS = 3
+_LOG_TAIL = 80
+_ALIVE = frozenset({"new", "pending", "assigned", "accepted", "ready", "preparing", "starting", "running"})
+_FAILED = frozenset({"failed", "rejected"})
+_BRIDGE_OPTION = "com.docker.network.bridge.name"
+# How long a delete waits for the tasks' containers to go before it removes the networks
+# (the engine refuses while they are attached); past it, the next pass goes on.
+_REMOVE_WAIT_SECONDS = 20.0
+
+
+def config_network_name(service_id: uuid.UUID) -> str:
+    return f"mms-svccfg-{service_id.hex}"
+
+
+def swarm_service_name(service_id: uuid.UUID, generation: int) -> str:
+    return f"mms-{service_id.hex[:12]}-g{generation}"
+
+
+class SwarmDriver:
+    def __init__(self, docker_host: str, *, installation: str, subnet_pool: str, tmp_mb: int, pids: int) -> None:
+        self._installation = installation
+        self._task_container: dict[str, str] = {}  # task id -> its container on this node, as observed
+        self._pool = subnet_pool
+        self._tmp_mb = tmp_mb
+        self._pids = pids
+        try:
+            self._api = engine_client(docker_host, timeout=30)
+            swarm = self._api.info().get("Swarm") or {}
+        except (docker.errors.DockerException, requests.RequestException, OSError) as exc:
+            raise EngineUnreachable(f"the swarm's engine did not answer ({type(exc).__name__})") from None
+        if swarm.get("LocalNodeState") != "active" or not swarm.get("ControlAvailable"):
+            self._api.close()
+            raise EngineUnreachable(
+                f"the swarm's engine is not a swarm manager (swarm {swarm.get('LocalNodeState') or 'inactive'}): "
+                "run docker swarm init there, or point MMS_SWARM_DOCKER_HOST at a manager"
+            )
+
+    def close(self) -> None:
+        self._api.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def observe(self, spec: Spec) -> tuple[list[Replica], Failure | None]:
+        """The tasks swarm keeps running for every generation of the service, probed; and,
+        when the desired generation's tasks failed again and again before any served, why."""
+        replicas: list[Replica] = []
+        failure: Failure | None = None
+        for service in self._services(spec.id):
+            labels = service["Spec"].get("Labels") or {}
+            try:
+                generation = int(labels.get(GENERATION_LABEL, "0"))
+            except ValueError:
+                generation = 0
+            tasks = self._api.tasks(filters={"service": service["ID"]})
+            alive = [t for t in tasks if t.get("DesiredState") in _ALIVE]
+            seen = [self._replica(task, generation, labels.get(IMAGE_LABEL)) for task in alive]
+            replicas += seen
+            failed = [t for t in tasks if (t.get("Status") or {}).get("State") in _FAILED]
+            if generation == spec.generation and len(failed) >= MAX_FAILED_TASKS and not any(r.ready for r in seen):
+                failure = self._why_it_failed(service, failed)
+        return replicas, failure
+
+    def read_logs(self, spec: Spec, replicas: Sequence[Replica]) -> list[LogLine]:
+        """What each task printed since the newest line already copied (from its container on
+        this node: v1 is one node), at most ``LOG_LINES_PER_PASS`` a task."""
+        lines: list[LogLine] = []
+        for replica in replicas:
+            container_id = self._task_container.get(replica.id)
+            if container_id:
+                lines += new_log_lines(self._api, container_id, replica, spec.log_marks.get(replica.id, 0))
+        return lines
+
+    def start(self, spec: Spec, count: int, pull_auth: Mapping[str, str] | None) -> list[str]:
+        """``count`` more tasks of the desired generation: its swarm service made, or scaled up.
+        Returns nothing: swarm names the tasks, the next pass sees them."""
+        if count <= 0:
+            return []
+        network = self._ensure_network(spec.id)
+        service = self._service(spec.id, spec.generation)
+        if service is not None:
+            running = sum(t.get("DesiredState") in _ALIVE for t in self._api.tasks(filters={"service": service["ID"]}))
+            # What the pass asked for on top of what it saw, never fewer than swarm already keeps
+            # (a task being replaced is not seen for a moment).
+            self._scale(service, max(_replicas_of(service), running + count))
+            log.info("deploy.scaled", extra={"service": str(spec.id), "generation": spec.generation, "count": count})
+            return []
+        image = pulled_image(self._api, spec, pull_auth)  # one node: in the engine before swarm asks
+        labels = {
+            SERVICE_LABEL: str(spec.id),
+            GENERATION_LABEL: str(spec.generation),
+            IMAGE_LABEL: str(spec.image_id),
+            ACCOUNT_LABEL: str(spec.account_id),
+            INSTALLATION_LABEL: self._installation,
+        }
+        template = replica_task_template(
+            self._api,
+            image=image,
+            network=network,
+            cpus=spec.cpu,
+            memory_mb=max(64, int(spec.memory_gb * 1024)),
+            pids=self._pids,
+            tmp_mb=self._tmp_mb,
+            labels=labels,
+        )
+        body = {
+            "Name": swarm_service_name(spec.id, spec.generation),
+            "Labels": labels,
+            "TaskTemplate": template,
+            "Mode": {"Replicated": {"Replicas": count}},
+        }
+        # --with-registry-auth: a node that lacks the image pulls it by digest with this.
+        headers = {"X-Registry-Auth": _auth_header(pull_auth, image)} if pull_auth else {}
+        try:
+            self._api._result(self._api._post_json(self._api._url("/services/create"), data=body, headers=headers))
+        except docker.errors.APIError as exc:
+            if exc.status_code != 409:  # 409: a concurrent pass made it: the next pass scales it
+                raise
+        log.info("deploy.started", extra={"service": str(spec.id), "generation": spec.generation, "count": count})
+        return []
+
+    def remove(self, replica_ids: Sequence[str]) -> None:
+        """Scale each task's generation down by the tasks named (swarm picks which go; the
+        gateway retries a request that finds one gone); a generation scaled to nothing is removed."""
+        by_service: dict[str, int] = {}
+        for task_id in replica_ids:
+            with suppress(docker.errors.NotFound):
+                task = self._api.inspect_task(task_id)
+                by_service[task["ServiceID"]] = by_service.get(task["ServiceID"], 0) + 1
+        for service_id, count in by_service.items():
+            with suppress(docker.errors.NotFound):
+                service = self._api.inspect_service(service_id)
+                left = _replicas_of(service) - count
+                if left <= 0:
+                    self._api.remove_service(service_id)
+                else:
+                    self._scale(service, left)
+
+    def remove_all(self, service_id: uuid.UUID) -> bool:
+        """Every swarm service of the service, then its networks; whether all is gone (the
+        engine refuses to remove a network while a task's container is still on it)."""
+        for service in self._services(service_id):
+            with suppress(docker.errors.NotFound):
+                self._api.remove_service(service["ID"])
+        deadline = time.monotonic() + _REMOVE_WAIT_SECONDS
+        while self._task_containers(service_id) or self._services(service_id):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.5)
+        try:
+            with suppress(docker.errors.NotFound):
+                self._api.remove_network(network_name(service_id))
+            for network in self._config_networks(service_id):
+                with suppress(docker.errors.NotFound):
+                    self._api.remove_network(network["Id"])
+        except docker.errors.APIError as exc:
+            log.info("deploy.network_busy", extra={"service": str(service_id), "reason": str(exc.explanation)})
+            return False
+        return True
+
+    def sweep(self, known: set[uuid.UUID]) -> list[uuid.UUID]:
+        """Remove what the swarm holds of this installation's services that no longer exist; their ids."""
+        ours = f"{INSTALLATION_LABEL}={self._installation}"
+        held: set[uuid.UUID] = set(service_networks(self._api, label=ours)) & set(
+            service_networks(self._api, label=SWARM_TARGET_LABEL)
+        )
+        for service in self._api.services(filters={"label": [SERVICE_LABEL, ours]}):
+            with suppress(ValueError, TypeError, KeyError):
+                held.add(uuid.UUID(service["Spec"]["Labels"][SERVICE_LABEL]))
+        orphans = sorted(held - known)
+        for service_id in orphans:
+            self.remove_all(service_id)
+        return orphans
+
+    def _services(self, service_id: uuid.UUID) -> list[dict]:
+        return self._api.services(filters={"label": f"{SERVICE_LABEL}={service_id}"})
+
+    def _service(self, service_id: uuid.UUID, generation: int) -> dict | None:
+        name = swarm_service_name(service_id, generation)
+        return next((s for s in self._services(service_id) if s["Spec"].get("Name") == name), None)
+
+    def _task_containers(self, service_id: uuid.UUID) -> list[dict]:
+        return self._api.containers(all=True, filters={"label": f"{SERVICE_LABEL}={service_id}"})
+
+    def _config_networks(self, service_id: uuid.UUID) -> list[dict]:
+        return self._api.networks(filters={"label": [f"{SERVICE_LABEL}={service_id}", SWARM_TARGET_LABEL]})
+
+    def _scale(self, service: Mapping, replicas: int) -> None:
+        spec = dict(service["Spec"])
+        spec["Mode"] = {"Replicated": {"Replicas": replicas}}
+        url = self._api._url("/services/{0}/update", service["ID"])
+        self._api._result(self._api._post_json(url, params={"version": service["Version"]["Index"]}, data=spec))
+
+    def _replica(self, task: Mapping, generation: int, image_id: str | None) -> Replica:
+        status = task.get("Status") or {}
+        container_id = (status.get("ContainerStatus") or {}).get("ContainerID")
+        if container_id:
+            self._task_container[task["ID"]] = container_id
+        address = None
+        if status.get("State") == "running" and container_id:
+            address = self._address(container_id)
+        return Replica(
+            id=task["ID"],
+            generation=generation,
+            image_id=image_id,
+            address=f"{address}:{REPLICA_PORT}" if address else None,
+            alive=True,  # swarm keeps it running, or replaces it
+            ready=address is not None and answers(f"{address}:{REPLICA_PORT}"),
+            exit_code=(status.get("ContainerStatus") or {}).get("ExitCode"),
+            created=_timestamp(task.get("CreatedAt")),
+        )
+
+    def _address(self, container_id: str) -> str | None:
+        """The task's address on its service bridge: from its container on this node (the
+        task's own network attachment carries none on a swarm-scoped bridge)."""
+        try:
+            info = self._api.inspect_container(container_id)
+        except docker.errors.NotFound:
+            return None
+        if not (info.get("State") or {}).get("Running"):
+            return None
+        networks = (info.get("NetworkSettings") or {}).get("Networks") or {}
+        return next((n.get("IPAddress") for n in networks.values() if n.get("IPAddress")), None)
+
+    def _why_it_failed(self, service: Mapping, failed: Sequence[Mapping]) -> Failure:
+        last = max(failed, key=lambda t: _timestamp((t.get("Status") or {}).get("Timestamp")))
+        status = last.get("Status") or {}
+        try:
+            raw = self._api.service_logs(service["ID"], stdout=True, stderr=True, tail=_LOG_TAIL)
+            logs = (raw if isinstance(raw, bytes) else b"".join(raw)).decode("utf-8", "replace")
+        except docker.errors.APIError:
+            logs = ""
+        code = (status.get("ContainerStatus") or {}).get("ExitCode")
+        times = f"{len(failed)} times before one answered GET /"
+        if status.get("State") == "rejected" or not code:
+            reason = f"swarm could not run a replica {times}: {status.get('Err') or status.get('Message')}"
+        else:
+            reason = f"a replica exited with code {code} {times}{last_error_line(logs)}"
+        return Failure(reason, logs.rstrip())
+
+    def _ensure_network(self, service_id: uuid.UUID) -> str:
+        """The service's swarm-scoped bridge, made when missing (idempotent) from its
+        config-only network, itself made on a free /27 of the pool."""
+        name = network_name(service_id)
+        config = self._ensure_config_network(service_id)
+        with suppress(docker.errors.NotFound):
+            found = self._api.inspect_network(name)
+            if (found.get("ConfigFrom") or {}).get("Network") != config or found.get("Scope") != "swarm":
+                raise ServiceNetworkError(
+                    f"network {name} exists but is not made from {config}: remove it (docker network rm {name})"
+                )
+            return name
+        body = {
+            "Name": name,
+            "Driver": "bridge",
+            "Scope": "swarm",
+            "ConfigFrom": {"Network": config},
+            "CheckDuplicate": True,
+        }
+        try:
+            self._api._result(self._api._post_json(self._api._url("/networks/create"), data=body))
+        except docker.errors.APIError as exc:
+            if exc.status_code != 409:  # 409: a concurrent pass made it
+                raise ServiceNetworkError(f"the engine refused network {name}: {exc.explanation or exc}") from None
+        return name
+
+    def _ensure_config_network(self, service_id: uuid.UUID) -> str:
+        name = config_network_name(service_id)
+        with suppress(docker.errors.NotFound):
+            return _checked_config(self._api.inspect_network(name), service_id)
+        slots, free = free_slots(self._api, self._pool)
+        for slot in free:
+            body = {
+                "Name": name,
+                "ConfigOnly": True,
+                "Options": {_BRIDGE_OPTION: bridge_name(service_id)},
+                "IPAM": {"Driver": "default", "Config": [{"Subnet": str(slot), "Gateway": str(next(slot.hosts()))}]},
+                "Labels": {
+                    SERVICE_LABEL: str(service_id),
+                    INSTALLATION_LABEL: self._installation,
+                    **dict([SWARM_TARGET_LABEL.split("=", 1)]),
+                },
+                "CheckDuplicate": True,
+            }
+            try:
+                self._api._result(self._api._post_json(self._api._url("/networks/create"), data=body))
+            except docker.errors.APIError as exc:
+                with suppress(docker.errors.NotFound):  # a concurrent pass made it first
+                    return _checked_config(self._api.inspect_network(name), service_id)
+                raise ServiceNetworkError(
+                    f"the engine refused network {name} on {slot}: {exc.explanation or exc}"
+                ) from None
+            # The engine checks no overlap for a config-only network: a concurrent worker may
+            # have taken the slot; the later of the two moves on.
+            if self._slot_taken_by_another(name, slot):
+                with suppress(docker.errors.NotFound, docker.errors.APIError):
+                    self._api.remove_network(name)
+                continue
+            return name
+        raise ServiceNetworkError(
+            f"no free /{slots[0].prefixlen} left in the service subnet pool {self._pool}: delete unused "
+            "services, or set MMS_SERVICE_SUBNET_POOL to a larger range no other network uses"
+        )
+
+    def _slot_taken_by_another(self, name: str, slot: ipaddress.IPv4Network) -> bool:
+        mine = self._api.inspect_network(name)
+        for network in self._api.networks():
+            if network["Id"] == mine["Id"] or (network.get("ConfigFrom") or {}).get("Network") == name:
+                continue
+            for config in (network.get("IPAM") or {}).get("Config") or []:
+                with suppress(ValueError, TypeError):
+                    if slot.overlaps(ipaddress.ip_network(config.get("Subnet") or "", strict=False)):
+                        return network.get("Created", "") <= mine.get("Created", "")
+        return False
+
+
+def _checked_config(network: Mapping, service_id: uuid.UUID) -> str:
+    """The config-only network's name, after checking it is what this module makes: another
+    one of that name would put the tasks outside the firewall."""
+    name = network.get("Name", "")
+    configs = (network.get("IPAM") or {}).get("Config") or []
+    if (
+        not network.get("ConfigOnly")
+        or (network.get("Labels") or {}).get(SERVICE_LABEL) != str(service_id)
+        or (network.get("Options") or {}).get(_BRIDGE_OPTION) != bridge_name(service_id)
+        or len(configs) != 1
+        or not configs[0].get("Subnet")
+    ):
+        raise ServiceNetworkError(
+            f"network {name} exists but is not the service's config-only network (label, bridge "
+            f"{bridge_name(service_id)}, one subnet): remove it (docker network rm {name})"
+        )
+    return name
+
+
+def _replicas_of(service: Mapping) -> int:
+    return int(((service["Spec"].get("Mode") or {}).get("Replicated") or {}).get("Replicas") or 0)
+
+
+def _auth_header(auth: Mapping[str, str], image: str) -> str:
+    """X-Registry-Auth, as the engine reads it: URL-safe base64 of the auth config's JSON."""
+    config = {**auth, "serveraddress": registry_host(image)}
+    return base64.urlsafe_b64encode(json.dumps(config).encode()).decode()
+
+
+_FRACTION = re.compile(r"(\.\d{6})\d*")
+
+
+def _timestamp(value: str | None) -> float:
+    """Seconds since the epoch of the engine's RFC 3339 time (nanoseconds cut to micro)."""
+    if not value:
+        return 0.0
+    try:
+        return datetime.fromisoformat(_FRACTION.sub(r"\1", value)).timestamp()
+    except ValueError:
+        return 0.0
+
+
+__all__ = ["SwarmDriver", "config_network_name", "swarm_service_name"]
