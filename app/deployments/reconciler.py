@@ -37,6 +37,9 @@ BUSY_SECONDS = 1.0
 STEADY_SECONDS = 10.0
 # The last lines of a failed generation's output kept in the service's error.
 ERROR_LOG_LINES = 40
+# ... each cut to this many characters: a replica prints lines of any length, and the error
+# is in every GET of the service and in its events.
+ERROR_LINE_CHARS = 300
 
 
 @dataclass(frozen=True)
@@ -401,7 +404,7 @@ def _end_operation(session: Session, service_id: uuid.UUID, state: OperationStat
 
 
 def _failure_text(failure: Failure) -> str:
-    lines = [line for line in failure.logs.splitlines() if line.strip()][-ERROR_LOG_LINES:]
+    lines = [line[:ERROR_LINE_CHARS] for line in failure.logs.splitlines() if line.strip()][-ERROR_LOG_LINES:]
     if not lines:
         return failure.reason
     return failure.reason + "\nlast lines of its output:\n" + "\n".join(lines)

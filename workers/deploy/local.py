@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import secrets
+import socket
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from contextlib import suppress
@@ -25,7 +27,12 @@ from app.deployments.reconciler import Failure, Replica, Spec
 from workers.builders import BuildFailed
 from workers.builders.docker import check_stream, engine_client, registry_host
 from workers.containment import REPLICA_PORT, replica_host_config
-from workers.deploy.local_network import ensure_service_network, remove_service_network, service_networks
+from workers.deploy.local_network import (
+    ensure_service_network,
+    network_name,
+    remove_service_network,
+    service_networks,
+)
 from workers.smoke_test import last_error_line
 
 log = logging.getLogger("mms.deploy.local")
@@ -41,7 +48,8 @@ INSTALLATION_LABEL = "org.mms.installation"
 # before the reconciler sees it stopped for good.
 MAX_RESTARTS = 3
 _LOG_TAIL = 80
-_PROBE_TIMEOUT = 1.0
+_PROBE_TIMEOUT = 1.0  # the whole probe: connect, request, status line
+_PROBE_HEAD_BYTES = 1024  # a status line is short: more without one is not HTTP
 _STOP_SECONDS = 2
 
 
@@ -152,14 +160,19 @@ class LocalDriver:
         return orphans
 
     def _containers(self, service_id: uuid.UUID) -> list[dict]:
-        return self._api.containers(all=True, filters={"label": f"{SERVICE_LABEL}={service_id}"})
+        """The service's replicas: this installation's containers on the service's own network.
+        A label alone proves nothing: an image's labels are on every container that runs it
+        (a build's RUN steps on the build network, the smoke test), so a tenant whose image
+        names another's service id would be probed, routed to, counted and failed over."""
+        ours = [f"{SERVICE_LABEL}={service_id}", f"{INSTALLATION_LABEL}={self._installation}"]
+        return self._api.containers(all=True, filters={"label": ours, "network": network_name(service_id)})
 
     def _replica(self, container: Mapping, spec: Spec) -> tuple[Replica, Mapping]:
         info = self._api.inspect_container(container["Id"])
         state = info["State"]
         labels = info["Config"].get("Labels") or {}
         networks = (info.get("NetworkSettings") or {}).get("Networks") or {}
-        address = next((n.get("IPAddress") for n in networks.values() if n.get("IPAddress")), None)
+        address = (networks.get(network_name(spec.id)) or {}).get("IPAddress") or None  # never another network's
         alive = bool(state.get("Running") or state.get("Restarting"))
         ready = bool(state.get("Running")) and address is not None and _answers(f"{address}:{REPLICA_PORT}")
         try:
@@ -233,14 +246,31 @@ def repository_of(reference: str) -> str:
 
 
 def _answers(address: str) -> bool:
-    """Whether the replica answers ``GET /`` with 200, asked from the engine's host."""
-    with requests.Session() as session:
-        session.trust_env = False  # straight to the bridge: no proxy from the environment
-        try:
-            with session.get(f"http://{address}/", timeout=_PROBE_TIMEOUT, stream=True) as response:
-                return response.status_code == 200
-        except requests.RequestException:
-            return False
+    """Whether the replica answers ``GET /`` with 200, asked from the engine's host within
+    _PROBE_TIMEOUT in all. The replica is the tenant's code: only its status line is read (a
+    body, however long, is not), no redirect is followed (the worker would fetch whatever
+    address the replica names: the host's loopback, another service's replica), and a reply
+    dripped a byte at a time cannot hold the pass past its lease."""
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + _PROBE_TIMEOUT
+    head = b""
+    try:
+        with socket.create_connection((host, int(port)), timeout=_PROBE_TIMEOUT) as sock:
+            sock.sendall(f"GET / HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n".encode())
+            while b"\n" not in head and len(head) < _PROBE_HEAD_BYTES:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                sock.settimeout(left)
+                chunk = sock.recv(_PROBE_HEAD_BYTES - len(head))
+                if not chunk:
+                    break
+                head += chunk
+    except (OSError, ValueError):
+        return False
+    line, newline, _ = head.partition(b"\n")
+    status = line.split()
+    return bool(newline) and len(status) >= 2 and status[0] in (b"HTTP/1.0", b"HTTP/1.1") and status[1] == b"200"
 
 
 def _quiet(_: str) -> None:
