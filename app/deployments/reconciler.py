@@ -358,6 +358,16 @@ def record_unreachable(session: Session, lease: Lease, spec: Spec, reason: str, 
     return _bookkeep(session, _held(lease), **values)
 
 
+def stop_routing(session: Session, lease: Lease) -> bool:
+    """A deleted service's first step: the gateway routes to it no more (the rows of its
+    replicas go). True when there were rows: gateways may still hold their addresses for their
+    cache period, and those addresses are freed with the service's network."""
+    if session.scalar(select(Service.id).where(_held(lease))) is None:
+        return False
+    gone = session.execute(delete(ServiceReplica).where(ServiceReplica.service_id == lease.service_id))
+    return bool(gone.rowcount)
+
+
 def finish_delete(session: Session, lease: Lease) -> bool:
     """The orchestrator holds nothing of the service: end its Delete operation, then the row."""
     if session.scalar(select(Service.id).where(_held(lease))) is None:
