@@ -17,6 +17,7 @@ import socket
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from typing import Self
 
@@ -51,6 +52,7 @@ _LOG_TAIL = 80
 _PROBE_TIMEOUT = 1.0  # the whole probe: connect, request, status line
 _PROBE_HEAD_BYTES = 1024  # a status line is short: more without one is not HTTP
 _STOP_SECONDS = 2
+_MAX_PROBES = 32  # at once, in one pass (a service has at most a /27's worth of replicas)
 
 
 class EngineUnreachable(Exception):
@@ -84,8 +86,14 @@ class LocalDriver:
         generation has a replica that exited for good before it ever served, why."""
         replicas: list[Replica] = []
         failure: Failure | None = None
-        for container in self._containers(spec.id):
-            replica, info = self._replica(container, spec)
+        found = [(container, self._api.inspect_container(container["Id"])) for container in self._containers(spec.id)]
+        # All probed at once: a tenant whose replicas all stall GET / costs a pass one probe
+        # timeout, not one per replica (the deploy worker's few threads pass every tenant's).
+        addresses = [_probed_address(info, spec) for _, info in found]
+        with ThreadPoolExecutor(max_workers=max(1, min(len(found), _MAX_PROBES))) as pool:
+            answered = list(pool.map(lambda address: address is not None and _answers(address), addresses))
+        for (container, info), ready in zip(found, answered, strict=True):
+            replica = self._replica(container, info, spec, ready)
             replicas.append(replica)
             gave_up = not replica.alive and (replica.restarts >= MAX_RESTARTS or replica.oom_killed)
             if failure is None and replica.generation == spec.generation and gave_up:
@@ -167,32 +175,26 @@ class LocalDriver:
         ours = [f"{SERVICE_LABEL}={service_id}", f"{INSTALLATION_LABEL}={self._installation}"]
         return self._api.containers(all=True, filters={"label": ours, "network": network_name(service_id)})
 
-    def _replica(self, container: Mapping, spec: Spec) -> tuple[Replica, Mapping]:
-        info = self._api.inspect_container(container["Id"])
+    def _replica(self, container: Mapping, info: Mapping, spec: Spec, ready: bool) -> Replica:
         state = info["State"]
         labels = info["Config"].get("Labels") or {}
-        networks = (info.get("NetworkSettings") or {}).get("Networks") or {}
-        address = (networks.get(network_name(spec.id)) or {}).get("IPAddress") or None  # never another network's
+        address = _address(info, spec)
         alive = bool(state.get("Running") or state.get("Restarting"))
-        ready = bool(state.get("Running")) and address is not None and _answers(f"{address}:{REPLICA_PORT}")
         try:
             generation = int(labels.get(GENERATION_LABEL, "0"))
         except ValueError:
             generation = 0
-        return (
-            Replica(
-                id=info["Id"],
-                generation=generation,
-                image_id=labels.get(IMAGE_LABEL),
-                address=f"{address}:{REPLICA_PORT}" if address else None,
-                alive=alive,
-                ready=ready,
-                exit_code=state.get("ExitCode"),
-                oom_killed=bool(state.get("OOMKilled")),
-                restarts=int(info.get("RestartCount") or 0),
-                created=float(container.get("Created") or 0),
-            ),
-            info,
+        return Replica(
+            id=info["Id"],
+            generation=generation,
+            image_id=labels.get(IMAGE_LABEL),
+            address=address,
+            alive=alive,
+            ready=ready,
+            exit_code=state.get("ExitCode"),
+            oom_killed=bool(state.get("OOMKilled")),
+            restarts=int(info.get("RestartCount") or 0),
+            created=float(container.get("Created") or 0),
         )
 
     def _why_it_stopped(self, replica: Replica, info: Mapping) -> Failure:
@@ -243,6 +245,18 @@ def repository_of(reference: str) -> str:
         name = rest
     slash, colon = name.rfind("/"), name.rfind(":")
     return name[:colon] if colon > slash else name
+
+
+def _address(info: Mapping, spec: Spec) -> str | None:
+    """``host:port`` of the replica on the service's network (never another network's)."""
+    networks = (info.get("NetworkSettings") or {}).get("Networks") or {}
+    address = (networks.get(network_name(spec.id)) or {}).get("IPAddress")
+    return f"{address}:{REPLICA_PORT}" if address else None
+
+
+def _probed_address(info: Mapping, spec: Spec) -> str | None:
+    """The address to probe: a running replica's."""
+    return _address(info, spec) if (info.get("State") or {}).get("Running") else None
 
 
 def _answers(address: str) -> bool:

@@ -166,3 +166,45 @@ def test_a_replica_that_prints_huge_lines_leaves_a_short_error() -> None:
     error = _failure_text(Failure("a replica exited with code 1 3 times", logs))
     assert error.startswith("a replica exited with code 1 3 times\nlast lines of its output:\n")
     assert len(error) < 16 << 10, len(error)
+
+
+# Takes every connection and never answers: the probe of each replica waits its whole timeout.
+_SILENT = (
+    "import socket\n"
+    "server = socket.create_server(('0.0.0.0', 5001))\n"
+    "held = []\n"
+    "while True:\n"
+    "    held.append(server.accept())\n"
+)
+
+
+def test_silent_replicas_cost_a_pass_one_probe_timeout_not_one_each(
+    infra: Infra, victim: tuple[LocalDriver, Spec, str]
+) -> None:
+    """A deploy worker has a few threads for every tenant's passes: a tenant whose replicas all
+    stall GET / must not hold one for a probe timeout per replica, every second."""
+    driver, spec, installation = victim
+    labels = {TEST_LABEL: "hostile", SERVICE_LABEL: str(spec.id), INSTALLATION_LABEL: installation}
+    labels |= {GENERATION_LABEL: "1", IMAGE_LABEL: str(spec.image_id)}
+    with infra.api() as api:
+        started = []
+        try:
+            for _ in range(5):
+                container = api.create_container(
+                    infra.base_image,
+                    command=["python3", "-c", _SILENT],
+                    labels=labels,
+                    host_config=api.create_host_config(network_mode=f"mms-svc-{spec.id.hex}"),
+                )["Id"]
+                started.append(container)
+                api.start(container)
+            time.sleep(1.5)  # listening by now
+            began = time.monotonic()
+            replicas, _ = driver.observe(spec)
+            took = time.monotonic() - began
+            assert sorted(r.id for r in replicas) == sorted(started)
+            assert not any(r.ready for r in replicas)
+            assert took < 2.5, f"observing 5 silent replicas took {took:.1f} s"
+        finally:
+            for container in started:
+                api.remove_container(container, force=True, v=True)
