@@ -84,7 +84,7 @@ def replica_host_config(
     size = f"size={tmp_mb}m,nr_inodes={inodes}"
     tmpfs = {"/tmp": f"{size},mode=1777"}
     for volume in config.get("Volumes") or {}:
-        tmpfs.setdefault(posixpath.normpath(volume), f"{size},mode=1777")
+        tmpfs.setdefault(_clean(volume), f"{size},mode=1777")
     uid, gid = _image_user(config.get("User") or "")
     home = _image_home(config.get("Env") or [], config.get("User") or "", uid)
     if home is not None and home not in tmpfs:
@@ -140,7 +140,13 @@ def _image_home(env: list[str], user: str, uid: int | None) -> str | None:
             return None
     if not home.startswith("/"):
         return None
-    home = posixpath.normpath(home)
+    home = _clean(home)
     if home in _NOT_A_HOME or any(home.startswith(f"{top}/") for top in _NOT_A_HOME[1:]):
         return None
     return home
+
+
+def _clean(path: str) -> str:
+    """``path`` as the engine mounts it: normpath keeps a leading ``//`` (POSIX leaves its
+    meaning open), which the engine then cleans away (``//etc`` is mounted over /etc)."""
+    return "/" + posixpath.normpath(path).lstrip("/")

@@ -23,7 +23,7 @@ from app.deployments.reconciler import Failure, Spec, _failure_text
 from app.deployments.states import ServiceState
 from tests.infra import TEST_LABEL, Infra
 from tests.listeners import endless_http_server, flaky_http_server, recording_http_server
-from workers.containment import REPLICA_PORT
+from workers.containment import REPLICA_PORT, _image_home
 from workers.deploy.local import (
     GENERATION_LABEL,
     IMAGE_LABEL,
@@ -208,3 +208,14 @@ def test_silent_replicas_cost_a_pass_one_probe_timeout_not_one_each(
         finally:
             for container in started:
                 api.remove_container(container, force=True, v=True)
+
+
+@pytest.mark.parametrize("home", ["//etc", "//proc", "///sys/x", "//", "//etc/../dev"])
+def test_a_home_the_engine_would_mount_over_its_own_folders_is_left_alone(home: str) -> None:
+    """The engine cleans a mount's path (a tmpfs at //etc hides /etc), so a HOME is judged as
+    it will be mounted."""
+    assert _image_home([f"HOME={home}"], "", 0) is None
+
+
+def test_a_home_with_doubled_slashes_is_mounted_where_the_engine_puts_it() -> None:
+    assert _image_home(["HOME=//home/scoring"], "", 0) == "/home/scoring"
