@@ -170,7 +170,7 @@ def _writable_folders(config: dict) -> list[str]:
     give each an anonymous volume, host disk without a limit)."""
     folders = ["/tmp"]
     for volume in config.get("Volumes") or {}:
-        path = posixpath.normpath(volume)
+        path = _clean(volume)
         if path not in folders:
             folders.append(path)
     return folders
@@ -209,7 +209,13 @@ def _image_home(env: list[str], user: str, uid: int | None) -> str | None:
             return None
     if not home.startswith("/"):
         return None
-    home = posixpath.normpath(home)
+    home = _clean(home)
     if home in _NOT_A_HOME or any(home.startswith(f"{top}/") for top in _NOT_A_HOME[1:]):
         return None
     return home
+
+
+def _clean(path: str) -> str:
+    """``path`` as the engine mounts it: normpath keeps a leading ``//`` (POSIX leaves its
+    meaning open), which the engine then cleans away (``//etc`` is mounted over /etc)."""
+    return "/" + posixpath.normpath(path).lstrip("/")

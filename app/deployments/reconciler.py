@@ -37,6 +37,9 @@ BUSY_SECONDS = 1.0
 STEADY_SECONDS = 10.0
 # The last lines of a failed generation's output kept in the service's error.
 ERROR_LOG_LINES = 40
+# ... each cut to this many characters: a replica prints lines of any length, and the error
+# is in every GET of the service and in its events.
+ERROR_LINE_CHARS = 300
 # What the reconciler keeps of what a service's replicas printed: the newest lines.
 KEPT_LOG_LINES = 1000
 
@@ -395,6 +398,16 @@ def record_unreachable(session: Session, lease: Lease, spec: Spec, reason: str, 
     return _bookkeep(session, _held(lease), **values)
 
 
+def stop_routing(session: Session, lease: Lease) -> bool:
+    """A deleted service's first step: the gateway routes to it no more (the rows of its
+    replicas go). True when there were rows: gateways may still hold their addresses for their
+    cache period, and those addresses are freed with the service's network."""
+    if session.scalar(select(Service.id).where(_held(lease))) is None:
+        return False
+    gone = session.execute(delete(ServiceReplica).where(ServiceReplica.service_id == lease.service_id))
+    return bool(gone.rowcount)
+
+
 def finish_delete(session: Session, lease: Lease) -> bool:
     """The orchestrator holds nothing of the service: end its Delete operation, then the row."""
     if session.scalar(select(Service.id).where(_held(lease))) is None:
@@ -469,7 +482,7 @@ def _end_operation(session: Session, service_id: uuid.UUID, state: OperationStat
 
 
 def _failure_text(failure: Failure) -> str:
-    lines = [line for line in failure.logs.splitlines() if line.strip()][-ERROR_LOG_LINES:]
+    lines = [line[:ERROR_LINE_CHARS] for line in failure.logs.splitlines() if line.strip()][-ERROR_LOG_LINES:]
     if not lines:
         return failure.reason
     return failure.reason + "\nlast lines of its output:\n" + "\n".join(lines)

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import logging
 import secrets
+import socket
+import time
 import uuid
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from datetime import UTC, datetime
 from typing import Self
@@ -26,7 +29,12 @@ from app.deployments.reconciler import Failure, LogLine, Replica, Spec
 from workers.builders import BuildFailed
 from workers.builders.docker import check_stream, engine_client, registry_host
 from workers.containment import REPLICA_PORT, replica_host_config
-from workers.deploy.local_network import ensure_service_network, remove_service_network, service_networks
+from workers.deploy.local_network import (
+    ensure_service_network,
+    network_name,
+    remove_service_network,
+    service_networks,
+)
 from workers.smoke_test import last_error_line
 
 log = logging.getLogger("mms.deploy.local")
@@ -49,8 +57,10 @@ _LOG_TAIL = 80
 # What a pass copies of a replica's output, at most, and of each line.
 LOG_LINES_PER_PASS = 200
 LOG_LINE_CHARS = 4096
-_PROBE_TIMEOUT = 1.0
+_PROBE_TIMEOUT = 1.0  # the whole probe: connect, request, status line
+_PROBE_HEAD_BYTES = 1024  # a status line is short: more without one is not HTTP
 _STOP_SECONDS = 2
+_MAX_PROBES = 32  # at once, in one pass (a service has at most a /27's worth of replicas)
 
 
 class EngineUnreachable(Exception):
@@ -84,8 +94,14 @@ class LocalDriver:
         generation has a replica that exited for good before it ever served, why."""
         replicas: list[Replica] = []
         failure: Failure | None = None
-        for container in self._containers(spec.id):
-            replica, info = self._replica(container, spec)
+        found = [(container, self._api.inspect_container(container["Id"])) for container in self._containers(spec.id)]
+        # All probed at once: a tenant whose replicas all stall GET / costs a pass one probe
+        # timeout, not one per replica (the deploy worker's few threads pass every tenant's).
+        addresses = [_probed_address(info, spec) for _, info in found]
+        with ThreadPoolExecutor(max_workers=max(1, min(len(found), _MAX_PROBES))) as pool:
+            answered = list(pool.map(lambda address: address is not None and answers(address), addresses))
+        for (container, info), ready in zip(found, answered, strict=True):
+            replica = self._replica(container, info, spec, ready)
             replicas.append(replica)
             gave_up = not replica.alive and (replica.restarts >= MAX_RESTARTS or replica.oom_killed)
             if failure is None and replica.generation == spec.generation and gave_up:
@@ -171,34 +187,33 @@ class LocalDriver:
         return orphans
 
     def _containers(self, service_id: uuid.UUID) -> list[dict]:
-        return self._api.containers(all=True, filters={"label": f"{SERVICE_LABEL}={service_id}"})
+        """The service's replicas: this installation's containers on the service's own network.
+        A label alone proves nothing: an image's labels are on every container that runs it
+        (a build's RUN steps on the build network, the smoke test), so a tenant whose image
+        names another's service id would be probed, routed to, counted and failed over."""
+        ours = [f"{SERVICE_LABEL}={service_id}", f"{INSTALLATION_LABEL}={self._installation}"]
+        return self._api.containers(all=True, filters={"label": ours, "network": network_name(service_id)})
 
-    def _replica(self, container: Mapping, spec: Spec) -> tuple[Replica, Mapping]:
-        info = self._api.inspect_container(container["Id"])
+    def _replica(self, container: Mapping, info: Mapping, spec: Spec, ready: bool) -> Replica:
         state = info["State"]
         labels = info["Config"].get("Labels") or {}
-        networks = (info.get("NetworkSettings") or {}).get("Networks") or {}
-        address = next((n.get("IPAddress") for n in networks.values() if n.get("IPAddress")), None)
+        address = _address(info, spec)
         alive = bool(state.get("Running") or state.get("Restarting"))
-        ready = bool(state.get("Running")) and address is not None and answers(f"{address}:{REPLICA_PORT}")
         try:
             generation = int(labels.get(GENERATION_LABEL, "0"))
         except ValueError:
             generation = 0
-        return (
-            Replica(
-                id=info["Id"],
-                generation=generation,
-                image_id=labels.get(IMAGE_LABEL),
-                address=f"{address}:{REPLICA_PORT}" if address else None,
-                alive=alive,
-                ready=ready,
-                exit_code=state.get("ExitCode"),
-                oom_killed=bool(state.get("OOMKilled")),
-                restarts=int(info.get("RestartCount") or 0),
-                created=float(container.get("Created") or 0),
-            ),
-            info,
+        return Replica(
+            id=info["Id"],
+            generation=generation,
+            image_id=labels.get(IMAGE_LABEL),
+            address=address,
+            alive=alive,
+            ready=ready,
+            exit_code=state.get("ExitCode"),
+            oom_killed=bool(state.get("OOMKilled")),
+            restarts=int(info.get("RestartCount") or 0),
+            created=float(container.get("Created") or 0),
         )
 
     def _why_it_stopped(self, replica: Replica, info: Mapping) -> Failure:
@@ -294,15 +309,44 @@ def repository_of(reference: str) -> str:
     return name[:colon] if colon > slash else name
 
 
+def _address(info: Mapping, spec: Spec) -> str | None:
+    """``host:port`` of the replica on the service's network (never another network's)."""
+    networks = (info.get("NetworkSettings") or {}).get("Networks") or {}
+    address = (networks.get(network_name(spec.id)) or {}).get("IPAddress")
+    return f"{address}:{REPLICA_PORT}" if address else None
+
+
+def _probed_address(info: Mapping, spec: Spec) -> str | None:
+    """The address to probe: a running replica's."""
+    return _address(info, spec) if (info.get("State") or {}).get("Running") else None
+
+
 def answers(address: str) -> bool:
-    """Whether the replica answers ``GET /`` with 200, asked from the engine's host."""
-    with requests.Session() as session:
-        session.trust_env = False  # straight to the bridge: no proxy from the environment
-        try:
-            with session.get(f"http://{address}/", timeout=_PROBE_TIMEOUT, stream=True) as response:
-                return response.status_code == 200
-        except requests.RequestException:
-            return False
+    """Whether the replica answers ``GET /`` with 200, asked from the engine's host within
+    _PROBE_TIMEOUT in all. The replica is the tenant's code: only its status line is read (a
+    body, however long, is not), no redirect is followed (the worker would fetch whatever
+    address the replica names: the host's loopback, another service's replica), and a reply
+    dripped a byte at a time cannot hold the pass past its lease."""
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + _PROBE_TIMEOUT
+    head = b""
+    try:
+        with socket.create_connection((host, int(port)), timeout=_PROBE_TIMEOUT) as sock:
+            sock.sendall(f"GET / HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n".encode())
+            while b"\n" not in head and len(head) < _PROBE_HEAD_BYTES:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                sock.settimeout(left)
+                chunk = sock.recv(_PROBE_HEAD_BYTES - len(head))
+                if not chunk:
+                    break
+                head += chunk
+    except (OSError, ValueError):
+        return False
+    line, newline, _ = head.partition(b"\n")
+    status = line.split()
+    return bool(newline) and len(status) >= 2 and status[0] in (b"HTTP/1.0", b"HTTP/1.1") and status[1] == b"200"
 
 
 def _quiet(_: str) -> None:

@@ -69,6 +69,16 @@ def _pass(context: ServiceContext, lease: Lease) -> None:
         with session_scope(context.session_factory) as session:
             reconciler.release(session, lease, due_in=60)
         return
+    if spec.deleting:
+        with session_scope(context.session_factory) as session:
+            routed = reconciler.stop_routing(session, lease)
+        if routed:
+            # Its network (and with it its replicas' addresses) goes only once no gateway can
+            # still route to them: the next service's network may take the same addresses, and
+            # this service's callers' requests would reach that tenant's replica.
+            with session_scope(context.session_factory) as session:
+                reconciler.release(session, lease, due_in=2 * settings.gateway_cache_seconds + 1)
+            return
     now = utcnow()
     try:
         if spec.compute_type == "swarm" and spec.compute_name != SWARM and not spec.deleting:

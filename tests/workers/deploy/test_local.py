@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Self
 
@@ -376,3 +377,44 @@ def test_the_seeds_flow_mms_model_deploy_builds_and_deploys_in_one_command(
                    str(tmp_path / "inferenceconfig.json"))  # fmt: skip
     assert missing.returncode == 2 and "no model 'housing.model' with version 999" in missing.stderr
     _delete(account, service["id"])
+
+
+def test_a_deleted_service_keeps_its_addresses_until_no_gateway_routes_to_them(  # type: ignore[no-untyped-def]
+    account: Account, housing_image, engine, service_context
+) -> None:
+    """The gateway routes by the rows of service_replicas, each gateway process keeping them for
+    MMS_GATEWAY_CACHE_SECONDS; a freed network's slot goes to the next service that needs one,
+    whose first replica then has the deleted one's address. So the network goes only once the
+    rows have been gone that long: the deleted service's callers never reach another tenant."""
+    from sqlalchemy import func, select
+
+    from app.orm import ServiceReplica
+
+    image, _, rows = housing_image
+    service = _wait(account, _deploy(account, image["Id"], "deleted")["id"], "Healthy", "Failed")
+    assert service["state"] == "Healthy", service
+    _wait_scores(service, _keys(account, service["id"])[0], rows)  # a gateway holds its route now
+    account.call("DELETE", f"{account.url}/services/{service['id']}")
+
+    rows_gone = network_gone = None
+    deadline = time.monotonic() + 60
+    while network_gone is None:
+        assert time.monotonic() < deadline, "the service's network was never removed"
+        with service_context.session_factory() as session:
+            routed = session.scalar(
+                select(func.count())
+                .select_from(ServiceReplica)
+                .where(ServiceReplica.service_id == uuid.UUID(service["id"]))
+            )
+        now = time.monotonic()
+        if rows_gone is None and not routed:
+            rows_gone = now
+        if not _held(engine, service["id"])[1]:
+            network_gone = now
+        time.sleep(0.05)
+    cache = service_context.settings.gateway_cache_seconds
+    assert rows_gone is not None and network_gone - rows_gone >= cache, (rows_gone, network_gone)
+    while account.status("GET", f"{account.url}/services/{service['id']}") != 404:
+        assert time.monotonic() < deadline, "the service was never deleted"
+        time.sleep(0.5)
+    assert _held(engine, service["id"]) == ([], [])
