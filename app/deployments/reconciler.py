@@ -249,6 +249,11 @@ def decide(
     """
     generation, traffic = spec.generation, spec.traffic_generation
     step = Step()
+    if spec.state is ServiceState.FAILED:
+        # Nothing runs until the tenant changes it (a PATCH makes it Transitioning again).
+        step.remove = [r.id for r in replicas]
+        step.busy = False
+        return step
     current = [r for r in replicas if r.generation == generation]
     alive = [r for r in current if r.alive]
     # Stopped for good (killed from outside, or restarts exhausted): replaced below, or the
@@ -348,7 +353,11 @@ def record(
         values |= {"traffic_generation": spec.generation, "switched_at": now}
     fence = _unchanged(lease, spec)
 
-    if step.failure is not None:
+    if step.failure is not None and spec.state is ServiceState.FAILED:
+        # It says so already: look again rarely (a PATCH makes it due at once).
+        if _bookkeep(session, fence, **released, due_at=now + timedelta(seconds=STEADY_SECONDS)):
+            return True
+    elif step.failure is not None:
         error = _failure_text(step.failure)
         if spec.traffic_generation is None:
             moved = move(session, Transition.FAIL, fence, error=error, replicas_ready=0, **values)

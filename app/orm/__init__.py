@@ -11,7 +11,7 @@ from app.orm.image import BuildLogChunk, Image, ImageName
 from app.orm.manifest import Manifest, ManifestAsset, ManifestModel, ManifestName
 from app.orm.principal import RoleAssignment, ServicePrincipal
 from app.orm.registered_model import ModelTag, ModelVersion, RegisteredModel
-from app.orm.service import Compute, Service, ServiceLogLine, ServiceOperation, ServiceReplica
+from app.orm.service import Compute, Installation, Service, ServiceLogLine, ServiceOperation, ServiceReplica
 from app.orm.signing_key import SigningKey
 from app.orm.webhook import DeliveryState, Webhook, WebhookDelivery
 
@@ -28,6 +28,7 @@ __all__ = [
     "Image",
     "ImageEvent",
     "ImageName",
+    "Installation",
     "Manifest",
     "ManifestAsset",
     "ManifestModel",

@@ -162,3 +162,14 @@ class ServiceLogLine(Base):
     # pass copies only what is newer.
     logged_ns: Mapped[int] = mapped_column(BigInteger)
     text: Mapped[str] = mapped_column(Text)
+
+
+class Installation(Base):
+    """One row: this installation's id, made when its database was. It labels the engine
+    objects the reconciler makes, so installations that share an engine (staging beside
+    production, test sessions) never take each other's objects for orphans."""
+
+    __tablename__ = "installation"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)

@@ -301,10 +301,17 @@ def update(
         values["auth_enabled"] = body.authEnabled
     if body.scoringTimeoutMs is not None:
         values["scoring_timeout_ms"] = body.scoringTimeoutMs
+    new_generation = False
+    if body.containerResourceRequirements is not None:
+        # A replica's CPU and memory are fixed when it starts: new ones, rolled out like an image.
+        new_generation = (values["cpu"], values["memory_gb"]) != (service.cpu, service.memory_gb)
     if body.imageId is not None:
         image = _deployable_image(session, account, body.imageId)
         if image.id != service.image_id:
-            values |= {"image_id": image.id, "generation": Service.generation + 1}
+            values["image_id"] = image.id
+            new_generation = True
+    if new_generation:
+        values["generation"] = Service.generation + 1
     values["error"] = None
     operation = update_service(session, service, **values)
     return ServiceView(service, session.get_one(Image, service.image_id), operation)

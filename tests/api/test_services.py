@@ -447,6 +447,22 @@ def test_swapping_the_image_starts_a_new_generation_and_a_failed_service_can_be_
     assert db.scalar(select(Service.generation).where(Service.id == uuid.UUID(service["id"]))) == 2
 
 
+def test_resizing_rolls_out_a_new_generation_and_scaling_does_not(
+    client: TestClient, owner: dict[str, str], account: str, image_id: str, db: Session
+) -> None:
+    service = deploy(client, account, owner, image_id)
+    url, service_id = f"{account}/services/{service['id']}", uuid.UUID(service["id"])
+
+    def generation_after(patch: dict) -> int:
+        settle(db, service["id"], Transition.CONVERGE, ServiceState.HEALTHY, traffic_generation=1)
+        assert client.patch(url, json=patch, headers=owner).status_code == 202
+        return db.scalar(select(Service.generation).where(Service.id == service_id))  # type: ignore[return-value]
+
+    assert generation_after({"numReplicas": 2}) == 1  # more of the same replicas
+    assert generation_after({"containerResourceRequirements": {"cpu": 0.1, "memoryInGB": 0.5}}) == 1  # unchanged
+    assert generation_after({"containerResourceRequirements": {"cpu": 0.5, "memoryInGB": 1}}) == 2
+
+
 @pytest.mark.parametrize(
     ("patch", "status", "field"),
     [

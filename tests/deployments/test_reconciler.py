@@ -16,6 +16,7 @@ from app.deployments.reconciler import (
     Failure,
     Replica,
     Spec,
+    Step,
     claim,
     decide,
     due_services,
@@ -106,6 +107,12 @@ def test_a_generation_that_never_served_fails_with_the_drivers_reason() -> None:
     step = _decide(_spec(), replicas, Failure("a replica exited with code 3", "RuntimeError: boom"))
     assert step.failure is not None and step.failure.logs == "RuntimeError: boom"
     assert sorted(step.remove) == sorted(r.id for r in replicas) and step.start == 0
+
+
+def test_a_failed_service_runs_nothing_and_is_looked_at_rarely() -> None:
+    leftover = _replica(ready=False, n=0)
+    step = _decide(_spec(state=ServiceState.FAILED, changed_at=NOW - timedelta(hours=1)), [leftover])
+    assert (step.start, step.remove, step.failure, step.busy) == (0, [leftover.id], None, False)
 
 
 def test_a_generation_past_its_start_deadline_fails() -> None:
@@ -252,3 +259,17 @@ def test_a_delete_ends_its_operation_then_the_row(db: Session, created: Service)
     assert db.scalar(select(Service.id).where(Service.id == created.id)) is None
     ended = db.scalar(select(ServiceOperation.state).where(ServiceOperation.id == operation.id))
     assert ended is OperationState.SUCCEEDED
+
+
+def test_a_failure_seen_again_on_a_failed_service_waits_for_a_change(db: Session, created: Service) -> None:
+    created.state = ServiceState.FAILED
+    db.flush()
+    lease = claim(db, created.id, owner="w")
+    assert lease is not None
+    spec = read_spec(db, lease)
+    assert spec is not None
+    now = utcnow()
+    assert record(db, lease, spec, Step(failure=Failure("still no kubernetes")), [], now=now)
+    db.refresh(created)
+    assert created.state is ServiceState.FAILED and created.lease_owner is None
+    assert created.due_at is not None and created.due_at >= now + timedelta(seconds=5)  # not a tight loop

@@ -11,11 +11,12 @@ import re
 import time
 import uuid
 from contextlib import suppress
+from dataclasses import replace
 
 import docker
 import pytest
 
-from tests.embedded_service import EmbeddedService, alive, stop, wait_for_children
+from tests.embedded_service import EmbeddedService, alive, free_port, stop, wait_for, wait_for_children
 from tests.infra import Infra
 from tests.workers.stack import (
     ECHO_SCORE,
@@ -181,3 +182,36 @@ def test_the_docker_builder_builds_on_an_imported_base_into_the_services_own_sto
                 api.remove_container(container, force=True)
     finally:
         stop(server)
+
+
+def test_the_run_command_deploys_web_services_pulled_from_its_own_store(
+    embedded: EmbeddedService, infra: Infra, model
+) -> None:
+    from tests.workers.deploy.test_local import _delete, _keys, _wait, _wait_scores
+
+    trained, rows, archive = model
+    scoring = f"http://127.0.0.1:{free_port()}"
+    web = replace(embedded, env={**embedded.env, "MMS_WEB_SERVICES_PREVIEW": "true", "MMS_SCORING_URL": scoring})
+    server = web.serve()  # with web services on: a build worker, a deploy worker and the gateway
+    try:
+        started = wait_for_children(server.pid, 3)
+        wait_for(f"{scoring}/health", server)
+        account = Account(_stack(web))
+        manifest_id = account.manifest(register_model(account, archive), SCORE_PY, sklearn_requirements(), "web")
+        image = account.wait(account.build(manifest_id, "web-housing")["Id"])
+        assert image["CreationState"] == "Succeeded", account.log(image)[-3000:]
+        created = account.call(
+            "POST",
+            f"{account.url}/services",
+            json={"name": "embedded-housing", "imageId": image["Id"], "deploymentConfig": {"numReplicas": 1}},
+        ).json()
+        service = _wait(account, created["id"], "Healthy", "Failed")
+        assert service["state"] == "Healthy", service
+        assert service["scoringUri"].startswith(scoring)
+        primary, _ = _keys(account, service["id"])
+        assert _wait_scores(service, primary, rows).json() == pytest.approx(trained.predict(rows).tolist())
+        _delete(account, service["id"])
+    finally:
+        stop(server)
+    for pid in started:
+        assert not alive(pid), "a child outlived `mms serve`"

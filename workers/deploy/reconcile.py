@@ -7,7 +7,6 @@ anywhere leaves labelled engine objects that the next pass reads back. The datab
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import socket
@@ -15,15 +14,14 @@ import uuid
 from collections.abc import Mapping
 from contextlib import suppress
 
-from sqlalchemy import make_url, select
+from sqlalchemy import select
 
 from app.auth.registry_tokens import engine_pull_token
-from app.config import Settings
 from app.context import ServiceContext
 from app.database import session_scope
 from app.deployments import reconciler
 from app.deployments.reconciler import Failure, Lease, Spec
-from app.orm import Service
+from app.orm import Installation, Service
 from app.orm.base import utcnow
 from app.services.computes import SWARM
 from workers.deploy.local import EngineUnreachable, LocalDriver, repository_of
@@ -64,10 +62,12 @@ def _pass(context: ServiceContext, lease: Lease) -> None:
         with session_scope(context.session_factory) as session:
             reconciler.record(session, lease, spec, reconciler.Step(failure=failure), [], now=utcnow())
         return
-    if spec.compute_type not in ("local", "swarm"):
-        # kubernetes passes come with its driver: leave them be, look rarely.
+    if (why := _undeployable(spec)) is not None:
         with session_scope(context.session_factory) as session:
-            reconciler.release(session, lease, due_in=60)
+            if spec.deleting:  # nothing was ever made there
+                reconciler.finish_delete(session, lease)
+            else:
+                reconciler.record(session, lease, spec, reconciler.Step(failure=Failure(why)), [], now=utcnow())
         return
     if spec.deleting:
         with session_scope(context.session_factory) as session:
@@ -81,23 +81,6 @@ def _pass(context: ServiceContext, lease: Lease) -> None:
             return
     now = utcnow()
     try:
-        if spec.compute_type == "swarm" and spec.compute_name != SWARM and not spec.deleting:
-            # A tenant's swarm: its tasks' addresses are on its own hosts, out of the gateway's reach.
-            step = reconciler.decide(
-                spec,
-                [],
-                now=now,
-                start_seconds=settings.service_start_seconds,
-                drain_seconds=_drain_seconds(context, spec),
-                failure=Failure(
-                    f"compute '{spec.compute_name}' is a swarm the tenant attached: such targets cannot be "
-                    "deployed to yet (the scoring gateway cannot reach their tasks); deploy to 'local' or, "
-                    "where the operator set one, to the built-in 'swarm'"
-                ),
-            )
-            with session_scope(context.session_factory) as session:
-                reconciler.record(session, lease, spec, step, [], now=now)
-            return
         require_service_firewall()
         with _driver(context, spec) as driver:
             if spec.deleting:
@@ -165,11 +148,29 @@ def _driver(context: ServiceContext, spec: Spec) -> LocalDriver | SwarmDriver:
     return _local_driver(context, engine)
 
 
+def _undeployable(spec: Spec) -> str | None:
+    """Why nothing can be deployed to the service's target in this version, if so."""
+    if spec.compute_type == "kubernetes":
+        return (
+            f"compute '{spec.compute_name}' is a kubernetes target: deploying to one is not available yet "
+            "(its objects are built and checked, not applied); deploy to 'local' or, where the operator set "
+            "one, to the built-in 'swarm'"
+        )
+    if spec.compute_type == "swarm" and spec.compute_name != SWARM:
+        # A tenant's swarm: its tasks' addresses are on its own hosts, out of the gateway's reach.
+        return (
+            f"compute '{spec.compute_name}' is a swarm the tenant attached: such targets cannot be deployed "
+            "to yet (the scoring gateway cannot reach their tasks); deploy to 'local' or, where the "
+            "operator set one, to the built-in 'swarm'"
+        )
+    return None
+
+
 def _local_driver(context: ServiceContext, engine: str) -> LocalDriver:
     settings = context.settings
     return LocalDriver(
         engine,
-        installation=installation_id(settings),
+        installation=installation_id(context),
         subnet_pool=settings.service_subnet_pool,
         tmp_mb=settings.service_tmp_mb,
         pids=settings.service_pids,
@@ -180,18 +181,23 @@ def _swarm_driver(context: ServiceContext, docker_host: str) -> SwarmDriver:
     settings = context.settings
     return SwarmDriver(
         docker_host,
-        installation=installation_id(settings),
+        installation=installation_id(context),
         subnet_pool=settings.service_subnet_pool,
         tmp_mb=settings.service_tmp_mb,
         pids=settings.service_pids,
     )
 
 
-def installation_id(settings: Settings) -> str:
-    """Names this installation on a shared engine: its database (every API process and worker
-    of one installation uses the same), without its password."""
-    url = make_url(settings.resolved_database_url).render_as_string(hide_password=True)
-    return hashlib.sha256(url.encode()).hexdigest()[:16]
+def installation_id(context: ServiceContext) -> str:
+    """This installation's id (made with its database: migration 0013), read once a process."""
+    key = context.settings.resolved_database_url
+    if key not in _INSTALLATIONS:
+        with session_scope(context.session_factory) as session:
+            _INSTALLATIONS[key] = session.scalars(select(Installation.id)).one().hex[:16]
+    return _INSTALLATIONS[key]
+
+
+_INSTALLATIONS: dict[str, str] = {}
 
 
 def _drain_seconds(context: ServiceContext, spec: Spec) -> float:

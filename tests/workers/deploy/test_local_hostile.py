@@ -30,7 +30,7 @@ from workers.deploy.local import (
     INSTALLATION_LABEL,
     SERVICE_LABEL,
     LocalDriver,
-    _answers,
+    answers,
 )
 from workers.deploy.local_network import ensure_service_network, remove_service_network
 
@@ -39,7 +39,7 @@ def test_the_probe_follows_no_redirect() -> None:
     with recording_http_server() as elsewhere:
         redirect = (302, [("Location", f"http://{elsewhere.address}/inside")])
         with flaky_http_server(b"{}", [redirect]) as replica:
-            assert _answers(replica.url.removeprefix("http://")) is False
+            assert answers(replica.url.removeprefix("http://")) is False
         assert elsewhere.seen == []
 
 
@@ -64,7 +64,7 @@ def test_the_probe_reads_no_body() -> None:
 
     with endless_http_server(answer_first=redirect_with_an_endless_body) as replica:
         started = time.monotonic()
-        assert _answers(replica.address) is False
+        assert answers(replica.address) is False
         assert time.monotonic() - started < 2.5
     assert sum(sent) < 4 << 20, f"the probe read {sum(sent)} bytes"
 
@@ -83,7 +83,7 @@ def test_a_replica_that_drips_cannot_hold_the_probe() -> None:
 
     with endless_http_server(answer_first=drip) as replica:
         started = time.monotonic()
-        assert _answers(replica.address) is False
+        assert answers(replica.address) is False
         assert time.monotonic() - started < 2.5
 
 
@@ -109,6 +109,7 @@ def _spec(service_id: uuid.UUID) -> Spec:
         account_id=uuid.uuid4(),
         state=ServiceState.HEALTHY,
         compute_type="local",
+        compute_name="local",
         image_id=uuid.uuid4(),
         image_location="127.0.0.1:5000/x/y",
         image_digest=None,
@@ -130,8 +131,8 @@ def test_a_container_labelled_with_another_service_is_not_its_replica(
     """A tenant's image labelled org.mms.service=<the victim's id> (its scoring URI names the
     id), run as a build's RUN step on the build network with a server on the replica port:
     the victim's pass must not probe it, route to it, count it, remove it or fail over it,
-    even with the installation's label (a hash of the database URL without its password:
-    guessable, not a secret)."""
+    even with the installation's label (which labels every replica the tenant's image runs
+    in: no secret)."""
     driver, spec, installation = victim
     labels = {
         INSTALLATION_LABEL: installation,
