@@ -72,8 +72,8 @@ def main() -> None:
         server = service.serve()
         cleanup.callback(stop, server)
         wait_for(f"{settings['MMS_SCORING_URL']}/health", server)
-        account = Account(Stack(api=service.url, headers={}, env=service.env, workers=[], log_dir=Path(tmp)))
-        account.stack.headers = {"Authorization": f"Bearer {service.token()}"}
+        headers = {"Authorization": f"Bearer {service.token()}"}
+        account = Account(Stack(api=service.url, headers=headers, env=service.env, workers=[], log_dir=Path(tmp)))
         v1, v2 = (_image(account, version) for version in (1, 2))
         for target in ["local", *(["swarm"] if args.swarm else [])]:
             results[target] = _lifecycle(account, target, v1, v2, args.repeat)
@@ -115,8 +115,9 @@ def _round(account: Account, name: str, target: str, v1: str, v2: str) -> dict[s
 
 
 def _throughput(account: Account, engine: str, image: str, seconds: int) -> dict[str, dict[str, float]]:
-    service = _create(account, "bench-throughput", image, "local")
-    _until(lambda: _get(account, service["id"])["state"] == "Healthy", "Healthy")
+    created = _create(account, "bench-throughput", image, "local")
+    _until(lambda: _get(account, created["id"])["state"] == "Healthy", "Healthy")
+    service = _get(account, created["id"])  # its scoringUri, now that it serves
     keys = account.call("POST", f"{account.url}/services/{service['id']}/keys").json()
     auth = f"Bearer {keys['primaryKey']}"
     with tempfile.NamedTemporaryFile("w", suffix=".json") as body:
