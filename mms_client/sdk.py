@@ -344,6 +344,44 @@ class Model:
         )
         return Image._of(workspace, record)
 
+    @staticmethod
+    def deploy(
+        workspace: Workspace,
+        name: str,
+        models: Iterable[Model | str],
+        inference_config: InferenceConfig,
+        deployment_config: dict[str, Any] | None = None,
+        deployment_target: str | None = None,
+    ) -> Webservice:
+        """Build a scoring image of the models and the inference configuration and deploy it as
+        the web service ``name``, in one operation; follow it with ``wait_for_deployment()``.
+
+        :param models: ``Model`` objects, or model ids.
+        :param deployment_config: a deploymentconfig.json document (``containerResourceRequirements``,
+            ``numReplicas``, ``authEnabled``, ...; its ``computeType`` is checked against the target's).
+        :param deployment_target: the compute target's name; default: ``local``.
+        :return: the ``Webservice``, ``Transitioning`` while its image builds and its replicas start.
+        """
+        client = workspace._client
+        model_ids = [m.id if isinstance(m, Model) else str(m) for m in models]
+        operations.check_models_exist(client, model_ids)  # before anything is uploaded
+        config, compute_type, _ = operations.deployment_config(deployment_config or {}, "deployment_config")
+        with operations.Uploads(client) as uploads:
+            manifest = operations.inference_config_body(
+                client, uploads, inference_config._as_config(), Path.cwd(), name, model_ids, [], "InferenceConfig"
+            )
+            manifest.pop("name"), manifest.pop("modelIds")
+            body: dict[str, Any] = {"name": name, "modelIds": model_ids, "inferenceConfig": manifest}
+            body["deploymentConfig"] = config
+            if deployment_target:
+                body["computeName"] = deployment_target
+            if compute_type:
+                body["computeType"] = compute_type
+            record = operations.preview_call(client, "POST", client.account_url("services"), json=body)
+        service = Webservice.__new__(Webservice)
+        service._set(workspace, record)
+        return service
+
     def delete(self) -> None:
         """Delete this model version (its version number is never reused)."""
         self.workspace._client.call("DELETE", self.workspace._client.account_url("models", self.id))
@@ -554,10 +592,10 @@ class Image:
 
 class Webservice:
     """A web service (the web-services preview: the service must run with
-    ``MMS_WEB_SERVICES_PREVIEW=true``; nothing deploys yet, so a new one stays ``Transitioning``).
+    ``MMS_WEB_SERVICES_PREVIEW=true``).
 
-    ``Webservice(ws, name=...)`` (or ``id=...``) is an existing service; deploy one with
-    ``mms service create realtime``.
+    ``Webservice(ws, name=...)`` (or ``id=...``) is an existing service; ``Model.deploy`` makes
+    one from models (``mms service create realtime`` from an image).
 
     :ivar id: the service's id.
     :ivar name: its name.
@@ -611,6 +649,31 @@ class Webservice:
         settled = operations.wait_for_service(self.workspace._client, self.id, timeout)
         assert settled is not None
         self._set(self.workspace, settled)
+
+    def run(self, input_data: str | bytes, *, timeout: float = 60.0) -> Any:
+        """Score ``input_data`` (the JSON text ``run()`` takes) through the service's scoring URI,
+        with its primary key when it needs one; ``run()``'s answer, decoded from JSON."""
+        import httpx
+
+        if not self.scoring_uri:
+            self.update_deployment_state()
+        if not self.scoring_uri:
+            raise ServiceError(f"service {self.name} takes no requests yet (it is {self.state})")
+        headers = {"Content-Type": "application/json"}
+        if self.auth_enabled:
+            headers["Authorization"] = f"Bearer {self.get_keys()[0]}"
+        try:
+            answer = httpx.post(self.scoring_uri, content=input_data, headers=headers, timeout=timeout)
+        except httpx.HTTPError as exc:
+            raise ServiceError(f"cannot reach {self.scoring_uri}: {exc}") from None
+        if answer.status_code != 200:
+            raise ServiceError(f"scoring answered {answer.status_code}: {answer.text[:500]}")
+        return answer.json()
+
+    def get_logs(self, tail: int = 200) -> str:
+        """What the service's replicas printed lately, each line prefixed with generation and replica."""
+        client = self.workspace._client
+        return client.call("GET", client.account_url("services", self.id, "logs"), params={"tail": tail}).text
 
     def get_keys(self) -> tuple[str, str]:
         """The primary and secondary scoring keys (send one as ``Authorization: Bearer <key>``)."""

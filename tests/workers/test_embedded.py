@@ -7,6 +7,7 @@ service principal's id and secret. Restarting the service loses no queued build.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
@@ -16,6 +17,7 @@ from dataclasses import replace
 import docker
 import pytest
 
+from mms_client import InferenceConfig, Model, ServicePrincipalAuthentication, Workspace
 from tests.embedded_service import EmbeddedService, alive, free_port, stop, wait_for, wait_for_children
 from tests.infra import Infra
 from tests.workers.stack import (
@@ -184,8 +186,15 @@ def test_the_docker_builder_builds_on_an_imported_base_into_the_services_own_sto
         stop(server)
 
 
+def _until_gone(account: Account, service_id: str) -> None:
+    deadline = time.monotonic() + 60
+    while account.status("GET", f"{account.url}/services/{service_id}") != 404:
+        assert time.monotonic() < deadline, "the service was never deleted"
+        time.sleep(0.5)
+
+
 def test_the_run_command_deploys_web_services_pulled_from_its_own_store(
-    embedded: EmbeddedService, infra: Infra, model
+    embedded: EmbeddedService, infra: Infra, model, tmp_path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from tests.workers.deploy.test_local import _delete, _keys, _wait, _wait_scores
 
@@ -197,7 +206,8 @@ def test_the_run_command_deploys_web_services_pulled_from_its_own_store(
         started = wait_for_children(server.pid, 3)
         wait_for(f"{scoring}/health", server)
         account = Account(_stack(web))
-        manifest_id = account.manifest(register_model(account, archive), SCORE_PY, sklearn_requirements(), "web")
+        model_id = register_model(account, archive)
+        manifest_id = account.manifest(model_id, SCORE_PY, sklearn_requirements(), "web")
         image = account.wait(account.build(manifest_id, "web-housing")["Id"])
         assert image["CreationState"] == "Succeeded", account.log(image)[-3000:]
         created = account.call(
@@ -211,6 +221,25 @@ def test_the_run_command_deploys_web_services_pulled_from_its_own_store(
         primary, _ = _keys(account, service["id"])
         assert _wait_scores(service, primary, rows).json() == pytest.approx(trained.predict(rows).tolist())
         _delete(account, service["id"])
+
+        # The SDK's way, as the seeds write it: Model.deploy, wait_for_deployment, run.
+        (tmp_path / "score.py").write_text(SCORE_PY)
+        (tmp_path / "myenv.yml").write_text(
+            f"name: housing\ndependencies:\n  - python=3.11\n  - pip:\n    - {sklearn_requirements().strip()}\n"
+        )
+        monkeypatch.chdir(tmp_path)
+        *_, subscription, _, group, _, name = account.url.split("/")
+        auth = ServicePrincipalAuthentication(web.client_id, web.client_secret)
+        with Workspace(web.url, subscription, group, name, auth) as ws:
+            config = InferenceConfig(entry_script="score.py", runtime="python", conda_file="myenv.yml")
+            deployed = Model.deploy(ws, "sdk-housing", [model_id], config, {"computeType": "local"})
+            assert deployed.state == "Transitioning"
+            deployed.wait_for_deployment(timeout=600)
+            assert deployed.state == "Healthy", deployed.error
+            assert deployed.run(json.dumps({"data": rows})) == pytest.approx(trained.predict(rows).tolist())
+            assert "Uvicorn running" in deployed.get_logs()  # copied in the pass that saw it answer
+            deployed.delete()
+            _until_gone(account, deployed.id)
     finally:
         stop(server)
     for pid in started:
