@@ -35,6 +35,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from app.addresses import is_public_address
 from mms_client.retrying import TRANSIENT_STATUSES, attempts, retry_after
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,6 @@ log = logging.getLogger(__name__)
 Resolver = Callable[..., Sequence[tuple[Any, ...]]]
 
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _QUERYISH = re.compile(r"\?[^\s'\"]*")
 
@@ -122,34 +122,6 @@ def redact_url(url: str | httpx.URL) -> str:
         base = re.sub(r"//[^/?#]*@", "//", re.split(r"[?#]", text, maxsplit=1)[0])
         has_query = "?" in text.split("#", 1)[0]
     return base + ("?<redacted>" if has_query else "")
-
-
-def is_public_address(address: str) -> bool:
-    """True if ``address`` is globally routable (IPv6 forms embedding IPv4 judged by the IPv4)."""
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop any "%scope"
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.teredo is not None:  # tunnel endpoints we cannot vet
-            return False
-        embedded = ip.ipv4_mapped or ip.sixtofour
-        if embedded is None and ip in _NAT64:
-            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-        if embedded is not None:
-            ip = embedded
-    # is_global alone differs between Python patch releases (e.g. multicast, fec0::/10),
-    # so also refuse every special-purpose flag explicitly.
-    special = (
-        ip.is_private
-        or ip.is_reserved
-        or ip.is_multicast
-        or ip.is_loopback
-        or ip.is_link_local
-        or ip.is_unspecified
-        or getattr(ip, "is_site_local", False)
-    )
-    return ip.is_global and not special
 
 
 def fetch(

@@ -4,6 +4,7 @@ whose credentials are sealed and never shown again."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app.addresses import is_public_address
 from app.deployments.kubeconfig import WHOLE_FILE, KubeconfigRefused, check_kubeconfig
 from app.errors import Conflict, NotFound, ValidationFailed
 from app.orm import Compute, Service
@@ -134,7 +136,7 @@ def _is_inline_pem(text: str) -> bool:
     return position > 0
 
 
-def _check_docker_host(docker_host: str | None) -> None:
+def _check_docker_host(docker_host: str | None, allow_hosts: frozenset[str]) -> None:
     host = urlsplit(docker_host or "")
     try:
         port = host.port
@@ -150,9 +152,24 @@ def _check_docker_host(docker_host: str | None) -> None:
         or any(c in (docker_host or "") for c in "?#@")
     ):
         raise invalid("properties.dockerHost", "must be tcp://host:port (the manager's TLS port), nothing more")
+    # An address written out is judged here, as the fetcher judges what a name resolves to (a
+    # name is judged by the worker when it connects: it may resolve elsewhere by then).
+    literal = host.hostname
+    try:
+        ipaddress.ip_address(literal.split("%", 1)[0])
+    except ValueError:
+        return
+    if not is_public_address(literal) and not {literal.lower(), host.netloc.lower()} & allow_hosts:
+        raise invalid(
+            "properties.dockerHost",
+            f"{literal} is not a public address (loopback, private, link-local or reserved): the service's "
+            "own network is not a tenant's to reach; an operator may list it in MMS_FETCH_ALLOW_HOSTS",
+        )
 
 
-def _settings_and_credentials(body: ComputePut, *, allow_insecure_tls: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+def _settings_and_credentials(
+    body: ComputePut, *, allow_insecure_tls: bool, allow_hosts: frozenset[str]
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """What the target shows (properties) and what is sealed (credentials), checked."""
     props = body.properties
     if body.type == "local":
@@ -162,7 +179,7 @@ def _settings_and_credentials(body: ComputePut, *, allow_insecure_tls: bool) -> 
     if body.type == "swarm":
         if props.kubeconfig is not None or props.namespace is not None:
             raise invalid("properties", "a swarm target takes dockerHost and tls, not kubeconfig or namespace")
-        _check_docker_host(props.dockerHost)
+        _check_docker_host(props.dockerHost, allow_hosts)
         if props.tls is None:
             raise invalid("properties.tls", "is required: a swarm manager is reached over TLS only")
         for name, value in props.tls.model_dump().items():
@@ -187,14 +204,18 @@ def put_target(
     created_by: str | None,
     allow_insecure_tls: bool = False,
     swarm_enabled: bool = False,
+    allow_hosts: frozenset[str] = frozenset(),
 ) -> tuple[Target, bool]:
     """Attach a target, or replace its settings; whether it is new. ``local`` (and ``swarm``
     when the operator set one) is built in (409). ``allow_insecure_tls``: a kubeconfig may turn
-    off the check of its cluster's certificate."""
+    off the check of its cluster's certificate; ``allow_hosts``: private addresses a swarm
+    manager may have (MMS_FETCH_ALLOW_HOSTS)."""
     built_in = _built_in_name(name, swarm_enabled=swarm_enabled)
     if built_in:
         raise Conflict(f"compute '{built_in}' is built in: it cannot be attached or changed", code="BuiltInCompute")
-    properties, credentials = _settings_and_credentials(body, allow_insecure_tls=allow_insecure_tls)
+    properties, credentials = _settings_and_credentials(
+        body, allow_insecure_tls=allow_insecure_tls, allow_hosts=allow_hosts
+    )
     sealed = sealer.seal(json.dumps(credentials).encode())
     compute = _find(session, account, name)
     if compute is None:

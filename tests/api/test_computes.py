@@ -12,6 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.context import ServiceContext
+from app.main import create_app
 from app.orm import Compute
 from tests.factories import KUBE_TOKEN, Callers, kubeconfig_text
 
@@ -98,9 +99,9 @@ def test_a_swarm_target_is_attached_replaced_and_detached_and_its_tls_key_never_
         "hasCredentials": True,
         "createdTime": None,
     }
-    replaced = client.put(f"{account}/computes/myswarm", json=swarm("tcp://10.0.0.5:2376"), headers=owner)
+    replaced = client.put(f"{account}/computes/myswarm", json=swarm("tcp://swarm-2.example.com:2376"), headers=owner)
     assert replaced.status_code == 200
-    assert replaced.json()["properties"]["dockerHost"] == "tcp://10.0.0.5:2376"
+    assert replaced.json()["properties"]["dockerHost"] == "tcp://swarm-2.example.com:2376"
     answers = [
         created.text,
         replaced.text,
@@ -311,11 +312,6 @@ def test_readers_list_targets_but_only_contributors_attach_and_detach(
     assert client.put(f"{account}/computes/other", json=swarm(), headers=contributor).status_code == 201
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review 2026-12-02: dockerHost goes through no address policy (the kubeconfig's server does, in "
-    "workers/deploy/kubeconfig.py); the swarm slice must refuse non-public managers unless allow-listed",
-)
 @pytest.mark.parametrize(
     "host", ["tcp://127.0.0.1:2375", "tcp://169.254.169.254:2376", "tcp://10.0.0.1:2376", "tcp://[::1]:2376"]
 )
@@ -325,6 +321,23 @@ def test_a_swarm_manager_at_a_non_public_address_is_refused(
     response = client.put(f"{account}/computes/inside", json=swarm(host), headers=owner)
     assert response.status_code == 400, response.text
     assert "properties.dockerHost" in response.json()["message"]
+
+
+def test_an_operator_may_allow_a_private_swarm_manager(
+    app_context: ServiceContext, db: Session, account: str, owner: dict[str, str]
+) -> None:
+    settings = app_context.settings.model_copy(update={"fetch_allow_hosts": ["10.0.0.1:2376"]})
+    context = ServiceContext.build(
+        settings,
+        engine=app_context.engine,
+        session_factory=db.info["factory"],
+        read_session_factory=db.info["read_factory"],
+    )
+    allowing = TestClient(create_app(context=context), base_url="http://testserver")
+    allowed = allowing.put(f"{account}/computes/inside", json=swarm("tcp://10.0.0.1:2376"), headers=owner)
+    assert allowed.status_code == 201, allowed.text
+    refused = allowing.put(f"{account}/computes/other", json=swarm("tcp://10.0.0.2:2376"), headers=owner)
+    assert refused.status_code == 400 and "MMS_FETCH_ALLOW_HOSTS" in refused.json()["message"]
 
 
 @pytest.mark.parametrize(

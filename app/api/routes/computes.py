@@ -55,6 +55,7 @@ def put_compute(
         created_by=caller.subject,
         allow_insecure_tls=context.settings.kubernetes_allow_insecure_tls,
         swarm_enabled=context.settings.swarm_compute,
+        allow_hosts=context.settings.effective_fetch_allow_hosts,
     )
     if created:
         response.status_code = status.HTTP_201_CREATED

@@ -1,0 +1,40 @@
+"""Whether an address is one the service may be sent to on a tenant's word: globally routable,
+not the host's loopback, a private network, a link-local (metadata) address or any other
+special-purpose range. One judgement for the API (a swarm manager's address) and the workers'
+fetcher (every address a URL resolves to)."""
+
+from __future__ import annotations
+
+import ipaddress
+
+__all__ = ["is_public_address"]
+
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def is_public_address(address: str) -> bool:
+    """True if ``address`` is globally routable (IPv6 forms embedding IPv4 judged by the IPv4)."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop any "%scope"
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.teredo is not None:  # tunnel endpoints we cannot vet
+            return False
+        embedded = ip.ipv4_mapped or ip.sixtofour
+        if embedded is None and ip in _NAT64:
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if embedded is not None:
+            ip = embedded
+    # is_global alone differs between Python patch releases (e.g. multicast, fec0::/10),
+    # so also refuse every special-purpose flag explicitly.
+    special = (
+        ip.is_private
+        or ip.is_reserved
+        or ip.is_multicast
+        or ip.is_loopback
+        or ip.is_link_local
+        or ip.is_unspecified
+        or getattr(ip, "is_site_local", False)
+    )
+    return ip.is_global and not special
