@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import sys
@@ -650,10 +651,14 @@ class Webservice:
         assert settled is not None
         self._set(self.workspace, settled)
 
-    def run(self, input_data: str | bytes, *, timeout: float = 60.0) -> Any:
-        """Score ``input_data`` (the JSON text ``run()`` takes) through the service's scoring URI,
-        with its primary key when it needs one; ``run()``'s answer, decoded from JSON."""
+    def run(self, input_data: str | bytes | dict[str, Any] | list[Any], *, timeout: float = 60.0) -> Any:
+        """Score ``input_data`` (the JSON text ``run()`` takes, or a value to send as JSON) through
+        the service's scoring URI, with its primary key when it needs one; ``run()``'s answer,
+        decoded from JSON (as text when it is not JSON)."""
         import httpx
+
+        if isinstance(input_data, dict | list):
+            input_data = json.dumps(input_data)
 
         if not self.scoring_uri:
             self.update_deployment_state()
@@ -668,7 +673,10 @@ class Webservice:
             raise ServiceError(f"cannot reach {self.scoring_uri}: {exc}") from None
         if answer.status_code != 200:
             raise ServiceError(f"scoring answered {answer.status_code}: {answer.text[:500]}")
-        return answer.json()
+        try:
+            return answer.json()
+        except ValueError:
+            return answer.text
 
     def get_logs(self, tail: int = 200) -> str:
         """What the service's replicas printed lately, each line prefixed with generation and replica."""

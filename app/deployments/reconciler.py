@@ -73,6 +73,7 @@ class Spec:
     changed_at: datetime  # when the change being applied was asked for (the start deadline counts from it)
     switched_at: datetime | None
     image_state: str = "Succeeded"  # the image's CreationState (app.builds is not ours to import)
+    image_ended_at: datetime | None = None  # when its build ended
     image_error: str | None = None
     # Per replica, when its newest copied log line was printed (ns since the epoch).
     log_marks: Mapping[str, int] = field(default_factory=dict)
@@ -195,7 +196,7 @@ def _unchanged(lease: Lease, spec: Spec):  # type: ignore[no-untyped-def]
 def read_spec(session: Session, lease: Lease) -> Spec | None:
     """The desired spec, if the lease is still this pass's."""
     row = session.execute(
-        select(Service, Image.image_location, Image.digest, Image.state, Image.error)
+        select(Service, Image.image_location, Image.digest, Image.state, Image.error, Image.ended_at)
         .join(Image, Image.id == Service.image_id)
         .where(_held(lease))
     ).first()
@@ -212,6 +213,7 @@ def read_spec(session: Session, lease: Lease) -> Spec | None:
         image_location=row.image_location,
         image_digest=row.digest,
         image_state=str(row.state),
+        image_ended_at=row.ended_at,
         image_error=row.error,
         generation=service.generation,
         traffic_generation=service.traffic_generation,
@@ -261,7 +263,11 @@ def decide(
     step.remove += [r.id for r in current if not r.alive]
     serving = traffic == generation
 
-    if failure is None and not serving and now > spec.changed_at + timedelta(seconds=start_seconds):
+    # The start deadline counts from the change, or from the end of the image's build when the
+    # service waited for one (deployed from models): a long build is no slow start.
+    started = max(spec.changed_at, spec.image_ended_at or spec.changed_at)
+    late = now > started + timedelta(seconds=start_seconds)
+    if failure is None and not serving and late:
         ready = sum(r.ready for r in alive)
         failure = Failure(
             f"{ready} of {spec.replicas} replicas answered GET / within {start_seconds:g} s (MMS_SERVICE_START_SECONDS)"
@@ -298,6 +304,12 @@ def decide(
         drain_seconds=drain_seconds,
     )
     settled = serving and ready >= spec.replicas and step.start == 0
+    if not settled and serving and not step.flip_traffic and spec.state is ServiceState.TRANSITIONING and late:
+        # A scale-up whose new replicas never answer: the operation ends, the service is
+        # Unhealthy (the ready ones serve on, the rest are still tried) and may be changed again.
+        step.failure = Failure(
+            f"{ready} of {spec.replicas} replicas answered GET / within {start_seconds:g} s (MMS_SERVICE_START_SECONDS)"
+        )
     draining = any(r.generation != generation for r in replicas if r.id not in step.remove)
     step.busy = not settled or draining or bool(step.remove)
     return step
@@ -357,6 +369,11 @@ def record(
         # It says so already: look again rarely (a PATCH makes it due at once).
         if _bookkeep(session, fence, **released, due_at=now + timedelta(seconds=STEADY_SECONDS)):
             return True
+    elif step.failure is not None and spec.traffic_generation == spec.generation:
+        values["replicas_ready"] = current_ready
+        if move(session, Transition.DEGRADE, fence, error=_failure_text(step.failure), **values):
+            _end_operation(session, spec.id, OperationState.FAILED, _failure_text(step.failure))
+            return True
     elif step.failure is not None:
         error = _failure_text(step.failure)
         if spec.traffic_generation is None:
@@ -392,8 +409,10 @@ def record(
                 return True
         elif _bookkeep(session, fence, **values):  # the state stays as it is
             return True
-    # The tenant changed the service during the pass: look again at once.
-    _bookkeep(session, _held(lease), **released, due_at=now)
+    # No move applied: the tenant changed the service during the pass (look again at once), or
+    # the state is not one the verdict moves from (look again as planned).
+    changed = session.scalar(select(Service.id).where(_unchanged(lease, spec))) is None
+    _bookkeep(session, _held(lease), **released, due_at=now if changed else values["due_at"])
     return True
 
 

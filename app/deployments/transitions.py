@@ -54,8 +54,11 @@ TRANSITIONS: dict[Transition, frozenset[tuple[State, State]]] = {
     Transition.UPDATE: frozenset({(HEALTHY, TRANSITIONING), (UNHEALTHY, TRANSITIONING), (FAILED, TRANSITIONING)}),
     Transition.CONVERGE: frozenset({(TRANSITIONING, HEALTHY), (UNHEALTHY, HEALTHY)}),
     Transition.DEGRADE: frozenset({(HEALTHY, UNHEALTHY), (TRANSITIONING, UNHEALTHY)}),
-    Transition.FAIL: frozenset({(TRANSITIONING, FAILED)}),
-    Transition.ROLL_BACK: frozenset({(TRANSITIONING, HEALTHY), (TRANSITIONING, UNHEALTHY)}),
+    # From Unhealthy too: a rollout the orchestrator was unreachable during, then failed.
+    Transition.FAIL: frozenset({(TRANSITIONING, FAILED), (UNHEALTHY, FAILED)}),
+    Transition.ROLL_BACK: frozenset(
+        {(TRANSITIONING, HEALTHY), (TRANSITIONING, UNHEALTHY), (UNHEALTHY, HEALTHY), (UNHEALTHY, UNHEALTHY)}
+    ),
     Transition.OBSERVE: frozenset({(state, state) for state in ServiceState}),
     Transition.REQUEST_DELETE: frozenset({(state, DELETING) for state in ServiceState if state is not DELETING}),
     Transition.DELETE: frozenset({(DELETING, GONE)}),

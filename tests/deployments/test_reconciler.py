@@ -273,3 +273,55 @@ def test_a_failure_seen_again_on_a_failed_service_waits_for_a_change(db: Session
     db.refresh(created)
     assert created.state is ServiceState.FAILED and created.lease_owner is None
     assert created.due_at is not None and created.due_at >= now + timedelta(seconds=5)  # not a tight loop
+
+
+def test_a_long_build_does_not_count_against_the_start_deadline() -> None:
+    # Created an hour ago, its image built only now (deployed from models): time to start.
+    spec = _spec(changed_at=NOW - timedelta(hours=1), image_ended_at=NOW - timedelta(seconds=5))
+    step = _decide(spec, [])
+    assert step.failure is None and step.start == 2
+
+
+def test_a_scale_up_that_never_answers_ends_its_operation_but_keeps_serving() -> None:
+    serving = [_replica(n=0), _replica(ready=False, n=1)]
+    late = _spec(traffic_generation=1, changed_at=NOW - timedelta(seconds=61))
+    step = _decide(late, serving)
+    assert step.failure is not None and "1 of 2 replicas answered" in step.failure.reason
+    assert step.remove == [] and not step.flip_traffic  # the ready one serves on
+    assert _decide(_spec(traffic_generation=1), serving).failure is None  # not before the deadline
+
+
+def test_a_timed_out_scale_up_leaves_the_service_unhealthy_and_changeable(db: Session, created: Service) -> None:
+    created.state, created.traffic_generation, created.replicas_desired = ServiceState.TRANSITIONING, 1, 2
+    created.changed_at = utcnow() - timedelta(seconds=61)
+    db.flush()
+    lease = claim(db, created.id, owner="w")
+    assert lease is not None
+    spec = read_spec(db, lease)
+    assert spec is not None
+    replicas = [_replica(n=0), _replica(ready=False, n=1)]
+    now = utcnow()  # not the module's NOW: changed_at is relative to this moment
+    step = decide(spec, replicas, now=now, start_seconds=60, drain_seconds=10)
+    assert record(db, lease, spec, step, replicas, now=now)
+    db.refresh(created)
+    assert created.state is ServiceState.UNHEALTHY and "1 of 2 replicas answered" in (created.error or "")
+    assert _operation(db, created).state is OperationState.FAILED
+    update_service(db, created, num_replicas=1, replicas_desired=1)  # the tenant may change it again
+
+
+def test_a_rollout_that_went_unhealthy_can_still_fail(db: Session, created: Service) -> None:
+    lease = claim(db, created.id, owner="w")
+    assert lease is not None
+    spec = read_spec(db, lease)
+    assert spec is not None
+    assert record_unreachable(db, lease, spec, "the Docker engine did not answer", now=utcnow())
+    db.expire_all()  # each pass reads in a session of its own
+    lease = claim(db, created.id, owner="w")
+    assert lease is not None
+    spec = read_spec(db, lease)
+    assert spec is not None and spec.state is ServiceState.UNHEALTHY
+    now = utcnow()
+    record(db, lease, spec, _decide(spec, [], Failure("a replica exited with code 1")), [], now=now)
+    db.refresh(created)
+    assert created.state is ServiceState.FAILED and "exited with code 1" in (created.error or "")
+    assert _operation(db, created).state is OperationState.FAILED

@@ -81,7 +81,6 @@ def _pass(context: ServiceContext, lease: Lease) -> None:
             return
     now = utcnow()
     try:
-        require_service_firewall()
         with _driver(context, spec) as driver:
             if spec.deleting:
                 if not driver.remove_all(spec.id):  # still going: the next pass goes on
@@ -105,6 +104,7 @@ def _pass(context: ServiceContext, lease: Lease) -> None:
             )
             driver.remove(step.remove)
             if step.start:
+                require_service_firewall()  # nothing starts uncontained (removing needs no firewall)
                 driver.start(spec, step.start, _pull_auth(context, spec))
                 step.busy = True
     except (EngineUnreachable, ServiceNetworkError) as exc:
