@@ -39,6 +39,7 @@ from workers.deploy.local import (
     INSTALLATION_LABEL,
     SERVICE_LABEL,
     SWARM_TARGET_LABEL,
+    SWARM_TASK_LABEL,
     EngineUnreachable,
     answers,
     new_log_lines,
@@ -241,7 +242,10 @@ class SwarmDriver:
         return next((s for s in self._services(service_id) if s["Spec"].get("Name") == name), None)
 
     def _task_containers(self, service_id: uuid.UUID) -> list[dict]:
-        return self._api.containers(all=True, filters={"label": f"{SERVICE_LABEL}={service_id}"})
+        """The service's task containers: this installation's swarm tasks (an image's own labels
+        are on every container that runs it: a build's, a smoke test's)."""
+        ours = [f"{SERVICE_LABEL}={service_id}", f"{INSTALLATION_LABEL}={self._installation}", SWARM_TASK_LABEL]
+        return self._api.containers(all=True, filters={"label": ours})
 
     def _config_networks(self, service_id: uuid.UUID) -> list[dict]:
         return self._api.networks(filters={"label": [f"{SERVICE_LABEL}={service_id}", SWARM_TARGET_LABEL]})
