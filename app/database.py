@@ -6,14 +6,16 @@ task's or command's own scope (``session_scope``). Services only flush.
 
 from __future__ import annotations
 
+import select
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import psycopg
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, exc
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
@@ -48,20 +50,49 @@ def make_engine(settings: Settings, *, read_only: bool = False) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
         return engine
-    # Every connection is pinged as it is taken from the pool: after a database restart no
-    # request or build fails on a connection the restart closed (the faults suite restarts one).
-    return create_engine(
+    engine = create_engine(
         url,
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_max_overflow,
         pool_timeout=settings.db_pool_timeout_seconds,
-        pool_pre_ping=True,
         **(
             {"isolation_level": "AUTOCOMMIT", "connect_args": {"options": "-c default_transaction_read_only=on"}}
             if read_only
             else {}
         ),
     )
+    event.listen(engine, "checkout", _check_idle_connection)
+    return engine
+
+
+def _check_idle_connection(dbapi_connection, _record, _proxy) -> None:  # type: ignore[no-untyped-def]
+    """A pooled connection is checked as it is taken, without a round trip when it is quiet.
+
+    An idle connection has nothing to read: when PostgreSQL restarts, closes it or a proxy
+    drops it, what it sends (an error, then the end of the stream) makes its socket readable.
+    So a socket with nothing to read is used as it is, and only one with something waiting
+    (or one psycopg already knows is broken) is pinged; a failed ping makes the pool throw the
+    connection away and take another (SQLAlchemy's DisconnectionError). After a restart no
+    request or build fails on a connection the restart closed (the faults suite restarts
+    PostgreSQL); a ping on every checkout cost a round trip per request for the same.
+    """
+    try:
+        quiet = not dbapi_connection.closed and not select.select([dbapi_connection.fileno()], [], [], 0)[0]
+    except (psycopg.Error, OSError, ValueError):  # a connection psycopg knows is closed
+        quiet = False
+    if quiet:
+        return
+    try:
+        autocommit = dbapi_connection.autocommit
+        if not autocommit:
+            dbapi_connection.autocommit = True
+        try:
+            dbapi_connection.execute("SELECT 1")
+        finally:
+            if not autocommit:
+                dbapi_connection.autocommit = False
+    except (psycopg.Error, OSError) as error:
+        raise exc.DisconnectionError(f"a pooled connection failed its ping: {error}") from error
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]

@@ -95,18 +95,54 @@ def test_on_sqlite_a_read_neither_waits_for_nor_blocks_the_writer(settings: Sett
     context.dispose()
 
 
-def test_a_pooled_read_connection_the_database_dropped_is_replaced_before_use(settings: Settings) -> None:
+def _admin_connection(settings: Settings) -> psycopg.Connection:
+    url = make_url(settings.resolved_database_url).set(drivername="postgresql")
+    return psycopg.connect(url.render_as_string(hide_password=False), autocommit=True)
+
+
+def _wait_until_gone(admin: psycopg.Connection, backend: int) -> None:
+    for _ in range(100):  # at most 5 s
+        if not admin.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (backend,)).fetchone():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"backend {backend} still runs 5 s after pg_terminate_backend")
+
+
+@pytest.mark.parametrize("pool", ["read", "write"])
+def test_a_pooled_connection_the_database_dropped_is_replaced_before_use(settings: Settings, pool: str) -> None:
+    """What a PostgreSQL restart does to every pooled connection, done to one: the next
+    checkout must not hand it out (the request would fail with a 503)."""
     if settings.resolved_database_url.startswith("sqlite"):
         pytest.skip("a server that drops connections")
     context = ServiceContext.build(settings)
-    with context.engine.connect() as connection:
-        backend = connection.exec_driver_sql("SELECT pg_backend_pid()").scalar()
-    # Dropped from outside the pool, while it sits idle in it.
-    with psycopg.connect(
-        make_url(settings.resolved_database_url).set(drivername="postgresql").render_as_string(hide_password=False),
-        autocommit=True,
-    ) as other:
-        other.execute("SELECT pg_terminate_backend(%s)", (backend,))
-    with session_scope(context.read_session_factory) as session:
-        assert session.scalar(select(func.pg_backend_pid())) != backend
-    context.dispose()
+    factory = context.read_session_factory if pool == "read" else context.session_factory
+    try:
+        with session_scope(factory) as session:
+            backend = session.scalar(select(func.pg_backend_pid()))
+        with _admin_connection(settings) as admin:  # dropped from outside, while idle in the pool
+            admin.execute("SELECT pg_terminate_backend(%s)", (backend,))
+            _wait_until_gone(admin, backend)
+        with session_scope(factory) as session:
+            assert session.scalar(select(func.pg_backend_pid())) != backend
+    finally:
+        context.dispose()
+
+
+def test_a_quiet_pooled_connection_is_used_without_a_ping(settings: Settings) -> None:
+    """A connection with nothing to read is handed out as it is: no round trip before the
+    request's own query (pool_pre_ping sent SELECT 1 at every checkout)."""
+    if settings.resolved_database_url.startswith("sqlite"):
+        pytest.skip("PostgreSQL's pool")
+    context = ServiceContext.build(settings)
+    marker = f"SELECT 'marker-{uuid.uuid4().hex}'"
+    try:
+        with session_scope(context.read_session_factory) as session:
+            backend = session.scalar(select(func.pg_backend_pid()))
+            session.execute(text(marker))
+        with session_scope(context.read_session_factory) as session, _admin_connection(settings) as admin:
+            session.connection()  # checked out again: the same connection, the pool's only one
+            last = admin.execute("SELECT query FROM pg_stat_activity WHERE pid = %s", (backend,)).fetchone()
+            assert last == (marker,), "the checkout sent a statement of its own"
+            assert session.scalar(select(func.pg_backend_pid())) == backend
+    finally:
+        context.dispose()
