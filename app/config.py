@@ -213,6 +213,11 @@ class Settings(BaseSettings):
     # each (counted against its memory), and it may run this many processes and threads.
     service_tmp_mb: int = Field(default=64, ge=1, le=16384)
     service_pids: int = Field(default=256, ge=32)
+    # A deploy worker that cannot read the engine's host firewall itself (not root, or not in
+    # that network namespace: the compose stack's) trusts this file instead, while it is younger
+    # than 90 s: `scripts/infra/service-network.sh --attest FILE`, run as root where the
+    # engine is, rewrites it each time the rules pass and removes it when they do not.
+    service_firewall_attestation: Path | None = None
 
     # The reconciler: its passes go to a queue of their own (never behind a build), consumed by
     # `mms worker --deploy`; a new generation that does not answer GET / on every replica

@@ -12,7 +12,9 @@
 #     (a loopback registry is plain HTTP for dockerd without --insecure-registry);
 #   * no IPv4 forwarding in this namespace: nothing from the build bridge is routed on.
 #   * web-service replicas' bridges (mmss*) are under scripts/infra/service-network.sh's
-#     firewall, applied before dockerd starts.
+#     firewall, applied before dockerd starts; /var/run/dind/service-firewall attests it
+#     (service-network.sh --attest, every 30 s) to the deploy worker, which shares this
+#     namespace but, not being root, cannot read iptables (MMS_SERVICE_FIREWALL_ATTESTATION).
 # Every 30 s build-network.sh and service-network.sh run again (idempotent): a proxy that died
 # is restarted and rules that went missing are put back; the healthcheck is
 # build-network.sh --status.
@@ -21,6 +23,7 @@ set -euo pipefail
 infra=/usr/local/share/mms/infra
 socket_dir=/var/run/dind
 socket="$socket_dir/docker.sock"
+attestation="$socket_dir/service-firewall"
 registry="${MMS_DIND_REGISTRY:-registry:5000}"
 export MMS_DOCKER_SOCK="$socket"
 export MMS_BUILD_NET_DIR="${MMS_BUILD_NET_DIR:-/var/lib/mms-build-network}"
@@ -28,7 +31,7 @@ export MMS_BUILD_NET_DIR="${MMS_BUILD_NET_DIR:-/var/lib/mms-build-network}"
 log() { printf '[dind-entrypoint] %s\n' "$*" >&2; }
 
 mkdir -p "$socket_dir"
-rm -f "$socket"
+rm -f "$socket" "$attestation"
 echo 0 >/proc/sys/net/ipv4/ip_forward
 
 forward_registry() {
@@ -41,6 +44,7 @@ forward_registry
 # or web-service replica ever runs unguarded.
 "$infra/build-network.sh" --firewall
 "$infra/service-network.sh" --firewall
+"$infra/service-network.sh" --attest "$attestation" >/dev/null || log "WARNING: the service firewall did not pass its check"
 
 # The image's own entrypoint prepares cgroups for a nested engine; no TLS: there is no TCP.
 DOCKER_TLS_CERTDIR='' dockerd-entrypoint.sh dockerd \
@@ -72,6 +76,8 @@ while [ -z "$stopping" ] && kill -0 "$dockerd_pid" 2>/dev/null; do
     kill -0 "$socat_pid" 2>/dev/null || { log "registry forwarder exited; restarting it"; forward_registry; }
     "$infra/build-network.sh" >/dev/null || log "WARNING: build-network.sh failed; retrying in 30 s"
     "$infra/service-network.sh" >/dev/null || log "WARNING: service-network.sh failed; retrying in 30 s"
+    "$infra/service-network.sh" --attest "$attestation" >/dev/null \
+        || log "WARNING: the service firewall did not pass its check: no replica starts until it does"
 done
 # Until dockerd has stopped its containers and exited (a signal ends one wait early).
 while kill -0 "$dockerd_pid" 2>/dev/null; do wait "$dockerd_pid" || true; done

@@ -7,6 +7,11 @@
 #   scripts/infra/service-network.sh --firewall # only the rules (no engine needed):
 #                                               # docker-engine.sh, before it starts dockerd
 #   scripts/infra/service-network.sh --status   # exit 0 when the rules are in place
+#   scripts/infra/service-network.sh --attest FILE
+#                                               # --status, and FILE rewritten when it passes
+#                                               # (removed when it fails): what a deploy worker
+#                                               # that cannot read iptables trusts, while fresh
+#                                               # (MMS_SERVICE_FIREWALL_ATTESTATION)
 #
 # docker-engine.sh (and the compose stack's docker/dind-entrypoint.sh) runs --firewall before
 # dockerd starts and every time it runs, so an engine the project starts never has a service
@@ -94,22 +99,40 @@ lock() {
     flock -w 60 8 || die "timed out waiting for another service-network.sh run"
 }
 
+status() {
+    ok=0
+    if hooked; then echo "firewall: in place ($IN_CHAIN on INPUT, $FWD_CHAIN on FORWARD, for $BRIDGES)"
+    else echo "firewall: missing"; ok=1; fi
+    if [ "$(cat /proc/sys/net/bridge/bridge-nf-call-iptables 2>/dev/null)" = 1 ]; then
+        echo "bridged traffic: through iptables"
+    else echo "bridged traffic: not through iptables (replicas of one service not kept apart)"; ok=1; fi
+    return "$ok"
+}
+
 case "${1:-}" in
     --firewall)
         need_root; command -v iptables >/dev/null 2>&1 || apt_install iptables
         lock; firewall; exit 0 ;;
     --status)
         ok=0
-        if hooked; then echo "firewall: in place ($IN_CHAIN on INPUT, $FWD_CHAIN on FORWARD, for $BRIDGES)"
-        else echo "firewall: missing"; ok=1; fi
-        if [ "$(cat /proc/sys/net/bridge/bridge-nf-call-iptables 2>/dev/null)" = 1 ]; then
-            echo "bridged traffic: through iptables"
-        else echo "bridged traffic: not through iptables (replicas of one service not kept apart)"; ok=1; fi
+        status || ok=1
         networks="$(docker network ls -q --filter label=org.mms.service 2>/dev/null | wc -l)" \
             && echo "service networks: $networks"
         exit "$ok" ;;
+    --attest)
+        # Written beside, then renamed: a reader never sees half a file. The worker checks
+        # only that it is fresh; the writer must be the only one who can write its folder.
+        file="${2:?usage: $0 --attest FILE}"
+        if out="$(status)"; then
+            printf '%s\nchecked: %s\n' "$out" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" >"$file.tmp"
+            mv -f "$file.tmp" "$file"
+            exit 0
+        fi
+        rm -f "$file"
+        echo "$out" >&2
+        exit 1 ;;
     "") ;;
-    *) die "usage: $0 [--firewall|--status]" ;;
+    *) die "usage: $0 [--firewall|--status|--attest FILE]" ;;
 esac
 
 need_root

@@ -103,20 +103,27 @@ def test_no_engine_listens_on_tcp_and_only_the_workers_hold_its_socket(monkeypat
 
     engine = services["docker"]
     # Its own network namespace, on a network with the registry only: not the namespace the
-    # workers and the registry share, and not the database's or the broker's network.
+    # workers and the registry share, and not the API's or the asset store's network; and on
+    # an internal one with the database and the broker only, for the web-services profile.
     assert "network_mode" not in engine
-    assert set(engine["networks"]) == {"engine"}
+    assert set(engine["networks"]) == {"engine", "deploy"}
     assert {name for name, service in services.items() if "engine" in (service.get("networks") or {})} == {
         "docker",
         "registry",
     }
-    # The socket's volume: the engine writes it, the workers read it, nobody else mounts it.
+    assert {name for name, service in services.items() if "deploy" in (service.get("networks") or {})} == {
+        "docker",
+        "postgres",
+        "redis",
+    }
+    # The socket's volume: the engine writes it, the build and deploy workers read it, nobody
+    # else mounts it.
     mounts = {
         name: [_volume(v) for v in service.get("volumes") or [] if _volume(v)[0] == "dind-socket"]
-        for name, service in services.items()
+        for name, service in _config("--profile", "docker-builder", "--profile", "web-services")["services"].items()
     }
-    assert {name for name, found in mounts.items() if found} == {"docker", "worker"}
-    assert mounts["worker"] == [("dind-socket", "/var/run/dind", True)]
+    assert {name for name, found in mounts.items() if found} == {"docker", "worker", "deployer"}
+    assert mounts["worker"] == mounts["deployer"] == [("dind-socket", "/var/run/dind", True)]
 
     # The workers build in the engine's build network, through the proxy at its gateway.
     worker = {k: str(v) for k, v in services["worker"]["environment"].items()}
@@ -131,6 +138,48 @@ def test_no_engine_listens_on_tcp_and_only_the_workers_hold_its_socket(monkeypat
     monkeypatch.setenv("DOCKER_HOST", "unix:///var/run/dind/docker.sock")  # as README says
     settings = Settings()
     assert (settings.build_network, settings.build_proxy) == ("mms-build", worker["MMS_BUILD_PROXY"])
+
+
+def test_the_web_services_profile_runs_the_deploy_worker_and_gateway_in_the_engines_namespace(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The deploy worker and the gateway reach replicas on their bridges, which exist only in the
+    engine's network namespace; the worker trusts the firewall the engine's container attests
+    (it can read iptables there, the worker cannot); the engine still has no TCP port."""
+    services = _config("--profile", "docker-builder", "--profile", "web-services")["services"]
+    assert not re.search(r"\b237[56]\b", json.dumps(services))
+    networks = yaml.safe_load(COMPOSE_FILE.read_text())["networks"]
+    assert networks["deploy"] == {"internal": True}, "the database's second network reaches nothing else"
+    for name, command in (("deployer", ["mms", "worker", "--deploy"]), ("gateway", ["mms", "gateway"])):
+        service = services[name]
+        assert service["profiles"] == ["web-services"]
+        assert service["command"] == command
+        assert service["network_mode"] == "service:docker"
+        assert "ports" not in service and "networks" not in service
+        assert service["depends_on"]["docker"]["condition"] == "service_healthy"
+        assert service.get("healthcheck", {}).get("test"), name
+    assert "8001" in json.dumps(services["docker"]["ports"]), "the gateway's port is published from its namespace"
+    assert not [m for m in (_volume(v) for v in services["gateway"].get("volumes") or []) if m[0] == "dind-socket"]
+
+    entrypoint = (ROOT / "docker" / "dind-entrypoint.sh").read_text()
+    assert 'attestation="$socket_dir/service-firewall"' in entrypoint
+    assert entrypoint.count('service-network.sh" --attest "$attestation"') == 2, "at start and every 30 s"
+    for name in ("deployer", "gateway"):
+        for variable in list(os.environ):
+            if variable.startswith("MMS_") or variable == "DOCKER_HOST":
+                monkeypatch.delenv(variable)
+        for variable, value in services[name]["environment"].items():
+            monkeypatch.setenv(variable, str(value).replace("$$", "$"))
+        monkeypatch.setenv("MMS_WEB_SERVICES_PREVIEW", "true")
+        settings = Settings()
+        assert settings.env == "production" and settings.web_services_preview
+        if name == "deployer":
+            assert str(settings.service_firewall_attestation) == "/var/run/dind/service-firewall"
+            assert os.environ["DOCKER_HOST"] == "unix:///var/run/dind/docker.sock"
+        else:
+            assert (settings.gateway_host, settings.resolved_gateway_port) == ("0.0.0.0", 8001)
+    # The API makes scoringUri from the same origin the gateway is published on.
+    assert str(services["api"]["environment"]["MMS_SCORING_URL"]) == "http://localhost:8001"
 
 
 @pytest.mark.parametrize("name", sorted(SECRETS))

@@ -25,6 +25,7 @@ import uuid
 from collections.abc import Mapping
 from contextlib import suppress
 from dataclasses import dataclass
+from pathlib import Path
 
 import docker
 
@@ -53,6 +54,8 @@ _FIREWALL_RULES = (
     ("FORWARD", "-o", f"{BRIDGE_PREFIX}+", "-j", "MMS-SVC-FWD"),
 )
 _FIREWALL_CACHE_SECONDS = 30.0
+# An attestation older than this is not trusted: the writer rewrites it every 30 s.
+ATTESTATION_MAX_AGE_SECONDS = 90.0
 _firewall_checked_at: float | None = None
 _firewall_lock = threading.Lock()
 
@@ -78,14 +81,20 @@ def bridge_name(service_id: uuid.UUID) -> str:
     return f"{BRIDGE_PREFIX}{service_id.hex[:10]}"  # 14 characters: interface names stop at 15
 
 
-def require_service_firewall() -> None:
+def require_service_firewall(attestation: Path | None = None) -> None:
     """Raise unless the host firewall of the service bridges is in place (its INPUT and
     FORWARD jumps); also when iptables cannot be asked (not root, not installed): fail closed.
+    With ``attestation`` (MMS_SERVICE_FIREWALL_ATTESTATION), the file service-network.sh
+    --attest keeps fresh where the engine runs is asked instead of iptables.
     A positive answer is trusted for 30 s."""
     global _firewall_checked_at
     with _firewall_lock:
         now = time.monotonic()
         if _firewall_checked_at is not None and now - _firewall_checked_at < _FIREWALL_CACHE_SECONDS:
+            return
+        if attestation is not None:
+            _check_attestation(attestation)
+            _firewall_checked_at = time.monotonic()
             return
         iptables = shutil.which("iptables") or next(
             (path for path in ("/usr/sbin/iptables", "/sbin/iptables") if shutil.which(path)), None
@@ -113,6 +122,23 @@ def require_service_firewall() -> None:
                     f"run {_FIREWALL_SCRIPT} as root on the engine's host (the worker must run as root to check it)"
                 )
         _firewall_checked_at = time.monotonic()
+
+
+def _check_attestation(path: Path) -> None:
+    try:
+        age = time.time() - path.stat().st_mtime
+    except OSError as exc:
+        raise ServiceNetworkError(
+            f"the service networks' host firewall is not attested ({path}: {exc.strerror}): without it a "
+            f"replica reaches the host's services; where the engine runs, run scripts/infra/service-network.sh "
+            f"--attest {path} as root every 30 s (the compose stack's engine does)"
+        ) from None
+    if not 0 <= age <= ATTESTATION_MAX_AGE_SECONDS:
+        raise ServiceNetworkError(
+            f"the service networks' host firewall was last attested {age:.0f} s ago ({path}; trusted for "
+            f"{ATTESTATION_MAX_AGE_SECONDS:.0f} s): service-network.sh --attest has stopped running or its "
+            "check fails where the engine runs"
+        )
 
 
 def ensure_service_network(

@@ -104,7 +104,9 @@ def _pass(context: ServiceContext, lease: Lease) -> None:
             )
             driver.remove(step.remove)
             if step.start:
-                require_service_firewall()  # nothing starts uncontained (removing needs no firewall)
+                require_service_firewall(
+                    settings.service_firewall_attestation
+                )  # nothing starts uncontained (removing needs no firewall)
                 driver.start(spec, step.start, _pull_auth(context, spec))
                 step.busy = True
     except (EngineUnreachable, ServiceNetworkError) as exc:

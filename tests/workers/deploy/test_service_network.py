@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import docker
@@ -337,3 +339,40 @@ def test_the_subnet_pool_setting_is_an_ipv4_range_of_16_to_24(pool: str, monkeyp
         Settings()
     monkeypatch.setenv("MMS_SERVICE_SUBNET_POOL", "10.40.0.0/24")
     assert Settings().service_subnet_pool == "10.40.0.0/24"
+
+
+SERVICE_NETWORK_SCRIPT = "scripts/infra/service-network.sh"
+
+
+def test_an_attested_firewall_is_trusted_only_while_the_attestation_is_fresh(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The compose stack's deploy worker is neither root nor in the engine's network namespace:
+    it trusts the file the engine's container rewrites with service-network.sh --attest."""
+    attestation = tmp_path / "service-firewall"
+    monkeypatch.setattr(local_network, "_firewall_checked_at", None)
+    with pytest.raises(ServiceNetworkError, match=r"not attested .*service-network\.sh --attest"):
+        require_service_firewall(attestation)
+    attestation.write_text("firewall: in place\n")
+    require_service_firewall(attestation)
+    for age in (local_network.ATTESTATION_MAX_AGE_SECONDS + 5, -60):  # stale, or from the future
+        monkeypatch.setattr(local_network, "_firewall_checked_at", None)
+        stamp = time.time() - age
+        os.utime(attestation, (stamp, stamp))
+        with pytest.raises(ServiceNetworkError, match="last attested"):
+            require_service_firewall(attestation)
+
+
+def test_the_script_attests_only_a_firewall_in_place(tmp_path: Path, infra: Infra) -> None:
+    """--attest writes the file where the rules pass (this host: docker-engine.sh applied them)
+    and removes it where they do not (a fresh network namespace has no rules at all)."""
+    attestation = tmp_path / "service-firewall"
+    done = subprocess.run([SERVICE_NETWORK_SCRIPT, "--attest", str(attestation)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "firewall: in place" in attestation.read_text()
+    done = subprocess.run(
+        ["unshare", "--net", SERVICE_NETWORK_SCRIPT, "--attest", str(attestation)], capture_output=True, text=True
+    )
+    assert done.returncode == 1
+    assert "firewall: missing" in done.stderr
+    assert not attestation.exists()
