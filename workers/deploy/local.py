@@ -16,7 +16,7 @@ import secrets
 import socket
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from datetime import UTC, datetime
@@ -167,7 +167,7 @@ class LocalDriver:
         remove_service_network(self._api, service_id)
         return True
 
-    def sweep(self, known: set[uuid.UUID]) -> list[uuid.UUID]:
+    def sweep(self, known: Callable[[], set[uuid.UUID]]) -> list[uuid.UUID]:
         """Remove what the engine holds of this installation's services that no longer exist
         (their account was deleted, or a worker died between the row's delete and the
         cleanup); their ids."""
@@ -181,7 +181,7 @@ class LocalDriver:
                 continue
             with suppress(ValueError, TypeError):
                 held.add(uuid.UUID(container["Labels"][SERVICE_LABEL]))
-        orphans = sorted(held - known)
+        orphans = sorted(held - known())  # read after the listing: see reconcile.sweep_orphans
         for service_id in orphans:
             self.remove_all(service_id)
         return orphans

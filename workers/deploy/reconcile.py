@@ -120,9 +120,13 @@ def _pass(context: ServiceContext, lease: Lease) -> None:
 
 def sweep_orphans(context: ServiceContext) -> list[uuid.UUID]:
     """Remove engine objects of services that no longer exist (on the local engine and the
-    operator's swarm); their ids."""
-    with session_scope(context.session_factory) as session:
-        known = set(session.scalars(select(Service.id)))
+    operator's swarm); their ids. The services that exist are read after what the engine holds:
+    a service made meanwhile is then known, never swept as it starts."""
+
+    def known() -> set[uuid.UUID]:
+        with session_scope(context.read_session_factory) as session:
+            return set(session.scalars(select(Service.id)))
+
     orphans: list[uuid.UUID] = []
     # The swarm's first: where it is the local engine too, the local sweep leaves its objects alone.
     if context.settings.swarm_docker_host:

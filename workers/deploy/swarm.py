@@ -21,7 +21,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from datetime import datetime
 from typing import Self
@@ -220,7 +220,7 @@ class SwarmDriver:
             return False
         return True
 
-    def sweep(self, known: set[uuid.UUID]) -> list[uuid.UUID]:
+    def sweep(self, known: Callable[[], set[uuid.UUID]]) -> list[uuid.UUID]:
         """Remove what the swarm holds of this installation's services that no longer exist; their ids."""
         ours = f"{INSTALLATION_LABEL}={self._installation}"
         held: set[uuid.UUID] = set(service_networks(self._api, label=ours)) & set(
@@ -229,7 +229,7 @@ class SwarmDriver:
         for service in self._api.services(filters={"label": [SERVICE_LABEL, ours]}):
             with suppress(ValueError, TypeError, KeyError):
                 held.add(uuid.UUID(service["Spec"]["Labels"][SERVICE_LABEL]))
-        orphans = sorted(held - known)
+        orphans = sorted(held - known())  # read after the listing: see reconcile.sweep_orphans
         for service_id in orphans:
             self.remove_all(service_id)
         return orphans

@@ -24,6 +24,7 @@ from app.deployments.states import ServiceState
 from tests.infra import TEST_LABEL, Infra
 from tests.listeners import endless_http_server, flaky_http_server, recording_http_server
 from workers.containment import REPLICA_PORT, _image_home
+from workers.deploy import local
 from workers.deploy.local import (
     GENERATION_LABEL,
     IMAGE_LABEL,
@@ -32,7 +33,7 @@ from workers.deploy.local import (
     LocalDriver,
     answers,
 )
-from workers.deploy.local_network import ensure_service_network, remove_service_network
+from workers.deploy.local_network import ensure_service_network, network_name, remove_service_network
 
 
 def test_the_probe_follows_no_redirect() -> None:
@@ -220,3 +221,38 @@ def test_a_home_the_engine_would_mount_over_its_own_folders_is_left_alone(home: 
 
 def test_a_home_with_doubled_slashes_is_mounted_where_the_engine_puts_it() -> None:
     assert _image_home(["HOME=//home/scoring"], "", 0) == "/home/scoring"
+
+
+def test_the_sweep_removes_only_this_installations_orphans_and_reads_the_services_after_the_engine(
+    infra: Infra, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An orphan (a service that no longer exists) loses its network; a known service and another
+    installation's orphan keep theirs. The services that exist are read after the engine's
+    listing: read first, a service made between the two reads had its network swept as it started."""
+    pool = "10.213.0.0/16"
+    installation = f"test-{uuid.uuid4().hex[:8]}"
+    orphan, alive, foreign = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    order: list[str] = []
+    listed = local.service_networks
+
+    def listing(*args, **kwargs):  # type: ignore[no-untyped-def]
+        order.append("engine")
+        return listed(*args, **kwargs)
+
+    def known() -> set[uuid.UUID]:
+        order.append("database")
+        return {alive}
+
+    monkeypatch.setattr(local, "service_networks", listing)
+    driver = LocalDriver(infra.docker_host, installation=installation, subnet_pool=pool, tmp_mb=8, pids=64)
+    with driver, infra.api() as api:
+        try:
+            for service_id, owner in ((orphan, installation), (alive, installation), (foreign, "another")):
+                ensure_service_network(api, service_id, pool, labels={TEST_LABEL: "sweep", INSTALLATION_LABEL: owner})
+            assert driver.sweep(known) == [orphan]
+            assert order[-1] == "database" and "engine" in order
+            remaining = {n["Name"] for n in api.networks(filters={"label": f"{TEST_LABEL}=sweep"})}
+            assert remaining == {network_name(alive), network_name(foreign)}
+        finally:
+            for service_id in (orphan, alive, foreign):
+                remove_service_network(api, service_id)
