@@ -1,5 +1,6 @@
 // The dashboard: sign in, pick an account, watch images change state live, read a build log
-// as it grows, list models and manifests. One module, no framework, no build step.
+// as it grows, list models and manifests, and (where the service has them) web services.
+// One module, no framework, no build step.
 //
 // The access token is kept in sessionStorage only (never in a URL or localStorage) and the
 // client secret is never kept at all: it goes to the token endpoint once and the field is
@@ -13,6 +14,9 @@ const LOG_POLL_MS = 1000;
 const POLL_FALLBACK_MS = 5000; // when the service has no event stream
 const STREAM_IDLE_MS = 45000; // keep-alives come every ~15 s: silence this long means a dead link
 const MAX_BACKOFF_MS = 30000;
+const SERVICES_POLL_MS = 3000; // web services have no event stream here: the list is polled
+const SERVICE_LOG_LINES = 200;
+const TABS = ["images", "models", "manifests", "services"];
 const SESSION_KEY = "mms.session"; // {token, expiresAt}
 const PLACE_KEY = "mms.place"; // {subscription, resourceGroup, account}
 
@@ -370,6 +374,7 @@ function resetAccountData() {
     $(`${kind}-empty`).hidden = true;
     $(`more-${kind}`).hidden = true;
   }
+  resetServices();
 }
 
 function openDashboard(next) {
@@ -383,10 +388,11 @@ function openDashboard(next) {
   showView("dashboard");
   selectTab("images");
   startStream();
+  probeServices();
 }
 
 function selectTab(name) {
-  for (const kind of ["images", "models", "manifests"]) {
+  for (const kind of TABS) {
     const tab = $(`tab-${kind}`);
     const selected = kind === name;
     tab.setAttribute("aria-selected", String(selected));
@@ -394,10 +400,12 @@ function selectTab(name) {
     $(`panel-${kind}`).hidden = !selected;
   }
   if (tables[name] && !tables[name].loaded) loadTable(name);
+  if (name === "services") startServicePolling();
+  else stopServicePolling();
 }
 
 function onTabKey(event) {
-  const order = ["images", "models", "manifests"];
+  const order = TABS.filter((kind) => !$(`tab-${kind}`).hidden);
   const at = order.indexOf(event.currentTarget.id.replace("tab-", ""));
   const step = { ArrowRight: 1, ArrowLeft: -1 }[event.key];
   if (step === undefined) return;
@@ -559,6 +567,364 @@ async function loadImage(id) {
   } catch (error) {
     if (error instanceof ApiError && error.status === 404) return; // deleted meanwhile
     reportFailure("Could not read an image", error);
+  }
+}
+
+// ---------------------------------------------------------------- web services (preview)
+
+// The tab is shown only where the service serves web services (MMS_WEB_SERVICES_PREVIEW):
+// elsewhere the list's route does not exist and answers 404 `NotFound` (an account that is
+// gone answers `AccountNotFound`). The list has no event stream: it is polled every few
+// seconds while the tab is open, with If-None-Match, so an unchanged list costs a bodiless
+// 304. Scoring keys are never asked for here.
+
+const svc = {
+  list: [], // the services as last listed, in the API's order (by name)
+  rows: new Map(), // id → its <tr>
+  etag: null,
+  poll: null, // {timer}: the running poll loop, replaced when the tab is opened again
+  detail: null, // {id, controller, operation, factsKey}
+  imageLabels: new Map(), // image id → "name:version" of an image the Images list lacks (null: asking)
+};
+
+function resetServices() {
+  stopServicePolling();
+  closeServiceDetail();
+  svc.list = [];
+  svc.rows.clear();
+  svc.etag = null;
+  svc.imageLabels.clear();
+  $("tab-services").hidden = true;
+  $("services-body").replaceChildren();
+  $("services-empty").hidden = true;
+  $("services-status").textContent = "";
+}
+
+/** The account's services ({page, etag}), or null when unchanged since `svc.etag`. */
+async function fetchServices() {
+  const headers = { Accept: "application/json" };
+  if (svc.etag) headers["If-None-Match"] = svc.etag;
+  // no-store: the browser's cache stays out of it, so its 304 reaches this code as it is.
+  const response = await request(accountUrl("services"), { headers, cache: "no-store" });
+  if (response.status === 304) return null;
+  if (!response.ok) throw await errorOf(response);
+  return { page: await response.json(), etag: response.headers.get("ETag") };
+}
+
+/** Once per account: is there a services list? Its first answer fills the table. */
+async function probeServices() {
+  const gen = generation;
+  try {
+    const answer = await fetchServices();
+    if (gen !== generation) return;
+    if (answer) applyServices(answer);
+  } catch (error) {
+    if (gen !== generation || !(error instanceof ApiError)) return;
+    if (error.status === 404 && error.code === "NotFound") return; // no such route: no web services here
+    // Any other answer comes from the route itself: the tab shows the error when opened.
+  }
+  $("tab-services").hidden = false;
+}
+
+async function loadServices({ button = null } = {}) {
+  const gen = generation;
+  if (button) busy(button, true);
+  try {
+    const answer = await fetchServices();
+    if (gen !== generation) return;
+    if (answer) applyServices(answer);
+    else renderServices(); // unchanged; an image's name may have arrived meanwhile
+  } catch (error) {
+    reportFailure("Could not list the web services", error);
+  } finally {
+    if (button) busy(button, false);
+  }
+  if (gen === generation && svc.detail) await refreshServiceDetail(svc.detail);
+}
+
+function applyServices({ page, etag }) {
+  svc.etag = etag;
+  svc.list = page.value;
+  const listed = new Set(svc.list.map((service) => service.id));
+  for (const [id, tr] of [...svc.rows]) {
+    if (!listed.has(id)) {
+      tr.remove();
+      svc.rows.delete(id);
+    }
+  }
+  renderServices();
+  if (svc.detail && !listed.has(svc.detail.id)) closeServiceDetail();
+}
+
+function renderServices() {
+  const body = $("services-body");
+  svc.list.forEach((service, index) => {
+    let tr = svc.rows.get(service.id);
+    if (!tr) {
+      tr = serviceRow(service.id);
+      svc.rows.set(service.id, tr);
+    }
+    updateServiceRow(tr, service);
+    if (body.children[index] !== tr) body.insertBefore(tr, body.children[index] || null);
+  });
+  $("services-empty").hidden = svc.list.length > 0;
+  const shown = svc.detail && svc.list.find((service) => service.id === svc.detail.id);
+  if (shown) renderServiceFacts(shown);
+}
+
+function startServicePolling() {
+  if (svc.poll) return;
+  const gen = generation;
+  const poll = { timer: null };
+  svc.poll = poll;
+  $("services-status").textContent = `Refreshing every ${SERVICES_POLL_MS / 1000} s`;
+  const tick = async () => {
+    if (svc.poll !== poll || gen !== generation) return;
+    await loadServices();
+    if (svc.poll === poll && gen === generation) poll.timer = setTimeout(tick, SERVICES_POLL_MS);
+  };
+  tick();
+}
+
+function stopServicePolling() {
+  if (!svc.poll) return;
+  clearTimeout(svc.poll.timer);
+  svc.poll = null;
+}
+
+/** A copyable URI (the code and a Copy button), or a muted dash when there is none yet. */
+function uriNode(uri, what, none) {
+  const box = document.createElement("div");
+  box.className = "uri";
+  if (!uri) {
+    const dash = document.createElement("span");
+    dash.className = "none";
+    dash.textContent = none;
+    box.append(dash);
+    return box;
+  }
+  const code = document.createElement("code");
+  code.textContent = uri;
+  const copy = document.createElement("button");
+  copy.type = "button";
+  copy.className = "copy-uri";
+  copy.dataset.uri = uri;
+  copy.textContent = "Copy";
+  copy.setAttribute("aria-label", `Copy the ${what}`);
+  box.append(code, copy);
+  return box;
+}
+
+async function copyUri(button) {
+  try {
+    await navigator.clipboard.writeText(button.dataset.uri);
+    button.textContent = "Copied";
+    setTimeout(() => {
+      button.textContent = "Copy";
+    }, 1500);
+  } catch {
+    // No clipboard (a page not served over https or from localhost, or refused): select it.
+    const range = document.createRange();
+    range.selectNodeContents(button.previousElementSibling);
+    getSelection().removeAllRanges();
+    getSelection().addRange(range);
+    showNotice("The URI is selected: press Ctrl+C to copy it.");
+  }
+}
+
+function imageLabel(id) {
+  const image = images.get(id);
+  if (image) return `${image.Name}:${image.Version}`;
+  if (!svc.imageLabels.has(id)) lookUpImage(id);
+  return svc.imageLabels.get(id) || id;
+}
+
+async function lookUpImage(id) {
+  // An image the Images list has not (yet) brought: its name and version, once.
+  svc.imageLabels.set(id, null);
+  const gen = generation;
+  try {
+    const image = await getJson(accountUrl(`images/${encodeURIComponent(id)}`));
+    if (gen !== generation) return;
+    svc.imageLabels.set(id, `${image.Name}:${image.Version}`);
+    renderServices();
+  } catch {
+    // Deleted, or unreadable: the id stays in its place.
+  }
+}
+
+async function openImage(id) {
+  selectTab("images");
+  if (!images.has(id)) await loadImage(id);
+  if (images.has(id)) openLog(id);
+}
+
+function serviceRow(id) {
+  const tr = document.createElement("tr");
+  tr.dataset.serviceId = id;
+  const open = document.createElement("button");
+  open.type = "button";
+  open.className = "open-log open-service";
+  const state = document.createElement("span");
+  state.className = "state";
+  const error = document.createElement("small");
+  error.className = "service-error err-text";
+  const stateCell = cell(state);
+  stateCell.append(error);
+  const image = document.createElement("button");
+  image.type = "button";
+  image.className = "open-log open-image";
+  tr.append(cell(open), stateCell, cell(""), cell(""), cell(image), cell(""));
+  return tr;
+}
+
+function errorText(service) {
+  return service.error ? `${service.error.code}: ${service.error.message}` : "";
+}
+
+function updateServiceRow(tr, service) {
+  const [nameCell, stateCell, uriCell, replicasCell, imageCell, computeCell] = tr.children;
+  const open = nameCell.firstChild;
+  if (open.textContent !== service.name) open.textContent = service.name;
+  open.setAttribute("aria-label", `Show the details of ${service.name}`);
+  const state = stateCell.firstChild;
+  if (state.dataset.state !== service.state) {
+    state.dataset.state = service.state;
+    state.textContent = service.state;
+  }
+  const error = state.nextSibling;
+  if (error.textContent !== errorText(service)) error.textContent = errorText(service);
+  // Rebuilt only when it changes, so a "Copied" being shown is left alone.
+  const uri = service.scoringUri || "";
+  if (uriCell.dataset.uri !== uri || !uriCell.firstChild) {
+    uriCell.dataset.uri = uri;
+    uriCell.replaceChildren(uriNode(uri, `scoring URI of ${service.name}`, "not serving yet"));
+  }
+  const status = service.deploymentStatus;
+  const replicas = `${status.readyReplicas}/${status.desiredReplicas}`;
+  if (replicasCell.textContent !== replicas) replicasCell.textContent = replicas;
+  const image = imageCell.firstChild;
+  const label = imageLabel(service.imageId);
+  if (image.textContent !== label) image.textContent = label;
+  image.dataset.imageId = service.imageId;
+  image.setAttribute("aria-label", `Open the build log of image ${label}`);
+  const compute = `${service.computeName} (${service.computeType})`;
+  if (computeCell.textContent !== compute) computeCell.textContent = compute;
+  tr.classList.toggle("selected", svc.detail?.id === service.id);
+}
+
+// The detail view: every field but the keys, the operation, and the replicas' recent logs
+// (GET .../logs, re-read at each poll while it is open).
+
+function openServiceDetail(id) {
+  closeServiceDetail();
+  const service = svc.list.find((s) => s.id === id);
+  if (!service) return;
+  svc.detail = { id, controller: new AbortController(), operation: null, factsKey: null };
+  $("service-title").textContent = `Service: ${service.name}`;
+  $("service-status").textContent = "";
+  $("service-logs").textContent = "";
+  $("service-panel").hidden = false;
+  renderServices();
+  refreshServiceDetail(svc.detail);
+  $("service-panel").scrollIntoView({ block: "nearest" });
+}
+
+function closeServiceDetail() {
+  if (!svc.detail) return;
+  svc.detail.controller.abort();
+  svc.detail = null;
+  $("service-panel").hidden = true;
+  $("service-facts").replaceChildren();
+  $("service-logs").textContent = "";
+  for (const tr of svc.rows.values()) tr.classList.remove("selected");
+}
+
+function fact(term, ...content) {
+  const dt = document.createElement("dt");
+  dt.textContent = term;
+  const dd = document.createElement("dd");
+  for (const part of content) dd.append(part instanceof Node ? part : document.createTextNode(part ?? ""));
+  return [dt, dd];
+}
+
+function renderServiceFacts(service) {
+  const view = svc.detail;
+  const operation = view.operation;
+  const key = JSON.stringify([service, operation, imageLabel(service.imageId)]);
+  if (view.factsKey === key) return; // unchanged: leave a selection or a "Copied" alone
+  view.factsKey = key;
+  const state = document.createElement("span");
+  state.className = "state";
+  state.dataset.state = service.state;
+  state.textContent = service.state;
+  const error = document.createElement("span");
+  error.className = "err-text";
+  error.textContent = service.error ? ` ${errorText(service)}` : "";
+  const digest = document.createElement("span");
+  digest.className = "mono";
+  digest.textContent = service.imageDigest ? ` ${service.imageDigest}` : "";
+  const status = service.deploymentStatus;
+  const resources = service.containerResourceRequirements;
+  const scaling = service.autoScaler?.autoscaleEnabled
+    ? `, autoscaled ${service.autoScaler.minReplicas}–${service.autoScaler.maxReplicas}`
+    : "";
+  let operationText = "none";
+  if (service.operationId) {
+    operationText = operation
+      ? `${operation.state}${operation.error ? ` (${operation.error.code}: ${operation.error.message})` : ""}`
+      : "…";
+  }
+  const id = document.createElement("span");
+  id.className = "mono";
+  id.textContent = service.id;
+  $("service-facts").replaceChildren(
+    ...fact("Id", id),
+    ...fact("State", state, error),
+    ...(service.description ? fact("Description", service.description) : []),
+    ...fact("Scoring URI", uriNode(service.scoringUri, `scoring URI of ${service.name}`, "not serving yet")),
+    ...fact("Swagger URI", uriNode(service.swaggerUri, `swagger URI of ${service.name}`, "not serving yet")),
+    ...fact("Replicas", `${status.readyReplicas} ready of ${status.desiredReplicas}${scaling}`),
+    ...fact("Image", imageLabel(service.imageId), digest),
+    ...fact("Compute", `${service.computeName} (${service.computeType})`),
+    ...fact("Resources", `${resources.cpu} CPU, ${resources.memoryInGB} GB per replica`),
+    ...fact("Key auth", service.authEnabled ? "on (keys are not shown here)" : "off"),
+    ...fact("Operation", operationText),
+    ...fact("Created", formatTime(service.createdTime)),
+    ...fact("Updated", formatTime(service.updatedTime)),
+  );
+}
+
+async function refreshServiceDetail(view) {
+  const service = svc.list.find((s) => s.id === view.id);
+  if (!service) return;
+  const { signal } = view.controller;
+  try {
+    if (service.operationId && (view.operation?.id !== service.operationId || view.operation.state === "Running")) {
+      const operation = await getJson(accountUrl(`operations/${encodeURIComponent(service.operationId)}`), signal);
+      if (view !== svc.detail) return;
+      view.operation = operation;
+      renderServices();
+    }
+    const response = await request(
+      accountUrl(`services/${encodeURIComponent(view.id)}/logs`, { tail: SERVICE_LOG_LINES }),
+      { headers: { Accept: "text/plain" }, signal, cache: "no-store" },
+    );
+    if (!response.ok) throw await errorOf(response);
+    const text = await response.text();
+    if (view !== svc.detail) return;
+    // The tenant's code printed it: text only, never markup.
+    const pre = $("service-logs");
+    if (pre.textContent !== text) {
+      const atBottom = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
+      pre.textContent = text;
+      if (atBottom) pre.scrollTop = pre.scrollHeight;
+    }
+    const lines = text.split("\n").filter(Boolean).length;
+    $("service-status").textContent = lines ? `${lines} recent log lines (${SERVICE_LOG_LINES} at most)` : "no log lines yet";
+  } catch (error) {
+    if (view !== svc.detail) return;
+    reportFailure("Could not read the service", error);
   }
 }
 
@@ -846,7 +1212,7 @@ $("account-form").addEventListener("submit", (event) => {
   listAccounts();
 });
 $("more-accounts").addEventListener("click", () => listAccounts({ more: true }));
-for (const kind of ["images", "models", "manifests"]) {
+for (const kind of TABS) {
   $(`tab-${kind}`).addEventListener("click", () => selectTab(kind));
   $(`tab-${kind}`).addEventListener("keydown", onTabKey);
 }
@@ -861,5 +1227,13 @@ $("images-body").addEventListener("click", (event) => {
   if (tr) openLog(tr.dataset.imageId);
 });
 $("log-close").addEventListener("click", closeLog);
+$("refresh-services").addEventListener("click", (event) => loadServices({ button: event.currentTarget }));
+$("panel-services").addEventListener("click", (event) => {
+  const button = event.target.closest("button");
+  if (button?.classList.contains("copy-uri")) copyUri(button);
+  else if (button?.classList.contains("open-service")) openServiceDetail(button.closest("tr").dataset.serviceId);
+  else if (button?.classList.contains("open-image")) openImage(button.dataset.imageId);
+});
+$("service-close").addEventListener("click", closeServiceDetail);
 onMethodChange();
 restore();
