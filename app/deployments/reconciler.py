@@ -183,6 +183,12 @@ def claim(session: Session, service_id: uuid.UUID, *, owner: str) -> Lease | Non
     return Lease(service_id, rows[0].attempt, owner) if rows else None
 
 
+def renew(session: Session, lease: Lease) -> bool:
+    """Extend the pass's lease by LEASE_SECONDS from now, while it is still this pass's (a long
+    image pull or swarm wait must not let a second pass take the service beside it)."""
+    return bool(bookkeep(session, _held(lease), lease_expires_at=utcnow() + timedelta(seconds=LEASE_SECONDS)))
+
+
 def _held(lease: Lease):  # type: ignore[no-untyped-def]
     return (Service.id == lease.service_id) & (Service.attempt == lease.attempt)
 

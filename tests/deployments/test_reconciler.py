@@ -24,6 +24,7 @@ from app.deployments.reconciler import (
     read_spec,
     record,
     record_unreachable,
+    renew,
 )
 from app.orm import Image, Service, ServiceOperation, ServiceReplica
 from app.orm.base import utcnow
@@ -171,6 +172,21 @@ def test_one_pass_at_a_time_holds_the_lease(db: Session, service: Service) -> No
     spec = _spec(id=service.id, traffic_generation=1, replicas=1)
     assert not record(db, lease, spec, _decide(spec, [_replica()]), [_replica()], now=utcnow())
     assert read_spec(db, lease) is None
+
+
+def test_a_pass_renews_only_its_own_lease(db: Session, service: Service) -> None:
+    lease = claim(db, service.id, owner="a")
+    assert lease is not None
+    service.lease_expires_at = utcnow() + timedelta(seconds=1)  # about to lapse: a long pull
+    db.flush()
+    assert renew(db, lease)
+    db.refresh(service)
+    assert service.lease_expires_at > utcnow() + timedelta(seconds=50)
+    assert claim(db, service.id, owner="b") is None  # renewed: no second pass beside it
+    service.lease_expires_at = utcnow() - timedelta(seconds=1)
+    db.flush()
+    assert claim(db, service.id, owner="b") is not None
+    assert not renew(db, lease)  # taken over: the old pass cannot take it back
 
 
 def _operation(db: Session, service: Service) -> ServiceOperation:

@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import uuid
-from collections.abc import Mapping
-from contextlib import suppress
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, suppress
 
 from sqlalchemy import select
 
@@ -41,11 +42,37 @@ def reconcile_service(context: ServiceContext, service_id: uuid.UUID) -> None:
     if lease is None:
         return
     try:
-        _pass(context, lease)
+        with renewing(context, lease):
+            _pass(context, lease)
     except Exception:
         log.exception("deploy.pass_failed", extra={"service": str(service_id)})
         with session_scope(context.session_factory) as session:
             reconciler.release(session, lease, due_in=reconciler.STEADY_SECONDS)
+
+
+@contextmanager
+def renewing(context: ServiceContext, lease: Lease, *, every: float = reconciler.LEASE_SECONDS / 3) -> Iterator[None]:
+    """Keep the pass's lease while it runs (a pull of a large image, a swarm's slow tasks):
+    renewed every third of its length; a renewal that finds the lease taken stops renewing
+    (the pass's own writes are fenced anyway)."""
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(every):
+            try:
+                with session_scope(context.session_factory) as session:
+                    if not reconciler.renew(session, lease):
+                        return
+            except Exception:  # the database is away: the next tick tries again
+                log.warning("deploy.lease_renewal_failed", extra={"service": str(lease.service_id)}, exc_info=True)
+
+    thread = threading.Thread(target=renew, name=f"lease-{lease.service_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _pass(context: ServiceContext, lease: Lease) -> None:
