@@ -80,7 +80,11 @@ def _account_exists(session: Session, repository: str) -> bool:
 
 
 def _may_read(session: Session, caller: Caller, repository: str) -> bool:
-    """Whether the caller's roles allow reading the account that owns ``repository``."""
+    """Whether the caller's roles allow reading the account that owns ``repository``; a
+    published base (``mms/``), which every account's builds may name as their FROM, any
+    caller with a role that reads some account may pull too."""
+    if repository.startswith(_PUBLISHED_BASES):
+        return any(Permission.READ in grant.role.permissions for grant in caller.grants)
     account_id = repository_account_id(repository)
     account = session.get(Account, account_id) if account_id else None
     if account is None:

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from app.auth.keys import create_signing_key
 from app.auth.registry_tokens import engine_pull_token
-from app.auth.tokens import sign_token
+from app.auth.tokens import issue_token, sign_token
 from app.context import ServiceContext
 from app.image_store import image_layout
 from app.image_store.oci_layout import OCI_MANIFEST, OciLayout
@@ -269,7 +269,7 @@ def test_the_engine_token_pulls_a_published_base_it_names_and_no_other(
     v2: TestClient, tenant: Tenant, layout: OciLayout, registry_context: ServiceContext, callers: Callers
 ) -> None:
     """The docker builder's FROM on the embedded default: a base under mms/, which no account
-    owns, pulled by a token naming that one repository; a user's token does not read it."""
+    owns, pulled by a token naming that one repository and no other."""
     base = build_image(layout, "mms/imported/conda", "1")
     build_image(layout, "mms/imported/other", "1")
     token = engine_pull_token(registry_context, "mms/imported/conda", ttl_seconds=60)
@@ -278,8 +278,28 @@ def test_the_engine_token_pulls_a_published_base_it_names_and_no_other(
     assert blob.status_code == 200
     _error(v2.get("/v2/mms/imported/other/manifests/1", headers=bearer(token)), 403, "DENIED")
     _error(v2.get(f"/v2/{tenant.repository}/manifests/1", headers=bearer(token)), 403, "DENIED")
+
+
+def test_a_caller_who_reads_an_account_pulls_the_published_bases_and_one_without_a_role_does_not(
+    v2: TestClient, tenant: Tenant, layout: OciLayout, callers: Callers, registry_context: ServiceContext
+) -> None:
+    """The bases every account's builds may name (published and imported, under mms/) are
+    pulled by their users too (`docker pull` to try a base, to build on it elsewhere)."""
+    base = build_image(layout, "mms/inference-base", "latest")
     reader = callers.headers("Reader", tenant.scope)
-    _error(v2.get("/v2/mms/imported/conda/manifests/1", headers=reader), 403, "DENIED")
+    assert v2.get("/v2/mms/inference-base/manifests/latest", headers=reader).status_code == 200
+    assert v2.get(f"/v2/mms/inference-base/blobs/{base.layer_digest}", headers=reader).status_code == 200
+    settings = registry_context.settings
+    nobody = bearer(
+        issue_token(
+            registry_context.signing_key(),
+            issuer=settings.issuer,
+            audience=settings.audience,
+            subject="no-role-anywhere",
+            ttl_seconds=60,
+        )
+    )
+    _error(v2.get("/v2/mms/inference-base/manifests/latest", headers=nobody), 403, "DENIED")
 
 
 # -- manifests ----------------------------------------------------------------------------
