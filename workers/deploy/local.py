@@ -170,7 +170,10 @@ class LocalDriver:
     def sweep(self, known: Callable[[], set[uuid.UUID]]) -> list[uuid.UUID]:
         """Remove what the engine holds of this installation's services that no longer exist
         (their account was deleted, or a worker died between the row's delete and the
-        cleanup); their ids."""
+        cleanup); their ids. An orphan's replicas go first and its network one sweep later
+        (a minute: the beat's period), once no gateway can still route to their addresses
+        (2 x MMS_GATEWAY_CACHE_SECONDS + 1 s at most): the network's /27 freed at once could be
+        the next service's, its first replica at a deleted one's address."""
         ours = f"{INSTALLATION_LABEL}={self._installation}"
         # Not the swarm target's objects on the same engine (workers.deploy.swarm sweeps those).
         held: set[uuid.UUID] = set(service_networks(self._api, label=ours)) - set(
@@ -183,7 +186,10 @@ class LocalDriver:
                 held.add(uuid.UUID(container["Labels"][SERVICE_LABEL]))
         orphans = sorted(held - known())  # read after the listing: see reconcile.sweep_orphans
         for service_id in orphans:
-            self.remove_all(service_id)
+            if replicas := self._containers(service_id):
+                self.remove([c["Id"] for c in replicas])
+            else:
+                remove_service_network(self._api, service_id)
         return orphans
 
     def _containers(self, service_id: uuid.UUID) -> list[dict]:

@@ -221,7 +221,9 @@ class SwarmDriver:
         return True
 
     def sweep(self, known: Callable[[], set[uuid.UUID]]) -> list[uuid.UUID]:
-        """Remove what the swarm holds of this installation's services that no longer exist; their ids."""
+        """Remove what the swarm holds of this installation's services that no longer exist; their
+        ids. Their swarm services go first, their networks one sweep later, as on local
+        (LocalDriver.sweep: no gateway may still route to the addresses a new network takes)."""
         ours = f"{INSTALLATION_LABEL}={self._installation}"
         held: set[uuid.UUID] = set(service_networks(self._api, label=ours)) & set(
             service_networks(self._api, label=SWARM_TARGET_LABEL)
@@ -231,7 +233,12 @@ class SwarmDriver:
                 held.add(uuid.UUID(service["Spec"]["Labels"][SERVICE_LABEL]))
         orphans = sorted(held - known())  # read after the listing: see reconcile.sweep_orphans
         for service_id in orphans:
-            self.remove_all(service_id)
+            if self._services(service_id) or self._task_containers(service_id):
+                for service in self._services(service_id):
+                    with suppress(docker.errors.NotFound):
+                        self._api.remove_service(service["ID"])
+            else:
+                self.remove_all(service_id)
         return orphans
 
     def _services(self, service_id: uuid.UUID) -> list[dict]:

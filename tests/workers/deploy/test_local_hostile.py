@@ -226,9 +226,11 @@ def test_a_home_with_doubled_slashes_is_mounted_where_the_engine_puts_it() -> No
 def test_the_sweep_removes_only_this_installations_orphans_and_reads_the_services_after_the_engine(
     infra: Infra, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An orphan (a service that no longer exists) loses its network; a known service and another
-    installation's orphan keep theirs. The services that exist are read after the engine's
-    listing: read first, a service made between the two reads had its network swept as it started."""
+    """An orphan (a service that no longer exists) loses its replica, then, one sweep later, its
+    network (no gateway may still route to an address a new network would take); a known
+    service and another installation's orphan keep theirs. The services that exist are read
+    after the engine's listing: read first, a service made between the two reads had its network
+    swept as it started."""
     pool = "10.213.0.0/16"
     installation = f"test-{uuid.uuid4().hex[:8]}"
     orphan, alive, foreign = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
@@ -249,10 +251,25 @@ def test_the_sweep_removes_only_this_installations_orphans_and_reads_the_service
         try:
             for service_id, owner in ((orphan, installation), (alive, installation), (foreign, "another")):
                 ensure_service_network(api, service_id, pool, labels={TEST_LABEL: "sweep", INSTALLATION_LABEL: owner})
+            replica = api.create_container(
+                infra.base_image,
+                command=["sleep", "60"],
+                labels={SERVICE_LABEL: str(orphan), INSTALLATION_LABEL: installation, TEST_LABEL: "sweep"},
+                host_config=api.create_host_config(network_mode=network_name(orphan)),
+            )["Id"]
+            api.start(replica)
+
+            def networks() -> set[str]:
+                return {n["Name"] for n in api.networks(filters={"label": f"{TEST_LABEL}=sweep"})}
+
             assert driver.sweep(known) == [orphan]
             assert order[-1] == "database" and "engine" in order
-            remaining = {n["Name"] for n in api.networks(filters={"label": f"{TEST_LABEL}=sweep"})}
-            assert remaining == {network_name(alive), network_name(foreign)}
+            assert not api.containers(all=True, filters={"id": replica}), "the orphan's replica is gone"
+            assert networks() == {network_name(orphan), network_name(alive), network_name(foreign)}
+            assert driver.sweep(known) == [orphan]  # the next sweep, a minute later in production
+            assert networks() == {network_name(alive), network_name(foreign)}
         finally:
+            for container in api.containers(all=True, filters={"label": f"{TEST_LABEL}=sweep"}):
+                api.remove_container(container["Id"], force=True)
             for service_id in (orphan, alive, foreign):
                 remove_service_network(api, service_id)

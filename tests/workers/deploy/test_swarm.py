@@ -317,3 +317,40 @@ def test_an_unreachable_swarm_is_named() -> None:
     settings = {"installation": "test", "subnet_pool": "10.213.0.0/16", "tmp_mb": 16, "pids": 64}
     with pytest.raises(EngineUnreachable, match="swarm's engine did not answer"):
         SwarmDriver("tcp://127.0.0.1:9", **settings)
+
+
+def test_a_deleted_accounts_services_leave_nothing_in_the_swarm(
+    stack: Stack, engine: docker.APIClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An account deleted with ?force=true takes its services' rows at once; the orphan sweep
+    (the deploy workers' beat, every minute; called here) removes their swarm services, then,
+    one sweep later, their networks."""
+    from app.config import Settings
+    from app.context import ServiceContext
+    from workers.deploy.reconcile import sweep_orphans
+
+    stack.start_web_services()
+    doomed = Account(stack)
+    manifest = doomed.manifest(None, TOKEN_SCORE, "# nothing to install\n", name="swarm-doomed")
+    image = doomed.wait(doomed.build(manifest, "swarm-doomed")["Id"])
+    assert image["CreationState"] == "Succeeded", doomed.log(image)
+    created = _deploy(doomed, image["Id"], "doomed")
+    assert _wait(doomed, created["id"], "Healthy", "Failed", seconds=90)["state"] == "Healthy"
+    assert all(_swarm_held(engine, created["id"]).values())
+    assert doomed.call("DELETE", f"{doomed.url}?force=true").status_code in (200, 202, 204)
+
+    for name, value in stack.env.items():
+        if name.startswith("MMS_"):
+            monkeypatch.setenv(name, value)
+    context = ServiceContext.build(Settings())
+    try:
+        swept = sweep_orphans(context)
+        assert uuid.UUID(created["id"]) in swept
+        assert _swarm_held(engine, created["id"])["services"] == []
+        deadline = time.monotonic() + 60
+        while _swarm_held(engine, created["id"]) != {"services": [], "networks": [], "containers": []}:
+            assert time.monotonic() < deadline, _swarm_held(engine, created["id"])
+            sweep_orphans(context)
+            time.sleep(1)
+    finally:
+        context.dispose()
