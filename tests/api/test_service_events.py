@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from app.builds import CreationState
 from app.context import ServiceContext
 from app.database import session_scope
+from app.deployments.lifecycle import delete_account_services
 from app.deployments.reconciler import Replica, claim, decide, finish_delete, read_spec, record
 from app.deployments.states import ServiceState
 from app.deployments.transitions import Transition, move
@@ -67,10 +68,11 @@ def test_every_visible_move_of_a_service_is_an_event_in_order_and_a_quiet_pass_i
     _pass(db, sid, ready=1, scoring_url=scoring_url)  # every replica answers: Healthy
     _pass(db, sid, ready=1, scoring_url=scoring_url)  # all as it was: no event
     _pass(db, sid, ready=1, scoring_url=scoring_url)
-    assert client.patch(f"{account}/services/{sid}", json={"numReplicas": 2}, headers=owner).status_code == 202
-    _pass(db, sid, ready=2, scoring_url=scoring_url)
-    _pass(db, sid, ready=1, scoring_url=scoring_url)  # a replica stopped answering
-    _pass(db, sid, ready=1, scoring_url=scoring_url)  # still one: Unhealthy already, no event
+    assert client.patch(f"{account}/services/{sid}", json={"numReplicas": 3}, headers=owner).status_code == 202
+    _pass(db, sid, ready=2, scoring_url=scoring_url)  # a replica came up, still Transitioning: no event
+    _pass(db, sid, ready=3, scoring_url=scoring_url)
+    _pass(db, sid, ready=2, scoring_url=scoring_url)  # a replica stopped answering
+    _pass(db, sid, ready=2, scoring_url=scoring_url)  # still two: Unhealthy already, no event
     assert client.delete(f"{account}/services/{sid}", headers=owner).status_code == 202
     lease = claim(db, uuid.UUID(sid), owner="test-worker")
     assert lease is not None and finish_delete(db, lease)
@@ -81,10 +83,10 @@ def test_every_visible_move_of_a_service_is_an_event_in_order_and_a_quiet_pass_i
         ("ServiceStateChanged", "Transitioning", 0),
         ("ServiceStateChanged", "Healthy", 1),
         ("ServiceStateChanged", "Transitioning", 1),
-        ("ServiceStateChanged", "Healthy", 2),
-        ("ServiceStateChanged", "Unhealthy", 1),
-        ("ServiceStateChanged", "Deleting", 1),
-        ("ServiceDeleted", "Deleting", 1),
+        ("ServiceStateChanged", "Healthy", 3),
+        ("ServiceStateChanged", "Unhealthy", 2),
+        ("ServiceStateChanged", "Deleting", 2),
+        ("ServiceDeleted", "Deleting", 2),
     ]
     first, healthy, unhealthy, gone = events[0], events[1], events[4], events[-1]
     assert first["account"] == account.split("/api", 1)[1]
@@ -101,10 +103,10 @@ def test_every_visible_move_of_a_service_is_an_event_in_order_and_a_quiet_pass_i
     }
     # What the service's GET says, the event says.
     assert healthy["service"]["scoringUri"] == f"{scoring_url}/api/v1/service/{sid}/score"
-    assert events[3]["service"]["deploymentStatus"] == {"desiredReplicas": 2, "readyReplicas": 2}
+    assert events[3]["service"]["deploymentStatus"] == {"desiredReplicas": 3, "readyReplicas": 3}
     assert unhealthy["service"]["error"] == {
         "code": "ServiceUnhealthy",
-        "message": "1 of 2 replicas answer GET /: replacing the others",
+        "message": "2 of 3 replicas answer GET /: replacing the others",
     }
     assert gone["service"]["scoringUri"] is None
     rows = db.execute(select(Event.id, Event.subject_kind, Event.state).where(Event.subject_id == uuid.UUID(sid)))
@@ -123,6 +125,19 @@ def test_a_move_that_changes_nothing_a_client_sees_records_no_event(db: Session)
     assert [e["service"]["state"] for e in told] == ["Transitioning", "Unhealthy"]
     assert move(db, Transition.ROLL_BACK, Service.id == service.id, to=ServiceState.UNHEALTHY, error="rolled back")
     assert _events(db, str(service.id))[-1]["service"]["error"]["message"] == "rolled back"
+
+
+def test_a_failed_service_and_one_gone_with_its_account_are_events(db: Session) -> None:
+    service = new_service_row(db)
+    assert move(db, Transition.FAIL, Service.id == service.id, error="init() raised: RuntimeError: boom")
+    delete_account_services(db, service.account_id)
+    events = _events(db, str(service.id))
+    assert [(e["type"], e["service"]["state"]) for e in events] == [
+        ("ServiceStateChanged", "Transitioning"),
+        ("ServiceStateChanged", "Failed"),
+        ("ServiceDeleted", "Failed"),
+    ]
+    assert events[1]["service"]["error"] == {"code": "DeploymentFailed", "message": "init() raised: RuntimeError: boom"}
 
 
 def test_webhooks_take_every_type_or_the_event_types_they_chose(
