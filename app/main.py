@@ -25,6 +25,7 @@ from app.api.routes import (
     assets,
     computes,
     distribution,
+    events,
     health,
     images,
     manifests,
@@ -115,6 +116,7 @@ def create_app(settings: Settings | None = None, context: ServiceContext | None 
     if context.settings.web_services_preview:
         api.include_router(computes.router)
         api.include_router(services.router)
+    api.include_router(events.router)
     api.include_router(webhooks.router)
     api.include_router(principals.router)
     app.include_router(api)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 import random
 import threading
@@ -26,10 +27,9 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 from standardwebhooks import Webhook as StandardWebhook
 
-from app.builds.events import EVENT_TYPE
 from app.context import ServiceContext
 from app.database import session_scope
-from app.orm import DeliveryState, ImageEvent, Webhook, WebhookDelivery
+from app.orm import DeliveryState, Event, Webhook, WebhookDelivery
 from app.orm.base import utcnow
 from app.services.events import render
 from app.services.webhooks import signing_key
@@ -108,12 +108,12 @@ def deliver_due(context: ServiceContext, *, limit: int = 20) -> int:
                     Webhook.sealed_previous_secret,
                     Webhook.previous_secret_expires_at,
                     Webhook.active,
-                    ImageEvent.id,
-                    ImageEvent.payload,
+                    Event.id,
+                    Event.payload,
                 )
                 .select_from(WebhookDelivery)
                 .join(Webhook, Webhook.id == WebhookDelivery.webhook_id)
-                .join(ImageEvent, ImageEvent.id == WebhookDelivery.event_id)
+                .join(Event, Event.id == WebhookDelivery.event_id)
                 .where(WebhookDelivery.id == delivery_id)
             ).one()
         attempted += 1
@@ -136,7 +136,7 @@ def _send(context: ServiceContext, delivery_id: uuid.UUID, attempt: int, row, po
         "webhook-timestamp": str(sent_at),
         "webhook-signature": standard_signature(secrets, str(delivery_id), sent_at, body),
         # Deprecated: the service's own headers of before, kept for one release.
-        "X-MMS-Event": EVENT_TYPE,
+        "X-MMS-Event": json.loads(row.payload)["type"],  # ImageStateChanged, ServiceDeleted...
         "X-MMS-Event-Id": str(row.id),
         "X-MMS-Delivery": str(delivery_id),
         "X-MMS-Timestamp": str(sent_at),

@@ -1,8 +1,10 @@
-"""The image event stream: one database poller per API process fanning new events out to
-that process's subscribers, and the Server-Sent Events each subscriber receives.
+"""The account event streams (images, web services, or both): one database poller per API
+process fanning new events out to that process's subscribers, and the Server-Sent Events each
+subscriber receives (``event: image`` or ``event: service``).
 
 Events are rows (``app.services.events``), so any API process serves any subscriber and a
-client that reconnects with ``Last-Event-ID`` gets what it missed from the table. However
+client that reconnects with ``Last-Event-ID`` gets what it missed from the table. Every kind
+shares one id sequence, so an id from any stream of the account resumes any other. However
 many dashboards are connected, a process asks the database one cheap question per interval.
 
 A stream lasts only as long as its caller may read the account: the hub re-reads the roles
@@ -17,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import threading
 import time
 import uuid
@@ -28,12 +31,17 @@ from functools import partial
 import anyio
 from anyio import CapacityLimiter, to_thread
 from sqlalchemy.orm import Session
-from sse_starlette import ServerSentEvent
+from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from app.auth.caller import Caller, grants_of, with_grants
-from app.auth.roles import Permission
+from app.auth.roles import Permission, account_scope
+from app.context import ServiceContext
 from app.database import session_scope
-from app.services.events import Event, events_after, latest_event_id, stream_start
+from app.errors import BadRequest
+from app.orm import SubjectKind
+from app.services.accounts import AccountRef
+from app.services.events import StreamEvent, events_after, latest_event_id, stream_start
+from app.services.paging import MAX_ID
 
 log = logging.getLogger("mms.events")
 
@@ -61,14 +69,23 @@ class Subscription:
 
     MAX_QUEUED = 1000
 
-    def __init__(self, account_id: uuid.UUID, caller: Caller, scope: str, *, offers_after: int) -> None:
+    def __init__(
+        self,
+        account_id: uuid.UUID,
+        caller: Caller,
+        scope: str,
+        *,
+        offers_after: int,
+        kinds: frozenset[str] = frozenset(SubjectKind),
+    ) -> None:
         self.account_id = account_id
+        self.kinds = kinds  # the kinds of event its stream sends
         self.caller = caller
         self.scope = scope  # the account's, which the caller must keep the right to read
         # The hub's cursor when it subscribed: every event it offers this queue has a higher
         # id (though not every such event: it may have offered some before).
         self.offers_after = offers_after
-        self.queue: asyncio.Queue[Event | None] = asyncio.Queue(self.MAX_QUEUED)
+        self.queue: asyncio.Queue[StreamEvent | None] = asyncio.Queue(self.MAX_QUEUED)
         self.overflowed = False
         self.revoked = False
         self.ended = False  # the server is stopping
@@ -79,7 +96,9 @@ class Subscription:
         with contextlib.suppress(asyncio.QueueFull):
             self.queue.put_nowait(None)  # wakes it; a full queue's stream sees ``ended`` first
 
-    def offer(self, event: Event | None) -> None:
+    def offer(self, event: StreamEvent | None) -> None:
+        if event is not None and event.kind not in self.kinds:
+            return
         try:
             self.queue.put_nowait(event)
         except asyncio.QueueFull:
@@ -192,13 +211,15 @@ class EventHub:
             for sub in list(subs):
                 sub.end()
 
-    async def subscribe(self, account_id: uuid.UUID, caller: Caller, scope: str) -> Subscription:
+    async def subscribe(
+        self, account_id: uuid.UUID, caller: Caller, scope: str, *, kinds: frozenset[str] = frozenset(SubjectKind)
+    ) -> Subscription:
         await self.start()  # started by the app's lifespan; lazily where there is none
         # Its first poll reads where the table ends: a subscription needs that cursor.
         while self._cursor is None and not self._stopping.is_set():
             await asyncio.sleep(min(self._interval, 0.05))
         # No await from reading the cursor to joining: what the hub offers from here is above it.
-        sub = Subscription(account_id, caller, scope, offers_after=self._cursor or 0)
+        sub = Subscription(account_id, caller, scope, offers_after=self._cursor or 0, kinds=kinds)
         self._subscribers[account_id].add(sub)
         if self._cursor is None:  # the server stopped before the hub ever read the table
             sub.end()
@@ -258,7 +279,8 @@ class EventHub:
             await self._recheck({sub for event in fresh for sub in self._subscribers.get(event.account_id, ())})
             for event in fresh:
                 self._seen.add(event.id)
-                self.versions.note(event.image_id, event.account_id, event.id, event.state)
+                if event.kind == SubjectKind.IMAGE:
+                    self.versions.note(event.subject_id, event.account_id, event.id, event.state)
                 for sub in tuple(self._subscribers.get(event.account_id, ())):
                     sub.offer(event)
             self._advance(stuck=len(batch) == BATCH and not fresh)
@@ -284,7 +306,7 @@ class EventHub:
             self._advance(stuck=False)
 
 
-async def image_events(
+async def account_events(
     hub: EventHub,
     session_factory: Callable[[], Session],
     account_id: uuid.UUID,
@@ -292,9 +314,11 @@ async def image_events(
     caller: Caller,
     scope: str,
     last_event_id: int | None,
+    kinds: frozenset[str] = frozenset(SubjectKind),
     shutdown: anyio.Event | None = None,
 ) -> AsyncIterator[ServerSentEvent]:
-    """An account's events: what came after ``last_event_id`` (or a ``ready`` mark), then live.
+    """An account's events of ``kinds``: what came after ``last_event_id`` (or a ``ready``
+    mark), then live. Each is sent as ``event: <its kind>`` (image, service).
 
     The stream ends when the caller's token expires (the client reconnects with a fresh one),
     within the hub's recheck period once the caller may no longer read ``scope``, and at once
@@ -305,7 +329,8 @@ async def image_events(
     def read(query):  # type: ignore[no-untyped-def]
         return _read(session_factory, query)
 
-    sub = await hub.subscribe(account_id, caller, scope)  # before reading the table: nothing falls between
+    # Before reading the table: nothing falls between.
+    sub = await hub.subscribe(account_id, caller, scope, kinds=kinds)
     # Ended, not cancelled: the response then finishes its body, and uvicorn's graceful
     # shutdown need not wait for the stream or cut it off mid-frame.
     watcher = asyncio.create_task(_end_on(shutdown, sub)) if shutdown is not None else None
@@ -331,14 +356,14 @@ async def image_events(
             after = last_event_id
             while True:
                 batch = await to_thread.run_sync(
-                    read, partial(events_after, after_id=after, account_id=account_id, limit=BATCH)
+                    read, partial(events_after, after_id=after, account_id=account_id, kinds=kinds, limit=BATCH)
                 )
                 # Roles read afresh after the events (the route's may be cached), as the hub does.
                 if not await to_thread.run_sync(read, lambda s: may_read(s, caller, scope)):
                     return
                 for event in batch:
                     shown.add(event.id)  # read after the start snapshot: it may be in the queue too
-                    yield ServerSentEvent(id=str(event.id), event="image", data=event.data)
+                    yield ServerSentEvent(id=str(event.id), event=event.kind, data=event.data)
                 if len(batch) < BATCH or sub.ended:
                     break
                 after = batch[-1].id
@@ -355,7 +380,7 @@ async def image_events(
             if event.id in shown:
                 shown.discard(event.id)
                 continue
-            yield ServerSentEvent(id=str(event.id), event="image", data=event.data)
+            yield ServerSentEvent(id=str(event.id), event=event.kind, data=event.data)
     finally:
         if watcher is not None:
             watcher.cancel()
@@ -365,3 +390,58 @@ async def image_events(
 async def _end_on(shutdown: anyio.Event, sub: Subscription) -> None:
     await shutdown.wait()
     sub.end()
+
+
+_EVENT_ID = re.compile(r"[0-9]{1,19}")
+
+
+def _last_event_id(header: str | None, query: str | None) -> int | None:
+    """The resume point a client sent (the header an EventSource sends, or ``?lastEventId=``)."""
+    field = "Last-Event-ID" if header is not None else "lastEventId"
+    raw = (header if header is not None else query or "").strip()
+    if not raw:
+        return None
+    # ASCII digits only (str.isdigit takes '²'), and no more than an event id column holds.
+    if not _EVENT_ID.fullmatch(raw) or int(raw) > MAX_ID:
+        raise BadRequest(
+            f"{field} must be an event id (a whole number up to {MAX_ID}), not {raw[:40]!r}",
+            code="InvalidLastEventId",
+        )
+    return int(raw)
+
+
+def stream_response(
+    account: AccountRef,
+    *,
+    caller: Caller,
+    context: ServiceContext,
+    hub: EventHub,
+    kinds: frozenset[str],
+    last_event_id_header: str | None,
+    last_event_id_query: str | None,
+) -> EventSourceResponse:
+    """The response of an event stream route: the account's events of ``kinds``, resumed after
+    the Last-Event-ID the client sent (400 when it is no event id)."""
+    last_event_id = _last_event_id(last_event_id_header, last_event_id_query)
+    scope = account_scope(account.subscription_id, account.resource_group, account.name)
+    # Set by sse-starlette when the server starts to stop: the stream then ends cleanly
+    # (a finished body) within the grace period, rather than holding the shutdown up.
+    shutdown = anyio.Event()
+    events = account_events(
+        hub,
+        context.read_session_factory,
+        account.id,
+        caller=caller,
+        scope=scope,
+        last_event_id=last_event_id,
+        kinds=kinds,
+        shutdown=shutdown,
+    )
+    # X-Accel-Buffering: a proxy in front must pass events on as they come.
+    return EventSourceResponse(
+        events,
+        ping=15,
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        shutdown_event=shutdown,
+        shutdown_grace_period=STREAM_SHUTDOWN_GRACE_SECONDS,
+    )

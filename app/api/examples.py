@@ -91,11 +91,23 @@ IMAGE = {
 
 WEBHOOK = {
     "create": _example(
-        "Every image state change of the account, to a receiver of yours",
-        {"url": "https://hooks.example.com/mms", "description": "build notifications"},
-    )
+        "Every image and web service state change of the account, to a receiver of yours",
+        {"url": "https://hooks.example.com/mms", "description": "all notifications"},
+    ),
+    "services": _example(
+        "Only web service changes (eventTypes: ImageStateChanged, ImageDeleted, ServiceStateChanged, ServiceDeleted)",
+        {
+            "url": "https://hooks.example.com/mms-services",
+            "description": "endpoint notifications",
+            "eventTypes": ["ServiceStateChanged", "ServiceDeleted"],
+        },
+    ),
 }
-WEBHOOK_UPDATE = {"pause": _example("Pause a webhook", {"active": False})}
+WEBHOOK_UPDATE = {
+    "pause": _example("Pause a webhook", {"active": False}),
+    "event-types": _example("Receive image builds only from now on", {"eventTypes": ["ImageStateChanged"]}),
+    "every-type": _example("Receive every event type again (null)", {"eventTypes": None}),
+}
 
 SERVICE_PRINCIPAL = {
     "seed": _example(

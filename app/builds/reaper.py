@@ -1,4 +1,5 @@
-"""Keeping every build moving: lost messages re-sent, lapsed leases re-queued, deadlines enforced."""
+"""Keeping every build moving: lost messages re-sent, lapsed leases re-queued, deadlines enforced;
+and the account event log kept to its retention period (image and web service events alike)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ from datetime import timedelta
 from sqlalchemy import ColumnElement
 from sqlalchemy.orm import Session
 
-from app.builds.events import prune_events
 from app.builds.transitions import Transition, move
 from app.config import Settings
+from app.event_log import prune as prune_events
 from app.orm import Image
 from app.orm.base import utcnow
 

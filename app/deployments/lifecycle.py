@@ -31,11 +31,11 @@ def create_service(session: Session, **fields: object) -> tuple[Service, Service
     return service, _start_operation(session, service, OperationKind.CREATE)
 
 
-def update_service(session: Session, service: Service, **values: object) -> ServiceOperation:
+def update_service(session: Session, service: Service, *, scoring_url: str, **values: object) -> ServiceOperation:
     """Apply a new desired spec to a settled service in one statement; 409 while another
-    change is being applied or the service is being deleted."""
+    change is being applied or the service is being deleted. (``scoring_url``: for its event.)"""
     changed = {"revision": Service.revision + 1, "changed_at": utcnow(), "due_at": utcnow()}
-    if not move(session, Transition.UPDATE, Service.id == service.id, **changed, **values):
+    if not move(session, Transition.UPDATE, Service.id == service.id, scoring_url=scoring_url, **changed, **values):
         _reread(session, service)
         if service.state is ServiceState.DELETING:
             raise Conflict(f"service '{service.name}' is being deleted", code="ServiceDeleting")
@@ -47,11 +47,11 @@ def update_service(session: Session, service: Service, **values: object) -> Serv
     return _start_operation(session, service, OperationKind.UPDATE)
 
 
-def request_delete(session: Session, service: Service) -> ServiceOperation:
+def request_delete(session: Session, service: Service, *, scoring_url: str) -> ServiceOperation:
     """Mark a service Deleting (the reconciler removes what it made, then the row); asked
-    again, the delete already under way."""
+    again, the delete already under way. (``scoring_url``: for its event.)"""
     changed = {"revision": Service.revision + 1, "changed_at": utcnow(), "due_at": utcnow()}
-    if move(session, Transition.REQUEST_DELETE, Service.id == service.id, **changed):
+    if move(session, Transition.REQUEST_DELETE, Service.id == service.id, scoring_url=scoring_url, **changed):
         _reread(session, service)
         return _start_operation(session, service, OperationKind.DELETE)
     _reread(session, service)  # 404 when it is already gone

@@ -351,9 +351,12 @@ def record(
     replicas: Sequence[Replica],
     *,
     now: datetime,
+    scoring_url: str,
     lines: Sequence[LogLine] = (),
 ) -> bool:
     """Write what the pass saw and did; False (nothing written) when the lease was lost.
+    A verdict that changes the state records its event (``scoring_url``: the scoring gateway's
+    address, for the event's scoringUri); a pass that finds all as it was records none.
 
     When the tenant changed the service meanwhile, the replicas are written but no verdict:
     the next pass, due at once, judges the new spec."""
@@ -377,13 +380,17 @@ def record(
             return True
     elif step.failure is not None and spec.traffic_generation == spec.generation:
         values["replicas_ready"] = current_ready
-        if move(session, Transition.DEGRADE, fence, error=_failure_text(step.failure), **values):
+        if move(
+            session, Transition.DEGRADE, fence, error=_failure_text(step.failure), scoring_url=scoring_url, **values
+        ):
             _end_operation(session, spec.id, OperationState.FAILED, _failure_text(step.failure))
             return True
     elif step.failure is not None:
         error = _failure_text(step.failure)
         if spec.traffic_generation is None:
-            moved = move(session, Transition.FAIL, fence, error=error, replicas_ready=0, **values)
+            moved = move(
+                session, Transition.FAIL, fence, error=error, replicas_ready=0, scoring_url=scoring_url, **values
+            )
         else:
             old_ready = sum(r.ready for r in replicas if r.generation == spec.traffic_generation)
             target = ServiceState.HEALTHY if old_ready >= spec.replicas else ServiceState.UNHEALTHY
@@ -396,6 +403,7 @@ def record(
                 fence,
                 to=target,
                 error=f"the update was rolled back: {error}",
+                scoring_url=scoring_url,
                 **rollback,
                 **values,
             )
@@ -406,12 +414,12 @@ def record(
         values["replicas_ready"] = current_ready if traffic == spec.generation else 0
         settled = traffic == spec.generation and current_ready >= spec.replicas and step.start == 0
         if settled and spec.state in (ServiceState.TRANSITIONING, ServiceState.UNHEALTHY):
-            if move(session, Transition.CONVERGE, fence, error=None, **values):
+            if move(session, Transition.CONVERGE, fence, error=None, scoring_url=scoring_url, **values):
                 _end_operation(session, spec.id, OperationState.SUCCEEDED, None)
                 return True
         elif not settled and traffic == spec.generation and spec.state is ServiceState.HEALTHY:
             lost = f"{current_ready} of {spec.replicas} replicas answer GET /: replacing the others"
-            if move(session, Transition.DEGRADE, fence, error=lost, **values):
+            if move(session, Transition.DEGRADE, fence, error=lost, scoring_url=scoring_url, **values):
                 return True
         elif _bookkeep(session, fence, **values):  # the state stays as it is
             return True
@@ -422,12 +430,15 @@ def record(
     return True
 
 
-def record_unreachable(session: Session, lease: Lease, spec: Spec, reason: str, *, now: datetime) -> bool:
+def record_unreachable(
+    session: Session, lease: Lease, spec: Spec, reason: str, *, now: datetime, scoring_url: str
+) -> bool:
     """The orchestrator did not answer: the service is Unhealthy (the replicas the gateway
-    knows keep serving if they can); tried again soon."""
+    knows keep serving if they can); tried again soon. (``scoring_url``: as for ``record``.)"""
     values = {"lease_owner": None, "lease_expires_at": None, "due_at": now + timedelta(seconds=STEADY_SECONDS / 2)}
     degradable = spec.state in (ServiceState.HEALTHY, ServiceState.TRANSITIONING)
-    if degradable and move(session, Transition.DEGRADE, _unchanged(lease, spec), error=reason, **values):
+    fence = _unchanged(lease, spec)
+    if degradable and move(session, Transition.DEGRADE, fence, error=reason, scoring_url=scoring_url, **values):
         return True
     return _bookkeep(session, _held(lease), **values)
 

@@ -20,6 +20,24 @@ class ServiceState(enum.StrEnum):
 # Where a tenant's change (PATCH) may start from: not while one is being applied, nor once deleting.
 SETTLED = frozenset({ServiceState.HEALTHY, ServiceState.UNHEALTHY, ServiceState.FAILED})
 
+# Not a state a service is in: what an event of a service's deletion says (never stored on it).
+DELETED_STATE = "Deleted"
+
+_ERROR_CODES = {ServiceState.FAILED: "DeploymentFailed", ServiceState.UNHEALTHY: "ServiceUnhealthy"}
+
+
+def service_error(state: ServiceState, error: str | None) -> tuple[str, str] | None:
+    """The (code, message) a service shows its tenant (in a GET and in its events); None without an error."""
+    if not error:
+        return None
+    return _ERROR_CODES.get(state, "ServiceError"), error
+
+
+def scoring_base(scoring_url: str, service_id: object) -> str:
+    """The scoring gateway's address for a service (``scoring_url``: MMS_SCORING_URL); its
+    scoringUri is this + ``/score``, its swaggerUri + ``/swagger.json``."""
+    return f"{scoring_url}/api/v1/service/{service_id}"
+
 
 class OperationKind(enum.StrEnum):
     """What a service operation does: the 202 of a POST, a PATCH or a DELETE."""

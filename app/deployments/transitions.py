@@ -5,7 +5,8 @@ row (before the service is created, after it is deleted). ``move`` is the only c
 writes ``Service.state``: one conditional UPDATE (or DELETE) ``WHERE state IN (<the allowed
 from-states>) AND <the caller's conditions>``, so two API requests or reconciler passes racing
 for the same service cannot both win: the database decides, and the loser's statement
-matches no row. (Service events join image events in a later slice: moves record none yet.)
+matches no row. A move that changes what a client sees of the service records its event (and
+webhook deliveries) in the same transaction, through ``app.deployments.events``.
 
 One departure from docs/design/web-services.md §3: a delete asked for is a state,
 ``Deleting``, not a flag beside the state, so that the table itself refuses a PATCH or a
@@ -22,6 +23,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, Row, and_, delete, update
 from sqlalchemy.orm import Session
 
+from app.deployments.events import SERVICE_COLUMNS, record_deletions, record_state_changes
 from app.deployments.states import ServiceState
 from app.orm import Service
 from app.orm.base import utcnow
@@ -65,7 +67,7 @@ TRANSITIONS: dict[Transition, frozenset[tuple[State, State]]] = {
     Transition.DELETE_WITH_ACCOUNT: frozenset({(state, GONE) for state in ServiceState}),
 }
 
-# Moves that leave the service as it was to anyone looking: updated_at stays.
+# Moves that leave the service as it was to anyone looking: updated_at stays, and no event.
 SILENT = frozenset({Transition.OBSERVE})
 
 
@@ -83,11 +85,14 @@ def move(
     *where: ColumnElement[bool],
     to: State = _ONLY,
     returning: Sequence[Any] = (),
+    scoring_url: str | None = None,
     **values: object,
 ) -> Sequence[Row[Any]]:
     """Apply ``transition`` to the services matching ``where`` that are in an allowed state;
     the rows it applied to (``Service.id`` first, then ``returning``), empty when none.
-    ``values``: the other columns to set in the same statement (the new spec of an UPDATE)."""
+    ``values``: the other columns to set in the same statement (the new spec of an UPDATE).
+    ``scoring_url``: the scoring gateway's address (MMS_SCORING_URL), for the scoringUri of the
+    move's event; without it that is null."""
     target = only_target(transition) if to is _ONLY else to
     sources = allowed_sources(transition, target)
     if GONE in sources:
@@ -96,7 +101,9 @@ def move(
     if target is GONE:
         if values:
             raise IllegalTransition(f"{transition} deletes the service: there is nothing to set")
-        rows = session.execute(delete(Service).where(condition).returning(Service.id, *returning)).all()
+        # The deleted rows as they were: what their deletion events tell.
+        rows = session.execute(delete(Service).where(condition).returning(*SERVICE_COLUMNS, *returning)).all()
+        record_deletions(session, rows)
     else:
         values["state"] = target  # the same state for a silent move: the WHERE is what counts
         if transition not in SILENT:
@@ -104,6 +111,8 @@ def move(
         rows = session.execute(
             update(Service).where(condition).values(**values).returning(Service.id, *returning)
         ).all()
+        if transition not in SILENT:
+            record_state_changes(session, [row.id for row in rows], scoring_url=scoring_url)
     if rows:
         log.debug("service.moved", extra={"transition": str(transition), "to": target, "services": len(rows)})
     return rows
@@ -126,8 +135,10 @@ def bookkeep(
 
 
 def create(session: Session, **fields: object) -> Service:
-    """Record a new service (``fields``: the Service's columns but its state)."""
+    """Record a new service (``fields``: the Service's columns but its state) and its first
+    event (no scoringUri yet: nothing takes requests)."""
     service = Service(state=only_target(Transition.CREATE), **fields)
     session.add(service)
     session.flush()
+    record_state_changes(session, [service.id], scoring_url=None)
     return service

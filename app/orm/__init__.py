@@ -5,7 +5,7 @@ from app.orm.asset import Asset
 from app.orm.base import Base
 from app.orm.base_image import BaseImage
 from app.orm.build_duration import BuildDurationBucket
-from app.orm.event import ImageEvent
+from app.orm.event import Event, SubjectKind
 from app.orm.idempotency import IdempotencyRecord
 from app.orm.image import BuildLogChunk, Image, ImageName
 from app.orm.manifest import Manifest, ManifestAsset, ManifestModel, ManifestName
@@ -24,9 +24,9 @@ __all__ = [
     "BuildLogChunk",
     "Compute",
     "DeliveryState",
+    "Event",
     "IdempotencyRecord",
     "Image",
-    "ImageEvent",
     "ImageName",
     "Installation",
     "Manifest",
@@ -43,6 +43,7 @@ __all__ = [
     "ServicePrincipal",
     "ServiceReplica",
     "SigningKey",
+    "SubjectKind",
     "Webhook",
     "WebhookDelivery",
 ]

@@ -1,5 +1,5 @@
-"""Webhooks: URLs an account registered to receive its image state changes, and the
-delivery of each event to each of them (the outbox the workers send from)."""
+"""Webhooks: URLs an account registered to receive its images' and web services' state changes,
+and the delivery of each event to each of them (the outbox the workers send from)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import enum
 import uuid
 from datetime import datetime
 
-from sqlalchemy import Boolean, ForeignKey, Index, Integer, String, Text, Uuid
+from sqlalchemy import JSON, Boolean, ForeignKey, Index, Integer, String, Text, Uuid
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.orm.base import Base, CreatedAt, UtcDateTime, UuidPrimaryKey
@@ -25,6 +25,8 @@ class Webhook(UuidPrimaryKey, CreatedAt, Base):
     sealed_previous_secret: Mapped[str | None] = mapped_column(Text)
     previous_secret_expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     active: Mapped[bool] = mapped_column(Boolean, default=True)
+    # The event types it receives (app.event_log.EventType values); None: every type, new ones too.
+    event_types: Mapped[list[str] | None] = mapped_column(JSON)
     created_by: Mapped[str | None] = mapped_column(String(255))
 
 
@@ -41,7 +43,7 @@ class WebhookDelivery(UuidPrimaryKey, CreatedAt, Base):
     __table_args__ = (Index("ix_webhook_deliveries_due", "state", "next_attempt_at"),)
 
     webhook_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("webhooks.id", ondelete="CASCADE"), index=True)
-    event_id: Mapped[int] = mapped_column(EventId, ForeignKey("image_events.id", ondelete="CASCADE"))
+    event_id: Mapped[int] = mapped_column(EventId, ForeignKey("events.id", ondelete="CASCADE"))
     state: Mapped[str] = mapped_column(String(16), default=DeliveryState.PENDING.value)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     # When the next attempt is due; a worker sending it moves this past its timeout first,

@@ -7,13 +7,21 @@ from typing import Annotated
 
 from pydantic import Field, StringConstraints
 
+from app.event_log import EventType
 from app.orm.webhook import DeliveryState
 from app.schemas.common import ApiModel, HttpUrlText, Text
+
+# Checked by the service (a 400 naming an unknown type); the enum is shown in the document.
+EventTypeName = Annotated[str, StringConstraints(max_length=64), Field(json_schema_extra={"enum": list(EventType)})]
+EVENT_TYPES_DESCRIPTION = (
+    "the event types it receives: " + ", ".join(EventType) + "; omitted or null, every type (new ones too: "
+    "a receiver must ignore types it does not know)"
+)
 
 
 class WebhookCreate(ApiModel):
     url: Annotated[HttpUrlText, StringConstraints(max_length=2048)] = Field(
-        description="where each image state change is POSTed (https outside development)"
+        description="where each image and web service state change is POSTed (https outside development)"
     )
     description: Annotated[Text, StringConstraints(max_length=256)] | None = None
     secret: Annotated[Text, StringConstraints(min_length=16, max_length=256)] | None = Field(
@@ -21,11 +29,18 @@ class WebhookCreate(ApiModel):
         description="the key signing every delivery: whsec_<base64> (Standard Webhooks), or any text "
         "(its UTF-8 bytes are the key); a whsec_ one is made for you when omitted",
     )
+    eventTypes: list[EventTypeName] | None = Field(default=None, max_length=16, description=EVENT_TYPES_DESCRIPTION)
 
 
 class WebhookUpdate(ApiModel):
     active: bool | None = None
     description: Annotated[Text, StringConstraints(max_length=256)] | None = None
+    eventTypes: list[EventTypeName] | None = Field(
+        default=None,
+        max_length=16,
+        description="the event types it receives from now on: " + ", ".join(EventType) + "; null, every type; "
+        "omitted, unchanged",
+    )
 
 
 class WebhookRead(ApiModel):
@@ -33,6 +48,7 @@ class WebhookRead(ApiModel):
     url: str = Field(description="whole for Contributors and Owners; a Reader's has its query redacted")
     description: str | None
     active: bool
+    eventTypes: list[str] | None = Field(description="the event types it receives; null: every type")
     createdTime: datetime
     createdBy: str | None
     previousSecretExpiresTime: datetime | None = Field(

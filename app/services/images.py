@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, lazyload
 from app.builds.lifecycle import cancel_build, create_build, delete_build
 from app.errors import BadRequest, Conflict, NotFound
 from app.image_store.oci_layout import OciLayout
-from app.orm import BuildLogChunk, Image, ImageEvent, ImageName, Manifest, Service
+from app.orm import BuildLogChunk, Event, Image, ImageName, Manifest, Service, SubjectKind
 from app.queue import BuildQueue, after_commit
 from app.schemas.images import ImageCreate
 from app.services.accounts import AccountRef
@@ -73,7 +73,9 @@ def get_image_and_version(session: Session, account: AccountRef, *, image_id: st
     """
     parsed = parse_uuid(image_id)
     newest_event = (
-        select(func.coalesce(func.max(ImageEvent.id), 0)).where(ImageEvent.image_id == Image.id).scalar_subquery()
+        select(func.coalesce(func.max(Event.id), 0))
+        .where(Event.subject_id == Image.id, Event.subject_kind == SubjectKind.IMAGE)
+        .scalar_subquery()
     )
     row = (
         session.execute(select(Image, newest_event).where(Image.id == parsed).options(lazyload(Image.manifest))).first()

@@ -271,10 +271,11 @@ def list_services(
 
 
 def update(
-    session: Session, account: AccountRef, *, service_id: str, body: ServiceUpdate, limits: Limits
+    session: Session, account: AccountRef, *, service_id: str, body: ServiceUpdate, limits: Limits, scoring_url: str
 ) -> ServiceView:
     """Swap the image (a new generation), scale, resize or switch key auth: the service goes
-    back to Transitioning with an Update operation; 409 while a change is being applied."""
+    back to Transitioning with an Update operation; 409 while a change is being applied.
+    (``scoring_url``: the gateway's address, for the scoringUri its event shows.)"""
     service = _get(session, account, service_id)
     if all(value is None for _, value in body):
         raise BadRequest(
@@ -313,14 +314,15 @@ def update(
     if new_generation:
         values["generation"] = Service.generation + 1
     values["error"] = None
-    operation = update_service(session, service, **values)
+    operation = update_service(session, service, scoring_url=scoring_url, **values)
     return ServiceView(service, session.get_one(Image, service.image_id), operation)
 
 
-def delete(session: Session, account: AccountRef, *, service_id: str) -> ServiceView:
-    """Ask for the service to be removed: it is Deleting until the orchestrator holds nothing of it."""
+def delete(session: Session, account: AccountRef, *, service_id: str, scoring_url: str) -> ServiceView:
+    """Ask for the service to be removed: it is Deleting until the orchestrator holds nothing of
+    it. (``scoring_url``: the gateway's address, for the scoringUri its event shows.)"""
     service = _get(session, account, service_id)
-    operation = request_delete(session, service)
+    operation = request_delete(session, service, scoring_url=scoring_url)
     return ServiceView(service, session.get_one(Image, service.image_id), operation)
 
 

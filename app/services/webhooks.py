@@ -1,6 +1,8 @@
-"""Webhooks as the API sees them: register, list, pause, delete, and read the delivery log.
+"""Webhooks as the API sees them: register, list, pause, choose event types, delete, and read
+the delivery log.
 
-Deliveries are queued with each event (``app.services.events``) and sent by the workers
+Deliveries are queued with each event (``app.event_log``), for the webhooks that take its
+type (``eventTypes``; none given: every type), and sent by the workers
 (``workers.webhooks``), under the same SSRF rules as model downloads, signed the Standard
 Webhooks way (https://www.standardwebhooks.com).
 
@@ -24,6 +26,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.errors import BadRequest
+from app.event_log import EventType
 from app.orm import DeliveryState, Webhook, WebhookDelivery
 from app.orm.base import utcnow
 from app.schemas.webhooks import WebhookCreate, WebhookUpdate
@@ -73,6 +76,24 @@ def _check_secret(secret: str) -> None:
         )
 
 
+def _event_types(given: list[str] | None) -> list[str] | None:
+    """The event types a webhook takes, checked (None: every type); 400 naming an unknown one."""
+    if given is None:
+        return None
+    known = set(EventType)
+    for name in given:
+        if name not in known:
+            raise BadRequest(
+                f"eventTypes: {name[:64]!r} is not an event type; the types are {', '.join(EventType)}",
+                code="InvalidEventType",
+            )
+    if not given:
+        raise BadRequest(
+            "eventTypes: give at least one event type, or null (or nothing) for every type", code="InvalidEventType"
+        )
+    return list(dict.fromkeys(given))
+
+
 def create_webhook(
     session: Session,
     account: AccountRef,
@@ -82,7 +103,8 @@ def create_webhook(
     require_https: bool,
     created_by: str | None,
 ) -> tuple[Webhook, str]:
-    """Register a URL for the account's image events; returns it with its signing secret."""
+    """Register a URL for the account's events (of ``body.eventTypes``, or every type);
+    returns it with its signing secret."""
     parts = urlsplit(body.url)
     if require_https and parts.scheme != "https":
         raise BadRequest("a webhook URL must be https:// on this service", code="InvalidWebhookUrl")
@@ -95,6 +117,7 @@ def create_webhook(
         raise BadRequest(
             f"an account has at most {MAX_WEBHOOKS_PER_ACCOUNT} webhooks; delete one first", code="TooManyWebhooks"
         )
+    event_types = _event_types(body.eventTypes)
     if body.secret:
         _check_secret(body.secret)
     secret = body.secret or new_secret()
@@ -102,6 +125,7 @@ def create_webhook(
         account_id=account.id,
         url=body.url,
         description=body.description,
+        event_types=event_types,
         sealed_secret=sealer.seal(secret.encode()),
         created_by=created_by,
     )
@@ -136,8 +160,11 @@ def list_webhooks(session: Session, account: AccountRef) -> list[Webhook]:
 
 
 def update_webhook(session: Session, account: AccountRef, *, webhook_id: str, body: WebhookUpdate) -> Webhook:
-    """Pause or resume a webhook, or change its description."""
+    """Pause or resume a webhook, change its description or the event types it takes (an
+    explicit null: every type)."""
     webhook = get_webhook(session, account, webhook_id=webhook_id)
+    if "eventTypes" in body.model_fields_set:
+        webhook.event_types = _event_types(body.eventTypes)
     if body.active is not None:
         webhook.active = body.active
     if body.description is not None:

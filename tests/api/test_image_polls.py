@@ -36,8 +36,8 @@ def _queries(live: Live) -> Iterator[list[str]]:
     def record(_conn, _cursor, statement: str, *_: object) -> None:
         if (
             not statement.startswith(("BEGIN", "PRAGMA query_only"))
-            and "image_events.id >" not in statement
-            and "max(image_events.id)" not in statement
+            and "events.id >" not in statement
+            and "max(events.id)" not in statement
         ):
             seen.append(statement)
 

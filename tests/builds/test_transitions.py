@@ -16,14 +16,14 @@ from app.builds.lifecycle import cancel_build, delete_build
 from app.builds.states import FINAL
 from app.builds.transitions import GONE, SILENT, TRANSITIONS, IllegalTransition, Transition, allowed_sources, move
 from app.errors import Conflict, NotFound
-from app.orm import Image, ImageEvent
+from app.orm import Event, Image
 
 ROOT = Path(__file__).resolve().parents[2]
 MOVES = [(transition, source, target) for transition, pairs in TRANSITIONS.items() for source, target in pairs]
 
 
 def _events(db: Session, image: Image) -> int:
-    return db.scalar(select(func.count()).select_from(ImageEvent).where(ImageEvent.image_id == image.id)) or 0
+    return db.scalar(select(func.count()).select_from(Event).where(Event.subject_id == image.id)) or 0
 
 
 def _put(db: Session, image: Image, state: CreationState) -> None:

@@ -30,6 +30,7 @@ from app.orm import Image, Service, ServiceOperation, ServiceReplica
 from app.orm.base import utcnow
 
 NOW = utcnow()
+SCORING_URL = "http://127.0.0.1:8001"
 
 
 def _spec(**changes: object) -> Spec:
@@ -170,7 +171,7 @@ def test_one_pass_at_a_time_holds_the_lease(db: Session, service: Service) -> No
     assert taken is not None and taken.attempt == 2
     # The first pass, fenced off, writes nothing.
     spec = _spec(id=service.id, traffic_generation=1, replicas=1)
-    assert not record(db, lease, spec, _decide(spec, [_replica()]), [_replica()], now=utcnow())
+    assert not record(db, lease, spec, _decide(spec, [_replica()]), [_replica()], now=utcnow(), scoring_url=SCORING_URL)
     assert read_spec(db, lease) is None
 
 
@@ -215,7 +216,7 @@ def test_a_converged_pass_makes_the_service_healthy_and_ends_its_operation(db: S
     spec = read_spec(db, lease)
     assert spec is not None
     replicas = [_replica(n=n) for n in range(spec.replicas)]
-    assert record(db, lease, spec, _decide(spec, replicas), replicas, now=utcnow())
+    assert record(db, lease, spec, _decide(spec, replicas), replicas, now=utcnow(), scoring_url=SCORING_URL)
     db.refresh(created)
     assert created.state is ServiceState.HEALTHY
     assert created.traffic_generation == 1 and created.replicas_ready == spec.replicas
@@ -231,7 +232,7 @@ def test_a_failed_first_generation_fails_the_service_with_its_last_lines(db: Ses
     spec = read_spec(db, lease)
     assert spec is not None
     failure = Failure("a replica exited with code 3 4 times before it answered GET /", "Traceback\nValueError: no")
-    record(db, lease, spec, _decide(spec, [], failure), [], now=utcnow())
+    record(db, lease, spec, _decide(spec, [], failure), [], now=utcnow(), scoring_url=SCORING_URL)
     db.refresh(created)
     assert created.state is ServiceState.FAILED
     assert created.error is not None and "ValueError: no" in created.error
@@ -247,9 +248,11 @@ def test_a_verdict_on_an_older_spec_does_not_land(db: Session, created: Service)
     spec = read_spec(db, lease)
     assert spec is not None
     # The tenant scales up while the pass looks: the pass saw the old count, all ready.
-    update_service(db, created, num_replicas=spec.replicas + 1, replicas_desired=spec.replicas + 1)
+    update_service(
+        db, created, scoring_url=SCORING_URL, num_replicas=spec.replicas + 1, replicas_desired=spec.replicas + 1
+    )
     replicas = [_replica(n=n) for n in range(spec.replicas)]
-    assert record(db, lease, spec, _decide(spec, replicas), replicas, now=utcnow())
+    assert record(db, lease, spec, _decide(spec, replicas), replicas, now=utcnow(), scoring_url=SCORING_URL)
     db.refresh(created)
     assert created.state is ServiceState.TRANSITIONING  # not made Healthy on the old count
     assert created.lease_owner is None and created.due_at is not None and created.due_at <= utcnow()
@@ -262,13 +265,15 @@ def test_an_unreachable_engine_makes_a_healthy_service_unhealthy(db: Session, cr
     assert lease is not None
     spec = read_spec(db, lease)
     assert spec is not None
-    assert record_unreachable(db, lease, spec, "the Docker engine did not answer", now=utcnow())
+    assert record_unreachable(
+        db, lease, spec, "the Docker engine did not answer", now=utcnow(), scoring_url=SCORING_URL
+    )
     db.refresh(created)
     assert (created.state, created.error) == (ServiceState.UNHEALTHY, "the Docker engine did not answer")
 
 
 def test_a_delete_ends_its_operation_then_the_row(db: Session, created: Service) -> None:
-    operation = request_delete(db, created)
+    operation = request_delete(db, created, scoring_url=SCORING_URL)
     lease = claim(db, created.id, owner="w")
     assert lease is not None
     assert finish_delete(db, lease)
@@ -285,7 +290,7 @@ def test_a_failure_seen_again_on_a_failed_service_waits_for_a_change(db: Session
     spec = read_spec(db, lease)
     assert spec is not None
     now = utcnow()
-    assert record(db, lease, spec, Step(failure=Failure("still no kubernetes")), [], now=now)
+    assert record(db, lease, spec, Step(failure=Failure("still no kubernetes")), [], now=now, scoring_url=SCORING_URL)
     db.refresh(created)
     assert created.state is ServiceState.FAILED and created.lease_owner is None
     assert created.due_at is not None and created.due_at >= now + timedelta(seconds=5)  # not a tight loop
@@ -318,11 +323,13 @@ def test_a_timed_out_scale_up_leaves_the_service_unhealthy_and_changeable(db: Se
     replicas = [_replica(n=0), _replica(ready=False, n=1)]
     now = utcnow()  # not the module's NOW: changed_at is relative to this moment
     step = decide(spec, replicas, now=now, start_seconds=60, drain_seconds=10)
-    assert record(db, lease, spec, step, replicas, now=now)
+    assert record(db, lease, spec, step, replicas, now=now, scoring_url=SCORING_URL)
     db.refresh(created)
     assert created.state is ServiceState.UNHEALTHY and "1 of 2 replicas answered" in (created.error or "")
     assert _operation(db, created).state is OperationState.FAILED
-    update_service(db, created, num_replicas=1, replicas_desired=1)  # the tenant may change it again
+    update_service(
+        db, created, scoring_url=SCORING_URL, num_replicas=1, replicas_desired=1
+    )  # the tenant may change it again
 
 
 def test_a_rollout_that_went_unhealthy_can_still_fail(db: Session, created: Service) -> None:
@@ -330,14 +337,24 @@ def test_a_rollout_that_went_unhealthy_can_still_fail(db: Session, created: Serv
     assert lease is not None
     spec = read_spec(db, lease)
     assert spec is not None
-    assert record_unreachable(db, lease, spec, "the Docker engine did not answer", now=utcnow())
+    assert record_unreachable(
+        db, lease, spec, "the Docker engine did not answer", now=utcnow(), scoring_url=SCORING_URL
+    )
     db.expire_all()  # each pass reads in a session of its own
     lease = claim(db, created.id, owner="w")
     assert lease is not None
     spec = read_spec(db, lease)
     assert spec is not None and spec.state is ServiceState.UNHEALTHY
     now = utcnow()
-    record(db, lease, spec, _decide(spec, [], Failure("a replica exited with code 1")), [], now=now)
+    record(
+        db,
+        lease,
+        spec,
+        _decide(spec, [], Failure("a replica exited with code 1")),
+        [],
+        now=now,
+        scoring_url=SCORING_URL,
+    )
     db.refresh(created)
     assert created.state is ServiceState.FAILED and "exited with code 1" in (created.error or "")
     assert _operation(db, created).state is OperationState.FAILED

@@ -258,7 +258,7 @@ def test_service_logs_prints_the_newest_lines_the_reconciler_copied(
             replica = Replica("c0ffee" * 10, 1, image_id, "10.213.0.2:5001", alive=True, ready=False)
             lines = [LogLine(replica.id, 1, n, f"line {n} <script>") for n in range(1, 6)]
             assert record(session, lease, spec, decide(spec, [], now=utcnow(), start_seconds=60, drain_seconds=1),
-                          [], now=utcnow(), lines=lines)  # fmt: skip
+                          [], now=utcnow(), scoring_url="http://127.0.0.1:8001", lines=lines)  # fmt: skip
     finally:
         engine.dispose()
     shown = client.run("service", "logs", "-n", "logged", "--tail", "2")

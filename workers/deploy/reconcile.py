@@ -77,6 +77,7 @@ def renewing(context: ServiceContext, lease: Lease, *, every: float = reconciler
 
 def _pass(context: ServiceContext, lease: Lease) -> None:
     settings = context.settings
+    scoring_url = settings.scoring_url  # for the scoringUri of the events a verdict records
     with session_scope(context.session_factory) as session:
         spec = reconciler.read_spec(session, lease)
     if spec is None:
@@ -87,14 +88,17 @@ def _pass(context: ServiceContext, lease: Lease) -> None:
         return
     if (failure := spec.build_failure) is not None and not spec.deleting:
         with session_scope(context.session_factory) as session:
-            reconciler.record(session, lease, spec, reconciler.Step(failure=failure), [], now=utcnow())
+            reconciler.record(
+                session, lease, spec, reconciler.Step(failure=failure), [], now=utcnow(), scoring_url=scoring_url
+            )
         return
     if (why := _undeployable(spec)) is not None:
         with session_scope(context.session_factory) as session:
             if spec.deleting:  # nothing was ever made there
                 reconciler.finish_delete(session, lease)
             else:
-                reconciler.record(session, lease, spec, reconciler.Step(failure=Failure(why)), [], now=utcnow())
+                step = reconciler.Step(failure=Failure(why))
+                reconciler.record(session, lease, spec, step, [], now=utcnow(), scoring_url=scoring_url)
         return
     if spec.deleting:
         with session_scope(context.session_factory) as session:
@@ -138,11 +142,11 @@ def _pass(context: ServiceContext, lease: Lease) -> None:
                 step.busy = True
     except (EngineUnreachable, ServiceNetworkError) as exc:
         with session_scope(context.session_factory) as session:
-            reconciler.record_unreachable(session, lease, spec, str(exc), now=utcnow())
+            reconciler.record_unreachable(session, lease, spec, str(exc), now=utcnow(), scoring_url=scoring_url)
         log.warning("deploy.unreachable", extra={"service": str(spec.id), "reason": str(exc)})
         return
     with session_scope(context.session_factory) as session:
-        reconciler.record(session, lease, spec, step, replicas, now=now, lines=lines)
+        reconciler.record(session, lease, spec, step, replicas, now=now, scoring_url=scoring_url, lines=lines)
 
 
 def sweep_orphans(context: ServiceContext) -> list[uuid.UUID]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-import anyio
 from fastapi import APIRouter, Body, Header, Query, Request, Response, status
 from fastapi.responses import PlainTextResponse
 from sse_starlette import EventSourceResponse
@@ -22,24 +21,21 @@ from app.api.deps import (
     SessionDep,
     WritableAccount,
 )
-from app.api.event_stream import STREAM_SHUTDOWN_GRACE_SECONDS, image_events
+from app.api.event_stream import stream_response
 from app.api.image_polls import RETRY_AFTER_SECONDS, image_etag, not_modified_headers
 from app.api.links import account_url, next_link
 from app.api.middleware import etag_matches
 from app.api.openapi import RETRY_AFTER, errors, header
 from app.api.routes.manifests import rendered_manifest
 from app.api.untrusted import NOT_A_PAGE
-from app.auth.roles import account_scope
 from app.builds.states import UNFINISHED, build_error
 from app.builds.states import CreationState as BuildState
 from app.deployments.states import OperationState
-from app.errors import BadRequest
 from app.image_store import embedded_layout
-from app.orm import Image, ServiceOperation
+from app.orm import Image, ServiceOperation, SubjectKind
 from app.schemas.common import Page
 from app.schemas.images import BaseImageRead, ImageCreate, ImageError, ImageRead, OperationRead, SmokeTestRead
 from app.services import base_images, images, operations
-from app.services.paging import MAX_ID
 
 PREFIX = "/subscriptions/{subscriptionId}/resourceGroups/{resourceGroup}/accounts/{accountName}"
 router = APIRouter(prefix=PREFIX, tags=["images"])
@@ -144,9 +140,6 @@ def _retry_after(headers, image: Image) -> None:  # type: ignore[no-untyped-def]
         headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
 
 
-_EVENT_ID = re.compile(r"[0-9]{1,19}")
-
-
 # Declared before /images/{imageId}, which would otherwise take "events" for an id.
 @router.get(
     "/images/events",
@@ -163,38 +156,16 @@ async def stream_image_events(
     last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
     last_event_id_query: Annotated[str | None, Query(alias="lastEventId")] = None,
 ) -> EventSourceResponse:
-    """The account's image state changes as Server-Sent Events; resume with Last-Event-ID."""
-    field = "Last-Event-ID" if last_event_id_header is not None else "lastEventId"
-    raw = (last_event_id_header if last_event_id_header is not None else last_event_id_query or "").strip()
-    last_event_id = None
-    if raw:
-        # ASCII digits only (str.isdigit takes '²'), and no more than an event id column holds.
-        if not _EVENT_ID.fullmatch(raw) or int(raw) > MAX_ID:
-            raise BadRequest(
-                f"{field} must be an event id (a whole number up to {MAX_ID}), not {raw[:40]!r}",
-                code="InvalidLastEventId",
-            )
-        last_event_id = int(raw)
-    scope = account_scope(account.subscription_id, account.resource_group, account.name)
-    # Set by sse-starlette when the server starts to stop: the stream then ends cleanly
-    # (a finished body) within the grace period, rather than holding the shutdown up.
-    shutdown = anyio.Event()
-    events = image_events(
-        hub,
-        context.read_session_factory,
-        account.id,
+    """The account's image state changes as Server-Sent Events; resume with Last-Event-ID
+    (an id from any of the account's streams)."""
+    return stream_response(
+        account,
         caller=caller,
-        scope=scope,
-        last_event_id=last_event_id,
-        shutdown=shutdown,
-    )
-    # X-Accel-Buffering: a proxy in front must pass events on as they come.
-    return EventSourceResponse(
-        events,
-        ping=15,
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        shutdown_event=shutdown,
-        shutdown_grace_period=STREAM_SHUTDOWN_GRACE_SECONDS,
+        context=context,
+        hub=hub,
+        kinds=frozenset({SubjectKind.IMAGE}),
+        last_event_id_header=last_event_id_header,
+        last_event_id_query=last_event_id_query,
     )
 
 

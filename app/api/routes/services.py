@@ -8,17 +8,29 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Query, Request, Response, status
+from fastapi import APIRouter, Body, Header, Query, Request, Response, status
 from fastapi.responses import PlainTextResponse
+from sse_starlette import EventSourceResponse
 
 from app.api import examples
-from app.api.deps import CallerDep, ContextDep, ReadableAccount, ServiceId, SessionDep, WritableAccount
+from app.api.deps import (
+    CallerDep,
+    ContextDep,
+    EventHubDep,
+    ReadableAccount,
+    ReadableAccountNow,
+    ServiceId,
+    SessionDep,
+    WritableAccount,
+)
+from app.api.event_stream import stream_response
 from app.api.links import account_url
 from app.api.openapi import errors, header
 from app.api.untrusted import NOT_A_PAGE
 from app.config import Settings
 from app.deployments.reconciler import KEPT_LOG_LINES
-from app.deployments.states import ServiceState
+from app.deployments.states import scoring_base, service_error
+from app.orm import SubjectKind
 from app.schemas.common import Page
 from app.schemas.services import (
     AutoScaler,
@@ -40,7 +52,6 @@ router = APIRouter(prefix=PREFIX, tags=["services"])
 OPERATION_LOCATION = header("the URL of the service's operation, to poll until it ends", required=True)
 ACCEPTED = {202: {"headers": {"Operation-Location": OPERATION_LOCATION}}}
 BUSY = "A change is being applied (ServiceBusy), or the service is being deleted (ServiceDeleting)."
-_ERROR_CODES = {ServiceState.FAILED: "DeploymentFailed", ServiceState.UNHEALTHY: "ServiceUnhealthy"}
 
 
 def _limits(settings: Settings) -> Limits:
@@ -57,11 +68,10 @@ def _limits(settings: Settings) -> Limits:
 def to_read(view: ServiceView, settings: Settings) -> ServiceRead:
     service, image = view.service, view.image
     # The gateway's address for the service, once a generation of it has taken requests.
-    base = f"{settings.scoring_url}/api/v1/service/{service.id}"
+    base = scoring_base(settings.scoring_url, service.id)
     deployed = service.traffic_generation is not None
-    error = None
-    if service.error:
-        error = ServiceErrorRead(code=_ERROR_CODES.get(service.state, "ServiceError"), message=service.error)
+    shown = service_error(service.state, service.error)
+    error = None if shown is None else ServiceErrorRead(code=shown[0], message=shown[1])
     return ServiceRead(
         id=str(service.id),
         name=service.name,
@@ -139,6 +149,35 @@ def list_services(
     return Page(value=[to_read(v, context.settings) for v in views])
 
 
+# Declared before /services/{serviceId}, which would otherwise take "events" for an id.
+@router.get(
+    "/services/events",
+    response_class=EventSourceResponse,
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "`ready`, then one `service` event per change"}
+    },
+)
+async def stream_service_events(
+    account: ReadableAccountNow,
+    caller: CallerDep,
+    context: ContextDep,
+    hub: EventHubDep,
+    last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+    last_event_id_query: Annotated[str | None, Query(alias="lastEventId")] = None,
+) -> EventSourceResponse:
+    """The account's web service state changes as Server-Sent Events; resume with
+    Last-Event-ID (an id from any of the account's streams)."""
+    return stream_response(
+        account,
+        caller=caller,
+        context=context,
+        hub=hub,
+        kinds=frozenset({SubjectKind.SERVICE}),
+        last_event_id_header=last_event_id_header,
+        last_event_id_query=last_event_id_query,
+    )
+
+
 @router.get("/services/{serviceId}", response_model=ServiceRead)
 def get_service(
     service_id: ServiceId, account: ReadableAccount, context: ContextDep, session: SessionDep
@@ -162,7 +201,14 @@ def update_service(
     session: SessionDep,
 ) -> ServiceRead:
     """Swap the image (a rolling update), scale, resize or switch key auth."""
-    view = services_deploy.update(session, account, service_id=service_id, body=body, limits=_limits(context.settings))
+    view = services_deploy.update(
+        session,
+        account,
+        service_id=service_id,
+        body=body,
+        limits=_limits(context.settings),
+        scoring_url=context.settings.scoring_url,
+    )
     return _accepted(view, request, response, context.settings)
 
 
@@ -178,7 +224,7 @@ def delete_service(
     session: SessionDep,
 ) -> ServiceRead:
     """Remove the service and everything it made: Deleting until the orchestrator holds nothing of it."""
-    view = services_deploy.delete(session, account, service_id=service_id)
+    view = services_deploy.delete(session, account, service_id=service_id, scoring_url=context.settings.scoring_url)
     return _accepted(view, request, response, context.settings)
 
 

@@ -1,4 +1,5 @@
-"""Webhooks: URLs that receive the account's image state changes, signed, with a delivery log."""
+"""Webhooks: URLs that receive the account's image and web service state changes (all, or the
+event types chosen), signed, with a delivery log."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ def to_read(webhook: Webhook, *, full_url: bool = True) -> WebhookRead:
         url=webhooks.shown_url(webhook.url, full=full_url),
         description=webhook.description,
         active=webhook.active,
+        eventTypes=webhook.event_types,
         createdTime=webhook.created_at,
         createdBy=webhook.created_by,
         previousSecretExpiresTime=webhook.previous_secret_expires_at,
@@ -63,7 +65,8 @@ def create_webhook(
     context: ContextDep,
     session: SessionDep,
 ) -> WebhookCreated:
-    """Register a URL for every image state change; the signing secret is shown only here."""
+    """Register a URL for every image and web service state change (or those of eventTypes);
+    the signing secret is shown only here."""
     webhook, secret = webhooks.create_webhook(
         session,
         account,
@@ -97,7 +100,8 @@ def update_webhook(
     account: WritableAccount,
     session: SessionDep,
 ) -> WebhookRead:
-    """Pause (``active: false``) or resume a webhook; a paused one is sent nothing new."""
+    """Pause (``active: false``) or resume a webhook (a paused one is sent nothing new), or
+    change its description or eventTypes (from the next event on)."""
     return to_read(webhooks.update_webhook(session, account, webhook_id=webhook_id, body=body))
 
 
