@@ -56,9 +56,14 @@ def _limits(settings: Settings) -> Limits:
 
 def to_read(view: ServiceView, settings: Settings) -> ServiceRead:
     service, image = view.service, view.image
-    # The gateway's address for the service, once a generation of it has taken requests.
+    # The gateway's address for the service, once a generation of it has taken requests; on a
+    # target whose traffic does not pass the gateway (kubernetes), the address its orchestrator
+    # reports for it (a cluster address: reachable from inside that cluster only).
     base = f"{settings.scoring_url}/api/v1/service/{service.id}"
     deployed = service.traffic_generation is not None
+    if service.compute_type == "kubernetes":
+        base = f"http://{service.endpoint}"
+        deployed = deployed and service.endpoint is not None
     error = None
     if service.error:
         error = ServiceErrorRead(code=_ERROR_CODES.get(service.state, "ServiceError"), message=service.error)
