@@ -11,6 +11,7 @@ import socket
 import threading
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -265,30 +266,52 @@ def test_the_connection_goes_to_the_address_checked_with_the_name_for_tls(fake: 
     assert resolved and fake.deployment()["metadata"]["name"] == "mms-housing-0f8e4c2a"
 
 
-def test_a_redirect_is_not_followed(fake: FakeKubeApi) -> None:
-    elsewhere = socket.socket()
-    elsewhere.bind(("127.0.0.1", 0))
-    elsewhere.listen()
-    elsewhere.settimeout(0.5)
+@contextmanager
+def _elsewhere() -> Iterator[tuple[int, list[object]]]:
+    """A listener that only notes who connects (as a proxy or a redirect's target would be)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.settimeout(0.5)
     connected: list[object] = []
 
     def watch() -> None:
         try:
-            connected.append(elsewhere.accept())
+            connection, _ = listener.accept()
+            connected.append(connection)
+            connection.close()
         except OSError:
             pass
 
     watcher = threading.Thread(target=watch)
     watcher.start()
-    fake.redirect_to = f"http://127.0.0.1:{elsewhere.getsockname()[1]}/steal"
     try:
-        with _driver(fake) as driver, pytest.raises(EngineUnreachable) as raised:
-            driver.apply(_spec())
+        yield listener.getsockname()[1], connected
     finally:
         watcher.join()
-        elsewhere.close()
+        listener.close()
+
+
+def test_a_redirect_is_not_followed(fake: FakeKubeApi) -> None:
+    with _elsewhere() as (port, connected):
+        fake.redirect_to = f"http://127.0.0.1:{port}/steal"
+        with _driver(fake) as driver, pytest.raises(EngineUnreachable) as raised:
+            driver.apply(_spec())
     assert "answered 302" in str(raised.value)
     assert connected == []
+
+
+def test_the_environments_proxy_is_not_used(fake: FakeKubeApi, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The client reads HTTPS_PROXY and the like: the tenant's token must not go through it."""
+    with _elsewhere() as (port, connected):
+        for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+            monkeypatch.setenv(name, f"http://127.0.0.1:{port}")
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        with _driver(fake) as driver:
+            driver.apply(_spec())
+    assert connected == []
+    assert fake.deployment()["metadata"]["name"] == "mms-housing-0f8e4c2a"
 
 
 def test_the_clusters_refusals_never_carry_the_token(fake: FakeKubeApi, caplog: pytest.LogCaptureFixture) -> None:
