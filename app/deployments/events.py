@@ -33,6 +33,7 @@ SERVICE_COLUMNS = (
     Service.compute_name,
     Service.compute_type,
     Service.traffic_generation,
+    Service.endpoint,
     Service.replicas_desired,
     Service.replicas_ready,
 )
@@ -59,7 +60,15 @@ def record_deletions(session: Session, rows: Sequence) -> list[int]:  # type: ig
 
 def _change(row, scoring_url: str | None, *, deleted: bool) -> Change:  # type: ignore[no-untyped-def]
     error = service_error(row.state, row.error)
-    deployed = scoring_url is not None and row.traffic_generation is not None and not deleted
+    base = None
+    if not deleted:
+        base = scoring_base(
+            scoring_url,
+            row.id,
+            compute_type=row.compute_type,
+            endpoint=row.endpoint,
+            traffic_generation=row.traffic_generation,
+        )
     return Change(
         account_id=row.account_id,
         kind=SubjectKind.SERVICE,
@@ -74,7 +83,7 @@ def _change(row, scoring_url: str | None, *, deleted: bool) -> Change:  # type: 
             "imageId": str(row.image_id),
             "computeName": row.compute_name,
             "computeType": row.compute_type,
-            "scoringUri": f"{scoring_base(scoring_url, row.id)}/score" if deployed else None,
+            "scoringUri": None if base is None else f"{base}/score",
             "deploymentStatus": {"desiredReplicas": row.replicas_desired, "readyReplicas": row.replicas_ready},
         },
     )

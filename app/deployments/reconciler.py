@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.orm import Session
@@ -75,6 +76,9 @@ class Spec:
     image_state: str = "Succeeded"  # the image's CreationState (app.builds is not ours to import)
     image_ended_at: datetime | None = None  # when its build ended
     image_error: str | None = None
+    name: str = ""
+    autoscaler: Mapping[str, Any] | None = None  # deploymentConfig.autoScaler, when one scales it
+    auth_enabled: bool = True
     # Per replica, when its newest copied log line was printed (ns since the epoch).
     log_marks: Mapping[str, int] = field(default_factory=dict)
 
@@ -230,6 +234,9 @@ def read_spec(session: Session, lease: Lease) -> Spec | None:
         revision=service.revision,
         changed_at=service.changed_at or service.updated_at,
         switched_at=service.switched_at,
+        name=service.name,
+        autoscaler=service.autoscaler,
+        auth_enabled=service.auth_enabled,
         log_marks={
             replica_id: mark
             for replica_id, mark in session.execute(
@@ -353,11 +360,14 @@ def record(
     now: datetime,
     scoring_url: str,
     lines: Sequence[LogLine] = (),
+    endpoint: str | None = None,
 ) -> bool:
     """Write what the pass saw and did; False (nothing written) when the lease was lost.
     A verdict that changes the state records its event (``scoring_url``: the scoring gateway's
     address, for the event's scoringUri); a pass that finds all as it was records none.
 
+    ``endpoint``: where the orchestrator says the service is reached when its traffic does not
+    pass the scoring gateway (kubernetes: the Service's cluster address); None elsewhere.
     When the tenant changed the service meanwhile, the replicas are written but no verdict:
     the next pass, due at once, judges the new spec."""
     if session.scalar(select(Service.id).where(_held(lease))) is None:
@@ -366,7 +376,10 @@ def record(
     _write_replicas(session, spec.id, [r for r in replicas if r.id not in removed and r.alive and r.address], now)
     _write_logs(session, spec.id, lines)
     released: dict[str, object] = {"lease_owner": None, "lease_expires_at": None}
-    values = released | {"due_at": now + timedelta(seconds=BUSY_SECONDS if step.busy else STEADY_SECONDS)}
+    values = released | {
+        "due_at": now + timedelta(seconds=BUSY_SECONDS if step.busy else STEADY_SECONDS),
+        "endpoint": endpoint,
+    }
     current_ready = sum(r.ready for r in replicas if r.generation == spec.generation and r.id not in removed)
     traffic = spec.traffic_generation
     if step.flip_traffic:

@@ -33,10 +33,24 @@ def service_error(state: ServiceState, error: str | None) -> tuple[str, str] | N
     return _ERROR_CODES.get(state, "ServiceError"), error
 
 
-def scoring_base(scoring_url: str, service_id: object) -> str:
-    """The scoring gateway's address for a service (``scoring_url``: MMS_SCORING_URL); its
-    scoringUri is this + ``/score``, its swaggerUri + ``/swagger.json``."""
-    return f"{scoring_url}/api/v1/service/{service_id}"
+def scoring_base(
+    scoring_url: str | None,
+    service_id: object,
+    *,
+    compute_type: str,
+    endpoint: str | None,
+    traffic_generation: int | None,
+) -> str | None:
+    """Where a service is scored, once a generation of it has taken requests (None before);
+    its scoringUri is this + ``/score``, its swaggerUri + ``/swagger.json``. The scoring
+    gateway's address (``scoring_url``: MMS_SCORING_URL; None: unknown here), but on a target
+    whose traffic does not pass the gateway (kubernetes), the address its orchestrator reports
+    (``endpoint``: a cluster address, reachable from inside that cluster only)."""
+    if traffic_generation is None:
+        return None
+    if compute_type == "kubernetes":
+        return None if endpoint is None else f"http://{endpoint}"
+    return None if scoring_url is None else f"{scoring_url}/api/v1/service/{service_id}"
 
 
 class OperationKind(enum.StrEnum):

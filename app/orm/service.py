@@ -88,6 +88,10 @@ class Service(UuidPrimaryKey, CreatedAt, Base):
     generation: Mapped[int] = mapped_column(Integer, default=1)  # +1 for each image swap
     # The generation that takes scoring requests; None until one ever has (no scoring URI yet).
     traffic_generation: Mapped[int | None] = mapped_column(Integer)
+    # Where the orchestrator says the service is reached when its traffic does not pass the
+    # scoring gateway (kubernetes: the Service's cluster address, host:port); written by the
+    # reconciler, shown as the scoring URI, never routed to by the gateway.
+    endpoint: Mapped[str | None] = mapped_column(String(64))
 
     # Written only by app.deployments, through its transition table.
     state: Mapped[ServiceState] = mapped_column(_state_column(ServiceState, "state"))

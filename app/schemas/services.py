@@ -141,7 +141,11 @@ class ServiceRead(ApiModel):
     imageId: str
     imageDigest: str | None
     imageLocation: str | None
-    scoringUri: str | None = Field(description="null until a generation of the service takes requests")
+    scoringUri: str | None = Field(
+        description="null until a generation of the service takes requests; the scoring gateway's address, "
+        "or on kubernetes the Service's cluster address as the cluster reports it (reachable from inside "
+        "the cluster only)"
+    )
     swaggerUri: str | None
     authEnabled: bool
     numReplicas: int | None

@@ -34,6 +34,19 @@ from app.services.lookup import get_in_account, parse_uuid
 
 # Targets with no autoscaler in v1, whose replicas share a subnet slot (docs/design/web-services.md §1).
 _FIXED_SCALE = frozenset({"local", "swarm"})
+# Targets whose scoring traffic does not pass the gateway, which is what checks keys (design §2):
+# key auth cannot be had there, and a service that asked for it must not be served without it.
+_NO_GATEWAY = frozenset({"kubernetes"})
+
+
+def _check_auth(auth_enabled: bool | None, *, compute_type: str, field: str) -> None:
+    if auth_enabled and compute_type in _NO_GATEWAY:
+        raise invalid(
+            field,
+            f"a {compute_type} target cannot check scoring keys: its traffic does not pass the scoring "
+            "gateway, which is what checks them; set authEnabled to false to deploy there without key "
+            "auth (the service is then reached at its cluster address, from inside the cluster only)",
+        )
 
 
 @dataclass(frozen=True)
@@ -183,6 +196,7 @@ def create(
             "computeType", f"compute '{target.name}' is a {target.compute_type} target, not {body.computeType}"
         )
     config = body.deploymentConfig
+    _check_auth(config.authEnabled, compute_type=target.compute_type, field="deploymentConfig.authEnabled")
     scale = _scale(
         config.numReplicas,
         config.autoScaler,
@@ -299,6 +313,7 @@ def update(
             body.containerResourceRequirements, compute_type=service.compute_type, limits=limits, prefix=""
         )
     if body.authEnabled is not None:
+        _check_auth(body.authEnabled, compute_type=service.compute_type, field="authEnabled")
         values["auth_enabled"] = body.authEnabled
     if body.scoringTimeoutMs is not None:
         values["scoring_timeout_ms"] = body.scoringTimeoutMs

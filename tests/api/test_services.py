@@ -250,13 +250,16 @@ def test_a_kubernetes_target_takes_an_autoscaler_and_checks_its_range(
 ) -> None:
     assert client.put(f"{account}/computes/aks", json=kubernetes(), headers=owner).status_code == 201
     scaler = {"autoscaleEnabled": True, "minReplicas": 2, "maxReplicas": 5, "targetUtilization": 60}
-    service = deploy(client, account, owner, image_id, computeName="aks", deploymentConfig={"autoScaler": scaler})
+    no_auth = {"authEnabled": False}  # a kubernetes target cannot check keys (test below)
+    service = deploy(
+        client, account, owner, image_id, computeName="aks", deploymentConfig={"autoScaler": scaler, **no_auth}
+    )
     assert service["computeType"] == "kubernetes" and service["numReplicas"] is None
     assert service["autoScaler"] == scaler | {"refreshPeriodInSeconds": 1}
     assert service["deploymentStatus"]["desiredReplicas"] == 2
     for config, field in (
-        ({"autoScaler": scaler | {"minReplicas": 6}}, "deploymentConfig.autoScaler.minReplicas"),
-        ({"autoScaler": scaler, "numReplicas": 2}, "deploymentConfig.numReplicas"),
+        ({"autoScaler": scaler | {"minReplicas": 6}, **no_auth}, "deploymentConfig.autoScaler.minReplicas"),
+        ({"autoScaler": scaler, "numReplicas": 2, **no_auth}, "deploymentConfig.numReplicas"),
     ):
         response = client.post(
             f"{account}/services",
@@ -265,14 +268,41 @@ def test_a_kubernetes_target_takes_an_autoscaler_and_checks_its_range(
         )
         assert response.status_code == 400 and response.json()["details"][0]["message"].startswith(f"{field}:")
     # 50 replicas are fine on kubernetes; local and swarm stop at MMS_SERVICE_MAX_REPLICAS.
-    deploy(client, account, owner, image_id, name="wide", computeName="aks", deploymentConfig={"numReplicas": 50})
+    wide = {"numReplicas": 50, **no_auth}
+    deploy(client, account, owner, image_id, name="wide", computeName="aks", deploymentConfig=wide)
+
+
+def test_a_kubernetes_target_refuses_key_auth_rather_than_serve_without_it(
+    client: TestClient, owner: dict[str, str], account: str, image_id: str, db: Session
+) -> None:
+    """Keys are checked by the scoring gateway, which a kubernetes service's traffic does not
+    pass: asking for them there is a 400 (the default included), never a service without them."""
+    assert client.put(f"{account}/computes/aks", json=kubernetes(), headers=owner).status_code == 201
+    for config in ({}, {"authEnabled": True}):
+        refused = client.post(
+            f"{account}/services", json=body(image_id, computeName="aks", deploymentConfig=config), headers=owner
+        )
+        assert refused.status_code == 400
+        message = refused.json()["details"][0]["message"]
+        assert message.startswith("deploymentConfig.authEnabled: a kubernetes target cannot check scoring keys")
+    service = deploy(client, account, owner, image_id, computeName="aks", deploymentConfig={"authEnabled": False})
+    assert service["authEnabled"] is False
+    settle(db, service["id"], Transition.CONVERGE, ServiceState.HEALTHY)
+    url = f"{account}/services/{service['id']}"
+    refused = client.patch(url, json={"authEnabled": True}, headers=owner)
+    assert refused.status_code == 400
+    assert refused.json()["details"][0]["message"].startswith("authEnabled: a kubernetes target cannot check")
+    assert client.get(url, headers=owner).json()["authEnabled"] is False
+    # On local, key auth is the default.
+    assert deploy(client, account, owner, image_id, name="onlocal")["authEnabled"] is True
 
 
 def test_switching_between_an_autoscaler_and_a_fixed_count(
     client: TestClient, owner: dict[str, str], account: str, image_id: str, db: Session
 ) -> None:
     assert client.put(f"{account}/computes/aks", json=kubernetes(), headers=owner).status_code == 201
-    service = deploy(client, account, owner, image_id, computeName="aks", deploymentConfig={"numReplicas": 3})
+    config = {"numReplicas": 3, "authEnabled": False}
+    service = deploy(client, account, owner, image_id, computeName="aks", deploymentConfig=config)
     url = f"{account}/services/{service['id']}"
     settle(db, service["id"], Transition.CONVERGE, ServiceState.HEALTHY)
     scaler = {"autoscaleEnabled": True, "minReplicas": 2, "maxReplicas": 4}

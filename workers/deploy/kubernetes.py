@@ -1,7 +1,7 @@
 """The kubernetes target's objects for one service (docs/design/web-services.md, section 4).
 
-Pure: builds the client's models from a ``ServiceDescription`` and connects to nothing; the
-reconciler will apply them with server-side apply. The replica is contained as on ``local``:
+Pure: builds the client's models from a ``ServiceDescription`` and connects to nothing;
+workers/deploy/kubernetes_driver.py applies them with server-side apply. The replica is contained as on ``local``:
 not root (the images' uid 10002), a read-only root with memory-backed ``/tmp`` and ``$HOME``,
 no capabilities, no privilege escalation, seccomp's RuntimeDefault, no service account token,
 requests = limits, and a NetworkPolicy that lets only the gateway in and nothing out. The
@@ -37,6 +37,7 @@ MANAGED_BY = "mms"
 SERVICE_LABEL = "org.mms.service"
 ACCOUNT_LABEL = "org.mms.account"
 GENERATION_LABEL = "org.mms.generation"
+IMAGE_LABEL = "org.mms.image"  # on the pods: an update that fails is rolled back to the old one's image
 
 # Azure's service names (3-32 lower-case letters, digits, '-'), which also makes every object
 # name below a DNS-1123 label, as a Service's name must be.
@@ -94,7 +95,8 @@ class ServiceDescription:
     service_id: str
     account_id: str
     image: str  # <location>@sha256:<digest>
-    pull_credential: PullCredential
+    # None: no pull Secret, the cluster pulls the image with its own access to the registry.
+    pull_credential: PullCredential | None
     cpu: float
     memory_gb: float
     replicas: int | None = None
@@ -106,13 +108,15 @@ class ServiceDescription:
     tmp_mb: int = 64
     # How long init() may take before the first GET / answers (the smoke test's default).
     start_seconds: int = 120
+    image_id: str | None = None  # the service's image (its id in this service), labelled on the pods
 
 
 @dataclass(frozen=True)
 class KubernetesObjects:
-    """One service's objects; ``autoscaler`` is None for a fixed number of replicas."""
+    """One service's objects; ``autoscaler`` is None for a fixed number of replicas, ``secret``
+    when the cluster pulls the image without one."""
 
-    secret: client.V1Secret = field(repr=False)  # its repr holds the pull login, barely encoded
+    secret: client.V1Secret | None = field(repr=False)  # its repr holds the pull login, barely encoded
     deployment: client.V1Deployment
     service: client.V1Service
     network_policy: client.V1NetworkPolicy
@@ -120,7 +124,9 @@ class KubernetesObjects:
 
     def in_apply_order(self) -> list[object]:
         """The pull secret before the pods that need it; the policy before they start."""
-        ordered: list[object] = [self.secret, self.network_policy, self.deployment, self.service]
+        ordered: list[object] = [self.network_policy, self.deployment, self.service]
+        if self.secret is not None:
+            ordered.insert(0, self.secret)
         if self.autoscaler is not None:
             ordered.append(self.autoscaler)
         return ordered
@@ -143,10 +149,10 @@ def build_objects(description: ServiceDescription) -> KubernetesObjects:
         ACCOUNT_LABEL: description.account_id,
     }
     selector = {SERVICE_LABEL: description.service_id}
-    pull_secret = _pull_secret(description, f"{name}-pull", labels)
+    pull_secret = None if description.pull_credential is None else _pull_secret(description, f"{name}-pull", labels)
     return KubernetesObjects(
         secret=pull_secret,
-        deployment=_deployment(description, name, labels, selector, pull_secret.metadata.name),
+        deployment=_deployment(description, name, labels, selector, pull_secret and pull_secret.metadata.name),
         service=_service(description, name, labels, selector),
         network_policy=_network_policy(description, name, labels, selector),
         autoscaler=None if description.autoscaler is None else _autoscaler(description, name, labels),
@@ -181,6 +187,8 @@ def _check(description: ServiceDescription) -> None:
             raise ServiceSpecError("deploymentConfig.autoScaler.targetUtilization", "must be between 1 and 100")
     if description.generation < 1:
         raise ServiceSpecError("generation", "must be at least 1")
+    if description.image_id is not None and not _LABEL_VALUE.fullmatch(description.image_id):
+        raise ServiceSpecError("imageId", "must be usable as a label value")
 
 
 def _metadata(description: ServiceDescription, name: str, labels: Mapping[str, str]) -> client.V1ObjectMeta:
@@ -189,6 +197,7 @@ def _metadata(description: ServiceDescription, name: str, labels: Mapping[str, s
 
 def _pull_secret(description: ServiceDescription, name: str, labels: Mapping[str, str]) -> client.V1Secret:
     credential = description.pull_credential
+    assert credential is not None
     login = base64.b64encode(f"{credential.username}:{credential.password}".encode()).decode()
     config = {
         "auths": {
@@ -219,7 +228,7 @@ def _deployment(
     name: str,
     labels: Mapping[str, str],
     selector: Mapping[str, str],
-    pull_secret: str,
+    pull_secret: str | None,
 ) -> client.V1Deployment:
     cpu = f"{max(1, round(description.cpu * 1000))}m"
     memory = f"{max(1, round(description.memory_gb * 1024))}Mi"
@@ -258,7 +267,7 @@ def _deployment(
     scratch = f"{description.tmp_mb}Mi"
     pod = client.V1PodSpec(
         containers=[container],
-        image_pull_secrets=[client.V1LocalObjectReference(name=pull_secret)],
+        image_pull_secrets=None if pull_secret is None else [client.V1LocalObjectReference(name=pull_secret)],
         automount_service_account_token=False,
         enable_service_links=False,
         host_network=False,
@@ -277,12 +286,17 @@ def _deployment(
         ],
     )
     scaler = description.autoscaler
+    pod_labels = {**labels, GENERATION_LABEL: str(description.generation)}
+    if description.image_id is not None:
+        pod_labels[IMAGE_LABEL] = description.image_id
     return client.V1Deployment(
         api_version="apps/v1",
         kind="Deployment",
         metadata=_metadata(description, name, labels),
         spec=client.V1DeploymentSpec(
-            replicas=description.replicas if scaler is None else scaler.min_replicas,
+            # Autoscaled: no count at all. The driver applies these objects on every pass, and a
+            # count in them would undo the HPA's scaling each time (the HPA starts it at minReplicas).
+            replicas=description.replicas if scaler is None else None,
             selector=client.V1LabelSelector(match_labels=dict(selector)),
             # A new replica is ready before an old one goes: capacity never drops in an update.
             strategy=client.V1DeploymentStrategy(
@@ -291,7 +305,7 @@ def _deployment(
             ),
             revision_history_limit=2,
             template=client.V1PodTemplateSpec(
-                metadata=client.V1ObjectMeta(labels={**labels, GENERATION_LABEL: str(description.generation)}),
+                metadata=client.V1ObjectMeta(labels=pod_labels),
                 spec=pod,
             ),
         ),

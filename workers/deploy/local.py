@@ -67,6 +67,11 @@ class EngineUnreachable(Exception):
     """The engine did not answer: the service's state says so, nothing is decided."""
 
 
+class TargetRefused(Exception):
+    """The target will not run the service as it stands (its credentials, its settings, a
+    missing client): the service fails saying why; tried again once the tenant changes it."""
+
+
 class LocalDriver:
     def __init__(self, docker_host: str | None, *, installation: str, subnet_pool: str, tmp_mb: int, pids: int) -> None:
         self._docker_host = docker_host

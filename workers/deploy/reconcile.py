@@ -7,6 +7,7 @@ anywhere leaves labelled engine objects that the next pass reads back. The datab
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -14,6 +15,8 @@ import threading
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 
@@ -22,13 +25,19 @@ from app.context import ServiceContext
 from app.database import session_scope
 from app.deployments import reconciler
 from app.deployments.reconciler import Failure, Lease, Spec
-from app.orm import Installation, Service
+from app.deployments.states import ServiceState
+from app.orm import Compute, Installation, Service
 from app.orm.base import utcnow
+from app.sealing import UnsealError
 from app.services.computes import SWARM
-from workers.deploy.local import EngineUnreachable, LocalDriver, repository_of
+from workers.deploy.kubeconfig import kubeconfig_policy
+from workers.deploy.local import EngineUnreachable, LocalDriver, TargetRefused, repository_of
 from workers.deploy.local_network import ServiceNetworkError, require_service_firewall
 from workers.deploy.swarm import SwarmDriver
 from workers.pipeline import ENGINE_PULL_TOKEN_SECONDS, local_engine, registry_login
+
+if TYPE_CHECKING:
+    from workers.deploy.kubernetes_driver import KubernetesDriver
 
 log = logging.getLogger("mms.deploy")
 
@@ -92,13 +101,19 @@ def _pass(context: ServiceContext, lease: Lease) -> None:
                 session, lease, spec, reconciler.Step(failure=failure), [], now=utcnow(), scoring_url=scoring_url
             )
         return
-    if (why := _undeployable(spec)) is not None:
+    # A kubernetes service's delete always goes to its cluster: what a pass applied there is
+    # found by label, even if the target could not be deployed to now.
+    kubernetes_delete = spec.deleting and spec.compute_type == "kubernetes"
+    if (why := _undeployable(context, spec)) is not None and not kubernetes_delete:
         with session_scope(context.session_factory) as session:
             if spec.deleting:  # nothing was ever made there
                 reconciler.finish_delete(session, lease)
             else:
                 step = reconciler.Step(failure=Failure(why))
                 reconciler.record(session, lease, spec, step, [], now=utcnow(), scoring_url=scoring_url)
+        return
+    if spec.compute_type == "kubernetes":
+        _kubernetes_pass(context, lease, spec)
         return
     if spec.deleting:
         with session_scope(context.session_factory) as session:
@@ -149,6 +164,123 @@ def _pass(context: ServiceContext, lease: Lease) -> None:
         reconciler.record(session, lease, spec, step, replicas, now=now, scoring_url=scoring_url, lines=lines)
 
 
+def _kubernetes_pass(context: ServiceContext, lease: Lease, spec: Spec) -> None:
+    """One pass over a service on a tenant's cluster. Every pass applies what the spec
+    describes (a scale, an image swap, a roll back: the Deployment rolls out); the pods the
+    cluster runs are the replicas ``decide`` judges, and nothing is started or removed one by
+    one: the Deployment's controller owns its pods. The gateway routes to none of them."""
+    settings = context.settings
+    endpoint: str | None = None
+    lines: list[reconciler.LogLine] = []
+    try:
+        with _kubernetes_driver(context, spec) as driver:
+            if spec.deleting:
+                if not driver.remove_all(spec.id):  # its pods still terminate: the next pass goes on
+                    with session_scope(context.session_factory) as session:
+                        reconciler.release(session, lease, due_in=reconciler.BUSY_SECONDS)
+                    return
+                with session_scope(context.session_factory) as session:
+                    reconciler.finish_delete(session, lease)
+                log.info("deploy.deleted", extra={"service": str(spec.id)})
+                return
+            if spec.state is ServiceState.FAILED:
+                driver.remove_all(spec.id)  # nothing runs until the tenant changes it
+                replicas, failure = [], None
+            else:
+                driver.apply(spec)
+                replicas, failure = driver.observe(spec)
+                lines = driver.read_logs(spec, replicas)
+                endpoint = driver.endpoint(spec)
+                spec = _spec_as_scaled(spec, driver.scaled_to)
+            now = utcnow()
+            step = reconciler.decide(
+                spec,
+                replicas,
+                now=now,
+                start_seconds=settings.service_start_seconds,
+                drain_seconds=_drain_seconds(context, spec),
+                failure=failure,
+            )
+    except TargetRefused as exc:
+        with session_scope(context.session_factory) as session:
+            if spec.deleting:  # the tenant may fix the target (PUT .../computes): tried again
+                reconciler.record_unreachable(
+                    session, lease, spec, str(exc), now=utcnow(), scoring_url=settings.scoring_url
+                )
+            else:
+                reconciler.record(
+                    session,
+                    lease,
+                    spec,
+                    reconciler.Step(failure=Failure(str(exc))),
+                    [],
+                    now=utcnow(),
+                    scoring_url=settings.scoring_url,
+                )
+        log.warning("deploy.refused", extra={"service": str(spec.id), "reason": str(exc)})
+        return
+    except EngineUnreachable as exc:
+        with session_scope(context.session_factory) as session:
+            reconciler.record_unreachable(
+                session, lease, spec, str(exc), now=utcnow(), scoring_url=settings.scoring_url
+            )
+        log.warning("deploy.unreachable", extra={"service": str(spec.id), "reason": str(exc)})
+        return
+    with session_scope(context.session_factory) as session:
+        reconciler.record(
+            session,
+            lease,
+            spec,
+            step,
+            replicas,
+            now=now,
+            lines=lines,
+            endpoint=endpoint,
+            scoring_url=settings.scoring_url,
+        )
+
+
+def _kubernetes_driver(context: ServiceContext, spec: Spec) -> KubernetesDriver:
+    """A connection to the service's cluster with the target's kubeconfig, checked now."""
+    try:
+        from workers.deploy.kubernetes_driver import KubernetesDriver
+    except ImportError as exc:
+        if (exc.name or "").partition(".")[0] != "kubernetes":
+            raise
+        raise TargetRefused(
+            "the deploy workers cannot reach kubernetes targets: the kubernetes client is not installed "
+            "on them (the operator installs the service's kubernetes extra: pip install 'mms[kubernetes]')"
+        ) from None
+    with session_scope(context.session_factory) as session:
+        compute = session.scalars(
+            select(Compute).where(Compute.account_id == spec.account_id, Compute.name == spec.compute_name)
+        ).first()
+        if compute is None or compute.compute_type != "kubernetes" or not compute.sealed_credentials:
+            raise TargetRefused(f"compute '{spec.compute_name}' is not an attached kubernetes target of the account")
+        sealed, namespace = compute.sealed_credentials, (compute.properties or {}).get("namespace") or "default"
+    try:
+        kubeconfig = json.loads(context.sealer.unseal(sealed))["kubeconfig"]
+    except (UnsealError, ValueError, KeyError, TypeError):
+        raise TargetRefused(
+            f"the credentials of compute '{spec.compute_name}' cannot be read (was MMS_SECRET_KEY changed?): "
+            "attach it again"
+        ) from None
+    return KubernetesDriver(
+        kubeconfig,
+        namespace=namespace,
+        policy=kubeconfig_policy(context.settings),
+        tmp_mb=context.settings.service_tmp_mb,
+    )
+
+
+def _spec_as_scaled(spec: Spec, scaled_to: int | None) -> Spec:
+    """``spec`` with as many replicas as its autoscaler asks for now (at least its minimum):
+    what the pass waits for, as it would for a fixed count."""
+    if not (spec.autoscaler or {}).get("autoscaleEnabled") or scaled_to is None:
+        return spec
+    return replace(spec, replicas=max(spec.replicas, scaled_to))
+
+
 def sweep_orphans(context: ServiceContext) -> list[uuid.UUID]:
     """Remove engine objects of services that no longer exist (on the local engine and the
     operator's swarm); their ids. The services that exist are read after what the engine holds:
@@ -185,13 +317,19 @@ def _driver(context: ServiceContext, spec: Spec) -> LocalDriver | SwarmDriver:
     return _local_driver(context, engine)
 
 
-def _undeployable(spec: Spec) -> str | None:
+def _undeployable(context: ServiceContext, spec: Spec) -> str | None:
     """Why nothing can be deployed to the service's target in this version, if so."""
-    if spec.compute_type == "kubernetes":
+    if spec.compute_type == "kubernetes" and spec.auth_enabled:
+        # The API refuses it; a row from before says so here: never served without the keys it asked for.
         return (
-            f"compute '{spec.compute_name}' is a kubernetes target: deploying to one is not available yet "
-            "(its objects are built and checked, not applied); deploy to 'local' or, where the operator set "
-            "one, to the built-in 'swarm'"
+            f"compute '{spec.compute_name}' is a kubernetes target, whose traffic does not pass the scoring "
+            "gateway that checks keys: set authEnabled to false to deploy there without key auth"
+        )
+    if spec.compute_type == "kubernetes" and context.settings.is_embedded_registry:
+        return (
+            "a kubernetes target pulls the image from the service's registry, and the embedded image store "
+            "cannot hand a cluster a pull credential of its own; an operator sets MMS_REGISTRY to a registry "
+            "the cluster can pull from itself"
         )
     if spec.compute_type == "swarm" and spec.compute_name != SWARM:
         # A tenant's swarm: its tasks' addresses are on its own hosts, out of the gateway's reach.

@@ -67,9 +67,13 @@ def _limits(settings: Settings) -> Limits:
 
 def to_read(view: ServiceView, settings: Settings) -> ServiceRead:
     service, image = view.service, view.image
-    # The gateway's address for the service, once a generation of it has taken requests.
-    base = scoring_base(settings.scoring_url, service.id)
-    deployed = service.traffic_generation is not None
+    base = scoring_base(
+        settings.scoring_url,
+        service.id,
+        compute_type=service.compute_type,
+        endpoint=service.endpoint,
+        traffic_generation=service.traffic_generation,
+    )
     shown = service_error(service.state, service.error)
     error = None if shown is None else ServiceErrorRead(code=shown[0], message=shown[1])
     return ServiceRead(
@@ -83,8 +87,8 @@ def to_read(view: ServiceView, settings: Settings) -> ServiceRead:
         imageId=str(image.id),
         imageDigest=image.digest,
         imageLocation=image.image_location,
-        scoringUri=f"{base}/score" if deployed else None,
-        swaggerUri=f"{base}/swagger.json" if deployed else None,
+        scoringUri=None if base is None else f"{base}/score",
+        swaggerUri=None if base is None else f"{base}/swagger.json",
         authEnabled=service.auth_enabled,
         numReplicas=service.num_replicas,
         autoScaler=None if service.autoscaler is None else AutoScaler(**service.autoscaler),

@@ -217,7 +217,8 @@ def test_fixed_replicas_have_no_autoscaler() -> None:
 
 def test_the_autoscaler_scales_the_deployment_on_cpu() -> None:
     objects = build_objects(AUTOSCALED)
-    assert _body(objects.deployment)["spec"]["replicas"] == 2  # starts at minReplicas
+    # No count: the driver applies these objects on every pass, and a count would undo the HPA's.
+    assert "replicas" not in _body(objects.deployment)["spec"]
     hpa = _body(objects.autoscaler)
     assert hpa["apiVersion"] == "autoscaling/v2"
     assert hpa["spec"]["scaleTargetRef"] == {
@@ -247,6 +248,22 @@ def test_the_pull_secret_is_a_login_to_the_registry_only() -> None:
     assert secret["data"][".dockerconfigjson"] not in repr(objects)
 
 
+def test_without_a_pull_credential_there_is_no_secret_and_the_cluster_pulls_on_its_own() -> None:
+    objects = build_objects(_description(pull_credential=None))
+    assert objects.secret is None
+    assert [_body(o)["kind"] for o in objects.in_apply_order()] == ["NetworkPolicy", "Deployment", "Service"]
+    assert "imagePullSecrets" not in _pod(objects)
+    for obj in objects.in_apply_order():
+        _validate(_body(obj))
+
+
+def test_the_pods_carry_their_image_id_when_given() -> None:
+    image_id = "5b0c1f9e-2a7d-4c3b-9e8f-0a1b2c3d4e5f"
+    labels = _body(build_objects(_description(image_id=image_id)).deployment)["spec"]["template"]["metadata"]["labels"]
+    assert labels["org.mms.image"] == image_id
+    assert "org.mms.image" not in _body(build_objects(FIXED).deployment)["spec"]["template"]["metadata"]["labels"]
+
+
 @pytest.mark.parametrize(
     ("changes", "field"),
     [
@@ -259,6 +276,7 @@ def test_the_pull_secret_is_a_login_to_the_registry_only() -> None:
         ({"cpu": 0}, "deploymentConfig.containerResourceRequirements.cpu"),
         ({"memory_gb": 0.1}, "deploymentConfig.containerResourceRequirements.memoryInGB"),
         ({"name": "Housing_1"}, "name"),
+        ({"image_id": "not a label value"}, "imageId"),
     ],
 )
 def test_a_description_the_target_cannot_run_is_refused_naming_the_field(changes: dict[str, Any], field: str) -> None:

@@ -1,0 +1,541 @@
+"""The ``kubernetes`` target: a service as the objects of workers/deploy/kubernetes.py in a
+tenant's cluster, applied with server-side apply (field manager ``mms``) on every pass.
+
+Connecting: the tenant's kubeconfig passes the service's policy and the worker's address check
+(workers/deploy/kubeconfig.py) each time a pass connects, and the client then connects to the
+address checked, not to the name resolved anew (the name still goes to TLS, for SNI and the
+certificate check), with no proxy from the environment and no redirect followed. The inline
+CA and client certificate are written to a private temporary folder removed at close (the
+client takes files); the token, password and key never reach a message: the cluster's own
+messages are cut short and have them cut out.
+
+Applying: every pass applies the objects its spec describes, so a scale, an image swap (a new
+generation: the pods' template changes), a roll back and a resize are one re-apply each, and
+the Deployment's rolling update (maxSurge 1, maxUnavailable 0) does the rollout: the old pods
+serve until new ones are ready. An autoscaled Deployment carries no count (the HPA's).
+
+Observing: the Deployment (its ProgressDeadlineExceeded condition, the count the HPA gave it)
+and its pods, by the service's label, in the target's namespace only. A pod is a replica,
+ready when its Ready condition is true (its readiness probe is the smoke test's ``GET /``); a
+pod of the desired generation in CrashLoopBackOff (or that cannot start: ImagePullBackOff,
+InvalidImageName, CreateContainerConfigError) fails the generation, with its container's last
+lines read through ``read_namespaced_pod_log``.
+
+The scoring gateway never routes here: the gateway cannot reach a cluster's pods, and an address
+a tenant's cluster reports must never become one the gateway connects to. The Service's cluster
+address (``spec.clusterIP``, as the cluster reports it) is the service's endpoint instead.
+
+The ``kubernetes`` package is the ``kubernetes`` extra's: workers.deploy.reconcile imports this
+module only for a kubernetes target, and fails the service saying so when it is missing.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import json
+import logging
+import os
+import socket
+import tempfile
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Self
+from urllib.parse import urlsplit
+
+import urllib3
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from app.deployments.reconciler import Failure, LogLine, Replica, Spec
+from workers.build_context import PORT
+from workers.deploy.kubeconfig import KubeconfigPolicy, KubeconfigRefused, check_kubeconfig
+from workers.deploy.kubernetes import (
+    GENERATION_LABEL,
+    IMAGE_LABEL,
+    MANAGED_BY,
+    SERVICE_LABEL,
+    Autoscaler,
+    ServiceDescription,
+    ServiceSpecError,
+    build_objects,
+    object_name,
+)
+from workers.deploy.local import (
+    LOG_LINES_PER_PASS,
+    EngineUnreachable,
+    TargetRefused,
+    parse_log_lines,
+    pinned_reference,
+)
+from workers.fetcher import FetchError, Resolver, check_url
+from workers.smoke_test import last_error_line
+
+__all__ = ["CONTAINER", "FIELD_MANAGER", "KubernetesDriver", "describe"]
+
+log = logging.getLogger("mms.deploy.kubernetes")
+
+FIELD_MANAGER = "mms"
+CONTAINER = "scoring"  # the one container of a replica (workers/deploy/kubernetes.py)
+_MANAGED = f"app.kubernetes.io/managed-by={MANAGED_BY}"
+_APPLY = "application/apply-patch+yaml"
+_TIMEOUT = (5.0, 15.0)  # connect, each read: a pass stays well inside its lease
+_MAX_ANSWER_BYTES = 8 * 1024 * 1024  # one answer of the cluster, read at most (a list of pods, a log)
+_MESSAGE_CHARS = 300  # of a message the cluster sends back
+_LOG_TAIL = 80  # lines of a failed replica kept in the service's error
+_MAX_LOG_PODS = 32  # pods whose new lines one pass copies
+# A pod of the desired generation waiting for one of these will not start by waiting longer.
+_CANNOT_START = frozenset({"ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError", "ErrImageNeverPull"})
+# Each kind of object the service has: the typed API that serves it and its methods' suffix.
+_KINDS = {
+    "Secret": ("core", "namespaced_secret"),
+    "NetworkPolicy": ("networking", "namespaced_network_policy"),
+    "Deployment": ("apps", "namespaced_deployment"),
+    "Service": ("core", "namespaced_service"),
+    "HorizontalPodAutoscaler": ("autoscaling", "namespaced_horizontal_pod_autoscaler"),
+}
+
+
+def describe(spec: Spec, *, namespace: str, tmp_mb: int) -> ServiceDescription:
+    """What the objects of ``spec`` are built from. No pull credential: the cluster pulls the
+    image with its own access to the registry (README, "the kubernetes target")."""
+    if not spec.image_location:
+        raise TargetRefused(f"image {spec.image_id} has no location to pull from")
+    scaler = spec.autoscaler or {}
+    autoscaler = None
+    if scaler.get("autoscaleEnabled"):
+        autoscaler = Autoscaler(
+            min_replicas=int(scaler.get("minReplicas") or 1),
+            max_replicas=int(scaler.get("maxReplicas") or 1),
+            target_utilization=int(scaler.get("targetUtilization") or 70),
+        )
+    return ServiceDescription(
+        name=spec.name,
+        service_id=str(spec.id),
+        account_id=str(spec.account_id),
+        image=pinned_reference(spec.image_location, spec.image_digest),
+        pull_credential=None,
+        cpu=spec.cpu,
+        memory_gb=spec.memory_gb,
+        replicas=None if autoscaler else spec.replicas,
+        autoscaler=autoscaler,
+        generation=spec.generation,
+        namespace=namespace,
+        tmp_mb=tmp_mb,
+        image_id=str(spec.image_id),
+    )
+
+
+class KubernetesDriver:
+    """One pass's connection to a tenant's cluster, through its checked kubeconfig."""
+
+    def __init__(
+        self,
+        kubeconfig: str,
+        *,
+        namespace: str,
+        policy: KubeconfigPolicy | None = None,
+        tmp_mb: int = 64,
+        resolver: Resolver = socket.getaddrinfo,
+    ) -> None:
+        unresolved: list[str] = []
+
+        def resolving(host: str, *args: Any, **kwargs: Any) -> Sequence[tuple[Any, ...]]:
+            try:
+                return resolver(host, *args, **kwargs)
+            except (OSError, UnicodeError):
+                unresolved.append(str(host))
+                raise
+
+        policy = policy or KubeconfigPolicy()
+        try:
+            checked = check_kubeconfig(kubeconfig, policy, resolver=resolving)
+            # The server's address, checked once more and kept: the client connects to it.
+            address = check_url(checked.server, policy=policy.fetch, resolver=resolving)
+        except (KubeconfigRefused, FetchError) as exc:
+            if unresolved:  # the name did not resolve now: maybe later
+                raise EngineUnreachable(
+                    f"the kubernetes cluster's server name {unresolved[0]} does not resolve"
+                ) from None
+            raise TargetRefused(f"the kubernetes target's kubeconfig is refused: {exc}") from None
+        self._namespace = namespace
+        self._tmp_mb = tmp_mb
+        self._secrets = tuple(
+            value
+            for value in (checked.token, checked.password, checked.client_key_data, checked.client_certificate_data)
+            if value
+        )
+        parts = urlsplit(checked.server)
+        host = parts.hostname or ""
+        port = parts.port or 443
+        self._where = f"{host}:{port}"  # for messages: no userinfo, no path
+        self.scaled_to: int | None = None  # the Deployment's count, as the HPA set it (observe)
+        self._folder = tempfile.TemporaryDirectory(prefix="mms-kube-")
+        try:
+            self._api = client.ApiClient(self._configuration(checked, host, port, parts.path, address))
+        except BaseException:
+            self._folder.cleanup()
+            raise
+        self._apis = {
+            "core": client.CoreV1Api(self._api),
+            "apps": client.AppsV1Api(self._api),
+            "networking": client.NetworkingV1Api(self._api),
+            "autoscaling": client.AutoscalingV2Api(self._api),
+        }
+
+    def _configuration(self, checked: Any, host: str, port: int, path: str, address: str) -> client.Configuration:
+        configuration = client.Configuration()
+        pinned = f"[{address}]" if ":" in address else address
+        configuration.host = f"https://{pinned}:{port}{path.rstrip('/')}"
+        # The client reads HTTPS_PROXY and the like from the environment: the tenant's token and
+        # the pinned address must not go through whatever proxy the worker's host has set.
+        configuration.proxy = None
+        configuration.no_proxy = None
+        # One try, no redirect followed: a redirect would lead the worker to an address no check saw.
+        configuration.retries = urllib3.Retry(total=0, redirect=False)
+        configuration.verify_ssl = not checked.insecure_skip_tls_verify
+        name = checked.tls_server_name or (None if _is_address(host) else host)
+        if name and configuration.verify_ssl:
+            configuration.tls_server_name = name  # SNI
+            configuration.assert_hostname = name  # the certificate is checked for the name, not the address
+        if checked.certificate_authority_data:
+            configuration.ssl_ca_cert = self._file("ca.crt", checked.certificate_authority_data)
+        if checked.client_certificate_data:
+            configuration.cert_file = self._file("client.crt", checked.client_certificate_data)
+            configuration.key_file = self._file("client.key", checked.client_key_data or "")
+        if checked.token:
+            configuration.api_key = {"BearerToken": checked.token}
+            configuration.api_key_prefix = {"BearerToken": "Bearer"}
+        elif checked.username:
+            login = base64.b64encode(f"{checked.username}:{checked.password or ''}".encode()).decode()
+            configuration.api_key = {"BearerToken": f"Basic {login}"}
+        return configuration
+
+    def _file(self, name: str, data: str) -> str:
+        """``data`` (base64, as a kubeconfig's ``*-data``) decoded into a file only this user reads."""
+        try:
+            decoded = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise TargetRefused(f"the kubernetes target's kubeconfig holds {name} data that is not base64") from None
+        path = Path(self._folder.name) / name
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(decoded)
+        return str(path)
+
+    def close(self) -> None:
+        self._api.rest_client.pool_manager.clear()
+        self._api.close()
+        self._folder.cleanup()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    # -- what a pass does ----------------------------------------------------------------------
+
+    def apply(self, spec: Spec) -> None:
+        """Apply the objects ``spec`` describes (server-side apply, idempotent: what did not
+        change changes nothing); an autoscaler no longer asked for goes."""
+        try:
+            objects = build_objects(describe(spec, namespace=self._namespace, tmp_mb=self._tmp_mb))
+        except ServiceSpecError as exc:
+            raise TargetRefused(f"the service cannot run on a kubernetes target: {exc}") from None
+        for obj in objects.in_apply_order():
+            body = self._api.sanitize_for_serialization(obj)
+            patch = self._method(body["kind"], "patch")
+            self._call(
+                patch,
+                body["metadata"]["name"],
+                self._namespace,
+                body,
+                field_manager=FIELD_MANAGER,
+                force=True,  # these objects are this service's alone: its apply wins
+                _content_type=_APPLY,
+            )
+        if objects.autoscaler is None:
+            self._delete("HorizontalPodAutoscaler", objects.deployment.metadata.name)
+        log.info(
+            "deploy.applied",
+            extra={"service": str(spec.id), "generation": spec.generation, "namespace": self._namespace},
+        )
+
+    def observe(self, spec: Spec) -> tuple[list[Replica], Failure | None]:
+        """The service's pods as replicas; and, when the desired generation will not start, why."""
+        name = self._name(spec)
+        deployment = _mapping(self._json(self._method("Deployment", "read"), name, self._namespace, missing=(404,)))
+        scaled = _mapping(deployment.get("spec")).get("replicas")
+        self.scaled_to = scaled if isinstance(scaled, int) and not isinstance(scaled, bool) else None
+        pods = [_mapping(p) for p in _list(self._list("Pod", _selector(spec.id)))]
+        seen = [(pod, replica) for pod in pods if (replica := _replica(pod)) is not None]
+        return [replica for _, replica in seen], self._failure(spec, deployment, seen)
+
+    def read_logs(self, spec: Spec, replicas: Sequence[Replica]) -> list[LogLine]:
+        """What each pod printed since the newest line already copied (at most
+        ``LOG_LINES_PER_PASS`` a pod, of at most ``_MAX_LOG_PODS`` pods)."""
+        lines: list[LogLine] = []
+        for replica in [r for r in replicas if r.alive][:_MAX_LOG_PODS]:
+            raw = self._log(replica.id, timestamps=True, tail_lines=LOG_LINES_PER_PASS)
+            lines += parse_log_lines(raw, replica, after_ns=spec.log_marks.get(replica.id, 0))
+        return lines
+
+    def endpoint(self, spec: Spec) -> str | None:
+        """``address:port`` of the service's Service, as the cluster reports it (None before it
+        has one): reachable from inside the cluster only."""
+        service = _mapping(
+            self._json(self._method("Service", "read"), self._name(spec), self._namespace, missing=(404,))
+        )
+        address = _mapping(service.get("spec")).get("clusterIP")
+        try:
+            ip = ipaddress.ip_address(address) if isinstance(address, str) else None
+        except ValueError:
+            ip = None
+        if ip is None:
+            return None
+        return f"[{ip}]:{PORT}" if ip.version == 6 else f"{ip}:{PORT}"
+
+    def remove_all(self, service_id: uuid.UUID) -> bool:
+        """Every object the service's applies made, found by its labels in the target's
+        namespace; whether nothing is left. Its NetworkPolicy goes last, once its pods are gone
+        (a pod still terminating stays contained)."""
+        selector = _selector(service_id)
+        for kind in ("HorizontalPodAutoscaler", "Deployment", "Service", "Secret"):
+            for name in self._names(kind, selector):
+                self._delete(kind, name)
+        if self._list("Pod", selector):
+            return False
+        for name in self._names("NetworkPolicy", selector):
+            self._delete("NetworkPolicy", name)
+        left = [kind for kind in _KINDS if self._names(kind, selector)]
+        return not left
+
+    # -- the cluster's answers -----------------------------------------------------------------
+
+    def _failure(
+        self, spec: Spec, deployment: Mapping[str, Any], seen: Sequence[tuple[Mapping, Replica]]
+    ) -> Failure | None:
+        """Why the desired generation will never serve, if the cluster says so."""
+        desired = [(pod, r) for pod, r in seen if r.generation == spec.generation and r.alive and not r.ready]
+        for pod, replica in desired:
+            for status in _list(_mapping(pod.get("status")).get("containerStatuses")):
+                waiting = _mapping(_mapping(_mapping(status).get("state")).get("waiting"))
+                reason = waiting.get("reason")
+                if reason == "CrashLoopBackOff":
+                    logs = self._last_lines(replica.id)
+                    how = "ran out of memory" if replica.oom_killed else f"exited with code {replica.exit_code}"
+                    return Failure(
+                        f"a replica {how} {replica.restarts} times before it answered GET / "
+                        f"(CrashLoopBackOff){last_error_line(logs)}",
+                        logs,
+                    )
+                if reason in _CANNOT_START:
+                    return Failure(f"the cluster cannot start a replica ({reason}){self._said(waiting.get('message'))}")
+        template = _mapping(_mapping(_mapping(deployment.get("spec")).get("template")).get("metadata"))
+        if _mapping(template.get("labels")).get(GENERATION_LABEL) != str(spec.generation):
+            return None
+        for condition in _list(_mapping(deployment.get("status")).get("conditions")):
+            condition = _mapping(condition)
+            if condition.get("type") == "Progressing" and condition.get("reason") == "ProgressDeadlineExceeded":
+                logs = self._last_lines(desired[0][1].id) if desired else ""
+                return Failure(
+                    "the Deployment made no progress within its deadline (ProgressDeadlineExceeded)"
+                    f"{self._said(condition.get('message'))}",
+                    logs,
+                )
+        return None
+
+    def _last_lines(self, pod: str) -> str:
+        """The last lines of the pod's container: of its previous run when it is restarting."""
+        raw = self._log(pod, previous=True, tail_lines=_LOG_TAIL) or self._log(pod, tail_lines=_LOG_TAIL)
+        return self._redacted(raw.decode("utf-8", "replace")).rstrip()
+
+    def _log(self, pod: str, **options: Any) -> bytes:
+        read = self._apis["core"].read_namespaced_pod_log
+        # A container that has not started, or has no previous run, is a 400: nothing to read.
+        raw = self._call(read, pod, self._namespace, container=CONTAINER, missing=(400, 404), **options)
+        return raw or b""
+
+    def _name(self, spec: Spec) -> str:
+        try:
+            return object_name(describe(spec, namespace=self._namespace, tmp_mb=self._tmp_mb))
+        except ServiceSpecError as exc:
+            raise TargetRefused(f"the service cannot run on a kubernetes target: {exc}") from None
+
+    def _method(self, kind: str, verb: str) -> Callable[..., Any]:
+        api, suffix = _KINDS[kind]
+        return getattr(self._apis[api], f"{verb}_{suffix}")
+
+    def _list(self, kind: str, selector: str) -> list[Any]:
+        method = self._apis["core"].list_namespaced_pod if kind == "Pod" else self._method(kind, "list")
+        return _list(_mapping(self._json(method, self._namespace, label_selector=selector)).get("items"))
+
+    def _names(self, kind: str, selector: str) -> list[str]:
+        names = (_mapping(_mapping(item).get("metadata")).get("name") for item in self._list(kind, selector))
+        return [name for name in names if isinstance(name, str)]
+
+    def _delete(self, kind: str, name: str) -> None:
+        self._call(self._method(kind, "delete"), name, self._namespace, propagation_policy="Background", missing=(404,))
+
+    def _json(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        raw = self._call(method, *args, **kwargs)
+        if raw is None:
+            return None
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise EngineUnreachable(
+                f"the kubernetes cluster at {self._where} answered something that is not JSON"
+            ) from None
+
+    def _call(
+        self, method: Callable[..., Any], *args: Any, missing: tuple[int, ...] = (), **kwargs: Any
+    ) -> bytes | None:
+        """The raw answer of one call (None for a status in ``missing``), read at most
+        ``_MAX_ANSWER_BYTES``; the cluster's refusals and silences as the reconciler's errors."""
+        try:
+            response = method(*args, _preload_content=False, _request_timeout=_TIMEOUT, **kwargs)
+        except ApiException as exc:
+            if exc.status in missing:
+                return None
+            raise self._refusal(exc) from None
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise self._silence(exc) from None
+        try:
+            raw = response.read(_MAX_ANSWER_BYTES + 1)
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            response.close()
+            raise self._silence(exc) from None
+        if len(raw) > _MAX_ANSWER_BYTES:
+            response.close()  # the rest unread: the connection is not reused
+            raise EngineUnreachable(
+                f"the kubernetes cluster at {self._where} answered more than {_MAX_ANSWER_BYTES} bytes"
+            )
+        response.release_conn()
+        return raw
+
+    def _silence(self, exc: BaseException) -> EngineUnreachable:
+        return EngineUnreachable(f"the kubernetes cluster at {self._where} did not answer ({type(exc).__name__})")
+
+    def _refusal(self, exc: ApiException) -> Exception:
+        """A status the cluster answered: unreachable (retried) when it may pass, refused when
+        the tenant must change something. Never ``str(exc)``: it holds every header and the body."""
+        status = exc.status if isinstance(exc.status, int) else 0
+        if status == 0:  # the client's own: the TLS handshake failed
+            return EngineUnreachable(
+                f"the kubernetes cluster at {self._where} failed the TLS check (its certificate is not one the "
+                "kubeconfig's certificate-authority-data vouches for)"
+            )
+        said = self._said(_status_message(exc.body))
+        if status >= 500 or status in (408, 429) or 300 <= status < 400:
+            return EngineUnreachable(f"the kubernetes cluster at {self._where} answered {status}{said}")
+        if status in (401, 403):
+            return TargetRefused(
+                f"the kubernetes cluster at {self._where} refused the kubeconfig's credentials ({status}){said}"
+            )
+        return TargetRefused(f"the kubernetes cluster at {self._where} refused a request ({status}){said}")
+
+    def _said(self, message: object) -> str:
+        """': <message>', a message of the cluster's made fit for the service's error."""
+        if not isinstance(message, str) or not message.strip():
+            return ""
+        return f": {self._redacted(' '.join(message.split()))[:_MESSAGE_CHARS]}"
+
+    def _redacted(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+
+def _selector(service_id: uuid.UUID | str) -> str:
+    return f"{SERVICE_LABEL}={service_id},{_MANAGED}"
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _status_message(body: object) -> object:
+    """The ``message`` of a Status the cluster answered, if its body is one."""
+    if isinstance(body, bytes):
+        body = body[:_MAX_ANSWER_BYTES].decode("utf-8", "replace")
+    try:
+        return _mapping(json.loads(body)).get("message") if isinstance(body, str) else None
+    except ValueError:
+        return None
+
+
+def _mapping(value: object) -> Mapping[str, Any]:
+    """``value`` if the cluster sent a mapping there, else an empty one: its answers are data
+    from another party, whose every field may be missing or of another type."""
+    return value if isinstance(value, Mapping) else {}
+
+
+def _list(value: object) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _int(value: object) -> int:
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, int):
+        return value
+    try:
+        return int(str(value))
+    except ValueError:
+        return 0
+
+
+def _replica(pod: Mapping[str, Any]) -> Replica | None:
+    """A pod as the reconciler's replica (no address: the gateway never routes to a pod)."""
+    metadata = _mapping(pod.get("metadata"))
+    name = metadata.get("name")
+    if not isinstance(name, str) or not 0 < len(name) <= 128:
+        return None
+    labels = _mapping(metadata.get("labels"))
+    status = _mapping(pod.get("status"))
+    alive = status.get("phase") not in ("Succeeded", "Failed") and not metadata.get("deletionTimestamp")
+    ready = any(
+        _mapping(c).get("type") == "Ready" and _mapping(c).get("status") == "True"
+        for c in _list(status.get("conditions"))
+    )
+    containers = [_mapping(c) for c in _list(status.get("containerStatuses"))]
+    last = [_mapping(_mapping(c.get("lastState")).get("terminated")) for c in containers]
+    exit_codes = [t.get("exitCode") for t in last if isinstance(t.get("exitCode"), int)]
+    return Replica(
+        id=name,
+        generation=_int(labels.get(GENERATION_LABEL)),
+        image_id=_uuid_text(labels.get(IMAGE_LABEL)),
+        address=None,
+        alive=alive,
+        ready=alive and ready,
+        exit_code=exit_codes[0] if exit_codes else None,
+        oom_killed=any(t.get("reason") == "OOMKilled" for t in last),
+        restarts=sum(_int(c.get("restartCount")) for c in containers),
+        created=_timestamp(metadata.get("creationTimestamp")),
+    )
+
+
+def _uuid_text(value: object) -> str | None:
+    """An image id from a label, if it is one (a roll back writes it to the service's row)."""
+    try:
+        return str(uuid.UUID(value)) if isinstance(value, str) else None
+    except ValueError:
+        return None
+
+
+def _timestamp(value: object) -> float:
+    if not isinstance(value, str):
+        return 0.0
+    try:
+        return datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        return 0.0
