@@ -19,22 +19,30 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from mms_client.api import ServiceError
     from mms_client.sdk import (
+        AksWebservice,
         ContainerRegistry,
+        DeploymentConfiguration,
         Image,
         InferenceConfig,
+        LocalWebservice,
         Model,
         ServicePrincipalAuthentication,
+        SwarmWebservice,
         Webservice,
         Workspace,
     )
 
 __all__ = [
+    "AksWebservice",
     "ContainerRegistry",
+    "DeploymentConfiguration",
     "Image",
     "InferenceConfig",
+    "LocalWebservice",
     "Model",
     "ServiceError",
     "ServicePrincipalAuthentication",
+    "SwarmWebservice",
     "Webservice",
     "Workspace",
 ]

@@ -351,22 +351,24 @@ class Model:
         name: str,
         models: Iterable[Model | str],
         inference_config: InferenceConfig,
-        deployment_config: dict[str, Any] | None = None,
+        deployment_config: DeploymentConfiguration | dict[str, Any] | None = None,
         deployment_target: str | None = None,
     ) -> Webservice:
         """Build a scoring image of the models and the inference configuration and deploy it as
         the web service ``name``, in one operation; follow it with ``wait_for_deployment()``.
 
         :param models: ``Model`` objects, or model ids.
-        :param deployment_config: a deploymentconfig.json document (``containerResourceRequirements``,
-            ``numReplicas``, ``authEnabled``, ...; its ``computeType`` is checked against the target's).
+        :param deployment_config: ``LocalWebservice.deploy_configuration(...)`` (or the
+            ``SwarmWebservice`` or ``AksWebservice`` one), or a deploymentconfig.json document
+            (``containerResourceRequirements``, ``numReplicas``, ``authEnabled``, ...); its compute
+            type is checked against the target's.
         :param deployment_target: the compute target's name; default: ``local``.
         :return: the ``Webservice``, ``Transitioning`` while its image builds and its replicas start.
         """
         client = workspace._client
         model_ids = [m.id if isinstance(m, Model) else str(m) for m in models]
         operations.check_models_exist(client, model_ids)  # before anything is uploaded
-        config, compute_type, _ = operations.deployment_config(deployment_config or {}, "deployment_config")
+        config, compute_type = _deployment_document(deployment_config)
         with operations.Uploads(client) as uploads:
             manifest = operations.inference_config_body(
                 client, uploads, inference_config._as_config(), Path.cwd(), name, model_ids, [], "InferenceConfig"
@@ -641,6 +643,79 @@ class Webservice:
                 found.append(service)
         return found
 
+    @staticmethod
+    def deploy_from_image(
+        workspace: Workspace,
+        name: str,
+        image: Image | str,
+        deployment_config: DeploymentConfiguration | dict[str, Any] | None = None,
+        deployment_target: str | None = None,
+    ) -> Webservice:
+        """Deploy a ``Succeeded`` image as the web service ``name`` on ``deployment_target``
+        (default: ``local``); follow it with ``wait_for_deployment()``.
+
+        :param image: an ``Image``, or an image id.
+        :param deployment_config: as ``Model.deploy`` takes it.
+        """
+        client = workspace._client
+        config, compute_type = _deployment_document(deployment_config)
+        body: dict[str, Any] = {
+            "name": name,
+            "imageId": image.id if isinstance(image, Image) else str(image),
+            "deploymentConfig": config,
+        }
+        if deployment_target:
+            body["computeName"] = deployment_target
+        if compute_type:
+            body["computeType"] = compute_type
+        service = Webservice.__new__(Webservice)
+        service._set(workspace, operations.preview_call(client, "POST", client.account_url("services"), json=body))
+        return service
+
+    def update(
+        self,
+        *,
+        image: Image | str | None = None,
+        num_replicas: int | None = None,
+        cpu_cores: float | None = None,
+        memory_gb: float | None = None,
+        auth_enabled: bool | None = None,
+        autoscale_enabled: bool | None = None,
+        autoscale_min_replicas: int | None = None,
+        autoscale_max_replicas: int | None = None,
+        autoscale_target_utilization: int | None = None,
+    ) -> None:
+        """Swap the image (a rolling update: the old one serves until the new one answers),
+        scale, resize or switch key auth; the service is ``Transitioning`` until it settles
+        (``wait_for_deployment()``). A service still ``Transitioning`` refuses (``ServiceBusy``)."""
+        body: dict[str, Any] = {}
+        if image is not None:
+            body["imageId"] = image.id if isinstance(image, Image) else str(image)
+        if num_replicas is not None:
+            body["numReplicas"] = num_replicas
+        if cpu_cores is not None or memory_gb is not None:
+            # The service takes the whole requirements: the one not given stays as it is.
+            current = dict(self._record.get("containerResourceRequirements") or {})
+            body["containerResourceRequirements"] = {
+                **current,
+                **({"cpu": cpu_cores} if cpu_cores is not None else {}),
+                **({"memoryInGB": memory_gb} if memory_gb is not None else {}),
+            }
+        if auth_enabled is not None:
+            body["authEnabled"] = auth_enabled
+        autoscaler = _autoscaler(
+            autoscale_enabled, autoscale_min_replicas, autoscale_max_replicas, autoscale_target_utilization
+        )
+        if autoscaler is not None:
+            body["autoScaler"] = {**(self._record.get("autoScaler") or {}), **autoscaler}
+        if not body:
+            raise ServiceError(
+                "update: give at least one of image, num_replicas, cpu_cores, memory_gb, auth_enabled, autoscale_*"
+            )
+        client = self.workspace._client
+        url = client.account_url("services", self.id)
+        self._set(self.workspace, operations.preview_call(client, "PATCH", url, json=body))
+
     def update_deployment_state(self) -> None:
         """Read the service's state again from the service."""
         self._set(self.workspace, operations.find_service(self.workspace._client, service_id=self.id))
@@ -708,3 +783,150 @@ class Webservice:
 
     def __repr__(self) -> str:
         return f"Webservice(workspace={self.workspace!r}, name={self.name!r}, id={self.id!r}, state={self.state!r})"
+
+
+class DeploymentConfiguration:
+    """How a web service runs: what ``LocalWebservice``, ``SwarmWebservice`` and ``AksWebservice``
+    ``.deploy_configuration()`` make, for ``Model.deploy`` and ``Webservice.deploy_from_image``
+    (the SDK's counterpart of a deploymentconfig.json). Only what is given is sent; the service
+    fills in the rest (0.1 CPU, 0.5 GB, one replica, key auth on)."""
+
+    def __init__(self, compute_type: str, **fields: Any) -> None:
+        self.compute_type = compute_type
+        self._fields = {key: value for key, value in fields.items() if value is not None}
+
+    def as_document(self) -> dict[str, Any]:
+        """The deploymentconfig.json document it stands for."""
+        fields = self._fields
+        document: dict[str, Any] = {"computeType": self.compute_type}
+        if "cpu_cores" in fields or "memory_gb" in fields:
+            document["containerResourceRequirements"] = {
+                **({"cpu": fields["cpu_cores"]} if "cpu_cores" in fields else {}),
+                **({"memoryInGB": fields["memory_gb"]} if "memory_gb" in fields else {}),
+            }
+        for field, member in (
+            ("num_replicas", "numReplicas"),
+            ("auth_enabled", "authEnabled"),
+            ("scoring_timeout_ms", "scoringTimeoutMs"),
+        ):
+            if field in fields:
+                document[member] = fields[field]
+        autoscaler = _autoscaler(
+            fields.get("autoscale_enabled"),
+            fields.get("autoscale_min_replicas"),
+            fields.get("autoscale_max_replicas"),
+            fields.get("autoscale_target_utilization"),
+            fields.get("autoscale_refresh_seconds"),
+        )
+        if autoscaler is not None:
+            document["autoScaler"] = autoscaler
+        return document
+
+    def __repr__(self) -> str:
+        return f"DeploymentConfiguration({self.as_document()!r})"
+
+
+class LocalWebservice:
+    """Web services on the ``local`` target (the service's own Docker engine)."""
+
+    @staticmethod
+    def deploy_configuration(
+        *,
+        cpu_cores: float | None = None,
+        memory_gb: float | None = None,
+        num_replicas: int | None = None,
+        auth_enabled: bool | None = None,
+        scoring_timeout_ms: int | None = None,
+    ) -> DeploymentConfiguration:
+        return DeploymentConfiguration(
+            "local",
+            cpu_cores=cpu_cores,
+            memory_gb=memory_gb,
+            num_replicas=num_replicas,
+            auth_enabled=auth_enabled,
+            scoring_timeout_ms=scoring_timeout_ms,
+        )
+
+
+class SwarmWebservice:
+    """Web services on a ``swarm`` target (Docker Swarm mode)."""
+
+    @staticmethod
+    def deploy_configuration(
+        *,
+        cpu_cores: float | None = None,
+        memory_gb: float | None = None,
+        num_replicas: int | None = None,
+        auth_enabled: bool | None = None,
+        scoring_timeout_ms: int | None = None,
+    ) -> DeploymentConfiguration:
+        return DeploymentConfiguration(
+            "swarm",
+            cpu_cores=cpu_cores,
+            memory_gb=memory_gb,
+            num_replicas=num_replicas,
+            auth_enabled=auth_enabled,
+            scoring_timeout_ms=scoring_timeout_ms,
+        )
+
+
+class AksWebservice:
+    """Web services on a ``kubernetes`` target (``aks`` in Azure's files): the one that autoscales."""
+
+    @staticmethod
+    def deploy_configuration(
+        *,
+        cpu_cores: float | None = None,
+        memory_gb: float | None = None,
+        num_replicas: int | None = None,
+        auth_enabled: bool | None = None,
+        scoring_timeout_ms: int | None = None,
+        autoscale_enabled: bool | None = None,
+        autoscale_min_replicas: int | None = None,
+        autoscale_max_replicas: int | None = None,
+        autoscale_target_utilization: int | None = None,
+        autoscale_refresh_seconds: int | None = None,
+    ) -> DeploymentConfiguration:
+        if autoscale_enabled and num_replicas is not None:
+            raise ServiceError("deploy_configuration: num_replicas cannot be given with autoscale_enabled: choose one")
+        return DeploymentConfiguration(
+            "kubernetes",
+            cpu_cores=cpu_cores,
+            memory_gb=memory_gb,
+            num_replicas=num_replicas,
+            auth_enabled=auth_enabled,
+            scoring_timeout_ms=scoring_timeout_ms,
+            autoscale_enabled=autoscale_enabled,
+            autoscale_min_replicas=autoscale_min_replicas,
+            autoscale_max_replicas=autoscale_max_replicas,
+            autoscale_target_utilization=autoscale_target_utilization,
+            autoscale_refresh_seconds=autoscale_refresh_seconds,
+        )
+
+
+def _autoscaler(
+    enabled: bool | None,
+    low: int | None,
+    high: int | None,
+    target: int | None,
+    refresh: int | None = None,
+) -> dict[str, Any] | None:
+    given = {
+        "autoscaleEnabled": enabled,
+        "minReplicas": low,
+        "maxReplicas": high,
+        "targetUtilization": target,
+        "refreshPeriodInSeconds": refresh,
+    }
+    if all(value is None for value in given.values()):
+        return None
+    if enabled is None:  # a bound alone turns it on, as `mms service update --autoscale-*` does
+        given["autoscaleEnabled"] = True
+    return {key: value for key, value in given.items() if value is not None}
+
+
+def _deployment_document(config: DeploymentConfiguration | dict[str, Any] | None) -> tuple[dict[str, Any], str | None]:
+    """The body's deploymentConfig and the compute type to check, from either form."""
+    document = config.as_document() if isinstance(config, DeploymentConfiguration) else (config or {})
+    body, compute_type, _ = operations.deployment_config(document, "deployment_config")
+    return body, compute_type

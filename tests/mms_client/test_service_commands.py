@@ -417,3 +417,71 @@ def test_the_sdk_webservice_reads_a_service_and_its_keys(
         with pytest.raises(ServiceError) as missing:
             Webservice(ws, name="nope")
         assert (missing.value.code, missing.value.status_code) == ("ServiceNotFound", 404)
+
+
+def test_the_sdk_deploys_an_image_with_a_deploy_configuration_and_updates_it(
+    client: Client, service: EmbeddedService, owner: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Azure ML SDK v1's way: ``Webservice.deploy_from_image`` with
+    ``LocalWebservice.deploy_configuration(...)``, then ``update``."""
+    from app.deployments.transitions import Transition, move
+    from app.orm import Service
+    from mms_client import (
+        AksWebservice,
+        LocalWebservice,
+        ServiceError,
+        ServicePrincipalAuthentication,
+        Webservice,
+        Workspace,
+    )
+
+    for name in ("MMS_SERVER", "MMS_TOKEN", "MMS_CONFIG_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    image_id = _built_image(client, service, tmp_path)
+    account = client.json("env", "show")["account"]
+    auth = ServicePrincipalAuthentication(owner["clientId"], owner["clientSecret"])
+    config = LocalWebservice.deploy_configuration(
+        cpu_cores=0.5, memory_gb=1, num_replicas=2, auth_enabled=False, scoring_timeout_ms=5000
+    )
+    assert config.as_document() == {
+        "computeType": "local",
+        "containerResourceRequirements": {"cpu": 0.5, "memoryInGB": 1},
+        "numReplicas": 2,
+        "authEnabled": False,
+        "scoringTimeoutMs": 5000,
+    }
+    autoscaled = AksWebservice.deploy_configuration(autoscale_enabled=True, autoscale_max_replicas=4)
+    assert autoscaled.as_document() == {
+        "computeType": "kubernetes",
+        "autoScaler": {"autoscaleEnabled": True, "maxReplicas": 4},
+    }
+    with pytest.raises(ServiceError, match="num_replicas cannot be given with autoscale_enabled"):
+        AksWebservice.deploy_configuration(autoscale_enabled=True, num_replicas=2)
+    with Workspace(service.url, "default", "rg1", account, auth) as ws:
+        deployed = Webservice.deploy_from_image(ws, "sdk-config", image_id, config)
+        record = deployed.serialize()
+        assert (deployed.state, deployed.compute_type, deployed.auth_enabled) == ("Transitioning", "local", False)
+        assert record["containerResourceRequirements"] == {"cpu": 0.5, "memoryInGB": 1.0}
+        assert (record["numReplicas"], record["scoringTimeoutMs"]) == (2, 5000)
+        # A kubernetes configuration is not one for the local target: the service says so.
+        with pytest.raises(ServiceError) as wrong_target:
+            Webservice.deploy_from_image(ws, "sdk-wrong", image_id, autoscaled)
+        assert wrong_target.value.status_code == 400 and "computeType" in str(wrong_target.value)
+        with pytest.raises(ServiceError) as busy:
+            deployed.update(num_replicas=1)
+        assert (busy.value.code, busy.value.status_code) == ("ServiceBusy", 409)
+        with pytest.raises(ServiceError, match="give at least one of"):
+            deployed.update()
+
+        # Settled, as a reconciler pass would leave it (no deploy worker runs here).
+        engine = create_engine(f"sqlite:///{service.data_dir / 'mms.db'}")
+        try:
+            with Session(engine) as session, session.begin():
+                assert move(session, Transition.CONVERGE, Service.id == uuid.UUID(deployed.id), traffic_generation=1)
+        finally:
+            engine.dispose()
+        deployed.update(cpu_cores=0.25, auth_enabled=True)
+        record = deployed.serialize()
+        assert deployed.state == "Transitioning" and deployed.auth_enabled is True
+        assert record["containerResourceRequirements"] == {"cpu": 0.25, "memoryInGB": 1.0}  # memory kept
+        deployed.delete()
