@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import uuid
 
-from sqlalchemy import select
+from sqlalchemy import case, select
 from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.orm import Session
 
@@ -31,10 +31,15 @@ def create_service(session: Session, **fields: object) -> tuple[Service, Service
     return service, _start_operation(session, service, OperationKind.CREATE)
 
 
-def update_service(session: Session, service: Service, *, scoring_url: str, **values: object) -> ServiceOperation:
+def update_service(
+    session: Session, service: Service, *, scoring_url: str, new_generation: bool = False, **values: object
+) -> ServiceOperation:
     """Apply a new desired spec to a settled service in one statement; 409 while another
-    change is being applied or the service is being deleted. (``scoring_url``: for its event.)"""
+    change is being applied or the service is being deleted. ``new_generation``: the change
+    needs new replicas (an image swap, a resize). (``scoring_url``: for its event.)"""
     changed = {"revision": Service.revision + 1, "changed_at": utcnow(), "due_at": utcnow()}
+    if new_generation:
+        changed |= _next_generation()
     if not move(session, Transition.UPDATE, Service.id == service.id, scoring_url=scoring_url, **changed, **values):
         _reread(session, service)
         if service.state is ServiceState.DELETING:
@@ -45,6 +50,25 @@ def update_service(session: Session, service: Service, *, scoring_url: str, **va
         )
     _reread(session, service)
     return _start_operation(session, service, OperationKind.UPDATE)
+
+
+def _next_generation() -> dict[str, object]:
+    """The columns of an update that starts a new generation, as the UPDATE's own expressions
+    (each reads the row as it was): a number above every one given before, and, when the spec
+    being replaced is the one that serves, that spec kept for a roll back (while an earlier
+    rollout is still on, the serving spec it kept stays)."""
+    serves = Service.traffic_generation == Service.generation  # NULL (never served): false
+
+    def kept(spec: object, serving: object) -> object:
+        return case((serves, spec), else_=serving)
+
+    return {
+        "generation": Service.last_generation + 1,
+        "last_generation": Service.last_generation + 1,
+        "serving_image_id": kept(Service.image_id, Service.serving_image_id),
+        "serving_cpu": kept(Service.cpu, Service.serving_cpu),
+        "serving_memory_gb": kept(Service.memory_gb, Service.serving_memory_gb),
+    }
 
 
 def request_delete(session: Session, service: Service, *, scoring_url: str) -> ServiceOperation:

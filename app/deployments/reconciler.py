@@ -81,6 +81,11 @@ class Spec:
     auth_enabled: bool = True
     # Per replica, when its newest copied log line was printed (ns since the epoch).
     log_marks: Mapping[str, int] = field(default_factory=dict)
+    # What the traffic generation runs while a newer one rolls out: what a roll back restores
+    # (None on a row whose rollout began before it was kept: migration 0016).
+    serving_image_id: uuid.UUID | None = None
+    serving_cpu: float | None = None
+    serving_memory_gb: float | None = None
 
     @property
     def deleting(self) -> bool:
@@ -141,6 +146,8 @@ class Step:
     remove: list[str] = field(default_factory=list)
     flip_traffic: bool = False
     failure: Failure | None = None  # the desired generation failed (FAIL, or ROLL_BACK of an update)
+    # The image the traffic generation's replicas carry in their labels: what a roll back
+    # restores on a row that kept no serving spec (a rollout begun before migration 0016).
     roll_back_to_image: str | None = None
     busy: bool = True
 
@@ -237,6 +244,9 @@ def read_spec(session: Session, lease: Lease) -> Spec | None:
         name=service.name,
         autoscaler=service.autoscaler,
         auth_enabled=service.auth_enabled,
+        serving_image_id=service.serving_image_id,
+        serving_cpu=service.serving_cpu,
+        serving_memory_gb=service.serving_memory_gb,
         log_marks={
             replica_id: mark
             for replica_id, mark in session.execute(
@@ -338,13 +348,14 @@ def _old_generations(
     drain_seconds: float,
 ) -> list[str]:
     """Replicas of generations no longer wanted: the one taking traffic stays until the new
-    one takes it, and after a switch the old ones drain for ``drain_seconds``."""
+    one takes it, and after a switch the old ones drain for ``drain_seconds``. A generation
+    above the traffic one never took traffic (numbers are never given twice): nothing to drain."""
     draining = switched_at is not None and now < switched_at + timedelta(seconds=drain_seconds)
     gone = []
     for replica in replicas:
         if replica.generation == spec.generation or replica.generation == traffic:
             continue
-        if draining and replica.generation < spec.generation:
+        if draining and traffic is not None and replica.generation < traffic:
             continue
         gone.append(replica.id)
     return gone
@@ -384,7 +395,7 @@ def record(
     traffic = spec.traffic_generation
     if step.flip_traffic:
         traffic = spec.generation
-        values |= {"traffic_generation": spec.generation, "switched_at": now}
+        values |= {"traffic_generation": spec.generation, "switched_at": now} | _NOTHING_KEPT
     fence = _unchanged(lease, spec)
 
     if step.failure is not None and spec.state is ServiceState.FAILED:
@@ -408,8 +419,7 @@ def record(
             old_ready = sum(r.ready for r in replicas if r.generation == spec.traffic_generation)
             target = ServiceState.HEALTHY if old_ready >= spec.replicas else ServiceState.UNHEALTHY
             rollback: dict[str, object] = {"generation": spec.traffic_generation, "replicas_ready": old_ready}
-            if step.roll_back_to_image:
-                rollback["image_id"] = uuid.UUID(step.roll_back_to_image)
+            rollback |= _served_spec(session, spec, step)
             moved = move(
                 session,
                 Transition.ROLL_BACK,
@@ -441,6 +451,37 @@ def record(
     changed = session.scalar(select(Service.id).where(_unchanged(lease, spec))) is None
     _bookkeep(session, _held(lease), **released, due_at=now if changed else values["due_at"])
     return True
+
+
+# The serving spec, forgotten once the spec is what serves (a new generation took traffic, or a roll back).
+_NOTHING_KEPT: Mapping[str, object] = {"serving_image_id": None, "serving_cpu": None, "serving_memory_gb": None}
+
+
+def _served_spec(session: Session, spec: Spec, step: Step) -> dict[str, object]:
+    """What a roll back writes back: the serving spec the update kept (whatever the
+    orchestrator still shows, and also when the pass saw nothing: a target that refused the new
+    spec); on a row that kept none, the image the old replicas' labels name, if the account holds it."""
+    restored: dict[str, object] = dict(_NOTHING_KEPT)  # the spec is what serves again
+    if spec.serving_image_id is not None:
+        restored["image_id"] = spec.serving_image_id
+    elif (labelled := _account_image(session, spec, step.roll_back_to_image)) is not None:
+        restored["image_id"] = labelled
+    if spec.serving_cpu is not None and spec.serving_memory_gb is not None:
+        restored |= {"cpu": spec.serving_cpu, "memory_gb": spec.serving_memory_gb}
+    return restored
+
+
+def _account_image(session: Session, spec: Spec, image_id: str | None) -> uuid.UUID | None:
+    """``image_id`` (read from a label) if it is an image of the service's account: on a
+    tenant's cluster the tenant sets the labels, and an image deleted since would fail the
+    write (its foreign key)."""
+    try:
+        parsed = uuid.UUID(image_id) if image_id else None
+    except ValueError:
+        return None
+    if parsed is None:
+        return None
+    return session.scalar(select(Image.id).where(Image.id == parsed, Image.account_id == spec.account_id))
 
 
 def record_unreachable(

@@ -85,7 +85,17 @@ class Service(UuidPrimaryKey, CreatedAt, Base):
     memory_gb: Mapped[float] = mapped_column(Float)
     auth_enabled: Mapped[bool] = mapped_column(Boolean)
     scoring_timeout_ms: Mapped[int] = mapped_column(Integer)
-    generation: Mapped[int] = mapped_column(Integer, default=1)  # +1 for each image swap
+    # The desired generation: a new one for each image swap or resize, above every one given
+    # before (last_generation), so a failed generation's leftovers (a replica whose removal
+    # failed, a swarm service mms-<id>-g<n> still going, its log lines) never pass for a later one's.
+    generation: Mapped[int] = mapped_column(Integer, default=1)
+    last_generation: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    # What the traffic generation runs while a newer one rolls out (set by the update that
+    # started it, forgotten once the newer one takes traffic or is rolled back): what a roll
+    # back restores. Its image cannot be deleted meanwhile, as image_id's.
+    serving_image_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, ForeignKey("images.id"), index=True)
+    serving_cpu: Mapped[float | None] = mapped_column(Float)
+    serving_memory_gb: Mapped[float | None] = mapped_column(Float)
     # The generation that takes scoring requests; None until one ever has (no scoring URI yet).
     traffic_generation: Mapped[int | None] = mapped_column(Integer)
     # Where the orchestrator says the service is reached when its traffic does not pass the

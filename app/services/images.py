@@ -6,7 +6,7 @@ import logging
 import time
 import uuid
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, lazyload
 
@@ -159,10 +159,10 @@ def delete_image(session: Session, account: AccountRef, *, image_id: str, layout
 
 
 def _refuse_if_deployed(session: Session, image: Image) -> None:
-    """409 ImageInUse while a service runs ``image``."""
-    names = list(
-        session.scalars(select(Service.name).where(Service.image_id == image.id).order_by(Service.name).limit(3))
-    )
+    """409 ImageInUse while a service runs ``image``, or its serving generation does during a
+    rollout (a roll back goes back to it)."""
+    using = or_(Service.image_id == image.id, Service.serving_image_id == image.id)
+    names = list(session.scalars(select(Service.name).where(using).order_by(Service.name).limit(3)))
     if names:
         raise Conflict(
             f"image '{image.id}' is deployed as service(s) {', '.join(names)}: "

@@ -326,10 +326,8 @@ def update(
         if image.id != service.image_id:
             values["image_id"] = image.id
             new_generation = True
-    if new_generation:
-        values["generation"] = Service.generation + 1
     values["error"] = None
-    operation = update_service(session, service, scoring_url=scoring_url, **values)
+    operation = update_service(session, service, scoring_url=scoring_url, new_generation=new_generation, **values)
     return ServiceView(service, session.get_one(Image, service.image_id), operation)
 
 

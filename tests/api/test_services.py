@@ -15,10 +15,12 @@ from sqlalchemy.orm import Session
 from app.builds.leases import claim_build, finish_build
 from app.builds.states import CreationState
 from app.context import ServiceContext
+from app.deployments import reconciler
 from app.deployments.states import ServiceState
 from app.deployments.transitions import Transition, move
 from app.main import create_app
 from app.orm import Service, ServiceLogLine
+from app.orm.base import utcnow
 from tests.api.test_computes import kubernetes, swarm
 from tests.api.test_manifests import SCORE_URL
 from tests.factories import Callers, model_body
@@ -560,6 +562,35 @@ def test_an_image_a_service_runs_cannot_be_deleted(
     assert client.delete(f"{account}/images/{image_id}", headers=owner).status_code == 409  # still Deleting
     settle(db, service["id"], Transition.DELETE, None)
     assert client.delete(f"{account}/images/{image_id}", headers=owner).status_code == 204
+
+
+def test_the_image_the_old_generation_serves_during_a_rollout_cannot_be_deleted(
+    client: TestClient, owner: dict[str, str], account: str, image_id: str, db: Session, manifest_id: str
+) -> None:
+    service = deploy(client, account, owner, image_id)
+    settle(db, service["id"], Transition.CONVERGE, ServiceState.HEALTHY, traffic_generation=1, replicas_ready=1)
+    new_image = built_image(client, db, account, owner, manifest_id)
+    url = f"{account}/services/{service['id']}"
+    assert client.patch(url, json={"imageId": new_image}, headers=owner).status_code == 202
+    # The old generation serves it until the new one answers, and a roll back would go back to it.
+    refused = client.delete(f"{account}/images/{image_id}", headers=owner)
+    assert (refused.status_code, refused.json()["code"]) == (409, "ImageInUse")
+    assert "myservice" in refused.json()["message"]
+
+    # The new generation takes traffic (a reconciler pass that saw it answer): the old image may go.
+    db.expire_all()
+    lease = reconciler.claim(db, uuid.UUID(service["id"]), owner="test")
+    assert lease is not None
+    spec = reconciler.read_spec(db, lease)
+    assert spec is not None
+    ready = [reconciler.Replica("r2", 2, new_image, "10.213.0.3:5001", alive=True, ready=True)]
+    now = utcnow()
+    step = reconciler.decide(spec, ready, now=now, start_seconds=60, drain_seconds=10)
+    assert step.flip_traffic
+    assert reconciler.record(db, lease, spec, step, ready, now=now, scoring_url="http://127.0.0.1:8001")
+    assert client.get(url, headers=owner).json()["state"] == "Healthy"
+    assert client.delete(f"{account}/images/{image_id}", headers=owner).status_code == 204
+    assert client.delete(f"{account}/images/{new_image}", headers=owner).status_code == 409
 
 
 def test_a_target_that_runs_services_cannot_be_detached_or_change_type(

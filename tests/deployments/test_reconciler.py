@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.builds.states import CreationState
 from app.deployments import OperationState, ServiceState
 from app.deployments.lifecycle import request_delete, update_service
 from app.deployments.reconciler import (
@@ -26,8 +27,12 @@ from app.deployments.reconciler import (
     record_unreachable,
     renew,
 )
-from app.orm import Image, Service, ServiceOperation, ServiceReplica
+from app.orm import Account, Image, Service, ServiceOperation, ServiceReplica
 from app.orm.base import utcnow
+from app.schemas.services import ServiceUpdate
+from app.services import services_deploy
+from app.services.accounts import AccountRef
+from tests.factories import new_service_row
 
 NOW = utcnow()
 SCORING_URL = "http://127.0.0.1:8001"
@@ -358,3 +363,145 @@ def test_a_rollout_that_went_unhealthy_can_still_fail(db: Session, created: Serv
     db.refresh(created)
     assert created.state is ServiceState.FAILED and "exited with code 1" in (created.error or "")
     assert _operation(db, created).state is OperationState.FAILED
+
+
+# -- a failed update rolled back (the API's PATCH, then the reconciler's passes) -------------
+
+
+def _another_image(db: Session, service: Service) -> Image:
+    """A second built image in the service's account."""
+    first = db.get_one(Image, service.image_id)
+    image = Image(
+        account_id=first.account_id,
+        manifest_id=first.manifest_id,
+        name=first.name,
+        version=first.version + 1 + int(uuid.uuid4().int % 1000),
+        image_type="Docker",
+        builder="docker",
+        state=CreationState.SUCCEEDED,
+        published_at=utcnow(),
+        image_location="127.0.0.1:5000/acct/housing:2",
+        digest="sha256:" + "2" * 64,
+    )
+    db.add(image)
+    db.flush()
+    return image
+
+
+def _patch(db: Session, service: Service, **body: object) -> None:
+    """The tenant's PATCH, as the API applies it."""
+    account = AccountRef.of(db.get_one(Account, service.account_id))
+    services_deploy.update(
+        db,
+        account,
+        service_id=str(service.id),
+        body=ServiceUpdate.model_validate(body),
+        limits=services_deploy.Limits(local_enabled=True, max_replicas=10),
+        scoring_url=SCORING_URL,
+    )
+
+
+def _pass(db: Session, service: Service, replicas: list[Replica], failure: Failure | None = None) -> Step:
+    """One reconciler pass that saw ``replicas`` (and the driver's ``failure``); its step."""
+    db.expire_all()  # each pass reads in a session of its own
+    lease = claim(db, service.id, owner="w")
+    assert lease is not None
+    spec = read_spec(db, lease)
+    assert spec is not None
+    now = utcnow()
+    step = decide(spec, replicas, now=now, start_seconds=60, drain_seconds=10, failure=failure)
+    assert record(db, lease, spec, step, replicas, now=now, scoring_url=SCORING_URL)
+    db.refresh(service)
+    return step
+
+
+@pytest.fixture()
+def serving(db: Session, created: Service) -> Service:
+    """A service whose first generation serves, Healthy."""
+    _pass(db, created, [_replica(n=0)])
+    assert (created.state, created.traffic_generation) == (ServiceState.HEALTHY, 1)
+    return created
+
+
+def _labelled(replica: Replica, image_id: uuid.UUID | str) -> Replica:
+    return Replica(replica.id, replica.generation, str(image_id), replica.address, replica.alive, replica.ready)
+
+
+def test_a_failed_update_rolls_back_the_image_and_resources_with_no_old_replica_in_sight(
+    db: Session, serving: Service
+) -> None:
+    old_image, new_image = serving.image_id, _another_image(db, serving)
+    _patch(db, serving, imageId=str(new_image.id), containerResourceRequirements={"cpu": 1, "memoryInGB": 2})
+    assert (serving.generation, serving.cpu, serving.memory_gb) == (2, 1.0, 2.0)
+    # The old generation's replica was killed meanwhile: no label tells what it ran.
+    step = _pass(db, serving, [], Failure("a replica exited with code 1"))
+    assert step.failure is not None
+    assert serving.state is ServiceState.UNHEALTHY and serving.error is not None
+    assert (serving.generation, serving.traffic_generation) == (1, 1)
+    assert (serving.image_id, serving.cpu, serving.memory_gb) == (old_image, 0.1, 0.5)
+    # The next pass starts the old generation as it was.
+    spec = read_spec(db, claim(db, serving.id, owner="w2"))  # type: ignore[arg-type]
+    assert spec is not None and (spec.image_id, spec.cpu, spec.memory_gb, spec.generation) == (old_image, 0.1, 0.5, 1)
+
+
+def test_a_failed_resize_is_rolled_back_to_the_resources_that_served(db: Session, serving: Service) -> None:
+    _patch(db, serving, containerResourceRequirements={"cpu": 1.5, "memoryInGB": 3})
+    old = _labelled(_replica(n=0), serving.image_id)
+    _pass(db, serving, [old], Failure("a replica ran out of memory 3 times before it answered GET /"))
+    assert serving.state is ServiceState.HEALTHY and serving.generation == 1
+    assert (serving.cpu, serving.memory_gb) == (0.1, 0.5)
+
+
+def test_a_new_spec_the_target_refuses_is_rolled_back_to_the_serving_one(db: Session, serving: Service) -> None:
+    """The pass records the target's refusal without deciding (it saw no replica): the roll back
+    restores the serving spec all the same, or the next pass would apply the refused one again."""
+    old_image, new_image = serving.image_id, _another_image(db, serving)
+    _patch(db, serving, imageId=str(new_image.id), containerResourceRequirements={"cpu": 2, "memoryInGB": 4})
+    db.expire_all()
+    lease = claim(db, serving.id, owner="w")
+    assert lease is not None
+    spec = read_spec(db, lease)
+    assert spec is not None
+    refused = Step(failure=Failure("the kubernetes cluster refused a request (403): exceeded quota"))
+    assert record(db, lease, spec, refused, [], now=utcnow(), scoring_url=SCORING_URL)
+    db.refresh(serving)
+    assert serving.error is not None and "exceeded quota" in serving.error
+    assert (serving.generation, serving.image_id, serving.cpu, serving.memory_gb) == (1, old_image, 0.1, 0.5)
+
+
+def test_a_generation_number_is_never_given_twice(db: Session, serving: Service) -> None:
+    _patch(db, serving, imageId=str(_another_image(db, serving).id))
+    assert serving.generation == 2
+    old = _labelled(_replica(1, n=0), serving.image_id)
+    [failed] = [_labelled(_replica(2, ready=False, n=1), serving.image_id)]
+    _pass(db, serving, [old, failed], Failure("a replica exited with code 1"))
+    assert serving.generation == 1
+    # Generation 2's replica outlives the roll back (its removal failed): it is no part of the next update.
+    _patch(db, serving, containerResourceRequirements={"cpu": 0.2, "memoryInGB": 0.5})
+    assert serving.generation == 3
+    leftover = _labelled(_replica(2, n=1), serving.image_id)
+    step = _pass(db, serving, [old, leftover])
+    assert step.remove == [leftover.id] and step.start == 1 and not step.flip_traffic
+    assert serving.traffic_generation == 1
+
+
+def test_the_serving_spec_is_forgotten_once_the_new_generation_takes_traffic(db: Session, serving: Service) -> None:
+    new_image = _another_image(db, serving)
+    _patch(db, serving, imageId=str(new_image.id))
+    assert serving.serving_image_id is not None
+    _pass(db, serving, [_replica(1, n=0), _replica(2, n=1)])
+    assert (serving.state, serving.traffic_generation, serving.image_id) == (ServiceState.HEALTHY, 2, new_image.id)
+    assert (serving.serving_image_id, serving.serving_cpu, serving.serving_memory_gb) == (None, None, None)
+
+
+def test_a_roll_back_by_labels_writes_only_an_image_of_the_account(db: Session, serving: Service) -> None:
+    """A row from before the serving spec was kept rolls back to the image the old replicas'
+    labels name, if the account holds it: a label naming no image (or another account's: a
+    tenant's cluster sets its own labels) is not written, and the pass still lands."""
+    old_image, new_image = serving.image_id, _another_image(db, serving)
+    strangers = new_service_row(db, name="other").image_id
+    for label, restored in ((uuid.uuid4(), new_image.id), (strangers, new_image.id), (old_image, old_image)):
+        serving.state, serving.generation, serving.image_id = ServiceState.TRANSITIONING, 2, new_image.id
+        db.flush()
+        _pass(db, serving, [_labelled(_replica(1, n=0), label)], Failure("a replica exited with code 1"))
+        assert (serving.state, serving.generation, serving.image_id) == (ServiceState.HEALTHY, 1, restored)

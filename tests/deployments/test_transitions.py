@@ -102,6 +102,13 @@ def test_the_database_refuses_a_state_that_is_not_one(db: Session, service: Serv
 def test_an_image_a_service_runs_cannot_be_deleted_under_it(db: Session, service: Service) -> None:
     with pytest.raises(IntegrityError), db.begin_nested():
         db.execute(text("DELETE FROM images WHERE id = :id"), {"id": service.image_id.hex})
+    # Nor one its serving generation runs during a rollout (a roll back goes back to it).
+    serving = new_service_row(db, name="other")
+    db.execute(text("DELETE FROM services WHERE id = :id"), {"id": serving.id.hex})  # its image alone left
+    service.serving_image_id = serving.image_id
+    db.flush()
+    with pytest.raises(IntegrityError), db.begin_nested():
+        db.execute(text("DELETE FROM images WHERE id = :id"), {"id": serving.image_id.hex})
     # ... but the account's cascade removes both.
     account = db.get(Account, service.account_id)
     db.delete(account)

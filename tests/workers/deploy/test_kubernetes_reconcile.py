@@ -146,6 +146,12 @@ def _template(fake: FakeKubeApi) -> dict[str, str]:
     return fake.deployment()["spec"]["template"]["metadata"]["labels"]
 
 
+def _resources(fake: FakeKubeApi) -> dict[str, str]:
+    [container] = fake.deployment()["spec"]["template"]["spec"]["containers"]
+    assert container["resources"]["requests"] == container["resources"]["limits"]
+    return container["resources"]["limits"]
+
+
 def test_a_service_deploys_scores_at_its_cluster_address_rolls_out_scales_and_is_deleted(
     service: Service, fake: FakeKubeApi, images: list[str]
 ) -> None:
@@ -221,16 +227,26 @@ def test_a_failed_update_is_rolled_back_by_reapplying_the_old_template(
     service: Service, fake: FakeKubeApi, images: list[str]
 ) -> None:
     _healthy(service, fake)
-    service.patch(imageId=images[1])
+    served = _resources(fake)
+    assert served == {"cpu": "100m", "memory": "512Mi"}
+    service.patch(imageId=images[1], containerResourceRequirements={"cpu": 1, "memoryInGB": 2})
     service.reconcile()
+    assert _resources(fake) == {"cpu": "1000m", "memory": "2048Mi"}
     [pod] = fake.run_pods(1, ready=False, waiting="CrashLoopBackOff", restarts=3, exit_code=1, replace=False)
     fake.previous_logs[pod] = TRACEBACK
     shown = service.reconcile()
     assert (shown["state"], shown["imageId"]) == ("Healthy", images[0])  # the old pods served throughout
+    assert shown["containerResourceRequirements"] == {"cpu": 0.1, "memoryInGB": 0.5}
     assert shown["error"]["message"].startswith("the update was rolled back: a replica exited with code 1")
     assert service.operation()["state"] == "Failed"
     service.reconcile()
+    # The old template again, resources too: the Deployment goes back to the old pods, no new rollout.
     assert (_template(fake)["org.mms.generation"], _template(fake)["org.mms.image"]) == ("1", images[0])
+    assert _resources(fake) == served
+    # The next update is a generation of its own, never the failed one's number again.
+    service.patch(imageId=images[1])
+    service.reconcile()
+    assert _template(fake)["org.mms.generation"] == "3"
 
 
 def test_an_unreachable_cluster_makes_the_service_unhealthy_until_it_answers(

@@ -289,9 +289,10 @@ def test_an_update_under_load_fails_no_request_and_a_failed_one_rolls_back(accou
         assert time.monotonic() < deadline, "the old generation was never removed"
         time.sleep(0.5)
 
-    # v3's init() raises: the update is rolled back, v2 serves on throughout.
+    # v3's init() raises: the update (an image swap and a resize) is rolled back, v2 serves on throughout.
     with Load(service, primary) as load:
-        update = account.call("PATCH", f"{account.url}/services/{service['id']}", json={"imageId": v3})
+        resized = {"imageId": v3, "containerResourceRequirements": {"cpu": 0.25, "memoryInGB": 0.75}}
+        update = account.call("PATCH", f"{account.url}/services/{service['id']}", json=resized)
         operation = update.json()["operationId"]
         deadline = time.monotonic() + 120
         while (ended := account.call("GET", f"{account.url}/operations/{operation}").json())["state"] == "Running":
@@ -302,6 +303,7 @@ def test_an_update_under_load_fails_no_request_and_a_failed_one_rolls_back(accou
     assert {version for _, _, version in load.answers} == {2}
     service = account.call("GET", f"{account.url}/services/{service['id']}").json()
     assert (service["state"], service["imageId"]) == ("Healthy", v2)
+    assert service["containerResourceRequirements"] == {"cpu": 0.1, "memoryInGB": 0.5}  # what v2 runs with
     assert "rolled back" in service["error"]["message"]
     _delete(account, service["id"])
 
