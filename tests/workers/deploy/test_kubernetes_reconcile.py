@@ -317,3 +317,40 @@ def test_on_the_embedded_image_store_a_kubernetes_service_fails_saying_why(servi
     assert "the embedded image store cannot hand a cluster a pull credential" in shown["error"]["message"]
     assert "MMS_REGISTRY" in shown["error"]["message"]
     assert fake.seen == []
+
+
+def _relabel_serving_pods(fake: FakeKubeApi, image_id: str) -> None:
+    """What a hostile cluster may report: the serving generation's pods name an image of its choosing."""
+    with fake._lock:
+        for (resource, _, _), obj in fake.objects.items():
+            if resource == "pods" and obj["metadata"]["labels"]["org.mms.generation"] == "1":
+                obj["metadata"]["labels"]["org.mms.image"] = image_id
+
+
+def _failed_update(service: Service, fake: FakeKubeApi, new_image: str) -> None:
+    _healthy(service, fake)
+    service.patch(imageId=new_image)
+    service.reconcile()  # the new template
+    [pod] = fake.run_pods(1, ready=False, waiting="CrashLoopBackOff", restarts=3, exit_code=1, replace=False)
+    fake.previous_logs[pod] = TRACEBACK
+
+
+def test_a_roll_back_never_takes_an_image_of_another_account_from_the_clusters_labels(
+    service: Service, fake: FakeKubeApi, images: list[str], client: TestClient, db: Session, owner: dict[str, str]
+) -> None:
+    """The pods' org.mms.image label is the cluster's to report, and a tenant chose the cluster:
+    a roll back to the image it names would point the service at another account's image (shown
+    in its GET, deployed by the next pass, and holding that image and account from deletion)."""
+    other = new_account(client, owner)
+    model_id = client.post(f"{other}/models", json=model_body(), headers=owner).json()["id"]
+    manifest_id = client.post(f"{other}/manifests", json=seed_manifest(model_id), headers=owner).json()["id"]
+    victim = built_image(client, db, other, owner, manifest_id)
+    _failed_update(service, fake, images[1])
+    _relabel_serving_pods(fake, victim)
+    shown = service.reconcile()
+    assert shown["error"]["message"].startswith("the update was rolled back: a replica exited with code 1")
+    assert shown["imageId"] in images and shown["imageId"] != victim
+    assert victim not in str(fake.deployment())  # the next pass deploys none of the other account's
+    service.reconcile()
+    assert victim not in str(fake.deployment())
+    assert client.delete(f"{other}/images/{victim}", headers=owner).status_code in (200, 202, 204)
