@@ -177,9 +177,19 @@ class KubernetesDriver:
             raise TargetRefused(f"the kubernetes target's kubeconfig is refused: {exc}") from None
         self._namespace = namespace
         self._tmp_mb = tmp_mb
+        # A username and password go as base64 of "username:password": as good as the password.
+        self._login = None
+        if checked.username and not checked.token:
+            self._login = base64.b64encode(f"{checked.username}:{checked.password or ''}".encode()).decode()
         self._secrets = tuple(
             value
-            for value in (checked.token, checked.password, checked.client_key_data, checked.client_certificate_data)
+            for value in (
+                checked.token,
+                checked.password,
+                self._login,
+                checked.client_key_data,
+                checked.client_certificate_data,
+            )
             if value
         )
         parts = urlsplit(checked.server)
@@ -228,9 +238,8 @@ class KubernetesDriver:
         if checked.token:
             configuration.api_key = {"BearerToken": checked.token}
             configuration.api_key_prefix = {"BearerToken": "Bearer"}
-        elif checked.username:
-            login = base64.b64encode(f"{checked.username}:{checked.password or ''}".encode()).decode()
-            configuration.api_key = {"BearerToken": f"Basic {login}"}
+        elif self._login is not None:
+            configuration.api_key = {"BearerToken": f"Basic {self._login}"}
         return configuration
 
     def _file(self, name: str, data: str) -> str:
@@ -498,7 +507,8 @@ class KubernetesDriver:
         """': <message>', a message of the cluster's made fit for the service's error."""
         if not isinstance(message, str) or not message.strip():
             return ""
-        return f": {self._redacted(' '.join(message.split()))[:_MESSAGE_CHARS]}"
+        # Cut out before the whitespace is tidied: a password may hold runs of it.
+        return f": {' '.join(self._redacted(message).split())[:_MESSAGE_CHARS]}"
 
     def _redacted(self, text: str) -> str:
         for secret in self._secrets:

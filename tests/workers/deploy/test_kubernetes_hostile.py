@@ -5,6 +5,7 @@ cluster reports may not become a URL that leads elsewhere."""
 
 from __future__ import annotations
 
+import base64
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -147,3 +148,21 @@ def test_a_cluster_address_that_is_no_unicast_address_is_no_endpoint(fake: FakeK
         assert driver.endpoint(spec) is None
         fake.objects[key]["spec"]["clusterIP"] = "fd00:10:96::1a"
         assert driver.endpoint(spec) == "[fd00:10:96::1a]:5001"
+
+
+def test_a_basic_login_echoed_by_the_cluster_is_cut_out_as_well(fake: FakeKubeApi) -> None:
+    """The password is cut out of the cluster's messages, but it is sent as base64 of
+    ``username:password``: a server that echoes the header it got would put that, as good as
+    the password, in the service's error (which every Reader of the account sees)."""
+    password = "hunter2  with two spaces"  # whitespace the message's tidying would change
+    kubeconfig = fake.kubeconfig().replace(
+        f"    token: {TOKEN}\n", f'    username: deployer\n    password: "{password}"\n'
+    )
+    fake.echo_credentials = True
+    login = base64.b64encode(f"deployer:{password}".encode()).decode()
+    with _driver(fake, kubeconfig=kubeconfig) as driver, pytest.raises(TargetRefused) as raised:
+        driver.apply(_spec())
+    assert fake.seen[0].authorization == f"Basic {login}"  # sent, and echoed
+    message = str(raised.value)
+    assert login not in message and "hunter2" not in message
+    assert message.endswith("refused the kubeconfig's credentials (401): Unauthorized: Basic ***")
