@@ -101,6 +101,7 @@ _PASS_SECONDS = 120.0  # every call of one driver (one pass) together
 _MESSAGE_CHARS = 300  # of a message the cluster sends back
 _LOG_TAIL = 80  # lines of a failed replica kept in the service's error
 _MAX_LOG_PODS = 32  # pods whose new lines one pass copies
+_LOG_BYTES = LOG_LINES_PER_PASS * 4 * 1024  # of one pod's log a pass asks for (limitBytes)
 # A pod of the desired generation waiting for one of these will not start by waiting longer.
 _CANNOT_START = frozenset({"ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError", "ErrImageNeverPull"})
 # Each kind of object the service has: the typed API that serves it and its methods' suffix.
@@ -308,8 +309,10 @@ class KubernetesDriver:
         ``LOG_LINES_PER_PASS`` a pod, of at most ``_MAX_LOG_PODS`` pods)."""
         lines: list[LogLine] = []
         for replica in [r for r in replicas if r.alive][:_MAX_LOG_PODS]:
-            raw = self._log(replica.id, timestamps=True, tail_lines=LOG_LINES_PER_PASS)
-            lines += parse_log_lines(raw, replica, after_ns=spec.log_marks.get(replica.id, 0))
+            raw = self._log(replica.id, timestamps=True, tail_lines=LOG_LINES_PER_PASS, limit_bytes=_LOG_BYTES)
+            # The last lines only, whatever the cluster sent: it may ignore tailLines and limitBytes.
+            tail = b"\n".join(raw.splitlines()[-LOG_LINES_PER_PASS:])
+            lines += parse_log_lines(tail, replica, after_ns=spec.log_marks.get(replica.id, 0))
         return lines
 
     def endpoint(self, spec: Spec) -> str | None:
@@ -381,8 +384,10 @@ class KubernetesDriver:
 
     def _last_lines(self, pod: str) -> str:
         """The last lines of the pod's container: of its previous run when it is restarting."""
-        raw = self._log(pod, previous=True, tail_lines=_LOG_TAIL) or self._log(pod, tail_lines=_LOG_TAIL)
-        return self._redacted(raw.decode("utf-8", "replace")).rstrip()
+        options = {"tail_lines": _LOG_TAIL, "limit_bytes": _LOG_BYTES}
+        raw = self._log(pod, previous=True, **options) or self._log(pod, **options)
+        tail = b"\n".join(raw.splitlines()[-_LOG_TAIL:])  # whatever the cluster sent
+        return self._redacted(tail.decode("utf-8", "replace")).rstrip()
 
     def _log(self, pod: str, **options: Any) -> bytes:
         read = self._apis["core"].read_namespaced_pod_log

@@ -76,6 +76,7 @@ class FakeKubeApi:
     redirect_to: str | None = None  # answer every request with a redirect there
     echo_credentials: bool = False  # a hostile server: its 401 says what it was sent
     collect_pods: bool = True  # a Deployment's delete takes its pods at once (else: they terminate)
+    honour_tail: bool = True  # a log's tailLines (a hostile server sends every line it has)
     # A hostile server: answers every request itself, writing what it likes to the connection.
     hostile: Callable[[BaseHTTPRequestHandler], None] | None = None
     _server: ThreadingHTTPServer | None = None
@@ -297,7 +298,7 @@ class FakeKubeApi:
         if not _flag(seen.query, "timestamps"):
             lines = [line.partition(" ")[2] for line in lines]
         tail = seen.query.get("tailLines")
-        if tail:
+        if tail and self.honour_tail:
             lines = lines[-int(tail[0]) :]
         return 200, "".join(f"{line}\n" for line in lines).encode(), "text/plain"
 

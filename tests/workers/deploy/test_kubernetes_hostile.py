@@ -9,6 +9,7 @@ import base64
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import pytest
 from tests.workers.deploy.fake_kube_api import FakeKubeApi, fake_kube_api
 from tests.workers.deploy.test_kubernetes_driver import TOKEN, _driver, _spec
 from workers.deploy import kubernetes_driver
-from workers.deploy.local import EngineUnreachable, TargetRefused
+from workers.deploy.local import LOG_LINES_PER_PASS, EngineUnreachable, TargetRefused
 
 CHUNK = 64 * 1024
 
@@ -166,3 +167,30 @@ def test_a_basic_login_echoed_by_the_cluster_is_cut_out_as_well(fake: FakeKubeAp
     message = str(raised.value)
     assert login not in message and "hunter2" not in message
     assert message.endswith("refused the kubeconfig's credentials (401): Unauthorized: Basic ***")
+
+
+def test_a_log_longer_than_asked_for_adds_no_more_lines_than_a_pass_copies(fake: FakeKubeApi) -> None:
+    """A pass asks each pod for its last LOG_LINES_PER_PASS lines; a cluster that sends every
+    line it likes (here 200 000 short ones, 6.6 MB) must not become that many rows to write
+    per pod, every pass."""
+    spec = _spec()
+    fake.honour_tail = False
+    with _driver(fake) as driver:
+        driver.apply(spec)
+        names = fake.run_pods(2)
+        flood = [f"2026-12-04T10:00:00.{i:09d}Z x" for i in range(1, 200_001)]
+        fake.logs[names[0]] = flood
+        fake.logs[names[1]] = ["2026-12-04T10:00:01Z ready"]
+        replicas, _ = driver.observe(spec)
+        lines = driver.read_logs(spec, replicas)
+    flooded = [line for line in lines if line.replica_id == names[0]]
+    assert len(flooded) == LOG_LINES_PER_PASS
+    assert flooded[-1].logged_ns == lines_ns(flood[-1])  # the newest kept
+    assert [line.text for line in lines if line.replica_id == names[1]] == ["ready"]
+    asked = [s for s in fake.seen if s.path.endswith("/log")]
+    assert asked and all(s.query.get("limitBytes") for s in asked)  # a cluster that honours it sends less
+
+
+def lines_ns(line: str) -> int:
+    stamp = line.partition(" ")[0]
+    return int(datetime.fromisoformat(stamp[:19]).replace(tzinfo=UTC).timestamp()) * 10**9 + int(stamp[20:29])
