@@ -6,18 +6,21 @@ cluster reports may not become a URL that leads elsewhere."""
 from __future__ import annotations
 
 import base64
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.workers.deploy.fake_kube_api import FakeKubeApi, fake_kube_api
-from tests.workers.deploy.test_kubernetes_driver import TOKEN, _driver, _spec
+from tests.workers.deploy.test_kubernetes_driver import TOKEN, _driver, _policy, _spec
 from workers.deploy import kubernetes_driver
+from workers.deploy.kubernetes_driver import KubernetesDriver
 from workers.deploy.local import LOG_LINES_PER_PASS, EngineUnreachable, TargetRefused
 
 CHUNK = 64 * 1024
@@ -194,3 +197,28 @@ def test_a_log_longer_than_asked_for_adds_no_more_lines_than_a_pass_copies(fake:
 def lines_ns(line: str) -> int:
     stamp = line.partition(" ")[0]
     return int(datetime.fromisoformat(stamp[:19]).replace(tzinfo=UTC).timestamp()) * 10**9 + int(stamp[20:29])
+
+
+def test_only_the_current_clusters_name_is_resolved_when_a_pass_connects(fake: FakeKubeApi) -> None:
+    """A kubeconfig of 256 KiB holds thousands of clusters, each named under a zone whose server
+    may take a resolver's whole timeout to answer: resolving every one each pass held a deploy
+    thread for hours. Clusters the pass never connects to are judged by their form (and by
+    their address when they are written as one), their names not resolved."""
+    extra = "".join(f"- name: spare{i}\n  cluster:\n    server: https://c{i}.slow.example:6443\n" for i in range(200))
+    kubeconfig = fake.kubeconfig().replace("users:", extra + "users:", 1)
+    asked: list[str] = []
+
+    def resolver(host: str, *args: Any, **kwargs: Any) -> list[tuple[Any, ...]]:
+        asked.append(host)
+        time.sleep(0.01)  # a slow zone, in small
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    driver = KubernetesDriver(kubeconfig, namespace="tenant-a", policy=_policy(fake), resolver=resolver)
+    with driver:
+        driver.apply(_spec())
+    assert asked == []  # the current server is an address: nothing to resolve at all
+    # A spare written as a private address is still refused, as before.
+    private = kubeconfig.replace("https://c7.slow.example:6443", "https://10.0.0.1:6443")
+    with pytest.raises(TargetRefused) as raised:
+        KubernetesDriver(private, namespace="tenant-a", policy=_policy(fake), resolver=resolver)
+    assert "clusters[8].cluster.server" in str(raised.value) and "a private address" in str(raised.value)
