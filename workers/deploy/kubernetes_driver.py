@@ -542,14 +542,14 @@ class _Connections:
 
     def add(self, connection: _WatchedConnection) -> None:
         with self._lock:
-            self._open = [c for c in self._open if c.sock is not None or c.handshaking is not None]
+            self._open = [c for c in self._open if c.sock is not None]
             self._open.append(connection)
 
     def cut(self, late: threading.Event) -> None:
         """The call is late: end every connection's reads and writes (called on the timer's thread)."""
         late.set()
         with self._lock:
-            sockets = [s for c in self._open for s in (c.handshaking, c.sock) if s is not None]
+            sockets = [c.sock for c in self._open if c.sock is not None]
         for sock in sockets:
             with contextlib.suppress(OSError):
                 # socket.socket's own: on an SSLSocket it leaves the TLS state alone for the
@@ -558,22 +558,14 @@ class _Connections:
 
 
 class _WatchedConnection(urllib3.connection.HTTPSConnection):
-    connections: _Connections
-    handshaking: socket.socket | None = None  # a duplicate of the socket while TLS takes it over
+    """Noted once connected. (Its TLS handshake is bounded already: the connect timeout is
+    one deadline for the whole handshake, however the server trickles it.)"""
 
-    def _new_conn(self) -> socket.socket:
-        sock = super()._new_conn()
-        self.handshaking = sock.dup()  # the TLS wrapper detaches ``sock``: a duplicate can still be shut
-        self.connections.add(self)
-        return sock
+    connections: _Connections
 
     def connect(self) -> None:
-        try:
-            super().connect()
-        finally:
-            if self.handshaking is not None:
-                self.handshaking.close()
-                self.handshaking = None
+        super().connect()
+        self.connections.add(self)
 
 
 class _ErrorAnswer:
