@@ -8,6 +8,7 @@ schema by the fake; each test asserts it saw no fault."""
 
 from __future__ import annotations
 
+import json
 import sys
 import uuid
 from collections.abc import Iterator
@@ -16,9 +17,11 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.context import ServiceContext
+from app.orm import Event
 from tests.api.test_manifests import seed_manifest
 from tests.api.test_services import built_image
 from tests.factories import Callers, model_body, new_account
@@ -354,3 +357,25 @@ def test_a_roll_back_never_takes_an_image_of_another_account_from_the_clusters_l
     service.reconcile()
     assert victim not in str(fake.deployment())
     assert client.delete(f"{other}/images/{victim}", headers=owner).status_code in (200, 202, 204)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a pass that changes no state writes the endpoint by bookkeeping, which records no event: a Healthy "
+    "service whose cluster Service was made again (a new clusterIP) shows the new scoringUri in its GET while "
+    "its events and webhooks keep the old one (README: every change a client can see of its scoring URI is an "
+    "event). Recording it means an event on a move-less pass, which the replica counts deliberately do not get",
+)
+def test_a_new_cluster_address_of_a_healthy_service_is_an_event(
+    service: Service, fake: FakeKubeApi, db: Session
+) -> None:
+    _healthy(service, fake)
+    [cluster_service] = fake.stored("services")
+    key = ("services", "tenant-a", cluster_service["metadata"]["name"])
+    fake.objects[key]["spec"]["clusterIP"] = "10.96.7.7"  # deleted and made again by someone: a new address
+    shown = service.reconcile()
+    assert shown["scoringUri"] == "http://10.96.7.7:5001/score"
+    last = db.scalars(
+        select(Event.payload).where(Event.subject_id == uuid.UUID(service.id)).order_by(Event.id.desc()).limit(1)
+    ).one()
+    assert json.loads(last)["service"]["scoringUri"] == shown["scoringUri"]
