@@ -179,7 +179,7 @@ class KubernetesDriver:
         self._namespace = namespace
         self._tmp_mb = tmp_mb
         # A username and password go as base64 of "username:password": as good as the password.
-        self._login = None
+        self._login: str | None = None
         if checked.username and not checked.token:
             self._login = base64.b64encode(f"{checked.username}:{checked.password or ''}".encode()).decode()
         self._secrets = tuple(
