@@ -5,13 +5,18 @@ what only the worker can judge, where each server's address leads.
 Each server goes through the fetcher's address rules (private, loopback and link-local
 addresses only when ``MMS_FETCH_ALLOW_HOSTS`` names the host), its name resolved at this
 moment: the API does not judge addresses, since a name may resolve elsewhere by the time the
-worker connects.
+worker connects. Only the current context's server is connected to, so only its name is
+resolved: a kubeconfig may name thousands of other clusters, each under a zone that takes a
+resolver's whole timeout to answer (or never resolves), and a pass would wait for all of them.
+The others are judged by their address when they are written as one.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from app.config import Settings
 from app.deployments import kubeconfig as tenant_kubeconfig
@@ -46,12 +51,25 @@ def check_kubeconfig(
     later must be pinned to the address checked then (or checked again), not resolved anew.
     """
 
-    def check_server(url: str, field: str) -> None:
+    servers: list[tuple[str, str]] = []
+    checked = tenant_kubeconfig.check_kubeconfig(
+        text, allow_insecure_tls=policy.allow_insecure_tls, check_server=lambda url, where: servers.append((url, where))
+    )
+    for url, where in servers:
+        if url != checked.server and not _is_address(url):
+            continue  # never connected to: its name is not resolved
         try:
             check_url(url, policy=policy.fetch, resolver=resolver)
         except FetchError as exc:  # its message holds the URL redacted, never a credential
-            raise KubeconfigRefused(field, str(exc)) from None
+            raise KubeconfigRefused(where, str(exc)) from None
+    return checked
 
-    return tenant_kubeconfig.check_kubeconfig(
-        text, allow_insecure_tls=policy.allow_insecure_tls, check_server=check_server
-    )
+
+def _is_address(url: str) -> bool:
+    """Whether ``url``'s host is written as an address (judged without resolving anything)."""
+    try:
+        host = urlsplit(url).hostname or ""
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    return True

@@ -9,6 +9,13 @@ CA and client certificate are written to a private temporary folder removed at c
 client takes files); the token, password and key never reach a message: the cluster's own
 messages are cut short and have them cut out.
 
+The server is the tenant's to choose, so its answers are read as an attacker's: at most
+``_MAX_ANSWER_BYTES`` of one (``_MAX_ERROR_BYTES`` of an error's, whose message is all that is
+used: the client would read a whole error body into memory), each call within ``_CALL_SECONDS``
+and all of a pass's within ``_PASS_SECONDS`` (a server that sends a byte now and then never
+trips a read timeout; past the deadline its connections are shut down), so no cluster holds a
+deploy thread, which every tenant's passes share, for long.
+
 Applying: every pass applies the objects its spec describes, so a scale, an image swap (a new
 generation: the pods' template changes), a roll back and a resize are one re-apply each, and
 the Deployment's rolling update (maxSurge 1, maxUnavailable 0) does the rollout: the old pods
@@ -33,12 +40,15 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import ipaddress
 import json
 import logging
 import os
 import socket
 import tempfile
+import threading
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
@@ -47,6 +57,7 @@ from typing import Any, Self
 from urllib.parse import urlsplit
 
 import urllib3
+import urllib3.connection
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
@@ -84,9 +95,13 @@ _MANAGED = f"app.kubernetes.io/managed-by={MANAGED_BY}"
 _APPLY = "application/apply-patch+yaml"
 _TIMEOUT = (5.0, 15.0)  # connect, each read: a pass stays well inside its lease
 _MAX_ANSWER_BYTES = 8 * 1024 * 1024  # one answer of the cluster, read at most (a list of pods, a log)
+_MAX_ERROR_BYTES = 64 * 1024  # of an answer with an error status: its Status message is all that is read
+_CALL_SECONDS = 30.0  # one call, its answer read whole, however the server trickles it
+_PASS_SECONDS = 120.0  # every call of one driver (one pass) together
 _MESSAGE_CHARS = 300  # of a message the cluster sends back
 _LOG_TAIL = 80  # lines of a failed replica kept in the service's error
 _MAX_LOG_PODS = 32  # pods whose new lines one pass copies
+_LOG_BYTES = LOG_LINES_PER_PASS * 4 * 1024  # of one pod's log a pass asks for (limitBytes)
 # A pod of the desired generation waiting for one of these will not start by waiting longer.
 _CANNOT_START = frozenset({"ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError", "ErrImageNeverPull"})
 # Each kind of object the service has: the typed API that serves it and its methods' suffix.
@@ -163,9 +178,19 @@ class KubernetesDriver:
             raise TargetRefused(f"the kubernetes target's kubeconfig is refused: {exc}") from None
         self._namespace = namespace
         self._tmp_mb = tmp_mb
+        # A username and password go as base64 of "username:password": as good as the password.
+        self._login: str | None = None
+        if checked.username and not checked.token:
+            self._login = base64.b64encode(f"{checked.username}:{checked.password or ''}".encode()).decode()
         self._secrets = tuple(
             value
-            for value in (checked.token, checked.password, checked.client_key_data, checked.client_certificate_data)
+            for value in (
+                checked.token,
+                checked.password,
+                self._login,
+                checked.client_key_data,
+                checked.client_certificate_data,
+            )
             if value
         )
         parts = urlsplit(checked.server)
@@ -173,12 +198,17 @@ class KubernetesDriver:
         port = parts.port or 443
         self._where = f"{host}:{port}"  # for messages: no userinfo, no path
         self.scaled_to: int | None = None  # the Deployment's count, as the HPA set it (observe)
+        self._ends = time.monotonic() + _PASS_SECONDS
+        self._connections = _Connections()
         self._folder = tempfile.TemporaryDirectory(prefix="mms-kube-")
         try:
             self._api = client.ApiClient(self._configuration(checked, host, port, parts.path, address))
         except BaseException:
             self._folder.cleanup()
             raise
+        rest = self._api.rest_client
+        rest.pool_manager.pool_classes_by_scheme = {"https": self._connections.pool_class()}
+        rest.pool_manager = _BoundedErrors(rest.pool_manager)
         self._apis = {
             "core": client.CoreV1Api(self._api),
             "apps": client.AppsV1Api(self._api),
@@ -209,9 +239,8 @@ class KubernetesDriver:
         if checked.token:
             configuration.api_key = {"BearerToken": checked.token}
             configuration.api_key_prefix = {"BearerToken": "Bearer"}
-        elif checked.username:
-            login = base64.b64encode(f"{checked.username}:{checked.password or ''}".encode()).decode()
-            configuration.api_key = {"BearerToken": f"Basic {login}"}
+        elif self._login is not None:
+            configuration.api_key = {"BearerToken": f"Basic {self._login}"}
         return configuration
 
     def _file(self, name: str, data: str) -> str:
@@ -280,8 +309,10 @@ class KubernetesDriver:
         ``LOG_LINES_PER_PASS`` a pod, of at most ``_MAX_LOG_PODS`` pods)."""
         lines: list[LogLine] = []
         for replica in [r for r in replicas if r.alive][:_MAX_LOG_PODS]:
-            raw = self._log(replica.id, timestamps=True, tail_lines=LOG_LINES_PER_PASS)
-            lines += parse_log_lines(raw, replica, after_ns=spec.log_marks.get(replica.id, 0))
+            raw = self._log(replica.id, timestamps=True, tail_lines=LOG_LINES_PER_PASS, limit_bytes=_LOG_BYTES)
+            # The last lines only, whatever the cluster sent: it may ignore tailLines and limitBytes.
+            tail = b"\n".join(raw.splitlines()[-LOG_LINES_PER_PASS:])
+            lines += parse_log_lines(tail, replica, after_ns=spec.log_marks.get(replica.id, 0))
         return lines
 
     def endpoint(self, spec: Spec) -> str | None:
@@ -295,7 +326,9 @@ class KubernetesDriver:
             ip = ipaddress.ip_address(address) if isinstance(address, str) else None
         except ValueError:
             ip = None
-        if ip is None:
+        # A unicast address only: a zone id ("fe80::1%<anything>") would put the cluster's text in
+        # the scoring URI, where "[fe80::1%@elsewhere?]" reads as a URL of another host.
+        if ip is None or getattr(ip, "scope_id", None) is not None or ip.is_multicast or ip.is_unspecified:
             return None
         return f"[{ip}]:{PORT}" if ip.version == 6 else f"{ip}:{PORT}"
 
@@ -351,8 +384,10 @@ class KubernetesDriver:
 
     def _last_lines(self, pod: str) -> str:
         """The last lines of the pod's container: of its previous run when it is restarting."""
-        raw = self._log(pod, previous=True, tail_lines=_LOG_TAIL) or self._log(pod, tail_lines=_LOG_TAIL)
-        return self._redacted(raw.decode("utf-8", "replace")).rstrip()
+        options = {"tail_lines": _LOG_TAIL, "limit_bytes": _LOG_BYTES}
+        raw = self._log(pod, previous=True, **options) or self._log(pod, **options)
+        tail = b"\n".join(raw.splitlines()[-_LOG_TAIL:])  # whatever the cluster sent
+        return self._redacted(tail.decode("utf-8", "replace")).rstrip()
 
     def _log(self, pod: str, **options: Any) -> bytes:
         read = self._apis["core"].read_namespaced_pod_log
@@ -396,7 +431,31 @@ class KubernetesDriver:
         self, method: Callable[..., Any], *args: Any, missing: tuple[int, ...] = (), **kwargs: Any
     ) -> bytes | None:
         """The raw answer of one call (None for a status in ``missing``), read at most
-        ``_MAX_ANSWER_BYTES``; the cluster's refusals and silences as the reconciler's errors."""
+        ``_MAX_ANSWER_BYTES`` within the call's deadline; the cluster's refusals, silences and
+        dawdling as the reconciler's errors."""
+        left = self._ends - time.monotonic()
+        if left <= 0:
+            raise self._late(by_pass=True)
+        limit = min(_CALL_SECONDS, left)
+        late = threading.Event()
+        timer = threading.Timer(limit, self._connections.cut, args=(late,))
+        timer.daemon = True
+        timer.start()
+        try:
+            raw = self._answer(method, *args, missing=missing, **kwargs)
+        except Exception:
+            if late.is_set():  # whatever the cut made of the answer
+                raise self._late(by_pass=limit < _CALL_SECONDS) from None
+            raise
+        finally:
+            timer.cancel()
+        if late.is_set():
+            raise self._late(by_pass=limit < _CALL_SECONDS)
+        return raw
+
+    def _answer(
+        self, method: Callable[..., Any], *args: Any, missing: tuple[int, ...] = (), **kwargs: Any
+    ) -> bytes | None:
         try:
             response = method(*args, _preload_content=False, _request_timeout=_TIMEOUT, **kwargs)
         except ApiException as exc:
@@ -417,6 +476,16 @@ class KubernetesDriver:
             )
         response.release_conn()
         return raw
+
+    def _late(self, *, by_pass: bool) -> EngineUnreachable:
+        if by_pass:
+            return EngineUnreachable(
+                f"the kubernetes cluster at {self._where} did not finish answering within {_PASS_SECONDS:g} s "
+                "(all of a pass's calls)"
+            )
+        return EngineUnreachable(
+            f"the kubernetes cluster at {self._where} did not finish answering within {_CALL_SECONDS:g} s"
+        )
 
     def _silence(self, exc: BaseException) -> EngineUnreachable:
         return EngineUnreachable(f"the kubernetes cluster at {self._where} did not answer ({type(exc).__name__})")
@@ -443,12 +512,93 @@ class KubernetesDriver:
         """': <message>', a message of the cluster's made fit for the service's error."""
         if not isinstance(message, str) or not message.strip():
             return ""
-        return f": {self._redacted(' '.join(message.split()))[:_MESSAGE_CHARS]}"
+        # Cut out before the whitespace is tidied: a password may hold runs of it.
+        return f": {' '.join(self._redacted(message).split())[:_MESSAGE_CHARS]}"
 
     def _redacted(self, text: str) -> str:
         for secret in self._secrets:
             text = text.replace(secret, "***")
         return text
+
+
+class _Connections:
+    """A driver's connections to the cluster, to shut down when a call outlives its deadline
+    (a read blocked on a server that dawdles then returns at once)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: list[_WatchedConnection] = []
+
+    def pool_class(self) -> type[urllib3.HTTPSConnectionPool]:
+        watch = self
+
+        class Connection(_WatchedConnection):
+            connections = watch
+
+        class Pool(urllib3.HTTPSConnectionPool):
+            ConnectionCls = Connection
+
+        return Pool
+
+    def add(self, connection: _WatchedConnection) -> None:
+        with self._lock:
+            self._open = [c for c in self._open if c.sock is not None]
+            self._open.append(connection)
+
+    def cut(self, late: threading.Event) -> None:
+        """The call is late: end every connection's reads and writes (called on the timer's thread)."""
+        late.set()
+        with self._lock:
+            sockets = [c.sock for c in self._open if c.sock is not None]
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                # socket.socket's own: on an SSLSocket it leaves the TLS state alone for the
+                # reader, which then sees the connection end.
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+class _WatchedConnection(urllib3.connection.HTTPSConnection):
+    """Noted once connected. (Its TLS handshake is bounded already: the connect timeout is
+    one deadline for the whole handshake, however the server trickles it.)"""
+
+    connections: _Connections
+
+    def connect(self) -> None:
+        super().connect()
+        self.connections.add(self)
+
+
+class _ErrorAnswer:
+    """An answer with an error status, as the client's ApiException reads one."""
+
+    def __init__(self, status: int, reason: str | None, data: bytes, headers: Mapping[str, str]) -> None:
+        self.status, self.reason, self.data, self._headers = status, reason, data, headers
+
+    def getheaders(self) -> Mapping[str, str]:
+        return self._headers
+
+
+class _BoundedErrors:
+    """The client's pool manager, but an answer with an error status comes back with its first
+    ``_MAX_ERROR_BYTES`` only: the client reads a whole error body into memory (ApiException's
+    ``http_resp.data``), and a hostile server's may never end."""
+
+    def __init__(self, pool_manager: urllib3.PoolManager) -> None:
+        self._pool_manager = pool_manager
+
+    def request(self, *args: Any, **kwargs: Any) -> Any:
+        response = self._pool_manager.request(*args, **kwargs)
+        if 200 <= response.status <= 299:
+            return response
+        data = response.read(_MAX_ERROR_BYTES + 1)
+        if len(data) > _MAX_ERROR_BYTES:
+            response.close()  # the rest unread: the connection is not reused
+        else:
+            response.release_conn()
+        return _ErrorAnswer(response.status, response.reason, data[:_MAX_ERROR_BYTES], dict(response.headers))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool_manager, name)
 
 
 def _selector(service_id: uuid.UUID | str) -> str:

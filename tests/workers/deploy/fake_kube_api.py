@@ -21,7 +21,7 @@ import json
 import re
 import ssl
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -76,6 +76,9 @@ class FakeKubeApi:
     redirect_to: str | None = None  # answer every request with a redirect there
     echo_credentials: bool = False  # a hostile server: its 401 says what it was sent
     collect_pods: bool = True  # a Deployment's delete takes its pods at once (else: they terminate)
+    honour_tail: bool = True  # a log's tailLines (a hostile server sends every line it has)
+    # A hostile server: answers every request itself, writing what it likes to the connection.
+    hostile: Callable[[BaseHTTPRequestHandler], None] | None = None
     _server: ThreadingHTTPServer | None = None
     _thread: threading.Thread | None = None
     _port: int = 0
@@ -157,6 +160,11 @@ class FakeKubeApi:
         seen = Seen(
             method, parts.path, query, handler.headers.get("Content-Type"), handler.headers.get("Authorization"), body
         )
+        if self.hostile is not None:
+            with self._lock:
+                self.seen.append(seen)
+            self.hostile(handler)
+            return
         with self._lock:
             self.seen.append(seen)
             try:
@@ -290,7 +298,7 @@ class FakeKubeApi:
         if not _flag(seen.query, "timestamps"):
             lines = [line.partition(" ")[2] for line in lines]
         tail = seen.query.get("tailLines")
-        if tail:
+        if tail and self.honour_tail:
             lines = lines[-int(tail[0]) :]
         return 200, "".join(f"{line}\n" for line in lines).encode(), "text/plain"
 
