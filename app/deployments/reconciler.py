@@ -21,6 +21,7 @@ from typing import Any
 from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from app.deployments.events import record_state_changes
 from app.deployments.states import OperationState, ServiceState
 from app.deployments.transitions import Transition, bookkeep, move
 from app.orm import Image, Service, ServiceLogLine, ServiceOperation, ServiceReplica
@@ -444,8 +445,16 @@ def record(
             lost = f"{current_ready} of {spec.replicas} replicas answer GET /: replacing the others"
             if move(session, Transition.DEGRADE, fence, error=lost, scoring_url=scoring_url, **values):
                 return True
-        elif _bookkeep(session, fence, **values):  # the state stays as it is
-            return True
+        else:  # the state stays as it is
+            # A new address the orchestrator reports (kubernetes) is a new scoringUri: an event,
+            # as a move's is; replica counts alone are not.
+            readdressed = endpoint is not None and endpoint != session.scalar(
+                select(Service.endpoint).where(Service.id == spec.id)
+            )
+            if _bookkeep(session, fence, **values):
+                if readdressed:
+                    record_state_changes(session, [spec.id], scoring_url=scoring_url)
+                return True
     # No move applied: the tenant changed the service during the pass (look again at once), or
     # the state is not one the verdict moves from (look again as planned).
     changed = session.scalar(select(Service.id).where(_unchanged(lease, spec))) is None

@@ -359,13 +359,6 @@ def test_a_roll_back_never_takes_an_image_of_another_account_from_the_clusters_l
     assert client.delete(f"{other}/images/{victim}", headers=owner).status_code in (200, 202, 204)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a pass that changes no state writes the endpoint by bookkeeping, which records no event: a Healthy "
-    "service whose cluster Service was made again (a new clusterIP) shows the new scoringUri in its GET while "
-    "its events and webhooks keep the old one (README: every change a client can see of its scoring URI is an "
-    "event). Recording it means an event on a move-less pass, which the replica counts deliberately do not get",
-)
 def test_a_new_cluster_address_of_a_healthy_service_is_an_event(
     service: Service, fake: FakeKubeApi, db: Session
 ) -> None:
