@@ -829,8 +829,11 @@ class DeploymentConfiguration:
 class LocalWebservice:
     """Web services on the ``local`` target (the service's own Docker engine)."""
 
-    @staticmethod
+    _compute_type = "local"
+
+    @classmethod
     def deploy_configuration(
+        cls,
         *,
         cpu_cores: float | None = None,
         memory_gb: float | None = None,
@@ -839,7 +842,7 @@ class LocalWebservice:
         scoring_timeout_ms: int | None = None,
     ) -> DeploymentConfiguration:
         return DeploymentConfiguration(
-            "local",
+            cls._compute_type,
             cpu_cores=cpu_cores,
             memory_gb=memory_gb,
             num_replicas=num_replicas,
@@ -848,26 +851,10 @@ class LocalWebservice:
         )
 
 
-class SwarmWebservice:
-    """Web services on a ``swarm`` target (Docker Swarm mode)."""
+class SwarmWebservice(LocalWebservice):
+    """Web services on a ``swarm`` target (Docker Swarm mode): configured as on ``local``."""
 
-    @staticmethod
-    def deploy_configuration(
-        *,
-        cpu_cores: float | None = None,
-        memory_gb: float | None = None,
-        num_replicas: int | None = None,
-        auth_enabled: bool | None = None,
-        scoring_timeout_ms: int | None = None,
-    ) -> DeploymentConfiguration:
-        return DeploymentConfiguration(
-            "swarm",
-            cpu_cores=cpu_cores,
-            memory_gb=memory_gb,
-            num_replicas=num_replicas,
-            auth_enabled=auth_enabled,
-            scoring_timeout_ms=scoring_timeout_ms,
-        )
+    _compute_type = "swarm"
 
 
 class AksWebservice:
