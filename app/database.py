@@ -77,7 +77,7 @@ def _check_idle_connection(dbapi_connection, _record, _proxy) -> None:  # type: 
     PostgreSQL); a ping on every checkout cost a round trip per request for the same.
     """
     try:
-        quiet = not dbapi_connection.closed and not select.select([dbapi_connection.fileno()], [], [], 0)[0]
+        quiet = not dbapi_connection.closed and not _readable(dbapi_connection.fileno())
     except (psycopg.Error, OSError, ValueError):  # a connection psycopg knows is closed
         quiet = False
     if quiet:
@@ -93,6 +93,14 @@ def _check_idle_connection(dbapi_connection, _record, _proxy) -> None:  # type: 
                 dbapi_connection.autocommit = False
     except (psycopg.Error, OSError) as error:
         raise exc.DisconnectionError(f"a pooled connection failed its ping: {error}") from error
+
+
+def _readable(fd: int) -> bool:
+    """Has the socket something to read (or has it hung up)? poll(), not select(): a process
+    with more than 1024 descriptors open has sockets select() refuses."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLPRI)
+    return bool(poller.poll(0))
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]

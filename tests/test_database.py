@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import resource
 import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 
 import psycopg
 import pytest
@@ -128,16 +132,42 @@ def test_a_pooled_connection_the_database_dropped_is_replaced_before_use(setting
         context.dispose()
 
 
-def test_a_quiet_pooled_connection_is_used_without_a_ping(settings: Settings) -> None:
+@contextmanager
+def _descriptors_above(lowest: int) -> Iterator[None]:
+    """The process's next descriptors are above ``lowest`` (select() refuses those)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < lowest + 64:
+        pytest.skip(f"the descriptor limit ({hard}) is below {lowest + 64}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, lowest + 64), hard))
+    fillers = [os.open(os.devnull, os.O_RDONLY)]  # every free descriptor up to ``lowest`` taken
+    try:
+        while fillers[-1] < lowest:
+            fillers.append(os.dup(fillers[0]))
+        yield
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.parametrize("descriptor", ["low", "above 1024"])
+def test_a_quiet_pooled_connection_is_used_without_a_ping(settings: Settings, descriptor: str) -> None:
     """A connection with nothing to read is handed out as it is: no round trip before the
-    request's own query (pool_pre_ping sent SELECT 1 at every checkout)."""
+    request's own query (pool_pre_ping sent SELECT 1 at every checkout), also when its socket
+    is a descriptor above 1024 (a busy process)."""
     if settings.resolved_database_url.startswith("sqlite"):
         pytest.skip("PostgreSQL's pool")
+    with _descriptors_above(1100) if descriptor != "low" else nullcontext():
+        _no_ping_at_checkout(settings, high=descriptor != "low")
+
+
+def _no_ping_at_checkout(settings: Settings, *, high: bool) -> None:
     context = ServiceContext.build(settings)
     marker = f"SELECT 'marker-{uuid.uuid4().hex}'"
     try:
         with session_scope(context.read_session_factory) as session:
             backend = session.scalar(select(func.pg_backend_pid()))
+            assert (session.connection().connection.dbapi_connection.fileno() > 1024) == high
             session.execute(text(marker))
         with session_scope(context.read_session_factory) as session, _admin_connection(settings) as admin:
             session.connection()  # checked out again: the same connection, the pool's only one
