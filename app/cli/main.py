@@ -353,6 +353,56 @@ def grant(
     err.print(f"granted {assignment.role} on {assignment.scope} to {subject}")
 
 
+@admin_cli.command("installation")
+def installation(
+    new_id: Annotated[bool, typer.Option("--new-id", help="this database is a copy: give it an id of its own")] = False,
+    adopt: Annotated[
+        bool, typer.Option("--adopt", help="this database is the installation's own, restored or moved: keep its id")
+    ] = False,
+    output: Annotated[Output, typer.Option("--output", "-o", help="text or json")] = Output.text,
+) -> None:
+    """Show this installation's id (what labels its web services' engine objects) and whether
+    its database is the one the id was made in; tell a copy of the database from the original.
+
+    Example: mms admin installation --new-id
+    """
+    from app.database import make_engine, make_session_factory, session_scope
+    from app.deployments import installation as installations
+
+    if new_id and adopt:
+        fail("--new-id (a copy) and --adopt (the same installation) exclude each other: choose one")
+    settings = load_settings()
+    prepare_database(settings)
+    engine = make_engine(settings)
+    try:
+        with session_scope(make_session_factory(engine)) as session:
+            before = installations.read(session)
+            state = installations.new_id(session) if new_id else installations.adopt(session) if adopt else before
+    finally:
+        engine.dispose()
+    result = {
+        "id": state.label,
+        "databaseIdentity": state.current,
+        "recordedIdentity": state.recorded,
+        "copied": state.copied,
+    }
+    if output is Output.json:
+        sys.stdout.write(json.dumps(result) + "\n")
+        return
+    if new_id:
+        err.print(f"installation {before.label} -> {state.label}: this database is an installation of its own now")
+    elif adopt:
+        err.print(f"installation {state.label} adopted this database ({state.current})")
+    elif state.copied:
+        err.print(
+            f"installation {state.label}: this database ({state.current}) is not the one the id was made in "
+            f"({state.recorded}); web services are neither deployed nor swept until you run "
+            "`mms admin installation --new-id` (a copy) or `--adopt` (the same installation, restored or moved)"
+        )
+    else:
+        err.print(f"installation {state.label} in database {state.current}")
+
+
 def register(cli: typer.Typer) -> None:
     """Add the server's commands to the `mms` command (the `mms.commands` entry point)."""
     cli.command()(serve)

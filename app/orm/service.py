@@ -187,3 +187,6 @@ class Installation(Base):
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    # Where the id was made or last adopted (app.deployments.installation): a copy of the
+    # database is told apart by it.
+    database_identity: Mapped[str | None] = mapped_column(String(200))

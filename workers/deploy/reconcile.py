@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
@@ -23,10 +25,10 @@ from sqlalchemy import select
 from app.auth.registry_tokens import engine_pull_token
 from app.context import ServiceContext
 from app.database import session_scope
-from app.deployments import reconciler
+from app.deployments import installation, reconciler
 from app.deployments.reconciler import Failure, Lease, Spec
 from app.deployments.states import ServiceState
-from app.orm import Compute, Installation, Service
+from app.orm import Compute, Service
 from app.orm.base import utcnow
 from app.sealing import UnsealError
 from app.services.computes import SWARM
@@ -46,6 +48,8 @@ _OWNER = f"{socket.gethostname()}:{os.getpid()}"
 
 def reconcile_service(context: ServiceContext, service_id: uuid.UUID) -> None:
     """One pass over the service, if no other pass holds it."""
+    if _copied(context):
+        return
     with session_scope(context.session_factory) as session:
         lease = reconciler.claim(session, service_id, owner=_OWNER)
     if lease is None:
@@ -290,6 +294,8 @@ def sweep_orphans(context: ServiceContext) -> list[uuid.UUID]:
         with session_scope(context.read_session_factory) as session:
             return set(session.scalars(select(Service.id)))
 
+    if _copied(context):
+        return []
     orphans: list[uuid.UUID] = []
     # The swarm's first: where it is the local engine too, the local sweep leaves its objects alone.
     if context.settings.swarm_docker_host:
@@ -364,15 +370,38 @@ def _swarm_driver(context: ServiceContext, docker_host: str) -> SwarmDriver:
 
 
 def installation_id(context: ServiceContext) -> str:
-    """This installation's id (made with its database: migration 0013), read once a process."""
+    """This installation's label (made with its database: migration 0013), checked at most
+    every ``_INSTALLATION_CHECK_SECONDS``; InstallationCopied when the database is a copy the
+    operator has not told apart (app.deployments.installation): then nothing deploys or sweeps."""
     key = context.settings.resolved_database_url
-    if key not in _INSTALLATIONS:
+    known = _INSTALLATIONS.get(key)
+    if known is None or time.monotonic() - known[1] > _INSTALLATION_CHECK_SECONDS:
         with session_scope(context.session_factory) as session:
-            _INSTALLATIONS[key] = session.scalars(select(Installation.id)).one().hex[:16]
-    return _INSTALLATIONS[key]
+            label = installation.require(session).label
+        known = _INSTALLATIONS[key] = (label, time.monotonic())
+    return known[0]
 
 
-_INSTALLATIONS: dict[str, str] = {}
+# A new id (``mms admin installation --new-id``) reaches every deploy worker within this.
+_INSTALLATION_CHECK_SECONDS = 30.0
+_INSTALLATIONS: dict[str, tuple[str, float]] = {}
+
+
+def _copied(context: ServiceContext) -> bool:
+    """Is the database a copy the operator has not yet told apart? Says so in the log (at
+    most once a minute a process) when it is."""
+    global _copied_said_at
+    try:
+        installation_id(context)
+    except installation.InstallationCopied as copied:
+        if time.monotonic() - _copied_said_at > 60:
+            _copied_said_at = time.monotonic()
+            log.error("deploy.installation_copied", extra={"detail": str(copied)})
+        return True
+    return False
+
+
+_copied_said_at = -math.inf
 
 
 def _drain_seconds(context: ServiceContext, spec: Spec) -> float:
