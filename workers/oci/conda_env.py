@@ -345,11 +345,13 @@ class _Progress:
             return f"conda: {what} went past the disk limit of {_size(limits.disk_bytes)}"
         if kind == "files":
             return f"conda: {what} went past the limit of {limits.files} files"
+        if kind == "path":
+            return f"conda: {self.package} has a path that leaves the environment ({failure.get('error')}); refused"
         if kind == "file_size" or "file size limit" in str(exc):
             return f"conda: {what} wrote a file past the file size limit of {_size(limits.file_bytes)}"
         if failure:
             return f"conda: {what} failed: {_one_line(str(failure.get('error', '')))}"
-        return f"conda: {what}: {exc}"
+        return f"conda: {what} failed: {str(exc).removeprefix('installing the conda environment failed: ')}"
 
 
 def _size(n: int) -> str:

@@ -52,6 +52,7 @@ def main(plan_file: str) -> None:
             extract(package["archive"], cache / package["entry"])
         except Exception as exc:  # noqa: BLE001 - rattler's errors have no common base
             fail(package["label"], exc)
+        check_paths(cache / package["entry"], package["label"])
     print("mms-conda: linking", flush=True)
     try:
         asyncio.run(
@@ -68,6 +69,26 @@ def main(plan_file: str) -> None:
     except Exception as exc:  # noqa: BLE001 - as above
         fail(None, exc)
     print("mms-conda: done", flush=True)
+
+
+def check_paths(folder: Path, label: str) -> None:
+    """Refuse a package whose file list leaves the prefix: rattler links what paths.json
+    names, ``..`` and absolute paths included (from and to the host, were it not here)."""
+    names: list[object] = []
+    try:
+        names += [e.get("_path") for e in json.loads((folder / "info/paths.json").read_text())["paths"]]
+    except FileNotFoundError:
+        pass
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        fail(label, ValueError(f"its info/paths.json cannot be read: {exc}"))
+    try:
+        names += (folder / "info/files").read_text().splitlines()
+    except FileNotFoundError:
+        pass
+    for name in names:
+        if not isinstance(name, str) or not name or name.startswith("/") or ".." in name.split("/") or "\0" in name:
+            print(json.dumps({FAILED: {"package": label, "kind": "path", "error": repr(name)[:200]}}), flush=True)
+            os._exit(3)
 
 
 def fail(label: str | None, exc: BaseException) -> None:
