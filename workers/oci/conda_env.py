@@ -1,19 +1,23 @@
-"""Conda environments without a container: a conda file's packages, solved and installed by
-py-rattler (the library behind pixi) for the image's platform, into a prefix that becomes one
-layer of the image (``/opt/mms/conda``).
+"""Conda environments without a container: a conda file's packages, solved by py-rattler (the
+library behind pixi) for the image's platform, installed contained into a prefix that becomes
+one layer of the image (``/opt/mms/conda``).
 
 What is read from where: the conda file names channels only by the names the operator
 allows (MMS_CONDA_CHANNELS); each maps to the URL the settings give it (a mirror on a closed
 network), and every http(s) channel's host passes the fetcher's address rules (a private
-address needs MMS_FETCH_ALLOW_HOSTS) before rattler connects. Every package the solve picks
-must come from under one of those channel URLs (repodata can name another base URL): any
-other is refused before a byte of it is downloaded.
+address needs MMS_FETCH_ALLOW_HOSTS) before rattler reads its repodata. The solve stays in
+the worker; its records only say what to fetch. Every package archive is then downloaded by
+the service's own fetcher (``conda_archives``: from under one of the channel URLs only, pinned
+to the checked address, bounded) and checked against the record's sha256 (md5 when only that
+is given) before anything reads it.
 
-Nothing a package carries is run: rattler links files and patches their prefix placeholders;
-post-link and pre-unlink scripts are never executed (``execute_link_scripts=False``, which the
-tests prove). The prefix is made in the build's scratch folder, its placeholders patched for
-``/opt/mms/conda``, and scrubbed of what names the worker (its package cache) before it is
-layered, so the same packages give the same layer on any worker.
+Nothing a package carries touches the worker: the archives are unpacked and linked by
+rattler in the sandbox (``workers.sandbox``, ``conda_link``: no network, none of the
+worker's files, an output tmpfs of the sandbox's disk limit, its file size, process, CPU and
+wall-time limits), post-link and pre-unlink scripts never run (``execute_link_scripts=False``).
+The worker copies the prefix out (files as bytes, links as links never followed, anything
+else refused), scrubs what names the sandbox from the records, and layers it, so the same
+packages give the same layer on any worker.
 """
 
 from __future__ import annotations
