@@ -79,6 +79,7 @@ class Limits:
     processes: int = 256
     file_bytes: int = 1 << 30  # the largest file it may write
     disk_bytes: int = 2 << 30  # each tmpfs (/tmp)
+    files: int = 1_000_000  # files and folders in the output tmpfs (each costs kernel memory)
     wall_seconds: float = 1800.0
 
 
@@ -192,7 +193,7 @@ def run_contained(
         # The output folder is then bounded per file only (no mount without privilege).
         args += ["--unshare-user", "--cap-drop", "ALL", "--", *rlimits, *command]
     try:
-        with _bounded(output, limits.disk_bytes, uid):
+        with _bounded(output, limits, uid):
             _run(args, limits, log, what, filter_fd)
             return collect(output) if collect is not None else None
     finally:
@@ -209,12 +210,13 @@ def _readable_by_others(path: Path) -> None:
 
 
 @contextmanager
-def _bounded(folder: Path, size: int, uid: int | None) -> Iterator[None]:
-    """As root: a tmpfs of ``size`` bytes on ``folder``, owned by ``uid``, for the block."""
+def _bounded(folder: Path, limits: Limits, uid: int | None) -> Iterator[None]:
+    """As root: a tmpfs of ``limits.disk_bytes`` and ``limits.files`` on ``folder``, owned by
+    ``uid``, for the block."""
     if uid is None:
         yield
         return
-    options = f"size={size},mode=0700,uid={uid},gid={uid},nosuid,nodev,noexec"
+    options = f"size={limits.disk_bytes},nr_inodes={limits.files},mode=0700,uid={uid},gid={uid},nosuid,nodev,noexec"
     try:
         subprocess.run(
             ["mount", "-t", "tmpfs", "-o", options, "mms-sandbox-out", str(folder)],

@@ -10,8 +10,9 @@ import hashlib
 import io
 import json
 import tarfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 SUBDIRS = ("noarch", "linux-64")
 
@@ -29,11 +30,7 @@ def add_package(
     build: str = "0",
 ) -> str:
     """Add a package to ``channel`` (its repodata too); its file name."""
-    for sd in SUBDIRS:
-        index_file = channel / sd / "repodata.json"
-        if not index_file.exists():
-            index_file.parent.mkdir(parents=True, exist_ok=True)
-            index_file.write_text(json.dumps({"info": {"subdir": sd}, "packages": {}, "packages.conda": {}}))
+    _index_files(channel)
     index = {"name": name, "version": version, "build": build, "build_number": 0, "depends": list(depends)}
     index["subdir"] = subdir
     if noarch:
@@ -59,9 +56,67 @@ def add_package(
                 continue
             info.size, info.mode = len(data), 0o755 if path.startswith("bin/") else 0o644
             tar.addfile(info, io.BytesIO(data))
-    blob = bz2.compress(raw.getvalue())
     file_name = f"{name}-{version}-{build}.tar.bz2"
-    (channel / subdir / file_name).write_bytes(blob)
+    (channel / subdir / file_name).write_bytes(bz2.compress(raw.getvalue()))
+    _publish(channel, subdir, file_name, index)
+    return file_name
+
+
+def add_hostile_package(
+    channel: Path,
+    name: str,
+    version: str,
+    members: Iterable[tuple[tarfile.TarInfo, BinaryIO | None]],
+    paths: Sequence[Mapping[str, object]],
+    *,
+    subdir: str = "linux-64",
+) -> str:
+    """A package written as an attacker would: any tar ``members`` (streamed, so a bomb of
+    gigabytes costs no memory) and any ``paths.json`` entries; its file name."""
+    _index_files(channel)
+    index = {"name": name, "version": version, "build": "0", "build_number": 0, "depends": [], "subdir": subdir}
+    info = {
+        "info/index.json": json.dumps(index).encode(),
+        "info/paths.json": json.dumps({"paths": list(paths), "paths_version": 1}).encode(),
+    }
+    file_name = f"{name}-{version}-0.tar.bz2"
+    with bz2.BZ2File(channel / subdir / file_name, "wb") as packed, tarfile.open(fileobj=packed, mode="w|") as tar:
+        for path, data in info.items():
+            entry = tarfile.TarInfo(path)
+            entry.size = len(data)
+            tar.addfile(entry, io.BytesIO(data))
+        for entry, body in members:
+            tar.addfile(entry, body)
+    _publish(channel, subdir, file_name, index)
+    return file_name
+
+
+class Zeros(io.RawIOBase):
+    """``size`` zero bytes, made as they are read."""
+
+    def __init__(self, size: int) -> None:
+        self.left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def]
+        n = min(len(buffer), self.left)
+        buffer[:n] = bytes(n)
+        self.left -= n
+        return n
+
+
+def _index_files(channel: Path) -> None:
+    for sd in SUBDIRS:
+        index_file = channel / sd / "repodata.json"
+        if not index_file.exists():
+            index_file.parent.mkdir(parents=True, exist_ok=True)
+            index_file.write_text(json.dumps({"info": {"subdir": sd}, "packages": {}, "packages.conda": {}}))
+
+
+def _publish(channel: Path, subdir: str, file_name: str, index: Mapping[str, object]) -> None:
+    blob = (channel / subdir / file_name).read_bytes()
     index_file = channel / subdir / "repodata.json"
     repodata = json.loads(index_file.read_text())
     repodata["packages"][file_name] = {
@@ -72,7 +127,6 @@ def add_package(
         "timestamp": 1700000000000,
     }
     index_file.write_text(json.dumps(repodata))
-    return file_name
 
 
 def add_python(channel: Path, version: str, interpreter: str) -> None:

@@ -458,6 +458,7 @@ class OciBuilder:
             emit=emit,
             policy=self.policy,
             timeout=max(self.timeout, 1800),
+            limits=self.sandbox,
         )
         if env.python is not None and tuple(int(p) for p in env.python.split(".")[:2]) < MIN_PYTHON:
             raise BuildFailed(

@@ -1,19 +1,23 @@
-"""Conda environments without a container: a conda file's packages, solved and installed by
-py-rattler (the library behind pixi) for the image's platform, into a prefix that becomes one
-layer of the image (``/opt/mms/conda``).
+"""Conda environments without a container: a conda file's packages, solved by py-rattler (the
+library behind pixi) for the image's platform, installed contained into a prefix that becomes
+one layer of the image (``/opt/mms/conda``).
 
 What is read from where: the conda file names channels only by the names the operator
 allows (MMS_CONDA_CHANNELS); each maps to the URL the settings give it (a mirror on a closed
 network), and every http(s) channel's host passes the fetcher's address rules (a private
-address needs MMS_FETCH_ALLOW_HOSTS) before rattler connects. Every package the solve picks
-must come from under one of those channel URLs (repodata can name another base URL): any
-other is refused before a byte of it is downloaded.
+address needs MMS_FETCH_ALLOW_HOSTS) before rattler reads its repodata. The solve stays in
+the worker; its records only say what to fetch. Every package archive is then downloaded by
+the service's own fetcher (``conda_archives``: from under one of the channel URLs only, pinned
+to the checked address, bounded) and checked against the record's sha256 (md5 when only that
+is given) before anything reads it.
 
-Nothing a package carries is run: rattler links files and patches their prefix placeholders;
-post-link and pre-unlink scripts are never executed (``execute_link_scripts=False``, which the
-tests prove). The prefix is made in the build's scratch folder, its placeholders patched for
-``/opt/mms/conda``, and scrubbed of what names the worker (its package cache) before it is
-layered, so the same packages give the same layer on any worker.
+Nothing a package carries touches the worker: the archives are unpacked and linked by
+rattler in the sandbox (``workers.sandbox``, ``conda_link``: no network, none of the
+worker's files, an output tmpfs of the sandbox's disk limit, its file size, process, CPU and
+wall-time limits), post-link and pre-unlink scripts never run (``execute_link_scripts=False``).
+The worker copies the prefix out (files as bytes, links as links never followed, anything
+else refused), scrubs what names the sandbox from the records, and layers it, so the same
+packages give the same layer on any worker.
 """
 
 from __future__ import annotations
@@ -21,21 +25,31 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import os
 import platform
 import re
+import shutil
+import socket
+import stat
+import sys
 import time
+from collections import Counter
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
 from app.package_sources import NO_DEFAULTS, conda_channel_urls
 from workers.build_context import InvalidBuildSpec, conda_python_allows, split_conda
 from workers.builders import BuildFailed, Log
-from workers.fetcher import FetchError, FetchPolicy, check_url
+from workers.fetcher import FetchError, FetchPolicy, Resolver, check_url
+from workers.oci import conda_link
+from workers.oci.conda_archives import Archive, download_archives, stage
 from workers.oci.layers import LayerBuilder
+from workers.sandbox import Limits, SandboxFailed, run_contained
 
 __all__ = ["PREFIX", "CondaEnv", "conda_specs", "install_conda_env", "subdir_for"]
 
@@ -120,14 +134,14 @@ def _channels(text: str, allowed: list[str], specs: list[str]) -> tuple[list[str
     return list(dict.fromkeys(sources)), rewritten
 
 
-def _check_sources(sources: list[str], policy: FetchPolicy | None) -> None:
+def _check_sources(sources: list[str], policy: FetchPolicy | None, resolver: Resolver) -> None:
     for url in sources:
         scheme = url.partition("://")[0].lower()
         if scheme in ("http", "https"):
             if policy is None:
                 continue
             try:
-                check_url(url, policy=policy)
+                check_url(url, policy=policy, resolver=resolver)
             except FetchError as exc:
                 raise BuildFailed("environment", f"conda channel {_shown(url)}: {exc}") from None
         elif scheme != "file":
@@ -179,14 +193,17 @@ def install_conda_env(
     emit: Log,
     policy: FetchPolicy | None = None,
     timeout: float = 1800.0,
+    limits: Limits = Limits(),
+    resolver: Resolver = socket.getaddrinfo,
 ) -> CondaEnv:
     """Solve ``specs`` (from the conda file ``text``) on the allowed ``channels`` for
-    ``subdir`` and install them into a prefix under ``work``; BuildFailed says what failed."""
+    ``subdir``, download the packages with the fetcher and install them contained, within
+    ``limits``, into a prefix under ``work``; BuildFailed says what failed."""
     import rattler
     from rattler.exceptions import SolverError
 
     sources, specs = _channels(text, channels, specs)
-    _check_sources(sources, policy)
+    _check_sources(sources, policy, resolver)
     client = rattler.Client.default_client(max_retries=3, timeout=int(timeout))
     gateway = rattler.Gateway(cache_dir=cache_dir / "repodata", client=client)
     started = time.monotonic()
@@ -207,53 +224,218 @@ def install_conda_env(
         raise BuildFailed("environment", f"conda: the conda file's packages cannot be installed: {why}") from None
     except Exception as exc:  # noqa: BLE001 - rattler's errors (fetching, parsing) have no common base
         raise BuildFailed("environment", f"conda: {type(exc).__name__}: {_one_line(exc)}") from None
-    roots = [s.rstrip("/") + "/" for s in sources]
-    for record in records:
-        if not any(str(record.url).startswith(root) for root in roots):
-            raise BuildFailed(
-                "environment",
-                f"conda: {record.name.normalized} would be downloaded from {_shown(str(record.url))}, "
-                "outside the channels it was solved on",
-            )
     packages = tuple(sorted(f"{r.name.normalized}=={r.version}={r.build}" for r in records))
     emit(f"mms: conda: solved {len(records)} package(s) in {time.monotonic() - started:.1f} s: {' '.join(packages)}")
-    prefix = work / "conda-prefix"
     started = time.monotonic()
-    try:
-        _run(
-            rattler.install(
-                records,
-                prefix,
-                cache_dir=cache_dir / "pkgs",
-                platform=rattler.Subdir(subdir),
-                execute_link_scripts=False,  # a package's scripts never run on the worker
-                show_progress=False,
-                client=client,
-                alternative_target_prefix=PREFIX,
-            )
-        )
-    except Exception as exc:  # noqa: BLE001 - as above
-        raise BuildFailed("environment", f"conda: installing failed: {type(exc).__name__}: {_one_line(exc)}") from None
-    _scrub(prefix)
+    archives = download_archives(
+        records,
+        [s.rstrip("/") + "/" for s in sources],
+        cache=cache_dir / "archives",
+        policy=policy if policy is not None else _channel_policy(sources),
+        resolver=resolver,
+        shown=_shown,
+    )
+    emit(f"mms: conda: {len(archives)} archive(s) downloaded and checked in {time.monotonic() - started:.1f} s")
+    started = time.monotonic()
+    prefix = work / "conda-prefix"
+    _install_contained(archives, subdir, work, prefix, limits, emit)
+    _scrub(prefix, {str(a.record.file_name): a.record for a in archives})
     python = next((str(r.version) for r in records if r.name.normalized == "python"), None)
     env = CondaEnv(LayerBuilder(), packages, python)
-    if env.interpreter and not (prefix / env.interpreter.removeprefix(f"{PREFIX}/")).exists():
+    # lexists: the interpreter may be a link to the base image's; the worker's files say nothing.
+    if env.interpreter and not os.path.lexists(prefix / env.interpreter.removeprefix(f"{PREFIX}/")):
         raise BuildFailed("environment", f"conda: the python package has no {env.interpreter}")
     env.layer.add_prefix(prefix, PREFIX)
-    emit(f"mms: conda: installed into {PREFIX} in {time.monotonic() - started:.1f} s")
+    emit(f"mms: conda: installed into {PREFIX} in {time.monotonic() - started:.1f} s, contained")
     return env
 
 
-def _scrub(prefix: Path) -> None:
-    """Drop what names the worker rather than the image (the package cache's paths in each
-    record, rattler's cache tag) and any login in a channel URL."""
+def _channel_policy(sources: list[str]) -> FetchPolicy:
+    """Without the service's policy (a caller that picks the channels): those channels' hosts
+    allowed, still pinned and bounded."""
+    hosts = set()
+    for url in sources:
+        parts = urlsplit(url)
+        if parts.scheme in ("http", "https") and parts.hostname:
+            host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+            hosts.add(f"{host}:{parts.port or (443 if parts.scheme == 'https' else 80)}")
+    return FetchPolicy(allow_hosts=frozenset(hosts))
+
+
+def _install_contained(
+    archives: list[Archive], subdir: str, work: Path, prefix: Path, limits: Limits, emit: Log
+) -> None:
+    """Unpack and link ``archives`` in the sandbox (``conda_link``), then take the prefix it
+    made into ``prefix``, refusing what no environment may hold."""
+    inputs = work / "conda-in"
+    shutil.rmtree(inputs, ignore_errors=True)
+    channel = inputs / "channel"
+    plan: dict[str, Any] = {
+        "channel": "/in/channel",
+        "subdirs": sorted({str(a.record.subdir) for a in archives}),
+        "cache": "/out/pkgs",
+        "prefix": "/out/prefix",
+        "platform": subdir,
+        "target": PREFIX,
+        "packages": [],
+    }
+    indexes: dict[str, dict[str, Any]] = {}
+    for archive in archives:
+        record = archive.record
+        staged = stage(archive, channel)
+        entry = json.loads(record.to_json())
+        for field in ("url", "channel", "fn"):
+            entry.pop(field, None)
+        index = indexes.setdefault(str(record.subdir), {"info": {"subdir": str(record.subdir)}})
+        kind = "packages.conda" if staged.name.endswith(".conda") else "packages"
+        index.setdefault(kind, {})[staged.name] = entry
+        plan["packages"].append(
+            {
+                "label": archive.label,
+                "archive": f"/in/channel/{record.subdir}/{staged.name}",
+                "entry": f"{record.name.normalized}-{record.version}-{record.build}",
+            }
+        )
+    for name, index in indexes.items():
+        (channel / name / "repodata.json").write_text(json.dumps(index))
+    (inputs / "plan.json").write_text(json.dumps(plan))
+    seen = _Progress(emit)
+    script = Path(conda_link.__file__)
+    try:
+        run_contained(
+            [sys.executable, "-I", "/mms/conda_link.py", "/in/plan.json"],
+            inputs={inputs: "/in", script: "/mms/conda_link.py"},
+            output=work / "conda-out",
+            limits=limits,
+            log=seen,
+            what="installing the conda environment",
+            collect=lambda out: _take_prefix(out, prefix),
+        )
+    except SandboxFailed as exc:
+        raise BuildFailed("environment", seen.explain(exc, limits)) from None
+    finally:
+        shutil.rmtree(inputs, ignore_errors=True)
+
+
+class _Progress:
+    """The sandbox's lines to the build log, keeping which package it was at and its failure."""
+
+    def __init__(self, emit: Log) -> None:
+        self.emit = emit
+        self.package: str | None = None
+        self.failure: dict[str, Any] | None = None
+
+    def __call__(self, line: str) -> None:
+        text = line.strip()
+        if text.startswith(conda_link.UNPACKING):
+            self.package = text.removeprefix(conda_link.UNPACKING)
+        elif text == "mms-conda: linking":
+            self.package = None
+        elif text.startswith("{") and conda_link.FAILED in text:
+            try:
+                failure = json.loads(text)[conda_link.FAILED]
+            except (ValueError, TypeError, KeyError):
+                failure = None
+            if isinstance(failure, dict):
+                self.failure = failure
+                return
+        self.emit(line)
+
+    def explain(self, exc: SandboxFailed, limits: Limits) -> str:
+        failure = self.failure or {}
+        what = f"installing {self.package}" if self.package else "linking the environment"
+        kind = failure.get("kind")
+        if kind == "disk":
+            return f"conda: {what} went past the disk limit of {_size(limits.disk_bytes)}"
+        if kind == "files":
+            return f"conda: {what} went past the limit of {limits.files} files"
+        if kind == "path":
+            return f"conda: {self.package} has a path that leaves the environment ({failure.get('error')}); refused"
+        if kind == "file_size" or "file size limit" in str(exc):
+            return f"conda: {what} wrote a file past the file size limit of {_size(limits.file_bytes)}"
+        if failure:
+            return f"conda: {what} failed: {_one_line(str(failure.get('error', '')))}"
+        return f"conda: {what} failed: {str(exc).removeprefix('installing the conda environment failed: ')}"
+
+
+def _size(n: int) -> str:
+    return f"{n / (1 << 30):g} GiB" if n >= 1 << 30 else f"{n / (1 << 20):g} MiB"
+
+
+def _take_prefix(out: Path, prefix: Path) -> None:
+    """Copy the prefix the sandbox made onto the worker: folders, regular files (their bytes,
+    executable or not, never a setuid bit) and symbolic links as links, never followed. A
+    device, fifo or socket, or a file linked to one outside the sandbox's output, is refused."""
+    made = out / "prefix"
+    if made.is_symlink() or not made.is_dir():
+        raise BuildFailed("environment", "conda: the contained install made no environment")
+    # How often each file appears in the whole output (rattler links the prefix's files to
+    # its unpacked packages): a file with more links than that is linked from outside.
+    counts: Counter[tuple[int, int]] = Counter()
+    for root, _dirs, files in os.walk(out):
+        for name in files:
+            st = os.lstat(os.path.join(root, name))
+            if stat.S_ISREG(st.st_mode):
+                counts[(st.st_dev, st.st_ino)] += 1
+    shutil.rmtree(prefix, ignore_errors=True)
+    prefix.mkdir(parents=True)
+    for root, dirs, files in os.walk(made):
+        rel_root = Path(root).relative_to(made)
+        for name in sorted([*dirs, *files]):
+            source, dest, rel = Path(root, name), prefix / rel_root / name, rel_root / name
+            st = source.lstat()
+            if stat.S_ISLNK(st.st_mode):
+                os.symlink(os.readlink(source), dest)
+            elif stat.S_ISDIR(st.st_mode):
+                dest.mkdir(mode=0o755)
+            elif stat.S_ISREG(st.st_mode):
+                if st.st_nlink > counts[(st.st_dev, st.st_ino)]:
+                    raise BuildFailed("environment", f"conda: {rel} is linked to a file outside the environment")
+                _copy_file(source, dest, executable=bool(st.st_mode & 0o111))
+            else:
+                raise BuildFailed(
+                    "environment",
+                    f"conda: {rel} is a {_kind(st.st_mode)}; an environment holds files, folders and links only",
+                )
+
+
+def _copy_file(source: Path, dest: Path, *, executable: bool) -> None:
+    fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as src, open(dest, "xb") as out:
+        shutil.copyfileobj(src, out, 1 << 20)
+    dest.chmod(0o755 if executable else 0o644)
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "fifo"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device"
+    return "special file"
+
+
+def _scrub(prefix: Path, records: dict[str, Any]) -> None:
+    """Drop what names the worker or the sandbox rather than the image (the package cache's
+    paths in each record, rattler's cache tag), give each record back the URL and channel
+    it came from, without a mirror's login. Never through a link: what the sandbox made
+    could point anywhere on the worker."""
     (prefix / "CACHEDIR.TAG").unlink(missing_ok=True)
-    for record in sorted((prefix / "conda-meta").glob("*.json")):
+    meta = prefix / "conda-meta"
+    if meta.is_symlink():
+        raise BuildFailed("environment", "conda: conda-meta is a link; refused")
+    for record in sorted(meta.glob("*.json")):
+        if record.is_symlink():
+            raise BuildFailed("environment", f"conda: conda-meta/{record.name} is a link; refused")
         data = json.loads(record.read_text())
         for field in _WORKER_FIELDS:
             data.pop(field, None)
         if isinstance(data.get("link"), dict):
             data["link"].pop("source", None)
+        source = records.get(str(data.get("fn")))
+        if source is not None:
+            data["url"], data["channel"] = str(source.url), str(source.channel)
         for field in ("url", "channel"):  # a mirror's login stays out of the image
             if isinstance(data.get(field), str):
                 data[field] = _shown(data[field])
