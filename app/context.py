@@ -17,6 +17,7 @@ from app.private_files import prepare_data_dir
 from app.queue import BuildQueue
 from app.sealing import Sealer
 from app.services.accounts import KnownAccounts
+from app.services.event_ids import EventIds
 from app.services.source_urls import SourceUrlPolicy
 from app.storage.base import AssetStore
 from app.storage.factory import make_asset_store
@@ -32,6 +33,8 @@ class ServiceContext:
     # For what only reads (GET requests, event streams, metrics): never waits for a writer.
     read_session_factory: sessionmaker[Session]
     sealer: Sealer
+    # The tokens event ids leave the service as (streams, webhooks, ETags): the same in every process.
+    event_ids: EventIds
     verifier: TokenVerifier
     # The service's own public keys, one cache per process: the API token check above and the
     # image store's registry tokens (another audience) both read them.
@@ -81,6 +84,7 @@ class ServiceContext:
             read_engine=read_engine,
             read_session_factory=read_factory,
             sealer=Sealer(secret_key),
+            event_ids=EventIds(secret_key),
             verifier=TokenVerifier(issuers, settings.clock_skew_seconds),
             own_keys=own_keys,
             asset_store=make_asset_store(settings, secret_key),

@@ -5,7 +5,8 @@ the event's type.
 
 An owner says what changed (``Change``: the subject's part of the payload); this module adds
 the envelope every event shares, ``{"type", "time", "account", "<kind>": {...}}``. Ids come from
-one sequence for every kind, so one Last-Event-ID resumes any stream. ``app.services.events``
+one sequence for every kind (and every account: clients see them only as tokens,
+``app.services.event_ids``), so one Last-Event-ID resumes any stream. ``app.services.events``
 reads what is written here; the build reaper prunes old events of every kind.
 """
 

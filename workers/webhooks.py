@@ -123,7 +123,8 @@ def deliver_due(context: ServiceContext, *, limit: int = 20) -> int:
 
 def _send(context: ServiceContext, delivery_id: uuid.UUID, attempt: int, row, policy: FetchPolicy) -> None:  # type: ignore[no-untyped-def]
     settings = context.settings
-    body = render(row.id, row.payload).encode()
+    event_id = context.event_ids.token(row.id)  # what the streams call this event
+    body = render(event_id, row.payload).encode()
     sent_at = int(time.time())
     secrets = [context.sealer.unseal(row.sealed_secret).decode()]
     if row.sealed_previous_secret and row.previous_secret_expires_at and row.previous_secret_expires_at > utcnow():
@@ -137,7 +138,7 @@ def _send(context: ServiceContext, delivery_id: uuid.UUID, attempt: int, row, po
         "webhook-signature": standard_signature(secrets, str(delivery_id), sent_at, body),
         # Deprecated: the service's own headers of before, kept for one release.
         "X-MMS-Event": json.loads(row.payload)["type"],  # ImageStateChanged, ServiceDeleted...
-        "X-MMS-Event-Id": str(row.id),
+        "X-MMS-Event-Id": event_id,
         "X-MMS-Delivery": str(delivery_id),
         "X-MMS-Timestamp": str(sent_at),
         "X-MMS-Signature": signature(secrets[0].encode(), str(sent_at), body),
@@ -178,7 +179,7 @@ def _send(context: ServiceContext, delivery_id: uuid.UUID, attempt: int, row, po
         "webhook.attempt",
         extra={
             "delivery": str(delivery_id),
-            "eventId": row.id,
+            "eventId": event_id,
             "attempt": attempt,
             "status": status,
             "outcome": values.get("state", "Retry"),

@@ -7,6 +7,10 @@ client that reconnects with ``Last-Event-ID`` gets what it missed from the table
 shares one id sequence, so an id from any stream of the account resumes any other. However
 many dashboards are connected, a process asks the database one cheap question per interval.
 
+The ids are one sequence for every account, so they stay inside: a client sees each id as its
+token (``app.services.event_ids``), and a stream starts at its own account's newest event, so
+nothing it sends moves with another account's activity.
+
 A stream lasts only as long as its caller may read the account: the hub re-reads the roles
 of its subscribers (one query for all of them) every ``recheck_seconds``, and again after
 reading new events and before handing them out, so a principal deleted (or a role removed)
@@ -19,7 +23,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
 import threading
 import time
 import uuid
@@ -27,9 +30,11 @@ from collections import OrderedDict, defaultdict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import Annotated
 
 import anyio
 from anyio import CapacityLimiter, to_thread
+from fastapi import Header, Query
 from sqlalchemy.orm import Session
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
@@ -40,10 +45,19 @@ from app.database import session_scope
 from app.errors import BadRequest
 from app.orm import SubjectKind
 from app.services.accounts import AccountRef
-from app.services.events import StreamEvent, events_after, latest_event_id, stream_start
-from app.services.paging import MAX_ID
+from app.services.event_ids import EventIds
+from app.services.events import StreamEvent, events_after, latest_event_id, render, stream_start
 
 log = logging.getLogger("mms.events")
+
+_RESUME = (
+    "the `id` of the last event received, as it came (an opaque token: from any of the account's "
+    "streams); the stream sends what came after it. Leave it out to start from now."
+)
+LastEventIdHeader = Annotated[str | None, Header(alias="Last-Event-ID", description=_RESUME)]
+LastEventIdQuery = Annotated[
+    str | None, Query(alias="lastEventId", description=f"{_RESUME} For clients that cannot set Last-Event-ID.")
+]
 
 BATCH = 500
 RETRY_MS = 2000  # how soon a browser's EventSource reconnects
@@ -313,12 +327,14 @@ async def account_events(
     *,
     caller: Caller,
     scope: str,
+    event_ids: EventIds,
     last_event_id: int | None,
     kinds: frozenset[str] = frozenset(SubjectKind),
     shutdown: anyio.Event | None = None,
 ) -> AsyncIterator[ServerSentEvent]:
     """An account's events of ``kinds``: what came after ``last_event_id`` (or a ``ready``
-    mark), then live. Each is sent as ``event: <its kind>`` (image, service).
+    mark at the account's newest event), then live. Each is sent as ``event: <its kind>``
+    (image, service), under its id's token (``event_ids``).
 
     The stream ends when the caller's token expires (the client reconnects with a fresh one),
     within the hub's recheck period once the caller may no longer read ``scope``, and at once
@@ -350,7 +366,9 @@ async def account_events(
         if not allowed:
             return
         if last_event_id is None:
-            yield ServerSentEvent(id=str(start), event="ready", data=json.dumps({"lastEventId": start}), retry=RETRY_MS)
+            # The account's own newest event: resuming after it misses nothing of the account.
+            token = event_ids.token(start)
+            yield ServerSentEvent(id=token, event="ready", data=json.dumps({"lastEventId": token}), retry=RETRY_MS)
         else:
             yield ServerSentEvent(comment="resuming", retry=RETRY_MS)
             after = last_event_id
@@ -363,7 +381,7 @@ async def account_events(
                     return
                 for event in batch:
                     shown.add(event.id)  # read after the start snapshot: it may be in the queue too
-                    yield ServerSentEvent(id=str(event.id), event=event.kind, data=event.data)
+                    yield _frame(event_ids, event)
                 if len(batch) < BATCH or sub.ended:
                     break
                 after = batch[-1].id
@@ -380,11 +398,16 @@ async def account_events(
             if event.id in shown:
                 shown.discard(event.id)
                 continue
-            yield ServerSentEvent(id=str(event.id), event=event.kind, data=event.data)
+            yield _frame(event_ids, event)
     finally:
         if watcher is not None:
             watcher.cancel()
         hub.unsubscribe(sub)
+
+
+def _frame(event_ids: EventIds, event: StreamEvent) -> ServerSentEvent:
+    token = event_ids.token(event.id)
+    return ServerSentEvent(id=token, event=event.kind, data=render(token, event.payload))
 
 
 async def _end_on(shutdown: anyio.Event, sub: Subscription) -> None:
@@ -392,22 +415,21 @@ async def _end_on(shutdown: anyio.Event, sub: Subscription) -> None:
     sub.end()
 
 
-_EVENT_ID = re.compile(r"[0-9]{1,19}")
-
-
-def _last_event_id(header: str | None, query: str | None) -> int | None:
-    """The resume point a client sent (the header an EventSource sends, or ``?lastEventId=``)."""
+def _last_event_id(header: str | None, query: str | None, event_ids: EventIds) -> int | None:
+    """The resume point a client sent (the header an EventSource sends, or ``?lastEventId=``):
+    the id of an event this service sent, as it came; 400 for anything else."""
     field = "Last-Event-ID" if header is not None else "lastEventId"
     raw = (header if header is not None else query or "").strip()
     if not raw:
         return None
-    # ASCII digits only (str.isdigit takes '²'), and no more than an event id column holds.
-    if not _EVENT_ID.fullmatch(raw) or int(raw) > MAX_ID:
+    event_id = event_ids.event_id(raw)
+    if event_id is None:  # a number from before ids were tokens, garbage, or a forged token
         raise BadRequest(
-            f"{field} must be an event id (a whole number up to {MAX_ID}), not {raw[:40]!r}",
+            f"{field} must be the id of an event this service sent, as it came (or leave it out to "
+            f"start from now), not {raw[:40]!r}",
             code="InvalidLastEventId",
         )
-    return int(raw)
+    return event_id
 
 
 def stream_response(
@@ -422,7 +444,7 @@ def stream_response(
 ) -> EventSourceResponse:
     """The response of an event stream route: the account's events of ``kinds``, resumed after
     the Last-Event-ID the client sent (400 when it is no event id)."""
-    last_event_id = _last_event_id(last_event_id_header, last_event_id_query)
+    last_event_id = _last_event_id(last_event_id_header, last_event_id_query, context.event_ids)
     scope = account_scope(account.subscription_id, account.resource_group, account.name)
     # Set by sse-starlette when the server starts to stop: the stream then ends cleanly
     # (a finished body) within the grace period, rather than holding the shutdown up.
@@ -433,6 +455,7 @@ def stream_response(
         account.id,
         caller=caller,
         scope=scope,
+        event_ids=context.event_ids,
         last_event_id=last_event_id,
         kinds=kinds,
         shutdown=shutdown,

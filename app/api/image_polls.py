@@ -2,7 +2,8 @@
 it is answered 304 before any route, dependency, thread or database is involved.
 
 An image's representation changes only when an event records it (state changes, and its
-deletion), so ``"v<event id>-<base URL digest>"`` names the representation exactly. The
+deletion), so ``"v<event id's token>-<base URL digest>"`` names the representation exactly
+(the token, not the id: an ETag must not move with other accounts' events). The
 first GET reads the version from the table; this process's event poller keeps it current
 from then on. The shortcut answers only when everything it needs is at hand: the poller is
 current, the caller's token verifies, its roles are cached and allow reading the account,
@@ -26,6 +27,7 @@ from app.auth.caller import caller_for
 from app.auth.roles import Permission, account_scope
 from app.builds.states import DELETED_STATE, is_unfinished
 from app.errors import ServiceError
+from app.services.event_ids import EventIds
 
 _IMAGE_PATH = re.compile(
     r"/api/subscriptions/([^/]+)/resourceGroups/([^/]+)/accounts/([^/]+)/images/([0-9a-fA-F-]{36})"
@@ -34,9 +36,10 @@ _PLAIN_QUERIES = (b"", b"api-version=2017-09-01-preview")
 RETRY_AFTER_SECONDS = 2  # how long a poller of an unfinished build is asked to wait
 
 
-def image_etag(version: int, base_url: str) -> str:
-    """The image's ETag: its version, and the base URL its links were made with."""
-    return f'"v{version}-{hashlib.sha256(base_url.encode()).hexdigest()[:12]}"'
+def image_etag(event_ids: EventIds, version: int, base_url: str) -> str:
+    """The image's ETag: its version (its newest event's token), and the base URL its links
+    were made with."""
+    return f'"v{event_ids.token(version)}-{hashlib.sha256(base_url.encode()).hexdigest()[:12]}"'
 
 
 def not_modified_headers(etag: str, state: str) -> list[tuple[bytes, bytes]]:
@@ -78,10 +81,10 @@ class ImagePollShortcut:
             or hub.versions.account((subscription, group, account)) != known.account_id
         ):
             return None
-        etag = image_etag(known.version, str(request.base_url))
+        context = scope["app"].state.context
+        etag = image_etag(context.event_ids, known.version, str(request.base_url))
         if not etag_matches(if_none_match, etag):
             return None
-        context = scope["app"].state.context
         try:
             token = context.verifier.verify(authorization.removeprefix("Bearer ").strip(), keys_at_hand=True)
         except ServiceError:

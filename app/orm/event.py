@@ -1,6 +1,7 @@
 """State changes of an account's images and web services, in the order they were committed:
-what the event streams and the webhooks deliver. The row id is the event id a client resumes
-from: one sequence for every kind, so one Last-Event-ID resumes any stream."""
+what the event streams and the webhooks deliver. The row id is the position a client resumes
+from: one sequence for every kind, so one Last-Event-ID resumes any stream. It is one sequence
+for every account too, so clients see it only as a token (``app.services.event_ids``)."""
 
 from __future__ import annotations
 

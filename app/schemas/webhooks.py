@@ -65,7 +65,7 @@ class WebhookCreated(WebhookRead):
 
 class DeliveryRead(ApiModel):
     id: str
-    eventId: str
+    eventId: str = Field(description="the event's id, as its body and the event streams give it (opaque)")
     state: DeliveryState
     attempts: int
     responseStatus: int | None

@@ -19,30 +19,35 @@ from app.orm import Event
 
 @dataclass(frozen=True)
 class StreamEvent:
-    """One committed state change, ready to send: ``data`` is the JSON body, id included."""
+    """One committed state change: ``id`` is internal (ordering, cursors); clients see
+    ``render(token, payload)`` under the id's token (``app.services.event_ids``)."""
 
     id: int
     account_id: uuid.UUID
     kind: str  # a SubjectKind: image, service
     subject_id: uuid.UUID
     state: str  # the state it moved to, or Deleted
-    data: str
+    payload: str
 
 
-def render(event_id: int, payload: str) -> str:
-    """The event's JSON body: its stored payload with its id first."""
-    return f'{{"id":"{event_id}",{payload[1:]}'
+def render(token: str, payload: str) -> str:
+    """The event's JSON body: its stored payload with its id's token first."""
+    return f'{{"id":"{token}",{payload[1:]}'
 
 
 def latest_event_id(session: Session) -> int:
-    """The newest event's id (0 when there is none): where a fresh subscriber starts."""
+    """The newest event's id (0 when there is none): where the event hub starts."""
     return session.scalar(select(func.max(Event.id))) or 0
 
 
 def stream_start(session: Session, *, account_id: uuid.UUID, after_id: int) -> tuple[int, set[int]]:
-    """The newest event's id, and the ids above ``after_id`` of the account's events, as one
-    snapshot sees them (one statement: on PostgreSQL each has its own snapshot)."""
-    newest = select(func.coalesce(func.max(Event.id), 0).label("newest")).subquery()
+    """The account's newest event's id (0 when it has none), and the ids above ``after_id`` of
+    its events, as one snapshot sees them (one statement: on PostgreSQL each has its own
+    snapshot). Only the account's own: where a stream starts must not move with other
+    accounts' activity."""
+    newest = (
+        select(func.coalesce(func.max(Event.id), 0).label("newest")).where(Event.account_id == account_id).subquery()
+    )
     rows = session.execute(
         select(newest.c.newest, Event.id.label("visible")).select_from(
             newest.outerjoin(Event, and_(Event.account_id == account_id, Event.id > after_id))
@@ -70,6 +75,5 @@ def events_after(
         query = query.where(Event.subject_kind.in_(kinds))
     rows = session.execute(query.order_by(Event.id).limit(limit)).all()
     return [
-        StreamEvent(row.id, row.account_id, row.subject_kind, row.subject_id, row.state, render(row.id, row.payload))
-        for row in rows
+        StreamEvent(row.id, row.account_id, row.subject_kind, row.subject_id, row.state, row.payload) for row in rows
     ]

@@ -56,11 +56,15 @@ def decode_token(token: str | None, *, fields: dict[str, type], max_int: int = M
         or set(position) != set(fields)
         or not all(_fits(position[name], kind, max_int) for name, kind in fields.items())
     ):
-        raise BadRequest(
-            "$skipToken is not valid; use the nextLink of the previous page as it is",
-            code="InvalidSkipToken",
-        )
+        raise invalid_skip_token()
     return position
+
+
+def invalid_skip_token() -> BadRequest:
+    """The 400 of a ``$skipToken`` the service did not make."""
+    return BadRequest(
+        "$skipToken is not valid; use the nextLink of the previous page as it is", code="InvalidSkipToken"
+    )
 
 
 def page_by_name_and_version(

@@ -32,8 +32,9 @@ from app.orm.base import utcnow
 from app.schemas.webhooks import WebhookCreate, WebhookUpdate
 from app.sealing import Sealer
 from app.services.accounts import AccountRef
+from app.services.event_ids import EventIds
 from app.services.lookup import get_in_account
-from app.services.paging import decode_token, encode_token, page_size
+from app.services.paging import decode_token, encode_token, invalid_skip_token, page_size
 
 log = logging.getLogger("mms.webhooks")
 
@@ -209,8 +210,10 @@ def list_deliveries(
     state: str | None,
     count: int | None,
     skip_token: str | None,
+    event_ids: EventIds,
 ) -> tuple[list[WebhookDelivery], str | None]:
-    """A page of the webhook's delivery log, newest event first."""
+    """A page of the webhook's delivery log, newest event first (its ``$skipToken`` names an
+    event by its token, as clients see it, never by its id)."""
     webhook = get_webhook(session, account, webhook_id=webhook_id)
     limit = page_size(count)
     query = select(WebhookDelivery).where(WebhookDelivery.webhook_id == webhook.id)
@@ -218,10 +221,13 @@ def list_deliveries(
         if state not in {s.value for s in DeliveryState}:
             raise BadRequest("state must be Pending, Delivered or Failed", code="InvalidState")
         query = query.where(WebhookDelivery.state == state)
-    position = decode_token(skip_token, fields={"e": int})
+    position = decode_token(skip_token, fields={"e": str})
     if position is not None:
-        query = query.where(WebhookDelivery.event_id < position["e"])
+        after = event_ids.event_id(position["e"])
+        if after is None:
+            raise invalid_skip_token()
+        query = query.where(WebhookDelivery.event_id < after)
     rows = list(session.scalars(query.order_by(WebhookDelivery.event_id.desc()).limit(limit + 1)))
     if len(rows) <= limit:
         return rows, None
-    return rows[:limit], encode_token({"e": rows[limit - 1].event_id})
+    return rows[:limit], encode_token({"e": event_ids.token(rows[limit - 1].event_id)})

@@ -9,7 +9,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from app.context import ServiceContext
 from app.errors import BadRequest, error_response
+from app.services.event_ids import EventIds
 from tests.api.test_manifests import seed_manifest
 from tests.factories import model_body
 
@@ -46,23 +48,51 @@ def test_a_forged_skip_token_is_a_400_naming_it(client: TestClient, owner: dict[
     ]
     webhook = client.post(f"{account}/webhooks", json={"url": "https://hooks.example.com/x"}, headers=owner)
     assert webhook.status_code == 201, webhook.text
-    cases.append((f"{account}/webhooks/{webhook.json()['id']}/deliveries", _token({"e": 2**63})))  # past BIGINT
+    deliveries = f"{account}/webhooks/{webhook.json()['id']}/deliveries"
+    # Its position is an event id's token, never the id (a Reader would read the global count).
+    cases += [(deliveries, _token({"e": position})) for position in (2**63, 5, "5", "a" * 22, "\u0000")]
     for url, token in cases:
         response = client.get(url, params={"$skipToken": token}, headers=owner)
         assert response.status_code == 400, (url, token, response.text)
         assert "$skipToken" in response.json()["message"], response.text
 
 
+def _flipped(token: str, bit: int) -> str:
+    raw = bytearray(base64.urlsafe_b64decode(token + "=="))
+    raw[bit // 8] ^= 1 << (bit % 8)
+    return base64.urlsafe_b64encode(bytes(raw)).decode().rstrip("=")
+
+
 def test_an_event_id_that_is_not_one_is_a_400_naming_it(
-    client: TestClient, owner: dict[str, str], account: str
+    client: TestClient, owner: dict[str, str], account: str, app_context: ServiceContext
 ) -> None:
-    for value in ("99999999999999999999999", "9" * 5000, "²", "-1", "1e3"):
+    token = app_context.event_ids.token(7)  # an id this service sends (any id: it checks no table)
+    assert app_context.event_ids.event_id(token) == 7
+    values = [
+        "99999999999999999999999",
+        "9" * 5000,
+        "²",
+        "-1",
+        "1e3",
+        "0",  # plain numbers, as ids were before: no longer ids
+        "7",
+        "yesterday",
+        token + "A",  # too long
+        token[:-1],  # too short
+        token[:-1] + ("B" if token[-1] == "A" else "A"),  # the same block's other spelling, or another block
+        EventIds("another service's secret key, of some length").token(7),  # made with another key
+        *(_flipped(token, bit) for bit in (0, 63, 64, 100, 127)),  # in the id's half and in the check half
+    ]
+    for value in values:
         response = client.get(f"{account}/images/events", headers={**owner, "Last-Event-ID": value.encode("latin-1")})
-        assert response.status_code == 400, response.text
-        assert response.json()["message"].startswith("Last-Event-ID must be an event id"), response.text
+        assert response.status_code == 400, (value, response.text)
+        body = response.json()
+        assert body["code"] == "InvalidLastEventId", body
+        assert body["message"].startswith("Last-Event-ID must be the id of an event this service sent"), body
+        assert "leave it out" in body["message"], body
         response = client.get(f"{account}/images/events", params={"lastEventId": value}, headers=owner)
         assert response.status_code == 400, response.text
-        assert response.json()["message"].startswith("lastEventId must be an event id"), response.text
+        assert response.json()["message"].startswith("lastEventId must be the id of an event this service sent")
 
 
 @pytest.mark.parametrize("text", ["\ud800", "a\udfffb", "a\u0000b"])

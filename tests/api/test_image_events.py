@@ -33,6 +33,26 @@ def live(service_context: ServiceContext, tmp_path) -> Iterator[Live]:
         yield live
 
 
+def _order(live: Live, *tokens: str) -> list[int]:
+    """The ids behind event ids as clients see them (opaque tokens): what their order is."""
+    ids = [live.context.event_ids.event_id(token) for token in tokens]
+    assert None not in ids, tokens
+    return ids  # type: ignore[return-value]
+
+
+def _ready(live: Live, account: str, headers: dict[str, str] | None = None) -> str:
+    """The id of a fresh stream's ``ready`` frame: where a client that has seen nothing starts."""
+    listener = live.listen(account, headers)
+    try:
+        assert listener.status == 200
+        ready = listener.next()
+        assert ready is not None and ready.event == "ready" and ready.id is not None
+        assert json.loads(ready.data) == {"lastEventId": ready.id}
+        return ready.id
+    finally:
+        listener.close()
+
+
 def _image_event(listener: Listener) -> dict:
     frame = listener.next()
     assert frame is not None, "the stream ended"
@@ -65,7 +85,7 @@ def test_a_dashboard_sees_every_state_change_of_its_account_in_order(live: Live)
         assert listener.status == 200
         ready = listener.next()
         assert ready is not None and ready.event == "ready"
-        assert json.loads(ready.data) == {"lastEventId": int(ready.id)}
+        assert json.loads(ready.data) == {"lastEventId": ready.id}
 
         live.image(other)  # another account's build: not on this stream
         image = live.image(account)
@@ -73,8 +93,8 @@ def test_a_dashboard_sees_every_state_change_of_its_account_in_order(live: Live)
 
         states = [_image_event(listener) for _ in range(3)]
         assert [e["image"]["CreationState"] for e in states] == ["NotStarted", "Running", "Succeeded"]
-        ids = [int(e["id"]) for e in states]
-        assert ids == sorted(ids) and ids[0] > int(ready.id)
+        ids = _order(live, *(e["id"] for e in states))
+        assert ids == sorted(ids) and ids[0] > _order(live, ready.id)[0]
         done = states[-1]
         assert done["type"] == "ImageStateChanged"
         assert done["account"] == account.split("/api", 1)[1]
@@ -101,9 +121,10 @@ def test_a_dashboard_sees_every_state_change_of_its_account_in_order(live: Live)
 
 def test_a_client_that_reconnects_with_last_event_id_gets_what_it_missed(live: Live) -> None:
     account = live.account()
+    start = _ready(live, account)  # before the account has any event
     image = live.image(account)
     _build(live.context, image["Id"], CreationState.FAILED)
-    everything = live.listen(account, {**live.headers, "Last-Event-ID": "0"})
+    everything = live.listen(account, {**live.headers, "Last-Event-ID": start})
     try:
         history = [_image_event(everything) for _ in range(3)]
         assert [e["image"]["CreationState"] for e in history] == ["NotStarted", "Running", "Failed"]
@@ -182,7 +203,9 @@ def test_an_event_committed_after_a_later_one_is_still_delivered(live: Live) -> 
         finally:
             slow.close()
         late = _image_event(listener)
-        assert late["image"]["Id"] == first["Id"] and int(late["id"]) < int(early["id"])
+        assert late["image"]["Id"] == first["Id"]
+        late_id, early_id = _order(live, late["id"], early["id"])
+        assert late_id < early_id  # it took its id first
     finally:
         listener.close()
 
@@ -203,7 +226,8 @@ def test_a_stream_gets_no_event_committed_before_it_started(service_context: Ser
                 after = live.image(account, name="after")
                 for listener in (fresh, resumed):
                     event = _image_event(listener)
-                    assert event["image"]["Id"] == after["Id"] and int(event["id"]) > int(ready.id)
+                    start, got = _order(live, ready.id, event["id"])
+                    assert event["image"]["Id"] == after["Id"] and got > start
                     assert listener.frames.empty()
             finally:
                 resumed.close()
@@ -289,7 +313,7 @@ def test_a_new_stream_of_a_revoked_caller_ends_at_once_despite_cached_roles(
         assert httpx.get(account, headers=reader).status_code == 200  # its roles are now cached
         with session_scope(live.context.session_factory) as session:
             session.execute(delete(RoleAssignment).where(RoleAssignment.subject == client_id))
-        for headers in (reader, {**reader, "Last-Event-ID": "0"}):
+        for headers in (reader, {**reader, "Last-Event-ID": _ready(live, account)}):
             listener = live.listen(account, headers)
             try:
                 assert listener.next(timeout=5) is None  # ended before its first frame

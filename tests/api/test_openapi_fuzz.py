@@ -51,13 +51,17 @@ SKIP_TOKENS = [
     _token({"n": "a", "v": -1}),
     _token({"n": "a"}),
     _token({"e": 2**64}),
+    _token({"e": "A" * 22}),  # shaped like an event id's token, made by no key
+    _token({"e": "\x00"}),
     _token({"n": 1, "v": True}),
     "W1tbWw",
     "e30",
     "!!",
     "9" * 5000,
 ]
-EVENT_IDS = ["1", "99999999999999999999999", "9" * 5000, "²", "-1", "1e3", " 7 "]
+# Plain numbers (ids before they were tokens), and token-shaped text no key made.
+EVENT_IDS = ["1", "0", "99999999999999999999999", "9" * 5000, "²", "-1", "1e3", " 7 "]
+EVENT_IDS += ["A" * 22, "_" * 22, "A" * 21 + "B"]
 
 CONFIG = SchemathesisConfig.from_dict(
     {

@@ -7,6 +7,7 @@ they chose, and the real delivery worker sends them."""
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -165,7 +166,8 @@ def test_webhooks_take_every_type_or_the_event_types_they_chose(
 
     def kinds(hook: dict) -> list[str]:
         log = client.get(f"{account}/webhooks/{hook['id']}/deliveries", headers=owner).json()["value"]
-        kinds = db.execute(select(Event.id, Event.subject_kind).where(Event.id.in_([int(d["eventId"]) for d in log])))
+        event_ids = [app_context.event_ids.event_id(d["eventId"]) for d in log]  # tokens, as clients see them
+        kinds = db.execute(select(Event.id, Event.subject_kind).where(Event.id.in_(event_ids)))
         return sorted(kind for _, kind in kinds)
 
     assert kinds(every) == ["image"] * 3 + ["service"] * 2
@@ -272,8 +274,8 @@ def test_each_stream_sends_its_kinds_and_one_last_event_id_resumes_across_them(l
             ("image", "ImageStateChanged"),
             ("service", "ServiceStateChanged"),
         ]
-        ids = [int(e["id"]) for _, e in both]
-        assert ids == sorted(ids)
+        ids = [live.context.event_ids.event_id(e["id"]) for _, e in both]
+        assert None not in ids and ids == sorted(ids)  # id order, told by opaque ids
         # Each kind's stream: the same events, the same ids, nothing of the other kind between.
         assert [(f.event, e) for f, e in (_next(services) for _ in range(2))] == [
             (f.event, e) for f, e in both if f.event == "service"
@@ -343,7 +345,7 @@ def test_a_webhook_receives_a_service_event_from_the_delivery_worker(live: Live,
         dispatcher.stop()
 
     received = [(json.loads(body), headers, body) for _, headers, body in receiver.received]
-    bodies = sorted(received, key=lambda delivery: int(delivery[0]["id"]))
+    bodies = sorted(received, key=lambda delivery: live.context.event_ids.event_id(delivery[0]["id"]))
     assert [(e["type"], e["service"]["state"]) for e, _, _ in bodies] == [
         ("ServiceStateChanged", "Transitioning"),
         ("ServiceStateChanged", "Deleting"),
@@ -357,29 +359,91 @@ def test_a_webhook_receives_a_service_event_from_the_delivery_worker(live: Live,
     assert [d["state"] for d in log] == ["Delivered"] * 3
 
 
-def _ready_id(live: Live, account: str, headers: dict[str, str]) -> int:
+TOKEN = re.compile(r"[A-Za-z0-9_-]{22}")  # an event id as clients see it: 16 bytes, base64url
+
+
+def _ready_id(live: Live, account: str, headers: dict[str, str]) -> str:
     listener = Listener(f"{account}/events", headers)
     try:
         assert listener.status == 200
         frame = listener.next()
         assert frame is not None and frame.event == "ready"
-        return int(json.loads(frame.data)["lastEventId"])
+        assert json.loads(frame.data) == {"lastEventId": frame.id}
+        return frame.id
     finally:
         listener.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="design: the event ids are one sequence for every account, and a stream's `ready` id is the newest "
-    "event of any account (app.services.events.stream_start), so a Reader of one account watches every other "
-    "account's rate of image and service state changes by opening a stream now and then. The ready id could be "
-    "the account's own newest (its resumes need no more); the gaps in its own events' ids would still tell the "
-    "same in part, which only a sequence per account (or ids that are not counts) would close",
-)
+def _etag(live: Live, account: str, image_id: str, headers: dict[str, str]) -> str:
+    answer = httpx.get(f"{account}/images/{image_id}", headers=headers)
+    assert answer.status_code == 200, answer.text
+    return answer.headers["ETag"]
+
+
 def test_a_stream_tells_nothing_of_other_accounts_activity(live: Live) -> None:
+    """Event ids are one sequence for every account inside; outside, every id (a frame's, an
+    event's, the ready mark, an image's ETag) is an opaque token, and a stream starts at the
+    account's own newest event: a Reader cannot count another account's events."""
     account, other = live.account(), live.account()
     reader = live.token("Reader", account.split("/api", 1)[1])
     before = _ready_id(live, account, reader)
     for n in range(3):
         live.image(other, name=f"elsewhere-{n}")  # another tenant's builds: events of its own
     assert _ready_id(live, account, reader) == before
+
+    mine = live.image(account, name="mine")  # one own event
+    listener = Listener(f"{account}/events", reader)
+    try:
+        _ready(listener)
+        etag = _etag(live, account, mine["Id"], reader)
+        # Own events with many other accounts' events between them, and with none.
+        first = live.image(account, name="first")
+        for n in range(5):
+            live.image(other, name=f"between-{n}")
+        second = live.image(account, name="second")
+        third = live.image(account, name="third")
+        got = [_next(listener)[1] for _ in range(3)]
+    finally:
+        listener.close()
+    assert [e["image"]["Id"] for e in got] == [first["Id"], second["Id"], third["Id"]]
+    ids = [e["id"] for e in got]
+    version = re.fullmatch(r'"v(.+)-[0-9a-f]{12}"', etag)
+    assert version is not None, etag
+    for token in [before, *ids, version[1]]:
+        assert TOKEN.fullmatch(token), token  # one form, whatever lies between
+        assert not token.isdigit(), token
+    assert len(set(ids)) == 3 and before not in ids
+    # Inside, they are as they were: 5 ids between the first two, none between the last two.
+    first_id, second_id, third_id = (live.context.event_ids.event_id(token) for token in ids)
+    assert second_id - first_id >= 6 and third_id - second_id == 1
+    # An unchanged image keeps its ETag while other accounts' images change.
+    for n in range(2):
+        live.image(other, name=f"after-{n}")
+    assert _etag(live, account, mine["Id"], reader) == etag
+    polled = httpx.get(f"{account}/images/{mine['Id']}", headers={**reader, "If-None-Match": etag})
+    assert polled.status_code == 304
+    # The ready mark is the account's own newest event, whatever the others did since.
+    assert _ready_id(live, account, reader) == ids[-1]
+    for n in range(2):
+        live.image(other, name=f"later-{n}")
+    assert _ready_id(live, account, reader) == ids[-1]
+
+    # Another account's id names a position only: resuming from it gives this account's own
+    # events after it, nothing of the other's.
+    elsewhere = Listener(f"{other}/events", live.headers)
+    try:
+        _ready(elsewhere)
+        live.image(other, name="theirs")
+        foreign = _next(elsewhere)[1]["id"]
+    finally:
+        elsewhere.close()
+    fourth = live.image(account, name="fourth")
+    resumed = Listener(f"{account}/events", {**reader, "Last-Event-ID": foreign})
+    try:
+        assert resumed.status == 200
+        event = _next(resumed)[1]
+        assert event["image"]["Id"] == fourth["Id"] and event["account"] == account.split("/api", 1)[1]
+        time.sleep(0.3)
+        assert resumed.frames.empty()  # and nothing of the other account's
+    finally:
+        resumed.close()

@@ -4,13 +4,17 @@ Owners, redacted for Readers. Signing secrets are shown once, when made or rotat
 from __future__ import annotations
 
 import base64
+import json
 import logging
+import re
 import uuid
 from datetime import UTC, datetime
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from fastapi.testclient import TestClient
 
+from app.context import ServiceContext
 from tests.factories import Callers, new_account
 
 URL = "https://hooks.example.com/mms/events?token=receiver-secret-123&team=ml#frag-secret"
@@ -95,3 +99,25 @@ def test_a_secret_of_the_standard_form_must_hold_a_key_of_the_standard_size(
     good = "whsec_" + base64.b64encode(b"k" * 24).decode()
     made = client.post(f"{account}/webhooks", json={"url": url, "secret": good}, headers=owner)
     assert made.status_code == 201 and made.json()["secret"] == good
+
+
+def test_the_delivery_log_names_events_and_pages_by_their_opaque_ids(
+    client: TestClient, owner: dict[str, str], account: str, manifest_id: str, app_context: ServiceContext
+) -> None:
+    hook = client.post(f"{account}/webhooks", json={"url": "https://hooks.example.com/x"}, headers=owner).json()
+    for n in range(3):
+        body = {"name": f"paged-{n}", "manifestId": manifest_id, "imageType": "Docker"}
+        assert client.post(f"{account}/images", json=body, headers=owner).status_code == 202
+    url, seen = f"{account}/webhooks/{hook['id']}/deliveries?count=1", []
+    while url:
+        page = client.get(url, headers=owner)
+        assert page.status_code == 200, page.text
+        seen += [delivery["eventId"] for delivery in page.json()["value"]]
+        url = page.json().get("nextLink")
+        if url:
+            # The position it carries is the event's token, not its id (a count of every account's events).
+            position = json.loads(base64.urlsafe_b64decode(parse_qs(urlsplit(url).query)["$skipToken"][0] + "=="))
+            assert position == {"e": seen[-1]}
+    ids = [app_context.event_ids.event_id(token) for token in seen]
+    assert len(seen) == 3 and None not in ids and ids == sorted(ids, reverse=True)  # newest event first
+    assert all(re.fullmatch(r"[A-Za-z0-9_-]{22}", token) for token in seen)

@@ -167,6 +167,14 @@ class Account:
         self.service = service
         self.url = f"{service.api}/api/subscriptions/faults/resourceGroups/rg/accounts/{name}"
         self.call("PUT", self.url, json={"location": "eastus2", "sku": {"name": "S1"}})
+        # Where its events start: a stream's ready id (event ids are opaque, there is no "0").
+        first = Listener(f"{self.url}/images/events", service.headers)
+        try:
+            ready = first.next()
+            assert ready is not None and ready.event == "ready", ready
+            self.start = ready.id
+        finally:
+            first.close()
 
     def call(self, method: str, url: str, **kwargs) -> httpx.Response:  # type: ignore[no-untyped-def]
         answer = httpx.request(method, url, headers=self.service.headers, timeout=30, **kwargs)
@@ -230,7 +238,8 @@ class Account:
         return images
 
     def events(self) -> Listener:
-        return Listener(f"{self.url}/images/events?lastEventId=0", self.service.headers)
+        """The account's image events since it was made."""
+        return Listener(f"{self.url}/images/events?lastEventId={self.start}", self.service.headers)
 
 
 def states_told(events: Listener, ids: list[str], seconds: float = 30) -> dict[str, list[str]]:

@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -76,7 +77,13 @@ def test_a_state_change_is_posted_signed_and_retried_with_backoff_until_it_lands
     assert "secret" not in httpx.get(f"{account}/webhooks/{hook['id']}", headers=live.headers).json()
     receiver.statuses = [500, 503]  # the receiver is down twice, then up
 
-    image = live.image(account)
+    stream = live.listen(account)
+    try:
+        assert stream.next().event == "ready"
+        image = live.image(account)
+        streamed = stream.next()
+    finally:
+        stream.close()
     log = _deliveries(live, account, hook, lambda log: log and log[0]["state"] != "Pending")
     assert len(log) == 1
     assert log[0] | {
@@ -108,7 +115,9 @@ def test_a_state_change_is_posted_signed_and_retried_with_backoff_until_it_lands
     assert headers["X-MMS-Signature"] == "sha256=" + expected.hexdigest()
     assert abs(int(headers["X-MMS-Timestamp"]) - time.time()) < 30
     event = json.loads(body)
-    assert event["id"] == headers["X-MMS-Event-Id"] == log[0]["eventId"]
+    # The event's id, as the stream gave it: an opaque token, the same everywhere.
+    assert event["id"] == headers["X-MMS-Event-Id"] == log[0]["eventId"] == streamed.id
+    assert re.fullmatch(r"[A-Za-z0-9_-]{22}", event["id"]) and json.loads(streamed.data) == event
     assert headers["X-MMS-Event"] == event["type"] == "ImageStateChanged"
     assert event["image"]["Id"] == image["Id"] and event["image"]["CreationState"] == "NotStarted"
     assert SECRET.encode() not in body and SECRET not in str(headers)

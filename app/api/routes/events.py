@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter
 from sse_starlette import EventSourceResponse
 
 from app.api.deps import CallerDep, ContextDep, EventHubDep, ReadableAccountNow
-from app.api.event_stream import stream_response
+from app.api.event_stream import LastEventIdHeader, LastEventIdQuery, stream_response
 from app.orm import SubjectKind
 
 PREFIX = "/subscriptions/{subscriptionId}/resourceGroups/{resourceGroup}/accounts/{accountName}"
@@ -30,8 +28,8 @@ async def stream_events(
     caller: CallerDep,
     context: ContextDep,
     hub: EventHubDep,
-    last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
-    last_event_id_query: Annotated[str | None, Query(alias="lastEventId")] = None,
+    last_event_id_header: LastEventIdHeader = None,
+    last_event_id_query: LastEventIdQuery = None,
 ) -> EventSourceResponse:
     """The account's image and web service state changes as Server-Sent Events, in one order;
     resume with Last-Event-ID (an id from any of the account's streams)."""

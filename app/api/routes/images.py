@@ -21,7 +21,7 @@ from app.api.deps import (
     SessionDep,
     WritableAccount,
 )
-from app.api.event_stream import stream_response
+from app.api.event_stream import LastEventIdHeader, LastEventIdQuery, stream_response
 from app.api.image_polls import RETRY_AFTER_SECONDS, image_etag, not_modified_headers
 from app.api.links import account_url, next_link
 from app.api.middleware import etag_matches
@@ -41,7 +41,9 @@ PREFIX = "/subscriptions/{subscriptionId}/resourceGroups/{resourceGroup}/account
 router = APIRouter(prefix=PREFIX, tags=["images"])
 
 OPERATION_LOCATION = header("the URL of the build's operation, to poll until it ends", required=True)
-IMAGE_ETAG = header("the image's version: send it as If-None-Match to poll cheaply", required=True)
+IMAGE_ETAG = header(
+    "the image's version (opaque: compare it whole): send it as If-None-Match to poll cheaply", required=True
+)
 LOG_HEADERS = {"Accept-Ranges": header("bytes", required=True), "Retry-After": RETRY_AFTER}
 
 
@@ -153,8 +155,8 @@ async def stream_image_events(
     caller: CallerDep,
     context: ContextDep,
     hub: EventHubDep,
-    last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
-    last_event_id_query: Annotated[str | None, Query(alias="lastEventId")] = None,
+    last_event_id_header: LastEventIdHeader = None,
+    last_event_id_query: LastEventIdQuery = None,
 ) -> EventSourceResponse:
     """The account's image state changes as Server-Sent Events; resume with Last-Event-ID
     (an id from any of the account's streams)."""
@@ -187,6 +189,7 @@ def get_image(
     account: ReadableAccount,
     session: SessionDep,
     hub: EventHubDep,
+    context: ContextDep,
 ) -> ImageRead | Response:
     """One image; poll it with If-None-Match (its ETag changes exactly when it does)."""
     image, version = images.get_image_and_version(session, account, image_id=image_id)
@@ -194,7 +197,7 @@ def get_image(
     hub.versions.note(image.id, account.id, version, image.state)
     params = request.path_params
     hub.versions.note_account((params["subscriptionId"], params["resourceGroup"], params["accountName"]), account.id)
-    etag = image_etag(version, str(request.base_url))
+    etag = image_etag(context.event_ids, version, str(request.base_url))
     if etag_matches(request.headers.get("if-none-match"), etag):
         return Response(
             status_code=304, headers={k.decode(): v.decode() for k, v in not_modified_headers(etag, image.state)}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Header, Query, Request, Response, status
+from fastapi import APIRouter, Body, Query, Request, Response, status
 from fastapi.responses import PlainTextResponse
 from sse_starlette import EventSourceResponse
 
@@ -23,7 +23,7 @@ from app.api.deps import (
     SessionDep,
     WritableAccount,
 )
-from app.api.event_stream import stream_response
+from app.api.event_stream import LastEventIdHeader, LastEventIdQuery, stream_response
 from app.api.links import account_url
 from app.api.openapi import errors, header
 from app.api.untrusted import NOT_A_PAGE
@@ -166,8 +166,8 @@ async def stream_service_events(
     caller: CallerDep,
     context: ContextDep,
     hub: EventHubDep,
-    last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
-    last_event_id_query: Annotated[str | None, Query(alias="lastEventId")] = None,
+    last_event_id_header: LastEventIdHeader = None,
+    last_event_id_query: LastEventIdQuery = None,
 ) -> EventSourceResponse:
     """The account's web service state changes as Server-Sent Events; resume with
     Last-Event-ID (an id from any of the account's streams)."""

@@ -17,6 +17,7 @@ from app.schemas.common import Page
 from app.schemas.webhooks import DeliveryRead, WebhookCreate, WebhookCreated, WebhookRead, WebhookUpdate
 from app.services import webhooks
 from app.services.accounts import AccountRef
+from app.services.event_ids import EventIds
 
 PREFIX = "/subscriptions/{subscriptionId}/resourceGroups/{resourceGroup}/accounts/{accountName}"
 router = APIRouter(prefix=PREFIX, tags=["webhooks"])
@@ -40,11 +41,11 @@ def _sees_full_urls(caller: Caller, account: AccountRef) -> bool:
     return caller.can(Permission.WRITE, account_scope(account.subscription_id, account.resource_group, account.name))
 
 
-def to_delivery(delivery: WebhookDelivery) -> DeliveryRead:
+def to_delivery(delivery: WebhookDelivery, event_ids: EventIds) -> DeliveryRead:
     pending = delivery.state == DeliveryState.PENDING.value
     return DeliveryRead(
         id=str(delivery.id),
-        eventId=str(delivery.event_id),
+        eventId=event_ids.token(delivery.event_id),  # the id its event has in streams and bodies
         state=delivery.state,
         attempts=delivery.attempts,
         responseStatus=delivery.last_status,
@@ -132,12 +133,19 @@ def list_deliveries(
     request: Request,
     account: ReadableAccount,
     session: SessionDep,
+    context: ContextDep,
     state: Annotated[str | None, Query(json_schema_extra={"enum": [s.value for s in DeliveryState]})] = None,
     count: int | None = None,
     skip_token: Annotated[str | None, Query(alias="$skipToken")] = None,
 ) -> Page[DeliveryRead]:
     """The delivery log, newest event first: each delivery's state, attempts and last answer."""
     rows, token = webhooks.list_deliveries(
-        session, account, webhook_id=webhook_id, state=state, count=count, skip_token=skip_token
+        session,
+        account,
+        webhook_id=webhook_id,
+        state=state,
+        count=count,
+        skip_token=skip_token,
+        event_ids=context.event_ids,
     )
-    return Page(value=[to_delivery(d) for d in rows], nextLink=next_link(request, token))
+    return Page(value=[to_delivery(d, context.event_ids) for d in rows], nextLink=next_link(request, token))

@@ -982,6 +982,12 @@ async function runStream(s) {
       });
     } catch (error) {
       if (s.stopped || error instanceof SignedOut) return;
+      if (error instanceof ApiError && error.code === "InvalidLastEventId" && s.lastEventId !== null) {
+        // An id this service no longer takes (its secret key changed): start afresh, and the
+        // `ready` event lists the images again, so nothing is missed.
+        s.lastEventId = null;
+        continue;
+      }
       if (error instanceof ApiError && error.status >= 400 && error.status < 500 && ![408, 429].includes(error.status)) {
         setLive("off", "Not live");
         showError(`Live updates stopped: ${error.message}`);
