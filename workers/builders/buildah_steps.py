@@ -34,6 +34,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -76,6 +77,34 @@ _CAPABILITIES = (
     "CAP_SETPCAP",
     "CAP_SETUID",
 )
+# Refused to a step on top of buildah's default seccomp profile, which allows a root in a user
+# namespace to make more namespaces (the kernel code behind most of these is reached by an
+# unprivileged process only as the owner of a user namespace, and bugs there have led to root):
+# new namespaces (``unshare``; ``clone`` with a namespace flag; ``clone3`` answers as if absent,
+# so the C library falls back to ``clone``), ``setns``, mounts, keyrings, BPF, userfaultfd and
+# perf events; as the contained sdist builds refuse them (``workers/sandbox.py``).
+_REFUSED_CALLS = (
+    "unshare",
+    "setns",
+    "mount",
+    "umount2",
+    "pivot_root",
+    "open_tree",
+    "move_mount",
+    "fsopen",
+    "fsmount",
+    "fsconfig",
+    "fspick",
+    "mount_setattr",
+    "keyctl",
+    "add_key",
+    "request_key",
+    "bpf",
+    "userfaultfd",
+    "perf_event_open",
+)
+# CLONE_NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET: clone is allowed without them.
+_NAMESPACE_FLAGS = 0x7E020000
 # Buildah's OCI runtime: this script checks and completes the container's config that buildah
 # wrote, then hands it to runc. Buildah 1.28 has no no-new-privileges and no process limit for
 # a RUN; and a config without the user and network namespaces this module asked for (a change
@@ -95,6 +124,19 @@ for i, arg in enumerate(args[:-1]):
             sys.exit(f"mms: refused: the step's config lacks its own namespaces ({{namespaces}})")
         if linux.get("uidMappings") != POLICY["mappings"] or linux.get("gidMappings") != POLICY["mappings"]:
             sys.exit("mms: refused: the step's config lacks its user namespace mapping")
+        seccomp = linux.get("seccomp")
+        if not seccomp or not seccomp.get("syscalls"):
+            sys.exit("mms: refused: the step's config has no seccomp profile")
+        taken = set(POLICY["refused_calls"]) | {{"clone", "clone3"}}
+        for rule in seccomp["syscalls"]:
+            rule["names"] = [n for n in rule.get("names") or [] if n not in taken]
+        seccomp["syscalls"] = [rule for rule in seccomp["syscalls"] if rule["names"]]
+        seccomp["syscalls"] += [
+            {{"names": POLICY["refused_calls"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}},
+            {{"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": 38}},
+            {{"names": ["clone"], "action": "SCMP_ACT_ALLOW", "args": [
+                {{"index": 0, "value": POLICY["namespace_flags"], "valueTwo": 0, "op": "SCMP_CMP_MASKED_EQ"}}]}},
+        ]
         process = config.setdefault("process", {{}})
         process["noNewPrivileges"] = True
         caps = process.setdefault("capabilities", {{}})
@@ -205,6 +247,8 @@ class _Buildah:
             "namespaces": _NAMESPACES,
             "mappings": [{"containerID": 0, "hostID": self.host_id, "size": _ID_RANGE}],
             "capabilities": _CAPABILITIES,
+            "refused_calls": _REFUSED_CALLS,
+            "namespace_flags": _NAMESPACE_FLAGS,
             "cgroup": group.parent,
             "memory": self.limits.memory_mb * _MB,
             "pids": self.limits.pids,
@@ -257,6 +301,26 @@ class _Buildah:
         started = time.monotonic()
         name = f"mms-steps-{secrets.token_hex(6)}"
         self.wrapper = self._write_runtime(group)
+        # Buildah names the image it reads by the layout's path, which must then be a valid
+        # image name (no "-_" as a scratch folder's random part may have): a link of ours.
+        link = Path(tempfile.gettempdir()) / f"mms-buildah-{secrets.token_hex(8)}"
+        link.symlink_to(layout)
+        try:
+            self._from(name, link, group)
+        finally:
+            link.unlink()
+        # The container's own layer is the root of its file system: its owner is the step's
+        # root (the host's root otherwise, whom the step's root cannot write over), and its
+        # mode a root folder's.
+        merged = Path(self._call("mount", name))
+        upper = merged.parent / "diff"
+        os.chown(upper, self.host_id, self.host_id)
+        upper.chmod(0o755)
+        self._call("umount", name)  # mounted again for each step, with the root as now
+        self.emit(f"mms: buildah took the image for the RUN steps in {time.monotonic() - started:.1f} s")
+        return name
+
+    def _from(self, name: str, layout: Path, group: _Cgroup) -> None:
         self._call(
             "from",
             "--name",
@@ -277,16 +341,6 @@ class _Buildah:
             "none",
             f"oci:{layout}:image",
         )
-        # The container's own layer is the root of its file system: its owner is the step's
-        # root (the host's root otherwise, whom the step's root cannot write over), and its
-        # mode a root folder's.
-        merged = Path(self._call("mount", name))
-        upper = merged.parent / "diff"
-        os.chown(upper, self.host_id, self.host_id)
-        upper.chmod(0o755)
-        self._call("umount", name)  # mounted again for each step, with the root as now
-        self.emit(f"mms: buildah took the image for the RUN steps in {time.monotonic() - started:.1f} s")
-        return name
 
     def _upper(self, container: str) -> Path | None:
         """The working container's own layer (what the steps wrote), as overlay keeps it."""
@@ -319,23 +373,23 @@ class _Buildah:
             *step.argv,
         ]
         upper = self._upper(container) if self.limits.disk_mb else None
-        proc = subprocess.Popen(
+        with subprocess.Popen(
             args,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=self.env,
             start_new_session=True,
-        )
-        watch = _Watch(group, self.limits, upper, self.written_before, self.run_seconds, proc)
-        tail: list[str] = []
-        with watch:
-            assert proc.stdout is not None
-            for raw in proc.stdout:
-                line = raw.decode(errors="replace").rstrip("\r\n")[:_MAX_LINE]
-                self.emit(line)
-                tail = [*tail[-_OUTPUT_TAIL:], line]
-            code = proc.wait()
+        ) as proc:
+            watch = _Watch(group, self.limits, upper, self.written_before, self.run_seconds, proc)
+            tail: list[str] = []
+            with watch:
+                assert proc.stdout is not None
+                for raw in proc.stdout:
+                    line = raw.decode(errors="replace").rstrip("\r\n")[:_MAX_LINE]
+                    self.emit(line)
+                    tail = [*tail[-_OUTPUT_TAIL:], line]
+                code = proc.wait()
         self.written_before = watch.written
         self.run_seconds += time.monotonic() - watch.started
         breach = watch.breach or group.limit_hit()

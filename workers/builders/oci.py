@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping
@@ -661,8 +662,14 @@ class OciBuilder:
         # Every layer is put in the target first, then read back from it: one way for base,
         # cached and new layers alike (the store checks each digest).
         for blob in blobs:
-            blob.placed or target.push_blob(repo, blob.digest, blob.size, blob.body, mount_from=blob.mount_from)
-            target.download_blob(repo, blob.digest, layout / "blobs" / "sha256" / blob.digest[7:])
+            how = blob.placed or target.push_blob(repo, blob.digest, blob.size, blob.body, mount_from=blob.mount_from)
+            copy = layout / "blobs" / "sha256" / blob.digest[7:]
+            if self.layout is not None:
+                # The service's own store links a new or mounted blob to the repository only
+                # with its manifest; its files are by digest, checked when they were written.
+                shutil.copyfile(self.layout.blob_path(blob.digest), copy)
+            else:
+                target.download_blob(blob.mount_from if how == "mounted" else repo, blob.digest, copy)
         # The steps see the image's environment (their own ENV and ARG come in order), as root.
         config = _image_config(
             base_config, diff_ids, history, env=env, labels={}, changes={"env": {}, "labels": {}, "ports": []}
