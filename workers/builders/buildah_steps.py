@@ -106,9 +106,9 @@ _REFUSED_CALLS = (
 # CLONE_NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET: clone is allowed without them.
 _NAMESPACE_FLAGS = 0x7E020000
 # Buildah's OCI runtime: this script checks and completes the container's config that buildah
-# wrote, then hands it to runc. Buildah 1.28 has no no-new-privileges and no process limit for
-# a RUN; and a config without the user and network namespaces this module asked for (a change
-# in buildah, a flag lost) is refused rather than run.
+# wrote, then hands it to runc. Buildah 1.28 has no no-new-privileges; and a config without
+# the user and network namespaces this module asked for (a change in buildah, a flag lost) is
+# refused rather than run.
 _RUNTIME_WRAPPER = """\
 import json, os, sys
 POLICY = json.loads({policy!r})
@@ -142,10 +142,8 @@ for i, arg in enumerate(args[:-1]):
         caps = process.setdefault("capabilities", {{}})
         for kind in ("bounding", "effective", "inheritable", "permitted", "ambient"):
             caps[kind] = [c for c in caps.get(kind) or [] if c in POLICY["capabilities"]]
+        # Under the build's cgroup, which holds the limits (a hit is counted there, by the kernel).
         linux["cgroupsPath"] = POLICY["cgroup"] + "/" + os.path.basename(os.path.normpath(args[i + 1]))
-        resources = linux.setdefault("resources", {{}})
-        resources["memory"] = {{"limit": POLICY["memory"]}}
-        resources["pids"] = {{"limit": POLICY["pids"]}}
         with open(path, "w") as f:
             json.dump(config, f)
 os.execv(POLICY["runtime"], [POLICY["runtime"], *args])
@@ -250,8 +248,6 @@ class _Buildah:
             "refused_calls": _REFUSED_CALLS,
             "namespace_flags": _NAMESPACE_FLAGS,
             "cgroup": group.parent,
-            "memory": self.limits.memory_mb * _MB,
-            "pids": self.limits.pids,
         }
         path = self.root / "runtime"
         path.write_text(f"#!{sys.executable} -I\n" + _RUNTIME_WRAPPER.format(policy=json.dumps(policy)))
@@ -568,6 +564,11 @@ class _Cgroup:
             return int((self._dir("pids") / "pids.current").read_text())
         return 0
 
+    def _peak(self) -> int:
+        with suppress(OSError, ValueError):
+            return int((self._dir("pids") / "pids.peak").read_text())
+        return 0
+
     def _events(self, controller: str, name: str) -> dict[str, int]:
         with suppress(OSError):
             text = (self._dir(controller) / name).read_text()
@@ -579,13 +580,16 @@ class _Cgroup:
         memory = self._events("", "memory.events") if self.v2 else self._events("memory", "memory.oom_control")
         if memory.get("oom_kill", 0) > 0:
             return f"a RUN step ran out of its memory limit of {self.limits.memory_mb} MB (MMS_BUILD_RUN_MEMORY_MB)"
-        if self._events("pids", "pids.events").get("max", 0) > 0:
+        # A refused fork is counted in the step's own cgroup (gone with it) on newer kernels:
+        # the build's cgroup's peak tells as well.
+        if self._events("pids", "pids.events").get("max", 0) > 0 or self._peak() >= self.limits.pids:
             return process_limit_reason(self.limits)
         return None
 
     def remove(self) -> None:
         self.kill_all()
-        folders = [self._dir("")] if self.v2 else [self._dir(c) for c in _CONTROLLERS_V1]
+        # v1: every hierarchy, the runtime makes the step's cgroup in each (name=systemd too).
+        folders = [self._dir("")] if self.v2 else [h / self.name for h in _CGROUP.iterdir() if h.is_dir()]
         for folder in folders:
             if not folder.is_dir():
                 continue
