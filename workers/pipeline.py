@@ -277,6 +277,17 @@ def sandbox_limits(settings: Settings) -> Limits:
     )
 
 
+def run_limits(settings: Settings) -> RunLimits:
+    """What a build's RUN steps may use, on either builder (``MMS_BUILD_RUN_*``)."""
+    return RunLimits(
+        memory_mb=settings.build_run_memory_mb,
+        pids=settings.build_run_pids,
+        disk_mb=settings.build_run_disk_mb,
+        seconds=settings.build_run_seconds,
+        cpu_seconds=settings.build_run_cpu_seconds,
+    )
+
+
 def make_builder(settings: Settings, name: str, *, context: ServiceContext | None = None) -> Builder:
     """The named builder, pushing to the registry, or into the embedded image store.
 
@@ -298,6 +309,7 @@ def make_builder(settings: Settings, name: str, *, context: ServiceContext | Non
             sandbox=sandbox_limits(settings),
             registry_retry_seconds=settings.registry_retry_seconds,
             conda_channels=settings.conda_channels,
+            run_limits=run_limits(settings),
         )
     docker_host, store, pull_token = settings.docker_host, None, None
     if settings.is_embedded_registry:
@@ -312,13 +324,7 @@ def make_builder(settings: Settings, name: str, *, context: ServiceContext | Non
         def pull_token(repository: str) -> str:
             return engine_pull_token(context, repository, ttl_seconds=ENGINE_PULL_TOKEN_SECONDS)
 
-    limits = RunLimits(
-        memory_mb=settings.build_run_memory_mb,
-        pids=settings.build_run_pids,
-        disk_mb=settings.build_run_disk_mb,
-        seconds=settings.build_run_seconds,
-        cpu_seconds=settings.build_run_cpu_seconds,
-    )
+    limits = run_limits(settings)
     return DockerBuilder(
         docker_host,
         settings.image_registry,

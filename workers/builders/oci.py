@@ -18,8 +18,10 @@ Every layer is reproducible and the image's own name and version are only its ta
 same inputs give the same digest: a new model version uploads one layer, a config and a
 manifest. A conda file's conda packages are solved and installed without a container, by
 py-rattler (``workers.oci.conda_env``), into /opt/mms/conda: one more layer, below the Python
-dependencies; when they bring their own ``python``, the image runs that interpreter. What
-needs a container run (``RUN`` steps) needs the docker builder, and the build says so at once.
+dependencies; when they bring their own ``python``, the image runs that interpreter. ``RUN``
+steps in ``extraDockerfileSteps`` need a container run: buildah runs them, contained, on the
+image made so far (``workers.builders.buildah_steps``), and what they wrote is one more layer,
+after the model files.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping
@@ -65,6 +68,8 @@ from workers.build_context import (
     start_script,
 )
 from workers.builders import BuildFailed, BuildResult, Log, address_host, redacting, scrub
+from workers.builders.buildah_steps import buildah_missing, run_steps
+from workers.builders.run_limits import RunLimits
 from workers.fetch_policy import allowing_registry
 from workers.fetcher import FetchPolicy
 from workers.oci.accounts import ACCOUNT_FILES, BaseFile, account_layer, read_base_files
@@ -72,7 +77,7 @@ from workers.oci.conda_env import PREFIX as CONDA_PREFIX
 from workers.oci.conda_env import CondaEnv, conda_specs, install_conda_env, subdir_for
 from workers.oci.image_store_client import ImageStoreClient
 from workers.oci.layers import LayerBuilder
-from workers.oci.media import LAYER_COMPRESSION, OCI, Family
+from workers.oci.media import LAYER_COMPRESSION, OCI, OCI_LAYER, OCI_LAYER_TAR, OCI_LAYER_ZSTD, Family
 from workers.oci.python_env import (
     DEFAULT_INDEX_URL,
     DEFAULT_PATH,
@@ -146,6 +151,7 @@ class OciBuilder:
         sandbox: Limits = Limits(),
         registry_retry_seconds: float | None = None,
         conda_channels: list[str] | None = None,
+        run_limits: RunLimits | None = None,
     ) -> None:
         self.registry = registry.rstrip("/")
         self.host, _, self.prefix = self.registry.partition("/")
@@ -164,6 +170,7 @@ class OciBuilder:
         self.registry_retry_seconds = registry_retry_seconds
         # The channels a conda file may name and where they are read (MMS_CONDA_CHANNELS).
         self.conda_channels = list(conda_channels) if conda_channels is not None else ["conda-forge"]
+        self.run_limits = run_limits or RunLimits()  # RUN steps' memory, processes, disk, time
         # What a base image's registry may be (its own registry always): every request for
         # a base goes through it. None: no address rules (a caller that picks the bases).
         self.policy = allowing_registry(policy, self.registry) if policy is not None else None
@@ -197,6 +204,17 @@ class OciBuilder:
     def _build(self, spec: BuildSpec, repo: str, tag: str, location: str, emit: Log) -> BuildResult:
         check_spec(spec)
         config_changes = check_extra_steps(spec.extra_dockerfile_steps or "")
+        steps = parse_extra_steps(spec.extra_dockerfile_steps or "")
+        runs = [s for s in steps if s.keyword == "RUN"]
+        missing = buildah_missing() if runs else None
+        if missing:  # at once, before anything is pulled or built
+            raise BuildFailed(
+                "extra-steps",
+                f"extraDockerfileSteps has a RUN step ({runs[0].summary()}), and the oci builder runs RUN "
+                f"steps with buildah, but this worker has no {missing}: install them (apt-get install "
+                "buildah runc; scripts/bootstrap and the worker image do), or use the docker builder "
+                "(builder: docker)",
+            )
         requirements = _requirements(spec)
         base_ref = _parse_base(spec.base_image)
         with ExitStack() as stack:
@@ -293,14 +311,19 @@ class OciBuilder:
                 env = runtime_env(spec, f"{LIB}:{SITE_PACKAGES}") | {"MMS_SITE_PACKAGES": SITE_PACKAGES}
                 if conda is not None:
                     env |= _conda_env_vars(base_config)
-                config = _image_config(
-                    base_config,
-                    diff_ids,
-                    history,
-                    env=env,
-                    labels={**spec.labels, BASE_DIGEST_LABEL: base.digest},
-                    changes=config_changes,
-                )
+                labels = {**spec.labels, BASE_DIGEST_LABEL: base.digest}
+                if runs:
+                    # The extra steps run last, on the image made so far, as the docker builder
+                    # runs them after the model files: their writes are one more layer.
+                    step = "extra-steps"
+                    blobs.append(
+                        self._run_steps(
+                            target, repo, family, blobs, base_config, diff_ids, history, env, steps, work, emit
+                        )
+                    )
+                    diff_ids.append(blobs[-1].diff_id)
+                    history.append(blobs[-1].created_by)
+                config = _image_config(base_config, diff_ids, history, env=env, labels=labels, changes=config_changes)
                 digest, size = self._push(target, repo, tag, family, blobs, config, emit)
             except RemoteRegistryError as exc:
                 raise BuildFailed(step, str(exc)) from None
@@ -616,6 +639,86 @@ class OciBuilder:
         key = hashlib.sha256(f"{diff_id} {level} {zlib.ZLIB_RUNTIME_VERSION} {self.registry}".encode()).hexdigest()
         return self.cache_dir / "layers" / f"{key}.json"
 
+    # -- RUN steps -----------------------------------------------------------------------
+
+    def _run_steps(
+        self,
+        target: Store,
+        repo: str,
+        family: Family,
+        blobs: list[_Blob],
+        base_config: dict,
+        diff_ids: list[str],
+        history: list[str],
+        env: dict[str, str],
+        steps: list[Any],
+        work: Path,
+        emit: Log,
+    ) -> _Blob:
+        """Run the extra steps with buildah on the image made so far; return the layer they
+        wrote, uploaded to ``repo``."""
+        started = time.monotonic()
+        layout = work / "steps-image"
+        (layout / "blobs" / "sha256").mkdir(parents=True)
+        # Every layer is put in the target first, then read back from it: one way for base,
+        # cached and new layers alike (the store checks each digest).
+        for blob in blobs:
+            how = blob.placed or target.push_blob(repo, blob.digest, blob.size, blob.body, mount_from=blob.mount_from)
+            copy = layout / "blobs" / "sha256" / blob.digest[7:]
+            if self.layout is not None:
+                # The service's own store links a new or mounted blob to the repository only
+                # with its manifest; its files are by digest, checked when they were written.
+                shutil.copyfile(self.layout.blob_path(blob.digest), copy)
+            else:
+                target.download_blob(blob.mount_from if how == "mounted" else repo, blob.digest, copy)
+        # The steps see the image's environment (their own ENV and ARG come in order), as root.
+        config = _image_config(
+            base_config, diff_ids, history, env=env, labels={}, changes={"env": {}, "labels": {}, "ports": []}
+        )
+        manifest = _json(
+            {
+                "schemaVersion": 2,
+                "mediaType": OCI.manifest,
+                "config": {"mediaType": OCI.config, "digest": _sha(config), "size": len(config)},
+                "layers": [
+                    {"mediaType": _OCI_LAYER_TYPE[LAYER_COMPRESSION[b.media_type]], "digest": b.digest, "size": b.size}
+                    for b in blobs
+                ],
+            }
+        )
+        for data in (config, manifest):
+            (layout / "blobs" / "sha256" / _sha(data)[7:]).write_bytes(data)
+        (layout / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+        index = {
+            "schemaVersion": 2,
+            "manifests": [
+                {
+                    "mediaType": OCI.manifest,
+                    "digest": _sha(manifest),
+                    "size": len(manifest),
+                    "annotations": {"org.opencontainers.image.ref.name": "image"},
+                }
+            ],
+        }
+        (layout / "index.json").write_text(json.dumps(index))
+        emit(f"mms: the image for the RUN steps is ready in {time.monotonic() - started:.1f} s")
+        layer = run_steps(layout, steps, work=work, limits=self.run_limits, emit=emit)
+        for blob in blobs:  # read by buildah: no longer needed
+            (layout / "blobs" / "sha256" / blob.digest[7:]).unlink(missing_ok=True)
+        how = target.push_blob(repo, layer.digest, layer.size, file_chunks(layer.path))
+        emit(f"mms: the RUN steps' layer {layer.digest[:19]} ({layer.size} bytes) {how}")
+        summary = "; ".join(s.summary(60) for s in steps if s.keyword == "RUN")
+        return _Blob(
+            layer.digest,
+            layer.size,
+            family.layer,
+            _no_body,
+            None,
+            layer.diff_id,
+            f"mms oci builder: extra steps, run by buildah ({summary[:200]})",
+            placed="uploaded",
+        )
+
     # -- push --------------------------------------------------------------------------
 
     def _push(
@@ -645,6 +748,9 @@ class OciBuilder:
             f"{time.monotonic() - started:.2f} s (layers: {summary}; {uploaded} bytes uploaded)"
         )
         return digest, sum(b.size for b in blobs)
+
+
+_OCI_LAYER_TYPE = {"gzip": OCI_LAYER, "zstd": OCI_LAYER_ZSTD, None: OCI_LAYER_TAR}
 
 
 def put_image(target: Store, repo: str, tag: str, family: Family, config: bytes, layers: list[dict[str, Any]]) -> str:
@@ -780,20 +886,13 @@ def _shown(line: str) -> str:
 
 
 def check_extra_steps(text: str) -> dict[str, Any]:
-    """ENV, LABEL and EXPOSE steps become config; a RUN needs a container, so it fails now."""
+    """ENV, LABEL and EXPOSE steps become config (RUN steps are run by buildah)."""
     changes: dict[str, Any] = {"env": {}, "labels": {}, "ports": []}
     try:
         steps = parse_extra_steps(text)
     except InvalidBuildSpec as exc:
         raise BuildFailed("extra-steps", str(exc)) from None
     for step in steps:
-        if step.keyword == "RUN":
-            raise BuildFailed(
-                "extra-steps",
-                f"extraDockerfileSteps has a RUN step "
-                f"({step.summary()}), which needs a container: use the "
-                "docker builder (builder: docker)",
-            )
         if step.keyword == "EXPOSE":
             changes["ports"] += [p if "/" in p else f"{p}/tcp" for p in step.words]
         elif step.keyword in ("ENV", "LABEL"):  # ARG is build-time only: nothing runs here

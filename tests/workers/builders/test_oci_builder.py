@@ -195,15 +195,17 @@ def test_a_base_that_declares_a_volume_is_refused(
     assert "declares volumes (/data)" in failed.value.message and "without VOLUME" in failed.value.message
 
 
-def test_a_run_step_needs_the_docker_builder(
+def test_a_failing_run_step_fails_the_build_naming_it_and_its_exit_code(
     infra: Infra, make_spec: Callable[..., BuildSpec], tmp_path: Path, log_lines: list[str]
 ) -> None:
+    # RUN steps run by buildah, contained: tests/workers/builders/test_oci_run_steps.py.
     builder = _builder(infra, tmp_path)
-    run = make_spec(SCORE, extra_dockerfile_steps="ENV A=1\nRUN apt-get install -y libgomp1")
+    run = make_spec(SCORE, extra_dockerfile_steps="ENV A=1\nRUN echo failing-$A && exit 3")
     with pytest.raises(BuildFailed) as failed:
         _image(builder, run, "refused/img", "1", log_lines)
     assert failed.value.step == "extra-steps"
-    assert "RUN apt-get install -y libgomp1" in failed.value.message and "docker builder" in failed.value.message
+    assert "RUN echo failing-$A && exit 3" in failed.value.message and "exited with code 3" in failed.value.message
+    assert "failing-1" in log_lines
     # Conda packages build without a container: tests/workers/builders/test_oci_conda.py.
 
 

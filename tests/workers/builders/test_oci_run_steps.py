@@ -1,0 +1,348 @@
+"""RUN steps on the oci builder, run by real buildah with no Docker engine, contained.
+
+Each step is a tenant's code and the worker runs as root: the attacks below are run as RUN
+steps and what they reach is printed into the build log (or the build fails naming the
+limit). Each fails if the containment it checks is taken away: a step on the host's network
+reaches the test's listener, a step without a mount namespace reads its files, a step whose
+root is the host's root shows an identity map, a step without a process or time limit runs
+on. The built image is pulled into the engine only to score it (the smoke test's engine)."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import io
+import json
+import shutil
+import socket
+import tarfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.image_store.oci_layout import OciLayout
+from tests.infra import Infra
+from tests.workers.builders.test_docker_builder import serving
+from workers.build_context import BuildSpec
+from workers.builders import BuildFailed, BuildResult
+from workers.builders.oci import OciBuilder
+from workers.builders.run_limits import RunLimits
+from workers.oci.image_store_client import ImageStoreClient
+from workers.oci.remote_registry import ImageReference, RemoteRegistryClient
+from workers.smoke_test import smoke_test
+
+pytestmark = pytest.mark.skipif(shutil.which("buildah") is None, reason="buildah is not installed (scripts/bootstrap)")
+
+SCORE = """\
+def init():
+    global marker
+    with open("/opt/marker") as f:
+        marker = f.read().strip()
+
+def run(data):
+    return {"marker": marker, "data": data}
+"""
+PLAIN = "def init():\n    pass\n\ndef run(data):\n    return data\n"
+
+
+def _build(
+    infra: Infra,
+    spec: BuildSpec,
+    tmp_path: Path,
+    log: list[str],
+    limits: RunLimits | None = None,
+) -> BuildResult:
+    registry = f"{infra.registry}/{infra.prefix}-{uuid.uuid4().hex[:6]}"
+    builder = OciBuilder(registry, cache_dir=tmp_path / "cache", run_limits=limits)
+    result = builder.build_and_push(spec, "steps/img", "1", log.append)
+    host, _, repo = result.image_location.rpartition(":")[0].partition("/")
+    infra.pushed.append((host, repo, result.digest))
+    return result
+
+
+def _image(location: str, digest: str) -> tuple[dict, dict, dict[str, tuple[tarfile.TarInfo, bytes | None]]]:
+    """The image's manifest, config and the entries of its last layer."""
+    host, _, repo = location.rpartition(":")[0].partition("/")
+    with RemoteRegistryClient(host) as client:
+        manifest = client.get_manifest(repo, digest).body
+        config = json.loads(client.get_blob(repo, manifest["config"]["digest"]))
+        with client.open_blob(repo, manifest["layers"][-1]["digest"]) as chunks:
+            data = gzip.decompress(b"".join(chunks))
+    entries = {}
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        for member in tar.getmembers():
+            entries[member.name] = (member, tar.extractfile(member).read() if member.isfile() else None)
+    return manifest, config, entries
+
+
+def _said(log: list[str], key: str) -> str:
+    """What a step printed after ``key=`` (the last such line)."""
+    found = [line.split("=", 1)[1] for line in log if line.startswith(f"{key}=")]
+    assert found, f"the step printed no {key}=: {log[-30:]}"
+    return found[-1]
+
+
+def test_a_run_step_is_in_the_image_which_runs_as_its_user_and_scores(
+    infra: Infra, make_spec: Callable[..., BuildSpec], tmp_path: Path, log_lines: list[str]
+) -> None:
+    steps = (
+        "ENV GREETING=hello\n"
+        "ARG STAMP=7\n"
+        'RUN echo "$GREETING-$STAMP" > /opt/marker && mkdir -p /opt/tool && echo x > /opt/tool/data\n'
+        "LABEL team=ml\n"
+        'RUN ["sh", "-c", "echo second=$(cat /opt/marker)"]\n'
+    )
+    spec = make_spec(SCORE, models={"m/1/model.bin": b"w"}, extra_dockerfile_steps=steps)
+    result = _build(infra, spec, tmp_path, log_lines)
+
+    assert _said(log_lines, "second") == "hello-7"  # the steps ran in order, ENV and ARG seen
+    manifest, config, entries = _image(result.image_location, result.digest)
+    assert len(manifest["layers"]) == 1 + 5 + 1  # base; user, deps, server, driver, models; the steps
+    assert config["history"][-1]["created_by"].startswith("mms oci builder: extra steps, run by buildah")
+    assert config["history"][-2]["created_by"] == "mms oci builder: model files"  # the steps come last
+    assert len(config["rootfs"]["diff_ids"]) == len(manifest["layers"])
+    run = config["config"]
+    assert run["User"] == "10002:10002" and run["Cmd"] == ["/opt/mms/bin/start"]
+    assert "GREETING=hello" in run["Env"] and not any(e.startswith("STAMP=") for e in run["Env"])
+    assert run["Labels"]["team"] == "ml"
+    marker, data = entries["opt/marker"], entries["opt/tool/data"]
+    assert marker[1] == b"hello-7\n" and data[1] == b"x\n"
+    # Root in the step is root in the image (not the host ids of its user namespace).
+    assert {(m.uid, m.gid) for m, _ in entries.values()} == {(0, 0)}
+
+    if infra.docker_host:  # scored in the engine, as the image's own user
+        with infra.api() as api:
+            api.pull(result.image_location)
+        infra.local_images.append(result.image_location)
+        smoke_test(infra.docker_host, result.image_location, log_lines.append, timeout=60)
+        with serving(infra, result.image_location) as url:
+            answer = httpx.post(f"{url}/score", json={"a": 1}, timeout=30)
+        assert answer.status_code == 200, answer.text
+        assert answer.json() == {"marker": "hello-7", "data": '{"a":1}'}  # run() gets the raw body
+        with infra.api() as api:
+            seen = api.inspect_image(result.image_location)["Config"]["User"]
+        assert seen == "10002:10002"
+
+
+def test_a_run_step_is_root_only_in_its_own_user_namespace_with_few_capabilities(
+    infra: Infra, make_spec: Callable[..., BuildSpec], tmp_path: Path, log_lines: list[str]
+) -> None:
+    steps = (
+        "RUN echo uid=$(id -u) && echo map=$(cat /proc/self/uid_map) && "
+        "echo nnp=$(grep NoNewPrivs /proc/self/status | cut -f2) && "
+        "echo seccomp=$(grep '^Seccomp:' /proc/self/status | cut -f2) && "
+        "echo capeff=$(grep CapEff /proc/self/status | cut -f2) && "
+        "(unshare -U true 2>/dev/null && echo unshare=yes || echo unshare=no) && "
+        "(mount -t tmpfs none /mnt 2>/dev/null && echo mount=yes || echo mount=no)"
+    )
+    _build(infra, make_spec(PLAIN, extra_dockerfile_steps=steps), tmp_path, log_lines)
+
+    assert _said(log_lines, "uid") == "0"
+    inside, host, size = (int(n) for n in _said(log_lines, "map").split())
+    assert inside == 0 and host >= 1 << 30 and size == 65536  # root inside is a far host uid
+    assert _said(log_lines, "nnp") == "1" and _said(log_lines, "seccomp") == "2"
+    caps = int(_said(log_lines, "capeff"), 16)
+    for bit in (21, 12, 13, 18, 27, 16):  # SYS_ADMIN, NET_ADMIN, NET_RAW, SYS_CHROOT, MKNOD, SYS_MODULE
+        assert not caps & (1 << bit)
+    assert _said(log_lines, "unshare") == "no" and _said(log_lines, "mount") == "no"
+
+
+def test_a_run_step_reads_none_of_the_workers_files(
+    infra: Infra, make_spec: Callable[..., BuildSpec], tmp_path: Path, log_lines: list[str]
+) -> None:
+    token = uuid.uuid4().hex
+    secret = Path(f"/etc/mms-secret-{token[:8]}")
+    secret.write_text(f"host-secret-{token}\n")
+    secret.chmod(0o644)  # readable to anyone on the host: only the container keeps it out
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "secret.key").write_text(f"data-secret-{token}\n")
+    (data / "secret.key").chmod(0o644)
+    data.chmod(0o755)
+    try:
+        steps = (
+            f"RUN cat {secret} {data}/secret.key /proc/1/root{secret} 2>&1; "
+            "ls -d /tmp/mms-scratch-* /var/lib/containers /work 2>&1; "
+            "grep -l MMS_ /proc/*/environ 2>/dev/null; echo done=1"
+        )
+        _build(infra, make_spec(PLAIN, extra_dockerfile_steps=steps), tmp_path, log_lines)
+    finally:
+        secret.unlink()
+    log = "\n".join(log_lines)
+    assert _said(log_lines, "done") == "1"
+    assert token not in log.replace(f"mms-secret-{token[:8]}", "")  # neither secret's content
+    assert "No such file" in log
+    assert not any(line.startswith("/tmp/mms-scratch-") for line in log_lines)  # buildah's storage
+
+
+@pytest.fixture
+def listener() -> Iterator[tuple[int, list[str]]]:
+    """A TCP server on the host's every address (0.0.0.0); yields its port and who connected."""
+    server = socket.create_server(("0.0.0.0", 0))
+    server.settimeout(0.2)
+    seen: list[str] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, peer = server.accept()
+            except TimeoutError:
+                continue
+            seen.append(peer[0])
+            conn.sendall(b"reached\n")
+            conn.close()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1], seen
+    finally:
+        stop.set()
+        thread.join()
+        server.close()
+
+
+def _host_addresses() -> list[str]:
+    addresses = {"127.0.0.1", "172.30.213.1"}
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))
+            addresses.add(probe.getsockname()[0])
+        except OSError:
+            pass
+    return sorted(addresses)
+
+
+def test_a_run_step_reaches_no_host_service_no_engine_and_no_network(
+    infra: Infra,
+    make_spec: Callable[..., BuildSpec],
+    tmp_path: Path,
+    log_lines: list[str],
+    listener: tuple[int, list[str]],
+) -> None:
+    port, seen = listener
+    targets = [(a, port) for a in _host_addresses()] + [
+        ("127.0.0.1", 5000),
+        ("127.0.0.1", 2375),
+        ("169.254.169.254", 80),
+    ]
+    probe = (
+        "import socket\n"
+        f"for host, port in {targets!r}:\n"
+        "    try:\n"
+        "        socket.create_connection((host, port), timeout=3).close(); print(f'reach={host}:{port} open')\n"
+        "    except OSError as exc:\n"
+        "        print(f'reach={host}:{port} {type(exc).__name__}')\n"
+        "import os\n"
+        "print('socket=' + str(os.path.exists('/var/run/docker.sock') or os.path.exists('/run/docker.sock')))\n"
+        "print('interfaces=' + ','.join(sorted(os.listdir('/sys/class/net'))))\n"
+    )
+    steps = f"RUN echo {base64.b64encode(probe.encode()).decode()} | base64 -d | python3"
+    _build(infra, make_spec(PLAIN, extra_dockerfile_steps=steps), tmp_path, log_lines)
+
+    reached = [line for line in log_lines if line.startswith("reach=")]
+    assert len(reached) == len(targets)
+    assert not [line for line in reached if line.endswith(" open")], reached
+    assert seen == []  # the host's listener saw no connection
+    assert _said(log_lines, "socket") == "False"
+    assert _said(log_lines, "interfaces") == "lo"  # no network but its own loopback
+
+
+def test_a_fork_bomb_is_bounded_and_the_build_fails_naming_the_limit(
+    infra: Infra, make_spec: Callable[..., BuildSpec], tmp_path: Path, log_lines: list[str]
+) -> None:
+    limits = RunLimits(pids=64, seconds=120)
+    spec = make_spec(PLAIN, extra_dockerfile_steps="RUN bomb() { bomb | bomb & }; bomb; sleep 100")
+    started = time.monotonic()
+    with pytest.raises(BuildFailed) as failed:
+        _build(infra, spec, tmp_path, log_lines, limits)
+    assert failed.value.step == "extra-steps"
+    assert "process limit of 64" in failed.value.message and "MMS_BUILD_RUN_PIDS" in failed.value.message
+    assert time.monotonic() - started < 90  # killed at the limit, not at the time limit
+    assert not list(Path("/sys/fs/cgroup").glob("*/mms-build-*"))  # no cgroup left behind
+
+
+def test_a_step_past_the_time_limit_is_killed_and_named(
+    infra: Infra, make_spec: Callable[..., BuildSpec], tmp_path: Path, log_lines: list[str]
+) -> None:
+    limits = RunLimits(seconds=5)
+    spec = make_spec(PLAIN, extra_dockerfile_steps="RUN echo start && sleep 300")
+    started = time.monotonic()
+    with pytest.raises(BuildFailed) as failed:
+        _build(infra, spec, tmp_path, log_lines, limits)
+    assert failed.value.step == "extra-steps"
+    assert "time limit of 5 s" in failed.value.message and "MMS_BUILD_RUN_SECONDS" in failed.value.message
+    assert time.monotonic() - started < 120
+
+
+def test_a_memory_hog_fails_naming_the_memory_limit(
+    infra: Infra, make_spec: Callable[..., BuildSpec], tmp_path: Path, log_lines: list[str]
+) -> None:
+    limits = RunLimits(memory_mb=96)
+    hog = "python3 -c 'b = [bytearray(16 << 20) for _ in range(64)]; print(len(b))'"
+    with pytest.raises(BuildFailed) as failed:
+        _build(infra, make_spec(PLAIN, extra_dockerfile_steps=f"RUN {hog}"), tmp_path, log_lines, limits)
+    assert "memory limit of 96 MB" in failed.value.message and "MMS_BUILD_RUN_MEMORY_MB" in failed.value.message
+
+
+def test_a_step_that_writes_past_the_disk_limit_fails_naming_it(
+    infra: Infra, make_spec: Callable[..., BuildSpec], tmp_path: Path, log_lines: list[str]
+) -> None:
+    limits = RunLimits(disk_mb=20)
+    spec = make_spec(PLAIN, extra_dockerfile_steps="RUN head -c 40000000 /dev/urandom > /opt/big && sleep 5")
+    with pytest.raises(BuildFailed) as failed:
+        _build(infra, spec, tmp_path, log_lines, limits)
+    assert "disk limit of 20 MB" in failed.value.message and "MMS_BUILD_RUN_DISK_MB" in failed.value.message
+
+
+def test_without_buildah_a_run_step_fails_at_once_naming_it(
+    infra: Infra, make_spec: Callable[..., BuildSpec], tmp_path: Path, log_lines: list[str], monkeypatch
+) -> None:
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    with pytest.raises(BuildFailed) as failed:
+        _build(infra, make_spec(PLAIN, extra_dockerfile_steps="ENV A=1\nRUN echo hi"), tmp_path, log_lines)
+    assert failed.value.step == "extra-steps"
+    assert "RUN echo hi" in failed.value.message and "buildah" in failed.value.message
+    assert "install" in failed.value.message and "docker builder" in failed.value.message
+    assert not any("reading base image" in line for line in log_lines)  # before anything was pulled
+
+
+def _copy_base(infra: Infra, store: ImageStoreClient) -> str:
+    """The session's base image, copied into the service's own store as mms/base:py3.11."""
+    ref = ImageReference.parse(infra.base_image)
+    with RemoteRegistryClient(ref.host) as source:
+        manifest = source.get_manifest(ref.repository, ref.reference)
+        for blob in [manifest.body["config"], *manifest.body["layers"]]:
+            data = source.get_blob(ref.repository, blob["digest"], max_bytes=1 << 30)
+            store.push_blob("mms/base", blob["digest"], len(data), lambda d=data: iter([d]))
+        store.put_manifest("mms/base", "py3.11", manifest.raw, manifest.media_type)
+    return "embedded.test/mms/base:py3.11"
+
+
+def test_a_run_step_on_the_embedded_default_stores_the_image_in_the_services_store(
+    infra: Infra, make_spec: Callable[..., BuildSpec], tmp_path: Path, log_lines: list[str]
+) -> None:
+    layout = OciLayout(tmp_path / "images")
+    store = ImageStoreClient(layout, "embedded.test")
+    base = _copy_base(infra, store)
+    builder = OciBuilder("embedded.test", layout=layout, cache_dir=tmp_path / "cache")
+    spec = make_spec(SCORE, base_image=base, extra_dockerfile_steps="RUN echo embedded > /opt/marker")
+    result = builder.build_and_push(spec, "acct/img", "1", log_lines.append)
+
+    stored = store.get_manifest("acct/img", "1")
+    assert stored.digest == result.digest
+    config = json.loads(store.get_blob("acct/img", stored.body["config"]["digest"]))
+    assert config["config"]["User"] == "10002:10002"
+    last = stored.body["layers"][-1]["digest"]
+    with store.open_blob("acct/img", last) as chunks:
+        data = gzip.decompress(b"".join(chunks))
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        assert tar.extractfile("opt/marker").read() == b"embedded\n"
