@@ -56,6 +56,7 @@ if str(ROOT) not in sys.path:
 
 from tests.workers.conda_channel import add_package, add_python
 from workers.build_context import BuildSpec
+from workers.builders import BuildFailed
 from workers.builders.docker import DockerBuilder, engine_client
 from workers.builders.oci import OciBuilder
 from workers.oci.remote_registry import RemoteRegistryClient
@@ -196,7 +197,10 @@ def engine_round(
         )
         lines: list[str] = []
         started = time.monotonic()
-        result = builder.build_and_push(spec, "bench/img", str(n + 1), lines.append)
+        try:
+            result = builder.build_and_push(spec, "bench/img", str(n + 1), lines.append)
+        except BuildFailed as exc:
+            raise SystemExit(f"the engine's {scenario} build failed: {exc}\n" + "\n".join(lines[-40:])) from None
         figures[f"{scenario}_seconds"] = time.monotonic() - started
         if scenario == "cold" and not any("conda: installed" in line for line in lines):
             raise SystemExit("the engine's build did not run the base's conda:\n" + "\n".join(lines[-30:]))
