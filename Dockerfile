@@ -52,12 +52,11 @@ RUN set -eu; \
 
 FROM ${BASE_IMAGE}
 # tini as PID 1 forwards SIGTERM to the service and reaps the builders' child processes;
-# bubblewrap contains the build steps that run a package's own code, buildah (with runc) the
-# oci builder's RUN steps (SECURITY.md; RUN steps need the worker to run as root).
+# bubblewrap contains the build steps that run a package's own code (SECURITY.md).
 RUN set -eu; \
-    if ! command -v tini > /dev/null || ! command -v bwrap > /dev/null || ! command -v buildah > /dev/null; then \
+    if ! command -v tini > /dev/null || ! command -v bwrap > /dev/null; then \
         apt-get update; \
-        apt-get install --yes --no-install-recommends tini bubblewrap buildah runc; \
+        apt-get install --yes --no-install-recommends tini bubblewrap; \
         rm -rf /var/lib/apt/lists/*; \
     fi; \
     groupadd --system --gid 10001 mms; \
