@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from standardwebhooks import Webhook, WebhookVerificationError
@@ -31,8 +32,11 @@ class Receiver:
         return f"http://127.0.0.1:{self.port}/hooks/mms"
 
     def states(self, image_id: str) -> list[str]:
-        """The CreationStates received for one image, in event order."""
-        events = sorted((json.loads(body) for _, _, body in self.received), key=lambda e: int(e["id"]))
+        """The CreationStates received for one image, in event order: ids are opaque tokens,
+        and one image's events are each their own transaction, one after the other, so their
+        times order them (a retried delivery, the same id, counts once)."""
+        unique = {e["id"]: e for e in (json.loads(body) for _, _, body in self.received)}
+        events = sorted(unique.values(), key=lambda e: datetime.fromisoformat(e["time"]))
         return [e["image"]["CreationState"] for e in events if e["image"]["Id"] == image_id]
 
     def verifying(self, headers: dict[str, str], body: bytes) -> list[str | bytes]:

@@ -60,6 +60,7 @@ _ID_RANGE = 65536
 _ID_BASE = 1 << 30
 _INTERVAL = 0.25  # seconds between two looks at the steps' cgroup
 _SIZE_EVERY = 2.0  # seconds between two reads of what the steps wrote
+_BUILDAH_RUNTIME_ERROR = "Error: while running runtime"
 _OUTPUT_TAIL = 40  # lines of a failed step's output kept to explain it
 _MAX_LINE = 2000
 _RUNTIMES = ("runc", "crun")
@@ -392,7 +393,9 @@ class _Buildah:
         if breach:
             raise BuildFailed("extra-steps", breach)
         if code != 0:
-            last = next((t for t in reversed(tail) if t.strip()), "")
+            # The step's own last words, not buildah's ("Error: while running runtime: ...").
+            own = [t for t in tail if t.strip() and not t.startswith(_BUILDAH_RUNTIME_ERROR)]
+            last = (own or [t for t in tail if t.strip()] or [""])[-1]
             if code == 137 or code == -signal.SIGKILL:
                 raise BuildFailed(
                     "extra-steps",
@@ -400,7 +403,9 @@ class _Buildah:
                     f"memory limit of {self.limits.memory_mb} MB (MMS_BUILD_RUN_MEMORY_MB)",
                 )
             raise BuildFailed(
-                "extra-steps", f"extra step {number} ({step.summary()}) exited with code {code}: {last[:300]}"
+                "extra-steps",
+                f"extra step {number} ({step.summary()}) exited with code {code}: {last[:300]} (a RUN step on the "
+                "oci builder has no network: one that downloads, apt-get or pip, needs the docker builder)",
             )
 
     def commit(self, container: str, dest: Path) -> NewLayer:
@@ -569,6 +574,22 @@ class _Cgroup:
             return int((self._dir("pids") / "pids.peak").read_text())
         return 0
 
+    def pids_refused(self) -> bool:
+        """Has a fork been refused (or the count reached the limit)? In this cgroup or the
+        step's own below it, where newer kernels count a refusal; a fork bomb's processes come
+        and go, so the count now seldom shows it."""
+        if self.pids_now() >= self.limits.pids or self._peak() >= self.limits.pids:
+            return True
+        folder = self._dir("pids")
+        with suppress(OSError):
+            for events in [folder / "pids.events", *folder.glob("*/**/pids.events")]:
+                with suppress(OSError, ValueError):
+                    for line in events.read_text().splitlines():
+                        key, _, value = line.partition(" ")
+                        if key == "max" and int(value) > 0:
+                            return True
+        return False
+
     def _events(self, controller: str, name: str) -> dict[str, int]:
         with suppress(OSError):
             text = (self._dir(controller) / name).read_text()
@@ -582,7 +603,7 @@ class _Cgroup:
             return f"a RUN step ran out of its memory limit of {self.limits.memory_mb} MB (MMS_BUILD_RUN_MEMORY_MB)"
         # A refused fork is counted in the step's own cgroup (gone with it) on newer kernels:
         # the build's cgroup's peak tells as well.
-        if self._events("pids", "pids.events").get("max", 0) > 0 or self._peak() >= self.limits.pids:
+        if self.pids_refused():
             return process_limit_reason(self.limits)
         return None
 
@@ -649,7 +670,7 @@ class _Watch:
                         f"the RUN steps used more than their CPU time limit of {self.limits.cpu_seconds} s "
                         "(MMS_BUILD_RUN_CPU_SECONDS)"
                     )
-                elif self.group.pids_now() >= self.limits.pids:  # a fork bomb waits there for ever
+                elif self.group.pids_refused():  # a fork bomb would wait there for ever
                     reason = process_limit_reason(self.limits)
                 elif self.upper is not None and time.monotonic() - size_read_at >= _SIZE_EVERY:
                     size_read_at = time.monotonic()
