@@ -116,6 +116,9 @@ class Settings(BaseSettings):
     # (conda-forge: conda.anaconda.org), name=URL (a mirror under that name, for a closed
     # network), or a URL. A file naming no channel gets them all, in this order.
     conda_channels: list[str] = ["conda-forge", "defaults"]
+    # How many installed conda environments each worker machine keeps (in its build cache) for
+    # a rebuild of the same packages; 0: none, every build installs again.
+    conda_environments_kept: int = Field(default=4, ge=0)
     # Limits of a contained step (a source-only package's build backend, run in bubblewrap).
     sandbox_cpu_seconds: int = Field(default=900, ge=1)
     sandbox_memory_mb: int = Field(default=4096, ge=64)

@@ -310,6 +310,7 @@ def make_builder(settings: Settings, name: str, *, context: ServiceContext | Non
             registry_retry_seconds=settings.registry_retry_seconds,
             conda_channels=settings.conda_channels,
             run_limits=run_limits(settings),
+            conda_environments_kept=settings.conda_environments_kept,
         )
     docker_host, store, pull_token = settings.docker_host, None, None
     if settings.is_embedded_registry:

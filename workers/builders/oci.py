@@ -152,6 +152,7 @@ class OciBuilder:
         registry_retry_seconds: float | None = None,
         conda_channels: list[str] | None = None,
         run_limits: RunLimits | None = None,
+        conda_environments_kept: int = 4,
     ) -> None:
         self.registry = registry.rstrip("/")
         self.host, _, self.prefix = self.registry.partition("/")
@@ -170,6 +171,8 @@ class OciBuilder:
         self.registry_retry_seconds = registry_retry_seconds
         # The channels a conda file may name and where they are read (MMS_CONDA_CHANNELS).
         self.conda_channels = list(conda_channels) if conda_channels is not None else ["conda-forge"]
+        # Installed conda environments kept in cache_dir for a rebuild of the same packages.
+        self.conda_environments_kept = conda_environments_kept if cache_dir else 0
         self.run_limits = run_limits or RunLimits()  # RUN steps' memory, processes, disk, time
         # What a base image's registry may be (its own registry always): every request for
         # a base goes through it. None: no address rules (a caller that picks the bases).
@@ -482,6 +485,7 @@ class OciBuilder:
             policy=self.policy,
             timeout=max(self.timeout, 1800),
             limits=self.sandbox,
+            environments_kept=self.conda_environments_kept,
         )
         if env.python is not None and tuple(int(p) for p in env.python.split(".")[:2]) < MIN_PYTHON:
             raise BuildFailed(

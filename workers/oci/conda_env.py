@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -32,6 +34,7 @@ import shutil
 import socket
 import stat
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Coroutine
@@ -51,7 +54,7 @@ from workers.oci.conda_archives import Archive, download_archives, stage
 from workers.oci.layers import LayerBuilder
 from workers.sandbox import Limits, SandboxFailed, run_contained
 
-__all__ = ["PREFIX", "CondaEnv", "conda_specs", "install_conda_env", "subdir_for"]
+__all__ = ["PREFIX", "CondaEnv", "EnvironmentCache", "conda_specs", "install_conda_env", "subdir_for"]
 
 PREFIX = "/opt/mms/conda"
 _SUBDIRS = {"amd64": "linux-64", "arm64": "linux-aarch64", "ppc64le": "linux-ppc64le"}
@@ -195,10 +198,13 @@ def install_conda_env(
     timeout: float = 1800.0,
     limits: Limits = Limits(),
     resolver: Resolver = socket.getaddrinfo,
+    environments_kept: int = 4,
 ) -> CondaEnv:
     """Solve ``specs`` (from the conda file ``text``) on the allowed ``channels`` for
     ``subdir``, download the packages with the fetcher and install them contained, within
-    ``limits``, into a prefix under ``work``; BuildFailed says what failed."""
+    ``limits``, into a prefix under ``work``; BuildFailed says what failed. The last
+    ``environments_kept`` environments installed are kept under ``cache_dir`` and reused
+    when the same packages are solved again (0: none)."""
     import rattler
     from rattler.exceptions import SolverError
 
@@ -226,6 +232,13 @@ def install_conda_env(
         raise BuildFailed("environment", f"conda: {type(exc).__name__}: {_one_line(exc)}") from None
     packages = tuple(sorted(f"{r.name.normalized}=={r.version}={r.build}" for r in records))
     emit(f"mms: conda: solved {len(records)} package(s) in {time.monotonic() - started:.1f} s: {' '.join(packages)}")
+    python = next((str(r.version) for r in records if r.name.normalized == "python"), None)
+    kept = EnvironmentCache(cache_dir / "environments", keep=environments_kept)
+    key = kept.key(records, subdir) if environments_kept else None
+    cached = kept.get(key) if key else None
+    if cached is not None:
+        emit(f"mms: conda: the same {len(records)} package(s) were installed by this worker before: reused")
+        return _layered(cached, packages, python)
     started = time.monotonic()
     archives = download_archives(
         records,
@@ -237,17 +250,106 @@ def install_conda_env(
     )
     emit(f"mms: conda: {len(archives)} archive(s) downloaded and checked in {time.monotonic() - started:.1f} s")
     started = time.monotonic()
-    prefix = work / "conda-prefix"
-    _install_contained(archives, subdir, work, prefix, limits, emit)
-    _scrub(prefix, {str(a.record.file_name): a.record for a in archives})
-    python = next((str(r.version) for r in records if r.name.normalized == "python"), None)
-    env = CondaEnv(LayerBuilder(), packages, python)
-    # lexists: the interpreter may be a link to the base image's; the worker's files say nothing.
-    if env.interpreter and not os.path.lexists(prefix / env.interpreter.removeprefix(f"{PREFIX}/")):
-        raise BuildFailed("environment", f"conda: the python package has no {env.interpreter}")
-    env.layer.add_prefix(prefix, PREFIX)
+    # Made where it is kept when it will be (no copy afterwards), else in the build's scratch.
+    prefix = kept.staging() / "prefix" if key else work / "conda-prefix"
+    try:
+        _install_contained(archives, subdir, work, prefix, limits, emit)
+        _scrub(prefix, {str(a.record.file_name): a.record for a in archives})
+        env = CondaEnv(LayerBuilder(), packages, python)
+        # lexists: the interpreter may be a link to the base image's; the worker's files say nothing.
+        if env.interpreter and not os.path.lexists(prefix / env.interpreter.removeprefix(f"{PREFIX}/")):
+            raise BuildFailed("environment", f"conda: the python package has no {env.interpreter}")
+        if key:
+            prefix = kept.commit(key, prefix.parent)
+    except BaseException:
+        if key:
+            shutil.rmtree(prefix.parent, ignore_errors=True)
+        raise
     emit(f"mms: conda: installed into {PREFIX} in {time.monotonic() - started:.1f} s, contained")
+    env.layer.add_prefix(prefix, PREFIX)
     return env
+
+
+def _layered(prefix: Path, packages: tuple[str, ...], python: str | None) -> CondaEnv:
+    env = CondaEnv(LayerBuilder(), packages, python)
+    env.layer.add_prefix(prefix, PREFIX)
+    return env
+
+
+# What decides an installed environment's every byte besides its archives: the code that
+# installs and scrubs it (these two files) and the installer's release.
+_INSTALLER = hashlib.sha256(Path(__file__).read_bytes() + Path(conda_link.__file__).read_bytes()).hexdigest()
+
+
+class EnvironmentCache:
+    """Environments this worker installed, kept so that a build of the same packages (a new
+    model version, another score.py) skips the download and the contained install.
+
+    Keyed by each archive's sha256 and the URL and channel it came from (both written into
+    conda-meta), the platform and the installer's code: the same key is the same bytes, whichever
+    account asked. Only environments whose every record has a sha256 are kept (an md5 can be
+    forged to match). An entry is a folder renamed into place whole, so a reader never sees one
+    half made; the least recently used beyond ``keep`` are removed once they have not been used
+    for two hours (longer than a build may run: one still layering an entry has used it since
+    it started)."""
+
+    def __init__(self, root: Path, keep: int, idle_seconds: float = 2 * 3600.0) -> None:
+        self.root, self.keep, self.idle_seconds = root, keep, idle_seconds
+
+    def key(self, records: list[Any], subdir: str) -> str | None:
+        if any(not r.sha256 for r in records):
+            return None
+        import rattler
+
+        facts = {
+            "installer": _INSTALLER,
+            "rattler": getattr(rattler, "__version__", ""),
+            "subdir": subdir,
+            "prefix": PREFIX,
+            "records": sorted(
+                [str(r.file_name), r.sha256.hex(), _shown(str(r.url)), _shown(str(r.channel))] for r in records
+            ),
+        }
+        return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
+
+    def get(self, key: str) -> Path | None:
+        entry = self.root / key
+        if not (entry / "prefix").is_dir():
+            return None
+        os.utime(entry)  # used now: not the next one removed
+        return entry / "prefix"
+
+    def staging(self) -> Path:
+        """A new folder to make an entry in (``commit`` puts it in place)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=".new-", dir=self.root))
+
+    def commit(self, key: str, staging: Path) -> Path:
+        """Put the entry made in ``staging`` in place as ``key``; where its prefix now is."""
+        try:
+            staging.rename(self.root / key)
+        except OSError:  # another build kept the same environment first: theirs serves
+            shutil.rmtree(staging, ignore_errors=True)
+        self._trim(key)
+        return self.root / key / "prefix"
+
+    def _trim(self, keeping: str) -> None:
+        # Other workers of this machine may share the folder and trim it too: an entry can
+        # go while this looks at it.
+        used: list[tuple[float, Path]] = []
+        for entry in self.root.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                used.append((entry.stat().st_mtime, entry))
+        kept = sorted(((t, e) for t, e in used if e.name != keeping and not e.name.startswith(".")), reverse=True)
+        # Half-made or half-removed entries of a build that stopped midway go too.
+        leftovers = [(t, e) for t, e in used if e.name.startswith((".new-", ".old-"))]
+        now = time.time()
+        for mtime, entry in [*kept[max(self.keep - 1, 0) :], *leftovers]:
+            if now - mtime > self.idle_seconds:
+                gone = Path(tempfile.mkdtemp(prefix=".old-", dir=self.root))
+                with contextlib.suppress(FileNotFoundError):
+                    entry.rename(gone / entry.name)
+                shutil.rmtree(gone, ignore_errors=True)
 
 
 def _channel_policy(sources: list[str]) -> FetchPolicy:

@@ -8,8 +8,11 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
+import shutil
 import tarfile
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +20,7 @@ import pytest
 from app.package_sources import PackageSourceRefused, check_conda_channels, conda_channel_urls
 from tests.workers.conda_channel import add_package, add_python
 from workers.builders import BuildFailed
-from workers.oci.conda_env import PREFIX, CondaEnv, conda_specs, install_conda_env
+from workers.oci.conda_env import PREFIX, CondaEnv, EnvironmentCache, conda_specs, install_conda_env
 from workers.oci.layers import LayerBuilder
 
 
@@ -117,6 +120,73 @@ def test_the_same_packages_give_the_same_layer_in_another_folder_and_cache(chann
         env = _install(channel, text, folder, [])
         digests.append(env.layer.diff_id())
     assert digests[0] == digests[1]
+
+
+def test_a_rebuild_of_the_same_packages_reuses_the_installed_environment_and_other_packages_install(
+    channel: Path, tmp_path: Path
+) -> None:
+    text = "dependencies:\n  - greeting-tool\n  - tinylib\n"
+    first: list[str] = []
+    made = _install(channel, text, tmp_path, first)
+    assert any("contained" in line for line in first)
+    # The archives are gone: a reuse needs neither them nor the sandbox.
+    shutil.rmtree(tmp_path / "cache" / "archives")
+    again: list[str] = []
+    reused = _install(channel, text, tmp_path, again)
+    assert any("were installed by this worker before: reused" in line for line in again), again
+    assert not any("downloaded" in line or "contained" in line for line in again), again
+    assert reused.layer.diff_id() == made.layer.diff_id() and reused.packages == made.packages
+    assert reused.python == made.python == "3.11.7"
+    # Another set of packages (a pin moves greeting) is solved and installed anew.
+    other: list[str] = []
+    moved = _install(channel, "dependencies:\n  - greeting-tool\n  - greeting=1.2.3\n", tmp_path, other)
+    assert any("contained" in line for line in other) and "greeting==1.2.3=0" in moved.packages
+    assert _layer(moved, tmp_path)["opt/mms/conda/share/greeting/VERSION"] == b"1.2.3"
+
+
+def test_no_environment_is_kept_when_the_setting_is_zero(channel: Path, tmp_path: Path) -> None:
+    for _ in range(2):
+        lines: list[str] = []
+        install_conda_env(
+            "dependencies: [greeting]\n",
+            ["greeting"],
+            channels=[f"local=file://{channel}"],
+            subdir="linux-64",
+            glibc="2.36",
+            work=Path(tempfile.mkdtemp(dir=tmp_path)),
+            cache_dir=tmp_path / "cache",
+            emit=lines.append,
+            environments_kept=0,
+        )
+        assert any("contained" in line for line in lines)
+    assert not (tmp_path / "cache" / "environments").exists()
+
+
+def test_the_environment_cache_keeps_the_most_recently_used_and_removes_only_idle_ones(tmp_path: Path) -> None:
+    cache = EnvironmentCache(tmp_path / "environments", keep=2, idle_seconds=60)
+
+    def made(key: str, age: float) -> Path:
+        staging = cache.staging()
+        (staging / "prefix").mkdir()
+        (staging / "prefix" / "file").write_text(key)
+        prefix = cache.commit(key, staging)
+        os.utime(prefix.parent, (time.time() - age,) * 2)
+        return prefix
+
+    made("old-idle", 3600)
+    made("recent", 10)
+    assert cache.get("old-idle") is not None  # used again: now the most recent
+    made("older-idle", 7200)
+    made("busy", 30)  # past the count, but used within the idle time: a build may be layering it
+    made("newest", 0)
+    left = sorted(e.name for e in (tmp_path / "environments").iterdir())
+    assert left == ["busy", "newest", "old-idle", "recent"], left
+    # A half-made entry of a build that stopped is removed once idle; a fresh one is not.
+    stale, fresh = cache.staging(), cache.staging()
+    os.utime(stale, (time.time() - 600,) * 2)
+    made("another", 0)
+    assert not stale.exists() and fresh.exists()
+    assert cache.get("missing") is None
 
 
 def test_a_package_script_never_runs_on_the_worker(channel: Path, tmp_path: Path) -> None:

@@ -220,6 +220,9 @@ def test_an_index_with_only_md5_is_checked_by_md5_and_one_with_neither_is_refuse
     index_file.write_text(json.dumps(repodata))
     env = _install(f"file://{channel}", "dependencies: [greeting]\n", _work(tmp_path))
     assert env.packages == ("greeting==1.0=0",)
+    # An md5 can be forged to match: such an environment is never kept for another build.
+    kept = tmp_path / "cache" / "environments"
+    assert not [e for e in kept.iterdir() if not e.name.startswith(".")] if kept.exists() else True
     entry["md5"] = "0" * 32
     index_file.write_text(json.dumps(repodata))
     with pytest.raises(BuildFailed, match=r"conda: greeting==1\.0=0: .* \(md5 mismatch\); refused"):
