@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from anyio import to_thread
 from fastapi import APIRouter, Depends, FastAPI
 
-from app.api.deps import check_api_version, check_parameters, verify_authorization
+from app.api.deps import check_api_version, check_parameters, request_token
 from app.api.event_stream import EventHub
 from app.api.image_polls import ImagePollShortcut
 from app.api.middleware import (
@@ -92,7 +92,7 @@ def create_app(settings: Settings | None = None, context: ServiceContext | None 
     app.add_middleware(
         RequestBodyGate,
         max_bytes=context.settings.max_json_body_bytes,
-        verify=lambda authorization: verify_authorization(context.verifier, authorization),
+        verify=lambda scope, authorization: request_token(scope, context.verifier, authorization),
     )
     app.add_middleware(ConditionalGetMiddleware)
     # One connection stays free for the event poller and /metrics.

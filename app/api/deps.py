@@ -12,6 +12,7 @@ from fastapi.openapi.models import OAuthFlowClientCredentials, OAuthFlows
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer, OAuth2
 from pydantic import AfterValidator
 from sqlalchemy.orm import Session
+from starlette.types import Scope
 
 from app.api.event_stream import EventHub
 from app.auth.caller import Caller, caller_for, load_caller
@@ -109,6 +110,28 @@ def verify_authorization(
     return verifier.verify(token, keys_at_hand=keys_at_hand)
 
 
+_VERIFIED_TOKEN = "mms.verified_token"
+
+
+async def request_token(scope: Scope, verifier: TokenVerifier, authorization: str | None) -> VerifiedToken:
+    """The request's verified token, verified once per request: the body gate verifies a
+    request's token before reading its body, and the caller dependency then finds it here.
+
+    On the event loop while the signing key is at hand (as it is but once per key); loading
+    one (the database, an issuer's JWKS) goes to the thread pool.
+    """
+    state = scope.setdefault("state", {})
+    kept = state.get(_VERIFIED_TOKEN)
+    if kept is not None and kept[0] == authorization:
+        return kept[1]
+    try:
+        verified = verify_authorization(verifier, authorization, keys_at_hand=True)
+    except KeyNotAtHand:
+        verified = await run_in_threadpool(verify_authorization, verifier, authorization)
+    state[_VERIFIED_TOKEN] = (authorization, verified)
+    return verified
+
+
 async def get_caller(
     context: ContextDep,
     # Both for the OpenAPI document only: either scheme sends the same Authorization header.
@@ -121,11 +144,7 @@ async def get_caller(
     On the event loop while it needs no I/O (the signing key and the caller's roles at hand, as
     they are but once per key and per MMS_AUTH_CACHE_SECONDS); what must load goes to the thread pool.
     """
-    authorization = request.headers.get("authorization")
-    try:
-        verified = verify_authorization(context.verifier, authorization, keys_at_hand=True)
-    except KeyNotAtHand:
-        verified = await run_in_threadpool(verify_authorization, context.verifier, authorization)
+    verified = await request_token(request.scope, context.verifier, request.headers.get("authorization"))
     grants = context.grants_cache.get(verified.issuer, verified.subject)
     if grants is not None:
         return caller_for(verified, grants)

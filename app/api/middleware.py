@@ -9,9 +9,8 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
-from anyio import to_thread
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -239,10 +238,11 @@ class RequestBodyGate:
     chunked body, so neither a stranger nor a caller can make the process hold a huge body.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int, verify: Callable[[str | None], object]) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, verify: Callable[[Scope, str | None], Awaitable[object]]) -> None:
         self.app = app
         self.max_bytes = max_bytes
-        self.verify = verify  # the Authorization header → the verified token, or Unauthorized
+        # The request's Authorization header → its verified token (kept for the route), or Unauthorized.
+        self.verify = verify
 
     def too_large(self) -> str:
         return f"the request body is larger than the limit of {self.max_bytes} bytes (MMS_MAX_JSON_BODY_BYTES)"
@@ -255,8 +255,7 @@ class RequestBodyGate:
         path = scope["path"]
         try:
             if path.startswith("/api/"):
-                # On a thread: verifying may load an issuer's keys.
-                await to_thread.run_sync(self.verify, headers.get("authorization"))
+                await self.verify(scope, headers.get("authorization"))
             if scope["method"] == "POST" and _UPLOAD.fullmatch(path):
                 await self.app(scope, receive, send)
                 return
