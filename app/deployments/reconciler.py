@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy import delete, func, or_, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from app.deployments.events import record_state_changes
@@ -44,6 +44,8 @@ ERROR_LOG_LINES = 40
 ERROR_LINE_CHARS = 300
 # What the reconciler keeps of what a service's replicas printed: the newest lines.
 KEPT_LOG_LINES = 1000
+# ... and the newest line of each of at most this many live replicas (where their next copy starts).
+MARKED_REPLICAS = 64
 
 
 @dataclass(frozen=True)
@@ -386,7 +388,7 @@ def record(
         return False
     removed = set(step.remove)
     _write_replicas(session, spec.id, [r for r in replicas if r.id not in removed and r.alive and r.address], now)
-    _write_logs(session, spec.id, lines)
+    _write_logs(session, spec.id, lines, [r.id for r in replicas if r.alive and r.id not in removed][:MARKED_REPLICAS])
     released: dict[str, object] = {"lease_owner": None, "lease_expires_at": None}
     values = released | {
         "due_at": now + timedelta(seconds=BUSY_SECONDS if step.busy else STEADY_SECONDS),
@@ -552,8 +554,11 @@ def _write_replicas(session: Session, service_id: uuid.UUID, replicas: Sequence[
     session.flush()
 
 
-def _write_logs(session: Session, service_id: uuid.UUID, lines: Sequence[LogLine]) -> None:
-    """Add the pass's new lines, then forget all but the service's newest KEPT_LOG_LINES."""
+def _write_logs(session: Session, service_id: uuid.UUID, lines: Sequence[LogLine], live: Sequence[str]) -> None:
+    """Add the pass's new lines, then forget all but the service's newest KEPT_LOG_LINES, and
+    the newest line of each ``live`` replica: that line is where the next pass's copy of it
+    starts (``read_spec``'s ``log_marks``). Without it, a quiet replica's lines trimmed away
+    behind a chatty one's would be copied again from its tail, repeating lines already shown."""
     if not lines:
         return
     session.add_all(
@@ -575,12 +580,23 @@ def _write_logs(session: Session, service_id: uuid.UUID, lines: Sequence[LogLine
         .limit(1)
         .scalar_subquery()
     )
-    session.execute(
-        delete(ServiceLogLine).where(ServiceLogLine.service_id == service_id, ServiceLogLine.id < oldest_kept)
-    )
+    trimmed = delete(ServiceLogLine).where(ServiceLogLine.service_id == service_id, ServiceLogLine.id < oldest_kept)
+    if live:
+        marks = (
+            select(ServiceLogLine.replica_id, func.max(ServiceLogLine.logged_ns))
+            .where(ServiceLogLine.service_id == service_id, ServiceLogLine.replica_id.in_(live))
+            .group_by(ServiceLogLine.replica_id)
+        )
+        trimmed = trimmed.where(tuple_(ServiceLogLine.replica_id, ServiceLogLine.logged_ns).not_in(marks))
+    session.execute(trimmed)
 
 
-def _end_operation(session: Session, service_id: uuid.UUID, state: OperationState, error: str | None) -> None:
+def _end_operation(session: Session, operation_id: uuid.UUID | None, state: OperationState, error: str | None) -> None:
+    """End the one operation a verdict is about, if it is still running (None: a row from
+    before operations were recorded has none). Never the service's other operations: an
+    older change's is not this verdict's to end."""
+    if operation_id is None:
+        return
     session.execute(
         update(ServiceOperation)
         .where(ServiceOperation.service_id == service_id, ServiceOperation.state == OperationState.RUNNING)

@@ -21,6 +21,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.context import ServiceContext
+from app.deployments import reconciler
 from app.orm import Event
 from tests.api.test_manifests import seed_manifest
 from tests.api.test_services import built_image
@@ -372,3 +373,25 @@ def test_a_new_cluster_address_of_a_healthy_service_is_an_event(
         select(Event.payload).where(Event.subject_id == uuid.UUID(service.id)).order_by(Event.id.desc()).limit(1)
     ).one()
     assert json.loads(last)["service"]["scoringUri"] == shown["scoringUri"]
+
+
+def test_a_quiet_replicas_lines_trimmed_behind_a_chatty_ones_are_not_copied_again(
+    service: Service, fake: FakeKubeApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stored log keeps the newest lines of the service; a pass copies what each replica
+    printed after its newest stored line. A quiet replica whose lines were all trimmed away
+    must not have its tail copied again (it would show once more, after newer lines)."""
+    monkeypatch.setattr(reconciler, "KEPT_LOG_LINES", 10)
+    service.reconcile()
+    quiet, chatty = fake.run_pods(2)
+    fake.logs[quiet] = ["2026-12-04T10:00:01Z quiet: loaded", "2026-12-04T10:00:02Z quiet: ready"]
+    fake.logs[chatty] = ["2026-12-04T10:00:01Z chatty: loaded"]
+    service.reconcile()
+    fake.logs[chatty] += [f"2026-12-04T10:01:{n:02d}Z chatty: request {n}" for n in range(20)]
+    service.reconcile()  # the quiet replica's lines are trimmed
+    assert "chatty: request 19" in service.logs() and "quiet: loaded" not in service.logs()
+    shown = service.logs()
+    service.reconcile()  # nobody printed anything since
+    assert service.logs() == shown
+    assert shown.count("quiet: ready") <= 1
+
