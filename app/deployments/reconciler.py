@@ -89,6 +89,8 @@ class Spec:
     serving_image_id: uuid.UUID | None = None
     serving_cpu: float | None = None
     serving_memory_gb: float | None = None
+    # The operation of the change this spec is (the service's newest): what a verdict ends.
+    operation_id: uuid.UUID | None = None
 
     @property
     def deleting(self) -> bool:
@@ -216,7 +218,15 @@ def _unchanged(lease: Lease, spec: Spec):  # type: ignore[no-untyped-def]
 def read_spec(session: Session, lease: Lease) -> Spec | None:
     """The desired spec, if the lease is still this pass's."""
     row = session.execute(
-        select(Service, Image.image_location, Image.digest, Image.state, Image.error, Image.ended_at)
+        select(
+            Service,
+            Image.image_location,
+            Image.digest,
+            Image.state,
+            Image.error,
+            Image.ended_at,
+            _newest_operation(Service.id).label("operation_id"),
+        )
         .join(Image, Image.id == Service.image_id)
         .where(_held(lease))
     ).first()
@@ -250,6 +260,7 @@ def read_spec(session: Session, lease: Lease) -> Spec | None:
         serving_image_id=service.serving_image_id,
         serving_cpu=service.serving_cpu,
         serving_memory_gb=service.serving_memory_gb,
+        operation_id=row.operation_id,
         log_marks={
             replica_id: mark
             for replica_id, mark in session.execute(
@@ -258,6 +269,18 @@ def read_spec(session: Session, lease: Lease) -> Spec | None:
                 .group_by(ServiceLogLine.replica_id)
             )
         },
+    )
+
+
+def _newest_operation(service_id):  # type: ignore[no-untyped-def]
+    """The id of the service's newest operation (as the API shows it: app.deployments.lifecycle's
+    latest_operations), read in the same statement as the spec: the change that spec is."""
+    return (
+        select(ServiceOperation.id)
+        .where(ServiceOperation.service_id == service_id)
+        .order_by(ServiceOperation.created_at.desc(), ServiceOperation.id.desc())
+        .limit(1)
+        .scalar_subquery()
     )
 
 
@@ -410,7 +433,7 @@ def record(
         if move(
             session, Transition.DEGRADE, fence, error=_failure_text(step.failure), scoring_url=scoring_url, **values
         ):
-            _end_operation(session, spec.id, OperationState.FAILED, _failure_text(step.failure))
+            _end_operation(session, spec.operation_id, OperationState.FAILED, _failure_text(step.failure))
             return True
     elif step.failure is not None:
         error = _failure_text(step.failure)
@@ -434,14 +457,14 @@ def record(
                 **values,
             )
         if moved:
-            _end_operation(session, spec.id, OperationState.FAILED, error)
+            _end_operation(session, spec.operation_id, OperationState.FAILED, error)
             return True
     else:
         values["replicas_ready"] = current_ready if traffic == spec.generation else 0
         settled = traffic == spec.generation and current_ready >= spec.replicas and step.start == 0
         if settled and spec.state in (ServiceState.TRANSITIONING, ServiceState.UNHEALTHY):
             if move(session, Transition.CONVERGE, fence, error=None, scoring_url=scoring_url, **values):
-                _end_operation(session, spec.id, OperationState.SUCCEEDED, None)
+                _end_operation(session, spec.operation_id, OperationState.SUCCEEDED, None)
                 return True
         elif not settled and traffic == spec.generation and spec.state is ServiceState.HEALTHY:
             lost = f"{current_ready} of {spec.replicas} replicas answer GET /: replacing the others"
@@ -520,9 +543,10 @@ def stop_routing(session: Session, lease: Lease) -> bool:
 
 def finish_delete(session: Session, lease: Lease) -> bool:
     """The orchestrator holds nothing of the service: end its Delete operation, then the row."""
-    if session.scalar(select(Service.id).where(_held(lease))) is None:
+    held = session.execute(select(Service.id, _newest_operation(Service.id)).where(_held(lease))).first()
+    if held is None:
         return False
-    _end_operation(session, lease.service_id, OperationState.SUCCEEDED, None)
+    _end_operation(session, held[1], OperationState.SUCCEEDED, None)  # the newest: the Delete's
     return bool(move(session, Transition.DELETE, _held(lease), to=None))
 
 
@@ -599,7 +623,7 @@ def _end_operation(session: Session, operation_id: uuid.UUID | None, state: Oper
         return
     session.execute(
         update(ServiceOperation)
-        .where(ServiceOperation.service_id == service_id, ServiceOperation.state == OperationState.RUNNING)
+        .where(ServiceOperation.id == operation_id, ServiceOperation.state == OperationState.RUNNING)
         .values(state=state, error=error, ended_at=utcnow())
         .execution_options(synchronize_session=False)
     )
