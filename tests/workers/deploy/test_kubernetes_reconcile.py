@@ -395,3 +395,60 @@ def test_a_quiet_replicas_lines_trimmed_behind_a_chatty_ones_are_not_copied_agai
     assert service.logs() == shown
     assert shown.count("quiet: ready") <= 1
 
+
+def _writes(fake: FakeKubeApi) -> list[tuple[str, str]]:
+    """(method, resource) of every request since the last clear that was not a read."""
+    return [(seen.method, seen.path.split("/")[-2]) for seen in fake.seen if seen.method != "GET"]
+
+
+def test_a_settled_service_is_only_read_until_an_object_is_missing_drifted_or_changed(
+    service: Service, fake: FakeKubeApi, images: list[str]
+) -> None:
+    _healthy(service, fake)
+    fake.seen.clear()
+    for _ in range(3):
+        assert service.reconcile()["state"] == "Healthy"
+    assert _writes(fake) == []  # three passes, nothing applied or deleted
+    reads = len(fake.seen)
+    fake.seen.clear()
+    service.reconcile()
+    assert len(fake.seen) == reads / 3  # each pass the same few reads
+
+    # Deleted underneath: that object alone is applied again.
+    [policy] = fake.stored("networkpolicies")
+    del fake.objects[("networkpolicies", "tenant-a", policy["metadata"]["name"])]
+    fake.seen.clear()
+    service.reconcile()
+    assert _writes(fake) == [("PATCH", "networkpolicies")]
+    assert fake.stored("networkpolicies")[0]["spec"] == policy["spec"]
+
+    # Its spec changed by someone else (kubectl edit): applied back.
+    def swap_image(deployment: dict) -> None:
+        deployment["spec"]["template"]["spec"]["containers"][0]["image"] = "elsewhere.example/evil@sha256:" + "e" * 64
+
+    image = fake.deployment()["spec"]["template"]["spec"]["containers"][0]["image"]
+    fake.edit("deployments", swap_image)
+    fake.seen.clear()
+    service.reconcile()
+    assert _writes(fake) == [("PATCH", "deployments")]
+    assert fake.deployment()["spec"]["template"]["spec"]["containers"][0]["image"] == image
+    # ... but not what the cluster's own controllers write: a count through the scale subresource.
+    fake.edit("deployments", lambda d: None, manager="kube-controller-manager", subresource="scale")
+    fake.edit("deployments", lambda d: None, manager="kube-controller-manager", fields=("f:metadata",))
+    fake.seen.clear()
+    service.reconcile()
+    assert _writes(fake) == []
+
+    # A change of the tenant's: applied on the next pass.
+    service.patch(numReplicas=3)
+    fake.seen.clear()
+    service.reconcile()
+    assert _writes(fake) == [("PATCH", "deployments")]
+    assert fake.deployment()["spec"]["replicas"] == 3
+    fake.run_pods(3)
+    assert service.reconcile()["state"] == "Healthy"
+    service.patch(imageId=images[1])
+    fake.seen.clear()
+    service.reconcile()
+    assert _writes(fake) == [("PATCH", "deployments")]
+    assert _template(fake)["org.mms.image"] == images[1]
