@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import uuid
 
-from sqlalchemy import case, select
+from sqlalchemy import case, select, update
 from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.orm import Session
 
@@ -77,12 +77,28 @@ def request_delete(session: Session, service: Service, *, scoring_url: str) -> S
     changed = {"revision": Service.revision + 1, "changed_at": utcnow(), "due_at": utcnow()}
     if move(session, Transition.REQUEST_DELETE, Service.id == service.id, scoring_url=scoring_url, **changed):
         _reread(session, service)
+        _end_superseded(session, service)
         return _start_operation(session, service, OperationKind.DELETE)
     _reread(session, service)  # 404 when it is already gone
     running = latest_operations(session, [service.id], kind=OperationKind.DELETE).get(service.id)
     if running is None:  # deleting since before operations were recorded: record one now
         return _start_operation(session, service, OperationKind.DELETE)
     return running
+
+
+def _end_superseded(session: Session, service: Service) -> None:
+    """A create or update still being applied when the delete comes never will be: its
+    operation ends now (the reconciler's verdicts end only the operation they are about)."""
+    session.execute(
+        update(ServiceOperation)
+        .where(ServiceOperation.service_id == service.id, ServiceOperation.state == OperationState.RUNNING)
+        .values(
+            state=OperationState.FAILED,
+            error="the service was deleted before this change was applied",
+            ended_at=utcnow(),
+        )
+        .execution_options(synchronize_session=False)
+    )
 
 
 def delete_account_services(session: Session, account_id: uuid.UUID) -> None:

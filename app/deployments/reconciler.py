@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy import delete, func, or_, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from app.deployments.events import record_state_changes
@@ -44,6 +44,8 @@ ERROR_LOG_LINES = 40
 ERROR_LINE_CHARS = 300
 # What the reconciler keeps of what a service's replicas printed: the newest lines.
 KEPT_LOG_LINES = 1000
+# ... and the newest line of each of at most this many live replicas (where their next copy starts).
+MARKED_REPLICAS = 64
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,8 @@ class Spec:
     serving_image_id: uuid.UUID | None = None
     serving_cpu: float | None = None
     serving_memory_gb: float | None = None
+    # The operation of the change this spec is (the service's newest): what a verdict ends.
+    operation_id: uuid.UUID | None = None
 
     @property
     def deleting(self) -> bool:
@@ -214,7 +218,15 @@ def _unchanged(lease: Lease, spec: Spec):  # type: ignore[no-untyped-def]
 def read_spec(session: Session, lease: Lease) -> Spec | None:
     """The desired spec, if the lease is still this pass's."""
     row = session.execute(
-        select(Service, Image.image_location, Image.digest, Image.state, Image.error, Image.ended_at)
+        select(
+            Service,
+            Image.image_location,
+            Image.digest,
+            Image.state,
+            Image.error,
+            Image.ended_at,
+            _newest_operation(Service.id).label("operation_id"),
+        )
         .join(Image, Image.id == Service.image_id)
         .where(_held(lease))
     ).first()
@@ -248,6 +260,7 @@ def read_spec(session: Session, lease: Lease) -> Spec | None:
         serving_image_id=service.serving_image_id,
         serving_cpu=service.serving_cpu,
         serving_memory_gb=service.serving_memory_gb,
+        operation_id=row.operation_id,
         log_marks={
             replica_id: mark
             for replica_id, mark in session.execute(
@@ -256,6 +269,18 @@ def read_spec(session: Session, lease: Lease) -> Spec | None:
                 .group_by(ServiceLogLine.replica_id)
             )
         },
+    )
+
+
+def _newest_operation(service_id):  # type: ignore[no-untyped-def]
+    """The id of the service's newest operation (as the API shows it: app.deployments.lifecycle's
+    latest_operations), read in the same statement as the spec: the change that spec is."""
+    return (
+        select(ServiceOperation.id)
+        .where(ServiceOperation.service_id == service_id)
+        .order_by(ServiceOperation.created_at.desc(), ServiceOperation.id.desc())
+        .limit(1)
+        .scalar_subquery()
     )
 
 
@@ -386,7 +411,7 @@ def record(
         return False
     removed = set(step.remove)
     _write_replicas(session, spec.id, [r for r in replicas if r.id not in removed and r.alive and r.address], now)
-    _write_logs(session, spec.id, lines)
+    _write_logs(session, spec.id, lines, [r.id for r in replicas if r.alive and r.id not in removed][:MARKED_REPLICAS])
     released: dict[str, object] = {"lease_owner": None, "lease_expires_at": None}
     values = released | {
         "due_at": now + timedelta(seconds=BUSY_SECONDS if step.busy else STEADY_SECONDS),
@@ -408,7 +433,7 @@ def record(
         if move(
             session, Transition.DEGRADE, fence, error=_failure_text(step.failure), scoring_url=scoring_url, **values
         ):
-            _end_operation(session, spec.id, OperationState.FAILED, _failure_text(step.failure))
+            _end_operation(session, spec.operation_id, OperationState.FAILED, _failure_text(step.failure))
             return True
     elif step.failure is not None:
         error = _failure_text(step.failure)
@@ -432,14 +457,14 @@ def record(
                 **values,
             )
         if moved:
-            _end_operation(session, spec.id, OperationState.FAILED, error)
+            _end_operation(session, spec.operation_id, OperationState.FAILED, error)
             return True
     else:
         values["replicas_ready"] = current_ready if traffic == spec.generation else 0
         settled = traffic == spec.generation and current_ready >= spec.replicas and step.start == 0
         if settled and spec.state in (ServiceState.TRANSITIONING, ServiceState.UNHEALTHY):
             if move(session, Transition.CONVERGE, fence, error=None, scoring_url=scoring_url, **values):
-                _end_operation(session, spec.id, OperationState.SUCCEEDED, None)
+                _end_operation(session, spec.operation_id, OperationState.SUCCEEDED, None)
                 return True
         elif not settled and traffic == spec.generation and spec.state is ServiceState.HEALTHY:
             lost = f"{current_ready} of {spec.replicas} replicas answer GET /: replacing the others"
@@ -518,9 +543,10 @@ def stop_routing(session: Session, lease: Lease) -> bool:
 
 def finish_delete(session: Session, lease: Lease) -> bool:
     """The orchestrator holds nothing of the service: end its Delete operation, then the row."""
-    if session.scalar(select(Service.id).where(_held(lease))) is None:
+    held = session.execute(select(Service.id, _newest_operation(Service.id)).where(_held(lease))).first()
+    if held is None:
         return False
-    _end_operation(session, lease.service_id, OperationState.SUCCEEDED, None)
+    _end_operation(session, held[1], OperationState.SUCCEEDED, None)  # the newest: the Delete's
     return bool(move(session, Transition.DELETE, _held(lease), to=None))
 
 
@@ -552,8 +578,11 @@ def _write_replicas(session: Session, service_id: uuid.UUID, replicas: Sequence[
     session.flush()
 
 
-def _write_logs(session: Session, service_id: uuid.UUID, lines: Sequence[LogLine]) -> None:
-    """Add the pass's new lines, then forget all but the service's newest KEPT_LOG_LINES."""
+def _write_logs(session: Session, service_id: uuid.UUID, lines: Sequence[LogLine], live: Sequence[str]) -> None:
+    """Add the pass's new lines, then forget all but the service's newest KEPT_LOG_LINES, and
+    the newest line of each ``live`` replica: that line is where the next pass's copy of it
+    starts (``read_spec``'s ``log_marks``). Without it, a quiet replica's lines trimmed away
+    behind a chatty one's would be copied again from its tail, repeating lines already shown."""
     if not lines:
         return
     session.add_all(
@@ -575,15 +604,26 @@ def _write_logs(session: Session, service_id: uuid.UUID, lines: Sequence[LogLine
         .limit(1)
         .scalar_subquery()
     )
-    session.execute(
-        delete(ServiceLogLine).where(ServiceLogLine.service_id == service_id, ServiceLogLine.id < oldest_kept)
-    )
+    trimmed = delete(ServiceLogLine).where(ServiceLogLine.service_id == service_id, ServiceLogLine.id < oldest_kept)
+    if live:
+        marks = (
+            select(ServiceLogLine.replica_id, func.max(ServiceLogLine.logged_ns))
+            .where(ServiceLogLine.service_id == service_id, ServiceLogLine.replica_id.in_(live))
+            .group_by(ServiceLogLine.replica_id)
+        )
+        trimmed = trimmed.where(tuple_(ServiceLogLine.replica_id, ServiceLogLine.logged_ns).not_in(marks))
+    session.execute(trimmed)
 
 
-def _end_operation(session: Session, service_id: uuid.UUID, state: OperationState, error: str | None) -> None:
+def _end_operation(session: Session, operation_id: uuid.UUID | None, state: OperationState, error: str | None) -> None:
+    """End the one operation a verdict is about, if it is still running (None: a row from
+    before operations were recorded has none). Never the service's other operations: an
+    older change's is not this verdict's to end."""
+    if operation_id is None:
+        return
     session.execute(
         update(ServiceOperation)
-        .where(ServiceOperation.service_id == service_id, ServiceOperation.state == OperationState.RUNNING)
+        .where(ServiceOperation.id == operation_id, ServiceOperation.state == OperationState.RUNNING)
         .values(state=state, error=error, ended_at=utcnow())
         .execution_options(synchronize_session=False)
     )

@@ -287,6 +287,46 @@ def test_a_delete_ends_its_operation_then_the_row(db: Session, created: Service)
     assert ended is OperationState.SUCCEEDED
 
 
+def test_a_verdict_ends_only_the_operation_of_the_change_it_judged(db: Session, created: Service) -> None:
+    """Two operations running at once (a PATCH is refused while one runs, but a verdict must not
+    count on it): the pass's verdict ends the newest, the change its spec is, and no other."""
+    older = _operation(db, created)
+    older.created_at = utcnow() - timedelta(seconds=5)
+    newer = ServiceOperation(
+        account_id=created.account_id, service_id=created.id, kind="Update", state=OperationState.RUNNING
+    )
+    db.add(newer)
+    db.flush()
+    lease = claim(db, created.id, owner="w")
+    assert lease is not None
+    spec = read_spec(db, lease)
+    assert spec is not None
+    replicas = [_replica(n=n) for n in range(spec.replicas)]
+    assert record(db, lease, spec, _decide(spec, replicas), replicas, now=utcnow(), scoring_url=SCORING_URL)
+    db.refresh(older)
+    db.refresh(newer)
+    assert newer.state is OperationState.SUCCEEDED
+    assert (older.state, older.ended_at) == (OperationState.RUNNING, None)
+
+
+def test_a_delete_during_a_change_fails_that_change_and_ends_only_the_delete(db: Session, created: Service) -> None:
+    create = _operation(db, created)
+    create.created_at = utcnow() - timedelta(seconds=5)
+    db.flush()
+    delete = request_delete(db, created, scoring_url=SCORING_URL)  # still Transitioning: the create never lands
+    db.refresh(create)
+    assert (create.state, create.error) == (
+        OperationState.FAILED,
+        "the service was deleted before this change was applied",
+    )
+    lease = claim(db, created.id, owner="w")
+    assert lease is not None
+    assert finish_delete(db, lease)
+    db.refresh(create)
+    assert db.scalar(select(ServiceOperation.state).where(ServiceOperation.id == delete.id)) is OperationState.SUCCEEDED
+    assert create.state is OperationState.FAILED  # not made a success by the delete's end
+
+
 def test_a_failure_seen_again_on_a_failed_service_waits_for_a_change(db: Session, created: Service) -> None:
     created.state = ServiceState.FAILED
     db.flush()

@@ -1,5 +1,6 @@
 """The ``kubernetes`` target: a service as the objects of workers/deploy/kubernetes.py in a
-tenant's cluster, applied with server-side apply (field manager ``mms``) on every pass.
+tenant's cluster, applied with server-side apply (field manager ``mms``) when the cluster does
+not hold them as described.
 
 Connecting: the tenant's kubeconfig passes the service's policy and the worker's address check
 (workers/deploy/kubeconfig.py) each time a pass connects, and the client then connects to the
@@ -16,10 +17,13 @@ and all of a pass's within ``_PASS_SECONDS`` (a server that sends a byte now and
 trips a read timeout; past the deadline its connections are shut down), so no cluster holds a
 deploy thread, which every tenant's passes share, for long.
 
-Applying: every pass applies the objects its spec describes, so a scale, an image swap (a new
-generation: the pods' template changes), a roll back and a resize are one re-apply each, and
-the Deployment's rolling update (maxSurge 1, maxUnavailable 0) does the rollout: the old pods
-serve until new ones are ready. An autoscaled Deployment carries no count (the HPA's).
+Applying: a pass applies each object its spec describes that is missing, whose
+``org.mms.applied`` annotation is not the digest of the description, or whose spec another
+manager changed (its ``managedFields``); the others it only reads (a settled service's passes,
+every 10 s, write nothing). So a scale, an image swap (a new generation: the pods' template
+changes), a roll back and a resize are one re-apply each, and the Deployment's rolling update
+(maxSurge 1, maxUnavailable 0) does the rollout: the old pods serve until new ones are ready.
+An autoscaled Deployment carries no count (the HPA's).
 
 Observing: the Deployment (its ProgressDeadlineExceeded condition, the count the HPA gave it)
 and its pods, by the service's label, in the target's namespace only. A pod is a replica,
@@ -41,6 +45,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import hashlib
 import ipaddress
 import json
 import logging
@@ -85,11 +90,17 @@ from workers.deploy.local import (
 from workers.fetcher import FetchError, Resolver, check_url
 from workers.smoke_test import last_error_line
 
-__all__ = ["CONTAINER", "FIELD_MANAGER", "KubernetesDriver", "describe"]
+__all__ = ["APPLIED_ANNOTATION", "CONTAINER", "FIELD_MANAGER", "KubernetesDriver", "describe"]
 
 log = logging.getLogger("mms.deploy.kubernetes")
 
 FIELD_MANAGER = "mms"
+# On each applied object: the digest of the object as described (without this annotation), so
+# a pass tells whether the cluster holds what the spec describes without applying it again.
+APPLIED_ANNOTATION = "org.mms.applied"
+# The parts of an object whose change by another manager is drift (a Deployment's annotations
+# are its controller's to write, its count through the scale subresource the HPA's).
+_DESCRIBED_FIELDS = frozenset({"f:spec", "f:data", "f:stringData", "f:type"})
 CONTAINER = "scoring"  # the one container of a replica (workers/deploy/kubernetes.py)
 _MANAGED = f"app.kubernetes.io/managed-by={MANAGED_BY}"
 _APPLY = "application/apply-patch+yaml"
@@ -198,6 +209,8 @@ class KubernetesDriver:
         port = parts.port or 443
         self._where = f"{host}:{port}"  # for messages: no userinfo, no path
         self.scaled_to: int | None = None  # the Deployment's count, as the HPA set it (observe)
+        # What ``apply`` read or applied, for the pass's ``observe`` and ``endpoint`` to use once.
+        self._fresh: dict[tuple[str, str], Mapping[str, Any]] = {}
         self._ends = time.monotonic() + _PASS_SECONDS
         self._connections = _Connections()
         self._folder = tempfile.TemporaryDirectory(prefix="mms-kube-")
@@ -268,36 +281,56 @@ class KubernetesDriver:
 
     # -- what a pass does ----------------------------------------------------------------------
 
-    def apply(self, spec: Spec) -> None:
-        """Apply the objects ``spec`` describes (server-side apply, idempotent: what did not
-        change changes nothing); an autoscaler no longer asked for goes."""
+    def apply(self, spec: Spec) -> list[str]:
+        """Apply those of the objects ``spec`` describes that the cluster does not hold as
+        described (server-side apply); their kinds. An object is applied when it is missing,
+        when its ``APPLIED_ANNOTATION`` is not the digest of what is described now (the spec
+        changed, or someone replaced it), or when another manager changed its spec; otherwise
+        it is only read: a settled service's pass writes nothing. An autoscaler no longer asked
+        for goes."""
         try:
             objects = build_objects(describe(spec, namespace=self._namespace, tmp_mb=self._tmp_mb))
         except ServiceSpecError as exc:
             raise TargetRefused(f"the service cannot run on a kubernetes target: {exc}") from None
+        applied: list[str] = []
         for obj in objects.in_apply_order():
             body = self._api.sanitize_for_serialization(obj)
-            patch = self._method(body["kind"], "patch")
-            self._call(
-                patch,
-                body["metadata"]["name"],
+            kind, name = body["kind"], body["metadata"]["name"]
+            digest = _digest(body)
+            body["metadata"].setdefault("annotations", {})[APPLIED_ANNOTATION] = digest
+            held = self._read(kind, name)
+            if held is not None and _as_applied(held, digest):
+                self._fresh[(kind, name)] = held
+                continue
+            answer = self._json(
+                self._method(kind, "patch"),
+                name,
                 self._namespace,
                 body,
                 field_manager=FIELD_MANAGER,
                 force=True,  # these objects are this service's alone: its apply wins
                 _content_type=_APPLY,
             )
-        if objects.autoscaler is None:
-            self._delete("HorizontalPodAutoscaler", objects.deployment.metadata.name)
-        log.info(
-            "deploy.applied",
-            extra={"service": str(spec.id), "generation": spec.generation, "namespace": self._namespace},
-        )
+            self._fresh[(kind, name)] = _mapping(answer)
+            applied.append(kind)
+        hpa = objects.deployment.metadata.name
+        if objects.autoscaler is None and self._read("HorizontalPodAutoscaler", hpa) is not None:
+            self._delete("HorizontalPodAutoscaler", hpa)
+        if applied:
+            log.info(
+                "deploy.applied",
+                extra={
+                    "service": str(spec.id),
+                    "generation": spec.generation,
+                    "namespace": self._namespace,
+                    "kinds": applied,
+                },
+            )
+        return applied
 
     def observe(self, spec: Spec) -> tuple[list[Replica], Failure | None]:
         """The service's pods as replicas; and, when the desired generation will not start, why."""
-        name = self._name(spec)
-        deployment = _mapping(self._json(self._method("Deployment", "read"), name, self._namespace, missing=(404,)))
+        deployment = self._read("Deployment", self._name(spec), fresh=True) or {}
         scaled = _mapping(deployment.get("spec")).get("replicas")
         self.scaled_to = scaled if isinstance(scaled, int) and not isinstance(scaled, bool) else None
         pods = [_mapping(p) for p in _list(self._list("Pod", _selector(spec.id)))]
@@ -318,9 +351,7 @@ class KubernetesDriver:
     def endpoint(self, spec: Spec) -> str | None:
         """``address:port`` of the service's Service, as the cluster reports it (None before it
         has one): reachable from inside the cluster only."""
-        service = _mapping(
-            self._json(self._method("Service", "read"), self._name(spec), self._namespace, missing=(404,))
-        )
+        service = self._read("Service", self._name(spec), fresh=True) or {}
         address = _mapping(service.get("spec")).get("clusterIP")
         try:
             ip = ipaddress.ip_address(address) if isinstance(address, str) else None
@@ -400,6 +431,14 @@ class KubernetesDriver:
             return object_name(describe(spec, namespace=self._namespace, tmp_mb=self._tmp_mb))
         except ServiceSpecError as exc:
             raise TargetRefused(f"the service cannot run on a kubernetes target: {exc}") from None
+
+    def _read(self, kind: str, name: str, *, fresh: bool = False) -> Mapping[str, Any] | None:
+        """The object as the cluster holds it; None when it has none. ``fresh``: as this pass's
+        ``apply`` read or applied it a moment ago, if it did (once: not read twice a pass)."""
+        if fresh and (held := self._fresh.pop((kind, name), None)) is not None:
+            return held
+        found = self._json(self._method(kind, "read"), name, self._namespace, missing=(404,))
+        return None if found is None else _mapping(found)
 
     def _method(self, kind: str, verb: str) -> Callable[..., Any]:
         api, suffix = _KINDS[kind]
@@ -599,6 +638,27 @@ class _BoundedErrors:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._pool_manager, name)
+
+
+def _digest(body: Mapping[str, Any]) -> str:
+    """The digest of an object as described: the same for the same spec, in every process."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _as_applied(held: Mapping[str, Any], digest: str) -> bool:
+    """Does the cluster hold the object as last applied from a description of ``digest``: its
+    annotation says so, and no other manager has changed its described fields since (an
+    ``Update`` of its own, not through a subresource: a status, the HPA's scale)?"""
+    metadata = _mapping(held.get("metadata"))
+    if _mapping(metadata.get("annotations")).get(APPLIED_ANNOTATION) != digest:
+        return False
+    for entry in _list(metadata.get("managedFields")):
+        entry = _mapping(entry)
+        if entry.get("manager") == FIELD_MANAGER or entry.get("subresource") or entry.get("operation") != "Update":
+            continue
+        if _DESCRIBED_FIELDS & set(_mapping(entry.get("fieldsV1"))):
+            return False
+    return True
 
 
 def _selector(service_id: uuid.UUID | str) -> str:

@@ -169,8 +169,9 @@ def _pass(context: ServiceContext, lease: Lease) -> None:
 
 
 def _kubernetes_pass(context: ServiceContext, lease: Lease, spec: Spec) -> None:
-    """One pass over a service on a tenant's cluster. Every pass applies what the spec
-    describes (a scale, an image swap, a roll back: the Deployment rolls out); the pods the
+    """One pass over a service on a tenant's cluster. A pass applies what the spec describes
+    where the cluster does not hold it so (a scale, an image swap, a roll back: the Deployment
+    rolls out; an object deleted or edited underneath); the pods the
     cluster runs are the replicas ``decide`` judges, and nothing is started or removed one by
     one: the Deployment's controller owns its pods. The gateway routes to none of them."""
     settings = context.settings

@@ -263,6 +263,17 @@ class FakeKubeApi:
         if existing is None or existing.get("spec") != self._spec_as_applied(resource, body, existing):
             generation += 1
         stored["metadata"]["generation"] = generation
+        # The apply's manager owns what it sent; force=true takes the fields another manager had
+        # changed back from it (here: that manager's entry goes, as if it changed only those).
+        stored["metadata"]["managedFields"] = [
+            {
+                "manager": "mms",
+                "operation": "Apply",
+                "apiVersion": api_version,
+                "fieldsType": "FieldsV1",
+                "fieldsV1": {f"f:{key}": {} for key in body if key not in ("apiVersion", "kind")},
+            }
+        ]
         if resource == "deployments":
             # Server-side apply: a count no manager applies is kept (the HPA's), 1 at first.
             stored["spec"].setdefault("replicas", (existing or {}).get("spec", {}).get("replicas", 1))
@@ -381,6 +392,35 @@ class FakeKubeApi:
                 observedGeneration=deployment["metadata"]["generation"],
             )
             return names
+
+    def edit(
+        self,
+        resource: str,
+        change: Callable[[dict[str, Any]], None],
+        *,
+        manager: str = "kubectl-edit",
+        fields: tuple[str, ...] = ("f:spec",),
+        subresource: str | None = None,
+        namespace: str = "tenant-a",
+    ) -> None:
+        """Someone else's update of the one object of ``resource``: ``change`` made to it, and
+        the fields it touched owned by ``manager`` (as ``kubectl edit`` or a controller would)."""
+        with self._lock:
+            [key] = [k for k in self.objects if k[0] == resource and k[1] == namespace]
+            obj = self.objects[key]
+            change(obj)
+            entry: dict[str, Any] = {
+                "manager": manager,
+                "operation": "Update",
+                "apiVersion": obj["apiVersion"],
+                "fieldsType": "FieldsV1",
+                "fieldsV1": {field: {} for field in fields},
+            }
+            if subresource:
+                entry["subresource"] = subresource
+            obj["metadata"].setdefault("managedFields", []).append(entry)
+            if "f:spec" in fields and not subresource:
+                obj["metadata"]["generation"] = obj["metadata"].get("generation", 0) + 1
 
     def set_status(self, *, namespace: str = "tenant-a", conditions: list | None = None, **counts: int) -> None:
         with self._lock:

@@ -146,9 +146,10 @@ def test_a_cluster_address_that_is_no_unicast_address_is_no_endpoint(fake: FakeK
     spec = _spec()
     with _driver(fake) as driver:
         driver.apply(spec)
-        [service] = fake.stored("services")
-        key = ("services", "tenant-a", service["metadata"]["name"])
-        fake.objects[key]["spec"]["clusterIP"] = cluster_ip
+    [service] = fake.stored("services")
+    key = ("services", "tenant-a", service["metadata"]["name"])
+    fake.objects[key]["spec"]["clusterIP"] = cluster_ip
+    with _driver(fake) as driver:  # the next pass: it reads the Service the cluster holds now
         assert driver.endpoint(spec) is None
         fake.objects[key]["spec"]["clusterIP"] = "fd00:10:96::1a"
         assert driver.endpoint(spec) == "[fd00:10:96::1a]:5001"

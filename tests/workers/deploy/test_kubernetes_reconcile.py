@@ -21,6 +21,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.context import ServiceContext
+from app.deployments import reconciler
 from app.orm import Event
 from tests.api.test_manifests import seed_manifest
 from tests.api.test_services import built_image
@@ -372,3 +373,82 @@ def test_a_new_cluster_address_of_a_healthy_service_is_an_event(
         select(Event.payload).where(Event.subject_id == uuid.UUID(service.id)).order_by(Event.id.desc()).limit(1)
     ).one()
     assert json.loads(last)["service"]["scoringUri"] == shown["scoringUri"]
+
+
+def test_a_quiet_replicas_lines_trimmed_behind_a_chatty_ones_are_not_copied_again(
+    service: Service, fake: FakeKubeApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stored log keeps the newest lines of the service; a pass copies what each replica
+    printed after its newest stored line. A quiet replica whose lines were all trimmed away
+    must not have its tail copied again (it would show once more, after newer lines)."""
+    monkeypatch.setattr(reconciler, "KEPT_LOG_LINES", 10)
+    service.reconcile()
+    quiet, chatty = fake.run_pods(2)
+    fake.logs[quiet] = ["2026-12-04T10:00:01Z quiet: loaded", "2026-12-04T10:00:02Z quiet: ready"]
+    fake.logs[chatty] = ["2026-12-04T10:00:01Z chatty: loaded"]
+    service.reconcile()
+    fake.logs[chatty] += [f"2026-12-04T10:01:{n:02d}Z chatty: request {n}" for n in range(20)]
+    service.reconcile()  # the quiet replica's lines are trimmed
+    assert "chatty: request 19" in service.logs() and "quiet: loaded" not in service.logs()
+    shown = service.logs()
+    service.reconcile()  # nobody printed anything since
+    assert service.logs() == shown
+    assert shown.count("quiet: ready") <= 1
+
+
+def _writes(fake: FakeKubeApi) -> list[tuple[str, str]]:
+    """(method, resource) of every request since the last clear that was not a read."""
+    return [(seen.method, seen.path.split("/")[-2]) for seen in fake.seen if seen.method != "GET"]
+
+
+def test_a_settled_service_is_only_read_until_an_object_is_missing_drifted_or_changed(
+    service: Service, fake: FakeKubeApi, images: list[str]
+) -> None:
+    _healthy(service, fake)
+    fake.seen.clear()
+    for _ in range(3):
+        assert service.reconcile()["state"] == "Healthy"
+    assert _writes(fake) == []  # three passes, nothing applied or deleted
+    reads = len(fake.seen)
+    fake.seen.clear()
+    service.reconcile()
+    assert len(fake.seen) == reads / 3  # each pass the same few reads
+
+    # Deleted underneath: that object alone is applied again.
+    [policy] = fake.stored("networkpolicies")
+    del fake.objects[("networkpolicies", "tenant-a", policy["metadata"]["name"])]
+    fake.seen.clear()
+    service.reconcile()
+    assert _writes(fake) == [("PATCH", "networkpolicies")]
+    assert fake.stored("networkpolicies")[0]["spec"] == policy["spec"]
+
+    # Its spec changed by someone else (kubectl edit): applied back.
+    def swap_image(deployment: dict) -> None:
+        deployment["spec"]["template"]["spec"]["containers"][0]["image"] = "elsewhere.example/evil@sha256:" + "e" * 64
+
+    image = fake.deployment()["spec"]["template"]["spec"]["containers"][0]["image"]
+    fake.edit("deployments", swap_image)
+    fake.seen.clear()
+    service.reconcile()
+    assert _writes(fake) == [("PATCH", "deployments")]
+    assert fake.deployment()["spec"]["template"]["spec"]["containers"][0]["image"] == image
+    # ... but not what the cluster's own controllers write: a count through the scale subresource.
+    fake.edit("deployments", lambda d: None, manager="kube-controller-manager", subresource="scale")
+    fake.edit("deployments", lambda d: None, manager="kube-controller-manager", fields=("f:metadata",))
+    fake.seen.clear()
+    service.reconcile()
+    assert _writes(fake) == []
+
+    # A change of the tenant's: applied on the next pass.
+    service.patch(numReplicas=3)
+    fake.seen.clear()
+    service.reconcile()
+    assert _writes(fake) == [("PATCH", "deployments")]
+    assert fake.deployment()["spec"]["replicas"] == 3
+    fake.run_pods(3)
+    assert service.reconcile()["state"] == "Healthy"
+    service.patch(imageId=images[1])
+    fake.seen.clear()
+    service.reconcile()
+    assert _writes(fake) == [("PATCH", "deployments")]
+    assert _template(fake)["org.mms.image"] == images[1]
