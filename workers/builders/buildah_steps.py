@@ -158,6 +158,9 @@ for i, arg in enumerate(args[:-1]):
         os.chown(rootfs, POLICY["root_id"], POLICY["root_id"], follow_symlinks=False)
         with open(path, "w") as f:
             json.dump(config, f)
+# The step's cgroups are made by runc and read by its init already in the user namespace: the
+# modes cgroups have, whatever the worker's umask (077 in a build worker).
+os.umask(0o022)
 os.execv(POLICY["runtime"], [POLICY["runtime"], *args])
 """
 
@@ -247,7 +250,11 @@ class _Buildah:
             "TMPDIR": str(root / "tmp"),
         }
         (root / "xdg").mkdir(exist_ok=True)
-        (root / "tmp").mkdir(exist_ok=True)
+        # Buildah mounts each step's root under its TMPDIR, and the runtime, already the step's
+        # root in its user namespace, must pass through it: traversable whatever the worker's
+        # umask (077 in a build worker), not listable.
+        (root / "tmp").mkdir(mode=0o711, exist_ok=True)
+        (root / "tmp").chmod(0o711)
         self.written_before = 0  # what the finished steps wrote
         self.run_seconds = 0.0  # how long the finished steps ran
 
@@ -550,6 +557,7 @@ class _Cgroup:
                 (_CGROUP / "cgroup.subtree_control").write_text("+memory +pids +cpu")
                 folder = self._dir("")
                 folder.mkdir()
+                folder.chmod(0o755)  # searchable by the step's runtime in its user namespace
                 (folder / "memory.max").write_text(memory)
                 with suppress(OSError):  # no swap accounting: no swap to use either
                     (folder / "memory.swap.max").write_text("0")
@@ -558,6 +566,7 @@ class _Cgroup:
             for controller in _CONTROLLERS_V1:
                 if (_CGROUP / controller).is_dir():
                     self._dir(controller).mkdir(exist_ok=True)
+                    self._dir(controller).chmod(0o755)
             (self._dir("memory") / "memory.limit_in_bytes").write_text(memory)
             with suppress(OSError):  # only where the kernel accounts swap
                 (self._dir("memory") / "memory.memsw.limit_in_bytes").write_text(memory)

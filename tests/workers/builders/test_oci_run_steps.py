@@ -13,6 +13,7 @@ import base64
 import gzip
 import io
 import json
+import os
 import shutil
 import socket
 import tarfile
@@ -48,6 +49,17 @@ def run(data):
     return {"marker": marker, "data": data}
 """
 PLAIN = "def init():\n    pass\n\ndef run(data):\n    return data\n"
+
+
+@pytest.fixture(autouse=True)
+def worker_umask() -> Iterator[None]:
+    """The umask a build worker runs with (077, SECURITY.md): the steps' runtime passes through
+    folders and cgroups made under it."""
+    before = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(before)
 
 
 def _build(
