@@ -64,6 +64,10 @@ _BUILDAH_RUNTIME_ERROR = "Error: while running runtime"
 _OUTPUT_TAIL = 40  # lines of a failed step's output kept to explain it
 _MAX_LINE = 2000
 _RUNTIMES = ("runc", "crun")
+# A file capability in a tar (the security.capability xattr: a le32 magic whose top byte is
+# the revision, two (permitted, inheritable) pairs, and in v3 the namespace root's host uid).
+_CAPABILITY_XATTR = "SCHILY.xattr.security.capability"
+_VFS_CAP_V2_SIZE, _VFS_CAP_V3_SIZE = 20, 24
 _NAMESPACES = ("pid", "network", "ipc", "uts", "mount", "user")
 # What a step's root may do inside its user namespace: what package installs need (files'
 # owners and modes, setuid/setgid to drop to a user, kill its own processes) and no more.
@@ -145,8 +149,18 @@ for i, arg in enumerate(args[:-1]):
             caps[kind] = [c for c in caps.get(kind) or [] if c in POLICY["capabilities"]]
         # Under the build's cgroup, which holds the limits (a hit is counted there, by the kernel).
         linux["cgroupsPath"] = POLICY["cgroup"] + "/" + os.path.basename(os.path.normpath(args[i + 1]))
+        # The container's root folder (its own layer's root, just mounted by buildah) is the
+        # step's root's, as "/" is root's on the docker builder: containers/storage makes it the
+        # host's root at every mount, an owner outside the namespace, so "/" took no new entry.
+        rootfs = os.path.realpath(os.path.join(args[i + 1], (config.get("root") or {{}}).get("path") or "rootfs"))
+        if not rootfs.startswith(POLICY["scratch"] + "/"):
+            sys.exit(f"mms: refused: the step's root folder {{rootfs}} is not in the build's scratch folder")
+        os.chown(rootfs, POLICY["root_id"], POLICY["root_id"], follow_symlinks=False)
         with open(path, "w") as f:
             json.dump(config, f)
+# The step's cgroups are made by runc and read by its init already in the user namespace: the
+# modes cgroups have, whatever the worker's umask (077 in a build worker).
+os.umask(0o022)
 os.execv(POLICY["runtime"], [POLICY["runtime"], *args])
 """
 
@@ -236,7 +250,11 @@ class _Buildah:
             "TMPDIR": str(root / "tmp"),
         }
         (root / "xdg").mkdir(exist_ok=True)
-        (root / "tmp").mkdir(exist_ok=True)
+        # Buildah mounts each step's root under its TMPDIR, and the runtime, already the step's
+        # root in its user namespace, must pass through it: traversable whatever the worker's
+        # umask (077 in a build worker), not listable.
+        (root / "tmp").mkdir(mode=0o711, exist_ok=True)
+        (root / "tmp").chmod(0o711)
         self.written_before = 0  # what the finished steps wrote
         self.run_seconds = 0.0  # how long the finished steps ran
 
@@ -249,6 +267,8 @@ class _Buildah:
             "refused_calls": _REFUSED_CALLS,
             "namespace_flags": _NAMESPACE_FLAGS,
             "cgroup": group.parent,
+            "scratch": os.path.realpath(self.root),
+            "root_id": self.host_id,
         }
         path = self.root / "runtime"
         path.write_text(f"#!{sys.executable} -I\n" + _RUNTIME_WRAPPER.format(policy=json.dumps(policy)))
@@ -306,14 +326,10 @@ class _Buildah:
             self._from(name, link, group)
         finally:
             link.unlink()
-        # The container's own layer is the root of its file system: its owner is the step's
-        # root (the host's root otherwise, whom the step's root cannot write over), and its
-        # mode a root folder's.
-        merged = Path(self._call("mount", name))
-        upper = merged.parent / "diff"
-        os.chown(upper, self.host_id, self.host_id)
-        upper.chmod(0o755)
-        self._call("umount", name)  # mounted again for each step, with the root as now
+        # Mounted once so that the container records where its own layer is (the disk limit
+        # reads it from the first step on); each step mounts it again.
+        self._call("mount", name)
+        self._call("umount", name)
         self.emit(f"mms: buildah took the image for the RUN steps in {time.monotonic() - started:.1f} s")
         return name
 
@@ -432,12 +448,14 @@ class _Buildah:
         return NewLayer(dest, f"sha256:{digest.hexdigest()}", dest.stat().st_size, f"sha256:{tar_digest.hexdigest()}")
 
     def _unmapped(self, source: Path, out: _Hashing) -> None:
-        """Copy the steps' tar with its owners as the step saw them (buildah 1.28 writes the
-        host's ids of the user namespace): root inside is root in the image."""
+        """Copy the steps' tar with its owners and file capabilities as the step saw them
+        (buildah 1.28 writes the host's ids of the user namespace): root inside is root in
+        the image."""
 
         def inside(host: int) -> int:
             return host - self.host_id if self.host_id <= host < self.host_id + _ID_RANGE else 65534
 
+        with_capabilities: list[str] = []
         with (
             tarfile.open(source, "r:") as tar_in,
             tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar_out,
@@ -445,9 +463,23 @@ class _Buildah:
             for member in tar_in:
                 member.uid, member.gid = inside(member.uid), inside(member.gid)
                 member.uname = member.gname = ""
-                for key in ("uid", "gid", "uname", "gname"):
+                for key in ("uid", "gid", "uname", "gname", "hdrcharset"):  # tarfile sets hdrcharset
                     member.pax_headers.pop(key, None)
+                raw = member.pax_headers.pop(_CAPABILITY_XATTR, None)
+                if raw is not None:
+                    capability = _capability_as_seen_inside(raw.encode("utf-8", "surrogateescape"), self.host_id)
+                    if capability is not None:
+                        member.pax_headers[_CAPABILITY_XATTR] = capability.decode("utf-8", "surrogateescape")
+                    with_capabilities.append(f"/{member.name}" + ("" if capability else " (dropped)"))
                 tar_out.addfile(member, tar_in.extractfile(member) if member.isreg() else None)
+        if with_capabilities:
+            self.emit(
+                "mms: the RUN steps set file capabilities (setcap) on "
+                + ", ".join(with_capabilities[:20])
+                + (" …" if len(with_capabilities) > 20 else "")
+                + ": kept as the step saw them (as on the docker builder); they are not gained where the image "
+                "runs with no new privileges, as the smoke test runs it"
+            )
 
     def remove_all(self) -> None:
         with suppress(BuildFailed, subprocess.TimeoutExpired):
@@ -468,6 +500,19 @@ class _Hashing:
 
     def flush(self) -> None:
         self.raw.flush()
+
+
+def _capability_as_seen_inside(value: bytes, host_id: int) -> bytes | None:
+    """A file capability a step set, as the step read it back: the kernel writes a step's
+    ``setcap`` as a v3 capability naming the namespace's root by its host id, which no
+    runtime elsewhere matches (the capability would silently not apply), and shows it to the
+    step as v2, root-wide, the form the docker builder's steps write. None: not the step's
+    root's (dropped)."""
+    if len(value) == _VFS_CAP_V2_SIZE and value[3] == 2:
+        return value
+    if len(value) == _VFS_CAP_V3_SIZE and value[3] == 3 and int.from_bytes(value[20:24], "little") == host_id:
+        return value[:3] + b"\x02" + value[4:20]
+    return None
 
 
 def _file_digest(path: Path) -> str:
@@ -512,6 +557,7 @@ class _Cgroup:
                 (_CGROUP / "cgroup.subtree_control").write_text("+memory +pids +cpu")
                 folder = self._dir("")
                 folder.mkdir()
+                folder.chmod(0o755)  # searchable by the step's runtime in its user namespace
                 (folder / "memory.max").write_text(memory)
                 with suppress(OSError):  # no swap accounting: no swap to use either
                     (folder / "memory.swap.max").write_text("0")
@@ -520,6 +566,7 @@ class _Cgroup:
             for controller in _CONTROLLERS_V1:
                 if (_CGROUP / controller).is_dir():
                     self._dir(controller).mkdir(exist_ok=True)
+                    self._dir(controller).chmod(0o755)
             (self._dir("memory") / "memory.limit_in_bytes").write_text(memory)
             with suppress(OSError):  # only where the kernel accounts swap
                 (self._dir("memory") / "memory.memsw.limit_in_bytes").write_text(memory)

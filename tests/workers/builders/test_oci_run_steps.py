@@ -13,6 +13,7 @@ import base64
 import gzip
 import io
 import json
+import os
 import shutil
 import socket
 import tarfile
@@ -26,7 +27,7 @@ import httpx
 import pytest
 
 from app.image_store.oci_layout import OciLayout
-from tests.infra import Infra
+from tests.infra import TEST_LABEL, Infra
 from tests.workers.builders.test_docker_builder import serving
 from workers.build_context import BuildSpec
 from workers.builders import BuildFailed, BuildResult
@@ -48,6 +49,17 @@ def run(data):
     return {"marker": marker, "data": data}
 """
 PLAIN = "def init():\n    pass\n\ndef run(data):\n    return data\n"
+
+
+@pytest.fixture(autouse=True)
+def worker_umask() -> Iterator[None]:
+    """The umask a build worker runs with (077, SECURITY.md): the steps' runtime passes through
+    folders and cgroups made under it."""
+    before = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(before)
 
 
 def _build(
@@ -96,6 +108,9 @@ def test_a_run_step_is_in_the_image_which_runs_as_its_user_and_scores(
         'RUN echo "$GREETING-$STAMP" > /opt/marker && mkdir -p /opt/tool && echo x > /opt/tool/data\n'
         "LABEL team=ml\n"
         'RUN ["sh", "-c", "echo second=$(cat /opt/marker)"]\n'
+        # Straight into "/", as on Docker, in one step and again in the next.
+        "RUN mkdir /data && echo x > /data/f && ln -s /data /data-link\n"
+        "RUN echo y >> /data/f && touch /at-the-root\n"
     )
     spec = make_spec(SCORE, models={"m/1/model.bin": b"w"}, extra_dockerfile_steps=steps)
     result = _build(infra, spec, tmp_path, log_lines)
@@ -112,6 +127,8 @@ def test_a_run_step_is_in_the_image_which_runs_as_its_user_and_scores(
     assert run["Labels"]["team"] == "ml"
     marker, data = entries["opt/marker"], entries["opt/tool/data"]
     assert marker[1] == b"hello-7\n" and data[1] == b"x\n"
+    assert entries["data/f"][1] == b"x\ny\n" and entries["data-link"][0].linkname == "/data"
+    assert entries["data"][0].isdir() and entries["at-the-root"][0].isfile()
     # Root in the step is root in the image (not the host ids of its user namespace).
     assert {(m.uid, m.gid) for m, _ in entries.values()} == {(0, 0)}
 
@@ -127,6 +144,52 @@ def test_a_run_step_is_in_the_image_which_runs_as_its_user_and_scores(
         with infra.api() as api:
             seen = api.inspect_image(result.image_location)["Config"]["User"]
         assert seen == "10002:10002"
+
+
+# A copy of cat with CAP_NET_BIND_SERVICE (bit 10) as a file capability, effective: what
+# `setcap cap_net_bind_service+ep` writes (the base has no setcap).
+SETCAP = (
+    "import os, shutil, struct; shutil.copy('/bin/cat', '/opt/capcat'); "
+    "os.setxattr('/opt/capcat', 'security.capability', struct.pack('<5I', 0x02000001, 1 << 10, 0, 0, 0)); "
+    "print('seen=' + os.getxattr('/opt/capcat', 'security.capability').hex())"
+)
+
+
+def test_a_file_capability_set_in_a_step_is_honoured_where_the_image_runs(
+    infra: Infra, make_spec: Callable[..., BuildSpec], tmp_path: Path, log_lines: list[str]
+) -> None:
+    spec = make_spec(PLAIN, extra_dockerfile_steps=f'RUN python3 -c "{SETCAP}"')
+    result = _build(infra, spec, tmp_path, log_lines)
+
+    seen = bytes.fromhex(_said(log_lines, "seen"))  # v2 inside the step's namespace
+    _, _, entries = _image(result.image_location, result.digest)
+    stored = entries["opt/capcat"][0].pax_headers["SCHILY.xattr.security.capability"]
+    assert stored.encode("utf-8", "surrogateescape") == seen  # not v3 with a far host uid as root
+    assert any("file capabilities (setcap) on /opt/capcat" in line for line in log_lines)
+    if not infra.docker_host:
+        return
+    with infra.api() as api:
+        api.pull(result.image_location)
+        infra.local_images.append(result.image_location)
+
+        def effective(**host: object) -> int:
+            cid = api.create_container(
+                result.image_location,
+                command=["/opt/capcat", "/proc/self/status"],
+                entrypoint=[],
+                labels={TEST_LABEL: "1"},
+                host_config=api.create_host_config(network_mode="none", **host),
+            )["Id"]
+            try:
+                api.start(cid)
+                api.wait(cid, timeout=60)
+                status = api.logs(cid).decode()
+            finally:
+                api.remove_container(cid, force=True)
+            return int(next(line for line in status.splitlines() if line.startswith("CapEff:")).split()[1], 16)
+
+        assert effective() == 1 << 10  # the image's user (10002) gains it, as from the docker builder
+        assert effective(security_opt=["no-new-privileges"]) == 0  # as the smoke test runs images
 
 
 def test_a_run_step_is_root_only_in_its_own_user_namespace_with_few_capabilities(
