@@ -75,7 +75,10 @@ def reconcile_service(service_id: str) -> None:
 
 @celery_app.task(name=SWEEP_TASK, ignore_result=True)
 def sweep_services() -> None:
-    """Remove what the engine holds of services that are gone."""
-    from workers.deploy.reconcile import sweep_orphans
+    """Remove what the engines and the deleted accounts' clusters hold of services that are gone."""
+    from workers.deploy.reconcile import clean_up_deleted_accounts, sweep_orphans
 
-    sweep_orphans(worker_context())
+    try:
+        sweep_orphans(worker_context())
+    finally:  # an engine away does not hold up the clusters
+        clean_up_deleted_accounts(worker_context())

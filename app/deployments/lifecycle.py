@@ -9,6 +9,7 @@ from sqlalchemy import case, select, update
 from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.orm import Session
 
+from app.deployments.cluster_cleanup import queue_account_cleanups
 from app.deployments.states import OperationKind, OperationState, ServiceState
 from app.deployments.transitions import Transition, create, move
 from app.errors import Conflict, NotFound
@@ -103,7 +104,9 @@ def _end_superseded(session: Session, service: Service) -> None:
 
 def delete_account_services(session: Session, account_id: uuid.UUID) -> None:
     """Forget every service of an account that is going (the reconciler's orphan sweep
-    removes what the orchestrator still runs for them)."""
+    removes what the orchestrator still runs for them; a kubernetes service's objects are
+    removed from its cluster through the row left for it, app.deployments.cluster_cleanup)."""
+    queue_account_cleanups(session, account_id)
     move(session, Transition.DELETE_WITH_ACCOUNT, Service.account_id == account_id, to=None)
 
 

@@ -11,7 +11,15 @@ from app.orm.image import BuildLogChunk, Image, ImageName
 from app.orm.manifest import Manifest, ManifestAsset, ManifestModel, ManifestName
 from app.orm.principal import RoleAssignment, ServicePrincipal
 from app.orm.registered_model import ModelTag, ModelVersion, RegisteredModel
-from app.orm.service import Compute, Installation, Service, ServiceLogLine, ServiceOperation, ServiceReplica
+from app.orm.service import (
+    ClusterCleanup,
+    Compute,
+    Installation,
+    Service,
+    ServiceLogLine,
+    ServiceOperation,
+    ServiceReplica,
+)
 from app.orm.signing_key import SigningKey
 from app.orm.webhook import DeliveryState, Webhook, WebhookDelivery
 
@@ -22,6 +30,7 @@ __all__ = [
     "BaseImage",
     "BuildDurationBucket",
     "BuildLogChunk",
+    "ClusterCleanup",
     "Compute",
     "DeliveryState",
     "Event",

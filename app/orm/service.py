@@ -190,3 +190,21 @@ class Installation(Base):
     # Where the id was made or last adopted (app.deployments.installation): a copy of the
     # database is told apart by it.
     database_identity: Mapped[str | None] = mapped_column(String(200))
+
+
+class ClusterCleanup(UuidPrimaryKey, CreatedAt, Base):
+    """What a deleted account's service left on its kubernetes cluster, still to remove: the
+    account's computes go with it, so the target's kubeconfig is kept here (sealed, as on the
+    compute) until the deploy worker's sweep has deleted the service's objects by label, or
+    has given up (workers/deploy/cluster_cleanup.py)."""
+
+    __tablename__ = "cluster_cleanups"
+
+    service_id: Mapped[uuid.UUID] = mapped_column(Uuid)  # no foreign key: the service is gone
+    namespace: Mapped[str] = mapped_column(String(63))
+    # The compute's sealed credentials as they were ({"kubeconfig": ...}, app.sealing); never shown.
+    sealed_credentials: Mapped[str] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Also the claim of a sweep at work on it: pushed past the sweep's lease while it runs.
+    next_attempt_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, index=True)
+    last_error: Mapped[str | None] = mapped_column(Text)  # the driver's message: no credential in it

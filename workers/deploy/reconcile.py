@@ -32,6 +32,7 @@ from app.orm import Compute, Service
 from app.orm.base import utcnow
 from app.sealing import UnsealError
 from app.services.computes import SWARM
+from workers.deploy.cluster_cleanup import clean_up_clusters
 from workers.deploy.kubeconfig import kubeconfig_policy
 from workers.deploy.local import EngineUnreachable, LocalDriver, TargetRefused, repository_of
 from workers.deploy.local_network import ServiceNetworkError, require_service_firewall
@@ -309,6 +310,15 @@ def sweep_orphans(context: ServiceContext) -> list[uuid.UUID]:
     if orphans:
         log.info("deploy.swept", extra={"services": [str(o) for o in orphans]})
     return orphans
+
+
+def clean_up_deleted_accounts(context: ServiceContext) -> list[uuid.UUID]:
+    """Remove from their clusters the objects of deleted accounts' kubernetes services
+    (workers/deploy/cluster_cleanup.py); the services done with. A copy of the database
+    removes nothing: its rows are the original's too."""
+    if _copied(context):
+        return []
+    return clean_up_clusters(context)
 
 
 def _driver(context: ServiceContext, spec: Spec) -> LocalDriver | SwarmDriver:

@@ -1,0 +1,110 @@
+"""The database half of removing a deleted account's services from its kubernetes clusters:
+the rows an account's delete leaves (one a service, with the target's sealed kubeconfig), and
+how the deploy worker's sweep claims, ends, retries and abandons them
+(workers/deploy/cluster_cleanup.py is the cluster half)."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session
+
+from app.orm import ClusterCleanup, Compute, Service
+
+# Tries, backed off from a minute to an hour each: about a day before a cluster is given up.
+MAX_ATTEMPTS = 30
+FIRST_RETRY_SECONDS = 60.0
+LAST_RETRY_SECONDS = 3600.0
+# A sweep's claim of a row: longer than one try takes (the driver's bound on all its calls).
+CLAIM_SECONDS = 300.0
+_ERROR_CHARS = 1000
+
+
+@dataclass(frozen=True)
+class Cleanup:
+    """A claimed row, as the worker needs it."""
+
+    id: uuid.UUID
+    service_id: uuid.UUID
+    namespace: str
+    sealed_credentials: str = field(repr=False)
+    attempts: int
+    claimed_until: datetime  # the claim: a write by a sweep whose claim was taken over finds nothing
+
+
+def queue_account_cleanups(session: Session, account_id: uuid.UUID) -> int:
+    """For each kubernetes service of an account about to be deleted, a row to remove what it
+    made on its cluster; how many. In the delete's transaction, before its computes go."""
+    rows = session.execute(
+        select(Service.id, Compute.sealed_credentials, Compute.properties)
+        .join(Compute, (Compute.account_id == Service.account_id) & (Compute.name == Service.compute_name))
+        .where(
+            Service.account_id == account_id,
+            Service.compute_type == "kubernetes",
+            Compute.compute_type == "kubernetes",
+            Compute.sealed_credentials.is_not(None),
+        )
+    ).all()
+    for service_id, sealed, properties in rows:
+        namespace = (properties or {}).get("namespace") or "default"
+        session.add(ClusterCleanup(service_id=service_id, namespace=namespace, sealed_credentials=sealed, attempts=0))
+    session.flush()
+    return len(rows)
+
+
+def due_cleanups(session: Session, *, now: datetime, limit: int = 20) -> list[uuid.UUID]:
+    """The rows whose next try is due, oldest first."""
+    query = (
+        select(ClusterCleanup.id)
+        .where(ClusterCleanup.next_attempt_at <= now)
+        .order_by(ClusterCleanup.next_attempt_at)
+        .limit(limit)
+    )
+    return list(session.scalars(query))
+
+
+def claim(session: Session, cleanup_id: uuid.UUID, *, now: datetime) -> Cleanup | None:
+    """The row, its next try pushed past this sweep's claim; None when it is not due (another
+    sweep claimed it, or it is gone). One conditional UPDATE: two sweeps never both win."""
+    until = now + timedelta(seconds=CLAIM_SECONDS)
+    claimed = session.execute(
+        update(ClusterCleanup)
+        .where(ClusterCleanup.id == cleanup_id, ClusterCleanup.next_attempt_at <= now)
+        .values(next_attempt_at=until)
+        .execution_options(synchronize_session=False)
+    )
+    if claimed.rowcount != 1:
+        return None
+    row = session.get(ClusterCleanup, cleanup_id, populate_existing=True)
+    assert row is not None
+    return Cleanup(row.id, row.service_id, row.namespace, row.sealed_credentials, row.attempts, until)
+
+
+def finish(session: Session, cleanup: Cleanup) -> None:
+    """The service's objects are gone from its cluster: the row goes."""
+    session.execute(delete(ClusterCleanup).where(_held(cleanup)).execution_options(synchronize_session=False))
+
+
+def record_failure(session: Session, cleanup: Cleanup, error: str, *, now: datetime) -> bool:
+    """A try that did not finish: the error kept (already free of credentials), the next try
+    backed off; or, past ``MAX_ATTEMPTS``, the row dropped. Whether it was dropped."""
+    attempts = cleanup.attempts + 1
+    if attempts >= MAX_ATTEMPTS:
+        finish(session, cleanup)
+        return True
+    delay = min(LAST_RETRY_SECONDS, FIRST_RETRY_SECONDS * 2 ** (attempts - 1))
+    session.execute(
+        update(ClusterCleanup)
+        .where(_held(cleanup))
+        .values(attempts=attempts, last_error=error[:_ERROR_CHARS], next_attempt_at=now + timedelta(seconds=delay))
+        .execution_options(synchronize_session=False)
+    )
+    return False
+
+
+def _held(cleanup: Cleanup):  # type: ignore[no-untyped-def]
+    # Still this sweep's: its claim not taken over by another sweep after it ran out.
+    return (ClusterCleanup.id == cleanup.id) & (ClusterCleanup.next_attempt_at == cleanup.claimed_until)

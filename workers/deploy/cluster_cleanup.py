@@ -1,0 +1,102 @@
+"""The cluster half of removing a deleted account's kubernetes services: each due row
+(app.deployments.cluster_cleanup) is claimed, its sealed kubeconfig connects the driver as for
+a live service, and the service's objects are deleted by label in its namespace. Done: the row
+goes. Not done (the cluster away, the credentials refused, pods still terminating): the
+driver's message (which never holds a credential) is kept and the next try backed off; after
+the last one the row goes with a ``deploy.cluster_cleanup_abandoned`` line naming the service
+and the cluster's address.
+
+The caller checks that the database is not an unclaimed copy (workers.deploy.reconcile).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from urllib.parse import urlsplit
+
+from app.context import ServiceContext
+from app.database import session_scope
+from app.deployments import cluster_cleanup
+from app.deployments.cluster_cleanup import Cleanup
+from app.deployments.kubeconfig import KubeconfigRefused, check_kubeconfig
+from app.orm.base import utcnow
+from app.sealing import UnsealError
+from workers.deploy.kubeconfig import kubeconfig_policy
+from workers.deploy.local import EngineUnreachable, TargetRefused
+
+log = logging.getLogger("mms.deploy")
+
+
+class _NotYet(Exception):
+    """A try that found the service's pods still terminating."""
+
+
+def clean_up_clusters(context: ServiceContext) -> list[uuid.UUID]:
+    """One try at each due row; the services whose objects are now gone from their clusters."""
+    with session_scope(context.read_session_factory) as session:
+        due = cluster_cleanup.due_cleanups(session, now=utcnow())
+    cleaned: list[uuid.UUID] = []
+    for cleanup_id in due:
+        with session_scope(context.session_factory) as session:
+            cleanup = cluster_cleanup.claim(session, cleanup_id, now=utcnow())
+        if cleanup is not None and _try(context, cleanup):
+            cleaned.append(cleanup.service_id)
+    if cleaned:
+        log.info("deploy.cluster_cleaned", extra={"services": [str(s) for s in cleaned]})
+    return cleaned
+
+
+def _try(context: ServiceContext, cleanup: Cleanup) -> bool:
+    kubeconfig: str | None = None
+    try:
+        kubeconfig = json.loads(context.sealer.unseal(cleanup.sealed_credentials))["kubeconfig"]
+        _remove(context, cleanup, kubeconfig)
+    except (UnsealError, ValueError, KeyError, TypeError):
+        error = "the target's credentials cannot be read (was MMS_SECRET_KEY changed?)"
+    except (EngineUnreachable, TargetRefused) as exc:
+        error = str(exc)  # the driver's: the cluster's address, its messages with credentials cut out
+    except _NotYet:
+        error = "the service's pods are still terminating"
+    except Exception as exc:  # noqa: BLE001 - its text may quote what the cluster sent: its kind only
+        error = f"an unexpected error ({type(exc).__name__})"
+    else:
+        with session_scope(context.session_factory) as session:
+            cluster_cleanup.finish(session, cleanup)
+        return True
+    with session_scope(context.session_factory) as session:
+        dropped = cluster_cleanup.record_failure(session, cleanup, error, now=utcnow())
+    extra = {"service": str(cleanup.service_id), "cluster": _address(kubeconfig), "reason": error}
+    if dropped:
+        log.error("deploy.cluster_cleanup_abandoned", extra=extra | {"attempts": cleanup.attempts + 1})
+    else:
+        log.warning("deploy.cluster_cleanup_failed", extra=extra)
+    return False
+
+
+def _remove(context: ServiceContext, cleanup: Cleanup, kubeconfig: str) -> None:
+    try:
+        from workers.deploy.kubernetes_driver import KubernetesDriver
+    except ImportError as exc:
+        if (exc.name or "").partition(".")[0] != "kubernetes":
+            raise
+        raise TargetRefused("the kubernetes client is not installed on the deploy workers") from None
+    settings = context.settings
+    driver = KubernetesDriver(
+        kubeconfig, namespace=cleanup.namespace, policy=kubeconfig_policy(settings), tmp_mb=settings.service_tmp_mb
+    )
+    with driver:
+        if not driver.remove_all(cleanup.service_id):
+            raise _NotYet
+
+
+def _address(kubeconfig: str | None) -> str:
+    """The current context's server as host:port (no credential, no path), for the log."""
+    if kubeconfig is None:
+        return "unknown (the credentials cannot be read)"
+    try:
+        parts = urlsplit(check_kubeconfig(kubeconfig, allow_insecure_tls=True).server)
+        return f"{parts.hostname}:{parts.port or 443}"
+    except (KubeconfigRefused, ValueError):
+        return "unknown (the kubeconfig is refused)"
