@@ -202,8 +202,9 @@ def _wrapper(tmp_path: Path, network: StepNetwork | None) -> tuple[Path, Path, d
 
 
 def _run_wrapper(wrapper: Path, ran: Path, config: dict, bundle: Path, network_path: str | None) -> tuple[str, dict]:
-    """Run the wrapper on ``config`` joining ``network_path`` (None: a namespace of its own)."""
-    bundle.mkdir()
+    """Run the wrapper on ``config`` joining ``network_path`` (None: a namespace of its own);
+    ``bundle`` is in the build's scratch folder, as buildah's are."""
+    (bundle / "rootfs").mkdir(parents=True)
     namespaces = config["linux"]["namespaces"]
     for entry in namespaces:
         entry.pop("path", None)
@@ -224,7 +225,7 @@ def test_with_the_proxy_the_wrapper_lets_a_step_join_the_builds_namespace_and_no
     port, _ = upstream
     with StepNetwork(f"http://127.0.0.1:{port}") as network:
         wrapper, ran, config = _wrapper(tmp_path, network)
-        outcome, seen = _run_wrapper(wrapper, ran, config, tmp_path / "ok", network.netns.path)
+        outcome, seen = _run_wrapper(wrapper, ran, config, tmp_path / "buildah" / "ok", network.netns.path)
         assert outcome == "ran"
         mounts = {m["destination"]: m for m in seen["mounts"]}
         assert mounts["/sys"]["type"] == "tmpfs" and "ro" in mounts["/sys"]["options"]  # not the host's sysfs
@@ -240,10 +241,10 @@ def test_with_the_proxy_the_wrapper_lets_a_step_join_the_builds_namespace_and_no
                 "a path that is not a namespace": "/etc/hostname",
             }
             for number, (name, path) in enumerate(refusals.items()):
-                outcome, _ = _run_wrapper(wrapper, ran, config, tmp_path / f"refused{number}", path)
+                outcome, _ = _run_wrapper(wrapper, ran, config, tmp_path / "buildah" / f"refused{number}", path)
                 assert outcome.startswith("mms: refused:"), (name, outcome)
         config["linux"]["namespaces"] = [n for n in config["linux"]["namespaces"] if n["type"] != "network"]
-        outcome, _ = _run_wrapper(wrapper, ran, config, tmp_path / "none", None)
+        outcome, _ = _run_wrapper(wrapper, ran, config, tmp_path / "buildah" / "none", None)
         assert outcome.startswith("mms: refused:"), outcome  # no network namespace at all: the host's
 
 
@@ -251,13 +252,13 @@ def test_without_the_proxy_the_wrapper_wants_a_namespace_of_the_steps_own(
     tmp_path: Path, upstream: tuple[int, list[str]]
 ) -> None:
     wrapper, ran, config = _wrapper(tmp_path, None)
-    outcome, seen = _run_wrapper(wrapper, ran, config, tmp_path / "own", None)
+    outcome, seen = _run_wrapper(wrapper, ran, config, tmp_path / "buildah" / "own", None)
     assert outcome == "ran"
     assert {m["destination"]: m["type"] for m in seen["mounts"]}["/sys"] == "sysfs"  # unchanged
     port, _ = upstream
     with StepNetwork(f"http://127.0.0.1:{port}") as network:
         for number, path in enumerate(("/proc/1/ns/net", network.netns.path)):
-            outcome, _ = _run_wrapper(wrapper, ran, config, tmp_path / f"joined{number}", path)
+            outcome, _ = _run_wrapper(wrapper, ran, config, tmp_path / "buildah" / f"joined{number}", path)
             assert outcome.startswith("mms: refused:"), (path, outcome)
 
 
@@ -272,6 +273,6 @@ def test_the_wrapper_refuses_a_holder_pid_taken_by_another_process(
         policy = wrapper.read_text()
         assert str(network.netns.inode) in policy
         wrapper.write_text(policy.replace(str(network.netns.inode), str(os.stat("/proc/self/ns/net").st_ino)))
-        outcome, _ = _run_wrapper(wrapper, ran, config, tmp_path / "swapped", network.netns.path)
+        outcome, _ = _run_wrapper(wrapper, ran, config, tmp_path / "buildah" / "swapped", network.netns.path)
         assert outcome.startswith("mms: refused:"), outcome
     assert buildah_steps._STEP_CA_BUNDLE.startswith("/dev/")  # a tmpfs of the runtime's: not in the layer
