@@ -129,7 +129,9 @@ class Settings(BaseSettings):
     docker_host: str | None = Field(default=None, validation_alias=AliasChoices("MMS_DOCKER_HOST", "DOCKER_HOST"))
     # The engine network a docker build's RUN steps (tenants' code) run in, and the egress
     # proxy (http://host:port) through which they reach the package indexes, and nothing else:
-    # scripts/infra/build-network.sh makes both. None: RUN steps get no network at all.
+    # scripts/infra/build-network.sh makes both. None: RUN steps get no network at all. The
+    # oci builder's RUN steps reach the same proxy from the worker's own network namespace
+    # (workers/builders/step_network.py): it needs the proxy only, the docker builder both.
     build_network: str | None = None
     build_proxy: str | None = Field(default=None, pattern=r"^(http://[^/?#@\s]+/?)?$")
 
@@ -142,8 +144,6 @@ class Settings(BaseSettings):
                 "the engine's host or other containers: name a contained network "
                 "(scripts/infra/build-network.sh), or leave it unset for none"
             )
-        if self.build_proxy and not self.build_network:
-            raise ValueError("MMS_BUILD_PROXY needs MMS_BUILD_NETWORK, the network it is reachable from")
         return self
 
     default_base_image: str | None = None  # default FROM; None: the newest published base image

@@ -311,6 +311,7 @@ def make_builder(settings: Settings, name: str, *, context: ServiceContext | Non
             conda_channels=settings.conda_channels,
             run_limits=run_limits(settings),
             conda_environments_kept=settings.conda_environments_kept,
+            build_proxy=settings.build_proxy,
         )
     docker_host, store, pull_token = settings.docker_host, None, None
     if settings.is_embedded_registry:

@@ -14,7 +14,9 @@ real container (``--isolation oci``, runc), never chroot isolation:
 - the runtime's default capabilities less ``NET_RAW``, ``MKNOD``, ``AUDIT_WRITE``,
   ``SYS_CHROOT`` and ``NET_BIND_SERVICE`` (held in that namespace only), no new
   privileges, buildah's default seccomp profile;
-- no network at all (``--network none``: its own loopback only);
+- no network at all (``--network none``: its own loopback only); or, with the build proxy,
+  a network namespace of the build's own whose one destination is the egress proxy
+  (``step_network.py``), its proxy variables set for the run only;
 - a cgroup of this build's own as the parent of each step's: its memory (swap included where
   the kernel counts swap) and process limits hold each step (steps run one at a time), and a
   thread reads its CPU time, the steps' wall time and what they wrote (the working
@@ -23,6 +25,7 @@ real container (``--isolation oci``, runc), never chroot isolation:
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import json
@@ -38,7 +41,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
@@ -46,6 +49,7 @@ from typing import Self
 from app.dockerfile_steps import Step
 from workers.builders import BuildFailed, Log
 from workers.builders.run_limits import RunLimits
+from workers.builders.step_network import StepNetwork
 from workers.scratch import scratch_dir
 
 __all__ = ["NewLayer", "buildah_missing", "run_steps"]
@@ -68,6 +72,12 @@ _RUNTIMES = ("runc", "crun")
 # the revision, two (permitted, inheritable) pairs, and in v3 the namespace root's host uid).
 _CAPABILITY_XATTR = "SCHILY.xattr.security.capability"
 _VFS_CAP_V2_SIZE, _VFS_CAP_V3_SIZE = 20, 24
+# With the build proxy: the extra CAs (a TLS-inspecting proxy's) with the public ones, as the
+# docker builder's RUN steps get them (workers/build_context.py), mounted for the run only.
+# Under /dev, the runtime's tmpfs: its mount point is not made in the step's layer (buildah
+# leaves one it made elsewhere, an empty file, in the commit).
+_STEP_CA_BUNDLE = "/dev/mms-build-ca.pem"
+_CA_VARIABLES = ("PIP_CERT", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE", "CONDA_SSL_VERIFY")
 _NAMESPACES = ("pid", "network", "ipc", "uts", "mount", "user")
 # What a step's root may do inside its user namespace: what package installs need (files'
 # owners and modes, setuid/setgid to drop to a user, kill its own processes) and no more.
@@ -113,7 +123,8 @@ _NAMESPACE_FLAGS = 0x7E020000
 # Buildah's OCI runtime: this script checks and completes the container's config that buildah
 # wrote, then hands it to runc. Buildah 1.28 has no no-new-privileges; and a config without
 # the user and network namespaces this module asked for (a change in buildah, a flag lost) is
-# refused rather than run.
+# refused rather than run: new ones of its own, or, with the build proxy, the network
+# namespace of the build's own (step_network.py) and no other.
 _RUNTIME_WRAPPER = """\
 import json, os, sys
 POLICY = json.loads({policy!r})
@@ -125,8 +136,28 @@ for i, arg in enumerate(args[:-1]):
             config = json.load(f)
         linux = config.setdefault("linux", {{}})
         namespaces = {{n.get("type"): n.get("path") for n in linux.get("namespaces") or []}}
-        if any(t not in namespaces or namespaces[t] for t in POLICY["namespaces"]):
-            sys.exit(f"mms: refused: the step's config lacks its own namespaces ({{namespaces}})")
+        joined = POLICY["network"]
+        for kind in POLICY["namespaces"]:
+            given = namespaces.get(kind, "absent")
+            if kind == "network" and joined:
+                # Exactly the build's own namespace, by path and by what is behind it (a
+                # holder that died could have its pid taken by a process on the host's).
+                try:
+                    info = os.stat(given) if given == joined["path"] else None
+                except OSError:
+                    info = None
+                if info is None or (info.st_dev, info.st_ino) != (joined["device"], joined["inode"]):
+                    sys.exit(f"mms: refused: the step's config joins another network namespace ({{given}})")
+            elif given:
+                sys.exit(f"mms: refused: the step's config lacks its own namespaces ({{namespaces}})")
+        if joined:
+            # sysfs cannot be mounted in a network namespace the step's user namespace does not
+            # own: /sys is an empty read-only tmpfs instead (not the host's), and nothing below it.
+            mounts = [m for m in config.get("mounts") or [] if not m.get("destination", "").startswith("/sys/")]
+            for m in mounts:
+                if m.get("destination") == "/sys":
+                    m.update(type="tmpfs", source="tmpfs", options=["nosuid", "noexec", "nodev", "ro", "size=4k"])
+            config["mounts"] = mounts
         if linux.get("uidMappings") != POLICY["mappings"] or linux.get("gidMappings") != POLICY["mappings"]:
             sys.exit("mms: refused: the step's config lacks its user namespace mapping")
         seccomp = linux.get("seccomp")
@@ -190,9 +221,14 @@ def run_steps(
     work: Path,
     limits: RunLimits,
     emit: Log,
+    proxy: str | None = None,
+    ca_bundle: Path | None = None,
 ) -> NewLayer:
     """Run ``steps`` (ENV and ARG set what later RUN steps see) on the image in the OCI
-    layout ``layout`` (tag ``image``) and return the layer they wrote."""
+    layout ``layout`` (tag ``image``) and return the layer they wrote. With ``proxy`` (the
+    egress proxy, ``http://host:port``) the RUN steps reach it, and nothing else; without,
+    no network at all. ``ca_bundle`` (PEM: a TLS-inspecting proxy's CA with the public ones)
+    is what their pip and requests trust then, mounted for the run only."""
     missing = buildah_missing()
     if missing:
         first = next(s for s in steps if s.keyword == "RUN")
@@ -204,10 +240,17 @@ def run_steps(
         )
     # A folder of its own, traversable (0711, not listable): the runtime, already in the step's
     # user namespace, mounts the container's root from a path under it.
-    with scratch_dir("buildah") as folder:
+    with scratch_dir("buildah") as folder, ExitStack() as stack:
         root = Path(folder)
         root.chmod(0o711)
-        runner = _Buildah(root, limits, emit)
+        network = None
+        if proxy:
+            try:
+                network = stack.enter_context(StepNetwork(proxy))
+            except OSError as exc:
+                raise BuildFailed("extra-steps", str(exc)) from None
+            emit(f"mms: the RUN steps reach the build proxy only, as http://127.0.0.1:{network.port}")
+        runner = _Buildah(root, limits, emit, network, ca_bundle if network is not None else None)
         with runner.cgroup() as group:
             try:
                 container = runner.from_layout(layout, group)
@@ -223,10 +266,24 @@ def run_steps(
 
 
 class _Buildah:
-    def __init__(self, root: Path, limits: RunLimits, emit: Log) -> None:
+    def __init__(
+        self,
+        root: Path,
+        limits: RunLimits,
+        emit: Log,
+        network: StepNetwork | None = None,
+        ca_bundle: Path | None = None,
+    ) -> None:
         self.root = root
         self.limits = limits
         self.emit = emit
+        self.network = network  # None: no network at all
+        self.ca_bundle = None
+        if ca_bundle is not None:
+            # Readable to the step's root (a host uid of its own), through the 0711 folder.
+            self.ca_bundle = root / "ca-bundle.pem"
+            shutil.copyfile(ca_bundle, self.ca_bundle)
+            self.ca_bundle.chmod(0o644)
         self.runtime = next(shutil.which(r) for r in _RUNTIMES if shutil.which(r))
         base = _ID_BASE + secrets.randbelow((1 << 31) - _ID_BASE - _ID_RANGE) // _ID_RANGE * _ID_RANGE
         self.id_map = f"0:{base}:{_ID_RANGE}"
@@ -269,6 +326,7 @@ class _Buildah:
             "cgroup": group.parent,
             "scratch": os.path.realpath(self.root),
             "root_id": self.host_id,
+            "network": None if self.network is None else dataclasses.asdict(self.network.netns),
         }
         path = self.root / "runtime"
         path.write_text(f"#!{sys.executable} -I\n" + _RUNTIME_WRAPPER.format(policy=json.dumps(policy)))
@@ -364,6 +422,17 @@ class _Buildah:
                 return Path(mount).parent / "diff"
         return None
 
+    def _network_env(self) -> dict[str, str]:
+        if self.network is None:
+            return {}
+        trust = dict.fromkeys(_CA_VARIABLES, _STEP_CA_BUNDLE) if self.ca_bundle is not None else {}
+        return {**self.network.environment, **trust}
+
+    def _network_mounts(self) -> list[str]:
+        if self.ca_bundle is None:
+            return []
+        return ["--mount", f"type=bind,source={self.ca_bundle},destination={_STEP_CA_BUNDLE},ro"]
+
     def run(self, container: str, step: Step, env: dict[str, str], group: _Cgroup, number: int) -> None:
         self.emit(f"mms: extra step {number}: {step.summary()} (contained by buildah)")
         args = [
@@ -374,13 +443,15 @@ class _Buildah:
             "--runtime",
             str(self.wrapper),
             "--network",
-            "none",
+            "none" if self.network is None else f"ns:{self.network.netns.path}",
             "--user",
             "0:0",
             "--workingdir",
             "/",
             *(arg for cap in _DROPPED_CAPS for arg in ("--cap-drop", cap)),
-            *(arg for k, v in env.items() for arg in ("--env", f"{k}={v}")),
+            *self._network_mounts(),
+            # The proxy's variables last, for this run only (never the image's config).
+            *(arg for k, v in {**env, **self._network_env()}.items() for arg in ("--env", f"{k}={v}")),
             container,
             "--",
             *step.argv,
@@ -418,10 +489,15 @@ class _Buildah:
                     f"extra step {number} ({step.summary()}) was killed (exit code 137), most likely by its "
                     f"memory limit of {self.limits.memory_mb} MB (MMS_BUILD_RUN_MEMORY_MB)",
                 )
+            reach = (
+                "has no network: one that downloads, apt-get or pip, needs the docker builder"
+                if self.network is None
+                else "reaches only the package indexes of MMS_BUILD_ALLOW_HOSTS, through the build proxy"
+            )
             raise BuildFailed(
                 "extra-steps",
-                f"extra step {number} ({step.summary()}) exited with code {code}: {last[:300]} (a RUN step on the "
-                "oci builder has no network: one that downloads, apt-get or pip, needs the docker builder)",
+                f"extra step {number} ({step.summary()}) exited with code {code}: {last[:300]} "
+                f"(a RUN step on the oci builder {reach})",
             )
 
     def commit(self, container: str, dest: Path) -> NewLayer:

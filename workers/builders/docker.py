@@ -157,7 +157,7 @@ class DockerBuilder:
                 "NO_PROXY": "",
                 "no_proxy": "",
             }
-            if proxy
+            if proxy and self.network != "none"
             else {}
         )
 

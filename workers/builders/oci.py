@@ -70,6 +70,7 @@ from workers.build_context import (
 from workers.builders import BuildFailed, BuildResult, Log, address_host, redacting, scrub
 from workers.builders.buildah_steps import buildah_missing, run_steps
 from workers.builders.run_limits import RunLimits
+from workers.builders.step_network import proxy_address
 from workers.fetch_policy import allowing_registry
 from workers.fetcher import FetchPolicy
 from workers.oci.accounts import ACCOUNT_FILES, BaseFile, account_layer, read_base_files
@@ -153,6 +154,7 @@ class OciBuilder:
         conda_channels: list[str] | None = None,
         run_limits: RunLimits | None = None,
         conda_environments_kept: int = 4,
+        build_proxy: str | None = None,
     ) -> None:
         self.registry = registry.rstrip("/")
         self.host, _, self.prefix = self.registry.partition("/")
@@ -174,6 +176,11 @@ class OciBuilder:
         # Installed conda environments kept in cache_dir for a rebuild of the same packages.
         self.conda_environments_kept = conda_environments_kept if cache_dir else 0
         self.run_limits = run_limits or RunLimits()  # RUN steps' memory, processes, disk, time
+        # The egress proxy RUN steps reach the package indexes through (MMS_BUILD_PROXY, as
+        # the worker reaches it), and nothing else; None: RUN steps have no network.
+        if build_proxy:
+            proxy_address(build_proxy)  # ValueError when it is not http://host:port
+        self.build_proxy = build_proxy or None
         # What a base image's registry may be (its own registry always): every request for
         # a base goes through it. None: no address rules (a caller that picks the bases).
         self.policy = allowing_registry(policy, self.registry) if policy is not None else None
@@ -321,7 +328,18 @@ class OciBuilder:
                     step = "extra-steps"
                     blobs.append(
                         self._run_steps(
-                            target, repo, family, blobs, base_config, diff_ids, history, env, steps, work, emit
+                            target,
+                            repo,
+                            family,
+                            blobs,
+                            base_config,
+                            diff_ids,
+                            history,
+                            env,
+                            steps,
+                            work,
+                            emit,
+                            ca_bundle=self._ca_bundle(spec, work),
                         )
                     )
                     diff_ids.append(blobs[-1].diff_id)
@@ -658,6 +676,8 @@ class OciBuilder:
         steps: list[Any],
         work: Path,
         emit: Log,
+        *,
+        ca_bundle: Path | None,
     ) -> _Blob:
         """Run the extra steps with buildah on the image made so far; return the layer they
         wrote, uploaded to ``repo``."""
@@ -706,7 +726,9 @@ class OciBuilder:
         }
         (layout / "index.json").write_text(json.dumps(index))
         emit(f"mms: the image for the RUN steps is ready in {time.monotonic() - started:.1f} s")
-        layer = run_steps(layout, steps, work=work, limits=self.run_limits, emit=emit)
+        layer = run_steps(
+            layout, steps, work=work, limits=self.run_limits, emit=emit, proxy=self.build_proxy, ca_bundle=ca_bundle
+        )
         for blob in blobs:  # read by buildah: no longer needed
             (layout / "blobs" / "sha256" / blob.digest[7:]).unlink(missing_ok=True)
         how = target.push_blob(repo, layer.digest, layer.size, file_chunks(layer.path))

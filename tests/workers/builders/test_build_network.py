@@ -29,6 +29,7 @@ from tests.listeners import tcp_listener
 from workers.build_context import BuildSpec
 from workers.builders import BuildResult
 from workers.builders.docker import DockerBuilder
+from workers.pipeline import make_builder
 
 SCORE = "def init():\n    pass\n\ndef run(data):\n    return data\n"
 
@@ -296,10 +297,14 @@ def test_host_networking_is_refused_and_no_network_is_the_default(monkeypatch: p
     monkeypatch.setenv("MMS_BUILD_NETWORK", "host")
     with pytest.raises(ValueError, match="MMS_BUILD_NETWORK=host"):
         Settings()
+    # The proxy alone is the oci builder's (its RUN steps reach it through the worker); the
+    # docker builder, with no network, passes it on to nothing.
     monkeypatch.setenv("MMS_BUILD_NETWORK", "")
     monkeypatch.setenv("MMS_BUILD_PROXY", "http://10.0.0.1:3128")
-    with pytest.raises(ValueError, match="MMS_BUILD_PROXY needs MMS_BUILD_NETWORK"):
-        Settings()
+    alone = Settings()
+    assert (alone.build_network or None, alone.build_proxy) == (None, "http://10.0.0.1:3128")
+    assert make_builder(alone, "oci").build_proxy == "http://10.0.0.1:3128"  # type: ignore[union-attr]
+    assert DockerBuilder(None, "127.0.0.1:5000", proxy="http://10.0.0.1:3128").build_args == {}
     monkeypatch.setenv("MMS_BUILD_NETWORK", "mms-build")
     monkeypatch.setenv("MMS_BUILD_PROXY", "http://user:secret@10.0.0.1:3128")
     with pytest.raises(ValueError, match="build_proxy"):

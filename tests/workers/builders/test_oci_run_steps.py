@@ -68,9 +68,10 @@ def _build(
     tmp_path: Path,
     log: list[str],
     limits: RunLimits | None = None,
+    proxy: str | None = None,
 ) -> BuildResult:
     registry = f"{infra.registry}/{infra.prefix}-{uuid.uuid4().hex[:6]}"
-    builder = OciBuilder(registry, cache_dir=tmp_path / "cache", run_limits=limits)
+    builder = OciBuilder(registry, cache_dir=tmp_path / "cache", run_limits=limits, build_proxy=proxy)
     result = builder.build_and_push(spec, "steps/img", "1", log.append)
     host, _, repo = result.image_location.rpartition(":")[0].partition("/")
     infra.pushed.append((host, repo, result.digest))
@@ -409,3 +410,168 @@ def test_a_run_step_on_the_embedded_default_stores_the_image_in_the_services_sto
         data = gzip.decompress(b"".join(chunks))
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         assert tar.extractfile("opt/marker").read() == b"embedded\n"
+
+
+# -- with the build proxy (MMS_BUILD_PROXY) ----------------------------------------------------
+
+
+def test_with_the_build_proxy_pip_installs_from_pypi_and_the_proxy_stays_out_of_the_image(
+    infra: Infra, make_spec: Callable[..., BuildSpec], tmp_path: Path, log_lines: list[str]
+) -> None:
+    assert infra.build_proxy, "build-network.sh gave no proxy"
+    steps = (
+        'RUN echo "proxy=$HTTPS_PROXY" && echo "no_proxy=[$NO_PROXY]" && '
+        "python3 -m pip install --no-cache-dir --disable-pip-version-check --target /opt/pkgs six==1.16.0 && "
+        "echo six=$(PYTHONPATH=/opt/pkgs python3 -c 'import six; print(six.__version__)')\n"
+    )
+    started = time.monotonic()
+    result = _build(
+        infra,
+        make_spec(PLAIN, extra_dockerfile_steps=steps),
+        tmp_path,
+        log_lines,
+        RunLimits(seconds=240),
+        proxy=infra.build_proxy,
+    )
+    assert time.monotonic() - started < 400
+
+    assert _said(log_lines, "six") == "1.16.0"  # downloaded from PyPI through the proxy, and imported
+    local = _said(log_lines, "proxy")
+    assert local.startswith("http://127.0.0.1:") and _said(log_lines, "no_proxy") == "[]"
+    _, config, entries = _image(result.image_location, result.digest)
+    assert entries["opt/pkgs/six.py"][1] and b"Benjamin Peterson" in entries["opt/pkgs/six.py"][1]
+    # Neither the proxy (its variables, its address) nor the mounted CA bundle is in the image.
+    assert not [name for name in entries if "mms-build-ca" in name or name.startswith(("run/", "dev/"))]
+    env = config["config"].get("Env") or []
+    assert not [e for e in env if "proxy" in e.lower() or e.startswith(("PIP_CERT=", "SSL_CERT_FILE="))], env
+    text = json.dumps(config)  # the history too (its last entry names the step, whose text says $HTTPS_PROXY)
+    assert local not in text and infra.build_proxy not in text and "mms-build-ca" not in text
+
+
+# What a tenant's step tries (the base image's python3). argv: the test's server port, the
+# registry port, the proxy's host and port (as the worker reaches it), then the host's addresses.
+NET_PROBE = r"""
+import fcntl, os, socket, struct, sys
+
+server_port, registry_port, gateway, proxy_port = sys.argv[1:5]
+addresses = sys.argv[5:]
+local = os.environ["HTTPS_PROXY"].rpartition("/")[2].split(":")
+
+
+def say(name, outcome):
+    print(f"{name}={outcome}", flush=True)
+
+
+def tcp(name, host, port):
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+        say(name, "open")
+    except OSError as exc:
+        say(name, type(exc).__name__)
+
+
+def proxy(name, request):
+    try:
+        with socket.create_connection((local[0], int(local[1])), timeout=20) as s:
+            s.sendall(request.encode() + b"\r\n\r\n")
+            say(name, s.recv(200).split(b"\r\n")[0].decode(errors="replace"))
+    except OSError as exc:
+        say(name, type(exc).__name__)
+
+
+def attempt(name, call):
+    try:
+        call()
+        say(name, "done")
+    except OSError as exc:
+        say(name, f"errno{exc.errno}")
+
+
+for address in addresses:
+    tcp(f"server-{address}", address, server_port)
+tcp("proxy-direct", gateway, proxy_port)
+tcp("registry-loopback", "127.0.0.1", registry_port)
+tcp("registry-gateway", gateway, registry_port)
+tcp("engine-2375", "127.0.0.1", 2375)
+tcp("metadata", "169.254.169.254", 80)
+proxy("via-pypi", "CONNECT pypi.org:443 HTTP/1.1\r\nHost: pypi.org:443")
+proxy("via-example", "CONNECT example.org:443 HTTP/1.1\r\nHost: example.org:443")
+proxy("via-pypi-22", "CONNECT pypi.org:22 HTTP/1.1\r\nHost: pypi.org:22")
+proxy("via-server-loopback", f"CONNECT 127.0.0.1:{server_port} HTTP/1.1\r\nHost: 127.0.0.1")
+proxy("via-server-gateway", f"GET http://{gateway}:{server_port}/ HTTP/1.0")
+proxy("via-server-host", f"GET http://{addresses[-1]}:{server_port}/ HTTP/1.0")
+proxy("via-registry", f"GET http://127.0.0.1:{registry_port}/v2/ HTTP/1.0")
+proxy("via-metadata", "GET http://169.254.169.254/latest/meta-data/ HTTP/1.0")
+say("interfaces", ",".join(sorted(os.listdir("/sys/class/net"))) if os.path.isdir("/sys/class/net") else "none")
+say("netdev", ",".join(sorted(line.split(":")[0].strip() for line in open("/proc/net/dev").readlines()[2:])))
+ifr = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+attempt("lo-down", lambda: fcntl.ioctl(ifr, 0x8914, struct.pack("16sh", b"lo", 0)))  # SIOCSIFFLAGS
+attempt("addr-add", lambda: fcntl.ioctl(ifr, 0x8916, struct.pack("16sHH4s8x", b"lo", socket.AF_INET, 0,
+                                                                  socket.inet_aton("10.9.9.9"))))  # SIOCSIFADDR
+attempt("raw-socket", lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP).close())
+attempt("packet-socket", lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0).close())
+
+
+def new_link():  # RTM_NEWLINK, a dummy interface named mmsx0: what `ip link add` sends
+    def attr(kind, data):
+        size = 4 + len(data)
+        return struct.pack("HH", size, kind) + data + b"\0" * (-size % 4)
+    body = struct.pack("BxHiII", 0, 0, 0, 0, 0) + attr(3, b"mmsx0\0") + attr(18, attr(1, b"dummy"))
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0) as s:
+        s.settimeout(5)
+        s.sendto(struct.pack("IHHII", 16 + len(body), 16, 0x1 | 0x4 | 0x200 | 0x400, 1, 0) + body, (0, 0))
+        error = struct.unpack("i", s.recv(4096)[16:20])[0]
+    if error:
+        raise OSError(-error, os.strerror(-error))
+
+
+attempt("link-add", new_link)
+"""
+
+
+def test_with_the_build_proxy_a_run_step_reaches_the_proxy_and_nothing_else(
+    infra: Infra,
+    make_spec: Callable[..., BuildSpec],
+    tmp_path: Path,
+    log_lines: list[str],
+    listener: tuple[int, list[str]],
+) -> None:
+    assert infra.build_proxy
+    port, seen = listener
+    gateway, _, proxy_port = infra.build_proxy.removeprefix("http://").rstrip("/").partition(":")
+    addresses = _host_addresses()  # loopback, the bridge's gateway (the proxy's host), the host's own
+    args = " ".join([str(port), infra.registry.rpartition(":")[2], gateway, proxy_port, *addresses])
+    steps = (
+        f"RUN echo {base64.b64encode(NET_PROBE.encode()).decode()} | base64 -d > /tmp/p.py && python3 /tmp/p.py {args}"
+    )
+    started = time.monotonic()
+    _build(
+        infra,
+        make_spec(PLAIN, extra_dockerfile_steps=steps),
+        tmp_path,
+        log_lines,
+        RunLimits(seconds=240),
+        proxy=infra.build_proxy,
+    )
+    assert time.monotonic() - started < 400
+
+    # Nothing else directly: not the host's loopback, its addresses, the proxy's host on the
+    # proxy's own port or any other, the registry, the engine, 169.254.169.254.
+    for address in addresses:
+        assert _said(log_lines, f"server-{address}") in ("ConnectionRefusedError", "OSError"), address
+    for name in ("proxy-direct", "registry-gateway", "metadata"):
+        assert _said(log_lines, name) == "OSError", name  # network unreachable: no route at all
+    for name in ("registry-loopback", "engine-2375"):
+        assert _said(log_lines, name) == "ConnectionRefusedError", name  # its own loopback
+    # Nothing else through the proxy: other names, other ports, addresses.
+    for name in ("via-example", "via-pypi-22", "via-server-loopback", "via-server-gateway", "via-server-host"):
+        assert " 403 " in _said(log_lines, name), name
+    for name in ("via-registry", "via-metadata"):
+        assert " 403 " in _said(log_lines, name), name
+    assert seen == []  # the test's server, on every address of the host, saw no connection
+    # The control: a listed name on 443 goes through.
+    assert _said(log_lines, "via-pypi").endswith(" 200 Connection established")
+    # Its namespace: loopback only, and the step's root cannot change it.
+    assert _said(log_lines, "netdev") == "lo" and _said(log_lines, "interfaces") == "none"
+    for name in ("lo-down", "addr-add", "raw-socket", "packet-socket", "link-add"):
+        assert _said(log_lines, name) == "errno1", name  # EPERM
