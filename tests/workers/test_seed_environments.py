@@ -5,7 +5,8 @@ principal's login, run and scored.
 
 - the seeds' housing flow with a conda file holding conda packages (a channel the test writes:
   no public one is reachable here) and scikit-learn in its ``pip:`` section;
-- a Debian trixie base (Python 3.13) from `mms base-image publish --release trixie`;
+- Debian bullseye (Python 3.9) and trixie (Python 3.13) bases from `mms base-image publish
+  --release bullseye|trixie`;
 - a miniconda-style base (a Python 3.11 under /opt/miniconda, first on the config's PATH), made
   here with the engine FROM the trixie base and brought in with `mms base-image import`;
 - a ``sourceDirectory`` sent by the client, with a module beside the script and a package at
@@ -211,6 +212,18 @@ def _infenv(python: str) -> str:
 
 
 @pytest.fixture(scope="module")
+def bullseye_base(service: EmbeddedService) -> str:
+    """`mms base-image publish --release bullseye` (Python 3.9) into the service's store."""
+    published = service.mms("base-image", "publish", "--release", "bullseye", timeout=900)
+    assert published.returncode == 0, published.stderr[-3000:]
+    base = f"127.0.0.1:{service.port}/mms/inference-base:py3.9"
+    assert re.search(rf"published {re.escape(base)}-\d{{8}} \(variant cpu-bullseye\)", published.stderr), (
+        published.stderr[-2000:]
+    )
+    return base
+
+
+@pytest.fixture(scope="module")
 def trixie_base(service: EmbeddedService) -> tuple[str, str]:
     """`mms base-image publish --release trixie` (Python 3.13) into the service's store:
     (its reference, its manifest's digest)."""
@@ -242,6 +255,20 @@ def test_a_trixie_base_runs_python_3_13_and_scores(
     assert scored.status_code == 200, scored.text
     answer = scored.json()
     assert answer["python"] == [3, 13] and answer["escaped"] == "&lt;a&gt;" and answer["rows"] == 2
+    assert answer["executable"] == "/usr/bin/python3" and answer["uid"] == 10002
+
+
+def test_a_bullseye_base_runs_python_3_9_and_scores(service: EmbeddedService, infra: Infra, bullseye_base: str) -> None:
+    account = _account(service)
+    body = _body(account, INTERPRETER_SCORE, _infenv("3.9"), baseImage=bullseye_base)
+    manifest_id = account.call("POST", f"{account.url}/manifests", json=body).json()["id"]
+    image = _built(account, manifest_id, "on-bullseye")
+    assert "base image runs Python 3.9 on x86_64-manylinux_2_31 (/usr/bin/python3)" in account.log(image)
+
+    scored, _ = _pull_and_score(service, infra, image, [[1], [2], [3]])
+    assert scored.status_code == 200, scored.text
+    answer = scored.json()
+    assert answer["python"] == [3, 9] and answer["escaped"] == "&lt;a&gt;" and answer["rows"] == 3
     assert answer["executable"] == "/usr/bin/python3" and answer["uid"] == 10002
 
 
