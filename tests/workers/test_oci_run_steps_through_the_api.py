@@ -5,7 +5,8 @@ MMS_REGISTRY) and with MMS_REGISTRY (`mms serve` and `mms worker` on PostgreSQL 
 A model is registered, a manifest's ``extraDockerfileSteps`` write a file straight under ``/``
 and run a helper module of its ``sourceDirectory`` at build time; the image is built by the oci
 builder, smoke-tested, pulled back, run and scored, and its answer carries what the steps
-wrote. A step that fails fails the image, naming the step and with its last line.
+wrote. A step that fails fails the image, naming the step and with its last line. With MMS_REGISTRY
+the stack also sets MMS_BUILD_PROXY, and a step pip-installs from PyPI through it.
 """
 
 from __future__ import annotations
@@ -52,6 +53,12 @@ STEPS = (
     "RUN mkdir -p /opt/steps && cd /var/azureml-app && "
     "python3 -c 'import helper, json; print(json.dumps(helper.table()))' > /opt/steps/table.json && "
     "echo table=$(cat /opt/steps/table.json)\n"
+)
+# With MMS_BUILD_PROXY (the stack sets it, as build-network.sh prints it): a step installs from
+# PyPI through the egress proxy, from a network namespace of the build's own.
+PIP_STEP = (
+    "RUN python3 -m pip install --no-cache-dir --disable-pip-version-check --target /opt/pkgs six==1.16.0 && "
+    "echo six=$(PYTHONPATH=/opt/pkgs python3 -c 'import six; print(six.__version__)')\n"
 )
 FAILING_STEPS = (
     "RUN echo the first step ran\n"
@@ -167,8 +174,10 @@ def test_a_failing_run_step_fails_the_image_naming_the_step_with_its_last_line(s
 @pytest.mark.postgres_only
 def test_run_steps_with_mms_registry_are_in_the_pushed_image_that_scores(stack: Stack, infra: Infra) -> None:
     account = Account(stack)
-    image, log = _built(account, STEPS, "run-steps")
+    assert stack.env.get("MMS_BUILD_PROXY"), "the stack has no build proxy"
+    image, log = _built(account, STEPS + PIP_STEP, "run-steps")
     _check_the_steps_ran(image, log)
+    assert "\nsix=1.16.0\n" in log  # downloaded from PyPI through the proxy, and imported
     account_id = account.call("GET", account.url).json()["properties"]["accountId"]
     repository = f"{infra.registry}/{account_id}/run-steps"
     assert image["ImageLocation"] == f"{repository}:1"
