@@ -236,22 +236,27 @@ def test_cancelling_a_running_build_stops_it(stack: Stack) -> None:
     assert "cancelled" in account.log(image)
 
 
-def test_a_run_step_that_needs_the_network_fails_on_the_oci_builder_naming_it_and_the_docker_builder(
+def test_a_run_step_on_the_oci_builder_reaches_only_the_allowed_indexes_and_a_refusal_names_them(
     stack: Stack,
 ) -> None:
+    # The stack sets MMS_BUILD_PROXY: the oci builder's steps reach the package indexes through
+    # it, and a host not on MMS_BUILD_ALLOW_HOSTS is refused there, failing the step.
+    assert stack.env.get("MMS_BUILD_PROXY")
     account = Account(stack)
     score_url = account.upload("score.py", ECHO_SCORE.encode())
+    fetch = "import urllib.request; urllib.request.urlopen('http://example.org/', timeout=20)"
     body = {
         "name": "needs-run",
         "modelIds": [],
         "assets": [{"id": "score.py", "url": score_url}],
         "entryScript": "score.py",
         "runtime": "python",
-        "extraDockerfileSteps": "ENV A=1\nRUN apt-get install -y libgomp1",
+        "extraDockerfileSteps": f'ENV A=1\nRUN python3 -c "{fetch}"',
     }
     manifest_id = account.call("POST", f"{account.url}/manifests", json=body).json()["id"]
-    image = account.wait(account.build(manifest_id, "needs-run", builder="oci")["Id"], seconds=60)
+    image = account.wait(account.build(manifest_id, "needs-run", builder="oci")["Id"], seconds=120)
     assert image["CreationState"] == "Failed"
     message = image["Error"]["message"]
-    assert "RUN apt-get install -y libgomp1" in message and "docker builder" in message
-    assert "no network" in message and "while running runtime" not in message  # the step's own words
+    assert "RUN python3 -c" in message and "403" in message  # the step's own last line: the proxy's refusal
+    assert "reaches only the package indexes of MMS_BUILD_ALLOW_HOSTS" in message
+    assert "while running runtime" not in message
