@@ -23,7 +23,7 @@ import redis
 from app.context import ServiceContext
 from app.database import session_scope
 from app.services.principals import create_service_principal
-from tests.embedded_service import HOST_CA_BUNDLE, free_port, wait_for
+from tests.embedded_service import HOST_CA_BUNDLE, EmbeddedService, free_port, wait_for
 from tests.infra import TEST_LABEL, Infra
 
 BUILD_TIMEOUT = 600
@@ -207,6 +207,18 @@ class Account:
 
     def log(self, image: dict) -> str:
         return self.call("GET", image["ImageBuildLogUri"]).text
+
+
+def embedded_account(service: EmbeddedService) -> Account:
+    """An account on the embedded default's `mms serve` (its own worker: none to start here)."""
+    stack = Stack(
+        api=service.url,
+        headers={"Authorization": f"Bearer {service.token()}"},
+        env=service.env,
+        workers=[],
+        log_dir=service.log_dir,
+    )
+    return Account(stack)
 
 
 def register_model(account: Account, archive: bytes) -> str:

@@ -20,7 +20,7 @@ import pytest
 
 from tests.embedded_service import EmbeddedService, stop, wait_for_children
 from tests.infra import Infra
-from tests.workers.stack import Account, Stack, register_model, run_and_score
+from tests.workers.stack import Account, Stack, embedded_account, register_model, run_and_score
 
 BUILD_SECONDS = 420
 SCORE = """\
@@ -82,17 +82,6 @@ def service(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         stop(server)
 
 
-def _embedded_account(service: EmbeddedService) -> Account:
-    stack = Stack(
-        api=service.url,
-        headers={"Authorization": f"Bearer {service.token()}"},
-        env=service.env,
-        workers=[],
-        log_dir=service.log_dir,
-    )
-    return Account(stack)
-
-
 def _zip(files: dict[str, str]) -> bytes:
     data = io.BytesIO()
     with zipfile.ZipFile(data, "w") as archive:
@@ -142,7 +131,7 @@ def _check_the_steps_ran(image: dict, log: str) -> None:
 
 
 def test_run_steps_on_the_embedded_default_are_in_the_image_that_scores(service: EmbeddedService, infra: Infra) -> None:
-    account = _embedded_account(service)
+    account = embedded_account(service)
     image, log = _built(account, STEPS, "run-steps")
     _check_the_steps_ran(image, log)
     account_id = account.call("GET", account.url).json()["properties"]["accountId"]
@@ -161,7 +150,7 @@ def test_run_steps_on_the_embedded_default_are_in_the_image_that_scores(service:
 
 
 def test_a_failing_run_step_fails_the_image_naming_the_step_with_its_last_line(service: EmbeddedService) -> None:
-    account = _embedded_account(service)
+    account = embedded_account(service)
     image, log = _built(account, FAILING_STEPS, "run-steps-fail")
     assert image["CreationState"] == "Failed", log[-3000:]
     message = image["Error"]["message"]

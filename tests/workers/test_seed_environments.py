@@ -36,7 +36,7 @@ from tests.embedded_service import EmbeddedService, stop, wait_for_children
 from tests.infra import Infra, run_script
 from tests.leftover_processes import shared_infrastructure_env
 from tests.workers.conda_channel import add_package, add_python
-from tests.workers.stack import Account, Stack, register_model, run_and_score, sklearn_requirements
+from tests.workers.stack import Account, embedded_account, register_model, run_and_score, sklearn_requirements
 from tests.workers.test_source_directory import project
 
 BUILD_SECONDS = 420
@@ -77,17 +77,6 @@ def service(infra: Infra, channel: Path, tmp_path_factory: pytest.TempPathFactor
         yield embedded
     finally:
         stop(server)
-
-
-def _account(service: EmbeddedService) -> Account:
-    stack = Stack(
-        api=service.url,
-        headers={"Authorization": f"Bearer {service.token()}"},
-        env=service.env,
-        workers=[],
-        log_dir=service.log_dir,
-    )
-    return Account(stack)
 
 
 def _built(account: Account, manifest_id: str, name: str) -> dict:
@@ -152,7 +141,7 @@ def test_the_seeds_housing_flow_with_conda_packages_builds_and_predicts(
     service: EmbeddedService, infra: Infra, model
 ) -> None:
     trained, rows, archive = model
-    account = _account(service)
+    account = embedded_account(service)
     model_id = register_model(account, archive)
     # The seed's myconda.yml shape: conda packages from a channel, and pip packages under pip:.
     conda_file = (
@@ -245,7 +234,7 @@ def _blob(service: EmbeddedService, digest: str) -> dict:
 def test_a_trixie_base_runs_python_3_13_and_scores(
     service: EmbeddedService, infra: Infra, trixie_base: tuple[str, str]
 ) -> None:
-    account = _account(service)
+    account = embedded_account(service)
     body = _body(account, INTERPRETER_SCORE, _infenv("3.13"), baseImage=trixie_base[0])
     manifest_id = account.call("POST", f"{account.url}/manifests", json=body).json()["id"]
     image = _built(account, manifest_id, "on-trixie")
@@ -259,7 +248,7 @@ def test_a_trixie_base_runs_python_3_13_and_scores(
 
 
 def test_a_bullseye_base_runs_python_3_9_and_scores(service: EmbeddedService, infra: Infra, bullseye_base: str) -> None:
-    account = _account(service)
+    account = embedded_account(service)
     body = _body(account, INTERPRETER_SCORE, _infenv("3.9"), baseImage=bullseye_base)
     manifest_id = account.call("POST", f"{account.url}/manifests", json=body).json()["id"]
     image = _built(account, manifest_id, "on-bullseye")
@@ -315,7 +304,7 @@ def test_a_miniconda_style_base_made_with_the_engine_runs_its_own_python(
     base = f"127.0.0.1:{service.port}/mms/imported/miniconda:1"
     assert f"imported {base} sha256:" in imported.stderr
 
-    account = _account(service)
+    account = embedded_account(service)
     body = _body(account, INTERPRETER_SCORE, _infenv("3.11"), baseImage=base)
     manifest_id = account.call("POST", f"{account.url}/manifests", json=body).json()["id"]
     image = _built(account, manifest_id, "on-miniconda")
@@ -333,7 +322,7 @@ def test_a_source_directory_sent_by_the_client_is_the_app_root_of_the_scored_ima
 ) -> None:
     # score/score.py imports weights (beside it) and utils.features (a package at the root).
     project(tmp_path)
-    account = _account(service)
+    account = embedded_account(service)
     profile = Profile(
         server=service.url,
         subscription="e2e",
@@ -364,7 +353,7 @@ def test_enable_gpu_is_refused_until_a_gpu_base_is_published_then_builds_on_it(
 ) -> None:
     # Without a GPU base: refused at manifest creation naming the field (tests/api/
     # test_manifests.py::test_enable_gpu_needs_a_published_gpu_base_or_a_base_image too).
-    account = _account(service)
+    account = embedded_account(service)
     refused = httpx.post(
         f"{account.url}/manifests", json=_body(account, GPU_SCORE, enableGpu=True), headers=account.stack.headers
     )
