@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from anyio import to_thread
 from fastapi import APIRouter, Depends, FastAPI
 
-from app.api.deps import check_api_version, check_parameters, request_token
+from app.api.deps import check_request, request_token
 from app.api.event_stream import EventHub
 from app.api.image_polls import ImagePollShortcut
 from app.api.middleware import (
@@ -106,7 +106,7 @@ def create_app(settings: Settings | None = None, context: ServiceContext | None 
     app.add_middleware(ImagePollShortcut)
     app.add_middleware(RequestIdMiddleware)
 
-    api = APIRouter(prefix="/api", dependencies=[Depends(check_parameters), Depends(check_api_version)])
+    api = APIRouter(prefix="/api", dependencies=[Depends(check_request)])
     api.include_router(accounts.router)
     api.include_router(accounts.discovery)
     api.include_router(models.router)

@@ -8,8 +8,6 @@ from typing import Annotated
 
 from fastapi import Depends, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.openapi.models import OAuthFlowClientCredentials, OAuthFlows
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer, OAuth2
 from pydantic import AfterValidator
 from sqlalchemy.orm import Session
 from starlette.types import Scope
@@ -51,25 +49,30 @@ EventHubDep = Annotated[EventHub, Depends(get_event_hub)]
 _READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
-async def get_session(context: ContextDep, request: Request) -> AsyncIterator[Session]:
+async def get_session(request: Request) -> AsyncIterator[Session]:
     """A session whose transaction commits when the route returns, before the response is sent.
 
     A GET only reads: its session is read-only (on SQLite it neither waits for nor blocks a writer).
     Making a session does no I/O, so this runs on the event loop; the end of a writing session
-    (COMMIT) goes to the thread pool, a read's (nothing on PostgreSQL, a snapshot let go on
-    SQLite) does not.
+    (COMMIT) goes to the thread pool, a read's (closing: the connection back to the pool, on
+    SQLite its snapshot let go) does not.
     """
-    read_only = request.method in _READ_METHODS
-    session = (context.read_session_factory if read_only else context.session_factory)()
+    context: ServiceContext = request.app.state.context
+    if request.method in _READ_METHODS:
+        # Nothing to commit: closing gives the connection back (on SQLite, lets the snapshot go).
+        with context.read_session_factory() as session:
+            yield session
+        return
+    session = context.session_factory()
     try:
         yield session
     except BaseException:
-        await _end(session, commit=False, inline=read_only)
+        await _end(session, commit=False)
         raise
-    await _end(session, commit=True, inline=read_only)
+    await _end(session, commit=True)
 
 
-async def _end(session: Session, *, commit: bool, inline: bool) -> None:
+async def _end(session: Session, *, commit: bool) -> None:
     def end() -> None:
         try:
             if commit:
@@ -79,23 +82,11 @@ async def _end(session: Session, *, commit: bool, inline: bool) -> None:
         finally:
             session.close()
 
-    if inline:
-        end()
-    else:
-        await run_in_threadpool(end)
+    await run_in_threadpool(end)
 
 
 # scope="function": commit before the response goes out, so a failed commit is never a 2xx.
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
-
-_bearer = HTTPBearer(auto_error=False, description="an access token from POST /oauth2/token")
-# The same tokens, got by the docs page itself (Swagger UI's Authorize, with a client id and secret).
-_client_credentials = OAuth2(
-    flows=OAuthFlows(clientCredentials=OAuthFlowClientCredentials(tokenUrl="/oauth2/token", scopes={})),
-    scheme_name="OAuth2ClientCredentials",
-    description="a service principal's client id and secret, exchanged at POST /oauth2/token",
-    auto_error=False,
-)
 
 
 def verify_authorization(
@@ -132,18 +123,15 @@ async def request_token(scope: Scope, verifier: TokenVerifier, authorization: st
     return verified
 
 
-async def get_caller(
-    context: ContextDep,
-    # Both for the OpenAPI document only: either scheme sends the same Authorization header.
-    _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-    _client_credentials_token: Annotated[str | None, Depends(_client_credentials)],
-    request: Request,
-) -> Caller:
+async def get_caller(request: Request) -> Caller:
     """The verified caller, or 401 with a WWW-Authenticate challenge.
 
     On the event loop while it needs no I/O (the signing key and the caller's roles at hand, as
     they are but once per key and per MMS_AUTH_CACHE_SECONDS); what must load goes to the thread pool.
+    The OpenAPI document declares its security schemes (app.api.openapi): solving them here
+    would parse the header twice more per request for nothing.
     """
+    context: ServiceContext = request.app.state.context
     verified = await request_token(request.scope, context.verifier, request.headers.get("authorization"))
     grants = context.grants_cache.get(verified.issuer, verified.subject)
     if grants is not None:
@@ -161,7 +149,8 @@ def _load_caller(context: ServiceContext, verified: VerifiedToken) -> Caller:
 CallerDep = Annotated[Caller, Depends(get_caller)]
 
 
-async def check_api_version(
+async def check_request(
+    request: Request,
     api_version: Annotated[
         str | None,
         Query(
@@ -170,19 +159,19 @@ async def check_api_version(
             json_schema_extra={"enum": list(SUPPORTED_API_VERSIONS)},
         ),
     ] = None,
-) -> str:
-    """The api-version asked for; omitted means the current one, an unknown one is a 400."""
-    if api_version is None:
-        return CURRENT_API_VERSION
-    if api_version not in SUPPORTED_API_VERSIONS:
+) -> None:
+    """What every /api request is checked for, in one dependency (each costs a request time):
+    a supported api-version (omitted means the current one), and no parameter the database
+    would refuse."""
+    if api_version is not None and api_version not in SUPPORTED_API_VERSIONS:
         raise BadRequest(
             f"api-version '{api_version}' is not supported; supported: {', '.join(SUPPORTED_API_VERSIONS)}",
             code="UnsupportedApiVersion",
         )
-    return api_version
+    _check_parameters(request)
 
 
-async def check_parameters(request: Request) -> None:
+def _check_parameters(request: Request) -> None:
     """A 400 naming the query or path parameter that holds a NUL (``%00``), which the database refuses."""
     for kind, params in (("query", request.query_params.multi_items()), ("path", request.path_params.items())):
         for name, value in params:
@@ -237,7 +226,8 @@ def _look_up(context: ServiceContext, path: AccountPath) -> AccountRef:
 
 
 def _account_for(permission: Permission, *, fresh: bool = False) -> Callable[..., Awaitable[AccountRef]]:
-    async def dependency(path: AccountPathDep, caller: CallerDep, context: ContextDep) -> AccountRef:
+    async def dependency(path: AccountPathDep, caller: CallerDep, request: Request) -> AccountRef:
+        context: ServiceContext = request.app.state.context
         # Authorise on the path before looking: no answer reveals what another tenant holds.
         caller.require(permission, account_scope(path.subscription_id, path.resource_group, path.name))
         if fresh:

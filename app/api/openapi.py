@@ -6,6 +6,9 @@
 - Every operation lists the error statuses it can answer, each with the one error body
   (``ErrorBody``, app.errors): those its dependencies imply are added here (``derived_errors``),
   those of its own rules (409, a role check of its own) are declared on the route with ``errors``.
+- The security schemes (a bearer token, or the client credentials that get one) are declared
+  here on every operation whose dependencies include the caller's, not by dependencies the
+  requests would solve.
 - No 422: validation errors are answered 400 (app.errors), so FastAPI's default 422 and its
   ``HTTPValidationError`` schema are dropped.
 - Every JSON GET under /api/ carries an ETag and answers 304 to a matching If-None-Match
@@ -41,6 +44,18 @@ DESCRIPTIONS = {
     503: "The service is busy or the database is unavailable (retry after Retry-After), "
     "or the asset store could not be reached.",
 }
+
+# How a caller sends its token (app.api.deps.get_caller): either scheme gives the same
+# Authorization header; the second lets the docs page sign in with a client id and secret.
+SECURITY_SCHEMES: dict[str, Any] = {
+    "HTTPBearer": {"type": "http", "description": "an access token from POST /oauth2/token", "scheme": "bearer"},
+    "OAuth2ClientCredentials": {
+        "type": "oauth2",
+        "description": "a service principal's client id and secret, exchanged at POST /oauth2/token",
+        "flows": {"clientCredentials": {"scopes": {}, "tokenUrl": "/oauth2/token"}},
+    },
+}
+_SECURITY = [{name: []} for name in SECURITY_SCHEMES]
 
 # Not a resource of its own: an account path's first parts.
 _SCOPE_PARAMETERS = {"subscriptionId", "resourceGroup"}
@@ -103,7 +118,7 @@ def derived_errors(route: APIRoute | RouteContext) -> list[int]:
     has_body = bool(route.body_field) or "requestBody" in (route.openapi_extra or {})
     statuses = []
     if route.path.startswith("/api/") or parameters:
-        statuses.append(400)  # app.api.deps.check_parameters, check_api_version, and validation
+        statuses.append(400)  # app.api.deps.check_request, and validation
     if get_caller in calls:
         statuses.append(401)
     if calls & {read_account, read_account_now, write_account}:
@@ -136,6 +151,8 @@ def _add(document: dict[str, Any], route: RouteContext) -> None:
         operation = path.get(method.lower())
         if operation is None:
             continue
+        if get_caller in set(_calls(route.dependant)):
+            operation["security"] = _SECURITY
         responses = operation["responses"]
         if not getattr(route.original_route, "declares_its_errors", False):
             for status, response in errors(*derived_errors(route)).items():
@@ -163,7 +180,9 @@ def install_openapi(app: FastAPI) -> None:
                 routes=app.routes,
             )
             _, defined = models_json_schema([(ErrorBody, "serialization")], ref_template="#/components/schemas/{model}")
-            document.setdefault("components", {}).setdefault("schemas", {}).update(defined.get("$defs", {}))
+            components = document.setdefault("components", {})
+            components.setdefault("schemas", {}).update(defined.get("$defs", {}))
+            components["securitySchemes"] = SECURITY_SCHEMES
             for route in iter_route_contexts(app.routes):  # each route as included, with its prefixes
                 if isinstance(route.original_route, APIRoute) and route.include_in_schema:
                     _add(document, route)

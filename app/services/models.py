@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session, joinedload
 
@@ -9,7 +13,7 @@ from app.errors import Conflict
 from app.orm import Manifest, ManifestModel, ModelTag, ModelVersion, RegisteredModel
 from app.schemas.models import ModelCreate
 from app.services.accounts import AccountRef
-from app.services.lookup import get_in_account
+from app.services.lookup import get_in_account, not_found, parse_uuid
 from app.services.paging import page_by_name_and_version
 from app.services.source_urls import SourceUrlPolicy
 from app.services.versioning import claim_next_version
@@ -50,6 +54,45 @@ def get_model(session: Session, account: AccountRef, *, model_id: str) -> ModelV
     return get_in_account(
         session, ModelVersion, account, model_id, kind="model", options=[joinedload(ModelVersion.tag_rows)]
     )
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRecord:
+    """A model as a read shows it: the columns ``ModelVersion`` has, read without the ORM."""
+
+    id: uuid.UUID
+    name: str
+    version: int
+    description: str | None
+    url: str
+    tags: list[str]
+    mime_type: str
+    unpack: bool
+    sha256: str | None
+    created_at: datetime
+
+
+_MODELS = ModelVersion.__table__
+_TAGS = ModelTag.__table__
+_RECORD_COLUMNS = [_MODELS.c[name] for name in ModelRecord.__slots__ if name != "tags"]
+_READ_MODEL = (
+    select(*_RECORD_COLUMNS, _MODELS.c.account_id, _TAGS.c.tag)
+    .outerjoin(_TAGS, _TAGS.c.model_version_id == _MODELS.c.id)
+    .order_by(_TAGS.c.position)
+)
+
+
+def read_model(session: Session, account: AccountRef, *, model_id: str) -> ModelRecord:
+    """One model of the account by id, or 404, for a read: one Core statement (the row joined
+    with its tags), without the ORM's loading and identity map, which cost a GET more than its
+    round trip to the database did (issue 20)."""
+    parsed = parse_uuid(model_id)
+    rows = session.execute(_READ_MODEL.where(_MODELS.c.id == parsed)).all() if parsed else []
+    if not rows or rows[0].account_id != account.id:
+        raise not_found("model", model_id)
+    first = rows[0]
+    columns = {column.key: first._mapping[column] for column in _RECORD_COLUMNS}
+    return ModelRecord(**columns, tags=[row.tag for row in rows if row.tag is not None])
 
 
 def list_models(

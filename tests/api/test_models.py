@@ -6,7 +6,9 @@ import uuid
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import event
 
+from app.context import ServiceContext
 from tests.factories import model_body, new_account
 
 
@@ -87,6 +89,28 @@ def test_a_body_that_is_not_json_gets_a_400(client: TestClient, owner: dict[str,
     )
     assert response.status_code == 400
     assert "not valid JSON" in response.json()["message"]
+
+
+@pytest.mark.parametrize("tags", [[], ["b", "a", "c"]], ids=["no tags", "three tags"])
+def test_a_get_reads_the_model_with_its_tags_in_one_statement(
+    client: TestClient, owner: dict[str, str], account: str, app_context: ServiceContext, tags: list[str]
+) -> None:
+    created = client.post(f"{account}/models", json=model_body(tags=tags), headers=owner).json()
+    assert created["tags"] == tags
+    selects: list[str] = []
+
+    def count(_conn, _cursor, statement, *_args) -> None:  # type: ignore[no-untyped-def]
+        if statement.lstrip().upper().startswith("SELECT"):
+            selects.append(statement)
+
+    event.listen(app_context.engine, "before_cursor_execute", count)
+    try:
+        fetched = client.get(f"{account}/models/{created['id']}", headers=owner)
+    finally:
+        event.remove(app_context.engine, "before_cursor_execute", count)
+    assert fetched.json() == created  # the tags in the order registered
+    # Roles (MMS_AUTH_CACHE_SECONDS is 0 in the tests), the account, the model with its tags.
+    assert len(selects) == 3, "\n\n".join(selects)
 
 
 def test_unknown_and_foreign_ids_are_404(client: TestClient, owner: dict[str, str], account: str) -> None:

@@ -24,7 +24,7 @@ router = APIRouter(
 )
 
 
-def to_read(model: ModelVersion) -> ModelRead:
+def to_read(model: ModelVersion | models.ModelRecord) -> ModelRead:
     return ModelRead(
         id=str(model.id),
         name=model.name,
@@ -75,7 +75,7 @@ def register_model(
 
 @router.get("/{modelId}", response_model=ModelRead)
 def get_model(model_id: ModelId, account: ReadableAccount, session: SessionDep) -> ModelRead:
-    return to_read(models.get_model(session, account, model_id=model_id))
+    return to_read(models.read_model(session, account, model_id=model_id))
 
 
 @router.get("", response_model=Page[ModelRead])
