@@ -91,9 +91,12 @@ class _JobClient(docker.APIClient):
         return None
 
 
-def engine_client(docker_host: str | None, timeout: int = 600) -> docker.APIClient:
-    """A client for the engine at ``docker_host`` (None: the default local socket)."""
-    return _JobClient(base_url=docker_host, version="auto", timeout=timeout)
+def engine_client(
+    docker_host: str | None, timeout: int = 600, *, tls: docker.tls.TLSConfig | None = None
+) -> docker.APIClient:
+    """A client for the engine at ``docker_host`` (None: the default local socket); ``tls``: a
+    ``tcp://`` engine's CA and client certificate (a tenant's swarm manager)."""
+    return _JobClient(base_url=docker_host, version="auto", timeout=timeout, tls=tls or False)
 
 
 def registry_host(reference: str) -> str:
