@@ -301,8 +301,10 @@ class SwarmDriver:
         if container_id:
             self._task_container[task["ID"]] = container_id
         address = None
-        if status.get("State") == "running" and container_id:
-            address = self._published(status) if self._published_host else self._address(container_id)
+        if status.get("State") == "running" and container_id and self._published_host:
+            address = published_address(self._published_host, status)
+        elif status.get("State") == "running" and container_id:
+            address = self._address(container_id)
         return Replica(
             id=task["ID"],
             generation=generation,
@@ -313,20 +315,6 @@ class SwarmDriver:
             exit_code=(status.get("ContainerStatus") or {}).get("ExitCode"),
             created=_timestamp(task.get("CreatedAt")),
         )
-
-    def _published(self, status: Mapping) -> str | None:
-        """A tenant's task: the manager's checked address and the host port the task publishes
-        for the replica port. Only the port is the engine's word, and only a port it is."""
-        for port in (status.get("PortStatus") or {}).get("Ports") or []:
-            published = port.get("PublishedPort") if isinstance(port, Mapping) else None
-            if (
-                port.get("TargetPort") == REPLICA_PORT
-                and port.get("PublishMode") == "host"
-                and type(published) is int
-                and 0 < published < 65536
-            ):
-                return f"{self._published_host}:{published}"  # read with rpartition(":"), v6 too
-        return None
 
     def _address(self, container_id: str) -> str | None:
         """The task's address on its service bridge: from its container on this node (the
@@ -451,6 +439,25 @@ def _checked_config(network: Mapping, service_id: uuid.UUID) -> str:
     return name
 
 
+def published_address(host: str, status: Mapping) -> str | None:
+    """A tenant's task's address: ``host`` (the manager's, as the worker checked it) and the port
+    the task publishes in host mode for the replica port. Only the port is the engine's word,
+    and only a port it is (an int in 1..65535): never an address the engine names."""
+    ports = (status.get("PortStatus") or {}).get("Ports") if isinstance(status, Mapping) else None
+    for port in ports if isinstance(ports, list) else []:
+        if not isinstance(port, Mapping):
+            continue
+        published = port.get("PublishedPort")
+        if (
+            port.get("TargetPort") == REPLICA_PORT
+            and port.get("PublishMode") == "host"
+            and type(published) is int
+            and 0 < published < 65536
+        ):
+            return f"{host}:{published}"  # read with rpartition(":"), v6 too
+    return None
+
+
 def _replicas_of(service: Mapping) -> int:
     return int(((service["Spec"].get("Mode") or {}).get("Replicated") or {}).get("Replicas") or 0)
 
@@ -474,4 +481,4 @@ def _timestamp(value: str | None) -> float:
         return 0.0
 
 
-__all__ = ["SwarmDriver", "config_network_name", "swarm_service_name"]
+__all__ = ["SwarmDriver", "config_network_name", "published_address", "swarm_service_name"]

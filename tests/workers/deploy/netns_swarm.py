@@ -205,6 +205,7 @@ class _Forwarder:
         if isinstance(made[0], BaseException):
             raise made[0]
         self._listener = made[0]
+        self._open: list[socket.socket] = []  # every connection's two sockets: closed by stop()
         self._listener.settimeout(0.5)
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
@@ -213,6 +214,8 @@ class _Forwarder:
         self._stopping.set()
         self._thread.join(timeout=5)
         self._listener.close()
+        for connection in self._open:
+            connection.close()
 
     def _serve(self) -> None:
         while not self._stopping.is_set():
@@ -222,11 +225,12 @@ class _Forwarder:
                 continue
             except OSError:
                 return
+            self._open.append(inside)
             try:
                 outside = socket.create_connection(("127.0.0.1", self._port), timeout=10)
             except OSError:
-                inside.close()
                 continue
+            self._open.append(outside)
             for source, sink in ((inside, outside), (outside, inside)):
                 threading.Thread(target=_pump, args=(source, sink), daemon=True).start()
 
