@@ -65,7 +65,7 @@ def _deploy(account: Account, image_id: str, name: str, compute: str, *, auth: b
     if auth is not None:
         config["authEnabled"] = auth
     body = {"name": name, "imageId": image_id, "computeName": compute, "deploymentConfig": config}
-    return account.call("POST", f"{account.url}/services", json=body)
+    return httpx.post(f"{account.url}/services", json=body, headers=account.stack.headers, timeout=60)
 
 
 def _held(api: docker.APIClient, service_id: str) -> dict[str, list]:
