@@ -303,8 +303,8 @@ class SwarmDriver:
         address = None
         if status.get("State") == "running" and container_id and self._published_host:
             address = published_address(self._published_host, status)
-        elif status.get("State") == "running" and container_id:
-            address = self._address(container_id)
+        elif status.get("State") == "running" and container_id and (ip := self._address(container_id)):
+            address = f"{ip}:{REPLICA_PORT}"
         return Replica(
             id=task["ID"],
             generation=generation,
