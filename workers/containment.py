@@ -109,7 +109,7 @@ def replica_task_template(
     api: docker.APIClient,
     *,
     image: str,
-    network: str,
+    network: str | None,
     cpus: float,
     memory_mb: int,
     pids: int,
@@ -119,7 +119,8 @@ def replica_task_template(
 ) -> dict:
     """A swarm task's spec for a web-service replica: the same containment as
     ``replica_host_config`` as far as a swarm service can say it, on the swarm-scoped bridge
-    ``network`` (workers/deploy/swarm.py). ``labels`` go on the container too.
+    ``network`` (workers/deploy/swarm.py; None on a tenant's swarm, where the task publishes its
+    port instead). ``labels`` go on the container too.
 
     What swarm's API (1.41) cannot say: tmpfs inodes and owners (``$HOME`` is mode 1777
     instead of the image user's 0700), no-new-privileges and the ``fsize`` ulimit. With no
@@ -161,7 +162,7 @@ def replica_task_template(
             condition="any", delay=int(restart_delay_seconds * 1e9), max_attempts=0
         ),
         log_driver=docker.types.DriverConfig(_REPLICA_LOGS["type"], _REPLICA_LOGS["config"]),
-        networks=[{"Target": network}],
+        networks=[{"Target": network}] if network else [],
     )
 
 

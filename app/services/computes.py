@@ -65,6 +65,11 @@ def _target(compute: Compute) -> Target:
     )
 
 
+def is_tenant_swarm(compute_type: str, compute_name: str, *, swarm_enabled: bool) -> bool:
+    """Whether a service's target is a swarm the tenant attached, not the operator's built-in one."""
+    return compute_type == SWARM and not (compute_name == SWARM and swarm_enabled)
+
+
 def _built_in_name(name: str, *, swarm_enabled: bool) -> str | None:
     """The built-in target ``name`` names (any case), if any: ``local`` always (refused as an
     attached name), ``swarm`` when the operator's swarm is set."""

@@ -29,7 +29,7 @@ from app.schemas.services import AutoScaler, ContainerResourceRequirements, Serv
 from app.sealing import Sealer
 from app.services import images, manifests
 from app.services.accounts import AccountRef
-from app.services.computes import get_target, invalid
+from app.services.computes import get_target, invalid, is_tenant_swarm
 from app.services.lookup import get_in_account, parse_uuid
 
 # Targets with no autoscaler in v1, whose replicas share a subnet slot (docs/design/web-services.md §1).
@@ -39,13 +39,20 @@ _FIXED_SCALE = frozenset({"local", "swarm"})
 _NO_GATEWAY = frozenset({"kubernetes"})
 
 
-def _check_auth(auth_enabled: bool | None, *, compute_type: str, field: str) -> None:
+def _check_auth(auth_enabled: bool | None, *, compute_type: str, tenant_swarm: bool, field: str) -> None:
     if auth_enabled and compute_type in _NO_GATEWAY:
         raise invalid(
             field,
             f"a {compute_type} target cannot check scoring keys: its traffic does not pass the scoring "
             "gateway, which is what checks them; set authEnabled to false to deploy there without key "
             "auth (the service is then reached at its cluster address, from inside the cluster only)",
+        )
+    if auth_enabled and tenant_swarm:
+        raise invalid(
+            field,
+            "a swarm you attached cannot check scoring keys: its tasks publish their port on your swarm's "
+            "manager, reachable around the scoring gateway, which is what checks them; set authEnabled to "
+            "false to deploy there without key auth (scoringUri still reaches it through the gateway)",
         )
 
 
@@ -196,7 +203,12 @@ def create(
             "computeType", f"compute '{target.name}' is a {target.compute_type} target, not {body.computeType}"
         )
     config = body.deploymentConfig
-    _check_auth(config.authEnabled, compute_type=target.compute_type, field="deploymentConfig.authEnabled")
+    _check_auth(
+        config.authEnabled,
+        compute_type=target.compute_type,
+        tenant_swarm=target.compute_type == "swarm" and not target.built_in,
+        field="deploymentConfig.authEnabled",
+    )
     scale = _scale(
         config.numReplicas,
         config.autoScaler,
@@ -313,7 +325,8 @@ def update(
             body.containerResourceRequirements, compute_type=service.compute_type, limits=limits, prefix=""
         )
     if body.authEnabled is not None:
-        _check_auth(body.authEnabled, compute_type=service.compute_type, field="authEnabled")
+        tenant_swarm = is_tenant_swarm(service.compute_type, service.compute_name, swarm_enabled=limits.swarm_enabled)
+        _check_auth(body.authEnabled, compute_type=service.compute_type, tenant_swarm=tenant_swarm, field="authEnabled")
         values["auth_enabled"] = body.authEnabled
     if body.scoringTimeoutMs is not None:
         values["scoring_timeout_ms"] = body.scoringTimeoutMs

@@ -597,7 +597,10 @@ def test_a_target_that_runs_services_cannot_be_detached_or_change_type(
     client: TestClient, owner: dict[str, str], account: str, image_id: str
 ) -> None:
     assert client.put(f"{account}/computes/myswarm", json=swarm(), headers=owner).status_code == 201
-    service = deploy(client, account, owner, image_id, computeName="myswarm", computeType="swarm")
+    no_auth = {"authEnabled": False}  # an attached swarm cannot check keys (test below)
+    service = deploy(
+        client, account, owner, image_id, computeName="myswarm", computeType="swarm", deploymentConfig=no_auth
+    )
     assert service["computeType"] == "swarm"
     for response in (
         client.delete(f"{account}/computes/myswarm", headers=owner),
@@ -606,10 +609,34 @@ def test_a_target_that_runs_services_cannot_be_detached_or_change_type(
         assert (response.status_code, response.json()["code"]) == (409, "ComputeInUse")
     too_many = client.post(
         f"{account}/services",
-        json=body(image_id, name="big", computeName="myswarm", deploymentConfig={"numReplicas": 11}),
+        json=body(image_id, name="big", computeName="myswarm", deploymentConfig={"numReplicas": 11, **no_auth}),
         headers=owner,
     )
     assert too_many.status_code == 400
+    assert too_many.json()["details"][0]["message"].startswith("deploymentConfig.numReplicas:")
+
+
+def test_an_attached_swarm_refuses_key_auth_rather_than_serve_without_it(
+    client: TestClient, owner: dict[str, str], account: str, image_id: str, db: Session
+) -> None:
+    """Its tasks publish their port on the tenant's manager, reachable around the gateway that
+    checks keys: asking for keys there is a 400 (the default included), never a service without them."""
+    assert client.put(f"{account}/computes/theirs", json=swarm(), headers=owner).status_code == 201
+    for config in ({}, {"authEnabled": True}):
+        refused = client.post(
+            f"{account}/services", json=body(image_id, computeName="theirs", deploymentConfig=config), headers=owner
+        )
+        assert refused.status_code == 400
+        message = refused.json()["details"][0]["message"]
+        assert message.startswith("deploymentConfig.authEnabled: a swarm you attached cannot check scoring keys")
+    service = deploy(client, account, owner, image_id, computeName="theirs", deploymentConfig={"authEnabled": False})
+    assert service["authEnabled"] is False
+    settle(db, service["id"], Transition.CONVERGE, ServiceState.HEALTHY)
+    url = f"{account}/services/{service['id']}"
+    refused = client.patch(url, json={"authEnabled": True}, headers=owner)
+    assert refused.status_code == 400
+    assert refused.json()["details"][0]["message"].startswith("authEnabled: a swarm you attached cannot check")
+    assert client.get(url, headers=owner).json()["authEnabled"] is False
 
 
 def test_an_account_with_services_is_deleted_only_with_force_and_takes_them_along(

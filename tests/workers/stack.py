@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,10 +72,15 @@ class Stack:
 
 
 def running_stack(
-    infra: Infra, service_context: ServiceContext, tmp_path_factory: pytest.TempPathFactory
+    infra: Infra,
+    service_context: ServiceContext,
+    tmp_path_factory: pytest.TempPathFactory,
+    *,
+    allow_hosts: Sequence[str] = (),
 ) -> Iterator[Stack]:
     """`mms serve` and `mms worker` against the test database, Redis, the engine and the registry
-    (the `stack` fixture of tests/workers/conftest.py)."""
+    (the `stack` fixture of tests/workers/conftest.py); ``allow_hosts``: more private hosts the
+    service may reach (MMS_FETCH_ALLOW_HOSTS: a tenant's swarm in a test's network namespace)."""
     settings = service_context.settings
     port, hook_port, gateway_port = free_port(), free_port(), free_port()
     broker = "redis://127.0.0.1:6379/14"
@@ -104,7 +109,7 @@ def running_stack(
         "MMS_BUILD_SHUTDOWN_GRACE_SECONDS": "1",
         # The webhook receiver, and the password registry as a tenant's private registry
         # (the open one is the service's own: allowed without listing it).
-        "MMS_FETCH_ALLOW_HOSTS": json.dumps([f"127.0.0.1:{hook_port}", infra.auth_registry]),
+        "MMS_FETCH_ALLOW_HOSTS": json.dumps([f"127.0.0.1:{hook_port}", infra.auth_registry, *allow_hosts]),
         "MMS_LOG_FORMAT": "text",
         "DOCKER_HOST": infra.docker_host,
         # docker builds' RUN steps: the contained network and its egress proxy to PyPI.

@@ -91,9 +91,20 @@ class _JobClient(docker.APIClient):
         return None
 
 
-def engine_client(docker_host: str | None, timeout: int = 600) -> docker.APIClient:
-    """A client for the engine at ``docker_host`` (None: the default local socket)."""
-    return _JobClient(base_url=docker_host, version="auto", timeout=timeout)
+def engine_client(
+    docker_host: str | None, timeout: int = 600, *, tls: docker.tls.TLSConfig | None = None
+) -> docker.APIClient:
+    """A client for the engine at ``docker_host`` (None: the default local socket); ``tls``: a
+    ``tcp://`` engine's CA and client certificate (a tenant's swarm manager)."""
+    if tls is None:
+        return _JobClient(base_url=docker_host, version="auto", timeout=timeout)
+    # requests would let REQUESTS_CA_BUNDLE replace the engine's CA (and the environment's proxy
+    # carry the connection): only ``tls`` decides whom this client trusts. So the API version is
+    # asked ("auto") only once the environment is out of it.
+    client = _JobClient(base_url=docker_host, version="1.41", timeout=timeout, tls=tls)
+    client.trust_env = False
+    client._version = client._retrieve_server_version()
+    return client
 
 
 def registry_host(reference: str) -> str:

@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -31,12 +31,13 @@ from app.deployments.states import ServiceState
 from app.orm import Compute, Service
 from app.orm.base import utcnow
 from app.sealing import UnsealError
-from app.services.computes import SWARM
+from app.services.computes import is_tenant_swarm
 from workers.deploy.cluster_cleanup import clean_up_clusters
 from workers.deploy.kubeconfig import kubeconfig_policy
 from workers.deploy.local import EngineUnreachable, LocalDriver, TargetRefused, repository_of
 from workers.deploy.local_network import ServiceNetworkError, require_service_firewall
 from workers.deploy.swarm import SwarmDriver
+from workers.deploy.tenant_swarm import tenant_swarm_driver
 from workers.pipeline import ENGINE_PULL_TOKEN_SECONDS, local_engine, registry_login
 
 if TYPE_CHECKING:
@@ -155,11 +156,21 @@ def _pass(context: ServiceContext, lease: Lease) -> None:
             )
             driver.remove(step.remove)
             if step.start:
-                require_service_firewall(
-                    settings.service_firewall_attestation
-                )  # nothing starts uncontained (removing needs no firewall)
+                if not _tenant_swarm(context, spec):  # a tenant's hosts are not under our firewall
+                    require_service_firewall(
+                        settings.service_firewall_attestation
+                    )  # nothing starts uncontained (removing needs no firewall)
                 driver.start(spec, step.start, _pull_auth(context, spec))
                 step.busy = True
+    except TargetRefused as exc:  # a tenant's swarm: its manager or credentials will not do
+        with session_scope(context.session_factory) as session:
+            if spec.deleting:  # the tenant may fix the target (PUT .../computes): tried again
+                reconciler.record_unreachable(session, lease, spec, str(exc), now=utcnow(), scoring_url=scoring_url)
+            else:
+                step = reconciler.Step(failure=Failure(str(exc)))
+                reconciler.record(session, lease, spec, step, [], now=utcnow(), scoring_url=scoring_url)
+        log.warning("deploy.refused", extra={"service": str(spec.id), "reason": str(exc)})
+        return
     except (EngineUnreachable, ServiceNetworkError) as exc:
         with session_scope(context.session_factory) as session:
             reconciler.record_unreachable(session, lease, spec, str(exc), now=utcnow(), scoring_url=scoring_url)
@@ -321,9 +332,13 @@ def clean_up_deleted_accounts(context: ServiceContext) -> list[uuid.UUID]:
     return clean_up_clusters(context)
 
 
-def _driver(context: ServiceContext, spec: Spec) -> LocalDriver | SwarmDriver:
+def _driver(context: ServiceContext, spec: Spec) -> AbstractContextManager[LocalDriver | SwarmDriver]:
     """The driver of the service's target; EngineUnreachable when it has none."""
     settings = context.settings
+    if _tenant_swarm(context, spec):
+        return tenant_swarm_driver(
+            context, account_id=spec.account_id, compute_name=spec.compute_name, installation=installation_id(context)
+        )
     if spec.compute_type == "swarm":
         if not settings.swarm_docker_host:
             raise EngineUnreachable("the operator's swarm is not set on the workers (MMS_SWARM_DOCKER_HOST)")
@@ -348,14 +363,19 @@ def _undeployable(context: ServiceContext, spec: Spec) -> str | None:
             "cannot hand a cluster a pull credential of its own; an operator sets MMS_REGISTRY to a registry "
             "the cluster can pull from itself"
         )
-    if spec.compute_type == "swarm" and spec.compute_name != SWARM:
-        # A tenant's swarm: its tasks' addresses are on its own hosts, out of the gateway's reach.
+    if _tenant_swarm(context, spec) and spec.auth_enabled:
+        # The API refuses it; a row from before says so here: never served without the keys it asked for.
         return (
-            f"compute '{spec.compute_name}' is a swarm the tenant attached: such targets cannot be deployed "
-            "to yet (the scoring gateway cannot reach their tasks); deploy to 'local' or, where the "
-            "operator set one, to the built-in 'swarm'"
+            f"compute '{spec.compute_name}' is a swarm the tenant attached, whose tasks publish their port on "
+            "the tenant's hosts, reachable around the scoring gateway that checks keys: set authEnabled to "
+            "false to deploy there without key auth"
         )
     return None
+
+
+def _tenant_swarm(context: ServiceContext, spec: Spec) -> bool:
+    """Is the service's target a swarm the tenant attached (not the operator's built-in one)?"""
+    return is_tenant_swarm(spec.compute_type, spec.compute_name, swarm_enabled=bool(context.settings.swarm_docker_host))
 
 
 def _local_driver(context: ServiceContext, engine: str) -> LocalDriver:
@@ -422,8 +442,11 @@ def _drain_seconds(context: ServiceContext, spec: Spec) -> float:
 
 
 def _pull_auth(context: ServiceContext, spec: Spec) -> Mapping[str, str] | None:
+    """What the engine pulls the image with. A tenant's engine gets at most a token for that one
+    image's repository: never the operator's registry login, which pushes every tenant's images
+    (with MMS_REGISTRY, the tenant's hosts pull with their own access, as a kubernetes cluster)."""
     if context.settings.is_embedded_registry:
         # The engine pulls from the service's own /v2/ with a token for this image only.
         token = engine_pull_token(context, repository_of(spec.image_location), ttl_seconds=ENGINE_PULL_TOKEN_SECONDS)
         return {"registrytoken": token}
-    return registry_login(context.settings)
+    return None if _tenant_swarm(context, spec) else registry_login(context.settings)

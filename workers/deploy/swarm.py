@@ -10,6 +10,14 @@ one swarm service ``mms-<id hex12>-g<n>`` with no published port, whose tasks th
 reaches at their container's address. Swarm replaces a task that exits; scaling is the
 service's replica count. What runs is read from the engine every pass, by labels, as for
 ``local``.
+
+A swarm a tenant attached (``published_host`` set: workers/deploy/tenant_swarm.py opens it)
+is another's hosts, not ours: no service network or host firewall of ours there; each task
+publishes the replica port in host mode on a port its engine picks, on the node the worker
+talks to (a placement constraint), and the gateway reaches it at the manager's address the
+worker checked (never one the engine reports) and the task's port. Those ports are reachable
+around the gateway, so such services run without key auth (design §1, "A tenant's swarm").
+The routing mesh is not used: it needs IPVS, which the tests' kernel lacks (measured).
 """
 
 from __future__ import annotations
@@ -76,17 +84,31 @@ def swarm_service_name(service_id: uuid.UUID, generation: int) -> str:
 
 
 class SwarmDriver:
-    def __init__(self, docker_host: str, *, installation: str, subnet_pool: str, tmp_mb: int, pids: int) -> None:
+    def __init__(
+        self,
+        docker_host: str,
+        *,
+        installation: str,
+        subnet_pool: str,
+        tmp_mb: int,
+        pids: int,
+        tls: docker.tls.TLSConfig | None = None,
+        published_host: str | None = None,
+    ) -> None:
+        """``published_host``: a tenant's swarm, whose tasks the gateway reaches at this address
+        (the manager's, as the worker checked it) and the port each task publishes."""
         self._installation = installation
         self._task_container: dict[str, str] = {}  # task id -> its container on this node, as observed
         self._pool = subnet_pool
         self._tmp_mb = tmp_mb
         self._pids = pids
+        self._published_host = published_host
         try:
-            self._api = engine_client(docker_host, timeout=30)
+            self._api = engine_client(docker_host, timeout=30, tls=tls)
             swarm = self._api.info().get("Swarm") or {}
         except (docker.errors.DockerException, requests.RequestException, OSError) as exc:
             raise EngineUnreachable(f"the swarm's engine did not answer ({type(exc).__name__})") from None
+        self._node_id = str(swarm.get("NodeID") or "")
         if swarm.get("LocalNodeState") != "active" or not swarm.get("ControlAvailable"):
             self._api.close()
             raise EngineUnreachable(
@@ -138,7 +160,7 @@ class SwarmDriver:
         Returns nothing: swarm names the tasks, the next pass sees them."""
         if count <= 0:
             return []
-        network = self._ensure_network(spec.id)
+        network = None if self._published_host else self._ensure_network(spec.id)
         service = self._service(spec.id, spec.generation)
         if service is not None:
             running = sum(t.get("DesiredState") in _ALIVE for t in self._api.tasks(filters={"service": service["ID"]}))
@@ -171,6 +193,14 @@ class SwarmDriver:
             "TaskTemplate": template,
             "Mode": {"Replicated": {"Replicas": count}},
         }
+        if self._published_host:
+            # Each task's port on the node the worker talks to (the gateway knows no other
+            # address); DNS round robin: a VIP needs IPVS, as the routing mesh does.
+            template["Placement"] = {"Constraints": [f"node.id=={self._node_id}"]}
+            body["EndpointSpec"] = {
+                "Mode": "dnsrr",
+                "Ports": [{"Protocol": "tcp", "TargetPort": REPLICA_PORT, "PublishMode": "host"}],
+            }
         # --with-registry-auth: a node that lacks the image pulls it by digest with this.
         headers = {"X-Registry-Auth": _auth_header(pull_auth, image)} if pull_auth else {}
         try:
@@ -209,6 +239,8 @@ class SwarmDriver:
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.5)
+        if self._published_host:
+            return True  # no network of ours there
         try:
             with suppress(docker.errors.NotFound):
                 self._api.remove_network(network_name(service_id))
@@ -269,15 +301,17 @@ class SwarmDriver:
         if container_id:
             self._task_container[task["ID"]] = container_id
         address = None
-        if status.get("State") == "running" and container_id:
-            address = self._address(container_id)
+        if status.get("State") == "running" and container_id and self._published_host:
+            address = published_address(self._published_host, status)
+        elif status.get("State") == "running" and container_id and (ip := self._address(container_id)):
+            address = f"{ip}:{REPLICA_PORT}"
         return Replica(
             id=task["ID"],
             generation=generation,
             image_id=image_id,
-            address=f"{address}:{REPLICA_PORT}" if address else None,
+            address=address,
             alive=True,  # swarm keeps it running, or replaces it
-            ready=address is not None and answers(f"{address}:{REPLICA_PORT}"),
+            ready=address is not None and answers(address),
             exit_code=(status.get("ContainerStatus") or {}).get("ExitCode"),
             created=_timestamp(task.get("CreatedAt")),
         )
@@ -405,6 +439,25 @@ def _checked_config(network: Mapping, service_id: uuid.UUID) -> str:
     return name
 
 
+def published_address(host: str, status: Mapping) -> str | None:
+    """A tenant's task's address: ``host`` (the manager's, as the worker checked it) and the port
+    the task publishes in host mode for the replica port. Only the port is the engine's word,
+    and only a port it is (an int in 1..65535): never an address the engine names."""
+    ports = (status.get("PortStatus") or {}).get("Ports") if isinstance(status, Mapping) else None
+    for port in ports if isinstance(ports, list) else []:
+        if not isinstance(port, Mapping):
+            continue
+        published = port.get("PublishedPort")
+        if (
+            port.get("TargetPort") == REPLICA_PORT
+            and port.get("PublishMode") == "host"
+            and type(published) is int
+            and 0 < published < 65536
+        ):
+            return f"{host}:{published}"  # read with rpartition(":"), v6 too
+    return None
+
+
 def _replicas_of(service: Mapping) -> int:
     return int(((service["Spec"].get("Mode") or {}).get("Replicated") or {}).get("Replicas") or 0)
 
@@ -428,4 +481,4 @@ def _timestamp(value: str | None) -> float:
         return 0.0
 
 
-__all__ = ["SwarmDriver", "config_network_name", "swarm_service_name"]
+__all__ = ["SwarmDriver", "config_network_name", "published_address", "swarm_service_name"]

@@ -24,7 +24,6 @@ import docker
 import httpx
 import pytest
 
-from tests.api.test_computes import swarm as attached_swarm_body
 from tests.infra import Infra
 from tests.workers.deploy.test_local import _delete, _keys, _wait
 from tests.workers.stack import Account, Stack
@@ -274,15 +273,6 @@ def test_a_delete_leaves_nothing_in_the_swarm(account: Account, service: dict, e
     assert all(_swarm_held(engine, service["id"]).values())
     _delete(account, service["id"])
     assert _swarm_held(engine, service["id"]) == {"services": [], "networks": [], "containers": []}
-
-
-def test_a_tenant_attached_swarm_is_not_deployable(account: Account, token_image: dict) -> None:
-    account.call("PUT", f"{account.url}/computes/theirs", json=attached_swarm_body())
-    created = _deploy(account, token_image["Id"], "on-their-swarm", compute="theirs")
-    failed = _wait(account, created["id"], "Failed", "Healthy", seconds=30)
-    assert failed["state"] == "Failed"
-    assert "compute 'theirs' is a swarm the tenant attached" in failed["error"]["message"]
-    _delete(account, created["id"])
 
 
 def test_a_generation_whose_tasks_keep_failing_fails_the_service_with_its_last_lines(

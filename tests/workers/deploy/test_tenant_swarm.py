@@ -1,0 +1,188 @@
+"""Web services on a swarm a tenant attached, end to end: a second dockerd in a network
+namespace of the test's own (tests/workers/deploy/netns_swarm.py) is the tenant's one-node
+swarm, reached over TLS at an address of its own; the API attaches it, a real deploy worker runs
+each generation there as a swarm service whose tasks publish the replica port in host mode, and
+the scoring gateway routes to them at the manager's checked address."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+
+import docker
+import httpx
+import pytest
+
+from tests.infra import Infra
+from tests.workers.deploy.netns_swarm import TenantSwarm, tenant_swarm, usable
+from tests.workers.deploy.test_local import _delete, _wait
+from tests.workers.stack import SCORE_PY, Account, Stack, register_model, sklearn_requirements
+
+pytestmark = pytest.mark.skipif(usable() is not None, reason=f"no tenant swarm here: {usable()}")
+
+SERVICE_LABEL = "org.mms.service"
+
+
+@pytest.fixture(scope="module")
+def tenant(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TenantSwarm]:
+    registry_port = int(infra.registry.rpartition(":")[2])
+    with tenant_swarm(tmp_path_factory.mktemp("tenant"), registry_port=registry_port) as swarm:
+        yield swarm
+
+
+@pytest.fixture(scope="module")
+def stack(infra: Infra, service_context, tmp_path_factory: pytest.TempPathFactory, tenant: TenantSwarm):  # type: ignore[no-untyped-def]
+    """The tests' stack, allowed to reach the tenant's manager (a private address here)."""
+    from tests.workers.stack import running_stack
+
+    yield from running_stack(infra, service_context, tmp_path_factory, allow_hosts=[tenant.address])
+
+
+@pytest.fixture(scope="module")
+def account(stack: Stack) -> Account:
+    stack.start_web_services()
+    return Account(stack)
+
+
+@pytest.fixture(scope="module")
+def housing_image(account: Account, model) -> tuple[dict, object, list]:  # type: ignore[no-untyped-def]
+    trained, rows, archive = model
+    model_id = register_model(account, archive)
+    manifest = account.manifest(model_id, SCORE_PY, sklearn_requirements(), name="housing-tenant-swarm")
+    image = account.wait(account.build(manifest, "housing-tenant-swarm")["Id"])
+    assert image["CreationState"] == "Succeeded", account.log(image)
+    return image, trained, rows
+
+
+def _attach(account: Account, name: str, docker_host: str, tls: dict[str, str]) -> httpx.Response:
+    body = {"type": "swarm", "properties": {"dockerHost": docker_host, "tls": tls}}
+    return account.call("PUT", f"{account.url}/computes/{name}", json=body)
+
+
+def _deploy(account: Account, image_id: str, name: str, compute: str, *, auth: bool | None = False) -> httpx.Response:
+    config: dict = {"containerResourceRequirements": {"cpu": 0.5, "memoryInGB": 0.5}, "numReplicas": 1}
+    if auth is not None:
+        config["authEnabled"] = auth
+    body = {"name": name, "imageId": image_id, "computeName": compute, "deploymentConfig": config}
+    return httpx.post(f"{account.url}/services", json=body, headers=account.stack.headers, timeout=60)
+
+
+def _held(api: docker.APIClient, service_id: str) -> dict[str, list]:
+    label = {"label": f"{SERVICE_LABEL}={service_id}"}
+    return {
+        "services": api.services(filters=label),
+        "containers": api.containers(all=True, filters=label),
+        "networks": api.networks(filters=label),
+    }
+
+
+def test_the_housing_model_scores_on_a_tenants_swarm_and_a_delete_leaves_nothing_there(
+    account: Account, housing_image, tenant: TenantSwarm, infra: Infra
+) -> None:  # type: ignore[no-untyped-def]
+    image, trained, rows = housing_image
+    assert _attach(account, "theirs", tenant.docker_host, tenant.tls).status_code == 201
+    created = _deploy(account, image["Id"], "on-their-swarm", "theirs")
+    assert created.status_code == 202, created.text
+    service_id = created.json()["id"]
+    started = time.monotonic()
+    healthy = _wait(account, service_id, "Healthy", "Failed", seconds=180)
+    assert healthy["state"] == "Healthy", healthy
+    print(f"tenant swarm: POST -> Healthy in {time.monotonic() - started:.1f} s")
+    assert healthy["computeType"] == "swarm" and healthy["authEnabled"] is False
+
+    # Scored through the scoringUri (the gateway), no key asked for.
+    deadline = time.monotonic() + 30
+    while (answer := httpx.post(healthy["scoringUri"], json={"data": rows}, timeout=30)).status_code != 200:
+        assert time.monotonic() < deadline, f"{answer.status_code} {answer.text}"
+        time.sleep(0.3)
+    assert answer.json() == pytest.approx(trained.predict(rows).tolist())
+
+    # On the tenant's swarm: one swarm service, contained, pinned to the manager, its port
+    # published in host mode (no routing mesh, no VIP); the task answers at the manager's address.
+    (swarm_service,) = _held(tenant.api, service_id)["services"]
+    spec = swarm_service["Spec"]
+    assert spec["Name"] == f"mms-{uuid.UUID(service_id).hex[:12]}-g1"
+    assert spec["EndpointSpec"]["Mode"] == "dnsrr"
+    (port,) = spec["EndpointSpec"]["Ports"]
+    assert port["PublishMode"] == "host" and port["TargetPort"] == 5001
+    node_id = tenant.api.info()["Swarm"]["NodeID"]
+    assert spec["TaskTemplate"]["Placement"]["Constraints"] == [f"node.id=={node_id}"]
+    container = spec["TaskTemplate"]["ContainerSpec"]
+    assert container["ReadOnly"] is True and container["CapabilityDrop"] == ["ALL"]
+    assert "@sha256:" in container["Image"]
+    (task,) = [t for t in tenant.api.tasks(filters={"service": swarm_service["ID"]}) if t["DesiredState"] == "running"]
+    published = task["Status"]["PortStatus"]["Ports"][0]["PublishedPort"]
+    assert httpx.get(f"http://{tenant.address}:{published}/", timeout=10).status_code == 200
+    # Nothing of it on the operator's engine (which need not be a swarm).
+    operator = infra.api()
+    label = {"label": f"{SERVICE_LABEL}={service_id}"}
+    try:
+        assert operator.containers(all=True, filters=label) == [] and operator.networks(filters=label) == []
+    finally:
+        operator.close()
+
+    _delete(account, service_id)
+    assert _held(tenant.api, service_id) == {"services": [], "containers": [], "networks": []}
+
+
+def test_key_auth_is_refused_on_a_tenants_swarm(account: Account, housing_image, tenant: TenantSwarm) -> None:  # type: ignore[no-untyped-def]
+    image, _, _ = housing_image
+    assert _attach(account, "theirs-keys", tenant.docker_host, tenant.tls).status_code in (200, 201)
+    for auth in (None, True):  # authEnabled defaults to true
+        refused = _deploy(account, image["Id"], "keyed", "theirs-keys", auth=auth)
+        assert refused.status_code == 400, refused.text
+        assert "deploymentConfig.authEnabled" in refused.text and "around the scoring gateway" in refused.text
+    assert account.call("GET", f"{account.url}/services", params={"computeName": "theirs-keys"}).json()["value"] == []
+
+
+def test_a_manager_that_resolves_to_a_refused_address_fails_the_service(
+    account: Account, housing_image, tenant: TenantSwarm
+) -> None:  # type: ignore[no-untyped-def]
+    """The API judges only an address written out; a name is judged by the worker when it
+    connects: here one that leads to the host's loopback, which no operator allowed. A delete
+    goes to the target too (what a pass made is found there by label): it waits until the
+    tenant points the target somewhere the worker may go."""
+    image, _, _ = housing_image
+    tls = {"ca": _PEM, "cert": _PEM, "key": _PEM}
+    assert _attach(account, "loopback", "tcp://localhost:2376", tls).status_code == 201
+    created = _deploy(account, image["Id"], "on-loopback", "loopback")
+    assert created.status_code == 202, created.text
+    failed = _wait(account, created.json()["id"], "Failed", "Healthy", seconds=60)
+    assert failed["state"] == "Failed"
+    assert "its manager localhost:2376 is refused" in failed["error"]["message"]
+    assert "loopback" in failed["error"]["message"]
+    account.call("DELETE", f"{account.url}/services/{created.json()['id']}")
+    time.sleep(3)
+    assert account.call("GET", f"{account.url}/services/{created.json()['id']}").json()["state"] == "Deleting"
+    assert _attach(account, "loopback", tenant.docker_host, tenant.tls).status_code == 200
+    _delete(account, created.json()["id"])
+
+
+def test_a_manager_that_refuses_our_certificate_leaves_the_service_unhealthy_and_no_key_in_its_error(
+    account: Account, housing_image, tenant: TenantSwarm, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    """Another CA's client certificate: the manager refuses the handshake; the service says its
+    engine did not answer, and neither the key nor the certificate shows anywhere."""
+    from tests.workers.deploy.netns_swarm import _certificates
+
+    other = _certificates(tmp_path, tenant.address)
+    wrong = {"ca": tenant.tls["ca"], "cert": other["cert"], "key": other["key"]}
+    assert _attach(account, "theirs-wrong", tenant.docker_host, wrong).status_code == 201
+    image, _, _ = housing_image
+    created = _deploy(account, image["Id"], "wrong-cert", "theirs-wrong")
+    assert created.status_code == 202
+    service_id = created.json()["id"]
+    unhealthy = _wait(account, service_id, "Unhealthy", "Healthy", "Failed", seconds=60)
+    assert unhealthy["state"] == "Unhealthy", unhealthy
+    assert "did not answer" in unhealthy["error"]["message"]
+    shown = account.call("GET", f"{account.url}/computes/theirs-wrong").text + str(unhealthy)
+    assert "PRIVATE KEY" not in shown and "CERTIFICATE" not in shown
+    assert _attach(account, "theirs-wrong", tenant.docker_host, tenant.tls).status_code == 200  # fixed
+    healthy = _wait(account, service_id, "Healthy", "Failed", seconds=180)
+    assert healthy["state"] == "Healthy", healthy
+    _delete(account, service_id)
+    assert _held(tenant.api, service_id) == {"services": [], "containers": [], "networks": []}
+
+
+_PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"

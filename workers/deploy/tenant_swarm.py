@@ -1,0 +1,83 @@
+"""A swarm a tenant attached, as the deploy worker opens it: the same driver as the operator's
+swarm (workers/deploy/swarm.py), pointed at the tenant's manager.
+
+The manager is another's engine, so: its address is judged by the fetch policy when the worker
+connects (the API judged only an address written out: a name may resolve elsewhere by now),
+and that checked address, never one the engine reports, is where the gateway reaches the tasks;
+the sealed TLS material is unsealed into a private folder (0700, files 0600) that lives only as
+long as the connection, and never goes to a log or an error message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import docker
+from sqlalchemy import select
+
+from app.context import ServiceContext
+from app.database import session_scope
+from app.orm import Compute
+from app.sealing import UnsealError
+from workers.deploy.local import TargetRefused
+from workers.deploy.swarm import SwarmDriver
+from workers.fetch_policy import fetch_policy
+from workers.fetcher import FetchError, check_url
+
+__all__ = ["tenant_swarm_driver"]
+
+
+@contextmanager
+def tenant_swarm_driver(
+    context: ServiceContext, *, account_id: uuid.UUID, compute_name: str, installation: str
+) -> Iterator[SwarmDriver]:
+    """A driver on the account's attached swarm ``compute_name``; TargetRefused when the target,
+    its credentials or its manager's address will not do; EngineUnreachable when it does not answer."""
+    with session_scope(context.session_factory) as session:
+        compute = session.scalars(
+            select(Compute).where(Compute.account_id == account_id, Compute.name == compute_name)
+        ).first()
+        if compute is None or compute.compute_type != "swarm" or not compute.sealed_credentials:
+            raise TargetRefused(f"compute '{compute_name}' is not an attached swarm of the account")
+        sealed, docker_host = compute.sealed_credentials, str((compute.properties or {}).get("dockerHost") or "")
+    try:
+        tls = json.loads(context.sealer.unseal(sealed))["tls"]
+        materials = {name: str(tls[name]) for name in ("ca", "cert", "key")}
+    except (UnsealError, ValueError, KeyError, TypeError):
+        raise TargetRefused(
+            f"the credentials of compute '{compute_name}' cannot be read (was MMS_SECRET_KEY changed?): attach it again"
+        ) from None
+    manager = urlsplit(docker_host)
+    try:
+        address = check_url(f"https://{manager.netloc}/", policy=fetch_policy(context.settings))
+    except (FetchError, ValueError) as exc:
+        raise TargetRefused(f"compute '{compute_name}': its manager {manager.netloc} is refused: {exc}") from None
+    settings = context.settings
+    with tempfile.TemporaryDirectory(prefix="mms-swarm-tls-") as folder:
+        paths = {name: Path(folder) / f"{name}.pem" for name in materials}
+        for name, path in paths.items():
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(descriptor, "w") as file:
+                file.write(materials[name])
+        tls_config = docker.tls.TLSConfig(
+            client_cert=(str(paths["cert"]), str(paths["key"])), ca_cert=str(paths["ca"]), verify=True
+        )
+        # The name, for the certificate check (the engine connection resolves it again: the
+        # address checked above is what the gateway and the probe connect to).
+        with SwarmDriver(
+            f"tcp://{manager.netloc}",
+            installation=installation,
+            subnet_pool=settings.service_subnet_pool,
+            tmp_mb=settings.service_tmp_mb,
+            pids=settings.service_pids,
+            tls=tls_config,
+            published_host=address,
+        ) as driver:
+            yield driver
