@@ -1,5 +1,6 @@
-"""The database half of removing a deleted account's services from its kubernetes clusters:
-the rows an account's delete leaves (one a service, with the target's sealed kubeconfig), and
+"""The database half of removing a deleted account's services from its kubernetes clusters and
+the swarms it attached: the rows an account's delete leaves (one a service, with the target's
+sealed kubeconfig or TLS material, and a swarm's manager address), and
 how the deploy worker's sweep claims, ends, retries and abandons them
 (workers/deploy/cluster_cleanup.py is the cluster half)."""
 
@@ -29,30 +30,46 @@ class Cleanup:
 
     id: uuid.UUID
     service_id: uuid.UUID
-    namespace: str
+    compute_type: str  # kubernetes or swarm
+    namespace: str  # kubernetes
+    docker_host: str | None  # swarm
     sealed_credentials: str = field(repr=False)
     attempts: int
     claimed_until: datetime  # the claim: a write by a sweep whose claim was taken over finds nothing
 
 
 def queue_account_cleanups(session: Session, account_id: uuid.UUID) -> int:
-    """For each kubernetes service of an account about to be deleted, a row to remove what it
-    made on its cluster; how many. In the delete's transaction, before its computes go."""
+    """For each service of an account about to be deleted on a kubernetes cluster or a swarm it
+    attached (a compute of its own, with credentials: never a built-in target, which the orphan
+    sweep cleans), a row to remove what it made there; how many. In the delete's transaction,
+    before its computes go."""
     rows = session.execute(
-        select(Service.id, Compute.sealed_credentials, Compute.properties)
+        select(Service.id, Compute.compute_type, Compute.sealed_credentials, Compute.properties)
         .join(Compute, (Compute.account_id == Service.account_id) & (Compute.name == Service.compute_name))
         .where(
             Service.account_id == account_id,
-            Service.compute_type == "kubernetes",
-            Compute.compute_type == "kubernetes",
+            Service.compute_type.in_(_ATTACHED),
+            Compute.compute_type == Service.compute_type,
             Compute.sealed_credentials.is_not(None),
         )
     ).all()
-    for service_id, sealed, properties in rows:
-        namespace = (properties or {}).get("namespace") or "default"
-        session.add(ClusterCleanup(service_id=service_id, namespace=namespace, sealed_credentials=sealed, attempts=0))
+    for service_id, compute_type, sealed, properties in rows:
+        properties = properties or {}
+        session.add(
+            ClusterCleanup(
+                service_id=service_id,
+                compute_type=compute_type,
+                namespace=(properties.get("namespace") or "default") if compute_type == "kubernetes" else "",
+                docker_host=properties.get("dockerHost") if compute_type == "swarm" else None,
+                sealed_credentials=sealed,
+                attempts=0,
+            )
+        )
     session.flush()
     return len(rows)
+
+
+_ATTACHED = ("kubernetes", "swarm")
 
 
 def due_cleanups(session: Session, *, now: datetime, limit: int = 20) -> list[uuid.UUID]:
@@ -80,7 +97,16 @@ def claim(session: Session, cleanup_id: uuid.UUID, *, now: datetime) -> Cleanup 
         return None
     row = session.get(ClusterCleanup, cleanup_id, populate_existing=True)
     assert row is not None
-    return Cleanup(row.id, row.service_id, row.namespace, row.sealed_credentials, row.attempts, until)
+    return Cleanup(
+        row.id,
+        row.service_id,
+        row.compute_type,
+        row.namespace,
+        row.docker_host,
+        row.sealed_credentials,
+        row.attempts,
+        until,
+    )
 
 
 def finish(session: Session, cleanup: Cleanup) -> None:

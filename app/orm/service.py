@@ -193,16 +193,19 @@ class Installation(Base):
 
 
 class ClusterCleanup(UuidPrimaryKey, CreatedAt, Base):
-    """What a deleted account's service left on its kubernetes cluster, still to remove: the
-    account's computes go with it, so the target's kubeconfig is kept here (sealed, as on the
-    compute) until the deploy worker's sweep has deleted the service's objects by label, or
-    has given up (workers/deploy/cluster_cleanup.py)."""
+    """What a deleted account's service left on its kubernetes cluster or the swarm it attached,
+    still to remove: the account's computes go with it, so the target's credentials are kept
+    here (sealed, as on the compute) until the deploy worker's sweep has deleted the service's
+    objects by label, or has given up (workers/deploy/cluster_cleanup.py)."""
 
     __tablename__ = "cluster_cleanups"
 
     service_id: Mapped[uuid.UUID] = mapped_column(Uuid)  # no foreign key: the service is gone
-    namespace: Mapped[str] = mapped_column(String(63))
-    # The compute's sealed credentials as they were ({"kubeconfig": ...}, app.sealing); never shown.
+    compute_type: Mapped[str] = mapped_column(String(20), default="kubernetes", server_default="kubernetes")
+    namespace: Mapped[str] = mapped_column(String(63))  # a kubernetes target's; "" for a swarm
+    docker_host: Mapped[str | None] = mapped_column(String(512))  # a swarm's manager, as the compute had it
+    # The compute's sealed credentials as they were ({"kubeconfig": ...} or {"tls": ...},
+    # app.sealing); never shown.
     sealed_credentials: Mapped[str] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     # Also the claim of a sweep at work on it: pushed past the sweep's lease while it runs.

@@ -1,10 +1,12 @@
-"""The cluster half of removing a deleted account's kubernetes services: each due row
-(app.deployments.cluster_cleanup) is claimed, its sealed kubeconfig connects the driver as for
-a live service, and the service's objects are deleted by label in its namespace. Done: the row
-goes. Not done (the cluster away, the credentials refused, pods still terminating): the
-driver's message (which never holds a credential) is kept and the next try backed off; after
-the last one the row goes with a ``deploy.cluster_cleanup_abandoned`` line naming the service
-and the cluster's address.
+"""The target half of removing a deleted account's services from its kubernetes clusters and
+the swarms it attached: each due row (app.deployments.cluster_cleanup) is claimed, its sealed
+credentials connect the driver as for a live service (a swarm's manager judged by the fetch
+policy again, its TLS material in a private folder: workers/deploy/tenant_swarm.py), and the
+service's objects are deleted by label (in its namespace; on a swarm, its swarm services). Done:
+the row goes. Not done (the target away, the credentials refused, pods or tasks still
+terminating): the driver's message (which never holds a credential) is kept and the next try
+backed off; after the last one the row goes with a ``deploy.cluster_cleanup_abandoned`` line
+naming the service and the target's address.
 
 The caller checks that the database is not an unclaimed copy (workers.deploy.reconcile).
 """
@@ -25,40 +27,45 @@ from app.orm.base import utcnow
 from app.sealing import UnsealError
 from workers.deploy.kubeconfig import kubeconfig_policy
 from workers.deploy.local import EngineUnreachable, TargetRefused
+from workers.deploy.tenant_swarm import swarm_driver_at, unseal_tls
 
 log = logging.getLogger("mms.deploy")
 
 
 class _NotYet(Exception):
-    """A try that found the service's pods still terminating."""
+    """A try that found the service's pods or tasks still terminating."""
 
 
-def clean_up_clusters(context: ServiceContext) -> list[uuid.UUID]:
-    """One try at each due row; the services whose objects are now gone from their clusters."""
+def clean_up_clusters(context: ServiceContext, *, installation: str) -> list[uuid.UUID]:
+    """One try at each due row; the services whose objects are now gone from their targets.
+    ``installation``: this installation's label (a swarm's task containers carry it)."""
     with session_scope(context.read_session_factory) as session:
         due = cluster_cleanup.due_cleanups(session, now=utcnow())
     cleaned: list[uuid.UUID] = []
     for cleanup_id in due:
         with session_scope(context.session_factory) as session:
             cleanup = cluster_cleanup.claim(session, cleanup_id, now=utcnow())
-        if cleanup is not None and _try(context, cleanup):
+        if cleanup is not None and _try(context, cleanup, installation):
             cleaned.append(cleanup.service_id)
     if cleaned:
         log.info("deploy.cluster_cleaned", extra={"services": [str(s) for s in cleaned]})
     return cleaned
 
 
-def _try(context: ServiceContext, cleanup: Cleanup) -> bool:
+def _try(context: ServiceContext, cleanup: Cleanup, installation: str) -> bool:
     kubeconfig: str | None = None
     try:
-        kubeconfig = json.loads(context.sealer.unseal(cleanup.sealed_credentials))["kubeconfig"]
-        _remove(context, cleanup, kubeconfig)
+        if cleanup.compute_type == "swarm":
+            _remove_from_swarm(context, cleanup, installation)
+        else:
+            kubeconfig = json.loads(context.sealer.unseal(cleanup.sealed_credentials))["kubeconfig"]
+            _remove(context, cleanup, kubeconfig)
     except (UnsealError, ValueError, KeyError, TypeError):
         error = "the target's credentials cannot be read (was MMS_SECRET_KEY changed?)"
     except (EngineUnreachable, TargetRefused) as exc:
-        error = str(exc)  # the driver's: the cluster's address, its messages with credentials cut out
+        error = str(exc)  # the driver's: the target's address, its messages with credentials cut out
     except _NotYet:
-        error = "the service's pods are still terminating"
+        error = "the service's pods or tasks are still terminating"
     except Exception as exc:  # noqa: BLE001 - its text may quote what the cluster sent: its kind only
         error = f"an unexpected error ({type(exc).__name__})"
     else:
@@ -67,7 +74,8 @@ def _try(context: ServiceContext, cleanup: Cleanup) -> bool:
         return True
     with session_scope(context.session_factory) as session:
         dropped = cluster_cleanup.record_failure(session, cleanup, error, now=utcnow())
-    extra = {"service": str(cleanup.service_id), "cluster": _address(kubeconfig), "reason": error}
+    address = _manager(cleanup.docker_host) if cleanup.compute_type == "swarm" else _address(kubeconfig)
+    extra = {"service": str(cleanup.service_id), "cluster": address, "reason": error}
     if dropped:
         log.error("deploy.cluster_cleanup_abandoned", extra=extra | {"attempts": cleanup.attempts + 1})
     else:
@@ -89,6 +97,20 @@ def _remove(context: ServiceContext, cleanup: Cleanup, kubeconfig: str) -> None:
     with driver:
         if not driver.remove_all(cleanup.service_id):
             raise _NotYet
+
+
+def _remove_from_swarm(context: ServiceContext, cleanup: Cleanup, installation: str) -> None:
+    tls = unseal_tls(context, cleanup.sealed_credentials)
+    target = f"the deleted account's swarm at {_manager(cleanup.docker_host)}"
+    docker_host = cleanup.docker_host or ""
+    with swarm_driver_at(context, docker_host=docker_host, tls=tls, installation=installation, target=target) as driver:
+        if not driver.remove_all(cleanup.service_id):
+            raise _NotYet
+
+
+def _manager(docker_host: str | None) -> str:
+    """A swarm manager's host:port, for the log (dockerHost holds nothing else: checked at attach)."""
+    return urlsplit(docker_host or "").netloc or "unknown"
 
 
 def _address(kubeconfig: str | None) -> str:

@@ -324,12 +324,12 @@ def sweep_orphans(context: ServiceContext) -> list[uuid.UUID]:
 
 
 def clean_up_deleted_accounts(context: ServiceContext) -> list[uuid.UUID]:
-    """Remove from their clusters the objects of deleted accounts' kubernetes services
-    (workers/deploy/cluster_cleanup.py); the services done with. A copy of the database
-    removes nothing: its rows are the original's too."""
+    """Remove from their clusters and swarms the objects of deleted accounts' services on targets
+    they attached (workers/deploy/cluster_cleanup.py); the services done with. A copy of the
+    database removes nothing: its rows are the original's too."""
     if _copied(context):
         return []
-    return clean_up_clusters(context)
+    return clean_up_clusters(context, installation=installation_id(context))
 
 
 def _driver(context: ServiceContext, spec: Spec) -> AbstractContextManager[LocalDriver | SwarmDriver]:

@@ -31,7 +31,7 @@ from workers.deploy.swarm import SwarmDriver
 from workers.fetch_policy import fetch_policy
 from workers.fetcher import FetchError, check_url
 
-__all__ = ["tenant_swarm_driver"]
+__all__ = ["swarm_driver_at", "tenant_swarm_driver", "unseal_tls"]
 
 
 @contextmanager
@@ -48,24 +48,46 @@ def tenant_swarm_driver(
             raise TargetRefused(f"compute '{compute_name}' is not an attached swarm of the account")
         sealed, docker_host = compute.sealed_credentials, str((compute.properties or {}).get("dockerHost") or "")
     try:
-        tls = json.loads(context.sealer.unseal(sealed))["tls"]
-        materials = {name: str(tls[name]) for name in ("ca", "cert", "key")}
-    except (UnsealError, ValueError, KeyError, TypeError):
+        tls = unseal_tls(context, sealed)
+    except TargetRefused:
         raise TargetRefused(
             f"the credentials of compute '{compute_name}' cannot be read (was MMS_SECRET_KEY changed?): attach it again"
         ) from None
+    with swarm_driver_at(
+        context, docker_host=docker_host, tls=tls, installation=installation, target=f"compute '{compute_name}'"
+    ) as driver:
+        yield driver
+
+
+def unseal_tls(context: ServiceContext, sealed: str) -> dict[str, str]:
+    """The TLS material (ca, cert, key: PEM) of a swarm's sealed credentials; TargetRefused when
+    it cannot be read."""
+    try:
+        tls = json.loads(context.sealer.unseal(sealed))["tls"]
+        return {name: str(tls[name]) for name in ("ca", "cert", "key")}
+    except (UnsealError, ValueError, KeyError, TypeError):
+        raise TargetRefused("the credentials cannot be read (was MMS_SECRET_KEY changed?)") from None
+
+
+@contextmanager
+def swarm_driver_at(
+    context: ServiceContext, *, docker_host: str, tls: dict[str, str], installation: str, target: str
+) -> Iterator[SwarmDriver]:
+    """A driver on the tenant's manager ``docker_host`` (tcp://host:port) with its TLS material;
+    ``target`` names it in messages. TargetRefused when the fetch policy refuses the manager's
+    address; EngineUnreachable when it does not answer."""
     manager = urlsplit(docker_host)
     try:
         address = check_url(f"https://{manager.netloc}/", policy=fetch_policy(context.settings))
     except (FetchError, ValueError) as exc:
-        raise TargetRefused(f"compute '{compute_name}': its manager {manager.netloc} is refused: {exc}") from None
+        raise TargetRefused(f"{target}: its manager {manager.netloc} is refused: {exc}") from None
     settings = context.settings
     with tempfile.TemporaryDirectory(prefix="mms-swarm-tls-") as folder:
-        paths = {name: Path(folder) / f"{name}.pem" for name in materials}
+        paths = {name: Path(folder) / f"{name}.pem" for name in tls}
         for name, path in paths.items():
             descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(descriptor, "w") as file:
-                file.write(materials[name])
+                file.write(tls[name])
         tls_config = docker.tls.TLSConfig(
             client_cert=(str(paths["cert"]), str(paths["key"])), ca_cert=str(paths["ca"]), verify=True
         )

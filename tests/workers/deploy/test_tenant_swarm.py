@@ -9,15 +9,21 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 
 import docker
 import httpx
 import pytest
+from sqlalchemy import select
 
+from app.context import ServiceContext
+from app.orm import ClusterCleanup
+from app.orm.base import utcnow
 from tests.infra import Infra
 from tests.workers.deploy.netns_swarm import TenantSwarm, tenant_swarm, usable
 from tests.workers.deploy.test_local import _delete, _wait
 from tests.workers.stack import SCORE_PY, Account, Stack, register_model, sklearn_requirements
+from workers.deploy.reconcile import clean_up_deleted_accounts
 
 pytestmark = pytest.mark.skipif(usable() is not None, reason=f"no tenant swarm here: {usable()}")
 
@@ -183,6 +189,59 @@ def test_a_manager_that_refuses_our_certificate_leaves_the_service_unhealthy_and
     assert healthy["state"] == "Healthy", healthy
     _delete(account, service_id)
     assert _held(tenant.api, service_id) == {"services": [], "containers": [], "networks": []}
+
+
+def test_a_force_deleted_accounts_services_are_removed_from_its_swarm_or_retried_with_a_redacted_error(
+    account: Account, housing_image, tenant: TenantSwarm, service_context: ServiceContext
+) -> None:  # type: ignore[no-untyped-def]
+    """Last in this module: it deletes the module's account. The delete keeps, in its
+    transaction, a sealed copy of each tenant-swarm service's TLS material and manager; the
+    deploy sweep removes the service's swarm services from the tenant's engine, and a manager
+    that does not answer is tried again later with an error free of the TLS material."""
+    image, _, _ = housing_image
+    assert _attach(account, "theirs-last", tenant.docker_host, tenant.tls).status_code in (200, 201)
+    # The same manager's address on a port nothing listens on: the target is away.
+    gone_host = f"tcp://{tenant.address}:2999"
+    assert _attach(account, "theirs-gone", gone_host, tenant.tls).status_code == 201
+    running = _deploy(account, image["Id"], "still-running", "theirs-last")
+    away = _deploy(account, image["Id"], "on-a-gone-swarm", "theirs-gone")
+    assert running.status_code == away.status_code == 202, running.text + away.text
+    running_id, away_id = running.json()["id"], away.json()["id"]
+    assert _wait(account, running_id, "Healthy", "Failed", seconds=180)["state"] == "Healthy"
+    assert _held(tenant.api, running_id)["services"] != []
+
+    response = httpx.delete(f"{account.url}?force=true", headers=account.stack.headers, timeout=60)
+    assert response.status_code == 204, response.text
+    rows = {str(r.service_id): r for r in _cleanups(service_context)}
+    assert set(rows) == {running_id, away_id}
+    assert (rows[running_id].compute_type, rows[running_id].docker_host) == ("swarm", tenant.docker_host)
+    assert (rows[away_id].compute_type, rows[away_id].docker_host) == ("swarm", gone_host)
+    assert all("PRIVATE KEY" not in r.sealed_credentials for r in rows.values())  # sealed
+
+    # The tests' process sweeps (the stack's worker does too, every minute: a claim is one
+    # conditional update, so whichever comes first tries each row once).
+    sweeper = ServiceContext.build(service_context.settings.model_copy(update={"fetch_allow_hosts": [tenant.address]}))
+    try:
+        before = utcnow()
+        deadline = time.monotonic() + 90
+        while any(str(r.service_id) == running_id for r in _cleanups(service_context)):
+            assert time.monotonic() < deadline, _cleanups(service_context)
+            clean_up_deleted_accounts(sweeper)
+            time.sleep(1)
+    finally:
+        sweeper.dispose()
+    assert _held(tenant.api, running_id) == {"services": [], "containers": [], "networks": []}
+    [left] = _cleanups(service_context)
+    assert str(left.service_id) == away_id and left.attempts >= 1
+    assert left.next_attempt_at >= before + timedelta(seconds=55)
+    assert "did not answer" in (left.last_error or ""), left.last_error
+    key_line = tenant.tls["key"].splitlines()[1]
+    assert "PRIVATE KEY" not in (left.last_error or "") and key_line not in (left.last_error or "")
+
+
+def _cleanups(context: ServiceContext) -> list[ClusterCleanup]:
+    with context.session_factory() as session:
+        return list(session.scalars(select(ClusterCleanup).order_by(ClusterCleanup.created_at)))
 
 
 _PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
