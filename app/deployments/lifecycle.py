@@ -104,8 +104,9 @@ def _end_superseded(session: Session, service: Service) -> None:
 
 def delete_account_services(session: Session, account_id: uuid.UUID) -> None:
     """Forget every service of an account that is going (the reconciler's orphan sweep
-    removes what the orchestrator still runs for them; a kubernetes service's objects are
-    removed from its cluster through the row left for it, app.deployments.cluster_cleanup)."""
+    removes what the orchestrator still runs for them; a kubernetes service's objects, or those
+    of a service on a swarm the account attached, are removed from there through the row left
+    for it, app.deployments.cluster_cleanup)."""
     queue_account_cleanups(session, account_id)
     move(session, Transition.DELETE_WITH_ACCOUNT, Service.account_id == account_id, to=None)
 

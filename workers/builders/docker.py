@@ -82,6 +82,19 @@ _QUIET_STATUSES = frozenset(
 _AUTH_HINTS = ("no basic auth credentials", "unauthorized", "authentication required")
 
 
+class _NamedHostAdapter(requests.adapters.HTTPAdapter):
+    """Connects to the address in the URL and checks the peer's certificate against
+    ``hostname`` (also sent as SNI) instead."""
+
+    def __init__(self, hostname: str) -> None:
+        self._hostname = hostname  # before the base class makes its pool manager
+        super().__init__()
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.update(server_hostname=self._hostname, assert_hostname=self._hostname)
+        super().init_poolmanager(*args, **kwargs)
+
+
 class _JobClient(docker.APIClient):
     """An API client that never forwards the host's saved docker logins to a build."""
 
@@ -92,10 +105,16 @@ class _JobClient(docker.APIClient):
 
 
 def engine_client(
-    docker_host: str | None, timeout: int = 600, *, tls: docker.tls.TLSConfig | None = None
+    docker_host: str | None,
+    timeout: int = 600,
+    *,
+    tls: docker.tls.TLSConfig | None = None,
+    server_hostname: str | None = None,
 ) -> docker.APIClient:
     """A client for the engine at ``docker_host`` (None: the default local socket); ``tls``: a
-    ``tcp://`` engine's CA and client certificate (a tenant's swarm manager)."""
+    ``tcp://`` engine's CA and client certificate (a tenant's swarm manager); ``server_hostname``:
+    the name the engine's certificate is checked against when ``docker_host`` holds the address
+    it was resolved to (never looked up again: no second answer to trust)."""
     if tls is None:
         return _JobClient(base_url=docker_host, version="auto", timeout=timeout)
     # requests would let REQUESTS_CA_BUNDLE replace the engine's CA (and the environment's proxy
@@ -103,6 +122,8 @@ def engine_client(
     # asked ("auto") only once the environment is out of it.
     client = _JobClient(base_url=docker_host, version="1.41", timeout=timeout, tls=tls)
     client.trust_env = False
+    if server_hostname is not None:
+        client.mount("https://", _NamedHostAdapter(server_hostname))
     client._version = client._retrieve_server_version()
     return client
 

@@ -94,9 +94,12 @@ class SwarmDriver:
         pids: int,
         tls: docker.tls.TLSConfig | None = None,
         published_host: str | None = None,
+        server_hostname: str | None = None,
     ) -> None:
         """``published_host``: a tenant's swarm, whose tasks the gateway reaches at this address
-        (the manager's, as the worker checked it) and the port each task publishes."""
+        (the manager's, as the worker checked it) and the port each task publishes;
+        ``server_hostname``: the name its certificate is checked against, when ``docker_host``
+        holds the address the name was resolved to (workers.builders.docker.engine_client)."""
         self._installation = installation
         self._task_container: dict[str, str] = {}  # task id -> its container on this node, as observed
         self._pool = subnet_pool
@@ -104,7 +107,7 @@ class SwarmDriver:
         self._pids = pids
         self._published_host = published_host
         try:
-            self._api = engine_client(docker_host, timeout=30, tls=tls)
+            self._api = engine_client(docker_host, timeout=30, tls=tls, server_hostname=server_hostname)
             swarm = self._api.info().get("Swarm") or {}
         except (docker.errors.DockerException, requests.RequestException, OSError) as exc:
             raise EngineUnreachable(f"the swarm's engine did not answer ({type(exc).__name__})") from None

@@ -4,14 +4,18 @@ swarm (workers/deploy/swarm.py), pointed at the tenant's manager.
 The manager is another's engine, so: its address is judged by the fetch policy when the worker
 connects (the API judged only an address written out: a name may resolve elsewhere by now),
 and that checked address, never one the engine reports, is where the gateway reaches the tasks;
+the engine connection goes to that checked address too, its certificate checked against the
+name (a name is never resolved twice: no DNS rebinding between the check and the connection);
 the sealed TLS material is unsealed into a private folder (0700, files 0600) that lives only as
 long as the connection, and never goes to a log or an error message.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import socket
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -29,7 +33,7 @@ from app.sealing import UnsealError
 from workers.deploy.local import TargetRefused
 from workers.deploy.swarm import SwarmDriver
 from workers.fetch_policy import fetch_policy
-from workers.fetcher import FetchError, check_url
+from workers.fetcher import FetchError, Resolver, check_url
 
 __all__ = ["swarm_driver_at", "tenant_swarm_driver", "unseal_tls"]
 
@@ -71,16 +75,29 @@ def unseal_tls(context: ServiceContext, sealed: str) -> dict[str, str]:
 
 @contextmanager
 def swarm_driver_at(
-    context: ServiceContext, *, docker_host: str, tls: dict[str, str], installation: str, target: str
+    context: ServiceContext,
+    *,
+    docker_host: str,
+    tls: dict[str, str],
+    installation: str,
+    target: str,
+    resolver: Resolver = socket.getaddrinfo,
 ) -> Iterator[SwarmDriver]:
     """A driver on the tenant's manager ``docker_host`` (tcp://host:port) with its TLS material;
     ``target`` names it in messages. TargetRefused when the fetch policy refuses the manager's
     address; EngineUnreachable when it does not answer."""
     manager = urlsplit(docker_host)
     try:
-        address = check_url(f"https://{manager.netloc}/", policy=fetch_policy(context.settings))
+        address = check_url(f"https://{manager.netloc}/", policy=fetch_policy(context.settings), resolver=resolver)
+        port = manager.port or 2376
     except (FetchError, ValueError) as exc:
         raise TargetRefused(f"{target}: its manager {manager.netloc} is refused: {exc}") from None
+    try:
+        ipaddress.ip_address(manager.hostname or "")
+        certified = None  # an address written out: what was checked
+    except ValueError:
+        certified = manager.hostname  # the certificate's; the connection goes to the address checked
+    pinned = f"[{address}]" if ":" in address else address
     settings = context.settings
     with tempfile.TemporaryDirectory(prefix="mms-swarm-tls-") as folder:
         paths = {name: Path(folder) / f"{name}.pem" for name in tls}
@@ -91,15 +108,14 @@ def swarm_driver_at(
         tls_config = docker.tls.TLSConfig(
             client_cert=(str(paths["cert"]), str(paths["key"])), ca_cert=str(paths["ca"]), verify=True
         )
-        # The name, for the certificate check (the engine connection resolves it again: the
-        # address checked above is what the gateway and the probe connect to).
         with SwarmDriver(
-            f"tcp://{manager.netloc}",
+            f"tcp://{pinned}:{port}",
             installation=installation,
             subnet_pool=settings.service_subnet_pool,
             tmp_mb=settings.service_tmp_mb,
             pids=settings.service_pids,
             tls=tls_config,
             published_host=address,
+            server_hostname=certified,
         ) as driver:
             yield driver

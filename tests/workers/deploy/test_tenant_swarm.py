@@ -6,6 +6,7 @@ the scoring gateway routes to them at the manager's checked address."""
 
 from __future__ import annotations
 
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -14,16 +15,18 @@ from datetime import timedelta
 import docker
 import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from app.context import ServiceContext
 from app.orm import ClusterCleanup
 from app.orm.base import utcnow
 from tests.infra import Infra
-from tests.workers.deploy.netns_swarm import TenantSwarm, tenant_swarm, usable
+from tests.workers.deploy.netns_swarm import MANAGER_NAME, TenantSwarm, tenant_swarm, usable
 from tests.workers.deploy.test_local import _delete, _wait
 from tests.workers.stack import SCORE_PY, Account, Stack, register_model, sklearn_requirements
+from workers.deploy.local import EngineUnreachable
 from workers.deploy.reconcile import clean_up_deleted_accounts
+from workers.deploy.tenant_swarm import swarm_driver_at
 
 pytestmark = pytest.mark.skipif(usable() is not None, reason=f"no tenant swarm here: {usable()}")
 
@@ -191,6 +194,57 @@ def test_a_manager_that_refuses_our_certificate_leaves_the_service_unhealthy_and
     assert _held(tenant.api, service_id) == {"services": [], "containers": [], "networks": []}
 
 
+def test_the_engine_connection_goes_to_the_address_the_policy_checked(
+    tenant: TenantSwarm, service_context: ServiceContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DNS rebinding: the manager's name answers the policy's lookup with the tenant's address,
+    and every later lookup (the process's resolver: urllib3's too) with an address nothing
+    answers at. The driver works, so its connection went to the address checked, the name never
+    looked up again; and a name the manager's certificate does not carry, at that same
+    address, is refused: the certificate is checked against the name, not the address."""
+    lookups: list[str] = []
+    real = socket.getaddrinfo
+
+    def rebinding(host, port, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if isinstance(host, str) and host.endswith(".tenant-swarm.test"):
+            lookups.append(host)
+            host = tenant.address if len(lookups) == 1 else "192.0.2.1"  # TEST-NET-1
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    other = "other.tenant-swarm.test"
+    settings = service_context.settings.model_copy(update={"fetch_allow_hosts": [MANAGER_NAME, other]})
+    context = ServiceContext.build(settings)
+    try:
+        with swarm_driver_at(
+            context,
+            docker_host=f"tcp://{MANAGER_NAME}:2376",
+            tls=tenant.tls,
+            installation="rebinding-test",
+            target="compute 'named'",
+            resolver=rebinding,
+        ) as driver:
+            assert driver._api.info()["Swarm"]["NodeID"] == tenant.api.info()["Swarm"]["NodeID"]
+        assert lookups == [MANAGER_NAME]
+
+        lookups.clear()
+        with (
+            pytest.raises(EngineUnreachable, match="did not answer"),
+            swarm_driver_at(
+                context,
+                docker_host=f"tcp://{other}:2376",
+                tls=tenant.tls,
+                installation="rebinding-test",
+                target="compute 'other'",
+                resolver=rebinding,
+            ),
+        ):
+            pass
+        assert lookups == [other]
+    finally:
+        context.dispose()
+
+
 def test_a_force_deleted_accounts_services_are_removed_from_its_swarm_or_retried_with_a_redacted_error(
     account: Account, housing_image, tenant: TenantSwarm, service_context: ServiceContext
 ) -> None:  # type: ignore[no-untyped-def]
@@ -212,36 +266,45 @@ def test_a_force_deleted_accounts_services_are_removed_from_its_swarm_or_retried
 
     response = httpx.delete(f"{account.url}?force=true", headers=account.stack.headers, timeout=60)
     assert response.status_code == 204, response.text
-    rows = {str(r.service_id): r for r in _cleanups(service_context)}
-    assert set(rows) == {running_id, away_id}
-    assert (rows[running_id].compute_type, rows[running_id].docker_host) == ("swarm", tenant.docker_host)
-    assert (rows[away_id].compute_type, rows[away_id].docker_host) == ("swarm", gone_host)
-    assert all("PRIVATE KEY" not in r.sealed_credentials for r in rows.values())  # sealed
-
-    # The tests' process sweeps (the stack's worker does too, every minute: a claim is one
-    # conditional update, so whichever comes first tries each row once).
-    sweeper = ServiceContext.build(service_context.settings.model_copy(update={"fetch_allow_hosts": [tenant.address]}))
     try:
-        before = utcnow()
-        deadline = time.monotonic() + 90
-        while any(str(r.service_id) == running_id for r in _cleanups(service_context)):
-            assert time.monotonic() < deadline, _cleanups(service_context)
-            clean_up_deleted_accounts(sweeper)
-            time.sleep(1)
-    finally:
-        sweeper.dispose()
-    assert _held(tenant.api, running_id) == {"services": [], "containers": [], "networks": []}
-    [left] = _cleanups(service_context)
-    assert str(left.service_id) == away_id and left.attempts >= 1
-    assert left.next_attempt_at >= before + timedelta(seconds=55)
-    assert "did not answer" in (left.last_error or ""), left.last_error
-    key_line = tenant.tls["key"].splitlines()[1]
-    assert "PRIVATE KEY" not in (left.last_error or "") and key_line not in (left.last_error or "")
+        rows = _cleanups(service_context, running_id, away_id)
+        assert set(rows) == {running_id, away_id}
+        assert (rows[running_id].compute_type, rows[running_id].docker_host) == ("swarm", tenant.docker_host)
+        assert (rows[away_id].compute_type, rows[away_id].docker_host) == ("swarm", gone_host)
+        assert all("PRIVATE KEY" not in r.sealed_credentials for r in rows.values())  # sealed
+
+        # The tests' process sweeps (the stack's worker does too, every minute: a claim is one
+        # conditional update, so whichever comes first tries each row once).
+        allowed = service_context.settings.model_copy(update={"fetch_allow_hosts": [tenant.address]})
+        sweeper = ServiceContext.build(allowed)
+        try:
+            before = utcnow()
+            deadline = time.monotonic() + 90
+            while running_id in _cleanups(service_context, running_id):
+                assert time.monotonic() < deadline, _cleanups(service_context, running_id)
+                clean_up_deleted_accounts(sweeper)
+                time.sleep(1)
+        finally:
+            sweeper.dispose()
+        assert _held(tenant.api, running_id) == {"services": [], "containers": [], "networks": []}
+        assert list(_cleanups(service_context, running_id, away_id)) == [away_id]
+        left = _cleanups(service_context, away_id)[away_id]
+        assert left.attempts >= 1
+        assert left.next_attempt_at >= before + timedelta(seconds=55)
+        assert "did not answer" in (left.last_error or ""), left.last_error
+        key_line = tenant.tls["key"].splitlines()[1]
+        assert "PRIVATE KEY" not in (left.last_error or "") and key_line not in (left.last_error or "")
+    finally:  # the database outlives the session: the rows other tests' sweeps would see
+        with service_context.session_factory.begin() as session:
+            ids = [uuid.UUID(running_id), uuid.UUID(away_id)]
+            session.execute(delete(ClusterCleanup).where(ClusterCleanup.service_id.in_(ids)))
 
 
-def _cleanups(context: ServiceContext) -> list[ClusterCleanup]:
+def _cleanups(context: ServiceContext, *service_ids: str) -> dict[str, ClusterCleanup]:
+    """The cleanup rows of these services (the database outlives a session: rows of others too)."""
     with context.session_factory() as session:
-        return list(session.scalars(select(ClusterCleanup).order_by(ClusterCleanup.created_at)))
+        query = select(ClusterCleanup).where(ClusterCleanup.service_id.in_([uuid.UUID(s) for s in service_ids]))
+        return {str(row.service_id): row for row in session.scalars(query)}
 
 
 _PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
