@@ -160,15 +160,15 @@ async def check_request(
         ),
     ] = None,
 ) -> None:
-    """What every /api request is checked for, in one dependency (each costs a request time):
-    a supported api-version (omitted means the current one), and no parameter the database
-    would refuse."""
+    """What every /api request is checked for, in one dependency (each one costs every request
+    its solving): no parameter the database would refuse, then a supported api-version
+    (omitted means the current one)."""
+    _check_parameters(request)
     if api_version is not None and api_version not in SUPPORTED_API_VERSIONS:
         raise BadRequest(
             f"api-version '{api_version}' is not supported; supported: {', '.join(SUPPORTED_API_VERSIONS)}",
             code="UnsupportedApiVersion",
         )
-    _check_parameters(request)
 
 
 def _check_parameters(request: Request) -> None:

@@ -133,6 +133,7 @@ def test_a_nul_in_a_query_or_path_parameter_is_a_400_naming_it(
         ("images?manifestName=x%00", "manifestName"),
         ("models/%00", "modelId"),
         ("images/a%00b/log", "imageId"),
+        ("models?api-version=x%00", "api-version"),  # named as a NUL, not echoed as a version
     ]:
         response = client.get(f"{account}/{path}", headers=owner)
         assert response.status_code == 400, response.text
