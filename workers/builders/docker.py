@@ -43,7 +43,9 @@ from workers.scratch import scratch_dir
 
 __all__ = [
     "BASE_DIGEST_LABEL",
+    "MAX_TENANT_ANSWER_BYTES",
     "DockerBuilder",
+    "EngineAnswerTooLarge",
     "check_stream",
     "engine_client",
     "explain_build_failure",
@@ -82,17 +84,82 @@ _QUIET_STATUSES = frozenset(
 _AUTH_HINTS = ("no basic auth credentials", "unauthorized", "authentication required")
 
 
-class _NamedHostAdapter(requests.adapters.HTTPAdapter):
-    """Connects to the address in the URL and checks the peer's certificate against
-    ``hostname`` (also sent as SNI) instead."""
+# A tenant's engine answers as an attacker may: docker-py reads each answer whole, so each is
+# read at most this far (a listing of a large swarm's services or tasks, a log's last lines,
+# are far below it: as workers/deploy/kubernetes_driver.py's _MAX_ANSWER_BYTES).
+MAX_TENANT_ANSWER_BYTES = 8 * 1024 * 1024
+# Of an answer with an error status, whose message is all that is used (it goes into the error).
+MAX_TENANT_ERROR_BYTES = 64 * 1024
+_READ_CHUNK = 64 * 1024
 
-    def __init__(self, hostname: str) -> None:
+
+class EngineAnswerTooLarge(requests.RequestException):
+    """A tenant's engine answered more than its bound; the message names the bound, never the body."""
+
+
+class _TenantEngineAdapter(requests.adapters.HTTPAdapter):
+    """The one adapter of a tenant's engine: every answer's body is read at most
+    ``MAX_TENANT_ANSWER_BYTES`` (``MAX_TENANT_ERROR_BYTES`` of an error's), checked on
+    Content-Length first and counted as it is read (decoded: a compressed answer counts as it
+    unpacks); with ``hostname``, the connection goes to the address in the URL and the peer's
+    certificate is checked against ``hostname`` (also sent as SNI) instead."""
+
+    def __init__(self, hostname: str | None = None) -> None:
         self._hostname = hostname  # before the base class makes its pool manager
         super().__init__()
 
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.update(server_hostname=self._hostname, assert_hostname=self._hostname)
+        if self._hostname is not None:
+            kwargs.update(server_hostname=self._hostname, assert_hostname=self._hostname)
         super().init_poolmanager(*args, **kwargs)
+
+    def build_response(self, req: requests.PreparedRequest, resp: Any) -> requests.Response:
+        response = super().build_response(req, resp)
+        limit = MAX_TENANT_ANSWER_BYTES if response.status_code < 400 else MAX_TENANT_ERROR_BYTES
+        try:
+            declared = int(response.headers.get("Content-Length") or 0)
+        except ValueError:
+            declared = 0
+        if declared > limit:
+            resp.close()  # nothing read: the connection is not reused
+            raise EngineAnswerTooLarge(f"answered more than {limit} bytes")
+        response.raw = _BoundedBody(resp, limit)
+        return response
+
+
+class _BoundedBody:
+    """A response's raw body whose reads raise EngineAnswerTooLarge past ``limit`` bytes. It
+    has only what requests reads a body with: no socket to read around it (docker-py's
+    streaming helpers fail on it rather than read unbounded)."""
+
+    def __init__(self, raw: Any, limit: int) -> None:
+        self._raw, self._limit, self._seen = raw, limit, 0
+
+    def stream(self, amt: int = _READ_CHUNK, decode_content: bool | None = None) -> Iterator[bytes]:
+        for chunk in self._raw.stream(min(amt or _READ_CHUNK, _READ_CHUNK), decode_content=decode_content):
+            yield self._counted(chunk)
+
+    def read(self, amt: int | None = None, decode_content: bool | None = None, **_: Any) -> bytes:
+        if amt is None:
+            return b"".join(self.stream(_READ_CHUNK, decode_content=decode_content))
+        return self._counted(self._raw.read(min(amt, self._limit + 1 - self._seen), decode_content=decode_content))
+
+    def _counted(self, chunk: bytes) -> bytes:
+        self._seen += len(chunk)
+        if self._seen > self._limit:
+            self._raw.close()  # the rest unread: the connection is not reused
+            raise EngineAnswerTooLarge(f"answered more than {self._limit} bytes")
+        return chunk
+
+    def close(self) -> None:
+        self._raw.close()
+
+    def release_conn(self) -> None:
+        self._raw.release_conn()
+
+    @property
+    def closed(self) -> bool:
+        return bool(self._raw.closed)
 
 
 class _JobClient(docker.APIClient):
@@ -122,8 +189,7 @@ def engine_client(
     # asked ("auto") only once the environment is out of it.
     client = _JobClient(base_url=docker_host, version="1.41", timeout=timeout, tls=tls)
     client.trust_env = False
-    if server_hostname is not None:
-        client.mount("https://", _NamedHostAdapter(server_hostname))
+    client.mount("https://", _TenantEngineAdapter(server_hostname))
     client._version = client._retrieve_server_version()
     return client
 

@@ -23,6 +23,7 @@ The routing mesh is not used: it needs IPVS, which the tests' kernel lacks (meas
 from __future__ import annotations
 
 import base64
+import functools
 import ipaddress
 import json
 import logging
@@ -32,13 +33,13 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from datetime import datetime
-from typing import Self
+from typing import ParamSpec, Self, TypeVar
 
 import docker
 import requests
 
 from app.deployments.reconciler import Failure, LogLine, Replica, Spec
-from workers.builders.docker import engine_client, registry_host
+from workers.builders.docker import EngineAnswerTooLarge, engine_client, registry_host
 from workers.containment import REPLICA_PORT, replica_task_template
 from workers.deploy.local import (
     ACCOUNT_LABEL,
@@ -67,12 +68,29 @@ log = logging.getLogger("mms.deploy.swarm")
 # A generation whose tasks failed this many times before one answered GET / never will.
 MAX_FAILED_TASKS = 3
 _LOG_TAIL = 80
+_MAX_LOG_TASKS = 32  # tasks whose new lines one pass copies (as kubernetes_driver's pods)
 _ALIVE = frozenset({"new", "pending", "assigned", "accepted", "ready", "preparing", "starting", "running"})
 _FAILED = frozenset({"failed", "rejected"})
 _BRIDGE_OPTION = "com.docker.network.bridge.name"
 # How long a delete waits for the tasks' containers to go before it removes the networks
 # (the engine refuses while they are attached); past it, the next pass goes on.
 _REMOVE_WAIT_SECONDS = 20.0
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _bounded(method: Callable[_P, _R]) -> Callable[_P, _R]:
+    """``method``, with a tenant engine's answer past its bound (workers.builders.docker) as
+    the reconciler's EngineUnreachable, which names the bound and nothing of the answer."""
+
+    @functools.wraps(method)
+    def bounded(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return method(*args, **kwargs)
+        except EngineAnswerTooLarge as exc:
+            raise EngineUnreachable(f"the swarm's engine {exc}") from None
+
+    return bounded
 
 
 def config_network_name(service_id: uuid.UUID) -> str:
@@ -110,6 +128,8 @@ class SwarmDriver:
             self._api = engine_client(docker_host, timeout=30, tls=tls, server_hostname=server_hostname)
             swarm = self._api.info().get("Swarm") or {}
         except (docker.errors.DockerException, requests.RequestException, OSError) as exc:
+            if isinstance(bound := exc.__cause__ or exc, EngineAnswerTooLarge):  # docker-py wraps /version's
+                raise EngineUnreachable(f"the swarm's engine {bound}") from None
             raise EngineUnreachable(f"the swarm's engine did not answer ({type(exc).__name__})") from None
         self._node_id = str(swarm.get("NodeID") or "")
         if swarm.get("LocalNodeState") != "active" or not swarm.get("ControlAvailable"):
@@ -128,6 +148,7 @@ class SwarmDriver:
     def __exit__(self, *_: object) -> None:
         self.close()
 
+    @_bounded
     def observe(self, spec: Spec) -> tuple[list[Replica], Failure | None]:
         """The tasks swarm keeps running for every generation of the service, probed; and,
         when the desired generation's tasks failed again and again before any served, why."""
@@ -148,16 +169,19 @@ class SwarmDriver:
                 failure = self._why_it_failed(service, failed)
         return replicas, failure
 
+    @_bounded
     def read_logs(self, spec: Spec, replicas: Sequence[Replica]) -> list[LogLine]:
         """What each task printed since the newest line already copied (from its container on
-        this node: v1 is one node), at most ``LOG_LINES_PER_PASS`` a task."""
+        this node: v1 is one node), at most ``LOG_LINES_PER_PASS`` a task, of at most
+        ``_MAX_LOG_TASKS`` tasks (a tenant's engine may list any number)."""
         lines: list[LogLine] = []
-        for replica in replicas:
+        for replica in replicas[:_MAX_LOG_TASKS]:
             container_id = self._task_container.get(replica.id)
             if container_id:
                 lines += new_log_lines(self._api, container_id, replica, spec.log_marks.get(replica.id, 0))
         return lines
 
+    @_bounded
     def start(self, spec: Spec, count: int, pull_auth: Mapping[str, str] | None) -> list[str]:
         """``count`` more tasks of the desired generation: its swarm service made, or scaled up.
         Returns nothing: swarm names the tasks, the next pass sees them."""
@@ -214,6 +238,7 @@ class SwarmDriver:
         log.info("deploy.started", extra={"service": str(spec.id), "generation": spec.generation, "count": count})
         return []
 
+    @_bounded
     def remove(self, replica_ids: Sequence[str]) -> None:
         """Scale each task's generation down by the tasks named (swarm picks which go; the
         gateway retries a request that finds one gone); a generation scaled to nothing is removed."""
@@ -231,6 +256,7 @@ class SwarmDriver:
                 else:
                     self._scale(service, left)
 
+    @_bounded
     def remove_all(self, service_id: uuid.UUID) -> bool:
         """Every swarm service of the service, then its networks; whether all is gone (the
         engine refuses to remove a network while a task's container is still on it)."""
@@ -255,6 +281,7 @@ class SwarmDriver:
             return False
         return True
 
+    @_bounded
     def sweep(self, known: Callable[[], set[uuid.UUID]]) -> list[uuid.UUID]:
         """Remove what the swarm holds of this installation's services that no longer exist; their
         ids. Their swarm services go first, their networks one sweep later, as on local
