@@ -45,7 +45,9 @@ __all__ = [
     "BASE_DIGEST_LABEL",
     "MAX_TENANT_ANSWER_BYTES",
     "DockerBuilder",
+    "EngineAnswerRefused",
     "EngineAnswerTooLarge",
+    "EngineRedirected",
     "check_stream",
     "engine_client",
     "explain_build_failure",
@@ -93,8 +95,17 @@ MAX_TENANT_ERROR_BYTES = 64 * 1024
 _READ_CHUNK = 64 * 1024
 
 
-class EngineAnswerTooLarge(requests.RequestException):
+class EngineAnswerRefused(requests.RequestException):
+    """A tenant's engine answered what is not read; the message says why, never the body."""
+
+
+class EngineAnswerTooLarge(EngineAnswerRefused):
     """A tenant's engine answered more than its bound; the message names the bound, never the body."""
+
+
+class EngineRedirected(EngineAnswerRefused):
+    """A tenant's engine answered with a redirect: never followed, as it could send the worker
+    anywhere (the host's loopback, a metadata address), past the address that was checked."""
 
 
 class _TenantEngineAdapter(requests.adapters.HTTPAdapter):
@@ -115,6 +126,9 @@ class _TenantEngineAdapter(requests.adapters.HTTPAdapter):
 
     def build_response(self, req: requests.PreparedRequest, resp: Any) -> requests.Response:
         response = super().build_response(req, resp)
+        if response.is_redirect:
+            resp.close()
+            raise EngineRedirected(f"answered with a redirect ({response.status_code}), which is not followed")
         limit = MAX_TENANT_ANSWER_BYTES if response.status_code < 400 else MAX_TENANT_ERROR_BYTES
         try:
             declared = int(response.headers.get("Content-Length") or 0)

@@ -39,7 +39,7 @@ import docker
 import requests
 
 from app.deployments.reconciler import Failure, LogLine, Replica, Spec
-from workers.builders.docker import EngineAnswerTooLarge, engine_client, registry_host
+from workers.builders.docker import EngineAnswerRefused, engine_client, registry_host
 from workers.containment import REPLICA_PORT, replica_task_template
 from workers.deploy.local import (
     ACCOUNT_LABEL,
@@ -80,14 +80,15 @@ _R = TypeVar("_R")
 
 
 def _bounded(method: Callable[_P, _R]) -> Callable[_P, _R]:
-    """``method``, with a tenant engine's answer past its bound (workers.builders.docker) as
-    the reconciler's EngineUnreachable, which names the bound and nothing of the answer."""
+    """``method``, with a tenant engine's answer refused (past its bound, a redirect:
+    workers.builders.docker) as the reconciler's EngineUnreachable, which says why and
+    nothing of the answer."""
 
     @functools.wraps(method)
     def bounded(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         try:
             return method(*args, **kwargs)
-        except EngineAnswerTooLarge as exc:
+        except EngineAnswerRefused as exc:
             raise EngineUnreachable(f"the swarm's engine {exc}") from None
 
     return bounded
@@ -128,7 +129,7 @@ class SwarmDriver:
             self._api = engine_client(docker_host, timeout=30, tls=tls, server_hostname=server_hostname)
             swarm = self._api.info().get("Swarm") or {}
         except (docker.errors.DockerException, requests.RequestException, OSError) as exc:
-            if isinstance(bound := exc.__cause__ or exc, EngineAnswerTooLarge):  # docker-py wraps /version's
+            if isinstance(bound := exc.__cause__ or exc, EngineAnswerRefused):  # docker-py wraps /version's
                 raise EngineUnreachable(f"the swarm's engine {bound}") from None
             raise EngineUnreachable(f"the swarm's engine did not answer ({type(exc).__name__})") from None
         self._node_id = str(swarm.get("NodeID") or "")

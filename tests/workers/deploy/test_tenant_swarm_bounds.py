@@ -31,6 +31,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from app.deployments.reconciler import Replica, Spec
 from app.deployments.states import ServiceState
+from tests.listeners import tcp_listener
 from workers.builders.docker import MAX_TENANT_ANSWER_BYTES
 from workers.deploy.local import LOG_LINES_PER_PASS, EngineUnreachable
 from workers.deploy.swarm import SwarmDriver
@@ -330,3 +331,25 @@ def test_a_log_of_more_lines_than_asked_for_adds_no_more_than_a_pass_copies(
         lines = driver.read_logs(_spec(), [replica])
     assert len(lines) == LOG_LINES_PER_PASS
     assert lines[-1].text == f"line {count - 1}"
+
+
+@pytest.mark.parametrize("path", ["/version", "/services"])
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_a_redirect_is_never_followed(
+    engine: tuple[int, type[_Engine]], certs: dict[str, str], path: str, scheme: str
+) -> None:
+    """A tenant's engine that redirects the worker elsewhere (here a listener on the host's
+    loopback, standing in for a metadata address or a service bound there) is not followed."""
+    port, handler = engine
+    with tcp_listener() as (elsewhere, peers):
+        answer: Answer = (307, {"Location": f"{scheme}://127.0.0.1:{elsewhere}/v1.41{path}"}, b"")
+        handler.hostile = staticmethod(lambda asked: answer if asked == path else None)
+
+        def connect_and_observe() -> None:
+            with _driver(port, certs) as driver:
+                _observe(driver)
+
+        message = _fails_bounded(connect_and_observe)
+        time.sleep(0.3)  # the listener's accept loop polls every 0.2 s
+        assert peers == [], "the worker followed the engine's redirect"
+    assert "redirect (307), which is not followed" in message
