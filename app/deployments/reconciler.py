@@ -42,6 +42,7 @@ ERROR_LOG_LINES = 40
 # ... each cut to this many characters: a replica prints lines of any length, and the error
 # is in every GET of the service and in its events.
 ERROR_LINE_CHARS = 300
+ERROR_REASON_CHARS = 1000
 # What the reconciler keeps of what a service's replicas printed: the newest lines.
 KEPT_LOG_LINES = 1000
 # ... and the newest line of each of at most this many live replicas (where their next copy starts).
@@ -630,7 +631,10 @@ def _end_operation(session: Session, operation_id: uuid.UUID | None, state: Oper
 
 
 def _failure_text(failure: Failure) -> str:
+    # The reason may quote what a tenant's engine or cluster said: cut like the log lines, so
+    # the row, its events and webhooks stay small whatever it said.
+    reason = failure.reason[:ERROR_REASON_CHARS]
     lines = [line[:ERROR_LINE_CHARS] for line in failure.logs.splitlines() if line.strip()][-ERROR_LOG_LINES:]
     if not lines:
-        return failure.reason
-    return failure.reason + "\nlast lines of its output:\n" + "\n".join(lines)
+        return reason
+    return reason + "\nlast lines of its output:\n" + "\n".join(lines)

@@ -14,6 +14,7 @@ from app.builds.states import CreationState
 from app.deployments import OperationState, ServiceState
 from app.deployments.lifecycle import request_delete, update_service
 from app.deployments.reconciler import (
+    ERROR_REASON_CHARS,
     Failure,
     Replica,
     Spec,
@@ -242,6 +243,20 @@ def test_a_failed_first_generation_fails_the_service_with_its_last_lines(db: Ses
     assert created.state is ServiceState.FAILED
     assert created.error is not None and "ValueError: no" in created.error
     assert _operation(db, created).state is OperationState.FAILED
+
+
+def test_a_failure_reason_of_any_length_is_stored_cut(db: Session, created: Service) -> None:
+    """A reason may quote what a tenant's engine said (a task's error): megabytes of it must not
+    reach the row, its events and its webhooks."""
+    lease = claim(db, created.id, owner="w")
+    assert lease is not None
+    spec = read_spec(db, lease)
+    assert spec is not None
+    failure = Failure("swarm could not run a replica: " + "E" * 4_000_000, "")
+    record(db, lease, spec, _decide(spec, [], failure), [], now=utcnow(), scoring_url=SCORING_URL)
+    db.refresh(created)
+    assert created.error is not None and created.error.startswith("swarm could not run a replica: EEE")
+    assert len(created.error) <= ERROR_REASON_CHARS
 
 
 def test_a_verdict_on_an_older_spec_does_not_land(db: Session, created: Service) -> None:

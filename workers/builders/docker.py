@@ -16,7 +16,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +93,11 @@ MAX_TENANT_ANSWER_BYTES = 8 * 1024 * 1024
 # Of an answer with an error status, whose message is all that is used (it goes into the error).
 MAX_TENANT_ERROR_BYTES = 64 * 1024
 _READ_CHUNK = 64 * 1024
+# docker-py sends some calls (a pull) with no timeout at all: a tenant's engine gets these,
+# each read, and every answer whole (a pull's progress on a slow link included) at most this.
+TENANT_CONNECT_SECONDS = 30.0
+TENANT_READ_SECONDS = 120.0
+MAX_TENANT_ANSWER_SECONDS = 600.0
 
 
 class EngineAnswerRefused(requests.RequestException):
@@ -124,6 +129,11 @@ class _TenantEngineAdapter(requests.adapters.HTTPAdapter):
             kwargs.update(server_hostname=self._hostname, assert_hostname=self._hostname)
         super().init_poolmanager(*args, **kwargs)
 
+    def send(self, request: requests.PreparedRequest, *args: Any, **kwargs: Any) -> requests.Response:
+        if kwargs.get("timeout") is None:  # never wait on a tenant's engine without a bound
+            kwargs["timeout"] = (TENANT_CONNECT_SECONDS, TENANT_READ_SECONDS)
+        return super().send(request, *args, **kwargs)
+
     def build_response(self, req: requests.PreparedRequest, resp: Any) -> requests.Response:
         response = super().build_response(req, resp)
         if response.is_redirect:
@@ -137,17 +147,29 @@ class _TenantEngineAdapter(requests.adapters.HTTPAdapter):
         if declared > limit:
             resp.close()  # nothing read: the connection is not reused
             raise EngineAnswerTooLarge(f"answered more than {limit} bytes")
-        response.raw = _BoundedBody(resp, limit)
+        response.raw = _BoundedBody(resp, limit, deadline=time.monotonic() + MAX_TENANT_ANSWER_SECONDS)
         return response
 
 
-class _BoundedBody:
-    """A response's raw body whose reads raise EngineAnswerTooLarge past ``limit`` bytes. It
-    has only what requests reads a body with: no socket to read around it (docker-py's
-    streaming helpers fail on it rather than read unbounded)."""
+@dataclass(frozen=True)
+class _ChunkState:
+    """What docker-py's stream reader asks of a body's connection, and nothing else of it."""
 
-    def __init__(self, raw: Any, limit: int) -> None:
-        self._raw, self._limit, self._seen = raw, limit, 0
+    chunked: bool
+    chunk_left: int | None
+
+
+class _BoundedBody:
+    """A response's raw body whose reads raise EngineAnswerTooLarge past ``limit`` bytes, and
+    EngineAnswerRefused past ``deadline``. It has only what requests and docker-py's stream
+    reader read a body with: no socket to read around it."""
+
+    def __init__(self, raw: Any, limit: int, *, deadline: float) -> None:
+        self._raw, self._limit, self._seen, self._deadline = raw, limit, 0, deadline
+
+    @property
+    def _fp(self) -> _ChunkState:
+        return _ChunkState(bool(self._raw._fp.chunked), self._raw._fp.chunk_left)
 
     def stream(self, amt: int = _READ_CHUNK, decode_content: bool | None = None) -> Iterator[bytes]:
         for chunk in self._raw.stream(min(amt or _READ_CHUNK, _READ_CHUNK), decode_content=decode_content):
@@ -159,6 +181,9 @@ class _BoundedBody:
         return self._counted(self._raw.read(min(amt, self._limit + 1 - self._seen), decode_content=decode_content))
 
     def _counted(self, chunk: bytes) -> bytes:
+        if time.monotonic() > self._deadline:
+            self._raw.close()
+            raise EngineAnswerRefused(f"did not finish an answer within {MAX_TENANT_ANSWER_SECONDS:.0f} s")
         self._seen += len(chunk)
         if self._seen > self._limit:
             self._raw.close()  # the rest unread: the connection is not reused

@@ -80,9 +80,9 @@ _R = TypeVar("_R")
 
 
 def _bounded(method: Callable[_P, _R]) -> Callable[_P, _R]:
-    """``method``, with a tenant engine's answer refused (past its bound, a redirect:
-    workers.builders.docker) as the reconciler's EngineUnreachable, which says why and
-    nothing of the answer."""
+    """``method``, with a tenant engine's answer refused (past its bound or its time, a
+    redirect: workers.builders.docker) or not coming as the reconciler's EngineUnreachable,
+    which says why and nothing of the answer."""
 
     @functools.wraps(method)
     def bounded(*args: _P.args, **kwargs: _P.kwargs) -> _R:
@@ -90,6 +90,8 @@ def _bounded(method: Callable[_P, _R]) -> Callable[_P, _R]:
             return method(*args, **kwargs)
         except EngineAnswerRefused as exc:
             raise EngineUnreachable(f"the swarm's engine {exc}") from None
+        except (requests.ConnectionError, requests.Timeout) as exc:  # the engine away, or too slow
+            raise EngineUnreachable(f"the swarm's engine did not answer ({type(exc).__name__})") from None
 
     return bounded
 
@@ -129,6 +131,8 @@ class SwarmDriver:
             self._api = engine_client(docker_host, timeout=30, tls=tls, server_hostname=server_hostname)
             swarm = self._api.info().get("Swarm") or {}
         except (docker.errors.DockerException, requests.RequestException, OSError) as exc:
+            if api := getattr(self, "_api", None):
+                api.close()
             if isinstance(bound := exc.__cause__ or exc, EngineAnswerRefused):  # docker-py wraps /version's
                 raise EngineUnreachable(f"the swarm's engine {bound}") from None
             raise EngineUnreachable(f"the swarm's engine did not answer ({type(exc).__name__})") from None
@@ -305,7 +309,14 @@ class SwarmDriver:
         return orphans
 
     def _services(self, service_id: uuid.UUID) -> list[dict]:
-        return self._api.services(filters={"label": f"{SERVICE_LABEL}={service_id}"})
+        """The service's swarm services made by this installation: a copy of the database given
+        its own id (mms admin installation --new-id) never takes the original's for its own."""
+        ours = [f"{SERVICE_LABEL}={service_id}", f"{INSTALLATION_LABEL}={self._installation}"]
+        return [
+            found
+            for found in self._api.services(filters={"label": ours})
+            if (found.get("Spec", {}).get("Labels") or {}).get(INSTALLATION_LABEL) == self._installation
+        ]
 
     def _service(self, service_id: uuid.UUID, generation: int) -> dict | None:
         name = swarm_service_name(service_id, generation)

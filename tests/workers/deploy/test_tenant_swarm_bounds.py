@@ -32,9 +32,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from app.deployments.reconciler import Replica, Spec
 from app.deployments.states import ServiceState
 from tests.listeners import tcp_listener
+from workers.builders import docker as docker_module
 from workers.builders.docker import MAX_TENANT_ANSWER_BYTES
-from workers.deploy.local import LOG_LINES_PER_PASS, EngineUnreachable
-from workers.deploy.swarm import SwarmDriver
+from workers.deploy.local import INSTALLATION_LABEL, LOG_LINES_PER_PASS, EngineUnreachable, pulled_image
+from workers.deploy.swarm import SwarmDriver, _bounded
 
 NAME = "engine.test"  # the manager's name, in its certificate; the connection goes to 127.0.0.1
 HUGE = 128 * 1024 * 1024  # what the hostile engine sends: 16 times the bound
@@ -110,7 +111,11 @@ def _json(value: object) -> bytes:
 # an iterator of chunks sent chunked without a Content-Length).
 Answer = tuple[int, dict[str, str], bytes | Iterator[bytes]]
 
-SERVICE = {"ID": "s1", "Spec": {"Name": "x", "Labels": {"org.mms.generation": "1"}}, "Version": {"Index": 1}}
+SERVICE = {
+    "ID": "s1",
+    "Spec": {"Name": "x", "Labels": {"org.mms.generation": "1", INSTALLATION_LABEL: "test"}},
+    "Version": {"Index": 1},
+}
 TASK = {
     "ID": "t1",
     "DesiredState": "running",
@@ -178,6 +183,8 @@ class _Engine(BaseHTTPRequestHandler):
                 self.wfile.write(b"0\r\n\r\n")
         except (OSError, ssl.SSLError):  # the worker hung up: the bound held
             self.close_connection = True
+
+    do_POST = do_GET
 
     def log_message(self, *_: object) -> None:
         return None
@@ -353,3 +360,64 @@ def test_a_redirect_is_never_followed(
         time.sleep(0.3)  # the listener's accept loop polls every 0.2 s
         assert peers == [], "the worker followed the engine's redirect"
     assert "redirect (307), which is not followed" in message
+
+
+NO_IMAGE: Answer = (404, {}, _json({"message": "No such image: registry.example.com/mms/a/b"}))
+
+
+def _pull(driver: SwarmDriver) -> str:
+    return pulled_image(driver._api, _spec(), None)
+
+
+def _progress(pause: float = 0.0, trickle_seconds: float = 0.0) -> Iterator[bytes]:
+    """A pull's progress, chunked as an engine sends it, then a line every ``pause`` for
+    ``trickle_seconds`` (far past the bound the test sets, and yet finite: the test ends even
+    when the bound is broken)."""
+    yield _json({"status": "Pulling from mms/a/b", "id": "1"}) + b"\r\n"
+    until = time.monotonic() + trickle_seconds
+    while time.monotonic() < until:
+        time.sleep(pause)
+        yield _json({"status": "Downloading", "id": "1"}) + b"\r\n"
+    yield _json({"status": "Digest: sha256:" + "0" * 64}) + b"\r\n"
+
+
+def _pulling(answer: Answer) -> Callable[[str], Answer | None]:
+    def hostile(path: str) -> Answer | None:
+        if path.startswith("/images/") and path.endswith("/json"):
+            return NO_IMAGE
+        return answer if path == "/images/create" else None
+
+    return hostile
+
+
+def test_a_pull_streams_its_progress_through_the_bound(
+    engine: tuple[int, type[_Engine]], certs: dict[str, str]
+) -> None:
+    port, handler = engine
+    handler.hostile = staticmethod(_pulling((200, {}, _progress())))
+    with _driver(port, certs) as driver:
+        assert _pull(driver).startswith("registry.example.com/mms/a/b@sha256:")
+
+
+@pytest.mark.parametrize("how", ["silent", "trickling"])
+def test_a_pull_that_never_ends_fails_in_bounded_time(
+    engine: tuple[int, type[_Engine]], certs: dict[str, str], how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docker-py pulls with no timeout at all: a tenant's engine that never answers, or never
+    finishes, would hold a deploy thread (every tenant's) for ever."""
+    monkeypatch.setattr(docker_module, "TENANT_READ_SECONDS", 1.0)
+    monkeypatch.setattr(docker_module, "MAX_TENANT_ANSWER_SECONDS", 2.0)
+    port, handler = engine
+    if how == "silent":
+        answer: Answer = (200, {}, iter([b""]))
+        handler.hostile = staticmethod(
+            lambda path: (time.sleep(30), answer)[1] if path == "/images/create" else _pulling(answer)(path)
+        )
+    else:
+        handler.hostile = staticmethod(_pulling((200, {}, _progress(pause=0.2, trickle_seconds=20))))
+    with _driver(port, certs) as driver:
+        started = time.monotonic()
+        with pytest.raises(EngineUnreachable) as raised:
+            _bounded(_pull)(driver)
+        assert time.monotonic() - started < 10
+    assert "did not answer" in str(raised.value) or "did not finish an answer within 2 s" in str(raised.value)
