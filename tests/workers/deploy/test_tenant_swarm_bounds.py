@@ -13,7 +13,6 @@ import ssl
 import threading
 import time
 import tracemalloc
-import uuid
 import zlib
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -29,9 +28,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from app.deployments.reconciler import Replica, Spec
-from app.deployments.states import ServiceState
+from app.deployments.reconciler import Replica
 from tests.listeners import tcp_listener
+from tests.workers.deploy.specs import swarm_spec
 from workers.builders import docker as docker_module
 from workers.builders.docker import MAX_TENANT_ANSWER_BYTES
 from workers.deploy.local import INSTALLATION_LABEL, LOG_LINES_PER_PASS, EngineUnreachable, pulled_image
@@ -222,34 +221,12 @@ def _driver(port: int, certs: dict[str, str]) -> SwarmDriver:
     )
 
 
-def _spec() -> Spec:
-    return Spec(
-        id=uuid.uuid4(),
-        account_id=uuid.uuid4(),
-        state=ServiceState.TRANSITIONING,
-        compute_type="swarm",
-        compute_name="theirs",
-        image_id=uuid.uuid4(),
-        image_location="registry.example.com/mms/a/b",
-        image_digest="sha256:" + "0" * 64,
-        generation=1,
-        traffic_generation=None,
-        replicas=1,
-        cpu=0.5,
-        memory_gb=0.5,
-        scoring_timeout_ms=60000,
-        revision=1,
-        changed_at=datetime.now(UTC),
-        switched_at=None,
-    )
-
-
 def _observe(driver: SwarmDriver) -> None:
-    driver.observe(_spec())
+    driver.observe(swarm_spec())
 
 
 def _read_logs(driver: SwarmDriver) -> None:
-    spec = _spec()
+    spec = swarm_spec()
     replicas, _ = driver.observe(spec)
     driver.read_logs(spec, replicas)
 
@@ -335,7 +312,7 @@ def test_a_log_of_more_lines_than_asked_for_adds_no_more_than_a_pass_copies(
     replica = Replica(id="t1", generation=1, image_id=None, address=None, alive=True, ready=False)
     with _driver(port, certs) as driver:
         driver._task_container["t1"] = CONTAINER
-        lines = driver.read_logs(_spec(), [replica])
+        lines = driver.read_logs(swarm_spec(), [replica])
     assert len(lines) == LOG_LINES_PER_PASS
     assert lines[-1].text == f"line {count - 1}"
 
@@ -366,7 +343,7 @@ NO_IMAGE: Answer = (404, {}, _json({"message": "No such image: registry.example.
 
 
 def _pull(driver: SwarmDriver) -> str:
-    return pulled_image(driver._api, _spec(), None)
+    return pulled_image(driver._api, swarm_spec(), None)
 
 
 def _progress(pause: float = 0.0, trickle_seconds: float = 0.0) -> Iterator[bytes]:

@@ -3,15 +3,11 @@ engine's word is a port at most, never an address; the operator's registry login
 
 from __future__ import annotations
 
-import uuid
-from datetime import UTC, datetime
-
 import pytest
 
 from app.config import Settings
 from app.context import ServiceContext
-from app.deployments.reconciler import Spec
-from app.deployments.states import ServiceState
+from tests.workers.deploy.specs import swarm_spec
 from workers.deploy.reconcile import _pull_auth
 from workers.deploy.swarm import published_address
 
@@ -53,29 +49,6 @@ def test_a_hostile_engines_port_status_gives_no_address(status: dict) -> None:
     assert published_address(HOST, status) is None
 
 
-def _spec(compute_name: str) -> Spec:
-    now = datetime.now(UTC)
-    return Spec(
-        id=uuid.uuid4(),
-        account_id=uuid.uuid4(),
-        state=ServiceState.TRANSITIONING,
-        compute_type="swarm",
-        compute_name=compute_name,
-        image_id=uuid.uuid4(),
-        image_location="registry.example.com/mms/a/b",
-        image_digest="sha256:" + "0" * 64,
-        generation=1,
-        traffic_generation=None,
-        replicas=1,
-        cpu=0.5,
-        memory_gb=0.5,
-        scoring_timeout_ms=60000,
-        revision=1,
-        changed_at=now,
-        switched_at=None,
-    )
-
-
 def test_the_operators_registry_login_never_goes_to_a_tenants_swarm(tmp_path) -> None:  # type: ignore[no-untyped-def]
     settings = Settings(
         database_url=f"sqlite:///{tmp_path / 'db.sqlite'}",
@@ -86,8 +59,8 @@ def test_the_operators_registry_login_never_goes_to_a_tenants_swarm(tmp_path) ->
     )
     context = ServiceContext.build(settings)
     try:
-        assert _pull_auth(context, _spec("theirs")) is None
+        assert _pull_auth(context, swarm_spec("theirs")) is None
         operator = {"username": "operator", "password": "pushes-every-tenants-images"}
-        assert _pull_auth(context, _spec("swarm")) == operator  # the operator's own swarm
+        assert _pull_auth(context, swarm_spec("swarm")) == operator  # the operator's own swarm
     finally:
         context.dispose()
