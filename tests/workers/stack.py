@@ -83,7 +83,9 @@ def running_stack(
     service may reach (MMS_FETCH_ALLOW_HOSTS: a tenant's swarm in a test's network namespace)."""
     settings = service_context.settings
     port, hook_port, gateway_port = free_port(), free_port(), free_port()
-    broker = "redis://127.0.0.1:6379/14"
+    # Its own Redis database (flushed here): MMS_TEST_STACK_REDIS_URL lets two test sessions on one
+    # machine run stacks side by side.
+    broker = os.environ.get("MMS_TEST_STACK_REDIS_URL", "redis://127.0.0.1:6379/14")
     redis.Redis.from_url(broker).flushdb()
     log_dir = tmp_path_factory.mktemp("stack-logs")
     env = {
