@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import uuid
 
+from sqlalchemy import bindparam
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.dml import ReturningInsert
 
 from app.orm.base import VersionCounter, utcnow
 
@@ -21,15 +24,28 @@ def claim_next_version(
     name waits on the row lock until this transaction ends, so versions come out 1, 2, 3 …
     with no gap and no repeat (PostgreSQL refuses FOR UPDATE with max(), hence the counter).
     """
-    insert = _UPSERTS[session.get_bind().dialect.name]
-    statement = (
-        insert(counter)
-        .values(id=uuid.uuid4(), account_id=account_id, name=name, last_version=1, created_at=utcnow())
+    statement = _claim_statement(session.get_bind().dialect.name, counter)
+    params = {"id": uuid.uuid4(), "account_id": account_id, "name": name, "created_at": utcnow()}
+    row_id, version = session.execute(statement, params).one()
+    return row_id, version
+
+
+@functools.cache
+def _claim_statement(dialect: str, counter: type[VersionCounter]) -> ReturningInsert:
+    """The claim as a statement with parameters, built once per counter: building it per
+    registration (and its cache key) cost more than running it (issue 20)."""
+    return (
+        _UPSERTS[dialect](counter)
+        .values(
+            id=bindparam("id"),
+            account_id=bindparam("account_id"),
+            name=bindparam("name"),
+            last_version=1,
+            created_at=bindparam("created_at"),
+        )
         .on_conflict_do_update(
             index_elements=[counter.account_id, counter.name],
             set_={"last_version": counter.last_version + 1},
         )
         .returning(counter.id, counter.last_version)
     )
-    row_id, version = session.execute(statement).one()
-    return row_id, version
