@@ -49,6 +49,7 @@ def queue_account_cleanups(session: Session, account_id: uuid.UUID) -> int:
         .where(
             Service.account_id == account_id,
             Service.compute_type.in_(_ATTACHED),
+            Service.compute_attached,
             Compute.compute_type == Service.compute_type,
             Compute.sealed_credentials.is_not(None),
         )

@@ -65,6 +65,7 @@ class Spec:
     state: ServiceState
     compute_type: str
     compute_name: str  # a built-in target's (local, swarm) or an attached one's
+    compute_attached: bool  # an attached one's (stored when the service was made)
     image_id: uuid.UUID
     image_location: str | None  # None until its build (a deploy from models) succeeded
     image_digest: str | None
@@ -240,6 +241,7 @@ def read_spec(session: Session, lease: Lease) -> Spec | None:
         state=service.state,
         compute_type=service.compute_type,
         compute_name=service.compute_name,
+        compute_attached=service.compute_attached,
         image_id=service.image_id,
         image_location=row.image_location,
         image_digest=row.digest,

@@ -26,6 +26,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     Uuid,
+    false,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -74,6 +75,9 @@ class Service(UuidPrimaryKey, CreatedAt, Base):
     description: Mapped[str | None] = mapped_column(String(512))
     compute_name: Mapped[str] = mapped_column(String(32))  # local, or a Compute's name
     compute_type: Mapped[str] = mapped_column(String(16))
+    # A compute the account attached (not a built-in target): decided when the service is made,
+    # never again from the name and the workers' settings (migration 0020).
+    compute_attached: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     # An image a service runs cannot be deleted (the API answers 409 ImageInUse first). NO ACTION,
     # not RESTRICT: checked at the end of the statement, so an account's cascade removes both.
     image_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("images.id"), index=True)

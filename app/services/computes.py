@@ -65,9 +65,10 @@ def _target(compute: Compute) -> Target:
     )
 
 
-def is_tenant_swarm(compute_type: str, compute_name: str, *, swarm_enabled: bool) -> bool:
-    """Whether a service's target is a swarm the tenant attached, not the operator's built-in one."""
-    return compute_type == SWARM and not (compute_name == SWARM and swarm_enabled)
+def is_tenant_swarm(compute_type: str, *, attached: bool) -> bool:
+    """Whether a service's target is a swarm the tenant attached, not the operator's built-in one
+    (``attached``: as the service recorded it when it was made, whatever the settings say now)."""
+    return compute_type == SWARM and attached
 
 
 def _built_in_name(name: str, *, swarm_enabled: bool) -> str | None:

@@ -206,7 +206,7 @@ def create(
     _check_auth(
         config.authEnabled,
         compute_type=target.compute_type,
-        tenant_swarm=target.compute_type == "swarm" and not target.built_in,
+        tenant_swarm=is_tenant_swarm(target.compute_type, attached=not target.built_in),
         field="deploymentConfig.authEnabled",
     )
     scale = _scale(
@@ -247,6 +247,7 @@ def create(
         description=body.description,
         compute_name=target.name,  # a built-in one's canonical name
         compute_type=target.compute_type,
+        compute_attached=not target.built_in,
         image_id=image.id,
         **scale,
         **resources,
@@ -325,7 +326,7 @@ def update(
             body.containerResourceRequirements, compute_type=service.compute_type, limits=limits, prefix=""
         )
     if body.authEnabled is not None:
-        tenant_swarm = is_tenant_swarm(service.compute_type, service.compute_name, swarm_enabled=limits.swarm_enabled)
+        tenant_swarm = is_tenant_swarm(service.compute_type, attached=service.compute_attached)
         _check_auth(body.authEnabled, compute_type=service.compute_type, tenant_swarm=tenant_swarm, field="authEnabled")
         values["auth_enabled"] = body.authEnabled
     if body.scoringTimeoutMs is not None:

@@ -639,6 +639,37 @@ def test_an_attached_swarm_refuses_key_auth_rather_than_serve_without_it(
     assert client.get(url, headers=owner).json()["authEnabled"] is False
 
 
+def test_a_swarm_the_tenant_attached_as_swarm_stays_theirs_when_the_operator_sets_one(
+    client: TestClient, app_context: ServiceContext, owner: dict[str, str], account: str, image_id: str, db: Session
+) -> None:
+    """Built-in or attached is decided when the service is made and stored: an account's swarm
+    attached as `swarm` while the operator had none is still the account's (its key rule, its
+    engine) once the operator sets a swarm, and never becomes the operator's."""
+    assert client.put(f"{account}/computes/swarm", json=swarm(), headers=owner).status_code == 201
+    service = deploy(client, account, owner, image_id, computeName="swarm", deploymentConfig={"authEnabled": False})
+    settings = app_context.settings.model_copy(update={"swarm_docker_host": "unix:///var/run/docker.sock"})
+    context = ServiceContext.build(
+        settings,
+        engine=app_context.engine,
+        session_factory=app_context.session_factory,
+        read_session_factory=app_context.read_session_factory,
+    )
+    with_swarm = TestClient(create_app(context=context), base_url="http://testserver")
+    url = f"{account}/services/{service['id']}"
+    settle(db, service["id"], Transition.CONVERGE, ServiceState.HEALTHY)
+    refused = with_swarm.patch(url, json={"authEnabled": True}, headers=owner)
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["details"][0]["message"].startswith("authEnabled: a swarm you attached cannot check")
+    lease = reconciler.claim(db, uuid.UUID(service["id"]), owner="test")
+    assert lease is not None
+    spec = reconciler.read_spec(db, lease)
+    assert spec is not None and spec.compute_attached
+    # A service made on the operator's `swarm` from then on is the operator's, keys and all.
+    built_in = deploy(with_swarm, account, owner, image_id, name="onours", computeName="swarm")
+    assert built_in["authEnabled"] is True
+    assert db.scalar(select(Service.compute_attached).where(Service.id == uuid.UUID(built_in["id"]))) is False
+
+
 def test_an_account_with_services_is_deleted_only_with_force_and_takes_them_along(
     client: TestClient, owner: dict[str, str], account: str, image_id: str, db: Session
 ) -> None:

@@ -46,6 +46,7 @@ def _spec(**changes: object) -> Spec:
         "state": ServiceState.TRANSITIONING,
         "compute_type": "local",
         "compute_name": "local",
+        "compute_attached": False,
         "image_id": uuid.uuid4(),
         "image_location": "127.0.0.1:5000/a/b:1",
         "image_digest": "sha256:" + "0" * 64,

@@ -375,7 +375,7 @@ def _undeployable(context: ServiceContext, spec: Spec) -> str | None:
 
 def _tenant_swarm(context: ServiceContext, spec: Spec) -> bool:
     """Is the service's target a swarm the tenant attached (not the operator's built-in one)?"""
-    return is_tenant_swarm(spec.compute_type, spec.compute_name, swarm_enabled=bool(context.settings.swarm_docker_host))
+    return is_tenant_swarm(spec.compute_type, attached=spec.compute_attached)
 
 
 def _local_driver(context: ServiceContext, engine: str) -> LocalDriver:

@@ -18,6 +18,7 @@ def swarm_spec(compute_name: str = "theirs") -> Spec:
         state=ServiceState.TRANSITIONING,
         compute_type="swarm",
         compute_name=compute_name,
+        compute_attached=compute_name != "swarm",
         image_id=uuid.uuid4(),
         image_location="registry.example.com/mms/a/b",
         image_digest="sha256:" + "0" * 64,

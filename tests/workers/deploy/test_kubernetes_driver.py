@@ -60,6 +60,7 @@ def _spec(**changes: Any) -> Spec:
         "state": ServiceState.TRANSITIONING,
         "compute_type": "kubernetes",
         "compute_name": "aks",
+        "compute_attached": True,
         "image_id": uuid.uuid4(),
         "image_location": f"registry.example:5000/acct/housing@{DIGEST}",
         "image_digest": DIGEST,

@@ -111,6 +111,7 @@ def _spec(service_id: uuid.UUID) -> Spec:
         state=ServiceState.HEALTHY,
         compute_type="local",
         compute_name="local",
+        compute_attached=False,
         image_id=uuid.uuid4(),
         image_location="127.0.0.1:5000/x/y",
         image_digest=None,

@@ -1,0 +1,40 @@
+"""services.compute_attached: whether a service's target is a compute the account attached
+
+Built-in or attached was decided from the target's name and the workers' settings: an account's
+swarm attached as ``swarm`` while the operator had none became the operator's swarm once one
+was set. Now it is decided once, when the service is made, and stored.
+
+A row from before is attached when its account holds a compute of that name: a built-in name
+can be attached only while the operator has no such target, and ``local`` never.
+
+Revision ID: 0020
+Revises: 0019
+Create Date: 2026-12-03 21:45:00.000000
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0020"
+down_revision = "0019"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("services") as batch:
+        batch.add_column(sa.Column("compute_attached", sa.Boolean(), nullable=False, server_default=sa.false()))
+    op.execute(
+        sa.text(
+            "UPDATE services SET compute_attached = true WHERE compute_name <> 'local' AND EXISTS "
+            "(SELECT 1 FROM computes WHERE computes.account_id = services.account_id "
+            "AND computes.name = services.compute_name)"
+        )
+    )
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("services") as batch:
+        batch.drop_column("compute_attached")
