@@ -23,9 +23,9 @@ branch_labels = None
 depends_on = None
 
 
+# Plain ALTERs, as 0016's (batch mode would copy the table, reflecting its neighbours).
 def upgrade() -> None:
-    with op.batch_alter_table("services") as batch:
-        batch.add_column(sa.Column("compute_attached", sa.Boolean(), nullable=False, server_default=sa.false()))
+    op.add_column("services", sa.Column("compute_attached", sa.Boolean(), nullable=False, server_default=sa.false()))
     op.execute(
         sa.text(
             "UPDATE services SET compute_attached = true WHERE compute_name <> 'local' AND EXISTS "
@@ -36,5 +36,4 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("services") as batch:
-        batch.drop_column("compute_attached")
+    op.drop_column("services", "compute_attached")
