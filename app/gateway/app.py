@@ -56,6 +56,10 @@ _HOP_BY_HOP = {
 _NOT_FORWARDED = _HOP_BY_HOP | {b"authorization", b"host", b"content-length", b"expect"}
 _NOT_RETURNED = _HOP_BY_HOP | {b"content-length", b"date", b"server"} | {name for name, _ in SECURITY_HEADERS}
 _MAX_KEY_CHARS = 256  # keys are 43 characters; longer is not worth a digest
+# A request tries at most this many of the service's ready replicas (the next when one does not
+# take the connection), all within the service's scoring timeout: however many replicas the
+# route lists, one request holds the gateway no longer than a replica that answers would.
+MAX_REPLICA_TRIES = 4
 _JSON = b"application/json"
 
 
@@ -159,7 +163,11 @@ class Gateway:
             raise _Refusal(503, f"service {service_id} has no ready replica", self._try_later())
         target = _TARGETS[action] + (b"?" + scope["query_string"] if scope.get("query_string") else b"")
         forwarded = _forwarded_headers(headers)
-        for address in self._candidates(route, turn):
+        deadline = time.monotonic() + route.timeout_seconds
+        for address in self._candidates(route, turn)[:MAX_REPLICA_TRIES]:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
             facts["replica"] = address
             try:
                 return await self._forwarder.forward(
@@ -168,7 +176,7 @@ class Gateway:
                     target=target,
                     headers=forwarded,
                     body=body,
-                    timeout=route.timeout_seconds,
+                    timeout=left,
                 )
             except ReplicaUnreachable as exc:
                 log.warning("gateway.replica_unreachable", extra={**facts, "reason": str(exc)})

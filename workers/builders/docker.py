@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import re
 import socket
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -22,6 +23,7 @@ from typing import Any
 
 import docker
 import requests
+import urllib3
 
 from app.registry_address import registry_endpoint
 from workers.build_context import (
@@ -47,12 +49,14 @@ __all__ = [
     "DockerBuilder",
     "EngineAnswerRefused",
     "EngineAnswerTooLarge",
+    "EngineLate",
     "EngineRedirected",
     "check_stream",
     "engine_client",
     "explain_build_failure",
     "explain_registry_error",
     "registry_host",
+    "set_deadline",
 ]
 
 logger = logging.getLogger(__name__)
@@ -108,6 +112,10 @@ class EngineAnswerTooLarge(EngineAnswerRefused):
     """A tenant's engine answered more than its bound; the message names the bound, never the body."""
 
 
+class EngineLate(EngineAnswerRefused):
+    """A tenant's engine was asked past the deadline its client was given (``engine_client``)."""
+
+
 class EngineRedirected(EngineAnswerRefused):
     """A tenant's engine answered with a redirect: never followed, as it could send the worker
     anywhere (the host's loopback, a metadata address), past the address that was checked."""
@@ -118,20 +126,86 @@ class _TenantEngineAdapter(requests.adapters.HTTPAdapter):
     ``MAX_TENANT_ANSWER_BYTES`` (``MAX_TENANT_ERROR_BYTES`` of an error's), checked on
     Content-Length first and counted as it is read (decoded: a compressed answer counts as it
     unpacks); with ``hostname``, the connection goes to the address in the URL and the peer's
-    certificate is checked against ``hostname`` (also sent as SNI) instead."""
+    certificate is checked against ``hostname`` (also sent as SNI) instead.
+
+    ``deadline`` (time.monotonic()), when set: all the client's calls end by then. Past it, no
+    request is sent, and every connection is shut down (a read blocked on an engine that sends
+    a byte now and then returns at once): one pass's calls, however many, take no longer."""
 
     def __init__(self, hostname: str | None = None) -> None:
         self._hostname = hostname  # before the base class makes its pool manager
+        self._deadline: float | None = None
+        self._timer: threading.Timer | None = None
+        self._lock = threading.Lock()
+        self._connections: list[Any] = []
         super().__init__()
+
+    @property
+    def deadline(self) -> float | None:
+        return self._deadline
+
+    @deadline.setter
+    def deadline(self, value: float | None) -> None:
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._deadline = value
+            if value is not None:
+                self._timer = threading.Timer(max(0.0, value - time.monotonic()), self._cut)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def late(self) -> bool:
+        return self._deadline is not None and time.monotonic() >= self._deadline
 
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         if self._hostname is not None:
             kwargs.update(server_hostname=self._hostname, assert_hostname=self._hostname)
         super().init_poolmanager(*args, **kwargs)
+        adapter = self
+
+        class Connection(urllib3.connection.HTTPSConnection):
+            def connect(self) -> None:
+                super().connect()
+                adapter._opened(self)
+
+        class Pool(urllib3.HTTPSConnectionPool):
+            ConnectionCls = Connection
+
+        self.poolmanager.pool_classes_by_scheme = {**self.poolmanager.pool_classes_by_scheme, "https": Pool}
+
+    def _opened(self, connection: Any) -> None:
+        with self._lock:
+            self._connections = [c for c in self._connections if c.sock is not None]
+            self._connections.append(connection)
+        if self.late():  # opened as the deadline passed: cut too
+            self._cut()
+
+    def _cut(self) -> None:
+        """The deadline passed: end every connection's reads and writes (on the timer's thread)."""
+        with self._lock:
+            sockets = [c.sock for c in self._connections if c.sock is not None]
+        for sock in sockets:
+            with suppress(OSError):
+                # socket.socket's own: on an SSLSocket it leaves the TLS state alone for the
+                # reader, which then sees the connection end.
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.deadline = None  # the timer stopped
+        super().close()
 
     def send(self, request: requests.PreparedRequest, *args: Any, **kwargs: Any) -> requests.Response:
         if kwargs.get("timeout") is None:  # never wait on a tenant's engine without a bound
             kwargs["timeout"] = (TENANT_CONNECT_SECONDS, TENANT_READ_SECONDS)
+        if self._deadline is not None:  # a connect or handshake that dawdles ends by the deadline too
+            left = self._deadline - time.monotonic()
+            if left <= 0:
+                raise EngineLate("did not finish within its deadline")
+            timeout = kwargs["timeout"]
+            connect, read = timeout if isinstance(timeout, tuple) else (timeout, timeout)
+            kwargs["timeout"] = tuple(left if t is None else min(t, left) for t in (connect, read))
         return super().send(request, *args, **kwargs)
 
     def build_response(self, req: requests.PreparedRequest, resp: Any) -> requests.Response:
@@ -147,7 +221,7 @@ class _TenantEngineAdapter(requests.adapters.HTTPAdapter):
         if declared > limit:
             resp.close()  # nothing read: the connection is not reused
             raise EngineAnswerTooLarge(f"answered more than {limit} bytes")
-        response.raw = _BoundedBody(resp, limit, deadline=time.monotonic() + MAX_TENANT_ANSWER_SECONDS)
+        response.raw = _BoundedBody(resp, limit, deadline=time.monotonic() + MAX_TENANT_ANSWER_SECONDS, late=self.late)
         return response
 
 
@@ -164,8 +238,8 @@ class _BoundedBody:
     EngineAnswerRefused past ``deadline``. It has only what requests and docker-py's stream
     reader read a body with: no socket to read around it."""
 
-    def __init__(self, raw: Any, limit: int, *, deadline: float) -> None:
-        self._raw, self._limit, self._seen, self._deadline = raw, limit, 0, deadline
+    def __init__(self, raw: Any, limit: int, *, deadline: float, late: Callable[[], bool] = lambda: False) -> None:
+        self._raw, self._limit, self._seen, self._deadline, self._late = raw, limit, 0, deadline, late
 
     @property
     def _fp(self) -> _ChunkState:
@@ -181,6 +255,9 @@ class _BoundedBody:
         return self._counted(self._raw.read(min(amt, self._limit + 1 - self._seen), decode_content=decode_content))
 
     def _counted(self, chunk: bytes) -> bytes:
+        if self._late():
+            self._raw.close()
+            raise EngineLate("did not finish within its deadline")
         if time.monotonic() > self._deadline:
             self._raw.close()
             raise EngineAnswerRefused(f"did not finish an answer within {MAX_TENANT_ANSWER_SECONDS:.0f} s")
@@ -216,11 +293,13 @@ def engine_client(
     *,
     tls: docker.tls.TLSConfig | None = None,
     server_hostname: str | None = None,
+    deadline: float | None = None,
 ) -> docker.APIClient:
     """A client for the engine at ``docker_host`` (None: the default local socket); ``tls``: a
     ``tcp://`` engine's CA and client certificate (a tenant's swarm manager); ``server_hostname``:
     the name the engine's certificate is checked against when ``docker_host`` holds the address
-    it was resolved to (never looked up again: no second answer to trust)."""
+    it was resolved to (never looked up again: no second answer to trust); ``deadline`` (a
+    tenant's engine: time.monotonic()): when all its calls end (``set_deadline`` moves it)."""
     if tls is None:
         return _JobClient(base_url=docker_host, version="auto", timeout=timeout)
     # requests would let REQUESTS_CA_BUNDLE replace the engine's CA (and the environment's proxy
@@ -228,9 +307,22 @@ def engine_client(
     # asked ("auto") only once the environment is out of it.
     client = _JobClient(base_url=docker_host, version="1.41", timeout=timeout, tls=tls)
     client.trust_env = False
-    client.mount("https://", _TenantEngineAdapter(server_hostname))
-    client._version = client._retrieve_server_version()
+    adapter = _TenantEngineAdapter(server_hostname)
+    adapter.deadline = deadline
+    client.mount("https://", adapter)
+    try:
+        client._version = client._retrieve_server_version()
+    except BaseException:
+        client.close()  # the deadline's timer with it
+        raise
     return client
+
+
+def set_deadline(client: docker.APIClient, deadline: float | None) -> None:
+    """Move the deadline of a tenant engine's client (``engine_client``); nothing for another's."""
+    adapter = client.adapters.get("https://")
+    if isinstance(adapter, _TenantEngineAdapter):
+        adapter.deadline = deadline
 
 
 def registry_host(reference: str) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 from urllib.parse import urlsplit
 
@@ -31,6 +32,12 @@ from workers.deploy.tenant_swarm import swarm_driver_at, unseal_tls
 
 log = logging.getLogger("mms.deploy")
 
+# One sweep's tries together (the sweep runs every minute on a deploy worker, and a tenant can
+# queue rows by deleting its own account): no try begins past it, and the rows not reached stay
+# due for the next sweep. A try begun in time ends by its driver's own deadline
+# (workers/deploy/swarm.py's PASS_SECONDS, kubernetes_driver's _PASS_SECONDS).
+SWEEP_SECONDS = 120.0
+
 
 class _NotYet(Exception):
     """A try that found the service's pods or tasks still terminating."""
@@ -42,7 +49,11 @@ def clean_up_clusters(context: ServiceContext, *, installation: str) -> list[uui
     with session_scope(context.read_session_factory) as session:
         due = cluster_cleanup.due_cleanups(session, now=utcnow())
     cleaned: list[uuid.UUID] = []
-    for cleanup_id in due:
+    ends = time.monotonic() + SWEEP_SECONDS
+    for tried, cleanup_id in enumerate(due):
+        if time.monotonic() >= ends:
+            log.info("deploy.cluster_cleanup_deferred", extra={"rows": len(due) - tried, "seconds": SWEEP_SECONDS})
+            break
         with session_scope(context.session_factory) as session:
             cleanup = cluster_cleanup.claim(session, cleanup_id, now=utcnow())
         if cleanup is not None and _try(context, cleanup, installation):

@@ -39,7 +39,7 @@ import docker
 import requests
 
 from app.deployments.reconciler import Failure, LogLine, Replica, Spec
-from workers.builders.docker import EngineAnswerRefused, engine_client, registry_host
+from workers.builders.docker import EngineAnswerRefused, engine_client, registry_host, set_deadline
 from workers.containment import REPLICA_PORT, replica_task_template
 from workers.deploy.local import (
     ACCOUNT_LABEL,
@@ -75,6 +75,21 @@ _BRIDGE_OPTION = "com.docker.network.bridge.name"
 # How long a delete waits for the tasks' containers to go before it removes the networks
 # (the engine refuses while they are attached); past it, the next pass goes on.
 _REMOVE_WAIT_SECONDS = 20.0
+# A tenant's engine may list any number of services and tasks, and be slow on every call: one
+# driver's work (a pass, a cleanup's try) is bounded by the spec, not by what the engine lists,
+# and ends within PASS_SECONDS (as kubernetes_driver's _PASS_SECONDS): its calls, probes and
+# waits together; past it, a call in flight is cut off and the pass fails naming the limit.
+PASS_SECONDS = 120.0
+# ... but a pass that starts a generation pulls its image first: its deadline moves to this
+# far ahead (a pull's answer takes at most MAX_TENANT_ANSWER_SECONDS: workers.builders.docker).
+PULL_SECONDS = 660.0
+# Of the service's swarm services, a pass looks at the desired and the traffic generation's and
+# at most this many others (the newest: they only go); the rest wait for later passes.
+MAX_OTHER_GENERATIONS = 2
+# remove_all removes at most this many swarm services a call (a swarm holds one a generation).
+MAX_REMOVED_SERVICES = 8
+# remove scales down for at most this many tasks a call (the next pass removes the rest).
+MAX_REMOVED_TASKS = 64
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
@@ -94,6 +109,24 @@ def _bounded(method: Callable[_P, _R]) -> Callable[_P, _R]:
             raise EngineUnreachable(f"the swarm's engine did not answer ({type(exc).__name__})") from None
 
     return bounded
+
+
+def _in_time(method: Callable[_P, _R]) -> Callable[_P, _R]:
+    """``method``, whatever it raised past the driver's deadline (a call cut off, refused, or
+    a check between calls) as EngineUnreachable naming the deadline."""
+
+    @functools.wraps(method)
+    def timed(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return method(*args, **kwargs)
+        except Exception:
+            driver = args[0]
+            assert isinstance(driver, SwarmDriver)
+            if driver.late():
+                raise EngineUnreachable(driver._late()) from None
+            raise
+
+    return timed
 
 
 def config_network_name(service_id: uuid.UUID) -> str:
@@ -127,12 +160,19 @@ class SwarmDriver:
         self._tmp_mb = tmp_mb
         self._pids = pids
         self._published_host = published_host
+        self._task_service: dict[str, str] = {}  # task id -> its swarm service, as observed
+        self._pass_seconds = PASS_SECONDS
+        self._ends = time.monotonic() + self._pass_seconds
         try:
-            self._api = engine_client(docker_host, timeout=30, tls=tls, server_hostname=server_hostname)
+            self._api = engine_client(
+                docker_host, timeout=30, tls=tls, server_hostname=server_hostname, deadline=self._ends
+            )
             swarm = self._api.info().get("Swarm") or {}
         except (docker.errors.DockerException, requests.RequestException, OSError) as exc:
             if api := getattr(self, "_api", None):
                 api.close()
+            if time.monotonic() >= self._ends:
+                raise EngineUnreachable(self._late()) from None
             if isinstance(bound := exc.__cause__ or exc, EngineAnswerRefused):  # docker-py wraps /version's
                 raise EngineUnreachable(f"the swarm's engine {bound}") from None
             raise EngineUnreachable(f"the swarm's engine did not answer ({type(exc).__name__})") from None
@@ -147,33 +187,59 @@ class SwarmDriver:
     def close(self) -> None:
         self._api.close()
 
+    def late(self) -> bool:
+        """Is the driver past its deadline (PASS_SECONDS from its making)?"""
+        return time.monotonic() >= self._ends
+
+    def _late(self) -> str:
+        return f"the swarm's engine did not finish within {self._pass_seconds:g} s (all of a pass's calls)"
+
+    def _check_time(self) -> None:
+        """Between two calls, probes or waits: past the deadline, the pass stops here."""
+        if self.late():
+            raise EngineUnreachable(self._late())
+
+    def _extend(self, seconds: float) -> None:
+        """The deadline at least ``seconds`` from now (an image pull)."""
+        self._ends = max(self._ends, time.monotonic() + seconds)
+        self._pass_seconds = max(self._pass_seconds, seconds)
+        set_deadline(self._api, self._ends)
+
     def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *_: object) -> None:
         self.close()
 
+    @_in_time
     @_bounded
     def observe(self, spec: Spec) -> tuple[list[Replica], Failure | None]:
         """The tasks swarm keeps running for every generation of the service, probed; and,
         when the desired generation's tasks failed again and again before any served, why."""
         replicas: list[Replica] = []
         failure: Failure | None = None
-        for service in self._services(spec.id):
+        wanted = {spec.generation, spec.traffic_generation}
+        # Of each generation's tasks, those a pass acts on: the spec's count, and as many again as
+        # may fail before the generation does (more than swarm runs: scaled down over passes).
+        keep = max(0, spec.replicas) + MAX_FAILED_TASKS
+        for generation, service in self._generations(spec.id, wanted):
+            self._check_time()
             labels = service["Spec"].get("Labels") or {}
-            try:
-                generation = int(labels.get(GENERATION_LABEL, "0"))
-            except ValueError:
-                generation = 0
-            tasks = self._api.tasks(filters={"service": service["ID"]})
-            alive = [t for t in tasks if t.get("DesiredState") in _ALIVE]
-            seen = [self._replica(task, generation, labels.get(IMAGE_LABEL)) for task in alive]
+            tasks = [t for t in self._api.tasks(filters={"service": service["ID"]}) if isinstance(t, Mapping)]
+            alive = sorted((t for t in tasks if t.get("DesiredState") in _ALIVE), key=_running_first)[:keep]
+            seen = []
+            for task in alive:
+                self._check_time()
+                self._task_service[task["ID"]] = service["ID"]
+                # Only the generations that serve or are about to are probed; the others only go.
+                seen.append(self._replica(task, generation, labels.get(IMAGE_LABEL), probe=generation in wanted))
             replicas += seen
             failed = [t for t in tasks if (t.get("Status") or {}).get("State") in _FAILED]
             if generation == spec.generation and len(failed) >= MAX_FAILED_TASKS and not any(r.ready for r in seen):
                 failure = self._why_it_failed(service, failed)
         return replicas, failure
 
+    @_in_time
     @_bounded
     def read_logs(self, spec: Spec, replicas: Sequence[Replica]) -> list[LogLine]:
         """What each task printed since the newest line already copied (from its container on
@@ -181,11 +247,13 @@ class SwarmDriver:
         ``_MAX_LOG_TASKS`` tasks (a tenant's engine may list any number)."""
         lines: list[LogLine] = []
         for replica in replicas[:_MAX_LOG_TASKS]:
+            self._check_time()
             container_id = self._task_container.get(replica.id)
             if container_id:
                 lines += new_log_lines(self._api, container_id, replica, spec.log_marks.get(replica.id, 0))
         return lines
 
+    @_in_time
     @_bounded
     def start(self, spec: Spec, count: int, pull_auth: Mapping[str, str] | None) -> list[str]:
         """``count`` more tasks of the desired generation: its swarm service made, or scaled up.
@@ -198,9 +266,11 @@ class SwarmDriver:
             running = sum(t.get("DesiredState") in _ALIVE for t in self._api.tasks(filters={"service": service["ID"]}))
             # What the pass asked for on top of what it saw, never fewer than swarm already keeps
             # (a task being replaced is not seen for a moment).
-            self._scale(service, max(_replicas_of(service), running + count))
+            # Never more than the spec asks for, whatever number of tasks the engine lists.
+            self._scale(service, max(_replicas_of(service), min(running + count, spec.replicas)))
             log.info("deploy.scaled", extra={"service": str(spec.id), "generation": spec.generation, "count": count})
             return []
+        self._extend(PULL_SECONDS)
         image = pulled_image(self._api, spec, pull_auth)  # one node: in the engine before swarm asks
         labels = {
             SERVICE_LABEL: str(spec.id),
@@ -243,16 +313,21 @@ class SwarmDriver:
         log.info("deploy.started", extra={"service": str(spec.id), "generation": spec.generation, "count": count})
         return []
 
+    @_in_time
     @_bounded
     def remove(self, replica_ids: Sequence[str]) -> None:
         """Scale each task's generation down by the tasks named (swarm picks which go; the
-        gateway retries a request that finds one gone); a generation scaled to nothing is removed."""
+        gateway retries a request that finds one gone); a generation scaled to nothing is removed.
+        At most MAX_REMOVED_TASKS of them a call (the next pass sees the rest again); a task this
+        driver observed is not asked about again."""
         by_service: dict[str, int] = {}
-        for task_id in replica_ids:
+        for task_id in replica_ids[:MAX_REMOVED_TASKS]:
+            self._check_time()
             with suppress(docker.errors.NotFound):
-                task = self._api.inspect_task(task_id)
-                by_service[task["ServiceID"]] = by_service.get(task["ServiceID"], 0) + 1
+                service_id = self._task_service.get(task_id) or self._api.inspect_task(task_id)["ServiceID"]
+                by_service[service_id] = by_service.get(service_id, 0) + 1
         for service_id, count in by_service.items():
+            self._check_time()
             with suppress(docker.errors.NotFound):
                 service = self._api.inspect_service(service_id)
                 left = _replicas_of(service) - count
@@ -261,14 +336,21 @@ class SwarmDriver:
                 else:
                     self._scale(service, left)
 
+    @_in_time
     @_bounded
     def remove_all(self, service_id: uuid.UUID) -> bool:
         """Every swarm service of the service, then its networks; whether all is gone (the
-        engine refuses to remove a network while a task's container is still on it)."""
-        for service in self._services(service_id):
+        engine refuses to remove a network while a task's container is still on it). At most
+        MAX_REMOVED_SERVICES swarm services a call: past them, not all is gone (the next call
+        goes on), whatever number the engine lists."""
+        services = self._services(service_id)
+        for service in services[:MAX_REMOVED_SERVICES]:
+            self._check_time()
             with suppress(docker.errors.NotFound):
                 self._api.remove_service(service["ID"])
-        deadline = time.monotonic() + _REMOVE_WAIT_SECONDS
+        if len(services) > MAX_REMOVED_SERVICES:
+            return False
+        deadline = min(time.monotonic() + _REMOVE_WAIT_SECONDS, self._ends)
         while self._task_containers(service_id) or self._services(service_id):
             if time.monotonic() > deadline:
                 return False
@@ -286,6 +368,7 @@ class SwarmDriver:
             return False
         return True
 
+    @_in_time
     @_bounded
     def sweep(self, known: Callable[[], set[uuid.UUID]]) -> list[uuid.UUID]:
         """Remove what the swarm holds of this installation's services that no longer exist; their
@@ -299,7 +382,9 @@ class SwarmDriver:
             with suppress(ValueError, TypeError, KeyError):
                 held.add(uuid.UUID(service["Spec"]["Labels"][SERVICE_LABEL]))
         orphans = sorted(held - known())  # read after the listing: see reconcile.sweep_orphans
-        for service_id in orphans:
+        for done, service_id in enumerate(orphans):
+            if self.late():  # the rest: the next sweep
+                return orphans[:done]
             if self._services(service_id) or self._task_containers(service_id):
                 for service in self._services(service_id):
                     with suppress(docker.errors.NotFound):
@@ -337,7 +422,21 @@ class SwarmDriver:
         url = self._api._url("/services/{0}/update", service["ID"])
         self._api._result(self._api._post_json(url, params={"version": service["Version"]["Index"]}, data=spec))
 
-    def _replica(self, task: Mapping, generation: int, image_id: str | None) -> Replica:
+    def _generations(self, service_id: uuid.UUID, wanted: set[int | None]) -> list[tuple[int, dict]]:
+        """The service's swarm services by generation (its label), one a generation: the
+        ``wanted`` generations', and at most MAX_OTHER_GENERATIONS others, the newest."""
+        found: dict[int, dict] = {}
+        for service in self._services(service_id):
+            labels = service["Spec"].get("Labels") or {}
+            try:
+                generation = int(labels.get(GENERATION_LABEL, "0"))
+            except (ValueError, TypeError):
+                generation = 0
+            found.setdefault(generation, service)
+        others = sorted((g for g in found if g not in wanted), reverse=True)[:MAX_OTHER_GENERATIONS]
+        return [(g, found[g]) for g in sorted(found) if g in wanted or g in others]
+
+    def _replica(self, task: Mapping, generation: int, image_id: str | None, *, probe: bool = True) -> Replica:
         status = task.get("Status") or {}
         container_id = (status.get("ContainerStatus") or {}).get("ContainerID")
         if container_id:
@@ -353,7 +452,7 @@ class SwarmDriver:
             image_id=image_id,
             address=address,
             alive=True,  # swarm keeps it running, or replaces it
-            ready=address is not None and answers(address),
+            ready=probe and address is not None and answers(address),
             exit_code=(status.get("ContainerStatus") or {}).get("ExitCode"),
             created=_timestamp(task.get("CreatedAt")),
         )
@@ -498,6 +597,13 @@ def published_address(host: str, status: Mapping) -> str | None:
         ):
             return f"{host}:{published}"  # read with rpartition(":"), v6 too
     return None
+
+
+def _running_first(task: Mapping) -> tuple[bool, float, str]:
+    """Running tasks first, then the newest: those a pass keeps of more than it acts on."""
+    status, created = task.get("Status") or {}, task.get("CreatedAt")
+    running = isinstance(status, Mapping) and status.get("State") == "running"
+    return not running, -_timestamp(created if isinstance(created, str) else None), str(task.get("ID"))
 
 
 def _replicas_of(service: Mapping) -> int:

@@ -9,6 +9,7 @@ import datetime as dt
 import itertools
 import json
 import resource
+import socket
 import ssl
 import threading
 import time
@@ -159,6 +160,7 @@ class _Engine(BaseHTTPRequestHandler):
     hostile: Callable[[str], Answer | None] = staticmethod(lambda path: None)
 
     def do_GET(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))  # a POST's body: the next request follows it
         path = urlsplit(self.path).path.removeprefix("/v1.41")
         status, headers, body = type(self).hostile(path) or _normal(path) or (404, {}, _json({"message": "no"}))
         self.send_response(status)
@@ -183,7 +185,7 @@ class _Engine(BaseHTTPRequestHandler):
         except (OSError, ssl.SSLError):  # the worker hung up: the bound held
             self.close_connection = True
 
-    do_POST = do_GET
+    do_POST = do_DELETE = do_GET
 
     def log_message(self, *_: object) -> None:
         return None
@@ -398,3 +400,189 @@ def test_a_pull_that_never_ends_fails_in_bounded_time(
             _bounded(_pull)(driver)
         assert time.monotonic() - started < 10
     assert "did not answer" in str(raised.value) or "did not finish an answer within 2 s" in str(raised.value)
+
+
+# What a pass acts on is bounded by the spec, not by what the engine lists (a listing of 8 MiB
+# holds some 39,500 tasks), and every pass and cleanup ends by its deadline.
+
+MANY_SERVICES = 2000
+MANY_TASKS = 5000
+CALLS_ANSWERED = 100  # of each kind: past it the engine fails the call, so an unbounded pass ends fast
+
+
+def _many(probe_port: int, task_count: int = MANY_TASKS) -> tuple[Callable[[str], Answer | None], dict[str, int]]:
+    """An engine that lists MANY_SERVICES swarm services of the service (each of a generation
+    of its own) and MANY_TASKS running tasks of each, every one publishing ``probe_port``; and
+    the count of the calls it was asked, by kind."""
+    services = [
+        {
+            "ID": f"s{n}",
+            "Spec": {
+                "Name": f"x{n}",
+                "Labels": {"org.mms.generation": str(n), INSTALLATION_LABEL: "test"},
+                "Mode": {"Replicated": {"Replicas": MANY_TASKS}},
+            },
+            "Version": {"Index": 1},
+        }
+        for n in range(1, MANY_SERVICES + 1)
+    ]
+    port = {"Protocol": "tcp", "TargetPort": 5001, "PublishedPort": probe_port, "PublishMode": "host"}
+    tasks = [
+        {
+            "ID": f"t{n}",
+            "ServiceID": "s1",
+            "DesiredState": "running",
+            "CreatedAt": "2026-12-03T02:10:00.000000001Z",
+            "Status": {
+                "State": "running",
+                "ContainerStatus": {"ContainerID": CONTAINER},
+                "PortStatus": {"Ports": [port]},
+            },
+        }
+        for n in range(task_count)
+    ]
+    listed, listed_tasks = _json(services), _json(tasks)
+    calls: dict[str, int] = {}
+
+    def hostile(path: str) -> Answer | None:
+        parts = path.strip("/").split("/")
+        # /services, /tasks: the listings; service, task: one's (inspected or deleted); update: a scale.
+        kind = path if len(parts) == 1 else {2: parts[0][:-1], 3: parts[-1]}.get(len(parts), path)
+        calls[kind] = calls.get(kind, 0) + 1
+        if calls[kind] > CALLS_ANSWERED:
+            return 500, {}, _json({"message": "asked too often"})
+        if path == "/services":
+            return 200, {}, listed
+        if path == "/tasks":
+            return 200, {}, listed_tasks
+        if path.startswith("/tasks/"):
+            return 200, {}, _json(tasks[0])
+        if path.startswith("/services/") and path.endswith("/update"):
+            return 200, {}, _json({})
+        if path.startswith("/services/"):
+            return 200, {}, _json(services[0])
+        return None
+
+    return hostile, calls
+
+
+@pytest.mark.parametrize("replicas", [1, 5])
+def test_a_pass_over_an_engine_listing_thousands_acts_on_what_the_spec_asks(
+    engine: tuple[int, type[_Engine]], certs: dict[str, str], replicas: int
+) -> None:
+    from dataclasses import replace
+
+    from workers.deploy.swarm import MAX_FAILED_TASKS, MAX_OTHER_GENERATIONS
+
+    port, handler = engine
+    with tcp_listener(b"HTTP/1.1 200 OK\r\n\r\n") as (probe_port, probes):
+        hostile, calls = _many(probe_port)
+        handler.hostile = staticmethod(hostile)
+        spec = replace(swarm_spec(), replicas=replicas)
+        started = time.monotonic()
+        with _driver(port, certs) as driver:
+            seen, _ = driver.observe(spec)
+            driver.remove([r.id for r in seen])  # as a delete or a failure would
+        took = time.monotonic() - started
+    keep = replicas + MAX_FAILED_TASKS
+    assert took < 5, f"a pass took {took:.1f} s"
+    assert len(probes) <= keep  # the desired generation's tasks only
+    assert calls["/tasks"] == 1 + MAX_OTHER_GENERATIONS  # the desired generation's, the newest others'
+    assert len(seen) <= keep * (1 + MAX_OTHER_GENERATIONS)
+    assert {r.generation for r in seen} == {1, MANY_SERVICES, MANY_SERVICES - 1}
+    assert "task" not in calls  # the tasks it observed are not asked about again
+    assert calls["service"] <= 1 + MAX_OTHER_GENERATIONS and calls["update"] <= 1 + MAX_OTHER_GENERATIONS
+
+
+def test_remove_and_remove_all_act_on_a_bounded_number_a_call(
+    engine: tuple[int, type[_Engine]], certs: dict[str, str]
+) -> None:
+    from workers.deploy.swarm import MAX_REMOVED_SERVICES, MAX_REMOVED_TASKS
+
+    port, handler = engine
+    hostile, calls = _many(1)
+    handler.hostile = staticmethod(hostile)
+    started = time.monotonic()
+    with _driver(port, certs) as driver:
+        driver.remove([f"t{n}" for n in range(MANY_TASKS)])  # none observed: each asked about
+        assert calls["task"] == MAX_REMOVED_TASKS
+        assert (calls["service"], calls["update"]) == (1, 1)  # all of one generation: one scale
+        assert driver.remove_all(swarm_spec().id) is False  # more than it removes in one call: the next goes on
+    assert time.monotonic() - started < 10  # some 70 calls; thousands without the bounds
+    assert calls["service"] == 1 + MAX_REMOVED_SERVICES  # the DELETEs
+
+
+@pytest.mark.parametrize("how", ["trickling", "slow-probes"])
+def test_a_pass_ends_at_its_deadline_naming_it(
+    engine: tuple[int, type[_Engine]], certs: dict[str, str], how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An engine that answers a listing a byte at a time (never silent long enough for a read
+    timeout), or tasks whose probes each take their whole second: the pass ends at its
+    deadline, the service's error naming it."""
+    from dataclasses import replace
+
+    from workers.deploy import swarm
+
+    monkeypatch.setattr(swarm, "PASS_SECONDS", 2.0)
+    port, handler = engine
+
+    def trickle() -> Iterator[bytes]:
+        until = time.monotonic() + 30  # far past the deadline, and yet finite
+        while time.monotonic() < until:
+            time.sleep(0.2)
+            yield b" "
+        yield _json([TASK])
+
+    # A replica port that takes connections (the kernel's backlog) and answers nothing: each
+    # probe takes its whole second.
+    with socket.create_server(("127.0.0.1", 0), backlog=64) as silent:
+        if how == "trickling":
+            handler.hostile = staticmethod(lambda path: (200, {}, trickle()) if path == "/tasks" else None)
+        else:
+            hostile, _ = _many(silent.getsockname()[1], task_count=30)
+            handler.hostile = staticmethod(lambda path: None if path == "/services" else hostile(path))
+        started = time.monotonic()
+        with _driver(port, certs) as driver, pytest.raises(EngineUnreachable) as raised:
+            driver.observe(replace(swarm_spec(), replicas=20))
+        took = time.monotonic() - started
+    assert took < 5, f"the pass took {took:.1f} s"
+    assert "did not finish within 2 s" in str(raised.value)
+    assert len(str(raised.value)) < 200
+
+
+def test_a_cleanup_sweep_tries_no_row_past_its_time(
+    app_context: object, db: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows not reached within a sweep's time stay due, untried, for the next sweep."""
+    import uuid
+
+    from sqlalchemy import select
+
+    from app.orm import ClusterCleanup
+    from workers.deploy import cluster_cleanup
+
+    rows = [
+        ClusterCleanup(
+            service_id=uuid.uuid4(),
+            compute_type="swarm",
+            namespace="",
+            docker_host="tcp://engine.test:2376",
+            sealed_credentials="not sealed",  # a try fails at once: the credentials cannot be read
+            attempts=0,
+        )
+        for _ in range(3)
+    ]
+    db.add_all(rows)  # type: ignore[attr-defined]
+    db.flush()  # type: ignore[attr-defined]
+    mine = [r.id for r in rows]
+
+    def attempts() -> list[int]:
+        query = select(ClusterCleanup.attempts).where(ClusterCleanup.id.in_(mine))
+        return sorted(db.scalars(query.execution_options(populate_existing=True)))  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(cluster_cleanup, "SWEEP_SECONDS", 0.0)
+    assert cluster_cleanup.clean_up_clusters(app_context, installation="test") == []  # type: ignore[arg-type]
+    assert attempts() == [0, 0, 0]
+    monkeypatch.setattr(cluster_cleanup, "SWEEP_SECONDS", 60.0)
+    assert cluster_cleanup.clean_up_clusters(app_context, installation="test") == []  # type: ignore[arg-type]
+    assert attempts() == [1, 1, 1]
