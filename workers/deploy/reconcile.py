@@ -132,6 +132,7 @@ def _pass(context: ServiceContext, lease: Lease) -> None:
                 reconciler.release(session, lease, due_in=2 * settings.gateway_cache_seconds + 1)
             return
     now = utcnow()
+    tenant_swarm = _tenant_swarm(context, spec)
     try:
         with _driver(context, spec) as driver:
             if spec.deleting:
@@ -172,10 +173,20 @@ def _pass(context: ServiceContext, lease: Lease) -> None:
         log.warning("deploy.refused", extra={"service": str(spec.id), "reason": str(exc)})
         return
     except (EngineUnreachable, ServiceNetworkError) as exc:
+        # A tenant's swarm away: the gateway stops routing to its tasks' addresses, which it no
+        # longer vouches for (its name may lead elsewhere by now, and an address at another's
+        # host may be another's service later). Our own engines' replicas keep serving if they can.
         with session_scope(context.session_factory) as session:
-            reconciler.record_unreachable(session, lease, spec, str(exc), now=utcnow(), scoring_url=scoring_url)
+            reconciler.record_unreachable(
+                session, lease, spec, str(exc), now=utcnow(), scoring_url=scoring_url, forget_replicas=tenant_swarm
+            )
         log.warning("deploy.unreachable", extra={"service": str(spec.id), "reason": str(exc)})
         return
+    except Exception:
+        if tenant_swarm:  # an answer the pass could not read is no more vouched for than none
+            with session_scope(context.session_factory) as session:
+                reconciler.stop_routing(session, lease)
+        raise
     with session_scope(context.session_factory) as session:
         reconciler.record(session, lease, spec, step, replicas, now=now, scoring_url=scoring_url, lines=lines)
 
@@ -337,7 +348,11 @@ def _driver(context: ServiceContext, spec: Spec) -> AbstractContextManager[Local
     settings = context.settings
     if _tenant_swarm(context, spec):
         return tenant_swarm_driver(
-            context, account_id=spec.account_id, compute_name=spec.compute_name, installation=installation_id(context)
+            context,
+            account_id=spec.account_id,
+            compute_name=spec.compute_name,
+            installation=installation_id(context),
+            publish=not spec.deleting,  # a delete only removes: it routes to nothing there
         )
     if spec.compute_type == "swarm":
         if not settings.swarm_docker_host:
