@@ -532,7 +532,7 @@ def record_unreachable(
     """The orchestrator did not answer: the service is Unhealthy (the replicas the gateway
     knows keep serving if they can, unless ``forget_replicas``: a tenant's hosts, whose
     addresses nothing vouches for once its engine is away); tried again soon. (``scoring_url``:
-    as for ``record``.)"""
+    as for ``record``; ``reason`` is cut as a failure's is.)"""
     if session.scalar(select(Service.id).where(_held(lease))) is None:
         return False
     values: dict[str, object] = {
@@ -545,7 +545,8 @@ def record_unreachable(
         values["replicas_ready"] = 0
     degradable = spec.state in (ServiceState.HEALTHY, ServiceState.TRANSITIONING)
     fence = _unchanged(lease, spec)
-    if degradable and move(session, Transition.DEGRADE, fence, error=reason, scoring_url=scoring_url, **values):
+    error = reason[:ERROR_REASON_CHARS]
+    if degradable and move(session, Transition.DEGRADE, fence, error=error, scoring_url=scoring_url, **values):
         return True
     return _bookkeep(session, _held(lease), **values)
 

@@ -282,3 +282,25 @@ def test_a_tenant_swarm_away_or_unreadable_leaves_no_route_to_its_old_address(
         handler.hostile = staticmethod(lambda path: (200, {}, no_id) if path == "/tasks" else running(path))
         reconcile_service(context, service_id)
         assert _routes(db, service_id) == []
+
+
+def test_an_engines_error_text_reaches_the_log_cut_short(
+    client: TestClient,
+    context: ServiceContext,
+    deployed: tuple[str, dict[str, str], uuid.UUID],
+    engine: tuple[int, type[_Engine]],  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An engine refusing a call says why in up to 64 KiB of its choosing; the operator's log
+    gets a few hundred characters of it, with where the pass failed."""
+    _, _, service_id = deployed
+    _, handler = engine
+    said = json.dumps({"message": "HOSTILE-" * 7000}).encode()  # 56 KB: under the bound of an error's
+    handler.hostile = staticmethod(lambda path: (500, {}, said) if path == "/services" else None)
+    caplog.set_level("DEBUG")
+    reconcile_service(context, service_id)
+    (failed,) = [r for r in caplog.records if r.getMessage() == "deploy.pass_failed"]
+    assert "APIError" in failed.exception and "swarm.py" in failed.exception  # type: ignore[attr-defined]
+    assert len(caplog.text) < 8000 and caplog.text.count("HOSTILE") < 100
+    assert all(len(str(getattr(r, "exception", ""))) < 8000 for r in caplog.records)
+    assert not any(r.exc_info for r in caplog.records if "HOSTILE" in str(r.exc_info))
