@@ -6,8 +6,9 @@ connects (the API judged only an address written out: a name may resolve elsewhe
 and that checked address, never one the engine reports, is where the gateway reaches the tasks;
 the engine connection goes to that checked address too, its certificate checked against the
 name (a name is never resolved twice: no DNS rebinding between the check and the connection);
-the sealed TLS material is unsealed into a private folder (0700, files 0600) that lives only as
-long as the connection, and never goes to a log or an error message.
+the sealed TLS material is unsealed into a private folder (0700, files 0600) under the data
+folder that lives only as long as the connection (a worker starting removes those of workers
+killed meanwhile: workers.scratch), and never goes to a log or an error message.
 
 Where the gateway may send a tenant's scoring traffic is narrower than where the worker may
 connect (``published_ports``): the fetch policy takes an allowed name at whatever address its
@@ -23,7 +24,6 @@ import ipaddress
 import json
 import os
 import socket
-import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,20 +37,28 @@ from app.addresses import is_public_address
 from app.context import ServiceContext
 from app.database import session_scope
 from app.orm import Compute
+from app.private_files import private_dir
 from app.sealing import UnsealError
 from workers.deploy.local import TargetRefused
 from workers.deploy.swarm import SwarmDriver
 from workers.fetch_policy import fetch_policy
 from workers.fetcher import FetchError, FetchPolicy, Resolver, check_url
+from workers.scratch import remove_orphaned_scratch, scratch_dir
 
 __all__ = [
+    "TLS_FOLDER",
     "in_service_pool",
     "published_ports",
+    "remove_orphaned_tls",
     "swarm_driver_at",
     "tenant_swarm_driver",
     "unseal_tls",
 ]
 
+# Under the data folder: the unsealed TLS material of the connections open now, each in a
+# folder named after its worker process (workers.scratch), removed when the worker starts
+# again if it was killed before its clean-up ran.
+TLS_FOLDER = "tenant-tls"
 # NAT64's well-known prefix: its addresses reach the IPv4 address in their last 32 bits.
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 
@@ -142,7 +150,7 @@ def swarm_driver_at(
         certified = manager.hostname  # the certificate's; the connection goes to the address checked
     pinned = f"[{address}]" if ":" in address else address
     settings = context.settings
-    with tempfile.TemporaryDirectory(prefix="mms-swarm-tls-") as folder:
+    with scratch_dir("swarm-tls", directory=private_dir(settings.data_dir / TLS_FOLDER)) as folder:
         paths = {name: Path(folder) / f"{name}.pem" for name in tls}
         for name, path in paths.items():
             descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -163,6 +171,13 @@ def swarm_driver_at(
             server_hostname=certified,
         ) as driver:
             yield driver
+
+
+def remove_orphaned_tls(data_dir: Path) -> int:
+    """Remove the TLS folders under ``data_dir`` of worker processes of this host that are gone
+    (killed before their clean-up ran); how many. Never another live worker's: several may
+    share the data folder."""
+    return remove_orphaned_scratch(data_dir / TLS_FOLDER)
 
 
 def published_ports(address: str, *, allow_hosts: frozenset[str]) -> frozenset[int] | None:

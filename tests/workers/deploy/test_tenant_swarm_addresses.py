@@ -12,7 +12,10 @@ entry allows, never in MMS_SERVICE_SUBNET_POOL, and a tenant swarm away leaves n
 from __future__ import annotations
 
 import json
+import os
 import socket
+import stat
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,8 +37,9 @@ from tests.workers.deploy.test_tenant_swarm_bounds import NAME, Answer, _Engine,
 from workers.deploy.local import GENERATION_LABEL, INSTALLATION_LABEL, SERVICE_LABEL, TargetRefused
 from workers.deploy.reconcile import installation_id, reconcile_service
 from workers.deploy.swarm import published_address
-from workers.deploy.tenant_swarm import in_service_pool, published_ports
+from workers.deploy.tenant_swarm import TLS_FOLDER, in_service_pool, published_ports, remove_orphaned_tls
 from workers.deploy.tenant_swarm import swarm_driver_at as _swarm_driver_at
+from workers.scratch import _host
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 
@@ -196,6 +200,63 @@ def test_a_manager_in_the_operators_service_networks_is_refused_even_if_allowed(
     for publish in (True, False):
         with pytest.raises(TargetRefused, match="service networks"):
             _addresses(pooled, port, tls, publish=publish)
+
+
+# --- the TLS material's folder -----------------------------------------------------------
+
+
+def test_the_unsealed_tls_material_lives_in_a_private_folder_of_the_worker_under_the_data_folder(
+    engine: tuple[int, type[_Engine]],  # noqa: F811
+    tls: dict[str, str],
+    app_context: ServiceContext,
+    tmp_path: Path,
+) -> None:
+    port, _ = engine
+    context = _context(app_context, tmp_path, fetch_allow_hosts=["127.0.0.1"])
+    root = tmp_path / "data" / TLS_FOLDER
+    with _swarm_driver_at(
+        context, docker_host=f"tcp://127.0.0.1:{port}", tls=tls, installation="test", target="compute 'theirs'"
+    ):
+        (folder,) = root.iterdir()
+        assert folder.name.startswith(f"mms-scratch-{_host()}-{os.getpid()}-swarm-tls-")
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700 and stat.S_IMODE(root.stat().st_mode) == 0o700
+        assert stat.S_IMODE((folder / "key.pem").stat().st_mode) == 0o600
+        assert (folder / "key.pem").read_text() == tls["key"]
+    assert list(root.iterdir()) == []
+
+
+def test_a_killed_workers_tls_folder_is_removed_when_a_worker_starts_and_a_live_ones_kept(tmp_path: Path) -> None:
+    """Workers may share the data folder: a folder is judged by its process, never its age."""
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    root = tmp_path / TLS_FOLDER
+    left = root / f"mms-scratch-{_host()}-{ended.pid}-swarm-tls-abc"
+    live = root / f"mms-scratch-{_host()}-{os.getppid()}-swarm-tls-def"  # another worker, running
+    elsewhere = root / f"mms-scratch-another-host-{ended.pid}-swarm-tls-ghi"  # another machine's
+    for folder in (left, live, elsewhere):
+        folder.mkdir(parents=True)
+        (folder / "key.pem").write_text("-----BEGIN PRIVATE KEY-----\n")
+    assert remove_orphaned_tls(tmp_path) == 1
+    assert sorted(root.iterdir()) == sorted([live, elsewhere])
+    assert remove_orphaned_tls(tmp_path / "none-yet") == 0
+
+
+def test_a_worker_starting_removes_a_killed_workers_tls_folder(
+    tmp_path: Path, app_context: ServiceContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from workers import celery_app
+
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    left = tmp_path / TLS_FOLDER / f"mms-scratch-{_host()}-{ended.pid}-swarm-tls-abc"
+    left.mkdir(parents=True)
+    monkeypatch.setattr(celery_app, "settings", app_context.settings.model_copy(update={"data_dir": tmp_path}))
+    umask = os.umask(0o022)
+    try:
+        celery_app._private_files()  # what Celery's worker_init runs
+    finally:
+        os.umask(umask)
+    assert not left.exists()
 
 
 # --- the reconciler's passes -------------------------------------------------------------
