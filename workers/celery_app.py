@@ -58,6 +58,10 @@ def _private_files(**_: object) -> None:
     # Before the worker opens its broker or writes a file: the data folder's files are its alone.
     restrict_new_files()
     remove_orphaned_scratch()  # and again at each build: a worker may die while this one runs
+    # A tenant swarm's unsealed TLS material, left by a deploy worker killed mid-pass.
+    from workers.deploy.tenant_swarm import remove_orphaned_tls
+
+    remove_orphaned_tls(settings.data_dir)
 
 
 @worker_process_init.connect

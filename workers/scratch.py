@@ -28,11 +28,11 @@ def _host() -> str:
     return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:64] or "_"
 
 
-def scratch_dir(kind: str) -> tempfile.TemporaryDirectory[str]:
-    """A temporary folder for one build's files (``with scratch_dir("work") as path:``),
-    removed when the block ends, or by a worker or build starting later if this process dies
-    first."""
-    return tempfile.TemporaryDirectory(prefix=f"{_PREFIX}{_host()}-{os.getpid()}-{kind}-")
+def scratch_dir(kind: str, *, directory: Path | None = None) -> tempfile.TemporaryDirectory[str]:
+    """A temporary folder (0700) for one build's files (``with scratch_dir("work") as path:``),
+    in ``directory`` (default: the temporary folder), removed when the block ends, or by a
+    worker or build starting later if this process dies first."""
+    return tempfile.TemporaryDirectory(prefix=f"{_PREFIX}{_host()}-{os.getpid()}-{kind}-", dir=directory)
 
 
 def _alive(pid: int) -> bool:

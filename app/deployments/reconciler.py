@@ -522,14 +522,33 @@ def _account_image(session: Session, spec: Spec, image_id: str | None) -> uuid.U
 
 
 def record_unreachable(
-    session: Session, lease: Lease, spec: Spec, reason: str, *, now: datetime, scoring_url: str
+    session: Session,
+    lease: Lease,
+    spec: Spec,
+    reason: str,
+    *,
+    now: datetime,
+    scoring_url: str,
+    forget_replicas: bool = False,
 ) -> bool:
     """The orchestrator did not answer: the service is Unhealthy (the replicas the gateway
-    knows keep serving if they can); tried again soon. (``scoring_url``: as for ``record``.)"""
-    values = {"lease_owner": None, "lease_expires_at": None, "due_at": now + timedelta(seconds=STEADY_SECONDS / 2)}
+    knows keep serving if they can, unless ``forget_replicas``: a tenant's hosts, whose
+    addresses nothing vouches for once its engine is away); tried again soon. (``scoring_url``:
+    as for ``record``; ``reason`` is cut as a failure's is.)"""
+    if session.scalar(select(Service.id).where(_held(lease))) is None:
+        return False
+    values: dict[str, object] = {
+        "lease_owner": None,
+        "lease_expires_at": None,
+        "due_at": now + timedelta(seconds=STEADY_SECONDS / 2),
+    }
+    if forget_replicas:
+        stop_routing(session, lease)
+        values["replicas_ready"] = 0
     degradable = spec.state in (ServiceState.HEALTHY, ServiceState.TRANSITIONING)
     fence = _unchanged(lease, spec)
-    if degradable and move(session, Transition.DEGRADE, fence, error=reason, scoring_url=scoring_url, **values):
+    error = reason[:ERROR_REASON_CHARS]
+    if degradable and move(session, Transition.DEGRADE, fence, error=error, scoring_url=scoring_url, **values):
         return True
     return _bookkeep(session, _held(lease), **values)
 

@@ -293,6 +293,32 @@ def test_an_unreachable_engine_makes_a_healthy_service_unhealthy(db: Session, cr
     assert (created.state, created.error) == (ServiceState.UNHEALTHY, "the Docker engine did not answer")
 
 
+def test_an_unreachable_tenant_swarm_leaves_the_gateway_no_address_of_it(db: Session, created: Service) -> None:
+    """A tenant's engine away: the addresses its tasks had are another's host, vouched for by
+    nothing now (the host may serve another service later), so the gateway routes to none of
+    them; the replicas of our own engines are kept (they serve on if they can). The reason,
+    which may quote what an engine said, is cut as a failure's is."""
+    created.traffic_generation = 1
+    replicas = [_replica(n=n) for n in range(2)]
+    for keep, forget in ((True, False), (False, True)):
+        created.state, created.error = ServiceState.HEALTHY, None
+        db.flush()
+        lease = claim(db, created.id, owner="w")
+        assert lease is not None
+        spec = read_spec(db, lease)
+        assert spec is not None
+        assert record(db, lease, spec, Step(busy=False), replicas, now=utcnow(), scoring_url=SCORING_URL)
+        lease = claim(db, created.id, owner="w")
+        assert lease is not None and (spec := read_spec(db, lease)) is not None
+        said = "the swarm's engine did not answer: " + "x" * 70_000
+        assert record_unreachable(db, lease, spec, said, now=utcnow(), scoring_url=SCORING_URL, forget_replicas=forget)
+        rows = db.scalars(select(ServiceReplica.address).where(ServiceReplica.service_id == created.id)).all()
+        assert (len(rows) == 2) is keep, rows
+        db.refresh(created)
+        assert created.state is ServiceState.UNHEALTHY and len(created.error or "") == ERROR_REASON_CHARS
+        assert created.replicas_ready == (2 if keep else 0)
+
+
 def test_a_delete_ends_its_operation_then_the_row(db: Session, created: Service) -> None:
     operation = request_delete(db, created, scoring_url=SCORING_URL)
     lease = claim(db, created.id, owner="w")

@@ -113,7 +113,9 @@ def _remove(context: ServiceContext, cleanup: Cleanup, kubeconfig: str) -> None:
 def _remove_from_swarm(context: ServiceContext, cleanup: Cleanup, installation: str) -> None:
     tls = unseal_tls(context, cleanup.sealed_credentials)
     docker_host, target = cleanup.docker_host or "", "the deleted account's swarm"
-    with swarm_driver_at(context, docker_host=docker_host, tls=tls, installation=installation, target=target) as driver:
+    with swarm_driver_at(
+        context, docker_host=docker_host, tls=tls, installation=installation, target=target, publish=False
+    ) as driver:
         if not driver.remove_all(cleanup.service_id):
             raise _NotYet
 

@@ -14,6 +14,7 @@ import os
 import socket
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, suppress
@@ -59,8 +60,10 @@ def reconcile_service(context: ServiceContext, service_id: uuid.UUID) -> None:
     try:
         with renewing(context, lease):
             _pass(context, lease)
-    except Exception:
-        log.exception("deploy.pass_failed", extra={"service": str(service_id)})
+    except Exception as exc:  # noqa: BLE001 - logged, cut short, and the lease released
+        # Its text may quote an engine's answer (a tenant's: up to 64 KiB of its choosing), so
+        # the log gets each message cut short, with where it was raised.
+        log.error("deploy.pass_failed", extra={"service": str(service_id), "exception": _traceback(exc)})
         with session_scope(context.session_factory) as session:
             reconciler.release(session, lease, due_in=reconciler.STEADY_SECONDS)
 
@@ -132,6 +135,7 @@ def _pass(context: ServiceContext, lease: Lease) -> None:
                 reconciler.release(session, lease, due_in=2 * settings.gateway_cache_seconds + 1)
             return
     now = utcnow()
+    tenant_swarm = _tenant_swarm(context, spec)
     try:
         with _driver(context, spec) as driver:
             if spec.deleting:
@@ -169,13 +173,23 @@ def _pass(context: ServiceContext, lease: Lease) -> None:
             else:
                 step = reconciler.Step(failure=Failure(str(exc)))
                 reconciler.record(session, lease, spec, step, [], now=utcnow(), scoring_url=scoring_url)
-        log.warning("deploy.refused", extra={"service": str(spec.id), "reason": str(exc)})
+        log.warning("deploy.refused", extra={"service": str(spec.id), "reason": _cut(str(exc))})
         return
     except (EngineUnreachable, ServiceNetworkError) as exc:
+        # A tenant's swarm away: the gateway stops routing to its tasks' addresses, which it no
+        # longer vouches for (its name may lead elsewhere by now, and an address at another's
+        # host may be another's service later). Our own engines' replicas keep serving if they can.
         with session_scope(context.session_factory) as session:
-            reconciler.record_unreachable(session, lease, spec, str(exc), now=utcnow(), scoring_url=scoring_url)
-        log.warning("deploy.unreachable", extra={"service": str(spec.id), "reason": str(exc)})
+            reconciler.record_unreachable(
+                session, lease, spec, str(exc), now=utcnow(), scoring_url=scoring_url, forget_replicas=tenant_swarm
+            )
+        log.warning("deploy.unreachable", extra={"service": str(spec.id), "reason": _cut(str(exc))})
         return
+    except Exception:
+        if tenant_swarm:  # an answer the pass could not read is no more vouched for than none
+            with session_scope(context.session_factory) as session:
+                reconciler.stop_routing(session, lease)
+        raise
     with session_scope(context.session_factory) as session:
         reconciler.record(session, lease, spec, step, replicas, now=now, scoring_url=scoring_url, lines=lines)
 
@@ -234,14 +248,14 @@ def _kubernetes_pass(context: ServiceContext, lease: Lease, spec: Spec) -> None:
                     now=utcnow(),
                     scoring_url=settings.scoring_url,
                 )
-        log.warning("deploy.refused", extra={"service": str(spec.id), "reason": str(exc)})
+        log.warning("deploy.refused", extra={"service": str(spec.id), "reason": _cut(str(exc))})
         return
     except EngineUnreachable as exc:
         with session_scope(context.session_factory) as session:
             reconciler.record_unreachable(
                 session, lease, spec, str(exc), now=utcnow(), scoring_url=settings.scoring_url
             )
-        log.warning("deploy.unreachable", extra={"service": str(spec.id), "reason": str(exc)})
+        log.warning("deploy.unreachable", extra={"service": str(spec.id), "reason": _cut(str(exc))})
         return
     with session_scope(context.session_factory) as session:
         reconciler.record(
@@ -337,7 +351,11 @@ def _driver(context: ServiceContext, spec: Spec) -> AbstractContextManager[Local
     settings = context.settings
     if _tenant_swarm(context, spec):
         return tenant_swarm_driver(
-            context, account_id=spec.account_id, compute_name=spec.compute_name, installation=installation_id(context)
+            context,
+            account_id=spec.account_id,
+            compute_name=spec.compute_name,
+            installation=installation_id(context),
+            publish=not spec.deleting,  # a delete only removes: it routes to nothing there
         )
     if spec.compute_type == "swarm":
         if not settings.swarm_docker_host:
@@ -371,6 +389,31 @@ def _undeployable(context: ServiceContext, spec: Spec) -> str | None:
             "false to deploy there without key auth"
         )
     return None
+
+
+def _cut(text: str) -> str:
+    """``text`` (which may quote what an engine or cluster said) at most LOGGED_CHARS long."""
+    return text if len(text) <= LOGGED_CHARS else f"{text[:LOGGED_CHARS]}... ({len(text)} characters, cut)"
+
+
+def _traceback(exc: BaseException) -> str:
+    """Where ``exc`` and the exceptions it was raised from or during were raised (our code's
+    frames only name our files and lines), each with its message cut by ``_cut``."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain and len(chain) < 5:
+        chain.append(current)
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+    parts: list[str] = []
+    for raised in reversed(chain):
+        parts += traceback.format_tb(raised.__traceback__)[-_TRACEBACK_FRAMES:]
+        parts.append(f"{type(raised).__module__}.{type(raised).__qualname__}: {_cut(str(raised))}\n")
+    return "".join(parts)
+
+
+# What the log keeps of a message that may quote an engine's answer, and of a traceback's frames.
+LOGGED_CHARS = 500
+_TRACEBACK_FRAMES = 30
 
 
 def _tenant_swarm(context: ServiceContext, spec: Spec) -> bool:

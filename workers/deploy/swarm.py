@@ -148,10 +148,12 @@ class SwarmDriver:
         pids: int,
         tls: docker.tls.TLSConfig | None = None,
         published_host: str | None = None,
+        published_ports: frozenset[int] | None = None,
         server_hostname: str | None = None,
     ) -> None:
         """``published_host``: a tenant's swarm, whose tasks the gateway reaches at this address
-        (the manager's, as the worker checked it) and the port each task publishes;
+        (the manager's, as the worker checked it) and the port each task publishes, if it is one
+        of ``published_ports`` (None: any; workers/deploy/tenant_swarm.py says which);
         ``server_hostname``: the name its certificate is checked against, when ``docker_host``
         holds the address the name was resolved to (workers.builders.docker.engine_client)."""
         self._installation = installation
@@ -160,6 +162,7 @@ class SwarmDriver:
         self._tmp_mb = tmp_mb
         self._pids = pids
         self._published_host = published_host
+        self._published_ports = published_ports
         self._task_service: dict[str, str] = {}  # task id -> its swarm service, as observed
         self._pass_seconds = PASS_SECONDS
         self._ends = time.monotonic() + self._pass_seconds
@@ -443,7 +446,7 @@ class SwarmDriver:
             self._task_container[task["ID"]] = container_id
         address = None
         if status.get("State") == "running" and container_id and self._published_host:
-            address = published_address(self._published_host, status)
+            address = published_address(self._published_host, status, ports=self._published_ports)
         elif status.get("State") == "running" and container_id and (ip := self._address(container_id)):
             address = f"{ip}:{REPLICA_PORT}"
         return Replica(
@@ -580,12 +583,13 @@ def _checked_config(network: Mapping, service_id: uuid.UUID) -> str:
     return name
 
 
-def published_address(host: str, status: Mapping) -> str | None:
+def published_address(host: str, status: Mapping, *, ports: frozenset[int] | None = None) -> str | None:
     """A tenant's task's address: ``host`` (the manager's, as the worker checked it) and the port
-    the task publishes in host mode for the replica port. Only the port is the engine's word,
-    and only a port it is (an int in 1..65535): never an address the engine names."""
-    ports = (status.get("PortStatus") or {}).get("Ports") if isinstance(status, Mapping) else None
-    for port in ports if isinstance(ports, list) else []:
+    the task publishes in host mode for the replica port, if it is one of ``ports`` (None: any).
+    Only the port is the engine's word, and only a port it is (an int in 1..65535): never an
+    address the engine names."""
+    listed = (status.get("PortStatus") or {}).get("Ports") if isinstance(status, Mapping) else None
+    for port in listed if isinstance(listed, list) else []:
         if not isinstance(port, Mapping):
             continue
         published = port.get("PublishedPort")
@@ -594,6 +598,7 @@ def published_address(host: str, status: Mapping) -> str | None:
             and port.get("PublishMode") == "host"
             and type(published) is int
             and 0 < published < 65536
+            and (ports is None or published in ports)
         ):
             return f"{host}:{published}"  # read with rpartition(":"), v6 too
     return None

@@ -201,7 +201,9 @@ def test_the_engine_connection_goes_to_the_address_the_policy_checked(
     and every later lookup (the process's resolver: urllib3's too) with an address nothing
     answers at. The driver works, so its connection went to the address checked, the name never
     looked up again; and a name the manager's certificate does not carry, at that same
-    address, is refused: the certificate is checked against the name, not the address."""
+    address, is refused: the certificate is checked against the name, not the address. (The
+    address is allowed as such too: a name's address alone takes no scoring traffic,
+    test_tenant_swarm_addresses.py.)"""
     lookups: list[str] = []
     real = socket.getaddrinfo
 
@@ -213,7 +215,7 @@ def test_the_engine_connection_goes_to_the_address_the_policy_checked(
 
     monkeypatch.setattr(socket, "getaddrinfo", rebinding)
     other = "other.tenant-swarm.test"
-    settings = service_context.settings.model_copy(update={"fetch_allow_hosts": [MANAGER_NAME, other]})
+    settings = service_context.settings.model_copy(update={"fetch_allow_hosts": [MANAGER_NAME, other, tenant.address]})
     context = ServiceContext.build(settings)
     try:
         with swarm_driver_at(

@@ -1,0 +1,367 @@
+"""Where the gateway may send a tenant swarm's traffic, and what its pass leaves behind, against
+the hostile TLS engine on 127.0.0.1 of tests/workers/deploy/test_tenant_swarm_bounds.py.
+
+The attack (from a review): an operator allows a tenant's manager by name in
+MMS_FETCH_ALLOW_HOSTS, the tenant points the name at a private address of its choosing (where
+another tenant's replica answers, or will), its engine reports a task on whatever port it
+likes, and the gateway routes the tenant's keyless traffic there, around the other service's
+key; the route outlived the engine, since an unreachable pass kept its replica rows. So: a task
+is published only at a public address or one the operator allows as an address, on a port that
+entry allows, never in MMS_SERVICE_SUBNET_POOL, and a tenant swarm away leaves no route."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.context import ServiceContext
+from app.main import create_app
+from app.orm import ServiceReplica
+from tests.api.test_manifests import seed_manifest
+from tests.api.test_services import built_image
+from tests.factories import Callers, model_body, new_account
+from tests.listeners import tcp_listener
+from tests.workers.deploy.specs import swarm_spec
+from tests.workers.deploy.test_tenant_swarm_bounds import NAME, Answer, _Engine, certs, engine  # noqa: F401
+from workers.deploy.local import GENERATION_LABEL, INSTALLATION_LABEL, SERVICE_LABEL, TargetRefused
+from workers.deploy.reconcile import installation_id, reconcile_service
+from workers.deploy.swarm import published_address
+from workers.deploy.tenant_swarm import TLS_FOLDER, in_service_pool, published_ports, remove_orphaned_tls
+from workers.deploy.tenant_swarm import swarm_driver_at as _swarm_driver_at
+from workers.scratch import _host
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+
+def _status(port: object) -> dict:
+    return {
+        "State": "running",
+        "ContainerStatus": {"ContainerID": "c" * 64},
+        "PortStatus": {"Ports": [{"TargetPort": 5001, "PublishedPort": port, "PublishMode": "host"}]},
+    }
+
+
+# --- the rule, without an engine ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("address", "allowed", "ports"),
+    [
+        ("203.0.113.7", [], frozenset()),  # TEST-NET: not public either
+        ("8.8.8.8", [], None),  # public: any port
+        ("10.0.0.5", ["swarm.tenant.example"], frozenset()),  # a name's address: nothing
+        ("10.0.0.5", ["swarm.tenant.example:2376"], frozenset()),
+        ("10.0.0.5", ["10.0.0.5"], None),  # the address itself: any port
+        ("10.0.0.5", ["10.0.0.5:2376"], frozenset({2376})),  # port-scoped: that port only
+        ("10.0.0.5", ["10.0.0.5:2376", "10.0.0.5:30001"], frozenset({2376, 30001})),
+        ("10.0.0.5", ["10.0.0.6", "10.0.0.50"], frozenset()),
+        ("fd00::5", ["[fd00::5]:2376"], frozenset({2376})),
+        ("fd00::5", ["fd00:0::5"], None),  # another spelling of the same address
+        ("fd00::5", ["[fd00::5]"], None),
+        ("::ffff:10.0.0.5", ["10.0.0.5"], frozenset()),  # another address, however it maps
+    ],
+)
+def test_a_task_is_published_only_at_an_address_the_operator_allows_as_such(
+    address: str, allowed: list[str], ports: frozenset[int] | None
+) -> None:
+    assert published_ports(address, allow_hosts=frozenset(allowed)) == ports
+
+
+@pytest.mark.parametrize(
+    ("address", "inside"),
+    [
+        ("10.213.0.7", True),
+        ("10.213.255.254", True),
+        ("::ffff:10.213.0.7", True),
+        ("2002:0ad5:0007::1", True),  # 6to4 of 10.213.0.7
+        ("64:ff9b::10.213.0.7", True),  # NAT64
+        ("10.214.0.7", False),
+        ("8.8.8.8", False),
+        ("fd00::5", False),
+    ],
+)
+def test_the_operators_service_networks_are_recognised_in_every_form(address: str, inside: bool) -> None:
+    assert in_service_pool(address, "10.213.0.0/16") is inside
+
+
+def test_a_published_port_outside_the_allowed_ones_gives_no_address() -> None:
+    assert published_address("10.0.0.5", _status(31000), ports=frozenset({2376})) is None
+    assert published_address("10.0.0.5", _status(31000), ports=frozenset()) is None
+    assert published_address("10.0.0.5", _status(31000), ports=frozenset({31000})) == "10.0.0.5:31000"
+    assert published_address("10.0.0.5", _status(31000), ports=None) == "10.0.0.5:31000"
+
+
+# --- the driver on a tenant's engine -----------------------------------------------------
+
+
+def _pem(path: str) -> str:
+    return Path(path).read_text()
+
+
+@pytest.fixture()
+def tls(certs: dict[str, str]) -> dict[str, str]:  # noqa: F811
+    return {name: _pem(certs[name]) for name in ("ca", "cert", "key")}
+
+
+def _context(app_context: ServiceContext, tmp_path: Path, **settings: object) -> ServiceContext:
+    changed = app_context.settings.model_copy(update={"data_dir": tmp_path / "data", **settings})
+    return ServiceContext.build(
+        changed,
+        engine=app_context.engine,
+        session_factory=app_context.session_factory,
+        read_session_factory=app_context.read_session_factory,
+    )
+
+
+def _to_loopback(host: str, port: int, *args: object, **kwargs: object) -> list:
+    assert host == NAME
+    return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+
+
+def _running(labels: dict[str, str], published: int) -> object:
+    """An engine that runs one generation of a service whose task publishes ``published``."""
+    service = {
+        "ID": "s1",
+        "Spec": {"Name": "x", "Labels": labels, "Mode": {"Replicated": {"Replicas": 1}}},
+        "Version": {"Index": 1},
+    }
+    task = {"ID": "t1", "DesiredState": "running", "Status": _status(published)}
+
+    def answer(path: str) -> Answer | None:
+        if path == "/services":
+            return 200, {}, json.dumps([service]).encode()
+        if path == "/tasks":
+            return 200, {}, json.dumps([task]).encode()
+        return None
+
+    return staticmethod(answer)
+
+
+def _addresses(context: ServiceContext, port: int, tls: dict[str, str], **kwargs: object) -> list[str | None]:
+    """The addresses the driver gives the tasks it observes on the manager ``NAME``:``port``."""
+    with _swarm_driver_at(
+        context,
+        docker_host=f"tcp://{NAME}:{port}",
+        tls=tls,
+        installation="test",
+        target="compute 'theirs'",
+        resolver=_to_loopback,
+        **kwargs,  # type: ignore[arg-type]
+    ) as driver:
+        replicas, _ = driver.observe(swarm_spec())
+    return [r.address for r in replicas]
+
+
+def test_a_manager_allowed_by_name_gets_no_traffic_whatever_it_resolves_to(
+    engine: tuple[int, type[_Engine]],  # noqa: F811
+    tls: dict[str, str],
+    app_context: ServiceContext,
+    tmp_path: Path,
+) -> None:
+    """The operator allowed the name (the worker may still connect, to remove what runs
+    there); its address, a loopback one here, is the tenant's to choose: the gateway gets none
+    of it, on no port; a port-scoped address entry allows that port only."""
+    port, handler = engine
+    handler.hostile = _running({GENERATION_LABEL: "1", INSTALLATION_LABEL: "test"}, published=port + 1)
+    by_name = _context(app_context, tmp_path, fetch_allow_hosts=[NAME])
+    with pytest.raises(TargetRefused, match="only through its name") as refused:
+        _addresses(by_name, port, tls)
+    assert "127.0.0.1" not in str(refused.value)  # the address it led to is not the tenant's to learn
+    assert _addresses(by_name, port, tls, publish=False) == [None]  # a delete connects, routes nothing
+
+    port_scoped = _context(app_context, tmp_path, fetch_allow_hosts=[NAME, f"127.0.0.1:{port}"])
+    assert _addresses(port_scoped, port, tls) == [None]  # the engine's port, not the task's
+    both = _context(app_context, tmp_path, fetch_allow_hosts=[NAME, f"127.0.0.1:{port}", f"127.0.0.1:{port + 1}"])
+    assert _addresses(both, port, tls) == [f"127.0.0.1:{port + 1}"]
+    as_address = _context(app_context, tmp_path, fetch_allow_hosts=[NAME, "127.0.0.1"])
+    assert _addresses(as_address, port, tls) == [f"127.0.0.1:{port + 1}"]
+
+
+def test_a_manager_in_the_operators_service_networks_is_refused_even_if_allowed(
+    engine: tuple[int, type[_Engine]],  # noqa: F811
+    tls: dict[str, str],
+    app_context: ServiceContext,
+    tmp_path: Path,
+) -> None:
+    port, handler = engine
+    handler.hostile = _running({GENERATION_LABEL: "1", INSTALLATION_LABEL: "test"}, published=port + 1)
+    pooled = _context(app_context, tmp_path, fetch_allow_hosts=[NAME, "127.0.0.1"], service_subnet_pool="127.0.0.0/16")
+    for publish in (True, False):
+        with pytest.raises(TargetRefused, match="service networks"):
+            _addresses(pooled, port, tls, publish=publish)
+
+
+# --- the TLS material's folder -----------------------------------------------------------
+
+
+def test_the_unsealed_tls_material_lives_in_a_private_folder_of_the_worker_under_the_data_folder(
+    engine: tuple[int, type[_Engine]],  # noqa: F811
+    tls: dict[str, str],
+    app_context: ServiceContext,
+    tmp_path: Path,
+) -> None:
+    port, _ = engine
+    context = _context(app_context, tmp_path, fetch_allow_hosts=["127.0.0.1"])
+    root = tmp_path / "data" / TLS_FOLDER
+    with _swarm_driver_at(
+        context, docker_host=f"tcp://127.0.0.1:{port}", tls=tls, installation="test", target="compute 'theirs'"
+    ):
+        (folder,) = root.iterdir()
+        assert folder.name.startswith(f"mms-scratch-{_host()}-{os.getpid()}-swarm-tls-")
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700 and stat.S_IMODE(root.stat().st_mode) == 0o700
+        assert stat.S_IMODE((folder / "key.pem").stat().st_mode) == 0o600
+        assert (folder / "key.pem").read_text() == tls["key"]
+    assert list(root.iterdir()) == []
+
+
+def test_a_killed_workers_tls_folder_is_removed_when_a_worker_starts_and_a_live_ones_kept(tmp_path: Path) -> None:
+    """Workers may share the data folder: a folder is judged by its process, never its age."""
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    root = tmp_path / TLS_FOLDER
+    left = root / f"mms-scratch-{_host()}-{ended.pid}-swarm-tls-abc"
+    live = root / f"mms-scratch-{_host()}-{os.getppid()}-swarm-tls-def"  # another worker, running
+    elsewhere = root / f"mms-scratch-another-host-{ended.pid}-swarm-tls-ghi"  # another machine's
+    for folder in (left, live, elsewhere):
+        folder.mkdir(parents=True)
+        (folder / "key.pem").write_text("-----BEGIN PRIVATE KEY-----\n")
+    assert remove_orphaned_tls(tmp_path) == 1
+    assert sorted(root.iterdir()) == sorted([live, elsewhere])
+    assert remove_orphaned_tls(tmp_path / "none-yet") == 0
+
+
+def test_a_worker_starting_removes_a_killed_workers_tls_folder(
+    tmp_path: Path, app_context: ServiceContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from workers import celery_app
+
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    left = tmp_path / TLS_FOLDER / f"mms-scratch-{_host()}-{ended.pid}-swarm-tls-abc"
+    left.mkdir(parents=True)
+    monkeypatch.setattr(celery_app, "settings", app_context.settings.model_copy(update={"data_dir": tmp_path}))
+    umask = os.umask(0o022)
+    try:
+        celery_app._private_files()  # what Celery's worker_init runs
+    finally:
+        os.umask(umask)
+    assert not left.exists()
+
+
+# --- the reconciler's passes -------------------------------------------------------------
+
+
+@pytest.fixture()
+def context(app_context: ServiceContext, tmp_path: Path) -> ServiceContext:
+    """The workers' and the API's context: the operator allows the engine's loopback address."""
+    return _context(app_context, tmp_path, fetch_allow_hosts=["127.0.0.1"])
+
+
+@pytest.fixture()
+def client(context: ServiceContext) -> Iterator[TestClient]:  # the API with that context (callers' too)
+    yield TestClient(create_app(context=context), base_url="http://testserver")
+
+
+@pytest.fixture()
+def deployed(
+    client: TestClient,
+    callers: Callers,
+    db: Session,
+    context: ServiceContext,
+    engine: tuple[int, type[_Engine]],  # noqa: F811
+    tls: dict[str, str],
+) -> tuple[str, dict[str, str], uuid.UUID]:
+    """A keyless service on the tenant's swarm at the engine; its URL, the owner's headers, its id."""
+    owner = callers.headers()
+    account = new_account(client, owner)
+    model_id = client.post(f"{account}/models", json=model_body(), headers=owner).json()["id"]
+    manifest_id = client.post(f"{account}/manifests", json=seed_manifest(model_id), headers=owner).json()["id"]
+    image_id = built_image(client, db, account, owner, manifest_id)
+    port, _ = engine
+    body = {"type": "swarm", "properties": {"dockerHost": f"tcp://127.0.0.1:{port}", "tls": tls}}
+    assert client.put(f"{account}/computes/theirs", json=body, headers=owner).status_code == 201
+    config = {"numReplicas": 1, "authEnabled": False}
+    body = {"name": "on-theirs", "imageId": image_id, "computeName": "theirs", "deploymentConfig": config}
+    created = client.post(f"{account}/services", json=body, headers=owner)
+    assert created.status_code == 202, created.text
+    return f"{account}/services/{created.json()['id']}", owner, uuid.UUID(created.json()["id"])
+
+
+def _routes(db: Session, service_id: uuid.UUID) -> list[str]:
+    db.expire_all()
+    return list(db.scalars(select(ServiceReplica.address).where(ServiceReplica.service_id == service_id)))
+
+
+def _healthy(client: TestClient, context: ServiceContext, deployed, handler, published: int) -> None:  # type: ignore[no-untyped-def]
+    url, owner, service_id = deployed
+    labels = {SERVICE_LABEL: str(service_id), GENERATION_LABEL: "1", INSTALLATION_LABEL: installation_id(context)}
+    handler.hostile = _running(labels, published)
+    reconcile_service(context, service_id)
+    shown = client.get(url, headers=owner).json()
+    assert shown["state"] == "Healthy", shown
+
+
+def test_a_tenant_swarm_away_or_unreadable_leaves_no_route_to_its_old_address(
+    client: TestClient,
+    context: ServiceContext,
+    db: Session,
+    deployed: tuple[str, dict[str, str], uuid.UUID],
+    engine: tuple[int, type[_Engine]],  # noqa: F811
+) -> None:
+    """The route to a task's address outlives neither the tenant's engine nor a pass that could
+    not read it: that host's port may serve someone else by the next pass."""
+    url, owner, service_id = deployed
+    _, handler = engine
+    with tcp_listener(OK) as (replica_port, _):
+        _healthy(client, context, deployed, handler, replica_port)
+        assert _routes(db, service_id) == [f"127.0.0.1:{replica_port}"]
+
+        # Away (here: it redirects every call, which the worker never follows).
+        handler.hostile = staticmethod(lambda path: (307, {"Location": "http://127.0.0.1:9/"}, b""))
+        reconcile_service(context, service_id)
+        shown = client.get(url, headers=owner).json()
+        assert shown["state"] == "Unhealthy" and "redirect" in shown["error"]["message"], shown
+        assert _routes(db, service_id) == []
+
+        # Back, then an answer the pass cannot read (a task with no id).
+        _healthy(client, context, deployed, handler, replica_port)
+        assert _routes(db, service_id) == [f"127.0.0.1:{replica_port}"]
+        labels = {SERVICE_LABEL: str(service_id), GENERATION_LABEL: "1", INSTALLATION_LABEL: installation_id(context)}
+        running = _running(labels, replica_port).__func__  # type: ignore[attr-defined]
+        no_id = json.dumps([{"DesiredState": "running", "Status": _status(replica_port)}]).encode()
+        handler.hostile = staticmethod(lambda path: (200, {}, no_id) if path == "/tasks" else running(path))
+        reconcile_service(context, service_id)
+        assert _routes(db, service_id) == []
+
+
+def test_an_engines_error_text_reaches_the_log_cut_short(
+    client: TestClient,
+    context: ServiceContext,
+    deployed: tuple[str, dict[str, str], uuid.UUID],
+    engine: tuple[int, type[_Engine]],  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An engine refusing a call says why in up to 64 KiB of its choosing; the operator's log
+    gets a few hundred characters of it, with where the pass failed."""
+    _, _, service_id = deployed
+    _, handler = engine
+    said = json.dumps({"message": "HOSTILE-" * 7000}).encode()  # 56 KB: under the bound of an error's
+    handler.hostile = staticmethod(lambda path: (500, {}, said) if path == "/services" else None)
+    caplog.set_level("DEBUG")
+    reconcile_service(context, service_id)
+    (failed,) = [r for r in caplog.records if r.getMessage() == "deploy.pass_failed"]
+    assert "APIError" in failed.exception and "swarm.py" in failed.exception  # type: ignore[attr-defined]
+    assert len(caplog.text) < 8000 and caplog.text.count("HOSTILE") < 100
+    assert all(len(str(getattr(r, "exception", ""))) < 8000 for r in caplog.records)
+    assert not any(r.exc_info for r in caplog.records if "HOSTILE" in str(r.exc_info))
