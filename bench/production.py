@@ -63,6 +63,7 @@ class Service:
     account: str  # the account's URL
     server: subprocess.Popen
     build_workers: list[subprocess.Popen]
+    database: str | None = None  # PostgreSQL's database name (None: SQLite)
 
     @property
     def headers(self) -> dict[str, str]:
@@ -146,7 +147,7 @@ def production_service(
                         start_new_session=True,
                     )
                 )
-        yield Service(base, port, token, account, server, builders)
+        yield Service(base, port, token, account, server, builders, None if sqlite else database)
     finally:
         for builder in builders:
             builder.terminate()

@@ -5,6 +5,10 @@ embedded SQLite database. Each run measures /health, an authenticated GET of a m
 POST of a model in turn, in the same process; the ratio of their p50 latencies to /health's
 is the figure (issue 20: GET at most 2x, POST at most 4x). Prints each run and the medians.
 
+On PostgreSQL each run also measures the floor under those figures, with psycopg alone (no
+service) on the same database: one indexed read, and one durable write (an INSERT and its
+COMMIT, which waits for the WAL to reach the disk: a registration cannot answer before it).
+
     .venv/bin/python bench/request_cost_bench.py [--runs 3] [--duration 5] [--database both]
 """
 
@@ -15,9 +19,12 @@ import json
 import shutil
 import statistics
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from production import MODEL, production_service, wrk
@@ -33,10 +40,48 @@ def one_run(sqlite: bool, duration: int) -> dict[str, dict]:
         }
         for url, body in urls.values():  # warm: imports, pools, caches
             wrk(url, service.token, duration=1, connections=1, post_body=body)
-        return {
+        results = {
             label: wrk(url, service.token, duration=duration, connections=1, post_body=body)
             for label, (url, body) in urls.items()
         }
+        if service.database:
+            results |= floors(service.database, model["id"])
+        return results
+
+
+def floors(database: str, model_id: str, count: int = 2000) -> dict[str, dict]:
+    """psycopg alone on the service's database: a model's row by id (autocommit), and an INSERT
+    with its COMMIT (durable: synchronous_commit as the server has it); p50 in µs, as wrk's."""
+    with psycopg.connect(f"host=127.0.0.1 user=postgres dbname={database}") as conn:
+        conn.execute("CREATE TABLE bench_floor (id bigserial PRIMARY KEY, note text)")
+        conn.commit()
+
+        def read() -> None:
+            conn.execute("SELECT * FROM model_versions WHERE id = %s", (model_id,)).fetchall()
+
+        def write() -> None:
+            conn.execute("INSERT INTO bench_floor (note) VALUES (%s)", ("bench",))
+            conn.commit()
+
+        conn.autocommit = True
+        read_p50 = _p50(read, count)
+        conn.autocommit = False
+        write_p50 = _p50(write, count)
+    return {
+        "floor: a read (psycopg)": {"p50": read_p50, "rps": 1e6 / read_p50},
+        "floor: INSERT+COMMIT": {"p50": write_p50, "rps": 1e6 / write_p50},
+    }
+
+
+def _p50(call: Callable[[], None], count: int) -> float:
+    for _ in range(count // 10):
+        call()
+    times = []
+    for _ in range(count):
+        started = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - started) * 1e6)
+    return statistics.median(times)
 
 
 def main() -> None:
