@@ -59,7 +59,9 @@ def queue_cleanups(session: Session, account_id: uuid.UUID, *, service_ids: Coll
     )
     if service_ids is not None:
         query = query.where(Service.id.in_(list(service_ids)))
-    rows = session.execute(query).all()
+    # The services' rows locked until the delete commits: a force delete of one and its account's
+    # at once queue one row, not two (the second waits, then finds the service gone).
+    rows = session.execute(query.with_for_update(of=Service)).all()
     for service_id, compute_type, sealed, properties in rows:
         properties = properties or {}
         session.add(

@@ -109,7 +109,7 @@ def force_delete(session: Session, service: Service) -> ServiceOperation:
     What the orchestrator still runs of it is removed later: on a built-in target by the
     reconciler's orphan sweep, on a target the account attached through the row queued for it
     (app.deployments.cluster_cleanup). 404 when another request deleted it first."""
-    _reread(session, service)
+    _reread(session, service, lock=True)  # held until the commit: a delete racing this one waits
     operation = latest_operations(session, [service.id], kind=OperationKind.DELETE).get(service.id)
     if operation is None or operation.state is not OperationState.RUNNING:  # not Deleting yet
         _end_superseded(session, service)
@@ -150,9 +150,11 @@ def latest_operations(
     return newest
 
 
-def _reread(session: Session, service: Service) -> None:
-    """``service`` as the database has it now; 404 once another request deleted it."""
+def _reread(session: Session, service: Service, *, lock: bool = False) -> None:
+    """``service`` as the database has it now (``lock``: its row locked until the commit); 404
+    once another request deleted it."""
+    service_id = service.id  # read now: a refresh that finds no row leaves the object unreadable
     try:
-        session.refresh(service)
+        session.refresh(service, with_for_update=lock or None)
     except InvalidRequestError:  # the row is gone
-        raise NotFound(f"service '{service.id}' was not found in this account", code="ServiceNotFound") from None
+        raise NotFound(f"service '{service_id}' was not found in this account", code="ServiceNotFound") from None
