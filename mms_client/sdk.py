@@ -772,10 +772,14 @@ class Webservice:
         url = client.account_url("services", self.id, "regenerateKeys")
         operations.preview_call(client, "POST", url, json={"keyType": key.capitalize()})
 
-    def delete(self) -> None:
-        """Ask for the service to be removed (it is ``Deleting`` until nothing of it is left)."""
+    def delete(self, force: bool = False) -> None:
+        """Ask for the service to be removed (it is ``Deleting`` until nothing of it is left);
+        ``force``: gone at once, for a target that will never answer again (what runs there is
+        removed in the background if it does)."""
         client = self.workspace._client
-        self._set(self.workspace, operations.preview_call(client, "DELETE", client.account_url("services", self.id)))
+        url = client.account_url("services", self.id)
+        params = {"force": "true"} if force else None
+        self._set(self.workspace, operations.preview_call(client, "DELETE", url, params=params))
 
     def serialize(self) -> dict[str, Any]:
         """The service as the service describes it (never its keys)."""

@@ -433,19 +433,32 @@ def delete(
     service_id: IdOption = None,
     wait: WaitOption = True,
     timeout: TimeoutOption = 3600,
+    force: Annotated[
+        bool,
+        typer.Option(
+            help="forget it now, for a target that will never answer again (a swarm or cluster you attached, "
+            "gone): what it runs there is removed in the background if that target answers again"
+        ),
+    ] = False,
     output: OutputOption = Output.table,
     query: QueryOption = None,
 ) -> None:
     """Delete a web service and everything it made; waits until it is gone.
 
+    A service whose target is gone for good stays Deleting: --force removes it at once.
+
     Exit code: 0 gone (or Deleting with --no-wait), 4 still Deleting at the timeout.
 
-    Example: mms service delete -n housing-svc
+    Example: mms service delete -n housing-svc [--force]
     """
     _reference(name, service_id)
     with ServiceClient() as client:
         service = find_service(client, name, service_id)
-        deleting = preview_call(client, "DELETE", client.account_url("services", service["id"]))
+        params = {"force": "true"} if force else None
+        deleting = preview_call(client, "DELETE", client.account_url("services", service["id"]), params=params)
+        if force:
+            err.print(f"Deleted service {service['name']}.", highlight=False)
+            return
         if not wait:
             show(deleting, output, DETAIL_COLUMNS, query)
             err.print(f"Deleting service {deleting['name']}.", highlight=False)

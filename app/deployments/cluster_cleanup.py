@@ -1,12 +1,14 @@
-"""The database half of removing a deleted account's services from its kubernetes clusters and
-the swarms it attached: the rows an account's delete leaves (one a service, with the target's
-sealed kubeconfig or TLS material, and a swarm's manager address), and
+"""The database half of removing force-deleted services from the kubernetes clusters and the
+swarms their accounts attached: the rows a force delete (of an account, or of one service)
+leaves (one a service, with the target's sealed kubeconfig or TLS material, and a swarm's
+manager address), and
 how the deploy worker's sweep claims, ends, retries and abandons them
 (workers/deploy/cluster_cleanup.py is the cluster half)."""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -38,12 +40,13 @@ class Cleanup:
     claimed_until: datetime  # the claim: a write by a sweep whose claim was taken over finds nothing
 
 
-def queue_account_cleanups(session: Session, account_id: uuid.UUID) -> int:
-    """For each service of an account about to be deleted on a kubernetes cluster or a swarm it
-    attached (a compute of its own, with credentials: never a built-in target, which the orphan
-    sweep cleans), a row to remove what it made there; how many. In the delete's transaction,
-    before its computes go."""
-    rows = session.execute(
+def queue_cleanups(session: Session, account_id: uuid.UUID, *, service_ids: Collection[uuid.UUID] | None = None) -> int:
+    """For each service of an account (``service_ids``: only those; None: all of them) about to
+    be deleted without its target's say, on a kubernetes cluster or a swarm the account attached
+    (a compute of its own, with credentials: never a built-in target, which the orphan sweep
+    cleans), a row to remove what it made there; how many. In the delete's transaction, before
+    the services (and an account's computes) go."""
+    query = (
         select(Service.id, Compute.compute_type, Compute.sealed_credentials, Compute.properties)
         .join(Compute, (Compute.account_id == Service.account_id) & (Compute.name == Service.compute_name))
         .where(
@@ -53,7 +56,12 @@ def queue_account_cleanups(session: Session, account_id: uuid.UUID) -> int:
             Compute.compute_type == Service.compute_type,
             Compute.sealed_credentials.is_not(None),
         )
-    ).all()
+    )
+    if service_ids is not None:
+        query = query.where(Service.id.in_(list(service_ids)))
+    # The services' rows locked until the delete commits: a force delete of one and its account's
+    # at once queue one row, not two (the second waits, then finds the service gone).
+    rows = session.execute(query.with_for_update(of=Service)).all()
     for service_id, compute_type, sealed, properties in rows:
         properties = properties or {}
         session.add(

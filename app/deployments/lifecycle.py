@@ -1,5 +1,5 @@
-"""The tenant's moves of a service: create it, change it, delete it (alone or with its
-account); each of the first three records the operation a client polls."""
+"""The tenant's moves of a service: create it, change it, delete it (alone, at once with
+force, or with its account); each but the last records the operation a client polls."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from sqlalchemy import case, select, update
 from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.orm import Session
 
-from app.deployments.cluster_cleanup import queue_account_cleanups
+from app.deployments.cluster_cleanup import queue_cleanups
 from app.deployments.states import OperationKind, OperationState, ServiceState
 from app.deployments.transitions import Transition, create, move
 from app.errors import Conflict, NotFound
@@ -102,12 +102,35 @@ def _end_superseded(session: Session, service: Service) -> None:
     )
 
 
+def force_delete(session: Session, service: Service) -> ServiceOperation:
+    """Forget a service now, whatever its state, without waiting for its target (one that will
+    never answer again): its Delete operation (the one under way, or a new one) ends Succeeded,
+    and the row goes with its replicas (the gateway routes to it no more) and its log lines.
+    What the orchestrator still runs of it is removed later: on a built-in target by the
+    reconciler's orphan sweep, on a target the account attached through the row queued for it
+    (app.deployments.cluster_cleanup). 404 when another request deleted it first."""
+    _reread(session, service, lock=True)  # held until the commit: a delete racing this one waits
+    operation = latest_operations(session, [service.id], kind=OperationKind.DELETE).get(service.id)
+    if operation is None or operation.state is not OperationState.RUNNING:  # not Deleting yet
+        _end_superseded(session, service)
+        operation = _start_operation(session, service, OperationKind.DELETE)
+    queue_cleanups(session, service.account_id, service_ids=[service.id])
+    # Its deletion event as the reconciler's end of a delete records it; losing a race to another
+    # delete, the 404 rolls the cleanup row back with the rest.
+    if not move(session, Transition.FORCE_DELETE, Service.id == service.id, to=None):
+        raise NotFound(f"service '{service.id}' was not found in this account", code="ServiceNotFound")
+    operation.state = OperationState.SUCCEEDED
+    operation.ended_at = utcnow()
+    session.flush()
+    return operation
+
+
 def delete_account_services(session: Session, account_id: uuid.UUID) -> None:
     """Forget every service of an account that is going (the reconciler's orphan sweep
     removes what the orchestrator still runs for them; a kubernetes service's objects, or those
     of a service on a swarm the account attached, are removed from there through the row left
     for it, app.deployments.cluster_cleanup)."""
-    queue_account_cleanups(session, account_id)
+    queue_cleanups(session, account_id)
     move(session, Transition.DELETE_WITH_ACCOUNT, Service.account_id == account_id, to=None)
 
 
@@ -127,9 +150,11 @@ def latest_operations(
     return newest
 
 
-def _reread(session: Session, service: Service) -> None:
-    """``service`` as the database has it now; 404 once another request deleted it."""
+def _reread(session: Session, service: Service, *, lock: bool = False) -> None:
+    """``service`` as the database has it now (``lock``: its row locked until the commit); 404
+    once another request deleted it."""
+    service_id = service.id  # read now: a refresh that finds no row leaves the object unreadable
     try:
-        session.refresh(service)
+        session.refresh(service, with_for_update=lock or None)
     except InvalidRequestError:  # the row is gone
-        raise NotFound(f"service '{service.id}' was not found in this account", code="ServiceNotFound") from None
+        raise NotFound(f"service '{service_id}' was not found in this account", code="ServiceNotFound") from None

@@ -49,6 +49,7 @@ class Transition(enum.StrEnum):
     REQUEST_DELETE = "request delete"  # the tenant deletes: the reconciler removes what it made
     DELETE = "delete"  # the reconciler, once the orchestrator holds nothing of the service
     DELETE_WITH_ACCOUNT = "delete with account"  # the account goes, and every service in it
+    FORCE_DELETE = "force delete"  # the tenant: the row goes now, its target never asked (it may be gone)
 
 
 TRANSITIONS: dict[Transition, frozenset[tuple[State, State]]] = {
@@ -65,6 +66,7 @@ TRANSITIONS: dict[Transition, frozenset[tuple[State, State]]] = {
     Transition.REQUEST_DELETE: frozenset({(state, DELETING) for state in ServiceState if state is not DELETING}),
     Transition.DELETE: frozenset({(DELETING, GONE)}),
     Transition.DELETE_WITH_ACCOUNT: frozenset({(state, GONE) for state in ServiceState}),
+    Transition.FORCE_DELETE: frozenset({(state, GONE) for state in ServiceState}),
 }
 
 # Moves that leave the service as it was to anyone looking: updated_at stays, and no event.

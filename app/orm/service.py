@@ -197,10 +197,11 @@ class Installation(Base):
 
 
 class ClusterCleanup(UuidPrimaryKey, CreatedAt, Base):
-    """What a deleted account's service left on its kubernetes cluster or the swarm it attached,
-    still to remove: the account's computes go with it, so the target's credentials are kept
-    here (sealed, as on the compute) until the deploy worker's sweep has deleted the service's
-    objects by label, or has given up (workers/deploy/cluster_cleanup.py)."""
+    """What a force-deleted service (alone, or with its account) left on its kubernetes cluster
+    or the swarm its account attached, still to remove: the row goes without the target's say
+    (and an account's computes with it), so the target's credentials are kept here (sealed, as
+    on the compute) until the deploy worker's sweep has deleted the service's objects by label,
+    or has given up (workers/deploy/cluster_cleanup.py)."""
 
     __tablename__ = "cluster_cleanups"
 

@@ -19,7 +19,13 @@ from sqlalchemy.orm import Session
 from app.builds.states import CreationState
 from app.context import ServiceContext
 from app.deployments.keys import KeyType, key_columns, new_key, new_keys, read_keys
-from app.deployments.lifecycle import create_service, latest_operations, request_delete, update_service
+from app.deployments.lifecycle import (
+    create_service,
+    force_delete,
+    latest_operations,
+    request_delete,
+    update_service,
+)
 from app.deployments.states import ServiceState
 from app.errors import BadRequest, Conflict, NotFound
 from app.orm import Image, Service, ServiceLogLine, ServiceOperation
@@ -345,12 +351,20 @@ def update(
     return ServiceView(service, session.get_one(Image, service.image_id), operation)
 
 
-def delete(session: Session, account: AccountRef, *, service_id: str, scoring_url: str) -> ServiceView:
+def delete(
+    session: Session, account: AccountRef, *, service_id: str, scoring_url: str, force: bool = False
+) -> ServiceView:
     """Ask for the service to be removed: it is Deleting until the orchestrator holds nothing of
-    it. (``scoring_url``: the gateway's address, for the scoringUri its event shows.)"""
+    it. With ``force``, it is forgotten at once (whether Deleting or not), and what its target
+    still runs is removed in the background (app.deployments.lifecycle.force_delete); the view
+    shows it as it was. (``scoring_url``: the gateway's address, for the scoringUri its event shows.)"""
     service = _get(session, account, service_id)
-    operation = request_delete(session, service, scoring_url=scoring_url)
-    return ServiceView(service, session.get_one(Image, service.image_id), operation)
+    image = session.get_one(Image, service.image_id)
+    if force:
+        operation = force_delete(session, service)
+    else:
+        operation = request_delete(session, service, scoring_url=scoring_url)
+    return ServiceView(service, image, operation)
 
 
 def list_keys(session: Session, account: AccountRef, *, service_id: str, sealer: Sealer) -> tuple[str, str]:

@@ -18,8 +18,10 @@ from app.context import ServiceContext
 from app.deployments import reconciler
 from app.deployments.states import ServiceState
 from app.deployments.transitions import Transition, move
+from app.event_log import EventType
+from app.gateway.route_table import read_route
 from app.main import create_app
-from app.orm import Service, ServiceLogLine
+from app.orm import ClusterCleanup, Compute, Event, Service, ServiceLogLine, ServiceReplica
 from app.orm.base import utcnow
 from tests.api.test_computes import kubernetes, swarm
 from tests.api.test_manifests import SCORE_URL
@@ -549,6 +551,94 @@ def test_a_delete_is_accepted_and_asked_again_is_the_same_operation(
     assert client.get(url, headers=owner).status_code == 404
     left = client.get(f"{account}/operations/{deleting.json()['operationId']}", headers=owner).json()
     assert left["resourceLocation"] is None
+
+
+def _force_delete(client: TestClient, url: str, headers: dict[str, str]) -> dict:
+    """Force delete; the answer as a delete's, its operation Succeeded already; the service as it was."""
+    forced = client.delete(f"{url}?force=true", headers=headers)
+    assert forced.status_code == 202, forced.text
+    location = forced.headers["Operation-Location"]
+    assert location.endswith(f"/operations/{forced.json()['operationId']}")
+    operation = client.get(location.removeprefix("http://testserver"), headers=headers).json()
+    assert (operation["state"], operation["error"], operation["resourceLocation"]) == ("Succeeded", None, None)
+    assert operation["endTime"] is not None
+    assert client.get(url, headers=headers).status_code == 404
+    return forced.json()
+
+
+def _cleanups(db: Session, service_id: str) -> list[ClusterCleanup]:
+    return list(db.scalars(select(ClusterCleanup).where(ClusterCleanup.service_id == uuid.UUID(service_id))))
+
+
+def test_a_service_deleting_on_a_swarm_that_never_answers_is_force_deleted_with_a_cleanup_queued(
+    client: TestClient, owner: dict[str, str], account: str, image_id: str, db: Session
+) -> None:
+    """Its manager is gone for good: the delete stays Deleting; with force the row goes at once,
+    the deleted event is told, and a row holds the swarm's manager and TLS material for the
+    worker's cleanup sweep, as an account's force delete leaves."""
+    assert client.put(f"{account}/computes/theirs", json=swarm(), headers=owner).status_code == 201
+    service = deploy(client, account, owner, image_id, computeName="theirs", deploymentConfig={"authEnabled": False})
+    url = f"{account}/services/{service['id']}"
+    deleting = client.delete(url, headers=owner).json()
+    assert deleting["state"] == "Deleting"
+    assert client.delete(url, headers=owner).json()["state"] == "Deleting"  # without force, as before
+    assert _cleanups(db, service["id"]) == []
+
+    forced = _force_delete(client, url, owner)
+    assert (forced["id"], forced["operationId"]) == (service["id"], deleting["operationId"])  # the delete's, ended
+    assert db.scalar(select(Service.id).where(Service.id == uuid.UUID(service["id"]))) is None
+    [cleanup] = _cleanups(db, service["id"])
+    compute = db.scalars(select(Compute).where(Compute.name == "theirs")).one()
+    assert (cleanup.compute_type, cleanup.docker_host, cleanup.namespace) == (
+        "swarm",
+        swarm()["properties"]["dockerHost"],
+        "",
+    )
+    assert cleanup.sealed_credentials == compute.sealed_credentials and cleanup.attempts == 0
+    last = db.execute(
+        select(Event.state, Event.payload).where(Event.subject_id == uuid.UUID(service["id"])).order_by(Event.id.desc())
+    ).first()
+    assert last is not None and last.state == "Deleted" and EventType.SERVICE_DELETED in last.payload
+    again = client.delete(f"{url}?force=true", headers=owner)
+    assert (again.status_code, again.json()["code"]) == (404, "ServiceNotFound")
+    assert len(_cleanups(db, service["id"])) == 1
+
+
+def test_a_service_not_yet_deleting_is_force_deleted_at_once_and_its_change_ends(
+    client: TestClient, owner: dict[str, str], account: str, image_id: str, db: Session
+) -> None:
+    """On a kubernetes cluster, while its create is still being applied: no Deleting first, the
+    create's operation ends Failed, the Delete's Succeeded, and the cleanup row holds the namespace."""
+    assert client.put(f"{account}/computes/cluster", json=kubernetes(), headers=owner).status_code == 201
+    service = deploy(client, account, owner, image_id, computeName="cluster", deploymentConfig={"authEnabled": False})
+    url = f"{account}/services/{service['id']}"
+    forced = _force_delete(client, url, owner)
+    assert forced["state"] == "Transitioning" and forced["operationId"] != service["operationId"]
+    create = client.get(f"{account}/operations/{service['operationId']}", headers=owner).json()
+    assert create["state"] == "Failed"
+    [cleanup] = _cleanups(db, service["id"])
+    assert (cleanup.compute_type, cleanup.namespace, cleanup.docker_host) == ("kubernetes", "scoring", None)
+
+
+def test_a_local_service_force_deleted_leaves_no_cleanup_row_and_no_routes(
+    client: TestClient, owner: dict[str, str], account: str, image_id: str, db: Session, callers: Callers
+) -> None:
+    """A built-in target's objects are the orphan sweep's (tests/workers/deploy/test_local.py);
+    the gateway's replica rows go with the service's."""
+    service = deploy(client, account, owner, image_id)
+    settle(db, service["id"], Transition.CONVERGE, ServiceState.HEALTHY, traffic_generation=1, replicas_ready=1)
+    service_id = uuid.UUID(service["id"])
+    replica = "ab" * 32
+    db.add(ServiceReplica(service_id=service_id, generation=1, replica_id=replica, address="10.0.0.2:5001", ready=True))
+    db.flush()
+    assert read_route(db, service_id) is not None
+    url = f"{account}/services/{service['id']}"
+    assert client.delete(f"{url}?force=true", headers=callers.headers("Reader")).status_code == 403
+    assert client.get(url, headers=owner).json()["state"] == "Healthy"  # a Reader's changed nothing
+    assert _force_delete(client, url, callers.headers("Contributor"))["state"] == "Healthy"
+    assert _cleanups(db, service["id"]) == []
+    assert read_route(db, service_id) is None
+    assert db.scalar(select(ServiceReplica.replica_id).where(ServiceReplica.service_id == service_id)) is None
 
 
 def test_an_image_a_service_runs_cannot_be_deleted(

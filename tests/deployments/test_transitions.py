@@ -89,6 +89,7 @@ def test_the_tenant_changes_only_a_settled_service_and_a_deleting_one_only_goes_
         (Transition.OBSERVE, ServiceState.DELETING),
         (Transition.DELETE, GONE),
         (Transition.DELETE_WITH_ACCOUNT, GONE),
+        (Transition.FORCE_DELETE, GONE),  # the tenant, when its target will never finish the delete
     }
 
 

@@ -284,6 +284,27 @@ def test_waiting_is_bounded_by_the_timeout_and_says_the_service_is_still_transit
     assert gone.returncode == 4 and "service slow is still Deleting after 2 s" in gone.stderr
 
 
+def test_a_service_stuck_deleting_is_removed_at_once_with_force(
+    client: Client, service: EmbeddedService, tmp_path: Path
+) -> None:
+    """No worker deletes anything here, as with a target that never answers: --force ends it."""
+    image_id = _built_image(client, service, tmp_path)
+    created = client.json("service", "create", "realtime", "--image-id", image_id, "-n", "stuck", "--no-wait")
+    stuck = client.run("service", "delete", "-n", "stuck", "--timeout", "1")
+    assert stuck.returncode == 4 and "still Deleting" in stuck.stderr
+    started = time.monotonic()
+    forced = client.run("service", "delete", "-n", "stuck", "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert "Deleted service stuck." in forced.stderr and time.monotonic() - started < 30
+    missing = client.run("service", "show", "-i", created["id"])
+    assert missing.returncode == 1 and "ServiceNotFound" in missing.stderr
+    assert client.json("service", "list") == []
+    # A service not yet Deleting (Transitioning here) is forced at once too.
+    again = client.json("service", "create", "realtime", "--image-id", image_id, "-n", "stuck", "--no-wait")
+    assert client.run("service", "delete", "-i", again["id"], "--force").returncode == 0
+    assert client.json("service", "list") == []
+
+
 def test_a_deploymentconfig_json_maps_onto_the_deployment_config_and_options_override_it(
     client: Client, service: EmbeddedService, tmp_path: Path
 ) -> None:
@@ -414,6 +435,10 @@ def test_the_sdk_webservice_reads_a_service_and_its_keys(
         assert found.state == "Transitioning" and time.monotonic() - started < 15
         found.delete()
         assert found.state == "Deleting" and Webservice(ws, id=created["id"]).state == "Deleting"
+        found.delete(force=True)  # its target never answers (no worker here): gone at once
+        with pytest.raises(ServiceError) as forced:
+            Webservice(ws, id=created["id"])
+        assert (forced.value.code, forced.value.status_code) == ("ServiceNotFound", 404)
         with pytest.raises(ServiceError) as missing:
             Webservice(ws, name="nope")
         assert (missing.value.code, missing.value.status_code) == ("ServiceNotFound", 404)

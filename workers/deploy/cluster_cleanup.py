@@ -1,8 +1,9 @@
-"""The target half of removing a deleted account's services from its kubernetes clusters and
-the swarms it attached: each due row (app.deployments.cluster_cleanup) is claimed, its sealed
-credentials connect the driver as for a live service (a swarm's manager judged by the fetch
-policy again, its TLS material in a private folder: workers/deploy/tenant_swarm.py), and the
-service's objects are deleted by label (in its namespace; on a swarm, its swarm services). Done:
+"""The target half of removing force-deleted services (alone, or with their account) from the
+kubernetes clusters and the swarms their accounts attached: each due row
+(app.deployments.cluster_cleanup) is claimed, its sealed credentials connect the driver as for
+a live service (a swarm's manager judged by the fetch policy again, its TLS material in a
+private folder: workers/deploy/tenant_swarm.py), and the service's objects are deleted by label
+(in its namespace; on a swarm, its swarm services). Done:
 the row goes. Not done (the target away, the credentials refused, pods or tasks still
 terminating): the driver's message (which never holds a credential) is kept and the next try
 backed off; after the last one the row goes with a ``deploy.cluster_cleanup_abandoned`` line

@@ -216,6 +216,17 @@ def update_service(
     return _accepted(view, request, response, context.settings)
 
 
+FORCE = (
+    "Forget the service now instead of waiting for its target: for a target that will never answer "
+    "again (a swarm manager or cluster the account attached, gone for good), where a delete stays "
+    "Deleting. Allowed in any state. The service is gone when this answers (its Delete operation has "
+    "Succeeded, its deleted event is sent, the scoring gateway stops routing to it within its cache "
+    "period); what it still runs is removed in the background: on `local` and the operator's swarm by "
+    "the deploy worker's sweep, on a kubernetes cluster or a swarm the account attached when that "
+    "target answers again (retried with backoff for about a day, then given up)."
+)
+
+
 @router.delete(
     "/services/{serviceId}", response_model=ServiceRead, status_code=status.HTTP_202_ACCEPTED, responses=ACCEPTED
 )
@@ -226,9 +237,13 @@ def delete_service(
     account: WritableAccount,
     context: ContextDep,
     session: SessionDep,
+    force: Annotated[bool, Query(description=FORCE)] = False,
 ) -> ServiceRead:
-    """Remove the service and everything it made: Deleting until the orchestrator holds nothing of it."""
-    view = services_deploy.delete(session, account, service_id=service_id, scoring_url=context.settings.scoring_url)
+    """Remove the service and everything it made: Deleting until the orchestrator holds nothing
+    of it; with ``force=true``, gone at once (the service as it was, its operation Succeeded)."""
+    view = services_deploy.delete(
+        session, account, service_id=service_id, scoring_url=context.settings.scoring_url, force=force
+    )
     return _accepted(view, request, response, context.settings)
 
 
