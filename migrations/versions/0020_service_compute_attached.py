@@ -4,8 +4,10 @@ Built-in or attached was decided from the target's name and the workers' setting
 swarm attached as ``swarm`` while the operator had none became the operator's swarm once one
 was set. Now it is decided once, when the service is made, and stored.
 
-A row from before is attached when its account holds a compute of that name: a built-in name
-can be attached only while the operator has no such target, and ``local`` never.
+A row from before is attached on kubernetes (there is no built-in one), and on a swarm named
+other than ``swarm`` (the built-in one's name), or named ``swarm`` when its account holds a
+swarm compute of that name (a built-in name can be attached only while the operator has no such
+target); on ``local`` never.
 
 Revision ID: 0020
 Revises: 0019
@@ -28,9 +30,10 @@ def upgrade() -> None:
     op.add_column("services", sa.Column("compute_attached", sa.Boolean(), nullable=False, server_default=sa.false()))
     op.execute(
         sa.text(
-            "UPDATE services SET compute_attached = true WHERE compute_name <> 'local' AND EXISTS "
+            "UPDATE services SET compute_attached = true WHERE compute_type = 'kubernetes' "
+            "OR (compute_type = 'swarm' AND (compute_name <> 'swarm' OR EXISTS "
             "(SELECT 1 FROM computes WHERE computes.account_id = services.account_id "
-            "AND computes.name = services.compute_name)"
+            "AND computes.name = services.compute_name AND computes.compute_type = 'swarm')))"
         )
     )
 

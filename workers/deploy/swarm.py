@@ -170,7 +170,10 @@ class SwarmDriver:
             self._api = engine_client(
                 docker_host, timeout=30, tls=tls, server_hostname=server_hostname, deadline=self._ends
             )
-            swarm = self._api.info().get("Swarm") or {}
+            info = self._api.info()
+            swarm = info.get("Swarm") if isinstance(info, Mapping) else None
+            if not isinstance(swarm, Mapping):  # a tenant's engine may answer anything
+                swarm = {}
         except (docker.errors.DockerException, requests.RequestException, OSError) as exc:
             if api := getattr(self, "_api", None):
                 api.close()
@@ -179,6 +182,10 @@ class SwarmDriver:
             if isinstance(bound := exc.__cause__ or exc, EngineAnswerRefused):  # docker-py wraps /version's
                 raise EngineUnreachable(f"the swarm's engine {bound}") from None
             raise EngineUnreachable(f"the swarm's engine did not answer ({type(exc).__name__})") from None
+        except BaseException:
+            if api := getattr(self, "_api", None):
+                api.close()  # its deadline's timer and its connection with it
+            raise
         self._node_id = str(swarm.get("NodeID") or "")
         if swarm.get("LocalNodeState") != "active" or not swarm.get("ControlAvailable"):
             self._api.close()

@@ -303,6 +303,22 @@ def test_a_huge_version_or_info_fails_the_connection_naming_the_bound(
         assert str(MAX_TENANT_ANSWER_BYTES) in _fails_bounded(lambda: _driver(port, certs))
 
 
+@pytest.mark.parametrize("info", [[1, 2], {"Swarm": "active"}, "swarm"])
+def test_an_info_that_is_no_object_is_no_manager_and_leaves_no_deadline_timer(
+    engine: tuple[int, type[_Engine]], certs: dict[str, str], info: object
+) -> None:
+    """A tenant's engine answering /info with a list or a string: the driver refuses it as no
+    swarm manager, and its client (the deadline's timer thread, the connection) is closed."""
+    port, handler = engine
+    handler.hostile = staticmethod(lambda path: (200, {}, _json(info)) if path == "/info" else None)
+    timers = {thread for thread in threading.enumerate() if isinstance(thread, threading.Timer)}
+    with pytest.raises(EngineUnreachable) as raised:
+        _driver(port, certs)
+    assert "not a swarm manager" in str(raised.value)
+    left = {thread for thread in threading.enumerate() if isinstance(thread, threading.Timer)} - timers
+    assert not [thread for thread in left if thread.is_alive() and not thread.finished.is_set()]
+
+
 def test_a_log_of_more_lines_than_asked_for_adds_no_more_than_a_pass_copies(
     engine: tuple[int, type[_Engine]], certs: dict[str, str]
 ) -> None:
