@@ -119,9 +119,12 @@ def force_delete(session: Session, service: Service) -> ServiceOperation:
     # delete, the 404 rolls the cleanup row back with the rest.
     if not move(session, Transition.FORCE_DELETE, Service.id == service.id, to=None):
         raise NotFound(f"service '{service.id}' was not found in this account", code="ServiceNotFound")
-    operation.state = OperationState.SUCCEEDED
-    operation.ended_at = utcnow()
-    session.flush()
+    # As every operation's end is written here: a statement (the session's object follows it).
+    session.execute(
+        update(ServiceOperation)
+        .where(ServiceOperation.id == operation.id)
+        .values(state=OperationState.SUCCEEDED, ended_at=utcnow())
+    )
     return operation
 
 
