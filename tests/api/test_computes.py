@@ -360,9 +360,8 @@ def test_a_docker_host_is_an_address_only_since_readers_see_it(
     assert "hunter2" not in listed
 
 
-def test_the_operators_swarm_is_a_built_in_target(
-    client: TestClient, app_context: ServiceContext, owner: dict[str, str], account: str
-) -> None:
+def with_operators_swarm(app_context: ServiceContext) -> TestClient:
+    """A client of the same service and database with the operator's swarm set (MMS_SWARM_DOCKER_HOST)."""
     from app.main import create_app
 
     settings = app_context.settings.model_copy(update={"swarm_docker_host": "unix:///var/run/docker.sock"})
@@ -372,7 +371,13 @@ def test_the_operators_swarm_is_a_built_in_target(
         session_factory=app_context.session_factory,
         read_session_factory=app_context.read_session_factory,
     )
-    with_swarm = TestClient(create_app(context=context), base_url="http://testserver")
+    return TestClient(create_app(context=context), base_url="http://testserver")
+
+
+def test_the_operators_swarm_is_a_built_in_target(
+    client: TestClient, app_context: ServiceContext, owner: dict[str, str], account: str
+) -> None:
+    with_swarm = with_operators_swarm(app_context)
     listed = with_swarm.get(f"{account}/computes", headers=owner).json()["value"]
     assert [(c["name"], c["type"], c["builtIn"]) for c in listed] == [
         ("local", "local", True),

@@ -23,7 +23,7 @@ from app.gateway.route_table import read_route
 from app.main import create_app
 from app.orm import ClusterCleanup, Compute, Event, Service, ServiceLogLine, ServiceReplica
 from app.orm.base import utcnow
-from tests.api.test_computes import kubernetes, swarm
+from tests.api.test_computes import kubernetes, swarm, with_operators_swarm
 from tests.api.test_manifests import SCORE_URL
 from tests.factories import Callers, model_body
 
@@ -737,14 +737,7 @@ def test_a_swarm_the_tenant_attached_as_swarm_stays_theirs_when_the_operator_set
     engine) once the operator sets a swarm, and never becomes the operator's."""
     assert client.put(f"{account}/computes/swarm", json=swarm(), headers=owner).status_code == 201
     service = deploy(client, account, owner, image_id, computeName="swarm", deploymentConfig={"authEnabled": False})
-    settings = app_context.settings.model_copy(update={"swarm_docker_host": "unix:///var/run/docker.sock"})
-    context = ServiceContext.build(
-        settings,
-        engine=app_context.engine,
-        session_factory=app_context.session_factory,
-        read_session_factory=app_context.read_session_factory,
-    )
-    with_swarm = TestClient(create_app(context=context), base_url="http://testserver")
+    with_swarm = with_operators_swarm(app_context)
     url = f"{account}/services/{service['id']}"
     settle(db, service["id"], Transition.CONVERGE, ServiceState.HEALTHY)
     refused = with_swarm.patch(url, json={"authEnabled": True}, headers=owner)
