@@ -1,13 +1,14 @@
 """Whether an address is one the service may be sent to on a tenant's word: globally routable,
 not the host's loopback, a private network, a link-local (metadata) address or any other
-special-purpose range. One judgement for the API (a swarm manager's address) and the workers'
-fetcher (every address a URL resolves to)."""
+special-purpose range; and whether it is in the operator's service networks. One judgement for
+the API (a swarm manager's address) and the workers (every address a URL resolves to, a
+swarm manager's when they connect)."""
 
 from __future__ import annotations
 
 import ipaddress
 
-__all__ = ["is_public_address"]
+__all__ = ["in_service_pool", "is_public_address"]
 
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
@@ -38,3 +39,20 @@ def is_public_address(address: str) -> bool:
         or getattr(ip, "is_site_local", False)
     )
     return ip.is_global and not special
+
+
+def in_service_pool(address: str, pool: str) -> bool:
+    """Is ``address`` (IPv6 forms that embed an IPv4 address judged by it) in ``pool``
+    (MMS_SERVICE_SUBNET_POOL), where the operator's services' replicas answer?"""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = ip.ipv4_mapped or ip.sixtofour
+        if embedded is None and ip in _NAT64:
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if embedded is None:
+            return False
+        ip = embedded
+    return ip in ipaddress.IPv4Network(pool)

@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.addresses import is_public_address
+from app.addresses import in_service_pool, is_public_address
 from app.deployments.kubeconfig import WHOLE_FILE, KubeconfigRefused, check_kubeconfig
 from app.errors import Conflict, NotFound, ValidationFailed
 from app.orm import Compute, Service
@@ -142,7 +142,7 @@ def _is_inline_pem(text: str) -> bool:
     return position > 0
 
 
-def _check_docker_host(docker_host: str | None, allow_hosts: frozenset[str]) -> None:
+def _check_docker_host(docker_host: str | None, allow_hosts: frozenset[str], service_pool: str) -> None:
     host = urlsplit(docker_host or "")
     try:
         port = host.port
@@ -165,6 +165,12 @@ def _check_docker_host(docker_host: str | None, allow_hosts: frozenset[str]) -> 
         ipaddress.ip_address(literal.split("%", 1)[0])
     except ValueError:
         return
+    if in_service_pool(literal, service_pool):  # allowed or not: the workers refuse it too
+        raise invalid(
+            "properties.dockerHost",
+            f"{literal} is in the operator's service networks (MMS_SERVICE_SUBNET_POOL), where other "
+            "services' replicas answer: a swarm manager cannot be there",
+        )
     if not is_public_address(literal) and not {literal.lower(), host.netloc.lower()} & allow_hosts:
         raise invalid(
             "properties.dockerHost",
@@ -174,7 +180,7 @@ def _check_docker_host(docker_host: str | None, allow_hosts: frozenset[str]) -> 
 
 
 def _settings_and_credentials(
-    body: ComputePut, *, allow_insecure_tls: bool, allow_hosts: frozenset[str]
+    body: ComputePut, *, allow_insecure_tls: bool, allow_hosts: frozenset[str], service_pool: str
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """What the target shows (properties) and what is sealed (credentials), checked."""
     props = body.properties
@@ -185,7 +191,7 @@ def _settings_and_credentials(
     if body.type == "swarm":
         if props.kubeconfig is not None or props.namespace is not None:
             raise invalid("properties", "a swarm target takes dockerHost and tls, not kubeconfig or namespace")
-        _check_docker_host(props.dockerHost, allow_hosts)
+        _check_docker_host(props.dockerHost, allow_hosts, service_pool)
         if props.tls is None:
             raise invalid("properties.tls", "is required: a swarm manager is reached over TLS only")
         for name, value in props.tls.model_dump().items():
@@ -211,16 +217,18 @@ def put_target(
     allow_insecure_tls: bool = False,
     swarm_enabled: bool = False,
     allow_hosts: frozenset[str] = frozenset(),
+    service_pool: str,
 ) -> tuple[Target, bool]:
     """Attach a target, or replace its settings; whether it is new. ``local`` (and ``swarm``
     when the operator set one) is built in (409). ``allow_insecure_tls``: a kubeconfig may turn
     off the check of its cluster's certificate; ``allow_hosts``: private addresses a swarm
-    manager may have (MMS_FETCH_ALLOW_HOSTS)."""
+    manager may have (MMS_FETCH_ALLOW_HOSTS); ``service_pool``: the operator's service networks
+    (MMS_SERVICE_SUBNET_POOL), where none may be."""
     built_in = _built_in_name(name, swarm_enabled=swarm_enabled)
     if built_in:
         raise Conflict(f"compute '{built_in}' is built in: it cannot be attached or changed", code="BuiltInCompute")
     properties, credentials = _settings_and_credentials(
-        body, allow_insecure_tls=allow_insecure_tls, allow_hosts=allow_hosts
+        body, allow_insecure_tls=allow_insecure_tls, allow_hosts=allow_hosts, service_pool=service_pool
     )
     sealed = sealer.seal(json.dumps(credentials).encode())
     compute = _find(session, account, name)

@@ -340,6 +340,29 @@ def test_an_operator_may_allow_a_private_swarm_manager(
     assert refused.status_code == 400 and "MMS_FETCH_ALLOW_HOSTS" in refused.json()["message"]
 
 
+@pytest.mark.parametrize("host", ["tcp://10.213.4.5:2376", "tcp://[::ffff:10.213.4.5]:2376"])
+def test_a_swarm_manager_in_the_operators_service_networks_is_refused_even_if_allowed(
+    app_context: ServiceContext, db: Session, account: str, owner: dict[str, str], host: str
+) -> None:
+    """Where other services' replicas answer: the workers would refuse it at every pass, and the
+    attach says so at once, whatever MMS_FETCH_ALLOW_HOSTS lists."""
+    settings = app_context.settings.model_copy(
+        update={"fetch_allow_hosts": ["10.213.4.5", "::ffff:10.213.4.5"], "service_subnet_pool": "10.213.0.0/16"}
+    )
+    context = ServiceContext.build(
+        settings,
+        engine=app_context.engine,
+        session_factory=db.info["factory"],
+        read_session_factory=db.info["read_factory"],
+    )
+    allowing = TestClient(create_app(context=context), base_url="http://testserver")
+    refused = allowing.put(f"{account}/computes/pooled", json=swarm(host), headers=owner)
+    assert refused.status_code == 400, refused.text
+    assert "properties.dockerHost" in refused.json()["message"]
+    assert "MMS_SERVICE_SUBNET_POOL" in refused.json()["message"]
+    assert allowing.get(f"{account}/computes/pooled", headers=owner).status_code == 404
+
+
 @pytest.mark.parametrize(
     "host",
     [

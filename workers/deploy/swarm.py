@@ -247,7 +247,27 @@ class SwarmDriver:
             failed = [t for t in tasks if (t.get("Status") or {}).get("State") in _FAILED]
             if generation == spec.generation and len(failed) >= MAX_FAILED_TASKS and not any(r.ready for r in seen):
                 failure = self._why_it_failed(service, failed)
+            elif generation == spec.generation and not any(r.address for r in seen):
+                failure = self._unroutable(alive) or failure
         return replicas, failure
+
+    def _unroutable(self, tasks: Sequence[Mapping]) -> Failure | None:
+        """On a tenant's swarm that the operator allows at some ports only: a running task that
+        published another (the engine picks it) can never be routed to; without this the
+        generation would wait out its start timeout saying nothing of why."""
+        if not self._published_host or not self._published_ports:
+            return None  # any port (None), or a pass that routes nowhere (a delete)
+        for task in tasks:
+            status = task.get("Status") or {}
+            port = published_port(status) if status.get("State") == "running" else None
+            if port is not None and port not in self._published_ports:
+                allowed = ", ".join(str(p) for p in sorted(self._published_ports))
+                return Failure(
+                    f"the gateway may not reach its tasks: they publish port {port} on the manager, and the "
+                    f"operator allows the manager's address at port {allowed} only (MMS_FETCH_ALLOW_HOSTS); "
+                    "the operator lists the address without a port for the gateway to route to its tasks"
+                )
+        return None
 
     @_in_time
     @_bounded
@@ -593,8 +613,16 @@ def _checked_config(network: Mapping, service_id: uuid.UUID) -> str:
 def published_address(host: str, status: Mapping, *, ports: frozenset[int] | None = None) -> str | None:
     """A tenant's task's address: ``host`` (the manager's, as the worker checked it) and the port
     the task publishes in host mode for the replica port, if it is one of ``ports`` (None: any).
-    Only the port is the engine's word, and only a port it is (an int in 1..65535): never an
-    address the engine names."""
+    Only the port is the engine's word: never an address the engine names."""
+    published = published_port(status)
+    if published is None or (ports is not None and published not in ports):
+        return None
+    return f"{host}:{published}"  # read with rpartition(":"), v6 too
+
+
+def published_port(status: Mapping) -> int | None:
+    """The port a tenant's task publishes in host mode for the replica port, if the engine names
+    one that is a port (an int in 1..65535)."""
     listed = (status.get("PortStatus") or {}).get("Ports") if isinstance(status, Mapping) else None
     for port in listed if isinstance(listed, list) else []:
         if not isinstance(port, Mapping):
@@ -605,9 +633,8 @@ def published_address(host: str, status: Mapping, *, ports: frozenset[int] | Non
             and port.get("PublishMode") == "host"
             and type(published) is int
             and 0 < published < 65536
-            and (ports is None or published in ports)
         ):
-            return f"{host}:{published}"  # read with rpartition(":"), v6 too
+            return published
     return None
 
 

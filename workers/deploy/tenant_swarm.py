@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 import docker
 from sqlalchemy import select
 
-from app.addresses import is_public_address
+from app.addresses import in_service_pool, is_public_address
 from app.context import ServiceContext
 from app.database import session_scope
 from app.orm import Compute
@@ -60,7 +60,6 @@ __all__ = [
 # again if it was killed before its clean-up ran.
 TLS_FOLDER = "tenant-tls"
 # NAT64's well-known prefix: its addresses reach the IPv4 address in their last 32 bits.
-_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 
 
 @contextmanager
@@ -200,23 +199,6 @@ def published_ports(address: str, *, allow_hosts: frozenset[str]) -> frozenset[i
             return None
         ports.add(port)
     return frozenset(ports)
-
-
-def in_service_pool(address: str, pool: str) -> bool:
-    """Is ``address`` (IPv6 forms that embed an IPv4 address judged by it) in ``pool``
-    (MMS_SERVICE_SUBNET_POOL), where the operator's services' replicas answer?"""
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address):
-        embedded = ip.ipv4_mapped or ip.sixtofour
-        if embedded is None and ip in _NAT64:
-            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-        if embedded is None:
-            return False
-        ip = embedded
-    return ip in ipaddress.IPv4Network(pool)
 
 
 def _as_address(entry: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address | None, int | None]:

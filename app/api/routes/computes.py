@@ -56,6 +56,7 @@ def put_compute(
         allow_insecure_tls=context.settings.kubernetes_allow_insecure_tls,
         swarm_enabled=context.settings.swarm_compute,
         allow_hosts=context.settings.effective_fetch_allow_hosts,
+        service_pool=context.settings.service_subnet_pool,
     )
     if created:
         response.status_code = status.HTTP_201_CREATED

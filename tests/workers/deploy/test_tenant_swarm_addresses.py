@@ -25,6 +25,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.addresses import in_service_pool
 from app.context import ServiceContext
 from app.main import create_app
 from app.orm import ServiceReplica
@@ -37,7 +38,7 @@ from tests.workers.deploy.test_tenant_swarm_bounds import NAME, Answer, _Engine,
 from workers.deploy.local import GENERATION_LABEL, INSTALLATION_LABEL, SERVICE_LABEL, TargetRefused
 from workers.deploy.reconcile import installation_id, reconcile_service
 from workers.deploy.swarm import published_address
-from workers.deploy.tenant_swarm import TLS_FOLDER, in_service_pool, published_ports, remove_orphaned_tls
+from workers.deploy.tenant_swarm import TLS_FOLDER, published_ports, remove_orphaned_tls
 from workers.deploy.tenant_swarm import swarm_driver_at as _swarm_driver_at
 from workers.scratch import _host
 
@@ -186,6 +187,44 @@ def test_a_manager_allowed_by_name_gets_no_traffic_whatever_it_resolves_to(
     assert _addresses(both, port, tls) == [f"127.0.0.1:{port + 1}"]
     as_address = _context(app_context, tmp_path, fetch_allow_hosts=[NAME, "127.0.0.1"])
     assert _addresses(as_address, port, tls) == [f"127.0.0.1:{port + 1}"]
+
+
+def test_a_task_on_a_port_the_operator_does_not_allow_fails_its_generation_saying_why(
+    engine: tuple[int, type[_Engine]],  # noqa: F811
+    tls: dict[str, str],
+    app_context: ServiceContext,
+    tmp_path: Path,
+) -> None:
+    """The engine picks the port a task publishes: with the manager's address allowed at some
+    ports only, a task elsewhere can never be routed to, and the pass says so at once rather
+    than waiting out the start timeout."""
+    port, handler = engine
+    handler.hostile = _running({GENERATION_LABEL: "1", INSTALLATION_LABEL: "test"}, published=port + 1)
+    port_scoped = _context(app_context, tmp_path, fetch_allow_hosts=[NAME, f"127.0.0.1:{port}"])
+    with _swarm_driver_at(
+        port_scoped, docker_host=f"tcp://{NAME}:{port}", tls=tls, installation="test", target="t", resolver=_to_loopback
+    ) as driver:
+        replicas, failure = driver.observe(swarm_spec())
+    assert [r.address for r in replicas] == [None]
+    assert failure is not None
+    assert f"publish port {port + 1}" in failure.reason and f"at port {port} only" in failure.reason
+    assert "127.0.0.1" not in failure.reason
+
+    both = _context(app_context, tmp_path, fetch_allow_hosts=[NAME, f"127.0.0.1:{port}", f"127.0.0.1:{port + 1}"])
+    with _swarm_driver_at(
+        both, docker_host=f"tcp://{NAME}:{port}", tls=tls, installation="test", target="t", resolver=_to_loopback
+    ) as driver:
+        assert driver.observe(swarm_spec())[1] is None  # its port allowed: routed, no failure
+    with _swarm_driver_at(
+        port_scoped,
+        docker_host=f"tcp://{NAME}:{port}",
+        tls=tls,
+        installation="test",
+        target="t",
+        resolver=_to_loopback,
+        publish=False,
+    ) as driver:
+        assert driver.observe(swarm_spec())[1] is None  # a delete routes nothing and judges nothing
 
 
 def test_a_manager_in_the_operators_service_networks_is_refused_even_if_allowed(
