@@ -37,6 +37,9 @@ HANDED_OUT_SECONDS = 30
 # The next pass: soon while something moves, rarely once all is well.
 BUSY_SECONDS = 1.0
 STEADY_SECONDS = 10.0
+# A Failed service that runs nothing waits for its tenant (a PATCH or a delete makes it due at
+# once): its target (a cluster or swarm of the tenant's, perhaps) is asked about it this rarely.
+FAILED_SECONDS = 300.0
 # The last lines of a failed generation's output kept in the service's error.
 ERROR_LOG_LINES = 40
 # ... each cut to this many characters: a replica prints lines of any length, and the error
@@ -427,9 +430,13 @@ def record(
         values |= {"traffic_generation": spec.generation, "switched_at": now} | _NOTHING_KEPT
     fence = _unchanged(lease, spec)
 
+    if spec.state is ServiceState.FAILED:
+        # It waits for a change (a PATCH makes it due at once). Only once a pass finds nothing of
+        # it left is it looked at rarely: one that removes leftovers looks again soon.
+        values["due_at"] = now + timedelta(seconds=STEADY_SECONDS if any(r.alive for r in replicas) else FAILED_SECONDS)
     if step.failure is not None and spec.state is ServiceState.FAILED:
-        # It says so already: look again rarely (a PATCH makes it due at once).
-        if _bookkeep(session, fence, **released, due_at=now + timedelta(seconds=STEADY_SECONDS)):
+        # It says so already.
+        if _bookkeep(session, fence, **released, due_at=values["due_at"]):
             return True
     elif step.failure is not None and spec.traffic_generation == spec.generation:
         values["replicas_ready"] = current_ready

@@ -15,6 +15,8 @@ from app.deployments import OperationState, ServiceState
 from app.deployments.lifecycle import request_delete, update_service
 from app.deployments.reconciler import (
     ERROR_REASON_CHARS,
+    FAILED_SECONDS,
+    STEADY_SECONDS,
     Failure,
     Replica,
     Spec,
@@ -381,6 +383,35 @@ def test_a_failure_seen_again_on_a_failed_service_waits_for_a_change(db: Session
     db.refresh(created)
     assert created.state is ServiceState.FAILED and created.lease_owner is None
     assert created.due_at is not None and created.due_at >= now + timedelta(seconds=5)  # not a tight loop
+
+
+def test_a_failed_service_with_nothing_left_is_asked_about_every_few_minutes_not_seconds(
+    db: Session, created: Service
+) -> None:
+    """Its target may be a tenant's cluster or swarm: a Failed service that runs nothing waits for
+    a change (a PATCH or a delete makes it due at once), and is not listed there every 10 s."""
+    created.state = ServiceState.FAILED
+    db.flush()
+    lease = claim(db, created.id, owner="w")
+    assert lease is not None
+    spec = read_spec(db, lease)
+    assert spec is not None
+    leftover = Replica(id="left", generation=1, image_id=None, address="127.0.0.1:1", alive=True, ready=False)
+    now = utcnow()
+    step = decide(spec, [leftover], now=now, start_seconds=60, drain_seconds=10)
+    assert record(db, lease, spec, step, [leftover], now=now, scoring_url=SCORING_URL)
+    db.refresh(created)
+    assert created.due_at is not None and created.due_at <= now + timedelta(seconds=STEADY_SECONDS)  # its leftover goes
+
+    lease = claim(db, created.id, owner="w")
+    assert lease is not None
+    spec = read_spec(db, lease)
+    assert spec is not None
+    step = decide(spec, [], now=now, start_seconds=60, drain_seconds=10)
+    assert record(db, lease, spec, step, [], now=now, scoring_url=SCORING_URL)
+    db.refresh(created)
+    assert created.due_at is not None and created.due_at >= now + timedelta(seconds=FAILED_SECONDS)
+    assert created.state is ServiceState.FAILED
 
 
 def test_a_long_build_does_not_count_against_the_start_deadline() -> None:
