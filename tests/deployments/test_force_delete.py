@@ -155,7 +155,9 @@ def _pass_up_to_record(
     of an earlier pass to replace and the Delete operation under way."""
     with service_context.session_factory.begin() as session:
         session.add(
-            ServiceReplica(service_id=service_id, generation=1, replica_id="cd" * 32, address="10.0.0.3:5001", ready=True)
+            ServiceReplica(
+                service_id=service_id, generation=1, replica_id="cd" * 32, address="10.0.0.3:5001", ready=True
+            )
         )
         account_id = session.get_one(Service, service_id).account_id
         session.add(
