@@ -774,8 +774,10 @@ class Webservice:
 
     def delete(self, force: bool = False) -> None:
         """Ask for the service to be removed (it is ``Deleting`` until nothing of it is left);
-        ``force``: gone at once, for a target that will never answer again (what runs there is
-        removed in the background if it does)."""
+        ``force``: gone at once, for a swarm or kubernetes cluster the account attached that will
+        never answer again (what runs there is removed in the background if it does). Refused
+        (ServiceError ``ForceDeleteNotAllowed``, 409) on the built-in targets, ``local`` and the
+        operator's ``swarm``: their plain delete always completes."""
         client = self.workspace._client
         url = client.account_url("services", self.id)
         params = {"force": "true"} if force else None

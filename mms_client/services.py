@@ -436,8 +436,9 @@ def delete(
     force: Annotated[
         bool,
         typer.Option(
-            help="forget it now, for a target that will never answer again (a swarm or cluster you attached, "
-            "gone): what it runs there is removed in the background if that target answers again"
+            help="forget it now, for a target you attached (a swarm or cluster) that will never answer again: "
+            "what it runs there is removed in the background if that target answers again; refused on the "
+            "built-in targets (local, swarm), whose plain delete always completes"
         ),
     ] = False,
     output: OutputOption = Output.table,
@@ -445,7 +446,8 @@ def delete(
 ) -> None:
     """Delete a web service and everything it made; waits until it is gone.
 
-    A service whose target is gone for good stays Deleting: --force removes it at once.
+    A service whose attached target is gone for good stays Deleting: --force removes it at once
+    (refused on the built-in targets local and swarm, where a plain delete always completes).
 
     Exit code: 0 gone (or Deleting with --no-wait), 4 still Deleting at the timeout.
 

@@ -103,13 +103,21 @@ def _end_superseded(session: Session, service: Service) -> None:
 
 
 def force_delete(session: Session, service: Service) -> ServiceOperation:
-    """Forget a service now, whatever its state, without waiting for its target (one that will
-    never answer again): its Delete operation (the one under way, or a new one) ends Succeeded,
-    and the row goes with its replicas (the gateway routes to it no more) and its log lines.
-    What the orchestrator still runs of it is removed later: on a built-in target by the
-    reconciler's orphan sweep, on a target the account attached through the row queued for it
-    (app.deployments.cluster_cleanup). 404 when another request deleted it first."""
+    """Forget a service on a target the account attached now, whatever its state, without
+    waiting for that target (one that will never answer again): its Delete operation (the one
+    under way, or a new one) ends Succeeded, and the row goes with its replicas (the gateway
+    routes to it no more) and its log lines. What the target still runs of it is removed later,
+    through the row queued for it (app.deployments.cluster_cleanup). 404 when another request
+    deleted it first; 409 on a built-in target (``local``, the operator's swarm), whose plain
+    delete always completes: forgotten at once, what it ran would outlive its row (and the
+    account's service cap) until the orphan sweep."""
     _reread(session, service, lock=True)  # held until the commit: a delete racing this one waits
+    if not service.compute_attached:
+        raise Conflict(
+            f"service '{service.name}' runs on the built-in target '{service.compute_name}': delete it without "
+            "force, a delete its target always completes",
+            code="ForceDeleteNotAllowed",
+        )
     operation = latest_operations(session, [service.id], kind=OperationKind.DELETE).get(service.id)
     if operation is None or operation.state is not OperationState.RUNNING:  # not Deleting yet
         _end_superseded(session, service)

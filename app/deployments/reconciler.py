@@ -7,6 +7,10 @@ trusting this database about what runs), asks ``decide`` what to do, does it, an
 outcome through ``record``: the replicas the scoring gateway routes to, the traffic
 generation, the state (through the transition table) and the operation's end. Every write is
 fenced by the pass's attempt, so a worker whose lease lapsed mid-pass writes nothing.
+
+Each writer locks the service's row before it touches its replicas, log lines or operations
+(``_lock_held``): the order a force delete takes them (app.deployments.lifecycle), so that on
+PostgreSQL the two never wait on each other in a circle (a deadlock, one of them failed).
 """
 
 from __future__ import annotations
@@ -413,7 +417,7 @@ def record(
     pass the scoring gateway (kubernetes: the Service's cluster address); None elsewhere.
     When the tenant changed the service meanwhile, the replicas are written but no verdict:
     the next pass, due at once, judges the new spec."""
-    if session.scalar(select(Service.id).where(_held(lease))) is None:
+    if not _lock_held(session, lease):
         return False
     removed = set(step.remove)
     _write_replicas(session, spec.id, [r for r in replicas if r.id not in removed and r.alive and r.address], now)
@@ -542,7 +546,7 @@ def record_unreachable(
     knows keep serving if they can, unless ``forget_replicas``: a tenant's hosts, whose
     addresses nothing vouches for once its engine is away); tried again soon. (``scoring_url``:
     as for ``record``; ``reason`` is cut as a failure's is.)"""
-    if session.scalar(select(Service.id).where(_held(lease))) is None:
+    if not _lock_held(session, lease):
         return False
     values: dict[str, object] = {
         "lease_owner": None,
@@ -564,7 +568,7 @@ def stop_routing(session: Session, lease: Lease) -> bool:
     """A deleted service's first step: the gateway routes to it no more (the rows of its
     replicas go). True when there were rows: gateways may still hold their addresses for their
     cache period, and those addresses are freed with the service's network."""
-    if session.scalar(select(Service.id).where(_held(lease))) is None:
+    if not _lock_held(session, lease):
         return False
     gone = session.execute(delete(ServiceReplica).where(ServiceReplica.service_id == lease.service_id))
     return bool(gone.rowcount)
@@ -572,10 +576,10 @@ def stop_routing(session: Session, lease: Lease) -> bool:
 
 def finish_delete(session: Session, lease: Lease) -> bool:
     """The orchestrator holds nothing of the service: end its Delete operation, then the row."""
-    held = session.execute(select(Service.id, _newest_operation(Service.id)).where(_held(lease))).first()
-    if held is None:
+    if not _lock_held(session, lease):
         return False
-    _end_operation(session, held[1], OperationState.SUCCEEDED, None)  # the newest: the Delete's
+    newest = session.scalar(select(_newest_operation(Service.id)).where(Service.id == lease.service_id))
+    _end_operation(session, newest, OperationState.SUCCEEDED, None)  # the newest: the Delete's
     return bool(move(session, Transition.DELETE, _held(lease), to=None))
 
 
@@ -583,6 +587,15 @@ def release(session: Session, lease: Lease, *, due_in: float) -> None:
     """Give the lease back without a verdict (the pass could not finish); tried again in ``due_in``."""
     due_at = utcnow() + timedelta(seconds=due_in)
     _bookkeep(session, _held(lease), lease_owner=None, lease_expires_at=None, due_at=due_at)
+
+
+def _lock_held(session: Session, lease: Lease) -> bool:
+    """Whether the lease is still this pass's; if so the service's row stays locked until the
+    commit. Taken first, as a force delete takes it before it deletes the replicas, log lines
+    and operations hanging off the row: a writer of those that took their locks first (an
+    insert's foreign key check also locks the row) would wait on the force delete while it
+    waits on them. (SQLite locks the whole database: nothing to order.)"""
+    return session.scalar(select(Service.id).where(_held(lease)).with_for_update()) is not None
 
 
 def _bookkeep(session: Session, where, **values: object) -> bool:  # type: ignore[no-untyped-def]

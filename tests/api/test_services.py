@@ -620,12 +620,12 @@ def test_a_service_not_yet_deleting_is_force_deleted_at_once_and_its_change_ends
     assert (cleanup.compute_type, cleanup.namespace, cleanup.docker_host) == ("kubernetes", "scoring", None)
 
 
-def test_a_local_service_force_deleted_leaves_no_cleanup_row_and_no_routes(
+def test_a_service_on_an_attached_swarm_force_deleted_leaves_no_routes(
     client: TestClient, owner: dict[str, str], account: str, image_id: str, db: Session, callers: Callers
 ) -> None:
-    """A built-in target's objects are the orphan sweep's (tests/workers/deploy/test_local.py);
-    the gateway's replica rows go with the service's."""
-    service = deploy(client, account, owner, image_id)
+    """Healthy and routed to: the gateway's replica rows go with the service's; a Reader may not."""
+    assert client.put(f"{account}/computes/theirs", json=swarm(), headers=owner).status_code == 201
+    service = deploy(client, account, owner, image_id, computeName="theirs", deploymentConfig={"authEnabled": False})
     settle(db, service["id"], Transition.CONVERGE, ServiceState.HEALTHY, traffic_generation=1, replicas_ready=1)
     service_id = uuid.UUID(service["id"])
     replica = "ab" * 32
@@ -636,9 +636,55 @@ def test_a_local_service_force_deleted_leaves_no_cleanup_row_and_no_routes(
     assert client.delete(f"{url}?force=true", headers=callers.headers("Reader")).status_code == 403
     assert client.get(url, headers=owner).json()["state"] == "Healthy"  # a Reader's changed nothing
     assert _force_delete(client, url, callers.headers("Contributor"))["state"] == "Healthy"
-    assert _cleanups(db, service["id"]) == []
+    assert len(_cleanups(db, service["id"])) == 1
     assert read_route(db, service_id) is None
     assert db.scalar(select(ServiceReplica.replica_id).where(ServiceReplica.service_id == service_id)) is None
+
+
+def _client_with(app_context: ServiceContext, **settings: object) -> TestClient:
+    """A client of the same service and database with these settings changed."""
+    context = ServiceContext.build(
+        app_context.settings.model_copy(update=settings),
+        engine=app_context.engine,
+        session_factory=app_context.session_factory,
+        read_session_factory=app_context.read_session_factory,
+    )
+    return TestClient(create_app(context=context), base_url="http://testserver")
+
+
+@pytest.mark.parametrize("target", ["local", "swarm"])
+def test_a_force_delete_on_a_built_in_target_is_refused_and_the_service_left_as_it_was(
+    app_context: ServiceContext, owner: dict[str, str], account: str, image_id: str, db: Session, target: str
+) -> None:
+    """Its target always completes a plain delete, and a row forgotten at once would leave what it
+    runs there (replicas, a subnet) outside the account's cap until the orphan sweep: force is
+    refused; the service still serves, still counts, and a plain delete is still accepted."""
+    client = _client_with(app_context, services_per_account=1, swarm_docker_host="unix:///var/run/docker.sock")
+    service = deploy(client, account, owner, image_id, computeName=target)
+    settle(db, service["id"], Transition.CONVERGE, ServiceState.HEALTHY, traffic_generation=1, replicas_ready=1)
+    service_id = uuid.UUID(service["id"])
+    db.add(
+        ServiceReplica(service_id=service_id, generation=1, replica_id="cd" * 32, address="10.0.0.3:5001", ready=True)
+    )
+    db.flush()
+    url = f"{account}/services/{service['id']}"
+
+    refused = client.delete(f"{url}?force=true", headers=owner)
+    assert (refused.status_code, refused.json()["code"]) == (409, "ForceDeleteNotAllowed"), refused.text
+    assert f"built-in target '{target}'" in refused.json()["message"]
+    assert "without force" in refused.json()["message"]
+    shown = client.get(url, headers=owner).json()
+    assert (shown["state"], shown["operationId"]) == ("Healthy", service["operationId"])  # no Delete recorded
+    assert read_route(db, service_id) is not None
+    assert _cleanups(db, service["id"]) == []
+    one_more = client.post(f"{account}/services", json=body(image_id, name="one-more"), headers=owner)
+    assert (one_more.status_code, one_more.json()["code"]) == (409, "TooManyServices")  # it still counts
+
+    deleting = client.delete(url, headers=owner)
+    assert (deleting.status_code, deleting.json()["state"]) == (202, "Deleting")
+    again = client.delete(f"{url}?force=true", headers=owner)  # Deleting: the same answer
+    assert (again.status_code, again.json()["code"]) == (409, "ForceDeleteNotAllowed")
+    assert client.get(url, headers=owner).json()["state"] == "Deleting"
 
 
 def test_an_image_a_service_runs_cannot_be_deleted(

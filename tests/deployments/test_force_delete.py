@@ -1,21 +1,26 @@
-"""A service's force delete and its account's force delete at once, on two real PostgreSQL
-connections: the service's objects on the swarm its account attached are queued for cleanup
-once, not once by each."""
+"""A service's force delete racing another writer, on real PostgreSQL connections: its
+account's force delete (the service's objects on the swarm its account attached are queued
+for cleanup once, not once by each), and a reconciler pass writing what it saw (both lock the
+service's row first, so neither waits on the other in a circle: no deadlock)."""
 
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import delete, func, select, text, update
+from sqlalchemy import delete, event, func, select, text, update
+from sqlalchemy.orm import Session
 
 from app.context import ServiceContext
+from app.deployments import reconciler
 from app.deployments.lifecycle import delete_account_services, force_delete
-from app.deployments.states import ServiceState
+from app.deployments.states import OperationKind, OperationState, ServiceState
 from app.errors import NotFound
-from app.orm import Account, ClusterCleanup, Compute, Image, Service
+from app.orm import Account, ClusterCleanup, Compute, Image, Service, ServiceOperation, ServiceReplica
+from app.orm.base import utcnow
 from tests.factories import new_image_row
 
 pytestmark = pytest.mark.postgres_only
@@ -136,3 +141,174 @@ def test_two_force_deletes_at_once_one_deletes_and_the_other_finds_it_gone(
             select(func.count()).select_from(ClusterCleanup).where(ClusterCleanup.service_id == service_id)
         )
         assert queued == 1
+
+
+# ---- a reconciler pass's write and a force delete at once
+
+SEEN = [reconciler.Replica(id="ef" * 32, generation=1, image_id=None, address="10.0.0.4:5001", alive=True, ready=True)]
+
+
+def _pass_up_to_record(
+    service_context: ServiceContext, service_id: uuid.UUID
+) -> tuple[reconciler.Lease, reconciler.Spec]:
+    """A pass that took the service's lease and read its spec (committed), with a replica row
+    of an earlier pass to replace and the Delete operation under way."""
+    with service_context.session_factory.begin() as session:
+        session.add(
+            ServiceReplica(
+                service_id=service_id, generation=1, replica_id="cd" * 32, address="10.0.0.3:5001", ready=True
+            )
+        )
+        account_id = session.get_one(Service, service_id).account_id
+        session.add(
+            ServiceOperation(
+                account_id=account_id,
+                service_id=service_id,
+                kind=OperationKind.DELETE.value,
+                state=OperationState.RUNNING,
+            )
+        )
+        session.flush()
+        lease = reconciler.claim(session, service_id, owner="racing-pass")
+        assert lease is not None
+        spec = reconciler.read_spec(session, lease)
+        assert spec is not None
+    return lease, spec
+
+
+def _waiting_on_a_lock(service_context: ServiceContext, seconds: float = 10.0) -> bool:
+    """Whether another connection to this database waits on a lock (within ``seconds``)."""
+    deadline = time.monotonic() + seconds
+    with service_context.engine.connect() as watcher:
+        while time.monotonic() < deadline:
+            waiting = watcher.scalar(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+                )
+            )
+            watcher.rollback()
+            if waiting:
+                return True
+            time.sleep(0.05)
+    return False
+
+
+def _in_thread(work, outcome: list[object]) -> threading.Thread:  # type: ignore[no-untyped-def]
+    def run() -> None:
+        try:
+            outcome.append(work())
+        except BaseException as exc:  # noqa: BLE001  (reported by the test's thread)
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_pass_recording_while_a_force_delete_holds_the_service_waits_then_writes_nothing(
+    service_context: ServiceContext, committed_service: tuple[uuid.UUID, uuid.UUID]
+) -> None:
+    """The force delete has the service's row (and has deleted it), not yet committed: the
+    pass's record waits for the row, then finds it gone and writes nothing (no replica row
+    refused by its foreign key, no deadlock)."""
+    service_id, _ = committed_service
+    lease, spec = _pass_up_to_record(service_context, service_id)
+    outcome: list[object] = []
+
+    def record() -> bool:
+        with service_context.session_factory.begin() as session:
+            session.execute(text("SET LOCAL lock_timeout = '20s'"))
+            return reconciler.record(
+                session, lease, spec, reconciler.Step(), SEEN, now=utcnow(), scoring_url="http://scoring.example.com"
+            )
+
+    with service_context.session_factory.begin() as session:
+        force_delete(session, session.get_one(Service, service_id))
+        recording = _in_thread(record, outcome)
+        assert _waiting_on_a_lock(service_context)  # the pass waits on the force delete
+        assert outcome == []
+    recording.join(timeout=30)
+    assert not recording.is_alive()
+    assert outcome == [False], outcome
+    with service_context.session_factory() as session:
+        assert session.get(Service, service_id) is None
+        assert session.scalar(select(ServiceReplica.replica_id).where(ServiceReplica.service_id == service_id)) is None
+
+
+def _record(session: Session, lease: reconciler.Lease, spec: reconciler.Spec) -> bool:
+    return reconciler.record(
+        session, lease, spec, reconciler.Step(), SEEN, now=utcnow(), scoring_url="http://scoring.example.com"
+    )
+
+
+def _unreachable(session: Session, lease: reconciler.Lease, spec: reconciler.Spec) -> bool:
+    return reconciler.record_unreachable(
+        session, lease, spec, "away", now=utcnow(), scoring_url="http://scoring.example.com", forget_replicas=True
+    )
+
+
+def _finish_delete(session: Session, lease: reconciler.Lease, spec: reconciler.Spec) -> bool:
+    return reconciler.finish_delete(session, lease)
+
+
+@pytest.mark.parametrize(
+    ("write", "first_statement", "force_outcome"),
+    [
+        (_record, "DELETE FROM SERVICE_REPLICAS", None),
+        (_unreachable, "DELETE FROM SERVICE_REPLICAS", None),
+        # The pass deletes the row itself: the force delete then finds it gone.
+        (_finish_delete, "UPDATE SERVICE_OPERATIONS", NotFound),
+    ],
+)
+def test_a_force_delete_coming_while_a_pass_writes_waits_for_it_without_a_deadlock(
+    service_context: ServiceContext,
+    committed_service: tuple[uuid.UUID, uuid.UUID],
+    write,  # type: ignore[no-untyped-def]
+    first_statement: str,
+    force_outcome: type[Exception] | None,
+) -> None:
+    """The pass has begun writing (the replica rows of an earlier pass deleted, or its Delete
+    operation ended) when the force delete comes: the force delete waits on the pass, which
+    then ends; the force delete follows. Were the pass to take the service's row only later (a
+    replica's insert checks its foreign key; ``finish_delete`` deletes the row) the two would
+    wait on each other: PostgreSQL would fail one of them as a deadlock."""
+    service_id, _ = committed_service
+    lease, spec = _pass_up_to_record(service_context, service_id)
+    paused, resume = threading.Event(), threading.Event()
+    written: list[object] = []
+    forced: list[object] = []
+
+    def pass_writes() -> bool:
+        with service_context.engine.connect() as connection:
+
+            def pause_after_the_first_write(_conn, _cursor, statement: str, *_: object) -> None:  # type: ignore[no-untyped-def]
+                if statement.lstrip().upper().startswith(first_statement) and not paused.is_set():
+                    paused.set()
+                    assert resume.wait(30)
+
+            event.listen(connection, "after_cursor_execute", pause_after_the_first_write)
+            with Session(bind=connection) as session, session.begin():
+                session.execute(text("SET LOCAL lock_timeout = '20s'"))
+                return write(session, lease, spec)
+
+    def force() -> None:
+        with service_context.session_factory.begin() as session:
+            session.execute(text("SET LOCAL lock_timeout = '20s'"))
+            force_delete(session, session.get_one(Service, service_id))
+
+    writing = _in_thread(pass_writes, written)
+    assert paused.wait(10)
+    forcing = _in_thread(force, forced)
+    assert _waiting_on_a_lock(service_context)  # the force delete waits on the pass
+    resume.set()
+    writing.join(timeout=30)
+    forcing.join(timeout=30)
+    assert not writing.is_alive() and not forcing.is_alive()
+    assert written == [True], written
+    if force_outcome is None:
+        assert forced == [None], forced
+    else:
+        assert len(forced) == 1 and isinstance(forced[0], force_outcome), forced
+    with service_context.session_factory() as session:
+        assert session.get(Service, service_id) is None

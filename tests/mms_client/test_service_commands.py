@@ -284,12 +284,24 @@ def test_waiting_is_bounded_by_the_timeout_and_says_the_service_is_still_transit
     assert gone.returncode == 4 and "service slow is still Deleting after 2 s" in gone.stderr
 
 
-def test_a_service_stuck_deleting_is_removed_at_once_with_force(
+def _attached_swarm(client: Client, tmp_path: Path, name: str = "theirs") -> None:
+    """A swarm the account attached; no worker here, so it never answers, as one gone for good."""
+    files = _credential_files(tmp_path)
+    attached = client.run(
+        "compute", "attach", "-n", name, "--type", "swarm", "--docker-host", "tcp://swarm.example.com:2376",
+        "--tls-ca", str(files["ca"]), "--tls-cert", str(files["cert"]), "--tls-key", str(files["key"]),
+    )  # fmt: skip
+    assert attached.returncode == 0, attached.stderr
+
+
+def test_a_service_stuck_deleting_on_an_attached_target_is_removed_at_once_with_force(
     client: Client, service: EmbeddedService, tmp_path: Path
 ) -> None:
     """No worker deletes anything here, as with a target that never answers: --force ends it."""
     image_id = _built_image(client, service, tmp_path)
-    created = client.json("service", "create", "realtime", "--image-id", image_id, "-n", "stuck", "--no-wait")
+    _attached_swarm(client, tmp_path)
+    on_theirs = ("--image-id", image_id, "--ct", "theirs", "--no-auth", "--no-wait")
+    created = client.json("service", "create", "realtime", *on_theirs, "-n", "stuck")
     stuck = client.run("service", "delete", "-n", "stuck", "--timeout", "1")
     assert stuck.returncode == 4 and "still Deleting" in stuck.stderr
     started = time.monotonic()
@@ -300,9 +312,20 @@ def test_a_service_stuck_deleting_is_removed_at_once_with_force(
     assert missing.returncode == 1 and "ServiceNotFound" in missing.stderr
     assert client.json("service", "list") == []
     # A service not yet Deleting (Transitioning here) is forced at once too.
-    again = client.json("service", "create", "realtime", "--image-id", image_id, "-n", "stuck", "--no-wait")
+    again = client.json("service", "create", "realtime", *on_theirs, "-n", "stuck")
     assert client.run("service", "delete", "-i", again["id"], "--force").returncode == 0
     assert client.json("service", "list") == []
+
+
+def test_force_is_refused_on_a_built_in_target_and_the_service_left_as_it_was(
+    client: Client, service: EmbeddedService, tmp_path: Path
+) -> None:
+    image_id = _built_image(client, service, tmp_path)
+    created = client.json("service", "create", "realtime", "--image-id", image_id, "-n", "mine", "--no-wait")
+    refused = client.run("service", "delete", "-n", "mine", "--force")
+    assert refused.returncode == 1 and "ForceDeleteNotAllowed" in refused.stderr, refused.stderr
+    assert "without force" in refused.stderr and "Deleted" not in refused.stderr
+    assert [(s["id"], s["state"]) for s in client.json("service", "list")] == [(created["id"], "Transitioning")]
 
 
 def test_a_deploymentconfig_json_maps_onto_the_deployment_config_and_options_override_it(
@@ -435,9 +458,18 @@ def test_the_sdk_webservice_reads_a_service_and_its_keys(
         assert found.state == "Transitioning" and time.monotonic() - started < 15
         found.delete()
         assert found.state == "Deleting" and Webservice(ws, id=created["id"]).state == "Deleting"
-        found.delete(force=True)  # its target never answers (no worker here): gone at once
+        with pytest.raises(ServiceError) as refused:  # local: its plain delete always completes
+            found.delete(force=True)
+        assert (refused.value.code, refused.value.status_code) == ("ForceDeleteNotAllowed", 409)
+        assert Webservice(ws, id=created["id"]).state == "Deleting"
+        _attached_swarm(client, tmp_path)
+        theirs = client.json(
+            "service", "create", "realtime", "--image-id", image_id, "-n", "sdk-theirs", "--ct", "theirs",
+            "--no-auth", "--no-wait",
+        )  # fmt: skip
+        Webservice(ws, id=theirs["id"]).delete(force=True)  # its target never answers (no worker here): gone at once
         with pytest.raises(ServiceError) as forced:
-            Webservice(ws, id=created["id"])
+            Webservice(ws, id=theirs["id"])
         assert (forced.value.code, forced.value.status_code) == ("ServiceNotFound", 404)
         with pytest.raises(ServiceError) as missing:
             Webservice(ws, name="nope")

@@ -134,6 +134,13 @@ def _pass(context: ServiceContext, lease: Lease) -> None:
             with session_scope(context.session_factory) as session:
                 reconciler.release(session, lease, due_in=2 * settings.gateway_cache_seconds + 1)
             return
+        if (removed := _built_in_target_removed(context, spec)) is not None:
+            # Nothing of it can be reached any more, and it must not stay Deleting for ever: the
+            # row goes; should the target be set again, the orphan sweep removes what is left.
+            with session_scope(context.session_factory) as session:
+                reconciler.finish_delete(session, lease)
+            log.info("deploy.deleted_without_target", extra={"service": str(spec.id), "reason": removed})
+            return
     now = utcnow()
     tenant_swarm = _tenant_swarm(context, spec)
     try:
@@ -365,6 +372,21 @@ def _driver(context: ServiceContext, spec: Spec) -> AbstractContextManager[Local
     if engine is None:
         raise EngineUnreachable(f"the local target has no engine: {missing}")
     return _local_driver(context, engine)
+
+
+def _built_in_target_removed(context: ServiceContext, spec: Spec) -> str | None:
+    """Why the service's built-in target is no target of the workers any more (the operator
+    removed its setting after the service was made), if so. An engine that is set but does not
+    answer is away, not removed: the delete waits for it."""
+    settings = context.settings
+    if spec.compute_attached or spec.compute_type == "kubernetes":
+        return None
+    if spec.compute_type == "swarm":
+        return None if settings.swarm_docker_host else "the operator's swarm is not set (MMS_SWARM_DOCKER_HOST)"
+    if settings.local_compute:
+        return None
+    engine, missing = local_engine(settings)
+    return None if engine is not None else f"the local target is off (MMS_LOCAL_COMPUTE) and {missing}"
 
 
 def _undeployable(context: ServiceContext, spec: Spec) -> str | None:

@@ -217,18 +217,22 @@ def update_service(
 
 
 FORCE = (
-    "Forget the service now instead of waiting for its target: for a target that will never answer "
-    "again (a swarm manager or cluster the account attached, gone for good), where a delete stays "
-    "Deleting. Allowed in any state. The service is gone when this answers (its Delete operation has "
-    "Succeeded, its deleted event is sent, the scoring gateway stops routing to it within its cache "
-    "period); what it still runs is removed in the background: on `local` and the operator's swarm by "
-    "the deploy worker's sweep, on a kubernetes cluster or a swarm the account attached when that "
-    "target answers again (retried with backoff for about a day, then given up)."
+    "Forget the service now instead of waiting for its target: for a kubernetes cluster or a swarm the "
+    "account attached that will never answer again (gone for good), where a delete stays Deleting. "
+    "Allowed in any state. The service is gone when this answers (its Delete operation has Succeeded, "
+    "its deleted event is sent, the scoring gateway stops routing to it within its cache period); what "
+    "it still runs there is removed in the background when that target answers again (retried with "
+    "backoff for about a day, then given up). Refused (409 ForceDeleteNotAllowed) on the built-in "
+    "targets, `local` and the operator's swarm: their plain delete always completes."
 )
+FORCE_REFUSED = "force=true on a service of a built-in target (ForceDeleteNotAllowed): delete it without force."
 
 
 @router.delete(
-    "/services/{serviceId}", response_model=ServiceRead, status_code=status.HTTP_202_ACCEPTED, responses=ACCEPTED
+    "/services/{serviceId}",
+    response_model=ServiceRead,
+    status_code=status.HTTP_202_ACCEPTED,
+    responses=ACCEPTED | errors(409, s409=FORCE_REFUSED),
 )
 def delete_service(
     service_id: ServiceId,
@@ -240,7 +244,8 @@ def delete_service(
     force: Annotated[bool, Query(description=FORCE)] = False,
 ) -> ServiceRead:
     """Remove the service and everything it made: Deleting until the orchestrator holds nothing
-    of it; with ``force=true``, gone at once (the service as it was, its operation Succeeded)."""
+    of it; with ``force=true`` (a target the account attached), gone at once (the service as it
+    was, its operation Succeeded)."""
     view = services_deploy.delete(
         session, account, service_id=service_id, scoring_url=context.settings.scoring_url, force=force
     )

@@ -422,44 +422,25 @@ def test_a_deleted_service_keeps_its_addresses_until_no_gateway_routes_to_them( 
     assert _held(engine, service["id"]) == ([], [])
 
 
-def test_a_force_deleted_service_queues_no_cleanup_and_the_sweep_removes_its_replicas(  # type: ignore[no-untyped-def]
-    account: Account, engine, web: Stack, monkeypatch: pytest.MonkeyPatch
+def test_force_is_refused_on_local_and_a_plain_delete_removes_everything(  # type: ignore[no-untyped-def]
+    account: Account, engine
 ) -> None:
-    """`DELETE .../services/{id}?force=true` on `local`: the row goes at once (no row queued for a
-    cluster cleanup: the engine is the worker's own), and the orphan sweep (the deploy workers'
-    beat, every minute; called here) removes its replicas, then, one sweep later, its network."""
-    from sqlalchemy import select
-
-    from app.config import Settings
-    from app.context import ServiceContext
-    from app.orm import ClusterCleanup
-    from workers.deploy.reconcile import sweep_orphans
-
+    """`DELETE .../services/{id}?force=true` on `local` is refused: forgotten at once, its
+    replicas and network would outlive the row (and the account's cap) until the orphan sweep.
+    The service serves on, and its plain delete, which the worker's own engine always completes,
+    leaves nothing."""
     manifest = account.manifest(None, SCORE_PY_PLAIN, "# nothing to install\n", name="forced")
     image = account.wait(account.build(manifest, "forced")["Id"])
     assert image["CreationState"] == "Succeeded", account.log(image)
     service = _wait(account, _deploy(account, image["Id"], "forced")["id"], "Healthy", "Failed")
     assert service["state"] == "Healthy", service
+    forced = f"{account.url}/services/{service['id']}?force=true"
+    refused = httpx.delete(forced, headers=account.stack.headers, timeout=60)
+    assert (refused.status_code, refused.json()["code"]) == (409, "ForceDeleteNotAllowed"), refused.text
+    assert account.call("GET", f"{account.url}/services/{service['id']}").json()["state"] == "Healthy"
     assert all(_held(engine, service["id"]))
-    forced = account.call("DELETE", f"{account.url}/services/{service['id']}?force=true")
-    assert forced.status_code == 202, forced.text
-    assert account.status("GET", f"{account.url}/services/{service['id']}") == 404
-
-    for name, value in web.env.items():
-        if name.startswith("MMS_"):
-            monkeypatch.setenv(name, value)
-    context = ServiceContext.build(Settings())
-    try:
-        with context.session_factory() as session:
-            queued = select(ClusterCleanup.id).where(ClusterCleanup.service_id == uuid.UUID(service["id"]))
-            assert session.scalar(queued) is None
-        deadline = time.monotonic() + 60
-        while _held(engine, service["id"]) != ([], []):
-            assert time.monotonic() < deadline, _held(engine, service["id"])
-            sweep_orphans(context)
-            time.sleep(1)
-    finally:
-        context.dispose()
+    _delete(account, service["id"])
+    assert _held(engine, service["id"]) == ([], [])
 
 
 SCORE_PY_PLAIN = "def init():\n    pass\n\ndef run(raw):\n    return {'ok': True}\n"
