@@ -10,6 +10,7 @@ from app.api import examples
 from app.api.deps import AccountPathDep, CallerDep, ContextDep, ResourceGroup, SessionDep, SubscriptionId
 from app.api.links import next_link
 from app.api.openapi import errors
+from app.api.routing import ApiRoute
 from app.auth.roles import Permission, account_scope
 from app.orm import Account
 from app.queue import after_commit
@@ -17,7 +18,11 @@ from app.schemas.accounts import AccountCreate, AccountProperties, AccountRead, 
 from app.schemas.common import Page
 from app.services import accounts
 
-router = APIRouter(prefix="/subscriptions/{subscriptionId}/resourceGroups/{resourceGroup}/accounts", tags=["accounts"])
+router = APIRouter(
+    prefix="/subscriptions/{subscriptionId}/resourceGroups/{resourceGroup}/accounts",
+    tags=["accounts"],
+    route_class=ApiRoute,
+)
 
 
 def to_read(account: Account) -> AccountRead:
@@ -102,7 +107,7 @@ def delete_account(
 
 
 # Discovery: what a signed-in principal may use, without naming a resource group.
-discovery = APIRouter(prefix="/accounts", tags=["accounts"])
+discovery = APIRouter(prefix="/accounts", tags=["accounts"], route_class=ApiRoute)
 
 
 @discovery.get("", response_model=Page[AccountRead])

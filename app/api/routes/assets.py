@@ -10,6 +10,7 @@ from fastapi.responses import FileResponse
 
 from app.api.deps import AssetId, CallerDep, ContextDep, ReadableAccount, SessionDep, WritableAccount
 from app.api.openapi import errors
+from app.api.routing import ApiRoute
 from app.api.untrusted import download_headers
 from app.api.uploads import spool_body
 from app.errors import Forbidden, NotFound
@@ -23,8 +24,9 @@ from app.storage.local import LocalAssetStore, SignatureRefused
 router = APIRouter(
     prefix="/subscriptions/{subscriptionId}/resourceGroups/{resourceGroup}/accounts/{accountName}/assets",
     tags=["assets"],
+    route_class=ApiRoute,
 )
-blob_router = APIRouter(tags=["assets"])
+blob_router = APIRouter(tags=["assets"], route_class=ApiRoute)
 
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 UPLOAD_BODY = {

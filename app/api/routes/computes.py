@@ -9,13 +9,14 @@ from fastapi import APIRouter, Body, Response, status
 from app.api import examples
 from app.api.deps import CallerDep, ComputeName, ContextDep, ReadableAccount, SessionDep, WritableAccount
 from app.api.openapi import errors
+from app.api.routing import ApiRoute
 from app.schemas.common import Page
 from app.schemas.services import ComputePropertiesRead, ComputePut, ComputeRead
 from app.services import computes
 from app.services.computes import Target
 
 PREFIX = "/subscriptions/{subscriptionId}/resourceGroups/{resourceGroup}/accounts/{accountName}"
-router = APIRouter(prefix=PREFIX, tags=["computes"])
+router = APIRouter(prefix=PREFIX, tags=["computes"], route_class=ApiRoute)
 
 BUILT_IN = "'local' is built in (BuiltInCompute), or the target runs services (ComputeInUse)."
 

@@ -7,10 +7,11 @@ from sse_starlette import EventSourceResponse
 
 from app.api.deps import CallerDep, ContextDep, EventHubDep, ReadableAccountNow
 from app.api.event_stream import LastEventIdHeader, LastEventIdQuery, stream_response
+from app.api.routing import ApiRoute
 from app.orm import SubjectKind
 
 PREFIX = "/subscriptions/{subscriptionId}/resourceGroups/{resourceGroup}/accounts/{accountName}"
-router = APIRouter(prefix=PREFIX, tags=["events"])
+router = APIRouter(prefix=PREFIX, tags=["events"], route_class=ApiRoute)
 
 
 @router.get(

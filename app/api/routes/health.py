@@ -11,10 +11,11 @@ from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
 
 from app.api.deps import ContextDep
+from app.api.routing import ApiRoute
 from app.metrics import render
 from app.schemas.health import Readiness
 
-router = APIRouter(tags=["health"])
+router = APIRouter(tags=["health"], route_class=ApiRoute)
 log = logging.getLogger("mms.health")
 
 

@@ -27,6 +27,7 @@ from app.api.links import account_url, next_link
 from app.api.middleware import etag_matches
 from app.api.openapi import RETRY_AFTER, errors, header
 from app.api.routes.manifests import rendered_manifest
+from app.api.routing import ApiRoute
 from app.api.untrusted import NOT_A_PAGE
 from app.builds.states import UNFINISHED, build_error
 from app.builds.states import CreationState as BuildState
@@ -38,7 +39,7 @@ from app.schemas.images import BaseImageRead, ImageCreate, ImageError, ImageRead
 from app.services import base_images, images, operations
 
 PREFIX = "/subscriptions/{subscriptionId}/resourceGroups/{resourceGroup}/accounts/{accountName}"
-router = APIRouter(prefix=PREFIX, tags=["images"])
+router = APIRouter(prefix=PREFIX, tags=["images"], route_class=ApiRoute)
 
 OPERATION_LOCATION = header("the URL of the build's operation, to poll until it ends", required=True)
 IMAGE_ETAG = header(

@@ -14,6 +14,7 @@ from app.api import examples
 from app.api.deps import CallerDep, ContextDep, ManifestId, ReadableAccount, SessionDep, WritableAccount
 from app.api.links import next_link
 from app.api.openapi import errors
+from app.api.routing import ApiRoute
 from app.orm import Image, Manifest
 from app.schemas.common import Page
 from app.schemas.manifests import (
@@ -31,6 +32,7 @@ from app.services import manifests
 router = APIRouter(
     prefix="/subscriptions/{subscriptionId}/resourceGroups/{resourceGroup}/accounts/{accountName}/manifests",
     tags=["manifests"],
+    route_class=ApiRoute,
 )
 
 AnyManifestBody = Annotated[

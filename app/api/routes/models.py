@@ -11,6 +11,7 @@ from app.api import examples
 from app.api.deps import CallerDep, ContextDep, ModelId, ReadableAccount, SessionDep, WritableAccount
 from app.api.links import next_link
 from app.api.openapi import errors, header
+from app.api.routing import ApiRoute
 from app.orm import ModelVersion
 from app.schemas.common import Page
 from app.schemas.models import ModelCreate, ModelRead
@@ -21,6 +22,7 @@ IDEMPOTENT_REPLAYED = header("true when the answer is the stored one of an earli
 router = APIRouter(
     prefix="/subscriptions/{subscriptionId}/resourceGroups/{resourceGroup}/accounts/{accountName}/models",
     tags=["models"],
+    route_class=ApiRoute,
 )
 
 

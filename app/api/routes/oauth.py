@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from app.api import examples
 from app.api.deps import ContextDep, SessionDep
 from app.api.openapi import errors
+from app.api.routing import ApiRoute
 from app.auth.basic import basic_credentials
 from app.auth.keys import public_jwks
 from app.auth.tokens import issue_token
@@ -19,7 +20,7 @@ from app.schemas.common import OAuthErrorBody
 from app.schemas.principals import TokenResponse
 from app.services.principals import authenticate_client
 
-router = APIRouter(tags=["tokens"])
+router = APIRouter(tags=["tokens"], route_class=ApiRoute)
 
 
 class OAuthError(ServiceError):

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Body, status
 from app.api import examples
 from app.api.deps import CallerDep, ClientId, ContextDep, SessionDep
 from app.api.openapi import errors
+from app.api.routing import ApiRoute
 from app.orm import ServicePrincipal
 from app.schemas.common import Page
 from app.schemas.principals import (
@@ -19,7 +20,7 @@ from app.schemas.principals import (
 )
 from app.services import principals
 
-router = APIRouter(prefix="/servicePrincipals", tags=["service principals"])
+router = APIRouter(prefix="/servicePrincipals", tags=["service principals"], route_class=ApiRoute)
 
 
 def to_read(principal: ServicePrincipal) -> ServicePrincipalRead:

@@ -26,6 +26,7 @@ from app.api.deps import (
 from app.api.event_stream import LastEventIdHeader, LastEventIdQuery, stream_response
 from app.api.links import account_url
 from app.api.openapi import errors, header
+from app.api.routing import ApiRoute
 from app.api.untrusted import NOT_A_PAGE
 from app.config import Settings
 from app.deployments.reconciler import KEPT_LOG_LINES
@@ -47,7 +48,7 @@ from app.services import services_deploy
 from app.services.services_deploy import Limits, ServiceView
 
 PREFIX = "/subscriptions/{subscriptionId}/resourceGroups/{resourceGroup}/accounts/{accountName}"
-router = APIRouter(prefix=PREFIX, tags=["services"])
+router = APIRouter(prefix=PREFIX, tags=["services"], route_class=ApiRoute)
 
 OPERATION_LOCATION = header("the URL of the service's operation, to poll until it ends", required=True)
 ACCEPTED = {202: {"headers": {"Operation-Location": OPERATION_LOCATION}}}

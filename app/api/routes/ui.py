@@ -8,9 +8,10 @@ from pathlib import Path
 from fastapi import APIRouter
 from fastapi.responses import FileResponse, RedirectResponse
 
+from app.api.routing import ApiRoute
 from app.errors import NotFound
 
-router = APIRouter(prefix="/ui", tags=["dashboard"], include_in_schema=False)
+router = APIRouter(prefix="/ui", tags=["dashboard"], include_in_schema=False, route_class=ApiRoute)
 
 STATIC = Path(str(files("app.ui") / "static"))
 FILES = {

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Body, Query, Request, status
 from app.api import examples
 from app.api.deps import CallerDep, ContextDep, ReadableAccount, SessionDep, WebhookId, WritableAccount
 from app.api.links import next_link
+from app.api.routing import ApiRoute
 from app.auth.caller import Caller
 from app.auth.roles import Permission, account_scope
 from app.orm import DeliveryState, Webhook, WebhookDelivery
@@ -20,7 +21,7 @@ from app.services.accounts import AccountRef
 from app.services.event_ids import EventIds
 
 PREFIX = "/subscriptions/{subscriptionId}/resourceGroups/{resourceGroup}/accounts/{accountName}"
-router = APIRouter(prefix=PREFIX, tags=["webhooks"])
+router = APIRouter(prefix=PREFIX, tags=["webhooks"], route_class=ApiRoute)
 
 
 def to_read(webhook: Webhook, *, full_url: bool = True) -> WebhookRead:
