@@ -1,0 +1,53 @@
+"""A request's trips between the event loop and the thread pool: each costs about as much CPU
+as the work of an indexed read (issue 20), so a read makes one, for its endpoint's database
+work, and an empty request or a plain answer none beyond it (app/api/routing.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import anyio.to_thread
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session
+
+from app.context import ServiceContext
+from app.main import create_app
+from tests.factories import model_body
+
+
+@pytest.fixture()
+def hops(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """The names of the functions sent to the thread pool, as they are sent."""
+    sent: list[str] = []
+    run_sync = anyio.to_thread.run_sync
+
+    async def counting(function, *args, **kwargs):  # type: ignore[no-untyped-def]
+        sent.append(getattr(function, "__qualname__", None) or getattr(function.func, "__qualname__", "?"))
+        return await run_sync(function, *args, **kwargs)
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", counting)
+    yield sent
+
+
+def test_a_read_goes_to_the_thread_pool_once_and_health_only_for_its_body(
+    app_context: ServiceContext, db: Session, owner: dict[str, str], account: str, hops: list[str]
+) -> None:
+    # As in production: roles and accounts cached for MMS_AUTH_CACHE_SECONDS (the tests' is 0).
+    settings = app_context.settings.model_copy(update={"auth_cache_seconds": 60})
+    context = ServiceContext.build(
+        settings,
+        engine=app_context.engine,
+        session_factory=db.info["factory"],
+        read_session_factory=db.info["read_factory"],
+    )
+    client = TestClient(create_app(context=context), base_url="http://testserver")
+    model = client.post(f"{account}/models", json=model_body(), headers=owner).json()
+    url = f"{account}/models/{model['id']}"
+    assert client.get(url, headers=owner).status_code == 200  # the caller and the account cached
+    hops.clear()
+    assert client.get(url, headers=owner).status_code == 200
+    assert hops == ["get_model"], hops  # its endpoint; its answer is checked on the loop
+    hops.clear()
+    assert client.get("/health").json() == {"status": "ok"}
+    assert hops == ["health"], hops  # a plain def: its body, and nothing after it
