@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from starlette.types import Scope
 
 from app.api.event_stream import EventHub
+from app.api.routing import end_with_endpoint
 from app.auth.caller import Caller, caller_for, load_caller
 from app.auth.roles import Permission, account_scope
 from app.auth.tokens import KeyNotAtHand, TokenVerifier, VerifiedToken
@@ -54,8 +55,9 @@ async def get_session(request: Request) -> AsyncIterator[Session]:
 
     A GET only reads: its session is read-only (on SQLite it neither waits for nor blocks a writer).
     Making a session does no I/O, so this runs on the event loop; the end of a writing session
-    (COMMIT) goes to the thread pool, a read's (closing: the connection back to the pool, on
-    SQLite its snapshot let go) does not.
+    (COMMIT) goes to the thread pool, in the trip of a plain endpoint when there is one
+    (app.api.routing), and a read's (closing: the connection back to the pool, on SQLite its
+    snapshot let go) does not.
     """
     context: ServiceContext = request.app.state.context
     if request.method in _READ_METHODS:
@@ -64,12 +66,25 @@ async def get_session(request: Request) -> AsyncIterator[Session]:
             yield session
         return
     session = context.session_factory()
+    committed = False
+
+    def commit() -> None:
+        nonlocal committed
+        session.commit()
+        committed = True
+
+    end_with_endpoint(commit)
     try:
         yield session
     except BaseException:
-        await _end(session, commit=False)
+        await _end(session, commit=False)  # a failed COMMIT included: its transaction rolled back
         raise
-    await _end(session, commit=True)
+    finally:
+        end_with_endpoint(None)
+    if committed:
+        session.close()  # no I/O after a COMMIT: the connection goes back to the pool as it is
+    else:
+        await _end(session, commit=True)
 
 
 async def _end(session: Session, *, commit: bool) -> None:

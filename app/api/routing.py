@@ -1,17 +1,31 @@
 """The route class of every API router: a plain (``def``) endpoint runs in the thread pool, as
 FastAPI runs it, but its answer is checked against the response model and serialized on the
-event loop. FastAPI sends that to the thread pool too for a plain endpoint: a second hop of
-every request between threads, which cost more than the check itself (issue 20)."""
+event loop. FastAPI sends that to the thread pool too for a plain endpoint: a second trip of
+every request between threads, which cost more than the check itself (issue 20). The
+request's write session commits in the endpoint's own trip (``end_with_endpoint``), not in a
+trip of its own after it."""
 
 from __future__ import annotations
 
 import functools
 import inspect
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any
 
 from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
+
+# What the request's plain endpoint runs after itself in its thread (the session's COMMIT);
+# set by the session dependency before the endpoint is called, in the request's own context.
+_THEN: ContextVar[Callable[[], None] | None] = ContextVar("mms.then", default=None)
+
+
+def end_with_endpoint(end: Callable[[], None] | None) -> None:
+    """Have ``end`` run in the thread pool right after this request's plain endpoint returns,
+    in the same trip, if the endpoint returns (it does not when the endpoint raises, nor when
+    the endpoint is a coroutine: its caller ends the work itself then)."""
+    _THEN.set(end)
 
 
 class ApiRoute(APIRoute):
@@ -28,6 +42,14 @@ class ApiRoute(APIRoute):
 def _in_thread_pool(endpoint: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(endpoint)  # its signature, for its parameters and dependencies
     async def run(**arguments: Any) -> Any:
-        return await run_in_threadpool(functools.partial(endpoint, **arguments))
+        then = _THEN.get()
+
+        def call() -> Any:
+            answer = endpoint(**arguments)
+            if then is not None:
+                then()
+            return answer
+
+        return await run_in_threadpool(call)
 
     return run
