@@ -1,8 +1,9 @@
 """The database half of removing force-deleted services from the kubernetes clusters and the
 swarms their accounts attached: the rows a force delete (of an account, or of one service)
 leaves (one a service, with the target's sealed kubeconfig or TLS material, and a swarm's
-manager address), and
-how the deploy worker's sweep claims, ends, retries and abandons them
+manager address; only for a service a reconciler pass may have applied, and for a single
+service's force delete only under the account's cap on pending rows), and how the deploy
+worker's sweep picks (fairly across accounts), claims, ends, retries and abandons them
 (workers/deploy/cluster_cleanup.py is the cluster half)."""
 
 from __future__ import annotations
