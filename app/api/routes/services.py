@@ -223,8 +223,8 @@ FORCE = (
     "its deleted event is sent, the scoring gateway stops routing to it within its cache period); what "
     "it still runs there is removed in the background when that target answers again (retried with "
     "backoff for about a day, then given up). Refused (409 ForceDeleteNotAllowed) on the built-in "
-    "targets, `local` and the operator's swarm: their plain delete always completes. Refused (409 TooManyCleanups) while the account has "
-    "MMS_CLEANUPS_PER_ACCOUNT (50) of those removals pending."
+    "targets, `local` and the operator's swarm: their plain delete always completes; and (409 "
+    "TooManyCleanups) while the account has MMS_CLEANUPS_PER_ACCOUNT (50) of those removals pending."
 )
 FORCE_REFUSED = "force=true on a service of a built-in target (ForceDeleteNotAllowed): delete it without force."
 
