@@ -208,6 +208,10 @@ class Settings(BaseSettings):
     service_max_cpu: float = Field(default=2.0, gt=0, le=64)
     service_max_memory_gb: float = Field(default=4.0, ge=0.125, le=1024)
     services_per_account: int = Field(default=20, ge=1, le=2048)
+    # Force-deleted services whose removal from a target the account attached is still pending
+    # (each row holds a copy of the target's credentials): past this many, a force delete is
+    # refused. An account's own delete is not (it queues at most one row a service, once).
+    cleanups_per_account: int = Field(default=50, ge=1, le=10000)
     # Where the local engine's service networks get their subnets: a /27 each (one bridge per
     # service, workers/deploy/local_network.py), so a /16 holds 2048 services. Keep it clear of
     # every other network the engine's host routes (the build network, the LAN).

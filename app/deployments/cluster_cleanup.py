@@ -1,8 +1,9 @@
 """The database half of removing force-deleted services from the kubernetes clusters and the
 swarms their accounts attached: the rows a force delete (of an account, or of one service)
 leaves (one a service, with the target's sealed kubeconfig or TLS material, and a swarm's
-manager address), and
-how the deploy worker's sweep claims, ends, retries and abandons them
+manager address; only for a service a reconciler pass may have applied, and for a single
+service's force delete only under the account's cap on pending rows), and how the deploy
+worker's sweep picks (fairly across accounts), claims, ends, retries and abandons them
 (workers/deploy/cluster_cleanup.py is the cluster half)."""
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ import uuid
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import Row, delete, func, select, update
 from sqlalchemy.orm import Session
 
+from app.errors import Conflict
 from app.orm import ClusterCleanup, Compute, Service
 
 # Tries, backed off from a minute to an hour each: about a day before a cluster is given up.
@@ -40,14 +43,31 @@ class Cleanup:
     claimed_until: datetime  # the claim: a write by a sweep whose claim was taken over finds nothing
 
 
-def queue_cleanups(session: Session, account_id: uuid.UUID, *, service_ids: Collection[uuid.UUID] | None = None) -> int:
+def queue_cleanups(
+    session: Session,
+    account_id: uuid.UUID,
+    *,
+    service_ids: Collection[uuid.UUID] | None = None,
+    cap: int | None = None,
+) -> int:
     """For each service of an account (``service_ids``: only those; None: all of them) about to
     be deleted without its target's say, on a kubernetes cluster or a swarm the account attached
     (a compute of its own, with credentials: never a built-in target, which the orphan sweep
-    cleans), a row to remove what it made there; how many. In the delete's transaction, before
-    the services (and an account's computes) go."""
+    cleans), that a reconciler pass may have applied there, a row to remove what it made; how
+    many. In the delete's transaction, before the services (and an account's computes) go.
+    ``cap``: refused (409 TooManyCleanups) when the rows would take the account past that many
+    pending ones; None for an account's own delete, which is never refused."""
     query = (
-        select(Service.id, Compute.compute_type, Compute.sealed_credentials, Compute.properties)
+        select(
+            Service.id,
+            Service.attempt,
+            Service.traffic_generation,
+            Service.replicas_ready,
+            Service.endpoint,
+            Compute.compute_type,
+            Compute.sealed_credentials,
+            Compute.properties,
+        )
         .join(Compute, (Compute.account_id == Service.account_id) & (Compute.name == Service.compute_name))
         .where(
             Service.account_id == account_id,
@@ -60,17 +80,31 @@ def queue_cleanups(session: Session, account_id: uuid.UUID, *, service_ids: Coll
     if service_ids is not None:
         query = query.where(Service.id.in_(list(service_ids)))
     # The services' rows locked until the delete commits: a force delete of one and its account's
-    # at once queue one row, not two (the second waits, then finds the service gone).
-    rows = session.execute(query.with_for_update(of=Service)).all()
-    for service_id, compute_type, sealed, properties in rows:
-        properties = properties or {}
+    # at once queue one row, not two (the second waits, then finds the service gone). All of them,
+    # those never applied too: a reconciler pass claims a service with an UPDATE, which waits here.
+    rows = [row for row in session.execute(query.with_for_update(of=Service)).all() if _maybe_applied(row)]
+    if rows and cap is not None:
+        pending = session.scalar(
+            select(func.count()).select_from(ClusterCleanup).where(ClusterCleanup.account_id == account_id)
+        )
+        if pending + len(rows) > cap:
+            raise Conflict(
+                f"this account has {pending} cleanups pending on the targets it attached, the most the "
+                "service allows (MMS_CLEANUPS_PER_ACCOUNT); wait for them to finish (the deploy worker "
+                "retries each for about a day), make the targets reachable again so they can, or delete "
+                "the service without force",
+                code="TooManyCleanups",
+            )
+    for row in rows:
+        properties = row.properties or {}
         session.add(
             ClusterCleanup(
-                service_id=service_id,
-                compute_type=compute_type,
-                namespace=(properties.get("namespace") or "default") if compute_type == "kubernetes" else "",
-                docker_host=properties.get("dockerHost") if compute_type == "swarm" else None,
-                sealed_credentials=sealed,
+                service_id=row.id,
+                account_id=account_id,
+                compute_type=row.compute_type,
+                namespace=(properties.get("namespace") or "default") if row.compute_type == "kubernetes" else "",
+                docker_host=properties.get("dockerHost") if row.compute_type == "swarm" else None,
+                sealed_credentials=row.sealed_credentials,
                 attempts=0,
             )
         )
@@ -78,17 +112,35 @@ def queue_cleanups(session: Session, account_id: uuid.UUID, *, service_ids: Coll
     return len(rows)
 
 
+def _maybe_applied(row: Row[Any]) -> bool:
+    """Whether a reconciler pass may have made something of the service on its target: one has
+    claimed it (``attempt`` counts claims, from 0, never reset; a claim comes before any call to
+    the target), or anything a pass writes is set (a service from before the count, migration
+    0011, has 0 there)."""
+    return bool(row.attempt or row.traffic_generation is not None or row.replicas_ready or row.endpoint)
+
+
 _ATTACHED = ("kubernetes", "swarm")
 
 
 def due_cleanups(session: Session, *, now: datetime, limit: int = 20) -> list[uuid.UUID]:
-    """The rows whose next try is due, oldest first."""
-    query = (
-        select(ClusterCleanup.id)
-        .where(ClusterCleanup.next_attempt_at <= now)
-        .order_by(ClusterCleanup.next_attempt_at)
-        .limit(limit)
+    """The rows whose next try is due, fairly across accounts: each account's oldest, then each
+    one's second oldest, and so on (oldest first within a round), so one account's backlog
+    never holds another's rows past a sweep. Rows from before 0021 (no account) count as one."""
+    rank = (
+        func.row_number()
+        .over(
+            partition_by=ClusterCleanup.account_id,
+            order_by=(ClusterCleanup.next_attempt_at, ClusterCleanup.id),
+        )
+        .label("rank")
     )
+    due = (
+        select(ClusterCleanup.id, ClusterCleanup.next_attempt_at, rank)
+        .where(ClusterCleanup.next_attempt_at <= now)
+        .subquery()
+    )
+    query = select(due.c.id).order_by(due.c.rank, due.c.next_attempt_at, due.c.id).limit(limit)
     return list(session.scalars(query))
 
 

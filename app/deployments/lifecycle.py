@@ -102,13 +102,14 @@ def _end_superseded(session: Session, service: Service) -> None:
     )
 
 
-def force_delete(session: Session, service: Service) -> ServiceOperation:
+def force_delete(session: Session, service: Service, *, max_cleanups: int) -> ServiceOperation:
     """Forget a service on a target the account attached now, whatever its state, without
     waiting for that target (one that will never answer again): its Delete operation (the one
     under way, or a new one) ends Succeeded, and the row goes with its replicas (the gateway
     routes to it no more) and its log lines. What the target still runs of it is removed later,
-    through the row queued for it (app.deployments.cluster_cleanup). 404 when another request
-    deleted it first; 409 on a built-in target (``local``, the operator's swarm), whose plain
+    through the row queued for it (app.deployments.cluster_cleanup); refused (409, the service
+    untouched) when the account already has ``max_cleanups`` of those pending. 404 when another
+    request deleted it first; 409 on a built-in target (``local``, the operator's swarm), whose plain
     delete always completes: forgotten at once, what it ran would outlive its row (and the
     account's service cap) until the orphan sweep."""
     _reread(session, service, lock=True)  # held until the commit: a delete racing this one waits
@@ -122,7 +123,7 @@ def force_delete(session: Session, service: Service) -> ServiceOperation:
     if operation is None or operation.state is not OperationState.RUNNING:  # not Deleting yet
         _end_superseded(session, service)
         operation = _start_operation(session, service, OperationKind.DELETE)
-    queue_cleanups(session, service.account_id, service_ids=[service.id])
+    queue_cleanups(session, service.account_id, service_ids=[service.id], cap=max_cleanups)
     # Its deletion event as the reconciler's end of a delete records it; losing a race to another
     # delete, the 404 rolls the cleanup row back with the rest.
     if not move(session, Transition.FORCE_DELETE, Service.id == service.id, to=None):

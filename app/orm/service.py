@@ -206,6 +206,10 @@ class ClusterCleanup(UuidPrimaryKey, CreatedAt, Base):
     __tablename__ = "cluster_cleanups"
 
     service_id: Mapped[uuid.UUID] = mapped_column(Uuid)  # no foreign key: the service is gone
+    # The service's account (no foreign key: a row outlives its account's delete): what the
+    # per-account cap counts and the sweep picks fairly by; None for a row from before 0021
+    # whose account could not be told.
+    account_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, index=True)
     compute_type: Mapped[str] = mapped_column(String(20), default="kubernetes", server_default="kubernetes")
     namespace: Mapped[str] = mapped_column(String(63))  # a kubernetes target's; "" for a swarm
     docker_host: Mapped[str | None] = mapped_column(String(512))  # a swarm's manager, as the compute had it

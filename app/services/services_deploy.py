@@ -352,17 +352,24 @@ def update(
 
 
 def delete(
-    session: Session, account: AccountRef, *, service_id: str, scoring_url: str, force: bool = False
+    session: Session,
+    account: AccountRef,
+    *,
+    service_id: str,
+    scoring_url: str,
+    force: bool = False,
+    max_cleanups: int,
 ) -> ServiceView:
     """Ask for the service to be removed: it is Deleting until the orchestrator holds nothing of
     it. With ``force`` (a target the account attached; 409 on a built-in one), it is forgotten
     at once (whether Deleting or not), and what its target still runs is removed in the
-    background (app.deployments.lifecycle.force_delete); the view shows it as it was.
+    background (app.deployments.lifecycle.force_delete; refused while the account has
+    ``max_cleanups`` of those pending); the view shows it as it was.
     (``scoring_url``: the gateway's address, for the scoringUri its event shows.)"""
     service = _get(session, account, service_id)
     image = session.get_one(Image, service.image_id)
     if force:
-        operation = force_delete(session, service)
+        operation = force_delete(session, service, max_cleanups=max_cleanups)
     else:
         operation = request_delete(session, service, scoring_url=scoring_url)
     return ServiceView(service, image, operation)

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.builds.leases import claim_build, finish_build
@@ -570,6 +570,11 @@ def _cleanups(db: Session, service_id: str) -> list[ClusterCleanup]:
     return list(db.scalars(select(ClusterCleanup).where(ClusterCleanup.service_id == uuid.UUID(service_id))))
 
 
+def _a_pass_began(db: Session, service_id: str) -> None:
+    """A reconciler pass claimed the service: it may have made something on its target."""
+    assert reconciler.claim(db, uuid.UUID(service_id), owner="test-worker") is not None
+
+
 def test_a_service_deleting_on_a_swarm_that_never_answers_is_force_deleted_with_a_cleanup_queued(
     client: TestClient, owner: dict[str, str], account: str, image_id: str, db: Session
 ) -> None:
@@ -578,6 +583,7 @@ def test_a_service_deleting_on_a_swarm_that_never_answers_is_force_deleted_with_
     worker's cleanup sweep, as an account's force delete leaves."""
     assert client.put(f"{account}/computes/theirs", json=swarm(), headers=owner).status_code == 201
     service = deploy(client, account, owner, image_id, computeName="theirs", deploymentConfig={"authEnabled": False})
+    _a_pass_began(db, service["id"])
     url = f"{account}/services/{service['id']}"
     deleting = client.delete(url, headers=owner).json()
     assert deleting["state"] == "Deleting"
@@ -611,6 +617,7 @@ def test_a_service_not_yet_deleting_is_force_deleted_at_once_and_its_change_ends
     create's operation ends Failed, the Delete's Succeeded, and the cleanup row holds the namespace."""
     assert client.put(f"{account}/computes/cluster", json=kubernetes(), headers=owner).status_code == 201
     service = deploy(client, account, owner, image_id, computeName="cluster", deploymentConfig={"authEnabled": False})
+    _a_pass_began(db, service["id"])
     url = f"{account}/services/{service['id']}"
     forced = _force_delete(client, url, owner)
     assert forced["state"] == "Transitioning" and forced["operationId"] != service["operationId"]
@@ -618,6 +625,80 @@ def test_a_service_not_yet_deleting_is_force_deleted_at_once_and_its_change_ends
     assert create["state"] == "Failed"
     [cleanup] = _cleanups(db, service["id"])
     assert (cleanup.compute_type, cleanup.namespace, cleanup.docker_host) == ("kubernetes", "scoring", None)
+    assert cleanup.account_id == db.scalars(select(Compute.account_id).where(Compute.name == "cluster")).one()
+
+
+def test_a_service_no_reconciler_pass_ever_reached_leaves_no_cleanup_row(
+    client: TestClient, owner: dict[str, str], account: str, image_id: str, db: Session
+) -> None:
+    """Nothing of it was ever made on its cluster: no copy of the cluster's credentials is kept."""
+    assert client.put(f"{account}/computes/cluster", json=kubernetes(), headers=owner).status_code == 201
+    service = deploy(client, account, owner, image_id, computeName="cluster", deploymentConfig={"authEnabled": False})
+    _force_delete(client, f"{account}/services/{service['id']}", owner)
+    assert _cleanups(db, service["id"]) == []
+
+
+def _pending(db: Session, account_id: uuid.UUID, count: int) -> None:
+    """``count`` cleanups of the account still to do (services force-deleted before)."""
+    for _ in range(count):
+        db.add(
+            ClusterCleanup(
+                service_id=uuid.uuid4(),
+                account_id=account_id,
+                namespace="scoring",
+                sealed_credentials="sealed",
+                attempts=3,
+            )
+        )
+    db.flush()
+
+
+def test_a_force_delete_past_the_accounts_pending_cleanups_is_refused_and_the_service_stays(
+    client: TestClient, owner: dict[str, str], account: str, image_id: str, db: Session, app_context: ServiceContext
+) -> None:
+    """Each pending row holds a copy of a cluster's credentials: an account that force-deletes in
+    a loop stops at MMS_CLEANUPS_PER_ACCOUNT of them. A service that needs no row still goes."""
+    assert client.put(f"{account}/computes/cluster", json=kubernetes(), headers=owner).status_code == 201
+    account_id = db.scalars(select(Compute.account_id).where(Compute.name == "cluster")).one()
+    cap = app_context.settings.cleanups_per_account
+    last, refused, unapplied = (
+        deploy(
+            client, account, owner, image_id, name=name, computeName="cluster", deploymentConfig={"authEnabled": False}
+        )
+        for name in ("last", "refused", "unapplied")
+    )
+    for service in (last, refused):
+        _a_pass_began(db, service["id"])
+    _pending(db, account_id, cap - 1)
+    _force_delete(client, f"{account}/services/{last['id']}", owner)  # the cap's last row
+
+    url = f"{account}/services/{refused['id']}"
+    answer = client.delete(f"{url}?force=true", headers=owner)
+    assert (answer.status_code, answer.json()["code"]) == (409, "TooManyCleanups"), answer.text
+    assert "MMS_CLEANUPS_PER_ACCOUNT" in answer.json()["message"] and "wait" in answer.json()["message"]
+    assert client.get(url, headers=owner).json()["state"] == "Transitioning"  # untouched
+    create = client.get(f"{account}/operations/{refused['operationId']}", headers=owner).json()
+    assert create["state"] == "Running"
+    assert _cleanups(db, refused["id"]) == []
+    held = select(func.count()).select_from(ClusterCleanup).where(ClusterCleanup.account_id == account_id)
+    assert db.scalar(held) == cap
+
+    _force_delete(client, f"{account}/services/{unapplied['id']}", owner)
+    assert db.scalar(held) == cap
+
+
+def test_an_accounts_delete_is_not_refused_by_its_pending_cleanups(
+    client: TestClient, owner: dict[str, str], account: str, image_id: str, db: Session, app_context: ServiceContext
+) -> None:
+    """The account goes, and its services' rows with it (at most MMS_SERVICES_PER_ACCOUNT, once)."""
+    assert client.put(f"{account}/computes/cluster", json=kubernetes(), headers=owner).status_code == 201
+    account_id = db.scalars(select(Compute.account_id).where(Compute.name == "cluster")).one()
+    service = deploy(client, account, owner, image_id, computeName="cluster", deploymentConfig={"authEnabled": False})
+    _a_pass_began(db, service["id"])
+    _pending(db, account_id, app_context.settings.cleanups_per_account)
+    assert client.delete(f"{account}?force=true", headers=owner).status_code == 204
+    [cleanup] = _cleanups(db, service["id"])
+    assert cleanup.account_id == account_id
 
 
 def test_a_service_on_an_attached_swarm_force_deleted_leaves_no_routes(

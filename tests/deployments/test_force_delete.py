@@ -56,6 +56,7 @@ def committed_service(service_context: ServiceContext) -> Iterator[tuple[uuid.UU
             auth_enabled=False,
             scoring_timeout_ms=60000,
             replicas_desired=1,
+            attempt=1,  # a reconciler pass took it: it may have made something on the swarm
             sealed_primary_key="sealed-1",
             sealed_secondary_key="sealed-2",
             primary_key_digest="1" * 64,
@@ -91,7 +92,7 @@ def test_a_service_and_its_account_force_deleted_at_once_queue_one_cleanup(
             account_done.set()
 
     with service_context.session_factory.begin() as session:
-        force_delete(session, session.get_one(Service, service_id))
+        force_delete(session, session.get_one(Service, service_id), max_cleanups=50)
         other = threading.Thread(target=delete_the_account, daemon=True)
         other.start()
         # The account's delete waits on the service's row until this one commits.
@@ -121,7 +122,7 @@ def test_two_force_deletes_at_once_one_deletes_and_the_other_finds_it_gone(
         try:
             with service_context.session_factory.begin() as session:
                 session.execute(text("SET LOCAL lock_timeout = '20s'"))
-                force_delete(session, session.get_one(Service, service_id))
+                force_delete(session, session.get_one(Service, service_id), max_cleanups=50)
             outcome.append(None)
         except BaseException as exc:  # noqa: BLE001  (reported by the test's thread)
             outcome.append(exc)
@@ -129,7 +130,7 @@ def test_two_force_deletes_at_once_one_deletes_and_the_other_finds_it_gone(
             second_done.set()
 
     with service_context.session_factory.begin() as session:
-        force_delete(session, session.get_one(Service, service_id))
+        force_delete(session, session.get_one(Service, service_id), max_cleanups=50)
         other = threading.Thread(target=force_again, daemon=True)
         other.start()
         assert not second_done.wait(1.0)  # it waits on the service's row
@@ -224,7 +225,7 @@ def test_a_pass_recording_while_a_force_delete_holds_the_service_waits_then_writ
             )
 
     with service_context.session_factory.begin() as session:
-        force_delete(session, session.get_one(Service, service_id))
+        force_delete(session, session.get_one(Service, service_id), max_cleanups=50)
         recording = _in_thread(record, outcome)
         assert _waiting_on_a_lock(service_context)  # the pass waits on the force delete
         assert outcome == []
@@ -295,7 +296,7 @@ def test_a_force_delete_coming_while_a_pass_writes_waits_for_it_without_a_deadlo
     def force() -> None:
         with service_context.session_factory.begin() as session:
             session.execute(text("SET LOCAL lock_timeout = '20s'"))
-            force_delete(session, session.get_one(Service, service_id))
+            force_delete(session, session.get_one(Service, service_id), max_cleanups=50)
 
     writing = _in_thread(pass_writes, written)
     assert paused.wait(10)

@@ -224,7 +224,8 @@ FORCE = (
     "its deleted event is sent, the scoring gateway stops routing to it within its cache period); what "
     "it still runs there is removed in the background when that target answers again (retried with "
     "backoff for about a day, then given up). Refused (409 ForceDeleteNotAllowed) on the built-in "
-    "targets, `local` and the operator's swarm: their plain delete always completes."
+    "targets, `local` and the operator's swarm: their plain delete always completes; and (409 "
+    "TooManyCleanups) while the account has MMS_CLEANUPS_PER_ACCOUNT (50) of those removals pending."
 )
 FORCE_REFUSED = "force=true on a service of a built-in target (ForceDeleteNotAllowed): delete it without force."
 
@@ -248,7 +249,12 @@ def delete_service(
     of it; with ``force=true`` (a target the account attached), gone at once (the service as it
     was, its operation Succeeded)."""
     view = services_deploy.delete(
-        session, account, service_id=service_id, scoring_url=context.settings.scoring_url, force=force
+        session,
+        account,
+        service_id=service_id,
+        scoring_url=context.settings.scoring_url,
+        force=force,
+        max_cleanups=context.settings.cleanups_per_account,
     )
     return _accepted(view, request, response, context.settings)
 
