@@ -19,7 +19,13 @@ from sqlalchemy.orm import Session
 
 from app.errors import Conflict
 from app.orm import ClusterCleanup, Compute, Service
+from app.orm.base import utcnow
 
+# The first try waits out any pass that may still be at work on the service (a pass reads its
+# spec, then acts on the target, then finds the row gone): longer than the longest pass
+# (workers/deploy/swarm.py's PULL_SECONDS; a kubernetes pass's is shorter), so what such a pass
+# made after the delete is removed with the rest.
+FIRST_TRY_SECONDS = 720.0
 # Tries, backed off from a minute to an hour each: about a day before a cluster is given up.
 MAX_ATTEMPTS = 30
 FIRST_RETRY_SECONDS = 60.0
@@ -106,6 +112,7 @@ def queue_cleanups(
                 docker_host=properties.get("dockerHost") if row.compute_type == "swarm" else None,
                 sealed_credentials=row.sealed_credentials,
                 attempts=0,
+                next_attempt_at=utcnow() + timedelta(seconds=FIRST_TRY_SECONDS),
             )
         )
     session.flush()

@@ -15,7 +15,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.context import ServiceContext
-from app.deployments.cluster_cleanup import MAX_ATTEMPTS
+from app.deployments.cluster_cleanup import FIRST_TRY_SECONDS, MAX_ATTEMPTS
 from app.orm import ClusterCleanup, Installation
 from app.orm.base import utcnow
 from tests.workers.deploy import test_kubernetes_reconcile as kube
@@ -39,6 +39,14 @@ def _delete_account(client: TestClient, deployed: Service) -> None:
     assert response.status_code == 204, response.text
 
 
+def _first_try_due(db: Session) -> None:
+    """As FIRST_TRY_SECONDS later: the rows' first try, held back past any pass still at work on
+    the services, is due."""
+    assert all(r.next_attempt_at >= utcnow() + timedelta(seconds=FIRST_TRY_SECONDS - 60) for r in _rows(db))
+    db.execute(update(ClusterCleanup).values(next_attempt_at=utcnow()))
+    db.flush()
+
+
 def _rows(db: Session) -> list[ClusterCleanup]:
     return list(db.scalars(select(ClusterCleanup).execution_options(populate_existing=True)))
 
@@ -53,6 +61,9 @@ def test_a_deleted_accounts_service_is_removed_from_its_cluster(
     assert (str(row.service_id), row.namespace, row.attempts) == (service.id, "tenant-a", 0)
     assert TOKEN not in row.sealed_credentials and "kubeconfig" not in row.sealed_credentials  # sealed
 
+    assert clean_up_deleted_accounts(context) == []  # not yet: a pass may still be at work on it
+    assert _rows(db)[0].attempts == 0 and "Pod" in _held(fake)
+    _first_try_due(db)
     assert [str(s) for s in clean_up_deleted_accounts(context)] == [service.id]
     assert _held(fake) == []
     assert _rows(db) == []
@@ -68,6 +79,7 @@ def test_a_failing_cluster_is_retried_later_with_a_redacted_error_then_given_up(
 ) -> None:
     _healthy(service, fake)
     _delete_account(client, service)
+    _first_try_due(db)
     # The tenant rotated the cluster's token, and the server echoes what it was sent.
     fake.token, fake.echo_credentials = "a-new-token", True
     caplog.set_level(logging.INFO, logger="mms.deploy")
@@ -100,6 +112,7 @@ def test_a_copied_database_removes_nothing(
 ) -> None:
     _healthy(service, fake)
     _delete_account(client, service)
+    _first_try_due(db)
     held = _held(fake)
     # As if this database were a copy made elsewhere: its identity is not the one recorded.
     db.execute(update(Installation).values(database_identity="postgresql:another:cluster"))
@@ -109,3 +122,12 @@ def test_a_copied_database_removes_nothing(
     assert _held(fake) == held
     [row] = _rows(db)
     assert row.attempts == 0 and row.last_error is None
+
+
+def test_the_first_try_waits_out_the_longest_pass() -> None:
+    """A pass that read the service before its force delete may still act on the target after
+    it (then finds the row gone): the first try comes after any such pass has ended, so what it
+    made goes with the rest."""
+    from workers.deploy import kubernetes_driver, swarm
+
+    assert FIRST_TRY_SECONDS > max(swarm.PULL_SECONDS, swarm.PASS_SECONDS, kubernetes_driver._PASS_SECONDS) + 30

@@ -15,9 +15,10 @@ from datetime import timedelta
 import docker
 import httpx
 import pytest
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 
 from app.context import ServiceContext
+from app.deployments.cluster_cleanup import FIRST_TRY_SECONDS
 from app.orm import ClusterCleanup
 from app.orm.base import utcnow
 from tests.infra import Infra
@@ -274,6 +275,14 @@ def test_a_force_deleted_accounts_services_are_removed_from_its_swarm_or_retried
         assert (rows[running_id].compute_type, rows[running_id].docker_host) == ("swarm", tenant.docker_host)
         assert (rows[away_id].compute_type, rows[away_id].docker_host) == ("swarm", gone_host)
         assert all("PRIVATE KEY" not in r.sealed_credentials for r in rows.values())  # sealed
+        # Their first try waits out any pass still at work on the services: as if that long passed.
+        assert all(r.next_attempt_at > utcnow() + timedelta(seconds=FIRST_TRY_SECONDS - 60) for r in rows.values())
+        with service_context.session_factory.begin() as session:
+            session.execute(
+                update(ClusterCleanup)
+                .where(ClusterCleanup.id.in_([r.id for r in rows.values()]))
+                .values(next_attempt_at=utcnow())
+            )
 
         # The tests' process sweeps (the stack's worker does too, every minute: a claim is one
         # conditional update, so whichever comes first tries each row once).
