@@ -22,10 +22,11 @@ from app.orm import ClusterCleanup, Compute, Service
 from app.orm.base import utcnow
 
 # The first try waits out any pass that may still be at work on the service (a pass reads its
-# spec, then acts on the target, then finds the row gone): longer than the longest pass
-# (workers/deploy/swarm.py's PULL_SECONDS; a kubernetes pass's is shorter), so what such a pass
-# made after the delete is removed with the rest.
-FIRST_TRY_SECONDS = 720.0
+# spec, then acts on the target, then finds the row gone): longer than the longest pass (a
+# swarm pass's PASS_SECONDS, then PULL_SECONDS from its start of a generation:
+# workers/deploy/swarm.py; a kubernetes pass's is shorter), so what such a pass made after the
+# delete is removed with the rest.
+FIRST_TRY_SECONDS = 900.0
 # Tries, backed off from a minute to an hour each: about a day before a cluster is given up.
 MAX_ATTEMPTS = 30
 FIRST_RETRY_SECONDS = 60.0

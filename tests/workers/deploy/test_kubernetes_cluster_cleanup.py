@@ -130,4 +130,6 @@ def test_the_first_try_waits_out_the_longest_pass() -> None:
     made goes with the rest."""
     from workers.deploy import kubernetes_driver, swarm
 
-    assert FIRST_TRY_SECONDS > max(swarm.PULL_SECONDS, swarm.PASS_SECONDS, kubernetes_driver._PASS_SECONDS) + 30
+    # A swarm pass may use its PASS_SECONDS before it starts a generation, whose pull then has PULL_SECONDS.
+    longest = max(swarm.PASS_SECONDS + swarm.PULL_SECONDS, kubernetes_driver._PASS_SECONDS)
+    assert FIRST_TRY_SECONDS > longest + 60
