@@ -8,11 +8,17 @@ from collections.abc import Iterator
 
 import anyio.to_thread
 import pytest
+from fastapi import APIRouter, FastAPI
 from fastapi.testclient import TestClient
+from pydantic import BaseModel
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.api.deps import SessionDep
+from app.api.routing import ApiRoute
 from app.context import ServiceContext
 from app.main import create_app
+from app.orm import Account
 from tests.factories import model_body
 
 
@@ -54,3 +60,30 @@ def test_a_read_and_a_registration_go_to_the_thread_pool_once_and_health_only_fo
     hops.clear()
     assert client.post(f"{account}/models", json=model_body(), headers=owner).status_code == 200
     assert len(hops) == 1, hops  # its endpoint and its COMMIT in the same trip
+
+
+def test_a_write_whose_answer_breaks_its_model_is_not_committed(app_context: ServiceContext, db: Session) -> None:
+    """The COMMIT runs in the endpoint's trip (app.api.routing): the answer is checked there first,
+    so a write that answers a 500 leaves nothing behind, as when the COMMIT came after the check."""
+    app = FastAPI()
+    app.state.context = app_context
+    router = APIRouter(route_class=ApiRoute)
+
+    class Answer(BaseModel):
+        id: int
+
+    @router.post("/accounts/{name}", response_model=Answer)
+    def make(name: str, session: SessionDep) -> dict[str, str]:
+        account = Account(
+            subscription_id="sub", resource_group="rg", name=name, location="eastus2", sku_name="S1", sku_capacity=1
+        )
+        session.add(account)
+        session.flush()
+        return {"id": "not a number"} if name == "broken" else {"id": 1}
+
+    app.include_router(router)
+    client = TestClient(app, raise_server_exceptions=False)
+    assert client.post("/accounts/broken").status_code == 500
+    assert client.post("/accounts/fine").status_code == 200
+    names = set(db.scalars(select(Account.name).where(Account.subscription_id == "sub")))
+    assert names == {"fine"}
