@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sqlalchemy import select
@@ -39,7 +40,7 @@ from workers.deploy.local import EngineUnreachable, LocalDriver, TargetRefused, 
 from workers.deploy.local_network import ServiceNetworkError, require_service_firewall
 from workers.deploy.swarm import SwarmDriver
 from workers.deploy.tenant_swarm import tenant_swarm_driver
-from workers.pipeline import ENGINE_PULL_TOKEN_SECONDS, local_engine, registry_login
+from workers.pipeline import DEFAULT_DOCKER_SOCKET, ENGINE_PULL_TOKEN_SECONDS, local_engine, registry_login
 
 if TYPE_CHECKING:
     from workers.deploy.kubernetes_driver import KubernetesDriver
@@ -383,10 +384,11 @@ def _built_in_target_removed(context: ServiceContext, spec: Spec) -> str | None:
         return None
     if spec.compute_type == "swarm":
         return None if settings.swarm_docker_host else "the operator's swarm is not set (MMS_SWARM_DOCKER_HOST)"
-    if settings.local_compute:
+    # Judged by the settings and the socket's presence, never by an answer: an engine that
+    # restarts or is slow to answer is away, and what it runs must not lose its row.
+    if settings.local_compute or settings.docker_host or Path(DEFAULT_DOCKER_SOCKET).exists():
         return None
-    engine, missing = local_engine(settings)
-    return None if engine is not None else f"the local target is off (MMS_LOCAL_COMPUTE) and {missing}"
+    return f"the local target is off (MMS_LOCAL_COMPUTE), with no DOCKER_HOST and nothing at {DEFAULT_DOCKER_SOCKET}"
 
 
 def _undeployable(context: ServiceContext, spec: Spec) -> str | None:

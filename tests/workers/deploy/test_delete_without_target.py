@@ -8,6 +8,7 @@ but does not answer is away, not removed: the delete waits for it. Through the r
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select, update
@@ -44,8 +45,10 @@ def _deleting(db: Session, compute_type: str) -> tuple[uuid.UUID, uuid.UUID]:
 
 
 @pytest.fixture()
-def no_local_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+def no_local_engine(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No engine answers, and none is at the default socket."""
     monkeypatch.setattr(reconcile, "local_engine", lambda settings: (None, "no Docker engine: set DOCKER_HOST"))
+    monkeypatch.setattr(reconcile, "DEFAULT_DOCKER_SOCKET", str(tmp_path / "docker.sock"))
 
 
 @pytest.mark.parametrize(
@@ -70,6 +73,21 @@ def test_a_delete_on_a_built_in_target_that_does_not_answer_waits_for_it(
     Deleting and is tried again, as before."""
     service_id, operation_id = _deleting(db, "local")
     reconcile_service(_workers(app_context, local_compute=True), service_id)
+    assert db.scalar(select(Service.state).where(Service.id == service_id)) == "Deleting"
+    operation = db.get_one(ServiceOperation, operation_id)
+    db.refresh(operation)
+    assert operation.state is OperationState.RUNNING
+
+
+def test_a_local_delete_with_the_target_off_but_an_engine_socket_there_waits_for_it(
+    app_context: ServiceContext, db: Session, no_local_engine: None, tmp_path: Path
+) -> None:
+    """MMS_LOCAL_COMPUTE off, but the default socket is there and its engine does not answer (it
+    restarts, say): away, not removed, whatever its answer; what it runs keeps its row."""
+    socket_path = tmp_path / "docker.sock"
+    socket_path.touch()
+    service_id, operation_id = _deleting(db, "local")
+    reconcile_service(_workers(app_context, local_compute=False), service_id)
     assert db.scalar(select(Service.state).where(Service.id == service_id)) == "Deleting"
     operation = db.get_one(ServiceOperation, operation_id)
     db.refresh(operation)
