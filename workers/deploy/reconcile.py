@@ -223,7 +223,11 @@ def _kubernetes_pass(context: ServiceContext, lease: Lease, spec: Spec) -> None:
                 log.info("deploy.deleted", extra={"service": str(spec.id)})
                 return
             if spec.state is ServiceState.FAILED:
-                driver.remove_all(spec.id)  # nothing runs until the tenant changes it
+                if not driver.remove_all(spec.id):  # nothing runs until the tenant changes it
+                    # Its pods or objects still going: looked at again soon, not in FAILED_SECONDS.
+                    with session_scope(context.session_factory) as session:
+                        reconciler.release(session, lease, due_in=reconciler.STEADY_SECONDS)
+                    return
                 replicas, failure = [], None
             else:
                 driver.apply(spec)

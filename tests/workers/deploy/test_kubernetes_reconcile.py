@@ -22,7 +22,10 @@ from sqlalchemy.orm import Session
 
 from app.context import ServiceContext
 from app.deployments import reconciler
+from app.deployments.reconciler import FAILED_SECONDS, STEADY_SECONDS
 from app.orm import Event
+from app.orm import Service as ServiceRow
+from app.orm.base import utcnow
 from tests.api.test_manifests import seed_manifest
 from tests.api.test_services import built_image
 from tests.factories import Callers, model_body, new_account
@@ -221,10 +224,25 @@ def test_a_replica_in_crash_loop_back_off_fails_the_service_with_its_last_lines(
     )
     assert error.endswith("ValueError: the model file is corrupt")
     assert service.operation()["state"] == "Failed"
-    # Nothing runs until the tenant changes it: the next pass takes its objects away.
+    # Nothing runs until the tenant changes it: the next pass takes its objects away; while its
+    # pods still terminate it looks again soon, then only every FAILED_SECONDS.
+    fake.collect_pods = False
+    service.reconcile()
+    assert _due_in(service) <= STEADY_SECONDS
+    fake.collect_pods = True
+    fake.objects = {key: obj for key, obj in fake.objects.items() if obj["kind"] != "Pod"}
     service.reconcile()
     assert fake.objects == {}
     assert service.show()["state"] == "Failed"
+    assert _due_in(service) >= FAILED_SECONDS - 5
+
+
+def _due_in(service: Service) -> float:
+    """Seconds until the service's next pass is due."""
+    with service.context.session_factory() as session:
+        due_at = session.scalar(select(ServiceRow.due_at).where(ServiceRow.id == uuid.UUID(service.id)))
+    assert due_at is not None
+    return (due_at - utcnow()).total_seconds()
 
 
 def test_a_failed_update_is_rolled_back_by_reapplying_the_old_template(
