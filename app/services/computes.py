@@ -7,6 +7,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+import socket
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -161,6 +162,11 @@ def _check_docker_host(docker_host: str | None, allow_hosts: frozenset[str], ser
     # An address written out is judged here, as the fetcher judges what a name resolves to (a
     # name is judged by the worker when it connects: it may resolve elsewhere by then).
     literal = host.hostname
+    if _legacy_ipv4(literal):
+        raise invalid(
+            "properties.dockerHost",
+            f"write the manager's IPv4 address as four decimal numbers (a.b.c.d), not '{literal}'",
+        )
     try:
         ipaddress.ip_address(literal.split("%", 1)[0])
     except ValueError:
@@ -177,6 +183,21 @@ def _check_docker_host(docker_host: str | None, allow_hosts: frozenset[str], ser
             f"{literal} is not a public address (loopback, private, link-local or reserved): the service's "
             "own network is not a tenant's to reach; an operator may list it in MMS_FETCH_ALLOW_HOSTS",
         )
+
+
+def _legacy_ipv4(name: str) -> bool:
+    """A name a resolver reads as an IPv4 address though it is no dotted quad (``167772165``,
+    ``0x0a000005``, ``10.5``, ``012.0.0.5``, a trailing dot): judged as an address here, it
+    would pass as a name and be refused only when the worker connects."""
+    try:
+        socket.inet_aton(name.rstrip("."))
+    except OSError:
+        return False
+    try:
+        ipaddress.IPv4Address(name)
+    except ValueError:
+        return True
+    return False
 
 
 def _settings_and_credentials(

@@ -340,6 +340,26 @@ def test_an_operator_may_allow_a_private_swarm_manager(
     assert refused.status_code == 400 and "MMS_FETCH_ALLOW_HOSTS" in refused.json()["message"]
 
 
+@pytest.mark.parametrize(
+    "host",
+    [
+        "tcp://167772165:2376",
+        "tcp://0x0ac80005:2376",
+        "tcp://10.200.5:2376",
+        "tcp://012.200.0.5:2376",
+        "tcp://10.0.0.5.:2376",
+    ],
+)
+def test_an_ipv4_address_written_other_than_as_a_dotted_quad_is_refused(
+    client: TestClient, owner: dict[str, str], account: str, host: str
+) -> None:
+    """A resolver reads each as an address: taken for a name, it would pass here and be judged
+    only when the worker connects."""
+    response = client.put(f"{account}/computes/odd", json=swarm(host), headers=owner)
+    assert response.status_code == 400, response.text
+    assert "properties.dockerHost" in response.json()["message"] and "a.b.c.d" in response.json()["message"]
+
+
 @pytest.mark.parametrize("host", ["tcp://10.213.4.5:2376", "tcp://[::ffff:10.213.4.5]:2376"])
 def test_a_swarm_manager_in_the_operators_service_networks_is_refused_even_if_allowed(
     app_context: ServiceContext, db: Session, account: str, owner: dict[str, str], host: str
