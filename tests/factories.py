@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
+from app.context import ServiceContext
 from app.deployments.transitions import create as create_service
 from app.orm import Account, Image, Manifest, ManifestAsset, Service
 from app.orm.base import utcnow
@@ -63,6 +64,19 @@ current-context: prod
 """
     indent = " " * 4
     return head + textwrap.indent(cluster, indent) + users + textwrap.indent(user, indent) + contexts
+
+
+def client_with(app_context: ServiceContext, **settings: Any) -> TestClient:
+    """A client of the same service and database with these settings changed."""
+    from app.main import create_app
+
+    context = ServiceContext.build(
+        app_context.settings.model_copy(update=settings),
+        engine=app_context.engine,
+        session_factory=app_context.session_factory,
+        read_session_factory=app_context.read_session_factory,
+    )
+    return TestClient(create_app(context=context), base_url="http://testserver")
 
 
 def bearer(token: str) -> dict[str, str]:

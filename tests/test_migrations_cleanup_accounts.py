@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from app.orm import Compute
+from app.orm import Account, Compute
 from tests.factories import new_image_row, new_service_row
 from tests.test_migrations_events import _to, engine  # noqa: F401 - the fixture
 
@@ -26,7 +26,12 @@ CLEANUPS = sa.table(
     sa.column("next_attempt_at", sa.DateTime(timezone=True)),
     sa.column("created_at", sa.DateTime(timezone=True)),
 )
-ACCOUNTS = sa.table("cluster_cleanups", sa.column("id", sa.Uuid()), sa.column("account_id", sa.Uuid()))
+ACCOUNTS = sa.table(
+    "cluster_cleanups",
+    sa.column("id", sa.Uuid()),
+    sa.column("account_id", sa.Uuid()),
+    sa.column("subscription_id", sa.String()),
+)
 NOW = datetime(2026, 12, 3, tzinfo=UTC)
 
 
@@ -58,6 +63,10 @@ def test_a_cleanup_from_before_takes_its_account_from_its_service_or_compute(eng
             )
         )
         account_id, other_id = image.account_id, other.account_id
+        subscription, other_subscription = (
+            session.scalar(sa.select(sa.func.lower(Account.subscription_id)).where(Account.id == a))
+            for a in (account_id, other_id)
+        )
     _to(engine, "0020", down=True)
     # A service still there; one force-deleted alone (its compute stays); one whose account went.
     rows = [_row(service_id, "sealed-a"), _row(uuid.uuid4(), "sealed-kubeconfig-of-other"), _row(uuid.uuid4(), "x")]
@@ -67,8 +76,11 @@ def test_a_cleanup_from_before_takes_its_account_from_its_service_or_compute(eng
     _to(engine, "head")
     with engine.connect() as connection:
         accounts = dict(connection.execute(sa.select(ACCOUNTS.c.id, ACCOUNTS.c.account_id)).all())
+        tenants = dict(connection.execute(sa.select(ACCOUNTS.c.id, ACCOUNTS.c.subscription_id)).all())
         indexes = {i["name"] for i in sa.inspect(connection).get_indexes("cluster_cleanups")}
     assert accounts == {rows[0]["id"]: account_id, rows[1]["id"]: other_id, rows[2]["id"]: None}
+    assert tenants == {rows[0]["id"]: subscription, rows[1]["id"]: other_subscription, rows[2]["id"]: None}
+    assert subscription is not None and other_subscription is not None
     assert "ix_cluster_cleanups_account_id" in indexes
 
     _to(engine, "0020", down=True)

@@ -3,7 +3,7 @@ swarms their accounts attached: the rows a force delete (of an account, or of on
 leaves (one a service, with the target's sealed kubeconfig or TLS material, and a swarm's
 manager address; only for a service a reconciler pass may have applied, and for a single
 service's force delete only under the account's cap on pending rows), and how the deploy
-worker's sweep picks (fairly across accounts), claims, ends, retries and abandons them
+worker's sweep picks (fairly across tenants), claims, ends, retries and abandons them
 (workers/deploy/cluster_cleanup.py is the cluster half)."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from sqlalchemy import Row, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from app.errors import Conflict
-from app.orm import ClusterCleanup, Compute, Service
+from app.orm import Account, ClusterCleanup, Compute, Service
 from app.orm.base import utcnow
 
 # The first try waits out any pass that may still be at work on the service (a pass reads its
@@ -102,12 +102,16 @@ def queue_cleanups(
                 "the service without force",
                 code="TooManyCleanups",
             )
+    # The tenant: the sweep picks fairly by it (an account's own delete is never capped, and a
+    # tenant makes any number of accounts).
+    subscription = session.scalar(select(func.lower(Account.subscription_id)).where(Account.id == account_id))
     for row in rows:
         properties = row.properties or {}
         session.add(
             ClusterCleanup(
                 service_id=row.id,
                 account_id=account_id,
+                subscription_id=subscription,
                 compute_type=row.compute_type,
                 namespace=(properties.get("namespace") or "default") if row.compute_type == "kubernetes" else "",
                 docker_host=properties.get("dockerHost") if row.compute_type == "swarm" else None,
@@ -132,13 +136,14 @@ _ATTACHED = ("kubernetes", "swarm")
 
 
 def due_cleanups(session: Session, *, now: datetime, limit: int = 20) -> list[uuid.UUID]:
-    """The rows whose next try is due, fairly across accounts: each account's oldest, then each
-    one's second oldest, and so on (oldest first within a round), so one account's backlog
-    never holds another's rows past a sweep. Rows from before 0021 (no account) count as one."""
+    """The rows whose next try is due, fairly across tenants (subscriptions): each one's oldest,
+    then each one's second oldest, and so on (oldest first within a round), so one tenant's
+    backlog, over however many accounts, never holds another's rows past a sweep. Rows from
+    before 0021 whose account could not be told count as one tenant."""
     rank = (
         func.row_number()
         .over(
-            partition_by=ClusterCleanup.account_id,
+            partition_by=ClusterCleanup.subscription_id,
             order_by=(ClusterCleanup.next_attempt_at, ClusterCleanup.id),
         )
         .label("rank")

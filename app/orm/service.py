@@ -210,6 +210,9 @@ class ClusterCleanup(UuidPrimaryKey, CreatedAt, Base):
     # per-account cap counts and the sweep picks fairly by; None for a row from before 0021
     # whose account could not be told.
     account_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, index=True)
+    # ... and its subscription (lower-cased), the tenant: what the sweep picks fairly by (a
+    # tenant makes any number of accounts); None as for the account.
+    subscription_id: Mapped[str | None] = mapped_column(String(64))
     compute_type: Mapped[str] = mapped_column(String(20), default="kubernetes", server_default="kubernetes")
     namespace: Mapped[str] = mapped_column(String(63))  # a kubernetes target's; "" for a swarm
     docker_host: Mapped[str | None] = mapped_column(String(512))  # a swarm's manager, as the compute had it

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from app.context import ServiceContext
 from app.main import create_app
 from app.orm import Compute
-from tests.factories import KUBE_TOKEN, Callers, kubeconfig_text
+from tests.factories import KUBE_TOKEN, Callers, client_with, kubeconfig_text
 
 CERT = "-----BEGIN CERTIFICATE-----\nMIIBfake\n-----END CERTIFICATE-----\n"
 KEY = "-----BEGIN PRIVATE KEY-----\nTOP-SECRET-KEY-MATERIAL\n-----END PRIVATE KEY-----\n"
@@ -71,7 +71,6 @@ def test_local_is_listed_in_every_account_and_cannot_be_attached_or_detached(
 def test_without_an_engine_there_is_no_local_target(
     app_context: ServiceContext, owner: dict[str, str], account: str
 ) -> None:
-    from app.main import create_app
 
     settings = app_context.settings.model_copy(update={"local_compute": False})
     context = ServiceContext.build(
@@ -245,8 +244,6 @@ def test_the_api_leaves_the_servers_address_to_the_worker_and_insecure_tls_to_th
     )
     assert private.status_code == 201, private.text
 
-    from app.main import create_app
-
     settings = app_context.settings.model_copy(update={"kubernetes_allow_insecure_tls": True})
     context = ServiceContext.build(
         settings,
@@ -326,14 +323,7 @@ def test_a_swarm_manager_at_a_non_public_address_is_refused(
 def test_an_operator_may_allow_a_private_swarm_manager(
     app_context: ServiceContext, db: Session, account: str, owner: dict[str, str]
 ) -> None:
-    settings = app_context.settings.model_copy(update={"fetch_allow_hosts": ["10.0.0.1:2376"]})
-    context = ServiceContext.build(
-        settings,
-        engine=app_context.engine,
-        session_factory=db.info["factory"],
-        read_session_factory=db.info["read_factory"],
-    )
-    allowing = TestClient(create_app(context=context), base_url="http://testserver")
+    allowing = client_with(app_context, fetch_allow_hosts=["10.0.0.1:2376"])
     allowed = allowing.put(f"{account}/computes/inside", json=swarm("tcp://10.0.0.1:2376"), headers=owner)
     assert allowed.status_code == 201, allowed.text
     refused = allowing.put(f"{account}/computes/other", json=swarm("tcp://10.0.0.2:2376"), headers=owner)
@@ -366,16 +356,9 @@ def test_a_swarm_manager_in_the_operators_service_networks_is_refused_even_if_al
 ) -> None:
     """Where other services' replicas answer: the workers would refuse it at every pass, and the
     attach says so at once, whatever MMS_FETCH_ALLOW_HOSTS lists."""
-    settings = app_context.settings.model_copy(
-        update={"fetch_allow_hosts": ["10.213.4.5", "::ffff:10.213.4.5"], "service_subnet_pool": "10.213.0.0/16"}
+    allowing = client_with(
+        app_context, fetch_allow_hosts=["10.213.4.5", "::ffff:10.213.4.5"], service_subnet_pool="10.213.0.0/16"
     )
-    context = ServiceContext.build(
-        settings,
-        engine=app_context.engine,
-        session_factory=db.info["factory"],
-        read_session_factory=db.info["read_factory"],
-    )
-    allowing = TestClient(create_app(context=context), base_url="http://testserver")
     refused = allowing.put(f"{account}/computes/pooled", json=swarm(host), headers=owner)
     assert refused.status_code == 400, refused.text
     assert "properties.dockerHost" in refused.json()["message"]
@@ -405,16 +388,7 @@ def test_a_docker_host_is_an_address_only_since_readers_see_it(
 
 def with_operators_swarm(app_context: ServiceContext) -> TestClient:
     """A client of the same service and database with the operator's swarm set (MMS_SWARM_DOCKER_HOST)."""
-    from app.main import create_app
-
-    settings = app_context.settings.model_copy(update={"swarm_docker_host": "unix:///var/run/docker.sock"})
-    context = ServiceContext.build(
-        settings,
-        engine=app_context.engine,
-        session_factory=app_context.session_factory,
-        read_session_factory=app_context.read_session_factory,
-    )
-    return TestClient(create_app(context=context), base_url="http://testserver")
+    return client_with(app_context, swarm_docker_host="unix:///var/run/docker.sock")
 
 
 def test_the_operators_swarm_is_a_built_in_target(

@@ -17,9 +17,8 @@ from sqlalchemy.orm import Session
 from app.api.deps import SessionDep
 from app.api.routing import ApiRoute
 from app.context import ServiceContext
-from app.main import create_app
 from app.orm import Account
-from tests.factories import model_body
+from tests.factories import client_with, model_body
 
 
 @pytest.fixture()
@@ -40,14 +39,7 @@ def test_a_read_and_a_registration_go_to_the_thread_pool_once_and_health_only_fo
     app_context: ServiceContext, db: Session, owner: dict[str, str], account: str, hops: list[str]
 ) -> None:
     # As in production: roles and accounts cached for MMS_AUTH_CACHE_SECONDS (the tests' is 0).
-    settings = app_context.settings.model_copy(update={"auth_cache_seconds": 60})
-    context = ServiceContext.build(
-        settings,
-        engine=app_context.engine,
-        session_factory=db.info["factory"],
-        read_session_factory=db.info["read_factory"],
-    )
-    client = TestClient(create_app(context=context), base_url="http://testserver")
+    client = client_with(app_context, auth_cache_seconds=60)
     model = client.post(f"{account}/models", json=model_body(), headers=owner).json()
     url = f"{account}/models/{model['id']}"
     assert client.get(url, headers=owner).status_code == 200  # the caller and the account cached

@@ -1,6 +1,6 @@
-"""The deploy worker's cleanup sweep picks due rows fairly across accounts
-(app.deployments.cluster_cleanup.due_cleanups): one account's backlog of old rows never keeps
-another account's row out of a sweep."""
+"""The deploy worker's cleanup sweep picks due rows fairly across tenants (subscriptions)
+(app.deployments.cluster_cleanup.due_cleanups): one tenant's backlog of old rows, over however
+many accounts, never keeps another tenant's row out of a sweep."""
 
 from __future__ import annotations
 
@@ -14,10 +14,12 @@ from app.orm import ClusterCleanup
 from app.orm.base import utcnow
 
 
-def _row(db: Session, account_id: uuid.UUID | None, minutes_ago: float) -> uuid.UUID:
+def _row(db: Session, subscription: str | None, minutes_ago: float) -> uuid.UUID:
+    """A row of a new account of ``subscription`` (None: a row from before 0021, nobody's)."""
     row = ClusterCleanup(
         service_id=uuid.uuid4(),
-        account_id=account_id,
+        account_id=None if subscription is None else uuid.uuid4(),
+        subscription_id=subscription,
         namespace="scoring",
         sealed_credentials="sealed",
         attempts=0,
@@ -28,9 +30,10 @@ def _row(db: Session, account_id: uuid.UUID | None, minutes_ago: float) -> uuid.
     return row.id
 
 
-def test_every_account_with_due_rows_is_tried_before_a_second_row_of_any_one(db: Session) -> None:
-    a, b, c = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
-    a_rows = [_row(db, a, 100 - i) for i in range(30)]  # oldest first, all older than b's and c's
+def test_every_tenant_with_due_rows_is_tried_before_a_second_row_of_any_one(db: Session) -> None:
+    a, b, c = "tenant-a", "tenant-b", "tenant-c"
+    # Oldest first, all older than b's and c's, each of an account of its own (accounts are free).
+    a_rows = [_row(db, a, 100 - i) for i in range(30)]
     b_row = _row(db, b, 5)
     c_rows = [_row(db, c, 4), _row(db, c, 3)]
     before_0021 = _row(db, None, 50)  # a row from before accounts were kept: nobody's
@@ -38,7 +41,7 @@ def test_every_account_with_due_rows_is_tried_before_a_second_row_of_any_one(db:
 
     picked = due_cleanups(db, now=utcnow(), limit=20)
     assert len(picked) == 20
-    # Each account's oldest first (oldest first among them), then each one's second, and so on.
+    # Each tenant's oldest first (oldest first among them), then each one's second, and so on.
     assert picked[:4] == [a_rows[0], before_0021, b_row, c_rows[0]]
     assert picked[4:6] == [a_rows[1], c_rows[1]]
     assert picked[6:] == a_rows[2:16]
