@@ -25,7 +25,7 @@ from app.orm import Account, ClusterCleanup, Compute, Event, Service, ServiceLog
 from app.orm.base import utcnow
 from tests.api.test_computes import kubernetes, swarm, with_operators_swarm
 from tests.api.test_manifests import SCORE_URL
-from tests.factories import Callers, model_body
+from tests.factories import Callers, client_with, model_body
 
 DIGEST = "sha256:" + "d" * 64
 
@@ -724,17 +724,6 @@ def test_a_service_on_an_attached_swarm_force_deleted_leaves_no_routes(
     assert db.scalar(select(ServiceReplica.replica_id).where(ServiceReplica.service_id == service_id)) is None
 
 
-def _client_with(app_context: ServiceContext, **settings: object) -> TestClient:
-    """A client of the same service and database with these settings changed."""
-    context = ServiceContext.build(
-        app_context.settings.model_copy(update=settings),
-        engine=app_context.engine,
-        session_factory=app_context.session_factory,
-        read_session_factory=app_context.read_session_factory,
-    )
-    return TestClient(create_app(context=context), base_url="http://testserver")
-
-
 @pytest.mark.parametrize("target", ["local", "swarm"])
 def test_a_force_delete_on_a_built_in_target_is_refused_and_the_service_left_as_it_was(
     app_context: ServiceContext, owner: dict[str, str], account: str, image_id: str, db: Session, target: str
@@ -742,7 +731,7 @@ def test_a_force_delete_on_a_built_in_target_is_refused_and_the_service_left_as_
     """Its target always completes a plain delete, and a row forgotten at once would leave what it
     runs there (replicas, a subnet) outside the account's cap until the orphan sweep: force is
     refused; the service still serves, still counts, and a plain delete is still accepted."""
-    client = _client_with(app_context, services_per_account=1, swarm_docker_host="unix:///var/run/docker.sock")
+    client = client_with(app_context, services_per_account=1, swarm_docker_host="unix:///var/run/docker.sock")
     service = deploy(client, account, owner, image_id, computeName=target)
     settle(db, service["id"], Transition.CONVERGE, ServiceState.HEALTHY, traffic_generation=1, replicas_ready=1)
     service_id = uuid.UUID(service["id"])
