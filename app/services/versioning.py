@@ -24,7 +24,7 @@ def claim_next_version(
     name waits on the row lock until this transaction ends, so versions come out 1, 2, 3 …
     with no gap and no repeat (PostgreSQL refuses FOR UPDATE with max(), hence the counter).
     """
-    statement = _claim_statement(session.get_bind().dialect.name, counter)
+    statement = claim_statement(session.get_bind().dialect.name, counter)
     params = {"id": uuid.uuid4(), "account_id": account_id, "name": name, "created_at": utcnow()}
     if session.new or session.dirty or session.deleted:
         session.flush()  # what Session.execute's autoflush would do: rows added before go first
@@ -35,18 +35,19 @@ def claim_next_version(
 
 
 @functools.cache
-def _claim_statement(dialect: str, counter: type[VersionCounter]) -> ReturningInsert:
-    """The claim as a statement with parameters, built once per counter: building it per
-    registration (and its cache key) cost more than running it (issue 20)."""
+def claim_statement(dialect: str, counter: type[VersionCounter], *, counter_id: str = "id") -> ReturningInsert:
+    """The claim as a statement with parameters ``counter_id`` (a new row's id), ``account_id``,
+    ``name`` and ``created_at``, returning the row's id and ``last_version``; built once per
+    counter: building it per registration (and its cache key) cost more than running it (issue 20)."""
     table = counter.__table__
     return (
         _UPSERTS[dialect](table)
         .values(
-            id=bindparam("id"),
-            account_id=bindparam("account_id"),
-            name=bindparam("name"),
+            id=bindparam(counter_id, type_=table.c.id.type),
+            account_id=bindparam("account_id", type_=table.c.account_id.type),
+            name=bindparam("name", type_=table.c.name.type),
             last_version=1,
-            created_at=bindparam("created_at"),
+            created_at=bindparam("created_at", type_=table.c.created_at.type),
         )
         .on_conflict_do_update(
             index_elements=[table.c.account_id, table.c.name],
