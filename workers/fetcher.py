@@ -43,6 +43,14 @@ log = logging.getLogger(__name__)
 # Same shape as socket.getaddrinfo: called as resolver(host, port, type=SOCK_STREAM).
 Resolver = Callable[..., Sequence[tuple[Any, ...]]]
 
+# A name's lookup ends within this, whatever the system resolver's own timeouts, retries and
+# search domains add up to (glibc's can pass a minute): a hanging DNS server must not hold a
+# build's fetch or a deploy pass past its deadline. A lookup given up on keeps its thread
+# until the resolver itself gives up; at most _LOOKUPS_AT_ONCE such threads at once.
+RESOLVE_SECONDS = 10.0
+_LOOKUPS_AT_ONCE = 16
+_lookups = threading.BoundedSemaphore(_LOOKUPS_AT_ONCE)
+
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _QUERYISH = re.compile(r"\?[^\s'\"]*")
@@ -394,14 +402,40 @@ def _kind_of(address: str) -> str:
 
 
 def _resolve(host: str, port: int, resolver: Resolver) -> list[str]:
-    try:
-        infos = resolver(host, port, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError) as exc:
-        raise FetchError("resolve_failed", f"cannot resolve host {host}: {exc}") from None
+    infos = _look_up(host, port, resolver, RESOLVE_SECONDS)
     addresses = list(dict.fromkeys(str(info[4][0]).split("%", 1)[0] for info in infos))
     if not addresses:
         raise FetchError("resolve_failed", f"host {host} has no address")
     return addresses
+
+
+def _look_up(host: str, port: int, resolver: Resolver, seconds: float) -> Sequence[tuple[Any, ...]]:
+    """``resolver``'s answer within ``seconds``, in a thread of its own (getaddrinfo cannot be
+    interrupted); FetchError "timeout" (tried again, as a read timeout is) past them."""
+    started = time.monotonic()
+    if not _lookups.acquire(timeout=seconds):
+        raise FetchError("timeout", f"host {host} did not resolve within {seconds:g} s (the resolver is not answering)")
+    answer: list[Any] = []
+    done = threading.Event()
+
+    def look_up() -> None:
+        try:
+            answer.append(resolver(host, port, type=socket.SOCK_STREAM))
+        except BaseException as exc:  # noqa: BLE001 (handed to the caller, raised there)
+            answer.append(exc)
+        finally:
+            _lookups.release()
+            done.set()
+
+    threading.Thread(target=look_up, name=f"resolve {host}", daemon=True).start()
+    if not done.wait(max(0.0, seconds - (time.monotonic() - started))):
+        raise FetchError("timeout", f"host {host} did not resolve within {seconds:g} s (the resolver is not answering)")
+    result = answer[0]
+    if isinstance(result, (OSError, UnicodeError)):
+        raise FetchError("resolve_failed", f"cannot resolve host {host}: {result}") from None
+    if isinstance(result, BaseException):
+        raise result
+    return result
 
 
 def _ssl_context(policy: FetchPolicy) -> ssl.SSLContext:

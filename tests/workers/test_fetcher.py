@@ -863,3 +863,72 @@ def test_a_retry_after_that_is_not_ascii_digits_is_ignored_not_an_error() -> Non
 
     assert retry_after("\u00b2") is None  # str.isdigit() says yes; float() refuses it
     assert retry_after("3") == 3.0
+
+
+# --- a resolver that does not answer -------------------------------------------------
+
+
+def _hanging(release: threading.Event):
+    def resolver(host, port, **_kwargs):
+        release.wait(30)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (PUBLIC_IP, port))]
+
+    return resolver
+
+
+def _resolver_threads() -> int:
+    return sum(1 for thread in threading.enumerate() if thread.name.startswith("resolve "))
+
+
+def _until_no_resolver_threads() -> None:
+    deadline = time.monotonic() + 5
+    while _resolver_threads() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _resolver_threads() == 0
+
+
+def test_a_lookup_that_does_not_answer_ends_within_its_bound(monkeypatch):
+    """getaddrinfo cannot be interrupted and the system resolver's own timeouts can pass a
+    minute: the check gives up at RESOLVE_SECONDS with a timeout, which a fetch tries again."""
+    from workers import fetcher
+
+    monkeypatch.setattr(fetcher, "RESOLVE_SECONDS", 0.3)
+    release = threading.Event()
+    started = time.monotonic()
+    try:
+        with pytest.raises(FetchError) as err:
+            check_url("https://slow.example/model.zip", policy=policy(), resolver=_hanging(release))
+        assert time.monotonic() - started < 2
+        assert err.value.reason == "timeout"
+        assert "slow.example" in str(err.value) and "0.3 s" in str(err.value)
+    finally:
+        release.set()
+    _until_no_resolver_threads()  # the lookup given up on ends when its resolver does
+
+
+def test_lookups_given_up_on_hold_a_bounded_number_of_threads(monkeypatch):
+    from workers import fetcher
+
+    monkeypatch.setattr(fetcher, "RESOLVE_SECONDS", 0.2)
+    monkeypatch.setattr(fetcher, "_lookups", threading.BoundedSemaphore(2))
+    release = threading.Event()
+    try:
+        for _ in range(5):
+            with pytest.raises(FetchError) as err:
+                check_url("https://slow.example/", policy=policy(), resolver=_hanging(release))
+            assert err.value.reason == "timeout"
+        assert _resolver_threads() == 2  # the other three never started one
+    finally:
+        release.set()
+    _until_no_resolver_threads()
+    # Their slots are free again: a lookup that answers goes through.
+    assert check_url("https://fine.example/", policy=policy(), resolver=_hanging(release)) == PUBLIC_IP
+
+
+def test_a_resolver_error_is_still_a_resolve_failure():
+    def failing(host, port, **_kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    with pytest.raises(FetchError) as err:
+        check_url("https://nowhere.example/", policy=policy(), resolver=failing)
+    assert err.value.reason == "resolve_failed"

@@ -167,14 +167,16 @@ class KubernetesDriver:
         tmp_mb: int = 64,
         resolver: Resolver = socket.getaddrinfo,
     ) -> None:
-        unresolved: list[str] = []
+        asked: list[str] = []
+        answered: set[str] = set()
 
         def resolving(host: str, *args: Any, **kwargs: Any) -> Sequence[tuple[Any, ...]]:
-            try:
-                return resolver(host, *args, **kwargs)
-            except (OSError, UnicodeError):
-                unresolved.append(str(host))
-                raise
+            # A name that failed or did not answer in time (the fetcher gives up on it) is
+            # one that may resolve later.
+            asked.append(str(host))
+            addresses = resolver(host, *args, **kwargs)
+            answered.add(str(host))
+            return addresses
 
         policy = policy or KubeconfigPolicy()
         try:
@@ -182,6 +184,7 @@ class KubernetesDriver:
             # The server's address, checked once more and kept: the client connects to it.
             address = check_url(checked.server, policy=policy.fetch, resolver=resolving)
         except (KubeconfigRefused, FetchError) as exc:
+            unresolved = [host for host in asked if host not in answered]
             if unresolved:  # the name did not resolve now: maybe later
                 raise EngineUnreachable(
                     f"the kubernetes cluster's server name {unresolved[0]} does not resolve"

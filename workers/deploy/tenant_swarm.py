@@ -39,7 +39,7 @@ from app.database import session_scope
 from app.orm import Compute
 from app.private_files import private_dir
 from app.sealing import UnsealError
-from workers.deploy.local import TargetRefused
+from workers.deploy.local import EngineUnreachable, TargetRefused
 from workers.deploy.swarm import SwarmDriver
 from workers.fetch_policy import fetch_policy
 from workers.fetcher import FetchError, FetchPolicy, Resolver, check_url
@@ -124,7 +124,11 @@ def swarm_driver_at(
     try:
         address = check_url(f"https://{manager.netloc}/", policy=policy, resolver=resolver)
         port = manager.port or 2376
-    except (FetchError, ValueError) as exc:
+    except FetchError as exc:
+        if exc.reason == "timeout":  # a resolver that did not answer: maybe later
+            raise EngineUnreachable(f"{target}: its manager {manager.netloc}: {exc}") from None
+        raise TargetRefused(f"{target}: its manager {manager.netloc} is refused: {exc}") from None
+    except ValueError as exc:
         raise TargetRefused(f"{target}: its manager {manager.netloc} is refused: {exc}") from None
     if in_service_pool(address, context.settings.service_subnet_pool):
         raise TargetRefused(

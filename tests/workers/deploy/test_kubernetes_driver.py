@@ -267,6 +267,40 @@ def test_the_connection_goes_to_the_address_checked_with_the_name_for_tls(fake: 
     assert resolved and fake.deployment()["metadata"]["name"] == "mms-housing-0f8e4c2a"
 
 
+@pytest.mark.parametrize("answer", ["fails", "hangs"])
+def test_a_server_name_that_does_not_resolve_now_is_unreachable_not_refused(
+    fake: FakeKubeApi, answer: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whether the resolver fails or does not answer (the fetcher gives up on it at its
+    bound, well inside the pass's deadline), the name may resolve later: Unhealthy, tried
+    again, not Failed."""
+    import threading
+    import time
+
+    from workers import fetcher
+
+    monkeypatch.setattr(fetcher, "RESOLVE_SECONDS", 0.3)
+    release = threading.Event()
+
+    def resolver(host: str, port: int, *args: Any, **kwargs: Any) -> list[tuple[Any, ...]]:
+        if answer == "fails":
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        release.wait(30)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+
+    kubeconfig = fake.kubeconfig(server=f"https://{HOST_NAME}:{fake.port}")
+    started = time.monotonic()
+    try:
+        with pytest.raises(EngineUnreachable, match="does not resolve"):
+            KubernetesDriver(
+                kubeconfig, namespace="tenant-a", policy=_policy(fake, f"{HOST_NAME}:{fake.port}"), resolver=resolver
+            )
+        assert time.monotonic() - started < 3
+    finally:
+        release.set()
+    assert fake.seen == []
+
+
 @contextmanager
 def _elsewhere() -> Iterator[tuple[int, list[object]]]:
     """A listener that only notes who connects (as a proxy or a redirect's target would be)."""

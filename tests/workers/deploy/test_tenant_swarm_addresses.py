@@ -404,3 +404,41 @@ def test_an_engines_error_text_reaches_the_log_cut_short(
     assert len(caplog.text) < 8000 and caplog.text.count("HOSTILE") < 100
     assert all(len(str(getattr(r, "exception", ""))) < 8000 for r in caplog.records)
     assert not any(r.exc_info for r in caplog.records if "HOSTILE" in str(r.exc_info))
+
+
+def test_a_manager_name_that_does_not_resolve_in_time_is_unreachable_not_refused(
+    tls: dict[str, str], app_context: ServiceContext, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A resolver that does not answer ends the lookup at the fetcher's bound, well inside the
+    pass's deadline, and leaves the service Unhealthy (tried again), not Failed: the name may
+    resolve later."""
+    import threading
+    import time
+
+    from workers import fetcher
+    from workers.deploy.local import EngineUnreachable
+
+    monkeypatch.setattr(fetcher, "RESOLVE_SECONDS", 0.3)
+    release = threading.Event()
+
+    def hanging(host: str, port: int, *args: object, **kwargs: object) -> list:
+        release.wait(30)
+        return _to_loopback(host, port)
+
+    started = time.monotonic()
+    try:
+        with (
+            pytest.raises(EngineUnreachable, match=r"did not resolve within 0\.3 s"),
+            _swarm_driver_at(
+                _context(app_context, tmp_path),
+                docker_host=f"tcp://{NAME}:2376",
+                tls=tls,
+                installation="test",
+                target="compute 'theirs'",
+                resolver=hanging,
+            ),
+        ):
+            pass
+        assert time.monotonic() - started < 3
+    finally:
+        release.set()
