@@ -14,15 +14,20 @@ import json
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import docker
 import pytest
 
+from app.deployments.reconciler import Spec
+from app.deployments.states import ServiceState
+from app.orm.base import utcnow
 from tests.infra import Infra
 from tests.workers.deploy.netns_swarm import usable
 from tests.workers.deploy.netns_swarm_pair import SwarmNode, TwoNodeSwarm, still_there, two_node_swarm
+from workers.deploy.swarm import SwarmDriver
 
 pytestmark = pytest.mark.skipif(usable() is not None, reason=f"no tenant swarm here: {usable()}")
 
@@ -111,6 +116,56 @@ def test_an_internal_overlay_carries_node_2_to_node_1_and_reaches_no_engine_and_
                 with contextlib.suppress(docker.errors.NotFound):
                     manager.api.remove_service(name)
             _remove_network(manager, network)
+
+
+def test_our_swarm_drivers_tasks_stay_on_the_node_it_talks_to(swarm: TwoNodeSwarm, image: str) -> None:
+    """The ``swarm`` target on a swarm a second node joined: each service's network is made from
+    a config-only network on the node the worker talks to, which the other node lacks (a task
+    placed there is rejected, again and again: `configuration network ... does not exist`), and
+    the gateway reaches only that node's bridges. So every task is placed on that node."""
+    manager = swarm.manager
+    location, _, digest = image.partition("@")
+    spec = Spec(
+        id=uuid.uuid4(),
+        account_id=uuid.uuid4(),
+        state=ServiceState.TRANSITIONING,
+        compute_type="swarm",
+        compute_name="swarm",
+        compute_attached=False,
+        image_id=uuid.uuid4(),
+        image_location=location,
+        image_digest=digest,
+        generation=1,
+        traffic_generation=None,
+        replicas=4,
+        cpu=0.1,
+        memory_gb=0.1,
+        scoring_timeout_ms=1000,
+        revision=1,
+        changed_at=utcnow(),
+        switched_at=None,
+    )
+    driver = SwarmDriver(
+        f"unix://{swarm.root / 'n1' / 'docker.sock'}", installation="multinode-test", subnet_pool="10.213.0.0/16",
+        tmp_mb=16, pids=64,
+    )  # fmt: skip
+    try:
+        driver.start(spec, 4, None)
+        (service,) = manager.api.services(filters={"label": f"org.mms.service={spec.id}"})
+        manager_id = manager.api.info()["Swarm"]["NodeID"]
+        deadline = time.monotonic() + 60
+        while len(placed := [t for t in manager.api.tasks(filters={"service": service["ID"]}) if t.get("NodeID")]) < 4:
+            assert time.monotonic() < deadline, placed
+            time.sleep(0.5)
+        time.sleep(3)  # a task on the other node is rejected within a second or two
+        tasks = manager.api.tasks(filters={"service": service["ID"]})
+        assert {t["NodeID"] for t in tasks if t.get("NodeID")} == {manager_id}, [
+            (t.get("NodeID"), t["Status"].get("Err")) for t in tasks
+        ]
+        assert [t for t in tasks if t["Status"]["State"] == "rejected"] == []
+    finally:
+        driver.remove_all(spec.id)
+        driver.close()
 
 
 def test_the_two_node_swarm_leaves_nothing_behind_even_after_a_failure(infra: Infra) -> None:
