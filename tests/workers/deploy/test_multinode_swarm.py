@@ -198,7 +198,10 @@ def _task(manager: SwarmNode, image: str, name: str, network: str, node_id: str)
     deadline = time.monotonic() + 120
     while True:
         tasks = manager.api.tasks(filters={"service": created["ID"], "desired-state": "running"})
-        running = [t for t in tasks if t["Status"]["State"] == "running"]
+        # Running, with its container named (the manager's view can lag the node's a moment).
+        running = [
+            t for t in tasks if t["Status"]["State"] == "running" and t["Status"]["ContainerStatus"].get("ContainerID")
+        ]
         if running:
             return running[0]
         assert time.monotonic() < deadline, tasks
