@@ -127,7 +127,9 @@ def two_node_swarm(*, registry_ports: Sequence[int], seconds: float = 60) -> Ite
         _unmount_under(root)
         for netns in [n for n, *_ in names] + [lan]:
             subprocess.run(["ip", "netns", "del", netns], capture_output=True, timeout=30)
-        subprocess.run(["ip", "link", "del", host_side], capture_output=True, timeout=30)
+        # Links go with their namespace; one still on the host (a failed move) goes here.
+        for link in [host_side, lan_host_side] + [n[1] for n in names]:
+            subprocess.run(["ip", "link", "del", link], capture_output=True, timeout=30)
         shutil.rmtree(root, ignore_errors=True)
 
 
