@@ -7,9 +7,10 @@ bridge name. So each service gets a config-only network (a /27 of MMS_SERVICE_SU
 bridge ``mmss<10 hex>``, labelled: the same host firewall as ``local`` holds it) and a
 swarm-scoped bridge made from it (which takes no labels: found by name); each generation is
 one swarm service ``mms-<id hex12>-g<n>`` with no published port, whose tasks the gateway
-reaches at their container's address. Swarm replaces a task that exits; scaling is the
-service's replica count. What runs is read from the engine every pass, by labels, as for
-``local``.
+reaches at their container's address; all placed on the node the worker talks to (a node
+joined later lacks the config-only network: design §1, "Multi-node swarm"). Swarm replaces
+a task that exits; scaling is the service's replica count. What runs is read from the engine
+every pass, by labels, as for ``local``.
 
 A swarm a tenant attached (``published_host`` set: workers/deploy/tenant_swarm.py opens it)
 is another's hosts, not ours: no service network or host firewall of ours there; each task
@@ -325,10 +326,12 @@ class SwarmDriver:
             "TaskTemplate": template,
             "Mode": {"Replicated": {"Replicas": count}},
         }
+        # Every task on the node the worker talks to: our service network's config-only
+        # network is that node's alone (a task elsewhere is rejected, over and over), and on a
+        # tenant's swarm the gateway knows no other node's address (design §1, "Multi-node swarm").
+        template["Placement"] = {"Constraints": [f"node.id=={self._node_id}"]}
         if self._published_host:
-            # Each task's port on the node the worker talks to (the gateway knows no other
-            # address); DNS round robin: a VIP needs IPVS, as the routing mesh does.
-            template["Placement"] = {"Constraints": [f"node.id=={self._node_id}"]}
+            # DNS round robin: a VIP needs IPVS, as the routing mesh does.
             body["EndpointSpec"] = {
                 "Mode": "dnsrr",
                 "Ports": [{"Protocol": "tcp", "TargetPort": REPLICA_PORT, "PublishMode": "host"}],

@@ -73,35 +73,8 @@ def tenant_swarm(workdir: Path, *, registry_port: int, seconds: float = 60) -> I
         ):
             _run("ip", "netns", "exec", netns, *command)
         tls = _certificates(root, ns_ip)
-        sock = root / "docker.sock"
-        log = open(root / "dockerd.log", "wb")  # noqa: SIM115
-        # nsenter, not `ip netns exec`: that remounts /sys, hiding the cgroup mounts dockerd needs.
-        dockerd = subprocess.Popen(
-            [
-                "nsenter",
-                f"--net=/var/run/netns/{netns}",
-                "dockerd",
-                f"--data-root={root / 'data'}",
-                f"--exec-root={root / 'exec'}",
-                f"--pidfile={root / 'dockerd.pid'}",
-                f"--host=unix://{sock}",
-                f"--host=tcp://{ns_ip}:2376",
-                "--tlsverify",
-                f"--tlscacert={root / 'ca.pem'}",
-                f"--tlscert={root / 'server.pem'}",
-                f"--tlskey={root / 'server-key.pem'}",
-                "--iptables=true",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        log.close()
-        deadline = time.monotonic() + seconds
-        while not _answers(sock):
-            assert dockerd.poll() is None, (root / "dockerd.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the tenant's dockerd never answered"
-            time.sleep(0.3)
+        dockerd = _start_dockerd(root, netns, ns_ip)
+        sock = _wait_for(dockerd, root, seconds)
         api = docker.APIClient(base_url=f"unix://{sock}", version="auto", timeout=30)
         api.init_swarm(advertise_addr=ns_ip, listen_addr=f"{ns_ip}:2377")
         forwarder = _Forwarder(netns, registry_port)
@@ -118,6 +91,48 @@ def tenant_swarm(workdir: Path, *, registry_port: int, seconds: float = 60) -> I
         subprocess.run(["ip", "netns", "del", netns], capture_output=True, timeout=30)
         subprocess.run(["ip", "link", "del", host_side], capture_output=True, timeout=30)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _start_dockerd(root: Path, netns: str, address: str) -> subprocess.Popen:
+    """A dockerd in ``netns``: its data, exec root and unix socket under ``root``, TLS (the
+    certificates ``_certificates`` wrote there) on ``address``:2376, the namespace's iptables."""
+    sock = root / "docker.sock"
+    log = open(root / "dockerd.log", "wb")  # noqa: SIM115
+    try:
+        # nsenter, not `ip netns exec`: that remounts /sys, hiding the cgroup mounts dockerd needs.
+        return subprocess.Popen(
+            [
+                "nsenter",
+                f"--net=/var/run/netns/{netns}",
+                "dockerd",
+                f"--data-root={root / 'data'}",
+                f"--exec-root={root / 'exec'}",
+                f"--pidfile={root / 'dockerd.pid'}",
+                f"--host=unix://{sock}",
+                f"--host=tcp://{address}:2376",
+                "--tlsverify",
+                f"--tlscacert={root / 'ca.pem'}",
+                f"--tlscert={root / 'server.pem'}",
+                f"--tlskey={root / 'server-key.pem'}",
+                "--iptables=true",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    finally:
+        log.close()
+
+
+def _wait_for(dockerd: subprocess.Popen, root: Path, seconds: float) -> Path:
+    """The daemon's unix socket, once it answers."""
+    sock = root / "docker.sock"
+    deadline = time.monotonic() + seconds
+    while not _answers(sock):
+        assert dockerd.poll() is None, (root / "dockerd.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "the tenant's dockerd never answered"
+        time.sleep(0.3)
+    return sock
 
 
 def _answers(sock: Path) -> bool:
