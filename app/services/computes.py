@@ -22,7 +22,7 @@ from app.deployments.kubeconfig import WHOLE_FILE, KubeconfigRefused, check_kube
 from app.errors import Conflict, NotFound, ValidationFailed
 from app.orm import Compute, Service
 from app.schemas.services import ComputePut
-from app.sealing import Sealer
+from app.sealing import Sealer, UnsealError
 from app.services.accounts import AccountRef
 
 LOCAL = "local"
@@ -271,13 +271,46 @@ def put_target(
             compute = _find(session, account, name)
             if compute is None:  # not a duplicate: the account went meanwhile (409 ReferenceDeleted)
                 raise
-    if compute.compute_type != body.type and _in_use(session, account, name):
+    moved = _moved(compute, body.type, properties, credentials, sealer)
+    if moved and _in_use(session, account, name):
+        # What runs there now would be left behind: passes and deletes would reach only the new
+        # place (a manager of the same swarm, or another swarm, cannot be told apart here), and a
+        # cleanup queued for the old one could remove the very tasks that serve. The tenant
+        # deletes the services first (each removes what it made), then moves the target.
         raise Conflict(
-            f"compute '{name}' runs services: its type cannot change until they are deleted", code="ComputeInUse"
+            f"compute '{name}' runs services: its {moved} cannot change until they are deleted (new "
+            "credentials for the same address can be given at any time)",
+            code="ComputeInUse",
         )
     compute.compute_type, compute.properties, compute.sealed_credentials = body.type, properties, sealed
     session.flush()
     return _target(compute), False
+
+
+def _moved(
+    compute: Compute, compute_type: str, properties: dict[str, Any], credentials: dict[str, Any], sealer: Sealer
+) -> str | None:
+    """What of a target's place the new settings change, if any: its type, a swarm's manager
+    address, a kubernetes target's namespace or its current context's server. New credentials
+    for the same place (a renewed certificate or token) are no move."""
+    if compute.compute_type != compute_type:
+        return "type"
+    if compute_type == "swarm":
+        return "dockerHost" if compute.properties.get("dockerHost") != properties["dockerHost"] else None
+    if (compute.properties.get("namespace") or "default") != properties["namespace"]:
+        return "namespace"
+    if compute.sealed_credentials is None:
+        return None
+    try:
+        old = check_kubeconfig(json.loads(sealer.unseal(compute.sealed_credentials))["kubeconfig"]).server
+    except (
+        KubeconfigRefused,
+        UnsealError,
+        ValueError,
+        KeyError,
+    ):  # one the policy refuses now: no telling where it led
+        return "cluster"
+    return "cluster" if old != check_kubeconfig(credentials["kubeconfig"]).server else None
 
 
 def delete_target(session: Session, account: AccountRef, *, name: str, swarm_enabled: bool = False) -> None:

@@ -352,7 +352,9 @@ def test_concurrent_force_deletes_never_pass_the_accounts_cap_on_pending_cleanup
     try:
         with service_context.session_factory.begin() as session:
             force_delete(session, session.get_one(Service, first_id), max_cleanups=3)
-            threads = [_in_thread(lambda service_id=service_id: force(service_id), outcomes) for service_id in other_ids]
+            threads = [
+                _in_thread(lambda service_id=service_id: force(service_id), outcomes) for service_id in other_ids
+            ]
             # Each of the others is either done or waiting on the account's row before the first commits.
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline and len(outcomes) + _waiting(service_context) < len(threads):
