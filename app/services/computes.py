@@ -89,18 +89,34 @@ def list_targets(
     return [_built_in(name) for name in built_in] + [_target(c) for c in attached if c.name not in built_in]
 
 
-def _find(session: Session, account: AccountRef, name: str) -> Compute | None:
-    return session.scalars(select(Compute).where(Compute.account_id == account.id, Compute.name == name)).first()
+def _find(
+    session: Session, account: AccountRef, name: str, *, lock: bool = False, share: bool = False
+) -> Compute | None:
+    """The attached target ``name``; ``lock``: its row locked until the commit (``share``: FOR
+    SHARE, as a service's create takes it; else FOR UPDATE, as a move or a detach takes it
+    before counting the services on it: one waits for the other, so a service is never made on
+    a target that a concurrent request moves or detaches)."""
+    query = select(Compute).where(Compute.account_id == account.id, Compute.name == name)
+    if lock:
+        query = query.with_for_update(read=share)
+    return session.scalars(query).first()
 
 
 def get_target(
-    session: Session, account: AccountRef, *, name: str, local_enabled: bool, swarm_enabled: bool = False
+    session: Session,
+    account: AccountRef,
+    *,
+    name: str,
+    local_enabled: bool,
+    swarm_enabled: bool = False,
+    for_service: bool = False,
 ) -> Target:
-    """One target by name, or 404."""
+    """One target by name, or 404. ``for_service``: a service is being made on it, in this
+    transaction: an attached target's row is share-locked until the commit (see ``_find``)."""
     built_in = _built_in_name(name, swarm_enabled=swarm_enabled)
     if built_in in _built_ins(local_enabled=local_enabled, swarm_enabled=swarm_enabled):
         return _built_in(built_in)
-    compute = None if built_in else _find(session, account, name)
+    compute = None if built_in else _find(session, account, name, lock=for_service, share=True)
     if compute is None:
         raise NotFound(f"compute '{name}' was not found in this account", code="ComputeNotFound")
     return _target(compute)
@@ -252,7 +268,7 @@ def put_target(
         body, allow_insecure_tls=allow_insecure_tls, allow_hosts=allow_hosts, service_pool=service_pool
     )
     sealed = sealer.seal(json.dumps(credentials).encode())
-    compute = _find(session, account, name)
+    compute = _find(session, account, name, lock=True)
     if compute is None:
         compute = Compute(
             account_id=account.id,
@@ -268,7 +284,7 @@ def put_target(
                 session.flush()
             return _target(compute), True
         except IntegrityError:  # another request attached it a moment ago: this PUT replaces it
-            compute = _find(session, account, name)
+            compute = _find(session, account, name, lock=True)
             if compute is None:  # not a duplicate: the account went meanwhile (409 ReferenceDeleted)
                 raise
     moved = _moved(compute, body.type, properties, credentials, sealer)
@@ -318,7 +334,7 @@ def delete_target(session: Session, account: AccountRef, *, name: str, swarm_ena
     built_in = _built_in_name(name, swarm_enabled=swarm_enabled)
     if built_in:
         raise Conflict(f"compute '{built_in}' is built in: it cannot be detached", code="BuiltInCompute")
-    compute = _find(session, account, name)
+    compute = _find(session, account, name, lock=True)
     if compute is None:
         raise NotFound(f"compute '{name}' was not found in this account", code="ComputeNotFound")
     in_use = _in_use(session, account, name)
