@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from app.addresses import in_service_pool, is_public_address
 from app.deployments.kubeconfig import WHOLE_FILE, KubeconfigRefused, check_kubeconfig
 from app.errors import Conflict, NotFound, ValidationFailed
-from app.orm import Compute, Service
+from app.orm import Account, Compute, Service
 from app.schemas.services import ComputePut
 from app.sealing import Sealer, UnsealError
 from app.services.accounts import AccountRef
@@ -116,6 +116,11 @@ def get_target(
     built_in = _built_in_name(name, swarm_enabled=swarm_enabled)
     if built_in in _built_ins(local_enabled=local_enabled, swarm_enabled=swarm_enabled):
         return _built_in(built_in)
+    if for_service and not built_in:
+        # The account's row first (FOR KEY SHARE, as the service's insert takes it anyway): an
+        # account's delete locks it before its cascade takes the target's row, so taking the
+        # target's first would let the two wait on each other.
+        session.execute(select(Account.id).where(Account.id == account.id).with_for_update(read=True, key_share=True))
     compute = None if built_in else _find(session, account, name, lock=for_service, share=True)
     if compute is None:
         raise NotFound(f"compute '{name}' was not found in this account", code="ComputeNotFound")

@@ -143,3 +143,37 @@ def _waiting_on_a_lock(service_context: ServiceContext, seconds: float = 5.0) ->
                 return True
             time.sleep(0.05)
     return False
+
+
+def test_an_accounts_delete_while_a_service_is_made_on_its_target_waits_without_a_deadlock(
+    service_context: ServiceContext, attached: tuple[AccountRef, uuid.UUID]
+) -> None:
+    """The create holds the target's row when the account's delete comes, whose cascade takes
+    that row after the account's: the create takes the account's row first, so the delete waits
+    for it, then deletes both (were the target's row taken first, the create's insert would wait
+    on the account's delete while that waits on the target: a deadlock, one of them failed)."""
+    ref, image_id = attached
+    outcome: list[object] = []
+
+    def delete_the_account() -> None:
+        try:
+            with service_context.session_factory.begin() as session:
+                session.execute(text("SET LOCAL lock_timeout = '20s'"))
+                session.execute(delete(Account).where(Account.id == ref.id))
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001  (reported by the test's thread)
+            outcome.append(exc)
+
+    with service_context.session_factory.begin() as session:
+        session.execute(text("SET LOCAL lock_timeout = '20s'"))
+        computes.get_target(session, ref, name="theirs", local_enabled=False, for_service=True)
+        thread = threading.Thread(target=delete_the_account, daemon=True)
+        thread.start()
+        assert _waiting_on_a_lock(service_context)
+        session.add(_service(ref, image_id, "theirs"))
+        session.flush()
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert outcome == [None], outcome
+    with service_context.session_factory() as session:
+        assert session.get(Account, ref.id) is None
