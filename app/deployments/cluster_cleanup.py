@@ -90,7 +90,15 @@ def queue_cleanups(
     # at once queue one row, not two (the second waits, then finds the service gone). All of them,
     # those never applied too: a reconciler pass claims a service with an UPDATE, which waits here.
     rows = [row for row in session.execute(query.with_for_update(of=Service)).all() if _maybe_applied(row)]
+    # The tenant: the sweep picks fairly by it (an account's own delete is never capped, and a
+    # tenant makes any number of accounts).
+    subscription_query = select(func.lower(Account.subscription_id)).where(Account.id == account_id)
     if rows and cap is not None:
+        # The account's row locked until the commit, after the services' (the order an account's
+        # delete takes them in): capped deletes of its services count the pending rows one at a
+        # time, each seeing the rows those before it queued, so the cap is exact. FOR NO KEY
+        # UPDATE: the foreign key checks of inserts under the account (FOR KEY SHARE) never wait.
+        subscription = session.scalar(subscription_query.with_for_update(key_share=True))
         pending = session.scalar(
             select(func.count()).select_from(ClusterCleanup).where(ClusterCleanup.account_id == account_id)
         )
@@ -102,9 +110,8 @@ def queue_cleanups(
                 "the service without force",
                 code="TooManyCleanups",
             )
-    # The tenant: the sweep picks fairly by it (an account's own delete is never capped, and a
-    # tenant makes any number of accounts).
-    subscription = session.scalar(select(func.lower(Account.subscription_id)).where(Account.id == account_id))
+    else:
+        subscription = session.scalar(subscription_query)
     for row in rows:
         properties = row.properties or {}
         session.add(

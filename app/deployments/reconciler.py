@@ -437,7 +437,9 @@ def record(
     if spec.state is ServiceState.FAILED:
         # It waits for a change (a PATCH makes it due at once). Only once a pass finds nothing of
         # it left is it looked at rarely: one that removes leftovers looks again soon.
-        values["due_at"] = now + timedelta(seconds=STEADY_SECONDS if any(r.alive for r in replicas) else FAILED_SECONDS)
+        # (``step.busy``: the pass knows of leftovers it did not see, a swarm's older generations.)
+        leftovers = step.busy or any(r.alive for r in replicas)
+        values["due_at"] = now + timedelta(seconds=STEADY_SECONDS if leftovers else FAILED_SECONDS)
     if step.failure is not None and spec.state is ServiceState.FAILED:
         # It says so already.
         if _bookkeep(session, fence, **released, due_at=values["due_at"]):

@@ -20,9 +20,9 @@ from sqlalchemy.orm import Session
 from app.addresses import in_service_pool, is_public_address
 from app.deployments.kubeconfig import WHOLE_FILE, KubeconfigRefused, check_kubeconfig
 from app.errors import Conflict, NotFound, ValidationFailed
-from app.orm import Compute, Service
+from app.orm import Account, Compute, Service
 from app.schemas.services import ComputePut
-from app.sealing import Sealer
+from app.sealing import Sealer, UnsealError
 from app.services.accounts import AccountRef
 
 LOCAL = "local"
@@ -89,18 +89,39 @@ def list_targets(
     return [_built_in(name) for name in built_in] + [_target(c) for c in attached if c.name not in built_in]
 
 
-def _find(session: Session, account: AccountRef, name: str) -> Compute | None:
-    return session.scalars(select(Compute).where(Compute.account_id == account.id, Compute.name == name)).first()
+def _find(
+    session: Session, account: AccountRef, name: str, *, lock: bool = False, share: bool = False
+) -> Compute | None:
+    """The attached target ``name``; ``lock``: its row locked until the commit (``share``: FOR
+    SHARE, as a service's create takes it; else FOR UPDATE, as a move or a detach takes it
+    before counting the services on it: one waits for the other, so a service is never made on
+    a target that a concurrent request moves or detaches)."""
+    query = select(Compute).where(Compute.account_id == account.id, Compute.name == name)
+    if lock:
+        query = query.with_for_update(read=share)
+    return session.scalars(query).first()
 
 
 def get_target(
-    session: Session, account: AccountRef, *, name: str, local_enabled: bool, swarm_enabled: bool = False
+    session: Session,
+    account: AccountRef,
+    *,
+    name: str,
+    local_enabled: bool,
+    swarm_enabled: bool = False,
+    for_service: bool = False,
 ) -> Target:
-    """One target by name, or 404."""
+    """One target by name, or 404. ``for_service``: a service is being made on it, in this
+    transaction: an attached target's row is share-locked until the commit (see ``_find``)."""
     built_in = _built_in_name(name, swarm_enabled=swarm_enabled)
     if built_in in _built_ins(local_enabled=local_enabled, swarm_enabled=swarm_enabled):
         return _built_in(built_in)
-    compute = None if built_in else _find(session, account, name)
+    if for_service and not built_in:
+        # The account's row first (FOR KEY SHARE, as the service's insert takes it anyway): an
+        # account's delete locks it before its cascade takes the target's row, so taking the
+        # target's first would let the two wait on each other.
+        session.execute(select(Account.id).where(Account.id == account.id).with_for_update(read=True, key_share=True))
+    compute = None if built_in else _find(session, account, name, lock=for_service, share=True)
     if compute is None:
         raise NotFound(f"compute '{name}' was not found in this account", code="ComputeNotFound")
     return _target(compute)
@@ -252,7 +273,7 @@ def put_target(
         body, allow_insecure_tls=allow_insecure_tls, allow_hosts=allow_hosts, service_pool=service_pool
     )
     sealed = sealer.seal(json.dumps(credentials).encode())
-    compute = _find(session, account, name)
+    compute = _find(session, account, name, lock=True)
     if compute is None:
         compute = Compute(
             account_id=account.id,
@@ -268,16 +289,49 @@ def put_target(
                 session.flush()
             return _target(compute), True
         except IntegrityError:  # another request attached it a moment ago: this PUT replaces it
-            compute = _find(session, account, name)
+            compute = _find(session, account, name, lock=True)
             if compute is None:  # not a duplicate: the account went meanwhile (409 ReferenceDeleted)
                 raise
-    if compute.compute_type != body.type and _in_use(session, account, name):
+    moved = _moved(compute, body.type, properties, credentials, sealer)
+    if moved and _in_use(session, account, name):
+        # What runs there now would be left behind: passes and deletes would reach only the new
+        # place (a manager of the same swarm, or another swarm, cannot be told apart here), and a
+        # cleanup queued for the old one could remove the very tasks that serve. The tenant
+        # deletes the services first (each removes what it made), then moves the target.
         raise Conflict(
-            f"compute '{name}' runs services: its type cannot change until they are deleted", code="ComputeInUse"
+            f"compute '{name}' runs services: its {moved} cannot change until they are deleted (new "
+            "credentials for the same address can be given at any time)",
+            code="ComputeInUse",
         )
     compute.compute_type, compute.properties, compute.sealed_credentials = body.type, properties, sealed
     session.flush()
     return _target(compute), False
+
+
+def _moved(
+    compute: Compute, compute_type: str, properties: dict[str, Any], credentials: dict[str, Any], sealer: Sealer
+) -> str | None:
+    """What of a target's place the new settings change, if any: its type, a swarm's manager
+    address, a kubernetes target's namespace or its current context's server. New credentials
+    for the same place (a renewed certificate or token) are no move."""
+    if compute.compute_type != compute_type:
+        return "type"
+    if compute_type == "swarm":
+        return "dockerHost" if compute.properties.get("dockerHost") != properties["dockerHost"] else None
+    if (compute.properties.get("namespace") or "default") != properties["namespace"]:
+        return "namespace"
+    if compute.sealed_credentials is None:
+        return None
+    try:
+        old = check_kubeconfig(json.loads(sealer.unseal(compute.sealed_credentials))["kubeconfig"]).server
+    except (
+        KubeconfigRefused,
+        UnsealError,
+        ValueError,
+        KeyError,
+    ):  # one the policy refuses now: no telling where it led
+        return "cluster"
+    return "cluster" if old != check_kubeconfig(credentials["kubeconfig"]).server else None
 
 
 def delete_target(session: Session, account: AccountRef, *, name: str, swarm_enabled: bool = False) -> None:
@@ -285,7 +339,7 @@ def delete_target(session: Session, account: AccountRef, *, name: str, swarm_ena
     built_in = _built_in_name(name, swarm_enabled=swarm_enabled)
     if built_in:
         raise Conflict(f"compute '{built_in}' is built in: it cannot be detached", code="BuiltInCompute")
-    compute = _find(session, account, name)
+    compute = _find(session, account, name, lock=True)
     if compute is None:
         raise NotFound(f"compute '{name}' was not found in this account", code="ComputeNotFound")
     in_use = _in_use(session, account, name)

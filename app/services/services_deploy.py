@@ -203,6 +203,7 @@ def create(
         name=body.computeName,
         local_enabled=limits.local_enabled,
         swarm_enabled=limits.swarm_enabled,
+        for_service=True,
     )
     if body.computeType is not None and body.computeType != target.compute_type:
         raise invalid(

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import delete as sa_delete
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -23,7 +24,7 @@ from app.gateway.route_table import read_route
 from app.main import create_app
 from app.orm import Account, ClusterCleanup, Compute, Event, Service, ServiceLogLine, ServiceReplica
 from app.orm.base import utcnow
-from tests.api.test_computes import kubernetes, swarm, with_operators_swarm
+from tests.api.test_computes import KUBECONFIG, kubernetes, swarm, with_operators_swarm
 from tests.api.test_manifests import SCORE_URL
 from tests.factories import Callers, client_with, model_body
 
@@ -822,6 +823,51 @@ def test_a_target_that_runs_services_cannot_be_detached_or_change_type(
     )
     assert too_many.status_code == 400
     assert too_many.json()["details"][0]["message"].startswith("deploymentConfig.numReplicas:")
+
+
+def test_a_target_that_runs_services_keeps_its_place_but_takes_new_credentials(
+    client: TestClient, owner: dict[str, str], account: str, image_id: str, db: Session
+) -> None:
+    """Moving a target that runs services would leave what they run at the old place (another
+    manager may be another swarm, or the same one: no cleanup can tell which): a 409 naming what
+    may not change. A renewed certificate or token for the same place is taken; once the
+    services are gone, the target moves."""
+    no_auth = {"authEnabled": False}
+    assert client.put(f"{account}/computes/myswarm", json=swarm(), headers=owner).status_code == 201
+    assert client.put(f"{account}/computes/aks", json=kubernetes(), headers=owner).status_code == 201
+    on_swarm = deploy(
+        client, account, owner, image_id, computeName="myswarm", computeType="swarm", deploymentConfig=no_auth
+    )
+    deploy(
+        client,
+        account,
+        owner,
+        image_id,
+        name="kube",
+        computeName="aks",
+        computeType="kubernetes",
+        deploymentConfig=no_auth,
+    )
+    renewed = swarm()
+    renewed["properties"]["tls"]["cert"] = renewed["properties"]["tls"]["cert"].replace("fake", "renewed")
+    assert client.put(f"{account}/computes/myswarm", json=renewed, headers=owner).status_code == 200
+    other_cluster = KUBECONFIG.replace("k8s.example.com", "k8s-2.example.com")
+    for name, moved, what in (
+        ("myswarm", swarm("tcp://swarm-2.example.com:2376"), "dockerHost"),
+        ("aks", kubernetes(namespace="elsewhere"), "namespace"),
+        ("aks", kubernetes(other_cluster), "cluster"),
+    ):
+        response = client.put(f"{account}/computes/{name}", json=moved, headers=owner)
+        assert (response.status_code, response.json()["code"]) == (409, "ComputeInUse"), response.text
+        assert f"its {what} cannot change" in response.json()["message"]
+    new_token = KUBECONFIG.replace("kube-token-never-shown", "kube-token-renewed")
+    assert client.put(f"{account}/computes/aks", json=kubernetes(new_token), headers=owner).status_code == 200
+    shown = client.get(f"{account}/computes/myswarm", headers=owner).json()
+    assert shown["properties"]["dockerHost"] == "tcp://swarm.example.com:2376"
+    # Its service gone, the swarm target moves.
+    db.execute(sa_delete(Service).where(Service.id == uuid.UUID(on_swarm["id"])))
+    moved = client.put(f"{account}/computes/myswarm", json=swarm("tcp://swarm-2.example.com:2376"), headers=owner)
+    assert moved.status_code == 200, moved.text
 
 
 def test_an_attached_swarm_refuses_key_auth_rather_than_serve_without_it(

@@ -18,7 +18,7 @@ from app.context import ServiceContext
 from app.deployments import reconciler
 from app.deployments.lifecycle import delete_account_services, force_delete
 from app.deployments.states import OperationKind, OperationState, ServiceState
-from app.errors import NotFound
+from app.errors import Conflict, NotFound
 from app.orm import Account, ClusterCleanup, Compute, Image, Service, ServiceOperation, ServiceReplica
 from app.orm.base import utcnow
 from tests.factories import new_image_row
@@ -313,3 +313,81 @@ def test_a_force_delete_coming_while_a_pass_writes_waits_for_it_without_a_deadlo
         assert len(forced) == 1 and isinstance(forced[0], force_outcome), forced
     with service_context.session_factory() as session:
         assert session.get(Service, service_id) is None
+
+
+# ---- the account's cap on pending cleanups, under concurrent force deletes
+
+
+def test_concurrent_force_deletes_never_pass_the_accounts_cap_on_pending_cleanups(
+    service_context: ServiceContext, committed_service: tuple[uuid.UUID, uuid.UUID]
+) -> None:
+    """Six force deletes of six services of one account, the cap at 3: exactly 3 rows queued,
+    the others refused (409 TooManyCleanups), however they interleave. The first holds its
+    transaction open after its count; the others come meanwhile: counted without the account's
+    lock, each would see no row pending and pass."""
+    first_id, account_id = committed_service
+    with service_context.session_factory.begin() as session:
+        template = session.get_one(Service, first_id)
+        others = []
+        for i in range(5):
+            other = Service(
+                **{
+                    column.key: getattr(template, column.key)
+                    for column in Service.__table__.columns
+                    if column.key not in ("id", "name", "created_at", "changed_at")
+                },
+                name=f"svc{i}",
+            )
+            session.add(other)
+            others.append(other)
+        session.flush()
+        other_ids = [other.id for other in others]
+    outcomes: list[object] = []
+
+    def force(service_id: uuid.UUID) -> None:
+        with service_context.session_factory.begin() as session:
+            session.execute(text("SET LOCAL lock_timeout = '20s'"))
+            force_delete(session, session.get_one(Service, service_id), max_cleanups=3)
+
+    try:
+        with service_context.session_factory.begin() as session:
+            force_delete(session, session.get_one(Service, first_id), max_cleanups=3)
+            threads = [
+                _in_thread(lambda service_id=service_id: force(service_id), outcomes) for service_id in other_ids
+            ]
+            # Each of the others is either done or waiting on the account's row before the first commits.
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and len(outcomes) + _waiting(service_context) < len(threads):
+                time.sleep(0.05)
+        for thread in threads:
+            thread.join(timeout=60)
+        assert not any(thread.is_alive() for thread in threads)
+        refused = [outcome for outcome in outcomes if isinstance(outcome, Conflict)]
+        assert all(getattr(outcome, "code", None) == "TooManyCleanups" for outcome in refused), outcomes
+        assert outcomes.count(None) == 2 and len(refused) == 3, outcomes
+        with service_context.session_factory() as session:
+            queued = session.scalar(
+                select(func.count()).select_from(ClusterCleanup).where(ClusterCleanup.account_id == account_id)
+            )
+            assert queued == 3
+            left = session.scalar(select(func.count()).select_from(Service).where(Service.account_id == account_id))
+            assert left == 3  # the refused ones stay
+    finally:
+        with service_context.session_factory.begin() as session:
+            session.execute(delete(ClusterCleanup).where(ClusterCleanup.account_id == account_id))
+            session.execute(delete(ServiceOperation).where(ServiceOperation.account_id == account_id))
+            session.execute(delete(Service).where(Service.account_id == account_id))
+
+
+def _waiting(service_context: ServiceContext) -> int:
+    """How many other connections to this database wait on a lock now."""
+    with service_context.engine.connect() as watcher:
+        return int(
+            watcher.scalar(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+                )
+            )
+            or 0
+        )

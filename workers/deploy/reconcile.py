@@ -167,6 +167,10 @@ def _pass(context: ServiceContext, lease: Lease) -> None:
                 failure=failure,
             )
             driver.remove(step.remove)
+            if spec.state is ServiceState.FAILED and isinstance(driver, SwarmDriver):
+                # The generations past those a pass observes go too: while some are left, the
+                # next pass comes soon (as a kubernetes one's), not in FAILED_SECONDS.
+                step.busy = not driver.remove_generations(spec.id)
             if step.start:
                 if not _tenant_swarm(context, spec):  # a tenant's hosts are not under our firewall
                     require_service_firewall(

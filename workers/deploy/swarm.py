@@ -403,6 +403,20 @@ class SwarmDriver:
 
     @_in_time
     @_bounded
+    def remove_generations(self, service_id: uuid.UUID) -> bool:
+        """A Failed service's swarm services, every generation's (nothing of it serves until the
+        tenant changes it), those past the MAX_OTHER_GENERATIONS a pass observes too; its
+        networks stay (a gateway may still route to their addresses; a change deploys on them
+        again). At most MAX_REMOVED_SERVICES a call; whether none is left."""
+        services = self._services(service_id)
+        for service in services[:MAX_REMOVED_SERVICES]:
+            self._check_time()
+            with suppress(docker.errors.NotFound):
+                self._api.remove_service(service["ID"])
+        return len(services) <= MAX_REMOVED_SERVICES
+
+    @_in_time
+    @_bounded
     def sweep(self, known: Callable[[], set[uuid.UUID]]) -> list[uuid.UUID]:
         """Remove what the swarm holds of this installation's services that no longer exist; their
         ids. Their swarm services go first, their networks one sweep later, as on local

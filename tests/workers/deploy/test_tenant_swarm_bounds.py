@@ -528,6 +528,20 @@ def test_remove_and_remove_all_act_on_a_bounded_number_a_call(
     assert calls["service"] == 1 + MAX_REMOVED_SERVICES  # the DELETEs
 
 
+def test_a_failed_services_generations_go_a_bounded_number_a_call_and_its_networks_stay(
+    engine: tuple[int, type[_Engine]], certs: dict[str, str]
+) -> None:
+    from workers.deploy.swarm import MAX_REMOVED_SERVICES
+
+    port, handler = engine
+    hostile, calls = _many(1)
+    handler.hostile = staticmethod(hostile)
+    with _driver(port, certs) as driver:
+        assert driver.remove_generations(swarm_spec().id) is False  # more than one call removes
+    assert calls["service"] == MAX_REMOVED_SERVICES  # the DELETEs
+    assert not any(kind.startswith("/networks") or kind == "network" for kind in calls)
+
+
 @pytest.mark.parametrize("how", ["trickling", "slow-probes"])
 def test_a_pass_ends_at_its_deadline_naming_it(
     engine: tuple[int, type[_Engine]], certs: dict[str, str], how: str, monkeypatch: pytest.MonkeyPatch
