@@ -317,8 +317,8 @@ def _moved(
     if compute.compute_type != compute_type:
         return "type"
     if compute_type == "swarm":
-        return "dockerHost" if compute.properties.get("dockerHost") != properties["dockerHost"] else None
-    if (compute.properties.get("namespace") or "default") != properties["namespace"]:
+        return "dockerHost" if (compute.properties or {}).get("dockerHost") != properties["dockerHost"] else None
+    if ((compute.properties or {}).get("namespace") or "default") != properties["namespace"]:
         return "namespace"
     if compute.sealed_credentials is None:
         return None
