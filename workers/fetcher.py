@@ -46,9 +46,12 @@ Resolver = Callable[..., Sequence[tuple[Any, ...]]]
 # A name's lookup ends within this, whatever the system resolver's own timeouts, retries and
 # search domains add up to (glibc's can pass a minute): a hanging DNS server must not hold a
 # build's fetch or a deploy pass past its deadline. A lookup given up on keeps its thread
-# until the resolver itself gives up; at most _LOOKUPS_AT_ONCE such threads at once.
+# until the resolver itself gives up, so a caller leaves at most (the resolver's own limit /
+# RESOLVE_SECONDS) of them behind at once. _LOOKUPS_AT_ONCE is a safety net far above what the
+# workers' callers reach that way: a tenant whose names hang must not use up lookups that
+# other tenants' fetches and passes need (a small cap would let one do so).
 RESOLVE_SECONDS = 10.0
-_LOOKUPS_AT_ONCE = 16
+_LOOKUPS_AT_ONCE = 256
 _lookups = threading.BoundedSemaphore(_LOOKUPS_AT_ONCE)
 
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})

@@ -932,3 +932,26 @@ def test_a_resolver_error_is_still_a_resolve_failure():
     with pytest.raises(FetchError) as err:
         check_url("https://nowhere.example/", policy=policy(), resolver=failing)
     assert err.value.reason == "resolve_failed"
+
+
+def test_names_that_hang_do_not_use_up_the_lookups_others_need(monkeypatch):
+    """A tenant whose DNS server never answers leaves lookups behind (each until the system
+    resolver gives up); another tenant's name still resolves while 40 of them linger."""
+    from workers import fetcher
+
+    monkeypatch.setattr(fetcher, "RESOLVE_SECONDS", 0.05)
+    release = threading.Event()
+    try:
+        for _ in range(40):
+            with pytest.raises(FetchError):
+                check_url("https://hangs.example/", policy=policy(), resolver=_hanging(release))
+        assert _resolver_threads() == 40
+
+        def answers(host, port, **_kwargs):
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (PUBLIC_IP, port))]
+
+        monkeypatch.setattr(fetcher, "RESOLVE_SECONDS", 2)
+        assert check_url("https://fine.example/", policy=policy(), resolver=answers) == PUBLIC_IP
+    finally:
+        release.set()
+    _until_no_resolver_threads()
