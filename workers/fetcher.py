@@ -430,7 +430,11 @@ def _look_up(host: str, port: int, resolver: Resolver, seconds: float) -> Sequen
             _lookups.release()
             done.set()
 
-    threading.Thread(target=look_up, name=f"resolve {host}", daemon=True).start()
+    try:
+        threading.Thread(target=look_up, name=f"resolve {host}", daemon=True).start()
+    except BaseException:
+        _lookups.release()  # no thread (a pids limit, say): its slot is not lost
+        raise
     if not done.wait(max(0.0, seconds - (time.monotonic() - started))):
         raise FetchError("timeout", f"host {host} did not resolve within {seconds:g} s (the resolver is not answering)")
     result = answer[0]

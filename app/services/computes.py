@@ -322,16 +322,14 @@ def _moved(
         return "namespace"
     if compute.sealed_credentials is None:
         return None
+    # Only where each leads is read here: the policy was applied to each as it was given (an
+    # insecure-TLS one, say, that the operator allows), so none is refused for that now.
     try:
-        old = check_kubeconfig(json.loads(sealer.unseal(compute.sealed_credentials))["kubeconfig"]).server
-    except (
-        KubeconfigRefused,
-        UnsealError,
-        ValueError,
-        KeyError,
-    ):  # one the policy refuses now: no telling where it led
+        old = json.loads(sealer.unseal(compute.sealed_credentials))["kubeconfig"]
+        servers = {check_kubeconfig(text, allow_insecure_tls=True).server for text in (old, credentials["kubeconfig"])}
+    except (KubeconfigRefused, UnsealError, ValueError, KeyError, TypeError):  # no telling where the old one led
         return "cluster"
-    return "cluster" if old != check_kubeconfig(credentials["kubeconfig"]).server else None
+    return "cluster" if len(servers) > 1 else None
 
 
 def delete_target(session: Session, account: AccountRef, *, name: str, swarm_enabled: bool = False) -> None:

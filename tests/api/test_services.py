@@ -870,6 +870,25 @@ def test_a_target_that_runs_services_keeps_its_place_but_takes_new_credentials(
     assert moved.status_code == 200, moved.text
 
 
+def test_a_running_kubernetes_target_may_turn_to_insecure_tls_and_renew_it_where_the_operator_allows_it(
+    app_context: ServiceContext, owner: dict[str, str], account: str, image_id: str
+) -> None:
+    """The move check reads only where a kubeconfig leads: one the operator's setting allows
+    (insecure TLS) is no move, and its token renews like any other (from the review: a 500,
+    then a 409 for ever)."""
+    allowing = client_with(app_context, kubernetes_allow_insecure_tls=True)
+    assert allowing.put(f"{account}/computes/aks", json=kubernetes(), headers=owner).status_code == 201
+    no_auth = {"authEnabled": False}
+    deploy(allowing, account, owner, image_id, computeName="aks", computeType="kubernetes", deploymentConfig=no_auth)
+    insecure = KUBECONFIG.replace("certificate-authority-data: TFMwdExT", "insecure-skip-tls-verify: true")
+    for kubeconfig in (insecure, insecure.replace("kube-token-never-shown", "kube-token-renewed")):
+        response = allowing.put(f"{account}/computes/aks", json=kubernetes(kubeconfig), headers=owner)
+        assert response.status_code == 200, response.text
+    elsewhere = insecure.replace("k8s.example.com", "k8s-2.example.com")
+    moved = allowing.put(f"{account}/computes/aks", json=kubernetes(elsewhere), headers=owner)
+    assert (moved.status_code, moved.json()["code"]) == (409, "ComputeInUse")
+
+
 def test_an_attached_swarm_refuses_key_auth_rather_than_serve_without_it(
     client: TestClient, owner: dict[str, str], account: str, image_id: str, db: Session
 ) -> None:

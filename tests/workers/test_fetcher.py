@@ -955,3 +955,26 @@ def test_names_that_hang_do_not_use_up_the_lookups_others_need(monkeypatch):
     finally:
         release.set()
     _until_no_resolver_threads()
+
+
+def test_a_lookup_whose_thread_cannot_start_gives_its_slot_back(monkeypatch):
+    """Under a pids limit a thread may not start: the lookup fails, and its slot is free again
+    (from the review: it leaked, and enough of them stopped every lookup for good)."""
+    from workers import fetcher
+
+    monkeypatch.setattr(fetcher, "_lookups", threading.BoundedSemaphore(1))
+    start = threading.Thread.start
+
+    def refused(self):
+        if self.name.startswith("resolve "):
+            raise RuntimeError("can't start new thread")
+        return start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", refused)
+    for _ in range(3):
+        with pytest.raises(RuntimeError):
+            check_url("https://fine.example/", policy=policy(), resolver=_hanging(threading.Event()))
+    monkeypatch.setattr(threading.Thread, "start", start)
+    release = threading.Event()
+    release.set()
+    assert check_url("https://fine.example/", policy=policy(), resolver=_hanging(release)) == PUBLIC_IP

@@ -167,15 +167,14 @@ class KubernetesDriver:
         tmp_mb: int = 64,
         resolver: Resolver = socket.getaddrinfo,
     ) -> None:
-        asked: list[str] = []
-        answered: set[str] = set()
+        unanswered: list[str] = []  # one entry a lookup until it answers
 
         def resolving(host: str, *args: Any, **kwargs: Any) -> Sequence[tuple[Any, ...]]:
-            # A name that failed or did not answer in time (the fetcher gives up on it) is
-            # one that may resolve later.
-            asked.append(str(host))
+            # A lookup that failed or did not answer in time (the fetcher gives up on it): the
+            # name may resolve later. Each lookup counts (the server's name is looked up twice).
+            unanswered.append(str(host))
             addresses = resolver(host, *args, **kwargs)
-            answered.add(str(host))
+            unanswered.remove(str(host))
             return addresses
 
         policy = policy or KubeconfigPolicy()
@@ -184,7 +183,7 @@ class KubernetesDriver:
             # The server's address, checked once more and kept: the client connects to it.
             address = check_url(checked.server, policy=policy.fetch, resolver=resolving)
         except (KubeconfigRefused, FetchError) as exc:
-            unresolved = [host for host in asked if host not in answered]
+            unresolved = list(unanswered)
             if unresolved:  # the name did not resolve now: maybe later
                 raise EngineUnreachable(
                     f"the kubernetes cluster's server name {unresolved[0]} does not resolve"

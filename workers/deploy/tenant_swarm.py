@@ -125,7 +125,7 @@ def swarm_driver_at(
         address = check_url(f"https://{manager.netloc}/", policy=policy, resolver=resolver)
         port = manager.port or 2376
     except FetchError as exc:
-        if exc.reason == "timeout":  # a resolver that did not answer: maybe later
+        if exc.reason in ("timeout", "resolve_failed"):  # the name did not resolve now: maybe later
             raise EngineUnreachable(f"{target}: its manager {manager.netloc}: {exc}") from None
         raise TargetRefused(f"{target}: its manager {manager.netloc} is refused: {exc}") from None
     except ValueError as exc:

@@ -406,12 +406,13 @@ def test_an_engines_error_text_reaches_the_log_cut_short(
     assert not any(r.exc_info for r in caplog.records if "HOSTILE" in str(r.exc_info))
 
 
+@pytest.mark.parametrize("answer", ["hangs", "fails"])
 def test_a_manager_name_that_does_not_resolve_in_time_is_unreachable_not_refused(
-    tls: dict[str, str], app_context: ServiceContext, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tls: dict[str, str], app_context: ServiceContext, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, answer: str
 ) -> None:
     """A resolver that does not answer ends the lookup at the fetcher's bound, well inside the
-    pass's deadline, and leaves the service Unhealthy (tried again), not Failed: the name may
-    resolve later."""
+    pass's deadline; one that fails (EAI_AGAIN) ends it at once. Either leaves the service
+    Unhealthy (tried again), not Failed: the name may resolve later, as a kubernetes server's."""
     import threading
     import time
 
@@ -422,13 +423,15 @@ def test_a_manager_name_that_does_not_resolve_in_time_is_unreachable_not_refused
     release = threading.Event()
 
     def hanging(host: str, port: int, *args: object, **kwargs: object) -> list:
+        if answer == "fails":
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
         release.wait(30)
         return _to_loopback(host, port)
 
     started = time.monotonic()
     try:
         with (
-            pytest.raises(EngineUnreachable, match=r"did not resolve within 0\.3 s"),
+            pytest.raises(EngineUnreachable, match=r"did not resolve within 0\.3 s|cannot resolve host"),
             _swarm_driver_at(
                 _context(app_context, tmp_path),
                 docker_host=f"tcp://{NAME}:2376",
