@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from app.addresses import in_service_pool, is_public_address
 from app.deployments.kubeconfig import WHOLE_FILE, KubeconfigRefused, check_kubeconfig
+from app.deployments.states import ServiceState
 from app.errors import Conflict, NotFound, ValidationFailed
 from app.orm import Account, Compute, Service
 from app.schemas.services import ComputePut
@@ -127,15 +128,14 @@ def get_target(
     return _target(compute)
 
 
-def _in_use(session: Session, account: AccountRef, name: str) -> int:
-    return (
-        session.scalar(
-            select(func.count())
-            .select_from(Service)
-            .where(Service.account_id == account.id, Service.compute_name == name)
-        )
-        or 0
-    )
+def _in_use(session: Session, account: AccountRef, name: str, *, deleting_too: bool = True) -> int:
+    """How many of the account's services use the target ``name``; ``deleting_too=False``: not
+    counting those being deleted."""
+    query = select(func.count()).select_from(Service)
+    query = query.where(Service.account_id == account.id, Service.compute_name == name)
+    if not deleting_too:
+        query = query.where(Service.state != ServiceState.DELETING)
+    return session.scalar(query) or 0
 
 
 def _check_kubeconfig(text: str, *, allow_insecure_tls: bool) -> None:
@@ -293,7 +293,9 @@ def put_target(
             if compute is None:  # not a duplicate: the account went meanwhile (409 ReferenceDeleted)
                 raise
     moved = _moved(compute, body.type, properties, credentials, sealer)
-    if moved and _in_use(session, account, name):
+    # A service being deleted does not hold its target's place: a delete that waits on a target
+    # the worker may not reach (refused, away) completes once the tenant points it elsewhere.
+    if moved and _in_use(session, account, name, deleting_too=moved == "type"):
         # What runs there now would be left behind: passes and deletes would reach only the new
         # place (a manager of the same swarm, or another swarm, cannot be told apart here), and a
         # cleanup queued for the old one could remove the very tasks that serve. The tenant

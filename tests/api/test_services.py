@@ -870,6 +870,30 @@ def test_a_target_that_runs_services_keeps_its_place_but_takes_new_credentials(
     assert moved.status_code == 200, moved.text
 
 
+def test_a_service_being_deleted_does_not_hold_its_targets_place(
+    client: TestClient, owner: dict[str, str], account: str, image_id: str
+) -> None:
+    """A delete that waits on a target the worker may not reach (refused, away) completes once
+    the tenant points the target elsewhere: a service being deleted does not stop that move. Its
+    type still cannot change."""
+    assert client.put(f"{account}/computes/myswarm", json=swarm(), headers=owner).status_code == 201
+    service = deploy(
+        client,
+        account,
+        owner,
+        image_id,
+        computeName="myswarm",
+        computeType="swarm",
+        deploymentConfig={"authEnabled": False},
+    )
+    assert client.delete(f"{account}/services/{service['id']}", headers=owner).status_code == 202
+    assert client.get(f"{account}/services/{service['id']}", headers=owner).json()["state"] == "Deleting"
+    retyped = client.put(f"{account}/computes/myswarm", json=kubernetes(), headers=owner)
+    assert (retyped.status_code, retyped.json()["code"]) == (409, "ComputeInUse")
+    moved = client.put(f"{account}/computes/myswarm", json=swarm("tcp://swarm-2.example.com:2376"), headers=owner)
+    assert moved.status_code == 200, moved.text
+
+
 def test_a_running_kubernetes_target_may_turn_to_insecure_tls_and_renew_it_where_the_operator_allows_it(
     app_context: ServiceContext, owner: dict[str, str], account: str, image_id: str
 ) -> None:
