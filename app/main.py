@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -134,4 +135,10 @@ def app_factory() -> FastAPI:
     settings = get_settings()
     # With --workers, each process is a fresh interpreter: it sets up its own logging.
     configure_logging(settings.log_level, settings.log_format)
-    return create_app(settings)
+    app = create_app(settings)
+    # What is alive now (modules, routes, schemas: ~180,000 objects) lives as long as the
+    # process. A full collection walks all of it, ~100 ms on this machine, a pause every
+    # request in flight waits out; frozen, it is never walked again.
+    gc.collect()
+    gc.freeze()
+    return app
