@@ -147,20 +147,28 @@ def serve(
         shutil.rmtree(metrics_dir, ignore_errors=True)
         metrics_dir.mkdir(parents=True)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir.resolve())
+    config = {
+        "app": "app.main:app_factory",
+        "factory": True,
+        "host": settings.host,
+        "port": settings.port,
+        "log_config": None,
+        "proxy_headers": True,
+        "timeout_graceful_shutdown": 30,
+    }
     try:
-        uvicorn.run(
-            "app.main:app_factory",
-            factory=True,
-            host=settings.host,
-            port=settings.port,
-            workers=settings.workers,
-            log_config=None,
-            proxy_headers=True,
-            timeout_graceful_shutdown=30,
-        )
+        if settings.workers > 1:
+            from app.cli.api_processes import run_api_processes
+
+            status = run_api_processes(settings.workers, config)
+        else:
+            uvicorn.run(**config)
+            status = 0
     finally:
         for child in children:
             child.stop()
+    if status:
+        raise typer.Exit(status)
 
 
 def gateway(

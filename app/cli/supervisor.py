@@ -22,7 +22,7 @@ _QUICK_EXIT_SECONDS = 10.0  # a child that dies sooner than this counts as faili
 _MAX_BACKOFF_SECONDS = 60.0
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Ask the kernel to SIGTERM this child when its parent dies (Linux only)."""
     try:
         import ctypes
@@ -68,7 +68,7 @@ class ChildProcess:
             # Its own process group, so a kill reaches its pool processes too.
             self._process = subprocess.Popen(
                 self.argv,
-                preexec_fn=_die_with_parent,  # noqa: PLW1509
+                preexec_fn=die_with_parent,  # noqa: PLW1509
                 start_new_session=True,
             )
             log.info("child.started", extra={"child": self.name, "pid": self._process.pid})
