@@ -181,9 +181,17 @@ def new_image_row(db: Session, *, builder: str = "docker", assets: Sequence[dict
     return image
 
 
-def new_service_row(db: Session, image: Image | None = None, *, name: str = "svc") -> Service:
+def new_service_row(
+    db: Session,
+    image: Image | None = None,
+    *,
+    name: str = "svc",
+    compute_name: str = "local",
+    compute_type: str = "local",
+    compute_attached: bool = False,
+) -> Service:
     """A service straight in the database, Transitioning, on a built image (a new one unless
-    ``image``): for tests of the service's moves."""
+    ``image``) and a target (``local`` unless said): for tests of the service's moves."""
     if image is None:
         image = new_image_row(db)
         db.execute(update(Image).where(Image.id == image.id).values(state="Succeeded"))
@@ -191,8 +199,9 @@ def new_service_row(db: Session, image: Image | None = None, *, name: str = "svc
         db,
         account_id=image.account_id,
         name=name,
-        compute_name="local",
-        compute_type="local",
+        compute_name=compute_name,
+        compute_type=compute_type,
+        compute_attached=compute_attached,
         image_id=image.id,
         num_replicas=1,
         cpu=0.1,

@@ -22,6 +22,7 @@ from app.errors import Conflict, NotFound
 from app.orm import Account, ClusterCleanup, Compute, Image, Service, ServiceOperation, ServiceReplica
 from app.orm.base import utcnow
 from tests.factories import new_image_row
+from tests.locks import in_thread, waiting_on_a_lock
 
 pytestmark = pytest.mark.postgres_only
 
@@ -177,36 +178,6 @@ def _pass_up_to_record(
     return lease, spec
 
 
-def _waiting_on_a_lock(service_context: ServiceContext, seconds: float = 10.0) -> bool:
-    """Whether another connection to this database waits on a lock (within ``seconds``)."""
-    deadline = time.monotonic() + seconds
-    with service_context.engine.connect() as watcher:
-        while time.monotonic() < deadline:
-            waiting = watcher.scalar(
-                text(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                    "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
-                )
-            )
-            watcher.rollback()
-            if waiting:
-                return True
-            time.sleep(0.05)
-    return False
-
-
-def _in_thread(work, outcome: list[object]) -> threading.Thread:  # type: ignore[no-untyped-def]
-    def run() -> None:
-        try:
-            outcome.append(work())
-        except BaseException as exc:  # noqa: BLE001  (reported by the test's thread)
-            outcome.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread
-
-
 def test_a_pass_recording_while_a_force_delete_holds_the_service_waits_then_writes_nothing(
     service_context: ServiceContext, committed_service: tuple[uuid.UUID, uuid.UUID]
 ) -> None:
@@ -226,8 +197,8 @@ def test_a_pass_recording_while_a_force_delete_holds_the_service_waits_then_writ
 
     with service_context.session_factory.begin() as session:
         force_delete(session, session.get_one(Service, service_id), max_cleanups=50)
-        recording = _in_thread(record, outcome)
-        assert _waiting_on_a_lock(service_context)  # the pass waits on the force delete
+        recording = in_thread(record, outcome)
+        assert waiting_on_a_lock(service_context)  # the pass waits on the force delete
         assert outcome == []
     recording.join(timeout=30)
     assert not recording.is_alive()
@@ -298,10 +269,10 @@ def test_a_force_delete_coming_while_a_pass_writes_waits_for_it_without_a_deadlo
             session.execute(text("SET LOCAL lock_timeout = '20s'"))
             force_delete(session, session.get_one(Service, service_id), max_cleanups=50)
 
-    writing = _in_thread(pass_writes, written)
+    writing = in_thread(pass_writes, written)
     assert paused.wait(10)
-    forcing = _in_thread(force, forced)
-    assert _waiting_on_a_lock(service_context)  # the force delete waits on the pass
+    forcing = in_thread(force, forced)
+    assert waiting_on_a_lock(service_context)  # the force delete waits on the pass
     resume.set()
     writing.join(timeout=30)
     forcing.join(timeout=30)
@@ -352,9 +323,7 @@ def test_concurrent_force_deletes_never_pass_the_accounts_cap_on_pending_cleanup
     try:
         with service_context.session_factory.begin() as session:
             force_delete(session, session.get_one(Service, first_id), max_cleanups=3)
-            threads = [
-                _in_thread(lambda service_id=service_id: force(service_id), outcomes) for service_id in other_ids
-            ]
+            threads = [in_thread(lambda service_id=service_id: force(service_id), outcomes) for service_id in other_ids]
             # Each of the others is either done or waiting on the account's row before the first commits.
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline and len(outcomes) + _waiting(service_context) < len(threads):
