@@ -231,6 +231,10 @@ class Settings(BaseSettings):
     # within service_start_seconds of the change fails (a create) or is rolled back (an update).
     deploy_queue: str = "mms-deploy"
     service_start_seconds: int = Field(default=300, ge=10)
+    # Passes of one tenant's (subscription's) services running at once in one deploy worker
+    # process: its slow passes (a pull from a registry that trickles, up to 11 minutes) never
+    # hold all of a worker's pass threads (--concurrency, at least 4) while other tenants' wait.
+    deploy_passes_per_tenant: int = Field(default=2, ge=1)
 
     @field_validator("service_subnet_pool")
     @classmethod

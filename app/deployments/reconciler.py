@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 from app.deployments.events import record_state_changes
 from app.deployments.states import OperationState, ServiceState
 from app.deployments.transitions import Transition, bookkeep, move
-from app.orm import Image, Service, ServiceLogLine, ServiceOperation, ServiceReplica
+from app.orm import Account, Image, Service, ServiceLogLine, ServiceOperation, ServiceReplica
 from app.orm.base import utcnow
 
 log = logging.getLogger("mms.reconciler")
@@ -61,6 +61,9 @@ class Lease:
     service_id: uuid.UUID
     attempt: int
     owner: str
+    # The tenant (its subscription, lower-cased, as roles are scoped): its passes share a
+    # worker's pass threads with no more than their part (workers.deploy.reconcile).
+    subscription_id: str
 
 
 @dataclass(frozen=True)
@@ -200,12 +203,15 @@ def claim(session: Session, service_id: uuid.UUID, *, owner: str) -> Lease | Non
         session,
         Service.id == service_id,
         or_(Service.lease_expires_at.is_(None), Service.lease_expires_at < now),
-        returning=(Service.attempt,),
+        returning=(Service.attempt, Service.account_id),
         attempt=Service.attempt + 1,
         lease_owner=owner,
         lease_expires_at=now + timedelta(seconds=LEASE_SECONDS),
     )
-    return Lease(service_id, rows[0].attempt, owner) if rows else None
+    if not rows:
+        return None
+    tenant = select(func.lower(Account.subscription_id)).where(Account.id == rows[0].account_id)
+    return Lease(service_id, rows[0].attempt, owner, session.execute(tenant).scalar_one())
 
 
 def renew(session: Session, lease: Lease) -> bool:

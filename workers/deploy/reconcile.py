@@ -16,6 +16,7 @@ import threading
 import time
 import traceback
 import uuid
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import replace
@@ -50,23 +51,66 @@ log = logging.getLogger("mms.deploy")
 _OWNER = f"{socket.gethostname()}:{os.getpid()}"
 
 
+# A pass put off because its tenant has its share of this process's passes running is tried
+# again this much later (by this worker or another with room).
+PUT_OFF_SECONDS = 5.0
+
+
+class TenantPasses:
+    """The passes each tenant (subscription) has running in this process, at most ``limit``
+    at once: one tenant's slow passes (a pull from a registry that trickles, up to
+    PULL_SECONDS) must not hold every pass thread of a worker while other tenants' services
+    wait. Per tenant, not per account: a tenant makes any number of accounts."""
+
+    def __init__(self) -> None:
+        self._running: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def slot(self, tenant: str, *, limit: int) -> Iterator[bool]:
+        """Yields whether the tenant had a slot free (and holds it until the block ends)."""
+        with self._lock:
+            free = self._running[tenant] < limit
+            if free:
+                self._running[tenant] += 1
+        try:
+            yield free
+        finally:
+            if free:
+                with self._lock:
+                    self._running[tenant] -= 1
+                    if not self._running[tenant]:
+                        del self._running[tenant]
+
+
+_tenant_passes = TenantPasses()
+
+
 def reconcile_service(context: ServiceContext, service_id: uuid.UUID) -> None:
-    """One pass over the service, if no other pass holds it."""
+    """One pass over the service, if no other pass holds it and its tenant has a pass slot
+    free in this process (else it is put off for PUT_OFF_SECONDS)."""
     if _copied(context):
         return
     with session_scope(context.session_factory) as session:
         lease = reconciler.claim(session, service_id, owner=_OWNER)
     if lease is None:
         return
-    try:
-        with renewing(context, lease):
-            _pass(context, lease)
-    except Exception as exc:  # noqa: BLE001 - logged, cut short, and the lease released
-        # Its text may quote an engine's answer (a tenant's: up to 64 KiB of its choosing), so
-        # the log gets each message cut short, with where it was raised.
-        log.error("deploy.pass_failed", extra={"service": str(service_id), "exception": _traceback(exc)})
-        with session_scope(context.session_factory) as session:
-            reconciler.release(session, lease, due_in=reconciler.STEADY_SECONDS)
+    limit = context.settings.deploy_passes_per_tenant
+    with _tenant_passes.slot(lease.subscription_id, limit=limit) as free:
+        if not free:
+            log.info("deploy.pass_put_off", extra={"service": str(service_id), "subscription": lease.subscription_id})
+            with session_scope(context.session_factory) as session:
+                reconciler.release(session, lease, due_in=PUT_OFF_SECONDS)
+            return
+        try:
+            with renewing(context, lease):
+                _pass(context, lease)
+        except Exception as exc:  # noqa: BLE001 - logged, cut short, and the lease released
+            # Its text may quote an engine's answer (a tenant's: up to 64 KiB of its choosing),
+            # so the log gets each message cut short, with where it was raised.
+            log.error("deploy.pass_failed", extra={"service": str(service_id), "exception": _traceback(exc)})
+            with session_scope(context.session_factory) as session:
+                reconciler.release(session, lease, due_in=reconciler.STEADY_SECONDS)
 
 
 @contextmanager
