@@ -33,6 +33,7 @@ import logging
 import re
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from datetime import datetime
@@ -258,9 +259,14 @@ class SwarmDriver:
                 seen.append(self._replica(task, generation, labels.get(IMAGE_LABEL), probe=generation in wanted))
             replicas += seen
             failed = [t for t in tasks if (t.get("Status") or {}).get("State") in _FAILED]
-            if generation == spec.generation and len(failed) >= MAX_FAILED_TASKS and not any(r.ready for r in seen):
+            if generation != spec.generation:
+                continue
+            ready_on = {task.get("NodeID") for task, replica in zip(alive, seen, strict=True) if replica.ready}
+            if node := _failing_node(failed, ready_on):
+                failure = self._why_it_failed(service, [t for t in failed if t.get("NodeID") == node], node=node)
+            elif len(failed) >= MAX_FAILED_TASKS and not ready_on:
                 failure = self._why_it_failed(service, failed)
-            elif generation == spec.generation and not any(r.address for r in seen):
+            elif not any(r.address for r in seen):
                 failure = self._unroutable(alive) or failure
         return replicas, failure
 
@@ -580,20 +586,25 @@ class SwarmDriver:
         networks = (info.get("NetworkSettings") or {}).get("Networks") or {}
         return next((n.get("IPAddress") for n in networks.values() if n.get("IPAddress")), None)
 
-    def _why_it_failed(self, service: Mapping, failed: Sequence[Mapping]) -> Failure:
+    def _why_it_failed(self, service: Mapping, failed: Sequence[Mapping], *, node: str | None = None) -> Failure:
+        """Why the tasks ``failed`` (on ``node``, named unless it is the one the worker talks to)."""
         last = max(failed, key=lambda t: _timestamp((t.get("Status") or {}).get("Timestamp")))
         status = last.get("Status") or {}
+        # Read whole, not streamed as docker-py's service_logs does: its stream reader wants the
+        # connection's socket, which a tenant's engine's bounded adapter does not hand out.
+        params = {"stdout": 1, "stderr": 1, "tail": _LOG_TAIL}
         try:
-            raw = self._api.service_logs(service["ID"], stdout=True, stderr=True, tail=_LOG_TAIL)
-            logs = (raw if isinstance(raw, bytes) else b"".join(raw)).decode("utf-8", "replace")
+            answer = self._api._get(self._api._url("/services/{0}/logs", service["ID"]), params=params)
+            logs = b"".join(self._api._multiplexed_buffer_helper(answer)).decode("utf-8", "replace")
         except docker.errors.APIError:
             logs = ""
         code = (status.get("ContainerStatus") or {}).get("ExitCode")
         times = f"{len(failed)} times before one answered GET /"
+        on = f" on node {node[:64]}" if node and node != self._node_id else ""
         if status.get("State") == "rejected" or not code:
-            reason = f"swarm could not run a replica {times}: {status.get('Err') or status.get('Message')}"
+            reason = f"swarm could not run a replica{on} {times}: {status.get('Err') or status.get('Message')}"
         else:
-            reason = f"a replica exited with code {code} {times}{last_error_line(logs)}"
+            reason = f"a replica exited with code {code}{on} {times}{last_error_line(logs)}"
         return Failure(reason, logs.rstrip())
 
     def _ensure_network(self, service_id: uuid.UUID) -> str:
@@ -727,6 +738,15 @@ def published_port(status: Mapping) -> int | None:
         ):
             return published
     return None
+
+
+def _failing_node(failed: Sequence[Mapping], ready_on: set) -> str | None:
+    """A node where MAX_FAILED_TASKS of the generation's tasks failed and none of its tasks
+    answered: swarm goes on placing tasks there (one that cannot pull the image: `No such
+    image`, every few seconds) whatever the other nodes' tasks do, so it fails the generation
+    on its own."""
+    counts = Counter(str(task.get("NodeID") or "") for task in failed)
+    return next((n for n, count in counts.items() if n and count >= MAX_FAILED_TASKS and n not in ready_on), None)
 
 
 def _running_first(task: Mapping) -> tuple[bool, float, str]:

@@ -31,7 +31,7 @@ from app.deployments.reconciler import Replica, Spec
 from app.deployments.states import ServiceState
 from app.orm.base import utcnow
 from tests.infra import Infra
-from tests.workers.deploy.netns_swarm import usable
+from tests.workers.deploy.netns_swarm import _Forwarder, usable
 from tests.workers.deploy.netns_swarm_pair import SwarmNode, TwoNodeSwarm, still_there, two_node_swarm
 from workers.deploy.swarm import SwarmDriver
 from workers.deploy.tenant_swarm import swarm_driver_at
@@ -242,6 +242,38 @@ def test_a_tenant_node_whose_address_is_refused_gets_no_task_and_no_route(
             assert not any(worker.address in str(r.address) for r in ready)
         finally:
             driver.remove_all(first.id)
+
+
+def test_a_tenant_node_that_cannot_pull_fails_the_generation_naming_it_though_the_manager_answers(
+    swarm: TwoNodeSwarm, infra: Infra, service_context: ServiceContext
+) -> None:
+    """The image is in a registry only the manager reaches (here: the password registry, forwarded
+    into the manager's namespace only): the manager pulls it and its task answers; the worker
+    node's tasks are rejected again and again. Those rejections are counted on their own: the
+    generation fails, naming the node, though a replica answered."""
+    manager, worker = swarm.nodes
+    worker_id = worker.api.info()["Swarm"]["NodeID"]
+    image = _serving(infra, infra.auth_registry, infra.basic_auth())
+    forwarder = _Forwarder(manager.netns, int(infra.auth_registry.rpartition(":")[2]))
+    allow = [manager.address, worker.address]
+    spec = _spec(image, replicas=2)
+    try:
+        with _tenant(service_context, swarm, allow=allow) as driver:
+            driver.start(spec, 2, infra.basic_auth())
+        deadline = time.monotonic() + 90
+        while True:
+            with _tenant(service_context, swarm, allow=allow) as driver:
+                replicas, failure = driver.observe(spec)
+            if failure is not None:
+                break
+            assert time.monotonic() < deadline, replicas
+            time.sleep(1)
+        assert f"swarm could not run a replica on node {worker_id} 3 times" in failure.reason, failure
+        assert [_node_of(manager, r) for r in replicas if r.ready] == [manager.api.info()["Swarm"]["NodeID"]]
+    finally:
+        with _tenant(service_context, swarm, allow=allow) as driver:
+            driver.remove_all(spec.id)
+        forwarder.stop()
 
 
 def test_the_two_node_swarm_leaves_nothing_behind_even_after_a_failure(infra: Infra) -> None:

@@ -260,9 +260,10 @@ def test_a_manager_in_the_operators_service_networks_is_refused_even_if_allowed(
             _addresses(pooled, port, tls, publish=publish)
 
 
-def _nodes(addresses: dict[str, object], tasks_on: list[str], published: int) -> object:
+def _nodes(addresses: dict[str, object], tasks_on: list[str], published: int, rejected_on: list[str] = []) -> object:  # noqa: B006
     """An engine whose swarm has these nodes (ID -> ``Status.Addr``; ``n1`` the manager: see
-    _normal's /info) and runs one generation with a task on each node of ``tasks_on``."""
+    _normal's /info) and runs one generation with a task on each node of ``tasks_on``, and a
+    task rejected for each of ``rejected_on``."""
     service = {
         "ID": "s1",
         "Spec": {"Name": "x", "Labels": {GENERATION_LABEL: "1", INSTALLATION_LABEL: "test"}},
@@ -272,6 +273,15 @@ def _nodes(addresses: dict[str, object], tasks_on: list[str], published: int) ->
     tasks = [
         {"ID": f"t-{node}", "NodeID": node, "DesiredState": "running", "Status": _status(published)}
         for node in tasks_on
+    ]
+    tasks += [
+        {
+            "ID": f"r{n}-{node}",
+            "NodeID": node,
+            "DesiredState": "shutdown",
+            "Status": {"State": "rejected", "Err": "No such image: registry.example.com/a@sha256:0"},
+        }
+        for n, node in enumerate(rejected_on)
     ]
 
     def answer(path: str) -> Answer | None:
@@ -362,6 +372,50 @@ def test_a_swarm_with_more_refused_nodes_than_constraints_name_stays_on_the_mana
         handler.hostile = _nodes({"n1": "10.9.9.9", **nodes}, [], published=31000)
         with _tenant_driver(context, port, tls) as driver:
             assert driver._constraints() == constraints
+
+
+def test_a_node_whose_tasks_keep_being_rejected_fails_the_generation_naming_it_though_another_answered(
+    engine: tuple[int, type[_Engine]],  # noqa: F811
+    tls: dict[str, str],
+    app_context: ServiceContext,
+    tmp_path: Path,
+) -> None:
+    """Node n2 cannot pull the image: swarm places a task there every few seconds, each
+    rejected, while the manager's answers. Its rejections are counted on their own: the
+    generation fails naming the node (swarm's own error with it)."""
+    from workers.deploy.swarm import MAX_FAILED_TASKS
+
+    port, handler = engine
+    context = _context(app_context, tmp_path, fetch_allow_hosts=[NAME, "127.0.0.1", "127.0.0.2"])
+    spec = replace(swarm_spec(), replicas=2)
+    with tcp_listener(OK) as (replica_port, _):
+        for rejected, failed in [
+            (["n2"] * (MAX_FAILED_TASKS - 1), None),  # not yet
+            (["n2"] * MAX_FAILED_TASKS, f"swarm could not run a replica on node n2 {MAX_FAILED_TASKS} times"),
+            (["n1", "n2", "n2"], None),  # spread over nodes, and one answered
+        ]:
+            handler.hostile = _nodes({"n1": "10.9.9.9", "n2": "127.0.0.2"}, ["n1"], replica_port, rejected)
+            with _tenant_driver(context, port, tls) as driver:
+                replicas, failure = driver.observe(spec)
+            assert [r.ready for r in replicas] == [True]  # the manager's answered
+            if failed is None:
+                assert failure is None
+            else:
+                assert failure is not None and failure.reason.startswith(failed), failure
+                assert "No such image" in failure.reason
+
+        # On the manager, as on one node: not named (the message as before); the service's log
+        # read whole through the tenant engine's bound (docker-py's stream reader wants the
+        # connection's socket, which that adapter does not hand out: the pass erred).
+        listing = _nodes({"n1": "10.9.9.9"}, [], replica_port, ["n1"] * MAX_FAILED_TASKS).__func__  # type: ignore[attr-defined]
+        line = b"Traceback: boom\n"
+        framed = b"\x02\x00\x00\x00" + len(line).to_bytes(4, "big") + line
+        handler.hostile = staticmethod(lambda path: (200, {}, framed) if path == "/services/s1/logs" else listing(path))
+        with _tenant_driver(context, port, tls) as driver:
+            _, failure = driver.observe(spec)
+        assert failure is not None
+        assert failure.reason.startswith(f"swarm could not run a replica {MAX_FAILED_TASKS} times before")
+        assert failure.logs == "Traceback: boom"
 
 
 # --- the TLS material's folder -----------------------------------------------------------
