@@ -280,9 +280,9 @@ class SwarmDriver:
         for task in tasks:
             status = task.get("Status") or {}
             port = published_port(status) if status.get("State") == "running" else None
-            node = str(task.get("NodeID") or "")
             if port is None:
                 continue
+            node = str(task.get("NodeID") or "")
             if not node or node == self._node_id:
                 where, ports = "the manager", self._published_ports
             elif self._node_ports is None:
