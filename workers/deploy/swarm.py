@@ -14,10 +14,12 @@ every pass, by labels, as for ``local``.
 
 A swarm a tenant attached (``published_host`` set: workers/deploy/tenant_swarm.py opens it)
 is another's hosts, not ours: no service network or host firewall of ours there; each task
-publishes the replica port in host mode on a port its engine picks, on the node the worker
-talks to (a placement constraint), and the gateway reaches it at the manager's address the
-worker checked (never one the engine reports) and the task's port. Those ports are reachable
-around the gateway, so such services run without key auth (design §1, "A tenant's swarm").
+publishes the replica port in host mode on a port its engine picks, on any node whose address
+the gateway may route to (``node_ports`` judges each node's, the engine's word; the others are
+kept off by placement constraints), and the gateway reaches it at its node's checked address
+(the manager's: the one the worker checked and connected to) and the task's port, never a task
+IP. Those ports are reachable around the gateway, so such services run without key auth
+(design §1, "A tenant's swarm", "Multi-node swarm").
 The routing mesh is not used: it needs IPVS, which the tests' kernel lacks (measured).
 """
 
@@ -31,6 +33,7 @@ import logging
 import re
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from datetime import datetime
@@ -91,6 +94,11 @@ MAX_OTHER_GENERATIONS = 2
 MAX_REMOVED_SERVICES = 8
 # remove scales down for at most this many tasks a call (the next pass removes the rest).
 MAX_REMOVED_TASKS = 64
+# On a tenant's swarm, at most this many nodes whose address the gateway may not route to are
+# kept off by a constraint each (a node's ID a few characters of the engine's choosing); a
+# swarm with more (or an ID that is no swarm ID) has its tasks pinned to the manager instead.
+MAX_EXCLUDED_NODES = 16
+_NODE_ID = re.compile(r"[a-z0-9]{1,64}")
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
@@ -150,11 +158,14 @@ class SwarmDriver:
         tls: docker.tls.TLSConfig | None = None,
         published_host: str | None = None,
         published_ports: frozenset[int] | None = None,
+        node_ports: Callable[[str], frozenset[int] | None] | None = None,
         server_hostname: str | None = None,
     ) -> None:
         """``published_host``: a tenant's swarm, whose tasks the gateway reaches at this address
         (the manager's, as the worker checked it) and the port each task publishes, if it is one
         of ``published_ports`` (None: any; workers/deploy/tenant_swarm.py says which);
+        ``node_ports``: the same judgement of another node's address (the engine's
+        ``Status.Addr``; frozenset(): refused), None to keep every task on the manager;
         ``server_hostname``: the name its certificate is checked against, when ``docker_host``
         holds the address the name was resolved to (workers.builders.docker.engine_client)."""
         self._installation = installation
@@ -164,6 +175,8 @@ class SwarmDriver:
         self._pids = pids
         self._published_host = published_host
         self._published_ports = published_ports
+        self._node_ports = node_ports
+        self._nodes: dict[str, tuple[str, frozenset[int] | None]] | None = None  # read once a driver
         self._task_service: dict[str, str] = {}  # task id -> its swarm service, as observed
         self._pass_seconds = PASS_SECONDS
         self._ends = time.monotonic() + self._pass_seconds
@@ -246,26 +259,47 @@ class SwarmDriver:
                 seen.append(self._replica(task, generation, labels.get(IMAGE_LABEL), probe=generation in wanted))
             replicas += seen
             failed = [t for t in tasks if (t.get("Status") or {}).get("State") in _FAILED]
-            if generation == spec.generation and len(failed) >= MAX_FAILED_TASKS and not any(r.ready for r in seen):
+            if generation != spec.generation:
+                continue
+            ready_on = {task.get("NodeID") for task, replica in zip(alive, seen, strict=True) if replica.ready}
+            if node := _failing_node(failed, ready_on):
+                failure = self._why_it_failed(service, [t for t in failed if t.get("NodeID") == node], node=node)
+            elif len(failed) >= MAX_FAILED_TASKS and not ready_on:
                 failure = self._why_it_failed(service, failed)
-            elif generation == spec.generation and not any(r.address for r in seen):
+            elif not any(r.address for r in seen):
                 failure = self._unroutable(alive) or failure
         return replicas, failure
 
     def _unroutable(self, tasks: Sequence[Mapping]) -> Failure | None:
-        """On a tenant's swarm that the operator allows at some ports only: a running task that
-        published another (the engine picks it) can never be routed to; without this the
-        generation would wait out its start timeout saying nothing of why."""
-        if not self._published_host or not self._published_ports:
-            return None  # any port (None), or a pass that routes nowhere (a delete)
+        """On a tenant's swarm: a running task on a node the gateway may not route to (one whose
+        address was refused after the generation was placed), or that published a port its
+        node's address is not allowed at (the engine picks it), can never be routed to; without
+        this the generation would wait out its start timeout saying nothing of why."""
+        if not self._published_host or self._published_ports == frozenset():
+            return None  # a pass that routes nowhere (a delete)
         for task in tasks:
             status = task.get("Status") or {}
             port = published_port(status) if status.get("State") == "running" else None
-            if port is not None and port not in self._published_ports:
-                allowed = ", ".join(str(p) for p in sorted(self._published_ports))
+            if port is None:
+                continue
+            node = str(task.get("NodeID") or "")
+            if not node or node == self._node_id:
+                where, ports = "the manager", self._published_ports
+            elif self._node_ports is None:
+                continue
+            else:
+                where, ports = f"node {node[:64]}", self._judged_nodes().get(node, ("", frozenset()))[1]
+            if ports == frozenset():
                 return Failure(
-                    f"the gateway may not reach its tasks: they publish port {port} on the manager, and the "
-                    f"operator allows the manager's address at port {allowed} only (MMS_FETCH_ALLOW_HOSTS); "
+                    f"the gateway may not reach its tasks: one runs on {where}, whose address the gateway may "
+                    "not route to (a public address, or one the operator lists as an address in "
+                    "MMS_FETCH_ALLOW_HOSTS); the next generation keeps off it"
+                )
+            if ports is not None and port not in ports:
+                allowed = ", ".join(str(p) for p in sorted(ports))
+                return Failure(
+                    f"the gateway may not reach its tasks: they publish port {port} on {where}, and the "
+                    f"operator allows {where}'s address at port {allowed} only (MMS_FETCH_ALLOW_HOSTS); "
                     "the operator lists the address without a port for the gateway to route to its tasks"
                 )
         return None
@@ -274,8 +308,9 @@ class SwarmDriver:
     @_bounded
     def read_logs(self, spec: Spec, replicas: Sequence[Replica]) -> list[LogLine]:
         """What each task printed since the newest line already copied (from its container on
-        this node: v1 is one node), at most ``LOG_LINES_PER_PASS`` a task, of at most
-        ``_MAX_LOG_TASKS`` tasks (a tenant's engine may list any number)."""
+        the node the worker talks to: a tenant's task on another node is not read), at most
+        ``LOG_LINES_PER_PASS`` a task, of at most ``_MAX_LOG_TASKS`` tasks (a tenant's engine
+        may list any number)."""
         lines: list[LogLine] = []
         for replica in replicas[:_MAX_LOG_TASKS]:
             self._check_time()
@@ -326,10 +361,7 @@ class SwarmDriver:
             "TaskTemplate": template,
             "Mode": {"Replicated": {"Replicas": count}},
         }
-        # Every task on the node the worker talks to: our service network's config-only
-        # network is that node's alone (a task elsewhere is rejected, over and over), and on a
-        # tenant's swarm the gateway knows no other node's address (design §1, "Multi-node swarm").
-        template["Placement"] = {"Constraints": [f"node.id=={self._node_id}"]}
+        template["Placement"] = {"Constraints": self._constraints()}
         if self._published_host:
             # DNS round robin: a VIP needs IPVS, as the routing mesh does.
             body["EndpointSpec"] = {
@@ -345,6 +377,44 @@ class SwarmDriver:
                 raise
         log.info("deploy.started", extra={"service": str(spec.id), "generation": spec.generation, "count": count})
         return []
+
+    def _constraints(self) -> list[str]:
+        """Where the tasks may run. Our swarm: on the node the worker talks to (our service
+        network's config-only network is that node's alone: a task elsewhere is rejected, over
+        and over). A tenant's: off every node whose address the gateway may not route to, or
+        on the manager when they are too many to name (design §1, "Multi-node swarm")."""
+        pinned = [f"node.id=={self._node_id}"]
+        if not self._published_host or self._node_ports is None:
+            return pinned
+        refused = [node for node, (_, ports) in self._judged_nodes().items() if ports == frozenset()]
+        if len(refused) > MAX_EXCLUDED_NODES or not all(_NODE_ID.fullmatch(node) for node in refused):
+            return pinned
+        return [f"node.id!={node}" for node in refused]
+
+    def _judged_nodes(self) -> dict[str, tuple[str, frozenset[int] | None]]:
+        """The swarm's other nodes by ID: each one's address (the engine's word, read as an IP
+        address) and the ports the gateway may reach there (frozenset(): none, as for a node
+        with no address). Read once a driver (a pass)."""
+        if self._nodes is None:
+            assert self._node_ports is not None
+            self._nodes = {}
+            for node in self._api.nodes():
+                node_id = node.get("ID") if isinstance(node, Mapping) else None
+                if not isinstance(node_id, str) or node_id == self._node_id:
+                    continue
+                address = _node_address(node)
+                self._nodes[node_id] = (address or "", self._node_ports(address) if address else frozenset())
+        return self._nodes
+
+    def _published(self, task: Mapping, status: Mapping) -> str | None:
+        """A tenant's running task's address: its node's checked address and the task's port."""
+        node = task.get("NodeID")
+        if not node or node == self._node_id:  # the manager: the address the worker checked
+            return published_address(self._published_host or "", status, ports=self._published_ports)
+        if self._node_ports is None:
+            return None
+        address, ports = self._judged_nodes().get(str(node), ("", frozenset()))
+        return published_address(address, status, ports=ports) if ports != frozenset() else None
 
     @_in_time
     @_bounded
@@ -490,7 +560,7 @@ class SwarmDriver:
             self._task_container[task["ID"]] = container_id
         address = None
         if status.get("State") == "running" and container_id and self._published_host:
-            address = published_address(self._published_host, status, ports=self._published_ports)
+            address = self._published(task, status)
         elif status.get("State") == "running" and container_id and (ip := self._address(container_id)):
             address = f"{ip}:{REPLICA_PORT}"
         return Replica(
@@ -516,20 +586,25 @@ class SwarmDriver:
         networks = (info.get("NetworkSettings") or {}).get("Networks") or {}
         return next((n.get("IPAddress") for n in networks.values() if n.get("IPAddress")), None)
 
-    def _why_it_failed(self, service: Mapping, failed: Sequence[Mapping]) -> Failure:
+    def _why_it_failed(self, service: Mapping, failed: Sequence[Mapping], *, node: str | None = None) -> Failure:
+        """Why the tasks ``failed`` (on ``node``, named unless it is the one the worker talks to)."""
         last = max(failed, key=lambda t: _timestamp((t.get("Status") or {}).get("Timestamp")))
         status = last.get("Status") or {}
+        # Read whole, not streamed as docker-py's service_logs does: its stream reader wants the
+        # connection's socket, which a tenant's engine's bounded adapter does not hand out.
+        params = {"stdout": 1, "stderr": 1, "tail": _LOG_TAIL}
         try:
-            raw = self._api.service_logs(service["ID"], stdout=True, stderr=True, tail=_LOG_TAIL)
-            logs = (raw if isinstance(raw, bytes) else b"".join(raw)).decode("utf-8", "replace")
+            answer = self._api._get(self._api._url("/services/{0}/logs", service["ID"]), params=params)
+            logs = b"".join(self._api._multiplexed_buffer_helper(answer)).decode("utf-8", "replace")
         except docker.errors.APIError:
             logs = ""
         code = (status.get("ContainerStatus") or {}).get("ExitCode")
         times = f"{len(failed)} times before one answered GET /"
+        on = f" on node {node[:64]}" if node and node != self._node_id else ""
         if status.get("State") == "rejected" or not code:
-            reason = f"swarm could not run a replica {times}: {status.get('Err') or status.get('Message')}"
+            reason = f"swarm could not run a replica{on} {times}: {status.get('Err') or status.get('Message')}"
         else:
-            reason = f"a replica exited with code {code} {times}{last_error_line(logs)}"
+            reason = f"a replica exited with code {code}{on} {times}{last_error_line(logs)}"
         return Failure(reason, logs.rstrip())
 
     def _ensure_network(self, service_id: uuid.UUID) -> str:
@@ -627,6 +702,16 @@ def _checked_config(network: Mapping, service_id: uuid.UUID) -> str:
     return name
 
 
+def _node_address(node: Mapping) -> str | None:
+    """A node's ``Status.Addr``, if it is an IP address (written as Python writes it)."""
+    status = node.get("Status")
+    address = status.get("Addr") if isinstance(status, Mapping) else None
+    try:
+        return str(ipaddress.ip_address(address)) if isinstance(address, str) else None
+    except ValueError:
+        return None
+
+
 def published_address(host: str, status: Mapping, *, ports: frozenset[int] | None = None) -> str | None:
     """A tenant's task's address: ``host`` (the manager's, as the worker checked it) and the port
     the task publishes in host mode for the replica port, if it is one of ``ports`` (None: any).
@@ -653,6 +738,15 @@ def published_port(status: Mapping) -> int | None:
         ):
             return published
     return None
+
+
+def _failing_node(failed: Sequence[Mapping], ready_on: set) -> str | None:
+    """A node where MAX_FAILED_TASKS of the generation's tasks failed and none of its tasks
+    answered: swarm goes on placing tasks there (one that cannot pull the image: `No such
+    image`, every few seconds) whatever the other nodes' tasks do, so it fails the generation
+    on its own."""
+    counts = Counter(str(task.get("NodeID") or "") for task in failed)
+    return next((n for n, count in counts.items() if n and count >= MAX_FAILED_TASKS and n not in ready_on), None)
 
 
 def _running_first(task: Mapping) -> tuple[bool, float, str]:

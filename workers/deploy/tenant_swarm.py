@@ -15,11 +15,15 @@ connect (``published_ports``): the fetch policy takes an allowed name at whateve
 tenant points it to, and a replica's address lives on in the routes; so a task is published
 only at a public address or one the operator allows as an address (not through a name), on a
 port that entry allows, and never at an address of the operator's service networks
-(MMS_SERVICE_SUBNET_POOL), where another tenant's replica answers.
+(MMS_SERVICE_SUBNET_POOL), where another tenant's replica answers. A task on another node is
+reached at that node's address, which only the engine tells (``Node.Status.Addr``, the tenant's
+``--advertise-addr``): judged by the same rule, node by node (``node_ports``); a node refused
+takes no task (the driver keeps tasks off it).
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import os
@@ -48,6 +52,7 @@ from workers.scratch import remove_orphaned_scratch, scratch_dir
 __all__ = [
     "TLS_FOLDER",
     "in_service_pool",
+    "node_ports",
     "published_ports",
     "remove_orphaned_tls",
     "swarm_driver_at",
@@ -136,9 +141,8 @@ def swarm_driver_at(
             "networks (MMS_SERVICE_SUBNET_POOL), where other services' replicas answer"
         )
     # The operator's own entries only: not those a development set-up adds for its asset URLs.
-    ports = published_ports(
-        address, allow_hosts=FetchPolicy(allow_hosts=context.settings.fetch_allow_hosts).allow_hosts
-    )
+    allow_hosts = FetchPolicy(allow_hosts=context.settings.fetch_allow_hosts).allow_hosts
+    ports = published_ports(address, allow_hosts=allow_hosts)
     if publish and ports == frozenset():
         raise TargetRefused(
             f"{target}: its manager {manager.netloc} is at a non-public address that the operator allows "
@@ -171,6 +175,9 @@ def swarm_driver_at(
             tls=tls_config,
             published_host=address,
             published_ports=ports if publish else frozenset(),
+            node_ports=functools.partial(node_ports, allow_hosts=allow_hosts, pool=context.settings.service_subnet_pool)
+            if publish
+            else None,
             server_hostname=certified,
         ) as driver:
             yield driver
@@ -203,6 +210,15 @@ def published_ports(address: str, *, allow_hosts: frozenset[str]) -> frozenset[i
             return None
         ports.add(port)
     return frozenset(ports)
+
+
+def node_ports(address: str, *, allow_hosts: frozenset[str], pool: str) -> frozenset[int] | None:
+    """The ports at which the gateway may reach a task on a node at ``address`` (its
+    ``Status.Addr``: the engine's word, checked by nobody yet): the manager's rule
+    (``published_ports``), and none in the operator's service networks ``pool``."""
+    if in_service_pool(address, pool):
+        return frozenset()
+    return published_ports(address, allow_hosts=allow_hosts)
 
 
 def _as_address(entry: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address | None, int | None]:

@@ -5,11 +5,15 @@ An ``--internal`` overlay carries a task on node 2 to a task on node 1 and to no
 the nodes' engines, not the host's services on the nodes' network. The control: the same probes
 from a task on an overlay that is not internal reach them all (docker_gwbridge masquerades), so a
 refused probe is the network's doing, not the probe's. And the fixture leaves nothing behind.
+
+The drivers on it: ours keeps every task on the node it talks to; a tenant's spreads them over
+the nodes whose address the gateway may route to, each replica reached at its node's address.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import socket
 import threading
@@ -19,15 +23,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import docker
+import httpx
 import pytest
 
-from app.deployments.reconciler import Spec
+from app.context import ServiceContext
+from app.deployments.reconciler import Replica, Spec
 from app.deployments.states import ServiceState
 from app.orm.base import utcnow
 from tests.infra import Infra
-from tests.workers.deploy.netns_swarm import usable
+from tests.workers.deploy.netns_swarm import _Forwarder, usable
 from tests.workers.deploy.netns_swarm_pair import SwarmNode, TwoNodeSwarm, still_there, two_node_swarm
 from workers.deploy.swarm import SwarmDriver
+from workers.deploy.tenant_swarm import swarm_driver_at
 
 pytestmark = pytest.mark.skipif(usable() is not None, reason=f"no tenant swarm here: {usable()}")
 
@@ -63,6 +70,28 @@ def image(infra: Infra) -> str:
         api.remove_image(f"{reference}:py3.11")
     infra.pushed.append((infra.registry, f"{infra.prefix}/multinode", digest))
     return f"{reference}@{digest}"
+
+
+def _serving(infra: Infra, registry: str, auth: dict[str, str] | None = None) -> str:
+    """The base image serving GET / on the replica port (python3 -m http.server) in
+    ``registry``, by digest."""
+    reference = f"{registry}/{infra.prefix}/multinode-serving"
+    with infra.api() as api:
+        made = api.create_container(infra.base_image, command=["true"])
+        try:
+            api.commit(made["Id"], reference, "v1", changes=['CMD ["python3", "-m", "http.server", "5001"]'])
+        finally:
+            api.remove_container(made["Id"])
+        chunks = list(api.push(reference, tag="v1", stream=True, decode=True, auth_config=auth))
+        digest = next(c["aux"]["Digest"] for c in chunks if "aux" in c)
+        api.remove_image(f"{reference}:v1")
+    infra.pushed.append((registry, f"{infra.prefix}/multinode-serving", digest))
+    return f"{reference}@{digest}"
+
+
+@pytest.fixture(scope="module")
+def serving_image(infra: Infra) -> str:
+    return _serving(infra, infra.registry)
 
 
 @pytest.fixture(scope="module")
@@ -124,27 +153,7 @@ def test_our_swarm_drivers_tasks_stay_on_the_node_it_talks_to(swarm: TwoNodeSwar
     placed there is rejected, again and again: `configuration network ... does not exist`), and
     the gateway reaches only that node's bridges. So every task is placed on that node."""
     manager = swarm.manager
-    location, _, digest = image.partition("@")
-    spec = Spec(
-        id=uuid.uuid4(),
-        account_id=uuid.uuid4(),
-        state=ServiceState.TRANSITIONING,
-        compute_type="swarm",
-        compute_name="swarm",
-        compute_attached=False,
-        image_id=uuid.uuid4(),
-        image_location=location,
-        image_digest=digest,
-        generation=1,
-        traffic_generation=None,
-        replicas=4,
-        cpu=0.1,
-        memory_gb=0.1,
-        scoring_timeout_ms=1000,
-        revision=1,
-        changed_at=utcnow(),
-        switched_at=None,
-    )
+    spec = _spec(image, replicas=4, compute_name="swarm")
     driver = SwarmDriver(
         f"unix://{swarm.root / 'n1' / 'docker.sock'}", installation="multinode-test", subnet_pool="10.213.0.0/16",
         tmp_mb=16, pids=64,
@@ -168,6 +177,105 @@ def test_our_swarm_drivers_tasks_stay_on_the_node_it_talks_to(swarm: TwoNodeSwar
         driver.close()
 
 
+def test_a_tenants_replicas_spread_over_its_nodes_each_at_its_nodes_address(
+    swarm: TwoNodeSwarm, serving_image: str, service_context: ServiceContext
+) -> None:
+    """Both nodes' addresses allowed (as addresses: private here): swarm places one replica on
+    each node, and each is recorded at its node's address and the port the engine reported
+    for it, and answers there (from the host, where the gateway runs)."""
+    manager, worker = swarm.nodes
+    spec = _spec(serving_image, replicas=2)
+    with _tenant(service_context, swarm, allow=[manager.address, worker.address]) as open_driver:
+        try:
+            open_driver.start(spec, 2, None)
+            ready = _until_ready(service_context, swarm, [manager.address, worker.address], spec, 2)
+            (service,) = manager.api.services(filters={"label": f"org.mms.service={spec.id}"})
+            assert service["Spec"]["TaskTemplate"].get("Placement", {}).get("Constraints") in (None, [])
+            tasks = {t["ID"]: t for t in manager.api.tasks(filters={"service": service["ID"]})}
+            node_address = {n["ID"]: n["Status"]["Addr"] for n in manager.api.nodes()}
+            assert sorted(node_address[tasks[r.id]["NodeID"]] for r in ready) == sorted(
+                [manager.address, worker.address]
+            )
+            for replica in ready:
+                task = tasks[replica.id]
+                published = task["Status"]["PortStatus"]["Ports"][0]["PublishedPort"]
+                assert replica.address == f"{node_address[task['NodeID']]}:{published}"
+                assert httpx.get(f"http://{replica.address}/", timeout=5).status_code == 200
+        finally:
+            open_driver.remove_all(spec.id)
+
+
+def test_a_tenant_node_whose_address_is_refused_gets_no_task_and_no_route(
+    swarm: TwoNodeSwarm, serving_image: str, service_context: ServiceContext
+) -> None:
+    """The worker node's address not allowed: a task already there (placed while it was) is
+    given no address, the manager's is; a new generation's tasks all go to the manager (a
+    ``node.id!=`` constraint for the worker node)."""
+    manager, worker = swarm.nodes
+    worker_id = worker.api.info()["Swarm"]["NodeID"]
+    both, manager_only = [manager.address, worker.address], [manager.address]
+    first = _spec(serving_image, replicas=2)
+    with _tenant(service_context, swarm, allow=both) as driver:
+        try:
+            driver.start(first, 2, None)
+            _until_ready(service_context, swarm, both, first, 2)
+            with _tenant(service_context, swarm, allow=manager_only) as narrower:
+                replicas, failure = narrower.observe(first)
+            by_node = {_node_of(manager, r): r.address for r in replicas}
+            assert by_node[worker_id] is None and failure is None
+            assert [a for a in by_node.values() if a] == [by_node[manager.api.info()["Swarm"]["NodeID"]]]
+            assert by_node[manager.api.info()["Swarm"]["NodeID"]].startswith(f"{manager.address}:")
+
+            second = dataclasses.replace(first, generation=2)
+            with _tenant(service_context, swarm, allow=manager_only) as narrower:
+                narrower.start(second, 2, None)
+            ready = _until_ready(service_context, swarm, manager_only, second, 2)
+            (service,) = [
+                s
+                for s in manager.api.services(filters={"label": f"org.mms.service={first.id}"})
+                if s["Spec"]["Labels"]["org.mms.generation"] == "2"
+            ]
+            assert service["Spec"]["TaskTemplate"]["Placement"]["Constraints"] == [f"node.id!={worker_id}"]
+            tasks = manager.api.tasks(filters={"service": service["ID"]})
+            assert {t.get("NodeID") for t in tasks} == {manager.api.info()["Swarm"]["NodeID"]}
+            assert all(r.address and r.address.startswith(f"{manager.address}:") for r in ready)
+            assert not any(worker.address in str(r.address) for r in ready)
+        finally:
+            driver.remove_all(first.id)
+
+
+def test_a_tenant_node_that_cannot_pull_fails_the_generation_naming_it_though_the_manager_answers(
+    swarm: TwoNodeSwarm, infra: Infra, service_context: ServiceContext
+) -> None:
+    """The image is in a registry only the manager reaches (here: the password registry, forwarded
+    into the manager's namespace only): the manager pulls it and its task answers; the worker
+    node's tasks are rejected again and again. Those rejections are counted on their own: the
+    generation fails, naming the node, though a replica answered."""
+    manager, worker = swarm.nodes
+    worker_id = worker.api.info()["Swarm"]["NodeID"]
+    image = _serving(infra, infra.auth_registry, infra.basic_auth())
+    forwarder = _Forwarder(manager.netns, int(infra.auth_registry.rpartition(":")[2]))
+    allow = [manager.address, worker.address]
+    spec = _spec(image, replicas=2)
+    try:
+        with _tenant(service_context, swarm, allow=allow) as driver:
+            driver.start(spec, 2, infra.basic_auth())
+        deadline = time.monotonic() + 90
+        while True:
+            with _tenant(service_context, swarm, allow=allow) as driver:
+                replicas, failure = driver.observe(spec)
+            if failure is not None:
+                break
+            assert time.monotonic() < deadline, replicas
+            time.sleep(1)
+        assert f"swarm could not run a replica on node {worker_id} 3 times" in failure.reason, failure
+        assert [_node_of(manager, r) for r in replicas if r.ready] == [manager.api.info()["Swarm"]["NodeID"]]
+    finally:
+        with _tenant(service_context, swarm, allow=allow) as driver:
+            driver.remove_all(spec.id)
+        forwarder.stop()
+
+
 def test_the_two_node_swarm_leaves_nothing_behind_even_after_a_failure(infra: Infra) -> None:
     made: list[TwoNodeSwarm] = []
     with (
@@ -184,6 +292,69 @@ def test_the_two_node_swarm_leaves_nothing_behind_even_after_a_failure(infra: In
     assert [pid for pid in pids if _state(pid) not in ("gone", "Z")] == []
     assert not swarm.root.exists()
     assert str(swarm.root) not in Path("/proc/mounts").read_text()
+
+
+def _spec(image: str, *, replicas: int, compute_name: str = "theirs") -> Spec:
+    location, _, digest = image.partition("@")
+    return Spec(
+        id=uuid.uuid4(),
+        account_id=uuid.uuid4(),
+        state=ServiceState.TRANSITIONING,
+        compute_type="swarm",
+        compute_name=compute_name,
+        compute_attached=compute_name != "swarm",
+        image_id=uuid.uuid4(),
+        image_location=location,
+        image_digest=digest,
+        generation=1,
+        traffic_generation=None,
+        replicas=replicas,
+        cpu=0.1,
+        memory_gb=0.1,
+        scoring_timeout_ms=1000,
+        revision=1,
+        changed_at=utcnow(),
+        switched_at=None,
+    )
+
+
+@contextlib.contextmanager
+def _tenant(context: ServiceContext, swarm: TwoNodeSwarm, *, allow: list[str]) -> Iterator[SwarmDriver]:
+    """The tenant driver on the swarm's manager, the operator allowing ``allow`` (addresses)."""
+    settings = context.settings.model_copy(update={"fetch_allow_hosts": allow})
+    allowed = ServiceContext.build(settings)
+    try:
+        with swarm_driver_at(
+            allowed,
+            docker_host=swarm.manager.docker_host,
+            tls=swarm.manager.tls,
+            installation="multinode-tenant",
+            target="compute 'theirs'",
+        ) as driver:
+            yield driver
+    finally:
+        allowed.dispose()
+
+
+def _until_ready(
+    context: ServiceContext, swarm: TwoNodeSwarm, allow: list[str], spec: Spec, count: int
+) -> list[Replica]:
+    """The spec's generation's replicas once ``count`` answer GET / (a pass a look, as the
+    reconciler's)."""
+    deadline = time.monotonic() + 120
+    while True:
+        with _tenant(context, swarm, allow=allow) as driver:
+            replicas, failure = driver.observe(spec)
+        ready = [r for r in replicas if r.generation == spec.generation and r.ready]
+        if len(ready) >= count:
+            return ready
+        assert failure is None, failure
+        assert time.monotonic() < deadline, replicas
+        time.sleep(1)
+
+
+def _node_of(manager: SwarmNode, replica: Replica) -> str:
+    return manager.api.inspect_task(replica.id)["NodeID"]
 
 
 def _task(manager: SwarmNode, image: str, name: str, network: str, node_id: str) -> dict:

@@ -18,6 +18,7 @@ import stat
 import subprocess
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -38,7 +39,7 @@ from tests.workers.deploy.test_tenant_swarm_bounds import NAME, Answer, _Engine,
 from workers.deploy.local import GENERATION_LABEL, INSTALLATION_LABEL, SERVICE_LABEL, TargetRefused
 from workers.deploy.reconcile import installation_id, reconcile_service
 from workers.deploy.swarm import published_address
-from workers.deploy.tenant_swarm import TLS_FOLDER, published_ports, remove_orphaned_tls
+from workers.deploy.tenant_swarm import TLS_FOLDER, node_ports, published_ports, remove_orphaned_tls
 from workers.deploy.tenant_swarm import swarm_driver_at as _swarm_driver_at
 from workers.scratch import _host
 
@@ -101,6 +102,24 @@ def test_a_published_port_outside_the_allowed_ones_gives_no_address() -> None:
     assert published_address("10.0.0.5", _status(31000), ports=frozenset()) is None
     assert published_address("10.0.0.5", _status(31000), ports=frozenset({31000})) == "10.0.0.5:31000"
     assert published_address("10.0.0.5", _status(31000), ports=None) == "10.0.0.5:31000"
+
+
+@pytest.mark.parametrize(
+    ("address", "allowed", "ports"),
+    [
+        ("8.8.8.8", [], None),  # public: any port
+        ("10.0.0.6", [], frozenset()),  # the tenant's word alone
+        ("10.0.0.6", ["10.0.0.6"], None),
+        ("10.0.0.6", ["10.0.0.6:30001"], frozenset({30001})),
+        ("10.213.0.7", ["10.213.0.7"], frozenset()),  # the operator's service networks, allowed or not
+        ("::ffff:10.213.0.7", ["::ffff:10.213.0.7"], frozenset()),
+        ("127.0.0.1", [], frozenset()),
+    ],
+)
+def test_another_nodes_address_is_judged_as_the_managers_and_never_in_the_service_networks(
+    address: str, allowed: list[str], ports: frozenset[int] | None
+) -> None:
+    assert node_ports(address, allow_hosts=frozenset(allowed), pool="10.213.0.0/16") == ports
 
 
 # --- the driver on a tenant's engine -----------------------------------------------------
@@ -239,6 +258,164 @@ def test_a_manager_in_the_operators_service_networks_is_refused_even_if_allowed(
     for publish in (True, False):
         with pytest.raises(TargetRefused, match="service networks"):
             _addresses(pooled, port, tls, publish=publish)
+
+
+def _nodes(addresses: dict[str, object], tasks_on: list[str], published: int, rejected_on: list[str] = []) -> object:  # noqa: B006
+    """An engine whose swarm has these nodes (ID -> ``Status.Addr``; ``n1`` the manager: see
+    _normal's /info) and runs one generation with a task on each node of ``tasks_on``, and a
+    task rejected for each of ``rejected_on``."""
+    service = {
+        "ID": "s1",
+        "Spec": {"Name": "x", "Labels": {GENERATION_LABEL: "1", INSTALLATION_LABEL: "test"}},
+        "Version": {"Index": 1},
+    }
+    nodes = [{"ID": node, "Status": {"State": "ready", "Addr": addr}} for node, addr in addresses.items()]
+    tasks = [
+        {"ID": f"t-{node}", "NodeID": node, "DesiredState": "running", "Status": _status(published)}
+        for node in tasks_on
+    ]
+    tasks += [
+        {
+            "ID": f"r{n}-{node}",
+            "NodeID": node,
+            "DesiredState": "shutdown",
+            "Status": {"State": "rejected", "Err": "No such image: registry.example.com/a@sha256:0"},
+        }
+        for n, node in enumerate(rejected_on)
+    ]
+
+    def answer(path: str) -> Answer | None:
+        listed = {"/services": [service], "/tasks": tasks, "/nodes": nodes}.get(path)
+        return None if listed is None else (200, {}, json.dumps(listed).encode())
+
+    return staticmethod(answer)
+
+
+NODES = {
+    "n1": "10.9.9.9",  # the manager: its own claim is not what the gateway uses
+    "n2": "127.0.0.2",  # listed as an address
+    "n3": "10.213.0.7",  # listed, but in the service networks
+    "n4": "10.0.0.9",  # not listed
+    "n5": "8.8.8.8",  # public
+    "n6": "swarm.tenant.example",  # a name: no address
+    "n7": None,
+}
+
+
+def _tenant_driver(context: ServiceContext, port: int, tls: dict[str, str]):  # type: ignore[no-untyped-def]
+    return _swarm_driver_at(
+        context, docker_host=f"tcp://{NAME}:{port}", tls=tls, installation="test", target="t", resolver=_to_loopback
+    )
+
+
+def test_each_nodes_tasks_are_reached_at_that_nodes_address_if_the_gateway_may_route_there(
+    engine: tuple[int, type[_Engine]],  # noqa: F811
+    tls: dict[str, str],
+    app_context: ServiceContext,
+    tmp_path: Path,
+) -> None:
+    """A tenant's swarm of many nodes: a task's address is its node's (the manager's: the one
+    the worker checked) and the port the engine reported for it; a node whose address the
+    gateway may not route to gives its tasks none, and the driver keeps new tasks off it."""
+    port, handler = engine
+    handler.hostile = _nodes(NODES, list(NODES), published=31000)
+    allowed = [NAME, "127.0.0.1", "127.0.0.2", "10.213.0.7", "swarm.tenant.example"]
+    context = _context(app_context, tmp_path, fetch_allow_hosts=allowed, service_subnet_pool="10.213.0.0/16")
+    with _tenant_driver(context, port, tls) as driver:
+        replicas, failure = driver.observe(replace(swarm_spec(), replicas=len(NODES)))
+        constraints = driver._constraints()
+    assert {r.id: r.address for r in replicas} == {
+        "t-n1": "127.0.0.1:31000",
+        "t-n2": "127.0.0.2:31000",
+        "t-n3": None,
+        "t-n4": None,
+        "t-n5": "8.8.8.8:31000",
+        "t-n6": None,
+        "t-n7": None,
+    }
+    assert failure is None  # some route
+    assert constraints == ["node.id!=n3", "node.id!=n4", "node.id!=n6", "node.id!=n7"]
+
+    # Only refused nodes' tasks: the pass says why at once (naming the node, not its address).
+    handler.hostile = _nodes(NODES, ["n4"], published=31000)
+    with _tenant_driver(context, port, tls) as driver:
+        replicas, failure = driver.observe(swarm_spec())
+    assert [r.address for r in replicas] == [None]
+    assert failure is not None and "runs on node n4" in failure.reason and "10.0.0.9" not in failure.reason
+
+    # A port-scoped entry for a node: its tasks on that port only, as for the manager.
+    handler.hostile = _nodes(NODES, ["n2"], published=31000)
+    scoped = _context(app_context, tmp_path, fetch_allow_hosts=[NAME, "127.0.0.1", "127.0.0.2:31001"])
+    with _tenant_driver(scoped, port, tls) as driver:
+        replicas, failure = driver.observe(swarm_spec())
+    assert [r.address for r in replicas] == [None]
+    assert failure is not None and "publish port 31000 on node n2" in failure.reason
+
+
+def test_a_swarm_with_more_refused_nodes_than_constraints_name_stays_on_the_manager(
+    engine: tuple[int, type[_Engine]],  # noqa: F811
+    tls: dict[str, str],
+    app_context: ServiceContext,
+    tmp_path: Path,
+) -> None:
+    from workers.deploy.swarm import MAX_EXCLUDED_NODES
+
+    port, handler = engine
+    context = _context(app_context, tmp_path, fetch_allow_hosts=[NAME, "127.0.0.1"])
+    refused = {f"n{i}": "10.0.0.9" for i in range(2, MAX_EXCLUDED_NODES + 2)}
+    for nodes, constraints in [
+        (refused, [f"node.id!={node}" for node in refused]),
+        ({**refused, "nmore": "10.0.0.9"}, ["node.id==n1"]),
+        ({"n2": "10.0.0.9", "n3,node.role==manager": "10.0.0.9"}, ["node.id==n1"]),  # no swarm ID
+        ({"n2": "8.8.8.8"}, []),
+    ]:
+        handler.hostile = _nodes({"n1": "10.9.9.9", **nodes}, [], published=31000)
+        with _tenant_driver(context, port, tls) as driver:
+            assert driver._constraints() == constraints
+
+
+def test_a_node_whose_tasks_keep_being_rejected_fails_the_generation_naming_it_though_another_answered(
+    engine: tuple[int, type[_Engine]],  # noqa: F811
+    tls: dict[str, str],
+    app_context: ServiceContext,
+    tmp_path: Path,
+) -> None:
+    """Node n2 cannot pull the image: swarm places a task there every few seconds, each
+    rejected, while the manager's answers. Its rejections are counted on their own: the
+    generation fails naming the node (swarm's own error with it)."""
+    from workers.deploy.swarm import MAX_FAILED_TASKS
+
+    port, handler = engine
+    context = _context(app_context, tmp_path, fetch_allow_hosts=[NAME, "127.0.0.1", "127.0.0.2"])
+    spec = replace(swarm_spec(), replicas=2)
+    with tcp_listener(OK) as (replica_port, _):
+        for rejected, failed in [
+            (["n2"] * (MAX_FAILED_TASKS - 1), None),  # not yet
+            (["n2"] * MAX_FAILED_TASKS, f"swarm could not run a replica on node n2 {MAX_FAILED_TASKS} times"),
+            (["n1", "n2", "n2"], None),  # spread over nodes, and one answered
+        ]:
+            handler.hostile = _nodes({"n1": "10.9.9.9", "n2": "127.0.0.2"}, ["n1"], replica_port, rejected)
+            with _tenant_driver(context, port, tls) as driver:
+                replicas, failure = driver.observe(spec)
+            assert [r.ready for r in replicas] == [True]  # the manager's answered
+            if failed is None:
+                assert failure is None
+            else:
+                assert failure is not None and failure.reason.startswith(failed), failure
+                assert "No such image" in failure.reason
+
+        # On the manager, as on one node: not named (the message as before); the service's log
+        # read whole through the tenant engine's bound (docker-py's stream reader wants the
+        # connection's socket, which that adapter does not hand out: the pass erred).
+        listing = _nodes({"n1": "10.9.9.9"}, [], replica_port, ["n1"] * MAX_FAILED_TASKS).__func__  # type: ignore[attr-defined]
+        line = b"Traceback: boom\n"
+        framed = b"\x02\x00\x00\x00" + len(line).to_bytes(4, "big") + line
+        handler.hostile = staticmethod(lambda path: (200, {}, framed) if path == "/services/s1/logs" else listing(path))
+        with _tenant_driver(context, port, tls) as driver:
+            _, failure = driver.observe(spec)
+        assert failure is not None
+        assert failure.reason.startswith(f"swarm could not run a replica {MAX_FAILED_TASKS} times before")
+        assert failure.logs == "Traceback: boom"
 
 
 # --- the TLS material's folder -----------------------------------------------------------
