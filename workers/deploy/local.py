@@ -272,10 +272,14 @@ def new_log_lines(api: docker.APIClient, container_id: str, replica: Replica, ma
         )
     except docker.errors.NotFound:
         return []
-    # The last lines only, whatever the engine sent (a tenant's may ignore ``tail``): rsplit
-    # makes no more pieces than that, however many lines came.
+    return last_log_lines(raw, replica, after_ns=mark)
+
+
+def last_log_lines(raw: bytes, replica: Replica, *, after_ns: int) -> list[LogLine]:
+    """The last ``LOG_LINES_PER_PASS`` of the engine's lines, whatever it sent (a tenant's may
+    ignore ``tail``: rsplit makes no more pieces than that, however many lines came)."""
     tail = b"\n".join(raw.rstrip(b"\n").rsplit(b"\n", LOG_LINES_PER_PASS)[-LOG_LINES_PER_PASS:])
-    return parse_log_lines(tail, replica, after_ns=mark)
+    return parse_log_lines(tail, replica, after_ns=after_ns)
 
 
 def parse_log_lines(raw: bytes, replica: Replica, *, after_ns: int) -> list[LogLine]:

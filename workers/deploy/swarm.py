@@ -50,11 +50,13 @@ from workers.deploy.local import (
     GENERATION_LABEL,
     IMAGE_LABEL,
     INSTALLATION_LABEL,
+    LOG_LINES_PER_PASS,
     SERVICE_LABEL,
     SWARM_TARGET_LABEL,
     SWARM_TASK_LABEL,
     EngineUnreachable,
     answers,
+    last_log_lines,
     new_log_lines,
     pulled_image,
 )
@@ -169,7 +171,8 @@ class SwarmDriver:
         ``server_hostname``: the name its certificate is checked against, when ``docker_host``
         holds the address the name was resolved to (workers.builders.docker.engine_client)."""
         self._installation = installation
-        self._task_container: dict[str, str] = {}  # task id -> its container on this node, as observed
+        self._task_container: dict[str, str] = {}  # task id -> its container, as observed
+        self._task_node: dict[str, str] = {}  # task id -> its node, as observed
         self._pool = subnet_pool
         self._tmp_mb = tmp_mb
         self._pids = pids
@@ -308,16 +311,36 @@ class SwarmDriver:
     @_bounded
     def read_logs(self, spec: Spec, replicas: Sequence[Replica]) -> list[LogLine]:
         """What each task printed since the newest line already copied (from its container on
-        the node the worker talks to: a tenant's task on another node is not read), at most
-        ``LOG_LINES_PER_PASS`` a task, of at most ``_MAX_LOG_TASKS`` tasks (a tenant's engine
-        may list any number)."""
+        the node the worker talks to; through swarm's task logs for a tenant's task on another
+        node), at most ``LOG_LINES_PER_PASS`` a task, of at most ``_MAX_LOG_TASKS`` tasks (a
+        tenant's engine may list any number)."""
         lines: list[LogLine] = []
         for replica in replicas[:_MAX_LOG_TASKS]:
             self._check_time()
             container_id = self._task_container.get(replica.id)
-            if container_id:
-                lines += new_log_lines(self._api, container_id, replica, spec.log_marks.get(replica.id, 0))
+            mark = spec.log_marks.get(replica.id, 0)
+            if not container_id:
+                continue
+            if self._task_node.get(replica.id, self._node_id) in ("", self._node_id):
+                lines += new_log_lines(self._api, container_id, replica, mark)
+            else:
+                lines += self._task_log_lines(replica, mark)
         return lines
+
+    def _task_log_lines(self, replica: Replica, mark: int) -> list[LogLine]:
+        """A task's lines after ``mark`` (ns) as the manager relays them from the task's node,
+        at most ``LOG_LINES_PER_PASS``: read whole through the engine's bounded client (docker-py
+        has no call for a task's logs)."""
+        params: dict[str, object] = {"stdout": 1, "stderr": 1, "timestamps": 1, "tail": LOG_LINES_PER_PASS}
+        if mark:
+            params["since"] = f"{mark // 1_000_000_000}.{mark % 1_000_000_000:09d}"
+        try:
+            answer = self._api._get(self._api._url("/tasks/{0}/logs", replica.id), params=params)
+            self._api._raise_for_status(answer)
+            raw = b"".join(self._api._multiplexed_buffer_helper(answer))
+        except docker.errors.NotFound:
+            return []
+        return last_log_lines(raw, replica, after_ns=mark)
 
     @_in_time
     @_bounded
@@ -558,6 +581,7 @@ class SwarmDriver:
         container_id = (status.get("ContainerStatus") or {}).get("ContainerID")
         if container_id:
             self._task_container[task["ID"]] = container_id
+            self._task_node[task["ID"]] = str(task.get("NodeID") or "")
         address = None
         if status.get("State") == "running" and container_id and self._published_host:
             address = self._published(task, status)
@@ -595,6 +619,7 @@ class SwarmDriver:
         params = {"stdout": 1, "stderr": 1, "tail": _LOG_TAIL}
         try:
             answer = self._api._get(self._api._url("/services/{0}/logs", service["ID"]), params=params)
+            self._api._raise_for_status(answer)  # an error's body is no log
             logs = b"".join(self._api._multiplexed_buffer_helper(answer)).decode("utf-8", "replace")
         except docker.errors.APIError:
             logs = ""

@@ -177,7 +177,7 @@ def test_our_swarm_drivers_tasks_stay_on_the_node_it_talks_to(swarm: TwoNodeSwar
         driver.close()
 
 
-def test_a_tenants_replicas_spread_over_its_nodes_each_at_its_nodes_address(
+def test_a_tenants_replicas_spread_over_its_nodes_each_at_its_nodes_address_and_their_logs_copied(
     swarm: TwoNodeSwarm, serving_image: str, service_context: ServiceContext
 ) -> None:
     """Both nodes' addresses allowed (as addresses: private here): swarm places one replica on
@@ -201,6 +201,22 @@ def test_a_tenants_replicas_spread_over_its_nodes_each_at_its_nodes_address(
                 published = task["Status"]["PortStatus"]["Ports"][0]["PublishedPort"]
                 assert replica.address == f"{node_address[task['NodeID']]}:{published}"
                 assert httpx.get(f"http://{replica.address}/", timeout=5).status_code == 200
+            # Each replica's log lines are copied, the one on the other node's too (swarm's task
+            # logs, through the manager): http.server logs each GET / it answered.
+            ids = {r.id for r in ready}
+            with _tenant(service_context, swarm, allow=[manager.address, worker.address]) as driver:
+                seen, _ = driver.observe(spec)
+                lines = driver.read_logs(spec, [r for r in seen if r.id in ids])
+            assert {line.replica_id for line in lines} == ids, lines
+            for replica_id in ids:
+                assert any('"GET / HTTP/1.1" 200' in ln.text for ln in lines if ln.replica_id == replica_id), lines
+            # A second pass copies only what came after the newest line it has.
+            marks = {i: max(line.logged_ns for line in lines if line.replica_id == i) for i in ids}
+            later = dataclasses.replace(spec, log_marks=marks)
+            with _tenant(service_context, swarm, allow=[manager.address, worker.address]) as driver:
+                seen, _ = driver.observe(later)
+                again = driver.read_logs(later, [r for r in seen if r.id in ids])
+            assert all(line.logged_ns > marks[line.replica_id] for line in again), again
         finally:
             open_driver.remove_all(spec.id)
 
