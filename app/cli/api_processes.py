@@ -6,15 +6,19 @@ mostly on whichever process woke first (measured: 22 and 10, 24 and 8 of 32 conn
 the other one idles while they queue. Here each process listens on a socket of its own with
 SO_REUSEPORT, and the kernel spreads new connections over the sockets by their addresses.
 
-The parent only supervises: a process that dies is started again (a process that fails
-before it serves stops them all, as a broken app or port would fail each time); SIGTERM or
-SIGINT stops them all, gracefully.
+The parent only supervises: a process that dies is started again, waiting longer each time
+it dies at once; one that fails to start before any process has served stops them all (a
+broken app or port would fail each time); SIGTERM or SIGINT stops them all, gracefully.
+
+Any process of the same user may join a SO_REUSEPORT group and take a share of the
+connections (the kernel refuses other users): run the API as a user of its own (SECURITY.md).
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import signal
 import socket
 import sys
@@ -29,23 +33,27 @@ log = logging.getLogger("mms.serve")
 # uvicorn's exit status for a process that failed before it served (app, TLS or socket).
 _STARTUP_FAILURE = 3
 _STOP_SECONDS = 40.0  # past uvicorn's graceful shutdown (30 s)
+_QUICK_EXIT_SECONDS = 10.0  # a process that dies sooner than this failed to start
+_MAX_BACKOFF_SECONDS = 60.0
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
-    """A socket bound to ``host:port`` that other sockets of this user may bind too."""
-    addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    family, kind, proto, _, address = addresses[0]
-    sock = socket.socket(family, kind, proto)
+    """A socket bound to ``host:port`` that other sockets of this user may bind too (the
+    address family chosen as uvicorn chooses it: IPv6 for an address with a colon)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind(address)
+    sock.bind((host, port))
     return sock
 
 
-def _serve_one(config: dict[str, Any]) -> None:
+def _serve_one(config: dict[str, Any], parent: int) -> None:
     import uvicorn
 
     die_with_parent()
+    if os.getppid() != parent:  # the parent died before the kernel was told to stop this one with it
+        return
     server = uvicorn.Server(uvicorn.Config(**config))
     host, port = server.config.host, server.config.port
     try:
@@ -69,24 +77,36 @@ def run_api_processes(count: int, config: dict[str, Any]) -> int:
         signal.signal(sig, lambda *_: stopping.set())
 
     def start() -> multiprocessing.process.BaseProcess:
-        process = spawn.Process(target=_serve_one, args=(config,), name="mms-api")
+        process = spawn.Process(target=_serve_one, args=(config, os.getpid()), name="mms-api")
         process.start()
         return process
 
     processes = [start() for _ in range(count)]
+    started = [time.monotonic()] * count
+    backoff = [1.0] * count
+    serving = False  # once one process has lived past a start, a failed start is not the app's fault
     status = 0
     while not stopping.wait(0.5):
         for slot, process in enumerate(processes):
             if process.is_alive():
+                serving = serving or time.monotonic() - started[slot] > _QUICK_EXIT_SECONDS
                 continue
-            if process.exitcode == _STARTUP_FAILURE:
+            if process.exitcode == _STARTUP_FAILURE and not serving:
+                # The app or the port, before any process served: each restart would fail alike.
                 log.error("api.start_failed", extra={"pid": process.pid})
                 status = 1
                 stopping.set()
                 break
-            log.warning("api.process_exited", extra={"pid": process.pid, "exitCode": process.exitcode})
-            time.sleep(1)  # not a tight loop if it keeps dying
-            processes[slot] = start()
+            # A restart that fails (the database away, say) waits longer each time, up to a minute.
+            lived = time.monotonic() - started[slot]
+            backoff[slot] = min(backoff[slot] * 2, _MAX_BACKOFF_SECONDS) if lived < _QUICK_EXIT_SECONDS else 1.0
+            log.warning(
+                "api.process_exited",
+                extra={"pid": process.pid, "exitCode": process.exitcode, "restartInSeconds": backoff[slot]},
+            )
+            if stopping.wait(backoff[slot]):
+                break
+            processes[slot], started[slot] = start(), time.monotonic()
     for process in processes:
         if process.is_alive():
             process.terminate()

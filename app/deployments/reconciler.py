@@ -210,8 +210,9 @@ def claim(session: Session, service_id: uuid.UUID, *, owner: str) -> Lease | Non
     )
     if not rows:
         return None
-    tenant = select(func.lower(Account.subscription_id)).where(Account.id == rows[0].account_id)
-    return Lease(service_id, rows[0].attempt, owner, session.execute(tenant).scalar_one())
+    # Lower-cased here as roles' scopes are (a database's lower() follows its collation).
+    subscription = session.execute(select(Account.subscription_id).where(Account.id == rows[0].account_id))
+    return Lease(service_id, rows[0].attempt, owner, subscription.scalar_one().lower())
 
 
 def renew(session: Session, lease: Lease) -> bool:

@@ -264,9 +264,13 @@ class SwarmDriver:
             failed = [t for t in tasks if (t.get("Status") or {}).get("State") in _FAILED]
             if generation != spec.generation:
                 continue
-            ready_on = {task.get("NodeID") for task, replica in zip(alive, seen, strict=True) if replica.ready}
+            ready_on = {
+                str(task.get("NodeID") or "") for task, replica in zip(alive, seen, strict=True) if replica.ready
+            }
             if node := _failing_node(failed, ready_on):
-                failure = self._why_it_failed(service, [t for t in failed if t.get("NodeID") == node], node=node)
+                failure = self._why_it_failed(
+                    service, [t for t in failed if str(t.get("NodeID") or "") == node], node=node
+                )
             elif len(failed) >= MAX_FAILED_TASKS and not ready_on:
                 failure = self._why_it_failed(service, failed)
             elif not any(r.address for r in seen):
@@ -732,9 +736,11 @@ def _node_address(node: Mapping) -> str | None:
     status = node.get("Status")
     address = status.get("Addr") if isinstance(status, Mapping) else None
     try:
-        return str(ipaddress.ip_address(address)) if isinstance(address, str) else None
+        ip = ipaddress.ip_address(address) if isinstance(address, str) else None
     except ValueError:
         return None
+    # A scope (``fe80::1%eth0``) is text of the engine's choosing, of any length: no address of a node.
+    return None if ip is None or getattr(ip, "scope_id", None) else str(ip)
 
 
 def published_address(host: str, status: Mapping, *, ports: frozenset[int] | None = None) -> str | None:

@@ -176,7 +176,7 @@ def swarm_driver_at(
             published_host=address,
             published_ports=ports if publish else frozenset(),
             node_ports=functools.partial(node_ports, allow_hosts=allow_hosts, pool=context.settings.service_subnet_pool)
-            if publish
+            if publish and ROUTE_OTHER_NODES
             else None,
             server_hostname=certified,
         ) as driver:
@@ -210,6 +210,16 @@ def published_ports(address: str, *, allow_hosts: frozenset[str]) -> frozenset[i
             return None
         ports.add(port)
     return frozenset(ports)
+
+
+# Tasks on a tenant's nodes other than its manager are not routed to yet: every task is pinned
+# to the manager. A node's address is the tenant's word (``Status.Addr``), not proven as the
+# manager's is by the worker's own TLS connection to it, and the gateway would send scoring
+# traffic wherever it claims: a public host of anyone's, or another tenant's node that the
+# operator lists in MMS_FETCH_ALLOW_HOSTS (the list is the installation's, not a tenant's).
+# The routing below is built and tested on two nodes; it is turned on once each node is proven
+# (design: "Multi-node swarm", the attacker's review of 2026-12-04).
+ROUTE_OTHER_NODES = False
 
 
 def node_ports(address: str, *, allow_hosts: frozenset[str], pool: str) -> frozenset[int] | None:

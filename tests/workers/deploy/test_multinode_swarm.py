@@ -33,6 +33,7 @@ from app.orm.base import utcnow
 from tests.infra import Infra
 from tests.workers.deploy.netns_swarm import _Forwarder, usable
 from tests.workers.deploy.netns_swarm_pair import SwarmNode, TwoNodeSwarm, still_there, two_node_swarm
+from workers.deploy import tenant_swarm
 from workers.deploy.swarm import SwarmDriver
 from workers.deploy.tenant_swarm import swarm_driver_at
 
@@ -177,6 +178,33 @@ def test_our_swarm_drivers_tasks_stay_on_the_node_it_talks_to(swarm: TwoNodeSwar
         driver.close()
 
 
+@pytest.fixture()
+def other_nodes_routed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The routing to a tenant's other nodes, built but off until each node is proven."""
+    monkeypatch.setattr(tenant_swarm, "ROUTE_OTHER_NODES", True)
+
+
+def test_a_tenants_tasks_stay_on_its_manager_while_other_nodes_are_not_routed_to(
+    swarm: TwoNodeSwarm, serving_image: str, service_context: ServiceContext
+) -> None:
+    """Both nodes' addresses allowed, yet both replicas run on the manager, at the address the
+    worker checked: the other node's address is the tenant's word (ROUTE_OTHER_NODES)."""
+    manager, _ = swarm.nodes
+    spec = _spec(serving_image, replicas=2)
+    with _tenant(service_context, swarm, allow=[manager.address, swarm.nodes[1].address]) as open_driver:
+        try:
+            open_driver.start(spec, 2, None)
+            ready = _until_ready(service_context, swarm, [manager.address, swarm.nodes[1].address], spec, 2)
+            (service,) = manager.api.services(filters={"label": f"org.mms.service={spec.id}"})
+            manager_id = manager.api.info()["Swarm"]["NodeID"]
+            assert service["Spec"]["TaskTemplate"]["Placement"]["Constraints"] == [f"node.id=={manager_id}"]
+            assert {_node_of(manager, r) for r in ready} == {manager_id}
+            assert all(r.address and r.address.startswith(f"{manager.address}:") for r in ready)
+        finally:
+            open_driver.remove_all(spec.id)
+
+
+@pytest.mark.usefixtures("other_nodes_routed")
 def test_a_tenants_replicas_spread_over_its_nodes_each_at_its_nodes_address_and_their_logs_copied(
     swarm: TwoNodeSwarm, serving_image: str, service_context: ServiceContext
 ) -> None:
@@ -221,6 +249,7 @@ def test_a_tenants_replicas_spread_over_its_nodes_each_at_its_nodes_address_and_
             open_driver.remove_all(spec.id)
 
 
+@pytest.mark.usefixtures("other_nodes_routed")
 def test_a_tenant_node_whose_address_is_refused_gets_no_task_and_no_route(
     swarm: TwoNodeSwarm, serving_image: str, service_context: ServiceContext
 ) -> None:
@@ -260,6 +289,7 @@ def test_a_tenant_node_whose_address_is_refused_gets_no_task_and_no_route(
             driver.remove_all(first.id)
 
 
+@pytest.mark.usefixtures("other_nodes_routed")
 def test_a_tenant_node_that_cannot_pull_fails_the_generation_naming_it_though_the_manager_answers(
     swarm: TwoNodeSwarm, infra: Infra, service_context: ServiceContext
 ) -> None:

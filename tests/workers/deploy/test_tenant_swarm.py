@@ -108,16 +108,17 @@ def test_the_housing_model_scores_on_a_tenants_swarm_and_a_delete_leaves_nothing
         time.sleep(0.3)
     assert answer.json() == pytest.approx(trained.predict(rows).tolist())
 
-    # On the tenant's swarm: one swarm service, contained, its port published in host mode (no
-    # routing mesh, no VIP), no node kept out (its one node is the manager, whose address the
-    # worker checked); the task answers at the manager's address.
+    # On the tenant's swarm: one swarm service, contained, pinned to the manager (another node's
+    # address would be the tenant's word: workers/deploy/tenant_swarm.py ROUTE_OTHER_NODES), its
+    # port published in host mode (no routing mesh, no VIP); the task answers at the manager's address.
     (swarm_service,) = _held(tenant.api, service_id)["services"]
     spec = swarm_service["Spec"]
     assert spec["Name"] == f"mms-{uuid.UUID(service_id).hex[:12]}-g1"
     assert spec["EndpointSpec"]["Mode"] == "dnsrr"
     (port,) = spec["EndpointSpec"]["Ports"]
     assert port["PublishMode"] == "host" and port["TargetPort"] == 5001
-    assert spec["TaskTemplate"].get("Placement", {}).get("Constraints") in (None, [])
+    node_id = tenant.api.info()["Swarm"]["NodeID"]
+    assert spec["TaskTemplate"]["Placement"]["Constraints"] == [f"node.id=={node_id}"]
     container = spec["TaskTemplate"]["ContainerSpec"]
     assert container["ReadOnly"] is True and container["CapabilityDrop"] == ["ALL"]
     assert "@sha256:" in container["Image"]

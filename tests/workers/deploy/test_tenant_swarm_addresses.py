@@ -36,6 +36,7 @@ from tests.factories import Callers, model_body, new_account
 from tests.listeners import tcp_listener
 from tests.workers.deploy.specs import swarm_spec
 from tests.workers.deploy.test_tenant_swarm_bounds import NAME, Answer, _Engine, certs, engine  # noqa: F401
+from workers.deploy import tenant_swarm
 from workers.deploy.local import GENERATION_LABEL, INSTALLATION_LABEL, SERVICE_LABEL, TargetRefused
 from workers.deploy.reconcile import installation_id, reconcile_service
 from workers.deploy.swarm import published_address
@@ -299,7 +300,14 @@ NODES = {
     "n5": "8.8.8.8",  # public
     "n6": "swarm.tenant.example",  # a name: no address
     "n7": None,
+    "n8": "2001:4860::8888%" + "x" * 100,  # public, with a scope of the engine's choosing: no address
 }
+
+
+@pytest.fixture()
+def other_nodes_routed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The routing to a tenant's other nodes, built but off until each node is proven."""
+    monkeypatch.setattr(tenant_swarm, "ROUTE_OTHER_NODES", True)
 
 
 def _tenant_driver(context: ServiceContext, port: int, tls: dict[str, str]):  # type: ignore[no-untyped-def]
@@ -308,6 +316,27 @@ def _tenant_driver(context: ServiceContext, port: int, tls: dict[str, str]):  # 
     )
 
 
+def test_by_default_a_tenants_tasks_stay_on_its_manager_and_no_other_node_is_routed_to(
+    engine: tuple[int, type[_Engine]],  # noqa: F811
+    tls: dict[str, str],
+    app_context: ServiceContext,
+    tmp_path: Path,
+) -> None:
+    """Another node's address is the tenant's word, not proven as the manager's is by the
+    worker's TLS connection: even listed or public, its tasks get no route, and new tasks are
+    pinned to the manager (tenant_swarm.ROUTE_OTHER_NODES)."""
+    port, handler = engine
+    handler.hostile = _nodes(NODES, list(NODES), published=31000)
+    allowed = [NAME, "127.0.0.1", "127.0.0.2", "10.213.0.7", "swarm.tenant.example"]
+    context = _context(app_context, tmp_path, fetch_allow_hosts=allowed, service_subnet_pool="10.213.0.0/16")
+    with _tenant_driver(context, port, tls) as driver:
+        replicas, _ = driver.observe(replace(swarm_spec(), replicas=len(NODES)))
+        constraints = driver._constraints()
+    assert {r.id: r.address for r in replicas if r.address} == {"t-n1": "127.0.0.1:31000"}
+    assert constraints == ["node.id==n1"]
+
+
+@pytest.mark.usefixtures("other_nodes_routed")
 def test_each_nodes_tasks_are_reached_at_that_nodes_address_if_the_gateway_may_route_there(
     engine: tuple[int, type[_Engine]],  # noqa: F811
     tls: dict[str, str],
@@ -332,9 +361,10 @@ def test_each_nodes_tasks_are_reached_at_that_nodes_address_if_the_gateway_may_r
         "t-n5": "8.8.8.8:31000",
         "t-n6": None,
         "t-n7": None,
+        "t-n8": None,
     }
     assert failure is None  # some route
-    assert constraints == ["node.id!=n3", "node.id!=n4", "node.id!=n6", "node.id!=n7"]
+    assert constraints == ["node.id!=n3", "node.id!=n4", "node.id!=n6", "node.id!=n7", "node.id!=n8"]
 
     # Only refused nodes' tasks: the pass says why at once (naming the node, not its address).
     handler.hostile = _nodes(NODES, ["n4"], published=31000)
@@ -352,6 +382,7 @@ def test_each_nodes_tasks_are_reached_at_that_nodes_address_if_the_gateway_may_r
     assert failure is not None and "publish port 31000 on node n2" in failure.reason
 
 
+@pytest.mark.usefixtures("other_nodes_routed")
 def test_a_swarm_with_more_refused_nodes_than_constraints_name_stays_on_the_manager(
     engine: tuple[int, type[_Engine]],  # noqa: F811
     tls: dict[str, str],
@@ -374,6 +405,7 @@ def test_a_swarm_with_more_refused_nodes_than_constraints_name_stays_on_the_mana
             assert driver._constraints() == constraints
 
 
+@pytest.mark.usefixtures("other_nodes_routed")
 def test_a_node_whose_tasks_keep_being_rejected_fails_the_generation_naming_it_though_another_answered(
     engine: tuple[int, type[_Engine]],  # noqa: F811
     tls: dict[str, str],
