@@ -11,6 +11,9 @@ import ipaddress
 __all__ = ["in_service_pool", "is_public_address"]
 
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
+# IETF protocol assignments: Python counts a few of them global (192.0.0.9 and .10, anycast,
+# and 192.0.0.192, which one cloud answers its instance metadata at): none is a tenant's host.
+_PROTOCOL_ASSIGNMENTS = ipaddress.ip_network("192.0.0.0/24")
 
 
 def is_public_address(address: str) -> bool:
@@ -37,6 +40,7 @@ def is_public_address(address: str) -> bool:
         or ip.is_link_local
         or ip.is_unspecified
         or getattr(ip, "is_site_local", False)
+        or ip in _PROTOCOL_ASSIGNMENTS
     )
     return ip.is_global and not special
 
