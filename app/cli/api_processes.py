@@ -24,6 +24,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 from typing import Any
 
 from app.cli.supervisor import die_with_parent
@@ -63,9 +64,15 @@ def _serve_one(config: dict[str, Any], parent: int) -> None:
         raise SystemExit(_STARTUP_FAILURE) from None
     try:
         server.run(sockets=[sock])
-    finally:
-        if not server.started:  # the app, the port: each restart would fail the same way
-            raise SystemExit(_STARTUP_FAILURE)
+    except SystemExit:
+        if server.started:
+            raise
+    except Exception:
+        if server.started:
+            raise
+        traceback.print_exc()  # why it could not start: the exit status below says only that
+    if not server.started:
+        raise SystemExit(_STARTUP_FAILURE)
 
 
 def run_api_processes(count: int, config: dict[str, Any]) -> int:

@@ -144,3 +144,41 @@ def test_an_api_process_freezes_what_it_made_at_start(tmp_path: Path) -> None:
     frozen, frozen_collection, whole_collection = out.stdout.split()
     assert int(frozen) > 100_000
     assert float(frozen_collection) * 10 < float(whole_collection), out.stdout
+
+
+def test_a_process_that_cannot_start_after_the_api_has_served_is_retried_and_the_others_serve_on(
+    tmp_path: Path,
+) -> None:
+    # Not fatal once the API has served: the cause is passing (the database failing over), and
+    # stopping every process for it would take the whole API down.
+    port, fail = free_port(), tmp_path / "fail-start"
+    supervisor = (
+        "import sys\n"
+        "from app.cli.api_processes import run_api_processes\n"
+        f"config = {{'app': 'tests.cli.flaky_app:factory', 'factory': True, 'host': '127.0.0.1', 'port': {port}}}\n"
+        "sys.exit(run_api_processes(2, config))\n"
+    )
+    env = {**os.environ, "MMS_TEST_FAIL_START": str(fail)}
+    parent = subprocess.Popen([sys.executable, "-c", supervisor], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        first = _wait_for_listeners(port, 2)
+        time.sleep(11)  # past a start: the API has served
+        fail.touch()
+        victim = min(first)
+        os.kill(victim, signal.SIGKILL)
+        time.sleep(4)  # its replacement fails to start, twice
+        assert parent.poll() is None, "the supervisor stopped"
+        assert _listeners(port) == first - {victim}
+        assert httpx.get(f"http://127.0.0.1:{port}/", timeout=5).text == str(max(first))
+        fail.unlink()
+        deadline = time.monotonic() + 30
+        while len(now := _listeners(port)) < 2:
+            assert time.monotonic() < deadline, "not replaced once it could start"
+            time.sleep(0.2)
+        assert max(first) in now
+    finally:
+        parent.send_signal(signal.SIGTERM)
+        _, stderr = parent.communicate(timeout=60)
+        status = parent.returncode
+    assert status == 0, stderr[-3000:]
+    assert "cannot start now" in stderr, stderr[-3000:]
