@@ -18,7 +18,6 @@ import json
 import socket
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,11 +27,10 @@ import pytest
 
 from app.context import ServiceContext
 from app.deployments.reconciler import Replica, Spec
-from app.deployments.states import ServiceState
-from app.orm.base import utcnow
 from tests.infra import Infra
 from tests.workers.deploy.netns_swarm import _Forwarder, usable
 from tests.workers.deploy.netns_swarm_pair import SwarmNode, TwoNodeSwarm, still_there, two_node_swarm
+from tests.workers.deploy.specs import swarm_spec
 from workers.deploy import tenant_swarm
 from workers.deploy.swarm import SwarmDriver
 from workers.deploy.tenant_swarm import swarm_driver_at
@@ -342,25 +340,14 @@ def test_the_two_node_swarm_leaves_nothing_behind_even_after_a_failure(infra: In
 
 def _spec(image: str, *, replicas: int, compute_name: str = "theirs") -> Spec:
     location, _, digest = image.partition("@")
-    return Spec(
-        id=uuid.uuid4(),
-        account_id=uuid.uuid4(),
-        state=ServiceState.TRANSITIONING,
-        compute_type="swarm",
-        compute_name=compute_name,
-        compute_attached=compute_name != "swarm",
-        image_id=uuid.uuid4(),
+    return dataclasses.replace(
+        swarm_spec(compute_name),
         image_location=location,
         image_digest=digest,
-        generation=1,
-        traffic_generation=None,
         replicas=replicas,
         cpu=0.1,
         memory_gb=0.1,
         scoring_timeout_ms=1000,
-        revision=1,
-        changed_at=utcnow(),
-        switched_at=None,
     )
 
 
