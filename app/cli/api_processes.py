@@ -88,15 +88,23 @@ def run_api_processes(count: int, config: dict[str, Any]) -> int:
         process.start()
         return process
 
-    processes = [start() for _ in range(count)]
+    processes: list[multiprocessing.process.BaseProcess | None] = [start() for _ in range(count)]
     started = [time.monotonic()] * count
     backoff = [1.0] * count
+    # A slot whose process died is empty until its restart is due: each slot waits on its own,
+    # so one process backing off never delays the restart of another.
+    due = [0.0] * count
     serving = False  # once one process has lived past a start, a failed start is not the app's fault
     status = 0
     while not stopping.wait(0.5):
+        now = time.monotonic()
         for slot, process in enumerate(processes):
+            if process is None:
+                if now >= due[slot]:
+                    processes[slot], started[slot] = start(), time.monotonic()
+                continue
             if process.is_alive():
-                serving = serving or time.monotonic() - started[slot] > _QUICK_EXIT_SECONDS
+                serving = serving or now - started[slot] > _QUICK_EXIT_SECONDS
                 continue
             if process.exitcode == _STARTUP_FAILURE and not serving:
                 # The app or the port, before any process served: each restart would fail alike.
@@ -105,20 +113,19 @@ def run_api_processes(count: int, config: dict[str, Any]) -> int:
                 stopping.set()
                 break
             # A restart that fails (the database away, say) waits longer each time, up to a minute.
-            lived = time.monotonic() - started[slot]
+            lived = now - started[slot]
             backoff[slot] = min(backoff[slot] * 2, _MAX_BACKOFF_SECONDS) if lived < _QUICK_EXIT_SECONDS else 1.0
             log.warning(
                 "api.process_exited",
                 extra={"pid": process.pid, "exitCode": process.exitcode, "restartInSeconds": backoff[slot]},
             )
-            if stopping.wait(backoff[slot]):
-                break
-            processes[slot], started[slot] = start(), time.monotonic()
-    for process in processes:
+            processes[slot], due[slot] = None, now + backoff[slot]
+    running = [process for process in processes if process is not None]
+    for process in running:
         if process.is_alive():
             process.terminate()
     deadline = time.monotonic() + _STOP_SECONDS
-    for process in processes:
+    for process in running:
         process.join(max(0.0, deadline - time.monotonic()))
         if process.is_alive():
             process.kill()

@@ -182,3 +182,41 @@ def test_a_process_that_cannot_start_after_the_api_has_served_is_retried_and_the
         status = parent.returncode
     assert status == 0, stderr[-3000:]
     assert "cannot start now" in stderr, stderr[-3000:]
+
+
+def test_a_process_backing_off_does_not_delay_the_restart_of_another(tmp_path: Path) -> None:
+    # Each process waits out its own backoff: a second one dying meanwhile is started again
+    # at once, not after the first one's wait (up to a minute).
+    port, fail, stderr_file = free_port(), tmp_path / "fail-start", tmp_path / "stderr"
+    supervisor = (
+        "import sys\n"
+        "from app.cli.api_processes import run_api_processes\n"
+        f"config = {{'app': 'tests.cli.flaky_app:factory', 'factory': True, 'host': '127.0.0.1', 'port': {port}}}\n"
+        "sys.exit(run_api_processes(2, config))\n"
+    )
+    env = {**os.environ, "MMS_TEST_FAIL_START": str(fail)}
+    with stderr_file.open("w") as stderr:
+        parent = subprocess.Popen([sys.executable, "-c", supervisor], env=env, stderr=stderr, text=True)
+    try:
+        first = _wait_for_listeners(port, 2)
+        time.sleep(11)  # past a start: the API has served
+        fail.touch()
+        backing_off, other = sorted(first)
+        os.kill(backing_off, signal.SIGKILL)
+        # Its replacements fail to start, waiting 2 s, then 4 s; after the third it waits 8 s.
+        deadline = time.monotonic() + 30
+        while stderr_file.read_text().count("RuntimeError: cannot start now") < 3:
+            assert time.monotonic() < deadline, stderr_file.read_text()[-3000:]
+            time.sleep(0.1)
+        fail.unlink()
+        os.kill(other, signal.SIGKILL)
+        killed = time.monotonic()
+        while not (now := _listeners(port)) - first:
+            assert time.monotonic() - killed < 6, "the second process waited on the first one's backoff"
+            time.sleep(0.1)
+        assert len(now) == 1, "the first process is still waiting out its backoff"
+        _wait_for_listeners(port, 2, timeout=30)
+    finally:
+        parent.send_signal(signal.SIGTERM)
+        parent.wait(timeout=60)
+    assert parent.returncode == 0, stderr_file.read_text()[-3000:]
