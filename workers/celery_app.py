@@ -3,6 +3,7 @@ database is the truth."""
 
 from __future__ import annotations
 
+import logging
 import signal
 
 from celery import Celery
@@ -12,6 +13,8 @@ from app.config import get_settings
 from app.private_files import restrict_new_files
 from app.queue import BUILD_TASK
 from workers.scratch import remove_orphaned_scratch
+
+log = logging.getLogger("mms.worker")
 
 REAP_TASK = "mms.reap_builds"
 COLLECT_TASK = "mms.collect_image_garbage"
@@ -62,6 +65,18 @@ def _private_files(**_: object) -> None:
     from workers.deploy.tenant_swarm import remove_orphaned_tls
 
     remove_orphaned_tls(settings.data_dir)
+
+
+@worker_init.connect
+def _pass_threads(sender: object, **_: object) -> None:
+    # A deploy worker's (the thread pool's) passes on attached targets leave some of its threads
+    # to the others.
+    if "thread" not in str(getattr(sender, "pool_cls", "")):
+        return
+    from workers.deploy.pass_slots import pass_slots
+
+    pass_slots.threads = int(sender.concurrency)  # type: ignore[attr-defined]
+    log.info("worker.pass_threads", extra={"threads": pass_slots.threads, "attached": pass_slots.attached_limits()})
 
 
 @worker_process_init.connect

@@ -62,8 +62,11 @@ class Lease:
     attempt: int
     owner: str
     # The tenant (its subscription, lower-cased, as roles are scoped): its passes share a
-    # worker's pass threads with no more than their part (workers.deploy.reconcile).
+    # worker's pass threads with no more than their part (workers.deploy.pass_slots).
     subscription_id: str
+    # Whether the service runs on a target the tenant attached (its engine or cluster: its
+    # passes take as long as the tenant makes them), as the service recorded when it was made.
+    attached: bool
 
 
 @dataclass(frozen=True)
@@ -203,7 +206,7 @@ def claim(session: Session, service_id: uuid.UUID, *, owner: str) -> Lease | Non
         session,
         Service.id == service_id,
         or_(Service.lease_expires_at.is_(None), Service.lease_expires_at < now),
-        returning=(Service.attempt, Service.account_id),
+        returning=(Service.attempt, Service.account_id, Service.compute_attached),
         attempt=Service.attempt + 1,
         lease_owner=owner,
         lease_expires_at=now + timedelta(seconds=LEASE_SECONDS),
@@ -212,7 +215,8 @@ def claim(session: Session, service_id: uuid.UUID, *, owner: str) -> Lease | Non
         return None
     # Lower-cased here as roles' scopes are (a database's lower() follows its collation).
     subscription = session.execute(select(Account.subscription_id).where(Account.id == rows[0].account_id))
-    return Lease(service_id, rows[0].attempt, owner, subscription.scalar_one().lower())
+    row = rows[0]
+    return Lease(service_id, row.attempt, owner, subscription.scalar_one().lower(), bool(row.compute_attached))
 
 
 def renew(session: Session, lease: Lease) -> bool:

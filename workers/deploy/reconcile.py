@@ -16,7 +16,6 @@ import threading
 import time
 import traceback
 import uuid
-from collections import Counter
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import replace
@@ -39,6 +38,7 @@ from workers.deploy.cluster_cleanup import clean_up_clusters
 from workers.deploy.kubeconfig import kubeconfig_policy
 from workers.deploy.local import EngineUnreachable, LocalDriver, TargetRefused, repository_of
 from workers.deploy.local_network import ServiceNetworkError, require_service_firewall
+from workers.deploy.pass_slots import pass_slots
 from workers.deploy.swarm import SwarmDriver
 from workers.deploy.tenant_swarm import tenant_swarm_driver
 from workers.pipeline import DEFAULT_DOCKER_SOCKET, ENGINE_PULL_TOKEN_SECONDS, local_engine, registry_login
@@ -51,54 +51,28 @@ log = logging.getLogger("mms.deploy")
 _OWNER = f"{socket.gethostname()}:{os.getpid()}"
 
 
-# A pass put off because its tenant has its share of this process's passes running is tried
-# again this much later (by this worker or another with room).
+# A pass put off because its tenant has its share of this process's passes running (or passes
+# on attached targets have theirs: workers.deploy.pass_slots) is tried again this much later
+# (by this worker or another with room).
 PUT_OFF_SECONDS = 5.0
 
 
-class TenantPasses:
-    """The passes each tenant (subscription) has running in this process, at most ``limit``
-    at once: one tenant's slow passes (a pull from a registry that trickles, up to
-    PULL_SECONDS) must not hold every pass thread of a worker while other tenants' services
-    wait. Per tenant, not per account: a tenant makes any number of accounts."""
-
-    def __init__(self) -> None:
-        self._running: Counter[str] = Counter()
-        self._lock = threading.Lock()
-
-    @contextmanager
-    def slot(self, tenant: str, *, limit: int) -> Iterator[bool]:
-        """Yields whether the tenant had a slot free (and holds it until the block ends)."""
-        with self._lock:
-            free = self._running[tenant] < limit
-            if free:
-                self._running[tenant] += 1
-        try:
-            yield free
-        finally:
-            if free:
-                with self._lock:
-                    self._running[tenant] -= 1
-                    if not self._running[tenant]:
-                        del self._running[tenant]
-
-
-_tenant_passes = TenantPasses()
-
-
 def reconcile_service(context: ServiceContext, service_id: uuid.UUID) -> None:
-    """One pass over the service, if no other pass holds it and its tenant has a pass slot
-    free in this process (else it is put off for PUT_OFF_SECONDS)."""
+    """One pass over the service, if no other pass holds it and this process has a slot free
+    for it (workers.deploy.pass_slots; else it is put off for PUT_OFF_SECONDS)."""
     if _copied(context):
         return
     with session_scope(context.session_factory) as session:
         lease = reconciler.claim(session, service_id, owner=_OWNER)
     if lease is None:
         return
-    limit = context.settings.deploy_passes_per_tenant
-    with _tenant_passes.slot(lease.subscription_id, limit=limit) as free:
+    per_tenant = context.settings.deploy_passes_per_tenant
+    with pass_slots.slot(lease.subscription_id, attached=lease.attached, per_tenant=per_tenant) as free:
         if not free:
-            log.info("deploy.pass_put_off", extra={"service": str(service_id), "subscription": lease.subscription_id})
+            log.info(
+                "deploy.pass_put_off",
+                extra={"service": str(service_id), "subscription": lease.subscription_id, "attached": lease.attached},
+            )
             with session_scope(context.session_factory) as session:
                 reconciler.release(session, lease, due_in=PUT_OFF_SECONDS)
             return

@@ -1,14 +1,21 @@
 """One tenant's (subscription's) passes hold at most MMS_DEPLOY_PASSES_PER_TENANT of a deploy
 worker's pass threads: a tenant whose passes are slow (a pull from a registry that trickles)
-cannot keep every other tenant's services waiting, whatever number of accounts it makes. A
-pass past the tenant's share gives its lease back and is tried again PUT_OFF_SECONDS later."""
+cannot keep every other tenant's services waiting, whatever number of accounts it makes. Passes
+on targets tenants attached hold at most all threads but two, one tenant at most half of those:
+slow tenants never take the threads of the operator's targets' passes and the schedule. A pass
+past a bound gives its lease back and is tried again PUT_OFF_SECONDS later."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from contextlib import ExitStack
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select, update
@@ -19,7 +26,8 @@ from app.orm import Account, Image, Service
 from app.orm.base import utcnow
 from tests.factories import new_image_row, new_service_row
 from workers.deploy import reconcile
-from workers.deploy.reconcile import PUT_OFF_SECONDS, TenantPasses
+from workers.deploy.pass_slots import PassSlots, pass_slots
+from workers.deploy.reconcile import PUT_OFF_SECONDS
 
 
 def test_a_pass_past_its_tenants_share_gives_its_lease_back_and_runs_later(service_context: ServiceContext) -> None:
@@ -37,31 +45,13 @@ def test_a_pass_past_its_tenants_share_gives_its_lease_back_and_runs_later(servi
     try:
         with ExitStack() as running:  # the tenant's share of this process, taken by its slow passes
             for _ in range(limit):
-                assert running.enter_context(reconcile._tenant_passes.slot(subscription.lower(), limit=limit))
+                assert running.enter_context(pass_slots.slot(subscription.lower(), attached=False, per_tenant=limit))
             for service_id in services:
-                before = utcnow()
-                started = time.monotonic()
-                reconcile.reconcile_service(service_context, service_id)
-                assert time.monotonic() - started < 5  # put off, not waiting for a slot
-                with session_scope(service_context.session_factory) as session:
-                    row = session.execute(
-                        select(
-                            Service.lease_owner,
-                            Service.lease_expires_at,
-                            Service.due_at,
-                            Service.attempt,
-                            Service.state,
-                        ).where(Service.id == service_id)
-                    ).one()
-                assert row.lease_owner is None and row.lease_expires_at is None  # the lease given back
-                assert row.attempt == 1  # claimed once
-                assert row.state == "Transitioning"  # no pass ran: nothing moved
-                due_in = (row.due_at - before).total_seconds()
-                assert PUT_OFF_SECONDS - 1 <= due_in <= PUT_OFF_SECONDS + 2, due_in
+                _assert_put_off(service_context, service_id)
             # Another tenant's pass has its slots.
-            with reconcile._tenant_passes.slot("another-subscription", limit=limit) as free:
+            with pass_slots.slot("another-subscription", attached=False, per_tenant=limit) as free:
                 assert free
-        with reconcile._tenant_passes.slot(subscription.lower(), limit=limit) as free:  # the slow ones ended
+        with pass_slots.slot(subscription.lower(), attached=False, per_tenant=limit) as free:  # the slow ones ended
             assert free
     finally:
         with session_scope(service_context.session_factory) as session:
@@ -69,13 +59,13 @@ def test_a_pass_past_its_tenants_share_gives_its_lease_back_and_runs_later(servi
 
 
 def test_a_tenant_never_has_more_than_its_share_running_and_a_failed_pass_frees_its_slot() -> None:
-    passes, tenant = TenantPasses(), "sub-1"
+    passes, tenant = PassSlots(threads=4), "sub-1"
     running, most, lock = 0, 0, threading.Lock()
     ran: list[bool] = []
 
     def a_pass() -> None:
         nonlocal running, most
-        with passes.slot(tenant, limit=2) as free:
+        with passes.slot(tenant, attached=False, per_tenant=2) as free:
             ran.append(free)
             if not free:
                 return
@@ -93,9 +83,105 @@ def test_a_tenant_never_has_more_than_its_share_running_and_a_failed_pass_frees_
         thread.join(10)
     assert most == 2 and ran.count(True) >= 2 and not running
 
-    with pytest.raises(RuntimeError), passes.slot(tenant, limit=1) as free:
+    with pytest.raises(RuntimeError), passes.slot(tenant, attached=True, per_tenant=1) as free:
         assert free
         raise RuntimeError("the pass failed")
-    with passes.slot(tenant, limit=1) as free:
+    with passes.slot(tenant, attached=True, per_tenant=1) as free:
         assert free  # the failed pass's slot is free again
-    assert not passes._running  # nothing kept for tenants with nothing running
+    assert not passes.running()  # nothing kept for tenants with nothing running
+
+
+def test_attached_targets_passes_leave_threads_to_the_others_and_one_tenant_half_of_theirs() -> None:
+    passes = PassSlots(threads=4)  # 2 for attached targets' passes, 1 a tenant
+    with ExitStack() as running:
+        assert running.enter_context(passes.slot("slow-1", attached=True, per_tenant=2))
+        with passes.slot("slow-1", attached=True, per_tenant=2) as free:
+            assert not free  # its half of the attached share, though it has a pass to spare
+        assert running.enter_context(passes.slot("slow-2", attached=True, per_tenant=2))
+        with passes.slot("fast", attached=True, per_tenant=2) as free:
+            assert not free  # the attached share is taken
+        # The operator's targets' passes have the rest, the slow tenants' own included.
+        for tenant in ("fast", "slow-1", "slow-2"):
+            with passes.slot(tenant, attached=False, per_tenant=2) as free:
+                assert free
+        with passes.slot("slow-1", attached=False, per_tenant=1) as free:
+            assert not free  # an attached pass counts toward the tenant's share
+    with passes.slot("fast", attached=True, per_tenant=2) as free:
+        assert free
+
+    wide = PassSlots(threads=8)  # 6 for attached targets' passes, 3 a tenant (its own share is 2)
+    assert wide.attached_limits() == (6, 3)
+    with ExitStack() as running:
+        for tenant in ("a", "a", "b", "b", "c", "c"):
+            assert running.enter_context(wide.slot(tenant, attached=True, per_tenant=2))
+        with wide.slot("d", attached=True, per_tenant=2) as free:
+            assert not free
+    assert PassSlots().attached_limits() is None  # outside a worker: the tenant's share only
+
+
+def test_an_attached_targets_pass_past_their_share_gives_its_lease_back(
+    service_context: ServiceContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pass_slots, "threads", 4)  # a deploy worker's 4 threads
+    limit = service_context.settings.deploy_passes_per_tenant
+    subscription = f"sub-{uuid.uuid4().hex[:8]}"
+    with session_scope(service_context.session_factory) as session:
+        image = new_image_row(session)
+        session.execute(update(Image).where(Image.id == image.id).values(state="Succeeded"))
+        session.execute(update(Account).where(Account.id == image.account_id).values(subscription_id=subscription))
+        service = new_service_row(session, image, compute_name="theirs", compute_type="swarm", compute_attached=True)
+    try:
+        with ExitStack() as running:  # two slow tenants' passes on their swarms
+            for tenant in ("slow-1", "slow-2"):
+                assert running.enter_context(pass_slots.slot(tenant, attached=True, per_tenant=limit))
+            _assert_put_off(service_context, service.id)
+            with pass_slots.slot(subscription, attached=False, per_tenant=limit) as free:
+                assert free  # its services on the operator's targets would run
+    finally:
+        with session_scope(service_context.session_factory) as session:
+            session.execute(Account.__table__.delete().where(Account.id == service.account_id))
+
+
+def _assert_put_off(service_context: ServiceContext, service_id: uuid.UUID) -> None:
+    """A pass of the service is put off at once: its lease given back, due in PUT_OFF_SECONDS,
+    nothing moved."""
+    before = utcnow()
+    started = time.monotonic()
+    reconcile.reconcile_service(service_context, service_id)
+    assert time.monotonic() - started < 5  # put off, not waiting for a slot
+    with session_scope(service_context.session_factory) as session:
+        row = session.execute(
+            select(Service.lease_owner, Service.lease_expires_at, Service.due_at, Service.attempt, Service.state).where(
+                Service.id == service_id
+            )
+        ).one()
+    assert row.lease_owner is None and row.lease_expires_at is None  # the lease given back
+    assert row.attempt == 1  # claimed once
+    assert row.state == "Transitioning"  # no pass ran: nothing moved
+    due_in = (row.due_at - before).total_seconds()
+    assert PUT_OFF_SECONDS - 1 <= due_in <= PUT_OFF_SECONDS + 2, due_in
+
+
+def test_a_deploy_worker_bounds_attached_targets_passes_by_its_threads(tmp_path: Path) -> None:
+    # The real command (embedded database and broker): the bound is read off the thread pool
+    # Celery starts, whatever --concurrency says.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MMS_") and k != "DOCKER_HOST"}
+    env.update({"MMS_DATA_DIR": str(tmp_path / "data"), "MMS_LOG_FORMAT": "json"})
+    command = [sys.executable, "-m", "workers", "worker", "--deploy", "--concurrency", "6", "--no-beat"]
+    seen: list[str] = []
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as worker:
+        bound = threading.Timer(60, worker.kill)  # a worker that never says it ends the read
+        bound.start()
+        try:
+            assert worker.stdout is not None
+            for line in worker.stdout:
+                seen.append(line)
+                if '"worker.pass_threads"' in line:
+                    break
+        finally:
+            bound.cancel()
+            worker.terminate()
+            worker.communicate(timeout=60)
+    event = json.loads(seen[-1]) if seen and '"worker.pass_threads"' in seen[-1] else None
+    assert event is not None, "".join(seen)[-3000:]
+    assert (event["threads"], event["attached"]) == (6, [4, 2])
