@@ -69,14 +69,22 @@ def _private_files(**_: object) -> None:
 
 @worker_init.connect
 def _pass_threads(sender: object, **_: object) -> None:
-    # A deploy worker's (the thread pool's) passes on attached targets leave some of its threads
-    # to the others.
-    if "thread" not in str(getattr(sender, "pool_cls", "")):
-        return
+    # A deploy worker's passes leave threads to its schedule and sweep, and passes on attached
+    # targets to the others (workers.deploy.pass_slots): the bounds are read off its thread pool.
+    from celery.concurrency import get_implementation
+    from celery.concurrency.thread import TaskPool
+
     from workers.deploy.pass_slots import pass_slots
 
-    pass_slots.threads = int(sender.concurrency)  # type: ignore[attr-defined]
-    log.info("worker.pass_threads", extra={"threads": pass_slots.threads, "attached": pass_slots.attached_limits()})
+    try:
+        threads = issubclass(get_implementation(getattr(sender, "pool_cls", None)), TaskPool)
+        concurrency = int(sender.concurrency)  # type: ignore[attr-defined]
+    except (TypeError, ValueError, AttributeError, KeyError, ImportError):
+        threads, concurrency = False, 0
+    if not threads:
+        return  # a build worker's processes: no passes run there
+    pass_slots.threads = concurrency
+    log.info("worker.pass_threads", extra={"threads": concurrency, "limits": pass_slots.limits()})
 
 
 @worker_process_init.connect

@@ -62,6 +62,7 @@ def worker(
 
     configure_logging(settings.log_level, settings.log_format)
     from workers.celery_app import BUILD_SCHEDULE, DEPLOY_SCHEDULE, celery_app
+    from workers.deploy.pass_slots import MIN_THREADS
 
     queue = settings.deploy_queue if deploy else settings.build_queue
     celery_app.conf.beat_schedule = DEPLOY_SCHEDULE if deploy else BUILD_SCHEDULE
@@ -69,7 +70,10 @@ def worker(
     if deploy:  # beside a build worker (celery@<host>, what the compose healthcheck pings)
         argv.append("--hostname=deploy@%h")
     # A pass waits on the engine and the database, never on the CPU: threads, not processes.
-    argv += ["--pool=threads", f"--concurrency={max(concurrency, 4)}"] if deploy else [f"--concurrency={concurrency}"]
+    # At least MIN_THREADS: the schedule and the sweep have threads of their own, the operator's
+    # targets' passes some beside the tenants' (workers.deploy.pass_slots).
+    threads = max(concurrency, MIN_THREADS)
+    argv += ["--pool=threads", f"--concurrency={threads}"] if deploy else [f"--concurrency={concurrency}"]
     if beat:
         # Every worker may run the schedule: each reaper pass, each handing out of due
         # services, is idempotent.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import threading
 import uuid
 from functools import lru_cache
 
@@ -20,6 +22,8 @@ from workers.celery_app import (
     settings,
 )
 from workers.runner import run_build
+
+log = logging.getLogger("mms.deploy")
 
 
 @lru_cache
@@ -73,12 +77,25 @@ def reconcile_service(service_id: str) -> None:
     run_pass(worker_context(), uuid.UUID(service_id))
 
 
+# One sweep at a time in a worker process: a sweep may take minutes (a tenant's cluster that
+# answers slowly, up to SWEEP_SECONDS of tries and the last try's own bound), and the schedule
+# sends one every minute; overlapping sweeps would each take a pass thread (workers.deploy.pass_slots).
+_sweeping = threading.Lock()
+
+
 @celery_app.task(name=SWEEP_TASK, ignore_result=True)
 def sweep_services() -> None:
-    """Remove what the engines and the deleted accounts' clusters hold of services that are gone."""
+    """Remove what the engines and the deleted accounts' clusters hold of services that are gone
+    (nothing when this process is sweeping already: the next sweep comes within a minute)."""
     from workers.deploy.reconcile import clean_up_deleted_accounts, sweep_orphans
 
+    if not _sweeping.acquire(blocking=False):
+        log.info("deploy.sweep_skipped")
+        return
     try:
-        sweep_orphans(worker_context())
-    finally:  # an engine away does not hold up the clusters
-        clean_up_deleted_accounts(worker_context())
+        try:
+            sweep_orphans(worker_context())
+        finally:  # an engine away does not hold up the clusters
+            clean_up_deleted_accounts(worker_context())
+    finally:
+        _sweeping.release()

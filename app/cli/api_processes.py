@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 from app.cli.supervisor import die_with_parent
@@ -88,14 +89,28 @@ def run_api_processes(count: int, config: dict[str, Any]) -> int:
         process.start()
         return process
 
-    processes: list[multiprocessing.process.BaseProcess | None] = [start() for _ in range(count)]
+    processes: list[multiprocessing.process.BaseProcess | None] = [None] * count
+    try:
+        return _supervise(processes, start, stopping)
+    finally:  # also when a start fails (out of processes or files): none outlives the command
+        _stop_all([process for process in processes if process is not None])
+
+
+def _supervise(
+    processes: list[multiprocessing.process.BaseProcess | None],
+    start: Callable[[], multiprocessing.process.BaseProcess],
+    stopping: threading.Event,
+) -> int:
+    """Start a process in each slot and keep one there until ``stopping``; the exit status."""
+    count = len(processes)
+    for slot in range(count):
+        processes[slot] = start()
     started = [time.monotonic()] * count
     backoff = [1.0] * count
     # A slot whose process died is empty until its restart is due: each slot waits on its own,
     # so one process backing off never delays the restart of another.
     due = [0.0] * count
     serving = False  # once one process has lived past a start, a failed start is not the app's fault
-    status = 0
     while not stopping.wait(0.5):
         now = time.monotonic()
         for slot, process in enumerate(processes):
@@ -109,9 +124,7 @@ def run_api_processes(count: int, config: dict[str, Any]) -> int:
             if process.exitcode == _STARTUP_FAILURE and not serving:
                 # The app or the port, before any process served: each restart would fail alike.
                 log.error("api.start_failed", extra={"pid": process.pid})
-                status = 1
-                stopping.set()
-                break
+                return 1
             # A restart that fails (the database away, say) waits longer each time, up to a minute.
             lived = now - started[slot]
             backoff[slot] = min(backoff[slot] * 2, _MAX_BACKOFF_SECONDS) if lived < _QUICK_EXIT_SECONDS else 1.0
@@ -120,7 +133,11 @@ def run_api_processes(count: int, config: dict[str, Any]) -> int:
                 extra={"pid": process.pid, "exitCode": process.exitcode, "restartInSeconds": backoff[slot]},
             )
             processes[slot], due[slot] = None, now + backoff[slot]
-    running = [process for process in processes if process is not None]
+    return 0
+
+
+def _stop_all(running: list[multiprocessing.process.BaseProcess]) -> None:
+    """Gracefully (uvicorn's shutdown), then killed past _STOP_SECONDS."""
     for process in running:
         if process.is_alive():
             process.terminate()
@@ -130,4 +147,3 @@ def run_api_processes(count: int, config: dict[str, Any]) -> int:
         if process.is_alive():
             process.kill()
             process.join()
-    return status

@@ -206,7 +206,7 @@ def claim(session: Session, service_id: uuid.UUID, *, owner: str) -> Lease | Non
         session,
         Service.id == service_id,
         or_(Service.lease_expires_at.is_(None), Service.lease_expires_at < now),
-        returning=(Service.attempt, Service.account_id, Service.compute_attached),
+        returning=(Service.attempt, Service.account_id, Service.compute_attached, Service.compute_type),
         attempt=Service.attempt + 1,
         lease_owner=owner,
         lease_expires_at=now + timedelta(seconds=LEASE_SECONDS),
@@ -216,7 +216,8 @@ def claim(session: Session, service_id: uuid.UUID, *, owner: str) -> Lease | Non
     # Lower-cased here as roles' scopes are (a database's lower() follows its collation).
     subscription = session.execute(select(Account.subscription_id).where(Account.id == rows[0].account_id))
     row = rows[0]
-    return Lease(service_id, row.attempt, owner, subscription.scalar_one().lower(), bool(row.compute_attached))
+    attached = bool(row.compute_attached) or row.compute_type == "kubernetes"  # never the operator's
+    return Lease(service_id, row.attempt, owner, subscription.scalar_one().lower(), attached)
 
 
 def renew(session: Session, lease: Lease) -> bool:

@@ -212,7 +212,7 @@ def test_a_process_backing_off_does_not_delay_the_restart_of_another(tmp_path: P
         os.kill(other, signal.SIGKILL)
         killed = time.monotonic()
         while not (now := _listeners(port)) - first:
-            assert time.monotonic() - killed < 6, "the second process waited on the first one's backoff"
+            assert time.monotonic() - killed < 7, "the second process waited on the first one's backoff"
             time.sleep(0.1)
         assert len(now) == 1, "the first process is still waiting out its backoff"
         _wait_for_listeners(port, 2, timeout=30)
@@ -220,3 +220,38 @@ def test_a_process_backing_off_does_not_delay_the_restart_of_another(tmp_path: P
         parent.send_signal(signal.SIGTERM)
         parent.wait(timeout=60)
     assert parent.returncode == 0, stderr_file.read_text()[-3000:]
+
+
+def test_a_process_that_cannot_be_started_leaves_none_of_the_others_running(tmp_path: Path) -> None:
+    # The second start fails (the system out of processes): the first process is stopped, not
+    # left serving for a supervisor that no longer supervises.
+    port = free_port()
+    supervisor = (
+        "import multiprocessing.context as context, sys, time\n"
+        "from app.cli.api_processes import run_api_processes\n"
+        "original, calls = context.SpawnProcess.start, []\n"
+        "def start(self):\n"
+        "    calls.append(1)\n"
+        "    if len(calls) == 2:\n"
+        "        raise OSError(11, 'Resource temporarily unavailable')\n"
+        "    original(self)\n"
+        "    print('child', self.pid, flush=True)\n"
+        "context.SpawnProcess.start = start\n"
+        f"config = {{'app': 'tests.cli.flaky_app:factory', 'factory': True, 'host': '127.0.0.1', 'port': {port}}}\n"
+        "try:\n"
+        "    run_api_processes(2, config)\n"
+        "except OSError as exc:\n"
+        "    print('failed', exc, flush=True)\n"
+        "time.sleep(60)  # the supervisor's process lives on: its children must not\n"
+    )
+    env = {**os.environ, "MMS_TEST_FAIL_START": str(tmp_path / "never")}
+    parent = subprocess.Popen([sys.executable, "-c", supervisor], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline().split()[1])
+        assert parent.stdout.readline().startswith("failed")
+        assert not alive(child), "the first process outlived the failed start"
+        assert _listeners(port) == set()
+    finally:
+        parent.kill()
+        parent.communicate(timeout=30)

@@ -1,18 +1,23 @@
 """Which reconciler passes a deploy worker process runs at once.
 
-A deploy worker runs its passes on a few threads (``mms worker --deploy``: at least 4), and the
-schedule and sweep tasks run on the same threads. Most passes take a second. A pass on a target
-a tenant attached (its swarm, its cluster) takes as long as the tenant's engine makes it, up to
-PASS_SECONDS, or PULL_SECONDS when it pulls (workers.deploy.swarm). Two bounds keep slow tenants
-from holding every thread:
+A deploy worker runs its passes on a pool of threads (``mms worker --deploy``: at least
+MIN_THREADS), and the schedule and sweep tasks run on the same threads. Most passes take a
+second. A pass on a target a tenant attached (its swarm, its cluster) takes as long as the
+tenant's engine makes it, up to PASS_SECONDS, or PULL_SECONDS when it pulls
+(workers.deploy.swarm); a pass on the operator's targets that pulls a tenant's large image
+takes a while too. So:
 
 - a tenant (subscription: it makes any number of accounts) runs at most ``per_tenant`` passes;
-- passes on attached targets hold at most all threads but RESERVED_THREADS, so the operator's
-  targets' passes and the schedule and sweep always have a thread; of those, one tenant holds at
-  most half (at least one), so one slow tenant never holds them all.
+- passes hold at most all threads but RESERVED_THREADS: the schedule and the sweep (one at a
+  time: workers.tasks) always have a thread;
+- passes on attached targets hold at most OPERATOR_THREADS fewer again: the operator's targets'
+  passes always have threads; of those, one tenant holds at most half (at least one), so one
+  slow tenant never holds them all.
 
 A pass past a bound is put off: its lease is given back and it is tried again a little later
-(workers.deploy.reconcile), by this worker or another with room.
+(workers.deploy.reconcile), by this worker or another with room. Tenants slow at once beyond
+the attached share wait for each other (first come, first served, every few seconds): more
+threads widen it.
 """
 
 from __future__ import annotations
@@ -21,36 +26,49 @@ import threading
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import NamedTuple
 
-# Threads of a deploy worker never given to passes on attached targets.
-RESERVED_THREADS = 2
+MIN_THREADS = 8  # a deploy worker's threads, whatever --concurrency asks (workers.cli)
+RESERVED_THREADS = 2  # the schedule's and the sweep's
+OPERATOR_THREADS = 2  # of the passes' threads, never taken by passes on attached targets
+
+
+class Limits(NamedTuple):
+    passes: int  # all passes at once
+    attached: int  # passes on attached targets at once
+    attached_per_tenant: int  # one tenant's of those (within the tenant's own share)
 
 
 class PassSlots:
     def __init__(self, threads: int | None = None) -> None:
-        # The worker's pass threads, set when the worker starts (None: no bound on attached
-        # targets' passes beyond the tenant's, as when a pass is run outside a worker).
+        # The worker's pass threads, set when the worker starts (None: the tenant's share is
+        # the only bound, as when a pass is run outside a worker).
         self.threads = threads
         self._running: Counter[str] = Counter()
         self._attached: Counter[str] = Counter()
         self._lock = threading.Lock()
 
-    def attached_limits(self) -> tuple[int, int] | None:
-        """(all tenants', one tenant's) passes on attached targets at once, if bounded."""
+    def limits(self) -> Limits | None:
         if self.threads is None:
             return None
-        total = max(1, self.threads - RESERVED_THREADS)
-        return total, max(1, total // 2)
+        passes = max(1, self.threads - RESERVED_THREADS)
+        attached = max(1, passes - OPERATOR_THREADS)
+        return Limits(passes, attached, max(1, attached // 2))
 
     @contextmanager
     def slot(self, tenant: str, *, attached: bool, per_tenant: int) -> Iterator[bool]:
         """Yields whether the pass may run now (and holds its slot until the block ends)."""
         with self._lock:
             free = self._running[tenant] < per_tenant
-            limits = self.attached_limits() if attached else None
+            limits = self.limits()
             if free and limits is not None:
-                total, one_tenant = limits
-                free = self._attached.total() < total and self._attached[tenant] < one_tenant
+                free = self._running.total() < limits.passes
+                if attached:
+                    free = (
+                        free
+                        and self._attached.total() < limits.attached
+                        and self._attached[tenant] < limits.attached_per_tenant
+                    )
             if free:
                 self._running[tenant] += 1
                 if attached:

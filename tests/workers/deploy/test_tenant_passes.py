@@ -59,7 +59,7 @@ def test_a_pass_past_its_tenants_share_gives_its_lease_back_and_runs_later(servi
 
 
 def test_a_tenant_never_has_more_than_its_share_running_and_a_failed_pass_frees_its_slot() -> None:
-    passes, tenant = PassSlots(threads=4), "sub-1"
+    passes, tenant = PassSlots(threads=8), "sub-1"
     running, most, lock = 0, 0, threading.Lock()
     ran: list[bool] = []
 
@@ -91,38 +91,67 @@ def test_a_tenant_never_has_more_than_its_share_running_and_a_failed_pass_frees_
     assert not passes.running()  # nothing kept for tenants with nothing running
 
 
-def test_attached_targets_passes_leave_threads_to_the_others_and_one_tenant_half_of_theirs() -> None:
-    passes = PassSlots(threads=4)  # 2 for attached targets' passes, 1 a tenant
+def test_passes_leave_threads_to_the_schedule_and_attached_targets_passes_to_the_operators() -> None:
+    passes = PassSlots(threads=8)
+    assert passes.limits() == (6, 4, 2)  # 2 threads for the schedule and sweep; 4 attached, 2 a tenant
     with ExitStack() as running:
-        assert running.enter_context(passes.slot("slow-1", attached=True, per_tenant=2))
-        with passes.slot("slow-1", attached=True, per_tenant=2) as free:
-            assert not free  # its half of the attached share, though it has a pass to spare
-        assert running.enter_context(passes.slot("slow-2", attached=True, per_tenant=2))
+        for tenant in ("slow-1", "slow-1", "slow-2", "slow-2"):  # two slow tenants on their swarms
+            assert running.enter_context(passes.slot(tenant, attached=True, per_tenant=2))
         with passes.slot("fast", attached=True, per_tenant=2) as free:
             assert not free  # the attached share is taken
-        # The operator's targets' passes have the rest, the slow tenants' own included.
-        for tenant in ("fast", "slow-1", "slow-2"):
-            with passes.slot(tenant, attached=False, per_tenant=2) as free:
-                assert free
-        with passes.slot("slow-1", attached=False, per_tenant=1) as free:
-            assert not free  # an attached pass counts toward the tenant's share
+        with passes.slot("slow-1", attached=False, per_tenant=2) as free:
+            assert not free  # an attached pass counts toward the tenant's own share
+        # The operator's targets' passes have the two threads left to passes...
+        assert running.enter_context(passes.slot("fast", attached=False, per_tenant=2))
+        assert running.enter_context(passes.slot("other", attached=False, per_tenant=2))
+        with passes.slot("third", attached=False, per_tenant=2) as free:
+            assert not free  # ... and the schedule and sweep the last two
     with passes.slot("fast", attached=True, per_tenant=2) as free:
         assert free
 
-    wide = PassSlots(threads=8)  # 6 for attached targets' passes, 3 a tenant (its own share is 2)
-    assert wide.attached_limits() == (6, 3)
+    small = PassSlots(threads=4)  # a worker started with fewer threads by hand: still bounded
+    assert small.limits() == (2, 1, 1)
     with ExitStack() as running:
-        for tenant in ("a", "a", "b", "b", "c", "c"):
-            assert running.enter_context(wide.slot(tenant, attached=True, per_tenant=2))
-        with wide.slot("d", attached=True, per_tenant=2) as free:
+        assert running.enter_context(small.slot("slow-1", attached=True, per_tenant=2))
+        with small.slot("slow-2", attached=True, per_tenant=2) as free:
             assert not free
-    assert PassSlots().attached_limits() is None  # outside a worker: the tenant's share only
+    assert PassSlots().limits() is None  # outside a worker: the tenant's share only
+
+
+def test_one_sweep_at_a_time_in_a_worker_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The schedule sends a sweep every minute and a sweep of slow clusters takes longer: a second
+    # one must not take another pass thread beside it.
+    from workers import tasks
+
+    sweeping, release, swept = threading.Event(), threading.Event(), []
+
+    def slow_sweep(context: object) -> list[object]:
+        swept.append(threading.get_ident())
+        sweeping.set()
+        release.wait(10)
+        return []
+
+    monkeypatch.setattr(reconcile, "sweep_orphans", slow_sweep)
+    monkeypatch.setattr(reconcile, "clean_up_deleted_accounts", lambda context: [])
+    monkeypatch.setattr(tasks, "worker_context", lambda: None)
+    first = threading.Thread(target=tasks.sweep_services)
+    first.start()
+    try:
+        assert sweeping.wait(10)
+        started = time.monotonic()
+        tasks.sweep_services()  # returns at once: one sweep runs
+        assert time.monotonic() - started < 1 and len(swept) == 1
+    finally:
+        release.set()
+        first.join(10)
+    tasks.sweep_services()  # the first one done: the next one sweeps
+    assert len(swept) == 2
 
 
 def test_an_attached_targets_pass_past_their_share_gives_its_lease_back(
     service_context: ServiceContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(pass_slots, "threads", 4)  # a deploy worker's 4 threads
+    monkeypatch.setattr(pass_slots, "threads", 8)  # a deploy worker's 8 threads: 4 for attached targets
     limit = service_context.settings.deploy_passes_per_tenant
     subscription = f"sub-{uuid.uuid4().hex[:8]}"
     with session_scope(service_context.session_factory) as session:
@@ -130,11 +159,14 @@ def test_an_attached_targets_pass_past_their_share_gives_its_lease_back(
         session.execute(update(Image).where(Image.id == image.id).values(state="Succeeded"))
         session.execute(update(Account).where(Account.id == image.account_id).values(subscription_id=subscription))
         service = new_service_row(session, image, compute_name="theirs", compute_type="swarm", compute_attached=True)
+        # A cluster is always the tenant's, whatever the row says.
+        cluster = new_service_row(session, image, name="k", compute_name="k8s", compute_type="kubernetes")
     try:
         with ExitStack() as running:  # two slow tenants' passes on their swarms
-            for tenant in ("slow-1", "slow-2"):
+            for tenant in ("slow-1", "slow-1", "slow-2", "slow-2"):
                 assert running.enter_context(pass_slots.slot(tenant, attached=True, per_tenant=limit))
             _assert_put_off(service_context, service.id)
+            _assert_put_off(service_context, cluster.id)
             with pass_slots.slot(subscription, attached=False, per_tenant=limit) as free:
                 assert free  # its services on the operator's targets would run
     finally:
@@ -167,7 +199,7 @@ def test_a_deploy_worker_bounds_attached_targets_passes_by_its_threads(tmp_path:
     # Celery starts, whatever --concurrency says.
     env = {k: v for k, v in os.environ.items() if not k.startswith("MMS_") and k != "DOCKER_HOST"}
     env.update({"MMS_DATA_DIR": str(tmp_path / "data"), "MMS_LOG_FORMAT": "json"})
-    command = [sys.executable, "-m", "workers", "worker", "--deploy", "--concurrency", "6", "--no-beat"]
+    command = [sys.executable, "-m", "workers", "worker", "--deploy", "--concurrency", "10", "--no-beat"]
     seen: list[str] = []
     with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as worker:
         bound = threading.Timer(60, worker.kill)  # a worker that never says it ends the read
@@ -184,4 +216,4 @@ def test_a_deploy_worker_bounds_attached_targets_passes_by_its_threads(tmp_path:
             worker.communicate(timeout=60)
     event = json.loads(seen[-1]) if seen and '"worker.pass_threads"' in seen[-1] else None
     assert event is not None, "".join(seen)[-3000:]
-    assert (event["threads"], event["attached"]) == (6, [4, 2])
+    assert (event["threads"], event["limits"]) == (10, [8, 6, 3])
