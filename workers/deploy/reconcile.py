@@ -185,6 +185,10 @@ def _pass(context: ServiceContext, lease: Lease) -> None:
                 failure=failure,
             )
             driver.remove(step.remove)
+            if isinstance(driver, SwarmDriver) and settings.is_embedded_registry and not (step.start or step.remove):
+                # Its pull token expires: a task swarm places later on a node without the image
+                # pulls with the one its swarm service holds (the operator's login does not).
+                driver.renew_pull_auth(_pull_auth(context, spec) or {})  # a token here
             if spec.state is ServiceState.FAILED and isinstance(driver, SwarmDriver):
                 # The generations past those a pass observes go too: while some are left, the
                 # next pass comes soon (as a kubernetes one's), not in FAILED_SECONDS.

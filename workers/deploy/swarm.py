@@ -15,8 +15,9 @@ every pass, by labels, as for ``local``.
 A swarm a tenant attached (``published_host`` set: workers/deploy/tenant_swarm.py opens it)
 is another's hosts, not ours: no service network or host firewall of ours there; each task
 publishes the replica port in host mode on a port its engine picks, on any node whose address
-the gateway may route to (``node_ports`` judges each node's, the engine's word; the others are
-kept off by placement constraints), and the gateway reaches it at its node's checked address
+the gateway may route to (``node_ports`` judges each node, by the address the engine claims
+for it and a proof that the node is the tenant's: workers/deploy/tenant_swarm.py; the others
+are kept off by placement constraints), and the gateway reaches it at its node's checked address
 (the manager's: the one the worker checked and connected to) and the task's port, never a task
 IP. Those ports are reachable around the gateway, so such services run without key auth
 (design §1, "A tenant's swarm", "Multi-node swarm").
@@ -30,6 +31,7 @@ import functools
 import ipaddress
 import json
 import logging
+import math
 import re
 import time
 import uuid
@@ -37,7 +39,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from datetime import datetime
-from typing import ParamSpec, Self, TypeVar
+from typing import ParamSpec, Protocol, Self, TypeVar
 
 import docker
 import requests
@@ -100,7 +102,17 @@ MAX_REMOVED_TASKS = 64
 # kept off by a constraint each (a node's ID a few characters of the engine's choosing); a
 # swarm with more (or an ID that is no swarm ID) has its tasks pinned to the manager instead.
 MAX_EXCLUDED_NODES = 16
-_NODE_ID = re.compile(r"[a-z0-9]{1,64}")
+# A swarm keeps the registry auth a swarm service was made (or last updated) with, and a node
+# that gets a task later (a replica replaced elsewhere, a scale-up) pulls the image with it: a
+# pull token expires (ENGINE_PULL_TOKEN_SECONDS, 900 s), so a pass gives the serving
+# generations a fresh one when theirs is older than this. Swarm restarts no running task for it
+# (a task's pull options are not what makes it out of date), and the label is the service's.
+PULL_AUTH_RENEW_SECONDS = 300.0
+PULL_AUTH_LABEL = "org.mms.pull-auth-at"
+# A tenant's swarm listing more nodes than this has its tasks pinned to the manager: each node
+# judged may cost a proof (workers/deploy/tenant_swarm.py), and a pass's work is bounded.
+MAX_JUDGED_NODES = 64
+NODE_ID = re.compile(r"[a-z0-9]{1,64}")
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
@@ -148,6 +160,17 @@ def swarm_service_name(service_id: uuid.UUID, generation: int) -> str:
     return f"mms-{service_id.hex[:12]}-g{generation}"
 
 
+class NodeJudgement(Protocol):
+    """How a tenant's swarm judges its other nodes (workers/deploy/tenant_swarm.py NodeJudge)."""
+
+    def __call__(self, node_id: str, address: str, deadline: float) -> frozenset[int] | None:
+        """The ports the gateway may reach on the node (None: any; frozenset(): none), judged
+        by ``deadline`` (time.monotonic(): the pass's)."""
+
+    def pending(self, node_id: str) -> bool:
+        """Whether the node was given no port only for want of a proof (so far)."""
+
+
 class SwarmDriver:
     def __init__(
         self,
@@ -160,14 +183,15 @@ class SwarmDriver:
         tls: docker.tls.TLSConfig | None = None,
         published_host: str | None = None,
         published_ports: frozenset[int] | None = None,
-        node_ports: Callable[[str], frozenset[int] | None] | None = None,
+        node_ports: NodeJudgement | None = None,
         server_hostname: str | None = None,
     ) -> None:
         """``published_host``: a tenant's swarm, whose tasks the gateway reaches at this address
         (the manager's, as the worker checked it) and the port each task publishes, if it is one
         of ``published_ports`` (None: any; workers/deploy/tenant_swarm.py says which);
-        ``node_ports``: the same judgement of another node's address (the engine's
-        ``Status.Addr``; frozenset(): refused), None to keep every task on the manager;
+        ``node_ports``: the same judgement of another node, by its ID and address (the engine's
+        ``Status.Addr``; frozenset(): refused, or not proven yet), None to keep every task on the
+        manager;
         ``server_hostname``: the name its certificate is checked against, when ``docker_host``
         holds the address the name was resolved to (workers.builders.docker.engine_client)."""
         self._installation = installation
@@ -180,6 +204,8 @@ class SwarmDriver:
         self._published_ports = published_ports
         self._node_ports = node_ports
         self._nodes: dict[str, tuple[str, frozenset[int] | None]] | None = None  # read once a driver
+        self._too_many_nodes = False
+        self._observed: dict[int, dict] = {}  # the wanted generations' swarm services, as observed
         self._task_service: dict[str, str] = {}  # task id -> its swarm service, as observed
         self._pass_seconds = PASS_SECONDS
         self._ends = time.monotonic() + self._pass_seconds
@@ -251,6 +277,8 @@ class SwarmDriver:
         keep = max(0, spec.replicas) + MAX_FAILED_TASKS
         for generation, service in self._generations(spec.id, wanted):
             self._check_time()
+            if generation in wanted:
+                self._observed[generation] = service
             labels = service["Spec"].get("Labels") or {}
             tasks = [t for t in self._api.tasks(filters={"service": service["ID"]}) if isinstance(t, Mapping)]
             alive = sorted((t for t in tasks if t.get("DesiredState") in _ALIVE), key=_running_first)[:keep]
@@ -296,6 +324,8 @@ class SwarmDriver:
                 continue
             else:
                 where, ports = f"node {node[:64]}", self._judged_nodes().get(node, ("", frozenset()))[1]
+                if ports == frozenset() and self._node_ports.pending(node):
+                    continue  # not proven yet: no route, and the start timeout decides
             if ports == frozenset():
                 return Failure(
                     f"the gateway may not reach its tasks: one runs on {where}, whose address the gateway may "
@@ -360,7 +390,7 @@ class SwarmDriver:
             # What the pass asked for on top of what it saw, never fewer than swarm already keeps
             # (a task being replaced is not seen for a moment).
             # Never more than the spec asks for, whatever number of tasks the engine lists.
-            self._scale(service, max(_replicas_of(service), min(running + count, spec.replicas)))
+            self._scale(service, max(_replicas_of(service), min(running + count, spec.replicas)), pull_auth)
             log.info("deploy.scaled", extra={"service": str(spec.id), "generation": spec.generation, "count": count})
             return []
         self._extend(PULL_SECONDS)
@@ -372,6 +402,8 @@ class SwarmDriver:
             ACCOUNT_LABEL: str(spec.account_id),
             INSTALLATION_LABEL: self._installation,
         }
+        if pull_auth:
+            labels[PULL_AUTH_LABEL] = str(int(time.time()))
         template = replica_task_template(
             self._api,
             image=image,
@@ -414,23 +446,35 @@ class SwarmDriver:
         if not self._published_host or self._node_ports is None:
             return pinned
         refused = [node for node, (_, ports) in self._judged_nodes().items() if ports == frozenset()]
-        if len(refused) > MAX_EXCLUDED_NODES or not all(_NODE_ID.fullmatch(node) for node in refused):
+        if self._too_many_nodes or len(refused) > MAX_EXCLUDED_NODES:
+            return pinned
+        if not all(NODE_ID.fullmatch(node) for node in refused):
             return pinned
         return [f"node.id!={node}" for node in refused]
 
     def _judged_nodes(self) -> dict[str, tuple[str, frozenset[int] | None]]:
         """The swarm's other nodes by ID: each one's address (the engine's word, read as an IP
         address) and the ports the gateway may reach there (frozenset(): none, as for a node
-        with no address). Read once a driver (a pass)."""
+        with no address). Read once a driver (a pass); none judged past MAX_JUDGED_NODES."""
         if self._nodes is None:
             assert self._node_ports is not None
             self._nodes = {}
-            for node in self._api.nodes():
-                node_id = node.get("ID") if isinstance(node, Mapping) else None
-                if not isinstance(node_id, str) or node_id == self._node_id:
+            listed = self._api.nodes()
+            listed = listed if isinstance(listed, list) else []  # a tenant's engine may answer anything
+            others = [node for node in listed if isinstance(node, Mapping) and node.get("ID") != self._node_id]
+            if len(others) > MAX_JUDGED_NODES:
+                self._too_many_nodes = True
+                return self._nodes
+            for node in others:
+                node_id = node.get("ID")
+                if not isinstance(node_id, str):
                     continue
+                self._check_time()
                 address = _node_address(node)
-                self._nodes[node_id] = (address or "", self._node_ports(address) if address else frozenset())
+                if address is None or not NODE_ID.fullmatch(node_id):
+                    self._nodes[node_id] = (address or "", frozenset())
+                else:
+                    self._nodes[node_id] = (address, self._node_ports(node_id, address, self._ends))
         return self._nodes
 
     def _published(self, task: Mapping, status: Mapping) -> str | None:
@@ -560,11 +604,47 @@ class SwarmDriver:
     def _config_networks(self, service_id: uuid.UUID) -> list[dict]:
         return self._api.networks(filters={"label": [f"{SERVICE_LABEL}={service_id}", SWARM_TARGET_LABEL]})
 
-    def _scale(self, service: Mapping, replicas: int) -> None:
+    def _scale(self, service: Mapping, replicas: int, pull_auth: Mapping[str, str] | None = None) -> None:
         spec = dict(service["Spec"])
         spec["Mode"] = {"Replicated": {"Replicas": replicas}}
+        self._update(service, spec, pull_auth)
+
+    def _update(self, service: Mapping, spec: dict, pull_auth: Mapping[str, str] | None) -> None:
+        """Update the swarm service to ``spec``; with ``pull_auth``, also the registry auth its
+        new tasks pull with (and the label that says when)."""
+        headers = {}
+        if pull_auth:
+            image = str(((spec.get("TaskTemplate") or {}).get("ContainerSpec") or {}).get("Image") or "")
+            headers = {"X-Registry-Auth": _auth_header(pull_auth, image)}
+            spec["Labels"] = {**(spec.get("Labels") or {}), PULL_AUTH_LABEL: str(int(time.time()))}
         url = self._api._url("/services/{0}/update", service["ID"])
-        self._api._result(self._api._post_json(url, params={"version": service["Version"]["Index"]}, data=spec))
+        version = {"version": service["Version"]["Index"]}
+        self._api._result(self._api._post_json(url, params=version, data=spec, headers=headers))
+
+    @_in_time
+    @_bounded
+    def renew_pull_auth(self, pull_auth: Mapping[str, str]) -> None:
+        """Give the generations ``observe`` saw serving or starting ``pull_auth`` anew where
+        theirs is older than PULL_AUTH_RENEW_SECONDS (an update the engine refuses, one made
+        meanwhile by another pass say, is tried again by the next pass)."""
+        if not pull_auth:
+            return
+        for service in self._observed.values():
+            self._check_time()
+            labels = service["Spec"].get("Labels") or {}
+            try:
+                since = time.time() - float(labels.get(PULL_AUTH_LABEL, "0"))
+            except (TypeError, ValueError):
+                since = math.inf
+            if since < PULL_AUTH_RENEW_SECONDS:
+                continue
+            service_id = str(labels.get(SERVICE_LABEL, ""))[:64]
+            try:
+                self._update(service, dict(service["Spec"]), pull_auth)
+            except docker.errors.APIError as exc:  # out of sequence (updated meanwhile), or refused
+                log.warning("deploy.pull_auth_not_renewed", extra={"service": service_id, "status": exc.status_code})
+                continue
+            log.info("deploy.pull_auth_renewed", extra={"service": service_id})
 
     def _generations(self, service_id: uuid.UUID, wanted: set[int | None]) -> list[tuple[int, dict]]:
         """The service's swarm services by generation (its label), one a generation: the

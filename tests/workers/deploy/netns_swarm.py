@@ -161,16 +161,21 @@ def _free_slash30() -> str:
     raise AssertionError("no free 10.250.x.0/30")
 
 
-def _certificates(root: Path, address: str) -> dict[str, str]:
-    """A CA, the daemon's certificate for ``address`` and a client certificate: PEM."""
+def _certificates(root: Path, address: str, *, ca_from: Path | None = None) -> dict[str, str]:
+    """A CA (``ca_from``'s, copied, if given), the daemon's certificate for ``address`` and a
+    client certificate: PEM."""
 
     def openssl(*args: str) -> None:
         subprocess.run(["openssl", *args], cwd=root, check=True, capture_output=True, timeout=60)
 
     (root / "server.ext").write_text(f"subjectAltName=IP:{address},DNS:{MANAGER_NAME}\nextendedKeyUsage=serverAuth\n")
     (root / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca-key.pem", "-out", "ca.pem",
-            "-days", "2", "-subj", "/CN=tenant-ca")  # fmt: skip
+    if ca_from is None:
+        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca-key.pem", "-out", "ca.pem",
+                "-days", "2", "-subj", "/CN=tenant-ca")  # fmt: skip
+    else:
+        for name in ("ca.pem", "ca-key.pem"):
+            shutil.copyfile(ca_from / name, root / name)
     for name, subject, ext in (("server", "/CN=tenant-swarm", "server.ext"), ("client", "/CN=mms", "client.ext")):
         openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}-key.pem", "-out", f"{name}.csr",
                 "-subj", subject)  # fmt: skip

@@ -41,7 +41,7 @@ from tests.workers.deploy.netns_swarm import (
 class SwarmNode:
     address: str  # on the LAN
     docker_host: str  # tcp://address:2376, TLS
-    tls: dict[str, str]  # ca, cert, key: PEM (each node has a CA of its own)
+    tls: dict[str, str]  # ca, cert, key: PEM (each node's CA its own, or the manager's: shared_ca)
     api: docker.APIClient  # the test's own view (its unix socket)
     netns: str
 
@@ -66,7 +66,11 @@ class TwoNodeSwarm:
 
 
 @contextlib.contextmanager
-def two_node_swarm(*, registry_ports: Sequence[int], seconds: float = 60) -> Iterator[TwoNodeSwarm]:
+def two_node_swarm(
+    *, registry_ports: Sequence[int], seconds: float = 60, shared_ca: bool = False
+) -> Iterator[TwoNodeSwarm]:
+    """``shared_ca``: the worker node's certificates from the manager's CA (one tenant's nodes,
+    each provable with its TLS material); else each node has a CA of its own."""
     tag = secrets.token_hex(3)
     lan, host_side, lan_host_side = f"mmsl{tag}", f"mlh{tag}", f"mll{tag}"
     prefix = _free_slash30()
@@ -99,7 +103,7 @@ def two_node_swarm(*, registry_ports: Sequence[int], seconds: float = 60) -> Ite
             _in(netns, "ip", "link", "set", "lo", "up")
             node_root = root / f"n{len(nodes) + 1}"
             node_root.mkdir()
-            tls = _certificates(node_root, address)
+            tls = _certificates(node_root, address, ca_from=root / "n1" if shared_ca and nodes else None)
             daemons.append(_start_dockerd(node_root, netns, address))
             sock = _wait_for(daemons[-1], node_root, seconds)
             apis.append(docker.APIClient(base_url=f"unix://{sock}", version="auto", timeout=30))

@@ -7,7 +7,8 @@ from a task on an overlay that is not internal reach them all (docker_gwbridge m
 refused probe is the network's doing, not the probe's. And the fixture leaves nothing behind.
 
 The drivers on it: ours keeps every task on the node it talks to; a tenant's spreads them over
-the nodes whose address the gateway may route to, each replica reached at its node's address.
+the nodes whose address the gateway may route to and whose engine proves the node the tenant's
+(its certificates from the tenant's CA), each replica reached at its node's address.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from tests.infra import Infra
 from tests.workers.deploy.netns_swarm import _Forwarder, usable
 from tests.workers.deploy.netns_swarm_pair import SwarmNode, TwoNodeSwarm, still_there, two_node_swarm
 from tests.workers.deploy.specs import swarm_spec
-from workers.deploy import tenant_swarm
-from workers.deploy.swarm import SwarmDriver
+from workers.deploy import swarm as swarm_module
+from workers.deploy.swarm import PULL_AUTH_LABEL, SwarmDriver
 from workers.deploy.tenant_swarm import swarm_driver_at
 
 pytestmark = pytest.mark.skipif(usable() is not None, reason=f"no tenant swarm here: {usable()}")
@@ -95,7 +96,9 @@ def serving_image(infra: Infra) -> str:
 
 @pytest.fixture(scope="module")
 def swarm(infra: Infra) -> Iterator[TwoNodeSwarm]:
-    with two_node_swarm(registry_ports=[int(infra.registry.rpartition(":")[2])]) as made:
+    # One tenant's nodes: the worker node's certificates from the manager's CA, so its engine
+    # proves it with the tenant's TLS material (workers/deploy/tenant_swarm.py prove_node).
+    with two_node_swarm(registry_ports=[int(infra.registry.rpartition(":")[2])], shared_ca=True) as made:
         yield made
 
 
@@ -176,33 +179,31 @@ def test_our_swarm_drivers_tasks_stay_on_the_node_it_talks_to(swarm: TwoNodeSwar
         driver.close()
 
 
-@pytest.fixture()
-def other_nodes_routed(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The routing to a tenant's other nodes, built but off until each node is proven."""
-    monkeypatch.setattr(tenant_swarm, "ROUTE_OTHER_NODES", True)
-
-
-def test_a_tenants_tasks_stay_on_its_manager_while_other_nodes_are_not_routed_to(
-    swarm: TwoNodeSwarm, serving_image: str, service_context: ServiceContext
+def test_a_node_whose_engine_another_ca_certified_is_not_proven_and_gets_no_task(
+    infra: Infra, serving_image: str, service_context: ServiceContext
 ) -> None:
-    """Both nodes' addresses allowed, yet both replicas run on the manager, at the address the
-    worker checked: the other node's address is the tenant's word (ROUTE_OTHER_NODES)."""
-    manager, _ = swarm.nodes
-    spec = _spec(serving_image, replicas=2)
-    with _tenant(service_context, swarm, allow=[manager.address, swarm.nodes[1].address]) as open_driver:
-        try:
-            open_driver.start(spec, 2, None)
-            ready = _until_ready(service_context, swarm, [manager.address, swarm.nodes[1].address], spec, 2)
-            (service,) = manager.api.services(filters={"label": f"org.mms.service={spec.id}"})
-            manager_id = manager.api.info()["Swarm"]["NodeID"]
-            assert service["Spec"]["TaskTemplate"]["Placement"]["Constraints"] == [f"node.id=={manager_id}"]
-            assert {_node_of(manager, r) for r in ready} == {manager_id}
-            assert all(r.address and r.address.startswith(f"{manager.address}:") for r in ready)
-        finally:
-            open_driver.remove_all(spec.id)
+    """Each node's certificates from a CA of its own: the worker node's engine is not the
+    tenant's by its TLS material (the manager's), so, both addresses allowed, it is not proven:
+    new tasks are kept off it (``node.id!=``) and both replicas run on the manager, at the
+    address the worker checked."""
+    with two_node_swarm(registry_ports=[int(infra.registry.rpartition(":")[2])]) as pair:
+        manager, worker = pair.nodes
+        spec = _spec(serving_image, replicas=2)
+        allow = [manager.address, worker.address]
+        with _tenant(service_context, pair, allow=allow) as open_driver:
+            try:
+                open_driver.start(spec, 2, None)
+                ready = _until_ready(service_context, pair, allow, spec, 2)
+                (service,) = manager.api.services(filters={"label": f"org.mms.service={spec.id}"})
+                worker_id = worker.api.info()["Swarm"]["NodeID"]
+                manager_id = manager.api.info()["Swarm"]["NodeID"]
+                assert service["Spec"]["TaskTemplate"]["Placement"]["Constraints"] == [f"node.id!={worker_id}"]
+                assert {_node_of(manager, r) for r in ready} == {manager_id}
+                assert all(r.address and r.address.startswith(f"{manager.address}:") for r in ready)
+            finally:
+                open_driver.remove_all(spec.id)
 
 
-@pytest.mark.usefixtures("other_nodes_routed")
 def test_a_tenants_replicas_spread_over_its_nodes_each_at_its_nodes_address_and_their_logs_copied(
     swarm: TwoNodeSwarm, serving_image: str, service_context: ServiceContext
 ) -> None:
@@ -247,7 +248,36 @@ def test_a_tenants_replicas_spread_over_its_nodes_each_at_its_nodes_address_and_
             open_driver.remove_all(spec.id)
 
 
-@pytest.mark.usefixtures("other_nodes_routed")
+def test_a_renewed_pull_token_restarts_no_running_task(
+    swarm: TwoNodeSwarm, serving_image: str, service_context: ServiceContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The renewal (workers/deploy/swarm.py ``renew_pull_auth``) updates the swarm service's
+    registry auth and its label only: swarm keeps every running task (a task's pull options do
+    not make it out of date), on both nodes."""
+    manager, worker = swarm.nodes
+    allow = [manager.address, worker.address]
+    spec = _spec(serving_image, replicas=2)
+    with _tenant(service_context, swarm, allow=allow) as open_driver:
+        try:
+            open_driver.start(spec, 2, {"registrytoken": "first"})
+            ready = _until_ready(service_context, swarm, allow, spec, 2)
+            (before,) = manager.api.services(filters={"label": f"org.mms.service={spec.id}"})
+            monkeypatch.setattr(swarm_module, "PULL_AUTH_RENEW_SECONDS", 0.0)
+            with _tenant(service_context, swarm, allow=allow) as driver:
+                driver.observe(spec)
+                driver.renew_pull_auth({"registrytoken": "second"})
+            (after,) = manager.api.services(filters={"label": f"org.mms.service={spec.id}"})
+            assert after["Version"]["Index"] > before["Version"]["Index"]  # updated
+            assert float(after["Spec"]["Labels"][PULL_AUTH_LABEL]) >= float(before["Spec"]["Labels"][PULL_AUTH_LABEL])
+            time.sleep(5)  # a restart would show by now: the old tasks shut down, new ones made
+            running = [
+                t["ID"] for t in manager.api.tasks(filters={"service": after["ID"]}) if t["DesiredState"] == "running"
+            ]
+            assert sorted(running) == sorted(r.id for r in ready)
+        finally:
+            open_driver.remove_all(spec.id)
+
+
 def test_a_tenant_node_whose_address_is_refused_gets_no_task_and_no_route(
     swarm: TwoNodeSwarm, serving_image: str, service_context: ServiceContext
 ) -> None:
@@ -287,7 +317,6 @@ def test_a_tenant_node_whose_address_is_refused_gets_no_task_and_no_route(
             driver.remove_all(first.id)
 
 
-@pytest.mark.usefixtures("other_nodes_routed")
 def test_a_tenant_node_that_cannot_pull_fails_the_generation_naming_it_though_the_manager_answers(
     swarm: TwoNodeSwarm, infra: Infra, service_context: ServiceContext
 ) -> None:

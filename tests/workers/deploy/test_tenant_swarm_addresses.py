@@ -16,6 +16,7 @@ import os
 import socket
 import stat
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
@@ -42,6 +43,7 @@ from workers.deploy.reconcile import installation_id, reconcile_service
 from workers.deploy.swarm import published_address
 from workers.deploy.tenant_swarm import TLS_FOLDER, node_ports, published_ports, remove_orphaned_tls
 from workers.deploy.tenant_swarm import swarm_driver_at as _swarm_driver_at
+from workers.fetcher import FetchPolicy
 from workers.scratch import _host
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
@@ -304,10 +306,24 @@ NODES = {
 }
 
 
+@pytest.fixture(autouse=True)
+def no_proofs_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test proves its nodes afresh (the proofs a worker keeps are per process)."""
+    monkeypatch.setattr(tenant_swarm, "_proofs", type(tenant_swarm._proofs)())
+
+
 @pytest.fixture()
-def other_nodes_routed(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The routing to a tenant's other nodes, built but off until each node is proven."""
-    monkeypatch.setattr(tenant_swarm, "ROUTE_OTHER_NODES", True)
+def every_node_proven(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """Every node the driver asks about is proven (the routing's own tests; the proof has its
+    own: test_tenant_swarm_nodes.py); the (node, address) pairs asked about."""
+    asked: list[tuple[str, str]] = []
+
+    def proven(node_id: str, address: str, **_: object) -> bool:
+        asked.append((node_id, address))
+        return True
+
+    monkeypatch.setattr(tenant_swarm, "prove_node", proven)
+    return asked
 
 
 def _tenant_driver(context: ServiceContext, port: int, tls: dict[str, str]):  # type: ignore[no-untyped-def]
@@ -316,15 +332,24 @@ def _tenant_driver(context: ServiceContext, port: int, tls: dict[str, str]):  # 
     )
 
 
-def test_by_default_a_tenants_tasks_stay_on_its_manager_and_no_other_node_is_routed_to(
+def test_a_node_not_proven_gets_no_task_and_no_route_and_is_proven_only_where_it_may_be_routed_to(
     engine: tuple[int, type[_Engine]],  # noqa: F811
     tls: dict[str, str],
     app_context: ServiceContext,
     tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Another node's address is the tenant's word, not proven as the manager's is by the
-    worker's TLS connection: even listed or public, its tasks get no route, and new tasks are
-    pinned to the manager (tenant_swarm.ROUTE_OTHER_NODES)."""
+    """Another node's address is the tenant's word: even listed or public, a node whose engine
+    does not prove it gets no route, and new tasks are kept off it. Only nodes the gateway could
+    route to are proven (not one in the service networks, unlisted, or with no address), a
+    proof is kept for later passes, and a pass makes at most MAX_PROOFS_A_PASS."""
+    asked: list[tuple[str, str]] = []
+
+    def not_proven(node_id: str, address: str, **_: object) -> bool:
+        asked.append((node_id, address))
+        return False
+
+    monkeypatch.setattr(tenant_swarm, "prove_node", not_proven)
     port, handler = engine
     handler.hostile = _nodes(NODES, list(NODES), published=31000)
     allowed = [NAME, "127.0.0.1", "127.0.0.2", "10.213.0.7", "swarm.tenant.example"]
@@ -333,10 +358,100 @@ def test_by_default_a_tenants_tasks_stay_on_its_manager_and_no_other_node_is_rou
         replicas, _ = driver.observe(replace(swarm_spec(), replicas=len(NODES)))
         constraints = driver._constraints()
     assert {r.id: r.address for r in replicas if r.address} == {"t-n1": "127.0.0.1:31000"}
-    assert constraints == ["node.id==n1"]
+    assert constraints == [f"node.id!=n{i}" for i in range(2, 9)]
+    assert sorted(asked) == [("n2", "127.0.0.2"), ("n5", "8.8.8.8")]
+    with _tenant_driver(context, port, tls) as driver:  # the next pass: known not proven
+        driver.observe(replace(swarm_spec(), replicas=len(NODES)))
+    assert len(asked) == 2
+
+    five = {"n1": "10.9.9.9", **{f"m{i}": f"127.0.1.{i}" for i in range(2, 7)}}  # none known yet
+    handler.hostile = _nodes(five, [], published=31000)
+    wide = _context(app_context, tmp_path, fetch_allow_hosts=[NAME, "127.0.0.1", *five.values()])
+    asked.clear()
+    with _tenant_driver(wide, port, tls) as driver:
+        assert driver._constraints() == [f"node.id!=m{i}" for i in range(2, 7)]
+    assert len(asked) == tenant_swarm.MAX_PROOFS_A_PASS
+    with _tenant_driver(wide, port, tls) as driver:
+        driver._constraints()
+    assert sorted(asked) == sorted((f"m{i}", f"127.0.1.{i}") for i in range(2, 7))  # the rest, later
 
 
-@pytest.mark.usefixtures("other_nodes_routed")
+def test_a_node_not_proven_yet_fails_no_generation_while_one_refused_by_the_rule_does(
+    engine: tuple[int, type[_Engine]],  # noqa: F811
+    tls: dict[str, str],
+    app_context: ServiceContext,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The only running task is on node n2: unproven (its engine away a moment, the pass out of
+    proofs), the generation waits for its start timeout; at an address the rule refuses, it
+    fails at once (the next generation keeps off that node)."""
+    monkeypatch.setattr(tenant_swarm, "prove_node", lambda *_, **__: False)
+    port, handler = engine
+    handler.hostile = _nodes({"n1": "10.9.9.9", "n2": "127.0.0.2"}, ["n2"], published=31000)
+    listed = _context(app_context, tmp_path, fetch_allow_hosts=[NAME, "127.0.0.1", "127.0.0.2"])
+    with _tenant_driver(listed, port, tls) as driver:
+        replicas, failure = driver.observe(swarm_spec())
+    assert [r.address for r in replicas] == [None] and failure is None
+    unlisted = _context(app_context, tmp_path, fetch_allow_hosts=[NAME, "127.0.0.1"])
+    with _tenant_driver(unlisted, port, tls) as driver:
+        replicas, failure = driver.observe(swarm_spec())
+    assert failure is not None and "runs on node n2" in failure.reason
+
+
+def test_one_tenants_failed_proofs_never_push_out_anothers_proofs(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A hostile engine makes up node IDs at addresses that never prove, pass after pass: its
+    failures fill its own tenant's share of the kept proofs, not another tenant's."""
+    asked: list[str] = []
+
+    def prove(node_id: str, address: str, **_: object) -> bool:
+        asked.append(address)
+        return address.startswith("8.8.")
+
+    monkeypatch.setattr(tenant_swarm, "prove_node", prove)
+    monkeypatch.setattr(tenant_swarm, "MAX_PROOFS_A_PASS", 10_000)
+
+    def judge(material: str) -> tenant_swarm.NodeJudge:
+        tls = {"ca": material, "cert": material, "key": material}
+        return tenant_swarm.NodeJudge(
+            tls=tls, paths={}, policy=FetchPolicy(), allow_hosts=frozenset(), pool="10.213.0.0/16"
+        )
+
+    later = time.monotonic() + 60
+    honest = judge("honest")
+    assert [honest(f"h{i}", f"8.8.8.{i}", later) for i in range(5)] == [None] * 5
+    hostile = judge("hostile")
+    for i in range(5000):
+        assert hostile(f"x{i}", f"9.9.{i // 250}.{i % 250}", later) == frozenset()
+    asked.clear()
+    again = judge("honest")  # the next pass
+    assert [again(f"h{i}", f"8.8.8.{i}", later) for i in range(5)] == [None] * 5
+    assert asked == []  # all still known
+    assert all(len(kept) <= tenant_swarm._PROOFS_PER_MATERIAL for kept in tenant_swarm._proofs.values())
+
+
+def test_a_swarm_listing_more_nodes_than_are_judged_stays_on_the_manager_with_none_proven(
+    engine: tuple[int, type[_Engine]],  # noqa: F811
+    tls: dict[str, str],
+    app_context: ServiceContext,
+    tmp_path: Path,
+    every_node_proven: list[tuple[str, str]],
+) -> None:
+    from workers.deploy.swarm import MAX_JUDGED_NODES
+
+    port, handler = engine
+    many = {f"n{i}": "8.8.8.8" for i in range(2, MAX_JUDGED_NODES + 3)}
+    handler.hostile = _nodes({"n1": "10.9.9.9", **many}, list(many)[:3], published=31000)
+    context = _context(app_context, tmp_path, fetch_allow_hosts=[NAME, "127.0.0.1"])
+    with _tenant_driver(context, port, tls) as driver:
+        replicas, _ = driver.observe(swarm_spec())
+        assert driver._constraints() == ["node.id==n1"]
+    assert [r.address for r in replicas] == [None, None, None] and every_node_proven == []
+
+
+@pytest.mark.usefixtures("every_node_proven")
 def test_each_nodes_tasks_are_reached_at_that_nodes_address_if_the_gateway_may_route_there(
     engine: tuple[int, type[_Engine]],  # noqa: F811
     tls: dict[str, str],
@@ -382,7 +497,7 @@ def test_each_nodes_tasks_are_reached_at_that_nodes_address_if_the_gateway_may_r
     assert failure is not None and "publish port 31000 on node n2" in failure.reason
 
 
-@pytest.mark.usefixtures("other_nodes_routed")
+@pytest.mark.usefixtures("every_node_proven")
 def test_a_swarm_with_more_refused_nodes_than_constraints_name_stays_on_the_manager(
     engine: tuple[int, type[_Engine]],  # noqa: F811
     tls: dict[str, str],
@@ -405,7 +520,7 @@ def test_a_swarm_with_more_refused_nodes_than_constraints_name_stays_on_the_mana
             assert driver._constraints() == constraints
 
 
-@pytest.mark.usefixtures("other_nodes_routed")
+@pytest.mark.usefixtures("every_node_proven")
 def test_a_node_whose_tasks_keep_being_rejected_fails_the_generation_naming_it_though_another_answered(
     engine: tuple[int, type[_Engine]],  # noqa: F811
     tls: dict[str, str],
