@@ -49,6 +49,16 @@ def _log(tmp_path: Path) -> str:
     return "\n".join(p.read_text(errors="replace") for p in tmp_path.glob("serve-*.log"))
 
 
+def _flaky_supervisor(port: int) -> str:
+    """A program running two API processes of tests/cli/flaky_app.py on ``port``."""
+    return (
+        "import sys\n"
+        "from app.cli.api_processes import run_api_processes\n"
+        f"config = {{'app': 'tests.cli.flaky_app:factory', 'factory': True, 'host': '127.0.0.1', 'port': {port}}}\n"
+        "sys.exit(run_api_processes(2, config))\n"
+    )
+
+
 def test_connections_spread_over_the_api_processes(tmp_path: Path) -> None:
     service = _service(tmp_path)
     server = service.serve("--workers", "2", "--no-build-worker")
@@ -152,12 +162,7 @@ def test_a_process_that_cannot_start_after_the_api_has_served_is_retried_and_the
     # Not fatal once the API has served: the cause is passing (the database failing over), and
     # stopping every process for it would take the whole API down.
     port, fail = free_port(), tmp_path / "fail-start"
-    supervisor = (
-        "import sys\n"
-        "from app.cli.api_processes import run_api_processes\n"
-        f"config = {{'app': 'tests.cli.flaky_app:factory', 'factory': True, 'host': '127.0.0.1', 'port': {port}}}\n"
-        "sys.exit(run_api_processes(2, config))\n"
-    )
+    supervisor = _flaky_supervisor(port)
     env = {**os.environ, "MMS_TEST_FAIL_START": str(fail)}
     parent = subprocess.Popen([sys.executable, "-c", supervisor], env=env, stderr=subprocess.PIPE, text=True)
     try:
@@ -188,12 +193,7 @@ def test_a_process_backing_off_does_not_delay_the_restart_of_another(tmp_path: P
     # Each process waits out its own backoff: a second one dying meanwhile is started again
     # at once, not after the first one's wait (up to a minute).
     port, fail, stderr_file = free_port(), tmp_path / "fail-start", tmp_path / "stderr"
-    supervisor = (
-        "import sys\n"
-        "from app.cli.api_processes import run_api_processes\n"
-        f"config = {{'app': 'tests.cli.flaky_app:factory', 'factory': True, 'host': '127.0.0.1', 'port': {port}}}\n"
-        "sys.exit(run_api_processes(2, config))\n"
-    )
+    supervisor = _flaky_supervisor(port)
     env = {**os.environ, "MMS_TEST_FAIL_START": str(fail)}
     with stderr_file.open("w") as stderr:
         parent = subprocess.Popen([sys.executable, "-c", supervisor], env=env, stderr=stderr, text=True)

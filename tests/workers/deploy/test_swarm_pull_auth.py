@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import base64
 import json
-import ssl
-import threading
 import time
 from collections.abc import Iterator
-from http.server import ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
 from tests.workers.deploy.specs import swarm_spec
-from tests.workers.deploy.test_tenant_swarm_bounds import _driver, _Engine, certs  # noqa: F401
+from tests.workers.deploy.test_tenant_swarm_bounds import _driver, _Engine, certs, serving_tls  # noqa: F401
 from workers.deploy.local import GENERATION_LABEL, INSTALLATION_LABEL, SERVICE_LABEL
 from workers.deploy.swarm import PULL_AUTH_LABEL, PULL_AUTH_RENEW_SECONDS
 
@@ -59,19 +56,8 @@ def engine(certs: dict[str, str]) -> Iterator[tuple[int, list[dict], list[dict]]
             else ((200, {}, b"[]") if path == "/tasks" else None)
         )
     )
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Engine)
-    server.daemon_threads = True
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(certs["server"])
-    context.load_verify_locations(certs["ca"])
-    context.verify_mode = ssl.CERT_REQUIRED
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
-    thread.start()
-    yield server.server_address[1], listed, updates
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=10)
+    with serving_tls(Engine, certs) as port:
+        yield port, listed, updates
 
 
 def test_a_serving_generations_pull_token_is_renewed_once_older_than_the_bound(

@@ -5,6 +5,7 @@ own making on 127.0.0.1 (a test CA, a client certificate, a name the certificate
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import itertools
 import json
@@ -191,22 +192,40 @@ class _Engine(BaseHTTPRequestHandler):
         return None
 
 
-@pytest.fixture()
-def engine(certs: dict[str, str]) -> Iterator[tuple[int, type[_Engine]]]:
-    handler = type("Engine", (_Engine,), {})
+@contextlib.contextmanager
+def serving_tls(
+    handler: type[BaseHTTPRequestHandler],
+    certs: dict[str, str],
+    *,
+    client_certificate: bool = True,
+    also_trusted: str | None = None,
+) -> Iterator[int]:
+    """``handler`` served over TLS on 127.0.0.1 with the engine's certificate, requiring a client
+    certificate from the CA (or ``also_trusted``'s, PEM) unless told not to; its port."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(certs["server"])
     context.load_verify_locations(certs["ca"])
-    context.verify_mode = ssl.CERT_REQUIRED
+    if also_trusted:
+        context.load_verify_locations(cadata=also_trusted)
+    context.verify_mode = ssl.CERT_REQUIRED if client_certificate else ssl.CERT_NONE
     server.socket = context.wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
     thread.start()
-    yield server.server_address[1], handler
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=10)
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+@pytest.fixture()
+def engine(certs: dict[str, str]) -> Iterator[tuple[int, type[_Engine]]]:
+    handler = type("Engine", (_Engine,), {})
+    with serving_tls(handler, certs) as port:
+        yield port, handler
 
 
 def _driver(port: int, certs: dict[str, str]) -> SwarmDriver:

@@ -10,16 +10,14 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
-import ssl
 import threading
 import time
 from collections.abc import Iterator
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from tests.workers.deploy.test_tenant_swarm_bounds import _Engine, certs  # noqa: F401
+from tests.workers.deploy.test_tenant_swarm_bounds import _Engine, certs, serving_tls  # noqa: F401
 from workers.deploy import tenant_swarm
 from workers.deploy.tenant_swarm import prove_node
 from workers.fetcher import FetchPolicy
@@ -47,23 +45,8 @@ def _engine(
         return None
 
     handler = type("Engine", (_Engine,), {"hostile": staticmethod(answer)})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(certs["server"])
-    context.load_verify_locations(certs["ca"])
-    if also_trusted:
-        context.load_verify_locations(cadata=also_trusted)
-    context.verify_mode = ssl.CERT_REQUIRED if client_certificate else ssl.CERT_NONE
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[1], asked
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+    with serving_tls(handler, certs, client_certificate=client_certificate, also_trusted=also_trusted) as port:
+        yield port, asked
 
 
 def _paths(certs: dict[str, str]) -> dict[str, Path]:  # noqa: F811
