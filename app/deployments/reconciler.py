@@ -173,17 +173,23 @@ class Step:
 
 
 def due_services(session: Session, *, limit: int = 50) -> list[uuid.UUID]:
-    """Hand out up to ``limit`` services whose next pass is due and whose lease is free (one
-    statement: two beats racing hand each service to one of them)."""
+    """Hand out up to ``limit`` services whose next pass is due and whose lease is free, taking
+    turns between tenants (subscriptions, as roles are scoped): each tenant's most overdue first,
+    then each one's second, and so on. A tenant with thousands of services due (put off again and
+    again past its share of the deploy workers' threads, say) never crowds another's out of the
+    hand-out. One statement: two beats racing hand each service to one of them (the second's
+    UPDATE finds it no longer due)."""
     now = utcnow()
-    due = (
-        select(Service.id)
-        .where(Service.due_at <= now, or_(Service.lease_expires_at.is_(None), Service.lease_expires_at < now))
-        .order_by(Service.due_at)
-        .limit(limit)
+    turn = func.row_number().over(
+        partition_by=func.lower(Account.subscription_id), order_by=(Service.due_at, Service.id)
     )
-    if session.get_bind().dialect.name == "postgresql":
-        due = due.with_for_update(skip_locked=True)
+    ranked = (
+        select(Service.id, Service.due_at, turn.label("turn"))
+        .join(Account, Account.id == Service.account_id)
+        .where(Service.due_at <= now, or_(Service.lease_expires_at.is_(None), Service.lease_expires_at < now))
+        .subquery()
+    )
+    due = select(ranked.c.id).order_by(ranked.c.turn, ranked.c.due_at).limit(limit)
     rows = bookkeep(
         session,
         Service.id.in_(due.scalar_subquery()),

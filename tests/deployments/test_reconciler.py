@@ -170,6 +170,28 @@ def test_a_due_service_is_handed_out_once_until_its_pass_ends(db: Session, servi
     assert service.id not in due_services(db)  # handed out: not again while its pass may run
 
 
+def test_the_hand_out_takes_turns_between_tenants(db: Session) -> None:
+    """A tenant with 60 services long overdue (put off again and again, say) and one with two
+    just due: each tenant's first, then each one's second, so the small tenant's are handed out
+    in the same beat, not after the crowd's (by due time alone they would all wait)."""
+    crowd = new_service_row(db, name="c0")
+    crowd_services = [crowd] + [new_service_row(db, db.get(Image, crowd.image_id), name=f"c{i}") for i in range(1, 60)]
+    small = new_service_row(db, name="s0")
+    small_services = [small, new_service_row(db, db.get(Image, small.image_id), name="s1")]
+    for account_id, subscription in ((crowd.account_id, "Crowd-Sub"), (small.account_id, "small-sub")):
+        db.get(Account, account_id).subscription_id = subscription  # type: ignore[union-attr]
+    long_ago, now = utcnow() - timedelta(days=1), utcnow()
+    for n, row in enumerate(crowd_services):
+        row.due_at = long_ago + timedelta(seconds=n)
+    for row in small_services:
+        row.due_at = now - timedelta(seconds=1)
+    db.flush()
+    handed = set(due_services(db, limit=20))
+    assert {row.id for row in small_services} <= handed
+    assert len(handed) == 20 and len(handed & {row.id for row in crowd_services}) >= 10  # the crowd's too
+    assert crowd_services[0].id in handed  # each tenant's most overdue first
+
+
 def test_one_pass_at_a_time_holds_the_lease(db: Session, service: Service) -> None:
     lease = claim(db, service.id, owner="a")
     assert lease is not None and lease.attempt == 1

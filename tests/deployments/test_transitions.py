@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from app.database import session_scope
 from app.deployments import ServiceState
 from app.deployments.states import SETTLED
 from app.deployments.transitions import GONE, SILENT, TRANSITIONS, IllegalTransition, Transition, allowed_sources, move
-from app.orm import Account, Service
+from app.orm import Account, Image, Service
 from tests.factories import new_service_row
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -228,3 +229,46 @@ def test_the_loser_of_a_race_reads_the_winners_commit_not_its_own_snapshot(
     worker.join(timeout=60)
     assert converged == [False]
     assert _state(service_context, committed_service) is ServiceState.DELETING
+
+
+def test_two_beats_racing_hand_each_due_service_to_one_of_them(service_context: ServiceContext) -> None:
+    # On the real database, committed, from two connections at once: the second beat's UPDATE
+    # finds a service the first handed out no longer due, so no service gets two passes' tasks.
+    from datetime import timedelta
+
+    from app.deployments.reconciler import due_services
+    from app.orm.base import utcnow
+
+    with session_scope(service_context.session_factory) as session:
+        first = new_service_row(session, name="r0")
+        image = session.get(Image, first.image_id)
+        rows = [first, *(new_service_row(session, image, name=f"r{i}") for i in range(1, 40))]
+        ids = {row.id for row in rows}
+        accounts = {row.account_id for row in rows}
+        for row in rows:
+            row.due_at = utcnow() - timedelta(days=2)  # before any other test's: handed out first
+    handed: list[list] = [[], []]
+
+    def second_beat() -> None:
+        with session_scope(service_context.session_factory) as session:
+            handed[1] = due_services(session, limit=100)
+
+    # The first beat's hand-out not yet committed when the second one's statement starts: the
+    # second reads the same services as due, and must find them handed out once it may write.
+    first_beat = service_context.session_factory()
+    second = threading.Thread(target=second_beat)
+    try:
+        handed[0] = due_services(first_beat, limit=100)
+        second.start()
+        time.sleep(0.5)  # the second beat is waiting on the first one's rows (or its BEGIN)
+        first_beat.commit()
+        first_beat.close()
+        second.join(30)
+        ours = [[i for i in got if i in ids] for got in handed]
+        assert not set(ours[0]) & set(ours[1])  # never both
+        assert set(ours[0]) | set(ours[1]) == ids  # and none lost
+    finally:
+        first_beat.close()  # its locks let go, if it did not get to commit
+        second.join(30)
+        with session_scope(service_context.session_factory) as session:
+            session.execute(Account.__table__.delete().where(Account.id.in_(accounts)))
