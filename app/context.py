@@ -12,9 +12,10 @@ from app.auth.caller import GrantsCache
 from app.auth.keys import KeySource, OwnKeySource, PrivateKey, RemoteKeySource, create_signing_key, newest_signing_key
 from app.auth.tokens import TokenVerifier, TrustedIssuerKeys
 from app.config import Settings
-from app.database import make_engine, make_session_factory, session_scope
+from app.database import make_async_read_engine, make_engine, make_session_factory, session_scope
 from app.private_files import prepare_data_dir
 from app.queue import BuildQueue
+from app.reads import LoopReads, Reads, ThreadReads
 from app.sealing import Sealer
 from app.services.accounts import KnownAccounts
 from app.services.event_ids import EventIds
@@ -32,6 +33,8 @@ class ServiceContext:
     read_engine: Engine
     # For what only reads (GET requests, event streams, metrics): never waits for a writer.
     read_session_factory: sessionmaker[Session]
+    # How requests read: on the event loop on PostgreSQL (app.reads), with read_session_factory's sessions elsewhere.
+    reads: Reads
     sealer: Sealer
     # The tokens event ids leave the service as (streams, webhooks, ETags): the same in every process.
     event_ids: EventIds
@@ -63,10 +66,16 @@ class ServiceContext:
         read_engine = engine
         if read_session_factory or session_factory:
             read_factory = read_session_factory or session_factory
+            reads: Reads = ThreadReads(read_factory)
         else:
             if engine.dialect.name == "postgresql":
                 read_engine = make_engine(settings, read_only=True)
             read_factory = make_session_factory(read_engine, read_only=True)
+            reads = (
+                LoopReads(make_async_read_engine(settings))
+                if engine.dialect.name == "postgresql"
+                else ThreadReads(read_factory)
+            )
         own_keys = OwnKeySource(read_factory, settings.jwks_refresh_min_seconds)
         issuers = [TrustedIssuerKeys(issuer=settings.issuer, audience=settings.audience, keys=own_keys)] + [
             TrustedIssuerKeys(
@@ -83,6 +92,7 @@ class ServiceContext:
             session_factory=factory,
             read_engine=read_engine,
             read_session_factory=read_factory,
+            reads=reads,
             sealer=Sealer(secret_key),
             event_ids=EventIds(secret_key),
             verifier=TokenVerifier(issuers, settings.clock_skew_seconds),

@@ -10,16 +10,20 @@ import select
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import psycopg
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event, exc
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
 from app.private_files import prepare_data_dir
+
+F = TypeVar("F", sessionmaker[Session], type[Session])
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
@@ -65,7 +69,23 @@ def make_engine(settings: Settings, *, read_only: bool = False) -> Engine:
     return engine
 
 
-def _check_idle_connection(dbapi_connection, _record, _proxy) -> None:  # type: ignore[no-untyped-def]
+def make_async_read_engine(settings: Settings) -> AsyncEngine:
+    """PostgreSQL's read-only engine (``make_engine(read_only=True)``) for the event loop:
+    psycopg's async connections, in autocommit and refusing every write, checked as they are
+    taken the same way. A pool of its own, bound to the loop that first uses it."""
+    engine = create_async_engine(
+        settings.resolved_database_url,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+        pool_timeout=settings.db_pool_timeout_seconds,
+        isolation_level="AUTOCOMMIT",
+        connect_args={"options": "-c default_transaction_read_only=on"},
+    )
+    event.listen(engine.sync_engine, "checkout", _check_idle_connection)
+    return engine
+
+
+def _check_idle_connection(dbapi_connection, _record, proxy) -> None:  # type: ignore[no-untyped-def]
     """A pooled connection is checked as it is taken, without a round trip when it is quiet.
 
     An idle connection has nothing to read: when PostgreSQL restarts, closes it or a proxy
@@ -76,8 +96,10 @@ def _check_idle_connection(dbapi_connection, _record, _proxy) -> None:  # type: 
     request or build fails on a connection the restart closed (the faults suite restarts
     PostgreSQL); a ping on every checkout cost a round trip per request for the same.
     """
+    # The driver's own connection (psycopg's, sync or async): SQLAlchemy's asyncio adapter has no fileno().
+    driver_connection = proxy.driver_connection
     try:
-        quiet = not dbapi_connection.closed and not _readable(dbapi_connection.fileno())
+        quiet = not driver_connection.closed and not _readable(driver_connection.fileno())
     except (psycopg.Error, OSError, ValueError):  # a connection psycopg knows is closed
         quiet = False
     if quiet:
@@ -87,7 +109,9 @@ def _check_idle_connection(dbapi_connection, _record, _proxy) -> None:  # type: 
         if not autocommit:
             dbapi_connection.autocommit = True
         try:
-            dbapi_connection.execute("SELECT 1")
+            cursor = dbapi_connection.cursor()  # the asyncio adapter's awaits in the checkout's greenlet
+            cursor.execute("SELECT 1")
+            cursor.close()
         finally:
             if not autocommit:
                 dbapi_connection.autocommit = False
@@ -145,8 +169,9 @@ class WriteInReadOnlySession(RuntimeError):
     """Code that serves a read (a GET) tried to write: a bug, caught before the database sees it."""
 
 
-def refuse_writes(factory: sessionmaker[Session]) -> sessionmaker[Session]:
-    """Make ``factory``'s sessions raise on any ORM write (the database refuses them too)."""
+def refuse_writes(factory: F) -> F:
+    """Make ``factory``'s sessions (a sessionmaker's, or a Session class's) raise on any ORM
+    write (the database refuses them too)."""
 
     def no_flush(session: Session, _context, _instances) -> None:  # type: ignore[no-untyped-def]
         changed = [*session.new, *session.deleted, *(o for o in session.dirty if session.is_modified(o))]

@@ -70,6 +70,7 @@ def create_app(settings: Settings | None = None, context: ServiceContext | None 
         log.info("app.started", extra={"database": context.engine.url.render_as_string(hide_password=True)})
         yield
         await app.state.event_hub.stop()
+        await context.reads.close()
         context.dispose()
 
     app = FastAPI(

@@ -19,6 +19,7 @@ from app.auth.roles import Permission, account_scope
 from app.auth.tokens import KeyNotAtHand, TokenVerifier, VerifiedToken
 from app.context import ServiceContext
 from app.errors import BadRequest, Unauthorized
+from app.reads import Reads
 from app.schemas.common import unstorable
 from app.services.accounts import AccountPath, AccountRef, find_account_ref
 
@@ -104,6 +105,14 @@ async def _end(session: Session, *, commit: bool) -> None:
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
+async def get_reads(request: Request) -> Reads:
+    return request.app.state.context.reads
+
+
+# For a route that only reads: ``await reads.run(plain function of a session)`` (app.reads).
+ReadsDep = Annotated[Reads, Depends(get_reads)]
+
+
 def verify_authorization(
     verifier: TokenVerifier, authorization: str | None, *, keys_at_hand: bool = False
 ) -> VerifiedToken:
@@ -151,14 +160,9 @@ async def get_caller(request: Request) -> Caller:
     grants = context.grants_cache.get(verified.issuer, verified.subject)
     if grants is not None:
         return caller_for(verified, grants)
-    return await run_in_threadpool(_load_caller, context, verified)
-
-
-def _load_caller(context: ServiceContext, verified: VerifiedToken) -> Caller:
-    # A read session of its own, as for the account: the request's session (a write's
-    # transaction, its connection, SQLite's write lock) starts with the route's own work.
-    with context.read_session_factory() as session:
-        return load_caller(session, verified, context.grants_cache)
+    # A read of its own, as for the account: the request's session (a write's transaction,
+    # its connection, SQLite's write lock) starts with the route's own work.
+    return await context.reads.run(lambda session: load_caller(session, verified, context.grants_cache))
 
 
 CallerDep = Annotated[Caller, Depends(get_caller)]
@@ -235,11 +239,6 @@ async def get_account_path(
 AccountPathDep = Annotated[AccountPath, Depends(get_account_path)]
 
 
-def _look_up(context: ServiceContext, path: AccountPath) -> AccountRef:
-    with context.read_session_factory() as session:
-        return find_account_ref(session, path, context.known_accounts)
-
-
 def _account_for(permission: Permission, *, fresh: bool = False) -> Callable[..., Awaitable[AccountRef]]:
     async def dependency(path: AccountPathDep, caller: CallerDep, request: Request) -> AccountRef:
         context: ServiceContext = request.app.state.context
@@ -247,11 +246,11 @@ def _account_for(permission: Permission, *, fresh: bool = False) -> Callable[...
         caller.require(permission, account_scope(path.subscription_id, path.resource_group, path.name))
         if fresh:
             context.known_accounts.forget(path)
-        # On the event loop when the account is known (no I/O), else one hop to look it up in a
-        # read session of its own: the request's session (a write's transaction, its
-        # connection) starts only with the route's own work, after an upload's body arrived.
+        # From memory when the account is known, else looked up in a read of its own: the
+        # request's session (a write's transaction, its connection) starts only with the
+        # route's own work, after an upload's body arrived.
         known = context.known_accounts.get(path)
-        return known or await run_in_threadpool(_look_up, context, path)
+        return known or await context.reads.run(lambda session: find_account_ref(session, path, context.known_accounts))
 
     return dependency
 

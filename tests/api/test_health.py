@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.auth.tokens import issue_token
 from app.context import ServiceContext
 from app.main import create_app
+from app.reads import LoopReads
 
 
 def test_ready_when_the_database_and_the_broker_answer(service_context: ServiceContext) -> None:
@@ -42,17 +44,31 @@ def test_a_request_that_finds_every_connection_busy_is_told_to_retry(service_con
         update={"db_pool_size": 1, "db_max_overflow": 0, "db_pool_timeout_seconds": 0.5}
     )
     context = ServiceContext.build(settings)
+    assert isinstance(context.reads, LoopReads)  # reads on the event loop, from a pool of their own
     try:
-        client = TestClient(create_app(context=context))
-        token = issue_token(
-            context.signing_key(), issuer=settings.issuer, audience=settings.audience, subject="someone", ttl_seconds=60
-        )
-        url, headers = "/api/subscriptions/s/resourceGroups/rg/accounts", {"Authorization": f"Bearer {token}"}
-        assert client.get(url, headers=headers).status_code == 403  # the keys are loaded; no role
-        with context.read_engine.connect():  # the only connection a GET may use, held
-            busy = client.get(url, headers=headers)
-        assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
-        assert busy.json()["code"] == "ServiceUnavailable"
-        assert client.get("/health").status_code == 200
+        # Entered: one event loop for the app and the connection the test holds on it.
+        with TestClient(create_app(context=context)) as client:
+            token = issue_token(
+                context.signing_key(),
+                issuer=settings.issuer,
+                audience=settings.audience,
+                subject="someone",
+                ttl_seconds=60,
+            )
+            url, headers = "/api/subscriptions/s/resourceGroups/rg/accounts", {"Authorization": f"Bearer {token}"}
+            assert client.get(url, headers=headers).status_code == 403  # the keys are loaded; no role
+            # The only connections a GET may use, held: the loop's reads' and the thread pool's.
+            held = client.portal.call(_take_connection, context.reads.engine)
+            with context.read_engine.connect():
+                busy = client.get(url, headers=headers)
+            client.portal.call(held.close)
+            assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+            assert busy.json()["code"] == "ServiceUnavailable"
+            assert client.get("/health").status_code == 200
+            assert client.get(url, headers=headers).status_code == 403  # and reads again once they are free
     finally:
         context.dispose()
+
+
+async def _take_connection(engine: AsyncEngine) -> AsyncConnection:
+    return await engine.connect()

@@ -5,8 +5,10 @@ work, and an empty request or a plain answer none beyond it (app/api/routing.py)
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import anyio.to_thread
+import httpx
 import pytest
 from fastapi import APIRouter, FastAPI
 from fastapi.testclient import TestClient
@@ -19,6 +21,7 @@ from app.api.routing import ApiRoute
 from app.context import ServiceContext
 from app.orm import Account
 from tests.factories import client_with, model_body
+from tests.live_server import live_service
 
 
 @pytest.fixture()
@@ -79,3 +82,31 @@ def test_a_write_whose_answer_breaks_its_model_is_not_committed(app_context: Ser
     assert client.post("/accounts/fine").status_code == 200
     names = set(db.scalars(select(Account.name).where(Account.subscription_id == "sub")))
     assert names == {"fine"}
+
+
+@pytest.mark.postgres_only
+def test_on_postgresql_reads_make_no_trip_to_a_thread(
+    service_context: ServiceContext, data_dir: Path, hops: list[str]
+) -> None:
+    """Reads run on the event loop there (app.reads.LoopReads): the caller's roles, the account
+    and the route's own read, a model's, an image's and its operation's (what dashboards poll)."""
+    with live_service(service_context, data_dir) as live:
+        account = live.account()
+        image = live.image(account)
+        model = httpx.post(f"{account}/models", json=model_body(), headers=live.headers).json()
+        urls = [
+            f"{account}/models/{model['id']}",
+            f"{account}/models",
+            f"{account}/images/{image['Id']}",
+            f"{account}/images",
+            f"{account}/operations/{image['OperationId']}",
+        ]
+        hops.clear()
+        for url in urls:  # the tests' MMS_AUTH_CACHE_SECONDS is 0: roles and account read each time
+            answer = httpx.get(url, headers=live.headers)
+            assert answer.status_code == 200, answer.text
+        requests_hops = [hop for hop in hops if hop != "EventHub._read"]  # the process's event poller
+        assert requests_hops == []
+        hops.clear()
+        assert httpx.post(f"{account}/models", json=model_body(), headers=live.headers).status_code == 200
+        assert [hop for hop in hops if hop != "EventHub._read"] == ["_in_thread_pool.<locals>.run.<locals>.call"], hops

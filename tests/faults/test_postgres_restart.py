@@ -81,7 +81,13 @@ def test_registrations_across_a_postgres_restart_get_versions_1_to_n_and_no_500(
             with lock:
                 first[key] = answer
 
-    clients = [threading.Thread(target=client) for _ in range(CLIENTS)]
+    reads: list[httpx.Response] = []  # GETs beside them: reads run on the event loop (app.reads)
+
+    def reader() -> None:
+        while not stopping.is_set():
+            reads.append(httpx.get(f"{account}/models", headers=headers, params={"name": NAME, "count": 5}, timeout=30))
+
+    clients = [threading.Thread(target=client) for _ in range(CLIENTS)] + [threading.Thread(target=reader)]
     for thread in clients:
         thread.start()
     try:
@@ -103,6 +109,9 @@ def test_registrations_across_a_postgres_restart_get_versions_1_to_n_and_no_500(
         assert error["code"] == "DatabaseUnavailable" and error["statusCode"] == 503, error
         assert "retry" in error["message"] and answer.headers["Retry-After"].isdigit(), error
     assert "request.unhandled_error" not in server_log.read_text(errors="replace")  # the 500 path
+    assert {answer.status_code for answer in reads} <= {200, 503}, [a.text for a in reads if a.status_code != 200][:3]
+    assert all(a.json()["code"] == "DatabaseUnavailable" for a in reads if a.status_code == 503)
+    assert reads[-1].status_code == 200, reads[-1].text  # reading again after the restart
 
     # The client's side of a 503: retry with the same key. A registration the database did
     # commit before the connection dropped is replayed, never registered twice.

@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Body, Header, Query, Request, Response, status
 from fastapi.responses import PlainTextResponse
+from sqlalchemy.orm import Session
 from sse_starlette import EventSourceResponse
 
 from app.api import examples
@@ -18,6 +19,7 @@ from app.api.deps import (
     OperationId,
     ReadableAccount,
     ReadableAccountNow,
+    ReadsDep,
     SessionDep,
     WritableAccount,
 )
@@ -137,9 +139,9 @@ def create_image(
     return to_read(image, request)
 
 
-def _retry_after(headers, image: Image) -> None:  # type: ignore[no-untyped-def]
+def _retry_after(headers, state: str) -> None:  # type: ignore[no-untyped-def]
     """Ask a poller of an unfinished build to come back in a moment (``headers``: a mapping)."""
-    if image.state in UNFINISHED:
+    if state in UNFINISHED:
         headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
 
 
@@ -183,17 +185,22 @@ async def stream_image_events(
         },
     },
 )
-def get_image(
+async def get_image(
     image_id: ImageId,
     request: Request,
     response: Response,
     account: ReadableAccount,
-    session: SessionDep,
+    reads: ReadsDep,
     hub: EventHubDep,
     context: ContextDep,
 ) -> ImageRead | Response:
     """One image; poll it with If-None-Match (its ETag changes exactly when it does)."""
-    image, version = images.get_image_and_version(session, account, image_id=image_id)
+
+    def read(session: Session) -> tuple[ImageRead, Image, int]:
+        image, version = images.get_image_and_version(session, account, image_id=image_id)
+        return to_read(image, request), image, version
+
+    answer, image, version = await reads.run(read)
     # Teach this process's poll shortcut the image, so the next poll needs no database.
     hub.versions.note(image.id, account.id, version, image.state)
     params = request.path_params
@@ -201,27 +208,31 @@ def get_image(
     etag = image_etag(context.event_ids, version, str(request.base_url))
     if etag_matches(request.headers.get("if-none-match"), etag):
         return Response(
-            status_code=304, headers={k.decode(): v.decode() for k, v in not_modified_headers(etag, image.state)}
+            status_code=304,
+            headers={k.decode(): v.decode() for k, v in not_modified_headers(etag, image.state)},
         )
     response.headers["ETag"], response.headers["Cache-Control"] = etag, "no-cache"
-    _retry_after(response.headers, image)
-    return to_read(image, request)
+    _retry_after(response.headers, image.state)
+    return answer
 
 
 @router.get("/images", response_model=Page[ImageRead])
-def list_images(
+async def list_images(
     request: Request,
     account: ReadableAccount,
-    session: SessionDep,
+    reads: ReadsDep,
     manifest_id: Annotated[str | None, Query(alias="manifestId")] = None,
     manifest_name: Annotated[str | None, Query(alias="manifestName")] = None,
     count: int | None = None,
     skip_token: Annotated[str | None, Query(alias="$skipToken")] = None,
 ) -> Page[ImageRead]:
-    rows, token = images.list_images(
-        session, account, manifest_id=manifest_id, manifest_name=manifest_name, count=count, skip_token=skip_token
-    )
-    return Page(value=[to_read(i, request) for i in rows], nextLink=next_link(request, token))
+    def read(session: Session) -> Page[ImageRead]:
+        rows, token = images.list_images(
+            session, account, manifest_id=manifest_id, manifest_name=manifest_name, count=count, skip_token=skip_token
+        )
+        return Page(value=[to_read(i, request) for i in rows], nextLink=next_link(request, token))
+
+    return await reads.run(read)
 
 
 @router.post(
@@ -275,7 +286,7 @@ def build_log(
     body = images.read_log(session, image).encode()
     # Text the tenant's build printed: plain text, never a page of this origin.
     headers = {"Accept-Ranges": "bytes", **NOT_A_PAGE}
-    _retry_after(headers, image)
+    _retry_after(headers, image.state)
     wanted = _OPEN_RANGE.fullmatch(range_header.strip()) if range_header else None
     if wanted is None:  # no Range, or a form a log follower does not need: the whole log
         return PlainTextResponse(body, headers=headers)
@@ -294,17 +305,21 @@ def build_log(
     response_model=OperationRead,
     responses={200: {"headers": {"Retry-After": RETRY_AFTER}}},
 )
-def get_operation(
-    operation_id: OperationId, request: Request, response: Response, account: ReadableAccount, session: SessionDep
+async def get_operation(
+    operation_id: OperationId, request: Request, response: Response, account: ReadableAccount, reads: ReadsDep
 ) -> OperationRead:
     """An image build's operation, or a web service's (create, update, delete)."""
-    found = operations.get_operation(session, account, operation_id=operation_id)
-    if isinstance(found, Image):
-        _retry_after(response.headers, found)
-        return to_operation(found, request)
-    if found.state is OperationState.RUNNING:
-        response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
-    return to_service_operation(found, request)
+
+    def read(session: Session) -> OperationRead:
+        found = operations.get_operation(session, account, operation_id=operation_id)
+        if isinstance(found, Image):
+            _retry_after(response.headers, found.state)
+            return to_operation(found, request)
+        if found.state is OperationState.RUNNING:
+            response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+        return to_service_operation(found, request)
+
+    return await reads.run(read)
 
 
 @router.get("/baseImages", response_model=Page[BaseImageRead])

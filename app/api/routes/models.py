@@ -6,9 +6,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Body, Header, Query, Request, status
 from fastapi.responses import JSONResponse
+from sqlalchemy.orm import Session
 
 from app.api import examples
-from app.api.deps import CallerDep, ContextDep, ModelId, ReadableAccount, SessionDep, WritableAccount
+from app.api.deps import CallerDep, ContextDep, ModelId, ReadableAccount, ReadsDep, SessionDep, WritableAccount
 from app.api.links import next_link
 from app.api.openapi import errors, header
 from app.api.routing import ApiRoute
@@ -76,23 +77,27 @@ def register_model(
 
 
 @router.get("/{modelId}", response_model=ModelRead)
-def get_model(model_id: ModelId, account: ReadableAccount, session: SessionDep) -> ModelRead:
-    return to_read(models.read_model(session, account, model_id=model_id))
+async def get_model(model_id: ModelId, account: ReadableAccount, reads: ReadsDep) -> ModelRead:
+    return await reads.run(lambda session: to_read(models.read_model(session, account, model_id=model_id)))
 
 
 @router.get("", response_model=Page[ModelRead])
-def list_models(
+async def list_models(
     request: Request,
     account: ReadableAccount,
-    session: SessionDep,
+    reads: ReadsDep,
     name: str | None = None,
     tag: str | None = None,
     count: int | None = None,
     skip_token: Annotated[str | None, Query(alias="$skipToken")] = None,
 ) -> Page[ModelRead]:
     """Models by name, newest version first; filter by name or tag; page with ``$skipToken``."""
-    rows, token = models.list_models(session, account, name=name, tag=tag, count=count, skip_token=skip_token)
-    return Page(value=[to_read(m) for m in rows], nextLink=next_link(request, token))
+
+    def read(session: Session) -> Page[ModelRead]:
+        rows, token = models.list_models(session, account, name=name, tag=tag, count=count, skip_token=skip_token)
+        return Page(value=[to_read(m) for m in rows], nextLink=next_link(request, token))
+
+    return await reads.run(read)
 
 
 @router.delete(

@@ -1,0 +1,72 @@
+"""How a request reads: a plain function of a read-only session, run where it costs least.
+
+On PostgreSQL the function runs on the event loop itself: SQLAlchemy's asyncio extension runs
+it in a greenlet whose queries psycopg's async driver awaits, so a read takes no trip to a
+thread and back, and its session ends without one (issue 20: the trip and the session's end
+were about a third of a GET's cost). The functions stay plain (``Session`` in, answer out), the
+same the writes and the workers call. Elsewhere (SQLite, whose driver has no async form; tests'
+sessions joined to their transaction) the function runs in the thread pool.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol, TypeVar
+
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
+
+from app.database import refuse_writes
+
+T = TypeVar("T")
+
+
+class Reads(Protocol):
+    async def run(self, read: Callable[[Session], T]) -> T:
+        """``read``'s answer, given a read-only session that ends with it."""
+        ...
+
+    async def close(self) -> None:
+        """Close the connections this holds (at the server's shutdown, on its event loop)."""
+        ...
+
+
+class ThreadReads:
+    """Each read in the thread pool, with a session of ``factory``."""
+
+    def __init__(self, factory: sessionmaker[Session]) -> None:
+        self.factory = factory
+
+    async def run(self, read: Callable[[Session], T]) -> T:
+        def call() -> T:
+            with self.factory() as session:
+                return read(session)
+
+        return await run_in_threadpool(call)
+
+    async def close(self) -> None:
+        return None
+
+
+class _ReadOnlySession(Session):
+    """The sessions LoopReads hands its reads: they refuse writes, as read sessions do."""
+
+
+refuse_writes(_ReadOnlySession)
+
+
+class LoopReads:
+    """Each read on the event loop, with an asyncio session of ``engine``
+    (``app.database.make_async_read_engine``)."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self._sessions = async_sessionmaker(engine, expire_on_commit=False, sync_session_class=_ReadOnlySession)
+
+    async def run(self, read: Callable[[Session], T]) -> T:
+        async with self._sessions() as session:
+            return await session.run_sync(read)
+
+    async def close(self) -> None:
+        await self.engine.dispose()
