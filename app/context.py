@@ -71,11 +71,9 @@ class ServiceContext:
             if engine.dialect.name == "postgresql":
                 read_engine = make_engine(settings, read_only=True)
             read_factory = make_session_factory(read_engine, read_only=True)
-            reads = (
-                LoopReads(make_async_read_engine(settings))
-                if engine.dialect.name == "postgresql"
-                else ThreadReads(read_factory)
-            )
+            reads = ThreadReads(read_factory)
+            if engine.dialect.name == "postgresql":
+                reads = LoopReads(make_async_read_engine(settings), threads=reads)
         own_keys = OwnKeySource(read_factory, settings.jwks_refresh_min_seconds)
         issuers = [TrustedIssuerKeys(issuer=settings.issuer, audience=settings.audience, keys=own_keys)] + [
             TrustedIssuerKeys(
@@ -104,7 +102,8 @@ class ServiceContext:
         )
 
     def dispose(self) -> None:
-        """Close every pooled database connection."""
+        """Close every pooled database connection, but the event loop's reads' (``reads.close()``,
+        on the loop that used them: the app's lifespan does)."""
         self.engine.dispose()
         if self.read_engine is not self.engine:
             self.read_engine.dispose()

@@ -1,11 +1,15 @@
 """How a request reads: a plain function of a read-only session, run where it costs least.
 
-On PostgreSQL the function runs on the event loop itself: SQLAlchemy's asyncio extension runs
-it in a greenlet whose queries psycopg's async driver awaits, so a read takes no trip to a
-thread and back, and its session ends without one (issue 20: the trip and the session's end
-were about a third of a GET's cost). The functions stay plain (``Session`` in, answer out), the
-same the writes and the workers call. Elsewhere (SQLite, whose driver has no async form; tests'
-sessions joined to their transaction) the function runs in the thread pool.
+On PostgreSQL a read of one thing (a resource, the caller's roles, an account) runs on the
+event loop itself: SQLAlchemy's asyncio extension runs it in a greenlet whose queries psycopg's
+async driver awaits, so it takes no trip to a thread and back, and its session ends without one
+(issue 20: the trip and the session's end were about a third of a GET's cost). A read of many
+(``many=True``: a page of up to a thousand rows to load and render) still goes to the thread
+pool: on the loop its CPU would run with no break, and every other request of the process,
+streams' keep-alives included, would wait for it. The functions stay plain (``Session`` in,
+answer out), the same the writes and the workers call; they must not set context variables
+(on the loop, one set there would outlive the read). Elsewhere (SQLite, whose driver has no
+async form; tests' sessions joined to their transaction) every read runs in the thread pool.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ T = TypeVar("T")
 
 
 class Reads(Protocol):
-    async def run(self, read: Callable[[Session], T]) -> T:
-        """``read``'s answer, given a read-only session that ends with it."""
+    async def run(self, read: Callable[[Session], T], *, many: bool = False) -> T:
+        """``read``'s answer, given a read-only session that ends with it; ``many``: it loads a
+        page of rows (or more), not one thing."""
         ...
 
     async def close(self) -> None:
@@ -38,7 +43,7 @@ class ThreadReads:
     def __init__(self, factory: sessionmaker[Session]) -> None:
         self.factory = factory
 
-    async def run(self, read: Callable[[Session], T]) -> T:
+    async def run(self, read: Callable[[Session], T], *, many: bool = False) -> T:
         def call() -> T:
             with self.factory() as session:
                 return read(session)
@@ -57,14 +62,17 @@ refuse_writes(_ReadOnlySession)
 
 
 class LoopReads:
-    """Each read on the event loop, with an asyncio session of ``engine``
-    (``app.database.make_async_read_engine``)."""
+    """A read of one thing on the event loop, with an asyncio session of ``engine``
+    (``app.database.make_async_read_engine``); a read of many in the thread pool, with ``threads``."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, threads: ThreadReads) -> None:
         self.engine = engine
+        self.threads = threads
         self._sessions = async_sessionmaker(engine, expire_on_commit=False, sync_session_class=_ReadOnlySession)
 
-    async def run(self, read: Callable[[Session], T]) -> T:
+    async def run(self, read: Callable[[Session], T], *, many: bool = False) -> T:
+        if many:
+            return await self.threads.run(read)
         async with self._sessions() as session:
             return await session.run_sync(read)
 

@@ -150,8 +150,9 @@ async def request_token(scope: Scope, verifier: TokenVerifier, authorization: st
 async def get_caller(request: Request) -> Caller:
     """The verified caller, or 401 with a WWW-Authenticate challenge.
 
-    On the event loop while it needs no I/O (the signing key and the caller's roles at hand, as
-    they are but once per key and per MMS_AUTH_CACHE_SECONDS); what must load goes to the thread pool.
+    From memory while the signing key and the caller's roles are at hand (as they are but once
+    per key and per MMS_AUTH_CACHE_SECONDS); roles to load are read with ``context.reads`` (on the
+    event loop on PostgreSQL), a key to load (the database, an issuer's JWKS) in the thread pool.
     The OpenAPI document declares its security schemes (app.api.openapi): solving them here
     would parse the header twice more per request for nothing.
     """

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -57,12 +59,14 @@ def test_a_request_that_finds_every_connection_busy_is_told_to_retry(service_con
             )
             url, headers = "/api/subscriptions/s/resourceGroups/rg/accounts", {"Authorization": f"Bearer {token}"}
             assert client.get(url, headers=headers).status_code == 403  # the keys are loaded; no role
-            # The only connections a GET may use, held: the loop's reads' and the thread pool's.
+            # The only connection the caller's roles may be read with, held: its pool's own timeout answers.
             held = client.portal.call(_take_connection, context.reads.engine)
-            with context.read_engine.connect():
-                busy = client.get(url, headers=headers)
+            started = time.monotonic()
+            busy = client.get(url, headers=headers)
+            waited = time.monotonic() - started
             client.portal.call(held.close)
             assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+            assert waited < 2, waited  # MMS_DB_POOL_TIMEOUT_SECONDS (0.5 s), not a default
             assert busy.json()["code"] == "ServiceUnavailable"
             assert client.get("/health").status_code == 200
             assert client.get(url, headers=headers).status_code == 403  # and reads again once they are free

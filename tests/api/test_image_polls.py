@@ -16,6 +16,7 @@ from sqlalchemy import event
 from app.builds.leases import claim_build
 from app.context import ServiceContext
 from app.database import session_scope
+from app.reads import LoopReads
 from tests.factories import bearer
 from tests.live_server import Live, live_service
 
@@ -41,11 +42,16 @@ def _queries(live: Live) -> Iterator[list[str]]:
         ):
             seen.append(statement)
 
-    event.listen(live.context.engine, "before_cursor_execute", record)
+    engines = {live.context.engine, live.context.read_engine}
+    if isinstance(live.context.reads, LoopReads):  # PostgreSQL: reads on the event loop, from a pool of their own
+        engines.add(live.context.reads.engine.sync_engine)
+    for engine in engines:
+        event.listen(engine, "before_cursor_execute", record)
     try:
         yield seen
     finally:
-        event.remove(live.context.engine, "before_cursor_execute", record)
+        for engine in engines:
+            event.remove(engine, "before_cursor_execute", record)
 
 
 def _until(condition, seconds: float = 5):

@@ -85,28 +85,40 @@ def test_a_write_whose_answer_breaks_its_model_is_not_committed(app_context: Ser
 
 
 @pytest.mark.postgres_only
-def test_on_postgresql_reads_make_no_trip_to_a_thread(
+def test_on_postgresql_a_read_of_one_thing_makes_no_trip_to_a_thread_and_a_page_one(
     service_context: ServiceContext, data_dir: Path, hops: list[str]
 ) -> None:
-    """Reads run on the event loop there (app.reads.LoopReads): the caller's roles, the account
-    and the route's own read, a model's, an image's and its operation's (what dashboards poll)."""
+    """Reads of one thing run on the event loop there (app.reads.LoopReads): the caller's roles,
+    the account, and the route's own (a model, an image and its operation, which dashboards
+    poll, and every other resource's); a page of many goes to the thread pool, once."""
     with live_service(service_context, data_dir) as live:
         account = live.account()
         image = live.image(account)
         model = httpx.post(f"{account}/models", json=model_body(), headers=live.headers).json()
-        urls = [
+        manifest = httpx.get(f"{account}/manifests", headers=live.headers).json()["value"][0]
+        one_thing = [
             f"{account}/models/{model['id']}",
-            f"{account}/models",
             f"{account}/images/{image['Id']}",
-            f"{account}/images",
             f"{account}/operations/{image['OperationId']}",
+            f"{account}/manifests/{manifest['id']}",
+            account,
         ]
-        hops.clear()
-        for url in urls:  # the tests' MMS_AUTH_CACHE_SECONDS is 0: roles and account read each time
-            answer = httpx.get(url, headers=live.headers)
-            assert answer.status_code == 200, answer.text
-        requests_hops = [hop for hop in hops if hop != "EventHub._read"]  # the process's event poller
-        assert requests_hops == []
+        pages = [
+            f"{account}/models",
+            f"{account}/images",
+            f"{account}/manifests",
+            f"{account}/services",
+            f"{account}/computes",
+            f"{account}/webhooks",
+            f"{live.base}/api/subscriptions/sub-live/resourceGroups/rg-live/accounts",
+            f"{live.base}/api/servicePrincipals",
+        ]
+        for urls, trips in ((one_thing, []), (pages, ["ThreadReads.run.<locals>.call"])):
+            for url in urls:  # the tests' MMS_AUTH_CACHE_SECONDS is 0: roles and account read each time
+                hops.clear()
+                answer = httpx.get(url, headers=live.headers)
+                assert answer.status_code == 200, answer.text
+                assert [hop for hop in hops if hop != "EventHub._read"] == trips, url  # but the event poller's
         hops.clear()
         assert httpx.post(f"{account}/models", json=model_body(), headers=live.headers).status_code == 200
         assert [hop for hop in hops if hop != "EventHub._read"] == ["_in_thread_pool.<locals>.run.<locals>.call"], hops

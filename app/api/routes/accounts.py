@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Query, Request, Response, status
+from sqlalchemy.orm import Session
 
 from app.api import examples
-from app.api.deps import AccountPathDep, CallerDep, ContextDep, ResourceGroup, SessionDep, SubscriptionId
+from app.api.deps import AccountPathDep, CallerDep, ContextDep, ReadsDep, ResourceGroup, SessionDep, SubscriptionId
 from app.api.links import next_link
 from app.api.openapi import errors
 from app.api.routing import ApiRoute
@@ -63,31 +64,35 @@ def put_account(
 
 
 @router.get("/{accountName}", response_model=AccountRead, responses=errors(403))
-def get_account(path: AccountPathDep, caller: CallerDep, session: SessionDep) -> AccountRead:
+async def get_account(path: AccountPathDep, caller: CallerDep, reads: ReadsDep) -> AccountRead:
     caller.require(Permission.READ, account_scope(path.subscription_id, path.resource_group, path.name))
-    return to_read(accounts.get_account(session, path))
+    return await reads.run(lambda session: to_read(accounts.get_account(session, path)))
 
 
 @router.get("", response_model=Page[AccountRead], responses=errors(403))
-def list_accounts(
+async def list_accounts(
     request: Request,
     subscription_id: SubscriptionId,
     resource_group: ResourceGroup,
     caller: CallerDep,
-    session: SessionDep,
+    reads: ReadsDep,
     count: int | None = None,
     skip_token: Annotated[str | None, Query(alias="$skipToken")] = None,
 ) -> Page[AccountRead]:
     """The accounts of a resource group, by name."""
     caller.require(Permission.READ, account_scope(subscription_id, resource_group))
-    rows, token = accounts.list_accounts(
-        session,
-        subscription_id=subscription_id,
-        resource_group=resource_group,
-        count=count,
-        skip_token=skip_token,
-    )
-    return Page(value=[to_read(a) for a in rows], nextLink=next_link(request, token))
+
+    def read(session: Session) -> Page[AccountRead]:
+        rows, token = accounts.list_accounts(
+            session,
+            subscription_id=subscription_id,
+            resource_group=resource_group,
+            count=count,
+            skip_token=skip_token,
+        )
+        return Page(value=[to_read(a) for a in rows], nextLink=next_link(request, token))
+
+    return await reads.run(read, many=True)
 
 
 @router.delete(

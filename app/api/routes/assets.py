@@ -7,8 +7,9 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
+from sqlalchemy.orm import Session
 
-from app.api.deps import AssetId, CallerDep, ContextDep, ReadableAccount, SessionDep, WritableAccount
+from app.api.deps import AssetId, CallerDep, ContextDep, ReadableAccount, ReadsDep, SessionDep, WritableAccount
 from app.api.openapi import errors
 from app.api.routing import ApiRoute
 from app.api.untrusted import download_headers
@@ -90,10 +91,14 @@ async def upload_asset(
 
 
 @router.get("/{assetId}", response_model=AssetRead)
-def get_asset(asset_id: AssetId, account: ReadableAccount, context: ContextDep, session: SessionDep) -> AssetRead:
+async def get_asset(asset_id: AssetId, account: ReadableAccount, context: ContextDep, reads: ReadsDep) -> AssetRead:
     """The asset, with a fresh read URL."""
-    asset = assets.get_asset(session, account, asset_id=asset_id)
-    return to_read(asset, context.asset_store, context.settings.asset_url_ttl_days)
+
+    def read(session: Session) -> AssetRead:
+        asset = assets.get_asset(session, account, asset_id=asset_id)
+        return to_read(asset, context.asset_store, context.settings.asset_url_ttl_days)
+
+    return await reads.run(read)
 
 
 @router.delete("/{assetId}", status_code=status.HTTP_204_NO_CONTENT, responses=errors(503))

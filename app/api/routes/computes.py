@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Response, status
+from sqlalchemy.orm import Session
 
 from app.api import examples
-from app.api.deps import CallerDep, ComputeName, ContextDep, ReadableAccount, SessionDep, WritableAccount
+from app.api.deps import CallerDep, ComputeName, ContextDep, ReadableAccount, ReadsDep, SessionDep, WritableAccount
 from app.api.openapi import errors
 from app.api.routing import ApiRoute
 from app.schemas.common import Page
@@ -65,28 +66,35 @@ def put_compute(
 
 
 @router.get("/computes", response_model=Page[ComputeRead])
-def list_computes(account: ReadableAccount, context: ContextDep, session: SessionDep) -> Page[ComputeRead]:
+async def list_computes(account: ReadableAccount, context: ContextDep, reads: ReadsDep) -> Page[ComputeRead]:
     """The built-in targets (`local` when the workers have an engine, `swarm` when the operator set
     one), then the attached targets; never their credentials."""
-    targets = computes.list_targets(
-        session,
-        account,
-        local_enabled=context.settings.local_compute,
-        swarm_enabled=context.settings.swarm_compute,
-    )
-    return Page(value=[to_read(t) for t in targets])
+
+    def read(session: Session) -> Page[ComputeRead]:
+        targets = computes.list_targets(
+            session,
+            account,
+            local_enabled=context.settings.local_compute,
+            swarm_enabled=context.settings.swarm_compute,
+        )
+        return Page(value=[to_read(t) for t in targets])
+
+    return await reads.run(read, many=True)
 
 
 @router.get("/computes/{computeName}", response_model=ComputeRead)
-def get_compute(name: ComputeName, account: ReadableAccount, context: ContextDep, session: SessionDep) -> ComputeRead:
-    target = computes.get_target(
-        session,
-        account,
-        name=name,
-        local_enabled=context.settings.local_compute,
-        swarm_enabled=context.settings.swarm_compute,
-    )
-    return to_read(target)
+async def get_compute(name: ComputeName, account: ReadableAccount, context: ContextDep, reads: ReadsDep) -> ComputeRead:
+    def read(session: Session) -> ComputeRead:
+        target = computes.get_target(
+            session,
+            account,
+            name=name,
+            local_enabled=context.settings.local_compute,
+            swarm_enabled=context.settings.swarm_compute,
+        )
+        return to_read(target)
+
+    return await reads.run(read)
 
 
 @router.delete("/computes/{computeName}", status_code=status.HTTP_204_NO_CONTENT, responses=errors(409, s409=BUILT_IN))

@@ -196,17 +196,19 @@ async def get_image(
 ) -> ImageRead | Response:
     """One image; poll it with If-None-Match (its ETag changes exactly when it does)."""
 
-    def read(session: Session) -> tuple[ImageRead, Image, int]:
+    def read(session: Session) -> tuple[Image, int, str, ImageRead | None]:
         image, version = images.get_image_and_version(session, account, image_id=image_id)
-        return to_read(image, request), image, version
+        etag = image_etag(context.event_ids, version, str(request.base_url))
+        unchanged = etag_matches(request.headers.get("if-none-match"), etag)
+        # Rendered only when it is sent: a poll answered 304 never renders the manifest.
+        return image, version, etag, None if unchanged else to_read(image, request)
 
-    answer, image, version = await reads.run(read)
+    image, version, etag, answer = await reads.run(read)
     # Teach this process's poll shortcut the image, so the next poll needs no database.
     hub.versions.note(image.id, account.id, version, image.state)
     params = request.path_params
     hub.versions.note_account((params["subscriptionId"], params["resourceGroup"], params["accountName"]), account.id)
-    etag = image_etag(context.event_ids, version, str(request.base_url))
-    if etag_matches(request.headers.get("if-none-match"), etag):
+    if answer is None:
         return Response(
             status_code=304,
             headers={k.decode(): v.decode() for k, v in not_modified_headers(etag, image.state)},
@@ -232,7 +234,7 @@ async def list_images(
         )
         return Page(value=[to_read(i, request) for i in rows], nextLink=next_link(request, token))
 
-    return await reads.run(read)
+    return await reads.run(read, many=True)
 
 
 @router.post(

@@ -9,9 +9,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Body, Query, Request, status
 from pydantic import Discriminator, Tag
+from sqlalchemy.orm import Session
 
 from app.api import examples
-from app.api.deps import CallerDep, ContextDep, ManifestId, ReadableAccount, SessionDep, WritableAccount
+from app.api.deps import CallerDep, ContextDep, ManifestId, ReadableAccount, ReadsDep, SessionDep, WritableAccount
 from app.api.links import next_link
 from app.api.openapi import errors
 from app.api.routing import ApiRoute
@@ -124,25 +125,32 @@ def create_manifest(
 
 
 @router.get("/{manifestId}", response_model=ManifestRead)
-def get_manifest(manifest_id: ManifestId, account: ReadableAccount, session: SessionDep) -> ManifestRead:
-    return to_read(manifests.get_manifest(session, account, manifest_id=manifest_id))
+async def get_manifest(manifest_id: ManifestId, account: ReadableAccount, reads: ReadsDep) -> ManifestRead:
+    def read(session: Session) -> ManifestRead:
+        return to_read(manifests.get_manifest(session, account, manifest_id=manifest_id))
+
+    return await reads.run(read)
 
 
 @router.get("", response_model=Page[ManifestRead])
-def list_manifests(
+async def list_manifests(
     request: Request,
     account: ReadableAccount,
-    session: SessionDep,
+    reads: ReadsDep,
     model_id: Annotated[str | None, Query(alias="modelId")] = None,
     manifest_name: Annotated[str | None, Query(alias="manifestName")] = None,
     count: int | None = None,
     skip_token: Annotated[str | None, Query(alias="$skipToken")] = None,
 ) -> Page[ManifestRead]:
     """Manifests by name, newest version first; filter by a bundled model or by name."""
-    rows, token = manifests.list_manifests(
-        session, account, model_id=model_id, name=manifest_name, count=count, skip_token=skip_token
-    )
-    return Page(value=[to_read(m) for m in rows], nextLink=next_link(request, token))
+
+    def read(session: Session) -> Page[ManifestRead]:
+        rows, token = manifests.list_manifests(
+            session, account, model_id=model_id, name=manifest_name, count=count, skip_token=skip_token
+        )
+        return Page(value=[to_read(m) for m in rows], nextLink=next_link(request, token))
+
+    return await reads.run(read, many=True)
 
 
 @router.delete(

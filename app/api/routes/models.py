@@ -97,7 +97,7 @@ async def list_models(
         rows, token = models.list_models(session, account, name=name, tag=tag, count=count, skip_token=skip_token)
         return Page(value=[to_read(m) for m in rows], nextLink=next_link(request, token))
 
-    return await reads.run(read)
+    return await reads.run(read, many=True)
 
 
 @router.delete(

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Body, status
+from sqlalchemy.orm import Session
 
 from app.api import examples
-from app.api.deps import CallerDep, ClientId, ContextDep, SessionDep
+from app.api.deps import CallerDep, ClientId, ContextDep, ReadsDep, SessionDep
 from app.api.openapi import errors
 from app.api.routing import ApiRoute
 from app.orm import ServicePrincipal
@@ -56,14 +57,21 @@ def create_service_principal(
 
 
 @router.get("", response_model=Page[ServicePrincipalRead])
-def list_service_principals(caller: CallerDep, session: SessionDep) -> Page[ServicePrincipalRead]:
+async def list_service_principals(caller: CallerDep, reads: ReadsDep) -> Page[ServicePrincipalRead]:
     """The principals on scopes the caller owns."""
-    return Page(value=[to_read(p) for p in principals.list_principals_as(session, caller)])
+
+    def read(session: Session) -> Page[ServicePrincipalRead]:
+        return Page(value=[to_read(p) for p in principals.list_principals_as(session, caller)])
+
+    return await reads.run(read, many=True)
 
 
 @router.get("/{clientId}", response_model=ServicePrincipalRead)
-def get_service_principal(client_id: ClientId, caller: CallerDep, session: SessionDep) -> ServicePrincipalRead:
-    return to_read(principals.get_principal_as(session, caller, client_id=client_id))
+async def get_service_principal(client_id: ClientId, caller: CallerDep, reads: ReadsDep) -> ServicePrincipalRead:
+    def read(session: Session) -> ServicePrincipalRead:
+        return to_read(principals.get_principal_as(session, caller, client_id=client_id))
+
+    return await reads.run(read)
 
 
 @router.delete("/{clientId}", status_code=status.HTTP_204_NO_CONTENT)

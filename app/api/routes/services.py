@@ -10,6 +10,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Body, Query, Request, Response, status
 from fastapi.responses import PlainTextResponse
+from sqlalchemy.orm import Session
 from sse_starlette import EventSourceResponse
 
 from app.api import examples
@@ -19,6 +20,7 @@ from app.api.deps import (
     EventHubDep,
     ReadableAccount,
     ReadableAccountNow,
+    ReadsDep,
     ServiceId,
     SessionDep,
     WritableAccount,
@@ -141,17 +143,21 @@ def create_service(
 
 
 @router.get("/services", response_model=Page[ServiceRead])
-def list_services(
+async def list_services(
     account: ReadableAccount,
     context: ContextDep,
-    session: SessionDep,
+    reads: ReadsDep,
     name: str | None = None,
     compute_name: Annotated[str | None, Query(alias="computeName")] = None,
     image_id: Annotated[str | None, Query(alias="imageId")] = None,
 ) -> Page[ServiceRead]:
     """The account's services by name; filter by name, computeName or imageId."""
-    views = services_deploy.list_services(session, account, name=name, compute_name=compute_name, image_id=image_id)
-    return Page(value=[to_read(v, context.settings) for v in views])
+
+    def read(session: Session) -> Page[ServiceRead]:
+        views = services_deploy.list_services(session, account, name=name, compute_name=compute_name, image_id=image_id)
+        return Page(value=[to_read(v, context.settings) for v in views])
+
+    return await reads.run(read, many=True)
 
 
 # Declared before /services/{serviceId}, which would otherwise take "events" for an id.
@@ -184,10 +190,13 @@ async def stream_service_events(
 
 
 @router.get("/services/{serviceId}", response_model=ServiceRead)
-def get_service(
-    service_id: ServiceId, account: ReadableAccount, context: ContextDep, session: SessionDep
+async def get_service(
+    service_id: ServiceId, account: ReadableAccount, context: ContextDep, reads: ReadsDep
 ) -> ServiceRead:
-    return to_read(services_deploy.get_service(session, account, service_id=service_id), context.settings)
+    def read(session: Session) -> ServiceRead:
+        return to_read(services_deploy.get_service(session, account, service_id=service_id), context.settings)
+
+    return await reads.run(read)
 
 
 @router.patch(
@@ -264,19 +273,23 @@ def delete_service(
     response_class=PlainTextResponse,
     responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
 )
-def service_logs(
+async def service_logs(
     service_id: ServiceId,
     account: ReadableAccount,
-    session: SessionDep,
+    reads: ReadsDep,
     tail: Annotated[int, Query(ge=1, le=KEPT_LOG_LINES, description="how many of the newest lines")] = 200,
 ) -> PlainTextResponse:
     """What the service's replicas printed lately (their init() and run() output, the scoring
     server's), prefixed with generation and replica; kept after a failed generation's replicas
     are gone. Copied from the orchestrator by the reconciler: up to its pass period late (10 s
     while Healthy)."""
-    text = services_deploy.read_logs(session, account, service_id=service_id, tail=tail)
-    # Text the tenant's code printed: plain text, never a page of this origin.
-    return PlainTextResponse(text, headers=NOT_A_PAGE)
+
+    def read(session: Session) -> PlainTextResponse:
+        text = services_deploy.read_logs(session, account, service_id=service_id, tail=tail)
+        # Text the tenant's code printed: plain text, never a page of this origin.
+        return PlainTextResponse(text, headers=NOT_A_PAGE)
+
+    return await reads.run(read, many=True)
 
 
 @router.post("/services/{serviceId}/keys", response_model=ServiceKeys)

@@ -6,9 +6,10 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Query, Request, status
+from sqlalchemy.orm import Session
 
 from app.api import examples
-from app.api.deps import CallerDep, ContextDep, ReadableAccount, SessionDep, WebhookId, WritableAccount
+from app.api.deps import CallerDep, ContextDep, ReadableAccount, ReadsDep, SessionDep, WebhookId, WritableAccount
 from app.api.links import next_link
 from app.api.routing import ApiRoute
 from app.auth.caller import Caller
@@ -81,18 +82,28 @@ def create_webhook(
 
 
 @router.get("/webhooks", response_model=Page[WebhookRead])
-def list_webhooks(account: ReadableAccount, caller: CallerDep, session: SessionDep) -> Page[WebhookRead]:
+async def list_webhooks(account: ReadableAccount, caller: CallerDep, reads: ReadsDep) -> Page[WebhookRead]:
     """The account's webhooks; a Reader sees each URL with its query redacted."""
-    full = _sees_full_urls(caller, account)
-    return Page(value=[to_read(w, full_url=full) for w in webhooks.list_webhooks(session, account)])
+
+    def read(session: Session) -> Page[WebhookRead]:
+        full = _sees_full_urls(caller, account)
+        return Page(value=[to_read(w, full_url=full) for w in webhooks.list_webhooks(session, account)])
+
+    return await reads.run(read, many=True)
 
 
 @router.get("/webhooks/{webhookId}", response_model=WebhookRead)
-def get_webhook(webhook_id: WebhookId, account: ReadableAccount, caller: CallerDep, session: SessionDep) -> WebhookRead:
+async def get_webhook(
+    webhook_id: WebhookId, account: ReadableAccount, caller: CallerDep, reads: ReadsDep
+) -> WebhookRead:
     """One webhook; a Reader sees its URL with the query redacted."""
-    return to_read(
-        webhooks.get_webhook(session, account, webhook_id=webhook_id), full_url=_sees_full_urls(caller, account)
-    )
+
+    def read(session: Session) -> WebhookRead:
+        return to_read(
+            webhooks.get_webhook(session, account, webhook_id=webhook_id), full_url=_sees_full_urls(caller, account)
+        )
+
+    return await reads.run(read)
 
 
 @router.patch("/webhooks/{webhookId}", response_model=WebhookRead)
@@ -129,24 +140,28 @@ def delete_webhook(webhook_id: WebhookId, account: WritableAccount, session: Ses
 
 
 @router.get("/webhooks/{webhookId}/deliveries", response_model=Page[DeliveryRead])
-def list_deliveries(
+async def list_deliveries(
     webhook_id: WebhookId,
     request: Request,
     account: ReadableAccount,
-    session: SessionDep,
+    reads: ReadsDep,
     context: ContextDep,
     state: Annotated[str | None, Query(json_schema_extra={"enum": [s.value for s in DeliveryState]})] = None,
     count: int | None = None,
     skip_token: Annotated[str | None, Query(alias="$skipToken")] = None,
 ) -> Page[DeliveryRead]:
     """The delivery log, newest event first: each delivery's state, attempts and last answer."""
-    rows, token = webhooks.list_deliveries(
-        session,
-        account,
-        webhook_id=webhook_id,
-        state=state,
-        count=count,
-        skip_token=skip_token,
-        event_ids=context.event_ids,
-    )
-    return Page(value=[to_delivery(d, context.event_ids) for d in rows], nextLink=next_link(request, token))
+
+    def read(session: Session) -> Page[DeliveryRead]:
+        rows, token = webhooks.list_deliveries(
+            session,
+            account,
+            webhook_id=webhook_id,
+            state=state,
+            count=count,
+            skip_token=skip_token,
+            event_ids=context.event_ids,
+        )
+        return Page(value=[to_delivery(d, context.event_ids) for d in rows], nextLink=next_link(request, token))
+
+    return await reads.run(read, many=True)
