@@ -6,14 +6,16 @@ import hashlib
 import hmac
 import secrets
 import uuid
+from datetime import datetime
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy import or_, select, true, tuple_
+from sqlalchemy.orm import Session, selectinload
 
 from app.auth.caller import Caller
 from app.auth.roles import Permission, Role, normalise_scope, parse_role
 from app.errors import Conflict, NotFound
 from app.orm import RoleAssignment, ServicePrincipal
+from app.services.paging import decode_token, encode_token, invalid_skip_token, page_size
 
 
 def _hash_secret(secret: str) -> str:
@@ -71,10 +73,43 @@ def _manageable(caller: Caller, principal: ServicePrincipal) -> bool:
     return all(caller.can(Permission.MANAGE, a.scope) for a in principal.assignments)
 
 
-def list_principals_as(session: Session, caller: Caller) -> list[ServicePrincipal]:
-    """The principals whose every scope the caller owns."""
-    principals = session.scalars(select(ServicePrincipal).order_by(ServicePrincipal.created_at))
-    return [p for p in principals if _manageable(caller, p)]
+def list_principals_as(
+    session: Session, caller: Caller, *, count: int | None, skip_token: str | None
+) -> tuple[list[ServicePrincipal], str | None]:
+    """A page of the principals whose every scope the caller owns, oldest first, and the token of
+    the next page. Chosen by the database (the caller's Owner scopes against each role
+    assignment's), so a page costs its rows, however many principals other tenants hold."""
+    limit = page_size(count)
+    owned = [grant.scope for grant in caller.grants if Permission.MANAGE in grant.role.permissions]
+    if not owned:
+        return [], None
+    if "/" in owned:
+        covered = true()
+    else:  # scope_contains in SQL: the scope itself or one below it
+        covered = or_(
+            *(
+                or_(RoleAssignment.scope == scope, RoleAssignment.scope.startswith(scope + "/", autoescape=True))
+                for scope in owned
+            )
+        )
+    assignments = select(RoleAssignment.id).where(RoleAssignment.principal_id == ServicePrincipal.id)
+    query = select(ServicePrincipal).where(assignments.exists(), ~assignments.where(~covered).exists())
+    query = query.options(selectinload(ServicePrincipal.assignments))  # each row's roles: one query a page
+    position = decode_token(skip_token, fields={"c": str, "k": str})
+    if position is not None:
+        try:
+            created_at = datetime.fromisoformat(position["c"])
+        except ValueError:
+            raise invalid_skip_token() from None
+        query = query.where(
+            tuple_(ServicePrincipal.created_at, ServicePrincipal.client_id) > (created_at, position["k"])
+        )
+    order = (ServicePrincipal.created_at, ServicePrincipal.client_id)
+    rows = list(session.scalars(query.order_by(*order).limit(limit + 1)))
+    if len(rows) <= limit:
+        return rows, None
+    last = rows[limit - 1]
+    return rows[:limit], encode_token({"c": last.created_at.isoformat(), "k": last.client_id})
 
 
 def get_principal_as(session: Session, caller: Caller, *, client_id: str) -> ServicePrincipal:

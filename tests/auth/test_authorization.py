@@ -106,3 +106,31 @@ def test_bad_principal_requests(client: TestClient, callers: Callers) -> None:
         "/api/servicePrincipals", json={"displayName": "x", "role": "Reader", "scope": "/foo/bar"}, headers=owner
     )
     assert bad_scope.status_code == 400 and bad_scope.json()["code"] == "InvalidScope"
+
+
+def test_principals_are_listed_a_page_at_a_time_and_only_those_whose_every_scope_the_caller_owns(
+    client: TestClient, callers: Callers
+) -> None:
+    group = "/subscriptions/s_1/resourceGroups/rg"
+    mine = {callers.credentials("Reader", f"{group}/providers/x/accounts/a{i}")[0] for i in range(3)}
+    mine.add(callers.credentials("Contributor", group)[0])
+    # Not the owner's: a scope above it, another group, and one LIKE would match ('_' is any character).
+    for scope in (
+        "/subscriptions/s_1",
+        "/subscriptions/s_1/resourceGroups/other",
+        "/subscriptions/sx1/resourceGroups/rg/providers/x/accounts/b",
+    ):
+        callers.credentials("Reader", scope)
+    owner = callers.headers("Owner", group)  # itself a principal on the group: listed too
+    seen: list[str] = []
+    url: str | None = "/api/servicePrincipals?count=2"
+    while url:
+        page = client.get(url, headers=owner)
+        assert page.status_code == 200, page.text
+        assert len(page.json()["value"]) <= 2
+        seen += [principal["clientId"] for principal in page.json()["value"]]
+        url = page.json().get("nextLink")
+    assert len(seen) == len(set(seen)) == 5 and mine < set(seen)
+    everyone = client.get("/api/servicePrincipals?count=1000", headers=callers.headers()).json()["value"]
+    assert set(seen) < {principal["clientId"] for principal in everyone}  # the root Owner sees them all
+    assert client.get("/api/servicePrincipals?$skipToken=bm9wZQ", headers=owner).status_code == 400

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Body, status
+from fastapi import APIRouter, Body, Query, Request, status
 from sqlalchemy.orm import Session
 
 from app.api import examples
 from app.api.deps import CallerDep, ClientId, ContextDep, ReadsDep, SessionDep
+from app.api.links import next_link
 from app.api.openapi import errors
 from app.api.routing import ApiRoute
 from app.orm import ServicePrincipal
@@ -57,11 +58,18 @@ def create_service_principal(
 
 
 @router.get("", response_model=Page[ServicePrincipalRead])
-async def list_service_principals(caller: CallerDep, reads: ReadsDep) -> Page[ServicePrincipalRead]:
-    """The principals on scopes the caller owns."""
+async def list_service_principals(
+    request: Request,
+    caller: CallerDep,
+    reads: ReadsDep,
+    count: int | None = None,
+    skip_token: Annotated[str | None, Query(alias="$skipToken")] = None,
+) -> Page[ServicePrincipalRead]:
+    """The principals on scopes the caller owns, oldest first; page with ``$skipToken``."""
 
     def read(session: Session) -> Page[ServicePrincipalRead]:
-        return Page(value=[to_read(p) for p in principals.list_principals_as(session, caller)])
+        rows, token = principals.list_principals_as(session, caller, count=count, skip_token=skip_token)
+        return Page(value=[to_read(p) for p in rows], nextLink=next_link(request, token))
 
     return await reads.run(read, many=True)
 
