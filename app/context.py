@@ -67,13 +67,13 @@ class ServiceContext:
         if read_session_factory or session_factory:
             read_factory = read_session_factory or session_factory
             reads: Reads = ThreadReads(read_factory)
+        elif engine.dialect.name == "postgresql":
+            read_engine = make_engine(settings, read_only=True)
+            read_factory = make_session_factory(read_engine, read_only=True)
+            reads = LoopReads(make_async_read_engine(settings), threads=ThreadReads(read_factory))
         else:
-            if engine.dialect.name == "postgresql":
-                read_engine = make_engine(settings, read_only=True)
             read_factory = make_session_factory(read_engine, read_only=True)
             reads = ThreadReads(read_factory)
-            if engine.dialect.name == "postgresql":
-                reads = LoopReads(make_async_read_engine(settings), threads=reads)
         own_keys = OwnKeySource(read_factory, settings.jwks_refresh_min_seconds)
         issuers = [TrustedIssuerKeys(issuer=settings.issuer, audience=settings.audience, keys=own_keys)] + [
             TrustedIssuerKeys(

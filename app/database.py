@@ -10,7 +10,7 @@ import select
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import psycopg
 from alembic.config import Config as AlembicConfig
@@ -54,33 +54,28 @@ def make_engine(settings: Settings, *, read_only: bool = False) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
         return engine
-    engine = create_engine(
-        url,
-        pool_size=settings.db_pool_size,
-        max_overflow=settings.db_max_overflow,
-        pool_timeout=settings.db_pool_timeout_seconds,
-        **(
-            {"isolation_level": "AUTOCOMMIT", "connect_args": {"options": "-c default_transaction_read_only=on"}}
-            if read_only
-            else {}
-        ),
-    )
+    engine = create_engine(url, **_postgres_pool(settings, read_only=read_only))
     event.listen(engine, "checkout", _check_idle_connection)
     return engine
+
+
+def _postgres_pool(settings: Settings, *, read_only: bool) -> dict[str, Any]:
+    """A PostgreSQL engine's pool settings; a read-only one's connections in autocommit, refusing writes."""
+    options: dict[str, Any] = {
+        "pool_size": settings.db_pool_size,
+        "max_overflow": settings.db_max_overflow,
+        "pool_timeout": settings.db_pool_timeout_seconds,
+    }
+    if read_only:
+        options |= {"isolation_level": "AUTOCOMMIT", "connect_args": {"options": "-c default_transaction_read_only=on"}}
+    return options
 
 
 def make_async_read_engine(settings: Settings) -> AsyncEngine:
     """PostgreSQL's read-only engine (``make_engine(read_only=True)``) for the event loop:
     psycopg's async connections, in autocommit and refusing every write, checked as they are
     taken the same way. A pool of its own, bound to the loop that first uses it."""
-    engine = create_async_engine(
-        settings.resolved_database_url,
-        pool_size=settings.db_pool_size,
-        max_overflow=settings.db_max_overflow,
-        pool_timeout=settings.db_pool_timeout_seconds,
-        isolation_level="AUTOCOMMIT",
-        connect_args={"options": "-c default_transaction_read_only=on"},
-    )
+    engine = create_async_engine(settings.resolved_database_url, **_postgres_pool(settings, read_only=True))
     event.listen(engine.sync_engine, "checkout", _check_idle_connection)
     return engine
 
