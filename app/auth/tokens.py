@@ -9,6 +9,7 @@ passed alone; ``exp``, ``aud`` and ``iss`` are required.
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Mapping
@@ -73,18 +74,68 @@ def issue_token(key: PrivateKey, *, issuer: str, audience: str, subject: str, tt
     )
 
 
+@dataclass(frozen=True)
+class _Checked:
+    """A token whose signature and claims passed, and what that depended on besides its bytes."""
+
+    verified: VerifiedToken
+    keys: KeySource
+    kid: str
+    jwk: dict[str, Any]  # the key object it was checked with, as its source held it then
+    expires: int
+    not_before: int | None
+
+
 class TokenVerifier:
-    """Checks bearer tokens against the trusted issuers, each with its own key source."""
+    """Checks bearer tokens against the trusted issuers, each with its own key source.
+
+    A client sends the same token on every request until it expires, and checking it again
+    (three parses and the RSA check in jose) was the largest cost of an authenticated GET
+    (issue 20). So a token that passed is remembered by its exact text, and taken again only
+    while what its check depended on still holds: the signature is a function of those bytes
+    and the key, so the same key object must still be the one its source holds for the kid
+    (a reloaded key set makes new objects: every remembered token is checked anew), and the
+    times (``exp``, ``nbf`` with the leeway) are compared again at each use. Anything else in
+    the token is in its bytes. A token that fails is never remembered.
+    """
+
+    MEMO_SIZE = 4096  # tokens (about 1 KB each): more distinct live tokens only cost re-checks
 
     def __init__(self, issuers: list[TrustedIssuerKeys], leeway_seconds: int) -> None:
         self._issuers = {trusted.issuer: trusted for trusted in issuers}
         self._leeway = leeway_seconds
+        self._memo: dict[str, _Checked] = {}
+        self._memo_lock = threading.Lock()  # verify runs on the event loop and in threads
 
     def verify(self, token: str, *, keys_at_hand: bool = False) -> VerifiedToken:
         """The token's issuer, subject and claims, or Unauthorized saying what is wrong.
 
         ``keys_at_hand``: never load keys (no database or network), for callers on the event loop.
         """
+        checked = self._memo.get(token)
+        if checked is not None and self._still_holds(checked):
+            return checked.verified
+        verified, checked = self._check(token, keys_at_hand=keys_at_hand)
+        if checked is not None:
+            with self._memo_lock:
+                self._memo.pop(token, None)
+                if len(self._memo) >= self.MEMO_SIZE:
+                    del self._memo[next(iter(self._memo))]  # the oldest
+                self._memo[token] = checked
+        return verified
+
+    def _still_holds(self, checked: _Checked) -> bool:
+        # Integer seconds and the comparisons jose makes, so a remembered token expires when a
+        # checked one would.
+        now = int(time.time())
+        if checked.expires < now - self._leeway:
+            return False
+        if checked.not_before is not None and checked.not_before > now + self._leeway:
+            return False
+        return checked.keys.public_key(checked.kid, refresh=False) is checked.jwk
+
+    def _check(self, token: str, *, keys_at_hand: bool) -> tuple[VerifiedToken, _Checked | None]:
+        """The whole check: the token's parts, its issuer and key, its signature and claims."""
         try:
             header = jwt.get_unverified_header(token)
             unverified = jwt.get_unverified_claims(token)
@@ -125,7 +176,11 @@ class TokenVerifier:
         subject = claims.get("oid") or claims.get("sub")
         if not isinstance(subject, str) or not subject:
             raise Unauthorized("the token names no subject")
-        return VerifiedToken(issuer=trusted.issuer, subject=subject, claims=claims)
+        verified = VerifiedToken(issuer=trusted.issuer, subject=subject, claims=claims)
+        expires, not_before = claims.get("exp"), claims.get("nbf")
+        if not isinstance(expires, int) or not (not_before is None or isinstance(not_before, int)):
+            return verified, None  # times jose reads otherwise (floats): checked anew each time
+        return verified, _Checked(verified, trusted.keys, kid, jwk_dict, expires, not_before)
 
 
 def _reason(exc: Exception) -> str:
