@@ -91,3 +91,32 @@ def test_a_pooled_connection_the_server_cut_is_replaced_without_a_failed_read(mi
     first, second, third = _run(migrated, body)
     assert second != first
     assert third == second  # the new connection is pooled, not thrown away each time
+
+
+def test_a_cancelled_read_gives_its_connection_back_and_the_next_read_works(migrated: Settings) -> None:
+    """A request cancelled while its read waits on the database (a client gone, the server
+    stopping) leaves no connection checked out of the loop's pool."""
+
+    def slow(session: Session) -> None:
+        session.execute(text("SELECT pg_sleep(5)"))
+
+    def count(session: Session) -> int:
+        return session.scalar(select(func.count()).select_from(Account)) or 0
+
+    async def body(reads: LoopReads) -> tuple[bool, int, int]:
+        task = asyncio.create_task(reads.run(slow))
+        await asyncio.sleep(0.3)
+        task.cancel()
+        try:
+            await asyncio.wait_for(task, 3)
+        except asyncio.CancelledError:
+            cancelled = True
+        else:
+            cancelled = False
+        checked_out = reads.engine.sync_engine.pool.checkedout()
+        return cancelled, checked_out, await asyncio.wait_for(reads.run(count), 5)
+
+    cancelled, checked_out, accounts = _run(migrated, body)
+    assert cancelled
+    assert checked_out == 0
+    assert accounts >= 0
