@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -134,7 +135,7 @@ def _authenticate(
     return _Puller(load_caller(session, verified), granted)
 
 
-def _granted_repositories(claims: dict[str, Any]) -> frozenset[str]:
+def _granted_repositories(claims: Mapping[str, Any]) -> frozenset[str]:
     access = claims.get("access")
     return frozenset(
         entry["name"]

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 from jose import JWTError, jwt
@@ -39,7 +40,7 @@ class TrustedIssuerKeys:
 class VerifiedToken:
     issuer: str
     subject: str
-    claims: dict[str, Any]
+    claims: Mapping[str, Any]  # read-only: a remembered token's are every later request's too
 
 
 def sign_token(
@@ -99,7 +100,8 @@ class TokenVerifier:
     the token is in its bytes. A token that fails is never remembered.
     """
 
-    MEMO_SIZE = 4096  # tokens (about 1 KB each): more distinct live tokens only cost re-checks
+    # Tokens, about 1.5 KB each with what is kept (6 MB at most); more live ones cost only re-checks.
+    MEMO_SIZE = 4096
 
     def __init__(self, issuers: list[TrustedIssuerKeys], leeway_seconds: int) -> None:
         self._issuers = {trusted.issuer: trusted for trusted in issuers}
@@ -170,13 +172,13 @@ class TokenVerifier:
             )
         except jwt.ExpiredSignatureError:
             raise Unauthorized("the token has expired; get a new one") from None
-        except (JWTError, ValueError) as exc:
+        except (JWTError, ValueError, TypeError) as exc:  # TypeError: jose's int() of a list or an object
             raise Unauthorized(f"the token is not valid: {_reason(exc)}") from None
         # AAD puts the stable object id in oid; our own tokens use sub.
         subject = claims.get("oid") or claims.get("sub")
         if not isinstance(subject, str) or not subject:
             raise Unauthorized("the token names no subject")
-        verified = VerifiedToken(issuer=trusted.issuer, subject=subject, claims=claims)
+        verified = VerifiedToken(issuer=trusted.issuer, subject=subject, claims=MappingProxyType(claims))
         expires, not_before = claims.get("exp"), claims.get("nbf")
         if not isinstance(expires, int) or not (not_before is None or isinstance(not_before, int)):
             return verified, None  # times jose reads otherwise (floats): checked anew each time

@@ -4,6 +4,7 @@ failed is never remembered, and the memory is bounded."""
 
 from __future__ import annotations
 
+import datetime
 import time
 from typing import Any
 
@@ -122,3 +123,98 @@ def test_the_memory_is_bounded_and_forgets_the_oldest(
     verifier.verify(issued[-1])  # remembered
     verifier.verify(issued[0])  # forgotten: checked again
     assert checks == [*issued, issued[0]]
+
+
+class Clock:
+    """One clock for the memory (``time.time``) and jose (``datetime.now``), set by the test."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.now = int(time.time())
+        clock = self
+
+        class FakeTime:
+            @staticmethod
+            def time() -> float:
+                return clock.now + 0.5
+
+        class FakeDatetime(datetime.datetime):
+            @classmethod
+            def now(cls, tz: datetime.tzinfo | None = None) -> datetime.datetime:  # type: ignore[override]
+                return datetime.datetime.fromtimestamp(clock.now + 0.5, tz)
+
+        monkeypatch.setattr(tokens, "time", FakeTime)
+        monkeypatch.setattr(jwt, "datetime", FakeDatetime)  # jose.jwt's clock
+
+
+@pytest.fixture()
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    return Clock(monkeypatch)
+
+
+@pytest.fixture()
+def lenient(keys: Keys) -> TokenVerifier:
+    return TokenVerifier([TrustedIssuerKeys(ISSUER.issuer, "mms-api", keys)], leeway_seconds=30)
+
+
+def test_a_remembered_token_is_taken_to_the_last_second_of_its_leeway_and_not_after(
+    lenient: TokenVerifier, checks: list[str], clock: Clock
+) -> None:
+    token = ISSUER.token(subject="alice", ttl=60)
+    expires = clock.now + 60
+    lenient.verify(token)
+    clock.now = expires + 30  # exp < now - leeway is false: still good
+    lenient.verify(token)
+    assert checks == [token]
+    clock.now = expires + 31
+    with pytest.raises(Unauthorized, match="expired"):
+        lenient.verify(token)
+    assert checks == [token, token]
+
+
+def test_a_remembered_token_is_refused_when_the_clock_goes_back_before_its_nbf(
+    lenient: TokenVerifier, checks: list[str], clock: Clock
+) -> None:
+    not_before = clock.now + 100
+    token = ISSUER.token(subject="alice", nbf=not_before, ttl=600)
+    clock.now = not_before - 30  # nbf > now + leeway is false: good, and remembered
+    lenient.verify(token)
+    lenient.verify(token)
+    assert checks == [token]
+    clock.now = not_before - 31
+    with pytest.raises(Unauthorized, match="not valid"):
+        lenient.verify(token)
+    assert checks == [token, token]
+
+
+@pytest.mark.parametrize(
+    ("claim", "value"),
+    [
+        ("exp", lambda now: str(now + 600)),
+        ("exp", lambda now: now + 600.5),
+        ("nbf", lambda now: str(now)),
+        ("nbf", lambda now: float(now)),
+    ],
+    ids=["exp-string", "exp-float", "nbf-string", "nbf-float"],
+)
+def test_times_jose_reads_from_other_types_are_checked_every_time(
+    verifier: TokenVerifier, checks: list[str], claim: str, value: Any
+) -> None:
+    token = ISSUER.token(subject="alice", **{claim: value(int(time.time()))})
+    verifier.verify(token)
+    verifier.verify(token)
+    assert checks == [token, token]
+
+
+@pytest.mark.parametrize("claim", ["exp", "nbf", "iat"])
+def test_a_time_that_is_a_list_is_a_401_not_a_500(verifier: TokenVerifier, claim: str) -> None:
+    token = ISSUER.token(subject="alice", **{claim: [1, 2]})
+    with pytest.raises(Unauthorized, match="not valid"):
+        verifier.verify(token)
+
+
+def test_a_remembered_tokens_claims_cannot_be_changed_for_the_next_request(verifier: TokenVerifier) -> None:
+    token = ISSUER.token(subject="alice")
+    first = verifier.verify(token)
+    with pytest.raises(TypeError):
+        first.claims["oid"] = "mallory"  # type: ignore[index]
+    assert verifier.verify(token).claims["oid"] == "alice"
