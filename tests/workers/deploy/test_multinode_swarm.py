@@ -29,14 +29,14 @@ import pytest
 from app.context import ServiceContext
 from app.deployments.reconciler import Replica, Spec
 from tests.infra import Infra
-from tests.workers.deploy.netns_swarm import _Forwarder, usable
+from tests.workers.deploy.netns_swarm import _Forwarder
 from tests.workers.deploy.netns_swarm_pair import SwarmNode, TwoNodeSwarm, still_there, two_node_swarm
 from tests.workers.deploy.specs import swarm_spec
 from workers.deploy import swarm as swarm_module
 from workers.deploy.swarm import PULL_AUTH_LABEL, SwarmDriver
 from workers.deploy.tenant_swarm import swarm_driver_at
 
-pytestmark = pytest.mark.skipif(usable() is not None, reason=f"no tenant swarm here: {usable()}")
+pytestmark = pytest.mark.usefixtures("swarm_tools")  # tests/workers/deploy/conftest.py
 
 # Each argument host:port: prints {argument: "connected" | the error's errno name}.
 _PROBE = r"""

@@ -22,14 +22,14 @@ from app.deployments.cluster_cleanup import FIRST_TRY_SECONDS
 from app.orm import ClusterCleanup
 from app.orm.base import utcnow
 from tests.infra import Infra
-from tests.workers.deploy.netns_swarm import MANAGER_NAME, TenantSwarm, tenant_swarm, usable
+from tests.workers.deploy.netns_swarm import MANAGER_NAME, TenantSwarm, tenant_swarm
 from tests.workers.deploy.test_local import _delete, _wait
 from tests.workers.stack import SCORE_PY, Account, Stack, register_model, sklearn_requirements
 from workers.deploy.local import EngineUnreachable
 from workers.deploy.reconcile import clean_up_deleted_accounts
 from workers.deploy.tenant_swarm import swarm_driver_at
 
-pytestmark = pytest.mark.skipif(usable() is not None, reason=f"no tenant swarm here: {usable()}")
+pytestmark = pytest.mark.usefixtures("swarm_tools")  # tests/workers/deploy/conftest.py
 
 SERVICE_LABEL = "org.mms.service"
 
