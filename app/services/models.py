@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import Integer, Text, bindparam, cast, func, insert, select
+from sqlalchemy import Integer, Select, Text, bindparam, cast, func, insert, select
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session, joinedload
 from sqlalchemy.sql.dml import ReturningInsert
@@ -43,15 +45,16 @@ _MODELS = ModelVersion.__table__
 _TAGS = ModelTag.__table__
 _RECORD_FIELDS = [name for name in ModelRecord.__slots__ if name != "tags"]
 _RECORD_COLUMNS = [_MODELS.c[name] for name in _RECORD_FIELDS]
-_READ_MODEL = (
+# Statements built once, with parameters: building one per request (and its cache key) cost a
+# GET more than its round trip did. They run past the ORM's execution layer, which a Core
+# statement does not need (issue 20).
+READ_MODEL_BY_ID = (
     select(*_RECORD_COLUMNS, _MODELS.c.account_id, _TAGS.c.tag)
     .outerjoin(_TAGS, _TAGS.c.model_version_id == _MODELS.c.id)
+    .where(_MODELS.c.id == bindparam("model_id"))
     .order_by(_TAGS.c.position)
 )
-# Statements built once, with parameters: building one per request (and its cache key) cost a
-# GET more than its round trip did. They run on the session's connection, past the ORM's
-# execution layer, which a Core statement does not need (issue 20).
-_READ_MODEL_BY_ID = _READ_MODEL.where(_MODELS.c.id == bindparam("model_id"))
+_ACCOUNT_AT, _TAG_AT = len(_RECORD_COLUMNS), len(_RECORD_COLUMNS) + 1  # where model_from_rows finds them
 _INSERT_MODEL = insert(_MODELS)
 _INSERT_TAGS = insert(_TAGS)
 
@@ -135,17 +138,23 @@ def register_model(
     return dataclasses.replace(model, version=version)
 
 
-def read_model(session: Session, account: AccountRef, *, model_id: str) -> ModelRecord:
-    """One model of the account by id, or 404, for a read: one Core statement (the row joined
-    with its tags), without the ORM's loading and identity map, which cost a GET more than its
-    round trip to the database did (issue 20)."""
+def model_query(model_id: str) -> tuple[Select[Any], dict[str, object]]:
+    """The statement that reads one model by id (its row joined with its tags) and its
+    parameters, for ``model_from_rows``; 404 for an id that is no UUID. One Core statement,
+    without the ORM's loading and identity map, which cost a GET more than its round trip to
+    the database did; the API runs it with the driver alone (app.reads, issue 20)."""
     parsed = parse_uuid(model_id)
-    rows = session.connection().execute(_READ_MODEL_BY_ID, {"model_id": parsed}).all() if parsed else []
-    if not rows or rows[0].account_id != account.id:
+    if parsed is None:
         raise not_found("model", model_id)
-    first = rows[0]
-    columns = {column.key: first._mapping[column] for column in _RECORD_COLUMNS}
-    return ModelRecord(**columns, tags=[row.tag for row in rows if row.tag is not None])
+    return READ_MODEL_BY_ID, {"model_id": parsed}
+
+
+def model_from_rows(rows: Sequence[Sequence[Any]], account: AccountRef, *, model_id: str) -> ModelRecord:
+    """The model ``model_query``'s rows hold, or 404 when there is none in the account."""
+    if not rows or rows[0][_ACCOUNT_AT] != account.id:
+        raise not_found("model", model_id)
+    columns = dict(zip(_RECORD_FIELDS, rows[0][:_ACCOUNT_AT], strict=True))
+    return ModelRecord(**columns, tags=[row[_TAG_AT] for row in rows if row[_TAG_AT] is not None])
 
 
 def list_models(

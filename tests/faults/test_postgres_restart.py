@@ -81,21 +81,25 @@ def test_registrations_across_a_postgres_restart_get_versions_1_to_n_and_no_500(
             with lock:
                 first[key] = answer
 
-    # GETs beside them (reads run on the event loop: app.reads): (started at, answer or what it raised).
+    # GETs beside them (app.reads): a page (the thread pool) and one model (the driver alone, on
+    # the event loop): (started at, answer or what it raised).
     reads: list[tuple[float, httpx.Response | Exception]] = []
+    first["known"] = register("known")  # among the versions counted below
+    known = first["known"].json()["id"]
 
-    def reader() -> None:
+    def reader(url: str, params: dict[str, str | int]) -> None:
         while not stopping.is_set():
             started = time.monotonic()
             try:
-                answer: httpx.Response | Exception = httpx.get(
-                    f"{account}/models", headers=headers, params={"name": NAME, "count": 5}, timeout=30
-                )
+                answer: httpx.Response | Exception = httpx.get(url, headers=headers, params=params, timeout=30)
             except httpx.HTTPError as error:
                 answer = error
             reads.append((started, answer))
 
-    clients = [threading.Thread(target=client) for _ in range(CLIENTS)] + [threading.Thread(target=reader)]
+    clients = [threading.Thread(target=client) for _ in range(CLIENTS)] + [
+        threading.Thread(target=reader, args=(f"{account}/models", {"name": NAME, "count": 5})),
+        threading.Thread(target=reader, args=(f"{account}/models/{known}", {})),
+    ]
     for thread in clients:
         thread.start()
     try:
@@ -125,7 +129,11 @@ def test_registrations_across_a_postgres_restart_get_versions_1_to_n_and_no_500(
         if not isinstance(a, httpx.Response) or a.status_code != 200
     ][:3]
     assert all(a.json()["code"] == "DatabaseUnavailable" for a in answers if a.status_code == 503)  # type: ignore[union-attr]
-    assert any(started > restarted and a.status_code == 200 for started, a in reads), "no read after the restart"  # type: ignore[union-attr]
+    for kind in ("models?", f"models/{known}"):  # each reader read after the restart
+        assert any(
+            started > restarted and a.status_code == 200 and kind in str(a.url)  # type: ignore[union-attr]
+            for started, a in reads
+        ), f"no read of {kind} after the restart"
 
     # The client's side of a 503: retry with the same key. A registration the database did
     # commit before the connection dropped is replayed, never registered twice.

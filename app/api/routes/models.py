@@ -78,7 +78,8 @@ def register_model(
 
 @router.get("/{modelId}", response_model=ModelRead)
 async def get_model(model_id: ModelId, account: ReadableAccount, reads: ReadsDep) -> ModelRead:
-    return await reads.run(lambda session: to_read(models.read_model(session, account, model_id=model_id)))
+    rows = await reads.rows(*models.model_query(model_id))
+    return to_read(models.model_from_rows(rows, account, model_id=model_id))
 
 
 @router.get("", response_model=Page[ModelRead])
