@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 from fastapi import Depends, Path, Query, Request
@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from starlette.types import Scope
 
 from app.api.event_stream import EventHub
-from app.api.routing import end_with_endpoint
+from app.api.routing import RequestSession, end_with_endpoint
 from app.auth.caller import Caller, caller_for, load_caller
 from app.auth.roles import Permission, account_scope
 from app.auth.tokens import KeyNotAtHand, TokenVerifier, VerifiedToken
@@ -51,58 +51,23 @@ EventHubDep = Annotated[EventHub, Depends(get_event_hub)]
 _READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
-async def get_session(request: Request) -> AsyncIterator[Session]:
-    """A session whose transaction commits when the route returns, before the response is sent.
+async def get_session(request: Request) -> Session:
+    """The request's session: it commits when the endpoint returns, before the response is sent,
+    and rolls back when it raises (ended by the route, in the endpoint's own trip to the thread
+    pool: app.api.routing).
 
-    A GET only reads: its session is read-only (on SQLite it neither waits for nor blocks a writer).
-    Making a session does no I/O, so this runs on the event loop; the end of a writing session
-    (COMMIT) goes to the thread pool, in the trip of a plain endpoint when there is one
-    (app.api.routing), and a read's (closing: the connection back to the pool, on SQLite its
-    snapshot let go) does not.
+    A GET only reads: its session is read-only (on SQLite it neither waits for nor blocks a
+    writer). Making a session does no I/O, so this runs on the event loop.
     """
     context: ServiceContext = request.app.state.context
-    if request.method in _READ_METHODS:
-        # Nothing to commit: closing gives the connection back (on SQLite, lets the snapshot go).
-        with context.read_session_factory() as session:
-            yield session
-        return
-    session = context.session_factory()
-    committed = False
-
-    def commit() -> None:
-        nonlocal committed
-        session.commit()
-        committed = True
-
-    end_with_endpoint(commit)
-    try:
-        yield session
-    except BaseException:
-        await _end(session, commit=False)  # a failed COMMIT included: its transaction rolled back
-        raise
-    finally:
-        end_with_endpoint(None)
-    if committed:
-        session.close()  # no I/O after a COMMIT: the connection goes back to the pool as it is
-    else:
-        await _end(session, commit=True)
+    reads = request.method in _READ_METHODS
+    session = (context.read_session_factory if reads else context.session_factory)()
+    end_with_endpoint(RequestSession(session, commit=not reads))
+    return session
 
 
-async def _end(session: Session, *, commit: bool) -> None:
-    def end() -> None:
-        try:
-            if commit:
-                session.commit()
-            else:
-                session.rollback()
-        finally:
-            session.close()
-
-    await run_in_threadpool(end)
-
-
-# scope="function": commit before the response goes out, so a failed commit is never a 2xx.
-SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+# Committed before the response goes out (app.api.routing), so a failed commit is never a 2xx.
+SessionDep = Annotated[Session, Depends(get_session)]
 
 
 async def get_reads(request: Request) -> Reads:
