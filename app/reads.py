@@ -159,6 +159,10 @@ class _Compiled:
         self.statement = statement  # kept: compiled statements are found by identity
         self.compiled = statement.compile(dialect=dialect)
         self.sql = str(self.compiled)
+        # What a session's execution would still rewrite (an IN list's parameters, a name the
+        # dialect escapes) is not run here: such a statement reads with run().
+        if "__[POSTCOMPILE_" in self.sql or getattr(self.compiled, "escaped_bind_names", None):
+            raise TypeError(f"rows() cannot run a statement its execution rewrites (use run()): {self.sql}")
         self._binds = tuple(
             (name, process)
             for name, bind in self.compiled.binds.items()
@@ -203,6 +207,10 @@ class _Compiled:
 class _CompiledStatements:
     """Each prebuilt statement compiled the first time it runs."""
 
+    # Statements are modules' constants, a few dozen; a caller that built one per request would
+    # recompile it each time (as a session would), never grow this past the bound.
+    KEPT = 256
+
     def __init__(self, dialect: Dialect) -> None:
         self.dialect = dialect
         self._compiled: dict[int, _Compiled] = {}
@@ -213,5 +221,8 @@ class _CompiledStatements:
             return kept
         if not isinstance(statement, Select):
             raise TypeError(f"rows() runs a SELECT, not {type(statement).__name__}")
-        kept = self._compiled[id(statement)] = _Compiled(statement, self.dialect)
+        kept = _Compiled(statement, self.dialect)
+        if len(self._compiled) >= self.KEPT:
+            self._compiled.pop(next(iter(self._compiled)))  # the oldest
+        self._compiled[id(statement)] = kept
         return kept

@@ -183,6 +183,12 @@ def test_rows_runs_a_select_only_and_the_database_refuses_a_write_hidden_in_one(
         except TypeError as error:
             not_a_select = error
         try:
+            await reads.rows(select(Account.__table__.c.id).where(Account.__table__.c.name.in_(["a", "b"])), {})
+        except TypeError as error:
+            assert "rewrites" in str(error)
+        else:
+            raise AssertionError("ran a statement whose IN list its execution would have expanded")
+        try:
             await reads.rows(select(text("1")), {})  # a column whose type nobody knows
         except TypeError as error:
             assert "each column's type" in str(error)
@@ -216,6 +222,8 @@ def test_rows_keeps_a_connection_a_refused_statement_left_whole_and_a_cancelled_
             await reads.rows(select(literal(1) / bindparam("zero", type_=Integer)), {"zero": 0})
         except DBAPIError as error:
             assert isinstance(error.orig, psycopg.errors.DivisionByZero), error
+        else:
+            raise AssertionError("divided by zero")
         after_error = (await reads.rows(_BACKEND, {}))[0][0]
         task = asyncio.create_task(reads.rows(select(func.pg_sleep(5)), {}))
         await asyncio.sleep(0.3)
@@ -272,3 +280,17 @@ def test_rows_with_the_database_away_raises_what_the_api_answers_503(migrated: S
 
     error = _run(away, body)
     assert isinstance(error, OperationalError), repr(error)
+
+
+def test_compiled_statements_are_kept_by_identity_and_bounded() -> None:
+    from sqlalchemy.dialects import postgresql
+
+    from app.reads import _CompiledStatements
+
+    kept = _CompiledStatements(postgresql.psycopg.dialect())
+    first = select(literal_column("1", Integer))
+    assert kept.get(first) is kept.get(first)
+    assert kept.get(select(literal_column("1", Integer))) is not kept.get(first)  # equal text, another statement
+    built = [select(literal_column(str(n), Integer)) for n in range(kept.KEPT + 10)]
+    assert [kept.get(statement).sql for statement in built] == [f"SELECT {n}" for n in range(kept.KEPT + 10)]
+    assert len(kept._compiled) == kept.KEPT

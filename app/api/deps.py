@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from starlette.types import Scope
 
 from app.api.event_stream import EventHub
-from app.api.routing import RequestSession, end_with_endpoint
+from app.api.routing import RequestSession, end_with_endpoint, ends_its_session
 from app.auth.caller import Caller, caller_for, load_caller
 from app.auth.roles import Permission, account_scope
 from app.auth.tokens import KeyNotAtHand, TokenVerifier, VerifiedToken
@@ -59,6 +59,8 @@ async def get_session(request: Request) -> Session:
     A GET only reads: its session is read-only (on SQLite it neither waits for nor blocks a
     writer). Making a session does no I/O, so this runs on the event loop.
     """
+    if not ends_its_session(request.scope.get("route")):  # a router made without route_class=ApiRoute, say
+        raise RuntimeError(f"{request.url.path}: a session is ended by its route, and this route does not end it")
     context: ServiceContext = request.app.state.context
     reads = request.method in _READ_METHODS
     session = (context.read_session_factory if reads else context.session_factory)()

@@ -82,7 +82,7 @@ class ApiRoute(APIRoute):
         ):
             endpoint = _in_thread_pool(endpoint, answer_fields)
         elif inspect.iscoroutinefunction(endpoint):
-            endpoint = _ending_its_session(endpoint)
+            endpoint = _ending_its_session(endpoint, answer_fields)
         super().__init__(path, endpoint, **kwargs)
         if self.response_field is not None:
             answer_fields.append(self.response_field)
@@ -96,14 +96,7 @@ def _in_thread_pool(endpoint: Callable[..., Any], answer_fields: list[Any]) -> C
         def call() -> Any:
             try:
                 answer = endpoint(**arguments)
-                # A write whose answer cannot be given is not committed (the 500 rolls it back):
-                # checked here first, as FastAPI checks it again on the loop (an instance of the
-                # model, as the routes return, passes at once).
-                if ending is not None and ending.commit and not isinstance(answer, Response):
-                    for field in answer_fields:
-                        _, errors = field.validate(answer, {}, loc=("response",))
-                        if errors:
-                            raise ResponseValidationError(errors=errors, body=answer)
+                _check_before_commit(ending, answer, answer_fields)
             except BaseException:
                 if ending is not None:
                     ending.failed()
@@ -118,11 +111,12 @@ def _in_thread_pool(endpoint: Callable[..., Any], answer_fields: list[Any]) -> C
     return run
 
 
-def _ending_its_session(endpoint: Callable[..., Any]) -> Callable[..., Any]:
+def _ending_its_session(endpoint: Callable[..., Any], answer_fields: list[Any]) -> Callable[..., Any]:
     @functools.wraps(endpoint)
     async def run(**arguments: Any) -> Any:
         try:
             answer = await endpoint(**arguments)
+            _check_before_commit(_SESSION.get(), answer, answer_fields)
         except BaseException:
             ending = _take_session()
             if ending is not None:
@@ -135,3 +129,20 @@ def _ending_its_session(endpoint: Callable[..., Any]) -> Callable[..., Any]:
 
     setattr(run, _WRAPPED, True)
     return run
+
+
+def _check_before_commit(ending: RequestSession | None, answer: Any, answer_fields: list[Any]) -> None:
+    """A write whose answer cannot be given is not committed (the 500 rolls it back): checked
+    before the COMMIT, as FastAPI checks it again after (an instance of the model, as the routes
+    return, passes at once)."""
+    if ending is None or not ending.commit or isinstance(answer, Response):
+        return
+    for field in answer_fields:
+        _, errors = field.validate(answer, {}, loc=("response",))
+        if errors:
+            raise ResponseValidationError(errors=errors, body=answer)
+
+
+def ends_its_session(route: object) -> bool:
+    """Whether ``route`` ends the request's session (an ApiRoute whose endpoint this module wrapped)."""
+    return isinstance(route, ApiRoute) and getattr(route.endpoint, _WRAPPED, False)

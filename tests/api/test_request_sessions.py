@@ -14,6 +14,9 @@ import httpx
 import pytest
 
 from app.context import ServiceContext
+from app.database import session_scope
+from app.reads import LoopReads
+from app.services.principals import create_service_principal
 from tests.factories import model_body
 from tests.live_server import Live, live_service
 
@@ -28,11 +31,13 @@ def live(service_context: ServiceContext, data_dir: Path) -> Iterator[Live]:
 
 def test_each_request_s_session_ends_before_its_answer_and_a_write_is_committed(live: Live) -> None:
     account = live.account()
-    pool = live.context.engine.pool
+    context = live.context
+    assert isinstance(context.reads, LoopReads)
+    pools = [context.engine.pool, context.read_engine.pool, context.reads.engine.sync_engine.pool]  # writes, reads
 
     def checked_out_after(answer: httpx.Response, status: int) -> int:
         assert answer.status_code == status, answer.text
-        return pool.checkedout()
+        return sum(pool.checkedout() for pool in pools)
 
     registered = httpx.post(f"{account}/models", json=model_body(), headers=live.headers)
     assert checked_out_after(registered, 200) == 0
@@ -42,8 +47,23 @@ def test_each_request_s_session_ends_before_its_answer_and_a_write_is_committed(
     assert checked_out_after(missing, 404) == 0
     listed = httpx.get(f"{live.base}/api/accounts", headers=live.headers)  # a read with a session of its own
     assert checked_out_after(listed, 200) == 0
+    with session_scope(context.session_factory) as session:
+        principal, secret = create_service_principal(
+            session,
+            issuer=context.settings.issuer,
+            display_name="puller",
+            role="Reader",
+            scope="/subscriptions/sub-live",
+            created_by=None,
+        )
+        client_id = principal.client_id
+    live.principals.append(client_id)  # removed after the test
+    token = httpx.get(f"{live.base}/v2/token", auth=(client_id, secret))  # the registry's routes, a router of their own
+    assert checked_out_after(token, 200) == 0
+    registry = {"Authorization": f"Bearer {token.json()['token']}"}
+    assert checked_out_after(httpx.get(f"{live.base}/v2/", headers=registry), 200) == 0
 
     # What the writes did is there for the next request: committed, not only answered.
     assert httpx.get(f"{account}/models/{registered.json()['id']}", headers=live.headers).status_code == 200
     assert httpx.get(f"{account}/assets/{uploaded.json()['id']}", headers=live.headers).status_code == 200
-    assert pool.checkedout() == 0
+    assert sum(pool.checkedout() for pool in pools) == 0

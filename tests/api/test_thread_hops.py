@@ -11,14 +11,17 @@ import anyio.to_thread
 import httpx
 import pytest
 from fastapi import APIRouter, FastAPI
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute, iter_route_contexts
 from fastapi.testclient import TestClient
 from pydantic import BaseModel
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
-from app.api.deps import SessionDep
+from app.api.deps import SessionDep, get_session
 from app.api.routing import ApiRoute
 from app.context import ServiceContext
+from app.main import create_app
 from app.orm import Account
 from tests.factories import client_with, model_body
 from tests.live_server import live_service
@@ -59,7 +62,8 @@ def test_a_read_and_a_registration_go_to_the_thread_pool_once_and_health_only_fo
 
 def test_a_write_whose_answer_breaks_its_model_is_not_committed(app_context: ServiceContext, db: Session) -> None:
     """The COMMIT runs in the endpoint's trip (app.api.routing): the answer is checked there first,
-    so a write that answers a 500 leaves nothing behind, as when the COMMIT came after the check."""
+    so a write that answers a 500 leaves nothing behind, as when the COMMIT came after the check.
+    The same for a coroutine endpoint (an upload's), whose session ends in a trip after it."""
     app = FastAPI()
     app.state.context = app_context
     router = APIRouter(route_class=ApiRoute)
@@ -74,14 +78,20 @@ def test_a_write_whose_answer_breaks_its_model_is_not_committed(app_context: Ser
         )
         session.add(account)
         session.flush()
-        return {"id": "not a number"} if name == "broken" else {"id": 1}
+        return {"id": "not a number"} if name.startswith("broken") else {"id": 1}
+
+    @router.post("/async-accounts/{name}", response_model=Answer)
+    async def make_async(name: str, session: SessionDep) -> dict[str, str]:
+        return await anyio.to_thread.run_sync(make, name, session)
 
     app.include_router(router)
     client = TestClient(app, raise_server_exceptions=False)
     assert client.post("/accounts/broken").status_code == 500
     assert client.post("/accounts/fine").status_code == 200
+    assert client.post("/async-accounts/broken-async").status_code == 500
+    assert client.post("/async-accounts/fine-async").status_code == 200
     names = set(db.scalars(select(Account.name).where(Account.subscription_id == "sub")))
-    assert names == {"fine"}
+    assert names == {"fine", "fine-async"}
 
 
 @pytest.mark.postgres_only
@@ -122,3 +132,32 @@ def test_on_postgresql_a_read_of_one_thing_makes_no_trip_to_a_thread_and_a_page_
         hops.clear()
         assert httpx.post(f"{account}/models", json=model_body(), headers=live.headers).status_code == 200
         assert [hop for hop in hops if hop != "EventHub._read"] == ["_in_thread_pool.<locals>.run.<locals>.call"], hops
+
+
+def _needs_session(dependant: Dependant) -> bool:
+    return any(d.call is get_session or _needs_session(d) for d in dependant.dependencies)
+
+
+def test_every_route_with_a_session_is_one_that_ends_it(app_context: ServiceContext) -> None:
+    """The route ends the request's session (app.api.routing): a route of a router made without
+    ``route_class=ApiRoute`` would leave its writes uncommitted, so none has a session."""
+    included = [c for c in iter_route_contexts(create_app(context=app_context).routes)]
+    routes = [(c.path, c.original_route) for c in included if isinstance(c.original_route, APIRoute)]
+    with_session = [(path, r) for path, r in routes if _needs_session(r.dependant)]
+    assert {path for path, _ in with_session} >= {
+        "/v2/token",
+        "/api/subscriptions/{subscriptionId}/resourceGroups/{resourceGroup}/accounts/{accountName}/models",
+    }
+    assert [path for path, r in with_session if not isinstance(r, ApiRoute)] == []
+
+    app = FastAPI()
+    app.state.context = app_context
+    plain = APIRouter()  # not an ApiRoute router
+
+    @plain.post("/things")
+    def make(session: SessionDep) -> None:
+        session.execute(text("SELECT 1"))
+
+    app.include_router(plain)
+    with pytest.raises(RuntimeError, match="does not end it"):
+        TestClient(app).post("/things")

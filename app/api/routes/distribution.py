@@ -14,10 +14,10 @@ from urllib.parse import quote
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
-from fastapi.routing import APIRoute
 
 from app.api.deps import ContextDep, SessionDep
 from app.api.openapi import errors, header
+from app.api.routing import ApiRoute
 from app.api.untrusted import download_headers
 from app.auth import registry_tokens
 from app.errors import DistributionError, as_distribution_error, error_response
@@ -28,7 +28,7 @@ API_VERSION_HEADER = "Docker-Distribution-API-Version"
 _PUSH_METHODS = ["PUT", "POST", "PATCH", "DELETE", "OPTIONS"]
 
 
-class DistributionRoute(APIRoute):
+class DistributionRoute(ApiRoute):
     """Renders every failure of a /v2 route in the spec's error shape, with the version header."""
 
     declares_its_errors = True  # in that shape (app.api.openapi derives the service's own)
