@@ -6,6 +6,8 @@ service's own pool (the routes' other tests join the test's transaction, which h
 
 from __future__ import annotations
 
+import gc
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,15 +31,33 @@ def live(service_context: ServiceContext, data_dir: Path) -> Iterator[Live]:
         yield live
 
 
-def test_each_request_s_session_ends_before_its_answer_and_a_write_is_committed(live: Live) -> None:
+@pytest.fixture()
+def no_collection() -> Iterator[None]:
+    """A session nobody ended holds its connection until the collector frees it (its objects
+    form cycles): with the collector off, a leak stays visible. The server runs in this process."""
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def test_each_request_s_session_ends_before_its_answer_and_a_write_is_committed(
+    live: Live, no_collection: None
+) -> None:
     account = live.account()
     context = live.context
     assert isinstance(context.reads, LoopReads)
     pools = [context.engine.pool, context.read_engine.pool, context.reads.engine.sync_engine.pool]  # writes, reads
 
     def checked_out_after(answer: httpx.Response, status: int) -> int:
+        """Connections still checked out once the answer is in. The service's own background
+        reads (the event hub's polls) take one for a moment: a leaked one stays out."""
         assert answer.status_code == status, answer.text
-        return sum(pool.checkedout() for pool in pools)
+        deadline = time.monotonic() + 2
+        while (out := sum(pool.checkedout() for pool in pools)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return out
 
     registered = httpx.post(f"{account}/models", json=model_body(), headers=live.headers)
     assert checked_out_after(registered, 200) == 0
@@ -66,4 +86,4 @@ def test_each_request_s_session_ends_before_its_answer_and_a_write_is_committed(
     # What the writes did is there for the next request: committed, not only answered.
     assert httpx.get(f"{account}/models/{registered.json()['id']}", headers=live.headers).status_code == 200
     assert httpx.get(f"{account}/assets/{uploaded.json()['id']}", headers=live.headers).status_code == 200
-    assert sum(pool.checkedout() for pool in pools) == 0
+    assert checked_out_after(httpx.get(f"{live.base}/health"), 200) == 0
