@@ -56,7 +56,8 @@ class Live:
     principals: list[str] = field(default_factory=list)
     accounts: list[str] = field(default_factory=list)
 
-    def token(self, role: str, scope: str) -> dict[str, str]:
+    def credentials(self, role: str, scope: str) -> tuple[str, str]:
+        """A new service principal's client id and secret (removed after the test)."""
         with session_scope(self.context.session_factory) as session:
             principal, secret = create_service_principal(
                 session,
@@ -68,6 +69,10 @@ class Live:
             )
             client_id = principal.client_id
         self.principals.append(client_id)
+        return client_id, secret
+
+    def token(self, role: str, scope: str) -> dict[str, str]:
+        client_id, secret = self.credentials(role, scope)
         answer = httpx.post(
             f"{self.base}/oauth2/token",
             data={"grant_type": "client_credentials", "client_id": client_id, "client_secret": secret},

@@ -16,9 +16,7 @@ import httpx
 import pytest
 
 from app.context import ServiceContext
-from app.database import session_scope
 from app.reads import LoopReads
-from app.services.principals import create_service_principal
 from tests.factories import model_body
 from tests.live_server import Live, live_service
 
@@ -67,18 +65,9 @@ def test_each_request_s_session_ends_before_its_answer_and_a_write_is_committed(
     assert checked_out_after(missing, 404) == 0
     listed = httpx.get(f"{live.base}/api/accounts", headers=live.headers)  # a read with a session of its own
     assert checked_out_after(listed, 200) == 0
-    with session_scope(context.session_factory) as session:
-        principal, secret = create_service_principal(
-            session,
-            issuer=context.settings.issuer,
-            display_name="puller",
-            role="Reader",
-            scope="/subscriptions/sub-live",
-            created_by=None,
-        )
-        client_id = principal.client_id
-    live.principals.append(client_id)  # removed after the test
-    token = httpx.get(f"{live.base}/v2/token", auth=(client_id, secret))  # the registry's routes, a router of their own
+    token = httpx.get(
+        f"{live.base}/v2/token", auth=live.credentials("Reader", "/subscriptions/sub-live")
+    )  # the registry's routes, a router of their own
     assert checked_out_after(token, 200) == 0
     registry = {"Authorization": f"Bearer {token.json()['token']}"}
     assert checked_out_after(httpx.get(f"{live.base}/v2/", headers=registry), 200) == 0
