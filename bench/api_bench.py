@@ -4,7 +4,10 @@ Starts `mms serve` (MMS_ENV=production, JSON access logs, MMS_WORKERS processes)
 throw-away PostgreSQL database and drives it with wrk (32 connections, a separate process).
 GET /health, which reads nothing, is measured the same way beside them: at 32 connections a
 request's mean latency is 32 / req/s (Little's law), so /health's row is the floor on this
-machine. Each run is bounded (-d seconds) and cleans up after itself; with --runs the medians
+machine. POST is measured twice: every request registering the same name (each waits on
+that name's version counter from its claim to its COMMIT, so they run one at a time in the
+database) and each request a name of its own, as many clients registering their models do.
+Each run is bounded (-d seconds) and cleans up after itself; with --runs the medians
 of the runs come last.
 
     .venv/bin/python bench/api_bench.py [--duration 15] [--connections 32] [--workers 2] [--runs 1]
@@ -58,13 +61,21 @@ def one_run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         account = service.account
         model = httpx.post(f"{account}/models", json=MODEL, headers=service.headers).json()
         _header()
-        for label, url, body in (
-            ("GET /health", f"{service.base}/health", None),
-            ("GET .../models/{id}", f"{account}/models/{model['id']}", None),
-            ("POST .../models", f"{account}/models", json.dumps(MODEL)),
+        for label, url, body, unique in (
+            ("GET /health", f"{service.base}/health", None, None),
+            ("GET .../models/{id}", f"{account}/models/{model['id']}", None, None),
+            ("POST .../models, one name", f"{account}/models", json.dumps(MODEL), None),
+            ("POST .../models, a name each", f"{account}/models", json.dumps(MODEL), MODEL["name"]),
         ):
             cpu_before, started = cpu_seconds(service.server.pid), time.monotonic()
-            stats = wrk(url, service.token, duration=args.duration, connections=args.connections, post_body=body)
+            stats = wrk(
+                url,
+                service.token,
+                duration=args.duration,
+                connections=args.connections,
+                post_body=body,
+                unique=unique,
+            )
             stats["cpu"] = (cpu_seconds(service.server.pid) - cpu_before) / (time.monotonic() - started) * 100
             results[label] = stats
             _row(label, stats)
@@ -72,12 +83,12 @@ def one_run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
 
 
 def _header() -> None:
-    print(f"{'request':<28}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'non-2xx':>9}{'server CPU %':>14}")
+    print(f"{'request':<32}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'non-2xx':>9}{'server CPU %':>14}")
 
 
 def _row(label: str, stats: dict[str, float]) -> None:
     print(
-        f"{label:<28}{stats['rps']:>9.0f}{stats['p50'] / 1000:>9.1f}{stats['p99'] / 1000:>9.1f}"
+        f"{label:<32}{stats['rps']:>9.0f}{stats['p50'] / 1000:>9.1f}{stats['p99'] / 1000:>9.1f}"
         f"{stats['non2xx']:>9.0f}{stats['cpu']:>14.0f}"
     )
 

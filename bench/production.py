@@ -168,13 +168,35 @@ def production_service(
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
-def wrk(url: str, token: str, *, duration: int, connections: int, post_body: str | None = None) -> dict:
-    """wrk's figures for ``url`` (GET, or POST of ``post_body``): requests, rps, non2xx, p50 and p99 in µs."""
+def wrk(
+    url: str,
+    token: str,
+    *,
+    duration: int,
+    connections: int,
+    post_body: str | None = None,
+    unique: str | None = None,
+) -> dict:
+    """wrk's figures for ``url`` (GET, or POST of ``post_body``): requests, rps, non2xx, p50 and p99 in µs.
+
+    With ``unique``, that text of the body is replaced in each request by one no other request
+    of the run sends (a model name of its own, say)."""
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(f'wrk.headers["Authorization"] = "Bearer {token}"\n')
         if post_body is not None:
             script.write('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n')
             script.write(f"wrk.body = {json.dumps(post_body)}\n")
+        if unique is not None:
+            # Each of wrk's threads numbers its requests after a prefix of its own.
+            script.write(
+                "local counter = 0\n"
+                "setup = function(thread) counter = counter + 1; thread:set('prefix', 'r' .. counter .. '-') end\n"
+                "request = function()\n"
+                "  counter = counter + 1\n"
+                f"  local body = string.gsub(wrk.body, {json.dumps(_lua_pattern(unique))}, prefix .. counter)\n"
+                "  return wrk.format(nil, nil, nil, body)\n"
+                "end\n"
+            )
         script.write(
             "done = function(summary, latency, requests)\n"
             '  io.write(string.format("JSON {\\"requests\\": %d, \\"non2xx\\": %d, \\"p50\\": %d, \\"p99\\": %d}\\n",'
@@ -191,3 +213,8 @@ def wrk(url: str, token: str, *, duration: int, connections: int, post_body: str
     stats = json.loads(re.search(r"^JSON (.*)$", out, re.MULTILINE).group(1))
     stats["rps"] = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     return stats
+
+
+def _lua_pattern(text: str) -> str:
+    """``text`` as a Lua pattern that matches only itself."""
+    return "".join("%" + char if not char.isalnum() else char for char in text)
