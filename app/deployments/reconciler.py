@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, or_, select, tuple_, update
-from sqlalchemy.orm import Session
+from sqlalchemy import case, delete, func, or_, select, tuple_, update
+from sqlalchemy.orm import Session, aliased
 
 from app.deployments.events import record_state_changes
 from app.deployments.states import OperationState, ServiceState
@@ -54,6 +54,13 @@ ERROR_REASON_CHARS = 1000
 KEPT_LOG_LINES = 1000
 # ... and the newest line of each of at most this many live replicas (where their next copy starts).
 MARKED_REPLICAS = 64
+# A pass put off (no slot free for it in the worker process that claimed it: workers.deploy
+# .pass_slots) is tried again after a quarter of the time it has waited, within these bounds:
+# while slots stay taken, a waiting service is claimed and released ever more rarely, and a
+# slot freed in any process calls the next one in line at once (``call_next_put_off``), so
+# the longer retries cost no wait when slots free up.
+PUT_OFF_SECONDS = 5.0
+PUT_OFF_MAX_SECONDS = 20.0
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,8 @@ class Lease:
     # Whether the service runs on a target the tenant attached (its engine or cluster: its
     # passes take as long as the tenant makes them), as the service recorded when it was made.
     attached: bool
+    # Since when its passes have been put off (None: the last one ran).
+    put_off_since: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -212,7 +221,13 @@ def claim(session: Session, service_id: uuid.UUID, *, owner: str) -> Lease | Non
         session,
         Service.id == service_id,
         or_(Service.lease_expires_at.is_(None), Service.lease_expires_at < now),
-        returning=(Service.attempt, Service.account_id, Service.compute_attached, Service.compute_type),
+        returning=(
+            Service.attempt,
+            Service.account_id,
+            Service.compute_attached,
+            Service.compute_type,
+            Service.put_off_since,
+        ),
         attempt=Service.attempt + 1,
         lease_owner=owner,
         lease_expires_at=now + timedelta(seconds=LEASE_SECONDS),
@@ -223,7 +238,77 @@ def claim(session: Session, service_id: uuid.UUID, *, owner: str) -> Lease | Non
     subscription = session.execute(select(Account.subscription_id).where(Account.id == rows[0].account_id))
     row = rows[0]
     attached = bool(row.compute_attached) or row.compute_type == "kubernetes"  # never the operator's
-    return Lease(service_id, row.attempt, owner, subscription.scalar_one().lower(), attached)
+    return Lease(service_id, row.attempt, owner, subscription.scalar_one().lower(), attached, row.put_off_since)
+
+
+def _attached():  # type: ignore[no-untyped-def]
+    """A service on a target its tenant attached, as ``claim`` judges it (a cluster always is)."""
+    return Service.compute_attached | (Service.compute_type == "kubernetes")
+
+
+def put_off_delay(waited: float) -> float:
+    """How much later a pass put off after ``waited`` seconds of waiting is tried again."""
+    return min(PUT_OFF_MAX_SECONDS, max(PUT_OFF_SECONDS, waited / 4))
+
+
+def put_off(session: Session, lease: Lease) -> float:
+    """Give the lease back: no slot was free for the pass. The service keeps its place in line
+    (since when it waits) and is tried again after ``put_off_delay``; returns that delay."""
+    now = utcnow()
+    since = lease.put_off_since or now
+    delay = put_off_delay((now - since).total_seconds())
+    _bookkeep(
+        session,
+        _held(lease),
+        lease_owner=None,
+        lease_expires_at=None,
+        due_at=now + timedelta(seconds=delay),
+        put_off_since=since,
+    )
+    return delay
+
+
+def taken_up(session: Session, lease: Lease) -> None:
+    """The pass has its slot: the service leaves the line."""
+    _bookkeep(session, _held(lease), put_off_since=None)
+
+
+def call_next_put_off(session: Session, *, attached: bool) -> uuid.UUID | None:
+    """A pass's slot was freed: make the next service in line due now (the schedule hands it out
+    within its beat, to whichever worker process has room), and return its id. Next in line: the
+    waiting service whose tenant (subscription) runs the fewest passes now, in every worker
+    process (their leases say), the longest waiting first, preferring one of the freed slot's
+    kind (``attached``: on a target its tenant attached). None when nothing waits."""
+    now = utcnow()
+    running = aliased(Service)
+    running_account = aliased(Account)
+    tenants_passes = (
+        select(func.count())
+        .select_from(running)
+        .join(running_account, running_account.id == running.account_id)
+        .where(
+            func.lower(running_account.subscription_id) == func.lower(Account.subscription_id),
+            running.lease_expires_at > now,
+        )
+        .scalar_subquery()
+    )
+    other_kind = case((_attached(), 0), else_=1) if attached else case((_attached(), 1), else_=0)
+    next_one = (
+        select(Service.id)
+        .join(Account, Account.id == Service.account_id)
+        .where(
+            Service.put_off_since.is_not(None),
+            Service.due_at > now,
+            or_(Service.lease_expires_at.is_(None), Service.lease_expires_at < now),
+        )
+        .order_by(other_kind, tenants_passes, Service.put_off_since, Service.id)
+        .limit(1)
+        .correlate(None)  # picked among all services, not the row the UPDATE looks at
+    )
+    # Two slots freed at once may pick the same one: the second finds it due and calls nothing
+    # (that waiting service's own retry, or the next freed slot, comes soon enough).
+    rows = bookkeep(session, Service.id == next_one.scalar_subquery(), Service.due_at > now, due_at=now)
+    return rows[0].id if rows else None
 
 
 def renew(session: Session, lease: Lease) -> bool:

@@ -68,6 +68,7 @@ class Service(UuidPrimaryKey, CreatedAt, Base):
         UniqueConstraint("account_id", "name"),
         Index("ix_services_state", "state"),
         Index("ix_services_due_at", "due_at"),
+        Index("ix_services_put_off_since", "put_off_since"),
     )
 
     account_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("accounts.id", ondelete="CASCADE"), index=True)
@@ -126,6 +127,9 @@ class Service(UuidPrimaryKey, CreatedAt, Base):
     lease_owner: Mapped[str | None] = mapped_column(String(255))
     lease_expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     due_at: Mapped[datetime | None] = mapped_column(UtcDateTime, default=utcnow)
+    # Since when its passes have found no slot free (workers.deploy.pass_slots), None once one
+    # runs: its place in line for the next freed slot, in whichever worker process (migration 0022).
+    put_off_since: Mapped[datetime | None] = mapped_column(UtcDateTime)
     switched_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     # The tenant's changes (create, update, delete): counted, and the last one dated.
     revision: Mapped[int] = mapped_column(Integer, default=0, server_default="0")

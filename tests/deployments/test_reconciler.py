@@ -7,7 +7,7 @@ import uuid
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.builds.states import CreationState
@@ -16,19 +16,24 @@ from app.deployments.lifecycle import request_delete, update_service
 from app.deployments.reconciler import (
     ERROR_REASON_CHARS,
     FAILED_SECONDS,
+    PUT_OFF_SECONDS,
     STEADY_SECONDS,
     Failure,
     Replica,
     Spec,
     Step,
+    call_next_put_off,
     claim,
     decide,
     due_services,
     finish_delete,
+    put_off,
+    put_off_delay,
     read_spec,
     record,
     record_unreachable,
     renew,
+    taken_up,
 )
 from app.orm import Account, Image, Service, ServiceOperation, ServiceReplica
 from app.orm.base import utcnow
@@ -190,6 +195,130 @@ def test_the_hand_out_takes_turns_between_tenants(db: Session) -> None:
     assert {row.id for row in small_services} <= handed
     assert len(handed) == 20 and len(handed & {row.id for row in crowd_services}) >= 10  # the crowd's too
     assert crowd_services[0].id in handed  # each tenant's most overdue first
+
+
+def _tenant(db: Session, subscription: str, count: int, *, attached: bool = True) -> list[Service]:
+    """``count`` services of a new account of ``subscription``, on a target it attached (or the
+    operator's ``local``)."""
+    first = new_service_row(
+        db,
+        name="t0",
+        compute_name="theirs" if attached else "local",
+        compute_type="swarm" if attached else "local",
+        compute_attached=attached,
+    )
+    db.get(Account, first.account_id).subscription_id = subscription  # type: ignore[union-attr]
+    image = db.get(Image, first.image_id)
+    rest = [
+        new_service_row(
+            db,
+            image,
+            name=f"t{i}",
+            compute_name=first.compute_name,
+            compute_type=first.compute_type,
+            compute_attached=attached,
+        )
+        for i in range(1, count)
+    ]
+    return [first, *rest]
+
+
+def _waiting(db: Session, rows: list[Service], *, since_seconds_ago: list[int]) -> None:
+    """Put off (a slot was not free), each since that long ago: parked, due a while later."""
+    now = utcnow()
+    for row, ago in zip(rows, since_seconds_ago, strict=True):
+        row.put_off_since = now - timedelta(days=1, seconds=ago)  # before any other test's
+        row.due_at = now + timedelta(seconds=20)
+        row.lease_owner = row.lease_expires_at = None
+    db.flush()
+
+
+def _running(db: Session, row: Service) -> None:
+    """Its pass has a slot and runs (its lease held), in some worker process."""
+    row.put_off_since = None
+    row.lease_owner, row.lease_expires_at = "a worker", utcnow() + timedelta(seconds=60)
+    db.flush()
+
+
+def test_a_freed_slot_calls_the_tenant_with_the_fewest_passes_then_the_longest_waiting(db: Session) -> None:
+    """The next in line, whichever worker process put them off: each call makes one service due
+    now, the one whose tenant runs the fewest passes, the longest waiting first; services of the
+    freed slot's kind first."""
+    # Only these wait in this test's transaction (another test's rows are put back after it).
+    db.execute(update(Service).values(put_off_since=None))
+    crowd = _tenant(db, "Crowd", 3)
+    single = _tenant(db, "single", 1)
+    operators = _tenant(db, "ops", 1, attached=False)
+    _waiting(db, crowd, since_seconds_ago=[60, 50, 40])
+    _waiting(db, single, since_seconds_ago=[30])
+    _waiting(db, operators, since_seconds_ago=[100])  # the oldest, but on the operator's target
+    parked = {row.id: row.due_at for row in [*crowd, *single, *operators]}
+
+    called = []
+    for _ in range(4):  # each freed slot on an attached target calls one
+        service_id = call_next_put_off(db, attached=True)
+        assert service_id is not None
+        called.append(service_id)
+        row = db.get(Service, service_id)
+        db.refresh(row)
+        assert row.due_at <= utcnow()
+        _running(db, row)  # the hand-out gave it to a worker with room
+    # crowd's oldest (both tenants run none); then single's (crowd runs one); then crowd's.
+    assert called == [crowd[0].id, single[0].id, crowd[1].id, crowd[2].id]
+    # One at a time: the operator's service, not called for an attached slot while attached ones
+    # waited, is still parked.
+    db.refresh(operators[0])
+    assert operators[0].due_at == parked[operators[0].id]
+    # Then a freed slot of either kind calls it; then nothing waits.
+    assert call_next_put_off(db, attached=True) == operators[0].id
+    assert call_next_put_off(db, attached=False) is None
+
+
+def test_a_freed_slot_calls_its_own_kind_first_and_never_a_service_whose_pass_runs(db: Session) -> None:
+    db.execute(update(Service).values(put_off_since=None))
+    theirs = _tenant(db, "theirs", 2)
+    ours = _tenant(db, "ours", 1, attached=False)
+    _waiting(db, [*theirs, *ours], since_seconds_ago=[90, 80, 10])
+    assert call_next_put_off(db, attached=False) == ours[0].id  # the newest, but of the slot's kind
+    theirs[0].lease_owner, theirs[0].lease_expires_at = "a worker", utcnow() + timedelta(seconds=60)  # claimed
+    db.flush()
+    assert call_next_put_off(db, attached=True) == theirs[1].id
+    assert call_next_put_off(db, attached=True) is None  # the claimed one is not called; the rest are due
+    db.refresh(theirs[0])
+    assert theirs[0].due_at > utcnow()
+
+
+def test_a_put_off_pass_keeps_its_place_in_line_and_is_retried_more_rarely_as_it_waits(
+    db: Session, service: Service
+) -> None:
+    assert [put_off_delay(waited) for waited in (0, 20, 40, 80, 3600)] == [5, 5, 10, 20, 20]
+    lease = claim(db, service.id, owner="a")
+    assert lease is not None and lease.put_off_since is None
+    before = utcnow()
+    assert put_off(db, lease) == PUT_OFF_SECONDS
+    db.refresh(service)
+    since = service.put_off_since
+    assert since is not None and before <= since <= utcnow()
+    assert service.lease_owner is None and service.lease_expires_at is None
+    assert timedelta(seconds=PUT_OFF_SECONDS - 1) <= service.due_at - before <= timedelta(seconds=PUT_OFF_SECONDS + 1)
+
+    # Another worker process claims it a minute later and has no slot either: the place in line
+    # is the first put-off's, and the next try 15 s later.
+    service.put_off_since = since = since - timedelta(seconds=60)
+    service.due_at = utcnow()
+    db.flush()
+    lease = claim(db, service.id, owner="b")
+    assert lease is not None and lease.put_off_since == since
+    assert 14 <= put_off(db, lease) <= 16
+    db.refresh(service)
+    assert service.put_off_since == since
+
+    lease = claim(db, service.id, owner="c")  # a slot: the pass runs
+    assert lease is not None
+    taken_up(db, lease)
+    db.refresh(service)
+    assert service.put_off_since is None
+    assert lease.put_off_since == since  # (what it waited for, to the pass that runs it)
 
 
 def test_one_pass_at_a_time_holds_the_lease(db: Session, service: Service) -> None:

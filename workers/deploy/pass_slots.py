@@ -14,10 +14,11 @@ takes a while too. So:
   passes always have threads; of those, one tenant holds at most half (at least one), so one
   slow tenant never holds them all.
 
-A pass past a bound is put off: its lease is given back and it is tried again a little later
-(workers.deploy.reconcile), by this worker or another with room. Tenants slow at once beyond
-the attached share wait for each other (first come, first served, every few seconds): more
-threads widen it.
+A pass past a bound is put off: its lease is given back and its service waits in line in the
+database (app.deployments.reconciler ``put_off``). The next pass to end, in any worker process,
+calls the next one in line (``call_next_put_off``: the tenant running the fewest passes, then
+the longest waiting), and a waiting service is tried again on its own now and then. Tenants slow
+at once beyond the attached share take turns in that line: more threads widen it.
 """
 
 from __future__ import annotations

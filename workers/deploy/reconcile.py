@@ -51,15 +51,10 @@ log = logging.getLogger("mms.deploy")
 _OWNER = f"{socket.gethostname()}:{os.getpid()}"
 
 
-# A pass put off because its tenant has its share of this process's passes running (or passes
-# on attached targets have theirs: workers.deploy.pass_slots) is tried again this much later
-# (by this worker or another with room).
-PUT_OFF_SECONDS = 5.0
-
-
 def reconcile_service(context: ServiceContext, service_id: uuid.UUID) -> None:
     """One pass over the service, if no other pass holds it and this process has a slot free
-    for it (workers.deploy.pass_slots; else it is put off for PUT_OFF_SECONDS)."""
+    for it (workers.deploy.pass_slots; else it is put off: app.deployments.reconciler.put_off).
+    A pass that ran calls the next service in line for the slot it frees."""
     if _copied(context):
         return
     with session_scope(context.session_factory) as session:
@@ -69,14 +64,22 @@ def reconcile_service(context: ServiceContext, service_id: uuid.UUID) -> None:
     per_tenant = context.settings.deploy_passes_per_tenant
     with pass_slots.slot(lease.subscription_id, attached=lease.attached, per_tenant=per_tenant) as free:
         if not free:
+            with session_scope(context.session_factory) as session:
+                due_in = reconciler.put_off(session, lease)
             log.info(
                 "deploy.pass_put_off",
-                extra={"service": str(service_id), "subscription": lease.subscription_id, "attached": lease.attached},
+                extra={
+                    "service": str(service_id),
+                    "subscription": lease.subscription_id,
+                    "attached": lease.attached,
+                    "due_in": due_in,
+                },
             )
-            with session_scope(context.session_factory) as session:
-                reconciler.release(session, lease, due_in=PUT_OFF_SECONDS)
             return
         try:
+            if lease.put_off_since is not None:
+                with session_scope(context.session_factory) as session:
+                    reconciler.taken_up(session, lease)
             with renewing(context, lease):
                 _pass(context, lease)
         except Exception as exc:  # noqa: BLE001 - logged, cut short, and the lease released
@@ -85,6 +88,19 @@ def reconcile_service(context: ServiceContext, service_id: uuid.UUID) -> None:
             log.error("deploy.pass_failed", extra={"service": str(service_id), "exception": _traceback(exc)})
             with session_scope(context.session_factory) as session:
                 reconciler.release(session, lease, due_in=reconciler.STEADY_SECONDS)
+    _call_next_put_off(context, attached=lease.attached)
+
+
+def _call_next_put_off(context: ServiceContext, *, attached: bool) -> None:
+    """The slot just freed goes to the next service in line, whichever process put it off."""
+    try:
+        with session_scope(context.session_factory) as session:
+            called = reconciler.call_next_put_off(session, attached=attached)
+    except Exception as exc:  # noqa: BLE001 - the called one's own retry comes anyway
+        log.warning("deploy.call_next_failed", extra={"exception": _traceback(exc)})
+        return
+    if called is not None:
+        log.info("deploy.put_off_called", extra={"service": str(called)})
 
 
 @contextmanager

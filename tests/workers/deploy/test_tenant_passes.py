@@ -3,7 +3,8 @@ worker's pass threads: a tenant whose passes are slow (a pull from a registry th
 cannot keep every other tenant's services waiting, whatever number of accounts it makes. Passes
 on targets tenants attached hold at most all threads but two, one tenant at most half of those:
 slow tenants never take the threads of the operator's targets' passes and the schedule. A pass
-past a bound gives its lease back and is tried again PUT_OFF_SECONDS later."""
+past a bound gives its lease back and is tried again PUT_OFF_SECONDS later, or as soon as a slot
+frees in any worker process and it is next in line."""
 
 from __future__ import annotations
 
@@ -19,15 +20,17 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
 from app.context import ServiceContext
 from app.database import session_scope
+from app.deployments import reconciler
+from app.deployments.reconciler import PUT_OFF_SECONDS
 from app.orm import Account, Image, Service
 from app.orm.base import utcnow
 from tests.factories import new_image_row, new_service_row
 from workers.deploy import reconcile
 from workers.deploy.pass_slots import PassSlots, pass_slots
-from workers.deploy.reconcile import PUT_OFF_SECONDS
 
 
 def test_a_pass_past_its_tenants_share_gives_its_lease_back_and_runs_later(service_context: ServiceContext) -> None:
@@ -174,9 +177,64 @@ def test_an_attached_targets_pass_past_their_share_gives_its_lease_back(
             session.execute(Account.__table__.delete().where(Account.id == service.account_id))
 
 
+def test_a_slot_freed_in_one_worker_process_calls_the_service_another_one_put_off(
+    service_context: ServiceContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two deploy worker processes: the first has its attached share taken by slow tenants and
+    puts a pass off; a pass that ends in the second calls that service at once (it is next in
+    line), rather than leaving it to its retry."""
+    limit = service_context.settings.deploy_passes_per_tenant
+    first_process, second_process = PassSlots(threads=8), PassSlots(threads=8)
+    ran: list[uuid.UUID] = []
+
+    def a_pass(context: ServiceContext, lease: reconciler.Lease) -> None:  # all went well
+        ran.append(lease.service_id)
+        with session_scope(context.session_factory) as session:
+            reconciler.release(session, lease, due_in=reconciler.STEADY_SECONDS)
+
+    monkeypatch.setattr(reconcile, "_pass", a_pass)
+    with session_scope(service_context.session_factory) as session:
+        session.execute(update(Service).values(put_off_since=None))  # no other test's service waits
+        waiting, other = (_attached_service(session, f"sub-{uuid.uuid4().hex[:8]}") for _ in range(2))
+    try:
+        with ExitStack() as running:  # the first process's attached share: two slow tenants'
+            for tenant in ("slow-1", "slow-1", "slow-2", "slow-2"):
+                assert running.enter_context(first_process.slot(tenant, attached=True, per_tenant=limit))
+            monkeypatch.setattr(reconcile, "pass_slots", first_process)
+            _assert_put_off(service_context, waiting)
+            with session_scope(service_context.session_factory) as session:
+                put_off_since = session.scalar(select(Service.put_off_since).where(Service.id == waiting))
+            assert put_off_since is not None
+
+            monkeypatch.setattr(reconcile, "pass_slots", second_process)
+            reconcile.reconcile_service(service_context, other)  # runs, and frees its slot
+            assert ran == [other]
+            with session_scope(service_context.session_factory) as session:
+                row = session.execute(select(Service.due_at, Service.put_off_since).where(Service.id == waiting)).one()
+            assert row.due_at <= utcnow()  # called: the schedule hands it out at its next beat
+            assert row.put_off_since == put_off_since  # in line until its pass runs
+
+            reconcile.reconcile_service(service_context, waiting)  # handed to the second process
+            assert ran == [other, waiting]
+            with session_scope(service_context.session_factory) as session:
+                assert session.scalar(select(Service.put_off_since).where(Service.id == waiting)) is None
+    finally:
+        with session_scope(service_context.session_factory) as session:
+            accounts = select(Service.account_id).where(Service.id.in_([waiting, other]))
+            session.execute(Account.__table__.delete().where(Account.id.in_(accounts.scalar_subquery())))
+
+
+def _attached_service(session: Session, subscription: str) -> uuid.UUID:
+    """A new account's service on a swarm it attached."""
+    image = new_image_row(session)
+    session.execute(update(Image).where(Image.id == image.id).values(state="Succeeded"))
+    session.execute(update(Account).where(Account.id == image.account_id).values(subscription_id=subscription))
+    return new_service_row(session, image, compute_name="theirs", compute_type="swarm", compute_attached=True).id
+
+
 def _assert_put_off(service_context: ServiceContext, service_id: uuid.UUID) -> None:
-    """A pass of the service is put off at once: its lease given back, due in PUT_OFF_SECONDS,
-    nothing moved."""
+    """A pass of the service is put off at once: its lease given back, due in PUT_OFF_SECONDS
+    (the first time it is put off), nothing moved."""
     before = utcnow()
     started = time.monotonic()
     reconcile.reconcile_service(service_context, service_id)
