@@ -23,7 +23,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import case, delete, func, or_, select, tuple_, update
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy.orm import Session
 
 from app.deployments.events import record_state_changes
 from app.deployments.states import OperationState, ServiceState
@@ -56,9 +56,10 @@ KEPT_LOG_LINES = 1000
 MARKED_REPLICAS = 64
 # A pass put off (no slot free for it in the worker process that claimed it: workers.deploy
 # .pass_slots) is tried again after a quarter of the time it has waited, within these bounds:
-# while slots stay taken, a waiting service is claimed and released ever more rarely, and a
-# slot freed in any process calls the next one in line at once (``call_next_put_off``), so
-# the longer retries cost no wait when slots free up.
+# while slots stay taken, a waiting service is claimed and released ever more rarely, and the
+# worker whose pass frees a slot, in any process, takes the next one in line at once
+# (``next_in_line``), so the longer retries cost no wait when slots free up. Below
+# HANDED_OUT_SECONDS: a service parked for its retry is told from one handed out by its due time.
 PUT_OFF_SECONDS = 5.0
 PUT_OFF_MAX_SECONDS = 20.0
 
@@ -273,42 +274,40 @@ def taken_up(session: Session, lease: Lease) -> None:
     _bookkeep(session, _held(lease), put_off_since=None)
 
 
-def call_next_put_off(session: Session, *, attached: bool) -> uuid.UUID | None:
-    """A pass's slot was freed: make the next service in line due now (the schedule hands it out
-    within its beat, to whichever worker process has room), and return its id. Next in line: the
-    waiting service whose tenant (subscription) runs the fewest passes now, in every worker
-    process (their leases say), the longest waiting first, preferring one of the freed slot's
-    kind (``attached``: on a target its tenant attached). None when nothing waits."""
+def next_in_line(session: Session, *, attached: bool) -> uuid.UUID | None:
+    """The service whose pass a slot just freed should run next (the worker that freed it
+    claims it at once: workers.deploy.reconcile), or None when nothing waits. Of the services
+    put off and parked for their retry, whichever worker process put them off: one of the freed
+    slot's kind first (``attached``: on a target its tenant attached), then the one whose tenant
+    (subscription) runs the fewest passes of that kind now in every worker process (their leases
+    say), then the longest waiting. One statement, whose cost grows with the passes running and
+    the services waiting, not with a tenant's services."""
     now = utcnow()
-    running = aliased(Service)
-    running_account = aliased(Account)
-    tenants_passes = (
-        select(func.count())
-        .select_from(running)
-        .join(running_account, running_account.id == running.account_id)
-        .where(
-            func.lower(running_account.subscription_id) == func.lower(Account.subscription_id),
-            running.lease_expires_at > now,
-        )
-        .scalar_subquery()
+    tenant = func.lower(Account.subscription_id)
+    running = (
+        select(tenant.label("tenant"), func.count().label("passes"))
+        .select_from(Service)
+        .join(Account, Account.id == Service.account_id)
+        .where(Service.lease_expires_at > now, _attached() if attached else ~_attached())
+        .group_by(tenant)
+        .cte("running")
     )
     other_kind = case((_attached(), 0), else_=1) if attached else case((_attached(), 1), else_=0)
-    next_one = (
+    return session.scalar(
         select(Service.id)
         .join(Account, Account.id == Service.account_id)
+        .outerjoin(running, running.c.tenant == tenant)
         .where(
             Service.put_off_since.is_not(None),
+            # Parked for its retry: not handed out (the schedule sets HANDED_OUT_SECONDS ahead)
+            # nor due, both already on their way to a worker.
             Service.due_at > now,
+            Service.due_at <= now + timedelta(seconds=PUT_OFF_MAX_SECONDS),
             or_(Service.lease_expires_at.is_(None), Service.lease_expires_at < now),
         )
-        .order_by(other_kind, tenants_passes, Service.put_off_since, Service.id)
+        .order_by(other_kind, func.coalesce(running.c.passes, 0), Service.put_off_since, Service.id)
         .limit(1)
-        .correlate(None)  # picked among all services, not the row the UPDATE looks at
     )
-    # Two slots freed at once may pick the same one: the second finds it due and calls nothing
-    # (that waiting service's own retry, or the next freed slot, comes soon enough).
-    rows = bookkeep(session, Service.id == next_one.scalar_subquery(), Service.due_at > now, due_at=now)
-    return rows[0].id if rows else None
 
 
 def renew(session: Session, lease: Lease) -> bool:

@@ -69,6 +69,7 @@ class Service(UuidPrimaryKey, CreatedAt, Base):
         Index("ix_services_state", "state"),
         Index("ix_services_due_at", "due_at"),
         Index("ix_services_put_off_since", "put_off_since"),
+        Index("ix_services_lease_expires_at", "lease_expires_at"),
     )
 
     account_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("accounts.id", ondelete="CASCADE"), index=True)

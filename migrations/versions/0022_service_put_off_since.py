@@ -2,8 +2,9 @@
 
 A pass that finds no slot free (its tenant's share, or the attached targets' share, taken:
 workers.deploy.pass_slots) gives its lease back. Its service now keeps since when it has waited,
-so the next slot freed in any worker process calls the waiting service whose tenant runs the
-fewest passes, the longest waiting first, instead of whichever retry came first.
+so the worker whose pass frees a slot, in any process, takes the waiting service whose tenant
+runs the fewest passes, the longest waiting first, instead of whichever retry came first. The
+passes running are counted by their leases: lease_expires_at gets an index.
 
 Revision ID: 0022
 Revises: 0021
@@ -25,8 +26,10 @@ depends_on = None
 def upgrade() -> None:
     op.add_column("services", sa.Column("put_off_since", sa.DateTime(timezone=True), nullable=True))
     op.create_index("ix_services_put_off_since", "services", ["put_off_since"], unique=False)
+    op.create_index("ix_services_lease_expires_at", "services", ["lease_expires_at"], unique=False)
 
 
 def downgrade() -> None:
+    op.drop_index("ix_services_lease_expires_at", table_name="services")
     op.drop_index("ix_services_put_off_since", table_name="services")
     op.drop_column("services", "put_off_since")

@@ -3,11 +3,12 @@ from what a pass saw (pure), and how its outcome lands (or does not, on a change
 
 from __future__ import annotations
 
+import os
 import uuid
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import event, select, update
 from sqlalchemy.orm import Session
 
 from app.builds.states import CreationState
@@ -16,17 +17,19 @@ from app.deployments.lifecycle import request_delete, update_service
 from app.deployments.reconciler import (
     ERROR_REASON_CHARS,
     FAILED_SECONDS,
+    HANDED_OUT_SECONDS,
+    PUT_OFF_MAX_SECONDS,
     PUT_OFF_SECONDS,
     STEADY_SECONDS,
     Failure,
     Replica,
     Spec,
     Step,
-    call_next_put_off,
     claim,
     decide,
     due_services,
     finish_delete,
+    next_in_line,
     put_off,
     put_off_delay,
     read_spec,
@@ -197,38 +200,35 @@ def test_the_hand_out_takes_turns_between_tenants(db: Session) -> None:
     assert crowd_services[0].id in handed  # each tenant's most overdue first
 
 
-def _tenant(db: Session, subscription: str, count: int, *, attached: bool = True) -> list[Service]:
-    """``count`` services of a new account of ``subscription``, on a target it attached (or the
-    operator's ``local``)."""
-    first = new_service_row(
-        db,
-        name="t0",
-        compute_name="theirs" if attached else "local",
-        compute_type="swarm" if attached else "local",
-        compute_attached=attached,
-    )
-    db.get(Account, first.account_id).subscription_id = subscription  # type: ignore[union-attr]
-    image = db.get(Image, first.image_id)
-    rest = [
+def _tenant(db: Session, subscriptions: list[str], count: int, *, attached: bool = True) -> list[Service]:
+    """``count`` services, in turn of an account of each of ``subscriptions`` (one tenant: a
+    subscription, whatever its case), on a target the tenant attached (or the operator's)."""
+    images = []
+    for subscription in subscriptions:
+        first = new_service_row(db, name="x", compute_name="local")  # the account and its image
+        db.get(Account, first.account_id).subscription_id = subscription  # type: ignore[union-attr]
+        images.append(db.get(Image, first.image_id))
+        db.delete(first)
+    where = ("theirs", "swarm") if attached else ("local", "local")
+    return [
         new_service_row(
             db,
-            image,
+            images[i % len(images)],
             name=f"t{i}",
-            compute_name=first.compute_name,
-            compute_type=first.compute_type,
+            compute_name=where[0],
+            compute_type=where[1],
             compute_attached=attached,
         )
-        for i in range(1, count)
+        for i in range(count)
     ]
-    return [first, *rest]
 
 
 def _waiting(db: Session, rows: list[Service], *, since_seconds_ago: list[int]) -> None:
-    """Put off (a slot was not free), each since that long ago: parked, due a while later."""
+    """Put off (a slot was not free), each since that long ago: parked for a retry."""
     now = utcnow()
     for row, ago in zip(rows, since_seconds_ago, strict=True):
         row.put_off_since = now - timedelta(days=1, seconds=ago)  # before any other test's
-        row.due_at = now + timedelta(seconds=20)
+        row.due_at = now + timedelta(seconds=PUT_OFF_SECONDS)
         row.lease_owner = row.lease_expires_at = None
     db.flush()
 
@@ -240,52 +240,85 @@ def _running(db: Session, row: Service) -> None:
     db.flush()
 
 
-def test_a_freed_slot_calls_the_tenant_with_the_fewest_passes_then_the_longest_waiting(db: Session) -> None:
-    """The next in line, whichever worker process put them off: each call makes one service due
-    now, the one whose tenant runs the fewest passes, the longest waiting first; services of the
-    freed slot's kind first."""
-    # Only these wait in this test's transaction (another test's rows are put back after it).
-    db.execute(update(Service).values(put_off_since=None))
-    crowd = _tenant(db, "Crowd", 3)
-    single = _tenant(db, "single", 1)
-    operators = _tenant(db, "ops", 1, attached=False)
+def test_next_in_line_is_the_tenant_with_the_fewest_passes_then_the_longest_waiting(db: Session) -> None:
+    """Whichever worker process put them off: the waiting service whose tenant (its accounts'
+    subscription, in any case) runs the fewest passes, the longest waiting first; services of
+    the freed slot's kind first."""
+    db.execute(update(Service).values(put_off_since=None))  # only these wait in this transaction
+    crowd = _tenant(db, ["Crowd", "crowd"], 3)  # two accounts of one subscription
+    single = _tenant(db, ["single"], 1)
+    operators = _tenant(db, ["ops"], 1, attached=False)
     _waiting(db, crowd, since_seconds_ago=[60, 50, 40])
     _waiting(db, single, since_seconds_ago=[30])
     _waiting(db, operators, since_seconds_ago=[100])  # the oldest, but on the operator's target
-    parked = {row.id: row.due_at for row in [*crowd, *single, *operators]}
 
-    called = []
-    for _ in range(4):  # each freed slot on an attached target calls one
-        service_id = call_next_put_off(db, attached=True)
+    taken = []
+    for _ in range(4):  # each freed slot on an attached target takes one, which then runs
+        service_id = next_in_line(db, attached=True)
         assert service_id is not None
-        called.append(service_id)
-        row = db.get(Service, service_id)
-        db.refresh(row)
-        assert row.due_at <= utcnow()
-        _running(db, row)  # the hand-out gave it to a worker with room
-    # crowd's oldest (both tenants run none); then single's (crowd runs one); then crowd's.
-    assert called == [crowd[0].id, single[0].id, crowd[1].id, crowd[2].id]
-    # One at a time: the operator's service, not called for an attached slot while attached ones
-    # waited, is still parked.
-    db.refresh(operators[0])
-    assert operators[0].due_at == parked[operators[0].id]
-    # Then a freed slot of either kind calls it; then nothing waits.
-    assert call_next_put_off(db, attached=True) == operators[0].id
-    assert call_next_put_off(db, attached=False) is None
+        taken.append(service_id)
+        _running(db, db.get(Service, service_id))
+    # crowd's oldest (neither runs a pass); single's (crowd runs one: crowd's second, in its
+    # other account, waited longer); crowd's (one each); crowd's last.
+    assert taken == [crowd[0].id, single[0].id, crowd[1].id, crowd[2].id]
+    assert next_in_line(db, attached=True) == operators[0].id  # only one left: of the other kind
+    assert next_in_line(db, attached=False) == operators[0].id
+    _running(db, operators[0])
+    assert next_in_line(db, attached=False) is None
 
 
-def test_a_freed_slot_calls_its_own_kind_first_and_never_a_service_whose_pass_runs(db: Session) -> None:
+def test_next_in_line_is_parked_and_free_and_counts_the_freed_slots_kind(db: Session) -> None:
     db.execute(update(Service).values(put_off_since=None))
-    theirs = _tenant(db, "theirs", 2)
-    ours = _tenant(db, "ours", 1, attached=False)
-    _waiting(db, [*theirs, *ours], since_seconds_ago=[90, 80, 10])
-    assert call_next_put_off(db, attached=False) == ours[0].id  # the newest, but of the slot's kind
+    theirs = _tenant(db, ["theirs"], 3)
+    ours = _tenant(db, ["ours"], 1, attached=False)
+    _waiting(db, [*theirs, *ours], since_seconds_ago=[90, 80, 70, 10])
+    assert next_in_line(db, attached=False) == ours[0].id  # the newest, but of the slot's kind
+
     theirs[0].lease_owner, theirs[0].lease_expires_at = "a worker", utcnow() + timedelta(seconds=60)  # claimed
+    theirs[1].due_at = utcnow() + timedelta(seconds=HANDED_OUT_SECONDS)  # handed out by the schedule
     db.flush()
-    assert call_next_put_off(db, attached=True) == theirs[1].id
-    assert call_next_put_off(db, attached=True) is None  # the claimed one is not called; the rest are due
-    db.refresh(theirs[0])
-    assert theirs[0].due_at > utcnow()
+    assert next_in_line(db, attached=True) == theirs[2].id
+    theirs[2].due_at = utcnow() - timedelta(seconds=1)  # due: its retry is on its way
+    db.flush()
+    assert next_in_line(db, attached=True) == ours[0].id  # none of the slot's kind is parked
+    theirs[0].lease_expires_at = utcnow() - timedelta(seconds=1)  # its pass died: the lease lapsed
+    db.flush()
+    assert next_in_line(db, attached=True) == theirs[0].id
+    assert HANDED_OUT_SECONDS > PUT_OFF_MAX_SECONDS  # parked and handed out told apart by due time
+
+    # A tenant's passes on the operator's targets do not count against it for an attached slot.
+    busy, idle = _tenant(db, ["busy"], 3), _tenant(db, ["idle"], 1)
+    db.execute(update(Service).values(put_off_since=None))
+    for row in busy[1:]:
+        row.compute_attached, row.compute_name, row.compute_type = False, "local", "local"
+        _running(db, row)
+    _waiting(db, [busy[0], idle[0]], since_seconds_ago=[20, 10])
+    assert next_in_line(db, attached=True) == busy[0].id
+    # For a slot on the operator's targets, they do: (none of that kind waits, so) idle's first.
+    assert next_in_line(db, attached=False) == idle[0].id
+
+
+@pytest.mark.skipif("postgresql" not in os.environ.get("MMS_TEST_DATABASE_URL", ""), reason="PostgreSQL's plans")
+def test_next_in_line_counts_each_tenants_passes_once_not_for_each_waiting_service(db: Session) -> None:
+    """Its cost grows with the passes running and the services waiting: the passes are counted
+    per tenant once (a subquery run for each waiting service took seconds with thousands)."""
+    db.execute(update(Service).values(put_off_since=None))
+    waiting = _tenant(db, ["many"], 3)
+    _waiting(db, waiting, since_seconds_ago=[3, 2, 1])
+    statements: list[tuple[str, object]] = []
+    connection = db.connection()
+
+    def seen(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        statements.append((statement, parameters))
+
+    event.listen(connection, "before_cursor_execute", seen)
+    try:
+        assert next_in_line(db, attached=True) == waiting[0].id
+    finally:
+        event.remove(connection, "before_cursor_execute", seen)
+    statement, parameters = statements[-1]
+    plan = "\n".join(row[0] for row in connection.exec_driver_sql("EXPLAIN ANALYZE " + statement, parameters))
+    assert "SubPlan" not in plan, plan
 
 
 def test_a_put_off_pass_keeps_its_place_in_line_and_is_retried_more_rarely_as_it_waits(

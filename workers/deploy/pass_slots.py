@@ -15,10 +15,11 @@ takes a while too. So:
   slow tenant never holds them all.
 
 A pass past a bound is put off: its lease is given back and its service waits in line in the
-database (app.deployments.reconciler ``put_off``). The next pass to end, in any worker process,
-calls the next one in line (``call_next_put_off``: the tenant running the fewest passes, then
-the longest waiting), and a waiting service is tried again on its own now and then. Tenants slow
-at once beyond the attached share take turns in that line: more threads widen it.
+database (app.deployments.reconciler ``put_off``). The worker whose pass ends, in any process,
+takes the next one in line in the slot it freed (``next_in_line``: the tenant running the fewest
+passes, then the longest waiting; workers.deploy.reconcile), and a waiting service is tried again
+on its own now and then. Tenants slow at once beyond the attached share take turns in that line:
+more threads widen it.
 """
 
 from __future__ import annotations

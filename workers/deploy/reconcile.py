@@ -51,16 +51,41 @@ log = logging.getLogger("mms.deploy")
 _OWNER = f"{socket.gethostname()}:{os.getpid()}"
 
 
+# A worker whose pass ends takes the next service put off (in any process) at once, in the
+# same task: up to this many passes a task, so one task never runs on for ever while others wait.
+PASSES_A_TASK = 4
+
+
 def reconcile_service(context: ServiceContext, service_id: uuid.UUID) -> None:
     """One pass over the service, if no other pass holds it and this process has a slot free
     for it (workers.deploy.pass_slots; else it is put off: app.deployments.reconciler.put_off).
-    A pass that ran calls the next service in line for the slot it frees."""
+    A pass that ran is followed by the next service in line, whichever process put it off (its
+    slot is free here now), up to PASSES_A_TASK passes."""
     if _copied(context):
         return
+    for _ in range(PASSES_A_TASK):
+        ran = _one_pass(context, service_id)
+        if ran is None:
+            return
+        try:
+            with session_scope(context.session_factory) as session:
+                next_id = reconciler.next_in_line(session, attached=ran.attached)
+        except Exception as exc:  # noqa: BLE001 - the waiting services' own retries come anyway
+            log.warning("deploy.next_in_line_failed", extra={"exception": _traceback(exc)})
+            return
+        if next_id is None:
+            return
+        log.info("deploy.next_in_line", extra={"service": str(next_id), "after": str(service_id)})
+        service_id = next_id
+
+
+def _one_pass(context: ServiceContext, service_id: uuid.UUID) -> reconciler.Lease | None:
+    """One pass over the service; the lease it ran under, or None when it did not run (another
+    pass holds the service, or no slot was free and it was put off)."""
     with session_scope(context.session_factory) as session:
         lease = reconciler.claim(session, service_id, owner=_OWNER)
     if lease is None:
-        return
+        return None
     per_tenant = context.settings.deploy_passes_per_tenant
     with pass_slots.slot(lease.subscription_id, attached=lease.attached, per_tenant=per_tenant) as free:
         if not free:
@@ -75,7 +100,7 @@ def reconcile_service(context: ServiceContext, service_id: uuid.UUID) -> None:
                     "due_in": due_in,
                 },
             )
-            return
+            return None
         try:
             if lease.put_off_since is not None:
                 with session_scope(context.session_factory) as session:
@@ -88,19 +113,7 @@ def reconcile_service(context: ServiceContext, service_id: uuid.UUID) -> None:
             log.error("deploy.pass_failed", extra={"service": str(service_id), "exception": _traceback(exc)})
             with session_scope(context.session_factory) as session:
                 reconciler.release(session, lease, due_in=reconciler.STEADY_SECONDS)
-    _call_next_put_off(context, attached=lease.attached)
-
-
-def _call_next_put_off(context: ServiceContext, *, attached: bool) -> None:
-    """The slot just freed goes to the next service in line, whichever process put it off."""
-    try:
-        with session_scope(context.session_factory) as session:
-            called = reconciler.call_next_put_off(session, attached=attached)
-    except Exception as exc:  # noqa: BLE001 - the called one's own retry comes anyway
-        log.warning("deploy.call_next_failed", extra={"exception": _traceback(exc)})
-        return
-    if called is not None:
-        log.info("deploy.put_off_called", extra={"service": str(called)})
+    return lease
 
 
 @contextmanager

@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 from contextlib import ExitStack
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -177,12 +178,12 @@ def test_an_attached_targets_pass_past_their_share_gives_its_lease_back(
             session.execute(Account.__table__.delete().where(Account.id == service.account_id))
 
 
-def test_a_slot_freed_in_one_worker_process_calls_the_service_another_one_put_off(
+def test_a_worker_whose_pass_ends_takes_the_services_another_worker_process_put_off(
     service_context: ServiceContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Two deploy worker processes: the first has its attached share taken by slow tenants and
-    puts a pass off; a pass that ends in the second calls that service at once (it is next in
-    line), rather than leaving it to its retry."""
+    puts five passes off. A pass that ends in the second is followed there at once by the
+    waiting ones, in their order in line, up to PASSES_A_TASK passes in all; the rest wait on."""
     limit = service_context.settings.deploy_passes_per_tenant
     first_process, second_process = PassSlots(threads=8), PassSlots(threads=8)
     ran: list[uuid.UUID] = []
@@ -194,33 +195,30 @@ def test_a_slot_freed_in_one_worker_process_calls_the_service_another_one_put_of
 
     monkeypatch.setattr(reconcile, "_pass", a_pass)
     with session_scope(service_context.session_factory) as session:
-        session.execute(update(Service).values(put_off_since=None))  # no other test's service waits
-        waiting, other = (_attached_service(session, f"sub-{uuid.uuid4().hex[:8]}") for _ in range(2))
+        other, *waiting = (_attached_service(session, f"sub-{uuid.uuid4().hex[:8]}") for _ in range(6))
     try:
         with ExitStack() as running:  # the first process's attached share: two slow tenants'
             for tenant in ("slow-1", "slow-1", "slow-2", "slow-2"):
                 assert running.enter_context(first_process.slot(tenant, attached=True, per_tenant=limit))
             monkeypatch.setattr(reconcile, "pass_slots", first_process)
-            _assert_put_off(service_context, waiting)
+            for service_id in waiting:
+                _assert_put_off(service_context, service_id)
             with session_scope(service_context.session_factory) as session:
-                put_off_since = session.scalar(select(Service.put_off_since).where(Service.id == waiting))
-            assert put_off_since is not None
+                for n, service_id in enumerate(waiting):  # in line in this order, before any other test's
+                    since = utcnow() - timedelta(days=1, seconds=60 - n)
+                    session.execute(update(Service).where(Service.id == service_id).values(put_off_since=since))
 
             monkeypatch.setattr(reconcile, "pass_slots", second_process)
-            reconcile.reconcile_service(service_context, other)  # runs, and frees its slot
-            assert ran == [other]
+            reconcile.reconcile_service(service_context, other)  # runs, frees its slot, takes the next
+            assert ran == [other, *waiting[: reconcile.PASSES_A_TASK - 1]]
             with session_scope(service_context.session_factory) as session:
-                row = session.execute(select(Service.due_at, Service.put_off_since).where(Service.id == waiting)).one()
-            assert row.due_at <= utcnow()  # called: the schedule hands it out at its next beat
-            assert row.put_off_since == put_off_since  # in line until its pass runs
-
-            reconcile.reconcile_service(service_context, waiting)  # handed to the second process
-            assert ran == [other, waiting]
-            with session_scope(service_context.session_factory) as session:
-                assert session.scalar(select(Service.put_off_since).where(Service.id == waiting)) is None
+                in_line = dict(
+                    session.execute(select(Service.id, Service.put_off_since).where(Service.id.in_(waiting))).all()
+                )
+            assert [in_line[service_id] is not None for service_id in waiting] == [False, False, False, True, True]
     finally:
         with session_scope(service_context.session_factory) as session:
-            accounts = select(Service.account_id).where(Service.id.in_([waiting, other]))
+            accounts = select(Service.account_id).where(Service.id.in_([other, *waiting]))
             session.execute(Account.__table__.delete().where(Account.id.in_(accounts.scalar_subquery())))
 
 
