@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import case, delete, func, or_, select, tuple_, update
 from sqlalchemy.orm import Session
@@ -58,8 +58,7 @@ MARKED_REPLICAS = 64
 # .pass_slots) is tried again after a quarter of the time it has waited, within these bounds:
 # while slots stay taken, a waiting service is claimed and released ever more rarely, and the
 # worker whose pass frees a slot, in any process, takes the next one in line at once
-# (``next_in_line``), so the longer retries cost no wait when slots free up. Below
-# HANDED_OUT_SECONDS: a service parked for its retry is told from one handed out by its due time.
+# (``next_in_line``), so the longer retries cost no wait when slots free up.
 PUT_OFF_SECONDS = 5.0
 PUT_OFF_MAX_SECONDS = 20.0
 
@@ -205,6 +204,7 @@ def due_services(session: Session, *, limit: int = 50) -> list[uuid.UUID]:
         Service.id.in_(due.scalar_subquery()),
         Service.due_at <= now,
         due_at=now + timedelta(seconds=HANDED_OUT_SECONDS),
+        handed_out_at=now,  # on its way: a put-off one is no longer parked (next_in_line)
     )
     return [row.id for row in rows]
 
@@ -265,6 +265,7 @@ def put_off(session: Session, lease: Lease) -> float:
         lease_expires_at=None,
         due_at=now + timedelta(seconds=delay),
         put_off_since=since,
+        handed_out_at=None,  # parked
     )
     return delay
 
@@ -274,14 +275,24 @@ def taken_up(session: Session, lease: Lease) -> None:
     _bookkeep(session, _held(lease), put_off_since=None)
 
 
-def next_in_line(session: Session, *, attached: bool) -> uuid.UUID | None:
-    """The service whose pass a slot just freed should run next (the worker that freed it
-    claims it at once: workers.deploy.reconcile), or None when nothing waits. Of the services
-    put off and parked for their retry, whichever worker process put them off: one of the freed
-    slot's kind first (``attached``: on a target its tenant attached), then the one whose tenant
-    (subscription) runs the fewest passes of that kind now in every worker process (their leases
-    say), then the longest waiting. One statement, whose cost grows with the passes running and
-    the services waiting, not with a tenant's services."""
+class Room(NamedTuple):
+    """What a worker process has room for now (workers.deploy.pass_slots): a pass on a target its
+    tenant attached (``attached``) or only on the operator's, but not for these tenants' passes
+    (``full``: at their share) nor their passes on attached targets (``attached_full``)."""
+
+    attached: bool
+    full: frozenset[str]
+    attached_full: frozenset[str]
+
+
+def next_in_line(session: Session, *, attached: bool, room: Room) -> uuid.UUID | None:
+    """The service whose pass should take the slot a pass just freed (the worker that freed it
+    claims it at once: workers.deploy.reconcile), or None when none waits that fits ``room``.
+    Of the services put off and parked for their retry, whichever worker process put them off:
+    one of the freed slot's kind first (``attached``: on a target its tenant attached), then the
+    one whose tenant (subscription) runs the fewest passes of that kind now in every worker
+    process (their leases say), then the longest waiting. One statement, whose cost grows with
+    the passes running and the services waiting, not with a tenant's services."""
     now = utcnow()
     tenant = func.lower(Account.subscription_id)
     running = (
@@ -292,6 +303,13 @@ def next_in_line(session: Session, *, attached: bool) -> uuid.UUID | None:
         .group_by(tenant)
         .cte("running")
     )
+    fits = []
+    if room.full:
+        fits.append(tenant.not_in(sorted(room.full)))
+    if not room.attached:
+        fits.append(~_attached())
+    elif room.attached_full:
+        fits.append(or_(~_attached(), tenant.not_in(sorted(room.attached_full))))
     other_kind = case((_attached(), 0), else_=1) if attached else case((_attached(), 1), else_=0)
     return session.scalar(
         select(Service.id)
@@ -299,11 +317,11 @@ def next_in_line(session: Session, *, attached: bool) -> uuid.UUID | None:
         .outerjoin(running, running.c.tenant == tenant)
         .where(
             Service.put_off_since.is_not(None),
-            # Parked for its retry: not handed out (the schedule sets HANDED_OUT_SECONDS ahead)
-            # nor due, both already on their way to a worker.
+            # Parked for its retry: neither handed out nor due (on their way to a worker).
+            Service.handed_out_at.is_(None),
             Service.due_at > now,
-            Service.due_at <= now + timedelta(seconds=PUT_OFF_MAX_SECONDS),
             or_(Service.lease_expires_at.is_(None), Service.lease_expires_at < now),
+            *fits,
         )
         .order_by(other_kind, func.coalesce(running.c.passes, 0), Service.put_off_since, Service.id)
         .limit(1)
@@ -688,9 +706,10 @@ def finish_delete(session: Session, lease: Lease) -> bool:
 
 
 def release(session: Session, lease: Lease, *, due_in: float) -> None:
-    """Give the lease back without a verdict (the pass could not finish); tried again in ``due_in``."""
+    """Give the lease back without a verdict (the pass could not finish); tried again in ``due_in``.
+    The pass had its slot: the service is no longer in line."""
     due_at = utcnow() + timedelta(seconds=due_in)
-    _bookkeep(session, _held(lease), lease_owner=None, lease_expires_at=None, due_at=due_at)
+    _bookkeep(session, _held(lease), lease_owner=None, lease_expires_at=None, due_at=due_at, put_off_since=None)
 
 
 def _lock_held(session: Session, lease: Lease) -> bool:

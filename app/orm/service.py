@@ -129,8 +129,10 @@ class Service(UuidPrimaryKey, CreatedAt, Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     due_at: Mapped[datetime | None] = mapped_column(UtcDateTime, default=utcnow)
     # Since when its passes have found no slot free (workers.deploy.pass_slots), None once one
-    # runs: its place in line for the next freed slot, in whichever worker process (migration 0022).
+    # runs: its place in line for the next freed slot, in whichever worker process; and when the
+    # schedule last handed it to a worker (None while it is parked for its retry: migration 0022).
     put_off_since: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    handed_out_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     switched_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     # The tenant's changes (create, update, delete): counted, and the last one dated.
     revision: Mapped[int] = mapped_column(Integer, default=0, server_default="0")

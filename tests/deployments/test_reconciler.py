@@ -18,11 +18,11 @@ from app.deployments.reconciler import (
     ERROR_REASON_CHARS,
     FAILED_SECONDS,
     HANDED_OUT_SECONDS,
-    PUT_OFF_MAX_SECONDS,
     PUT_OFF_SECONDS,
     STEADY_SECONDS,
     Failure,
     Replica,
+    Room,
     Spec,
     Step,
     claim,
@@ -35,6 +35,7 @@ from app.deployments.reconciler import (
     read_spec,
     record,
     record_unreachable,
+    release,
     renew,
     taken_up,
 )
@@ -200,6 +201,9 @@ def test_the_hand_out_takes_turns_between_tenants(db: Session) -> None:
     assert crowd_services[0].id in handed  # each tenant's most overdue first
 
 
+ANY = Room(attached=True, full=frozenset(), attached_full=frozenset())  # a worker with room for any pass
+
+
 def _tenant(db: Session, subscriptions: list[str], count: int, *, attached: bool = True) -> list[Service]:
     """``count`` services, in turn of an account of each of ``subscriptions`` (one tenant: a
     subscription, whatever its case), on a target the tenant attached (or the operator's)."""
@@ -254,17 +258,17 @@ def test_next_in_line_is_the_tenant_with_the_fewest_passes_then_the_longest_wait
 
     taken = []
     for _ in range(4):  # each freed slot on an attached target takes one, which then runs
-        service_id = next_in_line(db, attached=True)
+        service_id = next_in_line(db, attached=True, room=ANY)
         assert service_id is not None
         taken.append(service_id)
         _running(db, db.get(Service, service_id))
     # crowd's oldest (neither runs a pass); single's (crowd runs one: crowd's second, in its
     # other account, waited longer); crowd's (one each); crowd's last.
     assert taken == [crowd[0].id, single[0].id, crowd[1].id, crowd[2].id]
-    assert next_in_line(db, attached=True) == operators[0].id  # only one left: of the other kind
-    assert next_in_line(db, attached=False) == operators[0].id
+    assert next_in_line(db, attached=True, room=ANY) == operators[0].id  # only one left: of the other kind
+    assert next_in_line(db, attached=False, room=ANY) == operators[0].id
     _running(db, operators[0])
-    assert next_in_line(db, attached=False) is None
+    assert next_in_line(db, attached=False, room=ANY) is None
 
 
 def test_next_in_line_is_parked_and_free_and_counts_the_freed_slots_kind(db: Session) -> None:
@@ -272,19 +276,19 @@ def test_next_in_line_is_parked_and_free_and_counts_the_freed_slots_kind(db: Ses
     theirs = _tenant(db, ["theirs"], 3)
     ours = _tenant(db, ["ours"], 1, attached=False)
     _waiting(db, [*theirs, *ours], since_seconds_ago=[90, 80, 70, 10])
-    assert next_in_line(db, attached=False) == ours[0].id  # the newest, but of the slot's kind
+    assert next_in_line(db, attached=False, room=ANY) == ours[0].id  # the newest, but of the slot's kind
 
     theirs[0].lease_owner, theirs[0].lease_expires_at = "a worker", utcnow() + timedelta(seconds=60)  # claimed
-    theirs[1].due_at = utcnow() + timedelta(seconds=HANDED_OUT_SECONDS)  # handed out by the schedule
+    theirs[1].due_at = utcnow() + timedelta(seconds=HANDED_OUT_SECONDS - 15)  # handed out 15 s ago,
+    theirs[1].handed_out_at = utcnow() - timedelta(seconds=15)  # its task still queued
     db.flush()
-    assert next_in_line(db, attached=True) == theirs[2].id
+    assert next_in_line(db, attached=True, room=ANY) == theirs[2].id
     theirs[2].due_at = utcnow() - timedelta(seconds=1)  # due: its retry is on its way
     db.flush()
-    assert next_in_line(db, attached=True) == ours[0].id  # none of the slot's kind is parked
+    assert next_in_line(db, attached=True, room=ANY) == ours[0].id  # none of the slot's kind is parked
     theirs[0].lease_expires_at = utcnow() - timedelta(seconds=1)  # its pass died: the lease lapsed
     db.flush()
-    assert next_in_line(db, attached=True) == theirs[0].id
-    assert HANDED_OUT_SECONDS > PUT_OFF_MAX_SECONDS  # parked and handed out told apart by due time
+    assert next_in_line(db, attached=True, room=ANY) == theirs[0].id
 
     # A tenant's passes on the operator's targets do not count against it for an attached slot.
     busy, idle = _tenant(db, ["busy"], 3), _tenant(db, ["idle"], 1)
@@ -293,9 +297,46 @@ def test_next_in_line_is_parked_and_free_and_counts_the_freed_slots_kind(db: Ses
         row.compute_attached, row.compute_name, row.compute_type = False, "local", "local"
         _running(db, row)
     _waiting(db, [busy[0], idle[0]], since_seconds_ago=[20, 10])
-    assert next_in_line(db, attached=True) == busy[0].id
+    assert next_in_line(db, attached=True, room=ANY) == busy[0].id
     # For a slot on the operator's targets, they do: (none of that kind waits, so) idle's first.
-    assert next_in_line(db, attached=False) == idle[0].id
+    assert next_in_line(db, attached=False, room=ANY) == idle[0].id
+
+
+def test_next_in_line_fits_what_the_worker_has_room_for(db: Session) -> None:
+    """A service the worker would only put off again is passed over: a tenant at its share in
+    this process, attached targets' passes when their share is taken, or that tenant's."""
+    db.execute(update(Service).values(put_off_since=None))
+    full, other = _tenant(db, ["full"], 2), _tenant(db, ["other"], 1)
+    full[1].compute_attached, full[1].compute_name, full[1].compute_type = False, "local", "local"
+    _waiting(db, [*full, *other], since_seconds_ago=[30, 20, 10])
+    assert next_in_line(db, attached=True, room=ANY) == full[0].id  # the longest waiting
+    at_share = Room(attached=True, full=frozenset({"full"}), attached_full=frozenset())
+    assert next_in_line(db, attached=True, room=at_share) == other[0].id
+    attached_taken = Room(attached=False, full=frozenset(), attached_full=frozenset())
+    assert next_in_line(db, attached=True, room=attached_taken) == full[1].id  # on the operator's target
+    at_attached_share = Room(attached=True, full=frozenset(), attached_full=frozenset({"full"}))
+    assert next_in_line(db, attached=True, room=at_attached_share) == other[0].id
+    assert next_in_line(db, attached=False, room=at_attached_share) == full[1].id
+    nothing = Room(attached=False, full=frozenset({"full"}), attached_full=frozenset())
+    assert next_in_line(db, attached=True, room=nothing) is None
+
+
+def test_the_hand_out_and_a_pass_take_a_service_out_of_line(db: Session, service: Service) -> None:
+    lease = claim(db, service.id, owner="a")
+    assert lease is not None
+    put_off(db, lease)
+    db.refresh(service)
+    assert service.put_off_since is not None and service.handed_out_at is None  # parked
+    service.due_at = utcnow() - timedelta(seconds=1)
+    db.flush()
+    assert service.id in due_services(db)
+    db.refresh(service)
+    assert service.handed_out_at is not None and service.put_off_since is not None  # on its way, in line
+    lease = claim(db, service.id, owner="b")
+    assert lease is not None
+    release(db, lease, due_in=STEADY_SECONDS)  # its pass had a slot and gave up: out of line
+    db.refresh(service)
+    assert service.put_off_since is None
 
 
 @pytest.mark.skipif("postgresql" not in os.environ.get("MMS_TEST_DATABASE_URL", ""), reason="PostgreSQL's plans")
@@ -313,7 +354,7 @@ def test_next_in_line_counts_each_tenants_passes_once_not_for_each_waiting_servi
 
     event.listen(connection, "before_cursor_execute", seen)
     try:
-        assert next_in_line(db, attached=True) == waiting[0].id
+        assert next_in_line(db, attached=True, room=ANY) == waiting[0].id
     finally:
         event.remove(connection, "before_cursor_execute", seen)
     statement, parameters = statements[-1]

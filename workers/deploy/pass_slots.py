@@ -16,10 +16,11 @@ takes a while too. So:
 
 A pass past a bound is put off: its lease is given back and its service waits in line in the
 database (app.deployments.reconciler ``put_off``). The worker whose pass ends, in any process,
-takes the next one in line in the slot it freed (``next_in_line``: the tenant running the fewest
-passes, then the longest waiting; workers.deploy.reconcile), and a waiting service is tried again
-on its own now and then. Tenants slow at once beyond the attached share take turns in that line:
-more threads widen it.
+then takes the next one in line that it has room for (``room``, ``next_in_line``: of the freed
+slot's kind first, then the tenant running the fewest passes of that kind, then the longest
+waiting; workers.deploy.reconcile), and a waiting service is tried again on its own now and
+then. Tenants slow at once beyond the attached share take turns in that line: more threads
+widen it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import NamedTuple
+
+from app.deployments.reconciler import Room
 
 MIN_THREADS = 8  # a deploy worker's threads, whatever --concurrency asks (workers.cli)
 RESERVED_THREADS = 2  # the schedule's and the sweep's
@@ -83,6 +86,20 @@ class PassSlots:
                     _take_one(self._running, tenant)
                     if attached:
                         _take_one(self._attached, tenant)
+
+    def room(self, *, per_tenant: int) -> Room | None:
+        """What a pass could take now (None: no slot at all), for the next one in line."""
+        with self._lock:
+            limits = self.limits()
+            full = frozenset(tenant for tenant, count in self._running.items() if count >= per_tenant)
+            if limits is None:
+                return Room(attached=True, full=full, attached_full=frozenset())
+            if self._running.total() >= limits.passes:
+                return None
+            attached_full = frozenset(
+                tenant for tenant, count in self._attached.items() if count >= limits.attached_per_tenant
+            )
+            return Room(attached=self._attached.total() < limits.attached, full=full, attached_full=attached_full)
 
     def running(self) -> dict[str, int]:
         """Each tenant's passes running now (those with none are not kept)."""

@@ -63,13 +63,17 @@ def reconcile_service(context: ServiceContext, service_id: uuid.UUID) -> None:
     slot is free here now), up to PASSES_A_TASK passes."""
     if _copied(context):
         return
-    for _ in range(PASSES_A_TASK):
+    per_tenant = context.settings.deploy_passes_per_tenant
+    for passes in range(1, PASSES_A_TASK + 1):
         ran = _one_pass(context, service_id)
-        if ran is None:
+        if ran is None or passes == PASSES_A_TASK:
+            return
+        room = pass_slots.room(per_tenant=per_tenant)  # another thread may have taken the slot
+        if room is None:
             return
         try:
             with session_scope(context.session_factory) as session:
-                next_id = reconciler.next_in_line(session, attached=ran.attached)
+                next_id = reconciler.next_in_line(session, attached=ran.attached, room=room)
         except Exception as exc:  # noqa: BLE001 - the waiting services' own retries come anyway
             log.warning("deploy.next_in_line_failed", extra={"exception": _traceback(exc)})
             return

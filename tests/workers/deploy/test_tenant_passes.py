@@ -3,8 +3,9 @@ worker's pass threads: a tenant whose passes are slow (a pull from a registry th
 cannot keep every other tenant's services waiting, whatever number of accounts it makes. Passes
 on targets tenants attached hold at most all threads but two, one tenant at most half of those:
 slow tenants never take the threads of the operator's targets' passes and the schedule. A pass
-past a bound gives its lease back and is tried again PUT_OFF_SECONDS later, or as soon as a slot
-frees in any worker process and it is next in line."""
+past a bound gives its lease back and waits in line: a worker whose pass ends takes the next one
+in the slot it freed, and a waiting one is tried again on its own after a quarter of its wait
+(PUT_OFF_SECONDS at first)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from sqlalchemy.orm import Session
 from app.context import ServiceContext
 from app.database import session_scope
 from app.deployments import reconciler
-from app.deployments.reconciler import PUT_OFF_SECONDS
+from app.deployments.reconciler import PUT_OFF_SECONDS, Room
 from app.orm import Account, Image, Service
 from app.orm.base import utcnow
 from tests.factories import new_image_row, new_service_row
@@ -122,6 +123,23 @@ def test_passes_leave_threads_to_the_schedule_and_attached_targets_passes_to_the
     assert PassSlots().limits() is None  # outside a worker: the tenant's share only
 
 
+def test_the_room_a_worker_has_for_the_next_in_line() -> None:
+    passes = PassSlots(threads=8)  # 6 passes, 4 on attached targets, 2 of those a tenant
+    assert passes.room(per_tenant=2) == Room(attached=True, full=frozenset(), attached_full=frozenset())
+    with ExitStack() as running:
+        for tenant, attached in (("a", True), ("a", False), ("b", True), ("b", True)):
+            assert running.enter_context(passes.slot(tenant, attached=attached, per_tenant=2))
+        # a and b at their share; b at its attached share (a's operator pass is not attached)
+        assert passes.room(per_tenant=2) == Room(
+            attached=True, full=frozenset({"a", "b"}), attached_full=frozenset({"b"})
+        )
+        assert running.enter_context(passes.slot("c", attached=True, per_tenant=2))
+        assert passes.room(per_tenant=3).attached is False  # the attached share (4) is taken
+        assert running.enter_context(passes.slot("d", attached=False, per_tenant=2))
+        assert passes.room(per_tenant=2) is None  # every pass slot is taken
+    assert PassSlots().room(per_tenant=1) == Room(attached=True, full=frozenset(), attached_full=frozenset())
+
+
 def test_one_sweep_at_a_time_in_a_worker_process(monkeypatch: pytest.MonkeyPatch) -> None:
     # The schedule sends a sweep every minute and a sweep of slow clusters takes longer: a second
     # one must not take another pass thread beside it.
@@ -190,6 +208,7 @@ def test_a_worker_whose_pass_ends_takes_the_services_another_worker_process_put_
 
     def a_pass(context: ServiceContext, lease: reconciler.Lease) -> None:  # all went well
         ran.append(lease.service_id)
+        assert second_process.running() == {lease.subscription_id: 1}  # its own slot, no other
         with session_scope(context.session_factory) as session:
             reconciler.release(session, lease, due_in=reconciler.STEADY_SECONDS)
 
