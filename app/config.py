@@ -80,6 +80,12 @@ class Settings(BaseSettings):
     azure_storage_container: str = "mms-assets"
 
     fetch_allow_hosts: list[str] = []  # host or host:port that may be private (e.g. an internal store)
+    # A tenant's own private hosts, each allowed for one attached compute alone, keyed by its
+    # path (/subscriptions/../resourceGroups/../accounts/../computes/NAME, any case): its swarm
+    # manager and nodes, or its cluster's server. Nothing else (model and asset fetches,
+    # webhooks, builds, another compute or account) reaches them: the operator vouches for an
+    # address as one tenant's, where an installation-wide entry vouches for it to everyone.
+    compute_allow_hosts: dict[str, list[str]] = {}
     fetch_max_bytes: int = Field(default=8 * 1024**3, ge=1)
     fetch_timeout_seconds: float = Field(default=1800.0, gt=0)
     extra_ca_bundle: Path | None = None  # PEM file of extra CAs trusted for fetches and builds
@@ -247,6 +253,26 @@ class Settings(BaseSettings):
             raise ValueError(f"MMS_SERVICE_SUBNET_POOL: /{pool.prefixlen} out of range (/16 to /24)")
         return str(pool)
 
+    @field_validator("compute_allow_hosts")
+    @classmethod
+    def _compute_allow_hosts_name_computes(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        bound: dict[str, list[str]] = {}
+        for path, hosts in value.items():
+            key = compute_path_key(path)
+            if key is None:
+                raise ValueError(
+                    f"MMS_COMPUTE_ALLOW_HOSTS: {path!r} is not a compute's path "
+                    "(/subscriptions/SUB/resourceGroups/GROUP/accounts/ACCOUNT/computes/NAME)"
+                )
+            for host in hosts:
+                if not _is_host_entry(host):
+                    raise ValueError(
+                        f"MMS_COMPUTE_ALLOW_HOSTS: {host!r} (for {path}) is not host or host:port "
+                        "(an IPv6 address as [v6] or [v6]:port): no scheme, path or login"
+                    )
+            bound.setdefault(key, []).extend(host.strip().lower() for host in hosts)
+        return bound
+
     events_poll_seconds: float = Field(default=0.25, gt=0, le=10)  # how often an API process looks for new events
     # How often an API process re-reads the roles of its event streams' callers (one query for
     # all of them): a deleted principal's or removed role's stream ends within it.
@@ -271,6 +297,20 @@ class Settings(BaseSettings):
                 if name.strip().lower() == "blobendpoint" and value:
                     hosts.add(urlsplit(value.strip()).netloc.lower())
         return frozenset(hosts)
+
+    def compute_allow_hosts_for(self, compute_path: str | None) -> frozenset[str]:
+        """The hosts MMS_COMPUTE_ALLOW_HOSTS allows for the compute at ``compute_path`` alone
+        (none for None: a compute whose path is not known)."""
+        key = compute_path_key(compute_path or "")
+        if key is None:
+            return frozenset()
+        # Keys compared as read (settings copied with model_copy skip the validator's forms).
+        return frozenset(
+            host.strip().lower()
+            for path, hosts in self.compute_allow_hosts.items()
+            if compute_path_key(path) == key
+            for host in hosts
+        )
 
     @property
     def resolved_gateway_port(self) -> int:
@@ -440,6 +480,39 @@ class Settings(BaseSettings):
 
 
 @lru_cache
+def compute_path(subscription: str, resource_group: str, account: str, compute: str) -> str:
+    """A compute's path, as MMS_COMPUTE_ALLOW_HOSTS names it."""
+    return f"/subscriptions/{subscription}/resourceGroups/{resource_group}/accounts/{account}/computes/{compute}"
+
+
+def compute_path_key(path: str) -> str | None:
+    """``path`` as compared (ARM names are case-insensitive), or None when it names no compute."""
+    parts = path.strip().strip("/").lower().split("/")
+    if len(parts) != 8 or parts[0::2] != ["subscriptions", "resourcegroups", "accounts", "computes"]:
+        return None
+    if not all(parts[1::2]):
+        return None
+    return "/" + "/".join(parts)
+
+
+def _is_host_entry(entry: str) -> bool:
+    """host, host:port, an IPv6 address, [v6] or [v6]:port: what the fetch policy matches."""
+    text = entry.strip()
+    if not text or any(c in text for c in "/@?#\\ \t"):
+        return False
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        pass
+    try:
+        parts = urlsplit(f"//{text}")
+        port = parts.port
+    except ValueError:
+        return False
+    return bool(parts.hostname) and (port is None or port > 0) and not text.endswith(":")
+
+
 def get_settings() -> Settings:
     """The process-wide settings, read once."""
     return Settings()

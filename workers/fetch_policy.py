@@ -19,6 +19,14 @@ def fetch_policy(settings: Settings) -> FetchPolicy:
     )
 
 
+def fetch_policy_for_compute(settings: Settings, compute_path: str | None) -> FetchPolicy:
+    """The fetch policy for reaching an attached compute (its swarm's manager and nodes, its
+    cluster's server): the installation's, and the hosts MMS_COMPUTE_ALLOW_HOSTS allows for
+    that compute alone (``compute_path``; None: none)."""
+    policy = fetch_policy(settings)
+    return replace(policy, allow_hosts=policy.allow_hosts | settings.compute_allow_hosts_for(compute_path))
+
+
 def allowing_registry(policy: FetchPolicy, registry: str) -> FetchPolicy:
     """``policy`` that also lets a build read from ``registry`` (``host[:port][/prefix]``).
 

@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import Row, delete, func, select, update
 from sqlalchemy.orm import Session
 
+from app.config import compute_path
 from app.errors import Conflict
 from app.orm import Account, ClusterCleanup, Compute, Service
 from app.orm.base import utcnow
@@ -48,6 +49,7 @@ class Cleanup:
     sealed_credentials: str = field(repr=False)
     attempts: int
     claimed_until: datetime  # the claim: a write by a sweep whose claim was taken over finds nothing
+    compute_path: str | None = None  # the compute's (MMS_COMPUTE_ALLOW_HOSTS); None: not known
 
 
 def queue_cleanups(
@@ -71,6 +73,7 @@ def queue_cleanups(
             Service.traffic_generation,
             Service.replicas_ready,
             Service.endpoint,
+            Service.compute_name,
             Compute.compute_type,
             Compute.sealed_credentials,
             Compute.properties,
@@ -92,13 +95,17 @@ def queue_cleanups(
     rows = [row for row in session.execute(query.with_for_update(of=Service)).all() if _maybe_applied(row)]
     # The tenant: the sweep picks fairly by it (an account's own delete is never capped, and a
     # tenant makes any number of accounts).
-    subscription_query = select(func.lower(Account.subscription_id)).where(Account.id == account_id)
+    # Its path too: the hosts the operator allows for one compute alone are found by it
+    # (MMS_COMPUTE_ALLOW_HOSTS), when the account is gone.
+    account_query = select(
+        func.lower(Account.subscription_id), Account.subscription_id, Account.resource_group, Account.name
+    ).where(Account.id == account_id)
     if rows and cap is not None:
         # The account's row locked until the commit, after the services' (the order an account's
         # delete takes them in): capped deletes of its services count the pending rows one at a
         # time, each seeing the rows those before it queued, so the cap is exact. FOR NO KEY
         # UPDATE: the foreign key checks of inserts under the account (FOR KEY SHARE) never wait.
-        subscription = session.scalar(subscription_query.with_for_update(key_share=True))
+        account = session.execute(account_query.with_for_update(key_share=True)).one_or_none()
         pending = session.scalar(
             select(func.count()).select_from(ClusterCleanup).where(ClusterCleanup.account_id == account_id)
         )
@@ -111,7 +118,8 @@ def queue_cleanups(
                 code="TooManyCleanups",
             )
     else:
-        subscription = session.scalar(subscription_query)
+        account = session.execute(account_query).one_or_none()
+    subscription = account[0] if account is not None else None
     for row in rows:
         properties = row.properties or {}
         session.add(
@@ -119,6 +127,7 @@ def queue_cleanups(
                 service_id=row.id,
                 account_id=account_id,
                 subscription_id=subscription,
+                compute_path=compute_path(*account[1:], row.compute_name) if account is not None else None,
                 compute_type=row.compute_type,
                 namespace=(properties.get("namespace") or "default") if row.compute_type == "kubernetes" else "",
                 docker_host=properties.get("dockerHost") if row.compute_type == "swarm" else None,
@@ -187,6 +196,7 @@ def claim(session: Session, cleanup_id: uuid.UUID, *, now: datetime) -> Cleanup 
         row.sealed_credentials,
         row.attempts,
         until,
+        row.compute_path,
     )
 
 

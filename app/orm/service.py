@@ -223,6 +223,9 @@ class ClusterCleanup(UuidPrimaryKey, CreatedAt, Base):
     compute_type: Mapped[str] = mapped_column(String(20), default="kubernetes", server_default="kubernetes")
     namespace: Mapped[str] = mapped_column(String(63))  # a kubernetes target's; "" for a swarm
     docker_host: Mapped[str | None] = mapped_column(String(512))  # a swarm's manager, as the compute had it
+    # The compute's path (app.config.compute_path): the private hosts the operator allows for it
+    # alone (MMS_COMPUTE_ALLOW_HOSTS) stay allowed for its cleanup; None for a row from before 0023.
+    compute_path: Mapped[str | None] = mapped_column(String(400))
     # The compute's sealed credentials as they were ({"kubeconfig": ...} or {"tls": ...},
     # app.sealing); never shown.
     sealed_credentials: Mapped[str] = mapped_column(Text)

@@ -202,7 +202,8 @@ def _check_docker_host(docker_host: str | None, allow_hosts: frozenset[str], ser
         raise invalid(
             "properties.dockerHost",
             f"{literal} is not a public address (loopback, private, link-local or reserved): the service's "
-            "own network is not a tenant's to reach; an operator may list it in MMS_FETCH_ALLOW_HOSTS",
+            "own network is not a tenant's to reach; an operator may allow it for this compute "
+            "(MMS_COMPUTE_ALLOW_HOSTS) or for everyone (MMS_FETCH_ALLOW_HOSTS)",
         )
 
 
@@ -264,7 +265,8 @@ def put_target(
     """Attach a target, or replace its settings; whether it is new. ``local`` (and ``swarm``
     when the operator set one) is built in (409). ``allow_insecure_tls``: a kubeconfig may turn
     off the check of its cluster's certificate; ``allow_hosts``: private addresses a swarm
-    manager may have (MMS_FETCH_ALLOW_HOSTS); ``service_pool``: the operator's service networks
+    manager may have (MMS_FETCH_ALLOW_HOSTS's, and MMS_COMPUTE_ALLOW_HOSTS's for this compute);
+    ``service_pool``: the operator's service networks
     (MMS_SERVICE_SUBNET_POOL), where none may be."""
     built_in = _built_in_name(name, swarm_enabled=swarm_enabled)
     if built_in:

@@ -5,16 +5,21 @@ kubeconfig policy's own cases: tests/deployments/test_kubeconfig.py), roles."""
 from __future__ import annotations
 
 import time
+import uuid
 
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.config import Settings
 from app.context import ServiceContext
 from app.main import create_app
 from app.orm import Compute
-from tests.factories import KUBE_TOKEN, Callers, client_with, kubeconfig_text
+from tests.factories import KUBE_TOKEN, Callers, client_with, kubeconfig_text, new_account
+from workers.fetch_policy import fetch_policy
+from workers.fetcher import FetchError, check_url
 
 CERT = "-----BEGIN CERTIFICATE-----\nMIIBfake\n-----END CERTIFICATE-----\n"
 KEY = "-----BEGIN PRIVATE KEY-----\nTOP-SECRET-KEY-MATERIAL\n-----END PRIVATE KEY-----\n"
@@ -328,6 +333,61 @@ def test_an_operator_may_allow_a_private_swarm_manager(
     assert allowed.status_code == 201, allowed.text
     refused = allowing.put(f"{account}/computes/other", json=swarm("tcp://10.0.0.2:2376"), headers=owner)
     assert refused.status_code == 400 and "MMS_FETCH_ALLOW_HOSTS" in refused.json()["message"]
+
+
+def test_an_address_the_operator_allows_for_one_compute_is_that_computes_alone(
+    app_context: ServiceContext, db: Session, client: TestClient, owner: dict[str, str]
+) -> None:
+    """MMS_COMPUTE_ALLOW_HOSTS vouches for a private address as one compute's: that compute
+    attaches there; the account's other compute, and another tenant's compute of the same
+    names, are refused as for an address nobody listed; and nothing else of the tenant's (a
+    model's URL) is fetched from it."""
+    name = f"acct-{uuid.uuid4().hex[:8]}"
+    mine = new_account(client, owner, subscription="sub-a", name=name)
+    theirs = new_account(client, owner, subscription="sub-b", name=name)
+    path = f"/subscriptions/SUB-A/resourceGroups/RG-1/accounts/{name.upper()}/computes/prod"  # any case
+    allowing = client_with(app_context, compute_allow_hosts={path: ["10.0.0.1:2376"]})
+    allowed = allowing.put(f"{mine}/computes/prod", json=swarm("tcp://10.0.0.1:2376"), headers=owner)
+    assert allowed.status_code == 201, allowed.text
+    for url in (f"{mine}/computes/staging", f"{theirs}/computes/prod"):
+        refused = allowing.put(url, json=swarm("tcp://10.0.0.1:2376"), headers=owner)
+        assert refused.status_code == 400, refused.text
+        assert "MMS_COMPUTE_ALLOW_HOSTS" in refused.json()["message"]
+    # Nor anything else of the tenant's: the policy the workers fetch models, assets and
+    # webhooks with does not list it.
+    with pytest.raises(FetchError, match="10.0.0.1"):
+        check_url("https://10.0.0.1:2376/m.pkl", policy=fetch_policy(allowing.app.state.context.settings))
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/subscriptions/s/resourceGroups/g/accounts/a",  # an account, no compute
+        "/subscriptions/s/resourceGroups/g/accounts/a/computes/",
+        "/subscriptions/s/resourcegroup/g/accounts/a/computes/c",
+    ],
+)
+def test_a_compute_allow_list_keyed_by_anything_but_a_computes_path_is_refused_at_start(path: str) -> None:
+    with pytest.raises(ValidationError, match="not a compute's path"):
+        Settings(compute_allow_hosts={path: ["10.0.0.1"]})
+
+
+@pytest.mark.parametrize("host", ["https://10.0.0.1", "10.0.0.1/x", "user@10.0.0.1", "10.0.0.1:", "", "a b"])
+def test_a_compute_allow_list_entry_that_is_not_host_or_host_port_is_refused_at_start(host: str) -> None:
+    with pytest.raises(ValidationError, match="is not host or host:port"):
+        Settings(compute_allow_hosts={"/subscriptions/s/resourceGroups/g/accounts/a/computes/c": [host]})
+
+
+def test_a_compute_allow_list_is_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    path = "/subscriptions/S/resourceGroups/G/accounts/A/computes/C"
+    monkeypatch.setenv("MMS_COMPUTE_ALLOW_HOSTS", f'{{"{path}": ["10.0.0.1", "[fd00::1]:2376"]}}')
+    settings = Settings()
+    assert settings.compute_allow_hosts_for("/subscriptions/s/resourcegroups/g/accounts/a/computes/c") == {
+        "10.0.0.1",
+        "[fd00::1]:2376",
+    }
+    assert settings.compute_allow_hosts_for("/subscriptions/s/resourcegroups/g/accounts/a/computes/d") == set()
+    assert settings.compute_allow_hosts_for(None) == set()
 
 
 @pytest.mark.parametrize(

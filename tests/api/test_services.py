@@ -602,6 +602,8 @@ def test_a_service_deleting_on_a_swarm_that_never_answers_is_force_deleted_with_
         "",
     )
     assert cleanup.sealed_credentials == compute.sealed_credentials and cleanup.attempts == 0
+    # The compute's path: the hosts the operator allows for it alone stay allowed to its cleanup.
+    assert cleanup.compute_path == f"{account.removeprefix('/api')}/computes/theirs"
     last = db.execute(
         select(Event.state, Event.payload).where(Event.subject_id == uuid.UUID(service["id"])).order_by(Event.id.desc())
     ).first()

@@ -104,7 +104,10 @@ def _remove(context: ServiceContext, cleanup: Cleanup, kubeconfig: str) -> None:
         raise TargetRefused("the kubernetes client is not installed on the deploy workers") from None
     settings = context.settings
     driver = KubernetesDriver(
-        kubeconfig, namespace=cleanup.namespace, policy=kubeconfig_policy(settings), tmp_mb=settings.service_tmp_mb
+        kubeconfig,
+        namespace=cleanup.namespace,
+        policy=kubeconfig_policy(settings, compute_path=cleanup.compute_path),
+        tmp_mb=settings.service_tmp_mb,
     )
     with driver:
         if not driver.remove_all(cleanup.service_id):
@@ -115,7 +118,13 @@ def _remove_from_swarm(context: ServiceContext, cleanup: Cleanup, installation: 
     tls = unseal_tls(context, cleanup.sealed_credentials)
     docker_host, target = cleanup.docker_host or "", "the deleted account's swarm"
     with swarm_driver_at(
-        context, docker_host=docker_host, tls=tls, installation=installation, target=target, publish=False
+        context,
+        docker_host=docker_host,
+        tls=tls,
+        installation=installation,
+        target=target,
+        compute_path=cleanup.compute_path,
+        publish=False,
     ) as driver:
         if not driver.remove_all(cleanup.service_id):
             raise _NotYet

@@ -3,7 +3,8 @@
 what only the worker can judge, where each server's address leads.
 
 Each server goes through the fetcher's address rules (private, loopback and link-local
-addresses only when ``MMS_FETCH_ALLOW_HOSTS`` names the host), its name resolved at this
+addresses only when ``MMS_FETCH_ALLOW_HOSTS`` names the host, or ``MMS_COMPUTE_ALLOW_HOSTS``
+for this compute), its name resolved at this
 moment: the API does not judge addresses, since a name may resolve elsewhere by the time the
 worker connects. Only the current context's server is connected to, so only its name is
 resolved: a kubeconfig may name thousands of other clusters, each under a zone that takes a
@@ -21,7 +22,7 @@ from urllib.parse import urlsplit
 from app.config import Settings
 from app.deployments import kubeconfig as tenant_kubeconfig
 from app.deployments.kubeconfig import CheckedKubeconfig, KubeconfigRefused
-from workers.fetch_policy import fetch_policy
+from workers.fetch_policy import fetch_policy_for_compute
 from workers.fetcher import FetchError, FetchPolicy, Resolver, check_url
 
 __all__ = ["CheckedKubeconfig", "KubeconfigPolicy", "KubeconfigRefused", "check_kubeconfig", "kubeconfig_policy"]
@@ -35,8 +36,13 @@ class KubeconfigPolicy:
     allow_insecure_tls: bool = False
 
 
-def kubeconfig_policy(settings: Settings) -> KubeconfigPolicy:
-    return KubeconfigPolicy(fetch=fetch_policy(settings), allow_insecure_tls=settings.kubernetes_allow_insecure_tls)
+def kubeconfig_policy(settings: Settings, *, compute_path: str | None) -> KubeconfigPolicy:
+    """The policy for the cluster of the compute at ``compute_path``: the private servers allowed
+    are the installation's and those MMS_COMPUTE_ALLOW_HOSTS allows for that compute alone."""
+    return KubeconfigPolicy(
+        fetch=fetch_policy_for_compute(settings, compute_path),
+        allow_insecure_tls=settings.kubernetes_allow_insecure_tls,
+    )
 
 
 def check_kubeconfig(

@@ -25,12 +25,13 @@ from typing import TYPE_CHECKING
 from sqlalchemy import select
 
 from app.auth.registry_tokens import engine_pull_token
+from app.config import compute_path
 from app.context import ServiceContext
 from app.database import session_scope
 from app.deployments import installation, reconciler
 from app.deployments.reconciler import Failure, Lease, Spec
 from app.deployments.states import ServiceState
-from app.orm import Compute, Service
+from app.orm import Account, Compute, Service
 from app.orm.base import utcnow
 from app.sealing import UnsealError
 from app.services.computes import is_tenant_swarm
@@ -354,12 +355,16 @@ def _kubernetes_driver(context: ServiceContext, spec: Spec) -> KubernetesDriver:
             "on them (the operator installs the service's kubernetes extra: pip install 'mms[kubernetes]')"
         ) from None
     with session_scope(context.session_factory) as session:
-        compute = session.scalars(
-            select(Compute).where(Compute.account_id == spec.account_id, Compute.name == spec.compute_name)
+        found = session.execute(
+            select(Compute, Account)
+            .join(Account, Account.id == Compute.account_id)
+            .where(Compute.account_id == spec.account_id, Compute.name == spec.compute_name)
         ).first()
+        compute, account = found if found is not None else (None, None)
         if compute is None or compute.compute_type != "kubernetes" or not compute.sealed_credentials:
             raise TargetRefused(f"compute '{spec.compute_name}' is not an attached kubernetes target of the account")
         sealed, namespace = compute.sealed_credentials, (compute.properties or {}).get("namespace") or "default"
+        path = compute_path(account.subscription_id, account.resource_group, account.name, compute.name)
     try:
         kubeconfig = json.loads(context.sealer.unseal(sealed))["kubeconfig"]
     except (UnsealError, ValueError, KeyError, TypeError):
@@ -370,7 +375,7 @@ def _kubernetes_driver(context: ServiceContext, spec: Spec) -> KubernetesDriver:
     return KubernetesDriver(
         kubeconfig,
         namespace=namespace,
-        policy=kubeconfig_policy(context.settings),
+        policy=kubeconfig_policy(context.settings, compute_path=path),
         tmp_mb=context.settings.service_tmp_mb,
     )
 

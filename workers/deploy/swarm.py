@@ -330,13 +330,15 @@ class SwarmDriver:
                 return Failure(
                     f"the gateway may not reach its tasks: one runs on {where}, whose address the gateway may "
                     "not route to (a public address, or one the operator lists as an address in "
-                    "MMS_FETCH_ALLOW_HOSTS); the next generation keeps off it"
+                    "MMS_FETCH_ALLOW_HOSTS, or MMS_COMPUTE_ALLOW_HOSTS for this compute); the next "
+                    "generation keeps off it"
                 )
             if ports is not None and port not in ports:
                 allowed = ", ".join(str(p) for p in sorted(ports))
                 return Failure(
                     f"the gateway may not reach its tasks: they publish port {port} on {where}, and the "
-                    f"operator allows {where}'s address at port {allowed} only (MMS_FETCH_ALLOW_HOSTS); "
+                    f"operator allows {where}'s address at port {allowed} only (MMS_FETCH_ALLOW_HOSTS or "
+                    "MMS_COMPUTE_ALLOW_HOSTS); "
                     "the operator lists the address without a port for the gateway to route to its tasks"
                 )
         return None

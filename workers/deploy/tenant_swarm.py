@@ -51,15 +51,16 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from sqlalchemy import select
 
 from app.addresses import in_service_pool, is_public_address
+from app.config import compute_path
 from app.context import ServiceContext
 from app.database import session_scope
-from app.orm import Compute
+from app.orm import Account, Compute
 from app.private_files import private_dir
 from app.sealing import UnsealError
 from workers.builders.docker import engine_client
 from workers.deploy.local import EngineUnreachable, TargetRefused
 from workers.deploy.swarm import SwarmDriver
-from workers.fetch_policy import fetch_policy
+from workers.fetch_policy import fetch_policy_for_compute
 from workers.fetcher import FetchError, FetchPolicy, Resolver, check_url
 from workers.scratch import remove_orphaned_scratch, scratch_dir
 
@@ -93,12 +94,16 @@ def tenant_swarm_driver(
     its credentials or its manager's address will not do (``publish``: as the address of
     replicas too); EngineUnreachable when it does not answer."""
     with session_scope(context.session_factory) as session:
-        compute = session.scalars(
-            select(Compute).where(Compute.account_id == account_id, Compute.name == compute_name)
+        found = session.execute(
+            select(Compute, Account)
+            .join(Account, Account.id == Compute.account_id)
+            .where(Compute.account_id == account_id, Compute.name == compute_name)
         ).first()
+        compute, account = found if found is not None else (None, None)
         if compute is None or compute.compute_type != "swarm" or not compute.sealed_credentials:
             raise TargetRefused(f"compute '{compute_name}' is not an attached swarm of the account")
         sealed, docker_host = compute.sealed_credentials, str((compute.properties or {}).get("dockerHost") or "")
+        path = compute_path(account.subscription_id, account.resource_group, account.name, compute.name)
     try:
         tls = unseal_tls(context, sealed)
     except TargetRefused:
@@ -111,6 +116,7 @@ def tenant_swarm_driver(
         tls=tls,
         installation=installation,
         target=f"compute '{compute_name}'",
+        compute_path=path,
         publish=publish,
     ) as driver:
         yield driver
@@ -134,16 +140,19 @@ def swarm_driver_at(
     tls: dict[str, str],
     installation: str,
     target: str,
+    compute_path: str | None = None,
     publish: bool = True,
     resolver: Resolver = socket.getaddrinfo,
 ) -> Iterator[SwarmDriver]:
     """A driver on the tenant's manager ``docker_host`` (tcp://host:port) with its TLS material;
-    ``target`` names it in messages. TargetRefused when the fetch policy refuses the manager's
-    address, when it is in the operator's service networks, or (``publish``: the pass will
-    route to its tasks) when no task may be published there; EngineUnreachable when it does
+    ``target`` names it in messages, ``compute_path`` is the compute's (the private hosts the
+    operator allows for it alone, MMS_COMPUTE_ALLOW_HOSTS: none for None). TargetRefused when
+    the fetch policy refuses the manager's address, when it is in the operator's service
+    networks, or (``publish``: the pass will route to its tasks) when no task may be published
+    there; EngineUnreachable when it does
     not answer. Without ``publish`` (removing what runs there) no task gets an address."""
     manager = urlsplit(docker_host)
-    policy = fetch_policy(context.settings)
+    policy = fetch_policy_for_compute(context.settings, compute_path)
     try:
         address = check_url(f"https://{manager.netloc}/", policy=policy, resolver=resolver)
         port = manager.port or 2376
@@ -158,15 +167,19 @@ def swarm_driver_at(
             f"{target}: its manager {manager.netloc} is refused: its address is in the operator's service "
             "networks (MMS_SERVICE_SUBNET_POOL), where other services' replicas answer"
         )
-    # The operator's own entries only: not those a development set-up adds for its asset URLs.
-    allow_hosts = FetchPolicy(allow_hosts=context.settings.fetch_allow_hosts).allow_hosts
+    # The operator's own entries only: not those a development set-up adds for its asset URLs;
+    # and those it allows for this compute alone, which vouch for an address as this tenant's.
+    allow_hosts = FetchPolicy(
+        allow_hosts=[*context.settings.fetch_allow_hosts, *context.settings.compute_allow_hosts_for(compute_path)]
+    ).allow_hosts
     ports = published_ports(address, allow_hosts=allow_hosts)
     if publish and ports == frozenset():
         raise TargetRefused(
             f"{target}: its manager {manager.netloc} is at a non-public address that the operator allows "
             "only through its name, which may lead anywhere: the scoring gateway sends traffic only to a "
-            "public address or one the operator lists as an address (MMS_FETCH_ALLOW_HOSTS: the address, "
-            "or address:port for each port the tasks may publish)"
+            "public address or one the operator lists as an address (MMS_COMPUTE_ALLOW_HOSTS for this "
+            "compute, or MMS_FETCH_ALLOW_HOSTS: the address, or address:port for each port the tasks may "
+            "publish)"
         )
     try:
         ipaddress.ip_address(manager.hostname or "")

@@ -11,6 +11,7 @@ from app.api import examples
 from app.api.deps import CallerDep, ComputeName, ContextDep, ReadableAccount, ReadsDep, SessionDep, WritableAccount
 from app.api.openapi import errors
 from app.api.routing import ApiRoute
+from app.config import compute_path
 from app.schemas.common import Page
 from app.schemas.services import ComputePropertiesRead, ComputePut, ComputeRead
 from app.services import computes
@@ -57,7 +58,11 @@ def put_compute(
         created_by=caller.subject,
         allow_insecure_tls=context.settings.kubernetes_allow_insecure_tls,
         swarm_enabled=context.settings.swarm_compute,
-        allow_hosts=context.settings.effective_fetch_allow_hosts,
+        # The installation's private hosts and those the operator allows for this compute alone.
+        allow_hosts=context.settings.effective_fetch_allow_hosts
+        | context.settings.compute_allow_hosts_for(
+            compute_path(account.subscription_id, account.resource_group, account.name, name)
+        ),
         service_pool=context.settings.service_subnet_pool,
     )
     if created:

@@ -308,8 +308,9 @@ def test_the_worker_applies_the_service_policy() -> None:
 
 def test_insecure_skip_tls_verify_passes_only_with_the_setting() -> None:
     text = kubeconfig_text(cluster="insecure-skip-tls-verify: true\n")
-    assert _refused(text, kubeconfig_policy(Settings())).field == "clusters[0].cluster.insecure-skip-tls-verify"
-    allowing = kubeconfig_policy(Settings(kubernetes_allow_insecure_tls=True))
+    refused = _refused(text, kubeconfig_policy(Settings(), compute_path=None))
+    assert refused.field == "clusters[0].cluster.insecure-skip-tls-verify"
+    allowing = kubeconfig_policy(Settings(kubernetes_allow_insecure_tls=True), compute_path=None)
     assert check_kubeconfig(text, allowing).insecure_skip_tls_verify is True
 
 
@@ -345,5 +346,20 @@ def test_a_private_server_the_operator_allows_is_accepted() -> None:
 
 
 def test_the_settings_allow_list_reaches_the_policy() -> None:
-    policy = kubeconfig_policy(Settings(fetch_allow_hosts=["10.0.0.1:6443"]))
+    policy = kubeconfig_policy(Settings(fetch_allow_hosts=["10.0.0.1:6443"]), compute_path=None)
     assert check_kubeconfig(kubeconfig_text(server="https://10.0.0.1:6443"), policy).server == "https://10.0.0.1:6443"
+
+
+def test_a_server_the_operator_allows_for_one_compute_is_accepted_for_that_compute_alone() -> None:
+    mine = "/subscriptions/Sub-A/resourceGroups/rg/accounts/acct/computes/prod"
+    settings = Settings(compute_allow_hosts={mine: ["10.0.0.1:6443"]})
+    text = kubeconfig_text(server="https://10.0.0.1:6443")
+    assert check_kubeconfig(text, kubeconfig_policy(settings, compute_path=mine.upper())).server == (
+        "https://10.0.0.1:6443"
+    )
+    for other in (
+        "/subscriptions/sub-a/resourceGroups/rg/accounts/acct/computes/staging",  # the account's other compute
+        "/subscriptions/sub-b/resourceGroups/rg/accounts/acct/computes/prod",  # another tenant's, same names
+        None,  # a compute whose path is not known
+    ):
+        assert _refused(text, kubeconfig_policy(settings, compute_path=other)).field == "clusters[0].cluster.server"

@@ -29,15 +29,17 @@ from sqlalchemy.orm import Session
 
 from app.addresses import in_service_pool
 from app.context import ServiceContext
+from app.deployments.cluster_cleanup import Cleanup
 from app.main import create_app
 from app.orm import ServiceReplica
+from app.orm.base import utcnow
 from tests.api.test_manifests import seed_manifest
 from tests.api.test_services import built_image
 from tests.factories import Callers, model_body, new_account
 from tests.listeners import tcp_listener
 from tests.workers.deploy.specs import swarm_spec
 from tests.workers.deploy.test_tenant_swarm_bounds import NAME, Answer, _Engine, certs, engine  # noqa: F401
-from workers.deploy import tenant_swarm
+from workers.deploy import cluster_cleanup, tenant_swarm
 from workers.deploy.local import GENERATION_LABEL, INSTALLATION_LABEL, SERVICE_LABEL, TargetRefused
 from workers.deploy.reconcile import installation_id, reconcile_service
 from workers.deploy.swarm import published_address
@@ -451,6 +453,73 @@ def test_a_swarm_listing_more_nodes_than_are_judged_stays_on_the_manager_with_no
     assert [r.address for r in replicas] == [None, None, None] and every_node_proven == []
 
 
+def test_addresses_the_operator_allows_for_one_compute_are_that_computes_alone(
+    engine: tuple[int, type[_Engine]],  # noqa: F811
+    tls: dict[str, str],
+    app_context: ServiceContext,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """MMS_COMPUTE_ALLOW_HOSTS vouches for private addresses as one compute's, where an
+    installation-wide entry vouches for them to every tenant (on an address that several hosts
+    share, or that is one tenant's, anyone's swarm could be routed there). That compute's
+    manager and nodes there are reached, proven and routed to; the same swarm attached as
+    another compute (the account's other one, another tenant's of the same names, a cleanup
+    whose compute is not known) is refused as unlisted."""
+    policies: list[frozenset[str]] = []
+
+    def proven(node_id: str, address: str, *, policy: FetchPolicy, **_: object) -> bool:
+        policies.append(policy.allow_hosts)
+        return True
+
+    monkeypatch.setattr(tenant_swarm, "prove_node", proven)
+    port, handler = engine
+    handler.hostile = _nodes({"n1": "10.9.9.9", "n2": "127.0.0.2"}, ["n1", "n2"], published=31000)
+    mine = "/subscriptions/sub-a/resourceGroups/rg/accounts/acct/computes/prod"
+    bound = _context(app_context, tmp_path, compute_allow_hosts={mine: [NAME, "127.0.0.1", "127.0.0.2"]})
+
+    def driver(compute_path: str | None):  # type: ignore[no-untyped-def]
+        return _swarm_driver_at(
+            bound,
+            docker_host=f"tcp://{NAME}:{port}",
+            tls=tls,
+            installation="test",
+            target="t",
+            resolver=_to_loopback,
+            compute_path=compute_path,
+        )
+
+    with driver(mine.upper()) as tenant:
+        replicas, failure = tenant.observe(replace(swarm_spec(), replicas=2))
+    assert {r.id: r.address for r in replicas} == {"t-n1": "127.0.0.1:31000", "t-n2": "127.0.0.2:31000"}
+    assert failure is None
+    assert policies and all("127.0.0.2" in hosts for hosts in policies)  # the node's proof may reach it
+
+    for other in (
+        "/subscriptions/sub-a/resourceGroups/rg/accounts/acct/computes/staging",
+        "/subscriptions/sub-b/resourceGroups/rg/accounts/acct/computes/prod",
+        None,
+    ):
+        with pytest.raises(TargetRefused, match="is refused"), driver(other):
+            pass
+    # Listed for the installation by name, and for another compute as an address: the name lets
+    # the worker in, but the address vouches for nothing here, so no route.
+    wide = _context(app_context, tmp_path, fetch_allow_hosts=[NAME], compute_allow_hosts={mine: ["127.0.0.1"]})
+    with (
+        pytest.raises(TargetRefused, match="only through its name"),
+        _swarm_driver_at(
+            wide,
+            docker_host=f"tcp://{NAME}:{port}",
+            tls=tls,
+            installation="test",
+            target="t",
+            resolver=_to_loopback,
+            compute_path="/subscriptions/sub-b/resourceGroups/rg/accounts/acct/computes/prod",
+        ),
+    ):
+        pass
+
+
 @pytest.mark.usefixtures("every_node_proven")
 def test_each_nodes_tasks_are_reached_at_that_nodes_address_if_the_gateway_may_route_there(
     engine: tuple[int, type[_Engine]],  # noqa: F811
@@ -769,3 +838,38 @@ def test_a_manager_name_that_does_not_resolve_in_time_is_unreachable_not_refused
         assert time.monotonic() - started < 3
     finally:
         release.set()
+
+
+def test_a_cleanup_reaches_an_address_allowed_for_its_compute_alone(
+    engine: tuple[int, type[_Engine]],  # noqa: F811
+    tls: dict[str, str],
+    app_context: ServiceContext,
+    tmp_path: Path,
+) -> None:
+    """A force delete's cleanup outlives the account and its computes: it finds the hosts the
+    operator allows for the compute by the path the row kept, and a row that names no compute
+    (from before it was kept) or another gets the installation's alone."""
+    port, handler = engine
+    asked: list[str] = []
+
+    def nothing_there(path: str) -> Answer | None:
+        asked.append(path)
+        return (200, {}, b"[]") if path in ("/services", "/tasks", "/containers/json") else None
+
+    handler.hostile = staticmethod(nothing_there)
+    mine = "/subscriptions/sub-a/resourceGroups/rg/accounts/acct/computes/prod"
+    context = _context(app_context, tmp_path, compute_allow_hosts={mine: [f"127.0.0.1:{port}"]})
+    sealed = context.sealer.seal(json.dumps({"tls": tls}).encode())
+
+    def cleanup(compute_path: str | None) -> Cleanup:
+        return Cleanup(
+            uuid.uuid4(), uuid.uuid4(), "swarm", "", f"tcp://127.0.0.1:{port}", sealed, 0, utcnow(), compute_path
+        )
+
+    cluster_cleanup._remove_from_swarm(context, cleanup(mine), "test")  # nothing of that service there: done
+    assert "/services" in asked
+    asked.clear()
+    for other in (None, "/subscriptions/sub-b/resourceGroups/rg/accounts/acct/computes/prod"):
+        with pytest.raises(TargetRefused, match="is refused"):
+            cluster_cleanup._remove_from_swarm(context, cleanup(other), "test")
+    assert asked == []  # never connected to
