@@ -270,7 +270,7 @@ class Settings(BaseSettings):
                         f"MMS_COMPUTE_ALLOW_HOSTS: {host!r} (for {path}) is not host or host:port "
                         "(an IPv6 address as [v6] or [v6]:port): no scheme, path or login"
                     )
-            bound.setdefault(key, []).extend(host.strip().lower() for host in hosts)
+            bound.setdefault(key, []).extend(_host_entry(host) for host in hosts)
         return bound
 
     events_poll_seconds: float = Field(default=0.25, gt=0, le=10)  # how often an API process looks for new events
@@ -306,7 +306,7 @@ class Settings(BaseSettings):
             return frozenset()
         # Keys compared as read (settings copied with model_copy skip the validator's forms).
         return frozenset(
-            host.strip().lower()
+            _host_entry(host)
             for path, hosts in self.compute_allow_hosts.items()
             if compute_path_key(path) == key
             for host in hosts
@@ -479,20 +479,42 @@ class Settings(BaseSettings):
         return path.read_text(encoding="ascii").strip()
 
 
-@lru_cache
+_COMPUTE_PATH_WORDS = ["subscriptions", "resourcegroups", "accounts", "computes"]
+
+
 def compute_path(subscription: str, resource_group: str, account: str, compute: str) -> str:
     """A compute's path, as MMS_COMPUTE_ALLOW_HOSTS names it."""
     return f"/subscriptions/{subscription}/resourceGroups/{resource_group}/accounts/{account}/computes/{compute}"
 
 
 def compute_path_key(path: str) -> str | None:
-    """``path`` as compared (ARM names are case-insensitive), or None when it names no compute."""
-    parts = path.strip().strip("/").lower().split("/")
-    if len(parts) != 8 or parts[0::2] != ["subscriptions", "resourcegroups", "accounts", "computes"]:
+    """``path`` as compared, or None when it names no compute: the account's part in any case
+    (ARM names, as roles and account lookups compare them), the compute's name exactly (an
+    account may hold ``prod`` and ``Prod``, two computes)."""
+    parts = path.strip().strip("/").split("/")
+    if len(parts) != 8 or [p.lower() for p in parts[0::2]] != _COMPUTE_PATH_WORDS:
         return None
     if not all(parts[1::2]):
         return None
-    return "/" + "/".join(parts)
+    return "/" + "/".join(p.lower() for p in parts[:7]) + "/" + parts[7]
+
+
+def _host_entry(entry: str) -> str:
+    """An allow-list entry as the fetch policy and the attach compare it: lower-cased, an
+    address in its one written form (``FD00:0::1`` is ``fd00::1``, ``[fd00::1]:2376`` stays
+    bracketed)."""
+    text = entry.strip().lower()
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        pass
+    parts = urlsplit(f"//{text}")
+    try:
+        address = ipaddress.ip_address(parts.hostname or "")
+    except ValueError:
+        return text  # a name (with its port)
+    written = f"[{address}]" if address.version == 6 else str(address)
+    return f"{written}:{parts.port}" if parts.port else written
 
 
 def _is_host_entry(entry: str) -> bool:
@@ -513,6 +535,7 @@ def _is_host_entry(entry: str) -> bool:
     return bool(parts.hostname) and (port is None or port > 0) and not text.endswith(":")
 
 
+@lru_cache
 def get_settings() -> Settings:
     """The process-wide settings, read once."""
     return Settings()

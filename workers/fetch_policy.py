@@ -19,6 +19,11 @@ def fetch_policy(settings: Settings) -> FetchPolicy:
     )
 
 
+# Said where a compute's private host is refused: an operator allows a tenant's own host for
+# that compute alone, not for everyone as MMS_FETCH_ALLOW_HOSTS (the fetcher's hint) would.
+FOR_THIS_COMPUTE = "; a tenant's own private host is allowed for its compute alone with MMS_COMPUTE_ALLOW_HOSTS"
+
+
 def fetch_policy_for_compute(settings: Settings, compute_path: str | None) -> FetchPolicy:
     """The fetch policy for reaching an attached compute (its swarm's manager and nodes, its
     cluster's server): the installation's, and the hosts MMS_COMPUTE_ALLOW_HOSTS allows for

@@ -198,7 +198,9 @@ def _check_docker_host(docker_host: str | None, allow_hosts: frozenset[str], ser
             f"{literal} is in the operator's service networks (MMS_SERVICE_SUBNET_POOL), where other "
             "services' replicas answer: a swarm manager cannot be there",
         )
-    if not is_public_address(literal) and not {literal.lower(), host.netloc.lower()} & allow_hosts:
+    # As the fetch policy matches: the address, bracketed when IPv6, or with the port.
+    written = f"[{literal.lower()}]" if ":" in literal else literal.lower()
+    if not is_public_address(literal) and not {literal.lower(), written, host.netloc.lower()} & allow_hosts:
         raise invalid(
             "properties.dockerHost",
             f"{literal} is not a public address (loopback, private, link-local or reserved): the service's "

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.config import Settings
+from app.config import Settings, get_settings
 from app.context import ServiceContext
 from app.main import create_app
 from app.orm import Compute
@@ -349,7 +349,7 @@ def test_an_address_the_operator_allows_for_one_compute_is_that_computes_alone(
     allowing = client_with(app_context, compute_allow_hosts={path: ["10.0.0.1:2376"]})
     allowed = allowing.put(f"{mine}/computes/prod", json=swarm("tcp://10.0.0.1:2376"), headers=owner)
     assert allowed.status_code == 201, allowed.text
-    for url in (f"{mine}/computes/staging", f"{theirs}/computes/prod"):
+    for url in (f"{mine}/computes/staging", f"{mine}/computes/Prod", f"{theirs}/computes/prod"):
         refused = allowing.put(url, json=swarm("tcp://10.0.0.1:2376"), headers=owner)
         assert refused.status_code == 400, refused.text
         assert "MMS_COMPUTE_ALLOW_HOSTS" in refused.json()["message"]
@@ -382,12 +382,36 @@ def test_a_compute_allow_list_is_read_from_the_environment(monkeypatch: pytest.M
     path = "/subscriptions/S/resourceGroups/G/accounts/A/computes/C"
     monkeypatch.setenv("MMS_COMPUTE_ALLOW_HOSTS", f'{{"{path}": ["10.0.0.1", "[fd00::1]:2376"]}}')
     settings = Settings()
-    assert settings.compute_allow_hosts_for("/subscriptions/s/resourcegroups/g/accounts/a/computes/c") == {
+    assert settings.compute_allow_hosts_for("/subscriptions/s/resourcegroups/g/accounts/a/computes/C") == {
         "10.0.0.1",
         "[fd00::1]:2376",
     }
+    assert settings.compute_allow_hosts_for("/subscriptions/s/resourcegroups/g/accounts/a/computes/c") == set()
     assert settings.compute_allow_hosts_for("/subscriptions/s/resourcegroups/g/accounts/a/computes/d") == set()
     assert settings.compute_allow_hosts_for(None) == set()
+
+
+def test_a_compute_allow_list_holds_each_address_in_its_one_written_form() -> None:
+    path = "/subscriptions/s/resourceGroups/g/accounts/a/computes/c"
+    settings = Settings(compute_allow_hosts={path: ["FD00:0::1", "[FD00:0::2]:2376", "[fd00::3]", "Swarm.Corp:2376"]})
+    assert settings.compute_allow_hosts_for(path) == {"fd00::1", "[fd00::2]:2376", "[fd00::3]", "swarm.corp:2376"}
+
+
+@pytest.mark.parametrize("entry", ["fd00::1", "[fd00::1]", "[FD00:0::1]:2376"])
+def test_a_private_ipv6_swarm_manager_is_attached_as_any_form_of_its_entry_allows(
+    app_context: ServiceContext, db: Session, client: TestClient, owner: dict[str, str], entry: str
+) -> None:
+    account = new_account(client, owner)
+    path = f"{account.removeprefix('/api')}/computes/v6"
+    allowing = client_with(app_context, compute_allow_hosts={path: [entry]})
+    attached = allowing.put(f"{account}/computes/v6", json=swarm("tcp://[fd00::1]:2376"), headers=owner)
+    assert attached.status_code == 201, attached.text
+
+
+def test_settings_are_read_once_a_process() -> None:
+    """`mms serve`, `mms gateway` and `mms worker` clear the cache after changing the environment."""
+    get_settings.cache_clear()
+    assert get_settings() is get_settings()
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import delete, event, func, select, text, update
 from sqlalchemy.orm import Session
 
+from app.config import compute_path
 from app.context import ServiceContext
 from app.deployments import reconciler
 from app.deployments.lifecycle import delete_account_services, force_delete
@@ -73,6 +74,21 @@ def committed_service(service_context: ServiceContext) -> Iterator[tuple[uuid.UU
             session.execute(delete(ClusterCleanup).where(ClusterCleanup.service_id == service_id))
             session.execute(delete(Service).where(Service.id == service_id))
             session.execute(delete(Account).where(Account.id == account_id))
+
+
+def test_an_accounts_delete_keeps_each_computes_path_for_its_cleanup(
+    service_context: ServiceContext, committed_service: tuple[uuid.UUID, uuid.UUID]
+) -> None:
+    """The hosts the operator allows for the compute alone (MMS_COMPUTE_ALLOW_HOSTS) are found by
+    its path when the account and its computes are gone."""
+    service_id, account_id = committed_service
+    with service_context.session_factory.begin() as session:
+        account = session.get_one(Account, account_id)
+        path = compute_path(account.subscription_id, account.resource_group, account.name, "theirs")
+        delete_account_services(session, account_id)
+    with service_context.session_factory() as session:
+        [cleanup] = session.scalars(select(ClusterCleanup).where(ClusterCleanup.service_id == service_id))
+        assert cleanup.compute_path == path
 
 
 def test_a_service_and_its_account_force_deleted_at_once_queue_one_cleanup(

@@ -87,6 +87,7 @@ from workers.deploy.local import (
     parse_log_lines,
     pinned_reference,
 )
+from workers.fetch_policy import FOR_THIS_COMPUTE
 from workers.fetcher import FetchError, Resolver, check_url
 from workers.smoke_test import last_error_line
 
@@ -188,7 +189,9 @@ class KubernetesDriver:
                 raise EngineUnreachable(
                     f"the kubernetes cluster's server name {unresolved[0]} does not resolve"
                 ) from None
-            raise TargetRefused(f"the kubernetes target's kubeconfig is refused: {exc}") from None
+            # A private server refused (the fetcher's words name the installation's list).
+            hint = FOR_THIS_COMPUTE if "MMS_FETCH_ALLOW_HOSTS" in str(exc) else ""
+            raise TargetRefused(f"the kubernetes target's kubeconfig is refused: {exc}{hint}") from None
         self._namespace = namespace
         self._tmp_mb = tmp_mb
         # A username and password go as base64 of "username:password": as good as the password.

@@ -60,7 +60,7 @@ from app.sealing import UnsealError
 from workers.builders.docker import engine_client
 from workers.deploy.local import EngineUnreachable, TargetRefused
 from workers.deploy.swarm import SwarmDriver
-from workers.fetch_policy import fetch_policy_for_compute
+from workers.fetch_policy import FOR_THIS_COMPUTE, fetch_policy_for_compute
 from workers.fetcher import FetchError, FetchPolicy, Resolver, check_url
 from workers.scratch import remove_orphaned_scratch, scratch_dir
 
@@ -159,7 +159,7 @@ def swarm_driver_at(
     except FetchError as exc:
         if exc.reason in ("timeout", "resolve_failed"):  # the name did not resolve now: maybe later
             raise EngineUnreachable(f"{target}: its manager {manager.netloc}: {exc}") from None
-        raise TargetRefused(f"{target}: its manager {manager.netloc} is refused: {exc}") from None
+        raise TargetRefused(f"{target}: its manager {manager.netloc} is refused: {exc}{FOR_THIS_COMPUTE}") from None
     except ValueError as exc:
         raise TargetRefused(f"{target}: its manager {manager.netloc} is refused: {exc}") from None
     if in_service_pool(address, context.settings.service_subnet_pool):

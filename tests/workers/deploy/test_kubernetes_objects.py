@@ -354,11 +354,13 @@ def test_a_server_the_operator_allows_for_one_compute_is_accepted_for_that_compu
     mine = "/subscriptions/Sub-A/resourceGroups/rg/accounts/acct/computes/prod"
     settings = Settings(compute_allow_hosts={mine: ["10.0.0.1:6443"]})
     text = kubeconfig_text(server="https://10.0.0.1:6443")
-    assert check_kubeconfig(text, kubeconfig_policy(settings, compute_path=mine.upper())).server == (
+    in_any_case = mine.replace("Sub-A", "SUB-a").replace("acct", "ACCT")  # the account's part: ARM names
+    assert check_kubeconfig(text, kubeconfig_policy(settings, compute_path=in_any_case)).server == (
         "https://10.0.0.1:6443"
     )
     for other in (
         "/subscriptions/sub-a/resourceGroups/rg/accounts/acct/computes/staging",  # the account's other compute
+        "/subscriptions/sub-a/resourceGroups/rg/accounts/acct/computes/Prod",  # another: names are exact
         "/subscriptions/sub-b/resourceGroups/rg/accounts/acct/computes/prod",  # another tenant's, same names
         None,  # a compute whose path is not known
     ):

@@ -470,3 +470,35 @@ def test_a_settled_service_is_only_read_until_an_object_is_missing_drifted_or_ch
     service.reconcile()
     assert _writes(fake) == [("PATCH", "deployments")]
     assert _template(fake)["org.mms.image"] == images[1]
+
+
+@pytest.mark.parametrize("bound_to", ["aks", "other"])
+def test_a_cluster_the_operator_allows_for_its_compute_alone_is_reached_by_that_computes_passes(
+    client: TestClient,
+    app_context: ServiceContext,
+    account: str,
+    owner: dict[str, str],
+    images: list[str],
+    fake: FakeKubeApi,
+    bound_to: str,
+) -> None:
+    """The pass finds the compute's path from its rows and reaches the cluster's private server
+    only when the operator allowed it for that compute (here, for nothing else)."""
+    path = f"{account.removeprefix('/api')}/computes/{bound_to}"
+    settings = app_context.settings.model_copy(
+        update={"fetch_allow_hosts": [], "compute_allow_hosts": {path: [f"127.0.0.1:{fake.port}"]}}
+    )
+    context = ServiceContext.build(
+        settings,
+        engine=app_context.engine,
+        session_factory=app_context.session_factory,
+        read_session_factory=app_context.read_session_factory,
+    )
+    _attach(client, account, owner, fake.kubeconfig())
+    service = Service(client, context, account, owner, _deploy(client, account, owner, images[0]))
+    shown = service.reconcile()
+    if bound_to == "aks":
+        assert fake.deployment()["spec"]["replicas"] == 2, shown
+    else:
+        assert shown["state"] in ("Unhealthy", "Failed") and "MMS_COMPUTE_ALLOW_HOSTS" in shown["error"]["message"]
+        assert fake.seen == []  # never connected to

@@ -489,7 +489,7 @@ def test_addresses_the_operator_allows_for_one_compute_are_that_computes_alone(
             compute_path=compute_path,
         )
 
-    with driver(mine.upper()) as tenant:
+    with driver(mine.replace("acct", "ACCT")) as tenant:
         replicas, failure = tenant.observe(replace(swarm_spec(), replicas=2))
     assert {r.id: r.address for r in replicas} == {"t-n1": "127.0.0.1:31000", "t-n2": "127.0.0.2:31000"}
     assert failure is None
@@ -497,11 +497,34 @@ def test_addresses_the_operator_allows_for_one_compute_are_that_computes_alone(
 
     for other in (
         "/subscriptions/sub-a/resourceGroups/rg/accounts/acct/computes/staging",
+        "/subscriptions/sub-a/resourceGroups/rg/accounts/acct/computes/Prod",  # compute names are exact
         "/subscriptions/sub-b/resourceGroups/rg/accounts/acct/computes/prod",
         None,
     ):
-        with pytest.raises(TargetRefused, match="is refused"), driver(other):
+        with pytest.raises(TargetRefused, match="MMS_COMPUTE_ALLOW_HOSTS"), driver(other):
             pass
+    # A manager the installation allows, whose node is at an address allowed for another compute:
+    # that node is neither proven nor routed to for this one.
+    policies.clear()
+    shared = _context(
+        app_context,
+        tmp_path,
+        fetch_allow_hosts=[NAME, "127.0.0.1"],
+        compute_allow_hosts={mine: ["127.0.0.2"]},
+    )
+    with _swarm_driver_at(
+        shared,
+        docker_host=f"tcp://{NAME}:{port}",
+        tls=tls,
+        installation="test",
+        target="t",
+        resolver=_to_loopback,
+        compute_path="/subscriptions/sub-b/resourceGroups/rg/accounts/acct/computes/prod",
+    ) as theirs:
+        replicas, _ = theirs.observe(replace(swarm_spec(), replicas=2))
+        constraints = theirs._constraints()
+    assert {r.id: r.address for r in replicas} == {"t-n1": "127.0.0.1:31000", "t-n2": None}
+    assert constraints == ["node.id!=n2"] and policies == []
     # Listed for the installation by name, and for another compute as an address: the name lets
     # the worker in, but the address vouches for nothing here, so no route.
     wide = _context(app_context, tmp_path, fetch_allow_hosts=[NAME], compute_allow_hosts={mine: ["127.0.0.1"]})
@@ -728,6 +751,41 @@ def deployed(
     created = client.post(f"{account}/services", json=body, headers=owner)
     assert created.status_code == 202, created.text
     return f"{account}/services/{created.json()['id']}", owner, uuid.UUID(created.json()["id"])
+
+
+def test_a_service_on_a_compute_allowed_a_private_manager_is_routed_there_and_no_other_compute_is(
+    app_context: ServiceContext,
+    callers: Callers,
+    db: Session,
+    engine: tuple[int, type[_Engine]],  # noqa: F811
+    tls: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    """From the settings to the route, as a deploy runs: the attach, and the pass, which finds
+    the compute's path from its rows (the operator lists nothing for the installation)."""
+    owner = callers.headers()
+    account = new_account(TestClient(create_app(context=app_context), base_url="http://testserver"), owner)
+    path = f"{account.removeprefix('/api')}/computes/theirs"
+    context = _context(app_context, tmp_path, compute_allow_hosts={path: ["127.0.0.1"]})
+    client = TestClient(create_app(context=context), base_url="http://testserver")
+    model_id = client.post(f"{account}/models", json=model_body(), headers=owner).json()["id"]
+    manifest_id = client.post(f"{account}/manifests", json=seed_manifest(model_id), headers=owner).json()["id"]
+    image_id = built_image(client, db, account, owner, manifest_id)
+    port, handler = engine
+    body = {"type": "swarm", "properties": {"dockerHost": f"tcp://127.0.0.1:{port}", "tls": tls}}
+    assert client.put(f"{account}/computes/theirs", json=body, headers=owner).status_code == 201
+    assert client.put(f"{account}/computes/mine", json=body, headers=owner).status_code == 400
+    config = {"numReplicas": 1, "authEnabled": False}
+    created = client.post(
+        f"{account}/services",
+        json={"name": "on-theirs", "imageId": image_id, "computeName": "theirs", "deploymentConfig": config},
+        headers=owner,
+    )
+    assert created.status_code == 202, created.text
+    service_id = uuid.UUID(created.json()["id"])
+    with tcp_listener(OK) as (replica_port, _):
+        _healthy(client, context, (f"{account}/services/{service_id}", owner, service_id), handler, replica_port)
+        assert _routes(db, service_id) == [f"127.0.0.1:{replica_port}"]
 
 
 def _routes(db: Session, service_id: uuid.UUID) -> list[str]:
