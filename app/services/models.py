@@ -14,6 +14,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session, joinedload
 from sqlalchemy.sql.dml import ReturningInsert
 
+from app.database import execute_alone
 from app.errors import Conflict
 from app.orm import Manifest, ManifestModel, ModelTag, ModelVersion, RegisteredModel
 from app.orm.base import utcnow
@@ -101,8 +102,11 @@ def register_model(
     *,
     urls: SourceUrlPolicy,
     created_by: str | None,
+    alone: bool = False,
 ) -> ModelRecord:
-    """Register a model under its name as that name's next version.
+    """Register a model under its name as that name's next version. ``alone``: the registration
+    is the transaction's whole work (its route says so), which on PostgreSQL commits it as its
+    statement ends (``app.database.execute_alone``).
 
     Core inserts, not the ORM's unit of work, which cost a registration more than its
     statements did (issue 20). On PostgreSQL one statement (``_REGISTER``); on SQLite, which has
@@ -122,12 +126,16 @@ def register_model(
     )
     row = {name: getattr(model, name) for name in _RECORD_FIELDS if name != "version"}
     row |= {"account_id": account.id, "created_by": created_by}
-    connection = session.connection()
-    if connection.dialect.name == "postgresql":
-        if session.new or session.dirty or session.deleted:
-            session.flush()  # rows added before (an idempotency record) go first, as autoflush would
-        _, version = connection.execute(_REGISTER, {**row, "counter_id": uuid.uuid4(), "tags": model.tags}).one()
+    if session.get_bind().dialect.name == "postgresql":
+        parameters = {**row, "counter_id": uuid.uuid4(), "tags": model.tags}
+        if alone:  # committed as it ends: what follows only builds the answer from what was checked
+            [(_, version)] = execute_alone(session, _REGISTER, parameters)
+        else:
+            if session.new or session.dirty or session.deleted:
+                session.flush()  # rows added before (an idempotency record) go first, as autoflush would
+            _, version = session.connection().execute(_REGISTER, parameters).one()
         return dataclasses.replace(model, version=version)
+    connection = session.connection()
     registered_id, version = claim_next_version(session, RegisteredModel, account_id=account.id, name=data.name)
     connection.execute(_INSERT_MODEL, {**row, "version": version, "registered_model_id": registered_id})
     if model.tags:

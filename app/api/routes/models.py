@@ -68,7 +68,16 @@ def register_model(
         action=lambda: (
             status.HTTP_200_OK,
             to_read(
-                models.register_model(session, account, body, urls=context.url_policy, created_by=caller.subject)
+                models.register_model(
+                    session,
+                    account,
+                    body,
+                    urls=context.url_policy,
+                    created_by=caller.subject,
+                    # Without a key the registration is the request's whole work: committed as it
+                    # ends (with one, its record commits with it).
+                    alone=idempotency_key is None,
+                )
             ).model_dump(mode="json"),
         ),
     )
