@@ -272,7 +272,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(InterfaceError)
     async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
         # The database went away (a restart, a failover, a dropped connection): the request's
-        # transaction rolled back, and the pool reconnects on the next request. The message
+        # transaction rolled back, unless its COMMIT (or a statement that commits as it ends:
+        # app.database.execute_alone) reached the database and only its answer was lost; a retry
+        # with an Idempotency-Key is never doubled. The pool reconnects on the next request. The message
         # names the kind only: the driver's can carry the statement and its parameters.
         log.warning(
             "request.database_unavailable",

@@ -34,6 +34,8 @@ class KubeconfigPolicy:
 
     fetch: FetchPolicy = field(default_factory=FetchPolicy)  # allow_hosts: private servers allowed
     allow_insecure_tls: bool = False
+    # MMS_SERVICE_SUBNET_POOL: no server there, allowed or not (other services' replicas answer).
+    service_pool: str | None = None
 
 
 def kubeconfig_policy(settings: Settings, *, compute_path: str | None) -> KubeconfigPolicy:
@@ -42,6 +44,7 @@ def kubeconfig_policy(settings: Settings, *, compute_path: str | None) -> Kubeco
     return KubeconfigPolicy(
         fetch=fetch_policy_for_compute(settings, compute_path),
         allow_insecure_tls=settings.kubernetes_allow_insecure_tls,
+        service_pool=settings.service_subnet_pool,
     )
 
 

@@ -66,6 +66,7 @@ import urllib3.connection
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from app.addresses import in_service_pool
 from app.deployments.reconciler import Failure, LogLine, Replica, Spec
 from workers.build_context import PORT
 from workers.deploy.kubeconfig import KubeconfigPolicy, KubeconfigRefused, check_kubeconfig
@@ -192,6 +193,11 @@ class KubernetesDriver:
             # A private server refused (the fetcher's words name the installation's list).
             hint = FOR_THIS_COMPUTE if "MMS_FETCH_ALLOW_HOSTS" in str(exc) else ""
             raise TargetRefused(f"the kubernetes target's kubeconfig is refused: {exc}{hint}") from None
+        if policy.service_pool and in_service_pool(address, policy.service_pool):  # allowed or not, as a manager
+            raise TargetRefused(
+                "the kubernetes target's server is refused: its address is in the operator's service networks "
+                "(MMS_SERVICE_SUBNET_POOL), where other services' replicas answer"
+            )
         self._namespace = namespace
         self._tmp_mb = tmp_mb
         # A username and password go as base64 of "username:password": as good as the password.

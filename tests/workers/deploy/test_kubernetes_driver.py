@@ -12,6 +12,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -246,6 +247,18 @@ def test_a_server_on_loopback_is_refused_unless_the_operator_allows_it(fake: Fak
         KubernetesDriver(fake.kubeconfig(), namespace="tenant-a", policy=KubeconfigPolicy())
     assert "clusters[0].cluster.server" in str(raised.value) and "a loopback address" in str(raised.value)
     assert fake.seen == []  # refused before any connection
+
+
+def test_a_server_in_the_operators_service_networks_is_refused_even_if_allowed(fake: FakeKubeApi) -> None:
+    """Where other services' replicas answer, as for a swarm manager: whatever the allow-lists say."""
+    allowed = _policy(fake)
+    with pytest.raises(TargetRefused, match="MMS_SERVICE_SUBNET_POOL"):
+        KubernetesDriver(fake.kubeconfig(), namespace="tenant-a", policy=replace(allowed, service_pool="127.0.0.0/16"))
+    assert fake.seen == []
+    with KubernetesDriver(
+        fake.kubeconfig(), namespace="tenant-a", policy=replace(allowed, service_pool="10.213.0.0/16")
+    ):
+        pass  # elsewhere: allowed
 
 
 def test_the_connection_goes_to_the_address_checked_with_the_name_for_tls(fake: FakeKubeApi) -> None:
