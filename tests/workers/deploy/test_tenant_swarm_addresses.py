@@ -328,9 +328,15 @@ def every_node_proven(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
     return asked
 
 
-def _tenant_driver(context: ServiceContext, port: int, tls: dict[str, str]):  # type: ignore[no-untyped-def]
+def _tenant_driver(context: ServiceContext, port: int, tls: dict[str, str], compute_path: str | None = None):  # type: ignore[no-untyped-def]
     return _swarm_driver_at(
-        context, docker_host=f"tcp://{NAME}:{port}", tls=tls, installation="test", target="t", resolver=_to_loopback
+        context,
+        docker_host=f"tcp://{NAME}:{port}",
+        tls=tls,
+        installation="test",
+        target="t",
+        resolver=_to_loopback,
+        compute_path=compute_path,
     )
 
 
@@ -478,18 +484,8 @@ def test_addresses_the_operator_allows_for_one_compute_are_that_computes_alone(
     mine = "/subscriptions/sub-a/resourceGroups/rg/accounts/acct/computes/prod"
     bound = _context(app_context, tmp_path, compute_allow_hosts={mine: [NAME, "127.0.0.1", "127.0.0.2"]})
 
-    def driver(compute_path: str | None):  # type: ignore[no-untyped-def]
-        return _swarm_driver_at(
-            bound,
-            docker_host=f"tcp://{NAME}:{port}",
-            tls=tls,
-            installation="test",
-            target="t",
-            resolver=_to_loopback,
-            compute_path=compute_path,
-        )
-
-    with driver(mine.replace("acct", "ACCT")) as tenant:
+    theirs_path = "/subscriptions/sub-b/resourceGroups/rg/accounts/acct/computes/prod"
+    with _tenant_driver(bound, port, tls, mine.replace("acct", "ACCT")) as tenant:
         replicas, failure = tenant.observe(replace(swarm_spec(), replicas=2))
     assert {r.id: r.address for r in replicas} == {"t-n1": "127.0.0.1:31000", "t-n2": "127.0.0.2:31000"}
     assert failure is None
@@ -498,10 +494,10 @@ def test_addresses_the_operator_allows_for_one_compute_are_that_computes_alone(
     for other in (
         "/subscriptions/sub-a/resourceGroups/rg/accounts/acct/computes/staging",
         "/subscriptions/sub-a/resourceGroups/rg/accounts/acct/computes/Prod",  # compute names are exact
-        "/subscriptions/sub-b/resourceGroups/rg/accounts/acct/computes/prod",
+        theirs_path,
         None,
     ):
-        with pytest.raises(TargetRefused, match="MMS_COMPUTE_ALLOW_HOSTS"), driver(other):
+        with pytest.raises(TargetRefused, match="MMS_COMPUTE_ALLOW_HOSTS"), _tenant_driver(bound, port, tls, other):
             pass
     # A manager the installation allows, whose node is at an address allowed for another compute:
     # that node is neither proven nor routed to for this one.
@@ -512,15 +508,7 @@ def test_addresses_the_operator_allows_for_one_compute_are_that_computes_alone(
         fetch_allow_hosts=[NAME, "127.0.0.1"],
         compute_allow_hosts={mine: ["127.0.0.2"]},
     )
-    with _swarm_driver_at(
-        shared,
-        docker_host=f"tcp://{NAME}:{port}",
-        tls=tls,
-        installation="test",
-        target="t",
-        resolver=_to_loopback,
-        compute_path="/subscriptions/sub-b/resourceGroups/rg/accounts/acct/computes/prod",
-    ) as theirs:
+    with _tenant_driver(shared, port, tls, theirs_path) as theirs:
         replicas, _ = theirs.observe(replace(swarm_spec(), replicas=2))
         constraints = theirs._constraints()
     assert {r.id: r.address for r in replicas} == {"t-n1": "127.0.0.1:31000", "t-n2": None}
@@ -528,18 +516,7 @@ def test_addresses_the_operator_allows_for_one_compute_are_that_computes_alone(
     # Listed for the installation by name, and for another compute as an address: the name lets
     # the worker in, but the address vouches for nothing here, so no route.
     wide = _context(app_context, tmp_path, fetch_allow_hosts=[NAME], compute_allow_hosts={mine: ["127.0.0.1"]})
-    with (
-        pytest.raises(TargetRefused, match="only through its name"),
-        _swarm_driver_at(
-            wide,
-            docker_host=f"tcp://{NAME}:{port}",
-            tls=tls,
-            installation="test",
-            target="t",
-            resolver=_to_loopback,
-            compute_path="/subscriptions/sub-b/resourceGroups/rg/accounts/acct/computes/prod",
-        ),
-    ):
+    with pytest.raises(TargetRefused, match="only through its name"), _tenant_driver(wide, port, tls, theirs_path):
         pass
 
 
