@@ -26,9 +26,31 @@ from tests.factories import Callers
 pytest_plugins = ["tests.leftover_processes"]
 
 EXTERNAL_ISSUER = "https://login.example.test/tenant-1/v2.0"
+# The engine lane (scripts/test): every test that drives the Docker engine, buildah, the workers or
+# a fault; the other lane (the API, the services, the clients) shares none of their state and runs
+# beside it.
+ENGINE_LANE_PATHS = ("tests/workers/", "tests/faults/", "tests/packaging/")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--lane",
+        choices=("engine", "other"),
+        help="run one lane alone: engine (the tests that use the Docker engine, the workers or a fault), or other",
+    )
+
+
+def in_engine_lane(item: pytest.Item) -> bool:
+    return item.nodeid.startswith(ENGINE_LANE_PATHS) or "infra" in item.fixturenames
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if lane := config.getoption("lane"):
+        keep, other = [], []
+        for item in items:
+            (keep if in_engine_lane(item) == (lane == "engine") else other).append(item)
+        config.hook.pytest_deselected(items=other)
+        items[:] = keep
     if (os.environ.get("MMS_TEST_DATABASE_URL") or "").startswith("postgresql"):
         return
     skip = pytest.mark.skip(reason="needs PostgreSQL (set MMS_TEST_DATABASE_URL)")
@@ -68,9 +90,11 @@ def settings(data_dir: Path, external_issuer: ExternalIssuer) -> Settings:
         trusted_issuers=[TrustedIssuer(issuer=EXTERNAL_ISSUER, jwks_uri=external_issuer.jwks_uri)],
         jwks_refresh_min_seconds=0,
         auth_cache_seconds=0,  # tests change roles and expect the next request to see it
-        # API tests ring a queue of their own that no worker listens to.
-        broker_url="redis://127.0.0.1:6379/15",
+        # API tests ring queues of their own that no worker listens to, on a Redis database a test
+        # session beside this one can be given another of (scripts/test runs two).
+        broker_url=os.environ.get("MMS_TEST_API_REDIS_URL", "redis://127.0.0.1:6379/15"),
         build_queue=f"mms-api-tests-{os.getpid()}",
+        deploy_queue=f"mms-api-deploys-{os.getpid()}",
         registry="127.0.0.1:5000",
         web_services_preview=True,
     )
