@@ -13,6 +13,7 @@ says what went wrong and what to do, and which carries the service's ``code`` an
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
@@ -35,6 +36,13 @@ if TYPE_CHECKING:
 
 _RENEW_BEFORE_SECONDS = 60
 _UPLOAD_CHUNK = 1 << 20
+
+
+def idempotency_headers() -> dict[str, str]:
+    """The headers of a create (a model, manifest, image or service): a key of its own, so the
+    call is retried like a GET and a retry after a lost answer gets the first answer instead of
+    making a second one (the service remembers keys for a day)."""
+    return {"Idempotency-Key": str(uuid.uuid4())}
 
 
 class ServiceError(Exception):

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
-from mms_client.api import CliError, ServiceClient, ServiceError, service_error
+from mms_client.api import CliError, ServiceClient, ServiceError, idempotency_headers, service_error
 from mms_client.consoles import err
 
 if TYPE_CHECKING:
@@ -92,7 +92,7 @@ def register_model(
         "unpack": unpack,
         "sha256": asset["sha256"],
     }
-    registered = client.json("POST", client.account_url("models"), json=body)
+    registered = client.json("POST", client.account_url("models"), json=body, headers=idempotency_headers())
     uploads.models.append(registered["id"])
     return registered
 
@@ -309,7 +309,7 @@ def _is_file(path: Path) -> bool:
 
 
 def create_manifest(client: ServiceClient, body: dict[str, Any]) -> dict[str, Any]:
-    return client.json("POST", client.account_url("manifests"), json=body)
+    return client.json("POST", client.account_url("manifests"), json=body, headers=idempotency_headers())
 
 
 # -- images -----------------------------------------------------------------------------
@@ -324,7 +324,7 @@ def create_image(
         body["builder"] = builder
     if description:
         body["description"] = description
-    return client.json("POST", client.account_url("images"), json=body)
+    return client.json("POST", client.account_url("images"), json=body, headers=idempotency_headers())
 
 
 def follow(

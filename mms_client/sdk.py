@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from mms_client import operations
-from mms_client.api import ServiceClient, ServiceError, all_pages
+from mms_client.api import ServiceClient, ServiceError, all_pages, idempotency_headers
 from mms_client.profile import ConfigStore, Credentials, MemoryStore, Profile, ProfileError, server_url
 
 __all__ = [
@@ -380,7 +380,9 @@ class Model:
                 body["computeName"] = deployment_target
             if compute_type:
                 body["computeType"] = compute_type
-            record = operations.preview_call(client, "POST", client.account_url("services"), json=body)
+            record = operations.preview_call(
+                client, "POST", client.account_url("services"), json=body, headers=idempotency_headers()
+            )
         service = Webservice.__new__(Webservice)
         service._set(workspace, record)
         return service
@@ -669,7 +671,12 @@ class Webservice:
         if compute_type:
             body["computeType"] = compute_type
         service = Webservice.__new__(Webservice)
-        service._set(workspace, operations.preview_call(client, "POST", client.account_url("services"), json=body))
+        service._set(
+            workspace,
+            operations.preview_call(
+                client, "POST", client.account_url("services"), json=body, headers=idempotency_headers()
+            ),
+        )
         return service
 
     def update(

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from mms_client.api import CliError, ServiceClient, ServiceError, all_pages
+from mms_client.api import CliError, ServiceClient, ServiceError, all_pages, idempotency_headers
 from mms_client.operations import (
     Uploads,
     deployment_config,
@@ -214,7 +214,7 @@ def deploy_from_models(
             body["computeName"] = compute_target
         if compute_type:
             body["computeType"] = compute_type
-        service = preview_call(client, "POST", client.account_url("services"), json=body)
+        service = preview_call(client, "POST", client.account_url("services"), json=body, headers=idempotency_headers())
     with ServiceClient() as client:
         if wait:
             err.print(f"Building image {service['imageId']} for service {name}:", highlight=False)
@@ -278,7 +278,7 @@ def create_realtime(
     if description:
         body["description"] = description
     with ServiceClient() as client:
-        service = preview_call(client, "POST", client.account_url("services"), json=body)
+        service = preview_call(client, "POST", client.account_url("services"), json=body, headers=idempotency_headers())
         _finish(client, service, wait, timeout, output, query)
 
 

@@ -1,5 +1,6 @@
 """Servers a test runs to see whether anything reached it: a TCP one and an HTTP one; an
-HTTP server that fails a few times before it answers; one whose answers never end."""
+HTTP server that fails a few times before it answers; one whose answers never end; a proxy
+that loses an answer."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import tracemalloc
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
 
 
 @contextmanager
@@ -199,3 +202,48 @@ def bounded_read(call: Callable[[], object]) -> tuple[Exception, float, int]:
     finally:
         tracemalloc.stop()
     raise AssertionError("the call did not fail")
+
+
+class _AnswerLosing(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def _any(self) -> None:
+        server = self.server
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection", "content-length")}
+        answer = httpx.request(self.command, server.target + self.path, headers=headers, content=body, timeout=30)  # type: ignore[attr-defined]
+        server.seen.append((self.command, self.path, self.headers.get("Idempotency-Key")))  # type: ignore[attr-defined]
+        if server.lose(self.command, self.path):  # type: ignore[attr-defined]
+            server.lose = lambda method, path: False  # type: ignore[attr-defined]
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        self.send_response(answer.status_code)
+        for key, value in answer.headers.items():
+            if key.lower() not in ("content-length", "connection", "transfer-encoding", "content-encoding"):
+                self.send_header(key, value)
+        self.send_header("Content-Length", str(len(answer.content)))
+        self.end_headers()
+        self.wfile.write(answer.content)
+
+    do_GET = do_POST = do_PUT = do_DELETE = _any
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextmanager
+def answer_losing_proxy(target: str, lose: Callable[[str, str], bool]) -> Iterator[ThreadingHTTPServer]:
+    """A proxy to ``target`` that hangs up instead of relaying the first answer ``lose(method,
+    path)`` picks, once the target has acted on the request: a connection cut on the way back."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _AnswerLosing)
+    server.daemon_threads = True
+    server.target, server.lose, server.seen = target, lose, []  # type: ignore[attr-defined]
+    server.url = f"http://127.0.0.1:{server.server_address[1]}"  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()

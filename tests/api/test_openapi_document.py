@@ -50,14 +50,26 @@ def test_operation_ids_are_short_stable_and_unique(document: dict[str, Any]) -> 
     assert {key: document["paths"][account + key[1]][key[0]]["operationId"] for key in services} == services
 
 
+IDEMPOTENT_CREATES = {"models_register", "manifests_create", "images_create", "services_create"}
+
+
+def test_every_create_takes_an_idempotency_key_and_says_when_it_replays(document: dict[str, Any]) -> None:
+    for _method, _path, op in _operations(document):
+        if op["operationId"] not in IDEMPOTENT_CREATES:
+            continue
+        assert any(p["name"] == "Idempotency-Key" and p["in"] == "header" for p in op["parameters"]), op["operationId"]
+        answer = op["responses"]["202" if op["operationId"] in {"images_create", "services_create"} else "200"]
+        assert "Idempotent-Replayed" in answer["headers"], op["operationId"]
+
+
 def test_no_validation_422_and_every_4xx_has_the_error_body(document: dict[str, Any]) -> None:
     schemas = document["components"]["schemas"]
     assert "HTTPValidationError" not in schemas and "ValidationError" not in schemas
     assert set(schemas["ErrorBody"]["required"]) == {"code", "message", "statusCode", "details"}
     for method, path, op in _operations(document):
         responses = op["responses"]
-        # The only 422: an Idempotency-Key reused for another body (app.services.idempotency).
-        assert "422" not in responses or op["operationId"] == "models_register", (method, path)
+        # The only 422: an Idempotency-Key reused for another body (app.api.idempotent).
+        assert "422" not in responses or op["operationId"] in IDEMPOTENT_CREATES, (method, path)
         for status, response in responses.items():
             if not status.startswith("4") or status in BODILESS:
                 continue

@@ -6,11 +6,11 @@ import re
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Header, Query, Request, Response, status
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy.orm import Session
 from sse_starlette import EventSourceResponse
 
-from app.api import examples
+from app.api import examples, idempotent
 from app.api.deps import (
     CallerDep,
     ContextDep,
@@ -114,29 +114,42 @@ def to_service_operation(operation: ServiceOperation, request: Request) -> Opera
     "/images",
     response_model=ImageRead,
     status_code=status.HTTP_202_ACCEPTED,
-    responses={202: {"headers": {"Operation-Location": OPERATION_LOCATION}}},
+    responses=idempotent.responses(202, {"Operation-Location": OPERATION_LOCATION}),
 )
 def create_image(
     request: Request,
-    response: Response,
     body: Annotated[ImageCreate, Body(openapi_examples=examples.IMAGE)],
     account: WritableAccount,
     caller: CallerDep,
     context: ContextDep,
     session: SessionDep,
-) -> ImageRead:
+    idempotency_key: idempotent.IdempotencyKey = None,
+) -> JSONResponse:
     """Start building an image from a manifest; poll the Operation-Location or the image."""
-    image = images.create_image(
+
+    def create() -> ImageRead:
+        image = images.create_image(
+            session,
+            account,
+            body,
+            queue=context.build_queue,
+            default_builder=context.settings.builder,
+            available_builders=context.settings.available_builders,
+            created_by=caller.subject,
+        )
+        return to_read(image, request)
+
+    return idempotent.answer_once(
+        request,
         session,
-        account,
-        body,
-        queue=context.build_queue,
-        default_builder=context.settings.builder,
-        available_builders=context.settings.available_builders,
-        created_by=caller.subject,
+        caller,
+        context,
+        key=idempotency_key,
+        body=body,
+        status_code=status.HTTP_202_ACCEPTED,
+        make=create,
+        headers=lambda image: {"Operation-Location": f"{account_url(request)}/operations/{image['OperationId']}"},
     )
-    response.headers["Operation-Location"] = f"{account_url(request)}/operations/{image.operation_id}"
-    return to_read(image, request)
 
 
 def _retry_after(headers, state: str) -> None:  # type: ignore[no-untyped-def]

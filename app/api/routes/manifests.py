@@ -8,10 +8,11 @@ from collections import OrderedDict
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Query, Request, status
+from fastapi.responses import JSONResponse
 from pydantic import Discriminator, Tag
 from sqlalchemy.orm import Session
 
-from app.api import examples
+from app.api import examples, idempotent
 from app.api.deps import CallerDep, ContextDep, ManifestId, ReadableAccount, ReadsDep, SessionDep, WritableAccount
 from app.api.links import next_link
 from app.api.openapi import errors
@@ -98,30 +99,42 @@ def rendered_manifest(image: Image) -> ManifestRead:
 
 
 # The seed: "Http Status Code 200 means Successfully Registered".
-@router.post("", response_model=ManifestRead, status_code=status.HTTP_200_OK)
+@router.post("", response_model=ManifestRead, status_code=status.HTTP_200_OK, responses=idempotent.responses(200))
 def create_manifest(
+    request: Request,
     body: Annotated[AnyManifestBody, Body(openapi_examples=examples.MANIFEST)],
     account: WritableAccount,
     caller: CallerDep,
     context: ContextDep,
     session: SessionDep,
-) -> ManifestRead:
+    idempotency_key: idempotent.IdempotencyKey = None,
+) -> JSONResponse:
     """Create a manifest; each one under a name gets that name's next version.
 
     Send either the seed's shape (driverProgram, targetRuntime) or an inference configuration
     (entryScript, runtime, condaFile, baseImage, baseImageRegistry …) with name, modelIds and assets.
     """
-    manifest = manifests.create_manifest(
+    return idempotent.answer_once(
+        request,
         session,
-        account,
-        body,
-        sealer=context.sealer,
-        urls=context.url_policy,
-        own_registry=context.settings.image_registry,
-        conda_channels=context.settings.conda_channels,
-        created_by=caller.subject,
+        caller,
+        context,
+        key=idempotency_key,
+        body=body,
+        status_code=status.HTTP_200_OK,
+        make=lambda: to_read(
+            manifests.create_manifest(
+                session,
+                account,
+                body,
+                sealer=context.sealer,
+                urls=context.url_policy,
+                own_registry=context.settings.image_registry,
+                conda_channels=context.settings.conda_channels,
+                created_by=caller.subject,
+            )
+        ),
     )
-    return to_read(manifest)
 
 
 @router.get("/{manifestId}", response_model=ManifestRead)

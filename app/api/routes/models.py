@@ -4,21 +4,19 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Header, Query, Request, status
+from fastapi import APIRouter, Body, Query, Request, status
 from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
 
-from app.api import examples
+from app.api import examples, idempotent
 from app.api.deps import CallerDep, ContextDep, ModelId, ReadableAccount, ReadsDep, SessionDep, WritableAccount
 from app.api.links import next_link
-from app.api.openapi import errors, header
+from app.api.openapi import errors
 from app.api.routing import ApiRoute
 from app.orm import ModelVersion
 from app.schemas.common import Page
 from app.schemas.models import ModelCreate, ModelRead
-from app.services import idempotency, models
-
-IDEMPOTENT_REPLAYED = header("true when the answer is the stored one of an earlier request with the Idempotency-Key")
+from app.services import models
 
 router = APIRouter(
     prefix="/subscriptions/{subscriptionId}/resourceGroups/{resourceGroup}/accounts/{accountName}/models",
@@ -43,12 +41,7 @@ def to_read(model: ModelVersion | models.ModelRecord) -> ModelRead:
 
 
 # The seed: "Http Status Code 200 means Successfully Registered".
-@router.post(
-    "",
-    response_model=ModelRead,
-    status_code=status.HTTP_200_OK,
-    responses={200: {"headers": {"Idempotent-Replayed": IDEMPOTENT_REPLAYED}}} | errors(422),
-)
+@router.post("", response_model=ModelRead, status_code=status.HTTP_200_OK, responses=idempotent.responses(200))
 def register_model(
     request: Request,
     body: Annotated[ModelCreate, Body(openapi_examples=examples.MODEL)],
@@ -56,33 +49,30 @@ def register_model(
     caller: CallerDep,
     context: ContextDep,
     session: SessionDep,
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+    idempotency_key: idempotent.IdempotencyKey = None,
 ) -> JSONResponse:
     """Register a model; each registration under a name gets that name's next version."""
-    stored = idempotency.run_idempotent(
+    return idempotent.answer_once(
+        request,
         session,
-        owner=caller.owner_key,
+        caller,
+        context,
         key=idempotency_key,
-        request_fingerprint=idempotency.fingerprint("POST", request.url.path, body.model_dump(mode="json")),
-        ttl_seconds=context.settings.idempotency_ttl_seconds,
-        action=lambda: (
-            status.HTTP_200_OK,
-            to_read(
-                models.register_model(
-                    session,
-                    account,
-                    body,
-                    urls=context.url_policy,
-                    created_by=caller.subject,
-                    # Without a key the registration is the request's whole work: committed as it
-                    # ends (with one, its record commits with it).
-                    alone=idempotency_key is None,
-                )
-            ).model_dump(mode="json"),
+        body=body,
+        status_code=status.HTTP_200_OK,
+        make=lambda: to_read(
+            models.register_model(
+                session,
+                account,
+                body,
+                urls=context.url_policy,
+                created_by=caller.subject,
+                # Without a key the registration is the request's whole work: committed as it
+                # ends (with one, its record commits with it).
+                alone=idempotency_key is None,
+            )
         ),
     )
-    headers = {"Idempotent-Replayed": "true"} if stored.replayed else {}
-    return JSONResponse(stored.body, status_code=stored.status_code, headers=headers)
 
 
 @router.get("/{modelId}", response_model=ModelRead)

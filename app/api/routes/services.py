@@ -9,11 +9,11 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Query, Request, Response, status
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy.orm import Session
 from sse_starlette import EventSourceResponse
 
-from app.api import examples
+from app.api import examples, idempotent
 from app.api.deps import (
     CallerDep,
     ContextDep,
@@ -116,30 +116,44 @@ def _accepted(view: ServiceView, request: Request, response: Response, settings:
     "/services",
     response_model=ServiceRead,
     status_code=status.HTTP_202_ACCEPTED,
-    responses=ACCEPTED | errors(409, s409="A service of that name exists (ServiceExists)."),
+    responses=idempotent.responses(202, ACCEPTED[202]["headers"])
+    | errors(409, s409="A service of that name exists (ServiceExists)."),
 )
 def create_service(
     request: Request,
-    response: Response,
     body: Annotated[ServiceCreate, Body(openapi_examples=examples.SERVICE)],
     account: WritableAccount,
     caller: CallerDep,
     context: ContextDep,
     session: SessionDep,
-) -> ServiceRead:
+    idempotency_key: idempotent.IdempotencyKey = None,
+) -> JSONResponse:
     """Deploy a Succeeded image as a web service, or build one from modelIds and an
     inferenceConfig first (one operation for both); poll the Operation-Location or the service."""
 
-    view = services_deploy.create(
+    def create() -> ServiceRead:
+        view = services_deploy.create(
+            session,
+            account,
+            body,
+            sealer=context.sealer,
+            limits=_limits(context.settings),
+            created_by=caller.subject,
+            build=services_deploy.image_builds(context, account, created_by=caller.subject),
+        )
+        return to_read(view, context.settings)
+
+    return idempotent.answer_once(
+        request,
         session,
-        account,
-        body,
-        sealer=context.sealer,
-        limits=_limits(context.settings),
-        created_by=caller.subject,
-        build=services_deploy.image_builds(context, account, created_by=caller.subject),
+        caller,
+        context,
+        key=idempotency_key,
+        body=body,
+        status_code=status.HTTP_202_ACCEPTED,
+        make=create,
+        headers=lambda service: {"Operation-Location": f"{account_url(request)}/operations/{service['operationId']}"},
     )
-    return _accepted(view, request, response, context.settings)
 
 
 @router.get("/services", response_model=Page[ServiceRead])
