@@ -28,8 +28,9 @@ pytest_plugins = ["tests.leftover_processes"]
 EXTERNAL_ISSUER = "https://login.example.test/tenant-1/v2.0"
 # The engine lane (scripts/test): every test that drives the Docker engine, buildah, the workers or
 # a fault; the other lane (the API, the services, the clients) shares none of their state and runs
-# beside it.
+# beside it. A test elsewhere that uses the shared engine joins the engine lane by its fixture.
 ENGINE_LANE_PATHS = ("tests/workers/", "tests/faults/", "tests/packaging/")
+ENGINE_LANE_FIXTURES = {"infra", "docker_env"}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -41,7 +42,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def in_engine_lane(item: pytest.Item) -> bool:
-    return item.nodeid.startswith(ENGINE_LANE_PATHS) or "infra" in item.fixturenames
+    return item.nodeid.startswith(ENGINE_LANE_PATHS) or not ENGINE_LANE_FIXTURES.isdisjoint(item.fixturenames)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
