@@ -66,7 +66,7 @@ class Settings(BaseSettings):
     # A caller's roles are re-read at most this often (0: on every request); revoking a role
     # takes effect within it.
     auth_cache_seconds: float = Field(default=5.0, ge=0, le=300)
-    idempotency_ttl_seconds: int = 86400
+    idempotency_ttl_seconds: int = Field(default=86400, ge=60, le=30 * 86400)
 
     asset_store: Literal["local", "azure"] = "local"
     asset_max_bytes: int = Field(default=2 * 1024**3, ge=1)

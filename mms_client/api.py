@@ -41,7 +41,8 @@ _UPLOAD_CHUNK = 1 << 20
 def idempotency_headers() -> dict[str, str]:
     """The headers of a create (a model, manifest, image or service): a key of its own, so the
     call is retried like a GET and a retry after a lost answer gets the first answer instead of
-    making a second one (the service remembers keys for a day)."""
+    making a second one (the service remembers a key for MMS_IDEMPOTENCY_TTL_SECONDS, a day by
+    default)."""
     return {"Idempotency-Key": str(uuid.uuid4())}
 
 

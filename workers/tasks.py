@@ -11,6 +11,7 @@ from app.builds.reaper import reap
 from app.context import ServiceContext
 from app.database import session_scope
 from app.queue import BUILD_TASK
+from app.services import idempotency
 from app.services.image_store import collect_garbage
 from workers.celery_app import (
     COLLECT_TASK,
@@ -42,10 +43,11 @@ def build_image(image_id: str) -> None:
 
 @celery_app.task(name=REAP_TASK)
 def reap_builds() -> None:
-    """Re-queue, fail or re-announce builds that stopped moving."""
+    """Re-queue, fail or re-announce builds that stopped moving; forget expired Idempotency-Keys."""
     context = worker_context()
     with session_scope(context.session_factory) as session:
         to_publish = reap(session, context.settings)
+        idempotency.forget_expired(session, ttl_seconds=context.settings.idempotency_ttl_seconds)
     for image_id in to_publish:
         context.build_queue.publish_build(image_id)
 

@@ -53,11 +53,14 @@ def answer_once(
 
     ``headers`` derives the answer's headers from its body, so a replay carries them too.
     """
+    sealer = context.sealer
     stored = idempotency.run_idempotent(
         session,
-        owner=caller.owner_key,
+        owner=idempotency.owner(sealer, caller.issuer, caller.subject),
         key=key,
-        request_fingerprint=idempotency.fingerprint(request.method, request.url.path, body.model_dump(mode="json")),
+        request_fingerprint=idempotency.fingerprint(
+            sealer, request.method, request.url.path, body.model_dump(mode="json")
+        ),
         ttl_seconds=context.settings.idempotency_ttl_seconds,
         action=lambda: (status_code, make().model_dump(mode="json")),
     )

@@ -29,11 +29,6 @@ class Caller:
     grants: tuple[Grant, ...]
     expires_at: float | None = None  # the token's exp (seconds since the epoch)
 
-    @property
-    def owner_key(self) -> str:
-        """A stable name for this caller, e.g. to scope idempotency keys."""
-        return f"{self.issuer} {self.subject}"
-
     def can(self, permission: Permission, scope: str) -> bool:
         return any(permission in grant.role.permissions and scope_contains(grant.scope, scope) for grant in self.grants)
 

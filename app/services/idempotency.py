@@ -2,11 +2,13 @@
 
 The key is claimed by inserting its row first, in the same transaction as the work, so a
 concurrent retry waits on the unique index until the first one commits, then replays it.
+The caller and the request are kept as keyed digests (``Sealer.digest``): a body's secrets (a
+registry password) are not in the table in a form a fast hash would let anyone guess back.
+Rows past the TTL are deleted by the workers' periodic pass (``forget_expired``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,8 +22,10 @@ from sqlalchemy.orm import Session
 from app.errors import BadRequest, ServiceError
 from app.orm import IdempotencyRecord
 from app.orm.base import utcnow
+from app.sealing import Sealer
 
 MAX_KEY_LENGTH = 255
+FORGET_BATCH = 5000  # rows deleted a pass: a backlog drains over several, none holds long locks
 
 
 class IdempotencyKeyReused(ServiceError):
@@ -36,10 +40,27 @@ class StoredResponse:
     replayed: bool
 
 
-def fingerprint(method: str, path: str, payload: Any) -> str:
-    """A hash of what was asked, so a key reused for a different request is caught."""
+def owner(sealer: Sealer, issuer: str, subject: str) -> str:
+    """Who sent a key: a digest of the caller's issuer and subject (unambiguous, of fixed length)."""
+    return sealer.digest(json.dumps([issuer, subject]).encode())
+
+
+def fingerprint(sealer: Sealer, method: str, path: str, payload: Any) -> str:
+    """A keyed digest of what was asked, so a key reused for a different request is caught."""
     canonical = json.dumps([method, path, payload], sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return sealer.digest(canonical.encode())
+
+
+def forget_expired(session: Session, *, ttl_seconds: int) -> int:
+    """Delete up to ``FORGET_BATCH`` records older than the TTL (a key is never replayed past it);
+    how many went."""
+    expired = (
+        select(IdempotencyRecord.id)
+        .where(IdempotencyRecord.created_at < utcnow() - timedelta(seconds=ttl_seconds))
+        .limit(FORGET_BATCH)
+    )
+    gone = session.execute(delete(IdempotencyRecord).where(IdempotencyRecord.id.in_(expired.scalar_subquery())))
+    return gone.rowcount
 
 
 def run_idempotent(

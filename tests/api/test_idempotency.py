@@ -3,13 +3,20 @@ replayed (its Operation-Location too), and still one resource; on PostgreSQL and
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.config import Settings
+from app.orm import IdempotencyRecord
+from app.schemas.images import ImageCreate
 from tests.api.test_manifests import seed_manifest
 from tests.api.test_services import built_image
 from tests.factories import Callers, model_body
@@ -85,3 +92,25 @@ def test_a_malformed_key_is_a_400_naming_the_header_and_makes_nothing(
     assert response.status_code == 400, response.text
     assert "Idempotency-Key" in response.json()["message"]
     assert client.get(f"{account}/images", headers=owner).json()["value"] == []
+
+
+def test_the_stored_key_names_neither_the_caller_nor_the_body_in_a_guessable_form(
+    client: TestClient, db: Session, account: str, owner: dict[str, str], manifest_id: str
+) -> None:
+    """A body may carry a registry password: the table keeps keyed digests, not plain hashes."""
+    body = {"name": "img", "manifestId": manifest_id}
+    response = client.post(f"{account}/images", json=body, headers={**owner, "Idempotency-Key": "digests"})
+    assert response.status_code == 202, response.text
+    record = db.scalars(select(IdempotencyRecord).where(IdempotencyRecord.key == "digests")).one()
+    path = f"{account}/images"
+    asked = ["POST", path, ImageCreate.model_validate(body).model_dump(mode="json")]
+    plain = json.dumps(asked, sort_keys=True, separators=(",", ":")).encode()
+    assert record.fingerprint != hashlib.sha256(plain).hexdigest()
+    assert len(record.fingerprint) == len(record.owner) == 64
+    assert "sub-" not in record.owner and "http" not in record.owner
+
+
+@pytest.mark.parametrize("ttl", [0, 59, 31 * 86400])
+def test_a_key_lifetime_out_of_bounds_is_refused_at_start(ttl: int) -> None:
+    with pytest.raises(ValidationError, match="idempotency_ttl_seconds"):
+        Settings(idempotency_ttl_seconds=ttl)
