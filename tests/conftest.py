@@ -26,10 +26,11 @@ from tests.factories import Callers
 pytest_plugins = ["tests.leftover_processes"]
 
 EXTERNAL_ISSUER = "https://login.example.test/tenant-1/v2.0"
-# The engine lane (scripts/test): every test that drives the Docker engine, buildah, the workers or
-# a fault; the other lane (the API, the services, the clients) shares none of their state and runs
-# beside it. A test elsewhere that uses the shared engine joins the engine lane by its fixture.
-ENGINE_LANE_PATHS = ("tests/workers/", "tests/faults/", "tests/packaging/")
+# The engine lane (scripts/test): every test that drives the Docker engine, buildah or the workers;
+# the other lane (the API, the services, the clients, and the faults, which run a PostgreSQL, Redis
+# and registry of their own) shares none of their state and runs beside it. A test elsewhere that
+# uses the shared engine joins the engine lane by its fixture.
+ENGINE_LANE_PATHS = ("tests/workers/", "tests/packaging/")
 ENGINE_LANE_FIXTURES = {"infra", "docker_env"}
 
 
@@ -37,7 +38,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--lane",
         choices=("engine", "other"),
-        help="run one lane alone: engine (the tests that use the Docker engine, the workers or a fault), or other",
+        help="run one lane alone: engine (the tests that use the Docker engine or the workers), or other",
     )
 
 
