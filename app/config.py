@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 from pydantic import AliasChoices, BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app import names
 from app.private_files import private_dir, write_new_private_file
 
 # Values that mean "nobody set this": refused outside development.
@@ -264,6 +265,14 @@ class Settings(BaseSettings):
                     f"MMS_COMPUTE_ALLOW_HOSTS: {path!r} is not a compute's path "
                     "(/subscriptions/SUB/resourceGroups/GROUP/accounts/ACCOUNT/computes/NAME)"
                 )
+            for (what, rule), name in zip(_COMPUTE_PATH_NAMES, path.strip().strip("/").split("/")[1::2], strict=True):
+                if not rule.matches(name):
+                    raise ValueError(f"MMS_COMPUTE_ALLOW_HOSTS: in {path!r}, {name!r} is not {what} name ({rule.rule})")
+            if key.endswith("/computes/local"):  # the built-in target (app.services.computes.LOCAL)
+                raise ValueError(
+                    f"MMS_COMPUTE_ALLOW_HOSTS: {path!r} is the built-in local target, which is never attached: "
+                    "name an attached compute"
+                )
             for host in hosts:
                 if not _is_host_entry(host):
                     raise ValueError(
@@ -480,6 +489,12 @@ class Settings(BaseSettings):
 
 
 _COMPUTE_PATH_WORDS = ["subscriptions", "resourcegroups", "accounts", "computes"]
+_COMPUTE_PATH_NAMES = (
+    ("a subscription", names.SUBSCRIPTION),
+    ("a resource group", names.RESOURCE_GROUP),
+    ("an account", names.ACCOUNT),
+    ("a compute", names.COMPUTE),
+)
 
 
 def compute_path(subscription: str, resource_group: str, account: str, compute: str) -> str:

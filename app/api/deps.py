@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Awaitable, Callable
 from typing import Annotated
 
@@ -12,6 +11,7 @@ from pydantic import AfterValidator
 from sqlalchemy.orm import Session
 from starlette.types import Scope
 
+from app import names
 from app.api.event_stream import EventHub
 from app.api.routing import RequestSession, end_with_endpoint, ends_its_session
 from app.auth.caller import Caller, caller_for, load_caller
@@ -27,11 +27,6 @@ CURRENT_API_VERSION = "2017-09-01-preview"
 SUPPORTED_API_VERSIONS = (CURRENT_API_VERSION,)
 
 # Trivial dependencies are async: FastAPI runs each sync one on the thread pool, a hop apiece.
-
-# ARM's naming rules for the parts of a resource path.
-SUBSCRIPTION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-RESOURCE_GROUP_PATTERN = r"^[-\w._()]{1,90}$"
-ACCOUNT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{1,63}$"
 
 
 async def get_context(request: Request) -> ServiceContext:
@@ -168,12 +163,12 @@ def _check_parameters(request: Request) -> None:
                 raise BadRequest(f"{kind} parameter '{shown}' {reason}", code="InvalidParameter")
 
 
-def _name_rule(pattern: str, rule: str) -> AfterValidator:
+def _name_rule(rule: names.NameRule) -> AfterValidator:
     """A validator whose message says in words what a name may hold."""
 
     def check(value: str) -> str:
-        if not re.fullmatch(pattern, value):
-            raise ValueError(f"must be {rule}")
+        if not rule.matches(value):
+            raise ValueError(f"must be {rule.rule}")
         return value
 
     return AfterValidator(check)
@@ -182,17 +177,17 @@ def _name_rule(pattern: str, rule: str) -> AfterValidator:
 SubscriptionId = Annotated[
     str,
     Path(alias="subscriptionId"),
-    _name_rule(SUBSCRIPTION_PATTERN, "1-64 letters, digits, '-', '_' or '.', starting with a letter or digit"),
+    _name_rule(names.SUBSCRIPTION),
 ]
 ResourceGroup = Annotated[
     str,
     Path(alias="resourceGroup"),
-    _name_rule(RESOURCE_GROUP_PATTERN, "1-90 letters, digits, '-', '_', '.', '(' or ')'"),
+    _name_rule(names.RESOURCE_GROUP),
 ]
 AccountName = Annotated[
     str,
     Path(alias="accountName"),
-    _name_rule(ACCOUNT_NAME_PATTERN, "2-64 letters, digits, '-' or '_', starting with a letter or digit"),
+    _name_rule(names.ACCOUNT),
 ]
 
 
@@ -242,7 +237,7 @@ ServiceId = Annotated[str, Path(alias="serviceId")]
 ComputeName = Annotated[
     str,
     Path(alias="computeName"),
-    _name_rule(r"^[A-Za-z][A-Za-z0-9-]{1,31}$", "2-32 letters, digits or '-', starting with a letter"),
+    _name_rule(names.COMPUTE),
 ]
 OperationId = Annotated[str, Path(alias="operationId")]
 WebhookId = Annotated[str, Path(alias="webhookId")]

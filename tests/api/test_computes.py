@@ -4,6 +4,7 @@ kubeconfig policy's own cases: tests/deployments/test_kubeconfig.py), roles."""
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 
@@ -372,27 +373,43 @@ def test_a_compute_allow_list_keyed_by_anything_but_a_computes_path_is_refused_a
         Settings(compute_allow_hosts={path: ["10.0.0.1"]})
 
 
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        ("/subscriptions/s/resourceGroups/g/accounts/a/computes/swarm1", "'a' is not an account name (2-64"),
+        ("/subscriptions/s/resourceGroups/g/accounts/acct/computes/1st", "'1st' is not a compute name (2-32"),
+        ("/subscriptions/s s/resourceGroups/g/accounts/acct/computes/c1", "'s s' is not a subscription name"),
+        ("/subscriptions/s/resourceGroups/g?x/accounts/acct/computes/c1", "'g?x' is not a resource group name"),
+        ("/subscriptions/s/resourceGroups/g/accounts/acct/computes/local", "the built-in local target"),
+    ],
+)
+def test_a_compute_allow_list_key_that_no_compute_can_have_is_refused_at_start(path: str, message: str) -> None:
+    """A misspelt key would never match, and say nothing: it is refused saying which part."""
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        Settings(compute_allow_hosts={path: ["10.0.0.1"]})
+
+
 @pytest.mark.parametrize("host", ["https://10.0.0.1", "10.0.0.1/x", "user@10.0.0.1", "10.0.0.1:", "", "a b"])
 def test_a_compute_allow_list_entry_that_is_not_host_or_host_port_is_refused_at_start(host: str) -> None:
     with pytest.raises(ValidationError, match="is not host or host:port"):
-        Settings(compute_allow_hosts={"/subscriptions/s/resourceGroups/g/accounts/a/computes/c": [host]})
+        Settings(compute_allow_hosts={"/subscriptions/s/resourceGroups/g/accounts/acct/computes/swarm1": [host]})
 
 
 def test_a_compute_allow_list_is_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    path = "/subscriptions/S/resourceGroups/G/accounts/A/computes/C"
+    path = "/subscriptions/S/resourceGroups/G/accounts/Acct/computes/Swarm"
     monkeypatch.setenv("MMS_COMPUTE_ALLOW_HOSTS", f'{{"{path}": ["10.0.0.1", "[fd00::1]:2376"]}}')
     settings = Settings()
-    assert settings.compute_allow_hosts_for("/subscriptions/s/resourcegroups/g/accounts/a/computes/C") == {
+    assert settings.compute_allow_hosts_for("/subscriptions/s/resourcegroups/g/accounts/acct/computes/Swarm") == {
         "10.0.0.1",
         "[fd00::1]:2376",
     }
-    assert settings.compute_allow_hosts_for("/subscriptions/s/resourcegroups/g/accounts/a/computes/c") == set()
-    assert settings.compute_allow_hosts_for("/subscriptions/s/resourcegroups/g/accounts/a/computes/d") == set()
+    assert settings.compute_allow_hosts_for("/subscriptions/s/resourcegroups/g/accounts/acct/computes/swarm") == set()
+    assert settings.compute_allow_hosts_for("/subscriptions/s/resourcegroups/g/accounts/acct/computes/other") == set()
     assert settings.compute_allow_hosts_for(None) == set()
 
 
 def test_a_compute_allow_list_holds_each_address_in_its_one_written_form() -> None:
-    path = "/subscriptions/s/resourceGroups/g/accounts/a/computes/c"
+    path = "/subscriptions/s/resourceGroups/g/accounts/acct/computes/swarm1"
     settings = Settings(compute_allow_hosts={path: ["FD00:0::1", "[FD00:0::2]:2376", "[fd00::3]", "Swarm.Corp:2376"]})
     assert settings.compute_allow_hosts_for(path) == {"fd00::1", "[fd00::2]:2376", "[fd00::3]", "swarm.corp:2376"}
 
