@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -176,25 +177,39 @@ def wrk(
     connections: int,
     post_body: str | None = None,
     unique: str | None = None,
+    keyed: bool = False,
 ) -> dict:
     """wrk's figures for ``url`` (GET, or POST of ``post_body``): requests, rps, non2xx, p50 and p99 in µs.
 
     With ``unique``, that text of the body is replaced in each request by one no other request
-    of the run sends (a model name of its own, say)."""
+    of the run sends (a model name of its own, say). With ``keyed``, each request carries an
+    Idempotency-Key no other request of the run sends."""
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(f'wrk.headers["Authorization"] = "Bearer {token}"\n')
         if post_body is not None:
             script.write('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n')
             script.write(f"wrk.body = {json.dumps(post_body)}\n")
-        if unique is not None:
-            # Each of wrk's threads numbers its requests after a prefix of its own.
+        if unique is not None or keyed:
+            # Each of wrk's threads numbers its requests after a prefix of its own (and the run's).
+            replaced = "wrk.body"
+            if unique is not None:
+                replaced = f"string.gsub(wrk.body, {json.dumps(_lua_pattern(unique))}, prefix .. counter)"
             script.write(
                 "local counter = 0\n"
+                f"local run = '{uuid.uuid4().hex[:8]}'\n"
                 "setup = function(thread) counter = counter + 1; thread:set('prefix', 'r' .. counter .. '-') end\n"
                 "request = function()\n"
                 "  counter = counter + 1\n"
-                f"  local body = string.gsub(wrk.body, {json.dumps(_lua_pattern(unique))}, prefix .. counter)\n"
-                "  return wrk.format(nil, nil, nil, body)\n"
+                f"  local body = {replaced}\n"
+                "  local headers = nil\n"
+                + (
+                    "  headers = {}\n"
+                    "  for name, value in pairs(wrk.headers) do headers[name] = value end\n"
+                    "  headers['Idempotency-Key'] = run .. '-' .. prefix .. counter\n"
+                    if keyed
+                    else ""
+                )
+                + "  return wrk.format(nil, nil, headers, body)\n"
                 "end\n"
             )
         script.write(

@@ -44,14 +44,20 @@ def one_run(sqlite: bool, duration: int, rounds: int) -> dict[str, dict]:
             "GET /health": (f"{service.base}/health", None),
             "GET .../models/{id}": (f"{service.account}/models/{model['id']}", None),
             "POST .../models": (f"{service.account}/models", json.dumps(MODEL)),
+            # What the client sends: a key of its own, so the registration and the key's record
+            # commit together (a transaction, not the statement alone).
+            "POST .../models, keyed": (f"{service.account}/models", json.dumps(MODEL)),
         }
-        for url, body in urls.values():  # warm: imports, pools, caches
-            wrk(url, service.token, duration=1, connections=1, post_body=body)
+        keyed = {"POST .../models, keyed"}
+        for label, (url, body) in urls.items():  # warm: imports, pools, caches
+            wrk(url, service.token, duration=1, connections=1, post_body=body, keyed=label in keyed)
         slice_seconds = max(1, round(duration / rounds))
         measured: dict[str, list[dict]] = {label: [] for label in urls}
         for _ in range(rounds):
             for label, (url, body) in urls.items():
-                measured[label].append(wrk(url, service.token, duration=slice_seconds, connections=1, post_body=body))
+                measured[label].append(
+                    wrk(url, service.token, duration=slice_seconds, connections=1, post_body=body, keyed=label in keyed)
+                )
         health = [figures["p50"] for figures in measured["GET /health"]]
         results = {
             label: {
