@@ -16,6 +16,19 @@ import httpx
 
 
 @contextmanager
+def _serving(server: ThreadingHTTPServer) -> Iterator[None]:
+    """``server`` answering on a thread of its own until the block ends, then closed."""
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+@contextmanager
 def tcp_listener(greeting: bytes = b"") -> Iterator[tuple[int, list[tuple[str, int]]]]:
     """A TCP server on 0.0.0.0 (every address of the host); yields its port and the peers
     that connected (each is sent ``greeting``, then closed)."""
@@ -67,13 +80,8 @@ def recording_http_server() -> Iterator[ThreadingHTTPServer]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
     server.seen = []  # type: ignore[attr-defined]
     server.address = f"127.0.0.1:{server.server_address[1]}"  # type: ignore[attr-defined]
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
+    with _serving(server):
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 class _Flaky(BaseHTTPRequestHandler):
@@ -121,13 +129,8 @@ def flaky_http_server(body: bytes, failures: list, *, delay: float = 0.0) -> Ite
     server.seen, server.failures, server.body = [], list(failures), body  # type: ignore[attr-defined]
     server.delay = delay  # type: ignore[attr-defined]
     server.url = f"http://127.0.0.1:{server.server_address[1]}"  # type: ignore[attr-defined]
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
+    with _serving(server):
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 class _Endless(BaseHTTPRequestHandler):
@@ -181,14 +184,8 @@ def endless_http_server(
     server.sent, server.seen, server.hung_up = 0, [], threading.Event()  # type: ignore[attr-defined]
     server.address = f"127.0.0.1:{server.server_address[1]}"  # type: ignore[attr-defined]
     server.url = f"http://{server.address}"  # type: ignore[attr-defined]
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
+    with _serving(server):
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
 
 
 def bounded_read(call: Callable[[], object]) -> tuple[Exception, float, int]:
@@ -240,10 +237,5 @@ def answer_losing_proxy(target: str, lose: Callable[[str, str], bool]) -> Iterat
     server.daemon_threads = True
     server.target, server.lose, server.seen = target, lose, []  # type: ignore[attr-defined]
     server.url = f"http://127.0.0.1:{server.server_address[1]}"  # type: ignore[attr-defined]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with _serving(server):
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()

@@ -20,3 +20,8 @@ def account_url(request: Request) -> str:
     marker = "/accounts/"
     account_end = path.index("/", path.index(marker) + len(marker))
     return str(request.base_url).rstrip("/") + path[:account_end]
+
+
+def operation_location(request: Request, operation_id: object) -> str:
+    """The Operation-Location a 202 answers: the operation's URL in this request's account."""
+    return f"{account_url(request)}/operations/{operation_id}"

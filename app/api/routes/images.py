@@ -25,7 +25,7 @@ from app.api.deps import (
 )
 from app.api.event_stream import LastEventIdHeader, LastEventIdQuery, stream_response
 from app.api.image_polls import RETRY_AFTER_SECONDS, image_etag, not_modified_headers
-from app.api.links import account_url, next_link
+from app.api.links import account_url, next_link, operation_location
 from app.api.middleware import etag_matches
 from app.api.openapi import RETRY_AFTER, errors, header
 from app.api.routes.manifests import rendered_manifest
@@ -148,7 +148,7 @@ def create_image(
         body=body,
         status_code=status.HTTP_202_ACCEPTED,
         make=create,
-        headers=lambda image: {"Operation-Location": f"{account_url(request)}/operations/{image['OperationId']}"},
+        headers=lambda image: {"Operation-Location": operation_location(request, image["OperationId"])},
     )
 
 

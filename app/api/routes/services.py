@@ -26,7 +26,7 @@ from app.api.deps import (
     WritableAccount,
 )
 from app.api.event_stream import LastEventIdHeader, LastEventIdQuery, stream_response
-from app.api.links import account_url
+from app.api.links import operation_location
 from app.api.openapi import errors, header
 from app.api.routing import ApiRoute
 from app.api.untrusted import NOT_A_PAGE
@@ -108,7 +108,7 @@ def to_read(view: ServiceView, settings: Settings) -> ServiceRead:
 
 def _accepted(view: ServiceView, request: Request, response: Response, settings: Settings) -> ServiceRead:
     assert view.operation is not None
-    response.headers["Operation-Location"] = f"{account_url(request)}/operations/{view.operation.id}"
+    response.headers["Operation-Location"] = operation_location(request, view.operation.id)
     return to_read(view, settings)
 
 
@@ -152,7 +152,7 @@ def create_service(
         body=body,
         status_code=status.HTTP_202_ACCEPTED,
         make=create,
-        headers=lambda service: {"Operation-Location": f"{account_url(request)}/operations/{service['operationId']}"},
+        headers=lambda service: {"Operation-Location": operation_location(request, service["operationId"])},
     )
 
 
