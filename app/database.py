@@ -221,7 +221,7 @@ def execute_alone(session: Session, statement: Executable, parameters: dict[str,
         session.commit()  # nothing left to commit: the transaction ends, its connection goes back
         return fetched
     if pending:
-        session.flush()  # rows added before (an idempotency record) go first, as autoflush would
+        session.flush()  # rows added before go first, as autoflush would
     return session.connection().execute(statement, parameters).all()
 
 

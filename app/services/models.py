@@ -132,7 +132,7 @@ def register_model(
             [(_, version)] = execute_alone(session, _REGISTER, parameters)
         else:
             if session.new or session.dirty or session.deleted:
-                session.flush()  # rows added before (an idempotency record) go first, as autoflush would
+                session.flush()  # rows added before go first, as autoflush would
             _, version = session.connection().execute(_REGISTER, parameters).one()
         return dataclasses.replace(model, version=version)
     connection = session.connection()

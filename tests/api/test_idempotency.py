@@ -6,16 +6,18 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.orm import IdempotencyRecord
+from app.orm.base import utcnow
 from app.schemas.images import ImageCreate
 from tests.api.test_manifests import seed_manifest
 from tests.api.test_services import built_image
@@ -80,6 +82,31 @@ def test_a_key_is_the_callers_own_another_callers_same_key_is_a_request_of_its_o
     assert second.status_code == 200, second.text
     assert "Idempotent-Replayed" not in second.headers
     assert (first.json()["version"], second.json()["version"]) == (1, 2)
+
+
+def test_a_key_past_its_lifetime_is_a_new_request_before_the_workers_delete_its_row(
+    client: TestClient, db: Session, account: str, owner: dict[str, str]
+) -> None:
+    """The workers' pass deletes expired rows in batches, later: until then the row must not
+    replay, nor refuse the key with another body."""
+    keyed = {**owner, "Idempotency-Key": "lapsing"}
+    first = client.post(f"{account}/models", json=model_body(), headers=keyed)
+    assert first.status_code == 200, first.text
+    lifetime = timedelta(seconds=Settings().idempotency_ttl_seconds)
+    db.execute(
+        update(IdempotencyRecord)
+        .where(IdempotencyRecord.key == "lapsing")
+        .values(created_at=utcnow() - lifetime - timedelta(seconds=5))
+    )
+    db.flush()
+
+    anew = client.post(f"{account}/models", json=model_body(description="later"), headers=keyed)
+    assert anew.status_code == 200, anew.text
+    assert "Idempotent-Replayed" not in anew.headers
+    assert anew.json()["version"] == 2
+    again = client.post(f"{account}/models", json=model_body(description="later"), headers=keyed)
+    assert again.headers["Idempotent-Replayed"] == "true" and again.json() == anew.json()
+    assert db.scalar(select(func.count()).where(IdempotencyRecord.key == "lapsing")) == 1
 
 
 @pytest.mark.parametrize("key", ["", "x" * 256, "line\nbreak"])
