@@ -15,7 +15,20 @@ from typing import Any
 
 import psycopg
 import pytest
-from sqlalchemy import Integer, String, Uuid, bindparam, cast, func, insert, literal, literal_column, select, text
+from sqlalchemy import (
+    Integer,
+    Select,
+    String,
+    Uuid,
+    bindparam,
+    cast,
+    func,
+    insert,
+    literal,
+    literal_column,
+    select,
+    text,
+)
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
@@ -179,7 +192,15 @@ def test_rows_runs_a_select_only_and_the_database_refuses_a_write_hidden_in_one(
     name = f"a{uuid.uuid4().hex[:8]}"
     written = (
         insert(table)
-        .values(id=uuid.uuid4(), subscription_id="reads", resource_group="rg", name=name, location="l", sku_name="S1")
+        .values(
+            id=uuid.uuid4(),
+            subscription_id="reads",
+            resource_group="rg",
+            name=name,
+            location="l",
+            sku_name="S1",
+            created_at=datetime.now(UTC),  # a Python default left to fill is refused before the database sees it
+        )
         .returning(table.c.id)
         .cte("written")
     )
@@ -209,7 +230,7 @@ def test_rows_runs_a_select_only_and_the_database_refuses_a_write_hidden_in_one(
         return not_a_select, refused, reads.engine.sync_engine.pool.checkedout(), pid
 
     not_a_select, refused, checked_out, _ = _run(migrated, body)
-    assert "runs a SELECT" in str(not_a_select)
+    assert "runs a Select, not Insert" in str(not_a_select)
     assert isinstance(refused.orig, psycopg.errors.ReadOnlySqlTransaction) and refused.hide_parameters
     assert checked_out == 0
     with psycopg.connect(migrated.resolved_database_url.replace("+psycopg", "")) as check:
@@ -284,9 +305,9 @@ def test_rows_with_the_database_away_raises_what_the_api_answers_503(migrated: S
 def test_compiled_statements_are_kept_by_identity_and_bounded() -> None:
     from sqlalchemy.dialects import postgresql
 
-    from app.reads import _CompiledStatements
+    from app.prebuilt import CompiledStatements
 
-    kept = _CompiledStatements(postgresql.psycopg.dialect())
+    kept = CompiledStatements(postgresql.psycopg.dialect(), Select)
     first = select(literal_column("1", Integer))
     assert kept.get(first) is kept.get(first)
     assert kept.get(select(literal_column("1", Integer))) is not kept.get(first)  # equal text, another statement
