@@ -12,7 +12,13 @@ from app.auth.caller import GrantsCache
 from app.auth.keys import KeySource, OwnKeySource, PrivateKey, RemoteKeySource, create_signing_key, newest_signing_key
 from app.auth.tokens import TokenVerifier, TrustedIssuerKeys
 from app.config import Settings
-from app.database import make_async_read_engine, make_engine, make_session_factory, session_scope
+from app.database import (
+    make_async_read_engine,
+    make_async_write_engine,
+    make_engine,
+    make_session_factory,
+    session_scope,
+)
 from app.private_files import prepare_data_dir
 from app.queue import BuildQueue
 from app.reads import LoopReads, Reads, ThreadReads
@@ -22,6 +28,7 @@ from app.services.event_ids import EventIds
 from app.services.source_urls import SourceUrlPolicy
 from app.storage.base import AssetStore
 from app.storage.factory import make_asset_store
+from app.writes import LoopWrites, ThreadWrites, Writes
 
 
 @dataclass
@@ -35,6 +42,9 @@ class ServiceContext:
     read_session_factory: sessionmaker[Session]
     # How requests read: on the event loop on PostgreSQL (app.reads), with read_session_factory's sessions elsewhere.
     reads: Reads
+    # How requests write: with session_factory's sessions; on PostgreSQL a one-statement write
+    # alone on the event loop (app.writes).
+    writes: Writes
     sealer: Sealer
     # The tokens event ids leave the service as (streams, webhooks, ETags): the same in every process.
     event_ids: EventIds
@@ -74,6 +84,9 @@ class ServiceContext:
         else:
             read_factory = make_session_factory(read_engine, read_only=True)
             reads = ThreadReads(read_factory)
+        writes: Writes = ThreadWrites(factory, engine.dialect.name)
+        if engine.dialect.name == "postgresql" and session_factory is None:
+            writes = LoopWrites(make_async_write_engine(settings), threads=writes)
         own_keys = OwnKeySource(read_factory, settings.jwks_refresh_min_seconds)
         issuers = [TrustedIssuerKeys(issuer=settings.issuer, audience=settings.audience, keys=own_keys)] + [
             TrustedIssuerKeys(
@@ -91,6 +104,7 @@ class ServiceContext:
             read_engine=read_engine,
             read_session_factory=read_factory,
             reads=reads,
+            writes=writes,
             sealer=Sealer(secret_key),
             event_ids=EventIds(secret_key),
             verifier=TokenVerifier(issuers, settings.clock_skew_seconds),
@@ -102,8 +116,8 @@ class ServiceContext:
         )
 
     def dispose(self) -> None:
-        """Close every pooled database connection, but the event loop's reads' (``reads.close()``,
-        on the loop that used them: the app's lifespan does)."""
+        """Close every pooled database connection, but the event loop's reads' and writes'
+        (``reads.close()``, ``writes.close()``, on the loop that used them: the app's lifespan does)."""
         self.engine.dispose()
         if self.read_engine is not self.engine:
             self.read_engine.dispose()

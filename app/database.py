@@ -82,6 +82,17 @@ def make_async_read_engine(settings: Settings) -> AsyncEngine:
     return engine
 
 
+def make_async_write_engine(settings: Settings) -> AsyncEngine:
+    """PostgreSQL's engine for the writes that run on the event loop (``app.writes``), one
+    statement each: psycopg's async connections in autocommit, checked as they are taken. A
+    pool of its own, bound to the loop that first uses it."""
+    engine = create_async_engine(
+        settings.resolved_database_url, isolation_level="AUTOCOMMIT", **_postgres_pool(settings, read_only=False)
+    )
+    event.listen(engine.sync_engine, "checkout", _check_idle_connection)
+    return engine
+
+
 def _check_idle_connection(dbapi_connection, _record, proxy) -> None:  # type: ignore[no-untyped-def]
     """A pooled connection is checked as it is taken, without a round trip when it is quiet.
 

@@ -71,6 +71,7 @@ def create_app(settings: Settings | None = None, context: ServiceContext | None 
         yield
         await app.state.event_hub.stop()
         await context.reads.close()
+        await context.writes.close()
         context.dispose()
 
     app = FastAPI(

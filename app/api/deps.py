@@ -22,6 +22,7 @@ from app.errors import BadRequest, Unauthorized
 from app.reads import Reads
 from app.schemas.common import unstorable
 from app.services.accounts import AccountPath, AccountRef, find_account_ref
+from app.writes import Writes
 
 CURRENT_API_VERSION = "2017-09-01-preview"
 SUPPORTED_API_VERSIONS = (CURRENT_API_VERSION,)
@@ -73,6 +74,15 @@ async def get_reads(request: Request) -> Reads:
 
 # For a route that only reads: ``await reads.run(plain function of a session)`` (app.reads).
 ReadsDep = Annotated[Reads, Depends(get_reads)]
+
+
+async def get_writes(request: Request) -> Writes:
+    return request.app.state.context.writes
+
+
+# For a coroutine route that writes: ``await writes.run(plain function of a session)``, or
+# ``writes.alone(statement, params)`` for a one-statement write that is its whole work (app.writes).
+WritesDep = Annotated[Writes, Depends(get_writes)]
 
 
 def verify_authorization(

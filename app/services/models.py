@@ -24,6 +24,7 @@ from app.services.lookup import get_in_account, not_found, parse_uuid
 from app.services.paging import page_by_name_and_version
 from app.services.source_urls import SourceUrlPolicy
 from app.services.versioning import claim_next_version, claim_statement
+from app.writes import Writes
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,30 +105,17 @@ def register_model(
     created_by: str | None,
     alone: bool = False,
 ) -> ModelRecord:
-    """Register a model under its name as that name's next version. ``alone``: the registration
-    is the transaction's whole work (its route says so), which on PostgreSQL commits it as its
+    """Register a model under its name as that name's next version, in ``session``'s
+    transaction (with an Idempotency-Key's record, say). ``alone``: the registration is the
+    transaction's whole work (its route says so), which on PostgreSQL commits it as its
     statement ends (``app.database.execute_alone``).
 
     Core inserts, not the ORM's unit of work, which cost a registration more than its
     statements did (issue 20). On PostgreSQL one statement (``_REGISTER``); on SQLite, which has
     no data-modifying CTEs, three: the counter's claim, the row, its tags."""
-    urls.check(data.url, field="url")
-    model = ModelRecord(
-        id=uuid.uuid4(),
-        name=data.name,
-        version=0,  # the claim's, below
-        description=data.description,
-        url=data.url,
-        tags=list(data.tags),
-        mime_type=data.mimeType,
-        unpack=data.unpack,
-        sha256=data.sha256,
-        created_at=utcnow(),
-    )
-    row = {name: getattr(model, name) for name in _RECORD_FIELDS if name != "version"}
-    row |= {"account_id": account.id, "created_by": created_by}
+    model, row = _new_registration(account, data, urls=urls, created_by=created_by)
     if session.get_bind().dialect.name == "postgresql":
-        parameters = {**row, "counter_id": uuid.uuid4(), "tags": model.tags}
+        parameters = _register_parameters(model, row)
         if alone:  # committed as it ends: what follows only builds the answer from what was checked
             [(_, version)] = execute_alone(session, _REGISTER, parameters)
         else:
@@ -144,6 +132,47 @@ def register_model(
             [{"model_version_id": model.id, "position": i, "tag": tag} for i, tag in enumerate(model.tags)],
         )
     return dataclasses.replace(model, version=version)
+
+
+async def register_model_alone(
+    writes: Writes, account: AccountRef, data: ModelCreate, *, urls: SourceUrlPolicy, created_by: str | None
+) -> ModelRecord:
+    """Register a model as a request's whole work, committed as it ends. On PostgreSQL its one
+    statement runs on the event loop (``app.writes``); on SQLite ``register_model`` runs in the
+    thread pool."""
+    if writes.dialect != "postgresql":
+        return await writes.run(
+            lambda session: register_model(session, account, data, urls=urls, created_by=created_by, alone=True)
+        )
+    model, row = _new_registration(account, data, urls=urls, created_by=created_by)
+    [(_, version)] = await writes.alone(_REGISTER, _register_parameters(model, row))
+    return dataclasses.replace(model, version=version)
+
+
+def _new_registration(
+    account: AccountRef, data: ModelCreate, *, urls: SourceUrlPolicy, created_by: str | None
+) -> tuple[ModelRecord, dict[str, Any]]:
+    """The model's record, its version still to claim, and its row's values; the URL checked first."""
+    urls.check(data.url, field="url")
+    model = ModelRecord(
+        id=uuid.uuid4(),
+        name=data.name,
+        version=0,  # the claim's
+        description=data.description,
+        url=data.url,
+        tags=list(data.tags),
+        mime_type=data.mimeType,
+        unpack=data.unpack,
+        sha256=data.sha256,
+        created_at=utcnow(),
+    )
+    row = {name: getattr(model, name) for name in _RECORD_FIELDS if name != "version"}
+    return model, row | {"account_id": account.id, "created_by": created_by}
+
+
+def _register_parameters(model: ModelRecord, row: dict[str, Any]) -> dict[str, Any]:
+    """``_REGISTER``'s parameters: the row's, a new counter row's id and the tags."""
+    return {**row, "counter_id": uuid.uuid4(), "tags": model.tags}
 
 
 def model_query(model_id: str) -> tuple[Select[Any], dict[str, object]]:

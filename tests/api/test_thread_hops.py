@@ -100,7 +100,8 @@ def test_on_postgresql_a_read_of_one_thing_makes_no_trip_to_a_thread_and_a_page_
 ) -> None:
     """Reads of one thing run on the event loop there (app.reads.LoopReads): the caller's roles,
     the account, and the route's own (a model, an image and its operation, which dashboards
-    poll, and every other resource's); a page of many goes to the thread pool, once."""
+    poll, and every other resource's); a page of many goes to the thread pool, once. So does a
+    registration without a key (app.writes.LoopWrites); other writes take one trip."""
     with live_service(service_context, data_dir) as live:
         account = live.account()
         image = live.image(account)
@@ -129,8 +130,16 @@ def test_on_postgresql_a_read_of_one_thing_makes_no_trip_to_a_thread_and_a_page_
                 answer = httpx.get(url, headers=live.headers)
                 assert answer.status_code == 200, answer.text
                 assert [hop for hop in hops if hop != "EventHub._read"] == trips, url  # but the event poller's
+        # A registration without a key is one statement, run on the loop too (app.writes); with
+        # one, its record and the registration are a transaction in the thread pool, one trip.
+        for keyed, trips in ((False, []), (True, ["ThreadWrites.run.<locals>.call"])):
+            hops.clear()
+            headers = {**live.headers, "Idempotency-Key": "hops"} if keyed else live.headers
+            assert httpx.post(f"{account}/models", json=model_body(), headers=headers).status_code == 200
+            assert [hop for hop in hops if hop != "EventHub._read"] == trips, hops
         hops.clear()
-        assert httpx.post(f"{account}/models", json=model_body(), headers=live.headers).status_code == 200
+        deleted = httpx.delete(f"{account}/models/{model['id']}", headers=live.headers)
+        assert deleted.status_code in (200, 204), deleted.text
         assert [hop for hop in hops if hop != "EventHub._read"] == ["_in_thread_pool.<locals>.run.<locals>.call"], hops
 
 
@@ -146,7 +155,7 @@ def test_every_route_with_a_session_is_one_that_ends_it(app_context: ServiceCont
     with_session = [(path, r) for path, r in routes if _needs_session(r.dependant)]
     assert {path for path, _ in with_session} >= {
         "/v2/token",
-        "/api/subscriptions/{subscriptionId}/resourceGroups/{resourceGroup}/accounts/{accountName}/models",
+        "/api/subscriptions/{subscriptionId}/resourceGroups/{resourceGroup}/accounts/{accountName}/manifests",
     }
     assert [path for path, r in with_session if not isinstance(r, ApiRoute)] == []
 

@@ -9,7 +9,16 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
 
 from app.api import examples, idempotent
-from app.api.deps import CallerDep, ContextDep, ModelId, ReadableAccount, ReadsDep, SessionDep, WritableAccount
+from app.api.deps import (
+    CallerDep,
+    ContextDep,
+    ModelId,
+    ReadableAccount,
+    ReadsDep,
+    SessionDep,
+    WritableAccount,
+    WritesDep,
+)
 from app.api.links import next_link
 from app.api.openapi import errors
 from app.api.routing import ApiRoute
@@ -42,36 +51,34 @@ def to_read(model: ModelVersion | models.ModelRecord) -> ModelRead:
 
 # The seed: "Http Status Code 200 means Successfully Registered".
 @router.post("", response_model=ModelRead, status_code=status.HTTP_200_OK, responses=idempotent.responses(200))
-def register_model(
+async def register_model(
     request: Request,
     body: Annotated[ModelCreate, Body(openapi_examples=examples.MODEL)],
     account: WritableAccount,
     caller: CallerDep,
     context: ContextDep,
-    session: SessionDep,
+    writes: WritesDep,
     idempotency_key: idempotent.IdempotencyKey = None,
-) -> JSONResponse:
+) -> ModelRead | JSONResponse:
     """Register a model; each registration under a name gets that name's next version."""
-    return idempotent.answer_once(
-        request,
-        session,
-        caller,
-        context,
-        key=idempotency_key,
-        body=body,
-        status_code=status.HTTP_200_OK,
-        make=lambda: to_read(
-            models.register_model(
-                session,
-                account,
-                body,
-                urls=context.url_policy,
-                created_by=caller.subject,
-                # Without a key the registration is the request's whole work: committed as it
-                # ends (with one, its record commits with it).
-                alone=idempotency_key is None,
-            )
-        ),
+    if idempotency_key is None:  # the registration is the request's whole work
+        return to_read(
+            await models.register_model_alone(writes, account, body, urls=context.url_policy, created_by=caller.subject)
+        )
+    # With a key, its record commits with the registration.
+    return await writes.run(
+        lambda session: idempotent.answer_once(
+            request,
+            session,
+            caller,
+            context,
+            key=idempotency_key,
+            body=body,
+            status_code=status.HTTP_200_OK,
+            make=lambda: to_read(
+                models.register_model(session, account, body, urls=context.url_policy, created_by=caller.subject)
+            ),
+        )
     )
 
 

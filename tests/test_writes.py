@@ -1,0 +1,164 @@
+"""app.writes.LoopWrites on PostgreSQL: a one-statement write run on the event loop with the
+driver alone, committed as it ends, its connection handled as a session would handle it; and a
+model registered that way, through a live server, is what the thread path registers."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+from sqlalchemy import bindparam, insert, select
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import sessionmaker
+
+from app.config import Settings
+from app.context import ServiceContext
+from app.database import make_async_write_engine
+from app.orm import Account
+from app.orm.base import utcnow
+from app.writes import LoopWrites, ThreadWrites
+from tests.factories import model_body
+from tests.live_server import Live, live_service
+
+pytestmark = pytest.mark.postgres_only
+
+_ACCOUNTS = Account.__table__
+_ADD_ACCOUNT = (
+    insert(_ACCOUNTS)
+    .values(
+        id=bindparam("id", type_=_ACCOUNTS.c.id.type),
+        subscription_id="writes",
+        resource_group="rg",
+        name=bindparam("name", type_=_ACCOUNTS.c.name.type),
+        location="l",
+        sku_name="S1",
+        sku_capacity=1,
+        created_at=bindparam("created_at", type_=_ACCOUNTS.c.created_at.type),
+    )
+    .returning(_ACCOUNTS.c.id, _ACCOUNTS.c.name, _ACCOUNTS.c.created_at)
+)
+
+
+def _run(settings: Settings, body):  # type: ignore[no-untyped-def]
+    async def main():  # type: ignore[no-untyped-def]
+        writes = LoopWrites(make_async_write_engine(settings), threads=ThreadWrites(sessionmaker(), "postgresql"))
+        try:
+            return await body(writes)
+        finally:
+            await writes.close()
+
+    return asyncio.run(main())
+
+
+def _accounts_named(settings: Settings, name: str) -> int:
+    with psycopg.connect(settings.resolved_database_url.replace("+psycopg", "")) as check:
+        return check.execute("SELECT count(*) FROM accounts WHERE name = %s", (name,)).fetchone()[0]
+
+
+def test_a_write_alone_commits_as_it_ends_and_a_refused_one_keeps_its_connection(
+    service_context: ServiceContext,
+) -> None:
+    settings = service_context.settings
+    name = f"w{uuid.uuid4().hex[:8]}"
+    made, now = uuid.uuid4(), utcnow()
+
+    async def body(writes: LoopWrites):  # type: ignore[no-untyped-def]
+        rows = await writes.alone(_ADD_ACCOUNT, {"id": made, "name": name, "created_at": now})
+        committed = _accounts_named(settings, name)  # another connection sees it at once
+        pool = writes.engine.sync_engine.pool
+        try:
+            await writes.alone(_ADD_ACCOUNT, {"id": uuid.uuid4(), "name": name, "created_at": now})  # name taken
+        except IntegrityError as error:
+            refused = error
+        else:
+            raise AssertionError("the database took a second account of one name")
+        kept = pool.checkedin()  # the refused statement left its connection idle: back in the pool
+        again = await writes.alone(_ADD_ACCOUNT, {"id": uuid.uuid4(), "name": name + "b", "created_at": now})
+        return rows, committed, refused, kept, pool.checkedout(), again
+
+    try:
+        rows, committed, refused, kept, checked_out, again = _run(settings, body)
+        assert [tuple(row) for row in rows] == [(made, name, now)]  # its types' conversions, as a session's
+        assert committed == 1
+        assert refused.hide_parameters and isinstance(refused.orig, psycopg.errors.UniqueViolation)
+        assert kept == 1 and checked_out == 0 and len(again) == 1
+        assert _accounts_named(settings, name) == 1
+    finally:
+        with psycopg.connect(settings.resolved_database_url.replace("+psycopg", "")) as cleanup:
+            cleanup.execute("DELETE FROM accounts WHERE subscription_id = 'writes'")
+
+
+def test_a_write_alone_runs_an_insert_that_gives_every_value_and_a_database_away_is_an_operational_error(
+    service_context: ServiceContext,
+) -> None:
+    async def refused(writes: LoopWrites) -> list[str]:
+        errors = []
+        for statement in (
+            select(_ACCOUNTS.c.id),
+            # id and created_at left to their Python defaults, which only a session's execution fills
+            insert(_ACCOUNTS).values(subscription_id="writes", resource_group="rg", name="n", location="l"),
+        ):
+            try:
+                await writes.alone(statement, {})  # type: ignore[arg-type]
+            except TypeError as error:
+                errors.append(str(error))
+        return errors
+
+    not_an_insert, defaults_left = _run(service_context.settings, refused)
+    assert "runs a Insert, not Select" in not_an_insert
+    assert "every column a Python default would fill" in defaults_left
+
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    away = service_context.settings.model_copy(
+        update={"database_url": f"postgresql+psycopg://postgres@127.0.0.1:{port}/none"}
+    )
+
+    async def written(writes: LoopWrites) -> Exception:
+        try:
+            await writes.alone(_ADD_ACCOUNT, {"id": uuid.uuid4(), "name": "away", "created_at": utcnow()})
+        except Exception as error:  # noqa: BLE001 - the test looks at which
+            return error
+        raise AssertionError("wrote to a database that is not there")
+
+    error = _run(away, written)
+    assert isinstance(error, OperationalError), repr(error)
+
+
+@pytest.fixture()
+def live(service_context: ServiceContext, data_dir: Path) -> Iterator[Live]:
+    with live_service(service_context, data_dir) as live:
+        assert isinstance(live.context.writes, LoopWrites)
+        yield live
+
+
+def test_a_registration_on_the_loop_is_what_the_thread_path_registers(live: Live) -> None:
+    """Without a key the registration runs on the loop; with one, in the thread pool. Both give
+    the name its next version, with the tags in order, and read back the same."""
+    account = live.account()
+    tags = ["z", "a", "m"]
+    plain = httpx.post(f"{account}/models", json=model_body(tags=tags), headers=live.headers)
+    keyed = httpx.post(
+        f"{account}/models", json=model_body(tags=tags), headers={**live.headers, "Idempotency-Key": "loop"}
+    )
+    third = httpx.post(f"{account}/models", json=model_body(tags=[]), headers=live.headers)
+    assert [r.status_code for r in (plain, keyed, third)] == [200] * 3, plain.text
+    assert [r.json()["version"] for r in (plain, keyed, third)] == [1, 2, 3]
+    for answer in (plain, keyed, third):
+        got = httpx.get(f"{account}/models/{answer.json()['id']}", headers=live.headers)
+        assert got.json() == answer.json()
+    assert plain.json()["tags"] == tags and third.json()["tags"] == []
+
+    refused = httpx.post(f"{account}/models", json=model_body(url="ftp://example.com/m.pkl"), headers=live.headers)
+    assert refused.status_code == 400, refused.text
+    missing = account.rsplit("/", 1)[0] + "/no-such-account"
+    assert httpx.post(f"{missing}/models", json=model_body(), headers=live.headers).status_code == 404
+    listed = httpx.get(f"{account}/models", headers=live.headers).json()["value"]
+    assert sorted(m["version"] for m in listed) == [1, 2, 3]
