@@ -49,6 +49,7 @@ def make_engine(settings: Settings, *, read_only: bool = False) -> Engine:
         engine = create_engine(
             url,
             connect_args={"check_same_thread": False, "timeout": 30},
+            hide_parameters=True,
             pool_size=settings.db_pool_size,
             max_overflow=settings.db_max_overflow,
             pool_timeout=settings.db_pool_timeout_seconds,
@@ -64,6 +65,9 @@ def make_engine(settings: Settings, *, read_only: bool = False) -> Engine:
 def _postgres_pool(settings: Settings, *, read_only: bool) -> dict[str, Any]:
     """A PostgreSQL engine's pool settings; a read-only one's connections in autocommit, refusing writes."""
     options: dict[str, Any] = {
+        # A failed statement's error (logged with a 5xx) never shows its values: they hold the
+        # tenants' (a model's SAS URL, a stored answer).
+        "hide_parameters": True,
         "pool_size": settings.db_pool_size,
         "max_overflow": settings.db_max_overflow,
         "pool_timeout": settings.db_pool_timeout_seconds,

@@ -69,10 +69,14 @@ def create_app(settings: Settings | None = None, context: ServiceContext | None 
         await app.state.event_hub.start()
         log.info("app.started", extra={"database": context.engine.url.render_as_string(hide_password=True)})
         yield
-        await app.state.event_hub.stop()
-        await context.reads.close()
-        await context.writes.close()
-        context.dispose()
+        try:
+            await app.state.event_hub.stop()
+        finally:
+            try:
+                await context.reads.close()
+                await context.writes.close()
+            finally:
+                context.dispose()
 
     app = FastAPI(
         title="Model Management Service",

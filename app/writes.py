@@ -8,8 +8,9 @@ version's claim, its row and tags in one statement), committed as it ends. On Po
 runs on the event loop with the driver alone (``app.prebuilt``), on an autocommit pool of its
 own: no trip to a thread and back, no session, no BEGIN and COMMIT of their own (issue 20: a
 registration cost 1.9 ms, 4x an empty request, in the thread pool with a session; 1.3 ms, 2.6x,
-this way). Elsewhere (SQLite; tests' sessions joined to their transaction) it runs in a session
-in the thread pool, in the session's transaction (``app.database.execute_alone``).
+this way). Elsewhere on PostgreSQL (tests' sessions joined to their transaction) it runs in a
+session in the thread pool (``app.database.execute_alone``). SQLite has no such statements (no
+data-modifying CTEs): a write there takes ``run``.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ class ThreadWrites:
         return await run_in_threadpool(call)
 
     async def alone(self, statement: Insert, params: Mapping[str, object]) -> Sequence[Sequence[Any]]:
+        if self.dialect != "postgresql":
+            raise TypeError(f"a write alone is PostgreSQL's (use run() on {self.dialect})")
         return await self.run(lambda session: execute_alone(session, statement, dict(params)))
 
     async def close(self) -> None:

@@ -6,7 +6,8 @@ GET /health, which reads nothing, is measured the same way beside them: at 32 co
 request's mean latency is 32 / req/s (Little's law), so /health's row is the floor on this
 machine. POST is measured twice: every request registering the same name (each waits on
 that name's version counter from its claim to its COMMIT, so they run one at a time in the
-database) and each request a name of its own, as many clients registering their models do.
+database) and each request a name of its own, as many clients registering their models do;
+then a name each with an Idempotency-Key each, as the client sends them.
 Each run is bounded (-d seconds) and cleans up after itself; with --runs the medians
 of the runs come last.
 
@@ -61,11 +62,13 @@ def one_run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         account = service.account
         model = httpx.post(f"{account}/models", json=MODEL, headers=service.headers).json()
         _header()
-        for label, url, body, unique in (
-            ("GET /health", f"{service.base}/health", None, None),
-            ("GET .../models/{id}", f"{account}/models/{model['id']}", None, None),
-            ("POST .../models, one name", f"{account}/models", json.dumps(MODEL), None),
-            ("POST .../models, a name each", f"{account}/models", json.dumps(MODEL), MODEL["name"]),
+        for label, url, body, unique, keyed in (
+            ("GET /health", f"{service.base}/health", None, None, False),
+            ("GET .../models/{id}", f"{account}/models/{model['id']}", None, None, False),
+            ("POST .../models, one name", f"{account}/models", json.dumps(MODEL), None, False),
+            ("POST .../models, a name each", f"{account}/models", json.dumps(MODEL), MODEL["name"], False),
+            # What mms and the SDK send: an Idempotency-Key of its own on each registration.
+            ("POST .../models, a name each, keyed", f"{account}/models", json.dumps(MODEL), MODEL["name"], True),
         ):
             cpu_before, started = cpu_seconds(service.server.pid), time.monotonic()
             stats = wrk(
@@ -75,6 +78,7 @@ def one_run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
                 connections=args.connections,
                 post_body=body,
                 unique=unique,
+                keyed=keyed,
             )
             stats["cpu"] = (cpu_seconds(service.server.pid) - cpu_before) / (time.monotonic() - started) * 100
             results[label] = stats
@@ -83,12 +87,12 @@ def one_run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
 
 
 def _header() -> None:
-    print(f"{'request':<32}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'non-2xx':>9}{'server CPU %':>14}")
+    print(f"{'request':<38}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'non-2xx':>9}{'server CPU %':>14}")
 
 
 def _row(label: str, stats: dict[str, float]) -> None:
     print(
-        f"{label:<32}{stats['rps']:>9.0f}{stats['p50'] / 1000:>9.1f}{stats['p99'] / 1000:>9.1f}"
+        f"{label:<38}{stats['rps']:>9.0f}{stats['p50'] / 1000:>9.1f}{stats['p99'] / 1000:>9.1f}"
         f"{stats['non2xx']:>9.0f}{stats['cpu']:>14.0f}"
     )
 

@@ -57,12 +57,15 @@ def fingerprint(sealer: Sealer, method: str, path: str, payload: Any) -> str:
 def forget_expired(session: Session, *, ttl_seconds: int) -> int:
     """Delete up to ``FORGET_BATCH`` records older than the TTL (a key is never replayed past it);
     how many went."""
-    expired = (
-        select(IdempotencyRecord.id)
-        .where(IdempotencyRecord.created_at < utcnow() - timedelta(seconds=ttl_seconds))
-        .limit(FORGET_BATCH)
+    cutoff = utcnow() - timedelta(seconds=ttl_seconds)
+    expired = select(IdempotencyRecord.id).where(IdempotencyRecord.created_at < cutoff).limit(FORGET_BATCH)
+    # created_at again outside: a row taken over while this waited on it (a new claim of its
+    # key, _claim_statement) is checked anew as it now is, and kept.
+    gone = session.execute(
+        delete(IdempotencyRecord).where(
+            IdempotencyRecord.id.in_(expired.scalar_subquery()), IdempotencyRecord.created_at < cutoff
+        )
     )
-    gone = session.execute(delete(IdempotencyRecord).where(IdempotencyRecord.id.in_(expired.scalar_subquery())))
     return gone.rowcount
 
 
@@ -130,7 +133,8 @@ def _claim_statement(dialect: str) -> ReturningInsert:
         )
         .on_conflict_do_update(
             index_elements=[table.c.owner, table.c.key],
-            # A row past the TTL is no key any more: the request is a new one.
+            # A row past the TTL is no key any more: the request is a new one. Its new id and
+            # time keep a concurrent forget_expired from deleting it once this commits.
             set_={**excluded, "status_code": 0, "response_body": _UNANSWERED},
             where=table.c.created_at < bindparam("expired_before", type_=table.c.created_at.type),
         )

@@ -109,6 +109,17 @@ def test_a_key_past_its_lifetime_is_a_new_request_before_the_workers_delete_its_
     assert db.scalar(select(func.count()).where(IdempotencyRecord.key == "lapsing")) == 1
 
 
+def test_a_keyed_request_refused_leaves_its_key_free(client: TestClient, account: str, owner: dict[str, str]) -> None:
+    """The key's row rolls back with the refused work: the next request with it is a new one, not
+    a replay of an answer that was never stored."""
+    keyed = {**owner, "Idempotency-Key": "refused-first"}
+    refused = client.post(f"{account}/models", json=model_body(url="ftp://example.com/m.pkl"), headers=keyed)
+    assert refused.status_code == 400, refused.text
+    made = client.post(f"{account}/models", json=model_body(), headers=keyed)
+    assert made.status_code == 200, made.text
+    assert "Idempotent-Replayed" not in made.headers and made.json()["version"] == 1
+
+
 @pytest.mark.parametrize("key", ["", "x" * 256, "line\nbreak"])
 def test_a_malformed_key_is_a_400_naming_the_header_and_makes_nothing(
     client: TestClient, account: str, owner: dict[str, str], manifest_id: str, key: str
