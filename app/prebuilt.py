@@ -7,7 +7,7 @@ whole work; both on connections of an autocommit pool of their own."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import psycopg
@@ -36,6 +36,68 @@ async def run(engine: AsyncEngine, compiled: Compiled, params: Mapping[str, obje
             # Cut off mid-query (the request cancelled, the server gone): the connection's
             # state is unknown, so it is closed, not pooled. A statement the server refused
             # leaves it idle and whole (autocommit).
+            if not _idle(connection.driver_connection):
+                connection.invalidate()
+            if isinstance(error, psycopg.Error):
+                raise _as_sqlalchemy_raises(error, sql, pool.dialect) from error
+            raise
+        finally:
+            connection.close()
+
+    return await greenlet_spawn(call)
+
+
+Step = tuple["Compiled", Mapping[str, object]]
+Rows = list[tuple[Any, ...]]
+
+
+async def transaction(
+    engine: AsyncEngine, first: Sequence[Step], then: Callable[[list[Rows]], Sequence[Step] | None]
+) -> list[Rows] | None:
+    """One transaction in two round trips, on a connection of ``engine``'s pool (autocommit):
+    BEGIN and ``first``'s statements are sent together (psycopg's pipeline); ``then``, given
+    their rows, names the statements to send with the COMMIT, or None to roll back. The rows of
+    every statement, in order; None when rolled back. A session's transaction took a round trip
+    for the BEGIN, each statement and the COMMIT (issue 20)."""
+    pool = engine.sync_engine
+
+    async def trip(
+        driver: psycopg.AsyncConnection[Any], pipeline: psycopg.AsyncPipeline, steps: Sequence[Step], last: str | None
+    ) -> list[Rows]:
+        """Send ``steps`` (and ``last``: COMMIT, say) in one round trip; their rows."""
+        cursors = [
+            (compiled, await driver.execute(compiled.sql, compiled.params(params))) for compiled, params in steps
+        ]
+        if last is not None:
+            await driver.execute(last)
+        await pipeline.sync()
+        return [
+            compiled.rows(cursor, await cursor.fetchall() if cursor.description is not None else [], pool.dialect)
+            for compiled, cursor in cursors
+        ]
+
+    async def work(driver: psycopg.AsyncConnection[Any]) -> list[Rows] | None:
+        async with driver.pipeline() as pipeline:
+            await driver.execute("BEGIN")
+            rows = await trip(driver, pipeline, first, None)
+            more = then(list(rows))
+            if more is None:
+                await trip(driver, pipeline, [], "ROLLBACK")
+                return None
+            return rows + await trip(driver, pipeline, more, "COMMIT")
+
+    sql = "; ".join(compiled.sql for compiled, _ in first)
+
+    def call() -> list[Rows] | None:
+        try:
+            connection = pool.raw_connection()
+        except psycopg.Error as error:
+            raise _as_sqlalchemy_raises(error, sql, pool.dialect) from error
+        try:
+            return await_only(work(connection.driver_connection))
+        except BaseException as error:
+            # A refused statement leaves the transaction aborted, a cut-off one in an unknown
+            # state: either way the connection is closed, not pooled (rare: a race, a restart).
             if not _idle(connection.driver_connection):
                 connection.invalidate()
             if isinstance(error, psycopg.Error):
@@ -76,10 +138,14 @@ class Compiled:
         # execution computes those, and here the column would be NULL.
         if getattr(self.compiled, "insert_prefetch", None) or getattr(self.compiled, "update_prefetch", None):
             raise TypeError(f"a prebuilt write must give every column a Python default would fill: {self.sql}")
+        # By the names construct_params gives: an anonymous parameter's (a literal's) is made
+        # at compile time; once each, however many places it is used in.
         self._binds = tuple(
-            (name, process)
-            for name, bind in self.compiled.binds.items()
-            if (process := bind.type.dialect_impl(dialect).bind_processor(dialect)) is not None
+            {
+                self.compiled.bind_names[bind]: process
+                for bind in self.compiled.binds.values()
+                if (process := bind.type.dialect_impl(dialect).bind_processor(dialect)) is not None
+            }.items()
         )
         # A column's conversion may depend on the type the server sends (a numeric's, on
         # psycopg): known with the first answer.
@@ -119,23 +185,25 @@ class Compiled:
 
 
 class CompiledStatements:
-    """Each prebuilt statement of one kind (``Select``; ``Insert``) compiled the first time it runs."""
+    """Each prebuilt statement compiled the first time it runs."""
 
     # Statements are modules' constants, a few dozen; a caller that built one per request would
     # recompile it each time (as a session would), never grow this past the bound.
     KEPT = 256
 
-    def __init__(self, dialect: Dialect, kind: type[Executable]) -> None:
+    def __init__(self, dialect: Dialect) -> None:
         self.dialect = dialect
-        self.kind = kind
         self._compiled: dict[int, Compiled] = {}
 
-    def get(self, statement: Executable) -> Compiled:
+    def get(self, statement: Executable, kind: type[Executable] | tuple[type[Executable], ...]) -> Compiled:
+        """``statement`` compiled, refused unless it is of ``kind`` (a ``Select``, say)."""
+        if not isinstance(statement, kind):
+            kinds = kind if isinstance(kind, tuple) else (kind,)
+            named = " or ".join(k.__name__ for k in kinds)
+            raise TypeError(f"this runs a {named}, not {type(statement).__name__}")
         kept = self._compiled.get(id(statement))
         if kept is not None and kept.statement is statement:
             return kept
-        if not isinstance(statement, self.kind):
-            raise TypeError(f"this runs a {self.kind.__name__}, not {type(statement).__name__}")
         kept = Compiled(statement, self.dialect)
         if len(self._compiled) >= self.KEPT:
             self._compiled.pop(next(iter(self._compiled)))  # the oldest

@@ -93,7 +93,7 @@ class LoopReads:
         self.engine = engine
         self.threads = threads
         self._sessions = sessionmaker(engine.sync_engine, class_=_ReadOnlySession, expire_on_commit=False)
-        self._compiled = prebuilt.CompiledStatements(engine.dialect, Select)
+        self._compiled = prebuilt.CompiledStatements(engine.dialect)
 
     async def run(self, read: Callable[[Session], T], *, many: bool = False) -> T:
         if many:
@@ -106,7 +106,7 @@ class LoopReads:
         return await greenlet_spawn(call)
 
     async def rows(self, statement: Select[Any], params: Mapping[str, object]) -> Sequence[Sequence[Any]]:
-        return await prebuilt.run(self.engine, self._compiled.get(statement), params)
+        return await prebuilt.run(self.engine, self._compiled.get(statement, Select), params)
 
     async def close(self) -> None:
         await self.engine.dispose()

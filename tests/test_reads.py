@@ -307,10 +307,10 @@ def test_compiled_statements_are_kept_by_identity_and_bounded() -> None:
 
     from app.prebuilt import CompiledStatements
 
-    kept = CompiledStatements(postgresql.psycopg.dialect(), Select)
+    kept = CompiledStatements(postgresql.psycopg.dialect())
     first = select(literal_column("1", Integer))
-    assert kept.get(first) is kept.get(first)
-    assert kept.get(select(literal_column("1", Integer))) is not kept.get(first)  # equal text, another statement
+    assert kept.get(first, Select) is kept.get(first, Select)
+    assert kept.get(select(literal_column("1", Integer)), Select) is not kept.get(first, Select)  # equal text, another
     built = [select(literal_column(str(n), Integer)) for n in range(kept.KEPT + 10)]
-    assert [kept.get(statement).sql for statement in built] == [f"SELECT {n}" for n in range(kept.KEPT + 10)]
+    assert [kept.get(statement, Select).sql for statement in built] == [f"SELECT {n}" for n in range(kept.KEPT + 10)]
     assert len(kept._compiled) == kept.KEPT
