@@ -1,15 +1,14 @@
 """Engine and session factory, and the check that the schema is migrated.
 
-Exactly two places own a transaction: the request dependency (``app.api.deps``) and a
-task's or command's own scope (``session_scope``). Services only flush; a write that is a
-request's whole work, one statement, may be committed as it ends (``execute_alone``), when its
-route says so.
+Three places own a transaction: the request dependency (``app.api.deps``), a coroutine
+route's writes (``app.writes``: a session's, or prebuilt statements on the event loop), and a
+task's or command's own scope (``session_scope``). Services only flush.
 """
 
 from __future__ import annotations
 
 import select
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,7 +17,7 @@ import psycopg
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, Executable, Row, create_engine, event, exc
+from sqlalchemy import Engine, create_engine, event, exc
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -211,33 +210,6 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
         raise
     finally:
         session.close()
-
-
-def execute_alone(session: Session, statement: Executable, parameters: dict[str, Any]) -> Sequence[Row[Any]]:
-    """Run a write that is ``session``'s whole work, one statement, and return its rows.
-
-    On PostgreSQL, when the session has done nothing yet and owns its transaction (bound to an
-    engine, not joined to an outer one as the tests' are), the statement is a transaction of
-    its own (autocommit): committed as it ends, in one round trip where BEGIN, the statement
-    and COMMIT took three, so the row locks it takes (a name's version counter) are held only
-    inside the database, never while Python builds the answer (issue 20). The session's
-    transaction then ends at once: its connection goes back to the pool (which turns
-    transactions on again), and anything more the session does runs in a transaction of its
-    own. Otherwise (SQLite, work done before, rows pending) it runs in the session's
-    transaction, as any statement. Only the code that owns the transaction knows that nothing
-    else belongs with the statement: a route passes that down (``alone``), never a service on
-    its own, and what follows it must not fail (the answer, built from what was checked)."""
-    bind = session.get_bind()
-    owns_its_transaction = isinstance(bind, Engine) and not session.in_transaction()
-    pending = session.new or session.dirty or session.deleted
-    if bind.dialect.name == "postgresql" and owns_its_transaction and not pending:
-        rows = session.connection(execution_options={"isolation_level": "AUTOCOMMIT"}).execute(statement, parameters)
-        fetched = rows.all()
-        session.commit()  # nothing left to commit: the transaction ends, its connection goes back
-        return fetched
-    if pending:
-        session.flush()  # rows added before go first, as autoflush would
-    return session.connection().execute(statement, parameters).all()
 
 
 def alembic_config(database_url: str) -> AlembicConfig:

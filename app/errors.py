@@ -273,7 +273,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
         # The database went away (a restart, a failover, a dropped connection): the request's
         # transaction rolled back, unless its COMMIT (or a statement that commits as it ends:
-        # app.database.execute_alone) reached the database and only its answer was lost; a retry
+        # app.writes) reached the database and only its answer was lost; a retry
         # with an Idempotency-Key is never doubled. The pool reconnects on the next request. The message
         # names the kind only: the driver's can carry the statement and its parameters.
         log.warning(

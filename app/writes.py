@@ -9,8 +9,8 @@ runs on the event loop with the driver alone (``app.prebuilt``), on an autocommi
 own: no trip to a thread and back, no session, no BEGIN and COMMIT of their own (issue 20: a
 registration cost 1.9 ms, 4x an empty request, in the thread pool with a session; 1.3 ms, 2.6x,
 this way). Elsewhere on PostgreSQL (tests' sessions joined to their transaction) it runs in a
-session in the thread pool (``app.database.execute_alone``). SQLite has no such statements (no
-data-modifying CTEs): a write there takes ``run``.
+session in the thread pool, committed with it. SQLite has no such statements (no data-modifying
+CTEs): a write there takes ``run``.
 """
 
 from __future__ import annotations
@@ -18,15 +18,20 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
-from sqlalchemy import Insert
+from sqlalchemy import Insert, Result, Select, Update
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql.expression import Executable
 from starlette.concurrency import run_in_threadpool
 
 from app import prebuilt
-from app.database import execute_alone, session_scope
+from app.database import session_scope
 
 T = TypeVar("T")
+Step = tuple[Executable, Mapping[str, object]]  # a prebuilt statement and its parameters
+Rows = list[tuple[Any, ...]]
+Then = Callable[[list[Rows]], Sequence[Step] | None]
+_TRANSACTION_KINDS = (Insert, Update, Select)
 
 
 class Writes(Protocol):
@@ -40,6 +45,13 @@ class Writes(Protocol):
     async def alone(self, statement: Insert, params: Mapping[str, object]) -> Sequence[Sequence[Any]]:
         """The rows one prebuilt INSERT ... RETURNING returns, run as a transaction of its own
         and committed as it ends: the request's whole work."""
+        ...
+
+    async def transaction(self, first: Sequence[Step], then: Then) -> list[Rows] | None:
+        """One transaction of prebuilt statements (INSERT, UPDATE, SELECT): ``first``'s, then
+        those ``then`` names given their rows, and the COMMIT; or, when ``then`` gives None, the
+        ROLLBACK. Every statement's rows, in order; None when rolled back. On PostgreSQL two
+        round trips on the event loop (``app.prebuilt.transaction``)."""
         ...
 
     async def close(self) -> None:
@@ -64,10 +76,29 @@ class ThreadWrites:
     async def alone(self, statement: Insert, params: Mapping[str, object]) -> Sequence[Sequence[Any]]:
         if self.dialect != "postgresql":
             raise TypeError(f"a write alone is PostgreSQL's (use run() on {self.dialect})")
-        return await self.run(lambda session: execute_alone(session, statement, dict(params)))
+        return await self.run(lambda session: session.connection().execute(statement, dict(params)).all())
+
+    async def transaction(self, first: Sequence[Step], then: Then) -> list[Rows] | None:
+        def call() -> list[Rows] | None:
+            with self.factory() as session:
+                connection = session.connection()
+                rows = [_rows(connection.execute(statement, dict(params))) for statement, params in first]
+                more = then(rows)
+                if more is None:
+                    session.rollback()
+                    return None
+                rows += [_rows(connection.execute(statement, dict(params))) for statement, params in more]
+                session.commit()
+                return rows
+
+        return await run_in_threadpool(call)
 
     async def close(self) -> None:
         return None
+
+
+def _rows(result: Result[Any]) -> Rows:
+    return [tuple(row) for row in result] if result.returns_rows else []
 
 
 class LoopWrites:
@@ -79,13 +110,23 @@ class LoopWrites:
     def __init__(self, engine: AsyncEngine, threads: ThreadWrites) -> None:
         self.engine = engine
         self.threads = threads
-        self._compiled = prebuilt.CompiledStatements(engine.dialect, Insert)
+        self._compiled = prebuilt.CompiledStatements(engine.dialect)
 
     async def run(self, write: Callable[[Session], T]) -> T:
         return await self.threads.run(write)
 
     async def alone(self, statement: Insert, params: Mapping[str, object]) -> Sequence[Sequence[Any]]:
-        return await prebuilt.run(self.engine, self._compiled.get(statement), params)
+        return await prebuilt.run(self.engine, self._compiled.get(statement, Insert), params)
+
+    async def transaction(self, first: Sequence[Step], then: Then) -> list[Rows] | None:
+        def compiled(steps: Sequence[Step]) -> list[prebuilt.Step]:
+            return [(self._compiled.get(statement, _TRANSACTION_KINDS), params) for statement, params in steps]
+
+        def compiled_then(rows: list[Rows]) -> list[prebuilt.Step] | None:
+            more = then(rows)
+            return None if more is None else compiled(more)
+
+        return await prebuilt.transaction(self.engine, compiled(first), compiled_then)
 
     async def close(self) -> None:
         await self.engine.dispose()

@@ -8,19 +8,20 @@ import asyncio
 import socket
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
 import psycopg
 import pytest
-from sqlalchemy import bindparam, insert, select
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import sessionmaker
 
 from app.config import Settings
 from app.context import ServiceContext
-from app.database import make_async_write_engine
-from app.orm import Account
+from app.database import make_async_write_engine, session_scope
+from app.orm import Account, IdempotencyRecord
 from app.orm.base import utcnow
 from app.writes import LoopWrites, ThreadWrites
 from tests.factories import model_body
@@ -94,6 +95,48 @@ def test_a_write_alone_commits_as_it_ends_and_a_refused_one_keeps_its_connection
             cleanup.execute("DELETE FROM accounts WHERE subscription_id = 'writes'")
 
 
+def test_a_transaction_commits_both_trips_or_nothing(service_context: ServiceContext) -> None:
+    """BEGIN and the first statements in one trip, the next ones and COMMIT in another; a ROLLBACK
+    when told so, and when a statement is refused: nothing of it stays, the pool is whole."""
+    settings = service_context.settings
+    prefix = f"t{uuid.uuid4().hex[:6]}"
+
+    def add(name: str) -> tuple[object, dict[str, object]]:
+        return _ADD_ACCOUNT, {"id": uuid.uuid4(), "name": f"{prefix}{name}", "created_at": utcnow()}
+
+    async def body(writes: LoopWrites):  # type: ignore[no-untyped-def]
+        seen: list[list[list[tuple[object, ...]]]] = []
+        both = await writes.transaction([add("a")], lambda rows: seen.append(rows) or [add("b")])
+        rolled_back = await writes.transaction([add("c")], lambda rows: None)
+        try:
+            await writes.transaction([add("d"), add("d")], lambda rows: [])  # the name twice: refused
+        except IntegrityError as error:
+            refused = error
+        else:
+            raise AssertionError("the database took a second account of one name")
+        try:
+            await writes.transaction([add("e")], lambda rows: [add("e")])  # refused in the second trip
+        except IntegrityError:
+            pass
+        else:
+            raise AssertionError("the database took a second account of one name")
+        pool = writes.engine.sync_engine.pool
+        return seen, both, rolled_back, refused, pool.checkedout()
+
+    try:
+        seen, both, rolled_back, refused, checked_out = _run(settings, body)
+        assert [[row[1] for row in rows] for rows in seen[0]] == [[f"{prefix}a"]]  # then() saw the first rows
+        assert [[row[1] for row in rows] for rows in both] == [[f"{prefix}a"], [f"{prefix}b"]]
+        assert rolled_back is None
+        assert refused.hide_parameters and isinstance(refused.orig, psycopg.errors.UniqueViolation)
+        assert checked_out == 0
+        made = {name: _accounts_named(settings, f"{prefix}{name}") for name in "abcde"}
+        assert made == {"a": 1, "b": 1, "c": 0, "d": 0, "e": 0}
+    finally:
+        with psycopg.connect(settings.resolved_database_url.replace("+psycopg", "")) as cleanup:
+            cleanup.execute("DELETE FROM accounts WHERE subscription_id = 'writes'")
+
+
 def test_a_write_alone_runs_an_insert_that_gives_every_value_and_a_database_away_is_an_operational_error(
     service_context: ServiceContext,
 ) -> None:
@@ -162,3 +205,36 @@ def test_a_registration_on_the_loop_is_what_the_thread_path_registers(live: Live
     assert httpx.post(f"{missing}/models", json=model_body(), headers=live.headers).status_code == 404
     listed = httpx.get(f"{account}/models", headers=live.headers).json()["value"]
     assert sorted(m["version"] for m in listed) == [1, 2, 3]
+
+
+def test_a_keyed_registration_on_the_loop_answers_once(live: Live) -> None:
+    """The key's claim, the registration and the stored answer in one transaction on the loop:
+    a retry is the first answer replayed, another body a 422, a refused request leaves the key
+    free, and a key past its lifetime is a new request before the workers delete its row."""
+    account = live.account()
+    keyed = {**live.headers, "Idempotency-Key": "loop-once"}
+    first = httpx.post(f"{account}/models", json=model_body(), headers=keyed)
+    again = httpx.post(f"{account}/models", json=model_body(), headers=keyed)
+    assert first.status_code == again.status_code == 200, first.text
+    assert "Idempotent-Replayed" not in first.headers and again.headers["Idempotent-Replayed"] == "true"
+    assert again.json() == first.json()
+    other = httpx.post(f"{account}/models", json=model_body(description="other"), headers=keyed)
+    assert other.status_code == 422 and other.json()["code"] == "IdempotencyKeyReused"
+
+    free = {**live.headers, "Idempotency-Key": "loop-refused"}
+    refused = httpx.post(f"{account}/models", json=model_body(url="ftp://example.com/m.pkl"), headers=free)
+    assert refused.status_code == 400, refused.text
+    made = httpx.post(f"{account}/models", json=model_body(), headers=free)
+    assert made.status_code == 200 and "Idempotent-Replayed" not in made.headers
+
+    with session_scope(live.context.session_factory) as session:
+        session.execute(
+            update(IdempotencyRecord)
+            .where(IdempotencyRecord.key == "loop-once")
+            .values(created_at=utcnow() - timedelta(seconds=live.context.settings.idempotency_ttl_seconds + 5))
+        )
+    anew = httpx.post(f"{account}/models", json=model_body(description="later"), headers=keyed)
+    assert anew.status_code == 200 and "Idempotent-Replayed" not in anew.headers, anew.text
+    listed = httpx.get(f"{account}/models", headers=live.headers).json()["value"]
+    assert sorted(m["version"] for m in listed) == [1, 2, 3]  # the first, the freed key's, the lapsed key's
+    assert anew.json()["version"] == 3

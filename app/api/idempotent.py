@@ -7,18 +7,20 @@ true``, instead of a second model version, manifest version, image build or serv
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated, Any
 
 from fastapi import Header, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from sqlalchemy import Insert
 from sqlalchemy.orm import Session
 
 from app.api.openapi import errors, header
 from app.auth.caller import Caller
 from app.context import ServiceContext
 from app.services import idempotency
+from app.writes import Writes
 
 IdempotencyKey = Annotated[
     str | None,
@@ -37,6 +39,15 @@ def responses(status_code: int, headers: dict[str, Any] | None = None) -> dict[i
     return {status_code: {"headers": {**(headers or {}), **REPLAYED}}} | errors(422)
 
 
+def _key_of(request: Request, caller: Caller, context: ServiceContext, body: BaseModel) -> tuple[str, str]:
+    """Who sent the key, and what was asked: keyed digests (``app.services.idempotency``)."""
+    sealer = context.sealer
+    return (
+        idempotency.owner(sealer, caller.issuer, caller.subject),
+        idempotency.fingerprint(sealer, request.method, request.url.path, body.model_dump(mode="json")),
+    )
+
+
 def answer_once(
     request: Request,
     session: Session,
@@ -53,16 +64,47 @@ def answer_once(
 
     ``headers`` derives the answer's headers from its body, so a replay carries them too.
     """
-    sealer = context.sealer
+    owner, fingerprint = _key_of(request, caller, context, body) if key is not None else ("", "")
     stored = idempotency.run_idempotent(
         session,
-        owner=idempotency.owner(sealer, caller.issuer, caller.subject),
+        owner=owner,
         key=key,
-        request_fingerprint=idempotency.fingerprint(
-            sealer, request.method, request.url.path, body.model_dump(mode="json")
-        ),
+        request_fingerprint=fingerprint,
         ttl_seconds=context.settings.idempotency_ttl_seconds,
         action=lambda: (status_code, make().model_dump(mode="json")),
     )
+    return _response(stored, headers)
+
+
+async def answer_statement_once(
+    request: Request,
+    writes: Writes,
+    caller: Caller,
+    context: ServiceContext,
+    *,
+    key: str | None,
+    body: BaseModel,
+    status_code: int,
+    statement: Insert,
+    params: Mapping[str, object],
+    make: Callable[[Sequence[Sequence[Any]]], BaseModel],
+) -> JSONResponse:
+    """``answer_once`` for a create that is one prebuilt statement (``idempotency.run_statement_once``):
+    ``make`` builds the answer from the statement's rows."""
+    owner, fingerprint = _key_of(request, caller, context, body) if key is not None else ("", "")
+    stored = await idempotency.run_statement_once(
+        writes,
+        owner=owner,
+        key=key,
+        request_fingerprint=fingerprint,
+        ttl_seconds=context.settings.idempotency_ttl_seconds,
+        statement=statement,
+        params=params,
+        answer=lambda rows: (status_code, make(rows).model_dump(mode="json")),
+    )
+    return _response(stored, lambda answer: {})
+
+
+def _response(stored: idempotency.StoredResponse, headers: Callable[[dict[str, Any]], dict[str, str]]) -> JSONResponse:
     replayed = {"Idempotent-Replayed": "true"} if stored.replayed else {}
     return JSONResponse(stored.body, status_code=stored.status_code, headers=headers(stored.body) | replayed)

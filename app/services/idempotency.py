@@ -12,12 +12,12 @@ from __future__ import annotations
 import functools
 import json
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import JSON, Integer, Uuid, bindparam, delete, literal, select, update
+from sqlalchemy import JSON, Insert, Integer, Uuid, bindparam, delete, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.dml import ReturningInsert
@@ -26,6 +26,7 @@ from app.errors import BadRequest, ServiceError
 from app.orm import IdempotencyRecord
 from app.orm.base import utcnow
 from app.sealing import Sealer
+from app.writes import Writes
 
 MAX_KEY_LENGTH = 255
 FORGET_BATCH = 5000  # rows deleted a pass: a backlog drains over several, none holds long locks
@@ -87,31 +88,78 @@ def run_idempotent(
     if key is None:
         status_code, body = action()
         return StoredResponse(status_code, body, replayed=False)
-    if not key or len(key) > MAX_KEY_LENGTH or not key.isprintable():
-        raise BadRequest(
-            f"Idempotency-Key must be 1-{MAX_KEY_LENGTH} printable characters",
-            code="InvalidIdempotencyKey",
-        )
-    now = utcnow()
+    _check(key)
     if session.new or session.dirty or session.deleted:
         session.flush()  # what Session.execute's autoflush would do: rows added before go first
     connection = session.connection()
     claimed = connection.execute(
-        _claim_statement(connection.dialect.name),
-        {
-            "id": uuid.uuid4(),
-            "owner": owner,
-            "key": key,
-            "fingerprint": request_fingerprint,
-            "created_at": now,
-            "expired_before": now - timedelta(seconds=ttl_seconds),
-        },
+        _claim_statement(connection.dialect.name), _claim_parameters(owner, key, request_fingerprint, ttl_seconds)
     ).scalar()
     if claimed is None:  # a live row: answered before, or by a request that just committed
         return _replay(session, owner=owner, key=key, request_fingerprint=request_fingerprint)
     status_code, body = action()
     connection.execute(_STORE_ANSWER, {"record_id": claimed, "status_code": status_code, "response_body": body})
     return StoredResponse(status_code, body, replayed=False)
+
+
+async def run_statement_once(
+    writes: Writes,
+    *,
+    owner: str,
+    key: str | None,
+    request_fingerprint: str,
+    ttl_seconds: int,
+    statement: Insert,
+    params: Mapping[str, object],
+    answer: Callable[[Sequence[Sequence[Any]]], tuple[int, dict[str, Any]]],
+) -> StoredResponse:
+    """``run_idempotent`` for a create that is one prebuilt statement (a model's registration
+    on PostgreSQL), whose ``answer`` is built from the statement's rows. Without a key the
+    statement runs alone. With one, the key's claim and the statement are sent together, then
+    the answer stored with the COMMIT: two round trips on the event loop
+    (``Writes.transaction``), where a session's transaction took five and a thread trip (issue
+    20). A key already answered rolls the statement's work back with the claim, and its stored
+    answer is replayed."""
+    if key is None:
+        status_code, body = answer(await writes.alone(statement, params))
+        return StoredResponse(status_code, body, replayed=False)
+    _check(key)
+    claim = (_claim_statement(writes.dialect), _claim_parameters(owner, key, request_fingerprint, ttl_seconds))
+    answered: list[tuple[int, dict[str, Any]]] = []
+
+    def store(rows: list[list[tuple[Any, ...]]]) -> list[tuple[Any, Mapping[str, object]]] | None:
+        claimed, made = rows
+        if not claimed:  # a live row: answered before, or by a request that just committed
+            return None
+        status_code, body = answer(made)
+        answered.append((status_code, body))
+        return [(_STORE_ANSWER, {"record_id": claimed[0][0], "status_code": status_code, "response_body": body})]
+
+    if await writes.transaction([claim, (statement, params)], store) is not None:
+        [(status_code, body)] = answered
+        return StoredResponse(status_code, body, replayed=False)
+    [[stored]] = await writes.transaction([(_STORED, {"owner": owner, "key": key})], lambda rows: [])
+    return _replayed(stored, request_fingerprint)
+
+
+def _check(key: str) -> None:
+    if not key or len(key) > MAX_KEY_LENGTH or not key.isprintable():
+        raise BadRequest(
+            f"Idempotency-Key must be 1-{MAX_KEY_LENGTH} printable characters",
+            code="InvalidIdempotencyKey",
+        )
+
+
+def _claim_parameters(owner: str, key: str, request_fingerprint: str, ttl_seconds: int) -> dict[str, object]:
+    now = utcnow()
+    return {
+        "id": uuid.uuid4(),
+        "owner": owner,
+        "key": key,
+        "fingerprint": request_fingerprint,
+        "created_at": now,
+        "expired_before": now - timedelta(seconds=ttl_seconds),
+    }
 
 
 @functools.cache
@@ -154,12 +202,19 @@ _STORE_ANSWER = (
 )
 
 
+_RECORDS = IdempotencyRecord.__table__
+_STORED = select(_RECORDS.c.fingerprint, _RECORDS.c.status_code, _RECORDS.c.response_body).where(
+    _RECORDS.c.owner == bindparam("owner", type_=_RECORDS.c.owner.type),
+    _RECORDS.c.key == bindparam("key", type_=_RECORDS.c.key.type),
+)
+
+
 def _replay(session: Session, *, owner: str, key: str, request_fingerprint: str) -> StoredResponse:
-    stored = session.execute(
-        select(IdempotencyRecord.fingerprint, IdempotencyRecord.status_code, IdempotencyRecord.response_body).where(
-            IdempotencyRecord.owner == owner, IdempotencyRecord.key == key
-        )
-    ).one()
-    if stored.fingerprint != request_fingerprint:
+    return _replayed(session.execute(_STORED, {"owner": owner, "key": key}).one(), request_fingerprint)
+
+
+def _replayed(stored: Sequence[Any], request_fingerprint: str) -> StoredResponse:
+    fingerprint, status_code, body = stored
+    if fingerprint != request_fingerprint:
         raise IdempotencyKeyReused("this Idempotency-Key was already used for a different request; use a new key")
-    return StoredResponse(stored.status_code, stored.response_body, replayed=True)
+    return StoredResponse(status_code, body, replayed=True)

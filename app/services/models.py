@@ -14,7 +14,6 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session, joinedload
 from sqlalchemy.sql.dml import ReturningInsert
 
-from app.database import execute_alone
 from app.errors import Conflict
 from app.orm import Manifest, ManifestModel, ModelTag, ModelVersion, RegisteredModel
 from app.orm.base import utcnow
@@ -24,7 +23,6 @@ from app.services.lookup import get_in_account, not_found, parse_uuid
 from app.services.paging import page_by_name_and_version
 from app.services.source_urls import SourceUrlPolicy
 from app.services.versioning import claim_next_version, claim_statement
-from app.writes import Writes
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +91,7 @@ def _register_in_one_statement() -> ReturningInsert:
     )
 
 
-_REGISTER = _register_in_one_statement()
+REGISTER = _register_in_one_statement()
 
 
 def register_model(
@@ -103,26 +101,20 @@ def register_model(
     *,
     urls: SourceUrlPolicy,
     created_by: str | None,
-    alone: bool = False,
 ) -> ModelRecord:
     """Register a model under its name as that name's next version, in ``session``'s
-    transaction (with an Idempotency-Key's record, say). ``alone``: the registration is the
-    transaction's whole work (its route says so), which on PostgreSQL commits it as its
-    statement ends (``app.database.execute_alone``).
+    transaction. The API registers on PostgreSQL with ``registration`` instead, on the event
+    loop (``app.writes``).
 
     Core inserts, not the ORM's unit of work, which cost a registration more than its
-    statements did (issue 20). On PostgreSQL one statement (``_REGISTER``); on SQLite, which has
+    statements did (issue 20). On PostgreSQL one statement (``REGISTER``); on SQLite, which has
     no data-modifying CTEs, three: the counter's claim, the row, its tags."""
-    model, row = _new_registration(account, data, urls=urls, created_by=created_by)
     if session.get_bind().dialect.name == "postgresql":
-        parameters = _register_parameters(model, row)
-        if alone:  # committed as it ends: what follows only builds the answer from what was checked
-            [(_, version)] = execute_alone(session, _REGISTER, parameters)
-        else:
-            if session.new or session.dirty or session.deleted:
-                session.flush()  # rows added before go first, as autoflush would
-            _, version = session.connection().execute(_REGISTER, parameters).one()
-        return dataclasses.replace(model, version=version)
+        made = registration(account, data, urls=urls, created_by=created_by)
+        if session.new or session.dirty or session.deleted:
+            session.flush()  # rows added before go first, as autoflush would
+        return made.registered(session.connection().execute(REGISTER, made.parameters).all())
+    model, row = _new_registration(account, data, urls=urls, created_by=created_by)
     connection = session.connection()
     registered_id, version = claim_next_version(session, RegisteredModel, account_id=account.id, name=data.name)
     connection.execute(_INSERT_MODEL, {**row, "version": version, "registered_model_id": registered_id})
@@ -134,19 +126,26 @@ def register_model(
     return dataclasses.replace(model, version=version)
 
 
-async def register_model_alone(
-    writes: Writes, account: AccountRef, data: ModelCreate, *, urls: SourceUrlPolicy, created_by: str | None
-) -> ModelRecord:
-    """Register a model as a request's whole work, committed as it ends. On PostgreSQL its one
-    statement runs on the event loop (``app.writes``); on SQLite ``register_model`` runs in the
-    thread pool."""
-    if writes.dialect != "postgresql":
-        return await writes.run(
-            lambda session: register_model(session, account, data, urls=urls, created_by=created_by, alone=True)
-        )
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """A registration as PostgreSQL's one statement: ``REGISTER`` with ``parameters``, for the
+    caller to run where it costs least (the API: on the event loop, ``app.writes``);
+    ``registered`` is the model it made, given the statement's rows."""
+
+    model: ModelRecord
+    parameters: dict[str, Any]
+
+    def registered(self, rows: Sequence[Sequence[Any]]) -> ModelRecord:
+        [(_, version)] = rows
+        return dataclasses.replace(self.model, version=version)
+
+
+def registration(
+    account: AccountRef, data: ModelCreate, *, urls: SourceUrlPolicy, created_by: str | None
+) -> Registration:
+    """A model's registration on PostgreSQL, its URL checked (a 400 before anything runs)."""
     model, row = _new_registration(account, data, urls=urls, created_by=created_by)
-    [(_, version)] = await writes.alone(_REGISTER, _register_parameters(model, row))
-    return dataclasses.replace(model, version=version)
+    return Registration(model, {**row, "counter_id": uuid.uuid4(), "tags": model.tags})
 
 
 def _new_registration(
@@ -168,11 +167,6 @@ def _new_registration(
     )
     row = {name: getattr(model, name) for name in _RECORD_FIELDS if name != "version"}
     return model, row | {"account_id": account.id, "created_by": created_by}
-
-
-def _register_parameters(model: ModelRecord, row: dict[str, Any]) -> dict[str, Any]:
-    """``_REGISTER``'s parameters: the row's, a new counter row's id and the tags."""
-    return {**row, "counter_id": uuid.uuid4(), "tags": model.tags}
 
 
 def model_query(model_id: str) -> tuple[Select[Any], dict[str, object]]:

@@ -3,7 +3,7 @@ registrations under one name.
 
 Every answer is a success or a clean 503 saying to retry (never a 500); retried with their
 Idempotency-Key, the registrations end up as versions 1..N, one each, no duplicate and no gap.
-Sent without a key (each then a statement committed alone, app.database.execute_alone), the
+Sent without a key (each then a statement committed alone, app.writes.LoopWrites), the
 versions are still 1..M with no gap, every success among them and at most one for each 503 (a
 commit whose answer was lost). The same server process answers normally afterwards.
 """

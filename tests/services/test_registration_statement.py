@@ -1,25 +1,29 @@
-"""A registration on PostgreSQL is one statement; when its route says it is the request's whole
-work (``alone``: no Idempotency-Key) it is a transaction of its own, committed as it ends
-(app.database.execute_alone), so a name's version counter is locked only inside the database.
-The sessions here are the service's own (bound to the engine), not the tests' joined ones,
-which always take the session's path."""
+"""A registration on PostgreSQL is one statement (``models.REGISTER``). The API runs it on the
+event loop (app.writes.LoopWrites): alone, a transaction of its own committed as it ends, so a
+name's version counter is locked only inside the database; with an Idempotency-Key, in one
+transaction with the key's claim and answer. In a session (``register_model``) it is part of the
+session's transaction. The sessions and pools here are the service's own, committed for real,
+not the tests' joined ones."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import create_engine, delete, event, func, select
+from sqlalchemy import delete, event, func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from app.context import ServiceContext
+from app.database import make_async_write_engine
 from app.errors import ValidationFailed
-from app.orm import Account, ModelVersion, RegisteredModel
+from app.orm import Account, IdempotencyRecord, ModelVersion, RegisteredModel
 from app.schemas.models import ModelCreate
 from app.services import idempotency, models
 from app.services.accounts import AccountRef
+from app.writes import LoopWrites, ThreadWrites
 
 pytestmark = pytest.mark.postgres_only
 
@@ -67,36 +71,40 @@ def _versions(service_context: ServiceContext, account: AccountRef) -> list[int]
         return sorted(session.scalars(select(ModelVersion.version).where(ModelVersion.account_id == account.id)))
 
 
+def _on_the_loop(service_context: ServiceContext, body):  # type: ignore[no-untyped-def]
+    """``body(writes)`` run with the API's own LoopWrites, on an event loop of its own."""
+
+    async def main():  # type: ignore[no-untyped-def]
+        writes = LoopWrites(
+            make_async_write_engine(service_context.settings),
+            threads=ThreadWrites(service_context.session_factory, "postgresql"),
+        )
+        try:
+            return await body(writes)
+        finally:
+            await writes.close()
+
+    return asyncio.run(main())
+
+
 def test_a_registration_alone_is_one_statement_committed_as_it_ends(
+    service_context: ServiceContext, account: AccountRef
+) -> None:
+    async def register(writes: LoopWrites) -> list[tuple[int, list[int]]]:
+        seen = []
+        for _ in (1, 2):
+            made = models.registration(account, BODY, urls=service_context.url_policy, created_by=None)
+            registered = made.registered(await writes.alone(models.REGISTER, made.parameters))
+            seen.append((registered.version, _versions(service_context, account)))  # another connection's view
+        return seen
+
+    assert _on_the_loop(service_context, register) == [(1, [1]), (2, [1, 2])]
+
+
+def test_a_registration_in_a_session_is_in_the_sessions_transaction(
     service_context: ServiceContext, account: AccountRef, statements: list[tuple[str, bool]]
 ) -> None:
-    for expected in (1, 2):
-        session = service_context.session_factory()
-        try:
-            statements.clear()
-            registered = models.register_model(
-                session, account, BODY, urls=service_context.url_policy, created_by=None, alone=True
-            )
-            assert registered.version == expected
-            assert statements == [("WITH", True)]  # in autocommit: psycopg sends no BEGIN, no COMMIT
-            assert _versions(service_context, account) == list(range(1, expected + 1))  # before the session's end
-            session.commit()
-        finally:
-            session.close()
-
-
-@pytest.mark.parametrize("alone", [False, True])
-def test_a_registration_after_other_work_is_in_the_sessions_transaction(
-    service_context: ServiceContext, account: AccountRef, statements: list[tuple[str, bool]], alone: bool
-) -> None:
-    """An Idempotency-Key's record is written first: the two commit together or not at all (its
-    route says the registration is not alone; told it is, work begun before still keeps it in)."""
-
-    def register(session: Session) -> int:
-        return models.register_model(
-            session, account, BODY, urls=service_context.url_policy, created_by=None, alone=alone
-        ).version
-
+    """An Idempotency-Key's record is written first: the two commit together or not at all."""
     with service_context.session_factory() as session:
         stored = idempotency.run_idempotent(
             session,
@@ -104,7 +112,14 @@ def test_a_registration_after_other_work_is_in_the_sessions_transaction(
             key=f"k-{uuid.uuid4()}",
             request_fingerprint="f",
             ttl_seconds=60,
-            action=lambda: (200, {"version": register(session)}),
+            action=lambda: (
+                200,
+                {
+                    "version": models.register_model(
+                        session, account, BODY, urls=service_context.url_policy, created_by=None
+                    ).version
+                },
+            ),
         )
         assert stored.body == {"version": 1}
         assert ("WITH", False) in statements and not any(autocommit for _, autocommit in statements)
@@ -132,48 +147,43 @@ def _another_account(session: Session) -> Account:
     return row
 
 
-def test_rows_pending_before_a_registration_alone_commit_with_it_or_not_at_all(
+def test_rows_pending_before_a_registration_commit_with_it_or_not_at_all(
     service_context: ServiceContext, account: AccountRef, statements: list[tuple[str, bool]]
 ) -> None:
     with service_context.session_factory() as session:
         pending = _another_account(session)
         session.add(pending)
-        models.register_model(session, account, BODY, urls=service_context.url_policy, created_by=None, alone=True)
+        models.register_model(session, account, BODY, urls=service_context.url_policy, created_by=None)
         assert ("WITH", False) in statements
         session.rollback()
         assert session.scalar(select(func.count()).where(Account.name == pending.name)) == 0
     assert _versions(service_context, account) == []
 
 
-def test_after_a_registration_alone_the_session_and_its_connection_run_transactions_again(
-    service_context: ServiceContext, account: AccountRef
+@pytest.mark.parametrize("keyed", [False, True])
+def test_a_registration_whose_account_is_gone_leaves_nothing(
+    service_context: ServiceContext, account: AccountRef, keyed: bool
 ) -> None:
-    """Its connection goes back to the pool turned back to transactions (the next request on it
-    would otherwise commit each statement of a multi-statement write on its own), and the
-    session's next work is a transaction of its own."""
-    engine = create_engine(service_context.settings.resolved_database_url, pool_size=1, max_overflow=0)
-    try:
-        factory = sessionmaker(bind=engine, expire_on_commit=False)
-        with factory() as session:
-            models.register_model(session, account, BODY, urls=service_context.url_policy, created_by=None, alone=True)
-            later = _another_account(session)
-            session.add(later)
-            session.flush()
-            session.rollback()
-            assert session.scalar(select(func.count()).where(Account.name == later.name)) == 0
-        with engine.connect() as connection:  # the one connection of the pool
-            assert connection.connection.driver_connection.autocommit is False
-    finally:
-        engine.dispose()
-    assert _versions(service_context, account) == [1]
-
-
-def test_a_registration_alone_whose_account_is_gone_leaves_nothing(
-    service_context: ServiceContext, account: AccountRef
-) -> None:
-    """Deleted while the request ran: the statement fails whole, its counter's claim too."""
+    """Deleted while the request ran: the statement fails whole, its counter's claim too (and
+    the key's claim with it)."""
     gone = AccountRef(uuid.uuid4(), "s", "rg", "gone")
-    with service_context.session_factory() as session, pytest.raises(IntegrityError):
-        models.register_model(session, gone, BODY, urls=service_context.url_policy, created_by=None, alone=True)
+    key = f"gone-{uuid.uuid4()}"
+
+    async def register(writes: LoopWrites) -> None:
+        made = models.registration(gone, BODY, urls=service_context.url_policy, created_by=None)
+        await idempotency.run_statement_once(
+            writes,
+            owner="test",
+            key=key if keyed else None,
+            request_fingerprint="f",
+            ttl_seconds=60,
+            statement=models.REGISTER,
+            params=made.parameters,
+            answer=lambda rows: (200, {"version": made.registered(rows).version}),
+        )
+
+    with pytest.raises(IntegrityError):
+        _on_the_loop(service_context, register)
     with service_context.session_factory() as session:
         assert session.scalar(select(func.count()).where(RegisteredModel.account_id == gone.id)) == 0
+        assert session.scalar(select(func.count()).where(IdempotencyRecord.key == key)) == 0

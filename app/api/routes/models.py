@@ -59,13 +59,23 @@ async def register_model(
     context: ContextDep,
     writes: WritesDep,
     idempotency_key: idempotent.IdempotencyKey = None,
-) -> ModelRead | JSONResponse:
+) -> JSONResponse:
     """Register a model; each registration under a name gets that name's next version."""
-    if idempotency_key is None:  # the registration is the request's whole work
-        return to_read(
-            await models.register_model_alone(writes, account, body, urls=context.url_policy, created_by=caller.subject)
+    if writes.dialect == "postgresql":  # one statement, on the event loop (with a key, two round trips)
+        registration = models.registration(account, body, urls=context.url_policy, created_by=caller.subject)
+        return await idempotent.answer_statement_once(
+            request,
+            writes,
+            caller,
+            context,
+            key=idempotency_key,
+            body=body,
+            status_code=status.HTTP_200_OK,
+            statement=models.REGISTER,
+            params=registration.parameters,
+            make=lambda rows: to_read(registration.registered(rows)),
         )
-    # With a key, its record commits with the registration.
+    # SQLite: three statements in a session, in the thread pool.
     return await writes.run(
         lambda session: idempotent.answer_once(
             request,
