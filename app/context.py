@@ -42,8 +42,8 @@ class ServiceContext:
     read_session_factory: sessionmaker[Session]
     # How requests read: on the event loop on PostgreSQL (app.reads), with read_session_factory's sessions elsewhere.
     reads: Reads
-    # How requests write: with session_factory's sessions; on PostgreSQL a one-statement write
-    # alone on the event loop (app.writes).
+    # How requests write: with session_factory's sessions; on PostgreSQL prebuilt statements
+    # on the event loop too (app.writes: a model's registration).
     writes: Writes
     sealer: Sealer
     # The tokens event ids leave the service as (streams, webhooks, ETags): the same in every process.

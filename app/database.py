@@ -86,9 +86,9 @@ def make_async_read_engine(settings: Settings) -> AsyncEngine:
 
 
 def make_async_write_engine(settings: Settings) -> AsyncEngine:
-    """PostgreSQL's engine for the writes that run on the event loop (``app.writes``), one
-    statement each: psycopg's async connections in autocommit, checked as they are taken. A
-    pool of its own, bound to the loop that first uses it."""
+    """PostgreSQL's engine for the writes that run on the event loop (``app.writes``: prebuilt
+    statements, alone or in a pipelined transaction): psycopg's async connections in autocommit,
+    checked as they are taken. A pool of its own, bound to the loop that first uses it."""
     engine = create_async_engine(
         settings.resolved_database_url, isolation_level="AUTOCOMMIT", **_postgres_pool(settings, read_only=False)
     )

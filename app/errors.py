@@ -20,16 +20,18 @@ from __future__ import annotations
 
 import json
 import logging
+import traceback
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as DatabaseTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("mms.errors")
+_DIAG_NAMES = ("sqlstate", "constraint_name", "table_name", "column_name")
 
 __all__ = [
     "BadRequest",
@@ -321,9 +323,25 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception(
-            "request.unhandled_error",
-            extra={"method": request.method, "path": request.url.path},
-        )
+        if isinstance(exc, DBAPIError):
+            # The driver's message can quote the row or the value it refused ("Failing row
+            # contains ...": a model's SAS URL): logged are where it failed and what the
+            # database names (SQLSTATE, constraint, table, column), never the message.
+            diag = getattr(exc.orig, "diag", None)
+            log.error(
+                "request.unhandled_database_error",
+                extra={
+                    "method": request.method,
+                    "path": request.url.path,
+                    "error": type(exc.orig or exc).__name__,
+                    **{name: getattr(diag, name, None) for name in _DIAG_NAMES},
+                    "at": "".join(traceback.format_tb(exc.__traceback__)),
+                },
+            )
+        else:
+            log.exception(
+                "request.unhandled_error",
+                extra={"method": request.method, "path": request.url.path},
+            )
         error = ServiceError("The service hit an unexpected error; it has been logged.")
         return error_response(error)

@@ -60,11 +60,13 @@ async def transaction(
     every statement, in order; None when rolled back. A session's transaction took a round trip
     for the BEGIN, each statement and the COMMIT (issue 20)."""
     pool = engine.sync_engine
+    running = [compiled.sql for compiled, _ in first]  # the statements in flight: what an error names
 
     async def trip(
         driver: psycopg.AsyncConnection[Any], pipeline: psycopg.AsyncPipeline, steps: Sequence[Step], last: str | None
     ) -> list[Rows]:
         """Send ``steps`` (and ``last``: COMMIT, say) in one round trip; their rows."""
+        running[:] = [compiled.sql for compiled, _ in steps] or [last or ""]
         cursors = [
             (compiled, await driver.execute(compiled.sql, compiled.params(params))) for compiled, params in steps
         ]
@@ -80,19 +82,21 @@ async def transaction(
         async with driver.pipeline() as pipeline:
             await driver.execute("BEGIN")
             rows = await trip(driver, pipeline, first, None)
-            more = then(list(rows))
+            try:
+                more = then(list(rows))
+            except BaseException:  # the answer failed to build: nothing of it stays, no lock held on
+                await trip(driver, pipeline, [], "ROLLBACK")
+                raise
             if more is None:
                 await trip(driver, pipeline, [], "ROLLBACK")
                 return None
             return rows + await trip(driver, pipeline, more, "COMMIT")
 
-    sql = "; ".join(compiled.sql for compiled, _ in first)
-
     def call() -> list[Rows] | None:
         try:
             connection = pool.raw_connection()
         except psycopg.Error as error:
-            raise _as_sqlalchemy_raises(error, sql, pool.dialect) from error
+            raise _as_sqlalchemy_raises(error, "; ".join(running), pool.dialect) from error
         try:
             return await_only(work(connection.driver_connection))
         except BaseException as error:
@@ -101,7 +105,7 @@ async def transaction(
             if not _idle(connection.driver_connection):
                 connection.invalidate()
             if isinstance(error, psycopg.Error):
-                raise _as_sqlalchemy_raises(error, sql, pool.dialect) from error
+                raise _as_sqlalchemy_raises(error, "; ".join(running), pool.dialect) from error
             raise
         finally:
             connection.close()

@@ -4,13 +4,14 @@
 write's several statements, its ORM work and the answer it builds would hold the event loop.
 
 ``alone`` runs one prebuilt write that is a request's whole work (a model's registration: its
-version's claim, its row and tags in one statement), committed as it ends. On PostgreSQL it
-runs on the event loop with the driver alone (``app.prebuilt``), on an autocommit pool of its
-own: no trip to a thread and back, no session, no BEGIN and COMMIT of their own (issue 20: a
-registration cost 1.9 ms, 4x an empty request, in the thread pool with a session; 1.3 ms, 2.6x,
-this way). Elsewhere on PostgreSQL (tests' sessions joined to their transaction) it runs in a
-session in the thread pool, committed with it. SQLite has no such statements (no data-modifying
-CTEs): a write there takes ``run``.
+version's claim, its row and tags in one statement), committed as it ends; ``transaction`` a
+few prebuilt statements as one transaction (a registration with its Idempotency-Key's claim and
+answer). On PostgreSQL both run on the event loop with the driver alone (``app.prebuilt``), on
+an autocommit pool of their own: no trip to a thread and back, no session; a transaction in two
+round trips (issue 20: a registration cost 1.9 ms, 4x an empty request, in the thread pool with
+a session, 1.3 ms, 2.7x, this way; with a key 3.7 ms and 1.9 ms). Elsewhere on PostgreSQL
+(tests' sessions joined to their transaction) they run in a session in the thread pool. SQLite
+has no such statements (no data-modifying CTEs): a write there takes ``run``.
 """
 
 from __future__ import annotations

@@ -29,6 +29,9 @@ from tests.live_server import Live, live_service
 
 pytestmark = pytest.mark.postgres_only
 
+# A URL the request's schema takes and the service's URL policy refuses (app.services.source_urls).
+_EXPIRED_SAS = "https://acct.blob.core.windows.net/models/m.pkl?sv=2021-08-06&sp=r&se=2000-01-01T00:00:00Z&sig=c2ln"
+
 _ACCOUNTS = Account.__table__
 _ADD_ACCOUNT = (
     insert(_ACCOUNTS)
@@ -183,7 +186,8 @@ def live(service_context: ServiceContext, data_dir: Path) -> Iterator[Live]:
 
 
 def test_a_registration_on_the_loop_is_what_the_thread_path_registers(live: Live) -> None:
-    """Without a key the registration runs on the loop; with one, in the thread pool. Both give
+    """Without a key the registration is its one statement on the loop; with one, a transaction
+    there with the key's claim and answer. Both give
     the name its next version, with the tags in order, and read back the same."""
     account = live.account()
     tags = ["z", "a", "m"]
@@ -221,9 +225,14 @@ def test_a_keyed_registration_on_the_loop_answers_once(live: Live) -> None:
     other = httpx.post(f"{account}/models", json=model_body(description="other"), headers=keyed)
     assert other.status_code == 422 and other.json()["code"] == "IdempotencyKeyReused"
 
+    # Refused before it runs (its URL), with a key already answered for another body: that key's
+    # 422, as when the request is checked after the claim.
+    bad_url = httpx.post(f"{account}/models", json=model_body(url=_EXPIRED_SAS), headers=keyed)
+    assert bad_url.status_code == 422 and bad_url.json()["code"] == "IdempotencyKeyReused", bad_url.text
+
     free = {**live.headers, "Idempotency-Key": "loop-refused"}
-    refused = httpx.post(f"{account}/models", json=model_body(url="ftp://example.com/m.pkl"), headers=free)
-    assert refused.status_code == 400, refused.text
+    refused = httpx.post(f"{account}/models", json=model_body(url=_EXPIRED_SAS), headers=free)
+    assert refused.status_code == 400 and "expired" in refused.text, refused.text
     made = httpx.post(f"{account}/models", json=model_body(), headers=free)
     assert made.status_code == 200 and "Idempotent-Replayed" not in made.headers
 

@@ -8,7 +8,7 @@ true``, instead of a second model version, manifest version, image build or serv
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Header, Request
 from fastapi.responses import JSONResponse
@@ -21,6 +21,8 @@ from app.auth.caller import Caller
 from app.context import ServiceContext
 from app.services import idempotency
 from app.writes import Writes
+
+P = TypeVar("P")
 
 IdempotencyKey = Annotated[
     str | None,
@@ -86,12 +88,21 @@ async def answer_statement_once(
     body: BaseModel,
     status_code: int,
     statement: Insert,
-    params: Mapping[str, object],
-    make: Callable[[Sequence[Sequence[Any]]], BaseModel],
+    statement_once: Insert,
+    prepare: Callable[[], P],
+    parameters: Callable[[P], Mapping[str, object]],
+    make: Callable[[P, Sequence[Sequence[Any]]], BaseModel],
 ) -> JSONResponse:
-    """``answer_once`` for a create that is one prebuilt statement (``idempotency.run_statement_once``):
-    ``make`` builds the answer from the statement's rows."""
+    """``answer_once`` for a create that is one prebuilt statement
+    (``idempotency.run_statement_once``): ``prepare`` checks the request and makes what
+    ``parameters`` gives the statement; ``make`` builds the answer from it and the rows."""
     owner, fingerprint = _key_of(request, caller, context, body) if key is not None else ("", "")
+    prepared: list[P] = []
+
+    def parameters_of_prepared() -> Mapping[str, object]:
+        prepared.append(prepare())
+        return parameters(prepared[0])
+
     stored = await idempotency.run_statement_once(
         writes,
         owner=owner,
@@ -99,8 +110,9 @@ async def answer_statement_once(
         request_fingerprint=fingerprint,
         ttl_seconds=context.settings.idempotency_ttl_seconds,
         statement=statement,
-        params=params,
-        answer=lambda rows: (status_code, make(rows).model_dump(mode="json")),
+        statement_once=statement_once,
+        prepare=parameters_of_prepared,
+        answer=lambda rows: (status_code, make(prepared[0], rows).model_dump(mode="json")),
     )
     return _response(stored, lambda answer: {})
 

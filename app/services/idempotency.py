@@ -14,10 +14,10 @@ import json
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import JSON, Insert, Integer, Uuid, bindparam, delete, literal, select, update
+from sqlalchemy import JSON, Insert, Integer, Uuid, bindparam, delete, exists, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.dml import ReturningInsert
@@ -110,36 +110,53 @@ async def run_statement_once(
     request_fingerprint: str,
     ttl_seconds: int,
     statement: Insert,
-    params: Mapping[str, object],
+    statement_once: Insert,
+    prepare: Callable[[], Mapping[str, object]],
     answer: Callable[[Sequence[Sequence[Any]]], tuple[int, dict[str, Any]]],
 ) -> StoredResponse:
     """``run_idempotent`` for a create that is one prebuilt statement (a model's registration
-    on PostgreSQL), whose ``answer`` is built from the statement's rows. Without a key the
-    statement runs alone. With one, the key's claim and the statement are sent together, then
-    the answer stored with the COMMIT: two round trips on the event loop
+    on PostgreSQL). ``prepare`` checks the request and gives the statement's parameters;
+    ``answer`` builds the answer from its rows. Without a key ``statement`` runs alone. With
+    one, the key's claim, ``statement_once`` (the same, made only if the claim took the key:
+    ``CLAIMED``, with the claim's ``idempotency_record_id``) and the key's stored answer are sent
+    together; then the answer is stored with the COMMIT. Two round trips on the event loop
     (``Writes.transaction``), where a session's transaction took five and a thread trip (issue
-    20). A key already answered rolls the statement's work back with the claim, and its stored
-    answer is replayed."""
+    20). A key already answered makes nothing: its stored answer, read under the claim's lock,
+    is replayed, in one trip. So is it when the request is refused before it runs (a URL the
+    policy no longer takes), as ``run_idempotent`` would."""
     if key is None:
-        status_code, body = answer(await writes.alone(statement, params))
+        status_code, body = answer(await writes.alone(statement, prepare()))
         return StoredResponse(status_code, body, replayed=False)
     _check(key)
-    claim = (_claim_statement(writes.dialect), _claim_parameters(owner, key, request_fingerprint, ttl_seconds))
+    claiming = _claim_parameters(owner, key, request_fingerprint, ttl_seconds)
+    stored = (_STORED, {"owner": owner, "key": key, "live_since": claiming["expired_before"]})
+    try:
+        params = prepare()
+    except ServiceError:
+        [found] = await writes.transaction([stored], lambda rows: [])
+        if found:
+            return _replayed(found[0], request_fingerprint)
+        raise
     answered: list[tuple[int, dict[str, Any]]] = []
+    earlier: list[tuple[Any, ...]] = []
 
     def store(rows: list[list[tuple[Any, ...]]]) -> list[tuple[Any, Mapping[str, object]]] | None:
-        claimed, made = rows
+        claimed, made, found = rows
         if not claimed:  # a live row: answered before, or by a request that just committed
+            earlier.extend(found)  # read under the claim's lock: no workers' pass deleted it between
             return None
         status_code, body = answer(made)
         answered.append((status_code, body))
         return [(_STORE_ANSWER, {"record_id": claimed[0][0], "status_code": status_code, "response_body": body})]
 
-    if await writes.transaction([claim, (statement, params)], store) is not None:
+    once = {**params, "idempotency_record_id": claiming["id"]}
+    rows = await writes.transaction(
+        [(_claim_statement(writes.dialect), claiming), (statement_once, once), stored], store
+    )
+    if rows is not None:
         [(status_code, body)] = answered
         return StoredResponse(status_code, body, replayed=False)
-    [[stored]] = await writes.transaction([(_STORED, {"owner": owner, "key": key})], lambda rows: [])
-    return _replayed(stored, request_fingerprint)
+    return _replayed(earlier[0], request_fingerprint)
 
 
 def _check(key: str) -> None:
@@ -203,14 +220,22 @@ _STORE_ANSWER = (
 
 
 _RECORDS = IdempotencyRecord.__table__
+# A key's answer, while it lives.
 _STORED = select(_RECORDS.c.fingerprint, _RECORDS.c.status_code, _RECORDS.c.response_body).where(
     _RECORDS.c.owner == bindparam("owner", type_=_RECORDS.c.owner.type),
     _RECORDS.c.key == bindparam("key", type_=_RECORDS.c.key.type),
+    _RECORDS.c.created_at >= bindparam("live_since", type_=_RECORDS.c.created_at.type),
 )
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# Whether this transaction's claim took the key: a statement run once per key is held to it
+# (models.REGISTER_ONCE), with the claim's record id as ``idempotency_record_id``.
+CLAIMED = exists().where(_RECORDS.c.id == bindparam("idempotency_record_id", type_=_RECORDS.c.id.type))
 
 
 def _replay(session: Session, *, owner: str, key: str, request_fingerprint: str) -> StoredResponse:
-    return _replayed(session.execute(_STORED, {"owner": owner, "key": key}).one(), request_fingerprint)
+    # After a claim that found the key taken: its row is live, and locked by the claim.
+    stored = session.execute(_STORED, {"owner": owner, "key": key, "live_since": _EPOCH}).one()
+    return _replayed(stored, request_fingerprint)
 
 
 def _replayed(stored: Sequence[Any], request_fingerprint: str) -> StoredResponse:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Integer, Select, Text, bindparam, cast, func, insert, select
+from sqlalchemy import ColumnElement, Integer, Select, Text, bindparam, cast, func, insert, select
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session, joinedload
 from sqlalchemy.sql.dml import ReturningInsert
@@ -18,6 +18,7 @@ from app.errors import Conflict
 from app.orm import Manifest, ManifestModel, ModelTag, ModelVersion, RegisteredModel
 from app.orm.base import utcnow
 from app.schemas.models import ModelCreate
+from app.services import idempotency
 from app.services.accounts import AccountRef
 from app.services.lookup import get_in_account, not_found, parse_uuid
 from app.services.paging import page_by_name_and_version
@@ -59,19 +60,22 @@ _INSERT_MODEL = insert(_MODELS)
 _INSERT_TAGS = insert(_TAGS)
 
 
-def _register_in_one_statement() -> ReturningInsert:
+def _register_in_one_statement(only_if: ColumnElement[bool] | None = None) -> ReturningInsert:
     """PostgreSQL: the counter's claim, the row and its tags in one statement (data-modifying
     CTEs), one round trip where three statements took three (issue 20). The claim locks
     the name's counter row as on its own; the tags' foreign key is checked at the statement's
-    end, when the row is in."""
-    claim = claim_statement("postgresql", RegisteredModel, counter_id="counter_id").cte("claim")
+    end, when the row is in. ``only_if``: a condition the whole registration is made under, or
+    nothing is (every data-modifying CTE runs, so each is held to it)."""
+    claim = claim_statement("postgresql", RegisteredModel, counter_id="counter_id", only_if=only_if).cte("claim")
     given = [column for column in _RECORD_COLUMNS if column.key != "version"]
     tags = func.unnest(bindparam("tags", type_=ARRAY(Text))).table_valued("tag", with_ordinality="ord").render_derived()
     add_tags = (
         insert(_TAGS)
         .from_select(
             [_TAGS.c.model_version_id, _TAGS.c.position, _TAGS.c.tag],
-            select(bindparam("id", type_=_MODELS.c.id.type), cast(tags.c.ord - 1, Integer), tags.c.tag),
+            _held_to(
+                select(bindparam("id", type_=_MODELS.c.id.type), cast(tags.c.ord - 1, Integer), tags.c.tag), only_if
+            ),
         )
         .cte("tags")
     )
@@ -91,7 +95,15 @@ def _register_in_one_statement() -> ReturningInsert:
     )
 
 
+def _held_to(query: Select[Any], only_if: ColumnElement[bool] | None) -> Select[Any]:
+    return query if only_if is None else query.where(only_if)
+
+
 REGISTER = _register_in_one_statement()
+# The same, made only when this transaction's Idempotency-Key claim took the key: run after
+# the claim, with its record's id (idempotency.run_statement_once). A retry then makes and
+# locks nothing before its answer is replayed.
+REGISTER_ONCE = _register_in_one_statement(only_if=idempotency.CLAIMED)
 
 
 def register_model(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import uuid
 
-from sqlalchemy import bindparam
+from sqlalchemy import ColumnElement, Integer, bindparam, literal, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.dml import ReturningInsert
@@ -35,23 +35,27 @@ def claim_next_version(
 
 
 @functools.cache
-def claim_statement(dialect: str, counter: type[VersionCounter], *, counter_id: str = "id") -> ReturningInsert:
+def claim_statement(
+    dialect: str, counter: type[VersionCounter], *, counter_id: str = "id", only_if: ColumnElement[bool] | None = None
+) -> ReturningInsert:
     """The claim as a statement with parameters ``counter_id`` (a new row's id), ``account_id``,
     ``name`` and ``created_at``, returning the row's id and ``last_version``; built once per
-    counter: building it per registration (and its cache key) cost more than running it (issue 20)."""
+    counter: building it per registration (and its cache key) cost more than running it (issue 20).
+    ``only_if``: a condition the claim is made under, or nothing is (PostgreSQL)."""
     table = counter.__table__
-    return (
-        _UPSERTS[dialect](table)
-        .values(
-            id=bindparam(counter_id, type_=table.c.id.type),
-            account_id=bindparam("account_id", type_=table.c.account_id.type),
-            name=bindparam("name", type_=table.c.name.type),
-            last_version=1,
-            created_at=bindparam("created_at", type_=table.c.created_at.type),
-        )
-        .on_conflict_do_update(
-            index_elements=[table.c.account_id, table.c.name],
-            set_={"last_version": table.c.last_version + 1},
-        )
-        .returning(table.c.id, table.c.last_version)
-    )
+    values = {
+        "id": bindparam(counter_id, type_=table.c.id.type),
+        "account_id": bindparam("account_id", type_=table.c.account_id.type),
+        "name": bindparam("name", type_=table.c.name.type),
+        "last_version": literal(1, Integer),
+        "created_at": bindparam("created_at", type_=table.c.created_at.type),
+    }
+    insert = _UPSERTS[dialect](table)
+    if only_if is None:
+        insert = insert.values(**values)
+    else:
+        insert = insert.from_select(list(values), select(*values.values()).where(only_if))
+    return insert.on_conflict_do_update(
+        index_elements=[table.c.account_id, table.c.name],
+        set_={"last_version": table.c.last_version + 1},
+    ).returning(table.c.id, table.c.last_version)

@@ -178,7 +178,8 @@ def test_a_registration_whose_account_is_gone_leaves_nothing(
             request_fingerprint="f",
             ttl_seconds=60,
             statement=models.REGISTER,
-            params=made.parameters,
+            statement_once=models.REGISTER_ONCE,
+            prepare=lambda: made.parameters,
             answer=lambda rows: (200, {"version": made.registered(rows).version}),
         )
 
@@ -187,3 +188,39 @@ def test_a_registration_whose_account_is_gone_leaves_nothing(
     with service_context.session_factory() as session:
         assert session.scalar(select(func.count()).where(RegisteredModel.account_id == gone.id)) == 0
         assert session.scalar(select(func.count()).where(IdempotencyRecord.key == key)) == 0
+
+
+def test_a_replay_makes_and_waits_for_nothing(service_context: ServiceContext, account: AccountRef) -> None:
+    """A key already answered: the registration held to the claim makes nothing, so the replay
+    neither bumps the name's counter nor waits on another registration of the name that holds
+    it (an open transaction here)."""
+    key = f"replay-{uuid.uuid4()}"
+
+    async def register(writes: LoopWrites) -> tuple[bool, int]:
+        made = models.registration(account, BODY, urls=service_context.url_policy, created_by=None)
+        stored = await idempotency.run_statement_once(
+            writes,
+            owner="test",
+            key=key,
+            request_fingerprint="f",
+            ttl_seconds=60,
+            statement=models.REGISTER,
+            statement_once=models.REGISTER_ONCE,
+            prepare=lambda: made.parameters,
+            answer=lambda rows: (200, {"version": made.registered(rows).version}),
+        )
+        return stored.replayed, stored.body["version"]
+
+    assert _on_the_loop(service_context, register) == (False, 1)
+    with service_context.session_factory() as holder:  # a registration of the name, not committed
+        models.register_model(holder, account, BODY, urls=service_context.url_policy, created_by=None)
+
+        async def replay(writes: LoopWrites) -> tuple[bool, int]:
+            return await asyncio.wait_for(register(writes), 5)
+
+        assert _on_the_loop(service_context, replay) == (True, 1)
+        holder.rollback()
+    with service_context.session_factory() as session:
+        counter = session.scalars(select(RegisteredModel.last_version).where(RegisteredModel.account_id == account.id))
+        assert list(counter) == [1]
+    assert _versions(service_context, account) == [1]

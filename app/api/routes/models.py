@@ -62,7 +62,6 @@ async def register_model(
 ) -> JSONResponse:
     """Register a model; each registration under a name gets that name's next version."""
     if writes.dialect == "postgresql":  # one statement, on the event loop (with a key, two round trips)
-        registration = models.registration(account, body, urls=context.url_policy, created_by=caller.subject)
         return await idempotent.answer_statement_once(
             request,
             writes,
@@ -72,8 +71,10 @@ async def register_model(
             body=body,
             status_code=status.HTTP_200_OK,
             statement=models.REGISTER,
-            params=registration.parameters,
-            make=lambda rows: to_read(registration.registered(rows)),
+            statement_once=models.REGISTER_ONCE,
+            prepare=lambda: models.registration(account, body, urls=context.url_policy, created_by=caller.subject),
+            parameters=lambda registration: registration.parameters,
+            make=lambda registration, rows: to_read(registration.registered(rows)),
         )
     # SQLite: three statements in a session, in the thread pool.
     return await writes.run(
