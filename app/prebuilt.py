@@ -52,12 +52,12 @@ Rows = list[tuple[Any, ...]]
 
 
 async def transaction(
-    engine: AsyncEngine, first: Sequence[Step], then: Callable[[list[Rows]], Sequence[Step] | None]
-) -> list[Rows] | None:
+    engine: AsyncEngine, first: Sequence[Step], then: Callable[[list[Rows]], tuple[Sequence[Step], bool]]
+) -> list[Rows]:
     """One transaction in two round trips, on a connection of ``engine``'s pool (autocommit):
     BEGIN and ``first``'s statements are sent together (psycopg's pipeline); ``then``, given
-    their rows, names the statements to send with the COMMIT, or None to roll back. The rows of
-    every statement, in order; None when rolled back. A session's transaction took a round trip
+    their rows, names the statements to send next and whether they end with the COMMIT (or a
+    ROLLBACK). The rows of every statement, in order. A session's transaction took a round trip
     for the BEGIN, each statement and the COMMIT (issue 20)."""
     pool = engine.sync_engine
     running = [compiled.sql for compiled, _ in first]  # the statements in flight: what an error names
@@ -78,21 +78,18 @@ async def transaction(
             for compiled, cursor in cursors
         ]
 
-    async def work(driver: psycopg.AsyncConnection[Any]) -> list[Rows] | None:
+    async def work(driver: psycopg.AsyncConnection[Any]) -> list[Rows]:
         async with driver.pipeline() as pipeline:
             await driver.execute("BEGIN")
             rows = await trip(driver, pipeline, first, None)
             try:
-                more = then(list(rows))
+                more, commit = then(list(rows))
             except BaseException:  # the answer failed to build: nothing of it stays, no lock held on
                 await trip(driver, pipeline, [], "ROLLBACK")
                 raise
-            if more is None:
-                await trip(driver, pipeline, [], "ROLLBACK")
-                return None
-            return rows + await trip(driver, pipeline, more, "COMMIT")
+            return rows + await trip(driver, pipeline, more, "COMMIT" if commit else "ROLLBACK")
 
-    def call() -> list[Rows] | None:
+    def call() -> list[Rows]:
         try:
             connection = pool.raw_connection()
         except psycopg.Error as error:

@@ -31,7 +31,7 @@ from app.database import session_scope
 T = TypeVar("T")
 Step = tuple[Executable, Mapping[str, object]]  # a prebuilt statement and its parameters
 Rows = list[tuple[Any, ...]]
-Then = Callable[[list[Rows]], Sequence[Step] | None]
+Then = Callable[[list[Rows]], tuple[Sequence[Step], bool]]  # the next statements; commit (or roll back)
 _TRANSACTION_KINDS = (Insert, Update, Select)
 
 
@@ -48,11 +48,11 @@ class Writes(Protocol):
         and committed as it ends: the request's whole work."""
         ...
 
-    async def transaction(self, first: Sequence[Step], then: Then) -> list[Rows] | None:
+    async def transaction(self, first: Sequence[Step], then: Then) -> list[Rows]:
         """One transaction of prebuilt statements (INSERT, UPDATE, SELECT): ``first``'s, then
-        those ``then`` names given their rows, and the COMMIT; or, when ``then`` gives None, the
-        ROLLBACK. Every statement's rows, in order; None when rolled back. On PostgreSQL two
-        round trips on the event loop (``app.prebuilt.transaction``)."""
+        those ``then`` names given their rows, and the COMMIT or, as ``then`` says, the
+        ROLLBACK. Every statement's rows, in order. On PostgreSQL two round trips on the event
+        loop (``app.prebuilt.transaction``)."""
         ...
 
     async def close(self) -> None:
@@ -79,17 +79,17 @@ class ThreadWrites:
             raise TypeError(f"a write alone is PostgreSQL's (use run() on {self.dialect})")
         return await self.run(lambda session: session.connection().execute(statement, dict(params)).all())
 
-    async def transaction(self, first: Sequence[Step], then: Then) -> list[Rows] | None:
-        def call() -> list[Rows] | None:
+    async def transaction(self, first: Sequence[Step], then: Then) -> list[Rows]:
+        def call() -> list[Rows]:
             with self.factory() as session:
                 connection = session.connection()
                 rows = [_rows(connection.execute(statement, dict(params))) for statement, params in first]
-                more = then(rows)
-                if more is None:
-                    session.rollback()
-                    return None
+                more, commit = then(list(rows))
                 rows += [_rows(connection.execute(statement, dict(params))) for statement, params in more]
-                session.commit()
+                if commit:
+                    session.commit()
+                else:
+                    session.rollback()
                 return rows
 
         return await run_in_threadpool(call)
@@ -119,13 +119,13 @@ class LoopWrites:
     async def alone(self, statement: Insert, params: Mapping[str, object]) -> Sequence[Sequence[Any]]:
         return await prebuilt.run(self.engine, self._compiled.get(statement, Insert), params)
 
-    async def transaction(self, first: Sequence[Step], then: Then) -> list[Rows] | None:
+    async def transaction(self, first: Sequence[Step], then: Then) -> list[Rows]:
         def compiled(steps: Sequence[Step]) -> list[prebuilt.Step]:
             return [(self._compiled.get(statement, _TRANSACTION_KINDS), params) for statement, params in steps]
 
-        def compiled_then(rows: list[Rows]) -> list[prebuilt.Step] | None:
-            more = then(rows)
-            return None if more is None else compiled(more)
+        def compiled_then(rows: list[Rows]) -> tuple[list[prebuilt.Step], bool]:
+            more, commit = then(rows)
+            return compiled(more), commit
 
         return await prebuilt.transaction(self.engine, compiled(first), compiled_then)
 

@@ -100,7 +100,8 @@ def test_a_write_alone_commits_as_it_ends_and_a_refused_one_keeps_its_connection
 
 def test_a_transaction_commits_both_trips_or_nothing(service_context: ServiceContext) -> None:
     """BEGIN and the first statements in one trip, the next ones and COMMIT in another; a ROLLBACK
-    when told so, and when a statement is refused: nothing of it stays, the pool is whole."""
+    after them when told so (their rows still given), and when a statement is refused: nothing of
+    it stays, the pool is whole."""
     settings = service_context.settings
     prefix = f"t{uuid.uuid4().hex[:6]}"
 
@@ -109,16 +110,16 @@ def test_a_transaction_commits_both_trips_or_nothing(service_context: ServiceCon
 
     async def body(writes: LoopWrites):  # type: ignore[no-untyped-def]
         seen: list[list[list[tuple[object, ...]]]] = []
-        both = await writes.transaction([add("a")], lambda rows: seen.append(rows) or [add("b")])
-        rolled_back = await writes.transaction([add("c")], lambda rows: None)
+        both = await writes.transaction([add("a")], lambda rows: (seen.append(rows) or [add("b")], True))
+        rolled_back = await writes.transaction([add("c")], lambda rows: ([add("c2")], False))
         try:
-            await writes.transaction([add("d"), add("d")], lambda rows: [])  # the name twice: refused
+            await writes.transaction([add("d"), add("d")], lambda rows: ([], True))  # the name twice: refused
         except IntegrityError as error:
             refused = error
         else:
             raise AssertionError("the database took a second account of one name")
         try:
-            await writes.transaction([add("e")], lambda rows: [add("e")])  # refused in the second trip
+            await writes.transaction([add("e")], lambda rows: ([add("e")], True))  # refused in the second trip
         except IntegrityError:
             pass
         else:
@@ -130,11 +131,11 @@ def test_a_transaction_commits_both_trips_or_nothing(service_context: ServiceCon
         seen, both, rolled_back, refused, checked_out = _run(settings, body)
         assert [[row[1] for row in rows] for rows in seen[0]] == [[f"{prefix}a"]]  # then() saw the first rows
         assert [[row[1] for row in rows] for rows in both] == [[f"{prefix}a"], [f"{prefix}b"]]
-        assert rolled_back is None
+        assert [[row[1] for row in rows] for rows in rolled_back] == [[f"{prefix}c"], [f"{prefix}c2"]]
         assert refused.hide_parameters and isinstance(refused.orig, psycopg.errors.UniqueViolation)
         assert checked_out == 0
-        made = {name: _accounts_named(settings, f"{prefix}{name}") for name in "abcde"}
-        assert made == {"a": 1, "b": 1, "c": 0, "d": 0, "e": 0}
+        made = {name: _accounts_named(settings, f"{prefix}{name}") for name in ("a", "b", "c", "c2", "d", "e")}
+        assert made == {"a": 1, "b": 1, "c": 0, "c2": 0, "d": 0, "e": 0}
     finally:
         with psycopg.connect(settings.resolved_database_url.replace("+psycopg", "")) as cleanup:
             cleanup.execute("DELETE FROM accounts WHERE subscription_id = 'writes'")

@@ -118,12 +118,12 @@ async def run_statement_once(
     on PostgreSQL). ``prepare`` checks the request and gives the statement's parameters;
     ``answer`` builds the answer from its rows. Without a key ``statement`` runs alone. With
     one, the key's claim, ``statement_once`` (the same, made only if the claim took the key:
-    ``CLAIMED``, with the claim's ``idempotency_record_id``) and the key's stored answer are sent
-    together; then the answer is stored with the COMMIT. Two round trips on the event loop
-    (``Writes.transaction``), where a session's transaction took five and a thread trip (issue
-    20). A key already answered makes nothing: its stored answer, read under the claim's lock,
-    is replayed, in one trip. So is it when the request is refused before it runs (a URL the
-    policy no longer takes), as ``run_idempotent`` would."""
+    ``CLAIMED``, with the claim's ``idempotency_record_id``) are sent together; then the answer
+    is stored with the COMMIT. Two round trips on the event loop (``Writes.transaction``), where
+    a session's transaction took five and a thread trip (issue 20). A key already answered makes
+    nothing: its stored answer is read under the claim's lock (no workers' pass deletes it
+    between) with the ROLLBACK, and replayed. So is it when the request is refused before it
+    runs (a URL the policy no longer takes), as ``run_idempotent`` would."""
     if key is None:
         status_code, body = answer(await writes.alone(statement, prepare()))
         return StoredResponse(status_code, body, replayed=False)
@@ -133,30 +133,26 @@ async def run_statement_once(
     try:
         params = prepare()
     except ServiceError:
-        [found] = await writes.transaction([stored], lambda rows: [])
+        [found] = await writes.transaction([stored], lambda rows: ([], True))
         if found:
             return _replayed(found[0], request_fingerprint)
         raise
     answered: list[tuple[int, dict[str, Any]]] = []
-    earlier: list[tuple[Any, ...]] = []
 
-    def store(rows: list[list[tuple[Any, ...]]]) -> list[tuple[Any, Mapping[str, object]]] | None:
-        claimed, made, found = rows
-        if not claimed:  # a live row: answered before, or by a request that just committed
-            earlier.extend(found)  # read under the claim's lock: no workers' pass deleted it between
-            return None
+    def finish(rows: list[list[tuple[Any, ...]]]) -> tuple[list[tuple[Any, Mapping[str, object]]], bool]:
+        claimed, made = rows
+        if not claimed:  # a live row, locked by the claim: answered before, or by a request that just committed
+            return [stored], False  # read it, and roll back (the registration held to the claim made nothing)
         status_code, body = answer(made)
         answered.append((status_code, body))
-        return [(_STORE_ANSWER, {"record_id": claimed[0][0], "status_code": status_code, "response_body": body})]
+        return [(_STORE_ANSWER, {"record_id": claimed[0][0], "status_code": status_code, "response_body": body})], True
 
     once = {**params, "idempotency_record_id": claiming["id"]}
-    rows = await writes.transaction(
-        [(_claim_statement(writes.dialect), claiming), (statement_once, once), stored], store
-    )
-    if rows is not None:
+    rows = await writes.transaction([(_claim_statement(writes.dialect), claiming), (statement_once, once)], finish)
+    if answered:
         [(status_code, body)] = answered
         return StoredResponse(status_code, body, replayed=False)
-    return _replayed(earlier[0], request_fingerprint)
+    return _replayed(rows[2][0], request_fingerprint)
 
 
 def _check(key: str) -> None:
