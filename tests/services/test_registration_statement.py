@@ -160,6 +160,24 @@ def test_rows_pending_before_a_registration_commit_with_it_or_not_at_all(
     assert _versions(service_context, account) == []
 
 
+async def _register_once(
+    service_context: ServiceContext, writes: LoopWrites, account: AccountRef, key: str | None
+) -> idempotency.StoredResponse:
+    """A registration as the API makes it on PostgreSQL, with ``key`` or without."""
+    made = models.registration(account, BODY, urls=service_context.url_policy, created_by=None)
+    return await idempotency.run_statement_once(
+        writes,
+        owner="test",
+        key=key,
+        request_fingerprint="f",
+        ttl_seconds=60,
+        statement=models.REGISTER,
+        statement_once=models.REGISTER_ONCE,
+        prepare=lambda: made.parameters,
+        answer=lambda rows: (200, {"version": made.registered(rows).version}),
+    )
+
+
 @pytest.mark.parametrize("keyed", [False, True])
 def test_a_registration_whose_account_is_gone_leaves_nothing(
     service_context: ServiceContext, account: AccountRef, keyed: bool
@@ -170,18 +188,7 @@ def test_a_registration_whose_account_is_gone_leaves_nothing(
     key = f"gone-{uuid.uuid4()}"
 
     async def register(writes: LoopWrites) -> None:
-        made = models.registration(gone, BODY, urls=service_context.url_policy, created_by=None)
-        await idempotency.run_statement_once(
-            writes,
-            owner="test",
-            key=key if keyed else None,
-            request_fingerprint="f",
-            ttl_seconds=60,
-            statement=models.REGISTER,
-            statement_once=models.REGISTER_ONCE,
-            prepare=lambda: made.parameters,
-            answer=lambda rows: (200, {"version": made.registered(rows).version}),
-        )
+        await _register_once(service_context, writes, gone, key if keyed else None)
 
     with pytest.raises(IntegrityError):
         _on_the_loop(service_context, register)
@@ -197,18 +204,7 @@ def test_a_replay_makes_and_waits_for_nothing(service_context: ServiceContext, a
     key = f"replay-{uuid.uuid4()}"
 
     async def register(writes: LoopWrites) -> tuple[bool, int]:
-        made = models.registration(account, BODY, urls=service_context.url_policy, created_by=None)
-        stored = await idempotency.run_statement_once(
-            writes,
-            owner="test",
-            key=key,
-            request_fingerprint="f",
-            ttl_seconds=60,
-            statement=models.REGISTER,
-            statement_once=models.REGISTER_ONCE,
-            prepare=lambda: made.parameters,
-            answer=lambda rows: (200, {"version": made.registered(rows).version}),
-        )
+        stored = await _register_once(service_context, writes, account, key)
         return stored.replayed, stored.body["version"]
 
     assert _on_the_loop(service_context, register) == (False, 1)
