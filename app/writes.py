@@ -103,8 +103,8 @@ def _rows(result: Result[Any]) -> Rows:
 
 
 class LoopWrites:
-    """PostgreSQL: ``alone`` on the event loop, on ``engine``'s autocommit pool
-    (``app.database.make_async_write_engine``); ``run`` in the thread pool, with ``threads``."""
+    """PostgreSQL: ``alone`` and ``transaction`` on the event loop, on ``engine``'s autocommit
+    pool (``app.database.make_async_write_engine``); ``run`` in the thread pool, with ``threads``."""
 
     dialect = "postgresql"
 
