@@ -248,3 +248,20 @@ def test_a_keyed_registration_on_the_loop_answers_once(live: Live) -> None:
     listed = httpx.get(f"{account}/models", headers=live.headers).json()["value"]
     assert sorted(m["version"] for m in listed) == [1, 2, 3]  # the first, the freed key's, the lapsed key's
     assert anew.json()["version"] == 3
+
+
+def test_a_hostile_key_on_the_loop_is_refused_or_its_callers_own(live: Live) -> None:
+    """Keys a client controls, on the production path: a malformed one is a 400 that makes
+    nothing; another caller's same key is a request of its own, never their answer replayed."""
+    account = live.account()
+    for key in ("", "x" * 256, "tab\tkey"):  # httpx itself refuses a line break
+        answer = httpx.post(f"{account}/models", json=model_body(), headers={**live.headers, "Idempotency-Key": key})
+        assert answer.status_code == 400 and "Idempotency-Key" in answer.json()["message"], answer.text
+    assert httpx.get(f"{account}/models", headers=live.headers).json()["value"] == []
+
+    mine = httpx.post(f"{account}/models", json=model_body(), headers={**live.headers, "Idempotency-Key": "shared"})
+    other_caller = {**live.token("Owner", "/subscriptions/sub-live"), "Idempotency-Key": "shared"}
+    theirs = httpx.post(f"{account}/models", json=model_body(), headers=other_caller)
+    assert (mine.status_code, theirs.status_code) == (200, 200), theirs.text
+    assert "Idempotent-Replayed" not in theirs.headers
+    assert (mine.json()["version"], theirs.json()["version"]) == (1, 2)
